@@ -1,0 +1,90 @@
+"""Plan: which users to compile, carry over unchanged, or drop in the next version.
+
+A user is compiled when their live facts (fact_id -> fact_hash) differ from the prior state,
+carried when they are identical (their published delta is reused), and dropped when they
+have no live fact left. Deltas depend on the model, so a change of base fingerprint makes
+every carried delta invalid: the plan refuses unless the caller asks to recompile all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+
+class FingerprintMismatch(RuntimeError):
+    """The base model changed since the prior version; deltas cannot be carried over."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    compile_users: list[str]  # sorted
+    carry_users: list[str]  # sorted
+    drop_users: list[str]  # sorted
+    reason: str
+
+
+def user_fact_digest(state: pa.Table) -> dict[str, str]:
+    """sha256 per user over their live facts' sorted (fact_id, fact_hash) pairs."""
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    users = state.column("user_id").to_pylist()
+    fact_ids = state.column("fact_id").to_pylist()
+    hashes = state.column("fact_hash").to_pylist()
+    for user_id, fact_id, fact_hash in zip(users, fact_ids, hashes):
+        pairs.setdefault(user_id, []).append((fact_id, fact_hash))
+    digests = {}
+    for user_id, facts in pairs.items():
+        digest = hashlib.sha256()
+        for fact_id, fact_hash in sorted(facts):
+            digest.update(f"{len(fact_id)}:{fact_id}:{fact_hash};".encode("utf-8"))
+        digests[user_id] = digest.hexdigest()
+    return digests
+
+
+def plan(
+    prior_state: pa.Table | None,
+    new_state: pa.Table,
+    *,
+    prior_fingerprint: str | None,
+    fingerprint: str,
+    recompile_all: bool = False,
+    forgotten: set[str] | frozenset[str] = frozenset(),
+) -> Plan:
+    """Split users into compile / carry / drop for the version built from ``new_state``.
+
+    ``prior_fingerprint`` is None on a first night (nothing published): every user compiles.
+    Forgotten users are always dropped or recompiled, never carried, even when their facts
+    look unchanged (e.g. forgotten and then told the same fact again the same night).
+    """
+    before = user_fact_digest(prior_state) if prior_state is not None else {}
+    after = user_fact_digest(new_state)
+    live = set(after)
+    drop = sorted((set(before) | set(forgotten)) - live)
+    model_changed = prior_fingerprint is not None and prior_fingerprint != fingerprint
+    if model_changed and not recompile_all:
+        raise FingerprintMismatch(
+            f"the model changed from {prior_fingerprint} to {fingerprint}; deltas cannot be "
+            "carried across models; rerun with --recompile-all"
+        )
+    if recompile_all or prior_fingerprint is None:
+        why = "recompile-all requested" if recompile_all else "first version"
+        if model_changed:
+            why += f" (model changed from {prior_fingerprint} to {fingerprint})"
+        result = Plan(sorted(live), [], drop, f"{why}: {len(live)} users compile, {len(drop)} dropped")
+    else:
+        compile_users = sorted(u for u in live if before.get(u) != after[u] or u in forgotten)
+        carry = sorted(live - set(compile_users))
+        result = Plan(
+            compile_users,
+            carry,
+            drop,
+            f"incremental: {len(compile_users)} users changed, {len(carry)} unchanged, {len(drop)} dropped",
+        )
+    logger.info("plan: %s", result.reason)
+    return result
+
