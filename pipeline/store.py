@@ -1,0 +1,399 @@
+"""Object store access: one small interface, a local directory and S3.
+
+Keys are '/'-separated strings relative to the store root (``manifests/v00000001.json``). A
+local store is a directory laid out exactly like the bucket, so the same layout can be copied
+between the two with any sync tool.
+
+Both stores give the two conditional writes that publishing is built on:
+
+- ``put(key, data, if_none_match=True)``: create only if the key does not exist;
+- ``put(key, data, if_match=etag)``: replace only if the object still has that etag.
+
+A failed condition raises :class:`PreconditionFailed`. An etag is the md5 hex digest of the
+object's bytes in both stores (what S3 returns for a single-part upload, without quotes), so
+etags are comparable across stores; treat them as opaque all the same.
+
+``LocalStore`` writes atomically (temp file in the same directory, fsync, ``os.replace``) and
+serialises writes through an ``fcntl`` lock on ``<root>/.engram-store.lock``, which makes the
+conditional writes atomic across threads and processes on one host (and on NFS mounts whose
+locks work). ``S3Store`` relies on the server for conditional writes (``If-None-Match: *``,
+``If-Match``) and on botocore's standard retry mode for transient errors.
+"""
+
+from __future__ import annotations
+
+import abc
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs
+
+log = logging.getLogger(__name__)
+
+_RESERVED_PREFIX = ".engram-"  # lock and temp files of a LocalStore; never valid key segments
+_LOCK_NAME = ".engram-store.lock"
+
+
+class StoreError(RuntimeError):
+    """Any object store failure; the message names the store and never holds credentials."""
+
+
+class ObjectNotFound(StoreError):
+    pass
+
+
+class PreconditionFailed(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid relative store key, else raise ValueError saying why."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"store key {key!r}: must be a non-empty string")
+    if "\\" in key:
+        raise ValueError(f"store key {key!r}: backslashes are not allowed (use '/')")
+    if key.startswith("/"):
+        raise ValueError(f"store key {key!r}: must be relative to the store root (no leading '/')")
+    for segment in key.split("/"):
+        if segment == "":
+            raise ValueError(f"store key {key!r}: empty path segment")
+        if segment in (".", ".."):
+            raise ValueError(f"store key {key!r}: '.' and '..' segments are not allowed")
+        if segment.startswith(_RESERVED_PREFIX):
+            raise ValueError(f"store key {key!r}: segments starting with {_RESERVED_PREFIX!r} are reserved")
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    """A list prefix may be empty or end in '/'; what it holds must still be a valid key start."""
+    if prefix:
+        check_key(prefix.rstrip("/") or "x")
+    return prefix
+
+
+class ObjectStore(abc.ABC):
+    """The operations the pipeline needs from a bucket (or a directory laid out like one)."""
+
+    uri: str
+
+    @abc.abstractmethod
+    def get_with_etag(self, key: str) -> tuple[bytes, str]: ...
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    @abc.abstractmethod
+    def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        """A pyarrow filesystem and the base path of the store root inside it."""
+
+    def get(self, key: str) -> bytes:
+        return self.get_with_etag(key)[0]
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def describe(self) -> str:
+        return f"store {self.uri}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+def _check_conditions(if_none_match: bool, if_match: str | None) -> None:
+    if if_none_match and if_match is not None:
+        raise ValueError("put: if_none_match and if_match are mutually exclusive")
+
+
+def _md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+class LocalStore(ObjectStore):
+    """A directory laid out exactly like the bucket."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        # flock locks belong to the open file description, so this excludes other threads too.
+        with open(self.root / _LOCK_NAME, "a+b") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(f"{self.uri}/{key}: no such object") from None
+        except PermissionError:
+            raise StoreError(f"{self.describe()}: no permission to read {key} (check the job's file permissions)") from None
+        return data, _md5_hex(data)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            data, etag = self.get_with_etag(key)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, len(data), etag)
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        _check_conditions(if_none_match, if_match)
+        path = self._path(key)
+        data = bytes(data)
+        with self._write_lock():
+            current = self.head(key) if (if_none_match or if_match is not None) else None
+            if if_none_match and current is not None:
+                raise PreconditionFailed(f"{self.uri}/{key}: already exists (write required it to be absent)")
+            if if_match is not None and (current is None or current.etag != if_match.strip('"')):
+                found = "is absent" if current is None else "has changed"
+                raise PreconditionFailed(f"{self.uri}/{key}: {found} since etag {if_match} was read")
+            self._write_atomic(path, data)
+        return _md5_hex(data)
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f"{_RESERVED_PREFIX}tmp-{path.name}-{secrets.token_hex(6)}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except PermissionError:
+            raise StoreError(f"{self.describe()}: no permission to write {path.relative_to(self.root)} "
+                             "(check the job's file permissions)") from None
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._write_lock():
+            path.unlink(missing_ok=True)
+            # Drop directories the delete left empty, so the tree keeps mirroring the bucket.
+            parent = path.parent
+            while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED_PREFIX)]
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith(_RESERVED_PREFIX):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        return pyarrow.fs.LocalFileSystem(), str(self.root)
+
+
+class S3Store(ObjectStore):
+    """A bucket (and optional key prefix) on S3 or an S3-compatible server.
+
+    Endpoint, credentials and region come from the usual AWS settings (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
+    ``AWS_REGION``/``AWS_DEFAULT_REGION``, config files, instance roles); ``endpoint_url`` and
+    ``region`` override them. ``sse`` (``AES256`` or ``aws:kms``) and ``sse_kms_key_id`` are
+    passed to every write.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        addressing_style: str | None = None,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+        max_attempts: int = 5,
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        if not bucket:
+            raise ValueError("S3Store: bucket must be non-empty")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            check_key(self.prefix)
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.sse = sse
+        self.sse_kms_key_id = sse_kms_key_id
+        self._session = boto3.session.Session(region_name=region)
+        if addressing_style is None:
+            # S3-compatible servers behind a custom endpoint rarely resolve bucket subdomains.
+            custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            addressing_style = "path" if custom else "auto"
+        config = Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            s3={"addressing_style": addressing_style},
+        )
+        self._client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
+        self.endpoint_url = self._client.meta.endpoint_url
+        self.region = self._client.meta.region_name
+
+    def describe(self) -> str:
+        return f"store {self.uri} (endpoint {self.endpoint_url})"
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextmanager
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        """Translate boto errors into StoreError subclasses with messages an operator can act on."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            yield
+        except ClientError as e:
+            error = e.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            where = f"{self.uri}/{key}"
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                raise PreconditionFailed(f"{where}: {action} precondition failed ({code or status}): "
+                                         "the object was created or changed by another writer") from None
+            if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket"):
+                raise ObjectNotFound(f"{where}: no such object") from None
+            if code == "NoSuchBucket":
+                raise StoreError(f"{self.describe()}: bucket {self.bucket!r} does not exist "
+                                 "(check the store URI and endpoint)") from None
+            if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise StoreError(f"{self.describe()}: no permission to {action} {key} ({code}) "
+                                 "(check the job's credentials / endpoint)") from None
+            raise StoreError(f"{self.describe()}: {action} {key} failed: {code or status} "
+                             f"{error.get('Message', '')}".rstrip()) from None
+        except NoCredentialsError:
+            raise StoreError(f"{self.describe()}: no credentials found to {action} {key} "
+                             "(check the job's credentials / endpoint)") from None
+        except BotoCoreError as e:
+            raise StoreError(f"{self.describe()}: {action} {key} failed: {type(e).__name__} "
+                             "(check the job's credentials / endpoint)") from None
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        with self._errors("read", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data = response["Body"].read()
+        return data, response["ETag"].strip('"')
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            with self._errors("inspect", key):
+                response = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, int(response["ContentLength"]), response["ETag"].strip('"'))
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        _check_conditions(if_none_match, if_match)
+        args: dict = {"Bucket": self.bucket, "Key": self._key(key), "Body": bytes(data)}
+        if if_none_match:
+            args["IfNoneMatch"] = "*"
+        if if_match is not None:
+            args["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+        if self.sse:
+            args["ServerSideEncryption"] = self.sse
+        if self.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.sse_kms_key_id
+        with self._errors("write", key):
+            response = self._client.put_object(**args)
+        return response["ETag"].strip('"')
+
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        keys = []
+        with self._errors("list", prefix or "/"):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix):
+                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        credentials = self._session.get_credentials()
+        frozen = credentials.get_frozen_credentials() if credentials is not None else None
+        endpoint = urlparse(self.endpoint_url)
+        filesystem = pyarrow.fs.S3FileSystem(
+            access_key=frozen.access_key if frozen else None,
+            secret_key=frozen.secret_key if frozen else None,
+            session_token=frozen.token if frozen else None,
+            anonymous=frozen is None,
+            region=self.region or "us-east-1",
+            endpoint_override=endpoint.netloc or None,
+            scheme=endpoint.scheme or "https",
+        )
+        base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return filesystem, base
+
+
+def open_store(uri: str, **s3_options) -> ObjectStore:
+    """``/path``, ``relative/path`` or ``file:///path`` -> LocalStore; ``s3://bucket/prefix`` -> S3Store."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"store URI {uri!r}: missing bucket (expected s3://bucket/prefix)")
+        return S3Store(parsed.netloc, parsed.path, **s3_options)
+    if s3_options:
+        raise ValueError(f"store URI {uri!r}: S3 options {sorted(s3_options)} given for a local store")
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"store URI {uri!r}: file URIs must name a local path (file:///path)")
+        return LocalStore(parsed.path)
+    if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise ValueError(f"store URI {uri!r}: unsupported scheme {parsed.scheme!r} (use a path, file:// or s3://)")
+    return LocalStore(uri)

@@ -1,0 +1,160 @@
+"""The object store contract, run against a local directory and a real S3 server alike."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.store import LocalStore, ObjectNotFound, PreconditionFailed, S3Store, StoreError, open_store
+
+
+def test_put_then_get_returns_the_same_bytes_and_etag(any_store):
+    etag = any_store.put("a/b/c.bin", b"\x00hello\xff")
+    assert any_store.get("a/b/c.bin") == b"\x00hello\xff"
+    assert any_store.get_with_etag("a/b/c.bin") == (b"\x00hello\xff", etag)
+
+
+def test_etag_is_the_md5_of_the_content_in_both_stores(any_store):
+    assert any_store.put("k", b"payload") == hashlib.md5(b"payload").hexdigest()
+
+
+def test_get_of_a_missing_key_names_the_store_and_key(any_store):
+    with pytest.raises(ObjectNotFound, match=r"missing/key"):
+        any_store.get("missing/key")
+    assert any_store.head("missing/key") is None
+    assert not any_store.exists("missing/key")
+
+
+def test_head_reports_size_and_etag(any_store):
+    etag = any_store.put("x/y", b"12345")
+    info = any_store.head("x/y")
+    assert (info.key, info.size, info.etag) == ("x/y", 5, etag)
+    assert any_store.exists("x/y")
+
+
+def test_list_returns_sorted_keys_under_a_prefix(any_store):
+    for key in ["b/2", "a/1", "b/1", "b/sub/3", "bb/4"]:
+        any_store.put(key, b"x")
+    assert any_store.list("b/") == ["b/1", "b/2", "b/sub/3"]
+    assert any_store.list("b") == ["b/1", "b/2", "b/sub/3", "bb/4"]
+    assert any_store.list() == ["a/1", "b/1", "b/2", "b/sub/3", "bb/4"]
+    assert any_store.list("nothing/") == []
+
+
+def test_delete_removes_the_object_and_is_idempotent(any_store):
+    any_store.put("d/e", b"x")
+    any_store.delete("d/e")
+    any_store.delete("d/e")
+    assert not any_store.exists("d/e")
+    assert any_store.list() == []
+
+
+def test_put_overwrites_unconditionally_by_default(any_store):
+    any_store.put("k", b"one")
+    any_store.put("k", b"two")
+    assert any_store.get("k") == b"two"
+
+
+def test_if_none_match_creates_only_when_absent(any_store):
+    any_store.put("CURRENT", b"one", if_none_match=True)
+    with pytest.raises(PreconditionFailed, match="CURRENT"):
+        any_store.put("CURRENT", b"two", if_none_match=True)
+    assert any_store.get("CURRENT") == b"one"
+
+
+def test_if_match_replaces_only_the_expected_version(any_store):
+    first = any_store.put("CURRENT", b"one")
+    second = any_store.put("CURRENT", b"two", if_match=first)
+    with pytest.raises(PreconditionFailed):
+        any_store.put("CURRENT", b"three", if_match=first)
+    assert any_store.get_with_etag("CURRENT") == (b"two", second)
+
+
+def test_if_match_on_a_missing_key_fails(any_store):
+    with pytest.raises(PreconditionFailed):
+        any_store.put("absent", b"x", if_match=hashlib.md5(b"x").hexdigest())
+    assert not any_store.exists("absent")
+
+
+def test_concurrent_conditional_writes_have_exactly_one_winner(any_store):
+    etag = any_store.put("CURRENT", b"start")
+    wins: list[int] = []
+
+    def swap(i: int) -> None:
+        try:
+            any_store.put("CURRENT", f"writer {i}".encode(), if_match=etag)
+            wins.append(i)
+        except PreconditionFailed:
+            pass
+
+    threads = [threading.Thread(target=swap, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert any_store.get("CURRENT") == f"writer {wins[0]}".encode()
+
+
+@pytest.mark.parametrize("bad_key", ["", "/abs", "a//b", "a/../b", "..", "a\\b", "a/./b", "trailing/"])
+def test_invalid_keys_are_rejected_with_a_clear_error(local_store, bad_key):
+    with pytest.raises(ValueError, match="store key"):
+        local_store.put(bad_key, b"x")
+
+
+def test_arrow_filesystem_reads_parquet_written_through_the_store(any_store):
+    table = pa.table({"user_id": ["a", "b"], "n": [1, 2]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    any_store.put("stats/facts/version=1/part-0.parquet", sink.getvalue().to_pybytes())
+    filesystem, base = any_store.arrow_filesystem()
+    read = pq.read_table(f"{base}/stats/facts/version=1/part-0.parquet", filesystem=filesystem)
+    assert read.equals(table)
+
+
+def test_local_store_leaves_no_temp_files_and_mirrors_the_bucket_layout(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put("manifests/v00000001.json", b"{}")
+    store.put("manifests/v00000001.json", b"{}", if_match=hashlib.md5(b"{}").hexdigest())
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert files == [".engram-store.lock", "manifests/v00000001.json"]
+
+
+def test_open_store_picks_the_implementation_from_the_uri(tmp_path, s3_bucket):
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert isinstance(open_store(tmp_path.as_uri()), LocalStore)
+    s3 = open_store(f"s3://{s3_bucket}/some/prefix")
+    assert isinstance(s3, S3Store) and s3.uri == f"s3://{s3_bucket}/some/prefix"
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        open_store("gs://bucket/x")
+
+
+def test_s3_store_keeps_its_objects_under_its_prefix(s3_bucket, s3_server):
+    open_store(f"s3://{s3_bucket}/tenant-a").put("CURRENT", b"a")
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert keys == ["tenant-a/CURRENT"]
+    assert open_store(f"s3://{s3_bucket}/tenant-b").list() == []
+
+
+def test_s3_wrong_credentials_give_an_actionable_error_without_the_secret(s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    store = open_store(f"s3://{s3_bucket}/p")
+    with pytest.raises(StoreError, match="check the job's credentials") as error:
+        store.put("k", b"x")
+    assert "wrong-secret-value" not in str(error.value)
+    assert "engram-test" not in str(error.value)
+
+
+def test_s3_unreachable_endpoint_gives_an_actionable_error(s3_bucket):
+    store = S3Store(s3_bucket, endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    with pytest.raises(StoreError, match="endpoint"):
+        store.get("k")
+
+
+def test_s3_missing_bucket_is_named(s3_bucket):
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(f"s3://{s3_bucket}-absent/p").get("k")
