@@ -1,0 +1,156 @@
+"""Checkpoints: base model + tokenizer + Engram config and weights + optional shared adapter.
+
+Directory layout::
+
+    DIR/base/         Hugging Face model (config.json, model.safetensors)
+    DIR/tokenizer/    Hugging Face fast tokenizer
+    DIR/engram/config.json, DIR/engram/weights.safetensors (projections, conv),
+    DIR/engram/tables.safetensors (only when the base table is not all zero)
+    DIR/adapter/      optional peft LoRA adapter (the shared reasoning skill), loaded frozen
+
+The fingerprint is a sha256 over every ingredient file (path and content); derived caches
+(the canonical token map) are excluded. A delta belongs to exactly one fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .addressing import Addresser, load_or_build_canonical_ids
+from .config import ConfigError, EngramConfig
+from .layer import EngramMemory
+
+log = logging.getLogger(__name__)
+
+_INGREDIENTS = ("base", "tokenizer", "engram", "adapter")
+_DERIVED_PREFIX = "canonical-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing parts or does not fit together."""
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over (relative path, sha256 of content) of every ingredient file."""
+    root = Path(path)
+    outer = hashlib.sha256()
+    files = sorted(
+        p for part in _INGREDIENTS if (root / part).exists() for p in (root / part).rglob("*")
+        if p.is_file() and not p.name.startswith(_DERIVED_PREFIX) and not p.name.endswith(".tmp.npy")
+    )
+    if not files:
+        raise CheckpointError(f"checkpoint {root}: no model files found (expected base/, tokenizer/, engram/)")
+    for file in files:
+        inner = hashlib.sha256()
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(file.relative_to(root).as_posix().encode() + b"\0" + inner.digest())
+    return outer.hexdigest()
+
+
+@dataclass
+class EngramModel:
+    """A loaded checkpoint: the (frozen) causal LM with its Engram memory attached."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    memory: EngramMemory
+    config: EngramConfig
+    fingerprint: str
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.memory.parameters()).device
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt (trigger) exactly as compile and serve both see it."""
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def encode_answer(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def save_engram(memory: EngramMemory, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    memory.config.save(directory / "config.json")
+    state = {k: v.detach().cpu().contiguous() for k, v in memory.state_dict().items() if not k.endswith(".table")}
+    save_file(state, str(directory / "weights.safetensors"))
+    tables = {k: v.detach().cpu().contiguous() for k, v in memory.state_dict().items() if k.endswith(".table")}
+    if any(bool(t.any()) for t in tables.values()):
+        save_file(tables, str(directory / "tables.safetensors"))
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    with_adapter: bool = True,
+) -> EngramModel:
+    """Load a checkpoint directory (local only: nothing is downloaded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(path)
+    for part in ("base", "tokenizer", "engram"):
+        if not (root / part).is_dir():
+            raise CheckpointError(f"checkpoint {root}: missing {part}/ (create one with `engram model init DIR --tiny`)")
+    config = EngramConfig.load(root / "engram" / "config.json")
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype)
+    adapter_dir = root / "adapter"
+    if with_adapter and adapter_dir.is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    model.eval().requires_grad_(False).to(device)
+
+    canonical = load_or_build_canonical_ids(tokenizer, root / "engram")
+    addresser = Addresser(config, canonical)
+    hidden_size = model.get_input_embeddings().weight.shape[1]
+    memory = EngramMemory(config, addresser, hidden_size)
+    weights = load_file(str(root / "engram" / "weights.safetensors"))
+    tables_file = root / "engram" / "tables.safetensors"
+    if tables_file.exists():
+        weights.update(load_file(str(tables_file)))
+    missing, unexpected = memory.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith(".table") or tables_file.exists()]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {root}: Engram weights do not match engram/config.json "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    memory.requires_grad_(False).to(device=device, dtype=dtype)
+    memory.refresh_zero_flags()
+    memory.attach(model)
+    return EngramModel(model, tokenizer, memory, config, fingerprint(root), root)
+
+
+def attach_new_memory(model: torch.nn.Module, tokenizer, config: EngramConfig, seed: int = 0) -> EngramMemory:
+    """A fresh Engram memory for ``model``: seeded projections, an all-zero (empty) table."""
+    canonical = load_or_build_canonical_ids(tokenizer, None)
+    hidden_size = model.get_input_embeddings().weight.shape[1]
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        memory = EngramMemory(config, Addresser(config, canonical), hidden_size)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    memory.requires_grad_(False)
+    memory.refresh_zero_flags()
+    try:
+        memory.attach(model)
+    except ConfigError:
+        raise
+    return memory

@@ -1,0 +1,349 @@
+"""The fact compiler: users' facts -> per-user sparse row deltas, verified.
+
+For each user, the rows a fact writes are the write-layer rows addressed at the trigger's last
+position and at every answer position but the last (teacher forcing: each of those positions
+predicts the next answer token). All of one user's facts are optimised jointly over the union
+of their rows; many users are batched into one forward/backward (their rows are disjoint
+parameters, so the batch is exactly many independent problems).
+
+Per batch:
+  1. UNEMBED_P start: each written position's rows start at ``pinv(W_V) @ (scale * u_y/|u_y|)``
+     (u_y: output embedding of the token to predict), averaged where positions share a row.
+  2. Adam on the rows to maximise log p(answer | trigger), ``steps`` times.
+     Sequences are left-padded so that every position that can see a written row lies in a
+     common suffix; the prefix's KV cache is computed once per batch and reused every step.
+  3. Values are rounded to float16 (the stored form) and verified with them: every answer
+     token must be the greedy argmax at its position, with a margin. Users with a failing fact
+     get more rounds (``retry_steps``) up to ``max_rounds``; a fact that still fails is reported
+     with its loss and reason, never passed off as compiled.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import EngramModel
+from .delta import Delta
+from .layer import Overlay
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_NOT_RECALLED = "not_recalled"
+STATUS_EMPTY_TRIGGER = "empty_trigger"
+STATUS_EMPTY_ANSWER = "empty_answer"
+STATUS_TRIGGER_TOO_LONG = "trigger_too_long"
+STATUS_ANSWER_TOO_LONG = "answer_too_long"
+
+
+@dataclass(frozen=True)
+class Fact:
+    user_id: str
+    fact_id: str
+    trigger: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    steps: int = 15
+    lr: float = 0.5
+    init_scale: float = 20.0
+    retry_steps: int = 30
+    max_rounds: int = 3
+    min_margin: float = 0.1
+    """Required logit gap between the answer token and the runner-up (robust greedy recall)."""
+    max_trigger_tokens: int = 64
+    max_answer_tokens: int = 16
+    facts_per_batch: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FactResult:
+    user_id: str
+    fact_id: str
+    status: str
+    loss: float
+    steps: int
+    rows: int
+    margin: float
+    detail: str = ""
+
+
+@dataclass
+class CompileResult:
+    deltas: dict[str, Delta]
+    facts: list[FactResult]
+    num_facts_per_user: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> int:
+        return sum(r.status == STATUS_OK for r in self.facts)
+
+    @property
+    def failed(self) -> int:
+        return len(self.facts) - self.ok
+
+
+@dataclass
+class _Seq:
+    user: int  # slot of the user within the batch
+    fact: Fact
+    input_ids: list[int]  # trigger + answer[:-1]
+    targets: list[int]  # answer tokens
+
+
+def _fork_cache(cache):
+    """A cheap copy of a KV cache that later updates do not write through.
+
+    ``DynamicCache.update`` grows a layer by concatenation (a new tensor), so copying the
+    containers (not the tensors) is enough to keep the prefix pristine for the next step.
+    """
+    fork = copy.copy(cache)
+    if hasattr(cache, "layers"):
+        fork.layers = [copy.copy(layer) for layer in cache.layers]
+    else:  # older transformers: parallel lists of tensors
+        fork.key_cache = list(cache.key_cache)
+        fork.value_cache = list(cache.value_cache)
+    return fork
+
+
+def _validate(em: EngramModel, fact: Fact, options: CompileOptions) -> tuple[_Seq | None, FactResult | None]:
+    def reject(status: str, detail: str):
+        return None, FactResult(fact.user_id, fact.fact_id, status, float("nan"), 0, 0, float("nan"), detail)
+
+    if not fact.trigger or not fact.trigger.strip():
+        return reject(STATUS_EMPTY_TRIGGER, "trigger is empty")
+    if not fact.answer or not fact.answer.strip():
+        return reject(STATUS_EMPTY_ANSWER, "answer is empty")
+    trigger = em.encode_prompt(fact.trigger)
+    answer = em.encode_answer(fact.answer)
+    if len(trigger) > options.max_trigger_tokens:
+        return reject(STATUS_TRIGGER_TOO_LONG, f"trigger has {len(trigger)} tokens (limit {options.max_trigger_tokens})")
+    if len(answer) > options.max_answer_tokens:
+        return reject(STATUS_ANSWER_TOO_LONG, f"answer has {len(answer)} tokens (limit {options.max_answer_tokens})")
+    return _Seq(-1, fact, trigger + answer[:-1], answer), None
+
+
+class _Batch:
+    """A left-padded batch of whole users' facts and its trainable rows."""
+
+    def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int):
+        self.em, self.seqs = em, seqs
+        layer = em.config.target_layer
+        self.layer = layer
+        self.num_rows = em.memory.num_rows(layer)
+        device = em.device
+        T = max(len(s.input_ids) for s in seqs)
+        B = len(seqs)
+        pad = em.tokenizer.pad_token_id or 0
+        ids = np.full((B, T), pad, np.int64)
+        valid = np.zeros((B, T), bool)
+        for i, s in enumerate(seqs):
+            ids[i, T - len(s.input_ids):] = s.input_ids
+            valid[i, T - len(s.input_ids):] = True
+        rows = em.memory.addresser.rows(ids, layer, valid)  # (B, T, H)
+        # Written positions: the last len(answer) positions of each sequence.
+        self.written = [(i, T - len(s.targets) + j, s.targets[j]) for i, s in enumerate(seqs) for j in range(len(s.targets))]
+        per_user: dict[int, set[int]] = {}
+        for i, p, _ in self.written:
+            per_user.setdefault(seqs[i].user, set()).update(rows[i, p].tolist())
+        self.user_rows = {u: np.array(sorted(r), np.int64) for u, r in per_user.items()}
+        keys = np.concatenate([u * self.num_rows + self.user_rows[u] for u in sorted(self.user_rows)])
+        # First position of each sequence that can see one of its user's rows: all before it are
+        # independent of the rows and go into the shared prefix cache.
+        first_live = T
+        for i, s in enumerate(seqs):
+            hits = np.isin(rows[i], self.user_rows[s.user]).any(-1) & valid[i]
+            first_live = min(first_live, int(np.argmax(hits)) if hits.any() else T)
+        self.prefix = min(first_live, T - max(len(s.targets) for s in seqs))
+        self.T = T
+        self.rows = rows
+        self.ids = torch.as_tensor(ids, device=device)
+        self.mask = torch.as_tensor(valid, device=device).long()
+        self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        self.keys = torch.as_tensor(keys, device=device)
+        self.owners = torch.as_tensor([[s.user] for s in seqs], device=device)
+        tgt_pos = torch.as_tensor([p - self.prefix for _, p, _ in self.written], device=device)
+        tgt_seq = torch.as_tensor([i for i, _, _ in self.written], device=device)
+        self.target_index = (tgt_seq, tgt_pos)
+        self.targets = torch.as_tensor([y for _, _, y in self.written], device=device)
+        self.cache = None
+        if self.prefix > 0:
+            with torch.no_grad():
+                out = em.model(
+                    input_ids=self.ids[:, : self.prefix],
+                    attention_mask=self.mask[:, : self.prefix],
+                    position_ids=self.positions[:, : self.prefix],
+                    use_cache=True,
+                )
+            self.cache = out.past_key_values
+
+    def initial_values(self, scale: float) -> torch.Tensor:
+        """UNEMBED_P: rows that make W_V e point at the next token's output embedding."""
+        em = self.em
+        layer_mod = em.memory.layer(self.layer)
+        w_v = layer_mod.value_proj.weight.detach().float()  # (d, H*w)
+        pinv = torch.linalg.pinv(w_v)  # (H*w, d)
+        unembed = em.lm_head.weight.detach().float()[self.targets]  # (n, d)
+        direction = unembed / unembed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        e = (scale * direction) @ pinv.T  # (n, H*w)
+        H, w = em.config.heads_per_layer, em.config.row_width
+        e = e.view(-1, H, w)
+        seq_idx = torch.as_tensor([i for i, _, _ in self.written])
+        pos_idx = torch.as_tensor([p for _, p, _ in self.written])
+        rows = torch.as_tensor(self.rows)[seq_idx, pos_idx]  # (n, H)
+        users = torch.as_tensor([self.seqs[i].user for i, _, _ in self.written])
+        base = layer_mod.table.detach().float()[rows.to(layer_mod.table.device)].cpu()  # (n, H, w)
+        flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
+        slot = torch.searchsorted(self.keys.cpu(), flat_keys)
+        total = torch.zeros(len(self.keys), w)
+        count = torch.zeros(len(self.keys), 1)
+        total.index_add_(0, slot, (e.cpu() - base).reshape(-1, w))
+        count.index_add_(0, slot, torch.ones(len(slot), 1))
+        return (total / count.clamp_min(1)).to(em.device)
+
+    def logits(self, values: torch.Tensor) -> torch.Tensor:
+        """Logits at the written positions, (n, V), with ``values`` overlaid."""
+        overlay = Overlay(self.owners, {self.layer: self.keys}, {self.layer: values})
+        kwargs = {}
+        if self.cache is not None:
+            kwargs["past_key_values"] = _fork_cache(self.cache)
+        with self.em.memory.use(overlay):
+            out = self.em.model(
+                input_ids=self.ids[:, self.prefix:],
+                attention_mask=self.mask,
+                position_ids=self.positions[:, self.prefix:],
+                use_cache=self.cache is not None,
+                **kwargs,
+            )
+        return out.logits[self.target_index].float()
+
+    def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+        values = values.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([values], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(self.logits(values), self.targets, reduction="sum")
+                loss.backward()
+                optimizer.step()
+        return values.detach()
+
+    @torch.no_grad()
+    def check(self, values: torch.Tensor, min_margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per written position: greedy-correct-with-margin, loss, margin (with stored fp16 values)."""
+        logits = self.logits(values.half().to(values.dtype))
+        loss = F.cross_entropy(logits, self.targets, reduction="none")
+        target_logit = logits.gather(1, self.targets.view(-1, 1)).squeeze(1)
+        others = logits.scatter(1, self.targets.view(-1, 1), float("-inf"))
+        margin = target_logit - others.max(dim=1).values
+        return (margin >= min_margin).cpu().numpy(), loss.cpu().numpy(), margin.cpu().numpy()
+
+
+def _batches(by_user: dict[str, list[_Seq]], facts_per_batch: int) -> Iterable[list[str]]:
+    batch: list[str] = []
+    count = 0
+    for user in sorted(by_user):
+        batch.append(user)
+        count += len(by_user[user])
+        if count >= facts_per_batch:
+            yield batch
+            batch, count = [], 0
+    if batch:
+        yield batch
+
+
+def compile_facts(
+    em: EngramModel,
+    facts: Sequence[Fact],
+    options: CompileOptions = CompileOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> CompileResult:
+    """Compile facts of many users into one delta per user. Deterministic for the same inputs."""
+    torch.manual_seed(options.seed)
+    results: list[FactResult] = []
+    by_user: dict[str, list[_Seq]] = {}
+    for fact in facts:
+        seq, rejected = _validate(em, fact, options)
+        if rejected is not None:
+            results.append(rejected)
+        else:
+            by_user.setdefault(fact.user_id, []).append(seq)
+    deltas: dict[str, Delta] = {}
+    counts = {u: len(s) for u, s in by_user.items()}
+    for users in _batches(by_user, options.facts_per_batch):
+        batch_deltas, batch_results = _compile_users(em, users, by_user, options)
+        deltas.update(batch_deltas)
+        results.extend(batch_results)
+        if progress is not None:
+            progress(len(users), sum(counts[u] for u in users))
+    order = {u: i for i, u in enumerate(sorted({f.user_id for f in facts}))}
+    results.sort(key=lambda r: (order[r.user_id], r.fact_id))
+    return CompileResult(deltas, results, counts)
+
+
+def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_Seq]], options: CompileOptions):
+    """Joint OPT for a batch of users with retry rounds for users whose facts fail."""
+    seqs = [_Seq(slot, s.fact, s.input_ids, s.targets) for slot, u in enumerate(users) for s in by_user[u]]
+    final: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]] = {}
+    per_fact: dict[int, tuple[bool, float, float, int]] = {}
+    active = list(range(len(users)))
+    values_by_user: dict[int, torch.Tensor] = {}
+    steps_by_user = dict.fromkeys(range(len(users)), 0)
+    for round_index in range(options.max_rounds):
+        batch_seqs = [s for s in seqs if s.user in set(active)]
+        # Re-slot the active users densely so keys stay small.
+        remap = {u: k for k, u in enumerate(active)}
+        local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets) for s in batch_seqs]
+        batch = _Batch(em, local, len(active))
+        if round_index == 0:
+            start = batch.initial_values(options.init_scale)
+        else:
+            start = torch.cat([values_by_user[u] for u in active])
+        steps = options.steps if round_index == 0 else options.retry_steps
+        values = batch.optimize(start, steps, options.lr)
+        for u in active:
+            steps_by_user[u] += steps
+        ok, loss, margin = batch.check(values, options.min_margin)
+        # Split values back per user (keys are sorted by slot, then row).
+        offsets = np.cumsum([0] + [len(batch.user_rows[k]) for k in range(len(active))])
+        for k, u in enumerate(active):
+            values_by_user[u] = values[offsets[k]:offsets[k + 1]]
+            final[u] = batch.user_rows[k]
+        fact_pos: dict[int, list[int]] = {}
+        for n, (i, _, _) in enumerate(batch.written):
+            fact_pos.setdefault(i, []).append(n)
+        failing_users = set()
+        for i, s in enumerate(local):
+            idx = fact_pos[i]
+            fact_ok = bool(ok[idx].all())
+            rows_touched = len({r for n in idx for r in batch.rows[i, batch.written[n][1]].tolist()})
+            per_fact[id(batch_seqs[i])] = (fact_ok, float(loss[idx].sum()), float(margin[idx].min()), rows_touched)
+            if not fact_ok:
+                failing_users.add(batch_seqs[i].user)
+        active = sorted(failing_users)
+        if not active:
+            break
+    deltas = {}
+    layer = em.config.target_layer
+    for slot, user in enumerate(users):
+        rows = final[slot]
+        values = values_by_user[slot].half().cpu().numpy()
+        deltas[user] = Delta(np.full(len(rows), layer, np.int16), rows, values)
+    results = []
+    for s in seqs:
+        fact_ok, loss, margin, rows_touched = per_fact[id(s)]
+        steps = steps_by_user[s.user]
+        status = STATUS_OK if fact_ok else STATUS_NOT_RECALLED
+        detail = "" if fact_ok else f"answer not reproduced greedily with margin >= {options.min_margin} after {steps} steps"
+        results.append(FactResult(s.fact.user_id, s.fact.fact_id, status, loss, steps, rows_touched, margin, detail))
+    return deltas, results

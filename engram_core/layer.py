@@ -1,0 +1,209 @@
+"""The Engram layer, per-sequence row overlays, and attachment to a Hugging Face causal LM.
+
+Attachment uses two forward pre-hooks and forks no transformers code:
+
+* on the backbone (``LlamaModel``, ``Qwen2Model``, ``GPT2Model``, ...): records the token ids of
+  the call (joined to earlier ids when a KV cache continues a sequence, so ``generate`` works)
+  and computes the addressed rows of every Engram layer once per forward;
+* on each Engram decoder layer: adds ``EngramLayer(hidden, rows)`` to the hidden states
+  entering that layer (the residual stream).
+
+Per-user rows never mutate the table: an :class:`Overlay` maps (sequence, row) to an additive
+value, so each sequence of a batch sees the base table plus exactly its own owners' deltas.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .addressing import Addresser
+from .config import ConfigError, EngramConfig
+
+
+class EngramLayer(nn.Module):
+    """One Engram lookup: rows -> gated value added to the residual stream."""
+
+    def __init__(self, hidden_size: int, config: EngramConfig, num_rows: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.soften_gate = config.soften_gate
+        self.table = nn.Parameter(torch.zeros(num_rows, config.row_width), requires_grad=False)
+        self.key_proj = nn.Linear(config.engram_dim, hidden_size, bias=False)
+        self.value_proj = nn.Linear(config.engram_dim, hidden_size, bias=False)
+        self.conv = None
+        if config.short_conv:
+            # Depthwise causal conv, zero-initialised so the branch starts as an exact no-op.
+            self.conv = nn.Conv1d(hidden_size, hidden_size, config.conv_kernel, groups=hidden_size, bias=False)
+            nn.init.zeros_(self.conv.weight)
+        self.table_is_zero = True  # an all-zero table adds exactly nothing: skip the work
+
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor, overlay_values: torch.Tensor | None) -> torch.Tensor:
+        # hidden (B, T, d); rows (B, T, H); overlay_values (B, T, H, w) or None
+        e = self.table[rows]  # (B, T, H, w)
+        if overlay_values is not None:
+            e = e + overlay_values.to(e.dtype)
+        e = e.flatten(-2).to(self.key_proj.weight.dtype)  # (B, T, H*w)
+        k = self.key_proj(e)  # (B, T, d)
+        v = self.value_proj(e)  # (B, T, d)
+        h = hidden.to(k.dtype)
+        g = (F.rms_norm(h, (self.hidden_size,)) * F.rms_norm(k, (self.hidden_size,))).sum(-1) / math.sqrt(self.hidden_size)
+        if self.soften_gate:
+            g = g.sign() * g.abs().clamp_min(1e-6).sqrt()
+        gated = torch.sigmoid(g).unsqueeze(-1) * v  # (B, T, d)
+        out = gated
+        if self.conv is not None:
+            T = gated.shape[1]
+            x = F.rms_norm(gated, (self.hidden_size,)).transpose(1, 2)  # (B, d, T)
+            x = F.pad(x, (self.conv.kernel_size[0] - 1, 0))
+            out = gated + F.silu(self.conv(x)[..., :T].transpose(1, 2))
+        return out.to(hidden.dtype)
+
+
+@dataclass
+class Overlay:
+    """Additive rows per sequence of one batch, for one or more Engram layers.
+
+    ``owners`` (B, J) gives each sequence up to J owner slots (-1 = none); a sequence sees the
+    sum of its owners' rows. Per layer, ``keys`` holds sorted ``slot * num_rows + row`` and
+    ``values`` the matching (K, w) vectors (they may require grad: the compiler trains them).
+    """
+
+    owners: torch.Tensor  # (B, J) int64
+    keys: dict[int, torch.Tensor]  # layer -> (K,) int64, sorted
+    values: dict[int, torch.Tensor]  # layer -> (K, w)
+
+    def lookup(self, layer: int, rows: torch.Tensor, num_rows: int) -> torch.Tensor | None:
+        """rows (B, T, H) -> (B, T, H, w) summed overlay values (zeros where no owner wrote)."""
+        keys = self.keys.get(layer)
+        if keys is None or keys.numel() == 0:
+            return None
+        values = self.values[layer]
+        out = None
+        for j in range(self.owners.shape[1]):
+            owner = self.owners[:, j].to(rows.device)  # (B,)
+            query = owner.view(-1, 1, 1) * num_rows + rows  # (B, T, H)
+            idx = torch.searchsorted(keys, query).clamp_max(keys.numel() - 1)
+            hit = (keys[idx] == query) & (owner.view(-1, 1, 1) >= 0)
+            picked = values[idx] * hit.unsqueeze(-1).to(values.dtype)
+            out = picked if out is None else out + picked
+        return out
+
+
+def _backbone_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The decoder backbone (called with input_ids) and its list of decoder layers."""
+    hf = model
+    if hasattr(hf, "get_base_model"):  # a peft model
+        hf = hf.get_base_model()
+    backbone = getattr(hf, "base_model", hf)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(backbone, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return backbone, layers
+    raise ConfigError(
+        f"cannot attach Engram to {type(hf).__name__}: no decoder layer list found "
+        "(supported: Llama/Qwen2-style `model.layers`, GPT-2-style `transformer.h`)"
+    )
+
+
+class EngramMemory(nn.Module):
+    """All Engram layers of one model, its addressing, and the hooks that wire them in."""
+
+    def __init__(self, config: EngramConfig, addresser: Addresser, hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.addresser = addresser
+        self.engram_layers = nn.ModuleDict(
+            {str(i): EngramLayer(hidden_size, config, addresser.num_rows(i)) for i in config.layers}
+        )
+        self._handles: list = []
+        self._rows: dict[int, torch.Tensor] = {}
+        self._history: torch.Tensor | None = None
+        self._history_mask: torch.Tensor | None = None
+        self._overlay: Overlay | None = None
+
+    def layer(self, index: int) -> EngramLayer:
+        return self.engram_layers[str(index)]
+
+    def num_rows(self, layer: int) -> int:
+        return self.layer(layer).table.shape[0]
+
+    def refresh_zero_flags(self) -> None:
+        for module in self.engram_layers.values():
+            module.table_is_zero = not bool(module.table.detach().any())
+
+    # -- attachment ---------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        backbone, layers = _backbone_and_layers(model)
+        self.config.check_fits(len(layers))
+        self.detach()
+        self._handles.append(backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True))
+        for index in self.config.layers:
+            self._handles.append(layers[index].register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_backbone(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("an Engram model must be called with input_ids (inputs_embeds alone cannot be addressed)")
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        new_mask = None
+        if mask is not None and mask.dim() == 2:
+            new_mask = mask[:, -input_ids.shape[1]:].bool()
+        if past == 0 or self._history is None:
+            history, history_mask = input_ids, new_mask
+        else:
+            history = torch.cat([self._history[:, :past], input_ids], dim=1)
+            if new_mask is None and self._history_mask is None:
+                history_mask = None
+            else:
+                old = self._history_mask[:, :past] if self._history_mask is not None else torch.ones_like(self._history[:, :past], dtype=torch.bool)
+                new = new_mask if new_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+                history_mask = torch.cat([old, new], dim=1)
+        self._history, self._history_mask = history, history_mask
+        # Only the last N-1 earlier tokens matter for the new positions' N-grams.
+        context = self.config.max_ngram - 1 + input_ids.shape[1]
+        ids = history[:, -context:]
+        valid = history_mask[:, -context:] if history_mask is not None else None
+        T = input_ids.shape[1]
+        self._rows = {i: self.addresser.rows_torch(ids, i, valid)[:, -T:] for i in self.config.layers}
+        return None
+
+    def _make_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            layer = self.layer(index)
+            overlay_values = None
+            if self._overlay is not None:
+                overlay_values = self._overlay.lookup(index, self._rows[index], layer.table.shape[0])
+            if layer.table_is_zero and overlay_values is None:
+                return None  # exactly the base model
+            if args:
+                hidden = args[0]
+                return (hidden + layer(hidden, self._rows[index], overlay_values), *args[1:]), kwargs
+            hidden = kwargs["hidden_states"]
+            kwargs = dict(kwargs, hidden_states=hidden + layer(hidden, self._rows[index], overlay_values))
+            return args, kwargs
+
+        return hook
+
+    @contextmanager
+    def use(self, overlay: Overlay | None) -> Iterator[None]:
+        """Run the model with ``overlay`` applied (each sequence sees only its own owners)."""
+        previous = self._overlay
+        self._overlay = overlay
+        try:
+            yield
+        finally:
+            self._overlay = previous

@@ -1,0 +1,142 @@
+"""Applying deltas to serve requests.
+
+Two forms:
+
+* :func:`applied` swaps one owner's delta into the tables (row += value) for a block of code
+  and restores the saved rows bit-exactly afterwards (single-tenant, in-place).
+* :func:`overlay_for` builds an :class:`~engram_core.layer.Overlay` in which each sequence of a
+  batch sees the base table plus only its own owners' deltas: no shared mutation, so one
+  forward pass serves many users, and it works with ``generate``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoint import EngramModel
+from .delta import Delta
+from .layer import Overlay
+
+
+class DeltaMismatch(ValueError):
+    """A delta that does not belong to the loaded model."""
+
+
+def check_delta(em: EngramModel, delta: Delta, owner: str = "delta") -> None:
+    if delta.num_rows == 0:
+        return
+    if delta.width != em.config.row_width:
+        raise DeltaMismatch(f"{owner}: row width {delta.width} != model row width {em.config.row_width}")
+    for layer in set(delta.layers.tolist()):
+        if layer not in em.config.layers:
+            raise DeltaMismatch(f"{owner}: writes layer {layer}, but the model has Engram at {em.config.layers}")
+        rows = delta.row_ids[delta.layers == layer]
+        if rows.min() < 0 or rows.max() >= em.memory.num_rows(layer):
+            raise DeltaMismatch(f"{owner}: row ids out of range for layer {layer} (table has {em.memory.num_rows(layer)} rows)")
+
+
+@contextmanager
+def applied(em: EngramModel, delta: Delta) -> Iterator[None]:
+    """Add ``delta`` into the tables in place; restore the exact previous rows on exit."""
+    check_delta(em, delta)
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in sorted(set(delta.layers.tolist())):
+                table = em.memory.layer(layer).table
+                pick = delta.layers == layer
+                rows = torch.as_tensor(delta.row_ids[pick], device=table.device)
+                saved.append((layer, rows, table[rows].clone()))
+                table[rows] += torch.as_tensor(delta.values[pick], device=table.device).to(table.dtype)
+                em.memory.layer(layer).table_is_zero = False
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, rows, original in saved:
+                em.memory.layer(layer).table[rows] = original
+        em.memory.refresh_zero_flags()
+
+
+def overlay_for(em: EngramModel, per_sequence: Sequence[Sequence[Delta]]) -> Overlay | None:
+    """Overlay where sequence b sees the sum of ``per_sequence[b]``'s deltas (may be empty)."""
+    device = em.device
+    dtype = next(em.memory.parameters()).dtype
+    slots: list[Delta] = []
+    slot_of: dict[int, int] = {}
+    owners = []
+    for deltas in per_sequence:
+        row = []
+        for delta in deltas:
+            if delta.num_rows == 0:
+                continue
+            if id(delta) not in slot_of:
+                check_delta(em, delta)
+                slot_of[id(delta)] = len(slots)
+                slots.append(delta)
+            row.append(slot_of[id(delta)])
+        owners.append(row)
+    if not slots:
+        return None
+    width = max(len(r) for r in owners) or 1
+    owner_tensor = torch.full((len(owners), width), -1, dtype=torch.long)
+    for b, row in enumerate(owners):
+        owner_tensor[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    keys, values = {}, {}
+    for layer in em.config.layers:
+        num_rows = em.memory.num_rows(layer)
+        layer_keys, layer_values = [], []
+        for slot, delta in enumerate(slots):
+            pick = delta.layers == layer
+            if pick.any():
+                layer_keys.append(torch.as_tensor(delta.row_ids[pick]) + slot * num_rows)
+                layer_values.append(torch.as_tensor(delta.values[pick]))
+        if layer_keys:
+            keys[layer] = torch.cat(layer_keys).to(device)  # sorted: slots ascend, rows sorted
+            values[layer] = torch.cat(layer_values).to(device=device, dtype=dtype)
+    return Overlay(owner_tensor.to(device), keys, values)
+
+
+@torch.no_grad()
+def generate(
+    em: EngramModel,
+    prompts: Sequence[str],
+    deltas: Sequence[Sequence[Delta]] | None = None,
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy continuations of ``prompts``, each with its own deltas, in one batch."""
+    encoded = [em.encode_prompt(p) for p in prompts]
+    T = max(len(e) for e in encoded)
+    pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encoded), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        ids[b, T - len(e):] = torch.as_tensor(e)
+        mask[b, T - len(e):] = 1
+    overlay = overlay_for(em, deltas) if deltas is not None else None
+    with em.memory.use(overlay):
+        out = em.model.generate(
+            input_ids=ids.to(em.device),
+            attention_mask=mask.to(em.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    new_tokens = out[:, T:]
+    return [em.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
+
+
+@torch.no_grad()
+def greedy_tokens(em: EngramModel, prompt: str, num_tokens: int, deltas: Sequence[Delta] = ()) -> list[int]:
+    """Exactly ``num_tokens`` greedy tokens for one prompt (no padding, no stop token), with a KV cache."""
+    step_ids = torch.as_tensor([em.encode_prompt(prompt)], device=em.device)
+    cache, tokens = None, []
+    with em.memory.use(overlay_for(em, [list(deltas)])):
+        for _ in range(num_tokens):
+            out = em.model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(step_ids))
+    return tokens

@@ -1,0 +1,122 @@
+"""Tiny, deterministic checkpoints built locally (no model hub): for demos, tests, benchmarks.
+
+``init_tiny(DIR)`` trains a small byte-level BPE tokenizer on an embedded corpus, builds a
+seeded random causal LM of the chosen family (Llama, Qwen2 or GPT-2), attaches an empty
+Engram memory with seeded projections, adds a seeded LoRA adapter (the shared-adapter slot)
+and saves it all in the checkpoint layout of :mod:`engram_core.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import torch
+
+from .checkpoint import attach_new_memory, fingerprint, save_engram
+from .config import EngramConfig
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+_SUBJECTS = [
+    "dentist", "doctor", "city", "pet", "dog", "cat", "sister", "brother", "wife", "husband", "manager",
+    "favorite food", "favorite color", "car", "gym", "school", "employer", "street", "hometown", "bank",
+    "pharmacist", "landlord", "best friend", "coach", "teacher", "allergy", "blood type", "birthday",
+]
+_NAMES = [
+    "Akeredolu", "Okafor", "Nakamura", "Schmidt", "Rossi", "Kowalski", "Haddad", "Lindqvist", "Moreau",
+    "Patel", "Garcia", "Nguyen", "Ivanova", "Mensah", "Fischer", "Tanaka", "Oliveira", "Byrne", "Kaur",
+    "Santos", "Dubois", "Novak", "Hansen", "Yilmaz", "Costa", "Kim", "Silva", "Jensen", "Murphy", "Ali",
+]
+_PLACES = [
+    "Lisbon", "Nairobi", "Osaka", "Toronto", "Lyon", "Krakow", "Austin", "Porto", "Dublin", "Seoul",
+    "Accra", "Bergen", "Quito", "Hanoi", "Tbilisi", "Perth", "Leeds", "Turin", "Denver", "Malmo",
+]
+_FILLER = (
+    "the a an of to and in is was for on with as by at from that this it be are my your our their "
+    "name lives works born likes drives plays calls visits remembers appointment number called "
+    "what who where when how many old year years day week morning evening Monday Friday"
+).split()
+
+
+def _corpus(seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for subject, name, place in itertools.product(_SUBJECTS, _NAMES[:10], _PLACES[:5]):
+        lines.append(f"My {subject} is {name}. I live in {place}.")
+    for _ in range(2000):
+        lines.append(" ".join(rng.choice(_FILLER + _NAMES + _PLACES + _SUBJECTS) for _ in range(12)))
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
+    """A byte-level BPE fast tokenizer trained on the embedded corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
+def build_base_model(family: str, vocab_size: int, *, hidden: int = 64, layers: int = 4, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+        return LlamaForCausalLM(cfg)
+    if family == "qwen2":
+        cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+        return Qwen2ForCausalLM(cfg)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                         bos_token_id=1, eos_token_id=1, pad_token_id=0)
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+
+
+def init_tiny(
+    directory: str | Path,
+    *,
+    family: str = "llama",
+    engram: EngramConfig | None = None,
+    hidden: int = 64,
+    layers: int = 4,
+    vocab_size: int = 2048,
+    adapter: bool = True,
+    seed: int = 0,
+) -> str:
+    """Write a tiny checkpoint to ``directory``; returns its fingerprint."""
+    root = Path(directory)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"model directory {root} is not empty; choose a new directory")
+    engram = engram or EngramConfig(layers=(1, layers - 1), slots_per_head=1009)
+    tokenizer = build_tokenizer(vocab_size, seed)
+    model = build_base_model(family, len(tokenizer), hidden=hidden, layers=layers, seed=seed)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "tokenizer")
+    memory = attach_new_memory(model, tokenizer, engram, seed=seed + 1)
+    memory.detach()
+    save_engram(memory, root / "engram")
+    if adapter:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+        torch.manual_seed(seed + 2)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        peft_model.save_pretrained(root / "adapter")
+    return fingerprint(root)
