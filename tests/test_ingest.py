@@ -1,0 +1,314 @@
+"""Ingest: every fact log row ends in the fact state or in rejects, with a reason."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.ingest import FactLogBatch, FactLogError, ingest, normalise_fact_log, read_fact_log
+from schemas import facts as F
+from tests.fixtures.bad_inputs.corpus import (
+    FILE_CASES,
+    MAX_TEXT_CHARS,
+    MAX_TRIGGER_TOKENS,
+    NOW,
+    RAW_SCHEMA,
+    ROW_CASES,
+    T0,
+    good_row,
+    whitespace_tokens,
+    write_file_case,
+)
+
+
+def run(log, prior=None, **kwargs):
+    options = dict(max_trigger_tokens=MAX_TRIGGER_TOKENS, count_tokens=whitespace_tokens, max_text_chars=MAX_TEXT_CHARS, now=NOW)
+    return ingest(log, prior, **(options | kwargs))
+
+
+def table(*rows: dict) -> pa.Table:
+    return pa.Table.from_pylist([good_row(**row) for row in rows], schema=RAW_SCHEMA)
+
+
+def live_facts(state: pa.Table) -> dict:
+    return {(r["user_id"], r["fact_id"]): r["answer"] for r in state.to_pylist()}
+
+
+# --- The bad-input corpus -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: c.name)
+def test_every_malformed_row_is_rejected_with_its_named_reason(case, tmp_path):
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(case.table(), path)
+    result = run(read_fact_log(str(path)))
+    reasons = {r["row"]: r["reason"] for r in result.rejects.to_pylist()}
+    assert [reasons.get(i) for i in range(len(case.rows))] == case.expected
+    assert result.accepted + result.rejected == len(case.rows)
+    assert all(r["detail"] and r["source"] == str(path) for r in result.rejects.to_pylist())
+
+
+@pytest.mark.parametrize("case", [c for c in FILE_CASES if c.expected], ids=lambda c: c.name)
+def test_a_broken_file_stops_the_run_with_an_error_naming_it(case, tmp_path):
+    path = write_file_case(case, tmp_path)
+    with pytest.raises(FactLogError, match=case.name) as error:
+        read_fact_log(str(tmp_path))
+    assert "on_bad_file='reject'" in str(error.value)
+
+
+@pytest.mark.parametrize("case", [c for c in FILE_CASES if c.expected], ids=lambda c: c.name)
+def test_a_broken_file_becomes_one_reject_when_asked_and_good_files_still_load(case, tmp_path):
+    path = write_file_case(case, tmp_path)
+    batch = read_fact_log(str(tmp_path), on_bad_file="reject")
+    result = run(batch)
+    file_rejects = [r for r in result.rejects.to_pylist() if r["row"] is None]
+    assert [(r["source"], r["reason"]) for r in file_rejects] == [(str(path), case.expected)]
+    assert result.accepted == 2  # the good file beside it
+    assert result.accepted + result.rejected == batch.input_rows == 3
+    assert {f.path for f in batch.files} == {str(path), str(path.parent / "good.parquet")}
+
+
+@pytest.mark.parametrize("case", [c for c in FILE_CASES if not c.expected], ids=lambda c: c.name)
+def test_schema_drift_that_loses_nothing_is_read(case, tmp_path):
+    path = write_file_case(case, tmp_path)
+    batch = read_fact_log(str(path))
+    assert batch.rows.num_rows == case.rows
+    assert batch.rows.schema == F.FACT_LOG_BATCH_SCHEMA
+    result = run(batch)
+    assert result.accepted + result.rejected == case.rows
+
+
+def test_extra_columns_are_dropped_with_a_warning(caplog):
+    raw = table({}).append_column("mood", pa.array(["happy"]))
+    normalised = normalise_fact_log(raw, source="x.parquet")
+    assert "mood" not in normalised.column_names
+    assert "ignoring extra columns ['mood']" in caplog.text
+
+
+def test_integer_user_ids_are_read_as_strings(tmp_path):
+    raw = table({}).set_column(0, "user_id", pa.array([42], pa.int64()))
+    result = run(raw)
+    assert result.state.column("user_id").to_pylist() == ["42"]
+
+
+# --- Reading --------------------------------------------------------------------------------
+
+
+def test_a_missing_path_is_an_error_naming_it(tmp_path):
+    with pytest.raises(FactLogError, match="nowhere.*no such file or folder"):
+        read_fact_log(str(tmp_path / "nowhere"))
+
+
+def test_hive_day_partitions_are_read_with_provenance_and_file_sizes(tmp_path):
+    for day, fact in [("2026-11-19", "a"), ("2026-11-20", "b")]:
+        (tmp_path / f"day={day}").mkdir()
+        pq.write_table(table({"fact_id": fact}, {"fact_id": fact + "2"}), tmp_path / f"day={day}" / "part-0.parquet")
+    batch = read_fact_log(str(tmp_path))
+    assert [Path(f.path).parent.name for f in batch.files] == ["day=2026-11-19", "day=2026-11-20"]
+    assert all(f.size > 0 for f in batch.files)
+    assert batch.rows.column("_row").to_pylist() == [0, 1, 0, 1]
+    assert batch.rows.column("_source").to_pylist()[2].endswith("day=2026-11-20/part-0.parquet")
+
+
+def test_files_already_ingested_are_skipped(tmp_path):
+    for name in ("part-0.parquet", "part-1.parquet"):
+        pq.write_table(table({"fact_id": name}), tmp_path / name)
+    first = read_fact_log(str(tmp_path))
+    pq.write_table(table({"fact_id": "new"}), tmp_path / "part-2.parquet")
+    second = read_fact_log(str(tmp_path), exclude_files={f.path for f in first.files})
+    assert second.rows.column("fact_id").to_pylist() == ["new"]
+
+
+def test_marker_and_hidden_files_are_not_read(tmp_path):
+    pq.write_table(table({}), tmp_path / "part-0.parquet")
+    (tmp_path / "_SUCCESS").write_bytes(b"")
+    (tmp_path / ".part-0.parquet.crc").write_bytes(b"junk")
+    assert [Path(f.path).name for f in read_fact_log(str(tmp_path)).files] == ["part-0.parquet"]
+
+
+def test_a_list_of_sources_is_read_together(tmp_path):
+    paths = []
+    for name in ("a.parquet", "b.parquet"):
+        pq.write_table(table({"fact_id": name}), tmp_path / name)
+        paths.append(str(tmp_path / name))
+    assert read_fact_log(paths).rows.num_rows == 2
+
+
+def test_an_s3_fact_log_is_read_through_the_store_filesystem(s3_store):
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}, {"fact_id": "b"}), buffer)
+    s3_store.put("log/day=2026-11-20/part-0.parquet", buffer.getvalue())
+    filesystem, base = s3_store.arrow_filesystem()
+    batch = read_fact_log(f"s3://{base}/log", filesystem=filesystem)
+    assert batch.rows.num_rows == 2
+    assert batch.files[0].path == f"s3://{base}/log/day=2026-11-20/part-0.parquet"
+
+
+# --- Applying events ------------------------------------------------------------------------
+
+
+def test_the_fact_state_has_its_schema_sorted_by_user_and_fact():
+    result = run(table({"user_id": "bob", "fact_id": "z"}, {"user_id": "alice", "fact_id": "b"}, {"user_id": "alice", "fact_id": "a"}))
+    assert result.state.schema == F.FACT_STATE_SCHEMA
+    assert [(r["user_id"], r["fact_id"]) for r in result.state.to_pylist()] == [("alice", "a"), ("alice", "b"), ("bob", "z")]
+
+
+def test_scope_defaults_to_the_user_and_a_shared_scope_is_kept():
+    result = run(table({"fact_id": "own"}, {"fact_id": "org", "scope": "org:acme"}))
+    assert {r["fact_id"]: r["scope"] for r in result.state.to_pylist()} == {"own": "alice", "org": "org:acme"}
+
+
+def test_fact_hash_is_the_sha256_of_scope_trigger_and_answer():
+    row = run(table({})).state.to_pylist()[0]
+    assert row["fact_hash"] == F.fact_hash("alice", "My dog is called", " Rex")
+    assert F.fact_hash("a", "bc", "d") != F.fact_hash("ab", "c", "d")
+
+
+def test_a_later_upsert_replaces_an_earlier_one():
+    result = run(table({"answer": " Max", "event_time": T0 + timedelta(hours=1)}), prior=run(table({})).state)
+    assert live_facts(result.state) == {("alice", "pet"): " Max"}
+
+
+def test_a_delete_removes_the_fact_and_the_user_counts_as_changed():
+    prior = run(table({})).state
+    result = run(table({"op": "delete", "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=1)}), prior)
+    assert result.state.num_rows == 0
+    assert result.changed_users == {"alice"}
+
+
+def test_forget_user_removes_every_earlier_fact_but_later_upserts_survive():
+    prior = run(table({"fact_id": "a"}, {"fact_id": "b"}, {"user_id": "bob"})).state
+    forget = {"op": "forget_user", "fact_id": None, "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=1)}
+    result = run(table(forget, {"fact_id": "c", "event_time": T0 + timedelta(hours=2)}), prior)
+    assert live_facts(result.state) == {("alice", "c"): " Rex", ("bob", "pet"): " Rex"}
+    assert result.forgotten_users == {"alice"}
+    assert result.changed_users == {"alice"}
+
+
+def test_a_forget_at_the_same_instant_as_an_upsert_wins():
+    forget = {"op": "forget_user", "fact_id": None, "trigger": None, "answer": None}
+    result = run(table({}, forget))
+    assert result.state.num_rows == 0
+    assert [r["reason"] for r in result.rejects.to_pylist()] == ["SUPERSEDED"]
+
+
+def test_a_delete_at_the_same_instant_as_an_upsert_wins():
+    result = run(table({}, {"op": "delete"}))
+    assert result.state.num_rows == 0
+
+
+def test_an_event_older_than_the_prior_state_is_superseded():
+    prior = run(table({"answer": " Max", "event_time": T0 + timedelta(hours=5)})).state
+    result = run(table({"answer": " Rex"}), prior)
+    assert live_facts(result.state) == {("alice", "pet"): " Max"}
+    assert result.rejects.column("reason").to_pylist() == ["SUPERSEDED"]
+    assert "older than the fact in the prior state" in result.rejects.column("detail")[0].as_py()
+    assert result.changed_users == set()
+
+
+def test_resending_an_unchanged_fact_changes_no_user():
+    prior = run(table({})).state
+    result = run(table({}), prior)
+    assert result.changed_users == set()
+    assert result.state.equals(prior)
+
+
+def test_rejects_have_their_schema_and_plain_word_details():
+    result = run(table({"trigger": ""}, {"fact_id": "b", "answer": "a\x00b"}))
+    assert result.rejects.schema == F.REJECTS_SCHEMA
+    assert result.rejects.column("detail").to_pylist() == [
+        "trigger is empty",
+        "answer holds control characters other than tab and newline",
+    ]
+
+
+def test_every_reason_code_has_a_description():
+    codes = [value for name, value in vars(F).items() if name.isupper() and isinstance(value, str) and value == name]
+    assert set(codes) - {"FACT_SCHEMA_VERSION"} <= set(F.REASONS)
+    assert all(F.REASONS.values())
+
+
+def test_the_watermark_is_the_latest_event_time():
+    result = run(table({"event_time": T0}, {"fact_id": "b", "event_time": T0 + timedelta(hours=3)}))
+    assert result.watermark == (T0 + timedelta(hours=3)).isoformat()
+    assert run(F.FACT_LOG_SCHEMA.empty_table(), None).watermark is None
+
+
+def test_a_prior_state_that_does_not_fit_the_schema_is_refused():
+    with pytest.raises(F.SchemaMismatch, match="missing column 'fact_hash'"):
+        run(table({}), prior=run(table({})).state.drop_columns(["fact_hash"]))
+
+
+# --- The property: order never matters ------------------------------------------------------
+
+USERS, FACTS = ["u1", "u2", "../u3"], ["f1", "f2"]
+event_keys = st.tuples(st.sampled_from(USERS), st.sampled_from(FACTS + [None]), st.integers(0, 6))
+event_values = st.tuples(st.sampled_from(["upsert", "delete"]), st.sampled_from([" A", " B"]))
+
+
+def _row(key, value) -> dict:
+    user, fact, hour = key
+    op, answer = value
+    if fact is None:
+        return good_row(user_id=user, fact_id=None, op="forget_user", trigger=None, answer=None, event_time=T0 + timedelta(hours=hour))
+    return good_row(user_id=user, fact_id=fact, op=op, answer=answer, event_time=T0 + timedelta(hours=hour))
+
+
+def _replay(rows: list[dict]) -> dict:
+    """The reference: apply events one by one in (time, op precedence) order."""
+    facts: dict = {}
+    for row in sorted(rows, key=lambda r: (r["event_time"], F.OP_PRECEDENCE[r["op"]])):
+        if row["op"] == "forget_user":
+            facts = {k: v for k, v in facts.items() if k[0] != row["user_id"]}
+        elif row["op"] == "delete":
+            facts.pop((row["user_id"], row["fact_id"]), None)
+        else:
+            facts[(row["user_id"], row["fact_id"])] = row["answer"]
+    return facts
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.dictionaries(event_keys, event_values, max_size=14),
+    copies=st.lists(st.integers(0, 13), max_size=4),
+    files=st.integers(1, 4),
+    seed=st.randoms(use_true_random=False),
+)
+def test_the_state_is_the_last_event_per_fact_whatever_the_order_of_files_and_rows(events, copies, files, seed):
+    rows = [_row(k, v) for k, v in events.items()]
+    rows += [rows[i] for i in copies if i < len(rows)]  # exact duplicates
+    expected = _replay(rows)
+
+    def shuffled_batch() -> FactLogBatch:
+        order = rows[:]
+        seed.shuffle(order)
+        parts = [order[i::files] for i in range(files)]
+        names = [f"day={i}/part.parquet" for i in range(files)]
+        seed.shuffle(names)
+        tables = [normalise_fact_log(pa.Table.from_pylist(p, schema=RAW_SCHEMA), source=n) for p, n in zip(parts, names)]
+        return FactLogBatch(pa.concat_tables(tables), ())
+
+    first, second = run(shuffled_batch()), run(shuffled_batch())
+    assert live_facts(first.state) == expected
+    assert first.state.equals(second.state)
+    assert first.accepted + first.rejected == len(rows)
+    assert (first.accepted, first.changed_users) == (second.accepted, second.changed_users)
+
+
+def test_applying_in_two_nights_equals_applying_at_once():
+    rng = random.Random(7)
+    rows = [_row((rng.choice(USERS), rng.choice(FACTS + [None]), h), (rng.choice(["upsert", "delete"]), rng.choice([" A", " B"]))) for h in range(12)]
+    rows = list({(r["user_id"], r["fact_id"], r["event_time"]): r for r in rows}.values())
+    at_once = run(pa.Table.from_pylist(rows, schema=RAW_SCHEMA)).state
+    first = run(pa.Table.from_pylist(rows[:6], schema=RAW_SCHEMA)).state
+    second = run(pa.Table.from_pylist(rows[6:], schema=RAW_SCHEMA), prior=first).state
+    assert live_facts(second) == live_facts(at_once)
