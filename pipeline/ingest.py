@@ -331,7 +331,8 @@ def ingest(
         rejected=rejects.num_rows,
         watermark=_iso(max(accepted_times + prior_times, default=None)),
     )
-    assert result.accepted + result.rejected == batch.input_rows, "ingest lost track of a row"
+    if result.accepted + result.rejected != batch.input_rows:  # a bug here, never the data's fault
+        raise RuntimeError(f"ingest lost track of rows: {result.accepted} + {result.rejected} != {batch.input_rows}")
     logger.info("ingest: %d accepted, %d rejected, %d users changed, %d forgotten",
              result.accepted, result.rejected, len(changed), len(forgotten))
     return result
@@ -349,7 +350,9 @@ def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text
             verdicts[i] = _check_row(cols, times, i, future, max_text_chars)
     if count_tokens is not None:
         pending = [i for i in range(n) if verdicts[i] is None and cols["op"][i] == F.OP_UPSERT]
-        counts = count_tokens([cols["trigger"][i] for i in pending]) if pending else []
+        counts = list(count_tokens([cols["trigger"][i] for i in pending])) if pending else []
+        if len(counts) != len(pending):
+            raise ValueError(f"count_tokens returned {len(counts)} counts for {len(pending)} triggers")
         for i, tokens in zip(pending, counts):
             if tokens > max_trigger_tokens:
                 verdicts[i] = (F.TRIGGER_TOO_LONG, f"trigger is {tokens} tokens (limit {max_trigger_tokens})")

@@ -88,9 +88,11 @@ def _create_view(connection, store, filesystem: pafs.FileSystem, base_path: str,
     if not keys:
         connection.register(table, schema.empty_table())
     elif isinstance(filesystem, pafs.LocalFileSystem):
-        pattern = f"{base_path}/{STATS_PREFIX}/{table}/*/*.parquet".replace("'", "''")
+        # The store's own listing rather than a glob: a reader sees exactly the objects the
+        # store reports, never a file half-way through being written.
+        files = ", ".join("'" + f"{base_path}/{key}".replace("'", "''") + "'" for key in keys)
         connection.execute(
-            f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}', "
+            f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], "
             "hive_partitioning=true, union_by_name=true)"
         )
     else:

@@ -312,3 +312,8 @@ def test_applying_in_two_nights_equals_applying_at_once():
     first = run(pa.Table.from_pylist(rows[:6], schema=RAW_SCHEMA)).state
     second = run(pa.Table.from_pylist(rows[6:], schema=RAW_SCHEMA), prior=first).state
     assert live_facts(second) == live_facts(at_once)
+
+
+def test_a_tokenizer_that_miscounts_is_an_error_not_a_silent_pass():
+    with pytest.raises(ValueError, match="count_tokens returned 0 counts for 1 triggers"):
+        run(table({}), count_tokens=lambda texts: [])
