@@ -158,3 +158,29 @@ def test_s3_unreachable_endpoint_gives_an_actionable_error(s3_bucket):
 def test_s3_missing_bucket_is_named(s3_bucket):
     with pytest.raises(StoreError, match="does not exist"):
         open_store(f"s3://{s3_bucket}-absent/p").get("k")
+
+
+def _swap_in_child(root: str, etag: str, label: str, queue) -> None:
+    try:
+        LocalStore(root).put("CURRENT", label.encode(), if_match=etag)
+        queue.put(label)
+    except PreconditionFailed:
+        queue.put(None)
+
+
+def test_local_conditional_writes_are_atomic_across_processes(tmp_path):
+    import multiprocessing
+
+    store = LocalStore(tmp_path)
+    etag = store.put("CURRENT", b"start")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [context.Process(target=_swap_in_child, args=(str(tmp_path), etag, f"p{i}", queue)) for i in range(4)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=30) for _ in children]
+    for child in children:
+        child.join(timeout=30)
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and store.get("CURRENT") == winners[0].encode()
+
