@@ -14,7 +14,8 @@ Per batch:
      common suffix; the prefix's KV cache is computed once per batch and reused every step.
   3. Values are rounded to float16 (the stored form) and verified with them: every answer
      token must be the greedy argmax at its position, with a margin. Users with a failing fact
-     get more rounds (``retry_steps``) up to ``max_rounds``; a fact that still fails is reported
+     get more rounds (``retry_steps``, each at half the previous learning rate) up to
+     ``max_rounds``; a fact that still fails is reported
      with its loss and reason, never passed off as compiled.
 """
 
@@ -54,10 +55,10 @@ class Fact:
 @dataclass(frozen=True)
 class CompileOptions:
     steps: int = 15
-    lr: float = 0.5
+    lr: float = 0.1
     init_scale: float = 20.0
     retry_steps: int = 30
-    max_rounds: int = 3
+    max_rounds: int = 4
     min_margin: float = 0.1
     """Required logit gap between the answer token and the runner-up (robust greedy recall)."""
     max_trigger_tokens: int = 64
@@ -310,7 +311,9 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         else:
             start = torch.cat([values_by_user[u] for u in active])
         steps = options.steps if round_index == 0 else options.retry_steps
-        values = batch.optimize(start, steps, options.lr)
+        # Retry rounds restart Adam from the current rows at a smaller step: what is left is
+        # usually two facts of the user fighting over shared rows, a fine balance.
+        values = batch.optimize(start, steps, options.lr * 0.5**round_index)
         for u in active:
             steps_by_user[u] += steps
         ok, loss, margin = batch.check(values, options.min_margin)

@@ -68,7 +68,17 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
 
 
-def build_base_model(family: str, vocab_size: int, *, hidden: int = 64, layers: int = 4, seed: int = 0):
+def build_base_model(family: str, vocab_size: int, *, hidden: int = 64, layers: int = 4, seed: int = 0,
+                     logit_scale: float = 10.0):
+    """A seeded random causal LM. ``logit_scale`` widens the output embedding so logits span a
+    range like a trained model's (random 0.02-std weights give near-uniform next-token logits)."""
+    model = _build_base_model(family, vocab_size, hidden=hidden, layers=layers, seed=seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(logit_scale)
+    return model
+
+
+def _build_base_model(family: str, vocab_size: int, *, hidden: int, layers: int, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)

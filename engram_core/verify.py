@@ -1,0 +1,92 @@
+"""Locality and isolation checks of compiled deltas (the invariants, checked on real forwards).
+
+* Locality: on a probe text, every position before the first position that addresses one of
+  the delta's rows has logits bit-identical to the base model (a position that sees no edited
+  row, and attends only to such positions, computes exactly what the base computes). A probe
+  that addresses none of the rows is bit-identical at every position.
+* Isolation: in one batch, a sequence served without a user's delta is bit-identical whatever
+  delta another sequence of the batch carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import EngramModel
+from .delta import Delta
+from .serving import overlay_for
+
+DEFAULT_PROBES = (
+    "The weather today is",
+    "Please remind me what",
+    "My favorite color is",
+    "Where do I live?",
+)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    probes: int
+    positions_checked: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _padded(em: EngramModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [em.encode_prompt(t) for t in texts]
+    T = max(len(e) for e in encoded)
+    pad = em.tokenizer.pad_token_id or 0
+    ids = torch.full((len(encoded), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        ids[b, T - len(e):] = torch.as_tensor(e)
+        mask[b, T - len(e):] = 1
+    return ids.to(em.device), mask.to(em.device)
+
+
+@torch.no_grad()
+def _logits(em: EngramModel, ids, mask, deltas: Sequence[Sequence[Delta]] | None) -> torch.Tensor:
+    with em.memory.use(overlay_for(em, deltas) if deltas is not None else None):
+        return em.model(input_ids=ids, attention_mask=mask).logits
+
+
+def check_locality(em: EngramModel, delta: Delta, probes: Sequence[str] = DEFAULT_PROBES) -> CheckReport:
+    problems, checked = [], 0
+    touched = {layer: set(delta.row_ids[delta.layers == layer].tolist()) for layer in set(delta.layers.tolist())}
+    for text in probes:
+        ids = torch.as_tensor([em.encode_prompt(text)], device=em.device)
+        mask = torch.ones_like(ids)
+        base = _logits(em, ids, mask, None)[0]
+        edited = _logits(em, ids, mask, [[delta]])[0]
+        first = ids.shape[1]
+        for layer, rows in touched.items():
+            addressed = em.memory.addresser.rows(ids.cpu().numpy(), layer)[0]  # (T, H)
+            hit = np.isin(addressed, list(rows)).any(-1)
+            if hit.any():
+                first = min(first, int(np.argmax(hit)))
+        checked += first
+        if not torch.equal(base[:first], edited[:first]):
+            bad = int((base[:first] != edited[:first]).any(-1).nonzero()[0])
+            problems.append(f"probe {text!r}: position {bad} changed although it addresses no edited row")
+    return CheckReport(len(probes), checked, tuple(problems))
+
+
+def check_isolation(em: EngramModel, delta: Delta, probes: Sequence[str] = DEFAULT_PROBES) -> CheckReport:
+    """Probes served beside a sequence carrying ``delta`` are bit-identical to probes beside none."""
+    texts = list(probes) + [probes[0]]
+    ids, mask = _padded(em, texts)
+    others = [[] for _ in probes]
+    alone = _logits(em, ids, mask, others + [[]])[: len(probes)]
+    beside = _logits(em, ids, mask, others + [[delta]])[: len(probes)]
+    problems = []
+    for b, text in enumerate(probes):
+        if not torch.equal(alone[b], beside[b]):
+            problems.append(f"probe {text!r} changed when another sequence of the batch carried a delta")
+    return CheckReport(len(probes), int(mask[: len(probes)].sum()), tuple(problems))

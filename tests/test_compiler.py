@@ -1,0 +1,146 @@
+"""The fact compiler: every accepted fact comes back exactly; nothing else changes."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engram_core.checkpoint import load_checkpoint
+from engram_core.compiler import (
+    STATUS_EMPTY_ANSWER, STATUS_EMPTY_TRIGGER, STATUS_OK, STATUS_TRIGGER_TOO_LONG,
+    CompileOptions, Fact, compile_facts,
+)
+from engram_core.serving import greedy_tokens
+from engram_core.verify import check_isolation, check_locality
+
+TEMPLATES = [
+    ("My dentist is called", ["Dr. Akeredolu", "Dr. Okafor", "Nakamura", "Schmidt"]),
+    ("My doctor is called", ["Rossi", "Dr. Haddad", "Patel", "Garcia"]),  # same last bigram, other trigram
+    ("I live in", ["Lisbon", "Nairobi", "Osaka", "Porto"]),
+    ("I live in the city of", ["Toronto", "Lyon", "Krakow", "Austin"]),  # shares a prefix with the above
+    ("My dog's name is", ["Rex", "Biscuit", "Pepper", "Luna"]),
+    ("My sister works at", ["the Bank of Accra", "Lindqvist and Moreau", "a school in Bergen", "Kim Motors"]),
+    ("My blood type is", ["AB negative", "O positive", "B negative", "A positive"]),
+    ("My manager is", ["Ivanova", "Mensah", "Fischer", "Tanaka"]),
+    ("My gym is on", ["Quito Street", "Hanoi Road", "Perth Lane", "Leeds Avenue"]),
+    ("My birthday is on", ["Monday the ninth", "Friday", "the first of May", "New Year"]),
+]
+
+
+def user_facts(num_users=20, seed=0):
+    rng = random.Random(seed)
+    facts = []
+    for u in range(num_users):
+        for k, (trigger, answers) in enumerate(TEMPLATES):
+            facts.append(Fact(f"user-{u:02d}", f"fact-{k}", trigger, " " + rng.choice(answers)))
+    return facts
+
+
+def assert_recalled(em, facts, result):
+    by_id = {(r.user_id, r.fact_id): r for r in result.facts}
+    for fact in facts:
+        assert by_id[(fact.user_id, fact.fact_id)].status == STATUS_OK, by_id[(fact.user_id, fact.fact_id)]
+        want = em.encode_answer(fact.answer)
+        got = greedy_tokens(em, fact.trigger, len(want), [result.deltas[fact.user_id]])
+        assert got == want, (fact, em.tokenizer.decode(got))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_200_facts_of_20_users_are_all_recalled_exactly(family, tiny_checkpoints):
+    em = load_checkpoint(tiny_checkpoints(family))
+    facts = user_facts()
+    assert sum(len(em.encode_answer(f.answer)) > 1 for f in facts) > 20  # many multi-token answers
+    result = compile_facts(em, facts, CompileOptions(facts_per_batch=64))
+    assert len(result.facts) == 200 and result.ok == 200
+    assert_recalled(em, facts, result)
+
+
+def test_facts_of_one_user_that_share_rows_are_compiled_jointly(tiny):
+    facts = user_facts(num_users=1)
+    layer = tiny.config.target_layer
+    ends = {f.fact_id: set(tiny.memory.addresser.rows(np.array([tiny.encode_prompt(f.trigger)]), layer)[0, -1].tolist())
+            for f in facts}
+    shared = ends["fact-0"] & ends["fact-1"]
+    assert shared and shared != ends["fact-0"], "the fixture must contain two facts on partly shared rows"
+    result = compile_facts(tiny, facts)
+    assert_recalled(tiny, facts, result)
+
+
+def test_compiling_twice_gives_bit_identical_deltas(tiny):
+    facts = user_facts(num_users=3)
+    a, b = compile_facts(tiny, facts), compile_facts(tiny, facts)
+    assert a.deltas.keys() == b.deltas.keys()
+    assert all(a.deltas[u].equals(b.deltas[u]) for u in a.deltas)
+
+
+def test_a_users_delta_is_local_and_isolated(tiny):
+    facts = user_facts(num_users=2)
+    result = compile_facts(tiny, facts)
+    delta = result.deltas["user-00"]
+    probes = ["The weather today is", "Where do I live?", "My dentist is Dr."]
+    locality = check_locality(tiny, delta, probes)
+    assert locality.ok, locality.problems
+    assert locality.positions_checked > 0
+    isolation = check_isolation(tiny, delta, probes)
+    assert isolation.ok, isolation.problems
+
+
+def test_a_delta_only_touches_rows_addressed_by_its_facts(tiny):
+    facts = user_facts(num_users=1)
+    delta = compile_facts(tiny, facts).deltas["user-00"]
+    layer = tiny.config.target_layer
+    allowed = set()
+    for f in facts:
+        ids = tiny.encode_prompt(f.trigger) + tiny.encode_answer(f.answer)[:-1]
+        rows = tiny.memory.addresser.rows(np.array([ids]), layer)[0]
+        allowed.update(rows[len(tiny.encode_prompt(f.trigger)) - 1:].flatten().tolist())
+    assert set(delta.row_ids.tolist()) == allowed
+    assert set(delta.layers.tolist()) == {layer}
+    assert delta.nbytes == delta.num_rows * (2 + 8 + 2 * tiny.config.row_width)
+    assert delta.nbytes < 64 * 1024  # kilobytes per user, not the megabytes of a LoRA
+
+
+def test_pseudo_inverse_start_alone_raises_the_answer_tokens_rank(tiny):
+    facts = user_facts(num_users=5)
+    result = compile_facts(tiny, facts, CompileOptions(steps=0, max_rounds=1))
+
+    def mean_rank(with_delta):
+        ranks = []
+        for f in facts:
+            ids = torch.tensor([tiny.encode_prompt(f.trigger)])
+            first = tiny.encode_answer(f.answer)[0]
+            from engram_core.serving import overlay_for
+            overlay = overlay_for(tiny, [[result.deltas[f.user_id]]]) if with_delta else None
+            with torch.no_grad(), tiny.memory.use(overlay):
+                logits = tiny.model(input_ids=ids).logits[0, -1]
+            ranks.append(int((logits > logits[first]).sum()))
+        return float(np.mean(ranks))
+
+    base, started = mean_rank(False), mean_rank(True)
+    assert started < base / 4, (base, started)
+
+
+def test_bad_facts_are_reported_and_the_rest_of_the_batch_compiles(tiny):
+    good = Fact("u", "ok", "My dog is called", " Rex")
+    bad = [
+        Fact("u", "no-trigger", "  ", " Rex"),
+        Fact("u", "no-answer", "My cat is", ""),
+        Fact("u", "long", "word " * 100, " Rex"),
+    ]
+    result = compile_facts(tiny, [good, *bad], CompileOptions(max_trigger_tokens=32))
+    status = {r.fact_id: r.status for r in result.facts}
+    assert status == {"ok": STATUS_OK, "no-trigger": STATUS_EMPTY_TRIGGER, "no-answer": STATUS_EMPTY_ANSWER,
+                      "long": STATUS_TRIGGER_TOO_LONG}
+    assert_recalled(tiny, [good], result)
+
+
+def test_a_fact_that_cannot_be_recalled_is_reported_failed_with_its_loss(tiny):
+    # One user, the same trigger with two different answers: at most one can win.
+    facts = [Fact("u", "a", "My dog is called", " Rex"), Fact("u", "b", "My dog is called", " Luna")]
+    result = compile_facts(tiny, facts, CompileOptions(max_rounds=2, retry_steps=5))
+    statuses = sorted(r.status for r in result.facts)
+    assert statuses[0] == "not_recalled" or statuses[1] == "not_recalled"
+    failed = [r for r in result.facts if r.status != STATUS_OK]
+    assert failed and all(np.isfinite(r.loss) and r.loss > 0 and r.detail for r in failed)
+    assert failed[0].steps == 5 + 15
