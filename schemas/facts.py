@@ -194,3 +194,28 @@ def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
 def validate_fact_state(table: pa.Table) -> pa.Table:
     """Conform a fact state read back from storage; raises SchemaMismatch if it cannot."""
     return conform(table, FACT_STATE_SCHEMA, "fact state")
+
+
+def encode_fact_state(table: pa.Table) -> bytes:
+    """Parquet (zstd) bytes of a fact-state shard; the same table always gives the same bytes."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = validate_fact_state(table).sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", compression_level=3, use_dictionary=False,
+                   row_group_size=max(table.num_rows, 1))
+    return sink.getvalue()
+
+
+def decode_fact_state(data: bytes, *, source: str = "fact state") -> pa.Table:
+    """Parse a fact-state shard and conform it to FACT_STATE_SCHEMA (errors name ``source``)."""
+    import pyarrow as _pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(_pa.BufferReader(data))
+    except _pa.ArrowInvalid as err:
+        raise SchemaMismatch(f"{source}: not a readable Parquet fact state ({err})") from err
+    return conform(table, FACT_STATE_SCHEMA, source)
