@@ -1,0 +1,440 @@
+"""Serving-side pull: follow CURRENT, fetch changed shards, verify, hot-swap an in-memory index.
+
+A serving node owns a set of shards. :class:`PullClient` polls the store:
+
+1. ``head("CURRENT")``: an unchanged etag costs no download and changes nothing;
+2. otherwise it reads the manifest, refuses one compiled for another model fingerprint, and
+   for each owned shard whose bundle sha256 differs from the one it serves, gets the bundle
+   (from the local cache if a verified copy is there, else from the store), checks size and
+   sha256 against the manifest, decodes it, and checks every delta against the loaded model;
+3. it builds the new :class:`ServingIndex` completely and then replaces one reference, so a
+   reader sees either the old version or the new one, never a mix.
+
+Any failure keeps the version being served, logs why and sets ``last_error``; the next poll
+tries again (the etag is only remembered after a successful swap). A rollback is just CURRENT
+pointing at an older manifest, and a forgotten user is absent from the new bundle: both are
+followed on the next poll like any other change.
+
+The disk cache (``<cache_dir>/bundles/<sha256>.parquet``) is content-addressed, written
+atomically (temp file, fsync, rename) and re-verified on every load; a truncated or corrupted
+file is deleted and downloaded again. The model a manifest names by fingerprint is stored by
+the nightly job under ``models/<fingerprint>/`` (:func:`publish_model`) and fetched into the
+same cache by :func:`fetch_model`, verified by recomputing the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from engram_core.checkpoint import _DERIVED_PREFIX, _INGREDIENTS, CheckpointError, EngramModel, fingerprint
+from engram_core.delta import Delta
+from engram_core.serving import DeltaMismatch, check_delta
+from pipeline.publish import CURRENT_KEY, IntegrityError, PublishError, read_current, shard_of
+from pipeline.store import ObjectNotFound, ObjectStore, PreconditionFailed, StoreError
+from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle
+from schemas.manifest import Manifest, ManifestError, ShardEntry
+
+log = logging.getLogger(__name__)
+
+MODEL_PREFIX = "models"
+MODEL_FILE_LIST = "files.json"  # written last by publish_model: the model is complete once it exists
+
+
+class PullError(RuntimeError):
+    """A version that cannot be served; the node keeps the version it has."""
+
+
+class FingerprintMismatch(PullError):
+    """A manifest (or a local model) for another model than the one loaded."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ENGRAM_CACHE_DIR", Path.home() / ".cache" / "engram"))
+
+
+def parse_shards(spec: str | None, num_shards: int | None = None) -> list[int] | None:
+    """``"0-15"``, ``"3"``, ``"0-3,8,10-11"`` -> sorted shard list; ``None``/``"all"`` -> None (every shard)."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None
+    shards: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                shards.update(range(lo, hi + 1))
+            else:
+                shards.add(int(part))
+        except ValueError:
+            raise ValueError(f"shards {spec!r}: {part!r} is not a shard number or range like 0-15") from None
+    if any(s < 0 for s in shards):
+        raise ValueError(f"shards {spec!r}: shard numbers must be non-negative")
+    if num_shards is not None and max(shards) >= num_shards:
+        raise ValueError(f"shards {spec!r}: the store has {num_shards} shards (0-{num_shards - 1})")
+    return sorted(shards)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- bundle cache
+
+
+class BundleCache:
+    """Content-addressed local copies of shard bundles, re-verified on every load."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root) / "bundles"
+
+    def path(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.parquet"
+
+    def load(self, entry: ShardEntry) -> bytes | None:
+        """The cached bytes if present and intact; a damaged copy is deleted (and None returned)."""
+        path = self.path(entry.bundle_sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) == entry.bundle_bytes and _sha256(data) == entry.bundle_sha256:
+            return data
+        log.warning("cache %s: %d bytes that do not match sha256 %s; deleting it and downloading again",
+                    path, len(data), entry.bundle_sha256[:12])
+        path.unlink(missing_ok=True)
+        return None
+
+    def save(self, entry: ShardEntry, data: bytes) -> None:
+        _write_atomic(self.path(entry.bundle_sha256), data)
+
+
+def fetch_bundle(store: ObjectStore, entry: ShardEntry, cache: BundleCache | None) -> bytes:
+    """A shard's verified bundle bytes: from the cache if intact, else from the store (then cached)."""
+    data = cache.load(entry) if cache is not None else None
+    if data is not None:
+        return data
+    where = f"{store.uri}/{entry.bundle_key}"
+    try:
+        data = store.get(entry.bundle_key)
+    except ObjectNotFound:
+        raise IntegrityError(f"{where}: missing (manifest shard {entry.shard} references it)") from None
+    if len(data) != entry.bundle_bytes:
+        raise IntegrityError(f"{where}: {len(data)} bytes, manifest says {entry.bundle_bytes} (refused)")
+    actual = _sha256(data)
+    if actual != entry.bundle_sha256:
+        raise IntegrityError(f"{where}: sha256 {actual[:16]}.. does not match the manifest's "
+                             f"{entry.bundle_sha256[:16]}.. (refused; the object was changed or damaged)")
+    if cache is not None:
+        cache.save(entry, data)
+    return data
+
+
+# ---------------------------------------------------------------- the index
+
+
+@dataclass(frozen=True)
+class ServingIndex:
+    """One published version's deltas for the shards a node owns (immutable once built)."""
+
+    version: int
+    fingerprint: str
+    num_shards: int
+    shards: tuple[int, ...]
+    shard_sha256: Mapping[int, str]
+    shard_users: Mapping[int, Mapping[str, Delta]]
+    users: Mapping[str, Delta] = field(repr=False)
+
+    def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
+        """The deltas a request of ``user_id`` is served with: () for no user or an unknown one (the base model)."""
+        if not user_id:
+            return ()
+        delta = self.users.get(user_id)
+        return (delta,) if delta is not None else ()
+
+    def owns(self, user_id: str) -> bool:
+        return shard_of(user_id, self.num_shards) in self.shard_users
+
+    @property
+    def num_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of delta arrays held (layers, row ids, values); Python object overhead excluded."""
+        return sum(d.nbytes for d in self.users.values())
+
+
+def load_shard_deltas(em: EngramModel, shard: int, num_shards: int, data: bytes, source: str) -> dict[str, Delta]:
+    """Decode a verified bundle and check every delta against the loaded model and the shard."""
+    deltas = bundle_deltas(decode_bundle(data, source=source))
+    for user, delta in deltas.items():
+        if shard_of(user, num_shards) != shard:
+            raise PullError(f"{source}: user {user!r} belongs to shard {shard_of(user, num_shards)}, not {shard}")
+        check_delta(em, delta, owner=f"{source} user {user!r}")
+    return deltas
+
+
+@dataclass(frozen=True)
+class PollResult:
+    changed: bool  # a new version is now served
+    version: int | None  # the version served after this poll
+    fetched_shards: tuple[int, ...] = ()  # shards whose bundle was (re)loaded
+    error: str | None = None
+
+
+class PullClient:
+    """Follows a store's CURRENT for the shards one serving node owns (``shards=None``: all)."""
+
+    _FAILURES = (PullError, PublishError, StoreError, ManifestError, BundleSchemaError, DeltaMismatch, OSError, ValueError)
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        em: EngramModel,
+        *,
+        shards: Sequence[int] | None = None,
+        cache_dir: str | Path | None = None,
+        interval: float = 30.0,
+        jitter: float = 0.1,
+    ) -> None:
+        self.store = store
+        self.em = em
+        self.shards = None if shards is None else tuple(sorted(set(shards)))
+        self.cache = BundleCache(cache_dir) if cache_dir is not None else None
+        self.interval = interval
+        self.jitter = jitter
+        self.last_error: str | None = None
+        self.last_poll_at: float | None = None
+        self._index: ServingIndex | None = None
+        self._etag: str | None = None
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def index(self) -> ServingIndex | None:
+        """The version being served (one reference, replaced whole on a swap)."""
+        return self._index
+
+    def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
+        index = self._index
+        return index.deltas_for(user_id) if index is not None else ()
+
+    def poll(self) -> PollResult:
+        """Check CURRENT once; load and swap in a new version if it changed. Never raises for a bad version."""
+        with self._poll_lock:
+            self.last_poll_at = time.time()
+            try:
+                result = self._poll()
+            except self._FAILURES as e:
+                served = self._index.version if self._index is not None else None
+                message = f"{type(e).__name__}: {e}"
+                log.error("pull from %s failed, still serving %s: %s", self.store.uri,
+                          f"v{served}" if served is not None else "nothing", message)
+                self.last_error = message
+                return PollResult(False, served, error=message)
+            self.last_error = None
+            return result
+
+    def _poll(self) -> PollResult:
+        served = self._index.version if self._index is not None else None
+        head = self.store.head(CURRENT_KEY)
+        if head is None:
+            raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
+        if head.etag == self._etag:
+            return PollResult(False, served)
+        current = read_current(self.store)
+        if current is None:
+            raise PullError(f"{self.store.uri}: CURRENT disappeared while reading it")
+        manifest, etag = current
+        index, fetched = self._build(manifest)
+        self._index = index  # the swap: readers hold either the old index or this one
+        self._etag = etag
+        log.info("serving v%d from %s (%d users in %d shards; loaded shards %s)", manifest.version,
+                 self.store.uri, index.num_users, len(index.shards), list(fetched))
+        return PollResult(served != manifest.version or bool(fetched), manifest.version, fetched)
+
+    def _build(self, manifest: Manifest) -> tuple[ServingIndex, tuple[int, ...]]:
+        where = f"{self.store.uri}/{manifest.key}"
+        if manifest.fingerprint != self.em.fingerprint:
+            raise FingerprintMismatch(
+                f"{where}: compiled for model {manifest.fingerprint[:16]}.., this node serves "
+                f"{self.em.fingerprint[:16]}.. (restart the node with the manifest's model)")
+        owned = self.shards if self.shards is not None else tuple(range(manifest.num_shards))
+        beyond = [s for s in owned if s >= manifest.num_shards]
+        if beyond:
+            raise PullError(f"{where}: has {manifest.num_shards} shards; this node owns {beyond} too "
+                            "(fix the node's --shards)")
+        previous = self._index
+        reuse = previous is not None and previous.num_shards == manifest.num_shards
+        shard_users: dict[int, Mapping[str, Delta]] = {}
+        fetched = []
+        for shard in owned:
+            entry = manifest.shard(shard)
+            if reuse and previous.shard_sha256.get(shard) == entry.bundle_sha256:
+                shard_users[shard] = previous.shard_users[shard]
+                continue
+            data = fetch_bundle(self.store, entry, self.cache)
+            source = f"{self.store.uri}/{entry.bundle_key}"
+            shard_users[shard] = load_shard_deltas(self.em, shard, manifest.num_shards, data, source)
+            fetched.append(shard)
+        users = {u: d for part in shard_users.values() for u, d in part.items()}
+        index = ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned),
+                             {s: manifest.shard(s).bundle_sha256 for s in owned}, shard_users, users)
+        return index, tuple(fetched)
+
+    # -- background polling ---------------------------------------------------------------
+    def next_delay(self) -> float:
+        return max(0.0, self.interval * (1 + random.uniform(-self.jitter, self.jitter)))
+
+    def start(self) -> None:
+        """Poll in a daemon thread every ``interval`` seconds (with jitter) until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="engram-pull", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.next_delay()):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
+# ---------------------------------------------------------------- the model
+
+
+def _model_key(fp: str, rel: str = "") -> str:
+    return f"{MODEL_PREFIX}/{fp}/{rel}" if rel else f"{MODEL_PREFIX}/{fp}/"
+
+
+def checkpoint_files(directory: str | Path) -> list[str]:
+    """Relative paths of the files that make up a checkpoint's fingerprint (derived caches excluded)."""
+    root = Path(directory)
+    return sorted(
+        p.relative_to(root).as_posix()
+        for part in _INGREDIENTS if (root / part).exists() for p in (root / part).rglob("*")
+        if p.is_file() and not p.name.startswith(_DERIVED_PREFIX) and not p.name.endswith(".tmp.npy")
+    )
+
+
+def publish_model(store: ObjectStore, checkpoint_dir: str | Path) -> str:
+    """Upload a checkpoint under ``models/<fingerprint>/`` (skipped if already there); returns the fingerprint.
+
+    The file list (with each file's sha256 and size) is written last, so a model whose upload
+    was interrupted is never seen as complete by :func:`fetch_model`.
+    """
+    root = Path(checkpoint_dir)
+    fp = fingerprint(root)
+    list_key = _model_key(fp, MODEL_FILE_LIST)
+    if store.exists(list_key):
+        log.info("%s: model %s already published", store.uri, fp[:16])
+        return fp
+    files = {}
+    for rel in checkpoint_files(root):
+        data = (root / rel).read_bytes()
+        files[rel] = {"sha256": _sha256(data), "bytes": len(data)}
+        key = _model_key(fp, rel)
+        info = store.head(key)
+        if info is not None and info.size == len(data):
+            continue
+        store.put(key, data)
+    body = json.dumps({"fingerprint": fp, "files": files}, indent=2, sort_keys=True).encode()
+    try:
+        store.put(list_key, body, if_none_match=True)
+    except PreconditionFailed:
+        pass  # published concurrently by another job; fetch_model verifies the content either way
+    log.info("%s: published model %s (%d files)", store.uri, fp[:16], len(files))
+    return fp
+
+
+def fetch_model(store: ObjectStore, fp: str, cache_dir: str | Path) -> Path:
+    """A local directory holding model ``fp`` (downloaded into ``cache_dir/models/`` once, verified)."""
+    dest = Path(cache_dir) / "models" / fp
+    if dest.is_dir():
+        try:
+            if fingerprint(dest) == fp:
+                return dest
+        except CheckpointError:
+            pass
+        log.warning("cached model %s does not match its fingerprint; downloading it again", dest)
+        shutil.rmtree(dest)
+    try:
+        listing = json.loads(store.get(_model_key(fp, MODEL_FILE_LIST)))
+        files = listing["files"]
+    except ObjectNotFound:
+        raise PullError(f"{store.uri}: model {fp[:16]}.. is not published under {_model_key(fp)} "
+                        "(publish it with pipeline.pull.publish_model, or pass --model DIR)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise PullError(f"{store.uri}/{_model_key(fp, MODEL_FILE_LIST)}: not a valid model file list") from None
+    staging = dest.parent / f".tmp-{fp[:16]}-{secrets.token_hex(6)}"
+    try:
+        for rel, expected in sorted(files.items()):
+            key = _model_key(fp, rel)
+            data = store.get(key)
+            if len(data) != expected["bytes"] or _sha256(data) != expected["sha256"]:
+                raise IntegrityError(f"{store.uri}/{key}: does not match its size/sha256 in the model file list")
+            target = staging / rel
+            if staging.resolve() not in target.resolve().parents:
+                raise PullError(f"{store.uri}/{_model_key(fp, MODEL_FILE_LIST)}: bad file name {rel!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        actual = fingerprint(staging)
+        if actual != fp:
+            raise FingerprintMismatch(f"{store.uri}/{_model_key(fp)}: files have fingerprint {actual[:16]}.., "
+                                      f"expected {fp[:16]}..")
+        try:
+            os.replace(staging, dest)
+        except OSError:
+            if not (dest.is_dir() and fingerprint(dest) == fp):  # a concurrent fetch won the rename
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("fetched model %s from %s into %s", fp[:16], store.uri, dest)
+    return dest
+
+
+def resolve_model(store: ObjectStore, manifest: Manifest, *, model_dir: str | Path | None,
+                  cache_dir: str | Path, device: str = "cpu") -> EngramModel:
+    """Load the model a manifest was compiled for: ``model_dir`` if given (must match), else from the store."""
+    from engram_core.checkpoint import load_checkpoint
+
+    if model_dir is not None:
+        local = fingerprint(model_dir)
+        if local != manifest.fingerprint:
+            raise FingerprintMismatch(
+                f"model {model_dir}: fingerprint {local[:16]}.. but {store.uri} v{manifest.version} was compiled "
+                f"for {manifest.fingerprint[:16]}.. (use that model, or leave out --model to fetch it)")
+        return load_checkpoint(model_dir, device=device)
+    return load_checkpoint(fetch_model(store, manifest.fingerprint, cache_dir), device=device)
