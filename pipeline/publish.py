@@ -190,6 +190,11 @@ def load_shard_bundle(store: ObjectStore, entry: ShardEntry) -> pa.Table:
     return decode_bundle(data, source=f"{store.uri}/{entry.bundle_key}")
 
 
+def load_shard_state_bytes(store: ObjectStore, entry: ShardEntry) -> bytes:
+    """The shard's fact-state object, verified (size and sha256) before it is returned."""
+    return _verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
+
+
 def read_audit(store: ObjectStore) -> list[dict]:
     """Every audit record, oldest first."""
     return [json.loads(store.get(key)) for key in store.list("audit/")]
