@@ -1,0 +1,47 @@
+"""`engram model ...`: make and inspect checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from engram_core.tiny import FAMILIES
+
+model_app = typer.Typer(help="Make and inspect model checkpoints (base + Engram + shared adapter).", no_args_is_help=True)
+
+
+@model_app.command("init")
+def init(
+    directory: Path = typer.Argument(..., help="New checkpoint directory."),
+    tiny: bool = typer.Option(False, "--tiny", help="Build a small seeded model and tokenizer locally."),
+    family: str = typer.Option("llama", help=f"Model family for --tiny: {', '.join(FAMILIES)}."),
+    adapter: bool = typer.Option(True, help="Include a shared LoRA adapter."),
+    seed: int = typer.Option(0, help="Seed for weights and hashing."),
+) -> None:
+    """Write a checkpoint. Example: engram model init ./tiny --tiny"""
+    from engram_core.tiny import init_tiny
+
+    if not tiny:
+        raise typer.BadParameter("only --tiny is supported: bring your own checkpoint in the layout of "
+                                 "engram_core/checkpoint.py (base/, tokenizer/, engram/, adapter/)")
+    fp = init_tiny(directory, family=family, adapter=adapter, seed=seed)
+    typer.echo(f"wrote {directory} (fingerprint {fp[:16]})")
+
+
+@model_app.command("info")
+def info(directory: Path = typer.Argument(..., help="Checkpoint directory."),
+         as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Show a checkpoint's Engram config and fingerprint. Example: engram model info ./tiny"""
+    from engram_core.checkpoint import fingerprint
+    from engram_core.config import EngramConfig
+
+    config = EngramConfig.load(directory / "engram" / "config.json")
+    out = {"path": str(directory), "fingerprint": fingerprint(directory), "engram": config.to_dict(),
+           "adapter": (directory / "adapter").is_dir()}
+    typer.echo(json.dumps(out, indent=None if as_json else 2))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(model_app, name="model")

@@ -1,0 +1,204 @@
+"""`engram demo | run nightly | versions | rollback | stats`: the job and the operator's verbs."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from jobs.spec import NightlySpec, SpecError
+
+run_app = typer.Typer(help="Run a job here (local Ray cluster unless the spec names an address).", no_args_is_help=True)
+
+STORE_HELP = "Store: a local directory or s3://bucket/prefix."
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _print(obj, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(obj, default=str) if as_json else text)
+
+
+def _run(spec: NightlySpec, as_json: bool):
+    from jobs.nightly import run_nightly
+
+    report = run_nightly(spec, progress=not as_json and sys.stderr.isatty())
+    return report
+
+
+@run_app.command("nightly")
+def run_nightly_cmd(
+    spec_file: Path = typer.Option(None, "--spec", help="YAML job spec (see jobs/specs/nightly.example.yaml)."),
+    store: str = typer.Option(None, help=STORE_HELP),
+    fact_log: str = typer.Option(None, "--fact-log", help="Parquet file, folder or s3:// prefix of the fact log."),
+    model: str = typer.Option(None, help="Checkpoint directory."),
+    num_shards: int = typer.Option(None, "--num-shards", help="Shards (default 16)."),
+    workers: int = typer.Option(None, help="Ray compile workers (0 = no Ray)."),
+    recompile_all: bool = typer.Option(False, "--recompile-all", help="Recompile every user (e.g. after a model change)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Run the nightly compile job. Example: engram run nightly --spec jobs/specs/nightly.example.yaml"""
+    try:
+        raw = NightlySpec.load(spec_file).to_dict() if spec_file else {}
+        flags = {"store": store, "fact_log": fact_log, "model": model, "num_shards": num_shards, "workers": workers}
+        raw.update({k: v for k, v in flags.items() if v is not None})
+        if recompile_all:
+            raw["recompile_all"] = True
+        spec = NightlySpec.from_dict(raw, source=f"job spec {spec_file}" if spec_file else "flags")
+    except SpecError as exc:
+        _fail(str(exc))
+    try:
+        report = _run(spec, as_json)
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: one clear line, non-zero exit
+        _fail(f"{type(exc).__name__}: {exc}")
+    text = (f"published v{report.version}" if report.published else f"nothing changed; v{report.version} stays current")
+    text += (f": {report.users} users, {report.facts} facts; compiled {report.compiled_users} users "
+             f"({report.facts_ok} facts ok, {report.facts_failed} failed), carried {report.carried_users}, "
+             f"dropped {report.dropped_users}; {report.rejects} rejected rows")
+    _print(report.to_dict(), as_json, text)
+
+
+def demo(
+    store: str = typer.Option("./engram-demo/store", help=STORE_HELP),
+    users: int = typer.Option(200, help="Synthetic users in the fact log."),
+    workdir: Path = typer.Option(Path("./engram-demo"), help="Where the tiny model and the fact log go."),
+    workers: int = typer.Option(2, help="Ray compile workers."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Make a tiny model and a synthetic fact log, run the nightly job on local Ray, show answers.
+
+    Example: engram demo --users 200
+    """
+    from engram_core.tiny import init_tiny
+    from jobs.synthetic import fact_log_rows, write_fact_log
+
+    if users < 1:
+        _fail("--users must be at least 1")
+    model_dir = workdir / "model"
+    if not (model_dir / "engram" / "config.json").exists():
+        init_tiny(model_dir)
+    log_file = workdir / "fact_log" / "day=2026-11-01" / f"users-{users}.parquet"
+    if not log_file.exists():
+        write_fact_log(fact_log_rows(users), log_file)
+    spec = NightlySpec(store=store, fact_log=str(workdir / "fact_log"), model=str(model_dir), num_shards=8,
+                       workers=workers, job_id=None)
+    try:
+        report = _run(spec, as_json)
+    except Exception as exc:  # noqa: BLE001
+        _fail(f"{type(exc).__name__}: {exc}")
+    answers = _answer_sample(store, str(model_dir), report.sample)
+    out = {"version": report.version, "published": report.published, "users": report.users, "facts": report.facts,
+           "facts_ok": report.facts_ok, "facts_failed": report.facts_failed, "rejects": report.rejects,
+           "seconds": report.seconds, "sample": answers, "store": report.store}
+    lines = [
+        (f"published v{report.version}" if report.published else f"nothing new; v{report.version} is current")
+        + f" to {report.store}: {report.users} users, {report.facts} facts "
+        f"({report.facts_ok} compiled ok, {report.facts_failed} failed this run), {report.rejects} rejected rows",
+        "seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()),
+        "answers from the published bundle (tiny random model: only the remembered answer is meaningful):",
+    ] + [f"  {a['user_id']}: {a['trigger']!r} -> {a['with_memory']!r} "
+         f"({'recalled' if a['recalled'] else 'NOT recalled'}; without memory: {a['without_memory']!r})" for a in answers]
+    _print(out, as_json, "\n".join(lines))
+
+
+def _answer_sample(store_uri: str, model_dir: str, sample: list[dict]) -> list[dict]:
+    """Answer a few published users' triggers with their delta read back from the store."""
+    from engram_core.checkpoint import load_checkpoint
+    from engram_core.serving import generate
+    from pipeline.publish import load_shard_bundle, read_current, shard_of
+    from pipeline.store import open_store
+    from schemas.bundle import bundle_deltas
+
+    store = open_store(store_uri)
+    current = read_current(store)
+    if current is None:
+        return []
+    manifest = current[0]
+    if not sample:  # nothing compiled this run: answer from the state of a published shard
+        sample = _published_sample(store, manifest)
+    em = load_checkpoint(model_dir)
+    deltas = []
+    for item in sample:
+        entry = manifest.shards[shard_of(item["user_id"], manifest.num_shards)]
+        deltas.append(bundle_deltas(load_shard_bundle(store, entry)).get(item["user_id"]))
+    prompts = [s["trigger"] for s in sample]
+    with_memory = generate(em, prompts, [[d] if d is not None else [] for d in deltas], max_new_tokens=6)
+    without = generate(em, prompts, None, max_new_tokens=6)
+    return [dict(s, with_memory=w, without_memory=b, recalled=w.startswith(s["answer"]))
+            for s, w, b in zip(sample, with_memory, without)]
+
+
+def _published_sample(store, manifest, n: int = 5) -> list[dict]:
+    from pipeline.publish import load_shard_state_bytes
+    from schemas.facts import decode_fact_state
+
+    for entry in manifest.shards:
+        state = decode_fact_state(load_shard_state_bytes(store, entry))
+        if state.num_rows:
+            rows = state.select(["user_id", "trigger", "answer"]).slice(0, n).to_pylist()
+            return rows
+    return []
+
+
+def versions(store: str = typer.Option(..., help=STORE_HELP),
+             as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """List published versions. Example: engram versions --store ./engram-demo/store"""
+    from pipeline.publish import list_versions
+    from pipeline.store import StoreError, open_store
+
+    try:
+        infos = list_versions(open_store(store))
+    except StoreError as exc:
+        _fail(str(exc))
+    rows = [{"version": i.version, "current": i.current, "created_at": i.created_at, "parent": i.parent,
+             "users": i.users, "facts": i.facts, "bytes": i.bytes} for i in infos]
+    text = "\n".join(f"{'*' if r['current'] else ' '} v{r['version']:<4} {r['created_at']}  parent {r['parent'] or '-':<4} "
+                     f"users {r['users']:<7} facts {r['facts']:<8} bytes {r['bytes']}" for r in rows) or "no versions"
+    _print(rows, as_json, text)
+
+
+def rollback(store: str = typer.Option(..., help=STORE_HELP),
+             to: int = typer.Option(..., "--to", help="Version to make current (older or newer)."),
+             reason: str = typer.Option("manual rollback", help="Why (recorded in the audit log)."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Move CURRENT to a retained version, atomically, with an audit record. Example: engram rollback --store S --to 3"""
+    from pipeline.publish import PublishError, read_current
+    from pipeline.publish import rollback as do_rollback
+    from pipeline.store import StoreError, open_store
+
+    the_store = open_store(store)
+    try:
+        before = read_current(the_store)
+        manifest = do_rollback(the_store, to, reason=reason, actor=getpass.getuser())
+    except (PublishError, StoreError, ValueError) as exc:
+        _fail(str(exc))
+    previous = before[0].version if before else None
+    _print({"from": previous, "to": manifest.version}, as_json, f"CURRENT: v{previous} -> v{manifest.version}")
+
+
+def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shards, collisions, rejects, runs."),
+          store: str = typer.Option(..., help=STORE_HELP),
+          as_json: bool = typer.Option(False, "--json", help="Print result rows as JSON objects.")) -> None:
+    """Query per-version stats in DuckDB. Example: engram stats --store S "select status, count(*) from facts group by 1" """
+    from pipeline.stats import StatsQueryError, format_table, query_stats, rows_as_json
+    from pipeline.store import StoreError, open_store
+
+    try:
+        table = query_stats(open_store(store), sql)
+    except (StatsQueryError, StoreError) as exc:
+        _fail(str(exc))
+    typer.echo(rows_as_json(table) if as_json else format_table(table))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+    app.add_typer(run_app, name="run")
+    app.command("versions")(versions)
+    app.command("rollback")(rollback)
+    app.command("stats")(stats)

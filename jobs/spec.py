@@ -1,0 +1,91 @@
+"""The nightly job spec: every parameter of a run, typed, validated, round-tripping through YAML."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from engram_core.compiler import CompileOptions
+
+
+class SpecError(ValueError):
+    """A job spec that is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class NightlySpec:
+    store: str
+    """Where versions are published: a local directory or s3://bucket/prefix."""
+    fact_log: str
+    """The fact log: a Parquet file, a folder (hive day=... partitions) or s3://... prefix."""
+    model: str
+    """Checkpoint directory (base/, tokenizer/, engram/, adapter/)."""
+    num_shards: int = 16
+    workers: int = 2
+    """Ray compile actors (0 = compile in the driver process, no Ray)."""
+    gpus_per_worker: float | None = None
+    """GPUs per actor; None = 1 if the cluster has GPUs, else 0."""
+    ray_address: str | None = None
+    """None = a local Ray cluster; else a cluster address (e.g. ray://head:10001 or auto)."""
+    recompile_all: bool = False
+    on_bad_file: str = "raise"
+    """'raise' stops the run at an unreadable log file; 'reject' records it in rejects."""
+    max_trigger_tokens: int = 64
+    job_id: str | None = None
+    compile: dict = field(default_factory=dict)
+    """Overrides of engram_core.compiler.CompileOptions (steps, lr, facts_per_batch, ...)."""
+
+    def __post_init__(self) -> None:
+        for name in ("store", "fact_log", "model"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise SpecError(f"job spec: field '{name}' must be a non-empty string")
+        if not isinstance(self.num_shards, int) or self.num_shards < 1:
+            raise SpecError(f"job spec: field 'num_shards' must be a positive int, got {self.num_shards!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise SpecError(f"job spec: field 'workers' must be an int >= 0, got {self.workers!r}")
+        if self.on_bad_file not in ("raise", "reject"):
+            raise SpecError(f"job spec: field 'on_bad_file' must be 'raise' or 'reject', got {self.on_bad_file!r}")
+        if not isinstance(self.max_trigger_tokens, int) or self.max_trigger_tokens < 1:
+            raise SpecError("job spec: field 'max_trigger_tokens' must be a positive int")
+        self.compile_options()  # validates the overrides
+
+    def compile_options(self) -> CompileOptions:
+        known = {f.name for f in fields(CompileOptions)}
+        unknown = sorted(set(self.compile) - known)
+        if unknown:
+            raise SpecError(f"job spec: unknown key(s) {unknown} in 'compile'; known: {sorted(known)}")
+        overrides = dict(self.compile)
+        overrides.setdefault("max_trigger_tokens", self.max_trigger_tokens)
+        return CompileOptions(**overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "job spec") -> "NightlySpec":
+        if not isinstance(raw, dict):
+            raise SpecError(f"{source}: expected a mapping of fields, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SpecError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        missing = sorted(k for k in ("store", "fact_log", "model") if k not in raw)
+        if missing:
+            raise SpecError(f"{source}: missing required key(s) {missing}")
+        return cls(**raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NightlySpec":
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise SpecError(f"job spec {path}: file not found") from None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"job spec {path}: not valid YAML ({exc})") from None
+        return cls.from_dict(raw, source=f"job spec {path}")

@@ -1,0 +1,146 @@
+"""The nightly job end to end: real local Ray cluster, real stores, a tiny model built here."""
+
+from datetime import timedelta
+
+import pyarrow.compute as pc
+import pytest
+
+from engram_core.checkpoint import load_checkpoint
+from engram_core.serving import greedy_tokens
+from jobs.nightly import run_nightly
+from jobs.spec import NightlySpec, SpecError
+from jobs.synthetic import BASE_TIME, fact_log_rows, write_fact_log
+from pipeline.plan import FingerprintMismatch
+from pipeline.publish import list_versions, load_shard_bundle, read_current, rollback, shard_of
+from pipeline.stats import query_stats
+from pipeline.store import open_store
+from schemas.bundle import bundle_deltas
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from pipeline.compile import start_ray
+
+    start_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def published_delta(store, user_id):
+    manifest, _ = read_current(store)
+    entry = manifest.shards[shard_of(user_id, manifest.num_shards)]
+    return bundle_deltas(load_shard_bundle(store, entry)).get(user_id)
+
+
+def assert_store_recalls(store, em, rows):
+    for row in rows:
+        delta = published_delta(store, row["user_id"])
+        want = em.encode_answer(row["answer"])
+        assert greedy_tokens(em, row["trigger"], len(want), [delta]) == want, row
+
+
+def night_two_rows():
+    later = BASE_TIME + timedelta(days=1)
+    return [
+        {"user_id": "user-00001", "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is",
+         "answer": " Juniper", "event_time": later, "scope": None},
+        {"user_id": "user-00001", "fact_id": "extra", "op": "upsert", "trigger": "My favorite color is",
+         "answer": " teal", "event_time": later, "scope": None},
+        {"user_id": "user-00002", "fact_id": "city", "op": "delete", "trigger": None, "answer": None,
+         "event_time": later, "scope": None},
+        {"user_id": "user-00003", "fact_id": None, "op": "forget_user", "trigger": None, "answer": None,
+         "event_time": later, "scope": None},
+        {"user_id": "", "fact_id": "x", "op": "upsert", "trigger": "t", "answer": " a",
+         "event_time": later, "scope": None},  # rejected: no user
+    ]
+
+
+@pytest.mark.parametrize("store_kind", ["local", "s3"])
+def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, tmp_path, tiny_dir, tiny, ray_cluster,
+                                                                    request):
+    store = request.getfixturevalue("local_store" if store_kind == "local" else "s3_store")
+    log_dir = tmp_path / "log"
+    night1 = fact_log_rows(12, 4)
+    write_fact_log(night1, log_dir / "day=2026-11-01" / "part-0.parquet")
+    spec = NightlySpec(store=store.uri, fact_log=str(log_dir), model=str(tiny_dir), num_shards=4, workers=2)
+
+    first = run_nightly(spec)
+    assert (first.version, first.published, first.users, first.facts) == (1, True, 12, 48)
+    assert first.facts_ok == 48 and first.compiled_users == 12
+    assert_store_recalls(store, tiny, night1)
+
+    write_fact_log(night_two_rows(), log_dir / "day=2026-11-02" / "part-0.parquet")
+    second = run_nightly(spec)
+    assert second.version == 2 and second.published
+    assert second.compiled_users == 2  # user 1 (changed) and user 2 (one fact deleted); 3 is forgotten
+    assert second.dropped_users == 1 and second.rejects == 1
+    assert published_delta(store, "user-00003") is None
+    new_rows = [r for r in night_two_rows() if r["op"] == "upsert" and r["user_id"] == "user-00001"]
+    kept = [r for r in night1 if r["user_id"] not in ("user-00001", "user-00002", "user-00003")]
+    assert_store_recalls(store, tiny, new_rows + kept)
+    # Unchanged shards are shared between versions.
+    v1 = {e.shard: e.bundle_key for e in _manifest(store, 1).shards}
+    v2 = {e.shard: e.bundle_key for e in _manifest(store, 2).shards}
+    changed = {shard_of(u, 4) for u in ("user-00001", "user-00002", "user-00003")}
+    assert all(v1[s] == v2[s] for s in range(4) if s not in changed)
+
+    third = run_nightly(spec)  # same inputs: nothing new
+    assert not third.published and third.version == 2
+
+    rollback(store, 1, reason="test", actor="pytest")
+    assert_store_recalls(store, tiny, [r for r in night1 if r["user_id"] == "user-00001"])
+    rollback(store, 2, reason="test", actor="pytest")
+    assert_store_recalls(store, tiny, new_rows)
+    assert [v.version for v in list_versions(store)] == [1, 2]
+
+    facts = query_stats(store, "select version, status, count(*) as n from facts group by 1, 2 order by 1, 2")
+    assert facts.to_pylist() == [{"version": 1, "status": "ok", "n": 48}, {"version": 2, "status": "ok", "n": 41}]
+    rejects = query_stats(store, "select reason from rejects where version = 2").column("reason").to_pylist()
+    assert rejects == ["MISSING_USER_ID"]
+
+
+def _manifest(store, version):
+    from pipeline.publish import read_manifest
+
+    return read_manifest(store, version)
+
+
+def test_a_model_change_is_refused_unless_recompile_all(tmp_path, tiny_dir, local_store):
+    from engram_core.tiny import init_tiny
+
+    log_dir = tmp_path / "log"
+    write_fact_log(fact_log_rows(3, 2), log_dir / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log_dir), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    other = tmp_path / "other-model"
+    init_tiny(other, seed=7)
+    write_fact_log(fact_log_rows(1, 2, prefix="new"), log_dir / "day=2" / "part-0.parquet")
+    changed = NightlySpec(**{**spec.to_dict(), "model": str(other)})
+    with pytest.raises(FingerprintMismatch, match="recompile-all"):
+        run_nightly(changed)
+    assert read_current(local_store)[0].version == 1
+    report = run_nightly(NightlySpec(**{**changed.to_dict(), "recompile_all": True}))
+    assert report.version == 2 and report.compiled_users == 4
+
+
+def test_a_missing_fact_log_fails_clearly_and_publishes_nothing(tmp_path, tiny_dir, local_store):
+    from pipeline.ingest import FactLogError
+
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "nope"), model=str(tiny_dir), workers=0)
+    with pytest.raises(FactLogError, match="nope"):
+        run_nightly(spec)
+    assert read_current(local_store) is None
+
+
+def test_spec_round_trips_and_rejects_unknown_keys(tmp_path):
+    spec = NightlySpec(store="s3://b/p", fact_log="s3://b/log", model="/m", compile={"steps": 20})
+    (tmp_path / "s.yaml").write_text(spec.to_yaml())
+    assert NightlySpec.load(tmp_path / "s.yaml") == spec
+    with pytest.raises(SpecError, match="bogus"):
+        NightlySpec.from_dict({**spec.to_dict(), "bogus": 1})
+    with pytest.raises(SpecError, match="stepz"):
+        NightlySpec.from_dict({**spec.to_dict(), "compile": {"stepz": 1}})
