@@ -17,6 +17,14 @@ Per batch:
      get more rounds (``retry_steps``, each at half the previous learning rate) up to
      ``max_rounds``; a fact that still fails is reported
      with its loss and reason, never passed off as compiled.
+
+Base deltas (``compile_facts(..., base_deltas={user: delta})``): a user's facts may be compiled
+on top of a fixed delta that serving composes with theirs (a shared scope such as
+``org:acme``: ``overlay_for(em, [[scope_delta, user_delta]])``). The fixed rows ride in a
+second owner slot of the same :class:`Overlay` (owners (B, 2): trainable slot, fixed slot);
+their keys follow every trainable key (slots ``U + u``), so the values tensor is
+``cat([trainable, fixed])`` and gradients reach only the trainable part. The prefix KV cache is
+computed with the fixed rows in place, and verification sees exactly the served composition.
 """
 
 from __future__ import annotations
@@ -137,7 +145,7 @@ def _validate(em: EngramModel, fact: Fact, options: CompileOptions) -> tuple[_Se
 class _Batch:
     """A left-padded batch of whole users' facts and its trainable rows."""
 
-    def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int):
+    def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None):
         self.em, self.seqs = em, seqs
         layer = em.config.target_layer
         self.layer = layer
@@ -173,13 +181,18 @@ class _Batch:
         self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
         self.keys = torch.as_tensor(keys, device=device)
         self.owners = torch.as_tensor([[s.user] for s in seqs], device=device)
+        self.fixed = _FixedRows(em, base, num_users, [s.user for s in seqs]) if base else None
+        if self.fixed is not None:
+            self.owners = torch.cat([self.owners, self.fixed.owners], dim=1)  # (B, 2)
         tgt_pos = torch.as_tensor([p - self.prefix for _, p, _ in self.written], device=device)
         tgt_seq = torch.as_tensor([i for i, _, _ in self.written], device=device)
         self.target_index = (tgt_seq, tgt_pos)
         self.targets = torch.as_tensor([y for _, _, y in self.written], device=device)
         self.cache = None
         if self.prefix > 0:
-            with torch.no_grad():
+            # The prefix sees no trainable row, but it may see fixed (base) rows.
+            prefix_overlay = self.fixed.prefix_overlay() if self.fixed is not None else None
+            with torch.no_grad(), em.memory.use(prefix_overlay):
                 out = em.model(
                     input_ids=self.ids[:, : self.prefix],
                     attention_mask=self.mask[:, : self.prefix],
@@ -205,6 +218,8 @@ class _Batch:
         users = torch.as_tensor([self.seqs[i].user for i, _, _ in self.written])
         base = layer_mod.table.detach().float()[rows.to(layer_mod.table.device)].cpu()  # (n, H, w)
         flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
+        if self.fixed is not None:  # start from the composed row: table + fixed base delta
+            base = base + self.fixed.rows_of(self.layer, users, rows)
         slot = torch.searchsorted(self.keys.cpu(), flat_keys)
         total = torch.zeros(len(self.keys), w)
         count = torch.zeros(len(self.keys), 1)
@@ -214,7 +229,10 @@ class _Batch:
 
     def logits(self, values: torch.Tensor) -> torch.Tensor:
         """Logits at the written positions, (n, V), with ``values`` overlaid."""
-        overlay = Overlay(self.owners, {self.layer: self.keys}, {self.layer: values})
+        if self.fixed is None:
+            overlay = Overlay(self.owners, {self.layer: self.keys}, {self.layer: values})
+        else:
+            overlay = self.fixed.overlay(self.owners, self.layer, self.keys, values)
         kwargs = {}
         if self.cache is not None:
             kwargs["past_key_values"] = _fork_cache(self.cache)
@@ -250,6 +268,66 @@ class _Batch:
         return (margin >= min_margin).cpu().numpy(), loss.cpu().numpy(), margin.cpu().numpy()
 
 
+class _FixedRows:
+    """Fixed (non-trainable) base rows of a batch's users, as the second owner slot.
+
+    Slot of user ``u``'s base rows is ``num_users + u``, so their keys sort after every
+    trainable key and a layer's values are ``cat([trainable, fixed])``.
+    """
+
+    def __init__(self, em: EngramModel, base: dict[int, Delta], num_users: int, seq_users: list[int]):
+        device = em.device
+        dtype = next(em.memory.parameters()).dtype
+        self.num_users = num_users
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.local_keys: dict[int, torch.Tensor] = {}  # slot u (not num_users + u): prefix overlay
+        users = sorted(u for u, d in base.items() if d.num_rows)
+        for layer in em.config.layers:
+            num_rows = em.memory.num_rows(layer)
+            keys, local, values = [], [], []
+            for u in users:
+                pick = base[u].layers == layer
+                if pick.any():
+                    keys.append(torch.as_tensor((num_users + u) * num_rows + base[u].row_ids[pick]))
+                    local.append(torch.as_tensor(u * num_rows + base[u].row_ids[pick]))
+                    values.append(torch.as_tensor(base[u].values[pick]))
+            if keys:
+                self.keys[layer] = torch.cat(keys).to(device)
+                self.local_keys[layer] = torch.cat(local).to(device)
+                self.values[layer] = torch.cat(values).to(device=device, dtype=dtype)
+        has = set(users)
+        self.owners = torch.as_tensor([[num_users + u if u in has else -1] for u in seq_users], device=device)
+        self.local_owners = torch.as_tensor([[u if u in has else -1] for u in seq_users], device=device)
+        self.num_rows = {layer: em.memory.num_rows(layer) for layer in em.config.layers}
+
+    def overlay(self, owners: torch.Tensor, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Overlay:
+        all_keys = dict(self.keys)
+        all_values = dict(self.values)
+        if layer in self.keys:
+            all_keys[layer] = torch.cat([keys, self.keys[layer]])
+            all_values[layer] = torch.cat([values, self.values[layer].to(values.dtype)])
+        else:
+            all_keys[layer], all_values[layer] = keys, values
+        return Overlay(owners, all_keys, all_values)
+
+    def prefix_overlay(self) -> Overlay | None:
+        if not self.keys:
+            return None
+        return Overlay(self.local_owners, self.local_keys, self.values)
+
+    def rows_of(self, layer: int, users: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """users (n,), rows (n, H) -> (n, H, w) fixed values at those rows (zeros where none)."""
+        keys = self.local_keys.get(layer)
+        width = next(iter(self.values.values())).shape[1] if self.values else 1
+        if keys is None:
+            return torch.zeros(*rows.shape, width)
+        query = (users.view(-1, 1) * self.num_rows[layer] + rows).to(keys.device)
+        idx = torch.searchsorted(keys, query).clamp_max(keys.numel() - 1)
+        hit = keys[idx] == query
+        return (self.values[layer][idx].float() * hit.unsqueeze(-1)).cpu()
+
+
 def _batches(by_user: dict[str, list[_Seq]], facts_per_batch: int) -> Iterable[list[str]]:
     batch: list[str] = []
     count = 0
@@ -268,8 +346,14 @@ def compile_facts(
     facts: Sequence[Fact],
     options: CompileOptions = CompileOptions(),
     progress: Callable[[int, int], None] | None = None,
+    base_deltas: dict[str, Delta] | None = None,
 ) -> CompileResult:
-    """Compile facts of many users into one delta per user. Deterministic for the same inputs."""
+    """Compile facts of many users into one delta per user. Deterministic for the same inputs.
+
+    ``base_deltas`` (user -> fixed delta) are held in place under each such user's trainable
+    rows during optimisation and verification, so the returned delta is exact *composed with*
+    its base (serving: ``overlay_for(em, [[base, delta]])``); the base itself is not returned.
+    """
     torch.manual_seed(options.seed)
     results: list[FactResult] = []
     by_user: dict[str, list[_Seq]] = {}
@@ -282,7 +366,7 @@ def compile_facts(
     deltas: dict[str, Delta] = {}
     counts = {u: len(s) for u, s in by_user.items()}
     for users in _batches(by_user, options.facts_per_batch):
-        batch_deltas, batch_results = _compile_users(em, users, by_user, options)
+        batch_deltas, batch_results = _compile_users(em, users, by_user, options, base_deltas)
         deltas.update(batch_deltas)
         results.extend(batch_results)
         if progress is not None:
@@ -292,7 +376,8 @@ def compile_facts(
     return CompileResult(deltas, results, counts)
 
 
-def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_Seq]], options: CompileOptions):
+def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_Seq]], options: CompileOptions,
+                   base_deltas: dict[str, Delta] | None = None):
     """Joint OPT for a batch of users with retry rounds for users whose facts fail."""
     seqs = [_Seq(slot, s.fact, s.input_ids, s.targets) for slot, u in enumerate(users) for s in by_user[u]]
     final: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]] = {}
@@ -305,7 +390,10 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         # Re-slot the active users densely so keys stay small.
         remap = {u: k for k, u in enumerate(active)}
         local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets) for s in batch_seqs]
-        batch = _Batch(em, local, len(active))
+        base = None
+        if base_deltas:
+            base = {remap[u]: base_deltas[users[u]] for u in active if users[u] in base_deltas}
+        batch = _Batch(em, local, len(active), base or None)
         if round_index == 0:
             start = batch.initial_values(options.init_scale)
         else:
