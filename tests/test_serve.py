@@ -1,0 +1,151 @@
+"""The reference server: OpenAI completions where the `user` field selects the memory."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from engram_core.serving import generate
+from jobs.serve_cli import ReferenceServer
+from pipeline.publish import shard_of
+from pipeline.pull import PullClient
+from tests.test_pull import FACTS, NUM_SHARDS, compiled, publish, v1, v2  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def server(local_store, tiny, compiled):
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny, interval=0.1, jitter=0.0)
+    client.poll()
+    with ReferenceServer(tiny, client, port=0, batch_wait_s=0.02) as running:
+        yield running
+
+
+@pytest.fixture
+def api(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=60, max_retries=0)
+
+
+def _tokens(em, text: str) -> int:
+    return len(em.encode_answer(text))
+
+
+def test_the_user_field_selects_the_memory(server, api, tiny):
+    trigger, answer = FACTS["alice"][0]
+    response = api.completions.create(model=server.model_name, prompt=trigger, user="alice",
+                                      max_tokens=_tokens(tiny, answer))
+    assert response.choices[0].text == answer
+    assert response.object == "text_completion" and response.usage.prompt_tokens > 0
+    assert response.model_extra["engram"] == {"user": "alice", "memory": "user", "reason": "user", "version": 1}
+
+
+def test_no_user_and_unknown_users_get_the_base_model_and_are_told(server, api, tiny):
+    trigger, answer = FACTS["alice"][0]
+    n = _tokens(tiny, answer)
+    base = generate(tiny, [trigger], [[]], n)[0]
+    raw = api.completions.with_raw_response.create(model="engram", prompt=trigger, max_tokens=n)
+    assert raw.headers["x-engram-memory"] == "base"
+    assert raw.parse().choices[0].text == base
+    assert raw.parse().model_extra["engram"]["reason"] == "no user"
+    unknown = api.completions.create(model="engram", prompt=trigger, max_tokens=n, user="nobody")
+    assert unknown.choices[0].text == base
+    assert unknown.model_extra["engram"]["memory"] == "base"
+
+
+def test_concurrent_requests_of_different_users_are_batched_and_isolated(server, api, tiny):
+    requests = [(user, trigger, answer) for user in ("alice", "bob") for trigger, answer in FACTS[user]] * 3
+    requests += [("nobody", FACTS["alice"][0][0], None)] * 2
+    base = generate(tiny, [FACTS["alice"][0][0]], [[]], 4)[0]
+
+    def ask(request):
+        user, trigger, answer = request
+        n = _tokens(tiny, answer) if answer else 4
+        return api.completions.create(model="engram", prompt=trigger, user=user, max_tokens=n).choices[0].text
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        texts = list(pool.map(ask, requests))
+    for (user, _, answer), text in zip(requests, texts):
+        assert text == (answer if answer else base), user
+    health = server.health()
+    assert health["largest_batch"] > 1 and health["sequences"] == len(requests)
+
+
+def test_a_list_prompt_gets_one_choice_per_prompt(server, api, tiny):
+    (t1, a1), (t2, a2) = FACTS["bob"]
+    n = max(_tokens(tiny, a1), _tokens(tiny, a2))
+    response = api.completions.create(model="engram", prompt=[t1, t2], user="bob", max_tokens=n)
+    assert [c.index for c in response.choices] == [0, 1]
+    assert response.choices[0].text.startswith(a1) and response.choices[1].text.startswith(a2)
+
+
+def test_the_server_follows_a_new_version_in_the_background(server, api, local_store, tiny, compiled):
+    publish(local_store, tiny, v2(compiled))
+    deadline = time.monotonic() + 20
+    while server.health()["version"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["version"] == 2
+    trigger, answer = FACTS["alice-v2"][1]
+    response = api.completions.create(model="engram", prompt=trigger, user="alice", max_tokens=_tokens(tiny, answer))
+    assert response.choices[0].text == answer and response.model_extra["engram"]["version"] == 2
+
+
+def _post(server, body: bytes, path: str = "/v1/completions") -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"prompt": "hi"}).encode(), "model"),
+    (json.dumps({"model": "engram"}).encode(), "prompt"),
+    (json.dumps({"model": "engram", "prompt": [1, 2]}).encode(), "prompt"),
+    (json.dumps({"model": "engram", "prompt": "hi", "max_tokens": "x"}).encode(), "max_tokens"),
+    (json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"model": "engram", "prompt": "hi", "user": 7}).encode(), "user"),
+    (json.dumps({"model": "engram", "prompt": "hi", "user": ""}).encode(), "user"),
+    (json.dumps({"model": "engram", "prompt": "hi", "stream": True}).encode(), "stream"),
+])
+def test_malformed_requests_get_400_with_a_json_error(server, body, param):
+    status, payload = _post(server, body)
+    assert status == 400
+    assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["param"] == param
+    assert payload["error"]["message"]
+
+
+def test_unknown_model_and_route_are_404(server, api):
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert _post(server, b"{}", path="/v1/chat/completions")[0] == 404
+
+
+def test_a_user_of_a_shard_this_node_does_not_own_is_refused(local_store, tiny, compiled):
+    publish(local_store, tiny, v1(compiled))
+    owned = shard_of("alice", NUM_SHARDS)
+    client = PullClient(local_store, tiny, shards=[owned])
+    client.poll()
+    stranger = next(f"user-{i}" for i in range(100) if shard_of(f"user-{i}", NUM_SHARDS) != owned)
+    with ReferenceServer(tiny, client, port=0, poll=False) as server:
+        status, payload = _post(server, json.dumps({"model": "engram", "prompt": "hi", "user": stranger}).encode())
+    assert status == 421 and payload["error"]["code"] == "wrong_shard"
+
+
+def test_healthz_reports_version_and_users(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("GET", "/healthz")
+    response = connection.getresponse()
+    health = json.loads(response.read())
+    connection.close()
+    assert response.status == 200
+    assert health["version"] == 1 and health["users"] == 2 and health["status"] == "ok"
+    assert health["shards"] == list(range(NUM_SHARDS)) and health["last_error"] is None
