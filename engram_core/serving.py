@@ -107,6 +107,14 @@ def generate(
     max_new_tokens: int = 16,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each with its own deltas, in one batch."""
+    overlay = overlay_for(em, deltas) if deltas is not None else None
+    return generate_with_overlay(em, prompts, overlay, max_new_tokens)
+
+
+@torch.no_grad()
+def generate_with_overlay(em: EngramModel, prompts: Sequence[str], overlay: Overlay | None,
+                          max_new_tokens: int = 16) -> list[str]:
+    """Greedy continuations of ``prompts`` with a prebuilt overlay (row b of it serves prompt b)."""
     encoded = [em.encode_prompt(p) for p in prompts]
     T = max(len(e) for e in encoded)
     pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else 0
@@ -115,7 +123,6 @@ def generate(
     for b, e in enumerate(encoded):
         ids[b, T - len(e):] = torch.as_tensor(e)
         mask[b, T - len(e):] = 1
-    overlay = overlay_for(em, deltas) if deltas is not None else None
     with em.memory.use(overlay):
         out = em.model.generate(
             input_ids=ids.to(em.device),

@@ -114,7 +114,8 @@ class CompletionBatcher:
                 self._serve(batch)
 
     def _serve(self, batch: list[_Pending]) -> None:
-        from engram_core.serving import generate
+        from engram_core.memory_index import batch_overlay
+        from engram_core.serving import generate_with_overlay
 
         index = self.client.index  # one version for the whole batch, even if a swap lands meanwhile
         for item in batch:
@@ -126,10 +127,10 @@ class CompletionBatcher:
             by_length.setdefault(item.max_tokens, []).append(item)
         for max_tokens, items in by_length.items():
             prompts = [p for item in items for p in item.prompts]
-            deltas = [list(index.deltas_for(item.user)) if index is not None else []
+            served = [index.served_for(item.user) if index is not None else None
                       for item in items for _ in item.prompts]
             try:
-                texts = generate(self.em, prompts, deltas, max_new_tokens=max_tokens)
+                texts = generate_with_overlay(self.em, prompts, batch_overlay(self.em, served), max_tokens)
             except Exception as e:  # reported to each waiting request, never swallowed
                 log.exception("batch of %d sequences failed", len(prompts))
                 for item in items:
@@ -186,6 +187,11 @@ def parse_completion_request(body: bytes, model_names: tuple[str, ...]) -> tuple
     return prompts, user, max_tokens
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 resets connections under a burst of clients
+
+
 class ReferenceServer:
     """OpenAI-compatible completions over a :class:`~pipeline.pull.PullClient`'s served version."""
 
@@ -194,8 +200,7 @@ class ReferenceServer:
         self.em, self.client, self.poll = em, client, poll
         self.model_name = f"engram-{em.fingerprint[:12]}"
         self.batcher = CompletionBatcher(em, client, max_batch=max_batch, wait_s=batch_wait_s)
-        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property

@@ -39,7 +39,8 @@ from typing import Mapping, Sequence
 
 from engram_core.checkpoint import _DERIVED_PREFIX, _INGREDIENTS, CheckpointError, EngramModel, fingerprint
 from engram_core.delta import Delta
-from engram_core.serving import DeltaMismatch, check_delta
+from engram_core.memory_index import ServedDelta, served_delta
+from engram_core.serving import DeltaMismatch
 from pipeline.publish import CURRENT_KEY, IntegrityError, PublishError, read_current, shard_of
 from pipeline.store import ObjectNotFound, ObjectStore, PreconditionFailed, StoreError
 from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle
@@ -167,15 +168,17 @@ class ServingIndex:
     num_shards: int
     shards: tuple[int, ...]
     shard_sha256: Mapping[int, str]
-    shard_users: Mapping[int, Mapping[str, Delta]]
-    users: Mapping[str, Delta] = field(repr=False)
+    shard_users: Mapping[int, Mapping[str, ServedDelta]]
+    users: Mapping[str, ServedDelta] = field(repr=False)
+
+    def served_for(self, user_id: str | None) -> ServedDelta | None:
+        """The checked, batch-ready delta of ``user_id``; None for no user or an unknown one (the base model)."""
+        return self.users.get(user_id) if user_id else None
 
     def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
         """The deltas a request of ``user_id`` is served with: () for no user or an unknown one (the base model)."""
-        if not user_id:
-            return ()
-        delta = self.users.get(user_id)
-        return (delta,) if delta is not None else ()
+        served = self.served_for(user_id)
+        return (served.delta,) if served is not None else ()
 
     def owns(self, user_id: str) -> bool:
         return shard_of(user_id, self.num_shards) in self.shard_users
@@ -187,17 +190,17 @@ class ServingIndex:
     @property
     def nbytes(self) -> int:
         """Bytes of delta arrays held (layers, row ids, values); Python object overhead excluded."""
-        return sum(d.nbytes for d in self.users.values())
+        return sum(d.delta.nbytes for d in self.users.values())
 
 
-def load_shard_deltas(em: EngramModel, shard: int, num_shards: int, data: bytes, source: str) -> dict[str, Delta]:
-    """Decode a verified bundle and check every delta against the loaded model and the shard."""
-    deltas = bundle_deltas(decode_bundle(data, source=source))
-    for user, delta in deltas.items():
+def load_shard_deltas(em: EngramModel, shard: int, num_shards: int, data: bytes, source: str) -> dict[str, ServedDelta]:
+    """Decode a verified bundle; check every delta against the loaded model and the shard, once."""
+    served = {}
+    for user, delta in bundle_deltas(decode_bundle(data, source=source)).items():
         if shard_of(user, num_shards) != shard:
             raise PullError(f"{source}: user {user!r} belongs to shard {shard_of(user, num_shards)}, not {shard}")
-        check_delta(em, delta, owner=f"{source} user {user!r}")
-    return deltas
+        served[user] = served_delta(em, delta, owner=f"{source} user {user!r}")
+    return served
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ class PullClient:
                             "(fix the node's --shards)")
         previous = self._index
         reuse = previous is not None and previous.num_shards == manifest.num_shards
-        shard_users: dict[int, Mapping[str, Delta]] = {}
+        shard_users: dict[int, Mapping[str, ServedDelta]] = {}
         fetched = []
         for shard in owned:
             entry = manifest.shard(shard)
