@@ -423,3 +423,53 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
                   to_version=to_version)
     log.info("%s: rolled CURRENT from v%d to v%d (%s)", store.uri, manifest.version, to_version, reason)
     return target
+
+
+# ---------------------------------------------------------------- rewrites (forget, gc)
+# Public entry points for pipeline.forget and pipeline.gc, which write whole new versions
+# derived from existing ones; they reuse the same write, verify, manifest and CAS steps.
+
+
+def read_pointer(store: ObjectStore) -> CurrentPointer | None:
+    """CURRENT as (version, manifest key, etag), or None when nothing is published."""
+    return _read_pointer(store)
+
+
+def manifest_versions_on_disk(store: ObjectStore) -> list[int]:
+    """Every manifest's version number, published or not (orphans of crashed runs included)."""
+    return _published_versions_on_disk(store)
+
+
+def published_versions(store: ObjectStore) -> set[int]:
+    """Published version numbers (see the module docstring) whose manifest still exists."""
+    pointer = _read_pointer(store)
+    manifests = {v: read_manifest(store, v) for v in _published_versions_on_disk(store)}
+    return _published_set(store, manifests, pointer)
+
+
+def shard_entry_for(shard: int, payload: ShardPayload, where: str) -> ShardEntry:
+    """The manifest entry of a shard payload (keys are the payloads' sha256)."""
+    return _shard_entry(shard, payload, where)
+
+
+def write_verified_objects(store: ObjectStore, objects: dict[str, bytes]) -> None:
+    """Write content-addressed objects (never overwriting) and read each back against its sha256."""
+    _write_objects(store, objects)
+    for key, data in objects.items():
+        _verified_bytes(store, key, len(data), _sha256(data))
+
+
+def write_derived_manifest(store: ObjectStore, draft: Manifest, pointer: CurrentPointer | None) -> Manifest:
+    """Write ``draft`` under the first free version number from ``draft.version`` (same rules as publish)."""
+    draft.validate()
+    return _write_manifest(store, draft, pointer)
+
+
+def swap_current(store: ObjectStore, manifest: Manifest, expected_etag: str | None) -> None:
+    """The compare-and-swap of CURRENT (raises PublishConflict if it moved)."""
+    _swap_current(store, manifest, expected_etag)
+
+
+def append_audit(store: ObjectStore, event: str, **fields) -> dict:
+    """Append one audit record; an int ``version`` field marks that version as published."""
+    return _append_audit(store, event, **fields)

@@ -1,0 +1,68 @@
+"""`engram forget` and `engram gc`: the operator's erasure and retention verbs."""
+
+from __future__ import annotations
+
+import getpass
+import json
+
+import typer
+
+
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def forget(
+    users: list[str] = typer.Argument(..., metavar="USER...", help="user_id(s) to forget."),
+    store: str = typer.Option(..., "--store", help="Store URI: a local path or s3://bucket/prefix."),
+    reason: str = typer.Option("erasure request", "--reason", help="Why (goes into the audit log)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per user."),
+) -> None:
+    """Erase a user from every retained version, for good. Example: engram forget --store s3://b/engram user-42 --reason "ticket 7" """
+    from pipeline.forget import forget_user
+    from pipeline.store import open_store
+
+    target = open_store(store)
+    for user in users:
+        report = forget_user(target, user, actor=_actor(), reason=reason)
+        if as_json:
+            typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+        else:
+            typer.echo(f"{user}: {report.message}")
+            if report.found:
+                moves = ", ".join(f"v{a}->v{b}" for a, b in sorted(report.rewritten.items()))
+                typer.echo(f"  rewrote {moves}; deleted {len(report.deleted_objects)} object(s)")
+
+
+def gc(
+    store: str = typer.Option(..., "--store", help="Store URI: a local path or s3://bucket/prefix."),
+    keep: int = typer.Option(..., "--keep", help="Keep the newest N versions (CURRENT and newer are always kept)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Delete old versions and unreferenced objects. Example: engram gc --store s3://b/engram --keep 7 --dry-run"""
+    from pipeline.gc import collect
+    from pipeline.store import open_store
+
+    try:
+        report = collect(open_store(store), keep, dry_run=dry_run, actor=_actor())
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"kept versions {report.kept_versions}; {verb} versions {report.deleted_versions} "
+               f"and {len(report.deleted_objects)} object(s)")
+    if dry_run:
+        for key in report.deleted_objects:
+            typer.echo(f"  {key}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("forget")(forget)
+    app.command("gc")(gc)

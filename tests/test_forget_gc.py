@@ -1,0 +1,250 @@
+"""Forgetting a user and collecting old versions, on real stores (a directory and S3)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from engram_core.delta import Delta
+from pipeline.forget import forget_user, scan_for_user
+from pipeline.gc import collect, retained_versions
+from pipeline.publish import (
+    ShardPayload,
+    forgotten_id,
+    list_versions,
+    load_shard_bundle,
+    publish_version,
+    read_audit,
+    read_current,
+    read_manifest,
+    rollback,
+    shard_of,
+)
+from pipeline.stats import query_stats, write_stats
+from schemas.bundle import bundle_table, encode_bundle
+from schemas.facts import FACT_STATE_SCHEMA, decode_fact_state, encode_fact_state, fact_hash
+
+NUM_SHARDS = 4
+WIDTH = 8
+USERS = [f"user-{i}" for i in range(10)]
+TARGET = "user-3"
+
+
+def _delta(rng: np.random.Generator) -> Delta:
+    rows = int(rng.integers(1, 5))
+    return Delta.from_unsorted(np.zeros(rows, np.int16), rng.choice(5000, rows, replace=False),
+                               rng.standard_normal((rows, WIDTH)).astype(np.float16))
+
+
+def _state(facts: dict[str, list[tuple[str, str, str]]]) -> bytes:
+    rows = [{"user_id": u, "fact_id": f, "scope": u, "trigger": t, "answer": a,
+             "event_time": datetime(2026, 1, 1, tzinfo=timezone.utc), "fact_hash": fact_hash(u, t, a)}
+            for u in sorted(facts) for f, t, a in facts[u]]
+    return encode_fact_state(pa.Table.from_pylist(rows, schema=FACT_STATE_SCHEMA))
+
+
+def _payloads(day: int, users: list[str], shards=range(NUM_SHARDS)) -> dict[int, ShardPayload]:
+    """Per shard: a bundle and fact state for ``users`` as of ``day`` (seeded: same day, same bytes)."""
+    rng = np.random.default_rng(day)
+    facts = {u: [(f"f{k}", f"My thing {k} is", f" {u} answer {k} day {day}") for k in range(2)] for u in users}
+    deltas = {u: (_delta(rng), 2) for u in users}
+    out = {}
+    for shard in shards:
+        mine = [u for u in users if shard_of(u, NUM_SHARDS) == shard]
+        out[shard] = ShardPayload(encode_bundle(bundle_table({u: deltas[u] for u in mine})),
+                                  _state({u: facts[u] for u in mine}))
+    return out
+
+
+def _stats(version: int, users: list[str]) -> dict[str, pa.Table]:
+    return {
+        "facts": pa.table({"user_id": [u for u in users for _ in range(2)], "fact_id": ["f0", "f1"] * len(users),
+                           "status": ["ok"] * 2 * len(users), "loss": [0.1] * 2 * len(users),
+                           "steps": [15] * 2 * len(users), "rows": [3] * 2 * len(users)}),
+        "users": pa.table({"user_id": users, "shard": [shard_of(u, NUM_SHARDS) for u in users],
+                           "facts": [2] * len(users), "facts_ok": [2] * len(users), "rows": [3] * len(users),
+                           "bytes": [48] * len(users)}),
+        "collisions": pa.table({"layer": [0], "row_id": [7], "owners": [3], "owner_kind": ["users"],
+                                "example_owners": [[users[0], TARGET, users[-1]]]}),
+    }
+
+
+def _publish(store, day: int, users: list[str], previous, shards=range(NUM_SHARDS)):
+    manifest = publish_version(store, shard_payloads=_payloads(day, users, shards), previous=previous,
+                               fingerprint="fp", num_shards=NUM_SHARDS, job_id=f"job-{day}",
+                               watermark=f"2026-01-0{day}")
+    write_stats(store, manifest.version, _stats(manifest.version, users))
+    return manifest
+
+
+@pytest.fixture
+def four_versions(any_store):
+    """v1..v4: the target's shard changes on days 1, 2 and 4; v3 only touches other shards."""
+    store = any_store
+    v1 = _publish(store, 1, USERS, None)
+    v2 = _publish(store, 2, USERS, v1)
+    other = [s for s in range(NUM_SHARDS) if s != shard_of(TARGET, NUM_SHARDS)]
+    v3 = _publish(store, 3, USERS, v2, shards=other)
+    v4 = _publish(store, 4, USERS, v3)
+    return store, [v1, v2, v3, v4]
+
+
+def _shows_user_nowhere(store, manifest) -> bool:
+    bundle = load_shard_bundle(store, manifest.shard(shard_of(TARGET, NUM_SHARDS)))
+    entry = manifest.shard(shard_of(TARGET, NUM_SHARDS))
+    state = decode_fact_state(store.get(entry.state_key))
+    return TARGET not in bundle.column("user_id").to_pylist() and TARGET not in state.column("user_id").to_pylist()
+
+
+# ---------------------------------------------------------------- forget
+
+
+def test_forget_then_rollback_to_every_retained_version_shows_the_user_nowhere(four_versions):
+    store, versions = four_versions
+    assert scan_for_user(store, TARGET)  # bundles, state and stats hold the user before
+    report = forget_user(store, TARGET, actor="dpo@example.com", reason="GDPR erasure request 42")
+    assert report.found and sorted(report.rewritten) == [1, 2, 3, 4]
+    assert scan_for_user(store, TARGET) == []  # every object in the store, read back
+    retained = [info.version for info in list_versions(store)]
+    assert retained == sorted(report.rewritten.values())
+    for version in retained:
+        target = rollback(store, version, reason="test", actor="ops")
+        assert forgotten_id(TARGET) in target.forgotten
+        assert _shows_user_nowhere(store, target)
+        assert scan_for_user(store, TARGET) == []
+    # Everyone else is intact in the rewrite of CURRENT.
+    current, _ = read_current(store)
+    users = set()
+    for entry in current.shards:
+        users |= set(load_shard_bundle(store, entry).column("user_id").to_pylist())
+    assert users == set(USERS) - {TARGET}
+
+
+def test_forget_moves_current_and_keeps_roll_forward_targets(four_versions):
+    store, versions = four_versions
+    rollback(store, 3, reason="bad v4", actor="ops")
+    report = forget_user(store, TARGET, actor="ops", reason="request")
+    assert report.current_version == report.rewritten[3]
+    retained = [info.version for info in list_versions(store)]
+    assert report.rewritten[4] in retained and report.rewritten[4] > report.current_version
+    assert read_manifest(store, report.rewritten[4]).parent == report.rewritten[3]
+
+
+def test_forget_rewrites_stats_and_records_the_forget_hashed(four_versions):
+    store, versions = four_versions
+    report = forget_user(store, TARGET, actor="ops", reason="request")
+    table = query_stats(store, "SELECT DISTINCT version FROM facts ORDER BY version")
+    assert table.column("version").to_pylist() == sorted(report.rewritten.values())
+    assert query_stats(store, f"SELECT count(*) AS n FROM users WHERE user_id = '{TARGET}'").column("n")[0].as_py() == 0
+    records = [r for r in read_audit(store) if r["event"] == "forget"]
+    assert records[-1]["forgotten"] == forgotten_id(TARGET) and records[-1]["reason"] == "request"
+    assert TARGET not in json.dumps(read_audit(store))
+
+
+def test_forgetting_an_unknown_user_says_so(four_versions):
+    store, versions = four_versions
+    before = [info.version for info in list_versions(store)]
+    report = forget_user(store, "nobody-like-this", actor="ops", reason="request")
+    assert not report.found and "not found" in report.message
+    assert [info.version for info in list_versions(store)] == before
+
+
+def test_forget_twice_is_a_no_op_the_second_time(local_store):
+    v1 = _publish(local_store, 1, USERS, None)
+    first = forget_user(local_store, TARGET, actor="ops", reason="r")
+    second = forget_user(local_store, TARGET, actor="ops", reason="r")
+    assert first.found and not second.found
+    assert second.current_version == first.current_version != v1.version
+
+
+def test_a_nightly_publish_after_a_forget_carries_the_forget(local_store):
+    v1 = _publish(local_store, 1, USERS, None)
+    forget_user(local_store, TARGET, actor="ops", reason="r")
+    current, _ = read_current(local_store)
+    v_next = _publish(local_store, 2, [u for u in USERS if u != TARGET], current)
+    assert forgotten_id(TARGET) in v_next.forgotten
+    with pytest.raises(Exception, match="collected|does not exist"):
+        rollback(local_store, v1.version, reason="r", actor="ops")
+
+
+# ---------------------------------------------------------------- gc
+
+
+def test_gc_keeps_exactly_what_it_must(four_versions):
+    store, (v1, v2, v3, v4) = four_versions
+    rollback(store, 3, reason="bad v4", actor="ops")  # v4 is now a roll-forward target
+    dry = collect(store, keep=1, dry_run=True)
+    assert dry.deleted_versions == [1, 2] and dry.kept_versions == [3, 4]
+    assert [info.version for info in list_versions(store)] == [1, 2, 3, 4]  # dry run deletes nothing
+    report = collect(store, keep=1, dry_run=False)
+    assert report.deleted_objects == dry.deleted_objects
+    assert [info.version for info in list_versions(store)] == [3, 4]
+    kept = [read_manifest(store, 3), read_manifest(store, 4)]
+    referenced = {k for m in kept for e in m.shards for k in (e.bundle_key, e.state_key)}
+    on_store = set(store.list("objects/"))
+    assert on_store == referenced  # nothing unreferenced survives, nothing referenced goes
+    assert {k.split("/")[2] for k in store.list("stats/")} == {"version=3", "version=4"}
+    for version in (4, 3):  # both still load completely
+        rollback(store, version, reason="check", actor="ops")
+    assert read_audit(store)[-3]["event"] == "gc"
+
+
+def test_gc_never_collects_current_even_when_it_is_old(four_versions):
+    store, _ = four_versions
+    rollback(store, 1, reason="r", actor="ops")
+    report = collect(store, keep=1)
+    assert report.kept_versions == [1, 2, 3, 4] and report.deleted_versions == []
+
+
+def test_gc_removes_orphan_manifests_of_crashed_runs_below_current(local_store):
+    v1 = _publish(local_store, 1, USERS, None)
+
+    def crash(step):
+        if step == "swap_current":
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        publish_version(local_store, shard_payloads=_payloads(2, USERS), previous=v1, fingerprint="fp",
+                        num_shards=NUM_SHARDS, job_id="crashed", watermark="x", crash_hook=crash)
+    _publish(local_store, 3, USERS, v1)  # takes v3: v2 is the crashed run's orphan
+    report = collect(local_store, keep=5)
+    assert report.orphan_manifests == [2] and report.deleted_versions == []
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_gc_refuses_keep_zero(local_store, keep):
+    _publish(local_store, 1, USERS, None)
+    with pytest.raises(ValueError, match="at least 1"):
+        collect(local_store, keep=keep)
+
+
+def test_retained_versions_rule():
+    assert retained_versions([1, 2, 3, 4, 5], current=5, keep=2) == [4, 5]
+    assert retained_versions([1, 2, 3, 4, 5], current=2, keep=1) == [2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_forget_and_gc_commands(local_store):
+    from jobs.cli import app
+
+    _publish(local_store, 1, USERS, None)
+    v1, _ = read_current(local_store)
+    _publish(local_store, 2, USERS, v1)
+    runner = CliRunner()
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), TARGET, "--reason", "ticket 7", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["found"] is True
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost"])
+    assert out.exit_code == 0 and "not found" in out.output
+    out = runner.invoke(app, ["gc", "--store", str(local_store.root), "--keep", "1", "--dry-run", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["dry_run"] is True
+    out = runner.invoke(app, ["gc", "--store", str(local_store.root), "--keep", "0"])
+    assert out.exit_code != 0 and "at least 1" in out.output
