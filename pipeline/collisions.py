@@ -335,6 +335,8 @@ def compile_with_scope(
        the scope's rows or at the scope triggers' positions). A member that breaks one is
        recompiled with the scope's facts added to its own as constraints, so its delta also
        writes those rows (only for such members); what still fails is reported per member.
+       A member's own fact with the same trigger as a scope fact overrides the scope's answer
+       for that member (the personal fact wins; the scope fact is not checked for them).
 
     Returns ``(scope_delta, user_deltas, result)``; ``result.results`` lists every fact.
     """
@@ -356,13 +358,16 @@ def compile_with_scope(
     user_results = {(r.user_id, r.fact_id): r for r in user_result.facts}
 
     good_scope = [f for f in scope_facts if _status_ok(scope_result, f)]
-    broken = _scope_facts_broken(em, scope_delta, user_deltas, good_scope)
+    # A member's own fact on a scope fact's trigger overrides it for that member (personal wins).
+    scope_for = {u: [f for f in good_scope if f.trigger not in {g.trigger for g in user_facts_by_user[u]}]
+                 for u in members}
+    broken = _scope_facts_broken(em, scope_delta, user_deltas, scope_for)
     recompiled = sorted(broken)
     composition_failures: list[FactResult] = []
     if recompiled:
         log.info("scope %s: %d member(s) disturb scope facts; recompiling them with the scope's facts", scope_id, len(recompiled))
         constrained = [f for u in recompiled for f in user_facts_by_user[u]]
-        constrained += [Fact(u, f"{scope_id}/{f.fact_id}", f.trigger, f.answer) for u in recompiled for f in good_scope]
+        constrained += [Fact(u, f"{scope_id}/{f.fact_id}", f.trigger, f.answer) for u in recompiled for f in scope_for[u]]
         again = compile_facts(em, constrained, options, base_deltas={u: scope_delta for u in recompiled})
         for u in recompiled:
             user_deltas[u] = again.deltas.get(u, Delta.empty(width))
@@ -370,7 +375,7 @@ def compile_with_scope(
             if r.fact_id.startswith(f"{scope_id}/"):
                 continue
             user_results[(r.user_id, r.fact_id)] = r
-        still = _scope_facts_broken(em, scope_delta, {u: user_deltas[u] for u in recompiled}, good_scope)
+        still = _scope_facts_broken(em, scope_delta, {u: user_deltas[u] for u in recompiled}, scope_for)
         for u, fact_ids in sorted(still.items()):
             for fact_id in fact_ids:
                 composition_failures.append(FactResult(
@@ -386,15 +391,17 @@ def _status_ok(result, fact) -> bool:
 
 
 def _scope_facts_broken(em: "EngramModel", scope_delta: Delta, user_deltas: Mapping[str, Delta],
-                        scope_facts: Sequence["Fact"]) -> dict[str, list[str]]:
+                        scope_for: Mapping[str, Sequence["Fact"]]) -> dict[str, list[str]]:
     """member -> scope fact ids not reproduced (teacher-forced greedy argmax) under [scope, member]."""
-    if not scope_facts or not user_deltas:
+    if not user_deltas:
         return {}
     import torch
 
     from engram_core.serving import overlay_for
 
-    cases = [(u, f) for u in sorted(user_deltas) for f in scope_facts]
+    cases = [(u, f) for u in sorted(user_deltas) for f in scope_for[u]]
+    if not cases:
+        return {}
     broken: dict[str, list[str]] = {}
     pad = em.tokenizer.pad_token_id or 0
     for start in range(0, len(cases), _CHECK_BATCH):
