@@ -496,9 +496,10 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("pull", help="Fetch, verify and cache the current version's shards (optionally keep watching).")(pull)
-    app.command("ask", help="Continue a prompt with one user's memory (and, with --compare, without it).")(ask)
-    app.command("serve", help="Run an OpenAI-compatible completions server; `user` selects the memory.")(serve)
+    # The docstrings are the help: first line in `engram --help`, the example in `engram CMD --help`.
+    app.command("pull")(pull)
+    app.command("ask")(ask)
+    app.command("serve")(serve)
 
 
 if __name__ == "__main__":  # pragma: no cover
