@@ -32,7 +32,8 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -159,27 +160,33 @@ class _Batch:
         for i, s in enumerate(seqs):
             ids[i, T - len(s.input_ids):] = s.input_ids
             valid[i, T - len(s.input_ids):] = True
-        rows = em.memory.addresser.rows(ids, layer, valid)  # (B, T, H)
+        ids_t = torch.as_tensor(ids, device=device)
+        valid_t = torch.as_tensor(valid, device=device)
+        rows_t = em.memory.addresser.rows_torch(ids_t, layer, valid_t)  # (B, T, H), on the device
         # Written positions: the last len(answer) positions of each sequence.
         self.written = [(i, T - len(s.targets) + j, s.targets[j]) for i, s in enumerate(seqs) for j in range(len(s.targets))]
-        per_user: dict[int, set[int]] = {}
-        for i, p, _ in self.written:
-            per_user.setdefault(seqs[i].user, set()).update(rows[i, p].tolist())
-        self.user_rows = {u: np.array(sorted(r), np.int64) for u, r in per_user.items()}
-        keys = np.concatenate([u * self.num_rows + self.user_rows[u] for u in sorted(self.user_rows)])
+        seq_user = torch.as_tensor([s.user for s in seqs], device=device)
+        w_seq = torch.as_tensor([i for i, _, _ in self.written], device=device)
+        w_pos = torch.as_tensor([p for _, p, _ in self.written], device=device)
+        # Keys slot * num_rows + row, unique and sorted: slots ascend, rows sorted within a slot.
+        keys_t = torch.unique((seq_user[w_seq, None] * self.num_rows + rows_t[w_seq, w_pos]).flatten())
+        keys = keys_t.cpu().numpy()
+        slots, starts = np.unique(keys // self.num_rows, return_index=True)
+        self.user_rows = {int(u): part - int(u) * self.num_rows
+                          for u, part in zip(slots, np.split(keys, starts[1:]))}
         # First position of each sequence that can see one of its user's rows: all before it are
         # independent of the rows and go into the shared prefix cache.
-        first_live = T
-        for i, s in enumerate(seqs):
-            hits = np.isin(rows[i], self.user_rows[s.user]).any(-1) & valid[i]
-            first_live = min(first_live, int(np.argmax(hits)) if hits.any() else T)
+        seen = torch.isin(seq_user[:, None, None] * self.num_rows + rows_t, keys_t).any(-1) & valid_t  # (B, T)
+        live = seen.any(1)
+        first_live = int(seen.float().argmax(1)[live].min()) if bool(live.any()) else T
+        rows = rows_t.cpu().numpy()
         self.prefix = min(first_live, T - max(len(s.targets) for s in seqs))
         self.T = T
         self.rows = rows
         self.ids = torch.as_tensor(ids, device=device)
         self.mask = torch.as_tensor(valid, device=device).long()
         self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
-        self.keys = torch.as_tensor(keys, device=device)
+        self.keys = keys_t
         self.owners = torch.as_tensor([[s.user] for s in seqs], device=device)
         self.fixed = _FixedRows(em, base, num_users, [s.user for s in seqs]) if base else None
         if self.fixed is not None:
@@ -212,20 +219,21 @@ class _Batch:
         e = (scale * direction) @ pinv.T  # (n, H*w)
         H, w = em.config.heads_per_layer, em.config.row_width
         e = e.view(-1, H, w)
-        seq_idx = torch.as_tensor([i for i, _, _ in self.written])
-        pos_idx = torch.as_tensor([p for _, p, _ in self.written])
-        rows = torch.as_tensor(self.rows)[seq_idx, pos_idx]  # (n, H)
-        users = torch.as_tensor([self.seqs[i].user for i, _, _ in self.written])
-        base = layer_mod.table.detach().float()[rows.to(layer_mod.table.device)].cpu()  # (n, H, w)
+        device = em.device
+        seq_idx = torch.as_tensor([i for i, _, _ in self.written], device=device)
+        pos_idx = torch.as_tensor([p for _, p, _ in self.written], device=device)
+        rows = torch.as_tensor(self.rows, device=device)[seq_idx, pos_idx]  # (n, H)
+        users = torch.as_tensor([self.seqs[i].user for i, _, _ in self.written], device=device)
+        base = layer_mod.table.detach().float()[rows]  # (n, H, w)
         flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
         if self.fixed is not None:  # start from the composed row: table + fixed base delta
-            base = base + self.fixed.rows_of(self.layer, users, rows)
-        slot = torch.searchsorted(self.keys.cpu(), flat_keys)
-        total = torch.zeros(len(self.keys), w)
-        count = torch.zeros(len(self.keys), 1)
-        total.index_add_(0, slot, (e.cpu() - base).reshape(-1, w))
-        count.index_add_(0, slot, torch.ones(len(slot), 1))
-        return (total / count.clamp_min(1)).to(em.device)
+            base = base + self.fixed.rows_of(self.layer, users.cpu(), rows.cpu()).to(device)
+        slot = torch.searchsorted(self.keys, flat_keys)
+        total = torch.zeros(len(self.keys), w, device=device)
+        count = torch.zeros(len(self.keys), 1, device=device)
+        total.index_add_(0, slot, (e - base).reshape(-1, w))
+        count.index_add_(0, slot, torch.ones(len(slot), 1, device=device))
+        return total / count.clamp_min(1)
 
     def logits(self, values: torch.Tensor) -> torch.Tensor:
         """Logits at the written positions, (n, V), with ``values`` overlaid."""
@@ -354,6 +362,23 @@ def compile_facts(
     rows during optimisation and verification, so the returned delta is exact *composed with*
     its base (serving: ``overlay_for(em, [[base, delta]])``); the base itself is not returned.
     """
+    with _deterministic():
+        return _compile_facts(em, facts, options, progress, base_deltas)
+
+
+@contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic kernels (e.g. the scatter-add of row gradients) so a re-run is bit-identical."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     torch.manual_seed(options.seed)
     results: list[FactResult] = []
     by_user: dict[str, list[_Seq]] = {}

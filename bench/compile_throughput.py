@@ -1,0 +1,185 @@
+"""Compile throughput: facts/s, exact recall and peak memory of the fact compiler.
+
+Two presets:
+
+* ``tiny``: the tiny Llama checkpoint (CPU friendly);
+* ``d768``: a d=768, 12-layer Llama (vocab 32768, Engram at layers 2 and 7, facts written at
+  7, 2- and 3-grams x 8 heads x 32 wide, ~100k slots per head), 16-token triggers, single-token
+  answers, 15 Adam steps: the issue's GPU workload. Its tokenizer is a word-level vocabulary
+  of 32768 synthetic words, so triggers are exactly 16 tokens.
+
+Weights are seeded random (no hub). Recall is the compiler's own verification (greedy argmax
+with margin, with the float16 values that are stored); ``--greedy-check N`` also decodes N
+facts one at a time through ``generate``-style decoding.
+
+    python bench/compile_throughput.py --preset tiny --facts 2000 --json
+    python bench/compile_throughput.py --preset d768 --facts 200000 --batch 16384 --device cuda --json
+
+No asserts on time: results go to bench/RESULTS.md by hand, with date and device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engram_core.checkpoint import attach_new_memory, load_checkpoint, save_engram  # noqa: E402
+from engram_core.compiler import CompileOptions, Fact, compile_facts  # noqa: E402
+from engram_core.config import EngramConfig  # noqa: E402
+from engram_core.serving import greedy_tokens  # noqa: E402
+from engram_core.tiny import build_base_model, init_tiny  # noqa: E402
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i:05d}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_d768(directory: Path) -> None:
+    vocab = 32768
+    tokenizer = word_tokenizer(vocab)
+    model = build_base_model("llama", vocab, hidden=768, layers=12, seed=0)
+    model.save_pretrained(directory / "base")
+    tokenizer.save_pretrained(directory / "tokenizer")
+    config = EngramConfig(layers=(2, 7), write_layer=7, max_ngram=3, heads_per_order=8, row_width=32,
+                          slots_per_head=100_003)
+    memory = attach_new_memory(model, tokenizer, config, seed=1)
+    memory.detach()
+    save_engram(memory, directory / "engram")
+
+
+def make_facts(em, n: int, trigger_words: int, facts_per_user: int, seed: int) -> list[Fact]:
+    rng = random.Random(seed)
+    vocab = len(em.tokenizer)
+    special = set(em.tokenizer.all_special_ids)
+    words = [em.tokenizer.convert_ids_to_tokens(i) for i in range(vocab) if i not in special]
+    facts = []
+    if trigger_words:  # word-level tokenizer: exact token counts
+        for i in range(n):
+            trigger = " ".join(rng.choice(words) for _ in range(trigger_words))
+            facts.append(Fact(f"u{i // facts_per_user:07d}", f"f{i % facts_per_user}", trigger, " " + rng.choice(words)))
+    else:  # tiny BPE model: templated personal facts
+        from jobs.synthetic import FACT_TEMPLATES
+
+        facts_per_user = min(facts_per_user, len(FACT_TEMPLATES))  # one fact per distinct trigger
+        for i in range(n):
+            fact_id, trigger, answers = FACT_TEMPLATES[i % facts_per_user]
+            facts.append(Fact(f"u{i // facts_per_user:07d}", fact_id, trigger, " " + rng.choice(answers)))
+    return facts
+
+
+def flops_per_fact(em, trigger_tokens: int, steps: int) -> float:
+    """Model FLOPs the compile of one single-token fact needs (the ceiling's numerator).
+
+    Prefix (trigger minus its last token) once; per step: forward of the one live position
+    through every layer and the LM head, backward of activations (weights are frozen) through
+    the layers from the write layer up and the LM head; one verification forward.
+    """
+    base = em.model.get_base_model() if hasattr(em.model, "get_base_model") else em.model
+    layers = base.model.layers
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    n_layers = len(layers)
+    head = em.lm_head.weight.numel()
+    engram = sum(p.numel() for n, p in em.memory.named_parameters() if not n.endswith("table")) / len(em.config.layers)
+    fwd_token = 2 * (per_layer * n_layers + head + engram * len(em.config.layers))
+    upper = n_layers - em.config.target_layer
+    bwd_token = 2 * (per_layer * upper + head + engram)
+    return (trigger_tokens - 1) * fwd_token + steps * (fwd_token + bwd_token) + fwd_token
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=["tiny", "d768"], default="tiny")
+    ap.add_argument("--facts", type=int, default=2000)
+    ap.add_argument("--facts-per-user", type=int, default=20)
+    ap.add_argument("--batch", type=int, nargs="+", default=[512], help="facts per batch (several: a sweep)")
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on cuda)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="measured bf16 matmul rate, for the ratio")
+    ap.add_argument("--greedy-check", type=int, default=50)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "model"
+        t0 = time.perf_counter()
+        if args.preset == "tiny":
+            init_tiny(root)
+            trigger_words = 0
+        else:
+            root.mkdir()
+            build_d768(root)
+            trigger_words = 16
+        build_s = time.perf_counter() - t0
+        em = load_checkpoint(root, device=args.device, dtype=dtype)
+        facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
+        trigger_tokens = len(em.encode_prompt(facts[0].trigger))
+        runs = []
+        for batch in args.batch:
+            opts = CompileOptions(steps=args.steps, facts_per_batch=batch,
+                                  **({"lr": args.lr} if args.lr is not None else {}))
+            compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            result = compile_facts(em, facts, opts)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            checked = facts[: args.greedy_check]
+            greedy_ok = sum(
+                greedy_tokens(em, f.trigger, len(em.encode_answer(f.answer)), [result.deltas[f.user_id]])
+                == em.encode_answer(f.answer) for f in checked
+            )
+            run = {
+                "facts_per_batch": batch, "facts": len(facts), "seconds": round(seconds, 3),
+                "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
+                "greedy_checked": len(checked), "greedy_ok": greedy_ok,
+                "retried_facts": sum(r.steps > args.steps for r in result.facts),
+                "bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
+                "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
+            }
+            flops = flops_per_fact(em, trigger_tokens, args.steps)
+            run["gflop_per_fact"] = round(flops / 1e9, 3)
+            run["achieved_tflops"] = round(flops * run["facts_per_s"] / 1e12, 1)
+            if args.peak_tflops:
+                run["ceiling_facts_per_s"] = round(args.peak_tflops * 1e12 / flops)
+                run["fraction_of_ceiling"] = round(run["facts_per_s"] / run["ceiling_facts_per_s"], 3)
+            runs.append(run)
+    out = {
+        "preset": args.preset, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "dtype": str(dtype), "trigger_tokens": trigger_tokens, "steps": args.steps, "build_seconds": round(build_s, 1),
+        "fingerprint": em.fingerprint, "runs": runs,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for run in runs:
+            print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']}: {run['facts_per_s']} facts/s, "
+                  f"recall {run['recall']:.4f}, greedy {run['greedy_ok']}/{run['greedy_checked']}, "
+                  f"{run['achieved_tflops']} TFLOP/s, peak {run['peak_gpu_gib']} GiB")
+
+
+if __name__ == "__main__":
+    main()
