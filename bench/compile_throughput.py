@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on cuda)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="measured bf16 matmul rate, for the ratio")
     ap.add_argument("--greedy-check", type=int, default=50)
+    ap.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic kernels")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -136,7 +137,7 @@ def main() -> None:
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
         for batch in args.batch:
-            opts = CompileOptions(steps=args.steps, facts_per_batch=batch,
+            opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
                                   **({"lr": args.lr} if args.lr is not None else {}))
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator)
             if args.device == "cuda":
@@ -168,7 +169,7 @@ def main() -> None:
                 run["fraction_of_ceiling"] = round(run["facts_per_s"] / run["ceiling_facts_per_s"], 3)
             runs.append(run)
     out = {
-        "preset": args.preset, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "preset": args.preset, "deterministic": not args.nondeterministic, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "dtype": str(dtype), "trigger_tokens": trigger_tokens, "steps": args.steps, "build_seconds": round(build_s, 1),
         "fingerprint": em.fingerprint, "runs": runs,
     }

@@ -81,6 +81,13 @@ class EngramModel:
     def encode_answer(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        """Batched :meth:`encode_prompt` (one tokenizer call)."""
+        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+    def encode_answers(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
 
 def save_engram(memory: EngramMemory, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,8 @@ class CompileOptions:
     max_answer_tokens: int = 16
     facts_per_batch: int = 512
     seed: int = 0
+    deterministic: bool = True
+    """Deterministic kernels, so a re-run publishes bit-identical deltas (invariant 6)."""
 
 
 @dataclass(frozen=True)
@@ -126,21 +128,31 @@ def _fork_cache(cache):
     return fork
 
 
-def _validate(em: EngramModel, fact: Fact, options: CompileOptions) -> tuple[_Seq | None, FactResult | None]:
-    def reject(status: str, detail: str):
-        return None, FactResult(fact.user_id, fact.fact_id, status, float("nan"), 0, 0, float("nan"), detail)
+def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -> list[tuple[_Seq | None, FactResult | None]]:
+    """Tokenize all facts in one batched call; reject the ones the compiler cannot take."""
+    texts_ok = [bool(f.trigger and f.trigger.strip() and f.answer and f.answer.strip()) for f in facts]
+    kept = [f for f, ok in zip(facts, texts_ok) if ok]
+    triggers = em.encode_prompts([f.trigger for f in kept]) if kept else []
+    answers = em.encode_answers([f.answer for f in kept]) if kept else []
+    out, k = [], 0
+    for fact, ok in zip(facts, texts_ok):
+        def reject(status: str, detail: str):
+            return None, FactResult(fact.user_id, fact.fact_id, status, float("nan"), 0, 0, float("nan"), detail)
 
-    if not fact.trigger or not fact.trigger.strip():
-        return reject(STATUS_EMPTY_TRIGGER, "trigger is empty")
-    if not fact.answer or not fact.answer.strip():
-        return reject(STATUS_EMPTY_ANSWER, "answer is empty")
-    trigger = em.encode_prompt(fact.trigger)
-    answer = em.encode_answer(fact.answer)
-    if len(trigger) > options.max_trigger_tokens:
-        return reject(STATUS_TRIGGER_TOO_LONG, f"trigger has {len(trigger)} tokens (limit {options.max_trigger_tokens})")
-    if len(answer) > options.max_answer_tokens:
-        return reject(STATUS_ANSWER_TOO_LONG, f"answer has {len(answer)} tokens (limit {options.max_answer_tokens})")
-    return _Seq(-1, fact, trigger + answer[:-1], answer), None
+        if not ok:
+            empty_trigger = not fact.trigger or not fact.trigger.strip()
+            out.append(reject(STATUS_EMPTY_TRIGGER, "trigger is empty") if empty_trigger
+                       else reject(STATUS_EMPTY_ANSWER, "answer is empty"))
+            continue
+        trigger, answer = triggers[k], answers[k]
+        k += 1
+        if len(trigger) > options.max_trigger_tokens:
+            out.append(reject(STATUS_TRIGGER_TOO_LONG, f"trigger has {len(trigger)} tokens (limit {options.max_trigger_tokens})"))
+        elif len(answer) > options.max_answer_tokens:
+            out.append(reject(STATUS_ANSWER_TOO_LONG, f"answer has {len(answer)} tokens (limit {options.max_answer_tokens})"))
+        else:
+            out.append((_Seq(-1, fact, trigger + answer[:-1], answer), None))
+    return out
 
 
 class _Batch:
@@ -362,16 +374,16 @@ def compile_facts(
     rows during optimisation and verification, so the returned delta is exact *composed with*
     its base (serving: ``overlay_for(em, [[base, delta]])``); the base itself is not returned.
     """
-    with _deterministic():
+    with _deterministic(options.deterministic):
         return _compile_facts(em, facts, options, progress, base_deltas)
 
 
 @contextmanager
-def _deterministic() -> Iterator[None]:
+def _deterministic(enabled: bool) -> Iterator[None]:
     """Deterministic kernels (e.g. the scatter-add of row gradients) so a re-run is bit-identical."""
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
     try:
         yield
     finally:
@@ -382,8 +394,7 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     torch.manual_seed(options.seed)
     results: list[FactResult] = []
     by_user: dict[str, list[_Seq]] = {}
-    for fact in facts:
-        seq, rejected = _validate(em, fact, options)
+    for fact, (seq, rejected) in zip(facts, _validate(em, facts, options)):
         if rejected is not None:
             results.append(rejected)
         else:
