@@ -189,36 +189,27 @@ class _Batch:
         # First position of each sequence that can see one of its user's rows: all before it are
         # independent of the rows and go into the shared prefix cache.
         seen = torch.isin(seq_user[:, None, None] * self.num_rows + rows_t, keys_t).any(-1) & valid_t  # (B, T)
-        live = seen.any(1)
-        first_live = int(seen.float().argmax(1)[live].min()) if bool(live.any()) else T
+        first_live = torch.where(seen.any(1), seen.float().argmax(1), T).cpu().numpy()  # (B,)
         rows = rows_t.cpu().numpy()
-        self.prefix = min(first_live, T - max(len(s.targets) for s in seqs))
         self.T = T
         self.rows = rows
-        self.ids = torch.as_tensor(ids, device=device)
-        self.mask = torch.as_tensor(valid, device=device).long()
+        self.ids = ids_t
+        self.mask = valid_t.long()
         self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
         self.keys = keys_t
         self.owners = torch.as_tensor([[s.user] for s in seqs], device=device)
         self.fixed = _FixedRows(em, base, num_users, [s.user for s in seqs]) if base else None
         if self.fixed is not None:
             self.owners = torch.cat([self.owners, self.fixed.owners], dim=1)  # (B, 2)
-        tgt_pos = torch.as_tensor([p - self.prefix for _, p, _ in self.written], device=device)
-        tgt_seq = torch.as_tensor([i for i, _, _ in self.written], device=device)
-        self.target_index = (tgt_seq, tgt_pos)
         self.targets = torch.as_tensor([y for _, _, y in self.written], device=device)
-        self.cache = None
-        if self.prefix > 0:
-            # The prefix sees no trainable row, but it may see fixed (base) rows.
-            prefix_overlay = self.fixed.prefix_overlay() if self.fixed is not None else None
-            with torch.no_grad(), em.memory.use(prefix_overlay):
-                out = em.model(
-                    input_ids=self.ids[:, : self.prefix],
-                    attention_mask=self.mask[:, : self.prefix],
-                    position_ids=self.positions[:, : self.prefix],
-                    use_cache=True,
-                )
-            self.cache = out.past_key_values
+        # Sequences whose earlier positions address none of their user's rows (the usual case)
+        # share one split: their prefix KV cache is computed once. The few whose trigger hits a
+        # user row earlier (a hash collision) form a second group with a shorter prefix, so one
+        # of them cannot force the whole batch to recompute its triggers every step.
+        split = T - max(len(s.targets) for s in seqs)
+        usual = first_live >= split
+        self.groups = [_Group(self, np.nonzero(m)[0], split if u else int(first_live[m].min()))
+                       for m, u in ((usual, True), (~usual, False)) if m.any()]
 
     def initial_values(self, scale: float) -> torch.Tensor:
         """UNEMBED_P: rows that make W_V e point at the next token's output embedding."""
@@ -247,24 +238,15 @@ class _Batch:
         count.index_add_(0, slot, torch.ones(len(slot), 1, device=device))
         return total / count.clamp_min(1)
 
-    def logits(self, values: torch.Tensor) -> torch.Tensor:
-        """Logits at the written positions, (n, V), with ``values`` overlaid."""
+    def _overlay(self, values: torch.Tensor) -> Overlay:
         if self.fixed is None:
-            overlay = Overlay(self.owners, {self.layer: self.keys}, {self.layer: values})
-        else:
-            overlay = self.fixed.overlay(self.owners, self.layer, self.keys, values)
-        kwargs = {}
-        if self.cache is not None:
-            kwargs["past_key_values"] = _fork_cache(self.cache)
-        with self.em.memory.use(overlay):
-            out = self.em.model(
-                input_ids=self.ids[:, self.prefix:],
-                attention_mask=self.mask,
-                position_ids=self.positions[:, self.prefix:],
-                use_cache=self.cache is not None,
-                **kwargs,
-            )
-        return out.logits[self.target_index].float()
+            return Overlay(self.owners, {self.layer: self.keys}, {self.layer: values})
+        return self.fixed.overlay(self.owners, self.layer, self.keys, values)
+
+    def logits(self, values: torch.Tensor) -> list[tuple["_Group", torch.Tensor]]:
+        """Per group: logits at its written positions, (n_g, V), with ``values`` overlaid."""
+        overlay = self._overlay(values)
+        return [(g, g.logits(overlay)) for g in self.groups]
 
     def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
         values = values.detach().clone().requires_grad_(True)
@@ -272,20 +254,74 @@ class _Batch:
         with torch.enable_grad():
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.logits(values), self.targets, reduction="sum")
-                loss.backward()
+                overlay = self._overlay(values)
+                for g in self.groups:  # gradients of the groups add up: one loss, summed
+                    F.cross_entropy(g.logits(overlay), self.targets[g.written], reduction="sum").backward()
                 optimizer.step()
         return values.detach()
 
     @torch.no_grad()
     def check(self, values: torch.Tensor, min_margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per written position: greedy-correct-with-margin, loss, margin (with stored fp16 values)."""
-        logits = self.logits(values.half().to(values.dtype))
-        loss = F.cross_entropy(logits, self.targets, reduction="none")
-        target_logit = logits.gather(1, self.targets.view(-1, 1)).squeeze(1)
-        others = logits.scatter(1, self.targets.view(-1, 1), float("-inf"))
-        margin = target_logit - others.max(dim=1).values
-        return (margin >= min_margin).cpu().numpy(), loss.cpu().numpy(), margin.cpu().numpy()
+        n = len(self.written)
+        loss_all, margin_all = np.empty(n, np.float32), np.empty(n, np.float32)
+        for g, logits in self.logits(values.half().to(values.dtype)):
+            targets = self.targets[g.written]
+            loss = F.cross_entropy(logits, targets, reduction="none")
+            target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+            others = logits.scatter(1, targets.view(-1, 1), float("-inf"))
+            margin = target_logit - others.max(dim=1).values
+            index = g.written.cpu().numpy()
+            loss_all[index] = loss.cpu().numpy()
+            margin_all[index] = margin.cpu().numpy()
+        return margin_all >= min_margin, loss_all, margin_all
+
+
+class _Group:
+    """Sequences of a batch that share one prefix length (and so one prefix KV cache)."""
+
+    def __init__(self, batch: "_Batch", members: np.ndarray, prefix: int):
+        device = batch.em.device
+        self.batch, self.prefix = batch, prefix
+        self.members = torch.as_tensor(members, device=device)
+        position_of = {int(i): k for k, i in enumerate(members)}
+        picked = [(n, position_of[i], p) for n, (i, p, _) in enumerate(batch.written) if i in position_of]
+        self.written = torch.as_tensor([n for n, _, _ in picked], device=device, dtype=torch.long)
+        self.target_index = (torch.as_tensor([k for _, k, _ in picked], device=device),
+                             torch.as_tensor([p - prefix for _, _, p in picked], device=device))
+        self.ids = batch.ids[self.members]
+        self.mask = batch.mask[self.members]
+        self.positions = batch.positions[self.members]
+        self.cache = None
+        if prefix > 0:
+            # The prefix sees no trainable row, but it may see fixed (base) rows.
+            prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
+            if prefix_overlay is not None:
+                prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
+            with torch.no_grad(), batch.em.memory.use(prefix_overlay):
+                out = batch.em.model(
+                    input_ids=self.ids[:, :prefix],
+                    attention_mask=self.mask[:, :prefix],
+                    position_ids=self.positions[:, :prefix],
+                    use_cache=True,
+                )
+            self.cache = out.past_key_values
+
+    def logits(self, overlay: Overlay) -> torch.Tensor:
+        kwargs = {}
+        if self.cache is not None:
+            kwargs["past_key_values"] = _fork_cache(self.cache)
+        group_overlay = Overlay(overlay.owners[self.members], overlay.keys, overlay.values)
+        history = (self.ids[:, : self.prefix], self.mask[:, : self.prefix]) if self.cache is not None else None
+        with self.batch.em.memory.use(group_overlay, history):
+            out = self.batch.em.model(
+                input_ids=self.ids[:, self.prefix:],
+                attention_mask=self.mask,
+                position_ids=self.positions[:, self.prefix:],
+                use_cache=self.cache is not None,
+                **kwargs,
+            )
+        return out.logits[self.target_index].float()
 
 
 class _FixedRows:

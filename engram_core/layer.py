@@ -199,10 +199,17 @@ class EngramMemory(nn.Module):
         return hook
 
     @contextmanager
-    def use(self, overlay: Overlay | None) -> Iterator[None]:
-        """Run the model with ``overlay`` applied (each sequence sees only its own owners)."""
+    def use(self, overlay: Overlay | None, history: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Iterator[None]:
+        """Run the model with ``overlay`` applied (each sequence sees only its own owners).
+
+        ``history`` (ids, mask) names the tokens already in the KV cache that the next call
+        continues, when that cache was not built by the previous call (e.g. a shared prefix
+        cache reused for many steps).
+        """
         previous = self._overlay
         self._overlay = overlay
+        if history is not None:
+            self._history, self._history_mask = history[0], (history[1].bool() if history[1] is not None else None)
         try:
             yield
         finally:
