@@ -1,0 +1,46 @@
+"""Kernel-level profile of one d768 compile batch (torch.profiler), for the device tool.
+
+    python bench/profile_kernels.py --facts 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from compile_throughput import build_d768, make_facts  # noqa: E402
+from engram_core.checkpoint import load_checkpoint  # noqa: E402
+from engram_core.compiler import CompileOptions, compile_facts  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--facts", type=int, default=16384)
+    ap.add_argument("--rows", type=int, default=30)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "model"
+        root.mkdir()
+        build_d768(root)
+        em = load_checkpoint(root, device="cuda", dtype=torch.bfloat16)
+    facts = make_facts(em, args.facts, 16, 20, seed=0)
+    opts = CompileOptions(facts_per_batch=args.facts)
+    compile_facts(em, facts, opts)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        compile_facts(em, facts, opts)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
