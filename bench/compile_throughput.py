@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="measured bf16 matmul rate, for the ratio")
     ap.add_argument("--greedy-check", type=int, default=50)
     ap.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic kernels")
+    ap.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations to compare")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -136,7 +137,8 @@ def main() -> None:
         facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
-        for batch in args.batch:
+        for attn, batch in [(a, b) for a in args.attn for b in args.batch]:
+            em = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
                                   **({"lr": args.lr} if args.lr is not None else {}))
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator)
@@ -154,7 +156,7 @@ def main() -> None:
                 == em.encode_answer(f.answer) for f in checked
             )
             run = {
-                "facts_per_batch": batch, "facts": len(facts), "seconds": round(seconds, 3),
+                "attn": attn, "facts_per_batch": batch, "facts": len(facts), "seconds": round(seconds, 3),
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
                 "greedy_checked": len(checked), "greedy_ok": greedy_ok,
                 "retried_facts": sum(r.steps > args.steps for r in result.facts),

@@ -190,10 +190,15 @@ class Addresser:
             )
         return self._torch_cache[key]
 
-    def rows_torch(self, token_ids: torch.Tensor, layer: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) raw token ids -> (B, T, orders*heads) row ids (torch path, on the ids' device)."""
+    def rows_torch(self, token_ids: torch.Tensor, layer: int, valid: torch.Tensor | None = None,
+                   check: bool = True) -> torch.Tensor:
+        """(B, T) raw token ids -> (B, T, orders*heads) row ids (torch path, on the ids' device).
+
+        ``check=False`` skips the range check of the ids (a host-device sync on GPUs) for ids
+        already known to come from this tokenizer's vocabulary.
+        """
         canonical, multipliers, primes, offsets = self._torch_params(layer, token_ids.device)
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= canonical.numel()):
+        if check and token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= canonical.numel()):
             raise ValueError(
                 f"token id out of range 0..{canonical.numel() - 1}: the tokenizer does not match this Engram"
             )

@@ -105,8 +105,14 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     with_adapter: bool = True,
+    attn_implementation: str | None = None,
 ) -> EngramModel:
-    """Load a checkpoint directory (local only: nothing is downloaded)."""
+    """Load a checkpoint directory (local only: nothing is downloaded).
+
+    ``attn_implementation`` is passed to transformers ("eager", "sdpa", ...): the compiler's
+    steps attend one or a few query positions to a short cache, a shape for which "eager"
+    beats the flash kernels on GPUs (see bench/RESULTS.md).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(path)
@@ -115,7 +121,8 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {root}: missing {part}/ (create one with `engram model init DIR --tiny`)")
     config = EngramConfig.load(root / "engram" / "config.json")
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype, **extra)
     adapter_dir = root / "adapter"
     if with_adapter and adapter_dir.is_dir():
         from peft import PeftModel

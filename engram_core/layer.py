@@ -79,6 +79,10 @@ class Overlay:
     keys: dict[int, torch.Tensor]  # layer -> (K,) int64, sorted
     values: dict[int, torch.Tensor]  # layer -> (K, w)
 
+    def touches(self, layer: int) -> bool:
+        keys = self.keys.get(layer)
+        return keys is not None and keys.numel() > 0
+
     def lookup(self, layer: int, rows: torch.Tensor, num_rows: int) -> torch.Tensor | None:
         """rows (B, T, H) -> (B, T, H, w) summed overlay values (zeros where no owner wrote)."""
         keys = self.keys.get(layer)
@@ -124,6 +128,7 @@ class EngramMemory(nn.Module):
         )
         self._handles: list = []
         self._rows: dict[int, torch.Tensor] = {}
+        self._context: tuple | None = None
         self._history: torch.Tensor | None = None
         self._history_mask: torch.Tensor | None = None
         self._overlay: Overlay | None = None
@@ -177,23 +182,32 @@ class EngramMemory(nn.Module):
         context = self.config.max_ngram - 1 + input_ids.shape[1]
         ids = history[:, -context:]
         valid = history_mask[:, -context:] if history_mask is not None else None
-        T = input_ids.shape[1]
-        self._rows = {i: self.addresser.rows_torch(ids, i, valid)[:, -T:] for i in self.config.layers}
+        # Rows are computed lazily, per layer, only where a layer has something to add; token
+        # ids are range-checked once per sequence (a continuation's new ids were produced by
+        # the model itself), which keeps host-device syncs out of decode and compile steps.
+        self._context = (ids, valid, input_ids.shape[1], past == 0)
+        self._rows = {}
         return None
+
+    def _rows_for(self, index: int) -> torch.Tensor:
+        if index not in self._rows:
+            ids, valid, T, check = self._context
+            self._rows[index] = self.addresser.rows_torch(ids, index, valid, check=check)[:, -T:]
+        return self._rows[index]
 
     def _make_layer_hook(self, index: int):
         def hook(module, args, kwargs):
             layer = self.layer(index)
-            overlay_values = None
-            if self._overlay is not None:
-                overlay_values = self._overlay.lookup(index, self._rows[index], layer.table.shape[0])
-            if layer.table_is_zero and overlay_values is None:
+            has_overlay = self._overlay is not None and self._overlay.touches(index)
+            if layer.table_is_zero and not has_overlay:
                 return None  # exactly the base model
+            rows = self._rows_for(index)
+            overlay_values = self._overlay.lookup(index, rows, layer.table.shape[0]) if has_overlay else None
             if args:
                 hidden = args[0]
-                return (hidden + layer(hidden, self._rows[index], overlay_values), *args[1:]), kwargs
+                return (hidden + layer(hidden, rows, overlay_values), *args[1:]), kwargs
             hidden = kwargs["hidden_states"]
-            kwargs = dict(kwargs, hidden_states=hidden + layer(hidden, self._rows[index], overlay_values))
+            kwargs = dict(kwargs, hidden_states=hidden + layer(hidden, rows, overlay_values))
             return args, kwargs
 
         return hook
