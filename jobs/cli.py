@@ -35,7 +35,7 @@ def _register_all() -> None:
 
     for module in (model_cli, nightly_cli):
         module.register(app)
-    for optional in ("serve_cli", "ops_cli"):
+    for optional in ("serve_cli", "ops_cli", "schedule_cli"):
         try:
             module = __import__(f"jobs.{optional}", fromlist=["register"])
         except ModuleNotFoundError as exc:
