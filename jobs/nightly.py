@@ -187,6 +187,12 @@ def run_nightly(
         bar.close()
         timer.items["compile"] = len(facts)
 
+    if ingested.forgotten_users:
+        with timer.stage("forget"):
+            # forget_user events: scrub every retained older version too, so that no rollback can
+            # bring these users back; this re-issues the retained versions (pipeline/forget.py).
+            previous = _forget_in_retained_versions(store, sorted(ingested.forgotten_users), job_id) or previous
+
     with timer.stage("publish"):
         drop = set(the_plan.drop_users) | set(ingested.forgotten_users)
         payloads = _build_shards(store, previous, ingested.state, compiled.deltas, drop, spec.num_shards)
@@ -217,6 +223,16 @@ def run_nightly(
     )
     log.info("nightly %s: %s", job_id, "published v%d" % manifest.version if published else "nothing changed")
     return report
+
+
+def _forget_in_retained_versions(store, users: list[str], job_id: str) -> Manifest | None:
+    """Forget ``users`` in every retained version; returns the (rewritten) current manifest."""
+    from pipeline.forget import forget_user
+
+    for user in users:
+        forget_user(store, user, actor=job_id, reason="forget_user event in the fact log")
+    current = read_current(store)
+    return current[0] if current else None
 
 
 def _sample(state: pa.Table, compiled, n: int = 5) -> list[dict]:

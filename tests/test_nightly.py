@@ -75,7 +75,8 @@ def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, 
 
     write_fact_log(night_two_rows(), log_dir / "day=2026-11-02" / "part-0.parquet")
     second = run_nightly(spec)
-    assert second.version == 2 and second.published
+    # The forget_user event re-issued v1 without user 3 (as v2), then night two published v3.
+    assert second.version == 3 and second.published and second.parent == 2
     assert second.compiled_users == 2  # user 1 (changed) and user 2 (one fact deleted); 3 is forgotten
     assert second.dropped_users == 1 and second.rejects == 1
     assert published_delta(store, "user-00003") is None
@@ -83,23 +84,25 @@ def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, 
     kept = [r for r in night1 if r["user_id"] not in ("user-00001", "user-00002", "user-00003")]
     assert_store_recalls(store, tiny, new_rows + kept)
     # Unchanged shards are shared between versions.
-    v1 = {e.shard: e.bundle_key for e in _manifest(store, 1).shards}
-    v2 = {e.shard: e.bundle_key for e in _manifest(store, 2).shards}
+    v1 = {e.shard: e.bundle_key for e in _manifest(store, 2).shards}
+    v2 = {e.shard: e.bundle_key for e in _manifest(store, 3).shards}
     changed = {shard_of(u, 4) for u in ("user-00001", "user-00002", "user-00003")}
     assert all(v1[s] == v2[s] for s in range(4) if s not in changed)
 
     third = run_nightly(spec)  # same inputs: nothing new
-    assert not third.published and third.version == 2
+    assert not third.published and third.version == 3
 
-    rollback(store, 1, reason="test", actor="pytest")
-    assert_store_recalls(store, tiny, [r for r in night1 if r["user_id"] == "user-00001"])
+    assert [v.version for v in list_versions(store)] == [2, 3]
     rollback(store, 2, reason="test", actor="pytest")
+    assert_store_recalls(store, tiny, [r for r in night1 if r["user_id"] == "user-00001"])
+    assert published_delta(store, "user-00003") is None  # the rollback did not bring the forgotten user back
+    rollback(store, 3, reason="test", actor="pytest")
     assert_store_recalls(store, tiny, new_rows)
-    assert [v.version for v in list_versions(store)] == [1, 2]
 
     facts = query_stats(store, "select version, status, count(*) as n from facts group by 1, 2 order by 1, 2")
-    assert facts.to_pylist() == [{"version": 1, "status": "ok", "n": 48}, {"version": 2, "status": "ok", "n": 41}]
-    rejects = query_stats(store, "select reason from rejects where version = 2").column("reason").to_pylist()
+    assert facts.to_pylist() == [{"version": 2, "status": "ok", "n": 48 - 4},
+                                 {"version": 3, "status": "ok", "n": second.facts}]
+    rejects = query_stats(store, "select reason from rejects where version = 3").column("reason").to_pylist()
     assert rejects == ["MISSING_USER_ID"]
 
 
