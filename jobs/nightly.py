@@ -26,6 +26,7 @@ from jobs.spec import NightlySpec
 from pipeline import compile as compile_mod
 from pipeline.ingest import ingest, read_fact_log
 from pipeline.plan import plan
+from pipeline.pull import publish_model
 from pipeline.publish import (
     ShardPayload, load_shard_bundle, load_shard_state_bytes, publish_version, read_current, shard_of,
 )
@@ -194,6 +195,9 @@ def run_nightly(
             previous = _forget_in_retained_versions(store, sorted(ingested.forgotten_users), job_id) or previous
 
     with timer.stage("publish"):
+        # Serving nodes load the model by fingerprint from the store: upload it before CURRENT
+        # can point at deltas that need it (skipped when already there).
+        publish_model(store, spec.model)
         drop = set(the_plan.drop_users) | set(ingested.forgotten_users)
         payloads = _build_shards(store, previous, ingested.state, compiled.deltas, drop, spec.num_shards)
         files = dict(watermark["files"]) | {f.path: f.size for f in batch.files}
