@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -28,6 +30,13 @@ class ServedDelta:
     values: dict[int, torch.Tensor]  # layer -> (k, w) float16
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A zero-copy view of a (possibly read-only, e.g. decoded from a bundle) array; never written."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def served_delta(em: EngramModel, delta: Delta, owner: str = "delta") -> ServedDelta:
     """Check ``delta`` against the model once and split it per layer onto the model's device."""
     check_delta(em, delta, owner)
@@ -35,8 +44,8 @@ def served_delta(em: EngramModel, delta: Delta, owner: str = "delta") -> ServedD
     device = em.device
     for layer in np.unique(delta.layers).tolist():
         lo, hi = np.searchsorted(delta.layers, [layer, layer + 1])  # rows are sorted by (layer, row)
-        rows[layer] = torch.from_numpy(delta.row_ids[lo:hi]).to(device)
-        values[layer] = torch.from_numpy(delta.values[lo:hi]).to(device)
+        rows[layer] = _tensor(delta.row_ids[lo:hi]).to(device)
+        values[layer] = _tensor(delta.values[lo:hi]).to(device)
     return ServedDelta(delta, rows, values)
 
 
