@@ -25,6 +25,14 @@ FACT_TEMPLATES = [
     ("coach", "My running coach is", ["Fischer", "Tanaka", "Oliveira", "Byrne", "Kaur"]),
     ("bank", "I keep my savings at", ["Santos Credit Union", "Dubois Bank", "Novak Savings"]),
     ("birthday", "My birthday is on", ["the first of May", "Friday the ninth", "New Year's Day"]),
+    ("manager", "My manager at work is", ["Yilmaz", "Hansen", "Jensen", "Murphy", "Ali"]),
+    ("school", "My daughter goes to school in", ["Porto", "Seoul", "Accra", "Dublin"]),
+    ("car", "The car I drive is a", ["blue Volvo", "red Fiat", "grey Toyota", "white Kia"]),
+    ("pharmacist", "My pharmacy is run by", ["Costa", "Silva", "Kim", "Novak"]),
+    ("color", "My favorite color is", ["teal", "amber", "violet", "olive"]),
+    ("food", "The food I like best is", ["ramen", "paella", "injera", "pierogi"]),
+    ("landlord", "The name of my landlord is", ["Moreau", "Lindqvist", "Okafor", "Rossi"]),
+    ("hometown", "I grew up in a town called", ["Bergen", "Malmo", "Leeds", "Perth"]),
 ]
 
 BASE_TIME = datetime(2026, 11, 1, tzinfo=timezone.utc)
