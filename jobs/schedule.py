@@ -178,8 +178,12 @@ def check_reachable(address: str, timeout_s: float) -> None:
     """Fail fast and clearly when nothing answers at the dashboard address (any HTTP answer is fine)."""
     try:
         urllib.request.urlopen(f"{address}/api/version", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return  # it answered (e.g. 401 before the token is sent): reachable
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return  # a dashboard with token auth: the client sends the token
+        raise SubmitError(
+            f"{address} answered HTTP {exc.code} to /api/version: not a Ray dashboard; use the head's dashboard "
+            f"address (http://HEAD:8265)") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SubmitError(
@@ -194,7 +198,8 @@ def _client(address: str):
         return JobSubmissionClient(address, headers=_auth_headers())
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError/AuthenticationError/RuntimeError here
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SubmitError(f"Ray Jobs API at {address}: {first_line} (for token auth set RAY_AUTH_TOKEN)") from None
+        hint = " (set RAY_AUTH_TOKEN to the cluster's token)" if "auth" in first_line.lower() else ""
+        raise SubmitError(f"Ray Jobs API at {address}: {first_line}{hint}") from None
 
 
 def submit_spec(spec: NightlySpec, address: str, *, wait: bool = False, wait_timeout_s: float = 3600,

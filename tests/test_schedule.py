@@ -245,3 +245,11 @@ def test_submit_runs_the_job_on_the_cluster_and_publishes_a_version(tmp_path, ti
     assert submitted["report"]["version"] == 1 and submitted["report"]["facts"] == 6
     manifest, _ = read_current(open_store(str(tmp_path / "store")))
     assert manifest.version == 1
+
+
+def test_submit_makes_local_relative_paths_absolute_and_leaves_uris(tmp_path):
+    from jobs.schedule import spec_for_cluster
+
+    spec = NightlySpec(store="s3://bucket/engram", fact_log="./log", model="/models/tiny")
+    moved = spec_for_cluster(spec, base_dir=tmp_path)
+    assert (moved.store, moved.fact_log, moved.model) == ("s3://bucket/engram", str(tmp_path / "log"), "/models/tiny")
