@@ -14,7 +14,6 @@ import io
 import json
 import logging
 
-import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
@@ -64,6 +63,8 @@ def write_stats(store, version: int, tables: dict[str, pa.Table]) -> dict[str, s
 
 def query_stats(store, sql: str) -> pa.Table:
     """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every version."""
+    import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
+
     connection = duckdb.connect(":memory:")
     try:
         filesystem, base_path = store.arrow_filesystem()
