@@ -1,0 +1,160 @@
+"""Test harness for the fault, security and soak tests.
+
+Two pieces: synthetic versions (random but valid deltas published through the real
+``publish_version``, so store and pull tests need no compile), and a private S3 server.
+
+A private S3 server is for tests that stop it, restart it, or need least-privilege identities.
+
+The session-wide ``s3_server`` fixture (conftest) has one all-powerful user. Tests of faults and
+of security need more: a server they can kill and bring back on the same data and port, and
+identities that hold only what each role needs (docs/security.md):
+
+- ``admin``        creates the bucket (Admin), as an operator would once;
+- ``compile-job``  the nightly job: read, write and list the one bucket (no Admin, no Tagging);
+- ``serving-node`` a serving node: read the one bucket, nothing else (no list, no write).
+
+SeaweedFS reads identities from ``-s3.config`` (``actions`` of ``Read``/``Write``/``List``/
+``Tagging``/``Admin``, each optionally scoped as ``Action:bucket``); that file is the test's
+stand-in for the IAM policies of docs/security.md.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from engram_core.delta import Delta
+from pipeline.publish import ShardPayload, publish_version, read_current, shard_of
+from schemas.bundle import bundle_table, encode_bundle
+from schemas.facts import empty_fact_state, encode_fact_state
+from tests.conftest import S3Server, _free_base_port, _stop, _wait_until_ready, _weed_binary
+
+BUCKET = "engram-private"
+
+
+# ---------------------------------------------------------------- synthetic versions
+
+
+def random_delta(em, rng: np.random.Generator, rows: int = 4) -> Delta:
+    """A valid delta for ``em``: ``rows`` distinct rows per Engram layer, small random values."""
+    layers, row_ids = [], []
+    for layer in em.config.layers:
+        picked = rng.choice(em.memory.num_rows(layer), size=rows, replace=False)
+        layers += [layer] * rows
+        row_ids += picked.tolist()
+    values = rng.normal(0, 0.5, size=(len(row_ids), em.config.row_width)).astype(np.float16)
+    return Delta.from_unsorted(np.array(layers), np.array(row_ids), values)
+
+
+def publish_deltas(store, em, deltas: dict, *, num_shards: int = 2, job_id: str = "test", shards=None):
+    """Publish ``{user: Delta}`` as the next version (``shards``: which shards to write; default all)."""
+    current = read_current(store)
+    previous = current[0] if current else None
+    state = encode_fact_state(empty_fact_state())
+    payloads = {}
+    for shard in (range(num_shards) if shards is None else shards):
+        mine = {u: (d, 1) for u, d in deltas.items() if shard_of(u, num_shards) == shard}
+        payloads[shard] = ShardPayload(bundle=encode_bundle(bundle_table(mine)), state=state)
+    version = previous.version + 1 if previous else 1
+    return publish_version(store, shard_payloads=payloads, previous=previous, fingerprint=em.fingerprint,
+                           num_shards=num_shards, job_id=job_id, watermark=f"w{version}-{job_id}")
+
+
+# ---------------------------------------------------------------- a private S3 server
+
+
+def identities(bucket: str = BUCKET) -> dict[str, tuple[str, str, list[str]]]:
+    """role -> (access key, secret key, weed actions); secrets are test-only strings."""
+    return {
+        "admin": ("private-admin", "private-admin-secret-0001", ["Admin", "Read", "Write", "List", "Tagging"]),
+        "compile-job": ("compile-job", "compile-job-secret-0002", [f"Read:{bucket}", f"Write:{bucket}", f"List:{bucket}"]),
+        "serving-node": ("serving-node", "serving-node-secret-0003", [f"Read:{bucket}"]),
+    }
+
+
+def weed_s3_config(bucket: str = BUCKET) -> dict:
+    return {"identities": [
+        {"name": role, "credentials": [{"accessKey": access, "secretKey": secret}], "actions": actions}
+        for role, (access, secret, actions) in identities(bucket).items()
+    ]}
+
+
+@dataclass
+class PrivateS3:
+    """One ``weed server -s3`` on its own ports and data folder; stop() and start() keep both."""
+
+    workdir: Path
+    bucket: str = BUCKET
+    base_port: int = field(default_factory=_free_base_port)
+    process: subprocess.Popen | None = None
+
+    def server(self, role: str = "admin") -> S3Server:
+        access, secret, _ = identities(self.bucket)[role]
+        return S3Server(f"http://127.0.0.1:{self.base_port + 3}", access, secret)
+
+    def start(self) -> "PrivateS3":
+        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "s3.json").write_text(json.dumps(weed_s3_config(self.bucket)))
+        (self.workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n")
+        base = self.base_port
+        command = [
+            _weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.workdir / 'data'}",
+            f"-master.port={base}", "-master.volumeSizeLimitMB=16", "-master.electionTimeout=1s", f"-volume.port={base + 1}", "-volume.max=50",
+            "-filer", f"-filer.port={base + 2}",
+            "-s3", f"-s3.port={base + 3}", f"-s3.config={self.workdir / 's3.json'}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]
+        log_path = self.workdir / "weed.log"
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir)
+        _wait_until_ready(self.server("admin"), self.process, log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            _stop(self.process)
+        self.process = None
+
+    def kill(self) -> None:
+        """Die like a crashed server: SIGKILL, no grace."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def env(self, role: str) -> dict[str, str]:
+        """The AWS environment a process of ``role`` would have."""
+        server = self.server(role)
+        return {
+            "AWS_ENDPOINT_URL": server.endpoint_url,
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "AWS_DEFAULT_REGION": server.region,
+            "AWS_CONFIG_FILE": "/nonexistent/engram-test-aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/engram-test-aws-credentials",
+        }
+
+
+def use_role(monkeypatch, s3: PrivateS3, role: str) -> None:
+    """Point this process's AWS settings at ``s3`` as ``role`` (stores opened afterwards use it)."""
+    for name, value in s3.env(role).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@contextmanager
+def private_s3(workdir: Path) -> Iterator[PrivateS3]:
+    """A started private server with its bucket created (by the admin); stopped on exit."""
+    s3 = PrivateS3(workdir).start()
+    try:
+        s3.server("admin").client().create_bucket(Bucket=s3.bucket)
+        yield s3
+    finally:
+        s3.stop()
