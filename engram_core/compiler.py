@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .checkpoint import EngramModel
 from .delta import Delta
-from .layer import Overlay
+from .layer import Overlay, backbone_and_layers
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +298,10 @@ class _Group:
             prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
             if prefix_overlay is not None:
                 prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
+            # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
+            backbone, _ = backbone_and_layers(batch.em.model)
             with torch.no_grad(), batch.em.memory.use(prefix_overlay):
-                out = batch.em.model(
+                out = backbone(
                     input_ids=self.ids[:, :prefix],
                     attention_mask=self.mask[:, :prefix],
                     position_ids=self.positions[:, :prefix],

@@ -100,7 +100,7 @@ class Overlay:
         return out
 
 
-def _backbone_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+def backbone_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """The decoder backbone (called with input_ids) and its list of decoder layers."""
     hf = model
     if hasattr(hf, "get_base_model"):  # a peft model
@@ -145,7 +145,7 @@ class EngramMemory(nn.Module):
 
     # -- attachment ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        backbone, layers = _backbone_and_layers(model)
+        backbone, layers = backbone_and_layers(model)
         self.config.check_fits(len(layers))
         self.detach()
         self._handles.append(backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True))

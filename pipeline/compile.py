@@ -72,7 +72,11 @@ class CompileWorker:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.options = options
-        self.model = load_checkpoint(model_dir, device=device)
+        # On GPUs: bf16 weights (row values stay fp32) and eager attention, which beats the
+        # flash kernels for the compiler's one-query steps (bench/RESULTS.md).
+        on_gpu = str(device).startswith("cuda")
+        self.model = load_checkpoint(model_dir, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
+                                     attn_implementation="eager" if on_gpu else None)
         self.fingerprint = self.model.fingerprint
 
     def compile(self, facts: list[Fact]) -> tuple[dict[str, Delta], list[FactResult], str]:
