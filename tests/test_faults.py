@@ -1,0 +1,334 @@
+"""Faults: each test breaks something real mid-run and checks what DESIGN.md promises survives.
+
+Invariant 5 (a published version is complete or invisible) and invariant 6 (a re-run gives the
+same content) under: a Ray worker killed mid-compile, a crash between any two publish steps, the
+S3 server dying mid-run, damaged objects at rest, two publishers at once, and a dirty fact log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.nightly import run_nightly
+from jobs.spec import NightlySpec
+from jobs.synthetic import BASE_TIME, fact_log_rows, write_fact_log
+from pipeline.publish import (
+    PUBLISH_STEPS, IntegrityError, PublishConflict, list_versions, load_shard_bundle, load_shard_state_bytes,
+    read_audit, read_current, rollback, shard_of,
+)
+from pipeline.pull import PullClient
+from pipeline.store import StoreError, open_store
+from schemas.bundle import bundle_deltas
+from schemas.manifest import ManifestError
+from tests.fixtures.bad_inputs.corpus import FILE_CASES, ROW_CASES
+from tests.harness import private_s3, publish_deltas, random_delta, use_role
+
+
+class Crash(RuntimeError):
+    """Stands for the job process dying at a publish step."""
+
+
+def spec_for(store_uri: str, log_dir: Path, model_dir, **overrides) -> NightlySpec:
+    return NightlySpec(**{"store": store_uri, "fact_log": str(log_dir), "model": str(model_dir), "num_shards": 4,
+                          "workers": 0, **overrides})
+
+
+def one_fact(user: str, answer: str, day: int = 0) -> dict:
+    return {"user_id": user, "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is", "answer": answer,
+            "event_time": BASE_TIME + timedelta(days=day), "scope": None}
+
+
+def published_users(store) -> list[str]:
+    """Every user_id in the current version's bundles, with repeats (each shard verified on load)."""
+    manifest, _ = read_current(store)
+    return [u for entry in manifest.shards for u in load_shard_bundle(store, entry).column("user_id").to_pylist()]
+
+
+def assert_complete(store, version: int) -> None:
+    """CURRENT is ``version``, and every object it names reads back verified."""
+    manifest, _ = read_current(store)
+    assert manifest.version == version
+    for entry in manifest.shards:
+        load_shard_bundle(store, entry)
+        load_shard_state_bytes(store, entry)
+
+
+# ---------------------------------------------------------------- a Ray worker dies
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from pipeline.compile import start_ray
+
+    start_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def kill_first_busy_compile_worker(killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL the first Ray actor process seen running ``CompileWorker.compile`` (a chunk in flight)."""
+    while not stop.is_set():
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            title = " ".join(proc.info["cmdline"] or [])
+            if title.startswith("ray::CompileWorker.compile"):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_compile_worker_killed_mid_chunk_loses_and_duplicates_no_user(ray_cluster, tmp_path, tiny_dir, local_store):
+    rows = fact_log_rows(16, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = spec_for(local_store.uri, tmp_path / "log", tiny_dir, workers=2, compile={"facts_per_batch": 4})
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=kill_first_busy_compile_worker, args=(killed, stop), daemon=True)
+    killer.start()
+    try:
+        report = run_nightly(spec)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "no compile worker was caught mid-chunk"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    users = sorted({r["user_id"] for r in rows})
+    assert report.published and report.compiled_users == len(users)
+    assert report.facts_ok + report.facts_failed == len(rows) and report.facts_failed == 0
+    assert sorted(published_users(local_store)) == users  # each user exactly once
+
+
+# ---------------------------------------------------------------- the job dies between publish steps
+
+
+@dataclass(frozen=True)
+class PublishedNight:
+    store_dir: Path  # v1 published; night 2's log is written but not yet run
+    log_dir: Path
+    model_dir: Path
+    reference: tuple  # shard entries of night 2 run without any crash
+
+    def copy_store(self, into: Path):
+        shutil.copytree(self.store_dir, into)
+        return open_store(str(into))
+
+
+@pytest.fixture(scope="module")
+def published_night(tmp_path_factory, tiny_dir) -> PublishedNight:
+    root = tmp_path_factory.mktemp("published-night")
+    log_dir = root / "log"
+    write_fact_log([one_fact(u, " Rex") for u in ("ana", "ben", "cai", "dev")], log_dir / "day=1" / "part-0.parquet")
+    run_nightly(spec_for(str(root / "store"), log_dir, tiny_dir))
+    write_fact_log([one_fact("ana", " Luna", day=1)], log_dir / "day=2" / "part-0.parquet")
+    shutil.copytree(root / "store", root / "clean")
+    run_nightly(spec_for(str(root / "clean"), log_dir, tiny_dir))
+    reference = read_current(open_store(str(root / "clean")))[0].shards
+    return PublishedNight(root / "store", log_dir, tiny_dir, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", PUBLISH_STEPS)
+def test_a_crash_at_any_publish_step_keeps_the_previous_version_and_a_rerun_completes(step, published_night, tmp_path,
+                                                                                       tiny):
+    store = published_night.copy_store(tmp_path / "store")
+    spec = spec_for(store.uri, published_night.log_dir, published_night.model_dir)
+    client = PullClient(store, tiny)
+    assert client.poll().version == 1
+
+    def crash(at: str) -> None:
+        if at == step:
+            raise Crash(at)
+
+    with pytest.raises(Crash):
+        run_nightly(spec, crash_hook=crash)
+    swapped = PUBLISH_STEPS.index(step) > PUBLISH_STEPS.index("swap_current")
+    assert_complete(store, 2 if swapped else 1)  # the swap is the one moment a version appears
+    assert [v.version for v in list_versions(store)] == ([1, 2] if swapped else [1])
+    polled = client.poll()
+    assert polled.error is None and polled.version == (2 if swapped else 1)
+
+    run_nightly(spec)
+    assert_complete(store, 2)
+    assert [v.version for v in list_versions(store)] == [1, 2]
+    assert read_current(store)[0].shards == published_night.reference  # as if it never crashed
+    assert client.poll().version == 2
+
+
+# ---------------------------------------------------------------- the S3 server dies
+
+
+@pytest.mark.slow
+def test_an_s3_outage_mid_run_fails_naming_the_store_and_a_rerun_after_restart_succeeds(tmp_path, tiny_dir, tiny,
+                                                                                       monkeypatch):
+    with private_s3(tmp_path / "weed") as s3:
+        use_role(monkeypatch, s3, "compile-job")
+        uri = f"s3://{s3.bucket}/engram"
+        log_dir = tmp_path / "log"
+        write_fact_log([one_fact("ana", " Rex"), one_fact("ben", " Rex")], log_dir / "day=1" / "part-0.parquet")
+        spec = spec_for(uri, log_dir, tiny_dir)
+        assert run_nightly(spec).version == 1
+        write_fact_log([one_fact("ana", " Luna", day=1)], log_dir / "day=2" / "part-0.parquet")
+
+        def outage(step: str) -> None:
+            if step == "verify_objects":  # objects written, nothing verified or made current yet
+                s3.kill()
+
+        started = time.monotonic()
+        with pytest.raises(StoreError) as failure:
+            run_nightly(spec, crash_hook=outage)
+        assert time.monotonic() - started < 120  # bounded retries, then a clean failure
+        message = str(failure.value)
+        assert uri in message and s3.server().endpoint_url in message, message
+
+        s3.start()
+        store = open_store(uri)
+        assert_complete(store, 1)
+        report = run_nightly(spec)
+        assert report.published and report.version == 2
+        assert_complete(store, 2)
+        client = PullClient(store, tiny)
+        assert client.poll().version == 2
+
+
+# ---------------------------------------------------------------- damaged objects at rest
+
+
+def test_a_flipped_byte_in_a_published_shard_is_refused_by_readers_and_pull_clients(any_store, tiny):
+    rng = np.random.default_rng(0)
+    v1 = {"alice": random_delta(tiny, rng), "bob": random_delta(tiny, rng)}
+    publish_deltas(any_store, tiny, v1)
+    client = PullClient(any_store, tiny)
+    assert client.poll().version == 1
+    manifest = publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng), "bob": v1["bob"]})
+    entry = manifest.shard(shard_of("alice", 2))
+    original = any_store.get(entry.bundle_key)
+    flipped = bytearray(original)
+    flipped[len(flipped) // 3] ^= 0x04
+    any_store.put(entry.bundle_key, bytes(flipped))
+
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_shard_bundle(any_store, entry)
+    result = client.poll()
+    assert result.error is not None and client.index.version == 1
+    assert client.deltas_for("alice")[0].equals(v1["alice"])
+    fresh = PullClient(any_store, tiny)
+    assert fresh.poll().error is not None and fresh.index is None  # nothing half-loaded
+
+    any_store.put(entry.bundle_key, original)  # repaired: the next poll goes through
+    assert client.poll().version == 2
+
+
+def test_a_truncated_manifest_is_refused_and_the_last_good_version_keeps_serving(any_store, tiny):
+    rng = np.random.default_rng(1)
+    v1 = {"alice": random_delta(tiny, rng)}
+    publish_deltas(any_store, tiny, v1)
+    client = PullClient(any_store, tiny)
+    client.poll()
+    manifest = publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})
+    text = any_store.get(manifest.key)
+    any_store.put(manifest.key, text[: len(text) // 2])
+
+    with pytest.raises(ManifestError, match=manifest.key.split("/")[-1]):
+        read_current(any_store)
+    result = client.poll()
+    assert result.error is not None and "ManifestError" in result.error
+    assert client.index.version == 1 and client.deltas_for("alice")[0].equals(v1["alice"])
+
+
+@pytest.mark.xfail(strict=True, raises=ManifestError, reason=(
+    "known gap: rollback() (and list_versions) read CURRENT's manifest first, so a damaged current "
+    "manifest blocks the one remedy; rollback cannot check forgets without it (needs a design decision)"))
+def test_an_operator_can_roll_back_away_from_a_damaged_current_manifest(any_store, tiny):
+    rng = np.random.default_rng(2)
+    publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})
+    manifest = publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})
+    text = any_store.get(manifest.key)
+    any_store.put(manifest.key, text[: len(text) // 2])
+
+    rollback(any_store, 1, reason="v2 manifest damaged", actor="test")
+    assert_complete(any_store, 1)
+    client = PullClient(any_store, tiny)
+    assert client.poll().version == 1
+
+
+# ---------------------------------------------------------------- two publishers at once
+
+
+@pytest.mark.slow
+def test_two_publishers_at_once_one_wins_and_the_other_conflicts_cleanly(any_store, tmp_path, tiny_dir):
+    both_ready = threading.Barrier(2, timeout=180)
+    outcomes: dict[str, object] = {}
+
+    def publisher(name: str, user: str) -> None:
+        log_dir = tmp_path / name
+        write_fact_log([one_fact(user, " Rex")], log_dir / "day=1" / "part-0.parquet")
+        spec = spec_for(any_store.uri, log_dir, tiny_dir, job_id=name)
+
+        def meet(step: str) -> None:
+            if step == "write_manifest":  # both have read the same CURRENT and written their objects
+                both_ready.wait()
+
+        try:
+            outcomes[name] = run_nightly(spec, crash_hook=meet)
+        except Exception as e:  # noqa: BLE001 - the outcome is what the test inspects
+            outcomes[name] = e
+
+    threads = [threading.Thread(target=publisher, args=(name, user)) for name, user in (("job-a", "ana"), ("job-b", "ben"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+
+    conflicts = {n: o for n, o in outcomes.items() if isinstance(o, PublishConflict)}
+    winners = {n: o for n, o in outcomes.items() if not isinstance(o, Exception)}
+    assert len(conflicts) == 1 and len(winners) == 1, outcomes
+    (winner, report), = winners.items()
+    assert_complete(any_store, report.version)
+    assert [v.version for v in list_versions(any_store)] == [report.version]  # the loser's manifest is not listed
+    assert published_users(any_store) == ["ana" if winner == "job-a" else "ben"]
+    assert [r["actor"] for r in read_audit(any_store) if r["event"] == "publish"] == [winner]
+
+
+# ---------------------------------------------------------------- a dirty fact log
+
+
+def write_dirty_corpus(log_dir: Path) -> int:
+    """Every bad-input case as its own file under one day; returns the number of input rows."""
+    day = log_dir / "day=2026-11-20"
+    day.mkdir(parents=True)
+    rows = 0
+    for case in ROW_CASES:
+        pq.write_table(case.table(), day / f"rows-{case.name}.parquet")
+        rows += len(case.rows)
+    for case in FILE_CASES:
+        (day / f"file-{case.name}.parquet").write_bytes(case.content())
+        rows += 1 if case.expected else case.rows  # a file rejected whole is one reject
+    return rows
+
+
+@pytest.mark.slow
+def test_a_night_over_the_whole_dirty_corpus_publishes_and_accounts_for_every_row(tmp_path, tiny_dir, local_store):
+    input_rows = write_dirty_corpus(tmp_path / "log")
+    spec = spec_for(local_store.uri, tmp_path / "log", tiny_dir, on_bad_file="reject", max_trigger_tokens=32)
+    report = run_nightly(spec)
+    assert report.published and report.users > 0
+    assert report.accepted + report.rejects == input_rows
+    manifest, _ = read_current(local_store)
+    assert (manifest.counts["accepted"], manifest.counts["rejected"]) == (report.accepted, report.rejects)
+    assert len(set(published_users(local_store))) == report.users
+    for entry in manifest.shards:  # every published delta is well formed
+        assert all(d.num_rows > 0 for d in bundle_deltas(load_shard_bundle(local_store, entry)).values())
