@@ -1,0 +1,114 @@
+"""Invariants that must hold for every input, checked with hypothesis.
+
+Property tests that live beside the code they pin (not repeated here):
+
+- ingest: the final fact state is the last event per (user, fact) whatever the order of files
+  and rows: tests/test_ingest.py::test_the_state_is_the_last_event_per_fact_whatever_the_order_of_files_and_rows
+- addressing (invariant 1): NumPy and torch paths agree bit for bit:
+  tests/test_addressing.py::test_numpy_and_torch_paths_agree_bit_for_bit
+
+Here: applying a delta in place and restoring it gives the tables back bit-exactly, for any
+delta (any rows, any float16 bit pattern, NaN and inf included); and an empty delta, by either
+serving path, is bit-identical to serving no delta at all (invariant 2), also beside another
+user's delta in the same batch (invariant 4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engram_core.checkpoint import load_checkpoint
+from engram_core.delta import Delta
+from engram_core.memory_index import batch_overlay, served_delta
+from engram_core.serving import applied, overlay_for
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def em(tiny_dir):
+    """A private copy of the tiny model: these tests write into its tables."""
+    return load_checkpoint(tiny_dir)
+
+
+def table_bits(em) -> dict[int, bytes]:
+    return {layer: em.memory.layer(layer).table.detach().cpu().numpy().tobytes() for layer in em.config.layers}
+
+
+def zero_flags(em) -> dict[int, bool]:
+    return {layer: em.memory.layer(layer).table_is_zero for layer in em.config.layers}
+
+
+@st.composite
+def any_delta(draw, em) -> Delta:
+    """Rows anywhere in the tables (a layer may get none), values of any float16 bit pattern."""
+    layers, row_ids = [], []
+    for layer in em.config.layers:
+        rows = draw(st.sets(st.integers(0, em.memory.num_rows(layer) - 1), max_size=24))
+        layers += [layer] * len(rows)
+        row_ids += sorted(rows)
+    width = em.config.row_width
+    bits = draw(st.binary(min_size=2 * width * len(row_ids), max_size=2 * width * len(row_ids)))
+    values = np.frombuffer(bits, dtype="<f2").reshape(len(row_ids), width)
+    return Delta(np.array(layers, np.int16), np.array(row_ids, np.int64), values)
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """Compare floats by their bits, so NaN == NaN and -0.0 != 0.0."""
+    return t.detach().contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_apply_then_restore_returns_every_table_bit_exactly(em, data):
+    delta = data.draw(any_delta(em))
+    before, flags = table_bits(em), zero_flags(em)
+    with applied(em, delta):
+        for layer in em.config.layers:  # inside: only the delta's rows differ
+            table = em.memory.layer(layer).table.detach()
+            mine = torch.as_tensor(delta.row_ids[delta.layers == layer], dtype=torch.long)
+            untouched = torch.ones(table.shape[0], dtype=torch.bool)
+            untouched[mine] = False
+            original = torch.frombuffer(bytearray(before[layer]), dtype=table.dtype).view(table.shape)
+            assert torch.equal(as_bits(table[untouched]), as_bits(original[untouched]))
+    assert table_bits(em) == before
+    assert zero_flags(em) == flags
+
+
+@SETTINGS
+@given(ids=st.lists(st.integers(0, 2047), min_size=1, max_size=20), batch=st.integers(1, 3))
+def test_an_empty_delta_is_bit_identical_to_no_delta_on_every_serving_path(em, ids, batch):
+    vocab = em.model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.tensor([[i % vocab for i in ids]] * batch, device=em.device)
+    empty = Delta.empty(em.config.row_width)
+    with torch.no_grad():
+        base = em.model(input_ids=input_ids).logits
+        with em.memory.use(overlay_for(em, [[empty]] * batch)):
+            overlaid = em.model(input_ids=input_ids).logits
+        with em.memory.use(batch_overlay(em, [served_delta(em, empty)] * batch)):
+            served = em.model(input_ids=input_ids).logits
+        with applied(em, empty):
+            in_place = em.model(input_ids=input_ids).logits
+    for out in (overlaid, served, in_place):
+        assert torch.equal(as_bits(out), as_bits(base))
+
+
+@SETTINGS
+@given(ids=st.lists(st.integers(0, 2047), min_size=1, max_size=20), data=st.data())
+def test_an_empty_delta_beside_another_users_delta_in_one_batch_still_sees_the_base(em, ids, data):
+    vocab = em.model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.tensor([[i % vocab for i in ids]] * 2, device=em.device)
+    other = data.draw(any_delta(em).filter(lambda d: np.isfinite(d.values).all()))
+    empty = Delta.empty(em.config.row_width)
+    with torch.no_grad():
+        base = em.model(input_ids=input_ids).logits
+        with em.memory.use(overlay_for(em, [[other], [empty]])):
+            mixed = em.model(input_ids=input_ids).logits
+        with em.memory.use(batch_overlay(em, [served_delta(em, other), served_delta(em, empty)])):
+            mixed_served = em.model(input_ids=input_ids).logits
+    assert torch.equal(as_bits(mixed[1]), as_bits(base[1]))
+    assert torch.equal(as_bits(mixed_served[1]), as_bits(base[1]))
