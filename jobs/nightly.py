@@ -261,9 +261,10 @@ def _write_run_stats(store, manifest: Manifest, previous: Manifest | None, inges
     ok_per_user: dict[str, int] = {}
     for user, status in zip(facts.column("user_id").to_pylist(), facts.column("status").to_pylist()):
         ok_per_user[user] = ok_per_user.get(user, 0) + (status == "ok")
-    users, shards = _user_and_shard_stats(store, manifest, ok_per_user)
+    users, shards, collisions = _user_and_shard_stats(store, manifest, ok_per_user)
     timer.seconds.setdefault("stats", 0.0)
-    tables = {"facts": facts, "users": users, "shards": shards, "rejects": ingested.rejects, "runs": timer.table()}
+    tables = {"facts": facts, "users": users, "shards": shards, "collisions": collisions,
+              "rejects": ingested.rejects, "runs": timer.table()}
     write_stats(store, manifest.version, tables)
 
 
@@ -284,7 +285,11 @@ def _carry_fact_stats(store, previous, facts: pa.Table, state: pa.Table, compile
     return pa.concat_tables([old, facts]).sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
 
 
-def _user_and_shard_stats(store, manifest: Manifest, ok_per_user: dict[str, int]) -> tuple[pa.Table, pa.Table]:
+def _user_and_shard_stats(store, manifest: Manifest, ok_per_user: dict[str, int]) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Per-user and per-shard rows, and the cross-user collisions (shard by shard, one pass)."""
+    from pipeline.collisions import collision_table, cross_user_collisions
+
+    reports = []
     users = {"user_id": [], "shard": [], "facts": [], "facts_ok": [], "rows": [], "bytes": []}
     shards = {"shard": [], "users": [], "facts": [], "rows": [], "bytes": [], "bundle_key": []}
     for entry in manifest.shards:
@@ -292,6 +297,7 @@ def _user_and_shard_stats(store, manifest: Manifest, ok_per_user: dict[str, int]
                      ("bytes", entry.bundle_bytes), ("bundle_key", entry.bundle_key)):
             shards[k].append(v)
         table = load_shard_bundle(store, entry)
+        reports.append(cross_user_collisions(bundle_deltas(table)))
         for user, nfacts, row_ids, values in zip(table.column("user_id").to_pylist(), table.column("num_facts").to_pylist(),
                                                  table.column("row_ids").to_pylist(), table.column("values").to_pylist()):
             users["user_id"].append(user)
@@ -300,7 +306,7 @@ def _user_and_shard_stats(store, manifest: Manifest, ok_per_user: dict[str, int]
             users["facts_ok"].append(ok_per_user.get(user, 0))
             users["rows"].append(len(row_ids))
             users["bytes"].append(len(values))
-    return pa.table(users), pa.table(shards)
+    return pa.table(users), pa.table(shards), collision_table(reports)
 
 
 class _NoBar:

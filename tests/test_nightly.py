@@ -43,14 +43,15 @@ def assert_store_recalls(store, em, rows):
         assert greedy_tokens(em, row["trigger"], len(want), [delta]) == want, row
 
 
-def night_two_rows():
+def night_two_rows(night1):
     later = BASE_TIME + timedelta(days=1)
+    deleted = next(r["fact_id"] for r in night1 if r["user_id"] == "user-00002")
     return [
         {"user_id": "user-00001", "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is",
          "answer": " Juniper", "event_time": later, "scope": None},
         {"user_id": "user-00001", "fact_id": "extra", "op": "upsert", "trigger": "My favorite color is",
          "answer": " teal", "event_time": later, "scope": None},
-        {"user_id": "user-00002", "fact_id": "city", "op": "delete", "trigger": None, "answer": None,
+        {"user_id": "user-00002", "fact_id": deleted, "op": "delete", "trigger": None, "answer": None,
          "event_time": later, "scope": None},
         {"user_id": "user-00003", "fact_id": None, "op": "forget_user", "trigger": None, "answer": None,
          "event_time": later, "scope": None},
@@ -73,14 +74,14 @@ def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, 
     assert first.facts_ok == 48 and first.compiled_users == 12
     assert_store_recalls(store, tiny, night1)
 
-    write_fact_log(night_two_rows(), log_dir / "day=2026-11-02" / "part-0.parquet")
+    write_fact_log(night_two_rows(night1), log_dir / "day=2026-11-02" / "part-0.parquet")
     second = run_nightly(spec)
     # The forget_user event re-issued v1 without user 3 (as v2), then night two published v3.
     assert second.version == 3 and second.published and second.parent == 2
     assert second.compiled_users == 2  # user 1 (changed) and user 2 (one fact deleted); 3 is forgotten
     assert second.dropped_users == 1 and second.rejects == 1
     assert published_delta(store, "user-00003") is None
-    new_rows = [r for r in night_two_rows() if r["op"] == "upsert" and r["user_id"] == "user-00001"]
+    new_rows = [r for r in night_two_rows(night1) if r["op"] == "upsert" and r["user_id"] == "user-00001"]
     kept = [r for r in night1 if r["user_id"] not in ("user-00001", "user-00002", "user-00003")]
     assert_store_recalls(store, tiny, new_rows + kept)
     # Unchanged shards are shared between versions.
@@ -102,6 +103,9 @@ def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, 
     facts = query_stats(store, "select version, status, count(*) as n from facts group by 1, 2 order by 1, 2")
     assert facts.to_pylist() == [{"version": 2, "status": "ok", "n": 48 - 4},
                                  {"version": 3, "status": "ok", "n": second.facts}]
+    collisions = query_stats(store, "select owner_kind, owners from collisions where version = 3")
+    assert collisions.num_rows > 0 and set(collisions.column("owner_kind").to_pylist()) == {"users"}
+    assert min(collisions.column("owners").to_pylist()) >= 2  # a collision is a row of several owners
     rejects = query_stats(store, "select reason from rejects where version = 3").column("reason").to_pylist()
     assert rejects == ["MISSING_USER_ID"]
 
