@@ -27,6 +27,7 @@ from engram_core.memory_index import batch_overlay, served_delta
 from engram_core.serving import applied, overlay_for
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FORWARD_SETTINGS = settings(SETTINGS, max_examples=25)  # each example runs the model forward
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_apply_then_restore_returns_every_table_bit_exactly(em, data):
     assert zero_flags(em) == flags
 
 
-@SETTINGS
+@FORWARD_SETTINGS
 @given(ids=st.lists(st.integers(0, 2047), min_size=1, max_size=20), batch=st.integers(1, 3))
 def test_an_empty_delta_is_bit_identical_to_no_delta_on_every_serving_path(em, ids, batch):
     vocab = em.model.get_input_embeddings().weight.shape[0]
@@ -97,7 +98,7 @@ def test_an_empty_delta_is_bit_identical_to_no_delta_on_every_serving_path(em, i
         assert torch.equal(as_bits(out), as_bits(base))
 
 
-@SETTINGS
+@FORWARD_SETTINGS
 @given(ids=st.lists(st.integers(0, 2047), min_size=1, max_size=20), data=st.data())
 def test_an_empty_delta_beside_another_users_delta_in_one_batch_still_sees_the_base(em, ids, data):
     vocab = em.model.get_input_embeddings().weight.shape[0]
