@@ -55,6 +55,7 @@ from schemas.bundle import decode_bundle
 from schemas.manifest import (
     MANIFEST_SCHEMA_VERSION,
     Manifest,
+    ManifestError,
     ShardEntry,
     bundle_key,
     manifest_key,
@@ -211,10 +212,22 @@ def _published_set(store: ObjectStore, manifests: dict[int, Manifest], pointer: 
     return published & manifests.keys()
 
 
+def _readable_manifests(store: ObjectStore) -> dict[int, Manifest]:
+    """Every manifest on disk that parses; a damaged one is logged and left out (it can be
+    neither read nor rolled back to, and must not block the versions that are intact)."""
+    manifests = {}
+    for version in _published_versions_on_disk(store):
+        try:
+            manifests[version] = read_manifest(store, version)
+        except ManifestError as err:
+            log.warning("%s: skipping damaged manifest: %s", store.uri, err)
+    return manifests
+
+
 def list_versions(store: ObjectStore) -> list[VersionInfo]:
-    """Published versions (see the module docstring), oldest first."""
+    """Published, readable versions (see the module docstring), oldest first."""
     pointer = _read_pointer(store)
-    manifests = {v: read_manifest(store, v) for v in _published_versions_on_disk(store)}
+    manifests = _readable_manifests(store)
     published = _published_set(store, manifests, pointer)
     return [
         VersionInfo(m.version, pointer is not None and m.version == pointer.version, m.created_at, m.parent,
@@ -393,15 +406,29 @@ def publish_version(
     return manifest
 
 
+def _known_forgets(store: ObjectStore) -> set[str]:
+    """Every forget recorded anywhere: readable manifests and forget audit records."""
+    forgets = {h for m in _readable_manifests(store).values() for h in m.forgotten}
+    forgets |= {r["forgotten"] for r in read_audit(store) if r.get("event") == "forget" and r.get("found")}
+    return forgets
+
+
 def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) -> Manifest:
     """Move CURRENT to a retained published version (older or newer) and record who, when and why."""
     if not reason or not actor:
         raise ValueError("rollback: reason and actor are required (they go into the audit log)")
-    current = read_current(store)
-    if current is None:
+    pointer = _read_pointer(store)
+    if pointer is None:
         raise UnknownVersion(f"{store.uri}: nothing is published yet; cannot roll back to version {to_version}")
-    manifest, etag = current
-    if to_version == manifest.version:
+    etag = pointer.etag
+    try:
+        manifest = read_manifest(store, pointer.version)
+    except ManifestError as err:
+        # Rolling back is the remedy for a damaged current version, so it must not need it.
+        # Its forgets are then taken from everything else that records one (conservative).
+        log.warning("%s: current manifest is damaged (%s); rolling back away from it", store.uri, err)
+        manifest = None
+    if manifest is not None and to_version == manifest.version:
         return manifest
     available = [info.version for info in list_versions(store)]
     if to_version not in available:
@@ -414,14 +441,15 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
             if info is None or info.size != size:
                 raise UnknownVersion(f"{store.uri}: version {to_version} was collected ({key} is missing or "
                                      f"damaged; available: {available})")
-    lost_forgets = set(manifest.forgotten) - set(target.forgotten)
+    forgets = set(manifest.forgotten) if manifest is not None else _known_forgets(store)
+    lost_forgets = forgets - set(target.forgotten)
     if lost_forgets:
         raise PublishError(f"{store.uri}: version {to_version} predates the forget of {len(lost_forgets)} user(s) "
-                           f"recorded in version {manifest.version}; rolling back to it would restore their data")
+                           f"recorded in version {pointer.version}; rolling back to it would restore their data")
     _swap_current(store, target, etag)
-    _append_audit(store, "rollback", actor=actor, reason=reason, from_version=manifest.version,
+    _append_audit(store, "rollback", actor=actor, reason=reason, from_version=pointer.version,
                   to_version=to_version)
-    log.info("%s: rolled CURRENT from v%d to v%d (%s)", store.uri, manifest.version, to_version, reason)
+    log.info("%s: rolled CURRENT from v%d to v%d (%s)", store.uri, pointer.version, to_version, reason)
     return target
 
 

@@ -25,7 +25,7 @@ from jobs.nightly import run_nightly
 from jobs.spec import NightlySpec
 from jobs.synthetic import BASE_TIME, fact_log_rows, write_fact_log
 from pipeline.publish import (
-    PUBLISH_STEPS, IntegrityError, PublishConflict, list_versions, load_shard_bundle, load_shard_state_bytes,
+    PUBLISH_STEPS, IntegrityError, PublishConflict, UnknownVersion, list_versions, load_shard_bundle, load_shard_state_bytes,
     read_audit, read_current, rollback, shard_of,
 )
 from pipeline.pull import PullClient
@@ -249,9 +249,6 @@ def test_a_truncated_manifest_is_refused_and_the_last_good_version_keeps_serving
     assert client.index.version == 1 and client.deltas_for("alice")[0].equals(v1["alice"])
 
 
-@pytest.mark.xfail(strict=True, raises=ManifestError, reason=(
-    "known gap: rollback() (and list_versions) read CURRENT's manifest first, so a damaged current "
-    "manifest blocks the one remedy; rollback cannot check forgets without it (needs a design decision)"))
 def test_an_operator_can_roll_back_away_from_a_damaged_current_manifest(any_store, tiny):
     rng = np.random.default_rng(2)
     publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})
@@ -263,6 +260,34 @@ def test_an_operator_can_roll_back_away_from_a_damaged_current_manifest(any_stor
     assert_complete(any_store, 1)
     client = PullClient(any_store, tiny)
     assert client.poll().version == 1
+
+
+def test_a_damaged_old_manifest_does_not_block_versions_or_rollback(any_store, tiny):
+    rng = np.random.default_rng(3)
+    first = publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})
+    publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})
+    publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})
+    text = any_store.get(first.key)
+    any_store.put(first.key, text[: len(text) // 2])
+
+    assert [v.version for v in list_versions(any_store)] == [2, 3]
+    rollback(any_store, 2, reason="test", actor="test")
+    assert_complete(any_store, 2)
+    with pytest.raises(UnknownVersion, match="version 1"):
+        rollback(any_store, 1, reason="test", actor="test")
+
+
+def test_rolling_back_away_from_a_damaged_current_never_undoes_a_forget(local_store, tiny):
+    from pipeline.forget import forget_user
+
+    rng = np.random.default_rng(4)
+    publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng), "bob": random_delta(tiny, rng)})
+    forget_user(local_store, "bob", actor="test", reason="test")  # re-issues v1 as v2 without bob
+    current = publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    text = local_store.get(current.key)
+    local_store.put(current.key, text[: len(text) // 2])
+    rollback(local_store, 2, reason="current damaged", actor="test")  # v2 carries the forget: allowed
+    assert_complete(local_store, 2)
 
 
 # ---------------------------------------------------------------- two publishers at once
