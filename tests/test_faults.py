@@ -80,13 +80,21 @@ def ray_cluster():
 
 
 def kill_first_busy_compile_worker(killed: list[int], stop: threading.Event) -> None:
-    """SIGKILL the first Ray actor process seen running ``CompileWorker.compile`` (a chunk in flight)."""
+    """SIGKILL the first Ray actor process seen running ``CompileWorker.compile`` (a chunk in flight).
+
+    Only this test's own cluster is searched: the local Ray started by this process has its
+    workers among this process's descendants, so other Ray clusters on the machine are safe.
+    """
+    me = psutil.Process(os.getpid())
     while not stop.is_set():
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            title = " ".join(proc.info["cmdline"] or [])
+        for proc in me.children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
             if title.startswith("ray::CompileWorker.compile"):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
                 return
         time.sleep(0.02)
 
