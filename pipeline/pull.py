@@ -42,7 +42,7 @@ from engram_core.delta import Delta
 from engram_core.memory_index import ServedDelta, served_delta
 from engram_core.serving import DeltaMismatch
 from pipeline.publish import CURRENT_KEY, IntegrityError, PublishError, read_current, shard_of
-from pipeline.store import ObjectNotFound, ObjectStore, PreconditionFailed, StoreError
+from pipeline.store import ObjectNotFound, ObjectStore, PreconditionFailed, StoreError, write_file_atomic
 from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle
 from schemas.manifest import Manifest, ManifestError, ShardEntry
 
@@ -92,19 +92,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(6)}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- bundle cache
 
 
@@ -132,7 +119,7 @@ class BundleCache:
         return None
 
     def save(self, entry: ShardEntry, data: bytes) -> None:
-        _write_atomic(self.path(entry.bundle_sha256), data)
+        write_file_atomic(self.path(entry.bundle_sha256), data)
 
 
 def fetch_bundle(store: ObjectStore, entry: ShardEntry, cache: BundleCache | None) -> bytes:

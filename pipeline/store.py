@@ -186,21 +186,7 @@ class LocalStore(ObjectStore):
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f"{_RESERVED_PREFIX}tmp-{path.name}-{secrets.token_hex(6)}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_file_atomic(path, data, tmp_prefix=f"{_RESERVED_PREFIX}tmp-")
         except PermissionError:
             raise StoreError(f"{self.describe()}: no permission to write {path.relative_to(self.root)} "
                              "(check the job's file permissions)") from None
@@ -379,6 +365,26 @@ class S3Store(ObjectStore):
         )
         base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         return filesystem, base
+
+
+def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> None:
+    """Write ``path`` so that a reader sees the old file or the whole new one, never a part:
+    a temporary file in the same folder, fsync, rename over, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{tmp_prefix}{path.name}-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def open_store(uri: str, **s3_options) -> ObjectStore:
