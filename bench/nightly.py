@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--facts-per-user", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shards", type=int, default=16)
-    ap.add_argument("--facts-per-batch", type=int, default=512)
+    ap.add_argument("--facts-per-batch", type=int, default=4096)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -72,7 +72,9 @@ class CompileOptions:
     """Required logit gap between the answer token and the runner-up (robust greedy recall)."""
     max_trigger_tokens: int = 64
     max_answer_tokens: int = 16
-    facts_per_batch: int = 512
+    facts_per_batch: int = 4096
+    """Facts per joint forward/backward (whole users). Larger amortises per-step overhead: on the
+    tiny model on CPU 4,096 ran 3.3x faster than 512; on an H100 (d768) 32,768 was best."""
     seed: int = 0
     deterministic: bool = True
     """Deterministic kernels, so a re-run publishes bit-identical deltas (invariant 6)."""
