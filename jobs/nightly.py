@@ -54,6 +54,7 @@ class NightlyReport:
     dropped_users: int
     accepted: int
     rejects: int
+    resumed_facts: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     sample: list[dict] = field(default_factory=list)
 
@@ -181,9 +182,17 @@ def run_nightly(
         bar = _progress(progress, len(compile_set), len(facts))
         if spec.workers > 0 and facts:
             compile_mod.start_ray(spec.ray_address)
+        checkpoints = compile_mod.ChunkCheckpoints(store, fingerprint, spec.compile_options())
+
+        def on_chunk(users: int, facts_done: int) -> None:
+            bar.advance(users, facts_done)
+            if crash_hook is not None:
+                crash_hook("compile_chunk")
+
         compiled = compile_mod.compile_stage(
             spec.model, facts, fingerprint=fingerprint, options=spec.compile_options(),
-            workers=spec.workers, gpus_per_worker=spec.gpus_per_worker, on_chunk=bar.advance,
+            workers=spec.workers, gpus_per_worker=spec.gpus_per_worker, on_chunk=on_chunk,
+            checkpoints=checkpoints,
         )
         bar.close()
         timer.items["compile"] = len(facts)
@@ -212,6 +221,7 @@ def run_nightly(
             forgotten_users=sorted(ingested.forgotten_users), crash_hook=crash_hook,
         )
         published = previous is None or manifest.version != previous.version
+        checkpoints.clear()  # the night is published (or had nothing new): partial results are done
 
     if published:
         with timer.stage("stats"):
@@ -222,7 +232,8 @@ def run_nightly(
         users=manifest.users, facts=manifest.facts, facts_ok=compiled.ok,
         facts_failed=len(compiled.results) - compiled.ok, compiled_users=len(compile_set),
         carried_users=len(the_plan.carry_users), dropped_users=len(the_plan.drop_users),
-        accepted=ingested.accepted, rejects=ingested.rejected, seconds=dict(timer.seconds),
+        accepted=ingested.accepted, rejects=ingested.rejected, resumed_facts=compiled.resumed_facts,
+        seconds=dict(timer.seconds),
         sample=_sample(to_compile, compiled),
     )
     log.info("nightly %s: %s", job_id, "published v%d" % manifest.version if published else "nothing changed")

@@ -11,15 +11,21 @@ this module.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts
 from engram_core.delta import Delta
+from pipeline.publish import PARTIAL_PREFIX
+from pipeline.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,8 @@ class CompileStageResult:
     deltas: dict[str, Delta]
     results: list[FactResult]
     facts_per_user: dict[str, int]
+    resumed_facts: int = 0
+    """Facts whose chunk was restored from a checkpoint of an earlier, interrupted run."""
 
     @property
     def ok(self) -> int:
@@ -87,8 +95,60 @@ class CompileWorker:
         return os.getpid()
 
 
+class ChunkCheckpoints:
+    """Compiled chunks kept in the store until the night publishes, so a run killed mid-compile
+    resumes from what it had compiled.
+
+    A chunk's key is a sha256 over the model fingerprint, the compile options and the chunk's
+    facts, so only an identical chunk is reused. Objects live under ``partial/<key>/`` (no user
+    ids in keys); the nightly clears them after publishing, and ``forget`` clears them too.
+    """
+
+    PREFIX = PARTIAL_PREFIX
+
+    def __init__(self, store, fingerprint: str, options: CompileOptions):
+        self.store, self.fingerprint, self.options = store, fingerprint, options
+
+    def key(self, chunk: list[Fact]) -> str:
+        payload = json.dumps([self.fingerprint, asdict(self.options), [list(astuple(f)) for f in chunk]],
+                             ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def load(self, key: str) -> tuple[dict[str, Delta], list[FactResult], str] | None:
+        from schemas.bundle import bundle_deltas, decode_bundle
+
+        try:
+            bundle = self.store.get(f"{self.PREFIX}{key}/bundle.parquet")
+            results = pq.read_table(pa.BufferReader(self.store.get(f"{self.PREFIX}{key}/results.parquet")))
+        except ObjectNotFound:
+            return None
+        facts = [FactResult(**row) for row in results.to_pylist()]
+        return bundle_deltas(decode_bundle(bundle, source=f"{self.store.uri}/{self.PREFIX}{key}")), facts, self.fingerprint
+
+    def save(self, key: str, deltas: dict[str, Delta], results: list[FactResult]) -> None:
+        from schemas.bundle import bundle_table, encode_bundle
+
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.user_id] = counts.get(r.user_id, 0) + 1
+        table = pa.Table.from_pylist([asdict(r) for r in results])
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        # results last: a chunk counts as saved only once both objects are there
+        self.store.put(f"{self.PREFIX}{key}/bundle.parquet", encode_bundle(bundle_table(
+            {u: (d, counts.get(u, 0)) for u, d in deltas.items()})))
+        self.store.put(f"{self.PREFIX}{key}/results.parquet", sink.getvalue().to_pybytes())
+
+    def clear(self) -> int:
+        keys = self.store.list(self.PREFIX)
+        for key in keys:
+            self.store.delete(key)
+        return len(keys)
+
+
 def _merge(outputs: Iterator[tuple[dict[str, Delta], list[FactResult], str]], fingerprint: str,
-           on_chunk: Callable[[int, int], None]) -> CompileStageResult:
+           on_chunk: Callable[[int, int], None], save: Callable[[dict, list], None] = lambda d, r: None,
+           resumed_facts: int = 0) -> CompileStageResult:
     deltas: dict[str, Delta] = {}
     results: list[FactResult] = []
     for chunk_deltas, chunk_results, worker_fingerprint in outputs:
@@ -99,12 +159,13 @@ def _merge(outputs: Iterator[tuple[dict[str, Delta], list[FactResult], str]], fi
             raise RuntimeError(f"users compiled twice: {sorted(duplicate)[:5]}")
         deltas.update(chunk_deltas)
         results.extend(chunk_results)
+        save(chunk_deltas, chunk_results)
         on_chunk(len({r.user_id for r in chunk_results}), len(chunk_results))
     counts: dict[str, int] = {}
     for r in results:
         counts[r.user_id] = counts.get(r.user_id, 0) + 1
     results.sort(key=lambda r: (r.user_id, r.fact_id))
-    return CompileStageResult(deltas, results, counts)
+    return CompileStageResult(deltas, results, counts, resumed_facts)
 
 
 def compile_stage(
@@ -116,14 +177,40 @@ def compile_stage(
     workers: int = 2,
     gpus_per_worker: float | None = None,
     on_chunk: Callable[[int, int], None] = lambda users, facts: None,
+    checkpoints: ChunkCheckpoints | None = None,
 ) -> CompileStageResult:
-    """Compile ``facts`` on ``workers`` Ray actors (0 = in this process, no Ray)."""
+    """Compile ``facts`` on ``workers`` Ray actors (0 = in this process, no Ray).
+
+    With ``checkpoints``, chunks compiled by an earlier interrupted run are restored instead of
+    compiled again, and every newly compiled chunk is saved as soon as it arrives.
+    """
     chunks = chunk_users(facts, options.facts_per_batch)
     if not chunks:
         return CompileStageResult({}, [], {})
+    restored, todo, key_of_first_user = [], [], {}
+    for chunk in chunks:
+        key = checkpoints.key(chunk) if checkpoints is not None else None
+        earlier = checkpoints.load(key) if checkpoints is not None else None
+        if earlier is not None:
+            restored.append(earlier)
+        else:
+            todo.append(chunk)
+            key_of_first_user[chunk[0].user_id] = key
+
+    def save(chunk_deltas: dict, chunk_results: list) -> None:
+        key = key_of_first_user.get(min(r.user_id for r in chunk_results))
+        if checkpoints is not None and key is not None:
+            checkpoints.save(key, chunk_deltas, chunk_results)
+
+    resumed = sum(len(r[1]) for r in restored)
+    if resumed:
+        log.info("compile: resuming, %d facts restored from %d checkpointed chunks", resumed, len(restored))
+    if not todo:
+        return _merge(iter(restored), fingerprint, on_chunk, resumed_facts=resumed)
     if workers == 0:
         worker = CompileWorker(model_dir, options)
-        return _merge((worker.compile(c) for c in chunks), fingerprint, on_chunk)
+        outputs = itertools.chain(restored, (worker.compile(c) for c in todo))
+        return _merge(outputs, fingerprint, on_chunk, save, resumed)
 
     import ray
     from ray.util import ActorPool
@@ -136,12 +223,12 @@ def compile_stage(
     actor_cls = ray.remote(
         num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES
     )(CompileWorker)
-    size = min(workers, len(chunks))
+    size = min(workers, len(todo))
     actors = [actor_cls.remote(model_dir, options, None, 1 if gpus == 0 else None) for _ in range(size)]
     try:
         pool = ActorPool(actors)
-        outputs = pool.map_unordered(lambda actor, chunk: actor.compile.remote(chunk), chunks)
-        return _merge(outputs, fingerprint, on_chunk)
+        outputs = pool.map_unordered(lambda actor, chunk: actor.compile.remote(chunk), todo)
+        return _merge(itertools.chain(restored, outputs), fingerprint, on_chunk, save, resumed)
     finally:
         for actor in actors:
             ray.kill(actor)

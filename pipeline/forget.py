@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.publish import (
+    PARTIAL_PREFIX,
     PublishConflict,
     PublishError,
     ShardPayload,
@@ -257,6 +258,9 @@ def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) ->
         raise ValueError("forget: user_id must be non-empty")
     if not actor or not reason:
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
+    # Compiled chunks of an unfinished night may hold the user's rows: they are only a cache.
+    for key in store.list(PARTIAL_PREFIX):
+        store.delete(key)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return _forget_once(store, user_id, actor=actor, reason=reason)

@@ -7,6 +7,7 @@ Store layout::
     objects/bundles/<sha256>.parquet shard bundles (schemas.bundle), shared between versions
     objects/state/<sha256>.parquet   per-shard fact state, shared between versions
     audit/<UTC timestamp>-<random>.json  one object per event (publish, rollback, forget, gc)
+    partial/<sha256>/...             compiled chunks of a night not yet published (cleared after it)
 
 A version becomes visible only through ``_swap_current``, the one compare-and-swap of CURRENT,
 and only after every object it names was written and read back with the right size and
@@ -65,6 +66,7 @@ from schemas.manifest import (
 log = logging.getLogger(__name__)
 
 CURRENT_KEY = "CURRENT"
+PARTIAL_PREFIX = "partial/"  # compiled chunks of an unfinished night (pipeline.compile.ChunkCheckpoints)
 PUBLISH_STEPS = ("write_objects", "verify_objects", "write_manifest", "swap_current", "write_audit")
 _MANIFEST_NAME = re.compile(r"^manifests/v(\d{8})\.json$")
 
