@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import secrets
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -79,10 +81,17 @@ def load_or_build_canonical_ids(tokenizer, cache_dir: str | Path | None) -> np.n
             return cached
         log.warning("canonical map cache %s has the wrong size; rebuilding", path)
     canonical = build_canonical_ids(tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, canonical)
-    tmp.replace(path)
+    # Several workers may load one checkpoint at once: each writes its own temporary file and
+    # renames it over the cache (same content, atomic); a read-only checkpoint is not cached.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, canonical)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("canonical map not cached at %s (%s)", path, err)
+    finally:
+        tmp.unlink(missing_ok=True)
     return canonical
 
 

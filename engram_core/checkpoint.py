@@ -42,7 +42,7 @@ def fingerprint(path: str | Path) -> str:
     outer = hashlib.sha256()
     files = sorted(
         p for part in _INGREDIENTS if (root / part).exists() for p in (root / part).rglob("*")
-        if p.is_file() and not p.name.startswith(_DERIVED_PREFIX) and not p.name.endswith(".tmp.npy")
+        if p.is_file() and not p.name.startswith((_DERIVED_PREFIX, ".canonical-"))
     )
     if not files:
         raise CheckpointError(f"checkpoint {root}: no model files found (expected base/, tokenizer/, engram/)")

@@ -109,3 +109,30 @@ def test_loading_an_incomplete_checkpoint_names_the_missing_part(tmp_path):
     (tmp_path / "base").mkdir()
     with pytest.raises(CheckpointError, match="missing tokenizer/"):
         load_checkpoint(tmp_path)
+
+
+def test_many_workers_loading_one_checkpoint_at_once_share_the_token_map_cache(tmp_path):
+    import threading
+
+    from engram_core.addressing import build_canonical_ids, load_or_build_canonical_ids
+
+    tokenizer = build_tokenizer()
+    want = build_canonical_ids(tokenizer)
+    start, results, errors = threading.Barrier(8), [], []
+
+    def load() -> None:
+        start.wait()
+        try:
+            results.append(load_or_build_canonical_ids(tokenizer, tmp_path))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 8 and all((r == want).all() for r in results)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 1 and names[0].startswith("canonical-")  # one cache, no temporary files left
