@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from engram_core.checkpoint import fingerprint as model_fingerprint
 from jobs.spec import NightlySpec
 from pipeline import compile as compile_mod
+from pipeline.collisions import cross_user_collisions
 from pipeline.ingest import ingest, read_fact_log
 from pipeline.plan import plan
 from pipeline.pull import publish_model
@@ -134,7 +135,9 @@ def _build_shards(store, previous: Manifest | None, state: pa.Table, compiled: d
         owners = {u: v for u, v in carried.get(shard, {}).items() if u not in drop and u not in compiled}
         owners.update({u: (d, facts_per_user.get(u, 0)) for u, d in compiled.items() if shard_of(u, num_shards) == shard})
         shard_state = state.filter(pc.equal(state_shards, shard))
-        payloads[shard] = ShardPayload(bundle=encode_bundle(bundle_table(owners)), state=encode_fact_state(shard_state))
+        groups = cross_user_collisions({u: d for u, (d, _) in owners.items()}).groups
+        payloads[shard] = ShardPayload(bundle=encode_bundle(bundle_table(owners, groups)),
+                                       state=encode_fact_state(shard_state))
     return payloads
 
 

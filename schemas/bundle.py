@@ -3,6 +3,9 @@
 One row per user, sorted by ``user_id``; a row holds the delta's ``layers`` and ``row_ids`` as
 lists and its float16 values as one little-endian byte string (``Delta.value_bytes()``), so a
 serving node rebuilds a Delta without copying per value and DuckDB can still query the rest.
+``cobatch_group`` (version 2) numbers the user's co-batch group within the shard: users of one
+group write pairwise disjoint rows, so a serving node that writes deltas into a shared table may
+apply a whole group at once (null: not computed, e.g. a bundle built outside the nightly job).
 The schema version lives in the Parquet schema metadata; readers refuse other versions.
 """
 
@@ -17,7 +20,7 @@ import pyarrow.parquet as pq
 
 from engram_core.delta import Delta
 
-BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_SCHEMA_VERSION = 2
 _VERSION_KEY = b"engram.bundle_schema_version"
 
 BUNDLE_SCHEMA = pa.schema(
@@ -28,6 +31,7 @@ BUNDLE_SCHEMA = pa.schema(
         pa.field("row_ids", pa.list_(pa.int64()), nullable=False),
         pa.field("values", pa.binary(), nullable=False),
         pa.field("width", pa.int16(), nullable=False),
+        pa.field("cobatch_group", pa.int32(), nullable=True),
     ],
     metadata={_VERSION_KEY: str(BUNDLE_SCHEMA_VERSION).encode()},
 )
@@ -37,8 +41,9 @@ class BundleSchemaError(ValueError):
     pass
 
 
-def bundle_table(deltas: dict[str, tuple[Delta, int]]) -> pa.Table:
-    """user_id -> (delta, num_facts) as a bundle table sorted by user_id."""
+def bundle_table(deltas: dict[str, tuple[Delta, int]], groups: list[list[str]] | None = None) -> pa.Table:
+    """user_id -> (delta, num_facts) as a bundle table sorted by user_id; ``groups`` (co-batch
+    groups of these users, e.g. from ``pipeline.collisions``) fill the ``cobatch_group`` column."""
     users = sorted(deltas)
     layer_lists, row_lists, value_bytes, widths, num_facts = [], [], [], [], []
     for user in users:
@@ -63,8 +68,19 @@ def bundle_table(deltas: dict[str, tuple[Delta, int]]) -> pa.Table:
         lists(row_lists, np.int64),
         pa.array(value_bytes, pa.binary()),
         pa.array(widths, pa.int16()),
+        pa.array(_group_numbers(users, groups), pa.int32()),
     ]
     return pa.Table.from_arrays(columns, schema=BUNDLE_SCHEMA)
+
+
+def _group_numbers(users: list[str], groups: list[list[str]] | None) -> list[int | None]:
+    if groups is None:
+        return [None] * len(users)
+    number = {u: g for g, members in enumerate(groups) for u in members}
+    missing = [u for u in users if u not in number]
+    if missing:
+        raise BundleSchemaError(f"bundle: users {missing[:5]} are in no co-batch group")
+    return [number[u] for u in users]
 
 
 def encode_bundle(table: pa.Table) -> bytes:

@@ -90,6 +90,18 @@ def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, 
     changed = {shard_of(u, 4) for u in ("user-00001", "user-00002", "user-00003")}
     assert all(v1[s] == v2[s] for s in range(4) if s not in changed)
 
+    # Each bundle carries co-batch groups: pairwise disjoint rows, covering every user.
+    for entry in _manifest(store, 3).shards:
+        table = load_shard_bundle(store, entry)
+        deltas = bundle_deltas(table)
+        groups = {}
+        for user, group in zip(table.column("user_id").to_pylist(), table.column("cobatch_group").to_pylist()):
+            groups.setdefault(group, []).append(user)
+        assert None not in groups and sum(map(len, groups.values())) == len(deltas)
+        for members in groups.values():
+            rows = [deltas[u].row_keys() for u in members]
+            assert sum(map(len, rows)) == len(set().union(*rows))
+
     third = run_nightly(spec)  # same inputs: nothing new
     assert not third.published and third.version == 3
 
