@@ -202,6 +202,25 @@ def _client(address: str):
         raise SubmitError(f"Ray Jobs API at {address}: {first_line}{hint}") from None
 
 
+AGENT_WAIT_S = 60.0
+
+
+def _submit_when_ready(client, address: str, job: dict) -> str:
+    """Submit, waiting a bounded time for the head's job agent: a freshly started head answers
+    "No available agent to submit job, please try again later" until its agent is up."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    delay = 0.5
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() > deadline:
+                raise
+            log.info("%s: job agent not ready yet (%s); retrying in %.1f s", address, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def submit_spec(spec: NightlySpec, address: str, *, wait: bool = False, wait_timeout_s: float = 3600,
                 connect_timeout_s: float = 5, poll_s: float = 1.0, tail_lines: int = 20) -> SubmitResult:
     """Submit the nightly job to the cluster whose dashboard is at ``address``; optionally wait for it."""
@@ -210,12 +229,13 @@ def submit_spec(spec: NightlySpec, address: str, *, wait: bool = False, wait_tim
     client = _client(address)
     cluster_spec = spec_for_cluster(spec)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    job_id = client.submit_job(
+    submission_id = f"engram-nightly-{stamp}-{uuid.uuid4().hex[:6]}"
+    job_id = _submit_when_ready(client, address, dict(
         entrypoint=ENTRYPOINT,
-        submission_id=f"engram-nightly-{stamp}-{uuid.uuid4().hex[:6]}",
+        submission_id=submission_id,
         runtime_env={"env_vars": {SPEC_ENV_VAR: cluster_spec.to_yaml(), "TOKENIZERS_PARALLELISM": "false"}},
         metadata={"engram_job": "nightly", "store": cluster_spec.store},
-    )
+    ))
     log.info("submitted %s to %s", job_id, address)
     if not wait:
         return SubmitResult(job_id, address, str(client.get_job_status(job_id).value))

@@ -190,6 +190,9 @@ def ray_head(tmp_path_factory):
     command = [str(Path(bin_dir) / "ray"), "start", "--head", "--block", f"--port={free_port()}",
                f"--dashboard-port={dashboard}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                "--num-cpus=2", f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
+               # Agents on their own ports too, so another Ray on this machine cannot take them.
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                "--disable-usage-stats"]
     log_file = open(temp_dir / "ray-start.log", "wb")
     process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
