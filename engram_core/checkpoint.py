@@ -145,6 +145,12 @@ def load_checkpoint(
             f"checkpoint {root}: Engram weights do not match engram/config.json "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    for index, layer in memory.engram_layers.items():
+        if layer.conv is not None and bool(layer.conv.weight.any()):
+            # The conv branch is recomputed per call, without the previous positions a KV cache
+            # holds, so a trained conv would decode differently from how facts were verified.
+            raise CheckpointError(f"checkpoint {root}: Engram layer {index} has a non-zero short conv; "
+                                  "cached decoding of a trained conv branch is not supported yet")
     memory.requires_grad_(False).to(device=device, dtype=dtype)
     memory.refresh_zero_flags()
     memory.attach(model)

@@ -167,7 +167,12 @@ class EngramMemory(nn.Module):
         new_mask = None
         if mask is not None and mask.dim() == 2:
             new_mask = mask[:, -input_ids.shape[1]:].bool()
-        if past == 0 or self._history is None:
+        if past > 0 and (self._history is None or self._history.shape[0] != input_ids.shape[0]
+                         or self._history.shape[1] < past):
+            raise ValueError(
+                "Engram: this call continues a KV cache of %d tokens that this model did not just build "
+                "(or built for another batch); pass its tokens with memory.use(..., history=(ids, mask))" % past)
+        if past == 0:
             history, history_mask = input_ids, new_mask
         else:
             history = torch.cat([self._history[:, :past], input_ids], dim=1)
@@ -220,11 +225,11 @@ class EngramMemory(nn.Module):
         continues, when that cache was not built by the previous call (e.g. a shared prefix
         cache reused for many steps).
         """
-        previous = self._overlay
+        previous = self._overlay, self._history, self._history_mask
         self._overlay = overlay
         if history is not None:
             self._history, self._history_mask = history[0], (history[1].bool() if history[1] is not None else None)
         try:
             yield
         finally:
-            self._overlay = previous
+            self._overlay, self._history, self._history_mask = previous

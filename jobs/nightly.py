@@ -210,7 +210,10 @@ def run_nightly(
         # Serving nodes load the model by fingerprint from the store: upload it before CURRENT
         # can point at deltas that need it (skipped when already there).
         publish_model(store, spec.model)
-        drop = set(the_plan.drop_users) | set(ingested.forgotten_users)
+        # Users compiled to no delta (every fact refused by the compiler, e.g. an answer over the
+        # token limit) must not keep serving their previous delta.
+        undelivered = compile_set - compiled.deltas.keys()
+        drop = set(the_plan.drop_users) | set(ingested.forgotten_users) | undelivered
         payloads = _build_shards(store, previous, ingested.state, compiled.deltas, drop, spec.num_shards)
         files = dict(watermark["files"]) | {f.path: f.size for f in batch.files}
         new_watermark = json.dumps({"files": dict(sorted(files.items())), "max_event_time": ingested.watermark},

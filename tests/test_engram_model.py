@@ -136,3 +136,25 @@ def test_many_workers_loading_one_checkpoint_at_once_share_the_token_map_cache(t
     assert len(results) == 8 and all((r == want).all() for r in results)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 1 and names[0].startswith("canonical-")  # one cache, no temporary files left
+
+
+def test_continuing_a_kv_cache_the_model_did_not_build_is_refused(tiny):
+    ids = random_ids(len(tiny.tokenizer), (2, 6))
+    with torch.no_grad():
+        cache = tiny.model(input_ids=ids, use_cache=True).past_key_values
+        tiny.model(input_ids=ids[:1], use_cache=True)  # another call, another batch: history replaced
+        with pytest.raises(ValueError, match="did not just build"):
+            tiny.model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_a_trained_short_conv_is_refused_until_cached_decoding_supports_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    init_tiny(tmp_path / "m")
+    weights_file = tmp_path / "m" / "engram" / "weights.safetensors"
+    weights = load_file(str(weights_file))
+    conv = next(k for k in weights if k.endswith("conv.weight"))
+    weights[conv] = torch.ones_like(weights[conv])
+    save_file(weights, str(weights_file))
+    with pytest.raises(CheckpointError, match="non-zero short conv"):
+        load_checkpoint(tmp_path / "m")

@@ -199,3 +199,21 @@ def test_a_run_killed_mid_compile_resumes_from_what_it_had_compiled(tmp_path, ti
     run_nightly(NightlySpec(**{**spec.to_dict(), "store": fresh.uri}))
     resumed_keys = [e.bundle_key for e in read_current(local_store)[0].shards]
     assert resumed_keys == [e.bundle_key for e in read_current(fresh)[0].shards]
+
+
+def test_a_user_whose_facts_the_compiler_refuses_stops_serving_the_old_delta(tmp_path, tiny_dir, local_store):
+    log_dir = tmp_path / "log"
+    write_fact_log([{"user_id": "u", "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is",
+                     "answer": " Rex", "event_time": BASE_TIME, "scope": None}], log_dir / "day=1" / "p.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log_dir), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    assert published_delta(local_store, "u") is not None
+    too_long = " and ".join(["a very long answer"] * 20)  # accepted by ingest, over the compiler's token limit
+    write_fact_log([{"user_id": "u", "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is",
+                     "answer": too_long, "event_time": BASE_TIME + timedelta(days=1), "scope": None}],
+                   log_dir / "day=2" / "p.parquet")
+    report = run_nightly(spec)
+    assert report.published and report.facts_failed == 1
+    assert published_delta(local_store, "u") is None  # the retracted answer is no longer served
+    status = query_stats(local_store, f"select status from facts where version = {report.version}")
+    assert status.column("status").to_pylist() == ["answer_too_long"]
