@@ -128,8 +128,9 @@ def _answer_sample(store_uri: str, model_dir: str, sample: list[dict]) -> list[d
         entry = manifest.shards[shard_of(item["user_id"], manifest.num_shards)]
         deltas.append(bundle_deltas(load_shard_bundle(store, entry)).get(item["user_id"]))
     prompts = [s["trigger"] for s in sample]
-    with_memory = generate(em, prompts, [[d] if d is not None else [] for d in deltas], max_new_tokens=6)
-    without = generate(em, prompts, None, max_new_tokens=6)
+    new_tokens = max(len(em.encode_answer(s["answer"])) for s in sample) + 4  # the whole answer, then a little
+    with_memory = generate(em, prompts, [[d] if d is not None else [] for d in deltas], max_new_tokens=new_tokens)
+    without = generate(em, prompts, None, max_new_tokens=new_tokens)
     return [dict(s, with_memory=w, without_memory=b, recalled=w.startswith(s["answer"]))
             for s, w, b in zip(sample, with_memory, without)]
 
