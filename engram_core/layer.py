@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,11 +45,12 @@ class EngramLayer(nn.Module):
             nn.init.zeros_(self.conv.weight)
         self.table_is_zero = True  # an all-zero table adds exactly nothing: skip the work
 
-    def forward(self, hidden: torch.Tensor, rows: torch.Tensor, overlay_values: torch.Tensor | None) -> torch.Tensor:
-        # hidden (B, T, d); rows (B, T, H); overlay_values (B, T, H, w) or None
-        e = self.table[rows]  # (B, T, H, w)
-        if overlay_values is not None:
-            e = e + overlay_values.to(e.dtype)
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor, overlay: "Overlay | RowMapOverlay | None" = None,
+                index: int | None = None) -> torch.Tensor:
+        # hidden (B, T, d); rows (B, T, H); overlay: per-sequence rows added at Engram layer ``index``
+        e = F.embedding(rows, self.table)  # (B, T, H, w); a plain gather, several times faster than table[rows] on CPU
+        if overlay is not None:
+            e = overlay.add_to(index, rows, e, self.table.shape[0])
         e = e.flatten(-2).to(self.key_proj.weight.dtype)  # (B, T, H*w)
         k = self.key_proj(e)  # (B, T, d)
         v = self.value_proj(e)  # (B, T, d)
@@ -83,6 +85,11 @@ class Overlay:
         keys = self.keys.get(layer)
         return keys is not None and keys.numel() > 0
 
+    def add_to(self, layer: int, rows: torch.Tensor, e: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """``e`` (B, T, H, w), the base rows gathered at ``rows``, plus this overlay's values."""
+        values = self.lookup(layer, rows, num_rows)
+        return e if values is None else e + values.to(e.dtype)
+
     def lookup(self, layer: int, rows: torch.Tensor, num_rows: int) -> torch.Tensor | None:
         """rows (B, T, H) -> (B, T, H, w) summed overlay values (zeros where no owner wrote)."""
         keys = self.keys.get(layer)
@@ -98,6 +105,114 @@ class Overlay:
             picked = values[idx] * hit.unsqueeze(-1).to(values.dtype)
             out = picked if out is None else out + picked
         return out
+
+
+@dataclass(frozen=True)
+class _RowMap:
+    """One layer of a :class:`RowMapOverlay`."""
+
+    slots: torch.Tensor  # (B * stride,) int16/int32: value index of (sequence, row key), 0 = none
+    stride: int
+    offsets: torch.Tensor  # (B, 1, 1) int64: sequence b's base in ``slots``
+    values: torch.Tensor  # (N + 1, w): row 0 unused, row k the summed value of entry k
+    row_keys: torch.Tensor | None  # (num_rows,) int16/int32: dense key of each written row (None: key = row)
+
+
+class RowMapOverlay:
+    """The serving form of per-sequence rows: same meaning as :class:`Overlay`, faster to apply.
+
+    Built once per request batch (:func:`row_map_overlay`); each forward then finds the hits of
+    (sequence, row) with one or two int32 gathers instead of a binary search, and adds values
+    only where a row was written (on CPU: a sparse ``index_add_``). Inference only (no autograd
+    through the values) — the compiler trains with :class:`Overlay`.
+    """
+
+    def __init__(self, maps: dict[int, _RowMap]):
+        self.maps = maps
+
+    def touches(self, layer: int) -> bool:
+        return layer in self.maps
+
+    def add_to(self, layer: int, rows: torch.Tensor, e: torch.Tensor, num_rows: int) -> torch.Tensor:
+        m = self.maps[layer]
+        keys = rows if m.row_keys is None else m.row_keys[rows]
+        slot = m.slots.index_select(0, (keys + m.offsets).view(-1))  # (B*T*H,) int32, 0 where this sequence wrote nothing
+        flat = e.view(-1, e.shape[-1])
+        if e.is_cuda:  # no host sync: add row 0 (exact zeros) where nothing was written
+            return (flat + m.values.index_select(0, slot.int())).view_as(e)
+        hit = slot.nonzero().squeeze(1)
+        if hit.numel():
+            flat.index_add_(0, hit, m.values.index_select(0, slot.index_select(0, hit).int()))
+        return e
+
+
+def _concat(parts: list, zero_row: bool = False) -> torch.Tensor:
+    """Concatenate NumPy arrays (host) or tensors, optionally after a row of zeros.
+
+    Host parts stay NumPy up to here because ``np.concatenate`` costs far less per part than
+    ``torch.cat``, which dominates the build of a batch of a few hundred rows per user."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        if zero_row:
+            parts = [np.zeros((1, parts[0].shape[1]), parts[0].dtype)] + parts
+        return torch.from_numpy(np.concatenate(parts))
+    parts = [torch.as_tensor(p) for p in parts]
+    if zero_row:
+        parts = [parts[0].new_zeros(1, parts[0].shape[1])] + parts
+    return torch.cat([p.to(parts[-1].device) for p in parts])
+
+
+# A (sequences x rows) int32 map up to this many entries (32 MiB); larger tables add one
+# level: row -> dense key of the batch's written rows, then (sequence x key).
+DENSE_ROW_MAP_LIMIT = 1 << 23
+
+
+def row_map_overlay(
+    num_sequences: int,
+    entries: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]],
+    num_rows: dict[int, int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    dense_limit: int = DENSE_ROW_MAP_LIMIT,
+) -> RowMapOverlay | None:
+    """Build a :class:`RowMapOverlay`.
+
+    ``entries[layer]`` lists ``(sequence, rows, values)`` in owner order: sequence ``b`` sees the
+    sum of the values of its entries at each row (rows unique within one entry). ``rows`` and
+    ``values`` are NumPy arrays (host) or tensors. The arithmetic
+    is the same as :class:`Overlay`'s, so both give bit-identical outputs.
+    """
+    maps = {}
+    B = num_sequences
+    for layer, items in entries.items():
+        items = [(b, r, v) for b, r, v in items if len(r)]
+        if not items:
+            continue
+        R = num_rows[layer]
+        width = items[0][2].shape[1]
+        sequences = [b for b, _, _ in items]
+        seq = torch.from_numpy(np.repeat(np.asarray(sequences, np.int64), [len(r) for _, r, _ in items])).to(device)
+        rows = _concat([r for _, r, _ in items]).to(device=device, dtype=torch.long)
+        values = _concat([v for _, _, v in items], zero_row=True).to(device=device, dtype=dtype)
+        if len(set(sequences)) < len(sequences):  # several owners per sequence: sum per (sequence, row)
+            unique, inverse = torch.unique(seq * R + rows, return_inverse=True)
+            summed = torch.zeros(unique.numel() + 1, width, dtype=dtype, device=device)
+            values = summed.index_add_(0, inverse + 1, values[1:])
+            seq, rows = unique // R, unique % R
+        n = rows.numel()
+        small = torch.int16 if n < 2**15 else torch.int32  # halves the map to clear when it fits
+        index = torch.arange(1, n + 1, dtype=small, device=device)
+        row_keys = None
+        if B * R <= dense_limit:
+            stride, keys = R, rows
+        else:
+            row_keys = torch.zeros(R, dtype=small, device=device)
+            row_keys[rows] = index  # a row written by several sequences keeps one (any) of their indices
+            stride, keys = n + 1, row_keys[rows].long()
+        slots = torch.zeros(B * stride, dtype=small, device=device)
+        slots[seq * stride + keys] = index
+        offsets = (torch.arange(B, device=device) * stride).view(B, 1, 1)
+        maps[layer] = _RowMap(slots, stride, offsets, values, row_keys)
+    return RowMapOverlay(maps) if maps else None
 
 
 def backbone_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -131,7 +246,7 @@ class EngramMemory(nn.Module):
         self._context: tuple | None = None
         self._history: torch.Tensor | None = None
         self._history_mask: torch.Tensor | None = None
-        self._overlay: Overlay | None = None
+        self._overlay: Overlay | RowMapOverlay | None = None
 
     def layer(self, index: int) -> EngramLayer:
         return self.engram_layers[str(index)]
@@ -207,18 +322,18 @@ class EngramMemory(nn.Module):
             if layer.table_is_zero and not has_overlay:
                 return None  # exactly the base model
             rows = self._rows_for(index)
-            overlay_values = self._overlay.lookup(index, rows, layer.table.shape[0]) if has_overlay else None
+            overlay = self._overlay if has_overlay else None
             if args:
                 hidden = args[0]
-                return (hidden + layer(hidden, rows, overlay_values), *args[1:]), kwargs
+                return (hidden + layer(hidden, rows, overlay, index), *args[1:]), kwargs
             hidden = kwargs["hidden_states"]
-            kwargs = dict(kwargs, hidden_states=hidden + layer(hidden, rows, overlay_values))
+            kwargs = dict(kwargs, hidden_states=hidden + layer(hidden, rows, overlay, index))
             return args, kwargs
 
         return hook
 
     @contextmanager
-    def use(self, overlay: Overlay | None, history: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Iterator[None]:
+    def use(self, overlay: Overlay | RowMapOverlay | None, history: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Iterator[None]:
         """Run the model with ``overlay`` applied (each sequence sees only its own owners).
 
         ``history`` (ids, mask) names the tokens already in the KV cache that the next call

@@ -4,8 +4,8 @@ Two forms:
 
 * :func:`applied` swaps one owner's delta into the tables (row += value) for a block of code
   and restores the saved rows bit-exactly afterwards (single-tenant, in-place).
-* :func:`overlay_for` builds an :class:`~engram_core.layer.Overlay` in which each sequence of a
-  batch sees the base table plus only its own owners' deltas: no shared mutation, so one
+* :func:`overlay_for` builds a :class:`~engram_core.layer.RowMapOverlay` in which each sequence
+  of a batch sees the base table plus only its own owners' deltas: no shared mutation, so one
   forward pass serves many users, and it works with ``generate``.
 """
 
@@ -14,11 +14,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+import warnings
+
+import numpy as np
 import torch
 
 from .checkpoint import EngramModel
 from .delta import Delta
-from .layer import Overlay
+from .layer import RowMapOverlay, row_map_overlay
 
 
 class DeltaMismatch(ValueError):
@@ -60,43 +63,59 @@ def applied(em: EngramModel, delta: Delta) -> Iterator[None]:
         em.memory.refresh_zero_flags()
 
 
-def overlay_for(em: EngramModel, per_sequence: Sequence[Sequence[Delta]]) -> Overlay | None:
-    """Overlay where sequence b sees the sum of ``per_sequence[b]``'s deltas (may be empty)."""
-    device = em.device
+def split_by_layer(delta: Delta, device: torch.device | str) -> dict[int, tuple]:
+    """``delta`` as ``{layer: (rows (k,) int64, values (k, w) float16)}``.
+
+    For a CPU model these are views of the delta's NumPy arrays (no copy; never written), else
+    tensors on ``device``."""
+    out = {}
+    on_host = torch.device(device).type == "cpu"
+    for layer in np.unique(delta.layers).tolist():
+        lo, hi = np.searchsorted(delta.layers, [layer, layer + 1])  # rows are sorted by (layer, row)
+        rows, values = delta.row_ids[lo:hi], delta.values[lo:hi]
+        out[int(layer)] = (rows, values) if on_host else (_tensor(rows).to(device), _tensor(values).to(device))
+    return out
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A zero-copy view of a (possibly read-only, e.g. decoded from a bundle) array; never written."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def overlay_from_parts(
+    em: EngramModel, per_sequence: Sequence[Sequence[dict[int, tuple]]]
+) -> RowMapOverlay | None:
+    """Overlay where sequence b sees the sum of its owners' per-layer rows (see :func:`split_by_layer`)."""
+    entries: dict[int, list] = {}
+    for b, owners in enumerate(per_sequence):
+        for parts in owners:
+            for layer, (rows, values) in parts.items():
+                entries.setdefault(layer, []).append((b, rows, values))
     dtype = next(em.memory.parameters()).dtype
-    slots: list[Delta] = []
-    slot_of: dict[int, int] = {}
-    owners = []
+    return row_map_overlay(len(per_sequence), entries, {layer: em.memory.num_rows(layer) for layer in entries},
+                           dtype, em.device)
+
+
+def overlay_for(em: EngramModel, per_sequence: Sequence[Sequence[Delta]]) -> RowMapOverlay | None:
+    """Overlay where sequence b sees the sum of ``per_sequence[b]``'s deltas (may be empty).
+
+    Checks and converts every delta; a serving node does that once per shard load instead
+    (:mod:`engram_core.memory_index`)."""
+    parts: dict[int, dict] = {}
+    per_sequence_parts = []
     for deltas in per_sequence:
-        row = []
+        owners = []
         for delta in deltas:
             if delta.num_rows == 0:
                 continue
-            if id(delta) not in slot_of:
+            if id(delta) not in parts:
                 check_delta(em, delta)
-                slot_of[id(delta)] = len(slots)
-                slots.append(delta)
-            row.append(slot_of[id(delta)])
-        owners.append(row)
-    if not slots:
-        return None
-    width = max(len(r) for r in owners) or 1
-    owner_tensor = torch.full((len(owners), width), -1, dtype=torch.long)
-    for b, row in enumerate(owners):
-        owner_tensor[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    keys, values = {}, {}
-    for layer in em.config.layers:
-        num_rows = em.memory.num_rows(layer)
-        layer_keys, layer_values = [], []
-        for slot, delta in enumerate(slots):
-            pick = delta.layers == layer
-            if pick.any():
-                layer_keys.append(torch.as_tensor(delta.row_ids[pick]) + slot * num_rows)
-                layer_values.append(torch.as_tensor(delta.values[pick]))
-        if layer_keys:
-            keys[layer] = torch.cat(layer_keys).to(device)  # sorted: slots ascend, rows sorted
-            values[layer] = torch.cat(layer_values).to(device=device, dtype=dtype)
-    return Overlay(owner_tensor.to(device), keys, values)
+                parts[id(delta)] = split_by_layer(delta, em.device)
+            owners.append(parts[id(delta)])
+        per_sequence_parts.append(owners)
+    return overlay_from_parts(em, per_sequence_parts)
 
 
 @torch.no_grad()
@@ -112,7 +131,7 @@ def generate(
 
 
 @torch.no_grad()
-def generate_with_overlay(em: EngramModel, prompts: Sequence[str], overlay: Overlay | None,
+def generate_with_overlay(em: EngramModel, prompts: Sequence[str], overlay: RowMapOverlay | None,
                           max_new_tokens: int = 16) -> list[str]:
     """Greedy continuations of ``prompts`` with a prebuilt overlay (row b of it serves prompt b)."""
     encoded = [em.encode_prompt(p) for p in prompts]

@@ -10,7 +10,8 @@ Property tests that live beside the code they pin (not repeated here):
 Here: applying a delta in place and restoring it gives the tables back bit-exactly, for any
 delta (any rows, any float16 bit pattern, NaN and inf included); and an empty delta, by either
 serving path, is bit-identical to serving no delta at all (invariant 2), also beside another
-user's delta in the same batch (invariant 4).
+user's delta in the same batch (invariant 4); and the serving overlay equals the compiler's
+training overlay bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from hypothesis import strategies as st
 from engram_core.checkpoint import load_checkpoint
 from engram_core.delta import Delta
 from engram_core.memory_index import batch_overlay, served_delta
-from engram_core.serving import applied, overlay_for
+from engram_core.layer import DENSE_ROW_MAP_LIMIT, Overlay, row_map_overlay
+from engram_core.serving import applied, overlay_for, split_by_layer
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FORWARD_SETTINGS = settings(SETTINGS, max_examples=25)  # each example runs the model forward
@@ -118,3 +120,72 @@ def test_an_empty_delta_beside_another_users_delta_in_one_batch_still_sees_the_b
             mixed_served = em.model(input_ids=input_ids).logits
     assert torch.equal(as_bits(mixed[1]), as_bits(base[1]))
     assert torch.equal(as_bits(mixed_served[1]), as_bits(base[1]))
+
+
+def reference_overlay(em, per_sequence) -> Overlay:
+    """The training form (the compiler's :class:`Overlay`: owner slots and a binary search) of
+    ``per_sequence``, the reference the serving form must equal bit for bit."""
+    slots, owners = [], []
+    for deltas in per_sequence:
+        owners.append([])
+        for delta in deltas:
+            if all(delta is not s for s in slots):
+                slots.append(delta)
+            owners[-1].append(next(i for i, s in enumerate(slots) if s is delta))
+    owner_tensor = torch.full((len(owners), max(1, max(map(len, owners)))), -1, dtype=torch.long)
+    for b, row in enumerate(owners):
+        owner_tensor[b, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+    keys, values = {}, {}
+    for layer in em.config.layers:
+        num_rows = em.memory.num_rows(layer)
+        parts = [(torch.as_tensor(d.row_ids[d.layers == layer]) + i * num_rows, torch.as_tensor(d.values[d.layers == layer]))
+                 for i, d in enumerate(slots)]
+        keys[layer] = torch.cat([k for k, _ in parts])
+        values[layer] = torch.cat([v for _, v in parts]).float()
+    return Overlay(owner_tensor, keys, values)
+
+
+@st.composite
+def hitting_delta(draw, em, ids: torch.Tensor) -> Delta:
+    """A delta whose rows include rows that ``ids`` address (so it changes the output) and random ones."""
+    layers, row_ids = [], []
+    for layer in em.config.layers:
+        addressed = sorted(set(em.memory.addresser.rows(ids.numpy(), layer).ravel().tolist()))
+        rows = set(draw(st.lists(st.sampled_from(addressed), max_size=12)))
+        rows |= draw(st.sets(st.integers(0, em.memory.num_rows(layer) - 1), max_size=6))
+        layers += [layer] * len(rows)
+        row_ids += sorted(rows)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = rng.normal(0, 2, (len(row_ids), em.config.row_width)).astype(np.float16)
+    return Delta(np.array(layers, np.int16), np.array(row_ids, np.int64), values)
+
+
+@FORWARD_SETTINGS
+@given(ids=st.lists(st.integers(0, 2047), min_size=2, max_size=16), data=st.data(),
+       dense_limit=st.sampled_from([0, DENSE_ROW_MAP_LIMIT]))
+def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, data, dense_limit):
+    """Sequences with no owner, one owner, or two (a scope and a user, sharing rows), the same
+    owner in two sequences; both map layouts (one level, and row keys then sequences)."""
+    vocab = em.model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.tensor([[i % vocab for i in ids]] * 4)
+    a, b, c = (data.draw(hitting_delta(em, input_ids)) for _ in range(3))
+    per_sequence = [[a], [], [a, b], [c, a]]
+    parts = [[split_by_layer(d, "cpu") for d in seq] for seq in per_sequence]
+    entries = {}
+    for s, owners in enumerate(parts):
+        for p in owners:
+            for layer, (rows, values) in p.items():
+                entries.setdefault(layer, []).append((s, rows, values))
+    num_rows = {layer: em.memory.num_rows(layer) for layer in em.config.layers}
+    serving = row_map_overlay(4, entries, num_rows, torch.float32, "cpu", dense_limit=dense_limit)
+    with torch.no_grad():
+        base = em.model(input_ids=input_ids).logits
+        with em.memory.use(reference_overlay(em, per_sequence)):
+            want = em.model(input_ids=input_ids).logits
+        with em.memory.use(serving):
+            got = em.model(input_ids=input_ids).logits
+        with em.memory.use(overlay_for(em, per_sequence)):
+            via_overlay_for = em.model(input_ids=input_ids).logits
+    assert torch.equal(as_bits(got), as_bits(want))
+    assert torch.equal(as_bits(via_overlay_for), as_bits(want))
+    assert torch.equal(as_bits(got[1]), as_bits(base[1]))  # no owner: the base model
