@@ -6,10 +6,10 @@
    hash head at the write layer, fp16, the model's row width) from a local store: cold (store,
    verify, decode, check) and warm (a restarted node reading its disk cache).
 2. Memory per user held by the index (tracemalloc: arrays plus Python objects).
-3. Added latency of applying per-sequence deltas vs the plain forward of the tiny model at batch
-   ``--batch``: median of ``--repeats``; overlay build + forward with 32 distinct users' deltas,
-   compared with (a) the forward with the Engram branch skipped (the tiny model's base table is
-   all zero) and (b) the forward with the Engram branch computed (a trained, non-zero table).
+3. Added latency of applying ``--batch`` distinct users' deltas to the tiny model at batch
+   ``--batch`` (see ``bench_overhead``): per forward, with the overlay built every forward, and
+   per request (generate of ``--max-tokens`` tokens); medians of ``--repeats``, variants
+   interleaved in one run; the compiler's training overlay as the variant it replaced.
 4. Requests/s of the reference server with ``--concurrency`` clients over loopback (bounded count).
 
 Numbers are recorded in bench/RESULTS.md; nothing here asserts on time.
@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.delta import Delta  # noqa: E402
+from engram_core.layer import Overlay  # noqa: E402
 from engram_core.memory_index import batch_overlay  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
 from engram_core.tiny import init_tiny  # noqa: E402
@@ -109,60 +110,107 @@ def bench_load(em, store: LocalStore, cache: Path, users: int, facts: int) -> tu
     }, cold
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, measured interleaved (round-robin) so that load on a
+    shared machine hits every variant alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def training_overlay(em, per_sequence: list) -> Overlay:
+    """The compiler's form of the same per-sequence deltas (owner slots and a binary search per
+    position): the variant the serving form replaced, measured in the same run."""
+    owners = torch.arange(len(per_sequence)).view(-1, 1)
+    keys, values = {}, {}
+    for layer in em.config.layers:
+        num_rows = em.memory.num_rows(layer)
+        parts = [(torch.as_tensor(d.row_ids[d.layers == layer]) + i * num_rows, torch.as_tensor(d.values[d.layers == layer]))
+                 for i, (d,) in enumerate(per_sequence)]
+        keys[layer] = torch.cat([k for k, _ in parts])
+        values[layer] = torch.cat([v for _, v in parts]).float()
+    return Overlay(owners, keys, values)
 
 
 @torch.no_grad()
-def bench_overhead(em, client: PullClient, batch: int, repeats: int) -> dict:
+def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens: int) -> dict:
+    """What applying 32 users' deltas adds, measured three ways (all with the Engram branch
+    computed, as with a trained, non-zero table; the tiny model's table is all zero):
+
+    * per forward: the overlay built once per request batch (what the server does), then each
+      forward pays only the lookup;
+    * build every forward: the worst case of a request that is a single forward;
+    * per request: ``generate`` of ``new_tokens`` tokens for the batch (prefill and decode
+      steps), overlay build included, against the same generate without deltas.
+    """
+    from engram_core.serving import generate_with_overlay
+
     users = sorted(client.index.users)[:batch]
     per_sequence = [list(client.deltas_for(u)) for u in users]
     served = [client.index.served_for(u) for u in users]
     ids = torch.as_tensor([em.encode_prompt(PROMPT)] * batch)
+    prebuilt = batch_overlay(em, served)
+    old = training_overlay(em, per_sequence)
 
-    def plain():
-        em.model(input_ids=ids)
+    def forward(overlay_fn):
+        def run():
+            with em.memory.use(overlay_fn()):
+                em.model(input_ids=ids)
+        return run
 
-    def with_deltas():  # what the server does: the batch overlay from deltas checked at load time
-        with em.memory.use(batch_overlay(em, served)):
-            em.model(input_ids=ids)
+    def request(overlay_fn):
+        return lambda: generate_with_overlay(em, [PROMPT] * batch, overlay_fn(), max_new_tokens=new_tokens)
 
-    def build_only():
-        batch_overlay(em, served)
-
-    def build_unchecked_only():  # engram_core.serving.overlay_for: checks and converts per request
-        overlay_for(em, per_sequence)
-
-    plain_s = _median_time(plain, repeats)
-    deltas_s = _median_time(with_deltas, repeats)
-    build_s = _median_time(build_only, repeats)
-    build_per_request_s = _median_time(build_unchecked_only, repeats)
-    # A trained Engram table is non-zero, so a real model always computes the Engram branch:
-    layers = [em.memory.layer(i) for i in em.config.layers]
-    for layer in layers:
-        layer.table_is_zero = False
+    for layer in em.config.layers:
+        em.memory.layer(layer).table_is_zero = False
     try:
-        engram_s = _median_time(plain, repeats)
-        deltas_engram_s = _median_time(with_deltas, repeats)
+        t = _median_times({
+            "plain": forward(lambda: None),
+            "prebuilt": forward(lambda: prebuilt),
+            "build_every_forward": forward(lambda: batch_overlay(em, served)),
+            "training_overlay": forward(lambda: old),
+            "build": lambda: batch_overlay(em, served),
+            "build_unchecked": lambda: overlay_for(em, per_sequence),
+        }, repeats)
+        g = _median_times({
+            "plain": request(lambda: None),
+            "deltas": request(lambda: batch_overlay(em, served)),
+        }, max(5, repeats // 3))
     finally:
         em.memory.refresh_zero_flags()
+    zero_table = _median_times({"plain": forward(lambda: None)}, repeats)["plain"]
+
+    def ms(x):
+        return round(x * 1e3, 3)
+
+    def ratio(a, b):
+        return round((a - b) / b, 4)
+
     return {
         "batch": batch,
         "prompt_tokens": int(ids.shape[1]),
-        "forward_plain_ms": round(plain_s * 1e3, 3),
-        "forward_with_deltas_ms": round(deltas_s * 1e3, 3),
-        "overlay_build_ms": round(build_s * 1e3, 3),
-        "overlay_for_build_ms": round(build_per_request_s * 1e3, 3),
-        "added_ratio_vs_plain": round((deltas_s - plain_s) / plain_s, 4),
-        "forward_engram_active_ms": round(engram_s * 1e3, 3),
-        "forward_engram_active_with_deltas_ms": round(deltas_engram_s * 1e3, 3),
-        "added_ratio_vs_engram_active": round((deltas_engram_s - engram_s) / engram_s, 4),
+        "forward_zero_table_ms": ms(zero_table),
+        "forward_ms": ms(t["plain"]),
+        "forward_with_deltas_ms": ms(t["prebuilt"]),
+        "added_ratio_per_forward": ratio(t["prebuilt"], t["plain"]),
+        "forward_with_deltas_build_every_forward_ms": ms(t["build_every_forward"]),
+        "added_ratio_build_every_forward": ratio(t["build_every_forward"], t["plain"]),
+        "forward_with_training_overlay_ms": ms(t["training_overlay"]),
+        "added_ratio_training_overlay": ratio(t["training_overlay"], t["plain"]),
+        "overlay_build_ms": ms(t["build"]),
+        "overlay_for_build_ms": ms(t["build_unchecked"]),
+        "new_tokens": new_tokens,
+        "request_ms": ms(g["plain"]),
+        "request_with_deltas_ms": ms(g["deltas"]),
+        "added_ratio_per_request": ratio(g["deltas"], g["plain"]),
+        "added_ms_per_request": ms(g["deltas"] - g["plain"]),
+        "added_ms_per_request_vs_forward": round((g["deltas"] - g["plain"]) / t["plain"], 4),
         "repeats": repeats,
     }
 
@@ -235,7 +283,7 @@ def main() -> None:
         init_tiny(root / "model")
         em = load_checkpoint(root / "model")
         load, client = bench_load(em, LocalStore(root / "store"), root / "cache", args.users, args.facts)
-        overhead = bench_overhead(em, client, args.batch, args.repeats)
+        overhead = bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
         server = bench_server(em, client, args.concurrency, args.requests_per_client, args.max_tokens)
     results = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "shard_load": load,
                "delta_overhead": overhead, "server": server}

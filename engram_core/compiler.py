@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
+import weakref
 from dataclasses import dataclass, field
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
@@ -78,6 +80,11 @@ class CompileOptions:
     seed: int = 0
     deterministic: bool = True
     """Deterministic kernels, so a re-run publishes bit-identical deltas (invariant 6)."""
+    reuse_lower_layers: bool = True
+    """Per step, run only the decoder layers from the write layer up, on the hidden states that
+    enter it (computed once per batch: nothing below the write layer depends on the rows).
+    Checked once per model against the full forward; a family where the two differ (GPT-2 adds
+    position embeddings to ``inputs_embeds``) falls back to the full forward."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,9 @@ class CompileResult:
     deltas: dict[str, Delta]
     facts: list[FactResult]
     num_facts_per_user: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase, summed over batches: prepare (tokens, rows, prefix caches), optimize,
+    verify, assemble (results and deltas)."""
 
     @property
     def ok(self) -> int:
@@ -160,7 +170,8 @@ def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -
 class _Batch:
     """A left-padded batch of whole users' facts and its trainable rows."""
 
-    def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None):
+    def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None,
+                 reuse_lower: bool = False):
         self.em, self.seqs = em, seqs
         layer = em.config.target_layer
         self.layer = layer
@@ -210,7 +221,7 @@ class _Batch:
         # of them cannot force the whole batch to recompute its triggers every step.
         split = T - max(len(s.targets) for s in seqs)
         usual = first_live >= split
-        self.groups = [_Group(self, np.nonzero(m)[0], split if u else int(first_live[m].min()))
+        self.groups = [_Group(self, np.nonzero(m)[0], split if u else int(first_live[m].min()), reuse_lower)
                        for m, u in ((usual, True), (~usual, False)) if m.any()]
 
     def initial_values(self, scale: float) -> torch.Tensor:
@@ -250,7 +261,29 @@ class _Batch:
         overlay = self._overlay(values)
         return [(g, g.logits(overlay)) for g in self.groups]
 
+    def check_lower_reuse(self, values: torch.Tensor) -> None:
+        """Once per model: the step on cached lower-layer states must equal the full forward."""
+        groups = [g for g in self.groups if g.lower is not None]
+        if not groups:
+            return
+        verdict = _LOWER_REUSE_OK.get(self.em.model)
+        if verdict is None:
+            overlay = self._overlay(values)
+            with torch.no_grad():
+                g = groups[0]
+                fast, full = g.logits(overlay), g.logits(overlay, full=True)
+            scale = full.abs().max().clamp_min(1e-6)
+            verdict = bool(torch.equal(fast, full) or ((fast - full).abs().max() / scale) <= 1e-3)
+            _LOWER_REUSE_OK[self.em.model] = verdict
+            if not verdict:
+                log.warning("compiler: the forward from the write layer on cached states differs from the full forward "
+                            "for %s; using the full forward", type(self.em.model).__name__)
+        if not verdict:
+            for g in groups:
+                g.lower = None
+
     def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+        self.check_lower_reuse(values)
         values = values.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([values], lr=lr)
         with torch.enable_grad():
@@ -282,7 +315,7 @@ class _Batch:
 class _Group:
     """Sequences of a batch that share one prefix length (and so one prefix KV cache)."""
 
-    def __init__(self, batch: "_Batch", members: np.ndarray, prefix: int):
+    def __init__(self, batch: "_Batch", members: np.ndarray, prefix: int, reuse_lower: bool = False):
         device = batch.em.device
         self.batch, self.prefix = batch, prefix
         self.members = torch.as_tensor(members, device=device)
@@ -295,11 +328,12 @@ class _Group:
         self.mask = batch.mask[self.members]
         self.positions = batch.positions[self.members]
         self.cache = None
+        self.lower = None  # (members, suffix, d): hidden states entering the write layer
+        # The prefix sees no trainable row, but it may see fixed (base) rows.
+        prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
+        if prefix_overlay is not None:
+            prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
         if prefix > 0:
-            # The prefix sees no trainable row, but it may see fixed (base) rows.
-            prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
-            if prefix_overlay is not None:
-                prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
             # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
             backbone, _ = backbone_and_layers(batch.em.model)
             with torch.no_grad(), batch.em.memory.use(prefix_overlay):
@@ -310,22 +344,77 @@ class _Group:
                     use_cache=True,
                 )
             self.cache = out.past_key_values
+        if reuse_lower:
+            self.lower = self._lower_hidden(prefix_overlay)
 
-    def logits(self, overlay: Overlay) -> torch.Tensor:
+    def _lower_hidden(self, overlay: Overlay | None) -> torch.Tensor:
+        """The suffix's hidden states entering the write layer (before its Engram row is added):
+        a forward that stops there. They do not depend on the trainable rows."""
+        em = self.batch.em
+        _, layers = backbone_and_layers(em.model)
+
+        def stop(module, args, kwargs):
+            raise _Reached(args[0] if args else kwargs["hidden_states"])
+
+        handle = layers[self.batch.layer].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+        try:
+            with torch.no_grad():
+                self._forward(overlay, embeds=None)
+        except _Reached as reached:
+            return reached.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError("compiler: the forward did not reach the write layer")
+
+    def _forward(self, overlay, embeds: torch.Tensor | None):
         kwargs = {}
         if self.cache is not None:
             kwargs["past_key_values"] = _fork_cache(self.cache)
-        group_overlay = Overlay(overlay.owners[self.members], overlay.keys, overlay.values)
         history = (self.ids[:, : self.prefix], self.mask[:, : self.prefix]) if self.cache is not None else None
-        with self.batch.em.memory.use(group_overlay, history):
-            out = self.batch.em.model(
-                input_ids=self.ids[:, self.prefix:],
+        suffix = self.ids[:, self.prefix:]
+        if embeds is None:
+            kwargs["input_ids"] = suffix
+        else:
+            kwargs["inputs_embeds"] = embeds
+        em = self.batch.em
+        with em.memory.use(overlay, history, embeds_ids=suffix if embeds is not None else None), \
+                _layers_from(em.model, self.batch.layer if embeds is not None else 0):
+            return em.model(
                 attention_mask=self.mask,
                 position_ids=self.positions[:, self.prefix:],
                 use_cache=self.cache is not None,
                 **kwargs,
             )
+
+    def logits(self, overlay: Overlay, full: bool = False) -> torch.Tensor:
+        group_overlay = Overlay(overlay.owners[self.members], overlay.keys, overlay.values)
+        out = self._forward(group_overlay, embeds=None if full or self.lower is None else self.lower)
         return out.logits[self.target_index].float()
+
+
+class _Reached(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("reached the write layer")
+        self.hidden = hidden
+
+
+# model -> whether the forward from the write layer on cached states equals the full forward
+_LOWER_REUSE_OK: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _layers_from(model: torch.nn.Module, start: int) -> Iterator[None]:
+    """Run the backbone on its decoder layers ``start:`` only (its input: inputs_embeds)."""
+    if start == 0:
+        yield
+        return
+    backbone, layers = backbone_and_layers(model)
+    name = next(n for n, m in backbone.named_children() if m is layers)
+    setattr(backbone, name, torch.nn.ModuleList(list(layers)[start:]))
+    try:
+        yield
+    finally:
+        setattr(backbone, name, layers)
 
 
 class _FixedRows:
@@ -441,20 +530,38 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
             by_user.setdefault(fact.user_id, []).append(seq)
     deltas: dict[str, Delta] = {}
     counts = {u: len(s) for u, s in by_user.items()}
+    timings = dict.fromkeys(("prepare", "optimize", "verify", "assemble"), 0.0)
     for users in _batches(by_user, options.facts_per_batch):
-        batch_deltas, batch_results = _compile_users(em, users, by_user, options, base_deltas)
+        batch_deltas, batch_results = _compile_users(em, users, by_user, options, base_deltas, timings)
         deltas.update(batch_deltas)
         results.extend(batch_results)
         if progress is not None:
             progress(len(users), sum(counts[u] for u in users))
     order = {u: i for i, u in enumerate(sorted({f.user_id for f in facts}))}
     results.sort(key=lambda r: (order[r.user_id], r.fact_id))
-    return CompileResult(deltas, results, counts)
+    return CompileResult(deltas, results, counts, {k: round(v, 4) for k, v in timings.items()})
+
+
+class _PhaseClock:
+    """Adds the seconds since the last tick to a phase (synchronising the GPU, so kernels queued
+    in one phase are not billed to the next)."""
+
+    def __init__(self, timings: dict[str, float], device: torch.device):
+        self.timings, self.cuda = timings, device.type == "cuda"
+        self.last = time.perf_counter()
+
+    def tick(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_Seq]], options: CompileOptions,
-                   base_deltas: dict[str, Delta] | None = None):
+                   base_deltas: dict[str, Delta] | None = None, timings: dict[str, float] | None = None):
     """Joint OPT for a batch of users with retry rounds for users whose facts fail."""
+    clock = _PhaseClock(timings if timings is not None else {}, em.device)
     seqs = [_Seq(slot, s.fact, s.input_ids, s.targets) for slot, u in enumerate(users) for s in by_user[u]]
     final: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]] = {}
     per_fact: dict[int, tuple[bool, float, float, int]] = {}
@@ -469,18 +576,21 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         base = None
         if base_deltas:
             base = {remap[u]: base_deltas[users[u]] for u in active if users[u] in base_deltas}
-        batch = _Batch(em, local, len(active), base or None)
+        batch = _Batch(em, local, len(active), base or None, reuse_lower=options.reuse_lower_layers)
         if round_index == 0:
             start = batch.initial_values(options.init_scale)
         else:
             start = torch.cat([values_by_user[u] for u in active])
         steps = options.steps if round_index == 0 else options.retry_steps
+        clock.tick("prepare")
         # Retry rounds restart Adam from the current rows at a smaller step: what is left is
         # usually two facts of the user fighting over shared rows, a fine balance.
         values = batch.optimize(start, steps, options.lr * 0.5**round_index)
         for u in active:
             steps_by_user[u] += steps
+        clock.tick("optimize")
         ok, loss, margin = batch.check(values, options.min_margin)
+        clock.tick("verify")
         # Split values back per user (keys are sorted by slot, then row).
         offsets = np.cumsum([0] + [len(batch.user_rows[k]) for k in range(len(active))])
         for k, u in enumerate(active):
@@ -498,6 +608,7 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
             if not fact_ok:
                 failing_users.add(batch_seqs[i].user)
         active = sorted(failing_users)
+        clock.tick("assemble")
         if not active:
             break
     deltas = {}
@@ -513,4 +624,5 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         status = STATUS_OK if fact_ok else STATUS_NOT_RECALLED
         detail = "" if fact_ok else f"answer not reproduced greedily with margin >= {options.min_margin} after {steps} steps"
         results.append(FactResult(s.fact.user_id, s.fact.fact_id, status, loss, steps, rows_touched, margin, detail))
+    clock.tick("assemble")
     return deltas, results

@@ -247,6 +247,7 @@ class EngramMemory(nn.Module):
         self._history: torch.Tensor | None = None
         self._history_mask: torch.Tensor | None = None
         self._overlay: Overlay | RowMapOverlay | None = None
+        self._embeds_ids: torch.Tensor | None = None
 
     def layer(self, index: int) -> EngramLayer:
         return self.engram_layers[str(index)]
@@ -274,6 +275,8 @@ class EngramMemory(nn.Module):
 
     def _on_backbone(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            input_ids = self._embeds_ids  # inputs_embeds given with the ids they stand for (use(embeds_ids=...))
         if input_ids is None:
             raise ValueError("an Engram model must be called with input_ids (inputs_embeds alone cannot be addressed)")
         mask = kwargs.get("attention_mask")
@@ -333,18 +336,21 @@ class EngramMemory(nn.Module):
         return hook
 
     @contextmanager
-    def use(self, overlay: Overlay | RowMapOverlay | None, history: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Iterator[None]:
+    def use(self, overlay: Overlay | RowMapOverlay | None, history: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+            embeds_ids: torch.Tensor | None = None) -> Iterator[None]:
         """Run the model with ``overlay`` applied (each sequence sees only its own owners).
 
         ``history`` (ids, mask) names the tokens already in the KV cache that the next call
         continues, when that cache was not built by the previous call (e.g. a shared prefix
-        cache reused for many steps).
+        cache reused for many steps). ``embeds_ids``: the token ids of a call made with
+        ``inputs_embeds`` instead of ``input_ids`` (they address the rows).
         """
-        previous = self._overlay, self._history, self._history_mask
+        previous = self._overlay, self._history, self._history_mask, self._embeds_ids
         self._overlay = overlay
+        self._embeds_ids = embeds_ids
         if history is not None:
             self._history, self._history_mask = history[0], (history[1].bool() if history[1] is not None else None)
         try:
             yield
         finally:
-            self._overlay, self._history, self._history_mask = previous
+            self._overlay, self._history, self._history_mask, self._embeds_ids = previous

@@ -144,3 +144,23 @@ def test_a_fact_that_cannot_be_recalled_is_reported_failed_with_its_loss(tiny):
     failed = [r for r in result.facts if r.status != STATUS_OK]
     assert failed and all(np.isfinite(r.loss) and r.loss > 0 and r.detail for r in failed)
     assert failed[0].steps == 5 + 15
+
+
+@pytest.mark.parametrize("family,reused", [("llama", True), ("qwen2", True), ("gpt2", False)])
+def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(family, reused, tiny_checkpoints):
+    """Per step the compiler runs only the layers from the write layer up, on hidden states
+    cached once per batch. Where that equals the full forward (Llama, Qwen2) it is used and the
+    deltas are bit-identical; GPT-2 adds position embeddings to inputs_embeds, so the check
+    refuses the shortcut and the full forward runs."""
+    from engram_core.compiler import _LOWER_REUSE_OK
+
+    em = load_checkpoint(tiny_checkpoints(family))
+    facts = user_facts(num_users=6, seed=3)
+    fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True))
+    assert _LOWER_REUSE_OK[em.model] is reused
+    full = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=False))
+    assert fast.ok == full.ok == len(facts)
+    assert fast.deltas.keys() == full.deltas.keys()
+    for user in full.deltas:
+        a, b = fast.deltas[user], full.deltas[user]
+        assert np.array_equal(a.row_ids, b.row_ids) and a.values.tobytes() == b.values.tobytes(), user
