@@ -83,10 +83,19 @@ class EngramModel:
 
     def encode_prompts(self, texts: list[str]) -> list[list[int]]:
         """Batched :meth:`encode_prompt` (one tokenizer call)."""
-        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        return self._encode_batch(texts, add_special_tokens=True)
 
     def encode_answers(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return self._encode_batch(texts, add_special_tokens=False)
+
+    def _encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        # A fast tokenizer's Rust backend, called directly, skips transformers' per-text Python
+        # conversion (~4x faster on 20k texts). Only when the backend has no truncation or
+        # padding set, so the ids are exactly those of ``self.tokenizer(text)``.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def save_engram(memory: EngramMemory, directory: Path) -> None:

@@ -105,8 +105,8 @@ class CompileResult:
     facts: list[FactResult]
     num_facts_per_user: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase, summed over batches: prepare (tokens, rows, prefix caches), optimize,
-    verify, assemble (results and deltas)."""
+    """Seconds per phase, summed over batches: tokenize (and validate), prepare (rows, prefix
+    caches), optimize, verify, assemble (results and deltas)."""
 
     @property
     def ok(self) -> int:
@@ -523,14 +523,17 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     torch.manual_seed(options.seed)
     results: list[FactResult] = []
     by_user: dict[str, list[_Seq]] = {}
-    for fact, (seq, rejected) in zip(facts, _validate(em, facts, options)):
+    start = time.perf_counter()
+    validated = _validate(em, facts, options)
+    tokenize_s = time.perf_counter() - start
+    for fact, (seq, rejected) in zip(facts, validated):
         if rejected is not None:
             results.append(rejected)
         else:
             by_user.setdefault(fact.user_id, []).append(seq)
     deltas: dict[str, Delta] = {}
     counts = {u: len(s) for u, s in by_user.items()}
-    timings = dict.fromkeys(("prepare", "optimize", "verify", "assemble"), 0.0)
+    timings = {"tokenize": tokenize_s, **dict.fromkeys(("prepare", "optimize", "verify", "assemble"), 0.0)}
     for users in _batches(by_user, options.facts_per_batch):
         batch_deltas, batch_results = _compile_users(em, users, by_user, options, base_deltas, timings)
         deltas.update(batch_deltas)

@@ -158,3 +158,14 @@ def test_a_trained_short_conv_is_refused_until_cached_decoding_supports_it(tmp_p
     save_file(weights, str(weights_file))
     with pytest.raises(CheckpointError, match="non-zero short conv"):
         load_checkpoint(tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_encoding_gives_the_ids_of_one_by_one_encoding(family, tiny_checkpoints):
+    """The compiler tokenizes in batches through the tokenizer's backend; serving encodes one
+    prompt at a time. Both must give the same ids (a fact's rows depend on them)."""
+    em = load_checkpoint(tiny_checkpoints(family), with_adapter=False)
+    texts = ["My dentist is called", " Dr. Akeredolu", "Ünïcödé  spaces\tand\nnewlines", "x", "  leading",
+             "émigré café naïve", "1234 5678", "a" * 300]
+    assert em.encode_prompts(texts) == [em.encode_prompt(t) for t in texts]
+    assert em.encode_answers(texts) == [em.encode_answer(t) for t in texts]
