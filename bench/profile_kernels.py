@@ -25,19 +25,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--facts", type=int, default=16384)
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--attn", default="eager")
+    ap.add_argument("--reuse-lower", choices=["on", "off"], default="on")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "model"
         root.mkdir()
         build_d768(root)
-        em = load_checkpoint(root, device="cuda", dtype=torch.bfloat16)
+        em = load_checkpoint(root, device="cuda", dtype=torch.bfloat16, attn_implementation=args.attn)
     facts = make_facts(em, args.facts, 16, 20, seed=0)
-    opts = CompileOptions(facts_per_batch=args.facts)
+    opts = CompileOptions(facts_per_batch=args.facts, reuse_lower_layers=args.reuse_lower == "on")
     compile_facts(em, facts, opts)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        compile_facts(em, facts, opts)
+        result = compile_facts(em, facts, opts)
         torch.cuda.synchronize()
+    print("phases (s, under the profiler):", result.timings)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
