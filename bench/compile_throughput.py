@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations to compare")
     ap.add_argument("--reuse-lower", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.reuse_lower_layers variants to compare in one run")
+    ap.add_argument("--prefix-attention", nargs="+", choices=["on", "off"], default=["on"],
+                    help="CompileOptions.prefix_attention variants to compare in one run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -144,10 +146,11 @@ def main() -> None:
         facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
-        for attn, batch, reuse in [(a, b, r) for a in args.attn for b in args.batch for r in args.reuse_lower]:
+        variants = [(a, b, r, p) for a in args.attn for b in args.batch for r in args.reuse_lower for p in args.prefix_attention]
+        for attn, batch, reuse, prefix_attn in variants:
             em = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
-                                  reuse_lower_layers=reuse == "on", **({"lr": args.lr} if args.lr is not None else {}))
+                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", **({"lr": args.lr} if args.lr is not None else {}))
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator)
             if args.device == "cuda":
                 torch.cuda.synchronize()
@@ -163,7 +166,7 @@ def main() -> None:
                 == em.encode_answer(f.answer) for f in checked
             )
             run = {
-                "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "facts": len(facts), "seconds": round(seconds, 3),
+                "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
                 "greedy_checked": len(checked), "greedy_ok": greedy_ok,
@@ -190,7 +193,7 @@ def main() -> None:
         print(json.dumps(out))
     else:
         for run in runs:
-            print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']} reuse {run['reuse_lower']}: {run['facts_per_s']} facts/s, "
+            print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']} reuse {run['reuse_lower']} prefix-attn {run['prefix_attention']}: {run['facts_per_s']} facts/s, "
                   f"recall {run['recall']:.4f}, greedy {run['greedy_ok']}/{run['greedy_checked']}, "
                   f"{run['achieved_tflops']} TFLOP/s, peak {run['peak_gpu_gib']} GiB, phases {run['phases_s']}")
 

@@ -32,16 +32,18 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import time
 import weakref
 from dataclasses import dataclass, field
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import prefix_attention
 from .checkpoint import EngramModel
 from .delta import Delta
 from .layer import Overlay, backbone_and_layers
@@ -81,6 +83,10 @@ class CompileOptions:
     seed: int = 0
     deterministic: bool = True
     """Deterministic kernels, so a re-run publishes bit-identical deltas (invariant 6)."""
+    prefix_attention: bool = True
+    """With ``reuse_lower_layers``: attend the live positions to the cached prefix in place
+    (:mod:`engram_core.prefix_attention`: no per-step copy of the prefix's keys and values, no
+    gradient for them), for Llama-style models. Same math as eager attention up to rounding."""
     reuse_lower_layers: bool = True
     """Per step, run only the decoder layers from the write layer up, on the hidden states that
     enter it (computed once per batch: nothing below the write layer depends on the rows).
@@ -106,7 +112,8 @@ class CompileResult:
     facts: list[FactResult]
     num_facts_per_user: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase, summed over batches: tokenize (and validate), prepare (rows, prefix
+    """Seconds per phase, summed over batches: tokenize (waiting for the next batch's tokens,
+    which are prepared on a thread while the previous batch compiles), prepare (rows, prefix
     caches), optimize, verify, assemble (results and deltas)."""
 
     @property
@@ -194,8 +201,9 @@ class _Batch:
     """A left-padded batch of whole users' facts and its trainable rows."""
 
     def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None,
-                 reuse_lower: bool = False):
+                 reuse_lower: bool = False, prefix_attention: bool = False):
         self.em, self.seqs = em, seqs
+        self.prefix_attention = prefix_attention
         layer = em.config.target_layer
         self.layer = layer
         self.num_rows = em.memory.num_rows(layer)
@@ -396,7 +404,8 @@ class _Group:
 
     def _forward(self, overlay, embeds: torch.Tensor | None):
         kwargs = {}
-        if self.cache is not None:
+        split = embeds is not None and self.cache is not None and self.batch.prefix_attention
+        if self.cache is not None and not split:
             kwargs["past_key_values"] = _fork_cache(self.cache)
         history = (self.ids[:, : self.prefix], self.mask[:, : self.prefix]) if self.cache is not None else None
         suffix = self.ids[:, self.prefix:]
@@ -405,8 +414,11 @@ class _Group:
         else:
             kwargs["inputs_embeds"] = embeds
         em = self.batch.em
-        with em.memory.use(overlay, history, embeds_ids=suffix if embeds is not None else None), \
-                _layers_from(em.model, self.batch.layer if embeds is not None else 0):
+        with ExitStack() as stack:
+            if split:
+                kwargs["past_key_values"] = stack.enter_context(prefix_attention.split_prefix(em.model, self.cache))
+            stack.enter_context(em.memory.use(overlay, history, embeds_ids=suffix if embeds is not None else None))
+            stack.enter_context(_layers_from(em.model, self.batch.layer if embeds is not None else 0))
             return em.model(
                 attention_mask=self.mask,
                 position_ids=self.positions[:, self.prefix:],
@@ -505,7 +517,8 @@ class _FixedRows:
         return (self.values[layer][idx].float() * hit.unsqueeze(-1)).cpu()
 
 
-def _batches(by_user: dict[str, list[_Seq]], facts_per_batch: int) -> Iterable[list[str]]:
+def _batches(by_user: dict[str, list], facts_per_batch: int) -> Iterable[list[str]]:
+    """Whole users, in user order, about ``facts_per_batch`` facts per batch."""
     batch: list[str] = []
     count = 0
     for user in sorted(by_user):
@@ -549,26 +562,44 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     torch.manual_seed(options.seed)
+    facts_of: dict[str, list[Fact]] = {}
+    for fact in facts:
+        facts_of.setdefault(fact.user_id, []).append(fact)
     results: list[FactResult] = []
-    by_user: dict[str, list[_Seq]] = {}
-    start = time.perf_counter()
-    validated = _validate(em, facts, options)
-    tokenize_s = time.perf_counter() - start
-    for fact, (seq, rejected) in zip(facts, validated):
-        if rejected is not None:
-            results.append(rejected)
-        else:
-            by_user.setdefault(fact.user_id, []).append(seq)
     deltas: dict[str, Delta] = {}
-    counts = {u: len(s) for u, s in by_user.items()}
-    timings = {"tokenize": tokenize_s, **dict.fromkeys(("prepare", "optimize", "verify", "assemble"), 0.0)}
-    for users in _batches(by_user, options.facts_per_batch):
-        batch_deltas, batch_results = _compile_users(em, users, by_user, options, base_deltas, timings)
-        deltas.update(batch_deltas)
-        results.extend(batch_results)
-        if progress is not None:
-            progress(len(users), sum(counts[u] for u in users))
-    order = {u: i for i, u in enumerate(sorted({f.user_id for f in facts}))}
+    counts: dict[str, int] = {}
+    timings = dict.fromkeys(("tokenize", "prepare", "optimize", "verify", "assemble"), 0.0)
+
+    def tokenize(users: list[str]):
+        batch_facts = [f for u in users for f in facts_of[u]]
+        return batch_facts, _validate(em, batch_facts, options)
+
+    # The next batch is tokenized on a thread while this one compiles (the tokenizer's Rust
+    # backend runs without the GIL); "tokenize" times only the wait for it.
+    batches = list(_batches(facts_of, options.facts_per_batch))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-tokenize") as pool:
+        pending = pool.submit(tokenize, batches[0]) if batches else None
+        for k, users in enumerate(batches):
+            waited = time.perf_counter()
+            batch_facts, validated = pending.result()
+            timings["tokenize"] += time.perf_counter() - waited
+            if k + 1 < len(batches):
+                pending = pool.submit(tokenize, batches[k + 1])
+            by_user: dict[str, list[_Seq]] = {}
+            for fact, (seq, rejected) in zip(batch_facts, validated):
+                if rejected is not None:
+                    results.append(rejected)
+                else:
+                    by_user.setdefault(fact.user_id, []).append(seq)
+            compiled = [u for u in users if u in by_user]
+            if compiled:
+                batch_deltas, batch_results = _compile_users(em, compiled, by_user, options, base_deltas, timings)
+                deltas.update(batch_deltas)
+                results.extend(batch_results)
+            counts.update({u: len(by_user[u]) for u in compiled})
+            if progress is not None:
+                progress(len(compiled), sum(counts[u] for u in compiled))
+    order = {u: i for i, u in enumerate(sorted(facts_of))}
     results.sort(key=lambda r: (order[r.user_id], r.fact_id))
     return CompileResult(deltas, results, counts, {k: round(v, 4) for k, v in timings.items()})
 
@@ -616,7 +647,8 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         base = None
         if base_deltas:
             base = {remap[u]: base_deltas[users[u]] for u in active if users[u] in base_deltas}
-        batch = _Batch(em, local, len(active), base or None, reuse_lower=options.reuse_lower_layers)
+        batch = _Batch(em, local, len(active), base or None, reuse_lower=options.reuse_lower_layers,
+                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model))
         if round_index == 0:
             start = batch.initial_values(options.init_scale)
         else:

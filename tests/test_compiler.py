@@ -156,7 +156,7 @@ def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(f
 
     em = load_checkpoint(tiny_checkpoints(family))
     facts = user_facts(num_users=6, seed=3)
-    fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True))
+    fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True, prefix_attention=False))
     assert _LOWER_REUSE_OK[em.model] is reused
     full = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=False))
     assert fast.ok == full.ok == len(facts)
@@ -164,3 +164,34 @@ def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(f
     for user in full.deltas:
         a, b = fast.deltas[user], full.deltas[user]
         assert np.array_equal(a.row_ids, b.row_ids) and a.values.tobytes() == b.values.tobytes(), user
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_attention_to_the_cached_prefix_in_place_matches_eager_attention(family, tiny_checkpoints):
+    """The compile step's prefix attention (scores against the cached prefix and the new keys
+    apart, no concatenation) gives the logits of the standard forward, and compiles facts
+    that are all recalled."""
+    from engram_core.compiler import _Batch, _validate
+
+    em = load_checkpoint(tiny_checkpoints(family), attn_implementation="eager")
+    long_triggers = ["My sister who moved to Bergen last year works at", "The name of the dentist I see every spring is",
+                     "The street where my gym is, near the station, is called", "I live in the city of"]
+    facts = [Fact(f"user-{u}", f"fact-{k}", trigger, " " + ["Rex", "Luna", "Porto", "Lyon"][(u + k) % 4])
+             for u in range(4) for k, trigger in enumerate(long_triggers)]
+    seqs = [seq for seq, _ in _validate(em, facts, CompileOptions())]
+    users = sorted({f.user_id for f in facts})
+    for seq, fact in zip(seqs, facts):
+        seq.user = users.index(fact.user_id)
+    batch = _Batch(em, seqs, len(users), reuse_lower=True, prefix_attention=True)
+    values = batch.initial_values(20.0)
+    overlay = batch._overlay(values)
+    with torch.no_grad():
+        for group in batch.groups:
+            split, full = group.logits(overlay), group.logits(overlay, full=True)
+            assert group.cache is None or group.lower is not None
+            torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-4)
+        usual = batch.groups[0]
+        assert usual.mask[:, : usual.prefix].float().mean() > 0.25  # a real prefix to attend to
+    result = compile_facts(em, facts, CompileOptions(facts_per_batch=64, prefix_attention=True))
+    assert result.ok == len(facts)
+    assert_recalled(em, facts, result)
