@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("engram_core.compiler").setLevel(logging.INFO)  # which step form each model uses
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "model"
@@ -165,7 +168,11 @@ def main() -> None:
                 greedy_tokens(em, f.trigger, len(em.encode_answer(f.answer)), [result.deltas[f.user_id]])
                 == em.encode_answer(f.answer) for f in checked
             )
+            from engram_core.compiler import _LOWER_REUSE_OK
+
+            forms = {f"prefix_attention={k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
+                "step_forms_checked": forms,
                 "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),

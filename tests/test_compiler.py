@@ -157,7 +157,7 @@ def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(f
     em = load_checkpoint(tiny_checkpoints(family))
     facts = user_facts(num_users=6, seed=3)
     fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True, prefix_attention=False))
-    assert _LOWER_REUSE_OK[em.model] is reused
+    assert any(_LOWER_REUSE_OK[em.model].values()) is reused
     full = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=False))
     assert fast.ok == full.ok == len(facts)
     assert fast.deltas.keys() == full.deltas.keys()
