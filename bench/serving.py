@@ -31,6 +31,7 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.delta import Delta  # noqa: E402
 from engram_core.layer import Overlay  # noqa: E402
-from engram_core.memory_index import batch_overlay  # noqa: E402
+from engram_core.memory_index import batch_overlay, served_delta  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
 from engram_core.tiny import init_tiny  # noqa: E402
 from pipeline.publish import ShardPayload, publish_version  # noqa: E402
@@ -215,6 +216,64 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     }
 
 
+@torch.no_grad()
+def bench_overhead_model(preset: str, device: str, batch: int, repeats: int, facts: int, root: Path) -> dict:
+    """Added latency of per-sequence deltas on another model and device (``d768``: the compile
+    benchmark's d=768, 12-layer model). Each user's delta holds ``facts`` facts' rows, one of
+    them at the prompt's last position (so every sequence has hits), the rest random."""
+    if preset == "tiny":
+        init_tiny(root)
+    else:
+        from compile_throughput import build_d768
+
+        root.mkdir(parents=True)
+        build_d768(root)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    em = load_checkpoint(root, device=device, dtype=dtype)
+    rng = np.random.default_rng(1)
+    vocab = em.model.get_input_embeddings().weight.shape[0]
+    ids = torch.as_tensor(rng.integers(3, vocab, (batch, 18)), device=device)
+    layer = em.config.write_layer if em.config.write_layer is not None else em.config.layers[-1]
+    addressed = em.memory.addresser.rows(ids.cpu().numpy(), layer)[:, -1]  # (batch, H)
+    users = synthetic_deltas(em, batch, facts, seed=2)
+    served = []
+    for b, (delta, _) in enumerate(users.values()):
+        rows = np.union1d(delta.row_ids[: -len(addressed[b])], addressed[b])
+        values = (rng.standard_normal((len(rows), em.config.row_width)) * 0.5).astype(np.float16)
+        served.append(served_delta(em, Delta(np.full(len(rows), layer, np.int16), rows, values)))
+    prebuilt = batch_overlay(em, served)
+
+    def timed(fn):
+        def run():
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    def forward(overlay_fn):
+        def run():
+            with em.memory.use(overlay_fn()):
+                em.model(input_ids=ids)
+        return timed(run)
+
+    for layer_index in em.config.layers:
+        em.memory.layer(layer_index).table_is_zero = False
+    t = _median_times({
+        "plain": forward(lambda: None),
+        "prebuilt": forward(lambda: prebuilt),
+        "build_every_forward": forward(lambda: batch_overlay(em, served)),
+        "build": timed(lambda: batch_overlay(em, served)),
+    }, repeats)
+    return {
+        "model": preset, "device": device if device == "cpu" else torch.cuda.get_device_name(), "dtype": str(dtype),
+        "batch": batch, "prompt_tokens": 18, "rows_per_user": int(np.mean([d.delta.num_rows for d in served])),
+        "forward_ms": round(t["plain"] * 1e3, 3), "forward_with_deltas_ms": round(t["prebuilt"] * 1e3, 3),
+        "added_ratio_per_forward": round((t["prebuilt"] - t["plain"]) / t["plain"], 4),
+        "added_ratio_build_every_forward": round((t["build_every_forward"] - t["plain"]) / t["plain"], 4),
+        "overlay_build_ms": round(t["build"] * 1e3, 3), "repeats": repeats,
+    }
+
+
 def bench_server(em, client: PullClient, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
     from jobs.serve_cli import ReferenceServer
 
@@ -273,6 +332,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--also", nargs="*", default=[], metavar="MODEL:DEVICE",
+                        help="also measure the delta overhead on these, e.g. d768:cuda tiny:cuda d768:cpu")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
 
@@ -285,8 +346,12 @@ def main() -> None:
         load, client = bench_load(em, LocalStore(root / "store"), root / "cache", args.users, args.facts)
         overhead = bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
         server = bench_server(em, client, args.concurrency, args.requests_per_client, args.max_tokens)
+        others = {}
+        for spec in args.also:
+            preset, device = spec.split(":")
+            others[spec] = bench_overhead_model(preset, device, args.batch, args.repeats, args.facts, root / f"also-{preset}-{device}")
     results = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "shard_load": load,
-               "delta_overhead": overhead, "server": server}
+               "delta_overhead": overhead, "server": server, "delta_overhead_other_models": others}
     if args.json:
         print(json.dumps(results))
     else:

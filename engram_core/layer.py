@@ -135,8 +135,11 @@ class RowMapOverlay:
 
     def add_to(self, layer: int, rows: torch.Tensor, e: torch.Tensor, num_rows: int) -> torch.Tensor:
         m = self.maps[layer]
-        keys = rows if m.row_keys is None else m.row_keys[rows]
-        slot = m.slots.index_select(0, (keys + m.offsets).view(-1))  # (B*T*H,) int32, 0 where this sequence wrote nothing
+        if m.row_keys is None:  # one level: slots is (sequence x row)
+            slot = torch.gather(m.slots.view(rows.shape[0], -1), 1, rows.view(rows.shape[0], -1)).view(-1)
+        else:
+            slot = m.slots.index_select(0, (m.row_keys[rows] + m.offsets).view(-1))
+        # slot: (B*T*H,), 0 where this sequence wrote nothing
         flat = e.view(-1, e.shape[-1])
         if e.is_cuda:  # no host sync: add row 0 (exact zeros) where nothing was written
             return (flat + m.values.index_select(0, slot.int())).view_as(e)
