@@ -16,6 +16,8 @@ training overlay bit for bit.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 from engram_core.checkpoint import load_checkpoint
 from engram_core.delta import Delta
 from engram_core.memory_index import batch_overlay, served_delta
+import engram_core.layer as layer_module
 from engram_core.layer import DENSE_ROW_MAP_LIMIT, Overlay, row_map_overlay
 from engram_core.serving import applied, overlay_for, split_by_layer
 
@@ -162,10 +165,11 @@ def hitting_delta(draw, em, ids: torch.Tensor) -> Delta:
 
 @FORWARD_SETTINGS
 @given(ids=st.lists(st.integers(0, 2047), min_size=2, max_size=16), data=st.data(),
-       dense_limit=st.sampled_from([0, DENSE_ROW_MAP_LIMIT]))
-def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, data, dense_limit):
+       dense_limit=st.sampled_from([0, DENSE_ROW_MAP_LIMIT]), dense_add_max=st.sampled_from([0, 10**9]))
+def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, data, dense_limit, dense_add_max):
     """Sequences with no owner, one owner, or two (a scope and a user, sharing rows), the same
-    owner in two sequences; both map layouts (one level, and row keys then sequences)."""
+    owner in two sequences; both map layouts (one level, and row keys then sequences) and both
+    ways of adding (only at hits, and everywhere with -0.0 where nothing was written)."""
     vocab = em.model.get_input_embeddings().weight.shape[0]
     input_ids = torch.tensor([[i % vocab for i in ids]] * 4)
     a, b, c = (data.draw(hitting_delta(em, input_ids)) for _ in range(3))
@@ -178,7 +182,7 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
                 entries.setdefault(layer, []).append((s, rows, values))
     num_rows = {layer: em.memory.num_rows(layer) for layer in em.config.layers}
     serving = row_map_overlay(4, entries, num_rows, torch.float32, "cpu", dense_limit=dense_limit)
-    with torch.no_grad():
+    with torch.no_grad(), mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max):
         base = em.model(input_ids=input_ids).logits
         with em.memory.use(reference_overlay(em, per_sequence)):
             want = em.model(input_ids=input_ids).logits
@@ -189,3 +193,33 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
     assert torch.equal(as_bits(got), as_bits(want))
     assert torch.equal(as_bits(via_overlay_for), as_bits(want))
     assert torch.equal(as_bits(got[1]), as_bits(base[1]))  # no owner: the base model
+
+
+@pytest.mark.parametrize("dense_add_max", [0, 10**9])
+def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_written(em, dense_add_max):
+    """The dense add puts -0.0 where a sequence has nothing written: x + (-0.0) keeps every x,
+    -0.0 included, so a trained table's -0.0 entries reach the model as they are."""
+    layer = em.config.target_layer
+    ids = torch.tensor([[5, 9, 14, 3, 77, 12]] * 2)
+    rows = em.memory.addresser.rows(ids.numpy(), layer)
+    table = em.memory.layer(layer).table
+    saved = table.detach().clone()
+    other = Delta.from_unsorted([layer] * 4, rows[0, 2, :4], np.ones((4, em.config.row_width), np.float16))
+    try:
+        with torch.no_grad():
+            table[torch.as_tensor(rows.ravel())] = -0.0
+            table[0, 0] = 1.0  # non-zero, so the Engram branch runs
+            em.memory.refresh_zero_flags()
+            base = em.model(input_ids=ids).logits
+            with mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max), \
+                    em.memory.use(overlay_for(em, [[other], []])):
+                got = em.model(input_ids=ids).logits
+                e = torch.nn.functional.embedding(torch.as_tensor(rows), table)
+                added = em.memory._overlay.add_to(layer, torch.as_tensor(rows), e.clone(), table.shape[0])
+        assert torch.equal(as_bits(got[1]), as_bits(base[1]))
+        assert torch.equal(as_bits(added[1]), as_bits(e[1]))  # the -0.0 rows themselves, bit for bit
+        assert torch.equal(as_bits(added[0, :2]), as_bits(e[0, :2]))  # before the written position
+    finally:
+        with torch.no_grad():
+            table.copy_(saved)
+        em.memory.refresh_zero_flags()
