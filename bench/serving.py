@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.delta import Delta  # noqa: E402
+from engram_core.compiler import _fork_cache  # noqa: E402
 from engram_core.layer import Overlay  # noqa: E402
 from engram_core.memory_index import batch_overlay, served_delta  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
@@ -145,7 +146,7 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     computed, as with a trained, non-zero table; the tiny model's table is all zero):
 
     * per forward: the overlay built once per request batch (what the server does), then each
-      forward pays only the lookup;
+      forward pays only the lookup (the 32 x 18-token prefill, and one decode step);
     * build every forward: the worst case of a request that is a single forward;
     * per request: ``generate`` of ``new_tokens`` tokens for the batch (prefill and decode
       steps), overlay build included, against the same generate without deltas.
@@ -168,9 +169,21 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     def request(overlay_fn):
         return lambda: generate_with_overlay(em, [PROMPT] * batch, overlay_fn(), max_new_tokens=new_tokens)
 
+    def decode_step(overlay_fn):  # one more token for every sequence, on the prompt's KV cache
+        def run():
+            with em.memory.use(overlay_fn(), history=(ids, None)):
+                em.model(input_ids=next_ids, past_key_values=_fork_cache(prompt_cache), use_cache=True)
+        return run
+
     for layer in em.config.layers:
         em.memory.layer(layer).table_is_zero = False
     try:
+        prompt_cache = em.model(input_ids=ids, use_cache=True).past_key_values
+        next_ids = ids[:, -1:]
+        d = _median_times({
+            "plain": decode_step(lambda: None),
+            "prebuilt": decode_step(lambda: prebuilt),
+        }, repeats)
         t = _median_times({
             "plain": forward(lambda: None),
             "prebuilt": forward(lambda: prebuilt),
@@ -204,6 +217,9 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         "added_ratio_build_every_forward": ratio(t["build_every_forward"], t["plain"]),
         "forward_with_training_overlay_ms": ms(t["training_overlay"]),
         "added_ratio_training_overlay": ratio(t["training_overlay"], t["plain"]),
+        "decode_step_ms": ms(d["plain"]),
+        "decode_step_with_deltas_ms": ms(d["prebuilt"]),
+        "added_ratio_per_decode_step": ratio(d["prebuilt"], d["plain"]),
         "overlay_build_ms": ms(t["build"]),
         "overlay_for_build_ms": ms(t["build_unchecked"]),
         "new_tokens": new_tokens,

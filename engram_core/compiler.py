@@ -90,8 +90,8 @@ class CompileOptions:
     reuse_lower_layers: bool = True
     """Per step, run only the decoder layers from the write layer up, on the hidden states that
     enter it (computed once per batch: nothing below the write layer depends on the rows).
-    Checked once per model against the full forward; a family where the two differ (GPT-2 adds
-    position embeddings to ``inputs_embeds``) falls back to the full forward."""
+    Llama-style families only (GPT-2 adds position embeddings to ``inputs_embeds``), and checked
+    once per model against the full forward; where the two differ, the full forward runs."""
 
 
 @dataclass(frozen=True)
@@ -659,7 +659,8 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         base = None
         if base_deltas:
             base = {remap[u]: base_deltas[users[u]] for u in active if users[u] in base_deltas}
-        batch = _Batch(em, local, len(active), base or None, reuse_lower=options.reuse_lower_layers,
+        batch = _Batch(em, local, len(active), base or None,
+                       reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
                        prefix_attention=options.prefix_attention and prefix_attention.supported(em.model))
         if round_index == 0:
             start = batch.initial_values(options.init_scale)

@@ -67,11 +67,19 @@ def _register() -> None:
         AttentionMaskInterface.register(NAME, eager_mask)
 
 
+LLAMA_STYLE = {"llama", "qwen2", "mistral", "qwen3"}
+"""Families whose backbone takes ``inputs_embeds`` as the first layer's input unchanged (GPT-2
+adds position embeddings) and whose attention calls the cache's update then the attention
+function by name."""
+
+
+def llama_style(model: torch.nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in LLAMA_STYLE
+
+
 def supported(model: torch.nn.Module) -> bool:
     """Whether the model's attention can take the split prefix (eager-mask, Llama-style)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) in {"llama", "qwen2", "mistral", "qwen3"} and \
-        getattr(config, "_attn_implementation", None) in {"eager", "sdpa"}
+    return llama_style(model) and getattr(model.config, "_attn_implementation", None) in {"eager", "sdpa"}
 
 
 def _split_update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -9,7 +9,7 @@ import torch
 from engram_core.checkpoint import load_checkpoint
 from engram_core.compiler import (
     STATUS_EMPTY_ANSWER, STATUS_EMPTY_TRIGGER, STATUS_OK, STATUS_TRIGGER_TOO_LONG,
-    CompileOptions, Fact, compile_facts,
+    CompileOptions, Fact, _Batch, _validate, compile_facts,
 )
 from engram_core.serving import greedy_tokens
 from engram_core.verify import check_isolation, check_locality
@@ -149,15 +149,23 @@ def test_a_fact_that_cannot_be_recalled_is_reported_failed_with_its_loss(tiny):
 @pytest.mark.parametrize("family,reused", [("llama", True), ("qwen2", True), ("gpt2", False)])
 def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(family, reused, tiny_checkpoints):
     """Per step the compiler runs only the layers from the write layer up, on hidden states
-    cached once per batch. Where that equals the full forward (Llama, Qwen2) it is used and the
-    deltas are bit-identical; GPT-2 adds position embeddings to inputs_embeds, so the check
-    refuses the shortcut and the full forward runs."""
-    from engram_core.compiler import _LOWER_REUSE_OK
+    cached once per batch. Where that equals the full forward (Llama, Qwen2: checked once per
+    model) it is used and the deltas are bit-identical; GPT-2 adds position embeddings to
+    inputs_embeds, so it always runs the full forward."""
+    from engram_core.compiler import _Batch, _LOWER_REUSE_OK
 
     em = load_checkpoint(tiny_checkpoints(family))
     facts = user_facts(num_users=6, seed=3)
     fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True, prefix_attention=False))
-    assert any(_LOWER_REUSE_OK[em.model].values()) is reused
+    assert any(_LOWER_REUSE_OK.get(em.model, {}).values()) is reused
+    if not reused:  # and the numeric check alone would also refuse it
+        seqs = [seq for seq, _ in _validate(em, facts, CompileOptions())]
+        users = sorted({f.user_id for f in facts})
+        for seq, fact in zip(seqs, facts):
+            seq.user = users.index(fact.user_id)
+        batch = _Batch(em, seqs, len(users), reuse_lower=True)
+        batch.check_lower_reuse(batch.initial_values(20.0))
+        assert all(g.lower is None for g in batch.groups)
     full = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=False))
     assert fast.ok == full.ok == len(facts)
     assert fast.deltas.keys() == full.deltas.keys()
@@ -171,8 +179,6 @@ def test_attention_to_the_cached_prefix_in_place_matches_eager_attention(family,
     """The compile step's prefix attention (scores against the cached prefix and the new keys
     apart, no concatenation) gives the logits of the standard forward, and compiles facts
     that are all recalled."""
-    from engram_core.compiler import _Batch, _validate
-
     em = load_checkpoint(tiny_checkpoints(family), attn_implementation="eager")
     long_triggers = ["My sister who moved to Bergen last year works at", "The name of the dentist I see every spring is",
                      "The street where my gym is, near the station, is called", "I live in the city of"]
