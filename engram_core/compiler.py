@@ -691,8 +691,8 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         fact_margin = np.minimum.reduceat(margin, start)
         fact_keys = _distinct(batch.w_seq[:, None] * batch.num_rows + batch.rows[batch.w_seq, batch.w_pos])
         rows_touched = np.bincount(fact_keys // batch.num_rows, minlength=len(local))
-        for i, s in enumerate(batch_seqs):
-            per_fact[id(s)] = (bool(fact_ok[i]), float(fact_loss[i]), float(fact_margin[i]), int(rows_touched[i]))
+        per_fact.update(zip(map(id, batch_seqs), zip(fact_ok.tolist(), fact_loss.tolist(), fact_margin.tolist(),
+                                                      rows_touched.tolist())))
         active = sorted({batch_seqs[i].user for i in np.nonzero(~fact_ok)[0]})
         clock.tick("assemble")
         if not active:
