@@ -187,6 +187,46 @@ def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sorted_values[starts], starts
 
 
+MAX_PREFIX_GROUPS = 4
+"""Groups (each one forward per step) a batch's sequences are split into by prefix length."""
+
+
+def _prefix_buckets(prefixes: np.ndarray, width: int, max_groups: int) -> list[tuple[int, np.ndarray]]:
+    """Split sequences into at most ``max_groups`` groups of contiguous prefix lengths, each
+    group computing from its shortest prefix, so that the positions computed per step,
+    sum(size x (width - prefix)), are fewest (dynamic programming over the distinct lengths)."""
+    counts = np.bincount(prefixes, minlength=width + 1)
+    lengths = np.flatnonzero(counts)  # few distinct values (<= width)
+    counts = counts[lengths]
+    m = len(lengths)
+    suffix = (width - lengths).astype(np.int64)
+    total = np.concatenate([[0], np.cumsum(counts)])
+    inf = np.iinfo(np.int64).max
+    # best[k][i]: least cost of the first i lengths in k groups; cut[k][i]: where its last group starts
+    best = np.full((max_groups + 1, m + 1), inf, np.int64)
+    cut = np.zeros((max_groups + 1, m + 1), np.int64)
+    best[0][0] = 0
+    for k in range(1, max_groups + 1):
+        for i in range(1, m + 1):
+            for j in range(i):  # last group: lengths j..i-1, computed from lengths[j]
+                if best[k - 1][j] == inf:
+                    continue
+                cost = best[k - 1][j] + (total[i] - total[j]) * suffix[j]
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    k = int(np.argmin(best[:, m]))
+    bounds, i = [], m
+    while i > 0:
+        j = int(cut[k][i])
+        bounds.append((j, i))
+        i, k = j, k - 1
+    out = []
+    for j, i in reversed(bounds):
+        members = (prefixes >= lengths[j]) & (prefixes <= lengths[i - 1])
+        out.append((int(lengths[j]), members))
+    return out[::-1]  # the longest prefix (the usual group) first
+
+
 def _left_padded_index(lengths, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, column) of every element of sequences of ``lengths`` right-aligned in ``width``
     columns, in sequence order."""
@@ -254,12 +294,13 @@ class _Batch:
             np.fromiter(itertools.chain.from_iterable(s.targets for s in seqs), np.int64, self.num_written), device=device)
         # Sequences whose earlier positions address none of their user's rows (the usual case)
         # share one split: their prefix KV cache is computed once. The few whose trigger hits a
-        # user row earlier (a hash collision) form a second group with a shorter prefix, so one
-        # of them cannot force the whole batch to recompute its triggers every step.
+        # user row earlier (a hash collision, ~5% at 20 facts per user) go into a few more groups
+        # by how early (each recomputes its positions from its own prefix every step), so one of
+        # them cannot force the whole batch to recompute its triggers every step.
         split = T - max(len(s.targets) for s in seqs)
-        usual = first_live >= split
-        self.groups = [_Group(self, np.nonzero(m)[0], split if u else int(first_live[m].min()), reuse_lower)
-                       for m, u in ((usual, True), (~usual, False)) if m.any()]
+        prefixes = np.minimum(first_live, split)
+        self.groups = [_Group(self, np.nonzero(bucket)[0], prefix, reuse_lower)
+                       for prefix, bucket in _prefix_buckets(prefixes, T, MAX_PREFIX_GROUPS)]
 
     def initial_values(self, scale: float) -> torch.Tensor:
         """UNEMBED_P: rows that make W_V e point at the next token's output embedding."""
@@ -425,12 +466,13 @@ class _Group:
         else:
             kwargs["inputs_embeds"] = embeds
         em = self.batch.em
+        backbone, _ = backbone_and_layers(em.model)  # hidden states only: logits where needed
         with ExitStack() as stack:
             if split:
                 kwargs["past_key_values"] = stack.enter_context(prefix_attention.split_prefix(em.model, self.cache))
             stack.enter_context(em.memory.use(overlay, history, embeds_ids=suffix if embeds is not None else None))
             stack.enter_context(_layers_from(em.model, self.batch.layer if embeds is not None else 0))
-            return em.model(
+            return backbone(
                 attention_mask=self.mask,
                 position_ids=self.positions[:, self.prefix:],
                 use_cache=self.cache is not None,
@@ -440,7 +482,9 @@ class _Group:
     def logits(self, overlay: Overlay, full: bool = False) -> torch.Tensor:
         group_overlay = Overlay(overlay.owners[self.members], overlay.keys, overlay.values)
         out = self._forward(group_overlay, embeds=None if full or self.lower is None else self.lower)
-        return out.logits[self.target_index].float()
+        # The LM head only at the positions that predict an answer token (a group that
+        # recomputes its trigger has many more positions than targets).
+        return self.batch.em.lm_head(out.last_hidden_state[self.target_index]).float()
 
 
 class _Reached(Exception):

@@ -5,6 +5,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engram_core.checkpoint import load_checkpoint
 from engram_core.compiler import (
@@ -201,3 +203,30 @@ def test_attention_to_the_cached_prefix_in_place_matches_eager_attention(family,
     result = compile_facts(em, facts, CompileOptions(facts_per_batch=64, prefix_attention=True))
     assert result.ok == len(facts)
     assert_recalled(em, facts, result)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prefixes=st.lists(st.integers(0, 9), min_size=1, max_size=40), max_groups=st.integers(1, 4))
+def test_prefix_groups_cover_every_sequence_once_and_compute_the_fewest_positions(prefixes, max_groups):
+    """Groups start at their shortest member's prefix; the split is the cheapest of all splits
+    into at most max_groups contiguous ranges of prefix lengths (checked by brute force)."""
+    import itertools as it
+
+    from engram_core.compiler import _prefix_buckets
+
+    width = 10
+    p = np.array(prefixes)
+    groups = _prefix_buckets(p, width, max_groups)
+    assert 1 <= len(groups) <= max_groups
+    assert (sum(m.astype(int) for _, m in groups) == 1).all()  # a partition
+    assert all(pre == p[m].min() for pre, m in groups)
+    cost = sum(int(m.sum()) * (width - pre) for pre, m in groups)
+    lengths = sorted(set(prefixes))
+    best = None
+    for k in range(1, min(max_groups, len(lengths)) + 1):
+        for cuts in it.combinations(range(1, len(lengths)), k - 1):
+            bounds = [0, *cuts, len(lengths)]
+            c = sum(sum(x >= lengths[a] and x <= lengths[b - 1] for x in prefixes) * (width - lengths[a])
+                    for a, b in zip(bounds, bounds[1:]))
+            best = c if best is None else min(best, c)
+    assert cost == best
