@@ -128,6 +128,8 @@ def main() -> None:
                     help="CompileOptions.reuse_lower_layers variants to compare in one run")
     ap.add_argument("--prefix-attention", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.prefix_attention variants to compare in one run")
+    ap.add_argument("--prefix-groups", nargs="+", type=int, default=[CompileOptions.prefix_groups],
+                    help="CompileOptions.prefix_groups variants to compare in one run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -149,11 +151,12 @@ def main() -> None:
         facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
-        variants = [(a, b, r, p) for a in args.attn for b in args.batch for r in args.reuse_lower for p in args.prefix_attention]
-        for attn, batch, reuse, prefix_attn in variants:
+        variants = [(a, b, r, p, g) for a in args.attn for b in args.batch for r in args.reuse_lower
+                    for p in args.prefix_attention for g in args.prefix_groups]
+        for attn, batch, reuse, prefix_attn, groups in variants:
             em = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
-                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", **({"lr": args.lr} if args.lr is not None else {}))
+                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, **({"lr": args.lr} if args.lr is not None else {}))
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator)
             if args.device == "cuda":
                 torch.cuda.synchronize()
@@ -173,7 +176,7 @@ def main() -> None:
             forms = {f"prefix_attention={k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
                 "step_forms_checked": forms,
-                "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "facts": len(facts), "seconds": round(seconds, 3),
+                "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
                 "greedy_checked": len(checked), "greedy_ok": greedy_ok,

@@ -83,6 +83,10 @@ class CompileOptions:
     seed: int = 0
     deterministic: bool = True
     """Deterministic kernels, so a re-run publishes bit-identical deltas (invariant 6)."""
+    prefix_groups: int = 2
+    """At most this many groups per batch by prefix length (each is one forward per step): the
+    usual group, whose prefix is the whole trigger, and groups for the few sequences whose
+    trigger addresses one of their user's rows earlier (they recompute from there)."""
     prefix_attention: bool = True
     """With ``reuse_lower_layers``: attend the live positions to the cached prefix in place
     (:mod:`engram_core.prefix_attention`: no per-step copy of the prefix's keys and values, no
@@ -187,10 +191,6 @@ def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sorted_values[starts], starts
 
 
-MAX_PREFIX_GROUPS = 4
-"""Groups (each one forward per step) a batch's sequences are split into by prefix length."""
-
-
 def _prefix_buckets(prefixes: np.ndarray, width: int, max_groups: int) -> list[tuple[int, np.ndarray]]:
     """Split sequences into at most ``max_groups`` groups of contiguous prefix lengths, each
     group computing from its shortest prefix, so that the positions computed per step,
@@ -241,7 +241,7 @@ class _Batch:
     """A left-padded batch of whole users' facts and its trainable rows."""
 
     def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None,
-                 reuse_lower: bool = False, prefix_attention: bool = False):
+                 reuse_lower: bool = False, prefix_attention: bool = False, prefix_groups: int = 2):
         self.em, self.seqs = em, seqs
         self.prefix_attention = prefix_attention
         layer = em.config.target_layer
@@ -300,7 +300,7 @@ class _Batch:
         split = T - max(len(s.targets) for s in seqs)
         prefixes = np.minimum(first_live, split)
         self.groups = [_Group(self, np.nonzero(bucket)[0], prefix, reuse_lower)
-                       for prefix, bucket in _prefix_buckets(prefixes, T, MAX_PREFIX_GROUPS)]
+                       for prefix, bucket in _prefix_buckets(prefixes, T, prefix_groups)]
 
     def initial_values(self, scale: float) -> torch.Tensor:
         """UNEMBED_P: rows that make W_V e point at the next token's output embedding."""
@@ -617,6 +617,8 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 
 def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
+    if options.prefix_groups < 1:
+        raise ValueError(f"CompileOptions.prefix_groups must be at least 1, got {options.prefix_groups}")
     torch.manual_seed(options.seed)
     facts_of: dict[str, list[Fact]] = {}
     for fact in facts:
@@ -705,7 +707,8 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
             base = {remap[u]: base_deltas[users[u]] for u in active if users[u] in base_deltas}
         batch = _Batch(em, local, len(active), base or None,
                        reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
-                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model))
+                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
+                       prefix_groups=options.prefix_groups)
         if round_index == 0:
             start = batch.initial_values(options.init_scale)
         else:
