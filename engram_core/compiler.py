@@ -11,7 +11,12 @@ Per batch:
      (u_y: output embedding of the token to predict), averaged where positions share a row.
   2. Adam on the rows to maximise log p(answer | trigger), ``steps`` times.
      Sequences are left-padded so that every position that can see a written row lies in a
-     common suffix; the prefix's KV cache is computed once per batch and reused every step.
+     common suffix; the prefix's KV cache is computed once per batch and reused every step
+     (sequences whose trigger addresses a user row earlier form a second group that
+     recomputes from there: ``prefix_groups``). The suffix's hidden states entering the write
+     layer are also computed once, so a step runs only the layers from the write layer up
+     (``reuse_lower_layers``), attending to the cached prefix in place
+     (``prefix_attention``), with the LM head at answer positions only.
   3. Values are rounded to float16 (the stored form) and verified with them: every answer
      token must be the greedy argmax at its position, with a margin. Users with a failing fact
      get more rounds (``retry_steps``, each at half the previous learning rate) up to
