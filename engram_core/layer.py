@@ -102,7 +102,7 @@ class Overlay:
             query = owner.view(-1, 1, 1) * num_rows + rows  # (B, T, H)
             idx = torch.searchsorted(keys, query).clamp_max(keys.numel() - 1)
             hit = (keys[idx] == query) & (owner.view(-1, 1, 1) >= 0)
-            picked = values[idx] * hit.unsqueeze(-1).to(values.dtype)
+            picked = F.embedding(idx, values) * hit.unsqueeze(-1).to(values.dtype)  # backward: a sorted, deterministic scatter
             out = picked if out is None else out + picked
         return out
 
