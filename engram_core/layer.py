@@ -121,10 +121,11 @@ class _RowMap:
 class RowMapOverlay:
     """The serving form of per-sequence rows: same meaning as :class:`Overlay`, faster to apply.
 
-    Built once per request batch (:func:`row_map_overlay`); each forward then finds the hits of
-    (sequence, row) with one or two int32 gathers instead of a binary search, and adds values
-    only where a row was written (on CPU: a sparse ``index_add_``). Inference only (no autograd
-    through the values) — the compiler trains with :class:`Overlay`.
+    Built once per request batch (:func:`row_map_overlay`); each forward then finds the value
+    index of every (sequence, row) with one gather (two for large tables) instead of a binary
+    search. Large calls on CPU (a prefill) add values only at hits (``index_add_``); small ones
+    (decode steps) and CUDA add a value everywhere, -0.0 where nothing was written. Inference
+    only (no autograd through the values): the compiler trains with :class:`Overlay`.
     """
 
     def __init__(self, maps: dict[int, _RowMap]):
@@ -171,8 +172,8 @@ def _concat(parts: list, zero_row: bool = False) -> torch.Tensor:
 # 32 sequences is 512; a 32 x 18 prefill is 9,216).
 DENSE_ADD_MAX = 4096
 
-# A (sequences x rows) int32 map up to this many entries (32 MiB); larger tables add one
-# level: row -> dense key of the batch's written rows, then (sequence x key).
+# A (sequences x rows) int16/int32 map up to this many entries (16-32 MiB); larger tables add
+# one level: row -> dense key of the batch's written rows, then (sequence x key).
 DENSE_ROW_MAP_LIMIT = 1 << 23
 
 
