@@ -39,6 +39,15 @@ def user_facts(num_users=20, seed=0):
     return facts
 
 
+def one_batch(em, facts, **options) -> _Batch:
+    """The compiler's batch of ``facts`` (every fact valid), users slotted in name order."""
+    seqs = [seq for seq, _ in _validate(em, facts, CompileOptions())]
+    users = sorted({f.user_id for f in facts})
+    for seq, fact in zip(seqs, facts):
+        seq.user = users.index(fact.user_id)
+    return _Batch(em, seqs, len(users), **options)
+
+
 def assert_recalled(em, facts, result):
     by_id = {(r.user_id, r.fact_id): r for r in result.facts}
     for fact in facts:
@@ -154,18 +163,14 @@ def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(f
     cached once per batch. Where that equals the full forward (Llama, Qwen2: checked once per
     model) it is used and the deltas are bit-identical; GPT-2 adds position embeddings to
     inputs_embeds, so it always runs the full forward."""
-    from engram_core.compiler import _Batch, _LOWER_REUSE_OK
+    from engram_core.compiler import _LOWER_REUSE_OK
 
     em = load_checkpoint(tiny_checkpoints(family))
     facts = user_facts(num_users=6, seed=3)
     fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True, prefix_attention=False))
     assert any(_LOWER_REUSE_OK.get(em.model, {}).values()) is reused
     if not reused:  # and the numeric check alone would also refuse it
-        seqs = [seq for seq, _ in _validate(em, facts, CompileOptions())]
-        users = sorted({f.user_id for f in facts})
-        for seq, fact in zip(seqs, facts):
-            seq.user = users.index(fact.user_id)
-        batch = _Batch(em, seqs, len(users), reuse_lower=True)
+        batch = one_batch(em, facts, reuse_lower=True)
         batch.check_lower_reuse(batch.initial_values(20.0))
         assert all(g.lower is None for g in batch.groups)
     full = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=False))
@@ -186,11 +191,7 @@ def test_attention_to_the_cached_prefix_in_place_matches_eager_attention(family,
                      "The street where my gym is, near the station, is called", "I live in the city of"]
     facts = [Fact(f"user-{u}", f"fact-{k}", trigger, " " + ["Rex", "Luna", "Porto", "Lyon"][(u + k) % 4])
              for u in range(4) for k, trigger in enumerate(long_triggers)]
-    seqs = [seq for seq, _ in _validate(em, facts, CompileOptions())]
-    users = sorted({f.user_id for f in facts})
-    for seq, fact in zip(seqs, facts):
-        seq.user = users.index(fact.user_id)
-    batch = _Batch(em, seqs, len(users), reuse_lower=True, prefix_attention=True)
+    batch = one_batch(em, facts, reuse_lower=True, prefix_attention=True)
     values = batch.initial_values(20.0)
     overlay = batch._overlay(values)
     with torch.no_grad():
