@@ -11,10 +11,9 @@ Two forms:
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
-
-import warnings
 
 import numpy as np
 import torch
