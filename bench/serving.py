@@ -129,15 +129,7 @@ def _median_times(fns: dict, repeats: int) -> dict[str, float]:
 def training_overlay(em, per_sequence: list) -> Overlay:
     """The compiler's form of the same per-sequence deltas (owner slots and a binary search per
     position): the variant the serving form replaced, measured in the same run."""
-    owners = torch.arange(len(per_sequence)).view(-1, 1)
-    keys, values = {}, {}
-    for layer in em.config.layers:
-        num_rows = em.memory.num_rows(layer)
-        parts = [(torch.as_tensor(d.row_ids[d.layers == layer]) + i * num_rows, torch.as_tensor(d.values[d.layers == layer]))
-                 for i, (d,) in enumerate(per_sequence)]
-        keys[layer] = torch.cat([k for k, _ in parts])
-        values[layer] = torch.cat([v for _, v in parts]).float()
-    return Overlay(owners, keys, values)
+    return Overlay.from_deltas(per_sequence, {layer: em.memory.num_rows(layer) for layer in em.config.layers})
 
 
 @torch.no_grad()

@@ -81,6 +81,30 @@ class Overlay:
     keys: dict[int, torch.Tensor]  # layer -> (K,) int64, sorted
     values: dict[int, torch.Tensor]  # layer -> (K, w)
 
+    @classmethod
+    def from_deltas(cls, per_sequence, num_rows: dict[int, int]) -> "Overlay":
+        """Sequence b sees the sum of ``per_sequence[b]``'s deltas (:class:`~engram_core.delta.Delta`),
+        one owner slot per distinct delta. The serving form is :func:`row_map_overlay`; this
+        one is its reference (tests) and the variant it replaced (bench)."""
+        slots: list = []
+        owners = []
+        for deltas in per_sequence:
+            owners.append([])
+            for delta in deltas:
+                if all(delta is not s for s in slots):
+                    slots.append(delta)
+                owners[-1].append(next(i for i, s in enumerate(slots) if s is delta))
+        owner_tensor = torch.full((len(owners), max(1, max(map(len, owners)))), -1, dtype=torch.long)
+        for b, row in enumerate(owners):
+            owner_tensor[b, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        keys, values = {}, {}
+        for layer, rows in num_rows.items():
+            parts = [(torch.as_tensor(d.row_ids[d.layers == layer]) + i * rows, torch.as_tensor(d.values[d.layers == layer]))
+                     for i, d in enumerate(slots)]
+            keys[layer] = torch.cat([k for k, _ in parts])
+            values[layer] = torch.cat([v for _, v in parts]).float()
+        return cls(owner_tensor, keys, values)
+
     def touches(self, layer: int) -> bool:
         keys = self.keys.get(layer)
         return keys is not None and keys.numel() > 0

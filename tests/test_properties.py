@@ -128,24 +128,7 @@ def test_an_empty_delta_beside_another_users_delta_in_one_batch_still_sees_the_b
 def reference_overlay(em, per_sequence) -> Overlay:
     """The training form (the compiler's :class:`Overlay`: owner slots and a binary search) of
     ``per_sequence``, the reference the serving form must equal bit for bit."""
-    slots, owners = [], []
-    for deltas in per_sequence:
-        owners.append([])
-        for delta in deltas:
-            if all(delta is not s for s in slots):
-                slots.append(delta)
-            owners[-1].append(next(i for i, s in enumerate(slots) if s is delta))
-    owner_tensor = torch.full((len(owners), max(1, max(map(len, owners)))), -1, dtype=torch.long)
-    for b, row in enumerate(owners):
-        owner_tensor[b, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-    keys, values = {}, {}
-    for layer in em.config.layers:
-        num_rows = em.memory.num_rows(layer)
-        parts = [(torch.as_tensor(d.row_ids[d.layers == layer]) + i * num_rows, torch.as_tensor(d.values[d.layers == layer]))
-                 for i, d in enumerate(slots)]
-        keys[layer] = torch.cat([k for k, _ in parts])
-        values[layer] = torch.cat([v for _, v in parts]).float()
-    return Overlay(owner_tensor, keys, values)
+    return Overlay.from_deltas(per_sequence, {layer: em.memory.num_rows(layer) for layer in em.config.layers})
 
 
 @st.composite
