@@ -130,6 +130,10 @@ def main() -> None:
                     help="CompileOptions.prefix_attention variants to compare in one run")
     ap.add_argument("--prefix-groups", nargs="+", type=int, default=[CompileOptions.prefix_groups],
                     help="CompileOptions.prefix_groups variants to compare in one run")
+    ap.add_argument("--plain-step", nargs="+", choices=["on", "off"], default=["on"],
+                    help="CompileOptions.plain_step variants to compare in one run")
+    ap.add_argument("--compiled-step", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                    help="CompileOptions.compiled_step variants (auto: torch.compile on CUDA)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -151,13 +155,18 @@ def main() -> None:
         facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
-        variants = [(a, b, r, p, g) for a in args.attn for b in args.batch for r in args.reuse_lower
-                    for p in args.prefix_attention for g in args.prefix_groups]
-        for attn, batch, reuse, prefix_attn, groups in variants:
+        variants = [(a, b, r, p, g, ps, cs) for a in args.attn for b in args.batch for r in args.reuse_lower
+                    for p in args.prefix_attention for g in args.prefix_groups for ps in args.plain_step
+                    for cs in args.compiled_step]
+        for attn, batch, reuse, prefix_attn, groups, plain, compiled in variants:
             em = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
-                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, **({"lr": args.lr} if args.lr is not None else {}))
-            compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator)
+                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, plain_step=plain == "on",
+                                  compiled_step={"auto": None, "on": True, "off": False}[compiled],
+                                  **({"lr": args.lr} if args.lr is not None else {}))
+            warm = time.perf_counter()
+            compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator, torch.compile)
+            warm_up_s = time.perf_counter() - warm
             if args.device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -171,11 +180,13 @@ def main() -> None:
                 greedy_tokens(em, f.trigger, len(em.encode_answer(f.answer)), [result.deltas[f.user_id]])
                 == em.encode_answer(f.answer) for f in checked
             )
-            from engram_core.compiler import _LOWER_REUSE_OK
+            from engram_core.compiler import _LOWER_REUSE_OK, _STEPS
 
-            forms = {f"prefix_attention={k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
+            forms = {f"{k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
-                "step_forms_checked": forms,
+                "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled,
+                "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
+                "warm_up_s": round(warm_up_s, 1),
                 "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
@@ -203,7 +214,8 @@ def main() -> None:
         print(json.dumps(out))
     else:
         for run in runs:
-            print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']} reuse {run['reuse_lower']} prefix-attn {run['prefix_attention']}: {run['facts_per_s']} facts/s, "
+            print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']} reuse {run['reuse_lower']} prefix-attn {run['prefix_attention']} "
+                  f"plain {run['plain_step']} compiled {run['compiled_step']}: {run['facts_per_s']} facts/s, "
                   f"recall {run['recall']:.4f}, greedy {run['greedy_ok']}/{run['greedy_checked']}, "
                   f"{run['achieved_tflops']} TFLOP/s, peak {run['peak_gpu_gib']} GiB, phases {run['phases_s']}")
 

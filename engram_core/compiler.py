@@ -47,8 +47,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
-from . import prefix_attention
+from . import fast_step, prefix_attention
 from .checkpoint import EngramModel
 from .delta import Delta
 from .layer import Overlay, backbone_and_layers
@@ -101,6 +102,15 @@ class CompileOptions:
     enter it (computed once per batch: nothing below the write layer depends on the rows).
     Llama-style families only (GPT-2 adds position embeddings to ``inputs_embeds``), and checked
     once per model against the full forward; where the two differ, the full forward runs."""
+    plain_step: bool = True
+    """With ``reuse_lower_layers``: run the step as plain tensor code built from the model's own
+    modules (:mod:`engram_core.fast_step`: mask, rotary angles, row lookups and the prefix's
+    keys and values prepared once per batch, not per step), for Llama-style models. Checked
+    once per model against the full forward; verification always runs transformers' forward."""
+    compiled_step: bool | None = None
+    """``torch.compile`` the plain step (fuses its elementwise work). None: on CUDA only. A
+    compile that fails, or whose loss differs from the uncompiled step, is dropped with a
+    warning."""
 
 
 @dataclass(frozen=True)
@@ -246,9 +256,12 @@ class _Batch:
     """A left-padded batch of whole users' facts and its trainable rows."""
 
     def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None,
-                 reuse_lower: bool = False, prefix_attention: bool = False, prefix_groups: int = 2):
+                 reuse_lower: bool = False, prefix_attention: bool = False, prefix_groups: int = 2,
+                 step: "fast_step.UpperStep | None" = None):
         self.em, self.seqs = em, seqs
         self.prefix_attention = prefix_attention
+        self.step = step  # the plain step, if this model may use it (``plain_step``)
+        self.verify_split = prefix_attention  # the transformers form verification runs
         layer = em.config.target_layer
         self.layer = layer
         self.num_rows = em.memory.num_rows(layer)
@@ -263,56 +276,60 @@ class _Batch:
         valid[row, col] = True
         ids_t = torch.as_tensor(ids, device=device)
         valid_t = torch.as_tensor(valid, device=device)
-        rows_t = em.memory.addresser.rows_torch(ids_t, layer, valid_t)  # (B, T, H), on the device
-        # Written positions: the last len(answer) positions of each sequence, in sequence order
-        # (so the positions of sequence i are the contiguous run written_start[i]:...+len).
-        answer_lengths = np.fromiter((len(s.targets) for s in seqs), np.int64, B)
-        self.w_seq, self.w_pos = _left_padded_index(answer_lengths, T)
-        self.written_start = np.cumsum(answer_lengths) - answer_lengths
-        self.num_written = int(answer_lengths.sum())
-        self.seq_user = np.fromiter((s.user for s in seqs), np.int64, B)
-        seq_user = torch.as_tensor(self.seq_user, device=device)
-        w_seq = torch.as_tensor(self.w_seq, device=device)
-        w_pos = torch.as_tensor(self.w_pos, device=device)
-        # Keys slot * num_rows + row, unique and sorted: slots ascend, rows sorted within a slot.
-        keys_t = torch.unique((seq_user[w_seq, None] * self.num_rows + rows_t[w_seq, w_pos]).flatten())
-        keys = keys_t.cpu().numpy()
-        slots, starts = _runs(keys // self.num_rows)
-        self.user_rows = {int(u): part - int(u) * self.num_rows
-                          for u, part in zip(slots, np.split(keys, starts[1:]))}
-        # First position of each sequence that can see one of its user's rows: all before it are
-        # independent of the rows and go into the shared prefix cache.
-        seen = torch.isin(seq_user[:, None, None] * self.num_rows + rows_t, keys_t).any(-1) & valid_t  # (B, T)
-        first_live = torch.where(seen.any(1), seen.float().argmax(1), T).cpu().numpy()  # (B,)
-        rows = rows_t.cpu().numpy()
-        self.T = T
-        self.rows = rows
-        self.ids = ids_t
-        self.mask = valid_t.long()
-        self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
-        self.keys = keys_t
-        self.owners = torch.as_tensor([[s.user] for s in seqs], device=device)
-        self.fixed = _FixedRows(em, base, num_users, [s.user for s in seqs]) if base else None
-        if self.fixed is not None:
-            self.owners = torch.cat([self.owners, self.fixed.owners], dim=1)  # (B, 2)
-        self.targets = torch.as_tensor(
-            np.fromiter(itertools.chain.from_iterable(s.targets for s in seqs), np.int64, self.num_written), device=device)
-        # Sequences whose earlier positions address none of their user's rows (the usual case)
-        # share one split: their prefix KV cache is computed once. The few whose trigger hits a
-        # user row earlier (a hash collision, ~5% at 20 facts per user) go into a few more groups
-        # by how early (each recomputes its positions from its own prefix every step), so one of
-        # them cannot force the whole batch to recompute its triggers every step.
-        split = T - max(len(s.targets) for s in seqs)
-        prefixes = np.minimum(first_live, split)
+        with record_function("engram.prepare.rows"):  # profiler labels (bench/profile_step.py)
+            rows_t = em.memory.addresser.rows_torch(ids_t, layer, valid_t)  # (B, T, H), on the device
+            # Written positions: the last len(answer) positions of each sequence, in sequence order
+            # (so the positions of sequence i are the contiguous run written_start[i]:...+len).
+            answer_lengths = np.fromiter((len(s.targets) for s in seqs), np.int64, B)
+            self.w_seq, self.w_pos = _left_padded_index(answer_lengths, T)
+            self.written_start = np.cumsum(answer_lengths) - answer_lengths
+            self.num_written = int(answer_lengths.sum())
+            self.seq_user = np.fromiter((s.user for s in seqs), np.int64, B)
+            seq_user = torch.as_tensor(self.seq_user, device=device)
+            w_seq = torch.as_tensor(self.w_seq, device=device)
+            w_pos = torch.as_tensor(self.w_pos, device=device)
+            # Keys slot * num_rows + row, unique and sorted: slots ascend, rows sorted within a slot.
+            keys_t = torch.unique((seq_user[w_seq, None] * self.num_rows + rows_t[w_seq, w_pos]).flatten())
+            keys = keys_t.cpu().numpy()
+            slots, starts = _runs(keys // self.num_rows)
+            self.user_rows = {int(u): part - int(u) * self.num_rows
+                              for u, part in zip(slots, np.split(keys, starts[1:]))}
+            # First position of each sequence that can see one of its user's rows: all before it are
+            # independent of the rows and go into the shared prefix cache.
+            addressed = seq_user[:, None, None] * self.num_rows + rows_t  # (B, T, H)
+            found = keys_t[torch.searchsorted(keys_t, addressed).clamp_max(keys_t.numel() - 1)]  # keys are sorted
+            seen = (found == addressed).any(-1) & valid_t  # (B, T)
+            first_live = torch.where(seen.any(1), seen.float().argmax(1), T).cpu().numpy()  # (B,)
+            rows = rows_t.cpu().numpy()
+            self.T = T
+            self.rows = rows
+            self.rows_t = rows_t
+            self.ids = ids_t
+            self.mask = valid_t.long()
+            self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+            self.keys = keys_t
+            self.owners = torch.as_tensor([[s.user] for s in seqs], device=device)
+            self.fixed = _FixedRows(em, base, num_users, [s.user for s in seqs]) if base else None
+            if self.fixed is not None:
+                self.owners = torch.cat([self.owners, self.fixed.owners], dim=1)  # (B, 2)
+            self.targets = torch.as_tensor(
+                np.fromiter(itertools.chain.from_iterable(s.targets for s in seqs), np.int64, self.num_written), device=device)
+            # Sequences whose earlier positions address none of their user's rows (the usual case)
+            # share one split: their prefix KV cache is computed once. The few whose trigger hits a
+            # user row earlier (a hash collision, ~5% at 20 facts per user) go into a few more groups
+            # by how early (each recomputes its positions from its own prefix every step), so one of
+            # them cannot force the whole batch to recompute its triggers every step.
+            split = T - max(len(s.targets) for s in seqs)
+            prefixes = np.minimum(first_live, split)
         self.groups = [_Group(self, np.nonzero(bucket)[0], prefix, reuse_lower)
                        for prefix, bucket in _prefix_buckets(prefixes, T, prefix_groups)]
 
+    @record_function("engram.prepare.initial_values")
     def initial_values(self, scale: float) -> torch.Tensor:
         """UNEMBED_P: rows that make W_V e point at the next token's output embedding."""
         em = self.em
         layer_mod = em.memory.layer(self.layer)
-        w_v = layer_mod.value_proj.weight.detach().float()  # (d, H*w)
-        pinv = torch.linalg.pinv(w_v)  # (H*w, d)
+        pinv = _pinv(layer_mod.value_proj)  # (H*w, d)
         unembed = em.lm_head.weight.detach().float()[self.targets]  # (n, d)
         direction = unembed / unembed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         e = (scale * direction) @ pinv.T  # (n, H*w)
@@ -338,41 +355,60 @@ class _Batch:
         return self.fixed.overlay(self.owners, self.layer, self.keys, values)
 
     def logits(self, values: torch.Tensor) -> list[tuple["_Group", torch.Tensor]]:
-        """Per group: logits at its written positions, (n_g, V), with ``values`` overlaid."""
+        """Per group: logits at its written positions, (n_g, V), with ``values`` overlaid, through
+        transformers' forward (what verification uses)."""
         overlay = self._overlay(values)
         return [(g, g.logits(overlay)) for g in self.groups]
 
     def check_lower_reuse(self, values: torch.Tensor) -> None:
-        """Once per model and form: the step on cached lower-layer states (with the in-place
-        prefix attention, if on) must give the full forward's logits, up to the rounding of the
-        model's dtype. A form that fails is not used: first the prefix attention is dropped,
-        then the reuse."""
+        """Choose the step's form, checking each once per model and dtype: it must give the full
+        forward's logits up to the rounding of the model's dtype. Transformers' forward from the
+        write layer on cached lower-layer states, with the in-place prefix attention if on, else
+        without; then, for the steps, the plain step (:mod:`engram_core.fast_step`). A form that
+        fails is not used; without a passing transformers form, everything runs the full forward.
+        """
+        self.plain = False
         groups = [g for g in self.groups if g.lower is not None]
         if not groups:
             return
         g = groups[0]
         overlay = self._overlay(values)
-        for split in ([True, False] if self.prefix_attention else [False]):
-            dtype = self.em.lm_head.weight.dtype
-            key = (split, str(dtype))
-            verdicts = _LOWER_REUSE_OK.setdefault(self.em.model, {})
+        dtype = self.em.lm_head.weight.dtype
+        tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # bf16/fp16: rounding of ~1e-2 per op
+        verdicts = _LOWER_REUSE_OK.setdefault(self.em.model, {})
+        full = []
+        described = {"split": " with in-place prefix attention", "reuse": "", "plain": " as the plain step"}
+
+        def passes(form: str) -> bool:
+            key = (form, str(dtype))
             if key not in verdicts:
-                self.prefix_attention = split
                 with torch.no_grad():
-                    fast, full = g.logits(overlay), g.logits(overlay, full=True)
-                relative = float((fast - full).abs().max() / full.abs().max().clamp_min(1e-6))
-                tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # bf16/fp16: rounding of ~1e-2 per op
+                    if not full:
+                        full.append(g.logits(overlay, full=True))
+                    if form == "plain":
+                        fast = self.step.logits(g.plain, values)
+                    else:
+                        self.prefix_attention = form == "split"
+                        fast = g.logits(overlay)
+                relative = float((fast - full[0]).abs().max() / full[0].abs().max().clamp_min(1e-6))
                 verdicts[key] = relative <= tolerance
-                log.info("compiler: steps from the write layer%s vs the full forward: max relative logit difference %.2e (%s)",
-                         " with in-place prefix attention" if split else "", relative,
-                         "used" if verdicts[key] else "not used")
-            if verdicts[key]:
-                self.prefix_attention = split
-                return
-        log.warning("compiler: the forward from the write layer on cached states differs from the full forward "
-                    "for %s; using the full forward", type(self.em.model).__name__)
-        for g in groups:
-            g.lower = None
+                log.info("compiler: steps from the write layer%s vs the full forward: max relative logit difference "
+                         "%.2e (%s)", described[form], relative, "used" if verdicts[key] else "not used")
+            return verdicts[key]
+
+        for form in (["split"] if self.prefix_attention else []) + ["reuse"]:
+            if passes(form):
+                self.prefix_attention = form == "split"
+                break
+        else:
+            log.warning("compiler: the forward from the write layer on cached states differs from the full forward "
+                        "for %s; using the full forward", type(self.em.model).__name__)
+            for g in groups:
+                g.lower = g.plain = None
+            return
+        if self.step is not None and all(g.plain is not None for g in self.groups) and passes("plain"):
+            self.plain = True
+            self.step.check_compiled([(g.plain, g.targets) for g in self.groups], values, tolerance)
 
     def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
         self.check_lower_reuse(values)
@@ -381,9 +417,13 @@ class _Batch:
         with torch.enable_grad():
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                overlay = self._overlay(values)
+                overlay = None if self.plain else self._overlay(values)
                 for g in self.groups:  # gradients of the groups add up: one loss, summed
-                    F.cross_entropy(g.logits(overlay), self.targets[g.written], reduction="sum").backward()
+                    if self.plain:
+                        loss = self.step.loss(g.plain, values, g.targets)
+                    else:
+                        loss = F.cross_entropy(g.logits(overlay), g.targets, reduction="sum")
+                    loss.backward()
                 optimizer.step()
         return values.detach()
 
@@ -393,7 +433,7 @@ class _Batch:
         n = self.num_written
         loss_all, margin_all = np.empty(n, np.float32), np.empty(n, np.float32)
         for g, logits in self.logits(values.half().to(values.dtype)):
-            targets = self.targets[g.written]
+            targets = g.targets
             loss = F.cross_entropy(logits, targets, reduction="none")
             target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
             others = logits.scatter(1, targets.view(-1, 1), float("-inf"))
@@ -402,6 +442,21 @@ class _Batch:
             loss_all[index] = loss.cpu().numpy()
             margin_all[index] = margin.cpu().numpy()
         return margin_all >= min_margin, loss_all, margin_all
+
+
+def _pinv(projection: torch.nn.Linear) -> torch.Tensor:
+    """Pseudo-inverse of a frozen projection's weight, computed once per weight (an SVD: about
+    0.1-0.25 s on a GPU, which every batch used to pay)."""
+    weight = projection.weight
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
+    cached = _PINV.get(projection)
+    if cached is None or cached[0] != key:
+        cached = key, torch.linalg.pinv(weight.detach().float())
+        _PINV[projection] = cached
+    return cached[1]
+
+
+_PINV: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class _Group:
@@ -420,8 +475,10 @@ class _Group:
         self.ids = batch.ids[self.members]
         self.mask = batch.mask[self.members]
         self.positions = batch.positions[self.members]
+        self.targets = batch.targets[self.written]
         self.cache = None
         self.lower = None  # (members, suffix, d): hidden states entering the write layer
+        self.plain = None  # the plain step's inputs (fast_step.GroupInputs)
         # The prefix sees no trainable row, but it may see fixed (base) rows.
         prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
         if prefix_overlay is not None:
@@ -429,7 +486,7 @@ class _Group:
         if prefix > 0:
             # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
             backbone, _ = backbone_and_layers(batch.em.model)
-            with torch.no_grad(), batch.em.memory.use(prefix_overlay):
+            with torch.no_grad(), batch.em.memory.use(prefix_overlay), record_function("engram.prepare.prefix"):
                 out = backbone(
                     input_ids=self.ids[:, :prefix],
                     attention_mask=self.mask[:, :prefix],
@@ -438,7 +495,50 @@ class _Group:
                 )
             self.cache = out.past_key_values
         if reuse_lower:
-            self.lower = self._lower_hidden(prefix_overlay)
+            with record_function("engram.prepare.lower"):
+                self.lower = self._lower_hidden(prefix_overlay)
+            if batch.step is not None:
+                with record_function("engram.prepare.plain"):
+                    self.plain = self._plain_inputs()
+
+    def _plain_inputs(self) -> fast_step.GroupInputs:
+        """Everything of this group that the plain step keeps constant across steps."""
+        batch, em, P = self.batch, self.batch.em, self.prefix
+        step = batch.step
+        rows = batch.rows_t[self.members, P:]  # (n, S, H) write-layer rows of the live positions
+        num_rows = batch.num_rows
+        owner = batch.owners[self.members, 0].view(-1, 1, 1)  # trainable slot (the user)
+        query = owner * num_rows + rows
+        slot = torch.searchsorted(batch.keys, query).clamp_max(batch.keys.numel() - 1)
+        hit = (batch.keys[slot] == query) & (owner >= 0)
+        fixed = None
+        if batch.fixed is not None:  # fixed rows: float32 as the training overlay sums them
+            fixed = Overlay(batch.fixed.owners[self.members], batch.fixed.keys,
+                            {k: v.float() for k, v in batch.fixed.values.items()})
+        fixed_e = fixed.lookup(batch.layer, rows, num_rows) if fixed is not None else None
+        upper_e = {}
+        valid = batch.mask.bool()
+        for index in em.config.layers:
+            module = em.memory.layer(index)
+            has_fixed = fixed is not None and fixed.touches(index)
+            if index <= batch.layer or (module.table_is_zero and not has_fixed):
+                continue  # as the layer hook: nothing to add there
+            upper_rows = em.memory.addresser.rows_torch(batch.ids, index, valid)[self.members, P:]
+            e = F.embedding(upper_rows, module.table)
+            if has_fixed:
+                e = e + fixed.lookup(index, upper_rows, em.memory.num_rows(index)).to(e.dtype)
+            upper_e[index] = e
+        prefix = [None] * len(step.layers)
+        if self.cache is not None:
+            prefix = [_cached_kv(self.cache, index) for index in range(batch.layer, batch.layer + len(step.layers))]
+        cos, sin = step.rope(self.lower, self.positions[:, P:])
+        return fast_step.GroupInputs(
+            lower=self.lower,
+            table_e=F.embedding(rows, em.memory.layer(batch.layer).table),
+            fixed_e=fixed_e, slot=slot, hit=hit, upper_e=upper_e, cos=cos, sin=sin,
+            mask=step.mask(self.mask[:, :P] if P else None, self.mask[:, P:], self.lower.dtype),
+            prefix=prefix, target_seq=self.target_index[0], target_pos=self.target_index[1],
+        )
 
     def _lower_hidden(self, overlay: Overlay | None) -> torch.Tensor:
         """The suffix's hidden states entering the write layer (before its Engram row is added):
@@ -492,13 +592,37 @@ class _Group:
         return self.batch.em.lm_head(out.last_hidden_state[self.target_index]).float()
 
 
+def _cached_kv(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return cache.layers[index].keys, cache.layers[index].values
+    return cache.key_cache[index], cache.value_cache[index]  # older transformers: parallel lists
+
+
 class _Reached(Exception):
     def __init__(self, hidden: torch.Tensor):
         super().__init__("reached the write layer")
         self.hidden = hidden
 
 
-# model -> {(in-place prefix attention, dtype): whether the forward from the write layer on
+# model -> {compiled: its plain step} (a compiled step keeps its compiled graphs across batches)
+_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _plain_step(em: EngramModel, options: CompileOptions) -> "fast_step.UpperStep | None":
+    if not (options.plain_step and options.reuse_lower_layers):
+        return None
+    why_not = fast_step.supported(em.model, em.memory, em.config.target_layer)
+    if why_not is not None:
+        log.debug("compiler: no plain step for %s: %s", type(em.model).__name__, why_not)
+        return None
+    compiled = options.compiled_step if options.compiled_step is not None else em.device.type == "cuda"
+    steps = _STEPS.setdefault(em.model, {})
+    if compiled not in steps:
+        steps[compiled] = fast_step.UpperStep(em, compiled=compiled)
+    return steps[compiled]
+
+
+# model -> {(form, dtype): whether the forward from the write layer on
 # cached states gives the full forward's logits}
 _LOWER_REUSE_OK: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -713,7 +837,7 @@ def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_S
         batch = _Batch(em, local, len(active), base or None,
                        reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
                        prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
-                       prefix_groups=options.prefix_groups)
+                       prefix_groups=options.prefix_groups, step=_plain_step(em, options))
         if round_index == 0:
             start = batch.initial_values(options.init_scale)
         else:

@@ -51,6 +51,16 @@ class EngramLayer(nn.Module):
         e = F.embedding(rows, self.table)  # (B, T, H, w); a plain gather, several times faster than table[rows] on CPU
         if overlay is not None:
             e = overlay.add_to(index, rows, e, self.table.shape[0])
+        return self.mix(hidden, e)
+
+    @property
+    def conv_is_zero(self) -> bool:
+        """A zero (untrained) conv branch adds exactly nothing: ``silu(conv(x)) == 0``."""
+        return self.conv is None or not bool(self.conv.weight.detach().any())
+
+    def mix(self, hidden: torch.Tensor, e: torch.Tensor, conv: bool = True) -> torch.Tensor:
+        """The gated value of rows ``e`` (B, T, H, w) as read (table plus overlays) for ``hidden``.
+        ``conv=False`` leaves out the conv branch (callers check :attr:`conv_is_zero`)."""
         e = e.flatten(-2).to(self.key_proj.weight.dtype)  # (B, T, H*w)
         k = self.key_proj(e)  # (B, T, d)
         v = self.value_proj(e)  # (B, T, d)
@@ -60,7 +70,7 @@ class EngramLayer(nn.Module):
             g = g.sign() * g.abs().clamp_min(1e-6).sqrt()
         gated = torch.sigmoid(g).unsqueeze(-1) * v  # (B, T, d)
         out = gated
-        if self.conv is not None:
+        if conv and self.conv is not None:
             T = gated.shape[1]
             x = F.rms_norm(gated, (self.hidden_size,)).transpose(1, 2)  # (B, d, T)
             x = F.pad(x, (self.conv.kernel_size[0] - 1, 0))

@@ -167,7 +167,8 @@ def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(f
 
     em = load_checkpoint(tiny_checkpoints(family))
     facts = user_facts(num_users=6, seed=3)
-    fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True, prefix_attention=False))
+    fast = compile_facts(em, facts, CompileOptions(facts_per_batch=32, reuse_lower_layers=True, prefix_attention=False,
+                                                   plain_step=False))
     assert any(_LOWER_REUSE_OK.get(em.model, {}).values()) is reused
     if not reused:  # and the numeric check alone would also refuse it
         batch = one_batch(em, facts, reuse_lower=True)

@@ -1,0 +1,243 @@
+"""The compile step as plain tensor code: the decoder layers from the write layer up, at the
+live positions of one prefix group, for Llama-style models.
+
+transformers' forward rebuilds per call what a compile step keeps constant for 15 steps: the
+attention mask, the rotary angles, the KV cache view, the binary search of every position's
+rows in the overlay, and the Engram rows of the layers above the write layer. Here all of that
+is computed once per group; a step is
+
+    e    = table rows + (trainable values at the written rows + fixed base rows)   (write layer)
+    h    = lower + EngramLayer.mix(lower, e)
+    h    = decoder layer l (h), l = write layer .. last (attention to the cached prefix in place)
+    loss = cross_entropy(lm_head(norm(h))[answer positions], answers)
+
+built from the model's own modules (norms, projections, MLPs, its rotary function), so the
+family's details stay theirs. Only attention is written out: eager attention's math (scores in
+the model dtype, softmax in float32), with the prefix's keys and values read in place, as
+products and sums rather than batched matmuls of a few rows each.
+
+On CUDA the step can run through ``torch.compile`` (``compiled=True``), which fuses the
+elementwise work between the matmuls. The trainable rows' gather (and so its backward, a
+deterministic sorted segment sum) stays outside the compiled graph: inside, a scatter would
+be an atomic add, which is not deterministic.
+
+The compiler checks this form against the full forward once per model before using it.
+"""
+
+from __future__ import annotations
+
+import sys
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .layer import backbone_and_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupInputs:
+    """What a step of one group needs, constant across steps (all on the model's device)."""
+
+    lower: torch.Tensor  # (B, S, d): hidden states entering the write layer at the live positions
+    table_e: torch.Tensor  # (B, S, H, w): write-layer table rows (the model's dtype)
+    fixed_e: torch.Tensor | None  # (B, S, H, w) float32: fixed base rows at the write layer, or None
+    slot: torch.Tensor  # (B, S, H) int64: index of each written row in the trainable values (0 if none)
+    hit: torch.Tensor  # (B, S, H) bool: whether the row is trainable for this sequence
+    upper_e: dict[int, torch.Tensor]  # Engram layer above the write layer -> (B, S, H, w) rows as read
+    cos: torch.Tensor  # rotary angles of the live positions (the model's own rotary embedding)
+    sin: torch.Tensor
+    mask: torch.Tensor  # (B, 1, S, P + S) additive, the model's dtype
+    prefix: list[tuple[torch.Tensor, torch.Tensor] | None]  # per upper layer: cached (keys, values) (B, kvh, P, hd)
+    target_seq: torch.Tensor  # (n,) member index of each answer position
+    target_pos: torch.Tensor  # (n,) position within the live positions
+
+
+def supported(model: torch.nn.Module, memory, write_layer: int) -> str | None:
+    """Why the plain step cannot run this model (None: it can)."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in {"llama", "qwen2", "mistral", "qwen3"}:
+        return "not a Llama-style model"
+    backbone, layers = backbone_and_layers(model)
+    if not all(hasattr(backbone, name) for name in ("rotary_emb", "norm")):
+        return "backbone has no rotary_emb/norm"
+    for layer in list(layers)[write_layer:]:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return "decoder layer without the Llama attention projections"
+        if getattr(attn, "sliding_window", None):
+            return "sliding-window attention"
+    for index in memory.config.layers:
+        if index >= write_layer and not memory.layer(index).conv_is_zero:
+            return "a trained short conv above the write layer"
+    return None
+
+
+def _rows_agreeing(grad: torch.Tensor, want: torch.Tensor) -> float:
+    """Share of the rows (with a gradient) whose gradient points the same way in both (cosine
+    >= 0.9). Per row, not overall: the softened gate's derivative is singular at 0, so where a
+    sequence's gate is near 0 the model dtype's rounding moves that row's gradient a lot, and a
+    few such rows can dominate any norm of the whole."""
+    live = want.norm(dim=-1) > 0
+    cosine = F.cosine_similarity(grad[live].double(), want[live].double(), dim=-1)
+    return float((cosine >= 0.9).double().mean()) if live.any() else 1.0
+
+
+def _rotary(layer: torch.nn.Module):
+    """The model family's own ``apply_rotary_pos_emb``."""
+    return sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+
+
+def _rows_times(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, h, m, D) x (B, h, n, D) -> (B, h, m, n) scores. Compiled, as products and sums: per
+    sequence this is a few rows against a few keys, which batched GEMM kernels run far below
+    memory bandwidth and which the compiler fuses into one pass over the keys."""
+    if torch.compiler.is_compiling():
+        return (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1)
+    return torch.matmul(q, k.transpose(2, 3))
+
+
+def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, h, m, n) weights x (B, h, n, D) values -> (B, h, m, D), as :func:`_rows_times`."""
+    if torch.compiler.is_compiling():
+        return (w.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)
+    return torch.matmul(w, v)
+
+
+class UpperStep:
+    """The step function of a model from its write layer up (shared by all groups and batches)."""
+
+    def __init__(self, em, compiled: bool = False):
+        self.em = em
+        self.write_layer = em.config.target_layer
+        backbone, layers = backbone_and_layers(em.model)
+        self.backbone = backbone
+        self.layers = list(layers)[self.write_layer:]
+        self.rotary = _rotary(self.layers[0])
+        self.engram = {i: em.memory.layer(i) for i in em.config.layers if i >= self.write_layer}
+        self._compiled = torch.compile(self._loss_eager, dynamic=True) if compiled else None
+        self._compiled_checked = False
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def check_compiled(self, groups: list[tuple[GroupInputs, torch.Tensor]], values: torch.Tensor,
+                       tolerance: float) -> None:
+        """Once: the compiled step's loss and gradient must match the uncompiled step's (up to
+        ``tolerance``, relative); a compile that fails or differs is dropped, with a warning."""
+        if self._compiled is None or self._compiled_checked:
+            return
+        self._compiled_checked = True
+        try:
+            for g, targets in groups:
+                got = self._grad(self._compiled, g, values, targets)
+                want = self._grad(self._loss_eager, g, values, targets)
+                (loss, grad), (want_loss, want_grad) = got, want
+                relative = float((loss - want_loss).abs() / want_loss.abs().clamp_min(1e-6))
+                agree = _rows_agreeing(grad, want_grad)
+                if not (relative <= tolerance and agree >= 1 - tolerance):
+                    raise ValueError(f"the compiled step differs from the uncompiled one: loss by {relative:.2e} "
+                                     f"(relative), gradient direction on {agree:.2%} of the rows")
+            log.info("compiler: the plain step runs compiled (torch.compile)")
+        except Exception as error:  # a compiler error of any kind: keep the uncompiled step
+            log.warning("compiler: torch.compile of the plain step not used: %s: %s", type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else "")
+            self._compiled = None
+
+    def _grad(self, fn, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor):
+        with torch.enable_grad():
+            v = values.detach().clone().requires_grad_(True)
+            loss = self._call(fn, g, F.embedding(g.slot, v), targets)
+            loss.backward()
+        return loss.detach(), v.grad
+
+    # -- per group, once -------------------------------------------------------------------------
+    def rope(self, lower: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone.rotary_emb(lower, position_ids=positions)
+
+    @staticmethod
+    def mask(prefix_valid: torch.Tensor | None, suffix_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, S, P + S) additive: a live position sees the valid prefix and the valid live
+        positions up to itself (the dtype's minimum elsewhere, as transformers' eager mask)."""
+        B, S = suffix_valid.shape
+        causal = torch.ones(S, S, dtype=torch.bool, device=suffix_valid.device).tril()
+        allowed = causal.unsqueeze(0) & suffix_valid.bool().unsqueeze(1)  # (B, S, S)
+        if prefix_valid is not None:
+            allowed = torch.cat([prefix_valid.bool().unsqueeze(1).expand(B, S, -1), allowed], dim=2)
+        out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return out.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    # -- per step ---------------------------------------------------------------------------------
+    def loss(self, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the group's answer tokens with trainable ``values`` (K, w)."""
+        picked = F.embedding(g.slot, values)  # outside the compiled graph: a deterministic backward
+        if self._compiled is not None:
+            try:
+                return self._call(self._compiled, g, picked, targets)
+            except Exception as error:  # e.g. a new shape the compiler cannot take: keep going uncompiled
+                log.warning("compiler: torch.compile of the plain step failed (%s: %s); running it uncompiled",
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self._compiled = None
+        return self._call(self._loss_eager, g, picked, targets)
+
+    @staticmethod
+    def _call(fn, g: GroupInputs, picked: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return fn(picked, g.hit, g.lower, g.table_e, g.fixed_e, tuple(g.upper_e.items()), g.cos, g.sin,
+                  g.mask, tuple(g.prefix), g.target_seq, g.target_pos, targets)
+
+    def logits(self, g: GroupInputs, values: torch.Tensor) -> torch.Tensor:
+        picked = F.embedding(g.slot, values)
+        hidden = self._hidden(picked, g.hit, g.lower, g.table_e, g.fixed_e, tuple(g.upper_e.items()), g.cos, g.sin,
+                              g.mask, tuple(g.prefix), g.target_seq, g.target_pos)
+        return self.em.lm_head(hidden).float()
+
+    def _loss_eager(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos,
+                    targets):
+        hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos)
+        logits = self.em.lm_head(hidden).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def _hidden(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos):
+        trained = picked * hit.unsqueeze(-1).to(picked.dtype)  # as Overlay.lookup: owners summed in float32
+        if fixed_e is not None:
+            trained = trained + fixed_e
+        e = table_e + trained.to(table_e.dtype)
+        h = lower + self.engram[self.write_layer].mix(lower, e, conv=False)
+        upper = dict(upper_e)
+        for offset, layer in enumerate(self.layers):
+            index = self.write_layer + offset
+            if offset and index in upper:
+                h = h + self.engram[index].mix(h, upper[index], conv=False)
+            h = self._decoder(layer, h, cos, sin, mask, prefix[offset])
+        h = self.backbone.norm(h)
+        return h[target_seq, target_pos]
+
+    def _decoder(self, layer, h, cos, sin, mask, prefix):
+        attn = layer.self_attn
+        B, S, _ = h.shape
+        x = layer.input_layernorm(h)
+        shape = (B, S, -1, attn.head_dim)
+        q = attn.q_proj(x).view(shape)
+        k = attn.k_proj(x).view(shape)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[3]
+        G = Hq // Hkv
+        qg = q.reshape(B, Hkv, G * S, D)  # query head h reads key/value head h // G
+        pk, pv = prefix if prefix is not None else (None, None)
+        scores = _rows_times(qg, k).view(B, Hq, S, S)
+        if pk is not None:
+            scores = torch.cat([_rows_times(qg, pk).view(B, Hq, S, pk.shape[2]), scores], dim=-1)
+        weights = F.softmax(scores * attn.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+        w = weights.view(B, Hkv, G * S, -1)
+        out = _weighted(w[..., -S:], v)
+        if pk is not None:
+            out = _weighted(w[..., :-S], pv) + out
+        out = out.view(B, Hq, S, D).transpose(1, 2).reshape(B, S, Hq * D)
+        h = h + attn.o_proj(out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
