@@ -32,19 +32,22 @@ from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.compiler import CompileOptions, _Batch, _deterministic, _validate  # noqa: E402
 
 
-def batch_of(em, facts, step):
+def batch_of(em, facts, step, prefix_pass=True):
     seqs = [seq for seq, _ in _validate(em, facts, CompileOptions())]
     users = {u: i for i, u in enumerate(sorted({f.user_id for f in facts}))}
     for seq, fact in zip(seqs, facts):
         seq.user = users[fact.user_id]
-    return _Batch(em, seqs, len(users), reuse_lower=True, prefix_attention=True, prefix_groups=2, step=step)
+    return _Batch(em, seqs, len(users), reuse_lower=True, prefix_attention=True, prefix_groups=2, step=step,
+                  prefix_pass=prefix_pass)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--forms", nargs="+", default=["transformers", "plain", "compiled"])
+    ap.add_argument("--forms", nargs="+", default=["transformers", "plain", "compiled"],
+                    help="transformers | plain | compiled, '-hf' suffix: prefix through transformers; "
+                         "a form named twice runs the second time warm")
     ap.add_argument("--kernels", type=int, default=25, help="rows of each form's kernel table (0: none)")
     ap.add_argument("--attn", default="eager", help="the model's attention implementation (prefix forward)")
     ap.add_argument("--cprofile", action="store_true", help="also a cProfile of each form's batch preparation")
@@ -59,15 +62,20 @@ def main() -> None:
     facts = make_facts(em, args.facts, 16, 20, seed=0)
     out = {"facts": args.facts, "steps": args.steps, "device": torch.cuda.get_device_name(), "forms": {}}
     with _deterministic(True):
-        for form in args.forms:
-            step = None if form == "transformers" else fast_step.UpperStep(em, compiled=form == "compiled")
+        steps = {}
+        for k, form in enumerate(args.forms):
+            prefix_pass = not form.endswith("-hf")  # e.g. compiled-hf: the prefix through transformers
+            kind = form.removesuffix("-hf")
+            if kind not in steps:  # a form named twice runs warm (its compiled graphs kept)
+                steps[kind] = None if kind == "transformers" else fast_step.UpperStep(em, compiled=kind == "compiled")
+            step = steps[kind]
             torch.cuda.synchronize()
             t = time.perf_counter()
             python = cProfile.Profile() if args.cprofile else None
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 if python:
                     python.enable()
-                batch = batch_of(em, facts, step)
+                batch = batch_of(em, facts, step, prefix_pass)
                 values = batch.initial_values(20.0)
                 torch.cuda.synchronize()
                 if python:
@@ -97,7 +105,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 row["kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.kernels,
                                                           max_name_column_width=70)
-            out["forms"][form] = row
+            out["forms"][f"{k}:{form}"] = row
             print(form, {k: v for k, v in row.items() if k != "kernels"}, file=sys.stderr, flush=True)
             del batch
             torch.cuda.empty_cache()
