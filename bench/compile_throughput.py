@@ -132,10 +132,8 @@ def main() -> None:
                     help="CompileOptions.prefix_groups variants to compare in one run")
     ap.add_argument("--plain-step", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.plain_step variants to compare in one run")
-    ap.add_argument("--prefix-pass", nargs="+", choices=["on", "off"], default=["on"],
-                    help="CompileOptions.prefix_pass variants to compare in one run")
-    ap.add_argument("--compiled-step", nargs="+", choices=["auto", "on", "off"], default=["auto"],
-                    help="CompileOptions.compiled_step variants (auto: torch.compile on CUDA)")
+    ap.add_argument("--compiled-step", nargs="+", choices=["on", "off"], default=["off"],
+                    help="CompileOptions.compiled_step variants (torch.compile of the plain step)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -157,14 +155,14 @@ def main() -> None:
         facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
-        variants = [(a, b, r, p, g, ps, cs, pp) for a in args.attn for b in args.batch for r in args.reuse_lower
+        variants = [(a, b, r, p, g, ps, cs) for a in args.attn for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for ps in args.plain_step
-                    for cs in args.compiled_step for pp in args.prefix_pass]
-        for attn, batch, reuse, prefix_attn, groups, plain, compiled, prefix_pass in variants:
+                    for cs in args.compiled_step]
+        for attn, batch, reuse, prefix_attn, groups, plain, compiled in variants:
             em = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
-                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, plain_step=plain == "on", prefix_pass=prefix_pass == "on",
-                                  compiled_step={"auto": None, "on": True, "off": False}[compiled],
+                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, plain_step=plain == "on",
+                                  compiled_step=compiled == "on",
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator, torch.compile)
@@ -186,7 +184,7 @@ def main() -> None:
 
             forms = {f"{k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
-                "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled, "prefix_pass": prefix_pass,
+                "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled,
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
                 "warm_up_s": round(warm_up_s, 1),
                 "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "facts": len(facts), "seconds": round(seconds, 3),

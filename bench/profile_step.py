@@ -32,13 +32,12 @@ from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.compiler import CompileOptions, _Batch, _deterministic, _validate  # noqa: E402
 
 
-def batch_of(em, facts, step, prefix_pass=True):
+def batch_of(em, facts, step):
     seqs = [seq for seq, _ in _validate(em, facts, CompileOptions())]
     users = {u: i for i, u in enumerate(sorted({f.user_id for f in facts}))}
     for seq, fact in zip(seqs, facts):
         seq.user = users[fact.user_id]
-    return _Batch(em, seqs, len(users), reuse_lower=True, prefix_attention=True, prefix_groups=2, step=step,
-                  prefix_pass=prefix_pass)
+    return _Batch(em, seqs, len(users), reuse_lower=True, prefix_attention=True, prefix_groups=2, step=step)
 
 
 def main() -> None:
@@ -46,8 +45,7 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--forms", nargs="+", default=["transformers", "plain", "compiled"],
-                    help="transformers | plain | compiled, '-hf' suffix: prefix through transformers; "
-                         "a form named twice runs the second time warm")
+                    help="transformers | plain | compiled; a form named twice runs the second time warm")
     ap.add_argument("--kernels", type=int, default=25, help="rows of each form's kernel table (0: none)")
     ap.add_argument("--attn", default="eager", help="the model's attention implementation (prefix forward)")
     ap.add_argument("--cprofile", action="store_true", help="also a cProfile of each form's batch preparation")
@@ -64,8 +62,7 @@ def main() -> None:
     with _deterministic(True):
         steps = {}
         for k, form in enumerate(args.forms):
-            prefix_pass = not form.endswith("-hf")  # e.g. compiled-hf: the prefix through transformers
-            kind = form.removesuffix("-hf")
+            kind = form
             if kind not in steps:  # a form named twice runs warm (its compiled graphs kept)
                 steps[kind] = None if kind == "transformers" else fast_step.UpperStep(em, compiled=kind == "compiled")
             step = steps[kind]
@@ -75,7 +72,7 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 if python:
                     python.enable()
-                batch = batch_of(em, facts, step, prefix_pass)
+                batch = batch_of(em, facts, step)
                 values = batch.initial_values(20.0)
                 torch.cuda.synchronize()
                 if python:

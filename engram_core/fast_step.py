@@ -104,14 +104,11 @@ class UpperStep:
         self.write_layer = em.config.target_layer
         backbone, layers = backbone_and_layers(em.model)
         self.backbone = backbone
-        self.all_layers = list(layers)
-        self.layers = self.all_layers[self.write_layer:]
+        self.layers = list(layers)[self.write_layer:]
         self.rotary = _rotary(self.layers[0])
-        self.engram = {i: em.memory.layer(i) for i in em.config.layers}
-        self.prefix_supported = hasattr(backbone, "embed_tokens") and all(m.conv_is_zero for m in self.engram.values())
+        self.engram = {i: em.memory.layer(i) for i in em.config.layers if i >= self.write_layer}
         self._compiled = torch.compile(self._loss_eager, dynamic=True) if compiled else None
         self._compiled_checked = False
-        self._prefix = torch.compile(self._prefix_eager, dynamic=True) if compiled else None
 
     @property
     def compiled(self) -> bool:
@@ -168,45 +165,6 @@ class UpperStep:
         out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return out.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
-    @torch.no_grad()
-    def prefix_pass(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, prefix: int,
-                    engram_e: dict[int, torch.Tensor]):
-        """What a group keeps from the rows-independent part of its forward, in one pass: the
-        hidden states entering the write layer at the live positions ``prefix:`` (B, S, d), and
-        the keys and values of the positions ``:prefix`` at every layer (each (B, kvh, P, hd),
-        after rotary, as a KV cache holds them). ``engram_e``: per Engram layer with something
-        to add (table or fixed rows), its rows as read at every position (B, T, H, w)."""
-        fn = self._prefix if self._prefix is not None else self._prefix_eager
-        try:
-            return fn(ids, mask, positions, prefix, tuple(engram_e.items()))
-        except Exception as error:  # compile failure: keep going uncompiled
-            if fn is self._prefix_eager:
-                raise
-            log.warning("compiler: torch.compile of the prefix pass failed (%s: %s); running it uncompiled",
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            self._prefix = None
-            return self._prefix_eager(ids, mask, positions, prefix, tuple(engram_e.items()))
-
-    def _prefix_eager(self, ids, mask, positions, prefix: int, engram_e):
-        engram_e = dict(engram_e)
-        h = self.backbone.embed_tokens(ids)
-        cos, sin = self.backbone.rotary_emb(h, position_ids=positions)
-        additive = self.mask(None, mask, h.dtype)  # (B, 1, T, T): causal and padding
-        kv, lower = [], None
-        for index, layer in enumerate(self.all_layers):
-            if index == self.write_layer:
-                lower = h[:, prefix:]
-                if prefix == 0:
-                    break
-                h, cos, sin = h[:, :prefix], cos[:, :prefix], sin[:, :prefix]
-                additive = additive[:, :, :prefix, :prefix]
-            if index in engram_e:
-                e = engram_e[index][:, : h.shape[1]]
-                h = h + self.engram[index].mix(h, e, conv=False)
-            h, k, v = self._decoder(layer, h, cos, sin, additive, None, keep_kv=True)
-            kv.append((k[:, :, :prefix], v[:, :, :prefix]))
-        return lower, kv
-
     # -- per step ---------------------------------------------------------------------------------
     def loss(self, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of the group's answer tokens with trainable ``values`` (K, w)."""
@@ -252,7 +210,7 @@ class UpperStep:
         h = self.backbone.norm(h)
         return h[target_seq, target_pos]
 
-    def _decoder(self, layer, h, cos, sin, mask, prefix, keep_kv: bool = False):
+    def _decoder(self, layer, h, cos, sin, mask, prefix):
         attn = layer.self_attn
         B, S, _ = h.shape
         x = layer.input_layernorm(h)
@@ -277,5 +235,4 @@ class UpperStep:
             out = _weighted(w[..., :-S], pv) + out
         out = out.view(B, Hq, S, D).transpose(1, 2).reshape(B, S, Hq * D)
         h = h + attn.o_proj(out)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return (h, k, v) if keep_kv else h
+        return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -232,3 +232,71 @@ def test_prefix_groups_cover_every_sequence_once_and_compute_the_fewest_position
                     for a, b in zip(bounds, bounds[1:]))
             best = c if best is None else min(best, c)
     assert cost == best
+
+
+def _plain_step_facts():
+    """Long triggers (a real cached prefix), multi-token answers, and per user one trigger that
+    contains another of its triggers (so it addresses that fact's rows early: a second group
+    that recomputes from early in its trigger)."""
+    triggers = [("My sister who moved to Bergen last year works at", "Lindqvist and Moreau"),
+                ("The name of the dentist I see every spring is", "Dr. Akeredolu"),
+                ("My dog's name is", "Rex"),
+                ("My dog's name is Rex and my cat's name is", "Biscuit"),
+                ("I live in the city of", "Lyon")]
+    return [Fact(f"user-{u}", f"fact-{k}", trigger, " " + answer) for u in range(4) for k, (trigger, answer) in enumerate(triggers)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_plain_step_gives_transformers_logits_and_gradients_and_recalls_every_fact(family, tiny_checkpoints):
+    """The compile step as plain tensor code (engram_core.fast_step) computes what transformers'
+    forward computes: the same logits and the same gradient of the rows, for the usual group
+    (cached prefix) and a group that recomputes its trigger; facts compiled with it all come back."""
+    from engram_core import fast_step
+    from engram_core.compiler import _LOWER_REUSE_OK
+
+    em = load_checkpoint(tiny_checkpoints(family), attn_implementation="eager")
+    facts = _plain_step_facts()
+    step = fast_step.UpperStep(em)
+    batch = one_batch(em, facts, reuse_lower=True, prefix_attention=True, step=step)
+    assert len(batch.groups) == 2 and batch.groups[0].prefix > batch.groups[1].prefix
+    assert any(len(s.targets) > 1 for s in batch.seqs)
+    values = batch.initial_values(20.0) * 0.5  # not at the start's optimum: real gradients
+    overlay = batch._overlay(values)
+    with torch.no_grad():
+        for group in batch.groups:
+            torch.testing.assert_close(step.logits(group.plain, values), group.logits(overlay, full=True),
+                                       rtol=1e-4, atol=1e-4)
+
+    def gradient(plain: bool) -> torch.Tensor:
+        v = values.clone().requires_grad_(True)
+        for group in batch.groups:
+            if plain:
+                loss = step.loss(group.plain, v, group.targets)
+            else:
+                loss = torch.nn.functional.cross_entropy(group.logits(batch._overlay(v)), group.targets, reduction="sum")
+            loss.backward()
+        return v.grad
+
+    want = gradient(plain=False)
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(gradient(plain=True), want, rtol=1e-3, atol=1e-5)
+    result = compile_facts(em, facts, CompileOptions(facts_per_batch=64))  # the plain step is the default
+    assert _LOWER_REUSE_OK[em.model][("plain", "torch.float32")] is True
+    assert result.ok == len(facts)
+    assert_recalled(em, facts, result)
+
+
+def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, caplog):
+    """``compiled_step``: torch.compile of the plain step (inductor, here on the CPU). It is
+    checked against the uncompiled step, used, and the facts it compiles all come back."""
+    import logging
+
+    from engram_core.compiler import _STEPS
+
+    facts = _plain_step_facts()
+    with caplog.at_level(logging.INFO, logger="engram_core"):
+        result = compile_facts(tiny, facts, CompileOptions(facts_per_batch=64, compiled_step=True))
+    assert _STEPS[tiny.model][True].compiled, caplog.text
+    assert "the plain step runs compiled" in caplog.text
+    assert result.ok == len(facts)
+    assert_recalled(tiny, facts, result)
