@@ -66,6 +66,15 @@ def build_d768(directory: Path) -> None:
     save_engram(memory, directory / "engram")
 
 
+def load_d768(attn: str = "eager", device: str = "cuda"):
+    """The d768 checkpoint, built in a temporary directory and loaded in bf16 on ``device``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "model"
+        root.mkdir()
+        build_d768(root)
+        return load_checkpoint(root, device=device, dtype=torch.bfloat16, attn_implementation=attn)
+
+
 def make_facts(em, n: int, trigger_words: int, facts_per_user: int, seed: int) -> list[Fact]:
     rng = random.Random(seed)
     vocab = len(em.tokenizer)

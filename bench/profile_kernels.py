@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -16,8 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from compile_throughput import build_d768, make_facts  # noqa: E402
-from engram_core.checkpoint import load_checkpoint  # noqa: E402
+from compile_throughput import load_d768, make_facts  # noqa: E402
 from engram_core.compiler import CompileOptions, compile_facts  # noqa: E402
 
 
@@ -28,11 +26,7 @@ def main() -> None:
     ap.add_argument("--attn", default="eager")
     ap.add_argument("--reuse-lower", choices=["on", "off"], default="on")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "model"
-        root.mkdir()
-        build_d768(root)
-        em = load_checkpoint(root, device="cuda", dtype=torch.bfloat16, attn_implementation=args.attn)
+    em = load_d768(args.attn)
     facts = make_facts(em, args.facts, 16, 20, seed=0)
     opts = CompileOptions(facts_per_batch=args.facts, reuse_lower_layers=args.reuse_lower == "on")
     compile_facts(em, facts, opts)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import pstats
 import json
 import logging
+import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from compile_throughput import build_d768, make_facts  # noqa: E402
+from compile_throughput import load_d768, make_facts  # noqa: E402
 from engram_core import fast_step  # noqa: E402
-from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.compiler import CompileOptions, _Batch, _deterministic, _validate  # noqa: E402
 
 
@@ -52,11 +50,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "model"
-        root.mkdir()
-        build_d768(root)
-        em = load_checkpoint(root, device="cuda", dtype=torch.bfloat16, attn_implementation=args.attn)
+    em = load_d768(args.attn)
     facts = make_facts(em, args.facts, 16, 20, seed=0)
     out = {"facts": args.facts, "steps": args.steps, "device": torch.cuda.get_device_name(), "forms": {}}
     with _deterministic(True):
