@@ -262,7 +262,10 @@ class _Batch:
                  step: "fast_step.UpperStep | None" = None):
         self.em, self.seqs = em, seqs
         self.prefix_attention = prefix_attention
+        if _LOWER_REUSE_OK.get(em.model, {}).get(("plain", str(em.lm_head.weight.dtype))) is False:
+            step = None  # checked before for this model, and it differed: prepare nothing for it
         self.step = step  # the plain step, if this model may use it (``plain_step``)
+        self.plain = False  # whether the steps run it (decided by check_lower_reuse)
         layer = em.config.target_layer
         self.layer = layer
         self.num_rows = em.memory.num_rows(layer)

@@ -13,11 +13,11 @@ is computed once per group; a step is
 
 built from the model's own modules (norms, projections, MLPs, its rotary function), so the
 family's details stay theirs. Only attention is written out: eager attention's math (scores in
-the model dtype, softmax in float32), with the prefix's keys and values read in place, as
-products and sums rather than batched matmuls of a few rows each.
+the model dtype, softmax in float32), with the prefix's keys and values read in place.
 
-On CUDA the step can run through ``torch.compile`` (``compiled=True``), which fuses the
-elementwise work between the matmuls. The trainable rows' gather (and so its backward, a
+The step can run through ``torch.compile`` (``compiled=True``, ``CompileOptions.compiled_step``),
+which fuses the elementwise work between the matmuls (and there the attention's few rows per
+sequence become products and sums, not batched matmuls). The trainable rows' gather (and so its backward, a
 deterministic sorted segment sum) stays outside the compiled graph: inside, a scatter would
 be an atomic add, which is not deterministic.
 
@@ -26,8 +26,8 @@ The compiler checks this form against the full forward once per model before usi
 
 from __future__ import annotations
 
-import sys
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
