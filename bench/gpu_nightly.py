@@ -33,6 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=65536)
     ap.add_argument("--facts-per-batch", type=int, default=32768)
+    ap.add_argument("--batches-per-chunk", type=int, default=4, help="NightlySpec.batches_per_chunk")
+    ap.add_argument("--compiled-step", action="store_true", help="CompileOptions.compiled_step")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     gpus = torch.cuda.device_count()
@@ -48,12 +50,12 @@ def main() -> None:
         del em
         start_ray(num_cpus=max(2, gpus * 2))
         spec = NightlySpec(store=str(root / "store"), fact_log=str(root / "log"), model=str(root / "model"),
-                           num_shards=16, workers=max(1, gpus),
-                           compile={"facts_per_batch": args.facts_per_batch})
+                           num_shards=16, workers=max(1, gpus), batches_per_chunk=args.batches_per_chunk,
+                           compile={"facts_per_batch": args.facts_per_batch, "compiled_step": args.compiled_step})
         start = time.perf_counter()
         report = run_nightly(spec)
         wall = time.perf_counter() - start
-    out = {"gpus": gpus, "device": torch.cuda.get_device_name() if gpus else "cpu", "facts": report.facts,
+    out = {"gpus": gpus, "batches_per_chunk": args.batches_per_chunk, "compiled_step": args.compiled_step, "device": torch.cuda.get_device_name() if gpus else "cpu", "facts": report.facts,
            "facts_ok": report.facts_ok, "facts_failed": report.facts_failed, "wall_s": round(wall, 1),
            "compile_facts_per_s": round(report.facts / report.seconds["compile"], 1),
            "night_facts_per_s": round(report.facts / wall, 1), "seconds": report.seconds}

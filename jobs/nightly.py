@@ -195,7 +195,7 @@ def run_nightly(
         compiled = compile_mod.compile_stage(
             spec.model, facts, fingerprint=fingerprint, options=spec.compile_options(),
             workers=spec.workers, gpus_per_worker=spec.gpus_per_worker, on_chunk=on_chunk,
-            checkpoints=checkpoints,
+            checkpoints=checkpoints, batches_per_chunk=spec.batches_per_chunk,
         )
         bar.close()
         timer.items["compile"] = len(facts)

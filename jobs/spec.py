@@ -27,6 +27,10 @@ class NightlySpec:
     """Ray compile actors (0 = compile in the driver process, no Ray)."""
     gpus_per_worker: float | None = None
     """GPUs per actor; None = 1 if the cluster has GPUs, else 0."""
+    batches_per_chunk: int = 1
+    """Compile batches (``compile.facts_per_batch`` facts each) per Ray task. More than one: the
+    next batch is tokenized while one compiles and per-task costs are paid less often (use 4 on
+    GPU workers); one: finer checkpoints and more tasks to spread over CPU workers."""
     ray_address: str | None = None
     """None = a local Ray cluster; else a cluster address (e.g. ray://head:10001 or auto)."""
     recompile_all: bool = False
@@ -44,6 +48,8 @@ class NightlySpec:
                 raise SpecError(f"job spec: field '{name}' must be a non-empty string")
         if not isinstance(self.num_shards, int) or self.num_shards < 1:
             raise SpecError(f"job spec: field 'num_shards' must be a positive int, got {self.num_shards!r}")
+        if not isinstance(self.batches_per_chunk, int) or self.batches_per_chunk < 1:
+            raise SpecError(f"job spec: field 'batches_per_chunk' must be a positive int, got {self.batches_per_chunk!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise SpecError(f"job spec: field 'workers' must be an int >= 0, got {self.workers!r}")
         if self.on_bad_file not in ("raise", "reject"):

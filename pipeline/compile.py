@@ -178,13 +178,20 @@ def compile_stage(
     gpus_per_worker: float | None = None,
     on_chunk: Callable[[int, int], None] = lambda users, facts: None,
     checkpoints: ChunkCheckpoints | None = None,
+    batches_per_chunk: int = 1,
 ) -> CompileStageResult:
     """Compile ``facts`` on ``workers`` Ray actors (0 = in this process, no Ray).
 
+    Each task (chunk) is about ``batches_per_chunk`` compile batches of whole users: with more
+    than one, a worker tokenizes the next batch while the current one's steps run, and the
+    per-chunk costs (transfer, checkpoint) are paid less often; with one, checkpoints are finer.
+    Each actor holds two chunks at a time, so the next one's transfer overlaps the current one.
     With ``checkpoints``, chunks compiled by an earlier interrupted run are restored instead of
     compiled again, and every newly compiled chunk is saved as soon as it arrives.
     """
-    chunks = chunk_users(facts, options.facts_per_batch)
+    if batches_per_chunk < 1:
+        raise ValueError(f"compile_stage: batches_per_chunk must be at least 1, got {batches_per_chunk}")
+    chunks = chunk_users(facts, options.facts_per_batch * batches_per_chunk)
     if not chunks:
         return CompileStageResult({}, [], {})
     restored, todo, key_of_first_user = [], [], {}
@@ -213,7 +220,6 @@ def compile_stage(
         return _merge(outputs, fingerprint, on_chunk, save, resumed)
 
     import ray
-    from ray.util import ActorPool
 
     if not ray.is_initialized():
         raise RuntimeError("compile_stage: call pipeline.compile.start_ray() first (or use workers=0)")
@@ -226,12 +232,34 @@ def compile_stage(
     size = min(workers, len(todo))
     actors = [actor_cls.remote(model_dir, options, None, 1 if gpus == 0 else None) for _ in range(size)]
     try:
-        pool = ActorPool(actors)
-        outputs = pool.map_unordered(lambda actor, chunk: actor.compile.remote(chunk), todo)
+        outputs = _on_actors(ray, actors, todo, per_actor=2)
         return _merge(itertools.chain(restored, outputs), fingerprint, on_chunk, save, resumed)
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _on_actors(ray, actors: list, chunks: list[list[Fact]], per_actor: int) -> Iterator[tuple]:
+    """Results of ``actor.compile(chunk)`` for every chunk, in the order they finish, keeping up to
+    ``per_actor`` chunks queued on each actor (an actor runs its calls one at a time, so the next
+    chunk is already there when one finishes)."""
+    queue = iter(chunks)
+    pending: dict = {}  # object ref -> actor
+
+    def submit(actor) -> None:
+        chunk = next(queue, None)
+        if chunk is not None:
+            pending[actor.compile.remote(chunk)] = actor
+
+    for _ in range(per_actor):
+        for actor in actors:
+            submit(actor)
+    while pending:
+        (done,), _ = ray.wait(list(pending), num_returns=1)
+        actor = pending.pop(done)
+        output = ray.get(done)
+        submit(actor)
+        yield output
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:

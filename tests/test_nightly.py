@@ -217,3 +217,22 @@ def test_a_user_whose_facts_the_compiler_refuses_stops_serving_the_old_delta(tmp
     assert published_delta(local_store, "u") is None  # the retracted answer is no longer served
     status = query_stats(local_store, f"select status from facts where version = {report.version}")
     assert status.column("status").to_pylist() == ["answer_too_long"]
+
+
+def test_a_compile_task_holds_batches_per_chunk_batches_of_whole_users(tiny_dir, tiny):
+    """``batches_per_chunk`` packs several compile batches into one task (here in-process), whole
+    users each; every fact still compiles, and a bad value is refused before any work."""
+    from engram_core.compiler import CompileOptions, Fact
+    from pipeline.compile import compile_stage
+
+    facts = [Fact(f"user-{u:02d}", f"fact-{k}", trigger, answer) for u in range(12)
+             for k, (trigger, answer) in enumerate([("My dog's name is", " Rex"), ("I live in", " Lyon")])]
+    sizes = []
+    result = compile_stage(str(tiny_dir), facts, fingerprint=tiny.fingerprint, options=CompileOptions(facts_per_batch=4),
+                           workers=0, on_chunk=lambda users, done: sizes.append((users, done)), batches_per_chunk=3)
+    assert sizes == [(6, 12), (6, 12)]  # 2 facts per user: chunks of 12 facts = 3 batches of 4
+    assert result.ok == len(facts) and len(result.deltas) == 12
+    with pytest.raises(ValueError, match="batches_per_chunk must be at least 1"):
+        compile_stage(str(tiny_dir), facts, fingerprint=tiny.fingerprint, workers=0, batches_per_chunk=0)
+    with pytest.raises(SpecError, match="batches_per_chunk"):
+        NightlySpec(store="s", fact_log="l", model="m", batches_per_chunk=0)
