@@ -179,14 +179,16 @@ class UpperStep:
         return self._call(self._loss_eager, g, picked, targets)
 
     @staticmethod
-    def _call(fn, g: GroupInputs, picked: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return fn(picked, g.hit, g.lower, g.table_e, g.fixed_e, tuple(g.upper_e.items()), g.cos, g.sin,
-                  g.mask, tuple(g.prefix), g.target_seq, g.target_pos, targets)
+    def _args(g: GroupInputs, picked: torch.Tensor) -> tuple:
+        """The step's inputs as plain arguments (what ``torch.compile`` guards on and traces)."""
+        return (picked, g.hit, g.lower, g.table_e, g.fixed_e, tuple(g.upper_e.items()), g.cos, g.sin,
+                g.mask, tuple(g.prefix), g.target_seq, g.target_pos)
+
+    def _call(self, fn, g: GroupInputs, picked: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return fn(*self._args(g, picked), targets)
 
     def logits(self, g: GroupInputs, values: torch.Tensor) -> torch.Tensor:
-        picked = F.embedding(g.slot, values)
-        hidden = self._hidden(picked, g.hit, g.lower, g.table_e, g.fixed_e, tuple(g.upper_e.items()), g.cos, g.sin,
-                              g.mask, tuple(g.prefix), g.target_seq, g.target_pos)
+        hidden = self._hidden(*self._args(g, F.embedding(g.slot, values)))
         return self.em.lm_head(hidden).float()
 
     def _loss_eager(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos,
