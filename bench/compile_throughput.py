@@ -21,6 +21,7 @@ No asserts on time: results go to bench/RESULTS.md by hand, with date and device
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -31,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engram_core.checkpoint import attach_new_memory, load_checkpoint, save_engram  # noqa: E402
@@ -119,6 +121,18 @@ def flops_per_fact(em, trigger_tokens: int, steps: int, reuse_lower: bool = Fals
     return (trigger_tokens - 1) * fwd_token + steps * (fwd_token + bwd_token) + fwd_token
 
 
+def deltas_digest(deltas) -> str:
+    """sha256 over every user's delta (layers, rows, values): variants that must give the same
+    deltas can be compared across a run."""
+    digest = hashlib.sha256()
+    for user in sorted(deltas):
+        d = deltas[user]
+        digest.update(user.encode() + b"\0")
+        for part in (d.layers, d.row_ids, d.values):
+            digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=["tiny", "d768"], default="tiny")
@@ -143,6 +157,8 @@ def main() -> None:
                     help="CompileOptions.plain_step variants to compare in one run")
     ap.add_argument("--compiled-step", nargs="+", choices=["on", "off"], default=["off"],
                     help="CompileOptions.compiled_step variants (torch.compile of the plain step)")
+    ap.add_argument("--overlap", nargs="+", choices=["on", "off"], default=["on"],
+                    help="CompileOptions.overlap_batches variants (next batch prepared during this one's steps)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -164,14 +180,17 @@ def main() -> None:
         facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
-        variants = [(a, b, r, p, g, ps, cs) for a in args.attn for b in args.batch for r in args.reuse_lower
+        variants = [(a, b, r, p, g, ps, cs, ov) for a in args.attn for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for ps in args.plain_step
-                    for cs in args.compiled_step]
-        for attn, batch, reuse, prefix_attn, groups, plain, compiled in variants:
-            em = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
+                    for cs in args.compiled_step for ov in args.overlap]
+        models = {}  # one model per attention implementation: its compiled steps are kept across variants
+        for attn, batch, reuse, prefix_attn, groups, plain, compiled, overlap in variants:
+            if attn not in models:
+                models[attn] = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
+            em = models[attn]
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
                                   reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, plain_step=plain == "on",
-                                  compiled_step=compiled == "on",
+                                  compiled_step=compiled == "on", overlap_batches=overlap == "on",
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator, torch.compile)
@@ -193,7 +212,8 @@ def main() -> None:
 
             forms = {f"{k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
-                "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled,
+                "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled, "overlap": overlap,
+                "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
                 "warm_up_s": round(warm_up_s, 1),
                 "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "facts": len(facts), "seconds": round(seconds, 3),
@@ -224,7 +244,7 @@ def main() -> None:
     else:
         for run in runs:
             print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']} reuse {run['reuse_lower']} prefix-attn {run['prefix_attention']} "
-                  f"plain {run['plain_step']} compiled {run['compiled_step']}: {run['facts_per_s']} facts/s, "
+                  f"plain {run['plain_step']} compiled {run['compiled_step']} overlap {run['overlap']}: {run['facts_per_s']} facts/s, "
                   f"recall {run['recall']:.4f}, greedy {run['greedy_ok']}/{run['greedy_checked']}, "
                   f"{run['achieved_tflops']} TFLOP/s, peak {run['peak_gpu_gib']} GiB, phases {run['phases_s']}")
 

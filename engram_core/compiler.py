@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 import time
 import weakref
 from dataclasses import dataclass, field
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -113,6 +113,10 @@ class CompileOptions:
     costs about a minute per process even with a warm inductor cache (``TORCHINDUCTOR_CACHE_DIR``)
     and up to three minutes cold, so it pays from about 3 million facts per process. A compile that fails, or whose loss or
     gradient differs from the uncompiled step's, is dropped with a warning."""
+    overlap_batches: bool = True
+    """On a GPU: prepare the next batch (rows, prefix caches, start values) on a side CUDA stream
+    while this batch's steps run, and assemble this batch's results on the host while the next
+    one's steps run. Every batch's work and results are the same as without overlap."""
 
 
 @dataclass(frozen=True)
@@ -759,20 +763,34 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     deltas: dict[str, Delta] = {}
     counts: dict[str, int] = {}
     timings = dict.fromkeys(("tokenize", "prepare", "optimize", "verify", "assemble"), 0.0)
+    clock = _PhaseClock(timings, em.device)
 
     def tokenize(users: list[str]):
         batch_facts = [f for u in users for f in facts_of[u]]
         return batch_facts, _validate(em, batch_facts, options)
 
+    def done(job: _Job) -> None:
+        batch_deltas, batch_results = job.assemble()
+        deltas.update(batch_deltas)
+        results.extend(batch_results)
+        if progress is not None:
+            progress(len(job.users), sum(counts[u] for u in job.users))
+
+    # Overlap (CUDA): batch k+1 is prepared on a side stream while batch k's steps run on the
+    # main one, and batch k is assembled on the host while batch k+1's steps run. The order of
+    # the work on each batch, and so every result, is the same as without overlap.
+    # On a CPU there is no side stream, but the order of the work is the same.
+    side = torch.cuda.Stream(em.device) if options.overlap_batches and em.device.type == "cuda" else None
+    in_flight: _Job | None = None
     # The next batch is tokenized on a thread while this one compiles (the tokenizer's Rust
     # backend runs without the GIL); "tokenize" times only the wait for it.
     batches = list(_batches(facts_of, options.facts_per_batch))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-tokenize") as pool:
         pending = pool.submit(tokenize, batches[0]) if batches else None
         for k, users in enumerate(batches):
-            waited = time.perf_counter()
+            clock.restart()
             batch_facts, validated = pending.result()
-            timings["tokenize"] += time.perf_counter() - waited
+            clock.tick("tokenize", wait=False)
             if k + 1 < len(batches):
                 pending = pool.submit(tokenize, batches[k + 1])
             by_user: dict[str, list[_Seq]] = {}
@@ -782,112 +800,166 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
                 else:
                     by_user.setdefault(fact.user_id, []).append(seq)
             compiled = [u for u in users if u in by_user]
-            if compiled:
-                batch_deltas, batch_results = _compile_users(em, compiled, by_user, options, base_deltas, timings)
-                deltas.update(batch_deltas)
-                results.extend(batch_results)
             counts.update({u: len(by_user[u]) for u in compiled})
-            if progress is not None:
-                progress(len(compiled), sum(counts[u] for u in compiled))
+            if not compiled:
+                if in_flight is not None:  # rare: report batches in order
+                    in_flight.verify()
+                    done(in_flight)
+                    in_flight = None
+                if progress is not None:
+                    progress(0, 0)
+                continue
+            with torch.cuda.stream(side) if side is not None else nullcontext():
+                job = _Job(em, compiled, by_user, options, base_deltas, clock)
+            if not options.overlap_batches:
+                job.launch()
+                job.verify()
+                done(job)
+                continue
+            if in_flight is not None:
+                in_flight.verify()
+            if side is not None:
+                torch.cuda.current_stream(em.device).wait_stream(side)  # its inputs are ready
+            job.launch()
+            if in_flight is not None:
+                done(in_flight)
+            in_flight = job
+        if in_flight is not None:
+            in_flight.verify()
+            done(in_flight)
     order = {u: i for i, u in enumerate(sorted(facts_of))}
     results.sort(key=lambda r: (order[r.user_id], r.fact_id))
     return CompileResult(deltas, results, counts, {k: round(v, 4) for k, v in timings.items()})
 
 
 class _PhaseClock:
-    """Adds the seconds since the last tick to a phase (synchronising the GPU, so kernels queued
-    in one phase are not billed to the next)."""
+    """Adds the seconds since the last tick to a phase. A tick waits for the GPU work queued on
+    the current stream, so kernels queued in one phase are not billed to the next; with overlap,
+    the steps' time not hidden behind the next batch's preparation is billed to "optimize"."""
 
     def __init__(self, timings: dict[str, float], device: torch.device):
-        self.timings, self.cuda = timings, device.type == "cuda"
+        self.timings, self.device = timings, device
         self.last = time.perf_counter()
 
-    def tick(self, phase: str) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+    def tick(self, phase: str, wait: bool = True) -> None:
+        if wait and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
         self.last = now
 
 
-def _compile_users(em: EngramModel, users: list[str], by_user: dict[str, list[_Seq]], options: CompileOptions,
-                   base_deltas: dict[str, Delta] | None = None, timings: dict[str, float] | None = None):
-    """Joint OPT for a batch of users with retry rounds for users whose facts fail."""
-    clock = _PhaseClock(timings if timings is not None else {}, em.device)
-    seqs = []
-    for slot, u in enumerate(users):  # the _Seqs are this call's own (made by _validate): slot them in place
-        for s in by_user[u]:
-            s.user = slot
-        seqs.extend(by_user[u])
-    final: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]] = {}
-    per_fact: dict[int, tuple[bool, float, float, int]] = {}
-    active = list(range(len(users)))
-    values_by_user: dict[int, torch.Tensor] = {}
-    host_values_by_user: dict[int, np.ndarray] = {}  # float16, as stored
-    steps_by_user = dict.fromkeys(range(len(users)), 0)
-    for round_index in range(options.max_rounds):
-        # Re-slot the active users densely so keys stay small (round 0: every user, already dense).
-        remap = {u: k for k, u in enumerate(active)}
-        if round_index == 0:
-            batch_seqs = local = seqs
-        else:
-            active_set = set(active)
-            batch_seqs = [s for s in seqs if s.user in active_set]
-            local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets) for s in batch_seqs]
-        base = None
-        if base_deltas:
-            base = {remap[u]: base_deltas[users[u]] for u in active if users[u] in base_deltas}
-        batch = _Batch(em, local, len(active), base or None,
-                       reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
-                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
-                       prefix_groups=options.prefix_groups, step=_plain_step(em, options))
-        if round_index == 0:
-            start = batch.initial_values(options.init_scale)
-        else:
-            start = torch.cat([values_by_user[u] for u in active])
-        steps = options.steps if round_index == 0 else options.retry_steps
+class _Job:
+    """One batch of whole users through the compiler: prepared (its first round's rows, prefix
+    caches and start values), its steps queued (:meth:`launch`), verified with retry rounds for
+    users whose facts fail (:meth:`verify`), then assembled into deltas and results on the host
+    (:meth:`assemble`). With overlap the three parts of neighbouring batches interleave; the
+    GPU tensors a job prepared on the side stream stay referenced until :meth:`verify` has
+    waited for the steps that read them (the caching allocator would otherwise hand their
+    memory to the side stream's next batch while the main stream still reads it)."""
+
+    def __init__(self, em: EngramModel, users: list[str], by_user: dict[str, list[_Seq]], options: CompileOptions,
+                 base_deltas: dict[str, Delta] | None, clock: _PhaseClock):
+        self.em, self.users, self.options, self.base_deltas, self.clock = em, users, options, base_deltas, clock
+        self.seqs = []
+        for slot, u in enumerate(users):  # the _Seqs are this call's own (made by _validate): slot them in place
+            for s in by_user[u]:
+                s.user = slot
+            self.seqs.extend(by_user[u])
+        self.final: dict[int, np.ndarray] = {}  # slot -> its rows
+        self.per_fact: dict[int, tuple[bool, float, float, int]] = {}
+        self.host_values: dict[int, np.ndarray] = {}  # slot -> float16 values, as stored
+        self.steps_by_user = dict.fromkeys(range(len(users)), 0)
+        self.active = list(range(len(users)))
+        self.batch = self._batch(self.seqs, self.active)
+        self.start = self.batch.initial_values(options.init_scale)
+        self.values: torch.Tensor | None = None
         clock.tick("prepare")
-        # Retry rounds restart Adam from the current rows at a smaller step: what is left is
-        # usually two facts of the user fighting over shared rows, a fine balance.
-        values = batch.optimize(start, steps, options.lr * 0.5**round_index)
-        for u in active:
-            steps_by_user[u] += steps
-        clock.tick("optimize")
-        ok, loss, margin = batch.check(values, options.min_margin)
-        clock.tick("verify")
-        # Split values back per user (keys are sorted by slot, then row).
-        offsets = np.cumsum([0] + [len(batch.user_rows[k]) for k in range(len(active))])
-        values_host = values.half().cpu().numpy()  # one device-to-host copy per round
-        for k, u in enumerate(active):
-            values_by_user[u] = values[offsets[k]:offsets[k + 1]]
-            host_values_by_user[u] = values_host[offsets[k]:offsets[k + 1]]
-            final[u] = batch.user_rows[k]
-        # Per fact (its written positions are one contiguous run): all ok, summed loss, least
-        # margin, and the distinct rows its positions address.
-        start = batch.written_start
-        fact_ok = np.logical_and.reduceat(ok, start)
-        fact_loss = np.add.reduceat(loss, start)
-        fact_margin = np.minimum.reduceat(margin, start)
-        fact_keys = _distinct(batch.w_seq[:, None] * batch.num_rows + batch.rows[batch.w_seq, batch.w_pos])
-        rows_touched = np.bincount(fact_keys // batch.num_rows, minlength=len(local))
-        per_fact.update(zip(map(id, batch_seqs), zip(fact_ok.tolist(), fact_loss.tolist(), fact_margin.tolist(),
-                                                      rows_touched.tolist())))
-        active = sorted({batch_seqs[i].user for i in np.nonzero(~fact_ok)[0]})
-        clock.tick("assemble")
-        if not active:
-            break
-    deltas = {}
-    layer = em.config.target_layer
-    for slot, user in enumerate(users):
-        rows = final[slot]
-        values = host_values_by_user[slot]
-        deltas[user] = Delta(np.full(len(rows), layer, np.int16), rows, values)
-    results = []
-    for s in seqs:
-        fact_ok, loss, margin, rows_touched = per_fact[id(s)]
-        steps = steps_by_user[s.user]
-        status = STATUS_OK if fact_ok else STATUS_NOT_RECALLED
-        detail = "" if fact_ok else f"answer not reproduced greedily with margin >= {options.min_margin} after {steps} steps"
-        results.append(FactResult(s.fact.user_id, s.fact.fact_id, status, loss, steps, rows_touched, margin, detail))
-    clock.tick("assemble")
-    return deltas, results
+
+    def _batch(self, local: list[_Seq], active: list[int]) -> _Batch:
+        em, options = self.em, self.options
+        base = None
+        if self.base_deltas:
+            remap = {u: k for k, u in enumerate(active)}
+            base = {remap[u]: self.base_deltas[self.users[u]] for u in active if self.users[u] in self.base_deltas}
+        return _Batch(em, local, len(active), base or None,
+                      reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
+                      prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
+                      prefix_groups=options.prefix_groups, step=_plain_step(em, options))
+
+    def launch(self) -> None:
+        """Queue the first round's steps (on the current stream; returns before they run on a GPU)."""
+        self.values = self.batch.optimize(self.start, self.options.steps, self.options.lr)
+        for u in self.active:
+            self.steps_by_user[u] += self.options.steps
+        self.clock.tick("optimize", wait=False)
+
+    def verify(self) -> None:
+        """Verify the first round; retry rounds (each prepared, run and verified in turn) for the
+        users with a failing fact. Leaves only host data behind."""
+        options, clock = self.options, self.clock
+        clock.tick("optimize")  # the steps' time not hidden behind other work
+        batch, batch_seqs, values = self.batch, self.seqs, self.values
+        values_by_user: dict[int, torch.Tensor] = {}
+        for round_index in range(options.max_rounds):
+            if round_index:
+                # Re-slot the active users densely so keys stay small. Retry rounds restart Adam
+                # from the current rows at a smaller step: what is left is usually two facts of
+                # the user fighting over shared rows, a fine balance.
+                remap = {u: k for k, u in enumerate(self.active)}
+                active_set = set(self.active)
+                batch_seqs = [s for s in self.seqs if s.user in active_set]
+                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets) for s in batch_seqs]
+                batch = self._batch(local, self.active)
+                start = torch.cat([values_by_user[u] for u in self.active])
+                clock.tick("prepare")
+                values = batch.optimize(start, options.retry_steps, options.lr * 0.5**round_index)
+                for u in self.active:
+                    self.steps_by_user[u] += options.retry_steps
+                clock.tick("optimize")
+            ok, loss, margin = batch.check(values, options.min_margin)
+            clock.tick("verify")
+            # Split values back per user (keys are sorted by slot, then row).
+            offsets = np.cumsum([0] + [len(batch.user_rows[k]) for k in range(len(self.active))])
+            values_host = values.half().cpu().numpy()  # one device-to-host copy per round
+            for k, u in enumerate(self.active):
+                values_by_user[u] = values[offsets[k]:offsets[k + 1]]
+                self.host_values[u] = values_host[offsets[k]:offsets[k + 1]]
+                self.final[u] = batch.user_rows[k]
+            # Per fact (its written positions are one contiguous run): all ok, summed loss, least
+            # margin, and the distinct rows its positions address.
+            start = batch.written_start
+            fact_ok = np.logical_and.reduceat(ok, start)
+            fact_loss = np.add.reduceat(loss, start)
+            fact_margin = np.minimum.reduceat(margin, start)
+            fact_keys = _distinct(batch.w_seq[:, None] * batch.num_rows + batch.rows[batch.w_seq, batch.w_pos])
+            rows_touched = np.bincount(fact_keys // batch.num_rows, minlength=len(batch_seqs))
+            self.per_fact.update(zip(map(id, batch_seqs), zip(fact_ok.tolist(), fact_loss.tolist(),
+                                                               fact_margin.tolist(), rows_touched.tolist())))
+            self.active = sorted({batch_seqs[i].user for i in np.nonzero(~fact_ok)[0]})
+            clock.tick("verify")
+            if not self.active:
+                break
+        # Everything on the device is done (the copies above waited for it): let it go.
+        self.batch = self.start = self.values = None
+
+    def assemble(self) -> tuple[dict[str, Delta], list[FactResult]]:
+        """Deltas and per-fact results, on the host."""
+        layer = self.em.config.target_layer
+        deltas = {}
+        for slot, user in enumerate(self.users):
+            rows = self.final[slot]
+            deltas[user] = Delta(np.full(len(rows), layer, np.int16), rows, self.host_values[slot])
+        results = []
+        min_margin = self.options.min_margin
+        for s in self.seqs:
+            fact_ok, loss, margin, rows_touched = self.per_fact[id(s)]
+            steps = self.steps_by_user[s.user]
+            status = STATUS_OK if fact_ok else STATUS_NOT_RECALLED
+            detail = "" if fact_ok else f"answer not reproduced greedily with margin >= {min_margin} after {steps} steps"
+            results.append(FactResult(s.fact.user_id, s.fact.fact_id, status, loss, steps, rows_touched, margin, detail))
+        self.clock.tick("assemble", wait=False)
+        return deltas, results

@@ -300,3 +300,28 @@ def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, ca
     assert "the plain step runs compiled" in caplog.text
     assert result.ok == len(facts)
     assert_recalled(tiny, facts, result)
+
+
+def test_overlapping_batches_changes_no_result_and_reports_every_batch(tiny):
+    """With ``overlap_batches`` the next batch is prepared while this one's steps run and this
+    one is assembled while the next one's run (on a CPU in the same order, without a side
+    stream). Batches whose users need retry rounds, and one with nothing valid, are included."""
+    facts = user_facts(num_users=6)
+    facts += [Fact("user-03", "clash-a", "My cat is called", " Rex"), Fact("user-03", "clash-b", "My cat is called", " Luna")]
+    facts += [Fact("user-99", "empty", "  ", " Rex")]  # a batch of its own with no valid fact
+    runs = {}
+    for overlap in (False, True):
+        calls = []
+        options = CompileOptions(facts_per_batch=20, overlap_batches=overlap, max_rounds=3, retry_steps=5)
+        result = compile_facts(tiny, facts, options, progress=lambda users, n: calls.append((users, n)))
+        runs[overlap] = result, calls
+    (plain, plain_calls), (overlapped, overlapped_calls) = runs[False], runs[True]
+    assert plain_calls == overlapped_calls == [(2, 20), (2, 22), (2, 20), (0, 0)]
+    assert overlapped.deltas.keys() == plain.deltas.keys() == {f"user-{u:02d}" for u in range(6)}
+    assert all(overlapped.deltas[u].equals(plain.deltas[u]) for u in plain.deltas)
+    assert repr(overlapped.facts) == repr(plain.facts)  # repr: NaN losses of rejected facts compare equal
+    statuses = {(r.user_id, r.fact_id): r.status for r in overlapped.facts}
+    assert "not_recalled" in {statuses[("user-03", "clash-a")], statuses[("user-03", "clash-b")]}
+    assert {r.steps for r in overlapped.facts if r.user_id == "user-03"} == {15 + 5 + 5}
+    assert statuses[("user-99", "empty")] == STATUS_EMPTY_TRIGGER
+    assert all(statuses[(f.user_id, f.fact_id)] == STATUS_OK for f in facts[:6 * len(TEMPLATES)])
