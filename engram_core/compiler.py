@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -419,6 +419,12 @@ class _Batch:
 
     def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
         self.check_lower_reuse(values)
+        return self.run_steps(values, steps, lr)
+
+    def run_steps(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+        """Adam on the rows, in the form :meth:`check_lower_reuse` chose. The plain step touches
+        no state of the model (no hooks, no overlay in use), so it may run on another thread
+        while this one prepares the next batch."""
         values = values.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([values], lr=lr)
         with torch.enable_grad():
@@ -777,15 +783,16 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
             progress(len(job.users), sum(counts[u] for u in job.users))
 
     # Overlap (CUDA): batch k+1 is prepared on a side stream while batch k's steps run on the
-    # main one, and batch k is assembled on the host while batch k+1's steps run. The order of
-    # the work on each batch, and so every result, is the same as without overlap.
-    # On a CPU there is no side stream, but the order of the work is the same.
+    # main one (queued from a thread of their own), and batch k is assembled on the host while
+    # batch k+1's steps run. The order of the work on each batch, and so every result, is the
+    # same as without overlap. On a CPU there is no side stream or thread; the order is the same.
     side = torch.cuda.Stream(em.device) if options.overlap_batches and em.device.type == "cuda" else None
     in_flight: _Job | None = None
     # The next batch is tokenized on a thread while this one compiles (the tokenizer's Rust
     # backend runs without the GIL); "tokenize" times only the wait for it.
     batches = list(_batches(facts_of, options.facts_per_batch))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-tokenize") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-tokenize") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-steps") as stepper:
         pending = pool.submit(tokenize, batches[0]) if batches else None
         for k, users in enumerate(batches):
             clock.restart()
@@ -820,7 +827,7 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
                 in_flight.verify()
             if side is not None:
                 torch.cuda.current_stream(em.device).wait_stream(side)  # its inputs are ready
-            job.launch()
+            job.launch(stepper if side is not None else None)
             if in_flight is not None:
                 done(in_flight)
             in_flight = job
@@ -877,6 +884,7 @@ class _Job:
         self.batch = self._batch(self.seqs, self.active)
         self.start = self.batch.initial_values(options.init_scale)
         self.values: torch.Tensor | None = None
+        self.running: Future | None = None  # the steps, queued from the stepper thread
         clock.tick("prepare")
 
     def _batch(self, local: list[_Seq], active: list[int]) -> _Batch:
@@ -890,9 +898,17 @@ class _Job:
                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
                       prefix_groups=options.prefix_groups, step=_plain_step(em, options))
 
-    def launch(self) -> None:
-        """Queue the first round's steps (on the current stream; returns before they run on a GPU)."""
-        self.values = self.batch.optimize(self.start, self.options.steps, self.options.lr)
+    def launch(self, stepper: ThreadPoolExecutor | None = None) -> None:
+        """Queue the first round's steps on the current stream. With ``stepper`` (a GPU), the
+        plain step's 15 steps are queued from that thread: a step is a few hundred kernels, so
+        queueing them fills the GPU's launch queue and blocks, and blocked there (torch and Triton
+        launch without the GIL) it leaves this thread free to prepare the next batch."""
+        batch = self.batch
+        batch.check_lower_reuse(self.start)  # here, not on the thread: checks run the model's own forward
+        if stepper is not None and batch.plain:
+            self.running = stepper.submit(batch.run_steps, self.start, self.options.steps, self.options.lr)
+        else:
+            self.values = batch.run_steps(self.start, self.options.steps, self.options.lr)
         for u in self.active:
             self.steps_by_user[u] += self.options.steps
         self.clock.tick("optimize", wait=False)
@@ -901,6 +917,8 @@ class _Job:
         """Verify the first round; retry rounds (each prepared, run and verified in turn) for the
         users with a failing fact. Leaves only host data behind."""
         options, clock = self.options, self.clock
+        if self.running is not None:
+            self.values, self.running = self.running.result(), None
         clock.tick("optimize")  # the steps' time not hidden behind other work
         batch, batch_seqs, values = self.batch, self.seqs, self.values
         values_by_user: dict[int, torch.Tensor] = {}
