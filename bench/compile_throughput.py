@@ -159,6 +159,8 @@ def main() -> None:
                     help="CompileOptions.compiled_step variants (torch.compile of the plain step)")
     ap.add_argument("--overlap", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.overlap_batches variants (next batch prepared during this one's steps)")
+    ap.add_argument("--switch-interval", type=float, nargs="+", default=[None],
+                    help="sys.setswitchinterval values (seconds) to compare: how often threads hand the GIL over")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -180,11 +182,13 @@ def main() -> None:
         facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
         trigger_tokens = len(em.encode_prompt(facts[0].trigger))
         runs = []
-        variants = [(a, b, r, p, g, ps, cs, ov) for a in args.attn for b in args.batch for r in args.reuse_lower
+        variants = [(a, b, r, p, g, ps, cs, ov, si) for a in args.attn for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for ps in args.plain_step
-                    for cs in args.compiled_step for ov in args.overlap]
+                    for cs in args.compiled_step for ov in args.overlap for si in args.switch_interval]
         models = {}  # one model per attention implementation: its compiled steps are kept across variants
-        for attn, batch, reuse, prefix_attn, groups, plain, compiled, overlap in variants:
+        default_interval = sys.getswitchinterval()
+        for attn, batch, reuse, prefix_attn, groups, plain, compiled, overlap, interval in variants:
+            sys.setswitchinterval(interval or default_interval)
             if attn not in models:
                 models[attn] = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
             em = models[attn]
@@ -199,7 +203,13 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            result = compile_facts(em, facts, opts)
+            try:
+                result = compile_facts(em, facts, opts)
+            except torch.OutOfMemoryError as error:  # a batch too large for this GPU: say so, go on
+                runs.append({"facts_per_batch": batch, "overlap": overlap, "error": str(error).splitlines()[0]})
+                print(f"batch {batch}: out of memory", file=sys.stderr)
+                torch.cuda.empty_cache()
+                continue
             if args.device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -213,6 +223,7 @@ def main() -> None:
             forms = {f"{k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
                 "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled, "overlap": overlap,
+                "switch_interval_s": sys.getswitchinterval(),
                 "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
                 "warm_up_s": round(warm_up_s, 1),
@@ -243,6 +254,9 @@ def main() -> None:
         print(json.dumps(out))
     else:
         for run in runs:
+            if "error" in run:
+                print(f"batch {run['facts_per_batch']}: {run['error']}")
+                continue
             print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']} reuse {run['reuse_lower']} prefix-attn {run['prefix_attention']} "
                   f"plain {run['plain_step']} compiled {run['compiled_step']} overlap {run['overlap']}: {run['facts_per_s']} facts/s, "
                   f"recall {run['recall']:.4f}, greedy {run['greedy_ok']}/{run['greedy_checked']}, "
