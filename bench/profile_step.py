@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--forms", nargs="+", default=["transformers", "plain", "compiled"],
-                    help="transformers | plain | compiled; a form named twice runs the second time warm")
+                    help="transformers | plain | compiled | compiled_matmul (compiled, prefix attention without the "
+                         "Triton kernels); a form named twice runs the second time warm")
     ap.add_argument("--kernels", type=int, default=25, help="rows of each form's kernel table (0: none)")
     ap.add_argument("--attn", default="eager", help="the model's attention implementation (prefix forward)")
     ap.add_argument("--cprofile", action="store_true", help="also a cProfile of each form's batch preparation")
@@ -58,7 +59,8 @@ def main() -> None:
         for k, form in enumerate(args.forms):
             kind = form
             if kind not in steps:  # a form named twice runs warm (its compiled graphs kept)
-                steps[kind] = None if kind == "transformers" else fast_step.UpperStep(em, compiled=kind == "compiled")
+                steps[kind] = None if kind == "transformers" else fast_step.UpperStep(
+                    em, compiled=kind.startswith("compiled"), prefix_kernel=kind != "compiled_matmul")
             step = steps[kind]
             torch.cuda.synchronize()
             t = time.perf_counter()

@@ -113,6 +113,10 @@ class CompileOptions:
     costs about a minute per process even with a warm inductor cache (``TORCHINDUCTOR_CACHE_DIR``)
     and up to three minutes cold, so it pays from about 3 million facts per process. A compile that fails, or whose loss or
     gradient differs from the uncompiled step's, is dropped with a warning."""
+    prefix_kernel: bool = True
+    """With ``compiled_step`` on CUDA with Triton: the attention of the live positions to the cached
+    prefix runs in hand-written kernels (:mod:`engram_core.prefix_kernels`) instead of inductor's
+    reductions. Checked with the compiled step."""
     overlap_batches: bool = True
     """On a GPU: prepare the next batch (rows, prefix caches, start values) on a side CUDA stream
     while this batch's steps run, and assemble this batch's results on the host while the next
@@ -628,11 +632,11 @@ def _plain_step(em: EngramModel, options: CompileOptions) -> "fast_step.UpperSte
     if why_not is not None:
         log.debug("compiler: no plain step for %s: %s", type(em.model).__name__, why_not)
         return None
-    compiled = options.compiled_step
+    key = options.compiled_step, options.prefix_kernel
     steps = _STEPS.setdefault(em.model, {})
-    if compiled not in steps:
-        steps[compiled] = fast_step.UpperStep(em, compiled=compiled)
-    return steps[compiled]
+    if key not in steps:
+        steps[key] = fast_step.UpperStep(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel)
+    return steps[key]
 
 
 # model -> {(form, dtype): whether the forward from the write layer on

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import prefix_kernels
 from .layer import backbone_and_layers
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class UpperStep:
     """The step function of a model from its write layer up (shared by all groups and batches)."""
 
-    def __init__(self, em, compiled: bool = False):
+    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True):
         self.em = em
         self.write_layer = em.config.target_layer
         backbone, layers = backbone_and_layers(em.model)
@@ -107,6 +108,7 @@ class UpperStep:
         self.layers = list(layers)[self.write_layer:]
         self.rotary = _rotary(self.layers[0])
         self.engram = {i: em.memory.layer(i) for i in em.config.layers if i >= self.write_layer}
+        self.prefix_kernel = prefix_kernel  # compiled, on CUDA: attention to the prefix by prefix_kernels
         self._compiled = torch.compile(self._loss_eager, dynamic=True) if compiled else None
         self._compiled_checked = False
 
@@ -172,6 +174,8 @@ class UpperStep:
         if self._compiled is not None:
             try:
                 return self._call(self._compiled, g, picked, targets)
+            except torch.OutOfMemoryError:
+                raise  # the batch is too large for the device, compiled or not: not a compiler problem
             except Exception as error:  # e.g. a new shape the compiler cannot take: keep going uncompiled
                 log.warning("compiler: torch.compile of the plain step failed (%s: %s); running it uncompiled",
                             type(error).__name__, str(error).splitlines()[0] if str(error) else "")
@@ -227,14 +231,19 @@ class UpperStep:
         G = Hq // Hkv
         qg = q.reshape(B, Hkv, G * S, D)  # query head h reads key/value head h // G
         pk, pv = prefix if prefix is not None else (None, None)
+        # Compiled on CUDA, the attention to the constant prefix runs in prefix_kernels' Triton
+        # kernels (inductor's reductions for it ran at a tenth of memory bandwidth).
+        kernel = (pk is not None and self.prefix_kernel and torch.compiler.is_compiling()
+                  and prefix_kernels.available(pk))
         scores = _rows_times(qg, k).view(B, Hq, S, S)
         if pk is not None:
-            scores = torch.cat([_rows_times(qg, pk).view(B, Hq, S, pk.shape[2]), scores], dim=-1)
+            prefix_scores = prefix_kernels.prefix_scores(qg, pk) if kernel else _rows_times(qg, pk)
+            scores = torch.cat([prefix_scores.view(B, Hq, S, pk.shape[2]), scores], dim=-1)
         weights = F.softmax(scores * attn.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype)
         w = weights.view(B, Hkv, G * S, -1)
         out = _weighted(w[..., -S:], v)
         if pk is not None:
-            out = _weighted(w[..., :-S], pv) + out
+            out = (prefix_kernels.prefix_mix(w[..., :-S], pv) if kernel else _weighted(w[..., :-S], pv)) + out
         out = out.view(B, Hq, S, D).transpose(1, 2).reshape(B, S, Hq * D)
         h = h + attn.o_proj(out)
         return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -296,7 +296,7 @@ def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, ca
     facts = _plain_step_facts()
     with caplog.at_level(logging.INFO, logger="engram_core"):
         result = compile_facts(tiny, facts, CompileOptions(facts_per_batch=64, compiled_step=True))
-    assert _STEPS[tiny.model][True].compiled, caplog.text
+    assert _STEPS[tiny.model][(True, True)].compiled, caplog.text
     assert "the plain step runs compiled" in caplog.text
     assert result.ok == len(facts)
     assert_recalled(tiny, facts, result)
