@@ -108,7 +108,7 @@ class UpperStep:
         self.layers = list(layers)[self.write_layer:]
         self.rotary = _rotary(self.layers[0])
         self.engram = {i: em.memory.layer(i) for i in em.config.layers if i >= self.write_layer}
-        self.prefix_kernel = prefix_kernel  # compiled, on CUDA: attention to the prefix by prefix_kernels
+        self.prefix_kernel = prefix_kernel  # compiled, on CUDA: attention by prefix_kernels (Triton)
         self._compiled = torch.compile(self._loss_eager, dynamic=True) if compiled else None
         self._compiled_checked = False
 
@@ -231,19 +231,19 @@ class UpperStep:
         G = Hq // Hkv
         qg = q.reshape(B, Hkv, G * S, D)  # query head h reads key/value head h // G
         pk, pv = prefix if prefix is not None else (None, None)
-        # Compiled on CUDA, the attention to the constant prefix runs in prefix_kernels' Triton
-        # kernels (inductor's reductions for it ran at a tenth of memory bandwidth).
-        kernel = (pk is not None and self.prefix_kernel and torch.compiler.is_compiling()
-                  and prefix_kernels.available(pk))
-        scores = _rows_times(qg, k).view(B, Hq, S, S)
-        if pk is not None:
-            prefix_scores = prefix_kernels.prefix_scores(qg, pk) if kernel else _rows_times(qg, pk)
-            scores = torch.cat([prefix_scores.view(B, Hq, S, pk.shape[2]), scores], dim=-1)
-        weights = F.softmax(scores * attn.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-        w = weights.view(B, Hkv, G * S, -1)
-        out = _weighted(w[..., -S:], v)
-        if pk is not None:
-            out = (prefix_kernels.prefix_mix(w[..., :-S], pv) if kernel else _weighted(w[..., :-S], pv)) + out
+        if pk is not None and self.prefix_kernel and torch.compiler.is_compiling() and prefix_kernels.available(pk):
+            # Compiled on CUDA: one Triton kernel (inductor's fusion of this attention recomputed the
+            # softmax per output element and read the prefix at a tenth of memory bandwidth).
+            out = prefix_kernels.attention(qg, k, v, pk, pv, mask, attn.scaling)
+        else:
+            scores = _rows_times(qg, k).view(B, Hq, S, S)
+            if pk is not None:
+                scores = torch.cat([_rows_times(qg, pk).view(B, Hq, S, pk.shape[2]), scores], dim=-1)
+            weights = F.softmax(scores * attn.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+            w = weights.view(B, Hkv, G * S, -1)
+            out = _weighted(w[..., -S:], v)
+            if pk is not None:
+                out = _weighted(w[..., :-S], pv) + out
         out = out.view(B, Hq, S, D).transpose(1, 2).reshape(B, S, Hq * D)
         h = h + attn.o_proj(out)
         return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -1,23 +1,23 @@
-"""Triton kernels for the compiled step's attention to the cached prefix (CUDA).
+"""A Triton kernel for the compiled step's attention (CUDA): the live positions' queries attend
+to the cached prefix's keys and values and to the live positions' own, in one pass.
 
-Per sequence and key/value head, a step attends a few query rows (m: query heads per key head x
-live positions, usually 2) to the prefix's few cached keys (p: about 15) of width d:
+Per sequence and key/value head, ``m`` query rows (query heads per key head x live positions,
+usually 2) attend to ``p`` cached prefix keys (about 15) and ``s`` live keys, width ``d``:
 
-    scores[m, p] = sum_d q[m, d] * K[p, d]        (:func:`prefix_scores`)
-    out[m, d]    = sum_p w[m, p] * V[p, d]        (:func:`prefix_mix`)
+    scores = q @ [K_prefix; k]^T * scaling + mask          (m, p + s), float32
+    w      = softmax(scores)
+    out    = w @ [V_prefix; v]                              (m, d), rounded to the input dtype
 
-The prefix is constant (no gradient), so each one's backward is the other one:
-``dq = prefix_mix(dscores, K)`` and ``dw = prefix_scores(dout, V)``. Batched GEMM kernels and
-inductor's generated reductions run these shapes at about a tenth of memory bandwidth (half of
-a step's time on an H100, see bench/RESULTS.md); here one program per (sequence, head) reads its
-K or V tile once, accumulating in float32 and rounding the result to the inputs' dtype, as a
-matmul does.
+The prefix is constant (no gradient); the backward gives the gradients of ``q``, ``k`` and ``v``
+by recomputing ``w``. Compiled by inductor, the same math became reductions that recompute the
+softmax for every output element and read the prefix at about a tenth of memory bandwidth (half
+of a step on an H100, see bench/RESULTS.md); here one program per (sequence, head) reads its
+keys and values once, with ``tl.dot`` on tiles padded to 16.
 
-They are ``torch.library`` custom ops, so ``torch.compile`` calls them as they are (opaque),
-with their autograd formulas. Without Triton (or on a CPU) nothing here is used: the step keeps
-its matmuls. The compiler checks the compiled step, and so these kernels, against the
-uncompiled step once per model before using it. With ``TRITON_INTERPRET=1`` they also run on
-CPU tensors (the tests do that).
+It is a ``torch.library`` custom op with its autograd formula, so ``torch.compile`` calls it as
+it is (opaque). Without Triton (or on a CPU) nothing here is used: the step keeps its own
+attention. The compiler checks the compiled step that uses it against the uncompiled step once
+per model before using it. With ``TRITON_INTERPRET=1`` it also runs on CPU tensors (the tests).
 """
 
 from __future__ import annotations
@@ -27,93 +27,160 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # a CPU-only install: the step keeps its matmuls
+except ImportError:  # a CPU-only install: the step keeps its own attention
     triton = None
 
 
 def available(t: torch.Tensor) -> bool:
-    """Whether the kernels can run on ``t``'s device."""
+    """Whether the kernel can run on ``t``'s device."""
     return triton is not None and t.is_cuda
 
 
 if triton is not None:
 
     @triton.jit
-    def _scores_kernel(x_ptr, k_ptr, out_ptr, M: tl.constexpr, P, D,
-                       sxb, sxm, skb, skp, sob, som,
-                       BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-        # out[b, m, p] = sum_d x[b, m, d] * k[b, p, d]   (last dims contiguous)
-        b = tl.program_id(0).to(tl.int64)
-        offs_p = tl.arange(0, BLOCK_P)
+    def _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, seq, sqb, sqm, skb, skj, spb, spj, smb, sms,
+               scaling, M: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+        """The program's query rows, keys, values (prefix rows then live rows) and softmax weights."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_j = tl.arange(0, BLOCK_J)
         offs_d = tl.arange(0, BLOCK_D)
-        tile = (offs_p[:, None] < P) & (offs_d[None, :] < D)
-        k = tl.load(k_ptr + b * skb + offs_p[:, None] * skp + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
-        for m in range(M):
-            x = tl.load(x_ptr + b * sxb + m * sxm + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-            s = tl.sum(k * x[None, :], axis=1)
-            tl.store(out_ptr + b * sob + m * som + offs_p, s.to(out_ptr.dtype.element_ty), mask=offs_p < P)
+        in_d = offs_d[None, :] < D
+        q = tl.load(q_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], mask=(offs_m[:, None] < M) & in_d, other=0.0)
+        prefix = (offs_j[:, None] < P) & in_d
+        live = (offs_j[:, None] >= P) & (offs_j[:, None] < P + S) & in_d
+        at_prefix = b * spb + offs_j[:, None] * spj + offs_d[None, :]
+        at_live = b * skb + tl.maximum(offs_j[:, None] - P, 0) * skj + offs_d[None, :]
+        keys = tl.load(pk_ptr + at_prefix, mask=prefix, other=0.0) + tl.load(k_ptr + at_live, mask=live, other=0.0)
+        values = tl.load(pv_ptr + at_prefix, mask=prefix, other=0.0) + tl.load(v_ptr + at_live, mask=live, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(keys))
+        # query row m is live position m % S (rows are grouped by query head: m = g * S + s)
+        additive = tl.load(mask_ptr + seq * smb + (offs_m[:, None] % S) * sms + offs_j[None, :],
+                           mask=(offs_m[:, None] < M) & (offs_j[None, :] < P + S), other=0.0).to(tl.float32)
+        scores = tl.where(offs_j[None, :] < P + S, scores * scaling + additive, float("-inf"))
+        top = tl.max(scores, axis=1)
+        w = tl.exp(scores - top[:, None])
+        w = w / tl.sum(w, axis=1)[:, None]
+        return q, keys, values, w
 
     @triton.jit
-    def _mix_kernel(y_ptr, k_ptr, out_ptr, M: tl.constexpr, P, D,
-                    syb, sym, skb, skp, sob, som,
-                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-        # out[b, m, d] = sum_p y[b, m, p] * k[b, p, d]   (last dims contiguous)
-        b = tl.program_id(0).to(tl.int64)
-        offs_p = tl.arange(0, BLOCK_P)
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, out_ptr, heads,
+                        sqb, sqm, skb, skj, spb, spj, smb, sms, scaling,
+                        M: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)  # (sequence, key/value head), flattened
+        q, keys, values, w = _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, b // heads, sqb, sqm, skb, skj,
+                                    spb, spj, smb, sms, scaling, M, S, P, D, BLOCK_M, BLOCK_J, BLOCK_D, IEEE)
+        if IEEE:
+            out = tl.dot(w.to(values.dtype), values, input_precision="ieee")
+        else:
+            out = tl.dot(w.to(values.dtype), values)
+        offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        tile = (offs_p[:, None] < P) & (offs_d[None, :] < D)
-        k = tl.load(k_ptr + b * skb + offs_p[:, None] * skp + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
-        for m in range(M):
-            y = tl.load(y_ptr + b * syb + m * sym + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)
-            o = tl.sum(k * y[:, None], axis=0)
-            tl.store(out_ptr + b * sob + m * som + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+        tl.store(out_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D))
+
+    @triton.jit
+    def _backward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, dout_ptr, dq_ptr, dk_ptr, dv_ptr, heads,
+                         sqb, sqm, skb, skj, spb, spj, smb, sms, scaling,
+                         M: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        q, keys, values, w = _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, b // heads, sqb, sqm, skb, skj,
+                                    spb, spj, smb, sms, scaling, M, S, P, D, BLOCK_M, BLOCK_J, BLOCK_D, IEEE)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_j = tl.arange(0, BLOCK_J)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+        dout = tl.load(dout_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], mask=rows, other=0.0)
+        if IEEE:
+            dw = tl.dot(dout, tl.trans(values), input_precision="ieee")
+        else:
+            dw = tl.dot(dout, tl.trans(values))
+        dscores = w * (dw - tl.sum(w * dw, axis=1)[:, None]) * scaling  # softmax backward, then the scaling
+        ds = dscores.to(q.dtype)
+        if IEEE:
+            dq = tl.dot(ds, keys, input_precision="ieee")
+            dk = tl.dot(tl.trans(ds), q, input_precision="ieee")
+            dv = tl.dot(tl.trans(w.to(dout.dtype)), dout, input_precision="ieee")
+        else:
+            dq = tl.dot(ds, keys)
+            dk = tl.dot(tl.trans(ds), q)
+            dv = tl.dot(tl.trans(w.to(dout.dtype)), dout)
+        tl.store(dq_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=rows)
+        live = (offs_j[:, None] >= P) & (offs_j[:, None] < P + S) & (offs_d[None, :] < D)
+        at_live = b * skb + tl.maximum(offs_j[:, None] - P, 0) * skj + offs_d[None, :]
+        tl.store(dk_ptr + at_live, dk.to(dk_ptr.dtype.element_ty), mask=live)
+        tl.store(dv_ptr + at_live, dv.to(dv_ptr.dtype.element_ty), mask=live)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """(..., r, c) -> (N, r, c) with a contiguous last dimension."""
-    t = t.reshape(-1, t.shape[-2], t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """(B, H, r, c) -> (B*H, r, c), contiguous (the kernel's layout)."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
 
 
-def _launch(kernel, x: torch.Tensor, k: torch.Tensor, out_cols: int) -> torch.Tensor:
-    batch, m = x.shape[:-2], x.shape[-2]
-    p, d = k.shape[-2], k.shape[-1]
-    xf, kf = _flat(x), _flat(k)
-    out = torch.empty(xf.shape[0], m, out_cols, dtype=x.dtype, device=x.device)
-    if xf.shape[0] and m:
-        kernel[(xf.shape[0],)](xf, kf, out, m, p, d, xf.stride(0), xf.stride(1), kf.stride(0), kf.stride(1),
-                               out.stride(0), out.stride(1),
-                               BLOCK_P=max(triton.next_power_of_2(p), 2), BLOCK_D=max(triton.next_power_of_2(d), 16))
-    return out.view(*batch, m, out_cols)
+def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra):
+    """q, k, v, pk, pv: flat (B*heads, rows, d), contiguous."""
+    M, D = q.shape[1], q.shape[2]
+    S, P = k.shape[1], pk.shape[1]
+    mask = mask.reshape(-1, S, P + S).contiguous()
+    if q.numel() == 0:
+        return
+    H = heads
+    kernel[(q.shape[0],)](
+        q, k, v, pk, pv, mask, *extra, H,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), pk.stride(0), pk.stride(1), mask.stride(0), mask.stride(1),
+        float(scaling), M=M, S=S, P=P, D=D,
+        BLOCK_M=max(triton.next_power_of_2(M), 16), BLOCK_J=max(triton.next_power_of_2(P + S), 16),
+        BLOCK_D=max(triton.next_power_of_2(D), 16), IEEE=q.dtype == torch.float32)
 
 
-@torch.library.custom_op("engram::prefix_scores", mutates_args=())
-def prefix_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(..., m, d) x (..., p, d) -> (..., m, p): ``q @ k.transpose(-1, -2)``; no gradient for k."""
-    return _launch(_scores_kernel, q, k, k.shape[-2])
+@torch.library.custom_op("engram::prefix_attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+              mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """q (B, H, m, d) with m = G x s (query head g, live position s); k, v (B, H, s, d): the live
+    positions' keys and values; pk, pv (B, H, p, d): the prefix's; mask (B, 1, s, p + s)
+    additive -> (B, H, m, d)."""
+    B, H, M, D = q.shape
+    flat = [_flat(t) for t in (q, k, v, pk, pv)]
+    out = torch.empty_like(flat[0])
+    _launch(_forward_kernel, H, *flat, mask, scaling, out)
+    return out.view(B, H, M, D)
 
 
-@torch.library.custom_op("engram::prefix_mix", mutates_args=())
-def prefix_mix(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(..., m, p) x (..., p, d) -> (..., m, d): ``w @ v``; no gradient for v."""
-    return _launch(_mix_kernel, w, v, v.shape[-1])
+@torch.library.custom_op("engram::prefix_attention_backward", mutates_args=())
+def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                        mask: torch.Tensor, scaling: float, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = [_flat(t) for t in (q, k, v, pk, pv)]
+    dq, dk, dv = torch.empty_like(flat[0]), torch.empty_like(flat[1]), torch.empty_like(flat[2])
+    _launch(_backward_kernel, q.shape[1], *flat, mask, scaling, _flat(dout), dq, dk, dv)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
-@prefix_scores.register_fake
-def _(q, k):
-    return q.new_empty(*q.shape[:-1], k.shape[-2])
+@attention.register_fake
+def _(q, k, v, pk, pv, mask, scaling):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@prefix_mix.register_fake
-def _(w, v):
-    return w.new_empty(*w.shape[:-1], v.shape[-1])
+@_attention_backward.register_fake
+def _(q, k, v, pk, pv, mask, scaling, dout):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-def _keep_constant(ctx, inputs, output):
-    ctx.constant = inputs[1]
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.scaling = inputs[6]
 
 
-prefix_scores.register_autograd(lambda ctx, grad: (prefix_mix(grad.contiguous(), ctx.constant), None),
-                                setup_context=_keep_constant)
-prefix_mix.register_autograd(lambda ctx, grad: (prefix_scores(grad.contiguous(), ctx.constant), None),
-                             setup_context=_keep_constant)
+def _backward(ctx, dout):
+    dq, dk, dv = _attention_backward(*ctx.saved_tensors, ctx.scaling, dout)
+    return dq, dk, dv, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_save)
