@@ -231,9 +231,11 @@ class UpperStep:
         G = Hq // Hkv
         qg = q.reshape(B, Hkv, G * S, D)  # query head h reads key/value head h // G
         pk, pv = prefix if prefix is not None else (None, None)
-        if pk is not None and self.prefix_kernel and torch.compiler.is_compiling() and prefix_kernels.available(pk):
+        if self.prefix_kernel and torch.compiler.is_compiling() and prefix_kernels.available(h):
             # Compiled on CUDA: one Triton kernel (inductor's fusion of this attention recomputed the
             # softmax per output element and read the prefix at a tenth of memory bandwidth).
+            if pk is None:  # a group that recomputes its whole trigger: no cached prefix
+                pk = pv = k.new_empty(B, Hkv, 0, D)
             out = prefix_kernels.attention(qg, k, v, pk, pv, mask, attn.scaling)
         else:
             scores = _rows_times(qg, k).view(B, Hq, S, S)

@@ -120,7 +120,7 @@ if triton is not None:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """(B, H, r, c) -> (B*H, r, c), contiguous (the kernel's layout)."""
-    return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]).contiguous()
 
 
 def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra):

@@ -24,7 +24,7 @@ CHECK = textwrap.dedent('''
         return w[..., :-S] @ pv + w[..., -S:] @ v
 
     torch.manual_seed(0)
-    for B, H, G, S, P, D in [(3, 2, 2, 1, 15, 192), (2, 2, 2, 4, 5, 64), (4, 1, 3, 3, 2, 48), (1, 1, 1, 1, 1, 16),
+    for B, H, G, S, P, D in [(3, 2, 2, 1, 15, 192), (2, 2, 2, 4, 5, 64), (4, 1, 3, 3, 2, 48), (1, 1, 1, 1, 1, 16), (3, 2, 2, 5, 0, 32),
                              (0, 2, 2, 1, 15, 192)]:
         M = G * S
         q = torch.randn(B, H, M, D, requires_grad=True)
