@@ -157,7 +157,7 @@ def main() -> None:
                     help="CompileOptions.plain_step variants to compare in one run")
     ap.add_argument("--compiled-step", nargs="+", choices=["on", "off"], default=["off"],
                     help="CompileOptions.compiled_step variants (torch.compile of the plain step)")
-    ap.add_argument("--overlap", nargs="+", choices=["on", "off"], default=["on"],
+    ap.add_argument("--overlap", nargs="+", choices=["on", "off"], default=["off"],
                     help="CompileOptions.overlap_batches variants (next batch prepared during this one's steps)")
     ap.add_argument("--prefix-kernel", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.prefix_kernel variants (Triton kernels for the prefix attention, compiled step)")

@@ -2,7 +2,7 @@
 the wall time (the union of all kernels' intervals, and per CUDA stream), GPU time per
 ``engram.*`` label, the top kernels, and a cProfile of the host thread that prepares batches.
 
-    python bench/profile_pipeline.py --batches 3 --compiled-step --json
+    python bench/profile_pipeline.py --batches 3 --compiled-step [--overlap] --json
 
 A warm-up compile of one batch runs first (checks, torch.compile), untimed.
 """
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32768)
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--compiled-step", action="store_true")
-    ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--overlap", action="store_true", help="CompileOptions.overlap_batches")
     ap.add_argument("--kernels", type=int, default=30)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -54,7 +54,7 @@ def main() -> None:
     em = load_d768("eager")
     facts = make_facts(em, args.batch * (args.batches + 1), 16, 20, seed=0)
     options = CompileOptions(facts_per_batch=args.batch, compiled_step=args.compiled_step,
-                             overlap_batches=not args.no_overlap)
+                             overlap_batches=args.overlap)
     compile_facts(em, facts[: args.batch], options)  # warm-up
     timed = facts[args.batch:]
     torch.cuda.synchronize()
