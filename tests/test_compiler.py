@@ -302,6 +302,36 @@ def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, ca
     assert_recalled(tiny, facts, result)
 
 
+def test_running_out_of_memory_in_the_compiled_step_is_raised_and_keeps_it_compiled(tiny):
+    """A batch too large for the device is not a compiler fault: the error reaches the caller
+    (who can use smaller batches) and the step stays compiled. Any other failure of the
+    compiled step drops to the uncompiled step. (Simulated: a CPU allocation failure is not a
+    ``torch.OutOfMemoryError``.)"""
+    from engram_core import fast_step
+
+    step = fast_step.UpperStep(tiny, compiled=True)
+    batch = one_batch(tiny, user_facts(num_users=1), reuse_lower=True, prefix_attention=True, step=step)
+    values = batch.initial_values(20.0)
+    group = next(g for g in batch.groups if g.plain is not None)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.81 GiB (simulated)")
+
+    step._compiled = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        step.loss(group.plain, values, group.targets)
+    assert step.compiled
+
+    def broken(*args):
+        raise RuntimeError("an inductor failure (simulated)")
+
+    step._compiled = broken
+    loss = step.loss(group.plain, values, group.targets)
+    assert not step.compiled
+    assert torch.equal(loss, step._call(step._loss_eager, group.plain, torch.nn.functional.embedding(group.plain.slot, values),
+                                        group.targets))
+
+
 def test_overlapping_batches_changes_no_result_and_reports_every_batch(tiny):
     """With ``overlap_batches`` the next batch is prepared while this one's steps run and this
     one is assembled while the next one's run (on a CPU in the same order, without a side
