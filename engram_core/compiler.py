@@ -305,20 +305,21 @@ class _Batch:
         w_seq = torch.as_tensor(self.w_seq, device=device)
         w_pos = torch.as_tensor(self.w_pos, device=device)
         # Keys slot * num_rows + row, unique and sorted: slots ascend, rows sorted within a slot.
-        keys_t = torch.unique((seq_user[w_seq, None] * self.num_rows + rows_t[w_seq, w_pos]).flatten())
-        keys = keys_t.cpu().numpy()
-        slots, starts = _runs(keys // self.num_rows)
-        self.user_rows = {int(u): part - int(u) * self.num_rows
-                          for u, part in zip(slots, np.split(keys, starts[1:]))}
+        self.w_rows_t = rows_t[w_seq, w_pos]  # (n, H): the rows each written position addresses
+        keys_t = torch.unique((seq_user[w_seq, None] * self.num_rows + self.w_rows_t).flatten())
         # First position of each sequence that can see one of its user's rows: all before it are
         # independent of the rows and go into the shared prefix cache.
         addressed = seq_user[:, None, None] * self.num_rows + rows_t  # (B, T, H)
         found = keys_t[torch.searchsorted(keys_t, addressed).clamp_max(keys_t.numel() - 1)]  # keys are sorted
         seen = (found == addressed).any(-1) & valid_t  # (B, T)
-        first_live = torch.where(seen.any(1), seen.float().argmax(1), T).cpu().numpy()  # (B,)
-        rows = rows_t.cpu().numpy()
+        first_live_t = torch.where(seen.any(1), seen.float().argmax(1), T)  # (B,)
+        # To the host: the keys, the first live positions and the written positions' rows (not
+        # every position's: on a GPU that copy was ~140 MB per 65,536 facts).
+        keys, first_live, self.w_rows = (t.cpu().numpy() for t in (keys_t, first_live_t, self.w_rows_t))
+        slots, starts = _runs(keys // self.num_rows)
+        self.user_rows = {int(u): part - int(u) * self.num_rows
+                          for u, part in zip(slots, np.split(keys, starts[1:]))}
         self.T = T
-        self.rows = rows
         self.rows_t = rows_t
         self.ids = ids_t
         self.mask = valid_t.long()
@@ -352,7 +353,7 @@ class _Batch:
         H, w = em.config.heads_per_layer, em.config.row_width
         e = e.view(-1, H, w)
         device = em.device
-        rows = torch.as_tensor(self.rows[self.w_seq, self.w_pos], device=device)  # (n, H)
+        rows = self.w_rows_t  # (n, H)
         users = torch.as_tensor(self.seq_user[self.w_seq], device=device)
         base = layer_mod.table.detach().float()[rows]  # (n, H, w)
         flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
@@ -962,7 +963,7 @@ class _Job:
             fact_ok = np.logical_and.reduceat(ok, start)
             fact_loss = np.add.reduceat(loss, start)
             fact_margin = np.minimum.reduceat(margin, start)
-            fact_keys = _distinct(batch.w_seq[:, None] * batch.num_rows + batch.rows[batch.w_seq, batch.w_pos])
+            fact_keys = _distinct(batch.w_seq[:, None] * batch.num_rows + batch.w_rows)
             rows_touched = np.bincount(fact_keys // batch.num_rows, minlength=len(batch_seqs))
             self.per_fact.update(zip(map(id, batch_seqs), zip(fact_ok.tolist(), fact_loss.tolist(),
                                                                fact_margin.tolist(), rows_touched.tolist())))
