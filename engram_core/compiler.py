@@ -347,7 +347,7 @@ class _Batch:
         em = self.em
         layer_mod = em.memory.layer(self.layer)
         pinv = _pinv(layer_mod.value_proj)  # (H*w, d)
-        unembed = em.lm_head.weight.detach().float()[self.targets]  # (n, d)
+        unembed = em.lm_head.weight.detach()[self.targets].float()  # (n, d): gathered, then widened
         direction = unembed / unembed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         e = (scale * direction) @ pinv.T  # (n, H*w)
         H, w = em.config.heads_per_layer, em.config.row_width
@@ -355,7 +355,7 @@ class _Batch:
         device = em.device
         rows = self.w_rows_t  # (n, H)
         users = torch.as_tensor(self.seq_user[self.w_seq], device=device)
-        base = layer_mod.table.detach().float()[rows]  # (n, H, w)
+        base = layer_mod.table.detach()[rows].float()  # (n, H, w) (not the whole table widened per batch)
         flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
         if self.fixed is not None:  # start from the composed row: table + fixed base delta
             base = base + self.fixed.rows_of(self.layer, users.cpu(), rows.cpu()).to(device)
