@@ -15,7 +15,8 @@ of a step on an H100, see bench/RESULTS.md); here one program per (sequence, hea
 keys and values once, with ``tl.dot`` on tiles padded to 16.
 
 It is a ``torch.library`` custom op with its autograd formula, so ``torch.compile`` calls it as
-it is (opaque). Without Triton (or on a CPU) nothing here is used: the step keeps its own
+it is (opaque). The kernel is specialized on (m, s, p, d): each new combination is compiled once
+per process (about a second; Triton caches it on disk), a few per batch at most. Without Triton (or on a CPU) nothing here is used: the step keeps its own
 attention. The compiler checks the compiled step that uses it against the uncompiled step once
 per model before using it. With ``TRITON_INTERPRET=1`` it also runs on CPU tensors (the tests).
 """
