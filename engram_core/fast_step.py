@@ -16,10 +16,11 @@ family's details stay theirs. Only attention is written out: eager attention's m
 the model dtype, softmax in float32), with the prefix's keys and values read in place.
 
 The step can run through ``torch.compile`` (``compiled=True``, ``CompileOptions.compiled_step``),
-which fuses the elementwise work between the matmuls (and there the attention's few rows per
-sequence become products and sums, not batched matmuls). The trainable rows' gather (and so its backward, a
-deterministic sorted segment sum) stays outside the compiled graph: inside, a scatter would
-be an atomic add, which is not deterministic.
+which fuses the elementwise work between the matmuls. There the attention runs in one Triton
+kernel on CUDA (:mod:`engram_core.prefix_kernels`, ``prefix_kernel``), else as products and sums
+(a sequence's few rows against a few keys, which batched matmuls run far below bandwidth). The
+trainable rows' gather (and so its backward, a deterministic sorted segment sum) stays outside
+the compiled graph: inside, a scatter would be an atomic add, which is not deterministic.
 
 The compiler checks this form against the full forward once per model before using it.
 """
