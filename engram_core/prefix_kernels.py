@@ -40,6 +40,15 @@ def available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``tl.dot``, exact for float32 inputs (``IEEE``) instead of TF32."""
+        if IEEE:
+            out = tl.dot(a, b, input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+        return out
+
+    @triton.jit
     def _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, seq, sqb, sqm, skb, skj, spb, spj, smb, sms,
                scaling, M: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
@@ -55,10 +64,7 @@ if triton is not None:
         at_live = b * skb + tl.maximum(offs_j[:, None] - P, 0) * skj + offs_d[None, :]
         keys = tl.load(pk_ptr + at_prefix, mask=prefix, other=0.0) + tl.load(k_ptr + at_live, mask=live, other=0.0)
         values = tl.load(pv_ptr + at_prefix, mask=prefix, other=0.0) + tl.load(v_ptr + at_live, mask=live, other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(keys))
+        scores = _dot(q, tl.trans(keys), IEEE)
         # query row m is live position m % S (rows are grouped by query head: m = g * S + s)
         additive = tl.load(mask_ptr + seq * smb + (offs_m[:, None] % S) * sms + offs_j[None, :],
                            mask=(offs_m[:, None] < M) & (offs_j[None, :] < P + S), other=0.0).to(tl.float32)
@@ -76,10 +82,7 @@ if triton is not None:
         b = tl.program_id(0).to(tl.int64)  # (sequence, key/value head), flattened
         q, keys, values, w = _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, b // heads, sqb, sqm, skb, skj,
                                     spb, spj, smb, sms, scaling, M, S, P, D, BLOCK_M, BLOCK_J, BLOCK_D, IEEE)
-        if IEEE:
-            out = tl.dot(w.to(values.dtype), values, input_precision="ieee")
-        else:
-            out = tl.dot(w.to(values.dtype), values)
+        out = _dot(w.to(values.dtype), values, IEEE)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         tl.store(out_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -98,20 +101,12 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         rows = (offs_m[:, None] < M) & (offs_d[None, :] < D)
         dout = tl.load(dout_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], mask=rows, other=0.0)
-        if IEEE:
-            dw = tl.dot(dout, tl.trans(values), input_precision="ieee")
-        else:
-            dw = tl.dot(dout, tl.trans(values))
+        dw = _dot(dout, tl.trans(values), IEEE)
         dscores = w * (dw - tl.sum(w * dw, axis=1)[:, None]) * scaling  # softmax backward, then the scaling
         ds = dscores.to(q.dtype)
-        if IEEE:
-            dq = tl.dot(ds, keys, input_precision="ieee")
-            dk = tl.dot(tl.trans(ds), q, input_precision="ieee")
-            dv = tl.dot(tl.trans(w.to(dout.dtype)), dout, input_precision="ieee")
-        else:
-            dq = tl.dot(ds, keys)
-            dk = tl.dot(tl.trans(ds), q)
-            dv = tl.dot(tl.trans(w.to(dout.dtype)), dout)
+        dq = _dot(ds, keys, IEEE)
+        dk = _dot(tl.trans(ds), q, IEEE)
+        dv = _dot(tl.trans(w.to(dout.dtype)), dout, IEEE)
         tl.store(dq_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=rows)
         live = (offs_j[:, None] >= P) & (offs_j[:, None] < P + S) & (offs_d[None, :] < D)
         at_live = b * skb + tl.maximum(offs_j[:, None] - P, 0) * skj + offs_d[None, :]
