@@ -17,6 +17,7 @@ import logging
 import pstats
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--compiled-step", action="store_true")
     ap.add_argument("--overlap", action="store_true", help="CompileOptions.overlap_batches")
     ap.add_argument("--kernels", type=int, default=30)
+    ap.add_argument("--no-torch-profiler", action="store_true",
+                    help="cProfile only (the torch profiler slows the host's launches; no GPU figures then)")
+    ap.add_argument("--host-lines", type=int, default=25, help="lines of the host profile, by own and by cumulative time")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -59,13 +63,23 @@ def main() -> None:
     timed = facts[args.batch:]
     torch.cuda.synchronize()
     python = cProfile.Profile()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with (nullcontext() if args.no_torch_profiler else profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])) as prof:
         start = time.perf_counter()
         python.enable()
         result = compile_facts(em, timed, options)
         torch.cuda.synchronize()
         python.disable()
         wall = time.perf_counter() - start
+    text = io.StringIO()
+    stats = pstats.Stats(python, stream=text)
+    stats.sort_stats("tottime").print_stats(args.host_lines)
+    stats.sort_stats("cumulative").print_stats(args.host_lines)
+    out = {"facts": len(timed), "wall_s": round(wall, 3), "facts_per_s": round(len(timed) / wall, 1),
+           "recall": result.ok / len(timed), "phases_s": result.timings}
+    if prof is None:
+        out["host_profile"] = text.getvalue()
+        _report(out, args.json)
+        return
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     by_stream: dict[str, list] = {}
     for e in kernels:
@@ -73,19 +87,19 @@ def main() -> None:
     span = (min(e.time_range.start for e in kernels), max(e.time_range.end for e in kernels)) if kernels else (0, 0)
     labels = {e.key: {"cpu_ms": round(e.cpu_time_total / 1e3, 1), "gpu_ms": round(e.device_time_total / 1e3, 1), "calls": e.count}
               for e in prof.key_averages() if e.key.startswith("engram.")}
-    text = io.StringIO()
-    pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(25)
-    out = {
-        "facts": len(timed), "wall_s": round(wall, 3), "facts_per_s": round(len(timed) / wall, 1),
-        "recall": result.ok / len(timed), "phases_s": result.timings,
+    out.update({
         "gpu_busy_s": round(union_us([iv for ivs in by_stream.values() for iv in ivs]) / 1e6, 3),
         "kernel_span_s": round((span[1] - span[0]) / 1e6, 3),
         "gpu_busy_by_stream_s": {k: round(union_us(v) / 1e6, 3) for k, v in by_stream.items()},
         "kernels_launched": len(kernels), "labels": labels,
         "top_kernels": prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.kernels, max_name_column_width=60),
         "host_profile": text.getvalue(),
-    }
-    if args.json:
+    })
+    _report(out, args.json)
+
+
+def _report(out: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(out))
     else:
         for key, value in out.items():

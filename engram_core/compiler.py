@@ -371,12 +371,6 @@ class _Batch:
             return Overlay(self.owners, {self.layer: self.keys}, {self.layer: values})
         return self.fixed.overlay(self.owners, self.layer, self.keys, values)
 
-    def logits(self, values: torch.Tensor) -> list[tuple["_Group", torch.Tensor]]:
-        """Per group: logits at its written positions, (n_g, V), with ``values`` overlaid, through
-        transformers' forward (what verification uses)."""
-        overlay = self._overlay(values)
-        return [(g, g.logits(overlay)) for g in self.groups]
-
     def check_lower_reuse(self, values: torch.Tensor) -> None:
         """Choose the step's form, checking each once per model and dtype: it must give the full
         forward's logits up to the rounding of the model's dtype. Transformers' forward from the
@@ -452,19 +446,36 @@ class _Batch:
 
     @torch.no_grad()
     def check(self, values: torch.Tensor, min_margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per written position: greedy-correct-with-margin, loss, margin (with stored fp16 values)."""
+        """Per written position: greedy-correct-with-margin, loss, margin (with stored fp16 values).
+
+        The LM head runs on chunks of ``_CHECK_CHUNK`` positions: (positions, vocab) float32
+        logits of a whole 65,536-fact batch would be 8 GiB (and a scattered copy of them another
+        8), a peak that fragments the allocator for the next batch."""
         n = self.num_written
         loss_all, margin_all = np.empty(n, np.float32), np.empty(n, np.float32)
-        for g, logits in self.logits(values.half().to(values.dtype)):
-            targets = g.targets
-            loss = F.cross_entropy(logits, targets, reduction="none")
-            target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
-            others = logits.scatter(1, targets.view(-1, 1), float("-inf"))
-            margin = target_logit - others.max(dim=1).values
-            index = g.written.cpu().numpy()
-            loss_all[index] = loss.cpu().numpy()
-            margin_all[index] = margin.cpu().numpy()
+        overlay = self._overlay(values.half().to(values.dtype))
+        head = self.em.lm_head
+        for g in self.groups:
+            hidden = g.hidden(overlay)
+            loss, margin = torch.empty(len(hidden), device=hidden.device), torch.empty(len(hidden), device=hidden.device)
+            for a in range(0, len(hidden), _CHECK_CHUNK):
+                b = a + _CHECK_CHUNK
+                logits = head(hidden[a:b]).float()
+                targets = g.targets[a:b]
+                loss[a:b] = F.cross_entropy(logits, targets, reduction="none")
+                target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+                # The best other token: the top logit, or the second when the top is the target
+                # (same bits as the max over the logits with the target masked out).
+                top, index = logits.topk(2, dim=1)
+                best_other = torch.where(index[:, 0] == targets, top[:, 1], top[:, 0])
+                margin[a:b] = target_logit - best_other
+            written = g.written.cpu().numpy()
+            loss_all[written] = loss.cpu().numpy()
+            margin_all[written] = margin.cpu().numpy()
         return margin_all >= min_margin, loss_all, margin_all
+
+
+_CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
 
 
 def _pinv(projection: torch.nn.Linear) -> torch.Tensor:
@@ -607,12 +618,15 @@ class _Group:
                 **kwargs,
             )
 
-    def logits(self, overlay: Overlay, full: bool = False) -> torch.Tensor:
+    def hidden(self, overlay: Overlay, full: bool = False) -> torch.Tensor:
+        """Final hidden states at the positions that predict an answer token, (n_g, d) (a group
+        that recomputes its trigger has many more positions than targets)."""
         group_overlay = Overlay(overlay.owners[self.members], overlay.keys, overlay.values)
         out = self._forward(group_overlay, embeds=None if full or self.lower is None else self.lower)
-        # The LM head only at the positions that predict an answer token (a group that
-        # recomputes its trigger has many more positions than targets).
-        return self.batch.em.lm_head(out.last_hidden_state[self.target_index]).float()
+        return out.last_hidden_state[self.target_index]
+
+    def logits(self, overlay: Overlay, full: bool = False) -> torch.Tensor:
+        return self.batch.em.lm_head(self.hidden(overlay, full)).float()
 
 
 def _cached_kv(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -355,3 +355,29 @@ def test_overlapping_batches_changes_no_result_and_reports_every_batch(tiny):
     assert {r.steps for r in overlapped.facts if r.user_id == "user-03"} == {15 + 5 + 5}
     assert statuses[("user-99", "empty")] == STATUS_EMPTY_TRIGGER
     assert all(statuses[(f.user_id, f.fact_id)] == STATUS_OK for f in facts[:6 * len(TEMPLATES)])
+
+
+def test_the_check_in_chunks_gives_the_margins_and_losses_of_the_whole_logits(tiny_checkpoints, monkeypatch):
+    """Verification's chunked LM head and top-2 margin agree with the plain computation over the
+    whole (positions, vocab) logits: the target's logit minus the best other token's."""
+    from engram_core import compiler
+
+    em = load_checkpoint(tiny_checkpoints("llama"))
+    facts = user_facts(num_users=6)
+    batch = one_batch(em, facts, reuse_lower=True)
+    values = batch.initial_values(20.0)
+    monkeypatch.setattr(compiler, "_CHECK_CHUNK", 7)  # several chunks, a ragged last one
+    ok, loss, margin = batch.check(values, 0.5)
+    expected_loss, expected_margin = np.empty_like(loss), np.empty_like(margin)
+    overlay = batch._overlay(values.half().to(values.dtype))
+    with torch.no_grad():
+        for g in batch.groups:
+            logits = g.logits(overlay)
+            others = logits.scatter(1, g.targets.view(-1, 1), float("-inf"))
+            index = g.written.numpy()
+            expected_margin[index] = (logits.gather(1, g.targets.view(-1, 1)).squeeze(1) - others.max(1).values).numpy()
+            expected_loss[index] = torch.nn.functional.cross_entropy(logits, g.targets, reduction="none").numpy()
+    assert len(loss) == batch.num_written > 7
+    np.testing.assert_allclose(margin, expected_margin, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(ok, expected_margin >= 0.5) and ok.any() and not ok.all()
