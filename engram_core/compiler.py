@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import weakref
@@ -53,15 +54,22 @@ from . import fast_step, prefix_attention
 from .checkpoint import EngramModel
 from .delta import Delta
 from .layer import Overlay, backbone_and_layers
+from .tokenize_pool import (  # noqa: F401 (the statuses are part of this module's API)
+    STATUS_ANSWER_TOO_LONG,
+    STATUS_EMPTY_ANSWER,
+    STATUS_EMPTY_TRIGGER,
+    STATUS_TRIGGER_TOO_LONG,
+    TokenizePool,
+    TokenizePoolError,
+    discard_pool,
+    encode_pairs,
+    shared_pool,
+)
 
 log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_NOT_RECALLED = "not_recalled"
-STATUS_EMPTY_TRIGGER = "empty_trigger"
-STATUS_EMPTY_ANSWER = "empty_answer"
-STATUS_TRIGGER_TOO_LONG = "trigger_too_long"
-STATUS_ANSWER_TOO_LONG = "answer_too_long"
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,12 @@ class CompileOptions:
     (:mod:`engram_core.prefix_kernels`), instead of inductor's reductions: on an H100 (d768)
     the optimize phase took 4.3 s instead of 7.7 s for 262,144 facts. Checked with the
     compiled step."""
+    tokenize_workers: int = -1
+    """Worker processes that tokenize each batch's facts (:mod:`engram_core.tokenize_pool`), off
+    the compiling process's GIL. -1 (automatic): ``min(8, cores // 2)`` workers when the model is
+    on a GPU (where the host thread bounds the compile) and a batch has at least 8,192 facts,
+    else none; 0: never; N: always N. Same ids as tokenizing in this process; a worker failure
+    falls back to it with a warning."""
     overlap_batches: bool = False
     """On a GPU: prepare the next batch (rows, prefix caches, start values) on a side CUDA stream
     while this batch's steps run (queued from a thread), and assemble this batch's results on
@@ -183,30 +197,43 @@ def _fork_cache(cache):
 
 
 def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -> list[tuple[_Seq | None, FactResult | None]]:
-    """Tokenize all facts in one batched call; reject the ones the compiler cannot take."""
-    texts_ok = [bool(f.trigger and f.trigger.strip() and f.answer and f.answer.strip()) for f in facts]
-    kept = [f for f, ok in zip(facts, texts_ok) if ok]
-    triggers = em.encode_prompts([f.trigger for f in kept]) if kept else []
-    answers = em.encode_answers([f.answer for f in kept]) if kept else []
-    out, k = [], 0
-    for fact, ok in zip(facts, texts_ok):
-        def reject(status: str, detail: str):
-            return None, FactResult(fact.user_id, fact.fact_id, status, float("nan"), 0, 0, float("nan"), detail)
+    """Tokenize all facts (one batched call, or chunks in worker processes); reject the ones the
+    compiler cannot take."""
+    triggers, answers = [f.trigger for f in facts], [f.answer for f in facts]
+    limits = (options.max_trigger_tokens, options.max_answer_tokens)
+    encoded = None
+    pool = _tokenize_pool(em, len(facts), options)
+    if pool is not None:
+        try:
+            encoded = pool.encode_pairs(triggers, answers, *limits)
+        except TokenizePoolError as e:
+            log.warning("compiler: tokenizing in this process instead: %s", e)
+            discard_pool(pool)
+    if encoded is None:
+        encoded = encode_pairs(em.encode_texts, triggers, answers, *limits)
+    nan = float("nan")
+    return [(None, FactResult(fact.user_id, fact.fact_id, first, nan, 0, 0, nan, second)) if isinstance(first, str)
+            else (_Seq(-1, fact, first, second), None)
+            for fact, (first, second) in zip(facts, encoded)]
 
-        if not ok:
-            empty_trigger = not fact.trigger or not fact.trigger.strip()
-            out.append(reject(STATUS_EMPTY_TRIGGER, "trigger is empty") if empty_trigger
-                       else reject(STATUS_EMPTY_ANSWER, "answer is empty"))
-            continue
-        trigger, answer = triggers[k], answers[k]
-        k += 1
-        if len(trigger) > options.max_trigger_tokens:
-            out.append(reject(STATUS_TRIGGER_TOO_LONG, f"trigger has {len(trigger)} tokens (limit {options.max_trigger_tokens})"))
-        elif len(answer) > options.max_answer_tokens:
-            out.append(reject(STATUS_ANSWER_TOO_LONG, f"answer has {len(answer)} tokens (limit {options.max_answer_tokens})"))
-        else:
-            out.append((_Seq(-1, fact, trigger + answer[:-1], answer), None))
-    return out
+
+_POOL_MIN_FACTS = 8192  # automatic worker processes from this many facts per batch
+
+
+def _tokenize_pool(em: EngramModel, num_facts: int, options: CompileOptions) -> TokenizePool | None:
+    workers = options.tokenize_workers
+    if workers == 0 or (workers < 0 and (em.device.type != "cuda" or num_facts < _POOL_MIN_FACTS)):
+        return None
+    backend = em.plain_backend()
+    if backend is None:
+        return None  # a slow tokenizer, or one with truncation or padding: in this process
+    if workers < 0:
+        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    try:
+        return shared_pool(backend.to_str(), workers)
+    except OSError as e:
+        log.warning("compiler: could not start tokenize workers (%s); tokenizing in this process", e)
+        return None
 
 
 def _distinct(a: np.ndarray) -> np.ndarray:
