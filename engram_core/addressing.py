@@ -199,6 +199,13 @@ class Addresser:
             )
         return self._torch_cache[key]
 
+    def check_range(self, lowest: int, highest: int) -> None:
+        """Raise if token ids from ``lowest`` to ``highest`` are not all in this map's vocabulary."""
+        if lowest < 0 or highest >= len(self.canonical_ids):
+            raise ValueError(
+                f"token id out of range 0..{len(self.canonical_ids) - 1}: the tokenizer does not match this Engram"
+            )
+
     def rows_torch(self, token_ids: torch.Tensor, layer: int, valid: torch.Tensor | None = None,
                    check: bool = True) -> torch.Tensor:
         """(B, T) raw token ids -> (B, T, orders*heads) row ids (torch path, on the ids' device).
@@ -207,10 +214,8 @@ class Addresser:
         already known to come from this tokenizer's vocabulary.
         """
         canonical, multipliers, primes, offsets = self._torch_params(layer, token_ids.device)
-        if check and token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= canonical.numel()):
-            raise ValueError(
-                f"token id out of range 0..{canonical.numel() - 1}: the tokenizer does not match this Engram"
-            )
+        if check and token_ids.numel():
+            self.check_range(int(token_ids.min()), int(token_ids.max()))
         x = canonical[token_ids.long()]  # (B, T)
         if valid is not None:
             x = torch.where(valid.bool(), x, torch.full_like(x, self.pad_id))

@@ -32,6 +32,16 @@ def test_torch_path_matches_golden_vectors():
     assert rows.tolist() == GOLDEN_ROWS_LAYER_7
 
 
+def test_token_ids_outside_the_vocabulary_are_refused():
+    a = golden_addresser()
+    for ids in ([[5, 1000]], [[-1, 5]]):
+        with pytest.raises(ValueError, match=r"token id out of range 0\.\.999"):
+            a.rows_torch(torch.tensor(ids), 7)
+        with pytest.raises(ValueError, match="does not match this Engram"):
+            a.check_range(min(ids[0]), max(ids[0]))
+    a.check_range(0, 999)
+
+
 def test_every_head_of_every_layer_has_a_distinct_prime():
     a = golden_addresser()
     assert {layer: h.primes.tolist() for layer, h in a.layers.items()} == GOLDEN_PRIMES

@@ -381,3 +381,22 @@ def test_the_check_in_chunks_gives_the_margins_and_losses_of_the_whole_logits(ti
     np.testing.assert_allclose(margin, expected_margin, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-5)
     assert np.array_equal(ok, expected_margin >= 0.5) and ok.any() and not ok.all()
+
+
+def test_an_error_while_assembling_a_batch_reaches_the_caller(tiny, monkeypatch):
+    """Batches are assembled on a thread of their own; a failure there is not lost."""
+    from engram_core import compiler
+
+    real = compiler._Job.assemble
+    seen = []
+
+    def failing(job):
+        seen.append(len(job.users))
+        if len(seen) == 2:
+            raise RuntimeError("disk full while assembling (simulated)")
+        return real(job)
+
+    monkeypatch.setattr(compiler._Job, "assemble", failing)
+    with pytest.raises(RuntimeError, match="disk full while assembling"):
+        compile_facts(tiny, user_facts(num_users=6), CompileOptions(facts_per_batch=20))
+    assert len(seen) >= 2
