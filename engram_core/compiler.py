@@ -162,8 +162,7 @@ class CompileResult:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase, summed over batches: tokenize (waiting for the next batch's tokens,
     which are prepared on a thread while the previous batch compiles), prepare (rows, prefix
-    caches), optimize, verify, assemble (results and deltas: on a thread of its own, overlapping
-    the next batch, so the phases can sum to more than the wall time)."""
+    caches), optimize, verify, assemble (results and deltas)."""
 
     @property
     def ok(self) -> int:
@@ -828,29 +827,12 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
         batch_facts = [f for u in users for f in facts_of[u]]
         return batch_facts, _validate(em, batch_facts, options)
 
-    def assemble(job: _Job | None) -> None:
-        if job is not None:
-            start = time.perf_counter()
-            batch_deltas, batch_results = job.assemble()
-            deltas.update(batch_deltas)
-            results.extend(batch_results)
-            timings["assemble"] += time.perf_counter() - start
+    def done(job: _Job) -> None:
+        batch_deltas, batch_results = job.assemble()
+        deltas.update(batch_deltas)
+        results.extend(batch_results)
         if progress is not None:
-            progress(len(job.users), sum(counts[u] for u in job.users)) if job is not None else progress(0, 0)
-
-    # A verified batch is assembled (host work only: deltas, per-fact results, the progress
-    # report) on a thread of its own, in batch order, while this thread prepares the next batch
-    # and mostly waits for the GPU; "assemble" is that thread's time. Its errors surface at the
-    # next batch or at the end.
-    assembling: list[Future] = []
-
-    def done(job: _Job | None) -> None:
-        """Assemble ``job`` (None: report an empty batch) after the batches before it."""
-        for future in assembling:
-            if future.done():
-                future.result()
-        assembling[:] = [f for f in assembling if not f.done()]
-        assembling.append(assembler.submit(assemble, job))
+            progress(len(job.users), sum(counts[u] for u in job.users))
 
     # Overlap (CUDA): batch k+1 is prepared on a side stream while batch k's steps run on the
     # main one (queued from a thread of their own), and batch k is assembled on the host while
@@ -862,8 +844,7 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     # backend runs without the GIL); "tokenize" times only the wait for it.
     batches = list(_batches(facts_of, options.facts_per_batch))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-tokenize") as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-steps") as stepper, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-assemble") as assembler:
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-steps") as stepper:
         pending = pool.submit(tokenize, batches[0]) if batches else None
         for k, users in enumerate(batches):
             clock.restart()
@@ -884,7 +865,8 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
                     in_flight.verify()
                     done(in_flight)
                     in_flight = None
-                done(None)
+                if progress is not None:
+                    progress(0, 0)
                 continue
             with torch.cuda.stream(side) if side is not None else nullcontext():
                 job = _Job(em, compiled, by_user, options, base_deltas, clock)
@@ -904,8 +886,6 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
         if in_flight is not None:
             in_flight.verify()
             done(in_flight)
-        for future in assembling:
-            future.result()
     order = {u: i for i, u in enumerate(sorted(facts_of))}
     results.sort(key=lambda r: (order[r.user_id], r.fact_id))
     return CompileResult(deltas, results, counts, {k: round(v, 4) for k, v in timings.items()})
@@ -1051,4 +1031,5 @@ class _Job:
             status = STATUS_OK if fact_ok else STATUS_NOT_RECALLED
             detail = "" if fact_ok else f"answer not reproduced greedily with margin >= {min_margin} after {steps} steps"
             results.append(FactResult(s.fact.user_id, s.fact.fact_id, status, loss, steps, rows_touched, margin, detail))
+        self.clock.tick("assemble", wait=False)
         return deltas, results

@@ -384,7 +384,7 @@ def test_the_check_in_chunks_gives_the_margins_and_losses_of_the_whole_logits(ti
 
 
 def test_an_error_while_assembling_a_batch_reaches_the_caller(tiny, monkeypatch):
-    """Batches are assembled on a thread of their own; a failure there is not lost."""
+    """A failure while assembling a batch's deltas and results is not lost."""
     from engram_core import compiler
 
     real = compiler._Job.assemble
