@@ -188,6 +188,21 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
             "plain": request(lambda: None),
             "deltas": request(lambda: batch_overlay(em, served)),
         }, max(5, repeats // 3))
+        # The lookups alone (what the deltas add inside each forward), timed apart from the
+        # forward: its run-to-run noise is larger than they are.
+        lookups = {}
+        for name, shaped in (("prefill", ids), ("decode", torch.cat([ids, next_ids], 1)[:, -3:])):
+            costs = []
+            for layer in em.config.layers:
+                if not prebuilt.touches(layer):
+                    continue
+                rows = em.memory.addresser.rows_torch(shaped, layer)[:, -(ids.shape[1] if name == "prefill" else 1):]
+                e = torch.nn.functional.embedding(rows, em.memory.layer(layer).table)
+                R = em.memory.num_rows(layer)
+                lk = _median_times({"copy": lambda: e.clone(),
+                                    "lookup": lambda: prebuilt.add_to(layer, rows, e.clone(), R)}, repeats * 20)
+                costs.append(max(lk["lookup"] - lk["copy"], 0.0))
+            lookups[name] = sum(costs)
     finally:
         em.memory.refresh_zero_flags()
     zero_table = _median_times({"plain": forward(lambda: None)}, repeats)["plain"]
@@ -220,6 +235,15 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         "added_ratio_per_request": ratio(g["deltas"], g["plain"]),
         "added_ms_per_request": ms(g["deltas"] - g["plain"]),
         "added_ms_per_request_vs_forward": round((g["deltas"] - g["plain"]) / t["plain"], 4),
+        # The same from its parts, each timed alone (medians of many calls): the overlay build,
+        # one prefill's lookups, and one lookup per further token.
+        "lookup_us_per_prefill": round(lookups["prefill"] * 1e6, 1),
+        "lookup_us_per_decode_step": round(lookups["decode"] * 1e6, 1),
+        "lookup_ratio_per_prefill": round(lookups["prefill"] / t["plain"], 4),
+        "lookup_ratio_per_decode_step": round(lookups["decode"] / d["plain"], 4),
+        "added_ms_per_request_from_parts": ms(t["build"] + lookups["prefill"] + (new_tokens - 1) * lookups["decode"]),
+        "added_ratio_per_request_from_parts": round(
+            (t["build"] + lookups["prefill"] + (new_tokens - 1) * lookups["decode"]) / g["plain"], 4),
         "repeats": repeats,
     }
 

@@ -69,7 +69,8 @@ class EngramModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.memory.parameters()).device
+        # A table's device: ``next(parameters())`` walks the modules (~20 us), once per request batch.
+        return next(iter(self.memory.engram_layers.values())).table.device
 
     @property
     def lm_head(self) -> torch.nn.Module:

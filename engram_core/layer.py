@@ -145,11 +145,11 @@ class Overlay:
 class _RowMap:
     """One layer of a :class:`RowMapOverlay`."""
 
-    slots: torch.Tensor  # (B * stride,) int16/int32: value index of (sequence, row key), 0 = none
+    slots: torch.Tensor  # (B * stride,) int32: value index of (sequence, row key), 0 = none
     stride: int
     offsets: torch.Tensor  # (B, 1, 1) int64: sequence b's base in ``slots``
     values: torch.Tensor  # (N + 1, w): row 0 all -0.0 (adds nothing), row k the summed value of entry k
-    row_keys: torch.Tensor | None  # (num_rows,) int16/int32: dense key of each written row (None: key = row)
+    row_keys: torch.Tensor | None  # (num_rows,) int32: dense key of each written row (None: key = row)
 
 
 class RowMapOverlay:
@@ -174,16 +174,16 @@ class RowMapOverlay:
             slot = torch.gather(m.slots.view(rows.shape[0], -1), 1, rows.view(rows.shape[0], -1)).view(-1)
         else:
             slot = m.slots.index_select(0, (m.row_keys[rows] + m.offsets).view(-1))
-        # slot: (B*T*H,), 0 where this sequence wrote nothing
+        # slot: (B*T*H,) int32, 0 where this sequence wrote nothing
         flat = e.view(-1, e.shape[-1])
         if e.is_cuda or slot.numel() <= DENSE_ADD_MAX:
             # Add a value to every position: row 0 is -0.0, and x + (-0.0) == x bit for bit
             # (even for x = -0.0), so positions nothing was written at are unchanged. No host
             # sync (CUDA), and fewer ops than finding the hits for small calls (decode steps).
-            return (flat + m.values.index_select(0, slot.int())).view_as(e)
+            return (flat + F.embedding(slot, m.values)).view_as(e)
         hit = slot.nonzero().squeeze(1)
         if hit.numel():
-            flat.index_add_(0, hit, m.values.index_select(0, slot.index_select(0, hit).int()))
+            flat.index_add_(0, hit, F.embedding(slot.index_select(0, hit), m.values))
         return e
 
 
@@ -233,32 +233,60 @@ def row_map_overlay(
         if not items:
             continue
         R = num_rows[layer]
-        width = items[0][2].shape[1]
         sequences = [b for b, _, _ in items]
+        one_owner = len(set(sequences)) == len(sequences)
+        if one_owner and torch.device(device).type == "cpu" and all(
+                isinstance(r, np.ndarray) and isinstance(v, np.ndarray) for _, r, v in items):
+            maps[layer] = _host_row_map(B, items, R, dtype, dense_limit)
+            continue
+        width = items[0][2].shape[1]
         seq = torch.from_numpy(np.repeat(np.asarray(sequences, np.int64), [len(r) for _, r, _ in items])).to(device)
         rows = _concat([r for _, r, _ in items]).to(device=device, dtype=torch.long)
         values = _concat([v for _, _, v in items], zero_row=True).to(device=device, dtype=dtype)
-        if len(set(sequences)) < len(sequences):  # several owners per sequence: sum per (sequence, row)
+        if not one_owner:  # several owners per sequence: sum per (sequence, row)
             unique, inverse = torch.unique(seq * R + rows, return_inverse=True)
             summed = torch.zeros(unique.numel() + 1, width, dtype=dtype, device=device)
             values = summed.index_add_(0, inverse + 1, values[1:])
             values[0] = -0.0
             seq, rows = unique // R, unique % R
         n = rows.numel()
-        small = torch.int16 if n < 2**15 else torch.int32  # halves the map to clear when it fits
-        index = torch.arange(1, n + 1, dtype=small, device=device)
+        index = torch.arange(1, n + 1, dtype=torch.int32, device=device)
         row_keys = None
         if B * R <= dense_limit:
             stride, keys = R, rows
         else:
-            row_keys = torch.zeros(R, dtype=small, device=device)
+            row_keys = torch.zeros(R, dtype=torch.int32, device=device)
             row_keys[rows] = index  # a row written by several sequences keeps one (any) of their indices
             stride, keys = n + 1, row_keys[rows].long()
-        slots = torch.zeros(B * stride, dtype=small, device=device)
+        slots = torch.zeros(B * stride, dtype=torch.int32, device=device)
         slots[seq * stride + keys] = index
         offsets = (torch.arange(B, device=device) * stride).view(B, 1, 1)
         maps[layer] = _RowMap(slots, stride, offsets, values, row_keys)
     return RowMapOverlay(maps) if maps else None
+
+
+def _host_row_map(B: int, items: list, R: int, dtype: torch.dtype, dense_limit: int) -> _RowMap:
+    """:func:`row_map_overlay`'s build for one layer of host (NumPy) entries, one owner per
+    sequence, on a CPU model: the indices in NumPy, whose per-call cost is a fraction of torch's
+    for a batch's few thousand rows. Same map as the torch build."""
+    rows = np.concatenate([r for _, r, _ in items]).astype(np.int64, copy=False)
+    seq = np.repeat(np.fromiter((b for b, _, _ in items), np.int64, len(items)), [len(r) for _, r, _ in items])
+    first = items[0][2]
+    zero = np.full((1, first.shape[1]), -0.0, first.dtype)
+    values = torch.from_numpy(np.concatenate([zero] + [v for _, _, v in items])).to(dtype)  # torch widens fp16 faster
+    n = len(rows)
+    index = np.arange(1, n + 1, dtype=np.int32)
+    row_keys = None
+    if B * R <= dense_limit:
+        stride, keys = R, rows
+    else:
+        row_keys = torch.zeros(R, dtype=torch.int32)
+        row_keys.numpy()[rows] = index  # a row written by several sequences keeps one (any) of their indices
+        stride, keys = n + 1, row_keys.numpy()[rows].astype(np.int64)
+    slots = torch.zeros(B * stride, dtype=torch.int32)
+    slots.numpy()[seq * stride + keys] = index
+    offsets = torch.from_numpy(np.arange(B, dtype=np.int64) * stride).view(B, 1, 1)
+    return _RowMap(slots, stride, offsets, values, row_keys)
 
 
 def backbone_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -92,7 +92,9 @@ def overlay_from_parts(
         for parts in owners:
             for layer, (rows, values) in parts.items():
                 entries.setdefault(layer, []).append((b, rows, values))
-    dtype = next(em.memory.parameters()).dtype
+    if not entries:
+        return None
+    dtype = em.memory.layer(next(iter(entries))).table.dtype  # (not next(parameters()): a walk over the modules)
     return row_map_overlay(len(per_sequence), entries, {layer: em.memory.num_rows(layer) for layer in entries},
                            dtype, em.device)
 

@@ -176,6 +176,28 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
     assert torch.equal(as_bits(got), as_bits(want))
     assert torch.equal(as_bits(via_overlay_for), as_bits(want))
     assert torch.equal(as_bits(got[1]), as_bits(base[1]))  # no owner: the base model
+    # One owner per sequence (a server's usual batch): the map is built in NumPy on a CPU model.
+    single = [[a], [], [b], [c]]
+    entries = {}
+    for s, owners in enumerate(single):
+        for d in owners:
+            for layer, (rows, values) in split_by_layer(d, "cpu").items():
+                entries.setdefault(layer, []).append((s, rows, values))
+    serving = row_map_overlay(4, entries, num_rows, torch.float32, "cpu", dense_limit=dense_limit)
+    with_tensors = row_map_overlay(4, {layer: [(s, torch.from_numpy(r), torch.from_numpy(v)) for s, r, v in items]
+                                       for layer, items in entries.items()}, num_rows, torch.float32, "cpu",
+                                   dense_limit=dense_limit)  # the torch build of the same map
+    with torch.no_grad(), mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max):
+        with em.memory.use(reference_overlay(em, single)):
+            want = em.model(input_ids=input_ids).logits
+        with em.memory.use(serving):
+            got = em.model(input_ids=input_ids).logits
+    assert torch.equal(as_bits(got), as_bits(want))
+    assert (serving is None) == (with_tensors is None) == (not entries)  # None: nothing written at all
+    for layer, m in (serving.maps.items() if serving is not None else ()):
+        other = with_tensors.maps[layer]
+        assert torch.equal(m.slots, other.slots) and torch.equal(as_bits(m.values), as_bits(other.values))
+        assert m.stride == other.stride and (m.row_keys is None) == (other.row_keys is None)
 
 
 @pytest.mark.parametrize("dense_add_max", [0, 10**9])
