@@ -163,8 +163,8 @@ def main() -> None:
                     help="CompileOptions.prefix_kernel variants (Triton kernels for the prefix attention, compiled step)")
     ap.add_argument("--switch-interval", type=float, nargs="+", default=[None],
                     help="sys.setswitchinterval values (seconds) to compare: how often threads hand the GIL over")
-    ap.add_argument("--fused-norms", nargs="+", choices=["on", "off"], default=["on"],
-                    help="CompileOptions.fused_norms variants (one-kernel RMSNorm in preparation and verification)")
+    ap.add_argument("--fused-ops", nargs="+", choices=["on", "off"], default=["on"],
+                    help="CompileOptions.fused_ops variants (one-kernel RMSNorm, lean rotary in preparation and verification)")
     ap.add_argument("--tokenize-workers", type=int, nargs="+", default=[CompileOptions.tokenize_workers],
                     help="CompileOptions.tokenize_workers variants (-1 automatic, 0 in this process, N processes)")
     ap.add_argument("--json", action="store_true")
@@ -191,7 +191,7 @@ def main() -> None:
         variants = [(a, b, r, p, g, ps, cs, ov, si, pk, tw, fn) for a in args.attn for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for ps in args.plain_step
                     for cs in args.compiled_step for ov in args.overlap for si in args.switch_interval
-                    for pk in args.prefix_kernel for tw in args.tokenize_workers for fn in args.fused_norms]
+                    for pk in args.prefix_kernel for tw in args.tokenize_workers for fn in args.fused_ops]
         models = {}  # one model per attention implementation: its compiled steps are kept across variants
         default_interval = sys.getswitchinterval()
         for attn, batch, reuse, prefix_attn, groups, plain, compiled, overlap, interval, kernel, workers, norms in variants:
@@ -202,7 +202,7 @@ def main() -> None:
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
                                   reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, plain_step=plain == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
-                                  tokenize_workers=workers, fused_norms=norms == "on",
+                                  tokenize_workers=workers, fused_ops=norms == "on",
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator, torch.compile)
@@ -231,7 +231,7 @@ def main() -> None:
             forms = {f"{k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
                 "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled, "overlap": overlap, "prefix_kernel": kernel,
-                "tokenize_workers": workers, "fused_norms": norms,
+                "tokenize_workers": workers, "fused_ops": norms,
                 "switch_interval_s": sys.getswitchinterval(),
                 "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],

@@ -53,7 +53,7 @@ from torch.profiler import record_function
 from . import fast_step, prefix_attention
 from .checkpoint import EngramModel
 from .delta import Delta
-from .fused_norms import fused_rms_norms
+from .fused_ops import fused_ops
 from .layer import Overlay, backbone_and_layers
 from .tokenize_pool import (  # noqa: F401 (the statuses are part of this module's API)
     STATUS_ANSWER_TOO_LONG,
@@ -128,10 +128,11 @@ class CompileOptions:
     (:mod:`engram_core.prefix_kernels`), instead of inductor's reductions: on an H100 (d768)
     the optimize phase took 4.3 s instead of 7.7 s for 262,144 facts. Checked with the
     compiled step."""
-    fused_norms: bool = True
-    """Run Llama-style RMSNorms as one fused kernel in the transformers forwards of preparation
-    and verification (:mod:`engram_core.fused_norms`): the same formula; the prefix forward is
-    elementwise-bound on a GPU. The steps' own code is not changed."""
+    fused_ops: bool = True
+    """In the transformers forwards of preparation and verification, run Llama-style RMSNorms as
+    one fused kernel and the rotary embedding without building ``rotate_half``
+    (:mod:`engram_core.fused_ops`): the same formulas; the prefix forward is elementwise-bound
+    on a GPU. The steps' own code is not changed."""
     tokenize_workers: int = -1
     """Worker processes that tokenize each batch's facts (:mod:`engram_core.tokenize_pool`), off
     the compiling process's GIL. -1 (automatic): ``min(8, cores // 2)`` workers when the model is
@@ -304,9 +305,9 @@ class _Batch:
 
     def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None,
                  reuse_lower: bool = False, prefix_attention: bool = False, prefix_groups: int = 2,
-                 step: "fast_step.UpperStep | None" = None, fused_norms: bool = False):
+                 step: "fast_step.UpperStep | None" = None, fused_ops: bool = False):
         self.em, self.seqs = em, seqs
-        self.fused_norms = fused_norms  # transformers' forwards with fused RMSNorms (:mod:`engram_core.fused_norms`)
+        self.fused_ops = fused_ops  # transformers' forwards with leaner ops (:mod:`engram_core.fused_ops`)
         self.prefix_attention = prefix_attention
         if _LOWER_REUSE_OK.get(em.model, {}).get(("plain", str(em.lm_head.weight.dtype))) is False:
             step = None  # checked before for this model, and it differed: prepare nothing for it
@@ -490,7 +491,7 @@ class _Batch:
         overlay = self._overlay(values.half().to(values.dtype))
         head = self.em.lm_head
         for g in self.groups:
-            with fused_rms_norms(self.em.model, self.fused_norms):
+            with fused_ops(self.em.model, self.fused_ops):
                 hidden = g.hidden(overlay)
             loss, margin = torch.empty(len(hidden), device=hidden.device), torch.empty(len(hidden), device=hidden.device)
             for a in range(0, len(hidden), _CHECK_CHUNK):
@@ -552,7 +553,7 @@ class _Group:
         prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
         if prefix_overlay is not None:
             prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
-        norms = fused_rms_norms(batch.em.model, batch.fused_norms)
+        norms = fused_ops(batch.em.model, batch.fused_ops)
         if prefix > 0:
             # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
             backbone, _ = backbone_and_layers(batch.em.model)
@@ -565,7 +566,7 @@ class _Group:
                 )
             self.cache = out.past_key_values
         if reuse_lower:
-            with fused_rms_norms(batch.em.model, batch.fused_norms), record_function("engram.prepare.lower"):
+            with fused_ops(batch.em.model, batch.fused_ops), record_function("engram.prepare.lower"):
                 self.lower = self._lower_hidden(prefix_overlay)
             if batch.step is not None:
                 with record_function("engram.prepare.plain"):
@@ -957,7 +958,7 @@ class _Job:
                       reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
                       prefix_groups=options.prefix_groups, step=_plain_step(em, options),
-                      fused_norms=options.fused_norms)
+                      fused_ops=options.fused_ops)
 
     def launch(self, stepper: ThreadPoolExecutor | None = None) -> None:
         """Queue the first round's steps on the current stream. With ``stepper`` (a GPU), the

@@ -1,0 +1,114 @@
+"""Leaner forms of two transformers ops, with the same results, for the compiler's forwards.
+
+The compiler's prefix forward (65,536 sequences x 16 tokens x d=768 on an H100, ~1 s) is
+bound by elementwise passes over the hidden states, not by its matmuls. Two ops account for
+much of them:
+
+*RMSNorm.*
+``LlamaRMSNorm`` (and its copies: Qwen2, Mistral, ...) normalises in float32 and rounds to the
+input dtype before multiplying by its weight: six elementwise passes over the hidden states
+(upcast, square, mean, rsqrt, multiply, downcast) plus the weight's. In the compiler's prefix
+forward (65,536 sequences x 16 tokens x d=768 on an H100) these passes were a large share of
+its ~1 s, which is elementwise-bound. ``F.rms_norm`` computes the same normalisation in one
+kernel (float32 inside, one rounding), then the weight multiplies as before: the same formula,
+and the same bits in the CPU tests (tests/test_compiler.py).
+
+*Rotary embedding.* ``apply_rotary_pos_emb`` builds ``rotate_half(x)`` with a negation and a
+concatenation (two copies of q and of k) before it multiplies; :func:`_rotate` writes
+``x * cos`` and then subtracts and adds the two half products into its halves. Each element
+is rounded exactly as before (``a + (-b) == a - b``), so the bits are the same.
+
+Only code that is Llama's own (same bytecode, constants and names) is replaced, for the
+duration of a ``with`` block, so a family with another formula (Gemma's ``1 + weight``) is
+left as it is. The rotary function is replaced in its model module's namespace, for every
+model of that family in the process: use the block where nothing else runs that family's
+forward concurrently (the compiler's batches run one at a time).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def _llama():
+    try:
+        from transformers.models.llama import modeling_llama
+    except ImportError:  # pragma: no cover - transformers without Llama
+        return None
+    return modeling_llama
+
+
+def _unwrap(f):
+    return getattr(f, "__wrapped__", f)  # under a decorator (transformers' hub-kernel hook)
+
+
+def _same_code(f, g) -> bool:
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return (a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
+            and a.co_names == b.co_names)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` without building ``rotate_half(x)``."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h] -= x[..., h:] * sin[..., :h]
+    out[..., h:] += x[..., :h] * sin[..., h:]
+    return out
+
+
+def _lean_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _is_llama_rms_norm(module: torch.nn.Module, code) -> bool:
+    forward = getattr(type(module), "forward", None)
+    other = getattr(forward, "__code__", None)
+    return (other is not None and other.co_code == code.co_code and other.co_consts == code.co_consts
+            and other.co_names == code.co_names
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon"))
+
+
+def _fused_forward(module: torch.nn.Module):
+    shape, eps = (module.weight.shape[-1],), module.variance_epsilon
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return module.weight * F.rms_norm(hidden_states, shape, eps=eps)
+
+    return forward
+
+
+@contextmanager
+def fused_ops(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the block, ``model``'s Llama-style RMSNorms run as ``weight * F.rms_norm(x)`` and
+    its family's Llama-style ``apply_rotary_pos_emb`` as :func:`_rotate`. Yields how many
+    modules and functions were replaced."""
+    llama = _llama() if enabled else None
+    code = llama.LlamaRMSNorm.forward.__code__ if llama is not None else None
+    replaced, namespaces = [], []
+    try:
+        if llama is not None:
+            for module in model.modules():
+                if "forward" not in module.__dict__ and _is_llama_rms_norm(module, code):
+                    module.forward = _fused_forward(module)
+                    replaced.append(module)
+                attention = getattr(module, "self_attn", None)
+                namespace = sys.modules.get(type(attention).__module__) if attention is not None else None
+                if namespace is not None and all(namespace is not n for n, _ in namespaces):
+                    original = getattr(namespace, "apply_rotary_pos_emb", None)
+                    if (_same_code(_unwrap(original), _unwrap(llama.apply_rotary_pos_emb))
+                            and _same_code(getattr(namespace, "rotate_half", None), llama.rotate_half)):
+                        namespace.apply_rotary_pos_emb = _lean_apply_rotary_pos_emb
+                        namespaces.append((namespace, original))
+        yield len(replaced) + len(namespaces)
+    finally:
+        for module in replaced:
+            del module.forward
+        for namespace, original in namespaces:
+            namespace.apply_rotary_pos_emb = original
