@@ -429,13 +429,15 @@ class _Batch:
             key = (form, str(dtype))
             if key not in verdicts:
                 with torch.no_grad():
-                    if not full:
-                        full.append(g.logits(overlay, full=True))
+                    if not full:  # with the ops the prefix and the lower states were computed with
+                        with fused_ops(self.em.model, self.fused_ops):
+                            full.append(g.logits(overlay, full=True))
                     if form == "plain":
                         fast = self.step.logits(g.plain, values)
                     else:
                         self.prefix_attention = form == "split"
-                        fast = g.logits(overlay)
+                        with fused_ops(self.em.model, self.fused_ops):
+                            fast = g.logits(overlay)
                 relative = float((fast - full[0]).abs().max() / full[0].abs().max().clamp_min(1e-6))
                 verdicts[key] = relative <= tolerance
                 log.info("compiler: steps from the write layer%s vs the full forward: max relative logit difference "
