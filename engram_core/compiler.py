@@ -516,6 +516,21 @@ class _Batch:
 _CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
 
 
+def _rows_touched(batch: _Batch) -> np.ndarray:
+    """Distinct rows each sequence's written positions address. The heads of a position address
+    disjoint row ranges, so a one-position fact touches exactly H rows; only facts with several
+    written positions (multi-token answers) need their rows sorted."""
+    H = batch.w_rows.shape[1]
+    counts = np.diff(np.r_[batch.written_start, batch.num_written])  # written positions per sequence
+    touched = counts * H
+    multi = np.flatnonzero(counts > 1)
+    if multi.size:
+        pick = np.isin(batch.w_seq, multi)
+        keys = _distinct(batch.w_seq[pick, None] * batch.num_rows + batch.w_rows[pick])
+        touched[multi] = np.bincount(keys // batch.num_rows, minlength=len(counts))[multi]
+    return touched
+
+
 def _pinv(projection: torch.nn.Linear) -> torch.Tensor:
     """Pseudo-inverse of a frozen projection's weight, computed once per weight (an SVD: about
     0.1-0.25 s on a GPU, which every batch used to pay)."""
@@ -940,7 +955,12 @@ class _Job:
                 s.user = slot
             self.seqs.extend(by_user[u])
         self.final: dict[int, np.ndarray] = {}  # slot -> its rows
-        self.per_fact: dict[int, tuple[bool, float, float, int]] = {}
+        # Per fact, in self.seqs order: recalled, summed loss, least margin, distinct rows touched
+        # (the latest round that compiled it).
+        n = len(self.seqs)
+        self.fact_ok, self.fact_loss = np.zeros(n, bool), np.zeros(n, np.float32)
+        self.fact_margin, self.fact_rows = np.zeros(n, np.float32), np.zeros(n, np.int64)
+        self.seq_users = np.fromiter((s.user for s in self.seqs), np.int64, n)
         self.host_values: dict[int, np.ndarray] = {}  # slot -> float16 values, as stored
         self.steps_by_user = dict.fromkeys(range(len(users)), 0)
         self.active = list(range(len(users)))
@@ -985,6 +1005,7 @@ class _Job:
             self.values, self.running = self.running.result(), None
         clock.tick("optimize")  # the steps' time not hidden behind other work
         batch, batch_seqs, values = self.batch, self.seqs, self.values
+        in_round = np.arange(len(self.seqs))  # positions in self.seqs of this round's facts
         values_by_user: dict[int, torch.Tensor] = {}
         for round_index in range(options.max_rounds):
             if round_index:
@@ -992,8 +1013,8 @@ class _Job:
                 # from the current rows at a smaller step: what is left is usually two facts of
                 # the user fighting over shared rows, a fine balance.
                 remap = {u: k for k, u in enumerate(self.active)}
-                active_set = set(self.active)
-                batch_seqs = [s for s in self.seqs if s.user in active_set]
+                in_round = np.flatnonzero(np.isin(self.seq_users, self.active))
+                batch_seqs = [self.seqs[i] for i in in_round]
                 local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets) for s in batch_seqs]
                 batch = self._batch(local, self.active)
                 start = torch.cat([values_by_user[u] for u in self.active])
@@ -1017,10 +1038,8 @@ class _Job:
             fact_ok = np.logical_and.reduceat(ok, start)
             fact_loss = np.add.reduceat(loss, start)
             fact_margin = np.minimum.reduceat(margin, start)
-            fact_keys = _distinct(batch.w_seq[:, None] * batch.num_rows + batch.w_rows)
-            rows_touched = np.bincount(fact_keys // batch.num_rows, minlength=len(batch_seqs))
-            self.per_fact.update(zip(map(id, batch_seqs), zip(fact_ok.tolist(), fact_loss.tolist(),
-                                                               fact_margin.tolist(), rows_touched.tolist())))
+            self.fact_ok[in_round], self.fact_loss[in_round], self.fact_margin[in_round] = fact_ok, fact_loss, fact_margin
+            self.fact_rows[in_round] = _rows_touched(batch)
             self.active = sorted({batch_seqs[i].user for i in np.nonzero(~fact_ok)[0]})
             clock.tick("verify")
             if not self.active:
@@ -1035,13 +1054,14 @@ class _Job:
         for slot, user in enumerate(self.users):
             rows = self.final[slot]
             deltas[user] = Delta(np.full(len(rows), layer, np.int16), rows, self.host_values[slot])
-        results = []
         min_margin = self.options.min_margin
-        for s in self.seqs:
-            fact_ok, loss, margin, rows_touched = self.per_fact[id(s)]
-            steps = self.steps_by_user[s.user]
-            status = STATUS_OK if fact_ok else STATUS_NOT_RECALLED
-            detail = "" if fact_ok else f"answer not reproduced greedily with margin >= {min_margin} after {steps} steps"
-            results.append(FactResult(s.fact.user_id, s.fact.fact_id, status, loss, steps, rows_touched, margin, detail))
+        steps_of = np.fromiter((self.steps_by_user[u] for u in range(len(self.users))), np.int64, len(self.users))
+        results = [
+            FactResult(s.fact.user_id, s.fact.fact_id, STATUS_OK if ok else STATUS_NOT_RECALLED, loss, steps, rows, margin,
+                       "" if ok else f"answer not reproduced greedily with margin >= {min_margin} after {steps} steps")
+            for s, ok, loss, steps, rows, margin in zip(
+                self.seqs, self.fact_ok.tolist(), self.fact_loss.tolist(), steps_of[self.seq_users].tolist(),
+                self.fact_rows.tolist(), self.fact_margin.tolist())
+        ]
         self.clock.tick("assemble", wait=False)
         return deltas, results

@@ -400,3 +400,19 @@ def test_an_error_while_assembling_a_batch_reaches_the_caller(tiny, monkeypatch)
     with pytest.raises(RuntimeError, match="disk full while assembling"):
         compile_facts(tiny, user_facts(num_users=6), CompileOptions(facts_per_batch=20))
     assert len(seen) >= 2
+
+
+def test_rows_touched_per_fact_counts_the_distinct_rows_of_its_written_positions(tiny):
+    """One-position facts touch exactly H rows (heads address disjoint row ranges); multi-token
+    answers count their positions' distinct rows (checked against a plain count)."""
+    from engram_core.compiler import _rows_touched
+
+    facts = user_facts(num_users=4) + [Fact("user-00", "long", "My motto is", " and so on and so on")]
+    batch = one_batch(tiny, facts)
+    got = _rows_touched(batch)
+    want = [len({(int(r)) for p in range(start, start + n) for r in batch.w_rows[p]})
+            for start, n in zip(batch.written_start, np.diff(np.r_[batch.written_start, batch.num_written]))]
+    assert got.tolist() == want
+    H = batch.w_rows.shape[1]
+    single = np.diff(np.r_[batch.written_start, batch.num_written]) == 1
+    assert single.any() and (~single).any() and (got[single] == H).all()
