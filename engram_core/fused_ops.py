@@ -28,6 +28,7 @@ forward concurrently (the compiler's batches run one at a time).
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -84,31 +85,73 @@ def _fused_forward(module: torch.nn.Module):
     return forward
 
 
+_MISSING = object()
+_LOCK = threading.Lock()
+_PATCHES: dict[tuple[int, str], list] = {}  # (id(owner), name) -> [owner, name, original, holders]
+
+
+def _acquire(owner, name: str, eligible, make) -> tuple[int, str] | None:
+    """Set ``owner.name = make()`` if ``eligible()`` (checked on the original), or join the block
+    that already did. Counted, so blocks that overlap in time (threads compiling at once) leave
+    the original in place exactly when the last of them ends."""
+    key = (id(owner), name)
+    with _LOCK:
+        entry = _PATCHES.get(key)
+        if entry is not None:
+            entry[3] += 1
+            return key
+        if not eligible():
+            return None
+        original = owner.__dict__.get(name, _MISSING) if isinstance(owner, torch.nn.Module) else getattr(owner, name)
+        setattr(owner, name, make())
+        _PATCHES[key] = [owner, name, original, 1]
+        return key
+
+
+def _release(key: tuple[int, str]) -> None:
+    with _LOCK:
+        entry = _PATCHES[key]
+        entry[3] -= 1
+        if entry[3]:
+            return
+        del _PATCHES[key]
+        owner, name, original = entry[:3]
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+
+
 @contextmanager
 def fused_ops(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Within the block, ``model``'s Llama-style RMSNorms run as ``weight * F.rms_norm(x)`` and
     its family's Llama-style ``apply_rotary_pos_emb`` as :func:`_rotate`. Yields how many
     modules and functions were replaced."""
     llama = _llama() if enabled else None
-    code = llama.LlamaRMSNorm.forward.__code__ if llama is not None else None
-    replaced, namespaces = [], []
+    held = []
     try:
         if llama is not None:
+            code = llama.LlamaRMSNorm.forward.__code__
+            rotary, rotate_half = _unwrap(llama.apply_rotary_pos_emb), llama.rotate_half
+            namespaces = []
             for module in model.modules():
-                if "forward" not in module.__dict__ and _is_llama_rms_norm(module, code):
-                    module.forward = _fused_forward(module)
-                    replaced.append(module)
+                key = _acquire(module, "forward",
+                               lambda m=module: "forward" not in m.__dict__ and _is_llama_rms_norm(m, code),
+                               lambda m=module: _fused_forward(m))
+                if key is not None:
+                    held.append(key)
                 attention = getattr(module, "self_attn", None)
                 namespace = sys.modules.get(type(attention).__module__) if attention is not None else None
-                if namespace is not None and all(namespace is not n for n, _ in namespaces):
-                    original = getattr(namespace, "apply_rotary_pos_emb", None)
-                    if (_same_code(_unwrap(original), _unwrap(llama.apply_rotary_pos_emb))
-                            and _same_code(getattr(namespace, "rotate_half", None), llama.rotate_half)):
-                        namespace.apply_rotary_pos_emb = _lean_apply_rotary_pos_emb
-                        namespaces.append((namespace, original))
-        yield len(replaced) + len(namespaces)
+                if namespace is None or any(namespace is n for n in namespaces):
+                    continue
+                namespaces.append(namespace)
+                key = _acquire(namespace, "apply_rotary_pos_emb",
+                               lambda n=namespace: (_same_code(_unwrap(getattr(n, "apply_rotary_pos_emb", None)), rotary)
+                                                    and _same_code(getattr(n, "rotate_half", None), rotate_half)),
+                               lambda: _lean_apply_rotary_pos_emb)
+                if key is not None:
+                    held.append(key)
+        yield len(held)
     finally:
-        for module in replaced:
-            del module.forward
-        for namespace, original in namespaces:
-            namespace.apply_rotary_pos_emb = original
+        for key in held:
+            _release(key)

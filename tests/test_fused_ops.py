@@ -76,3 +76,22 @@ def test_the_lean_rotary_gives_the_bits_of_transformers_rotary(dtype):
     got = _lean_apply_rotary_pos_emb(q, k, cos, sin)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_blocks_that_overlap_in_time_restore_everything_when_the_last_ends(tiny_checkpoints):
+    """Two compiles in one process (threads) enter and leave in any order: the originals are
+    back exactly when the last block ends."""
+    import sys
+
+    em = load_checkpoint(tiny_checkpoints("llama"))
+    attention = next(m.self_attn for m in em.model.modules() if hasattr(m, "self_attn"))
+    namespace = sys.modules[type(attention).__module__]
+    original = namespace.apply_rotary_pos_emb
+    a, b = fused_ops(em.model), fused_ops(em.model)
+    assert a.__enter__() == b.__enter__() > 1
+    a.__exit__(None, None, None)  # the first to enter leaves first
+    assert namespace.apply_rotary_pos_emb is _lean_apply_rotary_pos_emb
+    assert any("forward" in m.__dict__ for m in em.model.modules())
+    b.__exit__(None, None, None)
+    assert namespace.apply_rotary_pos_emb is original
+    assert not any("forward" in m.__dict__ for m in em.model.modules())

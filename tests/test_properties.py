@@ -228,3 +228,34 @@ def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_writt
         with torch.no_grad():
             table.copy_(saved)
         em.memory.refresh_zero_flags()
+
+
+def test_a_reused_slot_map_holds_only_the_new_overlays_entries():
+    """Host slot maps go back to a pool when their overlay is collected, cleared where it wrote;
+    the next overlay of the same size gets one and must see none of the old entries."""
+    import gc
+
+    from engram_core import layer as layer_module
+
+    rng = np.random.default_rng(0)
+    R, width, B = 500, 4, 3
+
+    def entries(seed):
+        g = np.random.default_rng(seed)
+        return {7: [(b, np.sort(g.choice(R, 20, replace=False)), g.normal(size=(20, width)).astype(np.float16))
+                    for b in range(B)]}
+
+    first = row_map_overlay(B, entries(1), {7: R}, torch.float32, "cpu")
+    first_slots = first.maps[7].slots
+    assert first.maps[7].written is not None and int((first_slots != 0).sum()) == 20 * B
+    del first
+    gc.collect()
+    assert any(t is first_slots for t in layer_module._ZEROED_MAPS._free)  # given back...
+    assert not bool(first_slots.any())  # ...cleared
+    second = row_map_overlay(B, entries(2), {7: R}, torch.float32, "cpu")
+    assert second.maps[7].slots is first_slots  # reused
+    fresh = row_map_overlay(B, {7: [(b, torch.from_numpy(r), torch.from_numpy(v)) for b, r, v in entries(2)[7]]},
+                            {7: R}, torch.float32, "cpu")  # the torch build: a new zeroed map
+    assert torch.equal(second.maps[7].slots, fresh.maps[7].slots)
+    assert torch.equal(second.maps[7].values, fresh.maps[7].values)
+    del rng
