@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,10 @@ def save_engram(memory: EngramMemory, directory: Path) -> None:
         save_file(tables, str(directory / "tables.safetensors"))
 
 
+MODEL_LOCK = threading.RLock()
+"""Held while transformers builds a model (see :func:`load_checkpoint`)."""
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -139,14 +144,18 @@ def load_checkpoint(
         if not (root / part).is_dir():
             raise CheckpointError(f"checkpoint {root}: missing {part}/ (create one with `engram model init DIR --tiny`)")
     config = EngramConfig.load(root / "engram" / "config.json")
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype, **extra)
     adapter_dir = root / "adapter"
-    if with_adapter and adapter_dir.is_dir():
-        from peft import PeftModel
+    # transformers builds a model under process-wide patches (the default dtype, torch.linspace,
+    # meta-device creation); two loads on threads at once can leave them crossed, and a later
+    # model then gets meta tensors. One load at a time per process.
+    with MODEL_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype, **extra)
+        if with_adapter and adapter_dir.is_dir():
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     model.eval().requires_grad_(False).to(device)
 
     canonical = load_or_build_canonical_ids(tokenizer, root / "engram")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import attach_new_memory, fingerprint, save_engram
+from .checkpoint import MODEL_LOCK, attach_new_memory, fingerprint, save_engram
 from .config import EngramConfig
 
 FAMILIES = ("llama", "qwen2", "gpt2")
@@ -79,6 +79,11 @@ def build_base_model(family: str, vocab_size: int, *, hidden: int = 64, layers: 
 
 
 def _build_base_model(family: str, vocab_size: int, *, hidden: int, layers: int, seed: int):
+    with MODEL_LOCK:  # transformers' process-wide patches while it builds a model; the seeded RNG
+        return _build_seeded(family, vocab_size, hidden=hidden, layers=layers, seed=seed)
+
+
+def _build_seeded(family: str, vocab_size: int, *, hidden: int, layers: int, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
