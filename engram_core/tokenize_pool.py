@@ -174,6 +174,7 @@ class TokenizePool:
 
 _POOLS: dict[tuple[str, int], TokenizePool] = {}
 _POOLS_LOCK = threading.Lock()
+_POOLS_PID = [os.getpid()]
 
 
 def shared_pool(tokenizer_json: str, workers: int) -> TokenizePool:
@@ -181,6 +182,9 @@ def shared_pool(tokenizer_json: str, workers: int) -> TokenizePool:
     stay up for the next compile) and closed at exit."""
     key = (hashlib.sha256(tokenizer_json.encode()).hexdigest(), workers)
     with _POOLS_LOCK:
+        if _POOLS_PID[0] != os.getpid():  # a forked child: its parent's workers are not its own to use
+            _POOLS.clear()
+            _POOLS_PID[0] = os.getpid()
         pool = _POOLS.get(key)
         if pool is None:
             pool = _POOLS[key] = TokenizePool(tokenizer_json, workers)
@@ -199,7 +203,7 @@ def discard_pool(pool: TokenizePool) -> None:
 @atexit.register
 def _close_pools() -> None:
     with _POOLS_LOCK:
-        pools = list(_POOLS.values())
+        pools = list(_POOLS.values()) if _POOLS_PID[0] == os.getpid() else []
         _POOLS.clear()
     for pool in pools:
         pool.close()

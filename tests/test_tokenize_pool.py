@@ -89,3 +89,27 @@ def test_compiling_with_worker_processes_gives_the_same_deltas(em):
     for user, delta in here.deltas.items():
         other = pooled.deltas[user]
         assert np.array_equal(delta.row_ids, other.row_ids) and delta.values.tobytes() == other.values.tobytes()
+
+
+def test_a_forked_child_starts_its_own_workers(em):
+    """A child forked after the parent started its workers must not talk to them (their pipes
+    are the parent's): it starts its own pool."""
+    import multiprocessing
+
+    facts = facts_with_rejects(2)
+    expected = as_plain(_validate(em, facts, CompileOptions(tokenize_workers=0)))
+    parent_pool = tokenize_pool.shared_pool(em.plain_backend().to_str(), 1)
+    assert as_plain(_validate(em, facts, CompileOptions(tokenize_workers=1))) == expected
+
+    def child(queue):
+        pool = tokenize_pool.shared_pool(em.plain_backend().to_str(), 1)
+        queue.put((pool is parent_pool, as_plain(_validate(em, facts, CompileOptions(tokenize_workers=1))) == expected))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    same_pool, same_results = queue.get(timeout=60)
+    process.join(timeout=60)
+    assert not same_pool and same_results and process.exitcode == 0
+    assert as_plain(_validate(em, facts, CompileOptions(tokenize_workers=1))) == expected  # the parent's still work
