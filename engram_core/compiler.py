@@ -570,21 +570,22 @@ class _Group:
         prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
         if prefix_overlay is not None:
             prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
-        norms = fused_ops(batch.em.model, batch.fused_ops)
-        if prefix > 0:
-            # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
-            backbone, _ = backbone_and_layers(batch.em.model)
-            with torch.no_grad(), norms, batch.em.memory.use(prefix_overlay), record_function("engram.prepare.prefix"):
-                out = backbone(
-                    input_ids=self.ids[:, :prefix],
-                    attention_mask=self.mask[:, :prefix],
-                    position_ids=self.positions[:, :prefix],
-                    use_cache=True,
-                )
-            self.cache = out.past_key_values
+        with fused_ops(batch.em.model, batch.fused_ops):  # the prefix and lower forwards
+            if prefix > 0:
+                # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
+                backbone, _ = backbone_and_layers(batch.em.model)
+                with torch.no_grad(), batch.em.memory.use(prefix_overlay), record_function("engram.prepare.prefix"):
+                    out = backbone(
+                        input_ids=self.ids[:, :prefix],
+                        attention_mask=self.mask[:, :prefix],
+                        position_ids=self.positions[:, :prefix],
+                        use_cache=True,
+                    )
+                self.cache = out.past_key_values
+            if reuse_lower:
+                with record_function("engram.prepare.lower"):
+                    self.lower = self._lower_hidden(prefix_overlay)
         if reuse_lower:
-            with fused_ops(batch.em.model, batch.fused_ops), record_function("engram.prepare.lower"):
-                self.lower = self._lower_hidden(prefix_overlay)
             if batch.step is not None:
                 with record_function("engram.prepare.plain"):
                     self.plain = self._plain_inputs()
