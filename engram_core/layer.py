@@ -303,9 +303,9 @@ class _ZeroedMaps:
     """Zeroed int32 slot maps for :func:`_host_row_map`, reused across request batches.
 
     A fresh map is a zeroed (sequences x rows) array: 2 MiB for 32 sequences of a 16,826-row
-    table, and zeroing it (cache-cold between forwards) was most of an overlay's build. When an
-    overlay is collected its maps come back here, cleared only at the entries it wrote (a few
-    thousand). At most ``keep`` maps are held, the most recently returned first."""
+    table, written in full once per request batch. When an overlay is collected its maps come
+    back here, cleared only at the entries it wrote (a few thousand). At most ``keep`` maps are
+    held, the most recently returned first."""
 
     def __init__(self, keep: int = 8):
         self.keep = keep
