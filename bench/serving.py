@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from unittest import mock
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.delta import Delta  # noqa: E402
 from engram_core.compiler import _fork_cache  # noqa: E402
+from engram_core import layer as layer_module  # noqa: E402
 from engram_core.layer import Overlay  # noqa: E402
 from engram_core.memory_index import batch_overlay, served_delta  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
@@ -152,6 +154,12 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     prebuilt = batch_overlay(em, served)
     old = training_overlay(em, per_sequence)
 
+    def add_form_overlay():  # the layout tables too large to copy get (and the tiny model had before)
+        with mock.patch.object(layer_module, "READ_FORM_LIMIT", 0):
+            return batch_overlay(em, served)
+
+    add_form = add_form_overlay()
+
     def forward(overlay_fn):
         def run():
             with em.memory.use(overlay_fn()):
@@ -182,6 +190,7 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
             "build_every_forward": forward(lambda: batch_overlay(em, served)),
             "training_overlay": forward(lambda: old),
             "build": lambda: batch_overlay(em, served),
+            "build_add_form": add_form_overlay,
             "build_unchecked": lambda: overlay_for(em, per_sequence),
         }, repeats)
         g = _median_times({
@@ -190,19 +199,21 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         }, max(5, repeats // 3))
         # The lookups alone (what the deltas add inside each forward), timed apart from the
         # forward: its run-to-run noise is larger than they are.
-        lookups = {}
+        lookups, lookups_add_form = {}, {}
         for name, shaped in (("prefill", ids), ("decode", torch.cat([ids, next_ids], 1)[:, -3:])):
-            costs = []
+            costs, costs_add_form = [], []
             for layer in em.config.layers:
                 if not prebuilt.touches(layer):
                     continue
                 rows = em.memory.addresser.rows_torch(shaped, layer)[:, -(ids.shape[1] if name == "prefill" else 1):]
-                e = torch.nn.functional.embedding(rows, em.memory.layer(layer).table)
-                R = em.memory.num_rows(layer)
-                lk = _median_times({"copy": lambda: e.clone(),
-                                    "lookup": lambda: prebuilt.add_to(layer, rows, e.clone(), R)}, repeats * 20)
-                costs.append(max(lk["lookup"] - lk["copy"], 0.0))
+                module = em.memory.layer(layer)
+                lk = _median_times({"base": lambda: module.read(rows),
+                                    "lookup": lambda: module.read(rows, prebuilt, layer),
+                                    "add_form": lambda: module.read(rows, add_form, layer)}, repeats * 20)
+                costs.append(max(lk["lookup"] - lk["base"], 0.0))
+                costs_add_form.append(max(lk["add_form"] - lk["base"], 0.0))
             lookups[name] = sum(costs)
+            lookups_add_form[name] = sum(costs_add_form)
     finally:
         em.memory.refresh_zero_flags()
     zero_table = _median_times({"plain": forward(lambda: None)}, repeats)["plain"]
@@ -244,6 +255,14 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         "added_ms_per_request_from_parts": ms(t["build"] + lookups["prefill"] + (new_tokens - 1) * lookups["decode"]),
         "added_ratio_per_request_from_parts": round(
             (t["build"] + lookups["prefill"] + (new_tokens - 1) * lookups["decode"]) / g["plain"], 4),
+        # The add form (the layout of tables over READ_FORM_LIMIT), same run.
+        "add_form": {
+            "overlay_build_ms": ms(t["build_add_form"]),
+            "lookup_us_per_prefill": round(lookups_add_form["prefill"] * 1e6, 1),
+            "lookup_us_per_decode_step": round(lookups_add_form["decode"] * 1e6, 1),
+            "added_ratio_per_request_from_parts": round((t["build_add_form"] + lookups_add_form["prefill"] + (
+                new_tokens - 1) * lookups_add_form["decode"]) / g["plain"], 4),
+        },
         "repeats": repeats,
     }
 

@@ -33,4 +33,4 @@ def served_delta(em: EngramModel, delta: Delta, owner: str = "delta") -> ServedD
 
 def batch_overlay(em: EngramModel, per_sequence: Sequence[ServedDelta | None]) -> RowMapOverlay | None:
     """Overlay where sequence b sees the base table plus ``per_sequence[b]`` (None: the base model)."""
-    return overlay_from_parts(em, [[d.parts] if d is not None and d.delta.num_rows else [] for d in per_sequence])
+    return overlay_from_parts(em, [[d.parts] if d is not None else [] for d in per_sequence])  # an empty delta has no parts

@@ -94,9 +94,7 @@ def overlay_from_parts(
                 entries.setdefault(layer, []).append((b, rows, values))
     if not entries:
         return None
-    dtype = em.memory.layer(next(iter(entries))).table.dtype  # (not next(parameters()): a walk over the modules)
-    return row_map_overlay(len(per_sequence), entries, {layer: em.memory.num_rows(layer) for layer in entries},
-                           dtype, em.device)
+    return row_map_overlay(len(per_sequence), entries, {layer: em.memory.layer(layer).table for layer in entries})
 
 
 def overlay_for(em: EngramModel, per_sequence: Sequence[Sequence[Delta]]) -> RowMapOverlay | None:

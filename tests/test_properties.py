@@ -28,7 +28,7 @@ from engram_core.checkpoint import load_checkpoint
 from engram_core.delta import Delta
 from engram_core.memory_index import batch_overlay, served_delta
 import engram_core.layer as layer_module
-from engram_core.layer import DENSE_ROW_MAP_LIMIT, Overlay, row_map_overlay
+from engram_core.layer import DENSE_ROW_MAP_LIMIT, READ_FORM_LIMIT, Overlay, row_map_overlay
 from engram_core.serving import applied, overlay_for, split_by_layer
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -148,11 +148,15 @@ def hitting_delta(draw, em, ids: torch.Tensor) -> Delta:
 
 @FORWARD_SETTINGS
 @given(ids=st.lists(st.integers(0, 2047), min_size=2, max_size=16), data=st.data(),
-       dense_limit=st.sampled_from([0, DENSE_ROW_MAP_LIMIT]), dense_add_max=st.sampled_from([0, 10**9]))
-def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, data, dense_limit, dense_add_max):
+       dense_limit=st.sampled_from([0, DENSE_ROW_MAP_LIMIT]), dense_add_max=st.sampled_from([0, 10**9]),
+       read_limit=st.sampled_from([0, READ_FORM_LIMIT]))
+def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, data, dense_limit, dense_add_max,
+                                                                       read_limit):
     """Sequences with no owner, one owner, or two (a scope and a user, sharing rows), the same
-    owner in two sequences; both map layouts (one level, and row keys then sequences) and both
-    ways of adding (only at hits, and everywhere with -0.0 where nothing was written)."""
+    owner in two sequences; both forms (read: the table copy extended by the written rows; add:
+    the values added to the base rows), both map layouts of the add form (one level, and row
+    keys then sequences) and both ways of adding (only at hits, and everywhere with -0.0 where
+    nothing was written)."""
     vocab = em.model.get_input_embeddings().weight.shape[0]
     input_ids = torch.tensor([[i % vocab for i in ids]] * 4)
     a, b, c = (data.draw(hitting_delta(em, input_ids)) for _ in range(3))
@@ -163,8 +167,8 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
         for p in owners:
             for layer, (rows, values) in p.items():
                 entries.setdefault(layer, []).append((s, rows, values))
-    num_rows = {layer: em.memory.num_rows(layer) for layer in em.config.layers}
-    serving = row_map_overlay(4, entries, num_rows, torch.float32, "cpu", dense_limit=dense_limit)
+    tables = {layer: em.memory.layer(layer).table for layer in em.config.layers}
+    serving = row_map_overlay(4, entries, tables, dense_limit=dense_limit, read_limit=read_limit)
     with torch.no_grad(), mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max):
         base = em.model(input_ids=input_ids).logits
         with em.memory.use(reference_overlay(em, per_sequence)):
@@ -183,10 +187,10 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
         for d in owners:
             for layer, (rows, values) in split_by_layer(d, "cpu").items():
                 entries.setdefault(layer, []).append((s, rows, values))
-    serving = row_map_overlay(4, entries, num_rows, torch.float32, "cpu", dense_limit=dense_limit)
+    serving = row_map_overlay(4, entries, tables, dense_limit=dense_limit, read_limit=read_limit)
     with_tensors = row_map_overlay(4, {layer: [(s, torch.from_numpy(r), torch.from_numpy(v)) for s, r, v in items]
-                                       for layer, items in entries.items()}, num_rows, torch.float32, "cpu",
-                                   dense_limit=dense_limit)  # the torch build of the same map
+                                       for layer, items in entries.items()}, tables,
+                                   dense_limit=dense_limit, read_limit=read_limit)  # the torch build of the same map
     with torch.no_grad(), mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max):
         with em.memory.use(reference_overlay(em, single)):
             want = em.model(input_ids=input_ids).logits
@@ -196,14 +200,20 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
     assert (serving is None) == (with_tensors is None) == (not entries)  # None: nothing written at all
     for layer, m in (serving.maps.items() if serving is not None else ()):
         other = with_tensors.maps[layer]
-        assert torch.equal(m.slots, other.slots) and torch.equal(as_bits(m.values), as_bits(other.values))
-        assert m.stride == other.stride and (m.row_keys is None) == (other.row_keys is None)
+        assert type(m) is type(other) is (layer_module._ReadMap if read_limit and dense_limit else layer_module._RowMap)
+        if isinstance(m, layer_module._ReadMap):
+            n = m.source.shape[0] + len(m.rows)
+            assert torch.equal(m.index, other.index) and torch.equal(as_bits(m.table[:n]), as_bits(other.table[:n]))
+        else:
+            assert torch.equal(m.slots, other.slots) and torch.equal(as_bits(m.values), as_bits(other.values))
+            assert m.stride == other.stride and (m.row_keys is None) == (other.row_keys is None)
 
 
-@pytest.mark.parametrize("dense_add_max", [0, 10**9])
-def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_written(em, dense_add_max):
+@pytest.mark.parametrize("dense_add_max, read_limit", [(0, 0), (10**9, 0), (0, READ_FORM_LIMIT)])
+def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_written(em, dense_add_max, read_limit):
     """The dense add puts -0.0 where a sequence has nothing written: x + (-0.0) keeps every x,
-    -0.0 included, so a trained table's -0.0 entries reach the model as they are."""
+    -0.0 included, so a trained table's -0.0 entries reach the model as they are (and the read
+    form reads them from its copy of the table)."""
     layer = em.config.target_layer
     ids = torch.tensor([[5, 9, 14, 3, 77, 12]] * 2)
     rows = em.memory.addresser.rows(ids.numpy(), layer)
@@ -217,10 +227,12 @@ def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_writt
             em.memory.refresh_zero_flags()
             base = em.model(input_ids=ids).logits
             with mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max), \
+                    mock.patch.object(layer_module, "READ_FORM_LIMIT", read_limit), \
                     em.memory.use(overlay_for(em, [[other], []])):
                 got = em.model(input_ids=ids).logits
                 e = torch.nn.functional.embedding(torch.as_tensor(rows), table)
-                added = em.memory._overlay.add_to(layer, torch.as_tensor(rows), e.clone(), table.shape[0])
+                added = em.memory._overlay.read(layer, torch.as_tensor(rows), table)
+                assert isinstance(em.memory._overlay.maps[layer], layer_module._ReadMap) == bool(read_limit)
         assert torch.equal(as_bits(got[1]), as_bits(base[1]))
         assert torch.equal(as_bits(added[1]), as_bits(e[1]))  # the -0.0 rows themselves, bit for bit
         assert torch.equal(as_bits(added[0, :2]), as_bits(e[0, :2]))  # before the written position
@@ -245,17 +257,80 @@ def test_a_reused_slot_map_holds_only_the_new_overlays_entries():
         return {7: [(b, np.sort(g.choice(R, 20, replace=False)), g.normal(size=(20, width)).astype(np.float16))
                     for b in range(B)]}
 
-    first = row_map_overlay(B, entries(1), {7: R}, torch.float32, "cpu")
+    tables = {7: torch.zeros(R, width)}
+    first = row_map_overlay(B, entries(1), tables, read_limit=0)
     first_slots = first.maps[7].slots
     assert first.maps[7].written is not None and int((first_slots != 0).sum()) == 20 * B
     del first
     gc.collect()
     assert any(t is first_slots for t in layer_module._ZEROED_MAPS._free)  # given back...
     assert not bool(first_slots.any())  # ...cleared
-    second = row_map_overlay(B, entries(2), {7: R}, torch.float32, "cpu")
+    second = row_map_overlay(B, entries(2), tables, read_limit=0)
     assert second.maps[7].slots is first_slots  # reused
     fresh = row_map_overlay(B, {7: [(b, torch.from_numpy(r), torch.from_numpy(v)) for b, r, v in entries(2)[7]]},
-                            {7: R}, torch.float32, "cpu")  # the torch build: a new zeroed map
+                            tables, read_limit=0)  # the torch build: a new zeroed map
     assert torch.equal(second.maps[7].slots, fresh.maps[7].slots)
     assert torch.equal(second.maps[7].values, fresh.maps[7].values)
     del rng
+
+
+def _read_form_case(seed: int, host: bool = True):
+    """A (500 x 4) table, three sequences' entries (NumPy or tensors), and addressed rows (3, 6, 2)
+    that hit some of each sequence's rows."""
+    g = np.random.default_rng(seed)
+    R, width, B = 500, 4, 3
+    table = torch.nn.Parameter(torch.from_numpy(g.normal(size=(R, width)).astype(np.float32)), requires_grad=False)
+    items = [(b, np.sort(g.choice(R, 20, replace=False)), g.normal(size=(20, width)).astype(np.float16)) for b in range(B)]
+    rows = torch.from_numpy(np.stack([g.choice(np.concatenate([r[:6], g.integers(0, R, 6)]), (6, 2)) for _, r, _ in items]))
+    if not host:
+        items = [(b, torch.from_numpy(r), torch.from_numpy(v)) for b, r, v in items]
+    return table, {7: items}, rows
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_reused_read_form_reads_only_the_new_overlays_rows(host):
+    """Read-form buffers (the table copy, the per-sequence index) go back to a pool when their
+    overlay is collected, the index restored where it was written; the next overlay reuses them
+    and reads exactly what the add form (no pooled state) reads."""
+    import gc
+
+    table, entries, rows = _read_form_case(1, host)
+    first = row_map_overlay(3, entries, {7: table})
+    m = first.maps[7]
+    assert isinstance(m, layer_module._ReadMap)
+    index, copy = m.index, m.table
+    del first, m
+    gc.collect()
+    assert torch.equal(index, torch.arange(500, dtype=torch.int32).expand(3, 500))  # restored: every row reads itself
+    _, entries, rows = _read_form_case(2, host)
+    second = row_map_overlay(3, entries, {7: table})
+    assert second.maps[7].index is index and second.maps[7].table is copy  # reused
+    want = row_map_overlay(3, entries, {7: table}, read_limit=0).read(7, rows, table)
+    got = second.read(7, rows, table)
+    assert torch.equal(as_bits(got), as_bits(want))
+    assert not torch.equal(got, torch.nn.functional.embedding(rows, table))  # the case does hit written rows
+
+
+def test_the_read_form_follows_its_table_when_the_table_is_written_after_the_build():
+    """The read form serves a copy of the table: written in place after the build (or between
+    two uses of a pooled copy), the table is copied again and the overlay reads what the add
+    form reads from the table as it is now."""
+    import gc
+
+    table, entries, rows = _read_form_case(3)
+    overlay = row_map_overlay(3, entries, {7: table})
+    with torch.no_grad():
+        table[rows[0, 0]] += 1.0
+    want = row_map_overlay(3, entries, {7: table}, read_limit=0).read(7, rows, table)
+    assert torch.equal(as_bits(overlay.read(7, rows, table)), as_bits(want))
+    assert overlay.maps[7].version == table._version  # rebuilt against the written table
+    del overlay
+    gc.collect()
+    with torch.no_grad():
+        table[rows[1, 0]] -= 2.0  # the pooled copy is now one write behind
+    again = row_map_overlay(3, entries, {7: table})
+    want = row_map_overlay(3, entries, {7: table}, read_limit=0).read(7, rows, table)
+    assert torch.equal(as_bits(again.read(7, rows, table)), as_bits(want))
+    other = torch.nn.Parameter(table.detach() * 3, requires_grad=False)  # another table of the same shape
+    want = row_map_overlay(3, entries, {7: other}, read_limit=0).read(7, rows, other)
+    assert torch.equal(as_bits(again.read(7, rows, other)), as_bits(want))
