@@ -128,6 +128,27 @@ def _median_times(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def lookup_costs(em, overlays: dict, ids: torch.Tensor, next_ids: torch.Tensor, repeats: int) -> dict:
+    """Seconds each overlay adds to the Engram reads of one prefill (``ids``) and one decode step
+    (``next_ids`` after ``ids``): medians of ``repeats`` interleaved calls, minus the base read."""
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    costs = {name: {"prefill": 0.0, "decode": 0.0} for name in overlays}
+    for step, shaped, T in (("prefill", ids, ids.shape[1]), ("decode", torch.cat([ids, next_ids], 1)[:, -3:], 1)):
+        for layer in em.config.layers:
+            if not any(o.touches(layer) for o in overlays.values()):
+                continue
+            rows = em.memory.addresser.rows_torch(shaped, layer)[:, -T:]
+            module = em.memory.layer(layer)
+
+            def read(overlay=None):
+                return lambda: (module.read(rows, overlay, layer), sync())
+
+            t = _median_times({"base": read(), **{name: read(o) for name, o in overlays.items()}}, repeats)
+            for name in overlays:
+                costs[name][step] += max(t[name] - t["base"], 0.0)
+    return costs
+
+
 def training_overlay(em, per_sequence: list) -> Overlay:
     """The compiler's form of the same per-sequence deltas (owner slots and a binary search per
     position): the variant the serving form replaced, measured in the same run."""
@@ -199,21 +220,7 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         }, max(5, repeats // 3))
         # The lookups alone (what the deltas add inside each forward), timed apart from the
         # forward: its run-to-run noise is larger than they are.
-        lookups, lookups_add_form = {}, {}
-        for name, shaped in (("prefill", ids), ("decode", torch.cat([ids, next_ids], 1)[:, -3:])):
-            costs, costs_add_form = [], []
-            for layer in em.config.layers:
-                if not prebuilt.touches(layer):
-                    continue
-                rows = em.memory.addresser.rows_torch(shaped, layer)[:, -(ids.shape[1] if name == "prefill" else 1):]
-                module = em.memory.layer(layer)
-                lk = _median_times({"base": lambda: module.read(rows),
-                                    "lookup": lambda: module.read(rows, prebuilt, layer),
-                                    "add_form": lambda: module.read(rows, add_form, layer)}, repeats * 20)
-                costs.append(max(lk["lookup"] - lk["base"], 0.0))
-                costs_add_form.append(max(lk["add_form"] - lk["base"], 0.0))
-            lookups[name] = sum(costs)
-            lookups_add_form[name] = sum(costs_add_form)
+        lookups = lookup_costs(em, {"read": prebuilt, "add_form": add_form}, ids, next_ids, repeats * 20)
     finally:
         em.memory.refresh_zero_flags()
     zero_table = _median_times({"plain": forward(lambda: None)}, repeats)["plain"]
@@ -248,20 +255,20 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         "added_ms_per_request_vs_forward": round((g["deltas"] - g["plain"]) / t["plain"], 4),
         # The same from its parts, each timed alone (medians of many calls): the overlay build,
         # one prefill's lookups, and one lookup per further token.
-        "lookup_us_per_prefill": round(lookups["prefill"] * 1e6, 1),
-        "lookup_us_per_decode_step": round(lookups["decode"] * 1e6, 1),
-        "lookup_ratio_per_prefill": round(lookups["prefill"] / t["plain"], 4),
-        "lookup_ratio_per_decode_step": round(lookups["decode"] / d["plain"], 4),
-        "added_ms_per_request_from_parts": ms(t["build"] + lookups["prefill"] + (new_tokens - 1) * lookups["decode"]),
+        "lookup_us_per_prefill": round(lookups["read"]["prefill"] * 1e6, 1),
+        "lookup_us_per_decode_step": round(lookups["read"]["decode"] * 1e6, 1),
+        "lookup_ratio_per_prefill": round(lookups["read"]["prefill"] / t["plain"], 4),
+        "lookup_ratio_per_decode_step": round(lookups["read"]["decode"] / d["plain"], 4),
+        "added_ms_per_request_from_parts": ms(t["build"] + lookups["read"]["prefill"] + (new_tokens - 1) * lookups["read"]["decode"]),
         "added_ratio_per_request_from_parts": round(
-            (t["build"] + lookups["prefill"] + (new_tokens - 1) * lookups["decode"]) / g["plain"], 4),
+            (t["build"] + lookups["read"]["prefill"] + (new_tokens - 1) * lookups["read"]["decode"]) / g["plain"], 4),
         # The add form (the layout of tables over READ_FORM_LIMIT), same run.
         "add_form": {
             "overlay_build_ms": ms(t["build_add_form"]),
-            "lookup_us_per_prefill": round(lookups_add_form["prefill"] * 1e6, 1),
-            "lookup_us_per_decode_step": round(lookups_add_form["decode"] * 1e6, 1),
-            "added_ratio_per_request_from_parts": round((t["build_add_form"] + lookups_add_form["prefill"] + (
-                new_tokens - 1) * lookups_add_form["decode"]) / g["plain"], 4),
+            "lookup_us_per_prefill": round(lookups["add_form"]["prefill"] * 1e6, 1),
+            "lookup_us_per_decode_step": round(lookups["add_form"]["decode"] * 1e6, 1),
+            "added_ratio_per_request_from_parts": round((t["build_add_form"] + lookups["add_form"]["prefill"] + (
+                new_tokens - 1) * lookups["add_form"]["decode"]) / g["plain"], 4),
         },
         "repeats": repeats,
     }
@@ -293,6 +300,8 @@ def bench_overhead_model(preset: str, device: str, batch: int, repeats: int, fac
         values = (rng.standard_normal((len(rows), em.config.row_width)) * 0.5).astype(np.float16)
         served.append(served_delta(em, Delta(np.full(len(rows), layer, np.int16), rows, values)))
     prebuilt = batch_overlay(em, served)
+    with mock.patch.object(layer_module, "READ_FORM_LIMIT", 0):
+        add_form = batch_overlay(em, served)
 
     def timed(fn):
         def run():
@@ -312,10 +321,22 @@ def bench_overhead_model(preset: str, device: str, batch: int, repeats: int, fac
     t = _median_times({
         "plain": forward(lambda: None),
         "prebuilt": forward(lambda: prebuilt),
+        "add_form": forward(lambda: add_form),
         "build_every_forward": forward(lambda: batch_overlay(em, served)),
         "build": timed(lambda: batch_overlay(em, served)),
     }, repeats)
+    outputs = {}
+    for name, overlay in (("plain", None), ("prebuilt", prebuilt), ("add_form", add_form)):
+        with em.memory.use(overlay):
+            outputs[name] = em.model(input_ids=ids).logits
+    lookups = lookup_costs(em, {"read": prebuilt, "add_form": add_form}, ids, ids[:, -1:], repeats * 20)
+    em.memory.refresh_zero_flags()
     return {
+        "lookup_us": {name: {step: round(v * 1e6, 1) for step, v in steps.items()} for name, steps in lookups.items()},
+        "forms": sorted({type(m).__name__ for m in prebuilt.maps.values()}),
+        "outputs_equal_add_form": bool(torch.equal(outputs["prebuilt"], outputs["add_form"])),
+        "outputs_differ_from_plain": not bool(torch.equal(outputs["prebuilt"], outputs["plain"])),
+        "added_ratio_add_form": round((t["add_form"] - t["plain"]) / t["plain"], 4),
         "model": preset, "device": device if device == "cpu" else torch.cuda.get_device_name(), "dtype": str(dtype),
         "batch": batch, "prompt_tokens": 18, "rows_per_user": int(np.mean([d.delta.num_rows for d in served])),
         "forward_ms": round(t["plain"] * 1e3, 3), "forward_with_deltas_ms": round(t["prebuilt"] * 1e3, 3),

@@ -186,7 +186,7 @@ class _ReadMap:
     version: int  # source._version when copied
     items: list  # the entries it was built from (a rebuild after the table changed)
     keys: np.ndarray | torch.Tensor  # the entries of ``index`` it wrote (flat: b * R + row)...
-    rows: np.ndarray | torch.Tensor  # ...and the rows they held before
+    rows: np.ndarray | torch.Tensor  # ...and the rows they held before (int32)
 
     def __del__(self):  # its buffers go back to the pool (a __del__ costs less than a weakref.finalize)
         _READ_POOL.give_back(self)
@@ -266,19 +266,22 @@ def _version(table: torch.Tensor) -> int | None:
         return None
 
 
-def _concat(parts: list, zero_row: bool = False) -> torch.Tensor:
+def _concat(parts: tuple | list, zero_row: bool = False) -> torch.Tensor:
     """Concatenate NumPy arrays (host) or tensors, optionally after a row of -0.0 (x + -0.0 == x).
 
     Host parts stay NumPy up to here because ``np.concatenate`` costs far less per part than
     ``torch.cat``, which dominates the build of a batch of a few hundred rows per user."""
     if all(isinstance(p, np.ndarray) for p in parts):
         if zero_row:
-            parts = [np.full((1, parts[0].shape[1]), -0.0, parts[0].dtype)] + parts
+            parts = [np.full((1, parts[0].shape[1]), -0.0, parts[0].dtype), *parts]
         return torch.from_numpy(np.concatenate(parts))
-    parts = [torch.as_tensor(p) for p in parts]
+    parts = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p) for p in parts]
+    device = parts[-1].device
+    if any(p.device != device for p in parts):
+        parts = [p.to(device) for p in parts]
     if zero_row:
-        parts = [torch.full((1, parts[0].shape[1]), -0.0, dtype=parts[0].dtype, device=parts[0].device)] + parts
-    return torch.cat([p.to(parts[-1].device) for p in parts])
+        parts = [torch.full((1, parts[0].shape[1]), -0.0, dtype=parts[0].dtype, device=device), *parts]
+    return torch.cat(parts)
 
 
 # Positions x heads up to which the dense add beats finding the hits on CPU (a decode step of
@@ -313,7 +316,7 @@ def row_map_overlay(
     read_limit = READ_FORM_LIMIT if read_limit is None else read_limit
     maps = {}
     for layer, items in entries.items():
-        items = [(b, r, v) for b, r, v in items if len(r)]
+        items = [(b, r, v) for b, r, v in items if r.shape[0]]
         if items:
             maps[layer] = _layer_map(num_sequences, items, tables[layer], dense_limit, read_limit)
     return RowMapOverlay(maps, dense_limit, read_limit) if maps else None
@@ -322,23 +325,22 @@ def row_map_overlay(
 def _layer_map(B: int, items: list, table: torch.Tensor, dense_limit: int, read_limit: int) -> _ReadMap | _RowMap:
     """One layer of :func:`row_map_overlay`, in read form where the table is small enough."""
     R = table.shape[0]
-    sequences = [b for b, _, _ in items]
+    sequences, row_parts, value_parts = zip(*items)
+    lengths = [p.shape[0] for p in row_parts]  # (len() of a tensor costs ~20x more)
     one_owner = len(set(sequences)) == len(sequences)
-    host = table.device.type == "cpu" and one_owner and all(
-        isinstance(r, np.ndarray) and isinstance(v, np.ndarray) for _, r, v in items)
     read = B * R <= dense_limit and table.numel() * table.element_size() <= read_limit and _version(table) is not None
-    if host:
+    if table.device.type == "cpu" and one_owner and all(isinstance(p, np.ndarray) for p in row_parts + value_parts):
         # One owner per sequence on a CPU model (a server's usual batch): indices in NumPy, whose
         # per-call cost is a fraction of torch's for a batch's few thousand rows.
-        rows = np.concatenate([r for _, r, _ in items]).astype(np.int64, copy=False)
-        seq = np.repeat(np.asarray(sequences, np.int64), [len(r) for _, r, _ in items])
+        rows = np.concatenate(row_parts).astype(np.int64, copy=False)
+        seq = np.repeat(np.asarray(sequences, np.int64), lengths)
         if read:
-            return _host_read_map(B, items, table, seq, rows)
-        return _host_row_map(B, items, table.shape[0], table.dtype, dense_limit, seq, rows)
+            return _host_read_map(B, items, table, seq, rows, value_parts)
+        return _host_row_map(B, items, table.shape[0], table.dtype, dense_limit, seq, rows, value_parts)
     device, dtype = table.device, table.dtype
-    seq = torch.from_numpy(np.repeat(np.asarray(sequences, np.int64), [len(r) for _, r, _ in items])).to(device)
-    rows = _concat([r for _, r, _ in items]).to(device=device, dtype=torch.long)
-    values = _concat([v for _, _, v in items], zero_row=True).to(device=device, dtype=dtype)
+    seq = torch.from_numpy(np.repeat(np.asarray(sequences, np.int64), lengths)).to(device)
+    rows = _concat(row_parts).to(device=device, dtype=torch.long)
+    values = _concat(value_parts, zero_row=True).to(device=device, dtype=dtype)
     if not one_owner:  # several owners per sequence: sum per (sequence, row)
         unique, inverse = torch.unique(seq * R + rows, return_inverse=True)
         summed = torch.zeros(unique.numel() + 1, values.shape[1], dtype=dtype, device=device)
@@ -352,7 +354,7 @@ def _layer_map(B: int, items: list, table: torch.Tensor, dense_limit: int, read_
         index = _READ_POOL.take_index(B, R, device)
         keys = seq * R + rows
         index.view(-1)[keys] = torch.arange(R, R + n, dtype=torch.int32, device=device)
-        return _ReadMap(index, ext, table, version, items, keys, rows)
+        return _ReadMap(index, ext, table, version, items, keys, rows.to(torch.int32))
     index = torch.arange(1, n + 1, dtype=torch.int32, device=device)
     row_keys = None
     if B * R <= dense_limit:
@@ -367,30 +369,30 @@ def _layer_map(B: int, items: list, table: torch.Tensor, dense_limit: int, read_
     return _RowMap(slots, stride, offsets, values, row_keys, items=items)
 
 
-def _host_read_map(B: int, items: list, table: torch.Tensor, seq: np.ndarray, rows: np.ndarray) -> _ReadMap:
+def _host_read_map(B: int, items: list, table: torch.Tensor, seq: np.ndarray, rows: np.ndarray,
+                   value_parts: tuple) -> _ReadMap:
     """Read form of host entries, one owner per sequence: the table's rows are gathered into
     the pooled table copy and the values (concatenated in NumPy) added there by torch."""
     R, n = table.shape[0], len(rows)
     ext, version = _READ_POOL.take_table(table, n)
     written = ext[R:R + n]
     torch.index_select(table.detach(), 0, torch.from_numpy(rows), out=written)
-    values = torch.from_numpy(np.concatenate([v for _, _, v in items]))
+    values = torch.from_numpy(np.concatenate(value_parts))
     if torch.promote_types(values.dtype, table.dtype) != table.dtype:
         values = values.to(table.dtype)  # e.g. fp16 into bf16: rounded first, as the add form does
     written.add_(values)  # fp16 into fp32: widened exactly inside the add (no pass of its own)
     index = _READ_POOL.take_index(B, R, table.device)
     keys = seq * R + rows
     index.numpy().reshape(-1)[keys] = np.arange(R, R + n, dtype=np.int32)
-    return _ReadMap(index, ext, table, version, items, keys, rows)
+    return _ReadMap(index, ext, table, version, items, keys, rows.astype(np.int32))  # int32: a faster restore
 
 
 def _host_row_map(B: int, items: list, R: int, dtype: torch.dtype, dense_limit: int,
-                  seq: np.ndarray, rows: np.ndarray) -> _RowMap:
+                  seq: np.ndarray, rows: np.ndarray, value_parts: tuple) -> _RowMap:
     """Add form of host entries, one owner per sequence (see :func:`_host_read_map`); same map
     as the torch build."""
-    first = items[0][2]
-    zero = np.full((1, first.shape[1]), -0.0, first.dtype)
-    values = torch.from_numpy(np.concatenate([zero] + [v for _, _, v in items])).to(dtype)  # torch widens fp16 faster
+    zero = np.full((1, value_parts[0].shape[1]), -0.0, value_parts[0].dtype)
+    values = torch.from_numpy(np.concatenate((zero,) + value_parts)).to(dtype)  # torch widens fp16 faster
     n = len(rows)
     index = np.arange(1, n + 1, dtype=np.int32)
     row_keys = None
@@ -486,7 +488,7 @@ class _ReadPool:
         if isinstance(keys, np.ndarray):
             index.numpy().reshape(-1)[keys] = rows
         else:
-            index.view(-1)[keys] = rows.to(torch.int32)
+            index.view(-1)[keys] = rows
         with self._lock:
             entry = self._tables.get(id(table))
             if entry is None or entry[0]() is not table:
