@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.delta import Delta  # noqa: E402
 from engram_core.compiler import _fork_cache  # noqa: E402
-from engram_core import layer as layer_module  # noqa: E402
+from engram_core import row_overlay as overlay_module  # noqa: E402
 from engram_core.layer import Overlay  # noqa: E402
 from engram_core.memory_index import batch_overlay, served_delta  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
@@ -176,7 +176,7 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     old = training_overlay(em, per_sequence)
 
     def add_form_overlay():  # the layout tables too large to copy get (and the tiny model had before)
-        with mock.patch.object(layer_module, "READ_FORM_LIMIT", 0):
+        with mock.patch.object(overlay_module, "READ_FORM_LIMIT", 0):
             return batch_overlay(em, served)
 
     add_form = add_form_overlay()
@@ -300,7 +300,7 @@ def bench_overhead_model(preset: str, device: str, batch: int, repeats: int, fac
         values = (rng.standard_normal((len(rows), em.config.row_width)) * 0.5).astype(np.float16)
         served.append(served_delta(em, Delta(np.full(len(rows), layer, np.int16), rows, values)))
     prebuilt = batch_overlay(em, served)
-    with mock.patch.object(layer_module, "READ_FORM_LIMIT", 0):
+    with mock.patch.object(overlay_module, "READ_FORM_LIMIT", 0):
         add_form = batch_overlay(em, served)
 
     def timed(fn):

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .checkpoint import EngramModel
 from .delta import Delta
-from .layer import RowMapOverlay
+from .row_overlay import RowMapOverlay
 from .serving import check_delta, overlay_from_parts, split_by_layer
 
 

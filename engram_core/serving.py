@@ -4,7 +4,7 @@ Two forms:
 
 * :func:`applied` swaps one owner's delta into the tables (row += value) for a block of code
   and restores the saved rows bit-exactly afterwards (single-tenant, in-place).
-* :func:`overlay_for` builds a :class:`~engram_core.layer.RowMapOverlay` in which each sequence
+* :func:`overlay_for` builds a :class:`~engram_core.row_overlay.RowMapOverlay` in which each sequence
   of a batch sees the base table plus only its own owners' deltas: no shared mutation, so one
   forward pass serves many users, and it works with ``generate``.
 """
@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import EngramModel
 from .delta import Delta
-from .layer import RowMapOverlay, row_map_overlay
+from .row_overlay import RowMapOverlay, row_map_overlay
 
 
 class DeltaMismatch(ValueError):

@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from engram_core.checkpoint import load_checkpoint
 from engram_core.delta import Delta
 from engram_core.memory_index import batch_overlay, served_delta
-import engram_core.layer as layer_module
-from engram_core.layer import DENSE_ROW_MAP_LIMIT, READ_FORM_LIMIT, Overlay, row_map_overlay
+import engram_core.row_overlay as overlay_module
+from engram_core.layer import Overlay
+from engram_core.row_overlay import DENSE_ROW_MAP_LIMIT, READ_FORM_LIMIT, row_map_overlay
 from engram_core.serving import applied, overlay_for, split_by_layer
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -169,7 +170,7 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
                 entries.setdefault(layer, []).append((s, rows, values))
     tables = {layer: em.memory.layer(layer).table for layer in em.config.layers}
     serving = row_map_overlay(4, entries, tables, dense_limit=dense_limit, read_limit=read_limit)
-    with torch.no_grad(), mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max):
+    with torch.no_grad(), mock.patch.object(overlay_module, "DENSE_ADD_MAX", dense_add_max):
         base = em.model(input_ids=input_ids).logits
         with em.memory.use(reference_overlay(em, per_sequence)):
             want = em.model(input_ids=input_ids).logits
@@ -191,7 +192,7 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
     with_tensors = row_map_overlay(4, {layer: [(s, torch.from_numpy(r), torch.from_numpy(v)) for s, r, v in items]
                                        for layer, items in entries.items()}, tables,
                                    dense_limit=dense_limit, read_limit=read_limit)  # the torch build of the same map
-    with torch.no_grad(), mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max):
+    with torch.no_grad(), mock.patch.object(overlay_module, "DENSE_ADD_MAX", dense_add_max):
         with em.memory.use(reference_overlay(em, single)):
             want = em.model(input_ids=input_ids).logits
         with em.memory.use(serving):
@@ -200,8 +201,8 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
     assert (serving is None) == (with_tensors is None) == (not entries)  # None: nothing written at all
     for layer, m in (serving.maps.items() if serving is not None else ()):
         other = with_tensors.maps[layer]
-        assert type(m) is type(other) is (layer_module._ReadMap if read_limit and dense_limit else layer_module._RowMap)
-        if isinstance(m, layer_module._ReadMap):
+        assert type(m) is type(other) is (overlay_module._ReadMap if read_limit and dense_limit else overlay_module._RowMap)
+        if isinstance(m, overlay_module._ReadMap):
             n = m.source.shape[0] + len(m.rows)
             assert torch.equal(m.index, other.index) and torch.equal(as_bits(m.table[:n]), as_bits(other.table[:n]))
         else:
@@ -226,13 +227,13 @@ def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_writt
             table[0, 0] = 1.0  # non-zero, so the Engram branch runs
             em.memory.refresh_zero_flags()
             base = em.model(input_ids=ids).logits
-            with mock.patch.object(layer_module, "DENSE_ADD_MAX", dense_add_max), \
-                    mock.patch.object(layer_module, "READ_FORM_LIMIT", read_limit), \
+            with mock.patch.object(overlay_module, "DENSE_ADD_MAX", dense_add_max), \
+                    mock.patch.object(overlay_module, "READ_FORM_LIMIT", read_limit), \
                     em.memory.use(overlay_for(em, [[other], []])):
                 got = em.model(input_ids=ids).logits
                 e = torch.nn.functional.embedding(torch.as_tensor(rows), table)
                 added = em.memory._overlay.read(layer, torch.as_tensor(rows), table)
-                assert isinstance(em.memory._overlay.maps[layer], layer_module._ReadMap) == bool(read_limit)
+                assert isinstance(em.memory._overlay.maps[layer], overlay_module._ReadMap) == bool(read_limit)
         assert torch.equal(as_bits(got[1]), as_bits(base[1]))
         assert torch.equal(as_bits(added[1]), as_bits(e[1]))  # the -0.0 rows themselves, bit for bit
         assert torch.equal(as_bits(added[0, :2]), as_bits(e[0, :2]))  # before the written position
@@ -246,8 +247,6 @@ def test_a_reused_slot_map_holds_only_the_new_overlays_entries():
     """Host slot maps go back to a pool when their overlay is collected, cleared where it wrote;
     the next overlay of the same size gets one and must see none of the old entries."""
     import gc
-
-    from engram_core import layer as layer_module
 
     rng = np.random.default_rng(0)
     R, width, B = 500, 4, 3
@@ -263,7 +262,7 @@ def test_a_reused_slot_map_holds_only_the_new_overlays_entries():
     assert first.maps[7].written is not None and int((first_slots != 0).sum()) == 20 * B
     del first
     gc.collect()
-    assert any(t is first_slots for t in layer_module._ZEROED_MAPS._free)  # given back...
+    assert any(t is first_slots for t in overlay_module._ZEROED_MAPS._free)  # given back...
     assert not bool(first_slots.any())  # ...cleared
     second = row_map_overlay(B, entries(2), tables, read_limit=0)
     assert second.maps[7].slots is first_slots  # reused
@@ -297,7 +296,7 @@ def test_a_reused_read_form_reads_only_the_new_overlays_rows(host):
     table, entries, rows = _read_form_case(1, host)
     first = row_map_overlay(3, entries, {7: table})
     m = first.maps[7]
-    assert isinstance(m, layer_module._ReadMap)
+    assert isinstance(m, overlay_module._ReadMap)
     index, copy = m.index, m.table
     del first, m
     gc.collect()
