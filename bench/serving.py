@@ -157,29 +157,50 @@ def training_overlay(em, per_sequence: list) -> Overlay:
 
 @torch.no_grad()
 def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens: int) -> dict:
-    """What applying 32 users' deltas adds, measured three ways (all with the Engram branch
-    computed, as with a trained, non-zero table; the tiny model's table is all zero):
+    """What applying ``batch`` users' deltas adds (all with the Engram branch computed, as with a
+    trained, non-zero table; the tiny model's table is all zero).
 
-    * per forward: the overlay built once per request batch (what the server does), then each
-      forward pays only the lookup (the 32 x 18-token prefill, and one decode step);
-    * build every forward: the worst case of a request that is a single forward;
-    * per request: ``generate`` of ``new_tokens`` tokens for the batch (prefill and decode
-      steps), overlay build included, against the same generate without deltas.
+    Timed apart, medians of interleaved calls (the forward's own run-to-run noise is larger than
+    what the deltas add):
+
+    * the overlay build, once per request batch: the same batch again (``hot``: its users'
+      arrays in cache) and each build a new batch of the shard's users (``cold``: what a server
+      with many users sees);
+    * the lookups the deltas add inside one prefill (``batch`` x 18 tokens) and one decode step;
+
+    for each form: ``read_form`` (what the server does on this model) and ``add_form`` (the form
+    of tables over READ_FORM_LIMIT). From these parts: what they add to a request (generate of
+    ``new_tokens`` tokens) and to a request that is one forward (build + prefill lookups). Also
+    A/B of whole forwards and requests with and without deltas, and the compiler's training
+    overlay as the variant the serving forms replaced.
     """
     from engram_core.serving import generate_with_overlay
 
-    users = sorted(client.index.users)[:batch]
+    everyone = sorted(client.index.users)
+    users = everyone[:batch]
     per_sequence = [list(client.deltas_for(u)) for u in users]
     served = [client.index.served_for(u) for u in users]
+    cold_batches = [[client.index.served_for(u) for u in everyone[i:i + batch]]
+                    for i in range(batch, len(everyone) - batch + 1, batch)]
+    cold_turn = [0]
     ids = torch.as_tensor([em.encode_prompt(PROMPT)] * batch)
-    prebuilt = batch_overlay(em, served)
-    old = training_overlay(em, per_sequence)
 
-    def add_form_overlay():  # the layout tables too large to copy get (and the tiny model had before)
+    def read_form(group=served):
+        return batch_overlay(em, group)
+
+    def add_form(group=served):
         with mock.patch.object(overlay_module, "READ_FORM_LIMIT", 0):
-            return batch_overlay(em, served)
+            return batch_overlay(em, group)
 
-    add_form = add_form_overlay()
+    def cold(build):
+        def run():
+            cold_turn[0] = (cold_turn[0] + 1) % len(cold_batches)
+            return build(cold_batches[cold_turn[0]])
+        return run
+
+    forms = {"read_form": read_form, "add_form": add_form}
+    prebuilt = {name: build() for name, build in forms.items()}
+    old = training_overlay(em, per_sequence)
 
     def forward(overlay_fn):
         def run():
@@ -203,24 +224,22 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         next_ids = ids[:, -1:]
         d = _median_times({
             "plain": decode_step(lambda: None),
-            "prebuilt": decode_step(lambda: prebuilt),
+            "prebuilt": decode_step(lambda: prebuilt["read_form"]),
         }, repeats)
         t = _median_times({
             "plain": forward(lambda: None),
-            "prebuilt": forward(lambda: prebuilt),
-            "build_every_forward": forward(lambda: batch_overlay(em, served)),
+            "prebuilt": forward(lambda: prebuilt["read_form"]),
+            "build_every_forward": forward(cold(read_form)),
             "training_overlay": forward(lambda: old),
-            "build": lambda: batch_overlay(em, served),
-            "build_add_form": add_form_overlay,
             "build_unchecked": lambda: overlay_for(em, per_sequence),
+            **{f"hot_{name}": build for name, build in forms.items()},
+            **{f"cold_{name}": cold(build) for name, build in forms.items()},
         }, repeats)
         g = _median_times({
             "plain": request(lambda: None),
-            "deltas": request(lambda: batch_overlay(em, served)),
+            "deltas": request(read_form),
         }, max(5, repeats // 3))
-        # The lookups alone (what the deltas add inside each forward), timed apart from the
-        # forward: its run-to-run noise is larger than they are.
-        lookups = lookup_costs(em, {"read": prebuilt, "add_form": add_form}, ids, next_ids, repeats * 20)
+        lookups = lookup_costs(em, prebuilt, ids, next_ids, repeats * 20)
     finally:
         em.memory.refresh_zero_flags()
     zero_table = _median_times({"plain": forward(lambda: None)}, repeats)["plain"]
@@ -231,45 +250,42 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     def ratio(a, b):
         return round((a - b) / b, 4)
 
+    def parts(name: str) -> dict:
+        prefill, decode = lookups[name]["prefill"], lookups[name]["decode"]
+        out = {"build_hot_ms": ms(t[f"hot_{name}"]), "build_cold_ms": ms(t[f"cold_{name}"]),
+               "lookup_us_per_prefill": round(prefill * 1e6, 1), "lookup_us_per_decode_step": round(decode * 1e6, 1),
+               "lookup_ratio_per_prefill": round(prefill / t["plain"], 4),
+               "lookup_ratio_per_decode_step": round(decode / d["plain"], 4)}
+        for users_ in ("hot", "cold"):
+            build = t[f"{users_}_{name}"]
+            out[f"request_ratio_{users_}"] = round((build + prefill + (new_tokens - 1) * decode) / g["plain"], 4)
+            out[f"one_forward_request_ratio_{users_}"] = round((build + prefill) / t["plain"], 4)
+        return out
+
     return {
         "batch": batch,
         "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": new_tokens,
         "forward_zero_table_ms": ms(zero_table),
         "forward_ms": ms(t["plain"]),
-        "forward_with_deltas_ms": ms(t["prebuilt"]),
-        "added_ratio_per_forward": ratio(t["prebuilt"], t["plain"]),
-        "forward_with_deltas_build_every_forward_ms": ms(t["build_every_forward"]),
-        "added_ratio_build_every_forward": ratio(t["build_every_forward"], t["plain"]),
-        "forward_with_training_overlay_ms": ms(t["training_overlay"]),
-        "added_ratio_training_overlay": ratio(t["training_overlay"], t["plain"]),
         "decode_step_ms": ms(d["plain"]),
-        "decode_step_with_deltas_ms": ms(d["prebuilt"]),
-        "added_ratio_per_decode_step": ratio(d["prebuilt"], d["plain"]),
-        "overlay_build_ms": ms(t["build"]),
-        "overlay_for_build_ms": ms(t["build_unchecked"]),
-        "new_tokens": new_tokens,
         "request_ms": ms(g["plain"]),
-        "request_with_deltas_ms": ms(g["deltas"]),
-        "added_ratio_per_request": ratio(g["deltas"], g["plain"]),
-        "added_ms_per_request": ms(g["deltas"] - g["plain"]),
-        "added_ms_per_request_vs_forward": round((g["deltas"] - g["plain"]) / t["plain"], 4),
-        # The same from its parts, each timed alone (medians of many calls): the overlay build,
-        # one prefill's lookups, and one lookup per further token.
-        "lookup_us_per_prefill": round(lookups["read"]["prefill"] * 1e6, 1),
-        "lookup_us_per_decode_step": round(lookups["read"]["decode"] * 1e6, 1),
-        "lookup_ratio_per_prefill": round(lookups["read"]["prefill"] / t["plain"], 4),
-        "lookup_ratio_per_decode_step": round(lookups["read"]["decode"] / d["plain"], 4),
-        "added_ms_per_request_from_parts": ms(t["build"] + lookups["read"]["prefill"] + (new_tokens - 1) * lookups["read"]["decode"]),
-        "added_ratio_per_request_from_parts": round(
-            (t["build"] + lookups["read"]["prefill"] + (new_tokens - 1) * lookups["read"]["decode"]) / g["plain"], 4),
-        # The add form (the layout of tables over READ_FORM_LIMIT), same run.
-        "add_form": {
-            "overlay_build_ms": ms(t["build_add_form"]),
-            "lookup_us_per_prefill": round(lookups["add_form"]["prefill"] * 1e6, 1),
-            "lookup_us_per_decode_step": round(lookups["add_form"]["decode"] * 1e6, 1),
-            "added_ratio_per_request_from_parts": round((t["build_add_form"] + lookups["add_form"]["prefill"] + (
-                new_tokens - 1) * lookups["add_form"]["decode"]) / g["plain"], 4),
+        # From the parts, per form (see the docstring): the numbers to read.
+        "forms": {name: parts(name) for name in forms},
+        # Whole forwards and requests with and without deltas (noisier than the parts).
+        "ab": {
+            "forward_with_deltas_ms": ms(t["prebuilt"]),
+            "added_ratio_per_forward": ratio(t["prebuilt"], t["plain"]),
+            "decode_step_with_deltas_ms": ms(d["prebuilt"]),
+            "added_ratio_per_decode_step": ratio(d["prebuilt"], d["plain"]),
+            "request_with_deltas_ms": ms(g["deltas"]),
+            "added_ratio_per_request": ratio(g["deltas"], g["plain"]),
+            "forward_with_cold_build_every_forward_ms": ms(t["build_every_forward"]),
+            "added_ratio_cold_build_every_forward": ratio(t["build_every_forward"], t["plain"]),
+            "forward_with_training_overlay_ms": ms(t["training_overlay"]),
+            "added_ratio_training_overlay": ratio(t["training_overlay"], t["plain"]),
         },
+        "overlay_for_build_ms": ms(t["build_unchecked"]),
         "repeats": repeats,
     }
 
