@@ -129,8 +129,10 @@ class CompletionBatcher:
             prompts = [p for item in items for p in item.prompts]
             served = [index.served_for(item.user) if index is not None else None
                       for item in items for _ in item.prompts]
+            overlay = None
             try:
-                texts = generate_with_overlay(self.em, prompts, batch_overlay(self.em, served), max_tokens)
+                overlay = batch_overlay(self.em, served)
+                texts = generate_with_overlay(self.em, prompts, overlay, max_tokens)
             except Exception as e:  # reported to each waiting request, never swallowed
                 log.exception("batch of %d sequences failed", len(prompts))
                 for item in items:
@@ -146,6 +148,9 @@ class CompletionBatcher:
                 item.texts = texts[offset: offset + len(item.prompts)]
                 offset += len(item.prompts)
                 item.done.set()
+            # Only now: collecting the overlay gives its pooled maps back, cleared where it wrote
+            # (~0.1 ms), which the answers above need not wait for.
+            del overlay
 
 
 # ---------------------------------------------------------------- HTTP
