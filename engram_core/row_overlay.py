@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ class RowMapOverlay:
         with self._lock:
             m = self.maps[layer]
             if not isinstance(m, _ReadMap) or m.source is not table or _version(table) != m.version:
-                m = self.maps[layer] = _layer_map(m.index.shape[0], m.items, table, *self._limits)
+                lengths = [r.shape[0] for _, r, _ in m.items]
+                m = self.maps[layer] = _layer_map(m.index.shape[0], m.items, lengths, table, *self._limits)
             return m
 
     def add_to(self, layer: int, rows: torch.Tensor, e: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -183,20 +185,24 @@ def row_map_overlay(
     read_limit = READ_FORM_LIMIT if read_limit is None else read_limit
     maps = {}
     for layer, items in entries.items():
-        items = [(b, r, v) for b, r, v in items if r.shape[0]]
+        lengths = [r.shape[0] for _, r, _ in items]  # (len() of a tensor costs ~20x more)
+        if 0 in lengths:  # entries that write nothing
+            items = [item for item, n in zip(items, lengths) if n]
+            lengths = [n for n in lengths if n]
         if items:
-            maps[layer] = _layer_map(num_sequences, items, tables[layer], dense_limit, read_limit)
+            maps[layer] = _layer_map(num_sequences, items, lengths, tables[layer], dense_limit, read_limit)
     return RowMapOverlay(maps, dense_limit, read_limit) if maps else None
 
 
-def _layer_map(B: int, items: list, table: torch.Tensor, dense_limit: int, read_limit: int) -> _ReadMap | _RowMap:
-    """One layer of :func:`row_map_overlay`, in read form where the table is small enough."""
+def _layer_map(B: int, items: list, lengths: list[int], table: torch.Tensor, dense_limit: int,
+               read_limit: int) -> _ReadMap | _RowMap:
+    """One layer of :func:`row_map_overlay` (``lengths``: rows per entry, none 0), in read form
+    where the table is small enough."""
     R = table.shape[0]
     sequences, row_parts, value_parts = zip(*items)
-    lengths = [p.shape[0] for p in row_parts]  # (len() of a tensor costs ~20x more)
     one_owner = len(set(sequences)) == len(sequences)
     read = B * R <= dense_limit and table.numel() * table.element_size() <= read_limit and _version(table) is not None
-    if table.device.type == "cpu" and one_owner and all(isinstance(p, np.ndarray) for p in row_parts + value_parts):
+    if table.device.type == "cpu" and one_owner and all(map(isinstance, row_parts + value_parts, repeat(np.ndarray))):
         # One owner per sequence on a CPU model (a server's usual batch): indices in NumPy, whose
         # per-call cost is a fraction of torch's for a batch's few thousand rows.
         rows = np.concatenate(row_parts).astype(np.int64, copy=False)
