@@ -42,6 +42,7 @@ from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.delta import Delta  # noqa: E402
 from engram_core.compiler import _fork_cache  # noqa: E402
 from engram_core import row_overlay as overlay_module  # noqa: E402
+from engram_core.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from engram_core.layer import Overlay  # noqa: E402
 from engram_core.memory_index import batch_overlay, served_delta  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
@@ -214,13 +215,13 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     def decode_step(overlay_fn):  # one more token for every sequence, on the prompt's KV cache
         def run():
             with em.memory.use(overlay_fn(), history=(ids, None)):
-                em.model(input_ids=next_ids, past_key_values=_fork_cache(prompt_cache), use_cache=True)
+                em.model(input_ids=next_ids, use_cache=True, **cache_kwargs(em.model, _fork_cache(prompt_cache)))
         return run
 
     for layer in em.config.layers:
         em.memory.layer(layer).table_is_zero = False
     try:
-        prompt_cache = em.model(input_ids=ids, use_cache=True).past_key_values
+        prompt_cache = output_cache(em.model(input_ids=ids, use_cache=True))
         next_ids = ids[:, -1:]
         d = _median_times({
             "plain": decode_step(lambda: None),

@@ -54,6 +54,7 @@ from . import fast_step, prefix_attention
 from .checkpoint import EngramModel
 from .delta import Delta
 from .fused_ops import fused_ops
+from .hf_compat import cache_kwargs, output_cache
 from .layer import Overlay, backbone_and_layers
 from .tokenize_pool import (  # noqa: F401 (the statuses are part of this module's API)
     STATUS_ANSWER_TOO_LONG,
@@ -581,7 +582,7 @@ class _Group:
                         position_ids=self.positions[:, :prefix],
                         use_cache=True,
                     )
-                self.cache = out.past_key_values
+                self.cache = output_cache(out)
             if reuse_lower:
                 with record_function("engram.prepare.lower"):
                     self.lower = self._lower_hidden(prefix_overlay)
@@ -649,21 +650,21 @@ class _Group:
         raise RuntimeError("compiler: the forward did not reach the write layer")
 
     def _forward(self, overlay, embeds: torch.Tensor | None):
+        em = self.batch.em
+        backbone, _ = backbone_and_layers(em.model)  # hidden states only: logits where needed
         kwargs = {}
         split = embeds is not None and self.cache is not None and self.batch.prefix_attention
         if self.cache is not None and not split:
-            kwargs["past_key_values"] = _fork_cache(self.cache)
+            kwargs.update(cache_kwargs(backbone, _fork_cache(self.cache)))
         history = (self.ids[:, : self.prefix], self.mask[:, : self.prefix]) if self.cache is not None else None
         suffix = self.ids[:, self.prefix:]
         if embeds is None:
             kwargs["input_ids"] = suffix
         else:
             kwargs["inputs_embeds"] = embeds
-        em = self.batch.em
-        backbone, _ = backbone_and_layers(em.model)  # hidden states only: logits where needed
         with ExitStack() as stack:
             if split:
-                kwargs["past_key_values"] = stack.enter_context(prefix_attention.split_prefix(em.model, self.cache))
+                kwargs.update(cache_kwargs(backbone, stack.enter_context(prefix_attention.split_prefix(em.model, self.cache))))
             stack.enter_context(em.memory.use(overlay, history, embeds_ids=suffix if embeds is not None else None))
             stack.enter_context(_layers_from(em.model, self.batch.layer if embeds is not None else 0))
             return backbone(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .addressing import Addresser
 from .config import ConfigError, EngramConfig
+from .hf_compat import called_with_cache
 from .row_overlay import RowMapOverlay
 
 
@@ -215,7 +216,7 @@ class EngramMemory(nn.Module):
         if input_ids is None:
             raise ValueError("an Engram model must be called with input_ids (inputs_embeds alone cannot be addressed)")
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = called_with_cache(kwargs)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         new_mask = None
         if mask is not None and mask.dim() == 2:

@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import EngramModel
 from .delta import Delta
+from .hf_compat import cache_kwargs, output_cache
 from .row_overlay import RowMapOverlay, row_map_overlay
 
 
@@ -160,8 +161,8 @@ def greedy_tokens(em: EngramModel, prompt: str, num_tokens: int, deltas: Sequenc
     cache, tokens = None, []
     with em.memory.use(overlay_for(em, [list(deltas)])):
         for _ in range(num_tokens):
-            out = em.model(input_ids=step_ids, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = em.model(input_ids=step_ids, use_cache=True, **cache_kwargs(em.model, cache))
+            cache = output_cache(out)
             step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(step_ids))
     return tokens

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from engram_core.checkpoint import CheckpointError, fingerprint, load_checkpoint
 from engram_core.config import ConfigError, EngramConfig
 from engram_core.delta import Delta
+from engram_core.hf_compat import cache_kwargs, output_cache
 from engram_core.layer import Overlay
 from engram_core.serving import applied
 from engram_core.tiny import build_base_model, build_tokenizer, init_tiny
@@ -141,10 +142,10 @@ def test_many_workers_loading_one_checkpoint_at_once_share_the_token_map_cache(t
 def test_continuing_a_kv_cache_the_model_did_not_build_is_refused(tiny):
     ids = random_ids(len(tiny.tokenizer), (2, 6))
     with torch.no_grad():
-        cache = tiny.model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(tiny.model(input_ids=ids, use_cache=True))
         tiny.model(input_ids=ids[:1], use_cache=True)  # another call, another batch: history replaced
         with pytest.raises(ValueError, match="did not just build"):
-            tiny.model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            tiny.model(input_ids=ids[:, :1], use_cache=True, **cache_kwargs(tiny.model, cache))
 
 
 def test_a_trained_short_conv_is_refused_until_cached_decoding_supports_it(tmp_path):
