@@ -29,7 +29,6 @@ class _RowMap:
     values: torch.Tensor  # (N + 1, w): row 0 all -0.0 (adds nothing), row k the summed value of entry k
     row_keys: torch.Tensor | None  # (num_rows,) int32: dense key of each written row (None: key = row)
     written: np.ndarray | None = None  # entries of a pooled host map (given back, cleared, when collected)
-    items: list | None = None  # the entries it was built from
 
     def __del__(self):
         if self.written is not None:
@@ -101,7 +100,7 @@ class RowMapOverlay:
         again from its entries, against the table as it is now."""
         with self._lock:
             m = self.maps[layer]
-            if not isinstance(m, _ReadMap) or m.source is not table or _version(table) != m.version:
+            if isinstance(m, _ReadMap) and (m.source is not table or _version(table) != m.version):  # not done meanwhile
                 lengths = [r.shape[0] for _, r, _ in m.items]
                 m = self.maps[layer] = _layer_map(m.index.shape[0], m.items, lengths, table, *self._limits)
             return m
@@ -209,7 +208,7 @@ def _layer_map(B: int, items: list, lengths: list[int], table: torch.Tensor, den
         seq = np.repeat(np.asarray(sequences, np.int64), lengths)
         if read:
             return _host_read_map(B, items, table, seq, rows, value_parts)
-        return _host_row_map(B, items, table.shape[0], table.dtype, dense_limit, seq, rows, value_parts)
+        return _host_row_map(B, table.shape[0], table.dtype, dense_limit, seq, rows, value_parts)
     device, dtype = table.device, table.dtype
     seq = torch.from_numpy(np.repeat(np.asarray(sequences, np.int64), lengths)).to(device)
     rows = _concat(row_parts).to(device=device, dtype=torch.long)
@@ -239,7 +238,7 @@ def _layer_map(B: int, items: list, lengths: list[int], table: torch.Tensor, den
     slots = torch.zeros(B * stride, dtype=torch.int32, device=device)
     slots[seq * stride + keys] = index
     offsets = (torch.arange(B, device=device) * stride).view(B, 1, 1)
-    return _RowMap(slots, stride, offsets, values, row_keys, items=items)
+    return _RowMap(slots, stride, offsets, values, row_keys)
 
 
 def _host_read_map(B: int, items: list, table: torch.Tensor, seq: np.ndarray, rows: np.ndarray,
@@ -260,7 +259,7 @@ def _host_read_map(B: int, items: list, table: torch.Tensor, seq: np.ndarray, ro
     return _ReadMap(index, ext, table, version, items, keys, rows.astype(np.int32))  # int32: a faster restore
 
 
-def _host_row_map(B: int, items: list, R: int, dtype: torch.dtype, dense_limit: int,
+def _host_row_map(B: int, R: int, dtype: torch.dtype, dense_limit: int,
                   seq: np.ndarray, rows: np.ndarray, value_parts: tuple) -> _RowMap:
     """Add form of host entries, one owner per sequence (see :func:`_host_read_map`); same map
     as the torch build."""
@@ -279,7 +278,7 @@ def _host_row_map(B: int, items: list, R: int, dtype: torch.dtype, dense_limit: 
     written = seq * stride + keys
     slots.numpy()[written] = index
     offsets = torch.from_numpy(np.arange(B, dtype=np.int64) * stride).view(B, 1, 1)
-    return _RowMap(slots, stride, offsets, values, row_keys, written, items)  # its map goes back to the pool
+    return _RowMap(slots, stride, offsets, values, row_keys, written)  # its map goes back to the pool when collected
 
 
 class _ZeroedMaps:
