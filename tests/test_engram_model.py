@@ -8,7 +8,7 @@ from engram_core.checkpoint import CheckpointError, fingerprint, load_checkpoint
 from engram_core.config import ConfigError, EngramConfig
 from engram_core.delta import Delta
 from engram_core.hf_compat import cache_kwargs, output_cache
-from engram_core.layer import Overlay
+from engram_core.layer import Overlay, backbone_and_layers
 from engram_core.serving import applied
 from engram_core.tiny import build_base_model, build_tokenizer, init_tiny
 from engram_core.checkpoint import attach_new_memory
@@ -146,6 +146,26 @@ def test_continuing_a_kv_cache_the_model_did_not_build_is_refused(tiny):
         tiny.model(input_ids=ids[:1], use_cache=True)  # another call, another batch: history replaced
         with pytest.raises(ValueError, match="did not just build"):
             tiny.model(input_ids=ids[:, :1], use_cache=True, **cache_kwargs(tiny.model, cache))
+
+
+def test_a_kv_cache_is_followed_under_either_name_transformers_gives_it(tiny):
+    """transformers up to 5.23 passes the backbone its KV cache as ``past_key_values``, 5.24 on
+    as ``cache``: the Engram hook joins the cached tokens to the new ones under either name (a
+    decode step addresses rows by the N-grams that end at it), and ``cache_kwargs`` calls the
+    installed version by the name it takes, without a deprecation warning."""
+    import warnings
+
+    ids = random_ids(len(tiny.tokenizer), (2, 6))
+    backbone, _ = backbone_and_layers(tiny.model)
+    with torch.no_grad():
+        cache = output_cache(tiny.model(input_ids=ids, use_cache=True))
+        for name in ("past_key_values", "cache"):
+            tiny.memory._on_backbone(backbone, (), {"input_ids": ids[:, -1:], name: cache})
+            assert torch.equal(tiny.memory._history, torch.cat([ids, ids[:, -1:]], 1))
+        tiny.model(input_ids=ids, use_cache=True)  # the history of a fresh prompt again
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            tiny.model(input_ids=ids[:, -1:], use_cache=True, **cache_kwargs(tiny.model, cache))
 
 
 def test_a_trained_short_conv_is_refused_until_cached_decoding_supports_it(tmp_path):
