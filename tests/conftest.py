@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -26,7 +28,7 @@ class S3Server:
     secret_key: str
     region: str = "us-east-1"
 
-    def client(self):
+    def client(self, config=None):
         import boto3
 
         return boto3.client(
@@ -35,6 +37,7 @@ class S3Server:
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
             region_name=self.region,
+            config=config,
         )
 
 
@@ -54,15 +57,44 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_base_port(span: int = 4) -> int:
-    """A base port where base..base+span-1 and their gRPC twins (+10000, weed's convention) are free."""
+GRPC_OFFSET = 10000  # weed serves each HTTP port's gRPC twin at port + 10000
+WEED_SPAN = 4  # master, volume, filer, s3
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _candidate_bases(span: int) -> range:
+    """Bases whose ports and gRPC twins all lie outside the kernel's ephemeral range.
+
+    A port inside it can be taken at any moment as the source port of some outgoing connection:
+    in CI, one of weed's own start-up connections took the S3 port before the S3 listener bound
+    it. Ray binds its workers in 10002-19999, so bases start at 20000.
+    """
+    low, high = _ephemeral_range()
+    below = range(20000, low - GRPC_OFFSET - span + 1)
+    above = range(high + 1, 65536 - GRPC_OFFSET - span + 1)
+    return below if len(below) >= len(above) else above
+
+
+def _free_base_port(span: int = WEED_SPAN) -> int:
+    """A base port where base..base+span-1 and their gRPC twins are free now and not ephemeral."""
+    bases = _candidate_bases(span)
+    pick = random.SystemRandom()
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + span + 10000 > 65535:
-            continue
-        if all(_port_is_free(p) and _port_is_free(p + 10000) for p in range(base, base + span)):
+        base = pick.choice(bases) if len(bases) else None
+        if base is None:  # an unusual ephemeral range leaves no room: fall back to what the kernel hands out
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                base = s.getsockname()[1]
+            if base + span + GRPC_OFFSET > 65535:
+                continue
+        if all(_port_is_free(p) and _port_is_free(p + GRPC_OFFSET) for p in range(base, base + span)):
             return base
     raise RuntimeError("no free port range for the S3 test server")
 
@@ -77,48 +109,94 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+class PortTaken(RuntimeError):
+    """weed exited because one of its ports was taken between our check and its bind."""
+
+
+def weed_command(workdir: Path, base: int, volume_max: int, *extra: str) -> list[str]:
+    """``weed server`` with master, volume, filer and S3 on base..base+3 of loopback."""
+    return [
+        _weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
+        f"-master.port={base}", "-master.volumeSizeLimitMB=16", *extra,
+        f"-volume.port={base + 1}", f"-volume.max={volume_max}",
+        "-filer", f"-filer.port={base + 2}",
+        "-s3", f"-s3.port={base + 3}", f"-s3.config={workdir / 's3.json'}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]
+
+
+def start_weed(workdir: Path, server_for: Callable[[int], S3Server], volume_max: int, *extra: str,
+               base: int | None = None, attempts: int = 4) -> tuple[subprocess.Popen, int]:
+    """Start weed and wait until it stores an object; returns (process, base port).
+
+    With ``base`` None a fresh port range is picked, and picked again if weed finds a port taken.
+    With a given ``base`` (a restart that must keep its address) the same ports are retried.
+    """
+    (workdir / "data").mkdir(parents=True, exist_ok=True)
+    # Every bucket is a collection with its own volumes; grow one at a time so a bucket per test fits.
+    (workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n")
+    log_path = workdir / "weed.log"
+    for attempt in range(attempts):
+        port = _free_base_port() if base is None else base
+        log_start = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(weed_command(workdir, port, volume_max, *extra),
+                                       stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
+        try:
+            _wait_until_ready(server_for(port), process, log_path, log_start)
+            return process, port
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except BaseException:
+            _stop(process)
+            raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
     """A real S3-compatible server (``weed server -s3``) on loopback for the whole session."""
-    weed = _weed_binary()
+    _weed_binary()
     workdir = tmp_path_factory.mktemp("weed")
-    (workdir / "data").mkdir()
     config = {"identities": [{
         "name": "engram-test",
         "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}
     (workdir / "s3.json").write_text(json.dumps(config))
-    # Every bucket is a collection with its own volumes; grow one at a time so a bucket per test fits.
-    (workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n")
-    base = _free_base_port()
-    command = [
-        weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
-        f"-master.port={base}", "-master.volumeSizeLimitMB=16", f"-volume.port={base + 1}", "-volume.max=500",
-        "-filer", f"-filer.port={base + 2}",
-        "-s3", f"-s3.port={base + 3}", f"-s3.config={workdir / 's3.json'}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]
-    log_file = open(workdir / "weed.log", "wb")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
-    server = S3Server(f"http://127.0.0.1:{base + 3}", S3_ACCESS_KEY, S3_SECRET_KEY)
+
+    def server_at(base: int) -> S3Server:
+        return S3Server(f"http://127.0.0.1:{base + 3}", S3_ACCESS_KEY, S3_SECRET_KEY)
+
+    process, base = start_weed(workdir, server_at, volume_max=500)
     try:
-        _wait_until_ready(server, process, workdir / "weed.log")
-        yield server
+        yield server_at(base)
     finally:
         _stop(process)
-        log_file.close()
 
 
-def _wait_until_ready(server: S3Server, process: subprocess.Popen, log_path: Path, timeout: float = 60) -> None:
-    """Wait until the server can create a bucket and store an object (volumes allocate lazily)."""
-    client = server.client()
+def _wait_until_ready(server: S3Server, process: subprocess.Popen, log_path: Path, log_start: int = 0,
+                      timeout: float = 60) -> None:
+    """Wait until the server can create a bucket and store an object (volumes allocate lazily).
+
+    ``log_start``: where this process's lines begin in ``log_path`` (a restart appends to it).
+    """
+    from botocore.config import Config
+
+    # Short timeouts: a probe must not sit in a read for a minute while the process has died.
+    client = server.client(Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
     probe = f"probe-{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"weed exited with {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
+            with open(log_path, "rb") as f:
+                f.seek(log_start)
+                log = f.read().decode(errors="replace")
+            error = PortTaken if "address already in use" in log else RuntimeError
+            raise error(f"weed exited with {process.returncode}; log:\n{log[-3000:]}")
         try:
             client.create_bucket(Bucket=probe)
             client.put_object(Bucket=probe, Key="probe", Body=b"ok")

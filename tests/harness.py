@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +33,7 @@ from engram_core.delta import Delta
 from pipeline.publish import ShardPayload, publish_version, read_current, shard_of
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import empty_fact_state, encode_fact_state
-from tests.conftest import S3Server, _free_base_port, _stop, _wait_until_ready, _weed_binary
+from tests.conftest import S3Server, _stop, start_weed
 
 BUCKET = "engram-private"
 
@@ -91,29 +91,25 @@ class PrivateS3:
 
     workdir: Path
     bucket: str = BUCKET
-    base_port: int = field(default_factory=_free_base_port)
+    base_port: int | None = None
     process: subprocess.Popen | None = None
 
-    def server(self, role: str = "admin") -> S3Server:
+    def _server_at(self, base: int, role: str) -> S3Server:
         access, secret, _ = identities(self.bucket)[role]
-        return S3Server(f"http://127.0.0.1:{self.base_port + 3}", access, secret)
+        return S3Server(f"http://127.0.0.1:{base + 3}", access, secret)
+
+    def server(self, role: str = "admin") -> S3Server:
+        if self.base_port is None:
+            raise RuntimeError("this PrivateS3 was never started")
+        return self._server_at(self.base_port, role)
 
     def start(self) -> "PrivateS3":
-        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        """Start (or restart) on this server's ports; the first start picks them."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "s3.json").write_text(json.dumps(weed_s3_config(self.bucket)))
-        (self.workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n")
-        base = self.base_port
-        command = [
-            _weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.workdir / 'data'}",
-            f"-master.port={base}", "-master.volumeSizeLimitMB=16", "-master.electionTimeout=1s", f"-volume.port={base + 1}", "-volume.max=50",
-            "-filer", f"-filer.port={base + 2}",
-            "-s3", f"-s3.port={base + 3}", f"-s3.config={self.workdir / 's3.json'}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]
-        log_path = self.workdir / "weed.log"
-        with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir)
-        _wait_until_ready(self.server("admin"), self.process, log_path)
+        self.process, self.base_port = start_weed(
+            self.workdir, lambda base: self._server_at(base, "admin"), 50, "-master.electionTimeout=1s",
+            base=self.base_port)
         return self
 
     def stop(self) -> None:
