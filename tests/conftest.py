@@ -99,6 +99,11 @@ def _free_base_port(span: int = WEED_SPAN) -> int:
     raise RuntimeError("no free port range for the S3 test server")
 
 
+def free_port() -> int:
+    """One free loopback port, outside the ephemeral range for the reason ``_candidate_bases`` gives."""
+    return _free_base_port(span=1)
+
+
 def _stop(process: subprocess.Popen) -> None:
     # weed ignores SIGTERM for a while; give it a short grace period, then SIGKILL.
     process.send_signal(signal.SIGTERM)

@@ -6,7 +6,6 @@ import ast
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from jobs.cli import app
 from jobs.schedule import ScheduleError, ScheduleOptions, example_schedules, render_schedule, validate_cron
 from jobs.spec import NightlySpec
 from jobs.synthetic import fact_log_rows, write_fact_log
+from tests.conftest import free_port
 
 runner = CliRunner()
 EXAMPLE_SPEC = Path(__file__).parents[1] / "jobs" / "specs" / "nightly.example.yaml"
@@ -153,12 +153,6 @@ def test_render_schedule_refuses_bad_cron_before_rendering():
 
 
 # --- submit -----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_submit_to_an_unreachable_address_fails_fast_and_clearly():
     started = time.monotonic()
