@@ -45,6 +45,7 @@ from engram_core import row_overlay as overlay_module  # noqa: E402
 from engram_core.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from engram_core.layer import Overlay  # noqa: E402
 from engram_core.memory_index import batch_overlay, served_delta  # noqa: E402
+from engram_core.row_kernels import KERNELS  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
 from engram_core.tiny import init_tiny  # noqa: E402
 from pipeline.publish import ShardPayload, publish_version  # noqa: E402
@@ -169,8 +170,9 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
       with many users sees);
     * the lookups the deltas add inside one prefill (``batch`` x 18 tokens) and one decode step;
 
-    for each form: ``read_form`` (what the server does on this model) and ``add_form`` (the form
-    of tables over READ_FORM_LIMIT). From these parts: what they add to a request (generate of
+    for each form: ``kernel_form`` (what a server uses on a CPU model once the compiled kernels are
+    loaded), ``read_form`` (without them) and ``add_form`` (tables over READ_FORM_LIMIT, without
+    them; CUDA models too). From these parts: what they add to a request (generate of
     ``new_tokens`` tokens) and to a request that is one forward (build + prefill lookups). Also
     A/B of whole forwards and requests with and without deltas, and the compiler's training
     overlay as the variant the serving forms replaced.
@@ -186,11 +188,15 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
     cold_turn = [0]
     ids = torch.as_tensor([em.encode_prompt(PROMPT)] * batch)
 
+    def kernel_form(group=served):
+        return batch_overlay(em, group)  # the kernels are loaded (main): what a server uses
+
     def read_form(group=served):
-        return batch_overlay(em, group)
+        with mock.patch.object(overlay_module, "KERNEL_FORM", False):
+            return batch_overlay(em, group)
 
     def add_form(group=served):
-        with mock.patch.object(overlay_module, "READ_FORM_LIMIT", 0):
+        with mock.patch.object(overlay_module, "KERNEL_FORM", False), mock.patch.object(overlay_module, "READ_FORM_LIMIT", 0):
             return batch_overlay(em, group)
 
     def cold(build):
@@ -199,8 +205,11 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
             return build(cold_batches[cold_turn[0]])
         return run
 
-    forms = {"read_form": read_form, "add_form": add_form}
+    forms = {"kernel_form": kernel_form, "read_form": read_form, "add_form": add_form}
+    if KERNELS.loaded() is None:
+        del forms["kernel_form"]
     prebuilt = {name: build() for name, build in forms.items()}
+    server_form = next(iter(forms))  # the form a server uses: the kernel form where loaded
     old = training_overlay(em, per_sequence)
 
     def forward(overlay_fn):
@@ -225,12 +234,12 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         next_ids = ids[:, -1:]
         d = _median_times({
             "plain": decode_step(lambda: None),
-            "prebuilt": decode_step(lambda: prebuilt["read_form"]),
+            "prebuilt": decode_step(lambda: prebuilt[server_form]),
         }, repeats)
         t = _median_times({
             "plain": forward(lambda: None),
-            "prebuilt": forward(lambda: prebuilt["read_form"]),
-            "build_every_forward": forward(cold(read_form)),
+            "prebuilt": forward(lambda: prebuilt[server_form]),
+            "build_every_forward": forward(cold(forms[server_form])),
             "training_overlay": forward(lambda: old),
             "build_unchecked": lambda: overlay_for(em, per_sequence),
             **{f"hot_{name}": build for name, build in forms.items()},
@@ -238,7 +247,7 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         }, repeats)
         g = _median_times({
             "plain": request(lambda: None),
-            "deltas": request(read_form),
+            "deltas": request(forms[server_form]),
         }, max(5, repeats // 3))
         lookups = lookup_costs(em, prebuilt, ids, next_ids, repeats * 20)
     finally:
@@ -273,6 +282,8 @@ def bench_overhead(em, client: PullClient, batch: int, repeats: int, new_tokens:
         "request_ms": ms(g["plain"]),
         # From the parts, per form (see the docstring): the numbers to read.
         "forms": {name: parts(name) for name in forms},
+        "server_form": server_form,
+        "row_kernels": KERNELS.status(),
         # Whole forwards and requests with and without deltas (noisier than the parts).
         "ab": {
             "forward_with_deltas_ms": ms(t["prebuilt"]),
@@ -316,8 +327,8 @@ def bench_overhead_model(preset: str, device: str, batch: int, repeats: int, fac
         rows = np.union1d(delta.row_ids[: -len(addressed[b])], addressed[b])
         values = (rng.standard_normal((len(rows), em.config.row_width)) * 0.5).astype(np.float16)
         served.append(served_delta(em, Delta(np.full(len(rows), layer, np.int16), rows, values)))
-    prebuilt = batch_overlay(em, served)
-    with mock.patch.object(overlay_module, "READ_FORM_LIMIT", 0):
+    prebuilt = batch_overlay(em, served)  # the kernel form on CPU where loaded, else read or add form
+    with mock.patch.object(overlay_module, "KERNEL_FORM", False), mock.patch.object(overlay_module, "READ_FORM_LIMIT", 0):
         add_form = batch_overlay(em, served)
 
     def timed(fn):
@@ -346,7 +357,7 @@ def bench_overhead_model(preset: str, device: str, batch: int, repeats: int, fac
     for name, overlay in (("plain", None), ("prebuilt", prebuilt), ("add_form", add_form)):
         with em.memory.use(overlay):
             outputs[name] = em.model(input_ids=ids).logits
-    lookups = lookup_costs(em, {"read": prebuilt, "add_form": add_form}, ids, ids[:, -1:], repeats * 20)
+    lookups = lookup_costs(em, {"served": prebuilt, "add_form": add_form}, ids, ids[:, -1:], repeats * 20)
     em.memory.refresh_zero_flags()
     return {
         "lookup_us": {name: {step: round(v * 1e6, 1) for step, v in steps.items()} for name, steps in lookups.items()},
@@ -428,6 +439,7 @@ def main() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(0)
+    KERNELS.load()  # the kernel form, as engram serve uses it (ENGRAM_ROW_KERNELS=off: without)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         init_tiny(root / "model")

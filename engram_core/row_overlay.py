@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .row_kernels import KERNELS, KernelBuildError
+
 
 @dataclass(frozen=True)
 class _RowMap:
@@ -59,11 +61,34 @@ class _ReadMap:
         _READ_POOL.give_back(self)
 
 
+@dataclass(frozen=True, eq=False)
+class _KernelMap:
+    """One layer of a :class:`RowMapOverlay` in kernel form (CPU, one owner per sequence).
+
+    ``index[b, r]`` is ``j + 1`` where sequence ``b``'s user wrote row ``r`` as its ``j``-th row,
+    0 elsewhere. A forward reads each (sequence, position) row with one call of the compiled
+    kernel (:mod:`engram_core.row_kernels`): the table's row, plus the user's value where the
+    index says so, read in place from the user's own arrays. Nothing is copied at build (the
+    build marks the index) and the live table is read, so a table written after the build needs
+    no rebuild."""
+
+    index: torch.Tensor  # (B, R) int32, pooled: zero but where this overlay marked
+    marks: object  # the compiled module's Marks: the marks and the users' arrays they point into
+    kernels: object  # the compiled module
+
+    def __del__(self):  # cleared where it was marked, then pooled for the next request batch
+        self.marks.clear()
+        _ZEROED_MAPS.put(self.index.view(-1))
+
+
 class RowMapOverlay:
     """The serving form of per-sequence rows: same meaning as :class:`Overlay`, faster to apply.
 
-    Built once per request batch (:func:`row_map_overlay`). Each layer is in one of two forms:
+    Built once per request batch (:func:`row_map_overlay`). Each layer is in one of three forms:
 
+    * kernel form (:class:`_KernelMap`, CPU models with one owner per sequence, once the
+      compiled kernels are loaded): one kernel call reads the base rows and adds the values
+      where the sequence's user wrote; the build only marks a pooled index;
     * read form (:class:`_ReadMap`, tables up to :data:`READ_FORM_LIMIT` bytes): a forward reads
       the base rows and the deltas with one gather from a copy of the table extended by the
       written rows, found through a per-sequence index: one int gather more than the base model;
@@ -87,6 +112,12 @@ class RowMapOverlay:
     def read(self, layer: int, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """The rows (B, T, H, w) of ``table`` at ``rows``, each sequence plus its own values."""
         m = self.maps[layer]
+        if isinstance(m, _KernelMap):
+            query = rows.reshape(rows.shape[0], -1)
+            if query.dtype != torch.long or not query.is_contiguous():  # e.g. a decode step's slice of its window
+                query = query.to(torch.long).contiguous()
+            out = m.kernels.read_rows(table.detach(), query, m.marks)
+            return out.view(*rows.shape, table.shape[1])
         if isinstance(m, _ReadMap):
             if m.source is not table or _version(table) != m.version:
                 m = self._rebuild(layer, table)
@@ -160,6 +191,10 @@ DENSE_ADD_MAX = 4096
 # row -> dense key of the batch's written rows, then (sequence x key).
 DENSE_ROW_MAP_LIMIT = 1 << 23
 
+# The kernel form where it applies: True, False, or None (whenever the compiled kernels are
+# loaded; engram serve loads them in the background). The ``kernel`` argument overrides it.
+KERNEL_FORM: bool | None = None
+
 # Tables up to this many bytes are served in read form (a pooled copy of the table per request
 # batch in flight); larger ones in add form.
 READ_FORM_LIMIT = 64 << 20
@@ -171,6 +206,7 @@ def row_map_overlay(
     tables: dict[int, torch.Tensor],
     dense_limit: int = DENSE_ROW_MAP_LIMIT,
     read_limit: int | None = None,
+    kernel: bool | None = None,
 ) -> RowMapOverlay | None:
     """Build a :class:`RowMapOverlay` for the Engram ``tables`` (layer -> table parameter).
 
@@ -179,11 +215,17 @@ def row_map_overlay(
     ``values`` are NumPy arrays (host) or tensors. The arithmetic is the same as
     :class:`Overlay`'s, so both give bit-identical outputs. ``dense_limit`` and ``read_limit``
     choose the layout (see :data:`DENSE_ROW_MAP_LIMIT`; ``read_limit`` defaults to
-    :data:`READ_FORM_LIMIT`; 0 always builds the add form).
+    :data:`READ_FORM_LIMIT`; 0 builds the add form where the kernel form does not apply).
+    ``kernel`` (default :data:`KERNEL_FORM`): the kernel form where it applies (True loads the
+    kernels first, raising :class:`~engram_core.row_kernels.KernelBuildError` if they cannot be).
     """
     read_limit = READ_FORM_LIMIT if read_limit is None else read_limit
+    kernels = _kernels(KERNEL_FORM if kernel is None else kernel)
     maps = {}
     for layer, items in entries.items():
+        if kernels is not None and (m := _kernel_map(num_sequences, items, tables[layer], dense_limit, kernels)):
+            maps[layer] = m
+            continue
         lengths = [r.shape[0] for _, r, _ in items]  # (len() of a tensor costs ~20x more)
         if 0 in lengths:  # entries that write nothing
             items = [item for item, n in zip(items, lengths) if n]
@@ -191,6 +233,41 @@ def row_map_overlay(
         if items:
             maps[layer] = _layer_map(num_sequences, items, lengths, tables[layer], dense_limit, read_limit)
     return RowMapOverlay(maps, dense_limit, read_limit) if maps else None
+
+
+def _kernels(want: bool | None):
+    if want is None:
+        return KERNELS.loaded()
+    if not want:
+        return None
+    module = KERNELS.load()
+    if module is None:
+        raise KernelBuildError(f"the kernel form was asked for, but the row kernels are {KERNELS.status()}")
+    return module
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_map(B: int, items: list, table: torch.Tensor, dense_limit: int, kernels) -> _KernelMap | None:
+    """Kernel form of one layer, or None where it does not apply: a table not on the CPU or of
+    another dtype, a (sequences x rows) index over ``dense_limit``, a sequence with several
+    owners, parts that are not int64 / float16 NumPy arrays."""
+    R = table.shape[0]
+    if table.device.type != "cpu" or table.dtype not in _KERNEL_DTYPES or B * R > dense_limit:
+        return None
+    rows: list = [None] * B
+    values: list = [None] * B
+    for b, r, v in items:
+        if rows[b] is not None:  # a second owner: summed per row by the other forms
+            return None
+        rows[b], values[b] = r, v
+    index = _ZEROED_MAPS.take(B * R).view(B, R)
+    marks = kernels.mark(index, rows, values, table.shape[1])
+    if marks is None:  # not int64 / float16 NumPy parts: nothing was written
+        _ZEROED_MAPS.put(index.view(-1))
+        return None
+    return _KernelMap(index, marks, kernels)
 
 
 def _layer_map(B: int, items: list, lengths: list[int], table: torch.Tensor, dense_limit: int,
@@ -282,7 +359,7 @@ def _host_row_map(B: int, R: int, dtype: torch.dtype, dense_limit: int,
 
 
 class _ZeroedMaps:
-    """Zeroed int32 slot maps for :func:`_host_row_map`, reused across request batches.
+    """Zeroed int32 maps for :func:`_host_row_map` and :func:`_kernel_map`, reused across request batches.
 
     A fresh map is a zeroed (sequences x rows) array, written in full once per request batch.
     When an overlay is collected its maps come back here, cleared only at the entries it wrote
@@ -302,6 +379,10 @@ class _ZeroedMaps:
 
     def give_back(self, slots: torch.Tensor, written: np.ndarray) -> None:
         slots.numpy()[written] = 0
+        self.put(slots)
+
+    def put(self, slots: torch.Tensor) -> None:
+        """Pool a map that is all zero again."""
         with self._lock:
             self._free.append(slots)
             del self._free[: max(0, len(self._free) - self.keep)]

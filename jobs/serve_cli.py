@@ -217,6 +217,10 @@ class ReferenceServer:
         return f"http://{self.httpd.server_address[0]}:{self.port}"
 
     def start(self) -> "ReferenceServer":
+        from engram_core.row_kernels import KERNELS
+
+        if self.em.device.type == "cpu":
+            KERNELS.start()  # the kernel form once compiled (or loaded from the cache); read form until then
         self.batcher.start()
         if self.poll:
             self.client.start()
@@ -245,6 +249,8 @@ class ReferenceServer:
         self.shutdown()
 
     def health(self) -> dict:
+        from engram_core.row_kernels import KERNELS
+
         index = self.client.index
         return {
             "status": "ok" if index is not None else "loading",
@@ -257,6 +263,7 @@ class ReferenceServer:
             "batches": self.batcher.batches,
             "sequences": self.batcher.sequences,
             "largest_batch": self.batcher.largest_batch,
+            "row_kernels": KERNELS.status() if self.em.device.type == "cpu" else "not used (CUDA model)",
         }
 
     def complete(self, body: bytes) -> tuple[dict, dict[str, str]]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# The serving kernels compile into a fresh folder per test session (so the build itself is
+# tested), unless ENGRAM_KERNEL_CACHE names one to reuse.
+os.environ.setdefault("ENGRAM_KERNEL_CACHE", tempfile.mkdtemp(prefix="engram-test-kernels-"))
 
 S3_ACCESS_KEY = "engram-test-access"
 S3_SECRET_KEY = "engram-test-secret-not-a-real-one"
@@ -251,3 +257,15 @@ def local_store(tmp_path):
 def any_store(request):
     """Each store implementation in turn: the same contract must hold for both."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+@pytest.fixture(scope="session")
+def row_kernels():
+    """The serving overlay's compiled CPU kernels, built (or loaded) once per session; a failed
+    build fails the tests that need them."""
+    from engram_core.row_kernels import KERNELS
+
+    module = KERNELS.load()
+    if module is None:
+        raise RuntimeError(f"the row kernels did not build: {KERNELS.status()}")
+    return module

@@ -150,14 +150,15 @@ def hitting_delta(draw, em, ids: torch.Tensor) -> Delta:
 @FORWARD_SETTINGS
 @given(ids=st.lists(st.integers(0, 2047), min_size=2, max_size=16), data=st.data(),
        dense_limit=st.sampled_from([0, DENSE_ROW_MAP_LIMIT]), dense_add_max=st.sampled_from([0, 10**9]),
-       read_limit=st.sampled_from([0, READ_FORM_LIMIT]))
-def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, data, dense_limit, dense_add_max,
-                                                                       read_limit):
+       read_limit=st.sampled_from([0, READ_FORM_LIMIT]), kernel=st.booleans())
+def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, row_kernels, ids, data, dense_limit,
+                                                                       dense_add_max, read_limit, kernel):
     """Sequences with no owner, one owner, or two (a scope and a user, sharing rows), the same
-    owner in two sequences; both forms (read: the table copy extended by the written rows; add:
-    the values added to the base rows), both map layouts of the add form (one level, and row
-    keys then sequences) and both ways of adding (only at hits, and everywhere with -0.0 where
-    nothing was written)."""
+    owner in two sequences; all three forms (kernel: the compiled kernel reads the table and adds
+    each sequence's marked values, one owner per sequence; read: the table copy extended by the
+    written rows; add: the values added to the base rows), both map layouts of the add form (one
+    level, and row keys then sequences) and both ways of adding (only at hits, and everywhere with
+    -0.0 where nothing was written)."""
     vocab = em.model.get_input_embeddings().weight.shape[0]
     input_ids = torch.tensor([[i % vocab for i in ids]] * 4)
     a, b, c = (data.draw(hitting_delta(em, input_ids)) for _ in range(3))
@@ -169,8 +170,9 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
             for layer, (rows, values) in p.items():
                 entries.setdefault(layer, []).append((s, rows, values))
     tables = {layer: em.memory.layer(layer).table for layer in em.config.layers}
-    serving = row_map_overlay(4, entries, tables, dense_limit=dense_limit, read_limit=read_limit)
-    with torch.no_grad(), mock.patch.object(overlay_module, "DENSE_ADD_MAX", dense_add_max):
+    serving = row_map_overlay(4, entries, tables, dense_limit=dense_limit, read_limit=read_limit, kernel=kernel)
+    with torch.no_grad(), mock.patch.object(overlay_module, "DENSE_ADD_MAX", dense_add_max), \
+            mock.patch.object(overlay_module, "KERNEL_FORM", kernel):
         base = em.model(input_ids=input_ids).logits
         with em.memory.use(reference_overlay(em, per_sequence)):
             want = em.model(input_ids=input_ids).logits
@@ -188,10 +190,10 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
         for d in owners:
             for layer, (rows, values) in split_by_layer(d, "cpu").items():
                 entries.setdefault(layer, []).append((s, rows, values))
-    serving = row_map_overlay(4, entries, tables, dense_limit=dense_limit, read_limit=read_limit)
+    serving = row_map_overlay(4, entries, tables, dense_limit=dense_limit, read_limit=read_limit, kernel=kernel)
     with_tensors = row_map_overlay(4, {layer: [(s, torch.from_numpy(r), torch.from_numpy(v)) for s, r, v in items]
-                                       for layer, items in entries.items()}, tables,
-                                   dense_limit=dense_limit, read_limit=read_limit)  # the torch build of the same map
+                                       for layer, items in entries.items()}, tables, dense_limit=dense_limit,
+                                   read_limit=read_limit, kernel=kernel)  # the torch build (never kernel form)
     with torch.no_grad(), mock.patch.object(overlay_module, "DENSE_ADD_MAX", dense_add_max):
         with em.memory.use(reference_overlay(em, single)):
             want = em.model(input_ids=input_ids).logits
@@ -201,7 +203,15 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
     assert (serving is None) == (with_tensors is None) == (not entries)  # None: nothing written at all
     for layer, m in (serving.maps.items() if serving is not None else ()):
         other = with_tensors.maps[layer]
-        assert type(m) is type(other) is (overlay_module._ReadMap if read_limit and dense_limit else overlay_module._RowMap)
+        assert type(other) is (overlay_module._ReadMap if read_limit and dense_limit else overlay_module._RowMap)
+        if kernel and dense_limit:  # NumPy parts, one owner per sequence, a CPU table: the kernel form
+            assert isinstance(m, overlay_module._KernelMap)
+            marked = torch.zeros_like(m.index)
+            for s, r, _ in entries[layer]:
+                marked[s, torch.from_numpy(r)] = torch.arange(1, len(r) + 1, dtype=torch.int32)
+            assert torch.equal(m.index, marked)  # each user's j-th row marked j + 1, nothing else
+            continue
+        assert type(m) is type(other)
         if isinstance(m, overlay_module._ReadMap):
             n = m.source.shape[0] + len(m.rows)
             assert torch.equal(m.index, other.index) and torch.equal(as_bits(m.table[:n]), as_bits(other.table[:n]))
@@ -210,11 +220,13 @@ def test_the_serving_overlay_is_bit_identical_to_the_training_overlay(em, ids, d
             assert m.stride == other.stride and (m.row_keys is None) == (other.row_keys is None)
 
 
-@pytest.mark.parametrize("dense_add_max, read_limit", [(0, 0), (10**9, 0), (0, READ_FORM_LIMIT)])
-def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_written(em, dense_add_max, read_limit):
+@pytest.mark.parametrize("dense_add_max, read_limit, kernel",
+                         [(0, 0, False), (10**9, 0, False), (0, READ_FORM_LIMIT, False), (0, 0, True)])
+def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_written(em, row_kernels, dense_add_max,
+                                                                                    read_limit, kernel):
     """The dense add puts -0.0 where a sequence has nothing written: x + (-0.0) keeps every x,
-    -0.0 included, so a trained table's -0.0 entries reach the model as they are (and the read
-    form reads them from its copy of the table)."""
+    -0.0 included, so a trained table's -0.0 entries reach the model as they are (the read form
+    reads them from its copy of the table, the kernel form copies them from the table)."""
     layer = em.config.target_layer
     ids = torch.tensor([[5, 9, 14, 3, 77, 12]] * 2)
     rows = em.memory.addresser.rows(ids.numpy(), layer)
@@ -229,11 +241,14 @@ def test_rows_holding_negative_zero_are_served_unchanged_where_nothing_was_writt
             base = em.model(input_ids=ids).logits
             with mock.patch.object(overlay_module, "DENSE_ADD_MAX", dense_add_max), \
                     mock.patch.object(overlay_module, "READ_FORM_LIMIT", read_limit), \
+                    mock.patch.object(overlay_module, "KERNEL_FORM", kernel), \
                     em.memory.use(overlay_for(em, [[other], []])):
                 got = em.model(input_ids=ids).logits
                 e = torch.nn.functional.embedding(torch.as_tensor(rows), table)
                 added = em.memory._overlay.read(layer, torch.as_tensor(rows), table)
-                assert isinstance(em.memory._overlay.maps[layer], overlay_module._ReadMap) == bool(read_limit)
+                form = em.memory._overlay.maps[layer]
+                assert isinstance(form, overlay_module._KernelMap) == kernel
+                assert isinstance(form, overlay_module._ReadMap) == (bool(read_limit) and not kernel)
         assert torch.equal(as_bits(got[1]), as_bits(base[1]))
         assert torch.equal(as_bits(added[1]), as_bits(e[1]))  # the -0.0 rows themselves, bit for bit
         assert torch.equal(as_bits(added[0, :2]), as_bits(e[0, :2]))  # before the written position
@@ -257,17 +272,17 @@ def test_a_reused_slot_map_holds_only_the_new_overlays_entries():
                     for b in range(B)]}
 
     tables = {7: torch.zeros(R, width)}
-    first = row_map_overlay(B, entries(1), tables, read_limit=0)
+    first = row_map_overlay(B, entries(1), tables, read_limit=0, kernel=False)
     first_slots = first.maps[7].slots
     assert first.maps[7].written is not None and int((first_slots != 0).sum()) == 20 * B
     del first
     gc.collect()
     assert any(t is first_slots for t in overlay_module._ZEROED_MAPS._free)  # given back...
     assert not bool(first_slots.any())  # ...cleared
-    second = row_map_overlay(B, entries(2), tables, read_limit=0)
+    second = row_map_overlay(B, entries(2), tables, read_limit=0, kernel=False)
     assert second.maps[7].slots is first_slots  # reused
     fresh = row_map_overlay(B, {7: [(b, torch.from_numpy(r), torch.from_numpy(v)) for b, r, v in entries(2)[7]]},
-                            tables, read_limit=0)  # the torch build: a new zeroed map
+                            tables, read_limit=0, kernel=False)  # the torch build: a new zeroed map
     assert torch.equal(second.maps[7].slots, fresh.maps[7].slots)
     assert torch.equal(second.maps[7].values, fresh.maps[7].values)
     del rng
@@ -294,7 +309,7 @@ def test_a_reused_read_form_reads_only_the_new_overlays_rows(host):
     import gc
 
     table, entries, rows = _read_form_case(1, host)
-    first = row_map_overlay(3, entries, {7: table})
+    first = row_map_overlay(3, entries, {7: table}, kernel=False)
     m = first.maps[7]
     assert isinstance(m, overlay_module._ReadMap)
     index, copy = m.index, m.table
@@ -302,9 +317,9 @@ def test_a_reused_read_form_reads_only_the_new_overlays_rows(host):
     gc.collect()
     assert torch.equal(index, torch.arange(500, dtype=torch.int32).expand(3, 500))  # restored: every row reads itself
     _, entries, rows = _read_form_case(2, host)
-    second = row_map_overlay(3, entries, {7: table})
+    second = row_map_overlay(3, entries, {7: table}, kernel=False)
     assert second.maps[7].index is index and second.maps[7].table is copy  # reused
-    want = row_map_overlay(3, entries, {7: table}, read_limit=0).read(7, rows, table)
+    want = row_map_overlay(3, entries, {7: table}, read_limit=0, kernel=False).read(7, rows, table)
     got = second.read(7, rows, table)
     assert torch.equal(as_bits(got), as_bits(want))
     assert not torch.equal(got, torch.nn.functional.embedding(rows, table))  # the case does hit written rows
@@ -317,19 +332,19 @@ def test_the_read_form_follows_its_table_when_the_table_is_written_after_the_bui
     import gc
 
     table, entries, rows = _read_form_case(3)
-    overlay = row_map_overlay(3, entries, {7: table})
+    overlay = row_map_overlay(3, entries, {7: table}, kernel=False)
     with torch.no_grad():
         table[rows[0, 0]] += 1.0
-    want = row_map_overlay(3, entries, {7: table}, read_limit=0).read(7, rows, table)
+    want = row_map_overlay(3, entries, {7: table}, read_limit=0, kernel=False).read(7, rows, table)
     assert torch.equal(as_bits(overlay.read(7, rows, table)), as_bits(want))
     assert overlay.maps[7].version == table._version  # rebuilt against the written table
     del overlay
     gc.collect()
     with torch.no_grad():
         table[rows[1, 0]] -= 2.0  # the pooled copy is now one write behind
-    again = row_map_overlay(3, entries, {7: table})
-    want = row_map_overlay(3, entries, {7: table}, read_limit=0).read(7, rows, table)
+    again = row_map_overlay(3, entries, {7: table}, kernel=False)
+    want = row_map_overlay(3, entries, {7: table}, read_limit=0, kernel=False).read(7, rows, table)
     assert torch.equal(as_bits(again.read(7, rows, table)), as_bits(want))
     other = torch.nn.Parameter(table.detach() * 3, requires_grad=False)  # another table of the same shape
-    want = row_map_overlay(3, entries, {7: other}, read_limit=0).read(7, rows, other)
+    want = row_map_overlay(3, entries, {7: other}, read_limit=0, kernel=False).read(7, rows, other)
     assert torch.equal(as_bits(again.read(7, rows, other)), as_bits(want))

@@ -149,3 +149,21 @@ def test_healthz_reports_version_and_users(server):
     assert response.status == 200
     assert health["version"] == 1 and health["users"] == 2 and health["status"] == "ok"
     assert health["shards"] == list(range(NUM_SHARDS)) and health["last_error"] is None
+
+
+def test_once_its_kernels_are_ready_the_server_answers_through_the_kernel_form(server, api, tiny, row_kernels,
+                                                                             monkeypatch):
+    """engram serve builds the row kernels in the background; once loaded, request batches are
+    served in the kernel form, with the same answers."""
+    from engram_core import row_overlay
+
+    built = []
+    kernel_map = row_overlay._kernel_map
+    monkeypatch.setattr(row_overlay, "_kernel_map", lambda *a: built.append(kernel_map(*a)) or built[-1])
+    requests = [(user, trigger, answer) for user in ("alice", "bob") for trigger, answer in FACTS[user]]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        texts = list(pool.map(lambda r: api.completions.create(
+            model="engram", prompt=r[1], user=r[0], max_tokens=_tokens(tiny, r[2])).choices[0].text, requests))
+    assert texts == [answer for _, _, answer in requests]
+    assert built and all(isinstance(m, row_overlay._KernelMap) for m in built)
+    assert server.health()["row_kernels"] == "ready"
