@@ -106,15 +106,14 @@ def test_parts_the_kernel_cannot_read_fall_back_to_the_other_forms_and_mark_noth
     }
     for name, items in cases.items():
         gc.collect()
-        pooled = [t.data_ptr() for t in overlay_module._ZEROED_MAPS._free]
         overlay = row_map_overlay(5, {7: items}, {7: table}, kernel=True)
         assert not isinstance(overlay.maps[7], overlay_module._KernelMap), name
         assert all(not bool(t.any()) for t in overlay_module._ZEROED_MAPS._free), name  # nothing left marked
         reference = row_map_overlay(5, {7: items}, {7: table}, read_limit=0, kernel=False)
         assert torch.equal(as_bits(overlay.read(7, rows, table)), as_bits(reference.read(7, rows, table))), name
-        del overlay, reference, pooled
-    bf16 = torch.nn.Parameter(table.detach().to(torch.float64), requires_grad=False)  # a dtype the kernel lacks
-    assert not isinstance(row_map_overlay(5, entries, {7: bf16}, kernel=True).maps[7], overlay_module._KernelMap)
+        del overlay, reference
+    f64 = torch.nn.Parameter(table.detach().to(torch.float64), requires_grad=False)  # a dtype the kernel lacks
+    assert not isinstance(row_map_overlay(5, entries, {7: f64}, kernel=True).maps[7], overlay_module._KernelMap)
 
 
 def test_a_row_out_of_range_is_refused_before_anything_is_marked(row_kernels):
