@@ -10,7 +10,7 @@ cores) into a cache folder, and loaded from there afterwards.
 * ``auto`` (default): long-running servers (``engram serve``) build them in the background and
   use them once ready; a failed build is logged once and the read form kept;
 * ``off``: never build or use them;
-* ``require``: as ``auto``, but a failed build raises (CI and benchmarks use this).
+* ``require``: as ``auto``, but :meth:`_Kernels.load` raises when the build fails.
 
 ``ENGRAM_KERNEL_CACHE`` is the cache folder (default ``~/.cache/engram/kernels``). Builds
 serialize on an ``flock`` of that folder, which the kernel releases if a builder dies, and each

@@ -88,19 +88,21 @@ def _candidate_bases(span: int) -> range:
     return below if len(below) >= len(above) else above
 
 
+def _kernel_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _free_base_port(span: int = WEED_SPAN) -> int:
-    """A base port where base..base+span-1 and their gRPC twins are free now and not ephemeral."""
+    """A base port where base..base+span-1 and their gRPC twins are free now and not ephemeral
+    (where an unusual ephemeral range leaves no room: what the kernel hands out)."""
     bases = _candidate_bases(span)
     pick = random.SystemRandom()
     for _ in range(200):
-        base = pick.choice(bases) if len(bases) else None
-        if base is None:  # an unusual ephemeral range leaves no room: fall back to what the kernel hands out
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", 0))
-                base = s.getsockname()[1]
-            if base + span + GRPC_OFFSET > 65535:
-                continue
-        if all(_port_is_free(p) and _port_is_free(p + GRPC_OFFSET) for p in range(base, base + span)):
+        base = pick.choice(bases) if bases else _kernel_port()
+        if base + span + GRPC_OFFSET <= 65536 and all(
+                _port_is_free(p) and _port_is_free(p + GRPC_OFFSET) for p in range(base, base + span)):
             return base
     raise RuntimeError("no free port range for the S3 test server")
 
@@ -147,7 +149,7 @@ def start_weed(workdir: Path, server_for: Callable[[int], S3Server], volume_max:
     # Every bucket is a collection with its own volumes; grow one at a time so a bucket per test fits.
     (workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n")
     log_path = workdir / "weed.log"
-    for attempt in range(attempts):
+    for attempt in range(1, attempts + 1):
         port = _free_base_port() if base is None else base
         log_start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log_file:
@@ -157,13 +159,13 @@ def start_weed(workdir: Path, server_for: Callable[[int], S3Server], volume_max:
             _wait_until_ready(server_for(port), process, log_path, log_start)
             return process, port
         except PortTaken:
-            if attempt == attempts - 1:
+            if attempt == attempts:
                 raise
-            time.sleep(0.5 * (attempt + 1))
+            time.sleep(0.5 * attempt)
         except BaseException:
             _stop(process)
             raise
-    raise AssertionError("unreachable")
+    raise ValueError(f"attempts must be at least 1, not {attempts}")
 
 
 @pytest.fixture(scope="session")

@@ -21,13 +21,9 @@ import torch
 from engram_core import row_overlay as overlay_module
 from engram_core.row_kernels import KernelBuildError, _Kernels
 from engram_core.row_overlay import row_map_overlay
+from tests.test_properties import as_bits
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def as_bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
-
 
 def _case(seed: int, dtype: torch.dtype, R: int = 700, width: int = 8, B: int = 5):
     """A table, entries for B sequences (sequence 2 has none), and rows (B, 7, 3) that hit some of each
