@@ -28,8 +28,8 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,21 +38,21 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from engram_core.checkpoint import load_checkpoint  # noqa: E402
-from engram_core.delta import Delta  # noqa: E402
-from engram_core.compiler import _fork_cache  # noqa: E402
 from engram_core import row_overlay as overlay_module  # noqa: E402
+from engram_core.checkpoint import load_checkpoint  # noqa: E402
+from engram_core.compiler import _fork_cache  # noqa: E402
+from engram_core.delta import Delta  # noqa: E402
 from engram_core.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from engram_core.layer import Overlay  # noqa: E402
 from engram_core.memory_index import batch_overlay, served_delta  # noqa: E402
 from engram_core.row_kernels import KERNELS  # noqa: E402
 from engram_core.serving import overlay_for  # noqa: E402
 from engram_core.tiny import init_tiny  # noqa: E402
-from pipeline.publish import ShardPayload, publish_version  # noqa: E402
-from pipeline.pull import PullClient, load_shard_deltas  # noqa: E402
-from pipeline.store import LocalStore  # noqa: E402
 from schemas.bundle import bundle_table, encode_bundle  # noqa: E402
 from schemas.facts import empty_fact_state  # noqa: E402
+from serving.pull import PullClient, load_shard_deltas  # noqa: E402
+from versions.publish import ShardPayload, publish_version  # noqa: E402
+from versions.store import LocalStore  # noqa: E402
 
 PROMPT = "My dentist is called Dr. and I live in the city of Lisbon with my dog"
 

@@ -27,15 +27,15 @@ from pipeline import compile as compile_mod
 from pipeline.collisions import cross_user_collisions
 from pipeline.ingest import ingest, read_fact_log
 from pipeline.plan import plan
-from pipeline.pull import publish_model
-from pipeline.publish import (
-    ShardPayload, load_shard_bundle, load_shard_state_bytes, publish_version, read_current, shard_of,
-)
 from pipeline.stats import write_stats
-from pipeline.store import open_store
 from schemas.bundle import bundle_deltas, bundle_table, encode_bundle
 from schemas.facts import decode_fact_state, empty_fact_state, encode_fact_state
 from schemas.manifest import Manifest
+from versions.catalog import load_shard_bundle, load_shard_state_bytes, read_current
+from versions.layout import shard_of
+from versions.models import publish_model
+from versions.publish import ShardPayload, publish_version
+from versions.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def run_nightly(
     if ingested.forgotten_users:
         with timer.stage("forget"):
             # forget_user events: scrub every retained older version too, so that no rollback can
-            # bring these users back; this re-issues the retained versions (pipeline/forget.py).
+            # bring these users back; this re-issues the retained versions (versions/forget.py).
             previous = _forget_in_retained_versions(store, sorted(ingested.forgotten_users), job_id) or previous
 
     with timer.stage("publish"):
@@ -248,7 +248,7 @@ def run_nightly(
 
 def _forget_in_retained_versions(store, users: list[str], job_id: str) -> Manifest | None:
     """Forget ``users`` in every retained version; returns the (rewritten) current manifest."""
-    from pipeline.forget import forget_user
+    from versions.forget import forget_user
 
     for user in users:
         forget_user(store, user, actor=job_id, reason="forget_user event in the fact log")
@@ -289,8 +289,9 @@ def _carry_fact_stats(store, previous, facts: pa.Table, state: pa.Table, compile
     """This version's facts table: fresh results for compiled users, the previous rows for the rest."""
     if previous is None:
         return facts
-    from pipeline.stats import stats_prefix
     import pyarrow.parquet as pq
+
+    from pipeline.stats import stats_prefix
 
     keys = [k for k in store.list(stats_prefix("facts", previous.version)) if k.endswith(".parquet")]
     if not keys:

@@ -111,9 +111,10 @@ def _answer_sample(store_uri: str, model_dir: str, sample: list[dict]) -> list[d
     """Answer a few published users' triggers with their delta read back from the store."""
     from engram_core.checkpoint import load_checkpoint
     from engram_core.serving import generate
-    from pipeline.publish import load_shard_bundle, read_current, shard_of
-    from pipeline.store import open_store
     from schemas.bundle import bundle_deltas
+    from versions.catalog import load_shard_bundle, read_current
+    from versions.layout import shard_of
+    from versions.store import open_store
 
     store = open_store(store_uri)
     current = read_current(store)
@@ -136,8 +137,8 @@ def _answer_sample(store_uri: str, model_dir: str, sample: list[dict]) -> list[d
 
 
 def _published_sample(store, manifest, n: int = 5) -> list[dict]:
-    from pipeline.publish import load_shard_state_bytes
     from schemas.facts import decode_fact_state
+    from versions.catalog import load_shard_state_bytes
 
     for entry in manifest.shards:
         state = decode_fact_state(load_shard_state_bytes(store, entry))
@@ -150,8 +151,8 @@ def _published_sample(store, manifest, n: int = 5) -> list[dict]:
 def versions(store: str = typer.Option(..., help=STORE_HELP),
              as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
     """List published versions. Example: engram versions --store ./engram-demo/store"""
-    from pipeline.publish import list_versions
-    from pipeline.store import StoreError, open_store
+    from versions.catalog import list_versions
+    from versions.store import StoreError, open_store
 
     try:
         infos = list_versions(open_store(store))
@@ -169,9 +170,10 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
              reason: str = typer.Option("manual rollback", help="Why (recorded in the audit log)."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Move CURRENT to a retained version, atomically, with an audit record. Example: engram rollback --store S --to 3"""
-    from pipeline.publish import PublishError, read_current
-    from pipeline.publish import rollback as do_rollback
-    from pipeline.store import StoreError, open_store
+    from versions.catalog import read_current
+    from versions.errors import PublishError
+    from versions.rollback import rollback as do_rollback
+    from versions.store import StoreError, open_store
 
     the_store = open_store(store)
     try:
@@ -188,7 +190,7 @@ def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shar
           as_json: bool = typer.Option(False, "--json", help="Print result rows as JSON objects.")) -> None:
     """Query per-version stats in DuckDB. Example: engram stats --store S "select status, count(*) from facts group by 1" """
     from pipeline.stats import StatsQueryError, format_table, query_stats, rows_as_json
-    from pipeline.store import StoreError, open_store
+    from versions.store import StoreError, open_store
 
     try:
         table = query_stats(open_store(store), sql)

@@ -22,8 +22,8 @@ def forget(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per user."),
 ) -> None:
     """Erase a user from every retained version, for good. Example: engram forget --store s3://b/engram user-42 --reason "ticket 7" """
-    from pipeline.forget import forget_user
-    from pipeline.store import open_store
+    from versions.forget import forget_user
+    from versions.store import open_store
 
     target = open_store(store)
     for user in users:
@@ -44,8 +44,8 @@ def gc(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Delete old versions and unreferenced objects. Example: engram gc --store s3://b/engram --keep 7 --dry-run"""
-    from pipeline.gc import collect
-    from pipeline.store import open_store
+    from versions.retention import collect
+    from versions.store import open_store
 
     try:
         report = collect(open_store(store), keep, dry_run=dry_run, actor=_actor())

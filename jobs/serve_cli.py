@@ -198,7 +198,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class ReferenceServer:
-    """OpenAI-compatible completions over a :class:`~pipeline.pull.PullClient`'s served version."""
+    """OpenAI-compatible completions over a :class:`~serving.pull.PullClient`'s served version."""
 
     def __init__(self, em, client, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
                  batch_wait_s: float = 0.005, poll: bool = True):
@@ -270,7 +270,7 @@ class ReferenceServer:
         prompts, user, max_tokens = parse_completion_request(body, (self.model_name, "engram"))
         index = self.client.index
         if user is not None and index is not None and not index.owns(user):
-            from pipeline.publish import shard_of
+            from versions.layout import shard_of
 
             shard = shard_of(user, index.num_shards)
             raise RequestError(f"user {user!r} is in shard {shard}, which this node does not serve "
@@ -371,10 +371,11 @@ def _fail(message: str) -> None:
 
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None):
     """(store, manifest, em, cache_dir) for a command; exits with a clear message on any problem."""
-    from pipeline.publish import PublishError, read_current
-    from pipeline.pull import PullError, default_cache_dir, resolve_model
-    from pipeline.store import StoreError, open_store
     from schemas.manifest import ManifestError
+    from serving.pull import PullError, default_cache_dir, resolve_model
+    from versions.catalog import read_current
+    from versions.errors import PublishError
+    from versions.store import StoreError, open_store
 
     cache_dir = cache_dir or default_cache_dir()
     try:
@@ -390,7 +391,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None):
 
 
 def _client(store, manifest, em, shards: str | None, cache_dir, interval: float = 30.0):
-    from pipeline.pull import PullClient, parse_shards
+    from serving.pull import PullClient, parse_shards
 
     try:
         owned = parse_shards(shards, manifest.num_shards)
@@ -453,7 +454,7 @@ def ask(
     Example: engram ask --store s3://bucket/engram --user u42 --compare "My dentist is Dr."
     """
     from engram_core.serving import generate
-    from pipeline.publish import shard_of
+    from versions.layout import shard_of
 
     store_obj, manifest, em, cache = _open(store, model, cache_dir)
     client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache)

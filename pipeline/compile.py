@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts
 from engram_core.delta import Delta
-from pipeline.publish import PARTIAL_PREFIX
-from pipeline.store import ObjectNotFound
+from versions.layout import PARTIAL_PREFIX
+from versions.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
 

@@ -242,7 +242,7 @@ def s3_bucket(s3_server, monkeypatch) -> str:
 @pytest.fixture
 def s3_store(s3_bucket):
     """An S3Store on a fresh bucket of the real test server, under a key prefix."""
-    from pipeline.store import open_store
+    from versions.store import open_store
 
     return open_store(f"s3://{s3_bucket}/engram")
 
@@ -250,7 +250,7 @@ def s3_store(s3_bucket):
 @pytest.fixture
 def local_store(tmp_path):
     """A LocalStore on a fresh directory."""
-    from pipeline.store import open_store
+    from versions.store import open_store
 
     return open_store(str(tmp_path / "store"))
 

@@ -21,8 +21,8 @@ stand-in for the IAM policies of docs/security.md.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,10 +30,12 @@ from typing import Iterator
 import numpy as np
 
 from engram_core.delta import Delta
-from pipeline.publish import ShardPayload, publish_version, read_current, shard_of
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import empty_fact_state, encode_fact_state
 from tests.conftest import S3Server, _stop, start_weed
+from versions.catalog import read_current
+from versions.layout import shard_of
+from versions.publish import ShardPayload, publish_version
 
 BUCKET = "engram-private"
 

@@ -24,16 +24,17 @@ import pytest
 from jobs.nightly import run_nightly
 from jobs.spec import NightlySpec
 from jobs.synthetic import BASE_TIME, fact_log_rows, write_fact_log
-from pipeline.publish import (
-    PUBLISH_STEPS, IntegrityError, PublishConflict, UnknownVersion, list_versions, load_shard_bundle, load_shard_state_bytes,
-    read_audit, read_current, rollback, shard_of,
-)
-from pipeline.pull import PullClient
-from pipeline.store import StoreError, open_store
 from schemas.bundle import bundle_deltas
 from schemas.manifest import ManifestError
+from serving.pull import PullClient
 from tests.fixtures.bad_inputs.corpus import FILE_CASES, ROW_CASES
 from tests.harness import private_s3, publish_deltas, random_delta, use_role
+from versions.catalog import list_versions, load_shard_bundle, load_shard_state_bytes, read_audit, read_current
+from versions.errors import IntegrityError, PublishConflict, UnknownVersion
+from versions.layout import shard_of
+from versions.publish import PUBLISH_STEPS
+from versions.rollback import rollback
+from versions.store import StoreError, open_store
 
 
 class Crash(RuntimeError):
@@ -286,7 +287,7 @@ def test_a_damaged_old_manifest_does_not_block_versions_or_rollback(any_store, t
 
 
 def test_rolling_back_away_from_a_damaged_current_never_undoes_a_forget(local_store, tiny):
-    from pipeline.forget import forget_user
+    from versions.forget import forget_user
 
     rng = np.random.default_rng(4)
     publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng), "bob": random_delta(tiny, rng)})

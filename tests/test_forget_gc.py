@@ -11,23 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from engram_core.delta import Delta
-from pipeline.forget import forget_user, scan_for_user
-from pipeline.gc import collect, retained_versions
-from pipeline.publish import (
-    ShardPayload,
-    forgotten_id,
-    list_versions,
-    load_shard_bundle,
-    publish_version,
-    read_audit,
-    read_current,
-    read_manifest,
-    rollback,
-    shard_of,
-)
 from pipeline.stats import query_stats, write_stats
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import FACT_STATE_SCHEMA, decode_fact_state, encode_fact_state, fact_hash
+from versions.catalog import list_versions, load_shard_bundle, read_audit, read_current, read_manifest
+from versions.forget import forget_user, scan_for_user
+from versions.layout import forgotten_id, shard_of
+from versions.publish import ShardPayload, publish_version
+from versions.retention import collect, retained_versions
+from versions.rollback import rollback
 
 NUM_SHARDS = 4
 WIDTH = 8

@@ -2,19 +2,18 @@
 
 from datetime import timedelta
 
-import pyarrow.compute as pc
 import pytest
 
-from engram_core.checkpoint import load_checkpoint
 from engram_core.serving import greedy_tokens
 from jobs.nightly import run_nightly
 from jobs.spec import NightlySpec, SpecError
 from jobs.synthetic import BASE_TIME, fact_log_rows, write_fact_log
 from pipeline.plan import FingerprintMismatch
-from pipeline.publish import list_versions, load_shard_bundle, read_current, rollback, shard_of
 from pipeline.stats import query_stats
-from pipeline.store import open_store
 from schemas.bundle import bundle_deltas
+from versions.catalog import list_versions, load_shard_bundle, read_current
+from versions.layout import shard_of
+from versions.rollback import rollback
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +122,7 @@ def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, 
 
 
 def _manifest(store, version):
-    from pipeline.publish import read_manifest
+    from versions.catalog import read_manifest
 
     return read_manifest(store, version)
 
@@ -167,7 +166,7 @@ def test_spec_round_trips_and_rejects_unknown_keys(tmp_path):
 
 def test_a_run_killed_mid_compile_resumes_from_what_it_had_compiled(tmp_path, tiny_dir, local_store):
     from pipeline.compile import ChunkCheckpoints
-    from pipeline.store import LocalStore
+    from versions.store import LocalStore
 
     log_dir = tmp_path / "log"
     write_fact_log(fact_log_rows(6, 2), log_dir / "day=1" / "part-0.parquet")

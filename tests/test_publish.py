@@ -12,24 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from engram_core.delta import Delta
-from pipeline.publish import (
-    PUBLISH_STEPS,
-    IntegrityError,
-    PublishConflict,
-    PublishError,
-    ShardPayload,
-    UnknownVersion,
-    list_versions,
-    load_shard_bundle,
-    publish_version,
-    read_audit,
-    read_current,
-    read_manifest,
-    rollback,
-    shard_of,
-)
 from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_table, decode_bundle, encode_bundle
 from schemas.manifest import Manifest, ManifestError
+from versions.catalog import list_versions, load_shard_bundle, read_audit, read_current, read_manifest
+from versions.errors import IntegrityError, PublishConflict, PublishError, UnknownVersion
+from versions.layout import shard_of
+from versions.publish import PUBLISH_STEPS, ShardPayload, publish_version
+from versions.rollback import rollback
 
 NUM_SHARDS = 4
 WIDTH = 8

@@ -11,19 +11,15 @@ import torch
 
 from engram_core.compiler import Fact, compile_facts
 from engram_core.serving import generate, overlay_for
-from pipeline.publish import ShardPayload, publish_version, read_current, rollback, shard_of
-from pipeline.pull import (
-    BundleCache,
-    FingerprintMismatch,
-    PullClient,
-    PullError,
-    fetch_model,
-    parse_shards,
-    publish_model,
-)
-from pipeline.store import S3Store
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import empty_fact_state
+from serving.pull import BundleCache, PullClient, parse_shards
+from versions.catalog import read_current
+from versions.layout import shard_of
+from versions.models import ModelError, fetch_model, publish_model
+from versions.publish import ShardPayload, publish_version
+from versions.rollback import rollback
+from versions.store import S3Store
 
 NUM_SHARDS = 4
 
@@ -211,7 +207,7 @@ def test_model_publish_and_fetch_round_trip(local_store, tiny_dir, tmp_path):
     assert publish_model(local_store, tiny_dir) == fp  # second time: already there
     path = fetch_model(local_store, fp, tmp_path / "cache")
     assert path.is_dir() and fetch_model(local_store, fp, tmp_path / "cache") == path
-    with pytest.raises(PullError, match="not published"):
+    with pytest.raises(ModelError, match="not published"):
         fetch_model(local_store, "0" * 64, tmp_path / "cache")
 
 

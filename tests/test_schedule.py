@@ -224,8 +224,8 @@ def _wait_for_jobs_api(address: str, process: subprocess.Popen, log_path: Path, 
 
 @pytest.mark.slow
 def test_submit_runs_the_job_on_the_cluster_and_publishes_a_version(tmp_path, tiny_dir, ray_head):
-    from pipeline.publish import read_current
-    from pipeline.store import open_store
+    from versions.catalog import read_current
+    from versions.store import open_store
 
     write_fact_log(fact_log_rows(3, 2), tmp_path / "log" / "day=2026-11-01" / "part-0.parquet")
     spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir),

@@ -19,11 +19,12 @@ import pytest
 from jobs.nightly import run_nightly
 from jobs.spec import NightlySpec
 from jobs.synthetic import BASE_TIME, write_fact_log
-from pipeline.publish import read_current, shard_of
-from pipeline.pull import BundleCache, PullClient
-from pipeline.store import S3Store, StoreError, open_store
+from serving.pull import BundleCache, PullClient
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.harness import identities, private_s3, publish_deltas, random_delta, use_role
+from versions.catalog import read_current
+from versions.layout import shard_of
+from versions.store import S3Store, StoreError, open_store
 
 HOSTILE_USER_IDS = ["../x", "a/b", "alice@example.com", "..", "%2e%2e%2fetc", "C:\\temp\\u"]
 OUR_LOGGERS = ("pipeline", "jobs", "engram_core", "schemas")

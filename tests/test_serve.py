@@ -12,9 +12,9 @@ import pytest
 
 from engram_core.serving import generate
 from jobs.serve_cli import ReferenceServer
-from pipeline.publish import shard_of
-from pipeline.pull import PullClient
+from serving.pull import PullClient
 from tests.test_pull import FACTS, NUM_SHARDS, compiled, publish, v1, v2  # noqa: F401 (fixture)
+from versions.layout import shard_of
 
 
 @pytest.fixture

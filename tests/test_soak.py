@@ -15,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.publish import list_versions, read_current, rollback, shard_of
-from pipeline.pull import PullClient
+from serving.pull import PullClient
 from tests.harness import publish_deltas, random_delta
+from versions.catalog import list_versions, read_current
+from versions.layout import shard_of
+from versions.rollback import rollback
 
 CYCLES = 200
 WARM_UP = 20

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import LocalStore, ObjectNotFound, PreconditionFailed, S3Store, StoreError, open_store
+from versions.store import LocalStore, ObjectNotFound, PreconditionFailed, S3Store, StoreError, open_store
 
 
 def test_put_then_get_returns_the_same_bytes_and_etag(any_store):

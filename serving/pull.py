@@ -18,38 +18,35 @@ followed on the next poll like any other change.
 The disk cache (``<cache_dir>/bundles/<sha256>.parquet``) is content-addressed, written
 atomically (temp file, fsync, rename) and re-verified on every load; a truncated or corrupted
 file is deleted and downloaded again. The model a manifest names by fingerprint is stored by
-the nightly job under ``models/<fingerprint>/`` (:func:`publish_model`) and fetched into the
-same cache by :func:`fetch_model`, verified by recomputing the fingerprint.
+the nightly job under ``models/<fingerprint>/`` (:func:`versions.models.publish_model`) and fetched into the
+same cache by :func:`versions.models.fetch_model`, verified by recomputing the fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
-import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from engram_core.checkpoint import _DERIVED_PREFIX, _INGREDIENTS, CheckpointError, EngramModel, fingerprint
+from engram_core.checkpoint import EngramModel, fingerprint
 from engram_core.delta import Delta
 from engram_core.memory_index import ServedDelta, served_delta
 from engram_core.serving import DeltaMismatch
-from pipeline.publish import CURRENT_KEY, IntegrityError, PublishError, read_current, shard_of
-from pipeline.store import ObjectNotFound, ObjectStore, PreconditionFailed, StoreError, write_file_atomic
 from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle
 from schemas.manifest import Manifest, ManifestError, ShardEntry
+from versions.catalog import read_current
+from versions.errors import IntegrityError, PublishError
+from versions.layout import CURRENT_KEY, shard_of
+from versions.models import fetch_model
+from versions.store import ObjectNotFound, ObjectStore, StoreError, write_file_atomic
 
 log = logging.getLogger(__name__)
-
-MODEL_PREFIX = "models"
-MODEL_FILE_LIST = "files.json"  # written last by publish_model: the model is complete once it exists
 
 
 class PullError(RuntimeError):
@@ -323,96 +320,6 @@ class PullClient:
 
 
 # ---------------------------------------------------------------- the model
-
-
-def _model_key(fp: str, rel: str = "") -> str:
-    return f"{MODEL_PREFIX}/{fp}/{rel}" if rel else f"{MODEL_PREFIX}/{fp}/"
-
-
-def checkpoint_files(directory: str | Path) -> list[str]:
-    """Relative paths of the files that make up a checkpoint's fingerprint (derived caches excluded)."""
-    root = Path(directory)
-    return sorted(
-        p.relative_to(root).as_posix()
-        for part in _INGREDIENTS if (root / part).exists() for p in (root / part).rglob("*")
-        if p.is_file() and not p.name.startswith(_DERIVED_PREFIX) and not p.name.endswith(".tmp.npy")
-    )
-
-
-def publish_model(store: ObjectStore, checkpoint_dir: str | Path) -> str:
-    """Upload a checkpoint under ``models/<fingerprint>/`` (skipped if already there); returns the fingerprint.
-
-    The file list (with each file's sha256 and size) is written last, so a model whose upload
-    was interrupted is never seen as complete by :func:`fetch_model`.
-    """
-    root = Path(checkpoint_dir)
-    fp = fingerprint(root)
-    list_key = _model_key(fp, MODEL_FILE_LIST)
-    if store.exists(list_key):
-        log.info("%s: model %s already published", store.uri, fp[:16])
-        return fp
-    files = {}
-    for rel in checkpoint_files(root):
-        data = (root / rel).read_bytes()
-        files[rel] = {"sha256": _sha256(data), "bytes": len(data)}
-        key = _model_key(fp, rel)
-        info = store.head(key)
-        if info is not None and info.size == len(data):
-            continue
-        store.put(key, data)
-    body = json.dumps({"fingerprint": fp, "files": files}, indent=2, sort_keys=True).encode()
-    try:
-        store.put(list_key, body, if_none_match=True)
-    except PreconditionFailed:
-        pass  # published concurrently by another job; fetch_model verifies the content either way
-    log.info("%s: published model %s (%d files)", store.uri, fp[:16], len(files))
-    return fp
-
-
-def fetch_model(store: ObjectStore, fp: str, cache_dir: str | Path) -> Path:
-    """A local directory holding model ``fp`` (downloaded into ``cache_dir/models/`` once, verified)."""
-    dest = Path(cache_dir) / "models" / fp
-    if dest.is_dir():
-        try:
-            if fingerprint(dest) == fp:
-                return dest
-        except CheckpointError:
-            pass
-        log.warning("cached model %s does not match its fingerprint; downloading it again", dest)
-        shutil.rmtree(dest)
-    try:
-        listing = json.loads(store.get(_model_key(fp, MODEL_FILE_LIST)))
-        files = listing["files"]
-    except ObjectNotFound:
-        raise PullError(f"{store.uri}: model {fp[:16]}.. is not published under {_model_key(fp)} "
-                        "(publish it with pipeline.pull.publish_model, or pass --model DIR)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise PullError(f"{store.uri}/{_model_key(fp, MODEL_FILE_LIST)}: not a valid model file list") from None
-    staging = dest.parent / f".tmp-{fp[:16]}-{secrets.token_hex(6)}"
-    try:
-        for rel, expected in sorted(files.items()):
-            key = _model_key(fp, rel)
-            data = store.get(key)
-            if len(data) != expected["bytes"] or _sha256(data) != expected["sha256"]:
-                raise IntegrityError(f"{store.uri}/{key}: does not match its size/sha256 in the model file list")
-            target = staging / rel
-            if staging.resolve() not in target.resolve().parents:
-                raise PullError(f"{store.uri}/{_model_key(fp, MODEL_FILE_LIST)}: bad file name {rel!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        actual = fingerprint(staging)
-        if actual != fp:
-            raise FingerprintMismatch(f"{store.uri}/{_model_key(fp)}: files have fingerprint {actual[:16]}.., "
-                                      f"expected {fp[:16]}..")
-        try:
-            os.replace(staging, dest)
-        except OSError:
-            if not (dest.is_dir() and fingerprint(dest) == fp):  # a concurrent fetch won the rename
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("fetched model %s from %s into %s", fp[:16], store.uri, dest)
-    return dest
 
 
 def resolve_model(store: ObjectStore, manifest: Manifest, *, model_dir: str | Path | None,

@@ -48,33 +48,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.publish import (
-    PARTIAL_PREFIX,
-    PublishConflict,
-    PublishError,
-    ShardPayload,
-    _verified_bytes,
-    append_audit,
-    forgotten_id,
+from schemas.bundle import decode_bundle, encode_bundle
+from schemas.facts import decode_fact_state, encode_fact_state
+from schemas.manifest import Manifest, ShardEntry, manifest_key
+from versions.catalog import (
     list_versions,
     manifest_versions_on_disk,
     read_manifest,
     read_pointer,
-    shard_entry_for,
-    shard_of,
-    swap_current,
-    write_derived_manifest,
-    write_verified_objects,
+    verified_bytes,
 )
-from pipeline.store import ObjectStore
-from schemas.bundle import decode_bundle, encode_bundle
-from schemas.facts import decode_fact_state, encode_fact_state
-from schemas.manifest import Manifest, ShardEntry, manifest_key
+from versions.commit import append_audit, swap_current, write_manifest, write_verified_objects
+from versions.errors import PublishConflict, PublishError
+from versions.layout import OBJECT_PREFIXES, PARTIAL_PREFIX, forgotten_id, shard_of
+from versions.publish import ShardPayload, shard_entry_for
+from versions.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 _STATS_KEY = re.compile(r"^stats/([^/]+)/version=(\d+)/(.+)$")
-OBJECT_PREFIXES = ("objects/bundles/", "objects/state/")
 ATTEMPTS = 3
 
 
@@ -168,8 +160,8 @@ class _Rewriter:
 
     def _rewrite(self, entry: ShardEntry) -> ShardEntry | None:
         store = self.store
-        bundle_bytes = _verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256)
-        state_bytes = _verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
+        bundle_bytes = verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256)
+        state_bytes = verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
         bundle = decode_bundle(bundle_bytes, source=f"{store.uri}/{entry.bundle_key}")
         state = decode_fact_state(state_bytes, source=f"{store.uri}/{entry.state_key}")
         if not (_holds_user(bundle, self.user_id) or _holds_user(state, self.user_id)):
@@ -299,7 +291,7 @@ def _forget_once(store: ObjectStore, user_id: str, *, actor: str, reason: str) -
                         forgotten=tuple(sorted(set(old.forgotten) | {user_hash})),
                         stats=stats or _renumbered(old.stats, old.version, next_version),
                         job_id=f"forget:{old.job_id}"[:200])
-        written = write_derived_manifest(store, draft, plan.pointer)
+        written = write_manifest(store, draft, plan.pointer)
         if written.version != next_version:  # a competitor took the number: our stats are misnamed
             raise PublishConflict(f"{store.uri}: version {next_version} was taken during the forget")
         mapping[old.version] = written.version

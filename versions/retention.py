@@ -25,10 +25,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from pipeline.forget import OBJECT_PREFIXES, references
-from pipeline.publish import append_audit, list_versions, manifest_versions_on_disk, read_manifest, read_pointer
-from pipeline.store import ObjectStore
 from schemas.manifest import manifest_key
+from versions.catalog import list_versions, manifest_versions_on_disk, read_manifest, read_pointer
+from versions.commit import append_audit
+from versions.forget import references
+from versions.layout import OBJECT_PREFIXES
+from versions.store import ObjectStore
 
 log = logging.getLogger(__name__)
 

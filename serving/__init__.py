@@ -1,0 +1,1 @@
+"""The serving node: follow a store's CURRENT, pull and verify shards, serve users' deltas."""

@@ -1,0 +1,165 @@
+"""Reading the versioned store: CURRENT, manifests, verified objects, published versions, audit.
+
+Every read of a shard's objects goes through :func:`verified_bytes` (size and sha256 against the
+manifest). Which versions count as *published*: the current one, any parent of a manifest, and
+any version named by a publish or rollback audit record; orphan manifests of crashed runs never
+do (see versions.publish).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from schemas.bundle import decode_bundle
+from schemas.manifest import Manifest, ManifestError, ShardEntry, manifest_key
+from versions.errors import IntegrityError, PublishError, UnknownVersion
+from versions.layout import AUDIT_PREFIX, CURRENT_KEY, MANIFEST_PREFIX, manifest_version
+from versions.store import ObjectNotFound, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CurrentPointer:
+    version: int
+    manifest_key: str
+    etag: str
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    current: bool
+    created_at: str
+    parent: int | None
+    users: int
+    facts: int
+    bytes: int
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_pointer(store: ObjectStore) -> CurrentPointer | None:
+    try:
+        body, etag = store.get_with_etag(CURRENT_KEY)
+    except ObjectNotFound:
+        return None
+    try:
+        raw = json.loads(body)
+        version, key = raw["version"], raw["manifest_key"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise PublishError(f"{store.uri}/{CURRENT_KEY}: not a valid pointer ({body[:80]!r})") from None
+    if not isinstance(version, int) or key != manifest_key(version):
+        raise PublishError(f"{store.uri}/{CURRENT_KEY}: pointer {raw} is inconsistent")
+    return CurrentPointer(version, key, etag)
+
+
+def manifest_versions_on_disk(store: ObjectStore) -> list[int]:
+    return [v for key in store.list(MANIFEST_PREFIX) if (v := manifest_version(key)) is not None]
+
+
+def read_manifest(store: ObjectStore, version: int) -> Manifest:
+    key = manifest_key(version)
+    try:
+        body = store.get(key)
+    except ObjectNotFound:
+        available = manifest_versions_on_disk(store)
+        raise UnknownVersion(f"{store.uri}: version {version} does not exist or was collected "
+                             f"(available: {available or 'none'})") from None
+    manifest = Manifest.from_json(body, source=f"{store.uri}/{key}")
+    if manifest.version != version:
+        raise PublishError(f"{store.uri}/{key}: holds version {manifest.version}, expected {version}")
+    return manifest
+
+
+def read_current(store: ObjectStore) -> tuple[Manifest, str] | None:
+    """The current manifest and the etag of CURRENT (for a later compare-and-swap), or None."""
+    pointer = read_pointer(store)
+    if pointer is None:
+        return None
+    return read_manifest(store, pointer.version), pointer.etag
+
+
+def verified_bytes(store: ObjectStore, key: str, size: int, sha256: str) -> bytes:
+    try:
+        data = store.get(key)
+    except ObjectNotFound:
+        raise IntegrityError(f"{store.uri}/{key}: missing (the manifest references it)") from None
+    if len(data) != size:
+        raise IntegrityError(f"{store.uri}/{key}: {len(data)} bytes, manifest says {size}")
+    actual = _sha256(data)
+    if actual != sha256:
+        raise IntegrityError(f"{store.uri}/{key}: sha256 {actual} does not match the manifest's {sha256}")
+    return data
+
+
+def load_shard_bundle(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's bundle table, after checking its size and sha256 against the manifest."""
+    data = verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256)
+    return decode_bundle(data, source=f"{store.uri}/{entry.bundle_key}")
+
+
+def load_shard_state_bytes(store: ObjectStore, entry: ShardEntry) -> bytes:
+    """The shard's fact-state object, verified (size and sha256) before it is returned."""
+    return verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
+
+
+def read_audit(store: ObjectStore) -> list[dict]:
+    """Every audit record, oldest first."""
+    return [json.loads(store.get(key)) for key in store.list(AUDIT_PREFIX)]
+
+
+def _published_set(store: ObjectStore, manifests: dict[int, Manifest], pointer: CurrentPointer | None) -> set[int]:
+    published = {m.parent for m in manifests.values() if m.parent is not None}
+    if pointer is not None:
+        published.add(pointer.version)
+    for record in read_audit(store):
+        for field in ("version", "from_version", "to_version"):
+            if isinstance(record.get(field), int):
+                published.add(record[field])
+    return published & manifests.keys()
+
+
+def readable_manifests(store: ObjectStore) -> dict[int, Manifest]:
+    """Every manifest on disk that parses; a damaged one is logged and left out (it can be
+    neither read nor rolled back to, and must not block the versions that are intact)."""
+    manifests = {}
+    for version in manifest_versions_on_disk(store):
+        try:
+            manifests[version] = read_manifest(store, version)
+        except ManifestError as err:
+            log.warning("%s: skipping damaged manifest: %s", store.uri, err)
+    return manifests
+
+
+def list_versions(store: ObjectStore) -> list[VersionInfo]:
+    """Published, readable versions (see the module docstring), oldest first."""
+    pointer = read_pointer(store)
+    manifests = readable_manifests(store)
+    published = _published_set(store, manifests, pointer)
+    return [
+        VersionInfo(m.version, pointer is not None and m.version == pointer.version, m.created_at, m.parent,
+                    m.users, m.facts, m.total_bytes)
+        for v, m in sorted(manifests.items()) if v in published
+    ]
+
+
+def published_versions(store: ObjectStore) -> set[int]:
+    """Published version numbers (see the module docstring) whose manifest still exists."""
+    pointer = read_pointer(store)
+    manifests = {v: read_manifest(store, v) for v in manifest_versions_on_disk(store)}
+    return _published_set(store, manifests, pointer)
+
+
+def known_forgets(store: ObjectStore) -> set[str]:
+    """Every forget recorded anywhere: readable manifests and forget audit records."""
+    forgets = {h for m in readable_manifests(store).values() for h in m.forgotten}
+    forgets |= {r["forgotten"] for r in read_audit(store) if r.get("event") == "forget" and r.get("found")}
+    return forgets

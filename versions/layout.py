@@ -1,0 +1,49 @@
+"""The bucket's layout: every key the versioned store writes, and how users map to shards.
+
+    CURRENT                               {"version": N, "manifest_key": ...}, moved only by versions.commit
+    manifests/v00000001.json              immutable, one per version (schemas.manifest)
+    objects/bundles/<sha256>.parquet      shard bundles, content-addressed, shared between versions
+    objects/state/<sha256>.parquet        per-shard fact state, content-addressed
+    stats/...                             DuckDB tables (pipeline.stats)
+    models/<fingerprint>/...              checkpoints serving nodes load (versions.models)
+    audit/<UTC timestamp>-<random>.json   one record per event (publish, rollback, forget, gc)
+    partial/<sha256>/...                  compiled chunks of a night not yet published
+
+Object keys never contain user ids: a user is found through its shard, ``xxh64(user_id) mod
+num_shards``, and recorded as forgotten by the sha256 of its id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import xxhash
+
+from schemas.manifest import bundle_key, manifest_key, state_key
+
+__all__ = ["CURRENT_KEY", "PARTIAL_PREFIX", "AUDIT_PREFIX", "MANIFEST_PREFIX", "OBJECT_PREFIXES", "MODEL_PREFIX",
+           "bundle_key", "manifest_key", "state_key", "manifest_version", "shard_of", "forgotten_id"]
+
+CURRENT_KEY = "CURRENT"
+PARTIAL_PREFIX = "partial/"  # compiled chunks of an unfinished night (pipeline.compile.ChunkCheckpoints)
+AUDIT_PREFIX = "audit/"
+MANIFEST_PREFIX = "manifests/"
+OBJECT_PREFIXES = ("objects/bundles/", "objects/state/")
+MODEL_PREFIX = "models"
+_MANIFEST_NAME = re.compile(r"^manifests/v(\d{8})\.json$")
+
+
+def manifest_version(key: str) -> int | None:
+    """The version number of a manifest key (``manifests/v00000003.json`` -> 3), else None."""
+    match = _MANIFEST_NAME.match(key)
+    return int(match.group(1)) if match else None
+
+
+def shard_of(user_id: str, num_shards: int) -> int:
+    return xxhash.xxh64_intdigest(user_id.encode("utf-8")) % num_shards
+
+
+def forgotten_id(user_id: str) -> str:
+    """How a forgotten user is recorded in manifests and audit records (never the raw id)."""
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()

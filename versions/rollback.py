@@ -1,0 +1,51 @@
+"""Rollback: move CURRENT to a retained published version (older or newer), with an audit record."""
+
+from __future__ import annotations
+
+import logging
+
+from schemas.manifest import Manifest, ManifestError
+from versions.catalog import known_forgets, list_versions, read_manifest, read_pointer
+from versions.commit import commit
+from versions.errors import PublishError, UnknownVersion
+from versions.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) -> Manifest:
+    """Move CURRENT to a retained published version (older or newer) and record who, when and why."""
+    if not reason or not actor:
+        raise ValueError("rollback: reason and actor are required (they go into the audit log)")
+    pointer = read_pointer(store)
+    if pointer is None:
+        raise UnknownVersion(f"{store.uri}: nothing is published yet; cannot roll back to version {to_version}")
+    try:
+        manifest = read_manifest(store, pointer.version)
+    except ManifestError as err:
+        # Rolling back is the remedy for a damaged current version, so it must not need it.
+        # Its forgets are then taken from everything else that records one (conservative).
+        log.warning("%s: current manifest is damaged (%s); rolling back away from it", store.uri, err)
+        manifest = None
+    if manifest is not None and to_version == manifest.version:
+        return manifest
+    available = [info.version for info in list_versions(store)]
+    if to_version not in available:
+        raise UnknownVersion(f"{store.uri}: version {to_version} does not exist, was never published or was "
+                             f"collected (available: {available})")
+    target = read_manifest(store, to_version)
+    for entry in target.shards:
+        for key, size in ((entry.bundle_key, entry.bundle_bytes), (entry.state_key, entry.state_bytes)):
+            info = store.head(key)
+            if info is None or info.size != size:
+                raise UnknownVersion(f"{store.uri}: version {to_version} was collected ({key} is missing or "
+                                     f"damaged; available: {available})")
+    forgets = set(manifest.forgotten) if manifest is not None else known_forgets(store)
+    lost_forgets = forgets - set(target.forgotten)
+    if lost_forgets:
+        raise PublishError(f"{store.uri}: version {to_version} predates the forget of {len(lost_forgets)} user(s) "
+                           f"recorded in version {pointer.version}; rolling back to it would restore their data")
+    commit(store, target, pointer, event="rollback", actor=actor, reason=reason, from_version=pointer.version,
+           to_version=to_version)
+    log.info("%s: rolled CURRENT from v%d to v%d (%s)", store.uri, pointer.version, to_version, reason)
+    return target
