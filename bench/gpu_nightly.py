@@ -26,7 +26,7 @@ from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from jobs.nightly import run_nightly  # noqa: E402
 from jobs.spec import NightlySpec  # noqa: E402
 from jobs.synthetic import BASE_TIME, write_fact_log  # noqa: E402
-from pipeline.compile import start_ray  # noqa: E402
+from pipeline.runner import start_ray  # noqa: E402
 
 
 def main() -> None:

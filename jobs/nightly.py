@@ -1,10 +1,24 @@
-"""The nightly job: fact log -> ingest -> plan -> compile (Ray) -> collisions -> publish -> stats.
+"""The nightly job: fact log -> read -> apply per shard -> compile -> assemble per shard -> publish.
 
 ``run_nightly(spec)`` is the whole job; ``engram run nightly --spec FILE`` and ``engram submit``
-call it. Incremental by construction: the previous version's fact state and deltas are the
-starting point, only the log files not yet ingested are read (they are listed in the
-manifest's watermark), only users whose facts changed are compiled, and shards without a
-changed user keep their objects. Re-running with the same inputs publishes nothing new.
+call it. The shard is the unit of work: every stage between listing the new log files and the
+commit runs as tasks (pipeline.runner: Ray tasks and actors, or this process with
+``workers: 0``), and the driver holds only O(shards + files) metadata:
+
+    read      one task per new log file: read, normalise, validate rows, key rows by shard
+    apply     one task per shard with new events: apply them onto the shard's prior fact state
+              and tombstones; write the shard's state, tombstones and rejects; decide who compiles
+    compile   chunks of whole changed users, packed in (shard, user) order, on the compile pool
+    assemble  one task per changed shard: prior bundle without the users that go, plus the new
+              deltas; co-batch groups, collisions; write the bundle and the shard's stats parts
+    forget    this night's forget_user events scrub every retained older version, all at once
+    publish   upload the model if new, write the version-level stats parts, check every object,
+              write the manifest and move CURRENT (versions.publish.publish_entries)
+
+A night costs what changed: a shard without new events is not visited (its objects and stats are
+carried by reference), and a re-run with the same inputs lists the log and stops. The watermark
+records each ingested file's path, size and modification time, so only new or rewritten files are
+read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night.
 """
 
 from __future__ import annotations
@@ -13,28 +27,27 @@ import json
 import logging
 import time
 import uuid
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from engram_core.checkpoint import fingerprint as model_fingerprint
 from jobs.spec import NightlySpec
-from pipeline import compile as compile_mod
-from pipeline.collisions import cross_user_collisions
-from pipeline.ingest import ingest, read_fact_log
-from pipeline.plan import plan
-from pipeline.stats import write_stats
-from schemas.bundle import bundle_deltas, bundle_table, encode_bundle
-from schemas.facts import decode_fact_state, empty_fact_state, encode_fact_state
-from schemas.manifest import Manifest
-from versions.catalog import load_shard_bundle, load_shard_state_bytes, read_current
-from versions.layout import shard_of
+from pipeline.compile import ChunkCheckpoints, plan_chunks
+from pipeline.ingest import UNROUTED, FileRead, RowRules, files_to_read, list_log_files, read_log_file
+from pipeline.plan import check_model_change
+from pipeline.runner import make_runner
+from pipeline.shards import NightContext, ShardApplied, apply_shard, assemble_shard, carried_entry
+from pipeline.stats import encode_stats_part
+from schemas.facts import REJECTS_SCHEMA
+from schemas.manifest import Manifest, ShardEntry
+from versions.catalog import read_current
 from versions.models import publish_model
-from versions.publish import ShardPayload, publish_version
+from versions.publish import publish_entries
 from versions.store import open_store
 
 log = logging.getLogger(__name__)
@@ -46,16 +59,20 @@ class NightlyReport:
     published: bool
     parent: int | None
     store: str
-    users: int
+    users: int  # the published version's totals
     facts: int
-    facts_ok: int
+    facts_ok: int  # this night's compile
     facts_failed: int
     compiled_users: int
     carried_users: int
     dropped_users: int
-    accepted: int
+    accepted: int  # this night's input rows
     rejects: int
     resumed_facts: int = 0
+    files_read: int = 0
+    files_reread: int = 0  # files rewritten in place since they were ingested
+    shards_changed: int = 0  # shards whose bundle was assembled again (the others were carried)
+    facts_failed_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     sample: list[dict] = field(default_factory=list)
 
@@ -95,240 +112,269 @@ def _read_watermark(manifest: Manifest | None) -> dict:
     return json.loads(manifest.watermark)
 
 
-def _load_state(store, manifest: Manifest | None) -> pa.Table:
-    if manifest is None:
-        return empty_fact_state()
-    tables = []
-    for entry in manifest.shards:
-        data = load_shard_state_bytes(store, entry)
-        tables.append(decode_fact_state(data, source=f"{store.uri}/{entry.state_key}"))
-    return pa.concat_tables(tables) if tables else empty_fact_state()
-
-
-def _shard_column(users: pa.Array | pa.ChunkedArray, num_shards: int) -> list[int]:
-    return [shard_of(u, num_shards) for u in users.to_pylist()]
-
-
-def _build_shards(store, previous: Manifest | None, state: pa.Table, compiled: dict, drop: set[str],
-                  num_shards: int) -> dict[int, ShardPayload]:
-    """Bundles and state objects for every shard that holds a compiled or dropped user."""
-    reshard = previous is None or previous.num_shards != num_shards
-    touched = set(range(num_shards)) if reshard else {shard_of(u, num_shards) for u in set(compiled) | drop}
-    state_shards = pa.array(_shard_column(state.column("user_id"), num_shards), pa.int32())
-    facts_per_user = dict(zip(*pc.value_counts(state.column("user_id")).flatten()))
-    facts_per_user = {k.as_py(): v.as_py() for k, v in facts_per_user.items()}
-    carried: dict[int, dict[str, tuple]] = {}
-    if previous is not None and not reshard:
-        for entry in previous.shards:
-            if entry.shard in touched:
-                table = load_shard_bundle(store, entry)
-                nfacts = dict(zip(table.column("user_id").to_pylist(), table.column("num_facts").to_pylist()))
-                carried[entry.shard] = {u: (d, nfacts[u]) for u, d in bundle_deltas(table).items()}
-    elif previous is not None:  # resharding: every live user's delta moves
-        for entry in previous.shards:
-            table = load_shard_bundle(store, entry)
-            nfacts = dict(zip(table.column("user_id").to_pylist(), table.column("num_facts").to_pylist()))
-            for u, d in bundle_deltas(table).items():
-                carried.setdefault(shard_of(u, num_shards), {})[u] = (d, nfacts[u])
-    payloads = {}
-    for shard in sorted(touched):
-        owners = {u: v for u, v in carried.get(shard, {}).items() if u not in drop and u not in compiled}
-        owners.update({u: (d, facts_per_user.get(u, 0)) for u, d in compiled.items() if shard_of(u, num_shards) == shard})
-        shard_state = state.filter(pc.equal(state_shards, shard))
-        groups = cross_user_collisions({u: d for u, (d, _) in owners.items()}).groups
-        payloads[shard] = ShardPayload(bundle=encode_bundle(bundle_table(owners, groups)),
-                                       state=encode_fact_state(shard_state))
-    return payloads
-
-
-def _token_counter(model_dir: str) -> Callable[[list[str]], list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(f"{model_dir}/tokenizer", local_files_only=True)
-    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-
-
 def run_nightly(
     spec: NightlySpec,
     *,
     crash_hook: Callable[[str], None] | None = None,
     progress: bool = False,
 ) -> NightlyReport:
-    """Run one night end to end; returns what was published (or that nothing changed)."""
+    """Run one night end to end; returns what was published (or that nothing changed).
+
+    Raises FactLogError (a log file that cannot be read, naming it), FingerprintMismatch (the
+    model changed without ``recompile_all``), StoreError, PublishConflict (another publisher
+    moved CURRENT), or the error of the shard task that failed, before anything is committed.
+    """
+    hook = crash_hook or (lambda step: None)
     timer = _Timer()
     job_id = spec.job_id or f"nightly-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     store = open_store(spec.store)
     with timer.stage("read_previous"):
         current = read_current(store)
         previous = current[0] if current else None
-        prior_state = _load_state(store, previous)
-        watermark = _read_watermark(previous)
         fingerprint = model_fingerprint(spec.model)
+        check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
+        watermark = _read_watermark(previous)
+        new, rewritten = files_to_read(list_log_files(spec.fact_log), watermark["files"])
+        if rewritten:
+            log.warning("fact log: %d file(s) changed since they were ingested; reading them again: %s",
+                        len(rewritten), ", ".join(f.path for f in rewritten[:5]))
+    if previous is not None and previous.num_shards != spec.num_shards:
+        raise NotImplementedError("resharding")  # pragma: no cover - replaced below
+    recompile = previous is None or spec.recompile_all or previous.fingerprint != fingerprint
+    upgrade = previous is not None and previous.schema_version == 1
+    night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
+    if not (new or rewritten or recompile or upgrade):
+        log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
+        return night.report(previous, published=False)
+    return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile)
 
-    with timer.stage("ingest"):
-        batch = read_fact_log(spec.fact_log, exclude_files=set(watermark["files"]), on_bad_file=spec.on_bad_file)
-        ingested = ingest(batch, prior_state, max_trigger_tokens=spec.max_trigger_tokens,
-                          count_tokens=_token_counter(spec.model))
-        timer.items["ingest"] = batch.input_rows
 
-    with timer.stage("plan"):
-        the_plan = plan(prior_state, ingested.state, prior_fingerprint=previous.fingerprint if previous else None,
-                        fingerprint=fingerprint, recompile_all=spec.recompile_all, forgotten=ingested.forgotten_users)
-        compile_set = set(the_plan.compile_users)
-        to_compile = ingested.state.filter(pc.is_in(ingested.state.column("user_id"), pa.array(sorted(compile_set), pa.string())))
-        timer.items["plan"] = len(compile_set)
-        log.info("plan: compile %d, carry %d, drop %d users", len(compile_set), len(the_plan.carry_users),
-                 len(the_plan.drop_users))
+class _Night:
+    """One night's driver state: O(shards + files) metadata and the handles of the tasks' outputs."""
 
-    with timer.stage("compile"):
-        facts = compile_mod.facts_from_table(to_compile)
-        bar = _progress(progress, len(compile_set), len(facts))
-        if spec.workers > 0 and facts:
-            compile_mod.start_ray(spec.ray_address)
-        checkpoints = compile_mod.ChunkCheckpoints(store, fingerprint, spec.compile_options())
+    def __init__(self, spec: NightlySpec, store, previous: Manifest | None, fingerprint: str, job_id: str,
+                 timer: _Timer, hook: Callable[[str], None], progress: bool):
+        self.spec, self.store, self.previous, self.fingerprint = spec, store, previous, fingerprint
+        self.job_id, self.timer, self.hook = job_id, timer, hook
+        self.bar = _progress(progress)
+        self.applied: dict[int, ShardApplied] = {}
+        self.entries: dict[int, ShardEntry] = {}
+        self.reads: list[FileRead] = []
+        self.chunks: list = []  # chunk metas
+        self.files_reread = 0
 
-        def on_chunk(users: int, facts_done: int) -> None:
-            bar.advance(users, facts_done)
-            if crash_hook is not None:
-                crash_hook("compile_chunk")
+    def prior_entry(self, shard: int) -> ShardEntry | None:
+        return self.previous.shard(shard) if self.previous is not None else None
 
-        compiled = compile_mod.compile_stage(
-            spec.model, facts, fingerprint=fingerprint, options=spec.compile_options(),
-            workers=spec.workers, gpus_per_worker=spec.gpus_per_worker, on_chunk=on_chunk,
-            checkpoints=checkpoints, batches_per_chunk=spec.batches_per_chunk,
+    def run(self, files, files_reread: int, *, every_shard: bool, recompile: bool) -> NightlyReport:
+        spec, timer = self.spec, self.timer
+        self.files_reread = files_reread
+        runner = make_runner(spec.workers, spec.ray_address)
+        ctx = NightContext(store_uri=self.store.uri, num_shards=spec.num_shards, recompile=recompile,
+                           prior_version=self.previous.version if self.previous else None,
+                           prior_schema=self.previous.schema_version if self.previous else None)
+        rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model)
+
+        with timer.stage("read"):
+            handles = [runner.submit(read_log_file, f, rules, spec.num_shards, spec.on_bad_file, num_returns=2,
+                                     what=f"read {f.path}") for f in files]
+            metas = [h[0] for h in handles]
+            self.reads = [None] * len(files)
+            self.bar.start("read files", len(files))
+            for i in runner.completed(metas):
+                self.reads[i] = runner.get(metas[i], f"read {files[i].path}")
+                self.bar.advance("read files")
+            timer.items["read"] = sum(r.rows + (r.reject is not None) for r in self.reads)
+
+        with timer.stage("apply"):
+            per_shard: dict[int, list[tuple[int, tuple[int, int]]]] = defaultdict(list)
+            for i, read in enumerate(self.reads):
+                for shard, piece in read.slices.items():
+                    per_shard[shard].append((i, piece))
+            shards = sorted(set(range(spec.num_shards)) if every_shard else {s for s in per_shard if s != UNROUTED})
+            if UNROUTED in per_shard:
+                shards.append(UNROUTED)
+            applies = {}
+            for shard in shards:
+                pieces = per_shard.get(shard, [])
+                applies[shard] = runner.submit(
+                    apply_shard, ctx, shard, self.prior_entry(shard) if shard != UNROUTED else None,
+                    [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
+                    num_returns=2, what=f"apply shard {shard}")
+            order = list(applies)
+            self.bar.start("apply shards", len(order))
+            for k in runner.completed([applies[s][0] for s in order]):
+                shard = order[k]
+                self.applied[shard] = runner.get(applies[shard][0], f"apply shard {shard}")
+                self.bar.advance("apply shards")
+            del handles  # the log's rows are no longer needed once every shard has taken its own
+            timer.items["apply"] = len(order)
+
+        with timer.stage("compile"):
+            routed = {s: a for s, a in self.applied.items() if s != UNROUTED}
+            to_assemble = {s for s, a in routed.items() if a.changed or self._needs_stats(s)}
+            plan = plan_chunks([(s, routed[s].compile_facts) for s in sorted(routed) if routed[s].compile_users],
+                               spec.compile_options().facts_per_batch * spec.batches_per_chunk)
+            waiting = defaultdict(set)  # shard -> chunks not yet compiled
+            for c, chunk in enumerate(plan):
+                for piece in chunk:
+                    waiting[piece.shard].add(c)
+            outputs_of = defaultdict(list)  # shard -> chunk output handles
+            assembling = {}
+
+            def assemble(shard: int) -> None:
+                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_entry(shard),
+                                                  routed[shard], applies[shard][1], *outputs_of[shard],
+                                                  what=f"assemble shard {shard}")
+
+            for shard in sorted(to_assemble - set(waiting)):
+                assemble(shard)
+            total = sum(int(a.compile_facts.sum()) for a in routed.values())
+            self.bar.start("compile facts", total)
+            if plan:
+                pool = runner.compile_pool(spec.model, spec.compile_options(), self.store.uri, spec.workers,
+                                           spec.gpus_per_worker)
+                try:
+                    for c, meta, output in pool.map(plan, lambda chunk: [applies[p.shard][1] for p in chunk]):
+                        self.chunks.append(meta)
+                        self.bar.advance("compile facts", meta.facts)
+                        for piece in plan[c]:
+                            outputs_of[piece.shard].append(output)
+                            waiting[piece.shard].discard(c)
+                            if not waiting[piece.shard]:
+                                assemble(piece.shard)
+                        self.hook("compile_chunk")
+                finally:
+                    pool.close()
+            timer.items["compile"] = total
+
+        with timer.stage("assemble"):
+            self.bar.start("assemble shards", len(assembling))
+            order = list(assembling)
+            for k in runner.completed([assembling[s] for s in order]):
+                shard = order[k]
+                self.entries[shard] = runner.get(assembling[shard], f"assemble shard {shard}")
+                self.bar.advance("assemble shards")
+            for shard, applied in routed.items():
+                if shard not in self.entries:
+                    self.entries[shard] = carried_entry(self.prior_entry(shard), applied)
+            timer.items["assemble"] = len(order)
+        self.bar.close()
+
+        forgotten = sorted({u for a in self.applied.values() for u in a.forgotten_users})
+        if forgotten:
+            with timer.stage("forget"):
+                # forget_user events also scrub every retained older version (all of this night's
+                # users in one rewrite), so that no rollback can bring them back; CURRENT moves
+                # to the rewrite of the previous version, which this night's version then follows.
+                from versions.forget import forget_users
+
+                forget_users(self.store, forgotten, actor=self.job_id, reason="forget_user event in the fact log")
+                current = read_current(self.store)
+                self.previous = current[0] if current else None
+        return self.publish(forgotten)
+
+    def _needs_stats(self, shard: int) -> bool:
+        """A shard carried from a version-1 manifest has no stats parts yet: it is assembled once."""
+        prior = self.prior_entry(shard)
+        return prior is None or not prior.stats
+
+    def publish(self, forgotten: list[str]) -> NightlyReport:
+        spec, store, timer = self.spec, self.store, self.timer
+        with timer.stage("publish"):
+            # Serving nodes load the model by fingerprint from the store: upload it before CURRENT
+            # can point at deltas that need it (skipped when already there).
+            publish_model(store, spec.model)
+            objects, stats = self._version_stats()
+            manifest = publish_entries(
+                store, entries=self.entries, objects=objects, previous=self.previous, fingerprint=self.fingerprint,
+                num_shards=spec.num_shards, job_id=self.job_id, watermark=self._watermark(), stats=stats,
+                counts={"accepted": self._sum("accepted"), "rejected": self._rejected(),
+                        "compiled_users": self._sum("compile_users"), "facts_ok": sum(m.ok for m in self.chunks),
+                        "facts_failed": sum(m.facts - m.ok for m in self.chunks)},
+                forgotten_users=forgotten, crash_hook=self.hook,
+            )
+            published = self.previous is None or manifest.version != self.previous.version
+            ChunkCheckpoints(store, self.fingerprint, spec.compile_options()).clear()  # the night is done
+        report = self.report(manifest, published=published)
+        log.info("nightly %s: %s", self.job_id, "published v%d" % manifest.version if published else "nothing changed")
+        return report
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(a, name) for a in self.applied.values())
+
+    def _rejected(self) -> int:
+        return self._sum("rejected") + sum(r.reject is not None for r in self.reads)
+
+    def _version_stats(self) -> tuple[dict[str, bytes], dict[str, list[str]]]:
+        """This version's version-level stats parts: rejects (the shards' parts, and one for whole
+        files rejected), runs and shards."""
+        objects: dict[str, bytes] = {}
+        stats: dict[str, list[str]] = {"rejects": sorted(a.rejects_key for a in self.applied.values() if a.rejects_key)}
+        file_rejects = [r.reject for r in self.reads if r.reject is not None]
+        if file_rejects:
+            key, data = encode_stats_part("rejects", pa.concat_tables(file_rejects).cast(REJECTS_SCHEMA))
+            objects[key] = data
+            stats["rejects"].append(key)
+        self.timer.seconds.setdefault("publish", 0.0)
+        shards = [self.entries.get(s) or self.prior_entry(s) for s in range(self.spec.num_shards)]
+        for name, table in (("runs", self.timer.table()), ("shards", _shards_table(shards))):
+            key, data = encode_stats_part(name, table)
+            objects[key] = data
+            stats[name] = [key]
+        return objects, stats
+
+    def _watermark(self) -> str:
+        previous = _read_watermark(self.previous)
+        files = dict(previous["files"])
+        files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None})
+        times = [a.watermark for a in self.applied.values() if a.watermark] + (
+            [previous["max_event_time"]] if previous["max_event_time"] else [])
+        return json.dumps({"files": dict(sorted(files.items())), "max_event_time": max(times, default=None)},
+                          sort_keys=True, separators=(",", ":"))
+
+    def report(self, manifest: Manifest | None, *, published: bool) -> NightlyReport:
+        failed: dict[str, int] = defaultdict(int)
+        for meta in self.chunks:
+            for status, n in meta.failed.items():
+                failed[status] += n
+        routed = [a for s, a in self.applied.items() if s != UNROUTED]
+        carried_elsewhere = sum(e.users for e in (manifest.shards if manifest else ()) if e.shard not in self.applied)
+        return NightlyReport(
+            version=manifest.version if manifest else None, published=published,
+            parent=manifest.parent if manifest else None, store=self.store.uri,
+            users=manifest.users if manifest else 0, facts=manifest.facts if manifest else 0,
+            facts_ok=sum(m.ok for m in self.chunks), facts_failed=sum(m.facts - m.ok for m in self.chunks),
+            compiled_users=sum(a.compile_users for a in routed),
+            carried_users=sum(a.carried_users for a in routed) + carried_elsewhere,
+            dropped_users=sum(a.dropped_users for a in routed),
+            accepted=self._sum("accepted"), rejects=self._rejected(),
+            resumed_facts=sum(m.facts for m in self.chunks if m.resumed),
+            files_read=len(self.reads), files_reread=self.files_reread,
+            shards_changed=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is None
+                               or e.bundle_key != self.prior_entry(s).bundle_key),
+            facts_failed_by_reason=dict(sorted(failed.items())),
+            seconds=dict(self.timer.seconds),
+            sample=[s for m in self.chunks for s in m.sample][:5],
         )
-        bar.close()
-        timer.items["compile"] = len(facts)
-
-    if ingested.forgotten_users:
-        with timer.stage("forget"):
-            # forget_user events: scrub every retained older version too, so that no rollback can
-            # bring these users back; this re-issues the retained versions (versions/forget.py).
-            previous = _forget_in_retained_versions(store, sorted(ingested.forgotten_users), job_id) or previous
-
-    with timer.stage("publish"):
-        # Serving nodes load the model by fingerprint from the store: upload it before CURRENT
-        # can point at deltas that need it (skipped when already there).
-        publish_model(store, spec.model)
-        # Users compiled to no delta (every fact refused by the compiler, e.g. an answer over the
-        # token limit) must not keep serving their previous delta.
-        undelivered = compile_set - compiled.deltas.keys()
-        drop = set(the_plan.drop_users) | set(ingested.forgotten_users) | undelivered
-        payloads = _build_shards(store, previous, ingested.state, compiled.deltas, drop, spec.num_shards)
-        files = dict(watermark["files"]) | {f.path: f.size for f in batch.files}
-        new_watermark = json.dumps({"files": dict(sorted(files.items())), "max_event_time": ingested.watermark},
-                                   sort_keys=True, separators=(",", ":"))
-        manifest = publish_version(
-            store, shard_payloads=payloads, previous=previous, fingerprint=fingerprint,
-            num_shards=spec.num_shards, job_id=job_id, watermark=new_watermark,
-            counts={"accepted": ingested.accepted, "rejected": ingested.rejected,
-                    "compiled_users": len(compile_set), "facts_ok": compiled.ok,
-                    "facts_failed": len(compiled.results) - compiled.ok},
-            forgotten_users=sorted(ingested.forgotten_users), crash_hook=crash_hook,
-        )
-        published = previous is None or manifest.version != previous.version
-        checkpoints.clear()  # the night is published (or had nothing new): partial results are done
-
-    if published:
-        with timer.stage("stats"):
-            _write_run_stats(store, manifest, previous, ingested, compiled, timer)
-
-    report = NightlyReport(
-        version=manifest.version, published=published, parent=manifest.parent, store=store.uri,
-        users=manifest.users, facts=manifest.facts, facts_ok=compiled.ok,
-        facts_failed=len(compiled.results) - compiled.ok, compiled_users=len(compile_set),
-        carried_users=len(the_plan.carry_users), dropped_users=len(the_plan.drop_users),
-        accepted=ingested.accepted, rejects=ingested.rejected, resumed_facts=compiled.resumed_facts,
-        seconds=dict(timer.seconds),
-        sample=_sample(to_compile, compiled),
-    )
-    log.info("nightly %s: %s", job_id, "published v%d" % manifest.version if published else "nothing changed")
-    return report
 
 
-def _forget_in_retained_versions(store, users: list[str], job_id: str) -> Manifest | None:
-    """Forget ``users`` in every retained version; returns the (rewritten) current manifest."""
-    from versions.forget import forget_user
-
-    for user in users:
-        forget_user(store, user, actor=job_id, reason="forget_user event in the fact log")
-    current = read_current(store)
-    return current[0] if current else None
-
-
-def _sample(state: pa.Table, compiled, n: int = 5) -> list[dict]:
-    ok = {(r.user_id, r.fact_id) for r in compiled.results if r.status == "ok"}
-    out = []
-    for row in state.select(["user_id", "fact_id", "trigger", "answer"]).to_pylist():
-        if (row["user_id"], row["fact_id"]) in ok:
-            out.append({"user_id": row["user_id"], "trigger": row["trigger"], "answer": row["answer"]})
-        if len(out) == n:
-            break
-    return out
-
-
-def _write_run_stats(store, manifest: Manifest, previous: Manifest | None, ingested, compiled, timer: _Timer) -> None:
-    results = compiled.results
-    facts = pa.table({
-        "user_id": [r.user_id for r in results], "fact_id": [r.fact_id for r in results],
-        "status": [r.status for r in results], "loss": pa.array([r.loss for r in results], pa.float64()),
-        "steps": pa.array([r.steps for r in results], pa.int64()), "rows": pa.array([r.rows for r in results], pa.int64()),
+def _shards_table(entries: list[ShardEntry]) -> pa.Table:
+    return pa.table({
+        "shard": pa.array([e.shard for e in entries], pa.int64()),
+        "users": pa.array([e.users for e in entries], pa.int64()),
+        "facts": pa.array([e.facts for e in entries], pa.int64()),
+        "rows": pa.array([e.rows for e in entries], pa.int64()),
+        "bytes": pa.array([e.bundle_bytes for e in entries], pa.int64()),
+        "bundle_key": pa.array([e.bundle_key for e in entries], pa.string()),
     })
-    facts = _carry_fact_stats(store, previous, facts, ingested.state, set(compiled.facts_per_user))
-    ok_per_user: dict[str, int] = {}
-    for user, status in zip(facts.column("user_id").to_pylist(), facts.column("status").to_pylist()):
-        ok_per_user[user] = ok_per_user.get(user, 0) + (status == "ok")
-    users, shards, collisions = _user_and_shard_stats(store, manifest, ok_per_user)
-    timer.seconds.setdefault("stats", 0.0)
-    tables = {"facts": facts, "users": users, "shards": shards, "collisions": collisions,
-              "rejects": ingested.rejects, "runs": timer.table()}
-    write_stats(store, manifest.version, tables)
-
-
-def _carry_fact_stats(store, previous, facts: pa.Table, state: pa.Table, compiled_users: set[str]) -> pa.Table:
-    """This version's facts table: fresh results for compiled users, the previous rows for the rest."""
-    if previous is None:
-        return facts
-    import pyarrow.parquet as pq
-
-    from pipeline.stats import stats_prefix
-
-    keys = [k for k in store.list(stats_prefix("facts", previous.version)) if k.endswith(".parquet")]
-    if not keys:
-        return facts
-    old = pa.concat_tables([pq.read_table(pa.BufferReader(store.get(k))) for k in keys])
-    live = set(state.column("user_id").to_pylist()) - compiled_users
-    old = old.filter(pc.is_in(old.column("user_id"), pa.array(sorted(live), pa.string())))
-    old = old.select(facts.column_names).cast(facts.schema)
-    return pa.concat_tables([old, facts]).sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
-
-
-def _user_and_shard_stats(store, manifest: Manifest, ok_per_user: dict[str, int]) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Per-user and per-shard rows, and the cross-user collisions (shard by shard, one pass)."""
-    from pipeline.collisions import collision_table, cross_user_collisions
-
-    reports = []
-    users = {"user_id": [], "shard": [], "facts": [], "facts_ok": [], "rows": [], "bytes": []}
-    shards = {"shard": [], "users": [], "facts": [], "rows": [], "bytes": [], "bundle_key": []}
-    for entry in manifest.shards:
-        for k, v in (("shard", entry.shard), ("users", entry.users), ("facts", entry.facts), ("rows", entry.rows),
-                     ("bytes", entry.bundle_bytes), ("bundle_key", entry.bundle_key)):
-            shards[k].append(v)
-        table = load_shard_bundle(store, entry)
-        reports.append(cross_user_collisions(bundle_deltas(table)))
-        for user, nfacts, row_ids, values in zip(table.column("user_id").to_pylist(), table.column("num_facts").to_pylist(),
-                                                 table.column("row_ids").to_pylist(), table.column("values").to_pylist()):
-            users["user_id"].append(user)
-            users["shard"].append(entry.shard)
-            users["facts"].append(nfacts)
-            users["facts_ok"].append(ok_per_user.get(user, 0))
-            users["rows"].append(len(row_ids))
-            users["bytes"].append(len(values))
-    return pa.table(users), pa.table(shards), collision_table(reports)
 
 
 class _NoBar:
-    def advance(self, users: int, facts: int) -> None:
+    def start(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self, name: str, amount: int = 1) -> None:
         pass
 
     def close(self) -> None:
@@ -336,22 +382,25 @@ class _NoBar:
 
 
 class _RichBar(_NoBar):
-    def __init__(self, users: int, facts: int):
+    """One bar per stage (files read, shards applied, facts compiled, shards assembled)."""
+
+    def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("[bold]compile[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), transient=False)
         self.progress.start()
-        self.users = self.progress.add_task("users", total=users)
-        self.facts = self.progress.add_task("facts", total=facts)
+        self.tasks: dict[str, int] = {}
 
-    def advance(self, users: int, facts: int) -> None:
-        self.progress.advance(self.users, users)
-        self.progress.advance(self.facts, facts)
+    def start(self, name: str, total: int) -> None:
+        self.tasks[name] = self.progress.add_task(name, total=total)
+
+    def advance(self, name: str, amount: int = 1) -> None:
+        self.progress.advance(self.tasks[name], amount)
 
     def close(self) -> None:
         self.progress.stop()
 
 
-def _progress(enabled: bool, users: int, facts: int) -> _NoBar:
-    return _RichBar(users, facts) if enabled and facts else _NoBar()
+def _progress(enabled: bool) -> _NoBar:
+    return _RichBar() if enabled else _NoBar()

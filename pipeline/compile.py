@@ -1,49 +1,40 @@
-"""Compile stage: changed users' facts -> per-user deltas, on a pool of long-lived Ray workers.
+"""Compile stage: changed users' facts -> per-user deltas, on a pool of long-lived workers.
 
-The stage is a plain function over an Arrow table of facts. Users are packed, whole, into
-chunks of about ``facts_per_batch`` facts (sorted by user id, so chunking is deterministic);
-each chunk is one task for a pool of Ray actors that load the model once. All facts of a user
-go to one worker together. Ray restarts a dead actor and re-runs its task
-(``max_restarts``/``max_task_retries``); results are keyed by user, so a retried chunk can
-neither lose nor duplicate a user. All the Ray wiring (pool size, GPUs, retries) lives in
-this module.
+The night's applied shards (pipeline.shards.apply_shard) each hold their compiled users' facts,
+sorted by user. :func:`plan_chunks` packs whole users, in (shard, user) order, into chunks of about
+``facts_per_batch * batches_per_chunk`` facts; the packing depends only on which users changed,
+so a re-run plans the same chunks. Each chunk is one call of :meth:`CompileWorker.compile` on a
+worker that loaded the model once (a Ray actor, or this process), which returns per shard the
+compiled users' bundle rows and fact results (:class:`CompiledChunk`) for the shards' assembly,
+and a small :class:`ChunkMeta` for the driver. All facts of a user go to one chunk; a retried
+chunk replaces its first attempt's output whole, so no user is lost or compiled twice.
+
+A worker keeps what it compiled under ``partial/`` in the store (:class:`ChunkCheckpoints`) until
+the night publishes, so a night killed mid-compile resumes from what it had compiled. The pool
+itself (sizes, GPUs, retries) is wired in pipeline.runner.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
-from dataclasses import asdict, astuple, dataclass
-from typing import Callable, Iterator
+from collections import Counter
+from dataclasses import asdict, astuple, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts
 from engram_core.delta import Delta
 from versions.layout import PARTIAL_PREFIX
-from versions.store import ObjectNotFound
+from versions.store import ObjectNotFound, open_store
 
 log = logging.getLogger(__name__)
 
-ACTOR_MAX_RESTARTS = 3
-ACTOR_MAX_TASK_RETRIES = 3
-
-
-@dataclass(frozen=True)
-class CompileStageResult:
-    deltas: dict[str, Delta]
-    results: list[FactResult]
-    facts_per_user: dict[str, int]
-    resumed_facts: int = 0
-    """Facts whose chunk was restored from a checkpoint of an earlier, interrupted run."""
-
-    @property
-    def ok(self) -> int:
-        return sum(r.status == "ok" for r in self.results)
+SAMPLE_FACTS = 5  # recalled facts per chunk kept for the night's report
 
 
 def facts_from_table(table: pa.Table) -> list[Fact]:
@@ -52,26 +43,74 @@ def facts_from_table(table: pa.Table) -> list[Fact]:
     return [Fact(u, f, t, a) for u, f, t, a in zip(*cols)]
 
 
-def chunk_users(facts: list[Fact], facts_per_chunk: int) -> list[list[Fact]]:
-    """Whole users, sorted by id, packed into chunks of about ``facts_per_chunk`` facts."""
-    by_user: dict[str, list[Fact]] = {}
-    for fact in facts:
-        by_user.setdefault(fact.user_id, []).append(fact)
-    chunks, current = [], []
-    for user in sorted(by_user):
-        current.extend(sorted(by_user[user], key=lambda f: f.fact_id))
-        if len(current) >= facts_per_chunk:
-            chunks.append(current)
-            current = []
+@dataclass(frozen=True)
+class ChunkSlice:
+    """Rows ``[start, stop)`` of one applied shard's compile table: whole users."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def plan_chunks(shards: list[tuple[int, np.ndarray]], facts_per_chunk: int) -> list[tuple[ChunkSlice, ...]]:
+    """Whole users packed into chunks of about ``facts_per_chunk`` facts.
+
+    ``shards``: (shard, facts per compiled user in user order) for each applied shard, in shard
+    order. A chunk is closed once it holds ``facts_per_chunk`` facts or more, so no user is split
+    and every chunk but the last holds at least that many. Raises ValueError for a size below 1.
+    """
+    if facts_per_chunk < 1:
+        raise ValueError(f"plan_chunks: facts_per_chunk must be at least 1, got {facts_per_chunk}")
+    chunks: list[tuple[ChunkSlice, ...]] = []
+    current: list[ChunkSlice] = []
+    filled = 0
+    for shard, per_user in shards:
+        ends = np.cumsum(np.asarray(per_user, np.int64))
+        row, user = 0, 0
+        while user < len(ends):
+            # the first user at which this chunk reaches its size (or the shard's last user)
+            need = facts_per_chunk - filled
+            base = ends[user - 1] if user else 0
+            last = int(np.searchsorted(ends, base + need, side="left"))
+            last = min(last, len(ends) - 1)
+            stop = int(ends[last])
+            current.append(ChunkSlice(shard, row, stop))
+            filled += stop - row
+            row, user = stop, last + 1
+            if filled >= facts_per_chunk:
+                chunks.append(tuple(current))
+                current, filled = [], 0
     if current:
-        chunks.append(current)
+        chunks.append(tuple(current))
     return chunks
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """What the driver learns from one compiled chunk (no per-fact data)."""
+
+    users: int
+    facts: int
+    ok: int
+    failed: dict[str, int]  # status -> facts
+    resumed: bool  # restored from a checkpoint of an earlier, interrupted run
+    sample: tuple[dict, ...] = ()  # a few recalled facts: user_id, trigger, answer
+
+
+@dataclass(frozen=True)
+class CompiledChunk:
+    """A chunk's output for the assembly, per shard: bundle rows (schemas.bundle, cobatch_group
+    null) of the users that got a delta, and every fact's result (FactResult fields)."""
+
+    bundles: dict[int, pa.Table] = field(default_factory=dict)
+    results: dict[int, pa.Table] = field(default_factory=dict)
 
 
 class CompileWorker:
     """Holds one loaded model; compiles chunks of whole users (a Ray actor, or used in-process)."""
 
-    def __init__(self, model_dir: str, options: CompileOptions, device: str | None = None, threads: int | None = None):
+    def __init__(self, model_dir: str, options: CompileOptions, store_uri: str | None = None,
+                 device: str | None = None, threads: int | None = None):
         import torch
 
         from engram_core.checkpoint import load_checkpoint
@@ -86,13 +125,63 @@ class CompileWorker:
         self.model = load_checkpoint(model_dir, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
                                      attn_implementation="eager" if on_gpu else None)
         self.fingerprint = self.model.fingerprint
+        self.checkpoints = ChunkCheckpoints(open_store(store_uri), self.fingerprint, options) if store_uri else None
 
-    def compile(self, facts: list[Fact]) -> tuple[dict[str, Delta], list[FactResult], str]:
-        result = compile_facts(self.model, facts, self.options)
-        return result.deltas, result.facts, self.fingerprint
+    def compile(self, slices: tuple[ChunkSlice, ...], *changes) -> tuple[ChunkMeta, CompiledChunk]:
+        """Compile the users of ``slices`` (``changes[i]``: the pipeline.shards.ShardChanges of
+        ``slices[i].shard``); restores the chunk from its checkpoint if an earlier run left one."""
+        tables = [c.compile.slice(s.start, s.stop - s.start) for s, c in zip(slices, changes)]
+        facts = [f for table in tables for f in facts_from_table(table)]
+        key = self.checkpoints.key(facts) if self.checkpoints is not None else None
+        earlier = self.checkpoints.load(key) if key is not None else None
+        if earlier is not None:
+            deltas, results = earlier
+        else:
+            result = compile_facts(self.model, facts, self.options)
+            deltas, results = result.deltas, result.facts
+            if key is not None:
+                self.checkpoints.save(key, deltas, results)
+        return _chunk_output(slices, tables, deltas, results, resumed=earlier is not None)
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactResult],
+                  resumed: bool) -> tuple[ChunkMeta, CompiledChunk]:
+    from schemas.bundle import bundle_table
+
+    by_user: dict[str, list[FactResult]] = {}
+    for r in results:
+        by_user.setdefault(r.user_id, []).append(r)
+    out = CompiledChunk()
+    for chunk_slice, table in zip(slices, tables):
+        users = list(dict.fromkeys(table.column("user_id").to_pylist()))
+        counts = Counter(table.column("user_id").to_pylist())
+        rows = [r for u in users for r in sorted(by_user.get(u, []), key=lambda r: r.fact_id)]
+        out.bundles[chunk_slice.shard] = bundle_table({u: (deltas[u], counts[u]) for u in users if u in deltas})
+        out.results[chunk_slice.shard] = results_table(rows)
+    statuses = Counter(r.status for r in results)
+    ok = statuses.pop("ok", 0)
+    recalled = {(r.user_id, r.fact_id) for r in results if r.status == "ok"}
+    sample = []
+    for table in tables:
+        for row in table.select(["user_id", "fact_id", "trigger", "answer"]).to_pylist():
+            if len(sample) < SAMPLE_FACTS and (row["user_id"], row["fact_id"]) in recalled:
+                sample.append({"user_id": row["user_id"], "trigger": row["trigger"], "answer": row["answer"]})
+    meta = ChunkMeta(users=len(by_user), facts=len(results), ok=ok, failed=dict(sorted(statuses.items())),
+                     resumed=resumed, sample=tuple(sample))
+    return meta, out
+
+
+RESULT_SCHEMA = pa.schema([("user_id", pa.string()), ("fact_id", pa.string()), ("status", pa.string()),
+                           ("loss", pa.float64()), ("steps", pa.int64()), ("rows", pa.int64()),
+                           ("margin", pa.float64()), ("detail", pa.string())])
+
+
+def results_table(results: list[FactResult]) -> pa.Table:
+    """Fact results as an Arrow table (RESULT_SCHEMA, one row per fact)."""
+    return pa.Table.from_pylist([asdict(r) for r in results], schema=RESULT_SCHEMA)
 
 
 class ChunkCheckpoints:
@@ -114,7 +203,7 @@ class ChunkCheckpoints:
                              ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
-    def load(self, key: str) -> tuple[dict[str, Delta], list[FactResult], str] | None:
+    def load(self, key: str) -> tuple[dict[str, Delta], list[FactResult]] | None:
         from schemas.bundle import bundle_deltas, decode_bundle
 
         try:
@@ -123,7 +212,7 @@ class ChunkCheckpoints:
         except ObjectNotFound:
             return None
         facts = [FactResult(**row) for row in results.to_pylist()]
-        return bundle_deltas(decode_bundle(bundle, source=f"{self.store.uri}/{self.PREFIX}{key}")), facts, self.fingerprint
+        return bundle_deltas(decode_bundle(bundle, source=f"{self.store.uri}/{self.PREFIX}{key}")), facts
 
     def save(self, key: str, deltas: dict[str, Delta], results: list[FactResult]) -> None:
         from schemas.bundle import bundle_table, encode_bundle
@@ -131,9 +220,8 @@ class ChunkCheckpoints:
         counts: dict[str, int] = {}
         for r in results:
             counts[r.user_id] = counts.get(r.user_id, 0) + 1
-        table = pa.Table.from_pylist([asdict(r) for r in results])
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(results_table(results), sink, compression="zstd")
         # results last: a chunk counts as saved only once both objects are there
         self.store.put(f"{self.PREFIX}{key}/bundle.parquet", encode_bundle(bundle_table(
             {u: (d, counts.get(u, 0)) for u, d in deltas.items()})))
@@ -144,132 +232,3 @@ class ChunkCheckpoints:
         for key in keys:
             self.store.delete(key)
         return len(keys)
-
-
-def _merge(outputs: Iterator[tuple[dict[str, Delta], list[FactResult], str]], fingerprint: str,
-           on_chunk: Callable[[int, int], None], save: Callable[[dict, list], None] = lambda d, r: None,
-           resumed_facts: int = 0) -> CompileStageResult:
-    deltas: dict[str, Delta] = {}
-    results: list[FactResult] = []
-    for chunk_deltas, chunk_results, worker_fingerprint in outputs:
-        if worker_fingerprint != fingerprint:
-            raise RuntimeError(f"compile worker loaded model {worker_fingerprint[:16]}, expected {fingerprint[:16]}")
-        duplicate = deltas.keys() & chunk_deltas.keys()
-        if duplicate:  # cannot happen with whole-user chunks; guard the promise anyway
-            raise RuntimeError(f"users compiled twice: {sorted(duplicate)[:5]}")
-        deltas.update(chunk_deltas)
-        results.extend(chunk_results)
-        save(chunk_deltas, chunk_results)
-        on_chunk(len({r.user_id for r in chunk_results}), len(chunk_results))
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.user_id] = counts.get(r.user_id, 0) + 1
-    results.sort(key=lambda r: (r.user_id, r.fact_id))
-    return CompileStageResult(deltas, results, counts, resumed_facts)
-
-
-def compile_stage(
-    model_dir: str,
-    facts: list[Fact],
-    *,
-    fingerprint: str,
-    options: CompileOptions = CompileOptions(),
-    workers: int = 2,
-    gpus_per_worker: float | None = None,
-    on_chunk: Callable[[int, int], None] = lambda users, facts: None,
-    checkpoints: ChunkCheckpoints | None = None,
-    batches_per_chunk: int = 1,
-) -> CompileStageResult:
-    """Compile ``facts`` on ``workers`` Ray actors (0 = in this process, no Ray).
-
-    Each task (chunk) is about ``batches_per_chunk`` compile batches of whole users: with more
-    than one, a worker tokenizes the next batch while the current one's steps run, and the
-    per-chunk costs (transfer, checkpoint) are paid less often; with one, checkpoints are finer.
-    Each actor holds two chunks at a time, so the next one's transfer overlaps the current one.
-    With ``checkpoints``, chunks compiled by an earlier interrupted run are restored instead of
-    compiled again, and every newly compiled chunk is saved as soon as it arrives.
-    """
-    if batches_per_chunk < 1:
-        raise ValueError(f"compile_stage: batches_per_chunk must be at least 1, got {batches_per_chunk}")
-    chunks = chunk_users(facts, options.facts_per_batch * batches_per_chunk)
-    if not chunks:
-        return CompileStageResult({}, [], {})
-    restored, todo, key_of_first_user = [], [], {}
-    for chunk in chunks:
-        key = checkpoints.key(chunk) if checkpoints is not None else None
-        earlier = checkpoints.load(key) if checkpoints is not None else None
-        if earlier is not None:
-            restored.append(earlier)
-        else:
-            todo.append(chunk)
-            key_of_first_user[chunk[0].user_id] = key
-
-    def save(chunk_deltas: dict, chunk_results: list) -> None:
-        key = key_of_first_user.get(min(r.user_id for r in chunk_results))
-        if checkpoints is not None and key is not None:
-            checkpoints.save(key, chunk_deltas, chunk_results)
-
-    resumed = sum(len(r[1]) for r in restored)
-    if resumed:
-        log.info("compile: resuming, %d facts restored from %d checkpointed chunks", resumed, len(restored))
-    if not todo:
-        return _merge(iter(restored), fingerprint, on_chunk, resumed_facts=resumed)
-    if workers == 0:
-        worker = CompileWorker(model_dir, options)
-        outputs = itertools.chain(restored, (worker.compile(c) for c in todo))
-        return _merge(outputs, fingerprint, on_chunk, save, resumed)
-
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError("compile_stage: call pipeline.compile.start_ray() first (or use workers=0)")
-    gpus = gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    actor_cls = ray.remote(
-        num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES
-    )(CompileWorker)
-    size = min(workers, len(todo))
-    actors = [actor_cls.remote(model_dir, options, None, 1 if gpus == 0 else None) for _ in range(size)]
-    try:
-        outputs = _on_actors(ray, actors, todo, per_actor=2)
-        return _merge(itertools.chain(restored, outputs), fingerprint, on_chunk, save, resumed)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-
-
-def _on_actors(ray, actors: list, chunks: list[list[Fact]], per_actor: int) -> Iterator[tuple]:
-    """Results of ``actor.compile(chunk)`` for every chunk, in the order they finish, keeping up to
-    ``per_actor`` chunks queued on each actor (an actor runs its calls one at a time, so the next
-    chunk is already there when one finishes)."""
-    queue = iter(chunks)
-    pending: dict = {}  # object ref -> actor
-
-    def submit(actor) -> None:
-        chunk = next(queue, None)
-        if chunk is not None:
-            pending[actor.compile.remote(chunk)] = actor
-
-    for _ in range(per_actor):
-        for actor in actors:
-            submit(actor)
-    while pending:
-        (done,), _ = ray.wait(list(pending), num_returns=1)
-        actor = pending.pop(done)
-        output = ray.get(done)
-        submit(actor)
-        yield output
-
-
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster by address, or start a local one (no dashboard: nothing to reach)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
-    if address or os.environ.get("RAY_ADDRESS"):  # a given cluster, or the one running this job
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)

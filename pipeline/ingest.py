@@ -1,35 +1,54 @@
-"""Ingest: read the day's fact log, validate every row, apply it onto the prior fact state.
+"""Ingest: read the fact log, validate every row, apply it onto the prior fact state.
+
+The night runs ingest in two parts, so that it scales out (pipeline.runner wires them on Ray):
+
+* per log file, in parallel: :func:`read_log_file` reads and normalises one file, validates each
+  row on its own (:func:`validate_rows`: ids, op, times, text, trigger tokens) and keys every row
+  by the shard of its user (``xxh64(user_id) mod num_shards``; rows with no usable user_id go to
+  :data:`UNROUTED`, where they can only be rejects);
+* per shard: :func:`apply_events` applies the shard's valid events onto the shard's prior fact
+  state and tombstones. Only the users the events touch are handled row by row; the rest of the
+  shard is carried as Arrow data.
+
+:func:`ingest` and :func:`read_fact_log` do both in one process over any table or folder.
 
 Accounting promise: every input row ends in exactly one place. ``accepted + rejected ==
-batch.input_rows``, where a whole bad file (read with ``on_bad_file="reject"``) counts as one
-input row and one reject (its rows are unknown).
+input rows``, where a whole bad file (read with ``on_bad_file="reject"``) counts as one input row
+and one reject (its rows are unknown).
 
 Decisions worth knowing:
 
-* A valid event that loses to a later one (in this batch, or already in the prior state) is a
-  reject with reason SUPERSEDED, so the count of accepted rows is the number of events that
-  took effect. Exact copies of one event keep one copy (the first by source file, then row)
-  and reject the others as DUPLICATE. Events for the same (user, fact, event_time, op) with
-  different content are all rejected as CONFLICTING_DUPLICATE: no winner can be chosen that
+* A valid event that loses to a later one (in this batch, in the prior state, or in a delete
+  tombstone) is a reject with reason SUPERSEDED, so the count of accepted rows is the number of
+  events that took effect. Exact copies of one event keep one copy (the first by source file,
+  then row) and reject the others as DUPLICATE. Events for the same (user, fact, event_time, op)
+  with different content are all rejected as CONFLICTING_DUPLICATE: no winner can be chosen that
   does not depend on file order, and the operator has to look at them.
 * Events apply in (event_time, op precedence) order: forget_user > delete > upsert at the same
   instant. Facts of the prior state behave as upserts at their own event_time that sort
   before any event of the batch at the same instant. The result depends only on the set of
-  rows, never on the order of files or rows.
-* Deletes and forgets leave no tombstone in the fact state (its schema holds live facts
-  only), so an upsert older than a delete/forget that arrives on a later night is applied.
-  Forgetting must therefore also be enforced by the forget job, not by ingest alone.
+  rows, never on the order of files or rows, nor on how the rows are split over nights.
+* Deletes and forgets leave tombstones (schemas.facts.TOMBSTONE_SCHEMA), kept across versions:
+  an event that arrives on a later night but is not later than a delete of its fact is
+  SUPERSEDED, and one not later than a forget of its user is FORGOTTEN_USER. A forget is
+  permanent unless the user writes again *after* it. A forget tombstone holds only the sha256 of
+  the user_id; the user's delete tombstones up to the forget are dropped with their facts.
 * By default a file that is not Parquet, or lacks a required column, stops the run with a
   FactLogError naming it; ``on_bad_file="reject"`` records it as one reject row instead
-  (UNREADABLE_FILE / SCHEMA_MISMATCH) so one bad file does not block the night.
+  (UNREADABLE_FILE / SCHEMA_MISMATCH) so one bad file does not block the night. A rejected
+  file is not recorded as ingested: the next night reads it again.
+* A file is known by its path, size and modification time: a file rewritten in place (same
+  path, other size or time) is read again on the next night; its events that were already
+  applied come back as DUPLICATE or SUPERSEDED.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Literal
@@ -41,12 +60,15 @@ import pyarrow.parquet as pq
 
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
+from versions.layout import forgotten_id, shard_of
 
 logger = logging.getLogger(__name__)
 
 FUTURE_TOLERANCE = timedelta(days=1)
 REJECT_TEXT_LIMIT = 1024  # ids longer than this are shortened in the rejects table
 TABLE_SOURCE = "<table>"
+UNROUTED = -1  # the shard key of rows whose user_id is missing or unusable (they are all rejects)
+SHARD_COLUMN = "_shard"
 
 
 class FactLogError(RuntimeError):
@@ -55,8 +77,20 @@ class FactLogError(RuntimeError):
 
 @dataclass(frozen=True)
 class FactFile:
-    path: str  # as written in the rows' _source: an absolute local path or s3://bucket/key
+    """A log file and its identity: a file whose size or modification time changed is new again."""
+
+    path: str  # an absolute local path or s3://bucket/key
     size: int
+    mtime_ns: int | None = None  # None where the filesystem reports no modification time
+
+    def identity(self) -> dict:
+        return {"size": self.size, "mtime_ns": self.mtime_ns}
+
+    def ingested_as(self, recorded) -> bool:
+        """Whether a watermark entry (``identity()``, or a plain size from older versions) is this file."""
+        if isinstance(recorded, dict):
+            return recorded == self.identity()
+        return recorded == self.size  # written before modification times were recorded
 
 
 @dataclass(frozen=True)
@@ -79,9 +113,128 @@ class IngestResult:
     accepted: int
     rejected: int
     watermark: str | None  # ISO-8601 of the latest event_time in the state or accepted rows
+    tombstones: pa.Table = field(default_factory=F.empty_tombstones)  # TOMBSTONE_SCHEMA
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """What :func:`validate_rows` checks a row against (the job spec's limits and the clock)."""
+
+    max_trigger_tokens: int
+    max_text_chars: int = 4096
+    now: datetime | None = None  # None: the clock when the rows are checked
+    model_dir: str | None = None  # whose tokenizer counts trigger tokens; None: no token check
+
+    def count_tokens(self) -> Callable[[list[str]], list[int]] | None:
+        return token_counter(self.model_dir) if self.model_dir else None
+
+
+@functools.lru_cache(maxsize=4)
+def token_counter(model_dir: str) -> Callable[[list[str]], list[int]]:
+    """Token counts with the checkpoint's tokenizer (loaded once per process)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(f"{model_dir}/tokenizer", local_files_only=True)
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
 
 # --- Reading --------------------------------------------------------------------------------
+
+
+def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | None = None) -> list[FactFile]:
+    """Every data file under a Parquet file, a folder (e.g. hive ``day=.../part-0.parquet``) or a
+    list of them, local or ``s3://``, sorted by path. Names starting with ``_`` or ``.``
+    (``_SUCCESS``, checksums) are skipped. Raises FactLogError for a source that does not exist."""
+    sources = [source] if isinstance(source, str) else list(source)
+    files = {}
+    for fs, path, display in _list_files(sources, filesystem):
+        info = fs.get_file_info(path)
+        mtime = info.mtime_ns if info.mtime_ns is not None else None
+        files[display] = FactFile(display, info.size or 0, mtime)
+    return [files[p] for p in sorted(files)]
+
+
+def files_to_read(files: list[FactFile], ingested: Mapping[str, object]) -> tuple[list[FactFile], list[FactFile]]:
+    """(new files, files rewritten since they were ingested) among ``files``, given the watermark's
+    ``{path: identity}``; a file whose path and identity are recorded is skipped."""
+    new = [f for f in files if f.path not in ingested]
+    changed = [f for f in files if f.path in ingested and not f.ingested_as(ingested[f.path])]
+    return new, changed
+
+
+@dataclass(frozen=True)
+class FileRead:
+    """What the driver learns from reading one log file (no rows)."""
+
+    file: FactFile
+    rows: int
+    slices: dict[int, tuple[int, int]]  # shard -> (offset, length) of its rows in the keyed table
+    reject: pa.Table | None = None  # one REJECTS_SCHEMA row when the whole file was rejected
+
+
+def read_log_file(
+    file: FactFile,
+    rules: RowRules,
+    num_shards: int,
+    on_bad_file: Literal["raise", "reject"] = "raise",
+    filesystem: pafs.FileSystem | None = None,
+) -> tuple[FileRead, pa.Table]:
+    """Read, normalise and validate one log file; key its rows by shard.
+
+    Returns ``(read, rows)``: ``rows`` is FACT_LOG_BATCH_SCHEMA plus ``_shard`` (int32,
+    :data:`UNROUTED` for rows with no usable user_id), sorted by shard then row, with each invalid
+    row's reason in ``_problem_reason``; ``read`` says where each shard's rows are, or holds the
+    file's reject row when the whole file is unreadable and ``on_bad_file="reject"``. Raises
+    FactLogError for an unreadable file under ``on_bad_file="raise"``.
+    """
+    fs, path = _filesystem_for(file.path, filesystem)
+    _, table, problem = _read_one(fs, path, file.path)
+    if problem is not None:
+        reason, detail = problem
+        if on_bad_file == "raise":
+            raise FactLogError(f"fact log {file.path}: {detail} (fix or move the file, or rerun with "
+                               f"on_bad_file='reject' to record it in rejects as {reason})")
+        logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
+        reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
+                                      schema=F.REJECTS_SCHEMA)
+        return FileRead(file, 0, {}, reject), key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
+    keyed = key_by_shard(validate_rows(table, rules), num_shards)
+    return FileRead(file, keyed.num_rows, shard_slices(keyed)), keyed
+
+
+def _filesystem_for(display: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if filesystem is not None:
+        return filesystem, display.split("://", 1)[1] if "://" in display else display
+    if "://" in display:
+        try:
+            return pafs.FileSystem.from_uri(display)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise FactLogError(f"fact log {display}: cannot open ({err})") from err
+    return pafs.LocalFileSystem(), display
+
+
+def key_by_shard(rows: pa.Table, num_shards: int) -> pa.Table:
+    """``rows`` plus an int32 ``_shard`` column, sorted by (shard, source, row)."""
+    users = rows.column("user_id")
+    unique = pc.unique(users).to_pylist()
+    shard_of_user = {u: (UNROUTED if u is None or F.id_problem("user_id", u) else shard_of(u, num_shards))
+                     for u in unique}
+    keys = pa.array([shard_of_user[u] for u in unique], pa.int32())
+    shards = pc.take(keys, pc.index_in(users, pa.array(unique, users.type)))
+    keyed = rows.append_column(pa.field(SHARD_COLUMN, pa.int32()), shards)
+    return keyed.sort_by([(SHARD_COLUMN, "ascending"), ("_source", "ascending"), ("_row", "ascending")])
+
+
+def shard_slices(keyed: pa.Table) -> dict[int, tuple[int, int]]:
+    """shard -> (offset, length) of its rows in a table sorted by ``_shard``."""
+    if keyed.num_rows == 0:
+        return {}
+    counts = pc.value_counts(keyed.column(SHARD_COLUMN)).to_pylist()
+    slices, offset = {}, 0
+    for item in sorted(counts, key=lambda c: c["values"]):
+        slices[item["values"]] = (offset, item["counts"])
+        offset += item["counts"]
+    return slices
 
 
 def read_fact_log(
@@ -91,32 +244,32 @@ def read_fact_log(
     exclude_files: set[str] | frozenset[str] = frozenset(),
     on_bad_file: Literal["raise", "reject"] = "raise",
 ) -> FactLogBatch:
-    """Read a Parquet file, a folder (e.g. hive ``day=.../part-0.parquet``) or a list of them.
+    """Read a Parquet file, a folder (e.g. hive ``day=.../part-0.parquet``) or a list of them, in
+    this process (the night reads files in parallel with :func:`read_log_file`).
 
     ``source`` may be local or ``s3://bucket/prefix``. Files in ``exclude_files`` (paths as
     they appear in ``FactLogBatch.files``) are skipped; so are names starting with ``_`` or
-    ``.`` (``_SUCCESS``, checksums).
+    ``.`` (``_SUCCESS``, checksums). Rows are normalised, not validated (:func:`ingest` does).
     """
-    sources = [source] if isinstance(source, str) else list(source)
-    tables, files = [], []
-    file_rejects = []
-    for fs, path, display in sorted(_list_files(sources, filesystem), key=lambda f: f[2]):
-        if display in exclude_files:
-            logger.info("fact log %s: already ingested, skipped", display)
+    tables, files, file_rejects = [], [], []
+    for file in list_log_files(source, filesystem=filesystem):
+        if file.path in exclude_files:
+            logger.info("fact log %s: already ingested, skipped", file.path)
             continue
-        size, table, problem = _read_one(fs, path, display)
+        fs, path = _filesystem_for(file.path, filesystem)
+        _, table, problem = _read_one(fs, path, file.path)
         if problem is not None:
             reason, detail = problem
             if on_bad_file == "raise":
                 raise FactLogError(
-                    f"fact log {display}: {detail} (fix or move the file, or rerun with "
+                    f"fact log {file.path}: {detail} (fix or move the file, or rerun with "
                     f"on_bad_file='reject' to record it in rejects as {reason})"
                 )
-            logger.warning("fact log %s: %s; recorded in rejects as %s", display, detail, reason)
-            file_rejects.append({"source": display, "row": None, "reason": reason, "detail": detail})
+            logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
+            file_rejects.append({"source": file.path, "row": None, "reason": reason, "detail": detail})
         else:
             tables.append(table)
-        files.append(FactFile(display, size))
+        files.append(file)
     rows = pa.concat_tables(tables) if tables else F.FACT_LOG_BATCH_SCHEMA.empty_table()
     rejects = pa.Table.from_pylist(file_rejects, schema=F.REJECTS_SCHEMA)
     logger.info("fact log: %d rows from %d files, %d bad files", rows.num_rows, len(files), len(file_rejects))
@@ -272,70 +425,27 @@ def _parse_time(text: str) -> datetime | None:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
-# --- Validating and applying ----------------------------------------------------------------
+# --- Validating -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Event:
-    index: int  # row index in the batch
-    user_id: str
-    fact_id: str | None
-    op: str
-    time: int  # microseconds since the epoch, UTC
-    source: str
-    row: int
-    content: tuple  # what makes two events at one instant the same event
+def validate_rows(rows: pa.Table, rules: RowRules, *, count_tokens: Callable[[list[str]], list[int]] | None = None) -> pa.Table:
+    """Check every row on its own (ids, op, event time, trigger and answer text, trigger tokens);
+    returns ``rows`` with the first problem of each invalid row in ``_problem_reason`` /
+    ``_problem_detail`` (a problem already there, from normalising, is kept).
 
-    @property
-    def order(self) -> tuple:
-        return (self.time, F.OP_PRECEDENCE[self.op], self.source, self.row)
-
-
-def ingest(
-    log: FactLogBatch | pa.Table,
-    prior_state: pa.Table | None,
-    *,
-    max_trigger_tokens: int,
-    count_tokens: Callable[[list[str]], list[int]] | None = None,
-    max_text_chars: int = 4096,
-    now: datetime | None = None,
-) -> IngestResult:
-    """Validate the batch, apply accepted events onto ``prior_state``; see the module doc."""
-    batch = log if isinstance(log, FactLogBatch) else FactLogBatch(normalise_fact_log(log), ())
-    prior = F.validate_fact_state(prior_state) if prior_state is not None else F.empty_fact_state()
-    rows = batch.rows
-    now = now or datetime.now(timezone.utc)
+    ``count_tokens`` overrides the rules' tokenizer (tests use a stand-in). Raises ValueError if
+    the token counter returns a count per trigger that does not match.
+    """
+    count_tokens = count_tokens or rules.count_tokens()
+    now = rules.now or datetime.now(timezone.utc)
     now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now
-    cols = {name: rows.column(name).to_pylist() for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope", "_source", "_row")}
+    cols = {name: rows.column(name).to_pylist() for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope")}
     times = rows.column("event_time").cast(pa.int64()).to_pylist()
-    verdicts = _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars)
-
-    events = [_event(i, cols, times) for i in range(rows.num_rows) if verdicts[i] is None]
-    winners = _dedupe(events, verdicts)
-    prior_facts = _state_to_dict(prior)
-    new_facts, forgotten = _apply(winners, prior_facts, verdicts)
-
-    state = _dict_to_state(new_facts)
-    rejects = _rejects_table(batch, cols, verdicts)
-    accepted = sum(v is None for v in verdicts)
-    before, after = user_fact_digest(prior), user_fact_digest(state)
-    changed = {u for u in before.keys() | after.keys() if before.get(u) != after.get(u)} | forgotten
-    accepted_times = [times[i] for i, v in enumerate(verdicts) if v is None]
-    prior_times = prior.column("event_time").cast(pa.int64()).to_pylist()
-    result = IngestResult(
-        state=state,
-        rejects=rejects,
-        changed_users=changed,
-        forgotten_users=forgotten,
-        accepted=accepted,
-        rejected=rejects.num_rows,
-        watermark=_iso(max(accepted_times + prior_times, default=None)),
-    )
-    if result.accepted + result.rejected != batch.input_rows:  # a bug here, never the data's fault
-        raise RuntimeError(f"ingest lost track of rows: {result.accepted} + {result.rejected} != {batch.input_rows}")
-    logger.info("ingest: %d accepted, %d rejected, %d users changed, %d forgotten",
-             result.accepted, result.rejected, len(changed), len(forgotten))
-    return result
+    verdicts = _validate(rows, cols, times, now, rules.max_trigger_tokens, count_tokens, rules.max_text_chars)
+    reasons = pa.array([v[0] if v else None for v in verdicts], pa.string())
+    details = pa.array([v[1] if v else None for v in verdicts], pa.string())
+    rows = rows.set_column(rows.schema.get_field_index("_problem_reason"), "_problem_reason", reasons)
+    return rows.set_column(rows.schema.get_field_index("_problem_detail"), "_problem_detail", details)
 
 
 def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars) -> list:
@@ -397,6 +507,115 @@ def _check_text(text, name, empty_reason, long_reason, max_chars) -> tuple[str, 
     return None
 
 
+# --- Applying -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Event:
+    index: int  # row index in the batch
+    user_id: str
+    fact_id: str | None
+    op: str
+    time: int  # microseconds since the epoch, UTC
+    source: str
+    row: int
+    content: tuple  # what makes two events at one instant the same event
+
+    @property
+    def order(self) -> tuple:
+        return (self.time, F.OP_PRECEDENCE[self.op], self.source, self.row)
+
+
+def ingest(
+    log: FactLogBatch | pa.Table,
+    prior_state: pa.Table | None,
+    *,
+    max_trigger_tokens: int,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
+    max_text_chars: int = 4096,
+    now: datetime | None = None,
+    prior_tombstones: pa.Table | None = None,
+) -> IngestResult:
+    """Validate a whole batch and apply it onto ``prior_state`` (and its tombstones), in this
+    process: :func:`validate_rows` then :func:`apply_events`. See the module doc."""
+    batch = log if isinstance(log, FactLogBatch) else FactLogBatch(normalise_fact_log(log), ())
+    rules = RowRules(max_trigger_tokens=max_trigger_tokens, max_text_chars=max_text_chars, now=now)
+    rows = validate_rows(batch.rows, rules, count_tokens=count_tokens)
+    result = apply_events(rows, prior_state, prior_tombstones, file_rejects=batch.file_rejects)
+    if result.accepted + result.rejected != batch.input_rows:  # a bug here, never the data's fault
+        raise RuntimeError(f"ingest lost track of rows: {result.accepted} + {result.rejected} != {batch.input_rows}")
+    return result
+
+
+def apply_events(
+    rows: pa.Table,
+    prior_state: pa.Table | None,
+    prior_tombstones: pa.Table | None = None,
+    *,
+    file_rejects: pa.Table | None = None,
+) -> IngestResult:
+    """Apply validated rows (FACT_LOG_BATCH_SCHEMA, problems marked by :func:`validate_rows`) onto
+    a prior fact state and its tombstones: one shard's, or everything's.
+
+    Only users with a valid event are handled row by row; the prior rows of every other user are
+    carried as they are (a filter and a sort, no Python per row). ``file_rejects`` (whole bad
+    files) are added to the rejects. Returns the new state, tombstones and rejects, the users whose
+    live facts changed and those forgotten, and the counts (``accepted + rejected`` is the number
+    of rows plus file rejects).
+    """
+    prior = F.validate_fact_state(prior_state) if prior_state is not None else F.empty_fact_state()
+    tombstones = F.conform(prior_tombstones, F.TOMBSTONE_SCHEMA, "tombstones") if prior_tombstones is not None \
+        else F.empty_tombstones()
+    cols = {name: rows.column(name).to_pylist() for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope", "_source", "_row")}
+    times = rows.column("event_time").cast(pa.int64()).to_pylist()
+    reasons, details = rows.column("_problem_reason").to_pylist(), rows.column("_problem_detail").to_pylist()
+    verdicts: list[tuple[str, str] | None] = [(r, d) if r else None for r, d in zip(reasons, details)]
+
+    events = [_event(i, cols, times) for i in range(rows.num_rows) if verdicts[i] is None]
+    winners = _dedupe(events, verdicts)
+    touched = sorted({e.user_id for e in winners})
+    prior_touched, prior_rest = _split_by_users(prior, "user_id", touched)
+    hashes = {u: forgotten_id(u) for u in touched}
+    tomb_touched, tomb_rest = _split_by_users(tombstones, "user_hash", sorted(hashes.values()))
+    new_facts, new_tombs, forgotten = _apply(winners, _state_to_dict(prior_touched), _tombstones_by_user(tomb_touched, hashes),
+                                             verdicts)
+
+    state = pa.concat_tables([prior_rest, _dict_to_state(new_facts)]).sort_by(
+        [("user_id", "ascending"), ("fact_id", "ascending")])
+    tombstones = pa.concat_tables([tomb_rest, _tombstones_table(new_tombs)]).sort_by(
+        [("user_hash", "ascending"), ("fact_id", "ascending")])
+    rejects = _rejects_table(file_rejects, cols, verdicts)
+    accepted = sum(v is None for v in verdicts)
+    before, after = user_fact_digest(prior_touched), user_fact_digest(_dict_to_state(new_facts))
+    changed = {u for u in before.keys() | after.keys() if before.get(u) != after.get(u)} | forgotten
+    accepted_max = max((times[i] for i, v in enumerate(verdicts) if v is None), default=None)
+    prior_max = pc.max(prior.column("event_time").cast(pa.int64())).as_py()
+    result = IngestResult(
+        state=state,
+        rejects=rejects,
+        changed_users=changed,
+        forgotten_users=forgotten,
+        accepted=accepted,
+        rejected=rejects.num_rows,
+        watermark=_iso(max((t for t in (accepted_max, prior_max) if t is not None), default=None)),
+        tombstones=tombstones,
+    )
+    expected = rows.num_rows + (file_rejects.num_rows if file_rejects is not None else 0)
+    if result.accepted + result.rejected != expected:  # a bug here, never the data's fault
+        raise RuntimeError(f"ingest lost track of rows: {result.accepted} + {result.rejected} != {expected}")
+    logger.info("ingest: %d accepted, %d rejected, %d users changed, %d forgotten",
+                result.accepted, result.rejected, len(changed), len(forgotten))
+    return result
+
+
+def _split_by_users(table: pa.Table, column: str, users: list[str]) -> tuple[pa.Table, pa.Table]:
+    """(rows whose ``column`` is in ``users``, the other rows)."""
+    if not users or table.num_rows == 0:
+        return table.slice(0, 0), table
+    mask = pc.is_in(table.column(column), pa.array(users, pa.string()))
+    return table.filter(mask), table.filter(pc.invert(mask))
+
+
 def _event(i: int, cols: dict, times: list) -> _Event:
     op, user_id = cols["op"][i], cols["user_id"][i]
     if op == F.OP_UPSERT:
@@ -430,32 +649,90 @@ def _dedupe(events: list[_Event], verdicts: list) -> list[_Event]:
     return kept
 
 
-def _apply(events: list[_Event], prior: dict, verdicts: list) -> tuple[dict, set[str]]:
-    """Apply deduplicated events onto the prior facts; mark losers SUPERSEDED."""
-    forget_time: dict[str, int] = {}
+@dataclass
+class _UserTombstones:
+    forget_time: int | None = None  # latest forget recorded before this batch
+    deletes: dict[str, int] = field(default_factory=dict)  # fact_id -> delete time
+
+
+def _tombstones_by_user(table: pa.Table, hashes: dict[str, str]) -> dict[str, _UserTombstones]:
+    user_of_hash = {h: u for u, h in hashes.items()}
+    out: dict[str, _UserTombstones] = {}
+    times = table.column("event_time").cast(pa.int64()).to_pylist()
+    for user_hash, fact_id, op, time in zip(table.column("user_hash").to_pylist(), table.column("fact_id").to_pylist(),
+                                             table.column("op").to_pylist(), times):
+        user = out.setdefault(user_of_hash[user_hash], _UserTombstones())
+        if op == F.OP_FORGET_USER:
+            user.forget_time = max(time, user.forget_time if user.forget_time is not None else time)
+        else:
+            user.deletes[fact_id] = time
+    return out
+
+
+def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombstones],
+           verdicts: list) -> tuple[dict, dict[str, _UserTombstones], set[str]]:
+    """Apply deduplicated events onto the prior facts and tombstones of the users they touch;
+    mark losers SUPERSEDED (or FORGOTTEN_USER). Returns (facts, tombstones, forgotten users)."""
+    batch_forget: dict[str, int] = {}
     per_fact: dict[tuple[str, str], list[_Event]] = defaultdict(list)
     for event in events:
         if event.op == F.OP_FORGET_USER:
-            forget_time[event.user_id] = max(event.time, forget_time.get(event.user_id, event.time))
+            batch_forget[event.user_id] = max(event.time, batch_forget.get(event.user_id, event.time))
         else:
             per_fact[(event.user_id, event.fact_id)].append(event)
-    facts = {key: fact for key, fact in prior.items() if fact["event_time"] > forget_time.get(key[0], -(2**63))}
+    never = -(2**63)
+    forget_time = {u: t.forget_time for u, t in tombstones.items() if t.forget_time is not None}
+    for user, time in batch_forget.items():
+        forget_time[user] = max(time, forget_time.get(user, never))
+    facts = {key: fact for key, fact in prior.items() if fact["event_time"] > forget_time.get(key[0], never)}
+    deletes = {(u, f): t for u, user in tombstones.items() for f, t in user.deletes.items()
+               if t > forget_time.get(u, never)}
     for key, group in per_fact.items():
         group.sort(key=lambda e: e.order)
         last = group[-1]
         for loser in group[:-1]:
             verdicts[loser.index] = (F.SUPERSEDED, f"superseded by the {last.op} at {_iso(last.time)} ({last.source} row {last.row})")
-        forgotten_at = forget_time.get(last.user_id)
-        if forgotten_at is not None and forgotten_at >= last.time:
-            verdicts[last.index] = (F.SUPERSEDED, f"removed by forget_user at {_iso(forgotten_at)}")
+        earlier_forget = tombstones.get(last.user_id, _UserTombstones()).forget_time
+        if earlier_forget is not None and earlier_forget >= last.time:
+            verdicts[last.index] = (F.FORGOTTEN_USER, f"the user was forgotten at {_iso(earlier_forget)}; "
+                                                      "only events after a forget are applied")
+        elif batch_forget.get(last.user_id, never) >= last.time:
+            verdicts[last.index] = (F.SUPERSEDED, f"removed by forget_user at {_iso(batch_forget[last.user_id])}")
+        elif key in deletes and deletes[key] >= last.time:
+            verdicts[last.index] = (F.SUPERSEDED, f"not later than the delete of this fact at {_iso(deletes[key])}")
         elif key in prior and prior[key]["event_time"] > last.time:
             verdicts[last.index] = (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})")
         elif last.op == F.OP_DELETE:
             facts.pop(key, None)
+            deletes[key] = last.time
         else:
             scope, trigger, answer = last.content
             facts[key] = {"scope": scope, "trigger": trigger, "answer": answer, "event_time": last.time}
-    return facts, set(forget_time)
+            deletes.pop(key, None)
+    new_tombstones: dict[str, _UserTombstones] = {}
+    for user, time in forget_time.items():
+        new_tombstones.setdefault(user, _UserTombstones()).forget_time = time
+    for (user, fact_id), time in deletes.items():
+        new_tombstones.setdefault(user, _UserTombstones()).deletes[fact_id] = time
+    return facts, new_tombstones, set(batch_forget)
+
+
+def _tombstones_table(tombstones: dict[str, _UserTombstones]) -> pa.Table:
+    rows = []
+    for user, entry in tombstones.items():
+        user_hash = forgotten_id(user)
+        if entry.forget_time is not None:
+            rows.append({"user_hash": user_hash, "user_id": None, "fact_id": None, "op": F.OP_FORGET_USER,
+                         "event_time": entry.forget_time})
+        rows += [{"user_hash": user_hash, "user_id": user, "fact_id": fact_id, "op": F.OP_DELETE, "event_time": time}
+                 for fact_id, time in entry.deletes.items()]
+    return pa.table({
+        "user_hash": pa.array([r["user_hash"] for r in rows], pa.string()),
+        "user_id": pa.array([r["user_id"] for r in rows], pa.string()),
+        "fact_id": pa.array([r["fact_id"] for r in rows], pa.string()),
+        "op": pa.array([r["op"] for r in rows], pa.string()),
+        "event_time": pa.array([r["event_time"] for r in rows], pa.int64()).cast(F.TIMESTAMP),
+    }, schema=F.TOMBSTONE_SCHEMA)
 
 
 def _state_to_dict(state: pa.Table) -> dict:
@@ -484,7 +761,7 @@ def _dict_to_state(facts: dict) -> pa.Table:
     )
 
 
-def _rejects_table(batch: FactLogBatch, cols: dict, verdicts: list) -> pa.Table:
+def _rejects_table(file_rejects: pa.Table | None, cols: dict, verdicts: list) -> pa.Table:
     def short(value):
         return value if value is None or len(value) <= REJECT_TEXT_LIMIT else value[:REJECT_TEXT_LIMIT] + "…"
 
@@ -501,8 +778,10 @@ def _rejects_table(batch: FactLogBatch, cols: dict, verdicts: list) -> pa.Table:
         for i, verdict in enumerate(verdicts)
         if verdict is not None
     ]
-    rejects = pa.concat_tables([batch.file_rejects.cast(F.REJECTS_SCHEMA), pa.Table.from_pylist(records, schema=F.REJECTS_SCHEMA)])
-    return rejects.sort_by([("source", "ascending"), ("row", "ascending")])
+    parts = [pa.Table.from_pylist(records, schema=F.REJECTS_SCHEMA)]
+    if file_rejects is not None:
+        parts.insert(0, file_rejects.cast(F.REJECTS_SCHEMA))
+    return pa.concat_tables(parts).sort_by([("source", "ascending"), ("row", "ascending")])
 
 
 def _iso(micros: int | None) -> str | None:

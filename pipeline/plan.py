@@ -46,6 +46,16 @@ def user_fact_digest(state: pa.Table) -> dict[str, str]:
     return digests
 
 
+def check_model_change(prior_fingerprint: str | None, fingerprint: str, recompile_all: bool) -> None:
+    """Raise FingerprintMismatch if the model changed since the prior version and the caller did
+    not ask to recompile every user (deltas belong to exactly one model)."""
+    if prior_fingerprint is not None and prior_fingerprint != fingerprint and not recompile_all:
+        raise FingerprintMismatch(
+            f"the model changed from {prior_fingerprint} to {fingerprint}; deltas cannot be "
+            "carried across models; rerun with --recompile-all"
+        )
+
+
 def plan(
     prior_state: pa.Table | None,
     new_state: pa.Table,
@@ -66,11 +76,7 @@ def plan(
     live = set(after)
     drop = sorted((set(before) | set(forgotten)) - live)
     model_changed = prior_fingerprint is not None and prior_fingerprint != fingerprint
-    if model_changed and not recompile_all:
-        raise FingerprintMismatch(
-            f"the model changed from {prior_fingerprint} to {fingerprint}; deltas cannot be "
-            "carried across models; rerun with --recompile-all"
-        )
+    check_model_change(prior_fingerprint, fingerprint, recompile_all)
     if recompile_all or prior_fingerprint is None:
         why = "recompile-all requested" if recompile_all else "first version"
         if model_changed:

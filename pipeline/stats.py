@@ -1,26 +1,38 @@
-"""Stats: per-version Parquet tables in a hive layout, queried with DuckDB.
+"""Stats: Parquet tables per version, queried with DuckDB.
 
-Layout under a store root: ``stats/<table>/version=<N>/part-0.parquet``. DuckDB reads local
-stores directly with ``read_parquet(..., hive_partitioning=true)``; for an S3 store the files
-are opened through the store's pyarrow filesystem as a pyarrow dataset and registered with
-DuckDB (no DuckDB extension is downloaded at run time: these machines reach no internet).
+A version's stats are *parts*: content-addressed Parquet objects ``stats/<table>/<sha256>.parquet``
+named by its manifest. Per shard (in the shard's manifest entry): ``facts``, ``users`` and
+``collisions``, so a shard that did not change is carried with its stats by reference, neither
+read nor rewritten. Per version (the manifest's ``stats``): ``rejects`` (this night's, one part
+per shard that had events and one for files and rows that reach no shard), ``runs`` and
+``shards``. Stores written before manifests named their parts (schema version 1) kept one file
+per table and version under ``stats/<table>/version=<N>/``; those are read too.
+
+:func:`query_stats` gives one view per table over every published version, with a ``version``
+column taken from the manifest that names the part, never from folder names (a store may live
+under any prefix, ``key=value/`` ones included). Parts are opened through the store's pyarrow
+filesystem as datasets (no DuckDB extension is downloaded at run time: these machines reach no
+internet), locally and on S3 alike.
 """
 
 from __future__ import annotations
 
 import datetime
 import decimal
+import hashlib
 import io
 import json
 import logging
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.facts import SchemaMismatch, conform
+from schemas.manifest import Manifest, stats_part_key
 from schemas.stats import STATS_SCHEMAS, queried_schema
+from versions.catalog import list_versions, read_manifest
+from versions.commit import write_verified_objects
 
 logger = logging.getLogger(__name__)
 
@@ -32,44 +44,55 @@ class StatsQueryError(RuntimeError):
 
 
 def stats_prefix(table: str, version: int) -> str:
+    """Where a schema-version-1 store kept ``table`` of ``version`` (read only)."""
     return f"{STATS_PREFIX}/{table}/version={version}/"
 
 
-def write_stats(store, version: int, tables: dict[str, pa.Table]) -> dict[str, str]:
-    """Write each stats table for ``version``; returns table name -> key prefix.
+def encode_stats_part(name: str, table: pa.Table) -> tuple[str, bytes]:
+    """(key, Parquet bytes) of one part of stats table ``name``, conformed to its schema (a
+    ``version`` column, if any, is dropped: the manifest gives it). The same rows give the same
+    bytes and key. Raises ValueError naming an unknown table or a missing or uncastable column."""
+    if name not in STATS_SCHEMAS:
+        raise ValueError(f"unknown stats tables {[name]}; known: {sorted(STATS_SCHEMAS)}")
+    try:
+        rows = conform(table, STATS_SCHEMAS[name], f"stats table {name!r}")
+    except SchemaMismatch as err:
+        raise ValueError(str(err)) from err
+    buffer = io.BytesIO()
+    pq.write_table(rows, buffer, compression="zstd", use_dictionary=False)
+    data = buffer.getvalue()
+    return stats_part_key(name, hashlib.sha256(data).hexdigest()), data
 
-    Tables are conformed to their schema first (a ``version`` column, if any, is dropped: the
-    partition holds it). Rewriting a version's table replaces it, so a rerun is idempotent.
-    """
-    if version < 0:
-        raise ValueError(f"stats version must be >= 0, got {version}")
-    unknown = sorted(set(tables) - set(STATS_SCHEMAS))
-    if unknown:
-        raise ValueError(f"unknown stats tables {unknown}; known: {sorted(STATS_SCHEMAS)}")
-    prefixes = {}
-    for name, table in sorted(tables.items()):
-        try:
-            rows = conform(table, STATS_SCHEMAS[name], f"stats table {name!r}")
-        except SchemaMismatch as err:
-            raise ValueError(str(err)) from err
-        buffer = io.BytesIO()
-        pq.write_table(rows, buffer, compression="zstd")
-        prefix = stats_prefix(name, version)
-        store.put(prefix + "part-0.parquet", buffer.getvalue())
-        prefixes[name] = prefix
-        logger.info("stats: wrote %s (%d rows) to %s", name, rows.num_rows, prefix)
-    return prefixes
+
+def write_stats_part(store, name: str, table: pa.Table) -> str:
+    """Write one part of stats table ``name`` (content-addressed, read back); returns its key."""
+    key, data = encode_stats_part(name, table)
+    write_verified_objects(store, {key: data})
+    logger.debug("stats: wrote %s (%d rows) as %s", name, table.num_rows, key)
+    return key
+
+
+def version_parts(store, manifest: Manifest, table: str) -> list[str]:
+    """The keys of ``table``'s parts in ``manifest``'s version (a version-1 manifest's hive folder
+    is listed)."""
+    if manifest.schema_version == 1:
+        return [k for k in store.list(stats_prefix(table, manifest.version)) if k.endswith(".parquet")]
+    parts = []
+    for key in manifest.stats_parts(table):
+        parts += [k for k in store.list(key) if k.endswith(".parquet")] if key.endswith("/") else [key]
+    return parts
 
 
 def query_stats(store, sql: str) -> pa.Table:
-    """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every version."""
+    """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every published version."""
     import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
 
+    manifests = [read_manifest(store, info.version) for info in list_versions(store)]
     connection = duckdb.connect(":memory:")
     try:
         filesystem, base_path = store.arrow_filesystem()
         for table in STATS_SCHEMAS:
-            _create_view(connection, store, filesystem, base_path.rstrip("/"), table)
+            _create_view(connection, store, manifests, filesystem, base_path.rstrip("/"), table)
         try:
             relation = connection.sql(sql)
             if relation is None:  # a statement with no result rows
@@ -83,30 +106,22 @@ def query_stats(store, sql: str) -> pa.Table:
         connection.close()
 
 
-def _create_view(connection, store, filesystem: pafs.FileSystem, base_path: str, table: str) -> None:
-    keys = [key for key in store.list(f"{STATS_PREFIX}/{table}/") if key.endswith(".parquet")]
-    schema = queried_schema(table)
-    if not keys:
-        connection.register(table, schema.empty_table())
-    elif isinstance(filesystem, pafs.LocalFileSystem):
-        # The store's own listing rather than a glob: a reader sees exactly the objects the
-        # store reports, never a file half-way through being written.
-        files = ", ".join("'" + f"{base_path}/{key}".replace("'", "''") + "'" for key in keys)
-        connection.execute(
-            f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], "
-            "hive_partitioning=true, union_by_name=true)"
-        )
+def _create_view(connection, store, manifests: list[Manifest], filesystem, base_path: str, table: str) -> None:
+    """One view per table: per version, a dataset of its parts plus the version as a column."""
+    schema = STATS_SCHEMAS[table]
+    selects = []
+    for manifest in manifests:
+        parts = version_parts(store, manifest, table)
+        if not parts:
+            continue
+        name = f"_{table}_v{manifest.version}"
+        connection.register(name, ds.dataset([f"{base_path}/{key}" for key in parts], schema=schema,
+                                             format="parquet", filesystem=filesystem))
+        selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}")
+    if selects:
+        connection.execute(f"CREATE VIEW {table} AS " + " UNION ALL ".join(selects))
     else:
-        partitioning = ds.partitioning(pa.schema([schema.field("version")]), flavor="hive")
-        dataset = ds.dataset(
-            [f"{base_path}/{key}" for key in keys],
-            schema=schema,
-            format="parquet",
-            filesystem=filesystem,
-            partitioning=partitioning,
-            partition_base_dir=f"{base_path}/{STATS_PREFIX}/{table}",
-        )
-        connection.register(table, dataset)
+        connection.register(table, queried_schema(table).empty_table())
 
 
 def format_table(table: pa.Table, *, max_width: int = 60) -> str:

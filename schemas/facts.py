@@ -66,6 +66,23 @@ FACT_STATE_SCHEMA = pa.schema(
     metadata={"engram.schema": "fact_state", "engram.schema_version": str(FACT_SCHEMA_VERSION)},
 )
 
+# Tombstones: what a shard remembers of deletes and forgets, so that an older event arriving on
+# a later night cannot bring a deleted fact or a forgotten user back. A delete tombstone holds the
+# (user_id, fact_id) and the delete's event_time while the fact stays deleted (a later upsert
+# replaces it with the live fact, whose own event_time then guards). A forget tombstone holds only
+# the sha256 of the user_id (versions.layout.forgotten_id: the raw id is erased) and the time of
+# the latest forget; it is kept for good.
+TOMBSTONE_SCHEMA = pa.schema(
+    [
+        pa.field("user_hash", pa.string(), nullable=False),  # sha256 hex of user_id
+        pa.field("user_id", pa.string()),  # null on a forget tombstone
+        pa.field("fact_id", pa.string()),  # null on a forget tombstone
+        pa.field("op", pa.string(), nullable=False),  # OP_DELETE or OP_FORGET_USER
+        pa.field("event_time", TIMESTAMP, nullable=False),
+    ],
+    metadata={"engram.schema": "tombstones", "engram.schema_version": str(FACT_SCHEMA_VERSION)},
+)
+
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string()),
@@ -98,6 +115,7 @@ FUTURE_EVENT_TIME = "FUTURE_EVENT_TIME"
 DUPLICATE = "DUPLICATE"
 CONFLICTING_DUPLICATE = "CONFLICTING_DUPLICATE"
 SUPERSEDED = "SUPERSEDED"
+FORGOTTEN_USER = "FORGOTTEN_USER"
 UNREADABLE_FILE = "UNREADABLE_FILE"
 SCHEMA_MISMATCH = "SCHEMA_MISMATCH"
 
@@ -119,7 +137,8 @@ REASONS: dict[str, str] = {
     FUTURE_EVENT_TIME: "event_time is more than a day after the run's clock",
     DUPLICATE: "exact copy of another event (same user, fact, time, content); one copy kept",
     CONFLICTING_DUPLICATE: "same user, fact and event_time as another event with other content",
-    SUPERSEDED: "valid, but a later event (in the batch or the prior state) for the fact wins",
+    SUPERSEDED: "valid, but a later event (in the batch, the prior state or a delete tombstone) for the fact wins",
+    FORGOTTEN_USER: "an event of a forgotten user that is not later than the forget (forgetting is permanent)",
     UNREADABLE_FILE: "a whole input file is not readable Parquet (its rows are unknown)",
     SCHEMA_MISMATCH: "a whole input file lacks a required column or has an uncastable type",
 }
@@ -161,6 +180,10 @@ def empty_fact_state() -> pa.Table:
 
 def empty_rejects() -> pa.Table:
     return REJECTS_SCHEMA.empty_table()
+
+
+def empty_tombstones() -> pa.Table:
+    return TOMBSTONE_SCHEMA.empty_table()
 
 
 class SchemaMismatch(ValueError):
@@ -219,3 +242,28 @@ def decode_fact_state(data: bytes, *, source: str = "fact state") -> pa.Table:
     except _pa.ArrowInvalid as err:
         raise SchemaMismatch(f"{source}: not a readable Parquet fact state ({err})") from err
     return conform(table, FACT_STATE_SCHEMA, source)
+
+
+def encode_tombstones(table: pa.Table) -> bytes:
+    """Parquet (zstd) bytes of a shard's tombstones, sorted; the same table always gives the same bytes."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = conform(table, TOMBSTONE_SCHEMA, "tombstones").sort_by(
+        [("user_hash", "ascending"), ("fact_id", "ascending")])
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", compression_level=3, use_dictionary=False,
+                   row_group_size=max(table.num_rows, 1))
+    return sink.getvalue()
+
+
+def decode_tombstones(data: bytes, *, source: str = "tombstones") -> pa.Table:
+    """Parse a shard's tombstones object and conform it to TOMBSTONE_SCHEMA (errors name ``source``)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowInvalid as err:
+        raise SchemaMismatch(f"{source}: not a readable Parquet tombstones object ({err})") from None
+    return conform(table, TOMBSTONE_SCHEMA, source)

@@ -2,9 +2,19 @@
 
 It names everything a reader needs: the parent version, when and by which job it was made,
 the input watermark, the base fingerprint the deltas were compiled against, and per shard the
-content-addressed bundle and fact-state objects with their sha256 and size. ``forgotten``
-holds the sha256 (hex) of every user_id forgotten up to this version, so a rollback can refuse
-a version that predates a forget. Loading validates every field and names the bad one.
+content-addressed bundle, fact-state and tombstone objects with their sha256 and size, and the
+shard's stats parts. ``forgotten`` holds the sha256 (hex) of every user_id forgotten up to this
+version, so a rollback can refuse a version that predates a forget. Loading validates every
+field and names the bad one.
+
+Schema versions. Version 2 (written since 2026-11-30) adds per shard ``tombstones_*`` (the
+shard's delete and forget tombstones, see schemas.facts.TOMBSTONE_SCHEMA) and ``stats`` (table ->
+key of the shard's part of that stats table); the manifest's ``stats`` maps a table to the list
+of keys of its version-level parts (this night's rejects, runs, shards). Parts are
+content-addressed, so a shard that did not change is carried with its stats by reference.
+Version 1 manifests are still read: their shards have no tombstones object and no stats parts,
+and their ``stats`` map a table to the hive prefix ``stats/<table>/version=<N>/`` that holds it
+(a key ending in ``/`` is a prefix to list).
 """
 
 from __future__ import annotations
@@ -14,7 +24,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -35,6 +46,14 @@ def state_key(sha256: str) -> str:
     return f"objects/state/{sha256}.parquet"
 
 
+def tombstones_key(sha256: str) -> str:
+    return f"objects/tombstones/{sha256}.parquet"
+
+
+def stats_part_key(table: str, sha256: str) -> str:
+    return f"stats/{table}/{sha256}.parquet"
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     shard: int
@@ -47,6 +66,15 @@ class ShardEntry:
     users: int
     facts: int
     rows: int
+    tombstones_key: str | None = None  # None: the shard keeps no tombstones object (e.g. from version 1)
+    tombstones_sha256: str | None = None
+    tombstones_bytes: int = 0
+    stats: dict[str, str] = field(default_factory=dict)  # stats table -> key of this shard's part
+
+    def object_keys(self) -> tuple[str, ...]:
+        """Every object this shard references (bundle, state, tombstones, stats parts)."""
+        keys = [self.bundle_key, self.state_key] + ([self.tombstones_key] if self.tombstones_key else [])
+        return tuple(keys + sorted(self.stats.values()))
 
 
 @dataclass(frozen=True)
@@ -60,7 +88,7 @@ class Manifest:
     fingerprint: str
     num_shards: int
     shards: tuple[ShardEntry, ...]
-    stats: dict[str, str] = field(default_factory=dict)  # stats table -> key prefix
+    stats: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stats table -> version-level part keys
     counts: dict[str, int] = field(default_factory=dict)
     forgotten: tuple[str, ...] = ()  # sha256 hex of forgotten user_ids, sorted
 
@@ -78,15 +106,25 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(s.bundle_bytes + s.state_bytes for s in self.shards)
+        return sum(s.bundle_bytes + s.state_bytes + s.tombstones_bytes for s in self.shards)
 
     def shard(self, shard: int) -> ShardEntry:
         return self.shards[shard]
+
+    def stats_parts(self, table: str) -> list[str]:
+        """Keys (or, in version-1 manifests, hive prefixes ending in '/') of ``table``'s parts."""
+        return list(self.stats.get(table, ())) + [e.stats[table] for e in self.shards if table in e.stats]
+
+    def object_keys(self) -> set[str]:
+        """Every object key the version references: shard objects and stats parts (not prefixes)."""
+        keys = {k for e in self.shards for k in e.object_keys()}
+        return keys | {k for parts in self.stats.values() for k in parts if not k.endswith("/")}
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["shards"] = [asdict(s) for s in self.shards]
         out["forgotten"] = list(self.forgotten)
+        out["stats"] = {table: list(parts) for table, parts in self.stats.items()}
         return out
 
     def to_json(self) -> str:
@@ -105,15 +143,15 @@ class Manifest:
         where = f"manifest {source}"
         if not isinstance(raw, dict):
             raise ManifestError(f"{where}: must be a JSON object")
+        if not isinstance(raw.get("schema_version"), int) or raw["schema_version"] not in READABLE_SCHEMA_VERSIONS:
+            raise ManifestError(f"{where}: field 'schema_version' is {raw.get('schema_version')!r}; this engram reads "
+                                f"versions {list(READABLE_SCHEMA_VERSIONS)} (upgrade engram to read newer manifests)")
+        schema_version = raw["schema_version"]
         _check_fields(raw, cls, where)
-        schema_version = _int(raw, "schema_version", where, minimum=1)
-        if schema_version != MANIFEST_SCHEMA_VERSION:
-            raise ManifestError(f"{where}: field 'schema_version' is {schema_version}; this engram reads "
-                                f"version {MANIFEST_SCHEMA_VERSION} (upgrade engram to read newer manifests)")
         raw_shards = raw["shards"]
         if not isinstance(raw_shards, list):
             raise ManifestError(f"{where}: field 'shards' must be a list")
-        shards = tuple(_shard_entry(s, f"{where} shards[{i}]") for i, s in enumerate(raw_shards))
+        shards = tuple(_shard_entry(s, f"{where} shards[{i}]", schema_version) for i, s in enumerate(raw_shards))
         manifest = cls(
             schema_version=schema_version,
             version=_int(raw, "version", where, minimum=1),
@@ -124,7 +162,7 @@ class Manifest:
             fingerprint=_str(raw, "fingerprint", where),
             num_shards=_int(raw, "num_shards", where, minimum=1, what="a positive int"),
             shards=shards,
-            stats=_mapping(raw, "stats", where, str),
+            stats=_stats(raw, where, schema_version),
             counts=_mapping(raw, "counts", where, int),
             forgotten=_forgotten(raw, where),
         )
@@ -142,9 +180,13 @@ class Manifest:
             raise ManifestError(f"{where}: field 'parent' equals the version {self.version}")
 
 
-def _check_fields(raw: dict, cls, where: str) -> None:
+_V1_ABSENT = {"tombstones_key", "tombstones_sha256", "tombstones_bytes"}  # shard fields version 1 lacks
+_V1_SHARD_STATS = {"stats"}
+
+
+def _check_fields(raw: dict, cls, where: str, optional: set[str] = frozenset()) -> None:
     names = {f.name for f in fields(cls)}
-    missing = names - raw.keys()
+    missing = names - raw.keys() - optional
     unknown = raw.keys() - names
     if missing:
         raise ManifestError(f"{where}: missing field {sorted(missing)[0]!r}")
@@ -194,6 +236,17 @@ def _mapping(raw: dict, name: str, where: str, value_type: type) -> dict:
     return dict(value)
 
 
+def _stats(raw: dict, where: str, schema_version: int) -> dict[str, tuple[str, ...]]:
+    value = raw["stats"]
+    if schema_version == 1:  # table -> hive prefix
+        return {table: (prefix,) for table, prefix in _mapping(raw, "stats", where, str).items()}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) and x for x in v) for k, v in value.items()
+    ):
+        raise ManifestError(f"{where}: field 'stats' must map table names to lists of object keys")
+    return {table: tuple(parts) for table, parts in value.items()}
+
+
 def _forgotten(raw: dict, where: str) -> tuple[str, ...]:
     value = raw["forgotten"]
     if not isinstance(value, list) or not all(isinstance(v, str) and _SHA256.match(v) for v in value):
@@ -203,10 +256,11 @@ def _forgotten(raw: dict, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _shard_entry(raw, where: str) -> ShardEntry:
+def _shard_entry(raw, where: str, schema_version: int = MANIFEST_SCHEMA_VERSION) -> ShardEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: must be a JSON object")
-    _check_fields(raw, ShardEntry, where)
+    _check_fields(raw, ShardEntry, where, optional=_V1_ABSENT | _V1_SHARD_STATS if schema_version == 1 else set())
+    tombstones = raw.get("tombstones_key") is not None  # None: no tombstones object (none kept yet)
     entry = ShardEntry(
         shard=_int(raw, "shard", where),
         bundle_key=_str(raw, "bundle_key", where),
@@ -218,9 +272,20 @@ def _shard_entry(raw, where: str) -> ShardEntry:
         users=_int(raw, "users", where),
         facts=_int(raw, "facts", where),
         rows=_int(raw, "rows", where),
+        tombstones_key=_str(raw, "tombstones_key", where) if tombstones else None,
+        tombstones_sha256=_sha(raw, "tombstones_sha256", where) if tombstones else None,
+        tombstones_bytes=_int(raw, "tombstones_bytes", where, minimum=1) if tombstones else 0,
+        stats=_mapping(raw, "stats", where, str) if "stats" in raw else {},
     )
     if entry.bundle_key != bundle_key(entry.bundle_sha256):
         raise ManifestError(f"{where}: field 'bundle_key' must be {bundle_key(entry.bundle_sha256)!r}, got {entry.bundle_key!r}")
     if entry.state_key != state_key(entry.state_sha256):
         raise ManifestError(f"{where}: field 'state_key' must be {state_key(entry.state_sha256)!r}, got {entry.state_key!r}")
+    if tombstones and entry.tombstones_key != tombstones_key(entry.tombstones_sha256):
+        raise ManifestError(f"{where}: field 'tombstones_key' must be {tombstones_key(entry.tombstones_sha256)!r}, "
+                            f"got {entry.tombstones_key!r}")
+    for table, key in entry.stats.items():
+        if not key.startswith(f"stats/{table}/") or not key.endswith(".parquet"):
+            raise ManifestError(f"{where}: field 'stats' names {key!r} for table {table!r}; "
+                                f"expected stats/{table}/<sha256>.parquet")
     return entry

@@ -73,7 +73,7 @@ def assert_complete(store, version: int) -> None:
 def ray_cluster():
     import ray
 
-    from pipeline.compile import start_ray
+    from pipeline.runner import start_ray
 
     start_ray(num_cpus=2)
     yield

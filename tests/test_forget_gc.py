@@ -11,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from engram_core.delta import Delta
-from pipeline.stats import query_stats, write_stats
+from pipeline.stats import query_stats, write_stats_part
 from schemas.bundle import bundle_table, encode_bundle
+from schemas.stats import STATS_SCHEMAS
 from schemas.facts import FACT_STATE_SCHEMA, decode_fact_state, encode_fact_state, fact_hash
 from versions.catalog import list_versions, load_shard_bundle, read_audit, read_current, read_manifest
 from versions.forget import forget_user, scan_for_user
@@ -67,11 +68,10 @@ def _stats(version: int, users: list[str]) -> dict[str, pa.Table]:
 
 
 def _publish(store, day: int, users: list[str], previous, shards=range(NUM_SHARDS)):
-    manifest = publish_version(store, shard_payloads=_payloads(day, users, shards), previous=previous,
-                               fingerprint="fp", num_shards=NUM_SHARDS, job_id=f"job-{day}",
-                               watermark=f"2026-01-0{day}")
-    write_stats(store, manifest.version, _stats(manifest.version, users))
-    return manifest
+    stats = {name: [write_stats_part(store, name, table)] for name, table in _stats(day, users).items()}
+    return publish_version(store, shard_payloads=_payloads(day, users, shards), previous=previous,
+                           fingerprint="fp", num_shards=NUM_SHARDS, job_id=f"job-{day}",
+                           watermark=f"2026-01-0{day}", stats=stats)
 
 
 @pytest.fixture
@@ -180,7 +180,8 @@ def test_gc_keeps_exactly_what_it_must(four_versions):
     referenced = {k for m in kept for e in m.shards for k in (e.bundle_key, e.state_key)}
     on_store = set(store.list("objects/"))
     assert on_store == referenced  # nothing unreferenced survives, nothing referenced goes
-    assert {k.split("/")[2] for k in store.list("stats/")} == {"version=3", "version=4"}
+    stats_parts = {k for m in kept for table in STATS_SCHEMAS for k in m.stats_parts(table)}
+    assert set(store.list("stats/")) == stats_parts and stats_parts
     for version in (4, 3):  # both still load completely
         rollback(store, version, reason="check", actor="ops")
     assert read_audit(store)[-3]["event"] == "gc"

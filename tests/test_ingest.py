@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.ingest import FactLogBatch, FactLogError, ingest, normalise_fact_log, read_fact_log
 from schemas import facts as F
+from versions.layout import forgotten_id
 from tests.fixtures.bad_inputs.corpus import (
     FILE_CASES,
     MAX_TEXT_CHARS,
@@ -317,3 +318,64 @@ def test_applying_in_two_nights_equals_applying_at_once():
 def test_a_tokenizer_that_miscounts_is_an_error_not_a_silent_pass():
     with pytest.raises(ValueError, match="count_tokens returned 0 counts for 1 triggers"):
         run(table({}), count_tokens=lambda texts: [])
+
+
+# --- Tombstones: deletes and forgets last across nights --------------------------------------
+
+
+def nights(*batches: pa.Table):
+    """Apply batches as successive nights, carrying state and tombstones; returns the last result."""
+    state = tombstones = None
+    for batch in batches:
+        result = run(batch, state, prior_tombstones=tombstones)
+        state, tombstones = result.state, result.tombstones
+    return result
+
+
+def test_an_upsert_older_than_a_delete_of_an_earlier_night_is_superseded_and_the_fact_stays_deleted():
+    delete = {"op": "delete", "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=3)}
+    late = {"answer": " Max", "event_time": T0 + timedelta(hours=1)}  # from an offline device
+    result = nights(table({}), table(delete), table(late))
+    assert result.state.num_rows == 0
+    assert [(r["reason"], "delete of this fact" in r["detail"]) for r in result.rejects.to_pylist()] == [("SUPERSEDED", True)]
+    later = nights(table({}), table(delete), table({"answer": " Max", "event_time": T0 + timedelta(hours=4)}))
+    assert live_facts(later.state) == {("alice", "pet"): " Max"}
+    assert later.tombstones.num_rows == 0  # the live fact's own time guards it now
+
+
+def test_a_forgotten_user_is_never_brought_back_by_older_events_but_may_return_by_writing_again():
+    forget = {"op": "forget_user", "fact_id": None, "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=3)}
+    old_rows = table({"fact_id": "a", "event_time": T0 + timedelta(hours=2)}, {"fact_id": "b", "event_time": T0 + timedelta(hours=3)})
+    result = nights(table({"fact_id": "a"}), table(forget), old_rows)
+    assert result.state.num_rows == 0 and result.forgotten_users == set()
+    assert result.rejects.column("reason").to_pylist() == ["FORGOTTEN_USER", "FORGOTTEN_USER"]
+    # The tombstone keeps only the hash of the id: the forgotten user's raw id is stored nowhere.
+    assert result.tombstones.column("user_id").to_pylist() == [None]
+    assert result.tombstones.column("user_hash").to_pylist() == [forgotten_id("alice")]
+    back = nights(table({"fact_id": "a"}), table(forget), table({"fact_id": "c", "event_time": T0 + timedelta(hours=4)}))
+    assert live_facts(back.state) == {("alice", "c"): " Rex"}
+
+
+def test_a_forget_drops_the_users_delete_tombstones_with_their_raw_id():
+    delete = {"op": "delete", "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=1)}
+    forget = {"op": "forget_user", "fact_id": None, "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=2)}
+    first = nights(table({}), table(delete))
+    assert first.tombstones.column("user_id").to_pylist() == ["alice"]
+    result = nights(table({}), table(delete), table(forget))
+    assert "alice" not in result.tombstones.column("user_id").to_pylist()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.dictionaries(event_keys, event_values, max_size=14),
+    night_of=st.lists(st.integers(0, 2), min_size=14, max_size=14),
+)
+def test_the_state_is_the_same_however_the_events_are_split_over_nights(events, night_of):
+    """Events arrive on any night, late or early: carrying state and tombstones from night to night
+    gives the state of applying every event at once."""
+    rows = [_row(k, v) for k, v in events.items()]
+    expected = _replay(rows)
+    batches = [pa.Table.from_pylist([r for r, n in zip(rows, night_of) if n == night], schema=RAW_SCHEMA) for night in range(3)]
+    result = nights(*batches)
+    assert live_facts(result.state) == expected
+    assert live_facts(result.state) == live_facts(run(pa.Table.from_pylist(rows, schema=RAW_SCHEMA)).state)

@@ -3,6 +3,8 @@
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engram_core.serving import greedy_tokens
 from jobs.nightly import run_nightly
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.slow
 def ray_cluster():
     import ray
 
-    from pipeline.compile import start_ray
+    from pipeline.runner import start_ray
 
     start_ray(num_cpus=2)
     yield
@@ -218,20 +220,50 @@ def test_a_user_whose_facts_the_compiler_refuses_stops_serving_the_old_delta(tmp
     assert status.column("status").to_pylist() == ["answer_too_long"]
 
 
-def test_a_compile_task_holds_batches_per_chunk_batches_of_whole_users(tiny_dir, tiny):
-    """``batches_per_chunk`` packs several compile batches into one task (here in-process), whole
-    users each; every fact still compiles, and a bad value is refused before any work."""
-    from engram_core.compiler import CompileOptions, Fact
-    from pipeline.compile import compile_stage
-
-    facts = [Fact(f"user-{u:02d}", f"fact-{k}", trigger, answer) for u in range(12)
-             for k, (trigger, answer) in enumerate([("My dog's name is", " Rex"), ("I live in", " Lyon")])]
-    sizes = []
-    result = compile_stage(str(tiny_dir), facts, fingerprint=tiny.fingerprint, options=CompileOptions(facts_per_batch=4),
-                           workers=0, on_chunk=lambda users, done: sizes.append((users, done)), batches_per_chunk=3)
-    assert sizes == [(6, 12), (6, 12)]  # 2 facts per user: chunks of 12 facts = 3 batches of 4
-    assert result.ok == len(facts) and len(result.deltas) == 12
-    with pytest.raises(ValueError, match="batches_per_chunk must be at least 1"):
-        compile_stage(str(tiny_dir), facts, fingerprint=tiny.fingerprint, workers=0, batches_per_chunk=0)
+def test_a_compile_task_holds_batches_per_chunk_batches_of_whole_users(tmp_path, tiny_dir, local_store):
+    """``batches_per_chunk`` packs several compile batches into one task, whole users each; every
+    fact still compiles, and a bad value is refused before any work."""
+    write_fact_log(fact_log_rows(12, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=3,
+                       workers=0, batches_per_chunk=3, compile={"facts_per_batch": 4})
+    chunks = []
+    report = run_nightly(spec, crash_hook=lambda step: chunks.append(step) if step == "compile_chunk" else None)
+    assert len(chunks) == 2  # 24 facts in chunks of 3 batches of 4 facts
+    assert report.facts_ok == 24 and report.compiled_users == 12
     with pytest.raises(SpecError, match="batches_per_chunk"):
         NightlySpec(store="s", fact_log="l", model="m", batches_per_chunk=0)
+
+
+def test_chunks_pack_whole_users_in_shard_order():
+    import numpy as np
+
+    from pipeline.compile import ChunkSlice, plan_chunks
+
+    chunks = plan_chunks([(0, np.array([2] * 5)), (1, np.array([2] * 7))], 12)
+    assert chunks == [(ChunkSlice(0, 0, 10), ChunkSlice(1, 0, 2)), (ChunkSlice(1, 2, 14),)]
+    assert plan_chunks([(4, np.array([5, 1, 9]))], 4) == [(ChunkSlice(4, 0, 5),), (ChunkSlice(4, 5, 15),)]
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_chunks([], 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 9), max_size=12), max_size=5), st.integers(1, 30))
+def test_every_user_lands_in_exactly_one_chunk_of_at_least_the_chunk_size_but_the_last(per_shard, size):
+    import numpy as np
+
+    from pipeline.compile import plan_chunks
+
+    shards = [(s, np.array(counts, np.int32)) for s, counts in enumerate(per_shard) if counts]
+    chunks = plan_chunks(shards, size)
+    boundaries = {s: set(np.cumsum(counts).tolist()) | {0} for s, counts in shards}
+    covered = {s: [] for s, _ in shards}
+    for chunk in chunks:
+        for piece in chunk:
+            assert piece.start in boundaries[piece.shard] and piece.stop in boundaries[piece.shard]  # whole users
+            covered[piece.shard].append((piece.start, piece.stop))
+    for s, counts in shards:
+        spans = sorted(covered[s])
+        assert spans[0][0] == 0 and spans[-1][1] == sum(counts)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gap, no overlap
+    sizes = [sum(p.stop - p.start for p in chunk) for chunk in chunks]
+    assert all(n >= size for n in sizes[:-1])

@@ -9,9 +9,11 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 
 from engram_core.delta import Delta
+from pipeline.stats import write_stats_part
 from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_table, decode_bundle, encode_bundle
 from schemas.manifest import Manifest, ManifestError
 from versions.catalog import list_versions, load_shard_bundle, read_audit, read_current, read_manifest
@@ -50,9 +52,11 @@ USERS = [f"user-{i}" for i in range(12)]
 
 
 def publish(store, shard_payloads, previous, *, watermark="2026-01-01", fingerprint="base-fp", **kwargs):
+    facts = pa.table({"user_id": ["a"], "fact_id": ["f"], "status": ["ok"], "loss": [0.1], "steps": [1], "rows": [2]})
     return publish_version(store, shard_payloads=shard_payloads, previous=previous, fingerprint=fingerprint,
                            num_shards=NUM_SHARDS, job_id="job-test", watermark=watermark,
-                           stats={"facts": "stats/facts/"}, counts={"users": len(USERS)}, **kwargs)
+                           stats={"facts": [write_stats_part(store, "facts", facts)]}, counts={"users": len(USERS)},
+                           **kwargs)
 
 
 @pytest.fixture

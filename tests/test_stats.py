@@ -1,4 +1,4 @@
-"""Stats: per-version Parquet tables in a hive layout that DuckDB queries."""
+"""Stats: per-version Parquet parts named by manifests, queried with DuckDB."""
 
 from __future__ import annotations
 
@@ -6,10 +6,22 @@ import json
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.stats import StatsQueryError, format_table, query_stats, rows_as_json, write_stats
+from pipeline.stats import (
+    StatsQueryError,
+    format_table,
+    query_stats,
+    rows_as_json,
+    write_stats_part,
+)
+from schemas.bundle import bundle_table, encode_bundle
+from schemas.facts import empty_fact_state, encode_fact_state
 from schemas.stats import STATS_SCHEMAS, queried_schema
+from versions.catalog import read_manifest
+from versions.publish import ShardPayload, publish_version
+from versions.store import LocalStore
 
 
 def facts(*rows: tuple[str, str, str, float]) -> pa.Table:
@@ -25,17 +37,75 @@ def facts(*rows: tuple[str, str, str, float]) -> pa.Table:
     )
 
 
-def test_tables_are_written_in_a_hive_layout_per_version(local_store):
-    prefixes = write_stats(local_store, 3, {"facts": facts(("a", "f", "ok", 0.1))})
-    assert prefixes == {"facts": "stats/facts/version=3/"}
-    assert local_store.list("stats/") == ["stats/facts/version=3/part-0.parquet"]
+def publish_stats(store, previous, **tables: pa.Table):
+    """Publish a version (one empty shard) whose manifest names one part per given stats table."""
+    payload = ShardPayload(encode_bundle(bundle_table({})), encode_fact_state(empty_fact_state()))
+    return publish_version(store, shard_payloads={0: payload}, previous=previous, fingerprint="fp", num_shards=1,
+                           job_id="test", watermark=f"w{previous.version + 1 if previous else 1}",
+                           stats={name: [write_stats_part(store, name, table)] for name, table in tables.items()})
 
 
-def test_queries_see_every_version_with_its_version_column(any_store):
-    write_stats(any_store, 1, {"facts": facts(("a", "f", "ok", 0.1), ("b", "g", "NOT_RECALLED", 2.0))})
-    write_stats(any_store, 2, {"facts": facts(("a", "f", "ok", 0.05))})
+def test_a_part_is_content_addressed_the_same_rows_give_the_same_key(local_store):
+    first = write_stats_part(local_store, "facts", facts(("a", "f", "ok", 0.1)))
+    again = write_stats_part(local_store, "facts", facts(("a", "f", "ok", 0.1)))
+    other = write_stats_part(local_store, "facts", facts(("a", "f", "ok", 0.2)))
+    assert first == again != other and first.startswith("stats/facts/") and first.endswith(".parquet")
+    assert local_store.list("stats/") == sorted([first, other])
+
+
+def test_queries_see_every_published_version_with_its_version_column(any_store):
+    v1 = publish_stats(any_store, None, facts=facts(("a", "f", "ok", 0.1), ("b", "g", "NOT_RECALLED", 2.0)))
+    publish_stats(any_store, v1, facts=facts(("a", "f", "ok", 0.05)))
     result = query_stats(any_store, "SELECT version, count(*) AS n FROM facts GROUP BY version ORDER BY version")
     assert result.to_pylist() == [{"version": 1, "n": 2}, {"version": 2, "n": 1}]
+
+
+def test_a_part_named_by_two_versions_is_counted_in_each(local_store):
+    rows = facts(("a", "f", "ok", 0.1))
+    v1 = publish_stats(local_store, None, facts=rows)
+    v2 = publish_stats(local_store, v1, facts=rows)
+    assert v1.stats_parts("facts") == v2.stats_parts("facts")  # carried by reference, written once
+    result = query_stats(local_store, "SELECT version, user_id FROM facts ORDER BY version")
+    assert result.to_pylist() == [{"version": 1, "user_id": "a"}, {"version": 2, "user_id": "a"}]
+
+
+def test_stats_of_a_version_that_was_never_made_current_stay_invisible(local_store):
+    v1 = publish_stats(local_store, None, facts=facts(("a", "f", "ok", 0.1)))
+
+    def crash(step):
+        if step == "swap_current":
+            raise RuntimeError("the job died")
+
+    with pytest.raises(RuntimeError):
+        payload = ShardPayload(encode_bundle(bundle_table({})), encode_fact_state(empty_fact_state()))
+        publish_version(local_store, shard_payloads={0: payload}, previous=v1, fingerprint="fp", num_shards=1,
+                        job_id="crashed", watermark="w2",
+                        stats={"facts": [write_stats_part(local_store, "facts", facts(("zz", "f", "ok", 1.0)))]},
+                        crash_hook=crash)
+    assert query_stats(local_store, "SELECT user_id FROM facts").column("user_id").to_pylist() == ["a"]
+
+
+def test_the_version_column_never_comes_from_folder_names_above_the_store(tmp_path):
+    store = LocalStore(tmp_path / "version=7" / "day=2026-11-20" / "store")
+    publish_stats(store, None, facts=facts(("a", "f", "ok", 0.1)))
+    result = query_stats(store, "SELECT * FROM facts")
+    assert result.column_names == queried_schema("facts").names
+    assert result.column("version").to_pylist() == [1]
+
+
+def test_a_version_1_store_with_stats_in_hive_folders_is_still_read(local_store):
+    v1 = publish_stats(local_store, None)
+    legacy = v1.to_dict()
+    legacy.update(schema_version=1, stats={})
+    for shard in legacy["shards"]:
+        for name in ("tombstones_key", "tombstones_sha256", "tombstones_bytes", "stats"):
+            shard.pop(name)
+    local_store.put(v1.key, json.dumps(legacy).encode())
+    buffer = pa.BufferOutputStream()
+    pq.write_table(facts(("old", "f", "ok", 0.3)), buffer)
+    local_store.put("stats/facts/version=1/part-0.parquet", buffer.getvalue().to_pybytes())
+    assert read_manifest(local_store, 1).schema_version == 1
+    assert query_stats(local_store, "SELECT version, user_id FROM facts").to_pylist() == [{"version": 1, "user_id": "old"}]
 
 
 def test_every_view_exists_with_its_columns_before_any_file_is_written(any_store):
@@ -45,30 +115,24 @@ def test_every_view_exists_with_its_columns_before_any_file_is_written(any_store
         assert result.column_names == queried_schema(table).names
 
 
-def test_rewriting_a_version_replaces_its_table(local_store):
-    write_stats(local_store, 1, {"facts": facts(("a", "f", "ok", 0.1))})
-    write_stats(local_store, 1, {"facts": facts(("a", "f", "ok", 0.1))})
-    assert query_stats(local_store, "SELECT count(*) AS n FROM facts").to_pylist() == [{"n": 1}]
-
-
 def test_nested_and_timestamp_columns_round_trip(local_store):
     collisions = pa.table({"layer": [2], "row_id": [17], "owners": [2], "owner_kind": ["users"], "example_owners": [["a", "b"]]})
     started = datetime(2026, 11, 21, 2, 0, tzinfo=timezone.utc)
     runs = pa.table({"stage": ["ingest"], "seconds": [1.5], "started_at": pa.array([started], pa.timestamp("us", "UTC")), "items": [9]})
-    write_stats(local_store, 1, {"collisions": collisions, "runs": runs})
+    publish_stats(local_store, None, collisions=collisions, runs=runs)
     assert query_stats(local_store, "SELECT example_owners FROM collisions").to_pylist() == [{"example_owners": ["a", "b"]}]
     started_at = query_stats(local_store, "SELECT started_at FROM runs").column(0)[0].as_py()
     assert started_at == started
 
 
-def test_an_unknown_table_name_is_refused():
+def test_an_unknown_table_name_is_refused(local_store):
     with pytest.raises(ValueError, match="unknown stats tables \\['fact'\\]"):
-        write_stats(None, 1, {"fact": facts()})
+        write_stats_part(local_store, "fact", facts())
 
 
 def test_a_table_missing_a_column_is_refused_naming_it(local_store):
     with pytest.raises(ValueError, match="missing column 'loss'"):
-        write_stats(local_store, 1, {"facts": facts(("a", "f", "ok", 0.1)).drop_columns(["loss"])})
+        write_stats_part(local_store, "facts", facts(("a", "f", "ok", 0.1)).drop_columns(["loss"]))
 
 
 def test_a_bad_query_reports_duckdbs_message(local_store):

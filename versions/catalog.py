@@ -161,5 +161,8 @@ def published_versions(store: ObjectStore) -> set[int]:
 def known_forgets(store: ObjectStore) -> set[str]:
     """Every forget recorded anywhere: readable manifests and forget audit records."""
     forgets = {h for m in readable_manifests(store).values() for h in m.forgotten}
-    forgets |= {r["forgotten"] for r in read_audit(store) if r.get("event") == "forget" and r.get("found")}
+    for record in read_audit(store):
+        if record.get("event") == "forget" and record.get("found"):
+            hashes = record["forgotten"]  # one hash, or a list when one forget named several users
+            forgets |= set(hashes) if isinstance(hashes, list) else {hashes}
     return forgets

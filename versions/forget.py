@@ -1,4 +1,4 @@
-"""Forget a user: remove their rows and facts from every retained version, for good.
+"""Forget users: remove their rows and facts from every retained version, for good.
 
 How a rewrite is represented. Manifests stay immutable and named by version, and CURRENT only
 ever points at ``manifests/v<N>.json``. Forgetting re-issues every retained published version
@@ -7,15 +7,21 @@ manifest on disk, in the same order as the originals::
 
     retained v3, v4, v5 (CURRENT), v6 (rolled back from)   ->   v7, v8, v9 (CURRENT), v10
 
-Each rewrite has the original's content minus the user: the user's shard gets a new bundle
-(the user's row dropped) and a new fact-state object (the user's facts dropped) under new
-content addresses; every other shard is carried by reference; ``forgotten`` gains the user's
-hash; ``parent`` points at the parent's rewrite. Stats partitions are copied to the new
-version number without the user's rows. Then CURRENT moves to the rewrite of CURRENT with the
-ordinary compare-and-swap, one ``forget_rewrite`` audit record per rewrite names it (so it
-stays published and a roll-forward target stays one), one ``forget`` record maps old -> new,
-and only then are the old manifests, every object no retained manifest references, the old
-stats partitions and orphan manifests deleted.
+Each rewrite has the original's content minus the users: each user's shard gets a new bundle
+(the user's row dropped), a new fact-state object (the user's facts dropped) and new tombstones
+(the user's delete tombstones dropped, a forget tombstone holding only the hash of the id added,
+so that no late event brings them back) under new content addresses, and new stats parts
+without their rows; every other shard is carried by reference; ``forgotten`` gains the users'
+hashes; ``parent`` points at the parent's rewrite. Version-level stats parts (rejects) that hold
+a user are rewritten too. Then CURRENT moves to the rewrite of CURRENT with the ordinary
+compare-and-swap, one ``forget_rewrite`` audit record per rewrite names it (so it stays
+published and a roll-forward target stays one), one ``forget`` record maps old -> new, and only
+then are the old manifests, orphan manifests, and every object that held a forgotten user and no
+kept manifest references deleted. Objects nothing references for other reasons (those a night
+in progress has written and not yet committed) are left to gc.
+
+All users of one call are forgotten in one rewrite of the retained versions (the nightly passes
+all of one night's ``forget_user`` events at once).
 
 Why new numbers rather than rewriting manifests in place:
 
@@ -41,72 +47,104 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.bundle import decode_bundle, encode_bundle
-from schemas.facts import decode_fact_state, encode_fact_state
-from schemas.manifest import Manifest, ShardEntry, manifest_key
-from versions.catalog import (
-    list_versions,
-    manifest_versions_on_disk,
-    read_manifest,
-    read_pointer,
-    verified_bytes,
+from schemas.facts import (
+    OP_FORGET_USER,
+    TIMESTAMP,
+    TOMBSTONE_SCHEMA,
+    decode_fact_state,
+    decode_tombstones,
+    empty_tombstones,
+    encode_fact_state,
+    encode_tombstones,
 )
+from schemas.manifest import (
+    MANIFEST_SCHEMA_VERSION,
+    Manifest,
+    ShardEntry,
+    bundle_key,
+    manifest_key,
+    state_key,
+    stats_part_key,
+    tombstones_key,
+)
+from versions.catalog import list_versions, manifest_versions_on_disk, read_manifest, read_pointer, verified_bytes
 from versions.commit import append_audit, swap_current, write_manifest, write_verified_objects
 from versions.errors import PublishConflict, PublishError
-from versions.layout import OBJECT_PREFIXES, PARTIAL_PREFIX, forgotten_id, shard_of
-from versions.publish import ShardPayload, shard_entry_for
+from versions.layout import PARTIAL_PREFIX, forgotten_id, shard_of
 from versions.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-_STATS_KEY = re.compile(r"^stats/([^/]+)/version=(\d+)/(.+)$")
 ATTEMPTS = 3
+_USER_TABLES = ("facts", "users", "collisions", "rejects")  # stats tables that can name a user
 
 
 @dataclass(frozen=True)
 class ForgetReport:
-    user_hash: str  # sha256 of the user_id, as recorded in manifests and audit
-    found: bool
+    user_hashes: tuple[str, ...]  # sha256 of each user_id, as recorded in manifests and audit
+    found: bool  # some retained version held one of the users
     current_version: int | None  # CURRENT after the forget
     rewritten: dict[int, int] = field(default_factory=dict)  # old version -> its rewrite
     deleted_objects: tuple[str, ...] = ()
     message: str = ""
 
+    @property
+    def user_hash(self) -> str:
+        return self.user_hashes[0]
+
     def to_dict(self) -> dict:
-        return {"user_hash": self.user_hash, "found": self.found, "current_version": self.current_version,
-                "rewritten": {str(k): v for k, v in self.rewritten.items()},
-                "deleted_objects": list(self.deleted_objects), "message": self.message}
+        out = {"user_hashes": list(self.user_hashes), "found": self.found, "current_version": self.current_version,
+               "rewritten": {str(k): v for k, v in self.rewritten.items()},
+               "deleted_objects": list(self.deleted_objects), "message": self.message}
+        if len(self.user_hashes) == 1:
+            out["user_hash"] = self.user_hash
+        return out
 
 
 # ------------------------------------------------------------------------- scanning
 
 
-def _holds_user(table: pa.Table, user_id: str) -> bool:
-    if "user_id" in table.column_names and pc.any(pc.equal(table.column("user_id"), user_id)).as_py():
+def _is_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.is_in(values, users), False)
+
+
+def _names_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
+    """Per owner name: one of ``users``, or a ``user/fact`` name of one (within-user collision owners)."""
+    if len(values) == 0:
+        return pa.array([], pa.bool_())
+    head = pc.list_element(pc.split_pattern(values, "/", max_splits=1), 0)
+    return pc.or_(_is_user(values, users), _is_user(head, users))
+
+
+def _holds_users(table: pa.Table, users: pa.Array) -> bool:
+    if "user_id" in table.column_names and table.num_rows and pc.any(_is_user(table.column("user_id"), users)).as_py():
         return True
-    if "example_owners" in table.column_names:
+    if "example_owners" in table.column_names and table.num_rows:
         flat = pc.list_flatten(table.column("example_owners"))
-        return bool(pc.any(pc.or_(pc.equal(flat, user_id), pc.starts_with(flat, user_id + "/"))).as_py())
+        return bool(len(flat)) and bool(pc.any(_names_user(flat, users)).as_py())
     return False
 
 
 def scan_for_user(store: ObjectStore, user_id: str) -> list[str]:
     """Keys of every object that still holds ``user_id``: Parquet rows (``user_id`` columns,
-    ``example_owners`` lists) in bundles, fact state and stats, or the raw id as a JSON string in
-    any other object (manifests, CURRENT, audit). Reads the whole store: an audit tool."""
+    ``example_owners`` lists) in bundles, fact state, tombstones and stats, or the raw id as a
+    JSON string in any other object (manifests, CURRENT, audit). Reads the whole store: an audit tool."""
     needle = json.dumps(user_id).encode()
+    users = pa.array([user_id], pa.string())
     holding = []
     for key in store.list(""):
         data = store.get(key)
         if key.endswith(".parquet"):
-            if _holds_user(pq.read_table(pa.BufferReader(data)), user_id):
+            if _holds_users(pq.read_table(pa.BufferReader(data)), users):
                 holding.append(key)
         elif needle in data:
             holding.append(key)
@@ -116,62 +154,115 @@ def scan_for_user(store: ObjectStore, user_id: str) -> list[str]:
 # ------------------------------------------------------------------------- rewriting
 
 
-def _without_user(table: pa.Table, user_id: str) -> pa.Table:
-    if "user_id" in table.column_names:
-        table = table.filter(pc.invert(pc.fill_null(pc.equal(table.column("user_id"), user_id), False)))
-    if "example_owners" in table.column_names:
-        lists = table.column("example_owners").to_pylist()
-        kept = [None if ls is None else [o for o in ls if o != user_id and not o.startswith(user_id + "/")]
-                for ls in lists]
+def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
+    if "user_id" in table.column_names and table.num_rows:
+        table = table.filter(pc.invert(_is_user(table.column("user_id"), users)))
+    if "example_owners" in table.column_names and table.num_rows:
         index = table.column_names.index("example_owners")
+        lists = table.column("example_owners").to_pylist()
+        names = set(users.to_pylist())
+        kept = [None if ls is None else [o for o in ls if o not in names and o.split("/", 1)[0] not in names]
+                for ls in lists]
         table = table.set_column(index, table.schema.field(index), pa.array(kept, table.schema.field(index).type))
     return table
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", use_dictionary=False)
     return sink.getvalue()
 
 
-def _stats_keys(store: ObjectStore) -> dict[int, list[str]]:
-    """version -> its stats object keys (``stats/<table>/version=<N>/...``)."""
-    out: dict[int, list[str]] = {}
-    for key in store.list("stats/"):
-        if m := _STATS_KEY.match(key):
-            out.setdefault(int(m.group(2)), []).append(key)
-    return out
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 class _Rewriter:
-    """Rewrites of one user's shard objects, shared between versions that share objects."""
+    """Rewrites of the users' shard objects and stats parts, shared between versions that share them."""
 
-    def __init__(self, store: ObjectStore, user_id: str):
-        self.store, self.user_id = store, user_id
+    def __init__(self, store: ObjectStore, users: Sequence[str], forgotten_at: datetime):
+        self.store = store
+        self.users = pa.array(sorted(set(users)), pa.string())
+        self.forgotten_at = forgotten_at
         self.objects: dict[str, bytes] = {}  # new content-addressed objects to write
-        self._entries: dict[tuple[str, str, int], ShardEntry | None] = {}
+        self.held: set[str] = set()  # keys of objects that hold a user's data
+        self.superseded: set[str] = set()  # other keys the rewrites replace (tombstones without the user)
+        self._entries: dict[tuple, ShardEntry] = {}
+        self._parts: dict[str, str] = {}
 
-    def shard(self, entry: ShardEntry) -> ShardEntry | None:
-        """The entry without the user, or None if the shard does not hold them."""
-        memo = (entry.bundle_key, entry.state_key, entry.shard)
+    def _keep(self, key_of, data: bytes) -> tuple[str, str, int]:
+        sha = _sha(data)
+        key = key_of(sha)
+        self.objects[key] = data
+        return key, sha, len(data)
+
+    def part(self, key: str) -> str:
+        """A stats part without the users (a new key), or the same key if it holds none of them."""
+        if key not in self._parts:
+            table = pq.read_table(pa.BufferReader(self.store.get(key)))
+            if not _holds_users(table, self.users):
+                self._parts[key] = key
+            else:
+                self.held.add(key)
+                name = key.split("/")[1]
+                self._parts[key] = self._keep(lambda sha: stats_part_key(name, sha),
+                                              _parquet_bytes(_without_users(table, self.users)))[0]
+        return self._parts[key]
+
+    def shard(self, entry: ShardEntry, users: list[str]) -> ShardEntry:
+        """The entry without ``users`` (all of this shard), with their forget tombstones."""
+        memo = (entry.object_keys(), tuple(users))
         if memo not in self._entries:
-            self._entries[memo] = self._rewrite(entry)
+            self._entries[memo] = self._rewrite(entry, pa.array(users, pa.string()))
         return self._entries[memo]
 
-    def _rewrite(self, entry: ShardEntry) -> ShardEntry | None:
+    def _rewrite(self, entry: ShardEntry, users: pa.Array) -> ShardEntry:
         store = self.store
-        bundle_bytes = verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256)
-        state_bytes = verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
-        bundle = decode_bundle(bundle_bytes, source=f"{store.uri}/{entry.bundle_key}")
-        state = decode_fact_state(state_bytes, source=f"{store.uri}/{entry.state_key}")
-        if not (_holds_user(bundle, self.user_id) or _holds_user(state, self.user_id)):
-            return None
-        payload = ShardPayload(encode_bundle(_without_user(bundle, self.user_id)),
-                               encode_fact_state(_without_user(state, self.user_id)))
-        new = shard_entry_for(entry.shard, payload, f"forget on {store.uri}")
-        self.objects[new.bundle_key] = payload.bundle
-        self.objects[new.state_key] = payload.state
+        bundle = decode_bundle(verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256),
+                               source=f"{store.uri}/{entry.bundle_key}")
+        state = decode_fact_state(verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256),
+                                  source=f"{store.uri}/{entry.state_key}")
+        tombstones = empty_tombstones() if entry.tombstones_key is None else decode_tombstones(
+            verified_bytes(store, entry.tombstones_key, entry.tombstones_bytes, entry.tombstones_sha256),
+            source=f"{store.uri}/{entry.tombstones_key}")
+        new = entry
+        if _holds_users(tombstones, users):  # a delete tombstone holds the raw id
+            self.held.add(entry.tombstones_key)
+        if _holds_users(bundle, users) or _holds_users(state, users):
+            self.held |= {entry.bundle_key, entry.state_key}
+            kept = _without_users(bundle, users)
+            key, sha, size = self._keep(bundle_key, encode_bundle(kept))
+            rows = int(pc.sum(pc.list_value_length(kept.column("row_ids"))).as_py() or 0)
+            new = replace(new, bundle_key=key, bundle_sha256=sha, bundle_bytes=size, users=kept.num_rows,
+                          facts=int(pc.sum(kept.column("num_facts")).as_py() or 0), rows=rows)
+            key, sha, size = self._keep(state_key, encode_fact_state(_without_users(state, users)))
+            new = replace(new, state_key=key, state_sha256=sha, state_bytes=size)
+        if entry.tombstones_key is not None:
+            self.superseded.add(entry.tombstones_key)
+        key, sha, size = self._keep(tombstones_key, encode_tombstones(self._with_forgets(tombstones, users)))
+        new = replace(new, tombstones_key=key, tombstones_sha256=sha, tombstones_bytes=size,
+                      stats={table: self.part(k) for table, k in entry.stats.items()})
         return new
+
+    def _with_forgets(self, tombstones: pa.Table, users: pa.Array) -> pa.Table:
+        """The user's delete tombstones (which hold the raw id) go; a forget tombstone (the id's hash,
+        the forget's time or a later one already recorded) stays."""
+        hashes = pa.array([forgotten_id(u) for u in users.to_pylist()], pa.string())
+        mine = pc.is_in(tombstones.column("user_hash"), hashes)
+        kept = tombstones.filter(pc.invert(mine))
+        earlier = tombstones.filter(pc.and_(mine, pc.equal(tombstones.column("op"), OP_FORGET_USER)))
+        latest = dict(zip(earlier.column("user_hash").to_pylist(), earlier.column("event_time").to_pylist()))
+        at = self.forgotten_at
+        forgets = pa.table({
+            "user_hash": hashes,
+            "user_id": pa.nulls(len(hashes), pa.string()),
+            "fact_id": pa.nulls(len(hashes), pa.string()),
+            "op": pa.array([OP_FORGET_USER] * len(hashes), pa.string()),
+            "event_time": pa.array([max(at, latest.get(h, at)) for h in hashes.to_pylist()], TIMESTAMP),
+        }, schema=TOMBSTONE_SCHEMA)
+        return pa.concat_tables([kept.cast(TOMBSTONE_SCHEMA), forgets])
 
 
 @dataclass
@@ -179,83 +270,76 @@ class _Plan:
     pointer: object
     retained: list[Manifest]
     to_rewrite: list[Manifest]
-    shards: dict[int, dict[int, ShardEntry]]  # old version -> shard -> rewritten entry
-    stats_hit: set[int]  # versions whose stats hold the user
-    stats_keys: dict[int, list[str]]
-    listed_objects: list[str]
+    rewrites: dict[int, Manifest]  # old version -> draft of its rewrite (version number still to take)
     orphans: list[int]
 
 
-def _plan(store: ObjectStore, user_id: str, rewriter: _Rewriter) -> _Plan | None:
+def _version_parts(store: ObjectStore, manifest: Manifest) -> dict[str, list[str]]:
+    """The version-level stats parts of a manifest (a version-1 manifest's hive folders listed)."""
+    if manifest.schema_version == 1:
+        out = {}
+        for key in store.list("stats/"):
+            parts = key.split("/")
+            if len(parts) >= 4 and parts[2] == f"version={manifest.version}" and key.endswith(".parquet"):
+                out.setdefault(parts[1], []).append(key)
+        return out
+    return {table: list(parts) for table, parts in manifest.stats.items()}
+
+
+def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter) -> _Plan | None:
     pointer = read_pointer(store)
-    listed_objects = [k for p in OBJECT_PREFIXES for k in store.list(p)]
-    stats_keys = _stats_keys(store)
     if pointer is None:
         return None
     published = [info.version for info in list_versions(store)]
     orphans = sorted(set(manifest_versions_on_disk(store)) - set(published))
     retained = [read_manifest(store, v) for v in published]
-    user_hash = forgotten_id(user_id)
-    shards: dict[int, dict[int, ShardEntry]] = {}
-    stats_hit = set()
+    hashes = {forgotten_id(u) for u in users}
+    drafts: dict[int, Manifest] = {}
+    held: set[int] = set()
     for manifest in retained:
-        shard = shard_of(user_id, manifest.num_shards)
-        new = rewriter.shard(manifest.shard(shard))
-        if new is not None:
-            shards[manifest.version] = {shard: new}
-        if any(_holds_user(pq.read_table(pa.BufferReader(store.get(k))), user_id)
-               for k in stats_keys.get(manifest.version, []) if k.endswith(".parquet")):
-            stats_hit.add(manifest.version)
-    holding = set(shards) | stats_hit
-    if not holding:
-        return _Plan(pointer, retained, [], {}, set(), stats_keys, listed_objects, orphans)
+        by_shard: dict[int, list[str]] = {}
+        for user in sorted(set(users)):
+            by_shard.setdefault(shard_of(user, manifest.num_shards), []).append(user)
+        new_entries = {shard: rewriter.shard(manifest.shard(shard), members) for shard, members in by_shard.items()}
+        parts = _version_parts(store, manifest)
+        stats = {table: [rewriter.part(k) if table in _USER_TABLES else k for k in keys] for table, keys in parts.items()}
+        version_parts = {k for keys in parts.values() for k in keys}
+        if any(k in rewriter.held for e in manifest.shards for k in e.object_keys()) or version_parts & rewriter.held:
+            held.add(manifest.version)
+        drafts[manifest.version] = replace(
+            manifest, schema_version=MANIFEST_SCHEMA_VERSION,
+            shards=tuple(new_entries.get(e.shard, e) for e in manifest.shards),
+            stats={table: tuple(keys) for table, keys in stats.items()},
+            forgotten=tuple(sorted(set(manifest.forgotten) | hashes)))
+    if not held:
+        return _Plan(pointer, retained, [], {}, orphans)
     to_rewrite = [m for m in retained
-                  if m.version in holding or user_hash not in m.forgotten or m.version == pointer.version]
-    return _Plan(pointer, retained, to_rewrite, shards, stats_hit, stats_keys, listed_objects, orphans)
-
-
-def _rewrite_stats(store: ObjectStore, user_id: str, keys: list[str], new_version: int,
-                   new_entries: dict[int, ShardEntry]) -> dict[str, str]:
-    """Copy a version's stats partitions to ``new_version`` without the user; returns table -> prefix."""
-    prefixes = {}
-    for key in keys:
-        table_name, _, rest = _STATS_KEY.match(key).groups()
-        new_key = f"stats/{table_name}/version={new_version}/{rest}"
-        data = store.get(key)
-        if key.endswith(".parquet"):
-            table = _without_user(pq.read_table(pa.BufferReader(data)), user_id)
-            if table_name == "shards":
-                table = _updated_shard_stats(table, new_entries)
-            data = _parquet_bytes(table)
-        store.put(new_key, data)
-        prefixes[table_name] = f"stats/{table_name}/version={new_version}/"
-    return prefixes
-
-
-def _updated_shard_stats(table: pa.Table, new_entries: dict[int, ShardEntry]) -> pa.Table:
-    if not new_entries or "shard" not in table.column_names:
-        return table
-    rows = table.to_pylist()
-    for row in rows:
-        entry = new_entries.get(row["shard"])
-        if entry is not None:
-            row.update(users=entry.users, facts=entry.facts, rows=entry.rows, bytes=entry.bundle_bytes,
-                       bundle_key=entry.bundle_key)
-    return pa.Table.from_pylist(rows, schema=table.schema)
+                  if m.version in held or not hashes <= set(m.forgotten) or m.version == pointer.version]
+    return _Plan(pointer, retained, to_rewrite, drafts, orphans)
 
 
 def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) -> ForgetReport:
     """Remove ``user_id`` from every retained version (see the module docstring)."""
-    if not user_id:
-        raise ValueError("forget: user_id must be non-empty")
+    return forget_users(store, [user_id], actor=actor, reason=reason)
+
+
+def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, reason: str,
+                 forgotten_at: datetime | None = None) -> ForgetReport:
+    """Remove every user of ``user_ids`` from every retained version, in one rewrite of each
+    (see the module docstring). ``forgotten_at`` (default: now) is the forget tombstones' time:
+    events of these users up to it are refused by later nights. Raises ValueError for an empty
+    id or a missing actor/reason, PublishError if CURRENT keeps moving."""
+    if not user_ids or any(not u for u in user_ids):
+        raise ValueError("forget: user ids must be non-empty")
     if not actor or not reason:
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
-    # Compiled chunks of an unfinished night may hold the user's rows: they are only a cache.
+    forgotten_at = forgotten_at or datetime.now(timezone.utc)
+    # Compiled chunks of an unfinished night may hold the users' rows: they are only a cache.
     for key in store.list(PARTIAL_PREFIX):
         store.delete(key)
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return _forget_once(store, user_id, actor=actor, reason=reason)
+            return _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at)
         except PublishConflict as err:
             if attempt == ATTEMPTS:
                 raise PublishError(f"forget on {store.uri}: CURRENT kept moving ({err}); run forget again "
@@ -264,68 +348,60 @@ def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) ->
     raise AssertionError("unreachable")
 
 
-def _forget_once(store: ObjectStore, user_id: str, *, actor: str, reason: str) -> ForgetReport:
-    user_hash = forgotten_id(user_id)
-    rewriter = _Rewriter(store, user_id)
-    plan = _plan(store, user_id, rewriter)
+def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: str,
+                 forgotten_at: datetime) -> ForgetReport:
+    hashes = tuple(forgotten_id(u) for u in users)
+    audit_hashes = hashes[0] if len(hashes) == 1 else list(hashes)
+    rewriter = _Rewriter(store, users, forgotten_at)
+    plan = _plan(store, users, rewriter)
     if plan is None or not plan.to_rewrite:
         current = plan.pointer.version if plan is not None else None
-        message = (f"user not found: no retained version of {store.uri} holds this user; nothing to forget")
-        append_audit(store, "forget", actor=actor, reason=reason, forgotten=user_hash, found=False)
-        return ForgetReport(user_hash, False, current, message=message)
+        who = "user" if len(users) == 1 else "users"
+        message = f"{who} not found: no retained version of {store.uri} holds them; nothing to forget"
+        append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=False)
+        return ForgetReport(hashes, False, current, message=message)
 
-    write_verified_objects(store, rewriter.objects)
+    needed = {k for m in plan.to_rewrite for k in plan.rewrites[m.version].object_keys()}
+    write_verified_objects(store, {k: v for k, v in rewriter.objects.items() if k in needed})
     mapping: dict[int, int] = {}
-    rewrites: list[Manifest] = []
     next_version = max(manifest_versions_on_disk(store)) + 1
     retained_versions = {m.version for m in plan.retained}
     for old in plan.to_rewrite:  # ascending: parents are rewritten before their children
-        new_entries = plan.shards.get(old.version, {})
-        shards = tuple(new_entries.get(e.shard, e) for e in old.shards)
         if old.parent in mapping:
             parent = mapping[old.parent]
         else:
             parent = old.parent if old.parent in retained_versions else None
-        stats = _rewrite_stats(store, user_id, plan.stats_keys.get(old.version, []), next_version, new_entries)
-        draft = replace(old, version=next_version, parent=parent, shards=shards,
-                        forgotten=tuple(sorted(set(old.forgotten) | {user_hash})),
-                        stats=stats or _renumbered(old.stats, old.version, next_version),
+        draft = replace(plan.rewrites[old.version], version=next_version, parent=parent,
                         job_id=f"forget:{old.job_id}"[:200])
         written = write_manifest(store, draft, plan.pointer)
-        if written.version != next_version:  # a competitor took the number: our stats are misnamed
-            raise PublishConflict(f"{store.uri}: version {next_version} was taken during the forget")
         mapping[old.version] = written.version
-        rewrites.append(written)
         next_version = written.version + 1
 
     new_current = read_manifest(store, mapping[plan.pointer.version])
     swap_current(store, new_current, plan.pointer.etag)
     for old_version, new_version in mapping.items():
         append_audit(store, "forget_rewrite", actor=actor, version=new_version, rewrites=old_version,
-                     forgotten=user_hash)
-    deleted = _delete_unreferenced(store, plan, mapping)
-    append_audit(store, "forget", actor=actor, reason=reason, forgotten=user_hash, found=True,
+                     forgotten=audit_hashes)
+    deleted = _delete_replaced(store, plan, mapping, rewriter.held | rewriter.superseded)
+    append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=True,
                  version=new_current.version, rewritten={str(k): v for k, v in mapping.items()},
                  deleted_objects=len(deleted))
     log.info("forget on %s: rewrote %d version(s), CURRENT v%d -> v%d, deleted %d object(s)",
              store.uri, len(mapping), plan.pointer.version, new_current.version, len(deleted))
-    return ForgetReport(user_hash, True, new_current.version, dict(mapping), tuple(deleted),
-                        message=f"forgot the user in {len(mapping)} version(s); CURRENT is v{new_current.version}")
-
-
-def _renumbered(stats: dict[str, str], old: int, new: int) -> dict[str, str]:
-    return {t: p.replace(f"/version={old}/", f"/version={new}/") for t, p in stats.items()}
+    return ForgetReport(hashes, True, new_current.version, dict(mapping), tuple(deleted),
+                        message=f"forgot {len(users)} user(s) in {len(mapping)} version(s); "
+                                f"CURRENT is v{new_current.version}")
 
 
 def references(manifests: list[Manifest]) -> set[str]:
-    """Object keys (bundles, state) the manifests reference."""
-    return {key for m in manifests for e in m.shards for key in (e.bundle_key, e.state_key)}
+    """Object keys (shard objects and stats parts) the manifests reference."""
+    return {key for m in manifests for key in m.object_keys()}
 
 
-def _delete_unreferenced(store: ObjectStore, plan: _Plan, mapping: dict[int, int]) -> list[str]:
-    """Old manifests and stats of rewritten versions, orphans, and objects nothing retained references."""
-    kept = [read_manifest(store, v) for v in sorted(
-        {mapping.get(m.version, m.version) for m in plan.retained})]
+def _delete_replaced(store: ObjectStore, plan: _Plan, mapping: dict[int, int], replaced: set[str]) -> list[str]:
+    """Old manifests of rewritten versions, orphans, and the objects that held a forgotten user
+    and no kept manifest references."""
+    kept = [read_manifest(store, v) for v in sorted({mapping.get(m.version, m.version) for m in plan.retained})]
     kept_versions = {m.version for m in kept}
     referenced = references(kept)
     deleted = []
@@ -333,13 +409,7 @@ def _delete_unreferenced(store: ObjectStore, plan: _Plan, mapping: dict[int, int
         if version not in kept_versions:
             store.delete(manifest_key(version))
             deleted.append(manifest_key(version))
-    for version, keys in sorted(plan.stats_keys.items()):
-        if version not in kept_versions:
-            for key in keys:
-                store.delete(key)
-                deleted.append(key)
-    for key in plan.listed_objects:
-        if key not in referenced:
-            store.delete(key)
-            deleted.append(key)
+    for key in sorted(replaced - referenced):
+        store.delete(key)
+        deleted.append(key)
     return deleted

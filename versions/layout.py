@@ -4,7 +4,8 @@
     manifests/v00000001.json              immutable, one per version (schemas.manifest)
     objects/bundles/<sha256>.parquet      shard bundles, content-addressed, shared between versions
     objects/state/<sha256>.parquet        per-shard fact state, content-addressed
-    stats/...                             DuckDB tables (pipeline.stats)
+    objects/tombstones/<sha256>.parquet   per-shard delete and forget tombstones, content-addressed
+    stats/<table>/<sha256>.parquet        stats parts named by manifests, for DuckDB (pipeline.stats)
     models/<fingerprint>/...              checkpoints serving nodes load (versions.models)
     audit/<UTC timestamp>-<random>.json   one record per event (publish, rollback, forget, gc)
     partial/<sha256>/...                  compiled chunks of a night not yet published
@@ -29,7 +30,7 @@ CURRENT_KEY = "CURRENT"
 PARTIAL_PREFIX = "partial/"  # compiled chunks of an unfinished night (pipeline.compile.ChunkCheckpoints)
 AUDIT_PREFIX = "audit/"
 MANIFEST_PREFIX = "manifests/"
-OBJECT_PREFIXES = ("objects/bundles/", "objects/state/")
+OBJECT_PREFIXES = ("objects/bundles/", "objects/state/", "objects/tombstones/")
 MODEL_PREFIX = "models"
 _MANIFEST_NAME = re.compile(r"^manifests/v(\d{8})\.json$")
 

@@ -41,7 +41,7 @@ from schemas.bundle import decode_bundle
 from schemas.manifest import MANIFEST_SCHEMA_VERSION, Manifest, ShardEntry, bundle_key, state_key
 from versions.catalog import read_pointer, verified_bytes
 from versions.commit import commit, utc_now, write_manifest, write_objects
-from versions.errors import PublishConflict
+from versions.errors import IntegrityError, PublishConflict
 from versions.layout import forgotten_id
 from versions.store import ObjectStore
 
@@ -96,47 +96,96 @@ def publish_version(
     num_shards: int,
     job_id: str,
     watermark: str | None,
-    stats: dict[str, str] | None = None,
+    stats: dict[str, list[str]] | None = None,
     counts: dict[str, int] | None = None,
     forgotten_users: Iterable[str] = (),
     crash_hook: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Publish the changed shards as the next version and make it current; returns its manifest.
-
-    Shards missing from ``shard_payloads`` are carried over from ``previous`` by reference.
-    ``forgotten_users`` are user_ids forgotten by this run (recorded hashed, cumulatively).
-    If nothing changed (shards, fingerprint, watermark, forgets), nothing is written and
-    ``previous`` is returned. ``crash_hook(step)`` runs before each of ``PUBLISH_STEPS``.
-    Raises PublishConflict if CURRENT is not (or no longer) ``previous``.
-    """
-    hook = crash_hook or (lambda step: None)
+    """Publish changed shards given as encoded objects (``shard_payloads``) as the next version and
+    make it current; returns its manifest. See :func:`publish_entries`."""
     where = f"publish to {store.uri}"
+    entries = {shard: shard_entry_for(shard, payload, where) for shard, payload in shard_payloads.items()}
+    objects = {}
+    for shard, entry in entries.items():
+        objects[entry.bundle_key] = shard_payloads[shard].bundle
+        objects[entry.state_key] = shard_payloads[shard].state
+    return publish_entries(store, entries=entries, objects=objects, previous=previous, fingerprint=fingerprint,
+                           num_shards=num_shards, job_id=job_id, watermark=watermark, stats=stats, counts=counts,
+                           forgotten_users=forgotten_users, crash_hook=crash_hook)
+
+
+def _check_planned(store: ObjectStore, previous: Manifest | None, where: str):
     pointer = read_pointer(store)
     planned = previous.version if previous is not None else None
     if (pointer.version if pointer else None) != planned:
         raise PublishConflict(f"{where}: CURRENT is v{pointer.version if pointer else '-'} but this publish was "
                               f"planned against v{planned or '-'}; re-plan against CURRENT")
+    return pointer
 
-    entries = {shard: shard_entry_for(shard, payload, where) for shard, payload in shard_payloads.items()}
+
+def _forgotten(previous: Manifest | None, forgotten_users: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(previous.forgotten if previous else ()) | {forgotten_id(u) for u in forgotten_users}))
+
+
+def _unchanged(previous: Manifest | None, shards, fingerprint: str, watermark: str | None, forgotten) -> bool:
+    return previous is not None and (shards, fingerprint, watermark, forgotten) == (
+        previous.shards, previous.fingerprint, previous.watermark, previous.forgotten)
+
+
+def publish_entries(
+    store: ObjectStore,
+    *,
+    entries: dict[int, ShardEntry],
+    objects: dict[str, bytes] | None = None,
+    previous: Manifest | None,
+    fingerprint: str,
+    num_shards: int,
+    job_id: str,
+    watermark: str | None,
+    stats: dict[str, list[str]] | None = None,
+    counts: dict[str, int] | None = None,
+    forgotten_users: Iterable[str] = (),
+    crash_hook: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Publish the changed shards' entries as the next version and make it current; returns its manifest.
+
+    ``objects`` (key -> bytes) are written here and read back against their sha256; every other
+    object the new entries and ``stats`` name must already be in the store (the night's shard
+    tasks write and read back their own) and is checked by size, without downloading it.
+    Shards missing from ``entries`` are carried over from ``previous`` by reference. ``stats``
+    maps a stats table to the keys of this version's version-level parts.
+    ``forgotten_users`` are user_ids forgotten by this run (recorded hashed, cumulatively). If
+    nothing changed (shards, fingerprint, watermark, forgets), nothing is written and
+    ``previous`` is returned. Every object the new entries and ``stats`` name is checked to be in
+    the store with its size before the manifest is written. ``crash_hook(step)`` runs before each
+    of ``PUBLISH_STEPS``. Raises PublishConflict if CURRENT is not (or no longer) ``previous``,
+    IntegrityError if an object is missing or of the wrong size.
+    """
+    hook = crash_hook or (lambda step: None)
+    where = f"publish to {store.uri}"
+    pointer = _check_planned(store, previous, where)
     shards = _merge_shards(entries, previous, num_shards, where)
-    forgotten = tuple(sorted(set(previous.forgotten if previous else ()) | {forgotten_id(u) for u in forgotten_users}))
-    if previous is not None and (shards, fingerprint, watermark, forgotten) == (
-        previous.shards, previous.fingerprint, previous.watermark, previous.forgotten
-    ):
+    forgotten = _forgotten(previous, forgotten_users)
+    if _unchanged(previous, shards, fingerprint, watermark, forgotten):
         log.info("%s: nothing changed since v%d; nothing published", where, previous.version)
         return previous
-
-    objects = {}
-    for shard, entry in entries.items():
-        objects[entry.bundle_key] = shard_payloads[shard].bundle
-        objects[entry.state_key] = shard_payloads[shard].state
+    objects = dict(objects or {})
     hook("write_objects")
     write_objects(store, objects)
     hook("verify_objects")
+    for key, data in objects.items():
+        verified_bytes(store, key, len(data), _sha256(data))
+    sizes: dict[str, int | None] = {key: None for keys in (stats or {}).values() for key in keys}
     for entry in entries.values():
-        verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256)
-        verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
+        sizes |= {entry.bundle_key: entry.bundle_bytes, entry.state_key: entry.state_bytes}
+        sizes |= {key: None for key in entry.stats.values()}
+        if entry.tombstones_key is not None:
+            sizes[entry.tombstones_key] = entry.tombstones_bytes
+    for key, size in sorted(sizes.items()):
+        if key not in objects:
+            _check_size(store, key, size)
 
+    planned = previous.version if previous is not None else None
     draft = Manifest(
         schema_version=MANIFEST_SCHEMA_VERSION,
         version=planned + 1 if planned else 1,
@@ -147,7 +196,7 @@ def publish_version(
         fingerprint=fingerprint,
         num_shards=num_shards,
         shards=shards,
-        stats=dict(stats or {}),
+        stats={table: tuple(keys) for table, keys in (stats or {}).items()},
         counts=dict(counts or {}),
         forgotten=forgotten,
     )
@@ -159,3 +208,11 @@ def publish_version(
            facts=manifest.facts)
     log.info("%s: v%d is current (%d changed shards)", where, manifest.version, len(entries))
     return manifest
+
+
+def _check_size(store: ObjectStore, key: str, size: int | None) -> None:
+    info = store.head(key)
+    if info is None:
+        raise IntegrityError(f"{store.uri}/{key}: missing (the new version references it)")
+    if size is not None and info.size != size:
+        raise IntegrityError(f"{store.uri}/{key}: {info.size} bytes, the new version says {size}")

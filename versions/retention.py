@@ -9,9 +9,9 @@ Retained after ``collect(store, keep=N)``:
   written its manifest and not yet swapped CURRENT, so they and their objects stay.
 
 Everything else goes: manifests of the other published versions, orphan manifests below
-CURRENT (left by crashed runs; never visible), their stats partitions
-(``stats/<table>/version=<N>/``), and every bundle and fact-state object that no retained
-manifest references. Manifests are deleted before the objects they name, so a rollback racing
+CURRENT (left by crashed runs; never visible), and every bundle, fact-state, tombstones and stats
+object that no retained manifest references (stats of version-1 stores live in folders
+``stats/<table>/version=<N>/``, kept with their version). Manifests are deleted before the objects they name, so a rollback racing
 the collection sees "collected" rather than a half-present version. The collection is recorded
 in the audit log (not on a dry run).
 
@@ -77,7 +77,8 @@ def collect(store: ObjectStore, keep: int, *, dry_run: bool = False, actor: str 
     keep_stats = set(kept) | set(live_orphans)
 
     doomed = [manifest_key(v) for v in deleted_versions + dead_orphans]
-    doomed += [k for k in store.list("stats/") if (m := _STATS_VERSION.match(k)) and int(m.group(1)) not in keep_stats]
+    doomed += [k for k in store.list("stats/") if k not in referenced
+               and not ((m := _STATS_VERSION.match(k)) and int(m.group(1)) in keep_stats)]
     doomed += [k for prefix in OBJECT_PREFIXES for k in store.list(prefix) if k not in referenced]
     report = GcReport(deleted_versions, doomed, kept, dry_run, dead_orphans)
     if dry_run:

@@ -1,0 +1,190 @@
+"""All the Ray wiring of a night: where each stage runs, with what resources and retries.
+
+The stages are plain functions (pipeline.ingest, pipeline.shards, pipeline.compile); the nightly
+flow (jobs/nightly.py) submits them through a runner and passes handles between them, never
+the data itself:
+
+* :class:`RayRunner`: each call is a Ray task (``num_cpus=1``, retried after a worker dies;
+  an exception raised by the stage itself is not retried) and the compile pool is a set of Ray
+  actors that load the model once (``num_gpus=1`` each where the cluster has GPUs; a dead actor
+  is restarted and its chunk run again). Handles are ObjectRefs: Ray hands a task's outputs to
+  the tasks that take them, on any node, without passing them through the driver.
+* :class:`LocalRunner`: everything in this process, in order (``workers: 0``); handles are the
+  values themselves. Tests and small runs use it; the results are the same.
+
+A failure of a stage names it (e.g. ``apply shard 7``) and re-raises the stage's own exception,
+so the night fails before any commit with the error that caused it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TASK_MAX_RETRIES = 3  # a task whose worker died runs again (up to this many times)
+ACTOR_MAX_RESTARTS = 3
+ACTOR_MAX_TASK_RETRIES = 3
+CHUNKS_IN_FLIGHT_PER_ACTOR = 2  # the next chunk is already there when one finishes
+
+
+def _named(error: BaseException, what: str) -> BaseException:
+    if hasattr(error, "add_note"):
+        error.add_note(f"(in the night's {what})")
+    log.error("night failed in %s: %s: %s", what, type(error).__name__, error)
+    return error
+
+
+class LocalRunner:
+    """Runs every stage in this process, in submission order."""
+
+    def submit(self, fn: Callable, *args, num_returns: int = 1, what: str = "") -> Any:
+        try:
+            return fn(*args)
+        except Exception as err:
+            raise _named(err, what or fn.__name__) from None
+
+    def get(self, handle: Any, what: str = "") -> Any:
+        return handle
+
+    def completed(self, handles: Sequence[Any]) -> Iterator[int]:
+        """Indices of ``handles`` as their results are ready (here: in order)."""
+        yield from range(len(handles))
+
+    def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None):
+        return _LocalPool(model_dir, options, store_uri)
+
+
+class _LocalPool:
+    def __init__(self, model_dir: str, options, store_uri: str):
+        from pipeline.compile import CompileWorker
+
+        self.worker = CompileWorker(model_dir, options, store_uri)
+
+    def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list]) -> Iterator[tuple[int, Any, Any]]:
+        """(chunk index, meta, output) for every chunk, as each finishes."""
+        for i, chunk in enumerate(chunks):
+            try:
+                meta, output = self.worker.compile(chunk, *changes_of(chunk))
+            except Exception as err:
+                raise _named(err, f"compile chunk {i}") from None
+            yield i, meta, output
+
+    def close(self) -> None:
+        pass
+
+
+def job_runtime_env() -> dict | None:
+    """The job's object-store settings (``AWS_*``: endpoint, region, credentials), for its tasks.
+
+    Tasks read and write the store themselves, so they need the settings the driver was given;
+    a cluster started before they were set (or on other machines) would not have them. Workers
+    whose own identity suffices (an instance role) get nothing they lack: the variables only
+    name the same store the driver uses."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {"env_vars": env} if env else None
+
+
+class RayRunner:
+    """Runs each stage as Ray tasks (and the compile pool as actors) on a Ray cluster."""
+
+    def __init__(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("RayRunner: call pipeline.runner.start_ray() first")
+        self.ray = ray
+        self.runtime_env = job_runtime_env()
+        self._remote: dict[Callable, Any] = {}
+
+    def submit(self, fn: Callable, *args, num_returns: int = 1, what: str = "") -> Any:
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = self.ray.remote(num_cpus=1, max_retries=TASK_MAX_RETRIES)(fn)
+        return remote.options(num_returns=num_returns, name=what or fn.__name__,
+                              runtime_env=self.runtime_env).remote(*args)
+
+    def get(self, handle: Any, what: str = "") -> Any:
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayTaskError as err:
+            cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
+            raise _named(cause, what or "task") from None
+
+    def completed(self, handles: Sequence[Any]) -> Iterator[int]:
+        index = {ref: i for i, ref in enumerate(handles)}
+        pending = list(handles)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            yield index[done[0]]
+
+    def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None):
+        return _RayPool(self, model_dir, options, store_uri, workers, gpus_per_worker)
+
+
+class _RayPool:
+    def __init__(self, runner: RayRunner, model_dir: str, options, store_uri: str, workers: int,
+                 gpus_per_worker: float | None):
+        from pipeline.compile import CompileWorker
+
+        ray = runner.ray
+        self.runner = runner
+        gpus = gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS,
+                               max_task_retries=ACTOR_MAX_TASK_RETRIES, runtime_env=runner.runtime_env)(CompileWorker)
+        self.actors = [actor_cls.remote(model_dir, options, store_uri, None, 1 if gpus == 0 else None)
+                       for _ in range(max(1, workers))]
+
+    def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list]) -> Iterator[tuple[int, Any, Any]]:
+        """(chunk index, meta, output handle) for every chunk, as each finishes; each actor holds up
+        to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (an actor runs its calls one at a time)."""
+        ray = self.runner.ray
+        queue = iter(enumerate(chunks))
+        pending: dict = {}  # meta ref -> (chunk index, output ref, actor)
+
+        def submit(actor) -> None:
+            item = next(queue, None)
+            if item is not None:
+                i, chunk = item
+                meta, output = actor.compile.options(num_returns=2).remote(chunk, *changes_of(chunk))
+                pending[meta] = (i, output, actor)
+
+        for _ in range(CHUNKS_IN_FLIGHT_PER_ACTOR):
+            for actor in self.actors:
+                submit(actor)
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            i, output, actor = pending.pop(done)
+            meta = self.runner.get(done, f"compile chunk {i}")
+            submit(actor)
+            yield i, meta, output
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.runner.ray.kill(actor)
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a Ray cluster by address, or start a local one (no dashboard: nothing to reach)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+    if address or os.environ.get("RAY_ADDRESS"):  # a given cluster, or the one running this job
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+
+
+def make_runner(workers: int, ray_address: str | None) -> LocalRunner | RayRunner:
+    """``workers: 0`` runs the night in this process; otherwise on Ray (started here if needed)."""
+    if workers == 0:
+        return LocalRunner()
+    start_ray(ray_address)
+    return RayRunner()
