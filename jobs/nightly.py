@@ -41,7 +41,16 @@ from pipeline.compile import ChunkCheckpoints, plan_chunks
 from pipeline.ingest import UNROUTED, FileRead, RowRules, files_to_read, list_log_files, read_log_file
 from pipeline.plan import check_model_change
 from pipeline.runner import make_runner
-from pipeline.shards import NightContext, ShardApplied, apply_shard, assemble_shard, carried_entry
+from pipeline.shards import (
+    NightContext,
+    ReshardedPrior,
+    ShardApplied,
+    apply_shard,
+    assemble_shard,
+    carried_entry,
+    resharded_priors,
+    split_prior_shard,
+)
 from pipeline.stats import encode_stats_part
 from schemas.facts import REJECTS_SCHEMA
 from schemas.manifest import Manifest, ShardEntry
@@ -138,10 +147,10 @@ def run_nightly(
         if rewritten:
             log.warning("fact log: %d file(s) changed since they were ingested; reading them again: %s",
                         len(rewritten), ", ".join(f.path for f in rewritten[:5]))
-    if previous is not None and previous.num_shards != spec.num_shards:
-        raise NotImplementedError("resharding")  # pragma: no cover - replaced below
     recompile = previous is None or spec.recompile_all or previous.fingerprint != fingerprint
-    upgrade = previous is not None and previous.schema_version == 1
+    # Every shard is visited when the number of shards changed, and once after an upgrade from a
+    # version-1 store (whose shards have no tombstones or stats parts yet).
+    upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
     night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
     if not (new or rewritten or recompile or upgrade):
         log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
@@ -158,13 +167,21 @@ class _Night:
         self.job_id, self.timer, self.hook = job_id, timer, hook
         self.bar = _progress(progress)
         self.applied: dict[int, ShardApplied] = {}
+        self.resharded: dict[int, ReshardedPrior] | None = None
         self.entries: dict[int, ShardEntry] = {}
         self.reads: list[FileRead] = []
         self.chunks: list = []  # chunk metas
         self.files_reread = 0
 
     def prior_entry(self, shard: int) -> ShardEntry | None:
-        return self.previous.shard(shard) if self.previous is not None else None
+        """The shard's entry in the previous version (None on a first night or after resharding)."""
+        if self.previous is None or self.previous.num_shards != self.spec.num_shards:
+            return None
+        return self.previous.shard(shard)
+
+    def prior_of(self, shard: int) -> ShardEntry | ReshardedPrior | None:
+        """Where the shard's prior state, bundle and stats come from."""
+        return self.resharded[shard] if self.resharded is not None else self.prior_entry(shard)
 
     def run(self, files, files_reread: int, *, every_shard: bool, recompile: bool) -> NightlyReport:
         spec, timer = self.spec, self.timer
@@ -172,8 +189,18 @@ class _Night:
         runner = make_runner(spec.workers, spec.ray_address)
         ctx = NightContext(store_uri=self.store.uri, num_shards=spec.num_shards, recompile=recompile,
                            prior_version=self.previous.version if self.previous else None,
-                           prior_schema=self.previous.schema_version if self.previous else None)
+                           prior_schema=self.previous.schema_version if self.previous else None,
+                           prior_num_shards=self.previous.num_shards if self.previous else None)
         rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model)
+
+        if self.previous is not None and self.previous.num_shards != spec.num_shards:
+            with timer.stage("reshard"):
+                log.info("resharding from %d to %d shards", self.previous.num_shards, spec.num_shards)
+                splits = [runner.submit(split_prior_shard, ctx, entry, what=f"split shard {entry.shard}")
+                          for entry in self.previous.shards]
+                self.resharded = resharded_priors(
+                    [runner.get(h, f"split shard {e.shard}") for h, e in zip(splits, self.previous.shards)],
+                    spec.num_shards)
 
         with timer.stage("read"):
             handles = [runner.submit(read_log_file, f, rules, spec.num_shards, spec.on_bad_file, num_returns=2,
@@ -198,7 +225,7 @@ class _Night:
             for shard in shards:
                 pieces = per_shard.get(shard, [])
                 applies[shard] = runner.submit(
-                    apply_shard, ctx, shard, self.prior_entry(shard) if shard != UNROUTED else None,
+                    apply_shard, ctx, shard, self.prior_of(shard) if shard != UNROUTED else None,
                     [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
                     num_returns=2, what=f"apply shard {shard}")
             order = list(applies)
@@ -223,7 +250,7 @@ class _Night:
             assembling = {}
 
             def assemble(shard: int) -> None:
-                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_entry(shard),
+                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_of(shard),
                                                   routed[shard], applies[shard][1], *outputs_of[shard],
                                                   what=f"assemble shard {shard}")
 
@@ -275,7 +302,8 @@ class _Night:
         return self.publish(forgotten)
 
     def _needs_stats(self, shard: int) -> bool:
-        """A shard carried from a version-1 manifest has no stats parts yet: it is assembled once."""
+        """A first night's shard, a resharded one, or one carried from a version-1 manifest (no
+        stats parts yet) is assembled even if no user of it changed."""
         prior = self.prior_entry(shard)
         return prior is None or not prior.stats
 

@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
-from versions.layout import forgotten_id, shard_of
+from versions.layout import forgotten_id, shard_hash, shard_of
 
 logger = logging.getLogger(__name__)
 
@@ -720,14 +720,15 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
 def _tombstones_table(tombstones: dict[str, _UserTombstones]) -> pa.Table:
     rows = []
     for user, entry in tombstones.items():
-        user_hash = forgotten_id(user)
+        user_hash, routing = forgotten_id(user), shard_hash(user)
         if entry.forget_time is not None:
-            rows.append({"user_hash": user_hash, "user_id": None, "fact_id": None, "op": F.OP_FORGET_USER,
-                         "event_time": entry.forget_time})
-        rows += [{"user_hash": user_hash, "user_id": user, "fact_id": fact_id, "op": F.OP_DELETE, "event_time": time}
-                 for fact_id, time in entry.deletes.items()]
+            rows.append({"user_hash": user_hash, "user_xxh64": routing, "user_id": None, "fact_id": None,
+                         "op": F.OP_FORGET_USER, "event_time": entry.forget_time})
+        rows += [{"user_hash": user_hash, "user_xxh64": routing, "user_id": user, "fact_id": fact_id,
+                  "op": F.OP_DELETE, "event_time": time} for fact_id, time in entry.deletes.items()]
     return pa.table({
         "user_hash": pa.array([r["user_hash"] for r in rows], pa.string()),
+        "user_xxh64": pa.array([r["user_xxh64"] for r in rows], pa.uint64()),
         "user_id": pa.array([r["user_id"] for r in rows], pa.string()),
         "fact_id": pa.array([r["fact_id"] for r in rows], pa.string()),
         "op": pa.array([r["op"] for r in rows], pa.string()),

@@ -35,12 +35,12 @@ from pipeline.collisions import cross_user_collisions_arrays, row_keys
 from pipeline.ingest import SHARD_COLUMN, UNROUTED, apply_events
 from pipeline.stats import stats_prefix, write_stats_part
 from schemas import facts as F
-from schemas.bundle import BUNDLE_SCHEMA, encode_bundle
+from schemas.bundle import BUNDLE_SCHEMA, decode_bundle, encode_bundle
 from schemas.manifest import ShardEntry, bundle_key, state_key, tombstones_key
 from schemas.stats import FACTS_STATS_SCHEMA
 from versions.catalog import load_shard_bundle, load_shard_state_bytes, verified_bytes
 from versions.commit import write_verified_objects
-from versions.layout import shard_of
+from versions.layout import PARTIAL_PREFIX, shard_of
 from versions.store import open_store
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,18 @@ class NightContext:
     recompile: bool  # compile every live user (first night, recompile_all, model change)
     prior_version: int | None = None
     prior_schema: int | None = None  # the prior manifest's schema version (1: stats in hive folders)
+    prior_num_shards: int | None = None
+
+
+@dataclass(frozen=True)
+class ReshardedPrior:
+    """A shard's prior when the number of shards changed: the pieces, cut from every old shard by
+    :func:`split_prior_shard`, that belong to this new shard (keys under ``partial/reshard/``)."""
+
+    state: tuple[str, ...] = ()
+    tombstones: tuple[str, ...] = ()
+    bundle: tuple[str, ...] = ()
+    facts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,9 +127,14 @@ def _events(slices, tables) -> pa.Table:
     return pa.concat_tables(parts).drop_columns([SHARD_COLUMN])
 
 
-def _prior_state(store, prior: ShardEntry | None) -> tuple[pa.Table, pa.Table]:
+def _prior_state(store, prior: ShardEntry | ReshardedPrior | None) -> tuple[pa.Table, pa.Table]:
     if prior is None:
         return F.empty_fact_state(), F.empty_tombstones()
+    if isinstance(prior, ReshardedPrior):
+        state = [F.decode_fact_state(store.get(k), source=f"{store.uri}/{k}") for k in prior.state]
+        tombstones = [F.decode_tombstones(store.get(k), source=f"{store.uri}/{k}") for k in prior.tombstones]
+        return (pa.concat_tables([F.empty_fact_state()] + state).sort_by([("user_id", "ascending"), ("fact_id", "ascending")]),
+                pa.concat_tables([F.empty_tombstones()] + tombstones))
     state = F.decode_fact_state(load_shard_state_bytes(store, prior), source=f"{store.uri}/{prior.state_key}")
     if prior.tombstones_key is None:  # a version-1 manifest: no tombstones were kept
         return state, F.empty_tombstones()
@@ -125,7 +142,7 @@ def _prior_state(store, prior: ShardEntry | None) -> tuple[pa.Table, pa.Table]:
     return state, F.decode_tombstones(data, source=f"{store.uri}/{prior.tombstones_key}")
 
 
-def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | None, slices: list[tuple[int, int]],
+def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, slices: list[tuple[int, int]],
                 *tables: pa.Table) -> tuple[ShardApplied, ShardChanges]:
     """Apply shard ``shard``'s events (``tables[i]`` sliced by ``slices[i]``: the rows that
     ``pipeline.ingest.read_log_file`` keyed to this shard) onto its prior state (``prior``: its
@@ -190,7 +207,7 @@ def carried_entry(prior: ShardEntry, applied: ShardApplied) -> ShardEntry:
                    tombstones_bytes=applied.tombstones.bytes)
 
 
-def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | None, applied: ShardApplied,
+def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, applied: ShardApplied,
                    changes: ShardChanges, *compiled) -> ShardEntry:
     """The shard's new bundle and stats parts: the prior bundle without ``changes.removed``, plus
     the deltas that the compile chunks ``compiled`` (pipeline.compile.CompiledChunk, each holding
@@ -225,7 +242,10 @@ def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | None, appl
     )
 
 
-def _prior_bundle(store, prior: ShardEntry | None) -> pa.Table:
+def _prior_bundle(store, prior: ShardEntry | ReshardedPrior | None) -> pa.Table:
+    if isinstance(prior, ReshardedPrior):
+        parts = [decode_bundle(store.get(k), source=f"{store.uri}/{k}") for k in prior.bundle]
+        return pa.concat_tables([BUNDLE_SCHEMA.empty_table()] + parts).sort_by([("user_id", "ascending")])
     return load_shard_bundle(store, prior) if prior is not None else BUNDLE_SCHEMA.empty_table()
 
 
@@ -235,11 +255,14 @@ def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
     return table.filter(pc.invert(pc.is_in(table.column("user_id"), users)))
 
 
-def _prior_facts_stats(store, ctx: NightContext, prior: ShardEntry | None, shard: int) -> pa.Table:
+def _prior_facts_stats(store, ctx: NightContext, prior: ShardEntry | ReshardedPrior | None, shard: int) -> pa.Table:
     """The shard's ``facts`` stats rows of the prior version (a version-1 store kept one file per
     version: its rows of this shard's users are taken)."""
     if prior is None:
         return FACTS_STATS_SCHEMA.empty_table()
+    if isinstance(prior, ReshardedPrior):
+        parts = [pq.read_table(pa.BufferReader(store.get(k))) for k in prior.facts]
+        return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [t.cast(FACTS_STATS_SCHEMA) for t in parts])
     if "facts" in prior.stats:
         keys = [prior.stats["facts"]]
     elif ctx.prior_schema == 1 and ctx.prior_version is not None:
@@ -253,9 +276,57 @@ def _prior_facts_stats(store, ctx: NightContext, prior: ShardEntry | None, shard
     table = pa.concat_tables(tables)
     if "facts" not in prior.stats:  # version 1: keep this shard's users only
         users = pc.unique(table.column("user_id")).to_pylist()
-        mine = pa.array([u for u in users if u is not None and shard_of(u, ctx.num_shards) == shard], pa.string())
+        mine = pa.array([u for u in users if u is not None and shard_of(u, ctx.prior_num_shards) == shard], pa.string())
         table = table.filter(pc.is_in(table.column("user_id"), mine))
     return table
+
+
+# --------------------------------------------------------------------------------- resharding
+
+
+def split_prior_shard(ctx: NightContext, entry: ShardEntry) -> dict[int, dict[str, str]]:
+    """Cut one old shard's fact state, tombstones, bundle and ``facts`` stats by each user's shard
+    under ``ctx.num_shards`` (a night that changes the number of shards). Each piece is written
+    under ``partial/reshard/`` (content-addressed; cleared when the night publishes); returns
+    new shard -> kind -> key. Users keep their deltas: nothing is compiled again."""
+    store = open_store(ctx.store_uri)
+    state, tombstones = _prior_state(store, entry)
+    tables = {
+        "state": (state, "user_id", F.encode_fact_state),
+        "tombstones": (tombstones, "user_xxh64", F.encode_tombstones),
+        "bundle": (_prior_bundle(store, entry).cast(BUNDLE_SCHEMA), "user_id", encode_bundle),
+        "facts": (_prior_facts_stats(store, ctx, entry, entry.shard), "user_id", _facts_bytes),
+    }
+    pieces: dict[int, dict[str, str]] = {}
+    for kind, (table, column, encode) in tables.items():
+        shards = _new_shards(table.column(column), ctx.num_shards)
+        for shard in sorted(set(shards.to_pylist())):
+            piece = table.filter(pc.equal(shards, shard))
+            stored = _write(store, lambda sha, kind=kind: f"{PARTIAL_PREFIX}reshard/{kind}/{sha}.parquet", encode(piece))
+            pieces.setdefault(shard, {})[kind] = stored.key
+    return pieces
+
+
+def _new_shards(column: pa.ChunkedArray, num_shards: int) -> pa.Array:
+    if pa.types.is_uint64(column.type):  # tombstones: the stored shard hash
+        return pa.array([h % num_shards for h in column.to_pylist()], pa.int64())
+    return pa.array([shard_of(u, num_shards) for u in column.to_pylist()], pa.int64())
+
+
+def _facts_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def resharded_priors(splits: list[dict[int, dict[str, str]]], num_shards: int) -> dict[int, ReshardedPrior]:
+    """Every new shard's prior from the pieces of every old shard (:func:`split_prior_shard`)."""
+    keys: dict[int, dict[str, list[str]]] = {s: {} for s in range(num_shards)}
+    for split in splits:
+        for shard, kinds in split.items():
+            for kind, key in kinds.items():
+                keys[shard].setdefault(kind, []).append(key)
+    return {s: ReshardedPrior(**{kind: tuple(v) for kind, v in kinds.items()}) for s, kinds in keys.items()}
 
 
 def _collisions(bundle: pa.Table):

@@ -71,10 +71,12 @@ FACT_STATE_SCHEMA = pa.schema(
 # (user_id, fact_id) and the delete's event_time while the fact stays deleted (a later upsert
 # replaces it with the live fact, whose own event_time then guards). A forget tombstone holds only
 # the sha256 of the user_id (versions.layout.forgotten_id: the raw id is erased) and the time of
-# the latest forget; it is kept for good.
+# the latest forget; it is kept for good. ``user_xxh64`` (the user's shard hash, xxh64 of the id)
+# routes every tombstone to its shard whatever the number of shards (resharding).
 TOMBSTONE_SCHEMA = pa.schema(
     [
         pa.field("user_hash", pa.string(), nullable=False),  # sha256 hex of user_id
+        pa.field("user_xxh64", pa.uint64(), nullable=False),  # xxh64 of user_id: shard = this mod num_shards
         pa.field("user_id", pa.string()),  # null on a forget tombstone
         pa.field("fact_id", pa.string()),  # null on a forget tombstone
         pa.field("op", pa.string(), nullable=False),  # OP_DELETE or OP_FORGET_USER

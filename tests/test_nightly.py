@@ -267,3 +267,82 @@ def test_every_user_lands_in_exactly_one_chunk_of_at_least_the_chunk_size_but_th
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gap, no overlap
     sizes = [sum(p.stop - p.start for p in chunk) for chunk in chunks]
     assert all(n >= size for n in sizes[:-1])
+
+
+def _all_published(store) -> dict:
+    manifest, _ = read_current(store)
+    return {u: d for e in manifest.shards for u, d in bundle_deltas(load_shard_bundle(store, e)).items()}
+
+
+def test_a_night_with_another_number_of_shards_moves_every_user_and_compiles_none_again(tmp_path, tiny_dir, local_store):
+    from versions.layout import forgotten_id
+
+    rows = fact_log_rows(10, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    forget = {"user_id": "user-00004", "fact_id": None, "op": "forget_user", "trigger": None, "answer": None,
+              "event_time": BASE_TIME + timedelta(days=1), "scope": None}
+    write_fact_log([forget], tmp_path / "log" / "day=2" / "part-0.parquet")
+    run_nightly(spec)
+    before = _all_published(local_store)
+
+    write_fact_log([dict(rows[0], answer=" Juniper", event_time=BASE_TIME + timedelta(days=2))],
+                   tmp_path / "log" / "day=3" / "part-0.parquet")
+    report = run_nightly(NightlySpec(**{**spec.to_dict(), "num_shards": 5}))
+    manifest, _ = read_current(local_store)
+    assert report.published and manifest.num_shards == 5 and report.compiled_users == 1
+    after = _all_published(local_store)
+    assert after.keys() == before.keys()
+    assert all(after[u].equals(before[u]) for u in after if u != rows[0]["user_id"])  # moved, not recompiled
+    for entry in manifest.shards:  # every user sits in its new shard, with its facts and stats
+        users = load_shard_bundle(local_store, entry).column("user_id").to_pylist()
+        assert all(shard_of(u, 5) == entry.shard for u in users)
+    stats = query_stats(local_store, f"select count(*) n from facts where version = {manifest.version}")
+    assert stats.column("n").to_pylist() == [18]
+    # The forget tombstone moved with the user: an old event of theirs is still refused.
+    late = dict(rows[8], event_time=BASE_TIME)
+    assert late["user_id"] == "user-00004"
+    write_fact_log([late], tmp_path / "log" / "day=4" / "part-0.parquet")
+    again = run_nightly(NightlySpec(**{**spec.to_dict(), "num_shards": 5}))
+    assert "user-00004" not in _all_published(local_store) and again.rejects == 1
+    reasons = query_stats(local_store, f"select reason from rejects where version = {again.version}")
+    assert reasons.column("reason").to_pylist() == ["FORGOTTEN_USER"]
+    assert forgotten_id("user-00004") in read_current(local_store)[0].forgotten
+
+
+def test_a_store_written_before_schema_2_is_read_and_upgraded_by_the_next_night(tmp_path, tiny_dir, local_store):
+    """A version-1 manifest (no tombstones, stats in stats/<table>/version=N/) is read; the next
+    night visits every shard once, writes its tombstones and stats parts, and carries the rest."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = fact_log_rows(6, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    manifest, _ = read_current(local_store)
+    facts = query_stats(local_store, "select * exclude (version) from facts")
+    legacy = manifest.to_dict()
+    legacy.update(schema_version=1, stats={})
+    for shard in legacy["shards"]:
+        for name in ("tombstones_key", "tombstones_sha256", "tombstones_bytes", "stats"):
+            shard.pop(name)
+    local_store.put(manifest.key, json.dumps(legacy).encode())
+    for key in local_store.list("stats/"):
+        local_store.delete(key)
+    sink = pa.BufferOutputStream()
+    pq.write_table(facts, sink)
+    local_store.put("stats/facts/version=1/part-0.parquet", sink.getvalue().to_pybytes())
+    assert query_stats(local_store, "select count(*) n from facts").column("n").to_pylist() == [12]
+
+    write_fact_log([dict(rows[0], answer=" Juniper", event_time=BASE_TIME + timedelta(days=1))],
+                   tmp_path / "log" / "day=2" / "part-0.parquet")
+    report = run_nightly(spec)
+    upgraded, _ = read_current(local_store)
+    assert report.published and report.compiled_users == 1 and upgraded.schema_version == 2
+    assert all(e.tombstones_key and set(e.stats) == {"facts", "users", "collisions"} for e in upgraded.shards)
+    counts = query_stats(local_store, "select version, count(*) n from facts group by 1 order by 1")
+    assert counts.to_pylist() == [{"version": 1, "n": 12}, {"version": 2, "n": 12}]

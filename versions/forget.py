@@ -79,7 +79,7 @@ from schemas.manifest import (
 from versions.catalog import list_versions, manifest_versions_on_disk, read_manifest, read_pointer, verified_bytes
 from versions.commit import append_audit, swap_current, write_manifest, write_verified_objects
 from versions.errors import PublishConflict, PublishError
-from versions.layout import PARTIAL_PREFIX, forgotten_id, shard_of
+from versions.layout import PARTIAL_PREFIX, forgotten_id, shard_hash, shard_of
 from versions.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ class _Rewriter:
         at = self.forgotten_at
         forgets = pa.table({
             "user_hash": hashes,
+            "user_xxh64": pa.array([shard_hash(u) for u in users.to_pylist()], pa.uint64()),
             "user_id": pa.nulls(len(hashes), pa.string()),
             "fact_id": pa.nulls(len(hashes), pa.string()),
             "op": pa.array([OP_FORGET_USER] * len(hashes), pa.string()),

@@ -24,7 +24,7 @@ import xxhash
 from schemas.manifest import bundle_key, manifest_key, state_key
 
 __all__ = ["CURRENT_KEY", "PARTIAL_PREFIX", "AUDIT_PREFIX", "MANIFEST_PREFIX", "OBJECT_PREFIXES", "MODEL_PREFIX",
-           "bundle_key", "manifest_key", "state_key", "manifest_version", "shard_of", "forgotten_id"]
+           "bundle_key", "manifest_key", "state_key", "manifest_version", "shard_hash", "shard_of", "forgotten_id"]
 
 CURRENT_KEY = "CURRENT"
 PARTIAL_PREFIX = "partial/"  # compiled chunks of an unfinished night (pipeline.compile.ChunkCheckpoints)
@@ -41,8 +41,13 @@ def manifest_version(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def shard_hash(user_id: str) -> int:
+    """xxh64 of the user_id (UTF-8): a user's shard is this mod num_shards, for any num_shards."""
+    return xxhash.xxh64_intdigest(user_id.encode("utf-8"))
+
+
 def shard_of(user_id: str, num_shards: int) -> int:
-    return xxhash.xxh64_intdigest(user_id.encode("utf-8")) % num_shards
+    return shard_hash(user_id) % num_shards
 
 
 def forgotten_id(user_id: str) -> str:

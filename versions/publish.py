@@ -10,7 +10,7 @@ its etag) first and proposes ``previous.version + 1``. If that manifest already 
 
 - CURRENT changed since we read it -> a competitor published: ``PublishConflict``;
 - CURRENT unchanged and the existing manifest has our content (same parent, fingerprint,
-  watermark, shards, stats, counts, forgotten; creation time and job id aside) -> it was left by
+  watermark, shards, counts, forgotten; creation time, job id and stats parts aside) -> it was left by
   a crashed run of this same publish (or our own write whose response was lost and retried):
   adopt it and go on to the swap;
 - CURRENT unchanged, other content -> an orphan of a crashed run with other inputs, a version
