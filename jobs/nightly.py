@@ -158,6 +158,7 @@ def run_nightly(
     timer = _Timer()
     job_id = spec.job_id or f"nightly-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     store = open_store(spec.store)
+    store.check_conditional_writes()  # before any work: a store that ignores If-None-Match / If-Match is refused
     with timer.stage("read_previous"):
         current = read_current(store)
         previous = current[0] if current else None

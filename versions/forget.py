@@ -250,6 +250,7 @@ def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) ->
         raise ValueError("forget: user_id must be non-empty")
     if not actor or not reason:
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
+    store.check_conditional_writes()  # its rewrite ends in a compare-and-swap of CURRENT (once per store object)
     # Compiled chunks of an unfinished night may hold the user's rows: they are only a cache.
     for key in store.list(PARTIAL_PREFIX):
         store.delete(key)

@@ -111,6 +111,7 @@ def publish_version(
     """
     hook = crash_hook or (lambda step: None)
     where = f"publish to {store.uri}"
+    store.check_conditional_writes()  # the compare-and-swap below needs them (once per store object)
     pointer = read_pointer(store)
     planned = previous.version if previous is not None else None
     if (pointer.version if pointer else None) != planned:
