@@ -47,10 +47,10 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing parts or does not fit together."""
 
 
-def _file_digests(root: Path) -> list[tuple[Path, bytes]]:
-    """(file, sha256 of content) of every ingredient file, in fingerprint order."""
+def _file_digests(root: Path, parts: tuple[str, ...] = _INGREDIENTS) -> list[tuple[Path, bytes]]:
+    """(file, sha256 of content) of every ingredient file (of ``parts``), in fingerprint order."""
     files = sorted(
-        p for part in _INGREDIENTS if (root / part).exists() for p in (root / part).rglob("*")
+        p for part in parts if (root / part).exists() for p in (root / part).rglob("*")
         if p.is_file() and not p.name.startswith((_DERIVED_PREFIX, ".canonical-"))
     )
     digests = []
@@ -82,7 +82,7 @@ def fingerprint(path: str | Path) -> str:
 def base_sha256(path: str | Path, digests: list[tuple[Path, bytes]] | None = None) -> str:
     """sha256 over the files of ``base/`` alone: the identity an adapter records of its base."""
     root = Path(path)
-    digests = _file_digests(root) if digests is None else digests
+    digests = _file_digests(root, ("base",)) if digests is None else digests
     return _combine(root, [(f, d) for f, d in digests if f.relative_to(root).parts[0] == "base"])
 
 
@@ -135,11 +135,12 @@ def adapter_base_mismatch(path: str | Path, digests: list[tuple[Path, bytes]] | 
     this = _describe(architectures, model_type)
     record = _read_json(root / "adapter" / ADAPTER_BASE_FILE)
     if record:
-        if record.get("base_sha256") == base_sha256(root, digests):
+        actual = base_sha256(root, digests)
+        if record.get("base_sha256") == actual:
             return None  # made for, or accepted with, exactly these base files
         return (f"adapter/{ADAPTER_BASE_FILE} says the adapter belongs to base sha256 "
                 f"{str(record.get('base_sha256'))[:16]} ({_describe(record.get('base_architectures'), record.get('base_model_type'))}), "
-                f"but base/ is sha256 {base_sha256(root, digests)[:16]} ({this})")
+                f"but base/ is sha256 {actual[:16]} ({this})")
     peft = _read_json(root / "adapter" / "adapter_config.json")
     claimed = (peft.get("auto_mapping") or {}).get("base_model_class")
     if claimed and architectures and claimed not in architectures:

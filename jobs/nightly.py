@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engram_core.checkpoint import check_adapter_base
 from engram_core.checkpoint import fingerprint as model_fingerprint
 from jobs.spec import NightlySpec
 from pipeline import compile as compile_mod
@@ -165,6 +166,7 @@ def run_nightly(
         prior_state = _load_state(store, previous)
         watermark = _read_watermark(previous)
         fingerprint = model_fingerprint(spec.model)
+        check_adapter_base(spec.model)  # here, before Ray: a compile worker would only fail at its load
 
     with timer.stage("ingest"):
         batch = read_fact_log(spec.fact_log, exclude_files=set(watermark["files"]), on_bad_file=spec.on_bad_file)

@@ -134,3 +134,16 @@ def test_a_checkpoint_with_its_own_adapter_loads_and_records_its_base(tiny_check
         assert adapter_base_mismatch(root) is None
         record = json.loads((root / "adapter" / ADAPTER_BASE_FILE).read_text())
         assert record["base_model_type"] == family
+
+
+def test_a_night_on_a_checkpoint_with_a_foreign_adapter_is_refused_before_it_writes(tmp_path, tiny_checkpoints, local_store):
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
+    write_fact_log(fact_log_rows(2, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(mixed), num_shards=2, workers=0)
+    with pytest.raises(CheckpointError, match="Qwen2ForCausalLM"):
+        run_nightly(spec)
+    assert local_store.list("") == []  # no model uploaded, no chunk compiled, nothing published
