@@ -38,16 +38,29 @@ def test_two_tiny_inits_from_one_seed_write_identical_bytes_and_one_fingerprint(
     assert "adapter/adapter_config.json" in file_bytes(tmp_path / "a")
 
 
+def hash_seeds_with_opposite_set_orders() -> tuple[str, str]:
+    """Two PYTHONHASHSEED values under which {"q_proj", "v_proj"} iterates in different orders."""
+    orders = {}
+    for seed in map(str, range(16)):
+        order = subprocess.run([sys.executable, "-c", "print(list({'q_proj', 'v_proj'}))"], check=True,
+                               capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED=seed)).stdout
+        orders.setdefault(order, seed)
+        if len(orders) == 2:
+            return tuple(orders.values())
+    raise AssertionError("16 hash seeds all iterate the set in one order")
+
+
 def test_tiny_inits_in_processes_with_other_string_hash_seeds_write_identical_bytes(tmp_path):
-    # Hash seeds 1 and 3 iterate the set {"q_proj", "v_proj"} in opposite orders.
-    for seed in ("1", "3"):
+    first, second = hash_seeds_with_opposite_set_orders()
+    for seed in (first, second):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         subprocess.run([sys.executable, "-c", "from jobs.cli import app; app()", "model", "init",
                         str(tmp_path / f"hash-seed-{seed}"), "--tiny"], env=env, check=True, capture_output=True)
-    one, three = file_bytes(tmp_path / "hash-seed-1"), file_bytes(tmp_path / "hash-seed-3")
-    assert one.keys() == three.keys()
-    assert [name for name in one if one[name] != three[name]] == []
-    assert fingerprint(tmp_path / "hash-seed-1") == fingerprint(tmp_path / "hash-seed-3") == init_tiny(tmp_path / "here")
+    one, other = file_bytes(tmp_path / f"hash-seed-{first}"), file_bytes(tmp_path / f"hash-seed-{second}")
+    assert one.keys() == other.keys()
+    assert [name for name in one if one[name] != other[name]] == []
+    assert fingerprint(tmp_path / f"hash-seed-{first}") == fingerprint(tmp_path / f"hash-seed-{second}") \
+        == init_tiny(tmp_path / "here")
     assert json.loads(one["adapter/adapter_config.json"])["target_modules"] == ["q_proj", "v_proj"]
 
 
