@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import MODEL_LOCK, attach_new_memory, fingerprint, save_engram
+from .checkpoint import MODEL_LOCK, attach_new_memory, fingerprint, save_engram, write_base_record
 from .config import EngramConfig
 
 FAMILIES = ("llama", "qwen2", "gpt2")
@@ -133,5 +133,16 @@ def init_tiny(
         targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
         torch.manual_seed(seed + 2)
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        for config in peft_model.peft_config.values():
+            _sort_sets(config)
         peft_model.save_pretrained(root / "adapter")
+        write_base_record(root, how="created with this base (engram model init)")
     return fingerprint(root)
+
+
+def _sort_sets(config) -> None:
+    """peft holds target_modules (and other module lists) as sets and writes them in set order,
+    which follows the process's string hash seed; sorted lists make the same bytes every run."""
+    for name, value in vars(config).items():
+        if isinstance(value, (set, frozenset)):
+            setattr(config, name, sorted(value))

@@ -34,13 +34,33 @@ def init(
 def info(directory: Path = typer.Argument(..., help="Checkpoint directory."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Show a checkpoint's Engram config and fingerprint. Example: engram model info ./tiny"""
-    from engram_core.checkpoint import fingerprint
+    from engram_core.checkpoint import adapter_base_mismatch, fingerprint
     from engram_core.config import EngramConfig
 
     config = EngramConfig.load(directory / "engram" / "config.json")
+    has_adapter = (directory / "adapter").is_dir()
     out = {"path": str(directory), "fingerprint": fingerprint(directory), "engram": config.to_dict(),
-           "adapter": (directory / "adapter").is_dir()}
+           "adapter": has_adapter,
+           "adapter_base_mismatch": adapter_base_mismatch(directory) if has_adapter else None}
     typer.echo(json.dumps(out, indent=None if as_json else 2))
+
+
+@model_app.command("accept-adapter")
+def accept_adapter(directory: Path = typer.Argument(..., help="Checkpoint directory.")) -> None:
+    """Accept adapter/ for this base/ although it records another base (the fingerprint changes).
+    Example: engram model accept-adapter ./my-model"""
+    from engram_core.checkpoint import CheckpointError, adapter_base_mismatch, fingerprint, write_base_record
+
+    try:
+        problem = adapter_base_mismatch(directory)
+        write_base_record(directory, how="accepted by an operator (engram model accept-adapter)")
+    except CheckpointError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if problem:
+        typer.echo(f"accepted despite: {problem}")
+    typer.echo(f"adapter/ now belongs to this base/; fingerprint {fingerprint(directory)[:16]} "
+               "(a night on it needs recompile_all: true)")
 
 
 def register(app: typer.Typer) -> None:

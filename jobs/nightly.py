@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
+from engram_core.checkpoint import check_adapter_base
 from engram_core.checkpoint import fingerprint as model_fingerprint
 from jobs.spec import NightlySpec
 from pipeline.compile import ChunkCheckpoints, plan_chunks
@@ -137,9 +138,11 @@ def run_nightly(
     timer = _Timer()
     job_id = spec.job_id or f"nightly-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     store = open_store(spec.store)
+    store.check_conditional_writes()  # before any work: a store that ignores If-None-Match / If-Match is refused
     with timer.stage("read_previous"):
         current = read_current(store)
         previous = current[0] if current else None
+        check_adapter_base(spec.model)  # here, before Ray: a compile worker would only fail at its load
         fingerprint = model_fingerprint(spec.model)
         check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
         watermark = _read_watermark(previous)

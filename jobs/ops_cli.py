@@ -22,12 +22,17 @@ def forget(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per user."),
 ) -> None:
     """Erase a user from every retained version, for good. Example: engram forget --store s3://b/engram user-42 --reason "ticket 7" """
+    from versions.errors import PublishError
     from versions.forget import forget_user
-    from versions.store import open_store
+    from versions.store import StoreError, open_store
 
     target = open_store(store)
     for user in users:
-        report = forget_user(target, user, actor=_actor(), reason=reason)
+        try:
+            report = forget_user(target, user, actor=_actor(), reason=reason)
+        except (PublishError, StoreError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
         if as_json:
             typer.echo(json.dumps(report.to_dict(), sort_keys=True))
         else:
@@ -45,13 +50,16 @@ def gc(
 ) -> None:
     """Delete old versions and unreferenced objects. Example: engram gc --store s3://b/engram --keep 7 --dry-run"""
     from versions.retention import collect
-    from versions.store import open_store
+    from versions.store import StoreError, open_store
 
     try:
         report = collect(open_store(store), keep, dry_run=dry_run, actor=_actor())
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    except StoreError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), sort_keys=True))
         return

@@ -46,11 +46,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from fractions import Fraction
 from typing import Literal
 
 import pyarrow as pa
@@ -315,13 +318,24 @@ def _is_hidden(relative_path: str) -> bool:
 
 
 def _read_one(fs: pafs.FileSystem, path: str, display: str):
-    """(size, normalised table or None, (reason, detail) or None)."""
+    """(size, normalised table or None, (reason, detail) or None).
+
+    Only the fact log's own columns are read: an extra column of a type this pyarrow cannot
+    convert does not cost the file, and a column named like our provenance (``_row``) is never
+    taken from a customer's file. INT96 timestamps (Spark, Hive, Impala) are read in
+    microseconds: read in nanoseconds, dates outside 1677-2262 would wrap around silently.
+    """
     size = fs.get_file_info(path).size or 0
     try:
         with fs.open_input_file(path) as handle:
-            table = pq.ParquetFile(handle).read()
+            parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us")
+            present = parquet.schema_arrow.names
+            table = parquet.read(columns=[name for name in present if name in F.FACT_LOG_SCHEMA.names])
     except (pa.ArrowException, OSError) as err:
         return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
+    extra = [name for name in present if name not in F.FACT_LOG_SCHEMA.names]
+    if extra:
+        logger.warning("fact log %s: ignoring extra columns %s", display, extra)
     try:
         return size, normalise_fact_log(table, source=display), None
     except F.SchemaMismatch as err:
@@ -334,9 +348,13 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
 def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Table:
     """Conform a raw fact log table to FACT_LOG_BATCH_SCHEMA, adding provenance.
 
-    Extra columns are dropped with a warning; a missing required column or a type that cannot
-    be cast without loss raises SchemaMismatch naming the column. Values that cannot be read
-    one by one (invalid UTF-8, an unparseable time string) become null with a per-row problem.
+    Extra columns are dropped with a warning; a missing required column, or a column whose
+    type cannot hold its kind of value (a float user_id, an integer event_time), raises
+    SchemaMismatch naming the column. A single value that cannot be read (invalid UTF-8 in
+    any physical string type, a time string in another format, a time outside
+    ``F.MIN_EVENT_TIME``..``F.MAX_EVENT_TIME``) never costs the file: it becomes null with a
+    per-row problem (reason + detail) that ingest turns into a reject of that row.
+    Timestamps finer than a microsecond (pandas' ``datetime64[ns]``) are truncated to it.
     """
     keep = set(F.FACT_LOG_BATCH_SCHEMA.names)
     extra = [name for name in table.column_names if name not in keep]
@@ -349,7 +367,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     problems: list[tuple[str, str] | None] = [None] * n
     columns = {}
     for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope"):
-        raw = table.column(name) if name in table.column_names else pa.nulls(n, pa.string())
+        raw = table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
         columns[name] = _to_text(raw, name, problems)
     columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems)
@@ -371,58 +389,140 @@ def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:
     return [(r, d) if r else None for r, d in zip(reasons, details)]
 
 
-_BAD_UTF8_REASON = {"user_id": F.BAD_USER_ID, "fact_id": F.BAD_FACT_ID, "scope": F.BAD_SCOPE}
+def _note(problems: list, row: int, reason: str, detail: str) -> None:
+    """Record a row's first problem (later ones for the same row are not reported)."""
+    if problems[row] is None:
+        problems[row] = (reason, detail)
+
+
+# The reason an unreadable (not UTF-8) value gets, per column: ids keep their own codes.
+_BAD_UTF8_REASON = {"user_id": F.BAD_USER_ID, "fact_id": F.BAD_FACT_ID, "scope": F.BAD_SCOPE,
+                    "event_time": F.BAD_EVENT_TIME}
+_BYTES_KINDS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
+                pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_fixed_size_binary)
 
 
 def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
+    """Any string-like column (string, large_string, string_view, binary, dictionary of these,
+    integers) -> string; a value that is not valid UTF-8 becomes null with a problem.
+
+    Writers that do not validate (and Parquet itself) can put any bytes in a string column, so
+    every physical type is read as bytes and checked: a chunk at a time in Arrow, and value by
+    value only in a chunk that fails the check.
+    """
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.cast(kind.value_type), kind.value_type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
+    if pa.types.is_null(kind) or pa.types.is_integer(kind):
         return column.cast(pa.string())
-    if pa.types.is_string_view(kind) or pa.types.is_integer(kind):
-        return column.cast(pa.string())
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        values = []
-        for i, raw in enumerate(column.to_pylist()):
-            try:
-                values.append(None if raw is None else raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                values.append(None)
-                if problems[i] is None:
-                    reason = _BAD_UTF8_REASON.get(name, F.INVALID_UTF8)
-                    problems[i] = (reason, f"{name} is not valid UTF-8")
-        return pa.chunked_array([pa.array(values, pa.string())])
-    raise F.SchemaMismatch(f"column {name!r} is {kind}, expected a string")
+    if not any(is_kind(kind) for is_kind in _BYTES_KINDS):
+        raise F.SchemaMismatch(f"column {name!r} is {kind}, expected a string")
+    chunks, offset = [], 0
+    for chunk in column.cast(pa.large_binary()).chunks:
+        text = chunk.view(pa.large_string())
+        try:
+            text.validate(full=True)  # checks UTF-8
+        except pa.ArrowInvalid:
+            text = _decode_each(chunk, name, offset, problems)
+        chunks.append(text.cast(pa.string()))
+        offset += len(chunk)
+    return pa.chunked_array(chunks, pa.string())
+
+
+def _decode_each(chunk: pa.Array, name: str, offset: int, problems: list) -> pa.Array:
+    values = []
+    for i, raw in enumerate(chunk.to_pylist()):
+        try:
+            values.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            values.append(None)
+            _note(problems, offset + i, _BAD_UTF8_REASON.get(name, F.INVALID_UTF8),
+                  f"{name} is not valid UTF-8 ({err.reason} at byte {err.start} of {raw[:48]!r})")
+    return pa.array(values, pa.large_string())
+
+
+# Microseconds per tick of each time unit a writer may use (exact, so range bounds are exact).
+_MICROS_PER_TICK = {"s": Fraction(10**6), "ms": Fraction(10**3), "us": Fraction(1), "ns": Fraction(1, 1000),
+                    "day": Fraction(86_400 * 10**6)}
 
 
 def _to_timestamp(column: pa.ChunkedArray, problems: list) -> pa.ChunkedArray:
+    """event_time of any time type (timestamp of any unit and zone, INT96, date) or ISO-8601
+    text -> microseconds UTC. Finer units are truncated (floored) to the microsecond; a value
+    outside F.MIN_EVENT_TIME..F.MAX_EVENT_TIME or text that is not ISO-8601 becomes null with a
+    per-row problem. Numbers are refused for the whole column: seconds or milliseconds?"""
     kind = column.type
-    if pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_null(kind):
-        if pa.types.is_timestamp(kind) and kind.tz is None:
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    if pa.types.is_null(kind):
+        return column.cast(F.TIMESTAMP)
+    if pa.types.is_timestamp(kind):
+        if kind.tz is None:
             logger.warning("fact log: event_time has no time zone; reading it as UTC")
-        try:
-            return column.cast(F.TIMESTAMP, safe=True)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-            raise F.SchemaMismatch(f"column 'event_time' ({kind}) cannot be cast to {F.TIMESTAMP} without loss ({err})") from err
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        ticks, unit = column.cast(pa.int64()), kind.unit
+    elif pa.types.is_date32(kind):
+        ticks, unit = column.cast(pa.int32()).cast(pa.int64()), "day"
+    elif pa.types.is_date64(kind):
+        ticks, unit = column.cast(pa.int64()), "ms"
+    elif any(is_kind(kind) for is_kind in _BYTES_KINDS):
+        texts = _to_text(column, "event_time", problems)
+        ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems), pa.int64())]), "us"
+    else:
         raise F.SchemaMismatch(
             f"column 'event_time' is {kind}; write a UTC timestamp (numbers are ambiguous: seconds or ms?)"
         )
-    values = []
-    for i, text in enumerate(column.to_pylist()):
-        values.append(None if text is None else _parse_time(text))
-        if text is not None and values[-1] is None and problems[i] is None:
-            problems[i] = (F.BAD_EVENT_TIME, f"event_time {text[:64]!r} is not an ISO-8601 timestamp")
-    return pa.chunked_array([pa.array(values, F.TIMESTAMP)])
+    return _ticks_to_micros(ticks, unit, problems).cast(F.TIMESTAMP)
 
 
-def _parse_time(text: str) -> datetime | None:
+def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list) -> pa.ChunkedArray:
+    """Scale int64 ``ticks`` of ``unit`` since the epoch to microseconds, in Arrow.
+
+    The range check comes first, in the column's own unit, so that scaling never overflows.
+    """
+    per_tick = _MICROS_PER_TICK[unit]
+    lowest = max(math.ceil(F.MIN_EVENT_MICROS / per_tick), -(2**63))
+    highest = min(math.floor(F.MAX_EVENT_MICROS / per_tick), 2**63 - 1)
+    in_range = pc.and_(pc.greater_equal(ticks, lowest), pc.less_equal(ticks, highest))
+    outside = pc.fill_null(pc.invert(in_range), False)
+    for row in pc.indices_nonzero(outside.combine_chunks()).to_pylist():
+        _note(problems, row, F.EVENT_TIME_OUT_OF_RANGE,
+              f"event_time {ticks[row].as_py()} {unit}{'s' if unit == 'day' else ''} since 1970-01-01 is outside "
+              f"{F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} (a wrapped, mis-scaled or placeholder time)")
+    kept = pc.if_else(in_range, ticks, pa.scalar(None, pa.int64()))
+    if per_tick < 1:  # nanoseconds: floor, not Arrow's truncation toward zero (stay in 1969 before the epoch)
+        return pc.divide(pc.subtract(kept, pc.if_else(pc.less(kept, 0), per_tick.denominator - 1, 0)),
+                         per_tick.denominator)
+    return pc.multiply(kept, int(per_tick))
+
+
+_FRACTION = re.compile(r"\.(\d+)")
+_UTC_SUFFIX = re.compile(r"\s*(?:Z|UTC|GMT)$", re.IGNORECASE)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _parse_times(texts: pa.ChunkedArray, problems: list) -> list[int | None]:
+    micros = []
+    for row, text in enumerate(texts.to_pylist()):
+        micros.append(None if text is None else _parse_time_micros(text))
+        if text is not None and micros[-1] is None:
+            _note(problems, row, F.BAD_EVENT_TIME,
+                  f"event_time {text[:64]!r} is not an ISO-8601 timestamp (write e.g. 2026-11-20T08:00:00Z)")
+    return micros
+
+
+def _parse_time_micros(text: str) -> int | None:
+    """Microseconds since the epoch of an ISO-8601 time ('Z', '+hh:mm' or ' UTC'; no zone: UTC;
+    digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?)."""
+    cleaned = _UTC_SUFFIX.sub("+00:00", text.strip())
+    cleaned = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], cleaned, count=1)
+    if cleaned.lstrip("+-").isdigit():
+        return None
     try:
-        moment = datetime.fromisoformat(text.strip())
+        moment = datetime.fromisoformat(cleaned)
     except ValueError:
         return None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
 # --- Validating -----------------------------------------------------------------------------

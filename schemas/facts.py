@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 
@@ -26,6 +27,15 @@ OP_PRECEDENCE = {OP_UPSERT: 0, OP_DELETE: 1, OP_FORGET_USER: 2}
 MAX_ID_CHARS = 256
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+# The event times ingest accepts. Earlier or later values come from a wrapped or mis-scaled
+# conversion (INT96 read in nanoseconds, seconds taken for ms) or a placeholder (.NET's
+# 0001-01-01), never from a person stating a fact; 1900 is also where Spark's legacy calendar
+# rebasing of timestamps starts to matter.
+MIN_EVENT_TIME = datetime(1900, 1, 1, tzinfo=timezone.utc)
+MAX_EVENT_TIME = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MIN_EVENT_MICROS = (MIN_EVENT_TIME - _EPOCH) // timedelta(microseconds=1)
+MAX_EVENT_MICROS = (MAX_EVENT_TIME - _EPOCH) // timedelta(microseconds=1)
 
 # The fact log as normalised by ingest (columns a customer writes).
 FACT_LOG_SCHEMA = pa.schema(
@@ -113,6 +123,7 @@ CONTROL_CHARACTERS = "CONTROL_CHARACTERS"
 INVALID_UTF8 = "INVALID_UTF8"
 MISSING_EVENT_TIME = "MISSING_EVENT_TIME"
 BAD_EVENT_TIME = "BAD_EVENT_TIME"
+EVENT_TIME_OUT_OF_RANGE = "EVENT_TIME_OUT_OF_RANGE"
 FUTURE_EVENT_TIME = "FUTURE_EVENT_TIME"
 DUPLICATE = "DUPLICATE"
 CONFLICTING_DUPLICATE = "CONFLICTING_DUPLICATE"
@@ -133,9 +144,10 @@ REASONS: dict[str, str] = {
     TRIGGER_TOO_LONG: "trigger is over the token limit or over max_text_chars characters",
     ANSWER_TOO_LONG: "answer is over max_text_chars characters",
     CONTROL_CHARACTERS: "trigger or answer holds control characters other than tab and newline",
-    INVALID_UTF8: "trigger or answer is not valid UTF-8",
+    INVALID_UTF8: "op, trigger or answer is not valid UTF-8 (whatever the column's physical type)",
     MISSING_EVENT_TIME: "event_time is null",
-    BAD_EVENT_TIME: "event_time could not be read as a timestamp",
+    BAD_EVENT_TIME: "event_time text is not ISO-8601 (or not UTF-8); numbers are refused (seconds or ms?)",
+    EVENT_TIME_OUT_OF_RANGE: "event_time is before 1900-01-01 or after 9999-12-31: a wrapped, mis-scaled or placeholder time",
     FUTURE_EVENT_TIME: "event_time is more than a day after the run's clock",
     DUPLICATE: "exact copy of another event (same user, fact, time, content); one copy kept",
     CONFLICTING_DUPLICATE: "same user, fact and event_time as another event with other content",

@@ -346,7 +346,7 @@ def write_dirty_corpus(log_dir: Path) -> int:
     day.mkdir(parents=True)
     rows = 0
     for case in ROW_CASES:
-        pq.write_table(case.table(), day / f"rows-{case.name}.parquet")
+        case.write(day / f"rows-{case.name}.parquet")
         rows += len(case.rows)
     for case in FILE_CASES:
         (day / f"file-{case.name}.parquet").write_bytes(case.content())

@@ -23,7 +23,9 @@ from tests.fixtures.bad_inputs.corpus import (
     RAW_SCHEMA,
     ROW_CASES,
     T0,
+    column_of,
     good_row,
+    pandas_style_parquet,
     whitespace_tokens,
     write_file_case,
 )
@@ -48,7 +50,7 @@ def live_facts(state: pa.Table) -> dict:
 @pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: c.name)
 def test_every_malformed_row_is_rejected_with_its_named_reason(case, tmp_path):
     path = tmp_path / "part-0.parquet"
-    pq.write_table(case.table(), path)
+    case.write(path)
     result = run(read_fact_log(str(path)))
     reasons = {r["row"]: r["reason"] for r in result.rejects.to_pylist()}
     assert [reasons.get(i) for i in range(len(case.rows))] == case.expected
@@ -84,6 +86,91 @@ def test_schema_drift_that_loses_nothing_is_read(case, tmp_path):
     assert batch.rows.schema == F.FACT_LOG_BATCH_SCHEMA
     result = run(batch)
     assert result.accepted + result.rejected == case.rows
+
+
+# --- Values another writer produced: one bad value costs its row, never the file -----------
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_pandas_file_with_nanosecond_times_is_read_whole_truncated_to_microseconds(on_bad_file, tmp_path):
+    path = tmp_path / "day=2026-11-20" / "part-00000.parquet"
+    path.parent.mkdir()
+    path.write_bytes(pandas_style_parquet(table({"fact_id": "a"}, {"fact_id": "b"}, {"fact_id": "c"})))
+    written = pq.read_table(path).column("event_time")
+    assert written.type == pa.timestamp("ns", tz="UTC")
+    nanos = written.cast(pa.int64()).to_pylist()
+    assert sum(ns % 1000 != 0 for ns in nanos) >= 2  # sub-microsecond digits, as pandas keeps them
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert (result.accepted, result.rejected) == (3, 0)
+    assert result.state.column("event_time").cast(pa.int64()).to_pylist() == [ns // 1000 for ns in nanos]
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_latin1_bytes_in_one_answer_reject_that_row_naming_file_and_row(on_bad_file, tmp_path):
+    raw = table({"fact_id": "a"}, {"fact_id": "b"}, {"fact_id": "c"})
+    answers = column_of([" Rex", " Caf\xe9".encode("latin-1"), " Max"], pa.string())  # not validated by the writer
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(raw.set_column(raw.schema.get_field_index("answer"), "answer", answers), path)
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert live_facts(result.state) == {("alice", "a"): " Rex", ("alice", "c"): " Max"}
+    [reject] = result.rejects.to_pylist()
+    assert (reject["source"], reject["row"], reject["reason"]) == (str(path), 1, "INVALID_UTF8")
+    assert "answer is not valid UTF-8" in reject["detail"] and "Caf\\xe9" in reject["detail"]
+
+
+_UTF8_REASON = {"user_id": "BAD_USER_ID", "fact_id": "BAD_FACT_ID", "scope": "BAD_SCOPE"}
+_PHYSICAL_STRING_TYPES = {
+    "string": pa.string(), "large_string": pa.large_string(), "string_view": pa.string_view(),
+    "binary": pa.binary(), "large_binary": pa.large_binary(),
+    "dictionary": pa.dictionary(pa.int32(), pa.string()), "dictionary_of_binary": pa.dictionary(pa.int16(), pa.binary()),
+}
+
+
+@pytest.mark.parametrize("kind", _PHYSICAL_STRING_TYPES, ids=str)
+@pytest.mark.parametrize("column", ["user_id", "fact_id", "op", "trigger", "answer", "scope"])
+def test_invalid_utf8_in_any_string_column_of_any_physical_type_costs_only_its_row(column, kind, tmp_path):
+    raw = table({"fact_id": "a"}, {"fact_id": "b"}, {"fact_id": "c"})
+    values = raw.column(column).to_pylist()
+    values[1] = b"\xfe" + (values[1] or "org:acme").encode()  # scope is null in the good rows
+    raw = raw.set_column(raw.schema.get_field_index(column), column, column_of(values, _PHYSICAL_STRING_TYPES[kind]))
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(raw, path)
+    assert pq.read_schema(path).field(column).type == _PHYSICAL_STRING_TYPES[kind]
+    result = run(read_fact_log(str(path)))
+    rejects = [(r["row"], r["reason"]) for r in result.rejects.to_pylist()]
+    assert rejects == [(1, _UTF8_REASON.get(column, "INVALID_UTF8"))]
+    assert result.accepted == 2
+
+
+_EVENT_TIME_WRITERS = {  # how each writer stores a time of 1850 (ranges where the unit can hold one)
+    "timestamp_s": (pa.timestamp("s", tz="UTC"), {}),
+    "timestamp_ms_naive": (pa.timestamp("ms"), {}),
+    "timestamp_us": (pa.timestamp("us", tz="UTC"), {}),
+    "timestamp_ns": (pa.timestamp("ns", tz="UTC"), {}),
+    "timestamp_ns_other_zone": (pa.timestamp("ns", tz="Europe/Paris"), {}),
+    "int96_spark": (pa.timestamp("us"), {"use_deprecated_int96_timestamps": True}),
+    "date32": (pa.date32(), {}),
+    "date64": (pa.date64(), {}),
+    "string": (pa.string(), {}),
+}
+
+
+@pytest.mark.parametrize("writer", _EVENT_TIME_WRITERS)
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_an_event_time_before_1900_in_any_time_type_costs_only_its_row(writer, on_bad_file, tmp_path):
+    kind, options = _EVENT_TIME_WRITERS[writer]
+    times = [T0, datetime(1850, 6, 1, tzinfo=timezone.utc), T0 + timedelta(hours=1)]
+    if pa.types.is_date32(kind) or pa.types.is_date64(kind):
+        times = [t.date() for t in times]
+    if pa.types.is_string(kind):
+        times = [t.isoformat() for t in times]
+    raw = table({"fact_id": "a"}, {"fact_id": "b"}, {"fact_id": "c"})
+    raw = raw.set_column(raw.schema.get_field_index("event_time"), "event_time", pa.array(times, kind))
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(raw, path, **options)
+    result = run(read_fact_log(str(path), on_bad_file=on_bad_file))
+    assert [(r["row"], r["reason"]) for r in result.rejects.to_pylist()] == [(1, "EVENT_TIME_OUT_OF_RANGE")]
+    assert sorted(live_facts(result.state)) == [("alice", "a"), ("alice", "c")]
 
 
 def test_extra_columns_are_dropped_with_a_warning(caplog):

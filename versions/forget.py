@@ -335,6 +335,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     if not actor or not reason:
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
     forgotten_at = forgotten_at or datetime.now(timezone.utc)
+    store.check_conditional_writes()  # its rewrite ends in a compare-and-swap of CURRENT (once per store object)
     # Compiled chunks of an unfinished night may hold the users' rows: they are only a cache.
     for key in store.list(PARTIAL_PREFIX):
         store.delete(key)

@@ -163,6 +163,7 @@ def publish_entries(
     """
     hook = crash_hook or (lambda step: None)
     where = f"publish to {store.uri}"
+    store.check_conditional_writes()  # the compare-and-swap below needs them (once per store object)
     pointer = _check_planned(store, previous, where)
     shards = _merge_shards(entries, previous, num_shards, where)
     forgotten = _forgotten(previous, forgotten_users)

@@ -62,6 +62,8 @@ def collect(store: ObjectStore, keep: int, *, dry_run: bool = False, actor: str 
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"gc: keep must be at least 1 (CURRENT is always kept), got {keep!r}; "
                          "to delete everything, delete the store")
+    if not dry_run:
+        store.check_conditional_writes()  # gc deletes what it read CURRENT to keep (once per store object)
     pointer = read_pointer(store)
     if pointer is None:
         return GcReport([], [], [], dry_run)

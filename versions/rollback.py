@@ -17,6 +17,7 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
     """Move CURRENT to a retained published version (older or newer) and record who, when and why."""
     if not reason or not actor:
         raise ValueError("rollback: reason and actor are required (they go into the audit log)")
+    store.check_conditional_writes()  # the compare-and-swap of CURRENT needs them (once per store object)
     pointer = read_pointer(store)
     if pointer is None:
         raise UnknownVersion(f"{store.uri}: nothing is published yet; cannot roll back to version {to_version}")

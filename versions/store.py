@@ -13,6 +13,12 @@ A failed condition raises :class:`PreconditionFailed`. An etag is the md5 hex di
 object's bytes in both stores (what S3 returns for a single-part upload, without quotes), so
 etags are comparable across stores; treat them as opaque all the same.
 
+Some S3-compatible servers (and proxies in front of them) accept the condition headers and
+ignore them, or answer them with 501. Every writer (the nightly job, publish, rollback, forget,
+gc) first calls :meth:`ObjectStore.check_conditional_writes`, which proves on a probe key under
+``.engram-probe/`` that both conditions are enforced and refuses the store otherwise
+(:class:`ConditionalWritesUnsupported`); the result is kept on the store object.
+
 ``LocalStore`` writes atomically (temp file in the same directory, fsync, ``os.replace``) and
 serialises writes through an ``fcntl`` lock on ``<root>/.engram-store.lock``, which makes the
 conditional writes atomic across threads and processes on one host (and on NFS mounts whose
@@ -40,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _RESERVED_PREFIX = ".engram-"  # lock and temp files of a LocalStore; never valid key segments
 _LOCK_NAME = ".engram-store.lock"
+PROBE_FOLDER = ".engram-probe"  # the one reserved folder that is a key: check_conditional_writes' probes
+_WRONG_ETAG = "0" * 32  # an md5 no probe body has
 
 
 class StoreError(RuntimeError):
@@ -52,6 +60,10 @@ class ObjectNotFound(StoreError):
 
 class PreconditionFailed(StoreError):
     pass
+
+
+class ConditionalWritesUnsupported(StoreError):
+    """The store accepts writes but does not enforce If-None-Match / If-Match on them."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +81,12 @@ def check_key(key: str) -> str:
         raise ValueError(f"store key {key!r}: backslashes are not allowed (use '/')")
     if key.startswith("/"):
         raise ValueError(f"store key {key!r}: must be relative to the store root (no leading '/')")
-    for segment in key.split("/"):
+    for index, segment in enumerate(key.split("/")):
         if segment == "":
             raise ValueError(f"store key {key!r}: empty path segment")
         if segment in (".", ".."):
             raise ValueError(f"store key {key!r}: '.' and '..' segments are not allowed")
-        if segment.startswith(_RESERVED_PREFIX):
+        if segment.startswith(_RESERVED_PREFIX) and not (index == 0 and segment == PROBE_FOLDER and "/" in key):
             raise ValueError(f"store key {key!r}: segments starting with {_RESERVED_PREFIX!r} are reserved")
     return key
 
@@ -121,6 +133,65 @@ class ObjectStore(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
+
+    def check_conditional_writes(self) -> None:
+        """Prove that this store enforces ``If-None-Match: *`` and ``If-Match`` on writes, once per
+        store object; raise ConditionalWritesUnsupported (naming the store and the fix) if not.
+
+        Publishing moves CURRENT by compare-and-swap; a store that accepts the conditions and
+        ignores them lets two runs both publish a version, and one that answers them with 501
+        would fail only at the end of a night. The probe writes one key under ``.engram-probe/``
+        four times (create, create again, replace with a wrong etag, replace with the right
+        one) and deletes it. Credentials or outage errors are raised as they are.
+        """
+        if getattr(self, "_conditional_writes_proven", False):
+            return
+        key = f"{PROBE_FOLDER}/conditional-writes-{secrets.token_hex(8)}"
+        try:
+            self._probe_conditions(key)
+        finally:
+            try:
+                self.delete(key)
+            except StoreError as err:
+                log.warning("%s: could not delete the probe object %s (%s); delete it by hand", self.describe(), key, err)
+        self._conditional_writes_proven = True
+        log.info("%s: conditional writes (If-None-Match, If-Match) are enforced", self.describe())
+
+    def _probe_conditions(self, key: str) -> None:
+        try:
+            etag = self.put(key, b"engram probe: create", if_none_match=True)
+        except PreconditionFailed as err:
+            raise self._unsupported("refused a write with If-None-Match: * to a key that does not exist", err) from None
+        except StoreError as err:
+            self.put(key, b"engram probe: plain write")  # if plain writes fail too, that error says why
+            raise self._unsupported("answered a write with If-None-Match: * with an error", err) from None
+        if self._lands(key, b"engram probe: create again", if_none_match=True):
+            raise self._unsupported("replaced an existing object although the write said If-None-Match: *")
+        if self._lands(key, b"engram probe: wrong etag", if_match=_WRONG_ETAG):
+            raise self._unsupported("replaced an object whose etag differs from the write's If-Match")
+        if not self._lands(key, b"engram probe: right etag", if_match=etag):
+            raise self._unsupported("refused If-Match with the etag it returned for the object itself")
+
+    def _lands(self, key: str, data: bytes, **condition) -> bool:
+        """Whether a conditional write took effect (False: its condition failed)."""
+        try:
+            self.put(key, data, **condition)
+        except PreconditionFailed:
+            return False
+        except StoreError as err:
+            raise self._unsupported(f"answered a write with {'If-Match' if condition.get('if_match') else 'If-None-Match'} "
+                                    "with an error", err) from None
+        return True
+
+    def _unsupported(self, what: str, cause: Exception | None = None) -> ConditionalWritesUnsupported:
+        because = f" ({cause})" if cause is not None else ""
+        return ConditionalWritesUnsupported(
+            f"{self.describe()}: does not enforce conditional writes: it {what}{because}. Publishing moves "
+            "CURRENT by compare-and-swap (If-None-Match / If-Match on PutObject), so on this store two runs "
+            "could both publish a version. Use a store that enforces both conditions (AWS S3 does; for an "
+            "S3-compatible server check its version and settings) and make sure no proxy or gateway between "
+            "the job and the store drops or rejects these headers."
+        )
 
 
 def _check_conditions(if_none_match: bool, if_match: str | None) -> None:

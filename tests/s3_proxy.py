@@ -1,0 +1,124 @@
+"""A loopback HTTP proxy in front of the test's S3 server that mishandles conditional writes the
+way some S3-compatible servers and gateways do.
+
+- ``ignore``: PUTs lose their ``If-None-Match`` / ``If-Match`` headers on the way, and are
+  re-signed (SigV4, with botocore's signer and the test credentials) so that the server accepts
+  them: the client believes its conditions were sent, the server never sees them.
+- ``501``: a PUT carrying either header is answered ``501 NotImplemented`` (what S3 answered
+  before it supported them), everything else goes through.
+- ``pass``: everything goes through unchanged.
+
+Every request is counted in ``requests`` as (method, path, condition headers sent).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+CONDITIONS = ("If-None-Match", "If-Match")
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
+_NOT_IMPLEMENTED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code><Message>A header '
+                    b"you provided implies functionality that is not implemented</Message></Error>")
+
+
+class _KeepContentHash(S3SigV4Auth):
+    """Re-sign a request as it is: its x-amz-content-sha256 (a body hash, or a streaming marker
+    for aws-chunked bodies) stays what the client sent."""
+
+    def _modify_request_before_signing(self, request):
+        content_hash = request.headers["X-Amz-Content-SHA256"]
+        super()._modify_request_before_signing(request)
+        del request.headers["X-Amz-Content-SHA256"]
+        request.headers["X-Amz-Content-SHA256"] = content_hash
+
+
+class ConditionProxy:
+    def __init__(self, upstream_url: str, mode: str, *, access_key: str, secret_key: str, region: str = "us-east-1"):
+        if mode not in ("ignore", "501", "pass"):
+            raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
+        self.upstream = urlparse(upstream_url)
+        self.mode = mode
+        self.signer = _KeepContentHash(Credentials(access_key, secret_key), "s3", region)
+        self.requests: list[tuple[str, str, tuple[str, ...]]] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> "ConditionProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def puts_with_conditions(self) -> int:
+        return sum(1 for method, _, sent in self.requests if method == "PUT" and sent)
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
+                sent = tuple(k for k, _ in headers if k.lower() in {c.lower() for c in CONDITIONS})
+                proxy.requests.append((self.command, self.path, sent))
+                if self.command == "PUT" and sent and proxy.mode == "501":
+                    return self._answer(501, [("Content-Type", "application/xml")], _NOT_IMPLEMENTED)
+                if self.command == "PUT" and sent and proxy.mode == "ignore":
+                    headers = proxy.resign(self.command, self.path, headers, body)
+                status, reply_headers, reply = proxy.forward(self.command, self.path, headers, body)
+                self._answer(status, reply_headers, reply)
+
+            def _answer(self, status: int, headers: list, body: bytes) -> None:
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)) if self.command != "HEAD" else
+                                 dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _relay
+
+        return Handler
+
+    def resign(self, method: str, path: str, headers: list, body: bytes) -> list:
+        """The request without its condition headers, signed again as the client would have signed it."""
+        kept = {k: v for k, v in headers if k.lower() not in {c.lower() for c in CONDITIONS}
+                and k.lower() not in ("authorization", "x-amz-date")}
+        request = AWSRequest(method=method, url=f"http://{kept['Host']}{path}", headers=kept, data=body)
+        self.signer.add_auth(request)
+        return list(request.headers.items())
+
+    def forward(self, method: str, path: str, headers: list, body: bytes) -> tuple[int, list, bytes]:
+        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        try:
+            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            for key, value in headers:
+                connection.putheader(key, value)
+            connection.endheaders(body or None)
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()

@@ -1,0 +1,162 @@
+"""Checkpoints: rebuilt from the same seed they are the same bytes; an adapter loads only on its base."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engram_core.checkpoint import (
+    ADAPTER_BASE_FILE,
+    ALLOW_ADAPTER_MISMATCH_ENV,
+    CheckpointError,
+    adapter_base_mismatch,
+    fingerprint,
+    load_checkpoint,
+)
+from engram_core.tiny import init_tiny
+from jobs.cli import app
+
+
+def file_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- engram model init --tiny is reproducible -------------------------------------------------
+
+
+def test_two_tiny_inits_from_one_seed_write_identical_bytes_and_one_fingerprint(tmp_path):
+    first, second = init_tiny(tmp_path / "a"), init_tiny(tmp_path / "b")
+    assert first == second == fingerprint(tmp_path / "a")
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+    assert "adapter/adapter_config.json" in file_bytes(tmp_path / "a")
+
+
+def hash_seeds_with_opposite_set_orders() -> tuple[str, str]:
+    """Two PYTHONHASHSEED values under which {"q_proj", "v_proj"} iterates in different orders."""
+    orders = {}
+    for seed in map(str, range(16)):
+        order = subprocess.run([sys.executable, "-c", "print(list({'q_proj', 'v_proj'}))"], check=True,
+                               capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED=seed)).stdout
+        orders.setdefault(order, seed)
+        if len(orders) == 2:
+            return tuple(orders.values())
+    raise AssertionError("16 hash seeds all iterate the set in one order")
+
+
+def test_tiny_inits_in_processes_with_other_string_hash_seeds_write_identical_bytes(tmp_path):
+    first, second = hash_seeds_with_opposite_set_orders()
+    for seed in (first, second):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        subprocess.run([sys.executable, "-c", "from jobs.cli import app; app()", "model", "init",
+                        str(tmp_path / f"hash-seed-{seed}"), "--tiny"], env=env, check=True, capture_output=True)
+    one, other = file_bytes(tmp_path / f"hash-seed-{first}"), file_bytes(tmp_path / f"hash-seed-{second}")
+    assert one.keys() == other.keys()
+    assert [name for name in one if one[name] != other[name]] == []
+    assert fingerprint(tmp_path / f"hash-seed-{first}") == fingerprint(tmp_path / f"hash-seed-{second}") \
+        == init_tiny(tmp_path / "here")
+    assert json.loads(one["adapter/adapter_config.json"])["target_modules"] == ["q_proj", "v_proj"]
+
+
+# --- An adapter saved for another base is refused -----------------------------------------------
+
+
+def with_adapter_of(tmp_path: Path, base_dir: Path, adapter_dir: Path, name: str = "mixed") -> Path:
+    """A copy of checkpoint ``base_dir`` whose adapter/ is copied from ``adapter_dir``."""
+    mixed = tmp_path / name
+    shutil.copytree(base_dir, mixed)
+    shutil.rmtree(mixed / "adapter")
+    shutil.copytree(adapter_dir / "adapter", mixed / "adapter")
+    return mixed
+
+
+def edit_adapter_config(root: Path, **changes) -> None:
+    path = root / "adapter" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def test_a_llama_checkpoint_with_an_adapter_from_a_qwen2_checkpoint_is_refused_naming_both_bases(tmp_path, tiny_checkpoints):
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
+    with pytest.raises(CheckpointError, match=r"Qwen2ForCausalLM.*but base/ is .*LlamaForCausalLM") as refused:
+        load_checkpoint(mixed)
+    assert "engram model accept-adapter" in str(refused.value)
+
+
+def test_an_adapter_without_engrams_record_is_still_refused_by_the_base_class_peft_saved(tmp_path, tiny_checkpoints):
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
+    (mixed / "adapter" / ADAPTER_BASE_FILE).unlink()  # as peft alone saves an adapter
+    with pytest.raises(CheckpointError, match=r"saved for a Qwen2ForCausalLM base, but base/ is LlamaForCausalLM"):
+        load_checkpoint(mixed)
+
+
+def test_an_adapter_from_another_base_of_the_same_architecture_is_refused(tmp_path, tiny_checkpoints):
+    other = tmp_path / "llama-seed-7"
+    init_tiny(other, seed=7)  # same family, shapes and module names; other weights
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), other)
+    with pytest.raises(CheckpointError, match=r"belongs to base sha256 \w{16} \(LlamaForCausalLM.*but base/ is sha256 \w{16}"):
+        load_checkpoint(mixed)
+
+
+def test_an_adapter_config_that_names_another_model_family_is_refused(tmp_path, tiny_checkpoints):
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("llama"))
+    (mixed / "adapter" / ADAPTER_BASE_FILE).unlink()
+    edit_adapter_config(mixed, base_model_name_or_path="Qwen/Qwen2.5-0.5B", task_type="CAUSAL_LM", auto_mapping=None)
+    with pytest.raises(CheckpointError, match=r"names base 'Qwen/Qwen2.5-0.5B' \(a qwen2 model\), but base/ is LlamaForCausalLM"):
+        load_checkpoint(mixed)
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B", "/home/sam/models/base", "/srv/qwen2/llama-7b/",
+                                  "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "my-options-model", None, ""])
+def test_names_that_do_not_name_another_family_are_not_refused(name, tmp_path, tiny_checkpoints):
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("llama"))
+    (mixed / "adapter" / ADAPTER_BASE_FILE).unlink()
+    edit_adapter_config(mixed, base_model_name_or_path=name)
+    assert adapter_base_mismatch(mixed) is None
+
+
+def test_an_operator_can_accept_a_foreign_adapter_and_the_fingerprint_says_so(tmp_path, tiny_checkpoints):
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
+    before = fingerprint(mixed)
+    result = CliRunner().invoke(app, ["model", "accept-adapter", str(mixed)])
+    assert result.exit_code == 0, result.output
+    assert "accepted despite" in result.output and "Qwen2ForCausalLM" in result.output
+    model = load_checkpoint(mixed)
+    assert model.fingerprint == fingerprint(mixed) != before
+    assert json.loads((mixed / "adapter" / ADAPTER_BASE_FILE).read_text())["base_architectures"] == ["LlamaForCausalLM"]
+
+
+def test_the_environment_override_loads_a_foreign_adapter_with_a_warning(tmp_path, tiny_checkpoints, monkeypatch, caplog):
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
+    monkeypatch.setenv(ALLOW_ADAPTER_MISMATCH_ENV, "1")
+    model = load_checkpoint(mixed)
+    assert model.fingerprint == fingerprint(mixed)
+    assert "loading anyway" in caplog.text and "Qwen2ForCausalLM" in caplog.text
+
+
+def test_a_checkpoint_with_its_own_adapter_loads_and_records_its_base(tiny_checkpoints):
+    for family in ("llama", "qwen2"):
+        root = tiny_checkpoints(family)
+        assert adapter_base_mismatch(root) is None
+        record = json.loads((root / "adapter" / ADAPTER_BASE_FILE).read_text())
+        assert record["base_model_type"] == family
+
+
+def test_a_night_on_a_checkpoint_with_a_foreign_adapter_is_refused_before_it_writes(tmp_path, tiny_checkpoints, local_store):
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
+    write_fact_log(fact_log_rows(2, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(mixed), num_shards=2, workers=0)
+    with pytest.raises(CheckpointError, match="Qwen2ForCausalLM"):
+        run_nightly(spec)
+    assert local_store.list("") == []  # no model uploaded, no chunk compiled, nothing published
