@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.nightly import run_nightly

@@ -68,7 +68,8 @@ def test_object_keys_never_embed_raw_user_ids(any_store, tmp_path, tiny_dir):
         for form in {user, quote(user, safe=""), quote(user)}:
             assert not [k for k in keys if form in k], form
     # every key is one of the fixed layout's shapes: nothing derived from a user id
-    shapes = ("CURRENT", "manifests/v", "objects/bundles/", "objects/state/", "audit/", "stats/", "models/")
+    shapes = ("CURRENT", "manifests/v", "objects/bundles/", "objects/state/", "objects/tombstones/", "audit/", "stats/",
+              "models/")
     assert all(k.startswith(shapes) for k in keys), keys
     if hasattr(any_store, "root"):  # nothing was written outside the store's directory
         assert not (any_store.root.parent / "x").exists() and not (any_store.root / "a").exists()
