@@ -4,8 +4,9 @@ The stages are plain functions (pipeline.ingest, pipeline.shards, pipeline.compi
 flow (jobs/nightly.py) submits them through a runner and passes handles between them, never
 the data itself:
 
-* :class:`RayRunner`: each call is a Ray task (``num_cpus=1``, retried after a worker dies;
-  an exception raised by the stage itself is not retried) and the compile pool is a set of Ray
+* :class:`RayRunner`: each call is a Ray task (``num_cpus=1``, spread over the cluster's nodes,
+  retried after a worker dies; an exception raised by the stage itself is not retried, it fails
+  the night) and the compile pool is a set of Ray
   actors that load the model once (``num_gpus=1`` each where the cluster has GPUs; a dead actor
   is restarted and its chunk run again). Handles are ObjectRefs: Ray hands a task's outputs to
   the tasks that take them, on any node, without passing them through the driver.
@@ -104,7 +105,9 @@ class RayRunner:
         remote = self._remote.get(fn)
         if remote is None:
             remote = self._remote[fn] = self.ray.remote(num_cpus=1, max_retries=TASK_MAX_RETRIES)(fn)
-        return remote.options(num_returns=num_returns, name=what or fn.__name__,
+        # SPREAD: shard tasks read and write the store; spreading them over the nodes spreads that
+        # I/O (and the object store memory their outputs take) rather than packing one node first.
+        return remote.options(num_returns=num_returns, name=what or fn.__name__, scheduling_strategy="SPREAD",
                               runtime_env=self.runtime_env).remote(*args)
 
     def get(self, handle: Any, what: str = "") -> Any:
