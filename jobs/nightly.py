@@ -196,6 +196,17 @@ class _Night:
                            prior_num_shards=self.previous.num_shards if self.previous else None)
         rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model)
 
+        # The compile workers load the model while the log is read and applied (Ray starts actors
+        # in the background); a night that turns out to compile nothing just lets them go.
+        pool = runner.compile_pool(spec.model, spec.compile_options(), self.store.uri, spec.workers,
+                                   spec.gpus_per_worker)
+        try:
+            return self._run(runner, pool, ctx, rules, files, every_shard=every_shard)
+        finally:
+            pool.close()
+
+    def _run(self, runner, pool, ctx: NightContext, rules: RowRules, files, *, every_shard: bool) -> NightlyReport:
+        spec, timer = self.spec, self.timer
         if self.previous is not None and self.previous.num_shards != spec.num_shards:
             with timer.stage("reshard"):
                 log.info("resharding from %d to %d shards", self.previous.num_shards, spec.num_shards)
@@ -261,21 +272,15 @@ class _Night:
                 assemble(shard)
             total = sum(int(a.compile_facts.sum()) for a in routed.values())
             self.bar.start("compile facts", total)
-            if plan:
-                pool = runner.compile_pool(spec.model, spec.compile_options(), self.store.uri, spec.workers,
-                                           spec.gpus_per_worker)
-                try:
-                    for c, meta, output in pool.map(plan, lambda chunk: [applies[p.shard][1] for p in chunk]):
-                        self.chunks.append(meta)
-                        self.bar.advance("compile facts", meta.facts)
-                        for piece in plan[c]:
-                            outputs_of[piece.shard].append(output)
-                            waiting[piece.shard].discard(c)
-                            if not waiting[piece.shard]:
-                                assemble(piece.shard)
-                        self.hook("compile_chunk")
-                finally:
-                    pool.close()
+            for c, meta, output in pool.map(plan, lambda chunk: [applies[p.shard][1] for p in chunk]):
+                self.chunks.append(meta)
+                self.bar.advance("compile facts", meta.facts)
+                for piece in plan[c]:
+                    outputs_of[piece.shard].append(output)
+                    waiting[piece.shard].discard(c)
+                    if not waiting[piece.shard]:
+                        assemble(piece.shard)
+                self.hook("compile_chunk")
             timer.items["compile"] = total
 
         with timer.stage("assemble"):

@@ -60,14 +60,19 @@ class LocalRunner:
 
 
 class _LocalPool:
-    def __init__(self, model_dir: str, options, store_uri: str):
-        from pipeline.compile import CompileWorker
+    """One CompileWorker in this process, loaded at the first chunk."""
 
-        self.worker = CompileWorker(model_dir, options, store_uri)
+    def __init__(self, model_dir: str, options, store_uri: str):
+        self.args = (model_dir, options, store_uri)
+        self.worker = None
 
     def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list]) -> Iterator[tuple[int, Any, Any]]:
         """(chunk index, meta, output) for every chunk, as each finishes."""
+        from pipeline.compile import CompileWorker
+
         for i, chunk in enumerate(chunks):
+            if self.worker is None:
+                self.worker = CompileWorker(*self.args)
             try:
                 meta, output = self.worker.compile(chunk, *changes_of(chunk))
             except Exception as err:

@@ -1,0 +1,225 @@
+"""Nights at scale: what a full night and an incremental night cost, stage by stage.
+
+Night 1 compiles every user of a synthetic fact log (N users x F facts, random-word triggers,
+spread over several log files); night 2 follows after a FRACTION of the users changed one fact.
+Each night runs as its own driver process (``engram run nightly --json``) on one Ray cluster that
+this script starts (G GPUs, one compile actor per GPU; CPU actors without GPUs), against a local
+store whose every read and write is logged (``ENGRAM_STORE_ACCESS_LOG``). Per night it reports:
+seconds per stage and wall, the driver's peak RSS (sampled; the driver process only, not its Ray
+workers), objects and bytes written to and read from the store (models/ apart), and for night 2
+how many objects of unchanged shards were read or written (the target is none).
+
+    python bench/night_scale.py --users 2000 --facts-per-user 10 --changed 0.05 --gpus 0 --model tiny --json
+    python bench/night_scale.py --users 50000 --facts-per-user 20 --changed 0.05 --gpus 2 --model d768 --json
+
+No asserts on time or memory: results go to bench/RESULTS.md with date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from jobs.synthetic import BASE_TIME  # noqa: E402
+from schemas.facts import FACT_LOG_SCHEMA  # noqa: E402
+
+
+def build_model(kind: str, directory: Path) -> list[str]:
+    """Build the checkpoint; returns words of its vocabulary to draw triggers from."""
+    if kind == "tiny":
+        from engram_core.tiny import init_tiny
+
+        init_tiny(directory)
+    else:
+        from compile_throughput import build_d768
+
+        directory.mkdir(parents=True, exist_ok=True)
+        build_d768(directory)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+    special = set(tokenizer.all_special_ids)
+    words = [tokenizer.decode([i]).strip() for i in range(len(tokenizer)) if i not in special]
+    return sorted({w for w in words if w.isalpha() and len(w) >= 3})
+
+
+def write_log(directory: Path, day: int, users: np.ndarray, facts_per_user: int, words: list[str],
+              trigger_words: int, files: int, seed: int, fact_offset: int = 0) -> int:
+    """Random-word facts of ``users`` (one row per user and fact) in ``files`` Parquet files."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array(words, dtype=object)
+    rows = 0
+    for part, part_users in enumerate(np.array_split(users, files)):
+        n = len(part_users) * facts_per_user
+        if n == 0:
+            continue
+        picks = vocab[rng.integers(0, len(vocab), size=(n, trigger_words + 1))]
+        table = pa.table({
+            "user_id": pa.array([f"u{u:08d}" for u in np.repeat(part_users, facts_per_user)], pa.string()),
+            "fact_id": pa.array([f"f{k + fact_offset}" for k in np.tile(np.arange(facts_per_user), len(part_users))]),
+            "op": pa.array(["upsert"] * n),
+            "trigger": pa.array([" ".join(p[:-1]) for p in picks]),
+            "answer": pa.array([" " + p[-1] for p in picks]),
+            "event_time": pa.array([BASE_TIME + timedelta(days=day)] * n, FACT_LOG_SCHEMA.field("event_time").type),
+            "scope": pa.nulls(n, pa.string()),
+        }, schema=FACT_LOG_SCHEMA)
+        path = directory / f"day={day}" / f"part-{part:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        rows += n
+    return rows
+
+
+def listing(store: Path) -> dict[str, int]:
+    return {str(p.relative_to(store)): p.stat().st_size for p in store.rglob("*")
+            if p.is_file() and not p.name.startswith(".engram-")}
+
+
+def run_night(spec_path: Path, env: dict, store: Path, access_log: Path) -> dict:
+    """One night as its own driver process; returns its report plus what it cost."""
+    before = listing(store)
+    access_log.write_text("")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "nightly", "--spec", str(spec_path), "--json"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        process = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak[0] = max(peak[0], process.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"night failed ({proc.returncode}):\n{err[-4000:]}")
+    report = json.loads(out.strip().splitlines()[-1])
+    after = listing(store)
+    ops = [line.split(" ", 2) for line in access_log.read_text().splitlines() if line]
+    written = {k: s for k, s in after.items() if k not in before and not k.startswith("models/")}
+    reads = [(int(size), key) for op, size, key in ops if op == "get" and not key.startswith("models/")]
+    return {"report": report, "wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak[0] / 2**20, 1),
+            "objects_written": len(written), "bytes_written": sum(written.values()),
+            "objects_read": len(reads), "bytes_read": sum(s for s, _ in reads), "read_keys": {k for _, k in reads},
+            "written_keys": set(written)}
+
+
+def manifest(store: Path, version: int) -> dict:
+    return json.loads((store / "manifests" / f"v{version:08d}.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--facts-per-user", type=int, default=10)
+    ap.add_argument("--changed", type=float, default=0.05, help="fraction of users changing one fact in night 2 (0: no night 2)")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs of the Ray cluster (one compile actor each)")
+    ap.add_argument("--workers", type=int, default=None, help="compile actors (default: GPUs, or 2 on CPU)")
+    ap.add_argument("--model", choices=["tiny", "d768"], default="tiny")
+    ap.add_argument("--shards", type=int, default=64)
+    ap.add_argument("--files", type=int, default=None, help="log files of night 1 (default: one per 50,000 facts)")
+    ap.add_argument("--cpus", type=int, default=None, help="CPUs of the Ray cluster (default: this machine's)")
+    ap.add_argument("--facts-per-batch", type=int, default=None)
+    ap.add_argument("--batches-per-chunk", type=int, default=None)
+    ap.add_argument("--trigger-words", type=int, default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep model, log and store here")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    gpu = args.gpus > 0
+    facts_per_batch = args.facts_per_batch or (32768 if gpu else 4096)
+    batches_per_chunk = args.batches_per_chunk or (4 if gpu else 1)
+    trigger_words = args.trigger_words or (16 if args.model == "d768" else 6)
+    workers = args.workers or (args.gpus if gpu else 2)
+    facts = args.users * args.facts_per_user
+    files = args.files or max(1, facts // 50_000)
+
+    import ray
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory()
+    root = args.workdir or Path(tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    words = build_model(args.model, root / "model")
+    users = np.arange(args.users)
+    write_log(root / "log", 1, users, args.facts_per_user, words, trigger_words, files, seed=0)
+    setup_s = time.perf_counter() - t0
+    access_log = root / "store-access.log"
+    ray.init(num_cpus=args.cpus or os.cpu_count(), num_gpus=args.gpus, include_dashboard=False, log_to_driver=False)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, ENGRAM_STORE_ACCESS_LOG=str(access_log),
+               TOKENIZERS_PARALLELISM="false")
+    spec = {"store": str(root / "store"), "fact_log": str(root / "log"), "model": str(root / "model"),
+            "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
+            "gpus_per_worker": 1 if gpu else 0, "compile": {"facts_per_batch": facts_per_batch}}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    nights = [run_night(root / "spec.yaml", env, root / "store", access_log)]
+    if args.changed > 0:
+        rng = np.random.default_rng(1)
+        changed = np.sort(rng.choice(users, size=max(1, int(args.users * args.changed)), replace=False))
+        write_log(root / "log", 2, changed, 1, words, trigger_words, 1, seed=2)  # fact f0 of each: new text
+        nights.append(run_night(root / "spec.yaml", env, root / "store", access_log))
+        old, new = manifest(root / "store", 1), manifest(root / "store", nights[-1]["report"]["version"])
+        unchanged = [a for a, b in zip(old["shards"], new["shards"]) if a == b]
+        keys = {a[k] for a in unchanged for k in ("bundle_key", "state_key", "tombstones_key")} | {
+            v for a in unchanged for v in a["stats"].values()}
+        nights[-1]["unchanged_shards"] = len(unchanged)
+        nights[-1]["unchanged_shard_objects_read"] = len(keys & nights[-1]["read_keys"])
+        nights[-1]["unchanged_shard_objects_written"] = len(keys & nights[-1]["written_keys"])
+    ray.shutdown()
+    for night in nights:
+        night.pop("read_keys")
+        night.pop("written_keys")
+        report = night.pop("report")
+        night.update(version=report["version"], compiled_users=report["compiled_users"], facts_ok=report["facts_ok"],
+                     facts_failed=report["facts_failed"], shards_changed=report["shards_changed"],
+                     seconds=report["seconds"], facts_per_s=round(report["facts_ok"] / night["wall_s"], 1))
+        compile_s = report["seconds"].get("compile")
+        if compile_s:
+            night["compile_facts_per_s"] = round(report["facts_ok"] / compile_s, 1)
+    if len(nights) == 2:
+        nights[1]["wall_share_of_night_1"] = round(nights[1]["wall_s"] / nights[0]["wall_s"], 3)
+        nights[1]["bytes_written_share_of_night_1"] = round(nights[1]["bytes_written"] / nights[0]["bytes_written"], 3)
+    out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
+           "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
+           "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "setup_s": round(setup_s, 1),
+           "device": _device(), "nights": nights}
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    except Exception:  # noqa: BLE001 - a label only
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
