@@ -14,7 +14,8 @@ from typing import Optional
 
 import typer
 
-from serving.http import MAX_TOKENS_LIMIT, ReferenceServer
+from serving.http import ReferenceServer
+from serving.openai_api import MAX_TOKENS_LIMIT
 
 
 # ---------------------------------------------------------------- commands
@@ -150,10 +151,13 @@ def serve(
     interval: float = typer.Option(30.0, "--interval", help="Seconds between polls of CURRENT (±10% jitter)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences in one forward batch."),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0, help="How long to collect a batch."),
+    chat_template: Optional[Path] = typer.Option(
+        None, "--chat-template", help="Jinja chat template file for /v1/chat/completions, used instead of the "
+                                      "checkpoint's own (required for a checkpoint without one)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
 ) -> None:
-    """Serve OpenAI-style /v1/completions; the request's `user` field selects the memory.
+    """Serve OpenAI-style /v1/completions and /v1/chat/completions; the request's `user` field selects the memory.
 
     Example: engram serve --store s3://bucket/engram --shards 0-15 --port 8000
     """
@@ -162,9 +166,14 @@ def serve(
     result = client.poll()
     if client.index is None:
         _fail(result.error or "no version loaded")
-    server = ReferenceServer(em, client, host=host, port=port, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000)
+    try:
+        server = ReferenceServer(em, client, host=host, port=port, max_batch=max_batch,
+                                 batch_wait_s=batch_wait_ms / 1000, chat_template=chat_template)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    chat = "" if server.chat.available else " (no chat template: /v1/chat/completions answers 400; see --chat-template)"
     typer.echo(f"serving v{client.index.version} ({client.index.num_users} users) as {server.model_name} "
-               f"on {server.url}/v1/completions", err=True)
+               f"on {server.url}/v1/completions and /v1/chat/completions{chat}", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

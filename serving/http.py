@@ -1,70 +1,52 @@
-"""The reference server: the OpenAI completions API over a pull client's served version.
+"""The reference server: the OpenAI completions and chat completions APIs over a pull client's served version.
 
-:class:`ReferenceServer` speaks the OpenAI completions API (``POST /v1/completions``,
-``GET /v1/models``) plus ``GET /healthz``. The standard ``user`` field of a request selects the
-memory: the model sees the base table plus exactly that user's delta. Requests are batched by
-:class:`~serving.batcher.CompletionBatcher`.
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also streamed as
+server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /healthz``. The standard
+``user`` field of a request selects the memory: the model sees the base table plus exactly that
+user's delta. Requests of every kind are batched together by
+:class:`~serving.batcher.CompletionBatcher`; chat messages are rendered by the checkpoint's chat
+template (:mod:`serving.chat`, which also says how a chat reaches a user's facts).
 
 Requests without a user, and users with no facts in the served version, get the base model;
-the response says so (``X-Engram-Memory: base`` and the ``engram`` field of the body), since a
-base answer is never a privacy problem but a silent one hides a client bug. A user whose shard
-this node does not own is refused (HTTP 421): that is a routing error, and serving the base
-model would hide it. Malformed requests get HTTP 400 with an OpenAI-style JSON error body.
+the response says so (``X-Engram-Memory: base`` and the ``engram`` field of the body and of
+every streamed chunk), since a base answer is never a privacy problem but a silent one hides a
+client bug. A user whose shard this node does not own is refused (HTTP 421): that is a routing
+error, and serving the base model would hide it. Malformed requests get HTTP 400 with an
+OpenAI-style JSON error body (``error.message``, ``type``, ``param``, ``code``); a prompt that
+does not fit the model's context is ``context_length_exceeded``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
-import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from serving.batcher import CompletionBatcher
+from serving.batcher import CompletionBatcher, GenerationRequest
+from serving.chat import ChatTemplate
+from serving.decode import Sampling
 from serving.errors import RequestError
+from serving.openai_api import (DEFAULT_COMPLETION_TOKENS, MAX_TOKENS_LIMIT, Answer, ApiRequest, chunk, error_body,
+                                parse_request, response, usage, usage_chunk)
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPTS_PER_REQUEST = 32
-MAX_TOKENS_LIMIT = 512
 MAX_BODY_BYTES = 1 << 20
+ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
+EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
 
 
-def parse_completion_request(body: bytes, model_names: tuple[str, ...]) -> tuple[list[str], str | None, int]:
-    """Validate an OpenAI completions request body -> (prompts, user, max_tokens); RequestError if malformed."""
-    try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise RequestError("request body must be a JSON object")
-    model = raw.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required (a string; GET /v1/models lists the served model)", param="model")
-    if model not in model_names:
-        raise RequestError(f"model {model!r} is not served here (serving {model_names[0]!r})", status=404,
-                           param="model", code="model_not_found")
-    prompt = raw.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise RequestError("'prompt' must be a non-empty string or a non-empty list of non-empty strings "
-                           "(token-id prompts are not supported)", param="prompt")
-    if len(prompts) > MAX_PROMPTS_PER_REQUEST:
-        raise RequestError(f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS_PER_REQUEST} per request",
-                           param="prompt")
-    max_tokens = raw.get("max_tokens", 16)
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise RequestError(f"'max_tokens' must be an integer in 1..{MAX_TOKENS_LIMIT}, got {max_tokens!r}",
-                           param="max_tokens")
-    user = raw.get("user")
-    if user is not None and (not isinstance(user, str) or not user.strip()):
-        raise RequestError("'user' must be a non-empty string (or left out for the base model)", param="user")
-    if raw.get("stream"):
-        raise RequestError("'stream' is not supported by the reference server", param="stream")
-    if raw.get("n", 1) != 1 or raw.get("best_of", 1) != 1:
-        raise RequestError("'n' and 'best_of' must be 1 (decoding is greedy)", param="n")
-    return prompts, user, max_tokens
+def context_length(em) -> int:
+    """The most tokens (prompt + completion) the model attends to: its config's position limit."""
+    config = em.model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"model {em.path}: its config names no context length (max_position_embeddings)")
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -73,12 +55,18 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class ReferenceServer:
-    """OpenAI-compatible completions over a :class:`~serving.pull.PullClient`'s served version."""
+    """OpenAI-compatible completions and chat completions over a :class:`~serving.pull.PullClient`'s served version.
+
+    ``chat_template``: a Jinja chat template file to render chats with instead of the
+    checkpoint's own (needed for a checkpoint without one); a syntax error raises ValueError here.
+    """
 
     def __init__(self, em, client, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
-                 batch_wait_s: float = 0.005, poll: bool = True):
+                 batch_wait_s: float = 0.005, poll: bool = True, chat_template: str | Path | None = None):
         self.em, self.client, self.poll = em, client, poll
         self.model_name = f"engram-{em.fingerprint[:12]}"
+        self.chat = ChatTemplate(em.tokenizer, chat_template)
+        self.context_length = context_length(em)
         self.batcher = CompletionBatcher(em, client, max_batch=max_batch, wait_s=batch_wait_s)
         self.httpd = _HTTPServer((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
@@ -137,12 +125,32 @@ class ReferenceServer:
             "last_error": self.client.last_error,
             "batches": self.batcher.batches,
             "sequences": self.batcher.sequences,
+            "streamed_sequences": self.batcher.streamed,
+            "mixed_batches": self.batcher.mixed_batches,
+            "cancelled_sequences": self.batcher.cancelled,
             "largest_batch": self.batcher.largest_batch,
+            "chat_template": self.chat.source,
+            "context_length": self.context_length,
             "row_kernels": KERNELS.status() if self.em.device.type == "cpu" else "not used (CUDA model)",
         }
 
-    def complete(self, body: bytes) -> tuple[dict, dict[str, str]]:
-        prompts, user, max_tokens = parse_completion_request(body, (self.model_name, "engram"))
+    # -- requests ---------------------------------------------------------------------------
+
+    def prepare(self, endpoint: str, body: bytes) -> tuple[ApiRequest, GenerationRequest]:
+        """Validate, route-check and tokenize a request body for ``endpoint``; RequestError if refused."""
+        api = parse_request(body, endpoint, (self.model_name, "engram"))
+        self._check_owner(api.user)
+        if api.is_chat:
+            rendered = self.chat.render(list(api.messages), add_generation_prompt=api.add_generation_prompt,
+                                        continue_final_message=api.continue_final_message)
+            prompt_ids = [rendered.prompt_ids]
+        else:
+            prompt_ids = self.em.encode_prompts(list(api.prompts))
+        sampling = Sampling(max_tokens=self._max_tokens(api, prompt_ids), temperature=api.temperature,
+                            top_p=api.top_p, seed=api.seed, stop=api.stop, stream=api.stream)
+        return api, GenerationRequest(prompt_ids, api.user, sampling, n=api.n)
+
+    def _check_owner(self, user: str | None) -> None:
         index = self.client.index
         if user is not None and index is not None and not index.owns(user):
             from versions.layout import shard_of
@@ -151,24 +159,45 @@ class ReferenceServer:
             raise RequestError(f"user {user!r} is in shard {shard}, which this node does not serve "
                                f"(it serves {list(index.shards)}); route it to its shard's node",
                                status=421, param="user", code="wrong_shard")
-        done = self.batcher.submit(prompts, user, max_tokens)
-        reason = "user" if done.memory == "user" else ("no user" if user is None else "user has no memory")
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": "length"}
-                   for i, text in enumerate(done.texts)]
-        prompt_tokens = sum(len(self.em.encode_prompt(p)) for p in prompts)
-        completion_tokens = sum(len(self.em.encode_answer(t)) for t in done.texts)
-        response = {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "engram": {"user": user, "memory": done.memory, "reason": reason, "version": done.version},
-        }
-        headers = {"X-Engram-Memory": done.memory, "X-Engram-Version": str(done.version)}
-        return response, headers
+
+    def _max_tokens(self, api: ApiRequest, prompt_ids: list[list[int]]) -> int:
+        """The request's max_tokens (or its endpoint's default), refused if the context cannot hold it."""
+        param = "messages" if api.is_chat else "prompt"
+        longest = max(len(p) for p in prompt_ids)
+        if longest == 0:
+            raise RequestError(f"the {param} render to no tokens; nothing to continue", param=param)
+        room = self.context_length - longest
+        wanted = api.max_tokens
+        if wanted is None:
+            wanted = min(MAX_TOKENS_LIMIT, max(room, 1)) if api.is_chat else DEFAULT_COMPLETION_TOKENS
+        if longest + wanted > self.context_length:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{longest + wanted} tokens ({longest} in the {param}, {wanted} for the completion). Please reduce "
+                f"the length of the {param} or of max_tokens.", param=param, code="context_length_exceeded")
+        return wanted
+
+    def answer_for(self, api: ApiRequest, request: GenerationRequest) -> Answer:
+        reason = "user" if request.memory == "user" else ("no user" if api.user is None else "user has no memory")
+        engram = {"user": api.user, "memory": request.memory, "reason": reason, "version": request.version}
+        return Answer.start(api, self.model_name, engram)
+
+    @staticmethod
+    def usage_of(request: GenerationRequest) -> dict:
+        """Tokens as the model saw them: each prompt once (n choices share it), every generated id."""
+        return usage(sum(len(p) for p in request.prompt_ids), sum(len(s.token_ids) for s in request.states))
+
+    @staticmethod
+    def engram_headers(request: GenerationRequest) -> dict[str, str]:
+        return {"X-Engram-Memory": request.memory, "X-Engram-Version": str(request.version)}
+
+    def answer(self, api: ApiRequest, request: GenerationRequest) -> tuple[dict, dict[str, str]]:
+        """A non-streamed request, decoded -> (response body, headers); RequestError on failure."""
+        self.batcher.submit(request, timeout=EVENT_TIMEOUT_S)
+        answer = self.answer_for(api, request)
+        body = response(answer, [s.text for s in request.states], [s.finish_reason for s in request.states],
+                        self.usage_of(request))
+        return body, self.engram_headers(request)
 
     def _handler_class(self):
         server = self
@@ -190,8 +219,55 @@ class ReferenceServer:
                 self.wfile.write(body)
 
             def _error(self, e: RequestError) -> None:
-                kind = "invalid_request_error" if e.status < 500 else "server_error"
-                self._send(e.status, {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.code}})
+                self._send(e.status, error_body(e))
+
+            def _write_chunk(self, data: bytes) -> None:
+                """One piece of a chunked (HTTP/1.1) body; ``b""`` ends the body."""
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+            def _events(self, payloads: list[dict], *, done: bool = False) -> None:
+                data = b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
+                self._write_chunk(data + (b"data: [DONE]\n\n" if done else b""))
+
+            def _next_event(self, request: GenerationRequest) -> tuple[str, object]:
+                try:
+                    return request.events.get(timeout=EVENT_TIMEOUT_S)
+                except queue.Empty:
+                    request.cancel()
+                    return "error", RequestError(f"no progress within {EVENT_TIMEOUT_S:.0f}s (server overloaded)",
+                                                 status=504, code="timeout")
+
+            def _stream(self, api: ApiRequest, request: GenerationRequest) -> None:
+                """Server-sent events: one chunk per choice per step, then (usage and) ``data: [DONE]``.
+
+                Headers go out with the first step's tokens, so a batch that fails before it is an
+                ordinary JSON error; a failure later is an ``error`` event and no ``[DONE]``."""
+                server.batcher.enqueue(request)
+                kind, payload = self._next_event(request)
+                if kind == "error":
+                    self._error(payload)
+                    return
+                answer = server.answer_for(api, request)
+                self.send_response(200)
+                for name, value in {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                    "Transfer-Encoding": "chunked", **server.engram_headers(request)}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                try:
+                    if api.is_chat:  # OpenAI's first chunk of a choice names the role
+                        self._events([chunk(answer, i, "", None, first=True) for i in range(request.num_sequences)])
+                    while kind == "delta":
+                        self._events([chunk(answer, d.index, d.text, d.finish_reason) for d in payload])
+                        kind, payload = self._next_event(request)
+                    if kind == "end":
+                        self._events([usage_chunk(answer, server.usage_of(request))] if api.include_usage else [],
+                                     done=True)
+                    else:
+                        self._events([error_body(payload)])
+                    self._write_chunk(b"")
+                except (BrokenPipeError, ConnectionResetError):  # the client left: stop its sequences
+                    request.cancel()
+                    self.close_connection = True
 
             def do_GET(self):
                 path = self.path.split("?", 1)[0]
@@ -215,15 +291,20 @@ class ReferenceServer:
                     self.close_connection = True
                     return
                 body = self.rfile.read(length)
-                if path != "/v1/completions":
-                    self._error(RequestError(f"no route POST {path} (this server offers /v1/completions)",
+                endpoint = ROUTES.get(path)
+                if endpoint is None:
+                    self._error(RequestError(f"no route POST {path} (this server offers {', '.join(ROUTES)})",
                                              status=404, code="not_found"))
                     return
                 try:
-                    response, headers = server.complete(body)
+                    api, request = server.prepare(endpoint, body)
+                    if api.stream:
+                        self._stream(api, request)
+                        return
+                    response_body, headers = server.answer(api, request)
                 except RequestError as e:
                     self._error(e)
                     return
-                self._send(200, response, headers)
+                self._send(200, response_body, headers)
 
         return Handler
