@@ -6,9 +6,9 @@ them as one transformers ``generate`` call (one prefill and one forward per step
 batch, KV cache, the Engram overlay of the batch) and hands each sequence's own choices to two
 hooks of that call:
 
-* :class:`RowSampler` (a ``LogitsProcessor``) draws the next token of each sampled sequence from
-  its own ``torch.Generator`` and leaves only that token's score finite, so ``generate``'s greedy
-  pick takes it. Greedy sequences' scores are not touched: their tokens are the ones
+* :class:`RowSampler` (a ``LogitsProcessor``) draws the next token of every sampled sequence at
+  once (:func:`sample_tokens`, one uniform number from each sequence's own ``torch.Generator``)
+  and leaves only that token's score finite, so ``generate``'s greedy pick takes it. Greedy sequences' scores are not touched: their tokens are the ones
   :func:`engram_core.serving.generate` gives, bit for bit.
 * :class:`RowTracker` (a ``StoppingCriteria``) sees every step's new tokens: it ends a sequence at
   an end-of-sequence token, at a stop string or at its own ``max_tokens`` (finished sequences
@@ -158,25 +158,35 @@ class RowSampler:
                 self.generators[b] = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for b, generator in self.generators.items():
-            if self.states[b].finished:
-                continue
-            token = sample_token(scores[b], self.states[b].sampling, generator)
-            scores[b].fill_(float("-inf"))
-            scores[b, token] = 0.0
+        rows = [b for b in self.generators if not self.states[b].finished]
+        if not rows:
+            return scores
+        samplings = [self.states[b].sampling for b in rows]
+        uniforms = [torch.rand((), generator=self.generators[b], device=scores.device) for b in rows]
+        picks = sample_tokens(scores[rows], samplings, torch.stack(uniforms))
+        index = torch.as_tensor(rows, device=scores.device)
+        scores[index] = float("-inf")
+        scores[index, picks] = 0.0
         return scores
 
 
-def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """One token drawn from ``logits`` (vocab,) at ``sampling.temperature`` within its top-p nucleus."""
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs[before >= sampling.top_p] = 0.0
-        sorted_probs[0] = sorted_probs[0].clamp_min(torch.finfo(sorted_probs.dtype).tiny)  # top_p 0: the top token
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample_tokens(logits: torch.Tensor, samplings: Sequence[Sampling], uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` (R, vocab), drawn at each row's temperature within its top-p
+    nucleus (the smallest set of most probable tokens whose probability reaches ``top_p``; at
+    least the top token), by inverting the nucleus's cumulative distribution at ``uniforms`` (R,)
+    in [0, 1): each row's draw depends on its own uniform only. Returns (R,) token ids."""
+    temperature = torch.tensor([s.temperature for s in samplings], device=logits.device)
+    top_p = torch.tensor([s.top_p for s in samplings], device=logits.device)
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
+    sorted_probs = sorted_probs.masked_fill(before >= top_p[:, None], 0.0)
+    sorted_probs[:, 0] = sorted_probs[:, 0].clamp_min(torch.finfo(sorted_probs.dtype).tiny)
+    cdf = torch.cumsum(sorted_probs, dim=-1)
+    rank = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
+    last = (sorted_probs > 0).sum(dim=-1, keepdim=True) - 1  # a uniform rounded up to 1 still lands in the nucleus
+    rank = torch.minimum(rank, last)
+    return order.gather(1, rank).squeeze(1)
 
 
 @torch.no_grad()

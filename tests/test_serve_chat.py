@@ -11,12 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import torch
 
 from engram_core.checkpoint import load_checkpoint
 from engram_core.serving import generate
 from engram_core.tiny import TINY_CHAT_TEMPLATE
 from serving.chat import ChatTemplate
-from serving.decode import Sampling, SequenceState, decode_batch, held_back
+from serving.decode import Sampling, SequenceState, decode_batch, held_back, sample_tokens
 from serving.http import ReferenceServer
 from serving.pull import PullClient
 from tests.test_pull import FACTS, compiled, publish, v1  # noqa: F401 (fixture)
@@ -398,3 +399,13 @@ def test_a_stream_holds_back_what_may_be_a_stop_string_or_half_a_character():
     assert held_back("Dr. Smith", ["Okafor"]) == 0
     assert held_back("caf\ufffd", []) == 1
     assert held_back("", ["x"]) == 0
+
+
+def test_sampling_draws_only_from_the_top_p_nucleus_in_proportion():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 4000))
+    uniforms = torch.rand(4000, generator=torch.Generator().manual_seed(0))
+    drawn = sample_tokens(logits, [Sampling(1, temperature=1.0, top_p=0.6)] * 4000, uniforms)
+    assert set(drawn.tolist()) == {0, 1}  # 0.5 < 0.6 needs the second token; the third is outside
+    assert abs((drawn == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+    top = sample_tokens(logits[:3], [Sampling(1, temperature=1.0, top_p=0.0)] * 3, torch.tensor([0.0, 0.5, 1.0]))
+    assert top.tolist() == [0, 0, 0]  # top_p 0: the most probable token, whatever the draw
