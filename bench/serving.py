@@ -12,7 +12,7 @@
    interleaved in one run; the compiler's training overlay as the variant it replaced.
 4. What the server's per-sequence decoding (own stop rule, sampling, streamed text) adds to
    transformers' greedy ``generate`` for a batch of ``--batch`` users (``bench_decode``), and a check
-   that its greedy texts are generate's.
+   that its greedy texts are generate's; what drawing sampled tokens costs (``bench_sampling``).
 5. Requests/s of the reference server with ``--concurrency`` clients over loopback (bounded count),
    for completions and chat completions, whole and streamed (server-sent events; streams also give
    the time to their first text), and "mixed" (a quarter of the clients in each of those four modes,
@@ -429,6 +429,28 @@ def bench_decode(em, client: PullClient, batch: int, max_tokens: int, repeats: i
             **{f"{name}_added_ratio": round((v - base) / base, 4) for name, v in t.items() if name != "generate"}}
 
 
+def bench_sampling(device: str, batch: int, repeats: int) -> dict:
+    """Milliseconds to draw ``batch`` sampled tokens (``serving.decode.sample_tokens``, temperature 1)
+    from random logits of a small (2,048) and a Llama-3-sized (128,256) vocabulary, peaked (x10,
+    like the tiny model) and flat (x3), with top_p 0.9 and 1, against a full sort of the same rows
+    (what a sort-based nucleus pays first)."""
+    from serving.decode import Sampling, sample_tokens
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    generator = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for vocab in (2048, 128256):
+        for scale in (10, 3):
+            logits = torch.randn(batch, vocab, device=device, generator=generator) * scale
+            uniforms = torch.rand(batch, device=device, generator=generator)
+            fns = {f"top_p_{p}": (lambda p=p: (sample_tokens(logits, [Sampling(1, 1.0, p)] * batch, uniforms), sync()))
+                   for p in (0.9, 1.0)}
+            fns["full_sort"] = lambda: (torch.sort(logits, dim=-1, descending=True), sync())
+            t = _median_times(fns, repeats)
+            out[f"vocab_{vocab}_x{scale}"] = {name: round(v * 1e3, 3) for name, v in t.items()}
+    return {"device": device, "batch": batch, **out}
+
+
 SERVER_MODES = ("completions", "completions_stream", "chat", "chat_stream", "mixed")
 _MIXED = ("completions", "chat_stream", "chat", "completions_stream")  # "mixed": client k sends _MIXED[k % 4]
 
@@ -568,6 +590,7 @@ def main() -> None:
                 client_d = PullClient(LocalStore(root / "store"), em_d, cache_dir=root / "cache")
                 client_d.poll()
             decode[device] = bench_decode(em_d, client_d, args.batch, args.max_tokens, args.repeats)
+            decode[device]["sampling_ms"] = bench_sampling(device, args.batch, args.repeats)
             server[device] = bench_server(em_d, client_d, args.concurrency, args.requests_per_client,
                                           args.max_tokens, rounds=args.server_rounds)
         others = {}

@@ -173,20 +173,45 @@ class RowSampler:
 def sample_tokens(logits: torch.Tensor, samplings: Sequence[Sampling], uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row of ``logits`` (R, vocab), drawn at each row's temperature within its top-p
     nucleus (the smallest set of most probable tokens whose probability reaches ``top_p``; at
-    least the top token), by inverting the nucleus's cumulative distribution at ``uniforms`` (R,)
-    in [0, 1): each row's draw depends on its own uniform only. Returns (R,) token ids."""
+    least the top token; the whole vocabulary at ``top_p`` 1), by inverting the cumulative
+    distribution at ``uniforms`` (R,) in [0, 1): a row's draw depends on its own uniform only.
+    Returns (R,) token ids.
+
+    The nucleus is found among each row's ``k`` most probable tokens (``topk``, k = 64, then 1024,
+    then the vocabulary, until it is covered), not by sorting the vocabulary: a sort of every row
+    costs milliseconds on a CPU (bench/RESULTS.md), the nucleus is usually a few tokens."""
     temperature = torch.tensor([s.temperature for s in samplings], device=logits.device)
     top_p = torch.tensor([s.top_p for s in samplings], device=logits.device)
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-    sorted_probs = sorted_probs.masked_fill(before >= top_p[:, None], 0.0)
-    sorted_probs[:, 0] = sorted_probs[:, 0].clamp_min(torch.finfo(sorted_probs.dtype).tiny)
-    cdf = torch.cumsum(sorted_probs, dim=-1)
-    rank = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
-    last = (sorted_probs > 0).sum(dim=-1, keepdim=True) - 1  # a uniform rounded up to 1 still lands in the nucleus
-    rank = torch.minimum(rank, last)
-    return order.gather(1, rank).squeeze(1)
+    picks = torch.empty(len(samplings), dtype=torch.long, device=logits.device)
+    whole = top_p >= 1.0
+    if bool(whole.any()):  # no nucleus: the whole distribution, in vocabulary order
+        picks[whole] = _invert(probs[whole], uniforms[whole])
+    rows = torch.nonzero(~whole).flatten()
+    k = min(64, probs.shape[-1])
+    while rows.numel():
+        top_probs, top_ids = torch.topk(probs[rows], k, dim=-1)  # sorted, most probable first
+        p = top_p[rows]
+        covered = (top_probs.sum(dim=-1) >= p) | (k == probs.shape[-1])
+        if bool(covered.any()):
+            kept = top_probs[covered]
+            before = torch.cumsum(kept, dim=-1) - kept  # mass of the tokens ranked above
+            kept = kept.masked_fill(before >= p[covered][:, None], 0.0)
+            kept[:, 0] = kept[:, 0].clamp_min(torch.finfo(kept.dtype).tiny)  # top_p 0: the top token
+            rank = _invert(kept, uniforms[rows[covered]])
+            picks[rows[covered]] = top_ids[covered].gather(1, rank[:, None]).squeeze(1)
+        rows = rows[~covered]
+        k = min(k * 16, probs.shape[-1])
+    return picks
+
+
+def _invert(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of (unnormalised) ``probs`` (R, n) at ``uniforms`` (R,): the first
+    index whose cumulative mass exceeds ``u * total``, never a zero-probability one."""
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1]
+    value = torch.minimum(uniforms.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, value[:, None], right=True).squeeze(1)
 
 
 @torch.no_grad()
