@@ -147,24 +147,27 @@ class RowTracker:
 
 
 class RowSampler:
-    """A ``LogitsProcessor`` that samples each non-greedy sequence with its own generator."""
+    """A ``LogitsProcessor`` that samples each non-greedy sequence with its own generator.
 
-    def __init__(self, states: Sequence[SequenceState], device: torch.device):
+    The generators live on the CPU whatever the model's device: a step draws one uniform number
+    per sampled sequence there and moves them in one copy (not one small kernel per sequence),
+    and a seed gives the same numbers on every device."""
+
+    def __init__(self, states: Sequence[SequenceState]):
         self.states = list(states)
         self.generators: dict[int, torch.Generator] = {}
         for b, state in enumerate(self.states):
             if not state.sampling.greedy:
                 seed = state.sampling.seed if state.sampling.seed is not None else secrets.randbits(63)
-                self.generators[b] = torch.Generator(device=device).manual_seed(seed)
+                self.generators[b] = torch.Generator().manual_seed(seed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = [b for b in self.generators if not self.states[b].finished]
         if not rows:
             return scores
-        samplings = [self.states[b].sampling for b in rows]
-        uniforms = [torch.rand((), generator=self.generators[b], device=scores.device) for b in rows]
-        picks = sample_tokens(scores[rows], samplings, torch.stack(uniforms))
+        uniforms = torch.cat([torch.rand(1, generator=self.generators[b]) for b in rows]).to(scores.device)
         index = torch.as_tensor(rows, device=scores.device)
+        picks = sample_tokens(scores[index], [self.states[b].sampling for b in rows], uniforms)
         scores[index] = float("-inf")
         scores[index, picks] = 0.0
         return scores
@@ -177,31 +180,36 @@ def sample_tokens(logits: torch.Tensor, samplings: Sequence[Sampling], uniforms:
     distribution at ``uniforms`` (R,) in [0, 1): a row's draw depends on its own uniform only.
     Returns (R,) token ids.
 
-    The nucleus is found among each row's ``k`` most probable tokens (``topk``, k = 64, then 1024,
-    then the vocabulary, until it is covered), not by sorting the vocabulary: a sort of every row
-    costs milliseconds on a CPU (bench/RESULTS.md), the nucleus is usually a few tokens."""
-    temperature = torch.tensor([s.temperature for s in samplings], device=logits.device)
-    top_p = torch.tensor([s.top_p for s in samplings], device=logits.device)
+    On a CPU the nucleus is looked for among each row's ``k`` most probable tokens (``topk``,
+    k = 64, then 1024, then the vocabulary, until it is covered), since sorting every row of a
+    large vocabulary costs tens of milliseconds there and a nucleus is usually a few tokens; on a
+    GPU one sort of the rows is cheaper than that search (both in bench/RESULTS.md)."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([s.temperature for s in samplings], device=device)
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
-    picks = torch.empty(len(samplings), dtype=torch.long, device=logits.device)
-    whole = top_p >= 1.0
-    if bool(whole.any()):  # no nucleus: the whole distribution, in vocabulary order
-        picks[whole] = _invert(probs[whole], uniforms[whole])
-    rows = torch.nonzero(~whole).flatten()
-    k = min(64, probs.shape[-1])
+    picks = torch.empty(len(samplings), dtype=torch.long, device=device)
+    whole = [i for i, s in enumerate(samplings) if s.top_p >= 1.0]
+    if whole:  # no nucleus: the whole distribution, in vocabulary order
+        at = torch.as_tensor(whole, device=device)
+        picks[at] = _invert(probs[at], uniforms[at])
+    rows = torch.as_tensor([i for i, s in enumerate(samplings) if s.top_p < 1.0], dtype=torch.long, device=device)
+    top_p = torch.tensor([s.top_p for s in samplings], device=device)
+    k = vocab if device.type != "cpu" else min(64, vocab)
     while rows.numel():
         top_probs, top_ids = torch.topk(probs[rows], k, dim=-1)  # sorted, most probable first
         p = top_p[rows]
-        covered = (top_probs.sum(dim=-1) >= p) | (k == probs.shape[-1])
-        if bool(covered.any()):
-            kept = top_probs[covered]
-            before = torch.cumsum(kept, dim=-1) - kept  # mass of the tokens ranked above
-            kept = kept.masked_fill(before >= p[covered][:, None], 0.0)
-            kept[:, 0] = kept[:, 0].clamp_min(torch.finfo(kept.dtype).tiny)  # top_p 0: the top token
-            rank = _invert(kept, uniforms[rows[covered]])
-            picks[rows[covered]] = top_ids[covered].gather(1, rank[:, None]).squeeze(1)
-        rows = rows[~covered]
-        k = min(k * 16, probs.shape[-1])
+        if k < vocab:  # rows whose nucleus reaches past the k-th token look again with a larger k
+            covered = top_probs.sum(dim=-1) >= p
+            top_probs, top_ids, p, done, rows = (top_probs[covered], top_ids[covered], p[covered], rows[covered],
+                                                 rows[~covered])
+        else:
+            done, rows = rows, rows[:0]
+        before = torch.cumsum(top_probs, dim=-1) - top_probs  # mass of the tokens ranked above
+        top_probs = top_probs.masked_fill(before >= p[:, None], 0.0)
+        top_probs[:, 0] = top_probs[:, 0].clamp_min(torch.finfo(top_probs.dtype).tiny)  # top_p 0: the top token
+        rank = _invert(top_probs, uniforms[done])
+        picks[done] = top_ids.gather(1, rank[:, None]).squeeze(1)
+        k = min(k * 16, vocab)
     return picks
 
 
@@ -241,7 +249,7 @@ def decode_batch(em, prompt_ids: Sequence[Sequence[int]], overlay, states: Seque
                               pad_token_id=pad, eos_token_id=eos or None)
     processors = LogitsProcessorList()
     if any(not s.sampling.greedy for s in states):
-        processors.append(RowSampler(states, em.device))
+        processors.append(RowSampler(states))
     tracker = RowTracker(em.tokenizer, states, eos, on_step)
     with em.memory.use(overlay):
         em.model.generate(input_ids=ids.to(em.device), attention_mask=mask.to(em.device), generation_config=config,
