@@ -3,9 +3,10 @@
 The template is the checkpoint's own (``tokenizer/``'s ``chat_template``, as transformers saves
 it) unless the server is given one (``engram serve --chat-template FILE``); a checkpoint without
 one and no file given answers chat requests with a clear error (completions still work).
-Rendering is transformers' ``apply_chat_template``; control tokens written inside a message
-(e.g. a user typing ``<|endoftext|>``) are encoded as plain text where transformers supports it
-(``sanitize_control_tokens``, transformers >= 5.24), so only the template writes them.
+Rendering is transformers' ``apply_chat_template``; special tokens typed inside a message (e.g.
+a user typing ``<|endoftext|>`` or a turn marker) are encoded as plain text, so only the template
+writes them: through transformers' ``sanitize_control_tokens`` where it has it (5.24 here), else
+by marking them before rendering and encoding them with ``split_special_tokens`` afterwards.
 
 Where the memory answers in a chat. A user's rows are addressed by the last tokens before each
 position, so a fact is recalled where its trigger's last tokens come *right before* the text
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,17 +159,48 @@ class ChatTemplate:
                                "the last message, or start a new assistant turn", param="continue_final_message")
         import jinja2
 
-        extra = {"sanitize_control_tokens": True} if self._sanitize else {}
+        flags = {"chat_template": self.template, "add_generation_prompt": add_generation_prompt,
+                 "continue_final_message": continue_final_message}
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=True, return_dict=False, **extra)
+            if self._sanitize:
+                ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                         sanitize_control_tokens=True, **flags)
+            else:
+                ids = self._render_typed_tokens_as_text(messages, flags)
         except (jinja2.TemplateError, ValueError, TypeError) as e:  # the template's own refusals: the client's 400
             raise RequestError(f"the chat template refused these messages: {_template_message(e)}",
                                param="messages", code="invalid_messages") from None
         if ids and isinstance(ids[0], list):  # some tokenizers hand back a batch of one
             ids = ids[0]
         return ChatPrompt(list(ids), bool(continue_final_message))
+
+    def _render_typed_tokens_as_text(self, messages: list[dict[str, str]], flags: dict) -> list[int]:
+        """``apply_chat_template`` for a transformers without ``sanitize_control_tokens``: special
+        tokens typed inside a message are swapped for markers before rendering, and encoded as
+        text (``split_special_tokens``) where the markers land; the rest is encoded as usual."""
+        specials = sorted({t for t in self.tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        typed = [t for t in specials if any(t in m["content"] for m in messages)]
+        if not typed:
+            return self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **flags)
+        nonce = secrets.token_hex(8)
+        pattern = re.compile("|".join(re.escape(t) for t in typed))
+        literals: list[str] = []
+
+        def mark(match: re.Match) -> str:
+            literals.append(match.group(0))
+            return f"\ue000{nonce}:{len(literals) - 1}\ue001"
+
+        marked = [{**m, "content": pattern.sub(mark, m["content"])} for m in messages]
+        text = self.tokenizer.apply_chat_template(marked, tokenize=False, **flags)
+        ids: list[int] = []
+        for i, piece in enumerate(re.split(f"\ue000{nonce}:(\\d+)\ue001", text)):
+            if not piece:
+                continue
+            if i % 2:  # a marker: the literal the user typed, as plain text
+                ids += self.tokenizer(literals[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            else:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
 
 def _check_syntax(template: str, source: str) -> None:
