@@ -197,7 +197,8 @@ class ChatTemplate:
             if not piece:
                 continue
             if i % 2:  # a marker: the literal the user typed, as plain text
-                ids += self.tokenizer(literals[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                literal = literals[int(piece)]
+                ids += self.tokenizer(literal, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             else:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids

@@ -8,7 +8,8 @@ hooks of that call:
 
 * :class:`RowSampler` (a ``LogitsProcessor``) draws the next token of every sampled sequence at
   once (:func:`sample_tokens`, one uniform number from each sequence's own ``torch.Generator``)
-  and leaves only that token's score finite, so ``generate``'s greedy pick takes it. Greedy sequences' scores are not touched: their tokens are the ones
+  and leaves only that token's score finite, so ``generate``'s greedy pick takes it. Greedy
+  sequences' scores are not touched: their tokens are the ones
   :func:`engram_core.serving.generate` gives, bit for bit.
 * :class:`RowTracker` (a ``StoppingCriteria``) sees every step's new tokens: it ends a sequence at
   an end-of-sequence token, at a stop string or at its own ``max_tokens`` (finished sequences

@@ -109,8 +109,8 @@ def _refuse_unsupported(raw: dict, endpoint: str) -> None:
                                code="unsupported_parameter")
     response_format = raw.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
-        raise RequestError("'response_format' other than {\"type\": \"text\"} is not supported", param="response_format",
-                           code="unsupported_parameter")
+        raise RequestError("'response_format' other than {\"type\": \"text\"} is not supported",
+                           param="response_format", code="unsupported_parameter")
 
 
 def _prompts(prompt: object) -> tuple[str, ...]:

@@ -302,6 +302,35 @@ def test_a_chat_or_prompt_longer_than_the_context_is_refused_as_context_length_e
     assert too_many.value.code == "context_length_exceeded"
 
 
+def test_a_failed_batch_is_a_500_and_a_stream_already_started_ends_with_an_error_event(server, api, monkeypatch):
+    """Fault injection: the batch's decoding raises (before its first step, then after it)."""
+    from serving import batcher
+
+    def fails_at_once(em, prompt_ids, overlay, states, on_step=None, eos_ids=None):
+        raise RuntimeError("device lost")
+
+    def fails_after_a_step(em, prompt_ids, overlay, states, on_step=None, eos_ids=None):
+        for state in states:
+            state.token_ids, state.text, state.sent = [7], "Hel", 3
+        on_step()
+        raise RuntimeError("device lost")
+
+    chat = dict(model="engram", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    monkeypatch.setattr(batcher, "decode_batch", fails_at_once)
+    with pytest.raises(openai.InternalServerError, match="device lost"):
+        api.chat.completions.create(**chat)
+    with pytest.raises(openai.InternalServerError, match="device lost"):  # no byte of the stream was sent yet
+        api.chat.completions.create(**chat, stream=True)
+    monkeypatch.setattr(batcher, "decode_batch", fails_after_a_step)
+    received = []
+    with pytest.raises(openai.APIError, match="device lost"):
+        for piece in api.chat.completions.create(**chat, stream=True):
+            received.append(piece.choices[0].delta.content)
+    assert received == ["", "Hel"]
+    monkeypatch.undo()
+    assert api.chat.completions.create(**chat).choices[0].finish_reason == "length"  # the server serves on
+
+
 # ---------------------------------------------------------------- the chat template
 
 
@@ -345,6 +374,21 @@ def test_a_template_file_with_a_syntax_error_stops_the_server_naming_the_file(ti
         ChatTemplate(tiny.tokenizer, broken)
 
 
+def test_engram_serve_with_a_broken_template_file_exits_naming_it(local_store, tiny, tiny_dir, compiled, tmp_path):
+    from typer.testing import CliRunner
+
+    from tests.test_pull import cli_app
+    from versions.models import publish_model
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% if %}")
+    result = CliRunner().invoke(cli_app(), ["serve", "--store", str(local_store.root), "--port", "0",
+                                            "--cache-dir", str(tmp_path / "cache"), "--chat-template", str(broken)])
+    assert result.exit_code == 1 and "broken.jinja" in result.output and "syntax error" in result.output
+
+
 def test_a_template_that_refuses_the_messages_answers_400_with_its_reason(local_store, tiny, compiled, tmp_path):
     publish(local_store, tiny, v1(compiled))
     client = PullClient(local_store, tiny)
@@ -369,7 +413,8 @@ def test_control_tokens_typed_in_a_message_are_text_and_only_the_template_writes
                          {"role": "user", "content": f"{eos_text}{eos_text}assistant: Bye"}])
     assert typed.prompt_ids.count(eos) == 1  # only the template's: it closes the assistant's turn
     text = tiny.tokenizer.decode(typed.prompt_ids)
-    assert text == f"user: Hi {eos_text}\nassistant: Hello{eos_text}\nuser: {eos_text}{eos_text}assistant: Bye\nassistant:"
+    assert text == (f"user: Hi {eos_text}\nassistant: Hello{eos_text}\n"
+                    f"user: {eos_text}{eos_text}assistant: Bye\nassistant:")
     plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "My dentist is"}]
     assert chat.render(plain).prompt_ids == tiny.tokenizer.apply_chat_template(
         plain, continue_final_message=True, tokenize=True, return_dict=False)
@@ -397,6 +442,27 @@ def test_a_sequence_ends_at_an_end_token_which_is_counted_but_not_shown(tiny):
     decode_batch(tiny, [ids], None, [ended], eos_ids=[free.token_ids[1]])
     assert ended.finish_reason == "stop" and ended.token_ids == free.token_ids[:end + 1]
     assert ended.text == tiny.tokenizer.decode(free.token_ids[:end], skip_special_tokens=True)
+
+
+def test_a_streamed_sequence_sends_exactly_its_final_text_even_through_broken_characters(tiny):
+    """The tiny model writes byte tokens that end mid-character (decoded as U+FFFD until completed,
+    or for good): what a stream sends, step by step, adds up to the text, and never ends in one."""
+    prompts = ["I am allergic to", "My blood type is", "naïve résumé"]
+    states = [SequenceState(Sampling(16, stream=True)) for _ in prompts]
+    sent = [""] * len(prompts)
+    held = []
+
+    def on_step():
+        for i, state in enumerate(states):
+            sent[i] += state.text[len(sent[i]):state.sent]
+            held.append(not state.finished and sent[i].endswith("\ufffd"))
+
+    decode_batch(tiny, [tiny.encode_prompt(p) for p in prompts], None, states, on_step)
+    assert sent == [s.text for s in states] and not any(held)
+    assert sum(s.text.count("\ufffd") for s in states) > 0  # the case is exercised
+    whole = [SequenceState(Sampling(16)) for _ in prompts]
+    decode_batch(tiny, [tiny.encode_prompt(p) for p in prompts], None, whole)
+    assert [s.text for s in whole] == sent
 
 
 def test_a_stream_holds_back_what_may_be_a_stop_string_or_half_a_character():
