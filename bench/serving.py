@@ -10,7 +10,15 @@
    ``--batch`` (see ``bench_overhead``): per forward, with the overlay built every forward, and
    per request (generate of ``--max-tokens`` tokens); medians of ``--repeats``, variants
    interleaved in one run; the compiler's training overlay as the variant it replaced.
-4. Requests/s of the reference server with ``--concurrency`` clients over loopback (bounded count).
+4. What the server's per-sequence decoding (own stop rule, sampling, streamed text) adds to
+   transformers' greedy ``generate`` for a batch of ``--batch`` users (``bench_decode``), and a check
+   that its greedy texts are generate's; what drawing sampled tokens costs (``bench_sampling``).
+5. Requests/s of the reference server with ``--concurrency`` clients over loopback (bounded count),
+   for completions and chat completions, whole and streamed (server-sent events; streams also give
+   the time to their first text), and "mixed" (a quarter of the clients in each of those four modes,
+   batched together), the modes taking turns (``--server-rounds``, best round kept). 4 and 5 run
+   for each of ``--devices`` (the tiny model on the CPU by default; ``cuda`` too on a GPU host).
+   ``--server-only`` skips 3.
 
 Numbers are recorded in bench/RESULTS.md; nothing here asserts on time.
 """
@@ -31,8 +39,12 @@ import tracemalloc
 from pathlib import Path
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Python puts this script's folder first on the path, where this file (serving.py) would shadow the
+# serving package: the repository goes first, the bench folder (compile_throughput) last.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.insert(0, str(_BENCH.parent))
+sys.path.append(str(_BENCH))
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -50,6 +62,7 @@ from engram_core.serving import overlay_for  # noqa: E402
 from engram_core.tiny import init_tiny  # noqa: E402
 from schemas.bundle import bundle_table, encode_bundle  # noqa: E402
 from schemas.facts import empty_fact_state  # noqa: E402
+from serving.http import ReferenceServer  # noqa: E402
 from serving.pull import PullClient, load_shard_deltas  # noqa: E402
 from versions.publish import ShardPayload, publish_version  # noqa: E402
 from versions.store import LocalStore  # noqa: E402
@@ -374,41 +387,156 @@ def bench_overhead_model(preset: str, device: str, batch: int, repeats: int, fac
     }
 
 
-def bench_server(em, client: PullClient, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
-    from jobs.serve_cli import ReferenceServer
+def bench_decode(em, client: PullClient, batch: int, max_tokens: int, repeats: int) -> dict:
+    """What the per-sequence decoding of the server (serving/decode.py) costs beside transformers'
+    plain greedy ``generate`` (engram_core.serving.generate_with_overlay), for ``batch`` users'
+    requests of ``max_tokens`` tokens each, the overlay built once: per-row control only (greedy,
+    not streamed), every row streamed (its text decoded and held back each step, and the batcher's
+    per-step report into each request's event queue), and every row sampled (temperature 1, top_p
+    0.9). Medians of ``repeats`` interleaved calls; no HTTP."""
+    from engram_core.serving import generate_with_overlay
+    from serving.batcher import GenerationRequest
+    from serving.decode import Sampling, SequenceState, decode_batch
 
+    users = sorted(client.index.users)[:batch]
+    overlay = batch_overlay(em, [client.index.served_for(u) for u in users])
+    prompt_ids = [em.encode_prompt(PROMPT)] * batch
+
+    def served(sampling: Sampling):
+        def run():
+            requests = [GenerationRequest([ids], None, sampling) for ids in prompt_ids]
+            for request in requests:
+                request.states = [SequenceState(sampling)]
+                request._sent, request._finished = [0], [False]
+            decode_batch(em, prompt_ids, overlay, [r.states[0] for r in requests],
+                         lambda: [r.report() for r in requests])
+        return run
+
+    check = [SequenceState(Sampling(max_tokens)) for _ in prompt_ids]
+    decode_batch(em, prompt_ids, overlay, check)
+    same = [s.text for s in check] == generate_with_overlay(em, [PROMPT] * batch, overlay, max_new_tokens=max_tokens)
+    t = _median_times({
+        "generate": lambda: generate_with_overlay(em, [PROMPT] * batch, overlay, max_new_tokens=max_tokens),
+        "rows": served(Sampling(max_tokens)),
+        "rows_streamed": served(Sampling(max_tokens, stream=True)),
+        "rows_sampled": served(Sampling(max_tokens, temperature=1.0, top_p=0.9, seed=0)),
+    }, repeats)
+    base = t["generate"]
+    return {"batch": batch, "max_tokens": max_tokens, "repeats": repeats, "greedy_texts_equal_generate": same,
+            "device": str(em.device),
+            "generate_ms": round(base * 1e3, 2),
+            **{f"{name}_ms": round(v * 1e3, 2) for name, v in t.items() if name != "generate"},
+            **{f"{name}_added_ratio": round((v - base) / base, 4) for name, v in t.items() if name != "generate"}}
+
+
+def bench_sampling(device: str, batch: int, repeats: int) -> dict:
+    """Milliseconds to draw ``batch`` sampled tokens (``serving.decode.sample_tokens``, temperature 1)
+    from random logits of a small (2,048) and a Llama-3-sized (128,256) vocabulary, peaked (x10,
+    like the tiny model) and flat (x3), with top_p 0.9 and 1, against a full sort of the same rows
+    (what a sort-based nucleus pays first)."""
+    from serving.decode import Sampling, sample_tokens
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    generator = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for vocab in (2048, 128256):
+        for scale in (10, 3):
+            logits = torch.randn(batch, vocab, device=device, generator=generator) * scale
+            uniforms = torch.rand(batch, device=device, generator=generator)
+            fns = {f"top_p_{p}": (lambda p=p: (sample_tokens(logits, [Sampling(1, 1.0, p)] * batch, uniforms), sync()))
+                   for p in (0.9, 1.0)}
+            fns["full_sort"] = lambda: (torch.sort(logits, dim=-1, descending=True), sync())
+            t = _median_times(fns, repeats)
+            out[f"vocab_{vocab}_x{scale}"] = {name: round(v * 1e3, 3) for name, v in t.items()}
+    return {"device": device, "batch": batch, **out}
+
+
+SERVER_MODES = ("completions", "completions_stream", "chat", "chat_stream", "mixed")
+_MIXED = ("completions", "chat_stream", "chat", "completions_stream")  # "mixed": client k sends _MIXED[k % 4]
+
+
+def _request_body(mode: str, user: str, max_tokens: int) -> tuple[str, bytes]:
+    body = {"model": "engram", "max_tokens": max_tokens, "user": user, "stream": mode.endswith("_stream")}
+    if mode.startswith("chat"):  # the trigger ends the assistant prefill, as a chat client reaches the memory
+        body["messages"] = [{"role": "user", "content": "Tell me about my dentist."},
+                            {"role": "assistant", "content": PROMPT}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = PROMPT
+        path = "/v1/completions"
+    return path, json.dumps(body).encode()
+
+
+def _read_stream(response) -> float | None:
+    """Read a server-sent-event body to its end; seconds until the first event with text (None if none)."""
+    t, first = time.perf_counter(), None
+    while True:
+        line = response.readline()
+        if not line:
+            return first
+        if first is None and line.startswith(b"data: {") and (b'"text": "' in line or b'"content": "' in line) \
+                and b'"text": ""' not in line and b'"content": ""' not in line:
+            first = time.perf_counter() - t
+
+
+def bench_server(em, client: PullClient, concurrency: int, requests_per_client: int, max_tokens: int,
+                 modes: tuple[str, ...] = SERVER_MODES, rounds: int = 2) -> dict:
+    """Requests/s and latency of the reference server per request mode (completions or chat, whole or
+    streamed), ``concurrency`` clients each sending ``requests_per_client`` requests; the modes take turns,
+    ``rounds`` times, and each mode's best round is kept. Streams also give the time to the first text."""
     users = sorted(client.index.users)
+    results: dict[str, dict] = {}
+    with ReferenceServer(em, client, port=0, max_batch=concurrency, poll=False) as server:
+        for _ in range(rounds):
+            for mode in modes:
+                run = _server_round(server, mode, users, concurrency, requests_per_client, max_tokens)
+                if mode not in results or run["requests_per_s"] > results[mode]["requests_per_s"]:
+                    results[mode] = run
+    return results
+
+
+def _server_round(server, mode: str, users: list[str], concurrency: int, requests_per_client: int,
+                  max_tokens: int) -> dict:
     latencies: list[float] = []
+    first_text: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
+    before = server.health()
 
-    with ReferenceServer(em, client, port=0, max_batch=concurrency, poll=False) as server:
-        def worker(k: int) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-            for r in range(requests_per_client):
-                body = json.dumps({"model": "engram", "prompt": PROMPT, "max_tokens": max_tokens,
-                                   "user": users[(k * requests_per_client + r) % len(users)]})
-                t = time.perf_counter()
-                connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-                response = connection.getresponse()
+    def worker(k: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        sends = _MIXED[k % len(_MIXED)] if mode == "mixed" else mode
+        for r in range(requests_per_client):
+            path, body = _request_body(sends, users[(k * requests_per_client + r) % len(users)], max_tokens)
+            t = time.perf_counter()
+            connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if sends.endswith("_stream"):
+                first = _read_stream(response)
+            else:
                 response.read()
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-                    if response.status != 200:
-                        errors.append(str(response.status))
-            connection.close()
+                first = None
+            with lock:
+                latencies.append(time.perf_counter() - t)
+                if first is not None:
+                    first_text.append(first)
+                if response.status != 200:
+                    errors.append(str(response.status))
+        connection.close()
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-        t = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - t
-        health = server.health()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    t = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t
+    health = server.health()
     total = len(latencies)
     latencies.sort()
-    return {
+    first_text.sort()
+    batches = health["batches"] - before["batches"]
+    out = {
         "concurrency": concurrency,
         "requests": total,
         "max_tokens": max_tokens,
@@ -418,9 +546,13 @@ def bench_server(em, client: PullClient, concurrency: int, requests_per_client: 
         "tokens_per_s": round(total * max_tokens / wall, 1),
         "latency_p50_ms": round(latencies[len(latencies) // 2] * 1e3, 1),
         "latency_p95_ms": round(latencies[int(len(latencies) * 0.95) - 1] * 1e3, 1),
-        "batches": health["batches"],
-        "mean_batch": round(health["sequences"] / max(health["batches"], 1), 1),
+        "batches": batches,
+        "mean_batch": round((health["sequences"] - before["sequences"]) / max(batches, 1), 1),
+        "mixed_batches": health["mixed_batches"] - before["mixed_batches"],
     }
+    if first_text:
+        out["first_text_p50_ms"] = round(first_text[len(first_text) // 2] * 1e3, 1)
+    return out
 
 
 def main() -> None:
@@ -434,6 +566,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--also", nargs="*", default=[], metavar="MODEL:DEVICE",
                         help="also measure the delta overhead on these, e.g. d768:cuda tiny:cuda d768:cpu")
+    parser.add_argument("--devices", nargs="+", default=["cpu"],
+                        help="devices of the tiny model for the decode and server sections, e.g. cpu cuda")
+    parser.add_argument("--server-only", action="store_true", help="Skip the delta-overhead section (3).")
+    parser.add_argument("--server-rounds", type=int, default=2, help="Rounds of the server modes (best kept).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
 
@@ -445,14 +581,24 @@ def main() -> None:
         init_tiny(root / "model")
         em = load_checkpoint(root / "model")
         load, client = bench_load(em, LocalStore(root / "store"), root / "cache", args.users, args.facts)
-        overhead = bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
-        server = bench_server(em, client, args.concurrency, args.requests_per_client, args.max_tokens)
+        overhead = None if args.server_only else bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
+        decode, server = {}, {}
+        for device in args.devices:  # sections 4 and 5, per device of the tiny model
+            em_d, client_d = em, client
+            if device != "cpu":
+                em_d = load_checkpoint(root / "model", device=device)
+                client_d = PullClient(LocalStore(root / "store"), em_d, cache_dir=root / "cache")
+                client_d.poll()
+            decode[device] = bench_decode(em_d, client_d, args.batch, args.max_tokens, args.repeats)
+            decode[device]["sampling_ms"] = bench_sampling(device, args.batch, args.repeats)
+            server[device] = bench_server(em_d, client_d, args.concurrency, args.requests_per_client,
+                                          args.max_tokens, rounds=args.server_rounds)
         others = {}
         for spec in args.also:
             preset, device = spec.split(":")
             others[spec] = bench_overhead_model(preset, device, args.batch, args.repeats, args.facts, root / f"also-{preset}-{device}")
     results = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "shard_load": load,
-               "delta_overhead": overhead, "server": server, "delta_overhead_other_models": others}
+               "delta_overhead": overhead, "decode": decode, "server": server, "delta_overhead_other_models": others}
     if args.json:
         print(json.dumps(results))
     else:

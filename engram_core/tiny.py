@@ -1,6 +1,7 @@
 """Tiny, deterministic checkpoints built locally (no model hub): for demos, tests, benchmarks.
 
-``init_tiny(DIR)`` trains a small byte-level BPE tokenizer on an embedded corpus, builds a
+``init_tiny(DIR)`` trains a small byte-level BPE tokenizer on an embedded corpus (with a small
+plain-text chat template, :data:`TINY_CHAT_TEMPLATE`), builds a
 seeded random causal LM of the chosen family (Llama, Qwen2 or GPT-2), attaches an empty
 Engram memory with seeded projections, adds a seeded LoRA adapter (the shared-adapter slot)
 and saves it all in the checkpoint layout of :mod:`engram_core.checkpoint`.
@@ -50,8 +51,27 @@ def _corpus(seed: int = 0) -> list[str]:
     return lines
 
 
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- message['role'] + ': ' + message['content'] }}"
+    "{%- if message['role'] == 'assistant' %}{{- eos_token }}{%- endif %}"
+    "{{- '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'assistant:' }}{%- endif %}"
+)
+"""The tiny checkpoints' chat template (Jinja, as transformers' ``apply_chat_template`` reads it):
+one line per message, ``role: content``, an assistant turn closed by the eos token, and the
+generation prompt ``assistant:``. Plain text, so the tiny vocabulary needs no new tokens::
+
+    system: Be brief.
+    user: Who is my dentist?
+    assistant:
+"""
+
+
 def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
-    """A byte-level BPE fast tokenizer trained on the embedded corpus (deterministic)."""
+    """A byte-level BPE fast tokenizer trained on the embedded corpus (deterministic), with
+    :data:`TINY_CHAT_TEMPLATE` as its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,7 +85,9 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_base_model(family: str, vocab_size: int, *, hidden: int = 64, layers: int = 4, seed: int = 0,

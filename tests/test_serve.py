@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from engram_core.serving import generate
-from jobs.serve_cli import ReferenceServer
+from serving.http import ReferenceServer
 from serving.pull import PullClient
 from tests.test_pull import FACTS, NUM_SHARDS, compiled, publish, v1, v2  # noqa: F401 (fixture)
 from versions.layout import shard_of
@@ -114,7 +114,7 @@ def _post(server, body: bytes, path: str = "/v1/completions") -> tuple[int, dict
     (json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 0}).encode(), "max_tokens"),
     (json.dumps({"model": "engram", "prompt": "hi", "user": 7}).encode(), "user"),
     (json.dumps({"model": "engram", "prompt": "hi", "user": ""}).encode(), "user"),
-    (json.dumps({"model": "engram", "prompt": "hi", "stream": True}).encode(), "stream"),
+    (json.dumps({"model": "engram", "prompt": "hi", "stream": "yes"}).encode(), "stream"),
 ])
 def test_malformed_requests_get_400_with_a_json_error(server, body, param):
     status, payload = _post(server, body)
@@ -126,7 +126,7 @@ def test_malformed_requests_get_400_with_a_json_error(server, body, param):
 def test_unknown_model_and_route_are_404(server, api):
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
-    assert _post(server, b"{}", path="/v1/chat/completions")[0] == 404
+    assert _post(server, b"{}", path="/v1/embeddings")[0] == 404
 
 
 def test_a_user_of_a_shard_this_node_does_not_own_is_refused(local_store, tiny, compiled):

@@ -1,0 +1,310 @@
+"""The reference server: the OpenAI completions and chat completions APIs over a pull client's served version.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also streamed as
+server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /healthz``. The standard
+``user`` field of a request selects the memory: the model sees the base table plus exactly that
+user's delta. Requests of every kind are batched together by
+:class:`~serving.batcher.CompletionBatcher`; chat messages are rendered by the checkpoint's chat
+template (:mod:`serving.chat`, which also says how a chat reaches a user's facts).
+
+Requests without a user, and users with no facts in the served version, get the base model;
+the response says so (``X-Engram-Memory: base`` and the ``engram`` field of the body and of
+every streamed chunk), since a base answer is never a privacy problem but a silent one hides a
+client bug. A user whose shard this node does not own is refused (HTTP 421): that is a routing
+error, and serving the base model would hide it. Malformed requests get HTTP 400 with an
+OpenAI-style JSON error body (``error.message``, ``type``, ``param``, ``code``); a prompt that
+does not fit the model's context is ``context_length_exceeded``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from serving.batcher import CompletionBatcher, GenerationRequest
+from serving.chat import ChatTemplate
+from serving.decode import Sampling
+from serving.errors import RequestError
+from serving.openai_api import (DEFAULT_COMPLETION_TOKENS, MAX_TOKENS_LIMIT, Answer, ApiRequest, chunk, error_body,
+                                parse_request, response, usage, usage_chunk)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
+EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
+
+
+def context_length(em) -> int:
+    """The most tokens (prompt + completion) the model attends to: its config's position limit."""
+    config = em.model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"model {em.path}: its config names no context length (max_position_embeddings)")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 resets connections under a burst of clients
+
+
+class ReferenceServer:
+    """OpenAI-compatible completions and chat completions over a :class:`~serving.pull.PullClient`'s served version.
+
+    ``chat_template``: a Jinja chat template file to render chats with instead of the
+    checkpoint's own (needed for a checkpoint without one); a syntax error raises ValueError here.
+    """
+
+    def __init__(self, em, client, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
+                 batch_wait_s: float = 0.005, poll: bool = True, chat_template: str | Path | None = None):
+        self.em, self.client, self.poll = em, client, poll
+        self.model_name = f"engram-{em.fingerprint[:12]}"
+        self.chat = ChatTemplate(em.tokenizer, chat_template)
+        self.context_length = context_length(em)
+        self.batcher = CompletionBatcher(em, client, max_batch=max_batch, wait_s=batch_wait_s)
+        self.httpd = _HTTPServer((host, port), self._handler_class())
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.httpd.server_address[0]}:{self.port}"
+
+    def start(self) -> "ReferenceServer":
+        from engram_core.row_kernels import KERNELS
+
+        if self.em.device.type == "cpu":
+            KERNELS.start()  # the kernel form once compiled (or loaded from the cache); read form until then
+        self.batcher.start()
+        if self.poll:
+            self.client.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="engram-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while self._thread.is_alive():
+                self._thread.join(timeout=1)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.batcher.stop()
+        self.client.stop()
+
+    def __enter__(self) -> "ReferenceServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def health(self) -> dict:
+        from engram_core.row_kernels import KERNELS
+
+        index = self.client.index
+        return {
+            "status": "ok" if index is not None else "loading",
+            "model": self.model_name,
+            "fingerprint": self.em.fingerprint,
+            "version": index.version if index is not None else None,
+            "users": index.num_users if index is not None else 0,
+            "shards": list(index.shards) if index is not None else [],
+            "last_error": self.client.last_error,
+            "batches": self.batcher.batches,
+            "sequences": self.batcher.sequences,
+            "streamed_sequences": self.batcher.streamed,
+            "mixed_batches": self.batcher.mixed_batches,
+            "cancelled_sequences": self.batcher.cancelled,
+            "largest_batch": self.batcher.largest_batch,
+            "chat_template": self.chat.source,
+            "context_length": self.context_length,
+            "row_kernels": KERNELS.status() if self.em.device.type == "cpu" else "not used (CUDA model)",
+        }
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def prepare(self, endpoint: str, body: bytes) -> tuple[ApiRequest, GenerationRequest]:
+        """Validate, route-check and tokenize a request body for ``endpoint``; RequestError if refused."""
+        api = parse_request(body, endpoint, (self.model_name, "engram"))
+        self._check_owner(api.user)
+        if api.is_chat:
+            rendered = self.chat.render(list(api.messages), add_generation_prompt=api.add_generation_prompt,
+                                        continue_final_message=api.continue_final_message)
+            prompt_ids = [rendered.prompt_ids]
+        else:
+            prompt_ids = self.em.encode_prompts(list(api.prompts))
+        sampling = Sampling(max_tokens=self._max_tokens(api, prompt_ids), temperature=api.temperature,
+                            top_p=api.top_p, seed=api.seed, stop=api.stop, stream=api.stream)
+        return api, GenerationRequest(prompt_ids, api.user, sampling, n=api.n)
+
+    def _check_owner(self, user: str | None) -> None:
+        index = self.client.index
+        if user is not None and index is not None and not index.owns(user):
+            from versions.layout import shard_of
+
+            shard = shard_of(user, index.num_shards)
+            raise RequestError(f"user {user!r} is in shard {shard}, which this node does not serve "
+                               f"(it serves {list(index.shards)}); route it to its shard's node",
+                               status=421, param="user", code="wrong_shard")
+
+    def _max_tokens(self, api: ApiRequest, prompt_ids: list[list[int]]) -> int:
+        """The request's max_tokens (or its endpoint's default), refused if the context cannot hold it."""
+        param = "messages" if api.is_chat else "prompt"
+        longest = max(len(p) for p in prompt_ids)
+        if longest == 0:
+            raise RequestError(f"the {param} render to no tokens; nothing to continue", param=param)
+        room = self.context_length - longest
+        wanted = api.max_tokens
+        if wanted is None:
+            wanted = min(MAX_TOKENS_LIMIT, max(room, 1)) if api.is_chat else DEFAULT_COMPLETION_TOKENS
+        if longest + wanted > self.context_length:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{longest + wanted} tokens ({longest} in the {param}, {wanted} for the completion). Please reduce "
+                f"the length of the {param} or of max_tokens.", param=param, code="context_length_exceeded")
+        return wanted
+
+    def answer_for(self, api: ApiRequest, request: GenerationRequest) -> Answer:
+        reason = "user" if request.memory == "user" else ("no user" if api.user is None else "user has no memory")
+        engram = {"user": api.user, "memory": request.memory, "reason": reason, "version": request.version}
+        return Answer.start(api, self.model_name, engram)
+
+    @staticmethod
+    def usage_of(request: GenerationRequest) -> dict:
+        """Tokens as the model saw them: each prompt once (n choices share it), every generated id."""
+        return usage(sum(len(p) for p in request.prompt_ids), sum(len(s.token_ids) for s in request.states))
+
+    @staticmethod
+    def engram_headers(request: GenerationRequest) -> dict[str, str]:
+        return {"X-Engram-Memory": request.memory, "X-Engram-Version": str(request.version)}
+
+    def answer(self, api: ApiRequest, request: GenerationRequest) -> tuple[dict, dict[str, str]]:
+        """A non-streamed request, decoded -> (response body, headers); RequestError on failure."""
+        self.batcher.submit(request, timeout=EVENT_TIMEOUT_S)
+        answer = self.answer_for(api, request)
+        body = response(answer, [s.text for s in request.states], [s.finish_reason for s in request.states],
+                        self.usage_of(request))
+        return body, self.engram_headers(request)
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt, *args):  # access log through logging, not stderr prints
+                log.debug("%s " + fmt, self.address_string(), *args)
+
+            def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _error(self, e: RequestError) -> None:
+                self._send(e.status, error_body(e))
+
+            def _write_chunk(self, data: bytes) -> None:
+                """One piece of a chunked (HTTP/1.1) body; ``b""`` ends the body."""
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+            def _events(self, payloads: list[dict], *, done: bool = False) -> None:
+                data = b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
+                self._write_chunk(data + (b"data: [DONE]\n\n" if done else b""))
+
+            def _next_event(self, request: GenerationRequest) -> tuple[str, object]:
+                try:
+                    return request.events.get(timeout=EVENT_TIMEOUT_S)
+                except queue.Empty:
+                    request.cancel()
+                    return "error", RequestError(f"no progress within {EVENT_TIMEOUT_S:.0f}s (server overloaded)",
+                                                 status=504, code="timeout")
+
+            def _stream(self, api: ApiRequest, request: GenerationRequest) -> None:
+                """Server-sent events: one chunk per choice per step, then (usage and) ``data: [DONE]``.
+
+                Headers go out with the first step's tokens, so a batch that fails before it is an
+                ordinary JSON error; a failure later is an ``error`` event and no ``[DONE]``."""
+                server.batcher.enqueue(request)
+                kind, payload = self._next_event(request)
+                if kind == "error":
+                    self._error(payload)
+                    return
+                answer = server.answer_for(api, request)
+                self.send_response(200)
+                for name, value in {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                    "Transfer-Encoding": "chunked", **server.engram_headers(request)}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                try:
+                    if api.is_chat:  # OpenAI's first chunk of a choice names the role
+                        self._events([chunk(answer, i, "", None, first=True) for i in range(request.num_sequences)])
+                    while kind == "delta":
+                        self._events([chunk(answer, d.index, d.text, d.finish_reason) for d in payload])
+                        kind, payload = self._next_event(request)
+                    if kind == "end":
+                        self._events([usage_chunk(answer, server.usage_of(request))] if api.include_usage else [],
+                                     done=True)
+                    else:
+                        self._events([error_body(payload)])
+                    self._write_chunk(b"")
+                except (BrokenPipeError, ConnectionResetError):  # the client left: stop its sequences
+                    request.cancel()
+                    self.close_connection = True
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    health = server.health()
+                    self._send(200 if health["version"] is not None else 503, health)
+                elif path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [
+                        {"id": server.model_name, "object": "model", "created": 0, "owned_by": "engram"}]})
+                else:
+                    self._error(RequestError(f"no route GET {path}", status=404, code="not_found"))
+
+            def do_POST(self):
+                path = self.path.split("?", 1)[0]
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY_BYTES:
+                    self._error(RequestError(f"Content-Length must be 0..{MAX_BODY_BYTES} bytes"))
+                    self.close_connection = True
+                    return
+                body = self.rfile.read(length)
+                endpoint = ROUTES.get(path)
+                if endpoint is None:
+                    self._error(RequestError(f"no route POST {path} (this server offers {', '.join(ROUTES)})",
+                                             status=404, code="not_found"))
+                    return
+                try:
+                    api, request = server.prepare(endpoint, body)
+                    if api.stream:
+                        self._stream(api, request)
+                        return
+                    response_body, headers = server.answer(api, request)
+                except RequestError as e:
+                    self._error(e)
+                    return
+                self._send(200, response_body, headers)
+
+        return Handler
