@@ -58,7 +58,7 @@ def build_model(kind: str, directory: Path) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
     special = set(tokenizer.all_special_ids)
     words = [tokenizer.decode([i]).strip() for i in range(len(tokenizer)) if i not in special]
-    return sorted({w for w in words if w.isalpha() and len(w) >= 3})
+    return sorted({w for w in words if w.isalnum() and len(w) >= 3})
 
 
 def write_log(directory: Path, day: int, users: np.ndarray, facts_per_user: int, words: list[str],
@@ -169,6 +169,7 @@ def main() -> None:
     write_log(root / "log", 1, users, args.facts_per_user, words, trigger_words, files, seed=0)
     setup_s = time.perf_counter() - t0
     access_log = root / "store-access.log"
+    os.environ["ENGRAM_STORE_ACCESS_LOG"] = str(access_log)  # before ray.init: the cluster's workers log too
     ray.init(num_cpus=args.cpus or os.cpu_count(), num_gpus=args.gpus, include_dashboard=False, log_to_driver=False)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, ENGRAM_STORE_ACCESS_LOG=str(access_log),
                TOKENIZERS_PARALLELISM="false")
@@ -184,8 +185,14 @@ def main() -> None:
         nights.append(run_night(root / "spec.yaml", env, root / "store", access_log))
         old, new = manifest(root / "store", 1), manifest(root / "store", nights[-1]["report"]["version"])
         unchanged = [a for a, b in zip(old["shards"], new["shards"]) if a == b]
-        keys = {a[k] for a in unchanged for k in ("bundle_key", "state_key", "tombstones_key")} | {
-            v for a in unchanged for v in a["stats"].values()}
+        changed_entries = [b for a, b in zip(old["shards"], new["shards"]) if a != b]
+
+        def keys_of(entries: list[dict]) -> set[str]:
+            return {e[k] for e in entries for k in ("bundle_key", "state_key", "tombstones_key")} | {
+                v for e in entries for v in e["stats"].values()}
+
+        # objects only unchanged shards name (equal content, e.g. an empty collisions part, is one object)
+        keys = keys_of(unchanged) - keys_of(changed_entries)
         nights[-1]["unchanged_shards"] = len(unchanged)
         nights[-1]["unchanged_shard_objects_read"] = len(keys & nights[-1]["read_keys"])
         nights[-1]["unchanged_shard_objects_written"] = len(keys & nights[-1]["written_keys"])

@@ -281,6 +281,7 @@ class _Night:
                     if not waiting[piece.shard]:
                         assemble(piece.shard)
                 self.hook("compile_chunk")
+            pool.close()  # the workers' CPUs (and GPUs) go to the assembly still running
             timer.items["compile"] = total
 
         with timer.stage("assemble"):

@@ -145,13 +145,21 @@ class _RayPool:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS,
                                max_task_retries=ACTOR_MAX_TASK_RETRIES, runtime_env=runner.runtime_env)(CompileWorker)
-        self.actors = [actor_cls.remote(model_dir, options, store_uri, None, 1 if gpus == 0 else None)
-                       for _ in range(max(1, workers))]
+        self.workers = max(1, workers)
+        self._start = lambda: [actor_cls.remote(model_dir, options, store_uri, None, 1 if gpus == 0 else None)
+                               for _ in range(self.workers)]
+        self.actors: list = []
+        # Start loading the model now (while the log is read) only if the actors leave a CPU for
+        # the night's other tasks; on a small cluster they would hold every CPU and starve them.
+        if ray.cluster_resources().get("CPU", 0) - self.workers >= 1:
+            self.actors = self._start()
 
     def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list]) -> Iterator[tuple[int, Any, Any]]:
         """(chunk index, meta, output handle) for every chunk, as each finishes; each actor holds up
         to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (an actor runs its calls one at a time)."""
         ray = self.runner.ray
+        if chunks and not self.actors:
+            self.actors = self._start()
         queue = iter(enumerate(chunks))
         pending: dict = {}  # meta ref -> (chunk index, output ref, actor)
 
@@ -175,6 +183,7 @@ class _RayPool:
     def close(self) -> None:
         for actor in self.actors:
             self.runner.ray.kill(actor)
+        self.actors = []
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
