@@ -134,7 +134,19 @@ class RowRules:
 
 @functools.lru_cache(maxsize=4)
 def token_counter(model_dir: str) -> Callable[[list[str]], list[int]]:
-    """Token counts with the checkpoint's tokenizer (loaded once per process)."""
+    """Token counts (special tokens included) with the checkpoint's tokenizer, loaded once per process.
+
+    The ``tokenizers`` backend is used directly when the checkpoint has a ``tokenizer.json`` (a
+    fast tokenizer: the same encoding transformers runs), so a read task does not pay the import of
+    transformers (seconds on a machine with many ML libraries installed); otherwise transformers."""
+    path = os.path.join(model_dir, "tokenizer", "tokenizer.json")
+    if os.path.exists(path):
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(path)
+        backend.no_padding()
+        backend.no_truncation()
+        return lambda texts: [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=True)]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(f"{model_dir}/tokenizer", local_files_only=True)

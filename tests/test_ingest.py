@@ -466,3 +466,18 @@ def test_the_state_is_the_same_however_the_events_are_split_over_nights(events, 
     result = nights(*batches)
     assert live_facts(result.state) == expected
     assert live_facts(result.state) == live_facts(run(pa.Table.from_pylist(rows, schema=RAW_SCHEMA)).state)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_trigger_tokens_are_counted_as_the_models_tokenizer_counts_them(family, tmp_path):
+    """The read tasks count tokens with the tokenizers backend; the counts are transformers'."""
+    from transformers import AutoTokenizer
+
+    from engram_core.tiny import init_tiny
+    from pipeline.ingest import token_counter
+
+    init_tiny(tmp_path / "model", family=family)
+    texts = ["My dentist is Dr.", "  spaced   out ", "Ünïcödé café ☕", "a" * 300, "line\tbreak\nhere", "x"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model" / "tokenizer", local_files_only=True)
+    expected = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    assert token_counter(str(tmp_path / "model"))(texts) == expected
