@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -187,7 +188,7 @@ class _Night:
         return self.resharded[shard] if self.resharded is not None else self.prior_entry(shard)
 
     def run(self, files, files_reread: int, *, every_shard: bool, recompile: bool) -> NightlyReport:
-        spec, timer = self.spec, self.timer
+        spec = self.spec
         self.files_reread = files_reread
         runner = make_runner(spec.workers, spec.ray_address)
         ctx = NightContext(store_uri=self.store.uri, num_shards=spec.num_shards, recompile=recompile,
@@ -196,6 +197,9 @@ class _Night:
                            prior_num_shards=self.previous.num_shards if self.previous else None)
         rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model)
 
+        # Serving nodes load the model by fingerprint from the store: it is uploaded (if new) while
+        # the night runs, and must be there before CURRENT can point at deltas that need it.
+        self.model_upload = _Background(publish_model, self.store, spec.model)
         # The compile workers load the model while the log is read and applied (Ray starts actors
         # in the background); a night that turns out to compile nothing just lets them go.
         pool = runner.compile_pool(spec.model, spec.compile_options(), self.store.uri, spec.workers,
@@ -204,6 +208,7 @@ class _Night:
             return self._run(runner, pool, ctx, rules, files, every_shard=every_shard)
         finally:
             pool.close()
+            self.model_upload.join()  # a failed night does not leave an upload running behind it
 
     def _run(self, runner, pool, ctx: NightContext, rules: RowRules, files, *, every_shard: bool) -> NightlyReport:
         spec, timer = self.spec, self.timer
@@ -319,9 +324,7 @@ class _Night:
     def publish(self, forgotten: list[str]) -> NightlyReport:
         spec, store, timer = self.spec, self.store, self.timer
         with timer.stage("publish"):
-            # Serving nodes load the model by fingerprint from the store: upload it before CURRENT
-            # can point at deltas that need it (skipped when already there).
-            publish_model(store, spec.model)
+            self.model_upload.result()  # the model is in the store before the version that needs it
             objects, stats = self._version_stats()
             manifest = publish_entries(
                 store, entries=self.entries, objects=objects, previous=self.previous, fingerprint=self.fingerprint,
@@ -394,6 +397,30 @@ class _Night:
             seconds=dict(self.timer.seconds),
             sample=[s for m in self.chunks for s in m.sample][:5],
         )
+
+
+class _Background:
+    """Runs ``fn(*args)`` on a thread; :meth:`result` waits for it and re-raises its error."""
+
+    def __init__(self, fn: Callable, *args):
+        self._result, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name=fn.__name__)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller of result()
+            self._error = err
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _shards_table(entries: list[ShardEntry]) -> pa.Table:
