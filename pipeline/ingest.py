@@ -788,10 +788,15 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
     batch_forget: dict[str, int] = {}
     per_fact: dict[tuple[str, str], list[_Event]] = defaultdict(list)
     for event in events:
-        if event.op == F.OP_FORGET_USER:
-            batch_forget[event.user_id] = max(event.time, batch_forget.get(event.user_id, event.time))
-        else:
+        if event.op != F.OP_FORGET_USER:
             per_fact[(event.user_id, event.fact_id)].append(event)
+            continue
+        recorded = tombstones.get(event.user_id, _UserTombstones()).forget_time
+        if recorded is not None and recorded >= event.time:  # a log file read again, or an older forget
+            verdicts[event.index] = ((F.DUPLICATE, "this forget is already recorded") if recorded == event.time else
+                                     (F.SUPERSEDED, f"the user was already forgotten at {_iso(recorded)}"))
+            continue
+        batch_forget[event.user_id] = max(event.time, batch_forget.get(event.user_id, event.time))
     never = -(2**63)
     forget_time = {u: t.forget_time for u, t in tombstones.items() if t.forget_time is not None}
     for user, time in batch_forget.items():
@@ -810,10 +815,15 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
                                                       "only events after a forget are applied")
         elif batch_forget.get(last.user_id, never) >= last.time:
             verdicts[last.index] = (F.SUPERSEDED, f"removed by forget_user at {_iso(batch_forget[last.user_id])}")
+        elif key in deletes and deletes[key] == last.time and last.op == F.OP_DELETE:
+            verdicts[last.index] = (F.DUPLICATE, "this delete is already recorded")
         elif key in deletes and deletes[key] >= last.time:
             verdicts[last.index] = (F.SUPERSEDED, f"not later than the delete of this fact at {_iso(deletes[key])}")
         elif key in prior and prior[key]["event_time"] > last.time:
             verdicts[last.index] = (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})")
+        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT and (
+                prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]) == last.content:
+            verdicts[last.index] = (F.DUPLICATE, "this upsert is already applied (the fact in the prior state)")
         elif last.op == F.OP_DELETE:
             facts.pop(key, None)
             deletes[key] = last.time

@@ -38,7 +38,7 @@ from schemas import facts as F
 from schemas.bundle import BUNDLE_SCHEMA, decode_bundle, encode_bundle
 from schemas.manifest import ShardEntry, bundle_key, state_key, tombstones_key
 from schemas.stats import FACTS_STATS_SCHEMA
-from versions.catalog import load_shard_bundle, load_shard_state_bytes, verified_bytes
+from versions.catalog import load_shard_bundle, load_shard_state, load_shard_tombstones
 from versions.commit import write_verified_objects
 from versions.layout import PARTIAL_PREFIX, shard_of
 from versions.store import open_store
@@ -135,11 +135,7 @@ def _prior_state(store, prior: ShardEntry | ReshardedPrior | None) -> tuple[pa.T
         tombstones = [F.decode_tombstones(store.get(k), source=f"{store.uri}/{k}") for k in prior.tombstones]
         return (pa.concat_tables([F.empty_fact_state()] + state).sort_by([("user_id", "ascending"), ("fact_id", "ascending")]),
                 pa.concat_tables([F.empty_tombstones()] + tombstones))
-    state = F.decode_fact_state(load_shard_state_bytes(store, prior), source=f"{store.uri}/{prior.state_key}")
-    if prior.tombstones_key is None:  # a version-1 manifest: no tombstones were kept
-        return state, F.empty_tombstones()
-    data = verified_bytes(store, prior.tombstones_key, prior.tombstones_bytes, prior.tombstones_sha256)
-    return state, F.decode_tombstones(data, source=f"{store.uri}/{prior.tombstones_key}")
+    return load_shard_state(store, prior), load_shard_tombstones(store, prior)
 
 
 def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, slices: list[tuple[int, int]],

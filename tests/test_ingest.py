@@ -481,3 +481,16 @@ def test_trigger_tokens_are_counted_as_the_models_tokenizer_counts_them(family, 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model" / "tokenizer", local_files_only=True)
     expected = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     assert token_counter(str(tmp_path / "model"))(texts) == expected
+
+
+def test_events_read_again_take_no_effect_and_are_duplicates():
+    """A log file read a second time (rewritten in place upstream): what it already applied
+    comes back as DUPLICATE, whatever the op."""
+    forget = {"user_id": "bob", "op": "forget_user", "fact_id": None, "trigger": None, "answer": None}
+    delete = {"fact_id": "gone", "op": "delete", "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=1)}
+    batch = table({}, {"fact_id": "gone"}, delete, forget)
+    once = run(batch)
+    again = run(batch, once.state, prior_tombstones=once.tombstones)
+    assert again.accepted == 0 and again.changed_users == set() and again.forgotten_users == set()
+    assert sorted(again.rejects.column("reason").to_pylist()) == ["DUPLICATE", "DUPLICATE", "DUPLICATE", "SUPERSEDED"]
+    assert again.state.equals(once.state) and again.tombstones.equals(once.tombstones)

@@ -346,3 +346,59 @@ def test_a_store_written_before_schema_2_is_read_and_upgraded_by_the_next_night(
     assert all(e.tombstones_key and set(e.stats) == {"facts", "users", "collisions"} for e in upgraded.shards)
     counts = query_stats(local_store, "select version, count(*) n from facts group by 1 order by 1")
     assert counts.to_pylist() == [{"version": 1, "n": 12}, {"version": 2, "n": 12}]
+
+
+def test_a_log_file_rewritten_in_place_is_read_again_and_reported(tmp_path, tiny_dir, local_store):
+    import os
+
+    path = tmp_path / "log" / "day=2026-11-20" / "part-00000.parquet"
+    rows = fact_log_rows(2, 1)
+    write_fact_log(rows, path)
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    # Upstream re-runs the day: the same path, now with a correction and a new user.
+    rerun = rows + [dict(rows[0], answer=" Juniper", event_time=rows[0]["event_time"] + timedelta(hours=1)),
+                    dict(rows[1], user_id="user-new")]
+    write_fact_log(rerun, path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    report = run_nightly(spec)
+    assert report.published and report.files_reread == 1 and report.files_read == 1
+    assert report.accepted == 2 and report.rejects == 2  # the two rows applied on night 1 took no effect
+    assert published_delta(local_store, "user-new") is not None
+    reasons = query_stats(local_store, f"select reason from rejects where version = {report.version}")
+    assert sorted(reasons.column("reason").to_pylist()) == ["DUPLICATE", "SUPERSEDED"]
+    assert not run_nightly(spec).published  # read once per change, not every night
+
+
+def test_a_file_rejected_as_unreadable_is_read_again_the_next_night(tmp_path, tiny_dir, local_store):
+    log = tmp_path / "log" / "day=1"
+    log.mkdir(parents=True)
+    (log / "part-0.parquet").write_bytes(b"not parquet at all")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0, on_bad_file="reject")
+    first = run_nightly(spec)
+    assert first.published and first.rejects == 1 and first.users == 0
+    write_fact_log(fact_log_rows(2, 1), log / "part-0.parquet")  # fixed upstream, same name
+    second = run_nightly(spec)
+    assert second.published and second.accepted == 2 and second.users == 2
+
+
+def test_a_night_of_only_deletes_or_only_a_forget_publishes_with_its_stats(tmp_path, tiny_dir, local_store):
+    rows = fact_log_rows(3, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    delete = {"user_id": rows[0]["user_id"], "fact_id": rows[0]["fact_id"], "op": "delete", "trigger": None,
+              "answer": None, "event_time": BASE_TIME + timedelta(days=1), "scope": None}
+    forget = {"user_id": rows[2]["user_id"], "fact_id": None, "op": "forget_user", "trigger": None, "answer": None,
+              "event_time": BASE_TIME + timedelta(days=2), "scope": None}
+    for batch, facts in (([delete], 5), ([forget], 3)):
+        write_fact_log(batch, tmp_path / "log" / f"day={batch[0]['op']}" / "part-0.parquet")
+        report = run_nightly(spec)
+        assert report.published
+        counts = query_stats(local_store, f"select (select count(*) from facts where version = {report.version}) f, "
+                                          f"(select count(*) from runs where version = {report.version}) r")
+        assert counts.to_pylist() == [{"f": facts, "r": len(report.seconds)}]
+    forgets = report
+    assert read_current(local_store)[0].version == forgets.version  # no extra version from a re-run
+    assert not run_nightly(spec).published

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from schemas.bundle import decode_bundle
+from schemas.facts import decode_fact_state, decode_tombstones, empty_tombstones
 from schemas.manifest import Manifest, ManifestError, ShardEntry, manifest_key
 from versions.errors import IntegrityError, PublishError, UnknownVersion
 from versions.layout import AUDIT_PREFIX, CURRENT_KEY, MANIFEST_PREFIX, manifest_version
@@ -109,6 +110,20 @@ def load_shard_bundle(store: ObjectStore, entry: ShardEntry) -> pa.Table:
 def load_shard_state_bytes(store: ObjectStore, entry: ShardEntry) -> bytes:
     """The shard's fact-state object, verified (size and sha256) before it is returned."""
     return verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
+
+
+def load_shard_state(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's fact state (schemas.facts.FACT_STATE_SCHEMA), verified."""
+    return decode_fact_state(load_shard_state_bytes(store, entry), source=f"{store.uri}/{entry.state_key}")
+
+
+def load_shard_tombstones(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's tombstones (schemas.facts.TOMBSTONE_SCHEMA), verified; empty for a shard that
+    keeps none (one carried from a version-1 manifest)."""
+    if entry.tombstones_key is None:
+        return empty_tombstones()
+    data = verified_bytes(store, entry.tombstones_key, entry.tombstones_bytes, entry.tombstones_sha256)
+    return decode_tombstones(data, source=f"{store.uri}/{entry.tombstones_key}")
 
 
 def read_audit(store: ObjectStore) -> list[dict]:

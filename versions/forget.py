@@ -55,14 +55,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.bundle import decode_bundle, encode_bundle
+from schemas.bundle import encode_bundle
 from schemas.facts import (
     OP_FORGET_USER,
     TIMESTAMP,
     TOMBSTONE_SCHEMA,
-    decode_fact_state,
-    decode_tombstones,
-    empty_tombstones,
     encode_fact_state,
     encode_tombstones,
 )
@@ -76,8 +73,21 @@ from schemas.manifest import (
     stats_part_key,
     tombstones_key,
 )
-from versions.catalog import list_versions, manifest_versions_on_disk, read_manifest, read_pointer, verified_bytes
-from versions.commit import append_audit, swap_current, write_manifest, write_verified_objects
+from versions.catalog import (
+    list_versions,
+    load_shard_bundle,
+    load_shard_state,
+    load_shard_tombstones,
+    manifest_versions_on_disk,
+    read_manifest,
+    read_pointer,
+)
+from versions.commit import (
+    append_audit,
+    swap_current,
+    write_manifest,
+    write_verified_objects,
+)
 from versions.errors import PublishConflict, PublishError
 from versions.layout import PARTIAL_PREFIX, forgotten_id, shard_hash, shard_of
 from versions.store import ObjectStore
@@ -220,13 +230,9 @@ class _Rewriter:
 
     def _rewrite(self, entry: ShardEntry, users: pa.Array) -> ShardEntry:
         store = self.store
-        bundle = decode_bundle(verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256),
-                               source=f"{store.uri}/{entry.bundle_key}")
-        state = decode_fact_state(verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256),
-                                  source=f"{store.uri}/{entry.state_key}")
-        tombstones = empty_tombstones() if entry.tombstones_key is None else decode_tombstones(
-            verified_bytes(store, entry.tombstones_key, entry.tombstones_bytes, entry.tombstones_sha256),
-            source=f"{store.uri}/{entry.tombstones_key}")
+        bundle = load_shard_bundle(store, entry)
+        state = load_shard_state(store, entry)
+        tombstones = load_shard_tombstones(store, entry)
         new = entry
         if _holds_users(tombstones, users):  # a delete tombstone holds the raw id
             self.held.add(entry.tombstones_key)
