@@ -233,51 +233,45 @@ def validate_fact_state(table: pa.Table) -> pa.Table:
     return conform(table, FACT_STATE_SCHEMA, "fact state")
 
 
-def encode_fact_state(table: pa.Table) -> bytes:
-    """Parquet (zstd) bytes of a fact-state shard; the same table always gives the same bytes."""
+def _encode(table: pa.Table, schema: pa.Schema, what: str, sort_keys: list[str]) -> bytes:
+    """Parquet (zstd) bytes of ``table`` conformed to ``schema`` and sorted: the same rows always
+    give the same bytes (so the same content-addressed key)."""
     import io
 
     import pyarrow.parquet as pq
 
-    table = validate_fact_state(table).sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+    table = conform(table, schema, what).sort_by([(key, "ascending") for key in sort_keys])
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", compression_level=3, use_dictionary=False,
                    row_group_size=max(table.num_rows, 1))
     return sink.getvalue()
 
 
-def decode_fact_state(data: bytes, *, source: str = "fact state") -> pa.Table:
-    """Parse a fact-state shard and conform it to FACT_STATE_SCHEMA (errors name ``source``)."""
-    import pyarrow as _pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(_pa.BufferReader(data))
-    except _pa.ArrowInvalid as err:
-        raise SchemaMismatch(f"{source}: not a readable Parquet fact state ({err})") from err
-    return conform(table, FACT_STATE_SCHEMA, source)
-
-
-def encode_tombstones(table: pa.Table) -> bytes:
-    """Parquet (zstd) bytes of a shard's tombstones, sorted; the same table always gives the same bytes."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    table = conform(table, TOMBSTONE_SCHEMA, "tombstones").sort_by(
-        [("user_hash", "ascending"), ("fact_id", "ascending")])
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", compression_level=3, use_dictionary=False,
-                   row_group_size=max(table.num_rows, 1))
-    return sink.getvalue()
-
-
-def decode_tombstones(data: bytes, *, source: str = "tombstones") -> pa.Table:
-    """Parse a shard's tombstones object and conform it to TOMBSTONE_SCHEMA (errors name ``source``)."""
+def _decode(data: bytes, schema: pa.Schema, what: str, source: str) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(pa.BufferReader(data))
     except pa.ArrowInvalid as err:
-        raise SchemaMismatch(f"{source}: not a readable Parquet tombstones object ({err})") from None
-    return conform(table, TOMBSTONE_SCHEMA, source)
+        raise SchemaMismatch(f"{source}: not a readable Parquet {what} ({err})") from None
+    return conform(table, schema, source)
+
+
+def encode_fact_state(table: pa.Table) -> bytes:
+    """Parquet (zstd) bytes of a fact-state shard; the same table always gives the same bytes."""
+    return _encode(table, FACT_STATE_SCHEMA, "fact state", ["user_id", "fact_id"])
+
+
+def decode_fact_state(data: bytes, *, source: str = "fact state") -> pa.Table:
+    """Parse a fact-state shard and conform it to FACT_STATE_SCHEMA (errors name ``source``)."""
+    return _decode(data, FACT_STATE_SCHEMA, "fact state", source)
+
+
+def encode_tombstones(table: pa.Table) -> bytes:
+    """Parquet (zstd) bytes of a shard's tombstones, sorted; the same table always gives the same bytes."""
+    return _encode(table, TOMBSTONE_SCHEMA, "tombstones", ["user_hash", "fact_id"])
+
+
+def decode_tombstones(data: bytes, *, source: str = "tombstones") -> pa.Table:
+    """Parse a shard's tombstones object and conform it to TOMBSTONE_SCHEMA (errors name ``source``)."""
+    return _decode(data, TOMBSTONE_SCHEMA, "tombstones", source)

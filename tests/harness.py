@@ -156,3 +156,16 @@ def private_s3(workdir: Path) -> Iterator[PrivateS3]:
         yield s3
     finally:
         s3.stop()
+
+
+def rewrite_as_schema_1(store, manifest) -> None:
+    """Overwrite a published manifest in place with what engram wrote before manifest schema 2:
+    no tombstones objects, no stats parts (a test of reading and upgrading old stores)."""
+    import json as _json
+
+    legacy = manifest.to_dict()
+    legacy.update(schema_version=1, stats={})
+    for shard in legacy["shards"]:
+        for name in ("tombstones_key", "tombstones_sha256", "tombstones_bytes", "stats"):
+            shard.pop(name)
+    store.put(manifest.key, _json.dumps(legacy).encode())

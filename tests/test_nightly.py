@@ -314,10 +314,10 @@ def test_a_night_with_another_number_of_shards_moves_every_user_and_compiles_non
 def test_a_store_written_before_schema_2_is_read_and_upgraded_by_the_next_night(tmp_path, tiny_dir, local_store):
     """A version-1 manifest (no tombstones, stats in stats/<table>/version=N/) is read; the next
     night visits every shard once, writes its tombstones and stats parts, and carries the rest."""
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from tests.harness import rewrite_as_schema_1
 
     rows = fact_log_rows(6, 2)
     write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
@@ -325,12 +325,7 @@ def test_a_store_written_before_schema_2_is_read_and_upgraded_by_the_next_night(
     run_nightly(spec)
     manifest, _ = read_current(local_store)
     facts = query_stats(local_store, "select * exclude (version) from facts")
-    legacy = manifest.to_dict()
-    legacy.update(schema_version=1, stats={})
-    for shard in legacy["shards"]:
-        for name in ("tombstones_key", "tombstones_sha256", "tombstones_bytes", "stats"):
-            shard.pop(name)
-    local_store.put(manifest.key, json.dumps(legacy).encode())
+    rewrite_as_schema_1(local_store, manifest)
     for key in local_store.list("stats/"):
         local_store.delete(key)
     sink = pa.BufferOutputStream()

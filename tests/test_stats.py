@@ -21,6 +21,7 @@ from schemas.facts import empty_fact_state, encode_fact_state
 from schemas.stats import STATS_SCHEMAS, queried_schema
 from versions.catalog import read_manifest
 from versions.publish import ShardPayload, publish_version
+from tests.harness import rewrite_as_schema_1
 from versions.store import LocalStore
 
 
@@ -95,12 +96,7 @@ def test_the_version_column_never_comes_from_folder_names_above_the_store(tmp_pa
 
 def test_a_version_1_store_with_stats_in_hive_folders_is_still_read(local_store):
     v1 = publish_stats(local_store, None)
-    legacy = v1.to_dict()
-    legacy.update(schema_version=1, stats={})
-    for shard in legacy["shards"]:
-        for name in ("tombstones_key", "tombstones_sha256", "tombstones_bytes", "stats"):
-            shard.pop(name)
-    local_store.put(v1.key, json.dumps(legacy).encode())
+    rewrite_as_schema_1(local_store, v1)
     buffer = pa.BufferOutputStream()
     pq.write_table(facts(("old", "f", "ok", 0.3)), buffer)
     local_store.put("stats/facts/version=1/part-0.parquet", buffer.getvalue().to_pybytes())
