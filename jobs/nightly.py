@@ -147,7 +147,8 @@ def run_nightly(
         fingerprint = model_fingerprint(spec.model)
         check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
         watermark = _read_watermark(previous)
-        new, rewritten = files_to_read(list_log_files(spec.fact_log), watermark["files"])
+        listed = list_log_files(spec.fact_log)
+        new, rewritten = files_to_read(listed, watermark["files"])
         if rewritten:
             log.warning("fact log: %d file(s) changed since they were ingested; reading them again: %s",
                         len(rewritten), ", ".join(f.path for f in rewritten[:5]))
@@ -156,6 +157,7 @@ def run_nightly(
     # version-1 store (whose shards have no tombstones or stats parts yet).
     upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
     night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
+    night.listed = {f.path for f in listed}
     if not (new or rewritten or recompile or upgrade):
         log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
         return night.report(previous, published=False)
@@ -176,6 +178,7 @@ class _Night:
         self.reads: list[FileRead] = []
         self.chunks: list = []  # chunk metas
         self.files_reread = 0
+        self.listed: set[str] = set()  # every file of the log this night (paths)
 
     def prior_entry(self, shard: int) -> ShardEntry | None:
         """The shard's entry in the previous version (None on a first night or after resharding)."""
@@ -365,8 +368,10 @@ class _Night:
         return objects, stats
 
     def _watermark(self) -> str:
+        """Every log file ingested and still in the log (path -> size and mtime). A file deleted from
+        the log upstream (retention) is forgotten here, so the watermark stays as large as the log."""
         previous = _read_watermark(self.previous)
-        files = dict(previous["files"])
+        files = {path: identity for path, identity in previous["files"].items() if path in self.listed}
         files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None})
         times = [a.watermark for a in self.applied.values() if a.watermark] + (
             [previous["max_event_time"]] if previous["max_event_time"] else [])

@@ -397,3 +397,17 @@ def test_a_night_of_only_deletes_or_only_a_forget_publishes_with_its_stats(tmp_p
     forgets = report
     assert read_current(local_store)[0].version == forgets.version  # no extra version from a re-run
     assert not run_nightly(spec).published
+
+
+def test_the_watermark_forgets_log_files_deleted_upstream(tmp_path, tiny_dir, local_store):
+    import json
+
+    old = write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    old.unlink()  # the log's retention deleted day 1
+    new = write_fact_log(fact_log_rows(1, 1, prefix="later"), tmp_path / "log" / "day=2" / "part-0.parquet")
+    report = run_nightly(spec)
+    watermark = json.loads(read_current(local_store)[0].watermark)
+    assert report.published and list(watermark["files"]) == [str(new)]
+    assert report.users == 3  # what day 1 brought stays published
