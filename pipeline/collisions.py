@@ -73,17 +73,29 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
     """user -> fact_id -> row keys the fact writes (what the compiler trains for it).
 
     Written positions are the trigger's last position and every answer position but the last,
-    in the target layer, all heads (see engram_core.compiler).
+    plus the context positions of facts in conflict with another of the user's facts, in the
+    target layer, all heads, for the canonical texts (see engram_core.compiler and
+    engram_core.conflicts). Facts that conflict beyond repair (``CONFLICTS_WITH``) are listed too.
     """
+    from engram_core.conflicts import plan_context
+    from engram_core.text import canonical_fact
+
     layer = em.config.target_layer
-    out: dict[str, dict[str, np.ndarray]] = {}
+    addresser = em.memory.addresser
+    by_user: dict[str, list] = {}
     for fact in facts:
-        trigger, answer = em.encode_prompt(fact.trigger), em.encode_answer(fact.answer)
-        ids = np.asarray([trigger + answer[:-1]], np.int64)
-        rows = em.memory.addresser.rows(ids, layer)[0]  # (T, H)
-        written = rows[len(ids[0]) - len(answer):]  # (len(answer), H)
-        keys = np.unique(row_keys(np.full(written.size, layer), written.ravel()))
-        out.setdefault(fact.user_id, {})[fact.fact_id] = keys
+        trigger, answer = canonical_fact(fact.trigger, fact.answer)
+        trigger_ids, answer_ids = em.encode_prompt(trigger), em.encode_answer(answer)
+        by_user.setdefault(fact.user_id, []).append((fact.fact_id, trigger_ids + answer_ids[:-1], answer_ids))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for user, items in by_user.items():
+        plan = plan_context([ids for _, ids, _ in items], [a for _, _, a in items], np.zeros(len(items), np.int64),
+                            addresser.canonical_ids, em.config.max_ngram, addresser.pad_id, [f for f, _, _ in items])
+        for k, (fact_id, ids, answer) in enumerate(items):
+            rows = addresser.rows(np.asarray([ids], np.int64), layer)[0]  # (T, H)
+            positions = sorted(set(range(len(ids) - len(answer), len(ids))) | set(plan.context.get(k, ())))
+            written = rows[positions]
+            out.setdefault(user, {})[fact_id] = np.unique(row_keys(np.full(written.size, layer), written.ravel()))
     return out
 
 
