@@ -29,6 +29,8 @@ from typing import Optional
 
 import typer
 
+from engram_core.text import canonical_id, canonical_prompt
+
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS_PER_REQUEST = 32
@@ -268,6 +270,9 @@ class ReferenceServer:
 
     def complete(self, body: bytes) -> tuple[dict, dict[str, str]]:
         prompts, user, max_tokens = parse_completion_request(body, (self.model_name, "engram"))
+        # Canonical forms (engram_core.text): the user id as ingest stores it, prompts as facts are compiled.
+        user = canonical_id(user) if user is not None else None
+        prompts = [canonical_prompt(p) or p for p in prompts]
         index = self.client.index
         if user is not None and index is not None and not index.owns(user):
             from versions.layout import shard_of
@@ -456,6 +461,7 @@ def ask(
     from engram_core.serving import generate
     from versions.layout import shard_of
 
+    user, prompt = canonical_id(user), canonical_prompt(prompt) or prompt  # as ingest stores them (engram_core.text)
     store_obj, manifest, em, cache = _open(store, model, cache_dir)
     client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache)
     result = client.poll()

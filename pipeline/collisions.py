@@ -410,6 +410,7 @@ def _scope_facts_broken(em: "EngramModel", scope_delta: Delta, user_deltas: Mapp
     import torch
 
     from engram_core.serving import overlay_for
+    from engram_core.text import canonical_fact
 
     cases = [(u, f) for u in sorted(user_deltas) for f in scope_for[u]]
     if not cases:
@@ -418,7 +419,7 @@ def _scope_facts_broken(em: "EngramModel", scope_delta: Delta, user_deltas: Mapp
     pad = em.tokenizer.pad_token_id or 0
     for start in range(0, len(cases), _CHECK_BATCH):
         chunk = cases[start:start + _CHECK_BATCH]
-        encoded = [(em.encode_prompt(f.trigger), em.encode_answer(f.answer)) for _, f in chunk]
+        encoded = [(em.encode_prompt(t), em.encode_answer(a)) for t, a in (canonical_fact(f.trigger, f.answer) for _, f in chunk)]
         seqs = [t + a[:-1] for t, a in encoded]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), pad, dtype=torch.long)

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engram_core.text import canonical_fact, canonical_id, canonical_prompt, canonical_text
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
 
@@ -299,8 +300,16 @@ def ingest(
     count_tokens: Callable[[list[str]], list[int]] | None = None,
     max_text_chars: int = 4096,
     now: datetime | None = None,
+    max_answer_tokens: int | None = None,
+    count_answer_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> IngestResult:
-    """Validate the batch, apply accepted events onto ``prior_state``; see the module doc."""
+    """Validate the batch, apply accepted events onto ``prior_state``; see the module doc.
+
+    Ids, triggers and answers are put in canonical form first (:func:`canonical_row`).
+    ``count_tokens`` counts a trigger's tokens as a prompt (special tokens included);
+    ``count_answer_tokens`` (with ``max_answer_tokens``, the compiler's
+    ``CompileOptions.max_answer_tokens``) an answer's, without special tokens
+    (:func:`answer_token_counter`): an answer over the limit is rejected ``ANSWER_TOO_LONG``."""
     batch = log if isinstance(log, FactLogBatch) else FactLogBatch(normalise_fact_log(log), ())
     prior = F.validate_fact_state(prior_state) if prior_state is not None else F.empty_fact_state()
     rows = batch.rows
@@ -308,7 +317,8 @@ def ingest(
     now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now
     cols = {name: rows.column(name).to_pylist() for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope", "_source", "_row")}
     times = rows.column("event_time").cast(pa.int64()).to_pylist()
-    verdicts = _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars)
+    verdicts = _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars,
+                         max_answer_tokens, count_answer_tokens)
 
     events = [_event(i, cols, times) for i in range(rows.num_rows) if verdicts[i] is None]
     winners = _dedupe(events, verdicts)
@@ -338,14 +348,16 @@ def ingest(
     return result
 
 
-def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars) -> list:
-    """One (reason, detail) or None per row."""
+def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars,
+              max_answer_tokens=None, count_answer_tokens=None) -> list:
+    """One (reason, detail) or None per row (rows are put in canonical form in ``cols`` first)."""
     n = rows.num_rows
     reasons = rows.column("_problem_reason").to_pylist()
     details = rows.column("_problem_detail").to_pylist()
     verdicts: list[tuple[str, str] | None] = [(r, d) if r else None for r, d in zip(reasons, details)]
     future = int((now + FUTURE_TOLERANCE).timestamp() * 1_000_000)
     for i in range(n):
+        canonical_row(cols, i)
         if verdicts[i] is None:
             verdicts[i] = _check_row(cols, times, i, future, max_text_chars)
     if count_tokens is not None:
@@ -356,7 +368,41 @@ def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text
         for i, tokens in zip(pending, counts):
             if tokens > max_trigger_tokens:
                 verdicts[i] = (F.TRIGGER_TOO_LONG, f"trigger is {tokens} tokens (limit {max_trigger_tokens})")
+    if count_answer_tokens is not None and max_answer_tokens is not None:
+        pending = [i for i in range(n) if verdicts[i] is None and cols["op"][i] == F.OP_UPSERT]
+        counts = list(count_answer_tokens([cols["answer"][i] for i in pending])) if pending else []
+        if len(counts) != len(pending):
+            raise ValueError(f"count_answer_tokens returned {len(counts)} counts for {len(pending)} answers")
+        for i, tokens in zip(pending, counts):
+            if tokens > max_answer_tokens:
+                verdicts[i] = (F.ANSWER_TOO_LONG, f"answer is {tokens} tokens (limit {max_answer_tokens}, "
+                                                  "CompileOptions.max_answer_tokens)")
     return verdicts
+
+
+def canonical_row(cols: dict, i: int) -> None:
+    """Put row ``i`` of the batch's columns in canonical form, in place: ids (user_id, fact_id,
+    scope) by :func:`engram_core.text.canonical_id` (so ``u-sam``, ``u-sam`` + U+200B and U+FEFF +
+    ``u-sam`` are one user), trigger and answer by :func:`engram_core.text.canonical_fact` (NFC,
+    invisible format characters removed, the boundary space on the answer). Nulls stay null;
+    what the canonical form leaves empty is rejected by the checks that follow."""
+    for name in ("user_id", "fact_id", "scope"):
+        value = cols[name][i]
+        if value is not None:
+            cols[name][i] = canonical_id(value)
+    trigger, answer = cols["trigger"][i], cols["answer"][i]
+    if trigger is not None and answer is not None:
+        cols["trigger"][i], cols["answer"][i] = canonical_fact(trigger, answer)
+    elif trigger is not None:
+        cols["trigger"][i] = canonical_prompt(trigger)
+    elif answer is not None:
+        cols["answer"][i] = canonical_text(answer).strip()
+
+
+def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
+    """``count_answer_tokens`` for :func:`ingest`: answer tokens as the compiler counts them
+    (no special tokens), for a Hugging Face tokenizer."""
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] | None:

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engram_core.text import canonical_id
 from schemas.bundle import decode_bundle, encode_bundle
 from schemas.facts import decode_fact_state, encode_fact_state
 from schemas.manifest import Manifest, ShardEntry, manifest_key
@@ -245,7 +246,10 @@ def _updated_shard_stats(table: pa.Table, new_entries: dict[int, ShardEntry]) ->
 
 
 def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) -> ForgetReport:
-    """Remove ``user_id`` from every retained version (see the module docstring)."""
+    """Remove ``user_id`` from every retained version (see the module docstring). The id is read
+    in canonical form (:func:`engram_core.text.canonical_id`), as ingest stores ids: ``u-sam``
+    with a zero-width space or a byte-order mark forgets ``u-sam``."""
+    user_id = canonical_id(user_id)
     if not user_id:
         raise ValueError("forget: user_id must be non-empty")
     if not actor or not reason:
