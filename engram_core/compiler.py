@@ -220,6 +220,7 @@ class _Seq:
     input_ids: list[int]  # trigger + answer[:-1]
     targets: list[int]  # answer tokens
     context: tuple[int, ...] = ()  # positions (into input_ids) whose rows are trained as context
+    constraint: bool = False  # a fixed fact (recalled by the base delta): its loss counts, its rows are not trained
 
 
 def _fork_cache(cache):
@@ -273,18 +274,20 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
     plan = plan_context([s.input_ids for s in seqs], [s.targets for s in seqs], slots, addresser.canonical_ids,
                         em.config.max_ngram, addresser.pad_id, [s.fact.fact_id for s in seqs])
     for i, positions in plan.context.items():
-        seqs[i].context = positions
-    if not plan.impossible:
+        if not seqs[i].constraint:  # a fixed fact's rows belong to its base delta: not trained here
+            seqs[i].context = positions
+    impossible = {i: j for i, j in plan.impossible.items() if not seqs[i].constraint}
+    if not impossible:
         return []
     nan = float("nan")
     results = []
-    for i, j in sorted(plan.impossible.items()):
+    for i, j in sorted(impossible.items()):
         fact, other = seqs[i].fact, seqs[j].fact
         results.append(FactResult(fact.user_id, fact.fact_id, conflict_status(other.fact_id), nan, 0, 0, nan,
                                   f"same canonical trigger as fact {other.fact_id!r} of this user but another answer "
                                   f"({fact.answer[:40]!r} vs {other.answer[:40]!r}): no row can tell them apart; "
                                   f"{other.fact_id!r} is compiled"))
-    dropped = {id(seqs[i]) for i in plan.impossible}
+    dropped = {id(seqs[i]) for i in impossible}
     for u in users:
         by_user[u] = [s for s in by_user[u] if id(s) not in dropped]
     return results
@@ -405,7 +408,10 @@ class _Batch:
         w_pos = torch.as_tensor(self.w_pos, device=device)
         # Keys slot * num_rows + row, unique and sorted: slots ascend, rows sorted within a slot.
         self.w_rows_t = rows_t[w_seq, w_pos]  # (n, H): the rows each written position addresses
-        written_keys = (seq_user[w_seq, None] * self.num_rows + self.w_rows_t).flatten()
+        # Positions of constraint sequences (fixed facts) are checked, not written.
+        self.w_train = ~np.fromiter((s.constraint for s in seqs), bool, B)[self.w_seq]
+        self.w_train_t = torch.as_tensor(self.w_train, device=device)
+        written_keys = (seq_user[w_seq, None] * self.num_rows + self.w_rows_t)[self.w_train_t].flatten()
         # Context positions (engram_core.conflicts): rows trained without a target of their own.
         context_lengths = np.fromiter((len(s.context) for s in seqs), np.int64, B)
         self.c_seq = np.repeat(np.arange(B), context_lengths)
@@ -458,14 +464,14 @@ class _Batch:
         em = self.em
         layer_mod = em.memory.layer(self.layer)
         pinv = _pinv(layer_mod.value_proj)  # (H*w, d)
-        unembed = em.lm_head.weight.detach()[self.targets].float()  # (n, d): gathered, then widened
+        unembed = em.lm_head.weight.detach()[self.targets[self.w_train_t]].float()  # (n, d): gathered, then widened
         direction = unembed / unembed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         e = (scale * direction) @ pinv.T  # (n, H*w)
         H, w = em.config.heads_per_layer, em.config.row_width
         e = e.view(-1, H, w)
         device = em.device
-        rows = self.w_rows_t  # (n, H)
-        users = torch.as_tensor(self.seq_user[self.w_seq], device=device)
+        rows = self.w_rows_t[self.w_train_t]  # (n, H): trained positions only
+        users = torch.as_tensor(self.seq_user[self.w_seq[self.w_train]], device=device)
         base = layer_mod.table.detach()[rows].float()  # (n, H, w) (not the whole table widened per batch)
         flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
         if self.fixed is not None:  # start from the composed row: table + fixed base delta
@@ -907,15 +913,21 @@ def compile_facts(
     options: CompileOptions = CompileOptions(),
     progress: Callable[[int, int], None] | None = None,
     base_deltas: dict[str, Delta] | None = None,
+    fixed_facts: dict[str, Sequence[Fact]] | None = None,
 ) -> CompileResult:
     """Compile facts of many users into one delta per user. Deterministic for the same inputs.
 
     ``base_deltas`` (user -> fixed delta) are held in place under each such user's trainable
     rows during optimisation and verification, so the returned delta is exact *composed with*
     its base (serving: ``overlay_for(em, [[base, delta]])``); the base itself is not returned.
+    ``fixed_facts`` (user -> facts the base delta recalls, e.g. a shared scope's) are kept recalled
+    under the composition: their loss is optimised and checked with the user's, but their rows
+    are not written into the user's delta (so a member's delta is no copy of its scope's). They
+    get no result of their own; a user whose own rows break one gets retry rounds like any failure
+    (:func:`pipeline.collisions.compile_with_scope` checks them after).
     """
     with _deterministic(options.deterministic):
-        return _compile_facts(em, facts, options, progress, base_deltas)
+        return _compile_facts(em, facts, options, progress, base_deltas, fixed_facts or {})
 
 
 @contextmanager
@@ -930,7 +942,7 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
-def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
+def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> CompileResult:
     if options.prefix_groups < 1:
         raise ValueError(f"CompileOptions.prefix_groups must be at least 1, got {options.prefix_groups}")
     torch.manual_seed(options.seed)
@@ -943,8 +955,10 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     timings = dict.fromkeys(("tokenize", "prepare", "optimize", "verify", "assemble"), 0.0)
     clock = _PhaseClock(timings, em.device)
 
+    fixed_ids = {id(f) for fs in fixed_facts.values() for f in fs}
+
     def tokenize(users: list[str]):
-        batch_facts = [f for u in users for f in facts_of[u]]
+        batch_facts = [f for u in users for f in list(facts_of[u]) + list(fixed_facts.get(u, ()))]
         return batch_facts, _validate(em, batch_facts, options)
 
     def done(job: _Job) -> None:
@@ -974,14 +988,18 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
                 pending = pool.submit(tokenize, batches[k + 1])
             by_user: dict[str, list[_Seq]] = {}
             for fact, (seq, rejected) in zip(batch_facts, validated):
-                if rejected is not None:
+                if id(fact) in fixed_ids:
+                    if rejected is None and fact.user_id in by_user:  # after the user's own facts
+                        seq.constraint = True
+                        by_user[fact.user_id].append(seq)
+                elif rejected is not None:
                     results.append(rejected)
                 else:
                     by_user.setdefault(fact.user_id, []).append(seq)
             if options.resolve_conflicts:
                 results.extend(_plan_conflicts(em, by_user))
             compiled = [u for u in users if u in by_user]
-            counts.update({u: len(by_user[u]) for u in compiled})
+            counts.update({u: sum(not s.constraint for s in by_user[u]) for u in compiled})
             if not compiled:
                 if in_flight is not None:  # rare: report batches in order
                     in_flight.verify()
@@ -1111,7 +1129,7 @@ class _Job:
                 remap = {u: k for k, u in enumerate(self.active)}
                 in_round = np.flatnonzero(np.isin(self.seq_users, self.active))
                 batch_seqs = [self.seqs[i] for i in in_round]
-                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets, s.context) for s in batch_seqs]
+                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets, s.context, s.constraint) for s in batch_seqs]
                 batch = self._batch(local, self.active)
                 start = torch.cat([values_by_user[u] for u in self.active])
                 clock.tick("prepare")
@@ -1158,6 +1176,7 @@ class _Job:
             for s, ok, loss, steps, rows, margin in zip(
                 self.seqs, self.fact_ok.tolist(), self.fact_loss.tolist(), steps_of[self.seq_users].tolist(),
                 self.fact_rows.tolist(), self.fact_margin.tolist())
+            if not s.constraint
         ]
         self.clock.tick("assemble", wait=False)
         return deltas, results

@@ -342,7 +342,10 @@ def compile_with_scope(
     """Compile a shared scope and its members so that ``[scope_delta, user_delta]`` is exact.
 
     1. The scope's facts are compiled alone (its ``user_id`` is the scope, e.g. ``org:acme``).
-    2. Every member's facts are compiled with the scope's delta fixed underneath.
+    2. Every member's facts are compiled with the scope's delta fixed underneath, and the scope's
+       facts as fixed facts (``compile_facts(fixed_facts=...)``): their loss is optimised with the
+       member's, so the member's rows that overlap them do not break them, but their rows are not
+       written into the member's delta.
     3. Every scope fact is checked under every member's composition (a member's rows can sit on
        the scope's rows or at the scope triggers' positions). A member that breaks one is
        recompiled with the scope's facts added to its own as constraints, so its delta also
@@ -363,16 +366,19 @@ def compile_with_scope(
     scope_id = next(iter(scope_ids), "")
     scope_delta = scope_result.deltas.get(scope_id, Delta.empty(width))
     members = sorted(user_facts_by_user)
-    base = {u: scope_delta for u in members}
-    user_facts = [f for u in members for f in user_facts_by_user[u]]
-    user_result = compile_facts(em, user_facts, options, base_deltas=base)
-    user_deltas = {u: user_result.deltas.get(u, Delta.empty(width)) for u in members}
-    user_results = {(r.user_id, r.fact_id): r for r in user_result.facts}
-
     good_scope = [f for f in scope_facts if _status_ok(scope_result, f)]
     # A member's own fact on a scope fact's trigger overrides it for that member (personal wins).
     scope_for = {u: [f for f in good_scope if f.trigger not in {g.trigger for g in user_facts_by_user[u]}]
                  for u in members}
+    base = {u: scope_delta for u in members}
+    user_facts = [f for u in members for f in user_facts_by_user[u]]
+    # The scope's facts ride along as fixed facts: a member's rows that overlap theirs are
+    # optimised not to break them, without writing the scope's rows into the member's delta.
+    fixed = {u: [Fact(u, f"{scope_id}/{f.fact_id}", f.trigger, f.answer) for f in scope_for[u]] for u in members}
+    user_result = compile_facts(em, user_facts, options, base_deltas=base, fixed_facts=fixed)
+    user_deltas = {u: user_result.deltas.get(u, Delta.empty(width)) for u in members}
+    user_results = {(r.user_id, r.fact_id): r for r in user_result.facts}
+
     broken = _scope_facts_broken(em, scope_delta, user_deltas, scope_for)
     recompiled = sorted(broken)
     composition_failures: list[FactResult] = []
