@@ -957,9 +957,24 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
 
     fixed_ids = {id(f) for fs in fixed_facts.values() for f in fs}
 
-    def tokenize(users: list[str]):
+    def tokenize(users: list[str]) -> tuple[dict[str, list[_Seq]], list[FactResult]]:
+        """A batch's facts -> its sequences per user (conflicts planned) and the refused facts."""
         batch_facts = [f for u in users for f in list(facts_of[u]) + list(fixed_facts.get(u, ()))]
-        return batch_facts, _validate(em, batch_facts, options)
+        validated = _validate(em, batch_facts, options)
+        refused: list[FactResult] = []
+        by_user: dict[str, list[_Seq]] = {}
+        for fact, (seq, rejected) in zip(batch_facts, validated):
+            if id(fact) in fixed_ids:
+                if rejected is None and fact.user_id in by_user:  # after the user's own facts
+                    seq.constraint = True
+                    by_user[fact.user_id].append(seq)
+            elif rejected is not None:
+                refused.append(rejected)
+            else:
+                by_user.setdefault(fact.user_id, []).append(seq)
+        if options.resolve_conflicts:  # here, on the tokenize thread: off the compile's critical path
+            refused.extend(_plan_conflicts(em, by_user))
+        return by_user, refused
 
     def done(job: _Job) -> None:
         batch_deltas, batch_results = job.assemble()
@@ -982,22 +997,11 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
         pending = pool.submit(tokenize, batches[0]) if batches else None
         for k, users in enumerate(batches):
             clock.restart()
-            batch_facts, validated = pending.result()
+            by_user, refused = pending.result()
+            results.extend(refused)
             clock.tick("tokenize", wait=False)
             if k + 1 < len(batches):
                 pending = pool.submit(tokenize, batches[k + 1])
-            by_user: dict[str, list[_Seq]] = {}
-            for fact, (seq, rejected) in zip(batch_facts, validated):
-                if id(fact) in fixed_ids:
-                    if rejected is None and fact.user_id in by_user:  # after the user's own facts
-                        seq.constraint = True
-                        by_user[fact.user_id].append(seq)
-                elif rejected is not None:
-                    results.append(rejected)
-                else:
-                    by_user.setdefault(fact.user_id, []).append(seq)
-            if options.resolve_conflicts:
-                results.extend(_plan_conflicts(em, by_user))
             compiled = [u for u in users if u in by_user]
             counts.update({u: sum(not s.constraint for s in by_user[u]) for u in compiled})
             if not compiled:

@@ -27,6 +27,7 @@ only the few runs that hold different targets go through Python.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,14 +73,14 @@ def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np
     raw = np.full((B, T), -1, np.int64)
     row = np.repeat(np.arange(B), lengths)
     col = T - np.repeat(lengths, lengths) + (np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-    flat = np.fromiter((t for s in sequences for t in s), np.int64, int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(sequences), np.int64, int(lengths.sum()))
     raw[row, col] = flat
     canon[row, col] = canonical_ids[flat]
     # Written positions: the last n_targets of each sequence.
     w_seq = np.repeat(np.arange(B), n_targets)
     w_within = np.arange(int(n_targets.sum())) - np.repeat(np.cumsum(n_targets) - n_targets, n_targets)
     w_col = T - np.repeat(n_targets, n_targets) + w_within
-    w_target = np.fromiter((t for ts in targets for t in ts), np.int64, len(w_seq))
+    w_target = np.fromiter(itertools.chain.from_iterable(targets), np.int64, len(w_seq))
     windows = np.stack([canon[w_seq, w_col - k] for k in range(order)], axis=1)  # (n, order)
     keys = np.column_stack([np.asarray(users, np.int64)[w_seq], windows])
     sort = np.lexsort(keys.T[::-1])
