@@ -21,7 +21,6 @@ No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import logging
 import sys
