@@ -167,6 +167,9 @@ def main() -> None:
                     help="CompileOptions.fused_ops variants (one-kernel RMSNorm, lean rotary in preparation and verification)")
     ap.add_argument("--tokenize-workers", type=int, nargs="+", default=[CompileOptions.tokenize_workers],
                     help="CompileOptions.tokenize_workers variants (-1 automatic, 0 in this process, N processes)")
+    ap.add_argument("--tiny-max-ngram", type=int, default=None,
+                    help="tiny preset: N-gram orders 2..N with 16 // (N - 1) heads each (default: init_tiny's, 2..9; "
+                         "3 is the tiny model before issue 17)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -177,7 +180,9 @@ def main() -> None:
         root = Path(tmp) / "model"
         t0 = time.perf_counter()
         if args.preset == "tiny":
-            init_tiny(root)
+            orders = (args.tiny_max_ngram or 0) - 1
+            init_tiny(root, engram=EngramConfig(layers=(1, 3), max_ngram=args.tiny_max_ngram, heads_per_order=16 // orders,
+                                                slots_per_head=1009) if args.tiny_max_ngram else None)
             trigger_words = 0
         else:
             root.mkdir()

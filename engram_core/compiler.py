@@ -52,6 +52,7 @@ from torch.profiler import record_function
 
 from . import fast_step, prefix_attention
 from .checkpoint import EngramModel
+from .conflicts import STATUS_CONFLICTS_WITH, conflict_status, plan_context  # noqa: F401 (the status is API)
 from .delta import Delta
 from .fused_ops import fused_ops
 from .hf_compat import cache_kwargs, output_cache
@@ -72,6 +73,10 @@ log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_NOT_RECALLED = "not_recalled"
+STATUS_LOW_MARGIN = "low_margin"
+"""Every answer token is the greedy argmax (so greedy decoding recalls the fact), but at some
+position by less than ``CompileOptions.min_margin``: published, and counted apart from ``ok``
+(a different batch shape or dtype at serve time could flip so thin a margin)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,10 @@ class CompileOptions:
     min_margin: float = 0.1
     """Required logit gap between the answer token and the runner-up (robust greedy recall)."""
     max_trigger_tokens: int = 64
-    max_answer_tokens: int = 16
+    max_answer_tokens: int = 128
+    """Answers longer than this (in tokens) are refused (``answer_too_long``); ingest refuses them
+    first (``ANSWER_TOO_LONG``). A long answer costs only its own positions: each sequence is
+    computed from its own first written position (prefix groups), not from the batch's longest."""
     facts_per_batch: int = 4096
     """Facts per joint forward/backward (whole users). Larger amortises per-step overhead: on the
     tiny model on CPU 4,096 ran 3.3x faster than 512; on an H100 (d768) 32,768 was best."""
@@ -140,6 +148,11 @@ class CompileOptions:
     on a GPU (where the host thread bounds the compile) and a batch has at least 8,192 facts,
     else none; 0: never; N: always N. Same ids as tokenizing in this process; a worker failure
     falls back to it with a warning."""
+    resolve_conflicts: bool = True
+    """Train context rows for facts whose written positions share an N-gram window with another
+    of the user's written positions that predicts another token (:mod:`engram_core.conflicts`),
+    and report the facts no row can tell apart as ``CONFLICTS_WITH:<fact_id>``. Off: such facts
+    fight over the same rows (the behaviour before issue 17)."""
     overlap_batches: bool = False
     """On a GPU: prepare the next batch (rows, prefix caches, start values) on a side CUDA stream
     while this batch's steps run (queued from a thread), and assemble this batch's results on
@@ -177,7 +190,27 @@ class CompileResult:
 
     @property
     def failed(self) -> int:
+        """Facts not ``ok``: refused, not recalled, conflicting, and ``low_margin`` (see :attr:`low_margin`)."""
         return len(self.facts) - self.ok
+
+    @property
+    def low_margin(self) -> int:
+        """Facts greedy decoding recalls with a margin under ``min_margin`` (counted apart, inside :attr:`failed`)."""
+        return sum(r.status == STATUS_LOW_MARGIN for r in self.facts)
+
+    def status_counts(self) -> dict[str, int]:
+        """Facts per status (``ok``, ``low_margin``, ``not_recalled``, ``answer_too_long``,
+        ``CONFLICTS_WITH:<fact_id>`` counted under ``CONFLICTS_WITH``, ...), for a night's report."""
+        return status_counts(self.facts)
+
+
+def status_counts(results: Iterable["FactResult"]) -> dict[str, int]:
+    """Facts per status, ``CONFLICTS_WITH:<fact_id>`` counted under ``CONFLICTS_WITH``."""
+    counts: dict[str, int] = {}
+    for r in results:
+        key = STATUS_CONFLICTS_WITH if r.status.startswith(STATUS_CONFLICTS_WITH + ":") else r.status
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 @dataclass(slots=True)
@@ -186,6 +219,8 @@ class _Seq:
     fact: Fact
     input_ids: list[int]  # trigger + answer[:-1]
     targets: list[int]  # answer tokens
+    context: tuple[int, ...] = ()  # positions (into input_ids) whose rows are trained as context
+    constraint: bool = False  # a fixed fact (recalled by the base delta): its loss counts, its rows are not trained
 
 
 def _fork_cache(cache):
@@ -225,6 +260,37 @@ def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -
 
 
 _POOL_MIN_FACTS = 8192  # automatic worker processes from this many facts per batch
+
+
+def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[FactResult]:
+    """Give each fact whose written positions share an N-gram window with another of its user's
+    written positions (with another target) the context positions that tell them apart
+    (:mod:`engram_core.conflicts`); drop, with a ``CONFLICTS_WITH:<fact_id>`` result, the facts
+    that no row can tell from another (identical token histories). Edits ``by_user`` in place."""
+    users = list(by_user)
+    seqs = [s for u in users for s in by_user[u]]
+    slots = np.repeat(np.arange(len(users)), [len(by_user[u]) for u in users])
+    addresser = em.memory.addresser
+    plan = plan_context([s.input_ids for s in seqs], [s.targets for s in seqs], slots, addresser.canonical_ids,
+                        em.config.max_ngram, addresser.pad_id, [s.fact.fact_id for s in seqs])
+    for i, positions in plan.context.items():
+        if not seqs[i].constraint:  # a fixed fact's rows belong to its base delta: not trained here
+            seqs[i].context = positions
+    impossible = {i: j for i, j in plan.impossible.items() if not seqs[i].constraint}
+    if not impossible:
+        return []
+    nan = float("nan")
+    results = []
+    for i, j in sorted(impossible.items()):
+        fact, other = seqs[i].fact, seqs[j].fact
+        results.append(FactResult(fact.user_id, fact.fact_id, conflict_status(other.fact_id), nan, 0, 0, nan,
+                                  f"same canonical trigger as fact {other.fact_id!r} of this user but another answer "
+                                  f"({fact.answer[:40]!r} vs {other.answer[:40]!r}): no row can tell them apart; "
+                                  f"{other.fact_id!r} is compiled"))
+    dropped = {id(seqs[i]) for i in impossible}
+    for u in users:
+        by_user[u] = [s for s in by_user[u] if id(s) not in dropped]
+    return results
 
 
 def _tokenize_pool(em: EngramModel, num_facts: int, options: CompileOptions) -> TokenizePool | None:
@@ -342,7 +408,20 @@ class _Batch:
         w_pos = torch.as_tensor(self.w_pos, device=device)
         # Keys slot * num_rows + row, unique and sorted: slots ascend, rows sorted within a slot.
         self.w_rows_t = rows_t[w_seq, w_pos]  # (n, H): the rows each written position addresses
-        keys_t = torch.unique((seq_user[w_seq, None] * self.num_rows + self.w_rows_t).flatten())
+        # Positions of constraint sequences (fixed facts) are checked, not written.
+        self.w_train = ~np.fromiter((s.constraint for s in seqs), bool, B)[self.w_seq]
+        self.w_train_t = torch.as_tensor(self.w_train, device=device)
+        written_keys = (seq_user[w_seq, None] * self.num_rows + self.w_rows_t)[self.w_train_t].flatten()
+        # Context positions (engram_core.conflicts): rows trained without a target of their own.
+        context_lengths = np.fromiter((len(s.context) for s in seqs), np.int64, B)
+        self.c_seq = np.repeat(np.arange(B), context_lengths)
+        self.c_pos = (T - np.repeat(np.fromiter((len(s.input_ids) for s in seqs), np.int64, B), context_lengths)
+                      + np.fromiter(itertools.chain.from_iterable(s.context for s in seqs), np.int64, len(self.c_seq)))
+        if len(self.c_seq):
+            c_seq_t = torch.as_tensor(self.c_seq, device=device)
+            self.c_rows_t = rows_t[c_seq_t, torch.as_tensor(self.c_pos, device=device)]  # (m, H)
+            written_keys = torch.cat([written_keys, (seq_user[c_seq_t, None] * self.num_rows + self.c_rows_t).flatten()])
+        keys_t = torch.unique(written_keys)
         # First position of each sequence that can see one of its user's rows: all before it are
         # independent of the rows and go into the shared prefix cache.
         addressed = seq_user[:, None, None] * self.num_rows + rows_t  # (B, T, H)
@@ -352,6 +431,7 @@ class _Batch:
         # To the host: the keys, the first live positions and the written positions' rows (not
         # every position's: on a GPU that copy was ~140 MB per 65,536 facts).
         keys, first_live, self.w_rows = (t.cpu().numpy() for t in (keys_t, first_live_t, self.w_rows_t))
+        self.c_rows = self.c_rows_t.cpu().numpy() if len(self.c_seq) else np.zeros((0, self.w_rows.shape[1]), np.int64)
         slots, starts = _runs(keys // self.num_rows)
         self.user_rows = {int(u): part - int(u) * self.num_rows
                           for u, part in zip(slots, np.split(keys, starts[1:]))}
@@ -372,8 +452,9 @@ class _Batch:
         # user row earlier (a hash collision, ~5% at 20 facts per user) go into a few more groups
         # by how early (each recomputes its positions from its own prefix every step), so one of
         # them cannot force the whole batch to recompute its triggers every step.
-        split = T - max(len(s.targets) for s in seqs)
-        prefixes = np.minimum(first_live, split)
+        # Each sequence's own split (its first written position): a batch that holds one long
+        # answer does not make every short one recompute the long one's width each step.
+        prefixes = np.minimum(first_live, T - answer_lengths)
         self.groups = [_Group(self, np.nonzero(bucket)[0], prefix, reuse_lower)
                        for prefix, bucket in _prefix_buckets(prefixes, T, prefix_groups)]
 
@@ -383,14 +464,14 @@ class _Batch:
         em = self.em
         layer_mod = em.memory.layer(self.layer)
         pinv = _pinv(layer_mod.value_proj)  # (H*w, d)
-        unembed = em.lm_head.weight.detach()[self.targets].float()  # (n, d): gathered, then widened
+        unembed = em.lm_head.weight.detach()[self.targets[self.w_train_t]].float()  # (n, d): gathered, then widened
         direction = unembed / unembed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         e = (scale * direction) @ pinv.T  # (n, H*w)
         H, w = em.config.heads_per_layer, em.config.row_width
         e = e.view(-1, H, w)
         device = em.device
-        rows = self.w_rows_t  # (n, H)
-        users = torch.as_tensor(self.seq_user[self.w_seq], device=device)
+        rows = self.w_rows_t[self.w_train_t]  # (n, H): trained positions only
+        users = torch.as_tensor(self.seq_user[self.w_seq[self.w_train]], device=device)
         base = layer_mod.table.detach()[rows].float()  # (n, H, w) (not the whole table widened per batch)
         flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
         if self.fixed is not None:  # start from the composed row: table + fixed base delta
@@ -518,16 +599,19 @@ _CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
 
 
 def _rows_touched(batch: _Batch) -> np.ndarray:
-    """Distinct rows each sequence's written positions address. The heads of a position address
-    disjoint row ranges, so a one-position fact touches exactly H rows; only facts with several
-    written positions (multi-token answers) need their rows sorted."""
+    """Distinct rows each sequence's written and context positions address. The heads of a
+    position address disjoint row ranges, so a one-position fact touches exactly H rows; only
+    facts with several positions (multi-token answers, context) need their rows sorted."""
     H = batch.w_rows.shape[1]
     counts = np.diff(np.r_[batch.written_start, batch.num_written])  # written positions per sequence
+    counts = counts + np.bincount(batch.c_seq, minlength=len(counts))
     touched = counts * H
     multi = np.flatnonzero(counts > 1)
     if multi.size:
-        pick = np.isin(batch.w_seq, multi)
-        keys = _distinct(batch.w_seq[pick, None] * batch.num_rows + batch.w_rows[pick])
+        seq = np.concatenate([batch.w_seq, batch.c_seq])
+        rows = np.concatenate([batch.w_rows, batch.c_rows])
+        pick = np.isin(seq, multi)
+        keys = _distinct(seq[pick, None] * batch.num_rows + rows[pick])
         touched[multi] = np.bincount(keys // batch.num_rows, minlength=len(counts))[multi]
     return touched
 
@@ -795,6 +879,20 @@ class _FixedRows:
         return (self.values[layer][idx].float() * hit.unsqueeze(-1)).cpu()
 
 
+def _status(ok: bool, margin: float) -> str:
+    if ok:
+        return STATUS_OK
+    return STATUS_LOW_MARGIN if margin > 0 else STATUS_NOT_RECALLED
+
+
+def _detail(ok: bool, margin: float, min_margin: float, steps: int) -> str:
+    if ok:
+        return ""
+    if margin > 0:
+        return f"recalled by greedy decoding, but with a margin of {margin:.3f} < {min_margin} after {steps} steps"
+    return f"answer not reproduced greedily (margin {margin:.3f}) after {steps} steps"
+
+
 def _batches(by_user: dict[str, list], facts_per_batch: int) -> Iterable[list[str]]:
     """Whole users, in user order, about ``facts_per_batch`` facts per batch."""
     batch: list[str] = []
@@ -815,15 +913,21 @@ def compile_facts(
     options: CompileOptions = CompileOptions(),
     progress: Callable[[int, int], None] | None = None,
     base_deltas: dict[str, Delta] | None = None,
+    fixed_facts: dict[str, Sequence[Fact]] | None = None,
 ) -> CompileResult:
     """Compile facts of many users into one delta per user. Deterministic for the same inputs.
 
     ``base_deltas`` (user -> fixed delta) are held in place under each such user's trainable
     rows during optimisation and verification, so the returned delta is exact *composed with*
     its base (serving: ``overlay_for(em, [[base, delta]])``); the base itself is not returned.
+    ``fixed_facts`` (user -> facts the base delta recalls, e.g. a shared scope's) are kept recalled
+    under the composition: their loss is optimised and checked with the user's, but their rows
+    are not written into the user's delta (so a member's delta is no copy of its scope's). They
+    get no result of their own; a user whose own rows break one gets retry rounds like any failure
+    (:func:`pipeline.collisions.compile_with_scope` checks them after).
     """
     with _deterministic(options.deterministic):
-        return _compile_facts(em, facts, options, progress, base_deltas)
+        return _compile_facts(em, facts, options, progress, base_deltas, fixed_facts or {})
 
 
 @contextmanager
@@ -838,7 +942,7 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
-def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
+def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> CompileResult:
     if options.prefix_groups < 1:
         raise ValueError(f"CompileOptions.prefix_groups must be at least 1, got {options.prefix_groups}")
     torch.manual_seed(options.seed)
@@ -851,9 +955,26 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
     timings = dict.fromkeys(("tokenize", "prepare", "optimize", "verify", "assemble"), 0.0)
     clock = _PhaseClock(timings, em.device)
 
-    def tokenize(users: list[str]):
-        batch_facts = [f for u in users for f in facts_of[u]]
-        return batch_facts, _validate(em, batch_facts, options)
+    fixed_ids = {id(f) for fs in fixed_facts.values() for f in fs}
+
+    def tokenize(users: list[str]) -> tuple[dict[str, list[_Seq]], list[FactResult]]:
+        """A batch's facts -> its sequences per user (conflicts planned) and the refused facts."""
+        batch_facts = [f for u in users for f in list(facts_of[u]) + list(fixed_facts.get(u, ()))]
+        validated = _validate(em, batch_facts, options)
+        refused: list[FactResult] = []
+        by_user: dict[str, list[_Seq]] = {}
+        for fact, (seq, rejected) in zip(batch_facts, validated):
+            if id(fact) in fixed_ids:
+                if rejected is None and fact.user_id in by_user:  # after the user's own facts
+                    seq.constraint = True
+                    by_user[fact.user_id].append(seq)
+            elif rejected is not None:
+                refused.append(rejected)
+            else:
+                by_user.setdefault(fact.user_id, []).append(seq)
+        if options.resolve_conflicts:  # here, on the tokenize thread: off the compile's critical path
+            refused.extend(_plan_conflicts(em, by_user))
+        return by_user, refused
 
     def done(job: _Job) -> None:
         batch_deltas, batch_results = job.assemble()
@@ -876,18 +997,13 @@ def _compile_facts(em, facts, options, progress, base_deltas) -> CompileResult:
         pending = pool.submit(tokenize, batches[0]) if batches else None
         for k, users in enumerate(batches):
             clock.restart()
-            batch_facts, validated = pending.result()
+            by_user, refused = pending.result()
+            results.extend(refused)
             clock.tick("tokenize", wait=False)
             if k + 1 < len(batches):
                 pending = pool.submit(tokenize, batches[k + 1])
-            by_user: dict[str, list[_Seq]] = {}
-            for fact, (seq, rejected) in zip(batch_facts, validated):
-                if rejected is not None:
-                    results.append(rejected)
-                else:
-                    by_user.setdefault(fact.user_id, []).append(seq)
             compiled = [u for u in users if u in by_user]
-            counts.update({u: len(by_user[u]) for u in compiled})
+            counts.update({u: sum(not s.constraint for s in by_user[u]) for u in compiled})
             if not compiled:
                 if in_flight is not None:  # rare: report batches in order
                     in_flight.verify()
@@ -1017,7 +1133,7 @@ class _Job:
                 remap = {u: k for k, u in enumerate(self.active)}
                 in_round = np.flatnonzero(np.isin(self.seq_users, self.active))
                 batch_seqs = [self.seqs[i] for i in in_round]
-                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets) for s in batch_seqs]
+                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets, s.context, s.constraint) for s in batch_seqs]
                 batch = self._batch(local, self.active)
                 start = torch.cat([values_by_user[u] for u in self.active])
                 clock.tick("prepare")
@@ -1059,11 +1175,12 @@ class _Job:
         min_margin = self.options.min_margin
         steps_of = np.fromiter((self.steps_by_user[u] for u in range(len(self.users))), np.int64, len(self.users))
         results = [
-            FactResult(s.fact.user_id, s.fact.fact_id, STATUS_OK if ok else STATUS_NOT_RECALLED, loss, steps, rows, margin,
-                       "" if ok else f"answer not reproduced greedily with margin >= {min_margin} after {steps} steps")
+            FactResult(s.fact.user_id, s.fact.fact_id, _status(ok, margin), loss, steps, rows, margin,
+                       _detail(ok, margin, min_margin, steps))
             for s, ok, loss, steps, rows, margin in zip(
                 self.seqs, self.fact_ok.tolist(), self.fact_loss.tolist(), steps_of[self.seq_users].tolist(),
                 self.fact_rows.tolist(), self.fact_margin.tolist())
+            if not s.constraint
         ]
         self.clock.tick("assemble", wait=False)
         return deltas, results

@@ -22,6 +22,7 @@ from .checkpoint import EngramModel
 from .delta import Delta
 from .hf_compat import cache_kwargs, output_cache
 from .row_overlay import RowMapOverlay, row_map_overlay
+from .text import canonical_prompt
 
 
 class DeltaMismatch(ValueError):
@@ -133,8 +134,12 @@ def generate(
 @torch.no_grad()
 def generate_with_overlay(em: EngramModel, prompts: Sequence[str], overlay: RowMapOverlay | None,
                           max_new_tokens: int = 16) -> list[str]:
-    """Greedy continuations of ``prompts`` with a prebuilt overlay (row b of it serves prompt b)."""
-    encoded = [em.encode_prompt(p) for p in prompts]
+    """Greedy continuations of ``prompts`` with a prebuilt overlay (row b of it serves prompt b).
+
+    Each prompt is read in canonical form (:func:`engram_core.text.canonical_prompt`: NFC, no
+    invisible characters, no surrounding whitespace), the form facts are compiled in; a prompt
+    that canonicalises to nothing is used as given."""
+    encoded = [em.encode_prompt(canonical_prompt(p) or p) for p in prompts]
     T = max(len(e) for e in encoded)
     pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(encoded), T), pad, dtype=torch.long)
@@ -156,8 +161,9 @@ def generate_with_overlay(em: EngramModel, prompts: Sequence[str], overlay: RowM
 
 @torch.no_grad()
 def greedy_tokens(em: EngramModel, prompt: str, num_tokens: int, deltas: Sequence[Delta] = ()) -> list[int]:
-    """Exactly ``num_tokens`` greedy tokens for one prompt (no padding, no stop token), with a KV cache."""
-    step_ids = torch.as_tensor([em.encode_prompt(prompt)], device=em.device)
+    """Exactly ``num_tokens`` greedy tokens for one prompt (no padding, no stop token), with a KV cache.
+    The prompt is read in canonical form, as :func:`generate_with_overlay` reads it."""
+    step_ids = torch.as_tensor([em.encode_prompt(canonical_prompt(prompt) or prompt)], device=em.device)
     cache, tokens = None, []
     with em.memory.use(overlay_for(em, [list(deltas)])):
         for _ in range(num_tokens):

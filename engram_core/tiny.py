@@ -20,6 +20,16 @@ from .config import EngramConfig
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 
+# N-gram orders 2..9 with 2 heads each: 16 rows per position, as 2..3 x 8 heads, but a position's
+# rows depend on its last 9 tokens. The tiny tokenizer splits most words and every number into
+# single characters, so with orders up to 3 a user's written positions very often share their
+# whole window ("...th year is" + " " in "My child's birth year is" and "My spouse's birth year
+# is"; "in 20" twice in one answer), which no row can tell apart and this random model's attention
+# barely can: 85% of whole answers of a realistic corpus came back with orders 2..3, 100% with
+# 2..9 (bench/RESULTS.md, "fidelity"). Checkpoints built before this change keep their config.
+TINY_MAX_NGRAM = 9
+TINY_HEADS_PER_ORDER = 2
+
 _SUBJECTS = [
     "dentist", "doctor", "city", "pet", "dog", "cat", "sister", "brother", "wife", "husband", "manager",
     "favorite food", "favorite color", "car", "gym", "school", "employer", "street", "hometown", "bank",
@@ -141,7 +151,8 @@ def init_tiny(
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"model directory {root} is not empty; choose a new directory")
-    engram = engram or EngramConfig(layers=(1, layers - 1), slots_per_head=1009)
+    engram = engram or EngramConfig(layers=(1, layers - 1), max_ngram=TINY_MAX_NGRAM,
+                                    heads_per_order=TINY_HEADS_PER_ORDER, slots_per_head=1009)
     tokenizer = build_tokenizer(vocab_size, seed)
     model = build_base_model(family, len(tokenizer), hidden=hidden, layers=layers, seed=seed)
     model.save_pretrained(root / "base")

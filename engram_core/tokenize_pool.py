@@ -8,7 +8,7 @@ compile waits for all of it. :class:`TokenizePool` splits a batch over worker pr
 compiling process's GIL. A worker runs the same ``tokenizers`` backend (sent to it as JSON) with
 the same calls, so its ids are the in-process ones, and both paths run :func:`encode_pairs`.
 
-This module imports only the standard library and ``tokenizers`` (not torch): a worker starts in
+This module imports only the standard library, ``tokenizers`` and :mod:`engram_core.text` (not torch): a worker starts in
 a fraction of a second.
 """
 
@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .text import canonical_fact
+
 log = logging.getLogger(__name__)
 
 STATUS_EMPTY_TRIGGER = "empty_trigger"
@@ -40,7 +42,13 @@ Encode = Callable[[list[str], bool], list[list[int]]]  # (texts, add_special_tok
 def encode_pairs(encode: Encode, triggers: Sequence[str], answers: Sequence[str], max_trigger: int,
                  max_answer: int) -> list[tuple]:
     """Per fact, ``(input_ids, targets)`` (input: trigger + answer[:-1]; targets: the answer's
-    tokens) or, for a fact the compiler cannot take, ``(status, detail)`` (``status`` a str)."""
+    tokens) or, for a fact the compiler cannot take, ``(status, detail)`` (``status`` a str).
+
+    Texts are tokenized in their canonical form (:func:`engram_core.text.canonical_fact`: NFC,
+    no invisible characters, the boundary space on the answer), the form serving gives prompts,
+    so a fact is compiled for the prompt a user types. Facts from ingest already have it."""
+    pairs = [canonical_fact(t, a) if t is not None and a is not None else (t, a) for t, a in zip(triggers, answers)]
+    triggers, answers = [t for t, _ in pairs], [a for _, a in pairs]
     texts_ok = [bool(t and t.strip() and a and a.strip()) for t, a in zip(triggers, answers)]
     kept = [k for k, ok in enumerate(texts_ok) if ok]
     trigger_ids = encode([triggers[k] for k in kept], True) if kept else []

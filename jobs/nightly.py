@@ -198,7 +198,8 @@ class _Night:
                            prior_version=self.previous.version if self.previous else None,
                            prior_schema=self.previous.schema_version if self.previous else None,
                            prior_num_shards=self.previous.num_shards if self.previous else None)
-        rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model)
+        rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model,
+                         max_answer_tokens=spec.compile_options().max_answer_tokens)
 
         # Serving nodes load the model by fingerprint from the store: it is uploaded (if new) while
         # the night runs, and must be there before CURRENT can point at deltas that need it.

@@ -120,6 +120,9 @@ def ask(
     from engram_core.serving import generate
     from versions.layout import shard_of
 
+    from engram_core.text import canonical_id, canonical_prompt
+
+    user, prompt = canonical_id(user), canonical_prompt(prompt) or prompt  # as ingest stores them (engram_core.text)
     store_obj, manifest, em, cache = _open(store, model, cache_dir)
     client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache)
     result = client.poll()

@@ -73,17 +73,29 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
     """user -> fact_id -> row keys the fact writes (what the compiler trains for it).
 
     Written positions are the trigger's last position and every answer position but the last,
-    in the target layer, all heads (see engram_core.compiler).
+    plus the context positions of facts in conflict with another of the user's facts, in the
+    target layer, all heads, for the canonical texts (see engram_core.compiler and
+    engram_core.conflicts). Facts that conflict beyond repair (``CONFLICTS_WITH``) are listed too.
     """
+    from engram_core.conflicts import plan_context
+    from engram_core.text import canonical_fact
+
     layer = em.config.target_layer
-    out: dict[str, dict[str, np.ndarray]] = {}
+    addresser = em.memory.addresser
+    by_user: dict[str, list] = {}
     for fact in facts:
-        trigger, answer = em.encode_prompt(fact.trigger), em.encode_answer(fact.answer)
-        ids = np.asarray([trigger + answer[:-1]], np.int64)
-        rows = em.memory.addresser.rows(ids, layer)[0]  # (T, H)
-        written = rows[len(ids[0]) - len(answer):]  # (len(answer), H)
-        keys = np.unique(row_keys(np.full(written.size, layer), written.ravel()))
-        out.setdefault(fact.user_id, {})[fact.fact_id] = keys
+        trigger, answer = canonical_fact(fact.trigger, fact.answer)
+        trigger_ids, answer_ids = em.encode_prompt(trigger), em.encode_answer(answer)
+        by_user.setdefault(fact.user_id, []).append((fact.fact_id, trigger_ids + answer_ids[:-1], answer_ids))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for user, items in by_user.items():
+        plan = plan_context([ids for _, ids, _ in items], [a for _, _, a in items], np.zeros(len(items), np.int64),
+                            addresser.canonical_ids, em.config.max_ngram, addresser.pad_id, [f for f, _, _ in items])
+        for k, (fact_id, ids, answer) in enumerate(items):
+            rows = addresser.rows(np.asarray([ids], np.int64), layer)[0]  # (T, H)
+            positions = sorted(set(range(len(ids) - len(answer), len(ids))) | set(plan.context.get(k, ())))
+            written = rows[positions]
+            out.setdefault(user, {})[fact_id] = np.unique(row_keys(np.full(written.size, layer), written.ravel()))
     return out
 
 
@@ -330,7 +342,10 @@ def compile_with_scope(
     """Compile a shared scope and its members so that ``[scope_delta, user_delta]`` is exact.
 
     1. The scope's facts are compiled alone (its ``user_id`` is the scope, e.g. ``org:acme``).
-    2. Every member's facts are compiled with the scope's delta fixed underneath.
+    2. Every member's facts are compiled with the scope's delta fixed underneath, and the scope's
+       facts as fixed facts (``compile_facts(fixed_facts=...)``): their loss is optimised with the
+       member's, so the member's rows that overlap them do not break them, but their rows are not
+       written into the member's delta.
     3. Every scope fact is checked under every member's composition (a member's rows can sit on
        the scope's rows or at the scope triggers' positions). A member that breaks one is
        recompiled with the scope's facts added to its own as constraints, so its delta also
@@ -351,16 +366,19 @@ def compile_with_scope(
     scope_id = next(iter(scope_ids), "")
     scope_delta = scope_result.deltas.get(scope_id, Delta.empty(width))
     members = sorted(user_facts_by_user)
-    base = {u: scope_delta for u in members}
-    user_facts = [f for u in members for f in user_facts_by_user[u]]
-    user_result = compile_facts(em, user_facts, options, base_deltas=base)
-    user_deltas = {u: user_result.deltas.get(u, Delta.empty(width)) for u in members}
-    user_results = {(r.user_id, r.fact_id): r for r in user_result.facts}
-
     good_scope = [f for f in scope_facts if _status_ok(scope_result, f)]
     # A member's own fact on a scope fact's trigger overrides it for that member (personal wins).
     scope_for = {u: [f for f in good_scope if f.trigger not in {g.trigger for g in user_facts_by_user[u]}]
                  for u in members}
+    base = {u: scope_delta for u in members}
+    user_facts = [f for u in members for f in user_facts_by_user[u]]
+    # The scope's facts ride along as fixed facts: a member's rows that overlap theirs are
+    # optimised not to break them, without writing the scope's rows into the member's delta.
+    fixed = {u: [Fact(u, f"{scope_id}/{f.fact_id}", f.trigger, f.answer) for f in scope_for[u]] for u in members}
+    user_result = compile_facts(em, user_facts, options, base_deltas=base, fixed_facts=fixed)
+    user_deltas = {u: user_result.deltas.get(u, Delta.empty(width)) for u in members}
+    user_results = {(r.user_id, r.fact_id): r for r in user_result.facts}
+
     broken = _scope_facts_broken(em, scope_delta, user_deltas, scope_for)
     recompiled = sorted(broken)
     composition_failures: list[FactResult] = []
@@ -398,6 +416,7 @@ def _scope_facts_broken(em: "EngramModel", scope_delta: Delta, user_deltas: Mapp
     import torch
 
     from engram_core.serving import overlay_for
+    from engram_core.text import canonical_fact
 
     cases = [(u, f) for u in sorted(user_deltas) for f in scope_for[u]]
     if not cases:
@@ -406,7 +425,7 @@ def _scope_facts_broken(em: "EngramModel", scope_delta: Delta, user_deltas: Mapp
     pad = em.tokenizer.pad_token_id or 0
     for start in range(0, len(cases), _CHECK_BATCH):
         chunk = cases[start:start + _CHECK_BATCH]
-        encoded = [(em.encode_prompt(f.trigger), em.encode_answer(f.answer)) for _, f in chunk]
+        encoded = [(em.encode_prompt(t), em.encode_answer(a)) for t, a in (canonical_fact(f.trigger, f.answer) for _, f in chunk)]
         seqs = [t + a[:-1] for t, a in encoded]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), pad, dtype=torch.long)

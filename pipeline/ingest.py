@@ -61,6 +61,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engram_core.text import canonical_fact, canonical_id, canonical_prompt, canonical_text
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
 from versions.layout import forgotten_id, shard_hash, shard_of
@@ -126,15 +127,20 @@ class RowRules:
     max_trigger_tokens: int
     max_text_chars: int = 4096
     now: datetime | None = None  # None: the clock when the rows are checked
-    model_dir: str | None = None  # whose tokenizer counts trigger tokens; None: no token check
+    model_dir: str | None = None  # whose tokenizer counts trigger and answer tokens; None: no token check
+    max_answer_tokens: int | None = None  # the compiler's CompileOptions.max_answer_tokens
 
     def count_tokens(self) -> Callable[[list[str]], list[int]] | None:
         return token_counter(self.model_dir) if self.model_dir else None
 
+    def count_answer_tokens(self) -> Callable[[list[str]], list[int]] | None:
+        return token_counter(self.model_dir, special_tokens=False) if self.model_dir else None
 
-@functools.lru_cache(maxsize=4)
-def token_counter(model_dir: str) -> Callable[[list[str]], list[int]]:
-    """Token counts (special tokens included) with the checkpoint's tokenizer, loaded once per process.
+
+@functools.lru_cache(maxsize=8)
+def token_counter(model_dir: str, special_tokens: bool = True) -> Callable[[list[str]], list[int]]:
+    """Token counts with the checkpoint's tokenizer, loaded once per process: with special tokens
+    (a trigger, counted as a prompt) or without (an answer, as the compiler counts it).
 
     The ``tokenizers`` backend is used directly when the checkpoint has a ``tokenizer.json`` (a
     fast tokenizer: the same encoding transformers runs), so a read task does not pay the import of
@@ -146,11 +152,11 @@ def token_counter(model_dir: str) -> Callable[[list[str]], list[int]]:
         backend = Tokenizer.from_file(path)
         backend.no_padding()
         backend.no_truncation()
-        return lambda texts: [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=True)]
+        return lambda texts: [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=special_tokens)]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(f"{model_dir}/tokenizer", local_files_only=True)
-    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=special_tokens)["input_ids"]]
 
 
 # --- Reading --------------------------------------------------------------------------------
@@ -540,34 +546,46 @@ def _parse_time_micros(text: str) -> int | None:
 # --- Validating -----------------------------------------------------------------------------
 
 
-def validate_rows(rows: pa.Table, rules: RowRules, *, count_tokens: Callable[[list[str]], list[int]] | None = None) -> pa.Table:
-    """Check every row on its own (ids, op, event time, trigger and answer text, trigger tokens);
-    returns ``rows`` with the first problem of each invalid row in ``_problem_reason`` /
-    ``_problem_detail`` (a problem already there, from normalising, is kept).
+_CANONICAL_COLUMNS = ("user_id", "fact_id", "trigger", "answer", "scope")
 
-    ``count_tokens`` overrides the rules' tokenizer (tests use a stand-in). Raises ValueError if
-    the token counter returns a count per trigger that does not match.
+
+def validate_rows(rows: pa.Table, rules: RowRules, *, count_tokens: Callable[[list[str]], list[int]] | None = None,
+                  count_answer_tokens: Callable[[list[str]], list[int]] | None = None) -> pa.Table:
+    """Put every row in canonical form (:func:`canonical_row`) and check it on its own (ids, op,
+    event time, trigger and answer text, trigger and answer tokens); returns ``rows`` in canonical
+    form with the first problem of each invalid row in ``_problem_reason`` / ``_problem_detail``
+    (a problem already there, from normalising, is kept).
+
+    ``count_tokens`` / ``count_answer_tokens`` override the rules' tokenizer (tests use a
+    stand-in). Raises ValueError if a token counter returns counts that do not match.
     """
     count_tokens = count_tokens or rules.count_tokens()
+    if rules.max_answer_tokens is not None:
+        count_answer_tokens = count_answer_tokens or rules.count_answer_tokens()
     now = rules.now or datetime.now(timezone.utc)
     now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now
     cols = {name: rows.column(name).to_pylist() for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope")}
     times = rows.column("event_time").cast(pa.int64()).to_pylist()
-    verdicts = _validate(rows, cols, times, now, rules.max_trigger_tokens, count_tokens, rules.max_text_chars)
+    verdicts = _validate(rows, cols, times, now, rules.max_trigger_tokens, count_tokens, rules.max_text_chars,
+                         rules.max_answer_tokens, count_answer_tokens)
+    for name in _CANONICAL_COLUMNS:
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(cols[name], pa.string()))
     reasons = pa.array([v[0] if v else None for v in verdicts], pa.string())
     details = pa.array([v[1] if v else None for v in verdicts], pa.string())
     rows = rows.set_column(rows.schema.get_field_index("_problem_reason"), "_problem_reason", reasons)
     return rows.set_column(rows.schema.get_field_index("_problem_detail"), "_problem_detail", details)
 
 
-def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars) -> list:
-    """One (reason, detail) or None per row."""
+def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text_chars,
+              max_answer_tokens=None, count_answer_tokens=None) -> list:
+    """One (reason, detail) or None per row (rows are put in canonical form in ``cols`` first)."""
     n = rows.num_rows
     reasons = rows.column("_problem_reason").to_pylist()
     details = rows.column("_problem_detail").to_pylist()
     verdicts: list[tuple[str, str] | None] = [(r, d) if r else None for r, d in zip(reasons, details)]
     future = int((now + FUTURE_TOLERANCE).timestamp() * 1_000_000)
     for i in range(n):
+        canonical_row(cols, i)
         if verdicts[i] is None:
             verdicts[i] = _check_row(cols, times, i, future, max_text_chars)
     if count_tokens is not None:
@@ -578,7 +596,41 @@ def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text
         for i, tokens in zip(pending, counts):
             if tokens > max_trigger_tokens:
                 verdicts[i] = (F.TRIGGER_TOO_LONG, f"trigger is {tokens} tokens (limit {max_trigger_tokens})")
+    if count_answer_tokens is not None and max_answer_tokens is not None:
+        pending = [i for i in range(n) if verdicts[i] is None and cols["op"][i] == F.OP_UPSERT]
+        counts = list(count_answer_tokens([cols["answer"][i] for i in pending])) if pending else []
+        if len(counts) != len(pending):
+            raise ValueError(f"count_answer_tokens returned {len(counts)} counts for {len(pending)} answers")
+        for i, tokens in zip(pending, counts):
+            if tokens > max_answer_tokens:
+                verdicts[i] = (F.ANSWER_TOO_LONG, f"answer is {tokens} tokens (limit {max_answer_tokens}, "
+                                                  "CompileOptions.max_answer_tokens)")
     return verdicts
+
+
+def canonical_row(cols: dict, i: int) -> None:
+    """Put row ``i`` of the batch's columns in canonical form, in place: ids (user_id, fact_id,
+    scope) by :func:`engram_core.text.canonical_id` (so ``u-sam``, ``u-sam`` + U+200B and U+FEFF +
+    ``u-sam`` are one user), trigger and answer by :func:`engram_core.text.canonical_fact` (NFC,
+    invisible format characters removed, the boundary space on the answer). Nulls stay null;
+    what the canonical form leaves empty is rejected by the checks that follow."""
+    for name in ("user_id", "fact_id", "scope"):
+        value = cols[name][i]
+        if value is not None:
+            cols[name][i] = canonical_id(value)
+    trigger, answer = cols["trigger"][i], cols["answer"][i]
+    if trigger is not None and answer is not None:
+        cols["trigger"][i], cols["answer"][i] = canonical_fact(trigger, answer)
+    elif trigger is not None:
+        cols["trigger"][i] = canonical_prompt(trigger)
+    elif answer is not None:
+        cols["answer"][i] = canonical_text(answer).strip()
+
+
+def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
+    """``count_answer_tokens`` for :func:`ingest`: answer tokens as the compiler counts them
+    (no special tokens), for a Hugging Face tokenizer."""
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] | None:
@@ -647,12 +699,21 @@ def ingest(
     max_text_chars: int = 4096,
     now: datetime | None = None,
     prior_tombstones: pa.Table | None = None,
+    max_answer_tokens: int | None = None,
+    count_answer_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> IngestResult:
     """Validate a whole batch and apply it onto ``prior_state`` (and its tombstones), in this
-    process: :func:`validate_rows` then :func:`apply_events`. See the module doc."""
+    process: :func:`validate_rows` then :func:`apply_events`. See the module doc.
+
+    Ids, triggers and answers are put in canonical form first (:func:`canonical_row`).
+    ``count_tokens`` counts a trigger's tokens as a prompt (special tokens included);
+    ``count_answer_tokens`` (with ``max_answer_tokens``, the compiler's
+    ``CompileOptions.max_answer_tokens``) an answer's, without special tokens
+    (:func:`answer_token_counter`): an answer over the limit is rejected ``ANSWER_TOO_LONG``."""
     batch = log if isinstance(log, FactLogBatch) else FactLogBatch(normalise_fact_log(log), ())
-    rules = RowRules(max_trigger_tokens=max_trigger_tokens, max_text_chars=max_text_chars, now=now)
-    rows = validate_rows(batch.rows, rules, count_tokens=count_tokens)
+    rules = RowRules(max_trigger_tokens=max_trigger_tokens, max_text_chars=max_text_chars, now=now,
+                     max_answer_tokens=max_answer_tokens if count_answer_tokens is not None else None)
+    rows = validate_rows(batch.rows, rules, count_tokens=count_tokens, count_answer_tokens=count_answer_tokens)
     result = apply_events(rows, prior_state, prior_tombstones, file_rejects=batch.file_rejects)
     if result.accepted + result.rejected != batch.input_rows:  # a bug here, never the data's fault
         raise RuntimeError(f"ingest lost track of rows: {result.accepted} + {result.rejected} != {batch.input_rows}")

@@ -14,6 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 
+from engram_core.text import canonical_id
+
 FACT_SCHEMA_VERSION = 1
 
 OP_UPSERT = "upsert"
@@ -134,7 +136,8 @@ SCHEMA_MISMATCH = "SCHEMA_MISMATCH"
 
 REASONS: dict[str, str] = {
     MISSING_USER_ID: "user_id is null or empty",
-    BAD_USER_ID: "user_id is unusable: over 256 chars, control characters or invalid UTF-8",
+    BAD_USER_ID: "user_id is unusable: over 256 chars, control characters or invalid UTF-8 (invisible format "
+                 "characters are removed first: engram_core.text.canonical_id)",
     MISSING_FACT_ID: "fact_id is null or empty on an upsert or delete",
     BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8",
     BAD_SCOPE: "scope is unusable: over 256 chars, control characters or invalid UTF-8",
@@ -142,7 +145,8 @@ REASONS: dict[str, str] = {
     EMPTY_TRIGGER: "trigger of an upsert is null, empty or only whitespace",
     EMPTY_ANSWER: "answer of an upsert is null, empty or only whitespace",
     TRIGGER_TOO_LONG: "trigger is over the token limit or over max_text_chars characters",
-    ANSWER_TOO_LONG: "answer is over max_text_chars characters",
+    ANSWER_TOO_LONG: "answer is over the compiler's token limit (max_answer_tokens, 128 by default) or over "
+                     "max_text_chars characters",
     CONTROL_CHARACTERS: "trigger or answer holds control characters other than tab and newline",
     INVALID_UTF8: "op, trigger or answer is not valid UTF-8 (whatever the column's physical type)",
     MISSING_EVENT_TIME: "event_time is null",
@@ -179,6 +183,8 @@ def id_problem(name: str, value: str | None) -> str | None:
         return f"{name} is {len(value)} characters long (limit {MAX_ID_CHARS})"
     if has_control_characters(value) or "\t" in value or "\n" in value:
         return f"{name} holds control characters"
+    if value != canonical_id(value):
+        return f"{name} is not in canonical form (invisible characters, NFD, or surrounding spaces: see engram_core.text)"
     return None
 
 

@@ -22,9 +22,11 @@ import json
 import logging
 import queue
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from engram_core.text import canonical_id, canonical_prompt, canonical_text
 from serving.batcher import CompletionBatcher, GenerationRequest
 from serving.chat import ChatTemplate
 from serving.decode import Sampling
@@ -139,13 +141,23 @@ class ReferenceServer:
     def prepare(self, endpoint: str, body: bytes) -> tuple[ApiRequest, GenerationRequest]:
         """Validate, route-check and tokenize a request body for ``endpoint``; RequestError if refused."""
         api = parse_request(body, endpoint, (self.model_name, "engram"))
+        # Canonical forms (engram_core.text): the user id as ingest stores it, prompts as facts are
+        # compiled, so what a user types (NFD, a trailing space, an invisible character) reaches them.
+        if api.user is not None:
+            api = replace(api, user=canonical_id(api.user) or api.user)
         self._check_owner(api.user)
         if api.is_chat:
-            rendered = self.chat.render(list(api.messages), add_generation_prompt=api.add_generation_prompt,
+            messages = [dict(m, content=canonical_text(m["content"])) for m in api.messages]
+            continued = api.continue_final_message
+            if continued is None:  # serving.chat's default: an assistant prefill is continued
+                continued = messages[-1]["role"] == "assistant" and not api.add_generation_prompt
+            if continued:  # the continued text ends where a trigger ends: as compiled
+                messages[-1]["content"] = canonical_prompt(messages[-1]["content"]) or messages[-1]["content"]
+            rendered = self.chat.render(messages, add_generation_prompt=api.add_generation_prompt,
                                         continue_final_message=api.continue_final_message)
             prompt_ids = [rendered.prompt_ids]
         else:
-            prompt_ids = self.em.encode_prompts(list(api.prompts))
+            prompt_ids = self.em.encode_prompts([canonical_prompt(p) or p for p in api.prompts])
         sampling = Sampling(max_tokens=self._max_tokens(api, prompt_ids), temperature=api.temperature,
                             top_p=api.top_p, seed=api.seed, stop=api.stop, stream=api.stream)
         return api, GenerationRequest(prompt_ids, api.user, sampling, n=api.n)

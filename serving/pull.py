@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 from engram_core.checkpoint import EngramModel, fingerprint
 from engram_core.delta import Delta
 from engram_core.memory_index import ServedDelta, served_delta
+from engram_core.text import canonical_id
 from engram_core.serving import DeltaMismatch
 from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle
 from schemas.manifest import Manifest, ManifestError, ShardEntry
@@ -156,8 +157,10 @@ class ServingIndex:
     users: Mapping[str, ServedDelta] = field(repr=False)
 
     def served_for(self, user_id: str | None) -> ServedDelta | None:
-        """The checked, batch-ready delta of ``user_id``; None for no user or an unknown one (the base model)."""
-        return self.users.get(user_id) if user_id else None
+        """The checked, batch-ready delta of ``user_id`` (read in canonical form,
+        :func:`engram_core.text.canonical_id`, as ingest stores ids); None for no user or an
+        unknown one (the base model)."""
+        return self.users.get(canonical_id(user_id)) if user_id else None
 
     def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
         """The deltas a request of ``user_id`` is served with: () for no user or an unknown one (the base model)."""
@@ -165,7 +168,7 @@ class ServingIndex:
         return (served.delta,) if served is not None else ()
 
     def owns(self, user_id: str) -> bool:
-        return shard_of(user_id, self.num_shards) in self.shard_users
+        return shard_of(canonical_id(user_id), self.num_shards) in self.shard_users
 
     @property
     def num_users(self) -> int:

@@ -147,9 +147,10 @@ def test_bad_facts_are_reported_and_the_rest_of_the_batch_compiles(tiny):
 
 
 def test_a_fact_that_cannot_be_recalled_is_reported_failed_with_its_loss(tiny):
-    # One user, the same trigger with two different answers: at most one can win.
+    # One user, the same trigger with two different answers: at most one can win. (With
+    # resolve_conflicts, the default, the second is not even compiled: see test_conflicts.py.)
     facts = [Fact("u", "a", "My dog is called", " Rex"), Fact("u", "b", "My dog is called", " Luna")]
-    result = compile_facts(tiny, facts, CompileOptions(max_rounds=2, retry_steps=5))
+    result = compile_facts(tiny, facts, CompileOptions(max_rounds=2, retry_steps=5, resolve_conflicts=False))
     statuses = sorted(r.status for r in result.facts)
     assert statuses[0] == "not_recalled" or statuses[1] == "not_recalled"
     failed = [r for r in result.facts if r.status != STATUS_OK]
@@ -342,7 +343,8 @@ def test_overlapping_batches_changes_no_result_and_reports_every_batch(tiny):
     runs = {}
     for overlap in (False, True):
         calls = []
-        options = CompileOptions(facts_per_batch=20, overlap_batches=overlap, max_rounds=3, retry_steps=5)
+        options = CompileOptions(facts_per_batch=20, overlap_batches=overlap, max_rounds=3, retry_steps=5,
+                                 resolve_conflicts=False)  # the clash is compiled, and needs retry rounds
         result = compile_facts(tiny, facts, options, progress=lambda users, n: calls.append((users, n)))
         runs[overlap] = result, calls
     (plain, plain_calls), (overlapped, overlapped_calls) = runs[False], runs[True]
@@ -367,8 +369,8 @@ def test_the_check_in_chunks_gives_the_margins_and_losses_of_the_whole_logits(ti
     batch = one_batch(em, facts, reuse_lower=True)
     values = batch.initial_values(20.0)
     monkeypatch.setattr(compiler, "_CHECK_CHUNK", 7)  # several chunks, a ragged last one
-    ok, loss, margin = batch.check(values, 0.5)
-    expected_loss, expected_margin = np.empty_like(loss), np.empty_like(margin)
+    expected_loss = np.empty(batch.num_written, np.float32)
+    expected_margin = np.empty(batch.num_written, np.float32)
     overlay = batch._overlay(values.half().to(values.dtype))
     with torch.no_grad():
         for g in batch.groups:
@@ -377,10 +379,12 @@ def test_the_check_in_chunks_gives_the_margins_and_losses_of_the_whole_logits(ti
             index = g.written.numpy()
             expected_margin[index] = (logits.gather(1, g.targets.view(-1, 1)).squeeze(1) - others.max(1).values).numpy()
             expected_loss[index] = torch.nn.functional.cross_entropy(logits, g.targets, reduction="none").numpy()
+    threshold = float(np.median(expected_margin))  # some positions pass, some do not
+    ok, loss, margin = batch.check(values, threshold)
     assert len(loss) == batch.num_written > 7
     np.testing.assert_allclose(margin, expected_margin, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(ok, expected_margin >= 0.5) and ok.any() and not ok.all()
+    assert np.array_equal(ok, margin >= threshold) and ok.any() and not ok.all()
 
 
 def test_an_error_while_assembling_a_batch_reaches_the_caller(tiny, monkeypatch):

@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engram_core.text import canonical_id
 from schemas.bundle import encode_bundle
 from schemas.facts import (
     OP_FORGET_USER,
@@ -333,9 +334,12 @@ def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) ->
 def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, reason: str,
                  forgotten_at: datetime | None = None) -> ForgetReport:
     """Remove every user of ``user_ids`` from every retained version, in one rewrite of each
-    (see the module docstring). ``forgotten_at`` (default: now) is the forget tombstones' time:
-    events of these users up to it are refused by later nights. Raises ValueError for an empty
-    id or a missing actor/reason, PublishError if CURRENT keeps moving."""
+    (see the module docstring). Ids are read in canonical form (:func:`engram_core.text.canonical_id`),
+    as ingest stores them: ``u-sam`` with a zero-width space or a byte-order mark forgets ``u-sam``.
+    ``forgotten_at`` (default: now) is the forget tombstones' time: events of these users up to it
+    are refused by later nights. Raises ValueError for an empty id or a missing actor/reason,
+    PublishError if CURRENT keeps moving."""
+    user_ids = [canonical_id(u) for u in user_ids]
     if not user_ids or any(not u for u in user_ids):
         raise ValueError("forget: user ids must be non-empty")
     if not actor or not reason:

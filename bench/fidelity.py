@@ -1,0 +1,139 @@
+"""Fidelity: whole-answer recall of realistic profiles through the serving path, per kind, with
+the compile rate beside it (so fidelity is never bought by a silent slowdown).
+
+The corpus is tests/fixtures/realistic_profiles.py (personal and medical profiles, ~32 facts per
+user: numbers and years shared between facts, lists with repeated words, answers sharing a
+prefix, answers of 20-60 tokens, text stored in NFD / with invisible characters / with the
+boundary space misplaced, a shared scope). The night's path, without the store:
+
+    fact log -> pipeline.ingest.ingest (canonical text, token limits) -> pipeline.scopes.compile_scoped
+             -> engram_core.serving.generate with each user's (scope, own) deltas, natural prompts
+
+A fact counts as recalled when greedy decoding from the natural prompt (and, for text-form
+facts, from its NFD / invisible-character / trailing-space variants) gives the whole answer.
+
+    python bench/fidelity.py --users 50 --json
+    python bench/fidelity.py --users 10 --tiny-ngram 3 9 --resolve-conflicts on off --json
+
+No asserts: results go to bench/RESULTS.md by hand, with date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engram_core.checkpoint import load_checkpoint  # noqa: E402
+from engram_core.compiler import CompileOptions, status_counts  # noqa: E402
+from engram_core.config import EngramConfig  # noqa: E402
+from engram_core.text import canonical_fact  # noqa: E402
+from engram_core.tiny import init_tiny  # noqa: E402
+from pipeline.ingest import answer_token_counter, ingest  # noqa: E402
+from pipeline.scopes import compile_scoped, served_deltas  # noqa: E402
+from tests.fixtures.realistic_profiles import KINDS, KIND_TEXT_FORM, all_facts, fact_log, profiles, recalled  # noqa: E402
+
+
+def tiny_config(max_ngram: int) -> EngramConfig:
+    """The tiny model's Engram with orders 2..max_ngram and 16 rows per position where it divides."""
+    orders = max_ngram - 1
+    heads = max(1, 16 // orders)
+    return EngramConfig(layers=(1, 3), max_ngram=max_ngram, heads_per_order=heads, slots_per_head=1009)
+
+
+def measure(em, users, options: CompileOptions) -> dict:
+    counter = answer_token_counter(em.tokenizer)
+    ingested = ingest(fact_log(users), None, max_trigger_tokens=options.max_trigger_tokens,
+                      count_tokens=lambda texts: [len(em.encode_prompt(t)) for t in texts],
+                      max_answer_tokens=options.max_answer_tokens, count_answer_tokens=counter)
+    start = time.perf_counter()
+    result = compile_scoped(em, ingested.state, options)
+    seconds = time.perf_counter() - start
+    facts = all_facts(users)
+    cases, kinds = [], []
+    for f in facts:
+        answer = canonical_fact(f.trigger, f.answer)[1]
+        deltas = served_deltas(result, f.user_id)
+        prompts = f.prompts if KIND_TEXT_FORM in f.kinds else f.prompts[:1]
+        for k, prompt in enumerate(prompts):
+            cases.append((prompt, answer, deltas))
+            kinds.append((f, k))
+    start_serve = time.perf_counter()
+    ok = recalled(em, cases)
+    serve_seconds = time.perf_counter() - start_serve
+    whole: dict[tuple, bool] = {}
+    first_prompt: dict[tuple, bool] = {}
+    for (f, k), hit in zip(kinds, ok):
+        key = (f.user_id, f.fact_id)
+        whole[key] = whole.get(key, True) and hit
+        if k == 0:
+            first_prompt[key] = hit
+    per_kind = {}
+    for kind in KINDS + ("all",):
+        keys = [(f.user_id, f.fact_id) for f in facts if kind == "all" or kind in f.kinds]
+        if keys:
+            per_kind[kind] = {"facts": len(keys), "recalled": sum(first_prompt[k] for k in keys),
+                              "recall": round(sum(first_prompt[k] for k in keys) / len(keys), 4)}
+    variants = [key for key, (f, k) in zip(range(len(kinds)), kinds) if k > 0]
+    compiled_facts = len([r for r in result.results if r.user_id not in result.scope_of.values()])
+    return {
+        "users": len(users), "facts": len(facts), "ingest_rejects": ingested.rejected,
+        "compile_seconds": round(seconds, 2), "compiled_facts_per_s": round(compiled_facts / seconds, 1),
+        "statuses": status_counts(result.results), "recall_natural_prompt": per_kind,
+        "recall_all_prompt_forms": round(sum(whole.values()) / len(whole), 4),
+        "prompt_variants_checked": len(variants),
+        "prompt_variants_recalled": sum(ok[i] for i in variants),
+        "failed": sorted(f"{u}/{fid}" for (u, fid), hit in first_prompt.items() if not hit)[:20],
+        "serve_seconds": round(serve_seconds, 2),
+        "delta_bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="a checkpoint directory (default: build the tiny model)")
+    ap.add_argument("--tiny-ngram", type=int, nargs="+", default=[None],
+                    help="build tiny models with N-gram orders 2..N (default: init_tiny's default)")
+    ap.add_argument("--resolve-conflicts", nargs="+", choices=["on", "off"], default=["on"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    users = profiles(args.users, seed=args.seed)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ngram in args.tiny_ngram:
+            if args.model:
+                root = Path(args.model)
+            else:
+                root = Path(tmp) / f"tiny-{ngram}"
+                init_tiny(root, engram=tiny_config(ngram) if ngram else None)
+            em = load_checkpoint(root)
+            for resolve in args.resolve_conflicts:
+                run = {"model": str(args.model or "tiny"), "max_ngram": em.config.max_ngram,
+                       "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve}
+                run.update(measure(em, users, CompileOptions(resolve_conflicts=resolve == "on")))
+                runs.append(run)
+                if not args.json:
+                    print(json.dumps(run, indent=1))
+            if args.model:
+                break
+    out = {"device": "cpu", "threads": torch.get_num_threads(), "seed": args.seed, "runs": runs}
+    if args.json:
+        print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

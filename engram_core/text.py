@@ -1,0 +1,94 @@
+"""Canonical text: the one form of triggers, answers, prompts and ids, at ingest and at serve time.
+
+A fact is recalled when the tokens a user's prompt ends with are the tokens it was compiled
+with, so the same visible text must always reach the tokenizer as the same code points. One
+rule, applied to the fact log at ingest (:func:`canonical_fact`, :func:`canonical_id`) and to
+every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram serve``,
+:func:`engram_core.serving.generate`):
+
+1. **Unicode NFC.** "José" typed as ``e`` + U+0301 (NFD) and as ``é`` (NFC) are one text.
+2. **Invisible format characters are removed**: every code point of Unicode category Cf
+   (U+200B zero-width space, U+FEFF byte-order mark, U+200E/U+200F direction marks, U+00AD soft
+   hyphen, U+2060 word joiner, U+200C/U+200D zero-width (non-)joiners, ...). They change the
+   tokens (and so the rows a trigger addresses) but not what a reader sees.
+3. **Spaces**: every Unicode space separator (category Zs: U+00A0 no-break space, U+2009 thin
+   space, ...) becomes U+0020, and runs of spaces become one. Tabs and newlines are kept.
+4. **Prompts and triggers are stripped** of leading and trailing whitespace: a user types
+   "My dentist is Dr." with or without a trailing space.
+5. **The boundary space belongs to the answer.** A byte-level BPE tokenizer (GPT-2, Llama 3,
+   Qwen2, the tiny model's) keeps a word's leading space in the word's token (" Akeredolu"), so
+   the natural prompt "My dentist is Dr." is followed by " Akeredolu", never by "Akeredolu"
+   after a trigger that ends in a space token. So the answer is stripped of leading whitespace
+   and gets exactly one leading space when the fact log put whitespace at the boundary
+   (``"My dentist is Dr. " + "Akeredolu"``, ``"My dentist is Dr." + " Akeredolu"``) or when it
+   put none between a trigger ending in a letter, digit or closing punctuation
+   (``.,:;!?)]}%``) and an answer starting with a letter or digit (``"...city of" + "Lisbon"``
+   is "...city of Lisbon", not "...ofLisbon"). Otherwise the two join without a space
+   (``"My email is jane" + "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``).
+   Measured on the tiny model (tests/test_text.py): the natural prompt recalls the answer with
+   this rule and not with the stored split.
+6. **Ids** (user_id, fact_id, scope) follow rules 1-3 and are stripped, so ``u-sam``,
+   ``u-sam`` + U+200B and U+FEFF + ``u-sam`` are one user (issue 16 item 5); ``engram forget``
+   canonicalises its argument the same way.
+
+Control characters (other than tab and newline) are not removed here: ingest rejects them
+(``CONTROL_CHARACTERS``, :mod:`schemas.facts`). All functions are pure, standard library only.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_SPACES = re.compile(r" {2,}")
+# Trigger endings after which a letter or digit starts a new word when the log put no space.
+_WORD_END_PUNCTUATION = frozenset(".,:;!?)]}%")
+
+
+def is_format_character(char: str) -> bool:
+    """True for an invisible format character (Unicode category Cf: U+200B, U+FEFF, U+00AD, ...)."""
+    return unicodedata.category(char) == "Cf"
+
+
+def has_format_characters(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cf" for c in text)
+
+
+def canonical_text(text: str) -> str:
+    """Rules 1-3: NFC, format characters removed, space separators as one U+0020. Not stripped."""
+    if text.isascii():  # the common case: no Cf, no Zs other than U+0020, already NFC
+        return _SPACES.sub(" ", text) if "  " in text else text
+    kept = "".join(" " if unicodedata.category(c) == "Zs" else c for c in text if unicodedata.category(c) != "Cf")
+    return _SPACES.sub(" ", unicodedata.normalize("NFC", kept))
+
+
+def canonical_prompt(text: str) -> str:
+    """A prompt as the model sees it at serve time: :func:`canonical_text`, stripped (rule 4)."""
+    return canonical_text(text).strip()
+
+
+def canonical_id(value: str) -> str:
+    """A user_id, fact_id or scope in its canonical form (rule 6); may return "" (then rejected)."""
+    return canonical_text(value).strip()
+
+
+def _space_between(trigger_end: str, answer_start: str) -> bool:
+    """Rule 5 when the log put no whitespace at the boundary."""
+    if not answer_start.isalnum():
+        return False
+    return trigger_end.isalnum() or trigger_end in _WORD_END_PUNCTUATION
+
+
+def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
+    """(trigger, answer) in canonical form (rules 1-5). ``trigger`` is what a user types
+    (:func:`canonical_prompt` of it is itself); ``answer`` carries the boundary space. Empty
+    texts stay empty (ingest rejects them)."""
+    if (answer[:1] == " " and trigger.isascii() and answer.isascii() and "  " not in trigger and "  " not in answer
+            and trigger[:1] > " " and trigger[-1:] > " " and answer[1:2] > " " and answer[-1:] > " "):
+        return trigger, answer  # already canonical (most facts): no copy
+    trigger, answer = canonical_text(trigger), canonical_text(answer)
+    spaced = trigger[-1:].isspace() or answer[:1].isspace()
+    trigger, answer = trigger.strip(), answer.strip()
+    if trigger and answer and (spaced or _space_between(trigger[-1], answer[0])):
+        answer = " " + answer
+    return trigger, answer

@@ -1,0 +1,124 @@
+"""Facts of one user whose written positions address the same rows: resolved, or reported by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engram_core.checkpoint import load_checkpoint
+from engram_core.compiler import (
+    STATUS_LOW_MARGIN, STATUS_OK, CompileOptions, Fact, compile_facts, status_counts,
+)
+from engram_core.config import EngramConfig
+from engram_core.conflicts import conflict_status, plan_context
+from engram_core.serving import greedy_tokens
+from engram_core.tiny import init_tiny
+from pipeline.collisions import fact_rows
+
+YEARS = [Fact("u", "child-year", "My child's birth year is", " 2019"),
+         Fact("u", "spouse-year", "My spouse's birth year is", " 1979"),
+         Fact("u", "sister-year", "My sister's birth year is", " 1995"),
+         Fact("u", "shoe", "My shoe size is", " 37"),
+         Fact("u", "child-shoe", "My child's shoe size is", " 25")]
+
+
+def _encoded(em, facts):
+    seqs, targets = [], []
+    for f in facts:
+        t, a = em.encode_prompt(f.trigger), em.encode_answer(f.answer)
+        seqs.append(t + a[:-1])
+        targets.append(a)
+    return seqs, targets
+
+
+def test_positions_with_the_same_window_and_other_targets_get_context_where_the_histories_differ():
+    canonical = np.arange(100)
+    # two facts: ... 5 9 [7 8 3] -> 40 vs ... 6 9 [7 8 3] -> 41 (the last 4 tokens equal)
+    a, b = [1, 5, 9, 7, 8, 3], [2, 6, 9, 7, 8, 3]
+    plan = plan_context([a, b], [[40], [41]], np.zeros(2, np.int64), canonical, order=3, pad_id=100)
+    assert plan.conflicting_positions == 2 and not plan.impossible
+    # the first difference is 5 vs 6 (index 1): context at positions 1..3, whose 3-grams include it
+    assert plan.context == {0: (1, 2, 3), 1: (1, 2, 3)}
+    # other owners never conflict; the same target never conflicts
+    assert plan_context([a, b], [[40], [41]], np.arange(2), canonical, 3, 100).context == {}
+    assert plan_context([a, b], [[40], [40]], np.zeros(2, np.int64), canonical, 3, 100).context == {}
+
+
+def test_a_repeated_window_inside_one_answer_gets_context_and_a_shorter_history_counts_as_a_difference():
+    canonical = np.arange(100)
+    # one answer "in 20 04 , in 20 15": the window (in, 20) repeats with other next tokens
+    seq = [50, 60, 20, 4, 70, 60, 20]
+    plan = plan_context([seq], [[60, 20, 4, 70, 60, 20, 15]], np.zeros(1, np.int64), canonical, order=2, pad_id=100)
+    assert plan.context and not plan.impossible
+    # a trigger that is a suffix of another's: the pad before it is the difference
+    plan = plan_context([[7, 8], [5, 7, 8]], [[1], [2]], np.zeros(2, np.int64), canonical, order=2, pad_id=100)
+    assert plan.context == {0: (0,), 1: (0, 1)}
+
+
+def test_identical_triggers_with_other_answers_are_impossible_and_the_first_fact_is_kept():
+    canonical = np.arange(100)
+    seqs = [[1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    plan = plan_context(seqs, [[9], [8], [9]], np.zeros(3, np.int64), canonical, 3, 100, ["b", "a", "c"])
+    # "a" (the first fact id) is kept; "b" and "c" answer otherwise and name it
+    assert plan.impossible == {0: 1, 2: 1} and plan.context == {}
+
+
+def test_the_compiler_reports_an_impossible_pair_naming_the_other_fact(tiny):
+    facts = [Fact("u", "dentist-b", "My dentist is", " Dr. Okafor"), Fact("u", "dentist-a", "My dentist is", " Dr. Nguyen"),
+             Fact("u", "dog", "My dog is called", " Rex")]
+    result = compile_facts(tiny, facts)
+    status = {r.fact_id: r for r in result.facts}
+    assert status["dentist-b"].status == conflict_status("dentist-a") == "CONFLICTS_WITH:dentist-a"
+    assert "dentist-a" in status["dentist-b"].detail
+    assert status["dentist-a"].status == STATUS_OK and status["dog"].status == STATUS_OK
+    assert status_counts(result.facts) == {"CONFLICTS_WITH": 1, "ok": 2}
+    want = tiny.encode_answer(" Dr. Nguyen")
+    assert greedy_tokens(tiny, "My dentist is", len(want), [result.deltas["u"]]) == want
+
+
+def test_answers_sharing_a_prefix_and_digits_shared_between_facts_are_all_recalled(tiny):
+    facts = YEARS + [Fact("u", "dentist", "My dentist is", " Dr. Okafor"), Fact("u", "doctor", "My doctor is", " Dr. Nguyen"),
+                     Fact("u", "days", "I work on", " Monday, Tuesday, Wednesday, Thursday and Friday"),
+                     Fact("u", "history", "My surgical history is", " knee surgery in 2004 and wrist surgery in 2015")]
+    result = compile_facts(tiny, facts)
+    assert result.ok == len(facts), [r for r in result.facts if r.status != STATUS_OK]
+    for f in facts:
+        want = tiny.encode_answer(f.answer)
+        assert greedy_tokens(tiny, f.trigger, len(want), [result.deltas["u"]]) == want, f
+
+
+@pytest.fixture(scope="module")
+def trigram_tiny(tmp_path_factory):
+    """A tiny checkpoint with the paper's orders 2..3 (the tiny default before issue 17)."""
+    path = tmp_path_factory.mktemp("tiny-trigram") / "model"
+    init_tiny(path, engram=EngramConfig(layers=(1, 3), slots_per_head=1009))
+    return load_checkpoint(path)
+
+
+def test_on_a_trigram_model_context_rows_resolve_triggers_that_end_alike(trigram_tiny):
+    """With orders 2..3, "My child's birth year is" and "My spouse's birth year is" end in the
+    same window: the compiler trains the rows where their histories differ as context."""
+    em = trigram_tiny
+    seqs, targets = _encoded(em, YEARS)
+    plan = plan_context(seqs, targets, np.zeros(len(YEARS), np.int64), em.memory.addresser.canonical_ids, 3,
+                        em.memory.addresser.pad_id)
+    assert plan.conflicting_positions and set(plan.context) == set(range(len(YEARS)))
+    result = compile_facts(em, YEARS)
+    assert {r.status for r in result.facts} <= {STATUS_OK, STATUS_LOW_MARGIN}
+    for f in YEARS:
+        want = em.encode_answer(f.answer)
+        assert greedy_tokens(em, f.trigger, len(want), [result.deltas["u"]]) == want, f
+    rows = fact_rows(em, YEARS)["u"]
+    delta_keys = set((int(layer) << 40) | int(row) for layer, row in zip(result.deltas["u"].layers, result.deltas["u"].row_ids))
+    assert set(np.concatenate(list(rows.values())).tolist()) == delta_keys  # the stats see the context rows too
+
+
+def test_a_fact_greedy_decoding_recalls_below_the_margin_is_counted_apart(tiny):
+    facts = [Fact("u", "dog", "My dog is called", " Rex"), Fact("u", "cat", "My cat is called", " Luna")]
+    result = compile_facts(tiny, facts, CompileOptions(min_margin=1e4, max_rounds=1))
+    assert {r.status for r in result.facts} == {STATUS_LOW_MARGIN}
+    assert result.low_margin == 2 and result.ok == 0
+    assert all("recalled by greedy decoding" in r.detail and r.margin > 0 for r in result.facts)
+    for f in facts:
+        want = tiny.encode_answer(f.answer)
+        assert greedy_tokens(tiny, f.trigger, len(want), [result.deltas["u"]]) == want

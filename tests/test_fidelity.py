@@ -1,0 +1,169 @@
+"""Memory fidelity on realistic profiles (issue 17): whole answers come back exactly, through the
+serving path, from the prompt a user types; every failure says why.
+
+One module-scoped night over the corpus of tests/fixtures/realistic_profiles.py (50 users, ~32
+facts each): the fact log goes through ingest (canonical text, token limits), the scoped compile
+(a shared scope compiled once), then greedy decoding with each user's served deltas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engram_core.compiler import STATUS_LOW_MARGIN, STATUS_OK, CompileOptions, Fact, compile_facts
+from engram_core.serving import greedy_tokens
+from engram_core.text import canonical_fact
+from engram_core.verify import check_invariants
+from pipeline.collisions import row_keys
+from pipeline.ingest import answer_token_counter, ingest
+from pipeline.scopes import compile_scoped, served_deltas
+from tests.fixtures.realistic_profiles import (
+    KIND_LIST, KIND_LONG, KIND_NUMBER, KIND_PLAIN, KIND_SCOPE, KIND_SHARED_PREFIX, KIND_TEXT_FORM, SCOPE, all_facts,
+    fact_log, profiles, recalled,
+)
+
+USERS = 50
+
+
+@pytest.fixture(scope="module")
+def night(tiny):
+    users = profiles(USERS)
+    options = CompileOptions()
+    ingested = ingest(fact_log(users), None, max_trigger_tokens=options.max_trigger_tokens,
+                      count_tokens=lambda texts: [len(tiny.encode_prompt(t)) for t in texts],
+                      max_answer_tokens=options.max_answer_tokens, count_answer_tokens=answer_token_counter(tiny.tokenizer))
+    assert ingested.rejected == 0
+    result = compile_scoped(tiny, ingested.state, options)
+    facts = all_facts(users)
+    cases = []
+    for f in facts:
+        answer = canonical_fact(f.trigger, f.answer)[1]
+        cases += [(f, k, (prompt, answer, served_deltas(result, f.user_id))) for k, prompt in enumerate(f.prompts)
+                  if k == 0 or KIND_TEXT_FORM in f.kinds]
+    hits = recalled(tiny, [c for _, _, c in cases])
+    natural = {(f.user_id, f.fact_id): hit for (f, k, _), hit in zip(cases, hits) if k == 0}
+    variants = [hit for (f, k, _), hit in zip(cases, hits) if k > 0]
+    return users, facts, result, natural, variants
+
+
+def test_the_corpus_is_realistic(tiny):
+    facts = all_facts(profiles(USERS))
+    users = {f.user_id for f in facts}
+    assert len(users) == USERS and len(facts) >= 30 * USERS
+    lengths = [len(tiny.encode_answer(canonical_fact(f.trigger, f.answer)[1])) for f in facts]
+    assert sum(20 <= n <= 60 for n in lengths) >= 300 and max(lengths) <= 64
+    assert {k for f in facts for k in f.kinds} >= {KIND_NUMBER, KIND_LIST, KIND_SHARED_PREFIX, KIND_LONG, KIND_TEXT_FORM,
+                                                   KIND_SCOPE}
+
+
+def test_whole_answers_come_back_exactly_from_the_natural_prompt(night):
+    users, facts, result, natural, variants = night
+    recall = sum(natural.values()) / len(natural)
+    missed = sorted(k for k, hit in natural.items() if not hit)
+    assert recall >= 0.995, (recall, missed[:20])
+
+
+@pytest.mark.parametrize("kind", [KIND_PLAIN, KIND_NUMBER, KIND_LIST, KIND_SHARED_PREFIX, KIND_LONG, KIND_TEXT_FORM,
+                                  KIND_SCOPE])
+def test_each_kind_of_hard_fact_is_recalled(night, kind):
+    users, facts, result, natural, variants = night
+    keys = [(f.user_id, f.fact_id) for f in facts if kind in f.kinds]
+    assert len(keys) >= 30
+    recall = sum(natural[k] for k in keys) / len(keys)
+    assert recall >= 0.99, (kind, recall, [k for k in keys if not natural[k]][:10])
+
+
+def test_text_stored_in_other_forms_is_recalled_from_every_form_a_user_types(night):
+    users, facts, result, natural, variants = night
+    assert len(variants) >= 200  # NFD, trailing space, zero-width space, direction mark
+    assert sum(variants) / len(variants) >= 0.99
+
+
+def test_every_fact_is_compiled_and_the_report_counts_statuses_apart(night):
+    users, facts, result, natural, variants = night
+    statuses = {}
+    for r in result.results:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    assert set(statuses) <= {STATUS_OK, STATUS_LOW_MARGIN}, statuses
+    members = {f.user_id for f in facts if f.scope}
+    owners = {r.user_id for r in result.results}
+    assert owners == {f.user_id for f in facts} | {SCOPE} and len(members) >= 2
+    # every member's copy of a scope fact has a result, under the member
+    copies = {(f.user_id, f.fact_id) for f in facts if f.scope}
+    assert copies <= {(r.user_id, r.fact_id) for r in result.results}
+
+
+def test_a_shared_scope_compiles_once_into_one_delta_composed_with_each_member(night, tiny):
+    users, facts, result, natural, variants = night
+    members = sorted({f.user_id for f in facts if f.scope})
+    assert result.scope_of == {u: SCOPE for u in members}
+    scope_delta = result.deltas[SCOPE]
+    assert scope_delta.num_rows > 0
+    assert result.recompiled_members == []  # the scope's facts rode along as fixed facts
+    layer = tiny.config.target_layer
+    for u in members:
+        # a member's delta holds only rows its own facts' texts address: no copy of the scope's facts
+        allowed = set()
+        for f in facts:
+            if f.user_id == u and not f.scope:
+                trigger, answer = canonical_fact(f.trigger, f.answer)
+                ids = tiny.encode_prompt(trigger) + tiny.encode_answer(answer)[:-1]
+                rows = tiny.memory.addresser.rows(np.array([ids]), layer)[0].ravel()
+                allowed |= set(row_keys(np.full(len(rows), layer), rows).tolist())
+        assert set(row_keys(result.deltas[u].layers, result.deltas[u].row_ids).tolist()) <= allowed, u
+        assert served_deltas(result, u)[0] is scope_delta
+    assert result.collisions.num_rows == 0 or set(result.collisions.column("owner_kind").to_pylist()) == {"user+scope"}
+
+
+def test_the_nights_invariant_check_passes_on_the_corpus_deltas(night, tiny):
+    users, facts, result, natural, variants = night
+    report = check_invariants(tiny, dict(result.deltas), sample=4, seed=1)
+    assert report.ok, report.problems
+    assert report.users_checked == 4 and report.isolation_positions > 0
+    assert report.to_dict()["ok"] is True
+    # (A realistic user writes about half of each of the tiny model's 1,009-slot heads, so nearly
+    # every probe position addresses one of their rows: locality is checked on small deltas below.)
+
+
+def test_the_invariant_check_checks_locality_on_small_deltas(tiny):
+    facts = [Fact(u, k, t, a) for u in ("ana", "ben") for k, (t, a) in
+             {"dog": ("My dog is called", " Rex"), "city": ("I live in", " Porto")}.items()]
+    deltas = compile_facts(tiny, facts).deltas
+    report = check_invariants(tiny, deltas, sample=2)
+    assert report.ok and report.users_checked == 2 and report.locality_positions > 0
+
+
+def test_the_invariant_check_reports_a_leak_between_users(night, tiny, monkeypatch):
+    """A serving path that let one user's rows reach another's sequence is caught."""
+    from engram_core import verify
+
+    users, facts, result, natural, variants = night
+    real = verify.overlay_for
+
+    def leaky(em, per_sequence):  # every sequence of the batch sees every delta of the batch
+        everyone = [d for ds in per_sequence for d in ds]
+        return real(em, [everyone for _ in per_sequence])
+
+    monkeypatch.setattr(verify, "overlay_for", leaky)
+    probes = ["My dentist is", "My phone number is", "I work on"]
+    report = check_invariants(tiny, {u: result.deltas[u] for u in sorted(result.deltas)[:3]}, sample=3, probes=probes)
+    assert not report.ok and any("another user" in p for p in report.problems)
+
+
+def test_an_answer_of_over_64_tokens_is_compiled_and_recalled_whole(tiny):
+    answer = (" Metformin 500 mg twice a day with breakfast and dinner, Lisinopril 10 mg every morning,"
+              " Atorvastatin 20 mg at night, and Salbutamol 100 mcg two puffs when needed")
+    fact = Fact("u", "meds", "My full medication list is", answer)
+    want = tiny.encode_answer(answer)
+    assert 64 < len(want) <= CompileOptions().max_answer_tokens
+    result = compile_facts(tiny, [fact, Fact("u", "dog", "My dog is called", " Rex")])
+    assert result.ok == 2, result.facts
+    assert greedy_tokens(tiny, fact.trigger, len(want), [result.deltas["u"]]) == want
+
+
+def test_an_answer_over_the_limit_is_refused_by_the_compiler_naming_it(tiny):
+    limit = CompileOptions().max_answer_tokens
+    result = compile_facts(tiny, [Fact("u", "long", "My list is", " a," * limit)])
+    assert result.facts[0].status == "answer_too_long" and f"limit {limit}" in result.facts[0].detail
+    assert np.isnan(result.facts[0].loss)

@@ -1,0 +1,177 @@
+"""Canonical text: one form for triggers, answers, prompts and ids, at ingest and at serve time."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from engram_core.compiler import CompileOptions, Fact, compile_facts
+from engram_core.delta import Delta
+from engram_core.serving import generate, greedy_tokens
+from engram_core.text import canonical_fact, canonical_id, canonical_prompt, canonical_text, has_format_characters
+from pipeline.ingest import answer_token_counter, ingest
+from schemas import facts as F
+from schemas.bundle import bundle_table, encode_bundle
+from schemas.facts import encode_fact_state
+from serving.pull import ServingIndex
+from versions.forget import scan_for_user
+from versions.layout import shard_of
+from versions.publish import ShardPayload, publish_version
+
+ZWSP, BOM, LRM, SHY, NBSP = "\u200b", "\ufeff", "\u200e", "\u00ad", "\u00a0"
+T0 = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+LOG_SCHEMA = pa.schema([("user_id", pa.string()), ("fact_id", pa.string()), ("op", pa.string()),
+                        ("trigger", pa.string()), ("answer", pa.string()),
+                        ("event_time", pa.timestamp("us", tz="UTC")), ("scope", pa.string())])
+
+
+def log_table(rows: list[dict]) -> pa.Table:
+    defaults = {"op": "upsert", "event_time": T0, "scope": None, "trigger": None, "answer": None}
+    return pa.Table.from_pylist([{**defaults, **r} for r in rows], schema=LOG_SCHEMA)
+
+
+# ---------------------------------------------------------------- the rules
+
+
+@pytest.mark.parametrize("trigger,answer,expected", [
+    ("My dentist is Dr. ", "Akeredolu", ("My dentist is Dr.", " Akeredolu")),  # space on the trigger's side
+    ("I was born in the city of", "Lisbon", ("I was born in the city of", " Lisbon")),  # no space at all
+    ("My dentist is Dr.", " Akeredolu", ("My dentist is Dr.", " Akeredolu")),  # already canonical
+    ("My dentist is Dr.", "   Akeredolu  ", ("My dentist is Dr.", " Akeredolu")),
+    ("My email is jane", "@example.org", ("My email is jane", "@example.org")),  # joins without a space
+    ("Flight AB-", "1234", ("Flight AB-", "1234")),
+    ("It costs $", "12", ("It costs $", "12")),
+    ("My blood type is:", "O negative", ("My blood type is:", " O negative")),
+    ("My dentist\u00a0is", "\u00a0Dr.\u2009Okafor", ("My dentist is", " Dr. Okafor")),  # Zs -> one space
+    ("My  dentist   is", " Dr.  Okafor", ("My dentist is", " Dr. Okafor")),
+    (BOM + "My" + ZWSP + " dentist i" + SHY + "s" + LRM, " Dr. Okafor" + LRM, ("My dentist is", " Dr. Okafor")),
+    (unicodedata.normalize("NFD", "Mój lekarz to"), unicodedata.normalize("NFD", " dr Łukasz Müller"),
+     ("Mój lekarz to", " dr Łukasz Müller")),
+])
+def test_facts_take_one_canonical_form(trigger, answer, expected):
+    assert canonical_fact(trigger, answer) == expected
+    assert canonical_fact(*expected) == expected
+    assert canonical_prompt(expected[0]) == expected[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30), st.text(max_size=30))
+def test_the_canonical_form_is_a_fixed_point_without_invisible_characters(trigger, answer):
+    t, a = canonical_fact(trigger, answer)
+    assert canonical_fact(t, a) == (t, a)
+    assert not has_format_characters(t + a)
+    assert unicodedata.is_normalized("NFC", t) and unicodedata.is_normalized("NFC", a)
+    assert t == t.strip() and a == a.rstrip() and not a.startswith("  ")
+    assert canonical_prompt(t) == t
+
+
+def test_prompts_in_nfd_with_invisible_characters_or_a_trailing_space_read_as_the_natural_prompt():
+    natural = "My cardiologist in Kraków is"
+    for typed in (unicodedata.normalize("NFD", natural), natural + " ", ZWSP + natural, natural.replace(" ", " " + LRM),
+                  BOM + natural + "\t", natural.replace(" ", NBSP)):
+        assert canonical_prompt(typed) == natural
+    assert canonical_text("a\nb\tc") == "a\nb\tc"  # newlines and tabs inside a text are kept
+
+
+def test_look_alike_ids_have_one_canonical_form():
+    assert canonical_id("u-sam") == canonical_id("u-sam" + ZWSP) == canonical_id(BOM + "u-sam") == "u-sam"
+    assert canonical_id(unicodedata.normalize("NFD", "josé")) == "josé"
+    assert canonical_id(ZWSP + BOM) == ""
+    assert F.id_problem("user_id", "u-sam" + ZWSP) is not None  # a raw id that skipped canonical form is refused
+    assert F.id_problem("user_id", "u-sam") is None
+
+
+# ---------------------------------------------------------------- measured on the tiny model
+
+
+def test_the_natural_prompt_recalls_a_fact_stored_with_the_space_on_the_trigger_side(tiny):
+    """Issue 17 kind 5: "My dentist is Dr. " + "Akeredolu" was compiled for a prompt ending in a
+    space token, so "My dentist is Dr." never recalled it. Canonical form moves the space."""
+    raw = Fact("u", "dentist", "My dentist is Dr. ", "Akeredolu")
+    glued = Fact("u", "born", "I was born in the city of", "Lisbon")
+    result = compile_facts(tiny, [raw, glued])
+    assert result.ok == 2
+    delta = result.deltas["u"]
+    texts = generate(tiny, ["My dentist is Dr.", "My dentist is Dr. ", "I was born in the city of"], [[delta]] * 3,
+                     max_new_tokens=4)
+    assert texts[0].startswith(" Akeredolu") and texts[1].startswith(" Akeredolu")
+    assert texts[2].startswith(" Lisbon")  # "...city of Lisbon", not "...ofLisbon"
+    # The tokens of the stored split differ from the natural prompt's: without canonical form the
+    # compiled trigger would end in a lone space token that no user types.
+    assert tiny.encode_prompt("My dentist is Dr. ")[-1] != tiny.encode_prompt("My dentist is Dr.")[-1]
+
+
+def test_a_fact_stored_in_nfd_with_invisible_characters_is_recalled_from_every_typed_form(tiny):
+    stored = Fact("u", "doctor", BOM + unicodedata.normalize("NFD", "My doctor in Malmö is") + ZWSP,
+                  unicodedata.normalize("NFD", " Dr. Ødegaard-Müller"))
+    delta = compile_facts(tiny, [stored]).deltas["u"]
+    natural = "My doctor in Malmö is"
+    want = tiny.encode_answer(" Dr. Ødegaard-Müller")
+    for typed in (natural, unicodedata.normalize("NFD", natural), ZWSP + natural, natural + " "):
+        assert greedy_tokens(tiny, typed, len(want), [delta]) == want, typed
+
+
+# ---------------------------------------------------------------- ingest, serving index, forget
+
+
+def test_look_alike_user_ids_become_one_user_at_ingest():
+    rows = [{"user_id": "u-sam", "fact_id": "dog", "trigger": "My dog is", "answer": " Rex"},
+            {"user_id": "u-sam" + ZWSP, "fact_id": "cat", "trigger": "My cat is", "answer": " Luna"},
+            {"user_id": BOM + "u-sam", "fact_id": "fish" + LRM, "trigger": "My fish is", "answer": " Bubbles",
+             "scope": " " + ZWSP}]
+    result = ingest(log_table(rows), None, max_trigger_tokens=32)
+    assert result.accepted == 3 and result.rejected == 0
+    assert set(result.state.column("user_id").to_pylist()) == {"u-sam"}
+    assert sorted(result.state.column("fact_id").to_pylist()) == ["cat", "dog", "fish"]
+    assert result.changed_users == {"u-sam"}
+
+
+def test_ingest_stores_canonical_text_and_a_forget_of_a_look_alike_id_forgets_the_user():
+    rows = [{"user_id": "u-sam", "fact_id": "dentist", "trigger": "My dentist is Dr. ", "answer": "Akeredolu"},
+            {"user_id": "u-sam", "op": "forget_user", "fact_id": None, "event_time": datetime(2026, 11, 20, 9, tzinfo=timezone.utc)},
+            {"user_id": "u-ana", "fact_id": "city", "trigger": "I live in the city of", "answer": "Lisbon"}]
+    first = ingest(log_table(rows[:1] + rows[2:]), None, max_trigger_tokens=32)
+    state = {(r["user_id"], r["fact_id"]): (r["trigger"], r["answer"]) for r in first.state.to_pylist()}
+    assert state[("u-sam", "dentist")] == ("My dentist is Dr.", " Akeredolu")
+    assert state[("u-ana", "city")] == ("I live in the city of", " Lisbon")
+    rows[1]["user_id"] = "u-sam" + ZWSP  # the forget arrives with a zero-width space
+    second = ingest(log_table(rows[1:2]), first.state, max_trigger_tokens=32)
+    assert second.forgotten_users == {"u-sam"}
+    assert set(second.state.column("user_id").to_pylist()) == {"u-ana"}
+
+
+def test_an_answer_over_the_compilers_token_limit_is_rejected_at_ingest_naming_the_limit(tiny):
+    limit = CompileOptions().max_answer_tokens
+    rows = [{"user_id": "u", "fact_id": "ok", "trigger": "My list is", "answer": " one, two, three"},
+            {"user_id": "u", "fact_id": "long", "trigger": "My list is long:", "answer": " item," * (limit + 1)}]
+    result = ingest(log_table(rows), None, max_trigger_tokens=32, max_answer_tokens=limit,
+                    count_answer_tokens=answer_token_counter(tiny.tokenizer))
+    assert result.accepted == 1
+    reject = result.rejects.to_pylist()[0]
+    assert reject["fact_id"] == "long" and reject["reason"] == F.ANSWER_TOO_LONG
+    assert f"limit {limit}" in reject["detail"]
+
+
+def test_the_serving_index_and_forget_read_look_alike_ids_as_the_stored_user(local_store, tiny):
+    delta = Delta(np.zeros(1, np.int16), np.array([7]), np.ones((1, tiny.config.row_width), np.float16))
+    index = ServingIndex(1, "fp", 1, (0,), {0: "x"}, {0: {}}, {"u-sam": "served"})
+    assert index.served_for("u-sam" + ZWSP) == index.served_for(BOM + "u-sam") == "served"
+    assert index.owns(BOM + "u-sam")
+    state = ingest(log_table([{"user_id": "u-sam", "fact_id": "dog", "trigger": "My dog is", "answer": " Rex"}]),
+                   None, max_trigger_tokens=32).state
+    payload = ShardPayload(encode_bundle(bundle_table({"u-sam": (delta, 1)})), encode_fact_state(state))
+    publish_version(local_store, shard_payloads={shard_of("u-sam", 1): payload}, previous=None, fingerprint="fp",
+                    num_shards=1, job_id="j", watermark="w")
+    assert scan_for_user(local_store, "u-sam")
+    from jobs.cli import app
+
+    out = CliRunner().invoke(app, ["forget", "--store", local_store.uri, BOM + "u-sam" + ZWSP, "--reason", "test"])
+    assert out.exit_code == 0, out.output
+    assert scan_for_user(local_store, "u-sam") == []
