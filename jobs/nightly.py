@@ -83,12 +83,17 @@ class NightlyReport:
     files_read: int = 0
     files_reread: int = 0  # files rewritten in place since they were ingested
     shards_changed: int = 0  # shards whose bundle was assembled again (the others were carried)
+    checked_users: int = 0  # users whose deltas were checked for locality and isolation (stats table checks)
     facts_failed_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     sample: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class InvariantViolation(RuntimeError):
+    """A compiled delta changed the model where it must not (design invariant 4); the night stops."""
 
 
 class _Timer:
@@ -207,7 +212,7 @@ class _Night:
         # The compile workers load the model while the log is read and applied (Ray starts actors
         # in the background); a night that turns out to compile nothing just lets them go.
         pool = runner.compile_pool(spec.model, spec.compile_options(), self.store.uri, spec.workers,
-                                   spec.gpus_per_worker)
+                                   spec.gpus_per_worker, spec.check_users_per_chunk)
         try:
             return self._run(runner, pool, ctx, rules, files, every_shard=every_shard)
         finally:
@@ -306,6 +311,7 @@ class _Night:
             timer.items["assemble"] = len(order)
         self.bar.close()
 
+        self._refuse_on_failed_checks()
         forgotten = sorted({u for a in self.applied.values() for u in a.forgotten_users})
         if forgotten:
             with timer.stage("forget"):
@@ -318,6 +324,15 @@ class _Night:
                 current = read_current(self.store)
                 self.previous = current[0] if current else None
         return self.publish(forgotten)
+
+    def _refuse_on_failed_checks(self) -> None:
+        """Invariant 4 (locality, isolation) checked on a sample of every chunk: a failure stops the
+        night here, before anything is forgotten or published."""
+        failed = [(c, m.checks) for c, m in enumerate(self.chunks) if m.checks is not None and not m.checks["ok"]]
+        if failed:
+            chunk, checks = failed[0]
+            raise InvariantViolation(f"{len(failed)} compile chunk(s) failed the locality/isolation check (chunk {chunk}: "
+                                     f"{checks['problems']}); nothing was published")
 
     def _needs_stats(self, shard: int) -> bool:
         """A first night's shard, a resharded one, or one carried from a version-1 manifest (no
@@ -362,7 +377,11 @@ class _Night:
             stats["rejects"].append(key)
         self.timer.seconds.setdefault("publish", 0.0)
         shards = [self.entries.get(s) or self.prior_entry(s) for s in range(self.spec.num_shards)]
-        for name, table in (("runs", self.timer.table()), ("shards", _shards_table(shards))):
+        tables = [("runs", self.timer.table()), ("shards", _shards_table(shards))]
+        checks = [dict(m.checks, chunk=c) for c, m in enumerate(self.chunks) if m.checks is not None]
+        if checks:
+            tables.append(("checks", pa.Table.from_pylist(checks)))
+        for name, table in tables:
             key, data = encode_stats_part(name, table)
             objects[key] = data
             stats[name] = [key]
@@ -400,6 +419,7 @@ class _Night:
             shards_changed=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is None
                                or e.bundle_key != self.prior_entry(s).bundle_key),
             facts_failed_by_reason=dict(sorted(failed.items())),
+            checked_users=sum(m.checks["users_checked"] for m in self.chunks if m.checks is not None),
             seconds=dict(self.timer.seconds),
             sample=[s for m in self.chunks for s in m.sample][:5],
         )

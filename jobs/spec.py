@@ -37,6 +37,9 @@ class NightlySpec:
     on_bad_file: str = "raise"
     """'raise' stops the run at an unreadable log file; 'reject' records it in rejects."""
     max_trigger_tokens: int = 64
+    check_users_per_chunk: int = 2
+    """Users of each compiled chunk whose deltas are checked for locality and isolation on real
+    forwards before anything is published (engram_core.verify.check_invariants); 0 turns it off."""
     job_id: str | None = None
     compile: dict = field(default_factory=dict)
     """Overrides of engram_core.compiler.CompileOptions (steps, lr, facts_per_batch, ...)."""
@@ -56,6 +59,8 @@ class NightlySpec:
             raise SpecError(f"job spec: field 'on_bad_file' must be 'raise' or 'reject', got {self.on_bad_file!r}")
         if not isinstance(self.max_trigger_tokens, int) or self.max_trigger_tokens < 1:
             raise SpecError("job spec: field 'max_trigger_tokens' must be a positive int")
+        if not isinstance(self.check_users_per_chunk, int) or self.check_users_per_chunk < 0:
+            raise SpecError(f"job spec: field 'check_users_per_chunk' must be an int >= 0, got {self.check_users_per_chunk!r}")
         self.compile_options()  # validates the overrides
 
     def compile_options(self) -> CompileOptions:

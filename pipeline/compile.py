@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +95,7 @@ class ChunkMeta:
     failed: dict[str, int]  # status -> facts
     resumed: bool  # restored from a checkpoint of an earlier, interrupted run
     sample: tuple[dict, ...] = ()  # a few recalled facts: user_id, trigger, answer
+    checks: dict | None = None  # engram_core.verify.InvariantReport.to_dict() of a sample of the chunk's users
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class CompileWorker:
     """Holds one loaded model; compiles chunks of whole users (a Ray actor, or used in-process)."""
 
     def __init__(self, model_dir: str, options: CompileOptions, store_uri: str | None = None,
-                 device: str | None = None, threads: int | None = None):
+                 device: str | None = None, threads: int | None = None, check_users: int = 0):
         import torch
 
         from engram_core.checkpoint import load_checkpoint
@@ -125,6 +126,7 @@ class CompileWorker:
         self.model = load_checkpoint(model_dir, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
                                      attn_implementation="eager" if on_gpu else None)
         self.fingerprint = self.model.fingerprint
+        self.check_users = check_users
         self.checkpoints = ChunkCheckpoints(open_store(store_uri), self.fingerprint, options) if store_uri else None
 
     def compile(self, slices: tuple[ChunkSlice, ...], *changes) -> tuple[ChunkMeta, CompiledChunk]:
@@ -141,7 +143,15 @@ class CompileWorker:
             deltas, results = result.deltas, result.facts
             if key is not None:
                 self.checkpoints.save(key, deltas, results)
-        return _chunk_output(slices, tables, deltas, results, resumed=earlier is not None)
+        meta, output = _chunk_output(slices, tables, deltas, results, resumed=earlier is not None)
+        if self.check_users and deltas:
+            from engram_core.verify import check_invariants
+
+            # Invariant 4 on real forwards, before anything is published: a sample of the chunk's
+            # users, drawn from the chunk's own content so a re-run checks the same users.
+            seed = int(hashlib.sha256("".join(sorted(deltas)).encode()).hexdigest()[:8], 16)
+            meta = replace(meta, checks=check_invariants(self.model, deltas, sample=self.check_users, seed=seed).to_dict())
+        return meta, output
 
     def pid(self) -> int:
         return os.getpid()

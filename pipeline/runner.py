@@ -55,15 +55,17 @@ class LocalRunner:
         """Indices of ``handles`` as their results are ready (here: in order)."""
         yield from range(len(handles))
 
-    def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None):
-        return _LocalPool(model_dir, options, store_uri)
+    def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None,
+                     check_users: int = 0):
+        return _LocalPool(model_dir, options, store_uri, check_users)
 
 
 class _LocalPool:
     """One CompileWorker in this process, loaded at the first chunk."""
 
-    def __init__(self, model_dir: str, options, store_uri: str):
+    def __init__(self, model_dir: str, options, store_uri: str, check_users: int = 0):
         self.args = (model_dir, options, store_uri)
+        self.check_users = check_users
         self.worker = None
 
     def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list]) -> Iterator[tuple[int, Any, Any]]:
@@ -72,7 +74,7 @@ class _LocalPool:
 
         for i, chunk in enumerate(chunks):
             if self.worker is None:
-                self.worker = CompileWorker(*self.args)
+                self.worker = CompileWorker(*self.args, check_users=self.check_users)
             try:
                 meta, output = self.worker.compile(chunk, *changes_of(chunk))
             except Exception as err:
@@ -129,13 +131,14 @@ class RayRunner:
             done, pending = self.ray.wait(pending, num_returns=1)
             yield index[done[0]]
 
-    def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None):
-        return _RayPool(self, model_dir, options, store_uri, workers, gpus_per_worker)
+    def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None,
+                     check_users: int = 0):
+        return _RayPool(self, model_dir, options, store_uri, workers, gpus_per_worker, check_users)
 
 
 class _RayPool:
     def __init__(self, runner: RayRunner, model_dir: str, options, store_uri: str, workers: int,
-                 gpus_per_worker: float | None):
+                 gpus_per_worker: float | None, check_users: int = 0):
         from pipeline.compile import CompileWorker
 
         ray = runner.ray
@@ -146,8 +149,8 @@ class _RayPool:
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS,
                                max_task_retries=ACTOR_MAX_TASK_RETRIES, runtime_env=runner.runtime_env)(CompileWorker)
         self.workers = max(1, workers)
-        self._start = lambda: [actor_cls.remote(model_dir, options, store_uri, None, 1 if gpus == 0 else None)
-                               for _ in range(self.workers)]
+        self._start = lambda: [actor_cls.remote(model_dir, options, store_uri, None, 1 if gpus == 0 else None,
+                                                check_users) for _ in range(self.workers)]
         self.actors: list = []
         # Start loading the model now (while the log is read) only if the actors leave a CPU for
         # the night's other tasks; on a small cluster they would hold every CPU and starve them.

@@ -60,6 +60,17 @@ RUNS_STATS_SCHEMA = pa.schema(
     ]
 )
 
+CHECKS_STATS_SCHEMA = pa.schema(
+    [
+        pa.field("chunk", pa.int64()),  # compile chunk of the night
+        pa.field("users_checked", pa.int64()),
+        pa.field("locality_positions", pa.int64()),  # probe positions bit-identical to the base model
+        pa.field("isolation_positions", pa.int64()),  # other users' positions bit-identical with this delta beside
+        pa.field("ok", pa.bool_()),
+        pa.field("problems", pa.string()),
+    ]
+)
+
 STATS_SCHEMAS: dict[str, pa.Schema] = {
     "facts": FACTS_STATS_SCHEMA,
     "users": USERS_STATS_SCHEMA,
@@ -67,6 +78,7 @@ STATS_SCHEMAS: dict[str, pa.Schema] = {
     "collisions": COLLISIONS_STATS_SCHEMA,
     "rejects": REJECTS_SCHEMA,
     "runs": RUNS_STATS_SCHEMA,
+    "checks": CHECKS_STATS_SCHEMA,
 }
 
 VERSION_FIELD = pa.field("version", pa.int64())

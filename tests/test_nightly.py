@@ -411,3 +411,36 @@ def test_the_watermark_forgets_log_files_deleted_upstream(tmp_path, tiny_dir, lo
     watermark = json.loads(read_current(local_store)[0].watermark)
     assert report.published and list(watermark["files"]) == [str(new)]
     assert report.users == 3  # what day 1 brought stays published
+
+
+def test_a_night_checks_locality_and_isolation_of_sampled_deltas_and_records_it(tmp_path, tiny_dir, local_store):
+    write_fact_log(fact_log_rows(6, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0, check_users_per_chunk=3)
+    report = run_nightly(spec)
+    assert report.published and report.checked_users == 3
+    checks = query_stats(local_store, "select users_checked, locality_positions, isolation_positions, ok from checks")
+    (row,) = checks.to_pylist()
+    assert row["ok"] and row["users_checked"] == 3 and row["locality_positions"] > 0 and row["isolation_positions"] > 0
+
+
+def test_a_failed_invariant_check_stops_the_night_before_anything_is_published(tmp_path, tiny_dir, local_store,
+                                                                               monkeypatch):
+    """The checker is replaced by one that reports a leak (no real leak can be made on purpose
+    through the compiler); what is tested is that the night refuses to publish on it."""
+    import engram_core.verify as verify
+    from jobs.nightly import InvariantViolation
+
+    real = verify.check_invariants
+
+    def leaking(em, deltas, **kwargs):
+        report = real(em, deltas, **kwargs)
+        return verify.InvariantReport(report.users_checked, report.locality_positions, report.isolation_positions,
+                                      ("user 'x': position 3 differs from the base model",))
+
+    monkeypatch.setattr(verify, "check_invariants", leaking)
+    write_fact_log(fact_log_rows(3, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    with pytest.raises(InvariantViolation, match="position 3 differs"):
+        run_nightly(spec)
+    assert read_current(local_store) is None and local_store.list("manifests/") == []
