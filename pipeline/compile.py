@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts
+from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts, status_counts
 from engram_core.delta import Delta
 from versions.layout import PARTIAL_PREFIX
 from versions.store import ObjectNotFound, open_store
@@ -171,7 +171,7 @@ def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactRe
         rows = [r for u in users for r in sorted(by_user.get(u, []), key=lambda r: r.fact_id)]
         out.bundles[chunk_slice.shard] = bundle_table({u: (deltas[u], counts[u]) for u in users if u in deltas})
         out.results[chunk_slice.shard] = results_table(rows)
-    statuses = Counter(r.status for r in results)
+    statuses = status_counts(results)  # CONFLICTS_WITH:<fact_id> counted under CONFLICTS_WITH
     ok = statuses.pop("ok", 0)
     recalled = {(r.user_id, r.fact_id) for r in results if r.status == "ok"}
     sample = []
