@@ -31,7 +31,7 @@ import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator
 
 import pyarrow as pa
@@ -312,15 +312,23 @@ class _Night:
         self.bar.close()
 
         self._refuse_on_failed_checks()
-        forgotten = sorted({u for a in self.applied.values() for u in a.forgotten_users})
+        forget_times = {u: t for a in self.applied.values() for u, t in a.forgotten_users.items()}
+        forgotten = sorted(forget_times)
         if forgotten:
             with timer.stage("forget"):
                 # forget_user events also scrub every retained older version (all of this night's
                 # users in one rewrite), so that no rollback can bring them back; CURRENT moves
                 # to the rewrite of the previous version, which this night's version then follows.
+                # The tombstones of the rewrites carry each forget's own time (a replay after a
+                # rollback keeps what a user wrote after it), and nothing this night's version
+                # names is deleted (a shard's objects can be shared with the version rewritten).
                 from versions.forget import forget_users
 
-                forget_users(self.store, forgotten, actor=self.job_id, reason="forget_user event in the fact log")
+                epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+                forget_users(self.store, forgotten, actor=self.job_id, reason="forget_user event in the fact log",
+                             forgotten_at={u: epoch + timedelta(microseconds=t) for u, t in forget_times.items()},
+                             keep=frozenset([k for e in self.entries.values() for k in e.object_keys()]
+                                            + [a.rejects_key for a in self.applied.values() if a.rejects_key]))
                 current = read_current(self.store)
                 self.previous = current[0] if current else None
         return self.publish(forgotten)

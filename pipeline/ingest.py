@@ -118,6 +118,7 @@ class IngestResult:
     rejected: int
     watermark: str | None  # ISO-8601 of the latest event_time in the state or accepted rows
     tombstones: pa.Table = field(default_factory=F.empty_tombstones)  # TOMBSTONE_SCHEMA
+    forget_times: dict[str, int] = field(default_factory=dict)  # forgotten user -> their latest forget (us, UTC)
 
 
 @dataclass(frozen=True)
@@ -750,8 +751,9 @@ def apply_events(
     prior_touched, prior_rest = _split_by_users(prior, "user_id", touched)
     hashes = {u: forgotten_id(u) for u in touched}
     tomb_touched, tomb_rest = _split_by_users(tombstones, "user_hash", sorted(hashes.values()))
-    new_facts, new_tombs, forgotten = _apply(winners, _state_to_dict(prior_touched), _tombstones_by_user(tomb_touched, hashes),
-                                             verdicts)
+    new_facts, new_tombs, forget_times = _apply(winners, _state_to_dict(prior_touched),
+                                                _tombstones_by_user(tomb_touched, hashes), verdicts)
+    forgotten = set(forget_times)
 
     state = pa.concat_tables([prior_rest, _dict_to_state(new_facts)]).sort_by(
         [("user_id", "ascending"), ("fact_id", "ascending")])
@@ -772,6 +774,7 @@ def apply_events(
         rejected=rejects.num_rows,
         watermark=_iso(max((t for t in (accepted_max, prior_max) if t is not None), default=None)),
         tombstones=tombstones,
+        forget_times=forget_times,
     )
     expected = rows.num_rows + (file_rejects.num_rows if file_rejects is not None else 0)
     if result.accepted + result.rejected != expected:  # a bug here, never the data's fault
@@ -843,9 +846,10 @@ def _tombstones_by_user(table: pa.Table, hashes: dict[str, str]) -> dict[str, _U
 
 
 def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombstones],
-           verdicts: list) -> tuple[dict, dict[str, _UserTombstones], set[str]]:
+           verdicts: list) -> tuple[dict, dict[str, _UserTombstones], dict[str, int]]:
     """Apply deduplicated events onto the prior facts and tombstones of the users they touch;
-    mark losers SUPERSEDED (or FORGOTTEN_USER). Returns (facts, tombstones, forgotten users)."""
+    mark losers SUPERSEDED (or FORGOTTEN_USER). Returns (facts, tombstones, forgotten user -> the
+    time of their latest forget in this batch)."""
     batch_forget: dict[str, int] = {}
     per_fact: dict[tuple[str, str], list[_Event]] = defaultdict(list)
     for event in events:
@@ -897,7 +901,7 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
         new_tombstones.setdefault(user, _UserTombstones()).forget_time = time
     for (user, fact_id), time in deletes.items():
         new_tombstones.setdefault(user, _UserTombstones()).deletes[fact_id] = time
-    return facts, new_tombstones, set(batch_forget)
+    return facts, new_tombstones, batch_forget
 
 
 def _tombstones_table(tombstones: dict[str, _UserTombstones]) -> pa.Table:

@@ -91,7 +91,7 @@ class ShardApplied:
     compile_facts: np.ndarray  # (compiled users,) int32: facts per compiled user, in user order
     carried_users: int
     dropped_users: int
-    forgotten_users: tuple[str, ...]  # forgotten this night (their older versions are scrubbed)
+    forgotten_users: dict[str, int]  # forgotten this night -> forget time (us, UTC): their older versions are scrubbed
     removed_users: int  # users whose published delta goes (compiled, dropped or forgotten)
     watermark: str | None  # latest event time in the shard's state or accepted events
 
@@ -149,7 +149,7 @@ def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrio
     if shard == UNROUTED:
         result = apply_events(events, None)
         return ShardApplied(shard, None, None, _rejects_part(store, result.rejects), result.accepted, result.rejected,
-                            np.zeros(0, np.int32), 0, 0, (), 0, None), ShardChanges(_no_facts(), pa.array([], pa.string()))
+                            np.zeros(0, np.int32), 0, 0, {}, 0, None), ShardChanges(_no_facts(), pa.array([], pa.string()))
     prior_state, prior_tombstones = _prior_state(store, prior)
     result = apply_events(events, prior_state, prior_tombstones)
     state = _write(store, state_key, F.encode_fact_state(result.state))
@@ -171,7 +171,7 @@ def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrio
         shard=shard, state=state, tombstones=tombstones, rejects_key=_rejects_part(store, result.rejects),
         accepted=result.accepted, rejected=result.rejected, compile_facts=_run_lengths(facts.column("user_id")),
         carried_users=len(live) - len(compiled), dropped_users=len(dropped),
-        forgotten_users=tuple(sorted(result.forgotten_users)), removed_users=len(removed), watermark=result.watermark,
+        forgotten_users=dict(sorted(result.forget_times.items())), removed_users=len(removed), watermark=result.watermark,
     )
     return applied, ShardChanges(facts, removed)
 

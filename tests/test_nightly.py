@@ -16,6 +16,7 @@ from schemas.bundle import bundle_deltas
 from versions.catalog import list_versions, load_shard_bundle, read_current
 from versions.layout import shard_of
 from versions.rollback import rollback
+from versions.store import LocalStore
 
 pytestmark = pytest.mark.slow
 
@@ -444,3 +445,59 @@ def test_a_failed_invariant_check_stops_the_night_before_anything_is_published(t
     with pytest.raises(InvariantViolation, match="position 3 differs"):
         run_nightly(spec)
     assert read_current(local_store) is None and local_store.list("manifests/") == []
+
+
+def _row(user, fact, answer, when, op="upsert"):
+    if op == "forget_user":
+        return {"user_id": user, "fact_id": None, "op": op, "trigger": None, "answer": None, "event_time": when,
+                "scope": None}
+    return {"user_id": user, "fact_id": fact, "op": op, "trigger": "My dog's name is", "answer": answer,
+            "event_time": when, "scope": None}
+
+
+def test_a_late_forget_older_than_the_users_facts_keeps_them_and_commits_cleanly(tmp_path, tiny_dir, local_store):
+    """A forget that arrives late but is older than everything the user wrote removes nothing
+    now; the night publishes, the user is served, and the result is what one night of all the
+    events gives. Older versions are scrubbed of the user (what they held may predate the forget)."""
+    ten = BASE_TIME + timedelta(hours=10)
+    write_fact_log([_row("a1", "pet", " Rex", ten), _row("a2", "pet", " Luna", ten)],
+                   tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=1, workers=0)
+    run_nightly(spec)
+    write_fact_log([_row("a1", None, None, ten - timedelta(hours=1), op="forget_user")],
+                   tmp_path / "log" / "day=2" / "part-0.parquet")
+    report = run_nightly(spec)
+    assert report.published and sorted(_all_published(local_store)) == ["a1", "a2"]
+    current = read_current(local_store)[0]
+    for info in list_versions(local_store):
+        if info.version != current.version:
+            assert "a1" not in _all_published_at(local_store, info.version)
+    single = NightlySpec(**{**spec.to_dict(), "store": str(tmp_path / "single")})
+    run_nightly(single)
+    assert sorted(_all_published(LocalStore(tmp_path / "single"))) == ["a1", "a2"]
+
+
+def test_a_replay_after_a_rollback_keeps_what_a_user_wrote_after_their_forget(tmp_path, tiny_dir, local_store):
+    """The forget tombstones of the versions a nightly forget rewrites carry the forget's own time,
+    not the clock's: replaying the night after a rollback gives the same version again."""
+    day1, day2 = BASE_TIME + timedelta(hours=10), BASE_TIME + timedelta(days=1, hours=10)
+    write_fact_log([_row("z1", "pet", " Rex", day1), _row("z2", "pet", " Luna", day1)],
+                   tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=1, workers=0)
+    run_nightly(spec)
+    write_fact_log([_row("z1", None, None, day2, op="forget_user"), _row("z1", "city", " Lyon", day2 + timedelta(hours=1))],
+                   tmp_path / "log" / "day=2" / "part-0.parquet")
+    night2 = run_nightly(spec)
+    assert sorted(_all_published(local_store)) == ["z1", "z2"]
+    rollback(local_store, night2.parent, reason="bad night", actor="pytest")  # the rewrite of night 1
+    replay = run_nightly(spec)
+    assert replay.published and sorted(_all_published(local_store)) == ["z1", "z2"]
+    reasons = query_stats(local_store, f"select op, reason from rejects where version = {replay.version}")
+    assert reasons.to_pylist() == [{"op": "forget_user", "reason": "DUPLICATE"}]  # the rewrite already holds it
+
+
+def _all_published_at(store, version):
+    from versions.catalog import read_manifest
+
+    manifest = read_manifest(store, version)
+    return {u for e in manifest.shards for u in load_shard_bundle(store, e).column("user_id").to_pylist()}

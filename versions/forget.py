@@ -49,7 +49,7 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -193,7 +193,7 @@ def _sha(data: bytes) -> str:
 class _Rewriter:
     """Rewrites of the users' shard objects and stats parts, shared between versions that share them."""
 
-    def __init__(self, store: ObjectStore, users: Sequence[str], forgotten_at: datetime):
+    def __init__(self, store: ObjectStore, users: Sequence[str], forgotten_at: Mapping[str, datetime]):
         self.store = store
         self.users = pa.array(sorted(set(users)), pa.string())
         self.forgotten_at = forgotten_at
@@ -261,14 +261,15 @@ class _Rewriter:
         kept = tombstones.filter(pc.invert(mine))
         earlier = tombstones.filter(pc.and_(mine, pc.equal(tombstones.column("op"), OP_FORGET_USER)))
         latest = dict(zip(earlier.column("user_hash").to_pylist(), earlier.column("event_time").to_pylist()))
-        at = self.forgotten_at
+        names = users.to_pylist()
         forgets = pa.table({
             "user_hash": hashes,
-            "user_xxh64": pa.array([shard_hash(u) for u in users.to_pylist()], pa.uint64()),
+            "user_xxh64": pa.array([shard_hash(u) for u in names], pa.uint64()),
             "user_id": pa.nulls(len(hashes), pa.string()),
             "fact_id": pa.nulls(len(hashes), pa.string()),
             "op": pa.array([OP_FORGET_USER] * len(hashes), pa.string()),
-            "event_time": pa.array([max(at, latest.get(h, at)) for h in hashes.to_pylist()], TIMESTAMP),
+            "event_time": pa.array([max(self.forgotten_at[u], latest.get(h, self.forgotten_at[u]))
+                                    for u, h in zip(names, hashes.to_pylist())], TIMESTAMP),
         }, schema=TOMBSTONE_SCHEMA)
         return pa.concat_tables([kept.cast(TOMBSTONE_SCHEMA), forgets])
 
@@ -332,26 +333,32 @@ def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) ->
 
 
 def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, reason: str,
-                 forgotten_at: datetime | None = None) -> ForgetReport:
+                 forgotten_at: datetime | Mapping[str, datetime] | None = None,
+                 keep: frozenset[str] = frozenset()) -> ForgetReport:
     """Remove every user of ``user_ids`` from every retained version, in one rewrite of each
     (see the module docstring). Ids are read in canonical form (:func:`engram_core.text.canonical_id`),
     as ingest stores them: ``u-sam`` with a zero-width space or a byte-order mark forgets ``u-sam``.
-    ``forgotten_at`` (default: now) is the forget tombstones' time: events of these users up to it
-    are refused by later nights. Raises ValueError for an empty id or a missing actor/reason,
-    PublishError if CURRENT keeps moving."""
+    ``forgotten_at`` (default: now; or per user, as the nightly passes each forget event's time) is
+    the forget tombstones' time: events of these users up to it are refused by later nights.
+    ``keep``: object keys that must not be deleted even if they held a user and no retained
+    version names them (the objects a night in progress has written for its own version).
+    Raises ValueError for an empty id or a missing actor/reason, PublishError if CURRENT keeps moving."""
+    times = forgotten_at if isinstance(forgotten_at, Mapping) else None
+    at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc)
+    forgotten_at = {canonical_id(u): (times[u] if times is not None else at) for u in user_ids}
     user_ids = [canonical_id(u) for u in user_ids]
     if not user_ids or any(not u for u in user_ids):
         raise ValueError("forget: user ids must be non-empty")
     if not actor or not reason:
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
-    forgotten_at = forgotten_at or datetime.now(timezone.utc)
     store.check_conditional_writes()  # its rewrite ends in a compare-and-swap of CURRENT (once per store object)
     # Compiled chunks of an unfinished night may hold the users' rows: they are only a cache.
     for key in store.list(PARTIAL_PREFIX):
         store.delete(key)
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at)
+            return _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
+                                keep=keep)
         except PublishConflict as err:
             if attempt == ATTEMPTS:
                 raise PublishError(f"forget on {store.uri}: CURRENT kept moving ({err}); run forget again "
@@ -361,7 +368,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
 
 
 def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: str,
-                 forgotten_at: datetime) -> ForgetReport:
+                 forgotten_at: Mapping[str, datetime], keep: frozenset[str]) -> ForgetReport:
     hashes = tuple(forgotten_id(u) for u in users)
     audit_hashes = hashes[0] if len(hashes) == 1 else list(hashes)
     rewriter = _Rewriter(store, users, forgotten_at)
@@ -394,7 +401,7 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
     for old_version, new_version in mapping.items():
         append_audit(store, "forget_rewrite", actor=actor, version=new_version, rewrites=old_version,
                      forgotten=audit_hashes)
-    deleted = _delete_replaced(store, plan, mapping, rewriter.held | rewriter.superseded)
+    deleted = _delete_replaced(store, plan, mapping, (rewriter.held | rewriter.superseded) - keep)
     append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=True,
                  version=new_current.version, rewritten={str(k): v for k, v in mapping.items()},
                  deleted_objects=len(deleted))
