@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator
 
@@ -38,9 +38,17 @@ import pyarrow as pa
 
 from engram_core.checkpoint import check_adapter_base
 from engram_core.checkpoint import fingerprint as model_fingerprint
-from jobs.spec import NightlySpec
+from jobs.spec import DEFAULT_NUM_SHARDS, NightlySpec
 from pipeline.compile import ChunkCheckpoints, plan_chunks
-from pipeline.ingest import UNROUTED, FileRead, RowRules, files_to_read, list_log_files, read_log_file
+from pipeline.ingest import (
+    UNROUTED,
+    FileRead,
+    RowRules,
+    files_to_read,
+    list_log_files,
+    read_log_file,
+    under_sources,
+)
 from pipeline.plan import check_model_change
 from pipeline.runner import make_runner
 from pipeline.shards import (
@@ -151,6 +159,8 @@ def run_nightly(
         check_adapter_base(spec.model)  # here, before Ray: a compile worker would only fail at its load
         fingerprint = model_fingerprint(spec.model)
         check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
+        if spec.num_shards is None:  # keep the store's shards; only an explicit number reshards
+            spec = replace(spec, num_shards=previous.num_shards if previous else DEFAULT_NUM_SHARDS)
         watermark = _read_watermark(previous)
         listed = list_log_files(spec.fact_log)
         new, rewritten = files_to_read(listed, watermark["files"])
@@ -397,9 +407,11 @@ class _Night:
 
     def _watermark(self) -> str:
         """Every log file ingested and still in the log (path -> size and mtime). A file deleted from
-        the log upstream (retention) is forgotten here, so the watermark stays as large as the log."""
+        the log upstream (retention) is forgotten here, so the watermark stays as large as the log;
+        files outside this night's fact_log (another prefix of the same log) are kept as they are."""
         previous = _read_watermark(self.previous)
-        files = {path: identity for path, identity in previous["files"].items() if path in self.listed}
+        files = {path: identity for path, identity in previous["files"].items()
+                 if path in self.listed or not under_sources(path, self.spec.fact_log)}
         files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None})
         times = [a.watermark for a in self.applied.values() if a.watermark] + (
             [previous["max_event_time"]] if previous["max_event_time"] else [])

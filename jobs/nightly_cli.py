@@ -16,9 +16,10 @@ run_app = typer.Typer(help="Run a job here (local Ray cluster unless the spec na
 STORE_HELP = "Store: a local directory or s3://bucket/prefix."
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
+    """One clear line and a non-zero exit: 2 for a bad spec or argument, 1 for a run that failed."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _print(obj, as_json: bool, text: str) -> None:
@@ -38,21 +39,25 @@ def run_nightly_cmd(
     store: str = typer.Option(None, help=STORE_HELP),
     fact_log: str = typer.Option(None, "--fact-log", help="Parquet file, folder or s3:// prefix of the fact log."),
     model: str = typer.Option(None, help="Checkpoint directory."),
-    num_shards: int = typer.Option(None, "--num-shards", help="Shards (default 16)."),
-    workers: int = typer.Option(None, help="Ray compile workers (0 = no Ray)."),
+    num_shards: int = typer.Option(None, "--num-shards",
+                                   help="Shards (default: the store's; 16 for a new store). Another number moves every user."),
+    workers: int = typer.Option(None, help="Ray compile workers (0 = the whole night in this process, no Ray)."),
+    on_bad_file: str = typer.Option(None, "--on-bad-file", help="'raise' (stop at an unreadable log file) or 'reject'."),
+    ray_address: str = typer.Option(None, "--ray-address", help="A Ray cluster to run on (e.g. auto, ray://head:10001)."),
     recompile_all: bool = typer.Option(False, "--recompile-all", help="Recompile every user (e.g. after a model change)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Run the nightly compile job. Example: engram run nightly --spec jobs/specs/nightly.example.yaml"""
     try:
         raw = NightlySpec.load(spec_file).to_dict() if spec_file else {}
-        flags = {"store": store, "fact_log": fact_log, "model": model, "num_shards": num_shards, "workers": workers}
+        flags = {"store": store, "fact_log": fact_log, "model": model, "num_shards": num_shards, "workers": workers,
+                 "on_bad_file": on_bad_file, "ray_address": ray_address}
         raw.update({k: v for k, v in flags.items() if v is not None})
         if recompile_all:
             raw["recompile_all"] = True
         spec = NightlySpec.from_dict(raw, source=f"job spec {spec_file}" if spec_file else "flags")
     except SpecError as exc:
-        _fail(str(exc))
+        _fail(str(exc), code=2)
     try:
         report = _run(spec, as_json)
     except Exception as exc:  # noqa: BLE001 - the CLI boundary: one clear line, non-zero exit
@@ -79,7 +84,7 @@ def demo(
     from jobs.synthetic import fact_log_rows, write_fact_log
 
     if users < 1:
-        _fail("--users must be at least 1")
+        _fail("--users must be at least 1", code=2)
     model_dir = workdir / "model"
     if not (model_dir / "engram" / "config.json").exists():
         init_tiny(model_dir)
@@ -155,7 +160,7 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
     from versions.store import StoreError, open_store
 
     try:
-        infos = list_versions(open_store(store))
+        infos = list_versions(open_store(store, create=False))
     except StoreError as exc:
         _fail(str(exc))
     rows = [{"version": i.version, "current": i.current, "created_at": i.created_at, "parent": i.parent,
@@ -175,8 +180,8 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
     from versions.rollback import rollback as do_rollback
     from versions.store import StoreError, open_store
 
-    the_store = open_store(store)
     try:
+        the_store = open_store(store, create=False)
         before = read_current(the_store)
         manifest = do_rollback(the_store, to, reason=reason, actor=getpass.getuser())
     except (PublishError, StoreError, ValueError) as exc:
@@ -185,7 +190,7 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
     _print({"from": previous, "to": manifest.version}, as_json, f"CURRENT: v{previous} -> v{manifest.version}")
 
 
-def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shards, collisions, rejects, runs."),
+def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shards, collisions, rejects, runs, checks."),
           store: str = typer.Option(..., help=STORE_HELP),
           as_json: bool = typer.Option(False, "--json", help="Print result rows as JSON objects.")) -> None:
     """Query per-version stats in DuckDB. Example: engram stats --store S "select status, count(*) from facts group by 1" """
@@ -193,7 +198,7 @@ def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shar
     from versions.store import StoreError, open_store
 
     try:
-        table = query_stats(open_store(store), sql)
+        table = query_stats(open_store(store, create=False), sql)
     except (StatsQueryError, StoreError) as exc:
         _fail(str(exc))
     typer.echo(rows_as_json(table) if as_json else format_table(table))

@@ -26,7 +26,11 @@ def forget(
     from versions.forget import forget_user
     from versions.store import StoreError, open_store
 
-    target = open_store(store)
+    try:
+        target = open_store(store, create=False)
+    except StoreError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     for user in users:
         try:
             report = forget_user(target, user, actor=_actor(), reason=reason)
@@ -53,7 +57,7 @@ def gc(
     from versions.store import StoreError, open_store
 
     try:
-        report = collect(open_store(store), keep, dry_run=dry_run, actor=_actor())
+        report = collect(open_store(store, create=False), keep, dry_run=dry_run, actor=_actor())
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

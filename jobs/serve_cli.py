@@ -43,7 +43,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None):
 
     cache_dir = cache_dir or default_cache_dir()
     try:
-        store = open_store(store_uri)
+        store = open_store(store_uri, create=False)
         current = read_current(store)
         if current is None:
             _fail(f"{store.uri}: nothing published yet (no CURRENT)")

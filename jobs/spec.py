@@ -10,6 +10,9 @@ import yaml
 from engram_core.compiler import CompileOptions
 
 
+DEFAULT_NUM_SHARDS = 16
+
+
 class SpecError(ValueError):
     """A job spec that is invalid; the message names the field."""
 
@@ -22,7 +25,9 @@ class NightlySpec:
     """The fact log: a Parquet file, a folder (hive day=... partitions) or s3://... prefix."""
     model: str
     """Checkpoint directory (base/, tokenizer/, engram/, adapter/)."""
-    num_shards: int = 16
+    num_shards: int | None = None
+    """Bundles per version (shard = xxh64(user_id) mod num_shards). None: the store's current
+    number (DEFAULT_NUM_SHARDS for a new store); another number moves every user in one night."""
     workers: int = 2
     """Ray compile actors (0 = compile in the driver process, no Ray)."""
     gpus_per_worker: float | None = None
@@ -49,8 +54,8 @@ class NightlySpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"job spec: field '{name}' must be a non-empty string")
-        if not isinstance(self.num_shards, int) or self.num_shards < 1:
-            raise SpecError(f"job spec: field 'num_shards' must be a positive int, got {self.num_shards!r}")
+        if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
+            raise SpecError(f"job spec: field 'num_shards' must be a positive int or null, got {self.num_shards!r}")
         if not isinstance(self.batches_per_chunk, int) or self.batches_per_chunk < 1:
             raise SpecError(f"job spec: field 'batches_per_chunk' must be a positive int, got {self.batches_per_chunk!r}")
         if not isinstance(self.workers, int) or self.workers < 0:

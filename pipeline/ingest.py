@@ -176,6 +176,22 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
     return [files[p] for p in sorted(files)]
 
 
+def under_sources(path: str, source: str | list[str]) -> bool:
+    """Whether a listed file's path (as :func:`list_log_files` writes it) lies under one of the
+    sources: the sources a night lists are the only place it can see files disappear."""
+    roots = [source] if isinstance(source, str) else list(source)
+    for root in roots:
+        if "://" in root:
+            root = root.split("://", 1)[0] + "://" + root.split("://", 1)[1].rstrip("/")
+            if root.startswith("file://"):
+                root = root[len("file://"):]
+        else:
+            root = os.path.abspath(root)
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
 def files_to_read(files: list[FactFile], ingested: Mapping[str, object]) -> tuple[list[FactFile], list[FactFile]]:
     """(new files, files rewritten since they were ingested) among ``files``, given the watermark's
     ``{path: identity}``; a file whose path and identity are recorded is skipped."""
@@ -759,7 +775,8 @@ def apply_events(
         [("user_id", "ascending"), ("fact_id", "ascending")])
     tombstones = pa.concat_tables([tomb_rest, _tombstones_table(new_tombs)]).sort_by(
         [("user_hash", "ascending"), ("fact_id", "ascending")])
-    rejects = _rejects_table(file_rejects, cols, verdicts)
+    forget_at = {u: t.forget_time for u, t in new_tombs.items() if t.forget_time is not None}
+    rejects = _rejects_table(file_rejects, cols, verdicts, _forgotten_rows(cols, times, verdicts, forget_at))
     accepted = sum(v is None for v in verdicts)
     before, after = user_fact_digest(prior_touched), user_fact_digest(_dict_to_state(new_facts))
     changed = {u for u in before.keys() | after.keys() if before.get(u) != after.get(u)} | forgotten
@@ -949,19 +966,31 @@ def _dict_to_state(facts: dict) -> pa.Table:
     )
 
 
-def _rejects_table(file_rejects: pa.Table | None, cols: dict, verdicts: list) -> pa.Table:
+def _forgotten_rows(cols: dict, times: list, verdicts: list, forget_at: dict[str, int]) -> set[int]:
+    """Rejected rows of a forgotten user that are not later than the forget: their rejects must
+    not store the user's id again (the source file and row still say where they came from)."""
+    if not forget_at:
+        return set()
+    return {i for i, verdict in enumerate(verdicts) if verdict is not None and cols["user_id"][i] in forget_at
+            and times[i] is not None and times[i] <= forget_at[cols["user_id"][i]]}
+
+
+def _rejects_table(file_rejects: pa.Table | None, cols: dict, verdicts: list, redacted: set[int] = frozenset()) -> pa.Table:
     def short(value):
         return value if value is None or len(value) <= REJECT_TEXT_LIMIT else value[:REJECT_TEXT_LIMIT] + "…"
+
+    def detail(i: int, text: str) -> str:
+        return text.replace(cols["user_id"][i][:64], "<forgotten user>") if i in redacted else text
 
     records = [
         {
             "source": cols["_source"][i],
             "row": cols["_row"][i],
-            "user_id": short(cols["user_id"][i]),
-            "fact_id": short(cols["fact_id"][i]),
+            "user_id": None if i in redacted else short(cols["user_id"][i]),
+            "fact_id": None if i in redacted else short(cols["fact_id"][i]),
             "op": short(cols["op"][i]),
             "reason": verdict[0],
-            "detail": verdict[1],
+            "detail": detail(i, verdict[1]),
         }
         for i, verdict in enumerate(verdicts)
         if verdict is not None

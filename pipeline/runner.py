@@ -198,8 +198,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
     if address or os.environ.get("RAY_ADDRESS"):  # a given cluster, or the one running this job
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+    else:  # "local": a new cluster of this process's own, never one another job started on this host
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
 
 
 def make_runner(workers: int, ray_address: str | None) -> LocalRunner | RayRunner:

@@ -494,3 +494,16 @@ def test_events_read_again_take_no_effect_and_are_duplicates():
     assert again.accepted == 0 and again.changed_users == set() and again.forgotten_users == set()
     assert sorted(again.rejects.column("reason").to_pylist()) == ["DUPLICATE", "DUPLICATE", "DUPLICATE", "SUPERSEDED"]
     assert again.state.equals(once.state) and again.tombstones.equals(once.tombstones)
+
+
+def test_rejects_of_a_forgotten_user_do_not_store_their_id_again():
+    forget = {"op": "forget_user", "fact_id": None, "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=2)}
+    same_night = run(table({"fact_id": "a"}, forget))
+    assert [(r["reason"], r["user_id"], r["fact_id"]) for r in same_night.rejects.to_pylist()] == [("SUPERSEDED", None, None)]
+    late = run(table({"fact_id": "b", "event_time": T0 + timedelta(hours=1)}, forget),
+               same_night.state, prior_tombstones=same_night.tombstones)
+    assert all(r["user_id"] is None and "alice" not in r["detail"] for r in late.rejects.to_pylist())
+    assert sorted(r["reason"] for r in late.rejects.to_pylist()) == ["DUPLICATE", "FORGOTTEN_USER"]
+    back = run(table({"fact_id": "c", "event_time": T0 + timedelta(hours=3)}, {"fact_id": "c", "event_time": T0 + timedelta(hours=3)}),
+               same_night.state, prior_tombstones=same_night.tombstones)
+    assert [r["user_id"] for r in back.rejects.to_pylist()] == ["alice"]  # after the forget: their own again

@@ -16,7 +16,7 @@ from schemas.bundle import bundle_deltas
 from versions.catalog import list_versions, load_shard_bundle, read_current
 from versions.layout import shard_of
 from versions.rollback import rollback
-from versions.store import LocalStore
+from versions.store import LocalStore, open_store
 
 pytestmark = pytest.mark.slow
 
@@ -501,3 +501,35 @@ def _all_published_at(store, version):
 
     manifest = read_manifest(store, version)
     return {u for e in manifest.shards for u in load_shard_bundle(store, e).column("user_id").to_pylist()}
+
+
+def test_a_night_without_num_shards_keeps_the_stores_shards(tmp_path, tiny_dir, local_store):
+    write_fact_log(fact_log_rows(3, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=4, workers=0)
+    run_nightly(spec)
+    write_fact_log(fact_log_rows(1, 1, prefix="later"), tmp_path / "log" / "day=2" / "part-0.parquet")
+    report = run_nightly(NightlySpec(**{**spec.to_dict(), "num_shards": None}))
+    assert report.published and read_current(local_store)[0].num_shards == 4 and report.shards_changed == 1
+    fresh = run_nightly(NightlySpec(**{**spec.to_dict(), "num_shards": None, "store": str(tmp_path / "new")}))
+    assert fresh.published and read_current(LocalStore(tmp_path / "new"))[0].num_shards == 16
+
+
+def test_the_watermark_keeps_files_outside_the_nights_fact_log(tmp_path, tiny_dir, local_store):
+    """A night run on one day's folder (a backfill) must not forget what the whole log ingested."""
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    write_fact_log(fact_log_rows(1, 1, prefix="later"), tmp_path / "log" / "day=2" / "part-0.parquet")
+    run_nightly(NightlySpec(**{**spec.to_dict(), "fact_log": str(tmp_path / "log" / "day=2")}))
+    assert not run_nightly(spec).published  # day 1 is not read again
+
+
+@pytest.mark.parametrize("folder", ["day=2026-11-20", "my store", "a#b?c%20d"])
+def test_a_store_under_any_folder_name_publishes(tmp_path, tiny_dir, folder):
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    store_dir = tmp_path / folder / "store"
+    spec = NightlySpec(store=str(store_dir), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    report = run_nightly(spec)
+    assert report.published and report.users == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["log", folder])  # nothing written beside it
+    assert open_store(LocalStore(store_dir).uri).root == store_dir.resolve()

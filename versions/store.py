@@ -37,7 +37,7 @@ import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs
 
@@ -229,8 +229,10 @@ class LocalStore(ObjectStore):
     appends ``get|put <bytes> <key>`` to that file, from every process (the night's tasks too):
     how bench/night_scale.py counts what a night reads and writes."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, create: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
+        if not create and not self.root.is_dir():
+            raise StoreError(f"store {self.root}: no such directory (check the path; a night creates the store)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.uri = self.root.as_uri()
         self._access_log = os.environ.get(ACCESS_LOG_ENV)
@@ -503,8 +505,12 @@ def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> 
         os.close(dir_fd)
 
 
-def open_store(uri: str, **s3_options) -> ObjectStore:
-    """``/path``, ``relative/path`` or ``file:///path`` -> LocalStore; ``s3://bucket/prefix`` -> S3Store."""
+def open_store(uri: str, *, create: bool = True, **s3_options) -> ObjectStore:
+    """``/path``, ``relative/path`` or ``file:///path`` -> LocalStore; ``s3://bucket/prefix`` -> S3Store.
+
+    A file URI is percent-decoded (``LocalStore.uri`` encodes ``=``, spaces and the like), so
+    ``open_store(store.uri)`` always opens the same directory. ``create=False`` (read-only
+    commands) refuses a local directory that does not exist instead of creating it."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
@@ -515,7 +521,7 @@ def open_store(uri: str, **s3_options) -> ObjectStore:
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"store URI {uri!r}: file URIs must name a local path (file:///path)")
-        return LocalStore(parsed.path)
+        return LocalStore(unquote(parsed.path), create=create)
     if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
         raise ValueError(f"store URI {uri!r}: unsupported scheme {parsed.scheme!r} (use a path, file:// or s3://)")
-    return LocalStore(uri)
+    return LocalStore(uri, create=create)
