@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from schemas.manifest import Manifest, ManifestError
-from versions.catalog import known_forgets, list_versions, read_manifest, read_pointer
+from versions.catalog import known_forgets, list_versions, read_audit, read_manifest, read_pointer
 from versions.commit import commit
 from versions.errors import PublishError, UnknownVersion
 from versions.store import ObjectStore
@@ -32,6 +32,12 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
         return manifest
     available = [info.version for info in list_versions(store)]
     if to_version not in available:
+        rewrites = [r["rewritten"].get(str(to_version)) for r in read_audit(store)
+                    if r.get("event") == "forget" and isinstance(r.get("rewritten"), dict)]
+        rewrites = [v for v in rewrites if v is not None]
+        if rewrites:
+            raise UnknownVersion(f"{store.uri}: version {to_version} was rewritten as v{rewrites[-1]} by a forget "
+                                 f"(roll back to v{rewrites[-1]}; available: {available})")
         raise UnknownVersion(f"{store.uri}: version {to_version} does not exist, was never published or was "
                              f"collected (available: {available})")
     target = read_manifest(store, to_version)
