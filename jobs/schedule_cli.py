@@ -19,7 +19,7 @@ def _load(spec_file: Path) -> NightlySpec:
     try:
         return NightlySpec.load(spec_file)
     except SpecError as exc:
-        _fail(str(exc))
+        _fail(str(exc), code=2)
 
 
 def submit(
@@ -39,7 +39,7 @@ def submit(
     try:
         result = submit_spec(spec, address, wait=wait, wait_timeout_s=wait_timeout, connect_timeout_s=connect_timeout)
     except SubmitError as exc:
-        _fail(str(exc))
+        _fail(str(exc), code=2)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), default=str))
     else:
@@ -66,13 +66,13 @@ def schedule(
     """Print a ready schedule for the nightly job. Example: engram schedule --spec S --cron "0 2 * * *" --format k8s-cronjob"""
     spec = _load(spec_file)
     if fmt == "rayjob" and address:
-        _fail("--address does not apply to --format rayjob (each run creates its own RayCluster); leave it out")
+        _fail("--address does not apply to --format rayjob (each run creates its own RayCluster); leave it out", code=2)
     options = ScheduleOptions(cron=cron, spec_path=str(spec_file.resolve()), image=image, namespace=namespace,
                               name=name, address=address, workdir=str(Path.cwd()), engram_bin=_engram_bin())
     try:
         text = render_schedule(spec, fmt, options)
     except (ScheduleError, SubmitError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), code=2)
     local = local_paths(spec)
     if fmt != "crontab" and local:
         typer.echo(f"note: {', '.join(local)} in {spec_file} are local paths; on the scheduler they must exist "

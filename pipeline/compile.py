@@ -164,12 +164,15 @@ def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactRe
     by_user: dict[str, list[FactResult]] = {}
     for r in results:
         by_user.setdefault(r.user_id, []).append(r)
+    # A user none of whose facts is recalled (ok or low_margin) publishes no delta: its rows would
+    # change the model's outputs for that user and serve nothing the user wrote.
+    served = {r.user_id for r in results if r.status in SERVED_STATUSES}
     out = CompiledChunk()
     for chunk_slice, table in zip(slices, tables):
         users = list(dict.fromkeys(table.column("user_id").to_pylist()))
         counts = Counter(table.column("user_id").to_pylist())
         rows = [r for u in users for r in sorted(by_user.get(u, []), key=lambda r: r.fact_id)]
-        out.bundles[chunk_slice.shard] = bundle_table({u: (deltas[u], counts[u]) for u in users if u in deltas})
+        out.bundles[chunk_slice.shard] = bundle_table({u: (deltas[u], counts[u]) for u in users if u in deltas and u in served})
         out.results[chunk_slice.shard] = results_table(rows)
     statuses = status_counts(results)  # CONFLICTS_WITH:<fact_id> counted under CONFLICTS_WITH
     ok = statuses.pop("ok", 0)
@@ -183,6 +186,9 @@ def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactRe
                      resumed=resumed, sample=tuple(sample))
     return meta, out
 
+
+SERVED_STATUSES = ("ok", "low_margin")
+"""Fact statuses whose answer greedy decoding reproduces: a user with none of them has no delta."""
 
 RESULT_SCHEMA = pa.schema([("user_id", pa.string()), ("fact_id", pa.string()), ("status", pa.string()),
                            ("loss", pa.float64()), ("steps", pa.int64()), ("rows", pa.int64()),

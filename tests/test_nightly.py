@@ -210,15 +210,41 @@ def test_a_user_whose_facts_the_compiler_refuses_stops_serving_the_old_delta(tmp
     spec = NightlySpec(store=local_store.uri, fact_log=str(log_dir), model=str(tiny_dir), num_shards=2, workers=0)
     run_nightly(spec)
     assert published_delta(local_store, "u") is not None
-    too_long = " and ".join(["a very long answer"] * 20)  # accepted by ingest, over the compiler's token limit
+    write_fact_log([{"user_id": "u", "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is",
+                     "answer": " Max the third", "event_time": BASE_TIME + timedelta(days=1), "scope": None}],
+                   log_dir / "day=2" / "p.parquet")
+    # rows that start at zero and never move: the compiler cannot make the new answer recalled
+    report = run_nightly(NightlySpec(**{**spec.to_dict(), "compile": {"lr": 0.0, "init_scale": 0.0, "steps": 1, "max_rounds": 1}}))
+    assert report.published and report.facts_failed == 1
+    assert published_delta(local_store, "u") is None  # the retracted answer is no longer served
+    status = query_stats(local_store, f"select status from facts where version = {report.version}")
+    assert status.column("status").to_pylist() == ["not_recalled"]
+
+
+def test_an_answer_over_the_token_limit_is_rejected_at_ingest_and_the_old_answer_stays(tmp_path, tiny_dir,
+                                                                                      local_store):
+    """An upsert the compiler could never take (answer over ``max_answer_tokens``) is a reject
+    naming its file and row, like any bad row: the event is not applied, so the user's last
+    accepted answer keeps being served."""
+    log_dir = tmp_path / "log"
+    write_fact_log([{"user_id": "u", "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is",
+                     "answer": " Rex", "event_time": BASE_TIME, "scope": None}], log_dir / "day=1" / "p.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log_dir), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    before = published_delta(local_store, "u")
+    too_long = " and ".join(["a very long answer"] * 60)
     write_fact_log([{"user_id": "u", "fact_id": "pet", "op": "upsert", "trigger": "My dog's name is",
                      "answer": too_long, "event_time": BASE_TIME + timedelta(days=1), "scope": None}],
                    log_dir / "day=2" / "p.parquet")
     report = run_nightly(spec)
-    assert report.published and report.facts_failed == 1
-    assert published_delta(local_store, "u") is None  # the retracted answer is no longer served
-    status = query_stats(local_store, f"select status from facts where version = {report.version}")
-    assert status.column("status").to_pylist() == ["answer_too_long"]
+    assert report.published and report.rejects == 1 and report.facts_failed == 0
+    rejects = query_stats(local_store, f"select reason, source, row, detail from rejects where version = {report.version}")
+    assert rejects.column("reason").to_pylist() == ["ANSWER_TOO_LONG"]
+    assert rejects.column("source")[0].as_py().endswith("day=2/p.parquet") and rejects.column("row")[0].as_py() == 0
+    assert "max_answer_tokens" in rejects.column("detail")[0].as_py()
+    after = published_delta(local_store, "u")
+    assert after is not None and after.values.tobytes() == before.values.tobytes()
+    assert (after.row_ids == before.row_ids).all()
 
 
 def test_a_compile_task_holds_batches_per_chunk_batches_of_whole_users(tmp_path, tiny_dir, local_store):

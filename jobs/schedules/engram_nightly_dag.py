@@ -26,6 +26,7 @@ SPEC = {'store': './engram-demo/store',
  'recompile_all': False,
  'on_bad_file': 'raise',
  'max_trigger_tokens': 64,
+ 'check_users_per_chunk': 2,
  'job_id': None,
  'compile': {'steps': 15, 'lr': 0.1, 'facts_per_batch': 512}}
 RAY_DASHBOARD = None
