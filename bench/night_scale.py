@@ -6,8 +6,11 @@ Each night runs as its own driver process (``engram run nightly --json``) on one
 this script starts (G GPUs, one compile actor per GPU; CPU actors without GPUs), against a local
 store whose every read and write is logged (``ENGRAM_STORE_ACCESS_LOG``). Per night it reports:
 seconds per stage and wall, the driver's peak RSS (sampled; the driver process only, not its Ray
-workers), objects and bytes written to and read from the store (models/ apart), and for night 2
-how many objects of unchanged shards were read or written (the target is none).
+workers), objects and bytes written to and read from the store (models/ apart; also per key
+prefix), and for night 2 how many objects of unchanged shards were read or written (the target
+is none). After each night a serving node pulls every shard (``engram pull --json``, its own
+process, one cache folder kept between the pulls): objects and bytes it downloaded, everything it
+read from the store (CURRENT and manifest too), and its wall time.
 
     python bench/night_scale.py --users 2000 --facts-per-user 10 --changed 0.05 --gpus 0 --model tiny --json
     python bench/night_scale.py --users 50000 --facts-per-user 20 --changed 0.05 --gpus 2 --model d768 --json
@@ -125,8 +128,38 @@ def run_night(spec_path: Path, env: dict, store: Path, access_log: Path) -> dict
     reads = [(int(size), key) for op, size, key in ops if op == "get" and not key.startswith("models/")]
     return {"report": report, "wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak[0] / 2**20, 1),
             "objects_written": len(written), "bytes_written": sum(written.values()),
+            "bytes_written_by_kind": by_prefix(written),
             "objects_read": len(reads), "bytes_read": sum(s for s, _ in reads), "read_keys": {k for _, k in reads},
             "written_keys": set(written)}
+
+
+def by_prefix(sizes: dict[str, int]) -> dict[str, int]:
+    """Bytes per kind of object: objects/<kind>, stats/<table>, manifests, audit, ..."""
+    out: dict[str, int] = {}
+    for key, size in sizes.items():
+        parts = key.split("/")
+        kind = "/".join(parts[:2]) if parts[0] in ("objects", "stats") else parts[0]
+        out[kind] = out.get(kind, 0) + size
+    return dict(sorted(out.items()))
+
+
+def run_pull(store: Path, model: Path, cache: Path, env: dict, access_log: Path) -> dict:
+    """One serving node's pull of every shard, as its own process (``engram pull --json``)."""
+    access_log.write_text("")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "pull", "--store", str(store), "--model", str(model),
+                           "--cache-dir", str(cache), "--json"], cwd=ROOT, env=dict(env, ENGRAM_STORE_ACCESS_LOG=str(access_log)),
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"pull failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    ops = [line.split(" ", 2) for line in access_log.read_text().splitlines() if line]
+    reads = [int(size) for op, size, key in ops if op == "get" and not key.startswith("models/")]
+    return {"wall_s": round(wall, 2), "downloaded_objects": report["downloaded_objects"],
+            "downloaded_bytes": report["downloaded_bytes"], "layers_applied": report["layers_applied"],
+            "evicted_objects": report["evicted_objects"], "bytes_read": sum(reads), "users": report["users"],
+            "error": report["error"]}
 
 
 def manifest(store: Path, version: int) -> dict:
@@ -177,19 +210,28 @@ def main() -> None:
             "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
             "gpus_per_worker": 1 if gpu else 0, "compile": {"facts_per_batch": facts_per_batch}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    nights = [run_night(root / "spec.yaml", env, root / "store", access_log)]
+    pull_log = root / "pull-access.log"
+
+    def night() -> dict:
+        result = run_night(root / "spec.yaml", env, root / "store", access_log)
+        result["pull"] = run_pull(root / "store", root / "model", root / "node-cache", env, pull_log)
+        return result
+
+    nights = [night()]
     if args.changed > 0:
         rng = np.random.default_rng(1)
         changed = np.sort(rng.choice(users, size=max(1, int(args.users * args.changed)), replace=False))
         write_log(root / "log", 2, changed, 1, words, trigger_words, 1, seed=2)  # fact f0 of each: new text
-        nights.append(run_night(root / "spec.yaml", env, root / "store", access_log))
+        nights.append(night())
         old, new = manifest(root / "store", 1), manifest(root / "store", nights[-1]["report"]["version"])
         unchanged = [a for a, b in zip(old["shards"], new["shards"]) if a == b]
         changed_entries = [b for a, b in zip(old["shards"], new["shards"]) if a != b]
 
         def keys_of(entries: list[dict]) -> set[str]:
             return {e[k] for e in entries for k in ("bundle_key", "state_key", "tombstones_key")} | {
-                v for e in entries for v in e["stats"].values()}
+                v for e in entries for v in e["stats"].values()} | {
+                k for e in entries for layer in e["layers"] for k in [layer["key"], *layer["stats"].values()]} | {
+                layer[k] for e in entries for layer in e["state_layers"] for k in ("state_key", "tombstones_key")}
 
         # objects only unchanged shards name (equal content, e.g. an empty collisions part, is one object)
         keys = keys_of(unchanged) - keys_of(changed_entries)
@@ -203,6 +245,7 @@ def main() -> None:
         report = night.pop("report")
         night.update(version=report["version"], compiled_users=report["compiled_users"], facts_ok=report["facts_ok"],
                      facts_failed=report["facts_failed"], shards_changed=report["shards_changed"],
+                     layers_written=report.get("layers_written"), compacted_shards=report.get("compacted_shards"),
                      seconds=report["seconds"], facts_per_s=round(report["facts_ok"] / night["wall_s"], 1))
         compile_s = report["seconds"].get("compile")
         if compile_s:
@@ -210,6 +253,9 @@ def main() -> None:
     if len(nights) == 2:
         nights[1]["wall_share_of_night_1"] = round(nights[1]["wall_s"] / nights[0]["wall_s"], 3)
         nights[1]["bytes_written_share_of_night_1"] = round(nights[1]["bytes_written"] / nights[0]["bytes_written"], 3)
+        nights[1]["pull_downloaded_share_of_night_1"] = round(
+            nights[1]["pull"]["downloaded_bytes"] / nights[0]["pull"]["downloaded_bytes"], 3)
+        nights[1]["pull_read_share_of_night_1"] = round(nights[1]["pull"]["bytes_read"] / nights[0]["pull"]["bytes_read"], 3)
     out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
            "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
            "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "setup_s": round(setup_s, 1),

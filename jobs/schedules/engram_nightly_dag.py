@@ -27,6 +27,8 @@ SPEC = {'store': './engram-demo/store',
  'on_bad_file': 'raise',
  'max_trigger_tokens': 64,
  'job_id': None,
+ 'compact_after_layers': 8,
+ 'compact_layer_share': 0.5,
  'compile': {'steps': 15, 'lr': 0.1, 'facts_per_batch': 512}}
 RAY_DASHBOARD = None
 
