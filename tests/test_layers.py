@@ -396,3 +396,20 @@ def test_every_users_served_delta_equals_the_fully_compacted_versions_after_any_
                 for old, new in report.rewritten.items():
                     expected[new] = {u: d for u, d in expected[old].items() if u != arg}
             check()
+
+
+def test_the_compact_command_publishes_a_version_and_says_what_it_merged(local_store, tiny, rng, first):
+    from jobs.cli import app
+
+    night(local_store, tiny.fingerprint, {USERS[0]: random_delta(tiny, rng)})
+    before = served(local_store)
+    shard = shard_of(USERS[0], NUM_SHARDS)
+    out = CliRunner().invoke(app, ["compact", "--store", str(local_store.root), "--shards", str(shard), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["published"] and report["compacted_shards"] == [shard] and report["layers_merged"] == 1
+    assert read_current(local_store)[0].version == report["version"] == 3 and same_deltas(served(local_store), before)
+    again = CliRunner().invoke(app, ["compact", "--store", str(local_store.root)])
+    assert again.exit_code == 0 and "no chosen shard has layers" in again.output
+    beyond = CliRunner().invoke(app, ["compact", "--store", str(local_store.root), "--shards", "5"])
+    assert beyond.exit_code == 2 and "has shards 0-1" in beyond.output

@@ -495,3 +495,23 @@ def test_a_forget_in_a_night_that_layers_the_same_shard_leaves_the_user_nowhere(
     assert store_objects_holding(local_store, target, target_rows) == []
     assert published_delta(local_store, target) is None
     assert_store_recalls(local_store, tiny, [changed, _change(rows, "user-00001", " Juniper", 1)])
+
+
+def test_resharding_a_store_with_layers_moves_every_users_newest_delta(tmp_path, tiny_dir, local_store):
+    rows = fact_log_rows(8, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = _nightly_spec(tmp_path, local_store, tiny_dir)
+    run_nightly(spec)
+    write_fact_log([_change(rows, "user-00000", " Juniper", 1)], tmp_path / "log" / "day=2" / "part-0.parquet")
+    run_nightly(spec)
+    assert any(e.layers for e in read_current(local_store)[0].shards)
+    before = _all_published(local_store)
+    write_fact_log([_change(rows, "user-00005", " Pepper", 2)], tmp_path / "log" / "day=3" / "part-0.parquet")
+    report = run_nightly(NightlySpec(**{**spec.to_dict(), "num_shards": 3}))
+    manifest, _ = read_current(local_store)
+    assert report.compiled_users == 1 and all(not e.layers and not e.state_layers for e in manifest.shards)
+    after = _all_published(local_store)
+    assert after.keys() == before.keys()
+    assert all(after[u].equals(before[u]) for u in after if u != "user-00005")  # user 0's layered delta moved
+    facts = query_stats(local_store, f"select count(*) n from facts where version = {manifest.version}")
+    assert facts.column("n").to_pylist() == [16]
