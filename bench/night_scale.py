@@ -170,7 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--facts-per-user", type=int, default=10)
-    ap.add_argument("--changed", type=float, default=0.05, help="fraction of users changing one fact in night 2 (0: no night 2)")
+    ap.add_argument("--changed", type=float, default=0.05,
+                    help="fraction of users changing one fact in each night after the first (0: night 1 only)")
+    ap.add_argument("--nights", type=int, default=2, help="nights in all (each after the first: another random FRACTION)")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of the Ray cluster (one compile actor each)")
     ap.add_argument("--workers", type=int, default=None, help="compile actors (default: GPUs, or 2 on CPU)")
     ap.add_argument("--model", choices=["tiny", "d768"], default="tiny")
@@ -218,26 +220,30 @@ def main() -> None:
         return result
 
     nights = [night()]
-    if args.changed > 0:
-        rng = np.random.default_rng(1)
+
+    def keys_of(entries: list[dict]) -> set[str]:
+        return {e[k] for e in entries for k in ("bundle_key", "state_key", "tombstones_key")} | {
+            v for e in entries for v in e["stats"].values()} | {
+            k for e in entries for layer in e["layers"] for k in [layer["key"], *layer["stats"].values()]} | {
+            layer[k] for e in entries for layer in e["state_layers"] for k in ("state_key", "tombstones_key")}
+
+    for day in range(2, args.nights + 1) if args.changed > 0 else ():
+        rng = np.random.default_rng(day - 1)
         changed = np.sort(rng.choice(users, size=max(1, int(args.users * args.changed)), replace=False))
-        write_log(root / "log", 2, changed, 1, words, trigger_words, 1, seed=2)  # fact f0 of each: new text
+        # fact f0 of each changed user gets a new text
+        write_log(root / "log", day, changed, 1, words, trigger_words, 1, seed=day)
+        before = nights[-1]["report"]["version"]
         nights.append(night())
-        old, new = manifest(root / "store", 1), manifest(root / "store", nights[-1]["report"]["version"])
+        old, new = manifest(root / "store", before), manifest(root / "store", nights[-1]["report"]["version"])
         unchanged = [a for a, b in zip(old["shards"], new["shards"]) if a == b]
         changed_entries = [b for a, b in zip(old["shards"], new["shards"]) if a != b]
-
-        def keys_of(entries: list[dict]) -> set[str]:
-            return {e[k] for e in entries for k in ("bundle_key", "state_key", "tombstones_key")} | {
-                v for e in entries for v in e["stats"].values()} | {
-                k for e in entries for layer in e["layers"] for k in [layer["key"], *layer["stats"].values()]} | {
-                layer[k] for e in entries for layer in e["state_layers"] for k in ("state_key", "tombstones_key")}
-
         # objects only unchanged shards name (equal content, e.g. an empty collisions part, is one object)
         keys = keys_of(unchanged) - keys_of(changed_entries)
         nights[-1]["unchanged_shards"] = len(unchanged)
         nights[-1]["unchanged_shard_objects_read"] = len(keys & nights[-1]["read_keys"])
         nights[-1]["unchanged_shard_objects_written"] = len(keys & nights[-1]["written_keys"])
+        nights[-1]["layers_per_shard"] = max(len(e["layers"]) for e in new["shards"])
+        nights[-1]["manifest_bytes"] = (root / "store" / "manifests" / f"v{new['version']:08d}.json").stat().st_size
     ray.shutdown()
     for night in nights:
         night.pop("read_keys")
@@ -250,12 +256,13 @@ def main() -> None:
         compile_s = report["seconds"].get("compile")
         if compile_s:
             night["compile_facts_per_s"] = round(report["facts_ok"] / compile_s, 1)
-    if len(nights) == 2:
-        nights[1]["wall_share_of_night_1"] = round(nights[1]["wall_s"] / nights[0]["wall_s"], 3)
-        nights[1]["bytes_written_share_of_night_1"] = round(nights[1]["bytes_written"] / nights[0]["bytes_written"], 3)
-        nights[1]["pull_downloaded_share_of_night_1"] = round(
-            nights[1]["pull"]["downloaded_bytes"] / nights[0]["pull"]["downloaded_bytes"], 3)
-        nights[1]["pull_read_share_of_night_1"] = round(nights[1]["pull"]["bytes_read"] / nights[0]["pull"]["bytes_read"], 3)
+    first = nights[0]
+    for later in nights[1:]:
+        later["wall_share_of_night_1"] = round(later["wall_s"] / first["wall_s"], 3)
+        later["bytes_written_share_of_night_1"] = round(later["bytes_written"] / first["bytes_written"], 3)
+        later["pull_downloaded_share_of_night_1"] = round(
+            later["pull"]["downloaded_bytes"] / first["pull"]["downloaded_bytes"], 3)
+        later["pull_read_share_of_night_1"] = round(later["pull"]["bytes_read"] / first["pull"]["bytes_read"], 3)
     out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
            "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
            "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "setup_s": round(setup_s, 1),
