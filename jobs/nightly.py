@@ -52,7 +52,7 @@ from pipeline.shards import (
     apply_shard,
     assemble_shard,
     carried_entry,
-    needs_compaction,
+    chains_to_compact,
     rebase_entry,
     resharded_priors,
     split_prior_shard,
@@ -184,18 +184,19 @@ class _Night:
         self.files_reread = 0
         self.every_shard = False
 
-    def compact(self, shard: int) -> bool:
-        """Whether the shard's change is written as a new base rather than a layer: on a first night,
-        after resharding, a model change or an upgrade (every shard), for a shard without stats
-        parts to layer on, and for one past the job spec's compaction limits."""
+    def compact(self, shard: int) -> tuple[bool, bool]:
+        """(deltas, state): whether the shard's change is written as a new base rather than a layer,
+        for its deltas and for its fact state: both on a first night, after resharding, a model
+        change or an upgrade (every shard), and for a shard without stats parts to layer on; else
+        each chain once it is past the job spec's compaction limits."""
         prior = self.prior_entry(shard)
         if prior is None or self.every_shard or not prior.stats:
-            return True
-        return needs_compaction(prior, self.spec.compact_after_layers, self.spec.compact_layer_share)
+            return True, True
+        return chains_to_compact(prior, self.spec.compact_after_layers, self.spec.compact_layer_share)
 
     def _chain_to_compact(self, shard: int) -> bool:
         prior = self.prior_entry(shard)
-        return prior is not None and bool(prior.layers or prior.state_layers) and self.compact(shard)
+        return prior is not None and bool(prior.layers) and self.compact(shard)[0]
 
     def prior_entry(self, shard: int) -> ShardEntry | None:
         """The shard's entry in the previous version (None on a first night or after resharding)."""
@@ -268,7 +269,7 @@ class _Night:
                 routed_shard = shard != UNROUTED
                 applies[shard] = runner.submit(
                     apply_shard, ctx, shard, self.prior_of(shard) if routed_shard else None,
-                    self.compact(shard) if routed_shard else False,
+                    self.compact(shard)[1] if routed_shard else False,
                     [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
                     num_returns=2, what=f"apply shard {shard}")
             order = list(applies)
@@ -294,7 +295,7 @@ class _Night:
             assembling = {}
 
             def assemble(shard: int) -> None:
-                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_of(shard), self.compact(shard),
+                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_of(shard), self.compact(shard)[0],
                                                   routed[shard], applies[shard][1], *outputs_of[shard],
                                                   what=f"assemble shard {shard}")
 

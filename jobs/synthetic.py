@@ -75,7 +75,7 @@ def publish_synthetic_night(store, fingerprint: str, changes: dict, *, num_shard
     new base (write_base); every shard of a first version gets a base. Returns the manifest."""
     import pyarrow.compute as pc
 
-    from pipeline.shards import NightContext, StatePart, StoredObject, needs_compaction, write_base, write_layer
+    from pipeline.shards import NightContext, StatePart, StoredObject, chains_to_compact, write_base, write_layer
     from schemas.bundle import bundle_table
     from schemas.facts import empty_fact_state, empty_tombstones, encode_fact_state, encode_tombstones
     from schemas.manifest import ShardEntry
@@ -101,7 +101,7 @@ def publish_synthetic_night(store, fingerprint: str, changes: dict, *, num_shard
                             "rows": pc.list_value_length(upserts.column("row_ids")).cast(pa.int64())})
         removed = pa.array(sorted(mine), pa.string())
         prior = previous.shard(shard) if previous is not None else None
-        if prior is not None and not needs_compaction(prior, compact_after_layers, compact_layer_share):
+        if prior is not None and not chains_to_compact(prior, compact_after_layers, compact_layer_share)[0]:
             entries[shard] = write_layer(store, prior, upserts, results, removed, (), fingerprint)
             continue
         if prior is None:

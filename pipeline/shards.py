@@ -13,7 +13,7 @@ value to the driver, which never holds per-fact data:
 * :func:`assemble_shard` writes what changed as a *layer* over the shard's base
   (:func:`write_layer`: the changed users' whole deltas, tombstones of the users whose delta
   goes, and the layer's stats parts), or, when the driver decided to compact the shard (first
-  night, resharding, a model change, or a chain past the job spec's limits: :func:`needs_compaction`),
+  night, resharding, a model change, or a chain past the job spec's limits: :func:`chains_to_compact`),
   a new *base*: the merged view without the users that go plus the new deltas, with the shard's
   co-batch groups and collisions computed over all of it. It returns the shard's
   :class:`~schemas.manifest.ShardEntry`.
@@ -177,12 +177,12 @@ def _prior_state(store, prior: ShardEntry | ReshardedPrior | None) -> tuple[pa.T
     return load_shard_fact_state(store, prior)
 
 
-def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact: bool,
+def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact_state: bool,
                 slices: list[tuple[int, int]], *tables: pa.Table) -> tuple[ShardApplied, ShardChanges]:
     """Apply shard ``shard``'s events (``tables[i]`` sliced by ``slices[i]``: the rows that
     ``pipeline.ingest.read_log_file`` keyed to this shard) onto its prior state (``prior``: its
     entry in the previous version, or None). Writes the shard's new state and tombstones (a state
-    layer of the users whose facts or tombstones changed, or a new base when ``compact``) and its
+    layer of the users whose facts or tombstones changed, or a new base when ``compact_state``) and its
     rejects part. For :data:`~pipeline.ingest.UNROUTED` rows only the rejects part is written."""
     store = open_store(ctx.store_uri)
     events = _events(slices, tables)
@@ -192,7 +192,7 @@ def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrio
                             np.zeros(0, np.int32), 0, 0, (), 0, None), ShardChanges(_no_facts(), pa.array([], pa.string()))
     prior_state, prior_tombstones = _prior_state(store, prior)
     result = apply_events(events, prior_state, prior_tombstones)
-    state = _write_state(store, prior, compact, prior_state, prior_tombstones, result)
+    state = _write_state(store, prior, compact_state, prior_state, prior_tombstones, result)
 
     live = pc.unique(result.state.column("user_id"))
     prior_users = pc.unique(prior_state.column("user_id"))
@@ -225,10 +225,16 @@ def _write_state(store, prior, compact: bool, prior_state: pa.Table, prior_tombs
     layer = F.state_layer(prior_state, prior_tombstones, result.state, result.tombstones)
     if layer is None:
         return carried
-    facts = _write(store, state_key, F.encode_fact_state(layer[0]))
-    tombstones = _write(store, tombstones_key, F.encode_tombstones(layer[1]))
-    return replace(carried, layers=carried.layers + (StateLayer(facts.key, facts.sha256, facts.bytes, tombstones.key,
-                                                                tombstones.sha256, tombstones.bytes),))
+    return replace(carried, layers=carried.layers + (write_state_layer(store, *layer),))
+
+
+def write_state_layer(store, state: pa.Table, tombstones: pa.Table) -> StateLayer:
+    """A state layer's objects (no tombstones object when the users keep none)."""
+    facts = _write(store, state_key, F.encode_fact_state(state))
+    if tombstones.num_rows == 0:
+        return StateLayer(facts.key, facts.sha256, facts.bytes)
+    kept = _write(store, tombstones_key, F.encode_tombstones(tombstones))
+    return StateLayer(facts.key, facts.sha256, facts.bytes, kept.key, kept.sha256, kept.bytes)
 
 
 def _no_facts() -> pa.Table:
@@ -250,14 +256,17 @@ def _rejects_part(store, rejects: pa.Table) -> str | None:
 # --------------------------------------------------------------------------------- assembly
 
 
-def needs_compaction(entry: ShardEntry, max_layers: int, layer_share: float) -> bool:
-    """Whether the next change of ``entry``'s shard writes a new base instead of another layer:
-    its delta or state layers number ``max_layers`` already, or weigh more than ``layer_share``
-    of their base's bytes (job spec ``compact_after_layers``, ``compact_layer_share``)."""
-    state_base = entry.state_bytes + entry.tombstones_bytes
-    return (len(entry.layers) >= max_layers or len(entry.state_layers) >= max_layers
-            or sum(layer.bytes for layer in entry.layers) > layer_share * entry.bundle_bytes
-            or sum(layer.bytes for layer in entry.state_layers) > layer_share * state_base)
+def chains_to_compact(entry: ShardEntry, max_layers: int, layer_share: float) -> tuple[bool, bool]:
+    """(deltas, state): whether the next change of ``entry``'s shard writes a new base instead of
+    another layer, for its delta chain and for its fact-state chain, each judged on its own: it has
+    ``max_layers`` layers already, or its layers weigh more than ``layer_share`` of its base's bytes
+    (job spec ``compact_after_layers``, ``compact_layer_share``). The state chain is small and
+    compacts on its own, so it never costs a rewrite of the shard's deltas."""
+    deltas = (len(entry.layers) >= max_layers
+              or sum(layer.bytes for layer in entry.layers) > layer_share * entry.bundle_bytes)
+    state = (len(entry.state_layers) >= max_layers
+             or sum(layer.bytes for layer in entry.state_layers) > layer_share * (entry.state_bytes + entry.tombstones_bytes))
+    return deltas, state
 
 
 def carried_entry(prior: ShardEntry, applied: ShardApplied) -> ShardEntry:
@@ -266,16 +275,16 @@ def carried_entry(prior: ShardEntry, applied: ShardApplied) -> ShardEntry:
     return replace(prior, **applied.state.fields())
 
 
-def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact: bool,
+def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact_deltas: bool,
                    applied: ShardApplied, changes: ShardChanges, *compiled) -> ShardEntry:
     """The shard's new entry: a layer over the prior chain holding the deltas that the compile
     chunks ``compiled`` (pipeline.compile.CompiledChunk, each holding some users of this shard)
-    produced and tombstones of ``changes.removed``; or, with ``compact`` (or no prior entry), a new
+    produced and tombstones of ``changes.removed``; or, with ``compact_deltas`` (or no prior entry), a new
     base of the merged view. Writes the objects; returns the entry."""
     store = open_store(ctx.store_uri)
     new_rows = _bundle_rows([chunk.bundles[shard] for chunk in compiled if shard in chunk.bundles])
     results = _facts_rows([chunk.results[shard] for chunk in compiled if shard in chunk.results])
-    if compact or not isinstance(prior, ShardEntry):
+    if compact_deltas or not isinstance(prior, ShardEntry):
         delta = write_base(store, ctx, shard, prior, changes.removed, new_rows, results)
         return ShardEntry(shard=shard, **delta, **applied.state.fields())
     entry = write_layer(store, prior, new_rows, results, changes.removed, applied.forgotten_users, ctx.fingerprint)
@@ -375,7 +384,7 @@ def write_base(store, ctx: NightContext, shard: int, prior: ShardEntry | Reshard
     if isinstance(prior, ShardEntry):
         chain = _Chain(store, prior)
         prior_bundle, prior_facts = chain.bundle(), _prior_facts_stats(store, ctx, prior, shard, chain)
-        compactions = prior.compactions + (1 if prior.layers or prior.state_layers else 0)
+        compactions = prior.compactions + (1 if prior.layers else 0)  # a chain of delta layers replaced
     else:
         prior_bundle, prior_facts, compactions = _prior_bundle(store, prior), _prior_facts_stats(store, ctx, prior, shard), 0
     bundle = pa.concat_tables([_without_users(prior_bundle, removed).cast(BUNDLE_SCHEMA), new_rows.cast(BUNDLE_SCHEMA)])

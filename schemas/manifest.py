@@ -101,12 +101,12 @@ class StateLayer:
     state_key: str
     state_sha256: str
     state_bytes: int
-    tombstones_key: str
-    tombstones_sha256: str
-    tombstones_bytes: int
+    tombstones_key: str | None = None  # None: the changed users keep no tombstone
+    tombstones_sha256: str | None = None
+    tombstones_bytes: int = 0
 
     def object_keys(self) -> tuple[str, ...]:
-        return (self.state_key, self.tombstones_key)
+        return (self.state_key,) + ((self.tombstones_key,) if self.tombstones_key else ())
 
     @property
     def bytes(self) -> int:
@@ -150,7 +150,9 @@ class ShardEntry:
         for layer in self.layers:
             sizes[layer.key] = layer.bytes
         for layer in self.state_layers:
-            sizes |= {layer.state_key: layer.state_bytes, layer.tombstones_key: layer.tombstones_bytes}
+            sizes[layer.state_key] = layer.state_bytes
+            if layer.tombstones_key:
+                sizes[layer.tombstones_key] = layer.tombstones_bytes
         return sizes
 
     @property
@@ -450,13 +452,17 @@ def _state_layer(raw, where: str) -> StateLayer:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: layer chain broken: a state layer must be a JSON object")
     _check_chain_fields(raw, StateLayer, where)
+    tombstones = raw["tombstones_key"] is not None
     layer = StateLayer(
         state_key=_str(raw, "state_key", where), state_sha256=_sha(raw, "state_sha256", where),
         state_bytes=_int(raw, "state_bytes", where, minimum=1),
-        tombstones_key=_str(raw, "tombstones_key", where), tombstones_sha256=_sha(raw, "tombstones_sha256", where),
-        tombstones_bytes=_int(raw, "tombstones_bytes", where, minimum=1))
-    for name, key, expected in (("state_key", layer.state_key, state_key(layer.state_sha256)),
-                                ("tombstones_key", layer.tombstones_key, tombstones_key(layer.tombstones_sha256))):
+        tombstones_key=_str(raw, "tombstones_key", where) if tombstones else None,
+        tombstones_sha256=_sha(raw, "tombstones_sha256", where) if tombstones else None,
+        tombstones_bytes=_int(raw, "tombstones_bytes", where, minimum=1) if tombstones else 0)
+    expected_keys = [("state_key", layer.state_key, state_key(layer.state_sha256))]
+    if tombstones:
+        expected_keys.append(("tombstones_key", layer.tombstones_key, tombstones_key(layer.tombstones_sha256)))
+    for name, key, expected in expected_keys:
         if key != expected:
             raise ManifestError(f"{where}: layer chain broken: field {name!r} must be {expected!r}, got {key!r}")
     return layer

@@ -131,9 +131,12 @@ def load_shard_state_bytes(store: ObjectStore, entry: ShardEntry) -> bytes:
 def load_state_layer(store: ObjectStore, layer: StateLayer) -> tuple[pa.Table, pa.Table]:
     """One state layer's (facts, tombstones), verified."""
     state = verified_bytes(store, layer.state_key, layer.state_bytes, layer.state_sha256)
-    tombstones = verified_bytes(store, layer.tombstones_key, layer.tombstones_bytes, layer.tombstones_sha256)
-    return (decode_fact_state(state, source=f"{store.uri}/{layer.state_key}"),
-            decode_tombstones(tombstones, source=f"{store.uri}/{layer.tombstones_key}"))
+    if layer.tombstones_key is None:
+        tombstones = empty_tombstones()
+    else:
+        data = verified_bytes(store, layer.tombstones_key, layer.tombstones_bytes, layer.tombstones_sha256)
+        tombstones = decode_tombstones(data, source=f"{store.uri}/{layer.tombstones_key}")
+    return decode_fact_state(state, source=f"{store.uri}/{layer.state_key}"), tombstones
 
 
 def load_base_tombstones(store: ObjectStore, entry: ShardEntry) -> pa.Table:

@@ -316,8 +316,13 @@ class _Rewriter:
             if i and not newest and state.num_rows == 0 and tombstones.num_rows == 0:
                 continue  # a state layer that held only these users goes
             kept.append((state, tombstones))
-        parts = [self._keep(state_key, encode_fact_state(st)) + self._keep(tombstones_key, encode_tombstones(tb))
-                 for st, tb in kept]
+        parts = []
+        for i, (state, tombstones) in enumerate(kept):
+            part = self._keep(state_key, encode_fact_state(state))
+            if i and tombstones.num_rows == 0:  # a state layer keeps no empty tombstones object
+                parts.append(part + (None, None, 0))
+            else:
+                parts.append(part + self._keep(tombstones_key, encode_tombstones(tombstones)))
         (s_key, s_sha, s_size, t_key, t_sha, t_size), rest = parts[0], parts[1:]
         return dict(state_key=s_key, state_sha256=s_sha, state_bytes=s_size, tombstones_key=t_key,
                     tombstones_sha256=t_sha, tombstones_bytes=t_size,
