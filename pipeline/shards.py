@@ -262,7 +262,8 @@ def chains_to_compact(entry: ShardEntry, max_layers: int, layer_share: float) ->
     ``max_layers`` layers already, or its layers weigh more than ``layer_share`` of its base's bytes
     (job spec ``compact_after_layers``, ``compact_layer_share``). The state chain is small and
     compacts on its own, so it never costs a rewrite of the shard's deltas."""
-    deltas = (len(entry.layers) >= max_layers
+    deltas = (entry.cobatch_groups is None  # a layer could not number its groups apart from the base's
+              or len(entry.layers) >= max_layers
               or sum(layer.bytes for layer in entry.layers) > layer_share * entry.bundle_bytes)
     state = (len(entry.state_layers) >= max_layers
              or sum(layer.bytes for layer in entry.state_layers) > layer_share * (entry.state_bytes + entry.tombstones_bytes))
@@ -301,7 +302,7 @@ def compact_shard(ctx: NightContext, shard: int, entry: ShardEntry) -> ShardEntr
     state_part = StatePart(_write(store, state_key, F.encode_fact_state(state)),
                            _write(store, tombstones_key, F.encode_tombstones(tombstones)))
     delta = write_base(store, ctx, shard, entry, pa.array([], pa.string()), BUNDLE_SCHEMA.empty_table(),
-                           FACTS_STATS_SCHEMA.empty_table())
+                       FACTS_STATS_SCHEMA.empty_table())
     return ShardEntry(shard=shard, **delta, **state_part.fields())
 
 
@@ -421,14 +422,10 @@ class _Chain:
     def bundle(self) -> pa.Table:
         return merge_bundle_chain(load_base_bundle(self.store, self.entry), self.layers())
 
-    def stats(self, name: str, schema: pa.Schema, base: pa.Table | None = None) -> pa.Table:
-        """Stats table ``name`` of the merged view: each part's rows of users no newer layer names
-        (``base``: the base's rows, if already read)."""
-        entry = self.entry
-        if base is None:
-            base = _read_part(self.store, entry.stats[name], schema) if name in entry.stats else schema.empty_table()
-        parts = [base] + [_read_part(self.store, layer.stats[name], schema) if name in layer.stats
-                          else schema.empty_table() for layer in entry.layers]
+    def stats(self, name: str, schema: pa.Schema) -> pa.Table:
+        """Stats table ``name`` of the merged view: each part's rows of users no newer layer names."""
+        keys = [self.entry.stats.get(name)] + [layer.stats.get(name) for layer in self.entry.layers]
+        parts = [_read_part(self.store, key, schema) if key else schema.empty_table() for key in keys]
         later = [layer.column("user_id") for layer in self.layers()]
         kept = []
         for i, part in enumerate(parts):

@@ -27,7 +27,8 @@ Layers (version 2, since 2026-12-01). A shard is a *base* plus ordered *layers* 
   (:class:`StateLayer`) the changed users' whole facts and tombstones of later nights
   (schemas.facts.merge_state_chain).
 * ``cobatch_groups`` is how many co-batch group numbers the base and layers have used (a new
-  layer numbers its groups from there, so a group never mixes users of two objects);
+  layer numbers its groups from there, so a group never mixes users of two objects; null, as in
+  entries written before layers: unknown, so the shard's next change writes a new base);
   ``compactions`` counts the bases written to replace a chain.
 * ``users``, ``facts``, ``rows`` are the merged view's.
 
@@ -131,7 +132,7 @@ class ShardEntry:
     stats: dict[str, str] = field(default_factory=dict)  # stats table -> key of the base's part
     layers: tuple[LayerEntry, ...] = ()  # delta layers over the base bundle, oldest first
     state_layers: tuple[StateLayer, ...] = ()  # fact-state layers over the base state, oldest first
-    cobatch_groups: int = 0  # co-batch group numbers used by the base and layers
+    cobatch_groups: int | None = 0  # co-batch group numbers used by the base and layers (None: not recorded)
     compactions: int = 0  # bases written to replace a chain of layers, so far
 
     def object_keys(self) -> tuple[str, ...]:
@@ -283,8 +284,8 @@ def _shard_dict(entry: ShardEntry) -> dict:
     return out
 
 
-_V1_ABSENT = {"tombstones_key", "tombstones_sha256", "tombstones_bytes", "layers", "state_layers", "cobatch_groups",
-              "compactions"}  # shard fields version 1 lacks
+_LAYER_FIELDS = {"layers", "state_layers", "cobatch_groups", "compactions"}  # absent: a base without layers
+_V1_ABSENT = {"tombstones_key", "tombstones_sha256", "tombstones_bytes"} | _LAYER_FIELDS  # shard fields version 1 lacks
 _V1_SHARD_STATS = {"stats"}
 
 
@@ -363,7 +364,9 @@ def _forgotten(raw: dict, where: str) -> tuple[str, ...]:
 def _shard_entry(raw, where: str, schema_version: int = MANIFEST_SCHEMA_VERSION) -> ShardEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: must be a JSON object")
-    _check_fields(raw, ShardEntry, where, optional=_V1_ABSENT | _V1_SHARD_STATS if schema_version == 1 else set())
+    # Layers were added to schema 2 before it was released: a schema-2 entry without them is a base.
+    _check_fields(raw, ShardEntry, where,
+                  optional=_V1_ABSENT | _V1_SHARD_STATS if schema_version == 1 else _LAYER_FIELDS)
     tombstones = raw.get("tombstones_key") is not None  # None: no tombstones object (none kept yet)
     entry = ShardEntry(
         shard=_int(raw, "shard", where),
@@ -383,7 +386,7 @@ def _shard_entry(raw, where: str, schema_version: int = MANIFEST_SCHEMA_VERSION)
         layers=tuple(_layer(x, f"{where} layers[{i}]") for i, x in enumerate(_list(raw, "layers", where))),
         state_layers=tuple(_state_layer(x, f"{where} state_layers[{i}]")
                            for i, x in enumerate(_list(raw, "state_layers", where))),
-        cobatch_groups=_int(raw, "cobatch_groups", where) if "cobatch_groups" in raw else 0,
+        cobatch_groups=None if raw.get("cobatch_groups") is None else _int(raw, "cobatch_groups", where),
         compactions=_int(raw, "compactions", where) if "compactions" in raw else 0,
     )
     if entry.bundle_key != bundle_key(entry.bundle_sha256):

@@ -413,3 +413,24 @@ def test_the_compact_command_publishes_a_version_and_says_what_it_merged(local_s
     assert again.exit_code == 0 and "no chosen shard has layers" in again.output
     beyond = CliRunner().invoke(app, ["compact", "--store", str(local_store.root), "--shards", "5"])
     assert beyond.exit_code == 2 and "has shards 0-1" in beyond.output
+
+
+def test_a_schema_2_manifest_written_before_layers_is_read_as_bases_and_layered_by_the_next_night(local_store, tiny,
+                                                                                                   rng, first):
+    manifest, _ = read_current(local_store)
+    raw = json.loads(local_store.get(manifest.key))
+    for shard in raw["shards"]:  # what the per-shard night wrote before layers existed
+        for name in ("layers", "state_layers", "cobatch_groups", "compactions"):
+            del shard[name]
+    local_store.put(manifest.key, json.dumps(raw).encode())
+    legacy = read_manifest(local_store, manifest.version)
+    assert legacy.shards == tuple(replace(e, cobatch_groups=None) for e in manifest.shards)  # no layers; groups unknown
+    changed = {USERS[0]: random_delta(tiny, rng)}
+    after = night(local_store, tiny.fingerprint, changed)
+    shard = shard_of(USERS[0], NUM_SHARDS)
+    # the changed shard gets a new base (a layer could not number its groups apart), the other is carried
+    assert after.shard(shard).bundle_key != manifest.shard(shard).bundle_key and not after.shard(shard).layers
+    assert after.shard(shard).cobatch_groups is not None and after.shard(1 - shard) == legacy.shard(1 - shard)
+    assert same_deltas(served(local_store), first | changed)
+    night(local_store, tiny.fingerprint, {USERS[0]: random_delta(tiny, rng)})
+    assert len(read_current(local_store)[0].shard(shard).layers) == 1  # and layers from then on
