@@ -6,8 +6,11 @@ Each night runs as its own driver process (``engram run nightly --json``) on one
 this script starts (G GPUs, one compile actor per GPU; CPU actors without GPUs), against a local
 store whose every read and write is logged (``ENGRAM_STORE_ACCESS_LOG``). Per night it reports:
 seconds per stage and wall, the driver's peak RSS (sampled; the driver process only, not its Ray
-workers), objects and bytes written to and read from the store (models/ apart), and for night 2
-how many objects of unchanged shards were read or written (the target is none).
+workers), objects and bytes written to and read from the store (models/ apart; also per key
+prefix), and for night 2 how many objects of unchanged shards were read or written (the target
+is none). After each night a serving node pulls every shard (``engram pull --json``, its own
+process, one cache folder kept between the pulls): objects and bytes it downloaded, everything it
+read from the store (CURRENT and manifest too), and its wall time.
 
     python bench/night_scale.py --users 2000 --facts-per-user 10 --changed 0.05 --gpus 0 --model tiny --json
     python bench/night_scale.py --users 50000 --facts-per-user 20 --changed 0.05 --gpus 2 --model d768 --json
@@ -125,8 +128,38 @@ def run_night(spec_path: Path, env: dict, store: Path, access_log: Path) -> dict
     reads = [(int(size), key) for op, size, key in ops if op == "get" and not key.startswith("models/")]
     return {"report": report, "wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak[0] / 2**20, 1),
             "objects_written": len(written), "bytes_written": sum(written.values()),
+            "bytes_written_by_kind": by_prefix(written),
             "objects_read": len(reads), "bytes_read": sum(s for s, _ in reads), "read_keys": {k for _, k in reads},
             "written_keys": set(written)}
+
+
+def by_prefix(sizes: dict[str, int]) -> dict[str, int]:
+    """Bytes per kind of object: objects/<kind>, stats/<table>, manifests, audit, ..."""
+    out: dict[str, int] = {}
+    for key, size in sizes.items():
+        parts = key.split("/")
+        kind = "/".join(parts[:2]) if parts[0] in ("objects", "stats") else parts[0]
+        out[kind] = out.get(kind, 0) + size
+    return dict(sorted(out.items()))
+
+
+def run_pull(store: Path, model: Path, cache: Path, env: dict, access_log: Path) -> dict:
+    """One serving node's pull of every shard, as its own process (``engram pull --json``)."""
+    access_log.write_text("")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "pull", "--store", str(store), "--model", str(model),
+                           "--cache-dir", str(cache), "--json"], cwd=ROOT, env=dict(env, ENGRAM_STORE_ACCESS_LOG=str(access_log)),
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"pull failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    ops = [line.split(" ", 2) for line in access_log.read_text().splitlines() if line]
+    reads = [int(size) for op, size, key in ops if op == "get" and not key.startswith("models/")]
+    return {"wall_s": round(wall, 2), "downloaded_objects": report["downloaded_objects"],
+            "downloaded_bytes": report["downloaded_bytes"], "layers_applied": report["layers_applied"],
+            "evicted_objects": report["evicted_objects"], "bytes_read": sum(reads), "users": report["users"],
+            "error": report["error"]}
 
 
 def manifest(store: Path, version: int) -> dict:
@@ -137,7 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--facts-per-user", type=int, default=10)
-    ap.add_argument("--changed", type=float, default=0.05, help="fraction of users changing one fact in night 2 (0: no night 2)")
+    ap.add_argument("--changed", type=float, default=0.05,
+                    help="fraction of users changing one fact in each night after the first (0: night 1 only)")
+    ap.add_argument("--nights", type=int, default=2, help="nights in all (each after the first: another random FRACTION)")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of the Ray cluster (one compile actor each)")
     ap.add_argument("--workers", type=int, default=None, help="compile actors (default: GPUs, or 2 on CPU)")
     ap.add_argument("--model", choices=["tiny", "d768"], default="tiny")
@@ -177,25 +212,38 @@ def main() -> None:
             "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
             "gpus_per_worker": 1 if gpu else 0, "compile": {"facts_per_batch": facts_per_batch}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    nights = [run_night(root / "spec.yaml", env, root / "store", access_log)]
-    if args.changed > 0:
-        rng = np.random.default_rng(1)
+    pull_log = root / "pull-access.log"
+
+    def night() -> dict:
+        result = run_night(root / "spec.yaml", env, root / "store", access_log)
+        result["pull"] = run_pull(root / "store", root / "model", root / "node-cache", env, pull_log)
+        return result
+
+    nights = [night()]
+
+    def keys_of(entries: list[dict]) -> set[str]:
+        return {e[k] for e in entries for k in ("bundle_key", "state_key", "tombstones_key")} | {
+            v for e in entries for v in e["stats"].values()} | {
+            k for e in entries for layer in e["layers"] for k in [layer["key"], *layer["stats"].values()]} | {
+            layer[k] for e in entries for layer in e["state_layers"] for k in ("state_key", "tombstones_key")}
+
+    for day in range(2, args.nights + 1) if args.changed > 0 else ():
+        rng = np.random.default_rng(day - 1)
         changed = np.sort(rng.choice(users, size=max(1, int(args.users * args.changed)), replace=False))
-        write_log(root / "log", 2, changed, 1, words, trigger_words, 1, seed=2)  # fact f0 of each: new text
-        nights.append(run_night(root / "spec.yaml", env, root / "store", access_log))
-        old, new = manifest(root / "store", 1), manifest(root / "store", nights[-1]["report"]["version"])
+        # fact f0 of each changed user gets a new text
+        write_log(root / "log", day, changed, 1, words, trigger_words, 1, seed=day)
+        before = nights[-1]["report"]["version"]
+        nights.append(night())
+        old, new = manifest(root / "store", before), manifest(root / "store", nights[-1]["report"]["version"])
         unchanged = [a for a, b in zip(old["shards"], new["shards"]) if a == b]
         changed_entries = [b for a, b in zip(old["shards"], new["shards"]) if a != b]
-
-        def keys_of(entries: list[dict]) -> set[str]:
-            return {e[k] for e in entries for k in ("bundle_key", "state_key", "tombstones_key")} | {
-                v for e in entries for v in e["stats"].values()}
-
         # objects only unchanged shards name (equal content, e.g. an empty collisions part, is one object)
         keys = keys_of(unchanged) - keys_of(changed_entries)
         nights[-1]["unchanged_shards"] = len(unchanged)
         nights[-1]["unchanged_shard_objects_read"] = len(keys & nights[-1]["read_keys"])
         nights[-1]["unchanged_shard_objects_written"] = len(keys & nights[-1]["written_keys"])
+        nights[-1]["layers_per_shard"] = max(len(e["layers"]) for e in new["shards"])
+        nights[-1]["manifest_bytes"] = (root / "store" / "manifests" / f"v{new['version']:08d}.json").stat().st_size
     ray.shutdown()
     for night in nights:
         night.pop("read_keys")
@@ -203,13 +251,18 @@ def main() -> None:
         report = night.pop("report")
         night.update(version=report["version"], compiled_users=report["compiled_users"], facts_ok=report["facts_ok"],
                      facts_failed=report["facts_failed"], shards_changed=report["shards_changed"],
+                     layers_written=report.get("layers_written"), compacted_shards=report.get("compacted_shards"),
                      seconds=report["seconds"], facts_per_s=round(report["facts_ok"] / night["wall_s"], 1))
         compile_s = report["seconds"].get("compile")
         if compile_s:
             night["compile_facts_per_s"] = round(report["facts_ok"] / compile_s, 1)
-    if len(nights) == 2:
-        nights[1]["wall_share_of_night_1"] = round(nights[1]["wall_s"] / nights[0]["wall_s"], 3)
-        nights[1]["bytes_written_share_of_night_1"] = round(nights[1]["bytes_written"] / nights[0]["bytes_written"], 3)
+    first = nights[0]
+    for later in nights[1:]:
+        later["wall_share_of_night_1"] = round(later["wall_s"] / first["wall_s"], 3)
+        later["bytes_written_share_of_night_1"] = round(later["bytes_written"] / first["bytes_written"], 3)
+        later["pull_downloaded_share_of_night_1"] = round(
+            later["pull"]["downloaded_bytes"] / first["pull"]["downloaded_bytes"], 3)
+        later["pull_read_share_of_night_1"] = round(later["pull"]["bytes_read"] / first["pull"]["bytes_read"], 3)
     out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
            "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
            "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "setup_s": round(setup_s, 1),

@@ -9,14 +9,16 @@ commit runs as tasks (pipeline.runner: Ray tasks and actors, or this process wit
     apply     one task per shard with new events: apply them onto the shard's prior fact state
               and tombstones; write the shard's state, tombstones and rejects; decide who compiles
     compile   chunks of whole changed users, packed in (shard, user) order, on the compile pool
-    assemble  one task per changed shard: prior bundle without the users that go, plus the new
-              deltas; co-batch groups, collisions; write the bundle and the shard's stats parts
+    assemble  one task per changed shard: a layer over the shard's base holding the changed users'
+              deltas and tombstones of the users that go, with its stats parts; or, for a shard
+              past the job spec's compaction limits, a new base of the merged view
     forget    this night's forget_user events scrub every retained older version, all at once
     publish   upload the model if new, write the version-level stats parts, check every object,
               write the manifest and move CURRENT (versions.publish.publish_entries)
 
 A night costs what changed: a shard without new events is not visited (its objects and stats are
-carried by reference), and a re-run with the same inputs lists the log and stops. The watermark
+carried by reference), a changed shard gets a layer of its changed users (deltas, fact state,
+stats) rather than a rewrite, and a re-run with the same inputs lists the log and stops. The watermark
 records each ingested file's path, size and modification time, so only new or rewritten files are
 read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night.
 """
@@ -58,10 +60,12 @@ from pipeline.shards import (
     apply_shard,
     assemble_shard,
     carried_entry,
+    chains_to_compact,
+    rebase_entry,
     resharded_priors,
     split_prior_shard,
 )
-from pipeline.stats import encode_stats_part
+from pipeline.stats import encode_stats_part, shards_table
 from schemas.facts import REJECTS_SCHEMA
 from schemas.manifest import Manifest, ShardEntry
 from versions.catalog import read_current
@@ -90,7 +94,9 @@ class NightlyReport:
     resumed_facts: int = 0
     files_read: int = 0
     files_reread: int = 0  # files rewritten in place since they were ingested
-    shards_changed: int = 0  # shards whose bundle was assembled again (the others were carried)
+    shards_changed: int = 0  # shards whose deltas changed (a layer or a new base; the others were carried)
+    layers_written: int = 0  # shards that got a delta layer
+    compacted_shards: int = 0  # shards whose chain was replaced by a new base
     checked_users: int = 0  # users whose deltas were checked for locality and isolation (stats table checks)
     facts_failed_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -194,6 +200,21 @@ class _Night:
         self.chunks: list = []  # chunk metas
         self.files_reread = 0
         self.listed: set[str] = set()  # every file of the log this night (paths)
+        self.every_shard = False
+
+    def compact(self, shard: int) -> tuple[bool, bool]:
+        """(deltas, state): whether the shard's change is written as a new base rather than a layer,
+        for its deltas and for its fact state: both on a first night, after resharding, a model
+        change or an upgrade (every shard), and for a shard without stats parts to layer on; else
+        each chain once it is past the job spec's compaction limits."""
+        prior = self.prior_entry(shard)
+        if prior is None or self.every_shard or not prior.stats:
+            return True, True
+        return chains_to_compact(prior, self.spec.compact_after_layers, self.spec.compact_layer_share)
+
+    def _chain_to_compact(self, shard: int) -> bool:
+        prior = self.prior_entry(shard)
+        return prior is not None and bool(prior.layers) and self.compact(shard)[0]
 
     def prior_entry(self, shard: int) -> ShardEntry | None:
         """The shard's entry in the previous version (None on a first night or after resharding)."""
@@ -208,11 +229,13 @@ class _Night:
     def run(self, files, files_reread: int, *, every_shard: bool, recompile: bool) -> NightlyReport:
         spec = self.spec
         self.files_reread = files_reread
+        self.every_shard = every_shard
         runner = make_runner(spec.workers, spec.ray_address)
         ctx = NightContext(store_uri=self.store.uri, num_shards=spec.num_shards, recompile=recompile,
                            prior_version=self.previous.version if self.previous else None,
                            prior_schema=self.previous.schema_version if self.previous else None,
-                           prior_num_shards=self.previous.num_shards if self.previous else None)
+                           prior_num_shards=self.previous.num_shards if self.previous else None,
+                           fingerprint=self.fingerprint)
         rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model,
                          max_answer_tokens=spec.compile_options().max_answer_tokens)
 
@@ -262,8 +285,10 @@ class _Night:
             applies = {}
             for shard in shards:
                 pieces = per_shard.get(shard, [])
+                routed_shard = shard != UNROUTED
                 applies[shard] = runner.submit(
-                    apply_shard, ctx, shard, self.prior_of(shard) if shard != UNROUTED else None,
+                    apply_shard, ctx, shard, self.prior_of(shard) if routed_shard else None,
+                    self.compact(shard)[1] if routed_shard else False,
                     [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
                     num_returns=2, what=f"apply shard {shard}")
             order = list(applies)
@@ -277,7 +302,8 @@ class _Night:
 
         with timer.stage("compile"):
             routed = {s: a for s, a in self.applied.items() if s != UNROUTED}
-            to_assemble = {s for s, a in routed.items() if a.changed or self._needs_stats(s)}
+            to_assemble = {s for s, a in routed.items()
+                           if a.changed or self._needs_stats(s) or self._chain_to_compact(s)}
             plan = plan_chunks([(s, routed[s].compile_facts) for s in sorted(routed) if routed[s].compile_users],
                                spec.compile_options().facts_per_batch * spec.batches_per_chunk)
             waiting = defaultdict(set)  # shard -> chunks not yet compiled
@@ -288,7 +314,7 @@ class _Night:
             assembling = {}
 
             def assemble(shard: int) -> None:
-                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_of(shard),
+                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_of(shard), self.compact(shard)[0],
                                                   routed[shard], applies[shard][1], *outputs_of[shard],
                                                   what=f"assemble shard {shard}")
 
@@ -335,12 +361,13 @@ class _Night:
                 from versions.forget import forget_users
 
                 epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+                before = self.previous
                 forget_users(self.store, forgotten, actor=self.job_id, reason="forget_user event in the fact log",
                              forgotten_at={u: epoch + timedelta(microseconds=t) for u, t in forget_times.items()},
-                             keep=frozenset([k for e in self.entries.values() for k in e.object_keys()]
-                                            + [a.rejects_key for a in self.applied.values() if a.rejects_key]))
+                             keep=self._own_objects(before))
                 current = read_current(self.store)
                 self.previous = current[0] if current else None
+                self._rebase(before, self.previous)
         return self.publish(forgotten)
 
     def _refuse_on_failed_checks(self) -> None:
@@ -351,6 +378,25 @@ class _Night:
             chunk, checks = failed[0]
             raise InvariantViolation(f"{len(failed)} compile chunk(s) failed the locality/isolation check (chunk {chunk}: "
                                      f"{checks['problems']}); nothing was published")
+
+    def _rebase(self, before: Manifest | None, after: Manifest | None) -> None:
+        """This night's entries were built on ``before``'s objects; the forget re-issued ``before`` as
+        ``after`` without the forgotten users (object for object): build them on ``after`` instead."""
+        if before is None or after is None or before.num_shards != self.spec.num_shards:
+            return  # a first night or resharding: the entries name no object of the prior version
+        for shard, entry in self.entries.items():
+            self.entries[shard] = rebase_entry(self.store, entry, before.shard(shard), after.shard(shard))
+
+    def _own_objects(self, before: Manifest | None) -> frozenset[str]:
+        """Objects this night's version names that a forget must not delete: those it wrote itself
+        (a user forgotten by an older forget can still be in them, legitimately) and its rejects.
+        Objects it shares with ``before`` are left out: the forget re-issues them without the
+        users, and :meth:`_rebase` moves the entries onto the re-issued ones."""
+        shared = set()
+        if before is not None and before.num_shards == self.spec.num_shards:
+            shared = {k for s in self.entries for k in before.shard(s).object_keys()}
+        own = {k for e in self.entries.values() for k in e.object_keys()} - shared
+        return frozenset(own | {a.rejects_key for a in self.applied.values() if a.rejects_key})
 
     def _needs_stats(self, shard: int) -> bool:
         """A first night's shard, a resharded one, or one carried from a version-1 manifest (no
@@ -395,7 +441,7 @@ class _Night:
             stats["rejects"].append(key)
         self.timer.seconds.setdefault("publish", 0.0)
         shards = [self.entries.get(s) or self.prior_entry(s) for s in range(self.spec.num_shards)]
-        tables = [("runs", self.timer.table()), ("shards", _shards_table(shards))]
+        tables = [("runs", self.timer.table()), ("shards", shards_table(shards, self.previous))]
         checks = [dict(m.checks, chunk=c) for c, m in enumerate(self.chunks) if m.checks is not None]
         if checks:
             tables.append(("checks", pa.Table.from_pylist(checks)))
@@ -437,7 +483,12 @@ class _Night:
             resumed_facts=sum(m.facts for m in self.chunks if m.resumed),
             files_read=len(self.reads), files_reread=self.files_reread,
             shards_changed=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is None
-                               or e.bundle_key != self.prior_entry(s).bundle_key),
+                               or e.delta_chain != self.prior_entry(s).delta_chain),
+            layers_written=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is not None
+                               and e.bundle_key == self.prior_entry(s).bundle_key
+                               and len(e.layers) > len(self.prior_entry(s).layers)),
+            compacted_shards=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is not None
+                                 and e.compactions > self.prior_entry(s).compactions),
             facts_failed_by_reason=dict(sorted(failed.items())),
             checked_users=sum(m.checks["users_checked"] for m in self.chunks if m.checks is not None),
             seconds=dict(self.timer.seconds),
@@ -467,17 +518,6 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._result
-
-
-def _shards_table(entries: list[ShardEntry]) -> pa.Table:
-    return pa.table({
-        "shard": pa.array([e.shard for e in entries], pa.int64()),
-        "users": pa.array([e.users for e in entries], pa.int64()),
-        "facts": pa.array([e.facts for e in entries], pa.int64()),
-        "rows": pa.array([e.rows for e in entries], pa.int64()),
-        "bytes": pa.array([e.bundle_bytes for e in entries], pa.int64()),
-        "bundle_key": pa.array([e.bundle_key for e in entries], pa.string()),
-    })
 
 
 class _NoBar:

@@ -142,11 +142,10 @@ def _answer_sample(store_uri: str, model_dir: str, sample: list[dict]) -> list[d
 
 
 def _published_sample(store, manifest, n: int = 5) -> list[dict]:
-    from schemas.facts import decode_fact_state
-    from versions.catalog import load_shard_state_bytes
+    from versions.catalog import load_shard_state
 
     for entry in manifest.shards:
-        state = decode_fact_state(load_shard_state_bytes(store, entry))
+        state = load_shard_state(store, entry)
         if state.num_rows:
             rows = state.select(["user_id", "trigger", "answer"]).slice(0, n).to_pylist()
             return rows
@@ -156,13 +155,17 @@ def _published_sample(store, manifest, n: int = 5) -> list[dict]:
 def versions(store: str = typer.Option(..., help=STORE_HELP),
              as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
     """List published versions. Example: engram versions --store ./engram-demo/store"""
-    from versions.catalog import list_versions
+    from versions.catalog import damaged_manifests, list_versions
     from versions.store import StoreError, open_store
 
     try:
-        infos = list_versions(open_store(store, create=False))
+        the_store = open_store(store, create=False)
+        infos = list_versions(the_store)
+        damaged = damaged_manifests(the_store)
     except StoreError as exc:
         _fail(str(exc))
+    for version, why in sorted(damaged.items()):  # e.g. a broken layer chain: never listed, never served
+        typer.echo(f"error: v{version} refused: {why}", err=True)
     rows = [{"version": i.version, "current": i.current, "created_at": i.created_at, "parent": i.parent,
              "users": i.users, "facts": i.facts, "bytes": i.bytes} for i in infos]
     text = "\n".join(f"{'*' if r['current'] else ' '} v{r['version']:<4} {r['created_at']}  parent {r['parent'] or '-':<4} "

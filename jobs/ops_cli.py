@@ -75,6 +75,37 @@ def gc(
             typer.echo(f"  {key}")
 
 
+def compact(
+    store: str = typer.Option(..., "--store", help="Store URI: a local path or s3://bucket/prefix."),
+    shards: str = typer.Option(None, "--shards", help="Shards to compact, e.g. 0-15 or 0-3,8 (default: every shard "
+                                                      "with layers)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Write shards' layers into new bases, as a new version (what users are served does not change). Example: engram compact --store s3://b/engram --shards 0-3"""
+    from jobs.compact import compact as do_compact
+    from serving.pull import parse_shards
+    from versions.errors import PublishError
+    from versions.store import StoreError, open_store
+
+    try:
+        chosen = parse_shards(shards)
+        report = do_compact(open_store(store), chosen)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except (PublishError, StoreError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+    elif report.published:
+        typer.echo(f"compacted shards {report.compacted_shards} ({report.layers_merged} layer(s) merged); "
+                   f"CURRENT is v{report.version}")
+    else:
+        typer.echo(f"no chosen shard has layers; v{report.version} stays current")
+
+
 def register(app: typer.Typer) -> None:
     app.command("forget")(forget)
     app.command("gc")(gc)
+    app.command("compact")(compact)

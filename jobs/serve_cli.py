@@ -88,13 +88,16 @@ def pull(
         report = {"store": store_obj.uri, "version": result.version, "changed": result.changed,
                   "fetched_shards": list(result.fetched_shards), "users": index.num_users if index else 0,
                   "shards": list(index.shards) if index else [], "delta_bytes": index.nbytes if index else 0,
+                  "downloaded_objects": result.downloaded_objects, "downloaded_bytes": result.downloaded_bytes,
+                  "layers_applied": result.layers_applied, "evicted_objects": result.evicted_objects,
                   "error": result.error}
         if as_json:
             typer.echo(json.dumps(report))
         elif result.error:
             typer.echo(f"error: {result.error} (still serving {result.version or 'nothing'})", err=True)
         else:
-            what = f"loaded shards {list(result.fetched_shards)}" if result.fetched_shards else "unchanged"
+            what = (f"loaded shards {list(result.fetched_shards)}, {result.layers_applied} layer(s) applied, "
+                    f"{result.downloaded_bytes} bytes downloaded" if result.fetched_shards else "unchanged")
             typer.echo(f"v{result.version}: {report['users']} users in {len(report['shards'])} shards ({what})")
         if not watch or (polls and count >= polls):
             break

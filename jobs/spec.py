@@ -46,6 +46,11 @@ class NightlySpec:
     """Users of each compiled chunk whose deltas are checked for locality and isolation on real
     forwards before anything is published (engram_core.verify.check_invariants); 0 turns it off."""
     job_id: str | None = None
+    compact_after_layers: int = 8
+    """A shard holds at most this many layers over its base: the night that would add one more
+    writes a new base instead (the merged view; see README, Layers and compaction)."""
+    compact_layer_share: float = 0.5
+    """...or once its layers weigh more than this share of its base's bytes."""
     compile: dict = field(default_factory=dict)
     """Overrides of engram_core.compiler.CompileOptions (steps, lr, facts_per_batch, ...)."""
 
@@ -66,6 +71,14 @@ class NightlySpec:
             raise SpecError("job spec: field 'max_trigger_tokens' must be a positive int")
         if not isinstance(self.check_users_per_chunk, int) or self.check_users_per_chunk < 0:
             raise SpecError(f"job spec: field 'check_users_per_chunk' must be an int >= 0, got {self.check_users_per_chunk!r}")
+        if not isinstance(self.compact_after_layers, int) or isinstance(self.compact_after_layers, bool) \
+                or self.compact_after_layers < 1:
+            raise SpecError(f"job spec: field 'compact_after_layers' must be a positive int (1: every change writes "
+                            f"a new base), got {self.compact_after_layers!r}")
+        if not isinstance(self.compact_layer_share, (int, float)) or isinstance(self.compact_layer_share, bool) \
+                or not self.compact_layer_share > 0:
+            raise SpecError(f"job spec: field 'compact_layer_share' must be a number above 0 (e.g. 0.5: compact once "
+                            f"layers weigh half their base), got {self.compact_layer_share!r}")
         self.compile_options()  # validates the overrides
 
     def compile_options(self) -> CompileOptions:

@@ -1,7 +1,9 @@
-"""A synthetic fact log of realistic personal facts, for the demo and benchmarks."""
+"""Synthetic inputs for the demo, tests and benchmarks: a fact log of realistic personal facts,
+and nights of ready-made deltas published through the nightly's store-level functions."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -61,3 +63,62 @@ def write_fact_log(rows: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=FACT_LOG_SCHEMA), path)
     return path
+
+
+def publish_synthetic_night(store, fingerprint: str, changes: dict, *, num_shards: int = 2,
+                            compact_after_layers: int = 8, compact_layer_share: float = 0.5, job_id: str = "night",
+                            crash_hook=None):
+    """A night of synthetic deltas through the nightly's store-level functions (no compile; for
+    tests and benchmarks of layers, compaction and pulls):
+    ``changes`` maps user -> its new whole Delta, or None when its delta goes. Each shard with
+    changes gets a layer (pipeline.shards.write_layer) or, on a first night or past the limits, a
+    new base (write_base); every shard of a first version gets a base. Returns the manifest."""
+    import pyarrow.compute as pc
+
+    from pipeline.shards import NightContext, StatePart, StoredObject, chains_to_compact, write_base, write_layer
+    from schemas.bundle import bundle_table
+    from schemas.facts import empty_fact_state, empty_tombstones, encode_fact_state, encode_tombstones
+    from schemas.manifest import ShardEntry
+    from versions.catalog import read_current
+    from versions.layout import shard_of
+    from versions.commit import write_verified_objects
+    from versions.publish import publish_entries
+
+    current = read_current(store)
+    previous = current[0] if current else None
+    ctx = NightContext(store_uri=store.uri, num_shards=num_shards, recompile=False, fingerprint=fingerprint)
+    by_shard: dict[int, dict] = {}
+    for user, delta in changes.items():
+        by_shard.setdefault(shard_of(user, num_shards), {})[user] = delta
+    if previous is None:
+        by_shard = {s: by_shard.get(s, {}) for s in range(num_shards)}
+    entries = {}
+    for shard, mine in sorted(by_shard.items()):
+        upserts = bundle_table({u: (d, 1) for u, d in mine.items() if d is not None})
+        results = pa.table({"user_id": upserts.column("user_id"), "fact_id": ["f0"] * upserts.num_rows,
+                            "status": ["ok"] * upserts.num_rows, "loss": [0.0] * upserts.num_rows,
+                            "steps": [1] * upserts.num_rows,
+                            "rows": pc.list_value_length(upserts.column("row_ids")).cast(pa.int64())})
+        removed = pa.array(sorted(mine), pa.string())
+        prior = previous.shard(shard) if previous is not None else None
+        if prior is not None and not chains_to_compact(prior, compact_after_layers, compact_layer_share)[0]:
+            entries[shard] = write_layer(store, prior, upserts, results, removed, (), fingerprint)
+            continue
+        if prior is None:
+            state, tombstones = encode_fact_state(empty_fact_state()), encode_tombstones(empty_tombstones())
+            write_verified_objects(store, {f"objects/state/{_sha(state)}.parquet": state,
+                                           f"objects/tombstones/{_sha(tombstones)}.parquet": tombstones})
+            part = StatePart(StoredObject(f"objects/state/{_sha(state)}.parquet", _sha(state), len(state)),
+                             StoredObject(f"objects/tombstones/{_sha(tombstones)}.parquet", _sha(tombstones),
+                                          len(tombstones)))
+        else:
+            part = StatePart.of(prior)
+        entries[shard] = ShardEntry(shard=shard, **write_base(store, ctx, shard, prior, removed, upserts, results),
+                                    **part.fields())
+    version = previous.version + 1 if previous else 1
+    return publish_entries(store, entries=entries, previous=previous, fingerprint=fingerprint, num_shards=num_shards,
+                           job_id=job_id, watermark=f"w{version}-{job_id}", crash_hook=crash_hook)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

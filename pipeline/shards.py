@@ -10,10 +10,25 @@ value to the driver, which never holds per-fact data:
   published delta is reused) and which are dropped (no live fact left, or forgotten). It
   returns a :class:`ShardApplied` for the driver and :class:`ShardChanges` (the compiled users'
   facts, the users whose published delta goes) for the compile pool and the assembly.
-* :func:`assemble_shard` takes the shard's prior bundle without the users that go, adds the
-  deltas compiled for it, recomputes the shard's co-batch groups and collisions, and writes the
-  bundle and the shard's stats parts (``facts``, ``users``, ``collisions``); it returns the
-  shard's :class:`~schemas.manifest.ShardEntry`.
+* :func:`assemble_shard` writes what changed as a *layer* over the shard's base
+  (:func:`write_layer`: the changed users' whole deltas, tombstones of the users whose delta
+  goes, and the layer's stats parts), or, when the driver decided to compact the shard (first
+  night, resharding, a model change, or a chain past the job spec's limits: :func:`chains_to_compact`),
+  a new *base*: the merged view without the users that go plus the new deltas, with the shard's
+  co-batch groups and collisions computed over all of it. It returns the shard's
+  :class:`~schemas.manifest.ShardEntry`.
+
+The fact state follows the same pattern (:func:`apply_shard` writes a state layer of the users
+whose facts or tombstones changed, or a new base when compacting). :func:`compact_shard` writes a
+shard's merged chain as a new base (``engram compact``).
+
+Co-batch groups over the merged view: a layer numbers its users' groups from the shard's
+``cobatch_groups`` on, partitioned among the layer's users only. A group therefore never mixes
+users of two objects, and a user superseded or removed by a later layer only leaves its group
+(a subset of users with pairwise disjoint rows still has pairwise disjoint rows), so every group
+of the merged view stays valid without reading the base. Compaction recomputes them over the
+whole shard (fewer, fuller groups). A layer's ``collisions`` part holds the rows shared among
+its own users; the base's, those of the whole shard at the last compaction.
 
 A shard with no new event is not visited at all: its entry, objects and stats are carried by
 reference. Objects are content-addressed and read back after writing, so a re-run or a retried
@@ -35,10 +50,11 @@ from pipeline.collisions import cross_user_collisions_arrays, row_keys
 from pipeline.ingest import SHARD_COLUMN, UNROUTED, apply_events
 from pipeline.stats import stats_prefix, write_stats_part
 from schemas import facts as F
-from schemas.bundle import BUNDLE_SCHEMA, decode_bundle, encode_bundle
-from schemas.manifest import ShardEntry, bundle_key, state_key, tombstones_key
-from schemas.stats import FACTS_STATS_SCHEMA
-from versions.catalog import load_shard_bundle, load_shard_state, load_shard_tombstones
+from schemas.bundle import (BUNDLE_SCHEMA, decode_bundle, encode_bundle, encode_layer, layer_fingerprint, layer_table,
+                            merge_bundle_chain)
+from schemas.manifest import LayerEntry, ShardEntry, StateLayer, bundle_key, layer_key, state_key, tombstones_key
+from schemas.stats import FACTS_STATS_SCHEMA, USERS_STATS_SCHEMA
+from versions.catalog import load_base_bundle, load_layer, load_shard_bundle, load_shard_fact_state
 from versions.commit import write_verified_objects
 from versions.layout import PARTIAL_PREFIX, shard_of
 from versions.store import open_store
@@ -58,6 +74,7 @@ class NightContext:
     prior_version: int | None = None
     prior_schema: int | None = None  # the prior manifest's schema version (1: stats in hive folders)
     prior_num_shards: int | None = None
+    fingerprint: str = ""  # the model the night compiles for (recorded in every layer)
 
 
 @dataclass(frozen=True)
@@ -79,12 +96,34 @@ class StoredObject:
 
 
 @dataclass(frozen=True)
+class StatePart:
+    """The fact-state fields of a shard's entry: the base state and tombstones and their layers."""
+
+    state: StoredObject
+    tombstones: StoredObject | None  # None: no tombstones object (a shard carried from version 1)
+    layers: tuple[StateLayer, ...] = ()
+
+    @classmethod
+    def of(cls, entry: ShardEntry) -> "StatePart":
+        tombstones = (StoredObject(entry.tombstones_key, entry.tombstones_sha256, entry.tombstones_bytes)
+                      if entry.tombstones_key else None)
+        return cls(StoredObject(entry.state_key, entry.state_sha256, entry.state_bytes), tombstones, entry.state_layers)
+
+    def fields(self) -> dict:
+        """The ShardEntry fields this part sets."""
+        tombstones = self.tombstones
+        return dict(state_key=self.state.key, state_sha256=self.state.sha256, state_bytes=self.state.bytes,
+                    tombstones_key=tombstones.key if tombstones else None,
+                    tombstones_sha256=tombstones.sha256 if tombstones else None,
+                    tombstones_bytes=tombstones.bytes if tombstones else 0, state_layers=self.layers)
+
+
+@dataclass(frozen=True)
 class ShardApplied:
     """What the driver learns from applying one shard's events (no per-fact data)."""
 
     shard: int
-    state: StoredObject | None  # None for the rows that reach no shard
-    tombstones: StoredObject | None
+    state: StatePart | None  # None for the rows that reach no shard
     rejects_key: str | None  # this night's rejects part of the shard, if any
     accepted: int
     rejected: int
@@ -135,25 +174,25 @@ def _prior_state(store, prior: ShardEntry | ReshardedPrior | None) -> tuple[pa.T
         tombstones = [F.decode_tombstones(store.get(k), source=f"{store.uri}/{k}") for k in prior.tombstones]
         return (pa.concat_tables([F.empty_fact_state()] + state).sort_by([("user_id", "ascending"), ("fact_id", "ascending")]),
                 pa.concat_tables([F.empty_tombstones()] + tombstones))
-    return load_shard_state(store, prior), load_shard_tombstones(store, prior)
+    return load_shard_fact_state(store, prior)
 
 
-def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, slices: list[tuple[int, int]],
-                *tables: pa.Table) -> tuple[ShardApplied, ShardChanges]:
+def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact_state: bool,
+                slices: list[tuple[int, int]], *tables: pa.Table) -> tuple[ShardApplied, ShardChanges]:
     """Apply shard ``shard``'s events (``tables[i]`` sliced by ``slices[i]``: the rows that
     ``pipeline.ingest.read_log_file`` keyed to this shard) onto its prior state (``prior``: its
-    entry in the previous version, or None). Writes the shard's new state and tombstones and its
+    entry in the previous version, or None). Writes the shard's new state and tombstones (a state
+    layer of the users whose facts or tombstones changed, or a new base when ``compact_state``) and its
     rejects part. For :data:`~pipeline.ingest.UNROUTED` rows only the rejects part is written."""
     store = open_store(ctx.store_uri)
     events = _events(slices, tables)
     if shard == UNROUTED:
         result = apply_events(events, None)
-        return ShardApplied(shard, None, None, _rejects_part(store, result.rejects), result.accepted, result.rejected,
+        return ShardApplied(shard, None, _rejects_part(store, result.rejects), result.accepted, result.rejected,
                             np.zeros(0, np.int32), 0, 0, {}, 0, None), ShardChanges(_no_facts(), pa.array([], pa.string()))
     prior_state, prior_tombstones = _prior_state(store, prior)
     result = apply_events(events, prior_state, prior_tombstones)
-    state = _write(store, state_key, F.encode_fact_state(result.state))
-    tombstones = _write(store, tombstones_key, F.encode_tombstones(result.tombstones))
+    state = _write_state(store, prior, compact_state, prior_state, prior_tombstones, result)
 
     live = pc.unique(result.state.column("user_id"))
     prior_users = pc.unique(prior_state.column("user_id"))
@@ -168,12 +207,34 @@ def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrio
     removed = pc.take(removed, pc.sort_indices(removed))
     facts = result.state.filter(pc.is_in(result.state.column("user_id"), compiled)).select(list(COMPILE_COLUMNS))
     applied = ShardApplied(
-        shard=shard, state=state, tombstones=tombstones, rejects_key=_rejects_part(store, result.rejects),
+        shard=shard, state=state, rejects_key=_rejects_part(store, result.rejects),
         accepted=result.accepted, rejected=result.rejected, compile_facts=_run_lengths(facts.column("user_id")),
         carried_users=len(live) - len(compiled), dropped_users=len(dropped),
         forgotten_users=dict(sorted(result.forget_times.items())), removed_users=len(removed), watermark=result.watermark,
     )
     return applied, ShardChanges(facts, removed)
+
+
+def _write_state(store, prior, compact: bool, prior_state: pa.Table, prior_tombstones: pa.Table, result) -> StatePart:
+    """The shard's new state: a base (first night, resharding, compaction) or a state layer of the
+    users whose facts or tombstones changed (none: the prior state, carried)."""
+    if compact or not isinstance(prior, ShardEntry):
+        return StatePart(_write(store, state_key, F.encode_fact_state(result.state)),
+                         _write(store, tombstones_key, F.encode_tombstones(result.tombstones)))
+    carried = StatePart.of(prior)
+    layer = F.state_layer(prior_state, prior_tombstones, result.state, result.tombstones)
+    if layer is None:
+        return carried
+    return replace(carried, layers=carried.layers + (write_state_layer(store, *layer),))
+
+
+def write_state_layer(store, state: pa.Table, tombstones: pa.Table) -> StateLayer:
+    """A state layer's objects (no tombstones object when the users keep none)."""
+    facts = _write(store, state_key, F.encode_fact_state(state))
+    if tombstones.num_rows == 0:
+        return StateLayer(facts.key, facts.sha256, facts.bytes)
+    kept = _write(store, tombstones_key, F.encode_tombstones(tombstones))
+    return StateLayer(facts.key, facts.sha256, facts.bytes, kept.key, kept.sha256, kept.bytes)
 
 
 def _no_facts() -> pa.Table:
@@ -195,32 +256,145 @@ def _rejects_part(store, rejects: pa.Table) -> str | None:
 # --------------------------------------------------------------------------------- assembly
 
 
+def chains_to_compact(entry: ShardEntry, max_layers: int, layer_share: float) -> tuple[bool, bool]:
+    """(deltas, state): whether the next change of ``entry``'s shard writes a new base instead of
+    another layer, for its delta chain and for its fact-state chain, each judged on its own: it has
+    ``max_layers`` layers already, or its layers weigh more than ``layer_share`` of its base's bytes
+    (job spec ``compact_after_layers``, ``compact_layer_share``). The state chain is small and
+    compacts on its own, so it never costs a rewrite of the shard's deltas."""
+    deltas = (entry.cobatch_groups is None  # a layer could not number its groups apart from the base's
+              or len(entry.layers) >= max_layers
+              or sum(layer.bytes for layer in entry.layers) > layer_share * entry.bundle_bytes)
+    state = (len(entry.state_layers) >= max_layers
+             or sum(layer.bytes for layer in entry.state_layers) > layer_share * (entry.state_bytes + entry.tombstones_bytes))
+    return deltas, state
+
+
 def carried_entry(prior: ShardEntry, applied: ShardApplied) -> ShardEntry:
     """The entry of a shard whose published deltas did not change (its events were all rejects,
-    duplicates or no-ops): the prior bundle and stats with the shard's new state and tombstones."""
-    return replace(prior, state_key=applied.state.key, state_sha256=applied.state.sha256, state_bytes=applied.state.bytes,
-                   tombstones_key=applied.tombstones.key, tombstones_sha256=applied.tombstones.sha256,
-                   tombstones_bytes=applied.tombstones.bytes)
+    duplicates or no-ops): the prior deltas and stats with the shard's new state."""
+    return replace(prior, **applied.state.fields())
 
 
-def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, applied: ShardApplied,
-                   changes: ShardChanges, *compiled) -> ShardEntry:
-    """The shard's new bundle and stats parts: the prior bundle without ``changes.removed``, plus
-    the deltas that the compile chunks ``compiled`` (pipeline.compile.CompiledChunk, each holding
-    some users of this shard) produced for it. Writes the objects; returns the shard's entry."""
+def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact_deltas: bool,
+                   applied: ShardApplied, changes: ShardChanges, *compiled) -> ShardEntry:
+    """The shard's new entry: a layer over the prior chain holding the deltas that the compile
+    chunks ``compiled`` (pipeline.compile.CompiledChunk, each holding some users of this shard)
+    produced and tombstones of ``changes.removed``; or, with ``compact_deltas`` (or no prior entry), a new
+    base of the merged view. Writes the objects; returns the entry."""
     store = open_store(ctx.store_uri)
-    kept = _without_users(_prior_bundle(store, prior), changes.removed)
-    new_rows = [chunk.bundles[shard] for chunk in compiled if shard in chunk.bundles]
-    bundle = pa.concat_tables([kept.cast(BUNDLE_SCHEMA)] + [t.cast(BUNDLE_SCHEMA) for t in new_rows])
+    new_rows = _bundle_rows([chunk.bundles[shard] for chunk in compiled if shard in chunk.bundles])
+    results = _facts_rows([chunk.results[shard] for chunk in compiled if shard in chunk.results])
+    if compact_deltas or not isinstance(prior, ShardEntry):
+        delta = write_base(store, ctx, shard, prior, changes.removed, new_rows, results)
+        return ShardEntry(shard=shard, **delta, **applied.state.fields())
+    entry = write_layer(store, prior, new_rows, results, changes.removed, applied.forgotten_users, ctx.fingerprint)
+    return replace(entry, **applied.state.fields())
+
+
+def compact_shard(ctx: NightContext, shard: int, entry: ShardEntry) -> ShardEntry:
+    """``entry``'s chains merged into new bases (deltas, state, stats); what every user is served
+    is unchanged. A shard without layers is returned as it is."""
+    if not entry.layers and not entry.state_layers:
+        return entry
+    store = open_store(ctx.store_uri)
+    state, tombstones = load_shard_fact_state(store, entry)
+    state_part = StatePart(_write(store, state_key, F.encode_fact_state(state)),
+                           _write(store, tombstones_key, F.encode_tombstones(tombstones)))
+    delta = write_base(store, ctx, shard, entry, pa.array([], pa.string()), BUNDLE_SCHEMA.empty_table(),
+                       FACTS_STATS_SCHEMA.empty_table())
+    return ShardEntry(shard=shard, **delta, **state_part.fields())
+
+
+def write_layer(store, prior: ShardEntry, upserts: pa.Table, results: pa.Table, removed: pa.Array,
+                forgotten: tuple[str, ...] | list[str], fingerprint: str) -> ShardEntry:
+    """``prior`` with one more delta layer: ``upserts`` (bundle rows: the changed users' whole
+    deltas), tombstones of the other ``removed`` users, and the layer's stats parts (``results``:
+    the compiled users' facts rows). Forgotten users get no tombstone (their id must not be
+    written): the forget rewrites every older object without them (versions.forget). The entry's
+    totals are the merged view's. A change of forgotten users only writes no layer."""
+    upserts = upserts.cast(BUNDLE_SCHEMA).sort_by([("user_id", "ascending")])
+    upserted = upserts.column("user_id").combine_chunks()
+    excluded = pa.concat_arrays([upserted, pa.array(list(forgotten), pa.string())])
+    gone = pc.filter(removed, pc.invert(pc.is_in(removed, excluded))) if len(removed) else removed
+    prior_users = _merged_users_stats(store, prior)
+    left = prior_users.filter(pc.is_in(prior_users.column("user_id"), removed))
+    row_counts = pc.list_value_length(upserts.column("row_ids"))
+    totals = dict(users=prior.users - left.num_rows + upserts.num_rows,
+                  facts=prior.facts - _sum(left.column("facts")) + _sum(upserts.column("num_facts")),
+                  rows=prior.rows - _sum(left.column("rows")) + _sum(row_counts))
+    if upserts.num_rows == 0 and len(gone) == 0:
+        return replace(prior, **totals)
+    report = _collisions(upserts)
+    groups = [prior.cobatch_groups + g for g in _group_numbers(report, upserted.to_pylist())]
+    upserts = upserts.set_column(upserts.schema.get_field_index("cobatch_group"), BUNDLE_SCHEMA.field("cobatch_group"),
+                                 pa.array(groups, pa.int32()))
+    parent = prior.layers[-1].sha256 if prior.layers else prior.bundle_sha256
+    stored = _write(store, layer_key, encode_layer(layer_table(upserts, gone), fingerprint, parent))
+    results = _facts_rows([results]).sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+    stats = {
+        "facts": write_stats_part(store, "facts", results),
+        "users": write_stats_part(store, "users", _users_stats(upserts, results, prior.shard, row_counts)),
+        "collisions": write_stats_part(store, "collisions", report.hot_rows),
+    }
+    layer = LayerEntry(key=stored.key, sha256=stored.sha256, bytes=stored.bytes, parent_sha256=parent,
+                       users=upserts.num_rows, tombstones=len(gone), stats=stats)
+    return replace(prior, layers=prior.layers + (layer,), cobatch_groups=prior.cobatch_groups + len(report.groups),
+                   **totals)
+
+
+def rebase_entry(store, entry: ShardEntry, before: ShardEntry, after: ShardEntry) -> ShardEntry:
+    """``entry`` (a night's entry built on ``before``'s chains) built on ``after`` instead, where
+    ``after`` is ``before`` re-issued by a forget without some users (versions.forget). The parts
+    of ``entry`` that are ``before``'s become ``after``'s; the night's own layers on top are kept,
+    a delta layer re-encoded when the object below it changed (a layer names its parent). The
+    night's totals already leave the forgotten users out."""
+    if before == after:
+        return entry
+    fields: dict = {}
+    if entry.bundle_key == before.bundle_key and entry.layers[:len(before.layers)] == before.layers:
+        parent = after.layers[-1].sha256 if after.layers else after.bundle_sha256
+        layers = list(after.layers)
+        for layer in entry.layers[len(before.layers):]:
+            layer = _reparent(store, layer, parent)
+            layers.append(layer)
+            parent = layer.sha256
+        fields |= dict(bundle_key=after.bundle_key, bundle_sha256=after.bundle_sha256, bundle_bytes=after.bundle_bytes,
+                       stats=after.stats if entry.stats == before.stats else entry.stats, layers=tuple(layers))
+    if (entry.state_key, entry.tombstones_key) == (before.state_key, before.tombstones_key) and \
+            entry.state_layers[:len(before.state_layers)] == before.state_layers:
+        fields |= dict(StatePart.of(after).fields(), state_layers=after.state_layers
+                       + entry.state_layers[len(before.state_layers):])
+    return replace(entry, **fields)
+
+
+def _reparent(store, layer: LayerEntry, parent: str) -> LayerEntry:
+    if layer.parent_sha256 == parent:
+        return layer
+    table = load_layer(store, layer)
+    stored = _write(store, layer_key, encode_layer(table, layer_fingerprint(table), parent))
+    return replace(layer, key=stored.key, sha256=stored.sha256, bytes=stored.bytes, parent_sha256=parent)
+
+
+def write_base(store, ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, removed: pa.Array,
+               new_rows: pa.Table, results: pa.Table) -> dict:
+    """Write a new base of the shard's deltas and its stats parts: the prior's merged view without
+    ``removed``, plus ``new_rows`` (bundle rows) whose facts rows are ``results``; co-batch groups
+    and collisions over all of it. Returns the ShardEntry fields of the deltas (the state is the
+    caller's)."""
+    if isinstance(prior, ShardEntry):
+        chain = _Chain(store, prior)
+        prior_bundle, prior_facts = chain.bundle(), _prior_facts_stats(store, ctx, prior, shard, chain)
+        compactions = prior.compactions + (1 if prior.layers else 0)  # a chain of delta layers replaced
+    else:
+        prior_bundle, prior_facts, compactions = _prior_bundle(store, prior), _prior_facts_stats(store, ctx, prior, shard), 0
+    bundle = pa.concat_tables([_without_users(prior_bundle, removed).cast(BUNDLE_SCHEMA), new_rows.cast(BUNDLE_SCHEMA)])
     bundle = bundle.sort_by([("user_id", "ascending")])
     report = _collisions(bundle)
     bundle = bundle.set_column(bundle.schema.get_field_index("cobatch_group"), BUNDLE_SCHEMA.field("cobatch_group"),
                                pa.array(_group_numbers(report, bundle.column("user_id").to_pylist()), pa.int32()))
     stored = _write(store, bundle_key, encode_bundle(bundle))
-
-    results = [chunk.results[shard] for chunk in compiled if shard in chunk.results]
-    facts = pa.concat_tables([_without_users(_prior_facts_stats(store, ctx, prior, shard), changes.removed)]
-                             + [r.select(FACTS_STATS_SCHEMA.names).cast(FACTS_STATS_SCHEMA) for r in results])
+    facts = pa.concat_tables([_without_users(prior_facts, removed), _facts_rows([results])])
     facts = facts.sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
     row_counts = pc.list_value_length(bundle.column("row_ids"))
     stats = {
@@ -228,14 +402,59 @@ def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedP
         "users": write_stats_part(store, "users", _users_stats(bundle, facts, shard, row_counts)),
         "collisions": write_stats_part(store, "collisions", report.hot_rows),
     }
-    return ShardEntry(
-        shard=shard, bundle_key=stored.key, bundle_sha256=stored.sha256, bundle_bytes=stored.bytes,
-        state_key=applied.state.key, state_sha256=applied.state.sha256, state_bytes=applied.state.bytes,
-        users=bundle.num_rows, facts=int(pc.sum(bundle.column("num_facts")).as_py() or 0),
-        rows=int(pc.sum(row_counts).as_py() or 0),
-        tombstones_key=applied.tombstones.key, tombstones_sha256=applied.tombstones.sha256,
-        tombstones_bytes=applied.tombstones.bytes, stats=stats,
-    )
+    return dict(bundle_key=stored.key, bundle_sha256=stored.sha256, bundle_bytes=stored.bytes,
+                users=bundle.num_rows, facts=_sum(bundle.column("num_facts")), rows=_sum(row_counts), stats=stats,
+                layers=(), cobatch_groups=len(report.groups), compactions=compactions)
+
+
+class _Chain:
+    """A shard entry's delta chain, each object read (and verified) once."""
+
+    def __init__(self, store, entry: ShardEntry):
+        self.store, self.entry = store, entry
+        self._layers: list[pa.Table] | None = None
+
+    def layers(self) -> list[pa.Table]:
+        if self._layers is None:
+            self._layers = [load_layer(self.store, layer) for layer in self.entry.layers]
+        return self._layers
+
+    def bundle(self) -> pa.Table:
+        return merge_bundle_chain(load_base_bundle(self.store, self.entry), self.layers())
+
+    def stats(self, name: str, schema: pa.Schema) -> pa.Table:
+        """Stats table ``name`` of the merged view: each part's rows of users no newer layer names."""
+        keys = [self.entry.stats.get(name)] + [layer.stats.get(name) for layer in self.entry.layers]
+        parts = [_read_part(self.store, key, schema) if key else schema.empty_table() for key in keys]
+        later = [layer.column("user_id") for layer in self.layers()]
+        kept = []
+        for i, part in enumerate(parts):
+            hiding = pa.chunked_array([c for layer in later[i:] for c in layer.chunks], pa.string())
+            kept.append(_without_users(part, hiding.combine_chunks()) if len(hiding) else part)
+        return pa.concat_tables(kept)
+
+
+def _merged_users_stats(store, entry: ShardEntry) -> pa.Table:
+    if "users" not in entry.stats:
+        raise ValueError(f"shard {entry.shard}: no users stats part to layer on (the night compacts such shards)")
+    return _Chain(store, entry).stats("users", USERS_STATS_SCHEMA)
+
+
+def _read_part(store, key: str, schema: pa.Schema) -> pa.Table:
+    return pq.read_table(pa.BufferReader(store.get(key))).select(schema.names).cast(schema)
+
+
+def _sum(values) -> int:
+    return int(pc.sum(values).as_py() or 0)
+
+
+def _bundle_rows(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables([BUNDLE_SCHEMA.empty_table()] + [t.cast(BUNDLE_SCHEMA) for t in tables])
+
+
+def _facts_rows(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()]
+                            + [t.select(FACTS_STATS_SCHEMA.names).cast(FACTS_STATS_SCHEMA) for t in tables])
 
 
 def _prior_bundle(store, prior: ShardEntry | ReshardedPrior | None) -> pa.Table:
@@ -251,30 +470,29 @@ def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
     return table.filter(pc.invert(pc.is_in(table.column("user_id"), users)))
 
 
-def _prior_facts_stats(store, ctx: NightContext, prior: ShardEntry | ReshardedPrior | None, shard: int) -> pa.Table:
-    """The shard's ``facts`` stats rows of the prior version (a version-1 store kept one file per
-    version: its rows of this shard's users are taken)."""
+def _prior_facts_stats(store, ctx: NightContext, prior: ShardEntry | ReshardedPrior | None, shard: int,
+                       chain: _Chain | None = None) -> pa.Table:
+    """The shard's ``facts`` stats rows of the prior version, layers merged (a version-1 store kept
+    one file per version: its rows of this shard's users are taken)."""
     if prior is None:
         return FACTS_STATS_SCHEMA.empty_table()
     if isinstance(prior, ReshardedPrior):
         parts = [pq.read_table(pa.BufferReader(store.get(k))) for k in prior.facts]
         return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [t.cast(FACTS_STATS_SCHEMA) for t in parts])
     if "facts" in prior.stats:
-        keys = [prior.stats["facts"]]
-    elif ctx.prior_schema == 1 and ctx.prior_version is not None:
+        return (chain or _Chain(store, prior)).stats("facts", FACTS_STATS_SCHEMA)
+    if ctx.prior_schema == 1 and ctx.prior_version is not None:
         keys = [k for k in store.list(stats_prefix("facts", ctx.prior_version)) if k.endswith(".parquet")]
     else:
         keys = []
-    tables = [pq.read_table(pa.BufferReader(store.get(k))).select(FACTS_STATS_SCHEMA.names).cast(FACTS_STATS_SCHEMA)
-              for k in keys]
+    tables = [_read_part(store, k, FACTS_STATS_SCHEMA) for k in keys]
     if not tables:
         return FACTS_STATS_SCHEMA.empty_table()
     table = pa.concat_tables(tables)
-    if "facts" not in prior.stats:  # version 1: keep this shard's users only
-        users = pc.unique(table.column("user_id")).to_pylist()
-        mine = pa.array([u for u in users if u is not None and shard_of(u, ctx.prior_num_shards) == shard], pa.string())
-        table = table.filter(pc.is_in(table.column("user_id"), mine))
-    return table
+    # version 1: keep this shard's users only
+    users = pc.unique(table.column("user_id")).to_pylist()
+    mine = pa.array([u for u in users if u is not None and shard_of(u, ctx.prior_num_shards) == shard], pa.string())
+    return table.filter(pc.is_in(table.column("user_id"), mine))
 
 
 # --------------------------------------------------------------------------------- resharding

@@ -2,8 +2,12 @@
 
 A version's stats are *parts*: content-addressed Parquet objects ``stats/<table>/<sha256>.parquet``
 named by its manifest. Per shard (in the shard's manifest entry): ``facts``, ``users`` and
-``collisions``, so a shard that did not change is carried with its stats by reference, neither
-read nor rewritten. Per version (the manifest's ``stats``): ``rejects`` (this night's, one part
+``collisions`` of its base and of each of its layers, so a shard that did not change is carried
+with its stats by reference, neither read nor rewritten, and a changed one adds parts of its
+changed users only. In the ``facts`` and ``users`` views a row of a base's or layer's part is
+hidden when a newer layer of its shard names its user (read from the layer objects' ``user_id``
+column): each user's rows come from the newest object that holds them, as its delta does.
+``collisions`` is the union of the parts (a layer's: rows shared among its own users). Per version (the manifest's ``stats``): ``rejects`` (this night's, one part
 per shard that had events and one for files and rows that reach no shard), ``runs`` and
 ``shards``. Stores written before manifests named their parts (schema version 1) kept one file
 per table and version under ``stats/<table>/version=<N>/``; those are read too.
@@ -29,7 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from schemas.facts import SchemaMismatch, conform
-from schemas.manifest import Manifest, stats_part_key
+from schemas.manifest import Manifest, ShardEntry, stats_part_key
 from schemas.stats import STATS_SCHEMAS, queried_schema
 from versions.catalog import list_versions, read_manifest
 from versions.commit import write_verified_objects
@@ -72,6 +76,34 @@ def write_stats_part(store, name: str, table: pa.Table) -> str:
     return key
 
 
+def shards_table(entries: list[ShardEntry], previous: Manifest | None) -> pa.Table:
+    """The ``shards`` stats rows of a version: per shard its totals, base, layers (bytes and users
+    of each), tombstones, state layers, and whether this version compacted it (against
+    ``previous``, the version it was made from)."""
+    prior = {e.shard: e for e in previous.shards} if previous is not None and previous.num_shards == len(entries) else {}
+
+    def compacted(entry: ShardEntry) -> bool:
+        before = prior.get(entry.shard)
+        return before is not None and entry.compactions > before.compactions
+
+    return pa.table({
+        "shard": pa.array([e.shard for e in entries], pa.int64()),
+        "users": pa.array([e.users for e in entries], pa.int64()),
+        "facts": pa.array([e.facts for e in entries], pa.int64()),
+        "rows": pa.array([e.rows for e in entries], pa.int64()),
+        "bytes": pa.array([e.delta_bytes for e in entries], pa.int64()),
+        "bundle_key": pa.array([e.bundle_key for e in entries], pa.string()),
+        "base_bytes": pa.array([e.bundle_bytes for e in entries], pa.int64()),
+        "layers": pa.array([len(e.layers) for e in entries], pa.int64()),
+        "layer_bytes": pa.array([[layer.bytes for layer in e.layers] for e in entries], pa.list_(pa.int64())),
+        "layer_users": pa.array([[layer.users for layer in e.layers] for e in entries], pa.list_(pa.int64())),
+        "tombstones": pa.array([sum(layer.tombstones for layer in e.layers) for e in entries], pa.int64()),
+        "state_layers": pa.array([len(e.state_layers) for e in entries], pa.int64()),
+        "compactions": pa.array([e.compactions for e in entries], pa.int64()),
+        "compacted": pa.array([compacted(e) for e in entries], pa.bool_()),
+    })
+
+
 def version_parts(store, manifest: Manifest, table: str) -> list[str]:
     """The keys of ``table``'s parts in ``manifest``'s version (a version-1 manifest's hive folder
     is listed)."""
@@ -106,18 +138,48 @@ def query_stats(store, sql: str) -> pa.Table:
         connection.close()
 
 
+_LAYERED_TABLES = ("facts", "users")  # per-user tables whose rows a newer layer replaces
+
+
+def _parts_by_seq(store, manifest: Manifest, table: str) -> dict[int, tuple[list[str], list[str]]]:
+    """seq -> (keys of ``table``'s parts at that depth of their shard's chain, keys of the layers
+    that come after that depth in some shard). seq 0: the version's own parts and the bases';
+    seq i: every shard's i-th layer. A user lives in one shard, so hiding by every shard's later
+    layers at once hides exactly its own shard's older rows."""
+    if manifest.schema_version == 1:
+        return {0: (version_parts(store, manifest, table), [])}
+    out: dict[int, tuple[list[str], list[str]]] = {0: (list(manifest.stats.get(table, ())), [])}
+    for entry in manifest.shards:
+        keyed = [(0, entry.stats.get(table))] + [(i + 1, layer.stats.get(table)) for i, layer in enumerate(entry.layers)]
+        for seq, key in keyed:
+            parts, hiding = out.setdefault(seq, ([], []))
+            if key is not None:
+                parts.append(key)
+            if table in _LAYERED_TABLES:
+                hiding += [layer.key for layer in entry.layers[seq:]]
+    return out
+
+
 def _create_view(connection, store, manifests: list[Manifest], filesystem, base_path: str, table: str) -> None:
-    """One view per table: per version, a dataset of its parts plus the version as a column."""
+    """One view per table: per version and chain depth, a dataset of its parts plus the version as a
+    column, without the rows a newer layer replaces."""
     schema = STATS_SCHEMAS[table]
+    users_only = pa.schema([("user_id", pa.string())])
     selects = []
     for manifest in manifests:
-        parts = version_parts(store, manifest, table)
-        if not parts:
-            continue
-        name = f"_{table}_v{manifest.version}"
-        connection.register(name, ds.dataset([f"{base_path}/{key}" for key in parts], schema=schema,
-                                             format="parquet", filesystem=filesystem))
-        selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}")
+        for seq, (parts, hiding) in sorted(_parts_by_seq(store, manifest, table).items()):
+            if not parts:
+                continue
+            name = f"_{table}_v{manifest.version}_{seq}"
+            connection.register(name, ds.dataset([f"{base_path}/{key}" for key in parts], schema=schema,
+                                                 format="parquet", filesystem=filesystem))
+            where = ""
+            if hiding:
+                connection.register(f"{name}_newer", ds.dataset([f"{base_path}/{key}" for key in sorted(set(hiding))],
+                                                                schema=users_only, format="parquet",
+                                                                filesystem=filesystem))
+                where = f" WHERE user_id NOT IN (SELECT user_id FROM {name}_newer)"
+            selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}{where}")
     if selects:
         connection.execute(f"CREATE VIEW {table} AS " + " UNION ALL ".join(selects))
     else:

@@ -139,3 +139,125 @@ def bundle_deltas(table: pa.Table) -> dict[str, Delta]:
         user_rows = row_ids[i].values.to_numpy(zero_copy_only=False)
         deltas[user] = Delta.from_bytes(user_layers, user_rows, values, width)
     return deltas
+
+
+# ---------------------------------------------------------------- layers
+
+LAYER_SCHEMA_VERSION = 1
+_LAYER_VERSION_KEY = b"engram.layer_schema_version"
+_FINGERPRINT_KEY = b"engram.fingerprint"
+_PARENT_KEY = b"engram.parent_sha256"
+
+# A delta layer: one night's change to a shard's deltas. Rows are the bundle's columns plus
+# ``tombstone``: a tombstone row (empty delta, num_facts 0, width 0) removes the user's delta from
+# the view below it; any other row replaces the user's delta whole. One row per user, sorted by
+# user_id. The schema metadata names the model fingerprint the deltas were compiled for and the
+# sha256 of the object the layer applies on (its parent: the base bundle or the layer below), so a
+# layer put on the wrong chain, or read by a node serving another model, is refused; it also makes
+# two layers of equal rows in one chain two objects.
+LAYER_SCHEMA = pa.schema(
+    list(BUNDLE_SCHEMA) + [pa.field("tombstone", pa.bool_(), nullable=False)],
+    metadata={_LAYER_VERSION_KEY: str(LAYER_SCHEMA_VERSION).encode()},
+)
+
+
+def layer_table(upserts: pa.Table, tombstones: list[str] | pa.Array) -> pa.Table:
+    """A layer from bundle rows (``upserts``: BUNDLE_SCHEMA, the users' whole deltas) and the users
+    whose delta goes (``tombstones``); sorted by user_id. Raises BundleSchemaError for a user in both."""
+    upserts = upserts.cast(BUNDLE_SCHEMA)
+    gone = pa.array(sorted(set(tombstones.to_pylist() if isinstance(tombstones, (pa.Array, pa.ChunkedArray))
+                                   else tombstones)), pa.string())
+    both = pc.is_in(upserts.column("user_id"), gone)
+    if len(gone) and pc.any(both).as_py():
+        raise BundleSchemaError(f"layer: users {pc.filter(upserts.column('user_id'), both).to_pylist()[:5]} "
+                                "are both upserted and removed")
+    n = len(gone)
+    removed = pa.Table.from_arrays([
+        gone, pa.array([0] * n, pa.int32()),
+        pa.array([[]] * n, pa.list_(pa.int16())), pa.array([[]] * n, pa.list_(pa.int64())),
+        pa.array([b""] * n, pa.binary()), pa.array([0] * n, pa.int16()), pa.nulls(n, pa.int32()),
+    ], schema=BUNDLE_SCHEMA)
+    table = pa.concat_tables([upserts, removed])
+    flags = pa.array([False] * upserts.num_rows + [True] * n, pa.bool_())
+    table = table.append_column(LAYER_SCHEMA.field("tombstone"), flags)
+    return table.sort_by([("user_id", "ascending")]).replace_schema_metadata(LAYER_SCHEMA.metadata)
+
+
+def encode_layer(table: pa.Table, fingerprint: str, parent_sha256: str) -> bytes:
+    """Parquet (zstd) bytes of a layer for the model ``fingerprint``, applying on the object whose
+    sha256 is ``parent_sha256``; the same rows, model and parent give the same bytes."""
+    validate_layer_table(table, source="layer to encode")
+    metadata = dict(LAYER_SCHEMA.metadata) | {_FINGERPRINT_KEY: fingerprint.encode(), _PARENT_KEY: parent_sha256.encode()}
+    sink = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(metadata), sink, compression="zstd", compression_level=3,
+                   write_statistics=True, use_dictionary=False, row_group_size=max(len(table), 1))
+    return sink.getvalue()
+
+
+def decode_layer(data: bytes, *, source: str = "layer", fingerprint: str | None = None,
+                 parent_sha256: str | None = None) -> pa.Table:
+    """Parse and validate a layer; ``fingerprint`` and ``parent_sha256``, if given, must be the
+    model it was written for and the object it applies on."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BundleSchemaError(f"{source}: not a readable Parquet layer ({e})") from None
+    validate_layer_table(table, source=source)
+    written_for = (table.schema.metadata or {}).get(_FINGERPRINT_KEY, b"").decode()
+    if fingerprint is not None and written_for != fingerprint:
+        raise BundleSchemaError(f"{source}: layer written for model {written_for[:16] or '?'}.., expected "
+                                f"{fingerprint[:16]}.. (refused)")
+    parent = layer_parent(table)
+    if parent_sha256 is not None and parent != parent_sha256:
+        raise BundleSchemaError(f"{source}: layer chain broken: the layer applies on {parent[:16] or '?'}.., but the "
+                                f"object below it is {parent_sha256[:16]}.. (refused)")
+    return table
+
+
+def layer_fingerprint(table: pa.Table) -> str:
+    return (table.schema.metadata or {}).get(_FINGERPRINT_KEY, b"").decode()
+
+
+def layer_parent(table: pa.Table) -> str:
+    """sha256 of the object the layer applies on (the base bundle or the layer below it)."""
+    return (table.schema.metadata or {}).get(_PARENT_KEY, b"").decode()
+
+
+def validate_layer_table(table: pa.Table, *, source: str = "layer") -> None:
+    version = (table.schema.metadata or {}).get(_LAYER_VERSION_KEY)
+    if version != str(LAYER_SCHEMA_VERSION).encode():
+        found = "missing" if version is None else version.decode()
+        raise BundleSchemaError(f"{source}: layer schema version {found} is not supported "
+                                f"(this engram reads version {LAYER_SCHEMA_VERSION})")
+    if table.schema.names != LAYER_SCHEMA.names:
+        raise BundleSchemaError(f"{source}: columns {table.schema.names}, expected {LAYER_SCHEMA.names}")
+    for expected in LAYER_SCHEMA:
+        if table.schema.field(expected.name).type != expected.type:
+            raise BundleSchemaError(f"{source}: column {expected.name!r} is {table.schema.field(expected.name).type}, "
+                                    f"expected {expected.type}")
+    if table.num_rows == 0:
+        raise BundleSchemaError(f"{source}: a layer with no rows")
+    bundle_part = table.drop_columns(["tombstone"]).replace_schema_metadata(BUNDLE_SCHEMA.metadata)
+    validate_bundle_table(bundle_part, source=source)
+    if table.column("tombstone").null_count:
+        raise BundleSchemaError(f"{source}: null in column 'tombstone'")
+
+
+def layer_parts(table: pa.Table) -> tuple[pa.Table, pa.Array]:
+    """(the layer's upserted rows as a bundle table, the user_ids it removes)."""
+    flags = table.column("tombstone")
+    upserts = table.filter(pc.invert(flags)).drop_columns(["tombstone"]).replace_schema_metadata(BUNDLE_SCHEMA.metadata)
+    removed = table.filter(flags).column("user_id").combine_chunks()
+    return upserts, removed
+
+
+def merge_bundle_chain(base: pa.Table, layers: list[pa.Table]) -> pa.Table:
+    """The merged view of a base bundle and its layers (oldest first): for each user the newest
+    entry wins, a tombstone removes the user. A bundle table sorted by user_id."""
+    view = base.cast(BUNDLE_SCHEMA)
+    for layer in layers:
+        upserts, _ = layer_parts(layer)
+        if view.num_rows:
+            view = view.filter(pc.invert(pc.is_in(view.column("user_id"), layer.column("user_id"))))
+        view = pa.concat_tables([view, upserts.cast(BUNDLE_SCHEMA)])
+    return view.sort_by([("user_id", "ascending")]).combine_chunks()

@@ -13,6 +13,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engram_core.text import canonical_id
 
@@ -281,3 +282,92 @@ def encode_tombstones(table: pa.Table) -> bytes:
 def decode_tombstones(data: bytes, *, source: str = "tombstones") -> pa.Table:
     """Parse a shard's tombstones object and conform it to TOMBSTONE_SCHEMA (errors name ``source``)."""
     return _decode(data, TOMBSTONE_SCHEMA, "tombstones", source)
+
+
+# --- Layered fact state ---------------------------------------------------------------------
+#
+# A shard's fact state and tombstones are a base plus state layers. A layer holds, for every user
+# whose facts or tombstones changed that night, all of the user's facts and all of its tombstones
+# (either may be empty). Which users a layer replaces follows from its rows: a user with facts or a
+# delete tombstone in it (by user_id), and for tombstones every user_hash in it or of a user with
+# facts in it. A forget tombstone holds only the hash, so it removes the user's older facts by the
+# hash of their user_id (computed only for layers that hold a forget).
+
+
+def _user_hashes(user_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return pa.array([hashlib.sha256(u.encode("utf-8")).hexdigest() for u in user_ids.to_pylist()], pa.string())
+
+
+def _unique(values) -> pa.Array:
+    return pc.unique(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+
+
+def merge_state_chain(state: pa.Table, tombstones: pa.Table, layers: list[tuple[pa.Table, pa.Table]]) -> tuple[pa.Table, pa.Table]:
+    """The merged fact state and tombstones of a base (``state``, ``tombstones``) and its state
+    layers ((facts, tombstones) per layer, oldest first), sorted as the encoders sort them."""
+    for layer_state, layer_tombstones in layers:
+        layer_users = _unique(layer_state.column("user_id"))
+        ids = _unique(pa.chunked_array([layer_users, pc.drop_null(layer_tombstones.column("user_id"))], pa.string()))
+        hashes = _unique(pa.chunked_array([layer_tombstones.column("user_hash").cast(pa.string()),
+                                           _user_hashes(layer_users)], pa.string()))
+        forgets = pc.filter(layer_tombstones.column("user_hash"), pc.equal(layer_tombstones.column("op"), OP_FORGET_USER))
+        if state.num_rows:
+            state = state.filter(pc.invert(pc.is_in(state.column("user_id"), ids)))
+        if len(forgets) and state.num_rows:
+            users = _unique(state.column("user_id"))
+            gone = pc.filter(users, pc.is_in(_user_hashes(users), forgets.combine_chunks()))
+            state = state.filter(pc.invert(pc.is_in(state.column("user_id"), gone)))
+        if tombstones.num_rows:
+            tombstones = tombstones.filter(pc.invert(pc.is_in(tombstones.column("user_hash"), hashes)))
+        state = pa.concat_tables([conform(state, FACT_STATE_SCHEMA, "fact state"), conform(layer_state, FACT_STATE_SCHEMA, "state layer")])
+        tombstones = pa.concat_tables([conform(tombstones, TOMBSTONE_SCHEMA, "tombstones"),
+                                       conform(layer_tombstones, TOMBSTONE_SCHEMA, "tombstones layer")])
+    state = conform(state, FACT_STATE_SCHEMA, "fact state").sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+    tombstones = conform(tombstones, TOMBSTONE_SCHEMA, "tombstones").sort_by(
+        [("user_hash", "ascending"), ("fact_id", "ascending")])
+    return state.combine_chunks(), tombstones.combine_chunks()
+
+
+def _key_column(table: pa.Table, names: list[str]) -> pa.Array:
+    """One string per row joining ``names`` (nulls as empty), for set differences of rows."""
+    parts = [pc.fill_null(table.column(n).cast(pa.string()), "") for n in names]
+    return pc.binary_join_element_wise(*parts, "\x1f")
+
+
+def state_layer(prior_state: pa.Table, prior_tombstones: pa.Table, state: pa.Table,
+                tombstones: pa.Table) -> tuple[pa.Table, pa.Table] | None:
+    """The state layer that turns the prior (merged) state and tombstones into the new ones: all
+    facts and tombstones of every user whose facts or tombstones differ; None if nothing differs.
+
+    Raises RuntimeError if merging the layer onto the prior does not give the new state exactly
+    (a bug, never the data's fault: the layer is checked before it is written)."""
+    fact_cols = ["user_id", "fact_id", "fact_hash", "event_time"]
+    tomb_cols = ["user_hash", "user_id", "fact_id", "op", "event_time"]
+    old_facts, new_facts = _key_column(prior_state, fact_cols), _key_column(state, fact_cols)
+    old_tombs, new_tombs = _key_column(prior_tombstones, tomb_cols), _key_column(tombstones, tomb_cols)
+    changed_ids = _unique(pa.chunked_array([
+        pc.filter(state.column("user_id"), pc.invert(pc.is_in(new_facts, old_facts))),
+        pc.filter(prior_state.column("user_id"), pc.invert(pc.is_in(old_facts, new_facts)))], pa.string()))
+    changed_tombs = pa.concat_tables([
+        tombstones.filter(pc.invert(pc.is_in(new_tombs, old_tombs))),
+        prior_tombstones.filter(pc.invert(pc.is_in(old_tombs, new_tombs)))])
+    if len(changed_ids) == 0 and changed_tombs.num_rows == 0:
+        return None
+    # A user with a new forget tombstone that is older than facts they keep (a late forget) is in
+    # the layer with those facts: merging a forget drops the user's facts of the layers below.
+    new_forgets = pc.filter(changed_tombs.column("user_hash"), pc.equal(changed_tombs.column("op"), OP_FORGET_USER))
+    kept_after_forget = pa.array([], pa.string())
+    if len(new_forgets):
+        live = _unique(state.column("user_id"))
+        kept_after_forget = pc.filter(live, pc.is_in(_user_hashes(live), new_forgets.combine_chunks().cast(pa.string())))
+    ids = _unique(pa.chunked_array([changed_ids, pc.drop_null(changed_tombs.column("user_id")), kept_after_forget],
+                                   pa.string()))
+    hashes = _unique(pa.chunked_array([changed_tombs.column("user_hash"), _user_hashes(ids)], pa.string()))
+    layer = (state.filter(pc.is_in(state.column("user_id"), ids)),
+             tombstones.filter(pc.is_in(tombstones.column("user_hash"), hashes)))
+    merged_state, merged_tombstones = merge_state_chain(prior_state, prior_tombstones, [layer])
+    expected_state, expected_tombstones = merge_state_chain(state, tombstones, [])
+    if not (merged_state.equals(expected_state) and merged_tombstones.equals(expected_tombstones)):
+        raise RuntimeError("state layer: merging it onto the prior state does not give the new state "
+                           "(a bug in engram; the night stops before writing anything)")
+    return layer

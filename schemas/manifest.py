@@ -15,6 +15,27 @@ content-addressed, so a shard that did not change is carried with its stats by r
 Version 1 manifests are still read: their shards have no tombstones object and no stats parts,
 and their ``stats`` map a table to the hive prefix ``stats/<table>/version=<N>/`` that holds it
 (a key ending in ``/`` is a prefix to list).
+
+Layers (version 2, since 2026-12-01). A shard is a *base* plus ordered *layers* (oldest first):
+
+* ``bundle_*`` is the base bundle, ``layers`` the delta layers (:class:`LayerEntry`,
+  ``objects/layers/<sha256>.parquet``, schemas.bundle.LAYER_SCHEMA): each holds the whole deltas
+  of the users that changed on one night and tombstones of users whose delta went; the newest
+  entry for a user wins. Each layer names its own stats parts (facts, users, collisions of its
+  users); a row of an older part is hidden by a newer layer that names its user.
+* ``state_*`` / ``tombstones_*`` are the base fact state and tombstones, ``state_layers``
+  (:class:`StateLayer`) the changed users' whole facts and tombstones of later nights
+  (schemas.facts.merge_state_chain).
+* ``cobatch_groups`` is how many co-batch group numbers the base and layers have used (a new
+  layer numbers its groups from there, so a group never mixes users of two objects; null, as in
+  entries written before layers: unknown, so the shard's next change writes a new base);
+  ``compactions`` counts the bases written to replace a chain.
+* ``users``, ``facts``, ``rows`` are the merged view's.
+
+A chain is refused at load (ManifestError naming the field) when an object's key does not match
+its sha256, a layer's ``parent_sha256`` is not the object below it (the base bundle or the
+previous layer: each layer object also records it, see schemas.bundle.LAYER_SCHEMA), or a layer
+names no user.
 """
 
 from __future__ import annotations
@@ -50,8 +71,47 @@ def tombstones_key(sha256: str) -> str:
     return f"objects/tombstones/{sha256}.parquet"
 
 
+def layer_key(sha256: str) -> str:
+    return f"objects/layers/{sha256}.parquet"
+
+
 def stats_part_key(table: str, sha256: str) -> str:
     return f"stats/{table}/{sha256}.parquet"
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One night's change to a shard's deltas (see the module docstring)."""
+
+    key: str
+    sha256: str
+    bytes: int
+    parent_sha256: str  # the object it applies on: the base bundle, or the layer below it
+    users: int  # deltas this layer holds (its users' whole deltas)
+    tombstones: int  # users whose delta this layer removes
+    stats: dict[str, str] = field(default_factory=dict)  # stats table -> key of this layer's part
+
+    def object_keys(self) -> tuple[str, ...]:
+        return (self.key,) + tuple(sorted(self.stats.values()))
+
+
+@dataclass(frozen=True)
+class StateLayer:
+    """One night's change to a shard's fact state and tombstones: the changed users' whole rows."""
+
+    state_key: str
+    state_sha256: str
+    state_bytes: int
+    tombstones_key: str | None = None  # None: the changed users keep no tombstone
+    tombstones_sha256: str | None = None
+    tombstones_bytes: int = 0
+
+    def object_keys(self) -> tuple[str, ...]:
+        return (self.state_key,) + ((self.tombstones_key,) if self.tombstones_key else ())
+
+    @property
+    def bytes(self) -> int:
+        return self.state_bytes + self.tombstones_bytes
 
 
 @dataclass(frozen=True)
@@ -69,12 +129,47 @@ class ShardEntry:
     tombstones_key: str | None = None  # None: the shard keeps no tombstones object (e.g. from version 1)
     tombstones_sha256: str | None = None
     tombstones_bytes: int = 0
-    stats: dict[str, str] = field(default_factory=dict)  # stats table -> key of this shard's part
+    stats: dict[str, str] = field(default_factory=dict)  # stats table -> key of the base's part
+    layers: tuple[LayerEntry, ...] = ()  # delta layers over the base bundle, oldest first
+    state_layers: tuple[StateLayer, ...] = ()  # fact-state layers over the base state, oldest first
+    cobatch_groups: int | None = 0  # co-batch group numbers used by the base and layers (None: not recorded)
+    compactions: int = 0  # bases written to replace a chain of layers, so far
 
     def object_keys(self) -> tuple[str, ...]:
-        """Every object this shard references (bundle, state, tombstones, stats parts)."""
+        """Every object this shard references (bundle, layers, state, tombstones, stats parts)."""
         keys = [self.bundle_key, self.state_key] + ([self.tombstones_key] if self.tombstones_key else [])
+        keys += [k for layer in self.layers for k in layer.object_keys()]
+        keys += [k for layer in self.state_layers for k in layer.object_keys()]
         return tuple(keys + sorted(self.stats.values()))
+
+    def sized_objects(self) -> dict[str, int | None]:
+        """Key -> size in bytes (None: a stats part, not sized in the manifest) of every object."""
+        sizes: dict[str, int | None] = {key: None for key in self.object_keys()}
+        sizes |= {self.bundle_key: self.bundle_bytes, self.state_key: self.state_bytes}
+        if self.tombstones_key is not None:
+            sizes[self.tombstones_key] = self.tombstones_bytes
+        for layer in self.layers:
+            sizes[layer.key] = layer.bytes
+        for layer in self.state_layers:
+            sizes[layer.state_key] = layer.state_bytes
+            if layer.tombstones_key:
+                sizes[layer.tombstones_key] = layer.tombstones_bytes
+        return sizes
+
+    @property
+    def delta_bytes(self) -> int:
+        """Bytes a serving node downloads for this shard: the base bundle and its layers."""
+        return self.bundle_bytes + sum(layer.bytes for layer in self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.delta_bytes + self.state_bytes + self.tombstones_bytes
+                + sum(layer.bytes for layer in self.state_layers))
+
+    @property
+    def delta_chain(self) -> tuple[str, ...]:
+        """sha256 of the base bundle and of each layer, oldest first: what a serving node holds."""
+        return (self.bundle_sha256,) + tuple(layer.sha256 for layer in self.layers)
 
 
 @dataclass(frozen=True)
@@ -106,14 +201,16 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(s.bundle_bytes + s.state_bytes + s.tombstones_bytes for s in self.shards)
+        return sum(s.total_bytes for s in self.shards)
 
     def shard(self, shard: int) -> ShardEntry:
         return self.shards[shard]
 
     def stats_parts(self, table: str) -> list[str]:
-        """Keys (or, in version-1 manifests, hive prefixes ending in '/') of ``table``'s parts."""
-        return list(self.stats.get(table, ())) + [e.stats[table] for e in self.shards if table in e.stats]
+        """Keys (or, in version-1 manifests, hive prefixes ending in '/') of ``table``'s parts: the
+        version's own, each shard's base's and each layer's."""
+        return (list(self.stats.get(table, ())) + [e.stats[table] for e in self.shards if table in e.stats]
+                + [layer.stats[table] for e in self.shards for layer in e.layers if table in layer.stats])
 
     def object_keys(self) -> set[str]:
         """Every object key the version references: shard objects and stats parts (not prefixes)."""
@@ -122,7 +219,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["shards"] = [asdict(s) for s in self.shards]
+        out["shards"] = [_shard_dict(s) for s in self.shards]
         out["forgotten"] = list(self.forgotten)
         out["stats"] = {table: list(parts) for table, parts in self.stats.items()}
         return out
@@ -180,7 +277,15 @@ class Manifest:
             raise ManifestError(f"{where}: field 'parent' equals the version {self.version}")
 
 
-_V1_ABSENT = {"tombstones_key", "tombstones_sha256", "tombstones_bytes"}  # shard fields version 1 lacks
+def _shard_dict(entry: ShardEntry) -> dict:
+    out = asdict(entry)
+    out["layers"] = [asdict(layer) for layer in entry.layers]
+    out["state_layers"] = [asdict(layer) for layer in entry.state_layers]
+    return out
+
+
+_LAYER_FIELDS = {"layers", "state_layers", "cobatch_groups", "compactions"}  # absent: a base without layers
+_V1_ABSENT = {"tombstones_key", "tombstones_sha256", "tombstones_bytes"} | _LAYER_FIELDS  # shard fields version 1 lacks
 _V1_SHARD_STATS = {"stats"}
 
 
@@ -259,7 +364,9 @@ def _forgotten(raw: dict, where: str) -> tuple[str, ...]:
 def _shard_entry(raw, where: str, schema_version: int = MANIFEST_SCHEMA_VERSION) -> ShardEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: must be a JSON object")
-    _check_fields(raw, ShardEntry, where, optional=_V1_ABSENT | _V1_SHARD_STATS if schema_version == 1 else set())
+    # Layers were added to schema 2 before it was released: a schema-2 entry without them is a base.
+    _check_fields(raw, ShardEntry, where,
+                  optional=_V1_ABSENT | _V1_SHARD_STATS if schema_version == 1 else _LAYER_FIELDS)
     tombstones = raw.get("tombstones_key") is not None  # None: no tombstones object (none kept yet)
     entry = ShardEntry(
         shard=_int(raw, "shard", where),
@@ -276,6 +383,11 @@ def _shard_entry(raw, where: str, schema_version: int = MANIFEST_SCHEMA_VERSION)
         tombstones_sha256=_sha(raw, "tombstones_sha256", where) if tombstones else None,
         tombstones_bytes=_int(raw, "tombstones_bytes", where, minimum=1) if tombstones else 0,
         stats=_mapping(raw, "stats", where, str) if "stats" in raw else {},
+        layers=tuple(_layer(x, f"{where} layers[{i}]") for i, x in enumerate(_list(raw, "layers", where))),
+        state_layers=tuple(_state_layer(x, f"{where} state_layers[{i}]")
+                           for i, x in enumerate(_list(raw, "state_layers", where))),
+        cobatch_groups=None if raw.get("cobatch_groups") is None else _int(raw, "cobatch_groups", where),
+        compactions=_int(raw, "compactions", where) if "compactions" in raw else 0,
     )
     if entry.bundle_key != bundle_key(entry.bundle_sha256):
         raise ManifestError(f"{where}: field 'bundle_key' must be {bundle_key(entry.bundle_sha256)!r}, got {entry.bundle_key!r}")
@@ -284,8 +396,76 @@ def _shard_entry(raw, where: str, schema_version: int = MANIFEST_SCHEMA_VERSION)
     if tombstones and entry.tombstones_key != tombstones_key(entry.tombstones_sha256):
         raise ManifestError(f"{where}: field 'tombstones_key' must be {tombstones_key(entry.tombstones_sha256)!r}, "
                             f"got {entry.tombstones_key!r}")
-    for table, key in entry.stats.items():
+    _check_stats_keys(entry.stats, where)
+    _check_chain(entry, where)
+    return entry
+
+
+def _check_stats_keys(stats: dict[str, str], where: str) -> None:
+    for table, key in stats.items():
         if not key.startswith(f"stats/{table}/") or not key.endswith(".parquet"):
             raise ManifestError(f"{where}: field 'stats' names {key!r} for table {table!r}; "
                                 f"expected stats/{table}/<sha256>.parquet")
-    return entry
+
+
+def _check_chain(entry: ShardEntry, where: str) -> None:
+    """Each layer applies on the object below it: a layer listed over another base or out of order
+    means the chain was put together wrongly (or cut), and is refused."""
+    below = entry.bundle_sha256
+    for i, layer in enumerate(entry.layers):
+        if layer.parent_sha256 != below:
+            raise ManifestError(f"{where}: layer chain broken: layers[{i}] applies on {layer.parent_sha256[:16]}.., "
+                                f"but the object below it is {below[:16]}.. (a layer is missing, out of order, or "
+                                "from another chain)")
+        below = layer.sha256
+
+
+def _list(raw: dict, name: str, where: str) -> list:
+    value = raw.get(name, [])
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: layer chain broken: field {name!r} must be a list")
+    return value
+
+
+def _check_chain_fields(raw: dict, cls, where: str) -> None:
+    try:
+        _check_fields(raw, cls, where)
+    except ManifestError as err:
+        raise ManifestError(str(err).replace(f"{where}: ", f"{where}: layer chain broken: ", 1)) from None
+
+
+def _layer(raw, where: str) -> LayerEntry:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: layer chain broken: a layer must be a JSON object")
+    _check_chain_fields(raw, LayerEntry, where)
+    layer = LayerEntry(key=_str(raw, "key", where), sha256=_sha(raw, "sha256", where),
+                       bytes=_int(raw, "bytes", where, minimum=1), parent_sha256=_sha(raw, "parent_sha256", where),
+                       users=_int(raw, "users", where),
+                       tombstones=_int(raw, "tombstones", where), stats=_mapping(raw, "stats", where, str))
+    if layer.key != layer_key(layer.sha256):
+        raise ManifestError(f"{where}: layer chain broken: field 'key' must be {layer_key(layer.sha256)!r}, "
+                            f"got {layer.key!r}")
+    if layer.users + layer.tombstones == 0:
+        raise ManifestError(f"{where}: layer chain broken: a layer with no users and no tombstones")
+    _check_stats_keys(layer.stats, where)
+    return layer
+
+
+def _state_layer(raw, where: str) -> StateLayer:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: layer chain broken: a state layer must be a JSON object")
+    _check_chain_fields(raw, StateLayer, where)
+    tombstones = raw["tombstones_key"] is not None
+    layer = StateLayer(
+        state_key=_str(raw, "state_key", where), state_sha256=_sha(raw, "state_sha256", where),
+        state_bytes=_int(raw, "state_bytes", where, minimum=1),
+        tombstones_key=_str(raw, "tombstones_key", where) if tombstones else None,
+        tombstones_sha256=_sha(raw, "tombstones_sha256", where) if tombstones else None,
+        tombstones_bytes=_int(raw, "tombstones_bytes", where, minimum=1) if tombstones else 0)
+    expected_keys = [("state_key", layer.state_key, state_key(layer.state_sha256))]
+    if tombstones:
+        expected_keys.append(("tombstones_key", layer.tombstones_key, tombstones_key(layer.tombstones_sha256)))
+    for name, key, expected in expected_keys:
+        if key != expected:
+            raise ManifestError(f"{where}: layer chain broken: field {name!r} must be {expected!r}, got {key!r}")
+    return layer

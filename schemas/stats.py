@@ -1,7 +1,8 @@
-"""Arrow schemas of the per-version stats tables (``stats/<table>/version=<N>/part-0.parquet``).
+"""Arrow schemas of the stats tables (parts named by manifests; see pipeline.stats).
 
-The ``version`` column is not stored in the files: it comes from the hive partition when the
-tables are queried, so a table written for version N can never claim another version.
+The ``version`` column is not stored in the files: it comes from the manifest that names the part
+when the tables are queried, so a part can never claim another version. A part written before a
+column was added reads it as null.
 """
 
 from __future__ import annotations
@@ -38,8 +39,16 @@ SHARDS_STATS_SCHEMA = pa.schema(
         pa.field("users", pa.int64()),
         pa.field("facts", pa.int64()),
         pa.field("rows", pa.int64()),
-        pa.field("bytes", pa.int64()),
-        pa.field("bundle_key", pa.string()),
+        pa.field("bytes", pa.int64()),  # the shard's deltas: base bundle and layers (what a serving node holds)
+        pa.field("bundle_key", pa.string()),  # the base bundle
+        pa.field("base_bytes", pa.int64()),
+        pa.field("layers", pa.int64()),  # delta layers over the base
+        pa.field("layer_bytes", pa.list_(pa.int64())),  # bytes of each layer, oldest first
+        pa.field("layer_users", pa.list_(pa.int64())),  # deltas each layer holds
+        pa.field("tombstones", pa.int64()),  # users the layers remove, summed over the layers
+        pa.field("state_layers", pa.int64()),  # fact-state layers over the base state
+        pa.field("compactions", pa.int64()),  # bases written to replace a chain, up to this version
+        pa.field("compacted", pa.bool_()),  # this version wrote the shard a new base by compaction
     ]
 )
 COLLISIONS_STATS_SCHEMA = pa.schema(

@@ -3,21 +3,36 @@
 A serving node owns a set of shards. :class:`PullClient` polls the store:
 
 1. ``head("CURRENT")``: an unchanged etag costs no download and changes nothing;
-2. otherwise it reads the manifest, refuses one compiled for another model fingerprint, and
-   for each owned shard whose bundle sha256 differs from the one it serves, gets the bundle
-   (from the local cache if a verified copy is there, else from the store), checks size and
-   sha256 against the manifest, decodes it, and checks every delta against the loaded model;
+2. otherwise it reads the manifest (refused if its layer chain is broken, or compiled for another
+   model fingerprint). A shard is a base bundle plus ordered layers (schemas.manifest). For each
+   owned shard whose chain differs from the one it serves:
+
+   * same base, the served layers followed by new ones (a night): it gets only the new layers
+     and applies them, in order, to a copy of the shard's users;
+   * otherwise (a compaction, a forget's rewrite, a rollback): it rebuilds the shard from the
+     base and every layer, each from the local cache when a verified copy is there, so a
+     rollback to a version whose objects the node holds downloads nothing;
+
+   every object is checked for size and sha256 against the manifest, a layer also for the model
+   fingerprint and the object it applies on (its parent), and every delta against the loaded
+   model;
 3. it builds the new :class:`ServingIndex` completely and then replaces one reference, so a
-   reader sees either the old version or the new one, never a mix.
+   reader sees either the old version or the new one, never a mix;
+4. then it evicts, from the disk cache, every object of its shards that the version it now
+   serves does not reference (the old index, and so the memory, is released with the swap).
 
 Any failure keeps the version being served, logs why and sets ``last_error``; the next poll
 tries again (the etag is only remembered after a successful swap). A rollback is just CURRENT
-pointing at an older manifest, and a forgotten user is absent from the new bundle: both are
-followed on the next poll like any other change.
+pointing at an older manifest, and a forgotten user is absent from the rewritten objects: both
+are followed on the next poll like any other change, and the eviction removes the forgotten
+user's old objects from the node's disk.
 
-The disk cache (``<cache_dir>/bundles/<sha256>.parquet``) is content-addressed, written
-atomically (temp file, fsync, rename) and re-verified on every load; a truncated or corrupted
-file is deleted and downloaded again. The model a manifest names by fingerprint is stored by
+The disk cache (``<cache_dir>/shards/<shard>/<sha256>.parquet``: base bundles and layers) is
+content-addressed, written atomically (temp file, fsync, rename) and re-verified on every load; a
+truncated or corrupted file is deleted and downloaded again. It is bounded: it holds exactly the
+objects of the served version's chains of the node's shards (a second client with other shards
+may share the folder; clients that own the same shards evict each other's older objects, which
+costs a download, never a wrong answer). The model a manifest names by fingerprint is stored by
 the nightly job under ``models/<fingerprint>/`` (:func:`versions.models.publish_model`) and fetched into the
 same cache by :func:`versions.models.fetch_model`, verified by recomputing the fingerprint.
 """
@@ -30,6 +45,8 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
+from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -39,7 +56,7 @@ from engram_core.delta import Delta
 from engram_core.memory_index import ServedDelta, served_delta
 from engram_core.text import canonical_id
 from engram_core.serving import DeltaMismatch
-from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle
+from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle, decode_layer, layer_parts
 from schemas.manifest import Manifest, ManifestError, ShardEntry
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
@@ -90,58 +107,116 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# ---------------------------------------------------------------- bundle cache
+# ---------------------------------------------------------------- object cache
 
 
 class BundleCache:
-    """Content-addressed local copies of shard bundles, re-verified on every load."""
+    """Content-addressed local copies of a node's shard objects (base bundles and layers), one
+    folder per shard, re-verified on every load and evicted once no served chain names them."""
+
+    LEGACY = "bundles"  # the layout before layers: <cache>/bundles/<sha256>.parquet (evicted whole)
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root) / "bundles"
+        self.root = Path(root)
 
-    def path(self, sha256: str) -> Path:
-        return self.root / f"{sha256}.parquet"
+    def path(self, shard: int, sha256: str) -> Path:
+        return self.root / "shards" / str(shard) / f"{sha256}.parquet"
 
-    def load(self, entry: ShardEntry) -> bytes | None:
+    def load(self, shard: int, sha256: str, size: int) -> bytes | None:
         """The cached bytes if present and intact; a damaged copy is deleted (and None returned)."""
-        path = self.path(entry.bundle_sha256)
+        path = self.path(shard, sha256)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        if len(data) == entry.bundle_bytes and _sha256(data) == entry.bundle_sha256:
+        if len(data) == size and _sha256(data) == sha256:
             return data
         log.warning("cache %s: %d bytes that do not match sha256 %s; deleting it and downloading again",
-                    path, len(data), entry.bundle_sha256[:12])
+                    path, len(data), sha256[:12])
         path.unlink(missing_ok=True)
         return None
 
-    def save(self, entry: ShardEntry, data: bytes) -> None:
-        write_file_atomic(self.path(entry.bundle_sha256), data)
+    def save(self, shard: int, sha256: str, data: bytes) -> None:
+        write_file_atomic(self.path(shard, sha256), data)
+
+    def evict(self, keep: Mapping[int, set[str]]) -> list[Path]:
+        """Delete every cached object of the shards in ``keep`` whose sha256 is not kept, and the
+        legacy folder; returns what was deleted."""
+        deleted = []
+        for shard, kept in keep.items():
+            folder = self.root / "shards" / str(shard)
+            for path in folder.glob("*.parquet") if folder.is_dir() else ():
+                if path.stem not in kept:
+                    path.unlink(missing_ok=True)
+                    deleted.append(path)
+        legacy = self.root / self.LEGACY
+        for path in legacy.glob("*") if legacy.is_dir() else ():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+        return deleted
 
 
-def fetch_bundle(store: ObjectStore, entry: ShardEntry, cache: BundleCache | None) -> bytes:
-    """A shard's verified bundle bytes: from the cache if intact, else from the store (then cached)."""
-    data = cache.load(entry) if cache is not None else None
+@dataclass
+class _Downloads:
+    objects: int = 0
+    bytes: int = 0
+
+
+def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: int, cache: BundleCache | None,
+                 downloads: _Downloads | None = None) -> bytes:
+    """One of a shard's objects, verified: from the cache if intact, else from the store (then cached)."""
+    data = cache.load(shard, sha256, size) if cache is not None else None
     if data is not None:
         return data
-    where = f"{store.uri}/{entry.bundle_key}"
+    where = f"{store.uri}/{key}"
     try:
-        data = store.get(entry.bundle_key)
+        data = store.get(key)
     except ObjectNotFound:
-        raise IntegrityError(f"{where}: missing (manifest shard {entry.shard} references it)") from None
-    if len(data) != entry.bundle_bytes:
-        raise IntegrityError(f"{where}: {len(data)} bytes, manifest says {entry.bundle_bytes} (refused)")
+        raise IntegrityError(f"{where}: missing (manifest shard {shard} references it)") from None
+    if downloads is not None:
+        downloads.objects += 1
+        downloads.bytes += len(data)
+    if len(data) != size:
+        raise IntegrityError(f"{where}: {len(data)} bytes, manifest says {size} (refused)")
     actual = _sha256(data)
-    if actual != entry.bundle_sha256:
+    if actual != sha256:
         raise IntegrityError(f"{where}: sha256 {actual[:16]}.. does not match the manifest's "
-                             f"{entry.bundle_sha256[:16]}.. (refused; the object was changed or damaged)")
+                             f"{sha256[:16]}.. (refused; the object was changed or damaged)")
     if cache is not None:
-        cache.save(entry, data)
+        cache.save(shard, sha256, data)
     return data
 
 
 # ---------------------------------------------------------------- the index
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """One shard of a served version: the chain it was built from and its users' checked deltas."""
+
+    chain: tuple[str, ...]  # sha256 of the base bundle and of each layer applied, oldest first
+    users: Mapping[str, ServedDelta]
+
+
+class _Users(AbstractMapping):
+    """user_id -> ServedDelta over every shard view (a user is looked up in its own shard)."""
+
+    def __init__(self, views: Mapping[int, ShardView], num_shards: int):
+        self._views, self._num_shards = views, num_shards
+
+    def __getitem__(self, user_id: str) -> ServedDelta:
+        view = self._views.get(shard_of(user_id, self._num_shards))
+        if view is None:
+            raise KeyError(user_id)
+        return view.users[user_id]
+
+    def __iter__(self) -> Iterator[str]:
+        for view in self._views.values():
+            yield from view.users
+
+    def __len__(self) -> int:
+        return sum(len(view.users) for view in self._views.values())
 
 
 @dataclass(frozen=True)
@@ -152,15 +227,25 @@ class ServingIndex:
     fingerprint: str
     num_shards: int
     shards: tuple[int, ...]
-    shard_sha256: Mapping[int, str]
-    shard_users: Mapping[int, Mapping[str, ServedDelta]]
-    users: Mapping[str, ServedDelta] = field(repr=False)
+    views: Mapping[int, ShardView] = field(repr=False)
+
+    @property
+    def users(self) -> Mapping[str, ServedDelta]:
+        return _Users(self.views, self.num_shards)
+
+    @property
+    def shard_users(self) -> Mapping[int, Mapping[str, ServedDelta]]:
+        return {shard: view.users for shard, view in self.views.items()}
 
     def served_for(self, user_id: str | None) -> ServedDelta | None:
         """The checked, batch-ready delta of ``user_id`` (read in canonical form,
         :func:`engram_core.text.canonical_id`, as ingest stores ids); None for no user or an
         unknown one (the base model)."""
-        return self.users.get(canonical_id(user_id)) if user_id else None
+        if not user_id:
+            return None
+        user_id = canonical_id(user_id)
+        view = self.views.get(shard_of(user_id, self.num_shards))
+        return view.users.get(user_id) if view is not None else None
 
     def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
         """The deltas a request of ``user_id`` is served with: () for no user or an unknown one (the base model)."""
@@ -168,34 +253,56 @@ class ServingIndex:
         return (served.delta,) if served is not None else ()
 
     def owns(self, user_id: str) -> bool:
-        return shard_of(canonical_id(user_id), self.num_shards) in self.shard_users
+        return shard_of(canonical_id(user_id), self.num_shards) in self.views
 
     @property
     def num_users(self) -> int:
-        return len(self.users)
+        return sum(len(view.users) for view in self.views.values())
 
     @property
     def nbytes(self) -> int:
         """Bytes of delta arrays held (layers, row ids, values); Python object overhead excluded."""
-        return sum(d.delta.nbytes for d in self.users.values())
+        return sum(d.delta.nbytes for view in self.views.values() for d in view.users.values())
 
 
 def load_shard_deltas(em: EngramModel, shard: int, num_shards: int, data: bytes, source: str) -> dict[str, ServedDelta]:
     """Decode a verified bundle; check every delta against the loaded model and the shard, once."""
     served = {}
     for user, delta in bundle_deltas(decode_bundle(data, source=source)).items():
-        if shard_of(user, num_shards) != shard:
-            raise PullError(f"{source}: user {user!r} belongs to shard {shard_of(user, num_shards)}, not {shard}")
+        _check_shard(user, shard, num_shards, source)
         served[user] = served_delta(em, delta, owner=f"{source} user {user!r}")
     return served
+
+
+def apply_layer(em: EngramModel, users: dict[str, ServedDelta], shard: int, num_shards: int, layer,
+                source: str) -> None:
+    """Apply a decoded, verified layer to ``users`` (in place): its tombstones remove users, its
+    other rows replace them whole, each delta checked against the model."""
+    upserts, removed = layer_parts(layer)
+    for user in removed.to_pylist():
+        _check_shard(user, shard, num_shards, source)
+        users.pop(user, None)
+    for user, delta in bundle_deltas(upserts).items():
+        _check_shard(user, shard, num_shards, source)
+        users[user] = served_delta(em, delta, owner=f"{source} user {user!r}")
+
+
+def _check_shard(user: str, shard: int, num_shards: int, source: str) -> None:
+    if shard_of(user, num_shards) != shard:
+        raise PullError(f"{source}: user {user!r} belongs to shard {shard_of(user, num_shards)}, not {shard}")
 
 
 @dataclass(frozen=True)
 class PollResult:
     changed: bool  # a new version is now served
     version: int | None  # the version served after this poll
-    fetched_shards: tuple[int, ...] = ()  # shards whose bundle was (re)loaded
+    fetched_shards: tuple[int, ...] = ()  # shards whose deltas were (re)loaded or had layers applied
     error: str | None = None
+    downloaded_objects: int = 0  # objects this poll got from the store (not from the cache)
+    downloaded_bytes: int = 0
+    layers_applied: int = 0  # layers applied onto a shard the node already served
+    rebuilt_shards: tuple[int, ...] = ()  # shards built from their base (cache or store)
+    evicted_objects: int = 0  # cached objects no served chain names any more, deleted
 
 
 class PullClient:
@@ -263,14 +370,30 @@ class PullClient:
         if current is None:
             raise PullError(f"{self.store.uri}: CURRENT disappeared while reading it")
         manifest, etag = current
-        index, fetched = self._build(manifest)
+        build = _Build()
+        index = self._build(manifest, build)
         self._index = index  # the swap: readers hold either the old index or this one
         self._etag = etag
-        log.info("serving v%d from %s (%d users in %d shards; loaded shards %s)", manifest.version,
-                 self.store.uri, index.num_users, len(index.shards), list(fetched))
-        return PollResult(served != manifest.version or bool(fetched), manifest.version, fetched)
+        evicted = self._evict(index)
+        log.info("serving v%d from %s (%d users in %d shards; loaded shards %s, %d layer(s) applied, %d bytes "
+                 "downloaded)", manifest.version, self.store.uri, index.num_users, len(index.shards), build.fetched,
+                 build.layers_applied, build.downloads.bytes)
+        return PollResult(served != manifest.version or bool(build.fetched), manifest.version, tuple(build.fetched),
+                          downloaded_objects=build.downloads.objects, downloaded_bytes=build.downloads.bytes,
+                          layers_applied=build.layers_applied, rebuilt_shards=tuple(build.rebuilt),
+                          evicted_objects=len(evicted))
 
-    def _build(self, manifest: Manifest) -> tuple[ServingIndex, tuple[int, ...]]:
+    def _evict(self, index: ServingIndex) -> list[Path]:
+        """Delete the cached objects of this node's shards that the served version does not name."""
+        if self.cache is None:
+            return []
+        try:
+            return self.cache.evict({shard: set(view.chain) for shard, view in index.views.items()})
+        except OSError as err:  # the version is served; the next successful poll evicts again
+            log.error("cache %s: could not evict unreferenced objects: %s", self.cache.root, err)
+            return []
+
+    def _build(self, manifest: Manifest, build: "_Build") -> ServingIndex:
         where = f"{self.store.uri}/{manifest.key}"
         if manifest.fingerprint != self.em.fingerprint:
             raise FingerprintMismatch(
@@ -283,21 +406,38 @@ class PullClient:
                             "(fix the node's --shards)")
         previous = self._index
         reuse = previous is not None and previous.num_shards == manifest.num_shards
-        shard_users: dict[int, Mapping[str, ServedDelta]] = {}
-        fetched = []
+        views: dict[int, ShardView] = {}
         for shard in owned:
-            entry = manifest.shard(shard)
-            if reuse and previous.shard_sha256.get(shard) == entry.bundle_sha256:
-                shard_users[shard] = previous.shard_users[shard]
-                continue
-            data = fetch_bundle(self.store, entry, self.cache)
-            source = f"{self.store.uri}/{entry.bundle_key}"
-            shard_users[shard] = load_shard_deltas(self.em, shard, manifest.num_shards, data, source)
-            fetched.append(shard)
-        users = {u: d for part in shard_users.values() for u, d in part.items()}
-        index = ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned),
-                             {s: manifest.shard(s).bundle_sha256 for s in owned}, shard_users, users)
-        return index, tuple(fetched)
+            held = previous.views.get(shard) if reuse else None
+            views[shard] = self._shard_view(manifest, manifest.shard(shard), held, build)
+        return ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned), views)
+
+    def _shard_view(self, manifest: Manifest, entry: ShardEntry, held: ShardView | None, build: "_Build") -> ShardView:
+        """The shard's view of ``entry``'s chain: ``held`` itself if unchanged, ``held`` plus the
+        new layers if the chain extends it, else built from the base."""
+        chain = entry.delta_chain
+        if held is not None and held.chain == chain:
+            return held
+        shard, num_shards = entry.shard, manifest.num_shards
+        incremental = held is not None and chain[:len(held.chain)] == held.chain
+        if incremental:
+            users = dict(held.users)
+            start = len(held.chain) - 1  # layers the node already applied
+        else:
+            data = fetch_object(self.store, entry.bundle_key, entry.bundle_sha256, entry.bundle_bytes, shard,
+                                self.cache, build.downloads)
+            users = load_shard_deltas(self.em, shard, num_shards, data, f"{self.store.uri}/{entry.bundle_key}")
+            start = 0
+            build.rebuilt.append(shard)
+        for i in range(start, len(entry.layers)):
+            layer = entry.layers[i]
+            source = f"{self.store.uri}/{layer.key}"
+            data = fetch_object(self.store, layer.key, layer.sha256, layer.bytes, shard, self.cache, build.downloads)
+            table = decode_layer(data, source=source, fingerprint=manifest.fingerprint, parent_sha256=chain[i])
+            apply_layer(self.em, users, shard, num_shards, table, source)
+            build.layers_applied += incremental
+        build.fetched.append(shard)
+        return ShardView(chain, users)
 
     # -- background polling ---------------------------------------------------------------
     def next_delay(self) -> float:
@@ -320,6 +460,16 @@ class PullClient:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+
+@dataclass
+class _Build:
+    """What one poll's build did (for its PollResult)."""
+
+    downloads: _Downloads = field(default_factory=_Downloads)
+    fetched: list[int] = field(default_factory=list)
+    rebuilt: list[int] = field(default_factory=list)
+    layers_applied: int = 0
 
 
 # ---------------------------------------------------------------- the model

@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from engram_core.delta import Delta
+from jobs.synthetic import publish_synthetic_night as publish_night  # noqa: F401 - the tests' name for it
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import empty_fact_state, encode_fact_state
 from tests.conftest import S3Server, _stop, start_weed
@@ -169,3 +170,44 @@ def rewrite_as_schema_1(store, manifest) -> None:
         for name in ("tombstones_key", "tombstones_sha256", "tombstones_bytes", "stats"):
             shard.pop(name)
     store.put(manifest.key, _json.dumps(legacy).encode())
+
+
+# ---------------------------------------------------------------- erasure scans
+
+
+def value_rows(delta: Delta) -> list[bytes]:
+    """The delta's rows as the float16 bytes a bundle or layer stores them in (one entry per row)."""
+    values = np.asarray(delta.values, np.float16)
+    return [values[i].tobytes() for i in range(values.shape[0])]
+
+
+def holds_user(data: bytes, user_id: str, rows: list[bytes]) -> bool:
+    """Whether an object (any file: Parquet read column by column, anything else as bytes) holds
+    ``user_id`` (as a value of any string or string-list column, or in its bytes) or one of the
+    user's delta rows (inside a ``values`` blob, or in its bytes)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if user_id.encode() in data or any(row in data for row in rows):
+        return True
+    if not data.startswith(b"PAR1"):
+        return False
+    table = pq.read_table(pa.BufferReader(data))
+    for column in table.columns:
+        if pa.types.is_list(column.type):
+            column = pc.list_flatten(column)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            if pc.any(pc.equal(column, user_id)).as_py():
+                return True
+        if pa.types.is_binary(column.type) and any(row in blob for blob in column.to_pylist() if blob for row in rows):
+            return True
+    return False
+
+
+def store_objects_holding(store, user_id: str, rows: list[bytes]) -> list[str]:
+    return [key for key in store.list("") if holds_user(store.get(key), user_id, rows)]
+
+
+def files_holding(root, user_id: str, rows: list[bytes]) -> list[str]:
+    return [str(p) for p in sorted(Path(root).rglob("*")) if p.is_file() and holds_user(p.read_bytes(), user_id, rows)]

@@ -559,3 +559,121 @@ def test_a_store_under_any_folder_name_publishes(tmp_path, tiny_dir, folder):
     assert report.published and report.users == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["log", folder])  # nothing written beside it
     assert open_store(LocalStore(store_dir).uri).root == store_dir.resolve()
+
+
+# ---------------------------------------------------------------- layers over a base
+
+
+def _nightly_spec(tmp_path, store, tiny_dir, **overrides) -> NightlySpec:
+    return NightlySpec(**{"store": store.uri, "fact_log": str(tmp_path / "log"), "model": str(tiny_dir),
+                          "num_shards": 2, "workers": 0, "compact_layer_share": 1000.0, **overrides})
+
+
+def _change(rows, user, answer, day):
+    row = next(r for r in rows if r["user_id"] == user)
+    return dict(row, answer=answer, event_time=BASE_TIME + timedelta(days=day))
+
+
+def test_a_night_of_few_changed_users_writes_layers_of_them_only_and_keeps_every_base(tmp_path, tiny_dir, tiny,
+                                                                                     local_store):
+    from schemas.facts import decode_fact_state
+    from versions.catalog import load_shard_state
+
+    rows = fact_log_rows(8, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = _nightly_spec(tmp_path, local_store, tiny_dir)
+    run_nightly(spec)
+    before, _ = read_current(local_store)
+    night1 = _all_published(local_store)
+    changed = _change(rows, "user-00000", " Juniper", 1)
+    write_fact_log([changed], tmp_path / "log" / "day=2" / "part-0.parquet")
+    report = run_nightly(spec)
+    after, _ = read_current(local_store)
+    shard = shard_of("user-00000", 2)
+    assert (report.shards_changed, report.layers_written, report.compacted_shards) == (1, 1, 0)
+    entry = after.shard(shard)
+    assert entry.bundle_key == before.shard(shard).bundle_key and entry.stats == before.shard(shard).stats
+    assert [(x.users, x.tombstones) for x in entry.layers] == [(1, 0)] and len(entry.state_layers) == 1
+    layer_state = decode_fact_state(local_store.get(entry.state_layers[0].state_key))
+    assert set(layer_state.column("user_id").to_pylist()) == {"user-00000"}  # the changed user's facts only
+    assert after.shard(1 - shard) == before.shard(1 - shard)
+    assert_store_recalls(local_store, tiny, [changed])
+    published = _all_published(local_store)
+    assert all(published[u].equals(night1[u]) for u in published if u != "user-00000")
+    state = load_shard_state(local_store, entry)  # the merged state has the new answer, once
+    mine = state.filter(pa_equal(state, "user_id", "user-00000")).to_pylist()
+    assert sorted(r["answer"] for r in mine) == sorted([changed["answer"]] + [
+        r["answer"] for r in rows if r["user_id"] == "user-00000" and r["fact_id"] != changed["fact_id"]])
+    assert (after.users, after.facts) == (before.users, before.facts)
+
+
+def pa_equal(table, column, value):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column(column), value)
+
+
+def test_a_night_gives_a_shard_past_the_spec_limit_a_new_base_with_the_same_deltas(tmp_path, tiny_dir, local_store):
+    rows = fact_log_rows(8, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = _nightly_spec(tmp_path, local_store, tiny_dir, compact_after_layers=1)
+    run_nightly(spec)
+    shard = shard_of("user-00000", 2)
+    for day, expected_layers in ((1, 1), (2, 0)):
+        write_fact_log([_change(rows, "user-00000", f" Answer{day}", day)],
+                       tmp_path / "log" / f"day={day + 1}" / "part-0.parquet")
+        layered = _all_published(local_store) if day == 2 else None
+        report = run_nightly(spec)
+        entry = read_current(local_store)[0].shard(shard)
+        assert len(entry.layers) == expected_layers and len(entry.state_layers) == expected_layers
+    assert report.compacted_shards == 1 and entry.compactions == 1
+    compacted = _all_published(local_store)
+    assert all(compacted[u].equals(layered[u]) for u in compacted if u != "user-00000")
+    shards = query_stats(local_store, f"select shard, compacted, compactions from shards where version = "
+                                      f"{report.version} order by shard").to_pylist()
+    assert [(r["compacted"], r["compactions"]) for r in shards] == [
+        (s == shard, int(s == shard)) for s in range(2)]
+
+
+def test_a_forget_in_a_night_that_layers_the_same_shard_leaves_the_user_nowhere(tmp_path, tiny_dir, tiny, local_store):
+    from tests.harness import store_objects_holding, value_rows
+
+    rows = fact_log_rows(8, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = _nightly_spec(tmp_path, local_store, tiny_dir)
+    run_nightly(spec)
+    write_fact_log([_change(rows, "user-00001", " Juniper", 1)], tmp_path / "log" / "day=2" / "part-0.parquet")
+    run_nightly(spec)  # user 1's shard now has a layer
+    target = "user-00002"  # same shard as users 0 and 1, in the base
+    assert shard_of(target, 2) == shard_of("user-00001", 2) == shard_of("user-00000", 2)
+    target_rows = value_rows(published_delta(local_store, target))
+    forget = {"user_id": target, "fact_id": None, "op": "forget_user", "trigger": None, "answer": None,
+              "event_time": BASE_TIME + timedelta(days=2), "scope": None}
+    changed = _change(rows, "user-00000", " Pepper", 2)
+    write_fact_log([forget, changed], tmp_path / "log" / "day=3" / "part-0.parquet")
+    report = run_nightly(spec)
+    manifest, _ = read_current(local_store)
+    assert report.layers_written == 1 and len(manifest.shard(shard_of(target, 2)).layers) == 2
+    assert store_objects_holding(local_store, target, target_rows) == []
+    assert published_delta(local_store, target) is None
+    assert_store_recalls(local_store, tiny, [changed, _change(rows, "user-00001", " Juniper", 1)])
+
+
+def test_resharding_a_store_with_layers_moves_every_users_newest_delta(tmp_path, tiny_dir, local_store):
+    rows = fact_log_rows(8, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = _nightly_spec(tmp_path, local_store, tiny_dir)
+    run_nightly(spec)
+    write_fact_log([_change(rows, "user-00000", " Juniper", 1)], tmp_path / "log" / "day=2" / "part-0.parquet")
+    run_nightly(spec)
+    assert any(e.layers for e in read_current(local_store)[0].shards)
+    before = _all_published(local_store)
+    write_fact_log([_change(rows, "user-00005", " Pepper", 2)], tmp_path / "log" / "day=3" / "part-0.parquet")
+    report = run_nightly(NightlySpec(**{**spec.to_dict(), "num_shards": 3}))
+    manifest, _ = read_current(local_store)
+    assert report.compiled_users == 1 and all(not e.layers and not e.state_layers for e in manifest.shards)
+    after = _all_published(local_store)
+    assert after.keys() == before.keys()
+    assert all(after[u].equals(before[u]) for u in after if u != "user-00005")  # user 0's layered delta moved
+    facts = query_stats(local_store, f"select count(*) n from facts where version = {manifest.version}")
+    assert facts.column("n").to_pylist() == [16]

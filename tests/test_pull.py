@@ -180,7 +180,7 @@ def test_a_restart_loads_from_the_cache_and_a_damaged_cache_file_is_downloaded_a
     cache = tmp_path / "cache"
     PullClient(local_store, tiny, cache_dir=cache).poll()
     entry = manifest.shard(shard_of("alice", NUM_SHARDS))
-    cached = BundleCache(cache).path(entry.bundle_sha256)
+    cached = BundleCache(cache).path(entry.shard, entry.bundle_sha256)
     original = cached.read_bytes()
 
     # A restart reads the cache: it works even with the store's object gone.

@@ -116,7 +116,7 @@ def test_a_tampered_cache_file_of_the_same_size_is_never_served(local_store, tin
     entry = manifest.shard(shard_of("alice", 2))
     cache = BundleCache(tmp_path / "cache")
     PullClient(local_store, tiny, cache_dir=tmp_path / "cache").poll()
-    cached = cache.path(entry.bundle_sha256)
+    cached = cache.path(entry.shard, entry.bundle_sha256)
     original = cached.read_bytes()
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0x01

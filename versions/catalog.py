@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from schemas.bundle import decode_bundle
-from schemas.facts import decode_fact_state, decode_tombstones, empty_tombstones
-from schemas.manifest import Manifest, ManifestError, ShardEntry, manifest_key
+from schemas.bundle import decode_bundle, decode_layer, merge_bundle_chain
+from schemas.facts import decode_fact_state, decode_tombstones, empty_tombstones, merge_state_chain
+from schemas.manifest import LayerEntry, Manifest, ManifestError, ShardEntry, StateLayer, manifest_key
 from versions.errors import IntegrityError, PublishError, UnknownVersion
 from versions.layout import AUDIT_PREFIX, CURRENT_KEY, MANIFEST_PREFIX, manifest_version
 from versions.store import ObjectNotFound, ObjectStore
@@ -101,29 +101,69 @@ def verified_bytes(store: ObjectStore, key: str, size: int, sha256: str) -> byte
     return data
 
 
-def load_shard_bundle(store: ObjectStore, entry: ShardEntry) -> pa.Table:
-    """The shard's bundle table, after checking its size and sha256 against the manifest."""
+def load_base_bundle(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's base bundle table, after checking its size and sha256 against the manifest."""
     data = verified_bytes(store, entry.bundle_key, entry.bundle_bytes, entry.bundle_sha256)
     return decode_bundle(data, source=f"{store.uri}/{entry.bundle_key}")
 
 
+def load_layer(store: ObjectStore, layer: LayerEntry, *, fingerprint: str | None = None) -> pa.Table:
+    """One delta layer (schemas.bundle.LAYER_SCHEMA), verified (size, sha256, and the model
+    fingerprint it was written for when ``fingerprint`` is given)."""
+    data = verified_bytes(store, layer.key, layer.bytes, layer.sha256)
+    return decode_layer(data, source=f"{store.uri}/{layer.key}", fingerprint=fingerprint)
+
+
+def load_shard_bundle(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's deltas as one bundle table: the base with its layers merged (newest entry per
+    user wins, tombstones remove), every object verified."""
+    base = load_base_bundle(store, entry)
+    if not entry.layers:
+        return base
+    return merge_bundle_chain(base, [load_layer(store, layer) for layer in entry.layers])
+
+
 def load_shard_state_bytes(store: ObjectStore, entry: ShardEntry) -> bytes:
-    """The shard's fact-state object, verified (size and sha256) before it is returned."""
+    """The shard's base fact-state object, verified (size and sha256) before it is returned."""
     return verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
 
 
-def load_shard_state(store: ObjectStore, entry: ShardEntry) -> pa.Table:
-    """The shard's fact state (schemas.facts.FACT_STATE_SCHEMA), verified."""
-    return decode_fact_state(load_shard_state_bytes(store, entry), source=f"{store.uri}/{entry.state_key}")
+def load_state_layer(store: ObjectStore, layer: StateLayer) -> tuple[pa.Table, pa.Table]:
+    """One state layer's (facts, tombstones), verified."""
+    state = verified_bytes(store, layer.state_key, layer.state_bytes, layer.state_sha256)
+    if layer.tombstones_key is None:
+        tombstones = empty_tombstones()
+    else:
+        data = verified_bytes(store, layer.tombstones_key, layer.tombstones_bytes, layer.tombstones_sha256)
+        tombstones = decode_tombstones(data, source=f"{store.uri}/{layer.tombstones_key}")
+    return decode_fact_state(state, source=f"{store.uri}/{layer.state_key}"), tombstones
 
 
-def load_shard_tombstones(store: ObjectStore, entry: ShardEntry) -> pa.Table:
-    """The shard's tombstones (schemas.facts.TOMBSTONE_SCHEMA), verified; empty for a shard that
-    keeps none (one carried from a version-1 manifest)."""
+def load_base_tombstones(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's base tombstones, verified; empty for a shard that keeps none (from version 1)."""
     if entry.tombstones_key is None:
         return empty_tombstones()
     data = verified_bytes(store, entry.tombstones_key, entry.tombstones_bytes, entry.tombstones_sha256)
     return decode_tombstones(data, source=f"{store.uri}/{entry.tombstones_key}")
+
+
+def load_shard_fact_state(store: ObjectStore, entry: ShardEntry) -> tuple[pa.Table, pa.Table]:
+    """The shard's fact state and tombstones: the base with its state layers merged, verified."""
+    state = decode_fact_state(load_shard_state_bytes(store, entry), source=f"{store.uri}/{entry.state_key}")
+    tombstones = load_base_tombstones(store, entry)
+    if not entry.state_layers:
+        return state, tombstones
+    return merge_state_chain(state, tombstones, [load_state_layer(store, layer) for layer in entry.state_layers])
+
+
+def load_shard_state(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's fact state (schemas.facts.FACT_STATE_SCHEMA, layers merged), verified."""
+    return load_shard_fact_state(store, entry)[0]
+
+
+def load_shard_tombstones(store: ObjectStore, entry: ShardEntry) -> pa.Table:
+    """The shard's tombstones (schemas.facts.TOMBSTONE_SCHEMA, layers merged), verified."""
+    return load_shard_fact_state(store, entry)[1]
 
 
 def read_audit(store: ObjectStore) -> list[dict]:
@@ -152,6 +192,18 @@ def readable_manifests(store: ObjectStore) -> dict[int, Manifest]:
         except ManifestError as err:
             log.warning("%s: skipping damaged manifest: %s", store.uri, err)
     return manifests
+
+
+def damaged_manifests(store: ObjectStore) -> dict[int, str]:
+    """version -> why its manifest is refused, for every manifest on disk that does not load
+    (not JSON, a bad field, a broken layer chain)."""
+    damaged = {}
+    for version in manifest_versions_on_disk(store):
+        try:
+            read_manifest(store, version)
+        except ManifestError as err:
+            damaged[version] = str(err)
+    return damaged
 
 
 def list_versions(store: ObjectStore) -> list[VersionInfo]:

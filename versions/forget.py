@@ -7,11 +7,14 @@ manifest on disk, in the same order as the originals::
 
     retained v3, v4, v5 (CURRENT), v6 (rolled back from)   ->   v7, v8, v9 (CURRENT), v10
 
-Each rewrite has the original's content minus the users: each user's shard gets a new bundle
-(the user's row dropped), a new fact-state object (the user's facts dropped) and new tombstones
-(the user's delete tombstones dropped, a forget tombstone holding only the hash of the id added,
-so that no late event brings them back) under new content addresses, and new stats parts
-without their rows; every other shard is carried by reference; ``forgotten`` gains the users'
+Each rewrite has the original's content minus the users: in each user's shard, every object of
+the chains that holds them is rewritten without their rows under a new content address (the
+base bundle, each delta layer; a layer left empty is dropped, and the layers above a rewritten
+object are re-encoded because a layer names the object it applies on), the fact state and state
+layers without their facts, the tombstones without their delete tombstones, a forget tombstone
+holding only the hash of the id added to the newest tombstones object (so that no late event
+brings them back), and new stats parts without their rows; every other shard is carried by
+reference; ``forgotten`` gains the users'
 hashes; ``parent`` points at the parent's rewrite. Version-level stats parts (rejects) that hold
 a user are rewritten too. Then CURRENT moves to the rewrite of CURRENT with the ordinary
 compare-and-swap, one ``forget_rewrite`` audit record per rewrite names it (so it stays
@@ -56,11 +59,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engram_core.text import canonical_id
-from schemas.bundle import encode_bundle
+from schemas.bundle import encode_bundle, encode_layer, layer_fingerprint, layer_parts, merge_bundle_chain
 from schemas.facts import (
     OP_FORGET_USER,
     TIMESTAMP,
     TOMBSTONE_SCHEMA,
+    decode_fact_state,
     encode_fact_state,
     encode_tombstones,
 )
@@ -68,7 +72,9 @@ from schemas.manifest import (
     MANIFEST_SCHEMA_VERSION,
     Manifest,
     ShardEntry,
+    StateLayer,
     bundle_key,
+    layer_key,
     manifest_key,
     state_key,
     stats_part_key,
@@ -76,9 +82,11 @@ from schemas.manifest import (
 )
 from versions.catalog import (
     list_versions,
-    load_shard_bundle,
-    load_shard_state,
-    load_shard_tombstones,
+    load_base_bundle,
+    load_base_tombstones,
+    load_layer,
+    load_shard_state_bytes,
+    load_state_layer,
     manifest_versions_on_disk,
     read_manifest,
     read_pointer,
@@ -230,48 +238,111 @@ class _Rewriter:
         return self._entries[memo]
 
     def _rewrite(self, entry: ShardEntry, users: pa.Array) -> ShardEntry:
-        store = self.store
-        bundle = load_shard_bundle(store, entry)
-        state = load_shard_state(store, entry)
-        tombstones = load_shard_tombstones(store, entry)
-        new = entry
-        if _holds_users(tombstones, users):  # a delete tombstone holds the raw id
-            self.held.add(entry.tombstones_key)
-        if _holds_users(bundle, users) or _holds_users(state, users):
-            self.held |= {entry.bundle_key, entry.state_key}
-            kept = _without_users(bundle, users)
-            key, sha, size = self._keep(bundle_key, encode_bundle(kept))
-            rows = int(pc.sum(pc.list_value_length(kept.column("row_ids"))).as_py() or 0)
-            new = replace(new, bundle_key=key, bundle_sha256=sha, bundle_bytes=size, users=kept.num_rows,
-                          facts=int(pc.sum(kept.column("num_facts")).as_py() or 0), rows=rows)
-            key, sha, size = self._keep(state_key, encode_fact_state(_without_users(state, users)))
-            new = replace(new, state_key=key, state_sha256=sha, state_bytes=size)
-        if entry.tombstones_key is not None:
-            self.superseded.add(entry.tombstones_key)
-        key, sha, size = self._keep(tombstones_key, encode_tombstones(self._with_forgets(tombstones, users)))
-        new = replace(new, tombstones_key=key, tombstones_sha256=sha, tombstones_bytes=size,
-                      stats={table: self.part(k) for table, k in entry.stats.items()})
-        return new
+        new = replace(entry, **self._delta_chain(entry, users), **self._state_chain(entry, users))
+        return replace(new, stats={table: self.part(k) for table, k in entry.stats.items()})
 
-    def _with_forgets(self, tombstones: pa.Table, users: pa.Array) -> pa.Table:
-        """The user's delete tombstones (which hold the raw id) go; a forget tombstone (the id's hash,
-        the forget's time or a later one already recorded) stays."""
+    def _delta_chain(self, entry: ShardEntry, users: pa.Array) -> dict:
+        """The base bundle and layers without the users (see the module docstring), and the totals."""
+        store = self.store
+        base = load_base_bundle(store, entry)
+        fields: dict = {}
+        if _holds_users(base, users):
+            self.held.add(entry.bundle_key)
+            base = _without_users(base, users)
+            key, sha, size = self._keep(bundle_key, encode_bundle(base))
+            fields = dict(bundle_key=key, bundle_sha256=sha, bundle_bytes=size)
+        parent = fields.get("bundle_sha256", entry.bundle_sha256)
+        changed = bool(fields)
+        layers, tables = [], []
+        for layer in entry.layers:
+            table = load_layer(store, layer)
+            holds = _holds_users(table, users)
+            if holds:
+                self.held.add(layer.key)
+                table = _without_users(table, users)
+            stats = {name: self.part(k) for name, k in layer.stats.items()}
+            if table.num_rows == 0:
+                changed = True
+                continue  # the layer held only these users: it goes
+            if holds or parent != layer.parent_sha256:
+                changed = True
+                if not holds:
+                    self.superseded.add(layer.key)  # the same rows over a rewritten parent
+                key, sha, size = self._keep(layer_key, encode_layer(table, layer_fingerprint(table), parent))
+                upserts, removed = layer_parts(table)
+                layer = replace(layer, key=key, sha256=sha, bytes=size, parent_sha256=parent, users=upserts.num_rows,
+                                tombstones=len(removed))
+            layers.append(replace(layer, stats=stats))
+            tables.append(table)
+            parent = layer.sha256
+        if not changed:
+            return dict(layers=tuple(layers))
+        merged = merge_bundle_chain(base, tables)
+        rows = int(pc.sum(pc.list_value_length(merged.column("row_ids"))).as_py() or 0)
+        return fields | dict(layers=tuple(layers), users=merged.num_rows, rows=rows,
+                             facts=int(pc.sum(merged.column("num_facts")).as_py() or 0))
+
+    def _state_chain(self, entry: ShardEntry, users: pa.Array) -> dict:
+        """The base state and tombstones and the state layers without the users' facts and
+        tombstones; one forget tombstone per user in the newest tombstones object."""
+        store = self.store
         hashes = pa.array([forgotten_id(u) for u in users.to_pylist()], pa.string())
-        mine = pc.is_in(tombstones.column("user_hash"), hashes)
-        kept = tombstones.filter(pc.invert(mine))
-        earlier = tombstones.filter(pc.and_(mine, pc.equal(tombstones.column("op"), OP_FORGET_USER)))
-        latest = dict(zip(earlier.column("user_hash").to_pylist(), earlier.column("event_time").to_pylist()))
+        objects = [(decode_fact_state(load_shard_state_bytes(store, entry)), load_base_tombstones(store, entry),
+                    entry.state_key, entry.tombstones_key)]
+        objects += [load_state_layer(store, layer) + (layer.state_key, layer.tombstones_key)
+                    for layer in entry.state_layers]
+        latest: dict[str, object] = {}
+        for _, tombstones, _, _ in objects:
+            forgets = tombstones.filter(pc.and_(pc.is_in(tombstones.column("user_hash"), hashes),
+                                                pc.equal(tombstones.column("op"), OP_FORGET_USER)))
+            for h, t in zip(forgets.column("user_hash").to_pylist(), forgets.column("event_time").to_pylist()):
+                latest[h] = max(t, latest.get(h, t))
+        kept = []
+        for i, (state, tombstones, s_key, t_key) in enumerate(objects):
+            newest = i == len(objects) - 1
+            if _holds_users(state, users):
+                self.held.add(s_key)
+                state = _without_users(state, users)
+            mine = pc.is_in(tombstones.column("user_hash"), hashes)
+            if pc.any(mine).as_py():
+                if _holds_users(tombstones, users):  # a delete tombstone holds the raw id
+                    self.held.add(t_key)
+                elif t_key is not None:
+                    self.superseded.add(t_key)
+                tombstones = tombstones.filter(pc.invert(mine))
+            if newest:
+                if t_key is not None:
+                    self.superseded.add(t_key)
+                tombstones = pa.concat_tables([tombstones.cast(TOMBSTONE_SCHEMA), self._forgets(users, latest)])
+            if i and not newest and state.num_rows == 0 and tombstones.num_rows == 0:
+                continue  # a state layer that held only these users goes
+            kept.append((state, tombstones))
+        parts = []
+        for i, (state, tombstones) in enumerate(kept):
+            part = self._keep(state_key, encode_fact_state(state))
+            if i and tombstones.num_rows == 0:  # a state layer keeps no empty tombstones object
+                parts.append(part + (None, None, 0))
+            else:
+                parts.append(part + self._keep(tombstones_key, encode_tombstones(tombstones)))
+        (s_key, s_sha, s_size, t_key, t_sha, t_size), rest = parts[0], parts[1:]
+        return dict(state_key=s_key, state_sha256=s_sha, state_bytes=s_size, tombstones_key=t_key,
+                    tombstones_sha256=t_sha, tombstones_bytes=t_size,
+                    state_layers=tuple(StateLayer(*part) for part in rest))
+
+    def _forgets(self, users: pa.Array, latest: dict) -> pa.Table:
+        """One forget tombstone per user (the id's hash; the forget's time, or a later one already
+        recorded), so no late event brings them back."""
         names = users.to_pylist()
-        forgets = pa.table({
-            "user_hash": hashes,
+        hashes = [forgotten_id(u) for u in names]
+        at = self.forgotten_at  # user -> the forget's time
+        return pa.table({
+            "user_hash": pa.array(hashes, pa.string()),
             "user_xxh64": pa.array([shard_hash(u) for u in names], pa.uint64()),
             "user_id": pa.nulls(len(hashes), pa.string()),
             "fact_id": pa.nulls(len(hashes), pa.string()),
             "op": pa.array([OP_FORGET_USER] * len(hashes), pa.string()),
-            "event_time": pa.array([max(self.forgotten_at[u], latest.get(h, self.forgotten_at[u]))
-                                    for u, h in zip(names, hashes.to_pylist())], TIMESTAMP),
+            "event_time": pa.array([max(at[u], latest.get(h, at[u])) for u, h in zip(names, hashes)], TIMESTAMP),
         }, schema=TOMBSTONE_SCHEMA)
-        return pa.concat_tables([kept.cast(TOMBSTONE_SCHEMA), forgets])
 
 
 @dataclass

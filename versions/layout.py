@@ -2,9 +2,10 @@
 
     CURRENT                               {"version": N, "manifest_key": ...}, moved only by versions.commit
     manifests/v00000001.json              immutable, one per version (schemas.manifest)
-    objects/bundles/<sha256>.parquet      shard bundles, content-addressed, shared between versions
-    objects/state/<sha256>.parquet        per-shard fact state, content-addressed
-    objects/tombstones/<sha256>.parquet   per-shard delete and forget tombstones, content-addressed
+    objects/bundles/<sha256>.parquet      shards' base bundles, content-addressed, shared between versions
+    objects/layers/<sha256>.parquet       delta layers over a base (a night's changed users), content-addressed
+    objects/state/<sha256>.parquet        per-shard fact state (a base, or a state layer), content-addressed
+    objects/tombstones/<sha256>.parquet   per-shard delete and forget tombstones (a base, or a state layer's)
     stats/<table>/<sha256>.parquet        stats parts named by manifests, for DuckDB (pipeline.stats)
     models/<fingerprint>/...              checkpoints serving nodes load (versions.models)
     audit/<UTC timestamp>-<random>.json   one record per event (publish, rollback, forget, gc)
@@ -21,16 +22,16 @@ import re
 
 import xxhash
 
-from schemas.manifest import bundle_key, manifest_key, state_key
+from schemas.manifest import bundle_key, layer_key, manifest_key, state_key
 
 __all__ = ["CURRENT_KEY", "PARTIAL_PREFIX", "AUDIT_PREFIX", "MANIFEST_PREFIX", "OBJECT_PREFIXES", "MODEL_PREFIX",
-           "bundle_key", "manifest_key", "state_key", "manifest_version", "shard_hash", "shard_of", "forgotten_id"]
+           "bundle_key", "layer_key", "manifest_key", "state_key", "manifest_version", "shard_hash", "shard_of", "forgotten_id"]
 
 CURRENT_KEY = "CURRENT"
 PARTIAL_PREFIX = "partial/"  # compiled chunks of an unfinished night (pipeline.compile.ChunkCheckpoints)
 AUDIT_PREFIX = "audit/"
 MANIFEST_PREFIX = "manifests/"
-OBJECT_PREFIXES = ("objects/bundles/", "objects/state/", "objects/tombstones/")
+OBJECT_PREFIXES = ("objects/bundles/", "objects/layers/", "objects/state/", "objects/tombstones/")
 MODEL_PREFIX = "models"
 _MANIFEST_NAME = re.compile(r"^manifests/v(\d{8})\.json$")
 

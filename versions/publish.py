@@ -178,10 +178,7 @@ def publish_entries(
         verified_bytes(store, key, len(data), _sha256(data))
     sizes: dict[str, int | None] = {key: None for keys in (stats or {}).values() for key in keys}
     for entry in entries.values():
-        sizes |= {entry.bundle_key: entry.bundle_bytes, entry.state_key: entry.state_bytes}
-        sizes |= {key: None for key in entry.stats.values()}
-        if entry.tombstones_key is not None:
-            sizes[entry.tombstones_key] = entry.tombstones_bytes
+        sizes |= entry.sized_objects()
     for key, size in sorted(sizes.items()):
         if key not in objects:
             _check_size(store, key, size)

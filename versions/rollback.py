@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from schemas.manifest import Manifest, ManifestError
-from versions.catalog import known_forgets, list_versions, read_audit, read_manifest, read_pointer
+from versions.catalog import damaged_manifests, known_forgets, list_versions, read_audit, read_manifest, read_pointer
 from versions.commit import commit
 from versions.errors import PublishError, UnknownVersion
 from versions.store import ObjectStore
@@ -38,11 +38,16 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
         if rewrites:
             raise UnknownVersion(f"{store.uri}: version {to_version} was rewritten as v{rewrites[-1]} by a forget "
                                  f"(roll back to v{rewrites[-1]}; available: {available})")
+        damaged = damaged_manifests(store).get(to_version)
+        if damaged is not None:  # e.g. a broken layer chain: say what is wrong, not just "unknown"
+            raise UnknownVersion(f"{store.uri}: version {to_version} cannot be rolled back to: {damaged}")
         raise UnknownVersion(f"{store.uri}: version {to_version} does not exist, was never published or was "
                              f"collected (available: {available})")
     target = read_manifest(store, to_version)
-    for entry in target.shards:
-        for key, size in ((entry.bundle_key, entry.bundle_bytes), (entry.state_key, entry.state_bytes)):
+    for entry in target.shards:  # every object of every chain (base, layers, state), by size
+        for key, size in entry.sized_objects().items():
+            if size is None:
+                continue
             info = store.head(key)
             if info is None or info.size != size:
                 raise UnknownVersion(f"{store.uri}: version {to_version} was collected ({key} is missing or "

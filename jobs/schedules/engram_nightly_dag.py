@@ -28,6 +28,8 @@ SPEC = {'store': './engram-demo/store',
  'max_trigger_tokens': 64,
  'check_users_per_chunk': 2,
  'job_id': None,
+ 'compact_after_layers': 8,
+ 'compact_layer_share': 0.5,
  'compile': {'steps': 15, 'lr': 0.1, 'facts_per_batch': 512}}
 RAY_DASHBOARD = None
 
