@@ -677,3 +677,22 @@ def test_resharding_a_store_with_layers_moves_every_users_newest_delta(tmp_path,
     assert all(after[u].equals(before[u]) for u in after if u != "user-00005")  # user 0's layered delta moved
     facts = query_stats(local_store, f"select count(*) n from facts where version = {manifest.version}")
     assert facts.column("n").to_pylist() == [16]
+
+
+def test_a_forget_rewrites_the_shards_stats_of_every_version_it_reissues(tmp_path, tiny_dir, local_store):
+    """The version-level ``shards`` part (totals and keys per shard) of a rewritten version is
+    the rewrite's, not the old version's: no stale user count, bytes or key of an object the
+    forget deleted."""
+    from versions.forget import forget_user
+
+    write_fact_log(fact_log_rows(6, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    forget_user(local_store, "user-00001", actor="pytest", reason="test")
+    manifest, _ = read_current(local_store)
+    rows = query_stats(local_store, f"select shard, users, facts, bytes, bundle_key from shards "
+                                    f"where version = {manifest.version} order by shard").to_pylist()
+    assert [(r["users"], r["facts"], r["bytes"], r["bundle_key"]) for r in rows] == [
+        (e.users, e.facts, e.delta_bytes, e.bundle_key) for e in manifest.shards]
+    assert sum(r["users"] for r in rows) == 5
+    assert all(local_store.head(r["bundle_key"]) is not None for r in rows)

@@ -20,7 +20,7 @@ from pipeline.ingest import answer_token_counter, ingest
 from schemas import facts as F
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import encode_fact_state
-from serving.pull import ServingIndex
+from serving.pull import ServingIndex, ShardView
 from versions.forget import scan_for_user
 from versions.layout import shard_of
 from versions.publish import ShardPayload, publish_version
@@ -161,7 +161,7 @@ def test_an_answer_over_the_compilers_token_limit_is_rejected_at_ingest_naming_t
 
 def test_the_serving_index_and_forget_read_look_alike_ids_as_the_stored_user(local_store, tiny):
     delta = Delta(np.zeros(1, np.int16), np.array([7]), np.ones((1, tiny.config.row_width), np.float16))
-    index = ServingIndex(1, "fp", 1, (0,), {0: "x"}, {0: {}}, {"u-sam": "served"})
+    index = ServingIndex(1, "fp", 1, (0,), {0: ShardView(("x",), {"u-sam": "served"})})
     assert index.served_for("u-sam" + ZWSP) == index.served_for(BOM + "u-sam") == "served"
     assert index.owns(BOM + "u-sam")
     state = ingest(log_table([{"user_id": "u-sam", "fact_id": "dog", "trigger": "My dog is", "answer": " Rex"}]),

@@ -230,6 +230,22 @@ class _Rewriter:
                                               _parquet_bytes(_without_users(table, self.users)))[0]
         return self._parts[key]
 
+    def shards_part(self, keys: list[str], entries: tuple[ShardEntry, ...]) -> str:
+        """The version-level ``shards`` stats part of a rewritten version: its rows again from the
+        rewritten entries (users, facts, rows, bytes, keys), keeping whether that version compacted
+        each shard. The old part holds no user; it is left to gc."""
+        from pipeline.stats import encode_stats_part, shards_table
+
+        old = pa.concat_tables([pq.read_table(pa.BufferReader(self.store.get(k))) for k in keys])
+        compacted = dict(zip(old.column("shard").to_pylist(), old.column("compacted").to_pylist())) \
+            if "compacted" in old.column_names else {}
+        table = shards_table(list(entries), None)
+        table = table.set_column(table.schema.get_field_index("compacted"), "compacted",
+                                 pa.array([bool(compacted.get(e.shard, False)) for e in entries], pa.bool_()))
+        key, data = encode_stats_part("shards", table)
+        self.objects[key] = data
+        return key
+
     def shard(self, entry: ShardEntry, users: list[str]) -> ShardEntry:
         """The entry without ``users`` (all of this shard), with their forget tombstones."""
         memo = (entry.object_keys(), tuple(users))
@@ -383,12 +399,15 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter) -> _Plan | 
         new_entries = {shard: rewriter.shard(manifest.shard(shard), members) for shard, members in by_shard.items()}
         parts = _version_parts(store, manifest)
         stats = {table: [rewriter.part(k) if table in _USER_TABLES else k for k in keys] for table, keys in parts.items()}
+        shards = tuple(new_entries.get(e.shard, e) for e in manifest.shards)
+        if parts.get("shards") and shards != manifest.shards:  # per-shard totals and keys of the rewrite
+            stats["shards"] = [rewriter.shards_part(parts["shards"], shards)]
         version_parts = {k for keys in parts.values() for k in keys}
         if any(k in rewriter.held for e in manifest.shards for k in e.object_keys()) or version_parts & rewriter.held:
             held.add(manifest.version)
         drafts[manifest.version] = replace(
             manifest, schema_version=MANIFEST_SCHEMA_VERSION,
-            shards=tuple(new_entries.get(e.shard, e) for e in manifest.shards),
+            shards=shards,
             stats={table: tuple(keys) for table, keys in stats.items()},
             forgotten=tuple(sorted(set(manifest.forgotten) | hashes)))
     if not held:
