@@ -1,12 +1,25 @@
 """Compile throughput: facts/s, exact recall and peak memory of the fact compiler.
 
-Two presets:
+Presets (``--dry-run`` prints each one's shape, parameter count and FLOP ceiling without
+building it):
 
 * ``tiny``: the tiny Llama checkpoint (CPU friendly);
 * ``d768``: a d=768, 12-layer Llama (vocab 32768, Engram at layers 2 and 7, facts written at
   7, 2- and 3-grams x 8 heads x 32 wide, ~100k slots per head), 16-token triggers, single-token
   answers, 15 Adam steps: the issue's GPU workload. Its tokenizer is a word-level vocabulary
   of 32768 synthetic words, so triggers are exactly 16 tokens.
+* ``qwen0.5b``, ``llama1b``, ``llama8b``: the shapes of Qwen2.5-0.5B, Llama-3.2-1B and
+  Llama-3-8B (issue 18) through transformers' own configs, untied output embedding, with the
+  same Engram sizes as d768 at layer 2 and about 60% depth, and a word-level tokenizer of the
+  model's vocabulary size. They are built in memory directly on ``--device`` in ``--dtype``
+  (no checkpoint written and reloaded: an 8B model's CPU initialisation takes minutes);
+  ``--layers``/``--vocab`` shrink one for a CPU check.
+
+Workloads (``--workload``, several: variants in one run): ``random``, a random trigger per
+fact; ``templated``, ``--templates`` trigger texts drawn once and shared by all users (each
+user's facts take distinct ones), answers random per user, as real fact logs share "My dentist
+is". ``--dedupe-prefixes on off`` compares computing each distinct prefix once per batch
+(``CompileOptions.dedupe_prefixes``) with once per fact.
 
 Weights are seeded random (no hub). Recall is the compiler's own verification (greedy argmax
 with margin, with the float16 values that are stored); ``--greedy-check N`` also decodes N
@@ -14,6 +27,8 @@ facts one at a time through ``generate``-style decoding.
 
     python bench/compile_throughput.py --preset tiny --facts 2000 --json
     python bench/compile_throughput.py --preset d768 --facts 200000 --batch 16384 --device cuda --json
+    python bench/compile_throughput.py --preset d768 --workload random templated --dedupe-prefixes on off --json
+    python bench/compile_throughput.py --dry-run
 
 No asserts on time: results go to bench/RESULTS.md by hand, with date and device.
 """
@@ -28,6 +43,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,48 +93,241 @@ def load_d768(attn: str = "eager", device: str = "cuda"):
         return load_checkpoint(root, device=device, dtype=torch.bfloat16, attn_implementation=attn)
 
 
-def make_facts(em, n: int, trigger_words: int, facts_per_user: int, seed: int) -> list[Fact]:
-    rng = random.Random(seed)
-    vocab = len(em.tokenizer)
-    special = set(em.tokenizer.all_special_ids)
-    words = [em.tokenizer.convert_ids_to_tokens(i) for i in range(vocab) if i not in special]
-    facts = []
-    if trigger_words:  # word-level tokenizer: exact token counts
-        for i in range(n):
-            trigger = " ".join(rng.choice(words) for _ in range(trigger_words))
-            facts.append(Fact(f"u{i // facts_per_user:07d}", f"f{i % facts_per_user}", trigger, " " + rng.choice(words)))
-    else:  # tiny BPE model: templated personal facts
-        from jobs.synthetic import FACT_TEMPLATES
+# -- presets: model shapes ---------------------------------------------------------------------
 
-        facts_per_user = min(facts_per_user, len(FACT_TEMPLATES))  # one fact per distinct trigger
+ENGRAM_SIZES = dict(max_ngram=3, heads_per_order=8, row_width=32, slots_per_head=100_003)
+"""The Engram sizes of every word-level preset (d768's): 2- and 3-grams x 8 heads x 32 wide."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only model shape for the benchmark (dimensions as in the model's HF config).
+
+    ``engram_layers``: layers that read an Engram lookup, the last one written (layer 2 and
+    about 60% depth). ``suggested_batch``: facts per batch that fit one 80-141 GB GPU (issue 18's
+    runs: 32,768 for the Qwen2.5-0.5B shape, 16,384 for Llama-3.2-1B); a guide, not measured
+    here for llama8b."""
+
+    name: str
+    family: str  # "llama" | "qwen2" (transformers' model_type)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+    vocab: int
+    engram_layers: tuple[int, ...]
+    suggested_batch: int
+    rope_theta: float = 10_000.0
+    source: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def scaled(self, layers: int | None = None, vocab: int | None = None) -> "Shape":
+        """The same widths with fewer layers or a smaller vocabulary (a CPU check of the preset):
+        Engram stays at layer 2 and about 60% depth (at least one layer above 2)."""
+        layers = layers or self.layers
+        return replace(self, layers=layers, vocab=vocab or self.vocab, engram_layers=engram_layers_for(layers))
+
+    def hf_config(self):
+        """transformers' config of this shape (random init; untied output embedding)."""
+        from transformers import LlamaConfig, Qwen2Config
+
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[self.family]
+        return cls(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.mlp,
+                   num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                   max_position_embeddings=4096, rope_theta=self.rope_theta, tie_word_embeddings=False,
+                   pad_token_id=0, eos_token_id=1)
+
+    def engram_config(self) -> EngramConfig:
+        return EngramConfig(layers=self.engram_layers, write_layer=self.engram_layers[-1], **ENGRAM_SIZES)
+
+    def counts(self) -> "ModelCounts":
+        """Parameter counts from the dimensions alone (no model built): what flops_per_fact reads
+        from a built model (tests/test_compile_presets.py checks them against one)."""
+        d, hd = self.hidden, self.head_dim
+        q, kv = self.heads * hd, self.kv_heads * hd
+        attention = d * q + 2 * d * kv + q * d
+        if self.family == "qwen2":
+            attention += q + 2 * kv  # q, k, v biases
+        per_layer = attention + 3 * d * self.mlp + 2 * d  # + the two RMSNorms' weights
+        config = self.engram_config()
+        engram = 2 * config.engram_dim * d + (d * config.conv_kernel if config.short_conv else 0)
+        base = 2 * self.vocab * d + self.layers * per_layer + d  # embeddings, layers, final norm
+        return ModelCounts(per_layer=per_layer, layers=self.layers, head=self.vocab * d, engram=engram,
+                           engram_layers=config.layers, write_layer=config.target_layer, base_params=base)
+
+
+def engram_layers_for(layers: int) -> tuple[int, int]:
+    """Layer 2 and about 60% depth (d768: 2 and 7 of 12)."""
+    return 2, max(3, round(0.6 * layers))
+
+
+SHAPES = {
+    "d768": Shape("d768", "llama", 768, 12, 4, 2, 1536, 32768, (2, 7), 65536,
+                  source="this repo's GPU workload (bench/RESULTS.md)"),
+    "qwen0.5b": Shape("qwen0.5b", "qwen2", 896, 24, 14, 2, 4864, 151_936, engram_layers_for(24), 32768,
+                      rope_theta=1_000_000.0, source="Qwen2.5-0.5B config.json"),
+    "llama1b": Shape("llama1b", "llama", 2048, 16, 32, 8, 8192, 128_256, engram_layers_for(16), 16384,
+                     rope_theta=500_000.0, source="Llama-3.2-1B config.json"),
+    "llama8b": Shape("llama8b", "llama", 4096, 32, 32, 8, 14336, 128_256, engram_layers_for(32), 8192,
+                     rope_theta=500_000.0, source="Meta-Llama-3-8B config.json"),
+}
+PRESETS = ["tiny", *SHAPES]
+
+
+def build_shaped(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0):
+    """An EngramModel of ``shape`` built in memory on ``device`` in ``dtype``: seeded random
+    weights (``logit_scale`` 10 on the output embedding, as :func:`build_base_model`), an empty
+    Engram memory with seeded projections, a word-level tokenizer of ``shape.vocab`` words. Its
+    fingerprint is a digest of the shape and seeds (nothing is written to disk)."""
+    from transformers import AutoModelForCausalLM
+
+    from engram_core.addressing import Addresser, load_or_build_canonical_ids
+    from engram_core.checkpoint import MODEL_LOCK, EngramModel
+    from engram_core.layer import EngramMemory
+
+    tokenizer = word_tokenizer(shape.vocab)
+    config = shape.engram_config()
+    with MODEL_LOCK, torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(shape.hf_config(), dtype=dtype, attn_implementation="eager")
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(10.0)
+        model.eval().requires_grad_(False)
+        torch.manual_seed(seed + 1)
+        memory = EngramMemory(config, Addresser(config, load_or_build_canonical_ids(tokenizer, None)), shape.hidden)
+    memory.requires_grad_(False).to(device=device, dtype=dtype)
+    memory.refresh_zero_flags()
+    memory.attach(model)
+    digest = hashlib.sha256(json.dumps([asdict(shape), config.to_dict(), seed, str(dtype)], sort_keys=True).encode())
+    return EngramModel(model, tokenizer, memory, config, "synthetic-" + digest.hexdigest(), Path(f"<{shape.name}>"))
+
+
+# -- workloads --------------------------------------------------------------------------------
+
+TINY_TRIGGER_WORDS = 8
+
+
+def trigger_words_of(em) -> list[str]:
+    """Words a trigger is drawn from: every non-special token of a word-level vocabulary; for
+    the tiny BPE model, its tokens that decode to a space and one alphabetic word."""
+    special = set(em.tokenizer.all_special_ids)
+    ids = [i for i in range(len(em.tokenizer)) if i not in special]
+    if isinstance(em.tokenizer.backend_tokenizer.model, tokenizers_models().WordLevel):
+        return em.tokenizer.convert_ids_to_tokens(ids)
+    words = (em.tokenizer.decode([i]) for i in ids)
+    return sorted({w[1:] for w in words if len(w) > 2 and w[0] == " " and w[1:].isalpha()})
+
+
+def tokenizers_models():
+    from tokenizers import models
+
+    return models
+
+
+def make_facts(em, n: int, trigger_words: int, facts_per_user: int, seed: int, workload: str = "random",
+               templates: int = 20) -> list[Fact]:
+    """``n`` facts, ``facts_per_user`` per user (users ``u0000000``...), answers one random word.
+
+    ``workload`` ``random``: each fact its own random trigger of ``trigger_words`` words (0: the
+    tiny model's :data:`TINY_TRIGGER_WORDS`); ``templated``: ``templates`` random triggers drawn
+    once, every user's facts on distinct ones of them (so ``facts_per_user <= templates``)."""
+    rng = random.Random(seed)
+    words = trigger_words_of(em)
+    length = trigger_words or TINY_TRIGGER_WORDS
+    if workload == "random":  # (the d768 facts of every earlier run: same draws, same digest)
+        facts = []
         for i in range(n):
-            fact_id, trigger, answers = FACT_TEMPLATES[i % facts_per_user]
-            facts.append(Fact(f"u{i // facts_per_user:07d}", fact_id, trigger, " " + rng.choice(answers)))
+            trigger = " ".join(rng.choice(words) for _ in range(length))
+            facts.append(Fact(f"u{i // facts_per_user:07d}", f"f{i % facts_per_user}", trigger, " " + rng.choice(words)))
+        return facts
+    if workload != "templated":
+        raise ValueError(f"workload must be 'random' or 'templated', got {workload!r}")
+    if not 1 <= facts_per_user <= templates:
+        raise ValueError(f"templated workload: facts per user ({facts_per_user}) must be 1..templates ({templates}): "
+                         "a user's two facts on one trigger would conflict")
+    shared = [" ".join(rng.choice(words) for _ in range(length)) for _ in range(templates)]
+    facts = []
+    for u in range((n + facts_per_user - 1) // facts_per_user):
+        picks = rng.sample(range(templates), facts_per_user)
+        for k, t in enumerate(picks[: n - u * facts_per_user]):
+            facts.append(Fact(f"u{u:07d}", f"t{t:03d}", shared[t], " " + rng.choice(words)))
     return facts
 
 
-def flops_per_fact(em, trigger_tokens: int, steps: int, reuse_lower: bool = False) -> float:
+# -- FLOPs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """What the FLOP count reads of a model: parameters per decoder layer, layers, LM head,
+    Engram parameters per Engram layer (projections and conv, not the table)."""
+
+    per_layer: int
+    layers: int
+    head: int
+    engram: int
+    engram_layers: tuple[int, ...]
+    write_layer: int
+    base_params: int  # the causal LM's parameters (embeddings, layers, final norm, LM head)
+
+
+def model_counts(em) -> ModelCounts:
+    """:class:`ModelCounts` of a built model (the shared adapter's parameters count in its layers)."""
+    base = em.model.get_base_model() if hasattr(em.model, "get_base_model") else em.model
+    layers = base.model.layers
+    engram = sum(p.numel() for n, p in em.memory.named_parameters() if not n.endswith("table")) // len(em.config.layers)
+    return ModelCounts(per_layer=sum(p.numel() for p in layers[0].parameters()), layers=len(layers),
+                       head=em.lm_head.weight.numel(), engram=engram, engram_layers=em.config.layers,
+                       write_layer=em.config.target_layer, base_params=sum(p.numel() for p in base.parameters()))
+
+
+def flops_per_fact(em_or_counts, trigger_tokens: int, steps: int, reuse_lower: bool = False) -> float:
     """Model FLOPs the compile of one single-token fact needs (the ceiling's numerator).
 
     Prefix (trigger minus its last token) once; per step: forward of the one live position
     through every layer and the LM head, backward of activations (weights are frozen) through
     the layers from the write layer up and the LM head; one verification forward.
     ``reuse_lower``: the live position's layers below the write layer run once, not per step.
+    Takes a built model or its :class:`ModelCounts` (``Shape.counts()``: no model built).
     """
-    base = em.model.get_base_model() if hasattr(em.model, "get_base_model") else em.model
-    layers = base.model.layers
-    per_layer = sum(p.numel() for p in layers[0].parameters())
-    n_layers = len(layers)
-    head = em.lm_head.weight.numel()
-    engram = sum(p.numel() for n, p in em.memory.named_parameters() if not n.endswith("table")) / len(em.config.layers)
-    fwd_token = 2 * (per_layer * n_layers + head + engram * len(em.config.layers))
-    upper = n_layers - em.config.target_layer
-    bwd_token = 2 * (per_layer * upper + head + engram)
+    c = em_or_counts if isinstance(em_or_counts, ModelCounts) else model_counts(em_or_counts)
+    fwd_token = 2 * (c.per_layer * c.layers + c.head + c.engram * len(c.engram_layers))
+    upper = c.layers - c.write_layer
+    bwd_token = 2 * (c.per_layer * upper + c.head + c.engram)
     if reuse_lower:
-        lower_once = 2 * (per_layer * em.config.target_layer + engram * sum(i < em.config.target_layer for i in em.config.layers))
+        lower_once = 2 * (c.per_layer * c.write_layer + c.engram * sum(i < c.write_layer for i in c.engram_layers))
         step_fwd = fwd_token - lower_once
         return (trigger_tokens - 1) * fwd_token + lower_once + steps * (step_fwd + bwd_token) + step_fwd
     return (trigger_tokens - 1) * fwd_token + steps * (fwd_token + bwd_token) + fwd_token
+
+
+PEAK_TFLOPS = 790.0
+"""bf16 dense matmul rate the device tool's probes measured on H100/H200 (bench/RESULTS.md)."""
+
+
+def describe_presets(steps: int, peak_tflops: float, trigger_tokens: int = 16) -> list[dict]:
+    """Each word-level preset's shape, parameters and FLOP ceiling at ``peak_tflops``, from its
+    dimensions alone (``--dry-run``)."""
+    out = []
+    for shape in SHAPES.values():
+        counts = shape.counts()
+        flops = flops_per_fact(counts, trigger_tokens, steps)
+        out.append({
+            "preset": shape.name, "family": shape.family, "source": shape.source, "hidden": shape.hidden,
+            "layers": shape.layers, "heads": shape.heads, "kv_heads": shape.kv_heads, "mlp": shape.mlp,
+            "vocab": shape.vocab, "engram_layers": list(shape.engram_layers), "params": counts.base_params,
+            "engram_params_no_table": counts.engram * len(counts.engram_layers),
+            "trigger_tokens": trigger_tokens, "steps": steps,
+            "gflop_per_fact": round(flops / 1e9, 3),
+            "gflop_per_fact_min": round(flops_per_fact(counts, trigger_tokens, steps, reuse_lower=True) / 1e9, 3),
+            "peak_tflops": peak_tflops, "ceiling_facts_per_s": round(peak_tflops * 1e12 / flops),
+            "suggested_batch": shape.suggested_batch,
+        })
+    return out
 
 
 def deltas_digest(deltas) -> str:
@@ -133,17 +342,30 @@ def deltas_digest(deltas) -> str:
     return digest.hexdigest()[:16]
 
 
+def _switch(values: list[str]) -> list[bool]:
+    return [v == "on" for v in values]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "d768"], default="tiny")
+    ap.add_argument("--preset", choices=PRESETS, default="tiny")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print every word-level preset's shape, parameters and FLOP ceiling (nothing is built)")
+    ap.add_argument("--layers", type=int, default=None, help="qwen0.5b/llama1b/llama8b: this many layers (a CPU check)")
+    ap.add_argument("--vocab", type=int, default=None, help="qwen0.5b/llama1b/llama8b: this vocabulary size (a CPU check)")
     ap.add_argument("--facts", type=int, default=2000)
     ap.add_argument("--facts-per-user", type=int, default=20)
+    ap.add_argument("--workload", nargs="+", choices=["random", "templated"], default=["random"],
+                    help="random triggers, or --templates trigger texts shared by all users (several: variants in one run)")
+    ap.add_argument("--templates", type=int, default=20, help="templated workload: distinct trigger texts")
     ap.add_argument("--batch", type=int, nargs="+", default=[512], help="facts per batch (several: a sweep)")
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on cuda)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="measured bf16 matmul rate, for the ratio")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help=f"measured bf16 matmul rate, for the share of the FLOP ceiling (default {PEAK_TFLOPS:g} on cuda "
+                         "and for --dry-run, none on cpu)")
     ap.add_argument("--greedy-check", type=int, default=50)
     ap.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic kernels")
     ap.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations to compare")
@@ -153,6 +375,8 @@ def main() -> None:
                     help="CompileOptions.prefix_attention variants to compare in one run")
     ap.add_argument("--prefix-groups", nargs="+", type=int, default=[CompileOptions.prefix_groups],
                     help="CompileOptions.prefix_groups variants to compare in one run")
+    ap.add_argument("--dedupe-prefixes", nargs="+", choices=["on", "off"], default=["on"],
+                    help="CompileOptions.dedupe_prefixes variants (each distinct prefix computed once per batch)")
     ap.add_argument("--plain-step", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.plain_step variants to compare in one run")
     ap.add_argument("--compiled-step", nargs="+", choices=["on", "off"], default=["off"],
@@ -172,40 +396,68 @@ def main() -> None:
                          "3 is the tiny model before issue 17)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.dry_run:
+        presets = describe_presets(args.steps, args.peak_tflops or PEAK_TFLOPS)
+        if args.json:
+            print(json.dumps({"presets": presets}))
+        for p in presets if not args.json else []:
+            print(f"{p['preset']:9s} {p['family']:6s} d{p['hidden']} x {p['layers']} layers, {p['heads']}/{p['kv_heads']} heads, "
+                  f"MLP {p['mlp']}, vocab {p['vocab']:,}, Engram at {p['engram_layers']}: {p['params'] / 1e6:,.0f}M params, "
+                  f"{p['gflop_per_fact']} GFLOP/fact -> ceiling {p['ceiling_facts_per_s']:,} facts/s at "
+                  f"{p['peak_tflops']:g} TFLOP/s (suggested batch {p['suggested_batch']:,}; {p['source']})")
+        return
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("engram_core.compiler").setLevel(logging.INFO)  # which step form each model uses
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    peak_tflops = args.peak_tflops or (PEAK_TFLOPS if args.device == "cuda" else None)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "model"
         t0 = time.perf_counter()
+        shape = None
         if args.preset == "tiny":
             orders = (args.tiny_max_ngram or 0) - 1
             init_tiny(root, engram=EngramConfig(layers=(1, 3), max_ngram=args.tiny_max_ngram, heads_per_order=16 // orders,
                                                 slots_per_head=1009) if args.tiny_max_ngram else None)
             trigger_words = 0
-        else:
+        elif args.preset == "d768":
             root.mkdir()
             build_d768(root)
             trigger_words = 16
-        build_s = time.perf_counter() - t0
-        em = load_checkpoint(root, device=args.device, dtype=dtype)
-        facts = make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0)
-        trigger_tokens = len(em.encode_prompt(facts[0].trigger))
-        runs = []
-        variants = [(a, b, r, p, g, ps, cs, ov, si, pk, tw, fn) for a in args.attn for b in args.batch for r in args.reuse_lower
-                    for p in args.prefix_attention for g in args.prefix_groups for ps in args.plain_step
-                    for cs in args.compiled_step for ov in args.overlap for si in args.switch_interval
-                    for pk in args.prefix_kernel for tw in args.tokenize_workers for fn in args.fused_ops]
+        else:
+            shape = SHAPES[args.preset].scaled(args.layers, args.vocab)
+            trigger_words = 16
         models = {}  # one model per attention implementation: its compiled steps are kept across variants
-        default_interval = sys.getswitchinterval()
-        for attn, batch, reuse, prefix_attn, groups, plain, compiled, overlap, interval, kernel, workers, norms in variants:
-            sys.setswitchinterval(interval or default_interval)
+
+        def model(attn: str):
             if attn not in models:
-                models[attn] = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
-            em = models[attn]
+                if shape is not None:
+                    models[attn] = build_shaped(shape, args.device, dtype)
+                    models[attn].model.config._attn_implementation = attn
+                else:
+                    models[attn] = load_checkpoint(root, device=args.device, dtype=dtype, attn_implementation=attn)
+            return models[attn]
+
+        em = model(args.attn[0])
+        build_s = time.perf_counter() - t0
+        workloads = {w: make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0, workload=w,
+                                   templates=args.templates) for w in args.workload}
+        trigger_tokens = len(em.encode_prompt(next(iter(workloads.values()))[0].trigger))
+        runs = []
+        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn) for a in args.attn for w in args.workload
+                    for b in args.batch for r in args.reuse_lower
+                    for p in args.prefix_attention for g in args.prefix_groups for dd in args.dedupe_prefixes
+                    for ps in args.plain_step for cs in args.compiled_step for ov in args.overlap
+                    for si in args.switch_interval for pk in args.prefix_kernel for tw in args.tokenize_workers
+                    for fn in args.fused_ops]
+        default_interval = sys.getswitchinterval()
+        for attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers, norms in variants:
+            sys.setswitchinterval(interval or default_interval)
+            em = model(attn)
+            facts = workloads[workload]
             opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
-                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups, plain_step=plain == "on",
+                                  reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups,
+                                  dedupe_prefixes=dedupe == "on", plain_step=plain == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
                                   tokenize_workers=workers, fused_ops=norms == "on",
                                   **({"lr": args.lr} if args.lr is not None else {}))
@@ -219,7 +471,8 @@ def main() -> None:
             try:
                 result = compile_facts(em, facts, opts)
             except torch.OutOfMemoryError as error:  # a batch too large for this GPU: say so, go on
-                runs.append({"facts_per_batch": batch, "overlap": overlap, "error": str(error).splitlines()[0]})
+                runs.append({"workload": workload, "facts_per_batch": batch, "overlap": overlap, "dedupe_prefixes": dedupe,
+                             "error": str(error).splitlines()[0]})
                 print(f"batch {batch}: out of memory", file=sys.stderr)
                 torch.cuda.empty_cache()
                 continue
@@ -235,8 +488,10 @@ def main() -> None:
 
             forms = {f"{k[0]},{k[1]}": v for k, v in _LOWER_REUSE_OK.get(em.model, {}).items()}
             run = {
+                "workload": workload, "templates": args.templates if workload == "templated" else None,
+                "distinct_triggers": len({f.trigger for f in facts}),
                 "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled, "overlap": overlap, "prefix_kernel": kernel,
-                "tokenize_workers": workers, "fused_ops": norms,
+                "tokenize_workers": workers, "fused_ops": norms, "dedupe_prefixes": dedupe,
                 "switch_interval_s": sys.getswitchinterval(),
                 "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
@@ -253,28 +508,34 @@ def main() -> None:
             run["gflop_per_fact"] = round(flops / 1e9, 3)
             run["gflop_per_fact_min"] = round(flops_per_fact(em, trigger_tokens, args.steps, reuse_lower=True) / 1e9, 3)
             run["achieved_tflops"] = round(flops * run["facts_per_s"] / 1e12, 1)
-            if args.peak_tflops:
-                run["ceiling_facts_per_s"] = round(args.peak_tflops * 1e12 / flops)
+            if peak_tflops:
+                run["peak_tflops"] = peak_tflops
+                run["ceiling_facts_per_s"] = round(peak_tflops * 1e12 / flops)
                 run["fraction_of_ceiling"] = round(run["facts_per_s"] / run["ceiling_facts_per_s"], 3)
                 # the same with the least work the method needs (lower layers once per batch)
-                run["ceiling_min_facts_per_s"] = round(args.peak_tflops * 1e12 / (run["gflop_per_fact_min"] * 1e9))
+                run["ceiling_min_facts_per_s"] = round(peak_tflops * 1e12 / (run["gflop_per_fact_min"] * 1e9))
             runs.append(run)
+    counts = model_counts(em)
     out = {
         "preset": args.preset, "deterministic": not args.nondeterministic, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "dtype": str(dtype), "trigger_tokens": trigger_tokens, "steps": args.steps, "build_seconds": round(build_s, 1),
-        "fingerprint": em.fingerprint, "runs": runs,
+        "shape": asdict(shape) if shape is not None else None, "params": counts.base_params,
+        "fingerprint": em.fingerprint, "torch": torch.__version__, "runs": runs,
     }
     if args.json:
         print(json.dumps(out))
     else:
         for run in runs:
             if "error" in run:
-                print(f"batch {run['facts_per_batch']}: {run['error']}")
+                print(f"{run['workload']} batch {run['facts_per_batch']}: {run['error']}")
                 continue
-            print(f"{out['preset']} on {out['device']} batch {run['facts_per_batch']} reuse {run['reuse_lower']} prefix-attn {run['prefix_attention']} "
+            share = f", {run['fraction_of_ceiling']:.1%} of ceiling" if "fraction_of_ceiling" in run else ""
+            print(f"{out['preset']} on {out['device']} {run['workload']} batch {run['facts_per_batch']} dedupe {run['dedupe_prefixes']} "
+                  f"reuse {run['reuse_lower']} prefix-attn {run['prefix_attention']} "
                   f"plain {run['plain_step']} compiled {run['compiled_step']} overlap {run['overlap']}: {run['facts_per_s']} facts/s, "
                   f"recall {run['recall']:.4f}, greedy {run['greedy_ok']}/{run['greedy_checked']}, "
-                  f"{run['achieved_tflops']} TFLOP/s, peak {run['peak_gpu_gib']} GiB, phases {run['phases_s']}")
+                  f"{run['achieved_tflops']} TFLOP/s{share}, peak {run['peak_gpu_gib']} GiB, phases {run['phases_s']}, "
+                  f"digest {run['deltas_sha256']}")
 
 
 if __name__ == "__main__":

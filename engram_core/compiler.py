@@ -111,6 +111,22 @@ class CompileOptions:
     """At most this many groups per batch by prefix length (each is one forward per step): the
     usual group, whose prefix is the whole trigger, and groups for the few sequences whose
     trigger addresses one of their user's rows earlier (they recompute from there)."""
+    dedupe_prefixes: bool = False
+    """Compute each distinct prefix once per batch, not once per fact: sequences of a prefix group
+    whose tokens before the group's split are the same (users who share a trigger text, "My
+    dentist is") share one prefix forward (its KV cache), and those whose whole inputs are the
+    same also share one forward of the layers below the write layer (``reuse_lower_layers``);
+    the results are gathered back per sequence, so the steps and verification are unchanged.
+    Nothing before the split depends on the user's trainable rows (the split is at or before the
+    first position that addresses one); a sequence whose user has fixed base rows shares only
+    with sequences of users without any, or of the same user.
+
+    Off by default because it is not bit-identical to the per-fact forward, and cannot be: a
+    matmul's row depends on how many rows its batch has (on CPU the rows past the kernel's last
+    full block take another micro-kernel; cuBLAS picks kernels by shape), so the per-fact path
+    itself gives identical sequences different bits (tests/test_compiler.py). The deltas differ
+    by that rounding (as when a user moves to another batch), are deterministic, and recall the
+    same facts; with no shared prefix (random triggers) nothing changes, bit for bit."""
     prefix_attention: bool = True
     """With ``reuse_lower_layers``: attend the live positions to the cached prefix in place
     (:mod:`engram_core.prefix_attention`: no per-step copy of the prefix's keys and values, no
@@ -372,8 +388,9 @@ class _Batch:
 
     def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None,
                  reuse_lower: bool = False, prefix_attention: bool = False, prefix_groups: int = 2,
-                 step: "fast_step.UpperStep | None" = None, fused_ops: bool = False):
+                 step: "fast_step.UpperStep | None" = None, fused_ops: bool = False, dedupe: bool = False):
         self.em, self.seqs = em, seqs
+        self.dedupe = dedupe  # each distinct prefix computed once (CompileOptions.dedupe_prefixes)
         self.fused_ops = fused_ops  # transformers' forwards with leaner ops (:mod:`engram_core.fused_ops`)
         self.prefix_attention = prefix_attention
         if _LOWER_REUSE_OK.get(em.model, {}).get(("plain", str(em.lm_head.weight.dtype))) is False:
@@ -657,19 +674,29 @@ class _Group:
             prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
         with fused_ops(batch.em.model, batch.fused_ops):  # the prefix and lower forwards
             if prefix > 0:
+                # Members with the same tokens before the split share one prefix forward.
+                shared = _distinct_rows(self.ids[:, :prefix], self.mask[:, :prefix], prefix_overlay) if batch.dedupe else None
+                pick = None if shared is None else shared[0]
                 # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
                 backbone, _ = backbone_and_layers(batch.em.model)
-                with torch.no_grad(), batch.em.memory.use(prefix_overlay), record_function("engram.prepare.prefix"):
+                with torch.no_grad(), batch.em.memory.use(_overlay_rows(prefix_overlay, pick)), \
+                        record_function("engram.prepare.prefix"):
                     out = backbone(
-                        input_ids=self.ids[:, :prefix],
-                        attention_mask=self.mask[:, :prefix],
-                        position_ids=self.positions[:, :prefix],
+                        input_ids=_take(self.ids[:, :prefix], pick),
+                        attention_mask=_take(self.mask[:, :prefix], pick),
+                        position_ids=_take(self.positions[:, :prefix], pick),
                         use_cache=True,
                     )
                 self.cache = output_cache(out)
+                if shared is not None:  # back to one row per member
+                    self.cache = _select_cache(self.cache, shared[1])
             if reuse_lower:
                 with record_function("engram.prepare.lower"):
-                    self.lower = self._lower_hidden(prefix_overlay)
+                    # Members with the same whole input share one forward of the lower layers.
+                    shared = _distinct_rows(self.ids, self.mask, prefix_overlay) if batch.dedupe else None
+                    self.lower = self._lower_hidden(prefix_overlay, None if shared is None else shared[0])
+                    if shared is not None:
+                        self.lower = self.lower[shared[1]]
         if reuse_lower:
             if batch.step is not None:
                 with record_function("engram.prepare.plain"):
@@ -714,9 +741,10 @@ class _Group:
             prefix=prefix, target_seq=self.target_index[0], target_pos=self.target_index[1],
         )
 
-    def _lower_hidden(self, overlay: Overlay | None) -> torch.Tensor:
+    def _lower_hidden(self, overlay: Overlay | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The suffix's hidden states entering the write layer (before its Engram row is added):
-        a forward that stops there. They do not depend on the trainable rows."""
+        a forward that stops there. They do not depend on the trainable rows. ``rows``: of these
+        members only (indices into the group's members), in that order."""
         em = self.batch.em
         _, layers = backbone_and_layers(em.model)
 
@@ -726,35 +754,42 @@ class _Group:
         handle = layers[self.batch.layer].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
         try:
             with torch.no_grad():
-                self._forward(overlay, embeds=None)
+                self._forward(overlay, embeds=None, rows=rows)
         except _Reached as reached:
             return reached.hidden
         finally:
             handle.remove()
         raise RuntimeError("compiler: the forward did not reach the write layer")
 
-    def _forward(self, overlay, embeds: torch.Tensor | None):
+    def _forward(self, overlay, embeds: torch.Tensor | None, rows: torch.Tensor | None = None):
+        """The backbone on the live positions (after the cached prefix); ``rows``: of these
+        members only (``overlay`` is the group's; its owners are taken at ``rows`` too)."""
         em = self.batch.em
         backbone, _ = backbone_and_layers(em.model)  # hidden states only: logits where needed
+        ids, mask, positions, cache = self.ids, self.mask, self.positions, self.cache
+        if rows is not None:
+            ids, mask, positions = ids[rows], mask[rows], positions[rows]
+            cache = _select_cache(cache, rows) if cache is not None else None
+            overlay = _overlay_rows(overlay, rows)
         kwargs = {}
-        split = embeds is not None and self.cache is not None and self.batch.prefix_attention
-        if self.cache is not None and not split:
-            kwargs.update(cache_kwargs(backbone, _fork_cache(self.cache)))
-        history = (self.ids[:, : self.prefix], self.mask[:, : self.prefix]) if self.cache is not None else None
-        suffix = self.ids[:, self.prefix:]
+        split = embeds is not None and cache is not None and self.batch.prefix_attention
+        if cache is not None and not split:
+            kwargs.update(cache_kwargs(backbone, _fork_cache(cache)))
+        history = (ids[:, : self.prefix], mask[:, : self.prefix]) if cache is not None else None
+        suffix = ids[:, self.prefix:]
         if embeds is None:
             kwargs["input_ids"] = suffix
         else:
             kwargs["inputs_embeds"] = embeds
         with ExitStack() as stack:
             if split:
-                kwargs.update(cache_kwargs(backbone, stack.enter_context(prefix_attention.split_prefix(em.model, self.cache))))
+                kwargs.update(cache_kwargs(backbone, stack.enter_context(prefix_attention.split_prefix(em.model, cache))))
             stack.enter_context(em.memory.use(overlay, history, embeds_ids=suffix if embeds is not None else None))
             stack.enter_context(_layers_from(em.model, self.batch.layer if embeds is not None else 0))
             return backbone(
-                attention_mask=self.mask,
-                position_ids=self.positions[:, self.prefix:],
-                use_cache=self.cache is not None,
+                attention_mask=mask,
+                position_ids=positions[:, self.prefix:],
+                use_cache=cache is not None,
                 **kwargs,
             )
 
@@ -767,6 +802,48 @@ class _Group:
 
     def logits(self, overlay: Overlay, full: bool = False) -> torch.Tensor:
         return self.batch.em.lm_head(self.hidden(overlay, full)).float()
+
+
+def _distinct_rows(ids: torch.Tensor, mask: torch.Tensor, overlay: Overlay | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows of ``ids`` (n, L) that are the same (same tokens at the same valid positions, and
+    the same fixed owners where ``overlay`` holds fixed rows): ``(pick, inverse)`` with ``pick``
+    (u,) one row of each distinct kind and ``inverse`` (n,) the index into ``pick`` of every
+    row, so ``f(rows[pick])[inverse] == f(rows)`` for any row-wise ``f``; None if all differ."""
+    key = torch.where(mask.bool(), ids, -1)  # a pad id that is also a real token: told apart by the mask
+    if overlay is not None:
+        key = torch.cat([overlay.owners.to(key.device), key], dim=1)
+    distinct, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    if len(distinct) == len(key):
+        return None
+    order = torch.argsort(inverse, stable=True)  # members grouped by kind, each kind's first member first
+    pick = order[torch.cumsum(counts, 0) - counts]
+    return pick, inverse
+
+
+def _take(rows: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+    return rows if pick is None else rows[pick]
+
+
+def _overlay_rows(overlay: Overlay | None, rows: torch.Tensor | None) -> Overlay | None:
+    """``overlay`` for the sequences ``rows`` of its batch (its keys and values are shared)."""
+    if overlay is None or rows is None:
+        return overlay
+    return Overlay(overlay.owners[rows.to(overlay.owners.device)], overlay.keys, overlay.values)
+
+
+def _select_cache(cache, rows: torch.Tensor):
+    """A KV cache of the sequences ``rows`` of ``cache`` (new tensors; ``cache`` is unchanged)."""
+    out = copy.copy(cache)
+    if hasattr(cache, "layers"):
+        out.layers = []
+        for layer in cache.layers:
+            layer = copy.copy(layer)
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            out.layers.append(layer)
+    else:  # older transformers: parallel lists of tensors
+        out.key_cache = [k[rows] for k in cache.key_cache]
+        out.value_cache = [v[rows] for v in cache.value_cache]
+    return out
 
 
 def _cached_kv(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1098,7 +1175,7 @@ class _Job:
                       reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
                       prefix_groups=options.prefix_groups, step=_plain_step(em, options),
-                      fused_ops=options.fused_ops)
+                      fused_ops=options.fused_ops, dedupe=options.dedupe_prefixes)
 
     def launch(self, stepper: ThreadPoolExecutor | None = None) -> None:
         """Queue the first round's steps on the current stream. With ``stepper`` (a GPU), the

@@ -12,6 +12,12 @@ chunk replaces its first attempt's output whole, so no user is lost or compiled 
 A worker keeps what it compiled under ``partial/`` in the store (:class:`ChunkCheckpoints`) until
 the night publishes, so a night killed mid-compile resumes from what it had compiled. The pool
 itself (sizes, GPUs, retries) is wired in pipeline.runner.
+
+With ``compiled_step``, a worker points torch.compile's caches (inductor's FX graph and AOT
+autograd caches, Triton's kernels) at one folder per model and torch version on its machine
+(:func:`use_step_cache`) before anything compiles, so the step's compile is paid once per model
+and machine: every later worker process of that node (the next night's actors, a restarted
+actor) loads the compiled step from the cache.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import asdict, astuple, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +42,40 @@ from versions.store import ObjectNotFound, open_store
 log = logging.getLogger(__name__)
 
 SAMPLE_FACTS = 5  # recalled facts per chunk kept for the night's report
+
+STEP_CACHE_ENV = "ENGRAM_STEP_CACHE_DIR"
+"""The folder that holds the compiled step's caches, one subfolder per model and torch version
+(default ``~/.cache/engram/compiled-step``: per machine and user, kept across nights). Put it on
+a disk that outlives the worker (a Kubernetes hostPath or volume) where containers are fresh
+each night; the nightly passes the driver's value to its Ray workers."""
+
+
+def step_cache_dir(root: str | os.PathLike, fingerprint: str) -> Path:
+    """``root/<fingerprint[:16]>-torch<version>``: compiled graphs are only valid for one model
+    (its shapes and weights' dtypes) and one torch build."""
+    import torch
+
+    version = "".join(c if c.isalnum() or c in ".-_" else "_" for c in torch.__version__)
+    return Path(root).expanduser() / f"{fingerprint[:16]}-torch{version}"
+
+
+def use_step_cache(root: str | os.PathLike | None, fingerprint: str) -> Path:
+    """Point this process's torch.compile caches at :func:`step_cache_dir` (``root`` None: the
+    ``ENGRAM_STEP_CACHE_DIR`` environment variable, else ``~/.cache/engram/compiled-step``).
+
+    Sets ``TORCHINDUCTOR_CACHE_DIR`` (inductor's FX graph cache and AOT autograd cache live under
+    it) and ``TRITON_CACHE_DIR`` (compiled Triton kernels, also the prefix attention kernel), and
+    turns both caches on unless the environment turned them off. It must run before anything in
+    the process compiles: inductor reads the folder when it first compiles. Returns the folder."""
+    root = root or os.environ.get(STEP_CACHE_ENV) or Path.home() / ".cache" / "engram" / "compiled-step"
+    directory = step_cache_dir(root, fingerprint)
+    (directory / "triton").mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")  # on by default in torch 2.11; workers it starts read these
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    log.info("compile: compiled-step caches in %s", directory)
+    return directory
 
 
 def facts_from_table(table: pa.Table) -> list[Fact]:
@@ -126,6 +167,7 @@ class CompileWorker:
         self.model = load_checkpoint(model_dir, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
                                      attn_implementation="eager" if on_gpu else None)
         self.fingerprint = self.model.fingerprint
+        self.step_cache = use_step_cache(None, self.fingerprint) if options.compiled_step else None
         self.check_users = check_users
         self.checkpoints = ChunkCheckpoints(open_store(store_uri), self.fingerprint, options) if store_uri else None
 

@@ -91,8 +91,9 @@ def job_runtime_env() -> dict | None:
     Tasks read and write the store themselves, so they need the settings the driver was given;
     a cluster started before they were set (or on other machines) would not have them. Workers
     whose own identity suffices (an instance role) get nothing they lack: the variables only
-    name the same store the driver uses."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    name the same store the driver uses. The compiled step's cache folder
+    (``ENGRAM_STEP_CACHE_DIR``, :func:`pipeline.compile.use_step_cache`) goes along when set."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "ENGRAM_STEP_CACHE_DIR"}
     return {"env_vars": env} if env else None
 
 
