@@ -148,7 +148,10 @@ def _parts_by_seq(store, manifest: Manifest, table: str) -> dict[int, tuple[list
     layers at once hides exactly its own shard's older rows."""
     if manifest.schema_version == 1:
         return {0: (version_parts(store, manifest, table), [])}
-    out: dict[int, tuple[list[str], list[str]]] = {0: (list(manifest.stats.get(table, ())), [])}
+    own = list(manifest.stats.get(table, ()))
+    if manifest.scopes is not None and table in manifest.scopes.stats:  # the shared scopes' own rows
+        own.append(manifest.scopes.stats[table])
+    out: dict[int, tuple[list[str], list[str]]] = {0: (own, [])}
     for entry in manifest.shards:
         keyed = [(0, entry.stats.get(table))] + [(i + 1, layer.stats.get(table)) for i, layer in enumerate(entry.layers)]
         for seq, key in keyed:
