@@ -180,7 +180,16 @@ SCOPE_STATE_SCHEMA = pa.schema([
 its number of members. Every member carries at least one scope fact, so a (scope, shard) with
 members always has a row."""
 
-SCOPE_DETAIL = "compiled once in scope "  # facts stats detail of a member's copy of a scope fact
+SCOPE_DETAIL = "compiled once in scope "  # fact result detail of a member's copy of a scope fact ("...; why" if it failed)
+
+
+def scope_of_detail(detail) -> pa.Array:
+    """The scope named by fact-result details (``compiled once in scope <id>[; why]``), else null."""
+    import re
+
+    parsed = pc.extract_regex(detail, f"^{re.escape(SCOPE_DETAIL)}(?P<scope>.*?)(?:; .*)?$")
+    scope = pc.struct_field(parsed, "scope")
+    return pc.if_else(pc.is_valid(parsed), scope, pa.scalar(None, pa.string()))
 
 
 def member_rows(state: pa.Table) -> pa.Table:
@@ -349,14 +358,14 @@ def write_scopes(store_uri: str, prior, plan: ScopePlan, merge: ScopeMerge, *com
         if "facts" in prior.stats:
             import pyarrow.parquet as pq
 
-            facts = pq.read_table(pa.BufferReader(store.get(prior.stats["facts"]))).select(
-                FACTS_STATS_SCHEMA.names).cast(FACTS_STATS_SCHEMA)
+            from pipeline.shards import with_schema
+
+            facts = with_schema(pq.read_table(pa.BufferReader(store.get(prior.stats["facts"]))), FACTS_STATS_SCHEMA)
     if len(merge.removed):
         bundle = bundle.filter(pc.invert(pc.is_in(bundle.column("user_id"), merge.removed)))
         facts = facts.filter(pc.invert(pc.is_in(facts.column("user_id"), merge.removed)))
     bundle = pa.concat_tables([bundle.cast(BUNDLE_SCHEMA)] + [c.bundles[0].cast(BUNDLE_SCHEMA) for c in compiled if 0 in c.bundles])
-    facts = pa.concat_tables([facts] + [c.results[0].select(FACTS_STATS_SCHEMA.names).cast(FACTS_STATS_SCHEMA)
-                                        for c in compiled if 0 in c.results])
+    facts = pa.concat_tables([facts] + [with_schema_results(c.results[0]) for c in compiled if 0 in c.results])
     bundle = bundle.sort_by([("user_id", "ascending")]).combine_chunks()
     facts = facts.sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
     data, state = encode_bundle(bundle), encode_scope_state(merge.state)
@@ -393,9 +402,9 @@ def load_scope_context(store, entry) -> ScopeContext:
     stats = pq.read_table(pa.BufferReader(store.get(entry.stats["facts"]))) if "facts" in entry.stats else None
     results = {}
     if stats is not None:
-        for row in stats.select(["user_id", "fact_id", "status", "loss", "steps", "rows", "margin", "detail"]).to_pylist():
+        for row in stats.select(["user_id", "fact_id", "status", "loss", "steps", "rows"]).to_pylist():
             results[(row["user_id"], row["fact_id"])] = (row["status"], row["loss"], row["steps"], row["rows"],
-                                                         row["margin"], row["detail"])
+                                                         float("nan"), "")
     recalled: dict[str, list[Fact]] = {}
     facts = merged_scope_facts(state)
     for scope, fact_id, trigger, answer in zip(*(facts.column(c).to_pylist() for c in ("scope", "fact_id", "trigger", "answer"))):
@@ -453,12 +462,18 @@ def compile_chunk_scoped(em: "EngramModel", table: pa.Table, context: ScopeConte
         for user, fact_id in sorted(k for k in copy_keys if scope_of[k[0]] == scope):
             failed = failures.get((user, fact_id))
             if failed is not None:
-                results.append(replace_result(failed, fact_id=fact_id, detail=f"{SCOPE_DETAIL}{scope}: {failed.detail}"))
+                results.append(replace_result(failed, fact_id=fact_id, detail=f"{SCOPE_DETAIL}{scope}; {failed.detail}"))
                 continue
             known = context.results.get((scope, fact_id)) if context is not None else None
             status, loss, steps, rows, margin, _ = known or ("not_recalled", float("nan"), 0, 0, float("nan"), "")
             results.append(FactResult(user, fact_id, status, loss, steps, rows, margin, f"{SCOPE_DETAIL}{scope}"))
     return deltas, results
+
+
+def with_schema_results(results: pa.Table) -> pa.Table:
+    from pipeline.shards import _facts_rows
+
+    return _facts_rows([results])
 
 
 def replace_result(result: "FactResult", **changes) -> "FactResult":

@@ -509,7 +509,16 @@ def _merged_users_stats(store, entry: ShardEntry) -> pa.Table:
 
 
 def _read_part(store, key: str, schema: pa.Schema) -> pa.Table:
-    return pq.read_table(pa.BufferReader(store.get(key))).select(schema.names).cast(schema)
+    return with_schema(pq.read_table(pa.BufferReader(store.get(key))), schema)
+
+
+def with_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema``: its columns selected and cast, a nullable column it lacks (a part
+    written before the column existed, e.g. ``facts.scope``) filled with nulls."""
+    for field in schema:
+        if field.name not in table.column_names and field.nullable:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def _sum(values) -> int:
@@ -521,8 +530,18 @@ def _bundle_rows(tables: list[pa.Table]) -> pa.Table:
 
 
 def _facts_rows(tables: list[pa.Table]) -> pa.Table:
-    return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()]
-                            + [t.select(FACTS_STATS_SCHEMA.names).cast(FACTS_STATS_SCHEMA) for t in tables])
+    """``facts`` stats rows of fact results (pipeline.compile.RESULT_SCHEMA, or stats rows); a
+    member's copy of a scope fact gets its ``scope`` from its detail (pipeline.scopes.SCOPE_DETAIL)."""
+    return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [with_schema(_scope_column(t), FACTS_STATS_SCHEMA)
+                                                                  for t in tables])
+
+
+def _scope_column(results: pa.Table) -> pa.Table:
+    if "scope" in results.column_names or "detail" not in results.column_names:
+        return results
+    from pipeline.scopes import scope_of_detail
+
+    return results.append_column("scope", scope_of_detail(results.column("detail")))
 
 
 def _prior_bundle(store, prior: ShardEntry | ReshardedPrior | None) -> pa.Table:
@@ -546,7 +565,7 @@ def _prior_facts_stats(store, ctx: NightContext, prior: ShardEntry | ReshardedPr
         return FACTS_STATS_SCHEMA.empty_table()
     if isinstance(prior, ReshardedPrior):
         parts = [pq.read_table(pa.BufferReader(store.get(k))) for k in prior.facts]
-        return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [t.cast(FACTS_STATS_SCHEMA) for t in parts])
+        return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [with_schema(t, FACTS_STATS_SCHEMA) for t in parts])
     if "facts" in prior.stats:
         return (chain or _Chain(store, prior)).stats("facts", FACTS_STATS_SCHEMA)
     if ctx.prior_schema == 1 and ctx.prior_version is not None:
