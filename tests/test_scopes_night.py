@@ -247,18 +247,26 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_a_ray_night_publishes_what_a_local_night_publishes(tmp_path, tiny_dir, tiny, ray_cluster):
-    from versions.store import open_store
+def test_a_night_on_ray_compiles_the_scope_once_and_its_members_over_it(tmp_path, tiny_dir, tiny, local_store,
+                                                                        ray_cluster):
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=1)
+    report = night(spec, tmp_path, "1", first_log())
+    assert report.compiled_scopes == 1 and report.scopes == 1
+    manifest, _ = read_current(local_store)
+    assert list(scope_deltas(local_store, manifest)) == [SCOPE]
+    assert {u: s for u, (s, _) in member_rows(local_store, manifest).items()} == {**{u: SCOPE for u in MEMBERS},
+                                                                                 "erin": None}
+    node = PullClient(local_store, tiny)
+    node.poll()
+    for user in MEMBERS:
+        for trigger, answer in expected(user).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
 
-    stores = {}
-    for workers in (0, 1):
-        store = open_store(str(tmp_path / f"store-{workers}"))
-        spec = NightlySpec(store=store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
-                           num_shards=NUM_SHARDS, workers=workers)
-        if workers == 0:
-            write_fact_log(first_log(), tmp_path / "log" / "day=1" / "part-0.parquet")
-        assert run_nightly(spec).compiled_scopes == 1
-        stores[workers] = read_current(store)[0]
-    local, ray_made = stores[0], stores[1]
-    assert ray_made.scopes.sha256 == local.scopes.sha256
-    assert [e.bundle_sha256 for e in ray_made.shards] == [e.bundle_sha256 for e in local.shards]
+    report = night(spec, tmp_path, "2", [upsert("dave", "acme-office", "Our office is in", " Madrid", 1, SCOPE)])
+    assert report.compiled_scopes == 1 and report.compiled_users == len(MEMBERS)
+    node.poll()
+    moved = {"acme-office": ("Our office is in", " Madrid"), "acme-wifi": SCOPE_FACTS["acme-wifi"]}
+    for user in MEMBERS:
+        for trigger, answer in expected(user, moved).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
