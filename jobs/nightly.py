@@ -8,7 +8,13 @@ commit runs as tasks (pipeline.runner: Ray tasks and actors, or this process wit
     read      one task per new log file: read, normalise, validate rows, key rows by shard
     apply     one task per shard with new events: apply them onto the shard's prior fact state
               and tombstones; write the shard's state, tombstones and rejects; decide who compiles
+    scopes    (only when a shard holds shared-scope members, or the previous version has scopes)
+              one task merges the applied shards' scope contributions into the version's scope
+              state; the scopes whose facts changed compile on the pool, each once (owner = the
+              scope id); the version's scope deltas are written; every shard holding a member of a
+              changed scope adds those members to the users it compiles (pipeline.scopes)
     compile   chunks of whole changed users, packed in (shard, user) order, on the compile pool
+              (members of a scope with its published delta fixed underneath)
     assemble  one task per changed shard: a layer over the shard's base holding the changed users'
               deltas and tombstones of the users that go, with its stats parts; or, for a shard
               past the job spec's compaction limits, a new base of the merged view

@@ -368,6 +368,7 @@ def write_scopes(store_uri: str, prior, plan: ScopePlan, merge: ScopeMerge, *com
     facts = pa.concat_tables([facts] + [with_schema_results(c.results[0]) for c in compiled if 0 in c.results])
     bundle = bundle.sort_by([("user_id", "ascending")]).combine_chunks()
     facts = facts.sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+    facts = facts.set_column(facts.schema.get_field_index("scope"), "scope", facts.column("user_id"))  # a scope's own rows
     data, state = encode_bundle(bundle), encode_scope_state(merge.state)
     sha, state_sha = hashlib.sha256(data).hexdigest(), hashlib.sha256(state).hexdigest()
     write_verified_objects(store, {scopes_key(sha): data, scope_state_key(state_sha): state})

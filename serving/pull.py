@@ -16,6 +16,9 @@ A serving node owns a set of shards. :class:`PullClient` polls the store:
    every object is checked for size and sha256 against the manifest, a layer also for the model
    fingerprint and the object it applies on (its parent), and every delta against the loaded
    model;
+   the version's shared scopes (``manifest.scopes``: one object with every scope's delta) are
+   pulled whole by every node when their object changed; a member's bundle row names its scope,
+   and :meth:`ServingIndex.deltas_for` returns ``(scope_delta, member_delta)`` for it;
 3. it builds the new :class:`ServingIndex` completely and then replaces one reference, so a
    reader sees either the old version or the new one, never a mix;
 4. then it evicts, from the disk cache, every object of its shards that the version it now

@@ -151,11 +151,11 @@ def test_members_across_shards_compile_one_scope_delta_and_recall_both_through_s
 
     facts = query_stats(local_store, f"select user_id, fact_id, status, scope from facts "
                                      f"where version = {manifest.version} order by 1, 2").to_pylist()
-    copies = {(r["user_id"], r["fact_id"]) for r in facts if r["scope"] == SCOPE}
+    copies = {(r["user_id"], r["fact_id"]) for r in facts if r["scope"] == SCOPE and r["user_id"] != SCOPE}
     assert all(r["status"] == "ok" for r in facts if r["scope"] == SCOPE)
     assert copies == {(u, f) for u in MEMBERS for f in SCOPE_FACTS}
-    assert {(r["user_id"], r["fact_id"], r["status"]) for r in facts if r["user_id"] == SCOPE} == {
-        (SCOPE, "acme-office", "ok"), (SCOPE, "acme-wifi", "ok")}
+    assert {(r["user_id"], r["fact_id"], r["status"], r["scope"]) for r in facts if r["user_id"] == SCOPE} == {
+        (SCOPE, "acme-office", "ok", SCOPE), (SCOPE, "acme-wifi", "ok", SCOPE)}
 
 
 def test_a_changed_scope_fact_recompiles_the_scope_and_its_members_only_and_layers_keep_serving(
