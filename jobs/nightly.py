@@ -71,6 +71,7 @@ from pipeline.shards import (
     rebase_entry,
     rescope_shard,
     resharded_priors,
+    state_entry as shard_state_entry,
     split_prior_shard,
 )
 from pipeline.stats import encode_stats_part, shards_table
@@ -418,12 +419,15 @@ class _Night:
                                          what="write scopes"), "write scopes")
         if plan.changed:
             rescopes = {}
-            for shard in plan.member_shards:
-                prior = self.prior_entry(shard)
-                if prior is None:  # a first night or resharding: every member compiles already
-                    continue
+            for shard in plan.member_shards if not ctx.recompile else ():  # (recompile: every user compiles)
                 applied = routed.get(shard)
-                state_entry = replace(prior, **applied.state.fields()) if applied is not None else prior
+                if applied is not None:  # this night's state (after resharding: the shard's first)
+                    state_entry = shard_state_entry(shard, applied.state)
+                elif (prior := self.prior_entry(shard)) is not None:
+                    state_entry = prior
+                else:
+                    raise RuntimeError(f"scope round: shard {shard} holds members of a changed scope but has "
+                                       "neither this night's state nor a previous entry")
                 rescopes[shard] = runner.submit(rescope_shard, ctx, shard, state_entry, applied, changes.get(shard),
                                                 plan.changed, num_returns=2, what=f"rescope shard {shard}")
             for shard, (meta, shard_changes) in rescopes.items():

@@ -223,6 +223,13 @@ def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrio
     return applied, ShardChanges(facts, removed), contribution
 
 
+def state_entry(shard: int, state: StatePart) -> ShardEntry:
+    """A ShardEntry naming only ``state`` (its delta fields empty): what reading a shard's fact
+    state (versions.catalog.load_shard_fact_state) needs, for a shard with no prior entry."""
+    return ShardEntry(shard=shard, bundle_key="", bundle_sha256="", bundle_bytes=0, users=0, facts=0, rows=0,
+                      **state.fields())
+
+
 def rescope_shard(ctx: NightContext, shard: int, entry: ShardEntry, applied: ShardApplied | None,
                   changes: ShardChanges | None, changed_scopes: tuple[str, ...]) -> tuple[ShardApplied, ShardChanges]:
     """Add the shard's members of ``changed_scopes`` (scopes recompiled this night) to the users it

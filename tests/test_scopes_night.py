@@ -270,3 +270,22 @@ def test_a_night_on_ray_compiles_the_scope_once_and_its_members_over_it(tmp_path
     for user in MEMBERS:
         for trigger, answer in expected(user, moved).items():
             assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+
+
+def test_a_scope_change_on_a_resharding_night_recompiles_every_member(spec, tmp_path, tiny, local_store):
+    night(spec, tmp_path, "1", first_log())
+    new_office = ("Our office is in", " Madrid")
+    spec = NightlySpec(**{**spec.to_dict(), "num_shards": 2})
+    report = night(spec, tmp_path, "2", [upsert("erin", "acme-office", *new_office, 1, SCOPE)])  # erin joins
+    manifest, _ = read_current(local_store)
+    assert manifest.num_shards == 2 and report.compiled_scopes == 1
+    assert report.compiled_users == len(MEMBERS) + 1 and manifest.scopes.members == len(MEMBERS) + 1
+    node = PullClient(local_store, tiny)
+    node.poll()
+    facts = {"acme-office": new_office, "acme-wifi": SCOPE_FACTS["acme-wifi"]}
+    own = {**OWN, **PLAIN}
+    for user in MEMBERS:
+        for trigger, answer in expected(user, facts, own).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+    erin = node.deltas_for("erin")
+    assert len(erin) == 2 and recalls(tiny, erin, *new_office) and recalls(tiny, erin, *PLAIN["erin"]["city"])
