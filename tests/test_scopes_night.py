@@ -24,6 +24,7 @@ from schemas.bundle import bundle_deltas, bundle_scopes, decode_bundle
 from serving.pull import PullClient
 from versions.catalog import load_shard_bundle, read_current, verified_bytes
 from versions.layout import shard_of
+from versions.retention import collect
 
 pytestmark = pytest.mark.slow
 
@@ -209,6 +210,8 @@ def test_forgetting_a_member_keeps_the_scope_and_a_member_who_leaves_is_no_longe
 
     report = night(spec, tmp_path, "2", [event("bob", "forget_user", 1)])
     v2, _ = read_current(local_store)
+    collect(local_store, keep=1)  # gc keeps the current version's scope objects
+    assert {v2.scopes.key, v2.scopes.state_key} <= set(local_store.list("objects/scope"))
     assert report.compiled_scopes == 0 and v2.scopes.scopes == 1 and v2.scopes.members == len(MEMBERS) - 1
     assert v2.scopes.key == v1.scopes.key  # forgetting a user never rewrites the scope's delta
     node.poll()
@@ -232,6 +235,8 @@ def test_forgetting_a_member_keeps_the_scope_and_a_member_who_leaves_is_no_longe
     report = night(spec, tmp_path, "4", rows)
     v4, _ = read_current(local_store)
     assert v4.scopes is None and report.scopes == 0
+    collect(local_store, keep=1)
+    assert local_store.list("objects/scope") == []  # and deletes those no kept version names
     node.poll()
     assert len(node.deltas_for("alice")) == 1 and recalls(tiny, node.deltas_for("alice"), *OWN["alice"]["dog"])
 
