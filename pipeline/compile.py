@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts, status_counts
 from engram_core.delta import Delta
+from pipeline.scopes import SCOPE_DETAIL
 from versions.layout import PARTIAL_PREFIX
 from versions.store import ObjectNotFound, open_store
 
@@ -189,10 +190,18 @@ def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactRe
         by_user.setdefault(r.user_id, []).append(r)
     # A user none of whose facts is recalled (ok or low_margin) publishes no delta: its rows would
     # change the model's outputs for that user and serve nothing the user wrote.
-    served = {r.user_id for r in results if r.status in SERVED_STATUSES}
-    # A member of a shared scope always gets a row (possibly an empty delta): the row names the
-    # scope whose delta serving composes under the member's own.
+    # A member's copies of its scope's facts are reported with the scope fact's status: they do
+    # not count as the member's own recalled facts.
     scope_of = scope_of or {}
+    own = [r for r in results if not (r.user_id in scope_of and (r.detail or "").startswith(SCOPE_DETAIL))]
+    served = {r.user_id for r in own if r.status in SERVED_STATUSES}
+    # A member of a shared scope always gets a row: it names the scope whose delta serving composes
+    # under the member's own; a member none of whose own facts is recalled gets an empty delta
+    # (alone, the scope's delta serves the scope's facts, as the scope round verified).
+    deltas = dict(deltas)
+    for user in scope_of:
+        if user not in served:
+            deltas[user] = Delta.empty(_width(deltas))
     served |= set(scope_of)
     out = CompiledChunk()
     for chunk_slice, table in zip(slices, tables):
