@@ -352,6 +352,15 @@ def write_scopes(store_uri: str, prior, plan: ScopePlan, merge: ScopeMerge, *com
     if plan.scopes == 0:
         return None
     store = open_store(store_uri)
+    if prior is not None and not len(merge.removed) and not compiled:
+        # No scope compiled or dropped: the deltas and their stats are carried by reference; only
+        # the scope state (member counts, copies that did not change the merged facts) is new.
+        state = encode_scope_state(merge.state)
+        state_sha = hashlib.sha256(state).hexdigest()
+        if state_sha != prior.state_sha256:
+            write_verified_objects(store, {scope_state_key(state_sha): state})
+        return replace_entry(prior, state_key=scope_state_key(state_sha), state_sha256=state_sha,
+                             state_bytes=len(state), scopes=plan.scopes, members=plan.members)
     bundle, facts = BUNDLE_SCHEMA.empty_table(), FACTS_STATS_SCHEMA.empty_table()
     if prior is not None:
         bundle = decode_bundle(verified_bytes(store, prior.key, prior.bytes, prior.sha256), source=f"{store.uri}/{prior.key}")
@@ -475,6 +484,12 @@ def with_schema_results(results: pa.Table) -> pa.Table:
     from pipeline.shards import _facts_rows
 
     return _facts_rows([results])
+
+
+def replace_entry(entry, **changes):
+    from dataclasses import replace
+
+    return replace(entry, **changes)
 
 
 def replace_result(result: "FactResult", **changes) -> "FactResult":

@@ -172,3 +172,25 @@ def test_the_facts_stats_scope_comes_from_a_copys_result_detail():
     details = pa.array(["compiled once in scope org:acme", "compiled once in scope org:x y; scope fact 'a' failed",
                         None, "something else"])
     assert scope_of_detail(details).to_pylist() == ["org:acme", "org:x y", None, None]
+
+
+def test_a_night_that_compiles_no_scope_carries_the_scope_deltas_by_reference(local_store):
+    import hashlib
+
+    from pipeline.scopes import encode_scope_state, write_scopes
+    from versions.commit import write_verified_objects
+
+    one = shard_contribution(_state(STATE), 0)
+    data = encode_scope_state(one)
+    sha = hashlib.sha256(data).hexdigest()
+    write_verified_objects(local_store, {scope_state_key(sha): data})
+    prior = ScopesEntry(key=scopes_key("c" * 64), sha256="c" * 64, bytes=1, state_key=scope_state_key(sha),
+                        state_sha256=sha, state_bytes=len(data), scopes=1, facts=2, rows=5, members=2,
+                        stats={"facts": "stats/facts/" + "d" * 64 + ".parquet"})
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [0], one)
+    assert plan.changed == () and write_scopes(local_store.uri, prior, plan, merge) == prior  # nothing read or written
+    joined = shard_contribution(_state(STATE + [("carol", "wifi", "org:acme", "The wifi password is", " Pepper", 1)]), 0)
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [0], joined)
+    entry = write_scopes(local_store.uri, prior, plan, merge)
+    assert plan.changed == () and (entry.key, entry.stats) == (prior.key, prior.stats) and entry.members == 3
+    assert entry.state_sha256 != prior.state_sha256 and local_store.head(entry.state_key) is not None
