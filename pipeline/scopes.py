@@ -23,10 +23,13 @@ No Ray here: the night runs it per scope on its workers.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.collisions import compile_with_scope
 from schemas.stats import COLLISIONS_STATS_SCHEMA
@@ -161,11 +164,6 @@ def served_deltas(result: ScopedCompileResult, user_id: str) -> Sequence["Delta"
 # scope delta as it is); a scope fact changing (any member's copy, as merged) recompiles the scope
 # and all its members; a member joining or leaving recompiles that member only (its facts changed);
 # the scope recompiles only if the merged facts changed (e.g. the last carrier of a fact left).
-
-import hashlib
-
-import numpy as np
-import pyarrow.compute as pc
 
 SCOPE_STATE_SCHEMA = pa.schema([
     pa.field("scope", pa.string(), nullable=False),

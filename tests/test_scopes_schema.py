@@ -4,7 +4,6 @@ and the night's scope merge, without compiling (the whole nights are in test_sco
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
