@@ -31,6 +31,15 @@ def served_delta(em: EngramModel, delta: Delta, owner: str = "delta") -> ServedD
     return ServedDelta(delta, split_by_layer(delta, em.device))
 
 
-def batch_overlay(em: EngramModel, per_sequence: Sequence[ServedDelta | None]) -> RowMapOverlay | None:
-    """Overlay where sequence b sees the base table plus ``per_sequence[b]`` (None: the base model)."""
-    return overlay_from_parts(em, [[d.parts] if d is not None else [] for d in per_sequence])  # an empty delta has no parts
+def batch_overlay(em: EngramModel,
+                  per_sequence: Sequence[ServedDelta | Sequence[ServedDelta] | None]) -> RowMapOverlay | None:
+    """Overlay where sequence b sees the base table plus ``per_sequence[b]``: one delta, several
+    summed (a shared scope's and a member's own, composed), or None / () for the base model."""
+    def parts(d) -> list:
+        if d is None:
+            return []
+        if isinstance(d, ServedDelta):
+            return [d.parts]
+        return [x.parts for x in d]
+
+    return overlay_from_parts(em, [parts(d) for d in per_sequence])  # an empty delta has no parts

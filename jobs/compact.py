@@ -64,7 +64,7 @@ def compact(store: ObjectStore, shards: Sequence[int] | None = None, *, job_id: 
     with_layers = [s for s in chosen if previous.shard(s).layers or previous.shard(s).state_layers]
     if not with_layers:
         return CompactReport(previous.version, False, seconds=round(time.perf_counter() - start, 3))
-    entries = {s: compact_shard(ctx, s, previous.shard(s)) for s in with_layers}
+    entries = {s: compact_shard(ctx, s, previous.shard(s), previous.scopes) for s in with_layers}
     seconds = round(time.perf_counter() - start, 3)
     job_id = job_id or f"compact-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     objects, stats = _version_stats(previous, entries, seconds)

@@ -8,7 +8,13 @@ commit runs as tasks (pipeline.runner: Ray tasks and actors, or this process wit
     read      one task per new log file: read, normalise, validate rows, key rows by shard
     apply     one task per shard with new events: apply them onto the shard's prior fact state
               and tombstones; write the shard's state, tombstones and rejects; decide who compiles
+    scopes    (only when a shard holds shared-scope members, or the previous version has scopes)
+              one task merges the applied shards' scope contributions into the version's scope
+              state; the scopes whose facts changed compile on the pool, each once (owner = the
+              scope id); the version's scope deltas are written; every shard holding a member of a
+              changed scope adds those members to the users it compiles (pipeline.scopes)
     compile   chunks of whole changed users, packed in (shard, user) order, on the compile pool
+              (members of a scope with its published delta fixed underneath)
     assemble  one task per changed shard: a layer over the shard's base holding the changed users'
               deltas and tombstones of the users that go, with its stats parts; or, for a shard
               past the job spec's compaction limits, a new base of the merged view
@@ -53,6 +59,7 @@ from pipeline.ingest import (
 )
 from pipeline.plan import check_model_change
 from pipeline.runner import make_runner
+from pipeline.scopes import ScopePlan, merge_scopes, write_scopes
 from pipeline.shards import (
     NightContext,
     ReshardedPrior,
@@ -62,7 +69,9 @@ from pipeline.shards import (
     carried_entry,
     chains_to_compact,
     rebase_entry,
+    rescope_shard,
     resharded_priors,
+    state_entry as shard_state_entry,
     split_prior_shard,
 )
 from pipeline.stats import encode_stats_part, shards_table
@@ -70,6 +79,7 @@ from schemas.facts import REJECTS_SCHEMA
 from schemas.manifest import Manifest, ShardEntry
 from versions.catalog import read_current
 from versions.models import publish_model
+from versions import publish
 from versions.publish import publish_entries
 from versions.store import open_store
 
@@ -98,6 +108,9 @@ class NightlyReport:
     layers_written: int = 0  # shards that got a delta layer
     compacted_shards: int = 0  # shards whose chain was replaced by a new base
     checked_users: int = 0  # users whose deltas were checked for locality and isolation (stats table checks)
+    compiled_scopes: int = 0  # shared scopes compiled this night (their facts changed, or new)
+    scopes: int = 0  # shared scopes in the published version
+    scope_members: int = 0  # users composed with a scope in the published version
     facts_failed_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     sample: list[dict] = field(default_factory=list)
@@ -201,6 +214,8 @@ class _Night:
         self.files_reread = 0
         self.listed: set[str] = set()  # every file of the log this night (paths)
         self.every_shard = False
+        self.scope_plan: ScopePlan | None = None  # the night's scope merge (None: no scope touched)
+        self.scopes = publish.CARRY  # the version's ScopesEntry (CARRY: the previous version's)
 
     def compact(self, shard: int) -> tuple[bool, bool]:
         """(deltas, state): whether the shard's change is written as a new base rather than a layer,
@@ -290,7 +305,7 @@ class _Night:
                     apply_shard, ctx, shard, self.prior_of(shard) if routed_shard else None,
                     self.compact(shard)[1] if routed_shard else False,
                     [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
-                    num_returns=2, what=f"apply shard {shard}")
+                    num_returns=3, what=f"apply shard {shard}")
             order = list(applies)
             self.bar.start("apply shards", len(order))
             for k in runner.completed([applies[s][0] for s in order]):
@@ -300,8 +315,14 @@ class _Night:
             del handles  # the log's rows are no longer needed once every shard has taken its own
             timer.items["apply"] = len(order)
 
+        routed = {s: a for s, a in self.applied.items() if s != UNROUTED}
+        changes = {s: applies[s][1] for s in routed}  # shard -> handle of its ShardChanges
+        scopes = publish.CARRY
+        if self.previous is not None and self.previous.scopes is not None or any(a.scope_rows for a in routed.values()):
+            with timer.stage("scopes"):
+                scopes = self._scope_round(runner, pool, ctx, routed, changes, applies)
+
         with timer.stage("compile"):
-            routed = {s: a for s, a in self.applied.items() if s != UNROUTED}
             to_assemble = {s for s, a in routed.items()
                            if a.changed or self._needs_stats(s) or self._chain_to_compact(s)}
             plan = plan_chunks([(s, routed[s].compile_facts) for s in sorted(routed) if routed[s].compile_users],
@@ -312,17 +333,19 @@ class _Night:
                     waiting[piece.shard].add(c)
             outputs_of = defaultdict(list)  # shard -> chunk output handles
             assembling = {}
+            published_scopes = self.previous.scopes if scopes == publish.CARRY and self.previous else (
+                None if scopes == publish.CARRY else scopes)
 
             def assemble(shard: int) -> None:
-                assembling[shard] = runner.submit(assemble_shard, ctx, shard, self.prior_of(shard), self.compact(shard)[0],
-                                                  routed[shard], applies[shard][1], *outputs_of[shard],
-                                                  what=f"assemble shard {shard}")
+                assembling[shard] = runner.submit(
+                    assemble_shard, ctx, shard, self.prior_of(shard), self.compact(shard)[0], routed[shard],
+                    changes[shard], published_scopes, *outputs_of[shard], what=f"assemble shard {shard}")
 
             for shard in sorted(to_assemble - set(waiting)):
                 assemble(shard)
             total = sum(int(a.compile_facts.sum()) for a in routed.values())
             self.bar.start("compile facts", total)
-            for c, meta, output in pool.map(plan, lambda chunk: [applies[p.shard][1] for p in chunk]):
+            for c, meta, output in pool.map(plan, lambda chunk: [changes[p.shard] for p in chunk], scopes=published_scopes):
                 self.chunks.append(meta)
                 self.bar.advance("compile facts", meta.facts)
                 for piece in plan[c]:
@@ -368,7 +391,53 @@ class _Night:
                 current = read_current(self.store)
                 self.previous = current[0] if current else None
                 self._rebase(before, self.previous)
+        self.scopes = scopes
         return self.publish(forgotten)
+
+    def _scope_round(self, runner, pool, ctx: NightContext, routed: dict, changes: dict, applies: dict):
+        """Shared scopes compile once (pipeline.scopes): merge the applied shards' scope
+        contributions into the version's scope state, compile the scopes whose facts changed on
+        the pool (each scope whole, owner = the scope id), write the version's scope deltas, and add
+        the members of those scopes, in every shard that holds one, to the users that compile
+        (their rows were fitted to the old scope delta). Updates ``routed`` and ``changes`` in
+        place for the shards it adds members to; returns the version's ScopesEntry (or None)."""
+        spec = self.spec
+        prior_scopes = self.previous.scopes if self.previous is not None else None
+        shards = sorted(routed)
+        merged = runner.submit(merge_scopes, ctx.store_uri, prior_scopes, self.every_shard, ctx.recompile, shards,
+                               *[applies[s][2] for s in shards], num_returns=2, what="merge scopes")
+        plan: ScopePlan = runner.get(merged[0], "merge scopes")
+        self.scope_plan = plan
+        outputs = []
+        if plan.changed:
+            chunks = plan_chunks([(0, plan.compile_facts)], spec.compile_options().facts_per_batch * spec.batches_per_chunk)
+            for c, meta, output in pool.map(chunks, lambda chunk: [merged[1]] * len(chunk)):
+                self.chunks.append(meta)
+                outputs.append(output)
+                self.hook("compile_chunk")
+        entry = runner.get(runner.submit(write_scopes, ctx.store_uri, prior_scopes, plan, merged[1], *outputs,
+                                         what="write scopes"), "write scopes")
+        if plan.changed:
+            rescopes = {}
+            for shard in plan.member_shards if not ctx.recompile else ():  # (recompile: every user compiles)
+                applied = routed.get(shard)
+                if applied is not None:  # this night's state (after resharding: the shard's first)
+                    state_entry = shard_state_entry(shard, applied.state)
+                elif (prior := self.prior_entry(shard)) is not None:
+                    state_entry = prior
+                else:
+                    raise RuntimeError(f"scope round: shard {shard} holds members of a changed scope but has "
+                                       "neither this night's state nor a previous entry")
+                rescopes[shard] = runner.submit(rescope_shard, ctx, shard, state_entry, applied, changes.get(shard),
+                                                plan.changed, num_returns=2, what=f"rescope shard {shard}")
+            for shard, (meta, shard_changes) in rescopes.items():
+                routed[shard] = runner.get(meta, f"rescope shard {shard}")
+                self.applied[shard] = routed[shard]
+                changes[shard] = shard_changes
+        log.info("scopes: %d in all, %d compiled (%d facts), %d dropped; members of changed scopes in %d shard(s)",
+                 plan.scopes, len(plan.changed), int(plan.compile_facts.sum()), len(plan.dropped),
+                 len(plan.member_shards))
+        return entry
 
     def _refuse_on_failed_checks(self) -> None:
         """Invariant 4 (locality, isolation) checked on a sample of every chunk: a failure stops the
@@ -414,8 +483,9 @@ class _Night:
                 num_shards=spec.num_shards, job_id=self.job_id, watermark=self._watermark(), stats=stats,
                 counts={"accepted": self._sum("accepted"), "rejected": self._rejected(),
                         "compiled_users": self._sum("compile_users"), "facts_ok": sum(m.ok for m in self.chunks),
-                        "facts_failed": sum(m.facts - m.ok for m in self.chunks)},
-                forgotten_users=forgotten, crash_hook=self.hook,
+                        "facts_failed": sum(m.facts - m.ok for m in self.chunks),
+                        "compiled_scopes": len(self.scope_plan.changed) if self.scope_plan else 0},
+                forgotten_users=forgotten, crash_hook=self.hook, scopes=self.scopes,
             )
             published = self.previous is None or manifest.version != self.previous.version
             ChunkCheckpoints(store, self.fingerprint, spec.compile_options()).clear()  # the night is done
@@ -491,6 +561,9 @@ class _Night:
                                  and e.compactions > self.prior_entry(s).compactions),
             facts_failed_by_reason=dict(sorted(failed.items())),
             checked_users=sum(m.checks["users_checked"] for m in self.chunks if m.checks is not None),
+            compiled_scopes=len(self.scope_plan.changed) if self.scope_plan else 0,
+            scopes=manifest.scopes.scopes if manifest is not None and manifest.scopes is not None else 0,
+            scope_members=manifest.scopes.members if manifest is not None and manifest.scopes is not None else 0,
             seconds=dict(self.timer.seconds),
             sample=[s for m in self.chunks for s in m.sample][:5],
         )

@@ -66,6 +66,8 @@ def run_nightly_cmd(
     text += (f": {report.users} users, {report.facts} facts; compiled {report.compiled_users} users "
              f"({report.facts_ok} facts ok, {report.facts_failed} failed), carried {report.carried_users}, "
              f"dropped {report.dropped_users}; {report.rejects} rejected rows")
+    if report.scopes or report.compiled_scopes:
+        text += f"; {report.scopes} shared scopes ({report.scope_members} members), {report.compiled_scopes} compiled"
     _print(report.to_dict(), as_json, text)
 
 

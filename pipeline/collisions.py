@@ -355,20 +355,50 @@ def compile_with_scope(
 
     Returns ``(scope_delta, user_deltas, result)``; ``result.results`` lists every fact.
     """
-    from engram_core.compiler import STATUS_NOT_RECALLED, CompileOptions, Fact, FactResult, compile_facts
+    from engram_core.compiler import CompileOptions, compile_facts
 
     options = options or CompileOptions()
     scope_ids = {f.user_id for f in scope_facts}
     if len(scope_ids) > 1:
         raise ValueError(f"compile_with_scope: scope facts name several owners {sorted(scope_ids)}; one scope per call")
-    width = em.config.row_width
     scope_result = compile_facts(em, list(scope_facts), options)
     scope_id = next(iter(scope_ids), "")
-    scope_delta = scope_result.deltas.get(scope_id, Delta.empty(width))
-    members = sorted(user_facts_by_user)
+    scope_delta = scope_result.deltas.get(scope_id, Delta.empty(em.config.row_width))
     good_scope = [f for f in scope_facts if _status_ok(scope_result, f)]
+    members = compile_members(em, scope_id, scope_delta, good_scope, user_facts_by_user, options)
+    results = list(scope_result.facts) + members.results
+    return scope_delta, members.user_deltas, ScopeCompileResult(scope_delta, members.user_deltas, results,
+                                                                members.recompiled_users, members.collisions)
+
+
+@dataclass
+class MembersCompileResult:
+    user_deltas: dict[str, Delta]  # member -> its own delta (no copy of the scope's rows)
+    results: list["FactResult"]  # members' own facts, and composition failures (fact_id "<scope>/<fact_id>")
+    recompiled_users: list[str]
+    collisions: pa.Table  # rows written by both the scope and a member ("user+scope")
+
+
+def compile_members(
+    em: "EngramModel",
+    scope_id: str,
+    scope_delta: Delta,
+    scope_facts: Sequence["Fact"],
+    user_facts_by_user: Mapping[str, Sequence["Fact"]],
+    options: "CompileOptions | None" = None,
+) -> MembersCompileResult:
+    """Steps 2-3 of :func:`compile_with_scope` for an already compiled scope: the members' own
+    facts compiled with ``scope_delta`` fixed underneath and ``scope_facts`` (the scope's recalled
+    facts) riding along as fixed facts; members that still break a scope fact are recompiled with
+    the scope's facts as constraints. The night calls this on its compile workers, with the scope
+    delta that the night's scope round (or an earlier night) published."""
+    from engram_core.compiler import STATUS_NOT_RECALLED, CompileOptions, Fact, FactResult, compile_facts
+
+    options = options or CompileOptions()
+    width = em.config.row_width
+    members = sorted(user_facts_by_user)
     # A member's own fact on a scope fact's trigger overrides it for that member (personal wins).
-    scope_for = {u: [f for f in good_scope if f.trigger not in {g.trigger for g in user_facts_by_user[u]}]
+    scope_for = {u: [f for f in scope_facts if f.trigger not in {g.trigger for g in user_facts_by_user[u]}]
                  for u in members}
     base = {u: scope_delta for u in members}
     user_facts = [f for u in members for f in user_facts_by_user[u]]
@@ -399,9 +429,9 @@ def compile_with_scope(
                 composition_failures.append(FactResult(
                     u, f"{scope_id}/{fact_id}", STATUS_NOT_RECALLED, float("nan"), 0, 0, float("nan"),
                     f"scope fact {fact_id!r} of {scope_id} is not recalled with {u}'s delta composed"))
-    results = list(scope_result.facts) + [user_results[k] for k in sorted(user_results)] + composition_failures
+    results = [user_results[k] for k in sorted(user_results)] + composition_failures
     collisions = scope_collision_table(scope_id, scope_delta, user_deltas)
-    return scope_delta, user_deltas, ScopeCompileResult(scope_delta, user_deltas, results, recompiled, collisions)
+    return MembersCompileResult(user_deltas, results, recompiled, collisions)
 
 
 def _status_ok(result, fact) -> bool:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts, status_counts
 from engram_core.delta import Delta
+from pipeline.scopes import SCOPE_DETAIL
 from versions.layout import PARTIAL_PREFIX
 from versions.store import ObjectNotFound, open_store
 
@@ -170,22 +171,45 @@ class CompileWorker:
         self.step_cache = use_step_cache(None, self.fingerprint) if options.compiled_step else None
         self.check_users = check_users
         self.checkpoints = ChunkCheckpoints(open_store(store_uri), self.fingerprint, options) if store_uri else None
+        self.store_uri = store_uri
+        self._scopes: tuple[str, object] | None = None  # (sha256 of the scopes object, its ScopeContext)
 
-    def compile(self, slices: tuple[ChunkSlice, ...], *changes) -> tuple[ChunkMeta, CompiledChunk]:
+    def _scope_context(self, scopes):
+        """The published scopes' deltas and recalled facts (pipeline.scopes.ScopeContext), loaded once per version."""
+        if scopes is None:
+            return None
+        if self._scopes is None or self._scopes[0] != scopes.sha256:
+            from pipeline.scopes import load_scope_context
+
+            self._scopes = (scopes.sha256, load_scope_context(open_store(self.store_uri), scopes))
+        return self._scopes[1]
+
+    def compile(self, slices: tuple[ChunkSlice, ...], *changes, scopes=None) -> tuple[ChunkMeta, CompiledChunk]:
         """Compile the users of ``slices`` (``changes[i]``: the pipeline.shards.ShardChanges of
-        ``slices[i].shard``); restores the chunk from its checkpoint if an earlier run left one."""
+        ``slices[i].shard``); restores the chunk from its checkpoint if an earlier run left one.
+        ``scopes`` (schemas.manifest.ScopesEntry): the shared scopes members compile against
+        (pipeline.scopes.compile_chunk_scoped); their copies of scope facts are not compiled again."""
+        from pipeline.scopes import compile_chunk_scoped, composed_scopes
+
         tables = [c.compile.slice(s.start, s.stop - s.start) for s, c in zip(slices, changes)]
         facts = [f for table in tables for f in facts_from_table(table)]
-        key = self.checkpoints.key(facts) if self.checkpoints is not None else None
+        scope_of = {u: s for table in tables for u, s in composed_scopes(table).items()}
+        extra = [sorted(scope_of.items()), scopes.sha256 if scopes is not None else None] if scope_of else None
+        key = self.checkpoints.key(facts, extra) if self.checkpoints is not None else None
         earlier = self.checkpoints.load(key) if key is not None else None
         if earlier is not None:
             deltas, results = earlier
+        elif scope_of:
+            table = pa.concat_tables([t.select(["user_id", "fact_id", "scope", "trigger", "answer"]) for t in tables])
+            deltas, results = compile_chunk_scoped(self.model, table, self._scope_context(scopes), self.options)
+            if key is not None:
+                self.checkpoints.save(key, deltas, results)
         else:
             result = compile_facts(self.model, facts, self.options)
             deltas, results = result.deltas, result.facts
             if key is not None:
                 self.checkpoints.save(key, deltas, results)
-        meta, output = _chunk_output(slices, tables, deltas, results, resumed=earlier is not None)
+        meta, output = _chunk_output(slices, tables, deltas, results, resumed=earlier is not None, scope_of=scope_of)
         if self.check_users and deltas:
             from engram_core.verify import check_invariants
 
@@ -200,7 +224,7 @@ class CompileWorker:
 
 
 def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactResult],
-                  resumed: bool) -> tuple[ChunkMeta, CompiledChunk]:
+                  resumed: bool, scope_of: dict[str, str] | None = None) -> tuple[ChunkMeta, CompiledChunk]:
     from schemas.bundle import bundle_table
 
     by_user: dict[str, list[FactResult]] = {}
@@ -208,13 +232,28 @@ def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactRe
         by_user.setdefault(r.user_id, []).append(r)
     # A user none of whose facts is recalled (ok or low_margin) publishes no delta: its rows would
     # change the model's outputs for that user and serve nothing the user wrote.
-    served = {r.user_id for r in results if r.status in SERVED_STATUSES}
+    # A member's copies of its scope's facts are reported with the scope fact's status: they do
+    # not count as the member's own recalled facts.
+    scope_of = scope_of or {}
+    own = [r for r in results if not (r.user_id in scope_of and (r.detail or "").startswith(SCOPE_DETAIL))]
+    served = {r.user_id for r in own if r.status in SERVED_STATUSES}
+    # A member of a shared scope always gets a row: it names the scope whose delta serving composes
+    # under the member's own; a member none of whose own facts is recalled gets an empty delta
+    # (alone, the scope's delta serves the scope's facts, as the scope round verified).
+    deltas = dict(deltas)
+    for user in scope_of:
+        if user not in served:
+            deltas[user] = Delta.empty(_width(deltas))
+    served |= set(scope_of)
     out = CompiledChunk()
     for chunk_slice, table in zip(slices, tables):
         users = list(dict.fromkeys(table.column("user_id").to_pylist()))
         counts = Counter(table.column("user_id").to_pylist())
         rows = [r for u in users for r in sorted(by_user.get(u, []), key=lambda r: r.fact_id)]
-        out.bundles[chunk_slice.shard] = bundle_table({u: (deltas[u], counts[u]) for u in users if u in deltas and u in served})
+        out.bundles[chunk_slice.shard] = bundle_table(
+            {u: (deltas.get(u, Delta.empty(_width(deltas))), counts[u]) for u in users
+             if u in served and (u in deltas or u in scope_of)},
+            scopes={u: scope_of[u] for u in users if u in scope_of})
         out.results[chunk_slice.shard] = results_table(rows)
     statuses = status_counts(results)  # CONFLICTS_WITH:<fact_id> counted under CONFLICTS_WITH
     ok = statuses.pop("ok", 0)
@@ -227,6 +266,10 @@ def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactRe
     meta = ChunkMeta(users=len(by_user), facts=len(results), ok=ok, failed=dict(sorted(statuses.items())),
                      resumed=resumed, sample=tuple(sample))
     return meta, out
+
+
+def _width(deltas: dict[str, Delta]) -> int:
+    return next((d.width for d in deltas.values()), 0)
 
 
 SERVED_STATUSES = ("ok", "low_margin")
@@ -256,9 +299,10 @@ class ChunkCheckpoints:
     def __init__(self, store, fingerprint: str, options: CompileOptions):
         self.store, self.fingerprint, self.options = store, fingerprint, options
 
-    def key(self, chunk: list[Fact]) -> str:
-        payload = json.dumps([self.fingerprint, asdict(self.options), [list(astuple(f)) for f in chunk]],
-                             ensure_ascii=False, separators=(",", ":"))
+    def key(self, chunk: list[Fact], extra=None) -> str:
+        """``extra`` (JSON-able; e.g. the members' scopes and the scope deltas' sha256) is part of the key."""
+        parts = [self.fingerprint, asdict(self.options), [list(astuple(f)) for f in chunk]] + ([extra] if extra else [])
+        payload = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def load(self, key: str) -> tuple[dict[str, Delta], list[FactResult]] | None:

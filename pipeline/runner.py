@@ -68,15 +68,17 @@ class _LocalPool:
         self.check_users = check_users
         self.worker = None
 
-    def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list]) -> Iterator[tuple[int, Any, Any]]:
-        """(chunk index, meta, output) for every chunk, as each finishes."""
+    def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list],
+            scopes=None) -> Iterator[tuple[int, Any, Any]]:
+        """(chunk index, meta, output) for every chunk, as each finishes; ``scopes``: the shared
+        scopes (schemas.manifest.ScopesEntry) members compile against."""
         from pipeline.compile import CompileWorker
 
         for i, chunk in enumerate(chunks):
             if self.worker is None:
                 self.worker = CompileWorker(*self.args, check_users=self.check_users)
             try:
-                meta, output = self.worker.compile(chunk, *changes_of(chunk))
+                meta, output = self.worker.compile(chunk, *changes_of(chunk), scopes=scopes)
             except Exception as err:
                 raise _named(err, f"compile chunk {i}") from None
             yield i, meta, output
@@ -158,8 +160,10 @@ class _RayPool:
         if ray.cluster_resources().get("CPU", 0) - self.workers >= 1:
             self.actors = self._start()
 
-    def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list]) -> Iterator[tuple[int, Any, Any]]:
-        """(chunk index, meta, output handle) for every chunk, as each finishes; each actor holds up
+    def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list],
+            scopes=None) -> Iterator[tuple[int, Any, Any]]:
+        """(chunk index, meta, output handle) for every chunk, as each finishes (``scopes``: the
+        shared scopes members compile against); each actor holds up
         to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (an actor runs its calls one at a time)."""
         ray = self.runner.ray
         if chunks and not self.actors:
@@ -171,7 +175,7 @@ class _RayPool:
             item = next(queue, None)
             if item is not None:
                 i, chunk = item
-                meta, output = actor.compile.options(num_returns=2).remote(chunk, *changes_of(chunk))
+                meta, output = actor.compile.options(num_returns=2).remote(chunk, *changes_of(chunk), scopes=scopes)
                 pending[meta] = (i, output, actor)
 
         for _ in range(CHUNKS_IN_FLIGHT_PER_ACTOR):

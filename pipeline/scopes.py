@@ -23,10 +23,13 @@ No Ray here: the night runs it per scope on its workers.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.collisions import compile_with_scope
 from schemas.stats import COLLISIONS_STATS_SCHEMA
@@ -135,3 +138,372 @@ def served_deltas(result: ScopedCompileResult, user_id: str) -> Sequence["Delta"
     scope = result.scope_of.get(user_id)
     parts = [result.deltas[scope]] if scope is not None else []
     return tuple(parts + ([own] if own is not None else []))
+
+
+# ============================================================================ in the night
+#
+# The nightly job (jobs/nightly.py) runs shared scopes in two compile rounds, per shard and on
+# the compile workers; the driver holds only per-shard and per-scope metadata (ids and counts):
+#
+# 1. apply (per shard): :func:`shard_contribution` of the shard's new fact state: per scope, the
+#    scope facts its members carry (latest copy per fact_id) and how many members it has;
+# 2. merge (one task): :func:`merge_scopes` puts the applied shards' contributions in place of
+#    their old ones in the previous version's scope state, and compares each scope's merged facts
+#    with the previous version's: a scope whose facts changed (or that is new, or every scope on a
+#    night that recompiles everything) compiles again; a scope with no member left is dropped;
+# 3. scope round: the changed scopes' facts compile on the pool, each scope whole (owner = scope
+#    id); :func:`write_scopes` writes the version's scope deltas (the changed ones, and the others
+#    carried) and the scopes' ``facts`` stats part;
+# 4. members: every shard holding a member of a changed scope recompiles those members
+#    (:func:`rescope_shard`: their rows were fitted to the old scope delta), along with the users
+#    whose own facts changed; a member compiles with its scope's published delta fixed underneath
+#    (:func:`compile_chunk_scoped`, pipeline.collisions.compile_members), its bundle row names the
+#    scope, and its delta holds no copy of the scope's rows.
+#
+# What triggers what: a member's own facts changing recompiles that member only (against the
+# scope delta as it is); a scope fact changing (any member's copy, as merged) recompiles the scope
+# and all its members; a member joining or leaving recompiles that member only (its facts changed);
+# the scope recompiles only if the merged facts changed (e.g. the last carrier of a fact left).
+
+SCOPE_STATE_SCHEMA = pa.schema([
+    pa.field("scope", pa.string(), nullable=False),
+    pa.field("shard", pa.int32(), nullable=False),
+    pa.field("fact_id", pa.string(), nullable=False),
+    pa.field("trigger", pa.string(), nullable=False),
+    pa.field("answer", pa.string(), nullable=False),
+    pa.field("event_time", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("members", pa.int64(), nullable=False),  # the shard's members of the scope (repeated per fact)
+], metadata={"engram.schema": "scope_state", "engram.schema_version": "1"})
+"""Per (scope, shard): the scope facts that shard's members carry (latest copy per fact_id), and
+its number of members. Every member carries at least one scope fact, so a (scope, shard) with
+members always has a row."""
+
+SCOPE_DETAIL = "compiled once in scope "  # fact result detail of a member's copy of a scope fact ("...; why" if it failed)
+
+
+def scope_of_detail(detail) -> pa.Array:
+    """The scope named by fact-result details (``compiled once in scope <id>[; why]``), else null."""
+    import re
+
+    parsed = pc.extract_regex(detail, f"^{re.escape(SCOPE_DETAIL)}(?P<scope>.*?)(?:; .*)?$")
+    scope = pc.struct_field(parsed, "scope")
+    return pc.if_else(pc.is_valid(parsed), scope, pa.scalar(None, pa.string()))
+
+
+def member_rows(state: pa.Table) -> pa.Table:
+    """The rows of fact-state ``state`` that are copies of a shared scope's facts composed under
+    their user: ``scope`` is not the user, and is the user's first scope (by id); a user's facts of
+    its other scopes compile in its own delta. Sorted by (user_id, fact_id)."""
+    foreign = state.filter(pc.not_equal(state.column("scope"), state.column("user_id")))
+    if foreign.num_rows == 0:
+        return foreign
+    first = foreign.group_by("user_id").aggregate([("scope", "min")])
+    joined = foreign.join(first, "user_id")
+    joined = joined.filter(pc.equal(joined.column("scope"), joined.column("scope_min"))).drop_columns(["scope_min"])
+    return joined.sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+
+
+def _latest(rows: pa.Table, keys: list[str]) -> pa.Table:
+    """One row per ``keys``: the latest copy (event_time, then trigger, then answer, as
+    :func:`split_scopes` picks)."""
+    if rows.num_rows == 0:
+        return rows
+    rows = rows.sort_by([(k, "ascending") for k in keys] + [("event_time", "descending"), ("trigger", "descending"),
+                                                            ("answer", "descending")])
+    key = pc.binary_join_element_wise(*[rows.column(k).cast(pa.string()) for k in keys], "\x00")
+    key = key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key
+    first = np.ones(rows.num_rows, bool)
+    first[1:] = pc.not_equal(key.slice(1), key.slice(0, len(key) - 1)).to_numpy(zero_copy_only=False)
+    return rows.filter(pa.array(first))
+
+
+def shard_contribution(state: pa.Table, shard: int) -> pa.Table:
+    """Shard ``shard``'s rows of the scope state (SCOPE_STATE_SCHEMA) from its fact state."""
+    rows = member_rows(state)
+    if rows.num_rows == 0:
+        return SCOPE_STATE_SCHEMA.empty_table()
+    members = rows.group_by("scope").aggregate([("user_id", "count_distinct")])
+    latest = _latest(rows.select(["scope", "fact_id", "trigger", "answer", "event_time"]), ["scope", "fact_id"])
+    out = latest.join(members, "scope").rename_columns(
+        ["scope", "fact_id", "trigger", "answer", "event_time", "members"])
+    out = out.append_column("shard", pa.array(np.full(out.num_rows, shard, np.int32)))
+    return out.select(SCOPE_STATE_SCHEMA.names).cast(SCOPE_STATE_SCHEMA).sort_by(
+        [("scope", "ascending"), ("fact_id", "ascending")])
+
+
+def merged_scope_facts(scope_state: pa.Table) -> pa.Table:
+    """Every scope's facts over all shards (scope, fact_id, trigger, answer, event_time): the latest
+    copy per (scope, fact_id); sorted."""
+    latest = _latest(scope_state.select(["scope", "fact_id", "trigger", "answer", "event_time"]), ["scope", "fact_id"])
+    return latest.sort_by([("scope", "ascending"), ("fact_id", "ascending")])
+
+
+def _digests(facts: pa.Table) -> dict[str, str]:
+    """scope -> sha256 of its merged facts (fact_id, trigger, answer)."""
+    out: dict[str, hashlib._Hash] = {}
+    for scope, fact_id, trigger, answer in zip(*(facts.column(c).to_pylist()
+                                                 for c in ("scope", "fact_id", "trigger", "answer"))):
+        out.setdefault(scope, hashlib.sha256()).update(repr((fact_id, trigger, answer)).encode())
+    return {scope: h.hexdigest() for scope, h in out.items()}
+
+
+def encode_scope_state(table: pa.Table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = table.select(SCOPE_STATE_SCHEMA.names).cast(SCOPE_STATE_SCHEMA).sort_by(
+        [("scope", "ascending"), ("shard", "ascending"), ("fact_id", "ascending")])
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", compression_level=3, use_dictionary=False,
+                   row_group_size=max(table.num_rows, 1))
+    return sink.getvalue()
+
+
+def decode_scope_state(data: bytes, *, source: str = "scope state") -> pa.Table:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{source}: not a readable Parquet scope state ({e})") from None
+    missing = [n for n in SCOPE_STATE_SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{source}: scope state without column {missing[0]!r}")
+    return table.select(SCOPE_STATE_SCHEMA.names).cast(SCOPE_STATE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class ScopePlan:
+    """What the driver learns from :func:`merge_scopes` (ids and counts, no facts)."""
+
+    changed: tuple[str, ...]  # scopes that compile this night, sorted
+    compile_facts: np.ndarray  # (changed,) int32: facts per changed scope, in order
+    member_shards: tuple[int, ...]  # shards holding members of a changed scope (their members recompile)
+    dropped: tuple[str, ...]  # scopes of the previous version with no member left
+    scopes: int  # scopes with at least one member
+    members: int  # users composed with a scope
+
+
+@dataclass(frozen=True)
+class ScopeMerge:
+    """The merge's output for the scope round's workers and :func:`write_scopes` (same shape as
+    pipeline.shards.ShardChanges where the compile workers read it: ``compile``)."""
+
+    compile: pa.Table  # COMPILE_COLUMNS of the changed scopes' facts (user_id = scope = the scope id)
+    removed: pa.Array  # scopes whose delta goes: changed or dropped
+    state: pa.Table  # the new scope state (SCOPE_STATE_SCHEMA)
+
+
+def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shards: list[int],
+                 *contributions: pa.Table) -> tuple[ScopePlan, ScopeMerge]:
+    """The version's scope state: ``prior`` (schemas.manifest.ScopesEntry or None)'s rows of the
+    shards not in ``shards`` (none with ``replace_all``: every shard was applied) plus
+    ``contributions`` (:func:`shard_contribution` of each applied shard); and which scopes compile
+    (their merged facts changed, they are new, or ``recompile``) or are dropped."""
+    from versions.catalog import verified_bytes
+    from versions.store import open_store
+
+    store = open_store(store_uri)
+    prior_state = SCOPE_STATE_SCHEMA.empty_table()
+    if prior is not None:
+        prior_state = decode_scope_state(verified_bytes(store, prior.state_key, prior.state_bytes, prior.state_sha256),
+                                         source=f"{store.uri}/{prior.state_key}")
+    kept = prior_state if not replace_all else SCOPE_STATE_SCHEMA.empty_table()
+    if kept.num_rows and shards:
+        kept = kept.filter(pc.invert(pc.is_in(kept.column("shard"), pa.array(shards, pa.int32()))))
+    state = pa.concat_tables([kept] + [c.cast(SCOPE_STATE_SCHEMA) for c in contributions])
+    state = state.sort_by([("scope", "ascending"), ("shard", "ascending"), ("fact_id", "ascending")]).combine_chunks()
+    facts = merged_scope_facts(state)
+    now, before = _digests(facts), _digests(merged_scope_facts(prior_state))
+    changed = sorted(s for s, digest in now.items() if recompile or before.get(s) != digest)
+    dropped = sorted(set(before) - set(now))
+    changed_arr = pa.array(changed, pa.string())
+    compile_rows = facts.filter(pc.is_in(facts.column("scope"), changed_arr))
+    compile = pa.table({"user_id": compile_rows.column("scope"), "fact_id": compile_rows.column("fact_id"),
+                        "scope": compile_rows.column("scope"), "trigger": compile_rows.column("trigger"),
+                        "answer": compile_rows.column("answer")})
+    per_scope = compile.group_by("user_id").aggregate([("fact_id", "count")]).sort_by("user_id")
+    shard_rows = state.filter(pc.is_in(state.column("scope"), changed_arr)).column("shard")
+    per_pair = state.group_by(["scope", "shard"]).aggregate([("members", "max")])
+    plan = ScopePlan(
+        changed=tuple(changed), compile_facts=per_scope.column("fact_id_count").to_numpy().astype(np.int32),
+        member_shards=tuple(sorted(set(pc.unique(shard_rows).to_pylist()))), dropped=tuple(dropped),
+        scopes=len(now), members=int(pc.sum(per_pair.column("members_max")).as_py() or 0))
+    removed = pa.array(sorted(set(changed) | set(dropped)), pa.string())
+    return plan, ScopeMerge(compile, removed, state)
+
+
+def write_scopes(store_uri: str, prior, plan: ScopePlan, merge: ScopeMerge, *compiled):
+    """Write the version's scope deltas (a bundle, user_id = scope id: the changed scopes' new
+    deltas from the scope round's chunks ``compiled`` (pipeline.compile.CompiledChunk, shard 0),
+    the others carried from ``prior``), the scope state, and the scopes' ``facts`` stats part.
+    Returns the schemas.manifest.ScopesEntry, or None when no scope has a member left."""
+    from pipeline.stats import write_stats_part
+    from schemas.bundle import BUNDLE_SCHEMA, decode_bundle, encode_bundle
+    from schemas.manifest import ScopesEntry, scope_state_key, scopes_key
+    from schemas.stats import FACTS_STATS_SCHEMA
+    from versions.catalog import verified_bytes
+    from versions.commit import write_verified_objects
+    from versions.store import open_store
+
+    if plan.scopes == 0:
+        return None
+    store = open_store(store_uri)
+    if prior is not None and not len(merge.removed) and not compiled:
+        # No scope compiled or dropped: the deltas and their stats are carried by reference; only
+        # the scope state (member counts, copies that did not change the merged facts) is new.
+        state = encode_scope_state(merge.state)
+        state_sha = hashlib.sha256(state).hexdigest()
+        if state_sha != prior.state_sha256:
+            write_verified_objects(store, {scope_state_key(state_sha): state})
+        return replace_entry(prior, state_key=scope_state_key(state_sha), state_sha256=state_sha,
+                             state_bytes=len(state), scopes=plan.scopes, members=plan.members)
+    bundle, facts = BUNDLE_SCHEMA.empty_table(), FACTS_STATS_SCHEMA.empty_table()
+    if prior is not None:
+        bundle = decode_bundle(verified_bytes(store, prior.key, prior.bytes, prior.sha256), source=f"{store.uri}/{prior.key}")
+        if "facts" in prior.stats:
+            import pyarrow.parquet as pq
+
+            from pipeline.shards import with_schema
+
+            facts = with_schema(pq.read_table(pa.BufferReader(store.get(prior.stats["facts"]))), FACTS_STATS_SCHEMA)
+    if len(merge.removed):
+        bundle = bundle.filter(pc.invert(pc.is_in(bundle.column("user_id"), merge.removed)))
+        facts = facts.filter(pc.invert(pc.is_in(facts.column("user_id"), merge.removed)))
+    bundle = pa.concat_tables([bundle.cast(BUNDLE_SCHEMA)] + [c.bundles[0].cast(BUNDLE_SCHEMA) for c in compiled if 0 in c.bundles])
+    facts = pa.concat_tables([facts] + [with_schema_results(c.results[0]) for c in compiled if 0 in c.results])
+    bundle = bundle.sort_by([("user_id", "ascending")]).combine_chunks()
+    facts = facts.sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+    facts = facts.set_column(facts.schema.get_field_index("scope"), "scope", facts.column("user_id"))  # a scope's own rows
+    data, state = encode_bundle(bundle), encode_scope_state(merge.state)
+    sha, state_sha = hashlib.sha256(data).hexdigest(), hashlib.sha256(state).hexdigest()
+    write_verified_objects(store, {scopes_key(sha): data, scope_state_key(state_sha): state})
+    return ScopesEntry(key=scopes_key(sha), sha256=sha, bytes=len(data), state_key=scope_state_key(state_sha),
+                       state_sha256=state_sha, state_bytes=len(state), scopes=plan.scopes, facts=facts.num_rows,
+                       rows=int(pc.sum(pc.list_value_length(bundle.column("row_ids"))).as_py() or 0),
+                       members=plan.members, stats={"facts": write_stats_part(store, "facts", facts)})
+
+
+@dataclass(frozen=True)
+class ScopeContext:
+    """What a compile worker needs to compile members: every scope's published delta, and its
+    recalled facts (those the members' deltas must not break)."""
+
+    deltas: dict[str, "Delta"]
+    recalled: dict[str, list["Fact"]]  # scope -> its facts with status ok (user_id = the scope id)
+    results: dict[tuple[str, str], tuple]  # (scope, fact_id) -> (status, loss, steps, rows, margin, detail)
+
+
+def load_scope_context(store, entry) -> ScopeContext:
+    """The :class:`ScopeContext` of a schemas.manifest.ScopesEntry (objects verified)."""
+    import pyarrow.parquet as pq
+
+    from engram_core.compiler import Fact
+    from schemas.bundle import bundle_deltas, decode_bundle
+    from versions.catalog import verified_bytes
+
+    deltas = bundle_deltas(decode_bundle(verified_bytes(store, entry.key, entry.bytes, entry.sha256),
+                                         source=f"{store.uri}/{entry.key}"))
+    state = decode_scope_state(verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256),
+                               source=f"{store.uri}/{entry.state_key}")
+    stats = pq.read_table(pa.BufferReader(store.get(entry.stats["facts"]))) if "facts" in entry.stats else None
+    results = {}
+    if stats is not None:
+        for row in stats.select(["user_id", "fact_id", "status", "loss", "steps", "rows"]).to_pylist():
+            results[(row["user_id"], row["fact_id"])] = (row["status"], row["loss"], row["steps"], row["rows"],
+                                                         float("nan"), "")
+    recalled: dict[str, list[Fact]] = {}
+    facts = merged_scope_facts(state)
+    for scope, fact_id, trigger, answer in zip(*(facts.column(c).to_pylist() for c in ("scope", "fact_id", "trigger", "answer"))):
+        if results.get((scope, fact_id), ("",))[0] == "ok":
+            recalled.setdefault(scope, []).append(Fact(scope, fact_id, trigger, answer))
+    return ScopeContext(deltas, recalled, results)
+
+
+def composed_scopes(table: pa.Table) -> dict[str, str]:
+    """user -> the scope composed under its delta, for compile rows (user_id, fact_id, scope, ...)."""
+    if "scope" not in table.column_names:
+        return {}
+    rows = member_rows(table.select(["user_id", "fact_id", "scope"]))
+    return dict(zip(rows.column("user_id").to_pylist(), rows.column("scope").to_pylist()))
+
+
+def compile_chunk_scoped(em: "EngramModel", table: pa.Table, context: ScopeContext | None,
+                         options: "CompileOptions") -> tuple[dict[str, "Delta"], list["FactResult"]]:
+    """Compile the users of compile rows ``table`` (COMPILE_COLUMNS, whole users): plain users in
+    one ``compile_facts`` call; the members of each scope with the scope's published delta fixed
+    underneath (pipeline.collisions.compile_members). A member's copies of its scope's facts are
+    not compiled again: each gets the scope fact's result, detail ``compiled once in scope <id>``
+    (or the member's composition failure). Returns (owner -> delta, every fact's result); every
+    member has a delta (possibly empty: its row names the scope)."""
+    from engram_core.compiler import FactResult, compile_facts
+    from engram_core.delta import Delta
+    from pipeline.collisions import compile_members
+    from pipeline.compile import facts_from_table
+
+    scope_of = composed_scopes(table)
+    if not scope_of:
+        result = compile_facts(em, facts_from_table(table), options)
+        return dict(result.deltas), list(result.facts)
+    copies = member_rows(table.select(["user_id", "fact_id", "scope"]))
+    copy_keys = set(zip(copies.column("user_id").to_pylist(), copies.column("fact_id").to_pylist()))
+    facts = facts_from_table(table)
+    personal: dict[str, list] = {}
+    for fact in facts:
+        if (fact.user_id, fact.fact_id) not in copy_keys:
+            personal.setdefault(fact.user_id, []).append(fact)
+    plain = [f for f in facts if f.user_id not in scope_of]
+    out = compile_facts(em, plain, options)
+    deltas, results = dict(out.deltas), list(out.facts)
+    width = em.config.row_width
+    by_scope: dict[str, list[str]] = {}
+    for user, scope in scope_of.items():
+        by_scope.setdefault(scope, []).append(user)
+    for scope, members in sorted(by_scope.items()):
+        scope_delta = context.deltas.get(scope, Delta.empty(width)) if context is not None else Delta.empty(width)
+        recalled = context.recalled.get(scope, []) if context is not None else []
+        done = compile_members(em, scope, scope_delta, recalled, {u: personal.get(u, []) for u in sorted(members)}, options)
+        deltas.update(done.user_deltas)
+        failures = {(r.user_id, r.fact_id[len(scope) + 1:]): r for r in done.results if r.fact_id.startswith(f"{scope}/")}
+        results += [r for r in done.results if not r.fact_id.startswith(f"{scope}/")]
+        for user, fact_id in sorted(k for k in copy_keys if scope_of[k[0]] == scope):
+            failed = failures.get((user, fact_id))
+            if failed is not None:
+                results.append(replace_result(failed, fact_id=fact_id, detail=f"{SCOPE_DETAIL}{scope}; {failed.detail}"))
+                continue
+            known = context.results.get((scope, fact_id)) if context is not None else None
+            status, loss, steps, rows, margin, _ = known or ("not_recalled", float("nan"), 0, 0, float("nan"), "")
+            results.append(FactResult(user, fact_id, status, loss, steps, rows, margin, f"{SCOPE_DETAIL}{scope}"))
+    return deltas, results
+
+
+def with_schema_results(results: pa.Table) -> pa.Table:
+    from pipeline.shards import _facts_rows
+
+    return _facts_rows([results])
+
+
+def replace_entry(entry, **changes):
+    from dataclasses import replace
+
+    return replace(entry, **changes)
+
+
+def replace_result(result: "FactResult", **changes) -> "FactResult":
+    from dataclasses import replace
+
+    return replace(result, **changes)
+
+
+def scope_member_collisions(scope_deltas: dict[str, "Delta"], members: dict[str, tuple[str, "Delta"]]) -> pa.Table:
+    """Rows written by a scope and its members (``members``: user -> (scope, own delta)), in the
+    ``collisions`` stats schema, kind ``user+scope``: one table for a shard's base or layer."""
+    from pipeline.collisions import scope_collision_table
+
+    by_scope: dict[str, dict[str, "Delta"]] = {}
+    for user, (scope, delta) in members.items():
+        by_scope.setdefault(scope, {})[user] = delta
+    tables = [scope_collision_table(scope, scope_deltas[scope], users)
+              for scope, users in sorted(by_scope.items()) if scope in scope_deltas]
+    return pa.concat_tables([COLLISIONS_STATS_SCHEMA.empty_table()] + tables)

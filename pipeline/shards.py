@@ -53,7 +53,7 @@ from schemas import facts as F
 from schemas.bundle import (BUNDLE_SCHEMA, decode_bundle, encode_bundle, encode_layer, layer_fingerprint, layer_table,
                             merge_bundle_chain)
 from schemas.manifest import LayerEntry, ShardEntry, StateLayer, bundle_key, layer_key, state_key, tombstones_key
-from schemas.stats import FACTS_STATS_SCHEMA, USERS_STATS_SCHEMA
+from schemas.stats import COLLISIONS_STATS_SCHEMA, FACTS_STATS_SCHEMA, USERS_STATS_SCHEMA
 from versions.catalog import load_base_bundle, load_layer, load_shard_bundle, load_shard_fact_state
 from versions.commit import write_verified_objects
 from versions.layout import PARTIAL_PREFIX, shard_of
@@ -61,7 +61,7 @@ from versions.store import open_store
 
 log = logging.getLogger(__name__)
 
-COMPILE_COLUMNS = ("user_id", "fact_id", "trigger", "answer")
+COMPILE_COLUMNS = ("user_id", "fact_id", "scope", "trigger", "answer")
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,7 @@ class ShardApplied:
     forgotten_users: dict[str, int]  # forgotten this night -> forget time (us, UTC): their older versions are scrubbed
     removed_users: int  # users whose published delta goes (compiled, dropped or forgotten)
     watermark: str | None  # latest event time in the shard's state or accepted events
+    scope_rows: int = 0  # rows of the shard's scope contribution (pipeline.scopes.shard_contribution)
 
     @property
     def compile_users(self) -> int:
@@ -178,18 +179,23 @@ def _prior_state(store, prior: ShardEntry | ReshardedPrior | None) -> tuple[pa.T
 
 
 def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact_state: bool,
-                slices: list[tuple[int, int]], *tables: pa.Table) -> tuple[ShardApplied, ShardChanges]:
+                slices: list[tuple[int, int]], *tables: pa.Table) -> tuple[ShardApplied, ShardChanges, pa.Table]:
     """Apply shard ``shard``'s events (``tables[i]`` sliced by ``slices[i]``: the rows that
     ``pipeline.ingest.read_log_file`` keyed to this shard) onto its prior state (``prior``: its
     entry in the previous version, or None). Writes the shard's new state and tombstones (a state
     layer of the users whose facts or tombstones changed, or a new base when ``compact_state``) and its
-    rejects part. For :data:`~pipeline.ingest.UNROUTED` rows only the rejects part is written."""
+    rejects part. For :data:`~pipeline.ingest.UNROUTED` rows only the rejects part is written.
+    The third output is the shard's scope contribution (pipeline.scopes.shard_contribution of the
+    new state: the scope facts its members carry), for the night's scope merge."""
+    from pipeline.scopes import SCOPE_STATE_SCHEMA, shard_contribution
+
     store = open_store(ctx.store_uri)
     events = _events(slices, tables)
     if shard == UNROUTED:
         result = apply_events(events, None)
         return ShardApplied(shard, None, _rejects_part(store, result.rejects), result.accepted, result.rejected,
-                            np.zeros(0, np.int32), 0, 0, {}, 0, None), ShardChanges(_no_facts(), pa.array([], pa.string()))
+                            np.zeros(0, np.int32), 0, 0, {}, 0, None), \
+            ShardChanges(_no_facts(), pa.array([], pa.string())), SCOPE_STATE_SCHEMA.empty_table()
     prior_state, prior_tombstones = _prior_state(store, prior)
     result = apply_events(events, prior_state, prior_tombstones)
     state = _write_state(store, prior, compact_state, prior_state, prior_tombstones, result)
@@ -206,12 +212,50 @@ def apply_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrio
     removed = pc.unique(pa.concat_arrays([compiled.cast(pa.string()), dropped.cast(pa.string()), forgotten]))
     removed = pc.take(removed, pc.sort_indices(removed))
     facts = result.state.filter(pc.is_in(result.state.column("user_id"), compiled)).select(list(COMPILE_COLUMNS))
+    contribution = shard_contribution(result.state, shard)
     applied = ShardApplied(
         shard=shard, state=state, rejects_key=_rejects_part(store, result.rejects),
         accepted=result.accepted, rejected=result.rejected, compile_facts=_run_lengths(facts.column("user_id")),
         carried_users=len(live) - len(compiled), dropped_users=len(dropped),
         forgotten_users=dict(sorted(result.forget_times.items())), removed_users=len(removed), watermark=result.watermark,
+        scope_rows=contribution.num_rows,
     )
+    return applied, ShardChanges(facts, removed), contribution
+
+
+def state_entry(shard: int, state: StatePart) -> ShardEntry:
+    """A ShardEntry naming only ``state`` (its delta fields empty): what reading a shard's fact
+    state (versions.catalog.load_shard_fact_state) needs, for a shard with no prior entry."""
+    return ShardEntry(shard=shard, bundle_key="", bundle_sha256="", bundle_bytes=0, users=0, facts=0, rows=0,
+                      **state.fields())
+
+
+def rescope_shard(ctx: NightContext, shard: int, entry: ShardEntry, applied: ShardApplied | None,
+                  changes: ShardChanges | None, changed_scopes: tuple[str, ...]) -> tuple[ShardApplied, ShardChanges]:
+    """Add the shard's members of ``changed_scopes`` (scopes recompiled this night) to the users it
+    compiles: their deltas were fitted to the old scope delta. ``entry``: the shard's entry with its
+    new fact state (this night's, if ``applied``); ``applied``/``changes``: what the apply task
+    returned (None for a shard with no new event, whose state is the previous version's)."""
+    from pipeline.scopes import member_rows
+
+    store = open_store(ctx.store_uri)
+    state, _ = load_shard_fact_state(store, entry)
+    rows = member_rows(state)
+    members = pc.unique(rows.filter(pc.is_in(rows.column("scope"), pa.array(changed_scopes, pa.string()))).column("user_id"))
+    before = changes.compile.column("user_id") if changes is not None else pa.chunked_array([], pa.string())
+    compiled = pc.unique(pa.concat_arrays([before.combine_chunks().cast(pa.string()), members.cast(pa.string())]))
+    removed = pc.unique(pa.concat_arrays([(changes.removed if changes is not None else pa.array([], pa.string())),
+                                          compiled]))
+    removed = pc.take(removed, pc.sort_indices(removed))
+    facts = state.filter(pc.is_in(state.column("user_id"), compiled)).select(list(COMPILE_COLUMNS)).sort_by(
+        [("user_id", "ascending"), ("fact_id", "ascending")])
+    per_user = _run_lengths(facts.column("user_id"))
+    live = len(pc.unique(state.column("user_id")))
+    if applied is None:
+        applied = ShardApplied(shard, StatePart.of(entry), None, 0, 0, per_user, live - len(per_user), 0, {},
+                               len(removed), None)
+    else:
+        applied = replace(applied, compile_facts=per_user, carried_users=live - len(per_user), removed_users=len(removed))
     return applied, ShardChanges(facts, removed)
 
 
@@ -277,24 +321,53 @@ def carried_entry(prior: ShardEntry, applied: ShardApplied) -> ShardEntry:
 
 
 def assemble_shard(ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, compact_deltas: bool,
-                   applied: ShardApplied, changes: ShardChanges, *compiled) -> ShardEntry:
+                   applied: ShardApplied, changes: ShardChanges, scopes, *compiled) -> ShardEntry:
     """The shard's new entry: a layer over the prior chain holding the deltas that the compile
     chunks ``compiled`` (pipeline.compile.CompiledChunk, each holding some users of this shard)
     produced and tombstones of ``changes.removed``; or, with ``compact_deltas`` (or no prior entry), a new
-    base of the merged view. Writes the objects; returns the entry."""
+    base of the merged view. Writes the objects; returns the entry. ``scopes``
+    (schemas.manifest.ScopesEntry): the version's shared scopes, whose rows that members also write
+    are reported in the ``collisions`` part (kind ``user+scope``)."""
     store = open_store(ctx.store_uri)
+    scope_deltas = load_scope_deltas(store, scopes)
     new_rows = _bundle_rows([chunk.bundles[shard] for chunk in compiled if shard in chunk.bundles])
     results = _facts_rows([chunk.results[shard] for chunk in compiled if shard in chunk.results])
     if compact_deltas or not isinstance(prior, ShardEntry):
-        delta = write_base(store, ctx, shard, prior, changes.removed, new_rows, results)
+        delta = write_base(store, ctx, shard, prior, changes.removed, new_rows, results, scope_deltas)
         return ShardEntry(shard=shard, **delta, **applied.state.fields())
-    entry = write_layer(store, prior, new_rows, results, changes.removed, applied.forgotten_users, ctx.fingerprint)
+    entry = write_layer(store, prior, new_rows, results, changes.removed, applied.forgotten_users, ctx.fingerprint,
+                        scope_deltas)
     return replace(entry, **applied.state.fields())
 
 
-def compact_shard(ctx: NightContext, shard: int, entry: ShardEntry) -> ShardEntry:
+def load_scope_deltas(store, scopes) -> dict:
+    """scope id -> Delta of a schemas.manifest.ScopesEntry (verified); {} for None."""
+    if scopes is None:
+        return {}
+    from schemas.bundle import bundle_deltas
+    from versions.catalog import verified_bytes
+
+    return bundle_deltas(decode_bundle(verified_bytes(store, scopes.key, scopes.bytes, scopes.sha256),
+                                       source=f"{store.uri}/{scopes.key}"))
+
+
+def _scope_collisions(bundle: pa.Table, scope_deltas: dict) -> pa.Table:
+    """``user+scope`` collisions of the members among bundle rows ``bundle`` with their scopes."""
+    from pipeline.scopes import scope_member_collisions
+    from schemas.bundle import bundle_deltas, bundle_scopes
+
+    scope_of = bundle_scopes(bundle)
+    if not scope_of or not scope_deltas:
+        return COLLISIONS_STATS_SCHEMA.empty_table()
+    members = bundle.filter(pc.is_in(bundle.column("user_id"), pa.array(sorted(scope_of), pa.string())))
+    deltas = bundle_deltas(members)
+    return scope_member_collisions(scope_deltas, {u: (scope_of[u], deltas[u]) for u in deltas})
+
+
+def compact_shard(ctx: NightContext, shard: int, entry: ShardEntry, scopes=None) -> ShardEntry:
     """``entry``'s chains merged into new bases (deltas, state, stats); what every user is served
-    is unchanged. A shard without layers is returned as it is."""
+    is unchanged. A shard without layers is returned as it is. ``scopes``: the version's shared
+    scopes (for the ``user+scope`` collisions of the new base)."""
     if not entry.layers and not entry.state_layers:
         return entry
     store = open_store(ctx.store_uri)
@@ -302,12 +375,12 @@ def compact_shard(ctx: NightContext, shard: int, entry: ShardEntry) -> ShardEntr
     state_part = StatePart(_write(store, state_key, F.encode_fact_state(state)),
                            _write(store, tombstones_key, F.encode_tombstones(tombstones)))
     delta = write_base(store, ctx, shard, entry, pa.array([], pa.string()), BUNDLE_SCHEMA.empty_table(),
-                       FACTS_STATS_SCHEMA.empty_table())
+                       FACTS_STATS_SCHEMA.empty_table(), load_scope_deltas(store, scopes))
     return ShardEntry(shard=shard, **delta, **state_part.fields())
 
 
 def write_layer(store, prior: ShardEntry, upserts: pa.Table, results: pa.Table, removed: pa.Array,
-                forgotten: tuple[str, ...] | list[str], fingerprint: str) -> ShardEntry:
+                forgotten: tuple[str, ...] | list[str], fingerprint: str, scope_deltas: dict | None = None) -> ShardEntry:
     """``prior`` with one more delta layer: ``upserts`` (bundle rows: the changed users' whole
     deltas), tombstones of the other ``removed`` users, and the layer's stats parts (``results``:
     the compiled users' facts rows). Forgotten users get no tombstone (their id must not be
@@ -335,7 +408,8 @@ def write_layer(store, prior: ShardEntry, upserts: pa.Table, results: pa.Table, 
     stats = {
         "facts": write_stats_part(store, "facts", results),
         "users": write_stats_part(store, "users", _users_stats(upserts, results, prior.shard, row_counts)),
-        "collisions": write_stats_part(store, "collisions", report.hot_rows),
+        "collisions": write_stats_part(store, "collisions", pa.concat_tables(
+            [report.hot_rows, _scope_collisions(upserts, scope_deltas or {})])),
     }
     layer = LayerEntry(key=stored.key, sha256=stored.sha256, bytes=stored.bytes, parent_sha256=parent,
                        users=upserts.num_rows, tombstones=len(gone), stats=stats)
@@ -377,7 +451,7 @@ def _reparent(store, layer: LayerEntry, parent: str) -> LayerEntry:
 
 
 def write_base(store, ctx: NightContext, shard: int, prior: ShardEntry | ReshardedPrior | None, removed: pa.Array,
-               new_rows: pa.Table, results: pa.Table) -> dict:
+               new_rows: pa.Table, results: pa.Table, scope_deltas: dict | None = None) -> dict:
     """Write a new base of the shard's deltas and its stats parts: the prior's merged view without
     ``removed``, plus ``new_rows`` (bundle rows) whose facts rows are ``results``; co-batch groups
     and collisions over all of it. Returns the ShardEntry fields of the deltas (the state is the
@@ -400,7 +474,8 @@ def write_base(store, ctx: NightContext, shard: int, prior: ShardEntry | Reshard
     stats = {
         "facts": write_stats_part(store, "facts", facts),
         "users": write_stats_part(store, "users", _users_stats(bundle, facts, shard, row_counts)),
-        "collisions": write_stats_part(store, "collisions", report.hot_rows),
+        "collisions": write_stats_part(store, "collisions", pa.concat_tables(
+            [report.hot_rows, _scope_collisions(bundle, scope_deltas or {})])),
     }
     return dict(bundle_key=stored.key, bundle_sha256=stored.sha256, bundle_bytes=stored.bytes,
                 users=bundle.num_rows, facts=_sum(bundle.column("num_facts")), rows=_sum(row_counts), stats=stats,
@@ -441,7 +516,16 @@ def _merged_users_stats(store, entry: ShardEntry) -> pa.Table:
 
 
 def _read_part(store, key: str, schema: pa.Schema) -> pa.Table:
-    return pq.read_table(pa.BufferReader(store.get(key))).select(schema.names).cast(schema)
+    return with_schema(pq.read_table(pa.BufferReader(store.get(key))), schema)
+
+
+def with_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema``: its columns selected and cast, a nullable column it lacks (a part
+    written before the column existed, e.g. ``facts.scope``) filled with nulls."""
+    for field in schema:
+        if field.name not in table.column_names and field.nullable:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def _sum(values) -> int:
@@ -453,8 +537,18 @@ def _bundle_rows(tables: list[pa.Table]) -> pa.Table:
 
 
 def _facts_rows(tables: list[pa.Table]) -> pa.Table:
-    return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()]
-                            + [t.select(FACTS_STATS_SCHEMA.names).cast(FACTS_STATS_SCHEMA) for t in tables])
+    """``facts`` stats rows of fact results (pipeline.compile.RESULT_SCHEMA, or stats rows); a
+    member's copy of a scope fact gets its ``scope`` from its detail (pipeline.scopes.SCOPE_DETAIL)."""
+    return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [with_schema(_scope_column(t), FACTS_STATS_SCHEMA)
+                                                                  for t in tables])
+
+
+def _scope_column(results: pa.Table) -> pa.Table:
+    if "scope" in results.column_names or "detail" not in results.column_names:
+        return results
+    from pipeline.scopes import scope_of_detail
+
+    return results.append_column("scope", scope_of_detail(results.column("detail")))
 
 
 def _prior_bundle(store, prior: ShardEntry | ReshardedPrior | None) -> pa.Table:
@@ -478,7 +572,7 @@ def _prior_facts_stats(store, ctx: NightContext, prior: ShardEntry | ReshardedPr
         return FACTS_STATS_SCHEMA.empty_table()
     if isinstance(prior, ReshardedPrior):
         parts = [pq.read_table(pa.BufferReader(store.get(k))) for k in prior.facts]
-        return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [t.cast(FACTS_STATS_SCHEMA) for t in parts])
+        return pa.concat_tables([FACTS_STATS_SCHEMA.empty_table()] + [with_schema(t, FACTS_STATS_SCHEMA) for t in parts])
     if "facts" in prior.stats:
         return (chain or _Chain(store, prior)).stats("facts", FACTS_STATS_SCHEMA)
     if ctx.prior_schema == 1 and ctx.prior_version is not None:

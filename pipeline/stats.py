@@ -52,12 +52,20 @@ def stats_prefix(table: str, version: int) -> str:
     return f"{STATS_PREFIX}/{table}/version={version}/"
 
 
+OPTIONAL_COLUMNS = {"facts": ("scope",)}
+"""Stats columns added after their table: a table given without one gets nulls (facts.scope: the
+shared scope a member's copy of a scope fact compiled in)."""
+
+
 def encode_stats_part(name: str, table: pa.Table) -> tuple[str, bytes]:
     """(key, Parquet bytes) of one part of stats table ``name``, conformed to its schema (a
     ``version`` column, if any, is dropped: the manifest gives it). The same rows give the same
     bytes and key. Raises ValueError naming an unknown table or a missing or uncastable column."""
     if name not in STATS_SCHEMAS:
         raise ValueError(f"unknown stats tables {[name]}; known: {sorted(STATS_SCHEMAS)}")
+    for column in OPTIONAL_COLUMNS.get(name, ()):  # added after the table: absent reads as null
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, STATS_SCHEMAS[name].field(column).type))
     try:
         rows = conform(table, STATS_SCHEMAS[name], f"stats table {name!r}")
     except SchemaMismatch as err:
@@ -148,7 +156,10 @@ def _parts_by_seq(store, manifest: Manifest, table: str) -> dict[int, tuple[list
     layers at once hides exactly its own shard's older rows."""
     if manifest.schema_version == 1:
         return {0: (version_parts(store, manifest, table), [])}
-    out: dict[int, tuple[list[str], list[str]]] = {0: (list(manifest.stats.get(table, ())), [])}
+    own = list(manifest.stats.get(table, ()))
+    if manifest.scopes is not None and table in manifest.scopes.stats:  # the shared scopes' own rows
+        own.append(manifest.scopes.stats[table])
+    out: dict[int, tuple[list[str], list[str]]] = {0: (own, [])}
     for entry in manifest.shards:
         keyed = [(0, entry.stats.get(table))] + [(i + 1, layer.stats.get(table)) for i, layer in enumerate(entry.layers)]
         for seq, key in keyed:

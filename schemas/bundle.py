@@ -6,6 +6,9 @@ serving node rebuilds a Delta without copying per value and DuckDB can still que
 ``cobatch_group`` (version 2) numbers the user's co-batch group within the shard: users of one
 group write pairwise disjoint rows, so a serving node that writes deltas into a shared table may
 apply a whole group at once (null: not computed, e.g. a bundle built outside the nightly job).
+``scope`` (version 3, nullable) names the shared scope whose delta serving composes under the
+user's own (``[scope_delta, user_delta]``, pipeline.scopes): the scope's rows are not in the
+user's delta. Version-2 bundles (no ``scope`` column) are still read, as rows with no scope.
 The schema version lives in the Parquet schema metadata; readers refuse other versions.
 """
 
@@ -20,7 +23,8 @@ import pyarrow.parquet as pq
 
 from engram_core.delta import Delta
 
-BUNDLE_SCHEMA_VERSION = 2
+BUNDLE_SCHEMA_VERSION = 3
+READABLE_BUNDLE_VERSIONS = (2, 3)  # version 2: before shared scopes (no ``scope`` column)
 _VERSION_KEY = b"engram.bundle_schema_version"
 
 BUNDLE_SCHEMA = pa.schema(
@@ -32,6 +36,7 @@ BUNDLE_SCHEMA = pa.schema(
         pa.field("values", pa.binary(), nullable=False),
         pa.field("width", pa.int16(), nullable=False),
         pa.field("cobatch_group", pa.int32(), nullable=True),
+        pa.field("scope", pa.string(), nullable=True),
     ],
     metadata={_VERSION_KEY: str(BUNDLE_SCHEMA_VERSION).encode()},
 )
@@ -41,9 +46,11 @@ class BundleSchemaError(ValueError):
     pass
 
 
-def bundle_table(deltas: dict[str, tuple[Delta, int]], groups: list[list[str]] | None = None) -> pa.Table:
+def bundle_table(deltas: dict[str, tuple[Delta, int]], groups: list[list[str]] | None = None,
+                 scopes: dict[str, str] | None = None) -> pa.Table:
     """user_id -> (delta, num_facts) as a bundle table sorted by user_id; ``groups`` (co-batch
-    groups of these users, e.g. from ``pipeline.collisions``) fill the ``cobatch_group`` column."""
+    groups of these users, e.g. from ``pipeline.collisions``) fill the ``cobatch_group`` column;
+    ``scopes`` (user -> shared scope id composed under the user's delta) the ``scope`` column."""
     users = sorted(deltas)
     layer_lists, row_lists, value_bytes, widths, num_facts = [], [], [], [], []
     for user in users:
@@ -69,6 +76,7 @@ def bundle_table(deltas: dict[str, tuple[Delta, int]], groups: list[list[str]] |
         pa.array(value_bytes, pa.binary()),
         pa.array(widths, pa.int16()),
         pa.array(_group_numbers(users, groups), pa.int32()),
+        pa.array([(scopes or {}).get(u) for u in users], pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=BUNDLE_SCHEMA)
 
@@ -98,8 +106,21 @@ def decode_bundle(data: bytes, *, source: str = "bundle") -> pa.Table:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as e:
         raise BundleSchemaError(f"{source}: not a readable Parquet bundle ({e})") from None
+    table = _upgrade(table, BUNDLE_SCHEMA.metadata)
     validate_bundle_table(table, source=source)
     return table
+
+
+def _upgrade(table: pa.Table, metadata: dict) -> pa.Table:
+    """A version-2 bundle (or version-1 layer) read as the current version: a null ``scope``
+    column is added (no shared scope), the other metadata (a layer's fingerprint, parent) kept."""
+    old = table.schema.metadata or {}
+    version_key = _VERSION_KEY if _VERSION_KEY in metadata else _LAYER_VERSION_KEY
+    if old.get(version_key) != (b"2" if version_key == _VERSION_KEY else b"1") or "scope" in table.schema.names:
+        return table
+    at = table.schema.get_field_index("cobatch_group") + 1 if "cobatch_group" in table.schema.names else table.num_columns
+    table = table.add_column(at, BUNDLE_SCHEMA.field("scope"), pa.nulls(table.num_rows, pa.string()))
+    return table.replace_schema_metadata(dict(old) | {version_key: metadata[version_key]})
 
 
 def validate_bundle_table(table: pa.Table, *, source: str = "bundle") -> None:
@@ -143,7 +164,7 @@ def bundle_deltas(table: pa.Table) -> dict[str, Delta]:
 
 # ---------------------------------------------------------------- layers
 
-LAYER_SCHEMA_VERSION = 1
+LAYER_SCHEMA_VERSION = 2  # 2: the bundle's ``scope`` column (version-1 layers are read with no scope)
 _LAYER_VERSION_KEY = b"engram.layer_schema_version"
 _FINGERPRINT_KEY = b"engram.fingerprint"
 _PARENT_KEY = b"engram.parent_sha256"
@@ -176,6 +197,7 @@ def layer_table(upserts: pa.Table, tombstones: list[str] | pa.Array) -> pa.Table
         gone, pa.array([0] * n, pa.int32()),
         pa.array([[]] * n, pa.list_(pa.int16())), pa.array([[]] * n, pa.list_(pa.int64())),
         pa.array([b""] * n, pa.binary()), pa.array([0] * n, pa.int16()), pa.nulls(n, pa.int32()),
+        pa.nulls(n, pa.string()),
     ], schema=BUNDLE_SCHEMA)
     table = pa.concat_tables([upserts, removed])
     flags = pa.array([False] * upserts.num_rows + [True] * n, pa.bool_())
@@ -202,6 +224,7 @@ def decode_layer(data: bytes, *, source: str = "layer", fingerprint: str | None 
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as e:
         raise BundleSchemaError(f"{source}: not a readable Parquet layer ({e})") from None
+    table = _upgrade(table, LAYER_SCHEMA.metadata)
     validate_layer_table(table, source=source)
     written_for = (table.schema.metadata or {}).get(_FINGERPRINT_KEY, b"").decode()
     if fingerprint is not None and written_for != fingerprint:
@@ -261,3 +284,11 @@ def merge_bundle_chain(base: pa.Table, layers: list[pa.Table]) -> pa.Table:
             view = view.filter(pc.invert(pc.is_in(view.column("user_id"), layer.column("user_id"))))
         view = pa.concat_tables([view, upserts.cast(BUNDLE_SCHEMA)])
     return view.sort_by([("user_id", "ascending")]).combine_chunks()
+
+
+def bundle_scopes(table: pa.Table) -> dict[str, str]:
+    """user_id -> shared scope id for the rows of a bundle (or a layer's upserts) that name one."""
+    if "scope" not in table.column_names or table.num_rows == 0:
+        return {}
+    named = table.filter(pc.is_valid(table.column("scope")))
+    return dict(zip(named.column("user_id").to_pylist(), named.column("scope").to_pylist()))

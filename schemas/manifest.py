@@ -36,6 +36,15 @@ A chain is refused at load (ManifestError naming the field) when an object's key
 its sha256, a layer's ``parent_sha256`` is not the object below it (the base bundle or the
 previous layer: each layer object also records it, see schemas.bundle.LAYER_SCHEMA), or a layer
 names no user.
+
+Shared scopes (optional field ``scopes``, since 2026-11-30; absent in manifests written before,
+and in stores with no scope): a :class:`ScopesEntry` names two version-level objects. The
+*scope deltas* (``objects/scopes/<sha256>.parquet``, a bundle whose ``user_id`` is the scope id:
+every scope's delta, compiled once; serving nodes pull it whole) and the *scope state*
+(``objects/scope_state/<sha256>.parquet``, pipeline.scopes.SCOPE_STATE_SCHEMA: per scope and
+shard, the scope facts that shard's members carry and how many members it has; read only by the
+night). Its ``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id). A member's
+bundle row names its scope (schemas.bundle, column ``scope``).
 """
 
 from __future__ import annotations
@@ -53,6 +62,14 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class ManifestError(ValueError):
     pass
+
+
+def scopes_key(sha256: str) -> str:
+    return f"objects/scopes/{sha256}.parquet"
+
+
+def scope_state_key(sha256: str) -> str:
+    return f"objects/scope_state/{sha256}.parquet"
 
 
 def manifest_key(version: int) -> str:
@@ -173,6 +190,31 @@ class ShardEntry:
 
 
 @dataclass(frozen=True)
+class ScopesEntry:
+    """A version's shared scopes (see the module docstring): every scope's delta, in one object
+    that serving nodes pull whole, and the night's scope state. Counts are over the scopes."""
+
+    key: str  # objects/scopes/<sha256>.parquet: a bundle, one row per scope (user_id = scope id)
+    sha256: str
+    bytes: int
+    state_key: str  # objects/scope_state/<sha256>.parquet: (scope, shard) -> member copies, members
+    state_sha256: str
+    state_bytes: int
+    scopes: int  # scopes with at least one member
+    facts: int  # the scopes' facts (each once)
+    rows: int  # rows of the scope deltas
+    members: int  # users composed with a scope
+    stats: dict[str, str] = field(default_factory=dict)  # stats table -> key of the scopes' part
+
+    def object_keys(self) -> tuple[str, ...]:
+        return (self.key, self.state_key) + tuple(sorted(self.stats.values()))
+
+    def sized_objects(self) -> dict[str, int | None]:
+        sizes: dict[str, int | None] = {key: None for key in self.object_keys()}
+        return sizes | {self.key: self.bytes, self.state_key: self.state_bytes}
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     version: int
@@ -186,6 +228,7 @@ class Manifest:
     stats: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stats table -> version-level part keys
     counts: dict[str, int] = field(default_factory=dict)
     forgotten: tuple[str, ...] = ()  # sha256 hex of forgotten user_ids, sorted
+    scopes: ScopesEntry | None = None  # shared scopes' deltas and state (None: no scope)
 
     @property
     def key(self) -> str:
@@ -210,11 +253,13 @@ class Manifest:
         """Keys (or, in version-1 manifests, hive prefixes ending in '/') of ``table``'s parts: the
         version's own, each shard's base's and each layer's."""
         return (list(self.stats.get(table, ())) + [e.stats[table] for e in self.shards if table in e.stats]
-                + [layer.stats[table] for e in self.shards for layer in e.layers if table in layer.stats])
+                + [layer.stats[table] for e in self.shards for layer in e.layers if table in layer.stats]
+                + ([self.scopes.stats[table]] if self.scopes is not None and table in self.scopes.stats else []))
 
     def object_keys(self) -> set[str]:
         """Every object key the version references: shard objects and stats parts (not prefixes)."""
         keys = {k for e in self.shards for k in e.object_keys()}
+        keys |= set(self.scopes.object_keys()) if self.scopes is not None else set()
         return keys | {k for parts in self.stats.values() for k in parts if not k.endswith("/")}
 
     def to_dict(self) -> dict:
@@ -222,6 +267,8 @@ class Manifest:
         out["shards"] = [_shard_dict(s) for s in self.shards]
         out["forgotten"] = list(self.forgotten)
         out["stats"] = {table: list(parts) for table, parts in self.stats.items()}
+        if self.scopes is None:
+            del out["scopes"]  # a store without scopes writes the manifests it wrote before scopes
         return out
 
     def to_json(self) -> str:
@@ -244,7 +291,7 @@ class Manifest:
             raise ManifestError(f"{where}: field 'schema_version' is {raw.get('schema_version')!r}; this engram reads "
                                 f"versions {list(READABLE_SCHEMA_VERSIONS)} (upgrade engram to read newer manifests)")
         schema_version = raw["schema_version"]
-        _check_fields(raw, cls, where)
+        _check_fields(raw, cls, where, optional={"scopes"})
         raw_shards = raw["shards"]
         if not isinstance(raw_shards, list):
             raise ManifestError(f"{where}: field 'shards' must be a list")
@@ -262,6 +309,7 @@ class Manifest:
             stats=_stats(raw, where, schema_version),
             counts=_mapping(raw, "counts", where, int),
             forgotten=_forgotten(raw, where),
+            scopes=_scopes_entry(raw["scopes"], f"{where} scopes") if raw.get("scopes") is not None else None,
         )
         manifest.validate(source=source)
         return manifest
@@ -275,6 +323,24 @@ class Manifest:
                 raise ManifestError(f"{where}: field 'shards[{i}].shard' is {entry.shard}; shards must be 0..num_shards-1 in order")
         if self.parent is not None and self.parent == self.version:
             raise ManifestError(f"{where}: field 'parent' equals the version {self.version}")
+
+
+def _scopes_entry(raw, where: str) -> ScopesEntry:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: must be a JSON object")
+    _check_fields(raw, ScopesEntry, where)
+    entry = ScopesEntry(key=_str(raw, "key", where), sha256=_sha(raw, "sha256", where), bytes=_int(raw, "bytes", where),
+                        state_key=_str(raw, "state_key", where), state_sha256=_sha(raw, "state_sha256", where),
+                        state_bytes=_int(raw, "state_bytes", where), scopes=_int(raw, "scopes", where),
+                        facts=_int(raw, "facts", where), rows=_int(raw, "rows", where),
+                        members=_int(raw, "members", where), stats=_mapping(raw, "stats", where, str))
+    if entry.key != scopes_key(entry.sha256):
+        raise ManifestError(f"{where}: field 'key' is {entry.key!r}; expected {scopes_key(entry.sha256)!r}")
+    if entry.state_key != scope_state_key(entry.state_sha256):
+        raise ManifestError(f"{where}: field 'state_key' is {entry.state_key!r}; expected "
+                            f"{scope_state_key(entry.state_sha256)!r}")
+    _check_stats_keys(entry.stats, where)
+    return entry
 
 
 def _shard_dict(entry: ShardEntry) -> dict:

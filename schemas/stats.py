@@ -21,6 +21,9 @@ FACTS_STATS_SCHEMA = pa.schema(
         pa.field("loss", pa.float64()),
         pa.field("steps", pa.int64()),
         pa.field("rows", pa.int64()),
+        # the shared scope a member's copy of a scope fact compiled in, once (null: compiled in
+        # the user's own delta); parts written before scopes read as null
+        pa.field("scope", pa.string()),
     ]
 )
 USERS_STATS_SCHEMA = pa.schema(

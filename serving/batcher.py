@@ -182,7 +182,7 @@ class CompletionBatcher:
                               for i in range(request.num_sequences)]
             request._sent = [0] * request.num_sequences
             request._finished = [False] * request.num_sequences
-            user_delta = index.served_for(request.user) if index is not None else None
+            user_delta = index.served_parts_for(request.user) if index is not None else ()  # (scope, own) for a member
             for i in range(request.num_sequences):
                 prompt_ids.append(request.prompt_ids[i // request.n])
                 served.append(user_delta)

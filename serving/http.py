@@ -124,6 +124,7 @@ class ReferenceServer:
             "version": index.version if index is not None else None,
             "users": index.num_users if index is not None else 0,
             "shards": list(index.shards) if index is not None else [],
+            "scopes": len(index.scopes.deltas) if index is not None else 0,  # shared scopes composed under members
             "last_error": self.client.last_error,
             "batches": self.batcher.batches,
             "sequences": self.batcher.sequences,

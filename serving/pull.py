@@ -16,6 +16,9 @@ A serving node owns a set of shards. :class:`PullClient` polls the store:
    every object is checked for size and sha256 against the manifest, a layer also for the model
    fingerprint and the object it applies on (its parent), and every delta against the loaded
    model;
+   the version's shared scopes (``manifest.scopes``: one object with every scope's delta) are
+   pulled whole by every node when their object changed; a member's bundle row names its scope,
+   and :meth:`ServingIndex.deltas_for` returns ``(scope_delta, member_delta)`` for it;
 3. it builds the new :class:`ServingIndex` completely and then replaces one reference, so a
    reader sees either the old version or the new one, never a mix;
 4. then it evicts, from the disk cache, every object of its shards that the version it now
@@ -56,7 +59,7 @@ from engram_core.delta import Delta
 from engram_core.memory_index import ServedDelta, served_delta
 from engram_core.text import canonical_id
 from engram_core.serving import DeltaMismatch
-from schemas.bundle import BundleSchemaError, bundle_deltas, decode_bundle, decode_layer, layer_parts
+from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_scopes, decode_bundle, decode_layer, layer_parts
 from schemas.manifest import Manifest, ManifestError, ShardEntry
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
@@ -108,6 +111,9 @@ def _sha256(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------- object cache
+
+
+SCOPES_CACHE = "scopes"  # the cache folder of the scopes object (shards/scopes/<sha256>.parquet)
 
 
 class BundleCache:
@@ -197,6 +203,18 @@ class ShardView:
 
     chain: tuple[str, ...]  # sha256 of the base bundle and of each layer applied, oldest first
     users: Mapping[str, ServedDelta]
+    scope_of: Mapping[str, str] = field(default_factory=dict)  # member -> shared scope composed under its delta
+
+
+@dataclass(frozen=True)
+class ScopesView:
+    """A served version's shared scopes: every scope's checked delta (schemas.manifest.ScopesEntry)."""
+
+    sha256: str | None  # of the scopes object (None: the version has no scope)
+    deltas: Mapping[str, ServedDelta]
+
+
+NO_SCOPES = ScopesView(None, {})
 
 
 class _Users(AbstractMapping):
@@ -228,6 +246,7 @@ class ServingIndex:
     num_shards: int
     shards: tuple[int, ...]
     views: Mapping[int, ShardView] = field(repr=False)
+    scopes: ScopesView = field(default=NO_SCOPES, repr=False)
 
     @property
     def users(self) -> Mapping[str, ServedDelta]:
@@ -247,10 +266,30 @@ class ServingIndex:
         view = self.views.get(shard_of(user_id, self.num_shards))
         return view.users.get(user_id) if view is not None else None
 
-    def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
-        """The deltas a request of ``user_id`` is served with: () for no user or an unknown one (the base model)."""
+    def scope_of(self, user_id: str | None) -> str | None:
+        """The shared scope whose delta is composed under ``user_id``'s (None: none)."""
+        if not user_id:
+            return None
+        user_id = canonical_id(user_id)
+        view = self.views.get(shard_of(user_id, self.num_shards))
+        return view.scope_of.get(user_id) if view is not None else None
+
+    def served_parts_for(self, user_id: str | None) -> tuple[ServedDelta, ...]:
+        """The checked deltas a request of ``user_id`` is served with, summed: ``(scope, own)`` for a
+        member of a shared scope (pipeline.scopes: the scope's delta compiled once, the member's own
+        compiled over it), ``(own,)`` for any other user, () for no user or an unknown one."""
         served = self.served_for(user_id)
-        return (served.delta,) if served is not None else ()
+        if served is None:
+            return ()
+        scope = self.scope_of(user_id)
+        shared = self.scopes.deltas.get(scope) if scope is not None else None
+        return (shared, served) if shared is not None else (served,)
+
+    def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
+        """The deltas a request of ``user_id`` is served with: ``(scope_delta, user_delta)`` for a
+        member of a shared scope, ``(user_delta,)`` otherwise, () for no user or an unknown one (the
+        base model)."""
+        return tuple(part.delta for part in self.served_parts_for(user_id))
 
     def owns(self, user_id: str) -> bool:
         return shard_of(canonical_id(user_id), self.num_shards) in self.views
@@ -261,30 +300,49 @@ class ServingIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of delta arrays held (layers, row ids, values); Python object overhead excluded."""
-        return sum(d.delta.nbytes for view in self.views.values() for d in view.users.values())
+        """Bytes of delta arrays held (layers, row ids, values; scopes' too); Python object overhead excluded."""
+        return (sum(d.delta.nbytes for view in self.views.values() for d in view.users.values())
+                + sum(d.delta.nbytes for d in self.scopes.deltas.values()))
 
 
-def load_shard_deltas(em: EngramModel, shard: int, num_shards: int, data: bytes, source: str) -> dict[str, ServedDelta]:
-    """Decode a verified bundle; check every delta against the loaded model and the shard, once."""
+def load_shard_deltas(em: EngramModel, shard: int, num_shards: int, data: bytes, source: str,
+                      scope_of: dict[str, str] | None = None) -> dict[str, ServedDelta]:
+    """Decode a verified bundle; check every delta against the loaded model and the shard, once.
+    ``scope_of`` (if given) receives the members' scopes (the bundle's ``scope`` column)."""
     served = {}
-    for user, delta in bundle_deltas(decode_bundle(data, source=source)).items():
+    table = decode_bundle(data, source=source)
+    for user, delta in bundle_deltas(table).items():
         _check_shard(user, shard, num_shards, source)
         served[user] = served_delta(em, delta, owner=f"{source} user {user!r}")
+    if scope_of is not None:
+        scope_of.update(bundle_scopes(table))
     return served
 
 
+def load_scope_deltas(em: EngramModel, data: bytes, source: str) -> dict[str, ServedDelta]:
+    """Decode a verified scopes object (a bundle, user_id = scope id); check every scope's delta."""
+    return {scope: served_delta(em, delta, owner=f"{source} scope {scope!r}")
+            for scope, delta in bundle_deltas(decode_bundle(data, source=source)).items()}
+
+
 def apply_layer(em: EngramModel, users: dict[str, ServedDelta], shard: int, num_shards: int, layer,
-                source: str) -> None:
+                source: str, scope_of: dict[str, str] | None = None) -> None:
     """Apply a decoded, verified layer to ``users`` (in place): its tombstones remove users, its
-    other rows replace them whole, each delta checked against the model."""
+    other rows replace them whole (and their scope, in ``scope_of`` if given), each delta checked
+    against the model."""
     upserts, removed = layer_parts(layer)
+    scope_of = scope_of if scope_of is not None else {}
     for user in removed.to_pylist():
         _check_shard(user, shard, num_shards, source)
         users.pop(user, None)
+        scope_of.pop(user, None)
+    named = bundle_scopes(upserts)
     for user, delta in bundle_deltas(upserts).items():
         _check_shard(user, shard, num_shards, source)
         users[user] = served_delta(em, delta, owner=f"{source} user {user!r}")
+        scope_of.pop(user, None)
+        if user in named:
+            scope_of[user] = named[user]
 
 
 def _check_shard(user: str, shard: int, num_shards: int, source: str) -> None:
@@ -340,6 +398,8 @@ class PullClient:
         return self._index
 
     def deltas_for(self, user_id: str | None) -> tuple[Delta, ...]:
+        """``(scope_delta, user_delta)`` for a member of a shared scope, ``(user_delta,)`` for another
+        user, () for no user, an unknown one, or before a version is loaded (see ServingIndex)."""
         index = self._index
         return index.deltas_for(user_id) if index is not None else ()
 
@@ -388,7 +448,9 @@ class PullClient:
         if self.cache is None:
             return []
         try:
-            return self.cache.evict({shard: set(view.chain) for shard, view in index.views.items()})
+            keep = {shard: set(view.chain) for shard, view in index.views.items()}
+            keep[SCOPES_CACHE] = {index.scopes.sha256} if index.scopes.sha256 else set()
+            return self.cache.evict(keep)
         except OSError as err:  # the version is served; the next successful poll evicts again
             log.error("cache %s: could not evict unreferenced objects: %s", self.cache.root, err)
             return []
@@ -410,7 +472,19 @@ class PullClient:
         for shard in owned:
             held = previous.views.get(shard) if reuse else None
             views[shard] = self._shard_view(manifest, manifest.shard(shard), held, build)
-        return ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned), views)
+        scopes = self._scopes_view(manifest, previous.scopes if previous is not None else NO_SCOPES, build)
+        return ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned), views, scopes)
+
+    def _scopes_view(self, manifest: Manifest, held: ScopesView, build: "_Build") -> ScopesView:
+        """The version's shared scopes: ``held`` if the same object, else fetched (cache or store),
+        verified and checked. Every node holds every scope (members live in every shard)."""
+        entry = manifest.scopes
+        if entry is None:
+            return NO_SCOPES
+        if held.sha256 == entry.sha256:
+            return held
+        data = fetch_object(self.store, entry.key, entry.sha256, entry.bytes, SCOPES_CACHE, self.cache, build.downloads)
+        return ScopesView(entry.sha256, load_scope_deltas(self.em, data, f"{self.store.uri}/{entry.key}"))
 
     def _shard_view(self, manifest: Manifest, entry: ShardEntry, held: ShardView | None, build: "_Build") -> ShardView:
         """The shard's view of ``entry``'s chain: ``held`` itself if unchanged, ``held`` plus the
@@ -421,12 +495,13 @@ class PullClient:
         shard, num_shards = entry.shard, manifest.num_shards
         incremental = held is not None and chain[:len(held.chain)] == held.chain
         if incremental:
-            users = dict(held.users)
+            users, scope_of = dict(held.users), dict(held.scope_of)
             start = len(held.chain) - 1  # layers the node already applied
         else:
             data = fetch_object(self.store, entry.bundle_key, entry.bundle_sha256, entry.bundle_bytes, shard,
                                 self.cache, build.downloads)
-            users = load_shard_deltas(self.em, shard, num_shards, data, f"{self.store.uri}/{entry.bundle_key}")
+            scope_of = {}
+            users = load_shard_deltas(self.em, shard, num_shards, data, f"{self.store.uri}/{entry.bundle_key}", scope_of)
             start = 0
             build.rebuilt.append(shard)
         for i in range(start, len(entry.layers)):
@@ -434,10 +509,10 @@ class PullClient:
             source = f"{self.store.uri}/{layer.key}"
             data = fetch_object(self.store, layer.key, layer.sha256, layer.bytes, shard, self.cache, build.downloads)
             table = decode_layer(data, source=source, fingerprint=manifest.fingerprint, parent_sha256=chain[i])
-            apply_layer(self.em, users, shard, num_shards, table, source)
+            apply_layer(self.em, users, shard, num_shards, table, source, scope_of)
             build.layers_applied += incremental
         build.fetched.append(shard)
-        return ShardView(chain, users)
+        return ShardView(chain, users, scope_of)
 
     # -- background polling ---------------------------------------------------------------
     def next_delay(self) -> float:

@@ -31,7 +31,8 @@ CURRENT_KEY = "CURRENT"
 PARTIAL_PREFIX = "partial/"  # compiled chunks of an unfinished night (pipeline.compile.ChunkCheckpoints)
 AUDIT_PREFIX = "audit/"
 MANIFEST_PREFIX = "manifests/"
-OBJECT_PREFIXES = ("objects/bundles/", "objects/layers/", "objects/state/", "objects/tombstones/")
+OBJECT_PREFIXES = ("objects/bundles/", "objects/layers/", "objects/state/", "objects/tombstones/", "objects/scopes/",
+                   "objects/scope_state/")
 MODEL_PREFIX = "models"
 _MANIFEST_NAME = re.compile(r"^manifests/v(\d{8})\.json$")
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import pyarrow.compute as pc
 
 from schemas.bundle import decode_bundle
-from schemas.manifest import MANIFEST_SCHEMA_VERSION, Manifest, ShardEntry, bundle_key, state_key
+from schemas.manifest import MANIFEST_SCHEMA_VERSION, Manifest, ScopesEntry, ShardEntry, bundle_key, state_key
 from versions.catalog import read_pointer, verified_bytes
 from versions.commit import commit, utc_now, write_manifest, write_objects
 from versions.errors import IntegrityError, PublishConflict
@@ -127,9 +127,13 @@ def _forgotten(previous: Manifest | None, forgotten_users: Iterable[str]) -> tup
     return tuple(sorted(set(previous.forgotten if previous else ()) | {forgotten_id(u) for u in forgotten_users}))
 
 
-def _unchanged(previous: Manifest | None, shards, fingerprint: str, watermark: str | None, forgotten) -> bool:
-    return previous is not None and (shards, fingerprint, watermark, forgotten) == (
-        previous.shards, previous.fingerprint, previous.watermark, previous.forgotten)
+def _unchanged(previous: Manifest | None, shards, fingerprint: str, watermark: str | None, forgotten, scopes) -> bool:
+    return previous is not None and (shards, fingerprint, watermark, forgotten, scopes) == (
+        previous.shards, previous.fingerprint, previous.watermark, previous.forgotten, previous.scopes)
+
+
+CARRY = "carry"
+"""``publish_entries(scopes=CARRY)``: the new version keeps the previous version's scopes."""
 
 
 def publish_entries(
@@ -146,6 +150,7 @@ def publish_entries(
     counts: dict[str, int] | None = None,
     forgotten_users: Iterable[str] = (),
     crash_hook: Callable[[str], None] | None = None,
+    scopes: ScopesEntry | None | str = CARRY,
 ) -> Manifest:
     """Publish the changed shards' entries as the next version and make it current; returns its manifest.
 
@@ -159,15 +164,20 @@ def publish_entries(
     ``previous`` is returned. Every object the new entries and ``stats`` name is checked to be in
     the store with its size before the manifest is written. ``crash_hook(step)`` runs before each
     of ``PUBLISH_STEPS``. Raises PublishConflict if CURRENT is not (or no longer) ``previous``,
-    IntegrityError if an object is missing or of the wrong size.
+    IntegrityError if an object is missing or of the wrong size. ``scopes``: the version's shared
+    scopes (schemas.manifest.ScopesEntry, None for none), by default the previous version's.
     """
     hook = crash_hook or (lambda step: None)
+    if isinstance(scopes, str):
+        if scopes != CARRY:
+            raise ValueError(f"publish_entries: scopes must be a ScopesEntry, None or CARRY, got {scopes!r}")
+        scopes = previous.scopes if previous is not None else None
     where = f"publish to {store.uri}"
     store.check_conditional_writes()  # the compare-and-swap below needs them (once per store object)
     pointer = _check_planned(store, previous, where)
     shards = _merge_shards(entries, previous, num_shards, where)
     forgotten = _forgotten(previous, forgotten_users)
-    if _unchanged(previous, shards, fingerprint, watermark, forgotten):
+    if _unchanged(previous, shards, fingerprint, watermark, forgotten, scopes):
         log.info("%s: nothing changed since v%d; nothing published", where, previous.version)
         return previous
     objects = dict(objects or {})
@@ -179,6 +189,8 @@ def publish_entries(
     sizes: dict[str, int | None] = {key: None for keys in (stats or {}).values() for key in keys}
     for entry in entries.values():
         sizes |= entry.sized_objects()
+    if scopes is not None:
+        sizes |= scopes.sized_objects()
     for key, size in sorted(sizes.items()):
         if key not in objects:
             _check_size(store, key, size)
@@ -197,6 +209,7 @@ def publish_entries(
         stats={table: tuple(keys) for table, keys in (stats or {}).items()},
         counts=dict(counts or {}),
         forgotten=forgotten,
+        scopes=scopes,
     )
     draft.validate()
     hook("write_manifest")

@@ -1,0 +1,296 @@
+"""Shared scopes compile once, in the night and in serving (issue 17, item 4).
+
+Whole nights (pipeline.runner.LocalRunner, ``workers: 0``; one on a real local Ray cluster) with a
+shared scope whose members live in several shards: the version holds one scope delta, the members'
+deltas hold no copy of its rows, and every member recalls its own and the scope's facts through
+the serving path (PullClient, the reference server).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from datetime import timedelta
+
+import pytest
+
+from engram_core.serving import greedy_tokens
+from jobs.compact import compact
+from jobs.nightly import run_nightly
+from jobs.spec import NightlySpec
+from jobs.synthetic import BASE_TIME, write_fact_log
+from pipeline.stats import query_stats
+from schemas.bundle import bundle_deltas, bundle_scopes, decode_bundle
+from serving.pull import PullClient
+from versions.catalog import load_shard_bundle, read_current, verified_bytes
+from versions.layout import shard_of
+from versions.retention import collect
+
+pytestmark = pytest.mark.slow
+
+SCOPE = "org:acme"
+NUM_SHARDS = 4
+SCOPE_FACTS = {"acme-office": ("Our office is in", " Lisbon"), "acme-wifi": ("The wifi password is", " Pepper")}
+OWN = {
+    "alice": {"dog": ("My dog's name is", " Rex")},
+    "bob": {"dentist": ("My dentist is called", " Nakamura")},
+    "carol": {"manager": ("My manager is", " Mensah"), "office": ("Our office is in", " Porto")},  # overrides the scope's
+    "dave": {},  # only the scope's facts
+}
+MEMBERS = sorted(OWN)
+PLAIN = {"erin": {"city": ("I live in", " Osaka")}}
+
+
+def upsert(user, fact_id, trigger, answer, day, scope=None):
+    return {"user_id": user, "fact_id": fact_id, "op": "upsert", "trigger": trigger, "answer": answer,
+            "event_time": BASE_TIME + timedelta(days=day), "scope": scope}
+
+
+def event(user, op, day, fact_id=None):
+    return {"user_id": user, "fact_id": fact_id, "op": op, "trigger": None, "answer": None,
+            "event_time": BASE_TIME + timedelta(days=day), "scope": None}
+
+
+def first_log() -> list[dict]:
+    rows = []
+    for user in MEMBERS:
+        rows += [upsert(user, f, t, a, 0) for f, (t, a) in OWN[user].items()]
+        rows += [upsert(user, f, t, a, 0, SCOPE) for f, (t, a) in SCOPE_FACTS.items()]
+    rows += [upsert(u, f, t, a, 0) for u, facts in PLAIN.items() for f, (t, a) in facts.items()]
+    return rows
+
+
+def night(spec, tmp_path, name, rows):
+    write_fact_log(rows, tmp_path / "log" / f"day={name}" / "part-0.parquet")
+    report = run_nightly(spec)
+    assert report.published, report
+    return report
+
+
+def recalls(em, deltas, trigger, answer) -> bool:
+    want = em.encode_answer(answer)
+    return greedy_tokens(em, trigger, len(want), list(deltas)) == want
+
+
+def expected(user, scope_facts=SCOPE_FACTS, own=None) -> dict[str, tuple[str, str]]:
+    """trigger -> answer a member must be served (its own fact wins on a scope fact's trigger)."""
+    own = OWN if own is None else own
+    facts = {t: a for t, a in scope_facts.values()}
+    facts |= {t: a for t, a in own[user].values()}
+    return facts
+
+
+def scope_deltas(store, manifest) -> dict:
+    entry = manifest.scopes
+    return bundle_deltas(decode_bundle(verified_bytes(store, entry.key, entry.bytes, entry.sha256)))
+
+
+def member_rows(store, manifest) -> dict:
+    """user -> (scope or None, Delta) from every shard's merged view."""
+    out = {}
+    for entry in manifest.shards:
+        table = load_shard_bundle(store, entry)
+        named = bundle_scopes(table)
+        out |= {u: (named.get(u), d) for u, d in bundle_deltas(table).items()}
+    return out
+
+
+@pytest.fixture
+def spec(tmp_path, tiny_dir, local_store):
+    return NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=0)
+
+
+def test_members_across_shards_compile_one_scope_delta_and_recall_both_through_serving(spec, tmp_path, tiny,
+                                                                                       local_store):
+    assert len({shard_of(u, NUM_SHARDS) for u in MEMBERS}) >= 2  # the scope spans shards
+    report = night(spec, tmp_path, "1", first_log())
+    manifest, _ = read_current(local_store)
+    assert report.compiled_scopes == 1 and report.scopes == 1 and report.scope_members == len(MEMBERS)
+    assert manifest.scopes is not None and manifest.scopes.scopes == 1 and manifest.scopes.facts == 2
+    assert manifest.counts["compiled_scopes"] == 1
+    shared = scope_deltas(local_store, manifest)
+    assert list(shared) == [SCOPE] and shared[SCOPE].num_rows > 0  # one scope delta, owner = the scope id
+
+    rows = member_rows(local_store, manifest)
+    assert {u: s for u, (s, _) in rows.items()} == {**{u: SCOPE for u in MEMBERS}, "erin": None}
+    assert rows["dave"][1].num_rows == 0  # a member with only the scope's facts: no rows of its own
+    scope_keys = shared[SCOPE].row_keys()
+    collided = {(r["layer"], r["row_id"]) for r in query_stats(
+        local_store, f"select layer, row_id from collisions where version = {manifest.version} "
+                     "and owner_kind = 'user+scope'").to_pylist()}
+    for user in MEMBERS:
+        own = rows[user][1]
+        assert own.row_keys() & scope_keys <= collided  # no copy of the scope: only reported collisions
+        assert not recalls(tiny, [own], *SCOPE_FACTS["acme-wifi"])  # the scope's fact needs the scope delta
+    assert collided and all(k in scope_keys for k in collided)  # carol writes the scope's trigger: reported
+
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user in MEMBERS:
+        deltas = node.deltas_for(user)
+        assert len(deltas) == 2 and deltas[0].equals(shared[SCOPE]) and deltas[1].equals(rows[user][1])
+        for trigger, answer in expected(user).items():
+            assert recalls(tiny, deltas, trigger, answer), (user, trigger)
+    assert len(node.deltas_for("erin")) == 1 and recalls(tiny, node.deltas_for("erin"), *PLAIN["erin"]["city"])
+    assert node.deltas_for("nobody") == ()
+
+    # The reference server (batcher, overlay with two owners per sequence) serves the composition.
+    from serving.http import ReferenceServer
+
+    with ReferenceServer(tiny, node, port=0, poll=False) as server:
+        for user, (trigger, answer) in (("bob", SCOPE_FACTS["acme-wifi"]), ("bob", OWN["bob"]["dentist"]),
+                                        ("carol", OWN["carol"]["office"]), ("dave", SCOPE_FACTS["acme-office"])):
+            body = json.dumps({"model": server.model_name, "prompt": trigger, "user": user,
+                               "max_tokens": len(tiny.encode_answer(answer))}).encode()
+            request = urllib.request.Request(f"{server.url}/v1/completions", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                reply = json.loads(response.read())
+            assert reply["choices"][0]["text"] == answer, (user, trigger, reply)
+        assert server.health()["scopes"] == 1
+
+    facts = query_stats(local_store, f"select user_id, fact_id, status, scope from facts "
+                                     f"where version = {manifest.version} order by 1, 2").to_pylist()
+    copies = {(r["user_id"], r["fact_id"]) for r in facts if r["scope"] == SCOPE and r["user_id"] != SCOPE}
+    assert all(r["status"] == "ok" for r in facts if r["scope"] == SCOPE)
+    assert copies == {(u, f) for u in MEMBERS for f in SCOPE_FACTS}
+    assert {(r["user_id"], r["fact_id"], r["status"], r["scope"]) for r in facts if r["user_id"] == SCOPE} == {
+        (SCOPE, "acme-office", "ok", SCOPE), (SCOPE, "acme-wifi", "ok", SCOPE)}
+
+
+def test_a_changed_scope_fact_recompiles_the_scope_and_its_members_only_and_layers_keep_serving(
+        spec, tmp_path, tiny, local_store):
+    night(spec, tmp_path, "1", first_log())
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    v1, _ = read_current(local_store)
+
+    # Alice's copy of the wifi password changes: the scope's merged facts change.
+    new_wifi = ("The wifi password is", " Mango")
+    report = night(spec, tmp_path, "2", [upsert("alice", "acme-wifi", *new_wifi, 1, SCOPE)])
+    v2, _ = read_current(local_store)
+    assert report.compiled_scopes == 1 and report.compiled_users == len(MEMBERS)  # the members, not erin
+    assert v2.scopes.sha256 != v1.scopes.sha256
+    for old, new in zip(v1.shards, v2.shards):
+        assert new.bundle_key == old.bundle_key  # layers over the bases
+        holds_member = any(shard_of(u, NUM_SHARDS) == new.shard for u in MEMBERS)
+        assert len(new.layers) == int(holds_member)
+    facts = {"acme-office": SCOPE_FACTS["acme-office"], "acme-wifi": new_wifi}
+    assert node.poll().error is None
+    for user in MEMBERS:
+        for trigger, answer in expected(user, facts).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+
+    # A member's own fact changing recompiles that member only, against the scope delta as it is.
+    report = night(spec, tmp_path, "3", [upsert("bob", "dentist", "My dentist is called", " Okafor", 2)])
+    v3, _ = read_current(local_store)
+    assert report.compiled_scopes == 0 and report.compiled_users == 1 and v3.scopes == v2.scopes
+    own = {**OWN, "bob": {"dentist": ("My dentist is called", " Okafor")}}
+    node.poll()
+    for trigger, answer in expected("bob", facts, own).items():
+        assert recalls(tiny, node.deltas_for("bob"), trigger, answer), trigger
+
+    # Compaction changes nothing anyone is served, and keeps each member's scope.
+    before = {u: node.deltas_for(u) for u in MEMBERS + ["erin"]}
+    assert compact(local_store).published
+    compacted, _ = read_current(local_store)
+    assert all(not e.layers for e in compacted.shards) and compacted.scopes == v3.scopes
+    assert node.poll().error is None
+    for user, deltas in before.items():
+        after = node.deltas_for(user)
+        assert len(after) == len(deltas) and all(a.equals(b) for a, b in zip(after, deltas)), user
+
+
+def test_forgetting_a_member_keeps_the_scope_and_a_member_who_leaves_is_no_longer_served_it(
+        spec, tmp_path, tiny, local_store):
+    night(spec, tmp_path, "1", first_log())
+    v1, _ = read_current(local_store)
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+
+    report = night(spec, tmp_path, "2", [event("bob", "forget_user", 1)])
+    v2, _ = read_current(local_store)
+    collect(local_store, keep=1)  # gc keeps the current version's scope objects
+    assert {v2.scopes.key, v2.scopes.state_key} <= set(local_store.list("objects/scope"))
+    assert report.compiled_scopes == 0 and v2.scopes.scopes == 1 and v2.scopes.members == len(MEMBERS) - 1
+    assert v2.scopes.key == v1.scopes.key  # forgetting a user never rewrites the scope's delta
+    node.poll()
+    assert node.deltas_for("bob") == ()
+    for trigger, answer in expected("alice").items():
+        assert recalls(tiny, node.deltas_for("alice"), trigger, answer)
+
+    # Dave leaves the scope (his copies of its facts deleted) and keeps a fact of his own.
+    rows = [event("dave", "delete", 2, f) for f in SCOPE_FACTS] + [upsert("dave", "cat", "My cat is called", " Tom", 2)]
+    report = night(spec, tmp_path, "3", rows)
+    v3, _ = read_current(local_store)
+    assert report.compiled_scopes == 0 and report.compiled_users == 1 and v3.scopes.members == len(MEMBERS) - 2
+    node.poll()
+    deltas = node.deltas_for("dave")
+    assert len(deltas) == 1 and recalls(tiny, deltas, "My cat is called", " Tom")
+    assert not recalls(tiny, deltas, *SCOPE_FACTS["acme-wifi"])
+    assert member_rows(local_store, v3)["dave"][0] is None
+
+    # The last members leave: the scope is dropped from the version.
+    rows = [event(u, "delete", 3, f) for u in ("alice", "carol") for f in SCOPE_FACTS]
+    report = night(spec, tmp_path, "4", rows)
+    v4, _ = read_current(local_store)
+    assert v4.scopes is None and report.scopes == 0
+    collect(local_store, keep=1)
+    assert local_store.list("objects/scope") == []  # and deletes those no kept version names
+    node.poll()
+    assert len(node.deltas_for("alice")) == 1 and recalls(tiny, node.deltas_for("alice"), *OWN["alice"]["dog"])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from pipeline.runner import start_ray
+
+    start_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_a_night_on_ray_compiles_the_scope_once_and_its_members_over_it(tmp_path, tiny_dir, tiny, local_store,
+                                                                        ray_cluster):
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=1)
+    report = night(spec, tmp_path, "1", first_log())
+    assert report.compiled_scopes == 1 and report.scopes == 1
+    manifest, _ = read_current(local_store)
+    assert list(scope_deltas(local_store, manifest)) == [SCOPE]
+    assert {u: s for u, (s, _) in member_rows(local_store, manifest).items()} == {**{u: SCOPE for u in MEMBERS},
+                                                                                 "erin": None}
+    node = PullClient(local_store, tiny)
+    node.poll()
+    for user in MEMBERS:
+        for trigger, answer in expected(user).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+
+    report = night(spec, tmp_path, "2", [upsert("dave", "acme-office", "Our office is in", " Madrid", 1, SCOPE)])
+    assert report.compiled_scopes == 1 and report.compiled_users == len(MEMBERS)
+    node.poll()
+    moved = {"acme-office": ("Our office is in", " Madrid"), "acme-wifi": SCOPE_FACTS["acme-wifi"]}
+    for user in MEMBERS:
+        for trigger, answer in expected(user, moved).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+
+
+def test_a_scope_change_on_a_resharding_night_recompiles_every_member(spec, tmp_path, tiny, local_store):
+    night(spec, tmp_path, "1", first_log())
+    new_office = ("Our office is in", " Madrid")
+    spec = NightlySpec(**{**spec.to_dict(), "num_shards": 2})
+    report = night(spec, tmp_path, "2", [upsert("erin", "acme-office", *new_office, 1, SCOPE)])  # erin joins
+    manifest, _ = read_current(local_store)
+    assert manifest.num_shards == 2 and report.compiled_scopes == 1
+    assert report.compiled_users == len(MEMBERS) + 1 and manifest.scopes.members == len(MEMBERS) + 1
+    node = PullClient(local_store, tiny)
+    node.poll()
+    facts = {"acme-office": new_office, "acme-wifi": SCOPE_FACTS["acme-wifi"]}
+    own = {**OWN, **PLAIN}
+    for user in MEMBERS:
+        for trigger, answer in expected(user, facts, own).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+    erin = node.deltas_for("erin")
+    assert len(erin) == 2 and recalls(tiny, erin, *new_office) and recalls(tiny, erin, *PLAIN["erin"]["city"])

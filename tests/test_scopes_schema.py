@@ -1,0 +1,195 @@
+"""Shared scopes: the stored forms (bundle ``scope`` column, manifest ``scopes``, the scope state)
+and the night's scope merge, without compiling (the whole nights are in test_scopes_night.py)."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engram_core.delta import Delta
+from pipeline.scopes import (
+    SCOPE_STATE_SCHEMA,
+    member_rows,
+    merge_scopes,
+    merged_scope_facts,
+    scope_of_detail,
+    shard_contribution,
+)
+from schemas import facts as F
+from schemas.bundle import (
+    BUNDLE_SCHEMA,
+    bundle_scopes,
+    bundle_table,
+    decode_bundle,
+    decode_layer,
+    encode_bundle,
+    layer_table,
+)
+from schemas.manifest import Manifest, ManifestError, ScopesEntry, scope_state_key, scopes_key
+
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+def _delta(rows, width=4) -> Delta:
+    return Delta.from_unsorted(np.zeros(len(rows), np.int16), np.asarray(rows, np.int64), np.ones((len(rows), width)))
+
+
+def _state(rows) -> pa.Table:
+    """Fact-state rows from (user, fact_id, scope, trigger, answer, day)."""
+    table = pa.table({
+        "user_id": [r[0] for r in rows], "fact_id": [r[1] for r in rows], "scope": [r[2] for r in rows],
+        "trigger": [r[3] for r in rows], "answer": [r[4] for r in rows],
+        "event_time": pa.array([T0.replace(day=r[5]) for r in rows], pa.timestamp("us", tz="UTC")),
+        "fact_hash": [F.fact_hash(r[2], r[3], r[4]) for r in rows],
+    })
+    return F.conform(table, F.FACT_STATE_SCHEMA, "test state")
+
+
+# ---------------------------------------------------------------- bundles and layers
+
+
+def test_a_members_bundle_row_names_its_scope_and_a_version_2_bundle_reads_with_no_scope():
+    table = bundle_table({"alice": (_delta([1, 2]), 2), "erin": (_delta([3]), 1)}, scopes={"alice": "org:acme"})
+    assert bundle_scopes(decode_bundle(encode_bundle(table))) == {"alice": "org:acme"}
+
+    old = table.drop_columns(["scope"]).replace_schema_metadata({b"engram.bundle_schema_version": b"2"})
+    sink = io.BytesIO()
+    pq.write_table(old, sink)
+    read = decode_bundle(sink.getvalue(), source="old bundle")
+    assert read.schema.names == BUNDLE_SCHEMA.names and read.column("scope").null_count == 2
+    assert bundle_scopes(read) == {}
+
+
+def test_a_version_1_layer_reads_with_no_scope_and_keeps_its_parent_and_model():
+    layer = layer_table(bundle_table({"alice": (_delta([1]), 1)}, scopes={"alice": "org:acme"}), ["bob"])
+    from schemas.bundle import encode_layer, layer_fingerprint, layer_parent
+
+    assert bundle_scopes(layer.filter(pa.array([True, False]))) == {"alice": "org:acme"}
+    old = layer.drop_columns(["scope"]).replace_schema_metadata({
+        b"engram.layer_schema_version": b"1", b"engram.fingerprint": b"f" * 8, b"engram.parent_sha256": b"a" * 64})
+    sink = io.BytesIO()
+    pq.write_table(old, sink)
+    read = decode_layer(sink.getvalue(), source="old layer", fingerprint="f" * 8, parent_sha256="a" * 64)
+    assert read.column("scope").null_count == 2 and layer_fingerprint(read) == "f" * 8 and layer_parent(read) == "a" * 64
+    assert decode_layer(encode_layer(layer, "f" * 8, "a" * 64)).column("scope").to_pylist() == ["org:acme", None]
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _manifest(scopes=None) -> Manifest:
+    from schemas.manifest import MANIFEST_SCHEMA_VERSION, ShardEntry
+
+    sha = "0" * 64
+    shard = ShardEntry(shard=0, bundle_key=f"objects/bundles/{sha}.parquet", bundle_sha256=sha, bundle_bytes=1,
+                       state_key=f"objects/state/{sha}.parquet", state_sha256=sha, state_bytes=1, users=0, facts=0,
+                       rows=0)
+    return Manifest(schema_version=MANIFEST_SCHEMA_VERSION, version=1, parent=None, created_at="2026-11-30T00:00:00Z",
+                    job_id="j", watermark=None, fingerprint="f", num_shards=1, shards=(shard,), scopes=scopes)
+
+
+def test_the_manifest_carries_the_scopes_entry_and_a_manifest_without_scopes_is_unchanged():
+    plain = _manifest()
+    assert "scopes" not in plain.to_dict()  # stores without scopes write what they wrote before
+    assert Manifest.from_json(plain.to_json()) == plain
+    a, b = "a" * 64, "b" * 64
+    entry = ScopesEntry(key=scopes_key(a), sha256=a, bytes=10, state_key=scope_state_key(b), state_sha256=b,
+                        state_bytes=5, scopes=1, facts=2, rows=7, members=3, stats={"facts": f"stats/facts/{a}.parquet"})
+    scoped = _manifest(entry)
+    assert Manifest.from_json(scoped.to_json()) == scoped
+    assert {entry.key, entry.state_key, entry.stats["facts"]} <= scoped.object_keys()  # gc keeps them
+    assert scoped.stats_parts("facts") == [entry.stats["facts"]]
+    broken = scoped.to_dict()
+    broken["scopes"]["key"] = scopes_key(b)
+    with pytest.raises(ManifestError, match="scopes: field 'key'"):
+        Manifest.from_dict(broken)
+
+
+# ---------------------------------------------------------------- the scope state and the merge
+
+
+STATE = [
+    ("alice", "dog", "alice", "My dog's name is", " Rex", 1),
+    ("alice", "wifi", "org:acme", "The wifi password is", " Pepper", 1),
+    ("alice", "gym", "org:zeta", "Our gym is", " Vita", 1),  # a second scope: compiles in alice's own delta
+    ("bob", "wifi", "org:acme", "The wifi password is", " Mango", 2),  # a later copy wins
+    ("bob", "office", "org:acme", "Our office is in", " Lisbon", 1),
+    ("erin", "city", "erin", "I live in", " Osaka", 1),
+]
+
+
+def test_member_rows_are_the_copies_of_each_users_first_scope():
+    rows = member_rows(_state(STATE))
+    assert list(zip(rows.column("user_id").to_pylist(), rows.column("fact_id").to_pylist())) == [
+        ("alice", "wifi"), ("bob", "office"), ("bob", "wifi")]
+
+
+def test_a_shards_contribution_holds_the_latest_copy_per_fact_and_its_member_count():
+    part = shard_contribution(_state(STATE), 3)
+    assert part.schema.equals(SCOPE_STATE_SCHEMA, check_metadata=False)
+    assert [(r["scope"], r["fact_id"], r["answer"], r["members"], r["shard"]) for r in part.to_pylist()] == [
+        ("org:acme", "office", " Lisbon", 2, 3), ("org:acme", "wifi", " Mango", 2, 3)]
+
+
+def test_the_merge_compiles_only_scopes_whose_merged_facts_changed_and_drops_empty_ones(local_store):
+    one = shard_contribution(_state(STATE), 0)
+    other = shard_contribution(_state([("carol", "wifi", "org:acme", "The wifi password is", " Pepper", 1),
+                                       ("dan", "hours", "org:beta", "We open at", " nine", 1)]), 1)
+    plan, merge = merge_scopes(local_store.uri, None, True, False, [0, 1], one, other)
+    assert plan.changed == ("org:acme", "org:beta") and list(plan.compile_facts) == [2, 1]
+    assert plan.member_shards == (0, 1) and (plan.scopes, plan.members) == (2, 4) and plan.dropped == ()
+    assert merge.compile.column("user_id").to_pylist() == ["org:acme", "org:acme", "org:beta"]
+    facts = merged_scope_facts(merge.state)
+    assert facts.filter(pa.compute.equal(facts.column("fact_id"), "wifi")).column("answer").to_pylist() == [" Mango"]
+
+    # A prior version holding this state: shard 1 loses dan (org:beta dropped), carol's copy is
+    # older than bob's, so org:acme's merged facts do not change.
+    from pipeline.scopes import encode_scope_state
+    from versions.commit import write_verified_objects
+
+    data = encode_scope_state(merge.state)
+    import hashlib
+
+    sha = hashlib.sha256(data).hexdigest()
+    write_verified_objects(local_store, {scope_state_key(sha): data})
+    prior = ScopesEntry(key=scopes_key("c" * 64), sha256="c" * 64, bytes=1, state_key=scope_state_key(sha),
+                        state_sha256=sha, state_bytes=len(data), scopes=2, facts=3, rows=0, members=4)
+    carol_only = shard_contribution(_state([("carol", "wifi", "org:acme", "The wifi password is", " Pepper", 1)]), 1)
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [1], carol_only)
+    assert plan.changed == () and plan.dropped == ("org:beta",) and plan.scopes == 1 and plan.members == 3
+    assert merge.removed.to_pylist() == ["org:beta"]
+    # The same night with everything recompiled (a model change) compiles every scope.
+    assert merge_scopes(local_store.uri, prior, False, True, [1], carol_only)[0].changed == ("org:acme",)
+
+
+def test_the_facts_stats_scope_comes_from_a_copys_result_detail():
+    details = pa.array(["compiled once in scope org:acme", "compiled once in scope org:x y; scope fact 'a' failed",
+                        None, "something else"])
+    assert scope_of_detail(details).to_pylist() == ["org:acme", "org:x y", None, None]
+
+
+def test_a_night_that_compiles_no_scope_carries_the_scope_deltas_by_reference(local_store):
+    import hashlib
+
+    from pipeline.scopes import encode_scope_state, write_scopes
+    from versions.commit import write_verified_objects
+
+    one = shard_contribution(_state(STATE), 0)
+    data = encode_scope_state(one)
+    sha = hashlib.sha256(data).hexdigest()
+    write_verified_objects(local_store, {scope_state_key(sha): data})
+    prior = ScopesEntry(key=scopes_key("c" * 64), sha256="c" * 64, bytes=1, state_key=scope_state_key(sha),
+                        state_sha256=sha, state_bytes=len(data), scopes=1, facts=2, rows=5, members=2,
+                        stats={"facts": "stats/facts/" + "d" * 64 + ".parquet"})
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [0], one)
+    assert plan.changed == () and write_scopes(local_store.uri, prior, plan, merge) == prior  # nothing read or written
+    joined = shard_contribution(_state(STATE + [("carol", "wifi", "org:acme", "The wifi password is", " Pepper", 1)]), 0)
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [0], joined)
+    entry = write_scopes(local_store.uri, prior, plan, merge)
+    assert plan.changed == () and (entry.key, entry.stats) == (prior.key, prior.stats) and entry.members == 3
+    assert entry.state_sha256 != prior.state_sha256 and local_store.head(entry.state_key) is not None
