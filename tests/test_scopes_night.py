@@ -262,6 +262,13 @@ def test_a_night_on_ray_compiles_the_scope_once_and_its_members_over_it(tmp_path
     assert list(scope_deltas(local_store, manifest)) == [SCOPE]
     assert {u: s for u, (s, _) in member_rows(local_store, manifest).items()} == {**{u: SCOPE for u in MEMBERS},
                                                                                  "erin": None}
+    # The same log compiled in process gives the same bytes (pipeline.compile.CPU_COMPILE_THREADS).
+    from versions.store import LocalStore
+
+    run_nightly(NightlySpec(**{**spec.to_dict(), "store": str(tmp_path / "in-process"), "workers": 0}))
+    in_process, _ = read_current(LocalStore(tmp_path / "in-process"))
+    assert [e.bundle_key for e in in_process.shards] == [e.bundle_key for e in manifest.shards]
+    assert in_process.scopes.key == manifest.scopes.key
     node = PullClient(local_store, tiny)
     node.poll()
     for user in MEMBERS:
