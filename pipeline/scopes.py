@@ -248,29 +248,17 @@ def _digests(facts: pa.Table) -> dict[str, str]:
 
 
 def encode_scope_state(table: pa.Table) -> bytes:
-    import io
+    """Parquet bytes of a scope state (SCOPE_STATE_SCHEMA, sorted): the same rows, the same bytes."""
+    from schemas.facts import encode_table
 
-    import pyarrow.parquet as pq
-
-    table = table.select(SCOPE_STATE_SCHEMA.names).cast(SCOPE_STATE_SCHEMA).sort_by(
-        [("scope", "ascending"), ("shard", "ascending"), ("fact_id", "ascending")])
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", compression_level=3, use_dictionary=False,
-                   row_group_size=max(table.num_rows, 1))
-    return sink.getvalue()
+    return encode_table(table, SCOPE_STATE_SCHEMA, "scope state", ["scope", "shard", "fact_id"])
 
 
 def decode_scope_state(data: bytes, *, source: str = "scope state") -> pa.Table:
-    import pyarrow.parquet as pq
+    """A scope state back (schemas.facts.SchemaMismatch, a ValueError, names ``source``)."""
+    from schemas.facts import decode_table
 
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"{source}: not a readable Parquet scope state ({e})") from None
-    missing = [n for n in SCOPE_STATE_SCHEMA.names if n not in table.column_names]
-    if missing:
-        raise ValueError(f"{source}: scope state without column {missing[0]!r}")
-    return table.select(SCOPE_STATE_SCHEMA.names).cast(SCOPE_STATE_SCHEMA)
+    return decode_table(data, SCOPE_STATE_SCHEMA, "scope state", source)
 
 
 @dataclass(frozen=True)

@@ -100,13 +100,16 @@ def encode_bundle(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+def _read_parquet(data: bytes, source: str, what: str) -> pa.Table:
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BundleSchemaError(f"{source}: not a readable Parquet {what} ({e})") from None
+
+
 def decode_bundle(data: bytes, *, source: str = "bundle") -> pa.Table:
     """Parse and validate a bundle; ``source`` (e.g. the object key) names it in errors."""
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise BundleSchemaError(f"{source}: not a readable Parquet bundle ({e})") from None
-    table = _upgrade(table, BUNDLE_SCHEMA.metadata)
+    table = _upgrade(_read_parquet(data, source, "bundle"), BUNDLE_SCHEMA.metadata)
     validate_bundle_table(table, source=source)
     return table
 
@@ -220,11 +223,7 @@ def decode_layer(data: bytes, *, source: str = "layer", fingerprint: str | None 
                  parent_sha256: str | None = None) -> pa.Table:
     """Parse and validate a layer; ``fingerprint`` and ``parent_sha256``, if given, must be the
     model it was written for and the object it applies on."""
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise BundleSchemaError(f"{source}: not a readable Parquet layer ({e})") from None
-    table = _upgrade(table, LAYER_SCHEMA.metadata)
+    table = _upgrade(_read_parquet(data, source, "layer"), LAYER_SCHEMA.metadata)
     validate_layer_table(table, source=source)
     written_for = (table.schema.metadata or {}).get(_FINGERPRINT_KEY, b"").decode()
     if fingerprint is not None and written_for != fingerprint:

@@ -240,7 +240,7 @@ def validate_fact_state(table: pa.Table) -> pa.Table:
     return conform(table, FACT_STATE_SCHEMA, "fact state")
 
 
-def _encode(table: pa.Table, schema: pa.Schema, what: str, sort_keys: list[str]) -> bytes:
+def encode_table(table: pa.Table, schema: pa.Schema, what: str, sort_keys: list[str]) -> bytes:
     """Parquet (zstd) bytes of ``table`` conformed to ``schema`` and sorted: the same rows always
     give the same bytes (so the same content-addressed key)."""
     import io
@@ -254,34 +254,36 @@ def _encode(table: pa.Table, schema: pa.Schema, what: str, sort_keys: list[str])
     return sink.getvalue()
 
 
-def _decode(data: bytes, schema: pa.Schema, what: str, source: str) -> pa.Table:
+def decode_table(data: bytes, schema: pa.Schema, what: str, source: str) -> pa.Table:
+    """Parse Parquet bytes written by :func:`encode_table` and conform them to ``schema``; raises
+    SchemaMismatch naming ``source`` for unreadable bytes or a missing column."""
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(pa.BufferReader(data))
-    except pa.ArrowInvalid as err:
+    except (pa.ArrowInvalid, OSError) as err:
         raise SchemaMismatch(f"{source}: not a readable Parquet {what} ({err})") from None
     return conform(table, schema, source)
 
 
 def encode_fact_state(table: pa.Table) -> bytes:
     """Parquet (zstd) bytes of a fact-state shard; the same table always gives the same bytes."""
-    return _encode(table, FACT_STATE_SCHEMA, "fact state", ["user_id", "fact_id"])
+    return encode_table(table, FACT_STATE_SCHEMA, "fact state", ["user_id", "fact_id"])
 
 
 def decode_fact_state(data: bytes, *, source: str = "fact state") -> pa.Table:
     """Parse a fact-state shard and conform it to FACT_STATE_SCHEMA (errors name ``source``)."""
-    return _decode(data, FACT_STATE_SCHEMA, "fact state", source)
+    return decode_table(data, FACT_STATE_SCHEMA, "fact state", source)
 
 
 def encode_tombstones(table: pa.Table) -> bytes:
     """Parquet (zstd) bytes of a shard's tombstones, sorted; the same table always gives the same bytes."""
-    return _encode(table, TOMBSTONE_SCHEMA, "tombstones", ["user_hash", "fact_id"])
+    return encode_table(table, TOMBSTONE_SCHEMA, "tombstones", ["user_hash", "fact_id"])
 
 
 def decode_tombstones(data: bytes, *, source: str = "tombstones") -> pa.Table:
     """Parse a shard's tombstones object and conform it to TOMBSTONE_SCHEMA (errors name ``source``)."""
-    return _decode(data, TOMBSTONE_SCHEMA, "tombstones", source)
+    return decode_table(data, TOMBSTONE_SCHEMA, "tombstones", source)
 
 
 # --- Layered fact state ---------------------------------------------------------------------
