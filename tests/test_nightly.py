@@ -696,3 +696,32 @@ def test_a_forget_rewrites_the_shards_stats_of_every_version_it_reissues(tmp_pat
         (e.users, e.facts, e.delta_bytes, e.bundle_key) for e in manifest.shards]
     assert sum(r["users"] for r in rows) == 5
     assert all(local_store.head(r["bundle_key"]) is not None for r in rows)
+
+
+def test_forget_deletes_what_a_killed_night_wrote_about_the_user(tmp_path, tiny_dir, local_store):
+    """A night killed after writing its shard objects but before its manifest leaves objects no
+    manifest names; if they hold a user that is then forgotten, the forget deletes them (an
+    erasure must not wait for gc), and keeps every other unreferenced object for gc."""
+    from versions.forget import forget_user, scan_for_user
+
+    rows = fact_log_rows(6, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    changed = dict(next(r for r in rows if r["user_id"] == "user-00001"), answer=" Juniper",
+                   event_time=BASE_TIME + timedelta(days=1))
+    write_fact_log([changed], tmp_path / "log" / "day=2" / "part-0.parquet")
+
+    def crash(step):
+        if step == "write_manifest":
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_nightly(spec, crash_hook=crash)
+    orphans = [k for k in scan_for_user(local_store, "user-00001") if k.startswith("objects/")]
+    assert orphans  # the killed night's state layer (and more) holds the user
+    report = forget_user(local_store, "user-00001", actor="pytest", reason="test")
+    assert set(orphans) <= set(report.deleted_objects)
+    assert scan_for_user(local_store, "user-00001") == []
+    assert run_nightly(spec).published  # the next night still works
+    assert scan_for_user(local_store, "user-00001") == []

@@ -447,14 +447,50 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
         store.delete(key)
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
-                                keep=keep)
+            report = _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
+                                  keep=keep)
         except PublishConflict as err:
             if attempt == ATTEMPTS:
                 raise PublishError(f"forget on {store.uri}: CURRENT kept moving ({err}); run forget again "
                                    "when no publish is in progress") from err
             log.warning("forget on %s: %s; retrying against the new CURRENT", store.uri, err)
+            continue
+        orphans = _delete_unreferenced_holders(store, pa.array(sorted(set(user_ids)), pa.string()), keep)
+        if orphans:
+            report = replace(report, deleted_objects=report.deleted_objects + tuple(orphans))
+        return report
     raise AssertionError("unreachable")
+
+
+def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str]) -> list[str]:
+    """Delete every object under ``objects/`` and ``stats/`` that holds one of ``users`` and no
+    manifest on the store references: what a night killed before its commit (or a losing
+    concurrent publisher) wrote. gc would collect them too, but an erasure must not wait for it.
+    ``keep``: objects of a night in progress (they are not named by a manifest yet). If a
+    manifest cannot be read, nothing is deleted here (its references are unknown) and a warning
+    says so."""
+    try:
+        manifests = [read_manifest(store, v) for v in manifest_versions_on_disk(store)]
+    except (ManifestError, PublishError, ValueError) as err:
+        log.warning("forget on %s: a manifest could not be read (%s); unreferenced objects were not scanned for "
+                    "the forgotten users: run engram gc after repairing it", store.uri, err)
+        return []
+    referenced = references(manifests) | set(keep)
+    deleted = []
+    for prefix in ("objects/", "stats/"):
+        for key in store.list(prefix):
+            if key in referenced or not key.endswith(".parquet"):
+                continue
+            try:
+                table = pq.read_table(pa.BufferReader(store.get(key)))
+            except (pa.ArrowInvalid, OSError):
+                continue  # not a table we wrote; gc decides about it
+            if _holds_users(table, users):
+                store.delete(key)
+                deleted.append(key)
+    if deleted:
+        log.info("forget on %s: deleted %d unreferenced object(s) that held a forgotten user", store.uri, len(deleted))
+    return deleted
 
 
 def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: str,
