@@ -63,7 +63,7 @@ class NightlySpec:
             raise SpecError(f"job spec: field 'num_shards' must be a positive int or null, got {self.num_shards!r}")
         if not isinstance(self.batches_per_chunk, int) or self.batches_per_chunk < 1:
             raise SpecError(f"job spec: field 'batches_per_chunk' must be a positive int, got {self.batches_per_chunk!r}")
-        if not isinstance(self.workers, int) or self.workers < 0:
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise SpecError(f"job spec: field 'workers' must be an int >= 0, got {self.workers!r}")
         if self.on_bad_file not in ("raise", "reject"):
             raise SpecError(f"job spec: field 'on_bad_file' must be 'raise' or 'reject', got {self.on_bad_file!r}")
@@ -87,6 +87,9 @@ class NightlySpec:
         if unknown:
             raise SpecError(f"job spec: unknown key(s) {unknown} in 'compile'; known: {sorted(known)}")
         overrides = dict(self.compile)
+        defaults = {f.name: f.default for f in fields(CompileOptions)}
+        for key, value in overrides.items():
+            _check_compile_value(key, value, defaults[key])
         overrides.setdefault("max_trigger_tokens", self.max_trigger_tokens)
         return CompileOptions(**overrides)
 
@@ -118,3 +121,26 @@ class NightlySpec:
         except yaml.YAMLError as exc:
             raise SpecError(f"job spec {path}: not valid YAML ({exc})") from None
         return cls.from_dict(raw, source=f"job spec {path}")
+
+
+# CompileOptions fields that must be at least 1 (a count of steps, facts or tokens).
+_POSITIVE_COMPILE_FIELDS = ("steps", "facts_per_batch", "max_rounds", "max_trigger_tokens", "max_answer_tokens")
+
+
+def _check_compile_value(key: str, value, default) -> None:
+    """Refuse a 'compile' override whose type is not its CompileOptions default's (a bool for a
+    switch, an int for a count, a number for a rate), or a count below 1, before any work."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an int"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return  # optional settings (None by default) are checked where they are used
+    if not ok:
+        raise SpecError(f"job spec: compile.{key} must be {kind}, got {value!r}")
+    if key in _POSITIVE_COMPILE_FIELDS and value < 1:
+        raise SpecError(f"job spec: compile.{key} must be at least 1, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise SpecError(f"job spec: compile.{key} must not be negative, got {value!r}")

@@ -725,3 +725,17 @@ def test_forget_deletes_what_a_killed_night_wrote_about_the_user(tmp_path, tiny_
     assert scan_for_user(local_store, "user-00001") == []
     assert run_nightly(spec).published  # the next night still works
     assert scan_for_user(local_store, "user-00001") == []
+
+
+@pytest.mark.parametrize("compile_overrides, message", [
+    ({"lr": "abc"}, "compile.lr must be a number"),
+    ({"steps": 0}, "compile.steps must be at least 1"),
+    ({"compiled_step": 1}, "compile.compiled_step must be true or false"),
+    ({"facts_per_batch": 2.5}, "compile.facts_per_batch must be an int"),
+    ({"min_margin": -1.0}, "compile.min_margin must not be negative"),
+])
+def test_a_compile_override_of_the_wrong_type_is_refused_before_any_work(compile_overrides, message):
+    with pytest.raises(SpecError, match=message):
+        NightlySpec(store="s", fact_log="l", model="m", compile=compile_overrides)
+    with pytest.raises(SpecError, match="'workers' must be an int"):
+        NightlySpec(store="s", fact_log="l", model="m", workers=True)
