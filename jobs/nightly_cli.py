@@ -22,6 +22,23 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code=code)
 
 
+def exit_code(exc: BaseException) -> int:
+    """2 for a bad argument (a store directory that does not exist, an SQL error in a stats query),
+    1 for anything else (a run or a store that failed)."""
+    from pipeline.stats import StatsQueryError
+    from versions.store import StoreNotFound
+
+    return 2 if isinstance(exc, (StoreNotFound, StatsQueryError)) else 1
+
+
+def _fail_json(as_json: bool, message: str, code: int = 1) -> None:
+    """Like :func:`_fail`; with ``--json`` stdout also gets ``{"published": false, "error": ...}``,
+    so a script that parses stdout always gets one JSON object."""
+    if as_json:
+        typer.echo(json.dumps({"published": False, "error": message, "exit_code": code}))
+    _fail(message, code=code)
+
+
 def _print(obj, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(obj, default=str) if as_json else text)
 
@@ -58,10 +75,14 @@ def run_nightly_cmd(
         spec = NightlySpec.from_dict(raw, source=f"job spec {spec_file}" if spec_file else "flags")
     except SpecError as exc:
         _fail(str(exc), code=2)
+    for name in ("fact_log", "model"):  # a local path that is not there: a bad argument, before any work
+        value = getattr(spec, name)
+        if "://" not in value and not Path(value).exists():
+            _fail_json(as_json, f"{name} {value}: no such file or directory", code=2)
     try:
         report = _run(spec, as_json)
     except Exception as exc:  # noqa: BLE001 - the CLI boundary: one clear line, non-zero exit
-        _fail(f"{type(exc).__name__}: {exc}")
+        _fail_json(as_json, f"{type(exc).__name__}: {exc}")
     text = (f"published v{report.version}" if report.published else f"nothing changed; v{report.version} stays current")
     text += (f": {report.users} users, {report.facts} facts; compiled {report.compiled_users} users "
              f"({report.facts_ok} facts ok, {report.facts_failed} failed), carried {report.carried_users}, "
@@ -158,14 +179,15 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
              as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
     """List published versions. Example: engram versions --store ./engram-demo/store"""
     from versions.catalog import damaged_manifests, list_versions
+    from versions.errors import PublishError
     from versions.store import StoreError, open_store
 
     try:
         the_store = open_store(store, create=False)
         infos = list_versions(the_store)
         damaged = damaged_manifests(the_store)
-    except StoreError as exc:
-        _fail(str(exc))
+    except (StoreError, PublishError) as exc:
+        _fail(str(exc), code=exit_code(exc))
     for version, why in sorted(damaged.items()):  # e.g. a broken layer chain: never listed, never served
         typer.echo(f"error: v{version} refused: {why}", err=True)
     rows = [{"version": i.version, "current": i.current, "created_at": i.created_at, "parent": i.parent,
@@ -190,7 +212,7 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
         before = read_current(the_store)
         manifest = do_rollback(the_store, to, reason=reason, actor=getpass.getuser())
     except (PublishError, StoreError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), code=exit_code(exc))
     previous = before[0].version if before else None
     _print({"from": previous, "to": manifest.version}, as_json, f"CURRENT: v{previous} -> v{manifest.version}")
 
@@ -205,7 +227,7 @@ def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shar
     try:
         table = query_stats(open_store(store, create=False), sql)
     except (StatsQueryError, StoreError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), code=exit_code(exc))
     typer.echo(rows_as_json(table) if as_json else format_table(table))
 
 

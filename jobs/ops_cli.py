@@ -7,6 +7,8 @@ import json
 
 import typer
 
+from jobs.nightly_cli import exit_code
+
 
 def _actor() -> str:
     try:
@@ -30,13 +32,20 @@ def forget(
         target = open_store(store, create=False)
     except StoreError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(err)) from None
+    from engram_core.text import canonical_id
+
+    empty = [u for u in users if not canonical_id(u)]
+    if empty:
+        typer.echo(f"error: user id {empty[0]!r} is empty once invisible characters are removed; nothing was forgotten",
+                   err=True)
+        raise typer.Exit(2)
     for user in users:
         try:
             report = forget_user(target, user, actor=_actor(), reason=reason)
         except (PublishError, StoreError) as err:
             typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(exit_code(err)) from None
         if as_json:
             typer.echo(json.dumps(report.to_dict(), sort_keys=True))
         else:
@@ -63,7 +72,7 @@ def gc(
         raise typer.Exit(2) from None
     except StoreError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(err)) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), sort_keys=True))
         return
@@ -95,7 +104,7 @@ def compact(
         raise typer.Exit(2) from None
     except (PublishError, StoreError) as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(err)) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), sort_keys=True))
     elif report.published:

@@ -28,9 +28,9 @@ _MODEL = typer.Option(None, "--model", help="Use this local checkpoint instead o
                                             "model (refused if its fingerprint differs).")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None):
@@ -50,7 +50,9 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None):
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
-        _fail(str(e))
+        from jobs.nightly_cli import exit_code
+
+        _fail(str(e), code=exit_code(e))
     return store, manifest, em, cache_dir
 
 
@@ -60,7 +62,7 @@ def _client(store, manifest, em, shards: str | None, cache_dir, interval: float 
     try:
         owned = parse_shards(shards, manifest.num_shards)
     except ValueError as e:
-        _fail(str(e))
+        _fail(str(e), code=2)  # --shards names shards the store does not have
     return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval)
 
 
@@ -126,6 +128,8 @@ def ask(
     from engram_core.text import canonical_id, canonical_prompt
 
     user, prompt = canonical_id(user), canonical_prompt(prompt) or prompt  # as ingest stores them (engram_core.text)
+    if not prompt.strip():
+        _fail("the prompt is empty; give the text to continue, e.g. \"My dentist is Dr.\"", code=2)
     store_obj, manifest, em, cache = _open(store, model, cache_dir)
     client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache)
     result = client.poll()

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -133,6 +134,11 @@ def query_stats(store, sql: str) -> pa.Table:
         filesystem, base_path = store.arrow_filesystem()
         for table in STATS_SCHEMAS:
             _create_view(connection, store, manifests, filesystem, base_path.rstrip("/"), table)
+        # The views read through Arrow datasets (registered above): the query itself needs no
+        # files, so it gets none: no COPY ... TO, read_text('/etc/...'), ATTACH or INSTALL, and the
+        # setting cannot be turned back on from the query.
+        connection.execute("SET enable_external_access = false")
+        connection.execute("SET lock_configuration = true")
         try:
             relation = connection.sql(sql)
             if relation is None:  # a statement with no result rows
@@ -227,8 +233,11 @@ def _cell(value, max_width: int) -> str:
 
 
 def rows_as_json(table: pa.Table) -> str:
-    """The rows as a JSON array of objects (timestamps ISO-8601, decimals as strings)."""
-    return json.dumps(table.to_pylist(), default=_json_value, ensure_ascii=False)
+    """The rows as a JSON array of objects (timestamps ISO-8601, decimals as strings; NaN and
+    infinities, which strict JSON has no words for, as null)."""
+    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            for row in table.to_pylist()]
+    return json.dumps(rows, default=_json_value, ensure_ascii=False, allow_nan=False)
 
 
 def _json_value(value):

@@ -161,8 +161,14 @@ def test_a_nightly_publish_after_a_forget_carries_the_forget(local_store):
     current, _ = read_current(local_store)
     v_next = _publish(local_store, 2, [u for u in USERS if u != TARGET], current)
     assert forgotten_id(TARGET) in v_next.forgotten
-    with pytest.raises(UnknownVersion, match=f"version {v1.version} was rewritten as v{current.version} by a forget"):
+    with pytest.raises(UnknownVersion, match=f"version {v1.version} was rewritten by forgets as v{current.version} "
+                                             f"\\(roll back to v{current.version};"):
         rollback(local_store, v1.version, reason="r", actor="ops")
+    second = forget_user(local_store, USERS[5], actor="ops", reason="r")  # rewrites the rewrite of v1 again
+    again = second.rewritten[current.version]
+    with pytest.raises(UnknownVersion, match=f"as v{current.version} -> v{again} \\(roll back to v{again};"):
+        rollback(local_store, v1.version, reason="r", actor="ops")
+    rollback(local_store, again, reason="r", actor="ops")  # the hint names a version that can be rolled back to
 
 
 # ---------------------------------------------------------------- gc

@@ -151,3 +151,22 @@ def test_rows_as_json_writes_timestamps_as_iso_strings():
     started = datetime(2026, 11, 21, tzinfo=timezone.utc)
     table = pa.table({"stage": ["plan"], "started_at": pa.array([started], pa.timestamp("us", "UTC"))})
     assert json.loads(rows_as_json(table)) == [{"stage": "plan", "started_at": "2026-11-21T00:00:00+00:00"}]
+
+
+@pytest.mark.parametrize("sql", ["COPY (SELECT * FROM facts) TO '{out}'", "SELECT * FROM read_text('{secret}')",
+                                 "SET enable_external_access = true"])
+def test_a_stats_query_reads_the_stats_views_and_no_file(any_store, tmp_path, sql):
+    """`engram stats` may sit behind a dashboard: its SQL sees the views, never the machine's
+    files (no COPY ... TO, no read_text, and the setting cannot be turned back on)."""
+    publish_stats(any_store, None, facts=facts(("a", "f", "ok", 0.1)))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    with pytest.raises(StatsQueryError):
+        query_stats(any_store, sql.format(out=tmp_path / "out.csv", secret=secret))
+    assert not (tmp_path / "out.csv").exists()
+    assert query_stats(any_store, "SELECT count(*) AS n FROM facts").to_pylist() == [{"n": 1}]
+
+
+def test_rows_as_json_writes_nan_and_infinities_as_null():
+    table = pa.table({"x": [float("nan"), float("inf"), 1.5]})
+    assert json.loads(rows_as_json(table)) == [{"x": None}, {"x": None}, {"x": 1.5}]

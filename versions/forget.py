@@ -71,6 +71,7 @@ from schemas.facts import (
 from schemas.manifest import (
     MANIFEST_SCHEMA_VERSION,
     Manifest,
+    ManifestError,
     ShardEntry,
     StateLayer,
     bundle_key,

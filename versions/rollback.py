@@ -32,12 +32,19 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
         return manifest
     available = [info.version for info in list_versions(store)]
     if to_version not in available:
-        rewrites = [r["rewritten"].get(str(to_version)) for r in read_audit(store)
-                    if r.get("event") == "forget" and isinstance(r.get("rewritten"), dict)]
-        rewrites = [v for v in rewrites if v is not None]
-        if rewrites:
-            raise UnknownVersion(f"{store.uri}: version {to_version} was rewritten as v{rewrites[-1]} by a forget "
-                                 f"(roll back to v{rewrites[-1]}; available: {available})")
+        rewritten_as = {}  # old version -> its rewrite, over every forget (a rewrite can be rewritten again)
+        for record in read_audit(store):
+            if record.get("event") == "forget" and isinstance(record.get("rewritten"), dict):
+                rewritten_as.update({int(k): v for k, v in record["rewritten"].items()})
+        if to_version in rewritten_as:
+            chain, seen = [to_version], {to_version}
+            while chain[-1] in rewritten_as and rewritten_as[chain[-1]] not in seen:
+                chain.append(rewritten_as[chain[-1]])
+                seen.add(chain[-1])
+            final = chain[-1]
+            hint = f"roll back to v{final}" if final in available else f"v{final} was collected too"
+            raise UnknownVersion(f"{store.uri}: version {to_version} was rewritten by forgets as "
+                                 f"{' -> '.join(f'v{v}' for v in chain[1:])} ({hint}; available: {available})")
         damaged = damaged_manifests(store).get(to_version)
         if damaged is not None:  # e.g. a broken layer chain: say what is wrong, not just "unknown"
             raise UnknownVersion(f"{store.uri}: version {to_version} cannot be rolled back to: {damaged}")

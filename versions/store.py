@@ -53,6 +53,10 @@ class StoreError(RuntimeError):
     """Any object store failure; the message names the store and never holds credentials."""
 
 
+class StoreNotFound(StoreError):
+    """A read-only command was given a local store directory that does not exist (a bad argument)."""
+
+
 class ObjectNotFound(StoreError):
     pass
 
@@ -232,7 +236,7 @@ class LocalStore(ObjectStore):
     def __init__(self, root: str | os.PathLike, *, create: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
         if not create and not self.root.is_dir():
-            raise StoreError(f"store {self.root}: no such directory (check the path; a night creates the store)")
+            raise StoreNotFound(f"store {self.root}: no such directory (check the path; a night creates the store)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.uri = self.root.as_uri()
         self._access_log = os.environ.get(ACCESS_LOG_ENV)

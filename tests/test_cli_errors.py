@@ -1,0 +1,60 @@
+"""The CLI's contract on bad input: one line on stderr, exit 2 for a bad argument (1 for a run
+that failed), and with --json one JSON object on stdout even when the night fails."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+runner = CliRunner()
+
+
+def engram(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_a_night_with_a_missing_fact_log_or_model_exits_2_before_creating_the_store(tmp_path, tiny_dir):
+    store = tmp_path / "store"
+    for flags in (["--fact-log", str(tmp_path / "nope"), "--model", str(tiny_dir)],
+                  ["--fact-log", str(tmp_path), "--model", str(tmp_path / "no-model")]):
+        result = engram("run", "nightly", "--store", str(store), *flags, "--workers", "0", "--json")
+        assert result.exit_code == 2, result.output
+        assert "no such file or directory" in result.stderr
+        assert json.loads(result.stdout) == {"published": False, "error": result.stderr.strip()[len("error: "):],
+                                             "exit_code": 2}
+    assert not store.exists()
+
+
+def test_a_failed_night_prints_one_json_object_on_stdout(tmp_path, tiny_dir):
+    log = tmp_path / "log" / "day=1"
+    log.mkdir(parents=True)
+    (log / "part-0.parquet").write_bytes(b"")  # unreadable, and on_bad_file is 'raise'
+    result = engram("run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", str(tmp_path / "log"),
+                    "--model", str(tiny_dir), "--workers", "0", "--json")
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["published"] is False and "part-0.parquet" in out["error"] and out["exit_code"] == 1
+
+
+def test_read_only_commands_on_a_missing_store_exit_2(tmp_path):
+    missing = str(tmp_path / "nope")
+    for args in (["versions", "--store", missing], ["stats", "--store", missing, "select 1"],
+                 ["forget", "--store", missing, "u1"], ["gc", "--store", missing, "--keep", "1"]):
+        result = engram(*args)
+        assert result.exit_code == 2 and "no such directory" in result.stderr, (args, result.output)
+
+
+def test_forget_of_an_id_that_is_empty_once_canonical_exits_2_with_one_line(tmp_path):
+    (tmp_path / "store").mkdir()
+    for user in ("", "\u200b"):
+        result = engram("forget", "--store", str(tmp_path / "store"), user)
+        assert result.exit_code == 2 and "empty once invisible characters are removed" in result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_ask_with_an_empty_prompt_exits_2_with_one_line(tmp_path):
+    result = engram("ask", "--store", str(tmp_path), "--user", "u1", "  ")
+    assert result.exit_code == 2 and "the prompt is empty" in result.stderr and "Traceback" not in result.output
