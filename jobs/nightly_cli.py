@@ -209,7 +209,10 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
 
     try:
         the_store = open_store(store, create=False)
-        before = read_current(the_store)
+        try:
+            before = read_current(the_store)
+        except PublishError:  # a damaged CURRENT: rolling back is its remedy
+            before = None
         manifest = do_rollback(the_store, to, reason=reason, actor=getpass.getuser())
     except (PublishError, StoreError, ValueError) as exc:
         _fail(str(exc), code=exit_code(exc))

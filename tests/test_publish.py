@@ -320,3 +320,24 @@ def test_manifests_and_objects_are_never_rewritten(any_store, v1):
     assert read_manifest(any_store, 1) == v1
     assert any_store.get(v1.key) == v1.to_json().encode()
     assert replace(v2, version=1) != v1
+
+
+@pytest.mark.parametrize("damage", [b'{"version": 2, "manifest_key": "manifests/v000', b'{"version": 7, "manifest_key": '
+                                    b'"manifests/v00000002.json"}'])
+def test_rollback_is_the_remedy_for_a_damaged_current(any_store, v1, damage):
+    """A CURRENT that is not a valid pointer is refused by every reader, with one line; rollback
+    moves it to a published version anyway (compare-and-swap on the damaged object's etag)."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    publish(any_store, payloads(2, USERS, [3]), v1, watermark="w2")
+    any_store.put("CURRENT", damage)
+    with pytest.raises(PublishError, match="CURRENT"):
+        read_current(any_store)
+    versions = CliRunner().invoke(app, ["versions", "--store", any_store.uri])
+    assert versions.exit_code == 1 and "CURRENT" in versions.stderr and "Traceback" not in versions.output
+    result = CliRunner().invoke(app, ["rollback", "--store", any_store.uri, "--to", "2", "--reason", "repair"])
+    assert result.exit_code == 0, result.output
+    assert read_current(any_store)[0].version == 2
+    assert read_audit(any_store)[-1]["event"] == "rollback" and read_audit(any_store)[-1]["from_version"] is None

@@ -206,9 +206,14 @@ def damaged_manifests(store: ObjectStore) -> dict[int, str]:
     return damaged
 
 
-def list_versions(store: ObjectStore) -> list[VersionInfo]:
-    """Published, readable versions (see the module docstring), oldest first."""
-    pointer = read_pointer(store)
+_READ = object()
+
+
+def list_versions(store: ObjectStore, *, pointer=_READ) -> list[VersionInfo]:
+    """Published, readable versions (see the module docstring), oldest first. ``pointer``: CURRENT
+    as already read (None: treat CURRENT as naming nothing, e.g. when it is damaged); by default
+    it is read here (PublishError if it is damaged)."""
+    pointer = read_pointer(store) if pointer is _READ else pointer
     manifests = readable_manifests(store)
     published = _published_set(store, manifests, pointer)
     return [

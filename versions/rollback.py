@@ -5,12 +5,23 @@ from __future__ import annotations
 import logging
 
 from schemas.manifest import Manifest, ManifestError
-from versions.catalog import damaged_manifests, known_forgets, list_versions, read_audit, read_manifest, read_pointer
+from versions.catalog import (
+    CurrentPointer,
+    damaged_manifests,
+    known_forgets,
+    list_versions,
+    read_audit,
+    read_manifest,
+    read_pointer,
+)
 from versions.commit import commit
 from versions.errors import PublishError, UnknownVersion
+from versions.layout import CURRENT_KEY
 from versions.store import ObjectStore
 
 log = logging.getLogger(__name__)
+
+DAMAGED = -1  # the version of a CURRENT pointer that cannot be read
 
 
 def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) -> Manifest:
@@ -18,10 +29,19 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
     if not reason or not actor:
         raise ValueError("rollback: reason and actor are required (they go into the audit log)")
     store.check_conditional_writes()  # the compare-and-swap of CURRENT needs them (once per store object)
-    pointer = read_pointer(store)
+    try:
+        pointer = read_pointer(store)
+    except PublishError as err:
+        # A damaged CURRENT (not JSON, inconsistent): rollback is its remedy too. The swap is
+        # conditional on the damaged object's etag, the forgets are everything recorded anywhere.
+        log.warning("%s: CURRENT is damaged (%s); rolling back away from it", store.uri, err)
+        _, etag = store.get_with_etag(CURRENT_KEY)
+        pointer = CurrentPointer(DAMAGED, "", etag)
     if pointer is None:
         raise UnknownVersion(f"{store.uri}: nothing is published yet; cannot roll back to version {to_version}")
     try:
+        if pointer.version == DAMAGED:
+            raise ManifestError("CURRENT does not name a readable version")
         manifest = read_manifest(store, pointer.version)
     except ManifestError as err:
         # Rolling back is the remedy for a damaged current version, so it must not need it.
@@ -30,7 +50,7 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
         manifest = None
     if manifest is not None and to_version == manifest.version:
         return manifest
-    available = [info.version for info in list_versions(store)]
+    available = [info.version for info in list_versions(store, pointer=None if pointer.version == DAMAGED else pointer)]
     if to_version not in available:
         rewritten_as = {}  # old version -> its rewrite, over every forget (a rewrite can be rewritten again)
         for record in read_audit(store):
@@ -61,10 +81,12 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
                                      f"damaged; available: {available})")
     forgets = set(manifest.forgotten) if manifest is not None else known_forgets(store)
     lost_forgets = forgets - set(target.forgotten)
+    from_version = None if pointer.version == DAMAGED else pointer.version
     if lost_forgets:
+        where = "the store" if from_version is None else f"version {from_version}"
         raise PublishError(f"{store.uri}: version {to_version} predates the forget of {len(lost_forgets)} user(s) "
-                           f"recorded in version {pointer.version}; rolling back to it would restore their data")
-    commit(store, target, pointer, event="rollback", actor=actor, reason=reason, from_version=pointer.version,
+                           f"recorded in {where}; rolling back to it would restore their data")
+    commit(store, target, pointer, event="rollback", actor=actor, reason=reason, from_version=from_version,
            to_version=to_version)
-    log.info("%s: rolled CURRENT from v%d to v%d (%s)", store.uri, pointer.version, to_version, reason)
+    log.info("%s: rolled CURRENT from v%s to v%d (%s)", store.uri, from_version, to_version, reason)
     return target
