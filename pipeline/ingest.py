@@ -606,23 +606,23 @@ def _validate(rows, cols, times, now, max_trigger_tokens, count_tokens, max_text
         if verdicts[i] is None:
             verdicts[i] = _check_row(cols, times, i, future, max_text_chars)
     if count_tokens is not None:
-        pending = [i for i in range(n) if verdicts[i] is None and cols["op"][i] == F.OP_UPSERT]
-        counts = list(count_tokens([cols["trigger"][i] for i in pending])) if pending else []
-        if len(counts) != len(pending):
-            raise ValueError(f"count_tokens returned {len(counts)} counts for {len(pending)} triggers")
-        for i, tokens in zip(pending, counts):
-            if tokens > max_trigger_tokens:
-                verdicts[i] = (F.TRIGGER_TOO_LONG, f"trigger is {tokens} tokens (limit {max_trigger_tokens})")
+        _token_limit(verdicts, cols, "trigger", count_tokens, "count_tokens", max_trigger_tokens, F.TRIGGER_TOO_LONG, "")
     if count_answer_tokens is not None and max_answer_tokens is not None:
-        pending = [i for i in range(n) if verdicts[i] is None and cols["op"][i] == F.OP_UPSERT]
-        counts = list(count_answer_tokens([cols["answer"][i] for i in pending])) if pending else []
-        if len(counts) != len(pending):
-            raise ValueError(f"count_answer_tokens returned {len(counts)} counts for {len(pending)} answers")
-        for i, tokens in zip(pending, counts):
-            if tokens > max_answer_tokens:
-                verdicts[i] = (F.ANSWER_TOO_LONG, f"answer is {tokens} tokens (limit {max_answer_tokens}, "
-                                                  "CompileOptions.max_answer_tokens)")
+        _token_limit(verdicts, cols, "answer", count_answer_tokens, "count_answer_tokens", max_answer_tokens,
+                     F.ANSWER_TOO_LONG, ", CompileOptions.max_answer_tokens")
     return verdicts
+
+
+def _token_limit(verdicts: list, cols: dict, column: str, count: Callable[[list[str]], list[int]], name: str,
+                 limit: int, reason: str, where: str) -> None:
+    """Reject (``reason``) every still-accepted upsert whose ``column`` is over ``limit`` tokens."""
+    pending = [i for i in range(len(verdicts)) if verdicts[i] is None and cols["op"][i] == F.OP_UPSERT]
+    counts = list(count([cols[column][i] for i in pending])) if pending else []
+    if len(counts) != len(pending):
+        raise ValueError(f"{name} returned {len(counts)} counts for {len(pending)} {column}s")
+    for i, tokens in zip(pending, counts):
+        if tokens > limit:
+            verdicts[i] = (reason, f"{column} is {tokens} tokens (limit {limit}{where})")
 
 
 def canonical_row(cols: dict, i: int) -> None:
