@@ -71,14 +71,18 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def build_d768(directory: Path) -> None:
-    vocab = 32768
-    tokenizer = word_tokenizer(vocab)
-    model = build_base_model("llama", vocab, hidden=768, layers=12, seed=0)
+def build_d768(directory: Path, *, max_ngram: int = 3, tokenizer=None) -> None:
+    """Write the d768 checkpoint to ``directory``: Engram at layers 2 and 7 with N-gram orders
+    2..``max_ngram`` and 16 heads per position in all (8 per order at the default 2..3, 2 per order
+    at 2..9), 32 wide, 100,003 slots per head. ``tokenizer``: default the word-level vocabulary of
+    32,768 synthetic words; a text tokenizer (e.g. :func:`engram_core.tiny.build_tokenizer`) gives
+    the same shape for realistic text (bench/fidelity.py)."""
+    tokenizer = tokenizer or word_tokenizer(32768)
+    model = build_base_model("llama", len(tokenizer), hidden=768, layers=12, seed=0)
     model.save_pretrained(directory / "base")
     tokenizer.save_pretrained(directory / "tokenizer")
-    config = EngramConfig(layers=(2, 7), write_layer=7, max_ngram=3, heads_per_order=8, row_width=32,
-                          slots_per_head=100_003)
+    config = EngramConfig(layers=(2, 7), write_layer=7, max_ngram=max_ngram, heads_per_order=16 // (max_ngram - 1),
+                          row_width=32, slots_per_head=100_003)
     memory = attach_new_memory(model, tokenizer, config, seed=1)
     memory.detach()
     save_engram(memory, directory / "engram")
@@ -394,6 +398,9 @@ def main() -> None:
     ap.add_argument("--tiny-max-ngram", type=int, default=None,
                     help="tiny preset: N-gram orders 2..N with 16 // (N - 1) heads each (default: init_tiny's, 2..9; "
                          "3 is the tiny model before issue 17)")
+    ap.add_argument("--max-ngram", type=int, default=None,
+                    help="d768 preset: N-gram orders 2..N with 16 // (N - 1) heads each (default 3: 8 heads of 2- and "
+                         "3-grams; 9 is the order new tiny checkpoints get since issue 17)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.dry_run:
@@ -422,7 +429,7 @@ def main() -> None:
             trigger_words = 0
         elif args.preset == "d768":
             root.mkdir()
-            build_d768(root)
+            build_d768(root, max_ngram=args.max_ngram or 3)
             trigger_words = 16
         else:
             shape = SHAPES[args.preset].scaled(args.layers, args.vocab)
@@ -520,6 +527,7 @@ def main() -> None:
         "preset": args.preset, "deterministic": not args.nondeterministic, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "dtype": str(dtype), "trigger_tokens": trigger_tokens, "steps": args.steps, "build_seconds": round(build_s, 1),
         "shape": asdict(shape) if shape is not None else None, "params": counts.base_params,
+        "max_ngram": em.config.max_ngram, "heads_per_order": em.config.heads_per_order,
         "fingerprint": em.fingerprint, "torch": torch.__version__, "runs": runs,
     }
     if args.json:

@@ -14,6 +14,7 @@ facts, from its NFD / invisible-character / trailing-space variants) gives the w
 
     python bench/fidelity.py --users 50 --json
     python bench/fidelity.py --users 10 --tiny-ngram 3 9 --resolve-conflicts on off --json
+    python bench/fidelity.py --preset d768 --device cuda --tiny-ngram 9 3 --json    # the GPU shape
 
 No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 """
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -36,10 +38,15 @@ from engram_core.checkpoint import load_checkpoint  # noqa: E402
 from engram_core.compiler import CompileOptions, status_counts  # noqa: E402
 from engram_core.config import EngramConfig  # noqa: E402
 from engram_core.text import canonical_fact  # noqa: E402
-from engram_core.tiny import init_tiny  # noqa: E402
+from engram_core.tiny import TINY_MAX_NGRAM, init_tiny  # noqa: E402
 from pipeline.ingest import answer_token_counter, ingest  # noqa: E402
 from pipeline.scopes import compile_scoped, served_deltas  # noqa: E402
 from tests.fixtures.realistic_profiles import KINDS, KIND_TEXT_FORM, all_facts, fact_log, profiles, recalled  # noqa: E402
+
+
+D768_TEXT_VOCAB = 8192
+"""Vocabulary of the byte-level BPE tokenizer the d768 preset is built with here (trained on the
+tiny model's embedded corpus: engram_core.tiny.build_tokenizer)."""
 
 
 def tiny_config(max_ngram: int) -> EngramConfig:
@@ -102,6 +109,11 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="a checkpoint directory (default: build the tiny model)")
+    ap.add_argument("--preset", choices=["tiny", "d768"], default="tiny",
+                    help="the model to build when --model is not given: the tiny Llama, or the d768 shape of "
+                         "bench/compile_throughput.py with a text (byte-level BPE) tokenizer so that realistic text "
+                         "tokenizes as words; --tiny-ngram then sets its N-gram orders too (default 2..9)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the d768 preset runs in bf16 on cuda)")
     ap.add_argument("--tiny-ngram", type=int, nargs="+", default=[None],
                     help="build tiny models with N-gram orders 2..N (default: init_tiny's default)")
     ap.add_argument("--resolve-conflicts", nargs="+", choices=["on", "off"], default=["on"])
@@ -117,12 +129,22 @@ def main() -> None:
         for ngram in args.tiny_ngram:
             if args.model:
                 root = Path(args.model)
+            elif args.preset == "d768":
+                from compile_throughput import build_d768
+
+                from engram_core.tiny import build_tokenizer
+
+                root = Path(tmp) / f"d768-{ngram}"
+                root.mkdir()
+                build_d768(root, max_ngram=ngram or TINY_MAX_NGRAM, tokenizer=build_tokenizer(D768_TEXT_VOCAB))
             else:
                 root = Path(tmp) / f"tiny-{ngram}"
                 init_tiny(root, engram=tiny_config(ngram) if ngram else None)
-            em = load_checkpoint(root)
+            dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+            em = load_checkpoint(root, device=args.device, dtype=dtype,
+                                 attn_implementation="eager" if args.device == "cuda" else None)
             for resolve in args.resolve_conflicts:
-                run = {"model": str(args.model or "tiny"), "max_ngram": em.config.max_ngram,
+                run = {"model": str(args.model or args.preset), "max_ngram": em.config.max_ngram,
                        "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve}
                 run.update(measure(em, users, CompileOptions(resolve_conflicts=resolve == "on")))
                 runs.append(run)
@@ -130,7 +152,8 @@ def main() -> None:
                     print(json.dumps(run, indent=1))
             if args.model:
                 break
-    out = {"device": "cpu", "threads": torch.get_num_threads(), "seed": args.seed, "runs": runs}
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    out = {"device": device, "threads": torch.get_num_threads(), "seed": args.seed, "runs": runs}
     if args.json:
         print(json.dumps(out, indent=1))
 

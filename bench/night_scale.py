@@ -182,6 +182,9 @@ def main() -> None:
     ap.add_argument("--facts-per-batch", type=int, default=None)
     ap.add_argument("--batches-per-chunk", type=int, default=None)
     ap.add_argument("--trigger-words", type=int, default=None)
+    ap.add_argument("--compile", action="append", default=[], metavar="KEY=VALUE",
+                    help="a compile override of the job spec (CompileOptions field), e.g. compiled_step=true; "
+                         "repeatable")
     ap.add_argument("--workdir", type=Path, default=None, help="keep model, log and store here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -210,7 +213,8 @@ def main() -> None:
                TOKENIZERS_PARALLELISM="false")
     spec = {"store": str(root / "store"), "fact_log": str(root / "log"), "model": str(root / "model"),
             "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
-            "gpus_per_worker": 1 if gpu else 0, "compile": {"facts_per_batch": facts_per_batch}}
+            "gpus_per_worker": 1 if gpu else 0,
+            "compile": {"facts_per_batch": facts_per_batch, **dict(_override(o) for o in args.compile)}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     pull_log = root / "pull-access.log"
 
@@ -266,10 +270,19 @@ def main() -> None:
     out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
            "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
            "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "setup_s": round(setup_s, 1),
+           "compile": spec["compile"],
            "device": _device(), "nights": nights}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     if tmp is not None:
         tmp.cleanup()
+
+
+def _override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--compile``, the value read as YAML (true, 4, 0.1, text)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--compile {text!r}: expected KEY=VALUE, e.g. compiled_step=true")
+    return key.strip(), yaml.safe_load(value)
 
 
 def _device() -> str:
