@@ -47,7 +47,7 @@ import pyarrow as pa
 from engram_core.checkpoint import check_adapter_base
 from engram_core.checkpoint import fingerprint as model_fingerprint
 from jobs.spec import DEFAULT_NUM_SHARDS, NightlySpec
-from pipeline.compile import ChunkCheckpoints, plan_chunks
+from pipeline.compile import CHUNK_SECONDS, ChunkCheckpoints, plan_chunks
 from pipeline.ingest import (
     UNROUTED,
     FileRead,
@@ -113,6 +113,10 @@ class NightlyReport:
     scope_members: int = 0  # users composed with a scope in the published version
     facts_failed_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    compile_worker_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds summed over this night's compile chunks on their workers (pipeline.compile.ChunkMeta.seconds:
+    total, compile and its phases, checkpoint, output, checks; load and warm_up of each worker),
+    and ``chunks``: where the ``compile`` stage went. Empty when nothing compiled."""
     sample: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -326,7 +330,7 @@ class _Night:
             to_assemble = {s for s, a in routed.items()
                            if a.changed or self._needs_stats(s) or self._chain_to_compact(s)}
             plan = plan_chunks([(s, routed[s].compile_facts) for s in sorted(routed) if routed[s].compile_users],
-                               spec.compile_options().facts_per_batch * spec.batches_per_chunk)
+                               self._facts_per_chunk(sum(int(a.compile_facts.sum()) for a in routed.values())))
             waiting = defaultdict(set)  # shard -> chunks not yet compiled
             for c, chunk in enumerate(plan):
                 for piece in chunk:
@@ -393,6 +397,17 @@ class _Night:
                 self._rebase(before, self.previous)
         self.scopes = scopes
         return self.publish(forgotten)
+
+    def _facts_per_chunk(self, facts: int) -> int:
+        """Facts per compile chunk: ``batches_per_chunk`` batches, or fewer when this night's
+        ``facts`` would not give each of the spec's ``workers`` a chunk (a small night, e.g. 5% of
+        users changed, is spread over every GPU rather than compiled by one). The plan depends on
+        the facts and the spec alone, so the same spec compiles the same chunks."""
+        batch = self.spec.compile_options().facts_per_batch
+        batches = self.spec.batches_per_chunk
+        if self.spec.workers >= 2:
+            batches = max(1, min(batches, -(-facts // (self.spec.workers * batch))))
+        return batch * batches
 
     def _scope_round(self, runner, pool, ctx: NightContext, routed: dict, changes: dict, applies: dict):
         """Shared scopes compile once (pipeline.scopes): merge the applied shards' scope
@@ -565,8 +580,21 @@ class _Night:
             scopes=manifest.scopes.scopes if manifest is not None and manifest.scopes is not None else 0,
             scope_members=manifest.scopes.members if manifest is not None and manifest.scopes is not None else 0,
             seconds=dict(self.timer.seconds),
+            compile_worker_seconds=_worker_seconds(self.chunks),
             sample=[s for m in self.chunks for s in m.sample][:5],
         )
+
+
+def _worker_seconds(chunks: list) -> dict[str, float]:
+    """ChunkMeta.seconds summed over the night's chunks, in CHUNK_SECONDS order, with ``chunks``."""
+    if not chunks:
+        return {}
+    sums: dict[str, float] = defaultdict(float)
+    for meta in chunks:
+        for key, value in meta.seconds.items():
+            sums[key] += value
+    order = [k for k in CHUNK_SECONDS if k in sums] + sorted(set(sums) - set(CHUNK_SECONDS))
+    return {"chunks": len(chunks), **{k: round(sums[k], 3) for k in order}}
 
 
 class _Background:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass, field, replace
@@ -139,6 +140,12 @@ class ChunkMeta:
     resumed: bool  # restored from a checkpoint of an earlier, interrupted run
     sample: tuple[dict, ...] = ()  # a few recalled facts: user_id, trigger, answer
     checks: dict | None = None  # engram_core.verify.InvariantReport.to_dict() of a sample of the chunk's users
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Where the chunk's time went on its worker (:data:`CHUNK_SECONDS`): ``total`` (the call),
+    ``compile`` (the compiler) and its phases (``tokenize``, ``prepare``, ``optimize``, ``verify``,
+    ``assemble``: CompileResult.timings), ``checkpoint`` (key, save or load), ``output`` (bundle and
+    result tables), ``checks`` (invariant sample); on a worker's first chunk also ``load`` (model
+    load) and ``warm_up`` (:meth:`CompileWorker.warm_up`), which ran before the chunk arrived."""
 
 
 @dataclass(frozen=True)
@@ -174,15 +181,27 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+WARM_UP_FACTS = 8
+"""Synthetic facts a GPU worker compiles once when it starts (:meth:`CompileWorker.warm_up`)."""
+
+
 class CompileWorker:
-    """Holds one loaded model; compiles chunks of whole users (a Ray actor, or used in-process)."""
+    """Holds one loaded model; compiles chunks of whole users (a Ray actor, or used in-process).
+
+    ``warm_up``: compile :data:`WARM_UP_FACTS` synthetic facts right after loading (None: on a GPU
+    only), so that what a compile pays once per process (the step-form checks, the tokenize
+    workers, CUDA kernels and cuBLAS handles, the compiled step's load from its cache) is paid
+    while the night reads and applies its log (the pool's actors start then), not in the first
+    chunk. The warm-up's deltas are discarded; the model is not changed."""
 
     def __init__(self, model_dir: str, options: CompileOptions, store_uri: str | None = None,
-                 device: str | None = None, threads: int | None = None, check_users: int = 0):
+                 device: str | None = None, threads: int | None = None, check_users: int = 0,
+                 warm_up: bool | None = None):
         import torch
 
         from engram_core.checkpoint import load_checkpoint
 
+        started = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,6 +217,27 @@ class CompileWorker:
         self.checkpoints = ChunkCheckpoints(open_store(store_uri), self.fingerprint, options) if store_uri else None
         self.store_uri = store_uri
         self._scopes: tuple[str, object] | None = None  # (sha256 of the scopes object, its ScopeContext)
+        self._startup = {"load": time.perf_counter() - started}  # reported with the first chunk
+        if on_gpu if warm_up is None else warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> float:
+        """Compile :data:`WARM_UP_FACTS` synthetic facts (triggers and answers drawn from the
+        tokenizer's own vocabulary, so any tokenizer reads them) and discard the result; returns
+        its seconds. Nothing of it is kept but what a compile caches per process."""
+        started = time.perf_counter()
+        tokenizer = self.model.tokenizer
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in range(min(len(tokenizer), 4096)) if i not in special][-256:]
+        words = [w for w in (tokenizer.decode([i]).strip() for i in ids) if w.isalnum()] or ["memory"]
+        facts = [Fact(f"warm-up-{k}", "f0", " ".join(words[(k * 7 + j) % len(words)] for j in range(12)),
+                      " " + words[(k * 13 + 5) % len(words)]) for k in range(WARM_UP_FACTS)]
+        with _torch_threads(CPU_COMPILE_THREADS if self.model.device.type == "cpu" else None):  # as compile() does
+            compile_facts(self.model, facts, replace(self.options, facts_per_batch=WARM_UP_FACTS))
+        seconds = time.perf_counter() - started
+        self._startup["warm_up"] = seconds
+        log.info("compile worker: warmed up in %.1f s (model load %.1f s)", seconds, self._startup["load"])
+        return seconds
 
     def _scope_context(self, scopes):
         """The published scopes' deltas and recalled facts (pipeline.scopes.ScopeContext), loaded once per version."""
@@ -221,25 +261,32 @@ class CompileWorker:
     def _compile(self, slices: tuple[ChunkSlice, ...], *changes, scopes=None) -> tuple[ChunkMeta, CompiledChunk]:
         from pipeline.scopes import compile_chunk_scoped, composed_scopes
 
+        clock = _Clock()
         tables = [c.compile.slice(s.start, s.stop - s.start) for s, c in zip(slices, changes)]
         facts = [f for table in tables for f in facts_from_table(table)]
         scope_of = {u: s for table in tables for u, s in composed_scopes(table).items()}
         extra = [sorted(scope_of.items()), scopes.sha256 if scopes is not None else None] if scope_of else None
         key = self.checkpoints.key(facts, extra) if self.checkpoints is not None else None
         earlier = self.checkpoints.load(key) if key is not None else None
+        clock.lap("checkpoint")
+        phases: dict[str, float] = {}
         if earlier is not None:
             deltas, results = earlier
         elif scope_of:
             table = pa.concat_tables([t.select(["user_id", "fact_id", "scope", "trigger", "answer"]) for t in tables])
             deltas, results = compile_chunk_scoped(self.model, table, self._scope_context(scopes), self.options)
+            clock.lap("compile")
             if key is not None:
                 self.checkpoints.save(key, deltas, results)
         else:
             result = compile_facts(self.model, facts, self.options)
-            deltas, results = result.deltas, result.facts
+            deltas, results, phases = result.deltas, result.facts, result.timings
+            clock.lap("compile")
             if key is not None:
                 self.checkpoints.save(key, deltas, results)
+        clock.lap("checkpoint")
         meta, output = _chunk_output(slices, tables, deltas, results, resumed=earlier is not None, scope_of=scope_of)
+        clock.lap("output")
         if self.check_users and deltas:
             from engram_core.verify import check_invariants
 
@@ -247,10 +294,32 @@ class CompileWorker:
             # users, drawn from the chunk's own content so a re-run checks the same users.
             seed = int(hashlib.sha256("".join(sorted(deltas)).encode()).hexdigest()[:8], 16)
             meta = replace(meta, checks=check_invariants(self.model, deltas, sample=self.check_users, seed=seed).to_dict())
-        return meta, output
+            clock.lap("checks")
+        seconds = {**clock.laps, **{k: float(v) for k, v in phases.items()}, **self._startup}
+        self._startup = {}
+        return replace(meta, seconds={k: round(v, 3) for k, v in seconds.items()}), output
 
     def pid(self) -> int:
         return os.getpid()
+
+
+CHUNK_SECONDS = ("total", "compile", "tokenize", "prepare", "optimize", "verify", "assemble", "checkpoint", "output",
+                 "checks", "load", "warm_up")
+"""Keys of ChunkMeta.seconds, in the order the night's report lists their sums."""
+
+
+class _Clock:
+    """Laps of one chunk's work: ``lap(name)`` adds the seconds since the last lap to ``name``."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+        self.laps["total"] = now - self.start
 
 
 def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactResult],

@@ -1,0 +1,85 @@
+"""The compile worker's start and its report: a warm-up at start that changes nothing it compiles,
+where each chunk's time went (ChunkMeta.seconds, the night's compile_worker_seconds), and a small
+night spread over every worker (jobs.nightly._Night._facts_per_chunk)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engram_core.compiler import CompileOptions
+from jobs.nightly import run_nightly
+from jobs.spec import NightlySpec
+from jobs.synthetic import fact_log_rows, write_fact_log
+from pipeline.compile import CHUNK_SECONDS, ChunkSlice, CompileWorker
+from pipeline.shards import ShardChanges
+
+FACTS = [("u-ann", "f0", "My dentist is Dr.", " Rex"), ("u-ann", "f1", "I live in the city of", " Lyon"),
+         ("u-bob", "f0", "My dog is called", " Fido")]
+
+
+def chunk_of(rows):
+    table = pa.table({"user_id": [r[0] for r in rows], "fact_id": [r[1] for r in rows],
+                      "scope": pa.array([None] * len(rows), pa.string()),
+                      "trigger": [r[2] for r in rows], "answer": [r[3] for r in rows]})
+    return (ChunkSlice(0, 0, len(rows)),), table
+
+
+class _Changes:
+    """The one field of pipeline.shards.ShardChanges a compile reads (its compile rows)."""
+
+    def __init__(self, table):
+        self.compile = table
+
+
+def compile_with(worker, rows):
+    slices, table = chunk_of(rows)
+    meta, output = worker.compile(slices, _Changes(table))
+    return meta, output.bundles[0]
+
+
+def test_a_warmed_up_worker_compiles_exactly_what_a_cold_one_does(tiny_dir):
+    options = CompileOptions(facts_per_batch=8)
+    cold = CompileWorker(str(tiny_dir), options, warm_up=False)
+    warm = CompileWorker(str(tiny_dir), options, warm_up=True)
+    assert "warm_up" in warm._startup and "warm_up" not in cold._startup
+    meta_cold, bundle_cold = compile_with(cold, FACTS)
+    meta_warm, bundle_warm = compile_with(warm, FACTS)
+    assert meta_cold.ok == meta_warm.ok == len(FACTS)
+    assert bundle_cold.equals(bundle_warm)  # same rows, same bytes of every delta
+
+
+def test_each_chunk_says_where_its_time_went_on_the_worker(tiny_dir):
+    worker = CompileWorker(str(tiny_dir), CompileOptions(facts_per_batch=8), warm_up=True)
+    first, _ = compile_with(worker, FACTS)
+    second, _ = compile_with(worker, FACTS[:1])
+    assert set(first.seconds) <= set(CHUNK_SECONDS)
+    for key in ("total", "compile", "optimize", "checkpoint", "output", "load", "warm_up"):
+        assert first.seconds[key] >= 0, key
+    assert first.seconds["compile"] <= first.seconds["total"]
+    # load and warm-up ran once, before the first chunk: later chunks do not repeat them
+    assert "load" not in second.seconds and "warm_up" not in second.seconds and second.seconds["compile"] > 0
+
+
+def test_the_night_report_sums_the_chunks_worker_seconds(tmp_path, tiny_dir, local_store):
+    write_fact_log(fact_log_rows(6, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0, compile={"facts_per_batch": 4})
+    report = run_nightly(spec)
+    seconds = report.compile_worker_seconds
+    assert seconds["chunks"] == 3  # 12 facts in chunks of one batch of 4
+    assert seconds["compile"] > 0 and seconds["total"] >= seconds["compile"]
+    assert list(seconds)[1:] == [k for k in CHUNK_SECONDS if k in seconds]
+    assert report.to_dict()["compile_worker_seconds"] == seconds  # what run nightly --json prints
+
+
+@pytest.mark.parametrize("workers, facts, expected", [
+    (0, 10, 3), (1, 10, 3), (2, 1000, 3), (2, 20, 3),  # enough work for every worker: batches_per_chunk batches
+    (2, 10, 2), (2, 8, 1), (2, 3, 1), (4, 20, 2), (8, 20, 1),  # a small night: fewer batches, a chunk per worker
+])
+def test_a_small_night_gets_a_chunk_for_every_worker(workers, facts, expected):
+    from jobs.nightly import _Night
+
+    night = _Night.__new__(_Night)
+    night.spec = NightlySpec(store="s", fact_log="l", model="m", workers=workers, batches_per_chunk=3,
+                             compile={"facts_per_batch": 4})
+    assert night._facts_per_chunk(facts) == 4 * expected
