@@ -256,7 +256,8 @@ def main() -> None:
         night.update(version=report["version"], compiled_users=report["compiled_users"], facts_ok=report["facts_ok"],
                      facts_failed=report["facts_failed"], shards_changed=report["shards_changed"],
                      layers_written=report.get("layers_written"), compacted_shards=report.get("compacted_shards"),
-                     seconds=report["seconds"], facts_per_s=round(report["facts_ok"] / night["wall_s"], 1))
+                     seconds=report["seconds"], compile_worker_seconds=report.get("compile_worker_seconds"),
+                     facts_per_s=round(report["facts_ok"] / night["wall_s"], 1))
         compile_s = report["seconds"].get("compile")
         if compile_s:
             night["compile_facts_per_s"] = round(report["facts_ok"] / compile_s, 1)
