@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engram_core.checkpoint import attach_new_memory, load_checkpoint, save_engram  # noqa: E402
-from engram_core.compiler import CompileOptions, Fact, compile_facts  # noqa: E402
+from engram_core.compiler import CompileOptions, Fact, compile_facts, effective_lr  # noqa: E402
 from engram_core.config import EngramConfig  # noqa: E402
 from engram_core.serving import greedy_tokens  # noqa: E402
 from engram_core.tiny import build_base_model, init_tiny  # noqa: E402
@@ -364,7 +364,9 @@ def main() -> None:
     ap.add_argument("--templates", type=int, default=20, help="templated workload: distinct trigger texts")
     ap.add_argument("--batch", type=int, nargs="+", default=[512], help="facts per batch (several: a sweep)")
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="CompileOptions.lr (default 0.1; scaled by the model's width unless --no-lr-width-scaling)")
+    ap.add_argument("--no-lr-width-scaling", action="store_true", help="CompileOptions.lr_width_scaling off")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on cuda)")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -467,6 +469,7 @@ def main() -> None:
                                   dedupe_prefixes=dedupe == "on", plain_step=plain == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
                                   tokenize_workers=workers, fused_ops=norms == "on",
+                                  lr_width_scaling=not args.no_lr_width_scaling,
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
             compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator, torch.compile)
@@ -502,7 +505,7 @@ def main() -> None:
                 "switch_interval_s": sys.getswitchinterval(),
                 "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
-                "warm_up_s": round(warm_up_s, 1),
+                "warm_up_s": round(warm_up_s, 1), "lr": round(effective_lr(em, opts), 4),
                 "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),

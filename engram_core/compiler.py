@@ -41,7 +41,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -91,6 +91,14 @@ class Fact:
 class CompileOptions:
     steps: int = 15
     lr: float = 0.1
+    """Adam's learning rate for the row values (before :attr:`lr_width_scaling`)."""
+    lr_width_scaling: bool = True
+    """Use ``lr * max(1, hidden / 768) ** 1.25`` (``hidden``: the model's hidden size; see
+    :func:`effective_lr`): wider models need larger row updates to move their outputs. Measured on
+    an H200 (bench/RESULTS.md, random-weight shapes, 15 steps): the Llama-3.2-1B shape (2048 wide)
+    recalled 0.1% of facts in the first round at lr 0.1 and 95% at 0.3; the Llama-3-8B shape (4096)
+    44% after every retry round at 0.1, 100% at 0.3 and at 1.0 (87% in the first round at 1.0).
+    Models up to 768 wide (the tiny model, d768) are unchanged."""
     init_scale: float = 20.0
     retry_steps: int = 30
     max_rounds: int = 4
@@ -1019,9 +1027,30 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
+LR_REFERENCE_WIDTH = 768
+"""Hidden size at and below which :func:`effective_lr` is ``CompileOptions.lr`` itself (d768's)."""
+LR_WIDTH_EXPONENT = 1.25
+"""Exponent of the width scaling, fitted to two H200 measurements: lr 0.3 (~ (2048/768)^1.12 x 0.1)
+worked for a 2048-wide model, lr 1.0 (~ (4096/768)^1.38 x 0.1) best of 0.1/0.3/1.0 for a 4096-wide one."""
+
+
+def effective_lr(em: "EngramModel", options: CompileOptions) -> float:
+    """The learning rate a compile of ``em`` uses: ``options.lr``, times
+    ``max(1, hidden / 768) ** 1.25`` with ``options.lr_width_scaling`` (hidden: the model config's
+    ``hidden_size``, or ``n_embd``; unknown: no scaling)."""
+    if not options.lr_width_scaling:
+        return options.lr
+    config = em.model.config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or LR_REFERENCE_WIDTH
+    return options.lr * max(1.0, hidden / LR_REFERENCE_WIDTH) ** LR_WIDTH_EXPONENT
+
+
 def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> CompileResult:
     if options.prefix_groups < 1:
         raise ValueError(f"CompileOptions.prefix_groups must be at least 1, got {options.prefix_groups}")
+    lr = effective_lr(em, options)
+    if lr != options.lr:  # the rest of the compile reads options.lr (steps and retry rounds)
+        options = replace(options, lr=lr, lr_width_scaling=False)
     torch.manual_seed(options.seed)
     facts_of: dict[str, list[Fact]] = {}
     for fact in facts:

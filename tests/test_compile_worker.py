@@ -83,3 +83,26 @@ def test_a_small_night_gets_a_chunk_for_every_worker(workers, facts, expected):
     night.spec = NightlySpec(store="s", fact_log="l", model="m", workers=workers, batches_per_chunk=3,
                              compile={"facts_per_batch": 4})
     assert night._facts_per_chunk(facts) == 4 * expected
+
+
+def test_the_learning_rate_grows_with_the_models_width_past_768_only():
+    from types import SimpleNamespace
+
+    from engram_core.compiler import effective_lr
+
+    def model(**config):
+        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**config)))
+
+    options = CompileOptions()
+    assert effective_lr(model(hidden_size=64), options) == options.lr == 0.1  # the tiny model: unchanged
+    assert effective_lr(model(hidden_size=768), options) == 0.1  # d768: unchanged
+    assert effective_lr(model(hidden_size=2048), options) == pytest.approx(0.1 * (2048 / 768) ** 1.25)
+    assert effective_lr(model(n_embd=4096), options) == pytest.approx(0.1 * (4096 / 768) ** 1.25)  # GPT-2 style
+    assert effective_lr(model(hidden_size=4096), CompileOptions(lr=0.2, lr_width_scaling=False)) == 0.2
+    assert effective_lr(model(), options) == 0.1  # no width known: no scaling
+    spec = NightlySpec(store="s", fact_log="l", model="m", compile={"lr_width_scaling": False})
+    assert spec.compile_options().lr_width_scaling is False
+    from jobs.spec import SpecError
+
+    with pytest.raises(SpecError, match="lr_width_scaling"):
+        NightlySpec(store="s", fact_log="l", model="m", compile={"lr_width_scaling": "no"})
