@@ -84,7 +84,8 @@ class _LocalPool:
             yield i, meta, output
 
     def close(self) -> None:
-        pass
+        if self.worker is not None:
+            self.worker.flush()  # its chunk checkpoints are written before the night goes on
 
 
 def job_runtime_env() -> dict | None:
@@ -139,6 +140,10 @@ class RayRunner:
         return _RayPool(self, model_dir, options, store_uri, workers, gpus_per_worker, check_users)
 
 
+CHECKPOINT_FLUSH_S = 120.0
+"""How long closing the compile pool waits for its actors' chunk checkpoints to be written."""
+
+
 class _RayPool:
     def __init__(self, runner: RayRunner, model_dir: str, options, store_uri: str, workers: int,
                  gpus_per_worker: float | None, check_users: int = 0):
@@ -189,8 +194,15 @@ class _RayPool:
             yield i, meta, output
 
     def close(self) -> None:
+        """Let each actor finish writing its chunk checkpoints (up to CHECKPOINT_FLUSH_S), then end it."""
+        ray = self.runner.ray
+        if self.actors:
+            try:
+                ray.get([actor.flush.remote() for actor in self.actors], timeout=CHECKPOINT_FLUSH_S)
+            except Exception as err:  # noqa: BLE001 - a dead actor or a slow store costs only the resume's head start
+                log.warning("compile pool: chunk checkpoints not all flushed (%s: %s)", type(err).__name__, err)
         for actor in self.actors:
-            self.runner.ray.kill(actor)
+            ray.kill(actor)
         self.actors = []
 
 

@@ -106,3 +106,14 @@ def test_the_learning_rate_grows_with_the_models_width_past_768_only():
 
     with pytest.raises(SpecError, match="lr_width_scaling"):
         NightlySpec(store="s", fact_log="l", model="m", compile={"lr_width_scaling": "no"})
+
+
+def test_chunk_checkpoints_are_written_behind_the_compile_and_flushed(tiny_dir, local_store):
+    from pipeline.compile import ChunkCheckpoints
+
+    worker = CompileWorker(str(tiny_dir), CompileOptions(facts_per_batch=8), store_uri=local_store.uri, warm_up=False)
+    meta, bundle = compile_with(worker, FACTS)
+    assert worker.flush() == 1 and worker.flush() == 0  # one checkpoint written, nothing left pending
+    assert len(local_store.list(ChunkCheckpoints.PREFIX)) == 2  # its bundle and its results
+    again, resumed = compile_with(worker, FACTS)  # the same chunk again (a resumed night): read back, not compiled
+    assert again.resumed and not meta.resumed and resumed.equals(bundle)
