@@ -73,10 +73,12 @@ def word_tokenizer(vocab_size: int):
 
 def build_d768(directory: Path, *, max_ngram: int = 3, tokenizer=None) -> None:
     """Write the d768 checkpoint to ``directory``: Engram at layers 2 and 7 with N-gram orders
-    2..``max_ngram`` and 16 heads per position in all (8 per order at the default 2..3, 2 per order
-    at 2..9), 32 wide, 100,003 slots per head. ``tokenizer``: default the word-level vocabulary of
+    2..``max_ngram`` and ``16 // (max_ngram - 1)`` heads per order (8 at the default 2..3, 2 at 2..9:
+    16 per position; fewer where N - 1 does not divide 16), 32 wide, 100,003 slots per head. ``tokenizer``: default the word-level vocabulary of
     32,768 synthetic words; a text tokenizer (e.g. :func:`engram_core.tiny.build_tokenizer`) gives
     the same shape for realistic text (bench/fidelity.py)."""
+    if not 2 <= max_ngram <= 17:
+        raise ValueError(f"build_d768: max_ngram must be 2..17 (orders 2..N, 16 // (N - 1) heads each), got {max_ngram}")
     tokenizer = tokenizer or word_tokenizer(32768)
     model = build_base_model("llama", len(tokenizer), hidden=768, layers=12, seed=0)
     model.save_pretrained(directory / "base")

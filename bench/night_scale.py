@@ -212,7 +212,7 @@ def main() -> None:
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, ENGRAM_STORE_ACCESS_LOG=str(access_log),
                TOKENIZERS_PARALLELISM="false")
     spec = {"store": str(root / "store"), "fact_log": str(root / "log"), "model": str(root / "model"),
-            "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
+            "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk, "min_chunks": workers,
             "gpus_per_worker": 1 if gpu else 0,
             "compile": {"facts_per_batch": facts_per_batch, **dict(_override(o) for o in args.compile)}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))

@@ -113,10 +113,11 @@ class NightlyReport:
     scope_members: int = 0  # users composed with a scope in the published version
     facts_failed_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    compile_worker_seconds: dict[str, float] = field(default_factory=dict)
-    """Seconds summed over this night's compile chunks on their workers (pipeline.compile.ChunkMeta.seconds:
-    total, compile and its phases, checkpoint, output, checks; load and warm_up of each worker),
-    and ``chunks``: where the ``compile`` stage went. Empty when nothing compiled."""
+    compile_worker_seconds: dict[str, float | int] = field(default_factory=dict)
+    """Seconds summed over this night's compile chunks on their workers, the shared scopes' round
+    included (pipeline.compile.ChunkMeta.seconds: total, compile and its phases, checkpoint, output,
+    checks; load and warm_up of each worker), and ``chunks``: where the ``compile`` and ``scopes``
+    stages went. Empty when nothing compiled."""
     sample: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -268,7 +269,7 @@ class _Night:
         try:
             return self._run(runner, pool, ctx, rules, files, every_shard=every_shard)
         finally:
-            pool.close()
+            pool.close(flush=False)  # a no-op after the compile stage's own close
             self.model_upload.join()  # a failed night does not leave an upload running behind it
 
     def _run(self, runner, pool, ctx: NightContext, rules: RowRules, files, *, every_shard: bool) -> NightlyReport:
@@ -399,14 +400,14 @@ class _Night:
         return self.publish(forgotten)
 
     def _facts_per_chunk(self, facts: int) -> int:
-        """Facts per compile chunk: ``batches_per_chunk`` batches, or fewer when this night's
-        ``facts`` would not give each of the spec's ``workers`` a chunk (a small night, e.g. 5% of
-        users changed, is spread over every GPU rather than compiled by one). The plan depends on
-        the facts and the spec alone, so the same spec compiles the same chunks."""
+        """Facts per compile chunk: ``batches_per_chunk`` batches, or as few (at least one) as
+        make ``min_chunks`` chunks of this night's ``facts`` (a small night, e.g. 5% of users
+        changed, is spread over every GPU rather than compiled by one). It depends on the facts
+        and the spec alone, not on the cluster: a resumed night plans the chunks it had."""
         batch = self.spec.compile_options().facts_per_batch
         batches = self.spec.batches_per_chunk
-        if self.spec.workers >= 2:
-            batches = max(1, min(batches, -(-facts // (self.spec.workers * batch))))
+        if self.spec.min_chunks > 1:
+            batches = max(1, min(batches, -(-facts // (self.spec.min_chunks * batch))))
         return batch * batches
 
     def _scope_round(self, runner, pool, ctx: NightContext, routed: dict, changes: dict, applies: dict):
@@ -585,8 +586,9 @@ class _Night:
         )
 
 
-def _worker_seconds(chunks: list) -> dict[str, float]:
-    """ChunkMeta.seconds summed over the night's chunks, in CHUNK_SECONDS order, with ``chunks``."""
+def _worker_seconds(chunks: list) -> dict[str, float | int]:
+    """ChunkMeta.seconds summed over the night's chunks (the scope round's too), in CHUNK_SECONDS
+    order, after ``chunks`` (their number)."""
     if not chunks:
         return {}
     sums: dict[str, float] = defaultdict(float)

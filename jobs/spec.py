@@ -36,6 +36,12 @@ class NightlySpec:
     """Compile batches (``compile.facts_per_batch`` facts each) per Ray task. More than one: the
     next batch is tokenized while one compiles and per-task costs are paid less often (use 4 on
     GPU workers); one: finer checkpoints and more tasks to spread over CPU workers."""
+    min_chunks: int = 1
+    """Split a night into at least this many compile chunks when it has enough batches: chunks of
+    fewer than ``batches_per_chunk`` batches when the night's facts would give fewer chunks (set it
+    to the number of compile workers, e.g. GPUs, so that a small night, 5% of users changed, keeps
+    every worker busy). The plan depends on the night's facts and the spec alone, never on the
+    cluster, so a resumed or re-run night with the same spec compiles the same chunks."""
     ray_address: str | None = None
     """None = a local Ray cluster; else a cluster address (e.g. ray://head:10001 or auto)."""
     recompile_all: bool = False
@@ -63,6 +69,8 @@ class NightlySpec:
             raise SpecError(f"job spec: field 'num_shards' must be a positive int or null, got {self.num_shards!r}")
         if not isinstance(self.batches_per_chunk, int) or self.batches_per_chunk < 1:
             raise SpecError(f"job spec: field 'batches_per_chunk' must be a positive int, got {self.batches_per_chunk!r}")
+        if not isinstance(self.min_chunks, int) or isinstance(self.min_chunks, bool) or self.min_chunks < 1:
+            raise SpecError(f"job spec: field 'min_chunks' must be a positive int, got {self.min_chunks!r}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise SpecError(f"job spec: field 'workers' must be an int >= 0, got {self.workers!r}")
         if self.on_bad_file not in ("raise", "reject"):

@@ -144,9 +144,11 @@ class ChunkMeta:
     seconds: dict[str, float] = field(default_factory=dict)
     """Where the chunk's time went on its worker (:data:`CHUNK_SECONDS`): ``total`` (the call),
     ``compile`` (the compiler) and its phases (``tokenize``, ``prepare``, ``optimize``, ``verify``,
-    ``assemble``: CompileResult.timings), ``checkpoint`` (key, save or load), ``output`` (bundle and
-    result tables), ``checks`` (invariant sample); on a worker's first chunk also ``load`` (model
-    load) and ``warm_up`` (:meth:`CompileWorker.warm_up`), which ran before the chunk arrived."""
+    ``assemble``: CompileResult.timings), ``checkpoint`` (the chunk's facts and key, a resumed
+    chunk's read, waiting for the previous chunk's checkpoint write and queueing this one's: the
+    write itself runs on a thread), ``output`` (bundle and result tables), ``checks`` (invariant
+    sample); on a worker's first chunk also ``load`` (model load) and ``warm_up``
+    (:meth:`CompileWorker.warm_up`), which ran before the chunk arrived. Seconds."""
 
 
 @dataclass(frozen=True)
@@ -218,13 +220,20 @@ class CompileWorker:
         self.checkpoints = ChunkCheckpoints(open_store(store_uri), self.fingerprint, options) if store_uri else None
         self.store_uri = store_uri
         self._scopes: tuple[str, object] | None = None  # (sha256 of the scopes object, its ScopeContext)
-        self._startup = {"load": time.perf_counter() - started}  # reported with the first chunk
+        self.load_seconds = time.perf_counter() - started
+        self._startup = {"load": self.load_seconds}  # reported with the first chunk
         # Chunk checkpoints are written on a thread of their own while the next chunk compiles
-        # (2 s a 125k-fact chunk on the device host, with the GPU idle); flush() waits for them.
+        # (2 s a 125k-fact chunk on the device host, with the GPU idle); at most one is pending
+        # (the next waits for it), and flush() waits for it.
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-checkpoint")
-        self._saving: list[Future] = []
+        self._saving: Future | None = None
+        self._saved = 0
         if on_gpu if warm_up is None else warm_up:
-            self.warm_up()
+            try:
+                self.warm_up()
+            except Exception as err:  # noqa: BLE001 - only a head start: the first chunk pays it instead
+                log.warning("compile worker: warm-up failed (%s: %s); the first chunk pays the first compile's "
+                            "costs instead", type(err).__name__, err)
 
     def warm_up(self) -> float:
         """Compile :data:`WARM_UP_FACTS` synthetic facts (triggers and answers drawn from the
@@ -241,7 +250,7 @@ class CompileWorker:
             compile_facts(self.model, facts, replace(self.options, facts_per_batch=WARM_UP_FACTS))
         seconds = time.perf_counter() - started
         self._startup["warm_up"] = seconds
-        log.info("compile worker: warmed up in %.1f s (model load %.1f s)", seconds, self._startup["load"])
+        log.info("compile worker: warmed up in %.1f s (model load %.1f s)", seconds, self.load_seconds)
         return seconds
 
     def _scope_context(self, scopes):
@@ -305,22 +314,27 @@ class CompileWorker:
         return replace(meta, seconds={k: round(v, 3) for k, v in seconds.items()}), output
 
     def _save_checkpoint(self, key: str, deltas: dict[str, Delta], results: list[FactResult]) -> None:
-        self._saving = [f for f in self._saving if not f.done() or f.exception() is not None]
-        self._saving.append(self._saver.submit(self.checkpoints.save, key, deltas, results))
+        self._wait_for_save()  # at most one chunk's deltas waiting for the store
+        self._saving = self._saver.submit(self.checkpoints.save, key, deltas, results)
+
+    def _wait_for_save(self) -> None:
+        if self._saving is None:
+            return
+        try:
+            self._saving.result()
+            self._saved += 1
+        except Exception as err:  # noqa: BLE001 - see flush()
+            log.warning("compile worker: a chunk checkpoint was not written (%s: %s); a resumed night "
+                        "compiles that chunk again", type(err).__name__, err)
+        self._saving = None
 
     def flush(self) -> int:
-        """Wait for the chunk checkpoints still being written; returns how many were written. A
-        write that failed is logged, not raised: a checkpoint only saves recompiling that chunk if
-        the night is resumed (the chunk's output has already gone to the night)."""
-        saved = 0
-        for future in self._saving:
-            try:
-                future.result()
-                saved += 1
-            except Exception as err:  # noqa: BLE001 - see the docstring
-                log.warning("compile worker: a chunk checkpoint was not written (%s: %s); a resumed night "
-                            "compiles that chunk again", type(err).__name__, err)
-        self._saving = []
+        """Wait for the chunk checkpoint still being written; returns how many checkpoints this
+        worker has written since the last flush. A write that failed is logged, not raised: a
+        checkpoint only saves recompiling that chunk if the night is resumed (the chunk's output
+        has already gone to the night)."""
+        self._wait_for_save()
+        saved, self._saved = self._saved, 0
         return saved
 
     def pid(self) -> int:

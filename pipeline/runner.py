@@ -83,9 +83,9 @@ class _LocalPool:
                 raise _named(err, f"compile chunk {i}") from None
             yield i, meta, output
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
         if self.worker is not None:
-            self.worker.flush()  # its chunk checkpoints are written before the night goes on
+            self.worker.flush()  # in process: no compile can be queued behind it, so always
 
 
 def job_runtime_env() -> dict | None:
@@ -141,7 +141,7 @@ class RayRunner:
 
 
 CHECKPOINT_FLUSH_S = 120.0
-"""How long closing the compile pool waits for its actors' chunk checkpoints to be written."""
+"""Seconds closing the compile pool waits for its actors' chunk checkpoints to be written."""
 
 
 class _RayPool:
@@ -193,10 +193,12 @@ class _RayPool:
             submit(actor)
             yield i, meta, output
 
-    def close(self) -> None:
-        """Let each actor finish writing its chunk checkpoints (up to CHECKPOINT_FLUSH_S), then end it."""
+    def close(self, flush: bool = True) -> None:
+        """End the actors; with ``flush``, first let each finish writing its chunk checkpoint (up to
+        CHECKPOINT_FLUSH_S). A night that failed closes without: a flush would wait behind the
+        compiles still queued on the actors."""
         ray = self.runner.ray
-        if self.actors:
+        if self.actors and flush:
             try:
                 ray.get([actor.flush.remote() for actor in self.actors], timeout=CHECKPOINT_FLUSH_S)
             except Exception as err:  # noqa: BLE001 - a dead actor or a slow store costs only the resume's head start
