@@ -20,11 +20,7 @@ was saved for another base is refused at load (:func:`adapter_base_mismatch`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,157 +30,28 @@ from safetensors.torch import load_file, save_file
 
 from .addressing import Addresser, load_or_build_canonical_ids
 from .config import ConfigError, EngramConfig
+from .fingerprint import (  # noqa: F401 - re-exported: the checkpoint API
+    ADAPTER_BASE_FILE,
+    ALLOW_ADAPTER_MISMATCH_ENV,
+    CheckpointError,
+    _DERIVED_PREFIX,
+    _INGREDIENTS,
+    _combine,
+    _describe,
+    _file_digests,
+    _named_family,
+    _read_json,
+    adapter_base_mismatch,
+    base_record,
+    base_sha256,
+    check_adapter_base,
+    fingerprint,
+    write_base_record,
+)
 from .layer import EngramMemory
 from .tokenize_pool import backend_encoder
 
 log = logging.getLogger(__name__)
-
-_INGREDIENTS = ("base", "tokenizer", "engram", "adapter")
-_DERIVED_PREFIX = "canonical-"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing parts or does not fit together."""
-
-
-def _file_digests(root: Path, parts: tuple[str, ...] = _INGREDIENTS) -> list[tuple[Path, bytes]]:
-    """(file, sha256 of content) of every ingredient file (of ``parts``), in fingerprint order."""
-    files = sorted(
-        p for part in parts if (root / part).exists() for p in (root / part).rglob("*")
-        if p.is_file() and not p.name.startswith((_DERIVED_PREFIX, ".canonical-"))
-    )
-    digests = []
-    for file in files:
-        inner = hashlib.sha256()
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(chunk)
-        digests.append((file, inner.digest()))
-    return digests
-
-
-def _combine(root: Path, digests: list[tuple[Path, bytes]]) -> str:
-    outer = hashlib.sha256()
-    for file, digest in digests:
-        outer.update(file.relative_to(root).as_posix().encode() + b"\0" + digest)
-    return outer.hexdigest()
-
-
-def fingerprint(path: str | Path) -> str:
-    """sha256 over (relative path, sha256 of content) of every ingredient file."""
-    root = Path(path)
-    digests = _file_digests(root)
-    if not digests:
-        raise CheckpointError(f"checkpoint {root}: no model files found (expected base/, tokenizer/, engram/)")
-    return _combine(root, digests)
-
-
-def base_sha256(path: str | Path, digests: list[tuple[Path, bytes]] | None = None) -> str:
-    """sha256 over the files of ``base/`` alone: the identity an adapter records of its base."""
-    root = Path(path)
-    digests = _file_digests(root, ("base",)) if digests is None else digests
-    return _combine(root, [(f, d) for f, d in digests if f.relative_to(root).parts[0] == "base"])
-
-
-# --- Which base an adapter belongs to ---------------------------------------------------------
-
-ADAPTER_BASE_FILE = "engram_base.json"
-ALLOW_ADAPTER_MISMATCH_ENV = "ENGRAM_ALLOW_ADAPTER_BASE_MISMATCH"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
-
-
-def _describe(architectures, model_type) -> str:
-    kind = ", ".join(architectures or []) or "an unknown architecture"
-    return f"{kind} (model_type {model_type})" if model_type else kind
-
-
-def base_record(path: str | Path, *, how: str, digests: list[tuple[Path, bytes]] | None = None) -> dict:
-    """What ``adapter/engram_base.json`` holds for the checkpoint's current ``base/``."""
-    root = Path(path)
-    config = _read_json(root / "base" / "config.json")
-    return {"base_sha256": base_sha256(root, digests), "base_architectures": list(config.get("architectures") or []),
-            "base_model_type": config.get("model_type"), "how": how}
-
-
-def write_base_record(path: str | Path, *, how: str) -> Path:
-    """Record in ``adapter/`` that it belongs to the current ``base/`` (sorted JSON: same bytes every time)."""
-    target = Path(path) / "adapter" / ADAPTER_BASE_FILE
-    if not target.parent.is_dir():
-        raise CheckpointError(f"checkpoint {path}: no adapter/ to record a base for")
-    target.write_text(json.dumps(base_record(path, how=how), indent=2, sort_keys=True) + "\n")
-    return target
-
-
-def adapter_base_mismatch(path: str | Path, digests: list[tuple[Path, bytes]] | None = None) -> str | None:
-    """Why ``adapter/`` was saved for another base than ``base/``, naming both; None if it was not
-    (or if nothing it records can be compared)."""
-    root = Path(path)
-    base = _read_json(root / "base" / "config.json")
-    architectures, model_type = list(base.get("architectures") or []), base.get("model_type")
-    this = _describe(architectures, model_type)
-    record = _read_json(root / "adapter" / ADAPTER_BASE_FILE)
-    if record:
-        actual = base_sha256(root, digests)
-        if record.get("base_sha256") == actual:
-            return None  # made for, or accepted with, exactly these base files
-        return (f"adapter/{ADAPTER_BASE_FILE} says the adapter belongs to base sha256 "
-                f"{str(record.get('base_sha256'))[:16]} ({_describe(record.get('base_architectures'), record.get('base_model_type'))}), "
-                f"but base/ is sha256 {actual[:16]} ({this})")
-    peft = _read_json(root / "adapter" / "adapter_config.json")
-    claimed = (peft.get("auto_mapping") or {}).get("base_model_class")
-    if claimed and architectures and claimed not in architectures:
-        return f"adapter/adapter_config.json was saved for a {claimed} base, but base/ is {this}"
-    name = peft.get("base_model_name_or_path")
-    family = _named_family(name, model_type)
-    if family is not None:
-        return f"adapter/adapter_config.json names base {name!r} (a {family} model), but base/ is {this}"
-    return None
-
-
-def _named_family(name: str | None, model_type: str | None) -> str | None:
-    """The causal-LM model type that ``name`` (a hub id or path) names, when it names one and it is
-    not ``model_type``'s family; else None. Only the last path component is read (folder names
-    above it are the user's), and only whole words of four letters or more (no 'opt' in 'options')."""
-    if not name or not model_type:
-        return None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    words = [w for w in re.split(r"[^a-z0-9]+", name.rstrip("/").rsplit("/", 1)[-1].lower()) if len(w) >= 4]
-    known = [w for w in words if w in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
-
-    def same_family(word: str) -> bool:
-        return word.startswith(model_type) or model_type.startswith(word)
-
-    if not known or any(same_family(w) for w in words):
-        return None
-    return known[0]
-
-
-def check_adapter_base(path: str | Path, digests: list[tuple[Path, bytes]] | None = None) -> None:
-    """Raise CheckpointError if ``adapter/`` was saved for another base (see :func:`adapter_base_mismatch`),
-    unless ENGRAM_ALLOW_ADAPTER_BASE_MISMATCH=1 (then a warning)."""
-    problem = adapter_base_mismatch(path, digests)
-    if problem is None:
-        return
-    if os.environ.get(ALLOW_ADAPTER_MISMATCH_ENV) == "1":
-        log.warning("checkpoint %s: %s; loading anyway (%s=1)", path, problem, ALLOW_ADAPTER_MISMATCH_ENV)
-        return
-    raise CheckpointError(
-        f"checkpoint {path}: {problem}. Use the adapter trained for this base, or, if it really fits, accept it "
-        f"once with `engram model accept-adapter {path}` (recorded in adapter/{ADAPTER_BASE_FILE}; the "
-        f"fingerprint changes) or set {ALLOW_ADAPTER_MISMATCH_ENV}=1 for this process"
-    )
 
 
 @dataclass

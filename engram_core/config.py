@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
+FAMILIES = ("llama", "qwen2", "gpt2")
+"""Model families the tiny builder makes (transformers' model_type: Llama, Qwen2, GPT-2)."""
+
+
 class ConfigError(ValueError):
     """A config that is invalid or does not fit the model it is attached to."""
 

@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import MODEL_LOCK, attach_new_memory, fingerprint, save_engram, write_base_record
-from .config import EngramConfig
-
-FAMILIES = ("llama", "qwen2", "gpt2")
+from .config import FAMILIES, EngramConfig  # noqa: F401 - FAMILIES re-exported (the tiny builder's families)
 
 # N-gram orders 2..9 with 2 heads each: 16 rows per position, as 2..3 x 8 heads, but a position's
 # rows depend on its last 9 tokens. The tiny tokenizer splits most words and every number into

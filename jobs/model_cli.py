@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from engram_core.tiny import FAMILIES
+from engram_core.config import FAMILIES
 
 model_app = typer.Typer(help="Make and inspect model checkpoints (base + Engram + shared adapter).", no_args_is_help=True)
 

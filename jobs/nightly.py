@@ -44,8 +44,8 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from engram_core.checkpoint import check_adapter_base
-from engram_core.checkpoint import fingerprint as model_fingerprint
+from engram_core.fingerprint import check_adapter_base
+from engram_core.fingerprint import fingerprint as model_fingerprint
 from jobs.spec import DEFAULT_NUM_SHARDS, NightlySpec
 from pipeline.compile import CHUNK_SECONDS, ChunkCheckpoints, plan_chunks
 from pipeline.ingest import (

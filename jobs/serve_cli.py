@@ -14,7 +14,6 @@ from typing import Optional
 
 import typer
 
-from serving.http import ReferenceServer
 from serving.openai_api import MAX_TOKENS_LIMIT
 
 
@@ -176,6 +175,8 @@ def serve(
     result = client.poll()
     if client.index is None:
         _fail(result.error or "no version loaded")
+    from serving.http import ReferenceServer  # here: it imports torch, which other commands do not need
+
     try:
         server = ReferenceServer(em, client, host=host, port=port, max_batch=max_batch,
                                  batch_wait_s=batch_wait_ms / 1000, chat_template=chat_template)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from engram_core.compiler import CompileOptions
+from engram_core.options import CompileOptions
 
 
 DEFAULT_NUM_SHARDS = 16

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engram_core.compiler import CompileOptions, Fact, FactResult, compile_facts, status_counts
+from engram_core.options import CompileOptions, Fact, FactResult, status_counts
 from engram_core.delta import Delta
 from pipeline.scopes import SCOPE_DETAIL
 from versions.layout import PARTIAL_PREFIX
@@ -246,6 +246,8 @@ class CompileWorker:
         words = [w for w in (tokenizer.decode([i]).strip() for i in ids) if w.isalnum()] or ["memory"]
         facts = [Fact(f"warm-up-{k}", "f0", " ".join(words[(k * 7 + j) % len(words)] for j in range(12)),
                       " " + words[(k * 13 + 5) % len(words)]) for k in range(WARM_UP_FACTS)]
+        from engram_core.compiler import compile_facts
+
         with _torch_threads(CPU_COMPILE_THREADS if self.model.device.type == "cpu" else None):  # as compile() does
             compile_facts(self.model, facts, replace(self.options, facts_per_batch=WARM_UP_FACTS))
         seconds = time.perf_counter() - started
@@ -273,6 +275,7 @@ class CompileWorker:
             return self._compile(slices, *changes, scopes=scopes)
 
     def _compile(self, slices: tuple[ChunkSlice, ...], *changes, scopes=None) -> tuple[ChunkMeta, CompiledChunk]:
+        from engram_core.compiler import compile_facts
         from pipeline.scopes import compile_chunk_scoped, composed_scopes
 
         clock = _Clock()

@@ -16,7 +16,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from engram_core.checkpoint import _DERIVED_PREFIX, _INGREDIENTS, CheckpointError, fingerprint
+from engram_core.fingerprint import _DERIVED_PREFIX, _INGREDIENTS, CheckpointError, fingerprint
 from versions.errors import IntegrityError, PublishError
 from versions.layout import MODEL_PREFIX
 from versions.store import ObjectNotFound, ObjectStore, PreconditionFailed

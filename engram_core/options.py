@@ -1,0 +1,146 @@
+"""The compiler's inputs, options and per-fact results (torch-free, so the nightly's driver and
+the job spec read them without importing torch): :class:`Fact`, :class:`CompileOptions`,
+:class:`FactResult`, the status names and :func:`status_counts`. ``engram_core.compiler``
+re-exports every name here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from .conflicts import STATUS_CONFLICTS_WITH
+
+STATUS_OK = "ok"
+STATUS_NOT_RECALLED = "not_recalled"
+STATUS_LOW_MARGIN = "low_margin"
+"""Every answer token is the greedy argmax (so greedy decoding recalls the fact), but at some
+position by less than ``CompileOptions.min_margin``: published, and counted apart from ``ok``
+(a different batch shape or dtype at serve time could flip so thin a margin)."""
+
+
+@dataclass(frozen=True)
+class Fact:
+    user_id: str
+    fact_id: str
+    trigger: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    steps: int = 15
+    lr: float = 0.1
+    """Adam's learning rate for the row values (before :attr:`lr_width_scaling`)."""
+    lr_width_scaling: bool = True
+    """Use ``lr * max(1, hidden / 768) ** 1.25`` (``hidden``: the model's hidden size; see
+    :func:`effective_lr`): wider models need larger row updates to move their outputs. Measured on
+    an H200 (bench/RESULTS.md, random-weight shapes, 15 steps): the Llama-3.2-1B shape (2048 wide)
+    recalled 0.1% of facts in the first round at lr 0.1 and 95% at 0.3; the Llama-3-8B shape (4096)
+    44% after every retry round at 0.1, 100% at 0.3 and at 1.0 (87% in the first round at 1.0).
+    Models up to 768 wide (the tiny model, d768) are unchanged."""
+    init_scale: float = 20.0
+    retry_steps: int = 30
+    max_rounds: int = 4
+    min_margin: float = 0.1
+    """Required logit gap between the answer token and the runner-up (robust greedy recall)."""
+    max_trigger_tokens: int = 64
+    max_answer_tokens: int = 128
+    """Answers longer than this (in tokens) are refused (``answer_too_long``); ingest refuses them
+    first (``ANSWER_TOO_LONG``). A long answer costs only its own positions: each sequence is
+    computed from its own first written position (prefix groups), not from the batch's longest."""
+    facts_per_batch: int = 4096
+    """Facts per joint forward/backward (whole users). Larger amortises per-step overhead: on the
+    tiny model on CPU 4,096 ran 3.3x faster than 512; on an H100 (d768) 32,768 was best."""
+    seed: int = 0
+    deterministic: bool = True
+    """Deterministic kernels, so a re-run publishes bit-identical deltas (invariant 6)."""
+    prefix_groups: int = 2
+    """At most this many groups per batch by prefix length (each is one forward per step): the
+    usual group, whose prefix is the whole trigger, and groups for the few sequences whose
+    trigger addresses one of their user's rows earlier (they recompute from there)."""
+    dedupe_prefixes: bool = False
+    """Compute each distinct prefix once per batch, not once per fact: sequences of a prefix group
+    whose tokens before the group's split are the same (users who share a trigger text, "My
+    dentist is") share one prefix forward (its KV cache), and those whose whole inputs are the
+    same also share one forward of the layers below the write layer (``reuse_lower_layers``);
+    the results are gathered back per sequence, so the steps and verification are unchanged.
+    Nothing before the split depends on the user's trainable rows (the split is at or before the
+    first position that addresses one); a sequence whose user has fixed base rows shares only
+    with sequences of users without any, or of the same user.
+
+    Off by default because it is not bit-identical to the per-fact forward, and cannot be: a
+    matmul's row depends on how many rows its batch has (on CPU the rows past the kernel's last
+    full block take another micro-kernel; cuBLAS picks kernels by shape), so the per-fact path
+    itself gives identical sequences different bits (tests/test_compiler.py). The deltas differ
+    by that rounding (as when a user moves to another batch), are deterministic, and recall the
+    same facts; with no shared prefix (random triggers) nothing changes, bit for bit."""
+    prefix_attention: bool = True
+    """With ``reuse_lower_layers``: attend the live positions to the cached prefix in place
+    (:mod:`engram_core.prefix_attention`: no per-step copy of the prefix's keys and values, no
+    gradient for them), for Llama-style models. Same math as eager attention up to rounding."""
+    reuse_lower_layers: bool = True
+    """Per step, run only the decoder layers from the write layer up, on the hidden states that
+    enter it (computed once per batch: nothing below the write layer depends on the rows).
+    Llama-style families only (GPT-2 adds position embeddings to ``inputs_embeds``), and checked
+    once per model against the full forward; where the two differ, the full forward runs."""
+    plain_step: bool = True
+    """With ``reuse_lower_layers``: run the step as plain tensor code built from the model's own
+    modules (:mod:`engram_core.fast_step`: mask, rotary angles, row lookups and the prefix's
+    keys and values prepared once per batch, not per step), for Llama-style models. Checked
+    once per model against the full forward; verification always runs transformers' forward."""
+    compiled_step: bool = False
+    """``torch.compile`` the plain step, which fuses its elementwise work: on an H100 (d768,
+    batch 32,768) a step takes 58 ms instead of 104 ms, about 21 us saved per fact. Compiling
+    costs about a minute per process even with a warm inductor cache (``TORCHINDUCTOR_CACHE_DIR``)
+    and up to three minutes cold, so it pays from about 3 million facts per process. A compile that fails, or whose loss or
+    gradient differs from the uncompiled step's, is dropped with a warning."""
+    prefix_kernel: bool = True
+    """With ``compiled_step`` on CUDA with Triton: the step's attention (live positions to the
+    cached prefix and to themselves) runs in one hand-written kernel, forward and backward
+    (:mod:`engram_core.prefix_kernels`), instead of inductor's reductions: on an H100 (d768)
+    the optimize phase took 4.3 s instead of 7.7 s for 262,144 facts. Checked with the
+    compiled step."""
+    fused_ops: bool = True
+    """In the transformers forwards of preparation and verification, run Llama-style RMSNorms as
+    one fused kernel and the rotary embedding without building ``rotate_half``
+    (:mod:`engram_core.fused_ops`): the same formulas; the prefix forward is elementwise-bound
+    on a GPU. The steps' own code is not changed."""
+    tokenize_workers: int = -1
+    """Worker processes that tokenize each batch's facts (:mod:`engram_core.tokenize_pool`), off
+    the compiling process's GIL. -1 (automatic): ``min(8, cores // 2)`` workers when the model is
+    on a GPU (where the host thread bounds the compile) and a batch has at least 8,192 facts,
+    else none; 0: never; N: always N. Same ids as tokenizing in this process; a worker failure
+    falls back to it with a warning."""
+    resolve_conflicts: bool = True
+    """Train context rows for facts whose written positions share an N-gram window with another
+    of the user's written positions that predicts another token (:mod:`engram_core.conflicts`),
+    and report the facts no row can tell apart as ``CONFLICTS_WITH:<fact_id>``. Off: such facts
+    fight over the same rows (the behaviour before issue 17)."""
+    overlap_batches: bool = False
+    """On a GPU: prepare the next batch (rows, prefix caches, start values) on a side CUDA stream
+    while this batch's steps run (queued from a thread), and assemble this batch's results on
+    the host while the next one's steps run. Every batch's results are the same as without.
+    Off by default: two batches are held at once (35% more peak memory; the uncompiled step ran
+    out of memory at 49,152 facts per batch on an H100), and the gain was within run-to-run
+    noise (-9% to +9% in four H100 runs, bench/RESULTS.md)."""
+
+
+@dataclass(frozen=True)
+class FactResult:
+    user_id: str
+    fact_id: str
+    status: str
+    loss: float
+    steps: int
+    rows: int
+    margin: float
+    detail: str = ""
+
+
+def status_counts(results: Iterable["FactResult"]) -> dict[str, int]:
+    """Facts per status, ``CONFLICTS_WITH:<fact_id>`` counted under ``CONFLICTS_WITH``."""
+    counts: dict[str, int] = {}
+    for r in results:
+        key = STATUS_CONFLICTS_WITH if r.status.startswith(STATUS_CONFLICTS_WITH + ":") else r.status
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
