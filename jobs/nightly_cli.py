@@ -74,7 +74,7 @@ def run_nightly_cmd(
             raw["recompile_all"] = True
         spec = NightlySpec.from_dict(raw, source=f"job spec {spec_file}" if spec_file else "flags")
     except SpecError as exc:
-        _fail(str(exc), code=2)
+        _fail_json(as_json, str(exc), code=2)
     for name in ("fact_log", "model"):  # a local path that is not there: a bad argument, before any work
         value = getattr(spec, name)
         if "://" not in value and not Path(value).exists():

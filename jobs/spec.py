@@ -132,7 +132,10 @@ class NightlySpec:
 
 
 # CompileOptions fields that must be at least 1 (a count of steps, facts or tokens).
-_POSITIVE_COMPILE_FIELDS = ("steps", "facts_per_batch", "max_rounds", "max_trigger_tokens", "max_answer_tokens")
+_POSITIVE_COMPILE_FIELDS = ("steps", "facts_per_batch", "max_rounds", "max_trigger_tokens", "max_answer_tokens",
+                            "prefix_groups")
+# CompileOptions fields whose documented automatic setting is -1 (tokenize_workers: min(8, cores // 2) on a GPU).
+_AUTOMATIC_COMPILE_FIELDS = ("tokenize_workers",)
 
 
 def _check_compile_value(key: str, value, default) -> None:
@@ -150,5 +153,8 @@ def _check_compile_value(key: str, value, default) -> None:
         raise SpecError(f"job spec: compile.{key} must be {kind}, got {value!r}")
     if key in _POSITIVE_COMPILE_FIELDS and value < 1:
         raise SpecError(f"job spec: compile.{key} must be at least 1, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+    if key in _AUTOMATIC_COMPILE_FIELDS and value < -1:
+        raise SpecError(f"job spec: compile.{key} must be -1 (automatic) or more, got {value!r}")
+    if key not in _AUTOMATIC_COMPILE_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and value < 0:
         raise SpecError(f"job spec: compile.{key} must not be negative, got {value!r}")

@@ -28,6 +28,17 @@ def test_a_night_with_a_missing_fact_log_or_model_exits_2_before_creating_the_st
     assert not store.exists()
 
 
+def test_a_bad_spec_with_json_prints_one_json_object_and_exits_2(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    for text, message in (("store: s\nfact_log: l\nmodel: m\nbogus: 1\n", "unknown key"),
+                          ("store: s\nfact_log: l\nmodel: m\ncompile: {steps: 0}\n", "compile.steps must be at least 1")):
+        spec.write_text(text)
+        result = engram("run", "nightly", "--spec", str(spec), "--json")
+        assert result.exit_code == 2, result.output
+        out = json.loads(result.stdout)
+        assert out["published"] is False and out["exit_code"] == 2 and message in out["error"]
+
+
 def test_a_failed_night_prints_one_json_object_on_stdout(tmp_path, tiny_dir):
     log = tmp_path / "log" / "day=1"
     log.mkdir(parents=True)

@@ -733,9 +733,17 @@ def test_forget_deletes_what_a_killed_night_wrote_about_the_user(tmp_path, tiny_
     ({"compiled_step": 1}, "compile.compiled_step must be true or false"),
     ({"facts_per_batch": 2.5}, "compile.facts_per_batch must be an int"),
     ({"min_margin": -1.0}, "compile.min_margin must not be negative"),
+    ({"prefix_groups": 0}, "compile.prefix_groups must be at least 1"),
+    ({"tokenize_workers": -2}, r"compile.tokenize_workers must be -1 \(automatic\) or more"),
 ])
 def test_a_compile_override_of_the_wrong_type_is_refused_before_any_work(compile_overrides, message):
     with pytest.raises(SpecError, match=message):
         NightlySpec(store="s", fact_log="l", model="m", compile=compile_overrides)
     with pytest.raises(SpecError, match="'workers' must be an int"):
         NightlySpec(store="s", fact_log="l", model="m", workers=True)
+
+
+@pytest.mark.parametrize("workers", [-1, 0, 4])
+def test_tokenize_workers_takes_its_documented_automatic_setting(workers):
+    spec = NightlySpec(store="s", fact_log="l", model="m", compile={"tokenize_workers": workers})
+    assert spec.compile_options().tokenize_workers == workers
