@@ -190,6 +190,13 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
     return results
 
 
+def start_tokenize_pool(em: EngramModel, options: CompileOptions) -> bool:
+    """Start the tokenize worker processes a compile of ``options.facts_per_batch`` facts per batch
+    would use (shared per process, so the next compile finds them running); returns whether there
+    are any (none on a CPU, for small batches, or with ``tokenize_workers: 0``)."""
+    return _tokenize_pool(em, options.facts_per_batch, options) is not None
+
+
 def _tokenize_pool(em: EngramModel, num_facts: int, options: CompileOptions) -> TokenizePool | None:
     workers = options.tokenize_workers
     if workers == 0 or (workers < 0 and (em.device.type != "cuda" or num_facts < _POOL_MIN_FACTS)):

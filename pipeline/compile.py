@@ -246,10 +246,11 @@ class CompileWorker:
         words = [w for w in (tokenizer.decode([i]).strip() for i in ids) if w.isalnum()] or ["memory"]
         facts = [Fact(f"warm-up-{k}", "f0", " ".join(words[(k * 7 + j) % len(words)] for j in range(12)),
                       " " + words[(k * 13 + 5) % len(words)]) for k in range(WARM_UP_FACTS)]
-        from engram_core.compiler import compile_facts
+        from engram_core.compiler import compile_facts, start_tokenize_pool
 
         with _torch_threads(CPU_COMPILE_THREADS if self.model.device.type == "cpu" else None):  # as compile() does
             compile_facts(self.model, facts, replace(self.options, facts_per_batch=WARM_UP_FACTS))
+        start_tokenize_pool(self.model, self.options)  # 8 facts use none: start the real batches' workers
         seconds = time.perf_counter() - started
         self._startup["warm_up"] = seconds
         log.info("compile worker: warmed up in %.1f s (model load %.1f s)", seconds, self.load_seconds)
