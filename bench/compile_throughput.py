@@ -348,10 +348,6 @@ def deltas_digest(deltas) -> str:
     return digest.hexdigest()[:16]
 
 
-def _switch(values: list[str]) -> list[bool]:
-    return [v == "on" for v in values]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="tiny")

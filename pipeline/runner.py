@@ -96,7 +96,9 @@ def job_runtime_env() -> dict | None:
     whose own identity suffices (an instance role) get nothing they lack: the variables only
     name the same store the driver uses. The compiled step's cache folder
     (``ENGRAM_STEP_CACHE_DIR``, :func:`pipeline.compile.use_step_cache`) goes along when set."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "ENGRAM_STEP_CACHE_DIR"}
+    from pipeline.compile import STEP_CACHE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == STEP_CACHE_ENV}
     return {"env_vars": env} if env else None
 
 
