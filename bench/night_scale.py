@@ -96,11 +96,12 @@ def listing(store: Path) -> dict[str, int]:
             if p.is_file() and not p.name.startswith(".engram-")}
 
 
-def run_night(spec_path: Path, env: dict, store: Path, access_log: Path) -> dict:
+def run_night(spec_path: Path, env: dict, store: Path, access_log: Path, timeline: Path | None = None) -> dict:
     """One night as its own driver process; returns its report plus what it cost."""
     before = listing(store)
     access_log.write_text("")
     start = time.perf_counter()
+    started_at = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "nightly", "--spec", str(spec_path), "--json"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
@@ -130,7 +131,42 @@ def run_night(spec_path: Path, env: dict, store: Path, access_log: Path) -> dict
             "objects_written": len(written), "bytes_written": sum(written.values()),
             "bytes_written_by_kind": by_prefix(written),
             "objects_read": len(reads), "bytes_read": sum(s for s, _ in reads), "read_keys": {k for _, k in reads},
-            "written_keys": set(written)}
+            "written_keys": set(written), "tasks": task_timeline(started_at, started_at + wall, timeline)}
+
+
+def task_timeline(start: float, end: float, dump: Path | None = None) -> dict:
+    """Where the night's Ray work ran, from the cluster's task events (``ray.timeline()``): per kind
+    of task (its name's first word: read, apply, assemble, ...; actor calls by method) how many ran,
+    their summed execution seconds, and when the first started and the last ended, in seconds after
+    the driver process started; and per worker process the seconds after the driver started at
+    which it first ran something (``worker_first_s``: how long the night waited for workers).
+    ``dump``: also write the night's events there (Chrome trace JSON, times relative to the driver's
+    start), to read in chrome://tracing or Perfetto."""
+    import ray
+
+    events = [e for e in ray.timeline() if e.get("ph") == "X" and start * 1e6 <= e["ts"] <= end * 1e6]
+    if dump is not None:
+        dump.write_text(json.dumps([{**e, "ts": e["ts"] - start * 1e6} for e in events]))
+    kinds: dict[str, dict] = {}
+    first: dict[str, float] = {}
+    for e in events:
+        at, dur = e["ts"] / 1e6 - start, e["dur"] / 1e6
+        first[e["tid"]] = min(first.get(e["tid"], at), at)
+        if not e["cat"].startswith("task::"):
+            continue
+        name = e["cat"][len("task::"):]
+        kind = name.split(".")[-1] if "." in name and " " not in name else name.split(" ")[0]
+        k = kinds.setdefault(kind, {"tasks": 0, "busy_s": 0.0, "first_start_s": at, "last_end_s": at + dur,
+                                    "workers": set()})
+        k["tasks"] += 1
+        k["busy_s"] += dur
+        k["first_start_s"] = min(k["first_start_s"], at)
+        k["last_end_s"] = max(k["last_end_s"], at + dur)
+        k["workers"].add(e["tid"])
+    out = {kind: {**{n: round(v, 2) if isinstance(v, float) else v for n, v in k.items() if n != "workers"},
+                  "workers": len(k["workers"])} for kind, k in sorted(kinds.items(), key=lambda kv: kv[1]["first_start_s"])}
+    starts = sorted(first.values())
+    return {"kinds": out, "worker_first_s": [round(v, 2) for v in starts]}
 
 
 def by_prefix(sizes: dict[str, int]) -> dict[str, int]:
@@ -186,6 +222,8 @@ def main() -> None:
                     help="a compile override of the job spec (CompileOptions field), e.g. compiled_step=true; "
                          "repeatable")
     ap.add_argument("--workdir", type=Path, default=None, help="keep model, log and store here")
+    ap.add_argument("--timeline-dir", type=Path, default=None,
+                    help="write each night's Ray task events there (timeline-night<N>.json, Chrome trace format)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     gpu = args.gpus > 0
@@ -219,11 +257,16 @@ def main() -> None:
     pull_log = root / "pull-access.log"
 
     def night() -> dict:
-        result = run_night(root / "spec.yaml", env, root / "store", access_log)
+        dump = None
+        if args.timeline_dir:
+            args.timeline_dir.mkdir(parents=True, exist_ok=True)
+            dump = args.timeline_dir / f"timeline-night{len(nights) + 1}.json"
+        result = run_night(root / "spec.yaml", env, root / "store", access_log, dump)
         result["pull"] = run_pull(root / "store", root / "model", root / "node-cache", env, pull_log)
         return result
 
-    nights = [night()]
+    nights: list[dict] = []
+    nights.append(night())
 
     def keys_of(entries: list[dict]) -> set[str]:
         return {e[k] for e in entries for k in ("bundle_key", "state_key", "tombstones_key")} | {

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -147,7 +148,8 @@ class ChunkMeta:
     ``assemble``: CompileResult.timings), ``checkpoint`` (the chunk's facts and key, a resumed
     chunk's read, waiting for the previous chunk's checkpoint write and queueing this one's: the
     write itself runs on a thread), ``output`` (bundle and result tables), ``checks`` (invariant
-    sample); on a worker's first chunk also ``load`` (model load) and ``warm_up``
+    sample), ``wait`` (waiting for the worker's previous chunk to leave the device, whose compile
+    overlapped this chunk's preparation); on a worker's first chunk also ``load`` (model load) and ``warm_up``
     (:meth:`CompileWorker.warm_up`), which ran before the chunk arrived. Seconds."""
 
 
@@ -183,6 +185,10 @@ def _torch_threads(threads: int | None):
     finally:
         torch.set_num_threads(before)
 
+
+CONCURRENT_CHUNKS = 2
+"""Chunk calls a compile actor takes at once (Ray ``max_concurrency``): one compiles on the device
+while the other prepares its facts or builds its output (:meth:`CompileWorker.compile`)."""
 
 WARM_UP_FACTS = 8
 """Synthetic facts a GPU worker compiles once when it starts (:meth:`CompileWorker.warm_up`)."""
@@ -228,6 +234,7 @@ class CompileWorker:
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-checkpoint")
         self._saving: Future | None = None
         self._saved = 0
+        self._device = threading.Lock()  # one chunk at a time uses the model (see compile())
         if on_gpu if warm_up is None else warm_up:
             try:
                 self.warm_up()
@@ -271,13 +278,15 @@ class CompileWorker:
         ``slices[i].shard``); restores the chunk from its checkpoint if an earlier run left one.
         ``scopes`` (schemas.manifest.ScopesEntry): the shared scopes members compile against
         (pipeline.scopes.compile_chunk_scoped); their copies of scope facts are not compiled again.
-        On a CPU it runs with :data:`CPU_COMPILE_THREADS` torch threads (see there)."""
-        with _torch_threads(CPU_COMPILE_THREADS if self.model.device.type == "cpu" else None):
-            return self._compile(slices, *changes, scopes=scopes)
+        On a CPU it runs with :data:`CPU_COMPILE_THREADS` torch threads (see there).
 
-    def _compile(self, slices: tuple[ChunkSlice, ...], *changes, scopes=None) -> tuple[ChunkMeta, CompiledChunk]:
-        from engram_core.compiler import compile_facts
-        from pipeline.scopes import compile_chunk_scoped, composed_scopes
+        Safe to call from several threads at once (the Ray actor takes :data:`CONCURRENT_CHUNKS`
+        calls): only the part that uses the model (checkpoint lookup, compile, checkpoint queueing,
+        the invariant sample) holds the worker's device lock, so the next chunk's compile starts
+        while this one's output tables are built (:func:`_chunk_output`: ~1 s a 125k-fact chunk on
+        the device host, with the GPU otherwise idle) and the chunk after prepares its facts. The
+        output does not depend on which chunk ran first."""
+        from pipeline.scopes import composed_scopes
 
         clock = _Clock()
         tables = [c.compile.slice(s.start, s.stop - s.start) for s, c in zip(slices, changes)]
@@ -285,6 +294,23 @@ class CompileWorker:
         scope_of = {u: s for table in tables for u, s in composed_scopes(table).items()}
         extra = [sorted(scope_of.items()), scopes.sha256 if scopes is not None else None] if scope_of else None
         key = self.checkpoints.key(facts, extra) if self.checkpoints is not None else None
+        clock.lap("checkpoint")
+        with self._device:
+            clock.lap("wait")
+            startup, self._startup = self._startup, {}
+            with _torch_threads(CPU_COMPILE_THREADS if self.model.device.type == "cpu" else None):
+                deltas, results, phases, resumed, checks = self._on_device(clock, tables, facts, scope_of, key, scopes)
+        meta, output = _chunk_output(slices, tables, deltas, results, resumed=resumed, scope_of=scope_of)
+        clock.lap("output")
+        seconds = {**clock.laps, **{k: float(v) for k, v in phases.items()}, **startup}
+        return replace(meta, checks=checks, seconds={k: round(v, 3) for k, v in seconds.items()}), output
+
+    def _on_device(self, clock: "_Clock", tables, facts, scope_of, key, scopes):
+        """The chunk's work with the model, under the device lock: (deltas, results, phases,
+        resumed, checks)."""
+        from engram_core.compiler import compile_facts
+        from pipeline.scopes import compile_chunk_scoped
+
         earlier = self.checkpoints.load(key) if key is not None else None
         clock.lap("checkpoint")
         phases: dict[str, float] = {}
@@ -303,19 +329,16 @@ class CompileWorker:
             if key is not None:
                 self._save_checkpoint(key, deltas, results)
         clock.lap("checkpoint")
-        meta, output = _chunk_output(slices, tables, deltas, results, resumed=earlier is not None, scope_of=scope_of)
-        clock.lap("output")
+        checks = None
         if self.check_users and deltas:
             from engram_core.verify import check_invariants
 
             # Invariant 4 on real forwards, before anything is published: a sample of the chunk's
             # users, drawn from the chunk's own content so a re-run checks the same users.
             seed = int(hashlib.sha256("".join(sorted(deltas)).encode()).hexdigest()[:8], 16)
-            meta = replace(meta, checks=check_invariants(self.model, deltas, sample=self.check_users, seed=seed).to_dict())
+            checks = check_invariants(self.model, deltas, sample=self.check_users, seed=seed).to_dict()
             clock.lap("checks")
-        seconds = {**clock.laps, **{k: float(v) for k, v in phases.items()}, **self._startup}
-        self._startup = {}
-        return replace(meta, seconds={k: round(v, 3) for k, v in seconds.items()}), output
+        return deltas, results, phases, earlier is not None, checks
 
     def _save_checkpoint(self, key: str, deltas: dict[str, Delta], results: list[FactResult]) -> None:
         self._wait_for_save()  # at most one chunk's deltas waiting for the store
@@ -346,7 +369,7 @@ class CompileWorker:
 
 
 CHUNK_SECONDS = ("total", "compile", "tokenize", "prepare", "optimize", "verify", "assemble", "checkpoint", "output",
-                 "checks", "load", "warm_up")
+                 "checks", "wait", "load", "warm_up")
 """Keys of ChunkMeta.seconds, in the order the night's report lists their sums."""
 
 
@@ -391,8 +414,9 @@ def _chunk_output(slices, tables, deltas: dict[str, Delta], results: list[FactRe
         users = list(dict.fromkeys(table.column("user_id").to_pylist()))
         counts = Counter(table.column("user_id").to_pylist())
         rows = [r for u in users for r in sorted(by_user.get(u, []), key=lambda r: r.fact_id)]
+        empty = Delta.empty(_width(deltas))
         out.bundles[chunk_slice.shard] = bundle_table(
-            {u: (deltas.get(u, Delta.empty(_width(deltas))), counts[u]) for u in users
+            {u: (deltas.get(u, empty), counts[u]) for u in users
              if u in served and (u in deltas or u in scope_of)},
             scopes={u: scope_of[u] for u in users if u in scope_of})
         out.results[chunk_slice.shard] = results_table(rows)

@@ -149,14 +149,16 @@ CHECKPOINT_FLUSH_S = 120.0
 class _RayPool:
     def __init__(self, runner: RayRunner, model_dir: str, options, store_uri: str, workers: int,
                  gpus_per_worker: float | None, check_users: int = 0):
-        from pipeline.compile import CompileWorker
+        from pipeline.compile import CONCURRENT_CHUNKS, CompileWorker
 
         ray = runner.ray
         self.runner = runner
         gpus = gpus_per_worker
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS,
+        # max_concurrency: a chunk's preparation and output overlap the previous chunk's compile
+        # (CompileWorker.compile holds the model only while it uses it).
+        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_concurrency=CONCURRENT_CHUNKS, max_restarts=ACTOR_MAX_RESTARTS,
                                max_task_retries=ACTOR_MAX_TASK_RETRIES, runtime_env=runner.runtime_env)(CompileWorker)
         self.workers = max(1, workers)
         self._start = lambda: [actor_cls.remote(model_dir, options, store_uri, None, 1 if gpus == 0 else None,
@@ -171,7 +173,8 @@ class _RayPool:
             scopes=None) -> Iterator[tuple[int, Any, Any]]:
         """(chunk index, meta, output handle) for every chunk, as each finishes (``scopes``: the
         shared scopes members compile against); each actor holds up
-        to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (an actor runs its calls one at a time)."""
+        to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (one compiling, the next preparing; see
+        pipeline.compile.CompileWorker.compile)."""
         ray = self.runner.ray
         if chunks and not self.actors:
             self.actors = self._start()

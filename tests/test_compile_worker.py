@@ -60,6 +60,43 @@ def test_each_chunk_says_where_its_time_went_on_the_worker(tiny_dir):
     assert "load" not in second.seconds and "warm_up" not in second.seconds and second.seconds["compile"] > 0
 
 
+def test_chunks_called_at_once_compile_one_at_a_time_and_exactly_as_alone(tiny_dir, monkeypatch):
+    """The Ray actor takes CONCURRENT_CHUNKS calls at once: only one may use the model at a time
+    (the compiler overlays rows on it while it optimizes), and each chunk's output is what it is alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import engram_core.compiler as compiler
+
+    other = [("u-cid", "f0", "My sister lives in", " Oslo"), ("u-dan", "f0", "My favourite colour is", " teal")]
+    alone = CompileWorker(str(tiny_dir), CompileOptions(facts_per_batch=8), warm_up=False)
+    expected = [compile_with(alone, FACTS)[1], compile_with(alone, other)[1]]
+
+    worker = CompileWorker(str(tiny_dir), CompileOptions(facts_per_batch=8), warm_up=False)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+    real = compiler.compile_facts
+
+    def counting(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(compiler, "compile_facts", counting)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(compile_with, worker, rows) for rows in (FACTS, other) * 2]
+        got = [run.result() for run in runs]
+    assert most[0] == 1  # never two compiles on the model at once
+    for (meta, bundle), rows, want in zip(got, (FACTS, other) * 2, expected * 2):
+        assert meta.ok == len(rows) and bundle.equals(want)
+        assert "wait" in meta.seconds
+
+
 def test_the_night_report_sums_the_chunks_worker_seconds(tmp_path, tiny_dir, local_store):
     write_fact_log(fact_log_rows(6, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
     spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
