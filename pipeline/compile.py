@@ -186,9 +186,13 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-CONCURRENT_CHUNKS = 2
-"""Chunk calls a compile actor takes at once (Ray ``max_concurrency``): one compiles on the device
-while the other prepares its facts or builds its output (:meth:`CompileWorker.compile`)."""
+CONCURRENT_CHUNKS = int(os.environ.get("ENGRAM_CONCURRENT_CHUNKS", "1"))
+"""Chunk calls a compile actor takes at once (Ray ``max_concurrency``; the driver's
+``ENGRAM_CONCURRENT_CHUNKS`` environment variable). With 2, one chunk compiles on the device while
+the next prepares its facts and the one before builds its output (:meth:`CompileWorker.compile`).
+Default 1: measured on one H200 (bench/RESULTS.md, 2026-11-30 third session), 1M facts on one GPU,
+the compile stage took 91.7 s with 1 and 95.6 s with 2: the compiler's own host phases (tokenize,
+prepare) hold the GIL, and the overlapped output slowed them more than it saved."""
 
 WARM_UP_FACTS = 8
 """Synthetic facts a GPU worker compiles once when it starts (:meth:`CompileWorker.warm_up`)."""
