@@ -186,7 +186,19 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-CONCURRENT_CHUNKS = int(os.environ.get("ENGRAM_CONCURRENT_CHUNKS", "1"))
+def _concurrent_chunks() -> int:
+    value = os.environ.get("ENGRAM_CONCURRENT_CHUNKS", "1")
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"ENGRAM_CONCURRENT_CHUNKS={value!r}: must be a whole number of at least 1 (chunk calls "
+                         "a compile actor takes at once); unset it for the default, 1")
+    return number
+
+
+CONCURRENT_CHUNKS = _concurrent_chunks()
 """Chunk calls a compile actor takes at once (Ray ``max_concurrency``; the driver's
 ``ENGRAM_CONCURRENT_CHUNKS`` environment variable). With 2, one chunk compiles on the device while
 the next prepares its facts and the one before builds its output (:meth:`CompileWorker.compile`).
@@ -302,8 +314,13 @@ class CompileWorker:
         with self._device:
             clock.lap("wait")
             startup, self._startup = self._startup, {}
-            with _torch_threads(CPU_COMPILE_THREADS if self.model.device.type == "cpu" else None):
-                deltas, results, phases, resumed, checks = self._on_device(clock, tables, facts, scope_of, key, scopes)
+            try:
+                with _torch_threads(CPU_COMPILE_THREADS if self.model.device.type == "cpu" else None):
+                    deltas, results, phases, resumed, checks = self._on_device(clock, tables, facts, scope_of, key,
+                                                                               scopes)
+            except BaseException:
+                self._startup = startup  # reported with the next chunk that completes
+                raise
         meta, output = _chunk_output(slices, tables, deltas, results, resumed=resumed, scope_of=scope_of)
         clock.lap("output")
         seconds = {**clock.laps, **{k: float(v) for k, v in phases.items()}, **startup}
@@ -364,8 +381,9 @@ class CompileWorker:
         worker has written since the last flush. A write that failed is logged, not raised: a
         checkpoint only saves recompiling that chunk if the night is resumed (the chunk's output
         has already gone to the night)."""
-        self._wait_for_save()
-        saved, self._saved = self._saved, 0
+        with self._device:  # a chunk compiling now may be queueing its checkpoint
+            self._wait_for_save()
+            saved, self._saved = self._saved, 0
         return saved
 
     def pid(self) -> int:

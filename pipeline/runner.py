@@ -156,8 +156,8 @@ class _RayPool:
         gpus = gpus_per_worker
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        # max_concurrency: a chunk's preparation and output overlap the previous chunk's compile
-        # (CompileWorker.compile holds the model only while it uses it).
+        # max_concurrency (1 by default): with 2, a chunk's preparation and output overlap another
+        # chunk's compile (CompileWorker.compile holds the model only while it uses it).
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_concurrency=CONCURRENT_CHUNKS, max_restarts=ACTOR_MAX_RESTARTS,
                                max_task_retries=ACTOR_MAX_TASK_RETRIES, runtime_env=runner.runtime_env)(CompileWorker)
         self.workers = max(1, workers)
@@ -173,8 +173,8 @@ class _RayPool:
             scopes=None) -> Iterator[tuple[int, Any, Any]]:
         """(chunk index, meta, output handle) for every chunk, as each finishes (``scopes``: the
         shared scopes members compile against); each actor holds up
-        to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (one compiling, the next preparing; see
-        pipeline.compile.CompileWorker.compile)."""
+        to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (it runs pipeline.compile.CONCURRENT_CHUNKS of them
+        at a time: by default one, the next waiting with its inputs already there)."""
         ray = self.runner.ray
         if chunks and not self.actors:
             self.actors = self._start()
@@ -201,7 +201,9 @@ class _RayPool:
     def close(self, flush: bool = True) -> None:
         """End the actors; with ``flush``, first let each finish writing its chunk checkpoint (up to
         CHECKPOINT_FLUSH_S). A night that failed closes without: a flush would wait behind the
-        compiles still queued on the actors."""
+        compiles still queued on the actors. (Killed, an actor's last task events may not reach the
+        cluster's timeline; a graceful ``__ray_terminate__`` was tried and makes the raylet print a
+        retry warning onto the driver's stdout, which ``--json`` readers parse.)"""
         ray = self.runner.ray
         if self.actors and flush:
             try:

@@ -2,6 +2,8 @@
 where each chunk's time went (ChunkMeta.seconds, the night's compile_worker_seconds), and a small
 night spread over every worker (jobs.nightly._Night._facts_per_chunk)."""
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -60,19 +62,22 @@ def test_each_chunk_says_where_its_time_went_on_the_worker(tiny_dir):
     assert "load" not in second.seconds and "warm_up" not in second.seconds and second.seconds["compile"] > 0
 
 
-def test_chunks_called_at_once_compile_one_at_a_time_and_exactly_as_alone(tiny_dir, monkeypatch):
-    """The Ray actor takes CONCURRENT_CHUNKS calls at once: only one may use the model at a time
-    (the compiler overlays rows on it while it optimizes), and each chunk's output is what it is alone."""
-    import threading
+def test_chunks_called_at_once_compile_one_at_a_time_and_exactly_as_alone(tiny_dir, local_store, monkeypatch):
+    """With ENGRAM_CONCURRENT_CHUNKS=2 the Ray actor takes two calls at once: only one may use the
+    model at a time (the compiler overlays rows on it while it optimizes); each chunk's output,
+    invariant checks and checkpoint are what they are alone, the worker's load is reported once,
+    and a resumed night finds every checkpoint."""
     from concurrent.futures import ThreadPoolExecutor
 
     import engram_core.compiler as compiler
 
     other = [("u-cid", "f0", "My sister lives in", " Oslo"), ("u-dan", "f0", "My favourite colour is", " teal")]
-    alone = CompileWorker(str(tiny_dir), CompileOptions(facts_per_batch=8), warm_up=False)
-    expected = [compile_with(alone, FACTS)[1], compile_with(alone, other)[1]]
+    chunks = [FACTS, other, FACTS[:1], other[1:]]
+    options = CompileOptions(facts_per_batch=8)
+    alone = CompileWorker(str(tiny_dir), options, warm_up=False, check_users=2)
+    expected = [compile_with(alone, rows) for rows in chunks]
 
-    worker = CompileWorker(str(tiny_dir), CompileOptions(facts_per_batch=8), warm_up=False)
+    worker = CompileWorker(str(tiny_dir), options, store_uri=local_store.uri, warm_up=False, check_users=2)
     inside, most = [0], [0]
     lock = threading.Lock()
     real = compiler.compile_facts
@@ -89,12 +94,34 @@ def test_chunks_called_at_once_compile_one_at_a_time_and_exactly_as_alone(tiny_d
 
     monkeypatch.setattr(compiler, "compile_facts", counting)
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(compile_with, worker, rows) for rows in (FACTS, other) * 2]
-        got = [run.result() for run in runs]
+        got = list(pool.map(lambda rows: compile_with(worker, rows), chunks))
     assert most[0] == 1  # never two compiles on the model at once
-    for (meta, bundle), rows, want in zip(got, (FACTS, other) * 2, expected * 2):
-        assert meta.ok == len(rows) and bundle.equals(want)
+    for (meta, bundle), rows, (want_meta, want) in zip(got, chunks, expected):
+        assert meta.ok == len(rows) and bundle.equals(want) and not meta.resumed
+        assert meta.checks == want_meta.checks and meta.checks["ok"]
         assert "wait" in meta.seconds
+    assert sum("load" in meta.seconds for meta, _ in got) == 1  # the worker's start, reported once
+    assert worker.flush() == len(chunks)
+
+    resumed = CompileWorker(str(tiny_dir), options, store_uri=local_store.uri, warm_up=False, check_users=2)
+    with ThreadPoolExecutor(2) as pool:
+        again = list(pool.map(lambda rows: compile_with(resumed, rows), chunks))
+    for (meta, bundle), (_, want) in zip(again, expected):
+        assert meta.resumed and bundle.equals(want)
+
+
+def test_the_concurrency_setting_is_checked():
+    from pipeline.compile import _concurrent_chunks
+
+    for value, expected in (("1", 1), ("2", 2)):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ENGRAM_CONCURRENT_CHUNKS", value)
+            assert _concurrent_chunks() == expected
+    for value in ("0", "-1", "two", ""):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ENGRAM_CONCURRENT_CHUNKS", value)
+            with pytest.raises(ValueError, match="ENGRAM_CONCURRENT_CHUNKS"):
+                _concurrent_chunks()
 
 
 def test_the_night_report_sums_the_chunks_worker_seconds(tmp_path, tiny_dir, local_store):
