@@ -211,13 +211,14 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
         the_store = open_store(store, create=False)
         try:
             before = read_current(the_store)
-        except PublishError:  # a damaged CURRENT: rolling back is its remedy
+        except (PublishError, ValueError):  # a damaged CURRENT or current manifest: rolling back is its remedy
             before = None
         manifest = do_rollback(the_store, to, reason=reason, actor=getpass.getuser())
     except (PublishError, StoreError, ValueError) as exc:
         _fail(str(exc), code=exit_code(exc))
     previous = before[0].version if before else None
-    _print({"from": previous, "to": manifest.version}, as_json, f"CURRENT: v{previous} -> v{manifest.version}")
+    _print({"from": previous, "to": manifest.version}, as_json,
+           f"CURRENT: {f'v{previous}' if previous else 'unreadable'} -> v{manifest.version}")
 
 
 def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shards, collisions, rejects, runs, checks."),

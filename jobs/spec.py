@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -65,6 +66,8 @@ class NightlySpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"job spec: field '{name}' must be a non-empty string")
+        for f in fields(self):  # YAML reads yes/no as booleans and 20261130 as an int: refuse them where they do not belong
+            _check_field_type(f.name, f.type, getattr(self, f.name))
         if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
             raise SpecError(f"job spec: field 'num_shards' must be a positive int or null, got {self.num_shards!r}")
         if not isinstance(self.batches_per_chunk, int) or self.batches_per_chunk < 1:
@@ -73,6 +76,9 @@ class NightlySpec:
             raise SpecError(f"job spec: field 'min_chunks' must be a positive int, got {self.min_chunks!r}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise SpecError(f"job spec: field 'workers' must be an int >= 0, got {self.workers!r}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise SpecError(f"job spec: field 'gpus_per_worker' must be 0 or more (or null: 1 where the cluster has "
+                            f"GPUs), got {self.gpus_per_worker!r}")
         if self.on_bad_file not in ("raise", "reject"):
             raise SpecError(f"job spec: field 'on_bad_file' must be 'raise' or 'reject', got {self.on_bad_file!r}")
         if not isinstance(self.max_trigger_tokens, int) or self.max_trigger_tokens < 1:
@@ -131,6 +137,27 @@ class NightlySpec:
         return cls.from_dict(raw, source=f"job spec {path}")
 
 
+_KINDS = {
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dict": (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def _check_field_type(name: str, annotation: str, value) -> None:
+    """Refuse a value whose type is not the field's (``int | None``: a whole number or null; a YAML
+    ``yes`` is a boolean, not a count; a quoted 'false' is a string, not false)."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if "None" in kinds and value is None:
+        return
+    checks = [_KINDS[k] for k in kinds if k in _KINDS]
+    if checks and not any(check(value) for check, _ in checks):
+        wanted = " or ".join([what for _, what in checks] + (["null"] if "None" in kinds else []))
+        raise SpecError(f"job spec: field '{name}' must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
 # CompileOptions fields that must be at least 1 (a count of steps, facts or tokens).
 _POSITIVE_COMPILE_FIELDS = ("steps", "facts_per_batch", "max_rounds", "max_trigger_tokens", "max_answer_tokens",
                             "prefix_groups")
@@ -146,7 +173,8 @@ def _check_compile_value(key: str, value, default) -> None:
     elif isinstance(default, int):
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an int"
     elif isinstance(default, float):
-        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        ok, kind = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                    "a finite number")
     else:
         return  # optional settings (None by default) are checked where they are used
     if not ok:

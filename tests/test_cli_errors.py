@@ -69,3 +69,25 @@ def test_forget_of_an_id_that_is_empty_once_canonical_exits_2_with_one_line(tmp_
 def test_ask_with_an_empty_prompt_exits_2_with_one_line(tmp_path):
     result = engram("ask", "--store", str(tmp_path), "--user", "u1", "  ")
     assert result.exit_code == 2 and "the prompt is empty" in result.stderr and "Traceback" not in result.output
+
+
+def test_spec_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
+    """YAML reads yes/no as booleans, 20261130 as an int and 'false' (quoted) as a string: each
+    is refused with the field's name (one once published a manifest its readers refuse)."""
+    spec = tmp_path / "spec.yaml"
+    for line, message in (("job_id: 20261130", "field 'job_id' must be a non-empty string or null"),
+                          ("num_shards: yes", "field 'num_shards' must be a whole number or null"),
+                          ("max_trigger_tokens: true", "field 'max_trigger_tokens' must be a whole number"),
+                          ("batches_per_chunk: yes", "field 'batches_per_chunk' must be a whole number"),
+                          ("check_users_per_chunk: no", "field 'check_users_per_chunk' must be a whole number"),
+                          ("recompile_all: 'false'", "field 'recompile_all' must be true or false"),
+                          ("gpus_per_worker: yes", "field 'gpus_per_worker' must be a finite number or null"),
+                          ("gpus_per_worker: -1", "field 'gpus_per_worker' must be 0 or more"),
+                          ("workers: 2.5", "field 'workers' must be a whole number"),
+                          ("compile: {lr: .nan}", "compile.lr must be a finite number"),
+                          ("compile: {lr: .inf}", "compile.lr must be a finite number")):
+        spec.write_text(f"store: {tmp_path / 's'}\nfact_log: {tmp_path}\nmodel: {tmp_path}\n{line}\n")
+        result = engram("run", "nightly", "--spec", str(spec), "--json")
+        assert result.exit_code == 2, (line, result.output)
+        assert message in json.loads(result.stdout)["error"], line
+    assert not (tmp_path / "s").exists()

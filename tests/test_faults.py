@@ -270,6 +270,42 @@ def test_an_operator_can_roll_back_away_from_a_damaged_current_manifest(any_stor
     assert client.poll().version == 1
 
 
+def test_engram_rollback_on_the_command_line_moves_away_from_a_damaged_current_manifest(local_store, tiny):
+    """The command, not only the library call: a truncated current manifest is what rollback remedies."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    rng = np.random.default_rng(5)
+    publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    manifest = publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    text = local_store.get(manifest.key)
+    local_store.put(manifest.key, text[:200])
+
+    result = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"from": None, "to": 1}
+    assert_complete(local_store, 1)
+
+
+def test_a_manifest_its_readers_would_refuse_is_never_written(local_store, tiny):
+    """The publisher reads its own manifest back with the readers' checks before it can become
+    CURRENT (a job id of the wrong type once published a version nobody could read)."""
+    from dataclasses import replace
+
+    from versions.commit import write_manifest
+
+    rng = np.random.default_rng(6)
+    good = publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    keys = set(local_store.list("manifests/"))
+    with pytest.raises(ManifestError, match="job_id"):
+        write_manifest(local_store, replace(good, version=good.version + 1, job_id=20261130), None)
+    assert set(local_store.list("manifests/")) == keys
+    assert read_current(local_store)[0].version == good.version
+
+
 def test_a_damaged_old_manifest_does_not_block_versions_or_rollback(any_store, tiny):
     rng = np.random.default_rng(3)
     first = publish_deltas(any_store, tiny, {"alice": random_delta(tiny, rng)})

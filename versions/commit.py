@@ -87,7 +87,11 @@ def _same_content(a: Manifest, b: Manifest) -> bool:
 
 
 def write_manifest(store: ObjectStore, draft: Manifest, pointer: CurrentPointer | None) -> Manifest:
-    """Write ``draft`` under the first free version number from ``draft.version`` (see module docstring)."""
+    """Write ``draft`` under the first free version number from ``draft.version`` (see module
+    docstring). Raises ManifestError, before anything is written, for a draft that the store's
+    readers would refuse (its JSON is read back with the readers' own checks): a version nobody
+    can read must never become a candidate for CURRENT."""
+    Manifest.from_json(draft.to_json(), source=f"{draft.key} (to be written)")
     version = draft.version
     while True:
         candidate = replace(draft, version=version)
