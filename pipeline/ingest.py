@@ -244,11 +244,24 @@ def _filesystem_for(display: str, filesystem: pafs.FileSystem | None) -> tuple[p
     if filesystem is not None:
         return filesystem, display.split("://", 1)[1] if "://" in display else display
     if "://" in display:
-        try:
-            return pafs.FileSystem.from_uri(display)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise FactLogError(f"fact log {display}: cannot open ({err})") from err
+        return _from_uri(display)
     return pafs.LocalFileSystem(), display
+
+
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of an object-store URI whose key is taken as written: keys may hold
+    spaces and ``%`` (Spark writes partition values escaped, ``hour=2026-11-29 08%3A00%3A00/``),
+    which URI parsing refuses or decodes into another key. Only the bucket goes through
+    ``FileSystem.from_uri``; a URI with a query string (``?endpoint_override=...``) is parsed whole.
+    Raises FactLogError naming the URI."""
+    scheme, rest = uri.split("://", 1)
+    try:
+        if scheme == "file" or "?" in rest:
+            return pafs.FileSystem.from_uri(uri)
+        filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
+        return filesystem, rest
+    except (pa.ArrowInvalid, OSError) as err:
+        raise FactLogError(f"fact log {uri}: cannot open ({err})") from err
 
 
 def key_by_shard(rows: pa.Table, num_shards: int) -> pa.Table:
@@ -335,10 +348,7 @@ def _resolve(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.File
     if "://" in source:
         scheme = source.split("://", 1)[0]
         if filesystem is None:
-            try:
-                fs, path = pafs.FileSystem.from_uri(source)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise FactLogError(f"fact log {source}: cannot open ({err})") from err
+            fs, path = _from_uri(source)
         else:
             fs, path = filesystem, source.split("://", 1)[1]
         prefix = f"{scheme}://" if scheme != "file" else ""

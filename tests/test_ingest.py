@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.ingest import FactLogBatch, FactLogError, ingest, normalise_fact_log, read_fact_log
+from pipeline.ingest import (FactLogBatch, FactLogError, RowRules, ingest, list_log_files, normalise_fact_log, read_fact_log,
+                             read_log_file)
 from schemas import facts as F
 from versions.layout import forgotten_id
 from tests.fixtures.bad_inputs.corpus import (
@@ -239,6 +240,31 @@ def test_an_s3_fact_log_is_read_through_the_store_filesystem(s3_store):
     batch = read_fact_log(f"s3://{base}/log", filesystem=filesystem)
     assert batch.rows.num_rows == 2
     assert batch.files[0].path == f"s3://{base}/log/day=2026-11-20/part-0.parquet"
+
+
+def test_s3_keys_with_spaces_and_percent_escapes_are_listed_and_read_as_written(s3_bucket):
+    """Spark escapes partition values (``:`` -> ``%3A``) and keeps spaces; the key is the key,
+    not a URI to decode (it was refused, or decoded into a key that does not exist)."""
+    import io
+
+    import boto3
+
+    client = boto3.client("s3")
+    keys = ["spark/hour=2026-11-29 08%3A00%3A00/part-00000.snappy.parquet",
+            "spark/ts=2026-11-29T09%3A00%3A00/part-00000.parquet"]
+    for i, key in enumerate(keys):
+        buffer = io.BytesIO()
+        pq.write_table(table({"fact_id": f"f{i}"}), buffer)
+        client.put_object(Bucket=s3_bucket, Key=key, Body=buffer.getvalue())
+    files = list_log_files(f"s3://{s3_bucket}/spark")
+    assert [f.path for f in files] == sorted(f"s3://{s3_bucket}/{k}" for k in keys)
+    batch = read_fact_log(f"s3://{s3_bucket}/spark")
+    assert sorted(batch.rows.column("fact_id").to_pylist()) == ["f0", "f1"]
+    for file in files:  # what a night's read task does with each listed file
+        read, rows = read_log_file(file, RowRules(max_trigger_tokens=64), 4)
+        assert read.reject is None and read.rows == 1
+    # a fact log named by a key with a space is found too
+    assert len(list_log_files(f"s3://{s3_bucket}/spark/hour=2026-11-29 08%3A00%3A00")) == 1
 
 
 # --- Applying events ------------------------------------------------------------------------
