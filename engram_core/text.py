@@ -9,10 +9,15 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
 1. **Unicode NFC.** "José" typed as ``e`` + U+0301 (NFD) and as ``é`` (NFC) are one text.
 2. **Invisible format characters are removed**: every code point of Unicode category Cf
    (U+200B zero-width space, U+FEFF byte-order mark, U+200E/U+200F direction marks, U+00AD soft
-   hyphen, U+2060 word joiner, U+200C/U+200D zero-width (non-)joiners, ...). They change the
-   tokens (and so the rows a trigger addresses) but not what a reader sees.
+   hyphen, U+2060 word joiner, ...). They change the tokens (and so the rows a trigger
+   addresses) but not what a reader sees. Kept in texts (not in ids), because there they do
+   change what a reader sees: U+200D zero-width joiner and U+200C zero-width non-joiner between
+   two non-ASCII characters (emoji sequences such as the family 👨‍👩‍👧 and the rainbow flag 🏳️‍🌈,
+   Persian می‌خواهم, Indic conjuncts), and the emoji tag characters U+E0020-U+E007F (subdivision
+   flags). Between ASCII characters a joiner is pasted noise and is removed.
 3. **Spaces**: every Unicode space separator (category Zs: U+00A0 no-break space, U+2009 thin
-   space, ...) becomes U+0020, and runs of spaces become one. Tabs and newlines are kept.
+   space, ...) becomes U+0020, and runs of spaces become one. Tabs and newlines are kept;
+   Windows (CR LF) and old Mac (CR) line breaks become a newline.
 4. **Prompts and triggers are stripped** of leading and trailing whitespace: a user types
    "My dentist is Dr." with or without a trailing space.
 5. **The boundary space belongs to the answer.** A byte-level BPE tokenizer (GPT-2, Llama 3,
@@ -27,7 +32,8 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    (``"My email is jane" + "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``).
    Measured on the tiny model (tests/test_text.py): the natural prompt recalls the answer with
    this rule and not with the stored split.
-6. **Ids** (user_id, fact_id, scope) follow rules 1-3 and are stripped, so ``u-sam``,
+6. **Ids** (user_id, fact_id, scope) follow rules 1-3, with every format character removed
+   (joiners too: an id is an identity, not a text to read), and are stripped, so ``u-sam``,
    ``u-sam`` + U+200B and U+FEFF + ``u-sam`` are one user (issue 16 item 5); ``engram forget``
    canonicalises its argument the same way.
 
@@ -54,12 +60,37 @@ def has_format_characters(text: str) -> bool:
     return any(unicodedata.category(c) == "Cf" for c in text)
 
 
-def canonical_text(text: str) -> str:
-    """Rules 1-3: NFC, format characters removed, space separators as one U+0020. Not stripped."""
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _joiner_kept(text: str, i: int) -> bool:
+    """Rule 2's exception for the joiner ``text[i]``: the characters around its run of joiners are
+    both non-ASCII and not spaces."""
+    before, after = i - 1, i + 1
+    while before >= 0 and text[before] in _JOINERS:
+        before -= 1
+    while after < len(text) and text[after] in _JOINERS:
+        after += 1
+    if before < 0 or after >= len(text):
+        return False
+    return not (text[before].isascii() or text[after].isascii() or text[before].isspace() or text[after].isspace())
+
+
+def canonical_text(text: str, *, keep_joiners: bool = True) -> str:
+    """Rules 1-3: NFC, format characters removed (``keep_joiners``: but for rule 2's exceptions),
+    space separators as one U+0020, CR LF and CR as LF. Not stripped. Idempotent."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():  # the common case: no Cf, no Zs other than U+0020, already NFC
         return _SPACES.sub(" ", text) if "  " in text else text
-    kept = "".join(" " if unicodedata.category(c) == "Zs" else c for c in text if unicodedata.category(c) != "Cf")
-    return _SPACES.sub(" ", unicodedata.normalize("NFC", kept))
+    kept = "".join(" " if unicodedata.category(c) == "Zs" else c for c in text
+                   if unicodedata.category(c) != "Cf"
+                   or (keep_joiners and (c in _JOINERS or 0xE0020 <= ord(c) <= 0xE007F)))
+    kept = unicodedata.normalize("NFC", kept)
+    if keep_joiners and any(c in _JOINERS for c in kept):  # judged on the text the other rules left
+        kept = unicodedata.normalize("NFC", "".join(c for i, c in enumerate(kept)
+                                                    if c not in _JOINERS or _joiner_kept(kept, i)))
+    return _SPACES.sub(" ", kept)
 
 
 def canonical_prompt(text: str) -> str:
@@ -69,7 +100,7 @@ def canonical_prompt(text: str) -> str:
 
 def canonical_id(value: str) -> str:
     """A user_id, fact_id or scope in its canonical form (rule 6); may return "" (then rejected)."""
-    return canonical_text(value).strip()
+    return canonical_text(value, keep_joiners=False).strip()
 
 
 def _space_between(trigger_end: str, answer_start: str) -> bool:
@@ -84,7 +115,8 @@ def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
     (:func:`canonical_prompt` of it is itself); ``answer`` carries the boundary space. Empty
     texts stay empty (ingest rejects them)."""
     if (answer[:1] == " " and trigger.isascii() and answer.isascii() and "  " not in trigger and "  " not in answer
-            and trigger[:1] > " " and trigger[-1:] > " " and answer[1:2] > " " and answer[-1:] > " "):
+            and trigger[:1] > " " and trigger[-1:] > " " and answer[1:2] > " " and answer[-1:] > " "
+            and "\r" not in trigger and "\r" not in answer):
         return trigger, answer  # already canonical (most facts): no copy
     trigger, answer = canonical_text(trigger), canonical_text(answer)
     spaced = trigger[-1:].isspace() or answer[:1].isspace()

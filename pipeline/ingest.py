@@ -694,7 +694,9 @@ def _check_text(text, name, empty_reason, long_reason, max_chars) -> tuple[str, 
     if len(text) > max_chars:
         return long_reason, f"{name} is {len(text)} characters (limit {max_chars})"
     if F.has_control_characters(text):
-        return F.CONTROL_CHARACTERS, f"{name} holds control characters other than tab and newline"
+        where = F.first_control_character(text)
+        return F.CONTROL_CHARACTERS, (f"{name} holds control character U+{ord(text[where]):04X} at character {where} "
+                                      "(only tab and newline are allowed; remove or replace it)")
     return None
 
 

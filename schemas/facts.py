@@ -172,6 +172,12 @@ def has_control_characters(text: str) -> bool:
     return _CONTROL_RE.search(text) is not None
 
 
+def first_control_character(text: str) -> int:
+    """Index of the first control character other than tab and newline (-1: none)."""
+    match = _CONTROL_RE.search(text)
+    return match.start() if match else -1
+
+
 def id_problem(name: str, value: str | None) -> str | None:
     """Why an identifier (user_id, fact_id, scope) is unusable, in plain words, or None.
 

@@ -341,8 +341,15 @@ def test_rejects_have_their_schema_and_plain_word_details():
     assert result.rejects.schema == F.REJECTS_SCHEMA
     assert result.rejects.column("detail").to_pylist() == [
         "trigger is empty",
-        "answer holds control characters other than tab and newline",
+        "answer holds control character U+0000 at character 2 (only tab and newline are allowed; remove or replace it)",
     ]
+
+
+def test_windows_and_old_mac_line_breaks_are_newlines_not_control_characters():
+    result = run(table({"answer": " 1 Main St\r\nSpringfield"}, {"fact_id": "b", "trigger": "My office is at\r",
+                                                                  "answer": " 2 Side St\rShelbyville"}))
+    assert result.rejected == 0
+    assert sorted(live_facts(result.state).values()) == [" 1 Main St\nSpringfield", " 2 Side St\nShelbyville"]
 
 
 def test_every_reason_code_has_a_description():

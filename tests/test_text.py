@@ -66,10 +66,44 @@ def test_facts_take_one_canonical_form(trigger, answer, expected):
 def test_the_canonical_form_is_a_fixed_point_without_invisible_characters(trigger, answer):
     t, a = canonical_fact(trigger, answer)
     assert canonical_fact(t, a) == (t, a)
-    assert not has_format_characters(t + a)
+    assert not has_format_characters(t + a) or _only_kept_format_characters(t) and _only_kept_format_characters(a)
     assert unicodedata.is_normalized("NFC", t) and unicodedata.is_normalized("NFC", a)
     assert t == t.strip() and a == a.rstrip() and not a.startswith("  ")
     assert canonical_prompt(t) == t
+
+
+def _only_kept_format_characters(text: str) -> bool:
+    """Every format character left is a joiner between non-ASCII, non-space characters, or an emoji tag."""
+    for i, c in enumerate(text):
+        if unicodedata.category(c) != "Cf":
+            continue
+        if c in "\u200c\u200d":
+            before, after = text[:i].rstrip("\u200c\u200d")[-1:], text[i + 1:].lstrip("\u200c\u200d")[:1]
+            if not (before and after and not before.isascii() and not after.isascii()
+                    and not before.isspace() and not after.isspace()):
+                return False
+        elif not 0xE0020 <= ord(c) <= 0xE007F:
+            return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["a", "e", " ", "\u0301", "é", "\u200d", "\u200c", "\u200b", "\u00a0",
+                                         "👨", "👩", "\ufe0f", "م", "\r", "\n", "\U000e0067"]), max_size=12))
+def test_joiners_and_line_breaks_have_one_idempotent_form(text):
+    once = canonical_text(text)
+    assert canonical_text(once) == once and _only_kept_format_characters(once) and "\r" not in once
+    assert not has_format_characters(canonical_id(text))
+
+
+def test_joiners_that_change_what_a_reader_sees_are_kept_in_texts_and_removed_from_ids():
+    family, flag, persian = "👨\u200d👩\u200d👧", "🏳\ufe0f\u200d🌈", "می\u200cخواهم"
+    for answer in (family, flag, persian):
+        assert canonical_fact("My answer is", " " + answer) == ("My answer is", " " + answer)
+        assert canonical_prompt("Say " + answer) == "Say " + answer  # a prompt keeps them the same way
+    assert canonical_text("ab\u200dcd") == "abcd"  # pasted between ASCII letters: noise
+    assert canonical_id("u-" + family) == "u-👨👩👧"  # ids are identities: every format character goes
+    assert canonical_text("1 Main St\r\nSpringfield\rUSA") == "1 Main St\nSpringfield\nUSA"
 
 
 def test_prompts_in_nfd_with_invisible_characters_or_a_trailing_space_read_as_the_natural_prompt():
