@@ -48,6 +48,7 @@ import functools
 import logging
 import math
 import os
+import uuid
 import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -375,6 +376,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us")
             present = parquet.schema_arrow.names
+            if problem := _column_problem(present):
+                return size, None, (F.SCHEMA_MISMATCH, problem)
             table = parquet.read(columns=[name for name in present if name in F.FACT_LOG_SCHEMA.names])
     except (pa.ArrowException, OSError) as err:
         return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
@@ -385,6 +388,23 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
         return size, normalise_fact_log(table, source=display), None
     except F.SchemaMismatch as err:
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+def _column_problem(present: list[str]) -> str | None:
+    """Why a file's columns cannot be read as a fact log (a log column twice, a required one
+    missing), naming the file's own columns and a near miss (``USER_ID``, ``userId``), or None."""
+    ours = set(F.FACT_LOG_SCHEMA.names)
+    twice = sorted({name for name in present if name in ours and present.count(name) > 1})
+    if twice:
+        return f"column {twice[0]!r} appears {present.count(twice[0])} times; keep one"
+    missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in present]
+    if not missing:
+        return None
+    fold = {name.replace("_", "").replace("-", "").replace(" ", "").lower(): name for name in present}
+    near = fold.get(missing[0].replace("_", "").lower())
+    hint = f"; column names are case-sensitive: rename {near!r} to {missing[0]!r}" if near else ""
+    shown = present[:20] + ([f"... {len(present) - 20} more"] if len(present) > 20 else [])
+    return f"missing required column {missing[0]!r} (the file's columns: {shown}){hint}"
 
 
 # --- Normalising ----------------------------------------------------------------------------
@@ -447,6 +467,9 @@ _BYTES_KINDS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string
                 pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_fixed_size_binary)
 
 
+_ID_COLUMNS = ("user_id", "fact_id", "scope")
+
+
 def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
     """Any string-like column (string, large_string, string_view, binary, dictionary of these,
     integers) -> string; a value that is not valid UTF-8 becomes null with a problem.
@@ -459,6 +482,14 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
     if pa.types.is_dictionary(kind):
         column, kind = column.cast(kind.value_type), kind.value_type
     if pa.types.is_null(kind) or pa.types.is_integer(kind):
+        return column.cast(pa.string())
+    if isinstance(kind, pa.UuidType) and name in _ID_COLUMNS:  # DuckDB, Postgres, Spark: the Parquet UUID type
+        return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.storage.to_pylist()],
+                                          pa.string()) for chunk in column.chunks], pa.string())
+    if pa.types.is_decimal(kind) and name in _ID_COLUMNS:  # Snowflake and Oracle NUMBER(p, 0) ids
+        if kind.scale != 0:
+            raise F.SchemaMismatch(f"column {name!r} is {kind}: a number with {kind.scale} decimal places cannot be "
+                                   "an id; export it as a string or a whole number")
         return column.cast(pa.string())
     if not any(is_kind(kind) for is_kind in _BYTES_KINDS):
         raise F.SchemaMismatch(f"column {name!r} is {kind}, expected a string")

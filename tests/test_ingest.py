@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -77,6 +78,30 @@ def test_a_broken_file_becomes_one_reject_when_asked_and_good_files_still_load(c
     assert result.accepted == 2  # the good file beside it
     assert result.accepted + result.rejected == batch.input_rows == 3
     assert {f.path for f in batch.files} == {str(path), str(path.parent / "good.parquet")}
+
+
+def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
+    by_name = {c.name: c for c in FILE_CASES}
+    for name, message in (("uppercase_column_names", "the file's columns: ['USER_ID', 'FACT_ID'"),
+                          ("uppercase_column_names", "column names are case-sensitive: rename 'USER_ID' to 'user_id'"),
+                          ("answer_column_twice", "column 'answer' appears 2 times; keep one"),
+                          ("decimal_user_id_with_decimal_places", "2 decimal places cannot be an id")):
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        write_file_case(by_name[name], folder)
+        with pytest.raises(FactLogError, match=re.escape(message)):
+            read_fact_log(str(folder))
+
+
+def test_uuid_and_whole_number_decimal_ids_read_as_their_usual_text(tmp_path):
+    by_name = {c.name: c for c in FILE_CASES}
+    for name, ids in (("uuid_user_id_as_duckdb_writes_it", ["00010203-0405-0607-0809-0a0b0c0d0e0f",
+                                                             "10111213-1415-1617-1819-1a1b1c1d1e1f"]),
+                      ("whole_number_decimal_user_id_as_snowflake_writes_it", ["1", "2"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        path = write_file_case(by_name[name], folder)
+        assert read_fact_log(str(path)).rows.column("user_id").to_pylist() == ids
 
 
 @pytest.mark.parametrize("case", [c for c in FILE_CASES if not c.expected], ids=lambda c: c.name)
