@@ -880,7 +880,8 @@ def _dedupe(events: list[_Event], verdicts: list) -> list[_Event]:
             verdicts[event.index] = (
                 F.CONFLICTING_DUPLICATE,
                 f"{len(group)} {op} events for user {user_id[:64]!r} fact {fact_id!r} at {_iso(time)} "
-                "differ in content; none applied",
+                "differ in content; none applied (event times are compared to the microsecond, a date column's "
+                "to the day: give each edit its own time, or send only the one that holds)",
             )
     return kept
 
