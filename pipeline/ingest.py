@@ -332,7 +332,10 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
     """Yield (filesystem, path, display name) for every data file under the sources."""
     for source in sources:
         fs, path, prefix = _resolve(source, filesystem)
-        info = fs.get_file_info(path)
+        try:
+            info = fs.get_file_info(path)
+        except pa.ArrowInvalid as err:  # e.g. "Empty path component" for s3://bucket/a//b
+            raise FactLogError(f"fact log {source}: not a usable path ({err}); check for a doubled '/'") from None
         if info.type == pafs.FileType.NotFound:
             raise FactLogError(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)")
         if info.type == pafs.FileType.File:

@@ -288,6 +288,8 @@ def test_s3_keys_with_spaces_and_percent_escapes_are_listed_and_read_as_written(
     for file in files:  # what a night's read task does with each listed file
         read, rows = read_log_file(file, RowRules(max_trigger_tokens=64), 4)
         assert read.reject is None and read.rows == 1
+    with pytest.raises(FactLogError, match="doubled '/'"):
+        list_log_files(f"s3://{s3_bucket}/spark//hour=x")
     # a fact log named by a key with a space is found too
     assert len(list_log_files(f"s3://{s3_bucket}/spark/hour=2026-11-29 08%3A00%3A00")) == 1
 
