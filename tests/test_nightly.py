@@ -728,7 +728,7 @@ def test_forget_deletes_what_a_killed_night_wrote_about_the_user(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("compile_overrides, message", [
-    ({"lr": "abc"}, "compile.lr must be a number"),
+    ({"lr": "abc"}, "compile.lr must be a finite number"),
     ({"steps": 0}, "compile.steps must be at least 1"),
     ({"compiled_step": 1}, "compile.compiled_step must be true or false"),
     ({"facts_per_batch": 2.5}, "compile.facts_per_batch must be an int"),
