@@ -290,6 +290,36 @@ def test_engram_rollback_on_the_command_line_moves_away_from_a_damaged_current_m
     assert_complete(local_store, 1)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing", "another_version"])
+def test_after_rolling_back_away_from_a_damaged_current_manifest_the_store_publishes_and_collects(local_store, tiny,
+                                                                                                   damage):
+    """The damaged manifest stays above CURRENT: the next publish takes the next number, gc keeps
+    going, and a forget on the damaged current says to roll back first."""
+    from versions.errors import PublishError
+    from versions.forget import forget_user
+    from versions.retention import collect
+
+    rng = np.random.default_rng(7)
+    first = publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    current = publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    if damage == "truncated":
+        local_store.put(current.key, local_store.get(current.key)[:200])
+    elif damage == "missing":
+        local_store.delete(current.key)
+    else:
+        local_store.put(current.key, local_store.get(first.key))
+    with pytest.raises(PublishError, match="roll back"):
+        forget_user(local_store, "alice", actor="test", reason="test")
+    rollback(local_store, 2, reason="current damaged", actor="test")
+    assert_complete(local_store, 2)
+    after = publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    assert after.version == (3 if damage == "missing" else 4)  # the damaged file's number is not reused
+    assert read_current(local_store)[0].version == after.version
+    collect(local_store, keep=2)
+    assert read_current(local_store)[0].version == after.version
+
+
 def test_a_manifest_its_readers_would_refuse_is_never_written(local_store, tiny):
     """The publisher reads its own manifest back with the readers' checks before it can become
     CURRENT (a job id of the wrong type once published a version nobody could read)."""

@@ -189,7 +189,7 @@ def readable_manifests(store: ObjectStore) -> dict[int, Manifest]:
     for version in manifest_versions_on_disk(store):
         try:
             manifests[version] = read_manifest(store, version)
-        except ManifestError as err:
+        except (ManifestError, PublishError) as err:  # e.g. a file that holds another version
             log.warning("%s: skipping damaged manifest: %s", store.uri, err)
     return manifests
 
@@ -201,7 +201,7 @@ def damaged_manifests(store: ObjectStore) -> dict[int, str]:
     for version in manifest_versions_on_disk(store):
         try:
             read_manifest(store, version)
-        except ManifestError as err:
+        except (ManifestError, PublishError) as err:
             damaged[version] = str(err)
     return damaged
 

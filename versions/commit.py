@@ -16,9 +16,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Callable
 
-from schemas.manifest import Manifest
+from schemas.manifest import Manifest, ManifestError
 from versions.catalog import CurrentPointer, read_manifest, read_pointer, verified_bytes
-from versions.errors import IntegrityError, PublishConflict
+from versions.errors import IntegrityError, PublishConflict, PublishError
 from versions.layout import AUDIT_PREFIX, CURRENT_KEY
 from versions.store import ObjectStore, PreconditionFailed
 
@@ -104,7 +104,13 @@ def write_manifest(store: ObjectStore, draft: Manifest, pointer: CurrentPointer 
         if (now and now.etag) != (pointer and pointer.etag):
             raise PublishConflict(f"{store.uri}: version {version} was published by another publisher "
                                   f"(CURRENT is now v{now.version if now else '-'}); re-plan against it")
-        existing = read_manifest(store, version)
+        try:
+            existing = read_manifest(store, version)
+        except (ManifestError, PublishError) as err:  # a damaged manifest above CURRENT (rolled back away from)
+            log.warning("%s: %s is taken by an unreadable manifest (%s); trying the next number", store.uri,
+                        candidate.key, err)
+            version += 1
+            continue
         if _same_content(existing, candidate):
             log.info("%s: adopting %s left by an earlier run with the same content", store.uri, candidate.key)
             return existing

@@ -388,6 +388,9 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter) -> _Plan | 
     if pointer is None:
         return None
     published = [info.version for info in list_versions(store)]
+    if pointer.version not in published:
+        raise PublishError(f"{store.uri}: the current manifest (v{pointer.version}) is unreadable; roll back to an "
+                           "intact version first (engram versions lists them, engram rollback --to N), then forget")
     orphans = sorted(set(manifest_versions_on_disk(store)) - set(published))
     retained = [read_manifest(store, v) for v in published]
     hashes = {forgotten_id(u) for u in users}

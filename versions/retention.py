@@ -25,9 +25,10 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from schemas.manifest import manifest_key
+from schemas.manifest import ManifestError, manifest_key
 from versions.catalog import list_versions, manifest_versions_on_disk, read_manifest, read_pointer
 from versions.commit import append_audit
+from versions.errors import PublishError
 from versions.forget import references
 from versions.layout import OBJECT_PREFIXES
 from versions.store import ObjectStore
@@ -74,7 +75,13 @@ def collect(store: ObjectStore, keep: int, *, dry_run: bool = False, actor: str 
     live_orphans = [v for v in orphans if v > pointer.version]
     dead_orphans = [v for v in orphans if v < pointer.version]
     deleted_versions = sorted(set(published) - set(kept))
-    kept_manifests = [read_manifest(store, v) for v in kept + live_orphans]
+    kept_manifests = [read_manifest(store, v) for v in kept]
+    for version in live_orphans:  # a night's candidate above CURRENT, or a damaged version rolled back away from
+        try:
+            kept_manifests.append(read_manifest(store, version))
+        except (ManifestError, PublishError) as err:  # unreadable: it names nothing anyone can use; its file stays
+            log.warning("gc on %s: manifest v%d above CURRENT is unreadable (%s); kept, its objects are not",
+                        store.uri, version, err)
     referenced = references(kept_manifests)
     keep_stats = set(kept) | set(live_orphans)
 

@@ -43,7 +43,7 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
         if pointer.version == DAMAGED:
             raise ManifestError("CURRENT does not name a readable version")
         manifest = read_manifest(store, pointer.version)
-    except ManifestError as err:
+    except (ManifestError, PublishError) as err:  # unreadable, missing, or holding another version
         # Rolling back is the remedy for a damaged current version, so it must not need it.
         # Its forgets are then taken from everything else that records one (conservative).
         log.warning("%s: current manifest is damaged (%s); rolling back away from it", store.uri, err)
