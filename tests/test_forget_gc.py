@@ -248,3 +248,22 @@ def test_forget_and_gc_commands(local_store):
     assert json.loads(out.output)["dry_run"] is True
     out = runner.invoke(app, ["gc", "--store", str(local_store.root), "--keep", "0"])
     assert out.exit_code != 0 and "at least 1" in out.output
+
+
+def test_a_forgotten_user_whose_id_holds_a_slash_leaves_no_collision_owner_name():
+    """Within-user collision owners are named ``user/fact``; a user id may hold "/" itself."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.collisions import within_user_collision_table
+    from versions.forget import _holds_users, _without_users
+
+    table = within_user_collision_table({"org/alice": {"f1": np.array([5, 6]), "f2": np.array([6, 7])},
+                                         "bob": {"g1": np.array([1, 2]), "g2": np.array([2, 3])}})
+    assert _holds_users(table, pa.array(["org/alice"]))
+    scrubbed = _without_users(table, pa.array(["org/alice"]))
+    owners = [o for ls in scrubbed.column("example_owners").to_pylist() for o in ls or []]
+    assert owners and not any(o.startswith("org/alice/") for o in owners)
+    assert any(o.startswith("bob/") for o in owners)  # another user's names stay
+    assert not _holds_users(scrubbed, pa.array(["org/alice"]))
+    assert not _holds_users(table, pa.array(["alice"]))  # a suffix is not the user

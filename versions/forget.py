@@ -137,12 +137,26 @@ def _is_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
     return pc.fill_null(pc.is_in(values, users), False)
 
 
+def _owner_names(owner: str | None, names: set[str]) -> bool:
+    """Whether a collision owner name is one of ``names`` or a ``user/fact`` name of one. A user id
+    may itself hold "/" (``org/alice``), so every prefix ending before a "/" is tried: forgetting
+    ``org`` also drops ``org/alice/f1`` from the examples (more than needed, never less)."""
+    if owner is None:
+        return False
+    if owner in names:
+        return True
+    cut = owner.find("/")
+    while cut != -1:
+        if owner[:cut] in names:
+            return True
+        cut = owner.find("/", cut + 1)
+    return False
+
+
 def _names_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
     """Per owner name: one of ``users``, or a ``user/fact`` name of one (within-user collision owners)."""
-    if len(values) == 0:
-        return pa.array([], pa.bool_())
-    head = pc.list_element(pc.split_pattern(values, "/", max_splits=1), 0)
-    return pc.or_(_is_user(values, users), _is_user(head, users))
+    names = set(users.to_pylist())
+    return pa.array([_owner_names(o, names) for o in values.to_pylist()], pa.bool_())
 
 
 def _holds_users(table: pa.Table, users: pa.Array) -> bool:
@@ -181,8 +195,7 @@ def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
         index = table.column_names.index("example_owners")
         lists = table.column("example_owners").to_pylist()
         names = set(users.to_pylist())
-        kept = [None if ls is None else [o for o in ls if o not in names and o.split("/", 1)[0] not in names]
-                for ls in lists]
+        kept = [None if ls is None else [o for o in ls if not _owner_names(o, names)] for ls in lists]
         table = table.set_column(index, table.schema.field(index), pa.array(kept, table.schema.field(index).type))
     return table
 
