@@ -47,5 +47,26 @@ def _register_all() -> None:
 
 _register_all()
 
+
+def run() -> None:
+    """The ``engram`` console script: the app, with a store or input that turns out damaged or
+    unreadable reported as one line (exit 1) instead of a traceback; ``-v`` shows the traceback.
+    Errors outside these kinds (bugs) keep their traceback."""
+    import sys
+
+    import pyarrow as pa
+
+    from versions.errors import PublishError
+    from versions.store import StoreError
+
+    try:
+        app()
+    except (PublishError, StoreError, ValueError, OSError, pa.ArrowException) as exc:
+        if "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    run()

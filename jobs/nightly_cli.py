@@ -184,9 +184,14 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
 
     try:
         the_store = open_store(store, create=False)
-        infos = list_versions(the_store)
+        try:
+            infos = list_versions(the_store)
+        except (PublishError, ValueError) as exc:  # a damaged CURRENT: list what a rollback can go to
+            typer.echo(f"error: CURRENT is damaged ({exc}); listing the intact versions, none current "
+                       "(engram rollback --to N makes one current)", err=True)
+            infos = list_versions(the_store, pointer=None)
         damaged = damaged_manifests(the_store)
-    except (StoreError, PublishError) as exc:
+    except (StoreError, PublishError, ValueError) as exc:
         _fail(str(exc), code=exit_code(exc))
     for version, why in sorted(damaged.items()):  # e.g. a broken layer chain: never listed, never served
         typer.echo(f"error: v{version} refused: {why}", err=True)

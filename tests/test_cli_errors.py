@@ -91,3 +91,39 @@ def test_spec_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
         assert result.exit_code == 2, (line, result.output)
         assert message in json.loads(result.stdout)["error"], line
     assert not (tmp_path / "s").exists()
+
+
+def test_a_damaged_store_gets_one_line_from_every_command_never_a_traceback(local_store, tiny):
+    """CURRENT garbage, then a truncated audit record: each operator command says what is wrong in
+    one line (exit 1), and `versions` still lists the intact versions a rollback can go to."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.harness import publish_deltas, random_delta
+
+    rng = np.random.default_rng(8)
+    for _ in range(2):
+        publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300)
+
+    local_store.put("CURRENT", b"garbage")
+    listed = cli("versions", "--store", local_store.uri, "--json")
+    assert listed.returncode == 0 and "CURRENT is damaged" in listed.stderr
+    assert [r["version"] for r in json.loads(listed.stdout)] == [1, 2]
+    for args in (["stats", "--store", local_store.uri, "select count(*) from facts"],
+                 ["gc", "--store", local_store.uri, "--keep", "1"]):
+        result = cli(*args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert "CURRENT" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert cli("rollback", "--store", local_store.uri, "--to", "2").returncode == 0
+
+    audit = local_store.list("audit/")[-1]
+    local_store.put(audit, local_store.get(audit)[:10])
+    for args in (["versions", "--store", local_store.uri], ["rollback", "--store", local_store.uri, "--to", "1"]):
+        result = cli(*args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert audit in result.stderr, result.stderr

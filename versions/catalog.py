@@ -167,8 +167,20 @@ def load_shard_tombstones(store: ObjectStore, entry: ShardEntry) -> pa.Table:
 
 
 def read_audit(store: ObjectStore) -> list[dict]:
-    """Every audit record, oldest first."""
-    return [json.loads(store.get(key)) for key in store.list(AUDIT_PREFIX)]
+    """Every audit record, oldest first. Raises PublishError naming a record that is not a JSON
+    object (the records say which versions were published and which a forget rewrote, so one is
+    never skipped)."""
+    records = []
+    for key in store.list(AUDIT_PREFIX):
+        try:
+            record = json.loads(store.get(key))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            record = err
+        if not isinstance(record, dict):
+            raise PublishError(f"{store.uri}: audit record {key} is damaged ({record}); restore it from a backup or "
+                               "the store's versioning, or move it aside after checking what it recorded")
+        records.append(record)
+    return records
 
 
 def _published_set(store: ObjectStore, manifests: dict[int, Manifest], pointer: CurrentPointer | None) -> set[int]:
