@@ -250,14 +250,15 @@ def _filesystem_for(display: str, filesystem: pafs.FileSystem | None) -> tuple[p
 
 
 def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of an object-store URI whose key is taken as written: keys may hold
-    spaces and ``%`` (Spark writes partition values escaped, ``hour=2026-11-29 08%3A00%3A00/``),
-    which URI parsing refuses or decodes into another key. Only the bucket goes through
-    ``FileSystem.from_uri``; a URI with a query string (``?endpoint_override=...``) is parsed whole.
-    Raises FactLogError naming the URI."""
+    """(filesystem, path) of a fact-log URI. On an object store (``s3://``, ``gs://``) the key is
+    taken as written: keys may hold spaces, ``%``, ``?`` and ``#`` (Spark writes partition values
+    escaped, ``hour=2026-11-29 08%3A00%3A00/``), which URI parsing refuses, decodes or cuts off.
+    Only the bucket goes through ``FileSystem.from_uri`` (endpoint, region and credentials come
+    from the environment: ``AWS_ENDPOINT_URL``, ...). Other schemes (``hdfs://host:port/path``,
+    ``file://``) are parsed whole. Raises FactLogError naming the URI."""
     scheme, rest = uri.split("://", 1)
     try:
-        if scheme == "file" or "?" in rest:
+        if scheme not in ("s3", "gs", "gcs"):
             return pafs.FileSystem.from_uri(uri)
         filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
         return filesystem, rest

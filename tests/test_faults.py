@@ -431,3 +431,15 @@ def test_a_night_over_the_whole_dirty_corpus_publishes_and_accounts_for_every_ro
     assert len(set(published_users(local_store))) == report.users
     for entry in manifest.shards:  # every published delta is well formed
         assert all(d.num_rows > 0 for d in bundle_deltas(load_shard_bundle(local_store, entry)).values())
+
+
+def test_an_s3_store_prefix_is_taken_as_written(s3_bucket):
+    """'#' and '?' are key characters, not a URI fragment or query: the store must not silently
+    write under the parent prefix (urlparse cut them off)."""
+    import boto3
+
+    store = open_store(f"s3://{s3_bucket}/team#1/engram?v=2")
+    store.put("CURRENT-probe", b"x")
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert "team#1/engram?v=2/CURRENT-probe" in keys
+    assert open_store(store.uri).get("CURRENT-probe") == b"x"

@@ -510,16 +510,18 @@ def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> 
 
 
 def open_store(uri: str, *, create: bool = True, **s3_options) -> ObjectStore:
-    """``/path``, ``relative/path`` or ``file:///path`` -> LocalStore; ``s3://bucket/prefix`` -> S3Store.
+    """``/path``, ``relative/path`` or ``file:///path`` -> LocalStore; ``s3://bucket/prefix`` -> S3Store
+    (the prefix as written: ``s3://bucket/team#1/engram`` is the prefix ``team#1/engram``).
 
     A file URI is percent-decoded (``LocalStore.uri`` encodes ``=``, spaces and the like), so
     ``open_store(store.uri)`` always opens the same directory. ``create=False`` (read-only
     commands) refuses a local directory that does not exist instead of creating it."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
+    if uri.startswith("s3://"):  # by hand: a key prefix is taken as written ('#', '?', '%' are key characters)
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
             raise ValueError(f"store URI {uri!r}: missing bucket (expected s3://bucket/prefix)")
-        return S3Store(parsed.netloc, parsed.path, **s3_options)
+        return S3Store(bucket, prefix, **s3_options)
+    parsed = urlparse(uri)
     if s3_options:
         raise ValueError(f"store URI {uri!r}: S3 options {sorted(s3_options)} given for a local store")
     if parsed.scheme == "file":
