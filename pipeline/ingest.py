@@ -45,6 +45,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import os
@@ -378,7 +379,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
     size = fs.get_file_info(path).size or 0
     try:
         with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us")
+            parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
             present = parquet.schema_arrow.names
             if problem := _column_problem(present):
                 return size, None, (F.SCHEMA_MISMATCH, problem)
@@ -472,6 +473,11 @@ _BYTES_KINDS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string
 
 
 _ID_COLUMNS = ("user_id", "fact_id", "scope")
+_UUID_TYPE = getattr(pa, "UuidType", ())  # pyarrow >= 18
+# Parquet's UUID logical type read as arrow.uuid (the default where the option exists; asked for
+# explicitly so that an id column of UUIDs is never read as raw 16-byte binary).
+_EXTENSIONS = ({"arrow_extensions_enabled": True}
+               if "arrow_extensions_enabled" in inspect.signature(pq.ParquetFile.__init__).parameters else {})
 
 
 def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
@@ -487,7 +493,7 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
         column, kind = column.cast(kind.value_type), kind.value_type
     if pa.types.is_null(kind) or pa.types.is_integer(kind):
         return column.cast(pa.string())
-    if isinstance(kind, pa.UuidType) and name in _ID_COLUMNS:  # DuckDB, Postgres, Spark: the Parquet UUID type
+    if isinstance(kind, _UUID_TYPE) and name in _ID_COLUMNS:  # DuckDB, Postgres, Spark: the Parquet UUID type
         return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.storage.to_pylist()],
                                           pa.string()) for chunk in column.chunks], pa.string())
     if pa.types.is_decimal(kind) and name in _ID_COLUMNS:  # Snowflake and Oracle NUMBER(p, 0) ids
