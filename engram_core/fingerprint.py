@@ -22,12 +22,23 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing parts or does not fit together."""
 
 
+def is_ingredient(path: Path) -> bool:
+    """Whether a file under a checkpoint part is part of the model: not a derived cache
+    (``canonical-*``), nor one being written (``.canonical-*`` temp files, ``*.tmp.npy``). The
+    fingerprint and the model upload (versions.models) use this one rule, so an uploaded model
+    always has the fingerprint it is stored under."""
+    return path.is_file() and not path.name.startswith((_DERIVED_PREFIX, "." + _DERIVED_PREFIX)) \
+        and not path.name.endswith(".tmp.npy")
+
+
+def ingredient_files(root: Path, parts: tuple[str, ...] = _INGREDIENTS) -> list[Path]:
+    """Every ingredient file of ``parts`` (:func:`is_ingredient`), in fingerprint order."""
+    return sorted(p for part in parts if (root / part).exists() for p in (root / part).rglob("*") if is_ingredient(p))
+
+
 def _file_digests(root: Path, parts: tuple[str, ...] = _INGREDIENTS) -> list[tuple[Path, bytes]]:
     """(file, sha256 of content) of every ingredient file (of ``parts``), in fingerprint order."""
-    files = sorted(
-        p for part in parts if (root / part).exists() for p in (root / part).rglob("*")
-        if p.is_file() and not p.name.startswith((_DERIVED_PREFIX, ".canonical-"))
-    )
+    files = ingredient_files(root, parts)
     digests = []
     for file in files:
         inner = hashlib.sha256()

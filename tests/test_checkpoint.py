@@ -160,3 +160,19 @@ def test_a_night_on_a_checkpoint_with_a_foreign_adapter_is_refused_before_it_wri
     with pytest.raises(CheckpointError, match="Qwen2ForCausalLM"):
         run_nightly(spec)
     assert local_store.list("") == []  # no model uploaded, no chunk compiled, nothing published
+
+
+def test_the_upload_and_the_fingerprint_take_the_same_files(tmp_path, tiny_dir):
+    """A stray temp file counts in neither: an uploaded model always has its fingerprint."""
+    import shutil
+
+    from engram_core.fingerprint import fingerprint
+    from versions.models import checkpoint_files
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    before = fingerprint(model)
+    for name in ("extra.tmp.npy", ".canonical-map.npy.123.abc.tmp", "canonical-map.npy"):
+        (model / "engram" / name).write_bytes(b"x")
+    assert fingerprint(model) == before
+    assert not any(name in f for f in checkpoint_files(model) for name in ("tmp", "canonical-"))

@@ -16,7 +16,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from engram_core.fingerprint import _DERIVED_PREFIX, _INGREDIENTS, CheckpointError, fingerprint
+from engram_core.fingerprint import CheckpointError, fingerprint, ingredient_files
 from versions.errors import IntegrityError, PublishError
 from versions.layout import MODEL_PREFIX
 from versions.store import ObjectNotFound, ObjectStore, PreconditionFailed
@@ -41,11 +41,7 @@ def _model_key(fp: str, rel: str = "") -> str:
 def checkpoint_files(directory: str | Path) -> list[str]:
     """Relative paths of the files that make up a checkpoint's fingerprint (derived caches excluded)."""
     root = Path(directory)
-    return sorted(
-        p.relative_to(root).as_posix()
-        for part in _INGREDIENTS if (root / part).exists() for p in (root / part).rglob("*")
-        if p.is_file() and not p.name.startswith(_DERIVED_PREFIX) and not p.name.endswith(".tmp.npy")
-    )
+    return sorted(p.relative_to(root).as_posix() for p in ingredient_files(root))
 
 
 def publish_model(store: ObjectStore, checkpoint_dir: str | Path) -> str:
