@@ -106,9 +106,13 @@ class EngramConfig:
             raise ConfigError(f"engram config: unknown field(s) {unknown}; known fields: {sorted(known)}")
         kwargs = dict(raw)
         if "layers" in kwargs:
-            if not isinstance(kwargs["layers"], (list, tuple)):
-                raise ConfigError("engram config: field 'layers' must be a list of ints")
+            if not isinstance(kwargs["layers"], (list, tuple)) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in kwargs["layers"]):
+                raise ConfigError(f"engram config: field 'layers' must be a list of ints, got {kwargs['layers']!r}")
             kwargs["layers"] = tuple(kwargs["layers"])
+        write_layer = kwargs.get("write_layer")
+        if write_layer is not None and (not isinstance(write_layer, int) or isinstance(write_layer, bool)):
+            raise ConfigError(f"engram config: field 'write_layer' must be an int, got {write_layer!r}")
         for f in fields(cls):
             value = kwargs.get(f.name)
             if f.name in ("layers", "write_layer") or value is None:

@@ -95,7 +95,7 @@ def _cron_item_problem(item: str, spec: _CronField) -> str | None:
         return "empty list item"
     base, slash, step = item.partition("/")
     if slash:
-        if not step.isdigit() or int(step) < 1:
+        if not (step.isascii() and step.isdigit()) or int(step) < 1:
             return f"step {step!r} must be a positive number"
         if int(step) > spec.high - spec.low + 1:
             return f"step {step} is larger than the field's range {spec.low}-{spec.high}"
@@ -117,7 +117,7 @@ def _cron_item_problem(item: str, spec: _CronField) -> str | None:
 def _cron_value(text: str, spec: _CronField) -> int:
     if text.upper() in spec.names:
         return spec.names[text.upper()]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         names = f" or a name ({', '.join(spec.names)})" if spec.names else ""
         raise ValueError(f"{text!r} is not a number{names}")
     value = int(text)

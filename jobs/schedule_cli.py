@@ -15,6 +15,15 @@ from jobs.spec import NightlySpec, SpecError
 SPEC_HELP = "YAML job spec (see jobs/specs/nightly.example.yaml)."
 
 
+def _seconds(value: float, name: str) -> float:
+    """A timeout option: a finite number above 0."""
+    import math
+
+    if not math.isfinite(value) or value <= 0:
+        raise typer.BadParameter(f"must be a finite number above 0, got {value}", param_hint=name)
+    return value
+
+
 def _load(spec_file: Path) -> NightlySpec:
     try:
         return NightlySpec.load(spec_file)
@@ -26,8 +35,10 @@ def submit(
     spec_file: Path = typer.Option(..., "--spec", help=SPEC_HELP),
     address: str = typer.Option(..., help="Ray dashboard of the cluster, e.g. http://HEAD:8265."),
     wait: bool = typer.Option(False, "--wait", help="Poll until the job finishes; print its status and log tail."),
-    wait_timeout: float = typer.Option(3600, "--wait-timeout", help="Seconds to wait with --wait."),
-    connect_timeout: float = typer.Option(5, "--connect-timeout", help="Seconds to wait for the dashboard to answer."),
+    wait_timeout: float = typer.Option(3600, "--wait-timeout", help="Seconds to wait with --wait.",
+                                       callback=lambda v: _seconds(v, "--wait-timeout")),
+    connect_timeout: float = typer.Option(5, "--connect-timeout", help="Seconds to wait for the dashboard to answer.",
+                                          callback=lambda v: _seconds(v, "--connect-timeout")),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Submit the nightly job to a Ray cluster (Ray Jobs API). Example: engram submit --spec S --address http://HEAD:8265 --wait

@@ -65,11 +65,23 @@ def _client(store, manifest, em, shards: str | None, cache_dir, interval: float 
     return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval)
 
 
+def _seconds(value: float, name: str, *, zero: bool) -> float:
+    """A duration option: finite, and above 0 (or at least 0 where ``zero``); NaN or inf would
+    busy-poll the store or stop a thread."""
+    import math
+
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise typer.BadParameter(f"must be a finite number {'of at least 0' if zero else 'above 0'}, got {value}",
+                                 param_hint=name)
+    return value
+
+
 def pull(
     store: str = _STORE,
     shards: Optional[str] = typer.Option(None, "--shards", help="Shards this node owns, e.g. 0-15 or 0-3,8 (default: all)."),
     watch: bool = typer.Option(False, "--watch", help="Keep polling CURRENT and hot-swapping new versions."),
-    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls with --watch (±10% jitter)."),
+    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls with --watch (±10% jitter).",
+                                   callback=lambda v: _seconds(v, "--interval", zero=False)),
     polls: int = typer.Option(0, "--polls", help="With --watch: stop after this many polls (0 = forever)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
@@ -157,9 +169,11 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     shards: Optional[str] = typer.Option(None, "--shards", help="Shards this node owns (default: all)."),
-    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls of CURRENT (±10% jitter)."),
+    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls of CURRENT (±10% jitter).",
+                                   callback=lambda v: _seconds(v, "--interval", zero=False)),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences in one forward batch."),
-    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0, help="How long to collect a batch."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long to collect a batch.",
+                                        callback=lambda v: _seconds(v, "--batch-wait-ms", zero=True)),
     chat_template: Optional[Path] = typer.Option(
         None, "--chat-template", help="Jinja chat template file for /v1/chat/completions, used instead of the "
                                       "checkpoint's own (required for a checkpoint without one)."),

@@ -79,7 +79,7 @@ class FingerprintMismatch(PullError):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ENGRAM_CACHE_DIR", Path.home() / ".cache" / "engram"))
+    return Path(os.environ.get("ENGRAM_CACHE_DIR") or Path.home() / ".cache" / "engram")  # "" is unset, not "."
 
 
 def parse_shards(spec: str | None, num_shards: int | None = None) -> list[int] | None:

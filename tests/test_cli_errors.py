@@ -127,3 +127,33 @@ def test_a_damaged_store_gets_one_line_from_every_command_never_a_traceback(loca
         result = cli(*args)
         assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
         assert audit in result.stderr, result.stderr
+
+
+def test_durations_that_are_not_finite_positive_numbers_are_refused_naming_the_option(tmp_path):
+    """NaN, inf, 0 or negative polls busy-looped the store or stopped a serving thread."""
+    for args, option in ((["pull", "--store", str(tmp_path), "--interval", "nan"], "--interval"),
+                         (["pull", "--store", str(tmp_path), "--interval", "0"], "--interval"),
+                         (["serve", "--store", str(tmp_path), "--interval", "inf"], "--interval"),
+                         (["serve", "--store", str(tmp_path), "--batch-wait-ms", "nan"], "--batch-wait-ms"),
+                         (["serve", "--store", str(tmp_path), "--batch-wait-ms", "-1"], "--batch-wait-ms"),
+                         (["submit", "--spec", "s.yaml", "--address", "http://h:8265", "--connect-timeout", "nan"],
+                          "--connect-timeout")):
+        result = engram(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert option in result.output, (args, result.output)
+
+
+def test_model_configs_and_cron_fields_of_the_wrong_kind_are_refused():
+    import pytest
+
+    from engram_core.config import ConfigError, EngramConfig
+    from jobs.schedule import ScheduleError, validate_cron
+
+    good = EngramConfig().to_dict()
+    for bad in ({"layers": ["1", 3]}, {"layers": [True, 3]}, {"layers": [1.0]}, {"write_layer": True},
+                {"write_layer": 3.0}):
+        with pytest.raises(ConfigError):
+            EngramConfig.from_dict({**good, **bad})
+    for cron in ("*/\u00b2 * * * *", "\u0663 * * * *"):  # a superscript two, an Arabic-Indic three
+        with pytest.raises(ScheduleError):
+            validate_cron(cron)
