@@ -13,8 +13,9 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    addresses) but not what a reader sees. Kept in texts (not in ids), because there they do
    change what a reader sees: U+200D zero-width joiner and U+200C zero-width non-joiner between
    two non-ASCII characters (emoji sequences such as the family 👨‍👩‍👧 and the rainbow flag 🏳️‍🌈,
-   Persian می‌خواهم, Indic conjuncts), and the emoji tag characters U+E0020-U+E007F (subdivision
-   flags). Between ASCII characters a joiner is pasted noise and is removed.
+   Persian می‌خواهم, Indic conjuncts), and emoji tag characters (U+E0020-U+E007F) where they spell
+   a subdivision flag (U+1F3F4, tags, the cancel tag). Between ASCII characters a joiner is
+   pasted noise and is removed; tags anywhere else are invisible text (they can smuggle ASCII).
 3. **Spaces**: every Unicode space separator (category Zs: U+00A0 no-break space, U+2009 thin
    space, ...) becomes U+0020, and runs of spaces become one. Tabs and newlines are kept;
    Windows (CR LF) and old Mac (CR) line breaks become a newline.
@@ -84,13 +85,34 @@ def canonical_text(text: str, *, keep_joiners: bool = True) -> str:
     if text.isascii():  # the common case: no Cf, no Zs other than U+0020, already NFC
         return _SPACES.sub(" ", text) if "  " in text else text
     kept = "".join(" " if unicodedata.category(c) == "Zs" else c for c in text
-                   if unicodedata.category(c) != "Cf"
-                   or (keep_joiners and (c in _JOINERS or 0xE0020 <= ord(c) <= 0xE007F)))
+                   if unicodedata.category(c) != "Cf" or (keep_joiners and (c in _JOINERS or _is_tag(c))))
     kept = unicodedata.normalize("NFC", kept)
-    if keep_joiners and any(c in _JOINERS for c in kept):  # judged on the text the other rules left
+    if keep_joiners and any(c in _JOINERS or _is_tag(c) for c in kept):  # judged on the text the other rules left
+        flags = _flag_tags(kept)  # stray tags go first: a joiner is judged by the characters that stay
+        kept = "".join(c for i, c in enumerate(kept) if not _is_tag(c) or i in flags)
         kept = unicodedata.normalize("NFC", "".join(c for i, c in enumerate(kept)
                                                     if c not in _JOINERS or _joiner_kept(kept, i)))
     return _SPACES.sub(" ", kept)
+
+
+def _is_tag(char: str) -> bool:
+    return 0xE0020 <= ord(char) <= 0xE007F
+
+
+def _flag_tags(text: str) -> set[int]:
+    """Indices of the tag characters that spell a subdivision flag: U+1F3F4, then tags, then the
+    cancel tag U+E007F (🏴 + "gbeng" + cancel is England's flag). Tags anywhere else are invisible
+    text that changes the tokens (they can smuggle ASCII), and go."""
+    kept: set[int] = set()
+    i = text.find("\U0001F3F4")
+    while i != -1:
+        end = i + 1
+        while end < len(text) and 0xE0020 <= ord(text[end]) <= 0xE007E:
+            end += 1
+        if end > i + 1 and end < len(text) and text[end] == "\U000E007F":
+            kept.update(range(i + 1, end + 1))
+        i = text.find("\U0001F3F4", end)
+    return kept
 
 
 def canonical_prompt(text: str) -> str:

@@ -84,6 +84,8 @@ def _only_kept_format_characters(text: str) -> bool:
                 return False
         elif not 0xE0020 <= ord(c) <= 0xE007F:
             return False
+        elif not ("\U0001F3F4" in text[:i] and "\U000E007F" in text[i:]):  # a tag only inside a flag
+            return False
     return True
 
 
@@ -104,6 +106,9 @@ def test_joiners_that_change_what_a_reader_sees_are_kept_in_texts_and_removed_fr
     assert canonical_text("ab\u200dcd") == "abcd"  # pasted between ASCII letters: noise
     assert canonical_id("u-" + family) == "u-👨👩👧"  # ids are identities: every format character goes
     assert canonical_text("1 Main St\r\nSpringfield\rUSA") == "1 Main St\nSpringfield\nUSA"
+    england = "\U0001F3F4" + "".join(chr(0xE0000 + ord(c)) for c in "gbeng") + "\U000E007F"
+    assert canonical_text("Home: " + england) == "Home: " + england  # a subdivision flag keeps its tags
+    assert canonical_prompt("My PIN is" + chr(0xE0041)) == "My PIN is"  # a stray tag smuggles text: removed
 
 
 def test_prompts_in_nfd_with_invisible_characters_or_a_trailing_space_read_as_the_natural_prompt():
