@@ -139,7 +139,7 @@ class NightlySpec:
 
 _KINDS = {
     "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
     "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "dict": (lambda v: isinstance(v, dict), "a mapping"),

@@ -76,14 +76,14 @@ def test_spec_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
     is refused with the field's name (one once published a manifest its readers refuse)."""
     spec = tmp_path / "spec.yaml"
     for line, message in (("job_id: 20261130", "field 'job_id' must be a non-empty string or null"),
-                          ("num_shards: yes", "field 'num_shards' must be a whole number or null"),
-                          ("max_trigger_tokens: true", "field 'max_trigger_tokens' must be a whole number"),
-                          ("batches_per_chunk: yes", "field 'batches_per_chunk' must be a whole number"),
-                          ("check_users_per_chunk: no", "field 'check_users_per_chunk' must be a whole number"),
+                          ("num_shards: yes", "field 'num_shards' must be an int or null"),
+                          ("max_trigger_tokens: true", "field 'max_trigger_tokens' must be an int"),
+                          ("batches_per_chunk: yes", "field 'batches_per_chunk' must be an int"),
+                          ("check_users_per_chunk: no", "field 'check_users_per_chunk' must be an int"),
                           ("recompile_all: 'false'", "field 'recompile_all' must be true or false"),
                           ("gpus_per_worker: yes", "field 'gpus_per_worker' must be a finite number or null"),
                           ("gpus_per_worker: -1", "field 'gpus_per_worker' must be 0 or more"),
-                          ("workers: 2.5", "field 'workers' must be a whole number"),
+                          ("workers: 2.5", "field 'workers' must be an int"),
                           ("compile: {lr: .nan}", "compile.lr must be a finite number"),
                           ("compile: {lr: .inf}", "compile.lr must be a finite number")):
         spec.write_text(f"store: {tmp_path / 's'}\nfact_log: {tmp_path}\nmodel: {tmp_path}\n{line}\n")
@@ -112,7 +112,7 @@ def test_a_damaged_store_gets_one_line_from_every_command_never_a_traceback(loca
 
     local_store.put("CURRENT", b"garbage")
     listed = cli("versions", "--store", local_store.uri, "--json")
-    assert listed.returncode == 0 and "CURRENT is damaged" in listed.stderr
+    assert listed.returncode == 1 and "CURRENT is damaged" in listed.stderr and "Traceback" not in listed.stderr
     assert [r["version"] for r in json.loads(listed.stdout)] == [1, 2]
     for args in (["stats", "--store", local_store.uri, "select count(*) from facts"],
                  ["gc", "--store", local_store.uri, "--keep", "1"]):
@@ -130,9 +130,10 @@ def test_a_damaged_store_gets_one_line_from_every_command_never_a_traceback(loca
 
 
 def test_durations_that_are_not_finite_positive_numbers_are_refused_naming_the_option(tmp_path):
-    """NaN, inf, 0 or negative polls busy-looped the store or stopped a serving thread."""
+    """NaN, inf or negative durations busy-looped the store or stopped a serving thread (0 polls
+    again at once: asked for, e.g. in tests)."""
     for args, option in ((["pull", "--store", str(tmp_path), "--interval", "nan"], "--interval"),
-                         (["pull", "--store", str(tmp_path), "--interval", "0"], "--interval"),
+                         (["pull", "--store", str(tmp_path), "--interval", "-1"], "--interval"),
                          (["serve", "--store", str(tmp_path), "--interval", "inf"], "--interval"),
                          (["serve", "--store", str(tmp_path), "--batch-wait-ms", "nan"], "--batch-wait-ms"),
                          (["serve", "--store", str(tmp_path), "--batch-wait-ms", "-1"], "--batch-wait-ms"),
