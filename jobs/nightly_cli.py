@@ -184,24 +184,25 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
 
     try:
         the_store = open_store(store, create=False)
+        pointer_damaged = False
         try:
             infos = list_versions(the_store)
         except (PublishError, ValueError) as exc:  # a damaged CURRENT: list what a rollback can go to
             typer.echo(f"error: CURRENT is damaged ({exc}); listing the intact versions, none current "
                        "(engram rollback --to N makes one current)", err=True)
             infos = list_versions(the_store, pointer=None)
+            pointer_damaged = True
         damaged = damaged_manifests(the_store)
     except (StoreError, PublishError, ValueError) as exc:
         _fail(str(exc), code=exit_code(exc))
     for version, why in sorted(damaged.items()):  # e.g. a broken layer chain: never listed, never served
         typer.echo(f"error: v{version} refused: {why}", err=True)
-    current_damaged = bool(infos) and not any(i.current for i in infos)
     rows = [{"version": i.version, "current": i.current, "created_at": i.created_at, "parent": i.parent,
              "users": i.users, "facts": i.facts, "bytes": i.bytes} for i in infos]
     text = "\n".join(f"{'*' if r['current'] else ' '} v{r['version']:<4} {r['created_at']}  parent {r['parent'] or '-':<4} "
                      f"users {r['users']:<7} facts {r['facts']:<8} bytes {r['bytes']}" for r in rows) or "no versions"
     _print(rows, as_json, text)
-    if current_damaged:  # listed for choosing a rollback target; still a store that needs repair
+    if pointer_damaged:  # listed for choosing a rollback target; still a store that needs repair
         raise typer.Exit(code=1)
 
 
