@@ -473,6 +473,21 @@ _BYTES_KINDS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string
 
 
 _ID_COLUMNS = ("user_id", "fact_id", "scope")
+
+
+def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+    """A float id column as pandas writes an integer column with a missing value (1.0, NaN,
+    3.0): whole numbers read as their integer text, NaN as a missing id (its row is rejected,
+    not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch."""
+    values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.chunks], column.type) \
+        if column.num_chunks else column
+    present = pc.drop_null(values)
+    exact = 2 ** 53  # floats hold every integer up to here, no further
+    if len(present) and not pc.all(pc.and_(pc.equal(pc.floor(present), present),
+                                           pc.less_equal(pc.abs(present), exact))).as_py():
+        raise F.SchemaMismatch(f"column {name!r} is {column.type} with values that are not whole numbers: not an id; "
+                               "export ids as strings or integers")
+    return values.cast(pa.int64()).cast(pa.string())
 _UUID_TYPE = getattr(pa, "UuidType", ())  # pyarrow >= 18
 # Parquet's UUID logical type read as arrow.uuid (the default where the option exists; asked for
 # explicitly so that an id column of UUIDs is never read as raw 16-byte binary).
@@ -501,6 +516,8 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
             raise F.SchemaMismatch(f"column {name!r} is {kind}: a number with {kind.scale} decimal places cannot be "
                                    "an id; export it as a string or a whole number")
         return column.cast(pa.string())
+    if pa.types.is_floating(kind) and name in _ID_COLUMNS:
+        return _whole_float_ids(column, name)
     if not any(is_kind(kind) for is_kind in _BYTES_KINDS):
         raise F.SchemaMismatch(f"column {name!r} is {kind}, expected a string")
     chunks, offset = [], 0

@@ -97,7 +97,8 @@ def test_uuid_and_whole_number_decimal_ids_read_as_their_usual_text(tmp_path):
     by_name = {c.name: c for c in FILE_CASES}
     for name, ids in (("uuid_user_id_as_duckdb_writes_it", ["00010203-0405-0607-0809-0a0b0c0d0e0f",
                                                              "10111213-1415-1617-1819-1a1b1c1d1e1f"]),
-                      ("whole_number_decimal_user_id_as_snowflake_writes_it", ["1", "2"])):
+                      ("whole_number_decimal_user_id_as_snowflake_writes_it", ["1", "2"]),
+                      ("pandas_integer_ids_with_a_missing_value", ["7", None])):
         folder = tmp_path / name
         folder.mkdir()
         path = write_file_case(by_name[name], folder)
