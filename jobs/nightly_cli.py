@@ -22,6 +22,17 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code=code)
 
 
+def seconds_option(value: float, name: str, *, zero: bool = False) -> float:
+    """A duration or timeout option (a typer callback): finite, and above 0 (at least 0 where
+    ``zero``). NaN or inf would busy-poll the store, stop a thread or never time out."""
+    import math
+
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise typer.BadParameter(f"must be a finite number {'of at least 0' if zero else 'above 0'}, got {value}",
+                                 param_hint=name)
+    return value
+
+
 def exit_code(exc: BaseException) -> int:
     """2 for a bad argument (a store directory that does not exist, an SQL error in a stats query),
     1 for anything else (a run or a store that failed)."""

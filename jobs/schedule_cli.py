@@ -9,19 +9,11 @@ from pathlib import Path
 import typer
 
 from jobs.nightly_cli import _fail
+from jobs.nightly_cli import seconds_option as _seconds
 from jobs.schedule import FORMATS, ScheduleError, ScheduleOptions, SubmitError, local_paths, render_schedule, submit_spec
 from jobs.spec import NightlySpec, SpecError
 
 SPEC_HELP = "YAML job spec (see jobs/specs/nightly.example.yaml)."
-
-
-def _seconds(value: float, name: str) -> float:
-    """A timeout option: a finite number above 0."""
-    import math
-
-    if not math.isfinite(value) or value <= 0:
-        raise typer.BadParameter(f"must be a finite number above 0, got {value}", param_hint=name)
-    return value
 
 
 def _load(spec_file: Path) -> NightlySpec:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from jobs.nightly_cli import seconds_option as _seconds
 from serving.openai_api import MAX_TOKENS_LIMIT
 
 
@@ -63,17 +64,6 @@ def _client(store, manifest, em, shards: str | None, cache_dir, interval: float 
     except ValueError as e:
         _fail(str(e), code=2)  # --shards names shards the store does not have
     return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval)
-
-
-def _seconds(value: float, name: str, *, zero: bool) -> float:
-    """A duration option: finite, and above 0 (or at least 0 where ``zero``); NaN or inf would
-    busy-poll the store or stop a thread."""
-    import math
-
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        raise typer.BadParameter(f"must be a finite number {'of at least 0' if zero else 'above 0'}, got {value}",
-                                 param_hint=name)
-    return value
 
 
 def pull(
