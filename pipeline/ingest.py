@@ -479,8 +479,7 @@ def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     """A float id column as pandas writes an integer column with a missing value (1.0, NaN,
     3.0): whole numbers read as their integer text, NaN as a missing id (its row is rejected,
     not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch."""
-    values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.chunks], column.type) \
-        if column.num_chunks else column
+    values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.chunks], column.type)
     present = pc.drop_null(values)
     exact = 2 ** 53  # floats hold every integer up to here, no further
     if len(present) and not pc.all(pc.and_(pc.equal(pc.floor(present), present),
@@ -751,8 +750,7 @@ def _check_text(text, name, empty_reason, long_reason, max_chars) -> tuple[str, 
         return empty_reason, f"{name} is empty"
     if len(text) > max_chars:
         return long_reason, f"{name} is {len(text)} characters (limit {max_chars})"
-    if F.has_control_characters(text):
-        where = F.first_control_character(text)
+    if (where := F.first_control_character(text)) >= 0:
         return F.CONTROL_CHARACTERS, (f"{name} holds control character U+{ord(text[where]):04X} at character {where} "
                                       "(only tab and newline are allowed; remove or replace it)")
     return None
