@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,36 +124,68 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     with_adapter: bool = True,
     attn_implementation: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> EngramModel:
     """Load a checkpoint directory (local only: nothing is downloaded).
 
     ``attn_implementation`` is passed to transformers ("eager", "sdpa", ...): the compiler's
     steps attend one or a few query positions to a short cache, a shape for which "eager"
     beats the flash kernels on GPUs (see bench/RESULTS.md).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    The ingredient files' sha256 (the fingerprint) and, on a GPU, the CUDA context's creation
+    run on threads while transformers imports and builds the model (hashing and the driver's
+    initialisation release the GIL; imports hold it).
+
+    ``timings``: if given, gets where the load's seconds went: ``imports`` (transformers' top
+    level), ``tokenizer``, ``base`` (``from_pretrained`` with the model classes' imports, the
+    adapter included), ``digest`` (waiting for the sha256 thread), ``to_device`` (waiting for the
+    CUDA context, then the copy) and ``engram`` (the memory built, loaded and moved).
+    """
+    clock = time.perf_counter()
     root = Path(path)
     for part in ("base", "tokenizer", "engram"):
         if not (root / part).is_dir():
             raise CheckpointError(f"checkpoint {root}: missing {part}/ (create one with `engram model init DIR --tiny`)")
+    background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint-load")
+    digesting = background.submit(_file_digests, root)  # read once: the fingerprint and the adapter's base check
+    target = torch.device(device)
+    context = background.submit(torch.empty, 1, device=target) if target.type == "cuda" else None
+    background.shutdown(wait=False)
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + now - clock
+        clock = now
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lap("imports")
     config = EngramConfig.load(root / "engram" / "config.json")
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     adapter_dir = root / "adapter"
-    digests = _file_digests(root)  # read once: the fingerprint and the adapter's base check
-    if with_adapter and adapter_dir.is_dir():
-        check_adapter_base(root, digests)
     # transformers builds a model under process-wide patches (the default dtype, torch.linspace,
     # meta-device creation); two loads on threads at once can leave them crossed, and a later
     # model then gets meta tensors. One load at a time per process.
     with MODEL_LOCK:
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        lap("tokenizer")
         model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype, **extra)
+        lap("base")
+        digests = digesting.result()
+        if with_adapter and adapter_dir.is_dir():
+            check_adapter_base(root, digests)  # before peft reads an adapter made for another base
+        lap("digest")
         if with_adapter and adapter_dir.is_dir():
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        lap("base")
+    if context is not None:
+        context.result()
     model.eval().requires_grad_(False).to(device)
+    lap("to_device")
 
     canonical = load_or_build_canonical_ids(tokenizer, root / "engram")
     addresser = Addresser(config, canonical)
@@ -177,6 +211,7 @@ def load_checkpoint(
     memory.requires_grad_(False).to(device=device, dtype=dtype)
     memory.refresh_zero_flags()
     memory.attach(model)
+    lap("engram")
     return EngramModel(model, tokenizer, memory, config, _combine(root, digests), root)
 
 

@@ -149,8 +149,11 @@ class ChunkMeta:
     chunk's read, waiting for the previous chunk's checkpoint write and queueing this one's: the
     write itself runs on a thread), ``output`` (bundle and result tables), ``checks`` (invariant
     sample), ``wait`` (waiting for the worker's previous chunk to leave the device, whose compile
-    overlapped this chunk's preparation); on a worker's first chunk also ``load`` (model load) and ``warm_up``
-    (:meth:`CompileWorker.warm_up`), which ran before the chunk arrived. Seconds."""
+    overlapped this chunk's preparation); on a worker's first chunk also ``load`` (model load; where
+    it went: ``load_imports`` (torch and transformers), ``load_tokenizer``, ``load_base``,
+    ``load_digest``, ``load_to_device``, ``load_engram``: engram_core.checkpoint.load_checkpoint's
+    timings) and ``warm_up`` (:meth:`CompileWorker.warm_up`), which ran before the chunk arrived.
+    Seconds."""
 
 
 @dataclass(frozen=True)
@@ -222,11 +225,12 @@ class CompileWorker:
     def __init__(self, model_dir: str, options: CompileOptions, store_uri: str | None = None,
                  device: str | None = None, threads: int | None = None, check_users: int = 0,
                  warm_up: bool | None = None):
+        started = time.perf_counter()
         import torch
 
         from engram_core.checkpoint import load_checkpoint
 
-        started = time.perf_counter()
+        imported = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,8 +238,9 @@ class CompileWorker:
         # On GPUs: bf16 weights (row values stay fp32) and eager attention, which beats the
         # flash kernels for the compiler's one-query steps (bench/RESULTS.md).
         on_gpu = str(device).startswith("cuda")
+        timings: dict[str, float] = {}
         self.model = load_checkpoint(model_dir, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
-                                     attn_implementation="eager" if on_gpu else None)
+                                     attn_implementation="eager" if on_gpu else None, timings=timings)
         self.fingerprint = self.model.fingerprint
         self.step_cache = use_step_cache(None, self.fingerprint) if options.compiled_step else None
         self.check_users = check_users
@@ -243,7 +248,9 @@ class CompileWorker:
         self.store_uri = store_uri
         self._scopes: tuple[str, object] | None = None  # (sha256 of the scopes object, its ScopeContext)
         self.load_seconds = time.perf_counter() - started
-        self._startup = {"load": self.load_seconds}  # reported with the first chunk
+        # reported with the first chunk: the whole load and where it went (CHUNK_SECONDS)
+        self._startup = {"load": self.load_seconds, "load_imports": imported - started + timings.pop("imports", 0.0),
+                         **{f"load_{k}": v for k, v in timings.items()}}
         # Chunk checkpoints are written on a thread of their own while the next chunk compiles
         # (2 s a 125k-fact chunk on the device host, with the GPU idle); at most one is pending
         # (the next waits for it), and flush() waits for it.
@@ -257,6 +264,12 @@ class CompileWorker:
             except Exception as err:  # noqa: BLE001 - only a head start: the first chunk pays it instead
                 log.warning("compile worker: warm-up failed (%s: %s); the first chunk pays the first compile's "
                             "costs instead", type(err).__name__, err)
+        self.start_seconds = time.perf_counter() - started
+
+    def ready(self) -> float:
+        """Seconds this worker took to start (model load and warm-up). A Ray actor runs it after
+        its constructor, so the pool learns which actors can take a chunk now."""
+        return self.start_seconds
 
     def warm_up(self) -> float:
         """Compile :data:`WARM_UP_FACTS` synthetic facts (triggers and answers drawn from the
@@ -391,7 +404,8 @@ class CompileWorker:
 
 
 CHUNK_SECONDS = ("total", "compile", "tokenize", "prepare", "optimize", "verify", "assemble", "checkpoint", "output",
-                 "checks", "wait", "load", "warm_up")
+                 "checks", "wait", "load", "load_imports", "load_tokenizer", "load_base", "load_digest", "load_to_device",
+                 "load_engram", "warm_up")
 """Keys of ChunkMeta.seconds, in the order the night's report lists their sums."""
 
 

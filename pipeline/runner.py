@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -172,30 +173,45 @@ class _RayPool:
     def map(self, chunks: Sequence[tuple], changes_of: Callable[[tuple], list],
             scopes=None) -> Iterator[tuple[int, Any, Any]]:
         """(chunk index, meta, output handle) for every chunk, as each finishes (``scopes``: the
-        shared scopes members compile against); each actor holds up
-        to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (it runs pipeline.compile.CONCURRENT_CHUNKS of them
-        at a time: by default one, the next waiting with its inputs already there)."""
+        shared scopes members compile against).
+
+        Chunks go, in order, only to actors that have started (loaded the model and warmed up:
+        :meth:`pipeline.compile.CompileWorker.ready`), so on a night whose compile is short, an
+        actor that starts seconds after another does not hold chunks the first could compile.
+        Each actor holds up to CHUNKS_IN_FLIGHT_PER_ACTOR chunks (it runs
+        pipeline.compile.CONCURRENT_CHUNKS of them at a time: by default one, the next waiting with
+        its inputs already there) while more chunks are left than there are actors, and one at a
+        time for the last ones, which then go to whichever actor is free first."""
         ray = self.runner.ray
         if chunks and not self.actors:
             self.actors = self._start()
-        queue = iter(enumerate(chunks))
-        pending: dict = {}  # meta ref -> (chunk index, output ref, actor)
+        queue = deque(enumerate(chunks))
+        pending: dict = {}  # meta ref -> (chunk index, output ref, actor index)
+        in_flight: Counter = Counter()  # actor index -> chunks submitted and not finished
+        starting = {actor.ready.remote(): k for k, actor in enumerate(self.actors)} if queue else {}
 
-        def submit(actor) -> None:
-            item = next(queue, None)
-            if item is not None:
-                i, chunk = item
-                meta, output = actor.compile.options(num_returns=2).remote(chunk, *changes_of(chunk), scopes=scopes)
-                pending[meta] = (i, output, actor)
+        def fill(k: int) -> None:
+            while queue and in_flight[k] < (CHUNKS_IN_FLIGHT_PER_ACTOR if len(queue) > len(self.actors) else 1):
+                i, chunk = queue.popleft()
+                meta, output = self.actors[k].compile.options(num_returns=2).remote(chunk, *changes_of(chunk),
+                                                                                   scopes=scopes)
+                pending[meta] = (i, output, k)
+                in_flight[k] += 1
 
-        for _ in range(CHUNKS_IN_FLIGHT_PER_ACTOR):
-            for actor in self.actors:
-                submit(actor)
-        while pending:
-            (done,), _ = ray.wait(list(pending), num_returns=1)
-            i, output, actor = pending.pop(done)
+        while pending or (queue and starting):
+            (done,), _ = ray.wait([*pending, *starting], num_returns=1)
+            if done in starting:
+                k = starting.pop(done)
+                try:
+                    ray.get(done)
+                except Exception as err:  # noqa: BLE001 - its chunks then fail the night with the actor's error, named
+                    log.warning("compile pool: actor %d did not start (%s: %s)", k, type(err).__name__, err)
+                fill(k)
+                continue
+            i, output, k = pending.pop(done)
+            in_flight[k] -= 1
             meta = self.runner.get(done, f"compile chunk {i}")
-            submit(actor)
+            fill(k)
             yield i, meta, output
 
     def close(self, flush: bool = True) -> None:

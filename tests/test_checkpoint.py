@@ -176,3 +176,15 @@ def test_the_upload_and_the_fingerprint_take_the_same_files(tmp_path, tiny_dir):
         (model / "engram" / name).write_bytes(b"x")
     assert fingerprint(model) == before
     assert not any(name in f for f in checkpoint_files(model) for name in ("tmp", "canonical-"))
+
+
+def test_a_load_reports_where_its_seconds_went_and_its_fingerprint_is_the_files(tiny_dir, tmp_path):
+    timings: dict[str, float] = {}
+    model = load_checkpoint(tiny_dir, timings=timings)
+    assert set(timings) == {"imports", "tokenizer", "base", "digest", "to_device", "engram"}
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert model.fingerprint == fingerprint(tiny_dir)  # hashed on a thread while the model built
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_dir, changed)
+    (changed / "tokenizer" / "extra.txt").write_text("an ingredient too")
+    assert load_checkpoint(changed).fingerprint == fingerprint(changed) != model.fingerprint

@@ -1,0 +1,77 @@
+"""The Ray compile pool gives chunks only to actors that have started, so an actor that is slow to
+load its model does not hold chunks another actor could compile (a short night's compile is
+otherwise as long as its slowest actor's start plus its share of the chunks)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import pipeline.compile
+from jobs.nightly import run_nightly
+from jobs.spec import NightlySpec
+from jobs.synthetic import fact_log_rows, write_fact_log
+from versions.catalog import read_current
+from versions.store import LocalStore
+
+pytestmark = pytest.mark.slow
+
+SLOW_START_LIMIT_S = 90.0
+"""How long the slow actor waits for the other to compile three chunks before starting anyway
+(then the test fails: the pool gave it chunks it could not yet compile)."""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from pipeline.runner import start_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start_ray(num_cpus=4)  # two compile actors and the night's shard tasks beside them
+    yield
+    ray.shutdown()
+
+
+def test_chunks_go_to_the_actor_that_started_while_the_other_is_still_loading(ray_cluster, tmp_path, tiny_dir,
+                                                                             monkeypatch):
+    first, log = tmp_path / "first-actor", tmp_path / "chunks"
+
+    class SlowSecondWorker(pipeline.compile.CompileWorker):
+        """The second actor to start waits until the first has compiled three chunks (or the limit)."""
+
+        def __init__(self, *args, **kwargs):
+            try:
+                first.open("x").close()
+            except FileExistsError:
+                deadline = time.monotonic() + SLOW_START_LIMIT_S
+                while time.monotonic() < deadline and (not log.exists() or len(log.read_text().split()) < 3):
+                    time.sleep(0.1)
+            super().__init__(*args, **kwargs)
+
+        def compile(self, *args, **kwargs):
+            out = super().compile(*args, **kwargs)
+            with log.open("a") as f:
+                f.write(f"{os.getpid()}\n")
+            return out
+
+    monkeypatch.setattr(pipeline.compile, "CompileWorker", SlowSecondWorker)
+    rows = fact_log_rows(8, 4)  # 32 facts: four chunks of 8
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=2, batches_per_chunk=1, compile={"facts_per_batch": 8})
+    started = time.monotonic()
+    report = run_nightly(spec)
+    assert report.published and report.facts_ok == len(rows) and report.facts_failed == 0
+    by_actor = sorted(log.read_text().split().count(pid) for pid in set(log.read_text().split()))
+    assert sum(by_actor) == 4
+    assert by_actor[-1] >= 3, f"chunks per actor {by_actor}: the actor still loading was given chunks"
+    assert time.monotonic() - started < SLOW_START_LIMIT_S
+
+    # The same night compiled in this process publishes the same shards.
+    clean = NightlySpec(**{**spec.to_dict(), "store": str(tmp_path / "clean"), "workers": 0})
+    run_nightly(clean)
+    assert read_current(LocalStore(tmp_path / "store"))[0].shards == read_current(LocalStore(tmp_path / "clean"))[0].shards
