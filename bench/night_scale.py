@@ -59,6 +59,11 @@ def build_model(kind: str, directory: Path) -> list[str]:
 
         directory.mkdir(parents=True, exist_ok=True)
         build_d768(directory)
+    return vocabulary_words(directory)
+
+
+def vocabulary_words(directory: Path) -> list[str]:
+    """Words (alphanumeric, 3 letters or more) of the checkpoint's vocabulary, sorted."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
@@ -234,6 +239,9 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=None, help="CPUs of the Ray cluster (default: this machine's)")
     ap.add_argument("--facts-per-batch", type=int, default=None)
     ap.add_argument("--batches-per-chunk", type=int, default=None)
+    ap.add_argument("--min-chunks", type=int, default=None,
+                    help="the spec's min_chunks: a small night is cut into at least this many chunks (default: the "
+                         "compile actors)")
     ap.add_argument("--trigger-words", type=int, default=None)
     ap.add_argument("--compile", action="append", default=[], metavar="KEY=VALUE",
                     help="a compile override of the job spec (CompileOptions field), e.g. compiled_step=true; "
@@ -267,7 +275,8 @@ def main() -> None:
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, ENGRAM_STORE_ACCESS_LOG=str(access_log),
                TOKENIZERS_PARALLELISM="false")
     spec = {"store": str(root / "store"), "fact_log": str(root / "log"), "model": str(root / "model"),
-            "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk, "min_chunks": workers,
+            "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
+            "min_chunks": args.min_chunks or workers,
             "gpus_per_worker": 1 if gpu else 0,
             "compile": {"facts_per_batch": facts_per_batch, **dict(_override(o) for o in args.compile)}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -330,7 +339,8 @@ def main() -> None:
         later["pull_read_share_of_night_1"] = round(later["pull"]["bytes_read"] / first["pull"]["bytes_read"], 3)
     out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
            "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
-           "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "setup_s": round(setup_s, 1),
+           "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "min_chunks": spec["min_chunks"],
+           "setup_s": round(setup_s, 1),
            "compile": spec["compile"],
            "device": _device(), "nights": nights}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))

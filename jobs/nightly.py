@@ -400,14 +400,20 @@ class _Night:
         return self.publish(forgotten)
 
     def _facts_per_chunk(self, facts: int) -> int:
-        """Facts per compile chunk: ``batches_per_chunk`` batches, or as few (at least one) as
-        make ``min_chunks`` chunks of this night's ``facts`` (a small night, e.g. 5% of users
-        changed, is spread over every GPU rather than compiled by one). It depends on the facts
+        """Facts per compile chunk: ``batches_per_chunk`` batches, or as few whole batches (at
+        least one) as make ``min_chunks`` chunks of this night's ``facts``; a night of fewer than
+        ``min_chunks`` batches gets chunks of ``ceil(facts / min_chunks)`` facts, each compiled
+        as one smaller batch. So a small night (e.g. 5% of users changed) is spread over every GPU
+        rather than compiled by one, and with ``min_chunks`` above the number of GPUs the actor
+        that starts first takes the chunks of one still loading its model. It depends on the facts
         and the spec alone, not on the cluster: a resumed night plans the chunks it had."""
         batch = self.spec.compile_options().facts_per_batch
         batches = self.spec.batches_per_chunk
         if self.spec.min_chunks > 1:
-            batches = max(1, min(batches, -(-facts // (self.spec.min_chunks * batch))))
+            share = -(-facts // self.spec.min_chunks)
+            if share < batch:
+                return max(1, share)
+            batches = min(batches, -(-share // batch))
         return batch * batches
 
     def _scope_round(self, runner, pool, ctx: NightContext, routed: dict, changes: dict, applies: dict):

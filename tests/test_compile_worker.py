@@ -137,8 +137,9 @@ def test_the_night_report_sums_the_chunks_worker_seconds(tmp_path, tiny_dir, loc
 
 
 @pytest.mark.parametrize("min_chunks, facts, expected", [
-    (1, 10, 3), (1, 2, 3), (2, 1000, 3), (2, 20, 3),  # enough work for min_chunks chunks: batches_per_chunk batches
-    (2, 10, 2), (2, 8, 1), (2, 3, 1), (4, 20, 2), (8, 20, 1),  # a small night: fewer batches a chunk
+    (1, 10, 12), (1, 2, 12), (2, 1000, 12), (2, 20, 12),  # enough work for min_chunks chunks: batches_per_chunk batches
+    (2, 10, 8), (2, 8, 4), (4, 20, 8), (4, 16, 4),  # a small night: fewer whole batches a chunk
+    (2, 3, 2), (8, 20, 3), (4, 13, 4), (5, 1, 1),  # under min_chunks batches: ceil(facts / min_chunks), one batch
 ])
 def test_a_small_night_is_split_into_min_chunks_chunks(min_chunks, facts, expected):
     from jobs.nightly import _Night
@@ -147,7 +148,7 @@ def test_a_small_night_is_split_into_min_chunks_chunks(min_chunks, facts, expect
     for workers in (0, 1, 4):  # the plan does not depend on the cluster
         night.spec = NightlySpec(store="s", fact_log="l", model="m", workers=workers, batches_per_chunk=3,
                                  min_chunks=min_chunks, compile={"facts_per_batch": 4})
-        assert night._facts_per_chunk(facts) == 4 * expected
+        assert night._facts_per_chunk(facts) == expected
     from jobs.spec import SpecError
 
     with pytest.raises(SpecError, match="min_chunks"):
@@ -161,6 +162,16 @@ def test_a_small_night_split_over_two_chunks_compiles_in_two_chunks(tmp_path, ti
     report = run_nightly(spec)
     # 12 facts: 1 chunk of 3 batches without min_chunks; 2 chunks of 2 batches (8 + 4 facts) with it
     assert report.compile_worker_seconds["chunks"] == 2 and report.facts_ok == 12
+
+
+def test_a_night_smaller_than_min_chunks_batches_compiles_in_min_chunks_smaller_batches(tmp_path, tiny_dir,
+                                                                                     local_store):
+    write_fact_log(fact_log_rows(3, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0, min_chunks=3, compile={"facts_per_batch": 4})
+    report = run_nightly(spec)
+    # 6 facts: 2 batches of 4 + 2 would be 2 chunks at most; 3 chunks of one user's 2 facts each instead
+    assert report.compile_worker_seconds["chunks"] == 3 and report.facts_ok == 6 and report.facts_failed == 0
 
 
 def test_the_learning_rate_grows_with_the_models_width_past_768_only():
