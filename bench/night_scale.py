@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -264,6 +265,9 @@ def main() -> None:
     tmp = None if args.workdir else tempfile.TemporaryDirectory()
     root = args.workdir or Path(tmp.name)
     root.mkdir(parents=True, exist_ok=True)
+    for old in ("model", "store", "log", "node-cache", "store-access.log", "pull-access.log"):  # a kept workdir's last run
+        path = root / old
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     words = build_model(args.model, root / "model")
     users = np.arange(args.users)
@@ -334,9 +338,9 @@ def main() -> None:
     for later in nights[1:]:
         later["wall_share_of_night_1"] = round(later["wall_s"] / first["wall_s"], 3)
         later["bytes_written_share_of_night_1"] = round(later["bytes_written"] / first["bytes_written"], 3)
-        later["pull_downloaded_share_of_night_1"] = round(
-            later["pull"]["downloaded_bytes"] / first["pull"]["downloaded_bytes"], 3)
-        later["pull_read_share_of_night_1"] = round(later["pull"]["bytes_read"] / first["pull"]["bytes_read"], 3)
+        later["pull_downloaded_share_of_night_1"] = _share(later["pull"]["downloaded_bytes"],
+                                                           first["pull"]["downloaded_bytes"])
+        later["pull_read_share_of_night_1"] = _share(later["pull"]["bytes_read"], first["pull"]["bytes_read"])
     out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
            "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
            "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "min_chunks": spec["min_chunks"],
@@ -346,6 +350,10 @@ def main() -> None:
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     if tmp is not None:
         tmp.cleanup()
+
+
+def _share(part: float, whole: float) -> float | None:
+    return round(part / whole, 3) if whole else None
 
 
 def _override(text: str) -> tuple[str, object]:
