@@ -137,12 +137,12 @@ class _Timer:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-        self.started[name] = datetime.now(timezone.utc).isoformat()
+        self.started.setdefault(name, datetime.now(timezone.utc).isoformat())
         log.info("stage %s ...", name)
         try:
             yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - start, 3)
+        finally:  # a stage entered twice (read_previous, around the compile pool's early start) adds up
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
     def table(self) -> pa.Table:
         names = list(self.seconds)
@@ -180,9 +180,6 @@ def run_nightly(
     with timer.stage("read_previous"):
         current = read_current(store)
         previous = current[0] if current else None
-        check_adapter_base(spec.model)  # here, before Ray: a compile worker would only fail at its load
-        fingerprint = model_fingerprint(spec.model)
-        check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
         if spec.num_shards is None:  # keep the store's shards; only an explicit number reshards
             spec = replace(spec, num_shards=previous.num_shards if previous else DEFAULT_NUM_SHARDS)
         watermark = _read_watermark(previous)
@@ -191,6 +188,19 @@ def run_nightly(
         if rewritten:
             log.warning("fact log: %d file(s) changed since they were ingested; reading them again: %s",
                         len(rewritten), ", ".join(f.path for f in rewritten[:5]))
+    # A night with new files has work whatever the model checks find: its compile actors start
+    # loading the model now (their start is the longest fixed cost of a small night), while the
+    # model's files are hashed here; a check that fails ends them with the night.
+    started = _start_compile(spec, store.uri) if new or rewritten else None
+    try:
+        with timer.stage("read_previous"):
+            check_adapter_base(spec.model)  # before any compile: a compile worker would only fail at its load
+            fingerprint = model_fingerprint(spec.model)
+            check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
+    except BaseException:
+        if started is not None:
+            started[1].close(flush=False)
+        raise
     recompile = previous is None or spec.recompile_all or previous.fingerprint != fingerprint
     # Every shard is visited when the number of shards changed, and once after an upgrade from a
     # version-1 store (whose shards have no tombstones or stats parts yet).
@@ -200,7 +210,16 @@ def run_nightly(
     if not (new or rewritten or recompile or upgrade):
         log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
         return night.report(previous, published=False)
-    return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile)
+    return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile,
+                     started=started)
+
+
+def _start_compile(spec: NightlySpec, store_uri: str):
+    """(runner, compile pool) of the night: connects to (or starts) Ray; on Ray, the pool's actors
+    start loading the model (pipeline.runner._RayPool)."""
+    runner = make_runner(spec.workers, spec.ray_address)
+    return runner, runner.compile_pool(spec.model, spec.compile_options(), store_uri, spec.workers,
+                                       spec.gpus_per_worker, spec.check_users_per_chunk)
 
 
 class _Night:
@@ -246,31 +265,31 @@ class _Night:
         """Where the shard's prior state, bundle and stats come from."""
         return self.resharded[shard] if self.resharded is not None else self.prior_entry(shard)
 
-    def run(self, files, files_reread: int, *, every_shard: bool, recompile: bool) -> NightlyReport:
+    def run(self, files, files_reread: int, *, every_shard: bool, recompile: bool, started=None) -> NightlyReport:
+        """``started``: (runner, compile pool) of :func:`_start_compile`, already started; else here."""
         spec = self.spec
         self.files_reread = files_reread
         self.every_shard = every_shard
-        runner = make_runner(spec.workers, spec.ray_address)
-        ctx = NightContext(store_uri=self.store.uri, num_shards=spec.num_shards, recompile=recompile,
-                           prior_version=self.previous.version if self.previous else None,
-                           prior_schema=self.previous.schema_version if self.previous else None,
-                           prior_num_shards=self.previous.num_shards if self.previous else None,
-                           fingerprint=self.fingerprint)
-        rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model,
-                         max_answer_tokens=spec.compile_options().max_answer_tokens)
-
-        # Serving nodes load the model by fingerprint from the store: it is uploaded (if new) while
-        # the night runs, and must be there before CURRENT can point at deltas that need it.
-        self.model_upload = _Background(publish_model, self.store, spec.model)
-        # The compile workers load the model while the log is read and applied (Ray starts actors
-        # in the background); a night that turns out to compile nothing just lets them go.
-        pool = runner.compile_pool(spec.model, spec.compile_options(), self.store.uri, spec.workers,
-                                   spec.gpus_per_worker, spec.check_users_per_chunk)
+        runner, pool = started or _start_compile(spec, self.store.uri)
+        self.model_upload = None
         try:
+            ctx = NightContext(store_uri=self.store.uri, num_shards=spec.num_shards, recompile=recompile,
+                               prior_version=self.previous.version if self.previous else None,
+                               prior_schema=self.previous.schema_version if self.previous else None,
+                               prior_num_shards=self.previous.num_shards if self.previous else None,
+                               fingerprint=self.fingerprint)
+            rules = RowRules(max_trigger_tokens=spec.max_trigger_tokens, model_dir=spec.model,
+                             max_answer_tokens=spec.compile_options().max_answer_tokens)
+            # Serving nodes load the model by fingerprint from the store: it is uploaded (if new)
+            # while the night runs, and must be there before CURRENT can point at deltas that need it.
+            self.model_upload = _Background(publish_model, self.store, spec.model)
+            # The compile workers load the model while the log is read and applied (Ray starts
+            # actors in the background); a night that turns out to compile nothing lets them go.
             return self._run(runner, pool, ctx, rules, files, every_shard=every_shard)
         finally:
             pool.close(flush=False)  # a no-op after the compile stage's own close
-            self.model_upload.join()  # a failed night does not leave an upload running behind it
+            if self.model_upload is not None:
+                self.model_upload.join()  # a failed night does not leave an upload running behind it
 
     def _run(self, runner, pool, ctx: NightContext, rules: RowRules, files, *, every_shard: bool) -> NightlyReport:
         spec, timer = self.spec, self.timer

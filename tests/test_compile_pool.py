@@ -75,3 +75,54 @@ def test_chunks_go_to_the_actor_that_started_while_the_other_is_still_loading(ra
     clean = NightlySpec(**{**spec.to_dict(), "store": str(tmp_path / "clean"), "workers": 0})
     run_nightly(clean)
     assert read_current(LocalStore(tmp_path / "store"))[0].shards == read_current(LocalStore(tmp_path / "clean"))[0].shards
+
+
+def compile_actor_processes() -> list:
+    """This test process's descendants that are Ray compile actors (titled ``ray::CompileWorker...``)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::CompileWorker"):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_a_night_with_new_files_starts_its_compile_actors_before_hashing_the_model_and_ends_them_if_it_fails(
+        ray_cluster, tmp_path, tiny_dir, monkeypatch):
+    import jobs.nightly
+    from engram_core.tiny import init_tiny
+    from pipeline.plan import FingerprintMismatch
+
+    order = []
+    real_start, real_fingerprint = jobs.nightly._start_compile, jobs.nightly.model_fingerprint
+    monkeypatch.setattr(jobs.nightly, "_start_compile", lambda *a: order.append("pool") or real_start(*a))
+    monkeypatch.setattr(jobs.nightly, "model_fingerprint", lambda *a: order.append("hash") or real_fingerprint(*a))
+    write_fact_log(fact_log_rows(4, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=1)
+    assert run_nightly(spec).facts_ok == 8
+    assert order == ["pool", "hash"]
+
+    # Nothing new: no compile pool at all (and no Ray work).
+    order.clear()
+    assert not run_nightly(spec).published
+    assert order == ["hash"]
+
+    # New files but another model: the night fails on the model check after its actors started,
+    # and ends them; nothing is published.
+    order.clear()
+    write_fact_log(fact_log_rows(1, 2, prefix="new"), tmp_path / "log" / "day=2" / "part-0.parquet")
+    other = tmp_path / "other-model"
+    init_tiny(other, seed=7)
+    with pytest.raises(FingerprintMismatch, match="recompile-all"):
+        run_nightly(NightlySpec(**{**spec.to_dict(), "model": str(other)}))
+    assert order == ["pool", "hash"]
+    deadline = time.monotonic() + 30
+    while compile_actor_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert compile_actor_processes() == []
+    assert read_current(LocalStore(tmp_path / "store"))[0].version == 1
