@@ -72,10 +72,10 @@ def shard_tables(users: int, facts_per_user: int, shards: int, words: list[str],
 class RayDataCompile:
     """The Ray Data variant's callable class: one CompileWorker per actor."""
 
-    def __init__(self, model_dir: str, options, chunks: list, refs: dict):
+    def __init__(self, model_dir: str, options, chunks: list, refs: dict, threads: int | None = None):
         from pipeline.compile import CompileWorker
 
-        self.worker = CompileWorker(model_dir, options)
+        self.worker = CompileWorker(model_dir, options, threads=threads)  # as the pool's: 1 thread on a CPU
         self.chunks, self.refs = chunks, refs
 
     def __call__(self, batch: dict) -> dict:
@@ -118,7 +118,8 @@ def run_ray_data(model_dir: str, options, chunks: list, refs: dict, workers: int
     started = time.perf_counter()
     ds = ray.data.from_items([{"chunk": i} for i in range(len(chunks))], override_num_blocks=len(chunks))
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    compiled = ds.map_batches(RayDataCompile, fn_constructor_args=(model_dir, options, chunks, refs), batch_size=1,
+    compiled = ds.map_batches(RayDataCompile, fn_constructor_args=(model_dir, options, chunks, refs, None if gpus else 1),
+                              batch_size=1,
                               concurrency=workers, batch_format="numpy", **resources).materialize()
     wall = time.perf_counter() - started
     small = compiled.select_columns(["facts", "ok"]).to_arrow_refs()
@@ -142,7 +143,8 @@ def main() -> None:
     ap.add_argument("--trigger-words", type=int, default=None)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--repeat", type=int, default=1, help="runs of each variant, alternating")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the model here")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the model here (a model already there is used, whatever --model says)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     gpu = args.gpus > 0

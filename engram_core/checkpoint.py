@@ -172,14 +172,15 @@ def load_checkpoint(
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         lap("tokenizer")
         model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype, **extra)
-        lap("base")
-        digests = digesting.result()
-        if with_adapter and adapter_dir.is_dir():
-            check_adapter_base(root, digests)  # before peft reads an adapter made for another base
-        lap("digest")
-        if with_adapter and adapter_dir.is_dir():
-            from peft import PeftModel
+    lap("base")
+    digests = digesting.result()  # outside the lock: another load in this process need not wait for it
+    if with_adapter and adapter_dir.is_dir():
+        check_adapter_base(root, digests)  # before peft reads an adapter made for another base
+    lap("digest")
+    if with_adapter and adapter_dir.is_dir():
+        from peft import PeftModel
 
+        with MODEL_LOCK:
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
         lap("base")
     if context is not None:

@@ -171,6 +171,10 @@ def run_nightly(
     Raises FactLogError (a log file that cannot be read, naming it), FingerprintMismatch (the
     model changed without ``recompile_all``), StoreError, PublishConflict (another publisher
     moved CURRENT), or the error of the shard task that failed, before anything is committed.
+
+    A night with new log files connects to Ray (or starts it) and starts its compile actors
+    before it checks the model (adapter base, fingerprint), so an unreachable ``ray_address`` is
+    reported before a model check would be; a failing check ends the actors.
     """
     hook = crash_hook or (lambda step: None)
     timer = _Timer()
@@ -197,21 +201,21 @@ def run_nightly(
             check_adapter_base(spec.model)  # before any compile: a compile worker would only fail at its load
             fingerprint = model_fingerprint(spec.model)
             check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
+        recompile = previous is None or spec.recompile_all or previous.fingerprint != fingerprint
+        # Every shard is visited when the number of shards changed, and once after an upgrade from a
+        # version-1 store (whose shards have no tombstones or stats parts yet).
+        upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
+        night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
+        night.listed = {f.path for f in listed}
+        if not (new or rewritten or recompile or upgrade):
+            log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
+            return night.report(previous, published=False)
+        return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile,
+                         started=started)
     except BaseException:
-        if started is not None:
+        if started is not None:  # night.run closes it too; closing twice is a no-op
             started[1].close(flush=False)
         raise
-    recompile = previous is None or spec.recompile_all or previous.fingerprint != fingerprint
-    # Every shard is visited when the number of shards changed, and once after an upgrade from a
-    # version-1 store (whose shards have no tombstones or stats parts yet).
-    upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
-    night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
-    night.listed = {f.path for f in listed}
-    if not (new or rewritten or recompile or upgrade):
-        log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
-        return night.report(previous, published=False)
-    return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile,
-                     started=started)
 
 
 def _start_compile(spec: NightlySpec, store_uri: str):

@@ -204,8 +204,8 @@ class _RayPool:
                 k = starting.pop(done)
                 try:
                     ray.get(done)
-                except Exception as err:  # noqa: BLE001 - its chunks then fail the night with the actor's error, named
-                    log.warning("compile pool: actor %d did not start (%s: %s)", k, type(err).__name__, err)
+                except Exception as err:  # its constructor failed (after its restarts): the night fails, naming it
+                    raise _named(err, f"compile actor {k} start") from None
                 fill(k)
                 continue
             i, output, k = pending.pop(done)

@@ -97,9 +97,10 @@ def test_a_night_with_new_files_starts_its_compile_actors_before_hashing_the_mod
     from engram_core.tiny import init_tiny
     from pipeline.plan import FingerprintMismatch
 
-    order = []
+    order, pools = [], []  # pools: held here, so Ray cannot end a leaked pool's actors for want of a handle
     real_start, real_fingerprint = jobs.nightly._start_compile, jobs.nightly.model_fingerprint
-    monkeypatch.setattr(jobs.nightly, "_start_compile", lambda *a: order.append("pool") or real_start(*a))
+    monkeypatch.setattr(jobs.nightly, "_start_compile",
+                        lambda *a: order.append("pool") or pools.append(real_start(*a)) or pools[-1])
     monkeypatch.setattr(jobs.nightly, "model_fingerprint", lambda *a: order.append("hash") or real_fingerprint(*a))
     write_fact_log(fact_log_rows(4, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
     spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
@@ -121,8 +122,25 @@ def test_a_night_with_new_files_starts_its_compile_actors_before_hashing_the_mod
     with pytest.raises(FingerprintMismatch, match="recompile-all"):
         run_nightly(NightlySpec(**{**spec.to_dict(), "model": str(other)}))
     assert order == ["pool", "hash"]
+    assert pools[-1][1].actors == []  # the night closed its pool
     deadline = time.monotonic() + 30
     while compile_actor_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert compile_actor_processes() == []
     assert read_current(LocalStore(tmp_path / "store"))[0].version == 1
+
+
+def test_a_compile_actor_that_cannot_start_fails_the_night_naming_it_and_publishes_nothing(ray_cluster, tmp_path,
+                                                                                         tiny_dir, monkeypatch):
+    class BrokenWorker(pipeline.compile.CompileWorker):
+        def __init__(self, *args, **kwargs):
+            raise ValueError("this worker's GPU is gone")
+
+    monkeypatch.setattr(pipeline.compile, "CompileWorker", BrokenWorker)
+    write_fact_log(fact_log_rows(4, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=1)
+    with pytest.raises(Exception, match="this worker's GPU is gone") as failure:
+        run_nightly(spec)
+    assert any("compile actor 0 start" in note for note in getattr(failure.value, "__notes__", []))
+    assert read_current(LocalStore(tmp_path / "store")) is None
