@@ -23,7 +23,11 @@ Decisions worth knowing:
   events that took effect. Exact copies of one event keep one copy (the first by source file,
   then row) and reject the others as DUPLICATE. Events for the same (user, fact, event_time, op)
   with different content are all rejected as CONFLICTING_DUPLICATE: no winner can be chosen that
-  does not depend on file order, and the operator has to look at them.
+  does not depend on file order, and the operator has to look at them. The same holds across
+  nights: an upsert at the very instant of a fact in the prior state, with other content, is
+  rejected as CONFLICTING_DUPLICATE and the prior fact goes too, leaving a delete tombstone at that
+  instant, so whichever night came first the fact is absent, and a re-read of either file
+  (SUPERSEDED by the tombstone) changes nothing.
 * Events apply in (event_time, op precedence) order: forget_user > delete > upsert at the same
   instant. Facts of the prior state behave as upserts at their own event_time that sort
   before any event of the batch at the same instant. The result depends only on the set of
@@ -975,6 +979,16 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
         elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT and (
                 prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]) == last.content:
             verdicts[last.index] = (F.DUPLICATE, "this upsert is already applied (the fact in the prior state)")
+        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT:
+            # Another content at the prior fact's own instant: as within one batch, there is no
+            # order to pick one by, so neither is kept; a delete tombstone at that instant keeps a
+            # re-read of either file from bringing one back (which night came first must not matter).
+            verdicts[last.index] = (
+                F.CONFLICTING_DUPLICATE,
+                f"the fact in the prior state has the same event time ({_iso(last.time)}) and other content; "
+                "neither is kept (give each edit its own time, or send only the one that holds)")
+            facts.pop(key, None)
+            deletes[key] = last.time
         elif last.op == F.OP_DELETE:
             facts.pop(key, None)
             deletes[key] = last.time

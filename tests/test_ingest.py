@@ -491,6 +491,23 @@ def test_an_upsert_older_than_a_delete_of_an_earlier_night_is_superseded_and_the
     assert later.tombstones.num_rows == 0  # the live fact's own time guards it now
 
 
+def test_two_contents_at_one_instant_on_two_nights_keep_neither_whichever_came_first_and_rereads_change_nothing():
+    a, b = table({"answer": " Rex"}), table({"answer": " Max"})
+    at_once = run(pa.concat_tables([a, b]))
+    assert live_facts(at_once.state) == {} and at_once.rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"] * 2
+    for first, second in ((a, b), (b, a)):
+        result = nights(first, second)
+        assert live_facts(result.state) == {}
+        assert [r["reason"] for r in result.rejects.to_pylist()] == ["CONFLICTING_DUPLICATE"]
+        assert "same event time" in result.rejects.column("detail")[0].as_py()
+        assert result.changed_users == {"alice"}  # its published delta loses the fact
+        for again in (first, second):  # a file read again (a copy, a restore) brings neither back
+            reread = nights(first, second, again)
+            assert live_facts(reread.state) == {} and reread.accepted == 0 and reread.changed_users == set()
+    later = nights(a, b, table({"answer": " Fido", "event_time": T0 + timedelta(seconds=1)}))
+    assert live_facts(later.state) == {("alice", "pet"): " Fido"}  # a later edit applies as usual
+
+
 def test_a_forgotten_user_is_never_brought_back_by_older_events_but_may_return_by_writing_again():
     forget = {"op": "forget_user", "fact_id": None, "trigger": None, "answer": None, "event_time": T0 + timedelta(hours=3)}
     old_rows = table({"fact_id": "a", "event_time": T0 + timedelta(hours=2)}, {"fact_id": "b", "event_time": T0 + timedelta(hours=3)})
