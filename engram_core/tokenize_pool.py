@@ -35,6 +35,7 @@ STATUS_EMPTY_TRIGGER = "empty_trigger"
 STATUS_EMPTY_ANSWER = "empty_answer"
 STATUS_TRIGGER_TOO_LONG = "trigger_too_long"
 STATUS_ANSWER_TOO_LONG = "answer_too_long"
+STATUS_SPECIAL_TOKEN_TEXT = "special_token_text"
 
 Encode = Callable[[list[str], bool], list[list[int]]]  # (texts, add_special_tokens) -> ids per text
 

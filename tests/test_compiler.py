@@ -420,3 +420,16 @@ def test_rows_touched_per_fact_counts_the_distinct_rows_of_its_written_positions
     H = batch.w_rows.shape[1]
     single = np.diff(np.r_[batch.written_start, batch.num_written]) == 1
     assert single.any() and (~single).any() and (got[single] == H).all()
+
+
+def test_a_fact_whose_text_holds_a_special_tokens_text_is_refused_naming_it_and_the_others_compile(tiny):
+    special = tiny.tokenizer.eos_token or tiny.tokenizer.all_special_tokens[0]
+    facts = [Fact("u", "cut", "My code word is", f" {special} really"),
+             Fact("u", "turn", f"{special}My dentist is called", " Dr. Okafor"),
+             Fact("u", "fine", "My dentist is called", " Dr. Okafor")]
+    result = compile_facts(tiny, facts)
+    by_id = {r.fact_id: r for r in result.facts}
+    assert by_id["cut"].status == by_id["turn"].status == "special_token_text"
+    assert special in by_id["cut"].detail and "answer" in by_id["cut"].detail
+    assert "trigger" in by_id["turn"].detail
+    assert by_id["fine"].status == STATUS_OK
