@@ -207,6 +207,21 @@ def test_extra_columns_are_dropped_with_a_warning(caplog):
     assert "ignoring extra columns ['mood']" in caplog.text
 
 
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_file_with_no_rows_is_read_as_empty_whatever_its_column_types(on_bad_file, tmp_path):
+    # pandas 3 types the columns of an empty DataFrame as float64
+    empty = pa.table({name: pa.array([], pa.float64()) for name in RAW_SCHEMA.names})
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    pq.write_table(table({}), tmp_path / "one.parquet")
+    batch = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
+    assert batch.rows.num_rows == 1 and batch.file_rejects.num_rows == 0 and len(batch.files) == 2
+    # a file with rows and the same wrong types is still refused, naming the column
+    pq.write_table(pa.table({name: pa.array([1.0], pa.float64()) for name in RAW_SCHEMA.names}), tmp_path / "bad.parquet")
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match="bad.parquet"):
+            read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
+
+
 def test_integer_user_ids_are_read_as_strings(tmp_path):
     raw = table({}).set_column(0, "user_id", pa.array([42], pa.int64()))
     result = run(raw)
