@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.spec import NightlySpec
+from jobs.spec import NightlySpec, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,12 @@ def main() -> int:
     if not text:
         print(f"error: {SPEC_ENV_VAR} is not set; submit with `engram submit --spec FILE`", file=sys.stderr)
         return 2
-    spec = NightlySpec.from_dict(yaml.safe_load(text), source=f"job spec from ${SPEC_ENV_VAR}")
+    try:
+        raw = load_yaml(text)
+    except yaml.YAMLError as exc:
+        print(f"error: job spec from ${SPEC_ENV_VAR}: not valid YAML ({exc})", file=sys.stderr)
+        return 2
+    spec = NightlySpec.from_dict(raw, source=f"job spec from ${SPEC_ENV_VAR}")
     report = run_nightly(spec)
     print(json.dumps(report.to_dict(), default=str), flush=True)
     return 0

@@ -129,12 +129,33 @@ class NightlySpec:
     @classmethod
     def load(cls, path: str | Path) -> "NightlySpec":
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            raw = load_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise SpecError(f"job spec {path}: file not found") from None
         except yaml.YAMLError as exc:
             raise SpecError(f"job spec {path}: not valid YAML ({exc})") from None
         return cls.from_dict(raw, source=f"job spec {path}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a mapping holding one key twice (plain YAML keeps the last, so a
+    spec with ``workers: 0`` and later ``workers: 3``, or two ``store:`` lines, would silently run
+    on the other one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (keep one)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (yaml.YAMLError naming the key and line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 _KINDS = {

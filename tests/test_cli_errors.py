@@ -93,6 +93,20 @@ def test_spec_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_spec_with_a_key_given_twice_is_refused_naming_it(tmp_path):
+    """Plain YAML keeps the last of two equal keys: `workers: 0` then `workers: 3` would run on Ray,
+    two `store:` lines would publish to the second store."""
+    spec = tmp_path / "spec.yaml"
+    for text, key in ((f"store: {tmp_path / 's'}\nfact_log: {tmp_path}\nmodel: {tmp_path}\nworkers: 0\nworkers: 3\n", "workers"),
+                      (f"store: {tmp_path / 's'}\nfact_log: {tmp_path}\nmodel: {tmp_path}\nstore: {tmp_path / 't'}\n", "store"),
+                      (f"store: {tmp_path / 's'}\nfact_log: {tmp_path}\nmodel: {tmp_path}\ncompile: {{steps: 2, steps: 20}}\n", "steps")):
+        spec.write_text(text)
+        result = engram("run", "nightly", "--spec", str(spec), "--json")
+        assert result.exit_code == 2, (text, result.output)
+        assert f"key '{key}' appears twice" in json.loads(result.stdout)["error"], text
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
 def test_a_damaged_store_gets_one_line_from_every_command_never_a_traceback(local_store, tiny):
     """CURRENT garbage, then a truncated audit record: each operator command says what is wrong in
     one line (exit 1), and `versions` still lists the intact versions a rollback can go to."""
