@@ -206,7 +206,9 @@ def _create_view(connection, store, manifests: list[Manifest], filesystem, base_
 def format_table(table: pa.Table, *, max_width: int = 60) -> str:
     """A plain aligned text table (numbers right-aligned), for the CLI."""
     names = table.column_names
-    cells = [[_cell(value, max_width) for value in row.values()] for row in table.to_pylist()]
+    # column by column: a query may name two columns alike (``select 1 as a, 2 as a``, a join's ``*``)
+    columns = [[_cell(value, max_width) for value in table.column(i).to_pylist()] for i in range(table.num_columns)]
+    cells = [list(row) for row in zip(*columns)] if columns else []
     numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema]
     widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(names)]
 
@@ -234,10 +236,31 @@ def _cell(value, max_width: int) -> str:
 
 def rows_as_json(table: pa.Table) -> str:
     """The rows as a JSON array of objects (timestamps ISO-8601, decimals as strings; NaN and
-    infinities, which strict JSON has no words for, as null)."""
-    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            for row in table.to_pylist()]
+    infinities, which strict JSON has no words for, as null, inside lists and structs too). A
+    column named like an earlier one gets ``_2``, ``_3``, ... (a JSON object holds a key once)."""
+    names: list[str] = []
+    for name in table.column_names:
+        unique, k = name, 1
+        while unique in names:
+            k += 1
+            unique = f"{name}_{k}"
+        names.append(unique)
+    columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    rows = [{name: _finite(value) for name, value in zip(names, row)} for row in zip(*columns)] if columns else []
     return json.dumps(rows, default=_json_value, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value):
+    """``value`` with every NaN and infinity in it (in lists, maps and structs too) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, tuple):  # a map's (key, value) pairs
+        return tuple(_finite(v) for v in value)
+    return value
 
 
 def _json_value(value):

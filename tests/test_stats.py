@@ -170,3 +170,16 @@ def test_a_stats_query_reads_the_stats_views_and_no_file(any_store, tmp_path, sq
 def test_rows_as_json_writes_nan_and_infinities_as_null():
     table = pa.table({"x": [float("nan"), float("inf"), 1.5]})
     assert json.loads(rows_as_json(table)) == [{"x": None}, {"x": None}, {"x": 1.5}]
+
+
+def test_a_query_naming_two_columns_alike_prints_and_writes_json_with_every_column(any_store):
+    publish_stats(any_store, None, facts=facts(("a", "f", "ok", 0.1)))
+    result = query_stats(any_store, "SELECT 1 AS a, 2 AS a, 3 AS a_2")
+    lines = format_table(result).splitlines()
+    assert lines[0].split() == ["a", "a", "a_2"] and lines[2].split() == ["1", "2", "3"]
+    assert json.loads(rows_as_json(result)) == [{"a": 1, "a_2": 2, "a_2_2": 3}]
+
+
+def test_rows_as_json_writes_nan_inside_lists_and_structs_as_null():
+    table = pa.table({"s": [{"x": float("nan"), "y": [1.0, float("-inf")]}]})
+    assert json.loads(rows_as_json(table)) == [{"s": {"x": None, "y": [1.0, None]}}]
