@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from schemas.facts import SchemaMismatch, conform
 from schemas.manifest import Manifest, ShardEntry, stats_part_key
 from schemas.stats import STATS_SCHEMAS, queried_schema
-from versions.catalog import list_versions, read_manifest
+from versions.catalog import list_versions, read_current, read_manifest
 from versions.commit import write_verified_objects
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,10 @@ def query_stats(store, sql: str) -> pa.Table:
     """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every published version."""
     import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
 
+    # A damaged CURRENT or current manifest is refused (ManifestError, PublishError naming it), as
+    # every reader but `versions` and rollback refuses it: answering from the other versions alone
+    # would give a dashboard numbers without the current version, with nothing to say so.
+    read_current(store)
     manifests = [read_manifest(store, info.version) for info in list_versions(store)]
     connection = duckdb.connect(":memory:")
     try:

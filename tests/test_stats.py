@@ -183,3 +183,15 @@ def test_a_query_naming_two_columns_alike_prints_and_writes_json_with_every_colu
 def test_rows_as_json_writes_nan_inside_lists_and_structs_as_null():
     table = pa.table({"s": [{"x": float("nan"), "y": [1.0, float("-inf")]}]})
     assert json.loads(rows_as_json(table)) == [{"s": {"x": None, "y": [1.0, None]}}]
+
+
+def test_stats_refuse_a_damaged_current_manifest_naming_it_rather_than_answer_without_it(local_store):
+    from versions.catalog import read_current
+    from schemas.manifest import ManifestError
+    from versions.errors import PublishError
+
+    publish_stats(local_store, None, facts=facts(("a", "f", "ok", 0.1)))
+    manifest, _ = read_current(local_store)
+    (local_store.root / manifest.key).write_bytes(local_store.get(manifest.key)[:100])  # truncated at rest
+    with pytest.raises((ManifestError, PublishError), match=manifest.key.split("/")[-1]):
+        query_stats(local_store, "SELECT count(*) AS n FROM facts")
