@@ -53,6 +53,7 @@ import inspect
 import logging
 import math
 import os
+import urllib.parse
 import uuid
 import re
 from collections import defaultdict
@@ -385,11 +386,14 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
             present = parquet.schema_arrow.names
-            if problem := _column_problem(present):
+            partitions = {k: v for k, v in _hive_partitions(display).items() if k not in present}
+            if problem := _column_problem(present + list(partitions)):
                 return size, None, (F.SCHEMA_MISMATCH, problem)
             table = parquet.read(columns=[name for name in present if name in F.FACT_LOG_SCHEMA.names])
     except (pa.ArrowException, OSError) as err:
         return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
+    for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
+        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
     extra = [name for name in present if name not in F.FACT_LOG_SCHEMA.names]
     if extra:
         logger.warning("fact log %s: ignoring extra columns %s", display, extra)
@@ -400,6 +404,21 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def _hive_partitions(path: str) -> dict[str, str | None]:
+    """Fact-log columns written as ``column=value`` folders of ``path`` (Hive partitioning, as
+    pandas' and Spark's ``partition_cols`` write it; the value %-decoded, Hive's null folder as
+    None). The innermost folder wins."""
+    out: dict[str, str | None] = {}
+    for part in path.replace("\\", "/").split("/")[:-1]:
+        name, sep, value = part.partition("=")
+        if sep and name in F.FACT_LOG_SCHEMA.names:
+            out[name] = None if value == _HIVE_NULL else urllib.parse.unquote(value)
+    return out
 
 
 def _column_problem(present: list[str]) -> str | None:

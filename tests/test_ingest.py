@@ -222,6 +222,17 @@ def test_a_file_with_no_rows_is_read_as_empty_whatever_its_column_types(on_bad_f
             read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
 
 
+def test_columns_written_as_hive_partition_folders_are_read_from_the_path(tmp_path):
+    rows = table({"user_id": "alice", "scope": "org:a"}, {"user_id": "bob", "scope": "org/b c"},
+                 {"user_id": "carol", "scope": None})
+    pq.write_to_dataset(rows, tmp_path / "log", partition_cols=["scope", "op"])  # as pandas' partition_cols
+    assert any("%" in p.as_posix() for p in (tmp_path / "log").rglob("*.parquet"))  # the value is %-encoded
+    batch = read_fact_log(str(tmp_path / "log"))
+    got = {r["user_id"]: (r["scope"], r["op"]) for r in batch.rows.to_pylist()}
+    assert got == {"alice": ("org:a", "upsert"), "bob": ("org/b c", "upsert"), "carol": (None, "upsert")}
+    assert batch.file_rejects.num_rows == 0
+
+
 def test_integer_user_ids_are_read_as_strings(tmp_path):
     raw = table({}).set_column(0, "user_id", pa.array([42], pa.int64()))
     result = run(raw)
