@@ -38,6 +38,7 @@ import copy
 import itertools
 import logging
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import weakref
@@ -151,8 +152,8 @@ def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -
             discard_pool(pool)
     if encoded is None:
         encoded = encode_pairs(em.encode_texts, triggers, answers, *limits)
-    specials = _special_texts(em.tokenizer)
-    if specials:
+    specials = _special_pattern(em.tokenizer)
+    if specials is not None:
         encoded = [_special_text_status(t, a, specials) or pair for t, a, pair in zip(triggers, answers, encoded)]
     nan = float("nan")
     return [(None, FactResult(fact.user_id, fact.fact_id, first, nan, 0, 0, nan, second)) if isinstance(first, str)
@@ -163,24 +164,25 @@ def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -
 _POOL_MIN_FACTS = 8192  # automatic worker processes from this many facts per batch
 
 
-def _special_texts(tokenizer) -> tuple[str, ...]:
-    """The texts the tokenizer reads as special tokens (``<|endoftext|>``, ``<eos>``, ...)."""
+def _special_pattern(tokenizer) -> "re.Pattern | None":
+    """One pattern matching any text the tokenizer reads as a special token (``<|endoftext|>``,
+    ``<eos>``, ...), or None if it has none: one search per text, not one per special token."""
     texts = set(getattr(tokenizer, "all_special_tokens", ()) or ())
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     texts.update(t.content for t in decoder.values() if getattr(t, "special", False))
-    return tuple(sorted(t for t in texts if t and t.strip()))
+    texts = sorted((t for t in texts if t and t.strip()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
-def _special_text_status(trigger: str | None, answer: str | None, specials: tuple[str, ...]) -> tuple[str, str] | None:
+def _special_text_status(trigger: str | None, answer: str | None, pattern: "re.Pattern") -> tuple[str, str] | None:
     """``(special_token_text, detail)`` when a fact's text holds a special token's text: the
     tokenizer would read it as that token (an end of text, a turn marker), so the fact would be
     "recalled" as an answer cut short or a turn ended, not as the text the user wrote."""
     for name, text in (("trigger", trigger), ("answer", answer)):
-        if text:
-            found = next((t for t in specials if t in text), None)
-            if found is not None:
-                return (STATUS_SPECIAL_TOKEN_TEXT, f"{name} contains {found!r}, which the tokenizer reads as a special "
-                                                   "token; remove it from the fact's text")
+        found = pattern.search(text) if text else None
+        if found is not None:
+            return (STATUS_SPECIAL_TOKEN_TEXT, f"{name} contains {found.group()!r}, which the tokenizer reads as a "
+                                               "special token; remove it from the fact's text")
     return None
 
 
