@@ -45,6 +45,7 @@ from .fingerprint import (  # noqa: F401 - re-exported: the checkpoint API
     fingerprint,
     write_base_record,
 )
+from .hf_compat import deferred_sklearn
 from .layer import EngramMemory
 from .tokenize_pool import backend_encoder
 
@@ -159,16 +160,17 @@ def load_checkpoint(
             timings[name] = timings.get(name, 0.0) + now - clock
         clock = now
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    lap("imports")
     config = EngramConfig.load(root / "engram" / "config.json")
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     adapter_dir = root / "adapter"
     # transformers builds a model under process-wide patches (the default dtype, torch.linspace,
     # meta-device creation); two loads on threads at once can leave them crossed, and a later
-    # model then gets meta tensors. One load at a time per process.
-    with MODEL_LOCK:
+    # model then gets meta tensors. One load at a time per process. Its model classes are imported
+    # here (the first load of a process) without scikit-learn (hf_compat.deferred_sklearn).
+    with MODEL_LOCK, deferred_sklearn():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lap("imports")
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         lap("tokenizer")
         model = AutoModelForCausalLM.from_pretrained(root / "base", local_files_only=True, dtype=dtype, **extra)
@@ -178,9 +180,9 @@ def load_checkpoint(
         check_adapter_base(root, digests)  # before peft reads an adapter made for another base
     lap("digest")
     if with_adapter and adapter_dir.is_dir():
-        from peft import PeftModel
+        with MODEL_LOCK, deferred_sklearn():
+            from peft import PeftModel
 
-        with MODEL_LOCK:
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
         lap("base")
     if context is not None:

@@ -139,6 +139,38 @@ def test_the_invariant_check_checks_locality_on_small_deltas(tiny):
     assert report.ok and report.users_checked == 2 and report.locality_positions > 0
 
 
+def test_the_batched_locality_check_checks_what_the_per_probe_check_checks(tiny):
+    """check_invariants runs every sampled user's probes in one right-padded batch; it checks the
+    same positions as check_locality on each probe alone and finds the same problems."""
+    from engram_core import verify
+
+    facts = [Fact(u, k, t, a) for u in ("ana", "ben", "cy") for k, (t, a) in
+             {"dog": ("My dog is called", " Rex"), "city": ("I live in", " Porto")}.items()]
+    deltas = compile_facts(tiny, facts).deltas
+    probes = ["My dog is called", "The weather today is", "Where do I live?", "Hi"]  # lengths differ: padding
+    ordered = [deltas[u] for u in sorted(deltas)]
+    checked, problems = verify._locality_batch(tiny, ordered, probes)
+    alone = [verify.check_locality(tiny, d, probes) for d in ordered]
+    assert checked == sum(r.positions_checked for r in alone) > 0
+    assert problems == [] and all(r.ok for r in alone)
+
+
+def test_the_batched_locality_check_reports_a_position_that_changed(tiny, monkeypatch):
+    """If a delta changes a position the check counts as addressing none of its rows, the batch
+    check names the user and the probe (here the addressing it checks with is made to miss)."""
+    from engram_core import verify
+
+    facts = [Fact("ana", "dog", "My dog is called", " Rex"), Fact("ben", "city", "I live in", " Porto")]
+    deltas = compile_facts(tiny, facts).deltas
+    probes = ["My dog is called", "I live in"]
+    real = tiny.memory.addresser.rows
+    monkeypatch.setattr(tiny.memory.addresser, "rows", lambda ids, layer: real(ids, layer) * 0 - 1)  # no row matches
+    report = check_invariants(tiny, deltas, sample=2, probes=probes)
+    assert not report.ok
+    assert any(p.startswith("user 'ana': probe 'My dog is called': position") for p in report.problems)
+    assert any(p.startswith("user 'ben': probe 'I live in': position") for p in report.problems)
+
+
 def test_the_invariant_check_reports_a_leak_between_users(night, tiny, monkeypatch):
     """A serving path that let one user's rows reach another's sequence is caught."""
     from engram_core import verify

@@ -38,3 +38,44 @@ def test_the_driver_and_the_cli_import_no_torch():
 
 def test_the_old_import_paths_name_the_same_objects():
     assert probe(OLD_PATHS) == [True, True, True, True]
+
+
+FAKE_SKLEARN = {
+    "sklearn/__init__.py": "",
+    "sklearn/metrics.py": "def roc_curve(y, p):\n    return 'roc from sklearn'\n",
+}
+
+DEFERRED = """
+import json, sys
+import transformers.utils as utils
+from engram_core.hf_compat import deferred_sklearn
+from engram_core.checkpoint import load_checkpoint
+original = utils.is_sklearn_available
+found = original()
+with deferred_sklearn():
+    inside = utils.is_sklearn_available()
+restored = utils.is_sklearn_available is original
+em = load_checkpoint(sys.argv[1])
+import transformers.generation.candidate_generator as generation
+after_load = {"sklearn_imported": "sklearn" in sys.modules, "generation_sees": generation.is_sklearn_available(),
+              "utils_restored": utils.is_sklearn_available is original}
+print(json.dumps({"found": found, "inside": inside, "restored": restored, **after_load,
+                  "roc": generation.roc_curve([0, 1], [0.2, 0.8]) if hasattr(generation, "roc_curve") else None}))
+"""
+
+
+def test_a_model_load_does_not_import_scikit_learn_and_leaves_it_available(tmp_path, tiny_dir):
+    """transformers up to 5.17 imports scikit-learn with its generation code when it is installed
+    (1.5 s of a compile worker's start on the device); a load defers it to its one use. A stand-in
+    scikit-learn package is put on the path, so the test runs whether or not the real one is here."""
+    for name, text in FAKE_SKLEARN.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    out = subprocess.run([sys.executable, "-c", DEFERRED, str(tiny_dir)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["found"] is True and got["inside"] is False and got["restored"] is True
+    assert got["sklearn_imported"] is False  # not by the load
+    assert got["generation_sees"] is True and got["utils_restored"] is True  # assisted generation keeps it
+    assert got["roc"] == "roc from sklearn"  # imported where it is used
