@@ -114,6 +114,28 @@ def save_engram(memory: EngramMemory, directory: Path) -> None:
         save_file(tables, str(directory / "tables.safetensors"))
 
 
+def _start_device(device: torch.device) -> None:
+    """Create the CUDA context and load what a compile's first call would otherwise load: cuBLAS
+    (float32 and bfloat16 products), cuSOLVER (``pinv``, the compiler's initial values) and the
+    autograd engine's device thread (a backward). Only constants, on this thread's own stream:
+    no random state or model is touched. Measured on an H200: a compile worker's warm-up spent
+    ~0.4 s of its ~1.9 s in such first uses (bench/RESULTS.md, 2026-11-30 fifth session)."""
+    torch.empty(1, device=device)  # the context: an error here is the load's
+    try:
+        stream = torch.cuda.Stream(device=device)
+        with torch.cuda.stream(stream):
+            x = torch.eye(8, device=device) + 1
+            torch.linalg.pinv(x)
+            x.bfloat16() @ x.bfloat16()
+            w = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (w @ x).sum().backward()
+        stream.synchronize()
+    except Exception as err:  # noqa: BLE001 - only a head start: the compile's first call pays it instead
+        log.warning("checkpoint load: the CUDA libraries' first use failed on %s (%s: %s); the first compile "
+                    "pays it", device, type(err).__name__, err)
+
+
 MODEL_LOCK = threading.RLock()
 """Held while transformers builds a model (see :func:`load_checkpoint`)."""
 
@@ -134,8 +156,9 @@ def load_checkpoint(
     beats the flash kernels on GPUs (see bench/RESULTS.md).
 
     The ingredient files' sha256 (the fingerprint) and, on a GPU, the CUDA context's creation
-    run on threads while transformers imports and builds the model (hashing and the driver's
-    initialisation release the GIL; imports hold it).
+    and the first use of the CUDA libraries a compile calls (:func:`_start_device`) run on
+    threads while transformers imports and builds the model (hashing, the driver's and the
+    libraries' initialisation release the GIL; imports hold it).
 
     ``timings``: if given, gets where the load's seconds went: ``imports`` (transformers' top
     level), ``tokenizer``, ``base`` (``from_pretrained`` with the model classes' imports, the
@@ -150,7 +173,7 @@ def load_checkpoint(
     background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint-load")
     digesting = background.submit(_file_digests, root)  # read once: the fingerprint and the adapter's base check
     target = torch.device(device)
-    context = background.submit(torch.empty, 1, device=target) if target.type == "cuda" else None
+    context = background.submit(_start_device, target) if target.type == "cuda" else None
     background.shutdown(wait=False)
 
     def lap(name: str) -> None:
