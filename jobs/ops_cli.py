@@ -98,7 +98,7 @@ def compact(
 
     try:
         chosen = parse_shards(shards)
-        report = do_compact(open_store(store), chosen)
+        report = do_compact(open_store(store, create=False), chosen)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

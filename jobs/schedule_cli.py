@@ -16,11 +16,19 @@ from jobs.spec import NightlySpec, SpecError
 SPEC_HELP = "YAML job spec (see jobs/specs/nightly.example.yaml)."
 
 
-def _load(spec_file: Path) -> NightlySpec:
+def _failed(as_json: bool, message: str, code: int, what: str) -> None:
+    """:func:`_fail`; with ``--json`` stdout also gets ``{what: false, "error": ..., "exit_code": ...}``,
+    so a script that parses stdout always gets one JSON object."""
+    if as_json:
+        typer.echo(json.dumps({what: False, "error": message, "exit_code": code}))
+    _fail(message, code=code)
+
+
+def _load(spec_file: Path, as_json: bool = False, what: str = "submitted") -> NightlySpec:
     try:
         return NightlySpec.load(spec_file)
     except SpecError as exc:
-        _fail(str(exc), code=2)
+        _failed(as_json, str(exc), 2, what)
 
 
 def submit(
@@ -38,11 +46,11 @@ def submit(
     Local relative paths in the spec are made absolute (they must exist on the cluster's nodes);
     with --wait the exit code is 1 when the job did not succeed.
     """
-    spec = _load(spec_file)
+    spec = _load(spec_file, as_json)
     try:
         result = submit_spec(spec, address, wait=wait, wait_timeout_s=wait_timeout, connect_timeout_s=connect_timeout)
     except SubmitError as exc:
-        _fail(str(exc), code=2)
+        _failed(as_json, str(exc), 2, "submitted")
     if as_json:
         typer.echo(json.dumps(result.to_dict(), default=str))
     else:
@@ -67,15 +75,16 @@ def schedule(
     as_json: bool = typer.Option(False, "--json", help="Print {format, cron, text} as one JSON object."),
 ) -> None:
     """Print a ready schedule for the nightly job. Example: engram schedule --spec S --cron "0 2 * * *" --format k8s-cronjob"""
-    spec = _load(spec_file)
+    spec = _load(spec_file, as_json, "scheduled")
     if fmt == "rayjob" and address:
-        _fail("--address does not apply to --format rayjob (each run creates its own RayCluster); leave it out", code=2)
+        _failed(as_json, "--address does not apply to --format rayjob (each run creates its own RayCluster); leave it out",
+                2, "scheduled")
     options = ScheduleOptions(cron=cron, spec_path=str(spec_file.resolve()), image=image, namespace=namespace,
                               name=name, address=address, workdir=str(Path.cwd()), engram_bin=_engram_bin())
     try:
         text = render_schedule(spec, fmt, options)
     except (ScheduleError, SubmitError) as exc:
-        _fail(str(exc), code=2)
+        _failed(as_json, str(exc), 2, "scheduled")
     local = local_paths(spec)
     if fmt != "crontab" and local:
         typer.echo(f"note: {', '.join(local)} in {spec_file} are local paths; on the scheduler they must exist "

@@ -466,7 +466,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         raw = table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
         columns[name] = _to_text(raw, name, problems)
     columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
-    columns["event_time"] = _to_timestamp(table.column("event_time"), problems)
+    columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
     columns["_row"] = table.column("_row") if "_row" in table.column_names else pa.array(range(n), pa.int64())
     if "_problem_reason" in table.column_names:  # an already-normalised batch
@@ -506,12 +506,18 @@ def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     3.0): whole numbers read as their integer text, NaN as a missing id (its row is rejected,
     not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch."""
     values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.chunks], column.type)
-    present = pc.drop_null(values)
     exact = 2 ** 53  # floats hold every integer up to here, no further
-    if len(present) and not pc.all(pc.and_(pc.equal(pc.floor(present), present),
-                                           pc.less_equal(pc.abs(present), exact))).as_py():
-        raise F.SchemaMismatch(f"column {name!r} is {column.type} with values that are not whole numbers: not an id; "
-                               "export ids as strings or integers")
+    fraction = pc.fill_null(pc.not_equal(pc.floor(values), values), False)
+    if pc.any(fraction).as_py():
+        row = pc.index(fraction, True).as_py()
+        raise F.SchemaMismatch(f"column {name!r} is {column.type} with values that are not whole numbers (row {row}: "
+                               f"{values[row].as_py()!r}): not an id; export ids as strings or integers")
+    beyond = pc.fill_null(pc.greater(pc.abs(values), exact), False)
+    if pc.any(beyond).as_py():
+        row = pc.index(beyond, True).as_py()
+        raise F.SchemaMismatch(f"column {name!r} is {column.type} with ids above 2^53 (row {row}: "
+                               f"{values[row].as_py():.0f}), which a float cannot hold exactly (two ids may have "
+                               "become one); export ids as strings or integers")
     return values.cast(pa.int64()).cast(pa.string())
 _UUID_TYPE = getattr(pa, "UuidType", ())  # pyarrow >= 18
 # Parquet's UUID logical type read as arrow.uuid (the default where the option exists; asked for
@@ -574,7 +580,7 @@ _MICROS_PER_TICK = {"s": Fraction(10**6), "ms": Fraction(10**3), "us": Fraction(
                     "day": Fraction(86_400 * 10**6)}
 
 
-def _to_timestamp(column: pa.ChunkedArray, problems: list) -> pa.ChunkedArray:
+def _to_timestamp(column: pa.ChunkedArray, problems: list, source: str = TABLE_SOURCE) -> pa.ChunkedArray:
     """event_time of any time type (timestamp of any unit and zone, INT96, date) or ISO-8601
     text -> microseconds UTC. Finer units are truncated (floored) to the microsecond; a value
     outside F.MIN_EVENT_TIME..F.MAX_EVENT_TIME or text that is not ISO-8601 becomes null with a
@@ -586,7 +592,8 @@ def _to_timestamp(column: pa.ChunkedArray, problems: list) -> pa.ChunkedArray:
         return column.cast(F.TIMESTAMP)
     if pa.types.is_timestamp(kind):
         if kind.tz is None:
-            logger.warning("fact log: event_time has no time zone; reading it as UTC")
+            logger.warning("fact log %s: event_time has no time zone; reading it as UTC (write a UTC timestamp "
+                           "to silence this)", source)
         ticks, unit = column.cast(pa.int64()), kind.unit
     elif pa.types.is_date32(kind):
         ticks, unit = column.cast(pa.int32()).cast(pa.int64()), "day"
@@ -749,6 +756,8 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
         return F.MISSING_USER_ID, "user_id is empty"
     if problem := F.id_problem("user_id", user_id):
         return F.BAD_USER_ID, problem
+    if op is None or op == "":
+        return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
     if op not in F.OPS:
         return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}"
     if times[i] is None:

@@ -53,9 +53,11 @@ def test_a_failed_night_prints_one_json_object_on_stdout(tmp_path, tiny_dir):
 def test_read_only_commands_on_a_missing_store_exit_2(tmp_path):
     missing = str(tmp_path / "nope")
     for args in (["versions", "--store", missing], ["stats", "--store", missing, "select 1"],
-                 ["forget", "--store", missing, "u1"], ["gc", "--store", missing, "--keep", "1"]):
+                 ["forget", "--store", missing, "u1"], ["gc", "--store", missing, "--keep", "1"],
+                 ["compact", "--store", missing]):
         result = engram(*args)
         assert result.exit_code == 2 and "no such directory" in result.stderr, (args, result.output)
+    assert not (tmp_path / "nope").exists()  # a mistyped path is not created
 
 
 def test_forget_of_an_id_that_is_empty_once_canonical_exits_2_with_one_line(tmp_path):

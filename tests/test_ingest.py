@@ -93,6 +93,17 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
             read_fact_log(str(folder))
 
 
+@pytest.mark.parametrize("ids, message", [
+    ([1.0, 2.0, 1.5], "values that are not whole numbers (row 2: 1.5)"),
+    ([1.0, float("nan"), 2.0 ** 53 + 2], "ids above 2^53 (row 2: 9007199254740994), which a float cannot hold exactly"),
+])
+def test_a_float_id_column_that_cannot_hold_ids_is_refused_naming_the_row_and_the_fix(ids, message, tmp_path):
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", pa.array(ids, pa.float64()))
+    pq.write_table(raw, tmp_path / "part-0.parquet")
+    with pytest.raises(FactLogError, match=re.escape(message) + ".*export ids as strings or integers"):
+        read_fact_log(str(tmp_path / "part-0.parquet"))
+
+
 def test_uuid_and_whole_number_decimal_ids_read_as_their_usual_text(tmp_path):
     by_name = {c.name: c for c in FILE_CASES}
     for name, ids in (("uuid_user_id_as_duckdb_writes_it", ["00010203-0405-0607-0809-0a0b0c0d0e0f",
@@ -205,6 +216,21 @@ def test_extra_columns_are_dropped_with_a_warning(caplog):
     normalised = normalise_fact_log(raw, source="x.parquet")
     assert "mood" not in normalised.column_names
     assert "ignoring extra columns ['mood']" in caplog.text
+
+
+def test_a_time_without_a_zone_is_read_as_utc_with_a_warning_naming_the_file(caplog):
+    raw = table({}).set_column(5, "event_time", pa.array([datetime(2026, 1, 1, 12)], pa.timestamp("ms")))
+    normalised = normalise_fact_log(raw, source="logs/day=1/x.parquet")
+    assert normalised.column("event_time").to_pylist()[0] == datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    assert "fact log logs/day=1/x.parquet: event_time has no time zone; reading it as UTC" in caplog.text
+
+
+def test_an_empty_op_is_rejected_saying_it_is_empty_and_what_to_write():
+    result = run(table({"op": None}, {"op": "", "fact_id": "b"}, {"op": "merge", "fact_id": "c"}))
+    details = [r["detail"] for r in result.rejects.to_pylist()]
+    assert [r["reason"] for r in result.rejects.to_pylist()] == ["UNKNOWN_OP"] * 3
+    assert details[:2] == ["op is empty; write one of upsert, delete, forget_user"] * 2
+    assert details[2] == "op 'merge' is not one of upsert, delete, forget_user"
 
 
 @pytest.mark.parametrize("on_bad_file", ["raise", "reject"])

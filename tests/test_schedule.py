@@ -169,6 +169,22 @@ def test_submit_refuses_a_ray_client_address():
     assert result.exit_code == 2 and "http://HEAD:8265" in result.stderr
 
 
+def test_submit_and_schedule_with_json_print_one_json_object_when_they_fail(tmp_path):
+    bad_spec = tmp_path / "spec.yaml"
+    bad_spec.write_text("store: s\nfact_log: l\nmodel: m\nbogus: 1\n")
+    for args, what, message in (
+            (["submit", "--spec", str(EXAMPLE_SPEC), "--address", "ray://head:10001"], "submitted", "http://HEAD:8265"),
+            (["submit", "--spec", str(bad_spec), "--address", "http://head:8265"], "submitted", "unknown key"),
+            (["schedule", "--spec", str(EXAMPLE_SPEC), "--cron", "0 25 * * *", "--format", "crontab"], "scheduled", "hour"),
+            (["schedule", "--spec", str(bad_spec), "--cron", "0 2 * * *", "--format", "crontab"], "scheduled",
+             "unknown key")):
+        result = engram(*args, "--json")
+        assert result.exit_code == 2, (args, result.output)
+        out = json.loads(result.stdout)
+        assert out[what] is False and out["exit_code"] == 2 and message in out["error"], (args, out)
+        assert out["error"] in result.stderr
+
+
 @pytest.fixture
 def ray_head(tmp_path_factory):
     """A real Ray head with its dashboard, in its own process group; torn down by that group only.
