@@ -139,7 +139,7 @@ def test_the_invariant_check_checks_locality_on_small_deltas(tiny):
     assert report.ok and report.users_checked == 2 and report.locality_positions > 0
 
 
-def test_the_batched_locality_check_checks_what_the_per_probe_check_checks(tiny):
+def test_the_batched_locality_check_checks_what_the_per_probe_check_checks(tiny, monkeypatch):
     """check_invariants runs every sampled user's probes in one right-padded batch; it checks the
     same positions as check_locality on each probe alone and finds the same problems."""
     from engram_core import verify
@@ -153,6 +153,9 @@ def test_the_batched_locality_check_checks_what_the_per_probe_check_checks(tiny)
     alone = [verify.check_locality(tiny, d, probes) for d in ordered]
     assert checked == sum(r.positions_checked for r in alone) > 0
     assert problems == [] and all(r.ok for r in alone)
+    # several batches when the sample is larger than one batch holds: the same positions
+    monkeypatch.setattr(verify, "_LOCALITY_SEQUENCES", len(probes))  # one user a batch
+    assert check_invariants(tiny, deltas, sample=3, probes=probes).locality_positions == checked
 
 
 def test_the_batched_locality_check_reports_a_position_that_changed(tiny, monkeypatch):
