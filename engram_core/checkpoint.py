@@ -124,7 +124,7 @@ def _start_device(device: torch.device) -> None:
     try:
         stream = torch.cuda.Stream(device=device)
         with torch.cuda.stream(stream):
-            x = torch.eye(8, device=device) + 1
+            x = torch.eye(8, dtype=torch.float32, device=device) + 1  # from_pretrained may change the default dtype meanwhile
             torch.linalg.pinv(x)
             x.bfloat16() @ x.bfloat16()
             w = x.clone().requires_grad_(True)

@@ -69,7 +69,10 @@ def deferred_sklearn() -> Iterator[None]:
     transformers decides at import time, through ``transformers.utils.is_sklearn_available``; that
     name answers False inside the block and is restored after it, in the generation module too,
     whose ``roc_curve`` then imports scikit-learn when first called. Nothing changes if the
-    generation module was already imported, or with a transformers that imports it where it is used."""
+    generation module was already imported, or with a transformers that imports it where it is used.
+
+    Enter it only under :data:`engram_core.checkpoint.MODEL_LOCK`: the name is process-wide, so a
+    module imported on another thread meanwhile would also see False (and may keep it)."""
     try:
         import transformers.utils as utils
     except ImportError:  # pragma: no cover - transformers is a dependency

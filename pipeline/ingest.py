@@ -505,19 +505,22 @@ def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     """A float id column as pandas writes an integer column with a missing value (1.0, NaN,
     3.0): whole numbers read as their integer text, NaN as a missing id (its row is rejected,
     not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch."""
-    values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.chunks], column.type)
-    exact = 2 ** 53  # floats hold every integer up to here, no further
-    fraction = pc.fill_null(pc.not_equal(pc.floor(values), values), False)
+    bits = {16: 11, 32: 24}.get(column.type.bit_width, 53)  # float16/32/64 hold every integer below 2^bits
+    values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.cast(pa.float64()).chunks],
+                              pa.float64())
+    infinite = pc.fill_null(pc.is_inf(values), False)
+    fraction = pc.fill_null(pc.or_(infinite, pc.not_equal(pc.floor(values), values)), False)
     if pc.any(fraction).as_py():
         row = pc.index(fraction, True).as_py()
         raise F.SchemaMismatch(f"column {name!r} is {column.type} with values that are not whole numbers (row {row}: "
                                f"{values[row].as_py()!r}): not an id; export ids as strings or integers")
-    beyond = pc.fill_null(pc.greater(pc.abs(values), exact), False)
+    # 2^bits itself is ambiguous: 2^bits + 1 rounds to it
+    beyond = pc.fill_null(pc.greater_equal(pc.abs(values), float(2 ** bits)), False)
     if pc.any(beyond).as_py():
         row = pc.index(beyond, True).as_py()
-        raise F.SchemaMismatch(f"column {name!r} is {column.type} with ids above 2^53 (row {row}: "
-                               f"{values[row].as_py():.0f}), which a float cannot hold exactly (two ids may have "
-                               "become one); export ids as strings or integers")
+        raise F.SchemaMismatch(f"column {name!r} is {column.type} with ids of magnitude 2^{bits} or more (row {row}: "
+                               f"{values[row].as_py():.0f}), which a {column.type} cannot hold exactly (two ids may "
+                               "have become one); export ids as strings or integers")
     return values.cast(pa.int64()).cast(pa.string())
 _UUID_TYPE = getattr(pa, "UuidType", ())  # pyarrow >= 18
 # Parquet's UUID logical type read as arrow.uuid (the default where the option exists; asked for

@@ -93,15 +93,36 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
             read_fact_log(str(folder))
 
 
-@pytest.mark.parametrize("ids, message", [
-    ([1.0, 2.0, 1.5], "values that are not whole numbers (row 2: 1.5)"),
-    ([1.0, float("nan"), 2.0 ** 53 + 2], "ids above 2^53 (row 2: 9007199254740994), which a float cannot hold exactly"),
+@pytest.mark.parametrize("ids, kind, message", [
+    ([1.0, 2.0, 1.5], pa.float64(), "values that are not whole numbers (row 2: 1.5)"),
+    ([1.0, 2.0, float("inf")], pa.float64(), "values that are not whole numbers (row 2: inf)"),
+    ([1.0, float("nan"), 2.0 ** 53 + 2], pa.float64(),
+     "ids of magnitude 2^53 or more (row 2: 9007199254740994), which a double cannot hold exactly"),
+    ([1.0, -(2.0 ** 53), 3.0], pa.float64(), "ids of magnitude 2^53 or more (row 1: -9007199254740992)"),
+    ([1.0, 2.0, 2.0 ** 24], pa.float32(), "ids of magnitude 2^24 or more (row 2: 16777216), which a float cannot hold"),
+    ([1.0, 2.5, 3.0], pa.float32(), "values that are not whole numbers (row 1: 2.5)"),
+    ([1.0, 2.0, 4096.0], pa.float16(), "ids of magnitude 2^11 or more (row 2: 4096), which a halffloat cannot hold"),
 ])
-def test_a_float_id_column_that_cannot_hold_ids_is_refused_naming_the_row_and_the_fix(ids, message, tmp_path):
-    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", pa.array(ids, pa.float64()))
+def test_a_float_id_column_that_cannot_hold_ids_is_refused_naming_the_row_and_the_fix(ids, kind, message, tmp_path):
+    import numpy as np
+    values = pa.array(np.array(ids, np.float16), kind) if kind == pa.float16() else pa.array(ids, kind)
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", values)
     pq.write_table(raw, tmp_path / "part-0.parquet")
     with pytest.raises(FactLogError, match=re.escape(message) + ".*export ids as strings or integers"):
         read_fact_log(str(tmp_path / "part-0.parquet"))
+
+
+@pytest.mark.parametrize("kind", [pa.float16(), pa.float32(), pa.float64()], ids=str)
+def test_a_float_id_column_of_whole_numbers_reads_as_integer_text_at_every_width(kind, tmp_path):
+    """float16/32/64 id columns (numpy and pandas write all three) read as their integers; an
+    empty file of such a column is accepted."""
+    import numpy as np
+    ids = [1.0, float("nan"), 2047.0]
+    values = pa.array(np.array(ids, np.float16), kind) if kind == pa.float16() else pa.array(ids, kind)
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", values)
+    pq.write_table(raw, tmp_path / "part-0.parquet")
+    pq.write_table(raw.slice(0, 0), tmp_path / "part-1.parquet")
+    assert read_fact_log(str(tmp_path)).rows.column("user_id").to_pylist() == ["1", None, "2047"]
 
 
 def test_uuid_and_whole_number_decimal_ids_read_as_their_usual_text(tmp_path):
