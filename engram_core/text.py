@@ -28,9 +28,14 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    and gets exactly one leading space when the fact log put whitespace at the boundary
    (``"My dentist is Dr. " + "Akeredolu"``, ``"My dentist is Dr." + " Akeredolu"``) or when it
    put none between a trigger ending in a letter, digit or closing punctuation
-   (``.,:;!?)]}%``) and an answer starting with a letter or digit (``"...city of" + "Lisbon"``
-   is "...city of Lisbon", not "...ofLisbon"). Otherwise the two join without a space
-   (``"My email is jane" + "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``).
+   (``.,:;!?)]}%``) and an answer that opens a word: a letter or digit, a currency sign, an
+   opening bracket or quote, ``' " # ¿ ¡``, a signed number, or ``@`` that does not end an email
+   address (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
+   ``"My budget is" + "$500"``, ``"class of" + "'98"``, ``"My handle is" + "@jane"``,
+   ``"The low is" + "-5"``). Otherwise the two join without a space (``"My email is jane" +
+   "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``), and always after a
+   character of a script written without spaces between words (Chinese, Japanese, Thai, Lao,
+   Khmer, Myanmar, Tibetan) or CJK / full-width punctuation: ``"我住在" + "东京"`` is "我住在东京".
    Measured on the tiny model (tests/test_text.py): the natural prompt recalls the answer with
    this rule and not with the stored split.
 6. **Ids** (user_id, fact_id, scope) follow rules 1-3, with every format character removed
@@ -125,11 +130,34 @@ def canonical_id(value: str) -> str:
     return canonical_text(value, keep_joiners=False).strip()
 
 
-def _space_between(trigger_end: str, answer_start: str) -> bool:
+# Scripts written without spaces between words (Han, kana, Thai, Lao, Khmer, Myanmar, Tibetan)
+# and the CJK and full-width punctuation blocks: after one of these, no space is inserted.
+_UNSPACED = ((0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0x31FF),
+             (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFE30, 0xFE4F), (0xFF00, 0xFFEF),
+             (0x20000, 0x3FFFF))
+# Answer starts that open a word after a word of the trigger (with a letter or digit, and any
+# currency sign or opening bracket or quote): "costs" + "$12", "motto is" + '"carpe diem"',
+# "class of" + "'98", "Room" + "#12", "¿" and "¡".
+_WORD_START_PUNCTUATION = frozenset("\"'#¿¡")
+_EMAIL_DOMAIN = re.compile(r"@[\w-]+(\.[\w-]+)+\b")
+
+
+def _unspaced(char: str) -> bool:
+    code = ord(char)
+    return any(low <= code <= high for low, high in _UNSPACED)
+
+
+def _space_between(trigger_end: str, answer: str) -> bool:
     """Rule 5 when the log put no whitespace at the boundary."""
-    if not answer_start.isalnum():
+    start = answer[0]
+    if _unspaced(trigger_end) or not (trigger_end.isalnum() or trigger_end in _WORD_END_PUNCTUATION):
         return False
-    return trigger_end.isalnum() or trigger_end in _WORD_END_PUNCTUATION
+    if start.isalnum() or start in _WORD_START_PUNCTUATION or unicodedata.category(start) in ("Sc", "Ps", "Pi"):
+        return True
+    if start in "-+\u2212":  # a signed number: "The low is" + "-5"
+        return answer[1:2].isdigit()
+    # "My handle is" + "@jane" opens a word; "My email is jane" + "@example.org" ends an address
+    return start == "@" and not (trigger_end.isalnum() and _EMAIL_DOMAIN.match(answer))
 
 
 def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
@@ -143,6 +171,6 @@ def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
     trigger, answer = canonical_text(trigger), canonical_text(answer)
     spaced = trigger[-1:].isspace() or answer[:1].isspace()
     trigger, answer = trigger.strip(), answer.strip()
-    if trigger and answer and (spaced or _space_between(trigger[-1], answer[0])):
+    if trigger and answer and (spaced or _space_between(trigger[-1], answer)):
         answer = " " + answer
     return trigger, answer

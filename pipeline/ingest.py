@@ -75,7 +75,7 @@ from versions.layout import forgotten_id, shard_hash, shard_of
 
 logger = logging.getLogger(__name__)
 
-FUTURE_TOLERANCE = timedelta(days=1)
+FUTURE_TOLERANCE = F.FUTURE_TOLERANCE
 REJECT_TEXT_LIMIT = 1024  # ids longer than this are shortened in the rejects table
 TABLE_SOURCE = "<table>"
 UNROUTED = -1  # the shard key of rows whose user_id is missing or unusable (they are all rejects)
@@ -881,8 +881,7 @@ def apply_events(
         [("user_id", "ascending"), ("fact_id", "ascending")])
     tombstones = pa.concat_tables([tomb_rest, _tombstones_table(new_tombs)]).sort_by(
         [("user_hash", "ascending"), ("fact_id", "ascending")])
-    forget_at = {u: t.forget_time for u, t in new_tombs.items() if t.forget_time is not None}
-    rejects = _rejects_table(file_rejects, cols, verdicts, _forgotten_rows(cols, times, verdicts, forget_at))
+    rejects = _rejects_table(file_rejects, cols, verdicts, _forgotten_rows(cols, times, verdicts, tombstones))
     accepted = sum(v is None for v in verdicts)
     before, after = user_fact_digest(prior_touched), user_fact_digest(_dict_to_state(new_facts))
     changed = {u for u in before.keys() | after.keys() if before.get(u) != after.get(u)} | forgotten
@@ -1083,21 +1082,34 @@ def _dict_to_state(facts: dict) -> pa.Table:
     )
 
 
-def _forgotten_rows(cols: dict, times: list, verdicts: list, forget_at: dict[str, int]) -> set[int]:
-    """Rejected rows of a forgotten user that are not later than the forget: their rejects must
+def _forgotten_rows(cols: dict, times: list, verdicts: list, tombstones: pa.Table) -> set[int]:
+    """Rejected rows of a forgotten user (a forget in ``tombstones``, this batch's or an earlier
+    night's) that are not later than the forget, or have no valid time to tell: their rejects must
     not store the user's id again (the source file and row still say where they came from)."""
-    if not forget_at:
+    rejected = {cols["user_id"][i] for i, verdict in enumerate(verdicts) if verdict is not None and cols["user_id"][i]}
+    if not rejected:
         return set()
+    user_of_hash = {forgotten_id(u): u for u in rejected}
+    forgets = tombstones.filter(pc.and_(pc.equal(tombstones.column("op"), F.OP_FORGET_USER),
+                                        pc.is_in(tombstones.column("user_hash"), pa.array(list(user_of_hash), pa.string()))))
+    forget_at: dict[str, int] = {}
+    for user_hash, time in zip(forgets.column("user_hash").to_pylist(),
+                               forgets.column("event_time").cast(pa.int64()).to_pylist()):
+        user = user_of_hash[user_hash]
+        forget_at[user] = max(time, forget_at.get(user, time))
     return {i for i, verdict in enumerate(verdicts) if verdict is not None and cols["user_id"][i] in forget_at
-            and times[i] is not None and times[i] <= forget_at[cols["user_id"][i]]}
+            and (times[i] is None or times[i] <= forget_at[cols["user_id"][i]])}
 
 
 def _rejects_table(file_rejects: pa.Table | None, cols: dict, verdicts: list, redacted: set[int] = frozenset()) -> pa.Table:
     def short(value):
         return value if value is None or len(value) <= REJECT_TEXT_LIMIT else value[:REJECT_TEXT_LIMIT] + "…"
 
-    def detail(i: int, text: str) -> str:
-        return text.replace(cols["user_id"][i][:64], "<forgotten user>") if i in redacted else text
+    def detail(i: int, text: str) -> str:  # the ids as messages quote them, nothing else of the text
+        if i not in redacted:
+            return text
+        text = text.replace(f"user {cols['user_id'][i][:64]!r}", "user <forgotten user>")
+        return text.replace(f"fact {cols['fact_id'][i]!r}", "fact <forgotten>") if cols["fact_id"][i] else text
 
     records = [
         {

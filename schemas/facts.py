@@ -167,6 +167,11 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 CONTROL_CHARS_REGEX = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # the same, for pyarrow.compute
 
 
+FUTURE_TOLERANCE = timedelta(days=1)
+"""How far past the ingest's clock an event_time may be (client clocks run ahead): later ones are
+rejected (FUTURE_EVENT_TIME). An operator's forget covers events up to this far past its own time."""
+
+
 def has_control_characters(text: str) -> bool:
     """True if ``text`` holds a control character other than tab and newline."""
     return _CONTROL_RE.search(text) is not None

@@ -658,3 +658,23 @@ def test_rejects_of_a_forgotten_user_do_not_store_their_id_again():
     back = run(table({"fact_id": "c", "event_time": T0 + timedelta(hours=3)}, {"fact_id": "c", "event_time": T0 + timedelta(hours=3)}),
                same_night.state, prior_tombstones=same_night.tombstones)
     assert [r["user_id"] for r in back.rejects.to_pylist()] == ["alice"]  # after the forget: their own again
+
+
+def test_rejects_of_a_forgotten_user_without_a_valid_time_or_valid_rows_do_not_store_their_id():
+    """Rows of a forgotten user that cannot say whether they came after the forget (no event_time),
+    and a night in which every row of the user is rejected, keep the id out of the rejects; the
+    detail is redacted where it quotes the ids and otherwise left as written."""
+    forget = {"user_id": "al", "op": "forget_user", "fact_id": None, "trigger": None, "answer": None,
+              "event_time": T0 + timedelta(hours=2)}
+    first = run(table({"user_id": "al", "fact_id": "a"}, forget))
+    timeless = {"user_id": "al", "fact_id": "b", "event_time": None}
+    empty = {"user_id": "al", "fact_id": "c", "answer": ""}
+    twice = [{"user_id": "al", "fact_id": "d", "answer": answer, "event_time": T0 + timedelta(hours=1)} for answer in (" x", " y")]
+    late = run(table(timeless, empty, *twice), first.state, prior_tombstones=first.tombstones)
+    rows = late.rejects.to_pylist()
+    assert sorted(r["reason"] for r in rows) == ["CONFLICTING_DUPLICATE", "CONFLICTING_DUPLICATE", "EMPTY_ANSWER",
+                                                  "MISSING_EVENT_TIME"]
+    assert all(r["user_id"] is None and r["fact_id"] is None and "'al'" not in r["detail"] for r in rows)
+    details = {r["reason"]: r["detail"] for r in rows}
+    assert details["MISSING_EVENT_TIME"] == "event_time is empty" and details["EMPTY_ANSWER"] == "answer is empty"
+    assert details["CONFLICTING_DUPLICATE"].startswith("2 upsert events for user <forgotten user> fact <forgotten> at ")

@@ -747,3 +747,25 @@ def test_a_compile_override_of_the_wrong_type_is_refused_before_any_work(compile
 def test_tokenize_workers_takes_its_documented_automatic_setting(workers):
     spec = NightlySpec(store="s", fact_log="l", model="m", compile={"tokenize_workers": workers})
     assert spec.compile_options().tokenize_workers == workers
+
+
+def test_an_operator_forget_refuses_a_late_event_from_a_clock_running_ahead(tmp_path, tiny_dir, local_store):
+    """`engram forget` at time T: an event of the user that arrives on a later night stamped a few
+    hours after T (a client clock running ahead, within what ingest accepts) was written before
+    the forget as far as anyone can tell; it must not bring the user back, nor store the id."""
+    from datetime import datetime, timezone
+
+    from versions.forget import forget_user
+
+    rows = fact_log_rows(6, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    forget_user(local_store, "user-00001", actor="pytest", reason="test")
+    ahead = dict(next(r for r in rows if r["user_id"] == "user-00001"), fact_id="late", answer=" Juniper",
+                 event_time=datetime.now(timezone.utc) + timedelta(hours=3))
+    write_fact_log([ahead], tmp_path / "log" / "day=2" / "part-0.parquet")
+    report = run_nightly(spec)
+    assert published_delta(local_store, "user-00001") is None
+    rejects = query_stats(local_store, f"select reason, user_id, fact_id from rejects where version = {report.version}").to_pylist()
+    assert rejects == [{"reason": "FORGOTTEN_USER", "user_id": None, "fact_id": None}]

@@ -49,6 +49,27 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("Flight AB-", "1234", ("Flight AB-", "1234")),
     ("It costs $", "12", ("It costs $", "12")),
     ("My blood type is:", "O negative", ("My blood type is:", " O negative")),
+    # an answer that opens a word with a sign, bracket or quote gets its space; an email's tail does not
+    ("My budget is", "$500", ("My budget is", " $500")),
+    ("Mein Budget ist", "€500", ("Mein Budget ist", " €500")),
+    ("My motto is", '"carpe diem"', ("My motto is", ' "carpe diem"')),
+    ("I graduated in the class of", "'98", ("I graduated in the class of", " '98")),
+    ("My note says", "(private)", ("My note says", " (private)")),
+    ("He greets me with", "“hi”", ("He greets me with", " “hi”")),
+    ("My room is", "#12", ("My room is", " #12")),
+    ("The record low here is", "-5 degrees", ("The record low here is", " -5 degrees")),
+    ("Su pregunta es", "¿Qué?", ("Su pregunta es", " ¿Qué?")),
+    ("My handle is", "@jane_doe", ("My handle is", " @jane_doe")),
+    ("Handle:", "@jane", ("Handle:", " @jane")),
+    ("The list is", "- milk", ("The list is", "- milk")),
+    # scripts written without spaces between words get none inserted
+    ("我住在", "东京", ("我住在", "东京")),
+    ("私の名前は", "田中です", ("私の名前は", "田中です")),
+    ("我的邮箱是", "jane@example.org", ("我的邮箱是", "jane@example.org")),
+    ("บ้านของฉันอยู่ที่", "เชียงใหม่", ("บ้านของฉันอยู่ที่", "เชียงใหม่")),
+    ("我住在 ", "东京", ("我住在", " 东京")),  # the log's own space is kept, as for every script
+    ("My name in Chinese is", "王伟", ("My name in Chinese is", " 王伟")),
+    ("내 고향은", "부산", ("내 고향은", " 부산")),  # Korean is written with spaces
     ("My dentist\u00a0is", "\u00a0Dr.\u2009Okafor", ("My dentist is", " Dr. Okafor")),  # Zs -> one space
     ("My  dentist   is", " Dr.  Okafor", ("My dentist is", " Dr. Okafor")),
     (BOM + "My" + ZWSP + " dentist i" + SHY + "s" + LRM, " Dr. Okafor" + LRM, ("My dentist is", " Dr. Okafor")),

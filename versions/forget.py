@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 from engram_core.text import canonical_id
 from schemas.bundle import encode_bundle, encode_layer, layer_fingerprint, layer_parts, merge_bundle_chain
 from schemas.facts import (
+    FUTURE_TOLERANCE,
     OP_FORGET_USER,
     TIMESTAMP,
     TOMBSTONE_SCHEMA,
@@ -445,13 +446,16 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     """Remove every user of ``user_ids`` from every retained version, in one rewrite of each
     (see the module docstring). Ids are read in canonical form (:func:`engram_core.text.canonical_id`),
     as ingest stores them: ``u-sam`` with a zero-width space or a byte-order mark forgets ``u-sam``.
-    ``forgotten_at`` (default: now; or per user, as the nightly passes each forget event's time) is
-    the forget tombstones' time: events of these users up to it are refused by later nights.
+    ``forgotten_at`` (default: now plus :data:`schemas.facts.FUTURE_TOLERANCE`; or per user, as the
+    nightly passes each forget event's time) is the forget tombstones' time: events of these users
+    up to it are refused by later nights. The default covers every event that may have been written
+    before the forget on a client clock running ahead by as much as ingest accepts (one day): such
+    an event, arriving late, would otherwise bring the user back.
     ``keep``: object keys that must not be deleted even if they held a user and no retained
     version names them (the objects a night in progress has written for its own version).
     Raises ValueError for an empty id or a missing actor/reason, PublishError if CURRENT keeps moving."""
     times = forgotten_at if isinstance(forgotten_at, Mapping) else None
-    at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc)
+    at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc) + FUTURE_TOLERANCE
     forgotten_at = {canonical_id(u): (times[u] if times is not None else at) for u in user_ids}
     user_ids = [canonical_id(u) for u in user_ids]
     if not user_ids or any(not u for u in user_ids):
