@@ -29,8 +29,8 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    (``"My dentist is Dr. " + "Akeredolu"``, ``"My dentist is Dr." + " Akeredolu"``) or when it
    put none between a trigger ending in a letter, digit or closing punctuation
    (``.,:;!?)]}%``) and an answer that opens a word: a letter or digit, a currency sign, an
-   opening bracket or quote, ``' " # ¿ ¡``, a signed number, or ``@`` that does not end an email
-   address (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
+   opening bracket or quote (``' "`` before a letter or digit, not ``'s``, ``'re`` and the other
+   contractions), ``# ¿ ¡``, a signed number, or ``@`` that does not end an email address (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
    ``"My budget is" + "$500"``, ``"class of" + "'98"``, ``"My handle is" + "@jane"``,
    ``"The low is" + "-5"``). Otherwise the two join without a space (``"My email is jane" +
    "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``), and always after a
@@ -138,7 +138,10 @@ _UNSPACED = ((0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17
 # Answer starts that open a word after a word of the trigger (with a letter or digit, and any
 # currency sign or opening bracket or quote): "costs" + "$12", "motto is" + '"carpe diem"',
 # "class of" + "'98", "Room" + "#12", "¿" and "¡".
-_WORD_START_PUNCTUATION = frozenset("\"'#¿¡")
+_WORD_START_PUNCTUATION = frozenset("#¿¡")
+_QUOTES = frozenset("\"'")
+# "My dog" + "'s name" and "They" + "'re here" join: an apostrophe that ends a word, not a quote
+_CONTRACTION = re.compile(r"'(s|re|ll|d|ve|m|t)\b", re.IGNORECASE)
 _EMAIL_DOMAIN = re.compile(r"@[\w-]+(\.[\w-]+)+\b")
 
 
@@ -154,6 +157,8 @@ def _space_between(trigger_end: str, answer: str) -> bool:
         return False
     if start.isalnum() or start in _WORD_START_PUNCTUATION or unicodedata.category(start) in ("Sc", "Ps", "Pi"):
         return True
+    if start in _QUOTES:  # an opening quote (a word or a number follows), not a closing one or "'s"
+        return answer[1:2].isalnum() and not _CONTRACTION.match(answer)
     if start in "-+\u2212":  # a signed number: "The low is" + "-5"
         return answer[1:2].isdigit()
     # "My handle is" + "@jane" opens a word; "My email is jane" + "@example.org" ends an address

@@ -62,6 +62,10 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("My handle is", "@jane_doe", ("My handle is", " @jane_doe")),
     ("Handle:", "@jane", ("Handle:", " @jane")),
     ("The list is", "- milk", ("The list is", "- milk")),
+    ("My dog", "'s name is Rex", ("My dog", "'s name is Rex")),  # contractions and closing quotes join
+    ("They", "'re in Oslo", ("They", "'re in Oslo")),
+    ('My nickname is "Bo', '" to friends', ('My nickname is "Bo', '" to friends')),
+    ("My dog", "’s name is Rex", ("My dog", "’s name is Rex")),
     # scripts written without spaces between words get none inserted
     ("我住在", "东京", ("我住在", "东京")),
     ("私の名前は", "田中です", ("私の名前は", "田中です")),
