@@ -1009,8 +1009,8 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
             verdicts[last.index] = (F.SUPERSEDED, f"not later than the delete of this fact at {_iso(deletes[key])}")
         elif key in prior and prior[key]["event_time"] > last.time:
             verdicts[last.index] = (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})")
-        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT and (
-                prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]) == last.content:
+        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT and _same_fact(
+                (prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]), last.content):
             verdicts[last.index] = (F.DUPLICATE, "this upsert is already applied (the fact in the prior state)")
         elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT:
             # Another content at the prior fact's own instant: as within one batch, there is no
@@ -1035,6 +1035,17 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
     for (user, fact_id), time in deletes.items():
         new_tombstones.setdefault(user, _UserTombstones()).deletes[fact_id] = time
     return facts, new_tombstones, batch_forget
+
+
+def _same_fact(stored: tuple, event: tuple) -> bool:
+    """The stored fact and an event's (scope, trigger, answer) are the same fact: equal, or equal
+    but for the answer's boundary space, which is ingest's choice (engram_core.text rule 5), not
+    the log's; a fact stored under an earlier rule and read again is still a duplicate."""
+    if stored == event:
+        return True
+    (scope, trigger, answer), (scope2, trigger2, answer2) = stored, event
+    return scope == scope2 and trigger == trigger2 and answer is not None and answer2 is not None \
+        and answer.lstrip(" ") == answer2.lstrip(" ")
 
 
 def _tombstones_table(tombstones: dict[str, _UserTombstones]) -> pa.Table:

@@ -197,6 +197,24 @@ def test_look_alike_user_ids_become_one_user_at_ingest():
     assert result.changed_users == {"u-sam"}
 
 
+def test_a_log_line_read_again_after_the_spacing_rule_changed_is_a_duplicate_not_a_conflict():
+    """A fact stored with a boundary space an earlier rule gave it ("我住在" + " 东京") and its log
+    line read again (the file rewritten upstream) at the same event time: the same fact, kept; a
+    real change of the answer at that instant is still a conflict."""
+    from schemas.facts import FACT_STATE_SCHEMA, fact_hash
+
+    stored = pa.Table.from_pylist([{"user_id": "u-li", "fact_id": "home", "scope": "u-li", "trigger": "我住在",
+                                    "answer": " 东京", "event_time": T0, "fact_hash": fact_hash("u-li", "我住在", " 东京")}],
+                                  schema=FACT_STATE_SCHEMA)
+    again = ingest(log_table([{"user_id": "u-li", "fact_id": "home", "trigger": "我住在", "answer": "东京"}]), stored,
+                   max_trigger_tokens=32)
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] and again.changed_users == set()
+    assert again.state.equals(stored)
+    other = ingest(log_table([{"user_id": "u-li", "fact_id": "home", "trigger": "我住在", "answer": "大阪"}]), stored,
+                   max_trigger_tokens=32)
+    assert other.rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"]
+
+
 def test_ingest_stores_canonical_text_and_a_forget_of_a_look_alike_id_forgets_the_user():
     rows = [{"user_id": "u-sam", "fact_id": "dentist", "trigger": "My dentist is Dr. ", "answer": "Akeredolu"},
             {"user_id": "u-sam", "op": "forget_user", "fact_id": None, "event_time": datetime(2026, 11, 20, 9, tzinfo=timezone.utc)},
