@@ -499,6 +499,7 @@ _BYTES_KINDS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string
 
 
 _ID_COLUMNS = ("user_id", "fact_id", "scope")
+_TEXT_COLUMNS = ("trigger", "answer")  # free text: numbers and booleans in them read as their canonical text
 
 
 def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
@@ -531,7 +532,9 @@ _EXTENSIONS = ({"arrow_extensions_enabled": True}
 
 def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
     """Any string-like column (string, large_string, string_view, binary, dictionary of these,
-    integers) -> string; a value that is not valid UTF-8 becomes null with a problem.
+    integers; in trigger and answer also floats, booleans and decimals: :func:`_scalars_as_text`)
+    -> string; a value that is not valid UTF-8 becomes null with a problem. Other types (nested,
+    JSON, times) raise SchemaMismatch naming the column, its type and the fix.
 
     Writers that do not validate (and Parquet itself) can put any bytes in a string column, so
     every physical type is read as bytes and checked: a chunk at a time in Arrow, and value by
@@ -542,7 +545,7 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
         column, kind = column.cast(kind.value_type), kind.value_type
     if pa.types.is_null(kind) or pa.types.is_integer(kind):
         return column.cast(pa.string())
-    if isinstance(kind, _UUID_TYPE) and name in _ID_COLUMNS:  # DuckDB, Postgres, Spark: the Parquet UUID type
+    if isinstance(kind, _UUID_TYPE) and name in _ID_COLUMNS + _TEXT_COLUMNS:  # DuckDB, Postgres, Spark: Parquet UUID
         return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.storage.to_pylist()],
                                           pa.string()) for chunk in column.chunks], pa.string())
     if pa.types.is_decimal(kind) and name in _ID_COLUMNS:  # Snowflake and Oracle NUMBER(p, 0) ids
@@ -552,8 +555,10 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
         return column.cast(pa.string())
     if pa.types.is_floating(kind) and name in _ID_COLUMNS:
         return _whole_float_ids(column, name)
+    if name in _TEXT_COLUMNS and (pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_decimal(kind)):
+        return _scalars_as_text(column)
     if not any(is_kind(kind) for is_kind in _BYTES_KINDS):
-        raise F.SchemaMismatch(f"column {name!r} is {kind}, expected a string")
+        raise F.SchemaMismatch(_not_text(name, kind))
     chunks, offset = [], 0
     for chunk in column.cast(pa.large_binary()).chunks:
         text = chunk.view(pa.large_string())
@@ -564,6 +569,56 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
         chunks.append(text.cast(pa.string()))
         offset += len(chunk)
     return pa.chunked_array(chunks, pa.string())
+
+
+_NESTED_KINDS = (pa.types.is_struct, pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list,
+                 pa.types.is_list_view, pa.types.is_large_list_view, pa.types.is_map, pa.types.is_union)
+_JSON_TYPE = getattr(pa, "JsonType", ())  # pyarrow >= 19: Parquet's JSON logical type (DuckDB's JSON columns)
+
+
+def _not_text(name: str, kind: pa.DataType) -> str:
+    """Why a column of ``kind`` cannot be read as the text column ``name``, naming the fix."""
+    fix = (f"export {name} as a string column holding the exact text to recall" if name in _TEXT_COLUMNS
+           else f"export {name} as a string")
+    if isinstance(kind, _JSON_TYPE):
+        return (f"column {name!r} is JSON ({kind}): JSON documents, not text; {fix} (DuckDB: {name}->>'$' gives "
+                "a JSON string's text without its quotes)")
+    if any(is_kind(kind) for is_kind in _NESTED_KINDS):
+        return f"column {name!r} is {kind}: a nested type (struct, list, map, union), not text; {fix}"
+    if pa.types.is_temporal(kind):
+        return f"column {name!r} is {kind}, a time type, not text; {fix}, written as it should read"
+    return f"column {name!r} is {kind}, expected a string; {fix}"
+
+
+def _scalars_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A float, boolean or decimal trigger/answer column (a table export's number or flag) as its
+    canonical text: integers without ".0" (42.0 -> "42"), other floats in their shortest
+    round-trip form at the column's width (0.1 -> "0.1", 6.02e23 -> "6.02e+23"; inf -> "inf"),
+    booleans as "true"/"false", decimals with their places ("12.50"). NaN and null are a missing
+    value (an upsert's row is then rejected as empty, as for a null string)."""
+    kind = column.type
+    if pa.types.is_boolean(kind):
+        return column.cast(pa.string())
+    if pa.types.is_decimal(kind):
+        return pa.chunked_array([pa.array([None if v is None else str(int(v)) if kind.scale <= 0 else f"{v:f}"
+                                           for v in chunk.to_pylist()], pa.string()) for chunk in column.chunks],
+                                pa.string())
+    return pa.chunked_array([pa.array([None if v is None else _float_text(v, kind) for v in chunk.to_pylist()],
+                                      pa.string()) for chunk in column.chunks], pa.string())
+
+
+def _float_text(value, kind: pa.DataType) -> str | None:
+    """Python's repr of a float, shortest at the column's width (a float32 0.1 is "0.1", not
+    0.10000000149011612), without a trailing ".0"; NaN is None (a missing value)."""
+    import numpy as np
+
+    if value != value:  # NaN
+        return None
+    if kind.bit_width < 64:  # the shortest digits that give back this float16/float32
+        value = float(str({16: np.float16, 32: np.float32}[kind.bit_width](value)))
+    text = repr(float(value))
+    text = text[:-2] if text.endswith(".0") else text
+    return "0" if text == "-0" else text
 
 
 def _decode_each(chunk: pa.Array, name: str, offset: int, problems: list) -> pa.Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
@@ -284,6 +285,103 @@ def test_integer_user_ids_are_read_as_strings(tmp_path):
     raw = table({}).set_column(0, "user_id", pa.array([42], pa.int64()))
     result = run(raw)
     assert result.state.column("user_id").to_pylist() == ["42"]
+
+
+def _numbers(values: list, kind: pa.DataType) -> pa.Array:
+    import numpy as np
+    return pa.array(np.array(values, np.float16), kind) if kind == pa.float16() else pa.array(values, kind)
+
+
+_NAN = float("nan")
+_SCALAR_TEXT = {  # a trigger or answer column as a table export types numbers and flags: values -> the text read
+    "float64": (pa.float64(), [42.0, 0.1, None, 6.02e23, _NAN, -0.0, 1e15, float("inf")],
+                ["42", "0.1", None, "6.02e+23", None, "0", "1000000000000000", "inf"]),
+    "float32": (pa.float32(), [0.1, 16777216.0, _NAN, 2.5], ["0.1", "16777216", None, "2.5"]),
+    "float16": (pa.float16(), [0.1, 2047.0, _NAN, -1.5], ["0.1", "2047", None, "-1.5"]),
+    "bool": (pa.bool_(), [True, False, None], ["true", "false", None]),
+    "decimal": (pa.decimal128(10, 2), [Decimal("12.50"), Decimal("-0.01"), None], ["12.50", "-0.01", None]),
+    "decimal_whole": (pa.decimal128(38, 0), [Decimal(7), None], ["7", None]),
+    "uuid": (pa.uuid(), [bytes(range(16)), None], ["00010203-0405-0607-0809-0a0b0c0d0e0f", None]),
+}
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+@pytest.mark.parametrize("writer", _SCALAR_TEXT)
+@pytest.mark.parametrize("column", ["trigger", "answer"])
+def test_a_number_or_flag_trigger_or_answer_reads_as_its_text_and_a_missing_one_costs_its_row(column, writer, on_bad_file,
+                                                                                              tmp_path):
+    """An answer "42" or "true" that pandas or a SQL export wrote as a number or a boolean reads as
+    that text (was: the whole file refused); NaN and null are a missing value: that row only."""
+    kind, values, texts = _SCALAR_TEXT[writer]
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(values))))
+    array = (pa.ExtensionArray.from_storage(kind, pa.array(values, pa.binary(16))) if writer == "uuid"
+             else _numbers(values, kind))
+    raw = raw.set_column(raw.schema.get_field_index(column), column, array)
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(raw, path)
+    assert pq.read_schema(path).field(column).type == kind
+    batch = read_fact_log(str(path), on_bad_file=on_bad_file)
+    assert batch.rows.column(column).to_pylist() == texts and batch.file_rejects.num_rows == 0
+    result = run(batch)
+    missing = {i for i, text in enumerate(texts) if text is None}
+    reason = "EMPTY_TRIGGER" if column == "trigger" else "EMPTY_ANSWER"
+    assert [(r["row"], r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
+        (i, reason, f"{column} is empty") for i in sorted(missing)]
+    assert result.accepted == len(values) - len(missing)
+
+
+def test_numbers_and_flags_written_by_duckdb_read_as_their_text(tmp_path):
+    import duckdb
+
+    path = tmp_path / "part-0.parquet"
+    duckdb.sql(f"""COPY (SELECT 'alice' AS user_id, 'f' || i AS fact_id, 'upsert' AS op, 'My code is' AS trigger,
+                        [42.0, 0.5, 'NaN'::DOUBLE][i] AS answer,
+                        TIMESTAMPTZ '2026-11-20 08:00:00+00' AS event_time
+                        FROM range(1, 4) t(i)) TO '{path}' (FORMAT parquet)""")
+    assert pq.read_schema(path).field("answer").type == pa.float64()
+    result = run(read_fact_log(str(path)))
+    assert live_facts(result.state) == {("alice", "f1"): " 42", ("alice", "f2"): " 0.5"}
+    assert [(r["row"], r["reason"]) for r in result.rejects.to_pylist()] == [(2, "EMPTY_ANSWER")]
+
+
+_NESTED = {  # a trigger or answer column that holds structure, not text: (the array, how its type is named)
+    "struct": (lambda: pa.array([{"a": 1}, {"a": 2}]), "struct<a: int64>"),
+    "list": (lambda: pa.array([[1], [2]]), "list<element: int64>"),
+    "large_list": (lambda: pa.array([["x"], ["y"]], pa.large_list(pa.string())), "large_list<element: string>"),
+    "fixed_size_list": (lambda: pa.array([[1, 2], [3, 4]], pa.list_(pa.int8(), 2)), "fixed_size_list<element: int8>[2]"),
+    "map": (lambda: pa.array([[("k", 1)], [("j", 2)]], pa.map_(pa.string(), pa.int64())), "map<string, int64"),
+}
+
+
+@pytest.mark.parametrize("writer", _NESTED)
+@pytest.mark.parametrize("column", ["trigger", "answer"])
+def test_a_nested_trigger_or_answer_column_refuses_the_file_naming_the_column_its_type_and_the_fix(column, writer, tmp_path):
+    make, shown = _NESTED[writer]
+    raw = table({"fact_id": "a"}, {"fact_id": "b"})
+    pq.write_table(raw.set_column(raw.schema.get_field_index(column), column, make()), tmp_path / "nested.parquet")
+    pq.write_table(table({"fact_id": "c"}), tmp_path / "good.parquet")
+    with pytest.raises(FactLogError, match=re.escape(f"nested.parquet: column {column!r} is {shown}") +
+                       ".*a nested type.*not text; " + re.escape(f"export {column} as a string column")):
+        read_fact_log(str(tmp_path))
+    result = run(read_fact_log(str(tmp_path), on_bad_file="reject"))
+    assert [(Path(r["source"]).name, r["reason"]) for r in result.rejects.to_pylist()] == [("nested.parquet", "SCHEMA_MISMATCH")]
+    assert result.accepted == 1
+
+
+@pytest.mark.parametrize("sql_type, value, shown", [
+    ("JSON", """'{"pet": "Rex"}'::JSON""", "is JSON (extension<arrow.json>): JSON documents, not text"),
+    ("STRUCT", "{'pet': 'Rex'}", "is struct<pet: string>: a nested type"),
+    ("LIST", "['Rex']", "is list<element: string>: a nested type"),
+    ("MAP", "MAP {'pet': 'Rex'}", "is map<string, string"),
+])
+def test_a_json_or_nested_answer_written_by_duckdb_refuses_the_file_naming_the_fix(sql_type, value, shown, tmp_path):
+    import duckdb
+
+    path = tmp_path / "part-0.parquet"
+    duckdb.sql(f"""COPY (SELECT 'alice' AS user_id, 'pet' AS fact_id, 'upsert' AS op, 'My dog is called' AS trigger,
+                        {value} AS answer, TIMESTAMPTZ '2026-11-20 08:00:00+00' AS event_time) TO '{path}' (FORMAT parquet)""")
+    with pytest.raises(FactLogError, match=re.escape(f"column 'answer' {shown}") + ".*export answer as a string column"):
+        read_fact_log(str(path))
 
 
 # --- Reading --------------------------------------------------------------------------------
