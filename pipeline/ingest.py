@@ -390,6 +390,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
             if problem := _column_problem(present + list(partitions)):
                 return size, None, (F.SCHEMA_MISMATCH, problem)
             table = parquet.read(columns=[name for name in present if name in F.FACT_LOG_SCHEMA.names])
+            # Parquet's INTERVAL (DuckDB writes its INTERVAL so) reads as 12 raw bytes: never text or a time
+            intervals = [c.path for c in parquet.schema if c.converted_type == "INTERVAL" and c.path in table.column_names]
     except (pa.ArrowException, OSError) as err:
         return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
@@ -398,12 +400,21 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
     if extra:
         logger.warning("fact log %s: ignoring extra columns %s", display, extra)
     try:
+        if intervals:
+            raise F.SchemaMismatch(_parquet_interval(intervals[0], table.column(intervals[0]).type))
         return size, normalise_fact_log(table, source=display), None
     except F.SchemaMismatch as err:
         if table.num_rows == 0:  # no value to lose: tools type an empty export's columns as they like
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+def _parquet_interval(name: str, kind: pa.DataType) -> str:
+    what = f"column {name!r} is a Parquet INTERVAL (months, days, milliseconds; read as {kind})"
+    if name == "event_time":
+        return f"{what}: a length of time, not a moment; {_TIME_FIX}"
+    return f"{what}, not text; export {name} as a string"
 
 
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
@@ -642,7 +653,8 @@ def _to_timestamp(column: pa.ChunkedArray, problems: list, source: str = TABLE_S
     """event_time of any time type (timestamp of any unit and zone, INT96, date) or ISO-8601
     text -> microseconds UTC. Finer units are truncated (floored) to the microsecond; a value
     outside F.MIN_EVENT_TIME..F.MAX_EVENT_TIME or text that is not ISO-8601 becomes null with a
-    per-row problem. Numbers are refused for the whole column: seconds or milliseconds?"""
+    per-row problem. Numbers are refused for the whole column (seconds or milliseconds?), and so
+    are times of day, durations and intervals (no moment): SchemaMismatch naming the type and the fix."""
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.cast(kind.value_type), kind.value_type
@@ -661,10 +673,25 @@ def _to_timestamp(column: pa.ChunkedArray, problems: list, source: str = TABLE_S
         texts = _to_text(column, "event_time", problems)
         ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems), pa.int64())]), "us"
     else:
-        raise F.SchemaMismatch(
-            f"column 'event_time' is {kind}; write a UTC timestamp (numbers are ambiguous: seconds or ms?)"
-        )
+        raise F.SchemaMismatch(_not_a_moment(kind))
     return _ticks_to_micros(ticks, unit, problems).cast(F.TIMESTAMP)
+
+
+_TIME_FIX = ("write a timestamp with a time zone (Arrow timestamp[us, tz=UTC], DuckDB TIMESTAMPTZ, pandas "
+             "datetime64[ns, UTC]) or ISO-8601 text such as 2026-11-20T08:00:00Z")
+
+
+def _not_a_moment(kind: pa.DataType) -> str:
+    """Why an event_time column of ``kind`` (not a timestamp, date or text) is refused, and the fix."""
+    if pa.types.is_time(kind):
+        why = "a time of day with no date"
+    elif pa.types.is_duration(kind) or pa.types.is_interval(kind):
+        why = "a length of time, not a moment"
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        why = "a number, which is ambiguous (seconds or milliseconds since 1970?)"
+    else:
+        why = "not a time"
+    return f"column 'event_time' is {kind}: {why}; {_TIME_FIX}"
 
 
 def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list) -> pa.ChunkedArray:

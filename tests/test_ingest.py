@@ -233,6 +233,82 @@ def test_an_event_time_before_1900_in_any_time_type_costs_only_its_row(writer, o
     assert sorted(live_facts(result.state)) == [("alice", "a"), ("alice", "c")]
 
 
+_NOT_A_MOMENT = {  # event_time columns that hold no moment: (writer, how the refusal names the type and why)
+    "time32_s": (pa.array([9 * 3600], pa.time32("s")), "time32[ms]: a time of day with no date"),  # Parquet keeps ms
+    "time32_ms": (pa.array([9 * 3600_000], pa.time32("ms")), "time32[ms]: a time of day with no date"),
+    "time64_us": (pa.array([9 * 3600 * 10**6], pa.time64("us")), "time64[us]: a time of day with no date"),
+    "time64_ns": (pa.array([9 * 3600 * 10**9], pa.time64("ns")), "time64[ns]: a time of day with no date"),
+    "duration_s": (pa.array([3600], pa.duration("s")), "duration[s]: a length of time, not a moment"),
+    "duration_ns": (pa.array([3600 * 10**9], pa.duration("ns")), "duration[ns]: a length of time, not a moment"),
+    "float_seconds": (pa.array([1.7636256e9]), "double: a number, which is ambiguous (seconds or milliseconds"),
+}
+
+
+@pytest.mark.parametrize("writer", _NOT_A_MOMENT)
+def test_an_event_time_of_day_or_duration_refuses_the_file_naming_its_type_and_the_fix(writer, tmp_path):
+    """A time of day was refused as if it were a number ('seconds or ms?'): it names what the
+    type is and what to write instead; with on_bad_file='reject' it is one SCHEMA_MISMATCH."""
+    values, shown = _NOT_A_MOMENT[writer]
+    raw = table({"fact_id": "a"})
+    pq.write_table(raw.set_column(raw.schema.get_field_index("event_time"), "event_time", values), tmp_path / "bad.parquet")
+    pq.write_table(table({"fact_id": "b"}), tmp_path / "good.parquet")
+    with pytest.raises(FactLogError, match=re.escape(f"bad.parquet: column 'event_time' is {shown}") +
+                       ".*write a timestamp with a time zone.*2026-11-20T08:00:00Z"):
+        read_fact_log(str(tmp_path))
+    result = run(read_fact_log(str(tmp_path), on_bad_file="reject"))
+    assert [(Path(r["source"]).name, r["reason"]) for r in result.rejects.to_pylist()] == [("bad.parquet", "SCHEMA_MISMATCH")]
+    assert result.accepted == 1
+
+
+@pytest.mark.parametrize("sql, shown", [
+    ("TIME '09:00:00'", "is time64[us]: a time of day with no date"),
+    ("TIMETZ '09:00:00+00'", "is time64[us]: a time of day with no date"),
+    # DuckDB writes INTERVAL as Parquet's INTERVAL, 12 raw bytes: every row was rejected as invalid UTF-8
+    ("INTERVAL 3 HOUR", "is a Parquet INTERVAL (months, days, milliseconds; read as fixed_size_binary[12]): "
+                        "a length of time, not a moment"),
+])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_an_event_time_duckdb_wrote_as_time_or_interval_refuses_the_file_naming_its_type_and_the_fix(sql, shown, on_bad_file,
+                                                                                                    tmp_path):
+    import duckdb
+
+    path = tmp_path / "part-0.parquet"
+    duckdb.sql(f"""COPY (SELECT 'alice' AS user_id, 'pet' AS fact_id, 'upsert' AS op, 'My dog is called' AS trigger,
+                        'Rex' AS answer, {sql} AS event_time) TO '{path}' (FORMAT parquet)""")
+    message = re.escape(f"column 'event_time' {shown}") + ".*write a timestamp with a time zone"
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match=re.escape(str(path)) + ": " + message):
+            read_fact_log(str(path))
+        return
+    batch = read_fact_log(str(path), on_bad_file="reject")
+    [reject] = batch.file_rejects.to_pylist()
+    assert reject["reason"] == "SCHEMA_MISMATCH" and re.search(message, reject["detail"])
+
+
+def test_an_answer_duckdb_wrote_as_interval_refuses_the_file_not_each_row(tmp_path):
+    import duckdb
+
+    path = tmp_path / "part-0.parquet"
+    duckdb.sql(f"""COPY (SELECT 'alice' AS user_id, 'f' || i AS fact_id, 'upsert' AS op, 'My shift is' AS trigger,
+                        INTERVAL (i) HOUR AS answer, TIMESTAMPTZ '2026-11-20 08:00:00+00' AS event_time
+                        FROM range(3) t(i)) TO '{path}' (FORMAT parquet)""")
+    with pytest.raises(FactLogError, match=re.escape("column 'answer' is a Parquet INTERVAL") +
+                       ".*not text; export answer as a string"):
+        read_fact_log(str(path))
+
+
+def test_event_times_duckdb_wrote_as_date_and_timestamptz_are_read(tmp_path):
+    """A date is midnight UTC (README: Time types); DuckDB's TIMESTAMPTZ is a UTC timestamp."""
+    import duckdb
+
+    for name, sql in (("date", "DATE '2026-11-20'"), ("timestamptz", "TIMESTAMPTZ '2026-11-20 08:00:00+00'")):
+        duckdb.sql(f"""COPY (SELECT 'alice' AS user_id, '{name}' AS fact_id, 'upsert' AS op, 'My dog is called' AS trigger,
+                            'Rex' AS answer, {sql} AS event_time) TO '{tmp_path / name}.parquet' (FORMAT parquet)""")
+    result = run(read_fact_log(str(tmp_path)))
+    assert {r["fact_id"]: r["event_time"] for r in result.state.to_pylist()} == {
+        "date": datetime(2026, 11, 20, tzinfo=timezone.utc), "timestamptz": T0}
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
