@@ -51,20 +51,30 @@ _register_all()
 def run() -> None:
     """The ``engram`` console script: the app, with a store or input that turns out damaged or
     unreadable reported as one line (exit 1) instead of a traceback; ``-v`` shows the traceback.
-    Errors outside these kinds (bugs) keep their traceback."""
+    With ``--json``, stdout also gets the command's failure object (``{key: false, "error": ...,
+    "exit_code": 1}``, key from :data:`jobs.nightly_cli.JSON_FAILURE_KEYS`). Errors outside these
+    kinds (bugs) keep their traceback."""
+    import json
     import sys
 
     import pyarrow as pa
 
+    from jobs.nightly_cli import JSON_FAILURE_KEYS
     from versions.errors import PublishError
     from versions.store import StoreError
 
     try:
         app()
     except (PublishError, StoreError, ValueError, OSError, pa.ArrowException) as exc:
-        if "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]:
+        args = sys.argv[1:]
+        if "-v" in args or "--verbose" in args:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        message = f"{type(exc).__name__}: {exc}"
+        if "--json" in args:
+            command = next((a for a in args if not a.startswith("-")), "")
+            key = JSON_FAILURE_KEYS.get(command, "ok")
+            print(json.dumps({key: False, "error": message, "exit_code": 1}), flush=True)
+        print(f"error: {message} (run with -v for the traceback)", file=sys.stderr)
         sys.exit(1)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from engram_core.config import FAMILIES
+from jobs.nightly_cli import _fail, directory_problem, fail_json
 
 model_app = typer.Typer(help="Make and inspect model checkpoints (base + Engram + shared adapter).", no_args_is_help=True)
 
@@ -26,7 +27,13 @@ def init(
     if not tiny:
         raise typer.BadParameter("only --tiny is supported: bring your own checkpoint in the layout of "
                                  "engram_core/checkpoint.py (base/, tokenizer/, engram/, adapter/)")
-    fp = init_tiny(directory, family=family, adapter=adapter, seed=seed)
+    problem = directory_problem(directory, "model directory")
+    if problem:
+        _fail(problem, code=2)
+    try:
+        fp = init_tiny(directory, family=family, adapter=adapter, seed=seed)
+    except FileExistsError as err:  # a directory that is not empty: a bad argument
+        _fail(str(err), code=2)
     typer.echo(f"wrote {directory} (fingerprint {fp[:16]})")
 
 
@@ -34,14 +41,20 @@ def init(
 def info(directory: Path = typer.Argument(..., help="Checkpoint directory."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Show a checkpoint's Engram config and fingerprint. Example: engram model info ./tiny"""
-    from engram_core.checkpoint import adapter_base_mismatch, fingerprint
-    from engram_core.config import EngramConfig
+    from engram_core.checkpoint import CheckpointError, adapter_base_mismatch, fingerprint
+    from engram_core.config import ConfigError, EngramConfig
 
-    config = EngramConfig.load(directory / "engram" / "config.json")
-    has_adapter = (directory / "adapter").is_dir()
-    out = {"path": str(directory), "fingerprint": fingerprint(directory), "engram": config.to_dict(),
-           "adapter": has_adapter,
-           "adapter_base_mismatch": adapter_base_mismatch(directory) if has_adapter else None}
+    problem = _checkpoint_problem(directory)
+    if problem:
+        fail_json(as_json, problem, 2, "inspected")
+    try:
+        config = EngramConfig.load(directory / "engram" / "config.json")
+        has_adapter = (directory / "adapter").is_dir()
+        out = {"path": str(directory), "fingerprint": fingerprint(directory), "engram": config.to_dict(),
+               "adapter": has_adapter,
+               "adapter_base_mismatch": adapter_base_mismatch(directory) if has_adapter else None}
+    except (ConfigError, CheckpointError, OSError) as err:
+        fail_json(as_json, str(err), 1, "inspected")
     typer.echo(json.dumps(out, indent=None if as_json else 2))
 
 
@@ -51,6 +64,9 @@ def accept_adapter(directory: Path = typer.Argument(..., help="Checkpoint direct
     Example: engram model accept-adapter ./my-model"""
     from engram_core.checkpoint import CheckpointError, adapter_base_mismatch, fingerprint, write_base_record
 
+    problem = _checkpoint_problem(directory)
+    if problem:
+        _fail(problem, code=2)
     try:
         problem = adapter_base_mismatch(directory)
         write_base_record(directory, how="accepted by an operator (engram model accept-adapter)")
@@ -61,6 +77,15 @@ def accept_adapter(directory: Path = typer.Argument(..., help="Checkpoint direct
         typer.echo(f"accepted despite: {problem}")
     typer.echo(f"adapter/ now belongs to this base/; fingerprint {fingerprint(directory)[:16]} "
                "(a night on it needs recompile_all: true)")
+
+
+def _checkpoint_problem(directory: Path) -> str | None:
+    """None for an existing directory; else one line naming the path and what to give instead."""
+    if directory.is_dir():
+        return None
+    what = "is a file, not a checkpoint directory" if directory.exists() else "no such directory"
+    return (f"checkpoint {directory}: {what}; give a checkpoint's directory (base/, tokenizer/, engram/, adapter/; "
+            "engram model init DIR --tiny makes one)")
 
 
 def register(app: typer.Typer) -> None:

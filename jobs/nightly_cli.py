@@ -6,6 +6,7 @@ import getpass
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -16,7 +17,7 @@ run_app = typer.Typer(help="Run a job here (local Ray cluster unless the spec na
 STORE_HELP = "Store: a local directory or s3://bucket/prefix."
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     """One clear line and a non-zero exit: 2 for a bad spec or argument, 1 for a run that failed."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=code)
@@ -42,12 +43,56 @@ def exit_code(exc: BaseException) -> int:
     return 2 if isinstance(exc, (StoreNotFound, StatsQueryError)) else 1
 
 
-def _fail_json(as_json: bool, message: str, code: int = 1) -> None:
-    """Like :func:`_fail`; with ``--json`` stdout also gets ``{"published": false, "error": ...}``,
-    so a script that parses stdout always gets one JSON object."""
+JSON_FAILURE_KEYS = {"run": "published", "demo": "published", "compact": "published", "versions": "listed",
+                     "rollback": "rolled_back", "stats": "queried", "forget": "forgotten", "gc": "collected",
+                     "pull": "pulled", "ask": "answered", "submit": "submitted", "schedule": "scheduled",
+                     "model": "inspected"}
+"""Per command (the first word after ``engram``), the key of its ``--json`` failure object:
+``{key: false, "error": ..., "exit_code": ...}``. :func:`jobs.cli.run` uses it for an error that
+escapes a command."""
+
+
+def fail_json(as_json: bool, message: str, code: int = 1, what: str = "published") -> NoReturn:
+    """:func:`_fail`; with ``--json`` stdout also gets ``{what: false, "error": ..., "exit_code": ...}``
+    (``what`` from :data:`JSON_FAILURE_KEYS`), so a script that parses stdout always gets one JSON
+    object, and every failure object holds ``error`` and ``exit_code``."""
     if as_json:
-        typer.echo(json.dumps({"published": False, "error": message, "exit_code": code}))
+        typer.echo(json.dumps({what: False, "error": message, "exit_code": code}))
     _fail(message, code=code)
+
+
+def actor() -> str:
+    """Who runs the command, for audit records; "unknown" where the system cannot say (a container
+    user without a passwd entry, no LOGNAME)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def directory_problem(path: Path | str, what: str) -> str | None:
+    """None where ``path`` is a directory or can be made one; else the one line that says why not
+    (it, or a folder above it, is a file), naming the path and the fix. Creates nothing."""
+    path = Path(path).expanduser()
+    for part in (path, *path.parents):
+        if part.exists():
+            if part.is_dir():
+                return None
+            where = "is a file" if part == path else f"is inside {part}, which is a file"
+            return f"{what} {path} {where}, not a directory; give a directory (a new one is created)"
+    return None
+
+
+def store_problem(uri: str, what: str = "store") -> str | None:
+    """:func:`directory_problem` for a local store URI (None for s3:// and other schemes)."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("s3://"):
+        return None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return directory_problem(unquote(parsed.path), what)
+    return None if parsed.scheme and len(parsed.scheme) > 1 else directory_problem(uri, what)
 
 
 def _print(obj, as_json: bool, text: str) -> None:
@@ -85,15 +130,21 @@ def run_nightly_cmd(
             raw["recompile_all"] = True
         spec = NightlySpec.from_dict(raw, source=f"job spec {spec_file}" if spec_file else "flags")
     except SpecError as exc:
-        _fail_json(as_json, str(exc), code=2)
+        fail_json(as_json, str(exc), code=2)
     for name in ("fact_log", "model"):  # a local path that is not there: a bad argument, before any work
         value = getattr(spec, name)
         if "://" not in value and not Path(value).exists():
-            _fail_json(as_json, f"{name} {value}: no such file or directory", code=2)
+            fail_json(as_json, f"{name} {value}: no such file or directory", code=2)
+        if name == "model" and "://" not in value and not Path(value).is_dir():
+            fail_json(as_json, f"model {value}: is a file, not a checkpoint directory; give the checkpoint's "
+                               "directory (base/, tokenizer/, engram/, adapter/)", code=2)
+    problem = store_problem(spec.store)  # a store path that is a file: refused before any work too
+    if problem:
+        fail_json(as_json, problem, code=2)
     try:
         report = _run(spec, as_json)
     except Exception as exc:  # noqa: BLE001 - the CLI boundary: one clear line, non-zero exit
-        _fail_json(as_json, f"{type(exc).__name__}: {exc}")
+        fail_json(as_json, f"{type(exc).__name__}: {exc}")
     text = (f"published v{report.version}" if report.published else f"nothing changed; v{report.version} stays current")
     text += (f": {report.users} users, {report.facts} facts; compiled {report.compiled_users} users "
              f"({report.facts_ok} facts ok, {report.facts_failed} failed), carried {report.carried_users}, "
@@ -118,7 +169,10 @@ def demo(
     from jobs.synthetic import fact_log_rows, write_fact_log
 
     if users < 1:
-        _fail("--users must be at least 1", code=2)
+        fail_json(as_json, "--users must be at least 1", 2)
+    for problem in (directory_problem(workdir, "--workdir"), store_problem(store, "--store")):
+        if problem:
+            fail_json(as_json, problem, 2)
     model_dir = workdir / "model"
     if not (model_dir / "engram" / "config.json").exists():
         init_tiny(model_dir)
@@ -130,7 +184,7 @@ def demo(
     try:
         report = _run(spec, as_json)
     except Exception as exc:  # noqa: BLE001
-        _fail(f"{type(exc).__name__}: {exc}")
+        fail_json(as_json, f"{type(exc).__name__}: {exc}")
     answers = _answer_sample(store, str(model_dir), report.sample)
     out = {"version": report.version, "published": report.published, "users": report.users, "facts": report.facts,
            "facts_ok": report.facts_ok, "facts_failed": report.facts_failed, "rejects": report.rejects,
@@ -205,7 +259,7 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
             pointer_damaged = True
         damaged = damaged_manifests(the_store)
     except (StoreError, PublishError, ValueError) as exc:
-        _fail(str(exc), code=exit_code(exc))
+        fail_json(as_json, str(exc), exit_code(exc), "listed")
     for version, why in sorted(damaged.items()):  # e.g. a broken layer chain: never listed, never served
         typer.echo(f"error: v{version} refused: {why}", err=True)
     rows = [{"version": i.version, "current": i.current, "created_at": i.created_at, "parent": i.parent,
@@ -233,9 +287,9 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
             before = read_current(the_store)
         except (PublishError, ValueError):  # a damaged CURRENT or current manifest: rolling back is its remedy
             before = None
-        manifest = do_rollback(the_store, to, reason=reason, actor=getpass.getuser())
+        manifest = do_rollback(the_store, to, reason=reason, actor=actor())
     except (PublishError, StoreError, ValueError) as exc:
-        _fail(str(exc), code=exit_code(exc))
+        fail_json(as_json, str(exc), exit_code(exc), "rolled_back")
     previous = before[0].version if before else None
     _print({"from": previous, "to": manifest.version}, as_json,
            f"CURRENT: {f'v{previous}' if previous else 'unreadable'} -> v{manifest.version}")
@@ -245,14 +299,37 @@ def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shar
           store: str = typer.Option(..., help=STORE_HELP),
           as_json: bool = typer.Option(False, "--json", help="Print result rows as JSON objects.")) -> None:
     """Query per-version stats in DuckDB. Example: engram stats --store S "select status, count(*) from facts group by 1" """
-    from pipeline.stats import StatsQueryError, format_table, query_stats, rows_as_json
+    from pipeline.stats import StatsQueryError, query_stats
     from versions.store import StoreError, open_store
 
     try:
         table = query_stats(open_store(store, create=False), sql)
+        text = _stats_text(table, as_json)
     except (StatsQueryError, StoreError) as exc:
-        _fail(str(exc), code=exit_code(exc))
-    typer.echo(rows_as_json(table) if as_json else format_table(table))
+        fail_json(as_json, str(exc), exit_code(exc), "queried")
+    typer.echo(text)
+
+
+def _stats_text(table, as_json: bool) -> str:
+    """The result as JSON or a text table; StatsQueryError naming the column where a value is a date
+    or time Python cannot hold (before year 1 or after 9999, DuckDB's infinity): the query's to change."""
+    from pipeline.stats import StatsQueryError, format_table, rows_as_json
+
+    try:
+        return rows_as_json(table) if as_json else format_table(table)
+    except OverflowError:
+        pass
+    for i, name in enumerate(table.column_names):
+        try:
+            table.column(i).to_pylist()
+        except OverflowError as exc:
+            quoted = name.replace('"', '""')
+            raise StatsQueryError(
+                f"stats query: column {name!r} holds a date or time outside years 1-9999 (or infinity), which "
+                f"cannot be printed ({exc}); select it as text, e.g. CAST(\"{quoted}\" AS VARCHAR), or filter "
+                "those rows out") from None
+    raise StatsQueryError("stats query: a value of the result is a date or time outside years 1-9999 (or "
+                          "infinity), which cannot be printed; select it as text (CAST(... AS VARCHAR))")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 
 import typer
 
-from jobs.nightly_cli import exit_code
-
-
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+from jobs.nightly_cli import actor as _actor
+from jobs.nightly_cli import exit_code, fail_json
 
 
 def forget(
@@ -31,21 +24,18 @@ def forget(
     try:
         target = open_store(store, create=False)
     except StoreError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(exit_code(err)) from None
+        fail_json(as_json, str(err), exit_code(err), "forgotten")
     from engram_core.text import canonical_id
 
     empty = [u for u in users if not canonical_id(u)]
     if empty:
-        typer.echo(f"error: user id {empty[0]!r} is empty once invisible characters are removed; nothing was forgotten",
-                   err=True)
-        raise typer.Exit(2)
+        fail_json(as_json, f"user id {empty[0]!r} is empty once invisible characters are removed; nothing was forgotten",
+                  2, "forgotten")
     for user in users:
         try:
             report = forget_user(target, user, actor=_actor(), reason=reason)
-        except (PublishError, StoreError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(exit_code(err)) from None
+        except (PublishError, StoreError) as err:  # the users before it are forgotten (printed); this one and the rest not
+            fail_json(as_json, str(err), exit_code(err), "forgotten")
         if as_json:
             typer.echo(json.dumps(report.to_dict(), sort_keys=True))
         else:
@@ -67,12 +57,10 @@ def gc(
 
     try:
         report = collect(open_store(store, create=False), keep, dry_run=dry_run, actor=_actor())
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    except ValueError as err:  # --keep below 1: 2; a subclass (a damaged manifest, Parquet) is a damaged store: 1
+        fail_json(as_json, str(err), 2 if type(err) is ValueError else 1, "collected")
     except StoreError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(exit_code(err)) from None
+        fail_json(as_json, str(err), exit_code(err), "collected")
     if as_json:
         typer.echo(json.dumps(report.to_dict(), sort_keys=True))
         return
@@ -99,12 +87,10 @@ def compact(
     try:
         chosen = parse_shards(shards)
         report = do_compact(open_store(store, create=False), chosen)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    except ValueError as err:  # --shards: 2; a subclass (a damaged manifest, Parquet) is a damaged store: 1
+        fail_json(as_json, str(err), 2 if type(err) is ValueError else 1, "published")
     except (PublishError, StoreError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(exit_code(err)) from None
+        fail_json(as_json, str(err), exit_code(err), "published")
     if as_json:
         typer.echo(json.dumps(report.to_dict(), sort_keys=True))
     elif report.published:

@@ -8,20 +8,12 @@ from pathlib import Path
 
 import typer
 
-from jobs.nightly_cli import _fail
+from jobs.nightly_cli import fail_json as _failed
 from jobs.nightly_cli import seconds_option as _seconds
 from jobs.schedule import FORMATS, ScheduleError, ScheduleOptions, SubmitError, local_paths, render_schedule, submit_spec
 from jobs.spec import NightlySpec, SpecError
 
 SPEC_HELP = "YAML job spec (see jobs/specs/nightly.example.yaml)."
-
-
-def _failed(as_json: bool, message: str, code: int, what: str) -> None:
-    """:func:`_fail`; with ``--json`` stdout also gets ``{what: false, "error": ..., "exit_code": ...}``,
-    so a script that parses stdout always gets one JSON object."""
-    if as_json:
-        typer.echo(json.dumps({what: False, "error": message, "exit_code": code}))
-    _fail(message, code=code)
 
 
 def _load(spec_file: Path, as_json: bool = False, what: str = "submitted") -> NightlySpec:
@@ -52,7 +44,7 @@ def submit(
     except SubmitError as exc:
         _failed(as_json, str(exc), 2, "submitted")
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), default=str))
+        typer.echo(json.dumps({"submitted": True, **result.to_dict()}, default=str))
     else:
         typer.echo(f"job {result.job_id} on {result.address}: {result.status}")
         if result.logs_tail:
@@ -72,7 +64,7 @@ def schedule(
     name: str = typer.Option("engram-nightly", help="Name of the CronJob / RayCronJob / DAG."),
     address: str = typer.Option(None, help="Submit to this standing Ray cluster (http://HEAD:8265) instead of "
                                            "running in place (crontab, k8s-cronjob, airflow)."),
-    as_json: bool = typer.Option(False, "--json", help="Print {format, cron, text} as one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print {scheduled, format, cron, text} as one JSON object."),
 ) -> None:
     """Print a ready schedule for the nightly job. Example: engram schedule --spec S --cron "0 2 * * *" --format k8s-cronjob"""
     spec = _load(spec_file, as_json, "scheduled")
@@ -89,7 +81,8 @@ def schedule(
     if fmt != "crontab" and local:
         typer.echo(f"note: {', '.join(local)} in {spec_file} are local paths; on the scheduler they must exist "
                    "(a mounted volume) or be s3:// URIs", err=True)
-    typer.echo(json.dumps({"format": fmt, "cron": options.cron, "text": text}) if as_json else text, nl=False)
+    typer.echo(json.dumps({"scheduled": True, "format": fmt, "cron": options.cron, "text": text}) if as_json else text,
+               nl=False)
 
 
 def _engram_bin() -> str:

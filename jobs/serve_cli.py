@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from jobs.nightly_cli import _fail, directory_problem, exit_code, fail_json
 from jobs.nightly_cli import seconds_option as _seconds
 from serving.openai_api import MAX_TOKENS_LIMIT
 
@@ -28,41 +29,44 @@ _MODEL = typer.Option(None, "--model", help="Use this local checkpoint instead o
                                             "model (refused if its fingerprint differs).")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None):
-    """(store, manifest, em, cache_dir) for a command; exits with a clear message on any problem."""
+def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
+    """(store, manifest, em, cache_dir) for a command; exits with a clear message on any problem
+    (with ``as_json``, also the command's JSON failure object)."""
     from schemas.manifest import ManifestError
     from serving.pull import PullError, default_cache_dir, resolve_model
     from versions.catalog import read_current
     from versions.errors import PublishError
     from versions.store import StoreError, open_store
 
+    given = cache_dir is not None
     cache_dir = cache_dir or default_cache_dir()
+    problem = directory_problem(cache_dir, "--cache-dir" if given else "cache directory (ENGRAM_CACHE_DIR or "
+                                                                       "~/.cache/engram)")
+    if problem:
+        fail_json(as_json, problem, 2, what)
+    if model_dir is not None and model_dir.exists() and not model_dir.is_dir():
+        fail_json(as_json, f"--model {model_dir}: is a file, not a checkpoint directory; give the checkpoint's "
+                           "directory (base/, tokenizer/, engram/, adapter/)", 2, what)
     try:
         store = open_store(store_uri, create=False)
         current = read_current(store)
         if current is None:
-            _fail(f"{store.uri}: nothing published yet (no CURRENT)")
+            fail_json(as_json, f"{store.uri}: nothing published yet (no CURRENT)", 1, what)
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
-        from jobs.nightly_cli import exit_code
-
-        _fail(str(e), code=exit_code(e))
+        fail_json(as_json, str(e), exit_code(e), what)
     return store, manifest, em, cache_dir
 
 
-def _client(store, manifest, em, shards: str | None, cache_dir, interval: float = 30.0):
+def _client(store, manifest, em, shards: str | None, cache_dir, interval: float = 30.0, as_json: bool = False,
+            what: str = "pulled"):
     from serving.pull import PullClient, parse_shards
 
     try:
         owned = parse_shards(shards, manifest.num_shards)
     except ValueError as e:
-        _fail(str(e), code=2)  # --shards names shards the store does not have
+        fail_json(as_json, str(e), 2, what)  # --shards names shards the store does not have
     return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval)
 
 
@@ -81,8 +85,8 @@ def pull(
 
     Example: engram pull --store s3://bucket/engram --shards 0-15 --watch --interval 30
     """
-    store_obj, manifest, em, cache = _open(store, model, cache_dir)
-    client = _client(store_obj, manifest, em, shards, cache, interval)
+    store_obj, manifest, em, cache = _open(store, model, cache_dir, as_json, "pulled")
+    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled")
     count = 0
     while True:
         result = client.poll()
@@ -130,12 +134,13 @@ def ask(
 
     user, prompt = canonical_id(user), canonical_prompt(prompt) or prompt  # as ingest stores them (engram_core.text)
     if not prompt.strip():
-        _fail("the prompt is empty; give the text to continue, e.g. \"My dentist is Dr.\"", code=2)
-    store_obj, manifest, em, cache = _open(store, model, cache_dir)
-    client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache)
+        fail_json(as_json, "the prompt is empty; give the text to continue, e.g. \"My dentist is Dr.\"", 2, "answered")
+    store_obj, manifest, em, cache = _open(store, model, cache_dir, as_json, "answered")
+    client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache, as_json=as_json,
+                     what="answered")
     result = client.poll()
     if client.index is None:
-        _fail(result.error or "no version loaded")
+        fail_json(as_json, result.error or "no version loaded", 1, "answered")
     deltas = list(client.deltas_for(user))
     prompts, per_prompt = [prompt], [deltas]
     if compare:
@@ -174,6 +179,11 @@ def serve(
 
     Example: engram serve --store s3://bucket/engram --shards 0-15 --port 8000
     """
+    if not 0 <= port <= 65535:
+        _fail(f"--port {port} is not a port; give one from 1 to 65535 (0: any free port)", code=2)
+    problem = _listen_problem(host, port)  # before the model loads: a port in use is said at once
+    if problem:
+        _fail(problem, code=2)
     store_obj, manifest, em, cache = _open(store, model, cache_dir)
     client = _client(store_obj, manifest, em, shards, cache, interval)
     result = client.poll()
@@ -184,7 +194,9 @@ def serve(
     try:
         server = ReferenceServer(em, client, host=host, port=port, max_batch=max_batch,
                                  batch_wait_s=batch_wait_ms / 1000, chat_template=chat_template)
-    except (ValueError, OSError) as e:
+    except OSError as e:  # taken meanwhile
+        _fail(_listen_message(host, port, e), code=2)
+    except ValueError as e:
         _fail(str(e))
     chat = "" if server.chat.available else " (no chat template: /v1/chat/completions answers 400; see --chat-template)"
     typer.echo(f"serving v{client.index.version} ({client.index.num_users} users) as {server.model_name} "
@@ -193,6 +205,40 @@ def serve(
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """None where ``host:port`` can be listened on now (as the server will: IPv4, address reuse);
+    else :func:`_listen_message`."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except (OSError, OverflowError) as e:
+        return _listen_message(host, port, e)
+    return None
+
+
+def _listen_message(host: str, port: int, e: Exception) -> str:
+    """One line naming the port (or host) that cannot be listened on, and what to do."""
+    import errno
+    import socket
+
+    why = getattr(e, "strerror", None) or str(e)
+    if isinstance(e, socket.gaierror):
+        return f"--host {host}: not a known address ({why}); give an IP address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+    code = getattr(e, "errno", None)
+    if code == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another server?); stop it, or pick a free port "
+                f"with --port")
+    if code == errno.EACCES:
+        return f"port {port} on {host}: permission denied (ports below 1024 need privileges); pick another with --port"
+    if code == errno.EADDRNOTAVAIL:
+        return (f"--host {host}: not an address of this machine ({why}); give one of its addresses, e.g. "
+                f"127.0.0.1 or 0.0.0.0 (port {port})")
+    return f"cannot listen on {host} port {port} ({why}); check --host and --port"
 
 
 def register(app: typer.Typer) -> None:

@@ -129,9 +129,18 @@ class NightlySpec:
     @classmethod
     def load(cls, path: str | Path) -> "NightlySpec":
         try:
-            raw = load_yaml(Path(path).read_text())
+            raw = load_yaml(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SpecError(f"job spec {path}: file not found") from None
+        except IsADirectoryError:
+            raise SpecError(f"job spec {path}: is a directory; give the spec's YAML file "
+                            "(e.g. jobs/specs/nightly.example.yaml)") from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"job spec {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); save the spec as UTF-8 YAML") from None
+        except OSError as exc:  # permission denied, a folder above it that is a file, ...
+            raise SpecError(f"job spec {path}: cannot read it ({exc.strerror or exc}); check the path and "
+                            "its permissions") from None
         except yaml.YAMLError as exc:
             raise SpecError(f"job spec {path}: not valid YAML ({exc})") from None
         return cls.from_dict(raw, source=f"job spec {path}")

@@ -174,3 +174,144 @@ def test_model_configs_and_cron_fields_of_the_wrong_kind_are_refused():
     for cron in ("*/\u00b2 * * * *", "\u0663 * * * *"):  # a superscript two, an Arabic-Indic three
         with pytest.raises(ScheduleError):
             validate_cron(cron)
+
+
+def test_every_json_command_prints_one_failure_object_with_its_exit_code(tmp_path):
+    """--json promises one JSON object on stdout: a refused rollback, gc, versions, stats, forget,
+    pull, compact or ask prints ``{key: false, "error", "exit_code"}`` (key per command, as
+    submit/schedule/run nightly do), with the same exit code and the human line on stderr."""
+    from jobs.nightly_cli import JSON_FAILURE_KEYS
+
+    store, missing = tmp_path / "store", str(tmp_path / "nope")
+    store.mkdir()
+    for args, code in ((["rollback", "--store", str(store), "--to", "9"], 1),
+                       (["gc", "--store", str(store), "--keep", "0"], 2),
+                       (["versions", "--store", missing], 2),
+                       (["stats", "--store", str(store), "select bogus"], 2),
+                       (["forget", "--store", missing, "u1"], 2),
+                       (["forget", "--store", str(store), "\u200b"], 2),
+                       (["pull", "--store", missing], 2),
+                       (["compact", "--store", str(store), "--shards", "x"], 2),
+                       (["compact", "--store", missing], 2),
+                       (["ask", "--store", missing, "--user", "u1", "hi"], 2)):
+        result = engram(*args, "--json")
+        assert result.exit_code == code, (args, result.output)
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1, (args, result.stdout)
+        out = json.loads(lines[0])
+        assert out == {JSON_FAILURE_KEYS[args[0]]: False, "error": out["error"], "exit_code": code}, (args, out)
+        assert out["error"] and result.stderr.startswith(f"error: {out['error']}"), (args, result.stderr)
+        plain = engram(*args)  # without --json: the same line and code, nothing on stdout
+        assert plain.exit_code == code and plain.stdout == "" and plain.stderr == result.stderr, args
+
+
+def test_an_error_that_escapes_a_json_command_still_prints_its_failure_object(local_store, tiny):
+    """The console script's last resort (a damaged store: one line, exit 1) prints the command's
+    failure object too; a damaged manifest is exit 1 (a damaged store) for gc and compact, not 2."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.harness import publish_deltas, random_delta
+
+    publish_deltas(local_store, tiny, {"alice": random_delta(tiny, np.random.default_rng(3))})
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300)
+
+    local_store.put("CURRENT", b"garbage")
+    for args, key in ((["stats", "--store", local_store.uri, "select 1"], "queried"),
+                      (["gc", "--store", local_store.uri, "--keep", "1"], "collected")):
+        result = cli(*args, "--json")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        out = json.loads(result.stdout)
+        assert out[key] is False and out["exit_code"] == 1 and "CURRENT" in out["error"], (args, out)
+    assert cli("rollback", "--store", local_store.uri, "--to", "1").returncode == 0
+    manifest = local_store.list("manifests/")[-1]
+    local_store.put(manifest, local_store.get(manifest)[:200])
+    for args, key in ((["gc", "--store", local_store.uri, "--keep", "1"], "collected"),
+                      (["compact", "--store", local_store.uri], "published")):
+        result = cli(*args, "--json")
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert json.loads(result.stdout) == {key: False, "error": json.loads(result.stdout)["error"], "exit_code": 1}
+
+
+def test_stats_with_a_date_python_cannot_hold_is_a_clear_error_naming_the_column(tmp_path):
+    """DuckDB holds dates past 9999 and infinity, Python does not: the result's column is named with
+    the fix (exit 2, a query to change), never an OverflowError traceback; the fix works."""
+    (tmp_path / "store").mkdir()
+    store = str(tmp_path / "store")
+    for sql, column in (("select 1 as n, timestamp '294247-01-10 04:00:54' as t", "t"),
+                        ("select 'infinity'::date as d", "d"),
+                        ("select '-infinity'::timestamptz as \"when\"", "when"),
+                        ("select [date '0001-01-01' - 1] as l", "l")):
+        for flags in ([], ["--json"]):
+            result = engram("stats", "--store", store, *flags, sql)
+            assert result.exit_code == 2, (sql, result.output, result.exception)
+            line = result.stderr.strip()
+            assert "\n" not in line and f"column '{column}'" in line and f'CAST("{column}" AS VARCHAR)' in line, line
+            if flags:
+                assert json.loads(result.stdout) == {"queried": False, "error": line[len("error: "):], "exit_code": 2}
+    fixed = engram("stats", "--store", store, "--json", "select CAST(\"t\" AS VARCHAR) as t from "
+                                                        "(select 'infinity'::timestamp as t)")
+    assert fixed.exit_code == 0 and json.loads(fixed.stdout) == [{"t": "infinity"}], fixed.output
+
+
+def test_serve_with_a_bad_or_busy_port_says_so_in_one_line_naming_it(tmp_path):
+    """Out of range: exit 2 before anything loads (was an OverflowError traceback); in use: exit 2
+    naming the port and --port (was '[Errno 98] Address already in use'), also before the model loads."""
+    import socket
+
+    for port in ("99999", "-1"):
+        result = engram("serve", "--store", str(tmp_path), "--port", port)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"error: --port {port} is not a port; give one from 1 to 65535 (0: any free port)\n"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = engram("serve", "--store", str(tmp_path / "nope"), "--port", str(port))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "--port" in result.stderr
+    result = engram("serve", "--store", str(tmp_path), "--host", "no-such-host.invalid")
+    assert result.exit_code == 2 and "--host no-such-host.invalid: not a known address" in result.stderr
+
+
+def test_paths_that_are_files_where_a_directory_belongs_get_one_line_naming_them(tmp_path):
+    """A store, --cache-dir, --workdir, model directory or checkpoint that is a regular file (or
+    inside one): exit 2, one `error:` line naming the path and what to give, nothing created."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    store = tmp_path / "store"
+    store.mkdir()
+    for args, message in (
+            (["versions", "--store", str(a_file)], f"store {a_file}: is a file, not a directory"),
+            (["stats", "--store", str(a_file), "select 1"], f"store {a_file}: is a file, not a directory"),
+            (["forget", "--store", str(a_file), "u1"], f"store {a_file}: is a file, not a directory"),
+            (["gc", "--store", str(a_file), "--keep", "1"], f"store {a_file}: is a file, not a directory"),
+            (["compact", "--store", str(a_file)], f"store {a_file}: is a file, not a directory"),
+            (["rollback", "--store", str(a_file), "--to", "1"], f"store {a_file}: is a file, not a directory"),
+            (["pull", "--store", str(a_file)], f"store {a_file}: is a file, not a directory"),
+            (["run", "nightly", "--store", str(a_file), "--fact-log", str(tmp_path), "--model", str(tmp_path)],
+             f"store {a_file} is a file, not a directory"),
+            (["run", "nightly", "--store", str(store), "--fact-log", str(tmp_path), "--model", str(a_file)],
+             f"model {a_file}: is a file, not a checkpoint directory"),
+            (["pull", "--store", str(store), "--cache-dir", str(a_file)], f"--cache-dir {a_file} is a file"),
+            (["ask", "--store", str(store), "--user", "u1", "--cache-dir", str(a_file / "sub"), "hi"],
+             f"--cache-dir {a_file / 'sub'} is inside {a_file}, which is a file"),
+            (["serve", "--store", str(store), "--cache-dir", str(a_file)], f"--cache-dir {a_file} is a file"),
+            (["demo", "--workdir", str(a_file)], f"--workdir {a_file} is a file"),
+            (["demo", "--workdir", str(tmp_path / "w"), "--store", str(a_file)], f"--store {a_file} is a file"),
+            (["model", "init", str(a_file), "--tiny"], f"model directory {a_file} is a file"),
+            (["model", "init", str(a_file / "m"), "--tiny"], f"model directory {a_file / 'm'} is inside {a_file}"),
+            (["model", "init", str(tmp_path), "--tiny"], f"model directory {tmp_path} is not empty"),
+            (["model", "info", str(a_file)], f"checkpoint {a_file}: is a file, not a checkpoint directory"),
+            (["model", "info", str(tmp_path / "nope")], f"checkpoint {tmp_path / 'nope'}: no such directory"),
+            (["model", "accept-adapter", str(a_file)], f"checkpoint {a_file}: is a file")):
+        result = engram(*args)
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, (args, result.stderr)
+    assert a_file.read_text() == "not a directory" and not (tmp_path / "w").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "store"]

@@ -185,6 +185,41 @@ def test_submit_and_schedule_with_json_print_one_json_object_when_they_fail(tmp_
         assert out["error"] in result.stderr
 
 
+def test_a_spec_path_that_is_a_directory_or_not_utf8_is_a_spec_error_naming_it(tmp_path):
+    """A directory or a non-UTF-8 file given as --spec: exit 2 with one line naming the path and
+    the fix (and, with --json, the command's failure object), never a raw IsADirectoryError or
+    UnicodeDecodeError."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(EXAMPLE_SPEC.read_bytes() + "job_id: caf\u00e9\n".encode("latin-1"))
+    for spec, message in ((tmp_path, "is a directory; give the spec's YAML file"),
+                          (latin1, "not UTF-8 text (byte 0xe9")):
+        for args, what in ((["submit", "--spec", str(spec), "--address", "http://head:8265"], "submitted"),
+                           (["schedule", "--spec", str(spec), "--cron", "0 2 * * *", "--format", "crontab"], "scheduled"),
+                           (["run", "nightly", "--spec", str(spec)], "published")):
+            result = engram(*args, "--json")
+            assert result.exit_code == 2, (args, result.output)
+            out = json.loads(result.stdout)
+            assert out == {what: False, "error": out["error"], "exit_code": 2}, (args, out)
+            assert f"job spec {spec}: {message}" in out["error"] and out["error"] in result.stderr, (args, out)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_submit_and_schedule_json_say_what_happened(monkeypatch):
+    """Their success objects carry ``submitted: true`` / ``scheduled: true``, the failure objects' key."""
+    from jobs.schedule import SubmitResult
+
+    monkeypatch.setattr("jobs.schedule_cli.submit_spec",
+                        lambda spec, address, **kw: SubmitResult("raysubmit_1", address, "PENDING"))
+    result = engram("submit", "--spec", str(EXAMPLE_SPEC), "--address", "http://head:8265", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["submitted"] is True and out["job_id"] == "raysubmit_1" and out["status"] == "PENDING"
+    result = engram("schedule", "--spec", str(EXAMPLE_SPEC), "--cron", "0 2 * * *", "--format", "crontab", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["scheduled"] is True and out["format"] == "crontab" and out["cron"] == "0 2 * * *" and out["text"]
+
+
 @pytest.fixture
 def ray_head(tmp_path_factory):
     """A real Ray head with its dashboard, in its own process group; torn down by that group only.

@@ -54,7 +54,8 @@ class StoreError(RuntimeError):
 
 
 class StoreNotFound(StoreError):
-    """A read-only command was given a local store directory that does not exist (a bad argument)."""
+    """A read-only command was given a local store directory that does not exist, or any command a
+    store path that is a file (a bad argument)."""
 
 
 class ObjectNotFound(StoreError):
@@ -235,9 +236,16 @@ class LocalStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike, *, create: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreNotFound(f"store {self.root}: is a file, not a directory; give the store's directory "
+                                "(a night creates a new one)")
         if not create and not self.root.is_dir():
             raise StoreNotFound(f"store {self.root}: no such directory (check the path; a night creates the store)")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a folder above it is a file, or not writable
+            raise StoreError(f"store {self.root}: cannot create it ({exc.strerror or exc}); give a directory "
+                             "that can be created") from None
         self.uri = self.root.as_uri()
         self._access_log = os.environ.get(ACCESS_LOG_ENV)
 
