@@ -76,7 +76,7 @@ def accept_adapter(directory: Path = typer.Argument(..., help="Checkpoint direct
     if problem:
         typer.echo(f"accepted despite: {problem}")
     typer.echo(f"adapter/ now belongs to this base/; fingerprint {fingerprint(directory)[:16]} "
-               "(a night on it needs recompile_all: true)")
+               "(the next night on it needs recompile_all: true in the job spec, --recompile-all on the command line)")
 
 
 def _checkpoint_problem(directory: Path) -> str | None:

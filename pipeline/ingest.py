@@ -86,6 +86,13 @@ class FactLogError(RuntimeError):
     """The fact log cannot be read; the message names the file and what to do."""
 
 
+def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
+    """An unreadable log file under on_bad_file='raise': the file, why, and both ways to say
+    'reject' instead (the job spec's field, the command line's flag of ``engram run nightly``)."""
+    return (f"fact log {path}: {detail} (fix or move the file, or rerun with on_bad_file='reject' in the job "
+            f"spec, --on-bad-file reject on the command line, to record it in rejects as {reason})")
+
+
 @dataclass(frozen=True)
 class FactFile:
     """A log file and its identity: a file whose size or modification time changed is new again."""
@@ -237,8 +244,7 @@ def read_log_file(
     if problem is not None:
         reason, detail = problem
         if on_bad_file == "raise":
-            raise FactLogError(f"fact log {file.path}: {detail} (fix or move the file, or rerun with "
-                               f"on_bad_file='reject' to record it in rejects as {reason})")
+            raise FactLogError(_unreadable_file_message(file.path, detail, reason))
         logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
         reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
                                       schema=F.REJECTS_SCHEMA)
@@ -320,10 +326,7 @@ def read_fact_log(
         if problem is not None:
             reason, detail = problem
             if on_bad_file == "raise":
-                raise FactLogError(
-                    f"fact log {file.path}: {detail} (fix or move the file, or rerun with "
-                    f"on_bad_file='reject' to record it in rejects as {reason})"
-                )
+                raise FactLogError(_unreadable_file_message(file.path, detail, reason))
             logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
             file_rejects.append({"source": file.path, "row": None, "reason": reason, "detail": detail})
         else:

@@ -52,7 +52,7 @@ def check_model_change(prior_fingerprint: str | None, fingerprint: str, recompil
     if prior_fingerprint is not None and prior_fingerprint != fingerprint and not recompile_all:
         raise FingerprintMismatch(
             f"the model changed from {prior_fingerprint} to {fingerprint}; deltas cannot be "
-            "carried across models; rerun with --recompile-all"
+            "carried across models; rerun with --recompile-all (recompile_all: true in the job spec)"
         )
 
 

@@ -315,3 +315,31 @@ def test_paths_that_are_files_where_a_directory_belongs_get_one_line_naming_them
         assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, (args, result.stderr)
     assert a_file.read_text() == "not a directory" and not (tmp_path / "w").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "store"]
+
+
+def test_an_unreadable_log_file_names_the_spec_field_and_the_flag_that_rejects_it(tmp_path, tiny_dir):
+    """The error suggests on_bad_file='reject' (the spec) and --on-bad-file reject (the command
+    line); the flag, as spelled there, turns the file into one reject row and the night succeeds."""
+    log = tmp_path / "log" / "day=1"
+    log.mkdir(parents=True)
+    (log / "part-0.parquet").write_bytes(b"not parquet")
+    args = ["run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", str(tmp_path / "log"),
+            "--model", str(tiny_dir), "--workers", "0", "--json"]
+    result = engram(*args)
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout)["error"]
+    assert "on_bad_file='reject' in the job spec, --on-bad-file reject on the command line" in error, error
+    flag = error.split("the job spec, ")[1].split(" on the command line")[0].split()
+    assert flag == ["--on-bad-file", "reject"]
+    rejected = engram(*args, *flag)
+    assert rejected.exit_code == 0, rejected.output
+    assert json.loads(rejected.stdout)["rejects"] == 1
+
+
+def test_a_model_change_names_the_flag_and_the_spec_field_that_allow_it():
+    import pytest
+
+    from pipeline.plan import FingerprintMismatch, check_model_change
+
+    with pytest.raises(FingerprintMismatch, match=r"rerun with --recompile-all \(recompile_all: true in the job spec\)"):
+        check_model_change("m1", "m2", recompile_all=False)
