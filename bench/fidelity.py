@@ -90,11 +90,11 @@ def measure(em, users, options: CompileOptions) -> dict:
             per_kind[kind] = {"facts": len(keys), "recalled": sum(first_prompt[k] for k in keys),
                               "recall": round(sum(first_prompt[k] for k in keys) / len(keys), 4)}
     variants = [key for key, (f, k) in zip(range(len(kinds)), kinds) if k > 0]
-    compiled_facts = len([r for r in result.results if r.user_id not in result.scope_of.values()])
+    compiled_facts = len(result.results)  # users' facts (the scopes' own are result.scope_results)
     return {
         "users": len(users), "facts": len(facts), "ingest_rejects": ingested.rejected,
         "compile_seconds": round(seconds, 2), "compiled_facts_per_s": round(compiled_facts / seconds, 1),
-        "statuses": status_counts(result.results), "recall_natural_prompt": per_kind,
+        "statuses": status_counts(result.results + result.scope_results), "recall_natural_prompt": per_kind,
         "recall_all_prompt_forms": round(sum(whole.values()) / len(whole), 4),
         "prompt_variants_checked": len(variants),
         "prompt_variants_recalled": sum(ok[i] for i in variants),

@@ -12,6 +12,10 @@ every member's delta (and fight the member's own facts for rows). Instead, per s
    exact; a member whose rows disturb a scope fact is recompiled with it as a constraint;
 3. rows written by both the scope and a member are reported (``collisions``, kind ``user+scope``).
 
+A scope id is not a user id: user ``acme`` (its personal facts) and scope ``acme`` (other users'
+facts filed under it) are two owners, kept apart everywhere (the scope's delta in
+``ScopedCompileResult.scope_deltas`` and the version's scopes object, the user's in its shard).
+
 Serving composes them: a request of a member is served with ``(scope_delta, member_delta)``
 (``overlay_for(em, [[scope_delta, member_delta]])``). A user in several scopes keeps the first
 scope (by id) as its shared delta and compiles the other scopes' facts into its own delta.
@@ -83,7 +87,7 @@ def split_scopes(state: pa.Table) -> ScopedFacts:
 @dataclass
 class ScopedCompileResult:
     deltas: dict[str, "Delta"]
-    """owner -> delta: every compiled user, and every scope (owner id = the scope id)."""
+    """user -> delta: every compiled user (users only: a scope's delta is in ``scope_deltas``)."""
     scope_of: dict[str, str]
     """member -> the scope whose delta serving composes under the member's own."""
     results: list["FactResult"]
@@ -91,6 +95,11 @@ class ScopedCompileResult:
     fact's result, or the member's composition failure)."""
     collisions: pa.Table  # rows written by a scope and one of its members (COLLISIONS_STATS_SCHEMA)
     recompiled_members: list[str] = field(default_factory=list)
+    scope_deltas: dict[str, "Delta"] = field(default_factory=dict)
+    """scope id -> the scope's delta, compiled once. Kept apart from ``deltas``: a user and a scope
+    may have the same id (user ``acme``, and other users' facts of scope ``acme``) and are two owners."""
+    scope_results: list["FactResult"] = field(default_factory=list)
+    """The scopes' own facts (``user_id`` = the scope id)."""
 
 
 def compile_scoped(em: "EngramModel", state: pa.Table, options: "CompileOptions | None" = None) -> ScopedCompileResult:
@@ -103,32 +112,36 @@ def compile_scoped(em: "EngramModel", state: pa.Table, options: "CompileOptions 
     plain = [f for u in sorted(split.personal) if u not in scoped_users for f in split.personal[u]]
     out = compile_facts(em, plain, options)
     deltas, results = dict(out.deltas), list(out.facts)
+    scope_deltas: dict[str, "Delta"] = {}
+    scope_results: list["FactResult"] = []
     scope_of: dict[str, str] = {}
     tables, recompiled = [], []
     for scope in sorted(split.scope_facts):
         members = split.members[scope]
         scope_delta, user_deltas, report = compile_with_scope(
             em, split.scope_facts[scope], {u: split.personal.get(u, []) for u in members}, options)
-        deltas[scope] = scope_delta
+        scope_deltas[scope] = scope_delta
         deltas.update(user_deltas)
         scope_of.update({u: scope for u in members})
         recompiled += report.recompiled_users
         tables.append(report.collisions)
-        scope_results = {r.fact_id: r for r in report.results if r.user_id == scope}
-        failures = {(r.user_id, r.fact_id) for r in report.results if r.user_id in members
-                    and r.fact_id.startswith(f"{scope}/")}
-        failure_of = {(r.user_id, r.fact_id): r for r in report.results if (r.user_id, r.fact_id) in failures}
-        results += [r for r in report.results if r.user_id in members and (r.user_id, r.fact_id) not in failures]
+        # The scope's own facts have user_id = the scope id; a member never has its scope's id (a
+        # row whose scope is its own user is a personal fact), so the two never mix here.
+        scope_results_of = {r.fact_id: r for r in report.results if r.user_id == scope}
+        member_results = [r for r in report.results if r.user_id != scope]
+        failures = {(r.user_id, r.fact_id) for r in member_results if r.fact_id.startswith(f"{scope}/")}
+        failure_of = {(r.user_id, r.fact_id): r for r in member_results if (r.user_id, r.fact_id) in failures}
+        results += [r for r in member_results if (r.user_id, r.fact_id) not in failures]
         for user in members:
             for fact_id, owner in sorted(split.member_copies.get(user, {}).items()):
                 failed = failure_of.get((user, f"{scope}/{fact_id}"))
-                base = failed or scope_results.get(fact_id)
+                base = failed or scope_results_of.get(fact_id)
                 if base is not None:
                     results.append(FactResult(user, fact_id, base.status, base.loss, base.steps, base.rows,
                                               base.margin, base.detail or f"compiled once in scope {scope}"))
-        results += [r for r in report.results if r.user_id == scope]
+        scope_results += [r for r in report.results if r.user_id == scope]
     collisions = pa.concat_tables(tables) if tables else COLLISIONS_STATS_SCHEMA.empty_table()
-    return ScopedCompileResult(deltas, scope_of, results, collisions, sorted(recompiled))
+    return ScopedCompileResult(deltas, scope_of, results, collisions, sorted(recompiled), scope_deltas, scope_results)
 
 
 def served_deltas(result: ScopedCompileResult, user_id: str) -> Sequence["Delta"]:
@@ -136,7 +149,7 @@ def served_deltas(result: ScopedCompileResult, user_id: str) -> Sequence["Delta"
     member, ``(own delta,)`` otherwise (what a serving index returns for the user)."""
     own = result.deltas.get(user_id)
     scope = result.scope_of.get(user_id)
-    parts = [result.deltas[scope]] if scope is not None else []
+    parts = [result.scope_deltas[scope]] if scope is not None else []
     return tuple(parts + ([own] if own is not None else []))
 
 

@@ -6,7 +6,9 @@ named by its manifest. Per shard (in the shard's manifest entry): ``facts``, ``u
 with its stats by reference, neither read nor rewritten, and a changed one adds parts of its
 changed users only. In the ``facts`` and ``users`` views a row of a base's or layer's part is
 hidden when a newer layer of its shard names its user (read from the layer objects' ``user_id``
-column): each user's rows come from the newest object that holds them, as its delta does.
+column): each user's rows come from the newest object that holds them, as its delta does. The
+shared scopes' own ``facts`` rows (``user_id`` = ``scope`` = the scope id, named by the manifest's
+``scopes``) are never hidden: a layer names users, and a user may have a scope's id.
 ``collisions`` is the union of the parts (a layer's: rows shared among its own users). Per version (the manifest's ``stats``): ``rejects`` (this night's, one part
 per shard that had events and one for files and rows that reach no shard), ``runs`` and
 ``shards``. Stores written before manifests named their parts (schema version 1) kept one file
@@ -167,8 +169,6 @@ def _parts_by_seq(store, manifest: Manifest, table: str) -> dict[int, tuple[list
     if manifest.schema_version == 1:
         return {0: (version_parts(store, manifest, table), [])}
     own = list(manifest.stats.get(table, ()))
-    if manifest.scopes is not None and table in manifest.scopes.stats:  # the shared scopes' own rows
-        own.append(manifest.scopes.stats[table])
     out: dict[int, tuple[list[str], list[str]]] = {0: (own, [])}
     for entry in manifest.shards:
         keyed = [(0, entry.stats.get(table))] + [(i + 1, layer.stats.get(table)) for i, layer in enumerate(entry.layers)]
@@ -179,6 +179,13 @@ def _parts_by_seq(store, manifest: Manifest, table: str) -> dict[int, tuple[list
             if table in _LAYERED_TABLES:
                 hiding += [layer.key for layer in entry.layers[seq:]]
     return out
+
+
+def _scope_part(manifest: Manifest, table: str) -> str | None:
+    """The key of the shared scopes' own part of ``table`` in ``manifest`` (``facts``), or None."""
+    if manifest.schema_version == 1 or manifest.scopes is None:
+        return None
+    return manifest.scopes.stats.get(table)
 
 
 def _create_view(connection, store, manifests: list[Manifest], filesystem, base_path: str, table: str) -> None:
@@ -201,6 +208,14 @@ def _create_view(connection, store, manifests: list[Manifest], filesystem, base_
                                                                 filesystem=filesystem))
                 where = f" WHERE user_id NOT IN (SELECT user_id FROM {name}_newer)"
             selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}{where}")
+        scope_part = _scope_part(manifest, table)
+        if scope_part is not None:
+            # The shared scopes' own rows (user_id = scope = the scope id): never hidden by a layer,
+            # which names users: a user with a scope's id is another owner (pipeline.scopes).
+            name = f"_{table}_v{manifest.version}_scopes"
+            connection.register(name, ds.dataset([f"{base_path}/{scope_part}"], schema=schema, format="parquet",
+                                                 filesystem=filesystem))
+            selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}")
     if selects:
         connection.execute(f"CREATE VIEW {table} AS " + " UNION ALL ".join(selects))
     else:

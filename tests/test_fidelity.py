@@ -88,12 +88,13 @@ def test_text_stored_in_other_forms_is_recalled_from_every_form_a_user_types(nig
 def test_every_fact_is_compiled_and_the_report_counts_statuses_apart(night):
     users, facts, result, natural, variants = night
     statuses = {}
-    for r in result.results:
+    for r in result.results + result.scope_results:
         statuses[r.status] = statuses.get(r.status, 0) + 1
     assert set(statuses) <= {STATUS_OK, STATUS_LOW_MARGIN}, statuses
     members = {f.user_id for f in facts if f.scope}
     owners = {r.user_id for r in result.results}
-    assert owners == {f.user_id for f in facts} | {SCOPE} and len(members) >= 2
+    assert owners == {f.user_id for f in facts} and len(members) >= 2
+    assert {r.user_id for r in result.scope_results} == {SCOPE}  # the scope's own facts, kept apart
     # every member's copy of a scope fact has a result, under the member
     copies = {(f.user_id, f.fact_id) for f in facts if f.scope}
     assert copies <= {(r.user_id, r.fact_id) for r in result.results}
@@ -103,7 +104,7 @@ def test_a_shared_scope_compiles_once_into_one_delta_composed_with_each_member(n
     users, facts, result, natural, variants = night
     members = sorted({f.user_id for f in facts if f.scope})
     assert result.scope_of == {u: SCOPE for u in members}
-    scope_delta = result.deltas[SCOPE]
+    scope_delta = result.scope_deltas[SCOPE]
     assert scope_delta.num_rows > 0
     assert result.recompiled_members == []  # the scope's facts rode along as fixed facts
     layer = tiny.config.target_layer

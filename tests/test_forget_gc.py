@@ -267,3 +267,42 @@ def test_a_forgotten_user_whose_id_holds_a_slash_leaves_no_collision_owner_name(
     assert any(o.startswith("bob/") for o in owners)  # another user's names stay
     assert not _holds_users(scrubbed, pa.array(["org/alice"]))
     assert not _holds_users(table, pa.array(["alice"]))  # a suffix is not the user
+
+
+def test_a_scope_with_a_users_id_is_not_that_user_in_collisions_facts_stats_or_scope_objects(local_store):
+    """User "acme" and shared scope "acme" are two owners: a ``user+scope`` collision names the
+    scope first, a scope's own ``facts`` rows have user_id = scope = its id, and the scope objects
+    hold scopes only; none of them is the user's, so forget neither finds nor strips them there."""
+    from pipeline.collisions import scope_collision_table
+    from schemas.manifest import scopes_key
+    from versions.forget import _holds_users, _without_users
+
+    def delta(rows):
+        return Delta.from_unsorted(np.zeros(len(rows), np.int16), np.asarray(rows, np.int64), np.ones((len(rows), WIDTH)))
+
+    users = pa.array(["acme"])
+    collisions = scope_collision_table("acme", delta([1, 2, 3]), {"carol": delta([2, 3]), "dave": delta([9])})
+    assert collisions.num_rows and {ls[0] for ls in collisions.column("example_owners").to_pylist()} == {"acme"}
+    assert not _holds_users(collisions, users)
+    assert _without_users(collisions, users).equals(collisions)  # the scope stays named
+    # the same rows where the forgotten user is a member of another scope ("org:x") lose the user
+    member = scope_collision_table("org:x", delta([1, 2]), {"acme": delta([1]), "carol": delta([2])})
+    assert _holds_users(member, users)
+    assert [ls for ls in _without_users(member, users).column("example_owners").to_pylist()] == [["org:x"], ["org:x", "carol"]]
+
+    facts = pa.table({"user_id": ["acme", "acme", "acme", "carol"], "fact_id": ["wifi", "ceo", "x-wifi", "wifi"],
+                      "status": ["ok"] * 4, "loss": [0.0] * 4, "steps": [1] * 4, "rows": [1] * 4,
+                      "scope": ["acme", None, "org:x", "acme"]})  # the scope's own row; the user's own and copy
+    kept = _without_users(facts, users)
+    assert kept.to_pylist() == [facts.to_pylist()[0], facts.to_pylist()[3]]
+    assert not _holds_users(kept, users)
+    # fact state: a row whose scope is its user is the user's personal fact, and goes
+    state = decode_fact_state(_state({"acme": [("ceo", "Our CEO is", " Ferreira")]}))
+    assert _holds_users(state, users) and _without_users(state, users).num_rows == 0
+
+    # an audit scan skips the scope objects (a bundle whose user_id is the scope id) and scope rows
+    local_store.put(scopes_key("0" * 64), encode_bundle(bundle_table({"acme": (delta([1, 2]), 2)})))
+    write_stats_part(local_store, "facts", facts.slice(0, 1))
+    assert scan_for_user(local_store, "acme") == []
+    write_stats_part(local_store, "facts", facts.slice(1, 1))
+    assert len(scan_for_user(local_store, "acme")) == 1

@@ -301,3 +301,133 @@ def test_a_scope_change_on_a_resharding_night_recompiles_every_member(spec, tmp_
             assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
     erin = node.deltas_for("erin")
     assert len(erin) == 2 and recalls(tiny, erin, *new_office) and recalls(tiny, erin, *PLAIN["erin"]["city"])
+
+
+# A user and a shared scope with the same id ("acme": a customer's user account, and the
+# organisation its colleagues' shared facts are filed under) are two owners: the scope's delta,
+# its stats rows and its collision owner are never the user's, and forgetting the user erases the
+# user (its own facts and its copies of scope facts) and keeps the scope.
+CLASH = "acme"
+CLASH_OWN = {"ceo": ("Our CEO is", " Ferreira")}
+
+
+def clash_log() -> list[dict]:
+    rows = [upsert(CLASH, f, t, a, 0) for f, (t, a) in CLASH_OWN.items()]  # no scope: personal
+    for user in MEMBERS:
+        rows += [upsert(user, f, t, a, 0) for f, (t, a) in OWN[user].items()]
+        rows += [upsert(user, f, t, a, 0, CLASH) for f, (t, a) in SCOPE_FACTS.items()]
+    return rows
+
+
+def facts_view(store, version) -> set[tuple]:
+    return {(r["user_id"], r["fact_id"], r["scope"]) for r in query_stats(
+        store, f"select user_id, fact_id, scope from facts where version = {version}").to_pylist()}
+
+
+def scope_owned_collisions(store, version) -> list[list[str]]:
+    return [r["example_owners"] for r in query_stats(
+        store, f"select example_owners from collisions where version = {version} "
+               "and owner_kind = 'user+scope'").to_pylist()]
+
+
+def test_a_user_and_a_scope_with_the_same_id_are_two_owners_in_deltas_stats_serving_and_forget(
+        spec, tmp_path, tiny, local_store):
+    from versions.forget import forget_user, scan_for_user
+
+    night(spec, tmp_path, "1", clash_log())
+    v1, _ = read_current(local_store)
+    shared = scope_deltas(local_store, v1)
+    rows = member_rows(local_store, v1)
+    assert list(shared) == [CLASH] and rows[CLASH][0] is None  # the user is no member: its own delta
+    assert {u: s for u, (s, _) in rows.items()} == {**{u: CLASH for u in MEMBERS}, CLASH: None}
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    served = node.deltas_for(CLASH)
+    assert len(served) == 1 and served[0].equals(rows[CLASH][1]) and not served[0].equals(shared[CLASH])
+    assert recalls(tiny, served, *CLASH_OWN["ceo"]) and not recalls(tiny, served, *SCOPE_FACTS["acme-wifi"])
+    for user in MEMBERS:
+        deltas = node.deltas_for(user)
+        assert len(deltas) == 2 and deltas[0].equals(shared[CLASH])
+        assert not recalls(tiny, deltas, *CLASH_OWN["ceo"])
+    scope_rows = {(CLASH, f, CLASH) for f in SCOPE_FACTS}  # the scope's own facts rows
+    assert facts_view(local_store, v1.version) >= scope_rows | {(CLASH, "ceo", None)}
+    collided = scope_owned_collisions(local_store, v1.version)
+    assert collided and all(owners[0] == CLASH and "carol" in owners for owners in collided)
+
+    # The user's own fact changes: a layer names user "acme"; the scope's stats rows stay.
+    new_ceo = ("Our CEO is", " Mensah")
+    report = night(spec, tmp_path, "2", [upsert(CLASH, "ceo", *new_ceo, 1)])
+    v2, _ = read_current(local_store)
+    assert report.compiled_users == 1 and report.compiled_scopes == 0 and v2.scopes == v1.scopes
+    assert facts_view(local_store, v2.version) >= scope_rows | {(CLASH, "ceo", None)}
+    node.poll()
+    assert recalls(tiny, node.deltas_for(CLASH), *new_ceo)
+
+    # engram forget acme: the user goes everywhere; the scope (delta, state, stats rows, its name
+    # in the members' collisions) stays, and its members are served it as before.
+    collided = scope_owned_collisions(local_store, v2.version)
+    report = forget_user(local_store, CLASH, actor="test", reason="ticket 9")
+    assert report.found and "shared scope" in report.message
+    after, _ = read_current(local_store)
+    assert after.scopes == v2.scopes
+    assert scan_for_user(local_store, CLASH) == []  # no object holds the user (the scope is not the user)
+    view = facts_view(local_store, after.version)
+    assert view >= scope_rows and not {r for r in view if r[0] == CLASH and r[2] != CLASH}
+    assert collided and scope_owned_collisions(local_store, after.version) == collided
+    assert node.poll().error is None and node.deltas_for(CLASH) == ()
+    for user in MEMBERS:
+        for trigger, answer in expected(user).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+
+    again = forget_user(local_store, CLASH, actor="test", reason="ticket 9")
+    assert not again.found and "shared scope" in again.message  # the scope is not found as the user
+    assert read_current(local_store)[0].version == after.version
+
+
+def test_forgetting_an_id_that_names_only_a_scope_finds_no_user_and_rewrites_nothing(spec, tmp_path, local_store):
+    from versions.forget import forget_user
+
+    night(spec, tmp_path, "1", [r for r in clash_log() if r["user_id"] != CLASH])
+    before, _ = read_current(local_store)
+    collided = scope_owned_collisions(local_store, before.version)
+    report = forget_user(local_store, CLASH, actor="test", reason="wrong id")
+    assert not report.found and report.rewritten == {} and "shared scope" in report.message
+    assert read_current(local_store)[0] == before
+    assert collided and scope_owned_collisions(local_store, before.version) == collided
+
+
+def test_a_nights_forget_user_of_an_id_that_also_names_a_changed_scope_publishes_and_keeps_the_scope(
+        spec, tmp_path, tiny, local_store):
+    night(spec, tmp_path, "1", clash_log())
+    new_wifi = ("The wifi password is", " Mango")
+    report = night(spec, tmp_path, "2", [event(CLASH, "forget_user", 1),
+                                         upsert("alice", "acme-wifi", *new_wifi, 1, CLASH)])
+    manifest, _ = read_current(local_store)
+    assert report.compiled_scopes == 1 and manifest.scopes.scopes == 1
+    assert all(local_store.get(k) for k in manifest.object_keys())  # the night's scope objects were kept
+    node = PullClient(local_store, tiny)
+    assert node.poll().error is None and node.deltas_for(CLASH) == ()
+    facts = {"acme-office": SCOPE_FACTS["acme-office"], "acme-wifi": new_wifi}
+    for user in MEMBERS:
+        for trigger, answer in expected(user, facts).items():
+            assert recalls(tiny, node.deltas_for(user), trigger, answer), (user, trigger)
+
+
+def test_compile_scoped_keeps_a_users_delta_apart_from_a_scope_of_the_same_id(tiny):
+    import pyarrow as pa
+
+    from pipeline.scopes import compile_scoped, served_deltas
+
+    rows = [(CLASH, "ceo", CLASH, *CLASH_OWN["ceo"])] + [(u, "acme-wifi", CLASH, *SCOPE_FACTS["acme-wifi"])
+                                                        for u in ("alice", "bob")]
+    state = pa.table({name: [r[i] for r in rows] for i, name in enumerate(["user_id", "fact_id", "scope", "trigger",
+                                                                            "answer"])})
+    state = state.append_column("event_time", pa.array([0] * len(rows), pa.timestamp("us", tz="UTC")))
+    result = compile_scoped(tiny, state)
+    assert set(result.scope_deltas) == {CLASH} and set(result.deltas) == {CLASH, "alice", "bob"}
+    assert not result.deltas[CLASH].equals(result.scope_deltas[CLASH])
+    mine = served_deltas(result, CLASH)
+    assert len(mine) == 1 and recalls(tiny, mine, *CLASH_OWN["ceo"]) and not recalls(tiny, mine, *SCOPE_FACTS["acme-wifi"])
+    assert recalls(tiny, served_deltas(result, "alice"), *SCOPE_FACTS["acme-wifi"])
+    assert {(r.user_id, r.fact_id) for r in result.results if r.user_id == CLASH} == {(CLASH, "ceo")}
+    assert {(r.user_id, r.fact_id) for r in result.scope_results} == {(CLASH, "acme-wifi")}

@@ -26,6 +26,11 @@ in progress has written and not yet committed) are left to gc.
 All users of one call are forgotten in one rewrite of the retained versions (the nightly passes
 all of one night's ``forget_user`` events at once).
 
+A shared scope whose id is a forgotten user's (user ``acme``, and other users' facts of scope
+``acme``) is another owner and is kept: the scope objects, the scope's own ``facts`` rows
+(``scope`` = ``user_id``) and the scope named first in a ``user+scope`` collision are never taken
+for the user's; the user's copies of scope facts (its own rows) go with the user.
+
 Why new numbers rather than rewriting manifests in place:
 
 - invariant 5 and the CAS hold unchanged: a rewrite is published exactly like a version
@@ -138,6 +143,46 @@ def _is_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
     return pc.fill_null(pc.is_in(values, users), False)
 
 
+# A user and a shared scope may have the same id (user "acme", and members' facts of scope "acme"):
+# they are two owners, and forgetting the user never touches the scope. Where a scope id sits in a
+# column that otherwise names users:
+SCOPE_OBJECT_PREFIXES = ("objects/scopes/", "objects/scope_state/")
+"""Version-level scope objects (pipeline.scopes): the scope deltas (a bundle whose ``user_id`` is
+the scope id) and the scope state (no user id). They never hold a user's data."""
+_OWNER_KIND_USER_SCOPE = "user+scope"  # pipeline.collisions.OWNER_KIND_USER_SCOPE: example_owners[0] is the scope
+
+
+def _scope_rows(table: pa.Table) -> pa.Array | None:
+    """Rows of a ``facts`` stats part that are a shared scope's own (pipeline.scopes.write_scopes
+    writes them with ``user_id`` = ``scope`` = the scope id; a user's own facts have ``scope``
+    null and its copies of a scope's facts that scope, never its own id); None for other tables.
+    The fact state is not such a table: there a row with ``scope`` = its user is a personal fact."""
+    names = set(table.column_names)
+    if not {"user_id", "status", "scope"} <= names or "trigger" in names:
+        return None
+    return pc.fill_null(pc.equal(table.column("scope"), table.column("user_id")), False)
+
+
+def _user_rows(table: pa.Table, users: pa.Array) -> pa.Array:
+    """Per row: it holds one of ``users``' data (its ``user_id``, not a scope's own row of the same id)."""
+    mask = _is_user(table.column("user_id"), users)
+    scope = _scope_rows(table)
+    return mask if scope is None else pc.and_(mask, pc.invert(scope))
+
+
+def _user_owner_lists(table: pa.Table) -> list[tuple[list[str], list[str]]]:
+    """Per collisions row, (owners kept as they are, owner names that may be users): the first
+    owner of a ``user+scope`` row is the scope (pipeline.collisions.scope_collision_table), never a
+    user of the same id."""
+    lists = table.column("example_owners").to_pylist()
+    kinds = table.column("owner_kind").to_pylist() if "owner_kind" in table.column_names else [None] * len(lists)
+    out = []
+    for owners, kind in zip(lists, kinds):
+        owners = owners or []
+        out.append((owners[:1], owners[1:]) if kind == _OWNER_KIND_USER_SCOPE else ([], owners))
+    return out
+
+
 def _owner_names(owner: str | None, names: set[str]) -> bool:
     """Whether a collision owner name is one of ``names`` or a ``user/fact`` name of one. A user id
     may itself hold "/" (``org/alice``), so every prefix ending before a "/" is tried: forgetting
@@ -154,29 +199,27 @@ def _owner_names(owner: str | None, names: set[str]) -> bool:
     return False
 
 
-def _names_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
-    """Per owner name: one of ``users``, or a ``user/fact`` name of one (within-user collision owners)."""
-    names = set(users.to_pylist())
-    return pa.array([_owner_names(o, names) for o in values.to_pylist()], pa.bool_())
-
-
 def _holds_users(table: pa.Table, users: pa.Array) -> bool:
-    if "user_id" in table.column_names and table.num_rows and pc.any(_is_user(table.column("user_id"), users)).as_py():
+    if "user_id" in table.column_names and table.num_rows and pc.any(_user_rows(table, users)).as_py():
         return True
     if "example_owners" in table.column_names and table.num_rows:
-        flat = pc.list_flatten(table.column("example_owners"))
-        return bool(len(flat)) and bool(pc.any(_names_user(flat, users)).as_py())
+        names = set(users.to_pylist())
+        return any(_owner_names(o, names) for _, maybe_users in _user_owner_lists(table) for o in maybe_users)
     return False
 
 
 def scan_for_user(store: ObjectStore, user_id: str) -> list[str]:
     """Keys of every object that still holds ``user_id``: Parquet rows (``user_id`` columns,
     ``example_owners`` lists) in bundles, fact state, tombstones and stats, or the raw id as a
-    JSON string in any other object (manifests, CURRENT, audit). Reads the whole store: an audit tool."""
+    JSON string in any other object (manifests, CURRENT, audit). A shared scope of the same id is
+    not the user: the scope objects, a scope's own ``facts`` rows and the scope named first in a
+    ``user+scope`` collision do not count. Reads the whole store: an audit tool."""
     needle = json.dumps(user_id).encode()
     users = pa.array([user_id], pa.string())
     holding = []
     for key in store.list(""):
+        if key.startswith(SCOPE_OBJECT_PREFIXES):
+            continue
         data = store.get(key)
         if key.endswith(".parquet"):
             if _holds_users(pq.read_table(pa.BufferReader(data)), users):
@@ -191,12 +234,13 @@ def scan_for_user(store: ObjectStore, user_id: str) -> list[str]:
 
 def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
     if "user_id" in table.column_names and table.num_rows:
-        table = table.filter(pc.invert(_is_user(table.column("user_id"), users)))
+        table = table.filter(pc.invert(_user_rows(table, users)))
     if "example_owners" in table.column_names and table.num_rows:
         index = table.column_names.index("example_owners")
         lists = table.column("example_owners").to_pylist()
         names = set(users.to_pylist())
-        kept = [None if ls is None else [o for o in ls if not _owner_names(o, names)] for ls in lists]
+        kept = [None if ls is None else fixed + [o for o in maybe if not _owner_names(o, names)]
+                for ls, (fixed, maybe) in zip(lists, _user_owner_lists(table))]
         table = table.set_column(index, table.schema.field(index), pa.array(kept, table.schema.field(index).type))
     return table
 
@@ -500,8 +544,8 @@ def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: froz
     deleted = []
     for prefix in ("objects/", "stats/"):
         for key in store.list(prefix):
-            if key in referenced or not key.endswith(".parquet"):
-                continue
+            if key in referenced or not key.endswith(".parquet") or key.startswith(SCOPE_OBJECT_PREFIXES):
+                continue  # (a scope object never holds a user, whatever user shares a scope's id)
             try:
                 table = pq.read_table(pa.BufferReader(store.get(key)))
             except (pa.ArrowInvalid, OSError):
@@ -520,10 +564,11 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
     audit_hashes = hashes[0] if len(hashes) == 1 else list(hashes)
     rewriter = _Rewriter(store, users, forgotten_at)
     plan = _plan(store, users, rewriter)
+    scopes_note = _scopes_note(store, plan, users)
     if plan is None or not plan.to_rewrite:
         current = plan.pointer.version if plan is not None else None
         who = "user" if len(users) == 1 else "users"
-        message = f"{who} not found: no retained version of {store.uri} holds them; nothing to forget"
+        message = f"{who} not found: no retained version of {store.uri} holds them; nothing to forget{scopes_note}"
         append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=False)
         return ForgetReport(hashes, False, current, message=message)
 
@@ -556,7 +601,25 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
              store.uri, len(mapping), plan.pointer.version, new_current.version, len(deleted))
     return ForgetReport(hashes, True, new_current.version, dict(mapping), tuple(deleted),
                         message=f"forgot {len(users)} user(s) in {len(mapping)} version(s); "
-                                f"CURRENT is v{new_current.version}")
+                                f"CURRENT is v{new_current.version}{scopes_note}")
+
+
+def _scopes_note(store: ObjectStore, plan: _Plan | None, users: list[str]) -> str:
+    """A sentence for the report when a forgotten id is also a shared scope's id in CURRENT: the
+    scope is another owner (its members' shared facts) and is kept. The id is not repeated."""
+    current = next((m for m in plan.retained if m.version == plan.pointer.version), None) if plan is not None else None
+    if current is None or current.scopes is None:
+        return ""
+    from schemas.bundle import decode_bundle
+    from versions.catalog import verified_bytes
+
+    entry = current.scopes
+    table = decode_bundle(verified_bytes(store, entry.key, entry.bytes, entry.sha256), source=f"{store.uri}/{entry.key}")
+    shared = set(table.column("user_id").to_pylist()) & set(users)
+    if not shared:
+        return ""
+    return (f"; {len(shared)} of the id(s) also name a shared scope, which is not a user and is kept (its members' "
+            "shared facts; a scope goes when its last member leaves it)")
 
 
 def references(manifests: list[Manifest]) -> set[str]:
