@@ -131,9 +131,14 @@ class EngramConfig:
     @classmethod
     def load(cls, path: str | Path) -> "EngramConfig":
         try:
-            raw = json.loads(Path(path).read_text())
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"engram config {path}: file not found") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"engram config {path}: not UTF-8 JSON (byte {exc.object[exc.start]:#04x} at offset "
+                              f"{exc.start})") from None
+        except OSError as exc:  # a directory, or a folder above it that is a file
+            raise ConfigError(f"engram config {path}: cannot read it ({exc.strerror or exc})") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"engram config {path}: not valid JSON ({exc})") from None
         return cls.from_dict(raw)

@@ -98,15 +98,18 @@ def pull(
                   "downloaded_objects": result.downloaded_objects, "downloaded_bytes": result.downloaded_bytes,
                   "layers_applied": result.layers_applied, "evicted_objects": result.evicted_objects,
                   "error": result.error}
+        last = not watch or (polls and count >= polls)
         if as_json:
+            if last and index is None:  # the command fails (exit 1): this poll's object is its failure object
+                report.update({"pulled": False, "exit_code": 1})
             typer.echo(json.dumps(report))
-        elif result.error:
+        if result.error:
             typer.echo(f"error: {result.error} (still serving {result.version or 'nothing'})", err=True)
-        else:
+        elif not as_json:
             what = (f"loaded shards {list(result.fetched_shards)}, {result.layers_applied} layer(s) applied, "
                     f"{result.downloaded_bytes} bytes downloaded" if result.fetched_shards else "unchanged")
             typer.echo(f"v{result.version}: {report['users']} users in {len(report['shards'])} shards ({what})")
-        if not watch or (polls and count >= polls):
+        if last:
             break
         time.sleep(client.next_delay())
     if client.index is None:

@@ -121,9 +121,12 @@ class ChatTemplate:
         if template_file is not None:
             path = Path(template_file)
             try:
-                self.template = path.read_text()
+                self.template = path.read_text(encoding="utf-8")
             except OSError as e:
                 raise ValueError(f"chat template {path}: cannot read it ({e})") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"chat template {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                                 f"{e.start}); save the template as UTF-8") from None
             _check_syntax(self.template, str(path))
             self.source = f"file {path}"
         elif getattr(tokenizer, "chat_template", None):

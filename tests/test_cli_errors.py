@@ -343,3 +343,42 @@ def test_a_model_change_names_the_flag_and_the_spec_field_that_allow_it():
 
     with pytest.raises(FingerprintMismatch, match=r"rerun with --recompile-all \(recompile_all: true in the job spec\)"):
         check_model_change("m1", "m2", recompile_all=False)
+
+
+def test_a_pull_that_loads_nothing_flags_its_poll_object_as_the_failure(local_store, tiny, tiny_dir, tmp_path):
+    """`pull --json` prints one object per poll; when the command fails (exit 1: nothing could be
+    loaded), its one object is also the failure object (pulled: false, exit_code: 1), and the
+    error line is on stderr as without --json."""
+    import numpy as np
+
+    from tests.harness import publish_deltas, random_delta
+
+    manifest = publish_deltas(local_store, tiny, {"alice": random_delta(tiny, np.random.default_rng(5))})
+    local_store.delete(manifest.shards[0].bundle_key)
+    result = engram("pull", "--store", local_store.uri, "--model", str(tiny_dir), "--cache-dir",
+                    str(tmp_path / "cache"), "--json")
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    out = json.loads(lines[0])
+    assert out["pulled"] is False and out["exit_code"] == 1 and out["error"] and out["version"] is None, out
+    assert f"error: {out['error']} (still serving nothing)" in result.stderr, result.stderr
+
+
+def test_a_config_or_chat_template_that_is_not_utf8_is_named_not_a_codec_error(tmp_path, tiny):
+    import pytest
+
+    from serving.chat import ChatTemplate
+
+    checkpoint = tmp_path / "model"
+    (checkpoint / "engram").mkdir(parents=True)
+    (checkpoint / "engram" / "config.json").write_bytes(b'{"seed": "caf\xe9"}')
+    result = engram("model", "info", str(checkpoint), "--json")
+    assert result.exit_code == 1, (result.output, result.exception)
+    out = json.loads(result.stdout)
+    assert out["inspected"] is False and out["exit_code"] == 1
+    assert f"engram config {checkpoint / 'engram' / 'config.json'}: not UTF-8 JSON (byte 0xe9" in out["error"], out
+    template = tmp_path / "chat.jinja"
+    template.write_bytes("{{ messages[0]['content'] }} \u00e9".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"chat template {template}: not UTF-8 text \\(byte 0xe9"):
+        ChatTemplate(tiny.tokenizer, template)
