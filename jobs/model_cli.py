@@ -61,14 +61,30 @@ def info(directory: Path = typer.Argument(..., help="Checkpoint directory."),
 @model_app.command("accept-adapter")
 def accept_adapter(directory: Path = typer.Argument(..., help="Checkpoint directory.")) -> None:
     """Accept adapter/ for this base/ although it records another base (the fingerprint changes).
+    An adapter that already fits this base/ is left as it is (same fingerprint: no recompile).
     Example: engram model accept-adapter ./my-model"""
-    from engram_core.checkpoint import CheckpointError, adapter_base_mismatch, fingerprint, write_base_record
+    from engram_core.checkpoint import (
+        ADAPTER_BASE_FILE,
+        CheckpointError,
+        adapter_base_mismatch,
+        fingerprint,
+        write_base_record,
+    )
 
     problem = _checkpoint_problem(directory)
     if problem:
         _fail(problem, code=2)
     try:
         problem = adapter_base_mismatch(directory)
+        if problem is None and (directory / "adapter").is_dir():
+            # Nothing to accept: rewriting the record (its "how" says who accepted it) would change the
+            # fingerprint, and with it force every user's recompile on the next night.
+            why = (f"adapter/{ADAPTER_BASE_FILE} already records this base/"
+                   if (directory / "adapter" / ADAPTER_BASE_FILE).is_file()
+                   else "nothing in adapter/ names another base")
+            typer.echo(f"adapter/ already fits this base/ ({why}); nothing changed: fingerprint "
+                       f"{fingerprint(directory)[:16]} as before, no recompile needed")
+            return
         write_base_record(directory, how="accepted by an operator (engram model accept-adapter)")
     except CheckpointError as err:
         typer.echo(f"error: {err}", err=True)

@@ -133,6 +133,36 @@ def test_an_operator_can_accept_a_foreign_adapter_and_the_fingerprint_says_so(tm
     assert json.loads((mixed / "adapter" / ADAPTER_BASE_FILE).read_text())["base_architectures"] == ["LlamaForCausalLM"]
 
 
+def test_accepting_an_adapter_that_already_fits_changes_nothing_and_says_so(tmp_path, tiny_checkpoints):
+    """A no-op: rewriting the record would change the fingerprint and force a full recompile."""
+    own = tmp_path / "own"
+    shutil.copytree(tiny_checkpoints("llama"), own)  # its adapter records exactly this base
+    before, files = fingerprint(own), file_bytes(own)
+    result = CliRunner().invoke(app, ["model", "accept-adapter", str(own)])
+    assert result.exit_code == 0, result.output
+    assert "already fits" in result.output and "nothing changed" in result.output and before[:16] in result.output
+    assert fingerprint(own) == before and file_bytes(own) == files
+
+    plain = tmp_path / "peft-only"  # no record, and nothing in adapter_config.json names another base
+    shutil.copytree(tiny_checkpoints("llama"), plain)
+    (plain / "adapter" / ADAPTER_BASE_FILE).unlink()
+    before, files = fingerprint(plain), file_bytes(plain)
+    result = CliRunner().invoke(app, ["model", "accept-adapter", str(plain)])
+    assert result.exit_code == 0 and "nothing changed" in result.output, result.output
+    assert fingerprint(plain) == before and file_bytes(plain) == files
+
+
+def test_accepting_a_foreign_adapter_twice_changes_the_fingerprint_once(tmp_path, tiny_checkpoints):
+    mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
+    before = fingerprint(mixed)
+    assert CliRunner().invoke(app, ["model", "accept-adapter", str(mixed)]).exit_code == 0
+    accepted, files = fingerprint(mixed), file_bytes(mixed)
+    assert accepted != before
+    result = CliRunner().invoke(app, ["model", "accept-adapter", str(mixed)])
+    assert result.exit_code == 0 and "nothing changed" in result.output, result.output
+    assert fingerprint(mixed) == accepted and file_bytes(mixed) == files
+
+
 def test_the_environment_override_loads_a_foreign_adapter_with_a_warning(tmp_path, tiny_checkpoints, monkeypatch, caplog):
     mixed = with_adapter_of(tmp_path, tiny_checkpoints("llama"), tiny_checkpoints("qwen2"))
     monkeypatch.setenv(ALLOW_ADAPTER_MISMATCH_ENV, "1")
