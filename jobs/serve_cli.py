@@ -138,7 +138,17 @@ def ask(
     user, prompt = canonical_id(user), canonical_prompt(prompt) or prompt  # as ingest stores them (engram_core.text)
     if not prompt.strip():
         fail_json(as_json, "the prompt is empty; give the text to continue, e.g. \"My dentist is Dr.\"", 2, "answered")
+    if not user:
+        fail_json(as_json, "--user is empty once invisible characters are removed; give the user_id whose memory "
+                           "to use", 2, "answered")
     store_obj, manifest, em, cache = _open(store, model, cache_dir, as_json, "answered")
+    from serving.http import context_length
+
+    tokens, limit = len(em.encode_prompt(prompt)), context_length(em)
+    if tokens + max_new_tokens > limit:  # as engram serve refuses it (context_length_exceeded)
+        fail_json(as_json, f"the prompt is {tokens} tokens and --max-new-tokens {max_new_tokens}: {tokens + max_new_tokens} "
+                           f"tokens, over the model's context length of {limit}; shorten the prompt or lower "
+                           "--max-new-tokens", 2, "answered")
     client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache, as_json=as_json,
                      what="answered")
     result = client.poll()

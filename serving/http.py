@@ -295,6 +295,13 @@ class ReferenceServer:
 
             def do_POST(self):
                 path = self.path.split("?", 1)[0]
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    # the body's length must be known before it is read (MAX_BODY_BYTES)
+                    self._error(RequestError("a chunked request body (Transfer-Encoding: chunked) is not accepted; "
+                                             "send the body with a Content-Length header", status=411,
+                                             code="length_required"))
+                    self.close_connection = True
+                    return
                 try:
                     length = int(self.headers.get("Content-Length") or 0)
                 except ValueError:
@@ -319,5 +326,20 @@ class ReferenceServer:
                     self._error(e)
                     return
                 self._send(200, response_body, headers)
+
+            def _not_allowed(self):
+                path = self.path.split("?", 1)[0]
+                allowed = "POST" if path in ROUTES else "GET"
+                self._send(405, error_body(RequestError(f"method {self.command} is not allowed on {path}; use {allowed}",
+                                                        status=405, code="method_not_allowed")), {"Allow": allowed})
+                self.close_connection = True
+
+            do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+            def do_HEAD(self):  # a HEAD answer carries no body
+                self.send_response(405)
+                self.send_header("Allow", "POST" if self.path.split("?", 1)[0] in ROUTES else "GET")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
         return Handler

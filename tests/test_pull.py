@@ -279,6 +279,27 @@ def test_ask_recalls_a_users_facts_and_compares_with_the_base(local_store, tiny,
     assert refused.exit_code == 1 and "fingerprint" in refused.output
 
 
+def test_ask_refuses_a_prompt_past_the_context_and_an_empty_user_as_serve_does(local_store, tiny, tiny_dir, compiled,
+                                                                               tmp_path):
+    """The model attends to 512 positions: a prompt that leaves no room for the tokens asked for is
+    refused naming the numbers (engram serve: context_length_exceeded), not continued as noise;
+    an empty --user is refused, not answered by the base model."""
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    base = ["ask", "--store", str(local_store.root), "--cache-dir", str(tmp_path / "cache"), "--json"]
+    long = CliRunner().invoke(cli_app(), base + ["--user", "alice", "word " * 600])
+    assert long.exit_code == 2
+    failure = json.loads(long.stdout.strip().splitlines()[-1])
+    assert failure["answered"] is False and "over the model's context length of 512" in failure["error"]
+    fits = len(tiny.encode_prompt("word " * 100))
+    edge = CliRunner().invoke(cli_app(), base + ["--user", "alice", "--max-new-tokens", str(512 - fits), "word " * 100])
+    assert edge.exit_code == 0, edge.output  # exactly the context: answered
+    empty = CliRunner().invoke(cli_app(), base + ["--user", "\u200b", "My dog is"])
+    assert empty.exit_code == 2 and "--user is empty" in empty.output
+
+
 def test_pull_command_reports_each_poll(local_store, tiny, tiny_dir, compiled, tmp_path):
     from typer.testing import CliRunner
 

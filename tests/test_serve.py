@@ -129,6 +129,33 @@ def test_unknown_model_and_route_are_404(server, api):
     assert _post(server, b"{}", path="/v1/embeddings")[0] == 404
 
 
+def test_other_methods_and_chunked_bodies_get_a_json_error_naming_the_fix(server):
+    """OpenAI clients read every error as JSON: a method a route does not take is a 405 naming the
+    one it does, a chunked body (length unknown before reading) a 411 asking for Content-Length."""
+    import http.client
+
+    for method, path, allowed in (("DELETE", "/v1/models", "GET"), ("PUT", "/v1/completions", "POST")):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            connection.request(method, path)
+            response = connection.getresponse()
+            payload = json.loads(response.read())
+        finally:
+            connection.close()
+        assert response.status == 405 and response.getheader("Allow") == allowed
+        assert payload["error"]["code"] == "method_not_allowed" and f"use {allowed}" in payload["error"]["message"]
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        body = json.dumps({"model": "engram", "prompt": "hi"}).encode()
+        connection.request("POST", "/v1/completions", body=iter([body]),
+                           headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        payload = json.loads(response.read())
+    finally:
+        connection.close()
+    assert response.status == 411 and "Content-Length" in payload["error"]["message"]
+
+
 def test_a_user_of_a_shard_this_node_does_not_own_is_refused(local_store, tiny, compiled):
     publish(local_store, tiny, v1(compiled))
     owned = shard_of("alice", NUM_SHARDS)
