@@ -78,6 +78,7 @@ from pipeline.stats import encode_stats_part, shards_table
 from schemas.facts import REJECTS_SCHEMA
 from schemas.manifest import Manifest, ShardEntry
 from versions.catalog import read_current
+from versions.errors import IntegrityError, PublishConflict
 from versions.models import publish_model
 from versions import publish
 from versions.publish import publish_entries
@@ -212,10 +213,29 @@ def run_nightly(
             return night.report(previous, published=False)
         return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile,
                          started=started)
-    except BaseException:
+    except BaseException as err:
         if started is not None:  # night.run closes it too; closing twice is a no-op
             started[1].close(flush=False)
+        if isinstance(err, IntegrityError):
+            _raise_if_current_moved(store, previous, err)
         raise
+
+
+def _raise_if_current_moved(store, previous: Manifest | None, err: IntegrityError) -> None:
+    """A prior object missing or changed while CURRENT moved since the night began: another writer
+    (an ``engram forget``, rollback or gc run beside the night) rewrote or deleted what the night was
+    reading. Nothing was published; say so, and that a re-run is safe, instead of the bare object."""
+    try:
+        now = read_current(store)
+    except Exception:  # noqa: BLE001 - the night's own error stands
+        return
+    before = previous.version if previous else None
+    after = now[0].version if now else None
+    if after != before:
+        raise PublishConflict(
+            f"CURRENT moved from v{before} to v{after} while this night ran (an engram forget, rollback or gc beside "
+            f"it rewrote or deleted objects the night was reading: {err}); nothing was published. Run the night "
+            "again, and run forget, rollback and gc from the same schedule as the night, not beside it") from err
 
 
 def _start_compile(spec: NightlySpec, store_uri: str):

@@ -769,3 +769,34 @@ def test_an_operator_forget_refuses_a_late_event_from_a_clock_running_ahead(tmp_
     assert published_delta(local_store, "user-00001") is None
     rejects = query_stats(local_store, f"select reason, user_id, fact_id from rejects where version = {report.version}").to_pylist()
     assert rejects == [{"reason": "FORGOTTEN_USER", "user_id": None, "fact_id": None}]
+
+
+def test_a_night_whose_prior_objects_a_forget_beside_it_deleted_says_current_moved(tmp_path, tiny_dir, local_store,
+                                                                                    monkeypatch):
+    """`engram forget` run beside a night moves CURRENT and deletes the objects the night is reading:
+    the night publishes nothing and says CURRENT moved and that a re-run is safe (not only the
+    missing object); the re-run publishes."""
+    import jobs.nightly as nightly
+    from versions.errors import PublishConflict
+    from versions.forget import forget_user
+
+    rows = fact_log_rows(6, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    first = run_nightly(spec)
+    write_fact_log(night_two_rows(rows), tmp_path / "log" / "day=2" / "part-0.parquet")
+    real, calls = nightly.apply_shard, []
+
+    def apply_beside_a_forget(ctx, shard, prior, *args):
+        if not calls:
+            victim = next(r["user_id"] for r in rows if shard_of(r["user_id"], 2) == shard)
+            forget_user(local_store, victim, actor="pytest", reason="beside a night")
+        calls.append(shard)
+        return real(ctx, shard, prior, *args)
+
+    monkeypatch.setattr(nightly, "apply_shard", apply_beside_a_forget)
+    with pytest.raises(PublishConflict, match=rf"CURRENT moved from v{first.version} to v\d+ while this night ran.*"
+                                              r"nothing was published. Run the night again"):
+        run_nightly(spec)
+    monkeypatch.setattr(nightly, "apply_shard", real)
+    assert run_nightly(spec).published
