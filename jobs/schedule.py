@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pprint
+import re
 import shlex
 import sys
 import time
@@ -86,7 +87,30 @@ def validate_cron(expression: str) -> str:
             problem = _cron_item_problem(item, spec)
             if problem:
                 raise ScheduleError(f"cron {expression!r}: field {position} ({spec.name}) {text!r}: {problem}")
+    if parts[4] == "*":  # days of the month alone decide: some must exist in one of the months
+        days, months = _cron_values(parts[2], CRON_FIELDS[2]), _cron_values(parts[3], CRON_FIELDS[3])
+        if not any(day <= _MONTH_DAYS[month] for month in months for day in days):
+            raise ScheduleError(f"cron {expression!r}: day of month {parts[2]!r} never falls in month {parts[3]!r}, so "
+                                "the schedule would never run; e.g. '0 2 28 2 *' for 28 February")
     return " ".join(parts)
+
+
+_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}  # Feb: leap years
+
+
+def _cron_values(text: str, spec: _CronField) -> set[int]:
+    """The values a valid field (checked by :func:`_cron_item_problem`) matches."""
+    values: set[int] = set()
+    for item in text.split(","):
+        base, _, step = item.partition("/")
+        if base == "*":
+            low, high = spec.low, spec.high
+        else:
+            low_text, dash, high_text = base.partition("-")
+            low = _cron_value(low_text, spec)
+            high = _cron_value(high_text, spec) if dash else (spec.high if step else low)
+        values.update(range(low, high + 1, int(step) if step else 1))
+    return values
 
 
 def _cron_item_problem(item: str, spec: _CronField) -> str | None:
@@ -299,12 +323,21 @@ class ScheduleOptions:
     engram_bin: str = "engram"
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # RFC 1123 label, as Kubernetes names namespaces
+
+
 def render_schedule(spec: NightlySpec, fmt: str, options: ScheduleOptions) -> str:
     """The schedule in ``fmt`` (one of FORMATS) as text ready to install."""
     renderers = {"crontab": _crontab, "k8s-cronjob": _k8s_cronjob, "rayjob": _ray_cron_job, "airflow": _airflow_dag}
     if fmt not in renderers:
         raise ScheduleError(f"schedule format {fmt!r}: expected one of {', '.join(FORMATS)}")
     options = replace(options, cron=validate_cron(options.cron))
+    if fmt in ("k8s-cronjob", "rayjob"):
+        for what, value, longest in (("--namespace", options.namespace, 63), ("--name", options.name, 52)):
+            if len(value) > longest or not _DNS_LABEL.fullmatch(value):
+                raise ScheduleError(f"{what} {value!r} is not a Kubernetes name: lowercase letters, digits and '-', "
+                                    f"starting and ending with a letter or digit, at most {longest} characters "
+                                    "(e.g. 'ml-platform')")
     if options.address:
         options = replace(options, address=dashboard_address(options.address))
     return renderers[fmt](spec, options)

@@ -38,7 +38,8 @@ def schedule_text(fmt: str, *extra: str) -> str:
 # --- cron -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("expression", ["0 2 * * *", "*/15 0-6 1,15 * MON-FRI", "0 0 1 jan,jul 0", "5 4 * * 7",
-                                        "0 1-23/2 * * *"])
+                                        "0 1-23/2 * * *", "0 2 29 2 *", "0 2 31 1-3 *", "0 2 30 2 MON",
+                                        "0 2 31 */2 *"])
 def test_valid_cron_expressions_pass(expression):
     assert validate_cron(expression) == expression
 
@@ -54,6 +55,8 @@ def test_valid_cron_expressions_pass(expression):
     ("0 2 * * FUNDAY", "field 5 (day of week)"),
     ("0 2,,3 * * *", "field 2 (hour)"),
     ("0 2 * *", "expected 5 fields"),
+    ("0 2 30 2 *", "day of month '30' never falls in month '2', so the schedule would never run"),
+    ("0 2 31 apr,jun,sep,nov *", "never falls in month 'apr,jun,sep,nov'"),
 ])
 def test_bad_cron_is_refused_naming_the_field(expression, named):
     with pytest.raises(ScheduleError, match=named.replace("(", r"\(").replace(")", r"\)")):
@@ -87,6 +90,14 @@ def test_crontab_is_one_line_of_five_fields_and_the_run_command():
 def test_crontab_with_an_address_submits_and_waits():
     line = schedule_text("crontab", "--address", "head.example:8265")
     assert "submit --spec" in line and "--address http://head.example:8265 --wait" in line
+
+
+@pytest.mark.parametrize("fmt", ["k8s-cronjob", "rayjob"])
+@pytest.mark.parametrize("option, value", [("--namespace", "ml; rm -rf /"), ("--namespace", "ML"),
+                                           ("--name", "engram_nightly"), ("--name", "x" * 53)])
+def test_a_kubernetes_schedule_refuses_a_name_kubernetes_would_refuse(fmt, option, value):
+    result = engram("schedule", "--spec", str(EXAMPLE_SPEC), "--cron", "30 2 * * 1-5", "--format", fmt, option, value)
+    assert result.exit_code == 2 and f"{option} {value!r} is not a Kubernetes name" in result.output
 
 
 def test_k8s_cronjob_parses_and_carries_the_spec_in_a_config_map():
