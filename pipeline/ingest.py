@@ -180,7 +180,13 @@ def token_counter(model_dir: str, special_tokens: bool = True) -> Callable[[list
 def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | None = None) -> list[FactFile]:
     """Every data file under a Parquet file, a folder (e.g. hive ``day=.../part-0.parquet``) or a
     list of them, local or ``s3://``, sorted by path. Names starting with ``_`` or ``.``
-    (``_SUCCESS``, checksums) are skipped. Raises FactLogError for a source that does not exist."""
+    (``_SUCCESS``, checksums) are skipped. Raises FactLogError for a source that does not exist.
+
+    Local folders: a symbolic link to a folder is followed once (a folder already listed, by its
+    real path, is not listed again: a link loop or a second link to it, with a warning naming it),
+    and a real file reached under two names is listed once (the name without a link, else the
+    first; a warning names both). A broken link is listed like a file, so that reading it fails
+    naming the link and its missing target (or becomes a file reject with on_bad_file='reject')."""
     sources = [source] if isinstance(source, str) else list(source)
     files = {}
     for fs, path, display in _list_files(sources, filesystem):
@@ -340,6 +346,7 @@ def read_fact_log(
 
 def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
     """Yield (filesystem, path, display name) for every data file under the sources."""
+    local = None  # one listing of the local sources: a real folder or file is listed once in all
     for source in sources:
         fs, path, prefix = _resolve(source, filesystem)
         try:
@@ -347,7 +354,13 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
         except pa.ArrowInvalid as err:  # e.g. "Empty path component" for s3://bucket/a//b
             raise FactLogError(f"fact log {source}: not a usable path ({err}); check for a doubled '/'") from None
         if info.type == pafs.FileType.NotFound:
+            if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
+                raise FactLogError(f"fact log {path}: {_broken_link(path)}")
             raise FactLogError(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)")
+        if isinstance(fs, pafs.LocalFileSystem):
+            local, local_fs = local or _LocalListing(), fs
+            local.add(path, is_file=info.type == pafs.FileType.File)
+            continue
         if info.type == pafs.FileType.File:
             yield fs, path, prefix + path
             continue
@@ -356,6 +369,8 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
             if entry.type != pafs.FileType.File or _is_hidden(relative):
                 continue
             yield fs, entry.path, prefix + entry.path
+    for path in local.files() if local else ():
+        yield local_fs, path, path
 
 
 def _resolve(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str, str]:
@@ -372,6 +387,73 @@ def _resolve(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.File
     return filesystem, source.rstrip("/"), ""
 
 
+def _broken_link(path: str) -> str:
+    target = os.readlink(path)
+    shown = target if os.path.isabs(target) else f"{target} ({os.path.normpath(os.path.join(os.path.dirname(path), target))})"
+    return f"a broken symbolic link: its target {shown} does not exist (restore the target, or remove the link)"
+
+
+class _LocalListing:
+    """The files under local sources, each real folder walked once and each real file listed once.
+
+    Folders are walked by name; links to folders are followed only after every real folder below
+    a source is walked, so a folder keeps its own name and a link to it is the one skipped."""
+
+    def __init__(self) -> None:
+        self.visited: dict[str, str] = {}  # real path of a walked folder -> the name it was walked as
+        self.kept: dict[str, tuple[str, bool]] = {}  # a listed file's real path -> (its name, reached through a link)
+
+    def add(self, root: str, *, is_file: bool) -> None:
+        """List ``root``: a file, or a folder walked with the links below it."""
+        if is_file:
+            self._file(root, os.path.realpath(root), os.path.islink(root))
+            return
+        links: list[str] = []  # links to folders met on the way, followed after the real walk
+        self._walk(root, False, links)
+        while links:
+            self._walk(links.pop(0), True, links)
+
+    def files(self) -> list[str]:
+        return [name for name, _ in self.kept.values()]
+
+    def _walk(self, folder: str, through_link: bool, links: list[str]) -> None:
+        real = os.path.realpath(folder)
+        if real in self.visited:
+            logger.warning("fact log: folder %s is %s, already listed as %s; not listed again (a symbolic link loop, "
+                           "or a second link to one folder)", folder, real, self.visited[real])
+            return
+        self.visited[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise FactLogError(f"fact log {folder}: cannot list this folder ({err})") from None
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            link = entry.is_symlink()
+            if link and not os.path.exists(entry.path):  # broken: listed, so that reading it says so
+                self.kept.setdefault(f"broken link {entry.path}", (entry.path, True))
+            elif entry.is_dir():
+                if link:
+                    links.append(entry.path)
+                else:
+                    self._walk(entry.path, through_link, links)
+            elif entry.is_file():
+                self._file(entry.path, os.path.realpath(entry.path), through_link or link)
+
+    def _file(self, name: str, real: str, through_link: bool) -> None:
+        if real not in self.kept:
+            self.kept[real] = (name, through_link)
+            return
+        kept, kept_through_link = self.kept[real]
+        if kept == name:
+            return
+        if kept_through_link and not through_link:  # the file's own name wins over a link's
+            self.kept[real] = (name, False)
+            name, kept = kept, name
+        logger.warning("fact log: %s is the same file as %s (%s); listed once, as %s", name, kept, real, kept)
+
+
 def _is_hidden(relative_path: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative_path.split("/"))
 
@@ -385,6 +467,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
     microseconds: read in nanoseconds, dates outside 1677-2262 would wrap around silently.
     """
     size = fs.get_file_info(path).size or 0
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path) and not os.path.exists(path):
+        return size, None, (F.UNREADABLE_FILE, _broken_link(path))
     try:
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)

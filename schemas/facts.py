@@ -158,7 +158,7 @@ REASONS: dict[str, str] = {
     CONFLICTING_DUPLICATE: "same user, fact and event_time as another event with other content",
     SUPERSEDED: "valid, but a later event (in the batch, the prior state or a delete tombstone) for the fact wins",
     FORGOTTEN_USER: "an event of a forgotten user that is not later than the forget (forgetting is permanent)",
-    UNREADABLE_FILE: "a whole input file is not readable Parquet (its rows are unknown)",
+    UNREADABLE_FILE: "a whole input file is not readable Parquet, or a broken symbolic link (its rows are unknown)",
     SCHEMA_MISMATCH: "a whole input file lacks a required column or has an uncastable type",
 }
 

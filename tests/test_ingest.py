@@ -495,6 +495,78 @@ def test_marker_and_hidden_files_are_not_read(tmp_path):
     assert [Path(f.path).name for f in read_fact_log(str(tmp_path)).files] == ["part-0.parquet"]
 
 
+def _log_with_one_file(tmp_path) -> Path:
+    log = tmp_path / "log"
+    (log / "day=2026-11-20").mkdir(parents=True)
+    pq.write_table(table({"fact_id": "a"}, {"fact_id": "b"}), log / "day=2026-11-20" / "part-0.parquet")
+    return log
+
+
+@pytest.mark.timeout(60)  # two loops listed without a limit take exponential time
+def test_a_symlink_loop_in_the_log_folder_lists_each_file_once_with_a_warning_naming_it(tmp_path, caplog):
+    """A link to an ancestor folder listed the same file ~40-80 times under longer and longer names."""
+    log = _log_with_one_file(tmp_path)
+    (log / "day=2026-11-20" / "loop").symlink_to(log)
+    assert [f.path for f in list_log_files(str(log))] == [str(log / "day=2026-11-20" / "part-0.parquet")]
+    assert f"folder {log / 'day=2026-11-20' / 'loop'} is {log}, already listed" in caplog.text
+    assert "symbolic link loop" in caplog.text
+    (log / "up").symlink_to(tmp_path)  # a second loop, through an ancestor of the log itself
+    assert [f.path for f in list_log_files(str(log))] == [str(log / "day=2026-11-20" / "part-0.parquet")]
+    batch = read_fact_log(str(log))
+    assert batch.rows.num_rows == 2 and len(batch.files) == 1
+
+
+def test_a_folder_reached_by_a_link_and_by_its_own_name_is_listed_once_under_its_own_name(tmp_path, caplog):
+    log = _log_with_one_file(tmp_path)
+    (log / "a-alias").symlink_to(log / "day=2026-11-20")  # sorts before the folder itself
+    outside = tmp_path / "archive"
+    outside.mkdir()
+    pq.write_table(table({"fact_id": "c"}), outside / "part-9.parquet")
+    (log / "old").symlink_to(outside)  # a folder outside the log: followed, once
+    (log / "old-again").symlink_to(outside)
+    files = [f.path for f in list_log_files(str(log))]
+    assert files == [str(log / "day=2026-11-20" / "part-0.parquet"), str(log / "old" / "part-9.parquet")]
+    assert f"folder {log / 'a-alias'} is {log / 'day=2026-11-20'}, already listed as {log / 'day=2026-11-20'}" in caplog.text
+    assert f"folder {log / 'old-again'} is {outside}, already listed as {log / 'old'}" in caplog.text
+    assert list_log_files(str(log)) == list_log_files(str(log))  # the same names every night
+
+
+def test_a_file_linked_under_another_name_is_listed_once_under_its_own_name(tmp_path, caplog):
+    log = _log_with_one_file(tmp_path)
+    real = log / "day=2026-11-20" / "part-0.parquet"
+    (log / "latest.parquet").symlink_to(real)
+    assert [f.path for f in list_log_files(str(log))] == [str(real)]
+    assert f"{log / 'latest.parquet'} is the same file as {real}" in caplog.text
+    assert [f.path for f in list_log_files([str(log / "latest.parquet"), str(log)])] == [str(real)]
+    assert read_fact_log(str(log)).rows.num_rows == 2
+
+
+def test_a_broken_symlink_in_the_log_is_an_error_naming_it_and_its_target_or_a_file_reject(tmp_path):
+    """A broken link was skipped without a word: a log file gone from under its link was never noticed."""
+    log = _log_with_one_file(tmp_path)
+    link = log / "day=2026-11-21" / "part-0.parquet"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "moved" / "part-0.parquet")
+    assert str(link) in [f.path for f in list_log_files(str(log))]
+    message = f"fact log {link}: a broken symbolic link: its target {tmp_path / 'moved' / 'part-0.parquet'} does not exist"
+    with pytest.raises(FactLogError, match=re.escape(message) + r".*remove the link.*on_bad_file='reject'"):
+        read_fact_log(str(log))
+    batch = read_fact_log(str(log), on_bad_file="reject")
+    [reject] = batch.file_rejects.to_pylist()
+    assert (reject["source"], reject["reason"]) == (str(link), "UNREADABLE_FILE") and message.split(": ", 1)[1] in reject["detail"]
+    assert batch.rows.num_rows == 2
+    # the night reads each listed file in a task: the same error, or the same reject
+    [listed] = [f for f in list_log_files(str(log)) if f.path == str(link)]
+    with pytest.raises(FactLogError, match=re.escape(message)):
+        read_log_file(listed, RowRules(max_trigger_tokens=64), 4)
+    read, _ = read_log_file(listed, RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")
+    assert read.reject.column("reason").to_pylist() == ["UNREADABLE_FILE"]
+    # a relative target is shown as written and resolved; a fact log named by a broken link says so too
+    (log / "rel.parquet").symlink_to("../gone.parquet")
+    with pytest.raises(FactLogError, match=re.escape(f"its target ../gone.parquet ({tmp_path / 'gone.parquet'}) does not exist")):
+        read_fact_log(str(log / "rel.parquet"))
+
+
 def test_a_list_of_sources_is_read_together(tmp_path):
     paths = []
     for name in ("a.parquet", "b.parquet"):
