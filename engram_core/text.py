@@ -130,24 +130,36 @@ def canonical_id(value: str) -> str:
     return canonical_text(value, keep_joiners=False).strip()
 
 
-# Scripts written without spaces between words (Han, kana, Thai, Lao, Khmer, Myanmar, Tibetan)
-# and the CJK and full-width punctuation blocks: after one of these, no space is inserted.
-_UNSPACED = ((0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0x31FF),
-             (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFE30, 0xFE4F), (0xFF00, 0xFFEF),
-             (0x20000, 0x3FFFF))
+# Scripts written without spaces between words (Han, kana, bopomofo, Thai, Lao, Khmer, Myanmar,
+# Tibetan), CJK punctuation and the full-width punctuation and half-width katakana: after one of
+# these, no space is inserted. Hangul (Korean is written with spaces) and full-width Latin letters
+# and digits are not among them.
+_UNSPACED = ((0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0x312F),
+             (0x3190, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFE30, 0xFE4F),
+             (0xFF01, 0xFF0F), (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF9F), (0x20000, 0x3FFFF))
 # Answer starts that open a word after a word of the trigger (with a letter or digit, and any
 # currency sign or opening bracket or quote): "costs" + "$12", "motto is" + '"carpe diem"',
 # "class of" + "'98", "Room" + "#12", "¿" and "¡".
 _WORD_START_PUNCTUATION = frozenset("#¿¡")
-_QUOTES = frozenset("\"'")
+_QUOTES = frozenset("\"'\u2019")  # U+2019: the apostrophe word processors write
 # "My dog" + "'s name" and "They" + "'re here" join: an apostrophe that ends a word, not a quote
-_CONTRACTION = re.compile(r"'(s|re|ll|d|ve|m|t)\b", re.IGNORECASE)
+# ("'s-Hertogenbosch" is a name that opens a word)
+_CONTRACTION = re.compile("['\u2019](s|re|ll|d|ve|m|t)\\b(?!-)", re.IGNORECASE)
 _EMAIL_DOMAIN = re.compile(r"@[\w-]+(\.[\w-]+)+\b")
 
 
 def _unspaced(char: str) -> bool:
     code = ord(char)
-    return any(low <= code <= high for low, high in _UNSPACED)
+    return code >= 0x0E00 and any(low <= code <= high for low, high in _UNSPACED)
+
+
+def _opens_word(char: str) -> bool:
+    """A letter or digit, a currency sign, an opening bracket or quote, # ¿ ¡, or an emoji (the
+    pictographic blocks; not ° or ©, which follow a number or word without a space)."""
+    if char.isalnum() or char in _WORD_START_PUNCTUATION:
+        return True
+    code = ord(char)
+    return unicodedata.category(char) in ("Sc", "Ps", "Pi") or 0x1F000 <= code <= 0x1FAFF or 0x2600 <= code <= 0x27BF
 
 
 def _space_between(trigger_end: str, answer: str) -> bool:
@@ -155,13 +167,14 @@ def _space_between(trigger_end: str, answer: str) -> bool:
     start = answer[0]
     if _unspaced(trigger_end) or not (trigger_end.isalnum() or trigger_end in _WORD_END_PUNCTUATION):
         return False
-    if start.isalnum() or start in _WORD_START_PUNCTUATION or unicodedata.category(start) in ("Sc", "Ps", "Pi"):
-        return True
     if start in _QUOTES:  # an opening quote (a word or a number follows), not a closing one or "'s"
         return answer[1:2].isalnum() and not _CONTRACTION.match(answer)
+    if _opens_word(start):
+        return True
     if start in "-+\u2212":  # a signed number: "The low is" + "-5"
-        return answer[1:2].isdigit()
+        return answer[1:2].isdecimal()
     # "My handle is" + "@jane" opens a word; "My email is jane" + "@example.org" ends an address
+    # (a handle with a dot after a word, "@jane.doe", reads as an address's end too)
     return start == "@" and not (trigger_end.isalnum() and _EMAIL_DOMAIN.match(answer))
 
 

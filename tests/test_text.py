@@ -66,6 +66,12 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("They", "'re in Oslo", ("They", "'re in Oslo")),
     ('My nickname is "Bo', '" to friends', ('My nickname is "Bo', '" to friends')),
     ("My dog", "’s name is Rex", ("My dog", "’s name is Rex")),
+    ("I graduated in the class of", "’98", ("I graduated in the class of", " ’98")),  # a typographic apostrophe
+    ("I live in", "'s-Hertogenbosch", ("I live in", " 's-Hertogenbosch")),  # a name, not a contraction
+    ("My favourite emoji is", "😀", ("My favourite emoji is", " 😀")),
+    ("The reading is 25", "°C", ("The reading is 25", "°C")),  # a unit sign follows its number
+    ("Ｔｏｋｙｏ", "Tower", ("Ｔｏｋｙｏ", " Tower")),  # full-width Latin letters are spaced as Latin
+    ("東京は", "「晴れ」", ("東京は", "「晴れ」")),
     # scripts written without spaces between words get none inserted
     ("我住在", "东京", ("我住在", "东京")),
     ("私の名前は", "田中です", ("私の名前は", "田中です")),
