@@ -28,6 +28,7 @@ No Ray here: the night runs it per scope on its workers.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -138,7 +139,7 @@ def compile_scoped(em: "EngramModel", state: pa.Table, options: "CompileOptions 
                 base = failed or scope_results_of.get(fact_id)
                 if base is not None:
                     results.append(FactResult(user, fact_id, base.status, base.loss, base.steps, base.rows,
-                                              base.margin, base.detail or f"compiled once in scope {scope}"))
+                                              base.margin, scope_detail(scope, base.detail)))
         scope_results += [r for r in report.results if r.user_id == scope]
     collisions = pa.concat_tables(tables) if tables else COLLISIONS_STATS_SCHEMA.empty_table()
     return ScopedCompileResult(deltas, scope_of, results, collisions, sorted(recompiled), scope_deltas, scope_results)
@@ -194,13 +195,30 @@ members always has a row."""
 SCOPE_DETAIL = "compiled once in scope "  # fact result detail of a member's copy of a scope fact ("...; why" if it failed)
 
 
+def scope_detail(scope: str, why: str | None = None) -> str:
+    """The fact-result detail of a member's copy of a scope fact: ``compiled once in scope "<id>"``
+    (the id as a JSON string, so that no id, "acme; inc" included, runs into the ``; why`` after it)."""
+    named = f"{SCOPE_DETAIL}{json.dumps(scope, ensure_ascii=False)}"
+    return f"{named}; {why}" if why else named
+
+
 def scope_of_detail(detail) -> pa.Array:
-    """The scope named by fact-result details (``compiled once in scope <id>[; why]``), else null."""
+    """The scope named by fact-result details (:func:`scope_detail`; also the unquoted
+    ``compiled once in scope <id>[; why]`` of results written before 2026-12-01), else null."""
     import re
 
-    parsed = pc.extract_regex(detail, f"^{re.escape(SCOPE_DETAIL)}(?P<scope>.*?)(?:; .*)?$")
-    scope = pc.struct_field(parsed, "scope")
-    return pc.if_else(pc.is_valid(parsed), scope, pa.scalar(None, pa.string()))
+    if isinstance(detail, pa.ChunkedArray):
+        detail = detail.combine_chunks()
+    quoted = pc.extract_regex(detail, f'^{re.escape(SCOPE_DETAIL)}(?P<scope>"(?:[^"\\\\]|\\\\.)*")')
+    legacy = pc.extract_regex(detail, f"^{re.escape(SCOPE_DETAIL)}(?P<scope>[^\"].*?)(?:; .*)?$")
+    texts = pc.struct_field(quoted, "scope").to_pylist() if pc.any(pc.is_valid(quoted)).as_py() else []
+    if texts:  # JSON-unquote (escapes are rare; a plain id is its text between the quotes)
+        quoted_scope = pa.array([None if t is None else (json.loads(t) if "\\" in t else t[1:-1]) for t in texts],
+                                pa.string())
+    else:
+        quoted_scope = pa.nulls(len(detail), pa.string())
+    legacy_scope = pc.if_else(pc.is_valid(legacy), pc.struct_field(legacy, "scope"), pa.scalar(None, pa.string()))
+    return pc.coalesce(quoted_scope, legacy_scope)
 
 
 def member_rows(state: pa.Table) -> pa.Table:
@@ -471,11 +489,11 @@ def compile_chunk_scoped(em: "EngramModel", table: pa.Table, context: ScopeConte
         for user, fact_id in sorted(k for k in copy_keys if scope_of[k[0]] == scope):
             failed = failures.get((user, fact_id))
             if failed is not None:
-                results.append(replace_result(failed, fact_id=fact_id, detail=f"{SCOPE_DETAIL}{scope}; {failed.detail}"))
+                results.append(replace_result(failed, fact_id=fact_id, detail=scope_detail(scope, failed.detail)))
                 continue
             known = context.results.get((scope, fact_id)) if context is not None else None
             status, loss, steps, rows, margin, _ = known or ("not_recalled", float("nan"), 0, 0, float("nan"), "")
-            results.append(FactResult(user, fact_id, status, loss, steps, rows, margin, f"{SCOPE_DETAIL}{scope}"))
+            results.append(FactResult(user, fact_id, status, loss, steps, rows, margin, scope_detail(scope)))
     return deltas, results
 
 

@@ -431,3 +431,24 @@ def test_compile_scoped_keeps_a_users_delta_apart_from_a_scope_of_the_same_id(ti
     assert recalls(tiny, served_deltas(result, "alice"), *SCOPE_FACTS["acme-wifi"])
     assert {(r.user_id, r.fact_id) for r in result.results if r.user_id == CLASH} == {(CLASH, "ceo")}
     assert {(r.user_id, r.fact_id) for r in result.scope_results} == {(CLASH, "acme-wifi")}
+
+
+def test_forgetting_a_user_who_is_a_member_of_a_scope_named_like_it_plus_more_erases_its_copies(
+        spec, tmp_path, local_store):
+    """User "acme" is a member of scope "acme; inc" (an id holding the "; " a copy's detail once
+    used as its separator): the facts view names the whole scope, and a forget of "acme" erases the
+    user's copy rows too (they were read as scope "acme", i.e. the scope's own rows, and kept)."""
+    from versions.forget import forget_user, scan_for_user
+
+    scope = "acme; inc"
+    rows = [upsert(CLASH, f, t, a, 0) for f, (t, a) in CLASH_OWN.items()]
+    for user in [CLASH, *MEMBERS]:
+        rows += [upsert(user, f, t, a, 0, scope) for f, (t, a) in SCOPE_FACTS.items()]
+    night(spec, tmp_path, "1", rows)
+    v1, _ = read_current(local_store)
+    view = facts_view(local_store, v1.version)
+    assert {(CLASH, f, scope) for f in SCOPE_FACTS} <= view and not {r for r in view if r[2] == CLASH}
+    forget_user(local_store, CLASH, actor="test", reason="ticket 10")
+    after, _ = read_current(local_store)
+    assert not {r for r in facts_view(local_store, after.version) if r[0] == CLASH}
+    assert scan_for_user(local_store, CLASH) == []

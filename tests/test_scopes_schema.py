@@ -170,7 +170,17 @@ def test_the_merge_compiles_only_scopes_whose_merged_facts_changed_and_drops_emp
 def test_the_facts_stats_scope_comes_from_a_copys_result_detail():
     details = pa.array(["compiled once in scope org:acme", "compiled once in scope org:x y; scope fact 'a' failed",
                         None, "something else"])
-    assert scope_of_detail(details).to_pylist() == ["org:acme", "org:x y", None, None]
+    assert scope_of_detail(details).to_pylist() == ["org:acme", "org:x y", None, None]  # results before 2026-12-01
+
+
+@pytest.mark.parametrize("scope", ["org:acme", "acme; inc", 'say "hi"; now', "a\\b", "東京; 支店", "acme"])
+def test_a_scope_id_holding_the_detail_separator_or_quotes_reads_back_whole(scope):
+    """A copy's detail names its scope as a JSON string: "acme; inc" is not read as "acme" (which
+    could be a user's own id, and forget would then keep that user's copy rows)."""
+    from pipeline.scopes import scope_detail
+
+    details = pa.chunked_array([[scope_detail(scope), scope_detail(scope, "scope fact 'a' failed; retried")], [None]])
+    assert scope_of_detail(details).to_pylist() == [scope, scope, None]
 
 
 def test_a_night_that_compiles_no_scope_carries_the_scope_deltas_by_reference(local_store):
