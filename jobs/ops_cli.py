@@ -43,6 +43,9 @@ def forget(
             if report.found:
                 moves = ", ".join(f"v{a}->v{b}" for a, b in sorted(report.rewritten.items()))
                 typer.echo(f"  rewrote {moves}; deleted {len(report.deleted_objects)} object(s)")
+                typer.echo(f"  later nights refuse this user's events stamped up to {report.refused_until} "
+                           "(FORGOTTEN_USER: the forget's time plus the day of clock skew ingest accepts); "
+                           "events after it are the id writing again")
 
 
 def gc(

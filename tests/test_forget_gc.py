@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -240,7 +240,16 @@ def test_forget_and_gc_commands(local_store):
     runner = CliRunner()
     out = runner.invoke(app, ["forget", "--store", str(local_store.root), TARGET, "--reason", "ticket 7", "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["found"] is True
+    reported = json.loads(out.output)
+    assert reported["found"] is True
+    # the operator learns until when the id's events are refused: a day past the command's clock
+    refused_until = datetime.fromisoformat(reported["refused_until"])
+    ahead = refused_until - datetime.now(timezone.utc)
+    assert timedelta(hours=23) < ahead <= timedelta(days=1)
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), USERS[1]])
+    assert out.exit_code == 0 and "later nights refuse this user's events stamped up to" in out.output
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost", "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["refused_until"] is None
     out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost"])
     assert out.exit_code == 0 and "not found" in out.output
     out = runner.invoke(app, ["gc", "--store", str(local_store.root), "--keep", "1", "--dry-run", "--json"])

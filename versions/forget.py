@@ -122,6 +122,9 @@ class ForgetReport:
     rewritten: dict[int, int] = field(default_factory=dict)  # old version -> its rewrite
     deleted_objects: tuple[str, ...] = ()
     message: str = ""
+    refused_until: str | None = None
+    """ISO time of the forget tombstones (found users): later nights refuse the users' events
+    stamped up to it (FORGOTTEN_USER); an event after it is the id writing again."""
 
     @property
     def user_hash(self) -> str:
@@ -130,7 +133,8 @@ class ForgetReport:
     def to_dict(self) -> dict:
         out = {"user_hashes": list(self.user_hashes), "found": self.found, "current_version": self.current_version,
                "rewritten": {str(k): v for k, v in self.rewritten.items()},
-               "deleted_objects": list(self.deleted_objects), "message": self.message}
+               "deleted_objects": list(self.deleted_objects), "message": self.message,
+               "refused_until": self.refused_until}
         if len(self.user_hashes) == 1:
             out["user_hash"] = self.user_hash
         return out
@@ -523,6 +527,8 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
         orphans = _delete_unreferenced_holders(store, pa.array(sorted(set(user_ids)), pa.string()), keep)
         if orphans:
             report = replace(report, deleted_objects=report.deleted_objects + tuple(orphans))
+        if report.found:
+            report = replace(report, refused_until=max(forgotten_at.values()).isoformat())
         return report
     raise AssertionError("unreachable")
 
