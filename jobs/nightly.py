@@ -82,7 +82,7 @@ from versions.errors import IntegrityError, PublishConflict
 from versions.models import publish_model
 from versions import publish
 from versions.publish import publish_entries
-from versions.store import open_store
+from versions.store import ObjectNotFound, open_store
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,12 @@ def run_nightly(
     except BaseException as err:
         if started is not None:  # night.run closes it too; closing twice is a no-op
             started[1].close(flush=False)
-        if isinstance(err, IntegrityError):
+        if isinstance(err, (IntegrityError, ObjectNotFound)):  # a prior object gone or changed
             _raise_if_current_moved(store, previous, err)
         raise
 
 
-def _raise_if_current_moved(store, previous: Manifest | None, err: IntegrityError) -> None:
+def _raise_if_current_moved(store, previous: Manifest | None, err: Exception) -> None:
     """A prior object missing or changed while CURRENT moved since the night began: another writer
     (an ``engram forget``, rollback or gc run beside the night) rewrote or deleted what the night was
     reading. Nothing was published; say so, and that a re-run is safe, instead of the bare object."""

@@ -443,3 +443,48 @@ def test_an_s3_store_prefix_is_taken_as_written(s3_bucket):
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
     assert "team#1/engram?v=2/CURRENT-probe" in keys
     assert open_store(store.uri).get("CURRENT-probe") == b"x"
+
+
+@pytest.mark.parametrize("first_night_killed", [False, True])
+def test_a_missing_current_is_never_taken_for_a_new_store(local_store, tmp_path, tiny_dir, first_night_killed):
+    """CURRENT deleted behind the tool's back while versions were published: a night would start
+    the store over (v1 without the watermark, tombstones and forgets: a forgotten user back). Every
+    reader and writer refuses, naming the rollback that restores it; `engram versions` exits 1.
+    Manifests a killed first night left before its commit are not published: that store is new."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from versions.errors import PublishError
+    from versions.forget import forget_user
+
+    log_dir = tmp_path / "log"
+    write_fact_log([one_fact(u, " Rex") for u in ("ana", "ben", "cai")], log_dir / "day=1" / "part-0.parquet")
+    spec = spec_for(local_store.uri, log_dir, tiny_dir)
+    if first_night_killed:
+        def crash(at: str) -> None:
+            if at == "swap_current":
+                raise Crash(at)
+
+        with pytest.raises(Crash):
+            run_nightly(spec, crash_hook=crash)
+        assert local_store.head("CURRENT") is None and local_store.list("manifests/")
+        assert run_nightly(spec).version >= 1 and sorted(published_users(local_store)) == ["ana", "ben", "cai"]
+        return
+    run_nightly(spec)
+    forget_user(local_store, "ben", actor="test", reason="erasure")
+    newest = read_current(local_store)[0].version
+    local_store.delete("CURRENT")
+    with pytest.raises(PublishError, match=rf"CURRENT is missing, but the store holds published versions.*"
+                                           rf"engram rollback --store .* --to {newest}"):
+        run_nightly(spec)
+    assert local_store.head("CURRENT") is None  # nothing was published
+    listed = CliRunner().invoke(app, ["versions", "--store", local_store.uri])
+    assert listed.exit_code == 1 and "CURRENT is missing" in listed.output
+    result = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(newest), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["to"] == newest
+    write_fact_log([one_fact("ben", " Old", day=-1)], log_dir / "day=2" / "part-0.parquet")  # older than the forget
+    run_nightly(spec)
+    assert "ben" not in published_users(local_store)  # the forget held

@@ -800,3 +800,31 @@ def test_a_night_whose_prior_objects_a_forget_beside_it_deleted_says_current_mov
         run_nightly(spec)
     monkeypatch.setattr(nightly, "apply_shard", real)
     assert run_nightly(spec).published
+
+
+
+def test_a_night_whose_stats_parts_a_forget_beside_it_deleted_says_current_moved(tmp_path, tiny_dir, local_store,
+                                                                                   monkeypatch):
+    """The same with the prior stats parts (read unverified, as ObjectNotFound): one line saying
+    CURRENT moved, not the bare missing object."""
+    import pipeline.shards as shards
+    from versions.errors import PublishConflict
+    from versions.forget import forget_user
+
+    rows = fact_log_rows(6, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    first = run_nightly(spec)
+    write_fact_log(night_two_rows(rows), tmp_path / "log" / "day=2" / "part-0.parquet")
+    real, calls = shards._read_part, []
+
+    def read_beside_a_forget(*args, **kwargs):
+        if not calls:
+            for user in sorted({r["user_id"] for r in rows}):
+                forget_user(local_store, user, actor="pytest", reason="beside a night")
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "_read_part", read_beside_a_forget)
+    with pytest.raises(PublishConflict, match=rf"CURRENT moved from v{first.version} to v\d+ while this night ran"):
+        run_nightly(spec)

@@ -51,6 +51,13 @@ def read_pointer(store: ObjectStore) -> CurrentPointer | None:
     try:
         body, etag = store.get_with_etag(CURRENT_KEY)
     except ObjectNotFound:
+        published = _published_without_pointer(store)
+        if published:
+            raise PublishError(
+                f"{store.uri}/{CURRENT_KEY} is missing, but the store holds published versions "
+                f"({', '.join(f'v{v}' for v in published[-5:])}): it is not a new store, and no writer may treat it "
+                f"as one (a new first version would drop its watermark, tombstones and forgets). Point CURRENT at "
+                f"the version to serve: engram rollback --store {store.uri} --to {published[-1]}") from None
         return None
     try:
         raw = json.loads(body)
@@ -60,6 +67,29 @@ def read_pointer(store: ObjectStore) -> CurrentPointer | None:
     if not isinstance(version, int) or key != manifest_key(version):
         raise PublishError(f"{store.uri}/{CURRENT_KEY}: pointer {raw} is inconsistent")
     return CurrentPointer(version, key, etag)
+
+
+def _published_without_pointer(store: ObjectStore) -> list[int]:
+    """Manifest versions on disk (sorted) when CURRENT is missing but some version was published
+    (a manifest with a parent, or a commit in the audit log); [] for a new store, or one whose only
+    manifests a killed first night left before its commit."""
+    versions = sorted(manifest_versions_on_disk(store))
+    if not versions:
+        return []
+    for version in reversed(versions):
+        try:
+            if read_manifest(store, version).parent is not None:
+                return versions
+        except (PublishError, ManifestError):
+            continue
+    for key in store.list(AUDIT_PREFIX):
+        try:
+            record = json.loads(store.get(key))
+        except (ObjectNotFound, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("event") not in ("forget", "gc", None):
+            return versions  # publish, rollback, forget_rewrite, ...: a commit moved CURRENT once
+    return []
 
 
 def manifest_versions_on_disk(store: ObjectStore) -> list[int]:

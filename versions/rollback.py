@@ -17,7 +17,7 @@ from versions.catalog import (
 from versions.commit import commit
 from versions.errors import PublishError, UnknownVersion
 from versions.layout import CURRENT_KEY
-from versions.store import ObjectStore
+from versions.store import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,11 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
     except PublishError as err:
         # A damaged CURRENT (not JSON, inconsistent): rollback is its remedy too. The swap is
         # conditional on the damaged object's etag, the forgets are everything recorded anywhere.
-        log.warning("%s: CURRENT is damaged (%s); rolling back away from it", store.uri, err)
-        _, etag = store.get_with_etag(CURRENT_KEY)
+        log.warning("%s: CURRENT is damaged or missing (%s); rolling back away from it", store.uri, err)
+        try:
+            _, etag = store.get_with_etag(CURRENT_KEY)
+        except ObjectNotFound:  # missing while versions were published: the swap creates it
+            etag = None
         pointer = CurrentPointer(DAMAGED, "", etag)
     if pointer is None:
         raise UnknownVersion(f"{store.uri}: nothing is published yet; cannot roll back to version {to_version}")
