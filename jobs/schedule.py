@@ -87,7 +87,7 @@ def validate_cron(expression: str) -> str:
             problem = _cron_item_problem(item, spec)
             if problem:
                 raise ScheduleError(f"cron {expression!r}: field {position} ({spec.name}) {text!r}: {problem}")
-    if parts[4] == "*":  # days of the month alone decide: some must exist in one of the months
+    if parts[4].startswith("*"):  # any day of the week (*, */1): days of the month alone decide: some must exist in one of the months
         days, months = _cron_values(parts[2], CRON_FIELDS[2]), _cron_values(parts[3], CRON_FIELDS[3])
         if not any(day <= _MONTH_DAYS[month] for month in months for day in days):
             raise ScheduleError(f"cron {expression!r}: day of month {parts[2]!r} never falls in month {parts[3]!r}, so "

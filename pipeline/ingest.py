@@ -618,9 +618,15 @@ def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     if pc.any(beyond).as_py():
         row = pc.index(beyond, True).as_py()
         raise F.SchemaMismatch(f"column {name!r} is {column.type} with ids of magnitude 2^{bits} or more (row {row}: "
-                               f"{values[row].as_py():.0f}), which a {column.type} cannot hold exactly (two ids may "
+                               f"{_magnitude(values[row].as_py())}), which a {column.type} cannot hold exactly (two ids may "
                                "have become one); export ids as strings or integers")
     return values.cast(pa.int64()).cast(pa.string())
+
+
+def _magnitude(value: float) -> str:
+    return f"{value:.0f}" if abs(value) < 1e21 else f"{value:.6g}"  # 1e300 is not 301 digits
+
+
 _UUID_TYPE = getattr(pa, "UuidType", ())  # pyarrow >= 18
 # Parquet's UUID logical type read as arrow.uuid (the default where the option exists; asked for
 # explicitly so that an id column of UUIDs is never read as raw 16-byte binary).
@@ -712,6 +718,8 @@ def _float_text(value, kind: pa.DataType) -> str | None:
 
     if value != value:  # NaN
         return None
+    if float(value).is_integer() and abs(value) < 1e21:  # a whole number is exactly the integer it holds
+        return str(int(value))  # (float16 65504 is "65504", not the shortest "65500")
     if kind.bit_width < 64:  # the shortest digits that give back this float16/float32
         value = float(str({16: np.float16, 32: np.float32}[kind.bit_width](value)))
     text = repr(float(value))

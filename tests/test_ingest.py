@@ -103,6 +103,7 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
     ([1.0, 2.0, 2.0 ** 24], pa.float32(), "ids of magnitude 2^24 or more (row 2: 16777216), which a float cannot hold"),
     ([1.0, 2.5, 3.0], pa.float32(), "values that are not whole numbers (row 1: 2.5)"),
     ([1.0, 2.0, 4096.0], pa.float16(), "ids of magnitude 2^11 or more (row 2: 4096), which a halffloat cannot hold"),
+    ([1.0, 1e300, 3.0], pa.float64(), "ids of magnitude 2^53 or more (row 1: 1e+300), which a double cannot hold"),
 ])
 def test_a_float_id_column_that_cannot_hold_ids_is_refused_naming_the_row_and_the_fix(ids, kind, message, tmp_path):
     import numpy as np
@@ -372,8 +373,8 @@ _NAN = float("nan")
 _SCALAR_TEXT = {  # a trigger or answer column as a table export types numbers and flags: values -> the text read
     "float64": (pa.float64(), [42.0, 0.1, None, 6.02e23, _NAN, -0.0, 1e15, float("inf")],
                 ["42", "0.1", None, "6.02e+23", None, "0", "1000000000000000", "inf"]),
-    "float32": (pa.float32(), [0.1, 16777216.0, _NAN, 2.5], ["0.1", "16777216", None, "2.5"]),
-    "float16": (pa.float16(), [0.1, 2047.0, _NAN, -1.5], ["0.1", "2047", None, "-1.5"]),
+    "float32": (pa.float32(), [0.1, 16777216.0, _NAN, 2.5, 123456792.0], ["0.1", "16777216", None, "2.5", "123456792"]),
+    "float16": (pa.float16(), [0.1, 2047.0, _NAN, -1.5, 65504.0, 32768.0], ["0.1", "2047", None, "-1.5", "65504", "32768"]),
     "bool": (pa.bool_(), [True, False, None], ["true", "false", None]),
     "decimal": (pa.decimal128(10, 2), [Decimal("12.50"), Decimal("-0.01"), None], ["12.50", "-0.01", None]),
     "decimal_whole": (pa.decimal128(38, 0), [Decimal(7), None], ["7", None]),

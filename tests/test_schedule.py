@@ -57,6 +57,7 @@ def test_valid_cron_expressions_pass(expression):
     ("0 2 * *", "expected 5 fields"),
     ("0 2 30 2 *", "day of month '30' never falls in month '2', so the schedule would never run"),
     ("0 2 31 apr,jun,sep,nov *", "never falls in month 'apr,jun,sep,nov'"),
+    ("0 2 30 2 */1", "never falls in month '2'"),  # */1 is every day of the week, as *
 ])
 def test_bad_cron_is_refused_naming_the_field(expression, named):
     with pytest.raises(ScheduleError, match=named.replace("(", r"\(").replace(")", r"\)")):
