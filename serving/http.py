@@ -37,7 +37,8 @@ from serving.openai_api import (DEFAULT_COMPLETION_TOKENS, MAX_TOKENS_LIMIT, Ans
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
+ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}  # POST
+GET_ROUTES = ("/healthz", "/v1/models")
 EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
 
 
@@ -282,19 +283,62 @@ class ReferenceServer:
                     request.cancel()
                     self.close_connection = True
 
-            def do_GET(self):
+            def _route_refused(self) -> bool:
+                """Answer an unknown path (404) or a method its route does not take (405, with
+                ``Allow``), in OpenAI's error shape, whatever the method; True if answered."""
                 path = self.path.split("?", 1)[0]
-                if path == "/healthz":
-                    health = server.health()
-                    self._send(200 if health["version"] is not None else 503, health)
-                elif path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [
-                        {"id": server.model_name, "object": "model", "created": 0, "owned_by": "engram"}]})
+                allowed = "POST" if path in ROUTES else "GET" if path in GET_ROUTES else None
+                if allowed is not None and (self.command == allowed or (allowed == "GET" and self.command == "HEAD")):
+                    return False
+                if allowed is None:
+                    error = RequestError(f"no route {self.command} {path} (this server offers "
+                                         f"{', '.join(f'GET {r}' for r in GET_ROUTES)}, "
+                                         f"{', '.join(f'POST {r}' for r in ROUTES)})", status=404, code="not_found")
+                    headers = {}
                 else:
-                    self._error(RequestError(f"no route GET {path}", status=404, code="not_found"))
+                    error = RequestError(f"method {self.command} is not allowed on {path}; use {allowed}", status=405,
+                                         code="method_not_allowed")
+                    headers = {"Allow": allowed}
+                self.close_connection = True  # a body it may carry is not read
+                if self.command == "HEAD":
+                    self._head(error.status, error_body(error), headers)
+                else:
+                    self._send(error.status, error_body(error), headers)
+                return True
+
+            def _get(self) -> tuple[int, dict]:
+                if self.path.split("?", 1)[0] == "/healthz":
+                    health = server.health()
+                    return (200 if health["version"] is not None else 503), health
+                return 200, {"object": "list", "data": [
+                    {"id": server.model_name, "object": "model", "created": 0, "owned_by": "engram"}]}
+
+            def _head(self, status: int, payload: dict, headers: dict | None = None) -> None:
+                """GET's status and headers without its body (load balancers probe with HEAD)."""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(json.dumps(payload).encode())))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+
+            def do_GET(self):
+                if not self._route_refused():
+                    self._send(*self._get())
+
+            def do_HEAD(self):
+                if not self._route_refused():
+                    self._head(*self._get())
+
+            def __getattr__(self, name: str):  # PUT, DELETE, TRACE, any other method: 404 or 405
+                if name.startswith("do_"):
+                    return self._route_refused
+                raise AttributeError(name)
 
             def do_POST(self):
                 path = self.path.split("?", 1)[0]
+                if self._route_refused():
+                    return
                 if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
                     # the body's length must be known before it is read (MAX_BODY_BYTES)
                     self._error(RequestError("a chunked request body (Transfer-Encoding: chunked) is not accepted; "
@@ -311,11 +355,7 @@ class ReferenceServer:
                     self.close_connection = True
                     return
                 body = self.rfile.read(length)
-                endpoint = ROUTES.get(path)
-                if endpoint is None:
-                    self._error(RequestError(f"no route POST {path} (this server offers {', '.join(ROUTES)})",
-                                             status=404, code="not_found"))
-                    return
+                endpoint = ROUTES[path]
                 try:
                     api, request = server.prepare(endpoint, body)
                     if api.stream:
@@ -326,20 +366,5 @@ class ReferenceServer:
                     self._error(e)
                     return
                 self._send(200, response_body, headers)
-
-            def _not_allowed(self):
-                path = self.path.split("?", 1)[0]
-                allowed = "POST" if path in ROUTES else "GET"
-                self._send(405, error_body(RequestError(f"method {self.command} is not allowed on {path}; use {allowed}",
-                                                        status=405, code="method_not_allowed")), {"Allow": allowed})
-                self.close_connection = True
-
-            do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-            def do_HEAD(self):  # a HEAD answer carries no body
-                self.send_response(405)
-                self.send_header("Allow", "POST" if self.path.split("?", 1)[0] in ROUTES else "GET")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
 
         return Handler

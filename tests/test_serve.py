@@ -134,16 +134,27 @@ def test_other_methods_and_chunked_bodies_get_a_json_error_naming_the_fix(server
     one it does, a chunked body (length unknown before reading) a 411 asking for Content-Length."""
     import http.client
 
-    for method, path, allowed in (("DELETE", "/v1/models", "GET"), ("PUT", "/v1/completions", "POST")):
+    def call(method, path):
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         try:
             connection.request(method, path)
             response = connection.getresponse()
-            payload = json.loads(response.read())
+            body = response.read()
         finally:
             connection.close()
-        assert response.status == 405 and response.getheader("Allow") == allowed
+        return response, (json.loads(body) if body else None)
+
+    for method, path, allowed in (("DELETE", "/v1/models", "GET"), ("PUT", "/v1/completions", "POST"),
+                                  ("GET", "/v1/completions", "POST"), ("POST", "/healthz", "GET"),
+                                  ("TRACE", "/v1/models", "GET"), ("FOO", "/v1/chat/completions", "POST")):
+        response, payload = call(method, path)
+        assert response.status == 405 and response.getheader("Allow") == allowed, (method, path)
         assert payload["error"]["code"] == "method_not_allowed" and f"use {allowed}" in payload["error"]["message"]
+    for method in ("GET", "PUT", "DELETE"):  # an unknown path is a 404 whatever the method
+        response, payload = call(method, "/nope")
+        assert response.status == 404 and payload["error"]["code"] == "not_found", method
+    response, payload = call("HEAD", "/v1/models")  # GET's status and headers, no body
+    assert response.status == 200 and payload is None and int(response.getheader("Content-Length")) > 0
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         body = json.dumps({"model": "engram", "prompt": "hi"}).encode()
