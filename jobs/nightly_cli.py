@@ -308,10 +308,12 @@ def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shar
     from pipeline.stats import StatsQueryError, query_stats
     from versions.store import StoreError, open_store
 
+    from versions.errors import PublishError
+
     try:
         table = query_stats(open_store(store, create=False), sql)
         text = _stats_text(table, as_json)
-    except (StatsQueryError, StoreError) as exc:
+    except (StatsQueryError, StoreError, PublishError) as exc:
         fail_json(as_json, str(exc), exit_code(exc), "queried")
     typer.echo(text)
 

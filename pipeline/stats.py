@@ -40,6 +40,7 @@ from schemas.manifest import Manifest, ShardEntry, stats_part_key
 from schemas.stats import STATS_SCHEMAS, queried_schema
 from versions.catalog import list_versions, read_current, read_manifest
 from versions.commit import write_verified_objects
+from versions.errors import IntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,12 @@ def query_stats(store, sql: str) -> pa.Table:
     connection = duckdb.connect(":memory:")
     try:
         filesystem, base_path = store.arrow_filesystem()
-        for table in STATS_SCHEMAS:
-            _create_view(connection, store, manifests, filesystem, base_path.rstrip("/"), table)
+        try:  # a local dataset checks its files here; one on S3 when the query reads them
+            for table in STATS_SCHEMAS:
+                _create_view(connection, store, manifests, filesystem, base_path.rstrip("/"), table)
+        except (OSError, pa.ArrowException) as err:
+            _raise_if_part_missing(store, manifests, err)
+            raise
         # The views read through Arrow datasets (registered above): the query itself needs no
         # files, so it gets none: no COPY ... TO, read_text('/etc/...'), ATTACH or INSTALL, and the
         # setting cannot be turned back on from the query.
@@ -153,9 +158,34 @@ def query_stats(store, sql: str) -> pa.Table:
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
             return fetch()
         except duckdb.Error as err:
+            if "IO" in str(err) or "exist" in str(err):
+                _raise_if_part_missing(store, manifests, err)
             raise StatsQueryError(f"stats query failed on {store.uri}: {err}\n  query: {sql}") from err
     finally:
         connection.close()
+
+
+def _raise_if_part_missing(store, manifests: list[Manifest], err: BaseException) -> None:
+    """IntegrityError naming the first stats part a manifest names that the store lacks: the store
+    is damaged, not the query (exit 1, not a query error's 2)."""
+    missing = _missing_part(store, manifests)
+    if missing is not None:
+        version, key = missing
+        raise IntegrityError(f"{store.uri}/{key}: missing (the manifest of v{version} references it as a stats "
+                             f"part); the query cannot be answered. If v{version} is current, roll back to a version "
+                             "whose stats are whole") from err
+
+
+def _missing_part(store, manifests: list[Manifest]) -> tuple[int, str] | None:
+    """(version, key) of the first stats part a manifest names that the store does not hold."""
+    for manifest in manifests:
+        for table in STATS_SCHEMAS:
+            keys = [k for parts, _ in _parts_by_seq(store, manifest, table).values() for k in parts]
+            scope_part = _scope_part(manifest, table)
+            for key in keys + ([scope_part] if scope_part else []):
+                if store.head(key) is None:
+                    return manifest.version, key
+    return None
 
 
 _LAYERED_TABLES = ("facts", "users")  # per-user tables whose rows a newer layer replaces

@@ -195,3 +195,24 @@ def test_stats_refuse_a_damaged_current_manifest_naming_it_rather_than_answer_wi
     (local_store.root / manifest.key).write_bytes(local_store.get(manifest.key)[:100])  # truncated at rest
     with pytest.raises((ManifestError, PublishError), match=manifest.key.split("/")[-1]):
         query_stats(local_store, "SELECT count(*) AS n FROM facts")
+
+
+def test_a_missing_stats_part_is_a_damaged_store_naming_the_part_not_a_bad_query(any_store):
+    """A part the manifest names was deleted behind the tool's back (on S3 too): the store is
+    damaged, not the SQL: IntegrityError naming the part and its version (exit 1 on the CLI),
+    not DuckDB's raw IOError as a query error (exit 2)."""
+    import json as json_module
+
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from versions.errors import IntegrityError
+
+    v1 = publish_stats(any_store, None, facts=facts(("a", "f", "ok", 0.1)))
+    key = v1.stats["facts"][0]
+    any_store.delete(key)
+    with pytest.raises(IntegrityError, match=rf"{key}: missing \(the manifest of v1 references it as a stats part\)"):
+        query_stats(any_store, "SELECT count(*) AS n FROM facts")
+    result = CliRunner().invoke(app, ["stats", "--store", any_store.uri, "--json", "select count(*) from facts"])
+    assert result.exit_code == 1
+    assert json_module.loads(result.stdout.strip().splitlines()[-1])["queried"] is False
