@@ -52,13 +52,16 @@ def read_pointer(store: ObjectStore) -> CurrentPointer | None:
         body, etag = store.get_with_etag(CURRENT_KEY)
     except ObjectNotFound:
         published = _published_without_pointer(store)
-        if published:
+        if not published:
+            return None
+        try:  # a first publish may have committed since CURRENT was read: then it is there now
+            body, etag = store.get_with_etag(CURRENT_KEY)
+        except ObjectNotFound:
             raise PublishError(
                 f"{store.uri}/{CURRENT_KEY} is missing, but the store holds published versions "
                 f"({', '.join(f'v{v}' for v in published[-5:])}): it is not a new store, and no writer may treat it "
                 f"as one (a new first version would drop its watermark, tombstones and forgets). Point CURRENT at "
                 f"the version to serve: engram rollback --store {store.uri} --to {published[-1]}") from None
-        return None
     try:
         raw = json.loads(body)
         version, key = raw["version"], raw["manifest_key"]
