@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.spec import NightlySpec, load_yaml
+from jobs.spec import NightlySpec, SpecError, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,18 @@ class SubmitResult:
     """PENDING / RUNNING right after submit; the terminal status (SUCCEEDED, FAILED, STOPPED) with --wait."""
     logs_tail: str = ""
     report: dict | None = None
-    """The job's NightlyReport (parsed from its last log line) once it succeeded."""
+    """The job's NightlyReport (parsed from its last log line) once it succeeded; a failed night's
+    failure object (``published: false, error, exit_code``)."""
+
+    @property
+    def error(self) -> str | None:
+        """Why a finished job did not succeed: its own error line, else its status."""
+        if self.status in ("PENDING", "RUNNING", "SUCCEEDED"):
+            return None
+        if self.report and self.report.get("error"):
+            return str(self.report["error"])
+        lines = [line for line in self.logs_tail.splitlines() if line.startswith("error:")]
+        return lines[-1][len("error:"):].strip() if lines else f"the job ended {self.status}; see its logs"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -300,8 +311,17 @@ def main() -> int:
     except yaml.YAMLError as exc:
         print(f"error: job spec from ${SPEC_ENV_VAR}: not valid YAML ({exc})", file=sys.stderr)
         return 2
-    spec = NightlySpec.from_dict(raw, source=f"job spec from ${SPEC_ENV_VAR}")
-    report = run_nightly(spec)
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # as `engram run nightly`: one line per failure
+    try:
+        spec = NightlySpec.from_dict(raw, source=f"job spec from ${SPEC_ENV_VAR}")
+        report = run_nightly(spec)
+    except Exception as exc:  # noqa: BLE001 - the job's boundary: one line and one JSON object, as the CLI
+        code = 2 if isinstance(exc, SpecError) else 1
+        message = f"{type(exc).__name__}: {exc}"
+        log.debug("the night failed", exc_info=True)
+        print(json.dumps({"published": False, "error": message, "exit_code": code}), flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
     print(json.dumps(report.to_dict(), default=str), flush=True)
     return 0
 

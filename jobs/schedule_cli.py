@@ -43,15 +43,21 @@ def submit(
         result = submit_spec(spec, address, wait=wait, wait_timeout_s=wait_timeout, connect_timeout_s=connect_timeout)
     except SubmitError as exc:
         _failed(as_json, str(exc), 2, "submitted")
+    failed = wait and result.status != "SUCCEEDED"
     if as_json:
-        typer.echo(json.dumps({"submitted": True, **result.to_dict()}, default=str))
+        out = {"submitted": True, **result.to_dict()}
+        if failed:  # the job ran and did not succeed: say why, as every --json failure object does
+            out.update(error=result.error, exit_code=1)
+        typer.echo(json.dumps(out, default=str))
     else:
         typer.echo(f"job {result.job_id} on {result.address}: {result.status}")
         if result.logs_tail:
             typer.echo(result.logs_tail)
         if not wait:
             typer.echo(f"follow it: ray job logs --address {result.address} --follow {result.job_id}")
-    if wait and result.status != "SUCCEEDED":
+    if failed:
+        if result.error:
+            typer.echo(f"error: job {result.job_id} {result.status}: {result.error}", err=True)
         raise typer.Exit(code=1)
 
 

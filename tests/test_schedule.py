@@ -232,6 +232,30 @@ def test_submit_and_schedule_json_say_what_happened(monkeypatch):
     assert out["scheduled"] is True and out["format"] == "crontab" and out["cron"] == "0 2 * * *" and out["text"]
 
 
+def test_a_submitted_night_that_fails_says_why_in_one_line_and_in_its_json(monkeypatch, tmp_path, capsys):
+    """The job's entrypoint prints the night's failure as one JSON object and one `error:` line (no
+    traceback); `engram submit --wait --json` carries that error and exit_code 1."""
+    from jobs import schedule
+    from jobs.schedule import SPEC_ENV_VAR, SubmitResult
+
+    spec = {"store": str(tmp_path / "store"), "fact_log": str(tmp_path / "no-such-log"), "model": str(tmp_path / "m"),
+            "workers": 0}
+    monkeypatch.setenv(SPEC_ENV_VAR, yaml.safe_dump(spec))
+    assert schedule.main() == 1
+    out, err = capsys.readouterr()
+    failure = json.loads(out.strip().splitlines()[-1])
+    assert failure["published"] is False and failure["exit_code"] == 1 and "no-such-log" in failure["error"]
+    assert err.startswith("error: ") and "Traceback" not in err
+
+    logs = out + err
+    monkeypatch.setattr("jobs.schedule_cli.submit_spec", lambda spec, address, **kw: SubmitResult(
+        "raysubmit_2", address, "FAILED", logs, schedule._last_json_line(logs)))
+    result = engram("submit", "--spec", str(EXAMPLE_SPEC), "--address", "http://head:8265", "--wait", "--json")
+    assert result.exit_code == 1
+    reported = json.loads(result.stdout)
+    assert reported["status"] == "FAILED" and reported["exit_code"] == 1 and reported["error"] == failure["error"]
+
+
 @pytest.fixture
 def ray_head(tmp_path_factory):
     """A real Ray head with its dashboard, in its own process group; torn down by that group only.
