@@ -771,6 +771,16 @@ def test_an_operator_forget_refuses_a_late_event_from_a_clock_running_ahead(tmp_
     assert rejects == [{"reason": "FORGOTTEN_USER", "user_id": None, "fact_id": None}]
 
 
+def _a_night_and_the_next_log(tmp_path, tiny_dir, local_store):
+    """(spec, night 1's rows, night 1's report), night 2's log written and not yet run."""
+    rows = fact_log_rows(6, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    first = run_nightly(spec)
+    write_fact_log(night_two_rows(rows), tmp_path / "log" / "day=2" / "part-0.parquet")
+    return spec, rows, first
+
+
 def test_a_night_whose_prior_objects_a_forget_beside_it_deleted_says_current_moved(tmp_path, tiny_dir, local_store,
                                                                                     monkeypatch):
     """`engram forget` run beside a night moves CURRENT and deletes the objects the night is reading:
@@ -780,11 +790,7 @@ def test_a_night_whose_prior_objects_a_forget_beside_it_deleted_says_current_mov
     from versions.errors import PublishConflict
     from versions.forget import forget_user
 
-    rows = fact_log_rows(6, 2)
-    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
-    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
-    first = run_nightly(spec)
-    write_fact_log(night_two_rows(rows), tmp_path / "log" / "day=2" / "part-0.parquet")
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
     real, calls = nightly.apply_shard, []
 
     def apply_beside_a_forget(ctx, shard, prior, *args):
@@ -802,7 +808,6 @@ def test_a_night_whose_prior_objects_a_forget_beside_it_deleted_says_current_mov
     assert run_nightly(spec).published
 
 
-
 def test_a_night_whose_stats_parts_a_forget_beside_it_deleted_says_current_moved(tmp_path, tiny_dir, local_store,
                                                                                    monkeypatch):
     """The same with the prior stats parts (read unverified, as ObjectNotFound): one line saying
@@ -811,11 +816,7 @@ def test_a_night_whose_stats_parts_a_forget_beside_it_deleted_says_current_moved
     from versions.errors import PublishConflict
     from versions.forget import forget_user
 
-    rows = fact_log_rows(6, 2)
-    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
-    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
-    first = run_nightly(spec)
-    write_fact_log(night_two_rows(rows), tmp_path / "log" / "day=2" / "part-0.parquet")
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
     real, calls = shards._read_part, []
 
     def read_beside_a_forget(*args, **kwargs):
