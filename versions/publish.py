@@ -217,7 +217,8 @@ def publish_entries(
     commit(store, manifest, pointer, event="publish", actor=job_id, hook=hook, version=manifest.version,
            parent=manifest.parent, manifest_key=manifest.key, changed_shards=sorted(entries), users=manifest.users,
            facts=manifest.facts)
-    log.info("%s: v%d is current (%d changed shards)", where, manifest.version, len(entries))
+    log.info("%s: v%d is current (%d shard entries written: deltas, fact state or stats; the others carried)", where,
+             manifest.version, len(entries))
     return manifest
 
 
