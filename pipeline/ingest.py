@@ -712,8 +712,8 @@ def _scalars_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def _float_text(value, kind: pa.DataType) -> str | None:
-    """Python's repr of a float, shortest at the column's width (a float32 0.1 is "0.1", not
-    0.10000000149011612), without a trailing ".0"; NaN is None (a missing value)."""
+    """A whole float as its integer ("42", "-0" as "0"); another as Python's repr, shortest at the
+    column's width (a float32 0.1 is "0.1", not 0.10000000149011612); NaN is None (a missing value)."""
     import numpy as np
 
     if value != value:  # NaN
@@ -722,9 +722,7 @@ def _float_text(value, kind: pa.DataType) -> str | None:
         return str(int(value))  # (float16 65504 is "65504", not the shortest "65500")
     if kind.bit_width < 64:  # the shortest digits that give back this float16/float32
         value = float(str({16: np.float16, 32: np.float32}[kind.bit_width](value)))
-    text = repr(float(value))
-    text = text[:-2] if text.endswith(".0") else text
-    return "0" if text == "-0" else text
+    return repr(float(value))  # not whole (or past 1e21): no ".0" to drop
 
 
 def _decode_each(chunk: pa.Array, name: str, offset: int, problems: list) -> pa.Array:
@@ -1277,14 +1275,10 @@ def _forgotten_rows(cols: dict, times: list, verdicts: list, tombstones: pa.Tabl
     rejected = {cols["user_id"][i] for i, verdict in enumerate(verdicts) if verdict is not None and cols["user_id"][i]}
     if not rejected:
         return set()
-    user_of_hash = {forgotten_id(u): u for u in rejected}
+    hashes = {u: forgotten_id(u) for u in rejected}
     forgets = tombstones.filter(pc.and_(pc.equal(tombstones.column("op"), F.OP_FORGET_USER),
-                                        pc.is_in(tombstones.column("user_hash"), pa.array(list(user_of_hash), pa.string()))))
-    forget_at: dict[str, int] = {}
-    for user_hash, time in zip(forgets.column("user_hash").to_pylist(),
-                               forgets.column("event_time").cast(pa.int64()).to_pylist()):
-        user = user_of_hash[user_hash]
-        forget_at[user] = max(time, forget_at.get(user, time))
+                                        pc.is_in(tombstones.column("user_hash"), pa.array(list(hashes.values()), pa.string()))))
+    forget_at = {u: t.forget_time for u, t in _tombstones_by_user(forgets, hashes).items()}
     return {i for i, verdict in enumerate(verdicts) if verdict is not None and cols["user_id"][i] in forget_at
             and (times[i] is None or times[i] <= forget_at[cols["user_id"][i]])}
 
