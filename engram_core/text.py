@@ -29,13 +29,15 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    (``"My dentist is Dr. " + "Akeredolu"``, ``"My dentist is Dr." + " Akeredolu"``) or when it
    put none between a trigger ending in a letter, digit or closing punctuation
    (``.,:;!?)]}%``) and an answer that opens a word: a letter or digit, a currency sign, an
-   opening bracket or quote (``' "`` before a letter or digit, not ``'s``, ``'re`` and the other
-   contractions), ``# ¿ ¡``, a signed number, or ``@`` that does not end an email address (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
+   opening bracket, a quote or apostrophe (``' " ’``) before a letter or digit (not ``'s``,
+   ``'re`` and the other contractions), ``# ¿ ¡``, an emoji, a signed number, or ``@`` that does
+   not end an email address (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
    ``"My budget is" + "$500"``, ``"class of" + "'98"``, ``"My handle is" + "@jane"``,
    ``"The low is" + "-5"``). Otherwise the two join without a space (``"My email is jane" +
    "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``), and always after a
    character of a script written without spaces between words (Chinese, Japanese, Thai, Lao,
-   Khmer, Myanmar, Tibetan) or CJK / full-width punctuation: ``"我住在" + "东京"`` is "我住在东京".
+   Khmer, Myanmar, Tibetan) or CJK / full-width punctuation: ``"我住在" + "东京"`` is "我住在东京"
+   (Hangul and full-width Latin letters are spaced; a unit sign such as ``°`` joins its number).
    Measured on the tiny model (tests/test_text.py): the natural prompt recalls the answer with
    this rule and not with the stored split.
 6. **Ids** (user_id, fact_id, scope) follow rules 1-3, with every format character removed
