@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--model", choices=["tiny", "d768"], default="tiny")
     ap.add_argument("--shards", type=int, default=64)
     ap.add_argument("--files", type=int, default=None, help="log files of night 1 (default: one per 50,000 facts)")
+    ap.add_argument("--apply-in-flight", type=int, default=None,
+                    help="the spec's apply_in_flight: apply tasks running at once (default: by the night's rows)")
     ap.add_argument("--cpus", type=int, default=None, help="CPUs of the Ray cluster (default: this machine's)")
     ap.add_argument("--facts-per-batch", type=int, default=None)
     ap.add_argument("--batches-per-chunk", type=int, default=None)
@@ -280,7 +282,7 @@ def main() -> None:
                TOKENIZERS_PARALLELISM="false")
     spec = {"store": str(root / "store"), "fact_log": str(root / "log"), "model": str(root / "model"),
             "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
-            "min_chunks": args.min_chunks or workers,
+            "min_chunks": args.min_chunks or workers, "apply_in_flight": args.apply_in_flight,
             "gpus_per_worker": 1 if gpu else 0,
             "compile": {"facts_per_batch": facts_per_batch, **dict(_override(o) for o in args.compile)}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -344,6 +346,7 @@ def main() -> None:
     out = {"model": args.model, "users": args.users, "facts_per_user": args.facts_per_user, "facts": facts,
            "files": files, "shards": args.shards, "gpus": args.gpus, "workers": workers, "changed": args.changed,
            "facts_per_batch": facts_per_batch, "batches_per_chunk": batches_per_chunk, "min_chunks": spec["min_chunks"],
+           "apply_in_flight": args.apply_in_flight,
            "setup_s": round(setup_s, 1),
            "compile": spec["compile"],
            "device": _device(), "nights": nights}

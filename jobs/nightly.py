@@ -221,6 +221,24 @@ def run_nightly(
         raise
 
 
+APPLY_MIN_IN_FLIGHT = 8
+APPLY_ROWS_PER_TASK = 4096
+
+
+def apply_in_flight(configured: int | None, rows: int, shards: int) -> int:
+    """Apply tasks in flight: ``configured`` (the job spec's ``apply_in_flight``) if given, else
+    ``max(APPLY_MIN_IN_FLIGHT, ceil(rows / APPLY_ROWS_PER_TASK))``; at most ``shards``, at least 1.
+    ``rows``: the night's new log rows (read). A Ray task needs a worker process, and a process's
+    start (Python, pyarrow, the pipeline's imports: 1-3 s of CPU each on a busy host) competes with
+    the compile actors' own start, which is the longest fixed cost of a small night; so a small
+    night's 64 light shards go through a few processes, a full night's all at once."""
+    if configured is not None:
+        want = configured
+    else:
+        want = max(APPLY_MIN_IN_FLIGHT, -(-rows // APPLY_ROWS_PER_TASK))
+    return max(1, min(shards, want))
+
+
 def _raise_if_current_moved(store, previous: Manifest | None, err: Exception) -> None:
     """A prior object missing or changed while CURRENT moved since the night began: another writer
     (an ``engram forget``, rollback or gc run beside the night) rewrote or deleted what the night was
@@ -346,7 +364,8 @@ class _Night:
             if UNROUTED in per_shard:
                 shards.append(UNROUTED)
             applies = {}
-            for shard in shards:
+
+            def submit_apply(shard: int) -> None:
                 pieces = per_shard.get(shard, [])
                 routed_shard = shard != UNROUTED
                 applies[shard] = runner.submit(
@@ -354,14 +373,14 @@ class _Night:
                     self.compact(shard)[1] if routed_shard else False,
                     [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
                     num_returns=3, what=f"apply shard {shard}")
-            order = list(applies)
-            self.bar.start("apply shards", len(order))
-            for k in runner.completed([applies[s][0] for s in order]):
-                shard = order[k]
+
+            window = apply_in_flight(spec.apply_in_flight, timer.items["read"], len(shards))
+            self.bar.start("apply shards", len(shards))
+            for shard in runner.windowed(shards, submit_apply, lambda s: applies[s][0], window):
                 self.applied[shard] = runner.get(applies[shard][0], f"apply shard {shard}")
                 self.bar.advance("apply shards")
             del handles  # the log's rows are no longer needed once every shard has taken its own
-            timer.items["apply"] = len(order)
+            timer.items["apply"] = len(shards)
 
         routed = {s: a for s, a in self.applied.items() if s != UNROUTED}
         changes = {s: applies[s][1] for s in routed}  # shard -> handle of its ShardChanges

@@ -43,6 +43,13 @@ class NightlySpec:
     to the number of compile workers, e.g. GPUs, so that a small night, 5% of users changed, keeps
     every worker busy). The plan depends on the night's facts and the spec alone, never on the
     cluster, so a resumed or re-run night with the same spec compiles the same chunks."""
+    apply_in_flight: int | None = None
+    """Apply tasks (one per changed shard) running at once. None: as many as the night's new rows
+    need, ``max(8, ceil(rows / 4096))`` up to the number of shards: a night of 2,500 new rows
+    over 64 shards starts 8 Ray worker processes, not one per CPU, so that their start (imports
+    of pyarrow and the pipeline, seconds each on a busy host) does not slow the compile actors'
+    own start, the longest fixed cost of a small night; a full night's are all in flight. A
+    number: at most that many."""
     ray_address: str | None = None
     """None = a local Ray cluster; else a cluster address (e.g. ray://head:10001 or auto)."""
     recompile_all: bool = False
@@ -74,6 +81,10 @@ class NightlySpec:
             raise SpecError(f"job spec: field 'batches_per_chunk' must be a positive int, got {self.batches_per_chunk!r}")
         if not isinstance(self.min_chunks, int) or isinstance(self.min_chunks, bool) or self.min_chunks < 1:
             raise SpecError(f"job spec: field 'min_chunks' must be a positive int, got {self.min_chunks!r}")
+        if self.apply_in_flight is not None and (not isinstance(self.apply_in_flight, int)
+                                                 or isinstance(self.apply_in_flight, bool) or self.apply_in_flight < 1):
+            raise SpecError(f"job spec: field 'apply_in_flight' must be a positive int or null (by the night's rows), "
+                            f"got {self.apply_in_flight!r}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise SpecError(f"job spec: field 'workers' must be an int >= 0, got {self.workers!r}")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:

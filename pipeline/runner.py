@@ -40,6 +40,21 @@ def _named(error: BaseException, what: str) -> BaseException:
     return error
 
 
+def _windowed(runner, items: Sequence, submit: Callable[[Any], None], handle_of: Callable[[Any], Any],
+              window: int) -> Iterator[Any]:
+    """Submit ``submit(item)`` for each of ``items`` with at most ``window`` in flight, yielding
+    each item as its handle (``handle_of(item)``) is ready, and submitting the next in its place."""
+    pending = deque(items)
+    in_flight: list = []
+    while pending or in_flight:
+        while pending and len(in_flight) < max(1, window):
+            item = pending.popleft()
+            submit(item)
+            in_flight.append(item)
+        k = next(iter(runner.completed([handle_of(item) for item in in_flight])))
+        yield in_flight.pop(k)
+
+
 class LocalRunner:
     """Runs every stage in this process, in submission order."""
 
@@ -55,6 +70,11 @@ class LocalRunner:
     def completed(self, handles: Sequence[Any]) -> Iterator[int]:
         """Indices of ``handles`` as their results are ready (here: in order)."""
         yield from range(len(handles))
+
+    def windowed(self, items: Sequence, submit: Callable[[Any], None], handle_of: Callable[[Any], Any],
+                 window: int) -> Iterator[Any]:
+        """``submit(item)`` for each item, at most ``window`` in flight; yields items as they finish."""
+        return _windowed(self, items, submit, handle_of, window)
 
     def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None,
                      check_users: int = 0):
@@ -137,6 +157,12 @@ class RayRunner:
         while pending:
             done, pending = self.ray.wait(pending, num_returns=1)
             yield index[done[0]]
+
+    def windowed(self, items: Sequence, submit: Callable[[Any], None], handle_of: Callable[[Any], Any],
+                 window: int) -> Iterator[Any]:
+        """``submit(item)`` for each item with at most ``window`` tasks in flight (so the cluster
+        starts no more worker processes for them than that); yields items as they finish."""
+        return _windowed(self, items, submit, handle_of, window)
 
     def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None,
                      check_users: int = 0):

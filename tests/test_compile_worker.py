@@ -10,7 +10,7 @@ import pytest
 
 from engram_core.compiler import CompileOptions
 from jobs.nightly import run_nightly
-from jobs.spec import NightlySpec
+from jobs.spec import NightlySpec, SpecError
 from jobs.synthetic import fact_log_rows, write_fact_log
 from pipeline.compile import CHUNK_SECONDS, ChunkSlice, CompileWorker
 from pipeline.shards import ShardChanges
@@ -206,3 +206,24 @@ def test_chunk_checkpoints_are_written_behind_the_compile_and_flushed(tiny_dir, 
     assert len(local_store.list(ChunkCheckpoints.PREFIX)) == 2  # its bundle and its results
     again, resumed = compile_with(worker, FACTS)  # the same chunk again (a resumed night): read back, not compiled
     assert again.resumed and not meta.resumed and resumed.equals(bundle)
+
+
+@pytest.mark.parametrize("configured, rows, shards, expected", [
+    (None, 2_500, 64, 8),  # a small night: the floor, not one process per CPU
+    (None, 1_000_000, 64, 64),  # a full night: every shard at once
+    (None, 100_000, 64, 25),  # ceil(100,000 / 4,096)
+    (None, 0, 3, 3),  # never more than the shards
+    (None, 10, 0, 1),  # at least one
+    (2, 1_000_000, 64, 2),  # the spec's number wins
+    (100, 10, 64, 64),
+])
+def test_apply_tasks_in_flight_follow_the_nights_rows(configured, rows, shards, expected):
+    from jobs.nightly import apply_in_flight
+
+    assert apply_in_flight(configured, rows, shards) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "8"])
+def test_a_bad_apply_in_flight_is_refused_naming_the_field(bad):
+    with pytest.raises(SpecError, match="apply_in_flight"):
+        NightlySpec(store="s", fact_log="l", model="m", apply_in_flight=bad)

@@ -161,3 +161,46 @@ def test_a_shard_that_fails_fails_the_night_naming_it_before_anything_is_committ
     assert store.list("manifests/") == [manifest.key]  # nothing half-published
     users = bundle_deltas(load_shard_bundle(store, manifest.shard(1 - entry.shard)))
     assert users  # the other shard still reads
+
+
+def _spans(paths) -> list[tuple[float, float]]:
+    return sorted(tuple(map(float, p.read_text().split())) for p in paths)
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    return max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+
+
+def test_windowed_submission_keeps_at_most_the_window_in_flight(ray_cluster, tmp_path):
+    from pipeline.runner import RayRunner
+
+    def span(path: str, pause: float) -> str:  # a Ray task that records when it ran
+        start = time.time()
+        time.sleep(pause)
+        with open(path, "w") as f:
+            f.write(f"{start} {time.time()}")
+        return path
+
+    runner = RayRunner()
+    most = {}
+    for window in (1, 2):
+        handles: dict[int, object] = {}
+        paths = [tmp_path / f"w{window}-{i}" for i in range(8)]
+        done = list(runner.windowed(range(8), lambda i: handles.__setitem__(i, runner.submit(span, str(paths[i]), 0.5)),
+                                    lambda i: handles[i], window))
+        assert sorted(done) == list(range(8))  # every item once
+        assert [runner.get(handles[i]) for i in range(8)] == [str(p) for p in paths]
+        most[window] = _most_at_once(_spans(paths))
+    assert most[1] == 1  # never two at once
+    assert most[2] == 2  # the cluster's 2 CPUs ran two at once: the window, not the cluster, held the first run
+
+
+def test_a_night_with_one_apply_task_in_flight_publishes_what_the_default_does(ray_cluster, tmp_path, tiny_dir):
+    rows = fact_log_rows(12, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    specs = {name: NightlySpec(store=str(tmp_path / name), fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                               num_shards=6, workers=1, apply_in_flight=window)
+             for name, window in (("one", 1), ("default", None))}
+    reports = {name: run_nightly(spec) for name, spec in specs.items()}
+    assert reports["one"].published and reports["one"].facts_ok == len(rows)
+    assert read_current(LocalStore(tmp_path / "one"))[0].shards == read_current(LocalStore(tmp_path / "default"))[0].shards
