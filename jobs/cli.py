@@ -63,19 +63,44 @@ def run() -> None:
     from versions.errors import PublishError
     from versions.store import StoreError
 
+    args = sys.argv[1:]
+    command = next((a for a in args if not a.startswith("-")), "")
+    key = JSON_FAILURE_KEYS.get(command, "ok")
     try:
-        app()
+        if "--json" in args:
+            _run_for_json(key)
+        else:
+            app()
     except (PublishError, StoreError, ValueError, OSError, pa.ArrowException) as exc:
-        args = sys.argv[1:]
         if "-v" in args or "--verbose" in args:
             raise
         message = f"{type(exc).__name__}: {exc}"
         if "--json" in args:
-            command = next((a for a in args if not a.startswith("-")), "")
-            key = JSON_FAILURE_KEYS.get(command, "ok")
             print(json.dumps({key: False, "error": message, "exit_code": 1}), flush=True)
         print(f"error: {message} (run with -v for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _run_for_json(key: str) -> None:
+    """The app for a command line holding ``--json``: a command line that cannot be parsed (an
+    unknown option, a missing required one, a value of the wrong type) also prints the failure
+    object, ``{key: false, "error": "usage: ...", "exit_code": 2}``, before click's usage message
+    on stderr, so a script reading stdout gets one JSON object whatever went wrong."""
+    import json
+    import sys
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's UsageError, BadParameter, NoSuchOption, MissingParameter, ...
+        exit_code = getattr(exc, "exit_code", 1)
+        print(json.dumps({key: False, "error": f"usage: {exc.format_message()}", "exit_code": exit_code}), flush=True)
+        exc.show()
+        sys.exit(exit_code)
+    except typer.Abort:  # Ctrl-C at a prompt: as click's own main
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(code, int) and not isinstance(code, bool):  # typer.Exit(code) returns it outside standalone mode
+        sys.exit(code)
 
 
 if __name__ == "__main__":

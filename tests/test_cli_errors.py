@@ -382,3 +382,30 @@ def test_a_config_or_chat_template_that_is_not_utf8_is_named_not_a_codec_error(t
     template.write_bytes("{{ messages[0]['content'] }} \u00e9".encode("latin-1"))
     with pytest.raises(ValueError, match=f"chat template {template}: not UTF-8 text \\(byte 0xe9"):
         ChatTemplate(tiny.tokenizer, template)
+
+
+def test_a_command_line_that_cannot_be_parsed_with_json_still_prints_one_json_object(tmp_path):
+    """The console script (jobs.cli.run), as a user runs it: an unknown option, a missing argument
+    or option, a value of the wrong type, each with --json: one failure object on stdout (exit 2)
+    and click's usage message on stderr; without --json, stdout stays empty."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+
+    cases = [(["run", "nightly", "--json", "--bogus"], "published", "No such option: --bogus"),
+             (["stats", "--json"], "queried", "Missing argument"),
+             (["gc", "--json", "--store", str(tmp_path), "--keep", "abc"], "collected", "'--keep'"),
+             (["versions", "--json"], "listed", "Missing option '--store'")]
+    for args, key, message in cases:
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        out = json.loads(result.stdout)
+        assert out[key] is False and out["exit_code"] == 2 and message in out["error"], (args, out)
+        assert "Usage: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+        plain = cli(*[a for a in args if a != "--json"])
+        assert plain.returncode == 2 and plain.stdout == "" and "Usage: " in plain.stderr
+    helped = cli("versions", "--json", "--help")  # --help is not a failure
+    assert helped.returncode == 0 and "Usage: " in helped.stdout and "exit_code" not in helped.stdout
