@@ -31,7 +31,9 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    (``.,:;!?)]}%``) and an answer that opens a word: a letter or digit, a currency sign, an
    opening bracket, a quote or apostrophe (``' " ’``) before a letter or digit (not ``'s``,
    ``'re`` and the other contractions), ``# ¿ ¡``, an emoji, a signed number, or ``@`` that does
-   not end an email address (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
+   not end an email address (``@name.domain`` after a word ends one, unless that word is a
+   function word or a handle's name, ``"My Instagram is" + "@jane.doe"``)
+   (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
    ``"My budget is" + "$500"``, ``"class of" + "'98"``, ``"My handle is" + "@jane"``,
    ``"The low is" + "-5"``). Otherwise the two join without a space (``"My email is jane" +
    "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``), and always after a
@@ -148,6 +150,17 @@ _QUOTES = frozenset("\"'\u2019")  # U+2019: the apostrophe word processors write
 # ("'s-Hertogenbosch" is a name that opens a word)
 _CONTRACTION = re.compile("['\u2019](s|re|ll|d|ve|m|t)\\b(?!-)", re.IGNORECASE)
 _EMAIL_DOMAIN = re.compile(r"@[\w-]+(\.[\w-]+)+\b")
+# Last words of a trigger that are never an address's local part: "My Instagram is" + "@jane.doe"
+# and "find me on" + "@jane.doe" open a handle, where "My email is jane" + "@example.org" ends an
+# address. Function words (English and a few common others) and the names of handles and networks.
+_BEFORE_A_HANDLE = frozenset("""
+    is are was were am be been being has have had will would at as to on in by via of for from with
+    me my our your his her their its the a an and or called named
+    handle handles username usernames user name nickname account profile id tag gamertag alias
+    instagram twitter tiktok threads telegram github gitlab mastodon bluesky discord reddit snapchat
+    youtube twitch linkedin facebook slack signal skype keybase
+    ist es est är er jest è é
+""".split())
 
 
 def _unspaced(char: str) -> bool:
@@ -164,9 +177,9 @@ def _opens_word(char: str) -> bool:
     return unicodedata.category(char) in ("Sc", "Ps", "Pi") or 0x1F000 <= code <= 0x1FAFF or 0x2600 <= code <= 0x27BF
 
 
-def _space_between(trigger_end: str, answer: str) -> bool:
+def _space_between(trigger: str, answer: str) -> bool:
     """Rule 5 when the log put no whitespace at the boundary."""
-    start = answer[0]
+    start, trigger_end = answer[0], trigger[-1]
     if _unspaced(trigger_end) or not (trigger_end.isalnum() or trigger_end in _WORD_END_PUNCTUATION):
         return False
     if start in _QUOTES:  # an opening quote (a word or a number follows), not a closing one or "'s"
@@ -175,9 +188,13 @@ def _space_between(trigger_end: str, answer: str) -> bool:
         return True
     if start in "-+\u2212":  # a signed number: "The low is" + "-5"
         return answer[1:2].isdecimal()
-    # "My handle is" + "@jane" opens a word; "My email is jane" + "@example.org" ends an address
-    # (a handle with a dot after a word, "@jane.doe", reads as an address's end too)
-    return start == "@" and not (trigger_end.isalnum() and _EMAIL_DOMAIN.match(answer))
+    # "My handle is" + "@jane" opens a word; "My email is jane" + "@example.org" ends an address,
+    # unless the trigger's last word is one no address starts with ("My Instagram is" + "@jane.doe")
+    if start != "@":
+        return False
+    if not (trigger_end.isalnum() and _EMAIL_DOMAIN.match(answer)):
+        return True
+    return trigger.rsplit(None, 1)[-1].lower() in _BEFORE_A_HANDLE
 
 
 def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
@@ -191,6 +208,6 @@ def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
     trigger, answer = canonical_text(trigger), canonical_text(answer)
     spaced = trigger[-1:].isspace() or answer[:1].isspace()
     trigger, answer = trigger.strip(), answer.strip()
-    if trigger and answer and (spaced or _space_between(trigger[-1], answer)):
+    if trigger and answer and (spaced or _space_between(trigger, answer)):
         answer = " " + answer
     return trigger, answer

@@ -61,6 +61,11 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("Su pregunta es", "¿Qué?", ("Su pregunta es", " ¿Qué?")),
     ("My handle is", "@jane_doe", ("My handle is", " @jane_doe")),
     ("Handle:", "@jane", ("Handle:", " @jane")),
+    # a handle with a dot after a word no address starts with; an address's end after its local part
+    ("My Instagram is", "@jane.doe", ("My Instagram is", " @jane.doe")),
+    ("You can find me on Twitter as", "@jane.doe_99", ("You can find me on Twitter as", " @jane.doe_99")),
+    ("Mein Instagram ist", "@jane.doe", ("Mein Instagram ist", " @jane.doe")),
+    ("Write to jane.doe", "@example.co.uk", ("Write to jane.doe", "@example.co.uk")),
     ("The list is", "- milk", ("The list is", "- milk")),
     ("My dog", "'s name is Rex", ("My dog", "'s name is Rex")),  # contractions and closing quotes join
     ("They", "'re in Oslo", ("They", "'re in Oslo")),
