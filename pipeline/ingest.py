@@ -53,6 +53,7 @@ import inspect
 import logging
 import math
 import os
+import unicodedata
 import urllib.parse
 import uuid
 import re
@@ -366,6 +367,8 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
             continue
         for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
             relative = entry.path[len(path):].lstrip("/")
+            if entry.type == pafs.FileType.File and (table := _table_format(relative.split("/"))):
+                raise _table_format_error(prefix + "/".join(p for p in (path, table[0]) if p), table[1])
             if entry.type != pafs.FileType.File or _is_hidden(relative):
                 continue
             yield fs, entry.path, prefix + entry.path
@@ -428,6 +431,10 @@ class _LocalListing:
         except OSError as err:
             raise FactLogError(f"fact log {folder}: cannot list this folder ({err})") from None
         for entry in entries:
+            if entry.name in _TABLE_LOGS and entry.is_dir():
+                raise _table_format_error(folder, _TABLE_LOGS[entry.name])
+            if entry.name.endswith(".metadata.json") and os.path.basename(folder) == "metadata":
+                raise _table_format_error(os.path.dirname(folder), "an Apache Iceberg table")
             if _is_hidden(entry.name):
                 continue
             link = entry.is_symlink()
@@ -455,7 +462,35 @@ class _LocalListing:
 
 
 def _is_hidden(relative_path: str) -> bool:
-    return any(part.startswith(("_", ".")) for part in relative_path.split("/"))
+    """Not data by the writers' conventions: names starting with ``_`` or ``.`` (``_SUCCESS``,
+    ``_temporary/``, ``.crc`` checksums) and Hadoop's folder markers (``day=1_$folder$``, the
+    empty objects EMRFS and s3n write for a folder)."""
+    return any(part.startswith(("_", ".")) or part.endswith("_$folder$") for part in relative_path.split("/"))
+
+
+# Folders that make their parent a table of a table format, whose data files are not the table:
+# a delete or update adds files and marks old ones removed in the log, so plain reading of the
+# Parquet files serves deleted rows again and keeps replaced ones beside their replacements.
+_TABLE_LOGS = {"_delta_log": "a Delta Lake table", ".hoodie": "an Apache Hudi table"}
+
+
+def _table_format(parts: list[str]) -> tuple[str, str] | None:
+    """(the table's folder, what it is) when a listed path's ``parts`` (relative to the source, the
+    file last) lie in a table format's log (Delta Lake ``_delta_log/``, Hudi ``.hoodie/``) or in an
+    Iceberg table's ``metadata/`` (its ``*.metadata.json``); else None."""
+    for i, part in enumerate(parts[:-1]):
+        if part in _TABLE_LOGS:
+            return "/".join(parts[:i]), _TABLE_LOGS[part]
+    if len(parts) >= 2 and parts[-2] == "metadata" and parts[-1].endswith(".metadata.json"):
+        return "/".join(parts[:-2]), "an Apache Iceberg table"
+    return None
+
+
+def _table_format_error(folder: str, what: str) -> FactLogError:
+    return FactLogError(
+        f"fact log {folder}: {what}; its Parquet files still hold the rows the table has deleted or replaced, "
+        "so they cannot be read as a fact log. Export the table's current snapshot as plain Parquet files (e.g. "
+        "with DuckDB or the table format's own reader) into a folder of its own and point fact_log at that")
 
 
 def _read_one(fs: pafs.FileSystem, path: str, display: str):
@@ -475,6 +510,10 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display).items() if k not in present}
             if problem := _column_problem(present + list(partitions)):
+                if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
+                    logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
+                                   problem)
+                    return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
                 return size, None, (F.SCHEMA_MISMATCH, problem)
             table = parquet.read(columns=[name for name in present if name in F.FACT_LOG_SCHEMA.names])
             # Parquet's INTERVAL (DuckDB writes its INTERVAL so) reads as 12 raw bytes: never text or a time
@@ -529,11 +568,33 @@ def _column_problem(present: list[str]) -> str | None:
     missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in present]
     if not missing:
         return None
-    fold = {name.replace("_", "").replace("-", "").replace(" ", "").lower(): name for name in present}
-    near = fold.get(missing[0].replace("_", "").lower())
-    hint = f"; column names are case-sensitive: rename {near!r} to {missing[0]!r}" if near else ""
+    fold = {_folded_name(name): name for name in present}
+    near = fold.get(_folded_name(missing[0]))
+    hint = f"; {_near_miss(near, missing[0])}" if near else ""
     shown = present[:20] + ([f"... {len(present) - 20} more"] if len(present) > 20 else [])
     return f"missing required column {missing[0]!r} (the file's columns: {shown}){hint}"
+
+
+def _folded_name(name: str) -> str:
+    """A column name's letters and digits, NFKC and case-folded: ``USER_ID``, ``userId``,
+    ``user-id``, ``'user_id '`` and a BOM-prefixed ``'\ufeffuser_id'`` all fold to ``userid``."""
+    return "".join(c for c in unicodedata.normalize("NFKC", name) if c.isalnum()).casefold()
+
+
+def _near_miss(near: str, wanted: str) -> str:
+    """Why ``near`` is not the column ``wanted``, and the rename."""
+    hidden = sorted({f"U+{ord(c):04X}" for c in near if unicodedata.category(c) in ("Cf", "Cc", "Zs", "Zl", "Zp")
+                     or c.isspace()})
+    if "U+FEFF" in hidden:
+        why = ("the name starts with an invisible byte-order mark (U+FEFF: a CSV with a BOM read without "
+               "encoding='utf-8-sig')")
+    elif hidden:
+        why = f"the name holds invisible or space characters ({', '.join(hidden)})"
+    elif near.lower() == wanted:
+        why = "column names are case-sensitive"
+    else:
+        why = "column names are matched exactly"
+    return f"{why}: rename {near!r} to {wanted!r}"
 
 
 # --- Normalising ----------------------------------------------------------------------------

@@ -85,6 +85,8 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
     by_name = {c.name: c for c in FILE_CASES}
     for name, message in (("uppercase_column_names", "the file's columns: ['USER_ID', 'FACT_ID'"),
                           ("uppercase_column_names", "column names are case-sensitive: rename 'USER_ID' to 'user_id'"),
+                          ("bom_in_first_column_name", "invisible byte-order mark (U+FEFF: a CSV with a BOM read "
+                                                       "without encoding='utf-8-sig'): rename '\\ufeffuser_id' to 'user_id'"),
                           ("answer_column_twice", "column 'answer' appears 2 times; keep one"),
                           ("decimal_user_id_with_decimal_places", "2 decimal places cannot be an id")):
         folder = tmp_path / name
@@ -340,6 +342,11 @@ def test_a_file_with_no_rows_is_read_as_empty_whatever_its_column_types(on_bad_f
     pq.write_table(table({}), tmp_path / "one.parquet")
     batch = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
     assert batch.rows.num_rows == 1 and batch.file_rejects.num_rows == 0 and len(batch.files) == 2
+    # ... and whatever its columns: an empty day's pd.DataFrame([]).to_parquet() (or polars') has none
+    pq.write_table(pa.table({}), tmp_path / "no-columns.parquet")
+    pq.write_table(pa.table({"note": pa.array([], pa.string())}), tmp_path / "other-columns.parquet")
+    batch = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
+    assert batch.rows.num_rows == 1 and batch.file_rejects.num_rows == 0 and len(batch.files) == 4
     # a file with rows and the same wrong types is still refused, naming the column
     pq.write_table(pa.table({name: pa.array([1.0], pa.float64()) for name in RAW_SCHEMA.names}), tmp_path / "bad.parquet")
     if on_bad_file == "raise":
@@ -493,7 +500,31 @@ def test_marker_and_hidden_files_are_not_read(tmp_path):
     pq.write_table(table({}), tmp_path / "part-0.parquet")
     (tmp_path / "_SUCCESS").write_bytes(b"")
     (tmp_path / ".part-0.parquet.crc").write_bytes(b"junk")
+    (tmp_path / "day=2026-11-18_$folder$").write_bytes(b"")  # Hadoop's folder marker (EMRFS, s3n)
     assert [Path(f.path).name for f in read_fact_log(str(tmp_path)).files] == ["part-0.parquet"]
+
+
+@pytest.mark.parametrize("marker, what", [
+    ("_delta_log/00000000000000000000.json", "a Delta Lake table"),
+    (".hoodie/hoodie.properties", "an Apache Hudi table"),
+    ("metadata/00001-5f3c.metadata.json", "an Apache Iceberg table"),
+])
+def test_a_table_formats_folder_is_refused_naming_it_not_read_as_plain_files(tmp_path, marker, what):
+    """A Delta table after a delete and an update: its folder still holds the files the table log
+    removed, so reading its Parquet files served the deleted fact again and turned the update into a
+    conflict. Refused, naming the table's folder and the fix, under both on_bad_file settings."""
+    log = tmp_path / "log"
+    table_dir = log / "day=2026-11-20" / "facts"
+    table_dir.mkdir(parents=True)
+    pq.write_table(table({"fact_id": "a"}), table_dir / "part-00000.parquet")
+    (table_dir / marker).parent.mkdir(parents=True)
+    (table_dir / marker).write_text("{}")
+    pq.write_table(table({"fact_id": "b"}), log / "day=2026-11-19.parquet")
+    for on_bad_file in ("raise", "reject"):
+        with pytest.raises(FactLogError, match=re.escape(f"fact log {table_dir}: {what}")) as refused:
+            read_fact_log(str(log), on_bad_file=on_bad_file)
+        assert "current snapshot as plain Parquet" in str(refused.value)
+    assert len(read_fact_log(str(log / "day=2026-11-19.parquet")).files) == 1  # the plain file beside it reads
 
 
 def _log_with_one_file(tmp_path) -> Path:
@@ -613,6 +644,12 @@ def test_s3_keys_with_spaces_and_percent_escapes_are_listed_and_read_as_written(
         list_log_files(f"s3://{s3_bucket}/spark//hour=x")
     # a fact log named by a key with a space is found too
     assert len(list_log_files(f"s3://{s3_bucket}/spark/hour=2026-11-29 08%3A00%3A00")) == 1
+    # Hadoop's folder markers (EMRFS, s3n) are not data; a Delta table's folder is refused, naming it
+    client.put_object(Bucket=s3_bucket, Key="spark/hour=x_$folder$", Body=b"")
+    assert [f.path for f in list_log_files(f"s3://{s3_bucket}/spark")] == sorted(f"s3://{s3_bucket}/{k}" for k in keys)
+    client.put_object(Bucket=s3_bucket, Key="spark/facts/_delta_log/00000000000000000000.json", Body=b"{}")
+    with pytest.raises(FactLogError, match=re.escape(f"fact log s3://{s3_bucket}/spark/facts: a Delta Lake table")):
+        list_log_files(f"s3://{s3_bucket}/spark")
 
 
 # --- Applying events ------------------------------------------------------------------------
