@@ -27,19 +27,17 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    after a trigger that ends in a space token. So the answer is stripped of leading whitespace
    and gets exactly one leading space when the fact log put whitespace at the boundary
    (``"My dentist is Dr. " + "Akeredolu"``, ``"My dentist is Dr." + " Akeredolu"``) or when it
-   put none between a trigger ending in a letter, digit or closing punctuation
-   (``.,:;!?)]}%``) and an answer that opens a word: a letter or digit, a currency sign, an
-   opening bracket, a quote or apostrophe (``' " ’``) before a letter or digit (not ``'s``,
-   ``'re`` and the other contractions), ``# ¿ ¡``, an emoji, a signed number, or ``@`` that does
-   not end an email address (``@name.domain`` after a word ends one, unless that word is a
-   function word or a handle's name, ``"My Instagram is" + "@jane.doe"``)
-   (``"...city of" + "Lisbon"`` is "...city of Lisbon", not "...ofLisbon";
-   ``"My budget is" + "$500"``, ``"class of" + "'98"``, ``"My handle is" + "@jane"``,
-   ``"The low is" + "-5"``). Otherwise the two join without a space (``"My email is jane" +
-   "@example.org"``, ``"Flight AB-" + "1234"``, ``"costs $" + "12"``), and always after a
-   character of a script written without spaces between words (Chinese, Japanese, Thai, Lao,
-   Khmer, Myanmar, Tibetan) or CJK / full-width punctuation: ``"我住在" + "东京"`` is "我住在东京"
-   (Hangul and full-width Latin letters are spaced; a unit sign such as ``°`` joins its number).
+   put none after a word's end (:func:`_word_end`: a letter, digit or combining mark, ``.,:;!?%``,
+   a closing bracket or quote, a dash or math sign standing alone), unless the answer's first
+   character belongs to the word before (:func:`_attaches_left`: a closing bracket or quote, a
+   contraction, ``.,;:!?`` not opening a word, a unit sign, a hyphen before a letter, ``@`` ending
+   an email address). A fact log splits a sentence where the value starts: ``"...city of" +
+   "Lisbon"`` is "...city of Lisbon", and ``"$500"``, ``"'98"``, ``"@jane"``, ``"-5"``, ``"- socks"``,
+   ``".NET"``, ``"§ 12"``, ``"〒150"``, an emoji open words too; ``"My email is jane" +
+   "@example.org"``, ``"25" + "°C"``, ``"Flight AB-" + "1234"`` and ``"costs $" + "12"`` join.
+   Never after a character of a script written without spaces between words (Chinese, Japanese,
+   Thai, Lao, Khmer, Myanmar, Tibetan) or CJK / full-width punctuation: ``"我住在" + "东京"`` is
+   "我住在东京" (Hangul and full-width Latin letters are spaced).
    Measured on the tiny model (tests/test_text.py): the natural prompt recalls the answer with
    this rule and not with the stored split.
 6. **Ids** (user_id, fact_id, scope) follow rules 1-3, with every format character removed
@@ -141,10 +139,11 @@ def canonical_id(value: str) -> str:
 _UNSPACED = ((0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0x312F),
              (0x3190, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFE30, 0xFE4F),
              (0xFF01, 0xFF0F), (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF9F), (0x20000, 0x3FFFF))
-# Answer starts that open a word after a word of the trigger (with a letter or digit, and any
-# currency sign or opening bracket or quote): "costs" + "$12", "motto is" + '"carpe diem"',
-# "class of" + "'98", "Room" + "#12", "¿" and "¡".
-_WORD_START_PUNCTUATION = frozenset("#¿¡")
+# Answer starts that belong to the word before them (see _attaches_left); every other character
+# opens a word after a word's end: letters, digits, "$12", '"carpe diem"', "'98", "#12", "¿",
+# "- socks", ".NET", "~5 km", "/r/python", "§ 12", "№ 5", "≈ 3", "〒150-0002", an emoji.
+_SENTENCE_PUNCTUATION = frozenset(".,;:!?")
+_UNIT_SIGNS = frozenset("%\u2030\u2031\u00b0\u2103\u2109\u2032\u2033")  # % ‰ ‱ ° ℃ ℉ ′ ″: after their number
 _QUOTES = frozenset("\"'\u2019")  # U+2019: the apostrophe word processors write
 # "My dog" + "'s name" and "They" + "'re here" join: an apostrophe that ends a word, not a quote
 # ("'s-Hertogenbosch" is a name that opens a word)
@@ -168,33 +167,51 @@ def _unspaced(char: str) -> bool:
     return code >= 0x0E00 and any(low <= code <= high for low, high in _UNSPACED)
 
 
-def _opens_word(char: str) -> bool:
-    """A letter or digit, a currency sign, an opening bracket or quote, # ¿ ¡, or an emoji (the
-    pictographic blocks; not ° or ©, which follow a number or word without a space)."""
-    if char.isalnum() or char in _WORD_START_PUNCTUATION:
+def _word_end(trigger: str) -> bool:
+    """Whether the trigger ends where a new word may follow: a letter or digit (a combining mark
+    too: Hindi "है" ends in a vowel sign), closing punctuation (``.,:;!?%``, brackets, closing
+    quotes), or a dash or math sign standing alone after a space ("Мой врач —", "Total ="). Not
+    after a character that attaches to what follows ("costs $", "Flight AB-", "Room #", an
+    opening quote) or one of a script written without spaces between words."""
+    end = trigger[-1]
+    if _unspaced(end):
+        return False
+    category = unicodedata.category(end)
+    if end.isalnum() or category in ("Mn", "Mc", "Me", "Lm", "Pe", "Pf") or end in _WORD_END_PUNCTUATION:
         return True
-    code = ord(char)
-    return unicodedata.category(char) in ("Sc", "Ps", "Pi") or 0x1F000 <= code <= 0x1FAFF or 0x2600 <= code <= 0x27BF
+    alone = len(trigger) >= 2 and trigger[-2].isspace()
+    if end in _QUOTES:  # closing after a word ('He says "hi"'), opening after a space ('motto is "')
+        return len(trigger) >= 2 and not alone
+    return alone and category in ("Pd", "Sm")
+
+
+def _attaches_left(trigger: str, answer: str) -> bool:
+    """Whether the answer's first character belongs to the word before it: closing brackets and
+    quotes, ``'s`` and the other contractions, ``.,;:!?`` not opening a word (".NET" and "...and"
+    do), a unit or percent sign ("25" + "°C"), a combining mark, a hyphen before a letter ("e" +
+    "-mail"), or ``@`` that ends an email address ("jane" + "@example.org")."""
+    start, after = answer[0], answer[1:2]
+    category = unicodedata.category(start)
+    if start in _QUOTES:  # an opening quote before a word or number; a closing one, or "'s"
+        return not after.isalnum() or bool(_CONTRACTION.match(answer))
+    if category in ("Mn", "Mc", "Me", "Pe", "Pf") or start in _UNIT_SIGNS:
+        return True
+    if start in _SENTENCE_PUNCTUATION:
+        return not answer.lstrip(".")[:1].isalnum() if start == "." else not after.isalnum()
+    if category == "Pd":  # "- socks" (a bullet), "-5" and "– lead" open a word; "-mail" continues one
+        return after.isalpha()
+    if start == "@":  # "My email is jane" + "@example.org" ends an address, unless the word before is
+        # one no address starts with ("My Instagram is" + "@jane.doe"); "@jane" alone is a handle
+        return (trigger[-1].isalnum() and bool(_EMAIL_DOMAIN.match(answer))
+                and trigger.rsplit(None, 1)[-1].lower() not in _BEFORE_A_HANDLE)
+    return False
 
 
 def _space_between(trigger: str, answer: str) -> bool:
-    """Rule 5 when the log put no whitespace at the boundary."""
-    start, trigger_end = answer[0], trigger[-1]
-    if _unspaced(trigger_end) or not (trigger_end.isalnum() or trigger_end in _WORD_END_PUNCTUATION):
-        return False
-    if start in _QUOTES:  # an opening quote (a word or a number follows), not a closing one or "'s"
-        return answer[1:2].isalnum() and not _CONTRACTION.match(answer)
-    if _opens_word(start):
-        return True
-    if start in "-+\u2212":  # a signed number: "The low is" + "-5"
-        return answer[1:2].isdecimal()
-    # "My handle is" + "@jane" opens a word; "My email is jane" + "@example.org" ends an address,
-    # unless the trigger's last word is one no address starts with ("My Instagram is" + "@jane.doe")
-    if start != "@":
-        return False
-    if not (trigger_end.isalnum() and _EMAIL_DOMAIN.match(answer)):
-        return True
-    return trigger.rsplit(None, 1)[-1].lower() in _BEFORE_A_HANDLE
+    """Rule 5 when the log put no whitespace at the boundary: a fact log splits a sentence where
+    the value starts, so the answer opens a new word after a word's end, unless its first
+    character belongs to the word before."""
+    return _word_end(trigger) and not _attaches_left(trigger, answer)
 
 
 def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:

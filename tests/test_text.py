@@ -66,7 +66,32 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("You can find me on Twitter as", "@jane.doe_99", ("You can find me on Twitter as", " @jane.doe_99")),
     ("Mein Instagram ist", "@jane.doe", ("Mein Instagram ist", " @jane.doe")),
     ("Write to jane.doe", "@example.co.uk", ("Write to jane.doe", "@example.co.uk")),
-    ("The list is", "- milk", ("The list is", "- milk")),
+    ("The list is", "- milk", ("The list is", " - milk")),  # a bullet opens a word
+    # every character that does not belong to the word before opens a new one
+    ("My packing list:", "- socks\n- toothbrush", ("My packing list:", " - socks\n- toothbrush")),
+    ("My main skill is", ".NET development", ("My main skill is", " .NET development")),
+    ("She only said", "...maybe", ("She only said", " ...maybe")),
+    ("She only said", "…maybe", ("She only said", " …maybe")),
+    ("The distance is", "~5 km", ("The distance is", " ~5 km")),
+    ("My subreddit is", "/r/python", ("My subreddit is", " /r/python")),
+    ("The clause is", "§ 12", ("The clause is", " § 12")),
+    ("My seat is", "№ 5", ("My seat is", " № 5")),
+    ("The dose is", "≤ 10 mg", ("The dose is", " ≤ 10 mg")),
+    ("My role is", "– lead engineer", ("My role is", " – lead engineer")),
+    ("My home address is", "〒150-0002 東京都渋谷区", ("My home address is", " 〒150-0002 東京都渋谷区")),
+    ("My username is", "_xX_", ("My username is", " _xX_")),
+    ("Мой врач —", "доктор Иванова", ("Мой врач —", " доктор Иванова")),  # a dash standing alone
+    ("Total =", "42", ("Total =", " 42")),
+    ("मेरे डॉक्टर का नाम है", "डॉ. शर्मा", ("मेरे डॉक्टर का नाम है", " डॉ. शर्मा")),  # ends in a vowel sign
+    ("என் பெயர்", "கமலா", ("என் பெயர்", " கமலா")),  # ends in a virama
+    ('He always says "hi"', "twice", ('He always says "hi"', " twice")),  # a closing quote ends a word
+    ('My motto is "', 'carpe diem"', ('My motto is "', 'carpe diem"')),  # an opening one does not
+    # ... and what belongs to the word before joins it
+    ("I need it", ", please", ("I need it", ", please")),
+    ("Is it true", "?", ("Is it true", "?")),
+    ("The humidity is 40", "%", ("The humidity is 40", "%")),
+    ("It is an e", "-mail", ("It is an e", "-mail")),
+    ("The list (", "milk)", ("The list (", "milk)")),
     ("My dog", "'s name is Rex", ("My dog", "'s name is Rex")),  # contractions and closing quotes join
     ("They", "'re in Oslo", ("They", "'re in Oslo")),
     ('My nickname is "Bo', '" to friends', ('My nickname is "Bo', '" to friends')),
