@@ -195,8 +195,10 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
     seqs = [s for u in users for s in by_user[u]]
     slots = np.repeat(np.arange(len(users)), [len(by_user[u]) for u in users])
     addresser = em.memory.addresser
+    # which of two facts no row can tell apart is compiled: the later written, then fact_id order
+    order = [(s.fact.written_at is None, -(s.fact.written_at or 0), s.fact.fact_id) for s in seqs]
     plan = plan_context([s.input_ids for s in seqs], [s.targets for s in seqs], slots, addresser.canonical_ids,
-                        em.config.max_ngram, addresser.pad_id, [s.fact.fact_id for s in seqs])
+                        em.config.max_ngram, addresser.pad_id, order)
     for i, positions in plan.context.items():
         if not seqs[i].constraint:  # a fixed fact's rows belong to its base delta: not trained here
             seqs[i].context = positions
@@ -210,11 +212,17 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
         results.append(FactResult(fact.user_id, fact.fact_id, conflict_status(other.fact_id), nan, 0, 0, nan,
                                   f"same canonical trigger as fact {other.fact_id!r} of this user but another answer "
                                   f"({fact.answer[:40]!r} vs {other.answer[:40]!r}): no row can tell them apart; "
-                                  f"{other.fact_id!r} is compiled"))
+                                  f"{other.fact_id!r}{_later(other, fact)} is compiled"))
     dropped = {id(seqs[i]) for i in impossible}
     for u in users:
         by_user[u] = [s for s in by_user[u] if id(s) not in dropped]
     return results
+
+
+def _later(kept: Fact, dropped: Fact) -> str:
+    if kept.written_at is not None and dropped.written_at is not None and kept.written_at > dropped.written_at:
+        return ", written later,"
+    return ""
 
 
 def start_tokenize_pool(em: EngramModel, options: CompileOptions) -> bool:

@@ -17,9 +17,10 @@ Context rows are ordinary rows of the user's delta: locality holds as for every 
 (nothing changes before the first position that addresses one), and isolation is untouched.
 
 A pair whose token histories are identical all the way back (same canonical trigger, answers
-that share a prefix and then differ, or differ at once) cannot be told apart by any row: the
-later fact (in fact_id order) is reported ``CONFLICTS_WITH:<fact_id of the first>`` and not
-compiled, the first compiles as usual.
+that share a prefix and then differ, or differ at once) cannot be told apart by any row: one is
+reported ``CONFLICTS_WITH:<fact_id of the other>`` and not compiled, the other compiles as usual.
+Which one is kept is the first in ``fact_order`` (the compiler orders the later written first,
+then by fact_id: a fact entered again under a new fact_id replaces the old one's answer).
 
 Vectorised over a whole batch (NumPy): the windows of every written position are sorted once;
 only the few runs that hold different targets go through Python.
@@ -53,15 +54,16 @@ class ContextPlan:
 
 def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np.ndarray,
                  canonical_ids: np.ndarray, order: int, pad_id: int,
-                 fact_order: list[str] | None = None) -> ContextPlan:
+                 fact_order: list | None = None) -> ContextPlan:
     """Find conflicting written positions and the context positions that resolve them.
 
     ``sequences[i]``: input ids (trigger + answer[:-1]); ``targets[i]``: the answer's ids (the
     last ``len(targets[i])`` positions of the sequence are written); ``users`` (B,): an owner
     slot per sequence (conflicts are within one owner); ``canonical_ids``: the addresser's
     token -> canonical id map; ``order``: the highest N-gram order (``EngramConfig.max_ngram``);
-    ``fact_order[i]``: a sort key per sequence (the fact id) that decides which of an
-    impossible pair is kept (the smaller).
+    ``fact_order[i]``: a sort key per sequence (comparable across sequences; the compiler's is
+    (no time, -written_at, fact_id)) that decides which of an impossible pair is kept (the
+    smaller); None: sequence order.
     """
     B = len(sequences)
     if B == 0:
@@ -135,7 +137,7 @@ def _resolve(canon, raw, s1, c1, s2, c2, first_col, order, context, impossible, 
         context.setdefault(int(s), set()).update(range(low, high + 1))
 
 
-def _before(s1: int, s2: int, fact_order: list[str] | None) -> bool:
+def _before(s1: int, s2: int, fact_order: list | None) -> bool:
     if fact_order is None:
         return s1 < s2
     return (fact_order[s1], s1) < (fact_order[s2], s2)

@@ -24,6 +24,11 @@ class Fact:
     fact_id: str
     trigger: str
     answer: str
+    written_at: int | None = None
+    """When the fact was written (its ``event_time``, microseconds since the epoch), or None. Of
+    two facts of one user that no row can tell apart (the same canonical trigger, another answer:
+    a fact entered again under a new fact_id), the later written is compiled; without times, the
+    first in fact_id order (:mod:`engram_core.conflicts`)."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engram_core.options import CompileOptions, Fact, FactResult, status_counts
@@ -84,9 +85,14 @@ def use_step_cache(root: str | os.PathLike | None, fingerprint: str) -> Path:
 
 
 def facts_from_table(table: pa.Table) -> list[Fact]:
-    """Fact-state rows -> compiler facts (in table order)."""
+    """Fact-state rows -> compiler facts (in table order); ``event_time``, where the table has it,
+    is each fact's ``written_at`` (microseconds since the epoch)."""
     cols = [table.column(c).to_pylist() for c in ("user_id", "fact_id", "trigger", "answer")]
-    return [Fact(u, f, t, a) for u, f, t, a in zip(*cols)]
+    if "event_time" in table.column_names:
+        times = pc.cast(table.column("event_time"), pa.timestamp("us", "UTC")).cast(pa.int64()).to_pylist()
+    else:
+        times = [None] * table.num_rows
+    return [Fact(u, f, t, a, w) for u, f, t, a, w in zip(*cols, times)]
 
 
 @dataclass(frozen=True)

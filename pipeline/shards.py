@@ -61,7 +61,7 @@ from versions.store import open_store
 
 log = logging.getLogger(__name__)
 
-COMPILE_COLUMNS = ("user_id", "fact_id", "scope", "trigger", "answer")
+COMPILE_COLUMNS = ("user_id", "fact_id", "scope", "trigger", "answer", "event_time")
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,21 @@ def test_the_compiler_reports_an_impossible_pair_naming_the_other_fact(tiny):
     assert greedy_tokens(tiny, "My dentist is", len(want), [result.deltas["u"]]) == want
 
 
+def test_of_two_facts_no_row_can_tell_apart_the_later_written_is_compiled(tiny):
+    """A user enters a fact again under a new fact_id ("dentist-2026", Nguyen, written after
+    "dentist-2019", Okafor): the newer answer is served, whatever the fact ids' order."""
+    old_at, new_at = 1_700_000_000_000_000, 1_760_000_000_000_000
+    for old_id, new_id in (("dentist-2019", "dentist-2026"), ("z-dentist", "a-dentist")):
+        facts = [Fact("u", old_id, "My dentist is", " Dr. Okafor", old_at), Fact("u", new_id, "My dentist is", " Dr. Nguyen", new_at)]
+        result = compile_facts(tiny, facts)
+        status = {r.fact_id: r for r in result.facts}
+        assert status[new_id].status == STATUS_OK
+        assert status[old_id].status == conflict_status(new_id)
+        assert f"{new_id!r}, written later, is compiled" in status[old_id].detail
+        want = tiny.encode_answer(" Dr. Nguyen")
+        assert greedy_tokens(tiny, "My dentist is", len(want), [result.deltas["u"]]) == want, (old_id, new_id)
+
+
 def test_answers_sharing_a_prefix_and_digits_shared_between_facts_are_all_recalled(tiny):
     facts = YEARS + [Fact("u", "dentist", "My dentist is", " Dr. Okafor"), Fact("u", "doctor", "My doctor is", " Dr. Nguyen"),
                      Fact("u", "days", "I work on", " Monday, Tuesday, Wednesday, Thursday and Friday"),

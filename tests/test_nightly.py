@@ -221,6 +221,26 @@ def test_a_user_whose_facts_the_compiler_refuses_stops_serving_the_old_delta(tmp
     assert status.column("status").to_pylist() == ["not_recalled"]
 
 
+def test_a_fact_entered_again_under_a_new_fact_id_serves_the_new_answer(tmp_path, tiny, tiny_dir, local_store):
+    """Night 1: "dentist-2019" -> Okafor. Night 2: the user enters the dentist again as
+    "dentist-2026" (a fact id that sorts after the old one) -> Nguyen. Both are live, no row can tell them apart: the later
+    written is served, and the older one is reported CONFLICTS_WITH it."""
+    log_dir = tmp_path / "log"
+    old = {"user_id": "u", "fact_id": "dentist-2019", "op": "upsert", "trigger": "My dentist is Dr.",
+           "answer": " Okafor", "event_time": BASE_TIME, "scope": None}
+    write_fact_log([old], log_dir / "day=1" / "p.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log_dir), model=str(tiny_dir), num_shards=2, workers=0)
+    run_nightly(spec)
+    new = dict(old, fact_id="dentist-2026", answer=" Nguyen", event_time=BASE_TIME + timedelta(days=1))
+    write_fact_log([new], log_dir / "day=2" / "p.parquet")
+    report = run_nightly(spec)
+    assert report.published and report.facts_ok == 1
+    assert_store_recalls(local_store, tiny, [new])
+    status = query_stats(local_store, f"select fact_id, status from facts where version = {report.version} order by fact_id")
+    assert status.to_pylist() == [{"fact_id": "dentist-2019", "status": "CONFLICTS_WITH:dentist-2026"},
+                                  {"fact_id": "dentist-2026", "status": "ok"}]
+
+
 def test_an_answer_over_the_token_limit_is_rejected_at_ingest_and_the_old_answer_stays(tmp_path, tiny_dir,
                                                                                       local_store):
     """An upsert the compiler could never take (answer over ``max_answer_tokens``) is a reject
