@@ -143,7 +143,8 @@ _UNSPACED = ((0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17
 # opens a word after a word's end: letters, digits, "$12", '"carpe diem"', "'98", "#12", "¿",
 # "- socks", ".NET", "~5 km", "/r/python", "§ 12", "№ 5", "≈ 3", "〒150-0002", an emoji.
 _SENTENCE_PUNCTUATION = frozenset(".,;:!?")
-_UNIT_SIGNS = frozenset("%\u2030\u2031\u00b0\u2103\u2109\u2032\u2033")  # % ‰ ‱ ° ℃ ℉ ′ ″: after their number
+# % ‰ ‱ ° ℃ ℉ ′ ″ after their number; ™ ® © ℠ after their name; ^ (an exponent)
+_UNIT_SIGNS = frozenset("%\u2030\u2031\u00b0\u2103\u2109\u2032\u2033\u2122\u00ae\u00a9\u2120^")
 _QUOTES = frozenset("\"'\u2019")  # U+2019: the apostrophe word processors write
 # "My dog" + "'s name" and "They" + "'re here" join: an apostrophe that ends a word, not a quote
 # ("'s-Hertogenbosch" is a name that opens a word)
@@ -154,8 +155,8 @@ _EMAIL_DOMAIN = re.compile(r"@[\w-]+(\.[\w-]+)+\b")
 # address. Function words (English and a few common others) and the names of handles and networks.
 _BEFORE_A_HANDLE = frozenset("""
     is are was were am be been being has have had will would at as to on in by via of for from with
-    me my our your his her their its the a an and or called named
-    handle handles username usernames user name nickname account profile id tag gamertag alias
+    my our your his her their its the and or called named
+    handle handles username usernames nickname account profile tag gamertag
     instagram twitter tiktok threads telegram github gitlab mastodon bluesky discord reddit snapchat
     youtube twitch linkedin facebook slack signal skype keybase
     ist es est är er jest è é
@@ -194,10 +195,13 @@ def _attaches_left(trigger: str, answer: str) -> bool:
     category = unicodedata.category(start)
     if start in _QUOTES:  # an opening quote before a word or number; a closing one, or "'s"
         return not after.isalnum() or bool(_CONTRACTION.match(answer))
-    if category in ("Mn", "Mc", "Me", "Pe", "Pf") or start in _UNIT_SIGNS:
+    if category in ("Mn", "Mc", "Me", "Pe", "Pf") or start in _UNIT_SIGNS \
+            or unicodedata.decomposition(start).startswith(("<super>", "<sub>")):  # "m" + "²"
         return True
-    if start in _SENTENCE_PUNCTUATION:
-        return not answer.lstrip(".")[:1].isalnum() if start == "." else not after.isalnum()
+    if start == "." and after.isalnum():  # ".NET" opens a word after "is"; "example" + ".com" ends one
+        return trigger[-1].isalnum() and trigger.rsplit(None, 1)[-1].lower() not in _BEFORE_A_HANDLE
+    if start in _SENTENCE_PUNCTUATION:  # ", please" and "?" join; an ellipsis before a word opens it
+        return not (answer.startswith("...") and answer.lstrip(".")[:1].isalnum()) and not after.isalnum()
     if category == "Pd":  # "- socks" (a bullet), "-5" and "– lead" open a word; "-mail" continues one
         return after.isalpha()
     if start == "@":  # "My email is jane" + "@example.org" ends an address, unless the word before is

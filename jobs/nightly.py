@@ -374,7 +374,10 @@ class _Night:
                     [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
                     num_returns=3, what=f"apply shard {shard}")
 
-            window = apply_in_flight(spec.apply_in_flight, timer.items["read"], len(shards))
+            # a night that visits every shard (a recompile, an upgrade, a reshard) loads every prior
+            # state whatever its new rows: all at once, as a full night
+            window = apply_in_flight(spec.apply_in_flight, timer.items["read"], len(shards)) if not every_shard \
+                else (spec.apply_in_flight or len(shards))
             self.bar.start("apply shards", len(shards))
             for shard in runner.windowed(shards, submit_apply, lambda s: applies[s][0], window):
                 self.applied[shard] = runner.get(applies[shard][0], f"apply shard {shard}")

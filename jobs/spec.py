@@ -48,8 +48,8 @@ class NightlySpec:
     need, ``max(8, ceil(rows / 4096))`` up to the number of shards: a night of 2,500 new rows
     over 64 shards starts 8 Ray worker processes, not one per CPU, so that their start (imports
     of pyarrow and the pipeline, seconds each on a busy host) does not slow the compile actors'
-    own start, the longest fixed cost of a small night; a full night's are all in flight. A
-    number: at most that many."""
+    own start, the longest fixed cost of a small night; a full night's, and those of a night that
+    visits every shard (a recompile, a reshard), are all in flight. A number: at most that many."""
     ray_address: str | None = None
     """None = a local Ray cluster; else a cluster address (e.g. ray://head:10001 or auto)."""
     recompile_all: bool = False

@@ -480,8 +480,9 @@ def _table_format(parts: list[str]) -> tuple[str, str] | None:
     Iceberg table's ``metadata/`` (its ``*.metadata.json``); else None."""
     for i, part in enumerate(parts[:-1]):
         if part in _TABLE_LOGS:
-            return "/".join(parts[:i]), _TABLE_LOGS[part]
-    if len(parts) >= 2 and parts[-2] == "metadata" and parts[-1].endswith(".metadata.json"):
+            return None if _is_hidden("/".join(parts[:i])) else ("/".join(parts[:i]), _TABLE_LOGS[part])
+    if len(parts) >= 2 and parts[-2] == "metadata" and parts[-1].endswith(".metadata.json") \
+            and not _is_hidden("/".join(parts[:-2])):  # a hidden folder is never listed, nor a table in it
         return "/".join(parts[:-2]), "an Apache Iceberg table"
     return None
 

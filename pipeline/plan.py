@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import unicodedata
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -30,20 +31,49 @@ class Plan:
 
 
 def user_fact_digest(state: pa.Table) -> dict[str, str]:
-    """sha256 per user over their live facts' sorted (fact_id, fact_hash) pairs."""
+    """sha256 per user over their live facts' sorted (fact_id, fact_hash) pairs, and over which
+    fact wins each group of facts that share a trigger (:func:`trigger_winners`): an event that
+    changes only a fact's time can change which of two such facts is compiled."""
     pairs: dict[str, list[tuple[str, str]]] = {}
     users = state.column("user_id").to_pylist()
     fact_ids = state.column("fact_id").to_pylist()
     hashes = state.column("fact_hash").to_pylist()
     for user_id, fact_id, fact_hash in zip(users, fact_ids, hashes):
         pairs.setdefault(user_id, []).append((fact_id, fact_hash))
+    winners = trigger_winners(users, fact_ids, state.column("trigger").to_pylist(),
+                              state.column("event_time").cast(pa.int64()).to_pylist())
     digests = {}
     for user_id, facts in pairs.items():
         digest = hashlib.sha256()
         for fact_id, fact_hash in sorted(facts):
             digest.update(f"{len(fact_id)}:{fact_id}:{fact_hash};".encode("utf-8"))
+        for fact_id in winners.get(user_id, ()):
+            digest.update(f"wins:{len(fact_id)}:{fact_id};".encode("utf-8"))
         digests[user_id] = digest.hexdigest()
     return digests
+
+
+def trigger_key(trigger: str) -> str:
+    """A trigger as the Engram addressing reads its words (METHOD.md's tokenizer compression):
+    NFKD without combining marks, case-folded, whitespace collapsed. Facts of one owner with
+    equal keys address the same rows, so no row can tell them apart (engram_core.conflicts)."""
+    decomposed = unicodedata.normalize("NFKD", trigger)
+    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).casefold().split())
+
+
+def trigger_winners(owners: list[str], fact_ids: list[str], triggers: list[str],
+                    times: list[int | None]) -> dict[str, list[str]]:
+    """owner -> the fact compiled from each group of its facts sharing a :func:`trigger_key`
+    (groups of two or more), sorted: the later written, then the first by fact_id, as the
+    compiler chooses (engram_core.compiler._plan_conflicts)."""
+    groups: dict[tuple[str, str], list[tuple[bool, int, str]]] = {}
+    for owner, fact_id, trigger, time in zip(owners, fact_ids, triggers, times):
+        groups.setdefault((owner, trigger_key(trigger)), []).append((time is None, -(time or 0), fact_id))
+    out: dict[str, list[str]] = {}
+    for (owner, _), members in groups.items():
+        if len(members) > 1:
+            out.setdefault(owner, []).append(min(members)[2])
+    return {owner: sorted(ids) for owner, ids in out.items()}
 
 
 def check_model_change(prior_fingerprint: str | None, fingerprint: str, recompile_all: bool) -> None:

@@ -62,7 +62,7 @@ def split_scopes(state: pa.Table) -> ScopedFacts:
 
     cols = {name: state.column(name).to_pylist() for name in ("user_id", "fact_id", "scope", "trigger", "answer")}
     times = state.column("event_time").cast(pa.int64()).to_pylist() if "event_time" in state.column_names \
-        else [0] * state.num_rows
+        else [None] * state.num_rows
     scopes_of: dict[str, set[str]] = {}
     for user, scope in zip(cols["user_id"], cols["scope"]):
         if scope and scope != user:
@@ -77,10 +77,10 @@ def split_scopes(state: pa.Table) -> ScopedFacts:
             members.setdefault(scope, set()).add(user)
             copies.setdefault(user, {})[fact_id] = scope
             best = latest.setdefault(scope, {}).get(fact_id)
-            if best is None or (time, trigger, answer) > (best[0], best[1].trigger, best[1].answer):
-                latest[scope][fact_id] = (time, Fact(scope, fact_id, trigger, answer))
+            if best is None or (time or 0, trigger, answer) > (best[0], best[1].trigger, best[1].answer):
+                latest[scope][fact_id] = (time or 0, Fact(scope, fact_id, trigger, answer, time))
         else:
-            personal.setdefault(user, []).append(Fact(user, fact_id, trigger, answer))
+            personal.setdefault(user, []).append(Fact(user, fact_id, trigger, answer, time))
     scope_facts = {s: [f for _, (_, f) in sorted(by_id.items())] for s, by_id in latest.items()}
     return ScopedFacts(personal, scope_facts, {s: sorted(m) for s, m in members.items()}, copies)
 
@@ -270,11 +270,17 @@ def merged_scope_facts(scope_state: pa.Table) -> pa.Table:
 
 
 def _digests(facts: pa.Table) -> dict[str, str]:
-    """scope -> sha256 of its merged facts (fact_id, trigger, answer)."""
+    """scope -> sha256 of its merged facts (fact_id, trigger, answer) and of which fact wins each
+    group sharing a trigger (pipeline.plan.trigger_winners: a time alone can change it)."""
+    from pipeline.plan import trigger_winners
+
     out: dict[str, hashlib._Hash] = {}
-    for scope, fact_id, trigger, answer in zip(*(facts.column(c).to_pylist()
-                                                 for c in ("scope", "fact_id", "trigger", "answer"))):
+    cols = [facts.column(c).to_pylist() for c in ("scope", "fact_id", "trigger", "answer")]
+    for scope, fact_id, trigger, answer in zip(*cols):
         out.setdefault(scope, hashlib.sha256()).update(repr((fact_id, trigger, answer)).encode())
+    winners = trigger_winners(cols[0], cols[1], cols[2], facts.column("event_time").cast(pa.int64()).to_pylist())
+    for scope, ids in winners.items():
+        out[scope].update(repr(("wins", ids)).encode())
     return {scope: h.hexdigest() for scope, h in out.items()}
 
 
@@ -341,7 +347,7 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     compile_rows = facts.filter(pc.is_in(facts.column("scope"), changed_arr))
     compile = pa.table({"user_id": compile_rows.column("scope"), "fact_id": compile_rows.column("fact_id"),
                         "scope": compile_rows.column("scope"), "trigger": compile_rows.column("trigger"),
-                        "answer": compile_rows.column("answer")})
+                        "answer": compile_rows.column("answer"), "event_time": compile_rows.column("event_time")})
     per_scope = compile.group_by("user_id").aggregate([("fact_id", "count")]).sort_by("user_id")
     shard_rows = state.filter(pc.is_in(state.column("scope"), changed_arr)).column("shard")
     per_pair = state.group_by(["scope", "shard"]).aggregate([("members", "max")])

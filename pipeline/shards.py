@@ -282,7 +282,7 @@ def write_state_layer(store, state: pa.Table, tombstones: pa.Table) -> StateLaye
 
 
 def _no_facts() -> pa.Table:
-    return pa.schema([(name, pa.string()) for name in COMPILE_COLUMNS]).empty_table()
+    return F.FACT_STATE_SCHEMA.empty_table().select(list(COMPILE_COLUMNS))
 
 
 def _run_lengths(sorted_users: pa.ChunkedArray) -> np.ndarray:

@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -525,6 +526,20 @@ def test_a_table_formats_folder_is_refused_naming_it_not_read_as_plain_files(tmp
             read_fact_log(str(log), on_bad_file=on_bad_file)
         assert "current snapshot as plain Parquet" in str(refused.value)
     assert len(read_fact_log(str(log / "day=2026-11-19.parquet")).files) == 1  # the plain file beside it reads
+
+
+def test_a_table_inside_a_hidden_folder_is_neither_read_nor_refused_locally_or_on_a_filesystem(tmp_path):
+    """Hidden folders are never listed; a table archived in one is not the log's (the local walk and
+    a filesystem listing, as S3's, agree)."""
+    log = tmp_path / "log"
+    (log / "day=1").mkdir(parents=True)
+    pq.write_table(table({"fact_id": "a"}), log / "day=1" / "part-0.parquet")
+    for marker in ("_archive/old/_delta_log/00000.json", ".trash/t/metadata/v1.metadata.json"):
+        (log / marker).parent.mkdir(parents=True)
+        (log / marker).write_text("{}")
+    local = [f.path for f in list_log_files(str(log))]
+    listed = [f.path for f in list_log_files(f"file://{log}", filesystem=pafs.SubTreeFileSystem("/", pafs.LocalFileSystem()))]
+    assert local == [str(log / "day=1" / "part-0.parquet")] and len(listed) == 1 and listed[0].endswith("day=1/part-0.parquet")
 
 
 def _log_with_one_file(tmp_path) -> Path:

@@ -239,6 +239,17 @@ def test_a_fact_entered_again_under_a_new_fact_id_serves_the_new_answer(tmp_path
     status = query_stats(local_store, f"select fact_id, status from facts where version = {report.version} order by fact_id")
     assert status.to_pylist() == [{"fact_id": "dentist-2019", "status": "CONFLICTS_WITH:dentist-2026"},
                                   {"fact_id": "dentist-2026", "status": "ok"}]
+    # Night 3: the client sends the 2019 fact again, unchanged but later: it is now the later written,
+    # so the user is compiled again (a time alone changed the winner) and serves it; night 4, an
+    # unrelated fact, changes nothing about the dentist (before, it flipped the answer then).
+    resent = dict(old, event_time=BASE_TIME + timedelta(days=2))
+    write_fact_log([resent], log_dir / "day=3" / "p.parquet")
+    assert run_nightly(spec).compiled_users == 1
+    assert_store_recalls(local_store, tiny, [resent])
+    pet = dict(old, fact_id="pet", trigger="My dog's name is", answer=" Rex", event_time=BASE_TIME + timedelta(days=3))
+    write_fact_log([pet], log_dir / "day=4" / "p.parquet")
+    run_nightly(spec)
+    assert_store_recalls(local_store, tiny, [resent, pet])
 
 
 def test_an_answer_over_the_token_limit_is_rejected_at_ingest_and_the_old_answer_stays(tmp_path, tiny_dir,

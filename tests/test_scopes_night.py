@@ -452,3 +452,42 @@ def test_forgetting_a_user_who_is_a_member_of_a_scope_named_like_it_plus_more_er
     after, _ = read_current(local_store)
     assert not {r for r in facts_view(local_store, after.version) if r[0] == CLASH}
     assert scan_for_user(local_store, CLASH) == []
+
+
+def test_of_two_facts_sharing_a_trigger_the_later_written_is_compiled_in_a_scope_and_for_a_user(tiny):
+    """The rule the night's compile follows (engram_core.compiler: later written first) also holds
+    for a shared scope's facts and in compile_scoped, the reference path: "z-wifi" (newer) wins over
+    "a-wifi" though its fact_id sorts last, for the scope and for a user's own facts."""
+    import pyarrow as pa
+
+    from pipeline.compile import facts_from_table
+    from pipeline.scopes import compile_scoped
+
+    older, newer = 1_700_000_000_000_000, 1_760_000_000_000_000
+    rows = [("alice", "a-wifi", "org:acme", "The wifi password is", " Mango", older),
+            ("alice", "z-wifi", "org:acme", "The wifi password is", " Pepper", newer),
+            ("bob", "a-dentist", None, "My dentist is Dr.", " Okafor", older),
+            ("bob", "z-dentist", None, "My dentist is Dr.", " Nguyen", newer)]
+    state = pa.table({name: [r[i] for r in rows] for i, name in enumerate(["user_id", "fact_id", "scope", "trigger",
+                                                                            "answer"])})
+    state = state.append_column("event_time", pa.array([r[5] for r in rows], pa.timestamp("us", tz="UTC")))
+    assert [f.written_at for f in facts_from_table(state)] == [older, newer, older, newer]
+    result = compile_scoped(tiny, state)
+    scope_status = {r.fact_id: r.status for r in result.scope_results}
+    assert scope_status == {"z-wifi": "ok", "a-wifi": "CONFLICTS_WITH:z-wifi"}
+    own = {r.fact_id: r.status for r in result.results if r.user_id == "bob"}
+    assert own == {"z-dentist": "ok", "a-dentist": "CONFLICTS_WITH:z-dentist"}
+
+
+def test_the_scope_merge_hands_the_compile_each_facts_time_and_a_time_alone_can_change_the_scope():
+    import pyarrow as pa
+
+    from pipeline.scopes import _digests
+
+    facts = pa.table({"scope": ["org:acme"] * 2, "fact_id": ["a-wifi", "z-wifi"],
+                      "trigger": ["The wifi password is"] * 2, "answer": [" Mango", " Pepper"],
+                      "event_time": pa.array([2, 1], pa.timestamp("us", tz="UTC"))})
+    later_z = facts.set_column(4, "event_time", pa.array([1, 2], pa.timestamp("us", tz="UTC")))
+    assert _digests(facts) != _digests(later_z)  # the winner changed: the scope compiles again
+    same_winner = facts.set_column(4, "event_time", pa.array([3, 1], pa.timestamp("us", tz="UTC")))
+    assert _digests(facts) == _digests(same_winner)  # a time that changes nothing changes nothing

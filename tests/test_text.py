@@ -91,6 +91,11 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("Is it true", "?", ("Is it true", "?")),
     ("The humidity is 40", "%", ("The humidity is 40", "%")),
     ("It is an e", "-mail", ("It is an e", "-mail")),
+    ("My site is example", ".com", ("My site is example", ".com")),  # a domain's tail, where ".NET" after "is" opens
+    ("My email is me", "@example.org", ("My email is me", "@example.org")),  # "me" can be an address's local part
+    ("Acme", "™", ("Acme", "™")),
+    ("The area is 20 m", "²", ("The area is 20 m", "²")),
+    ("It is x", "^2", ("It is x", "^2")),
     ("The list (", "milk)", ("The list (", "milk)")),
     ("My dog", "'s name is Rex", ("My dog", "'s name is Rex")),  # contractions and closing quotes join
     ("They", "'re in Oslo", ("They", "'re in Oslo")),
