@@ -200,7 +200,10 @@ def _attaches_left(trigger: str, answer: str) -> bool:
         return True
     if start == "." and after.isalnum():  # ".NET" opens a word after "is"; "example" + ".com" ends one
         return trigger[-1].isalnum() and trigger.rsplit(None, 1)[-1].lower() not in _BEFORE_A_HANDLE
-    if start in _SENTENCE_PUNCTUATION:  # ", please" and "?" join; an ellipsis before a word opens it
+    if start in _SENTENCE_PUNCTUATION:  # ", please" and "?" join; an ellipsis before a word opens it, and
+        # so does an answer of punctuation alone, a value of its own (":-)", "...", "???")
+        if len(answer) >= 2 and not any(c.isalnum() for c in answer):
+            return False
         return not (answer.startswith("...") and answer.lstrip(".")[:1].isalnum()) and not after.isalnum()
     if category == "Pd":  # "- socks" (a bullet), "-5" and "– lead" open a word; "-mail" continues one
         return after.isalpha()
@@ -214,7 +217,12 @@ def _attaches_left(trigger: str, answer: str) -> bool:
 def _space_between(trigger: str, answer: str) -> bool:
     """Rule 5 when the log put no whitespace at the boundary: a fact log splits a sentence where
     the value starts, so the answer opens a new word after a word's end, unless its first
-    character belongs to the word before."""
+    character belongs to the word before, or the split falls inside a number ("+1 (555) 01" +
+    "23-4567", "My balance is 1." + "234,56 €": a digit, or a digit and ``.`` or ``,``, then a
+    digit)."""
+    if answer[0].isdecimal() and (trigger[-1].isdecimal()
+                                  or trigger[-1] in ".," and len(trigger) >= 2 and trigger[-2].isdecimal()):
+        return False
     return _word_end(trigger) and not _attaches_left(trigger, answer)
 
 

@@ -96,6 +96,12 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("Acme", "™", ("Acme", "™")),
     ("The area is 20 m", "²", ("The area is 20 m", "²")),
     ("It is x", "^2", ("It is x", "^2")),
+    # a split inside a number joins; an answer of punctuation alone is a value and opens a word
+    ("My phone is +1 (555) 01", "23-4567", ("My phone is +1 (555) 01", "23-4567")),
+    ("My balance is 1.", "234,56 €", ("My balance is 1.", "234,56 €")),
+    ("I was born in", "1990", ("I was born in", " 1990")),
+    ("My favourite emoticon is", ":-)", ("My favourite emoticon is", " :-)")),
+    ("When asked he says", "???", ("When asked he says", " ???")),
     ("The list (", "milk)", ("The list (", "milk)")),
     ("My dog", "'s name is Rex", ("My dog", "'s name is Rex")),  # contractions and closing quotes join
     ("They", "'re in Oslo", ("They", "'re in Oslo")),
