@@ -19,8 +19,6 @@ import hashlib
 import logging
 import os
 import secrets
-import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,22 +26,11 @@ import numpy as np
 import torch
 
 from .config import EngramConfig
+from .text import normalize_token_text  # noqa: F401 (API: the tokenizer compression's text form)
 
 log = logging.getLogger(__name__)
 
-_WHITESPACE = re.compile(r"\s+")
 _HASH_LAYER_STRIDE = 10007
-
-
-def normalize_token_text(text: str) -> str:
-    """NFKC, strip accents, lowercase, collapse whitespace, strip (whitespace-only -> ' ')."""
-    norm = unicodedata.normalize("NFKC", text)
-    norm = "".join(c for c in unicodedata.normalize("NFD", norm) if not unicodedata.combining(c))
-    norm = _WHITESPACE.sub(" ", norm.lower())
-    stripped = norm.strip()
-    if stripped:
-        return stripped
-    return " " if norm else text
 
 
 def tokenizer_digest(tokenizer) -> str:

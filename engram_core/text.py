@@ -55,6 +55,7 @@ import re
 import unicodedata
 
 _SPACES = re.compile(r" {2,}")
+_WHITESPACE = re.compile(r"\s+")
 # Trigger endings after which a letter or digit starts a new word when the log put no space.
 _WORD_END_PUNCTUATION = frozenset(".,:;!?)]}%")
 
@@ -120,6 +121,18 @@ def _flag_tags(text: str) -> set[int]:
             kept.update(range(i + 1, end + 1))
         i = text.find("\U0001F3F4", end)
     return kept
+
+
+def normalize_token_text(text: str) -> str:
+    """The tokenizer compression's text form (METHOD.md; engram_core.addressing builds the canonical
+    ids from it): NFKC, strip accents, lowercase, collapse whitespace, strip (whitespace-only -> ' ')."""
+    norm = unicodedata.normalize("NFKC", text)
+    norm = "".join(c for c in unicodedata.normalize("NFD", norm) if not unicodedata.combining(c))
+    norm = _WHITESPACE.sub(" ", norm.lower())
+    stripped = norm.strip()
+    if stripped:
+        return stripped
+    return " " if norm else text
 
 
 def canonical_prompt(text: str) -> str:
@@ -199,7 +212,7 @@ def _attaches_left(trigger: str, answer: str) -> bool:
             or unicodedata.decomposition(start).startswith(("<super>", "<sub>")):  # "m" + "²"
         return True
     if start == "." and after.isalnum():  # ".NET" opens a word after "is"; "example" + ".com" ends one
-        return trigger[-1].isalnum() and trigger.rsplit(None, 1)[-1].lower() not in _BEFORE_A_HANDLE
+        return _ends_a_name(trigger)
     if start in _SENTENCE_PUNCTUATION:  # ", please" and "?" join; an ellipsis before a word opens it, and
         # so does an answer of punctuation alone, a value of its own (":-)", "...", "???")
         if len(answer) >= 2 and not any(c.isalnum() for c in answer):
@@ -209,9 +222,15 @@ def _attaches_left(trigger: str, answer: str) -> bool:
         return after.isalpha()
     if start == "@":  # "My email is jane" + "@example.org" ends an address, unless the word before is
         # one no address starts with ("My Instagram is" + "@jane.doe"); "@jane" alone is a handle
-        return (trigger[-1].isalnum() and bool(_EMAIL_DOMAIN.match(answer))
-                and trigger.rsplit(None, 1)[-1].lower() not in _BEFORE_A_HANDLE)
+        return bool(_EMAIL_DOMAIN.match(answer)) and _ends_a_name(trigger)
     return False
+
+
+def _ends_a_name(trigger: str) -> bool:
+    """Whether the trigger's last word can be the start of an address or a file name ("jane" +
+    "@example.org", "example" + ".com"): it ends in a letter or digit and is not a function word or
+    a handle's or network's name."""
+    return trigger[-1].isalnum() and trigger.rsplit(None, 1)[-1].lower() not in _BEFORE_A_HANDLE
 
 
 def _space_between(trigger: str, answer: str) -> bool:

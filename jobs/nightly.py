@@ -225,8 +225,10 @@ APPLY_MIN_IN_FLIGHT = 8
 APPLY_ROWS_PER_TASK = 4096
 
 
-def apply_in_flight(configured: int | None, rows: int, shards: int) -> int:
+def apply_in_flight(configured: int | None, rows: int, shards: int, every_shard: bool = False) -> int:
     """Apply tasks in flight: ``configured`` (the job spec's ``apply_in_flight``) if given, else
+    every shard on a night that visits them all (``every_shard``: a recompile, an upgrade, a
+    reshard: each task loads a whole prior state whatever the new rows), else
     ``max(APPLY_MIN_IN_FLIGHT, ceil(rows / APPLY_ROWS_PER_TASK))``; at most ``shards``, at least 1.
     ``rows``: the night's new log rows (read). A Ray task needs a worker process, and a process's
     start (Python, pyarrow, the pipeline's imports: 1-3 s of CPU each on a busy host) competes with
@@ -234,6 +236,8 @@ def apply_in_flight(configured: int | None, rows: int, shards: int) -> int:
     night's 64 light shards go through a few processes, a full night's all at once."""
     if configured is not None:
         want = configured
+    elif every_shard:
+        want = shards
     else:
         want = max(APPLY_MIN_IN_FLIGHT, -(-rows // APPLY_ROWS_PER_TASK))
     return max(1, min(shards, want))
@@ -374,10 +378,7 @@ class _Night:
                     [piece for _, piece in pieces], *[handles[i][1] for i, _ in pieces],
                     num_returns=3, what=f"apply shard {shard}")
 
-            # a night that visits every shard (a recompile, an upgrade, a reshard) loads every prior
-            # state whatever its new rows: all at once, as a full night
-            window = apply_in_flight(spec.apply_in_flight, timer.items["read"], len(shards)) if not every_shard \
-                else (spec.apply_in_flight or len(shards))
+            window = apply_in_flight(spec.apply_in_flight, timer.items["read"], len(shards), every_shard)
             self.bar.start("apply shards", len(shards))
             for shard in runner.windowed(shards, submit_apply, lambda s: applies[s][0], window):
                 self.applied[shard] = runner.get(applies[shard][0], f"apply shard {shard}")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import unicodedata
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from engram_core.text import normalize_token_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,10 @@ def user_fact_digest(state: pa.Table) -> dict[str, str]:
 
 
 def trigger_key(trigger: str) -> str:
-    """A trigger as the Engram addressing reads its words (METHOD.md's tokenizer compression):
-    NFKD without combining marks, case-folded, whitespace collapsed. Facts of one owner with
-    equal keys address the same rows, so no row can tell them apart (engram_core.conflicts)."""
-    decomposed = unicodedata.normalize("NFKD", trigger)
-    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).casefold().split())
+    """A trigger as the Engram addressing reads its words (engram_core.text.normalize_token_text,
+    METHOD.md's tokenizer compression). Facts of one owner with equal keys address the same rows,
+    so no row can tell them apart (engram_core.conflicts)."""
+    return normalize_token_text(trigger)
 
 
 def trigger_winners(owners: list[str], fact_ids: list[str], triggers: list[str],

@@ -43,7 +43,9 @@ def _named(error: BaseException, what: str) -> BaseException:
 def _windowed(runner, items: Sequence, submit: Callable[[Any], None], handle_of: Callable[[Any], Any],
               window: int) -> Iterator[Any]:
     """Submit ``submit(item)`` for each of ``items`` with at most ``window`` in flight, yielding
-    each item as its handle (``handle_of(item)``) is ready, and submitting the next in its place."""
+    each item as its handle (``handle_of(item)``) is ready, and submitting the next in its place
+    (on Ray, the cluster then starts no more worker processes for them than ``window``). Both
+    runners' ``windowed``."""
     pending = deque(items)
     in_flight: list = []
     while pending or in_flight:
@@ -71,10 +73,7 @@ class LocalRunner:
         """Indices of ``handles`` as their results are ready (here: in order)."""
         yield from range(len(handles))
 
-    def windowed(self, items: Sequence, submit: Callable[[Any], None], handle_of: Callable[[Any], Any],
-                 window: int) -> Iterator[Any]:
-        """``submit(item)`` for each item, at most ``window`` in flight; yields items as they finish."""
-        return _windowed(self, items, submit, handle_of, window)
+    windowed = _windowed
 
     def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None,
                      check_users: int = 0):
@@ -158,11 +157,7 @@ class RayRunner:
             done, pending = self.ray.wait(pending, num_returns=1)
             yield index[done[0]]
 
-    def windowed(self, items: Sequence, submit: Callable[[Any], None], handle_of: Callable[[Any], Any],
-                 window: int) -> Iterator[Any]:
-        """``submit(item)`` for each item with at most ``window`` tasks in flight (so the cluster
-        starts no more worker processes for them than that); yields items as they finish."""
-        return _windowed(self, items, submit, handle_of, window)
+    windowed = _windowed
 
     def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None,
                      check_users: int = 0):

@@ -223,6 +223,13 @@ def test_apply_tasks_in_flight_follow_the_nights_rows(configured, rows, shards, 
     assert apply_in_flight(configured, rows, shards) == expected
 
 
+def test_a_night_that_visits_every_shard_applies_them_all_at_once_unless_the_spec_caps_it():
+    from jobs.nightly import apply_in_flight
+
+    assert apply_in_flight(None, 0, 64, every_shard=True) == 64  # a recompile: each loads its whole prior state
+    assert apply_in_flight(4, 0, 64, every_shard=True) == 4
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5, "8"])
 def test_a_bad_apply_in_flight_is_refused_naming_the_field(bad):
     with pytest.raises(SpecError, match="apply_in_flight"):
