@@ -226,7 +226,11 @@ class CompileWorker:
     only), so that what a compile pays once per process (the step-form checks, the tokenize
     workers, CUDA kernels and cuBLAS handles, the compiled step's load from its cache) is paid
     while the night reads and applies its log (the pool's actors start then), not in the first
-    chunk. The warm-up's deltas are discarded; the model is not changed."""
+    chunk. The warm-up's deltas are discarded; the model is not changed. The Ray pool
+    (pipeline.runner._RayPool) starts its actors with ``warm_up=False`` and calls
+    :meth:`warm_up_or_warn` only on an actor that is loaded while no chunk is waiting for it: on
+    the device, a warm-up costs 1.85-2.05 s and saves the first 25,000-fact chunk 1.5 s
+    (bench/RESULTS.md, 2026-11-30 fifth session), so before a waiting chunk it is a loss."""
 
     def __init__(self, model_dir: str, options: CompileOptions, store_uri: str | None = None,
                  device: str | None = None, threads: int | None = None, check_users: int = 0,
@@ -265,17 +269,24 @@ class CompileWorker:
         self._saved = 0
         self._device = threading.Lock()  # one chunk at a time uses the model (see compile())
         if on_gpu if warm_up is None else warm_up:
-            try:
-                self.warm_up()
-            except Exception as err:  # noqa: BLE001 - only a head start: the first chunk pays it instead
-                log.warning("compile worker: warm-up failed (%s: %s); the first chunk pays the first compile's "
-                            "costs instead", type(err).__name__, err)
+            self.warm_up_or_warn()
         self.start_seconds = time.perf_counter() - started
 
     def ready(self) -> float:
-        """Seconds this worker took to start (model load and warm-up). A Ray actor runs it after
-        its constructor, so the pool learns which actors can take a chunk now."""
+        """Seconds this worker took to start (its model load, and the warm-up if the constructor
+        ran it). A Ray actor runs it after its constructor (and after a warm-up the pool queued
+        before it), so the pool learns which actors can take a chunk now."""
         return self.start_seconds
+
+    def warm_up_or_warn(self) -> float | None:
+        """:meth:`warm_up`; a failure is logged, not raised (the warm-up is only a head start: the
+        first chunk pays the first compile's costs instead). Returns its seconds, or None."""
+        try:
+            return self.warm_up()
+        except Exception as err:  # noqa: BLE001
+            log.warning("compile worker: warm-up failed (%s: %s); the first chunk pays the first compile's "
+                        "costs instead", type(err).__name__, err)
+            return None
 
     def warm_up(self) -> float:
         """Compile :data:`WARM_UP_FACTS` synthetic facts (triggers and answers drawn from the

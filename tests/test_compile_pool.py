@@ -144,3 +144,83 @@ def test_a_compile_actor_that_cannot_start_fails_the_night_naming_it_and_publish
         run_nightly(spec)
     assert any("compile actor 0 start" in note for note in getattr(failure.value, "__notes__", []))
     assert read_current(LocalStore(tmp_path / "store")) is None
+
+
+def _night_with_pool(monkeypatch, pools: list) -> None:
+    """Nights of this test build their Ray compile pool with ``warm_up=True`` (on a GPU the
+    default; these tests run on CPU actors) and keep it in ``pools``."""
+    import pipeline.runner
+
+    real = pipeline.runner.RayRunner.compile_pool
+
+    def compile_pool(self, *args, **kwargs):
+        pools.append(real(self, *args, **{**kwargs, "warm_up": True}))
+        return pools[-1]
+
+    monkeypatch.setattr(pipeline.runner.RayRunner, "compile_pool", compile_pool)
+
+
+def test_an_actor_loaded_while_the_night_still_reads_its_log_warms_up_meanwhile(ray_cluster, tmp_path, tiny_dir,
+                                                                                monkeypatch):
+    import jobs.nightly
+
+    pools: list = []
+    _night_with_pool(monkeypatch, pools)
+    real_fingerprint = jobs.nightly.model_fingerprint
+
+    def slow_fingerprint(*args):  # the driver is busy until both actors have loaded (and got their warm-up)
+        deadline = time.monotonic() + SLOW_START_LIMIT_S
+        while len(pools[-1].warmed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return real_fingerprint(*args)
+
+    monkeypatch.setattr(jobs.nightly, "model_fingerprint", slow_fingerprint)
+    rows = fact_log_rows(8, 4)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=2, batches_per_chunk=1, compile={"facts_per_batch": 8})
+    report = run_nightly(spec)
+    assert report.facts_ok == len(rows) and report.facts_failed == 0
+    assert sorted(pools[-1].warmed) == [0, 1]
+    assert report.compile_worker_seconds["warm_up"] > 0  # reported with each actor's first chunk
+
+    # The warm-up changes nothing compiled: the same night without it publishes the same shards.
+    clean = NightlySpec(**{**spec.to_dict(), "store": str(tmp_path / "clean"), "workers": 0})
+    run_nightly(clean)
+    assert read_current(LocalStore(tmp_path / "store"))[0].shards == read_current(LocalStore(tmp_path / "clean"))[0].shards
+
+
+def test_an_actor_that_loads_after_its_chunks_are_known_skips_the_warm_up(ray_cluster, tmp_path, tiny_dir,
+                                                                          monkeypatch):
+    import pipeline.runner
+
+    pools: list = []
+    _night_with_pool(monkeypatch, pools)
+    mapped = tmp_path / "mapped"
+    real_map = pipeline.runner._RayPool.map
+
+    def map_(self, *args, **kwargs):
+        mapped.touch()
+        yield from real_map(self, *args, **kwargs)
+
+    class LateWorker(pipeline.compile.CompileWorker):
+        """Loads only once the night has its chunks (or after the limit: then the test fails)."""
+
+        def __init__(self, *args, **kwargs):
+            deadline = time.monotonic() + SLOW_START_LIMIT_S
+            while not mapped.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.runner._RayPool, "map", map_)
+    monkeypatch.setattr(pipeline.compile, "CompileWorker", LateWorker)
+    rows = fact_log_rows(8, 4)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=2, batches_per_chunk=1, compile={"facts_per_batch": 8})
+    started = time.monotonic()
+    report = run_nightly(spec)
+    assert time.monotonic() - started < SLOW_START_LIMIT_S
+    assert report.facts_ok == len(rows) and report.facts_failed == 0
+    assert pools[-1].warmed == []
+    assert "warm_up" not in report.compile_worker_seconds and report.compile_worker_seconds["load"] > 0
