@@ -101,6 +101,9 @@ class FactFile:
     path: str  # an absolute local path or s3://bucket/key
     size: int
     mtime_ns: int | None = None  # None where the filesystem reports no modification time
+    # The listed source (folder) the file lies under, as ``path`` writes it: only the folders
+    # between it and the file are partition folders (``scope=.../``). Not part of its identity.
+    root: str = field(default="", compare=False)
 
     def identity(self) -> dict:
         return {"size": self.size, "mtime_ns": self.mtime_ns}
@@ -189,25 +192,30 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
     first; a warning names both). A broken link is listed like a file, so that reading it fails
     naming the link and its missing target (or becomes a file reject with on_bad_file='reject')."""
     sources = [source] if isinstance(source, str) else list(source)
+    roots = sorted({_source_root(s) for s in sources}, key=len, reverse=True)  # the innermost source first
     files = {}
     for fs, path, display in _list_files(sources, filesystem):
         info = fs.get_file_info(path)
         mtime = info.mtime_ns if info.mtime_ns is not None else None
-        files[display] = FactFile(display, info.size or 0, mtime)
+        root = next((r for r in roots if display == r or display.startswith(r.rstrip("/") + "/")), display)
+        files[display] = FactFile(display, info.size or 0, mtime, root)
     return [files[p] for p in sorted(files)]
+
+
+def _source_root(root: str) -> str:
+    """A fact-log source as the listing writes its files' paths (absolute local path, or
+    ``scheme://bucket/prefix`` without a trailing slash)."""
+    if "://" in root:
+        scheme, rest = root.split("://", 1)
+        return rest.rstrip("/") if scheme == "file" else f"{scheme}://{rest.rstrip('/')}"
+    return os.path.abspath(root)
 
 
 def under_sources(path: str, source: str | list[str]) -> bool:
     """Whether a listed file's path (as :func:`list_log_files` writes it) lies under one of the
     sources: the sources a night lists are the only place it can see files disappear."""
     roots = [source] if isinstance(source, str) else list(source)
-    for root in roots:
-        if "://" in root:
-            root = root.split("://", 1)[0] + "://" + root.split("://", 1)[1].rstrip("/")
-            if root.startswith("file://"):
-                root = root[len("file://"):]
-        else:
-            root = os.path.abspath(root)
+    for root in map(_source_root, roots):
         if path == root or path.startswith(root.rstrip("/") + "/"):
             return True
     return False
@@ -247,7 +255,7 @@ def read_log_file(
     FactLogError for an unreadable file under ``on_bad_file="raise"``.
     """
     fs, path = _filesystem_for(file.path, filesystem)
-    _, table, problem = _read_one(fs, path, file.path)
+    _, table, problem = _read_one(fs, path, file.path, file.root)
     if problem is not None:
         reason, detail = problem
         if on_bad_file == "raise":
@@ -329,7 +337,7 @@ def read_fact_log(
             logger.info("fact log %s: already ingested, skipped", file.path)
             continue
         fs, path = _filesystem_for(file.path, filesystem)
-        _, table, problem = _read_one(fs, path, file.path)
+        _, table, problem = _read_one(fs, path, file.path, file.root)
         if problem is not None:
             reason, detail = problem
             if on_bad_file == "raise":
@@ -494,8 +502,9 @@ def _table_format_error(folder: str, what: str) -> FactLogError:
         "with DuckDB or the table format's own reader) into a folder of its own and point fact_log at that")
 
 
-def _read_one(fs: pafs.FileSystem, path: str, display: str):
-    """(size, normalised table or None, (reason, detail) or None).
+def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
+    """(size, normalised table or None, (reason, detail) or None). ``root``: the listed source
+    ``display`` lies under (only the folders below it are partition folders; "": none are).
 
     Only the fact log's own columns are read: an extra column of a type this pyarrow cannot
     convert does not cost the file, and a column named like our provenance (``_row``) is never
@@ -509,7 +518,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
             present = parquet.schema_arrow.names
-            partitions = {k: v for k, v in _hive_partitions(display).items() if k not in present}
+            partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
             if problem := _column_problem(present + list(partitions)):
                 if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
                     logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
@@ -522,7 +531,9 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str):
     except (pa.ArrowException, OSError) as err:
         return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
-        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
+        # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
+        kind = pa.binary() if isinstance(value, bytes) else pa.string()
+        table = table.append_column(name, pa.array([value] * table.num_rows, kind))
     extra = [name for name in present if name not in F.FACT_LOG_SCHEMA.names]
     if extra:
         logger.warning("fact log %s: ignoring extra columns %s", display, extra)
@@ -547,15 +558,26 @@ def _parquet_interval(name: str, kind: pa.DataType) -> str:
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
 
-def _hive_partitions(path: str) -> dict[str, str | None]:
-    """Fact-log columns written as ``column=value`` folders of ``path`` (Hive partitioning, as
-    pandas' and Spark's ``partition_cols`` write it; the value %-decoded, Hive's null folder as
-    None). The innermost folder wins."""
-    out: dict[str, str | None] = {}
-    for part in path.replace("\\", "/").split("/")[:-1]:
+def _hive_partitions(path: str, root: str) -> dict[str, str | bytes | None]:
+    """Fact-log columns written as ``column=value`` folders of ``path`` below its listed source
+    ``root`` (Hive partitioning, as pandas' and Spark's ``partition_cols`` write it; the value
+    %-decoded, Hive's null folder as None; a value whose decoded bytes are not UTF-8 as those
+    bytes). The innermost folder wins. Folders at or above ``root`` are where the log lives, not
+    partitions: ``/data/scope=prod/fact_log`` does not make every row a ``prod`` scope fact."""
+    if not root or not path.startswith(root.rstrip("/") + "/"):
+        return {}
+    out: dict[str, str | bytes | None] = {}
+    for part in path[len(root.rstrip("/")) + 1:].split("/")[:-1]:
         name, sep, value = part.partition("=")
         if sep and name in F.FACT_LOG_SCHEMA.names:
-            out[name] = None if value == _HIVE_NULL else urllib.parse.unquote(value)
+            if value == _HIVE_NULL:
+                out[name] = None
+                continue
+            raw = urllib.parse.unquote_to_bytes(value)
+            try:
+                out[name] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                out[name] = raw
     return out
 
 
@@ -567,9 +589,16 @@ def _column_problem(present: list[str]) -> str | None:
     if twice:
         return f"column {twice[0]!r} appears {present.count(twice[0])} times; keep one"
     missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in present]
-    if not missing:
-        return None
     fold = {_folded_name(name): name for name in present}
+    if not missing:
+        # An optional column under a near-miss name would be ignored as an extra column, and every
+        # row read without it (a misspelt ``scope``: shared facts read as personal ones): refused.
+        for name in F.OPTIONAL_LOG_COLUMNS:
+            near = fold.get(_folded_name(name))
+            if name not in present and near is not None:
+                return (f"column {near!r} is not the optional column {name!r}, and without it every row would be "
+                        f"read as having no {name}; {_near_miss(near, name)} (or drop the column)")
+        return None
     near = fold.get(_folded_name(missing[0]))
     hint = f"; {_near_miss(near, missing[0])}" if near else ""
     shown = present[:20] + ([f"... {len(present) - 20} more"] if len(present) > 20 else [])

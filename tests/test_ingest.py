@@ -366,6 +366,57 @@ def test_columns_written_as_hive_partition_folders_are_read_from_the_path(tmp_pa
     assert batch.file_rejects.num_rows == 0
 
 
+def test_only_folders_below_the_fact_log_source_are_partition_folders(tmp_path):
+    """A log that lives under a ``scope=prod`` folder (a platform's own layout) is not a shared scope:
+    read as one, every user's personal facts became the facts of one scope served to all."""
+    root = tmp_path / "platform" / "scope=prod" / "user_id=ops" / "fact_log"
+    (root / "day=2026-11-30").mkdir(parents=True)
+    pq.write_table(table({"user_id": "alice", "answer": " Biscuit"}, {"user_id": "bob", "answer": " Pepper"}),
+                   root / "day=2026-11-30" / "part-0.parquet")
+    for source in (str(root), str(root) + "/", f"file://{root}", [str(root)]):
+        batch = read_fact_log(source)
+        assert {(r["user_id"], r["scope"]) for r in batch.rows.to_pylist()} == {("alice", None), ("bob", None)}
+    # below the source they still are: a scope folder inside the log is read from the path
+    (root / "scope=team%3Aa").mkdir()
+    pq.write_table(table({"user_id": "carol"}).drop_columns(["scope"]), root / "scope=team%3Aa" / "part-0.parquet")
+    got = {r["user_id"]: r["scope"] for r in read_fact_log(str(root)).rows.to_pylist()}
+    assert got == {"alice": None, "bob": None, "carol": "team:a"}
+    # a file given as the source itself has no partition folders
+    assert read_fact_log(str(root / "scope=team%3Aa" / "part-0.parquet")).rows.column("scope").to_pylist() == [None]
+    # nested sources: a file's partitions start below the innermost source it lies under
+    both = read_fact_log([str(tmp_path / "platform"), str(root)])
+    assert {r["user_id"]: r["scope"] for r in both.rows.to_pylist()} == got
+
+
+def test_a_partition_value_that_is_not_utf8_once_decoded_rejects_its_rows_naming_the_bytes(tmp_path):
+    """``user_id=%FF`` and ``user_id=%FE`` used to decode both to U+FFFD: two people merged into one user."""
+    for folder, fact in (("user_id=%FF", "pet"), ("user_id=%FE", "vet"), ("user_id=ok%C3%A9", "car")):
+        (tmp_path / "log" / folder).mkdir(parents=True)
+        pq.write_table(table({"fact_id": fact}).drop_columns(["user_id"]), tmp_path / "log" / folder / "part-0.parquet")
+    result = run(read_fact_log(str(tmp_path / "log")))
+    assert result.state.column("user_id").to_pylist() == ["oké"]
+    rejects = sorted(result.rejects.to_pylist(), key=lambda r: r["source"])
+    assert [r["reason"] for r in rejects] == ["BAD_USER_ID", "BAD_USER_ID"]
+    assert "\\xfe" in rejects[0]["detail"] and "\\xff" in rejects[1]["detail"]
+    assert "user_id=%FE" in rejects[0]["source"] and "user_id=%FF" in rejects[1]["source"]
+
+
+@pytest.mark.parametrize("name", ["Scope", "scope ", "\ufeffscope", "SCOPE"])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_misspelt_optional_column_refuses_the_file_instead_of_being_ignored(tmp_path, name, on_bad_file):
+    """Ignored as an extra column, a misspelt ``scope`` made every shared fact a personal one."""
+    rows = table({"scope": "org:a"}).rename_columns([name if c == "scope" else c for c in RAW_SCHEMA.names])
+    pq.write_table(rows, tmp_path / "part-0.parquet")
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match=re.escape(f"rename {name!r} to 'scope'")):
+            read_fact_log(str(tmp_path))
+    else:
+        batch = read_fact_log(str(tmp_path), on_bad_file="reject")
+        assert batch.rows.num_rows == 0
+        assert batch.file_rejects.column("reason").to_pylist() == ["SCHEMA_MISMATCH"]
+        assert repr(name) in batch.file_rejects.column("detail")[0].as_py()
+
+
 def test_integer_user_ids_are_read_as_strings(tmp_path):
     raw = table({}).set_column(0, "user_id", pa.array([42], pa.int64()))
     result = run(raw)
@@ -665,6 +716,17 @@ def test_s3_keys_with_spaces_and_percent_escapes_are_listed_and_read_as_written(
     client.put_object(Bucket=s3_bucket, Key="spark/facts/_delta_log/00000000000000000000.json", Body=b"{}")
     with pytest.raises(FactLogError, match=re.escape(f"fact log s3://{s3_bucket}/spark/facts: a Delta Lake table")):
         list_log_files(f"s3://{s3_bucket}/spark")
+    # a log under a scope=... prefix is not a scope; a scope=... folder below the log's prefix is
+    for key, user in (("org/scope=prod/log/day=1/part-0.parquet", "alice"),
+                      ("org/scope=prod/log/scope=team%3Aa/part-0.parquet", "carol")):
+        buffer = io.BytesIO()
+        pq.write_table(table({"user_id": user}).drop_columns(["scope"]), buffer)
+        client.put_object(Bucket=s3_bucket, Key=key, Body=buffer.getvalue())
+    for source in (f"s3://{s3_bucket}/org/scope=prod/log", f"s3://{s3_bucket}/org/scope=prod/log/"):
+        got = {r["user_id"]: r["scope"] for r in read_fact_log(source).rows.to_pylist()}
+        assert got == {"alice": None, "carol": "team:a"}
+        rows = [read_log_file(f, RowRules(max_trigger_tokens=64), 4)[1] for f in list_log_files(source)]
+        assert sorted(r.column("scope").to_pylist()[0] or "" for r in rows) == ["", "team:a"]
 
 
 # --- Applying events ------------------------------------------------------------------------
