@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -105,6 +106,15 @@ class NightlySpec:
             raise SpecError(f"job spec: field 'compact_layer_share' must be a number above 0 (e.g. 0.5: compact once "
                             f"layers weigh half their base), got {self.compact_layer_share!r}")
         self.compile_options()  # validates the overrides
+        for name in ("store", "model"):
+            if _inside(getattr(self, name), self.fact_log):
+                raise SpecError(f"job spec: field '{name}' ({getattr(self, name)}) is inside field 'fact_log' "
+                                f"({self.fact_log}): a night would list its files as fact-log files (and fail on "
+                                f"them, or with on_bad_file: reject, record them as rejects every night); keep the "
+                                f"{name} outside the fact log's folder")
+        if _inside(self.fact_log, self.store):
+            raise SpecError(f"job spec: field 'fact_log' ({self.fact_log}) is inside field 'store' ({self.store}): "
+                            "keep the fact log outside the store (forget, gc and rollback rewrite the store)")
 
     def compile_options(self) -> CompileOptions:
         known = {f.name for f in fields(CompileOptions)}
@@ -155,6 +165,21 @@ class NightlySpec:
         except yaml.YAMLError as exc:
             raise SpecError(f"job spec {path}: not valid YAML ({exc})") from None
         return cls.from_dict(raw, source=f"job spec {path}")
+
+
+def _location(path: str) -> str:
+    """A store, model or fact-log location compared as a path: ``scheme://bucket/prefix`` or an
+    absolute local path with its links resolved, without a trailing slash."""
+    if "://" in path and not path.startswith("file://"):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{rest.strip('/')}"
+    return os.path.realpath(path.removeprefix("file://"))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it."""
+    inner, outer = _location(path), _location(folder)
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -1,5 +1,6 @@
 """The nightly job end to end: real local Ray cluster, real stores, a tiny model built here."""
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -165,6 +166,28 @@ def test_spec_round_trips_and_rejects_unknown_keys(tmp_path):
         NightlySpec.from_dict({**spec.to_dict(), "bogus": 1})
     with pytest.raises(SpecError, match="stepz"):
         NightlySpec.from_dict({**spec.to_dict(), "compile": {"stepz": 1}})
+
+
+@pytest.mark.parametrize("store,log,model,wrong", [
+    ("{d}/data/engram-store", "{d}/data", "{d}/model", "'store'"),       # the store inside the log folder
+    ("{d}/data", "{d}/data/", "{d}/model", "'store'"),                   # the same folder
+    ("{d}/store", "{d}/data", "{d}/data/model", "'model'"),              # the model inside the log folder
+    ("{d}/store", "{d}/store/log", "{d}/model", "'fact_log'"),           # the log inside the store
+    ("{d}/store", "{d}/link-to-data", "{d}/data/model", "'model'"),      # through a link to the log folder
+    ("s3://b/lake/engram", "s3://b/lake/", "{d}/model", "'store'"),
+])
+def test_a_store_or_model_inside_the_fact_log_folder_is_refused_naming_both(tmp_path, store, log, model, wrong):
+    """A store inside the log's folder was accepted on night 1; every later night then listed the
+    store's own objects as log files and failed (or, with on_bad_file: reject, rejected them all)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link-to-data").symlink_to(tmp_path / "data")
+    fields = {k: v.format(d=tmp_path) for k, v in (("store", store), ("fact_log", log), ("model", model))}
+    with pytest.raises(SpecError, match=re.escape(f"field {wrong}")) as refused:
+        NightlySpec(**fields)
+    assert fields["fact_log"] in str(refused.value)
+    # side by side is fine, also with a shared name prefix (data vs data-store)
+    NightlySpec(store=str(tmp_path / "data-store"), fact_log=str(tmp_path / "data"), model=str(tmp_path / "model"))
+    NightlySpec(store="s3://b/lake-engram", fact_log="s3://b/lake", model=str(tmp_path / "model"))
 
 
 def test_a_run_killed_mid_compile_resumes_from_what_it_had_compiled(tmp_path, tiny_dir, local_store):
