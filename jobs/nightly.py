@@ -50,6 +50,7 @@ from jobs.spec import DEFAULT_NUM_SHARDS, NightlySpec
 from pipeline.compile import CHUNK_SECONDS, ChunkCheckpoints, plan_chunks
 from pipeline.ingest import (
     UNROUTED,
+    FactFile,
     FileRead,
     RowRules,
     files_to_read,
@@ -207,7 +208,7 @@ def run_nightly(
         # version-1 store (whose shards have no tombstones or stats parts yet).
         upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
         night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
-        night.listed = {f.path for f in listed}
+        night.listed = {f.path: f for f in listed}
         if not (new or rewritten or recompile or upgrade):
             log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
             return night.report(previous, published=False)
@@ -282,7 +283,7 @@ class _Night:
         self.reads: list[FileRead] = []
         self.chunks: list = []  # chunk metas
         self.files_reread = 0
-        self.listed: set[str] = set()  # every file of the log this night (paths)
+        self.listed: dict[str, FactFile] = {}  # every file of the log this night, by path
         self.every_shard = False
         self.scope_plan: ScopePlan | None = None  # the night's scope merge (None: no scope touched)
         self.scopes = publish.CARRY  # the version's ScopesEntry (CARRY: the previous version's)
@@ -616,6 +617,10 @@ class _Night:
         previous = _read_watermark(self.previous)
         files = {path: identity for path, identity in previous["files"].items()
                  if path in self.listed or not under_sources(path, self.spec.fact_log)}
+        for path, identity in files.items():  # an older entry (no change time) of an unchanged file: now with it
+            listed = self.listed.get(path)
+            if listed is not None and listed.ingested_as(identity):
+                files[path] = listed.identity()
         files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None})
         times = [a.watermark for a in self.applied.values() if a.watermark] + (
             [previous["max_event_time"]] if previous["max_event_time"] else [])

@@ -41,9 +41,10 @@ Decisions worth knowing:
   FactLogError naming it; ``on_bad_file="reject"`` records it as one reject row instead
   (UNREADABLE_FILE / SCHEMA_MISMATCH) so one bad file does not block the night. A rejected
   file is not recorded as ingested: the next night reads it again.
-* A file is known by its path, size and modification time: a file rewritten in place (same
-  path, other size or time) is read again on the next night; its events that were already
-  applied come back as DUPLICATE or SUPERSEDED.
+* A file is known by its path, size, modification time and (local files) change time: a file
+  rewritten in place (same path, other size or time; also one whose modification time a copy
+  kept, as ``cp -p`` and ``rsync -t`` do) is read again on the next night; its events that were
+  already applied come back as DUPLICATE or SUPERSEDED.
 """
 
 from __future__ import annotations
@@ -96,22 +97,35 @@ def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
 
 @dataclass(frozen=True)
 class FactFile:
-    """A log file and its identity: a file whose size or modification time changed is new again."""
+    """A log file and its identity: a file whose size, modification time or (local) change time
+    changed is new again."""
 
     path: str  # an absolute local path or s3://bucket/key
     size: int
     mtime_ns: int | None = None  # None where the filesystem reports no modification time
+    # A local file's inode change time: set by the kernel on every write, rename into place or
+    # metadata change, and not settable by ``cp -p``, ``rsync -t`` or ``tar x``, which keep the
+    # modification time of a file they rewrite. None on object stores (their listings give no
+    # ctime, and an object's LastModified cannot be set by a client).
+    ctime_ns: int | None = None
     # The listed source (folder) the file lies under, as ``path`` writes it: only the folders
     # between it and the file are partition folders (``scope=.../``). Not part of its identity.
     root: str = field(default="", compare=False)
 
     def identity(self) -> dict:
-        return {"size": self.size, "mtime_ns": self.mtime_ns}
+        out = {"size": self.size, "mtime_ns": self.mtime_ns}
+        if self.ctime_ns is not None:
+            out["ctime_ns"] = self.ctime_ns
+        return out
 
     def ingested_as(self, recorded) -> bool:
-        """Whether a watermark entry (``identity()``, or a plain size from older versions) is this file."""
+        """Whether a watermark entry (``identity()``, or a plain size from older versions) is this file.
+        An entry written before change times were recorded is compared on size and mtime alone."""
         if isinstance(recorded, dict):
-            return recorded == self.identity()
+            mine = self.identity()
+            if "ctime_ns" not in recorded:
+                mine.pop("ctime_ns", None)
+            return recorded == mine
         return recorded == self.size  # written before modification times were recorded
 
 
@@ -198,8 +212,18 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
         info = fs.get_file_info(path)
         mtime = info.mtime_ns if info.mtime_ns is not None else None
         root = next((r for r in roots if display == r or display.startswith(r.rstrip("/") + "/")), display)
-        files[display] = FactFile(display, info.size or 0, mtime, root)
+        files[display] = FactFile(display, info.size or 0, mtime, _change_time(fs, path), root)
     return [files[p] for p in sorted(files)]
+
+
+def _change_time(fs: pafs.FileSystem, path: str) -> int | None:
+    """A local file's ``st_ctime_ns`` (None elsewhere, or for a broken link)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return None
+    try:
+        return os.stat(path).st_ctime_ns
+    except OSError:
+        return None
 
 
 def _source_root(root: str) -> str:

@@ -366,6 +366,22 @@ def test_columns_written_as_hive_partition_folders_are_read_from_the_path(tmp_pa
     assert batch.file_rejects.num_rows == 0
 
 
+def test_a_file_is_known_by_size_mtime_and_local_change_time_and_older_watermarks_still_match(tmp_path):
+    from pipeline.ingest import files_to_read
+
+    path = tmp_path / "log" / "part-0.parquet"
+    path.parent.mkdir()
+    pq.write_table(table({}), path)
+    (listed,) = list_log_files(str(tmp_path / "log"))
+    stat = path.stat()
+    assert listed.identity() == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    older = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # a watermark written before change times
+    assert files_to_read([listed], {listed.path: older}) == ([], [])
+    assert files_to_read([listed], {listed.path: stat.st_size}) == ([], [])  # and before modification times
+    moved = dict(listed.identity(), ctime_ns=stat.st_ctime_ns - 1)
+    assert files_to_read([listed], {listed.path: moved}) == ([], [listed])
+
+
 def test_only_folders_below_the_fact_log_source_are_partition_folders(tmp_path):
     """A log that lives under a ``scope=prod`` folder (a platform's own layout) is not a shared scope:
     read as one, every user's personal facts became the facts of one scope served to all."""

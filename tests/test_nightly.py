@@ -446,6 +446,37 @@ def test_a_log_file_rewritten_in_place_is_read_again_and_reported(tmp_path, tiny
     assert not run_nightly(spec).published  # read once per change, not every night
 
 
+def test_a_same_size_rewrite_that_kept_its_modification_time_is_read_again(tmp_path, tiny_dir, local_store):
+    """``cp -p``, ``rsync -t`` and ``tar x`` rewrite a file and keep its mtime: the watermark knew the
+    file by size and mtime alone, so a same-size correction was never read and the old answer stayed."""
+    import json
+    import os
+    import shutil
+
+    path = tmp_path / "log" / "day=1" / "part-0.parquet"
+    rows = fact_log_rows(2, 1)
+    write_fact_log(rows, path)
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    first = run_nightly(spec)
+    staged = tmp_path / "staged.parquet"  # the correction, the same size, copied over with its time kept
+    fixed = [dict(rows[0], answer=rows[0]["answer"][:-1] + "Z", event_time=rows[0]["event_time"] + timedelta(hours=1)),
+             rows[1]]
+    write_fact_log(fixed, staged)
+    assert staged.stat().st_size == path.stat().st_size
+    before = path.stat()
+    shutil.copyfile(staged, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    report = run_nightly(spec)
+    assert report.published and report.files_reread == 1 and report.compiled_users == 1
+    assert not run_nightly(spec).published  # read once per change
+
+    manifest, _ = read_current(local_store)
+    assert [identity["ctime_ns"] for identity in json.loads(manifest.watermark)["files"].values()] == [
+        path.stat().st_ctime_ns]
+    assert first.published
+
+
 def test_a_file_rejected_as_unreadable_is_read_again_the_next_night(tmp_path, tiny_dir, local_store):
     log = tmp_path / "log" / "day=1"
     log.mkdir(parents=True)
