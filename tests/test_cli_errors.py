@@ -18,8 +18,9 @@ def engram(*args: str):
 
 def test_a_night_with_a_missing_fact_log_or_model_exits_2_before_creating_the_store(tmp_path, tiny_dir):
     store = tmp_path / "store"
+    (tmp_path / "log").mkdir()
     for flags in (["--fact-log", str(tmp_path / "nope"), "--model", str(tiny_dir)],
-                  ["--fact-log", str(tmp_path), "--model", str(tmp_path / "no-model")]):
+                  ["--fact-log", str(tmp_path / "log"), "--model", str(tmp_path / "no-model")]):
         result = engram("run", "nightly", "--store", str(store), *flags, "--workers", "0", "--json")
         assert result.exit_code == 2, result.output
         assert "no such file or directory" in result.stderr
@@ -286,6 +287,8 @@ def test_paths_that_are_files_where_a_directory_belongs_get_one_line_naming_them
     a_file.write_text("not a directory")
     store = tmp_path / "store"
     store.mkdir()
+    log = tmp_path / "log"
+    log.mkdir()
     for args, message in (
             (["versions", "--store", str(a_file)], f"store {a_file}: is a file, not a directory"),
             (["stats", "--store", str(a_file), "select 1"], f"store {a_file}: is a file, not a directory"),
@@ -294,9 +297,9 @@ def test_paths_that_are_files_where_a_directory_belongs_get_one_line_naming_them
             (["compact", "--store", str(a_file)], f"store {a_file}: is a file, not a directory"),
             (["rollback", "--store", str(a_file), "--to", "1"], f"store {a_file}: is a file, not a directory"),
             (["pull", "--store", str(a_file)], f"store {a_file}: is a file, not a directory"),
-            (["run", "nightly", "--store", str(a_file), "--fact-log", str(tmp_path), "--model", str(tmp_path)],
+            (["run", "nightly", "--store", str(a_file), "--fact-log", str(log), "--model", str(tmp_path)],
              f"store {a_file} is a file, not a directory"),
-            (["run", "nightly", "--store", str(store), "--fact-log", str(tmp_path), "--model", str(a_file)],
+            (["run", "nightly", "--store", str(store), "--fact-log", str(log), "--model", str(a_file)],
              f"model {a_file}: is a file, not a checkpoint directory"),
             (["pull", "--store", str(store), "--cache-dir", str(a_file)], f"--cache-dir {a_file} is a file"),
             (["ask", "--store", str(store), "--user", "u1", "--cache-dir", str(a_file / "sub"), "hi"],
@@ -314,7 +317,7 @@ def test_paths_that_are_files_where_a_directory_belongs_get_one_line_naming_them
         assert result.exit_code == 2, (args, result.output, result.exception)
         assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, (args, result.stderr)
     assert a_file.read_text() == "not a directory" and not (tmp_path / "w").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "store"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "log", "store"]
 
 
 def test_an_unreadable_log_file_names_the_spec_field_and_the_flag_that_rejects_it(tmp_path, tiny_dir):
