@@ -244,6 +244,31 @@ def apply_in_flight(configured: int | None, rows: int, shards: int, every_shard:
     return max(1, min(shards, want))
 
 
+def _own_parts(entry: ShardEntry, before: ShardEntry) -> set[str]:
+    """The keys of ``entry`` (a night's, built on ``before``) that are not the parts of ``before``
+    which :func:`pipeline.shards.rebase_entry` replaces by their re-issue: the night's own layers
+    (with their stats parts, even where one is the same content, so the same key, as a part of
+    ``before``: a forget that re-issues ``before`` must not delete it), its own base, state and
+    stats. Objects of ``before`` that the night only carries are left out."""
+    inherited: set[str] = set()
+    if entry.bundle_key == before.bundle_key and entry.layers[:len(before.layers)] == before.layers:
+        inherited |= {before.bundle_key} | {k for layer in before.layers for k in layer.object_keys()}
+        own_layers = entry.layers[len(before.layers):]
+        if entry.stats == before.stats:
+            inherited |= set(before.stats.values())
+    else:
+        own_layers = entry.layers
+    if (entry.state_key, entry.tombstones_key) == (before.state_key, before.tombstones_key) and \
+            entry.state_layers[:len(before.state_layers)] == before.state_layers:
+        inherited |= {before.state_key} | ({before.tombstones_key} if before.tombstones_key else set())
+        inherited |= {k for layer in before.state_layers for k in layer.object_keys()}
+        own_state = entry.state_layers[len(before.state_layers):]
+    else:
+        own_state = entry.state_layers
+    mine = {k for layer in own_layers for k in layer.object_keys()} | {k for layer in own_state for k in layer.object_keys()}
+    return (set(entry.object_keys()) - inherited) | mine
+
+
 def _raise_if_current_moved(store, previous: Manifest | None, err: Exception) -> None:
     """A prior object missing or changed while CURRENT moved since the night began: another writer
     (an ``engram forget``, rollback or gc run beside the night) rewrote or deleted what the night was
@@ -459,7 +484,7 @@ class _Night:
                 before = self.previous
                 forget_users(self.store, forgotten, actor=self.job_id, reason="forget_user event in the fact log",
                              forgotten_at={u: epoch + timedelta(microseconds=t) for u, t in forget_times.items()},
-                             keep=self._own_objects(before))
+                             keep=self._own_objects(before), record_absent=False)
                 current = read_current(self.store)
                 self.previous = current[0] if current else None
                 self._rebase(before, self.previous)
@@ -550,10 +575,10 @@ class _Night:
         (a user forgotten by an older forget can still be in them, legitimately) and its rejects.
         Objects it shares with ``before`` are left out: the forget re-issues them without the
         users, and :meth:`_rebase` moves the entries onto the re-issued ones."""
-        shared = set()
-        if before is not None and before.num_shards == self.spec.num_shards:
-            shared = {k for s in self.entries for k in before.shard(s).object_keys()}
-        own = {k for e in self.entries.values() for k in e.object_keys()} - shared
+        if before is None or before.num_shards != self.spec.num_shards:
+            own = {k for e in self.entries.values() for k in e.object_keys()}
+        else:
+            own = {k for s, e in self.entries.items() for k in _own_parts(e, before.shard(s))}
         return frozenset(own | {a.rejects_key for a in self.applied.values() if a.rejects_key})
 
     def _needs_stats(self, shard: int) -> bool:

@@ -40,7 +40,7 @@ def forget(
             typer.echo(json.dumps(report.to_dict(), sort_keys=True))
         else:
             typer.echo(f"{user}: {report.message}")
-            if report.found:
+            if report.rewritten:
                 moves = ", ".join(f"v{a}->v{b}" for a, b in sorted(report.rewritten.items()))
                 typer.echo(f"  rewrote {moves}; deleted {len(report.deleted_objects)} object(s)")
                 typer.echo(f"  later nights refuse this user's events stamped up to {report.refused_until} "

@@ -139,12 +139,29 @@ def test_forget_rewrites_stats_and_records_the_forget_hashed(four_versions):
     assert TARGET not in json.dumps(read_audit(store))
 
 
-def test_forgetting_an_unknown_user_says_so(four_versions):
+def test_forgetting_an_unknown_user_says_so_and_still_records_the_forget(four_versions):
+    """A user not published yet (their events still on the way) must stay forgotten: the forget
+    tombstone is recorded in every retained version's rewrite, so the next night refuses the
+    user's events up to the forget (it used to record nothing, and the night published the user)."""
     store, versions = four_versions
-    before = [info.version for info in list_versions(store)]
+    before = {info.version: read_manifest(store, info.version) for info in list_versions(store)}
     report = forget_user(store, "nobody-like-this", actor="ops", reason="request")
-    assert not report.found and "not found" in report.message
-    assert [info.version for info in list_versions(store)] == before
+    assert not report.found and "not found" in report.message and "recorded" in report.message
+    assert report.refused_until is not None and sorted(report.rewritten) == sorted(before)
+    for old, new in report.rewritten.items():
+        manifest = read_manifest(store, new)
+        assert forgotten_id("nobody-like-this") in manifest.forgotten
+        for entry, was in zip(manifest.shards, before[old].shards):  # nobody's data changed
+            if entry.shard != shard_of("nobody-like-this", NUM_SHARDS):
+                assert entry == was
+            else:  # only its tombstones: the forget's
+                assert (entry.bundle_key, entry.layers, entry.users, entry.facts) == (was.bundle_key, was.layers, was.users,
+                                                                                      was.facts)
+                assert decode_fact_state(store.get(entry.state_key)) == decode_fact_state(store.get(was.state_key))
+                assert entry.tombstones_key != was.tombstones_key
+    # a second forget of the same absent user has nothing left to record
+    again = forget_user(store, "nobody-like-this", actor="ops", reason="request")
+    assert not again.found and not again.rewritten and again.current_version == report.current_version
 
 
 def test_forget_twice_is_a_no_op_the_second_time(local_store):
@@ -248,10 +265,15 @@ def test_forget_and_gc_commands(local_store):
     assert timedelta(hours=23) < ahead <= timedelta(days=1)
     out = runner.invoke(app, ["forget", "--store", str(local_store.root), USERS[1]])
     assert out.exit_code == 0 and "later nights refuse this user's events stamped up to" in out.output
+    # an id no version holds (yet): not found, and the forget is recorded all the same
     out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost", "--json"])
-    assert out.exit_code == 0 and json.loads(out.output)["refused_until"] is None
-    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost"])
-    assert out.exit_code == 0 and "not found" in out.output
+    ghost = json.loads(out.output)
+    assert out.exit_code == 0 and ghost["found"] is False and ghost["rewritten"]
+    assert timedelta(hours=23) < datetime.fromisoformat(ghost["refused_until"]) - datetime.now(timezone.utc)
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost2"])
+    assert out.exit_code == 0 and "not found" in out.output and "later nights refuse" in out.output
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost2"])  # already recorded
+    assert out.exit_code == 0 and "not found" in out.output and "later nights refuse" not in out.output
     out = runner.invoke(app, ["gc", "--store", str(local_store.root), "--keep", "1", "--dry-run", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["dry_run"] is True

@@ -14,6 +14,7 @@ from jobs.synthetic import BASE_TIME, fact_log_rows, write_fact_log
 from pipeline.plan import FingerprintMismatch
 from pipeline.stats import query_stats
 from schemas.bundle import bundle_deltas
+from schemas.facts import decode_fact_state
 from versions.catalog import list_versions, load_shard_bundle, read_current
 from versions.layout import shard_of
 from versions.rollback import rollback
@@ -477,6 +478,56 @@ def test_a_same_size_rewrite_that_kept_its_modification_time_is_read_again(tmp_p
     assert first.published
 
 
+def test_an_engram_forget_of_a_user_not_published_yet_holds_when_their_events_arrive(tmp_path, tiny_dir,
+                                                                                      local_store):
+    """The forget of an id whose events are still on their way used to record nothing lasting: the
+    next night published the user."""
+    from versions.forget import forget_user
+
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    run_nightly(spec)
+    report = forget_user(local_store, "newbie-00000", actor="ops", reason="erasure request")
+    assert not report.found and report.refused_until is not None
+    late = fact_log_rows(1, 2, prefix="newbie", day=3)  # written before the forget, ingested after it
+    write_fact_log(late, tmp_path / "log" / "day=3" / "part-0.parquet")
+    night = run_nightly(spec)
+    assert night.published and published_delta(local_store, "newbie-00000") is None
+    reasons = query_stats(local_store, f"select reason from rejects where version = {night.version}")
+    assert reasons.column("reason").to_pylist() == ["FORGOTTEN_USER"] * len(late)
+
+
+@pytest.mark.parametrize("forget_day", [-400, 2])
+def test_a_forget_event_scrubs_only_versions_holding_data_written_up_to_it(tmp_path, tiny_dir, local_store, forget_day):
+    """A ``forget_user`` stamped before a user's facts (a replayed old forget, a device clock at the
+    epoch) erased the user from every version, failed the night blaming a concurrent operator, and
+    lost the facts written after it. Now: data up to the forget goes, data after it stays."""
+    from versions.catalog import list_versions, read_manifest
+
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2, workers=0)
+    rows = fact_log_rows(3, 1)  # day 0
+    write_fact_log(rows, tmp_path / "log" / "day=0" / "part-0.parquet")
+    run_nightly(spec)
+    target = rows[0]["user_id"]
+    update = dict(rows[0], answer=" Juniper", event_time=BASE_TIME + timedelta(days=3))
+    write_fact_log([update], tmp_path / "log" / "day=3" / "part-0.parquet")
+    run_nightly(spec)  # v2: the target's fact as of day 3
+    forget = {"user_id": target, "fact_id": None, "op": "forget_user", "trigger": None, "answer": None,
+              "event_time": BASE_TIME + timedelta(days=forget_day), "scope": None}
+    write_fact_log([forget], tmp_path / "log" / "day=4" / "part-0.parquet")
+    night = run_nightly(spec)
+    assert night.published
+    assert published_delta(local_store, target) is not None  # its day-3 fact, written after the forget, stays
+    holders = [v.version for v in list_versions(local_store)
+               if target in decode_fact_state(local_store.get(
+                   read_manifest(local_store, v.version).shard(shard_of(target, 2)).state_key)).column("user_id").to_pylist()]
+    if forget_day < 0:  # before every fact of the target: no version is rewritten, all keep the user
+        assert [v.version for v in list_versions(local_store)] == [1, 2, 3] and holders == [1, 2, 3]
+    else:  # between: v1 and v2 hold its day-0 fact (v2 under its day-3 layer) and lose the user whole (a
+        # retained version's deltas cannot be recompiled without it); the new version keeps the day-3 fact
+        assert [v.version for v in list_versions(local_store)] == [3, 4, 5] and holders == [night.version] == [5]
+
+
 def test_a_file_rejected_as_unreadable_is_read_again_the_next_night(tmp_path, tiny_dir, local_store):
     log = tmp_path / "log" / "day=1"
     log.mkdir(parents=True)
@@ -569,7 +620,9 @@ def _row(user, fact, answer, when, op="upsert"):
 def test_a_late_forget_older_than_the_users_facts_keeps_them_and_commits_cleanly(tmp_path, tiny_dir, local_store):
     """A forget that arrives late but is older than everything the user wrote removes nothing
     now; the night publishes, the user is served, and the result is what one night of all the
-    events gives. Older versions are scrubbed of the user (what they held may predate the forget)."""
+    events gives. Older versions keep the user too: nothing they hold of it predates the forget
+    (a version that holds data of the user up to the forget loses the user whole: see
+    test_a_forget_event_scrubs_only_versions_holding_data_written_up_to_it)."""
     ten = BASE_TIME + timedelta(hours=10)
     write_fact_log([_row("a1", "pet", " Rex", ten), _row("a2", "pet", " Luna", ten)],
                    tmp_path / "log" / "day=1" / "part-0.parquet")
@@ -579,10 +632,9 @@ def test_a_late_forget_older_than_the_users_facts_keeps_them_and_commits_cleanly
                    tmp_path / "log" / "day=2" / "part-0.parquet")
     report = run_nightly(spec)
     assert report.published and sorted(_all_published(local_store)) == ["a1", "a2"]
-    current = read_current(local_store)[0]
     for info in list_versions(local_store):
-        if info.version != current.version:
-            assert "a1" not in _all_published_at(local_store, info.version)
+        assert "a1" in _all_published_at(local_store, info.version)
+    assert [info.version for info in list_versions(local_store)] == [1, 2]  # no version was rewritten
     single = NightlySpec(**{**spec.to_dict(), "store": str(tmp_path / "single")})
     run_nightly(single)
     assert sorted(_all_published(LocalStore(tmp_path / "single"))) == ["a1", "a2"]

@@ -384,16 +384,22 @@ def test_a_user_and_a_scope_with_the_same_id_are_two_owners_in_deltas_stats_serv
     assert read_current(local_store)[0].version == after.version
 
 
-def test_forgetting_an_id_that_names_only_a_scope_finds_no_user_and_rewrites_nothing(spec, tmp_path, local_store):
+def test_forgetting_an_id_that_names_only_a_scope_finds_no_user_and_leaves_the_scope(spec, tmp_path, local_store):
+    """No user holds the id: nothing is erased, the scope is untouched; the forget of the id as a
+    user is recorded (its tombstone), as for any id not published yet."""
     from versions.forget import forget_user
 
     night(spec, tmp_path, "1", [r for r in clash_log() if r["user_id"] != CLASH])
     before, _ = read_current(local_store)
     collided = scope_owned_collisions(local_store, before.version)
     report = forget_user(local_store, CLASH, actor="test", reason="wrong id")
-    assert not report.found and report.rewritten == {} and "shared scope" in report.message
-    assert read_current(local_store)[0] == before
-    assert collided and scope_owned_collisions(local_store, before.version) == collided
+    assert not report.found and "shared scope" in report.message
+    after, _ = read_current(local_store)
+    assert after.version == report.current_version == report.rewritten[before.version]
+    assert after.scopes == before.scopes  # the scope's objects and members, as they were
+    assert [(e.bundle_key, e.state_key, e.layers, e.state_layers, e.stats) for e in after.shards] == \
+        [(e.bundle_key, e.state_key, e.layers, e.state_layers, e.stats) for e in before.shards]
+    assert collided and scope_owned_collisions(local_store, after.version) == collided
 
 
 def test_a_nights_forget_user_of_an_id_that_also_names_a_changed_scope_publishes_and_keeps_the_scope(

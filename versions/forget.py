@@ -272,7 +272,8 @@ class _Rewriter:
         self.held: set[str] = set()  # keys of objects that hold a user's data
         self.superseded: set[str] = set()  # other keys the rewrites replace (tombstones without the user)
         self._entries: dict[tuple, ShardEntry] = {}
-        self._parts: dict[str, str] = {}
+        self._parts: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.erased: dict[tuple, tuple[str, ...]] = {}  # a shard entry's object keys -> the users erased from it
 
     def _keep(self, key_of, data: bytes) -> tuple[str, str, int]:
         sha = _sha(data)
@@ -280,18 +281,21 @@ class _Rewriter:
         self.objects[key] = data
         return key, sha, len(data)
 
-    def part(self, key: str) -> str:
-        """A stats part without the users (a new key), or the same key if it holds none of them."""
-        if key not in self._parts:
-            table = pq.read_table(pa.BufferReader(self.store.get(key)))
-            if not _holds_users(table, self.users):
-                self._parts[key] = key
+    def part(self, key: str, users: pa.Array | None = None) -> str:
+        """A stats part without ``users`` (default: all the forget's users; a new key), or the same
+        key if it holds none of them."""
+        users = self.users if users is None else users
+        memo = (key, tuple(users.to_pylist()))
+        if memo not in self._parts:
+            table = pq.read_table(pa.BufferReader(self.store.get(key))) if len(users) else None
+            if table is None or not _holds_users(table, users):
+                self._parts[memo] = key
             else:
                 self.held.add(key)
                 name = key.split("/")[1]
-                self._parts[key] = self._keep(lambda sha: stats_part_key(name, sha),
-                                              _parquet_bytes(_without_users(table, self.users)))[0]
-        return self._parts[key]
+                self._parts[memo] = self._keep(lambda sha: stats_part_key(name, sha),
+                                               _parquet_bytes(_without_users(table, users)))[0]
+        return self._parts[memo]
 
     def shards_part(self, keys: list[str], entries: tuple[ShardEntry, ...]) -> str:
         """The version-level ``shards`` stats part of a rewritten version: its rows again from the
@@ -310,15 +314,46 @@ class _Rewriter:
         return key
 
     def shard(self, entry: ShardEntry, users: list[str]) -> ShardEntry:
-        """The entry without ``users`` (all of this shard), with their forget tombstones."""
+        """The entry with their forget tombstones, without the data of those ``users`` (all of this
+        shard) that :meth:`erasable` finds written up to their forget."""
         memo = (entry.object_keys(), tuple(users))
         if memo not in self._entries:
-            self._entries[memo] = self._rewrite(entry, pa.array(users, pa.string()))
+            erase = self.erasable(entry, users)
+            self.erased[entry.object_keys()] = tuple(sorted(set(self.erased.get(entry.object_keys(), ())) | set(erase)))
+            self._entries[memo] = self._rewrite(entry, pa.array(erase, pa.string()), pa.array(users, pa.string()))
         return self._entries[memo]
 
-    def _rewrite(self, entry: ShardEntry, users: pa.Array) -> ShardEntry:
-        new = replace(entry, **self._delta_chain(entry, users), **self._state_chain(entry, users))
-        return replace(new, stats={table: self.part(k) for table, k in entry.stats.items()})
+    def erasable(self, entry: ShardEntry, users: list[str]) -> list[str]:
+        """The users of ``users`` (of this shard) that have data here written up to their forget's
+        time: a fact, or a delete tombstone naming them. A user whose every event here is later
+        than the forget wrote again after it (a ``forget_user`` event stamped before the user's
+        facts: a replayed old forget, a device clock at the epoch): that data stays, as ingest
+        keeps it; the forget only records its tombstone. A user with no fact rows here to date its
+        other objects by (deltas, stats) is erased. A shard's deltas cannot be recompiled here, so
+        a user with any data up to the forget is erased whole from that version (its later facts
+        too: the night's own version keeps those). An ``engram forget`` is stamped a day ahead of
+        now, so every user's data is erased."""
+        store = self.store
+        states = [decode_fact_state(load_shard_state_bytes(store, entry))]
+        tombstones = [load_base_tombstones(store, entry)]
+        for layer in entry.state_layers:
+            state, removed = load_state_layer(store, layer)
+            states.append(state)
+            tombstones.append(removed)
+        out = []
+        for user in users:
+            limit = pa.scalar(self.forgotten_at[user], TIMESTAMP)
+            times = [t.column("event_time").filter(_is_user(t.column("user_id"), pa.array([user], pa.string())))
+                     for t in states + tombstones if t.num_rows]
+            facts = sum(len(t) for t in times[:sum(1 for t in states if t.num_rows)])
+            early = any(len(t) and pc.any(pc.less_equal(t, limit)).as_py() for t in times)
+            if early or not facts:  # no fact rows to date the shard's other objects by: erased, to be safe
+                out.append(user)
+        return out
+
+    def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array) -> ShardEntry:
+        new = replace(entry, **self._delta_chain(entry, erase), **self._state_chain(entry, erase, users))
+        return replace(new, stats={table: self.part(k, erase) for table, k in entry.stats.items()})
 
     def _delta_chain(self, entry: ShardEntry, users: pa.Array) -> dict:
         """The base bundle and layers without the users (see the module docstring), and the totals."""
@@ -339,7 +374,7 @@ class _Rewriter:
             if holds:
                 self.held.add(layer.key)
                 table = _without_users(table, users)
-            stats = {name: self.part(k) for name, k in layer.stats.items()}
+            stats = {name: self.part(k, users) for name, k in layer.stats.items()}
             if table.num_rows == 0:
                 changed = True
                 continue  # the layer held only these users: it goes
@@ -361,11 +396,13 @@ class _Rewriter:
         return fields | dict(layers=tuple(layers), users=merged.num_rows, rows=rows,
                              facts=int(pc.sum(merged.column("num_facts")).as_py() or 0))
 
-    def _state_chain(self, entry: ShardEntry, users: pa.Array) -> dict:
-        """The base state and tombstones and the state layers without the users' facts and
-        tombstones; one forget tombstone per user in the newest tombstones object."""
+    def _state_chain(self, entry: ShardEntry, erase: pa.Array, users: pa.Array) -> dict:
+        """The base state and tombstones and the state layers without the facts and tombstones of
+        ``erase``, and without the older forget tombstones of ``users``; one forget tombstone per
+        user of ``users`` in the newest tombstones object."""
         store = self.store
         hashes = pa.array([forgotten_id(u) for u in users.to_pylist()], pa.string())
+        erased = pa.array([forgotten_id(u) for u in erase.to_pylist()], pa.string())
         objects = [(decode_fact_state(load_shard_state_bytes(store, entry)), load_base_tombstones(store, entry),
                     entry.state_key, entry.tombstones_key)]
         objects += [load_state_layer(store, layer) + (layer.state_key, layer.tombstones_key)
@@ -379,12 +416,15 @@ class _Rewriter:
         kept = []
         for i, (state, tombstones, s_key, t_key) in enumerate(objects):
             newest = i == len(objects) - 1
-            if _holds_users(state, users):
+            if _holds_users(state, erase):
                 self.held.add(s_key)
-                state = _without_users(state, users)
-            mine = pc.is_in(tombstones.column("user_hash"), hashes)
+                state = _without_users(state, erase)
+            # the erased users' tombstones (a delete's holds the raw id) and every older forget tombstone
+            mine = pc.or_(pc.is_in(tombstones.column("user_hash"), erased),
+                          pc.and_(pc.is_in(tombstones.column("user_hash"), hashes),
+                                  pc.equal(tombstones.column("op"), OP_FORGET_USER)))
             if pc.any(mine).as_py():
-                if _holds_users(tombstones, users):  # a delete tombstone holds the raw id
+                if _holds_users(tombstones, erase):  # a delete tombstone holds the raw id
                     self.held.add(t_key)
                 elif t_key is not None:
                     self.superseded.add(t_key)
@@ -431,6 +471,7 @@ class _Plan:
     to_rewrite: list[Manifest]
     rewrites: dict[int, Manifest]  # old version -> draft of its rewrite (version number still to take)
     orphans: list[int]
+    found: bool = False  # some retained version held data of the users written up to their forget
 
 
 def _version_parts(store: ObjectStore, manifest: Manifest) -> dict[str, list[str]]:
@@ -445,7 +486,11 @@ def _version_parts(store: ObjectStore, manifest: Manifest) -> dict[str, list[str
     return {table: list(parts) for table, parts in manifest.stats.items()}
 
 
-def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter) -> _Plan | None:
+def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_absent: bool = False) -> _Plan | None:
+    """What to rewrite: every retained version that holds data of the users written up to their
+    forget, every one that does not yet name their forget, and CURRENT. None if the store has no
+    version; no rewrite at all where no version holds such data, unless ``record_absent`` (then the
+    forget tombstones are recorded all the same)."""
     pointer = read_pointer(store)
     if pointer is None:
         return None
@@ -463,8 +508,11 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter) -> _Plan | 
         for user in sorted(set(users)):
             by_shard.setdefault(shard_of(user, manifest.num_shards), []).append(user)
         new_entries = {shard: rewriter.shard(manifest.shard(shard), members) for shard, members in by_shard.items()}
+        erased = pa.array(sorted({u for shard in by_shard for u in rewriter.erased[manifest.shard(shard).object_keys()]}),
+                          pa.string())
         parts = _version_parts(store, manifest)
-        stats = {table: [rewriter.part(k) if table in _USER_TABLES else k for k in keys] for table, keys in parts.items()}
+        stats = {table: [rewriter.part(k, erased) if table in _USER_TABLES else k for k in keys]
+                 for table, keys in parts.items()}
         shards = tuple(new_entries.get(e.shard, e) for e in manifest.shards)
         if parts.get("shards") and shards != manifest.shards:  # per-shard totals and keys of the rewrite
             stats["shards"] = [rewriter.shards_part(parts["shards"], shards)]
@@ -476,11 +524,11 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter) -> _Plan | 
             shards=shards,
             stats={table: tuple(keys) for table, keys in stats.items()},
             forgotten=tuple(sorted(set(manifest.forgotten) | hashes)))
-    if not held:
-        return _Plan(pointer, retained, [], {}, orphans)
+    if not held and (not record_absent or all(hashes <= set(m.forgotten) for m in retained)):
+        return _Plan(pointer, retained, [], {}, orphans)  # nothing held; the forget already recorded, or not asked for
     to_rewrite = [m for m in retained
                   if m.version in held or not hashes <= set(m.forgotten) or m.version == pointer.version]
-    return _Plan(pointer, retained, to_rewrite, drafts, orphans)
+    return _Plan(pointer, retained, to_rewrite, drafts, orphans, found=bool(held))
 
 
 def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) -> ForgetReport:
@@ -490,7 +538,7 @@ def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) ->
 
 def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, reason: str,
                  forgotten_at: datetime | Mapping[str, datetime] | None = None,
-                 keep: frozenset[str] = frozenset()) -> ForgetReport:
+                 keep: frozenset[str] = frozenset(), record_absent: bool = True) -> ForgetReport:
     """Remove every user of ``user_ids`` from every retained version, in one rewrite of each
     (see the module docstring). Ids are read in canonical form (:func:`engram_core.text.canonical_id`),
     as ingest stores them: ``u-sam`` with a zero-width space or a byte-order mark forgets ``u-sam``.
@@ -501,6 +549,11 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     an event, arriving late, would otherwise bring the user back.
     ``keep``: object keys that must not be deleted even if they held a user and no retained
     version names them (the objects a night in progress has written for its own version).
+    ``record_absent``: where no retained version holds data of a user written up to the forget
+    (the user is not published yet, its events still on their way), CURRENT is still rewritten to
+    carry the forget tombstones, so the next night refuses the user's events up to the forget's
+    time (``found`` False, ``refused_until`` set). The nightly passes False: its own version records
+    the tombstones of its ``forget_user`` events. A store with no version records nothing.
     Raises ValueError for an empty id or a missing actor/reason, PublishError if CURRENT keeps moving."""
     times = forgotten_at if isinstance(forgotten_at, Mapping) else None
     at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc) + FUTURE_TOLERANCE
@@ -517,7 +570,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     for attempt in range(1, ATTEMPTS + 1):
         try:
             report = _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
-                                  keep=keep)
+                                  keep=keep, record_absent=record_absent)
         except PublishConflict as err:
             if attempt == ATTEMPTS:
                 raise PublishError(f"forget on {store.uri}: CURRENT kept moving ({err}); run forget again "
@@ -527,7 +580,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
         orphans = _delete_unreferenced_holders(store, pa.array(sorted(set(user_ids)), pa.string()), keep)
         if orphans:
             report = replace(report, deleted_objects=report.deleted_objects + tuple(orphans))
-        if report.found:
+        if report.rewritten:
             report = replace(report, refused_until=max(forgotten_at.values()).isoformat())
         return report
     raise AssertionError("unreachable")
@@ -565,11 +618,11 @@ def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: froz
 
 
 def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: str,
-                 forgotten_at: Mapping[str, datetime], keep: frozenset[str]) -> ForgetReport:
+                 forgotten_at: Mapping[str, datetime], keep: frozenset[str], record_absent: bool) -> ForgetReport:
     hashes = tuple(forgotten_id(u) for u in users)
     audit_hashes = hashes[0] if len(hashes) == 1 else list(hashes)
     rewriter = _Rewriter(store, users, forgotten_at)
-    plan = _plan(store, users, rewriter)
+    plan = _plan(store, users, rewriter, record_absent)
     scopes_note = _scopes_note(store, plan, users)
     if plan is None or not plan.to_rewrite:
         current = plan.pointer.version if plan is not None else None
@@ -600,14 +653,20 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
         append_audit(store, "forget_rewrite", actor=actor, version=new_version, rewrites=old_version,
                      forgotten=audit_hashes)
     deleted = _delete_replaced(store, plan, mapping, (rewriter.held | rewriter.superseded) - keep)
-    append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=True,
+    append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=plan.found,
                  version=new_current.version, rewritten={str(k): v for k, v in mapping.items()},
                  deleted_objects=len(deleted))
     log.info("forget on %s: rewrote %d version(s), CURRENT v%d -> v%d, deleted %d object(s)",
              store.uri, len(mapping), plan.pointer.version, new_current.version, len(deleted))
-    return ForgetReport(hashes, True, new_current.version, dict(mapping), tuple(deleted),
-                        message=f"forgot {len(users)} user(s) in {len(mapping)} version(s); "
-                                f"CURRENT is v{new_current.version}{scopes_note}")
+    if plan.found:
+        message = f"forgot {len(users)} user(s) in {len(mapping)} version(s); CURRENT is v{new_current.version}"
+    else:
+        who = "user" if len(users) == 1 else "users"
+        message = (f"{who} not found in any retained version of {store.uri}; the forget is recorded in "
+                   f"v{new_current.version} (CURRENT), so their events up to the forget's time are refused "
+                   f"(FORGOTTEN_USER) when they arrive")
+    return ForgetReport(hashes, plan.found, new_current.version, dict(mapping), tuple(deleted),
+                        message=message + scopes_note)
 
 
 def _scopes_note(store: ObjectStore, plan: _Plan | None, users: list[str]) -> str:
