@@ -55,14 +55,25 @@ def gc(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Delete old versions and unreferenced objects. Example: engram gc --store s3://b/engram --keep 7 --dry-run"""
-    from versions.retention import collect
+    from versions.retention import GcIncomplete, check_keep, collect
     from versions.store import StoreError, open_store
 
     try:
+        check_keep(keep)
+    except ValueError as err:  # --keep below 1: a bad argument
+        fail_json(as_json, str(err), 2, "collected")
+    try:
         report = collect(open_store(store, create=False), keep, dry_run=dry_run, actor=_actor())
-    except ValueError as err:  # --keep below 1: 2; a subclass (a damaged manifest, Parquet) is a damaged store: 1
-        fail_json(as_json, str(err), 2 if type(err) is ValueError else 1, "collected")
-    except StoreError as err:
+    except GcIncomplete as err:  # a store problem part-way: say what is already gone
+        if as_json:
+            done = err.report
+            typer.echo(json.dumps({"collected": False, "error": str(err), "exit_code": 1,
+                                   "deleted_versions": done.deleted_versions, "deleted_objects": done.deleted_objects}))
+        typer.echo(f"error: {err}", err=True)
+        for key in err.report.deleted_objects:
+            typer.echo(f"  deleted {key}", err=True)
+        raise typer.Exit(code=1)
+    except (StoreError, ValueError) as err:  # a damaged store (a manifest, Parquet, a store key): 1
         fail_json(as_json, str(err), exit_code(err), "collected")
     if as_json:
         typer.echo(json.dumps(report.to_dict(), sort_keys=True))

@@ -9,6 +9,9 @@ way some S3-compatible servers and gateways do.
 - ``pass``: everything goes through unchanged.
 
 Every request is counted in ``requests`` as (method, path, condition headers sent).
+
+``deny_deletes``: path fragments; a DELETE whose path holds one is answered ``403 AccessDenied``
+(a bucket policy, object lock or legal hold on some keys), in any mode.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from botocore.credentials import Credentials
 
 CONDITIONS = ("If-None-Match", "If-Match")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
+_ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
+                  b"</Message></Error>")
 _NOT_IMPLEMENTED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code><Message>A header '
                     b"you provided implies functionality that is not implemented</Message></Error>")
 
@@ -40,11 +45,13 @@ class _KeepContentHash(S3SigV4Auth):
 
 
 class ConditionProxy:
-    def __init__(self, upstream_url: str, mode: str, *, access_key: str, secret_key: str, region: str = "us-east-1"):
+    def __init__(self, upstream_url: str, mode: str, *, access_key: str, secret_key: str, region: str = "us-east-1",
+                 deny_deletes: tuple[str, ...] = ()):
         if mode not in ("ignore", "501", "pass"):
             raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
         self.upstream = urlparse(upstream_url)
         self.mode = mode
+        self.deny_deletes = tuple(deny_deletes)
         self.signer = _KeepContentHash(Credentials(access_key, secret_key), "s3", region)
         self.requests: list[tuple[str, str, tuple[str, ...]]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -81,6 +88,8 @@ class ConditionProxy:
                 headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
                 sent = tuple(k for k, _ in headers if k.lower() in {c.lower() for c in CONDITIONS})
                 proxy.requests.append((self.command, self.path, sent))
+                if self.command == "DELETE" and any(part in self.path for part in proxy.deny_deletes):
+                    return self._answer(403, [("Content-Type", "application/xml")], _ACCESS_DENIED)
                 if self.command == "PUT" and sent and proxy.mode == "501":
                     return self._answer(501, [("Content-Type", "application/xml")], _NOT_IMPLEMENTED)
                 if self.command == "PUT" and sent and proxy.mode == "ignore":

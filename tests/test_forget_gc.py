@@ -337,3 +337,198 @@ def test_a_scope_with_a_users_id_is_not_that_user_in_collisions_facts_stats_or_s
     assert scan_for_user(local_store, "acme") == []
     write_stats_part(local_store, "facts", facts.slice(1, 1))
     assert len(scan_for_user(local_store, "acme")) == 1
+
+
+# ---------------------------------------------------------------- keys that are not the store's, damaged manifests
+
+_MARKERS = ("", "audit/", "manifests/", "objects/", "objects/bundles/", "objects/layers/", "objects/state/", "stats/",
+            "stats/facts/", "partial/")
+
+
+def _bucket_keys(s3_server, bucket: str, prefix: str) -> set[str]:
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def _engram(*args: str):
+    from jobs.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_folder_markers_in_an_s3_store_are_never_store_objects_for_any_command(s3_store, s3_server, s3_bucket):
+    """Zero-byte folder markers (S3 console "Create folder", s3a, Cyberduck) under the store's
+    prefix: versions, stats, forget and gc work as without them, gc neither lists nor deletes
+    them (it once aborted with "empty path segment", and versions blamed CURRENT)."""
+    v1 = _publish(s3_store, 1, USERS, None)
+    _publish(s3_store, 2, USERS, v1)
+    markers = {f"engram/{m}" for m in _MARKERS}
+    for key in markers:
+        s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    uri = s3_store.uri
+
+    out = _engram("versions", "--store", uri, "--json")
+    assert out.exit_code == 0, out.output
+    assert [row["version"] for row in json.loads(out.stdout)] == [1, 2]
+    out = _engram("stats", "--store", uri, "--json", "select count(*) n from facts where version = 2")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout) == [{"n": 2 * len(USERS)}]
+    dry = _engram("gc", "--store", uri, "--keep", "1", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    planned = json.loads(dry.stdout)["deleted_objects"]
+    assert planned and not any(k.endswith("/") for k in planned)
+    out = _engram("forget", "--store", uri, TARGET, "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["found"] is True
+    out = _engram("gc", "--store", uri, "--keep", "1", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["kept_versions"] == [4]
+    assert markers <= _bucket_keys(s3_server, s3_bucket, "engram/")  # not the store's: never deleted
+    out = _engram("versions", "--store", uri, "--json")
+    assert out.exit_code == 0 and [row["version"] for row in json.loads(out.stdout)] == [4], out.output
+    assert "empty path segment" not in out.output
+
+
+def test_gc_never_deletes_keys_whose_names_the_store_does_not_write(any_store):
+    v1 = _publish(any_store, 1, USERS, None)
+    _publish(any_store, 2, USERS, v1)
+    foreign = sorted(["objects/bundles/README.txt", "objects/layers/" + "a" * 64 + ".parquet.bak",
+                      "objects/state/old/" + "b" * 64 + ".parquet", "stats/facts/export.csv",
+                      "stats/facts/by-hand.parquet", "objects/tombstones/" + "C" * 64 + ".parquet"])
+    for key in foreign:
+        any_store.put(key, b"not the store's")
+    dry = collect(any_store, keep=1, dry_run=True)
+    assert dry.foreign_keys == foreign and not set(foreign) & set(dry.deleted_objects)
+    report = collect(any_store, keep=1)
+    assert report.deleted_versions == [1] and report.foreign_keys == foreign
+    for key in foreign:
+        assert any_store.get(key) == b"not the store's"
+    referenced = set(read_manifest(any_store, 2).object_keys()) | {
+        k for e in read_manifest(any_store, 2).shards for k in e.object_keys()}
+    assert set(any_store.list("objects/")) | set(any_store.list("stats/")) == referenced | set(foreign)
+
+
+def test_gc_of_a_store_synced_to_s3_with_a_temp_file_and_the_lock_collects_and_leaves_them(tmp_path, s3_server,
+                                                                                           s3_bucket):
+    """`aws s3 sync` of a local store carries a killed write's `.engram-tmp-...` file and the
+    `.engram-store.lock`: gc on the copy collects v1 and leaves them (it once deleted v1's
+    manifest and stats, then stopped with exit 2 and no audit record)."""
+    from versions.store import LocalStore, open_store
+
+    local = LocalStore(tmp_path / "store")
+    v1 = _publish(local, 1, USERS, None)
+    _publish(local, 2, USERS, v1)
+    bundle = local.list("objects/bundles/")[0].rsplit("/", 1)[1]
+    (local.root / "objects" / "bundles" / f".engram-tmp-{bundle}-0a1b2c3d4e5f").write_bytes(b"partial")
+    (local.root / "stats" / "facts" / f".engram-tmp-x.parquet-0a1b2c3d4e5f").write_bytes(b"partial")
+    assert (local.root / ".engram-store.lock").exists()
+    client = s3_server.client()
+    for path in local.root.rglob("*"):
+        if path.is_file():
+            client.put_object(Bucket=s3_bucket, Key=f"copy/{path.relative_to(local.root).as_posix()}",
+                              Body=path.read_bytes())
+    leftovers = {k for k in _bucket_keys(s3_server, s3_bucket, "copy/") if ".engram-" in k}
+    assert len(leftovers) == 3
+    copy = open_store(f"s3://{s3_bucket}/copy")
+
+    dry = _engram("gc", "--store", copy.uri, "--keep", "1", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert not any(".engram-" in k for k in json.loads(dry.stdout)["deleted_objects"])
+    out = _engram("gc", "--store", copy.uri, "--keep", "1", "--json")
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["deleted_versions"] == [1] and report["deleted_objects"] == json.loads(dry.stdout)["deleted_objects"]
+    assert leftovers <= _bucket_keys(s3_server, s3_bucket, "copy/")
+    assert [info.version for info in list_versions(copy)] == [2]
+    assert read_audit(copy)[-1]["event"] == "gc" and read_audit(copy)[-1]["deleted_versions"] == [1]
+
+
+def test_a_gc_whose_delete_fails_part_way_says_what_it_deleted_exits_1_and_records_it(s3_store, s3_server, s3_bucket,
+                                                                                      monkeypatch):
+    """A delete refused by the server (a policy, an object lock) after gc deleted v1's manifest:
+    the failure names what is gone (JSON too), exits 1 (a store problem, not a bad argument), the
+    audit record says what was done, and a second gc finishes the collection."""
+    from tests.s3_proxy import ConditionProxy
+    from versions.store import open_store
+
+    v1 = _publish(s3_store, 1, USERS, None)
+    _publish(s3_store, 2, USERS, v1)
+    plan = collect(s3_store, keep=1, dry_run=True).deleted_objects
+    assert plan[0] == "manifests/v00000001.json" and len(plan) > 3
+    refused = plan[-2]  # an object near the end: the manifest and most objects go first
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, deny_deletes=(refused,)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        out = _engram("gc", "--store", s3_store.uri, "--keep", "1", "--json")
+    assert out.exit_code == 1, out.output
+    failure = json.loads(out.stdout)
+    assert failure["collected"] is False and failure["exit_code"] == 1
+    assert failure["deleted_versions"] == [1] and failure["deleted_objects"] == plan[:-2]
+    assert refused in failure["error"] and "run gc again" in failure["error"]
+    assert "manifests/v00000001.json" in out.stderr
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    store = open_store(s3_store.uri)
+    record = read_audit(store)[-1]
+    assert record["event"] == "gc" and record["incomplete"] is True and record["deleted_versions"] == [1]
+    assert record["deleted_objects"] == len(plan) - 2 and refused in record["error"]
+    assert set(store.list("")) >= {refused, plan[-1]}
+    again = collect(store, keep=1)
+    assert again.deleted_objects == plan[-2:] and again.deleted_versions == []
+    assert [info.version for info in list_versions(store)] == [2]
+
+
+def _truncate(store, key: str) -> bytes:
+    body = store.get(key)
+    store.put(key, body[:200])
+    return body
+
+
+def test_gc_keeps_a_damaged_manifest_and_every_object_it_may_name(four_versions, caplog):
+    """A published manifest truncated by a bad copy is no orphan: gc keeps it and deletes no
+    unreferenced object (it cannot know which ones it names), warning with its key; restored, the
+    version is whole again. gc once deleted it and its objects."""
+    store, _ = four_versions
+    damaged = "manifests/v00000002.json"
+    body = _truncate(store, damaged)
+    objects = set(store.list("objects/")) | set(store.list("stats/"))
+    with caplog.at_level("WARNING", logger="versions.retention"):
+        report = collect(store, keep=1)
+    assert report.unreadable_manifests == [damaged] and report.orphan_manifests == []
+    assert report.deleted_versions == [1, 3] and report.deleted_objects == ["manifests/v00000001.json",
+                                                                            "manifests/v00000003.json"]
+    assert any(damaged in r.getMessage() and "restore it" in r.getMessage() for r in caplog.records)
+    assert store.exists(damaged)
+    assert set(store.list("objects/")) | set(store.list("stats/")) == objects
+    out = _engram("gc", "--store", store.uri, "--keep", "1", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["unreadable_manifests"] == [damaged]
+    store.put(damaged, body)  # the operator restores it from a backup
+    rollback(store, 2, reason="restored", actor="ops")
+    manifest = read_manifest(store, 2)
+    for entry in manifest.shards:
+        load_shard_bundle(store, entry)
+    assert query_stats(store, "select count(*) n from facts where version = 2").column("n").to_pylist() == [
+        2 * len(USERS)]
+
+
+def test_gc_keeps_a_damaged_manifest_below_current_that_looks_like_an_orphan(local_store):
+    """An unpublished-looking damaged manifest below CURRENT (its parent link unreadable) is kept too."""
+    v1 = _publish(local_store, 1, USERS, None)
+    v2 = _publish(local_store, 2, USERS, v1)
+    _publish(local_store, 3, USERS, v2)
+    _truncate(local_store, "manifests/v00000002.json")
+    report = collect(local_store, keep=5)
+    assert report.unreadable_manifests == ["manifests/v00000002.json"] and report.deleted_objects == []
+    assert local_store.exists("manifests/v00000002.json")
+
+
+def test_forget_keeps_a_damaged_manifest_it_cannot_read(four_versions, caplog):
+    """forget's clean-up of orphan manifests never takes an unreadable manifest for one."""
+    store, _ = four_versions
+    damaged = "manifests/v00000001.json"
+    _truncate(store, damaged)
+    with caplog.at_level("WARNING", logger="versions.forget"):
+        report = forget_user(store, TARGET, actor="ops", reason="ticket")
+    assert report.found and damaged not in report.deleted_objects
+    assert store.exists(damaged)
+    assert any(damaged in r.getMessage() for r in caplog.records if r.name == "versions.forget")

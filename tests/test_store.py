@@ -184,3 +184,62 @@ def test_local_conditional_writes_are_atomic_across_processes(tmp_path):
     winners = [r for r in results if r is not None]
     assert len(winners) == 1 and store.get("CURRENT") == winners[0].encode()
 
+
+
+# ---------------------------------------------------------------- what a listing holds
+
+
+def _listing_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "versions.store" and r.levelname == "WARNING"]
+
+
+def test_s3_listings_leave_out_folder_markers_and_other_invalid_keys_naming_each_once(s3_bucket, s3_server, caplog):
+    """A zero-byte "folder" object (the S3 console's Create folder, s3a, Cyberduck) is no store
+    object: it broke versions, stats, forget and gc ("empty path segment")."""
+    store = open_store(f"s3://{s3_bucket}/engram")
+    store.put("audit/a.json", b"{}")
+    store.put("objects/bundles/b.parquet", b"b")
+    foreign = ["engram/", "engram/audit/", "engram/objects/", "engram/objects/bundles/", "engram/stats/facts/",
+               "engram/manifests/"]
+    client = s3_server.client()
+    for key in foreign:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert set(foreign) <= listed  # the server keeps them as objects
+    with caplog.at_level("WARNING", logger="versions.store"):
+        assert store.list("") == ["audit/a.json", "objects/bundles/b.parquet"]
+        assert store.list("audit/") == ["audit/a.json"]
+        assert store.list("manifests/") == [] and store.list("stats/") == []
+        assert store.list("") == ["audit/a.json", "objects/bundles/b.parquet"]
+    warnings = _listing_warnings(caplog)
+    for key in foreign:  # each named once, with the bucket
+        assert sum(w.split(": ignoring ")[1].split(": ")[0] == f"s3://{s3_bucket}/{key}" for w in warnings) == 1, key
+    assert all("folder marker" in w for w in warnings)
+
+
+def test_a_local_file_whose_name_is_no_store_key_is_left_out_of_listings_with_a_warning(local_store, caplog):
+    local_store.put("audit/a.json", b"{}")
+    (local_store.root / "audit" / "x\\y.json").write_bytes(b"{}")
+    with caplog.at_level("WARNING", logger="versions.store"):
+        assert local_store.list("audit/") == ["audit/a.json"]
+    warnings = _listing_warnings(caplog)
+    assert len(warnings) == 1 and "x\\\\y.json" in warnings[0] and "backslash" in warnings[0], warnings
+
+
+def test_s3_listings_leave_out_engram_reserved_names_as_a_local_store_does(tmp_path, s3_bucket, s3_server):
+    """A local store copied to a bucket (aws s3 sync) carries its lock file and a killed write's
+    temp file: the S3 store lists neither, like the local store it came from."""
+    local = LocalStore(tmp_path / "store")
+    local.put("objects/bundles/b.parquet", b"b")
+    local.put("CURRENT", b"{}")
+    (local.root / "objects" / "bundles" / ".engram-tmp-b.parquet-0a1b2c3d4e5f").write_bytes(b"partial")
+    (local.root / ".engram-probe").mkdir()
+    (local.root / ".engram-probe" / "conditional-writes-0123").write_bytes(b"probe")
+    client = s3_server.client()
+    for path in local.root.rglob("*"):
+        if path.is_file():
+            client.put_object(Bucket=s3_bucket, Key=f"copy/{path.relative_to(local.root).as_posix()}",
+                              Body=path.read_bytes())
+    s3 = open_store(f"s3://{s3_bucket}/copy")
+    assert s3.list("") == local.list("") == ["CURRENT", "objects/bundles/b.parquet"]
+    assert s3.list("objects/bundles/") == ["objects/bundles/b.parquet"]

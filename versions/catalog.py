@@ -227,28 +227,40 @@ def _published_set(store: ObjectStore, manifests: dict[int, Manifest], pointer: 
     return published & manifests.keys()
 
 
+def manifest_inventory(store: ObjectStore) -> tuple[dict[int, Manifest], dict[int, str]]:
+    """Every manifest on disk, in two parts: version -> manifest for those that load, and
+    version -> why for those that do not (not JSON, truncated, a bad field, a broken layer chain,
+    a file holding another version). A manifest deleted between the listing and its read (a
+    concurrent gc or forget) is in neither. Store failures (permissions, outage) are raised."""
+    readable, unreadable = {}, {}
+    for version in manifest_versions_on_disk(store):
+        try:
+            readable[version] = read_manifest(store, version)
+        except UnknownVersion:
+            continue  # gone since the listing
+        except (ManifestError, PublishError) as err:
+            unreadable[version] = str(err)
+    return readable, unreadable
+
+
 def readable_manifests(store: ObjectStore) -> dict[int, Manifest]:
     """Every manifest on disk that parses; a damaged one is logged and left out (it can be
     neither read nor rolled back to, and must not block the versions that are intact)."""
-    manifests = {}
-    for version in manifest_versions_on_disk(store):
-        try:
-            manifests[version] = read_manifest(store, version)
-        except (ManifestError, PublishError) as err:  # e.g. a file that holds another version
-            log.warning("%s: skipping damaged manifest: %s", store.uri, err)
+    manifests, unreadable = manifest_inventory(store)
+    for why in unreadable.values():
+        log.warning("%s: skipping damaged manifest: %s", store.uri, why)
     return manifests
 
 
 def damaged_manifests(store: ObjectStore) -> dict[int, str]:
     """version -> why its manifest is refused, for every manifest on disk that does not load
     (not JSON, a bad field, a broken layer chain)."""
-    damaged = {}
-    for version in manifest_versions_on_disk(store):
-        try:
-            read_manifest(store, version)
-        except (ManifestError, PublishError) as err:
-            damaged[version] = str(err)
-    return damaged
+    return manifest_inventory(store)[1]
+
+
+def published_among(store: ObjectStore, manifests: dict[int, Manifest], pointer: CurrentPointer | None) -> set[int]:
+    """Which of ``manifests`` (readable ones, by version) are published (see the module docstring)."""
+    return _published_set(store, manifests, pointer)
 
 
 _READ = object()

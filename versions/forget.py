@@ -88,13 +88,14 @@ from schemas.manifest import (
     tombstones_key,
 )
 from versions.catalog import (
-    list_versions,
     load_base_bundle,
     load_base_tombstones,
     load_layer,
     load_shard_state_bytes,
     load_state_layer,
+    manifest_inventory,
     manifest_versions_on_disk,
+    published_among,
     read_manifest,
     read_pointer,
 )
@@ -105,7 +106,7 @@ from versions.commit import (
     write_verified_objects,
 )
 from versions.errors import PublishConflict, PublishError
-from versions.layout import PARTIAL_PREFIX, forgotten_id, shard_hash, shard_of
+from versions.layout import PARTIAL_PREFIX, forgotten_id, is_collectable, shard_hash, shard_of
 from versions.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -494,12 +495,17 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_abse
     pointer = read_pointer(store)
     if pointer is None:
         return None
-    published = [info.version for info in list_versions(store)]
+    manifests, unreadable = manifest_inventory(store)
+    published = sorted(published_among(store, manifests, pointer))
     if pointer.version not in published:
         raise PublishError(f"{store.uri}: the current manifest (v{pointer.version}) is unreadable; roll back to an "
                            "intact version first (engram versions lists them, engram rollback --to N), then forget")
-    orphans = sorted(set(manifest_versions_on_disk(store)) - set(published))
-    retained = [read_manifest(store, v) for v in published]
+    for version, why in sorted(unreadable.items()):  # not an orphan: what it names is unknown, so it stays
+        log.warning("forget on %s: %s is unreadable (%s); it is kept (not taken for an orphan) and not rewritten: "
+                    "restore it from a backup, or delete it by hand if that version is not wanted",
+                    store.uri, manifest_key(version), why)
+    orphans = sorted(set(manifests) - set(published))  # readable manifests never published
+    retained = [manifests[v] for v in published]
     hashes = {forgotten_id(u) for u in users}
     drafts: dict[int, Manifest] = {}
     held: set[int] = set()
@@ -603,8 +609,9 @@ def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: froz
     deleted = []
     for prefix in ("objects/", "stats/"):
         for key in store.list(prefix):
-            if key in referenced or not key.endswith(".parquet") or key.startswith(SCOPE_OBJECT_PREFIXES):
-                continue  # (a scope object never holds a user, whatever user shares a scope's id)
+            if key in referenced or not is_collectable(key) or key.startswith(SCOPE_OBJECT_PREFIXES):
+                continue  # (a scope object never holds a user, whatever user shares a scope's id; a key whose
+                # name the store does not write is not the store's object)
             try:
                 table = pq.read_table(pa.BufferReader(store.get(key)))
             except (pa.ArrowInvalid, OSError):

@@ -25,7 +25,8 @@ import xxhash
 from schemas.manifest import bundle_key, layer_key, manifest_key, state_key
 
 __all__ = ["CURRENT_KEY", "PARTIAL_PREFIX", "AUDIT_PREFIX", "MANIFEST_PREFIX", "OBJECT_PREFIXES", "MODEL_PREFIX",
-           "bundle_key", "layer_key", "manifest_key", "state_key", "manifest_version", "shard_hash", "shard_of", "forgotten_id"]
+           "bundle_key", "layer_key", "manifest_key", "state_key", "manifest_version", "shard_hash", "shard_of", "forgotten_id",
+           "is_collectable"]
 
 CURRENT_KEY = "CURRENT"
 PARTIAL_PREFIX = "partial/"  # compiled chunks of an unfinished night (pipeline.compile.ChunkCheckpoints)
@@ -35,12 +36,25 @@ OBJECT_PREFIXES = ("objects/bundles/", "objects/layers/", "objects/state/", "obj
                    "objects/scope_state/")
 MODEL_PREFIX = "models"
 _MANIFEST_NAME = re.compile(r"^manifests/v(\d{8})\.json$")
+_COLLECTABLE = re.compile(
+    "^(?:(?:" + "|".join(re.escape(p) for p in OBJECT_PREFIXES) + r")[0-9a-f]{64}\.parquet"  # content-addressed objects
+    r"|stats/[^/]+/[0-9a-f]{64}\.parquet"  # stats parts (schemas.manifest.stats_part_key)
+    r"|stats/[^/]+/version=\d+/.+\.parquet)$"  # stats parts of a schema-version-1 store (hive folders)
+)
 
 
 def manifest_version(key: str) -> int | None:
     """The version number of a manifest key (``manifests/v00000003.json`` -> 3), else None."""
     match = _MANIFEST_NAME.match(key)
     return int(match.group(1)) if match else None
+
+
+def is_collectable(key: str) -> bool:
+    """Whether ``key`` under ``objects/`` or ``stats/`` has a name the store itself writes (a
+    content-addressed object or stats part, or a version-1 stats part), so that gc or forget may
+    delete it once nothing references it. Any other key there (a file an operator or a tool put
+    in the bucket) is not the store's: it is never deleted."""
+    return _COLLECTABLE.match(key) is not None
 
 
 def shard_hash(user_id: str) -> int:

@@ -24,6 +24,11 @@ serialises writes through an ``fcntl`` lock on ``<root>/.engram-store.lock``, wh
 conditional writes atomic across threads and processes on one host (and on NFS mounts whose
 locks work). ``S3Store`` relies on the server for conditional writes (``If-None-Match: *``,
 ``If-Match``) and on botocore's standard retry mode for transient errors.
+
+Both stores list the same keys: names with a segment starting with ``.engram-`` (a LocalStore's
+lock and temp files, which a sync tool may copy into a bucket) are never listed, and a key that
+is not a valid store key (a zero-byte folder marker such as ``audit/``, made by the S3 console's
+"Create folder", s3a or Cyberduck) is left out with a warning naming it.
 """
 
 from __future__ import annotations
@@ -137,7 +142,9 @@ class ObjectStore(abc.ABC):
     def delete(self, key: str) -> None: ...
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> list[str]: ...
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys under ``prefix`` that are store objects: names under ``.engram-`` and keys
+        that are not valid store keys (folder markers ending in '/') are left out (see ``_listed``)."""
 
     @abc.abstractmethod
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -145,6 +152,28 @@ class ObjectStore(abc.ABC):
 
     def get(self, key: str) -> bytes:
         return self.get_with_etag(key)[0]
+
+    def _listed(self, key: str, shown: str) -> bool:
+        """Whether a key a listing found is a store object. Names with a segment starting with
+        ``.engram-`` (a LocalStore's lock and temp files, probes; copied into a bucket by a sync
+        tool) are the store's bookkeeping and skipped silently. A key that is not a valid store key
+        (a zero-byte folder marker ``audit/`` as the S3 console's "Create folder", s3a or Cyberduck
+        make, ``a//b``, a backslash) is skipped with a warning naming it (``shown``), once per
+        store object: no command reads, counts or deletes it."""
+        if any(segment.startswith(_RESERVED_PREFIX) for segment in key.split("/")):
+            return False
+        try:
+            check_key(key)
+        except ValueError as err:
+            warned = self.__dict__.setdefault("_warned_foreign", set())
+            if key not in warned:
+                warned.add(key)
+                what = ("a folder marker (an object whose key ends in '/')" if key.endswith("/") or not key
+                        else f"not a valid store key ({str(err).split(': ', 1)[-1]})")
+                log.warning("%s: ignoring %s: %s; engram never reads, counts or deletes it", self.describe(), shown,
+                            what)
+            return False
+        return True
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
@@ -342,7 +371,7 @@ class LocalStore(ObjectStore):
                 if name.startswith(_RESERVED_PREFIX):
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if key.startswith(prefix):
+                if key.startswith(prefix) and self._listed(key, repr(str(Path(dirpath) / name))):
                     keys.append(key)
         return sorted(keys)
 
@@ -477,7 +506,8 @@ class S3Store(ObjectStore):
         keys = []
         with self._errors("list", prefix or "/"):
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix):
-                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", []))
+                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", [])
+                            if self._listed(obj["Key"][len(root):], f"s3://{self.bucket}/{obj['Key']}"))
         return sorted(keys)
 
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
