@@ -50,16 +50,17 @@ _register_all()
 
 def run() -> None:
     """The ``engram`` console script: the app, with a store or input that turns out damaged or
-    unreadable reported as one line (exit 1) instead of a traceback; ``-v`` shows the traceback.
+    unreadable reported as one line (exit 1; 2 for a bad argument such as a store URI that names no
+    store, :func:`jobs.nightly_cli.exit_code`) instead of a traceback; ``-v`` shows the traceback.
     With ``--json``, stdout also gets the command's failure object (``{key: false, "error": ...,
-    "exit_code": 1}``, key from :data:`jobs.nightly_cli.JSON_FAILURE_KEYS`). Errors outside these
+    "exit_code": N}``, key from :data:`jobs.nightly_cli.JSON_FAILURE_KEYS`). Errors outside these
     kinds (bugs) keep their traceback."""
     import json
     import sys
 
     import pyarrow as pa
 
-    from jobs.nightly_cli import JSON_FAILURE_KEYS
+    from jobs.nightly_cli import JSON_FAILURE_KEYS, exit_code
     from versions.errors import PublishError
     from versions.store import StoreError
 
@@ -74,11 +75,11 @@ def run() -> None:
     except (PublishError, StoreError, ValueError, OSError, pa.ArrowException) as exc:
         if "-v" in args or "--verbose" in args:
             raise
-        message = f"{type(exc).__name__}: {exc}"
+        message, code = f"{type(exc).__name__}: {exc}", exit_code(exc)  # 2: a bad argument (a store URI, ...)
         if "--json" in args:
-            print(json.dumps({key: False, "error": message, "exit_code": 1}), flush=True)
+            print(json.dumps({key: False, "error": message, "exit_code": code}), flush=True)
         print(f"error: {message} (run with -v for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(code)
 
 
 def _run_for_json(key: str) -> None:

@@ -35,12 +35,12 @@ def seconds_option(value: float, name: str, *, zero: bool = False) -> float:
 
 
 def exit_code(exc: BaseException) -> int:
-    """2 for a bad argument (a store directory that does not exist, an SQL error in a stats query),
-    1 for anything else (a run or a store that failed)."""
+    """2 for a bad argument (a store directory that does not exist, a store URI that names no store,
+    an SQL error in a stats query), 1 for anything else (a run or a store that failed)."""
     from pipeline.stats import StatsQueryError
-    from versions.store import StoreNotFound
+    from versions.store import BadStoreURI, StoreNotFound
 
-    return 2 if isinstance(exc, (StoreNotFound, StatsQueryError)) else 1
+    return 2 if isinstance(exc, (StoreNotFound, BadStoreURI, StatsQueryError)) else 1
 
 
 JSON_FAILURE_KEYS = {"run": "published", "demo": "published", "compact": "published", "versions": "listed",
@@ -84,15 +84,15 @@ def directory_problem(path: Path | str, what: str) -> str | None:
 
 
 def store_problem(uri: str, what: str = "store") -> str | None:
-    """:func:`directory_problem` for a local store URI (None for s3:// and other schemes)."""
-    from urllib.parse import unquote, urlparse
+    """The one line that says why ``uri`` names no store (versions.store.parse_store_uri), or for a
+    local one :func:`directory_problem`; None where it is fine. Opens and creates nothing."""
+    from versions.store import BadStoreURI, parse_store_uri
 
-    if uri.startswith("s3://"):
-        return None
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return directory_problem(unquote(parsed.path), what)
-    return None if parsed.scheme and len(parsed.scheme) > 1 else directory_problem(uri, what)
+    try:
+        kind, location, _ = parse_store_uri(uri)
+    except BadStoreURI as exc:
+        return str(exc)
+    return directory_problem(location, what) if kind == "local" else None
 
 
 def _print(obj, as_json: bool, text: str) -> None:

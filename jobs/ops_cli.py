@@ -101,8 +101,8 @@ def compact(
     try:
         chosen = parse_shards(shards)
         report = do_compact(open_store(store, create=False), chosen)
-    except ValueError as err:  # --shards: 2; a subclass (a damaged manifest, Parquet) is a damaged store: 1
-        fail_json(as_json, str(err), 2 if type(err) is ValueError else 1, "published")
+    except ValueError as err:  # --shards, a bad store URI: 2; a damaged manifest, Parquet: a damaged store, 1
+        fail_json(as_json, str(err), 2 if type(err) is ValueError else exit_code(err), "published")
     except (PublishError, StoreError) as err:
         fail_json(as_json, str(err), exit_code(err), "published")
     if as_json:

@@ -74,6 +74,12 @@ class NightlySpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"job spec: field '{name}' must be a non-empty string")
+        from versions.store import BadStoreURI, parse_store_uri
+
+        try:  # s3:// without a bucket, a prefix with an empty segment, ...: refused here, not by the night
+            parse_store_uri(self.store)
+        except BadStoreURI as exc:
+            raise SpecError(f"job spec: field 'store': {exc}") from None
         for f in fields(self):  # YAML reads yes/no as booleans and 20261130 as an int: refuse them where they do not belong
             _check_field_type(f.name, f.type, getattr(self, f.name))
         if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):

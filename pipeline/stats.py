@@ -16,9 +16,11 @@ per table and version under ``stats/<table>/version=<N>/``; those are read too.
 
 :func:`query_stats` gives one view per table over every published version, with a ``version``
 column taken from the manifest that names the part, never from folder names (a store may live
-under any prefix, ``key=value/`` ones included). Parts are opened through the store's pyarrow
-filesystem as datasets (no DuckDB extension is downloaded at run time: these machines reach no
-internet), locally and on S3 alike.
+under any prefix, ``key=value/`` ones included). Each part is read once per query through the
+store (locally and on S3 alike), checked against the sha256 its key names, and handed to DuckDB as
+an in-memory dataset (no DuckDB extension is downloaded at run time: these machines reach no
+internet); only the layer objects' ``user_id`` columns are read through the store's pyarrow
+filesystem.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import io
 import json
 import logging
 import math
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -38,9 +42,10 @@ import pyarrow.parquet as pq
 from schemas.facts import SchemaMismatch, conform
 from schemas.manifest import Manifest, ShardEntry, stats_part_key
 from schemas.stats import STATS_SCHEMAS, queried_schema
-from versions.catalog import list_versions, read_current, read_manifest
+from versions.catalog import list_versions, read_current, read_manifest, verified_bytes
 from versions.commit import write_verified_objects
 from versions.errors import IntegrityError
+from versions.store import ObjectNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +133,13 @@ def version_parts(store, manifest: Manifest, table: str) -> list[str]:
 
 
 def query_stats(store, sql: str) -> pa.Table:
-    """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every published version."""
+    """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every published version.
+
+    Every stats part is read once per query, before the query runs, and checked against the
+    sha256 its key names (:func:`versions.catalog.verified_bytes`, the read path of every shard
+    object): a missing, truncated or replaced part is an IntegrityError naming it, the versions
+    that name it and the fix, never a query error or an answer from other bytes. DuckDB then reads
+    the checked bytes from memory."""
     import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
 
     # A damaged CURRENT or current manifest is refused (ManifestError, PublishError naming it), as
@@ -136,18 +147,20 @@ def query_stats(store, sql: str) -> pa.Table:
     # would give a dashboard numbers without the current version, with nothing to say so.
     read_current(store)
     manifests = [read_manifest(store, info.version) for info in list_versions(store)]
+    plan = {(m.version, table): _parts_by_seq(store, m, table) for m in manifests for table in STATS_SCHEMAS}
+    parts = _read_parts(store, manifests, plan)
     connection = duckdb.connect(":memory:")
     try:
         filesystem, base_path = store.arrow_filesystem()
-        try:  # a local dataset checks its files here; one on S3 when the query reads them
+        try:  # a local dataset of layer objects checks its files here; one on S3 when the query reads them
             for table in STATS_SCHEMAS:
-                _create_view(connection, store, manifests, filesystem, base_path.rstrip("/"), table)
+                _create_view(connection, manifests, plan, parts, filesystem, base_path.rstrip("/"), table)
         except (OSError, pa.ArrowException) as err:
-            _raise_if_part_missing(store, manifests, err)
+            _raise_if_layer_damaged(store, manifests, err)
             raise
-        # The views read through Arrow datasets (registered above): the query itself needs no
-        # files, so it gets none: no COPY ... TO, read_text('/etc/...'), ATTACH or INSTALL, and the
-        # setting cannot be turned back on from the query.
+        # The views read checked bytes and Arrow datasets (registered above): the query itself needs
+        # no files, so it gets none: no COPY ... TO, read_text('/etc/...'), ATTACH or INSTALL, and
+        # the setting cannot be turned back on from the query.
         connection.execute("SET enable_external_access = false")
         connection.execute("SET lock_configuration = true")
         try:
@@ -158,34 +171,95 @@ def query_stats(store, sql: str) -> pa.Table:
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
             return fetch()
         except duckdb.Error as err:
-            if "IO" in str(err) or "exist" in str(err):
-                _raise_if_part_missing(store, manifests, err)
+            if "IO" in str(err) or "exist" in str(err) or "stream registered" in str(err):
+                _raise_if_layer_damaged(store, manifests, err)
             raise StatsQueryError(f"stats query failed on {store.uri}: {err}\n  query: {sql}") from err
     finally:
         connection.close()
 
 
-def _raise_if_part_missing(store, manifests: list[Manifest], err: BaseException) -> None:
-    """IntegrityError naming the first stats part a manifest names that the store lacks: the store
-    is damaged, not the query (exit 1, not a query error's 2)."""
-    missing = _missing_part(store, manifests)
-    if missing is not None:
-        version, key = missing
-        raise IntegrityError(f"{store.uri}/{key}: missing (the manifest of v{version} references it as a stats "
-                             f"part); the query cannot be answered. If v{version} is current, roll back to a version "
-                             "whose stats are whole") from err
+_PART_SHA256 = re.compile(r"^stats/[^/]+/([0-9a-f]{64})\.parquet$")
+_READ_THREADS = 16  # parts are small and many: read them side by side (an S3 GET each)
 
 
-def _missing_part(store, manifests: list[Manifest]) -> tuple[int, str] | None:
-    """(version, key) of the first stats part a manifest names that the store does not hold."""
+def _read_parts(store, manifests: list[Manifest], plan: dict) -> dict[str, pa.Buffer]:
+    """key -> the bytes of every stats part the manifests name, each read once however many
+    versions name it, and checked against the sha256 its key names; IntegrityError naming the
+    first (by key) that is missing or whose bytes are not the ones its key names, with the
+    versions naming it and the fix. A version-1 store's hive parts have no content address: they
+    are checked to be readable Parquet."""
+    named: dict[str, list[int]] = {}
     for manifest in manifests:
         for table in STATS_SCHEMAS:
-            keys = [k for parts, _ in _parts_by_seq(store, manifest, table).values() for k in parts]
+            keys = [k for parts, _ in plan[(manifest.version, table)].values() for k in parts]
             scope_part = _scope_part(manifest, table)
             for key in keys + ([scope_part] if scope_part else []):
-                if store.head(key) is None:
-                    return manifest.version, key
-    return None
+                versions = named.setdefault(key, [])
+                if manifest.version not in versions:
+                    versions.append(manifest.version)
+
+    def read(key: str) -> pa.Buffer:
+        versions = named[key]
+        reference = (f"the manifest of v{versions[0]} references it as a stats part"
+                     + (f", as do those of {', '.join(f'v{v}' for v in versions[1:])}" if versions[1:] else ""))
+        fix = ("; the query cannot be answered. Put the part's own bytes back under its key (from a backup or the "
+               "store it was copied from: its name is their sha256)")
+        others = [m.version for m in manifests if m.version not in versions]
+        if others:
+            fix += (f", or roll back to a version that does not name it: engram rollback --store {store.uri} "
+                    f"--to {others[-1]}")
+        match = _PART_SHA256.match(key)
+        if match:
+            return pa.py_buffer(verified_bytes(store, key, None, match.group(1), reference=reference, fix=fix))
+        try:  # no content address to check (a version-1 hive part): at least a readable Parquet file
+            data = pa.py_buffer(store.get(key))
+            pq.read_metadata(pa.BufferReader(data))
+        except ObjectNotFound:
+            raise IntegrityError(f"{store.uri}/{key}: missing ({reference}){fix}") from None
+        except pa.ArrowException as err:
+            raise IntegrityError(f"{store.uri}/{key}: not a readable Parquet file ({err}) ({reference}){fix}") from None
+        return data
+
+    keys = sorted(named)
+    layers = _hiding_layers(manifests)
+    with ThreadPoolExecutor(max_workers=max(1, min(_READ_THREADS, len(keys) + len(layers)))) as pool:
+        sizes = dict(zip(layers, pool.map(store.head, layers)))
+        for key, (version, shard, size) in layers.items():
+            info = sizes[key]
+            if info is None or info.size != size:
+                raise _layer_damaged(store, key, version, shard, "missing" if info is None else
+                                     f"{info.size} bytes, manifest says {size}")
+        return dict(zip(keys, pool.map(read, keys)))  # the first failure in key order is raised
+
+
+def _hiding_layers(manifests: list[Manifest]) -> dict[str, tuple[int, int, int]]:
+    """key -> (first version naming it, shard, bytes) of every layer object whose ``user_id``
+    column the ``facts`` and ``users`` views read (to hide the rows it replaces)."""
+    layers: dict[str, tuple[int, int, int]] = {}
+    for manifest in manifests:
+        for entry in manifest.shards if manifest.schema_version > 1 else ():
+            for layer in entry.layers:
+                layers.setdefault(layer.key, (manifest.version, entry.shard, layer.bytes))
+    return layers
+
+
+def _layer_damaged(store, key: str, version: int, shard: int, found: str) -> IntegrityError:
+    return IntegrityError(
+        f"{store.uri}/{key}: {found} (the manifest of v{version} references it as a layer of shard {shard}; the "
+        f"stats views read its user_id column); the query cannot be answered. Put the layer's own bytes back (from "
+        f"a backup or the store it was copied from: its name is their sha256), or roll back to a version that does "
+        f"not name it")
+
+
+def _raise_if_layer_damaged(store, manifests: list[Manifest], err: BaseException) -> None:
+    """IntegrityError naming the first layer object the views read that the store lacks or holds
+    with another size than the manifest records (it changed after the query's own check): the
+    store is damaged, not the query (exit 1, not 2)."""
+    for key, (version, shard, size) in _hiding_layers(manifests).items():
+        info = store.head(key)
+        if info is None or info.size != size:
+            raise _layer_damaged(store, key, version, shard, "missing" if info is None else
+                                 f"{info.size} bytes, manifest says {size}") from err
 
 
 _LAYERED_TABLES = ("facts", "users")  # per-user tables whose rows a newer layer replaces
@@ -218,19 +292,25 @@ def _scope_part(manifest: Manifest, table: str) -> str | None:
     return manifest.scopes.stats.get(table)
 
 
-def _create_view(connection, store, manifests: list[Manifest], filesystem, base_path: str, table: str) -> None:
+def _parts_dataset(parts: dict[str, pa.Buffer], keys: list[str], schema: pa.Schema) -> ds.Dataset:
+    """A dataset over checked part bytes held in memory (columns a part lacks read as null)."""
+    fmt = ds.ParquetFileFormat()
+    return ds.FileSystemDataset([fmt.make_fragment(parts[key]) for key in keys], schema=schema, format=fmt)
+
+
+def _create_view(connection, manifests: list[Manifest], plan: dict, parts: dict[str, pa.Buffer], filesystem,
+                 base_path: str, table: str) -> None:
     """One view per table: per version and chain depth, a dataset of its parts plus the version as a
     column, without the rows a newer layer replaces."""
     schema = STATS_SCHEMAS[table]
     users_only = pa.schema([("user_id", pa.string())])
     selects = []
     for manifest in manifests:
-        for seq, (parts, hiding) in sorted(_parts_by_seq(store, manifest, table).items()):
-            if not parts:
+        for seq, (keys, hiding) in sorted(plan[(manifest.version, table)].items()):
+            if not keys:
                 continue
             name = f"_{table}_v{manifest.version}_{seq}"
-            connection.register(name, ds.dataset([f"{base_path}/{key}" for key in parts], schema=schema,
-                                                 format="parquet", filesystem=filesystem))
+            connection.register(name, _parts_dataset(parts, keys, schema))
             where = ""
             if hiding:
                 connection.register(f"{name}_newer", ds.dataset([f"{base_path}/{key}" for key in sorted(set(hiding))],
@@ -243,8 +323,7 @@ def _create_view(connection, store, manifests: list[Manifest], filesystem, base_
             # The shared scopes' own rows (user_id = scope = the scope id): never hidden by a layer,
             # which names users: a user with a scope's id is another owner (pipeline.scopes).
             name = f"_{table}_v{manifest.version}_scopes"
-            connection.register(name, ds.dataset([f"{base_path}/{scope_part}"], schema=schema, format="parquet",
-                                                 filesystem=filesystem))
+            connection.register(name, _parts_dataset(parts, [scope_part], schema))
             selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}")
     if selects:
         connection.execute(f"CREATE VIEW {table} AS " + " UNION ALL ".join(selects))

@@ -412,3 +412,56 @@ def test_a_command_line_that_cannot_be_parsed_with_json_still_prints_one_json_ob
         assert plain.returncode == 2 and plain.stdout == "" and "Usage: " in plain.stderr
     helped = cli("versions", "--json", "--help")  # --help is not a failure
     assert helped.returncode == 0 and "Usage: " in helped.stdout and "exit_code" not in helped.stdout
+
+
+def test_a_store_uri_that_names_no_store_is_a_bad_argument_for_every_command(tmp_path):
+    """`s3://` (no bucket), an S3 prefix with an empty or '.' segment, a bucket name S3 cannot
+    have, another scheme, a file URI naming a host: exit 2 (a bad argument, not a store that
+    failed), one `error:` line naming the URI and what to give, with --json one failure object
+    with that exit_code; refused before any request, nothing created."""
+    from jobs.nightly_cli import JSON_FAILURE_KEYS
+
+    log = tmp_path / "log"
+    log.mkdir()
+    spec = tmp_path / "spec.yaml"
+    for uri in ("s3://", "s3:///engram", "s3://bkt/a//b", "s3://bkt/./b", "s3://my bucket/engram", "http://host/store",
+                "file://host/store"):
+        spec.write_text(f"store: '{uri}'\nfact_log: {log}\nmodel: {tmp_path}\n")
+        for args in (["versions", "--store", uri], ["stats", "--store", uri, "select 1"],
+                     ["rollback", "--store", uri, "--to", "1"], ["forget", "--store", uri, "u1"],
+                     ["gc", "--store", uri, "--keep", "1"], ["compact", "--store", uri],
+                     ["pull", "--store", uri], ["ask", "--store", uri, "--user", "u1", "hi"],
+                     ["run", "nightly", "--store", uri, "--fact-log", str(log), "--model", str(tmp_path), "--workers", "0"],
+                     ["run", "nightly", "--spec", str(spec)],
+                     ["demo", "--store", uri, "--workdir", str(tmp_path / "w")],
+                     ["submit", "--spec", str(spec), "--address", "http://127.0.0.1:9"]):
+            result = engram(*args, "--json")
+            assert result.exit_code == 2, (uri, args, result.output)
+            out = json.loads(result.stdout)
+            assert out == {JSON_FAILURE_KEYS[args[0]]: False, "error": out["error"], "exit_code": 2}, (uri, args, out)
+            assert f"store URI {uri!r}: " in out["error"] and "; give " in out["error"], (uri, args, out)
+            assert result.stderr == f"error: {out['error']}\n", (uri, args, result.stderr)
+            plain = engram(*args)
+            assert plain.exit_code == 2 and plain.stdout == "" and plain.stderr == result.stderr, (uri, args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "spec.yaml"]
+
+
+def test_a_store_uri_error_that_escapes_a_command_is_still_exit_2():
+    """The console script's last resort maps a bad store URI to 2 as the commands do (with --json
+    in the failure object too)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, typer\n"
+            "from versions.store import open_store\n"
+            "from jobs import cli\n"
+            "@cli.app.command('probe-uri')\n"
+            "def probe(as_json: bool = typer.Option(False, '--json')):\n"
+            "    open_store('s3://bkt/a//b')  # not caught by the command\n"
+            "sys.argv = ['engram', 'probe-uri', '--json']\n"
+            "cli.run()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    out = json.loads(result.stdout)
+    assert out["exit_code"] == 2 and "store URI 's3://bkt/a//b'" in out["error"]
+    assert result.stderr.startswith("error: BadStoreURI: store URI 's3://bkt/a//b'") and result.stderr.count("\n") == 1

@@ -216,3 +216,99 @@ def test_a_missing_stats_part_is_a_damaged_store_naming_the_part_not_a_bad_query
     result = CliRunner().invoke(app, ["stats", "--store", any_store.uri, "--json", "select count(*) from facts"])
     assert result.exit_code == 1
     assert json_module.loads(result.stdout.strip().splitlines()[-1])["queried"] is False
+
+
+def _cli_stats(store, *args: str):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    return CliRunner().invoke(app, ["stats", "--store", store.uri, *args])
+
+
+@pytest.mark.parametrize("damage", ["another_parts_bytes", "truncated"])
+def test_a_stats_part_whose_bytes_are_not_the_ones_its_key_names_is_refused_naming_it_the_version_and_the_fix(
+        any_store, damage):
+    """A bad restore or sync put another valid part's bytes under a part's key, or cut it short: the
+    query is refused (IntegrityError, exit 1) naming the key, its version and the fix, never
+    answered from the other bytes (exit 0, wrong numbers) nor taken for a bad query (exit 2)."""
+    from versions.errors import IntegrityError
+
+    v1 = publish_stats(any_store, None, facts=facts(("a", "f", "ok", 0.1)))
+    v2 = publish_stats(any_store, v1, facts=facts(("b", "g", "ok", 0.2), ("c", "h", "ok", 0.3)))
+    key = v2.stats["facts"][0]
+    good = any_store.get(key)
+    any_store.put(key, any_store.get(v1.stats["facts"][0]) if damage == "another_parts_bytes" else good[:100])
+    sha256 = key.rsplit("/", 1)[1].removesuffix(".parquet")
+    with pytest.raises(IntegrityError) as info:
+        query_stats(any_store, "SELECT version, count(*) AS n FROM facts GROUP BY 1")
+    message = str(info.value)
+    assert message.startswith(f"{any_store.uri}/{key}: sha256 ") and f"does not match the manifest's {sha256}" in message
+    assert "the manifest of v2 references it as a stats part" in message
+    assert f"engram rollback --store {any_store.uri} --to 1" in message  # v1 does not name it
+    result = _cli_stats(any_store, "--json", "select count(*) n from facts")
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout) == {"queried": False, "error": json.loads(result.stdout)["error"], "exit_code": 1}
+    assert key in result.stderr and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    any_store.put(key, good)  # the part's own bytes back: answered again
+    assert query_stats(any_store, "SELECT count(*) AS n FROM facts WHERE version = 2").to_pylist() == [{"n": 2}]
+
+
+def test_a_damaged_part_named_by_every_version_says_to_restore_it(local_store):
+    rows = facts(("a", "f", "ok", 0.1))
+    v1 = publish_stats(local_store, None, facts=rows)
+    publish_stats(local_store, v1, facts=rows)  # the same part, carried by reference
+    key = v1.stats["facts"][0]
+    (local_store.root / key).write_bytes(local_store.get(key)[:-1])
+    from versions.errors import IntegrityError
+
+    with pytest.raises(IntegrityError, match=r"references it as a stats part, as do those of v2\); the query cannot be "
+                                        r"answered\. Put the part's own bytes back") as info:
+        query_stats(local_store, "SELECT * FROM facts")
+    assert "rollback" not in str(info.value)  # no version without it to roll back to
+
+
+def test_each_stats_part_is_read_and_checked_once_per_query(tmp_path, monkeypatch):
+    """Verification costs one read of each part a query uses, through the store, however many
+    versions name it (not a read to check it and another by DuckDB)."""
+    log = tmp_path / "access.log"
+    monkeypatch.setenv("ENGRAM_STORE_ACCESS_LOG", str(log))
+    store = LocalStore(tmp_path / "store")
+    rows = facts(("a", "f", "ok", 0.1))
+    v1 = publish_stats(store, None, facts=rows)
+    v2 = publish_stats(store, v1, facts=rows)  # the same facts part, carried by reference
+    log.write_text("")
+    query_stats(store, "SELECT version, count(*) AS n FROM facts GROUP BY 1")
+    gets = sorted(key for op, _, key in (line.split() for line in log.read_text().splitlines())
+                  if op == "get" and key.startswith("stats/"))
+    expected = sorted({k for m in (v1, v2) for table in STATS_SCHEMAS for k in m.stats_parts(table)})
+    assert v1.stats["facts"] == v2.stats["facts"] and gets == expected
+
+
+def test_a_damaged_layer_the_views_read_is_refused_naming_it_not_a_bad_query(local_store, tiny):
+    """The facts and users views read each layer object's user_id column (to hide the rows it
+    replaces): a layer missing or of another size than its manifest records is a damaged store
+    (exit 1) naming it, before the query runs, not a query error (exit 2)."""
+    import numpy as np
+
+    from tests.harness import publish_night, random_delta
+    from versions.errors import IntegrityError
+
+    rng = np.random.default_rng(0)
+    users = [f"user-{i}" for i in range(6)]
+    publish_night(local_store, tiny.fingerprint, {u: random_delta(tiny, rng) for u in users}, compact_layer_share=1e3)
+    v2 = publish_night(local_store, tiny.fingerprint, {users[0]: random_delta(tiny, rng)}, compact_layer_share=1e3)
+    (entry, layer), = [(e, layer) for e in v2.shards for layer in e.layers]
+    good = local_store.get(layer.key)
+    for damaged in (good[:100], None):
+        if damaged is None:
+            local_store.delete(layer.key)
+        else:
+            local_store.put(layer.key, damaged)
+        with pytest.raises(IntegrityError, match=rf"{layer.key}: (100 bytes, manifest says {layer.bytes}|missing) "
+                                                 rf"\(the manifest of v2 references it as a layer of shard {entry.shard}"):
+            query_stats(local_store, "SELECT count(*) FROM facts")
+        result = _cli_stats(local_store, "select count(*) from facts")
+        assert result.exit_code == 1 and layer.key in result.stderr, result.output
+    local_store.put(layer.key, good)
+    assert query_stats(local_store, "SELECT count(*) AS n FROM users WHERE version = 2").to_pylist() == [{"n": 6}]

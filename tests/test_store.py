@@ -133,6 +133,29 @@ def test_open_store_picks_the_implementation_from_the_uri(tmp_path, s3_bucket):
         open_store("gs://bucket/x")
 
 
+def test_a_store_uri_that_names_no_store_is_refused_naming_it_and_the_fix_before_any_request(s3_bucket, s3_server):
+    """BadStoreURI (a StoreError and a ValueError: a bad argument) for each URI that names no
+    store; the S3 forms that name one keep opening the same bucket and prefix."""
+    from versions.store import BadStoreURI, StoreError
+
+    for uri, why in (("s3://", "names no bucket"), ("s3:///engram", "names no bucket"),
+                     ("s3://bad bucket/x", "'bad bucket' is not a bucket name"),
+                     ("s3://bkt/a//b", "its prefix 'a//b' has an empty segment"),
+                     ("s3://bkt/a/../b", "its prefix 'a/../b' has a '.' or '..' segment"),
+                     ("s3://bkt/.engram-x", "its prefix '.engram-x' has a segment starting with '.engram-'"),
+                     ("gs://bucket/x", "unsupported scheme 'gs'"), ("file://host/x", "a file URI names a local path, not host 'host'")):
+        with pytest.raises(BadStoreURI) as info:
+            open_store(uri)
+        assert isinstance(info.value, StoreError) and isinstance(info.value, ValueError)
+        assert str(info.value).startswith(f"store URI {uri!r}: {why}") and "; give " in str(info.value), uri
+    assert "(e.g. s3://bkt/a/b)" in str(pytest.raises(BadStoreURI, open_store, "s3://bkt/a//b").value)
+    for uri, prefix in ((f"s3://{s3_bucket}", ""), (f"s3://{s3_bucket}/", ""), (f"s3://{s3_bucket}//engram/", "engram"),
+                        (f"s3://{s3_bucket}/team#1/engram", "team#1/engram")):
+        store = open_store(uri)
+        assert (store.bucket, store.prefix) == (s3_bucket, prefix), uri
+        store.list()  # the bucket answers
+
+
 def test_s3_store_keeps_its_objects_under_its_prefix(s3_bucket, s3_server):
     open_store(f"s3://{s3_bucket}/tenant-a").put("CURRENT", b"a")
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]

@@ -121,16 +121,24 @@ def read_current(store: ObjectStore) -> tuple[Manifest, str] | None:
     return read_manifest(store, pointer.version), pointer.etag
 
 
-def verified_bytes(store: ObjectStore, key: str, size: int, sha256: str) -> bytes:
+def verified_bytes(store: ObjectStore, key: str, size: int | None, sha256: str, *, reference: str | None = None,
+                   fix: str = "") -> bytes:
+    """The object's bytes, read once and checked against the size and sha256 its manifest records
+    (``size`` None: not recorded, as for a stats part, whose key names its sha256); IntegrityError
+    naming it otherwise. ``reference`` says what names the object (default: the manifest) and
+    ``fix``, appended to the message, what to do about it."""
+    where = f"{store.uri}/{key}"
+    named = f" ({reference})" if reference else ""
     try:
         data = store.get(key)
     except ObjectNotFound:
-        raise IntegrityError(f"{store.uri}/{key}: missing (the manifest references it)") from None
-    if len(data) != size:
-        raise IntegrityError(f"{store.uri}/{key}: {len(data)} bytes, manifest says {size}")
+        raise IntegrityError(f"{where}: missing ({reference or 'the manifest references it'}){fix}") from None
+    if size is not None and len(data) != size:
+        raise IntegrityError(f"{where}: {len(data)} bytes, manifest says {size}{named}{fix}")
     actual = _sha256(data)
     if actual != sha256:
-        raise IntegrityError(f"{store.uri}/{key}: sha256 {actual} does not match the manifest's {sha256}")
+        held = f" ({len(data)} bytes)" if size is None else ""
+        raise IntegrityError(f"{where}: sha256 {actual}{held} does not match the manifest's {sha256}{named}{fix}")
     return data
 
 

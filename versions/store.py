@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,13 @@ class StoreError(RuntimeError):
 class StoreNotFound(StoreError):
     """A read-only command was given a local store directory that does not exist, or any command a
     store path that is a file (a bad argument)."""
+
+
+class BadStoreURI(StoreError, ValueError):
+    """A store URI that names no store (``s3://`` without a bucket or with an invalid bucket name,
+    an S3 prefix with an empty, ``.``, ``..`` or reserved segment, an unsupported scheme, a file
+    URI naming a host): a bad argument, refused before any request; the message names the URI and
+    the fix."""
 
 
 class ObjectNotFound(StoreError):
@@ -547,25 +555,61 @@ def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> 
         os.close(dir_fd)
 
 
+_S3_BUCKET = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # what botocore accepts as a bucket name
+_STORE_URI_FORMS = "a local path, file:///path or s3://bucket/prefix"
+
+
+def parse_store_uri(uri: str) -> tuple[str, str, str]:
+    """``("s3", bucket, prefix)`` or ``("local", path, "")`` of a store URI, checked without any
+    request (``/path``, ``relative/path``, ``file:///path``, ``s3://bucket/prefix``; the prefix as
+    written: ``s3://bucket/team#1/engram`` is the prefix ``team#1/engram``, a leading or trailing
+    ``/`` dropped). BadStoreURI naming the URI and the fix for one that names no store."""
+    if uri.startswith("s3://"):  # by hand: a key prefix is taken as written ('#', '?', '%' are key characters)
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise BadStoreURI(f"store URI {uri!r}: names no bucket; give s3://BUCKET/PREFIX (e.g. s3://my-bucket/engram)")
+        if not _S3_BUCKET.match(bucket):
+            raise BadStoreURI(f"store URI {uri!r}: {bucket!r} is not a bucket name (letters, digits, '.', '-' and '_' "
+                              "only); give s3://BUCKET/PREFIX")
+        prefix = prefix.strip("/")
+        if prefix:
+            try:
+                check_key(prefix)
+            except ValueError:
+                segments = prefix.split("/")
+                why = ("holds a backslash (S3 keys use '/')" if "\\" in prefix
+                       else "has an empty segment ('//')" if "" in segments
+                       else "has a '.' or '..' segment" if {".", ".."} & set(segments)
+                       else f"has a segment starting with {_RESERVED_PREFIX!r} (reserved for engram's own files)")
+                kept = "/".join(segment for segment in segments if segment not in ("", "."))
+                try:
+                    example = f" (e.g. s3://{bucket}/{check_key(kept)})" if kept else ""
+                except ValueError:
+                    example = ""
+                raise BadStoreURI(f"store URI {uri!r}: its prefix {prefix!r} {why}; give a prefix of non-empty "
+                                  f"segments, none '.', '..' or starting with {_RESERVED_PREFIX!r}{example}") from None
+        return "s3", bucket, prefix
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise BadStoreURI(f"store URI {uri!r}: a file URI names a local path, not host {parsed.netloc!r}; give "
+                              f"file:///path or the path itself")
+        return "local", unquote(parsed.path), ""
+    if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise BadStoreURI(f"store URI {uri!r}: unsupported scheme {parsed.scheme!r}; give {_STORE_URI_FORMS}")
+    return "local", uri, ""
+
+
 def open_store(uri: str, *, create: bool = True, **s3_options) -> ObjectStore:
     """``/path``, ``relative/path`` or ``file:///path`` -> LocalStore; ``s3://bucket/prefix`` -> S3Store
-    (the prefix as written: ``s3://bucket/team#1/engram`` is the prefix ``team#1/engram``).
+    (see :func:`parse_store_uri`; BadStoreURI for a URI that names no store).
 
     A file URI is percent-decoded (``LocalStore.uri`` encodes ``=``, spaces and the like), so
     ``open_store(store.uri)`` always opens the same directory. ``create=False`` (read-only
     commands) refuses a local directory that does not exist instead of creating it."""
-    if uri.startswith("s3://"):  # by hand: a key prefix is taken as written ('#', '?', '%' are key characters)
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
-        if not bucket:
-            raise ValueError(f"store URI {uri!r}: missing bucket (expected s3://bucket/prefix)")
-        return S3Store(bucket, prefix, **s3_options)
-    parsed = urlparse(uri)
+    kind, location, prefix = parse_store_uri(uri)
+    if kind == "s3":
+        return S3Store(location, prefix, **s3_options)
     if s3_options:
         raise ValueError(f"store URI {uri!r}: S3 options {sorted(s3_options)} given for a local store")
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"store URI {uri!r}: file URIs must name a local path (file:///path)")
-        return LocalStore(unquote(parsed.path), create=create)
-    if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise ValueError(f"store URI {uri!r}: unsupported scheme {parsed.scheme!r} (use a path, file:// or s3://)")
-    return LocalStore(uri, create=create)
+    return LocalStore(location, create=create)
