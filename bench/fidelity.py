@@ -15,6 +15,7 @@ facts, from its NFD / invisible-character / trailing-space variants) gives the w
     python bench/fidelity.py --users 50 --json
     python bench/fidelity.py --users 10 --tiny-ngram 3 9 --resolve-conflicts on off --json
     python bench/fidelity.py --preset d768 --device cuda --tiny-ngram 9 3 --json    # the GPU shape
+    python bench/fidelity.py --users 10 --contacts 32 --json    # + many facts from one template per user
 
 No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 """
@@ -117,13 +118,16 @@ def main() -> None:
     ap.add_argument("--tiny-ngram", type=int, nargs="+", default=[None],
                     help="build tiny models with N-gram orders 2..N (default: init_tiny's default)")
     ap.add_argument("--resolve-conflicts", nargs="+", choices=["on", "off"], default=["on"])
+    ap.add_argument("--contacts", type=int, default=0,
+                    help="add this many contacts' phone numbers to each user (one trigger template, names that "
+                         "differ, numbers sharing the user's country and area code: the 'template' kind)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    users = profiles(args.users, seed=args.seed)
+    users = profiles(args.users, seed=args.seed, contacts=args.contacts)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for ngram in args.tiny_ngram:
@@ -153,7 +157,8 @@ def main() -> None:
             if args.model:
                 break
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    out = {"device": device, "threads": torch.get_num_threads(), "seed": args.seed, "runs": runs}
+    out = {"device": device, "threads": torch.get_num_threads(), "seed": args.seed, "contacts": args.contacts,
+           "runs": runs}
     if args.json:
         print(json.dumps(out, indent=1))
 

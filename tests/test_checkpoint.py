@@ -64,6 +64,22 @@ def test_tiny_inits_in_processes_with_other_string_hash_seeds_write_identical_by
     assert json.loads(one["adapter/adapter_config.json"])["target_modules"] == ["q_proj", "v_proj"]
 
 
+def test_model_init_builds_a_wider_or_deeper_tiny_model_on_request(tmp_path):
+    from typer.testing import CliRunner
+
+    from engram_core.checkpoint import load_checkpoint
+    from jobs.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["model", "init", str(tmp_path / "wide"), "--tiny", "--hidden", "96", "--layers", "6"])
+    assert out.exit_code == 0, out.output
+    em = load_checkpoint(tmp_path / "wide")
+    assert em.model.config.hidden_size == 96 and em.model.config.num_hidden_layers == 6
+    assert em.config.layers == (1, 5) and fingerprint(tmp_path / "wide") != init_tiny(tmp_path / "default")
+    out = runner.invoke(app, ["model", "init", str(tmp_path / "odd"), "--tiny", "--hidden", "100"])
+    assert out.exit_code == 2 and "multiple of 8" in out.stderr and not (tmp_path / "odd").exists()
+
+
 # --- An adapter saved for another base is refused -----------------------------------------------
 
 
