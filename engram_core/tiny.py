@@ -28,6 +28,15 @@ from .config import FAMILIES, EngramConfig  # noqa: F401 - FAMILIES re-exported 
 TINY_MAX_NGRAM = 9
 TINY_HEADS_PER_ORDER = 2
 
+# Hidden size 96, not 64: when one user has many facts from one trigger template ("<contact>'s
+# phone number is", numbers sharing the area code), the name that tells them apart is outside
+# every written position's 9-token window, and only the attention above the write layer can carry
+# it there. At 64 wide it could not: 176 of 320 contacts' numbers (10 users x 32) came back; at
+# 96, 319 of 320; at 128, 320 of 320. A corpus without such facts compiles in about 1.2x the time
+# of 64 wide at 96, and 2x at 128 (bench/RESULTS.md, 2026-12-01). The d768 shape recalled them
+# all (1,280 of 1,280 at 64 contacts per user). Checkpoints built before keep their size.
+TINY_HIDDEN = 96
+
 _SUBJECTS = [
     "dentist", "doctor", "city", "pet", "dog", "cat", "sister", "brother", "wife", "husband", "manager",
     "favorite food", "favorite color", "car", "gym", "school", "employer", "street", "hometown", "bank",
@@ -98,7 +107,7 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
     return tokenizer
 
 
-def build_base_model(family: str, vocab_size: int, *, hidden: int = 64, layers: int = 4, seed: int = 0,
+def build_base_model(family: str, vocab_size: int, *, hidden: int = TINY_HIDDEN, layers: int = 4, seed: int = 0,
                      logit_scale: float = 10.0):
     """A seeded random causal LM. ``logit_scale`` widens the output embedding so logits span a
     range like a trained model's (random 0.02-std weights give near-uniform next-token logits)."""
@@ -139,7 +148,7 @@ def init_tiny(
     *,
     family: str = "llama",
     engram: EngramConfig | None = None,
-    hidden: int = 64,
+    hidden: int = TINY_HIDDEN,
     layers: int = 4,
     vocab_size: int = 2048,
     adapter: bool = True,
