@@ -255,6 +255,22 @@ def cli_app():
     return app
 
 
+def test_ask_gives_a_long_answer_whole_by_default(local_store, tiny, tiny_dir, tmp_path):
+    """16 new tokens, the old default, cut answers like an address or an email in the middle."""
+    from typer.testing import CliRunner
+
+    trigger, answer = "My home address is", " 274 Rua Augusta, 1100-053 Lisbon, Portugal"
+    assert 16 < len(tiny.encode_answer(answer)) <= 64
+    result = compile_facts(tiny, [Fact("carol", "f0", trigger, answer)])
+    assert result.ok == 1
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, {"carol": result.deltas["carol"]})
+    out = CliRunner().invoke(cli_app(), ["ask", "--store", str(local_store.root), "--user", "carol", "--cache-dir",
+                                         str(tmp_path / "cache"), "--json", trigger])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"].startswith(answer)
+
+
 def test_ask_recalls_a_users_facts_and_compares_with_the_base(local_store, tiny, tiny_dir, compiled, tmp_path):
     from typer.testing import CliRunner
 
