@@ -69,6 +69,7 @@ from pipeline.shards import (
     assemble_shard,
     carried_entry,
     chains_to_compact,
+    own_keys,
     rebase_entry,
     rescope_shard,
     resharded_priors,
@@ -242,31 +243,6 @@ def apply_in_flight(configured: int | None, rows: int, shards: int, every_shard:
     else:
         want = max(APPLY_MIN_IN_FLIGHT, -(-rows // APPLY_ROWS_PER_TASK))
     return max(1, min(shards, want))
-
-
-def _own_parts(entry: ShardEntry, before: ShardEntry) -> set[str]:
-    """The keys of ``entry`` (a night's, built on ``before``) that are not the parts of ``before``
-    which :func:`pipeline.shards.rebase_entry` replaces by their re-issue: the night's own layers
-    (with their stats parts, even where one is the same content, so the same key, as a part of
-    ``before``: a forget that re-issues ``before`` must not delete it), its own base, state and
-    stats. Objects of ``before`` that the night only carries are left out."""
-    inherited: set[str] = set()
-    if entry.bundle_key == before.bundle_key and entry.layers[:len(before.layers)] == before.layers:
-        inherited |= {before.bundle_key} | {k for layer in before.layers for k in layer.object_keys()}
-        own_layers = entry.layers[len(before.layers):]
-        if entry.stats == before.stats:
-            inherited |= set(before.stats.values())
-    else:
-        own_layers = entry.layers
-    if (entry.state_key, entry.tombstones_key) == (before.state_key, before.tombstones_key) and \
-            entry.state_layers[:len(before.state_layers)] == before.state_layers:
-        inherited |= {before.state_key} | ({before.tombstones_key} if before.tombstones_key else set())
-        inherited |= {k for layer in before.state_layers for k in layer.object_keys()}
-        own_state = entry.state_layers[len(before.state_layers):]
-    else:
-        own_state = entry.state_layers
-    mine = {k for layer in own_layers for k in layer.object_keys()} | {k for layer in own_state for k in layer.object_keys()}
-    return (set(entry.object_keys()) - inherited) | mine
 
 
 def _raise_if_current_moved(store, previous: Manifest | None, err: Exception) -> None:
@@ -578,7 +554,7 @@ class _Night:
         if before is None or before.num_shards != self.spec.num_shards:
             own = {k for e in self.entries.values() for k in e.object_keys()}
         else:
-            own = {k for s, e in self.entries.items() for k in _own_parts(e, before.shard(s))}
+            own = {k for s, e in self.entries.items() for k in own_keys(e, before.shard(s))}
         return frozenset(own | {a.rejects_key for a in self.applied.values() if a.rejects_key})
 
     def _needs_stats(self, shard: int) -> bool:

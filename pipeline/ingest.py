@@ -209,21 +209,22 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
     roots = sorted({_source_root(s) for s in sources}, key=len, reverse=True)  # the innermost source first
     files = {}
     for fs, path, display in _list_files(sources, filesystem):
-        info = fs.get_file_info(path)
-        mtime = info.mtime_ns if info.mtime_ns is not None else None
         root = next((r for r in roots if display == r or display.startswith(r.rstrip("/") + "/")), display)
-        files[display] = FactFile(display, info.size or 0, mtime, _change_time(fs, path), root)
+        files[display] = FactFile(display, *_identity(fs, path), root)
     return [files[p] for p in sorted(files)]
 
 
-def _change_time(fs: pafs.FileSystem, path: str) -> int | None:
-    """A local file's ``st_ctime_ns`` (None elsewhere, or for a broken link)."""
-    if not isinstance(fs, pafs.LocalFileSystem):
-        return None
-    try:
-        return os.stat(path).st_ctime_ns
-    except OSError:
-        return None
+def _identity(fs: pafs.FileSystem, path: str) -> tuple[int, int | None, int | None]:
+    """(size, mtime_ns, ctime_ns) of a listed file: one ``stat`` of a local file (0, None, None
+    for a broken link), the listing's size and modification time elsewhere (no change time)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return 0, None, None
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    info = fs.get_file_info(path)
+    return info.size or 0, info.mtime_ns, None
 
 
 def _source_root(root: str) -> str:

@@ -426,7 +426,7 @@ def rebase_entry(store, entry: ShardEntry, before: ShardEntry, after: ShardEntry
     if before == after:
         return entry
     fields: dict = {}
-    if entry.bundle_key == before.bundle_key and entry.layers[:len(before.layers)] == before.layers:
+    if _on_deltas_of(entry, before):
         parent = after.layers[-1].sha256 if after.layers else after.bundle_sha256
         layers = list(after.layers)
         for layer in entry.layers[len(before.layers):]:
@@ -435,11 +435,41 @@ def rebase_entry(store, entry: ShardEntry, before: ShardEntry, after: ShardEntry
             parent = layer.sha256
         fields |= dict(bundle_key=after.bundle_key, bundle_sha256=after.bundle_sha256, bundle_bytes=after.bundle_bytes,
                        stats=after.stats if entry.stats == before.stats else entry.stats, layers=tuple(layers))
-    if (entry.state_key, entry.tombstones_key) == (before.state_key, before.tombstones_key) and \
-            entry.state_layers[:len(before.state_layers)] == before.state_layers:
+    if _on_state_of(entry, before):
         fields |= dict(StatePart.of(after).fields(), state_layers=after.state_layers
                        + entry.state_layers[len(before.state_layers):])
     return replace(entry, **fields)
+
+
+def _on_deltas_of(entry: ShardEntry, before: ShardEntry) -> bool:
+    """Whether ``entry``'s deltas are ``before``'s base and layers with the night's layers on top."""
+    return entry.bundle_key == before.bundle_key and entry.layers[:len(before.layers)] == before.layers
+
+
+def _on_state_of(entry: ShardEntry, before: ShardEntry) -> bool:
+    """Whether ``entry``'s state is ``before``'s base state and layers with the night's on top."""
+    return (entry.state_key, entry.tombstones_key) == (before.state_key, before.tombstones_key) and \
+        entry.state_layers[:len(before.state_layers)] == before.state_layers
+
+
+def own_keys(entry: ShardEntry, before: ShardEntry) -> set[str]:
+    """The keys of ``entry`` (a night's, built on ``before``) that are not the parts of ``before``
+    which :func:`rebase_entry` replaces by their re-issue: the night's own layers (with their
+    stats parts, even where one is the same content, so the same key, as a part of ``before``: a
+    forget that re-issues ``before`` must not delete it), its own base, state and stats."""
+    own_layers, own_state = entry.layers, entry.state_layers
+    inherited: set[str] = set()
+    if _on_deltas_of(entry, before):
+        inherited |= {before.bundle_key} | {k for layer in before.layers for k in layer.object_keys()}
+        own_layers = entry.layers[len(before.layers):]
+        if entry.stats == before.stats:
+            inherited |= set(before.stats.values())
+    if _on_state_of(entry, before):
+        inherited |= {k for k in (before.state_key, before.tombstones_key) if k}
+        inherited |= {k for layer in before.state_layers for k in layer.object_keys()}
+        own_state = entry.state_layers[len(before.state_layers):]
+    mine = {k for layer in (*own_layers, *own_state) for k in layer.object_keys()}
+    return (set(entry.object_keys()) - inherited) | mine
 
 
 def _reparent(store, layer: LayerEntry, parent: str) -> LayerEntry:

@@ -275,6 +275,7 @@ class _Rewriter:
         self._entries: dict[tuple, ShardEntry] = {}
         self._parts: dict[tuple[str, tuple[str, ...]], str] = {}
         self.erased: dict[tuple, tuple[str, ...]] = {}  # a shard entry's object keys -> the users erased from it
+        self._states: dict[tuple, list] = {}  # see _state_objects
 
     def _keep(self, key_of, data: bytes) -> tuple[str, str, int]:
         sha = _sha(data)
@@ -334,13 +335,9 @@ class _Rewriter:
         a user with any data up to the forget is erased whole from that version (its later facts
         too: the night's own version keeps those). An ``engram forget`` is stamped a day ahead of
         now, so every user's data is erased."""
-        store = self.store
-        states = [decode_fact_state(load_shard_state_bytes(store, entry))]
-        tombstones = [load_base_tombstones(store, entry)]
-        for layer in entry.state_layers:
-            state, removed = load_state_layer(store, layer)
-            states.append(state)
-            tombstones.append(removed)
+        objects = self._state_objects(entry)
+        states = [state for state, _, _, _ in objects]
+        tombstones = [removed for _, removed, _, _ in objects]
         out = []
         for user in users:
             limit = pa.scalar(self.forgotten_at[user], TIMESTAMP)
@@ -351,6 +348,19 @@ class _Rewriter:
             if early or not facts:  # no fact rows to date the shard's other objects by: erased, to be safe
                 out.append(user)
         return out
+
+    def _state_objects(self, entry: ShardEntry) -> list[tuple[pa.Table, pa.Table, str, str | None]]:
+        """(facts, tombstones, state key, tombstones key) of the entry's base state and each state
+        layer, verified; read once per entry (:meth:`erasable` and :meth:`_state_chain` both need them)."""
+        key = (entry.state_key, entry.tombstones_key, entry.state_layers)
+        if key not in self._states:
+            store = self.store
+            objects = [(decode_fact_state(load_shard_state_bytes(store, entry)), load_base_tombstones(store, entry),
+                        entry.state_key, entry.tombstones_key)]
+            objects += [load_state_layer(store, layer) + (layer.state_key, layer.tombstones_key)
+                        for layer in entry.state_layers]
+            self._states[key] = objects
+        return self._states[key]
 
     def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array) -> ShardEntry:
         new = replace(entry, **self._delta_chain(entry, erase), **self._state_chain(entry, erase, users))
@@ -401,13 +411,9 @@ class _Rewriter:
         """The base state and tombstones and the state layers without the facts and tombstones of
         ``erase``, and without the older forget tombstones of ``users``; one forget tombstone per
         user of ``users`` in the newest tombstones object."""
-        store = self.store
         hashes = pa.array([forgotten_id(u) for u in users.to_pylist()], pa.string())
         erased = pa.array([forgotten_id(u) for u in erase.to_pylist()], pa.string())
-        objects = [(decode_fact_state(load_shard_state_bytes(store, entry)), load_base_tombstones(store, entry),
-                    entry.state_key, entry.tombstones_key)]
-        objects += [load_state_layer(store, layer) + (layer.state_key, layer.tombstones_key)
-                    for layer in entry.state_layers]
+        objects = self._state_objects(entry)
         latest: dict[str, object] = {}
         for _, tombstones, _, _ in objects:
             forgets = tombstones.filter(pc.and_(pc.is_in(tombstones.column("user_hash"), hashes),
