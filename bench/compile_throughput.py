@@ -401,6 +401,8 @@ def main() -> None:
     ap.add_argument("--max-ngram", type=int, default=None,
                     help="d768 preset: N-gram orders 2..N with 16 // (N - 1) heads each (default 3: 8 heads of 2- and "
                          "3-grams; 9 is the order new tiny checkpoints get since issue 17)")
+    ap.add_argument("--min-margin", type=float, nargs="+", default=[CompileOptions.min_margin],
+                    help="CompileOptions.min_margin (several: a sweep)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.dry_run:
@@ -451,14 +453,15 @@ def main() -> None:
                                    templates=args.templates) for w in args.workload}
         trigger_tokens = len(em.encode_prompt(next(iter(workloads.values()))[0].trigger))
         runs = []
-        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn) for a in args.attn for w in args.workload
+        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm) for a in args.attn for w in args.workload
                     for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for dd in args.dedupe_prefixes
                     for ps in args.plain_step for cs in args.compiled_step for ov in args.overlap
                     for si in args.switch_interval for pk in args.prefix_kernel for tw in args.tokenize_workers
-                    for fn in args.fused_ops]
+                    for fn in args.fused_ops for mm in args.min_margin]
         default_interval = sys.getswitchinterval()
-        for attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers, norms in variants:
+        for attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers, norms, \
+                margin in variants:
             sys.setswitchinterval(interval or default_interval)
             em = model(attn)
             facts = workloads[workload]
@@ -466,7 +469,7 @@ def main() -> None:
                                   reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups,
                                   dedupe_prefixes=dedupe == "on", plain_step=plain == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
-                                  tokenize_workers=workers, fused_ops=norms == "on",
+                                  tokenize_workers=workers, fused_ops=norms == "on", min_margin=margin,
                                   lr_width_scaling=not args.no_lr_width_scaling,
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
@@ -499,7 +502,7 @@ def main() -> None:
                 "workload": workload, "templates": args.templates if workload == "templated" else None,
                 "distinct_triggers": len({f.trigger for f in facts}),
                 "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled, "overlap": overlap, "prefix_kernel": kernel,
-                "tokenize_workers": workers, "fused_ops": norms, "dedupe_prefixes": dedupe,
+                "tokenize_workers": workers, "fused_ops": norms, "min_margin": margin, "dedupe_prefixes": dedupe,
                 "switch_interval_s": sys.getswitchinterval(),
                 "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],

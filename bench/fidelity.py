@@ -16,6 +16,7 @@ facts, from its NFD / invisible-character / trailing-space variants) gives the w
     python bench/fidelity.py --users 10 --tiny-ngram 3 9 --resolve-conflicts on off --json
     python bench/fidelity.py --preset d768 --device cuda --tiny-ngram 9 3 --json    # the GPU shape
     python bench/fidelity.py --users 10 --contacts 32 --json    # + many facts from one template per user
+    python bench/fidelity.py --users 50 --context sentence chat --json    # + prompts after a sentence, in a chat
 
 No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 """
@@ -42,7 +43,9 @@ from engram_core.text import canonical_fact  # noqa: E402
 from engram_core.tiny import TINY_MAX_NGRAM, init_tiny  # noqa: E402
 from pipeline.ingest import answer_token_counter, ingest  # noqa: E402
 from pipeline.scopes import compile_scoped, served_deltas  # noqa: E402
-from tests.fixtures.realistic_profiles import KINDS, KIND_TEXT_FORM, all_facts, fact_log, profiles, recalled  # noqa: E402
+from tests.fixtures.realistic_profiles import (  # noqa: E402
+    CONTEXTS, KINDS, KIND_TEXT_FORM, all_facts, fact_log, in_context, profiles, recalled,
+)
 
 
 D768_TEXT_VOCAB = 8192
@@ -57,7 +60,7 @@ def tiny_config(max_ngram: int) -> EngramConfig:
     return EngramConfig(layers=(1, 3), max_ngram=max_ngram, heads_per_order=heads, slots_per_head=1009)
 
 
-def measure(em, users, options: CompileOptions) -> dict:
+def measure(em, users, options: CompileOptions, contexts=("none",)) -> dict:
     counter = answer_token_counter(em.tokenizer)
     ingested = ingest(fact_log(users), None, max_trigger_tokens=options.max_trigger_tokens,
                       count_tokens=lambda texts: [len(em.encode_prompt(t)) for t in texts],
@@ -77,6 +80,17 @@ def measure(em, users, options: CompileOptions) -> dict:
     start_serve = time.perf_counter()
     ok = recalled(em, cases)
     serve_seconds = time.perf_counter() - start_serve
+    after = {}
+    for name in contexts:
+        if name == "none":
+            continue
+        natural = [(in_context(em, name, p), a, d) for (p, a, d), (_, k) in zip(cases, kinds) if k == 0]
+        hits = recalled(em, natural)
+        first = [f for f, k in kinds if k == 0]
+        after[name] = {"recalled": sum(hits), "facts": len(hits), "recall": round(sum(hits) / len(hits), 4),
+                            "missed_by_kind": {kind: sum(not h and kind in f.kinds for f, h in zip(first, hits))
+                                               for kind in KINDS},
+                            "failed": [f"{f.user_id}/{f.fact_id}" for f, h in zip(first, hits) if not h][:20]}
     whole: dict[tuple, bool] = {}
     first_prompt: dict[tuple, bool] = {}
     for (f, k), hit in zip(kinds, ok):
@@ -101,6 +115,7 @@ def measure(em, users, options: CompileOptions) -> dict:
         "prompt_variants_recalled": sum(ok[i] for i in variants),
         "failed": sorted(f"{u}/{fid}" for (u, fid), hit in first_prompt.items() if not hit)[:20],
         "serve_seconds": round(serve_seconds, 2),
+        "recall_natural_prompt_after": after,
         "delta_bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
     }
 
@@ -118,9 +133,16 @@ def main() -> None:
     ap.add_argument("--tiny-ngram", type=int, nargs="+", default=[None],
                     help="build tiny models with N-gram orders 2..N (default: init_tiny's default)")
     ap.add_argument("--resolve-conflicts", nargs="+", choices=["on", "off"], default=["on"])
+    ap.add_argument("--context-copies", nargs="+", choices=["on", "off"], default=["on"],
+                    help="CompileOptions.context_copies: facts in conflict also trained after a chat's opening")
     ap.add_argument("--contacts", type=int, default=0,
                     help="add this many contacts' phone numbers to each user (one trigger template, names that "
                          "differ, numbers sharing the user's country and area code: the 'template' kind)")
+    ap.add_argument("--context", nargs="+", choices=CONTEXTS, default=["none"],
+                    help="also decode each natural prompt after a sentence ('Sure. ') or as a chat's assistant "
+                         "prefill (recall_natural_prompt_after); none: the prompt alone only")
+    ap.add_argument("--min-margin", type=float, default=CompileOptions.min_margin, help="CompileOptions.min_margin")
+    ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -148,12 +170,16 @@ def main() -> None:
             em = load_checkpoint(root, device=args.device, dtype=dtype,
                                  attn_implementation="eager" if args.device == "cuda" else None)
             for resolve in args.resolve_conflicts:
-                run = {"model": str(args.model or args.preset), "max_ngram": em.config.max_ngram,
-                       "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve}
-                run.update(measure(em, users, CompileOptions(resolve_conflicts=resolve == "on")))
-                runs.append(run)
-                if not args.json:
-                    print(json.dumps(run, indent=1))
+                for copies in args.context_copies:
+                    run = {"model": str(args.model or args.preset), "max_ngram": em.config.max_ngram,
+                           "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve,
+                           "context_copies": copies, "min_margin": args.min_margin, "steps": args.steps}
+                    options = CompileOptions(resolve_conflicts=resolve == "on", context_copies=copies == "on",
+                                             min_margin=args.min_margin, steps=args.steps)
+                    run.update(measure(em, users, options, args.context))
+                    runs.append(run)
+                    if not args.json:
+                        print(json.dumps(run, indent=1))
             if args.model:
                 break
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -216,3 +216,38 @@ class Addresser:
             per_order.append(mix.unsqueeze(-1).expand(-1, -1, self.config.heads_per_order))
         mixes = torch.cat(per_order, dim=-1)  # (B, T, H)
         return torch.remainder(mixes, primes) + offsets
+
+
+def head_orders(config: EngramConfig) -> np.ndarray:
+    """(H,) the N-gram order each head of a layer hashes, in the column order of :meth:`Addresser.rows`."""
+    return np.repeat(np.asarray(config.orders, np.int64), config.heads_per_order)
+
+
+def text_start(ids: np.ndarray, valid: np.ndarray, special_ids) -> np.ndarray:
+    """(B,) the column of each left-padded sequence's first token of text (``ids``, ``valid``:
+    (B, T)): after the padding and the special tokens a tokenizer puts before a prompt (a BOS),
+    which a served prompt has before whatever precedes the trigger, not right before it."""
+    special = np.asarray(sorted(set(special_ids)), np.int64)
+    text = np.asarray(valid, bool) & ~np.isin(ids, special)
+    return np.where(text.any(1), text.argmax(1), ids.shape[1])
+
+
+def own_text_heads(index: np.ndarray, orders: np.ndarray, written: np.ndarray | bool = False) -> np.ndarray:
+    """(n, H) whether the N-gram each head hashes at a position lies inside the fact's own text:
+    the heads whose rows the compiler trains for a fact (and the stats count).
+
+    ``index`` (n,): the position within the text (0 = its first token after any BOS);
+    ``orders`` (H,): each head's order (:func:`head_orders`). The N-gram of order k at index p
+    spans p-k+1..p. A trigger is served after anything (the start of a sequence, a sentence, a
+    chat's assistant prefill: README, "Where the memory answers in a chat"), so a row hashed
+    from tokens before it is hit only where the compile saw the same ones; trained there, a fact
+    leans on rows a chat never reads (bench/RESULTS.md, 2026-12-01 fourth session).
+
+    ``written`` (n,) or a bool: the positions that predict an answer token. One with no head
+    inside (the last token of a one-token trigger) keeps them all: such a fact can be written
+    only for the start of a sequence, as before this rule. A context position (no target of
+    its own) with none inside has no row to train."""
+    index = np.asarray(index)
+    inside = np.asarray(orders)[None, :] <= index[:, None] + 1
+    inside[~inside.any(1) & np.broadcast_to(np.asarray(written, bool), index.shape)] = True
+    return inside

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from . import fast_step, prefix_attention
+from . import addressing, fast_step, prefix_attention
 from .checkpoint import EngramModel
 from .conflicts import STATUS_CONFLICTS_WITH, conflict_status, plan_context  # noqa: F401 (the status is API)
 from .delta import Delta
@@ -120,6 +120,8 @@ class _Seq:
     targets: list[int]  # answer tokens
     context: tuple[int, ...] = ()  # positions (into input_ids) whose rows are trained as context
     constraint: bool = False  # a fixed fact (recalled by the base delta): its loss counts, its rows are not trained
+    carrier: int = 0  # > 0: a context copy (_add_context_copies), with this many tokens before the fact's own text
+    in_conflict: bool = False  # shares a written N-gram window with another of its user's facts (conflicts.plan_context)
 
 
 def _fork_cache(cache):
@@ -202,6 +204,8 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
     for i, positions in plan.context.items():
         if not seqs[i].constraint:  # a fixed fact's rows belong to its base delta: not trained here
             seqs[i].context = positions
+    for i in plan.conflicting_sequences:
+        seqs[i].in_conflict = True
     impossible = {i: j for i, j in plan.impossible.items() if not seqs[i].constraint}
     if not impossible:
         return []
@@ -217,6 +221,75 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
     for u in users:
         by_user[u] = [s for s in by_user[u] if id(s) not in dropped]
     return results
+
+
+DEFAULT_CONTEXT_MESSAGE = "Hello."
+"""The user message of the conversation whose assistant turn the context copies continue."""
+FALLBACK_CONTEXT_TEXT = "Here is what I remember. "
+"""The context copies' text for a tokenizer without a chat template."""
+
+
+def context_text(em: EngramModel, options: CompileOptions) -> str:
+    """The text the context copies put before a trigger (:attr:`CompileOptions.context_text`):
+    as given, else the checkpoint's chat template rendered for an assistant prefill after one
+    user message (:data:`DEFAULT_CONTEXT_MESSAGE`; the README's way of getting recall in a
+    chat), else :data:`FALLBACK_CONTEXT_TEXT`."""
+    if options.context_text is not None:
+        if not isinstance(options.context_text, str) or not options.context_text.strip():
+            raise ValueError(f"CompileOptions.context_text must be a non-empty string or None, got {options.context_text!r}")
+        return options.context_text
+    tokenizer = em.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\u2063engram\u2063"  # content found once in the rendering: the prefill ends before it
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": DEFAULT_CONTEXT_MESSAGE}, {"role": "assistant", "content": marker}],
+                tokenize=False, continue_final_message=True)
+        except Exception as err:  # a template that refuses this conversation: the plain text instead
+            log.warning("compiler: the chat template cannot render an assistant prefill (%s); context copies use %r",
+                        err, FALLBACK_CONTEXT_TEXT)
+        else:
+            if isinstance(rendered, str) and rendered.count(marker) == 1:
+                return rendered[:rendered.index(marker)]
+    return FALLBACK_CONTEXT_TEXT
+
+
+def context_ids(em: EngramModel, options: CompileOptions) -> list[int]:
+    """Token ids of :func:`context_text` as they come after a prompt's leading special tokens:
+    without special tokens of its own at the start (a template's BOS text)."""
+    ids = em.encode_answer(context_text(em, options))
+    specials = set(em.tokenizer.all_special_ids)
+    bos = em.tokenizer.bos_token_id
+    while ids and ids[0] == bos and bos in specials:
+        ids = ids[1:]
+    return ids
+
+
+def _add_context_copies(em: EngramModel, by_user: dict[str, list[_Seq]], carrier: list[int]) -> None:
+    """Give every sequence in conflict (:attr:`_Seq.in_conflict`: its written N-gram window is
+    another of its user's facts' with another answer, a shared scope's fixed facts included) a
+    copy with ``carrier`` before its own text, trained with it (CompileOptions.context_copies).
+
+    Such a fact is told from its neighbour by context rows (:mod:`engram_core.conflicts`) whose
+    signal reaches the answer through attention; a chat's longer history dilutes it. Measured on
+    the realistic corpus (tiny model, 50 users, bench/RESULTS.md, 2026-12-01 fourth session):
+    after an assistant prefill 94.4% of natural prompts came back without copies, 98.4% with
+    them (a user message other than the copies' own), 100% at the start of a sequence either
+    way; the copies cost what their sequences cost (compile 26.4 s -> 45.6 s)."""
+    specials = set(em.tokenizer.all_special_ids)
+    for seqs in by_user.values():
+        copies = []
+        for s in seqs:
+            if not s.in_conflict:
+                continue
+            lead = 0
+            while lead < len(s.input_ids) and s.input_ids[lead] in specials:
+                lead += 1
+            if len(s.input_ids) - len(s.targets) + 1 - lead < 2:
+                continue  # a one-token trigger: no row of its own text to train in context
+            copies.append(_Seq(s.user, s.fact, s.input_ids[:lead] + carrier + s.input_ids[lead:], s.targets,
+                               tuple(c + len(carrier) for c in s.context), s.constraint, len(carrier)))
+        seqs.extend(copies)
 
 
 def _later(kept: Fact, dropped: Fact) -> str:
@@ -351,16 +424,26 @@ class _Batch:
         # Positions of constraint sequences (fixed facts) are checked, not written.
         self.w_train = ~np.fromiter((s.constraint for s in seqs), bool, B)[self.w_seq]
         self.w_train_t = torch.as_tensor(self.w_train, device=device)
-        written_keys = (seq_user[w_seq, None] * self.num_rows + self.w_rows_t)[self.w_train_t].flatten()
+        # Only rows of N-grams inside the fact's own text are trained (addressing.own_text_heads): what comes
+        # before a trigger when it is served (a chat, a sentence) is not known here.
+        text_start = addressing.text_start(ids, valid, em.tokenizer.all_special_ids)
+        text_start = text_start + np.fromiter((s.carrier for s in seqs), np.int64, B)
+        orders = addressing.head_orders(em.config)  # (H,)
+        copy = np.fromiter((s.carrier > 0 for s in seqs), bool, B)  # a context copy: no rows outside its text
+        self.w_inside = addressing.own_text_heads(self.w_pos - text_start[self.w_seq], orders, ~copy[self.w_seq])  # (n, H)
+        self.w_inside_t = torch.as_tensor(self.w_inside, device=device)
+        written_keys = (seq_user[w_seq, None] * self.num_rows + self.w_rows_t)[self.w_train_t[:, None] & self.w_inside_t]
         # Context positions (engram_core.conflicts): rows trained without a target of their own.
         context_lengths = np.fromiter((len(s.context) for s in seqs), np.int64, B)
         self.c_seq = np.repeat(np.arange(B), context_lengths)
         self.c_pos = (T - np.repeat(np.fromiter((len(s.input_ids) for s in seqs), np.int64, B), context_lengths)
                       + np.fromiter(itertools.chain.from_iterable(s.context for s in seqs), np.int64, len(self.c_seq)))
+        self.c_inside = addressing.own_text_heads(self.c_pos - text_start[self.c_seq], orders)  # (m, H)
         if len(self.c_seq):
             c_seq_t = torch.as_tensor(self.c_seq, device=device)
             self.c_rows_t = rows_t[c_seq_t, torch.as_tensor(self.c_pos, device=device)]  # (m, H)
-            written_keys = torch.cat([written_keys, (seq_user[c_seq_t, None] * self.num_rows + self.c_rows_t).flatten()])
+            context_keys = (seq_user[c_seq_t, None] * self.num_rows + self.c_rows_t)[torch.as_tensor(self.c_inside, device=device)]
+            written_keys = torch.cat([written_keys, context_keys])
         keys_t = torch.unique(written_keys)
         # First position of each sequence that can see one of its user's rows: all before it are
         # independent of the rows and go into the shared prefix cache.
@@ -412,14 +495,15 @@ class _Batch:
         device = em.device
         rows = self.w_rows_t[self.w_train_t]  # (n, H): trained positions only
         users = torch.as_tensor(self.seq_user[self.w_seq[self.w_train]], device=device)
+        inside = self.w_inside_t[self.w_train_t]  # (n, H): the heads whose rows are trained
         base = layer_mod.table.detach()[rows].float()  # (n, H, w) (not the whole table widened per batch)
-        flat_keys = (users.view(-1, 1) * self.num_rows + rows).flatten()
+        flat_keys = (users.view(-1, 1) * self.num_rows + rows)[inside]
         if self.fixed is not None:  # start from the composed row: table + fixed base delta
             base = base + self.fixed.rows_of(self.layer, users.cpu(), rows.cpu()).to(device)
         slot = torch.searchsorted(self.keys, flat_keys)
         total = torch.zeros(len(self.keys), w, device=device)
         count = torch.zeros(len(self.keys), 1, device=device)
-        total.index_add_(0, slot, (e - base).reshape(-1, w))
+        total.index_add_(0, slot, (e - base)[inside])
         count.index_add_(0, slot, torch.ones(len(slot), 1, device=device))
         return total / count.clamp_min(1)
 
@@ -542,16 +626,16 @@ def _rows_touched(batch: _Batch) -> np.ndarray:
     """Distinct rows each sequence's written and context positions address. The heads of a
     position address disjoint row ranges, so a one-position fact touches exactly H rows; only
     facts with several positions (multi-token answers, context) need their rows sorted."""
-    H = batch.w_rows.shape[1]
     counts = np.diff(np.r_[batch.written_start, batch.num_written])  # written positions per sequence
     counts = counts + np.bincount(batch.c_seq, minlength=len(counts))
-    touched = counts * H
+    touched = np.bincount(batch.w_seq, weights=batch.w_inside.sum(1), minlength=len(counts)).astype(np.int64)
     multi = np.flatnonzero(counts > 1)
     if multi.size:
         seq = np.concatenate([batch.w_seq, batch.c_seq])
         rows = np.concatenate([batch.w_rows, batch.c_rows])
-        pick = np.isin(seq, multi)
-        keys = _distinct(seq[pick, None] * batch.num_rows + rows[pick])
+        inside = np.concatenate([batch.w_inside, batch.c_inside])
+        pick = np.isin(seq, multi)[:, None] & inside
+        keys = _distinct((seq[:, None] * batch.num_rows + rows)[pick])
         touched[multi] = np.bincount(keys // batch.num_rows, minlength=len(counts))[multi]
     return touched
 
@@ -885,9 +969,10 @@ def _status(ok: bool, margin: float) -> str:
     return STATUS_LOW_MARGIN if margin > 0 else STATUS_NOT_RECALLED
 
 
-def _detail(ok: bool, margin: float, min_margin: float, steps: int) -> str:
+def _detail(ok: bool, margin: float, min_margin: float, steps: int, in_context_failed: bool = False) -> str:
     if ok:
-        return ""
+        return (f"recalled at the start of a sequence, not after a conversation's opening (its context copy) after "
+                f"{steps} steps" if in_context_failed else "")
     if margin > 0:
         return f"recalled by greedy decoding, but with a margin of {margin:.3f} < {min_margin} after {steps} steps"
     return f"answer not reproduced greedily (margin {margin:.3f}) after {steps} steps"
@@ -977,6 +1062,7 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
     clock = _PhaseClock(timings, em.device)
 
     fixed_ids = {id(f) for fs in fixed_facts.values() for f in fs}
+    carrier = context_ids(em, options) if options.context_copies and options.resolve_conflicts else []
 
     def tokenize(users: list[str]) -> tuple[dict[str, list[_Seq]], list[FactResult]]:
         """A batch's facts -> its sequences per user (conflicts planned) and the refused facts."""
@@ -995,6 +1081,8 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
                 by_user.setdefault(fact.user_id, []).append(seq)
         if options.resolve_conflicts:  # here, on the tokenize thread: off the compile's critical path
             refused.extend(_plan_conflicts(em, by_user))
+        if carrier:
+            _add_context_copies(em, by_user, carrier)
         return by_user, refused
 
     def done(job: _Job) -> None:
@@ -1024,7 +1112,7 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
             if k + 1 < len(batches):
                 pending = pool.submit(tokenize, batches[k + 1])
             compiled = [u for u in users if u in by_user]
-            counts.update({u: sum(not s.constraint for s in by_user[u]) for u in compiled})
+            counts.update({u: sum(not s.constraint and not s.carrier for s in by_user[u]) for u in compiled})
             if not compiled:
                 if in_flight is not None:  # rare: report batches in order
                     in_flight.verify()
@@ -1154,7 +1242,7 @@ class _Job:
                 remap = {u: k for k, u in enumerate(self.active)}
                 in_round = np.flatnonzero(np.isin(self.seq_users, self.active))
                 batch_seqs = [self.seqs[i] for i in in_round]
-                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets, s.context, s.constraint) for s in batch_seqs]
+                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets, s.context, s.constraint, s.carrier) for s in batch_seqs]
                 batch = self._batch(local, self.active)
                 start = torch.cat([values_by_user[u] for u in self.active])
                 clock.tick("prepare")
@@ -1195,13 +1283,14 @@ class _Job:
             deltas[user] = Delta(np.full(len(rows), layer, np.int16), rows, self.host_values[slot])
         min_margin = self.options.min_margin
         steps_of = np.fromiter((self.steps_by_user[u] for u in range(len(self.users))), np.int64, len(self.users))
+        in_context_failed = {id(s.fact) for s, ok in zip(self.seqs, self.fact_ok.tolist()) if s.carrier and not ok}
         results = [
             FactResult(s.fact.user_id, s.fact.fact_id, _status(ok, margin), loss, steps, rows, margin,
-                       _detail(ok, margin, min_margin, steps))
+                       _detail(ok, margin, min_margin, steps, id(s.fact) in in_context_failed))
             for s, ok, loss, steps, rows, margin in zip(
                 self.seqs, self.fact_ok.tolist(), self.fact_loss.tolist(), steps_of[self.seq_users].tolist(),
                 self.fact_rows.tolist(), self.fact_margin.tolist())
-            if not s.constraint
+            if not s.constraint and not s.carrier
         ]
         self.clock.tick("assemble", wait=False)
         return deltas, results

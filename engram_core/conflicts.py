@@ -50,6 +50,8 @@ class ContextPlan:
     conflicting_positions: int
     """Written positions that share their N-gram window with another of the user's written
     positions that predicts another token."""
+    conflicting_sequences: frozenset = frozenset()
+    """Indices of the sequences that hold such a position (both sides of every conflict)."""
 
 
 def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np.ndarray,
@@ -67,7 +69,7 @@ def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np
     """
     B = len(sequences)
     if B == 0:
-        return ContextPlan({}, {}, 0)
+        return ContextPlan({}, {}, 0, frozenset())
     lengths = np.fromiter((len(s) for s in sequences), np.int64, B)
     n_targets = np.fromiter((len(t) for t in targets), np.int64, B)
     T = int(lengths.max()) + order  # left pad of at least `order` so every window is inside
@@ -93,11 +95,13 @@ def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np
     context: dict[int, set[int]] = {}
     impossible: dict[int, int] = {}
     conflicting = 0
+    in_conflict: set[int] = set()
     for a, b in zip(starts, ends):
         if b - a < 2 or np.all(targets_sorted[a:b] == targets_sorted[a]):
             continue
         members = sort[a:b]
         conflicting += len(members)
+        in_conflict.update(int(i) for i in w_seq[members])
         for i in range(len(members)):
             for j in range(i + 1, len(members)):
                 p, q = members[i], members[j]
@@ -112,7 +116,7 @@ def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np
             continue
         offset = T - int(lengths[s])
         out[s] = tuple(sorted(c - offset for c in cols))
-    return ContextPlan(out, impossible, conflicting)
+    return ContextPlan(out, impossible, conflicting, frozenset(in_conflict - set(impossible)))
 
 
 def _resolve(canon, raw, s1, c1, s2, c2, first_col, order, context, impossible, fact_order) -> None:

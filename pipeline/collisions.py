@@ -74,14 +74,18 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
 
     Written positions are the trigger's last position and every answer position but the last,
     plus the context positions of facts in conflict with another of the user's facts, in the
-    target layer, all heads, for the canonical texts (see engram_core.compiler and
+    target layer, the heads whose N-gram lies inside the fact's text
+    (:func:`engram_core.addressing.own_text_heads`), for the canonical texts (see engram_core.compiler and
     engram_core.conflicts). Facts that conflict beyond repair (``CONFLICTS_WITH``) are listed too.
     """
     from engram_core.conflicts import plan_context
     from engram_core.text import canonical_fact
 
+    from engram_core.addressing import head_orders, own_text_heads, text_start
+
     layer = em.config.target_layer
     addresser = em.memory.addresser
+    orders, special_ids = head_orders(em.config), em.tokenizer.all_special_ids
     by_user: dict[str, list] = {}
     for fact in facts:
         trigger, answer = canonical_fact(fact.trigger, fact.answer)
@@ -92,9 +96,12 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
         plan = plan_context([ids for _, ids, _ in items], [a for _, _, a in items], np.zeros(len(items), np.int64),
                             addresser.canonical_ids, em.config.max_ngram, addresser.pad_id, [f for f, _, _ in items])
         for k, (fact_id, ids, answer) in enumerate(items):
-            rows = addresser.rows(np.asarray([ids], np.int64), layer)[0]  # (T, H)
+            ids_array = np.asarray([ids], np.int64)
+            rows = addresser.rows(ids_array, layer)[0]  # (T, H)
             positions = sorted(set(range(len(ids) - len(answer), len(ids))) | set(plan.context.get(k, ())))
-            written = rows[positions]
+            start = text_start(ids_array, np.ones_like(ids_array, bool), special_ids)[0]
+            inside = own_text_heads(np.asarray(positions) - start, orders, np.asarray(positions) >= len(ids) - len(answer))
+            written = rows[positions][inside]
             out.setdefault(user, {})[fact_id] = np.unique(row_keys(np.full(written.size, layer), written.ravel()))
     return out
 

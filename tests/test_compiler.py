@@ -101,11 +101,19 @@ def test_a_delta_only_touches_rows_addressed_by_its_facts(tiny):
     facts = user_facts(num_users=1)
     delta = compile_facts(tiny, facts).deltas["user-00"]
     layer = tiny.config.target_layer
-    allowed = set()
+    orders = np.repeat(tiny.config.orders, tiny.config.heads_per_order)  # each head's N-gram order
+    allowed, outside = set(), set()
     for f in facts:
-        ids = tiny.encode_prompt(f.trigger) + tiny.encode_answer(f.answer)[:-1]
+        prompt = tiny.encode_prompt(f.trigger)
+        lead = len(prompt) - len(tiny.encode_answer(f.trigger))  # a BOS, if the tokenizer adds one
+        ids = prompt + tiny.encode_answer(f.answer)[:-1]
         rows = tiny.memory.addresser.rows(np.array([ids]), layer)[0]
-        allowed.update(rows[len(tiny.encode_prompt(f.trigger)) - 1:].flatten().tolist())
+        for position in range(len(prompt) - 1, len(ids)):
+            # Only N-grams inside the fact's own text: a served trigger may follow anything.
+            inside = orders <= position - lead + 1
+            allowed.update(rows[position][inside].tolist())
+            outside.update(rows[position][~inside].tolist())
+    assert outside - allowed, "the facts should have N-grams reaching before their text"
     assert set(delta.row_ids.tolist()) == allowed
     assert set(delta.layers.tolist()) == {layer}
     assert delta.nbytes == delta.num_rows * (2 + 8 + 2 * tiny.config.row_width)
@@ -407,19 +415,25 @@ def test_an_error_while_assembling_a_batch_reaches_the_caller(tiny, monkeypatch)
 
 
 def test_rows_touched_per_fact_counts_the_distinct_rows_of_its_written_positions(tiny):
-    """One-position facts touch exactly H rows (heads address disjoint row ranges); multi-token
-    answers count their positions' distinct rows (checked against a plain count)."""
+    """One-position facts touch exactly their heads inside the fact's text (heads address
+    disjoint row ranges); multi-token answers count their positions' distinct rows of heads
+    inside the text (checked against a plain count)."""
     from engram_core.compiler import _rows_touched
 
-    facts = user_facts(num_users=4) + [Fact("user-00", "long", "My motto is", " and so on and so on")]
+    facts = user_facts(num_users=4) + [Fact("user-00", "long", "My motto is", " and so on and so on"),
+                                       Fact("user-01", "short", "Hi", " there"),
+                                       Fact("user-02", "long-trigger", "The street where I grew up as a child was", " the")]
+    assert len(tiny.encode_answer(" the")) == 1 and len(tiny.encode_prompt(facts[-1].trigger)) >= tiny.config.max_ngram
     batch = one_batch(tiny, facts)
     got = _rows_touched(batch)
-    want = [len({(int(r)) for p in range(start, start + n) for r in batch.w_rows[p]})
+    want = [len({int(r) for p in range(start, start + n) for r in batch.w_rows[p][batch.w_inside[p]]})
             for start, n in zip(batch.written_start, np.diff(np.r_[batch.written_start, batch.num_written]))]
     assert got.tolist() == want
-    H = batch.w_rows.shape[1]
     single = np.diff(np.r_[batch.written_start, batch.num_written]) == 1
-    assert single.any() and (~single).any() and (got[single] == H).all()
+    inside = batch.w_inside[batch.written_start[single]].sum(1)
+    assert single.any() and (~single).any() and (got[single] == inside).all()
+    H = batch.w_rows.shape[1]
+    assert (inside < H).any() and (inside == H).any()  # short triggers leave heads out; long ones none
 
 
 def test_a_fact_whose_text_holds_a_special_tokens_text_is_refused_naming_it_and_the_others_compile(tiny):

@@ -137,3 +137,61 @@ def test_a_fact_greedy_decoding_recalls_below_the_margin_is_counted_apart(tiny):
     for f in facts:
         want = tiny.encode_answer(f.answer)
         assert greedy_tokens(tiny, f.trigger, len(want), [result.deltas["u"]]) == want
+
+
+PHONES = [Fact("u", "phone", "My phone number is", " +44 540 536 935"),
+          Fact("u", "work-phone", "My work phone number is", " +44 113 496 071")]
+
+
+def _chat_prefill(em, message: str, trigger: str) -> str:
+    """A chat whose assistant turn is pre-filled with ``trigger`` (README: "Where the memory answers in a chat")."""
+    return em.tokenizer.apply_chat_template([{"role": "user", "content": message}, {"role": "assistant", "content": trigger}],
+                                            tokenize=False, continue_final_message=True)
+
+
+def _missed(em, result, facts, prompt_of) -> list[str]:
+    return [f.fact_id for f in facts
+            if greedy_tokens(em, prompt_of(f.trigger), len(em.encode_answer(f.answer)), [result.deltas[f.user_id]])
+            != em.encode_answer(f.answer)]
+
+
+def test_facts_in_conflict_are_also_trained_after_a_chats_opening_and_recalled_there(tiny):
+    """Facts told apart by context rows get a copy after the chat template's assistant prefill
+    (CompileOptions.context_copies): recalled there as at the start of a sequence; without the
+    copies some are not. The copies are trained, not reported."""
+    facts = YEARS + PHONES
+    on = compile_facts(tiny, facts)
+    off = compile_facts(tiny, facts, CompileOptions(context_copies=False))
+    assert sorted(r.fact_id for r in on.facts) == sorted(f.fact_id for f in facts)  # one result per fact
+    assert {r.status for r in on.facts} == {STATUS_OK} and not any(r.detail for r in on.facts)
+    assert _missed(tiny, on, facts, lambda t: t) == _missed(tiny, off, facts, lambda t: t) == []
+    in_chat = lambda t: _chat_prefill(tiny, "Hello.", t)  # noqa: E731 (the copies' own opening)
+    assert _missed(tiny, on, facts, in_chat) == []
+    assert _missed(tiny, off, facts, in_chat), "this case should need the copies"
+    # Another opening than the copies' own: fewer missed than without copies.
+    elsewhere = lambda t: _chat_prefill(tiny, "Tell me something about me.", t)  # noqa: E731
+    assert len(_missed(tiny, on, facts, elsewhere)) < len(_missed(tiny, off, facts, elsewhere))
+
+
+def test_the_context_copies_text_is_the_chat_templates_assistant_prefill_or_given_or_plain():
+    import types
+
+    from engram_core.compiler import FALLBACK_CONTEXT_TEXT, context_text
+
+    with_template = types.SimpleNamespace(tokenizer=types.SimpleNamespace(
+        chat_template="{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}",
+        apply_chat_template=lambda messages, **kw: "".join(f"{m['role']}: {m['content']}" for m in messages)))
+    assert context_text(with_template, CompileOptions()) == "user: Hello.assistant: "
+    without = types.SimpleNamespace(tokenizer=types.SimpleNamespace(chat_template=None))
+    assert context_text(without, CompileOptions()) == FALLBACK_CONTEXT_TEXT
+    assert context_text(without, CompileOptions(context_text="Note: ")) == "Note: "
+    with pytest.raises(ValueError, match="context_text"):
+        context_text(without, CompileOptions(context_text="  "))
+
+
+def test_the_tiny_models_context_copies_follow_its_chat_template(tiny):
+    from engram_core.compiler import context_ids, context_text
+
+    assert context_text(tiny, CompileOptions()) == "user: Hello.\nassistant: "
+    ids = context_ids(tiny, CompileOptions())
+    assert tiny.tokenizer.decode(ids) == "user: Hello.\nassistant: "

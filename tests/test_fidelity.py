@@ -20,7 +20,7 @@ from pipeline.ingest import answer_token_counter, ingest
 from pipeline.scopes import compile_scoped, served_deltas
 from tests.fixtures.realistic_profiles import (
     KIND_LIST, KIND_LONG, KIND_NUMBER, KIND_PLAIN, KIND_SCOPE, KIND_SHARED_PREFIX, KIND_TEXT_FORM, SCOPE, all_facts,
-    fact_log, profiles, recalled,
+    fact_log, in_context, profiles, recalled,
 )
 
 USERS = 50
@@ -52,6 +52,19 @@ def night(tiny):
     return users, facts, result, natural, variants
 
 
+@pytest.fixture(scope="module")
+def natural_after(night, tiny):
+    """context -> (user, fact) -> whether the natural prompt after it gives the whole answer."""
+    users, facts, result, natural, variants = night
+    cases = [(in_context(tiny, "none", f.prompts[0]), canonical_fact(f.trigger, f.answer)[1],
+              served_deltas(result, f.user_id)) for f in facts]
+    after = {}
+    for context in ("sentence", "chat"):
+        hits = recalled(tiny, [(in_context(tiny, context, p), a, d) for p, a, d in cases])
+        after[context] = {(f.user_id, f.fact_id): hit for f, hit in zip(facts, hits)}
+    return after
+
+
 def test_the_corpus_is_realistic(tiny):
     facts = all_facts(profiles(USERS))
     users = {f.user_id for f in facts}
@@ -67,6 +80,18 @@ def test_whole_answers_come_back_exactly_from_the_natural_prompt(night):
     recall = sum(natural.values()) / len(natural)
     missed = sorted(k for k, hit in natural.items() if not hit)
     assert recall >= 0.995, (recall, missed[:20])
+
+
+@pytest.mark.parametrize("context, floor", [("sentence", 0.99), ("chat", 0.975)])
+def test_whole_answers_come_back_after_a_sentence_and_as_a_chats_assistant_prefill(night, natural_after, context, floor):
+    """A trigger is served after anything: only rows of the fact's own text are trained, and
+    facts told apart by context rows are also trained after a chat's opening (another user
+    message than this test's). Measured: 99.8% after "Sure. ", 98.8% in a chat (100% at the
+    start); without the rules 99.1-99.6% and 94.4% (bench/RESULTS.md, 2026-12-01 fourth session)."""
+    after = natural_after[context]
+    assert len(after) == len(night[3])
+    recall = sum(after.values()) / len(after)
+    assert recall >= floor, (context, recall, sorted(k for k, hit in after.items() if not hit)[:20])
 
 
 @pytest.mark.parametrize("kind", [KIND_PLAIN, KIND_NUMBER, KIND_LIST, KIND_SHARED_PREFIX, KIND_LONG, KIND_TEXT_FORM,
