@@ -223,15 +223,6 @@ def head_orders(config: EngramConfig) -> np.ndarray:
     return np.repeat(np.asarray(config.orders, np.int64), config.heads_per_order)
 
 
-def text_start(ids: np.ndarray, valid: np.ndarray, special_ids) -> np.ndarray:
-    """(B,) the column of each left-padded sequence's first token of text (``ids``, ``valid``:
-    (B, T)): after the padding and the special tokens a tokenizer puts before a prompt (a BOS),
-    which a served prompt has before whatever precedes the trigger, not right before it."""
-    special = np.asarray(sorted(set(special_ids)), np.int64)
-    text = np.asarray(valid, bool) & ~np.isin(ids, special)
-    return np.where(text.any(1), text.argmax(1), ids.shape[1])
-
-
 def own_text_heads(index: np.ndarray, orders: np.ndarray, written: np.ndarray | bool = False) -> np.ndarray:
     """(n, H) whether the N-gram each head hashes at a position lies inside the fact's own text:
     the heads whose rows the compiler trains for a fact (and the stats count).

@@ -79,6 +79,16 @@ class EngramModel:
     def encode_answer(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def prompt_lead(self) -> int:
+        """How many tokens :meth:`encode_prompt` puts before a prompt's text (a BOS): the leading
+        special tokens of a one-word probe. The same for every prompt (the tokenizer's template)."""
+        ids = self.encode_prompt("x")
+        special = set(self.tokenizer.all_special_ids)
+        lead = 0
+        while lead < len(ids) and ids[lead] in special:
+            lead += 1
+        return lead
+
     def encode_prompts(self, texts: list[str]) -> list[list[int]]:
         """Batched :meth:`encode_prompt` (one tokenizer call)."""
         return self.encode_texts(texts, add_special_tokens=True)

@@ -57,6 +57,7 @@ from .conflicts import STATUS_CONFLICTS_WITH, conflict_status, plan_context  # n
 from .delta import Delta
 from .fused_ops import fused_ops
 from .hf_compat import cache_kwargs, output_cache
+from .text import canonical_fact
 from .layer import Overlay, backbone_and_layers
 from .options import (  # noqa: F401 - re-exported: the compiler's API
     STATUS_LOW_MARGIN,
@@ -120,7 +121,8 @@ class _Seq:
     targets: list[int]  # answer tokens
     context: tuple[int, ...] = ()  # positions (into input_ids) whose rows are trained as context
     constraint: bool = False  # a fixed fact (recalled by the base delta): its loss counts, its rows are not trained
-    carrier: int = 0  # > 0: a context copy (_add_context_copies), with this many tokens before the fact's own text
+    copy: bool = False  # a context copy (_add_context_copies): trained and verified, not reported
+    text_offset: int = -1  # index in input_ids of the fact's own text's first token; -1: the model's prompt_lead()
     in_conflict: bool = False  # shares a written N-gram window with another of its user's facts (conflicts.plan_context)
 
 
@@ -225,7 +227,7 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
 
 DEFAULT_CONTEXT_MESSAGE = "Hello."
 """The user message of the conversation whose assistant turn the context copies continue."""
-FALLBACK_CONTEXT_TEXT = "Here is what I remember. "
+FALLBACK_CONTEXT_TEXT = "Here is what I remember:\n"
 """The context copies' text for a tokenizer without a chat template."""
 
 
@@ -233,11 +235,18 @@ def context_text(em: EngramModel, options: CompileOptions) -> str:
     """The text the context copies put before a trigger (:attr:`CompileOptions.context_text`):
     as given, else the checkpoint's chat template rendered for an assistant prefill after one
     user message (:data:`DEFAULT_CONTEXT_MESSAGE`; the README's way of getting recall in a
-    chat), else :data:`FALLBACK_CONTEXT_TEXT`."""
+    chat), else :data:`FALLBACK_CONTEXT_TEXT`. Raises ValueError for a blank or non-str
+    ``context_text``."""
+    return _context(em, options)[0]
+
+
+def _context(em: EngramModel, options: CompileOptions) -> tuple[str, bool]:
+    """(:func:`context_text`, whether it is a rendered chat: encoded as the server encodes a
+    chat, with no special tokens added, else as a prompt)."""
     if options.context_text is not None:
         if not isinstance(options.context_text, str) or not options.context_text.strip():
             raise ValueError(f"CompileOptions.context_text must be a non-empty string or None, got {options.context_text!r}")
-        return options.context_text
+        return options.context_text, False
     tokenizer = em.tokenizer
     if getattr(tokenizer, "chat_template", None):
         marker = "\u2063engram\u2063"  # content found once in the rendering: the prefill ends before it
@@ -250,46 +259,52 @@ def context_text(em: EngramModel, options: CompileOptions) -> str:
                         err, FALLBACK_CONTEXT_TEXT)
         else:
             if isinstance(rendered, str) and rendered.count(marker) == 1:
-                return rendered[:rendered.index(marker)]
-    return FALLBACK_CONTEXT_TEXT
+                return rendered[:rendered.index(marker)], True
+            log.warning("compiler: the chat template does not render an assistant prefill that ends where its content "
+                        "starts; context copies use %r (set compile.context_text to choose the text)",
+                        FALLBACK_CONTEXT_TEXT)
+    return FALLBACK_CONTEXT_TEXT, False
 
 
-def context_ids(em: EngramModel, options: CompileOptions) -> list[int]:
-    """Token ids of :func:`context_text` as they come after a prompt's leading special tokens:
-    without special tokens of its own at the start (a template's BOS text)."""
-    ids = em.encode_answer(context_text(em, options))
-    specials = set(em.tokenizer.all_special_ids)
-    bos = em.tokenizer.bos_token_id
-    while ids and ids[0] == bos and bos in specials:
-        ids = ids[1:]
-    return ids
-
-
-def _add_context_copies(em: EngramModel, by_user: dict[str, list[_Seq]], carrier: list[int]) -> None:
+def _add_context_copies(em: EngramModel, by_user: dict[str, list[_Seq]], context: tuple[str, bool]) -> None:
     """Give every sequence in conflict (:attr:`_Seq.in_conflict`: its written N-gram window is
     another of its user's facts' with another answer, a shared scope's fixed facts included) a
-    copy with ``carrier`` before its own text, trained with it (CompileOptions.context_copies).
+    copy after ``context`` (:func:`_context`), trained with it (CompileOptions.context_copies).
 
     Such a fact is told from its neighbour by context rows (:mod:`engram_core.conflicts`) whose
     signal reaches the answer through attention; a chat's longer history dilutes it. Measured on
     the realistic corpus (tiny model, 50 users, bench/RESULTS.md, 2026-12-01 fourth session):
     after an assistant prefill 94.4% of natural prompts came back without copies, 98.4% with
     them (a user message other than the copies' own), 100% at the start of a sequence either
-    way; the copies cost what their sequences cost (compile 26.4 s -> 45.6 s)."""
-    specials = set(em.tokenizer.all_special_ids)
+    way; the copies cost what their sequences cost (compile 26.4 s -> 45.6 s).
+
+    The copy's trigger is tokenized together with the context, as the server tokenizes a
+    rendered chat (no special tokens added; a plain text as a prompt): the space that ends a
+    chat's prefill joins the trigger's first word in most BPE vocabularies. Its own text is the
+    last as many tokens as the trigger's text has, which must be the trigger's (the first one up
+    to its canonical form). A trigger that tokenizes otherwise after the context, or a one-token
+    trigger (no row of its own text to train there), gets no copy."""
+    text, chat = context
+    lead = em.prompt_lead()
+    canonical = em.memory.addresser.canonical_ids
+    todo = [s for seqs in by_user.values() for s in seqs if s.in_conflict]
+    if not todo:
+        return
+    # Same canonical text as _validate tokenized (engram_core.tokenize_pool.encode_pairs).
+    joint = em.encode_texts([text + canonical_fact(s.fact.trigger, s.fact.answer)[0] for s in todo],
+                            add_special_tokens=not chat)
+    copies: dict[int, _Seq] = {}
+    for s, ids in zip(todo, joint):
+        trigger = s.input_ids[:len(s.input_ids) - len(s.targets) + 1]
+        own = len(trigger) - lead
+        if own < 2 or len(ids) <= own or ids[len(ids) - own + 1:] != trigger[lead + 1:] \
+                or canonical[ids[len(ids) - own]] != canonical[trigger[lead]]:
+            continue
+        shift = len(ids) - len(trigger)  # tokens of context (and specials) more than the original has
+        copies[id(s)] = _Seq(s.user, s.fact, list(ids) + s.input_ids[len(trigger):], s.targets,
+                             tuple(c + shift for c in s.context), s.constraint, copy=True, text_offset=len(ids) - own)
     for seqs in by_user.values():
-        copies = []
-        for s in seqs:
-            if not s.in_conflict:
-                continue
-            lead = 0
-            while lead < len(s.input_ids) and s.input_ids[lead] in specials:
-                lead += 1
-            if len(s.input_ids) - len(s.targets) + 1 - lead < 2:
-                continue  # a one-token trigger: no row of its own text to train in context
-            copies.append(_Seq(s.user, s.fact, s.input_ids[:lead] + carrier + s.input_ids[lead:], s.targets,
-                               tuple(c + len(carrier) for c in s.context), s.constraint, len(carrier)))
-        seqs.extend(copies)
+        seqs.extend(copies[id(s)] for s in list(seqs) if id(s) in copies)
 
 
 def _later(kept: Fact, dropped: Fact) -> str:
@@ -426,10 +441,11 @@ class _Batch:
         self.w_train_t = torch.as_tensor(self.w_train, device=device)
         # Only rows of N-grams inside the fact's own text are trained (addressing.own_text_heads): what comes
         # before a trigger when it is served (a chat, a sentence) is not known here.
-        text_start = addressing.text_start(ids, valid, em.tokenizer.all_special_ids)
-        text_start = text_start + np.fromiter((s.carrier for s in seqs), np.int64, B)
+        lead = em.prompt_lead()
+        lengths = np.fromiter((len(s.input_ids) for s in seqs), np.int64, B)
+        text_start = T - lengths + np.fromiter((lead if s.text_offset < 0 else s.text_offset for s in seqs), np.int64, B)
         orders = addressing.head_orders(em.config)  # (H,)
-        copy = np.fromiter((s.carrier > 0 for s in seqs), bool, B)  # a context copy: no rows outside its text
+        copy = np.fromiter((s.copy for s in seqs), bool, B)  # a context copy: no rows outside its text
         self.w_inside = addressing.own_text_heads(self.w_pos - text_start[self.w_seq], orders, ~copy[self.w_seq])  # (n, H)
         self.w_inside_t = torch.as_tensor(self.w_inside, device=device)
         written_keys = (seq_user[w_seq, None] * self.num_rows + self.w_rows_t)[self.w_train_t[:, None] & self.w_inside_t]
@@ -623,9 +639,11 @@ _CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
 
 
 def _rows_touched(batch: _Batch) -> np.ndarray:
-    """Distinct rows each sequence's written and context positions address. The heads of a
-    position address disjoint row ranges, so a one-position fact touches exactly H rows; only
-    facts with several positions (multi-token answers, context) need their rows sorted."""
+    """Distinct trained rows each sequence's written and context positions address (the heads
+    inside the fact's text: :func:`engram_core.addressing.own_text_heads`). The heads of a
+    position address disjoint row ranges, so a one-position fact touches exactly its inside
+    heads' rows; only facts with several positions (multi-token answers, context) need their
+    rows sorted."""
     counts = np.diff(np.r_[batch.written_start, batch.num_written])  # written positions per sequence
     counts = counts + np.bincount(batch.c_seq, minlength=len(counts))
     touched = np.bincount(batch.w_seq, weights=batch.w_inside.sum(1), minlength=len(counts)).astype(np.int64)
@@ -1062,7 +1080,7 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
     clock = _PhaseClock(timings, em.device)
 
     fixed_ids = {id(f) for fs in fixed_facts.values() for f in fs}
-    carrier = context_ids(em, options) if options.context_copies and options.resolve_conflicts else []
+    context = _context(em, options) if options.context_copies and options.resolve_conflicts else None
 
     def tokenize(users: list[str]) -> tuple[dict[str, list[_Seq]], list[FactResult]]:
         """A batch's facts -> its sequences per user (conflicts planned) and the refused facts."""
@@ -1081,8 +1099,8 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
                 by_user.setdefault(fact.user_id, []).append(seq)
         if options.resolve_conflicts:  # here, on the tokenize thread: off the compile's critical path
             refused.extend(_plan_conflicts(em, by_user))
-        if carrier:
-            _add_context_copies(em, by_user, carrier)
+        if context is not None:
+            _add_context_copies(em, by_user, context)
         return by_user, refused
 
     def done(job: _Job) -> None:
@@ -1112,7 +1130,7 @@ def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> Co
             if k + 1 < len(batches):
                 pending = pool.submit(tokenize, batches[k + 1])
             compiled = [u for u in users if u in by_user]
-            counts.update({u: sum(not s.constraint and not s.carrier for s in by_user[u]) for u in compiled})
+            counts.update({u: sum(not s.constraint and not s.copy for s in by_user[u]) for u in compiled})
             if not compiled:
                 if in_flight is not None:  # rare: report batches in order
                     in_flight.verify()
@@ -1242,7 +1260,7 @@ class _Job:
                 remap = {u: k for k, u in enumerate(self.active)}
                 in_round = np.flatnonzero(np.isin(self.seq_users, self.active))
                 batch_seqs = [self.seqs[i] for i in in_round]
-                local = [_Seq(remap[s.user], s.fact, s.input_ids, s.targets, s.context, s.constraint, s.carrier) for s in batch_seqs]
+                local = [replace(s, user=remap[s.user]) for s in batch_seqs]
                 batch = self._batch(local, self.active)
                 start = torch.cat([values_by_user[u] for u in self.active])
                 clock.tick("prepare")
@@ -1283,14 +1301,14 @@ class _Job:
             deltas[user] = Delta(np.full(len(rows), layer, np.int16), rows, self.host_values[slot])
         min_margin = self.options.min_margin
         steps_of = np.fromiter((self.steps_by_user[u] for u in range(len(self.users))), np.int64, len(self.users))
-        in_context_failed = {id(s.fact) for s, ok in zip(self.seqs, self.fact_ok.tolist()) if s.carrier and not ok}
+        in_context_failed = {id(s.fact) for s, ok in zip(self.seqs, self.fact_ok.tolist()) if s.copy and not ok}
         results = [
             FactResult(s.fact.user_id, s.fact.fact_id, _status(ok, margin), loss, steps, rows, margin,
                        _detail(ok, margin, min_margin, steps, id(s.fact) in in_context_failed))
             for s, ok, loss, steps, rows, margin in zip(
                 self.seqs, self.fact_ok.tolist(), self.fact_loss.tolist(), steps_of[self.seq_users].tolist(),
                 self.fact_rows.tolist(), self.fact_margin.tolist())
-            if not s.constraint and not s.carrier
+            if not s.constraint and not s.copy
         ]
         self.clock.tick("assemble", wait=False)
         return deltas, results

@@ -95,13 +95,13 @@ def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np
     context: dict[int, set[int]] = {}
     impossible: dict[int, int] = {}
     conflicting = 0
-    in_conflict: set[int] = set()
+    runs = []  # written positions sharing one window with other targets
     for a, b in zip(starts, ends):
         if b - a < 2 or np.all(targets_sorted[a:b] == targets_sorted[a]):
             continue
         members = sort[a:b]
         conflicting += len(members)
-        in_conflict.update(int(i) for i in w_seq[members])
+        runs.append(members)
         for i in range(len(members)):
             for j in range(i + 1, len(members)):
                 p, q = members[i], members[j]
@@ -116,7 +116,14 @@ def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np
             continue
         offset = T - int(lengths[s])
         out[s] = tuple(sorted(c - offset for c in cols))
-    return ContextPlan(out, impossible, conflicting, frozenset(in_conflict - set(impossible)))
+    # In conflict: the sequences of a run that still holds other targets once the impossible
+    # ones are dropped (the kept fact of an impossible pair has nothing left to tell apart).
+    in_conflict: set[int] = set()
+    for members in runs:
+        live = [m for m in members if int(w_seq[m]) not in impossible]
+        if len({int(w_target[m]) for m in live}) > 1:
+            in_conflict.update(int(w_seq[m]) for m in live)
+    return ContextPlan(out, impossible, conflicting, frozenset(in_conflict))
 
 
 def _resolve(canon, raw, s1, c1, s2, c2, first_col, order, context, impossible, fact_order) -> None:

@@ -233,6 +233,8 @@ def _check_field_type(name: str, annotation: str, value) -> None:
 # CompileOptions fields that must be at least 1 (a count of steps, facts or tokens).
 _POSITIVE_COMPILE_FIELDS = ("steps", "facts_per_batch", "max_rounds", "max_trigger_tokens", "max_answer_tokens",
                             "prefix_groups")
+# CompileOptions fields that are a text or None (context_text: the context copies' text).
+_TEXT_COMPILE_FIELDS = ("context_text",)
 # CompileOptions fields whose documented automatic setting is -1 (tokenize_workers: min(8, cores // 2) on a GPU).
 _AUTOMATIC_COMPILE_FIELDS = ("tokenize_workers",)
 
@@ -247,6 +249,10 @@ def _check_compile_value(key: str, value, default) -> None:
     elif isinstance(default, float):
         ok, kind = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                     "a finite number")
+    elif key in _TEXT_COMPILE_FIELDS:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise SpecError(f"job spec: compile.{key} must be a non-empty string (or null for the default), got {value!r}")
+        return
     else:
         return  # optional settings (None by default) are checked where they are used
     if not ok:

@@ -81,11 +81,11 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
     from engram_core.conflicts import plan_context
     from engram_core.text import canonical_fact
 
-    from engram_core.addressing import head_orders, own_text_heads, text_start
+    from engram_core.addressing import head_orders, own_text_heads
 
     layer = em.config.target_layer
     addresser = em.memory.addresser
-    orders, special_ids = head_orders(em.config), em.tokenizer.all_special_ids
+    orders, lead = head_orders(em.config), em.prompt_lead()
     by_user: dict[str, list] = {}
     for fact in facts:
         trigger, answer = canonical_fact(fact.trigger, fact.answer)
@@ -99,8 +99,7 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
             ids_array = np.asarray([ids], np.int64)
             rows = addresser.rows(ids_array, layer)[0]  # (T, H)
             positions = sorted(set(range(len(ids) - len(answer), len(ids))) | set(plan.context.get(k, ())))
-            start = text_start(ids_array, np.ones_like(ids_array, bool), special_ids)[0]
-            inside = own_text_heads(np.asarray(positions) - start, orders, np.asarray(positions) >= len(ids) - len(answer))
+            inside = own_text_heads(np.asarray(positions) - lead, orders, np.asarray(positions) >= len(ids) - len(answer))
             written = rows[positions][inside]
             out.setdefault(user, {})[fact_id] = np.unique(row_keys(np.full(written.size, layer), written.ravel()))
     return out

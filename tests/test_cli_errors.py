@@ -88,7 +88,9 @@ def test_spec_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
                           ("gpus_per_worker: -1", "field 'gpus_per_worker' must be 0 or more"),
                           ("workers: 2.5", "field 'workers' must be an int"),
                           ("compile: {lr: .nan}", "compile.lr must be a finite number"),
-                          ("compile: {lr: .inf}", "compile.lr must be a finite number")):
+                          ("compile: {lr: .inf}", "compile.lr must be a finite number"),
+                          ("compile: {context_text: 5}", "compile.context_text must be a non-empty string"),
+                          ("compile: {context_text: '  '}", "compile.context_text must be a non-empty string")):
         spec.write_text(f"store: {tmp_path / 's'}\nfact_log: {tmp_path}\nmodel: {tmp_path}\n{line}\n")
         result = engram("run", "nightly", "--spec", str(spec), "--json")
         assert result.exit_code == 2, (line, result.output)

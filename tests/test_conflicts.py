@@ -183,15 +183,36 @@ def test_the_context_copies_text_is_the_chat_templates_assistant_prefill_or_give
         apply_chat_template=lambda messages, **kw: "".join(f"{m['role']}: {m['content']}" for m in messages)))
     assert context_text(with_template, CompileOptions()) == "user: Hello.assistant: "
     without = types.SimpleNamespace(tokenizer=types.SimpleNamespace(chat_template=None))
-    assert context_text(without, CompileOptions()) == FALLBACK_CONTEXT_TEXT
+    assert context_text(without, CompileOptions()) == FALLBACK_CONTEXT_TEXT == "Here is what I remember:\n"
     assert context_text(without, CompileOptions(context_text="Note: ")) == "Note: "
     with pytest.raises(ValueError, match="context_text"):
         context_text(without, CompileOptions(context_text="  "))
 
 
-def test_the_tiny_models_context_copies_follow_its_chat_template(tiny):
-    from engram_core.compiler import context_ids, context_text
+def test_a_context_copy_is_the_trigger_tokenized_after_the_chat_prefill_as_the_server_reads_it(tiny):
+    """The copy's ids are those of the rendered chat the server would read (no special tokens
+    added), and only the rows of the fact's own text are trained in it."""
+    from engram_core.compiler import _add_context_copies, _context, _validate, context_text
 
     assert context_text(tiny, CompileOptions()) == "user: Hello.\nassistant: "
-    ids = context_ids(tiny, CompileOptions())
-    assert tiny.tokenizer.decode(ids) == "user: Hello.\nassistant: "
+    fact = YEARS[3]  # "My shoe size is"
+    (seq, _), = _validate(tiny, [fact], CompileOptions())
+    seq.user, seq.in_conflict, seq.context = 0, True, (0, 1)
+    by_user = {"u": [seq]}
+    _add_context_copies(tiny, by_user, _context(tiny, CompileOptions()))
+    original, copy = by_user["u"]
+    served = tiny.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": fact.trigger}],
+        tokenize=True, return_dict=False, continue_final_message=True)
+    trigger_length = len(original.input_ids) - len(original.targets) + 1
+    assert copy.copy and not original.copy
+    assert copy.input_ids[:len(copy.input_ids) - len(copy.targets) + 1] == list(served)
+    assert copy.input_ids[len(served):] == original.input_ids[trigger_length:]  # the answer's tokens
+    shift = len(served) - trigger_length
+    assert copy.text_offset == shift + tiny.prompt_lead() and copy.context == (shift, shift + 1)
+    # A one-token trigger gets no copy (no row of its own text to train after the prefill).
+    (short, _), = _validate(tiny, [Fact("u", "my", "My", " dog")], CompileOptions())
+    short.user, short.in_conflict = 0, True
+    by_user = {"u": [short]}
+    _add_context_copies(tiny, by_user, _context(tiny, CompileOptions()))
+    assert len(tiny.encode_prompt("My")) - tiny.prompt_lead() == 1 and by_user["u"] == [short]

@@ -86,8 +86,8 @@ def test_whole_answers_come_back_exactly_from_the_natural_prompt(night):
 def test_whole_answers_come_back_after_a_sentence_and_as_a_chats_assistant_prefill(night, natural_after, context, floor):
     """A trigger is served after anything: only rows of the fact's own text are trained, and
     facts told apart by context rows are also trained after a chat's opening (another user
-    message than this test's). Measured: 99.8% after "Sure. ", 98.8% in a chat (100% at the
-    start); without the rules 99.1-99.6% and 94.4% (bench/RESULTS.md, 2026-12-01 fourth session)."""
+    message than this test's). Measured: 99.8% after "Sure. ", 98.9% in a chat (100% at the
+    start); before these rules 98.8% and 94.3% (bench/RESULTS.md, 2026-12-01 fourth session)."""
     after = natural_after[context]
     assert len(after) == len(night[3])
     recall = sum(after.values()) / len(after)
