@@ -20,6 +20,7 @@ was saved for another base is refused at load (:func:`adapter_base_mismatch`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -79,9 +80,11 @@ class EngramModel:
     def encode_answer(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @functools.cached_property
     def prompt_lead(self) -> int:
         """How many tokens :meth:`encode_prompt` puts before a prompt's text (a BOS): the leading
-        special tokens of a one-word probe. The same for every prompt (the tokenizer's template)."""
+        special tokens of a one-word probe. The same for every prompt (the tokenizer's template);
+        computed once per loaded model."""
         ids = self.encode_prompt("x")
         special = set(self.tokenizer.all_special_ids)
         lead = 0

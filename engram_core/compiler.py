@@ -121,9 +121,14 @@ class _Seq:
     targets: list[int]  # answer tokens
     context: tuple[int, ...] = ()  # positions (into input_ids) whose rows are trained as context
     constraint: bool = False  # a fixed fact (recalled by the base delta): its loss counts, its rows are not trained
-    copy: bool = False  # a context copy (_add_context_copies): trained and verified, not reported
-    text_offset: int = -1  # index in input_ids of the fact's own text's first token; -1: the model's prompt_lead()
+    text_offset: int = -1  # index in input_ids of the fact's own text's first token; -1: the model's prompt_lead
     in_conflict: bool = False  # shares a written N-gram window with another of its user's facts (conflicts.plan_context)
+
+    @property
+    def copy(self) -> bool:
+        """A context copy (_add_context_copies: the only sequences with a text offset of their own):
+        trained and verified, not reported."""
+        return self.text_offset >= 0
 
 
 def _fork_cache(cache):
@@ -285,7 +290,7 @@ def _add_context_copies(em: EngramModel, by_user: dict[str, list[_Seq]], context
     to its canonical form). A trigger that tokenizes otherwise after the context, or a one-token
     trigger (no row of its own text to train there), gets no copy."""
     text, chat = context
-    lead = em.prompt_lead()
+    lead = em.prompt_lead
     canonical = em.memory.addresser.canonical_ids
     todo = [s for seqs in by_user.values() for s in seqs if s.in_conflict]
     if not todo:
@@ -302,7 +307,7 @@ def _add_context_copies(em: EngramModel, by_user: dict[str, list[_Seq]], context
             continue
         shift = len(ids) - len(trigger)  # tokens of context (and specials) more than the original has
         copies[id(s)] = _Seq(s.user, s.fact, list(ids) + s.input_ids[len(trigger):], s.targets,
-                             tuple(c + shift for c in s.context), s.constraint, copy=True, text_offset=len(ids) - own)
+                             tuple(c + shift for c in s.context), s.constraint, text_offset=len(ids) - own)
     for seqs in by_user.values():
         seqs.extend(copies[id(s)] for s in list(seqs) if id(s) in copies)
 
@@ -412,12 +417,13 @@ class _Batch:
         self.layer = layer
         self.num_rows = em.memory.num_rows(layer)
         device = em.device
-        T = max(len(s.input_ids) for s in seqs)
         B = len(seqs)
+        lengths = np.fromiter((len(s.input_ids) for s in seqs), np.int64, B)
+        T = int(lengths.max())
         pad = em.tokenizer.pad_token_id or 0
         ids = np.full((B, T), pad, np.int64)
         valid = np.zeros((B, T), bool)
-        row, col = _left_padded_index([len(s.input_ids) for s in seqs], T)
+        row, col = _left_padded_index(lengths, T)
         ids[row, col] = np.fromiter(itertools.chain.from_iterable(s.input_ids for s in seqs), np.int64, len(row))
         valid[row, col] = True
         em.memory.addresser.check_range(int(ids.min()), int(ids.max()))  # here, not a sync on the device
@@ -441,8 +447,7 @@ class _Batch:
         self.w_train_t = torch.as_tensor(self.w_train, device=device)
         # Only rows of N-grams inside the fact's own text are trained (addressing.own_text_heads): what comes
         # before a trigger when it is served (a chat, a sentence) is not known here.
-        lead = em.prompt_lead()
-        lengths = np.fromiter((len(s.input_ids) for s in seqs), np.int64, B)
+        lead = em.prompt_lead
         text_start = T - lengths + np.fromiter((lead if s.text_offset < 0 else s.text_offset for s in seqs), np.int64, B)
         orders = addressing.head_orders(em.config)  # (H,)
         copy = np.fromiter((s.copy for s in seqs), bool, B)  # a context copy: no rows outside its text
@@ -452,7 +457,7 @@ class _Batch:
         # Context positions (engram_core.conflicts): rows trained without a target of their own.
         context_lengths = np.fromiter((len(s.context) for s in seqs), np.int64, B)
         self.c_seq = np.repeat(np.arange(B), context_lengths)
-        self.c_pos = (T - np.repeat(np.fromiter((len(s.input_ids) for s in seqs), np.int64, B), context_lengths)
+        self.c_pos = (T - np.repeat(lengths, context_lengths)
                       + np.fromiter(itertools.chain.from_iterable(s.context for s in seqs), np.int64, len(self.c_seq)))
         self.c_inside = addressing.own_text_heads(self.c_pos - text_start[self.c_seq], orders)  # (m, H)
         if len(self.c_seq):

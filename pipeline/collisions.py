@@ -85,7 +85,7 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
 
     layer = em.config.target_layer
     addresser = em.memory.addresser
-    orders, lead = head_orders(em.config), em.prompt_lead()
+    orders, lead = head_orders(em.config), em.prompt_lead
     by_user: dict[str, list] = {}
     for fact in facts:
         trigger, answer = canonical_fact(fact.trigger, fact.answer)

@@ -209,10 +209,10 @@ def test_a_context_copy_is_the_trigger_tokenized_after_the_chat_prefill_as_the_s
     assert copy.input_ids[:len(copy.input_ids) - len(copy.targets) + 1] == list(served)
     assert copy.input_ids[len(served):] == original.input_ids[trigger_length:]  # the answer's tokens
     shift = len(served) - trigger_length
-    assert copy.text_offset == shift + tiny.prompt_lead() and copy.context == (shift, shift + 1)
+    assert copy.text_offset == shift + tiny.prompt_lead and copy.context == (shift, shift + 1)
     # A one-token trigger gets no copy (no row of its own text to train after the prefill).
     (short, _), = _validate(tiny, [Fact("u", "my", "My", " dog")], CompileOptions())
     short.user, short.in_conflict = 0, True
     by_user = {"u": [short]}
     _add_context_copies(tiny, by_user, _context(tiny, CompileOptions()))
-    assert len(tiny.encode_prompt("My")) - tiny.prompt_lead() == 1 and by_user["u"] == [short]
+    assert len(tiny.encode_prompt("My")) - tiny.prompt_lead == 1 and by_user["u"] == [short]
