@@ -23,7 +23,8 @@ Decisions worth knowing:
   events that took effect. Exact copies of one event keep one copy (the first by source file,
   then row) and reject the others as DUPLICATE. Events for the same (user, fact, event_time, op)
   with different content are all rejected as CONFLICTING_DUPLICATE: no winner can be chosen that
-  does not depend on file order, and the operator has to look at them. The same holds across
+  does not depend on file order, and the operator has to look at them; such a conflict acts as a
+  delete of the fact at that instant (an earlier fact goes, a tombstone stays). The same holds across
   nights: an upsert at the very instant of a fact in the prior state, with other content, is
   rejected as CONFLICTING_DUPLICATE and the prior fact goes too, leaving a delete tombstone at that
   instant, so whichever night came first the fact is absent, and a re-read of either file
@@ -1216,7 +1217,13 @@ def _event(i: int, cols: dict, times: list) -> _Event:
 
 
 def _dedupe(events: list[_Event], verdicts: list) -> list[_Event]:
-    """Keep one event per (user, fact, time, op); reject copies and conflicts in verdicts."""
+    """Keep one event per (user, fact, time, op); reject copies and conflicts in verdicts.
+
+    Upserts of one fact at one instant with other content are all CONFLICTING_DUPLICATE, and stand
+    for a delete of the fact at that instant (:func:`_conflict`, an event of no row): the same
+    effect as when the copies arrive on different nights (the second one meets the first in the
+    prior state), so the result does not depend on how the events are split over nights, and a
+    copy sent again later is not newer than that delete."""
     groups: dict[tuple, list[_Event]] = defaultdict(list)
     for event in events:
         groups[(event.user_id, event.fact_id, event.time, event.op)].append(event)
@@ -1233,10 +1240,19 @@ def _dedupe(events: list[_Event], verdicts: list) -> list[_Event]:
             verdicts[event.index] = (
                 F.CONFLICTING_DUPLICATE,
                 f"{len(group)} {op} events for user {user_id[:64]!r} fact {fact_id!r} at {_iso(time)} "
-                "differ in content; none applied (event times are compared to the microsecond, a date column's "
-                "to the day: give each edit its own time, or send only the one that holds)",
+                "differ in content; none applied and the fact is deleted at that time (event times are compared "
+                "to the microsecond, a date column's to the day: give each edit its own time, or send only the "
+                "one that holds, with a later time)",
             )
+        if (user_id, fact_id, time, F.OP_DELETE) not in groups:  # a delete at that instant says the same
+            kept.append(_conflict(first))
     return kept
+
+
+def _conflict(first: _Event) -> _Event:
+    """The delete a same-instant conflict stands for: applied like a delete at its instant (the
+    fact goes, a tombstone stays) but with no row of its own (``index`` -1: it gets no verdict)."""
+    return _Event(-1, first.user_id, first.fact_id, F.OP_DELETE, first.time, first.source, first.row, ())
 
 
 @dataclass
@@ -1287,36 +1303,17 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
         group.sort(key=lambda e: e.order)
         last = group[-1]
         for loser in group[:-1]:
-            verdicts[loser.index] = (F.SUPERSEDED, f"superseded by the {last.op} at {_iso(last.time)} ({last.source} row {last.row})")
-        earlier_forget = tombstones.get(last.user_id, _UserTombstones()).forget_time
-        if earlier_forget is not None and earlier_forget >= last.time:
-            verdicts[last.index] = (F.FORGOTTEN_USER, f"the user was forgotten at {_iso(earlier_forget)}; "
-                                                      "only events after a forget are applied")
-        elif batch_forget.get(last.user_id, never) >= last.time:
-            verdicts[last.index] = (F.SUPERSEDED, f"removed by forget_user at {_iso(batch_forget[last.user_id])}")
-        elif key in deletes and deletes[key] == last.time and last.op == F.OP_DELETE:
-            verdicts[last.index] = (F.DUPLICATE, "this delete is already recorded")
-        elif key in deletes and deletes[key] >= last.time:
-            verdicts[last.index] = (F.SUPERSEDED, f"not later than the delete of this fact at {_iso(deletes[key])}")
-        elif key in prior and prior[key]["event_time"] > last.time:
-            verdicts[last.index] = (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})")
-        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT and _same_fact(
-                (prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]), last.content):
-            verdicts[last.index] = (F.DUPLICATE, "this upsert is already applied (the fact in the prior state)")
-        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT:
-            # Another content at the prior fact's own instant: as within one batch, there is no
-            # order to pick one by, so neither is kept; a delete tombstone at that instant keeps a
-            # re-read of either file from bringing one back (which night came first must not matter).
-            verdicts[last.index] = (
-                F.CONFLICTING_DUPLICATE,
-                f"the fact in the prior state has the same event time ({_iso(last.time)}) and other content; "
-                "neither is kept (give each edit its own time, or send only the one that holds)")
+            if loser.index >= 0:
+                by = (f"the {last.op} at {_iso(last.time)} ({last.source} row {last.row})" if last.index >= 0 else
+                      f"the conflicting upserts at {_iso(last.time)} ({last.source} row {last.row}, ...), which delete the fact")
+                verdicts[loser.index] = (F.SUPERSEDED, f"superseded by {by}")
+        verdict, effect = _verdict(last, key, prior, deletes, tombstones, batch_forget, never)
+        if last.index >= 0:  # a conflict's delete (-1) has no row: its events are CONFLICTING_DUPLICATE already
+            verdicts[last.index] = verdict
+        if effect == "delete":
             facts.pop(key, None)
             deletes[key] = last.time
-        elif last.op == F.OP_DELETE:
-            facts.pop(key, None)
-            deletes[key] = last.time
-        else:
+        elif effect == "upsert":
             scope, trigger, answer = last.content
             facts[key] = {"scope": scope, "trigger": trigger, "answer": answer, "event_time": last.time}
             deletes.pop(key, None)
@@ -1326,6 +1323,35 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
     for (user, fact_id), time in deletes.items():
         new_tombstones.setdefault(user, _UserTombstones()).deletes[fact_id] = time
     return facts, new_tombstones, batch_forget
+
+
+def _verdict(last: _Event, key: tuple, prior: dict, deletes: dict, tombstones: dict[str, _UserTombstones],
+             batch_forget: dict[str, int], never: int) -> tuple[tuple[str, str] | None, str | None]:
+    """(verdict, effect) of the latest event of one fact against the prior state, the delete
+    tombstones and the forgets: effect "delete", "upsert" or None (no change)."""
+    earlier_forget = tombstones.get(last.user_id, _UserTombstones()).forget_time
+    if earlier_forget is not None and earlier_forget >= last.time:
+        return (F.FORGOTTEN_USER, f"the user was forgotten at {_iso(earlier_forget)}; "
+                                  "only events after a forget are applied"), None
+    if batch_forget.get(last.user_id, never) >= last.time:
+        return (F.SUPERSEDED, f"removed by forget_user at {_iso(batch_forget[last.user_id])}"), None
+    if key in deletes and deletes[key] == last.time and last.op == F.OP_DELETE:
+        return (F.DUPLICATE, "this delete is already recorded"), None
+    if key in deletes and deletes[key] >= last.time:
+        return (F.SUPERSEDED, f"not later than the delete of this fact at {_iso(deletes[key])}"), None
+    if key in prior and prior[key]["event_time"] > last.time:
+        return (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})"), None
+    if key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT:
+        if _same_fact((prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]), last.content):
+            return (F.DUPLICATE, "this upsert is already applied (the fact in the prior state)"), None
+        # Another content at the prior fact's own instant: as within one batch, there is no
+        # order to pick one by, so neither is kept; a delete tombstone at that instant keeps a
+        # re-read of either file from bringing one back (which night came first must not matter).
+        return (F.CONFLICTING_DUPLICATE,
+                f"the fact in the prior state has the same event time ({_iso(last.time)}) and other content; "
+                "neither is kept and the fact is deleted at that time (give each edit its own time, or send only "
+                "the one that holds, with a later time)"), "delete"
+    return None, last.op
 
 
 def _same_fact(stored: tuple, event: tuple) -> bool:

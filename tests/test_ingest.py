@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.ingest import (FactLogBatch, FactLogError, RowRules, ingest, list_log_files, normalise_fact_log, read_fact_log,
@@ -1055,3 +1055,67 @@ def test_rejects_of_a_forgotten_user_without_a_valid_time_or_valid_rows_do_not_s
     details = {r["reason"]: r["detail"] for r in rows}
     assert details["MISSING_EVENT_TIME"] == "event_time is empty" and details["EMPTY_ANSWER"] == "answer is empty"
     assert details["CONFLICTING_DUPLICATE"].startswith("2 upsert events for user <forgotten user> fact <forgotten> at ")
+
+
+# --- Same-instant conflicts: the outcome never depends on the split over nights ---------------
+
+_CONFLICT_KEYS = st.tuples(st.just("u1"), st.sampled_from(["f1", "f1", "f2", None]), st.integers(0, 2))
+_CONFLICT_VALUES = st.tuples(st.sampled_from(["upsert", "upsert", "delete"]), st.sampled_from([" A", " B", " C"]))
+
+
+def _tombstone_set(tombstones: pa.Table) -> set:
+    return {(r["user_hash"], r["fact_id"], r["op"], r["event_time"]) for r in tombstones.to_pylist()}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(st.tuples(_CONFLICT_KEYS, _CONFLICT_VALUES), max_size=10),
+    night_of=st.lists(st.integers(0, 2), min_size=10, max_size=10),
+    resent=st.lists(st.integers(0, 9), max_size=3),
+)
+@example(events=[(("u1", "f1", 0), ("upsert", " A")), (("u1", "f1", 1), ("upsert", " B")), (("u1", "f1", 1), ("upsert", " C"))],
+         night_of=[0, 1, 2] + [0] * 7, resent=[])  # the published A, then B and C at one instant
+@example(events=[(("u1", "f1", 0), ("upsert", " A")), (("u1", "f1", 0), ("upsert", " B"))], night_of=[0] * 10,
+         resent=[1])  # a conflict in one night, then one of its copies sent again
+def test_same_instant_conflicts_give_the_same_facts_and_tombstones_however_split_and_resent(events, night_of, resent):
+    """Several events for one fact at one instant, some with other content: applied at once, or
+    split over nights in any way, or with some of them sent again on a later night, the facts and
+    the tombstones are the same (a conflict deletes the fact at its instant wherever it is seen)."""
+    rows = [_row(k, v) for k, v in events]
+    at_once = run(pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
+    batches = [pa.Table.from_pylist([r for r, n in zip(rows, night_of) if n == night], schema=RAW_SCHEMA)
+               for night in range(3)]
+    again = pa.Table.from_pylist([rows[i] for i in resent if i < len(rows)], schema=RAW_SCHEMA)
+    for result in (nights(*batches), nights(*batches, again), nights(pa.concat_tables(batches), again)):
+        assert live_facts(result.state) == live_facts(at_once.state)
+        assert _tombstone_set(result.tombstones) == _tombstone_set(at_once.tombstones)
+    resend = nights(*batches, again)
+    assert resend.accepted == 0 and resend.changed_users == set()
+
+
+@pytest.mark.parametrize("split", ["one night", "two nights", "three nights"])
+def test_a_conflict_at_one_instant_deletes_the_published_fact_and_leaves_a_tombstone_in_one_night_as_in_several(split):
+    """a@t1 published; b@t2 and c@t2 (other contents): however the three arrive, the fact is gone
+    with a delete tombstone at t2, and re-sending b (or c) later brings nothing back."""
+    a = table({"answer": " AAAA"})
+    b, c = (table({"answer": answer, "event_time": T0 + timedelta(days=1)}) for answer in (" BBBB", " CCCC"))
+    batches = {"one night": [pa.concat_tables([a, b, c])], "two nights": [a, pa.concat_tables([b, c])],
+               "three nights": [a, b, c]}[split]
+    result = nights(*batches)
+    assert live_facts(result.state) == {}
+    assert [(r["fact_id"], r["op"], r["event_time"]) for r in result.tombstones.to_pylist()] == [
+        ("pet", "delete", T0 + timedelta(days=1))]
+    for copy in (b, c):
+        resent = nights(*batches, copy)
+        assert live_facts(resent.state) == {} and resent.accepted == 0 and resent.changed_users == set()
+        assert resent.rejects.column("reason").to_pylist() in (["SUPERSEDED"], ["CONFLICTING_DUPLICATE"])
+
+
+def test_a_conflicting_copy_beside_an_exact_copy_of_the_published_fact_removes_it():
+    """The published a@t, then one night with a copy of a and b@t: the same three events as a@t
+    then b@t, so the fact goes (a delete tombstone at t), as it does when b comes alone."""
+    a, b = table({"answer": " AAAA"}), table({"answer": " BBBB"})
+    for second in (b, pa.concat_tables([a, b])):
+        result = nights(a, second)
+        assert live_facts(result.state) == {} and result.changed_users == {"alice"}
+        assert [(r["op"], r["event_time"]) for r in result.tombstones.to_pylist()] == [("delete", T0)]
