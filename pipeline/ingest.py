@@ -62,6 +62,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Literal
@@ -1231,10 +1232,16 @@ def _dedupe(events: list[_Event], verdicts: list) -> list[_Event]:
     for (user_id, fact_id, time, op), group in groups.items():
         group.sort(key=lambda e: (e.source, e.row))
         first = group[0]
-        if all(e.content == first.content for e in group):
-            kept.append(first)
-            for copy in group[1:]:
-                verdicts[copy.index] = (F.DUPLICATE, f"exact copy of {first.source} row {first.row}")
+        keys = _fact_keys([e.content for e in group], user_id) if op == F.OP_UPSERT else [e.content for e in group]
+        if len(set(keys)) == 1:
+            # one fact: keep the first copy that carries the fact's shared scope (a copy without one
+            # is the same fact read from an export without the scope column), else the first
+            kept_event = next((e for e in group if e.content[:1] == keys[0][:1]), first)
+            kept.append(kept_event)
+            for copy in group:
+                if copy is not kept_event:
+                    verdicts[copy.index] = (F.DUPLICATE, _copy_of(copy.content, kept_event.content,
+                                                                  f"{kept_event.source} row {kept_event.row}"))
             continue
         for event in group:
             verdicts[event.index] = (
@@ -1342,8 +1349,14 @@ def _verdict(last: _Event, key: tuple, prior: dict, deletes: dict, tombstones: d
     if key in prior and prior[key]["event_time"] > last.time:
         return (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})"), None
     if key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT:
-        if _same_fact((prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]), last.content):
-            return (F.DUPLICATE, "this upsert is already applied (the fact in the prior state)"), None
+        stored = (prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"])
+        same = _same_fact(stored, last.content, last.user_id)
+        if same == "same":
+            how = _copy_of(last.content, stored, "the fact in the prior state")
+            return (F.DUPLICATE, "this upsert is already applied ("
+                    + ("the fact in the prior state)" if how.startswith("exact") else how[len("the same fact as "):] + ")")), None
+        if same == "scope":  # the published copy came without its scope column: this one has it
+            return None, last.op
         # Another content at the prior fact's own instant: as within one batch, there is no
         # order to pick one by, so neither is kept; a delete tombstone at that instant keeps a
         # re-read of either file from bringing one back (which night came first must not matter).
@@ -1354,15 +1367,72 @@ def _verdict(last: _Event, key: tuple, prior: dict, deletes: dict, tombstones: d
     return None, last.op
 
 
-def _same_fact(stored: tuple, event: tuple) -> bool:
-    """The stored fact and an event's (scope, trigger, answer) are the same fact: equal, or equal
-    but for the answer's boundary space, which is ingest's choice (engram_core.text rule 5), not
-    the log's; a fact stored under an earlier rule and read again is still a duplicate."""
+_NUMBER_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _answer_key(answer: str | None):
+    """What makes two answers the same: the text without the boundary space (ingest's choice,
+    engram_core.text rule 5, not the log's), and a number as written by a numeric column (no
+    leading zero, no '+': ``12.50``, ``12.5``, ``1e+20``) by its value, so that a re-export whose
+    column went from decimal(10, 2) to double (``12.50`` -> ``12.5``) is the same fact. A text such
+    as ``0123`` (a zip code) is compared as text."""
+    if answer is None:
+        return None
+    text = answer.lstrip(" ")
+    if not _NUMBER_TEXT.fullmatch(text):
+        return ("text", text)
+    try:
+        sign, digits, exponent = Decimal(text).as_tuple()
+    except InvalidOperation:
+        return ("text", text)
+    digits = list(digits)
+    while len(digits) > 1 and digits[-1] == 0:  # 12.50 -> 125e-1, exactly (no context, no rounding)
+        digits.pop()
+        exponent += 1
+    if digits == [0]:
+        return ("number", 0, (0,), 0)
+    return ("number", sign, tuple(digits), exponent)
+
+
+def _fact_keys(contents: list[tuple], user_id: str) -> list[tuple]:
+    """One key per (scope, trigger, answer) content of one user's fact at one instant: equal keys
+    are the same fact. A content without a shared scope (its scope is the user) whose trigger and
+    answer match those of exactly one shared scope's copy takes that scope: the same row exported
+    without the optional scope column is that copy, not a conflicting personal fact."""
+    keys = [(scope, trigger, _answer_key(answer)) for scope, trigger, answer in contents]
+    shared: dict[tuple, set] = defaultdict(set)
+    for scope, trigger, answer in keys:
+        if scope != user_id:
+            shared[(trigger, answer)].add(scope)
+    return [((next(iter(shared[(t, a)])), t, a) if s == user_id and len(shared.get((t, a), ())) == 1 else (s, t, a))
+            for s, t, a in keys]
+
+
+def _copy_of(copy: tuple, kept: tuple, where: str) -> str:
+    """A DUPLICATE's detail: which copy it is the same fact as, and how it differs, if at all."""
+    if copy == kept:
+        return f"exact copy of {where}"
+    why = []
+    if copy[0] != kept[0]:
+        why.append(f"this row has no scope, the copy has scope {kept[0][:64]!r} (a re-export without the scope "
+                   "column? the scope is kept; to make the fact personal, send it with a later time)")
+    if copy[2] != kept[2] and _answer_key(copy[2]) == _answer_key(kept[2]) and copy[2].lstrip(" ") != kept[2].lstrip(" "):
+        why.append(f"the answer {copy[2].strip()[:64]!r} is the same number as {kept[2].strip()[:64]!r} (kept as published)")
+    return f"the same fact as {where}" + (f": {'; '.join(why)}" if why else " (but for the boundary space)")
+
+
+def _same_fact(stored: tuple, event: tuple, user_id: str) -> str | None:
+    """Whether an event's (scope, trigger, answer) is the fact stored at the same instant:
+    "same" (a DUPLICATE: equal, or equal by :func:`_fact_keys`: the answer's boundary space, a
+    number's digits, a copy without the scope column), "scope" (the same fact, and the event
+    carries the shared scope the stored copy lacked: the event replaces it, as in one batch the
+    scoped copy is kept), or None (other content)."""
     if stored == event:
-        return True
-    (scope, trigger, answer), (scope2, trigger2, answer2) = stored, event
-    return scope == scope2 and trigger == trigger2 and answer is not None and answer2 is not None \
-        and answer.lstrip(" ") == answer2.lstrip(" ")
+        return "same"
+    stored_key, event_key = _fact_keys([stored, event], user_id)
+    if stored_key != event_key:
+        return None
+    return "scope" if stored[0] == user_id and event[0] != user_id else "same"
 
 
 def _tombstones_table(tombstones: dict[str, _UserTombstones]) -> pa.Table:

@@ -1119,3 +1119,58 @@ def test_a_conflicting_copy_beside_an_exact_copy_of_the_published_fact_removes_i
         result = nights(a, second)
         assert live_facts(result.state) == {} and result.changed_users == {"alice"}
         assert [(r["op"], r["event_time"]) for r in result.tombstones.to_pylist()] == [("delete", T0)]
+
+
+# --- A re-export with harmless drift is the same facts, never a conflict ------------------------
+
+
+def _night_from_file(path, prior=None):
+    return run(read_fact_log(str(path)), None if prior is None else prior.state,
+               prior_tombstones=None if prior is None else prior.tombstones)
+
+
+def test_an_answer_column_re_exported_as_double_instead_of_decimal_is_the_same_facts(tmp_path):
+    """decimal(10,2) 12.50 and double 12.5 are one number: the re-export is DUPLICATE, the
+    published text is kept, no tombstone; a text answer that differs only in digits is not."""
+    base = {"user_id": ["a", "b", "c"], "fact_id": ["bal"] * 3, "op": ["upsert"] * 3, "trigger": ["My balance is"] * 3,
+            "event_time": pa.array([T0] * 3, pa.timestamp("us", tz="UTC"))}
+    values = ["12.50", "7.00", "-0.10"]
+    pq.write_table(pa.table(base | {"answer": pa.array([Decimal(v) for v in values], pa.decimal128(10, 2))}),
+                   tmp_path / "decimal.parquet")
+    pq.write_table(pa.table(base | {"answer": pa.array([float(v) for v in values], pa.float64())}), tmp_path / "double.parquet")
+    first = _night_from_file(tmp_path / "decimal.parquet")
+    again = _night_from_file(tmp_path / "double.parquet", first)
+    assert live_facts(again.state) == {("a", "bal"): " 12.50", ("b", "bal"): " 7.00", ("c", "bal"): " -0.10"}
+    assert again.tombstones.num_rows == 0 and again.changed_users == set() and again.accepted == 0
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] * 3
+    both = run(read_fact_log(str(tmp_path)))  # both files in one night: one fact each, no conflict
+    assert len(live_facts(both.state)) == 3 and both.rejects.column("reason").to_pylist() == ["DUPLICATE"] * 3
+    # text that only looks alike stays another content: a zip code 0123 is not 123
+    zip_a = table({"trigger": "My zip is", "answer": " 0123"})
+    zip_b = table({"trigger": "My zip is", "answer": " 123"})
+    assert run(pa.concat_tables([zip_a, zip_b])).rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"] * 2
+
+
+def test_a_re_export_without_the_scope_column_keeps_the_shared_facts_and_deletes_nothing(tmp_path):
+    """The exporter's new version leaves out the optional scope column: each shared fact read again
+    without its scope, at its own instant, is the same fact (DUPLICATE, the scope kept), in one
+    night or two, never a conflict that deletes it; the detail says the scope is missing."""
+    rows = [dict(user_id=f"m{u}", fact_id="hours", op="upsert", trigger="Our opening hours are", answer=" 9-5",
+                 event_time=T0, scope="org:a") for u in range(2)]
+    rows += [dict(user_id=f"m{u}", fact_id="own", op="upsert", trigger="My name is", answer=f" N{u}", event_time=T0,
+                  scope=None) for u in range(2)]
+    scoped = pa.Table.from_pylist(rows)
+    (tmp_path / "1").mkdir(), (tmp_path / "2").mkdir()
+    pq.write_table(scoped, tmp_path / "1" / "week.parquet")
+    pq.write_table(scoped.drop_columns(["scope"]), tmp_path / "2" / "week.parquet")
+    first = _night_from_file(tmp_path / "1")
+    for result in (_night_from_file(tmp_path / "2", first), run(read_fact_log([str(tmp_path / "1"), str(tmp_path / "2")]))):
+        assert {(r["user_id"], r["fact_id"]): r["scope"] for r in result.state.to_pylist()} == {
+            ("m0", "hours"): "org:a", ("m1", "hours"): "org:a", ("m0", "own"): "m0", ("m1", "own"): "m1"}
+        assert result.tombstones.num_rows == 0
+        dupes = [r for r in result.rejects.to_pylist() if r["fact_id"] == "hours"]
+        assert [r["reason"] for r in dupes] == ["DUPLICATE"] * 2 and all("no scope" in r["detail"] for r in dupes)
+    # the other way round (the copy with the scope comes second) gives the same state
+    back = _night_from_file(tmp_path / "1", _night_from_file(tmp_path / "2"))
+    assert {(r["user_id"], r["fact_id"]): r["scope"] for r in back.state.to_pylist()}[("m0", "hours")] == "org:a"
+    assert back.tombstones.num_rows == 0
