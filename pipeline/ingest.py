@@ -546,7 +546,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
             parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
-            if problem := _column_problem(present + list(partitions)):
+            if problem := (_partition_problem(display, root, present + list(partitions))
+                           or _column_problem(present + list(partitions))):
                 if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
                     logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
                                    problem)
@@ -606,6 +607,25 @@ def _hive_partitions(path: str, root: str) -> dict[str, str | bytes | None]:
             except UnicodeDecodeError:
                 out[name] = raw
     return out
+
+
+def _partition_problem(path: str, root: str, present: list[str]) -> str | None:
+    """Why a partition folder of ``path`` below ``root`` cannot be read: its key is a near miss of a
+    fact-log column that neither the file nor an exact partition folder gives (``Scope=org%3Aa/``,
+    ``UserId=u1/``, ``'scope '``, a BOM-prefixed key). Ignored as a folder of no column, it read
+    every row without that column (shared facts as personal ones), as a misspelt column would."""
+    if not root or not path.startswith(root.rstrip("/") + "/"):
+        return None
+    ours = {_folded_name(name): name for name in F.FACT_LOG_SCHEMA.names}
+    for part in path[len(root.rstrip("/")) + 1:].split("/")[:-1]:
+        key, sep, value = part.partition("=")
+        wanted = ours.get(_folded_name(key)) if sep else None
+        if wanted is None or key == wanted or wanted in present:
+            continue
+        why = _near_miss(key, wanted).split(": rename ", 1)[0].replace("column names are", "partition keys are")
+        return (f"partition folder {part!r} is not a {wanted!r} folder, and without it every row would be read as "
+                f"having no {wanted}; {why}: rename the folder to {wanted + sep + value!r}")
+    return None
 
 
 def _column_problem(present: list[str]) -> str | None:

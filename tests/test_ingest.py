@@ -433,6 +433,28 @@ def test_a_misspelt_optional_column_refuses_the_file_instead_of_being_ignored(tm
         assert repr(name) in batch.file_rejects.column("detail")[0].as_py()
 
 
+@pytest.mark.parametrize("folder, column", [("Scope=org%3Aa", "scope"), ("scope =org%3Aa", "scope"),
+                                            ("\ufeffscope=org%3Aa", "scope"), ("UserId=u1", "user_id")])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_misspelt_partition_folder_refuses_the_file_naming_the_folder(tmp_path, folder, column, on_bad_file):
+    """Ignored as a folder of no column, a ``Scope=org%3Aa/`` made every shared fact a personal one
+    (and a ``UserId=u1/`` gave a file without user_id a message that never named the folder)."""
+    rows = table({}).drop_columns([column])  # the file holds no such column itself
+    (tmp_path / "log" / folder).mkdir(parents=True)
+    pq.write_table(rows, tmp_path / "log" / folder / "part-0.parquet")
+    pq.write_table(table({"user_id": "bob"}), tmp_path / "log" / "good.parquet")
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match=re.escape(f"partition folder {folder!r}")) as raised:
+            read_fact_log(str(tmp_path / "log"))
+        assert f"rename the folder to '{column}=" in str(raised.value)
+    else:
+        batch = read_fact_log(str(tmp_path / "log"), on_bad_file="reject")
+        assert batch.rows.column("user_id").to_pylist() == ["bob"]
+        reject = batch.file_rejects.to_pylist()
+        assert [r["reason"] for r in reject] == ["SCHEMA_MISMATCH"] and folder in reject[0]["source"]
+        assert f"partition folder {folder!r}" in reject[0]["detail"] and f"rename the folder" in reject[0]["detail"]
+
+
 def test_integer_user_ids_are_read_as_strings(tmp_path):
     raw = table({}).set_column(0, "user_id", pa.array([42], pa.int64()))
     result = run(raw)
