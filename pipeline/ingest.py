@@ -113,6 +113,9 @@ class FactFile:
     # The listed source (folder) the file lies under, as ``path`` writes it: only the folders
     # between it and the file are partition folders (``scope=.../``). Not part of its identity.
     root: str = field(default="", compare=False)
+    # Why the file cannot be opened at all, known from its name alone (a name that is not UTF-8:
+    # ``path`` then shows its bytes escaped); None for a file that is read.
+    unreadable: str | None = field(default=None, compare=False)
 
     def identity(self) -> dict:
         out = {"size": self.size, "mtime_ns": self.mtime_ns}
@@ -212,8 +215,35 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
     files = {}
     for fs, path, display in _list_files(sources, filesystem):
         root = next((r for r in roots if display == r or display.startswith(r.rstrip("/") + "/")), display)
+        if problem := _name_problem(display, root):  # never handed to pyarrow, Parquet, JSON or a log line
+            files[_shown(display)] = FactFile(_shown(display), 0, None, None, _shown(root), unreadable=problem)
+            continue
         files[display] = FactFile(display, *_identity(fs, path), root)
     return [files[p] for p in sorted(files)]
+
+
+def _shown(path: str) -> str:
+    """A path as text that can be written anywhere: bytes of a name that is not UTF-8 (which
+    Python lists as lone surrogates) shown escaped (``d\\xeda.parquet``)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _name_problem(path: str, root: str) -> str | None:
+    """Why a listed file cannot be read for its name: a file or folder name that is not UTF-8
+    (a Latin-1 ``día.parquet`` copied from an old system) cannot be opened through pyarrow, nor
+    written to the rejects table or the watermark. None for a name that is UTF-8."""
+    try:
+        path.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    below = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
+    parts = below.split("/")
+    bad = next(part for part in parts if _shown(part) != part)
+    what = "file" if bad == parts[-1] else "folder"
+    return (f"the {what} name '{_shown(bad)}' is not valid UTF-8 (the escaped bytes; written by a system "
+            f"with another encoding, e.g. Latin-1), so the file cannot be read or named in the rejects; rename the "
+            f"{what} to a UTF-8 name (e.g. convmv -f latin1 -t utf8 --notest)")
 
 
 def _identity(fs: pafs.FileSystem, path: str) -> tuple[int, int | None, int | None]:
@@ -281,8 +311,7 @@ def read_log_file(
     file's reject row when the whole file is unreadable and ``on_bad_file="reject"``. Raises
     FactLogError for an unreadable file under ``on_bad_file="raise"``.
     """
-    fs, path = _filesystem_for(file.path, filesystem)
-    _, table, problem = _read_one(fs, path, file.path, file.root)
+    table, problem = _read_listed(file, filesystem)
     if problem is not None:
         reason, detail = problem
         if on_bad_file == "raise":
@@ -293,6 +322,15 @@ def read_log_file(
         return FileRead(file, 0, {}, reject), key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
     keyed = key_by_shard(validate_rows(table, rules), num_shards)
     return FileRead(file, keyed.num_rows, shard_slices(keyed)), keyed
+
+
+def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None) -> tuple[pa.Table | None, tuple[str, str] | None]:
+    """(normalised table or None, (reason, detail) or None) of a listed file."""
+    if file.unreadable is not None:
+        return None, (F.UNREADABLE_FILE, file.unreadable)
+    fs, path = _filesystem_for(file.path, filesystem)
+    _, table, problem = _read_one(fs, path, file.path, file.root)
+    return table, problem
 
 
 def _filesystem_for(display: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -363,8 +401,7 @@ def read_fact_log(
         if file.path in exclude_files:
             logger.info("fact log %s: already ingested, skipped", file.path)
             continue
-        fs, path = _filesystem_for(file.path, filesystem)
-        _, table, problem = _read_one(fs, path, file.path, file.root)
+        table, problem = _read_listed(file, filesystem)
         if problem is not None:
             reason, detail = problem
             if on_bad_file == "raise":
@@ -384,6 +421,9 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
     """Yield (filesystem, path, display name) for every data file under the sources."""
     local = None  # one listing of the local sources: a real folder or file is listed once in all
     for source in sources:
+        if _shown(source) != source:
+            raise FactLogError(f"fact log {_shown(source)}: the path is not valid UTF-8 (the escaped bytes); rename it "
+                               "to a UTF-8 name (e.g. convmv -f latin1 -t utf8 --notest) and point fact_log at that")
         fs, path, prefix = _resolve(source, filesystem)
         try:
             info = fs.get_file_info(path)

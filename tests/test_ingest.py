@@ -1196,3 +1196,35 @@ def test_a_re_export_without_the_scope_column_keeps_the_shared_facts_and_deletes
     back = _night_from_file(tmp_path / "1", _night_from_file(tmp_path / "2"))
     assert {(r["user_id"], r["fact_id"]): r["scope"] for r in back.state.to_pylist()}[("m0", "hours")] == "org:a"
     assert back.tombstones.num_rows == 0
+
+
+@pytest.mark.parametrize("bad", [b"d\xeda.parquet", b"f\xeb=1/part-0.parquet"], ids=["file", "folder"])
+def test_a_log_file_or_folder_whose_name_is_not_utf8_is_one_unreadable_file_naming_it_and_the_rest_is_read(bad, tmp_path):
+    """A Latin-1 name crashed the night with a UnicodeEncodeError that named nothing: it is one
+    UNREADABLE_FILE reject (or, under on_bad_file raise, an error) naming the path with its bytes
+    escaped and the fix, the other files are read, and the rejects write to Parquet."""
+    import io
+    import os
+
+    log = tmp_path / "log"
+    log.mkdir()
+    pq.write_table(table({"user_id": "bob"}), log / "good.parquet")
+    raw = os.path.join(os.fsencode(log), bad)  # pyarrow cannot write to such a name: copy the bytes
+    os.makedirs(os.path.dirname(raw), exist_ok=True)
+    with open(raw, "wb") as out:
+        out.write((log / "good.parquet").read_bytes())
+    shown = str(log) + "/" + bad.decode("utf-8", "backslashreplace")
+    listed = list_log_files(str(log))
+    assert [f.path for f in listed] == sorted([shown, str(log / "good.parquet")])
+    with pytest.raises(FactLogError, match=re.escape(f"fact log {shown}: ")) as raised:
+        read_fact_log(str(log))
+    assert "not valid UTF-8" in str(raised.value) and "rename the" in str(raised.value)
+    batch = read_fact_log(str(log), on_bad_file="reject")
+    assert batch.rows.column("user_id").to_pylist() == ["bob"]
+    assert batch.file_rejects.select(["source", "reason"]).to_pylist() == [{"source": shown, "reason": "UNREADABLE_FILE"}]
+    bad_file = next(f for f in listed if f.path == shown)
+    read, rows = read_log_file(bad_file, RowRules(max_trigger_tokens=MAX_TRIGGER_TOKENS), 4, on_bad_file="reject")
+    assert rows.num_rows == 0 and read.reject.column("source").to_pylist() == [shown]
+    result = run(batch)
+    pq.write_table(result.rejects, io.BytesIO())  # the night's rejects stats part
+    assert result.rejects.column("source").to_pylist()[-1] == shown
