@@ -778,10 +778,12 @@ _ID_COLUMNS = ("user_id", "fact_id", "scope")
 _TEXT_COLUMNS = ("trigger", "answer")  # free text: numbers and booleans in them read as their canonical text
 
 
-def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+def _whole_float_ids(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
     """A float id column as pandas writes an integer column with a missing value (1.0, NaN,
     3.0): whole numbers read as their integer text, NaN as a missing id (its row is rejected,
-    not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch."""
+    not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch. An id of
+    magnitude 2^bits or more (float64 2^53), which the type cannot hold exactly, costs its row
+    (BAD_USER_ID / BAD_FACT_ID / BAD_SCOPE naming the row and the fix), not the file."""
     bits = {16: 11, 32: 24}.get(column.type.bit_width, 53)  # float16/32/64 hold every integer below 2^bits
     values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.cast(pa.float64()).chunks],
                               pa.float64())
@@ -793,11 +795,12 @@ def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
                                f"{values[row].as_py()!r}): not an id; export ids as strings or integers")
     # 2^bits itself is ambiguous: 2^bits + 1 rounds to it
     beyond = pc.fill_null(pc.greater_equal(pc.abs(values), float(2 ** bits)), False)
-    if pc.any(beyond).as_py():
-        row = pc.index(beyond, True).as_py()
-        raise F.SchemaMismatch(f"column {name!r} is {column.type} with ids of magnitude 2^{bits} or more (row {row}: "
-                               f"{_magnitude(values[row].as_py())}), which a {column.type} cannot hold exactly (two ids may "
-                               "have become one); export ids as strings or integers")
+    for row in pc.indices_nonzero(beyond.combine_chunks()).to_pylist():
+        _note(problems, row, _BAD_UTF8_REASON[name],
+              f"{name} {_magnitude(values[row].as_py())} (row {row}) is a {column.type} id of magnitude 2^{bits} or more, "
+              f"which a {column.type} cannot hold exactly (two ids may have become one); export ids as strings or "
+              "integers (int64)")
+    values = pc.if_else(beyond, pa.scalar(None, pa.float64()), values)
     return values.cast(pa.int64()).cast(pa.string())
 
 
@@ -836,9 +839,9 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
                                    "an id; export it as a string or a whole number")
         return column.cast(pa.string())
     if pa.types.is_floating(kind) and name in _ID_COLUMNS:
-        return _whole_float_ids(column, name)
+        return _whole_float_ids(column, name, problems)
     if name in _TEXT_COLUMNS and (pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_decimal(kind)):
-        return _scalars_as_text(column)
+        return _scalars_as_text(column, name, problems)
     if not any(is_kind(kind) for is_kind in _BYTES_KINDS):
         raise F.SchemaMismatch(_not_text(name, kind))
     chunks, offset = [], 0
@@ -872,7 +875,7 @@ def _not_text(name: str, kind: pa.DataType) -> str:
     return f"column {name!r} is {kind}, expected a string; {fix}"
 
 
-def _scalars_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+def _scalars_as_text(column: pa.ChunkedArray, name: str = "answer", problems: list | None = None) -> pa.ChunkedArray:
     """A float, boolean or decimal trigger/answer column (a table export's number or flag) as its
     canonical text: integers without ".0" (42.0 -> "42"), other floats in their shortest
     round-trip form at the column's width (0.1 -> "0.1", 6.02e23 -> "6.02e+23"; inf -> "inf"),
@@ -885,8 +888,22 @@ def _scalars_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
         return pa.chunked_array([pa.array([None if v is None else str(int(v)) if kind.scale <= 0 else f"{v:f}"
                                            for v in chunk.to_pylist()], pa.string()) for chunk in column.chunks],
                                 pa.string())
-    return pa.chunked_array([pa.array([None if v is None else _float_text(v, kind) for v in chunk.to_pylist()],
-                                      pa.string()) for chunk in column.chunks], pa.string())
+    bits = {16: 11, 32: 24}.get(kind.bit_width, 53)  # every integer below 2^bits is exact in this float type
+    texts, row = [], 0
+    for chunk in column.chunks:
+        for value in chunk.to_pylist():
+            if value is not None and value == value and float(value).is_integer() and 2 ** bits <= abs(value) < 1e21:
+                # printed as an integer, it would show digits the writer never sent (a float32 5551234567 is
+                # 5551234560): the row is refused, not the value published
+                if problems is not None:
+                    _note(problems, row, F.INEXACT_NUMBER,
+                          f"{name} {int(value)} (row {row}) is a {kind} whole number of magnitude 2^{bits} or more, which "
+                          f"a {kind} holds only approximately: the digits written may not be these; write the {name} "
+                          "column as int64 or string")
+                value = None
+            texts.append(None if value is None else _float_text(value, kind))
+            row += 1
+    return pa.chunked_array([pa.array(texts, pa.string())], pa.string())
 
 
 def _float_text(value, kind: pa.DataType) -> str | None:

@@ -100,21 +100,39 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
 @pytest.mark.parametrize("ids, kind, message", [
     ([1.0, 2.0, 1.5], pa.float64(), "values that are not whole numbers (row 2: 1.5)"),
     ([1.0, 2.0, float("inf")], pa.float64(), "values that are not whole numbers (row 2: inf)"),
-    ([1.0, float("nan"), 2.0 ** 53 + 2], pa.float64(),
-     "ids of magnitude 2^53 or more (row 2: 9007199254740994), which a double cannot hold exactly"),
-    ([1.0, -(2.0 ** 53), 3.0], pa.float64(), "ids of magnitude 2^53 or more (row 1: -9007199254740992)"),
-    ([1.0, 2.0, 2.0 ** 24], pa.float32(), "ids of magnitude 2^24 or more (row 2: 16777216), which a float cannot hold"),
     ([1.0, 2.5, 3.0], pa.float32(), "values that are not whole numbers (row 1: 2.5)"),
-    ([1.0, 2.0, 4096.0], pa.float16(), "ids of magnitude 2^11 or more (row 2: 4096), which a halffloat cannot hold"),
-    ([1.0, 1e300, 3.0], pa.float64(), "ids of magnitude 2^53 or more (row 1: 1e+300), which a double cannot hold"),
 ])
 def test_a_float_id_column_that_cannot_hold_ids_is_refused_naming_the_row_and_the_fix(ids, kind, message, tmp_path):
-    import numpy as np
-    values = pa.array(np.array(ids, np.float16), kind) if kind == pa.float16() else pa.array(ids, kind)
+    values = pa.array(ids, kind)
     raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", values)
     pq.write_table(raw, tmp_path / "part-0.parquet")
     with pytest.raises(FactLogError, match=re.escape(message) + ".*export ids as strings or integers"):
         read_fact_log(str(tmp_path / "part-0.parquet"))
+
+
+@pytest.mark.parametrize("ids, kind, row, message", [
+    ([1.0, float("nan"), 2.0 ** 53 + 2], pa.float64(), 2,
+     "user_id 9007199254740994 (row 2) is a double id of magnitude 2^53 or more, which a double cannot hold exactly"),
+    ([1.0, -(2.0 ** 53), 3.0], pa.float64(), 1, "user_id -9007199254740992 (row 1) is a double id of magnitude 2^53"),
+    ([1.0, 2.0, 2.0 ** 24], pa.float32(), 2, "user_id 16777216 (row 2) is a float id of magnitude 2^24 or more, which a float cannot hold"),
+    ([1.0, 2.0, 4096.0], pa.float16(), 2, "user_id 4096 (row 2) is a halffloat id of magnitude 2^11 or more, which a halffloat cannot hold"),
+    ([1.0, 1e300, 3.0], pa.float64(), 1, "user_id 1e+300 (row 1) is a double id of magnitude 2^53 or more, which a double cannot hold"),
+    ([7.0, 8.0, 1e20], pa.float64(), 2, "user_id 100000000000000000000 (row 2) is a double id of magnitude 2^53 or more"),
+])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_float_id_too_large_to_be_exact_costs_only_its_row_naming_it_and_the_fix(ids, kind, row, message, on_bad_file,
+                                                                                   tmp_path):
+    """One float id of 2^53 or more (2^24 in a float32) used to refuse the whole file: it costs its row."""
+    import numpy as np
+    values = pa.array(np.array(ids, np.float16), kind) if kind == pa.float16() else pa.array(ids, kind)
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", values)
+    pq.write_table(raw, tmp_path / "part-0.parquet")
+    result = run(read_fact_log(str(tmp_path / "part-0.parquet"), on_bad_file=on_bad_file))
+    rejects = {r["row"]: r for r in result.rejects.to_pylist()}
+    assert rejects[row]["reason"] == "BAD_USER_ID" and rejects[row]["source"].endswith("part-0.parquet")
+    assert message in rejects[row]["detail"] and "export ids as strings or integers" in rejects[row]["detail"]
+    good = [i for i, v in enumerate(ids) if v == v and i != row]
+    assert sorted(r["fact_id"] for r in result.state.to_pylist()) == sorted(["pet", "b", "c"][i] for i in good)
 
 
 @pytest.mark.parametrize("kind", [pa.float16(), pa.float32(), pa.float64()], ids=str)
@@ -470,8 +488,10 @@ _NAN = float("nan")
 _SCALAR_TEXT = {  # a trigger or answer column as a table export types numbers and flags: values -> the text read
     "float64": (pa.float64(), [42.0, 0.1, None, 6.02e23, _NAN, -0.0, 1e15, float("inf")],
                 ["42", "0.1", None, "6.02e+23", None, "0", "1000000000000000", "inf"]),
-    "float32": (pa.float32(), [0.1, 16777216.0, _NAN, 2.5, 123456792.0], ["0.1", "16777216", None, "2.5", "123456792"]),
-    "float16": (pa.float16(), [0.1, 2047.0, _NAN, -1.5, 65504.0, 32768.0], ["0.1", "2047", None, "-1.5", "65504", "32768"]),
+    # whole numbers of 2^24 (float32) or 2^11 (float16) and more: test_a_whole_float_answer_beyond_...
+    "float32": (pa.float32(), [0.1, 16777215.0, _NAN, 2.5, -16777215.0, 3.4e38], ["0.1", "16777215", None, "2.5", "-16777215",
+                                                                                 "3.4e+38"]),
+    "float16": (pa.float16(), [0.1, 2047.0, _NAN, -1.5, -2047.0], ["0.1", "2047", None, "-1.5", "-2047"]),
     "bool": (pa.bool_(), [True, False, None], ["true", "false", None]),
     "decimal": (pa.decimal128(10, 2), [Decimal("12.50"), Decimal("-0.01"), None], ["12.50", "-0.01", None]),
     "decimal_whole": (pa.decimal128(38, 0), [Decimal(7), None], ["7", None]),
@@ -502,6 +522,31 @@ def test_a_number_or_flag_trigger_or_answer_reads_as_its_text_and_a_missing_one_
     assert [(r["row"], r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
         (i, reason, f"{column} is empty") for i in sorted(missing)]
     assert result.accepted == len(values) - len(missing)
+
+
+@pytest.mark.parametrize("kind, value, shown", [
+    (pa.float32(), 5551234567.0, "5551234560"), (pa.float32(), 16777216.0, "16777216"),
+    (pa.float32(), 4111111111111111.0, "4111111020347392"), (pa.float16(), 65504.0, "65504"),
+    (pa.float64(), 2.0 ** 53, "9007199254740992"), (pa.float64(), -4111111111111111111.0, "-4111111111111111168"),
+], ids=lambda v: str(v))
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_whole_float_answer_beyond_the_types_exact_range_costs_its_row_naming_the_fix(kind, value, shown, on_bad_file,
+                                                                                        tmp_path):
+    """A phone number written as a float32 (5551234567 holds 5551234560) was published with digits
+    the writer never sent: the row is refused (INEXACT_NUMBER, naming file, row, column and the fix);
+    the other rows of the file are read."""
+    import numpy as np
+    raw = table({"fact_id": "phone"}, {"fact_id": "other"})
+    values = pa.array(np.array([value, 42.0], np.float16), kind) if kind == pa.float16() else pa.array([value, 42.0], kind)
+    raw = raw.set_column(raw.schema.get_field_index("answer"), "answer", values)
+    pq.write_table(raw, tmp_path / "part-0.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert live_facts(result.state) == {("alice", "other"): " 42"}
+    [reject] = result.rejects.to_pylist()
+    assert (reject["row"], reject["reason"], reject["fact_id"]) == (0, "INEXACT_NUMBER", "phone")
+    assert reject["source"].endswith("part-0.parquet")
+    assert reject["detail"].startswith(f"answer {shown} (row 0) is a {kind} whole number of magnitude 2^")
+    assert "write the answer column as int64 or string" in reject["detail"]
 
 
 def test_numbers_and_flags_written_by_duckdb_read_as_their_text(tmp_path):
