@@ -741,6 +741,9 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope"):
         raw = table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
         columns[name] = _to_text(raw, name, problems)
+    for name in _ID_COLUMNS:
+        if name in table.column_names and not pa.types.is_floating(table.column(name).type):
+            _warn_float_text_ids(columns[name], name, source)
     columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
@@ -753,6 +756,18 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         [pa.chunked_array(columns[f.name]).cast(f.type) for f in F.FACT_LOG_BATCH_SCHEMA],
         schema=F.FACT_LOG_BATCH_SCHEMA,
     )
+
+
+def _warn_float_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file when a text id column holds a float's text of an integer ("7.0"): a float
+    id column (pandas' integers with a NaN) turned to text, whose ids are not the integer ids
+    ("7") the same users had before."""
+    looks = pc.fill_null(pc.match_substring_regex(column, r"^-?[0-9]+\.0$"), False)
+    if pc.any(looks).as_py():
+        row = pc.index(looks, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) looks like a float's text of an integer: a float id column turned "
+                       "to text (pandas astype(str)) reads as other ids than the integers ('7.0' is not '7'); export "
+                       "the ids as integers or strings of the integers", source, name, column[row].as_py(), row)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:
@@ -1123,11 +1138,25 @@ def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+# How pandas, numpy and SQL clients write a missing value as text (``df.user_id.astype(str)`` turns
+# NaN into "nan", None into "None", pd.NA into "<NA>"): as an id, every missing one became one id.
+_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat"})
+
+
+def _missing_as_text(name: str, value: str | None) -> str | None:
+    """Why an id is a missing value written as text, or None."""
+    if value is None or value.casefold() not in _MISSING_AS_TEXT:
+        return None
+    return (f"{name} {value!r} is a missing value written as text (pandas' astype(str) writes NaN as 'nan', None as "
+            f"'None', pd.NA as '<NA>'), not an id: every such row would be one {name}; export missing values as "
+            f"null, or drop the rows without a {name}")
+
+
 def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] | None:
     user_id, op = cols["user_id"][i], cols["op"][i]
     if user_id is None or user_id == "":
         return F.MISSING_USER_ID, "user_id is empty"
-    if problem := F.id_problem("user_id", user_id):
+    if problem := F.id_problem("user_id", user_id) or _missing_as_text("user_id", user_id):
         return F.BAD_USER_ID, problem
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
@@ -1142,9 +1171,10 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     fact_id = cols["fact_id"][i]
     if fact_id is None or fact_id == "":
         return F.MISSING_FACT_ID, f"fact_id is empty on a {op}"
-    if problem := F.id_problem("fact_id", fact_id):
+    if problem := F.id_problem("fact_id", fact_id) or _missing_as_text("fact_id", fact_id):
         return F.BAD_FACT_ID, problem
-    if cols["scope"][i] not in (None, "") and (problem := F.id_problem("scope", cols["scope"][i])):
+    if cols["scope"][i] not in (None, "") and (problem := F.id_problem("scope", cols["scope"][i])
+                                               or _missing_as_text("scope", cols["scope"][i])):
         return F.BAD_SCOPE, problem
     if op == F.OP_DELETE:
         return None

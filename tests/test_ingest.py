@@ -1273,3 +1273,26 @@ def test_a_log_file_or_folder_whose_name_is_not_utf8_is_one_unreadable_file_nami
     result = run(batch)
     pq.write_table(result.rejects, io.BytesIO())  # the night's rejects stats part
     assert result.rejects.column("source").to_pylist()[-1] == shown
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", " nan "])
+def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_pooled_into_one_user(text, tmp_path,
+                                                                                                    caplog):
+    """pandas' astype(str) writes a missing id as 'nan' ('None', '<NA>', ...): every such row was
+    one fake user (or one shared scope). Each is BAD_USER_ID / BAD_FACT_ID / BAD_SCOPE saying so;
+    a float's text of an integer ('7.0') is read, with one warning naming the file."""
+    raw = pa.table({"user_id": ["7.0", text, text, "8.0"], "fact_id": ["city", "city", "town", text],
+                    "op": ["upsert"] * 4, "trigger": ["My city is"] * 4, "answer": [" Ayr", " Bree", " Cork", " Derry"],
+                    "event_time": pa.array([T0] * 4, pa.timestamp("us", tz="UTC")), "scope": [None, None, None, None]})
+    pq.write_table(raw, tmp_path / "ids.parquet")
+    pq.write_table(raw.slice(0, 1).set_column(6, "scope", pa.array([text])), tmp_path / "scoped.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("7.0", "city"): " Ayr"}  # read as written (with a warning)
+    rejects = {(r["source"].rsplit("/", 1)[1], r["row"]): (r["reason"], r["detail"]) for r in result.rejects.to_pylist()}
+    assert {k: v[0] for k, v in rejects.items()} == {("ids.parquet", 1): "BAD_USER_ID", ("ids.parquet", 2): "BAD_USER_ID",
+                                                     ("ids.parquet", 3): "BAD_FACT_ID", ("scoped.parquet", 0): "BAD_SCOPE"}
+    assert all("a missing value written as text" in detail for _, detail in rejects.values())
+    assert f"user_id {text.strip()!r} is a missing value written as text" in rejects[("ids.parquet", 1)][1]
+    assert "'7.0' (row 0) looks like a float's text of an integer" in caplog.text
+    assert caplog.text.count("looks like a float's text") == 2  # once per file
