@@ -23,7 +23,8 @@ Decisions worth knowing:
   events that took effect. Exact copies of one event keep one copy (the first by source file,
   then row) and reject the others as DUPLICATE. Events for the same (user, fact, event_time, op)
   with different content are all rejected as CONFLICTING_DUPLICATE: no winner can be chosen that
-  does not depend on file order, and the operator has to look at them. The same holds across
+  does not depend on file order, and the operator has to look at them; such a conflict acts as a
+  delete of the fact at that instant (an earlier fact goes, a tombstone stays). The same holds across
   nights: an upsert at the very instant of a fact in the prior state, with other content, is
   rejected as CONFLICTING_DUPLICATE and the prior fact goes too, leaving a delete tombstone at that
   instant, so whichever night came first the fact is absent, and a re-read of either file
@@ -61,6 +62,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Literal
@@ -111,6 +113,9 @@ class FactFile:
     # The listed source (folder) the file lies under, as ``path`` writes it: only the folders
     # between it and the file are partition folders (``scope=.../``). Not part of its identity.
     root: str = field(default="", compare=False)
+    # Why the file cannot be opened at all, known from its name alone (a name that is not UTF-8:
+    # ``path`` then shows its bytes escaped); None for a file that is read.
+    unreadable: str | None = field(default=None, compare=False)
 
     def identity(self) -> dict:
         out = {"size": self.size, "mtime_ns": self.mtime_ns}
@@ -210,8 +215,35 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
     files = {}
     for fs, path, display in _list_files(sources, filesystem):
         root = next((r for r in roots if display == r or display.startswith(r.rstrip("/") + "/")), display)
+        if problem := _name_problem(display, root):  # never handed to pyarrow, Parquet, JSON or a log line
+            files[_shown(display)] = FactFile(_shown(display), 0, None, None, _shown(root), unreadable=problem)
+            continue
         files[display] = FactFile(display, *_identity(fs, path), root)
     return [files[p] for p in sorted(files)]
+
+
+def _shown(path: str) -> str:
+    """A path as text that can be written anywhere: bytes of a name that is not UTF-8 (which
+    Python lists as lone surrogates) shown escaped (``d\\xeda.parquet``)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _name_problem(path: str, root: str) -> str | None:
+    """Why a listed file cannot be read for its name: a file or folder name that is not UTF-8
+    (a Latin-1 ``día.parquet`` copied from an old system) cannot be opened through pyarrow, nor
+    written to the rejects table or the watermark. None for a name that is UTF-8."""
+    try:
+        path.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    below = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
+    parts = below.split("/")
+    bad = next(part for part in parts if _shown(part) != part)
+    what = "file" if bad == parts[-1] else "folder"
+    return (f"the {what} name '{_shown(bad)}' is not valid UTF-8 (the escaped bytes; written by a system "
+            f"with another encoding, e.g. Latin-1), so the file cannot be read or named in the rejects; rename the "
+            f"{what} to a UTF-8 name (e.g. convmv -f latin1 -t utf8 --notest)")
 
 
 def _identity(fs: pafs.FileSystem, path: str) -> tuple[int, int | None, int | None]:
@@ -279,8 +311,7 @@ def read_log_file(
     file's reject row when the whole file is unreadable and ``on_bad_file="reject"``. Raises
     FactLogError for an unreadable file under ``on_bad_file="raise"``.
     """
-    fs, path = _filesystem_for(file.path, filesystem)
-    _, table, problem = _read_one(fs, path, file.path, file.root)
+    table, problem = _read_listed(file, filesystem)
     if problem is not None:
         reason, detail = problem
         if on_bad_file == "raise":
@@ -291,6 +322,15 @@ def read_log_file(
         return FileRead(file, 0, {}, reject), key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
     keyed = key_by_shard(validate_rows(table, rules), num_shards)
     return FileRead(file, keyed.num_rows, shard_slices(keyed)), keyed
+
+
+def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None) -> tuple[pa.Table | None, tuple[str, str] | None]:
+    """(normalised table or None, (reason, detail) or None) of a listed file."""
+    if file.unreadable is not None:
+        return None, (F.UNREADABLE_FILE, file.unreadable)
+    fs, path = _filesystem_for(file.path, filesystem)
+    _, table, problem = _read_one(fs, path, file.path, file.root)
+    return table, problem
 
 
 def _filesystem_for(display: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -361,8 +401,7 @@ def read_fact_log(
         if file.path in exclude_files:
             logger.info("fact log %s: already ingested, skipped", file.path)
             continue
-        fs, path = _filesystem_for(file.path, filesystem)
-        _, table, problem = _read_one(fs, path, file.path, file.root)
+        table, problem = _read_listed(file, filesystem)
         if problem is not None:
             reason, detail = problem
             if on_bad_file == "raise":
@@ -382,6 +421,9 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
     """Yield (filesystem, path, display name) for every data file under the sources."""
     local = None  # one listing of the local sources: a real folder or file is listed once in all
     for source in sources:
+        if _shown(source) != source:
+            raise FactLogError(f"fact log {_shown(source)}: the path is not valid UTF-8 (the escaped bytes); rename it "
+                               "to a UTF-8 name (e.g. convmv -f latin1 -t utf8 --notest) and point fact_log at that")
         fs, path, prefix = _resolve(source, filesystem)
         try:
             info = fs.get_file_info(path)
@@ -544,7 +586,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
             parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
-            if problem := _column_problem(present + list(partitions)):
+            if problem := (_partition_problem(display, root, present + list(partitions))
+                           or _column_problem(present + list(partitions))):
                 if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
                     logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
                                    problem)
@@ -604,6 +647,25 @@ def _hive_partitions(path: str, root: str) -> dict[str, str | bytes | None]:
             except UnicodeDecodeError:
                 out[name] = raw
     return out
+
+
+def _partition_problem(path: str, root: str, present: list[str]) -> str | None:
+    """Why a partition folder of ``path`` below ``root`` cannot be read: its key is a near miss of a
+    fact-log column that neither the file nor an exact partition folder gives (``Scope=org%3Aa/``,
+    ``UserId=u1/``, ``'scope '``, a BOM-prefixed key). Ignored as a folder of no column, it read
+    every row without that column (shared facts as personal ones), as a misspelt column would."""
+    if not root or not path.startswith(root.rstrip("/") + "/"):
+        return None
+    ours = {_folded_name(name): name for name in F.FACT_LOG_SCHEMA.names}
+    for part in path[len(root.rstrip("/")) + 1:].split("/")[:-1]:
+        key, sep, value = part.partition("=")
+        wanted = ours.get(_folded_name(key)) if sep else None
+        if wanted is None or key == wanted or wanted in present:
+            continue
+        why = _near_miss(key, wanted).split(": rename ", 1)[0].replace("column names are", "partition keys are")
+        return (f"partition folder {part!r} is not a {wanted!r} folder, and without it every row would be read as "
+                f"having no {wanted}; {why}: rename the folder to {wanted + sep + value!r}")
+    return None
 
 
 def _column_problem(present: list[str]) -> str | None:
@@ -679,6 +741,9 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope"):
         raw = table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
         columns[name] = _to_text(raw, name, problems)
+    for name in _ID_COLUMNS:
+        if name in table.column_names and not pa.types.is_floating(table.column(name).type):
+            _warn_float_text_ids(columns[name], name, source)
     columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
@@ -691,6 +756,18 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         [pa.chunked_array(columns[f.name]).cast(f.type) for f in F.FACT_LOG_BATCH_SCHEMA],
         schema=F.FACT_LOG_BATCH_SCHEMA,
     )
+
+
+def _warn_float_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file when a text id column holds a float's text of an integer ("7.0"): a float
+    id column (pandas' integers with a NaN) turned to text, whose ids are not the integer ids
+    ("7") the same users had before."""
+    looks = pc.fill_null(pc.match_substring_regex(column, r"^-?[0-9]+\.0$"), False)
+    if pc.any(looks).as_py():
+        row = pc.index(looks, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) looks like a float's text of an integer: a float id column turned "
+                       "to text (pandas astype(str)) reads as other ids than the integers ('7.0' is not '7'); export "
+                       "the ids as integers or strings of the integers", source, name, column[row].as_py(), row)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:
@@ -716,10 +793,12 @@ _ID_COLUMNS = ("user_id", "fact_id", "scope")
 _TEXT_COLUMNS = ("trigger", "answer")  # free text: numbers and booleans in them read as their canonical text
 
 
-def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+def _whole_float_ids(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
     """A float id column as pandas writes an integer column with a missing value (1.0, NaN,
     3.0): whole numbers read as their integer text, NaN as a missing id (its row is rejected,
-    not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch."""
+    not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch. An id of
+    magnitude 2^bits or more (float64 2^53), which the type cannot hold exactly, costs its row
+    (BAD_USER_ID / BAD_FACT_ID / BAD_SCOPE naming the row and the fix), not the file."""
     bits = {16: 11, 32: 24}.get(column.type.bit_width, 53)  # float16/32/64 hold every integer below 2^bits
     values = pa.chunked_array([pc.if_else(pc.is_nan(chunk), None, chunk) for chunk in column.cast(pa.float64()).chunks],
                               pa.float64())
@@ -731,11 +810,12 @@ def _whole_float_ids(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
                                f"{values[row].as_py()!r}): not an id; export ids as strings or integers")
     # 2^bits itself is ambiguous: 2^bits + 1 rounds to it
     beyond = pc.fill_null(pc.greater_equal(pc.abs(values), float(2 ** bits)), False)
-    if pc.any(beyond).as_py():
-        row = pc.index(beyond, True).as_py()
-        raise F.SchemaMismatch(f"column {name!r} is {column.type} with ids of magnitude 2^{bits} or more (row {row}: "
-                               f"{_magnitude(values[row].as_py())}), which a {column.type} cannot hold exactly (two ids may "
-                               "have become one); export ids as strings or integers")
+    for row in pc.indices_nonzero(beyond.combine_chunks()).to_pylist():
+        _note(problems, row, _BAD_UTF8_REASON[name],
+              f"{name} {_magnitude(values[row].as_py())} (row {row}) is a {column.type} id of magnitude 2^{bits} or more, "
+              f"which a {column.type} cannot hold exactly (two ids may have become one); export ids as strings or "
+              "integers (int64)")
+    values = pc.if_else(beyond, pa.scalar(None, pa.float64()), values)
     return values.cast(pa.int64()).cast(pa.string())
 
 
@@ -774,9 +854,9 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
                                    "an id; export it as a string or a whole number")
         return column.cast(pa.string())
     if pa.types.is_floating(kind) and name in _ID_COLUMNS:
-        return _whole_float_ids(column, name)
+        return _whole_float_ids(column, name, problems)
     if name in _TEXT_COLUMNS and (pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_decimal(kind)):
-        return _scalars_as_text(column)
+        return _scalars_as_text(column, name, problems)
     if not any(is_kind(kind) for is_kind in _BYTES_KINDS):
         raise F.SchemaMismatch(_not_text(name, kind))
     chunks, offset = [], 0
@@ -810,7 +890,7 @@ def _not_text(name: str, kind: pa.DataType) -> str:
     return f"column {name!r} is {kind}, expected a string; {fix}"
 
 
-def _scalars_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+def _scalars_as_text(column: pa.ChunkedArray, name: str = "answer", problems: list | None = None) -> pa.ChunkedArray:
     """A float, boolean or decimal trigger/answer column (a table export's number or flag) as its
     canonical text: integers without ".0" (42.0 -> "42"), other floats in their shortest
     round-trip form at the column's width (0.1 -> "0.1", 6.02e23 -> "6.02e+23"; inf -> "inf"),
@@ -823,8 +903,22 @@ def _scalars_as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
         return pa.chunked_array([pa.array([None if v is None else str(int(v)) if kind.scale <= 0 else f"{v:f}"
                                            for v in chunk.to_pylist()], pa.string()) for chunk in column.chunks],
                                 pa.string())
-    return pa.chunked_array([pa.array([None if v is None else _float_text(v, kind) for v in chunk.to_pylist()],
-                                      pa.string()) for chunk in column.chunks], pa.string())
+    bits = {16: 11, 32: 24}.get(kind.bit_width, 53)  # every integer below 2^bits is exact in this float type
+    texts, row = [], 0
+    for chunk in column.chunks:
+        for value in chunk.to_pylist():
+            if value is not None and value == value and float(value).is_integer() and 2 ** bits <= abs(value) < 1e21:
+                # printed as an integer, it would show digits the writer never sent (a float32 5551234567 is
+                # 5551234560): the row is refused, not the value published
+                if problems is not None:
+                    _note(problems, row, F.INEXACT_NUMBER,
+                          f"{name} {int(value)} (row {row}) is a {kind} whole number of magnitude 2^{bits} or more, which "
+                          f"a {kind} holds only approximately: the digits written may not be these; write the {name} "
+                          "column as int64 or string")
+                value = None
+            texts.append(None if value is None else _float_text(value, kind))
+            row += 1
+    return pa.chunked_array([pa.array(texts, pa.string())], pa.string())
 
 
 def _float_text(value, kind: pa.DataType) -> str | None:
@@ -1044,11 +1138,25 @@ def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+# How pandas, numpy and SQL clients write a missing value as text (``df.user_id.astype(str)`` turns
+# NaN into "nan", None into "None", pd.NA into "<NA>"): as an id, every missing one became one id.
+_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat"})
+
+
+def _missing_as_text(name: str, value: str | None) -> str | None:
+    """Why an id is a missing value written as text, or None."""
+    if value is None or value.casefold() not in _MISSING_AS_TEXT:
+        return None
+    return (f"{name} {value!r} is a missing value written as text (pandas' astype(str) writes NaN as 'nan', None as "
+            f"'None', pd.NA as '<NA>'), not an id: every such row would be one {name}; export missing values as "
+            f"null, or drop the rows without a {name}")
+
+
 def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] | None:
     user_id, op = cols["user_id"][i], cols["op"][i]
     if user_id is None or user_id == "":
         return F.MISSING_USER_ID, "user_id is empty"
-    if problem := F.id_problem("user_id", user_id):
+    if problem := F.id_problem("user_id", user_id) or _missing_as_text("user_id", user_id):
         return F.BAD_USER_ID, problem
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
@@ -1063,9 +1171,10 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     fact_id = cols["fact_id"][i]
     if fact_id is None or fact_id == "":
         return F.MISSING_FACT_ID, f"fact_id is empty on a {op}"
-    if problem := F.id_problem("fact_id", fact_id):
+    if problem := F.id_problem("fact_id", fact_id) or _missing_as_text("fact_id", fact_id):
         return F.BAD_FACT_ID, problem
-    if cols["scope"][i] not in (None, "") and (problem := F.id_problem("scope", cols["scope"][i])):
+    if cols["scope"][i] not in (None, "") and (problem := F.id_problem("scope", cols["scope"][i])
+                                               or _missing_as_text("scope", cols["scope"][i])):
         return F.BAD_SCOPE, problem
     if op == F.OP_DELETE:
         return None
@@ -1216,7 +1325,13 @@ def _event(i: int, cols: dict, times: list) -> _Event:
 
 
 def _dedupe(events: list[_Event], verdicts: list) -> list[_Event]:
-    """Keep one event per (user, fact, time, op); reject copies and conflicts in verdicts."""
+    """Keep one event per (user, fact, time, op); reject copies and conflicts in verdicts.
+
+    Upserts of one fact at one instant with other content are all CONFLICTING_DUPLICATE, and stand
+    for a delete of the fact at that instant (:func:`_conflict`, an event of no row): the same
+    effect as when the copies arrive on different nights (the second one meets the first in the
+    prior state), so the result does not depend on how the events are split over nights, and a
+    copy sent again later is not newer than that delete."""
     groups: dict[tuple, list[_Event]] = defaultdict(list)
     for event in events:
         groups[(event.user_id, event.fact_id, event.time, event.op)].append(event)
@@ -1224,19 +1339,34 @@ def _dedupe(events: list[_Event], verdicts: list) -> list[_Event]:
     for (user_id, fact_id, time, op), group in groups.items():
         group.sort(key=lambda e: (e.source, e.row))
         first = group[0]
-        if all(e.content == first.content for e in group):
-            kept.append(first)
-            for copy in group[1:]:
-                verdicts[copy.index] = (F.DUPLICATE, f"exact copy of {first.source} row {first.row}")
+        keys = _fact_keys([e.content for e in group], user_id) if op == F.OP_UPSERT else [e.content for e in group]
+        if len(set(keys)) == 1:
+            # one fact: keep the first copy that carries the fact's shared scope (a copy without one
+            # is the same fact read from an export without the scope column), else the first
+            kept_event = next((e for e in group if e.content[:1] == keys[0][:1]), first)
+            kept.append(kept_event)
+            for copy in group:
+                if copy is not kept_event:
+                    verdicts[copy.index] = (F.DUPLICATE, _copy_of(copy.content, kept_event.content,
+                                                                  f"{kept_event.source} row {kept_event.row}"))
             continue
         for event in group:
             verdicts[event.index] = (
                 F.CONFLICTING_DUPLICATE,
                 f"{len(group)} {op} events for user {user_id[:64]!r} fact {fact_id!r} at {_iso(time)} "
-                "differ in content; none applied (event times are compared to the microsecond, a date column's "
-                "to the day: give each edit its own time, or send only the one that holds)",
+                "differ in content; none applied and the fact is deleted at that time (event times are compared "
+                "to the microsecond, a date column's to the day: give each edit its own time, or send only the "
+                "one that holds, with a later time)",
             )
+        if (user_id, fact_id, time, F.OP_DELETE) not in groups:  # a delete at that instant says the same
+            kept.append(_conflict(first))
     return kept
+
+
+def _conflict(first: _Event) -> _Event:
+    """The delete a same-instant conflict stands for: applied like a delete at its instant (the
+    fact goes, a tombstone stays) but with no row of its own (``index`` -1: it gets no verdict)."""
+    return _Event(-1, first.user_id, first.fact_id, F.OP_DELETE, first.time, first.source, first.row, ())
 
 
 @dataclass
@@ -1287,36 +1417,17 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
         group.sort(key=lambda e: e.order)
         last = group[-1]
         for loser in group[:-1]:
-            verdicts[loser.index] = (F.SUPERSEDED, f"superseded by the {last.op} at {_iso(last.time)} ({last.source} row {last.row})")
-        earlier_forget = tombstones.get(last.user_id, _UserTombstones()).forget_time
-        if earlier_forget is not None and earlier_forget >= last.time:
-            verdicts[last.index] = (F.FORGOTTEN_USER, f"the user was forgotten at {_iso(earlier_forget)}; "
-                                                      "only events after a forget are applied")
-        elif batch_forget.get(last.user_id, never) >= last.time:
-            verdicts[last.index] = (F.SUPERSEDED, f"removed by forget_user at {_iso(batch_forget[last.user_id])}")
-        elif key in deletes and deletes[key] == last.time and last.op == F.OP_DELETE:
-            verdicts[last.index] = (F.DUPLICATE, "this delete is already recorded")
-        elif key in deletes and deletes[key] >= last.time:
-            verdicts[last.index] = (F.SUPERSEDED, f"not later than the delete of this fact at {_iso(deletes[key])}")
-        elif key in prior and prior[key]["event_time"] > last.time:
-            verdicts[last.index] = (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})")
-        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT and _same_fact(
-                (prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"]), last.content):
-            verdicts[last.index] = (F.DUPLICATE, "this upsert is already applied (the fact in the prior state)")
-        elif key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT:
-            # Another content at the prior fact's own instant: as within one batch, there is no
-            # order to pick one by, so neither is kept; a delete tombstone at that instant keeps a
-            # re-read of either file from bringing one back (which night came first must not matter).
-            verdicts[last.index] = (
-                F.CONFLICTING_DUPLICATE,
-                f"the fact in the prior state has the same event time ({_iso(last.time)}) and other content; "
-                "neither is kept (give each edit its own time, or send only the one that holds)")
+            if loser.index >= 0:
+                by = (f"the {last.op} at {_iso(last.time)} ({last.source} row {last.row})" if last.index >= 0 else
+                      f"the conflicting upserts at {_iso(last.time)} ({last.source} row {last.row}, ...), which delete the fact")
+                verdicts[loser.index] = (F.SUPERSEDED, f"superseded by {by}")
+        verdict, effect = _verdict(last, key, prior, deletes, tombstones, batch_forget, never)
+        if last.index >= 0:  # a conflict's delete (-1) has no row: its events are CONFLICTING_DUPLICATE already
+            verdicts[last.index] = verdict
+        if effect == "delete":
             facts.pop(key, None)
             deletes[key] = last.time
-        elif last.op == F.OP_DELETE:
-            facts.pop(key, None)
-            deletes[key] = last.time
-        else:
+        elif effect == "upsert":
             scope, trigger, answer = last.content
             facts[key] = {"scope": scope, "trigger": trigger, "answer": answer, "event_time": last.time}
             deletes.pop(key, None)
@@ -1328,15 +1439,107 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
     return facts, new_tombstones, batch_forget
 
 
-def _same_fact(stored: tuple, event: tuple) -> bool:
-    """The stored fact and an event's (scope, trigger, answer) are the same fact: equal, or equal
-    but for the answer's boundary space, which is ingest's choice (engram_core.text rule 5), not
-    the log's; a fact stored under an earlier rule and read again is still a duplicate."""
+def _verdict(last: _Event, key: tuple, prior: dict, deletes: dict, tombstones: dict[str, _UserTombstones],
+             batch_forget: dict[str, int], never: int) -> tuple[tuple[str, str] | None, str | None]:
+    """(verdict, effect) of the latest event of one fact against the prior state, the delete
+    tombstones and the forgets: effect "delete", "upsert" or None (no change)."""
+    earlier_forget = tombstones.get(last.user_id, _UserTombstones()).forget_time
+    if earlier_forget is not None and earlier_forget >= last.time:
+        return (F.FORGOTTEN_USER, f"the user was forgotten at {_iso(earlier_forget)}; "
+                                  "only events after a forget are applied"), None
+    if batch_forget.get(last.user_id, never) >= last.time:
+        return (F.SUPERSEDED, f"removed by forget_user at {_iso(batch_forget[last.user_id])}"), None
+    if key in deletes and deletes[key] == last.time and last.op == F.OP_DELETE:
+        return (F.DUPLICATE, "this delete is already recorded"), None
+    if key in deletes and deletes[key] >= last.time:
+        return (F.SUPERSEDED, f"not later than the delete of this fact at {_iso(deletes[key])}"), None
+    if key in prior and prior[key]["event_time"] > last.time:
+        return (F.SUPERSEDED, f"older than the fact in the prior state ({_iso(prior[key]['event_time'])})"), None
+    if key in prior and prior[key]["event_time"] == last.time and last.op == F.OP_UPSERT:
+        stored = (prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"])
+        same = _same_fact(stored, last.content, last.user_id)
+        if same == "same":
+            how = _copy_of(last.content, stored, "the fact in the prior state")
+            return (F.DUPLICATE, "this upsert is already applied ("
+                    + ("the fact in the prior state)" if how.startswith("exact") else how[len("the same fact as "):] + ")")), None
+        if same == "scope":  # the published copy came without its scope column: this one has it
+            return None, last.op
+        # Another content at the prior fact's own instant: as within one batch, there is no
+        # order to pick one by, so neither is kept; a delete tombstone at that instant keeps a
+        # re-read of either file from bringing one back (which night came first must not matter).
+        return (F.CONFLICTING_DUPLICATE,
+                f"the fact in the prior state has the same event time ({_iso(last.time)}) and other content; "
+                "neither is kept and the fact is deleted at that time (give each edit its own time, or send only "
+                "the one that holds, with a later time)"), "delete"
+    return None, last.op
+
+
+_NUMBER_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _answer_key(answer: str | None):
+    """What makes two answers the same: the text without the boundary space (ingest's choice,
+    engram_core.text rule 5, not the log's), and a number as written by a numeric column (no
+    leading zero, no '+': ``12.50``, ``12.5``, ``1e+20``) by its value, so that a re-export whose
+    column went from decimal(10, 2) to double (``12.50`` -> ``12.5``) is the same fact. A text such
+    as ``0123`` (a zip code) is compared as text."""
+    if answer is None:
+        return None
+    text = answer.lstrip(" ")
+    if not _NUMBER_TEXT.fullmatch(text):
+        return ("text", text)
+    try:
+        sign, digits, exponent = Decimal(text).as_tuple()
+    except InvalidOperation:
+        return ("text", text)
+    digits = list(digits)
+    while len(digits) > 1 and digits[-1] == 0:  # 12.50 -> 125e-1, exactly (no context, no rounding)
+        digits.pop()
+        exponent += 1
+    if digits == [0]:
+        return ("number", 0, (0,), 0)
+    return ("number", sign, tuple(digits), exponent)
+
+
+def _fact_keys(contents: list[tuple], user_id: str) -> list[tuple]:
+    """One key per (scope, trigger, answer) content of one user's fact at one instant: equal keys
+    are the same fact. A content without a shared scope (its scope is the user) whose trigger and
+    answer match those of exactly one shared scope's copy takes that scope: the same row exported
+    without the optional scope column is that copy, not a conflicting personal fact."""
+    keys = [(scope, trigger, _answer_key(answer)) for scope, trigger, answer in contents]
+    shared: dict[tuple, set] = defaultdict(set)
+    for scope, trigger, answer in keys:
+        if scope != user_id:
+            shared[(trigger, answer)].add(scope)
+    return [((next(iter(shared[(t, a)])), t, a) if s == user_id and len(shared.get((t, a), ())) == 1 else (s, t, a))
+            for s, t, a in keys]
+
+
+def _copy_of(copy: tuple, kept: tuple, where: str) -> str:
+    """A DUPLICATE's detail: which copy it is the same fact as, and how it differs, if at all."""
+    if copy == kept:
+        return f"exact copy of {where}"
+    why = []
+    if copy[0] != kept[0]:
+        why.append(f"this row has no scope, the copy has scope {kept[0][:64]!r} (a re-export without the scope "
+                   "column? the scope is kept; to make the fact personal, send it with a later time)")
+    if copy[2] != kept[2] and _answer_key(copy[2]) == _answer_key(kept[2]) and copy[2].lstrip(" ") != kept[2].lstrip(" "):
+        why.append(f"the answer {copy[2].strip()[:64]!r} is the same number as {kept[2].strip()[:64]!r} (kept as published)")
+    return f"the same fact as {where}" + (f": {'; '.join(why)}" if why else " (but for the boundary space)")
+
+
+def _same_fact(stored: tuple, event: tuple, user_id: str) -> str | None:
+    """Whether an event's (scope, trigger, answer) is the fact stored at the same instant:
+    "same" (a DUPLICATE: equal, or equal by :func:`_fact_keys`: the answer's boundary space, a
+    number's digits, a copy without the scope column), "scope" (the same fact, and the event
+    carries the shared scope the stored copy lacked: the event replaces it, as in one batch the
+    scoped copy is kept), or None (other content)."""
     if stored == event:
-        return True
-    (scope, trigger, answer), (scope2, trigger2, answer2) = stored, event
-    return scope == scope2 and trigger == trigger2 and answer is not None and answer2 is not None \
-        and answer.lstrip(" ") == answer2.lstrip(" ")
+        return "same"
+    stored_key, event_key = _fact_keys([stored, event], user_id)
+    if stored_key != event_key:
+        return None
+    return "scope" if stored[0] == user_id and event[0] != user_id else "same"
 
 
 def _tombstones_table(tombstones: dict[str, _UserTombstones]) -> pa.Table:

@@ -124,6 +124,7 @@ TRIGGER_TOO_LONG = "TRIGGER_TOO_LONG"
 ANSWER_TOO_LONG = "ANSWER_TOO_LONG"
 CONTROL_CHARACTERS = "CONTROL_CHARACTERS"
 INVALID_UTF8 = "INVALID_UTF8"
+INEXACT_NUMBER = "INEXACT_NUMBER"
 MISSING_EVENT_TIME = "MISSING_EVENT_TIME"
 BAD_EVENT_TIME = "BAD_EVENT_TIME"
 EVENT_TIME_OUT_OF_RANGE = "EVENT_TIME_OUT_OF_RANGE"
@@ -138,10 +139,13 @@ SCHEMA_MISMATCH = "SCHEMA_MISMATCH"
 REASONS: dict[str, str] = {
     MISSING_USER_ID: "user_id is null or empty",
     BAD_USER_ID: "user_id is unusable: over 256 chars, control characters or invalid UTF-8 (invisible format "
-                 "characters are removed first: engram_core.text.canonical_id)",
+                 "characters are removed first: engram_core.text.canonical_id), a float id too large to be exact, or "
+                 "a missing value written as text ('nan', 'None', 'null', '<NA>', 'NaT')",
     MISSING_FACT_ID: "fact_id is null or empty on an upsert or delete",
-    BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8",
-    BAD_SCOPE: "scope is unusable: over 256 chars, control characters or invalid UTF-8",
+    BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8, or a float id too large "
+                 "to be exact",
+    BAD_SCOPE: "scope is unusable: over 256 chars, control characters or invalid UTF-8, or a float id too large to be "
+               "exact",
     UNKNOWN_OP: "op is not one of upsert, delete, forget_user",
     EMPTY_TRIGGER: "trigger of an upsert is null, empty or only whitespace",
     EMPTY_ANSWER: "answer of an upsert is null, empty or only whitespace",
@@ -150,6 +154,9 @@ REASONS: dict[str, str] = {
                      "max_text_chars characters",
     CONTROL_CHARACTERS: "trigger or answer holds control characters other than tab and newline",
     INVALID_UTF8: "op, trigger or answer is not valid UTF-8 (whatever the column's physical type)",
+    INEXACT_NUMBER: "trigger or answer is a float whole number beyond the type's exact range (float16 2^11, float32 "
+                    "2^24, float64 2^53; below 1e21): the digits the writer meant are lost; write the column as int64 "
+                    "or string",
     MISSING_EVENT_TIME: "event_time is null",
     BAD_EVENT_TIME: "event_time text is not ISO-8601 (or not UTF-8); numbers are refused (seconds or ms?)",
     EVENT_TIME_OUT_OF_RANGE: "event_time is before 1900-01-01 or after 9999-12-31: a wrapped, mis-scaled or placeholder time",

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.ingest import (FactLogBatch, FactLogError, RowRules, ingest, list_log_files, normalise_fact_log, read_fact_log,
@@ -100,21 +100,39 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
 @pytest.mark.parametrize("ids, kind, message", [
     ([1.0, 2.0, 1.5], pa.float64(), "values that are not whole numbers (row 2: 1.5)"),
     ([1.0, 2.0, float("inf")], pa.float64(), "values that are not whole numbers (row 2: inf)"),
-    ([1.0, float("nan"), 2.0 ** 53 + 2], pa.float64(),
-     "ids of magnitude 2^53 or more (row 2: 9007199254740994), which a double cannot hold exactly"),
-    ([1.0, -(2.0 ** 53), 3.0], pa.float64(), "ids of magnitude 2^53 or more (row 1: -9007199254740992)"),
-    ([1.0, 2.0, 2.0 ** 24], pa.float32(), "ids of magnitude 2^24 or more (row 2: 16777216), which a float cannot hold"),
     ([1.0, 2.5, 3.0], pa.float32(), "values that are not whole numbers (row 1: 2.5)"),
-    ([1.0, 2.0, 4096.0], pa.float16(), "ids of magnitude 2^11 or more (row 2: 4096), which a halffloat cannot hold"),
-    ([1.0, 1e300, 3.0], pa.float64(), "ids of magnitude 2^53 or more (row 1: 1e+300), which a double cannot hold"),
 ])
 def test_a_float_id_column_that_cannot_hold_ids_is_refused_naming_the_row_and_the_fix(ids, kind, message, tmp_path):
-    import numpy as np
-    values = pa.array(np.array(ids, np.float16), kind) if kind == pa.float16() else pa.array(ids, kind)
+    values = pa.array(ids, kind)
     raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", values)
     pq.write_table(raw, tmp_path / "part-0.parquet")
     with pytest.raises(FactLogError, match=re.escape(message) + ".*export ids as strings or integers"):
         read_fact_log(str(tmp_path / "part-0.parquet"))
+
+
+@pytest.mark.parametrize("ids, kind, row, message", [
+    ([1.0, float("nan"), 2.0 ** 53 + 2], pa.float64(), 2,
+     "user_id 9007199254740994 (row 2) is a double id of magnitude 2^53 or more, which a double cannot hold exactly"),
+    ([1.0, -(2.0 ** 53), 3.0], pa.float64(), 1, "user_id -9007199254740992 (row 1) is a double id of magnitude 2^53"),
+    ([1.0, 2.0, 2.0 ** 24], pa.float32(), 2, "user_id 16777216 (row 2) is a float id of magnitude 2^24 or more, which a float cannot hold"),
+    ([1.0, 2.0, 4096.0], pa.float16(), 2, "user_id 4096 (row 2) is a halffloat id of magnitude 2^11 or more, which a halffloat cannot hold"),
+    ([1.0, 1e300, 3.0], pa.float64(), 1, "user_id 1e+300 (row 1) is a double id of magnitude 2^53 or more, which a double cannot hold"),
+    ([7.0, 8.0, 1e20], pa.float64(), 2, "user_id 100000000000000000000 (row 2) is a double id of magnitude 2^53 or more"),
+])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_float_id_too_large_to_be_exact_costs_only_its_row_naming_it_and_the_fix(ids, kind, row, message, on_bad_file,
+                                                                                   tmp_path):
+    """One float id of 2^53 or more (2^24 in a float32) used to refuse the whole file: it costs its row."""
+    import numpy as np
+    values = pa.array(np.array(ids, np.float16), kind) if kind == pa.float16() else pa.array(ids, kind)
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", values)
+    pq.write_table(raw, tmp_path / "part-0.parquet")
+    result = run(read_fact_log(str(tmp_path / "part-0.parquet"), on_bad_file=on_bad_file))
+    rejects = {r["row"]: r for r in result.rejects.to_pylist()}
+    assert rejects[row]["reason"] == "BAD_USER_ID" and rejects[row]["source"].endswith("part-0.parquet")
+    assert message in rejects[row]["detail"] and "export ids as strings or integers" in rejects[row]["detail"]
+    good = [i for i, v in enumerate(ids) if v == v and i != row]
+    assert sorted(r["fact_id"] for r in result.state.to_pylist()) == sorted(["pet", "b", "c"][i] for i in good)
 
 
 @pytest.mark.parametrize("kind", [pa.float16(), pa.float32(), pa.float64()], ids=str)
@@ -433,6 +451,28 @@ def test_a_misspelt_optional_column_refuses_the_file_instead_of_being_ignored(tm
         assert repr(name) in batch.file_rejects.column("detail")[0].as_py()
 
 
+@pytest.mark.parametrize("folder, column", [("Scope=org%3Aa", "scope"), ("scope =org%3Aa", "scope"),
+                                            ("\ufeffscope=org%3Aa", "scope"), ("UserId=u1", "user_id")])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_misspelt_partition_folder_refuses_the_file_naming_the_folder(tmp_path, folder, column, on_bad_file):
+    """Ignored as a folder of no column, a ``Scope=org%3Aa/`` made every shared fact a personal one
+    (and a ``UserId=u1/`` gave a file without user_id a message that never named the folder)."""
+    rows = table({}).drop_columns([column])  # the file holds no such column itself
+    (tmp_path / "log" / folder).mkdir(parents=True)
+    pq.write_table(rows, tmp_path / "log" / folder / "part-0.parquet")
+    pq.write_table(table({"user_id": "bob"}), tmp_path / "log" / "good.parquet")
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match=re.escape(f"partition folder {folder!r}")) as raised:
+            read_fact_log(str(tmp_path / "log"))
+        assert f"rename the folder to '{column}=" in str(raised.value)
+    else:
+        batch = read_fact_log(str(tmp_path / "log"), on_bad_file="reject")
+        assert batch.rows.column("user_id").to_pylist() == ["bob"]
+        reject = batch.file_rejects.to_pylist()
+        assert [r["reason"] for r in reject] == ["SCHEMA_MISMATCH"] and folder in reject[0]["source"]
+        assert f"partition folder {folder!r}" in reject[0]["detail"] and f"rename the folder" in reject[0]["detail"]
+
+
 def test_integer_user_ids_are_read_as_strings(tmp_path):
     raw = table({}).set_column(0, "user_id", pa.array([42], pa.int64()))
     result = run(raw)
@@ -448,8 +488,10 @@ _NAN = float("nan")
 _SCALAR_TEXT = {  # a trigger or answer column as a table export types numbers and flags: values -> the text read
     "float64": (pa.float64(), [42.0, 0.1, None, 6.02e23, _NAN, -0.0, 1e15, float("inf")],
                 ["42", "0.1", None, "6.02e+23", None, "0", "1000000000000000", "inf"]),
-    "float32": (pa.float32(), [0.1, 16777216.0, _NAN, 2.5, 123456792.0], ["0.1", "16777216", None, "2.5", "123456792"]),
-    "float16": (pa.float16(), [0.1, 2047.0, _NAN, -1.5, 65504.0, 32768.0], ["0.1", "2047", None, "-1.5", "65504", "32768"]),
+    # whole numbers of 2^24 (float32) or 2^11 (float16) and more: test_a_whole_float_answer_beyond_...
+    "float32": (pa.float32(), [0.1, 16777215.0, _NAN, 2.5, -16777215.0, 3.4e38], ["0.1", "16777215", None, "2.5", "-16777215",
+                                                                                 "3.4e+38"]),
+    "float16": (pa.float16(), [0.1, 2047.0, _NAN, -1.5, -2047.0], ["0.1", "2047", None, "-1.5", "-2047"]),
     "bool": (pa.bool_(), [True, False, None], ["true", "false", None]),
     "decimal": (pa.decimal128(10, 2), [Decimal("12.50"), Decimal("-0.01"), None], ["12.50", "-0.01", None]),
     "decimal_whole": (pa.decimal128(38, 0), [Decimal(7), None], ["7", None]),
@@ -480,6 +522,31 @@ def test_a_number_or_flag_trigger_or_answer_reads_as_its_text_and_a_missing_one_
     assert [(r["row"], r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
         (i, reason, f"{column} is empty") for i in sorted(missing)]
     assert result.accepted == len(values) - len(missing)
+
+
+@pytest.mark.parametrize("kind, value, shown", [
+    (pa.float32(), 5551234567.0, "5551234560"), (pa.float32(), 16777216.0, "16777216"),
+    (pa.float32(), 4111111111111111.0, "4111111020347392"), (pa.float16(), 65504.0, "65504"),
+    (pa.float64(), 2.0 ** 53, "9007199254740992"), (pa.float64(), -4111111111111111111.0, "-4111111111111111168"),
+], ids=lambda v: str(v))
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_whole_float_answer_beyond_the_types_exact_range_costs_its_row_naming_the_fix(kind, value, shown, on_bad_file,
+                                                                                        tmp_path):
+    """A phone number written as a float32 (5551234567 holds 5551234560) was published with digits
+    the writer never sent: the row is refused (INEXACT_NUMBER, naming file, row, column and the fix);
+    the other rows of the file are read."""
+    import numpy as np
+    raw = table({"fact_id": "phone"}, {"fact_id": "other"})
+    values = pa.array(np.array([value, 42.0], np.float16), kind) if kind == pa.float16() else pa.array([value, 42.0], kind)
+    raw = raw.set_column(raw.schema.get_field_index("answer"), "answer", values)
+    pq.write_table(raw, tmp_path / "part-0.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert live_facts(result.state) == {("alice", "other"): " 42"}
+    [reject] = result.rejects.to_pylist()
+    assert (reject["row"], reject["reason"], reject["fact_id"]) == (0, "INEXACT_NUMBER", "phone")
+    assert reject["source"].endswith("part-0.parquet")
+    assert reject["detail"].startswith(f"answer {shown} (row 0) is a {kind} whole number of magnitude 2^")
+    assert "write the answer column as int64 or string" in reject["detail"]
 
 
 def test_numbers_and_flags_written_by_duckdb_read_as_their_text(tmp_path):
@@ -1055,3 +1122,177 @@ def test_rejects_of_a_forgotten_user_without_a_valid_time_or_valid_rows_do_not_s
     details = {r["reason"]: r["detail"] for r in rows}
     assert details["MISSING_EVENT_TIME"] == "event_time is empty" and details["EMPTY_ANSWER"] == "answer is empty"
     assert details["CONFLICTING_DUPLICATE"].startswith("2 upsert events for user <forgotten user> fact <forgotten> at ")
+
+
+# --- Same-instant conflicts: the outcome never depends on the split over nights ---------------
+
+_CONFLICT_KEYS = st.tuples(st.just("u1"), st.sampled_from(["f1", "f1", "f2", None]), st.integers(0, 2))
+_CONFLICT_VALUES = st.tuples(st.sampled_from(["upsert", "upsert", "delete"]), st.sampled_from([" A", " B", " C"]))
+
+
+def _tombstone_set(tombstones: pa.Table) -> set:
+    return {(r["user_hash"], r["fact_id"], r["op"], r["event_time"]) for r in tombstones.to_pylist()}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(st.tuples(_CONFLICT_KEYS, _CONFLICT_VALUES), max_size=10),
+    night_of=st.lists(st.integers(0, 2), min_size=10, max_size=10),
+    resent=st.lists(st.integers(0, 9), max_size=3),
+)
+@example(events=[(("u1", "f1", 0), ("upsert", " A")), (("u1", "f1", 1), ("upsert", " B")), (("u1", "f1", 1), ("upsert", " C"))],
+         night_of=[0, 1, 2] + [0] * 7, resent=[])  # the published A, then B and C at one instant
+@example(events=[(("u1", "f1", 0), ("upsert", " A")), (("u1", "f1", 0), ("upsert", " B"))], night_of=[0] * 10,
+         resent=[1])  # a conflict in one night, then one of its copies sent again
+def test_same_instant_conflicts_give_the_same_facts_and_tombstones_however_split_and_resent(events, night_of, resent):
+    """Several events for one fact at one instant, some with other content: applied at once, or
+    split over nights in any way, or with some of them sent again on a later night, the facts and
+    the tombstones are the same (a conflict deletes the fact at its instant wherever it is seen)."""
+    rows = [_row(k, v) for k, v in events]
+    at_once = run(pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
+    batches = [pa.Table.from_pylist([r for r, n in zip(rows, night_of) if n == night], schema=RAW_SCHEMA)
+               for night in range(3)]
+    again = pa.Table.from_pylist([rows[i] for i in resent if i < len(rows)], schema=RAW_SCHEMA)
+    for result in (nights(*batches), nights(*batches, again), nights(pa.concat_tables(batches), again)):
+        assert live_facts(result.state) == live_facts(at_once.state)
+        assert _tombstone_set(result.tombstones) == _tombstone_set(at_once.tombstones)
+    resend = nights(*batches, again)
+    assert resend.accepted == 0 and resend.changed_users == set()
+
+
+@pytest.mark.parametrize("split", ["one night", "two nights", "three nights"])
+def test_a_conflict_at_one_instant_deletes_the_published_fact_and_leaves_a_tombstone_in_one_night_as_in_several(split):
+    """a@t1 published; b@t2 and c@t2 (other contents): however the three arrive, the fact is gone
+    with a delete tombstone at t2, and re-sending b (or c) later brings nothing back."""
+    a = table({"answer": " AAAA"})
+    b, c = (table({"answer": answer, "event_time": T0 + timedelta(days=1)}) for answer in (" BBBB", " CCCC"))
+    batches = {"one night": [pa.concat_tables([a, b, c])], "two nights": [a, pa.concat_tables([b, c])],
+               "three nights": [a, b, c]}[split]
+    result = nights(*batches)
+    assert live_facts(result.state) == {}
+    assert [(r["fact_id"], r["op"], r["event_time"]) for r in result.tombstones.to_pylist()] == [
+        ("pet", "delete", T0 + timedelta(days=1))]
+    for copy in (b, c):
+        resent = nights(*batches, copy)
+        assert live_facts(resent.state) == {} and resent.accepted == 0 and resent.changed_users == set()
+        assert resent.rejects.column("reason").to_pylist() in (["SUPERSEDED"], ["CONFLICTING_DUPLICATE"])
+
+
+def test_a_conflicting_copy_beside_an_exact_copy_of_the_published_fact_removes_it():
+    """The published a@t, then one night with a copy of a and b@t: the same three events as a@t
+    then b@t, so the fact goes (a delete tombstone at t), as it does when b comes alone."""
+    a, b = table({"answer": " AAAA"}), table({"answer": " BBBB"})
+    for second in (b, pa.concat_tables([a, b])):
+        result = nights(a, second)
+        assert live_facts(result.state) == {} and result.changed_users == {"alice"}
+        assert [(r["op"], r["event_time"]) for r in result.tombstones.to_pylist()] == [("delete", T0)]
+
+
+# --- A re-export with harmless drift is the same facts, never a conflict ------------------------
+
+
+def _night_from_file(path, prior=None):
+    return run(read_fact_log(str(path)), None if prior is None else prior.state,
+               prior_tombstones=None if prior is None else prior.tombstones)
+
+
+def test_an_answer_column_re_exported_as_double_instead_of_decimal_is_the_same_facts(tmp_path):
+    """decimal(10,2) 12.50 and double 12.5 are one number: the re-export is DUPLICATE, the
+    published text is kept, no tombstone; a text answer that differs only in digits is not."""
+    base = {"user_id": ["a", "b", "c"], "fact_id": ["bal"] * 3, "op": ["upsert"] * 3, "trigger": ["My balance is"] * 3,
+            "event_time": pa.array([T0] * 3, pa.timestamp("us", tz="UTC"))}
+    values = ["12.50", "7.00", "-0.10"]
+    pq.write_table(pa.table(base | {"answer": pa.array([Decimal(v) for v in values], pa.decimal128(10, 2))}),
+                   tmp_path / "decimal.parquet")
+    pq.write_table(pa.table(base | {"answer": pa.array([float(v) for v in values], pa.float64())}), tmp_path / "double.parquet")
+    first = _night_from_file(tmp_path / "decimal.parquet")
+    again = _night_from_file(tmp_path / "double.parquet", first)
+    assert live_facts(again.state) == {("a", "bal"): " 12.50", ("b", "bal"): " 7.00", ("c", "bal"): " -0.10"}
+    assert again.tombstones.num_rows == 0 and again.changed_users == set() and again.accepted == 0
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] * 3
+    both = run(read_fact_log(str(tmp_path)))  # both files in one night: one fact each, no conflict
+    assert len(live_facts(both.state)) == 3 and both.rejects.column("reason").to_pylist() == ["DUPLICATE"] * 3
+    # text that only looks alike stays another content: a zip code 0123 is not 123
+    zip_a = table({"trigger": "My zip is", "answer": " 0123"})
+    zip_b = table({"trigger": "My zip is", "answer": " 123"})
+    assert run(pa.concat_tables([zip_a, zip_b])).rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"] * 2
+
+
+def test_a_re_export_without_the_scope_column_keeps_the_shared_facts_and_deletes_nothing(tmp_path):
+    """The exporter's new version leaves out the optional scope column: each shared fact read again
+    without its scope, at its own instant, is the same fact (DUPLICATE, the scope kept), in one
+    night or two, never a conflict that deletes it; the detail says the scope is missing."""
+    rows = [dict(user_id=f"m{u}", fact_id="hours", op="upsert", trigger="Our opening hours are", answer=" 9-5",
+                 event_time=T0, scope="org:a") for u in range(2)]
+    rows += [dict(user_id=f"m{u}", fact_id="own", op="upsert", trigger="My name is", answer=f" N{u}", event_time=T0,
+                  scope=None) for u in range(2)]
+    scoped = pa.Table.from_pylist(rows)
+    (tmp_path / "1").mkdir(), (tmp_path / "2").mkdir()
+    pq.write_table(scoped, tmp_path / "1" / "week.parquet")
+    pq.write_table(scoped.drop_columns(["scope"]), tmp_path / "2" / "week.parquet")
+    first = _night_from_file(tmp_path / "1")
+    for result in (_night_from_file(tmp_path / "2", first), run(read_fact_log([str(tmp_path / "1"), str(tmp_path / "2")]))):
+        assert {(r["user_id"], r["fact_id"]): r["scope"] for r in result.state.to_pylist()} == {
+            ("m0", "hours"): "org:a", ("m1", "hours"): "org:a", ("m0", "own"): "m0", ("m1", "own"): "m1"}
+        assert result.tombstones.num_rows == 0
+        dupes = [r for r in result.rejects.to_pylist() if r["fact_id"] == "hours"]
+        assert [r["reason"] for r in dupes] == ["DUPLICATE"] * 2 and all("no scope" in r["detail"] for r in dupes)
+    # the other way round (the copy with the scope comes second) gives the same state
+    back = _night_from_file(tmp_path / "1", _night_from_file(tmp_path / "2"))
+    assert {(r["user_id"], r["fact_id"]): r["scope"] for r in back.state.to_pylist()}[("m0", "hours")] == "org:a"
+    assert back.tombstones.num_rows == 0
+
+
+@pytest.mark.parametrize("bad", [b"d\xeda.parquet", b"f\xeb=1/part-0.parquet"], ids=["file", "folder"])
+def test_a_log_file_or_folder_whose_name_is_not_utf8_is_one_unreadable_file_naming_it_and_the_rest_is_read(bad, tmp_path):
+    """A Latin-1 name crashed the night with a UnicodeEncodeError that named nothing: it is one
+    UNREADABLE_FILE reject (or, under on_bad_file raise, an error) naming the path with its bytes
+    escaped and the fix, the other files are read, and the rejects write to Parquet."""
+    import io
+    import os
+
+    log = tmp_path / "log"
+    log.mkdir()
+    pq.write_table(table({"user_id": "bob"}), log / "good.parquet")
+    raw = os.path.join(os.fsencode(log), bad)  # pyarrow cannot write to such a name: copy the bytes
+    os.makedirs(os.path.dirname(raw), exist_ok=True)
+    with open(raw, "wb") as out:
+        out.write((log / "good.parquet").read_bytes())
+    shown = str(log) + "/" + bad.decode("utf-8", "backslashreplace")
+    listed = list_log_files(str(log))
+    assert [f.path for f in listed] == sorted([shown, str(log / "good.parquet")])
+    with pytest.raises(FactLogError, match=re.escape(f"fact log {shown}: ")) as raised:
+        read_fact_log(str(log))
+    assert "not valid UTF-8" in str(raised.value) and "rename the" in str(raised.value)
+    batch = read_fact_log(str(log), on_bad_file="reject")
+    assert batch.rows.column("user_id").to_pylist() == ["bob"]
+    assert batch.file_rejects.select(["source", "reason"]).to_pylist() == [{"source": shown, "reason": "UNREADABLE_FILE"}]
+    bad_file = next(f for f in listed if f.path == shown)
+    read, rows = read_log_file(bad_file, RowRules(max_trigger_tokens=MAX_TRIGGER_TOKENS), 4, on_bad_file="reject")
+    assert rows.num_rows == 0 and read.reject.column("source").to_pylist() == [shown]
+    result = run(batch)
+    pq.write_table(result.rejects, io.BytesIO())  # the night's rejects stats part
+    assert result.rejects.column("source").to_pylist()[-1] == shown
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", " nan "])
+def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_pooled_into_one_user(text, tmp_path,
+                                                                                                    caplog):
+    """pandas' astype(str) writes a missing id as 'nan' ('None', '<NA>', ...): every such row was
+    one fake user (or one shared scope). Each is BAD_USER_ID / BAD_FACT_ID / BAD_SCOPE saying so;
+    a float's text of an integer ('7.0') is read, with one warning naming the file."""
+    raw = pa.table({"user_id": ["7.0", text, text, "8.0"], "fact_id": ["city", "city", "town", text],
+                    "op": ["upsert"] * 4, "trigger": ["My city is"] * 4, "answer": [" Ayr", " Bree", " Cork", " Derry"],
+                    "event_time": pa.array([T0] * 4, pa.timestamp("us", tz="UTC")), "scope": [None, None, None, None]})
+    pq.write_table(raw, tmp_path / "ids.parquet")
+    pq.write_table(raw.slice(0, 1).set_column(6, "scope", pa.array([text])), tmp_path / "scoped.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("7.0", "city"): " Ayr"}  # read as written (with a warning)
+    rejects = {(r["source"].rsplit("/", 1)[1], r["row"]): (r["reason"], r["detail"]) for r in result.rejects.to_pylist()}
+    assert {k: v[0] for k, v in rejects.items()} == {("ids.parquet", 1): "BAD_USER_ID", ("ids.parquet", 2): "BAD_USER_ID",
+                                                     ("ids.parquet", 3): "BAD_FACT_ID", ("scoped.parquet", 0): "BAD_SCOPE"}
+    assert all("a missing value written as text" in detail for _, detail in rejects.values())
+    assert f"user_id {text.strip()!r} is a missing value written as text" in rejects[("ids.parquet", 1)][1]
+    assert "'7.0' (row 0) looks like a float's text of an integer" in caplog.text
+    assert caplog.text.count("looks like a float's text") == 2  # once per file
