@@ -1018,3 +1018,30 @@ def test_a_night_whose_only_new_file_is_unreadable_records_its_reject_each_night
     write_fact_log(fact_log_rows(1, 1, prefix="late"), bad)  # fixed upstream
     fixed = run_nightly(spec)
     assert fixed.published and fixed.rejects == 0 and fixed.accepted == 1
+
+
+def test_rollback_names_the_log_files_the_next_night_reads_again(tmp_path, tiny_dir, local_store):
+    """A rollback moves the watermark back with CURRENT: the next night reads the rolled-back night's
+    files again and republishes their rows. `engram rollback` names those files (text and --json
+    ``reread_files``), and with them moved out of the log the next night changes nothing."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
+    second = run_nightly(spec)
+    assert second.published
+    before = second.parent  # v1 as night 2's forget stage rewrote it (the same watermark)
+    bad = tmp_path / "log" / "day=2" / "part-0.parquet"
+    out = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(before), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout) == {"rolled_back": True, "from": second.version, "to": before,
+                                      "reread_files": [str(bad)]}
+    out = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(second.version)])
+    assert out.exit_code == 0 and "reads these 0" not in out.output and str(bad) not in out.output, out.output
+    out = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(before)])
+    assert out.exit_code == 0 and "the next night reads these 1 log file(s) again" in out.output, out.output
+    assert str(bad) in out.output and "move them out of the fact log" in out.output
+    bad.rename(tmp_path / "quarantined.parquet")
+    again = run_nightly(spec)
+    assert not again.published and again.version == before
