@@ -318,11 +318,18 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    import signal
+    import threading
+
     kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+    main = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
     if address or os.environ.get("RAY_ADDRESS"):  # a given cluster, or the one running this job
         ray.init(address=address, **kwargs)
     else:  # "local": a new cluster of this process's own, never one another job started on this host
         ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+    if callable(on_sigterm):  # ray.init sets its own (sys.exit); a handler of the caller's (the CLI's) stays
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def make_runner(workers: int, ray_address: str | None) -> LocalRunner | RayRunner:
