@@ -67,11 +67,19 @@ def run() -> None:
     args = sys.argv[1:]
     command = next((a for a in args if not a.startswith("-")), "")
     key = JSON_FAILURE_KEYS.get(command, "ok")
+    _terminate_as_interrupt()
     try:
         if "--json" in args:
-            _run_for_json(key)
+            _stdout_for_json_only()
+            _run_for_json(key, command)
         else:
-            app()
+            try:
+                app()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # (a command that stops cleanly on Ctrl-C, as `engram serve`, exits 0 and stays so)
+                if _SIGNALLED and not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+                    _interrupted(key, command, False)
+                raise
     except (PublishError, StoreError, ValueError, OSError, pa.ArrowException) as exc:
         if "-v" in args or "--verbose" in args:
             raise
@@ -82,7 +90,72 @@ def run() -> None:
         sys.exit(code)
 
 
-def _run_for_json(key: str) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so a command unwinds
+    (a night closes its compile pool) and ``--json`` still prints its failure object (exit 143)."""
+
+
+_SIGNALLED: list[str] = []  # the signal that interrupted this command ("SIGINT", "SIGTERM")
+
+
+def _on_signal(signum, frame) -> None:
+    import signal
+
+    name = signal.Signals(signum).name
+    if not _SIGNALLED:
+        _SIGNALLED.append(name)
+    raise Terminated() if name == "SIGTERM" else KeyboardInterrupt()
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (:class:`Terminated`) in this process and are
+    remembered, so the command can say it was interrupted (typer turns any KeyboardInterrupt into
+    exit 130 silently); pipeline.runner.start_ray keeps the SIGTERM handler over the one ray.init
+    sets, which exits with no word of why."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_signal)
+
+
+def _stdout_for_json_only() -> None:
+    """With ``--json`` stdout holds the command's one JSON object and nothing else: file descriptor 1
+    goes to stderr for the rest of the process (and the processes it starts: Ray's raylet and
+    workers, whose log lines used to land on stdout), and ``sys.stdout`` writes to the original stdout."""
+    import os
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no such descriptors (an embedding host): leave stdout as it is
+        return
+    sys.stdout = os.fdopen(saved, "w", buffering=1, encoding="utf-8", errors="replace")
+
+
+def _interrupted(key: str, command: str, as_json: bool) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM: one ``error:`` line (with ``--json`` the failure object too), and
+    exit 130 / 143 (128 + the signal)."""
+    import json
+    import sys
+
+    name = _SIGNALLED[0]
+    code = 143 if name == "SIGTERM" else 130
+    message = f"interrupted ({name})"
+    if command in ("run", "demo"):
+        message += ("; nothing was published unless CURRENT already moved (engram versions says); run the night "
+                    "again: it resumes from the chunks it had compiled (kept under partial/ in the store)")
+    if as_json:
+        print(json.dumps({key: False, "error": message, "exit_code": code}), flush=True)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _run_for_json(key: str, command: str = "") -> None:
     """The app for a command line holding ``--json``: a command line that cannot be parsed (an
     unknown option, a missing required one, a value of the wrong type) also prints the failure
     object, ``{key: false, "error": "usage: ...", "exit_code": 2}``, before click's usage message
@@ -97,9 +170,13 @@ def _run_for_json(key: str) -> None:
         print(json.dumps({key: False, "error": f"usage: {exc.format_message()}", "exit_code": exit_code}), flush=True)
         exc.show()
         sys.exit(exit_code)
-    except typer.Abort:  # Ctrl-C at a prompt: as click's own main
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C at a prompt: as click's own main
+        if _SIGNALLED:
+            _interrupted(key, command, True)
         print("Aborted!", file=sys.stderr)
         sys.exit(1)
+    if _SIGNALLED and code == 130:  # typer returns 130 for any KeyboardInterrupt
+        _interrupted(key, command, True)
     if isinstance(code, int) and not isinstance(code, bool):  # typer.Exit(code) returns it outside standalone mode
         sys.exit(code)
 

@@ -26,7 +26,8 @@ A night costs what changed: a shard without new events is not visited (its objec
 carried by reference), a changed shard gets a layer of its changed users (deltas, fact state,
 stats) rather than a rewrite, and a re-run with the same inputs lists the log and stops. The watermark
 records each ingested file's path, size and modification time, so only new or rewritten files are
-read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night.
+read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night. A
+night with rejected rows always publishes (its rejects stats part), even if nothing else changed.
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ def run_nightly(
     """
     hook = crash_hook or (lambda step: None)
     timer = _Timer()
+    began = datetime.now(timezone.utc)
     job_id = spec.job_id or f"nightly-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     store = open_store(spec.store)
     store.check_conditional_writes()  # before any work: a store that ignores If-None-Match / If-Match is refused
@@ -199,6 +201,7 @@ def run_nightly(
     # loading the model now (their start is the longest fixed cost of a small night), while the
     # model's files are hashed here; a check that fails ends them with the night.
     started = _start_compile(spec, store.uri) if new or rewritten else None
+    night = None
     try:
         with timer.stage("read_previous"):
             check_adapter_base(spec.model)  # before any compile: a compile worker would only fail at its load
@@ -219,7 +222,9 @@ def run_nightly(
         if started is not None:  # night.run closes it too; closing twice is a no-op
             started[1].close(flush=False)
         if isinstance(err, (IntegrityError, ObjectNotFound)):  # a prior object gone or changed
-            _raise_if_current_moved(store, previous, err)
+            _raise_if_collected(store, began, err)
+            # (after this night's own forget stage, CURRENT is the rewrite it made: not a move by another)
+            _raise_if_current_moved(store, night.previous if night is not None else previous, err)
         raise
 
 
@@ -260,6 +265,41 @@ def _raise_if_current_moved(store, previous: Manifest | None, err: Exception) ->
             f"CURRENT moved from v{before} to v{after} while this night ran (an engram forget, rollback or gc beside "
             f"it rewrote or deleted objects the night was reading: {err}); nothing was published. Run the night "
             "again, and run forget, rollback and gc from the same schedule as the night, not beside it") from err
+
+
+GC_RECORD_WAIT_S = 1.0
+
+
+def _raise_if_collected(store, began: datetime, err: Exception) -> None:
+    """An object missing while an ``engram gc`` ran beside the night (its audit record is newer than
+    the night's start): gc deleted what the night had written and not yet published (no manifest
+    names it yet, so to gc it is unreferenced). Nothing was published and nothing is lost (the
+    night's inputs are the log and the previous version, which gc keeps); say so in one line,
+    naming gc, instead of an error that reads like a damaged store."""
+    from versions.layout import AUDIT_PREFIX
+
+    since = f"{AUDIT_PREFIX}{began:%Y%m%dT%H%M%S%fZ}"
+
+    def gc_record() -> dict | None:
+        for key in sorted((k for k in store.list(AUDIT_PREFIX) if k >= since), reverse=True):
+            record = json.loads(store.get(key))
+            if record.get("event") == "gc" and record.get("deleted_objects"):
+                return record
+        return None
+
+    try:  # a gc writes its record once its deletes are done: a moment later, the second look finds it
+        record = gc_record()
+        if record is None:
+            time.sleep(GC_RECORD_WAIT_S)
+            record = gc_record()
+    except Exception:  # noqa: BLE001 - the night's own error stands
+        return
+    if record is None:
+        return
+    raise PublishConflict(
+        f"engram gc ran beside this night (at {record.get('at')}) and deleted objects the night had written but not "
+        f"yet published ({err}); nothing was published and nothing is lost. Run the night again, and run gc from "
+        "the same schedule as the night, not beside it") from err
 
 
 def _start_compile(spec: NightlySpec, store_uri: str):
@@ -576,6 +616,7 @@ class _Night:
                         "facts_failed": sum(m.facts - m.ok for m in self.chunks),
                         "compiled_scopes": len(self.scope_plan.changed) if self.scope_plan else 0},
                 forgotten_users=forgotten, crash_hook=self.hook, scopes=self.scopes,
+                record=bool(stats["rejects"]),  # rejected rows are always recorded, even if nothing else changed
             )
             published = self.previous is None or manifest.version != self.previous.version
             ChunkCheckpoints(store, self.fingerprint, spec.compile_options()).clear()  # the night is done

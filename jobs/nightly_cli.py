@@ -296,9 +296,16 @@ def rollback(store: str = typer.Option(..., help=STORE_HELP),
         manifest = do_rollback(the_store, to, reason=reason, actor=actor())
     except (PublishError, StoreError, ValueError) as exc:
         fail_json(as_json, str(exc), exit_code(exc), "rolled_back")
+    from versions.rollback import files_read_again
+
     previous = before[0].version if before else None
-    _print({"from": previous, "to": manifest.version}, as_json,
-           f"CURRENT: {f'v{previous}' if previous else 'unreadable'} -> v{manifest.version}")
+    again = files_read_again(before[0] if before else None, manifest)
+    text = f"CURRENT: {f'v{previous}' if previous else 'unreadable'} -> v{manifest.version}"
+    if again:  # the watermark moved back with CURRENT: the next night ingests these files again
+        text += (f"\nthe next night reads these {len(again)} log file(s) again (v{manifest.version}'s watermark does "
+                 "not hold them as they are now recorded); to keep their rows out, move them out of the fact log "
+                 "(or correct them) before it runs:\n" + "\n".join(f"  {path}" for path in again))
+    _print({"rolled_back": True, "from": previous, "to": manifest.version, "reread_files": again}, as_json, text)
 
 
 def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shards, collisions, rejects, runs, checks."),

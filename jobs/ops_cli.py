@@ -14,7 +14,7 @@ def forget(
     users: list[str] = typer.Argument(..., metavar="USER...", help="user_id(s) to forget."),
     store: str = typer.Option(..., "--store", help="Store URI: a local path or s3://bucket/prefix."),
     reason: str = typer.Option("erasure request", "--reason", help="Why (goes into the audit log)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per user."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (every user's report under users)."),
 ) -> None:
     """Erase a user from every retained version, for good. Example: engram forget --store s3://b/engram user-42 --reason "ticket 7" """
     from versions.errors import PublishError
@@ -31,14 +31,18 @@ def forget(
     if empty:
         fail_json(as_json, f"user id {empty[0]!r} is empty once invisible characters are removed; nothing was forgotten",
                   2, "forgotten")
+    reports = []
     for user in users:
         try:
             report = forget_user(target, user, actor=_actor(), reason=reason)
         except (PublishError, StoreError) as err:  # the users before it are forgotten (printed); this one and the rest not
+            if as_json and reports:  # one object: the failure, and what was done before it
+                typer.echo(json.dumps({**_forget_summary(reports), "forgotten": False, "error": str(err),
+                                       "exit_code": exit_code(err)}, sort_keys=True))
+                as_json = False  # fail_json below: the error line on stderr only
             fail_json(as_json, str(err), exit_code(err), "forgotten")
-        if as_json:
-            typer.echo(json.dumps(report.to_dict(), sort_keys=True))
-        else:
+        reports.append(report)
+        if not as_json:
             typer.echo(f"{user}: {report.message}")
             if report.rewritten:
                 moves = ", ".join(f"v{a}->v{b}" for a, b in sorted(report.rewritten.items()))
@@ -46,6 +50,27 @@ def forget(
                 typer.echo(f"  later nights refuse this user's events stamped up to {report.refused_until} "
                            "(FORGOTTEN_USER: the forget's time plus the day of clock skew ingest accepts); "
                            "events after it are the id writing again")
+    if as_json:
+        typer.echo(json.dumps({"forgotten": True, **_forget_summary(reports)}, sort_keys=True))
+
+
+def _forget_summary(reports: list) -> dict:
+    """One object for the users of one ``engram forget --json`` (in argument order): ``users`` holds
+    each one's report (versions.forget.ForgetReport.to_dict: hashes, never the raw ids); the top
+    level sums them up (``found``: any was, ``current_version`` after the last, ``rewritten`` and
+    ``deleted_objects`` of all, the latest ``refused_until``), and for one user is its report."""
+    done = [r.to_dict() for r in reports]
+    out = dict(done[0]) if len(done) == 1 else {
+        "user_hashes": [h for d in done for h in d["user_hashes"]],
+        "found": any(d["found"] for d in done),
+        "current_version": done[-1]["current_version"] if done else None,
+        "rewritten": {k: v for d in done for k, v in d["rewritten"].items()},
+        "deleted_objects": [k for d in done for k in d["deleted_objects"]],
+        "message": "; ".join(d["message"] for d in done),
+        "refused_until": max((d["refused_until"] for d in done if d["refused_until"]), default=None),
+    }
+    out["users"] = done
+    return out
 
 
 def gc(
@@ -76,7 +101,7 @@ def gc(
     except (StoreError, ValueError) as err:  # a damaged store (a manifest, Parquet, a store key): 1
         fail_json(as_json, str(err), exit_code(err), "collected")
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+        typer.echo(json.dumps({"collected": True, **report.to_dict()}, sort_keys=True))
         return
     verb = "would delete" if dry_run else "deleted"
     typer.echo(f"kept versions {report.kept_versions}; {verb} versions {report.deleted_versions} "

@@ -92,7 +92,7 @@ def pull(
         result = client.poll()
         count += 1
         index = client.index
-        report = {"store": store_obj.uri, "version": result.version, "changed": result.changed,
+        report = {"pulled": not result.error, "store": store_obj.uri, "version": result.version, "changed": result.changed,
                   "fetched_shards": list(result.fetched_shards), "users": index.num_users if index else 0,
                   "shards": list(index.shards) if index else [], "delta_bytes": index.nbytes if index else 0,
                   "downloaded_objects": result.downloaded_objects, "downloaded_bytes": result.downloaded_bytes,

@@ -6,7 +6,9 @@ the data itself:
 
 * :class:`RayRunner`: each call is a Ray task (``num_cpus=1``, spread over the cluster's nodes,
   retried after a worker dies; an exception raised by the stage itself is not retried, it fails
-  the night) and the compile pool is a set of Ray
+  the night; ``num_cpus=0`` while the compile actors hold every CPU of the cluster, so a task the
+  night waits on while they live, such as the scope round's, can always be scheduled: see
+  :meth:`RayRunner.task_cpus`) and the compile pool is a set of Ray
   actors that load the model once (``num_gpus=1`` each where the cluster has GPUs; a dead actor
   is restarted and its chunk run again). Handles are ObjectRefs: Ray hands a task's outputs to
   the tasks that take them, on any node, without passing them through the driver.
@@ -134,6 +136,19 @@ class RayRunner:
         self.ray = ray
         self.runtime_env = job_runtime_env()
         self._remote: dict[Callable, Any] = {}
+        self.pools: list[_RayPool] = []  # compile pools made by this runner (their actors hold CPUs while alive)
+
+    def task_cpus(self) -> int:
+        """CPUs a task submitted now requests: 1, or 0 while live compile actors (started or still
+        pending) leave less than one of the cluster's CPUs free. Each actor holds ``num_cpus=1`` until
+        the pool closes, so with ``workers`` >= the cluster's CPUs (``workers: 2`` on a 2-CPU host) a
+        task needing a CPU would wait for them forever, and a night waiting on such a task (the
+        scope round's, between the scopes' compile and the members') would hang. Such a task runs
+        beside the actors instead: they are the night's own, and it is short I/O next to them."""
+        held = sum(len(pool.actors) for pool in self.pools)
+        if held and self.ray.cluster_resources().get("CPU", 0) - held < 1:
+            return 0
+        return 1
 
     def submit(self, fn: Callable, *args, num_returns: int = 1, what: str = "") -> Any:
         remote = self._remote.get(fn)
@@ -142,7 +157,7 @@ class RayRunner:
         # SPREAD: shard tasks read and write the store; spreading them over the nodes spreads that
         # I/O (and the object store memory their outputs take) rather than packing one node first.
         return remote.options(num_returns=num_returns, name=what or fn.__name__, scheduling_strategy="SPREAD",
-                              runtime_env=self.runtime_env).remote(*args)
+                              num_cpus=self.task_cpus(), runtime_env=self.runtime_env).remote(*args)
 
     def get(self, handle: Any, what: str = "") -> Any:
         try:
@@ -162,7 +177,9 @@ class RayRunner:
 
     def compile_pool(self, model_dir: str, options, store_uri: str, workers: int, gpus_per_worker: float | None,
                      check_users: int = 0, warm_up: bool | None = None):
-        return _RayPool(self, model_dir, options, store_uri, workers, gpus_per_worker, check_users, warm_up)
+        pool = _RayPool(self, model_dir, options, store_uri, workers, gpus_per_worker, check_users, warm_up)
+        self.pools.append(pool)
+        return pool
 
 
 WARM_UP_POLL_S = 0.2
@@ -204,7 +221,8 @@ class _RayPool:
         self._chunks_known = threading.Event()  # map() called (or the pool closed): no more warm-ups
         self._lock = threading.Lock()
         # Start loading the model now (while the log is read) only if the actors leave a CPU for
-        # the night's other tasks; on a small cluster they would hold every CPU and starve them.
+        # the night's other tasks; on a small cluster they would hold every CPU while the log is
+        # read (the tasks the night submits while they live run at num_cpus=0: RayRunner.task_cpus).
         if ray.cluster_resources().get("CPU", 0) - self.workers >= 1:
             self._launch()
 
@@ -290,6 +308,8 @@ class _RayPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        if self in self.runner.pools:
+            self.runner.pools.remove(self)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -298,11 +318,18 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    import signal
+    import threading
+
     kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+    main = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
     if address or os.environ.get("RAY_ADDRESS"):  # a given cluster, or the one running this job
         ray.init(address=address, **kwargs)
     else:  # "local": a new cluster of this process's own, never one another job started on this host
         ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+    if callable(on_sigterm):  # ray.init sets its own (sys.exit); a handler of the caller's (the CLI's) stays
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def make_runner(workers: int, ray_address: str | None) -> LocalRunner | RayRunner:

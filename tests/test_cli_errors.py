@@ -467,3 +467,42 @@ def test_a_store_uri_error_that_escapes_a_command_is_still_exit_2():
     out = json.loads(result.stdout)
     assert out["exit_code"] == 2 and "store URI 's3://bkt/a//b'" in out["error"]
     assert result.stderr.startswith("error: BadStoreURI: store URI 's3://bkt/a//b'") and result.stderr.count("\n") == 1
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_an_interrupted_night_with_json_prints_one_failure_object_and_exits_128_plus_the_signal(
+        tmp_path, tiny_dir, signum, code):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM of `engram run nightly --json`: stdout holds one
+    JSON object, the failure object with the resume hint, and the exit code is 130 / 143 (it was
+    click's "Aborted!" with exit 1, or Ray's SIGTERM handler's bare exit, and no object)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from jobs.synthetic import fact_log_rows, write_fact_log
+
+    write_fact_log(fact_log_rows(60, 6), tmp_path / "log" / "day=1" / "part-0.parquet")
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from jobs.cli import run; sys.argv[0] = 'engram'; run()", "run", "nightly",
+         "--store", str(store), "--fact-log", str(tmp_path / "log"), "--model", str(tiny_dir), "--workers", "0",
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((store / "objects").glob("state/*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the apply stage has written state: the compile is under way
+    assert proc.poll() is None, "the night ended before it could be interrupted"
+    os.killpg(proc.pid, signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, (out, err[-2000:])
+    assert out.strip(), err[-3000:]
+    reported = json.loads(out)  # one object, nothing else on stdout
+    assert reported["published"] is False and reported["exit_code"] == code
+    assert reported["error"].startswith(f"interrupted ({signal.Signals(signum).name})") and "run the night again" \
+        in reported["error"]

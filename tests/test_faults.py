@@ -286,7 +286,7 @@ def test_engram_rollback_on_the_command_line_moves_away_from_a_damaged_current_m
 
     result = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", "1", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"from": None, "to": 1}
+    assert json.loads(result.stdout) == {"rolled_back": True, "from": None, "to": 1, "reread_files": []}
     assert_complete(local_store, 1)
 
 

@@ -258,7 +258,7 @@ def test_forget_and_gc_commands(local_store):
     out = runner.invoke(app, ["forget", "--store", str(local_store.root), TARGET, "--reason", "ticket 7", "--json"])
     assert out.exit_code == 0, out.output
     reported = json.loads(out.output)
-    assert reported["found"] is True
+    assert reported["found"] is True and reported["forgotten"] is True and len(reported["users"]) == 1
     # the operator learns until when the id's events are refused: a day past the command's clock
     refused_until = datetime.fromisoformat(reported["refused_until"])
     ahead = refused_until - datetime.now(timezone.utc)
@@ -274,9 +274,16 @@ def test_forget_and_gc_commands(local_store):
     assert out.exit_code == 0 and "not found" in out.output and "later nights refuse" in out.output
     out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost2"])  # already recorded
     assert out.exit_code == 0 and "not found" in out.output and "later nights refuse" not in out.output
+    # several users: one object (README: --json prints one object), each user's report under users
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost3", USERS[2], "--json"])
+    assert out.exit_code == 0, out.output
+    both = json.loads(out.output)
+    assert both["forgotten"] is True and both["found"] is True and len(both["users"]) == 2
+    assert [u["found"] for u in both["users"]] == [False, True] and len(both["user_hashes"]) == 2
+    assert "ghost3" not in out.output and USERS[2] not in out.output  # hashes only, never the ids
     out = runner.invoke(app, ["gc", "--store", str(local_store.root), "--keep", "1", "--dry-run", "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["dry_run"] is True
+    assert json.loads(out.output)["dry_run"] is True and json.loads(out.output)["collected"] is True
     out = runner.invoke(app, ["gc", "--store", str(local_store.root), "--keep", "0"])
     assert out.exit_code != 0 and "at least 1" in out.output
 

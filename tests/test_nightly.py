@@ -1,5 +1,6 @@
 """The nightly job end to end: real local Ray cluster, real stores, a tiny model built here."""
 
+import json
 import re
 from datetime import timedelta
 
@@ -966,3 +967,81 @@ def test_a_night_whose_stats_parts_a_forget_beside_it_deleted_says_current_moved
     monkeypatch.setattr(shards, "_read_part", read_beside_a_forget)
     with pytest.raises(PublishConflict, match=rf"CURRENT moved from v{first.version} to v\d+ while this night ran"):
         run_nightly(spec)
+
+
+def test_a_night_whose_new_objects_a_gc_beside_it_deleted_says_gc_and_to_run_again(tmp_path, tiny_dir, local_store):
+    """`engram gc` run beside a night deletes the objects the night has written and not yet published
+    (no manifest names them): the night fails with one line naming gc and saying to run it again
+    (not an IntegrityError that reads like a damaged store); nothing is lost, and the re-run publishes."""
+    from versions.errors import PublishConflict
+    from versions.retention import collect
+
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
+
+    def gc_before_publishing(step):
+        if step == "write_objects":
+            collect(local_store, keep=1, actor="pytest")
+
+    with pytest.raises(PublishConflict, match=r"^engram gc ran beside this night .*nothing was published and nothing "
+                                              r"is lost. Run the night again"):
+        run_nightly(spec, crash_hook=gc_before_publishing)
+    # only the night's forget stage moved CURRENT (its rewrite of v1 without the forgotten user)
+    assert read_current(local_store)[0].job_id.startswith("forget:")
+    again = run_nightly(spec)
+    assert again.published and again.compiled_users
+
+
+def test_a_night_whose_only_new_file_is_unreadable_records_its_reject_each_night_until_fixed(tmp_path, tiny_dir,
+                                                                                               local_store):
+    """With ``on_bad_file: reject`` a night whose only new file is unreadable changes no shard and no
+    watermark: it used to say "nothing changed" and drop the reject it counted. It publishes a version
+    (every shard carried) whose rejects table holds the file's UNREADABLE_FILE row; the file stays out
+    of the watermark, so each later night reads it again and records it again, until it is fixed."""
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0, on_bad_file="reject")
+    first = run_nightly(spec)
+    bad = tmp_path / "log" / "day=2" / "bad.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not parquet")
+    for night in (1, 2):
+        before, _ = read_current(local_store)
+        report = run_nightly(spec)
+        assert report.published and report.version == first.version + night and report.rejects == 1, report
+        manifest, _ = read_current(local_store)
+        assert manifest.shards == before.shards  # every shard carried
+        assert str(bad) not in json.loads(manifest.watermark)["files"]
+        rows = query_stats(local_store, "select version, reason, source from rejects order by version").to_pylist()
+        assert [(r["version"], r["reason"]) for r in rows] == [(first.version + n, "UNREADABLE_FILE")
+                                                                for n in range(1, night + 1)], rows
+        assert all(r["source"].endswith("bad.parquet") for r in rows)
+    write_fact_log(fact_log_rows(1, 1, prefix="late"), bad)  # fixed upstream
+    fixed = run_nightly(spec)
+    assert fixed.published and fixed.rejects == 0 and fixed.accepted == 1
+
+
+def test_rollback_names_the_log_files_the_next_night_reads_again(tmp_path, tiny_dir, local_store):
+    """A rollback moves the watermark back with CURRENT: the next night reads the rolled-back night's
+    files again and republishes their rows. `engram rollback` names those files (text and --json
+    ``reread_files``), and with them moved out of the log the next night changes nothing."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
+    second = run_nightly(spec)
+    assert second.published
+    before = second.parent  # v1 as night 2's forget stage rewrote it (the same watermark)
+    bad = tmp_path / "log" / "day=2" / "part-0.parquet"
+    out = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(before), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout) == {"rolled_back": True, "from": second.version, "to": before,
+                                      "reread_files": [str(bad)]}
+    out = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(second.version)])
+    assert out.exit_code == 0 and "reads these 0" not in out.output and str(bad) not in out.output, out.output
+    out = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(before)])
+    assert out.exit_code == 0 and "the next night reads these 1 log file(s) again" in out.output, out.output
+    assert str(bad) in out.output and "move them out of the fact log" in out.output
+    bad.rename(tmp_path / "quarantined.parquet")
+    again = run_nightly(spec)
+    assert not again.published and again.version == before

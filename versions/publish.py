@@ -151,6 +151,7 @@ def publish_entries(
     forgotten_users: Iterable[str] = (),
     crash_hook: Callable[[str], None] | None = None,
     scopes: ScopesEntry | None | str = CARRY,
+    record: bool = False,
 ) -> Manifest:
     """Publish the changed shards' entries as the next version and make it current; returns its manifest.
 
@@ -166,6 +167,8 @@ def publish_entries(
     of ``PUBLISH_STEPS``. Raises PublishConflict if CURRENT is not (or no longer) ``previous``,
     IntegrityError if an object is missing or of the wrong size. ``scopes``: the version's shared
     scopes (schemas.manifest.ScopesEntry, None for none), by default the previous version's.
+    ``record``: publish even if nothing else changed (a night whose only news is rejected rows, e.g.
+    an unreadable file left out of the watermark: its rejects are recorded in the new version).
     """
     hook = crash_hook or (lambda step: None)
     if isinstance(scopes, str):
@@ -177,7 +180,7 @@ def publish_entries(
     pointer = _check_planned(store, previous, where)
     shards = _merge_shards(entries, previous, num_shards, where)
     forgotten = _forgotten(previous, forgotten_users)
-    if _unchanged(previous, shards, fingerprint, watermark, forgotten, scopes):
+    if not record and _unchanged(previous, shards, fingerprint, watermark, forgotten, scopes):
         log.info("%s: nothing changed since v%d; nothing published", where, previous.version)
         return previous
     objects = dict(objects or {})

@@ -24,6 +24,26 @@ log = logging.getLogger(__name__)
 DAMAGED = -1  # the version of a CURRENT pointer that cannot be read
 
 
+def files_read_again(before: Manifest | None, target: Manifest) -> list[str]:
+    """The log files the next night reads again after CURRENT moves from ``before`` to ``target``:
+    those ``before``'s watermark records as ingested (path, size, times) that ``target``'s does not
+    record the same way. A night reads every file its CURRENT's watermark lacks, so a rollback past a
+    night's files is undone by the next night unless they are moved out of the fact log (or
+    corrected) first. Sorted paths; empty when ``before`` is unknown (a damaged CURRENT)."""
+    import json
+
+    def files(manifest: Manifest | None) -> dict:
+        if manifest is None or not manifest.watermark:
+            return {}
+        try:
+            return dict(json.loads(manifest.watermark).get("files") or {})
+        except (ValueError, AttributeError, TypeError):
+            return {}
+
+    kept = files(target)
+    return sorted(path for path, identity in files(before).items() if kept.get(path) != identity)
+
+
 def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) -> Manifest:
     """Move CURRENT to a retained published version (older or newer) and record who, when and why."""
     if not reason or not actor:
