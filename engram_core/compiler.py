@@ -218,11 +218,11 @@ def _plan_conflicts(em: EngramModel, by_user: dict[str, list[_Seq]]) -> list[Fac
         return []
     nan = float("nan")
     results = []
-    for i, j in sorted(impossible.items()):
+    for i, j in sorted(impossible.items()):  # the detail quotes no answer: it is kept in the stats (facts.detail)
         fact, other = seqs[i].fact, seqs[j].fact
         results.append(FactResult(fact.user_id, fact.fact_id, conflict_status(other.fact_id), nan, 0, 0, nan,
-                                  f"same canonical trigger as fact {other.fact_id!r} of this user but another answer "
-                                  f"({fact.answer[:40]!r} vs {other.answer[:40]!r}): no row can tell them apart; "
+                                  f"same canonical trigger as fact {other.fact_id!r} of this user but another answer: "
+                                  "no row can tell them apart; "
                                   f"{other.fact_id!r}{_later(other, fact)} is compiled"))
     dropped = {id(seqs[i]) for i in impossible}
     for u in users:
