@@ -27,6 +27,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progre
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if verbose:  # also where logging was configured before (basicConfig then changes nothing)
+        logging.getLogger().setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -46,6 +48,32 @@ def _register_all() -> None:
 
 
 _register_all()
+
+
+def _verbose_after_the_command(ctx, param, value: bool) -> None:
+    """``-v`` given after the subcommand (``engram model init DIR --tiny -v``): as before it."""
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def cli_command():
+    """The click command of :data:`app` with ``-v/--verbose`` accepted after any subcommand too
+    (the app's callback takes it only before one: ``engram -v CMD``)."""
+    import copy
+
+    root = typer.main.get_command(app)
+    verbose = next(p for p in root.params if p.name == "verbose")
+
+    def add(command) -> None:
+        for sub in getattr(command, "commands", {}).values():
+            if not {opt for p in sub.params for opt in getattr(p, "opts", ())} & {"-v", "--verbose"}:
+                option = copy.copy(verbose)  # typer's own option class (it vendors its own click)
+                option.callback, option.expose_value, option.is_eager = _verbose_after_the_command, False, True
+                sub.params.append(option)
+            add(sub)
+
+    add(root)
+    return root
 
 
 def run() -> None:
@@ -71,7 +99,7 @@ def run() -> None:
         if "--json" in args:
             _run_for_json(key)
         else:
-            app()
+            cli_command().main(prog_name="engram")
     except (PublishError, StoreError, ValueError, OSError, pa.ArrowException) as exc:
         if "-v" in args or "--verbose" in args:
             raise
@@ -91,7 +119,7 @@ def _run_for_json(key: str) -> None:
     import sys
 
     try:
-        code = app(standalone_mode=False)
+        code = cli_command().main(prog_name="engram", standalone_mode=False)
     except typer.TyperException as exc:  # click's UsageError, BadParameter, NoSuchOption, MissingParameter, ...
         exit_code = getattr(exc, "exit_code", 1)
         print(json.dumps({key: False, "error": f"usage: {exc.format_message()}", "exit_code": exit_code}), flush=True)
