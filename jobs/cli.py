@@ -30,6 +30,33 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progre
     if verbose:  # also where logging was configured before (basicConfig then changes nothing)
         logging.getLogger().setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+
+
+HARMLESS_LIBRARY_WARNINGS = (
+    # peft reads transformers' deprecated alias while loading an adapter (transformers 5.x)
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+)
+"""(category, message regex) of library warnings that say nothing to an operator; the CLI hides
+exactly these (warnings.filterwarnings), every other warning still shows."""
+
+
+def quiet_libraries() -> None:
+    """No library progress bars on the CLI's stderr (transformers' "Loading weights" and "Writing
+    model shards", Hugging Face Hub's) and none of :data:`HARMLESS_LIBRARY_WARNINGS`. The night's
+    own progress bar (rich, jobs.nightly), errors and every other warning are untouched. An
+    operator's HF_HUB_DISABLE_PROGRESS_BARS wins; set it to 0 to see the bars again."""
+    import sys
+    import warnings
+
+    # read when transformers and huggingface_hub are imported (later: the CLI imports neither to start)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] not in ("0", "false", "False") and "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging  # imported already (a test, an embedding program)
+
+        hf_logging.disable_progress_bar()
+    for category, message in HARMLESS_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _register_all() -> None:

@@ -553,3 +553,41 @@ def test_verbose_is_taken_after_the_subcommand_too(tmp_path, tiny_dir, monkeypat
     with pytest.raises(SystemExit):
         run()
     assert "--verbose" in capsys.readouterr().out
+
+
+def test_the_cli_prints_no_library_progress_bars_or_harmless_library_warnings(tmp_path, tiny_dir):
+    """`model init` printed transformers' "Writing model shards" bar; a night (and ask, pull, serve)
+    its "Loading weights" bar and peft's `is_gradient_checkpointing` FutureWarning. The console
+    script's stderr has none of them; a real problem still gets its line."""
+    import subprocess
+    import sys
+
+    from jobs.synthetic import fact_log_rows, write_fact_log
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300,
+                              env={k: v for k, v in __import__("os").environ.items()
+                                   if k != "HF_HUB_DISABLE_PROGRESS_BARS"})
+
+    noise = ("Loading weights", "Writing model shards", "is_gradient_checkpointing", "it/s]")
+    made = cli("model", "init", str(tmp_path / "m"), "--tiny")
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "part-0.parquet")
+    night = cli("run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", str(tmp_path / "log"),
+                "--model", str(tiny_dir), "--workers", "0", "--num-shards", "1")
+    assert night.returncode == 0 and "published v1" in night.stdout, night.stderr
+    assert not [line for line in night.stderr.splitlines() if any(n in line for n in noise)], night.stderr
+    refused = cli("model", "init", str(tmp_path / "m2"), "--tiny", "--family", "mistral")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --family mistral"), refused.stderr
+
+
+def test_an_s3_clients_connection_pool_holds_every_thread_that_shares_it(monkeypatch):
+    """The stats query reads parts on 16 threads through one S3 client: with botocore's default
+    pool of 10 connections urllib3 warned "Connection pool is full, discarding connection"."""
+    from pipeline.stats import _READ_THREADS
+    from versions.store import S3Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    store = S3Store("bucket", "prefix", endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    assert store._client.meta.config.max_pool_connections >= _READ_THREADS
