@@ -27,7 +27,36 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progre
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if verbose:  # also where logging was configured before (basicConfig then changes nothing)
+        logging.getLogger().setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+
+
+HARMLESS_LIBRARY_WARNINGS = (
+    # peft reads transformers' deprecated alias while loading an adapter (transformers 5.x)
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+)
+"""(category, message regex) of library warnings that say nothing to an operator; the CLI hides
+exactly these (warnings.filterwarnings), every other warning still shows."""
+
+
+def quiet_libraries() -> None:
+    """No library progress bars on the CLI's stderr (transformers' "Loading weights" and "Writing
+    model shards", Hugging Face Hub's) and none of :data:`HARMLESS_LIBRARY_WARNINGS`. The night's
+    own progress bar (rich, jobs.nightly), errors and every other warning are untouched. An
+    operator's HF_HUB_DISABLE_PROGRESS_BARS wins; set it to 0 to see the bars again."""
+    import sys
+    import warnings
+
+    # read when transformers and huggingface_hub are imported (later: the CLI imports neither to start)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] not in ("0", "false", "False") and "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging  # imported already (a test, an embedding program)
+
+        hf_logging.disable_progress_bar()
+    for category, message in HARMLESS_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _register_all() -> None:
@@ -46,6 +75,32 @@ def _register_all() -> None:
 
 
 _register_all()
+
+
+def _verbose_after_the_command(ctx, param, value: bool) -> None:
+    """``-v`` given after the subcommand (``engram model init DIR --tiny -v``): as before it."""
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def cli_command():
+    """The click command of :data:`app` with ``-v/--verbose`` accepted after any subcommand too
+    (the app's callback takes it only before one: ``engram -v CMD``)."""
+    import copy
+
+    root = typer.main.get_command(app)
+    verbose = next(p for p in root.params if p.name == "verbose")
+
+    def add(command) -> None:
+        for sub in getattr(command, "commands", {}).values():
+            if not {opt for p in sub.params for opt in getattr(p, "opts", ())} & {"-v", "--verbose"}:
+                option = copy.copy(verbose)  # typer's own option class (it vendors its own click)
+                option.callback, option.expose_value, option.is_eager = _verbose_after_the_command, False, True
+                sub.params.append(option)
+            add(sub)
+
+    add(root)
+    return root
 
 
 def run() -> None:
@@ -74,7 +129,7 @@ def run() -> None:
             _run_for_json(key, command)
         else:
             try:
-                app()
+                cli_command().main(prog_name="engram")
             except (SystemExit, KeyboardInterrupt) as exc:
                 # (a command that stops cleanly on Ctrl-C, as `engram serve`, exits 0 and stays so)
                 if _SIGNALLED and not (isinstance(exc, SystemExit) and exc.code in (0, None)):
@@ -164,7 +219,7 @@ def _run_for_json(key: str, command: str = "") -> None:
     import sys
 
     try:
-        code = app(standalone_mode=False)
+        code = cli_command().main(prog_name="engram", standalone_mode=False)
     except typer.TyperException as exc:  # click's UsageError, BadParameter, NoSuchOption, MissingParameter, ...
         exit_code = getattr(exc, "exit_code", 1)
         print(json.dumps({key: False, "error": f"usage: {exc.format_message()}", "exit_code": exit_code}), flush=True)

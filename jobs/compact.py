@@ -33,8 +33,11 @@ from versions.store import ObjectStore
 class CompactReport:
     version: int | None  # CURRENT after the command
     published: bool
-    compacted_shards: list[int] = field(default_factory=list)
+    compacted_shards: list[int] = field(default_factory=list)  # shards whose delta layers got a new base
     layers_merged: int = 0  # delta layers folded into the new bases
+    # shards that had fact-state layers only: their state got a new base, their deltas did not (the
+    # ``shards`` view shows them not compacted), so they are not among compacted_shards
+    state_only_shards: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -72,8 +75,11 @@ def compact(store: ObjectStore, shards: Sequence[int] | None = None, *, job_id: 
         store, entries=entries, objects=objects, previous=previous, fingerprint=previous.fingerprint,
         num_shards=previous.num_shards, job_id=job_id, watermark=previous.watermark, stats=stats,
         counts={"compacted_shards": len(entries)}, crash_hook=crash_hook)
-    return CompactReport(manifest.version, manifest.version != previous.version, sorted(entries),
-                         sum(len(previous.shard(s).layers) for s in entries), round(time.perf_counter() - start, 3))
+    compacted = sorted(s for s in entries if entries[s].compactions > previous.shard(s).compactions)
+    return CompactReport(manifest.version, manifest.version != previous.version, compacted_shards=compacted,
+                         layers_merged=sum(len(previous.shard(s).layers) for s in entries),
+                         seconds=round(time.perf_counter() - start, 3),
+                         state_only_shards=sorted(set(entries) - set(compacted)))
 
 
 def _version_stats(previous, entries: dict, seconds: float) -> tuple[dict[str, bytes], dict[str, list[str]]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from engram_core.config import FAMILIES
-from jobs.nightly_cli import _fail, directory_problem, fail_json
+from jobs.nightly_cli import _fail, checkpoint_problem, directory_problem, fail_json
 
 model_app = typer.Typer(help="Make and inspect model checkpoints (base + Engram + shared adapter).", no_args_is_help=True)
 
@@ -32,6 +32,8 @@ def init(
     if not tiny:
         raise typer.BadParameter("only --tiny is supported: bring your own checkpoint in the layout of "
                                  "engram_core/checkpoint.py (base/, tokenizer/, engram/, adapter/)")
+    if family not in FAMILIES:
+        _fail(f"--family {family}: unknown model family; choose one of {', '.join(FAMILIES)}", code=2)
     if hidden % 8:
         _fail(f"--hidden {hidden}: must be a multiple of 8 (4 attention heads of an even width); e.g. 64 or 128", code=2)
     problem = directory_problem(directory, "model directory")
@@ -103,12 +105,9 @@ def accept_adapter(directory: Path = typer.Argument(..., help="Checkpoint direct
 
 
 def _checkpoint_problem(directory: Path) -> str | None:
-    """None for an existing directory; else one line naming the path and what to give instead."""
-    if directory.is_dir():
-        return None
-    what = "is a file, not a checkpoint directory" if directory.exists() else "no such directory"
-    return (f"checkpoint {directory}: {what}; give a checkpoint's directory (base/, tokenizer/, engram/, adapter/; "
-            "engram model init DIR --tiny makes one)")
+    """None for a directory holding a checkpoint's folders; else one line naming the path and what
+    to give instead (not there, a file, a folder of something else: a bad argument)."""
+    return checkpoint_problem(directory, f"checkpoint {directory}", missing="no such directory")
 
 
 def register(app: typer.Typer) -> None:

@@ -37,10 +37,11 @@ def seconds_option(value: float, name: str, *, zero: bool = False) -> float:
 def exit_code(exc: BaseException) -> int:
     """2 for a bad argument (a store directory that does not exist, a store URI that names no store,
     an SQL error in a stats query), 1 for anything else (a run or a store that failed)."""
+    from pipeline.runner import RayUnreachable
     from pipeline.stats import StatsQueryError
     from versions.store import BadStoreURI, StoreNotFound
 
-    return 2 if isinstance(exc, (StoreNotFound, BadStoreURI, StatsQueryError)) else 1
+    return 2 if isinstance(exc, (StoreNotFound, BadStoreURI, StatsQueryError, RayUnreachable)) else 1
 
 
 JSON_FAILURE_KEYS = {"run": "published", "demo": "published", "compact": "published", "versions": "listed",
@@ -81,6 +82,28 @@ def directory_problem(path: Path | str, what: str) -> str | None:
             where = "is a file" if part == path else f"is inside {part}, which is a file"
             return f"{what} {path} {where}, not a directory; give a directory (a new one is created)"
     return None
+
+
+CHECKPOINT_PARTS = ("base", "tokenizer", "engram")
+"""The folders of a checkpoint directory (engram_core.checkpoint); one of them at least."""
+
+
+def checkpoint_problem(path: Path | str, what: str, missing: str = "no such file or directory") -> str | None:
+    """None where ``path`` is a directory holding a checkpoint's folders (``base/``, ``tokenizer/``,
+    ``engram/``; a checkpoint missing some is a damaged one, reported when it is read); else the one
+    line that says why it is no checkpoint (not there, a file, a folder of something else), naming
+    ``what`` (``--model PATH``, ``model PATH``, ...) and what to give instead. Reads no file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        why = missing
+    elif not path.is_dir():
+        why = "is a file, not a checkpoint directory"
+    elif not any((path / part).is_dir() for part in CHECKPOINT_PARTS):
+        why = "not a checkpoint (it has none of base/, tokenizer/, engram/)"
+    else:
+        return None
+    return (f"{what}: {why}; give a checkpoint's directory (base/, tokenizer/, engram/, adapter/; "
+            "engram model init DIR --tiny makes one)")
 
 
 def store_problem(uri: str, what: str = "store") -> str | None:
@@ -137,20 +160,19 @@ def run_nightly_cmd(
         spec = NightlySpec.from_dict(raw, source=f"job spec {spec_file}" if spec_file else "flags")
     except SpecError as exc:
         fail_json(as_json, str(exc), code=2)
-    for name in ("fact_log", "model"):  # a local path that is not there: a bad argument, before any work
-        value = getattr(spec, name)
-        if "://" not in value and not Path(value).exists():
-            fail_json(as_json, f"{name} {value}: no such file or directory", code=2)
-        if name == "model" and "://" not in value and not Path(value).is_dir():
-            fail_json(as_json, f"model {value}: is a file, not a checkpoint directory; give the checkpoint's "
-                               "directory (base/, tokenizer/, engram/, adapter/)", code=2)
+    # a local path that is not there, or a model path that holds no checkpoint: a bad argument, before any work
+    if "://" not in spec.fact_log and not Path(spec.fact_log).exists():
+        fail_json(as_json, f"fact_log {spec.fact_log}: no such file or directory", code=2)
     problem = store_problem(spec.store)  # a store path that is a file: refused before any work too
+    if problem:
+        fail_json(as_json, problem, code=2)
+    problem = checkpoint_problem(spec.model, f"model {spec.model}") if "://" not in spec.model else None
     if problem:
         fail_json(as_json, problem, code=2)
     try:
         report = _run(spec, as_json)
     except Exception as exc:  # noqa: BLE001 - the CLI boundary: one clear line, non-zero exit
-        fail_json(as_json, f"{type(exc).__name__}: {exc}")
+        fail_json(as_json, f"{type(exc).__name__}: {exc}", code=exit_code(exc))  # 2: an unreachable ray_address
     text = (f"published v{report.version}" if report.published else f"nothing changed; v{report.version} stays current")
     text += (f": {report.users} users, {report.facts} facts; compiled {report.compiled_users} users "
              f"({report.facts_ok} facts ok, {report.facts_failed} failed), carried {report.carried_users}, "

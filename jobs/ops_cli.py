@@ -133,8 +133,12 @@ def compact(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), sort_keys=True))
     elif report.published:
-        typer.echo(f"compacted shards {report.compacted_shards} ({report.layers_merged} layer(s) merged); "
-                   f"CURRENT is v{report.version}")
+        said = [f"compacted shards {report.compacted_shards} ({report.layers_merged} layer(s) merged)"
+                if report.compacted_shards else "no chosen shard has delta layers"]
+        if report.state_only_shards:  # not compacted (the shards view agrees): only their fact state was
+            said.append(f"merged the fact-state layers of shards {report.state_only_shards} (they have no delta "
+                        "layers to compact)")
+        typer.echo(f"{'; '.join(said)}; CURRENT is v{report.version}")
     else:
         typer.echo(f"no chosen shard has layers; v{report.version} stays current")
 

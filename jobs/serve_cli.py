@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from jobs.nightly_cli import _fail, directory_problem, exit_code, fail_json
+from jobs.nightly_cli import _fail, checkpoint_problem, directory_problem, exit_code, fail_json
 from jobs.nightly_cli import seconds_option as _seconds
 from serving.openai_api import MAX_TOKENS_LIMIT
 
@@ -44,9 +44,9 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
                                                                        "~/.cache/engram)")
     if problem:
         fail_json(as_json, problem, 2, what)
-    if model_dir is not None and model_dir.exists() and not model_dir.is_dir():
-        fail_json(as_json, f"--model {model_dir}: is a file, not a checkpoint directory; give the checkpoint's "
-                           "directory (base/, tokenizer/, engram/, adapter/)", 2, what)
+    problem = checkpoint_problem(model_dir, f"--model {model_dir}") if model_dir is not None else None
+    if problem:  # not there, a file, a folder without a checkpoint: a bad argument, before the store is read
+        fail_json(as_json, problem + " (or leave --model out to load the store's model)", 2, what)
     try:
         store = open_store(store_uri, create=False)
         current = read_current(store)
@@ -200,6 +200,9 @@ def serve(
     problem = _listen_problem(host, port)  # before the model loads: a port in use is said at once
     if problem:
         _fail(problem, code=2)
+    problem = _template_file_problem(chat_template)  # and a template file that is not there
+    if problem:
+        _fail(problem, code=2)
     store_obj, manifest, em, cache = _open(store, model, cache_dir)
     client = _client(store_obj, manifest, em, shards, cache, interval)
     result = client.poll()
@@ -221,6 +224,16 @@ def serve(
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def _template_file_problem(path: Path | None) -> str | None:
+    """None where ``path`` is None or a file; else the one line naming ``--chat-template PATH`` and
+    what to give (a file whose text cannot be used is reported when the server reads it: exit 1)."""
+    if path is None or path.is_file():
+        return None
+    why = "is a directory" if path.is_dir() else "no such file"
+    return (f"--chat-template {path}: {why}; give a Jinja chat template file (e.g. the chat_template of a "
+            "tokenizer_config.json saved as a .jinja file), or leave --chat-template out to use the checkpoint's own")
 
 
 def _listen_problem(host: str, port: int) -> str | None:

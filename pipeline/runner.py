@@ -312,8 +312,51 @@ class _RayPool:
             self.runner.pools.remove(self)
 
 
+class RayUnreachable(ConnectionError):
+    """The Ray cluster a night was given (``ray_address``, or ``RAY_ADDRESS``) cannot be reached: a
+    bad argument (exit 2), named with the fix."""
+
+
+_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
+
+
+def _ray_unreachable(given: str, why: str) -> RayUnreachable:
+    return RayUnreachable(
+        f"{given}: cannot reach the Ray cluster ({why}); check the address (ray://HEAD:10001 for Ray Client, "
+        "HEAD:6379 or auto on a node of the cluster), that its head node runs and that the port is reachable from "
+        "here, or leave ray_address out (no --ray-address) to start a local cluster")
+
+
+def _check_ray_address(address: str, given: str) -> None:
+    """RayUnreachable at once where ``address`` names a host and port that takes no connection
+    (Ray Client would retry for 30 s, a GCS address for minutes, before failing without naming it).
+    Skipped behind a proxy (the connection goes through it) and for ``auto`` / ``local``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return
+    target = address if "://" in address else f"gcs://{address}"
+    try:
+        parts = urlsplit(target)
+        host, port = parts.hostname, parts.port
+    except ValueError as err:  # a port that is no number
+        raise _ray_unreachable(given, f"not an address: {err}") from None
+    if address.startswith("ray://") and host and port is None:
+        port = 10001  # Ray Client's default port
+    if not host or port is None:
+        if address.startswith("ray://"):
+            raise _ray_unreachable(given, "no host after ray://")
+        return  # auto, local, or a form Ray resolves itself
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as err:
+        raise _ray_unreachable(given, getattr(err, "strerror", None) or str(err) or type(err).__name__) from None
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster by address, or start a local one (no dashboard: nothing to reach)."""
+    """Connect to a Ray cluster by address, or start a local one (no dashboard: nothing to reach).
+    Raises RayUnreachable naming the address and the fix where the cluster cannot be reached."""
     import ray
 
     if ray.is_initialized():
@@ -325,7 +368,12 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     main = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
     if address or os.environ.get("RAY_ADDRESS"):  # a given cluster, or the one running this job
-        ray.init(address=address, **kwargs)
+        given = f"ray_address {address}" if address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        _check_ray_address(address or os.environ["RAY_ADDRESS"], given)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as err:
+            raise _ray_unreachable(given, str(err)) from err
     else:  # "local": a new cluster of this process's own, never one another job started on this host
         ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
     if callable(on_sigterm):  # ray.init sets its own (sys.exit); a handler of the caller's (the CLI's) stays

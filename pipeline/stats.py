@@ -61,9 +61,9 @@ def stats_prefix(table: str, version: int) -> str:
     return f"{STATS_PREFIX}/{table}/version={version}/"
 
 
-OPTIONAL_COLUMNS = {"facts": ("scope",)}
+OPTIONAL_COLUMNS = {"facts": ("scope", "detail")}
 """Stats columns added after their table: a table given without one gets nulls (facts.scope: the
-shared scope a member's copy of a scope fact compiled in)."""
+shared scope a member's copy of a scope fact compiled in; facts.detail: the compiler's detail)."""
 
 
 def encode_stats_part(name: str, table: pa.Table) -> tuple[str, bytes]:

@@ -24,6 +24,10 @@ FACTS_STATS_SCHEMA = pa.schema(
         # the shared scope a member's copy of a scope fact compiled in, once (null: compiled in
         # the user's own delta); parts written before scopes read as null
         pa.field("scope", pa.string()),
+        # the compiler's word on the fact (engram_core.options.FactResult.detail: why it failed, a
+        # low margin, "... not after a conversation's opening (its context copy) ...", the scope it
+        # compiled once in; "" when there is nothing to say); parts written before it read as null
+        pa.field("detail", pa.string()),
     ]
 )
 USERS_STATS_SCHEMA = pa.schema(

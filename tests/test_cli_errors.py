@@ -506,3 +506,127 @@ def test_an_interrupted_night_with_json_prints_one_failure_object_and_exits_128_
     assert reported["published"] is False and reported["exit_code"] == code
     assert reported["error"].startswith(f"interrupted ({signal.Signals(signum).name})") and "run the night again" \
         in reported["error"]
+
+
+def test_a_missing_path_or_a_bad_choice_is_a_bad_argument_with_one_line_naming_it_and_the_fix(tmp_path):
+    """A --chat-template that is no file, a --model / model / checkpoint that is no checkpoint
+    (not there, a folder of something else), a --family engram cannot build: exit 2 and one
+    `error:` line naming the item and what to give, before any model loads (was exit 1 with the
+    loader's or a ValueError's words)."""
+    store, empty = tmp_path / "store", tmp_path / "empty"
+    store.mkdir()
+    empty.mkdir()
+    (tmp_path / "log").mkdir()
+    missing = tmp_path / "nope"
+    for args, message in (
+            (["serve", "--store", str(store), "--port", "0", "--chat-template", str(missing / "t.jinja")],
+             f"--chat-template {missing / 't.jinja'}: no such file; give a Jinja chat template file"),
+            (["serve", "--store", str(store), "--port", "0", "--chat-template", str(empty)],
+             f"--chat-template {empty}: is a directory; give a Jinja chat template file"),
+            (["ask", "--store", str(store), "--user", "u1", "--model", str(missing), "hi"],
+             f"--model {missing}: no such file or directory; give a checkpoint's directory"),
+            (["pull", "--store", str(store), "--model", str(empty)],
+             f"--model {empty}: not a checkpoint (it has none of base/, tokenizer/, engram/); give a checkpoint's"),
+            (["serve", "--store", str(store), "--port", "0", "--model", str(missing)], f"--model {missing}: no such"),
+            (["run", "nightly", "--store", str(store), "--fact-log", str(tmp_path / "log"), "--model", str(empty)],
+             f"model {empty}: not a checkpoint"),
+            (["model", "info", str(empty)], f"checkpoint {empty}: not a checkpoint"),
+            (["model", "init", str(tmp_path / "m3"), "--tiny", "--family", "mistral"],
+             "--family mistral: unknown model family; choose one of llama, qwen2, gpt2")):
+        result = engram(*args)
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, (args, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "log", "store"]
+    assert list(store.iterdir()) == []
+
+
+def test_an_unreachable_ray_address_is_a_bad_argument_named_with_the_fix_at_once(tmp_path, tiny_dir):
+    """--ray-address of a port nothing listens on (Ray Client retried 30 s, then `ConnectionError:
+    ray client connection timeout`, exit 1) or of a host that does not resolve: exit 2 at once, one
+    line naming the address and what to do; with --json the failure object says the same."""
+    import subprocess
+    import sys
+    import time
+
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from tests.conftest import free_port
+
+    write_fact_log(fact_log_rows(1, 1), tmp_path / "log" / "part-0.parquet")
+    for address in (f"ray://127.0.0.1:{free_port()}", "no-such-host.invalid:6379"):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "nightly", "--store", str(tmp_path / "store"),
+                                 "--fact-log", str(tmp_path / "log"), "--model", str(tiny_dir), "--workers", "1",
+                                 "--ray-address", address, "--json"],
+                                capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                                  "RAY_ADDRESS": ""})
+        assert result.returncode == 2 and time.monotonic() - started < 25, (address, result.stderr)
+        out = json.loads(result.stdout)
+        assert out["published"] is False and out["exit_code"] == 2
+        assert f"ray_address {address}: cannot reach the Ray cluster (" in out["error"], out
+        assert "or leave ray_address out (no --ray-address) to start a local cluster" in out["error"]
+        assert result.stderr == f"error: {out['error']}\n", result.stderr
+
+
+def test_verbose_is_taken_after_the_subcommand_too(tmp_path, tiny_dir, monkeypatch, capsys):
+    """`engram model info DIR -v` said "No such option: -v": -v/--verbose worked only before the
+    subcommand. The console script (jobs.cli.run) takes it after any subcommand as well."""
+    import logging
+    import sys
+
+    import pytest
+
+    from jobs.cli import run
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    for args, code in ((["model", "info", str(tiny_dir), "-v"], 0), (["versions", "--store", str(tmp_path), "--verbose"], 0),
+                       (["-v", "model", "info", str(tiny_dir)], 0), (["versions", "--store", str(tmp_path / "nope"), "-v"], 2)):
+        root.setLevel(logging.WARNING)
+        monkeypatch.setattr(sys, "argv", ["engram", *args])
+        with pytest.raises(SystemExit) as exited:
+            run()
+        err = capsys.readouterr().err
+        assert exited.value.code == code and "No such option" not in err, (args, err)
+        assert root.level == logging.INFO, args
+    monkeypatch.setattr(sys, "argv", ["engram", "gc", "--help"])
+    with pytest.raises(SystemExit):
+        run()
+    assert "--verbose" in capsys.readouterr().out
+
+
+def test_the_cli_prints_no_library_progress_bars_or_harmless_library_warnings(tmp_path, tiny_dir):
+    """`model init` printed transformers' "Writing model shards" bar; a night (and ask, pull, serve)
+    its "Loading weights" bar and peft's `is_gradient_checkpointing` FutureWarning. The console
+    script's stderr has none of them; a real problem still gets its line."""
+    import subprocess
+    import sys
+
+    from jobs.synthetic import fact_log_rows, write_fact_log
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300,
+                              env={k: v for k, v in __import__("os").environ.items()
+                                   if k != "HF_HUB_DISABLE_PROGRESS_BARS"})
+
+    noise = ("Loading weights", "Writing model shards", "is_gradient_checkpointing", "it/s]")
+    made = cli("model", "init", str(tmp_path / "m"), "--tiny")
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "part-0.parquet")
+    night = cli("run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", str(tmp_path / "log"),
+                "--model", str(tiny_dir), "--workers", "0", "--num-shards", "1")
+    assert night.returncode == 0 and "published v1" in night.stdout, night.stderr
+    assert not [line for line in night.stderr.splitlines() if any(n in line for n in noise)], night.stderr
+    refused = cli("model", "init", str(tmp_path / "m2"), "--tiny", "--family", "mistral")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --family mistral"), refused.stderr
+
+
+def test_an_s3_clients_connection_pool_holds_every_thread_that_shares_it(monkeypatch):
+    """The stats query reads parts on 16 threads through one S3 client: with botocore's default
+    pool of 10 connections urllib3 warned "Connection pool is full, discarding connection"."""
+    from pipeline.stats import _READ_THREADS
+    from versions.store import S3Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    store = S3Store("bucket", "prefix", endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    assert store._client.meta.config.max_pool_connections >= _READ_THREADS

@@ -434,3 +434,59 @@ def test_a_schema_2_manifest_written_before_layers_is_read_as_bases_and_layered_
     assert same_deltas(served(local_store), first | changed)
     night(local_store, tiny.fingerprint, {USERS[0]: random_delta(tiny, rng)})
     assert len(read_current(local_store)[0].shard(shard).layers) == 1  # and layers from then on
+
+
+def test_compact_reports_as_compacted_only_the_shards_whose_delta_layers_got_a_new_base(tmp_path, tiny_dir,
+                                                                                         local_store):
+    """A shard with a fact-state layer and no delta layer (a night whose only event is the forget
+    of an unknown user) gets its state merged but no new delta base: the shards view says it was
+    not compacted, and so do `engram compact`'s report and line (it said "compacted shards [2]")."""
+    from datetime import timedelta
+
+    from jobs.cli import app
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import BASE_TIME, fact_log_rows, write_fact_log
+    from pipeline.stats import query_stats
+
+    write_fact_log(fact_log_rows(3, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=4,
+                       workers=0)
+    run_nightly(spec)
+    write_fact_log([{"user_id": "ghost", "fact_id": None, "op": "forget_user", "trigger": None, "answer": None,
+                     "event_time": BASE_TIME + timedelta(days=1), "scope": None}],
+                   tmp_path / "log" / "day=2" / "part-0.parquet")
+    run_nightly(spec)
+    before, _ = read_current(local_store)
+    state_only = [e.shard for e in before.shards if e.state_layers and not e.layers]
+    assert state_only == [shard_of("ghost", 4)] and not any(e.layers for e in before.shards)
+    out = CliRunner().invoke(app, ["compact", "--store", str(local_store.root)])
+    assert out.exit_code == 0, out.output
+    after, _ = read_current(local_store)
+    assert after.version == before.version + 1 and not any(e.state_layers for e in after.shards)
+    shards = query_stats(local_store, f"select shard from shards where version = {after.version} and compacted")
+    assert shards.num_rows == 0
+    assert "compacted shards" not in out.output and f"fact-state layers of shards {state_only}" in out.output, out.output
+    report = compact(local_store)  # nothing left to merge
+    assert not report.published and report.compacted_shards == [] and report.state_only_shards == []
+
+
+def test_compact_reports_a_shard_with_delta_and_state_layers_as_compacted(tmp_path, tiny_dir, local_store):
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from pipeline.stats import query_stats
+
+    write_fact_log(fact_log_rows(3, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=4,
+                       workers=0, compact_layer_share=1000.0)
+    run_nightly(spec)
+    write_fact_log(fact_log_rows(1, 1, day=1, seed=5), tmp_path / "log" / "day=2" / "part-0.parquet")
+    run_nightly(spec)
+    before, _ = read_current(local_store)
+    layered = [e.shard for e in before.shards if e.layers]
+    assert layered == [shard_of("user-00000", 4)]
+    report = compact(local_store)
+    assert report.compacted_shards == layered and report.state_only_shards == [] and report.layers_merged == 1
+    compacted = query_stats(local_store, f"select shard from shards where version = {report.version} and compacted")
+    assert compacted.column("shard").to_pylist() == layered

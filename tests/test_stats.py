@@ -312,3 +312,73 @@ def test_a_damaged_layer_the_views_read_is_refused_naming_it_not_a_bad_query(loc
         assert result.exit_code == 1 and layer.key in result.stderr, result.output
     local_store.put(layer.key, good)
     assert query_stats(local_store, "SELECT count(*) AS n FROM users WHERE version = 2").to_pylist() == [{"n": 6}]
+
+
+def test_an_older_facts_part_without_a_detail_column_reads_it_as_null(local_store):
+    """``facts.detail`` came after the table: a part written before it (no such column) is read
+    with ``detail`` null, and a query naming it still runs."""
+    import hashlib
+    import io
+
+    from schemas.manifest import stats_part_key
+    from versions.commit import write_verified_objects
+
+    sink = io.BytesIO()
+    pq.write_table(facts(("a", "f", "ok", 0.1)), sink)  # the columns of a part written before `detail`
+    key = stats_part_key("facts", hashlib.sha256(sink.getvalue()).hexdigest())
+    write_verified_objects(local_store, {key: sink.getvalue()})
+    payload = ShardPayload(encode_bundle(bundle_table({})), encode_fact_state(empty_fact_state()))
+    publish_version(local_store, shard_payloads={0: payload}, previous=None, fingerprint="fp", num_shards=1,
+                    job_id="test", watermark="w1", stats={"facts": [key]})
+    rows = query_stats(local_store, "SELECT user_id, detail FROM facts WHERE detail IS NULL OR detail LIKE '%context copy%'")
+    assert rows.to_pylist() == [{"user_id": "a", "detail": None}]
+
+
+def _readme_stats_queries() -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return [" ".join(q.split()) for q in re.findall(r'engram stats --store \S+ (?:--json )?"([^"]+)"', text)]
+
+
+def test_the_readme_stats_queries_run_on_a_nights_store_and_find_the_facts_recalled_only_at_the_start(
+        tmp_path, tiny_dir, local_store, monkeypatch):
+    """A fact recalled at the start of a sequence but not in its context copy says so in its
+    compiler detail; the night carries each fact's detail into the ``facts`` view, so the
+    README's query lists exactly those facts. Every other README stats query runs too."""
+    import dataclasses
+
+    import engram_core.compiler as compiler
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+
+    compile_facts = compiler.compile_facts
+
+    def copy_failed_for_user_1(em, facts, options=compiler.CompileOptions(), *args, **kwargs):
+        """The compile, with user-00001's recalled facts reported as the compiler reports a fact
+        whose context copy failed (its own words, from compiler._detail)."""
+        result = compile_facts(em, facts, options, *args, **kwargs)
+        return dataclasses.replace(result, facts=[
+            dataclasses.replace(r, detail=compiler._detail(True, r.margin, options.min_margin, r.steps, True))
+            if r.user_id == "user-00001" and r.status == "ok" else r for r in result.facts])
+
+    monkeypatch.setattr(compiler, "compile_facts", copy_failed_for_user_1)
+    rows = fact_log_rows(3, 2)
+    write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
+    run_nightly(NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                            num_shards=2, workers=0))
+    ok = query_stats(local_store, "SELECT user_id, fact_id FROM facts WHERE status = 'ok' ORDER BY 1, 2").to_pylist()
+    assert {r["user_id"] for r in ok} == {"user-00000", "user-00001", "user-00002"}
+    queries = _readme_stats_queries()
+    detail_query = next(q for q in queries if "context copy" in q)
+    assert detail_query == "select user_id, fact_id from facts where detail like '%context copy%'"
+    found = query_stats(local_store, detail_query + " order by 1, 2").to_pylist()
+    assert found == [r for r in ok if r["user_id"] == "user-00001"] and found
+    assert query_stats(local_store, "SELECT DISTINCT detail FROM facts WHERE user_id <> 'user-00001' "
+                                    "AND status = 'ok'").to_pylist() == [{"detail": ""}]
+    assert len(queries) >= 4
+    for sql in queries:
+        result = _cli_stats(local_store, sql)
+        assert result.exit_code == 0, (sql, result.output)

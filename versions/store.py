@@ -55,6 +55,10 @@ PROBE_FOLDER = ".engram-probe"  # the one reserved folder that is a key: check_c
 _WRONG_ETAG = "0" * 32  # an md5 no probe body has
 
 
+MAX_POOL_CONNECTIONS = 32
+"""HTTP connections an S3Store's client keeps open: at least the threads that use one store at once."""
+
+
 class StoreError(RuntimeError):
     """Any object store failure; the message names the store and never holds credentials."""
 
@@ -431,6 +435,9 @@ class S3Store(ObjectStore):
             connect_timeout=10,
             read_timeout=60,
             s3={"addressing_style": addressing_style},
+            # above the threads that share this client (pipeline.stats reads parts on 16): botocore's
+            # default of 10 made urllib3 warn "Connection pool is full, discarding connection"
+            max_pool_connections=MAX_POOL_CONNECTIONS,
         )
         self._client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
         self.endpoint_url = self._client.meta.endpoint_url
