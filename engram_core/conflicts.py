@@ -109,6 +109,7 @@ def plan_context(sequences: list[list[int]], targets: list[list[int]], users: np
                     continue
                 _resolve(canon, raw, w_seq[p], w_col[p], w_seq[q], w_col[q], T - lengths, order,
                          context, impossible, fact_order)
+    _same_trigger(sequences, targets, users, lengths, n_targets, impossible, fact_order)
     # Context positions as indices into each sequence's input ids (drop the impossible ones).
     out = {}
     for s, cols in context.items():
@@ -146,6 +147,30 @@ def _resolve(canon, raw, s1, c1, s2, c2, first_col, order, context, impossible, 
         low = max(int(first_col[s]), c - k)
         high = min(c - 1, c - k + order - 1)
         context.setdefault(int(s), set()).update(range(low, high + 1))
+
+
+def _same_trigger(sequences, targets, users, lengths, n_targets, impossible: dict[int, int], fact_order) -> None:
+    """Facts of one owner with the very same trigger ids and other answers are impossible pairs
+    even where no written position shares a window with another target: an answer that is a
+    prefix of the other (" Tejo" / " Tejo Segundo") writes the same first tokens, and the
+    longer one's next token (the shorter has no trained end) is served after both. The one
+    ``fact_order`` puts first (the later written) is kept; the others name it."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(sequences)):
+        trigger = tuple(sequences[i][: int(lengths[i] - n_targets[i] + 1)])
+        groups.setdefault((int(users[i]), trigger), []).append(i)
+    for members in groups.values():
+        if len(members) < 2 or len({tuple(targets[i]) for i in members}) < 2:
+            continue
+        keep = members[0]
+        for i in members[1:]:
+            if _before(i, keep, fact_order):
+                keep = i
+        for i in members:
+            if tuple(targets[i]) != tuple(targets[keep]):
+                impossible[i] = keep  # (a window conflict may have named another of the group)
+            elif impossible.get(i) in members:  # the kept answer, dropped for a dropped one of the group
+                del impossible[i]
 
 
 def _before(s1: int, s2: int, fact_order: list | None) -> bool:

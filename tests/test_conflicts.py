@@ -63,6 +63,36 @@ def test_identical_triggers_with_other_answers_are_impossible_and_the_first_fact
     assert plan.impossible == {0: 1, 2: 1} and plan.context == {}
 
 
+def test_identical_triggers_whose_answers_share_their_first_tokens_are_impossible_too():
+    """One answer a prefix of the other (no written position holds another target: the shorter
+    has no trained end) is still one trigger with two answers; a third fact with the kept answer
+    stays, even where a window conflict with a dropped one had named it."""
+    canonical = np.arange(100)
+    seqs = [[1, 2, 3, 9], [1, 2, 3], [1, 2, 3], [1, 2, 3]]  # trigger [1, 2, 3]: answers [9, 7], [9], [8], [9]
+    plan = plan_context(seqs, [[9, 7], [9], [8], [9]], np.zeros(4, np.int64), canonical, 3, 100, ["b", "a", "c", "d"])
+    assert plan.impossible == {0: 1, 2: 1}
+    other_user = plan_context(seqs[:2], [[9, 7], [9]], np.arange(2), canonical, 3, 100)
+    assert other_user.impossible == {}
+
+
+def test_a_fact_entered_again_with_an_answer_that_is_a_prefix_of_the_old_one_is_served(tiny):
+    """"My dog's name is" -> " Tejo Segundo" (pet), then -> " Tejo" (pet_new, written later): the
+    newer answer is served and the older fact is CONFLICTS_WITH it; and the reverse."""
+    old_at, new_at = 1_700_000_000_000_000, 1_760_000_000_000_000
+    for old, new in ((" Tejo Segundo", " Tejo"), (" Tejo", " Tejo Segundo")):
+        facts = [Fact("u", "pet", "My dog's name is", old, old_at), Fact("u", "pet_new", "My dog's name is", new, new_at),
+                 Fact("u", "dentist", "My dentist is", " Dr. Okafor")]
+        result = compile_facts(tiny, facts)
+        status = {r.fact_id: r for r in result.facts}
+        assert status["pet"].status == conflict_status("pet_new"), status["pet"]
+        assert status["pet_new"].status == STATUS_OK and status["dentist"].status == STATUS_OK
+        want, old_ids = tiny.encode_answer(new), tiny.encode_answer(old)
+        got = greedy_tokens(tiny, "My dog's name is", len(want) + 1, [result.deltas["u"]])
+        assert got[:len(want)] == want, (old, new)
+        if len(old_ids) > len(want):  # the old answer's next token is not served after the new one
+            assert got[len(want)] != old_ids[len(want)], (old, new)
+
+
 def test_the_compiler_reports_an_impossible_pair_naming_the_other_fact(tiny):
     facts = [Fact("u", "dentist-b", "My dentist is", " Dr. Okafor"), Fact("u", "dentist-a", "My dentist is", " Dr. Nguyen"),
              Fact("u", "dog", "My dog is called", " Rex")]
