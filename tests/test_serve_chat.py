@@ -433,6 +433,23 @@ def test_greedy_sequences_decode_exactly_as_generate_beside_sampled_ones(tiny):
     assert all(s.finish_reason == "length" and len(s.token_ids) == 6 for s in states)
 
 
+def test_a_max_tokens_cut_inside_a_character_leaves_no_replacement_character(tiny):
+    """A ``max_tokens`` end that cuts a multi-byte character's bytes (the tiny model writes byte
+    tokens) does not end the text in U+FFFD, streamed or not; the tokens are all counted."""
+    prompts = ["I am allergic to", "My blood type is", "naïve résumé", "Мой врач —"]
+    cases = 0
+    for max_tokens in range(1, 17):
+        for stream in (False, True):
+            states = [SequenceState(Sampling(max_tokens, stream=stream)) for _ in prompts]
+            decode_batch(tiny, [tiny.encode_prompt(p) for p in prompts], None, states)
+            for state in states:
+                raw = tiny.tokenizer.decode(state.token_ids, skip_special_tokens=True)
+                assert state.finish_reason == "length" and len(state.token_ids) == max_tokens
+                assert state.text == raw.rstrip("\ufffd") and not state.text.endswith("\ufffd")
+                cases += raw.endswith("\ufffd")
+    assert cases > 0  # the case is exercised
+
+
 def test_a_sequence_ends_at_an_end_token_which_is_counted_but_not_shown(tiny):
     ids = tiny.encode_prompt("My dentist is called")
     free = SequenceState(Sampling(5))
