@@ -1459,9 +1459,8 @@ def _verdict(last: _Event, key: tuple, prior: dict, deletes: dict, tombstones: d
         stored = (prior[key]["scope"], prior[key]["trigger"], prior[key]["answer"])
         same = _same_fact(stored, last.content, last.user_id)
         if same == "same":
-            how = _copy_of(last.content, stored, "the fact in the prior state")
-            return (F.DUPLICATE, "this upsert is already applied ("
-                    + ("the fact in the prior state)" if how.startswith("exact") else how[len("the same fact as "):] + ")")), None
+            how = "" if last.content == stored else _differences(last.content, stored)
+            return (F.DUPLICATE, f"this upsert is already applied (the fact in the prior state{how})"), None
         if same == "scope":  # the published copy came without its scope column: this one has it
             return None, last.op
         # Another content at the prior fact's own instant: as within one batch, there is no
@@ -1519,13 +1518,19 @@ def _copy_of(copy: tuple, kept: tuple, where: str) -> str:
     """A DUPLICATE's detail: which copy it is the same fact as, and how it differs, if at all."""
     if copy == kept:
         return f"exact copy of {where}"
+    return f"the same fact as {where}{_differences(copy, kept)}"
+
+
+def _differences(copy: tuple, kept: tuple) -> str:
+    """How a copy that is the same fact (:func:`_fact_keys`) differs from the kept one, as a suffix
+    of a detail."""
     why = []
     if copy[0] != kept[0]:
         why.append(f"this row has no scope, the copy has scope {kept[0][:64]!r} (a re-export without the scope "
                    "column? the scope is kept; to make the fact personal, send it with a later time)")
     if copy[2] != kept[2] and _answer_key(copy[2]) == _answer_key(kept[2]) and copy[2].lstrip(" ") != kept[2].lstrip(" "):
         why.append(f"the answer {copy[2].strip()[:64]!r} is the same number as {kept[2].strip()[:64]!r} (kept as published)")
-    return f"the same fact as {where}" + (f": {'; '.join(why)}" if why else " (but for the boundary space)")
+    return f": {'; '.join(why)}" if why else " (but for the boundary space)"
 
 
 def _same_fact(stored: tuple, event: tuple, user_id: str) -> str | None:

@@ -25,7 +25,7 @@ of a stop string), so the concatenated stream is exactly the non-streamed text.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -109,13 +109,13 @@ def held_back(text: str, stop: Sequence[str]) -> int:
     return keep
 
 
-def cut_text(state: "SequenceState") -> str:
+def cut_text(text: str, finish_reason: str | None) -> str:
     """A sequence's text, without the U+FFFD a ``max_tokens`` (or cancelled) end leaves where it
     cut a character's bytes ("Кузнецов\ufffd" of "Кузнецова"): a stream held those back, and they
     were never a character of the answer. Every other text as it is."""
-    if state.finish_reason in (LENGTH, CANCELLED):
-        return state.text.rstrip("\ufffd")
-    return state.text
+    if finish_reason in (LENGTH, CANCELLED):
+        return text.rstrip("\ufffd")
+    return text
 
 
 class RowTracker:
@@ -153,7 +153,7 @@ class RowTracker:
         cut = min((i for i in (state.text.find(s) for s in sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
             state.text, state.finish_reason = state.text[:cut], STOP
-        state.text = cut_text(state)
+        state.text = cut_text(state.text, state.finish_reason)
         state.sent = len(state.text) if state.finished else len(state.text) - held_back(state.text, sampling.stop)
 
 
@@ -268,5 +268,5 @@ def decode_batch(em, prompt_ids: Sequence[Sequence[int]], overlay, states: Seque
     for state in states:
         if not state.finished:  # generate ended without a stop, which the tracker gives every row by then
             state.finish_reason = LENGTH
-            state.text = cut_text(replace(state, text=em.tokenizer.decode(state.token_ids, skip_special_tokens=True)))
+            state.text = cut_text(em.tokenizer.decode(state.token_ids, skip_special_tokens=True), LENGTH)
             state.sent = len(state.text)

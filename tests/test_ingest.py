@@ -1210,6 +1210,9 @@ def test_an_answer_column_re_exported_as_double_instead_of_decimal_is_the_same_f
     assert live_facts(again.state) == {("a", "bal"): " 12.50", ("b", "bal"): " 7.00", ("c", "bal"): " -0.10"}
     assert again.tombstones.num_rows == 0 and again.changed_users == set() and again.accepted == 0
     assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] * 3
+    assert again.rejects.column("detail").to_pylist()[0] == (
+        "this upsert is already applied (the fact in the prior state: the answer '12.5' is the same number as "
+        "'12.50' (kept as published))")
     both = run(read_fact_log(str(tmp_path)))  # both files in one night: one fact each, no conflict
     assert len(live_facts(both.state)) == 3 and both.rejects.column("reason").to_pylist() == ["DUPLICATE"] * 3
     # text that only looks alike stays another content: a zip code 0123 is not 123
