@@ -80,7 +80,7 @@ from pipeline.shards import (
 from pipeline.stats import encode_stats_part, shards_table
 from schemas.facts import REJECTS_SCHEMA
 from schemas.manifest import Manifest, ShardEntry
-from versions.catalog import read_current
+from versions.catalog import read_current, read_watermark
 from versions.errors import IntegrityError, PublishConflict
 from versions.models import publish_model
 from versions import publish
@@ -158,12 +158,6 @@ class _Timer:
         })
 
 
-def _read_watermark(manifest: Manifest | None) -> dict:
-    if manifest is None or not manifest.watermark:
-        return {"files": {}, "max_event_time": None}
-    return json.loads(manifest.watermark)
-
-
 def run_nightly(
     spec: NightlySpec,
     *,
@@ -191,7 +185,7 @@ def run_nightly(
         previous = current[0] if current else None
         if spec.num_shards is None:  # keep the store's shards; only an explicit number reshards
             spec = replace(spec, num_shards=previous.num_shards if previous else DEFAULT_NUM_SHARDS)
-        watermark = _read_watermark(previous)
+        watermark = read_watermark(previous)
         listed = list_log_files(spec.fact_log)
         new, rewritten = files_to_read(listed, watermark["files"])
         if rewritten:
@@ -656,7 +650,7 @@ class _Night:
         """Every log file ingested and still in the log (path -> size and mtime). A file deleted from
         the log upstream (retention) is forgotten here, so the watermark stays as large as the log;
         files outside this night's fact_log (another prefix of the same log) are kept as they are."""
-        previous = _read_watermark(self.previous)
+        previous = read_watermark(self.previous)
         files = {path: identity for path, identity in previous["files"].items()
                  if path in self.listed or not under_sources(path, self.spec.fact_log)}
         for path, identity in files.items():  # an older entry (no change time) of an unchanged file: now with it

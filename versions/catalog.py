@@ -303,3 +303,11 @@ def known_forgets(store: ObjectStore) -> set[str]:
             hashes = record["forgotten"]  # one hash, or a list when one forget named several users
             forgets |= set(hashes) if isinstance(hashes, list) else {hashes}
     return forgets
+
+
+def read_watermark(manifest: Manifest | None) -> dict:
+    """A version's watermark (``{"files": {path: identity}, "max_event_time": ...}``): what a night
+    on top of it has already ingested; empty for no version or one without a watermark."""
+    if manifest is None or not manifest.watermark:
+        return {"files": {}, "max_event_time": None}
+    return json.loads(manifest.watermark)

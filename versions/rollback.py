@@ -13,6 +13,7 @@ from versions.catalog import (
     read_audit,
     read_manifest,
     read_pointer,
+    read_watermark,
 )
 from versions.commit import commit
 from versions.errors import PublishError, UnknownVersion
@@ -30,14 +31,10 @@ def files_read_again(before: Manifest | None, target: Manifest) -> list[str]:
     record the same way. A night reads every file its CURRENT's watermark lacks, so a rollback past a
     night's files is undone by the next night unless they are moved out of the fact log (or
     corrected) first. Sorted paths; empty when ``before`` is unknown (a damaged CURRENT)."""
-    import json
-
     def files(manifest: Manifest | None) -> dict:
-        if manifest is None or not manifest.watermark:
-            return {}
         try:
-            return dict(json.loads(manifest.watermark).get("files") or {})
-        except (ValueError, AttributeError, TypeError):
+            return dict(read_watermark(manifest).get("files") or {})
+        except (ValueError, AttributeError, TypeError):  # a damaged watermark: no file to name
             return {}
 
     kept = files(target)
