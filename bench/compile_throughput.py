@@ -361,7 +361,8 @@ def main() -> None:
                     help="random triggers, or --templates trigger texts shared by all users (several: variants in one run)")
     ap.add_argument("--templates", type=int, default=20, help="templated workload: distinct trigger texts")
     ap.add_argument("--batch", type=int, nargs="+", default=[512], help="facts per batch (several: a sweep)")
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--steps", type=int, nargs="+", default=[CompileOptions.steps],
+                    help="CompileOptions.steps, the first round's steps (several: a sweep)")
     ap.add_argument("--lr", type=float, default=None,
                     help="CompileOptions.lr (default 0.1; scaled by the model's width unless --no-lr-width-scaling)")
     ap.add_argument("--no-lr-width-scaling", action="store_true", help="CompileOptions.lr_width_scaling off")
@@ -406,7 +407,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.dry_run:
-        presets = describe_presets(args.steps, args.peak_tflops or PEAK_TFLOPS)
+        presets = describe_presets(args.steps[0], args.peak_tflops or PEAK_TFLOPS)
         if args.json:
             print(json.dumps({"presets": presets}))
         for p in presets if not args.json else []:
@@ -453,19 +454,19 @@ def main() -> None:
                                    templates=args.templates) for w in args.workload}
         trigger_tokens = len(em.encode_prompt(next(iter(workloads.values()))[0].trigger))
         runs = []
-        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm) for a in args.attn for w in args.workload
+        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st) for a in args.attn for w in args.workload
                     for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for dd in args.dedupe_prefixes
                     for ps in args.plain_step for cs in args.compiled_step for ov in args.overlap
                     for si in args.switch_interval for pk in args.prefix_kernel for tw in args.tokenize_workers
-                    for fn in args.fused_ops for mm in args.min_margin]
+                    for fn in args.fused_ops for mm in args.min_margin for st in args.steps]
         default_interval = sys.getswitchinterval()
         for attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers, norms, \
-                margin in variants:
+                margin, steps in variants:
             sys.setswitchinterval(interval or default_interval)
             em = model(attn)
             facts = workloads[workload]
-            opts = CompileOptions(steps=args.steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
+            opts = CompileOptions(steps=steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
                                   reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups,
                                   dedupe_prefixes=dedupe == "on", plain_step=plain == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
@@ -511,13 +512,13 @@ def main() -> None:
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
                 "greedy_checked": len(checked), "greedy_ok": greedy_ok,
-                "retried_facts": sum(r.steps > args.steps for r in result.facts),
+                "retried_facts": sum(r.steps > steps for r in result.facts), "steps": steps,
                 "bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
             }
-            flops = flops_per_fact(em, trigger_tokens, args.steps)
+            flops = flops_per_fact(em, trigger_tokens, steps)
             run["gflop_per_fact"] = round(flops / 1e9, 3)
-            run["gflop_per_fact_min"] = round(flops_per_fact(em, trigger_tokens, args.steps, reuse_lower=True) / 1e9, 3)
+            run["gflop_per_fact_min"] = round(flops_per_fact(em, trigger_tokens, steps, reuse_lower=True) / 1e9, 3)
             run["achieved_tflops"] = round(flops * run["facts_per_s"] / 1e12, 1)
             if peak_tflops:
                 run["peak_tflops"] = peak_tflops

@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--compiled-step", action="store_true")
     ap.add_argument("--overlap", action="store_true", help="CompileOptions.overlap_batches")
+    ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
     ap.add_argument("--kernels", type=int, default=30)
     ap.add_argument("--no-torch-profiler", action="store_true",
                     help="cProfile only (the torch profiler slows the host's launches; no GPU figures then)")
@@ -57,7 +58,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     em = load_d768("eager")
     facts = make_facts(em, args.batch * (args.batches + 1), 16, 20, seed=0)
-    options = CompileOptions(facts_per_batch=args.batch, compiled_step=args.compiled_step,
+    options = CompileOptions(facts_per_batch=args.batch, compiled_step=args.compiled_step, steps=args.steps,
                              overlap_batches=args.overlap)
     compile_facts(em, facts[: args.batch], options)  # warm-up
     timed = facts[args.batch:]
