@@ -744,6 +744,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     for name in _ID_COLUMNS:
         if name in table.column_names and not pa.types.is_floating(table.column(name).type):
             _warn_float_text_ids(columns[name], name, source)
+        if name in table.column_names and not isinstance(table.column(name).type, _UUID_TYPE):
+            _warn_uuid_text_ids(columns[name], name, source)
     columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
@@ -768,6 +770,24 @@ def _warn_float_text_ids(column: pa.ChunkedArray, name: str, source: str) -> Non
         logger.warning("fact log %s: %s %r (row %d) looks like a float's text of an integer: a float id column turned "
                        "to text (pandas astype(str)) reads as other ids than the integers ('7.0' is not '7'); export "
                        "the ids as integers or strings of the integers", source, name, column[row].as_py(), row)
+
+
+_UUID_TEXT = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+
+
+def _warn_uuid_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file when a text id column holds a UUID in another form than the lowercase
+    hyphenated text a Parquet UUID column reads as (upper-case hex, or in braces as .NET and SQL
+    Server write it): ids are compared as written, so the same user exported once as a UUID column
+    and once as such text would be two users."""
+    looks = pc.fill_null(pc.and_(pc.match_substring_regex(column, rf"^(\{{{_UUID_TEXT}\}}|{_UUID_TEXT})$"),
+                                 pc.match_substring_regex(column, r"[A-F{]")), False)
+    if pc.any(looks).as_py():
+        row = pc.index(looks, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) is a UUID in another form than lowercase hyphenated text: ids are "
+                       "read as written, and a UUID-typed export of the same user (DuckDB, Postgres, Spark) reads as "
+                       "lowercase, another user; export the ids in one form (lowercase, no braces)",
+                       source, name, column[row].as_py(), row)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:

@@ -160,6 +160,30 @@ def test_uuid_and_whole_number_decimal_ids_read_as_their_usual_text(tmp_path):
         assert read_fact_log(str(path)).rows.column("user_id").to_pylist() == ids
 
 
+def test_text_ids_that_are_uuids_in_another_form_are_read_as_written_with_one_warning_per_file(tmp_path, caplog):
+    """A UUID-typed id column reads as lowercase hyphenated text; the same UUID exported as text in
+    upper case (or in braces, as .NET and SQL Server write it) is another id, read as written: one
+    warning per file names the file, the column, the row and the fix. Lowercase text: no warning."""
+    lower = "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+    uuid_typed = pa.ExtensionArray.from_storage(pa.uuid(), pa.array([bytes.fromhex(lower.replace("-", ""))], pa.binary(16)))
+    forms = {"typed": uuid_typed, "upper": pa.array([lower.upper()] * 2), "braces": pa.array(["{" + lower + "}"] * 2),
+             "lower": pa.array([lower] * 2)}
+    for name, ids in forms.items():
+        rows = len(ids)
+        raw = pa.table({"user_id": ids, "fact_id": [f"{name}-{i}" for i in range(rows)], "op": ["upsert"] * rows,
+                        "trigger": ["My city is"] * rows, "answer": [" Ayr"] * rows,
+                        "event_time": pa.array([T0] * rows, pa.timestamp("us", tz="UTC"))})
+        pq.write_table(raw, tmp_path / f"{name}.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    users = {user for user, _ in live_facts(result.state)}
+    assert users == {lower, lower.upper(), "{" + lower + "}"}  # read as written: three ids
+    warnings = [r.getMessage() for r in caplog.records if "is a UUID in another form" in r.getMessage()]
+    assert len(warnings) == 2  # once per file, for the upper-case and the braces files only
+    assert any("upper.parquet" in w and repr(lower.upper()) in w and "(row 0)" in w for w in warnings)
+    assert any("braces.parquet" in w and "export the ids in one form" in w for w in warnings)
+
+
 @pytest.mark.parametrize("case", [c for c in FILE_CASES if not c.expected], ids=lambda c: c.name)
 def test_schema_drift_that_loses_nothing_is_read(case, tmp_path):
     path = write_file_case(case, tmp_path)
