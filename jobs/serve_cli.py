@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from jobs.nightly_cli import _fail, checkpoint_problem, directory_problem, exit_code, fail_json
+from jobs.nightly_cli import _fail, checkpoint_problem, directory_problem, exit_code, fail_json, text_argument_problem
 from jobs.nightly_cli import seconds_option as _seconds
 from serving.openai_api import MAX_TOKENS_LIMIT
 
@@ -138,6 +138,9 @@ def ask(
 
     from engram_core.text import canonical_id, canonical_prompt
 
+    problem = text_argument_problem(user, "--user") or text_argument_problem(prompt, "the prompt")
+    if problem:  # bytes that are not UTF-8 (failed later with a UnicodeEncodeError or a tokenizer traceback)
+        fail_json(as_json, problem, 2, "answered")
     user, prompt = canonical_id(user), canonical_prompt(prompt) or prompt  # as ingest stores them (engram_core.text)
     if not prompt.strip():
         fail_json(as_json, "the prompt is empty; give the text to continue, e.g. \"My dentist is Dr.\"", 2, "answered")

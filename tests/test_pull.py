@@ -316,6 +316,35 @@ def test_ask_refuses_a_prompt_past_the_context_and_an_empty_user_as_serve_does(l
     assert empty.exit_code == 2 and "--user is empty" in empty.output
 
 
+def test_ask_and_forget_refuse_command_line_bytes_that_are_not_utf8_naming_the_argument(local_store, tiny, tiny_dir,
+                                                                                        compiled, tmp_path):
+    """A byte that is not UTF-8 in argv (Python keeps it as a lone surrogate) ended `engram ask` in a
+    UnicodeEncodeError line (--user) or a tokenizer traceback (the prompt), and `engram forget` in a
+    UnicodeEncodeError: each is now one line naming the argument and the byte, exit 2, nothing done."""
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    before = sorted(local_store.list(""))
+    real = subprocess.run([sys.executable.encode(), b"-m", b"jobs.cli", b"ask", b"--store", str(local_store.root).encode(),
+                           b"--user", b"alice\xff", b"My dentist is called"], capture_output=True, timeout=300,
+                          env={**os.environ, "ENGRAM_CACHE_DIR": str(tmp_path / "cache")})  # the bytes as a shell passes them
+    outcomes = [(real.returncode, real.stderr.decode(), "--user")]
+    store = str(local_store.root)
+    for args, named in [(["ask", "--store", store, "--user", "alice", "My dentist \udce9 called"], "the prompt"),
+                        (["forget", "--store", store, "alice\udcff", "--reason", "ticket"], "user id")]:
+        result = CliRunner().invoke(cli_app(), args)  # what Python makes of those bytes in argv
+        outcomes.append((result.exit_code, result.output, named))
+    for code, output, named in outcomes:
+        assert code == 2, output
+        assert f"{named} " in output and "is not UTF-8 text (byte 0x" in output and "Traceback" not in output, output
+    assert sorted(local_store.list("")) == before
+
+
 def test_pull_command_reports_each_poll(local_store, tiny, tiny_dir, compiled, tmp_path):
     from typer.testing import CliRunner
 
