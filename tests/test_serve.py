@@ -115,6 +115,7 @@ def _post(server, body: bytes, path: str = "/v1/completions") -> tuple[int, dict
     (json.dumps({"model": "engram", "prompt": "hi", "user": 7}).encode(), "user"),
     (json.dumps({"model": "engram", "prompt": "hi", "user": ""}).encode(), "user"),
     (json.dumps({"model": "engram", "prompt": "hi", "stream": "yes"}).encode(), "stream"),
+    (b"[" * 100_000, None),  # deeper than the parser goes: json raised RecursionError and the handler died
 ])
 def test_malformed_requests_get_400_with_a_json_error(server, body, param):
     status, payload = _post(server, body)
