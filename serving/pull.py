@@ -25,7 +25,9 @@ A serving node owns a set of shards. :class:`PullClient` polls the store:
    serves does not reference (the old index, and so the memory, is released with the swap).
 
 Any failure keeps the version being served, logs why and sets ``last_error``; the next poll
-tries again (the etag is only remembered after a successful swap). A rollback is just CURRENT
+tries again (the etag is only remembered after a successful swap). Users the failed version's
+manifest forgets (and the served one does not) are dropped from the served version all the same,
+with their shards' cached objects. A rollback is just CURRENT
 pointing at an older manifest, and a forgotten user is absent from the rewritten objects: both
 are followed on the next poll like any other change, and the eviction removes the forgotten
 user's old objects from the node's disk.
@@ -50,7 +52,7 @@ import threading
 import time
 from collections.abc import Iterator
 from collections.abc import Mapping as AbstractMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -63,7 +65,7 @@ from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_scopes, deco
 from schemas.manifest import Manifest, ManifestError, ShardEntry
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
-from versions.layout import CURRENT_KEY, shard_of
+from versions.layout import CURRENT_KEY, forgotten_id, shard_of
 from versions.models import fetch_model
 from versions.store import ObjectNotFound, ObjectStore, StoreError, write_file_atomic
 
@@ -197,6 +199,12 @@ def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: in
 # ---------------------------------------------------------------- the index
 
 
+# The chain of a shard view that users were dropped from (PullClient._drop_forgotten): it names no
+# object (so the cache keeps none of the shard's objects) and no manifest's chain starts with it (so
+# the next version is rebuilt from its base, never layered onto the view).
+_SCRUBBED = ("scrubbed",)
+
+
 @dataclass(frozen=True)
 class ShardView:
     """One shard of a served version: the chain it was built from and its users' checked deltas."""
@@ -247,6 +255,7 @@ class ServingIndex:
     shards: tuple[int, ...]
     views: Mapping[int, ShardView] = field(repr=False)
     scopes: ScopesView = field(default=NO_SCOPES, repr=False)
+    forgotten: frozenset[str] = field(default=frozenset(), repr=False)  # the manifest's (sha256 of ids)
 
     @property
     def users(self) -> Mapping[str, ServedDelta]:
@@ -431,7 +440,11 @@ class PullClient:
             raise PullError(f"{self.store.uri}: CURRENT disappeared while reading it")
         manifest, etag = current
         build = _Build()
-        index = self._build(manifest, build)
+        try:
+            index = self._build(manifest, build)
+        except self._FAILURES:
+            self._drop_forgotten(manifest)  # the version cannot be served; its erasures are honoured all the same
+            raise
         self._index = index  # the swap: readers hold either the old index or this one
         self._etag = etag
         evicted = self._evict(index)
@@ -442,6 +455,31 @@ class PullClient:
                           downloaded_objects=build.downloads.objects, downloaded_bytes=build.downloads.bytes,
                           layers_applied=build.layers_applied, rebuilt_shards=tuple(build.rebuilt),
                           evicted_objects=len(evicted))
+
+    def _drop_forgotten(self, manifest: Manifest) -> None:
+        """Stop serving the users ``manifest`` forgets that the served version does not (an erasure
+        since), when ``manifest`` itself cannot be loaded (a damaged object, another model, a disk
+        error): they leave memory now and their shards' cached objects (which hold their rows; the
+        forget rewrote every retained version without them) leave the disk; the other users keep
+        being served from memory. Their shards are rebuilt from the base on the next good poll."""
+        index = self._index
+        erased = set(manifest.forgotten) - index.forgotten if index is not None else set()
+        if not erased:
+            return
+        views, dropped = dict(index.views), 0
+        for shard, view in index.views.items():
+            gone = [user for user in view.users if forgotten_id(user) in erased]
+            if gone:
+                users = {u: d for u, d in view.users.items() if u not in gone}
+                scope_of = {u: s for u, s in view.scope_of.items() if u not in gone}
+                views[shard] = ShardView(_SCRUBBED, users, scope_of)
+                dropped += len(gone)
+        self._index = replace(index, views=views, forgotten=index.forgotten | erased)
+        if dropped:
+            log.warning("%s v%d forgets %d user(s) that served v%d holds; they are no longer served, though v%d "
+                        "could not be loaded (see the error)", self.store.uri, manifest.version, dropped,
+                        index.version, manifest.version)
+            self._evict(self._index)
 
     def _evict(self, index: ServingIndex) -> list[Path]:
         """Delete the cached objects of this node's shards that the served version does not name."""
@@ -473,7 +511,8 @@ class PullClient:
             held = previous.views.get(shard) if reuse else None
             views[shard] = self._shard_view(manifest, manifest.shard(shard), held, build)
         scopes = self._scopes_view(manifest, previous.scopes if previous is not None else NO_SCOPES, build)
-        return ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned), views, scopes)
+        return ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned), views, scopes,
+                            frozenset(manifest.forgotten))
 
     def _scopes_view(self, manifest: Manifest, held: ScopesView, build: "_Build") -> ScopesView:
         """The version's shared scopes: ``held`` if the same object, else fetched (cache or store),

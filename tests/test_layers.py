@@ -307,6 +307,44 @@ def test_forgetting_a_user_reaches_the_nodes_memory_and_disk_and_the_store(any_s
         assert target not in served(any_store)
 
 
+@pytest.mark.parametrize("fault", ["damaged object", "other model"])
+def test_a_forget_reaches_a_node_whose_next_version_cannot_be_loaded(any_store, tiny, rng, tmp_path, fault):
+    """A node that cannot load the version a forget made (its rewritten base damaged, or the night
+    before moved to another model the node does not run) keeps serving the version it has, as
+    documented, but without the forgotten user: it served them until an operator repaired the
+    store or restarted the node. Their shard's cached objects (which hold their rows) go too."""
+    target = "user-7f3a9c"
+    deltas = {u: random_delta(tiny, rng) for u in USERS} | {target: random_delta(tiny, rng)}
+    night(any_store, tiny.fingerprint, deltas)
+    cache = tmp_path / "cache"
+    node = PullClient(any_store, tiny, cache_dir=cache)
+    assert node.poll().error is None and node.deltas_for(target)
+    rows = value_rows(deltas[target])
+    assert files_holding(cache, target, rows)
+    if fault == "other model":  # a night for another model; the node was not restarted with it
+        night(any_store, "f" * 64, {USERS[0]: random_delta(tiny, rng)})
+    assert forget_user(any_store, target, actor="test", reason="erasure").found
+    manifest, _ = read_current(any_store)
+    key = manifest.shard(shard_of(target, NUM_SHARDS)).bundle_key
+    original = any_store.get(key)
+    if fault == "damaged object":
+        any_store.put(key, b"x" + original[1:])
+
+    result = node.poll()
+    assert result.error is not None and result.version == 1  # v1 still served...
+    assert node.deltas_for(target) == ()  # ...without the forgotten user
+    assert files_holding(cache, target, rows) == []
+    others = {u: d for u, d in deltas.items() if u != target}
+    assert same_deltas({u: node.deltas_for(u)[0] for u in others}, others)
+    assert node.poll().error is not None and node.deltas_for(target) == ()  # and on every later failed poll
+
+    if fault == "damaged object":  # repaired: the next poll serves the forget's version, rebuilt from its base
+        any_store.put(key, original)
+        repaired = node.poll()
+        assert repaired.error is None and repaired.version == manifest.version and node.deltas_for(target) == ()
+        assert same_deltas({u: node.deltas_for(u)[0] for u in others}, others)
+
+
 def test_gc_collects_the_layers_no_kept_version_names(local_store, tiny, rng, first):
     for i in range(3):
         night(local_store, tiny.fingerprint, {USERS[i]: random_delta(tiny, rng)})
