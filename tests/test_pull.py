@@ -202,6 +202,35 @@ def test_a_restart_loads_from_the_cache_and_a_damaged_cache_file_is_downloaded_a
     assert healed.poll().error is None and cached.read_bytes() == original
 
 
+@pytest.mark.parametrize("damage", ["values permuted", "truncated", "zero-length"])
+def test_a_damaged_token_map_in_a_nodes_model_cache_is_rebuilt_and_facts_are_recalled(local_store, tiny, tiny_dir,
+                                                                                      compiled, tmp_path, damage):
+    """The canonical token map is a derived file beside the fetched model (outside its fingerprint).
+    With its values damaged, a restarted node addressed every prompt with the wrong rows and lost
+    every user's facts, silently; a truncated one failed the load with a numpy error."""
+    import numpy as np
+
+    from serving.pull import resolve_model
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    manifest, _ = read_current(local_store)
+    resolve_model(local_store, manifest, model_dir=None, cache_dir=tmp_path)  # the node's first start
+    [cached] = (tmp_path / "models" / manifest.fingerprint / "engram").glob("canonical-*.npy")
+    intact = np.load(cached)
+    if damage == "values permuted":
+        np.save(cached, np.random.default_rng(0).permutation(intact))
+    else:
+        cached.write_bytes(cached.read_bytes()[:len(cached.read_bytes()) // 2] if damage == "truncated" else b"")
+
+    restarted = resolve_model(local_store, manifest, model_dir=None, cache_dir=tmp_path)
+    client = PullClient(local_store, restarted)
+    assert client.poll().error is None
+    assert answers(restarted, client, "alice", "alice") == expected("alice")
+    [rebuilt] = (tmp_path / "models" / manifest.fingerprint / "engram").glob("canonical-*.npy")
+    assert (np.load(rebuilt) == intact).all()
+
+
 def test_model_publish_and_fetch_round_trip(local_store, tiny_dir, tmp_path):
     fp = publish_model(local_store, tiny_dir)
     assert publish_model(local_store, tiny_dir) == fp  # second time: already there
