@@ -48,6 +48,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
 from versions.layout import CURRENT_KEY, forgotten_id, shard_of
 from versions.models import fetch_model
-from versions.store import ObjectNotFound, ObjectStore, StoreError, write_file_atomic
+from versions.store import ObjectNotFound, ObjectStore, StoreError, remove_dead_temp_files, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,20 +150,30 @@ class BundleCache:
 
     def evict(self, keep: Mapping[int, set[str]]) -> list[Path]:
         """Delete every cached object of the shards in ``keep`` whose sha256 is not kept, and the
-        legacy folder; returns what was deleted."""
+        legacy folder's objects; returns what was deleted. Only names the cache writes are touched
+        (``<sha256>.parquet``; other files in its folders are not its own), and the temporary files
+        of writers that were killed mid-write (:func:`versions.store.remove_dead_temp_files`)."""
         deleted = []
         for shard, kept in keep.items():
             folder = self.root / "shards" / str(shard)
-            for path in folder.glob("*.parquet") if folder.is_dir() else ():
+            for tmp in remove_dead_temp_files(folder):
+                log.info("cache %s: deleted %s, left by a writer that was killed mid-write", self.root, tmp.name)
+            for path in _objects_in(folder):
                 if path.stem not in kept:
                     path.unlink(missing_ok=True)
                     deleted.append(path)
-        legacy = self.root / self.LEGACY
-        for path in legacy.glob("*") if legacy.is_dir() else ():
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                deleted.append(path)
+        for path in _objects_in(self.root / self.LEGACY):
+            path.unlink(missing_ok=True)
+            deleted.append(path)
         return deleted
+
+
+_OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.parquet")
+
+
+def _objects_in(folder: Path) -> list[Path]:
+    """The cached objects in ``folder``: files named ``<sha256>.parquet``, as :meth:`BundleCache.save` names them."""
+    return [p for p in folder.iterdir() if _OBJECT_NAME.fullmatch(p.name) and p.is_file()] if folder.is_dir() else []
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engram_core.compiler import Fact, compile_facts
+from engram_core.fingerprint import fingerprint
 from engram_core.serving import generate, overlay_for
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import empty_fact_state
@@ -238,6 +239,77 @@ def test_model_publish_and_fetch_round_trip(local_store, tiny_dir, tmp_path):
     assert path.is_dir() and fetch_model(local_store, fp, tmp_path / "cache") == path
     with pytest.raises(ModelError, match="not published"):
         fetch_model(local_store, "0" * 64, tmp_path / "cache")
+
+
+_KILLED_AT = """
+import os, signal, sys, pathlib
+sys.path.insert(0, {root!r})
+n, calls, original = {nth}, [0], {target}
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a node drain does, mid-write
+    return original(*args, **kwargs)
+{patch} = killing
+{body}
+"""
+
+
+def _run_killed(tmp_path, target: str, patch: str, nth: int, body: str) -> None:
+    """Run ``body`` in a fresh process that SIGKILLs itself at the ``nth`` call of ``target``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _KILLED_AT.format(root=str(Path(__file__).parents[1]), nth=nth, target=target, patch=patch, body=body)
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+
+
+def test_a_model_fetch_killed_mid_download_leaves_no_partial_copy_after_the_next_fetch(local_store, tiny_dir, tmp_path):
+    """A node killed while it downloads the model (a crash-looping pod) left its staging folder, a
+    partial copy of the model, in the cache for good: one per kill, until the disk filled."""
+    fp = publish_model(local_store, tiny_dir)
+    cache = tmp_path / "cache"
+    body = f"from versions.models import fetch_model\nfrom versions.store import open_store\n" \
+           f"fetch_model(open_store({str(local_store.root)!r}), {fp!r}, {str(cache)!r})"
+    for nth in (2, 5):  # killed after one file, and after several
+        _run_killed(tmp_path, "pathlib.Path.write_bytes", "pathlib.Path.write_bytes", nth, body)
+    models = cache / "models"
+    assert [p.name for p in models.iterdir() if p.name.startswith(".tmp-")]  # what the kills left
+    assert fetch_model(local_store, fp, cache) == models / fp
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".fetch-")) == [fp]
+    assert fingerprint(models / fp) == fp
+
+
+def test_a_cache_write_killed_mid_way_is_cleaned_by_the_next_poll_and_foreign_files_are_kept(local_store, tiny,
+                                                                                             tiny_dir, compiled,
+                                                                                             tmp_path):
+    """A pull killed between writing a cached object's temporary file and renaming it left the file
+    for good (eviction looked at *.parquet only); and eviction deleted any *.parquet in a shard
+    folder and every file in bundles/, whatever its name: files the cache never wrote."""
+    import os
+    import time
+
+    publish(local_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    body = (f"from engram_core.checkpoint import load_checkpoint\nfrom serving.pull import PullClient\n"
+            f"from versions.store import open_store\n"
+            f"PullClient(open_store({str(local_store.root)!r}), load_checkpoint({str(tiny_dir)!r}), "
+            f"cache_dir={str(cache)!r}).poll()")
+    _run_killed(tmp_path, "os.replace", "os.replace", 1, body)  # the first cached object's rename
+    [left] = cache.glob("shards/*/.tmp-*")
+    foreign = [cache / "shards" / "0" / "notes.parquet", cache / "bundles" / "README.txt"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the operator's")
+    client = PullClient(local_store, tiny, cache_dir=cache)
+    assert client.poll().error is None and left.exists()  # a minute old at most: it may be being written
+    old = time.time() - 120
+    os.utime(left, (old, old))
+    publish(local_store, tiny, v2(compiled))
+    assert client.poll().error is None
+    assert not left.exists() and all(path.read_text() == "the operator's" for path in foreign)
 
 
 def test_a_tampered_model_file_is_refused(local_store, tiny_dir, tmp_path):

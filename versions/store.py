@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -544,11 +545,14 @@ class S3Store(ObjectStore):
 
 def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> None:
     """Write ``path`` so that a reader sees the old file or the whole new one, never a part:
-    a temporary file in the same folder, fsync, rename over, fsync the folder."""
+    a temporary file in the same folder, fsync, rename over, fsync the folder. The temporary file
+    is ``flock``-ed while it is written, so :func:`remove_dead_temp_files` can tell one whose
+    writer was killed (its lock released by the kernel) from one being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{tmp_prefix}{path.name}-{secrets.token_hex(6)}"
     try:
         with open(tmp, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -560,6 +564,25 @@ def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_dead_temp_files(folder: Path, tmp_prefix: str = ".tmp-", *, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the temporary files of :func:`write_file_atomic` in ``folder`` whose writer died (a
+    kill -9, a crash, a power loss mid-write: nothing else ever removes them); returns them. A file
+    whose ``flock`` is held, or younger than ``min_age_s`` (created, not yet locked), is left."""
+    removed = []
+    now = time.time()
+    for tmp in folder.glob(f"{tmp_prefix}*") if folder.is_dir() else ():
+        try:
+            if not tmp.is_file() or now - tmp.stat().st_mtime < min_age_s:
+                continue
+            with open(tmp, "rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: being written
+                tmp.unlink()
+            removed.append(tmp)
+        except (BlockingIOError, FileNotFoundError):
+            continue  # being written, or renamed into place / removed meanwhile
+    return removed
 
 
 _S3_BUCKET = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # what botocore accepts as a bucket name
