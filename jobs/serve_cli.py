@@ -97,7 +97,7 @@ def pull(
                   "shards": list(index.shards) if index else [], "delta_bytes": index.nbytes if index else 0,
                   "downloaded_objects": result.downloaded_objects, "downloaded_bytes": result.downloaded_bytes,
                   "layers_applied": result.layers_applied, "evicted_objects": result.evicted_objects,
-                  "error": result.error}
+                  "cache_error": result.cache_error, "error": result.error}
         last = not watch or (polls and count >= polls)
         if as_json:
             if last and index is None:  # the command fails (exit 1): this poll's object is its failure object

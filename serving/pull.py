@@ -180,6 +180,7 @@ def _objects_in(folder: Path) -> list[Path]:
 class _Downloads:
     objects: int = 0
     bytes: int = 0
+    cache_error: str | None = None  # the first object that could not be kept in the disk cache, and why
 
 
 def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: int, cache: BundleCache | None,
@@ -203,7 +204,15 @@ def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: in
         raise IntegrityError(f"{where}: sha256 {actual[:16]}.. does not match the manifest's "
                              f"{sha256[:16]}.. (refused; the object was changed or damaged)")
     if cache is not None:
-        cache.save(shard, sha256, data)
+        try:
+            cache.save(shard, sha256, data)
+        except OSError as err:  # a full or read-only disk: the verified bytes serve from memory all the same
+            problem = (f"cache {cache.root}: could not keep {key} ({err.strerror or err}); it is served from memory "
+                       "and a restart downloads it again (free space on that disk, or give --cache-dir on a larger one)")
+            first = downloads is None or downloads.cache_error is None
+            log.log(logging.WARNING if first else logging.DEBUG, "%s", problem)  # once per poll
+            if downloads is not None and first:
+                downloads.cache_error = problem
     return data
 
 
@@ -381,6 +390,7 @@ class PollResult:
     layers_applied: int = 0  # layers applied onto a shard the node already served
     rebuilt_shards: tuple[int, ...] = ()  # shards built from their base (cache or store)
     evicted_objects: int = 0  # cached objects no served chain names any more, deleted
+    cache_error: str | None = None  # an object that could not be kept in the disk cache (served from memory)
 
 
 class PullClient:
@@ -465,7 +475,7 @@ class PullClient:
         return PollResult(served != manifest.version or bool(build.fetched), manifest.version, tuple(build.fetched),
                           downloaded_objects=build.downloads.objects, downloaded_bytes=build.downloads.bytes,
                           layers_applied=build.layers_applied, rebuilt_shards=tuple(build.rebuilt),
-                          evicted_objects=len(evicted))
+                          evicted_objects=len(evicted), cache_error=build.downloads.cache_error)
 
     def _drop_forgotten(self, manifest: Manifest) -> None:
         """Stop serving the users ``manifest`` forgets that the served version does not (an erasure

@@ -312,6 +312,49 @@ def test_a_cache_write_killed_mid_way_is_cleaned_by_the_next_poll_and_foreign_fi
     assert not left.exists() and all(path.read_text() == "the operator's" for path in foreign)
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a real tmpfs of 1 MiB (a mount: root only, else the test is skipped), filled to
+    the last byte: every write there fails with ENOSPC."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        with open(mount / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_cache_disk_still_serves_the_verified_version_and_says_so(local_store, tiny, tiny_dir, compiled,
+                                                                         full_disk):
+    """Objects were verified in memory, but a cache write that failed (ENOSPC) failed the whole poll:
+    the node served nothing (no path, no fix in the error); a model that does not fit failed with a
+    bare '[Errno 28] No space left on device'."""
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny, cache_dir=full_disk / "cache")
+    result = client.poll()
+    assert result.error is None and result.version == 1
+    assert answers(tiny, client, "alice", "alice") == expected("alice")
+    assert "No space left on device" in result.cache_error and str(full_disk / "cache") in result.cache_error
+    assert "--cache-dir" in result.cache_error and not list((full_disk / "cache").rglob("*.parquet*"))
+
+    fp = publish_model(local_store, tiny_dir)
+    with pytest.raises(ModelError, match=r"cache .*/models: cannot write model .*No space left on device.*takes \d+ "
+                                         r"bytes: free space on that disk, or give --cache-dir"):
+        fetch_model(local_store, fp, full_disk / "cache")
+    assert not [p for p in (full_disk / "cache" / "models").iterdir() if not p.name.startswith(".fetch-")]
+
+
 def test_a_tampered_model_file_is_refused(local_store, tiny_dir, tmp_path):
     fp = publish_model(local_store, tiny_dir)
     key = f"models/{fp}/engram/config.json"

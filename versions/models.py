@@ -123,8 +123,14 @@ def _fetch_model(store: ObjectStore, fp: str, dest: Path) -> Path:
             target = staging / rel
             if staging.resolve() not in target.resolve().parents:
                 raise ModelError(f"{store.uri}/{_model_key(fp, MODEL_FILE_LIST)}: bad file name {rel!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            except OSError as err:  # a full or read-only disk: say where and what it takes
+                needed = sum(int(f["bytes"]) for f in files.values())
+                raise ModelError(f"cache {dest.parent}: cannot write model {fp[:16]}.. ({err.strerror or err}); it "
+                                 f"takes {needed} bytes: free space on that disk, or give --cache-dir on a larger one "
+                                 "(or --model DIR)") from None
         actual = fingerprint(staging)
         if actual != fp:
             raise ModelError(f"{store.uri}/{_model_key(fp)}: files have fingerprint {actual[:16]}.., "
