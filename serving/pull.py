@@ -393,6 +393,17 @@ class PollResult:
     cache_error: str | None = None  # an object that could not be kept in the disk cache (served from memory)
 
 
+_MOVES_FOLLOWED = 3  # polls in a row that find CURRENT moved under them before one reports the error
+
+
+class _CurrentMoved(Exception):
+    """A version's object was missing or changed and CURRENT no longer names that version."""
+
+    def __init__(self, error: IntegrityError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class PullClient:
     """Follows a store's CURRENT for the shards one serving node owns (``shards=None``: all)."""
 
@@ -450,21 +461,32 @@ class PullClient:
             return result
 
     def _poll(self) -> PollResult:
+        for attempt in range(1, _MOVES_FOLLOWED + 1):
+            try:
+                return self._poll_once()
+            except _CurrentMoved as moved:
+                if attempt == _MOVES_FOLLOWED:
+                    raise IntegrityError(f"{moved.error}; CURRENT moved {attempt} times while this node pulled (a "
+                                         "publish, rollback, forget or gc each time); the next poll tries again") from None
+                log.info("%s: %s; CURRENT moved meanwhile (a publish, rollback, forget or gc), pulling again",
+                         self.store.uri, moved.error)
+
+    def _poll_once(self) -> PollResult:
         served = self._index.version if self._index is not None else None
         head = self.store.head(CURRENT_KEY)
-        if head is None:
-            raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
-        if head.etag == self._etag:
+        if head is not None and head.etag == self._etag:
             return PollResult(False, served)
-        current = read_current(self.store)
+        current = read_current(self.store)  # a missing CURRENT of a store with published versions: the fix named
         if current is None:
-            raise PullError(f"{self.store.uri}: CURRENT disappeared while reading it")
+            raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
         manifest, etag = current
         build = _Build()
         try:
             index = self._build(manifest, build)
-        except self._FAILURES:
+        except self._FAILURES as err:
             self._drop_forgotten(manifest)  # the version cannot be served; its erasures are honoured all the same
+            if isinstance(err, IntegrityError) and self._moved_from(etag):
+                raise _CurrentMoved(err) from err  # its objects were rewritten or collected under it: not damage
             raise
         self._index = index  # the swap: readers hold either the old index or this one
         self._etag = etag
@@ -476,6 +498,13 @@ class PullClient:
                           downloaded_objects=build.downloads.objects, downloaded_bytes=build.downloads.bytes,
                           layers_applied=build.layers_applied, rebuilt_shards=tuple(build.rebuilt),
                           evicted_objects=len(evicted), cache_error=build.downloads.cache_error)
+
+    def _moved_from(self, etag: str) -> bool:
+        try:
+            head = self.store.head(CURRENT_KEY)
+        except StoreError:
+            return False
+        return head is None or head.etag != etag
 
     def _drop_forgotten(self, manifest: Manifest) -> None:
         """Stop serving the users ``manifest`` forgets that the served version does not (an erasure

@@ -345,6 +345,56 @@ def test_a_forget_reaches_a_node_whose_next_version_cannot_be_loaded(any_store, 
         assert same_deltas({u: node.deltas_for(u)[0] for u in others}, others)
 
 
+@pytest.mark.parametrize("operation", ["forget", "rollback, night and gc", "night and gc"])
+def test_a_pull_that_a_writer_overtakes_mid_way_serves_the_new_current_in_the_same_poll(any_store, tiny, rng, tmp_path,
+                                                                                        operation):
+    """A forget, or a gc after a night (or after a rollback and a night), that moves CURRENT and
+    deletes objects the pull is about to read, while a node pulls: the poll failed with '...: missing (manifest shard N
+    references it)', read as a damaged store, and the node waited a whole interval on the old
+    version. It now pulls the new CURRENT at once; the version it serves is the one CURRENT names."""
+    deltas = {u: random_delta(tiny, rng) for u in USERS}
+    night(any_store, tiny.fingerprint, deltas)
+    night(any_store, tiny.fingerprint, {USERS[0]: random_delta(tiny, rng)})
+    node = PullClient(any_store, tiny, cache_dir=tmp_path / "cache")
+    get, moved = any_store.get, []
+
+    def overtaking_get(key: str) -> bytes:  # the writer runs while the node reads its first object
+        if key.startswith("objects/") and not moved:
+            moved.append(key)
+            if operation == "forget":
+                forget_user(any_store, USERS[1], actor="test", reason="erasure")  # rewrites every shard holding it
+            elif operation == "rollback, night and gc":
+                rollback(any_store, 1, reason="test", actor="test")
+                night(any_store, tiny.fingerprint, {USERS[2]: random_delta(tiny, rng)})  # v3 over v1
+                collect(any_store, keep=1)  # v2 and its layer go
+            else:  # every shard compacted into a new base, then the old chains collected
+                night(any_store, tiny.fingerprint, {u: random_delta(tiny, rng) for u in USERS}, compact_after_layers=0)
+                collect(any_store, keep=1)
+        return get(key)
+
+    any_store.get = overtaking_get
+    try:
+        result = node.poll()
+    finally:
+        del any_store.get
+    current, _ = read_current(any_store)
+    assert moved and result.error is None and result.version == current.version
+    assert same_deltas({u: node.deltas_for(u)[0] for u in served(any_store)}, served(any_store))
+    if operation == "forget":
+        assert node.deltas_for(USERS[1]) == ()
+
+
+def test_a_missing_current_on_a_published_store_keeps_the_node_serving_and_names_the_rollback(any_store, tiny, rng):
+    """It said 'no CURRENT pointer (nothing published yet)' of a store with published versions."""
+    night(any_store, tiny.fingerprint, {u: random_delta(tiny, rng) for u in USERS})
+    node = PullClient(any_store, tiny)
+    assert node.poll().error is None
+    any_store.delete("CURRENT")
+    result = node.poll()
+    assert result.version == 1 and node.deltas_for(USERS[0])
+    assert "nothing published yet" not in result.error and f"engram rollback --store {any_store.uri} --to 1" in result.error
+
+
 def test_gc_collects_the_layers_no_kept_version_names(local_store, tiny, rng, first):
     for i in range(3):
         night(local_store, tiny.fingerprint, {USERS[i]: random_delta(tiny, rng)})
