@@ -138,6 +138,9 @@ class BundleCache:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as err:  # unreadable (permissions of another node's user, a folder in its place, EIO)
+            log.warning("cache %s: cannot read it (%s); downloading the object again", path, err.strerror or err)
+            return None
         if len(data) == size and _sha256(data) == sha256:
             return data
         log.warning("cache %s: %d bytes that do not match sha256 %s; deleting it and downloading again",

@@ -355,6 +355,20 @@ def test_a_full_cache_disk_still_serves_the_verified_version_and_says_so(local_s
     assert not [p for p in (full_disk / "cache" / "models").iterdir() if not p.name.startswith(".fetch-")]
 
 
+def test_a_cached_object_that_cannot_be_read_is_downloaded_again(local_store, tiny, compiled, tmp_path):
+    """An unreadable cache entry (here a folder where the object's file goes; likewise a file of
+    another node's user, an I/O error) failed every poll with the OSError: the node never served."""
+    publish(local_store, tiny, v1(compiled))
+    cache = BundleCache(tmp_path / "cache")
+    manifest, _ = read_current(local_store)
+    entry = manifest.shard(shard_of("alice", NUM_SHARDS))
+    cache.path(entry.shard, entry.bundle_sha256).mkdir(parents=True)
+    client = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    result = client.poll()
+    assert result.error is None and answers(tiny, client, "alice", "alice") == expected("alice")
+    assert result.cache_error is not None  # and it could not be kept there either: said, not fatal
+
+
 def test_a_tampered_model_file_is_refused(local_store, tiny_dir, tmp_path):
     fp = publish_model(local_store, tiny_dir)
     key = f"models/{fp}/engram/config.json"
