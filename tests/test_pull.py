@@ -396,6 +396,31 @@ def test_the_s3_path_follows_versions(s3_store, tiny, tiny_dir, compiled, tmp_pa
     assert answers(tiny, client, "alice", "alice") == expected("alice")
 
 
+def test_s3_reads_that_break_off_mid_object_are_read_again(s3_server, s3_store, tiny, tiny_dir, compiled, tmp_path):
+    """A GET whose body breaks off (a dropped connection, a balancer's timeout) is retried by nobody:
+    botocore retries requests, not body reads. The poll failed ('ResponseStreamingError (check the
+    job's credentials / endpoint)'), and a node starting then (engram serve, ask) exited 1."""
+    from serving.pull import resolve_model
+    from tests.s3_proxy import ConditionProxy
+    from versions.store import StoreError
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cuts = {"/manifests/": 1, "/models/": 2, "/objects/": 3}
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, cut_gets=cuts) as proxy:
+        flaky = S3Store(s3_store.bucket, s3_store.prefix, endpoint_url=proxy.endpoint_url)
+        manifest, _ = read_current(flaky)
+        em = resolve_model(flaky, manifest, model_dir=None, cache_dir=tmp_path / "cache")
+        client = PullClient(flaky, em, cache_dir=tmp_path / "cache")
+        assert client.poll().error is None and not any(proxy.cut_gets.values())  # every cut happened, and was read again
+        assert answers(em, client, "alice", "alice") == expected("alice")
+
+        proxy.cut_gets["CURRENT"] = flaky.max_attempts  # a connection that always drops: said as such
+        with pytest.raises(StoreError, match=r"read CURRENT broke off mid-object 5 times .*check the network"):
+            flaky.get("CURRENT")
+
+
 # ---------------------------------------------------------------- commands
 
 

@@ -426,6 +426,7 @@ class S3Store(ObjectStore):
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.sse = sse
         self.sse_kms_key_id = sse_kms_key_id
+        self.max_attempts = max(1, max_attempts)
         self._session = boto3.session.Session(region_name=region)
         if addressing_style is None:
             # S3-compatible servers behind a custom endpoint rarely resolve bucket subdomains.
@@ -484,10 +485,24 @@ class S3Store(ObjectStore):
                              "(check the job's credentials / endpoint)") from None
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        with self._errors("read", key):
-            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            data = response["Body"].read()
-        return data, response["ETag"].strip('"')
+        """The object's bytes and etag. A body that breaks off mid-way (a dropped connection, a load
+        balancer's timeout: botocore retries the request, not the body's read) is read again, up to
+        ``max_attempts`` times; then a StoreError that says so (it blamed the credentials)."""
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._errors("read", key):
+                response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+                try:
+                    return response["Body"].read(), response["ETag"].strip('"')
+                except (HTTPClientError, IncompleteReadError) as err:  # ResponseStreamingError, ReadTimeoutError, ...
+                    if attempt >= self.max_attempts:
+                        raise StoreError(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
+                                         f"({type(err).__name__}); check the network to the endpoint") from None
+                    log.warning("%s: read %s broke off mid-object (%s); reading it again", self.uri, key,
+                                type(err).__name__)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
