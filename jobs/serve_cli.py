@@ -33,7 +33,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     """(store, manifest, em, cache_dir) for a command; exits with a clear message on any problem
     (with ``as_json``, also the command's JSON failure object)."""
     from schemas.manifest import ManifestError
-    from serving.pull import PullError, default_cache_dir, resolve_model
+    from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
     from versions.catalog import read_current
     from versions.errors import PublishError
     from versions.store import StoreError, open_store
@@ -55,7 +55,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
-        fail_json(as_json, str(e), exit_code(e), what)
+        fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
     return store, manifest, em, cache_dir
 
 

@@ -67,7 +67,7 @@ from schemas.manifest import Manifest, ManifestError, ShardEntry
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
 from versions.layout import CURRENT_KEY, forgotten_id, shard_of
-from versions.models import fetch_model
+from versions.models import ModelError, fetch_model
 from versions.store import ObjectNotFound, ObjectStore, StoreError, remove_dead_temp_files, write_file_atomic
 
 log = logging.getLogger(__name__)
@@ -396,6 +396,17 @@ class PollResult:
     cache_error: str | None = None  # an object that could not be kept in the disk cache (served from memory)
 
 
+def store_fix(uri: str, error: Exception) -> str:
+    """What an operator does about a version whose pointer, manifest or objects are damaged or
+    missing (a serving node can only keep what it serves), to append to ``error``'s message; ""
+    for other failures, which say their own fix (another model, --shards, the network, the disk)."""
+    if not isinstance(error, (PublishError, ManifestError, BundleSchemaError, DeltaMismatch)) \
+            or isinstance(error, ModelError) or "engram rollback" in str(error):
+        return ""
+    return (f" (fix the store: restore it from a backup, or make an intact version current: engram versions "
+            f"--store {uri} lists them, engram rollback --store {uri} --to N)")
+
+
 _MOVES_FOLLOWED = 3  # polls in a row that find CURRENT moved under them before one reports the error
 
 
@@ -455,7 +466,7 @@ class PullClient:
                 result = self._poll()
             except self._FAILURES as e:
                 served = self._index.version if self._index is not None else None
-                message = f"{type(e).__name__}: {e}"
+                message = f"{type(e).__name__}: {e}{store_fix(self.store.uri, e)}"
                 log.error("pull from %s failed, still serving %s: %s", self.store.uri,
                           f"v{served}" if served is not None else "nothing", message)
                 self.last_error = message

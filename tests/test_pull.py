@@ -142,6 +142,28 @@ def test_a_corrupted_shard_is_refused_and_the_previous_version_keeps_serving(loc
     assert client.poll().error is not None
 
 
+def test_a_damaged_store_is_refused_naming_the_operators_fix(local_store, tiny, tiny_dir, compiled, tmp_path):
+    """A node can only keep what it serves; the refusal says what fixes the store (it named the
+    damaged object or manifest and stopped there)."""
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny)
+    client.poll()
+    manifest = publish(local_store, tiny, v2(compiled))
+    key = manifest.shard(shard_of("alice", NUM_SHARDS)).bundle_key
+    local_store.put(key, local_store.get(key) + b"x")
+    fix = f"engram rollback --store {local_store.uri} --to N"
+    result = client.poll()
+    assert key in result.error and fix in result.error and client.index.version == 1
+
+    (local_store.root / manifest.key).write_text("{")  # and a node starting now
+    out = CliRunner().invoke(cli_app(), ["pull", "--store", str(local_store.root), "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 1 and manifest.key in out.output
+    assert f"engram rollback --store {local_store.root} --to N" in out.output
+
+
 def test_a_manifest_for_another_model_is_refused(local_store, tiny, compiled):
     publish(local_store, tiny, v1(compiled))
     client = PullClient(local_store, tiny)
