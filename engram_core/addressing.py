@@ -73,7 +73,7 @@ def load_or_build_canonical_ids(tokenizer, cache_dir: str | Path | None) -> np.n
             return cached
         log.warning("canonical map cache %s is damaged or unchecked; deleting it and rebuilding", path)
         try:
-            path.unlink()
+            path.unlink(missing_ok=True)  # missing: another worker loading the checkpoint deleted it first
         except OSError as err:  # a read-only checkpoint: rebuilt on every load
             log.warning("canonical map cache %s not deleted (%s)", path, err)
     canonical = build_canonical_ids(tokenizer)
