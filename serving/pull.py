@@ -532,7 +532,7 @@ class PullClient:
             return
         views, dropped = dict(index.views), 0
         for shard, view in index.views.items():
-            gone = [user for user in view.users if forgotten_id(user) in erased]
+            gone = {user for user in view.users if forgotten_id(user) in erased}
             if gone:
                 users = {u: d for u, d in view.users.items() if u not in gone}
                 scope_of = {u: s for u, s in view.scope_of.items() if u not in gone}
