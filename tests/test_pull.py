@@ -550,6 +550,33 @@ def test_ask_and_forget_refuse_command_line_bytes_that_are_not_utf8_naming_the_a
     assert sorted(local_store.list("")) == before
 
 
+def test_ask_follows_a_resharding_published_while_it_starts(local_store, tiny, tiny_dir, compiled, tmp_path,
+                                                           monkeypatch):
+    """`engram ask` picks the user's shard from CURRENT, then pulls: a night that changed the number
+    of shards in between left it holding another shard, so it answered with the base model and
+    'note: user ... has no memory' (or refused to pull a shard beyond the new count)."""
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    shards = next(n for n in range(5, 64) if shard_of("alice", n) != shard_of("alice", NUM_SHARDS))
+    poll, resharded = PullClient.poll, []
+
+    def poll_after_a_resharding_night(client):
+        if not resharded:
+            resharded.append(publish(local_store, tiny, v1(compiled), num_shards=shards))
+        return poll(client)
+
+    monkeypatch.setattr(PullClient, "poll", poll_after_a_resharding_night)
+    trigger, answer = FACTS["alice"][0]
+    out = CliRunner().invoke(cli_app(), ["ask", "--store", str(local_store.root), "--user", "alice", "--cache-dir",
+                                         str(tmp_path / "cache"), "--max-new-tokens",
+                                         str(len(tiny.encode_answer(answer))), "--json", trigger])
+    assert out.exit_code == 0, out.output
+    answered = json.loads(out.stdout.strip().splitlines()[-1])
+    assert resharded and answered["version"] == resharded[0].version and answered["text"] == answer
+
+
 def test_pull_command_reports_each_poll(local_store, tiny, tiny_dir, compiled, tmp_path):
     from typer.testing import CliRunner
 
