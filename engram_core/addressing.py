@@ -58,16 +58,26 @@ def build_canonical_ids(tokenizer) -> np.ndarray:
 
 
 def load_or_build_canonical_ids(tokenizer, cache_dir: str | Path | None) -> np.ndarray:
-    """The canonical map, cached as ``canonical-<tokenizer digest>.npy`` in ``cache_dir``."""
+    """The canonical map, cached as ``canonical-<tokenizer digest>-<content digest>.npy`` in ``cache_dir``.
+
+    The cache is derived (outside the checkpoint's fingerprint), so it is checked on every load
+    against the sha256 its name records: a damaged copy (flipped bytes, a truncated or zero-length
+    file) addressed every request with the wrong rows, silently (the memory stopped recalling).
+    It is deleted and rebuilt; so is a copy of the older unchecked name ``canonical-<digest>.npy``."""
     if cache_dir is None:
         return build_canonical_ids(tokenizer)
-    path = Path(cache_dir) / f"canonical-{tokenizer_digest(tokenizer)[:16]}.npy"
-    if path.exists():
-        cached = np.load(path)
-        if cached.shape == (len(tokenizer),):
+    stem = f"canonical-{tokenizer_digest(tokenizer)[:16]}"
+    for path in sorted(Path(cache_dir).glob(f"{stem}*.npy")):
+        cached = _verified_canonical_map(path, stem, len(tokenizer))
+        if cached is not None:
             return cached
-        log.warning("canonical map cache %s has the wrong size; rebuilding", path)
+        log.warning("canonical map cache %s is damaged or unchecked; deleting it and rebuilding", path)
+        try:
+            path.unlink(missing_ok=True)  # missing: another worker loading the checkpoint deleted it first
+        except OSError as err:  # a read-only checkpoint: rebuilt on every load
+            log.warning("canonical map cache %s not deleted (%s)", path, err)
     canonical = build_canonical_ids(tokenizer)
+    path = Path(cache_dir) / f"{stem}-{_map_digest(canonical)}.npy"
     # Several workers may load one checkpoint at once: each writes its own temporary file and
     # renames it over the cache (same content, atomic); a read-only checkpoint is not cached.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -80,6 +90,24 @@ def load_or_build_canonical_ids(tokenizer, cache_dir: str | Path | None) -> np.n
     finally:
         tmp.unlink(missing_ok=True)
     return canonical
+
+
+def _map_digest(canonical: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(canonical, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _verified_canonical_map(path: Path, stem: str, vocab_size: int) -> np.ndarray | None:
+    """The map in ``path`` if it is whole and its content digest is the one its name records."""
+    digest = path.name[len(stem) + 1:-len(".npy")]
+    if path.name[len(stem)] != "-" or len(digest) != 16:
+        return None  # the older name, without a digest
+    try:
+        cached = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if cached.dtype != np.int64 or cached.shape != (vocab_size,) or _map_digest(cached) != digest:
+        return None
+    return cached
 
 
 def _is_prime(n: int) -> bool:

@@ -135,6 +135,19 @@ def normalize_token_text(text: str) -> str:
     return " " if norm else text
 
 
+def unpaired_surrogate(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate (U+D800..U+DFFF) in ``text``, else None.
+
+    Such a string is not Unicode text and cannot be encoded as UTF-8: JSON's ``"\\ud800"`` escape
+    and bytes that are not UTF-8 in a command line (Python's surrogateescape) make one. Ingest
+    never stores one (a row with invalid UTF-8 is rejected), so no stored id or fact holds one."""
+    match = _SURROGATE.search(text)
+    return match.start() if match else None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def canonical_prompt(text: str) -> str:
     """A prompt as the model sees it at serve time: :func:`canonical_text`, stripped (rule 4)."""
     return canonical_text(text).strip()

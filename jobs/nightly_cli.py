@@ -71,6 +71,21 @@ def actor() -> str:
         return "unknown"
 
 
+def text_argument_problem(value: str, what: str) -> str | None:
+    """None where the command-line text ``value`` is Unicode; else one line naming ``what`` (``--user
+    'u\\udcff'``) and where its bytes stop being UTF-8 (Python keeps such bytes as lone surrogates,
+    which no id or prompt the store holds can contain: ingest rejects text that is not UTF-8)."""
+    from engram_core.text import unpaired_surrogate
+
+    at = unpaired_surrogate(value)
+    if at is None:
+        return None
+    code = ord(value[at])
+    byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+    return (f"{what} {ascii(value)} is not UTF-8 text ({byte} at character {at}); "
+            "give it as UTF-8 (check the shell's or the script's encoding)")
+
+
 def directory_problem(path: Path | str, what: str) -> str | None:
     """None where ``path`` is a directory or can be made one; else the one line that says why not
     (it, or a folder above it, is a file), naming the path and the fix. Creates nothing."""

@@ -27,6 +27,11 @@ def forget(
         fail_json(as_json, str(err), exit_code(err), "forgotten")
     from engram_core.text import canonical_id
 
+    from jobs.nightly_cli import text_argument_problem
+
+    problem = next(filter(None, (text_argument_problem(u, "user id") for u in users)), None)
+    if problem:
+        fail_json(as_json, problem + "; nothing was forgotten", 2, "forgotten")
     empty = [u for u in users if not canonical_id(u)]
     if empty:
         fail_json(as_json, f"user id {empty[0]!r} is empty once invisible characters are removed; nothing was forgotten",

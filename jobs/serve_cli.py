@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from jobs.nightly_cli import _fail, checkpoint_problem, directory_problem, exit_code, fail_json
+from jobs.nightly_cli import _fail, checkpoint_problem, directory_problem, exit_code, fail_json, text_argument_problem
 from jobs.nightly_cli import seconds_option as _seconds
 from serving.openai_api import MAX_TOKENS_LIMIT
 
@@ -33,7 +33,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     """(store, manifest, em, cache_dir) for a command; exits with a clear message on any problem
     (with ``as_json``, also the command's JSON failure object)."""
     from schemas.manifest import ManifestError
-    from serving.pull import PullError, default_cache_dir, resolve_model
+    from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
     from versions.catalog import read_current
     from versions.errors import PublishError
     from versions.store import StoreError, open_store
@@ -55,7 +55,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
-        fail_json(as_json, str(e), exit_code(e), what)
+        fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
     return store, manifest, em, cache_dir
 
 
@@ -97,7 +97,7 @@ def pull(
                   "shards": list(index.shards) if index else [], "delta_bytes": index.nbytes if index else 0,
                   "downloaded_objects": result.downloaded_objects, "downloaded_bytes": result.downloaded_bytes,
                   "layers_applied": result.layers_applied, "evicted_objects": result.evicted_objects,
-                  "error": result.error}
+                  "cache_error": result.cache_error, "error": result.error}
         last = not watch or (polls and count >= polls)
         if as_json:
             if last and index is None:  # the command fails (exit 1): this poll's object is its failure object
@@ -138,6 +138,9 @@ def ask(
 
     from engram_core.text import canonical_id, canonical_prompt
 
+    problem = text_argument_problem(user, "--user") or text_argument_problem(prompt, "the prompt")
+    if problem:  # bytes that are not UTF-8 (failed later with a UnicodeEncodeError or a tokenizer traceback)
+        fail_json(as_json, problem, 2, "answered")
     user, prompt = canonical_id(user), canonical_prompt(prompt) or prompt  # as ingest stores them (engram_core.text)
     if not prompt.strip():
         fail_json(as_json, "the prompt is empty; give the text to continue, e.g. \"My dentist is Dr.\"", 2, "answered")
@@ -152,9 +155,15 @@ def ask(
         fail_json(as_json, f"the prompt is {tokens} tokens and --max-new-tokens {max_new_tokens}: {tokens + max_new_tokens} "
                            f"tokens, over the model's context length of {limit}; shorten the prompt or lower "
                            "--max-new-tokens", 2, "answered")
-    client = _client(store_obj, manifest, em, str(shard_of(user, manifest.num_shards)), cache, as_json=as_json,
-                     what="answered")
-    result = client.poll()
+    from serving.pull import PullClient
+
+    num_shards = manifest.num_shards
+    for _ in range(3):  # a night that changed the number of shards since CURRENT was read moved the user's shard
+        client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache)
+        result = client.poll()
+        if client.index is None or client.index.owns(user):
+            break
+        num_shards = client.index.num_shards
     if client.index is None:
         fail_json(as_json, result.error or "no version loaded", 1, "answered")
     deltas = list(client.deltas_for(user))

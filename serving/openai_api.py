@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
+from engram_core.text import canonical_id, unpaired_surrogate
 from serving.chat import parse_messages
 from serving.errors import RequestError
 
@@ -66,8 +68,11 @@ def parse_request(body: bytes, endpoint: str, model_names: tuple[str, ...]) -> A
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"request body is not valid JSON ({e})") from None
+    except RecursionError:  # e.g. [[[[...]]]] deeper than the parser goes
+        raise RequestError("request body is nested too deeply to parse") from None
     if not isinstance(raw, dict):
         raise RequestError("request body must be a JSON object")
+    _refuse_lone_surrogates(raw)
     model = raw.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required (a string; GET /v1/models lists the served model)", param="model")
@@ -101,6 +106,28 @@ def parse_request(body: bytes, endpoint: str, model_names: tuple[str, ...]) -> A
         stop=_stop(raw.get("stop")), n=n, stream=stream, include_usage=include_usage, **content)
 
 
+def _refuse_lone_surrogates(raw: dict) -> None:
+    """400 naming the field (``prompt``, ``user``, ``messages.[0].content``) whose string holds a lone
+    surrogate (a ``\\ud800`` escape JSON accepts): it is no Unicode text, and encoding it failed the
+    request mid-way (the connection was dropped without an answer). Walked without recursion: the
+    body's nesting is the client's."""
+    pending: deque[tuple[str, object]] = deque([("", raw)])  # breadth first: top-level fields are named first
+    while pending:
+        path, value = pending.popleft()
+        if isinstance(value, str):
+            at = unpaired_surrogate(value)
+            if at is not None:
+                raise RequestError(f"'{path or 'body'}' is not valid Unicode: a lone surrogate \\u{ord(value[at]):04x} "
+                                   f"at character {at} (send UTF-8 text; a character beyond U+FFFF escapes as a "
+                                   "pair such as \\ud83d\\ude00)", param=path or None)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                pending += [(where, key), (where, item)]
+        elif isinstance(value, list):
+            pending += [(f"{path}.[{i}]", item) for i, item in enumerate(value)]
+
+
 def _refuse_unsupported(raw: dict, endpoint: str) -> None:
     for key, neutral in _UNSUPPORTED.items():
         value = raw.get(key)
@@ -125,7 +152,8 @@ def _prompts(prompt: object) -> tuple[str, ...]:
 
 
 def _user(user: object) -> str | None:
-    if user is not None and (not isinstance(user, str) or not user.strip()):
+    if user is not None and (not isinstance(user, str) or not canonical_id(user)):
+        # "" and ids of only spaces or invisible characters (ingest rejects them too): no user
         raise RequestError("'user' must be a non-empty string (or left out for the base model)", param="user")
     return user
 

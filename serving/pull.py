@@ -25,7 +25,9 @@ A serving node owns a set of shards. :class:`PullClient` polls the store:
    serves does not reference (the old index, and so the memory, is released with the swap).
 
 Any failure keeps the version being served, logs why and sets ``last_error``; the next poll
-tries again (the etag is only remembered after a successful swap). A rollback is just CURRENT
+tries again (the etag is only remembered after a successful swap). Users the failed version's
+manifest forgets (and the served one does not) are dropped from the served version all the same,
+with their shards' cached objects. A rollback is just CURRENT
 pointing at an older manifest, and a forgotten user is absent from the rewritten objects: both
 are followed on the next poll like any other change, and the eviction removes the forgotten
 user's old objects from the node's disk.
@@ -46,11 +48,12 @@ import hashlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
 from collections.abc import Mapping as AbstractMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -63,9 +66,9 @@ from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_scopes, deco
 from schemas.manifest import Manifest, ManifestError, ShardEntry
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
-from versions.layout import CURRENT_KEY, shard_of
-from versions.models import fetch_model
-from versions.store import ObjectNotFound, ObjectStore, StoreError, write_file_atomic
+from versions.layout import CURRENT_KEY, forgotten_id, shard_of
+from versions.models import ModelError, fetch_model
+from versions.store import ObjectNotFound, ObjectStore, StoreError, remove_dead_temp_files, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,9 @@ class BundleCache:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as err:  # unreadable (permissions of another node's user, a folder in its place, EIO)
+            log.warning("cache %s: cannot read it (%s); downloading the object again", path, err.strerror or err)
+            return None
         if len(data) == size and _sha256(data) == sha256:
             return data
         log.warning("cache %s: %d bytes that do not match sha256 %s; deleting it and downloading again",
@@ -147,26 +153,37 @@ class BundleCache:
 
     def evict(self, keep: Mapping[int, set[str]]) -> list[Path]:
         """Delete every cached object of the shards in ``keep`` whose sha256 is not kept, and the
-        legacy folder; returns what was deleted."""
+        legacy folder's objects; returns what was deleted. Only names the cache writes are touched
+        (``<sha256>.parquet``; other files in its folders are not its own), and the temporary files
+        of writers that were killed mid-write (:func:`versions.store.remove_dead_temp_files`)."""
         deleted = []
         for shard, kept in keep.items():
             folder = self.root / "shards" / str(shard)
-            for path in folder.glob("*.parquet") if folder.is_dir() else ():
+            for tmp in remove_dead_temp_files(folder):
+                log.info("cache %s: deleted %s, left by a writer that was killed mid-write", self.root, tmp.name)
+            for path in _objects_in(folder):
                 if path.stem not in kept:
                     path.unlink(missing_ok=True)
                     deleted.append(path)
-        legacy = self.root / self.LEGACY
-        for path in legacy.glob("*") if legacy.is_dir() else ():
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                deleted.append(path)
+        for path in _objects_in(self.root / self.LEGACY):
+            path.unlink(missing_ok=True)
+            deleted.append(path)
         return deleted
+
+
+_OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.parquet")
+
+
+def _objects_in(folder: Path) -> list[Path]:
+    """The cached objects in ``folder``: files named ``<sha256>.parquet``, as :meth:`BundleCache.save` names them."""
+    return [p for p in folder.iterdir() if _OBJECT_NAME.fullmatch(p.name) and p.is_file()] if folder.is_dir() else []
 
 
 @dataclass
 class _Downloads:
     objects: int = 0
     bytes: int = 0
+    cache_error: str | None = None  # the first object that could not be kept in the disk cache, and why
 
 
 def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: int, cache: BundleCache | None,
@@ -190,11 +207,25 @@ def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: in
         raise IntegrityError(f"{where}: sha256 {actual[:16]}.. does not match the manifest's "
                              f"{sha256[:16]}.. (refused; the object was changed or damaged)")
     if cache is not None:
-        cache.save(shard, sha256, data)
+        try:
+            cache.save(shard, sha256, data)
+        except OSError as err:  # a full or read-only disk: the verified bytes serve from memory all the same
+            problem = (f"cache {cache.root}: could not keep {key} ({err.strerror or err}); it is served from memory "
+                       "and a restart downloads it again (free space on that disk, or give --cache-dir on a larger one)")
+            first = downloads is None or downloads.cache_error is None
+            log.log(logging.WARNING if first else logging.DEBUG, "%s", problem)  # once per poll
+            if downloads is not None and first:
+                downloads.cache_error = problem
     return data
 
 
 # ---------------------------------------------------------------- the index
+
+
+# The chain of a shard view that users were dropped from (PullClient._drop_forgotten): it names no
+# object (so the cache keeps none of the shard's objects) and no manifest's chain starts with it (so
+# the next version is rebuilt from its base, never layered onto the view).
+_SCRUBBED = ("scrubbed",)
 
 
 @dataclass(frozen=True)
@@ -247,6 +278,7 @@ class ServingIndex:
     shards: tuple[int, ...]
     views: Mapping[int, ShardView] = field(repr=False)
     scopes: ScopesView = field(default=NO_SCOPES, repr=False)
+    forgotten: frozenset[str] = field(default=frozenset(), repr=False)  # the manifest's (sha256 of ids)
 
     @property
     def users(self) -> Mapping[str, ServedDelta]:
@@ -361,6 +393,29 @@ class PollResult:
     layers_applied: int = 0  # layers applied onto a shard the node already served
     rebuilt_shards: tuple[int, ...] = ()  # shards built from their base (cache or store)
     evicted_objects: int = 0  # cached objects no served chain names any more, deleted
+    cache_error: str | None = None  # an object that could not be kept in the disk cache (served from memory)
+
+
+def store_fix(uri: str, error: Exception) -> str:
+    """What an operator does about a version whose pointer, manifest or objects are damaged or
+    missing (a serving node can only keep what it serves), to append to ``error``'s message; ""
+    for other failures, which say their own fix (another model, --shards, the network, the disk)."""
+    if not isinstance(error, (PublishError, ManifestError, BundleSchemaError, DeltaMismatch)) \
+            or isinstance(error, ModelError) or "engram rollback" in str(error):
+        return ""
+    return (f" (fix the store: restore it from a backup, or make an intact version current: engram versions "
+            f"--store {uri} lists them, engram rollback --store {uri} --to N)")
+
+
+_MOVES_FOLLOWED = 3  # polls in a row that find CURRENT moved under them before one reports the error
+
+
+class _CurrentMoved(Exception):
+    """A version's object was missing or changed and CURRENT no longer names that version."""
+
+    def __init__(self, error: IntegrityError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class PullClient:
@@ -411,7 +466,7 @@ class PullClient:
                 result = self._poll()
             except self._FAILURES as e:
                 served = self._index.version if self._index is not None else None
-                message = f"{type(e).__name__}: {e}"
+                message = f"{type(e).__name__}: {e}{store_fix(self.store.uri, e)}"
                 log.error("pull from %s failed, still serving %s: %s", self.store.uri,
                           f"v{served}" if served is not None else "nothing", message)
                 self.last_error = message
@@ -420,18 +475,33 @@ class PullClient:
             return result
 
     def _poll(self) -> PollResult:
+        for attempt in range(1, _MOVES_FOLLOWED + 1):
+            try:
+                return self._poll_once()
+            except _CurrentMoved as moved:
+                if attempt == _MOVES_FOLLOWED:
+                    raise IntegrityError(f"{moved.error}; CURRENT moved {attempt} times while this node pulled (a "
+                                         "publish, rollback, forget or gc each time); the next poll tries again") from None
+                log.info("%s: %s; CURRENT moved meanwhile (a publish, rollback, forget or gc), pulling again",
+                         self.store.uri, moved.error)
+
+    def _poll_once(self) -> PollResult:
         served = self._index.version if self._index is not None else None
         head = self.store.head(CURRENT_KEY)
-        if head is None:
-            raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
-        if head.etag == self._etag:
+        if head is not None and head.etag == self._etag:
             return PollResult(False, served)
-        current = read_current(self.store)
+        current = read_current(self.store)  # a missing CURRENT of a store with published versions: the fix named
         if current is None:
-            raise PullError(f"{self.store.uri}: CURRENT disappeared while reading it")
+            raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
         manifest, etag = current
         build = _Build()
-        index = self._build(manifest, build)
+        try:
+            index = self._build(manifest, build)
+        except self._FAILURES as err:
+            self._drop_forgotten(manifest)  # the version cannot be served; its erasures are honoured all the same
+            if isinstance(err, IntegrityError) and self._moved_from(etag):
+                raise _CurrentMoved(err) from err  # its objects were rewritten or collected under it: not damage
+            raise
         self._index = index  # the swap: readers hold either the old index or this one
         self._etag = etag
         evicted = self._evict(index)
@@ -441,7 +511,39 @@ class PullClient:
         return PollResult(served != manifest.version or bool(build.fetched), manifest.version, tuple(build.fetched),
                           downloaded_objects=build.downloads.objects, downloaded_bytes=build.downloads.bytes,
                           layers_applied=build.layers_applied, rebuilt_shards=tuple(build.rebuilt),
-                          evicted_objects=len(evicted))
+                          evicted_objects=len(evicted), cache_error=build.downloads.cache_error)
+
+    def _moved_from(self, etag: str) -> bool:
+        try:
+            head = self.store.head(CURRENT_KEY)
+        except StoreError:
+            return False
+        return head is None or head.etag != etag
+
+    def _drop_forgotten(self, manifest: Manifest) -> None:
+        """Stop serving the users ``manifest`` forgets that the served version does not (an erasure
+        since), when ``manifest`` itself cannot be loaded (a damaged object, another model, a disk
+        error): they leave memory now and their shards' cached objects (which hold their rows; the
+        forget rewrote every retained version without them) leave the disk; the other users keep
+        being served from memory. Their shards are rebuilt from the base on the next good poll."""
+        index = self._index
+        erased = set(manifest.forgotten) - index.forgotten if index is not None else set()
+        if not erased:
+            return
+        views, dropped = dict(index.views), 0
+        for shard, view in index.views.items():
+            gone = {user for user in view.users if forgotten_id(user) in erased}
+            if gone:
+                users = {u: d for u, d in view.users.items() if u not in gone}
+                scope_of = {u: s for u, s in view.scope_of.items() if u not in gone}
+                views[shard] = ShardView(_SCRUBBED, users, scope_of)
+                dropped += len(gone)
+        self._index = replace(index, views=views, forgotten=index.forgotten | erased)
+        if dropped:
+            log.warning("%s v%d forgets %d user(s) that served v%d holds; they are no longer served, though v%d "
+                        "could not be loaded (see the error)", self.store.uri, manifest.version, dropped,
+                        index.version, manifest.version)
+            self._evict(self._index)
 
     def _evict(self, index: ServingIndex) -> list[Path]:
         """Delete the cached objects of this node's shards that the served version does not name."""
@@ -473,7 +575,8 @@ class PullClient:
             held = previous.views.get(shard) if reuse else None
             views[shard] = self._shard_view(manifest, manifest.shard(shard), held, build)
         scopes = self._scopes_view(manifest, previous.scopes if previous is not None else NO_SCOPES, build)
-        return ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned), views, scopes)
+        return ServingIndex(manifest.version, manifest.fingerprint, manifest.num_shards, tuple(owned), views, scopes,
+                            frozenset(manifest.forgotten))
 
     def _scopes_view(self, manifest: Manifest, held: ScopesView, build: "_Build") -> ScopesView:
         """The version's shared scopes: ``held`` if the same object, else fetched (cache or store),

@@ -12,6 +12,10 @@ Every request is counted in ``requests`` as (method, path, condition headers sen
 
 ``deny_deletes``: path fragments; a DELETE whose path holds one is answered ``403 AccessDenied``
 (a bucket policy, object lock or legal hold on some keys), in any mode.
+
+``cut_gets``: path fragment -> how many GETs of a path holding it break off mid-body (the status
+and the whole ``Content-Length`` are sent, then half the body, then the connection closes: a
+network drop or a load balancer timing out mid-download), in any mode.
 """
 
 from __future__ import annotations
@@ -46,12 +50,13 @@ class _KeepContentHash(S3SigV4Auth):
 
 class ConditionProxy:
     def __init__(self, upstream_url: str, mode: str, *, access_key: str, secret_key: str, region: str = "us-east-1",
-                 deny_deletes: tuple[str, ...] = ()):
+                 deny_deletes: tuple[str, ...] = (), cut_gets: dict[str, int] | None = None):
         if mode not in ("ignore", "501", "pass"):
             raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
         self.upstream = urlparse(upstream_url)
         self.mode = mode
         self.deny_deletes = tuple(deny_deletes)
+        self.cut_gets = dict(cut_gets or {})
         self.signer = _KeepContentHash(Credentials(access_key, secret_key), "s3", region)
         self.requests: list[tuple[str, str, tuple[str, ...]]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -95,9 +100,14 @@ class ConditionProxy:
                 if self.command == "PUT" and sent and proxy.mode == "ignore":
                     headers = proxy.resign(self.command, self.path, headers, body)
                 status, reply_headers, reply = proxy.forward(self.command, self.path, headers, body)
+                cut = next((part for part, left in proxy.cut_gets.items() if left and part in self.path), None)
+                if self.command == "GET" and status == 200 and cut is not None:
+                    proxy.cut_gets[cut] -= 1
+                    self.close_connection = True
+                    return self._answer(status, reply_headers, reply, cut_at=len(reply) // 2)
                 self._answer(status, reply_headers, reply)
 
-            def _answer(self, status: int, headers: list, body: bytes) -> None:
+            def _answer(self, status: int, headers: list, body: bytes, cut_at: int | None = None) -> None:
                 self.send_response(status)
                 for key, value in headers:
                     if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
@@ -106,7 +116,7 @@ class ConditionProxy:
                                  dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(body)
+                    self.wfile.write(body if cut_at is None else body[:cut_at])
 
             do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _relay
 

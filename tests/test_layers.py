@@ -307,6 +307,94 @@ def test_forgetting_a_user_reaches_the_nodes_memory_and_disk_and_the_store(any_s
         assert target not in served(any_store)
 
 
+@pytest.mark.parametrize("fault", ["damaged object", "other model"])
+def test_a_forget_reaches_a_node_whose_next_version_cannot_be_loaded(any_store, tiny, rng, tmp_path, fault):
+    """A node that cannot load the version a forget made (its rewritten base damaged, or the night
+    before moved to another model the node does not run) keeps serving the version it has, as
+    documented, but without the forgotten user: it served them until an operator repaired the
+    store or restarted the node. Their shard's cached objects (which hold their rows) go too."""
+    target = "user-7f3a9c"
+    deltas = {u: random_delta(tiny, rng) for u in USERS} | {target: random_delta(tiny, rng)}
+    night(any_store, tiny.fingerprint, deltas)
+    cache = tmp_path / "cache"
+    node = PullClient(any_store, tiny, cache_dir=cache)
+    assert node.poll().error is None and node.deltas_for(target)
+    rows = value_rows(deltas[target])
+    assert files_holding(cache, target, rows)
+    if fault == "other model":  # a night for another model; the node was not restarted with it
+        night(any_store, "f" * 64, {USERS[0]: random_delta(tiny, rng)})
+    assert forget_user(any_store, target, actor="test", reason="erasure").found
+    manifest, _ = read_current(any_store)
+    key = manifest.shard(shard_of(target, NUM_SHARDS)).bundle_key
+    original = any_store.get(key)
+    if fault == "damaged object":
+        any_store.put(key, b"x" + original[1:])
+
+    result = node.poll()
+    assert result.error is not None and result.version == 1  # v1 still served...
+    assert node.deltas_for(target) == ()  # ...without the forgotten user
+    assert files_holding(cache, target, rows) == []
+    others = {u: d for u, d in deltas.items() if u != target}
+    assert same_deltas({u: node.deltas_for(u)[0] for u in others}, others)
+    assert node.poll().error is not None and node.deltas_for(target) == ()  # and on every later failed poll
+
+    if fault == "damaged object":  # repaired: the next poll serves the forget's version, rebuilt from its base
+        any_store.put(key, original)
+        repaired = node.poll()
+        assert repaired.error is None and repaired.version == manifest.version and node.deltas_for(target) == ()
+        assert same_deltas({u: node.deltas_for(u)[0] for u in others}, others)
+
+
+@pytest.mark.parametrize("operation", ["forget", "rollback, night and gc", "night and gc"])
+def test_a_pull_that_a_writer_overtakes_mid_way_serves_the_new_current_in_the_same_poll(any_store, tiny, rng, tmp_path,
+                                                                                        operation):
+    """A forget, or a gc after a night (or after a rollback and a night), that moves CURRENT and
+    deletes objects the pull is about to read, while a node pulls: the poll failed with '...: missing (manifest shard N
+    references it)', read as a damaged store, and the node waited a whole interval on the old
+    version. It now pulls the new CURRENT at once; the version it serves is the one CURRENT names."""
+    deltas = {u: random_delta(tiny, rng) for u in USERS}
+    night(any_store, tiny.fingerprint, deltas)
+    night(any_store, tiny.fingerprint, {USERS[0]: random_delta(tiny, rng)})
+    node = PullClient(any_store, tiny, cache_dir=tmp_path / "cache")
+    get, moved = any_store.get, []
+
+    def overtaking_get(key: str) -> bytes:  # the writer runs while the node reads its first object
+        if key.startswith("objects/") and not moved:
+            moved.append(key)
+            if operation == "forget":
+                forget_user(any_store, USERS[1], actor="test", reason="erasure")  # rewrites every shard holding it
+            elif operation == "rollback, night and gc":
+                rollback(any_store, 1, reason="test", actor="test")
+                night(any_store, tiny.fingerprint, {USERS[2]: random_delta(tiny, rng)})  # v3 over v1
+                collect(any_store, keep=1)  # v2 and its layer go
+            else:  # every shard compacted into a new base, then the old chains collected
+                night(any_store, tiny.fingerprint, {u: random_delta(tiny, rng) for u in USERS}, compact_after_layers=0)
+                collect(any_store, keep=1)
+        return get(key)
+
+    any_store.get = overtaking_get
+    try:
+        result = node.poll()
+    finally:
+        del any_store.get
+    current, _ = read_current(any_store)
+    assert moved and result.error is None and result.version == current.version
+    assert same_deltas({u: node.deltas_for(u)[0] for u in served(any_store)}, served(any_store))
+    if operation == "forget":
+        assert node.deltas_for(USERS[1]) == ()
+
+
+def test_a_missing_current_on_a_published_store_keeps_the_node_serving_and_names_the_rollback(any_store, tiny, rng):
+    """It said 'no CURRENT pointer (nothing published yet)' of a store with published versions."""
+    night(any_store, tiny.fingerprint, {u: random_delta(tiny, rng) for u in USERS})
+    node = PullClient(any_store, tiny)
+    assert node.poll().error is None
+    any_store.delete("CURRENT")
+    result = node.poll()
+    assert result.version == 1 and node.deltas_for(USERS[0])
+    assert "nothing published yet" not in result.error and f"engram rollback --store {any_store.uri} --to 1" in result.error
+
+
 def test_gc_collects_the_layers_no_kept_version_names(local_store, tiny, rng, first):
     for i in range(3):
         night(local_store, tiny.fingerprint, {USERS[i]: random_delta(tiny, rng)})

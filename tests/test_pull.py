@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engram_core.compiler import Fact, compile_facts
+from engram_core.fingerprint import fingerprint
 from engram_core.serving import generate, overlay_for
 from schemas.bundle import bundle_table, encode_bundle
 from schemas.facts import empty_fact_state
@@ -141,6 +142,28 @@ def test_a_corrupted_shard_is_refused_and_the_previous_version_keeps_serving(loc
     assert client.poll().error is not None
 
 
+def test_a_damaged_store_is_refused_naming_the_operators_fix(local_store, tiny, tiny_dir, compiled, tmp_path):
+    """A node can only keep what it serves; the refusal says what fixes the store (it named the
+    damaged object or manifest and stopped there)."""
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny)
+    client.poll()
+    manifest = publish(local_store, tiny, v2(compiled))
+    key = manifest.shard(shard_of("alice", NUM_SHARDS)).bundle_key
+    local_store.put(key, local_store.get(key) + b"x")
+    fix = f"engram rollback --store {local_store.uri} --to N"
+    result = client.poll()
+    assert key in result.error and fix in result.error and client.index.version == 1
+
+    (local_store.root / manifest.key).write_text("{")  # and a node starting now
+    out = CliRunner().invoke(cli_app(), ["pull", "--store", str(local_store.root), "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 1 and manifest.key in out.output
+    assert f"engram rollback --store {local_store.root} --to N" in out.output
+
+
 def test_a_manifest_for_another_model_is_refused(local_store, tiny, compiled):
     publish(local_store, tiny, v1(compiled))
     client = PullClient(local_store, tiny)
@@ -202,6 +225,35 @@ def test_a_restart_loads_from_the_cache_and_a_damaged_cache_file_is_downloaded_a
     assert healed.poll().error is None and cached.read_bytes() == original
 
 
+@pytest.mark.parametrize("damage", ["values permuted", "truncated", "zero-length"])
+def test_a_damaged_token_map_in_a_nodes_model_cache_is_rebuilt_and_facts_are_recalled(local_store, tiny, tiny_dir,
+                                                                                      compiled, tmp_path, damage):
+    """The canonical token map is a derived file beside the fetched model (outside its fingerprint).
+    With its values damaged, a restarted node addressed every prompt with the wrong rows and lost
+    every user's facts, silently; a truncated one failed the load with a numpy error."""
+    import numpy as np
+
+    from serving.pull import resolve_model
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    manifest, _ = read_current(local_store)
+    resolve_model(local_store, manifest, model_dir=None, cache_dir=tmp_path)  # the node's first start
+    [cached] = (tmp_path / "models" / manifest.fingerprint / "engram").glob("canonical-*.npy")
+    intact = np.load(cached)
+    if damage == "values permuted":
+        np.save(cached, np.random.default_rng(0).permutation(intact))
+    else:
+        cached.write_bytes(cached.read_bytes()[:len(cached.read_bytes()) // 2] if damage == "truncated" else b"")
+
+    restarted = resolve_model(local_store, manifest, model_dir=None, cache_dir=tmp_path)
+    client = PullClient(local_store, restarted)
+    assert client.poll().error is None
+    assert answers(restarted, client, "alice", "alice") == expected("alice")
+    [rebuilt] = (tmp_path / "models" / manifest.fingerprint / "engram").glob("canonical-*.npy")
+    assert (np.load(rebuilt) == intact).all()
+
+
 def test_model_publish_and_fetch_round_trip(local_store, tiny_dir, tmp_path):
     fp = publish_model(local_store, tiny_dir)
     assert publish_model(local_store, tiny_dir) == fp  # second time: already there
@@ -209,6 +261,134 @@ def test_model_publish_and_fetch_round_trip(local_store, tiny_dir, tmp_path):
     assert path.is_dir() and fetch_model(local_store, fp, tmp_path / "cache") == path
     with pytest.raises(ModelError, match="not published"):
         fetch_model(local_store, "0" * 64, tmp_path / "cache")
+
+
+_KILLED_AT = """
+import os, signal, sys, pathlib
+sys.path.insert(0, {root!r})
+n, calls, original = {nth}, [0], {target}
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a node drain does, mid-write
+    return original(*args, **kwargs)
+{patch} = killing
+{body}
+"""
+
+
+def _run_killed(tmp_path, target: str, patch: str, nth: int, body: str) -> None:
+    """Run ``body`` in a fresh process that SIGKILLs itself at the ``nth`` call of ``target``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _KILLED_AT.format(root=str(Path(__file__).parents[1]), nth=nth, target=target, patch=patch, body=body)
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+
+
+def test_a_model_fetch_killed_mid_download_leaves_no_partial_copy_after_the_next_fetch(local_store, tiny_dir, tmp_path):
+    """A node killed while it downloads the model (a crash-looping pod) left its staging folder, a
+    partial copy of the model, in the cache for good: one per kill, until the disk filled."""
+    fp = publish_model(local_store, tiny_dir)
+    cache = tmp_path / "cache"
+    body = f"from versions.models import fetch_model\nfrom versions.store import open_store\n" \
+           f"fetch_model(open_store({str(local_store.root)!r}), {fp!r}, {str(cache)!r})"
+    for nth in (2, 5):  # killed after one file, and after several
+        _run_killed(tmp_path, "pathlib.Path.write_bytes", "pathlib.Path.write_bytes", nth, body)
+    models = cache / "models"
+    assert [p.name for p in models.iterdir() if p.name.startswith(".tmp-")]  # what the kills left
+    assert fetch_model(local_store, fp, cache) == models / fp
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".fetch-")) == [fp]
+    assert fingerprint(models / fp) == fp
+
+
+def test_a_cache_write_killed_mid_way_is_cleaned_by_the_next_poll_and_foreign_files_are_kept(local_store, tiny,
+                                                                                             tiny_dir, compiled,
+                                                                                             tmp_path):
+    """A pull killed between writing a cached object's temporary file and renaming it left the file
+    for good (eviction looked at *.parquet only); and eviction deleted any *.parquet in a shard
+    folder and every file in bundles/, whatever its name: files the cache never wrote."""
+    import os
+    import time
+
+    publish(local_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    body = (f"from engram_core.checkpoint import load_checkpoint\nfrom serving.pull import PullClient\n"
+            f"from versions.store import open_store\n"
+            f"PullClient(open_store({str(local_store.root)!r}), load_checkpoint({str(tiny_dir)!r}), "
+            f"cache_dir={str(cache)!r}).poll()")
+    _run_killed(tmp_path, "os.replace", "os.replace", 1, body)  # the first cached object's rename
+    [left] = cache.glob("shards/*/.tmp-*")
+    foreign = [cache / "shards" / "0" / "notes.parquet", cache / "bundles" / "README.txt"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the operator's")
+    client = PullClient(local_store, tiny, cache_dir=cache)
+    assert client.poll().error is None and left.exists()  # a minute old at most: it may be being written
+    old = time.time() - 120
+    os.utime(left, (old, old))
+    publish(local_store, tiny, v2(compiled))
+    assert client.poll().error is None
+    assert not left.exists() and all(path.read_text() == "the operator's" for path in foreign)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a real tmpfs of 1 MiB (a mount: root only, else the test is skipped), filled to
+    the last byte: every write there fails with ENOSPC."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        with open(mount / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_cache_disk_still_serves_the_verified_version_and_says_so(local_store, tiny, tiny_dir, compiled,
+                                                                         full_disk):
+    """Objects were verified in memory, but a cache write that failed (ENOSPC) failed the whole poll:
+    the node served nothing (no path, no fix in the error); a model that does not fit failed with a
+    bare '[Errno 28] No space left on device'."""
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny, cache_dir=full_disk / "cache")
+    result = client.poll()
+    assert result.error is None and result.version == 1
+    assert answers(tiny, client, "alice", "alice") == expected("alice")
+    assert "No space left on device" in result.cache_error and str(full_disk / "cache") in result.cache_error
+    assert "--cache-dir" in result.cache_error and not list((full_disk / "cache").rglob("*.parquet*"))
+
+    fp = publish_model(local_store, tiny_dir)
+    with pytest.raises(ModelError, match=r"cache .*/models: cannot write model .*No space left on device.*takes \d+ "
+                                         r"bytes: free space on that disk, or give --cache-dir"):
+        fetch_model(local_store, fp, full_disk / "cache")
+    assert not [p for p in (full_disk / "cache" / "models").iterdir() if not p.name.startswith(".fetch-")]
+
+
+def test_a_cached_object_that_cannot_be_read_is_downloaded_again(local_store, tiny, compiled, tmp_path):
+    """An unreadable cache entry (here a folder where the object's file goes; likewise a file of
+    another node's user, an I/O error) failed every poll with the OSError: the node never served."""
+    publish(local_store, tiny, v1(compiled))
+    cache = BundleCache(tmp_path / "cache")
+    manifest, _ = read_current(local_store)
+    entry = manifest.shard(shard_of("alice", NUM_SHARDS))
+    cache.path(entry.shard, entry.bundle_sha256).mkdir(parents=True)
+    client = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    result = client.poll()
+    assert result.error is None and answers(tiny, client, "alice", "alice") == expected("alice")
+    assert result.cache_error is not None  # and it could not be kept there either: said, not fatal
 
 
 def test_a_tampered_model_file_is_refused(local_store, tiny_dir, tmp_path):
@@ -236,6 +416,31 @@ def test_the_s3_path_follows_versions(s3_store, tiny, tiny_dir, compiled, tmp_pa
     rollback(s3_store, to_version=1, actor="test", reason="test")
     assert client.poll().version == 1
     assert answers(tiny, client, "alice", "alice") == expected("alice")
+
+
+def test_s3_reads_that_break_off_mid_object_are_read_again(s3_server, s3_store, tiny, tiny_dir, compiled, tmp_path):
+    """A GET whose body breaks off (a dropped connection, a balancer's timeout) is retried by nobody:
+    botocore retries requests, not body reads. The poll failed ('ResponseStreamingError (check the
+    job's credentials / endpoint)'), and a node starting then (engram serve, ask) exited 1."""
+    from serving.pull import resolve_model
+    from tests.s3_proxy import ConditionProxy
+    from versions.store import StoreError
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cuts = {"/manifests/": 1, "/models/": 2, "/objects/": 3}
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, cut_gets=cuts) as proxy:
+        flaky = S3Store(s3_store.bucket, s3_store.prefix, endpoint_url=proxy.endpoint_url)
+        manifest, _ = read_current(flaky)
+        em = resolve_model(flaky, manifest, model_dir=None, cache_dir=tmp_path / "cache")
+        client = PullClient(flaky, em, cache_dir=tmp_path / "cache")
+        assert client.poll().error is None and not any(proxy.cut_gets.values())  # every cut happened, and was read again
+        assert answers(em, client, "alice", "alice") == expected("alice")
+
+        proxy.cut_gets["CURRENT"] = flaky.max_attempts  # a connection that always drops: said as such
+        with pytest.raises(StoreError, match=r"read CURRENT broke off mid-object 5 times .*check the network"):
+            flaky.get("CURRENT")
 
 
 # ---------------------------------------------------------------- commands
@@ -314,6 +519,62 @@ def test_ask_refuses_a_prompt_past_the_context_and_an_empty_user_as_serve_does(l
     assert edge.exit_code == 0, edge.output  # exactly the context: answered
     empty = CliRunner().invoke(cli_app(), base + ["--user", "\u200b", "My dog is"])
     assert empty.exit_code == 2 and "--user is empty" in empty.output
+
+
+def test_ask_and_forget_refuse_command_line_bytes_that_are_not_utf8_naming_the_argument(local_store, tiny, tiny_dir,
+                                                                                        compiled, tmp_path):
+    """A byte that is not UTF-8 in argv (Python keeps it as a lone surrogate) ended `engram ask` in a
+    UnicodeEncodeError line (--user) or a tokenizer traceback (the prompt), and `engram forget` in a
+    UnicodeEncodeError: each is now one line naming the argument and the byte, exit 2, nothing done."""
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    before = sorted(local_store.list(""))
+    real = subprocess.run([sys.executable.encode(), b"-m", b"jobs.cli", b"ask", b"--store", str(local_store.root).encode(),
+                           b"--user", b"alice\xff", b"My dentist is called"], capture_output=True, timeout=300,
+                          env={**os.environ, "ENGRAM_CACHE_DIR": str(tmp_path / "cache")})  # the bytes as a shell passes them
+    outcomes = [(real.returncode, real.stderr.decode(), "--user")]
+    store = str(local_store.root)
+    for args, named in [(["ask", "--store", store, "--user", "alice", "My dentist \udce9 called"], "the prompt"),
+                        (["forget", "--store", store, "alice\udcff", "--reason", "ticket"], "user id")]:
+        result = CliRunner().invoke(cli_app(), args)  # what Python makes of those bytes in argv
+        outcomes.append((result.exit_code, result.output, named))
+    for code, output, named in outcomes:
+        assert code == 2, output
+        assert f"{named} " in output and "is not UTF-8 text (byte 0x" in output and "Traceback" not in output, output
+    assert sorted(local_store.list("")) == before
+
+
+def test_ask_follows_a_resharding_published_while_it_starts(local_store, tiny, tiny_dir, compiled, tmp_path,
+                                                           monkeypatch):
+    """`engram ask` picks the user's shard from CURRENT, then pulls: a night that changed the number
+    of shards in between left it holding another shard, so it answered with the base model and
+    'note: user ... has no memory' (or refused to pull a shard beyond the new count)."""
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    shards = next(n for n in range(5, 64) if shard_of("alice", n) != shard_of("alice", NUM_SHARDS))
+    poll, resharded = PullClient.poll, []
+
+    def poll_after_a_resharding_night(client):
+        if not resharded:
+            resharded.append(publish(local_store, tiny, v1(compiled), num_shards=shards))
+        return poll(client)
+
+    monkeypatch.setattr(PullClient, "poll", poll_after_a_resharding_night)
+    trigger, answer = FACTS["alice"][0]
+    out = CliRunner().invoke(cli_app(), ["ask", "--store", str(local_store.root), "--user", "alice", "--cache-dir",
+                                         str(tmp_path / "cache"), "--max-new-tokens",
+                                         str(len(tiny.encode_answer(answer))), "--json", trigger])
+    assert out.exit_code == 0, out.output
+    answered = json.loads(out.stdout.strip().splitlines()[-1])
+    assert resharded and answered["version"] == resharded[0].version and answered["text"] == answer
 
 
 def test_pull_command_reports_each_poll(local_store, tiny, tiny_dir, compiled, tmp_path):

@@ -115,12 +115,38 @@ def _post(server, body: bytes, path: str = "/v1/completions") -> tuple[int, dict
     (json.dumps({"model": "engram", "prompt": "hi", "user": 7}).encode(), "user"),
     (json.dumps({"model": "engram", "prompt": "hi", "user": ""}).encode(), "user"),
     (json.dumps({"model": "engram", "prompt": "hi", "stream": "yes"}).encode(), "stream"),
+    (b"[" * 100_000, None),  # deeper than the parser goes: json raised RecursionError and the handler died
 ])
 def test_malformed_requests_get_400_with_a_json_error(server, body, param):
     status, payload = _post(server, body)
     assert status == 400
     assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["param"] == param
     assert payload["error"]["message"]
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    ("/v1/completions", {"prompt": "My dentist is called", "user": "alice\ud800"}, "user"),
+    ("/v1/completions", {"prompt": "My dentist is \udc00called", "user": "alice"}, "prompt"),
+    ("/v1/completions", {"prompt": ["My dentist is called", "I live\ud83d in"]}, "prompt.[1]"),
+    ("/v1/completions", {"prompt": "My dentist is called", "stop": ["\udfff"]}, "stop.[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud83d"}]}, "messages.[0].content"),
+])
+def test_text_with_a_lone_surrogate_is_a_400_naming_the_field_and_the_server_keeps_answering(server, path, fields,
+                                                                                             param):
+    """JSON's \\ud800 escapes parse to strings that are no Unicode text: the handler died encoding them
+    (the connection closed without an answer) or the template refused them with a tokenizer error."""
+    body = json.dumps({"model": "engram", "max_tokens": 2, **fields}).encode()  # ensure_ascii: the escapes as sent
+    status, payload = _post(server, body, path)
+    assert status == 400, payload
+    assert payload["error"]["param"] == param and "lone surrogate" in payload["error"]["message"]
+    ok = json.dumps({"model": "engram", "prompt": "My dentist is called", "user": "alice", "max_tokens": 2})
+    assert _post(server, ok.encode())[0] == 200
+
+
+def test_a_user_of_invisible_characters_only_is_refused_like_an_empty_one(server):
+    """Ingest rejects such an id and `engram ask` refuses it; the server served it the base model."""
+    status, payload = _post(server, json.dumps({"model": "engram", "prompt": "hi", "user": "\u200b\u2060 "}).encode())
+    assert status == 400 and payload["error"]["param"] == "user"
 
 
 def test_unknown_model_and_route_are_404(server, api):

@@ -8,6 +8,7 @@ fingerprint.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -75,8 +76,27 @@ def publish_model(store: ObjectStore, checkpoint_dir: str | Path) -> str:
 
 
 def fetch_model(store: ObjectStore, fp: str, cache_dir: str | Path) -> Path:
-    """A local directory holding model ``fp`` (downloaded into ``cache_dir/models/`` once, verified)."""
-    dest = Path(cache_dir) / "models" / fp
+    """A local directory holding model ``fp`` (downloaded into ``cache_dir/models/`` once, verified).
+
+    Fetches of one model into one cache serialize on an ``flock`` of ``models/.fetch-<fp>.lock``
+    (released by the kernel if the fetcher dies): a second process waits and then finds the model
+    there, and the fetcher that holds the lock deletes the staging folders of fetches killed
+    mid-download (each a partial copy of the model, kept forever before)."""
+    models = Path(cache_dir) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(models / f".fetch-{fp[:16]}.lock", "a+b")
+    except OSError:  # a read-only cache: a model already in it is used as it is
+        return _fetch_model(store, fp, models / fp)
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        for staging in models.glob(f".tmp-{fp[:16]}-*"):
+            log.info("deleting %s, left by a model fetch that was killed", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+        return _fetch_model(store, fp, models / fp)
+
+
+def _fetch_model(store: ObjectStore, fp: str, dest: Path) -> Path:
     if dest.is_dir():
         try:
             if fingerprint(dest) == fp:
@@ -103,8 +123,14 @@ def fetch_model(store: ObjectStore, fp: str, cache_dir: str | Path) -> Path:
             target = staging / rel
             if staging.resolve() not in target.resolve().parents:
                 raise ModelError(f"{store.uri}/{_model_key(fp, MODEL_FILE_LIST)}: bad file name {rel!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            except OSError as err:  # a full or read-only disk: say where and what it takes
+                needed = sum(int(f["bytes"]) for f in files.values())
+                raise ModelError(f"cache {dest.parent}: cannot write model {fp[:16]}.. ({err.strerror or err}); it "
+                                 f"takes {needed} bytes: free space on that disk, or give --cache-dir on a larger one "
+                                 "(or --model DIR)") from None
         actual = fingerprint(staging)
         if actual != fp:
             raise ModelError(f"{store.uri}/{_model_key(fp)}: files have fingerprint {actual[:16]}.., "

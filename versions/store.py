@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -425,6 +426,7 @@ class S3Store(ObjectStore):
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.sse = sse
         self.sse_kms_key_id = sse_kms_key_id
+        self.max_attempts = max(1, max_attempts)
         self._session = boto3.session.Session(region_name=region)
         if addressing_style is None:
             # S3-compatible servers behind a custom endpoint rarely resolve bucket subdomains.
@@ -483,10 +485,24 @@ class S3Store(ObjectStore):
                              "(check the job's credentials / endpoint)") from None
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        with self._errors("read", key):
-            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            data = response["Body"].read()
-        return data, response["ETag"].strip('"')
+        """The object's bytes and etag. A body that breaks off mid-way (a dropped connection, a load
+        balancer's timeout: botocore retries the request, not the body's read) is read again, up to
+        ``max_attempts`` times; then a StoreError that says so (it blamed the credentials)."""
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._errors("read", key):
+                response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+                try:
+                    return response["Body"].read(), response["ETag"].strip('"')
+                except (HTTPClientError, IncompleteReadError) as err:  # ResponseStreamingError, ReadTimeoutError, ...
+                    if attempt >= self.max_attempts:
+                        raise StoreError(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
+                                         f"({type(err).__name__}); check the network to the endpoint") from None
+                    log.warning("%s: read %s broke off mid-object (%s); reading it again", self.uri, key,
+                                type(err).__name__)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -544,11 +560,14 @@ class S3Store(ObjectStore):
 
 def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> None:
     """Write ``path`` so that a reader sees the old file or the whole new one, never a part:
-    a temporary file in the same folder, fsync, rename over, fsync the folder."""
+    a temporary file in the same folder, fsync, rename over, fsync the folder. The temporary file
+    is ``flock``-ed while it is written, so :func:`remove_dead_temp_files` can tell one whose
+    writer was killed (its lock released by the kernel) from one being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{tmp_prefix}{path.name}-{secrets.token_hex(6)}"
     try:
         with open(tmp, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -560,6 +579,25 @@ def write_file_atomic(path: Path, data: bytes, *, tmp_prefix: str = ".tmp-") -> 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_dead_temp_files(folder: Path, tmp_prefix: str = ".tmp-", *, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the temporary files of :func:`write_file_atomic` in ``folder`` whose writer died (a
+    kill -9, a crash, a power loss mid-write: nothing else ever removes them); returns them. A file
+    whose ``flock`` is held, or younger than ``min_age_s`` (created, not yet locked), is left."""
+    removed = []
+    now = time.time()
+    for tmp in folder.glob(f"{tmp_prefix}*") if folder.is_dir() else ():
+        try:
+            if not tmp.is_file() or now - tmp.stat().st_mtime < min_age_s:
+                continue
+            with open(tmp, "rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: being written
+                tmp.unlink()
+            removed.append(tmp)
+        except (BlockingIOError, FileNotFoundError):
+            continue  # being written, or renamed into place / removed meanwhile
+    return removed
 
 
 _S3_BUCKET = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # what botocore accepts as a bucket name
