@@ -34,7 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from jobs.spec import NightlySpec, SpecError, load_yaml
+from jobs.errors import exit_code, one_line
+from jobs.spec import NightlySpec, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -309,15 +310,15 @@ def main() -> int:
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as exc:
-        print(f"error: job spec from ${SPEC_ENV_VAR}: not valid YAML ({exc})", file=sys.stderr)
+        print(f"error: job spec from ${SPEC_ENV_VAR}: not valid YAML ({one_line(str(exc))})", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # as `engram run nightly`: one line per failure
     try:
         spec = NightlySpec.from_dict(raw, source=f"job spec from ${SPEC_ENV_VAR}")
         report = run_nightly(spec)
     except Exception as exc:  # noqa: BLE001 - the job's boundary: one line and one JSON object, as the CLI
-        code = 2 if isinstance(exc, SpecError) else 1
-        message = f"{type(exc).__name__}: {exc}"
+        code = exit_code(exc)  # 2 for a bad spec, fact_log path, model, ... as `engram run nightly`
+        message = one_line(f"{type(exc).__name__}: {exc}")
         log.debug("the night failed", exc_info=True)
         print(json.dumps({"published": False, "error": message, "exit_code": code}), flush=True)
         print(f"error: {message}", file=sys.stderr, flush=True)
