@@ -236,7 +236,7 @@ def serve(
 
 def _template_file_problem(path: Path | None) -> str | None:
     """None where ``path`` is None or a file; else the one line naming ``--chat-template PATH`` and
-    what to give (a file whose text cannot be used is reported when the server reads it: exit 1)."""
+    what to give (a file whose text cannot be used: serving.chat.read_template_file, also exit 2)."""
     try:
         if path is None or path.is_file():
             return None
