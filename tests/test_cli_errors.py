@@ -836,3 +836,21 @@ def test_paths_this_user_cannot_write_or_reach_are_bad_arguments_named_with_the_
         for folder in base.iterdir():
             folder.chmod(0o755)
         shutil.rmtree(base)
+
+
+def test_a_night_that_fails_says_so_in_one_line_not_twice(tmp_path, tiny_dir):
+    """The runner also logged the error at ERROR ("night failed in read ...: FactLogError: ..."), a
+    second line on stderr before the `error:` line; -v still shows it."""
+    log = tmp_path / "log" / "day=1"
+    log.mkdir(parents=True)
+    (log / "part-0.parquet").write_bytes(b"not parquet")
+    args = ["run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", str(tmp_path / "log"), "--model",
+            str(tiny_dir), "--workers", "0"]
+    for flags in ([], ["--json"]):
+        result = _cli(*args, *flags)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: FactLogError: fact log ") and "part-0.parquet" in result.stderr
+        if flags:
+            assert json.loads(result.stdout)["error"] == result.stderr[len("error: "):].rstrip("\n")
+    verbose = _cli(*args, "-v")
+    assert verbose.returncode == 1 and "night failed in read" in verbose.stderr
