@@ -115,7 +115,7 @@ def run() -> None:
 
     import pyarrow as pa
 
-    from jobs.nightly_cli import JSON_FAILURE_KEYS, exit_code
+    from jobs.nightly_cli import JSON_FAILURE_KEYS, exit_code, one_line
     from versions.errors import PublishError
     from versions.store import StoreError
 
@@ -138,7 +138,7 @@ def run() -> None:
     except (PublishError, StoreError, ValueError, OSError, pa.ArrowException) as exc:
         if "-v" in args or "--verbose" in args:
             raise
-        message, code = f"{type(exc).__name__}: {exc}", exit_code(exc)  # 2: a bad argument (a store URI, ...)
+        message, code = one_line(f"{type(exc).__name__}: {exc}"), exit_code(exc)  # 2: a bad argument (a store URI, ...)
         if "--json" in args:
             print(json.dumps({key: False, "error": message, "exit_code": code}), flush=True)
         print(f"error: {message} (run with -v for the traceback)", file=sys.stderr)

@@ -200,7 +200,8 @@ def run_nightly(
         with timer.stage("read_previous"):
             check_adapter_base(spec.model)  # before any compile: a compile worker would only fail at its load
             fingerprint = model_fingerprint(spec.model)
-            check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all)
+            check_model_change(previous.fingerprint if previous else None, fingerprint, spec.recompile_all,
+                               model=spec.model, prior=f"{store.uri} v{previous.version}" if previous else None)
         recompile = previous is None or spec.recompile_all or previous.fingerprint != fingerprint
         # Every shard is visited when the number of shards changed, and once after an upgrade from a
         # version-1 store (whose shards have no tombstones or stats parts yet).

@@ -10,6 +10,7 @@ from typing import NoReturn
 
 import typer
 
+from jobs.errors import BAD_REQUEST_ERRORS, exit_code, one_line  # noqa: F401 - the commands import them from here
 from jobs.spec import NightlySpec, SpecError
 
 run_app = typer.Typer(help="Run a job here (local Ray cluster unless the spec names an address).", no_args_is_help=True)
@@ -19,7 +20,7 @@ STORE_HELP = "Store: a local directory or s3://bucket/prefix."
 
 def _fail(message: str, code: int = 1) -> NoReturn:
     """One clear line and a non-zero exit: 2 for a bad spec or argument, 1 for a run that failed."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code=code)
 
 
@@ -34,14 +35,13 @@ def seconds_option(value: float, name: str, *, zero: bool = False) -> float:
     return value
 
 
-def exit_code(exc: BaseException) -> int:
-    """2 for a bad argument (a store directory that does not exist, a store URI that names no store,
-    an SQL error in a stats query), 1 for anything else (a run or a store that failed)."""
-    from pipeline.runner import RayUnreachable
-    from pipeline.stats import StatsQueryError
-    from versions.store import BadStoreURI, StoreNotFound
-
-    return 2 if isinstance(exc, (StoreNotFound, BadStoreURI, StatsQueryError, RayUnreachable)) else 1
+def text_option(value: str, name: str) -> str:
+    """A text option that must say something (a typer callback): ``--reason ""`` is refused, as the
+    audit record it goes into needs one."""
+    if not value.strip():
+        raise typer.BadParameter("must not be empty (it goes into the audit log); say why, e.g. --reason \"ticket "
+                                 "123\"", param_hint=name)
+    return value
 
 
 JSON_FAILURE_KEYS = {"run": "published", "demo": "published", "compact": "published", "versions": "listed",
@@ -57,6 +57,7 @@ def fail_json(as_json: bool, message: str, code: int = 1, what: str = "published
     """:func:`_fail`; with ``--json`` stdout also gets ``{what: false, "error": ..., "exit_code": ...}``
     (``what`` from :data:`JSON_FAILURE_KEYS`), so a script that parses stdout always gets one JSON
     object, and every failure object holds ``error`` and ``exit_code``."""
+    message = one_line(message)
     if as_json:
         typer.echo(json.dumps({what: False, "error": message, "exit_code": code}))
     _fail(message, code=code)
@@ -87,13 +88,25 @@ def text_argument_problem(value: str, what: str) -> str | None:
 
 
 def directory_problem(path: Path | str, what: str) -> str | None:
-    """None where ``path`` is a directory or can be made one; else the one line that says why not
-    (it, or a folder above it, is a file), naming the path and the fix. Creates nothing."""
+    """None where ``path`` is a directory this process can write in, or can be made one; else the
+    one line that says why not (it, or a folder above it, is a file; it, or the folder it would be
+    made in, is not writable), naming the path and the fix. Creates nothing."""
+    import os
+
     path = Path(path).expanduser()
     for part in (path, *path.parents):
-        if part.exists():
+        try:
+            exists = part.exists()
+        except PermissionError:  # a folder above it cannot be entered by this user
+            return (f"{what} {path} cannot be reached (permission denied for this user on a folder above it); give "
+                    "a directory it can write, or fix the permissions")
+        if exists:
             if part.is_dir():
-                return None
+                if os.access(part, os.W_OK | os.X_OK):
+                    return None
+                where = "is not writable" if part == path else f"cannot be made: {part} is not writable"
+                return (f"{what} {path} {where} (permission denied for this user); give a directory it can "
+                        "write, or fix the permissions")
             where = "is a file" if part == path else f"is inside {part}, which is a file"
             return f"{what} {path} {where}, not a directory; give a directory (a new one is created)"
     return None
@@ -108,8 +121,16 @@ def checkpoint_problem(path: Path | str, what: str, missing: str = "no such file
     ``engram/``; a checkpoint missing some is a damaged one, reported when it is read); else the one
     line that says why it is no checkpoint (not there, a file, a folder of something else), naming
     ``what`` (``--model PATH``, ``model PATH``, ...) and what to give instead. Reads no file."""
-    path = Path(path).expanduser()
-    if not path.exists():
+    path = Path(path).expanduser() if "://" not in str(path) else None  # Path would read s3://b/m as s3:/b/m
+    try:
+        found = path is not None and path.exists()
+    except PermissionError:
+        found = None
+    if path is None:
+        why = "a URI, not a local path (a checkpoint is read from a local directory: copy it there first)"
+    elif found is None:
+        why = "cannot be reached (permission denied for this user on a folder above it)"
+    elif not found:
         why = missing
     elif not path.is_dir():
         why = "is a file, not a checkpoint directory"
@@ -181,7 +202,7 @@ def run_nightly_cmd(
     problem = store_problem(spec.store)  # a store path that is a file: refused before any work too
     if problem:
         fail_json(as_json, problem, code=2)
-    problem = checkpoint_problem(spec.model, f"model {spec.model}") if "://" not in spec.model else None
+    problem = checkpoint_problem(spec.model, f"model {spec.model}")
     if problem:
         fail_json(as_json, problem, code=2)
     try:
@@ -217,17 +238,20 @@ def demo(
         if problem:
             fail_json(as_json, problem, 2)
     model_dir = workdir / "model"
+    try:  # a bad --workers: refused before anything is written
+        spec = NightlySpec(store=store, fact_log=str(workdir / "fact_log"), model=str(model_dir), num_shards=8,
+                           workers=workers, job_id=None)
+    except SpecError as exc:
+        fail_json(as_json, str(exc), exit_code(exc))
     if not (model_dir / "engram" / "config.json").exists():
         init_tiny(model_dir)
     log_file = workdir / "fact_log" / "day=2026-11-01" / f"users-{users}.parquet"
     if not log_file.exists():
         write_fact_log(fact_log_rows(users), log_file)
-    spec = NightlySpec(store=store, fact_log=str(workdir / "fact_log"), model=str(model_dir), num_shards=8,
-                       workers=workers, job_id=None)
     try:
         report = _run(spec, as_json)
     except Exception as exc:  # noqa: BLE001
-        fail_json(as_json, f"{type(exc).__name__}: {exc}")
+        fail_json(as_json, f"{type(exc).__name__}: {exc}", exit_code(exc))
     answers = _answer_sample(store, str(model_dir), report.sample)
     out = {"version": report.version, "published": report.published, "users": report.users, "facts": report.facts,
            "facts_ok": report.facts_ok, "facts_failed": report.facts_failed, "rejects": report.rejects,
@@ -316,7 +340,8 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
 
 def rollback(store: str = typer.Option(..., help=STORE_HELP),
              to: int = typer.Option(..., "--to", help="Version to make current (older or newer)."),
-             reason: str = typer.Option("manual rollback", help="Why (recorded in the audit log)."),
+             reason: str = typer.Option("manual rollback", help="Why (recorded in the audit log).",
+                                        callback=lambda v: text_option(v, "--reason")),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Move CURRENT to a retained version, atomically, with an audit record. Example: engram rollback --store S --to 3"""
     from versions.catalog import read_current

@@ -7,13 +7,14 @@ import json
 import typer
 
 from jobs.nightly_cli import actor as _actor
-from jobs.nightly_cli import exit_code, fail_json
+from jobs.nightly_cli import exit_code, fail_json, text_option
 
 
 def forget(
     users: list[str] = typer.Argument(..., metavar="USER...", help="user_id(s) to forget."),
     store: str = typer.Option(..., "--store", help="Store URI: a local path or s3://bucket/prefix."),
-    reason: str = typer.Option("erasure request", "--reason", help="Why (goes into the audit log)."),
+    reason: str = typer.Option("erasure request", "--reason", help="Why (goes into the audit log).",
+                               callback=lambda v: text_option(v, "--reason")),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (every user's report under users)."),
 ) -> None:
     """Erase a user from every retained version, for good. Example: engram forget --store s3://b/engram user-42 --reason "ticket 7" """

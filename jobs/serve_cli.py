@@ -51,7 +51,8 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
         store = open_store(store_uri, create=False)
         current = read_current(store)
         if current is None:
-            fail_json(as_json, f"{store.uri}: nothing published yet (no CURRENT)", 1, what)
+            fail_json(as_json, f"{store.uri}: nothing published yet (no CURRENT); run a night first (engram run "
+                               "nightly), or check --store", 1, what)
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
@@ -76,7 +77,7 @@ def pull(
     watch: bool = typer.Option(False, "--watch", help="Keep polling CURRENT and hot-swapping new versions."),
     interval: float = typer.Option(30.0, "--interval", help="Seconds between polls with --watch (±10% jitter).",
                                    callback=lambda v: _seconds(v, "--interval", zero=True)),
-    polls: int = typer.Option(0, "--polls", help="With --watch: stop after this many polls (0 = forever)."),
+    polls: int = typer.Option(0, "--polls", min=0, help="With --watch: stop after this many polls (0 = forever)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per poll."),
@@ -212,6 +213,13 @@ def serve(
     problem = _template_file_problem(chat_template)  # and a template file that is not there
     if problem:
         _fail(problem, code=2)
+    if chat_template is not None:  # or whose text is no UTF-8 Jinja: said before the model loads too
+        from serving.chat import ChatTemplateError, read_template_file
+
+        try:
+            read_template_file(chat_template)
+        except ChatTemplateError as e:
+            _fail(str(e), code=exit_code(e))
     store_obj, manifest, em, cache = _open(store, model, cache_dir)
     client = _client(store_obj, manifest, em, shards, cache, interval)
     result = client.poll()
@@ -224,8 +232,8 @@ def serve(
                                  batch_wait_s=batch_wait_ms / 1000, chat_template=chat_template)
     except OSError as e:  # taken meanwhile
         _fail(_listen_message(host, port, e), code=2)
-    except ValueError as e:
-        _fail(str(e))
+    except ValueError as e:  # a chat template changed meanwhile (2), a model without a context length (1)
+        _fail(str(e), code=exit_code(e))
     chat = "" if server.chat.available else " (no chat template: /v1/chat/completions answers 400; see --chat-template)"
     typer.echo(f"serving v{client.index.version} ({client.index.num_users} users) as {server.model_name} "
                f"on {server.url}/v1/completions and /v1/chat/completions{chat}", err=True)
@@ -237,10 +245,13 @@ def serve(
 
 def _template_file_problem(path: Path | None) -> str | None:
     """None where ``path`` is None or a file; else the one line naming ``--chat-template PATH`` and
-    what to give (a file whose text cannot be used is reported when the server reads it: exit 1)."""
-    if path is None or path.is_file():
+    what to give (a file whose text cannot be used: serving.chat.read_template_file, also exit 2)."""
+    try:
+        if path is None or path.is_file():
+            return None
+        why = "is a directory" if path.is_dir() else "no such file"
+    except PermissionError:  # a folder above it cannot be entered: read_template_file says so
         return None
-    why = "is a directory" if path.is_dir() else "no such file"
     return (f"--chat-template {path}: {why}; give a Jinja chat template file (e.g. the chat_template of a "
             "tokenizer_config.json saved as a .jinja file), or leave --chat-template out to use the checkpoint's own")
 

@@ -169,7 +169,8 @@ class NightlySpec:
             raise SpecError(f"job spec {path}: cannot read it ({exc.strerror or exc}); check the path and "
                             "its permissions") from None
         except yaml.YAMLError as exc:
-            raise SpecError(f"job spec {path}: not valid YAML ({exc})") from None
+            raise SpecError(f"job spec {path}: not valid YAML ({_yaml_problem(exc)}); fix the file "
+                            "(e.g. jobs/specs/nightly.example.yaml)") from None
         return cls.from_dict(raw, source=f"job spec {path}")
 
 
@@ -202,6 +203,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} appears twice in one mapping (keep one)", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parser's error in one line: what is wrong and where (``line 2, column 1: expected ',' or
+    ']', but got '<stream end>' (while parsing a flow sequence from line 1, column 8)``)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    said = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        said += f" ({context}{f' from line {context_mark.line + 1}, column {context_mark.column + 1}' if context_mark else ''})"
+    return said
 
 
 def load_yaml(text: str):

@@ -90,6 +90,11 @@ class FactLogError(RuntimeError):
     """The fact log cannot be read; the message names the file and what to do."""
 
 
+class FactLogNotFound(FactLogError):
+    """The fact log source names nothing to read: no such file or folder, a URI no filesystem
+    opens (``s4://``), a path that is not valid UTF-8 (a bad argument; the message names it)."""
+
+
 def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
     """An unreadable log file under on_bad_file='raise': the file, why, and both ways to say
     'reject' instead (the job spec's field, the command line's flag of ``engram run nightly``)."""
@@ -354,7 +359,9 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
             return pafs.FileSystem.from_uri(uri)
         filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
         return filesystem, rest
-    except (pa.ArrowInvalid, OSError) as err:
+    except pa.ArrowInvalid as err:  # "Unrecognized filesystem type in URI", a URI pyarrow cannot parse
+        raise FactLogNotFound(f"fact log {uri}: cannot open ({err}); give a local path or an s3:// URI") from err
+    except OSError as err:
         raise FactLogError(f"fact log {uri}: cannot open ({err})") from err
 
 
@@ -422,17 +429,17 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
     local = None  # one listing of the local sources: a real folder or file is listed once in all
     for source in sources:
         if _shown(source) != source:
-            raise FactLogError(f"fact log {_shown(source)}: the path is not valid UTF-8 (the escaped bytes); rename it "
+            raise FactLogNotFound(f"fact log {_shown(source)}: the path is not valid UTF-8 (the escaped bytes); rename it "
                                "to a UTF-8 name (e.g. convmv -f latin1 -t utf8 --notest) and point fact_log at that")
         fs, path, prefix = _resolve(source, filesystem)
         try:
             info = fs.get_file_info(path)
         except pa.ArrowInvalid as err:  # e.g. "Empty path component" for s3://bucket/a//b
-            raise FactLogError(f"fact log {source}: not a usable path ({err}); check for a doubled '/'") from None
+            raise FactLogNotFound(f"fact log {source}: not a usable path ({err}); check for a doubled '/'") from None
         if info.type == pafs.FileType.NotFound:
             if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
-                raise FactLogError(f"fact log {path}: {_broken_link(path)}")
-            raise FactLogError(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)")
+                raise FactLogNotFound(f"fact log {path}: {_broken_link(path)}")
+            raise FactLogNotFound(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)")
         if isinstance(fs, pafs.LocalFileSystem):
             local, local_fs = local or _LocalListing(), fs
             local.add(path, is_file=info.type == pafs.FileType.File)

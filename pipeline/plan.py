@@ -76,13 +76,21 @@ def trigger_winners(owners: list[str], fact_ids: list[str], triggers: list[str],
     return {owner: sorted(ids) for owner, ids in out.items()}
 
 
-def check_model_change(prior_fingerprint: str | None, fingerprint: str, recompile_all: bool) -> None:
+def check_model_change(prior_fingerprint: str | None, fingerprint: str, recompile_all: bool, *,
+                       model: str | None = None, prior: str | None = None) -> None:
     """Raise FingerprintMismatch if the model changed since the prior version and the caller did
-    not ask to recompile every user (deltas belong to exactly one model)."""
+    not ask to recompile every user (deltas belong to exactly one model). The message names the
+    fingerprint expected (``prior``: the version that has it, e.g. ``s3://b/engram v7``), the
+    ``model`` path given, and the three fixes: that model, a new store, or a recompile on purpose."""
     if prior_fingerprint is not None and prior_fingerprint != fingerprint and not recompile_all:
+        given = f" (model {model})" if model else ""
+        where = f"{prior} was compiled for {prior_fingerprint[:16]}..; " if prior else ""
         raise FingerprintMismatch(
-            f"the model changed from {prior_fingerprint} to {fingerprint}; deltas cannot be "
-            "carried across models; rerun with --recompile-all (recompile_all: true in the job spec)"
+            f"the model changed from {prior_fingerprint} to {fingerprint}{given}; {where}deltas cannot be carried "
+            f"across models: point the model (--model, the job spec's model) at the checkpoint with fingerprint "
+            f"{prior_fingerprint[:16]}.. (engram model info DIR shows a checkpoint's), publish this model to a new "
+            "store, or, to recompile every user for it on purpose, rerun with --recompile-all (recompile_all: true "
+            "in the job spec)"
         )
 
 

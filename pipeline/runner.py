@@ -39,7 +39,9 @@ CHUNKS_IN_FLIGHT_PER_ACTOR = 2  # the next chunk is already there when one finis
 def _named(error: BaseException, what: str) -> BaseException:
     if hasattr(error, "add_note"):
         error.add_note(f"(in the night's {what})")
-    log.error("night failed in %s: %s: %s", what, type(error).__name__, error)
+    # INFO, not ERROR: the error is raised, and its caller says it once (the CLI's one `error:` line;
+    # logged at ERROR it was a second copy of that line on stderr); -v shows where it happened
+    log.info("night failed in %s: %s: %s", what, type(error).__name__, error)
     return error
 
 

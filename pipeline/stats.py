@@ -142,6 +142,9 @@ def query_stats(store, sql: str) -> pa.Table:
     the checked bytes from memory."""
     import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
 
+    if not sql.strip():  # DuckDB answers an empty query with no rows, which reads as an answer
+        raise StatsQueryError(f"stats query is empty; give an SQL query over the views {', '.join(STATS_SCHEMAS)}, "
+                              "e.g. \"select count(*) from facts\"")
     # A damaged CURRENT or current manifest is refused (ManifestError, PublishError naming it), as
     # every reader but `versions` and rollback refuses it: answering from the other versions alone
     # would give a dashboard numbers without the current version, with nothing to say so.
@@ -173,7 +176,10 @@ def query_stats(store, sql: str) -> pa.Table:
         except duckdb.Error as err:
             if "IO" in str(err) or "exist" in str(err) or "stream registered" in str(err):
                 _raise_if_layer_damaged(store, manifests, err)
-            raise StatsQueryError(f"stats query failed on {store.uri}: {err}\n  query: {sql}") from err
+            # one line: DuckDB's text puts the query and a caret under the error on lines of their own
+            detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip().strip("^"))
+            raise StatsQueryError(f"stats query failed on {store.uri}: {detail} (query: {' '.join(sql.split())}); "
+                                  f"fix the query (views: {', '.join(STATS_SCHEMAS)})") from err
     finally:
         connection.close()
 

@@ -120,14 +120,7 @@ class ChatTemplate:
         self.template: str | None = None
         if template_file is not None:
             path = Path(template_file)
-            try:
-                self.template = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise ValueError(f"chat template {path}: cannot read it ({e})") from None
-            except UnicodeDecodeError as e:
-                raise ValueError(f"chat template {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                                 f"{e.start}); save the template as UTF-8") from None
-            _check_syntax(self.template, str(path))
+            self.template = read_template_file(path)
             self.source = f"file {path}"
         elif getattr(tokenizer, "chat_template", None):
             self.source = "checkpoint"
@@ -207,13 +200,34 @@ class ChatTemplate:
         return ids
 
 
-def _check_syntax(template: str, source: str) -> None:
+class ChatTemplateError(ValueError):
+    """A chat template file that cannot be used (not readable, not UTF-8, not valid Jinja); the
+    message names the file, the line of a syntax error, and the fix."""
+
+
+_TEMPLATE_FIX = "fix the file or give another with --chat-template (or leave it out to use the checkpoint's own)"
+
+
+def read_template_file(path: str | Path) -> str:
+    """The text of a Jinja chat template file, its syntax checked (nothing rendered). Raises
+    ChatTemplateError naming the file and what is wrong: cannot be read, not UTF-8, a syntax error
+    (with its line)."""
     import jinja2
 
+    path = Path(path)
+    try:
+        template = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ChatTemplateError(f"chat template {path}: cannot read it ({e.strerror or e}); {_TEMPLATE_FIX}") from None
+    except UnicodeDecodeError as e:
+        raise ChatTemplateError(f"chat template {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                                f"{e.start}); save the template as UTF-8") from None
     try:
         jinja2.Environment().parse(template)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat template {source}: Jinja syntax error on line {e.lineno}: {e.message}") from None
+        raise ChatTemplateError(f"chat template {path}: Jinja syntax error on line {e.lineno}: {e.message}; "
+                                f"{_TEMPLATE_FIX}") from None
+    return template
 
 
 def _template_message(error: Exception) -> str:

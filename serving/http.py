@@ -61,7 +61,8 @@ class ReferenceServer:
     """OpenAI-compatible completions and chat completions over a :class:`~serving.pull.PullClient`'s served version.
 
     ``chat_template``: a Jinja chat template file to render chats with instead of the
-    checkpoint's own (needed for a checkpoint without one); a syntax error raises ValueError here.
+    checkpoint's own (needed for a checkpoint without one); a file that cannot be used (a syntax
+    error, not UTF-8) raises serving.chat.ChatTemplateError (a ValueError) here.
     """
 
     def __init__(self, em, client, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,

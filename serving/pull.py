@@ -663,6 +663,7 @@ def resolve_model(store: ObjectStore, manifest: Manifest, *, model_dir: str | Pa
         if local != manifest.fingerprint:
             raise FingerprintMismatch(
                 f"model {model_dir}: fingerprint {local[:16]}.. but {store.uri} v{manifest.version} was compiled "
-                f"for {manifest.fingerprint[:16]}.. (use that model, or leave out --model to fetch it)")
+                f"for {manifest.fingerprint[:16]}..; point --model at the checkpoint with that fingerprint (engram "
+                "model info DIR shows a checkpoint's), or leave --model out to fetch the store's model")
         return load_checkpoint(model_dir, device=device)
     return load_checkpoint(fetch_model(store, manifest.fingerprint, cache_dir), device=device)

@@ -187,7 +187,7 @@ def test_every_json_command_prints_one_failure_object_with_its_exit_code(tmp_pat
 
     store, missing = tmp_path / "store", str(tmp_path / "nope")
     store.mkdir()
-    for args, code in ((["rollback", "--store", str(store), "--to", "9"], 1),
+    for args, code in ((["rollback", "--store", str(store), "--to", "9"], 2),  # no version 9: a bad request
                        (["gc", "--store", str(store), "--keep", "0"], 2),
                        (["versions", "--store", missing], 2),
                        (["stats", "--store", str(store), "select bogus"], 2),
@@ -630,3 +630,227 @@ def test_an_s3_clients_connection_pool_holds_every_thread_that_shares_it(monkeyp
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     store = S3Store("bucket", "prefix", endpoint_url="http://127.0.0.1:9", region="us-east-1")
     assert store._client.meta.config.max_pool_connections >= _READ_THREADS
+
+
+def _cli(*args, cwd=None, prefix=()):
+    """The console script as a user runs it (jobs.cli.run: its last resort too), in a subprocess
+    (``prefix``: a command that runs it, e.g. as another user)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([*prefix, sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def _assert_one_line_exit_2(result, message: str, key: str | None = None):
+    """Exit 2, one `error:` line holding ``message``, no traceback; with ``key`` (a --json run) one
+    failure object on stdout holding that line."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    if key:
+        assert json.loads(result.stdout) == {key: False, "error": result.stderr[len("error: "):].rstrip("\n")
+                                             .removesuffix(" (run with -v for the traceback)"), "exit_code": 2}
+    else:
+        assert result.stdout == ""
+
+
+def test_a_chat_template_that_is_not_valid_jinja_or_utf8_exits_2_before_the_model_loads(tmp_path):
+    """`serve --chat-template FILE` with a Jinja syntax error (or not UTF-8): exit 2 naming the file,
+    the line and --chat-template (was exit 1 once the model and the store had loaded)."""
+    (tmp_path / "store").mkdir()  # nothing published: the template is refused before the store is read
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }\n")
+    latin = tmp_path / "latin.jinja"
+    latin.write_bytes("{{ messages[0]['content'] }} \u00e9".encode("latin-1"))
+    for template, message in ((broken, f"chat template {broken}: Jinja syntax error on line 1: "),
+                              (latin, f"chat template {latin}: not UTF-8 text (byte 0xe9")):
+        result = _cli("serve", "--store", str(tmp_path / "store"), "--port", "0", "--chat-template", str(template))
+        _assert_one_line_exit_2(result, message)
+        assert "--chat-template" in result.stderr or "UTF-8" in result.stderr
+
+
+def test_a_model_that_is_not_the_stores_exits_2_naming_the_fingerprint_expected_and_the_fixes(
+        tiny, tiny_dir, tiny_checkpoints, tmp_path):
+    """ask/pull with --model, and a night, given a checkpoint of another fingerprint than the store's
+    version: exit 2 (was 1), naming the fingerprint the store expects and how to fix it."""
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from versions.catalog import list_versions
+    from versions.store import open_store
+
+    store = str(tmp_path / "store")
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    first = engram("run", "nightly", "--store", store, "--fact-log", str(tmp_path / "log"), "--model", str(tiny_dir),
+                   "--workers", "0", "--num-shards", "1")
+    assert first.exit_code == 0, first.output
+    write_fact_log(fact_log_rows(3, 1), tmp_path / "log" / "day=2" / "part-0.parquet")
+    other = str(tiny_checkpoints("qwen2"))
+    expected = tiny.fingerprint[:16]
+    cache = str(tmp_path / "cache")
+    for args, key, fixes in (
+            (["ask", "--store", store, "--user", "user-00000", "--model", other, "--cache-dir", cache, "hi"],
+             "answered", ["point --model at the checkpoint with that fingerprint", "leave --model out"]),
+            (["pull", "--store", store, "--model", other, "--cache-dir", cache], "pulled",
+             ["point --model at the checkpoint with that fingerprint", "leave --model out"]),
+            (["run", "nightly", "--store", store, "--fact-log", str(tmp_path / "log"), "--model", other,
+              "--workers", "0"], "published", ["--model", "a new store", "--recompile-all"])):
+        result = _cli(*args, "--json")
+        _assert_one_line_exit_2(result, f"compiled for {expected}..", key)
+        assert all(fix in result.stderr for fix in fixes), result.stderr
+        assert other in result.stderr, result.stderr
+    assert [info.version for info in list_versions(open_store(store))] == [1]
+
+
+def test_rollback_to_a_version_that_does_not_exist_or_was_collected_exits_2_naming_the_versions(local_store, tiny):
+    """`rollback --to 999`, to a version gc collected, or on a store with nothing published: a bad
+    request, exit 2 (was 1), naming the versions that exist; CURRENT does not move."""
+    import numpy as np
+
+    from tests.harness import publish_deltas, random_delta
+    from versions.catalog import read_current
+    from versions.retention import collect
+
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
+    collect(local_store, 1, actor="test")  # v1 and v2 are collected
+    for version in ("999", "1", "0"):
+        result = _cli("rollback", "--store", local_store.uri, "--to", version, "--json")
+        _assert_one_line_exit_2(result, f"version {version} does not exist, was never published or was collected "
+                                        "(available: [3]); roll back to one of those", "rolled_back")
+    assert read_current(local_store)[0].version == 3
+    empty = local_store.root.parent / "empty"
+    empty.mkdir()
+    result = _cli("rollback", "--store", str(empty), "--to", "1")
+    _assert_one_line_exit_2(result, "nothing is published yet; cannot roll back to version 1")
+
+
+def test_a_bucket_that_does_not_exist_is_a_bad_argument_for_every_command_and_is_never_created(
+        s3_bucket, s3_server, tmp_path, tiny_dir):
+    """A store in a bucket the S3 server does not have: every command exits 2 naming the bucket and
+    the fix (reads were exit 1; SeaweedFS creates a bucket on the first write, so forget, gc and a
+    night wrote into a new, empty bucket and forget said 'user not found', exit 0). A fact log in
+    such a bucket, or of a scheme no filesystem opens, is a bad argument too (was exit 1)."""
+    missing = f"{s3_bucket}-typo"
+    uri = f"s3://{missing}/engram"
+    log = tmp_path / "log"
+    log.mkdir()
+    night = ["run", "nightly", "--fact-log", str(log), "--model", str(tiny_dir), "--workers", "0"]
+    for args, key in ((["versions", "--store", uri], "listed"), (["stats", "--store", uri, "select 1"], "queried"),
+                      (["rollback", "--store", uri, "--to", "1"], "rolled_back"), (["forget", "--store", uri, "u1"], "forgotten"),
+                      (["gc", "--store", uri, "--keep", "1"], "collected"), (["compact", "--store", uri], "published"),
+                      (["pull", "--store", uri, "--cache-dir", str(tmp_path / "cache")], "pulled"),
+                      ([*night, "--store", uri], "published")):
+        result = _cli(*args, "--json")
+        _assert_one_line_exit_2(result, f"bucket {missing!r} does not exist; check the bucket name in the store URI",
+                                key)
+    assert missing not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
+    for fact_log, message in ((f"s3://{missing}/log", f"fact log s3://{missing}/log: no such file or folder"),
+                              ("s4://bucket/log", "fact log s4://bucket/log: cannot open (")):
+        result = _cli("run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", fact_log, "--model",
+                      str(tiny_dir), "--workers", "0", "--json")
+        _assert_one_line_exit_2(result, message, "published")
+
+
+def test_library_messages_of_several_lines_are_printed_as_one_line(tmp_path):
+    """DuckDB's query error (the query and a caret on lines of their own) and a YAML parser's error
+    were 3 to 7 lines on stderr; an empty stats query printed '(0 rows)' as an answer (exit 0)."""
+    (tmp_path / "store").mkdir()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("store: [unclosed\n")
+    for args, message, key in (
+            (["stats", "--store", str(tmp_path / "store"), "selec 1"],
+             'Parser Error: syntax error at or near "selec" LINE 1: selec 1 (query: selec 1); fix the query', "queried"),
+            (["stats", "--store", str(tmp_path / "store"), "  "], "stats query is empty; give an SQL query", "queried"),
+            (["run", "nightly", "--spec", str(spec)],
+             f"job spec {spec}: not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>'",
+             "published")):
+        for flags in ([], ["--json"]):
+            _assert_one_line_exit_2(_cli(*args, *flags), message, key if flags else None)
+
+
+def test_an_empty_reason_or_a_negative_count_is_refused_as_a_usage_error(tmp_path):
+    """`rollback/forget --reason ""` escaped as a ValueError (exit 1, 'run with -v for the traceback');
+    `pull --polls -1` was taken (and the command failed later on the empty store, exit 1)."""
+    store = str(tmp_path)
+    for args in (["rollback", "--store", store, "--to", "1", "--reason", ""],
+                 ["forget", "--store", store, "u1", "--reason", " "],
+                 ["pull", "--store", store, "--watch", "--polls", "-1"]):
+        result = engram(*args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+        assert ("--reason" if "--reason" in args else "--polls") in result.stderr, (args, result.stderr)
+
+
+def test_demo_with_a_bad_worker_count_exits_2_and_writes_nothing(tmp_path):
+    """It was a SpecError escaping the command (exit 1), after the demo's model and fact log were written."""
+    result = engram("demo", "--workdir", str(tmp_path / "w"), "--users", "5", "--workers", "-1", "--json")
+    assert result.exit_code == 2, result.output
+    assert json.loads(result.stdout)["exit_code"] == 2 and "field 'workers' must be an int >= 0" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_paths_this_user_cannot_write_or_reach_are_bad_arguments_named_with_the_fix(tmp_path):
+    """pull into a read-only --cache-dir, a night's store, `model init` or demo's --workdir in a
+    read-only folder: exit 2 naming the path (was exit 1: '[Errno 13] Permission denied: .../models',
+    a PermissionError line, or a store that could not be created); nothing is written. A model under a
+    folder the user cannot enter is named too (was a PermissionError line, exit 1)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+
+    demote = ()
+    if os.geteuid() == 0:  # root writes anywhere: run the commands as nobody
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot run the CLI as a user that permissions stop")
+        demote = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    base = Path(tempfile.mkdtemp(prefix="engram-ro-"))
+    try:
+        base.chmod(0o755)
+        ro, log, closed = base / "ro", base / "log", base / "closed"
+        for folder in (ro, log, closed, base / "open"):
+            folder.mkdir()
+        ro.chmod(0o555)
+        (base / "open").chmod(0o777)
+        closed.chmod(0o700 if demote else 0o000)
+        probe = _cli("model", "info", str(log), prefix=demote)
+        if "checkpoint" not in probe.stderr:
+            pytest.skip(f"cannot run the CLI as another user here: {probe.stderr[-300:]}")
+        for args, message in (
+                (["pull", "--store", str(base), "--cache-dir", str(ro)], f"--cache-dir {ro} is not writable"),
+                (["pull", "--store", str(base), "--cache-dir", str(ro / "c")], f"--cache-dir {ro / 'c'} cannot be made: "
+                                                                              f"{ro} is not writable"),
+                (["run", "nightly", "--store", str(ro / "store"), "--fact-log", str(log), "--model", str(ro)],
+                 f"store {ro / 'store'} cannot be made: {ro} is not writable"),
+                (["model", "init", str(ro / "m"), "--tiny"], f"model directory {ro / 'm'} cannot be made"),
+                (["demo", "--workdir", str(ro / "w")], f"--workdir {ro / 'w'} cannot be made"),
+                (["run", "nightly", "--store", str(base / "open" / "s"), "--fact-log", str(log), "--model", str(closed / "m")],
+                 f"model {closed / 'm'}: cannot be reached (permission denied")):
+            result = _cli(*args, prefix=demote)
+            _assert_one_line_exit_2(result, message)
+        assert sorted(p.name for p in base.iterdir()) == ["closed", "log", "open", "ro"] and not list(ro.iterdir())
+        assert not list((base / "open").iterdir())
+    finally:
+        for folder in base.iterdir():
+            folder.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_a_night_that_fails_says_so_in_one_line_not_twice(tmp_path, tiny_dir):
+    """The runner also logged the error at ERROR ("night failed in read ...: FactLogError: ..."), a
+    second line on stderr before the `error:` line; -v still shows it."""
+    log = tmp_path / "log" / "day=1"
+    log.mkdir(parents=True)
+    (log / "part-0.parquet").write_bytes(b"not parquet")
+    args = ["run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", str(tmp_path / "log"), "--model",
+            str(tiny_dir), "--workers", "0"]
+    for flags in ([], ["--json"]):
+        result = _cli(*args, *flags)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: FactLogError: fact log ") and "part-0.parquet" in result.stderr
+        if flags:
+            assert json.loads(result.stdout)["error"] == result.stderr[len("error: "):].rstrip("\n")
+    verbose = _cli(*args, "-v")
+    assert verbose.returncode == 1 and "night failed in read" in verbose.stderr

@@ -497,7 +497,7 @@ def test_ask_recalls_a_users_facts_and_compares_with_the_base(local_store, tiny,
     init_tiny(other, seed=1, adapter=False)
     refused = CliRunner().invoke(cli_app(), ["ask", "--store", str(local_store.root), "--user", "alice",
                                              "--model", str(other), trigger])
-    assert refused.exit_code == 1 and "fingerprint" in refused.output
+    assert refused.exit_code == 2 and "fingerprint" in refused.output  # a bad --model: exit 2 (it was 1)
 
 
 def test_ask_refuses_a_prompt_past_the_context_and_an_empty_user_as_serve_does(local_store, tiny, tiny_dir, compiled,

@@ -241,10 +241,10 @@ def test_a_submitted_night_that_fails_says_why_in_one_line_and_in_its_json(monke
     spec = {"store": str(tmp_path / "store"), "fact_log": str(tmp_path / "no-such-log"), "model": str(tmp_path / "m"),
             "workers": 0}
     monkeypatch.setenv(SPEC_ENV_VAR, yaml.safe_dump(spec))
-    assert schedule.main() == 1
+    assert schedule.main() == 2  # a fact_log that is not there: a bad spec, as `engram run nightly` says (exit 2)
     out, err = capsys.readouterr()
     failure = json.loads(out.strip().splitlines()[-1])
-    assert failure["published"] is False and failure["exit_code"] == 1 and "no-such-log" in failure["error"]
+    assert failure["published"] is False and failure["exit_code"] == 2 and "no-such-log" in failure["error"]
     assert err.startswith("error: ") and "Traceback" not in err
 
     logs = out + err

@@ -386,7 +386,8 @@ def test_engram_serve_with_a_broken_template_file_exits_naming_it(local_store, t
     broken.write_text("{% if %}")
     result = CliRunner().invoke(cli_app(), ["serve", "--store", str(local_store.root), "--port", "0",
                                             "--cache-dir", str(tmp_path / "cache"), "--chat-template", str(broken)])
-    assert result.exit_code == 1 and "broken.jinja" in result.output and "syntax error" in result.output
+    # a bad argument: exit 2 (it was 1, a failed run), said before the model loads
+    assert result.exit_code == 2 and "broken.jinja" in result.output and "syntax error" in result.output
 
 
 def test_a_template_that_refuses_the_messages_answers_400_with_its_reason(local_store, tiny, compiled, tmp_path):

@@ -58,7 +58,8 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
             etag = None
         pointer = CurrentPointer(DAMAGED, "", etag)
     if pointer is None:
-        raise UnknownVersion(f"{store.uri}: nothing is published yet; cannot roll back to version {to_version}")
+        raise UnknownVersion(f"{store.uri}: nothing is published yet; cannot roll back to version {to_version} (no "
+                             "version exists: check --store; a night publishes the first)")
     try:
         if pointer.version == DAMAGED:
             raise ManifestError("CURRENT does not name a readable version")
@@ -89,7 +90,8 @@ def rollback(store: ObjectStore, to_version: int, *, reason: str, actor: str) ->
         if damaged is not None:  # e.g. a broken layer chain: say what is wrong, not just "unknown"
             raise UnknownVersion(f"{store.uri}: version {to_version} cannot be rolled back to: {damaged}")
         raise UnknownVersion(f"{store.uri}: version {to_version} does not exist, was never published or was "
-                             f"collected (available: {available})")
+                             f"collected (available: {available}); roll back to one of those (engram versions "
+                             "lists them)")
     target = read_manifest(store, to_version)
     for entry in target.shards:  # every object of every chain (base, layers, state), by size
         for key, size in entry.sized_objects().items():

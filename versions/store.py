@@ -65,8 +65,8 @@ class StoreError(RuntimeError):
 
 
 class StoreNotFound(StoreError):
-    """A read-only command was given a local store directory that does not exist, or any command a
-    store path that is a file (a bad argument)."""
+    """A read-only command was given a local store directory that does not exist, any command a
+    store path that is a file, or an S3 store whose bucket does not exist (a bad argument)."""
 
 
 class BadStoreURI(StoreError, ValueError):
@@ -278,6 +278,10 @@ class LocalStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike, *, create: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
+        try:
+            self.root.exists()
+        except PermissionError:  # a folder above it cannot be entered (exists() raises, it does not say False)
+            raise StoreError(f"store {self.root}: no permission to reach it (check the job's file permissions)") from None
         if self.root.exists() and not self.root.is_dir():
             raise StoreNotFound(f"store {self.root}: is a file, not a directory; give the store's directory "
                                 "(a night creates a new one)")
@@ -470,8 +474,7 @@ class S3Store(ObjectStore):
             if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket"):
                 raise ObjectNotFound(f"{where}: no such object") from None
             if code == "NoSuchBucket":
-                raise StoreError(f"{self.describe()}: bucket {self.bucket!r} does not exist "
-                                 "(check the store URI and endpoint)") from None
+                raise self._no_bucket() from None
             if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise StoreError(f"{self.describe()}: no permission to {action} {key} ({code}) "
                                  "(check the job's credentials / endpoint)") from None
@@ -483,6 +486,27 @@ class S3Store(ObjectStore):
         except BotoCoreError as e:
             raise StoreError(f"{self.describe()}: {action} {key} failed: {type(e).__name__} "
                              "(check the job's credentials / endpoint)") from None
+
+    def _no_bucket(self) -> StoreNotFound:
+        return StoreNotFound(f"{self.describe()}: bucket {self.bucket!r} does not exist; check the bucket name in the "
+                             "store URI and the endpoint (AWS_ENDPOINT_URL), or create the bucket first")
+
+    def check_conditional_writes(self) -> None:
+        """As :meth:`ObjectStore.check_conditional_writes`, after checking that the bucket exists
+        (StoreNotFound if not: some servers, SeaweedFS among them, create a bucket on the first
+        write to it, so a mistyped bucket would become a new, empty store)."""
+        if not getattr(self, "_conditional_writes_proven", False):
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except ClientError as e:  # 403 (no s3:ListBucket) is no answer: the probe's writes will tell
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404 or str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket"):
+                    raise self._no_bucket() from None
+            except BotoCoreError:  # an endpoint that does not answer: the probe's own request reports it
+                pass
+        super().check_conditional_writes()
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         """The object's bytes and etag. A body that breaks off mid-way (a dropped connection, a load
