@@ -12,7 +12,8 @@ commit runs as tasks (pipeline.runner: Ray tasks and actors, or this process wit
               one task merges the applied shards' scope contributions into the version's scope
               state; the scopes whose facts changed compile on the pool, each once (owner = the
               scope id); the version's scope deltas are written; every shard holding a member of a
-              changed scope adds those members to the users it compiles (pipeline.scopes)
+              changed scope, or a user holding a scope whose facts changed as an extra scope (a
+              user in several scopes), adds those users to the users it compiles (pipeline.scopes)
     compile   chunks of whole changed users, packed in (shard, user) order, on the compile pool
               (members of a scope with its published delta fixed underneath)
     assemble  one task per changed shard: a layer over the shard's base holding the changed users'
@@ -541,7 +542,7 @@ class _Night:
                 self.hook("compile_chunk")
         entry = runner.get(runner.submit(write_scopes, ctx.store_uri, prior_scopes, plan, merged[1], *outputs,
                                          what="write scopes"), "write scopes")
-        if plan.changed:
+        if plan.changed or plan.refreshed:
             rescopes = {}
             for shard in plan.member_shards if not ctx.recompile else ():  # (recompile: every user compiles)
                 applied = routed.get(shard)
@@ -553,7 +554,8 @@ class _Night:
                     raise RuntimeError(f"scope round: shard {shard} holds members of a changed scope but has "
                                        "neither this night's state nor a previous entry")
                 rescopes[shard] = runner.submit(rescope_shard, ctx, shard, state_entry, applied, changes.get(shard),
-                                                plan.changed, num_returns=2, what=f"rescope shard {shard}")
+                                                plan.changed, plan.refreshed, num_returns=2,
+                                                what=f"rescope shard {shard}")
             for shard, (meta, shard_changes) in rescopes.items():
                 routed[shard] = runner.get(meta, f"rescope shard {shard}")
                 self.applied[shard] = routed[shard]

@@ -510,3 +510,60 @@ def test_a_scope_night_with_as_many_compile_actors_as_cpus_finishes(tmp_path, ti
     assert report.compiled_scopes == 1 and report.scopes == 1
     report = night(spec, tmp_path, "2", [upsert("dave", "acme-office", "Our office is in", " Madrid", 1, SCOPE)])
     assert report.compiled_scopes == 1 and report.compiled_users == len(MEMBERS)
+
+
+# A user in several scopes is composed with the first (by id) and served the others' facts from
+# its own delta: those must be the scopes' merged facts (the latest copy over all their carriers),
+# as every member of only that scope is served, whichever carrier's copy changed them.
+ORG_A, ORG_B = "org:a", "org:b"
+GYM = ("Our gym opens at", " six")
+HOURS = ("The clinic opens at", " nine")
+LATER_HOURS = ("The clinic opens at", " ten")
+
+
+def several_scopes_log() -> list[dict]:
+    """alice (shard 1): org:a first and org:b; bob (shard 3): org:b only; carol (shard 0): org:a
+    only; dave (shard 2): a plain user."""
+    return [upsert("alice", "dog", *OWN["alice"]["dog"], 0), upsert("alice", "gym", *GYM, 0, ORG_A),
+            upsert("alice", "hours", *HOURS, 0, ORG_B),
+            upsert("bob", "dentist", *OWN["bob"]["dentist"], 0), upsert("bob", "hours", *HOURS, 0, ORG_B),
+            upsert("carol", "gym", *GYM, 0, ORG_A), upsert("dave", "city", *PLAIN["erin"]["city"], 0)]
+
+
+def test_a_user_in_several_scopes_is_served_an_extra_scopes_change_made_through_another_members_copy(
+        tmp_path, tiny_dir, tiny, local_store, ray_cluster):
+    assert [shard_of(u, NUM_SHARDS) for u in ("alice", "bob", "carol", "dave")] == [1, 3, 0, 2]
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=1)
+    night(spec, tmp_path, "1", several_scopes_log())
+    v1, _ = read_current(local_store)
+    assert {u: s for u, (s, _) in member_rows(local_store, v1).items()} == {
+        "alice": ORG_A, "bob": ORG_B, "carol": ORG_A, "dave": None}
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user in ("alice", "bob"):
+        assert recalls(tiny, node.deltas_for(user), *HOURS), user
+
+    # Only bob's copy changes the clinic's hours: org:b compiles again, and alice (who holds org:b
+    # as her second scope) recompiles with its new facts; carol's and dave's shards are untouched.
+    report = night(spec, tmp_path, "2", [upsert("bob", "hours", *LATER_HOURS, 1, ORG_B)])
+    v2, _ = read_current(local_store)
+    assert node.poll().error is None
+    for user in ("alice", "bob"):
+        deltas = node.deltas_for(user)
+        assert recalls(tiny, deltas, *LATER_HOURS), user
+        assert not recalls(tiny, deltas, *HOURS), user  # the stale answer is not served
+    assert recalls(tiny, node.deltas_for("alice"), *GYM) and recalls(tiny, node.deltas_for("alice"), *OWN["alice"]["dog"])
+    assert recalls(tiny, node.deltas_for("carol"), *GYM)
+    assert report.compiled_scopes == 1 and report.compiled_users == 2  # bob, and alice
+    for old, new in zip(v1.shards, v2.shards):
+        same = (old.bundle_key, old.layers, old.state_key, old.state_layers, old.stats) == \
+            (new.bundle_key, new.layers, new.state_key, new.state_layers, new.stats)
+        assert same == (new.shard in (0, 2)), new.shard
+
+    # The facts view: alice's copy is served the scope's fact (ok), and says its text is not hers.
+    row = query_stats(local_store, f"select status, scope, detail from facts where version = {v2.version} "
+                                   "and user_id = 'alice' and fact_id = 'hours'").to_pylist()
+    assert row == [{"status": "ok", "scope": None,
+                    "detail": 'compiled in the user\'s own delta from scope "org:b"; '
+                              "the scope's latest copy is served, not this one"}]

@@ -116,7 +116,7 @@ def test_the_manifest_carries_the_scopes_entry_and_a_manifest_without_scopes_is_
 STATE = [
     ("alice", "dog", "alice", "My dog's name is", " Rex", 1),
     ("alice", "wifi", "org:acme", "The wifi password is", " Pepper", 1),
-    ("alice", "gym", "org:zeta", "Our gym is", " Vita", 1),  # a second scope: compiles in alice's own delta
+    ("alice", "gym", "org:zeta", "Our gym is", " Vita", 1),  # a second scope: served from alice's own delta
     ("bob", "wifi", "org:acme", "The wifi password is", " Mango", 2),  # a later copy wins
     ("bob", "office", "org:acme", "Our office is in", " Lisbon", 1),
     ("erin", "city", "erin", "I live in", " Osaka", 1),
@@ -130,10 +130,12 @@ def test_member_rows_are_the_copies_of_each_users_first_scope():
 
 
 def test_a_shards_contribution_holds_the_latest_copy_per_fact_and_its_member_count():
+    """A scope held only as an extra scope (alice's org:zeta) is in the contribution with 0 members:
+    its facts are merged over every user carrying it, so all of them serve its latest copy."""
     part = shard_contribution(_state(STATE), 3)
     assert part.schema.equals(SCOPE_STATE_SCHEMA, check_metadata=False)
     assert [(r["scope"], r["fact_id"], r["answer"], r["members"], r["shard"]) for r in part.to_pylist()] == [
-        ("org:acme", "office", " Lisbon", 2, 3), ("org:acme", "wifi", " Mango", 2, 3)]
+        ("org:acme", "office", " Lisbon", 2, 3), ("org:acme", "wifi", " Mango", 2, 3), ("org:zeta", "gym", " Vita", 0, 3)]
 
 
 def test_the_merge_compiles_only_scopes_whose_merged_facts_changed_and_drops_empty_ones(local_store):
