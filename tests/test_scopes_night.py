@@ -567,3 +567,93 @@ def test_a_user_in_several_scopes_is_served_an_extra_scopes_change_made_through_
     assert row == [{"status": "ok", "scope": None,
                     "detail": 'compiled in the user\'s own delta from scope "org:b"; '
                               "the scope's latest copy is served, not this one"}]
+
+
+ORG_C = "org:c"
+WIFI, LATER_WIFI = ("The wifi password is", " Pepper"), ("The wifi password is", " Mango")
+PARKING = ("Our parking is on", " level two")
+
+
+def several_scopes_state_log() -> list[dict]:
+    """alice: org:a first, org:b and org:c extra; bob: org:b first (his copy of the hours is the
+    latest, and he alone carries the parking); dave: org:a first, org:c extra (his wifi copy is the
+    latest); org:c is nobody's first scope."""
+    return [upsert("alice", "dog", *OWN["alice"]["dog"], 0), upsert("alice", "gym", *GYM, 0, ORG_A),
+            upsert("alice", "hours", *HOURS, 0, ORG_B), upsert("alice", "wifi", *WIFI, 0, ORG_C),
+            upsert("bob", "hours", *LATER_HOURS, 1, ORG_B), upsert("bob", "parking", *PARKING, 0, ORG_B),
+            upsert("dave", "gym", *GYM, 0, ORG_A), upsert("dave", "wifi", *LATER_WIFI, 1, ORG_C)]
+
+
+SERVED = {"alice": [OWN["alice"]["dog"], GYM, LATER_HOURS, PARKING, LATER_WIFI], "bob": [LATER_HOURS, PARKING],
+          "dave": [GYM, LATER_WIFI]}
+STALE = {"alice": [HOURS, WIFI]}
+COPY_DETAILS = {("alice", "hours"): 'compiled in the user\'s own delta from scope "org:b"; '
+                                    "the scope's latest copy is served, not this one",
+                ("alice", "wifi"): 'compiled in the user\'s own delta from scope "org:c"; '
+                                   "the scope's latest copy is served, not this one",
+                ("dave", "wifi"): 'compiled in the user\'s own delta from scope "org:c"'}
+
+
+def test_compile_scoped_and_the_night_serve_a_user_in_several_scopes_every_extra_scopes_latest_facts(
+        spec, tmp_path, tiny, local_store):
+    """The in-process path (compile_scoped, used by the fidelity bench) and the night agree: alice
+    is served org:b's and org:c's merged facts (bob's later hours, his parking she does not carry,
+    dave's later wifi of a scope that is nobody's first), not her own stale copies."""
+    import pyarrow as pa
+
+    from pipeline.scopes import compile_scoped, served_deltas
+
+    log = several_scopes_state_log()
+    state = pa.table({k: [r[k] for r in log] for k in ("user_id", "fact_id", "scope", "trigger", "answer")})
+    state = state.append_column("event_time", pa.array([r["event_time"] for r in log], pa.timestamp("us", tz="UTC")))
+    result = compile_scoped(tiny, state)
+    assert set(result.scope_deltas) == {ORG_A, ORG_B} and result.scope_of == {"alice": ORG_A, "bob": ORG_B,
+                                                                              "dave": ORG_A}
+    in_process = {(r.user_id, r.fact_id): (r.status, r.detail) for r in result.results}
+    assert {k: in_process[k] for k in COPY_DETAILS} == {k: ("ok", d) for k, d in COPY_DETAILS.items()}
+    assert not [k for k in in_process if "/" in k[1]]  # no result of an injected scope fact
+
+    night(spec, tmp_path, "1", log)
+    manifest, _ = read_current(local_store)
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user, facts in SERVED.items():
+        for deltas in (served_deltas(result, user), node.deltas_for(user)):
+            for trigger, answer in facts:
+                assert recalls(tiny, deltas, trigger, answer), (user, trigger, answer)
+            for trigger, answer in STALE.get(user, []):
+                assert not recalls(tiny, deltas, trigger, answer), (user, trigger, answer)
+    rows = query_stats(local_store, f"select user_id, fact_id, status, scope, detail from facts "
+                                    f"where version = {manifest.version}").to_pylist()
+    night_results = {(r["user_id"], r["fact_id"]): (r["status"], r["detail"]) for r in rows}
+    assert {k: night_results[k] for k in COPY_DETAILS} == {k: ("ok", d) for k, d in COPY_DETAILS.items()}
+    assert {(r["user_id"], r["fact_id"]) for r in rows if r["user_id"] != r["scope"]} == {
+        (r["user_id"], r["fact_id"]) for r in log}  # one row per fact of the log, none of an injected fact
+
+
+def test_a_user_in_several_scopes_follows_a_forget_a_dropped_scope_and_leaving_one(spec, tmp_path, tiny,
+                                                                                   local_store):
+    night(spec, tmp_path, "1", several_scopes_state_log())
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("alice"), *LATER_HOURS)
+
+    # bob is forgotten: his copies leave org:b's facts (alice's is the latest now) and org:b, with no
+    # member left, is dropped from the scope deltas; alice, who still holds it, recompiles.
+    report = night(spec, tmp_path, "2", [event("bob", "forget_user", 2)])
+    v2, _ = read_current(local_store)
+    assert report.compiled_scopes == 0 and report.compiled_users == 1 and list(scope_deltas(local_store, v2)) == [ORG_A]
+    node.poll()
+    alice = node.deltas_for("alice")
+    assert recalls(tiny, alice, *HOURS) and not recalls(tiny, alice, *LATER_HOURS)
+    assert not recalls(tiny, alice, *PARKING)  # bob's fact went with him
+    assert recalls(tiny, alice, *LATER_WIFI) and recalls(tiny, alice, *GYM)
+
+    # alice leaves org:b (deletes her copy): she is no longer served its hours; dave, untouched.
+    dave = node.deltas_for("dave")
+    report = night(spec, tmp_path, "3", [event("alice", "delete", 3, "hours")])
+    assert report.compiled_users == 1 and report.compiled_scopes == 0
+    node.poll()
+    alice = node.deltas_for("alice")
+    assert not recalls(tiny, alice, *HOURS) and recalls(tiny, alice, *LATER_WIFI) and recalls(tiny, alice, *GYM)
+    assert all(a.equals(b) for a, b in zip(node.deltas_for("dave"), dave))

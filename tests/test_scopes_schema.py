@@ -205,3 +205,55 @@ def test_a_night_that_compiles_no_scope_carries_the_scope_deltas_by_reference(lo
     entry = write_scopes(local_store.uri, prior, plan, merge)
     assert plan.changed == () and (entry.key, entry.stats) == (prior.key, prior.stats) and entry.members == 3
     assert entry.state_sha256 != prior.state_sha256 and local_store.head(entry.state_key) is not None
+
+
+def _prior_entry(store, state: pa.Table) -> ScopesEntry:
+    import hashlib
+
+    from pipeline.scopes import encode_scope_state
+    from versions.commit import write_verified_objects
+
+    data = encode_scope_state(state)
+    sha = hashlib.sha256(data).hexdigest()
+    write_verified_objects(store, {scope_state_key(sha): data})
+    return ScopesEntry(key=scopes_key("c" * 64), sha256="c" * 64, bytes=1, state_key=scope_state_key(sha),
+                       state_sha256=sha, state_bytes=len(data), scopes=1, facts=1, rows=0, members=3)
+
+
+def test_a_scope_held_only_as_an_extra_scope_refreshes_its_holders_shards_and_compiles_once_it_has_members(
+        local_store):
+    """org:c is alice's and dave's second scope (both are org:a members) and nobody's first: a change
+    through dave's copy compiles no scope but outdates both holders' shards (0 and 1), not carol's
+    (2); bob taking org:c as his first scope compiles it (though its facts did not change); when he
+    leaves it again it is dropped from the scope deltas, its facts still merged for its holders."""
+    from pipeline.scopes import users_to_rescope
+
+    shards = {0: [("alice", "gym", "org:a", "Our gym opens at", " six", 1),
+                  ("alice", "wifi", "org:c", "The wifi password is", " Pepper", 1)],
+              1: [("dave", "gym", "org:a", "Our gym opens at", " six", 1),
+                  ("dave", "wifi", "org:c", "The wifi password is", " Pepper", 1)],
+              2: [("carol", "gym", "org:a", "Our gym opens at", " six", 1)]}
+    parts = {s: shard_contribution(_state(rows), s) for s, rows in shards.items()}
+    plan, merge = merge_scopes(local_store.uri, None, True, False, [0, 1, 2], *parts.values())
+    assert plan.changed == ("org:a",) and plan.scopes == 1 and plan.members == 3 and plan.refreshed == ("org:a", "org:c")
+    prior = _prior_entry(local_store, merge.state)
+
+    dave = _state(shards[1][:1] + [("dave", "wifi", "org:c", "The wifi password is", " Mango", 2)])
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [1], shard_contribution(dave, 1))
+    assert plan.changed == () and plan.refreshed == ("org:c",) and plan.member_shards == (0, 1)
+    facts = merged_scope_facts(merge.state)
+    assert facts.filter(pa.compute.equal(facts.column("scope"), "org:c")).column("answer").to_pylist() == [" Mango"]
+    assert users_to_rescope(_state(shards[0]), plan.changed, plan.refreshed).to_pylist() == ["alice"]
+    assert users_to_rescope(dave, plan.changed, plan.refreshed).to_pylist() == ["dave"]
+    assert users_to_rescope(_state(shards[2]), plan.changed, plan.refreshed).to_pylist() == []
+    prior = _prior_entry(local_store, merge.state)
+
+    bob = _state([("bob", "wifi", "org:c", "The wifi password is", " Mango", 2)])
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [3], shard_contribution(bob, 3))
+    assert plan.changed == ("org:c",) and plan.refreshed == () and plan.scopes == 2 and plan.member_shards == (3,)
+    assert users_to_rescope(_state(shards[0]), plan.changed, plan.refreshed).to_pylist() == []  # org:c is her 2nd
+    prior = _prior_entry(local_store, merge.state)
+
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [3], SCOPE_STATE_SCHEMA.empty_table())
+    assert plan.dropped == ("org:c",) and plan.changed == () and plan.refreshed == () and plan.scopes == 1
+    assert merge.removed.to_pylist() == ["org:c"] and "org:c" in merged_scope_facts(merge.state).column("scope").to_pylist()
