@@ -75,6 +75,7 @@ from pipeline.shards import (
     rebase_entry,
     rescope_shard,
     resharded_priors,
+    shard_scope_contribution,
     state_entry as shard_state_entry,
     split_prior_shard,
 )
@@ -532,6 +533,17 @@ class _Night:
         merged = runner.submit(merge_scopes, ctx.store_uri, prior_scopes, self.every_shard, ctx.recompile, shards,
                                *[applies[s][2] for s in shards], num_returns=2, what="merge scopes")
         plan: ScopePlan = runner.get(merged[0], "merge scopes")
+        if plan.needs_every_shard:
+            # Once, after an upgrade: the previous scope state (version 1) lacks the copies of users
+            # holding a scope as an extra scope; every other shard's fact state is read (not written)
+            # for its contribution, and every such user recompiles with the scopes' merged facts.
+            others = [s for s in range(spec.num_shards) if s not in routed and self.prior_entry(s) is not None]
+            log.info("scopes: the previous scope state is of version 1; reading %d more shard(s) once", len(others))
+            read = [runner.submit(shard_scope_contribution, ctx, s, self.prior_entry(s),
+                                  what=f"scope contribution of shard {s}") for s in others]
+            merged = runner.submit(merge_scopes, ctx.store_uri, prior_scopes, True, ctx.recompile, shards,
+                                   *[applies[s][2] for s in shards], *read, num_returns=2, what="merge scopes")
+            plan = runner.get(merged[0], "merge scopes")
         self.scope_plan = plan
         outputs = []
         if plan.changed:

@@ -269,12 +269,13 @@ SCOPE_STATE_SCHEMA = pa.schema([
     pa.field("answer", pa.string(), nullable=False),
     pa.field("event_time", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("members", pa.int64(), nullable=False),  # the shard's members of the scope (repeated per fact)
-], metadata={"engram.schema": "scope_state", "engram.schema_version": "1"})
+], metadata={"engram.schema": "scope_state", "engram.schema_version": "2"})
 """Per (scope, shard): the scope facts that shard's users carry (latest copy per fact_id; its
 members' copies and those of users holding it as an extra scope), and its number of members
 (users composed with it). Every member carries at least one scope fact, so a (scope, shard) with
 members always has a row; a (scope, shard) whose users hold it only as an extra scope has rows
-with ``members`` 0. (A state written before 2026-12-01 holds members' copies only.)"""
+with ``members`` 0. Version 1 (written before 2026-12-01) held members' copies only: see
+:func:`merge_scopes`."""
 
 SCOPE_DETAIL = "compiled once in scope "  # fact result detail of a member's copy of a scope fact ("...; why" if it failed)
 
@@ -400,6 +401,13 @@ def _digests(facts: pa.Table) -> dict[str, str]:
     return {scope: h.hexdigest() for scope, h in out.items()}
 
 
+def _compile_rows(facts: pa.Table) -> pa.Table:
+    """Compile rows (user_id = scope = the scope id) of merged scope facts."""
+    return pa.table({"user_id": facts.column("scope"), "fact_id": facts.column("fact_id"), "scope": facts.column("scope"),
+                     "trigger": facts.column("trigger"), "answer": facts.column("answer"),
+                     "event_time": facts.column("event_time")})
+
+
 def _with_members(scope_state: pa.Table) -> set[str]:
     """The scopes of a scope state with at least one member (composed with it) in some shard."""
     return set(pc.unique(scope_state.filter(pc.greater(scope_state.column("members"), 0)).column("scope")).to_pylist())
@@ -410,6 +418,14 @@ def encode_scope_state(table: pa.Table) -> bytes:
     from schemas.facts import encode_table
 
     return encode_table(table, SCOPE_STATE_SCHEMA, "scope state", ["scope", "shard", "fact_id"])
+
+
+def scope_state_version(data: bytes) -> int:
+    """The ``engram.schema_version`` of scope-state Parquet bytes (1 when it names none)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.metadata or {}
+    return int(metadata.get(b"engram.schema_version", b"1"))
 
 
 def decode_scope_state(data: bytes, *, source: str = "scope state") -> pa.Table:
@@ -431,6 +447,7 @@ class ScopePlan:
     members: int  # users composed with a scope
     refreshed: tuple[str, ...] = ()  # scopes whose merged facts changed (with or without members), sorted:
     # the users holding one as an extra scope recompile (they are served its facts from their own delta)
+    needs_every_shard: bool = False  # the prior scope state is version 1: merge again with every shard's contribution
 
 
 @dataclass(frozen=True)
@@ -448,15 +465,26 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     """The version's scope state: ``prior`` (schemas.manifest.ScopesEntry or None)'s rows of the
     shards not in ``shards`` (none with ``replace_all``: every shard was applied) plus
     ``contributions`` (:func:`shard_contribution` of each applied shard); and which scopes compile
-    (their merged facts changed, they are new, or ``recompile``) or are dropped."""
+    (their merged facts changed, they are new, or ``recompile``) or are dropped.
+
+    A prior state of version 1 (written before it held the copies of users holding a scope as an
+    extra scope) cannot be merged with a few shards' contributions: without ``replace_all`` the
+    plan says ``needs_every_shard`` (and nothing else); with it, every scope is ``refreshed``, so
+    every user holding an extra scope recompiles once, with the scopes' merged facts."""
     from versions.catalog import verified_bytes
     from versions.store import open_store
 
     store = open_store(store_uri)
     prior_state = SCOPE_STATE_SCHEMA.empty_table()
+    legacy = False
     if prior is not None:
-        prior_state = decode_scope_state(verified_bytes(store, prior.state_key, prior.state_bytes, prior.state_sha256),
-                                         source=f"{store.uri}/{prior.state_key}")
+        data = verified_bytes(store, prior.state_key, prior.state_bytes, prior.state_sha256)
+        prior_state = decode_scope_state(data, source=f"{store.uri}/{prior.state_key}")
+        legacy = scope_state_version(data) < 2
+        if legacy and not replace_all:
+            return (ScopePlan((), np.zeros(0, np.int32), (), (), 0, 0, needs_every_shard=True),
+                    ScopeMerge(_compile_rows(merged_scope_facts(SCOPE_STATE_SCHEMA.empty_table())),
+                               pa.array([], pa.string()), prior_state))
     kept = prior_state if not replace_all else SCOPE_STATE_SCHEMA.empty_table()
     if kept.num_rows and shards:
         kept = kept.filter(pc.invert(pc.is_in(kept.column("shard"), pa.array(shards, pa.int32()))))
@@ -465,16 +493,14 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     facts = merged_scope_facts(state)
     now, before = _digests(facts), _digests(merged_scope_facts(prior_state))
     live, had = _with_members(state), _with_members(prior_state)
-    refreshed = sorted(s for s, digest in now.items() if before.get(s) != digest)
+    refreshed = sorted(s for s, digest in now.items() if legacy or before.get(s) != digest)
     # A scope compiles when it has members and its facts changed, it had none (new, or held only
     # as an extra scope until now), or everything recompiles.
     changed = sorted(s for s in live if recompile or before.get(s) != now[s] or s not in had)
     dropped = sorted(had - live)
     changed_arr = pa.array(changed, pa.string())
     compile_rows = facts.filter(pc.is_in(facts.column("scope"), changed_arr))
-    compile = pa.table({"user_id": compile_rows.column("scope"), "fact_id": compile_rows.column("fact_id"),
-                        "scope": compile_rows.column("scope"), "trigger": compile_rows.column("trigger"),
-                        "answer": compile_rows.column("answer"), "event_time": compile_rows.column("event_time")})
+    compile = _compile_rows(compile_rows)
     per_scope = compile.group_by("user_id").aggregate([("fact_id", "count")]).sort_by("user_id")
     outdated = pc.or_(pc.and_(pc.is_in(state.column("scope"), changed_arr), pc.greater(state.column("members"), 0)),
                       pc.is_in(state.column("scope"), pa.array(refreshed, pa.string())))

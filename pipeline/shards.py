@@ -261,6 +261,15 @@ def rescope_shard(ctx: NightContext, shard: int, entry: ShardEntry, applied: Sha
     return applied, ShardChanges(facts, removed)
 
 
+def shard_scope_contribution(ctx: NightContext, shard: int, entry: ShardEntry) -> pa.Table:
+    """Shard ``shard``'s scope contribution (pipeline.scopes.shard_contribution) from its fact state
+    in ``entry`` (a shard with no new event, read once when the prior scope state is version 1)."""
+    from pipeline.scopes import shard_contribution
+
+    state, _ = load_shard_fact_state(open_store(ctx.store_uri), entry)
+    return shard_contribution(state, shard)
+
+
 def _write_state(store, prior, compact: bool, prior_state: pa.Table, prior_tombstones: pa.Table, result) -> StatePart:
     """The shard's new state: a base (first night, resharding, compaction) or a state layer of the
     users whose facts or tombstones changed (none: the prior state, carried)."""

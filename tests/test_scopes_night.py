@@ -657,3 +657,48 @@ def test_a_user_in_several_scopes_follows_a_forget_a_dropped_scope_and_leaving_o
     alice = node.deltas_for("alice")
     assert not recalls(tiny, alice, *HOURS) and recalls(tiny, alice, *LATER_WIFI) and recalls(tiny, alice, *GYM)
     assert all(a.equals(b) for a, b in zip(node.deltas_for("dave"), dave))
+
+
+def test_the_first_night_over_a_version_1_scope_state_reads_every_shard_once_and_serves_extra_scopes_merged(
+        spec, tmp_path, tiny, local_store, monkeypatch):
+    """A scope state written before it held the copies of users holding a scope as an extra scope
+    (version 1: members' copies only) is simulated for night 1. Night 2 changes only carol's shard:
+    the other shards' fact states are read once for their contributions, so org:c (nobody's first
+    scope) is merged from alice's and dave's copies, and both recompile (once) with the scopes'
+    merged facts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipeline.scopes as scopes
+    from pipeline.scopes import decode_scope_state
+
+    new_contribution = scopes.shard_contribution
+    monkeypatch.setattr(scopes, "SCOPE_STATE_SCHEMA", scopes.SCOPE_STATE_SCHEMA.with_metadata(
+        {"engram.schema": "scope_state", "engram.schema_version": "1"}))
+    monkeypatch.setattr(scopes, "shard_contribution",
+                        lambda state, shard: new_contribution(scopes.member_rows(state), shard))
+    night(spec, tmp_path, "1", several_scopes_state_log())
+    monkeypatch.undo()
+    v1, _ = read_current(local_store)
+    state = decode_scope_state(local_store.get(v1.scopes.state_key))
+    assert ORG_C not in state.column("scope").to_pylist()
+
+    report = night(spec, tmp_path, "2", [upsert("carol", "cat", "My cat is called", " Tom", 2)])
+    v2, _ = read_current(local_store)
+    data = local_store.get(v2.scopes.state_key)
+    assert pq.ParquetFile(pa.BufferReader(data)).schema_arrow.metadata[b"engram.schema_version"] == b"2"
+    state = decode_scope_state(data)
+    assert sorted(set(zip(state.column("scope").to_pylist(), state.column("shard").to_pylist(),
+                          state.column("members").to_pylist())) - {(s, h, m) for s, h, m in zip(
+        *(decode_scope_state(local_store.get(v1.scopes.state_key)).column(c).to_pylist()
+          for c in ("scope", "shard", "members")))}) == [(ORG_B, 1, 0), (ORG_C, 1, 0), (ORG_C, 2, 0)]
+    assert report.compiled_users == 3 and report.compiled_scopes == 0  # carol; alice and dave, once
+    assert [e.bundle_key for e in v2.shards if e.shard == 3] == [e.bundle_key for e in v1.shards if e.shard == 3]
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    alice = node.deltas_for("alice")
+    assert recalls(tiny, alice, *LATER_WIFI) and not recalls(tiny, alice, *WIFI)
+    assert recalls(tiny, node.deltas_for("carol"), "My cat is called", " Tom")
+
+    report = night(spec, tmp_path, "3", [upsert("carol", "cat", "My cat is called", " Max", 3)])
+    assert report.compiled_users == 1  # and then a night costs what changed again
