@@ -18,7 +18,13 @@ facts filed under it) are two owners, kept apart everywhere (the scope's delta i
 
 Serving composes them: a request of a member is served with ``(scope_delta, member_delta)``
 (``overlay_for(em, [[scope_delta, member_delta]])``). A user in several scopes keeps the first
-scope (by id) as its shared delta and compiles the other scopes' facts into its own delta.
+scope (by id) as its shared delta; the other (*extra*) scopes' facts compile into its own delta,
+and they are the scopes' merged facts (every fact of the scope, the latest copy over every user
+carrying it: :func:`extra_scope_facts`), never the user's own copies, so every user of a scope is
+served the same answers. Its own fact on the same trigger wins, as over its first scope's. (Not
+stacked as several scope deltas at serving: two scopes compiled apart may write the same rows with
+other values, and their sum can break both; compiled into the user's delta they are checked
+against its first scope's delta and its own facts like any of its facts.)
 
 :func:`compile_scoped` is the function a night calls with the facts of the users it compiles
 (plain users go through one ``compile_facts`` call; each scope through ``compile_with_scope``).
@@ -242,23 +248,26 @@ def served_deltas(result: ScopedCompileResult, user_id: str) -> Sequence["Delta"
 # the compile workers; the driver holds only per-shard and per-scope metadata (ids and counts):
 #
 # 1. apply (per shard): :func:`shard_contribution` of the shard's new fact state: per scope, the
-#    scope facts its members carry (latest copy per fact_id) and how many members it has;
+#    scope facts its users carry (latest copy per fact_id; members and users holding it as an
+#    extra scope) and how many members it has;
 # 2. merge (one task): :func:`merge_scopes` puts the applied shards' contributions in place of
 #    their old ones in the previous version's scope state, and compares each scope's merged facts
-#    with the previous version's: a scope whose facts changed (or that is new, or every scope on a
-#    night that recompiles everything) compiles again; a scope with no member left is dropped;
+#    with the previous version's: a scope with members whose facts changed (or that had none, or
+#    every scope on a night that recompiles everything) compiles again; a scope with no member
+#    left is dropped from the scope deltas; a scope whose facts changed is ``refreshed``;
 # 3. scope round: the changed scopes' facts compile on the pool, each scope whole (owner = scope
 #    id); :func:`write_scopes` writes the version's scope deltas (the changed ones, and the others
 #    carried) and the scopes' ``facts`` stats part;
-# 4. members: every shard holding a member of a changed scope recompiles those members
-#    (:func:`rescope_shard`: their rows were fitted to the old scope delta), along with the users
-#    whose own facts changed; a member compiles with its scope's published delta fixed underneath
+# 4. members: every shard holding a member of a changed scope, or a user holding a refreshed
+#    scope as an extra scope, recompiles those users (pipeline.shards.rescope_shard,
+#    :func:`users_to_rescope`: their rows were fitted to the old scope delta, or hold the scope's
+#    old facts), along with the users whose own facts changed; a member compiles with its scope's published delta fixed underneath
 #    (:func:`compile_chunk_scoped`, pipeline.collisions.compile_members), its bundle row names the
 #    scope, and its delta holds no copy of the scope's rows.
 #
 # What triggers what: a member's own facts changing recompiles that member only (against the
-# scope delta as it is); a scope fact changing (any member's copy, as merged) recompiles the scope
-# and all its members; a member joining or leaving recompiles that member only (its facts changed);
+# scope delta as it is); a scope fact changing (any user's copy, as merged) recompiles the scope,
+# all its members and the users holding it as an extra scope; a member joining or leaving recompiles that member only (its facts changed);
 # the scope recompiles only if the merged facts changed (e.g. the last carrier of a fact left).
 
 SCOPE_STATE_SCHEMA = pa.schema([
@@ -309,7 +318,7 @@ def scope_of_detail(detail) -> pa.Array:
 def member_rows(state: pa.Table) -> pa.Table:
     """The rows of fact-state ``state`` that are copies of a shared scope's facts composed under
     their user: ``scope`` is not the user, and is the user's first scope (by id); a user's facts of
-    its other scopes compile in its own delta. Sorted by (user_id, fact_id)."""
+    its other scopes are served from its own delta (:func:`extra_scope_facts`). Sorted by (user_id, fact_id)."""
     foreign = state.filter(pc.not_equal(state.column("scope"), state.column("user_id")))
     if foreign.num_rows == 0:
         return foreign
