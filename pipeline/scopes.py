@@ -205,8 +205,8 @@ def compile_scoped(em: "EngramModel", state: pa.Table, options: "CompileOptions 
     for scope in sorted(split.scope_facts):
         members = split.members[scope]
         scope_delta, user_deltas, report = compile_with_scope(
-            em, split.scope_facts[scope], {u: split.personal.get(u, []) + split.extra_facts.get(u, []) for u in members},
-            options)
+            em, split.scope_facts[scope],
+            {u: split.personal.get(u, []) + split.extra_facts.get(u, []) for u in members}, options)
         scope_deltas[scope] = scope_delta
         deltas.update(user_deltas)
         scope_of.update({u: scope for u in members})
@@ -261,14 +261,14 @@ def served_deltas(result: ScopedCompileResult, user_id: str) -> Sequence["Delta"
 # 4. members: every shard holding a member of a changed scope, or a user holding a refreshed
 #    scope as an extra scope, recompiles those users (pipeline.shards.rescope_shard,
 #    :func:`users_to_rescope`: their rows were fitted to the old scope delta, or hold the scope's
-#    old facts), along with the users whose own facts changed; a member compiles with its scope's published delta fixed underneath
-#    (:func:`compile_chunk_scoped`, pipeline.collisions.compile_members), its bundle row names the
+#    old facts), along with the users whose own facts changed; a member compiles with its scope's
+#    published delta fixed underneath (:func:`compile_chunk_scoped`, pipeline.collisions.compile_members), its bundle row names the
 #    scope, and its delta holds no copy of the scope's rows.
 #
 # What triggers what: a member's own facts changing recompiles that member only (against the
 # scope delta as it is); a scope fact changing (any user's copy, as merged) recompiles the scope,
-# all its members and the users holding it as an extra scope; a member joining or leaving recompiles that member only (its facts changed);
-# the scope recompiles only if the merged facts changed (e.g. the last carrier of a fact left).
+# all its members and the users holding it as an extra scope; a member joining or leaving
+# recompiles that member only (its facts changed); the scope recompiles only if the merged facts changed (e.g. the last carrier of a fact left).
 
 SCOPE_STATE_SCHEMA = pa.schema([
     pa.field("scope", pa.string(), nullable=False),
@@ -412,9 +412,9 @@ def _digests(facts: pa.Table) -> dict[str, str]:
 
 def _compile_rows(facts: pa.Table) -> pa.Table:
     """Compile rows (user_id = scope = the scope id) of merged scope facts."""
-    return pa.table({"user_id": facts.column("scope"), "fact_id": facts.column("fact_id"), "scope": facts.column("scope"),
-                     "trigger": facts.column("trigger"), "answer": facts.column("answer"),
-                     "event_time": facts.column("event_time")})
+    columns = {name: facts.column(name) for name in ("fact_id", "scope", "trigger", "answer", "event_time")}
+    return pa.table({"user_id": facts.column("scope"), **columns}).select(
+        ["user_id", "fact_id", "scope", "trigger", "answer", "event_time"])
 
 
 def _with_members(scope_state: pa.Table) -> set[str]:
@@ -610,7 +610,8 @@ def load_scope_context(store, entry) -> ScopeContext:
     merged: dict[str, list[Fact]] = {}
     facts = merged_scope_facts(state)
     times = facts.column("event_time").cast(pa.int64()).to_pylist()
-    for scope, fact_id, trigger, answer, time in zip(*(facts.column(c).to_pylist() for c in ("scope", "fact_id", "trigger", "answer")), times):
+    columns = [facts.column(c).to_pylist() for c in ("scope", "fact_id", "trigger", "answer")]
+    for scope, fact_id, trigger, answer, time in zip(*columns, times):
         merged.setdefault(scope, []).append(Fact(scope, fact_id, trigger, answer, time))
         if results.get((scope, fact_id), ("",))[0] == "ok":
             recalled.setdefault(scope, []).append(Fact(scope, fact_id, trigger, answer))

@@ -43,8 +43,9 @@ and in stores with no scope): a :class:`ScopesEntry` names two version-level obj
 every scope's delta, compiled once; serving nodes pull it whole) and the *scope state*
 (``objects/scope_state/<sha256>.parquet``, pipeline.scopes.SCOPE_STATE_SCHEMA: per scope and
 shard, the scope facts that shard's users carry (members, and users holding the scope as an
-extra scope) and how many members it has; read by the night and its compile workers). Its ``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id). A member's
-bundle row names its scope (schemas.bundle, column ``scope``).
+extra scope) and how many members it has; read by the night and its compile workers). Its
+``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id). A member's bundle row
+names its scope (schemas.bundle, column ``scope``).
 """
 
 from __future__ import annotations
