@@ -572,9 +572,9 @@ class _Night:
                 routed[shard] = runner.get(meta, f"rescope shard {shard}")
                 self.applied[shard] = routed[shard]
                 changes[shard] = shard_changes
-        log.info("scopes: %d in all, %d compiled (%d facts), %d dropped; members of changed scopes in %d shard(s)",
-                 plan.scopes, len(plan.changed), int(plan.compile_facts.sum()), len(plan.dropped),
-                 len(plan.member_shards))
+        log.info("scopes: %d in all, %d compiled (%d facts), %d dropped, %d with changed facts; members of changed "
+                 "scopes and holders of scopes with changed facts in %d shard(s)", plan.scopes, len(plan.changed),
+                 int(plan.compile_facts.sum()), len(plan.dropped), len(plan.refreshed), len(plan.member_shards))
         return entry
 
     def _refuse_on_failed_checks(self) -> None:
