@@ -257,3 +257,23 @@ def test_a_scope_held_only_as_an_extra_scope_refreshes_its_holders_shards_and_co
     plan, merge = merge_scopes(local_store.uri, prior, False, False, [3], SCOPE_STATE_SCHEMA.empty_table())
     assert plan.dropped == ("org:c",) and plan.changed == () and plan.refreshed == () and plan.scopes == 1
     assert merge.removed.to_pylist() == ["org:c"] and "org:c" in merged_scope_facts(merge.state).column("scope").to_pylist()
+
+
+def test_an_extra_scopes_facts_are_the_merged_ones_less_those_whose_trigger_the_users_own_fact_takes():
+    from engram_core.compiler import Fact, FactResult
+    from pipeline.scopes import extra_copy_results, extra_scope_facts
+
+    merged = {"org:b": [Fact("org:b", "hours", "The clinic opens at", " ten", 2),
+                        Fact("org:b", "parking", "Our parking is on", " level two", 1)]}
+    own = [Fact("alice", "my-parking", "Our parking is on", " level nine", 1)]
+    served = extra_scope_facts("alice", own, {"org:b"}, merged)
+    assert [(f.user_id, f.fact_id, f.answer, f.written_at) for f in served] == [("alice", "org:b/hours", " ten", 2)]
+    copies = {"alice": {"hours": ("org:b", "The clinic opens at", " nine"),
+                        "parking": ("org:b", "Our parking is on", " level two")}}
+    results = [FactResult("alice", "org:b/hours", "ok", 0.1, 3, 4, 1.0), FactResult("alice", "my-parking", "ok", 0.1, 3, 4, 1.0)]
+    out = {r.fact_id: (r.status, r.detail) for r in extra_copy_results(results, copies, merged, {"alice": own})}
+    assert out == {"my-parking": ("ok", ""),
+                   "hours": ("ok", 'compiled in the user\'s own delta from scope "org:b"; '
+                                   "the scope's latest copy is served, not this one"),
+                   "parking": ("CONFLICTS_WITH:my-parking", 'compiled in the user\'s own delta from scope "org:b"; '
+                                                            "the user's own fact on its trigger is served")}
