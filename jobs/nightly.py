@@ -12,7 +12,8 @@ commit runs as tasks (pipeline.runner: Ray tasks and actors, or this process wit
               one task merges the applied shards' scope contributions into the version's scope
               state; the scopes whose facts changed compile on the pool, each once (owner = the
               scope id); the version's scope deltas are written; every shard holding a member of a
-              changed scope adds those members to the users it compiles (pipeline.scopes)
+              changed scope, or a user holding a scope whose facts changed as an extra scope (a
+              user in several scopes), adds those users to the users it compiles (pipeline.scopes)
     compile   chunks of whole changed users, packed in (shard, user) order, on the compile pool
               (members of a scope with its published delta fixed underneath)
     assemble  one task per changed shard: a layer over the shard's base holding the changed users'
@@ -74,6 +75,7 @@ from pipeline.shards import (
     rebase_entry,
     rescope_shard,
     resharded_priors,
+    shard_scope_contribution,
     state_entry as shard_state_entry,
     split_prior_shard,
 )
@@ -532,6 +534,17 @@ class _Night:
         merged = runner.submit(merge_scopes, ctx.store_uri, prior_scopes, self.every_shard, ctx.recompile, shards,
                                *[applies[s][2] for s in shards], num_returns=2, what="merge scopes")
         plan: ScopePlan = runner.get(merged[0], "merge scopes")
+        if plan.needs_every_shard:
+            # Once, after an upgrade: the previous scope state (version 1) lacks the copies of users
+            # holding a scope as an extra scope; every other shard's fact state is read (not written)
+            # for its contribution, and every such user recompiles with the scopes' merged facts.
+            others = [s for s in range(spec.num_shards) if s not in routed and self.prior_entry(s) is not None]
+            log.info("scopes: the previous scope state is of version 1; reading %d more shard(s) once", len(others))
+            read = [runner.submit(shard_scope_contribution, ctx, s, self.prior_entry(s),
+                                  what=f"scope contribution of shard {s}") for s in others]
+            merged = runner.submit(merge_scopes, ctx.store_uri, prior_scopes, True, ctx.recompile, shards,
+                                   *[applies[s][2] for s in shards], *read, num_returns=2, what="merge scopes")
+            plan = runner.get(merged[0], "merge scopes")
         self.scope_plan = plan
         outputs = []
         if plan.changed:
@@ -542,7 +555,7 @@ class _Night:
                 self.hook("compile_chunk")
         entry = runner.get(runner.submit(write_scopes, ctx.store_uri, prior_scopes, plan, merged[1], *outputs,
                                          what="write scopes"), "write scopes")
-        if plan.changed:
+        if plan.changed or plan.refreshed:
             rescopes = {}
             for shard in plan.member_shards if not ctx.recompile else ():  # (recompile: every user compiles)
                 applied = routed.get(shard)
@@ -554,14 +567,15 @@ class _Night:
                     raise RuntimeError(f"scope round: shard {shard} holds members of a changed scope but has "
                                        "neither this night's state nor a previous entry")
                 rescopes[shard] = runner.submit(rescope_shard, ctx, shard, state_entry, applied, changes.get(shard),
-                                                plan.changed, num_returns=2, what=f"rescope shard {shard}")
+                                                plan.changed, plan.refreshed, num_returns=2,
+                                                what=f"rescope shard {shard}")
             for shard, (meta, shard_changes) in rescopes.items():
                 routed[shard] = runner.get(meta, f"rescope shard {shard}")
                 self.applied[shard] = routed[shard]
                 changes[shard] = shard_changes
-        log.info("scopes: %d in all, %d compiled (%d facts), %d dropped; members of changed scopes in %d shard(s)",
-                 plan.scopes, len(plan.changed), int(plan.compile_facts.sum()), len(plan.dropped),
-                 len(plan.member_shards))
+        log.info("scopes: %d in all, %d compiled (%d facts), %d dropped, %d with changed facts; members of changed "
+                 "scopes and holders of scopes with changed facts in %d shard(s)", plan.scopes, len(plan.changed),
+                 int(plan.compile_facts.sum()), len(plan.dropped), len(plan.refreshed), len(plan.member_shards))
         return entry
 
     def _refuse_on_failed_checks(self) -> None:

@@ -338,7 +338,9 @@ class CompileWorker:
         tables = [c.compile.slice(s.start, s.stop - s.start) for s, c in zip(slices, changes)]
         facts = [f for table in tables for f in facts_from_table(table)]
         scope_of = {u: s for table in tables for u, s in composed_scopes(table).items()}
-        extra = [sorted(scope_of.items()), scopes.sha256 if scopes is not None else None] if scope_of else None
+        # (the scope state too: a user's extra scopes are served their merged facts, kept there)
+        extra = [sorted(scope_of.items()), scopes.sha256 if scopes is not None else None,
+                 scopes.state_sha256 if scopes is not None else None] if scope_of else None
         key = self.checkpoints.key(facts, extra) if self.checkpoints is not None else None
         clock.lap("checkpoint")
         with self._device:
@@ -368,7 +370,9 @@ class CompileWorker:
         if earlier is not None:
             deltas, results = earlier
         elif scope_of:
-            table = pa.concat_tables([t.select(["user_id", "fact_id", "scope", "trigger", "answer"]) for t in tables])
+            columns = ["user_id", "fact_id", "scope", "trigger", "answer"]
+            columns += ["event_time"] if all("event_time" in t.column_names for t in tables) else []
+            table = pa.concat_tables([t.select(columns) for t in tables])  # with each fact's time, as compile_scoped
             deltas, results = compile_chunk_scoped(self.model, table, self._scope_context(scopes), self.options)
             clock.lap("compile")
             if key is not None:

@@ -18,7 +18,13 @@ facts filed under it) are two owners, kept apart everywhere (the scope's delta i
 
 Serving composes them: a request of a member is served with ``(scope_delta, member_delta)``
 (``overlay_for(em, [[scope_delta, member_delta]])``). A user in several scopes keeps the first
-scope (by id) as its shared delta and compiles the other scopes' facts into its own delta.
+scope (by id) as its shared delta; the other (*extra*) scopes' facts compile into its own delta,
+and they are the scopes' merged facts (every fact of the scope, the latest copy over every user
+carrying it: :func:`extra_scope_facts`), never the user's own copies, so every user of a scope is
+served the same answers. Its own fact on the same trigger wins, as over its first scope's. (Not
+stacked as several scope deltas at serving: two scopes compiled apart may write the same rows with
+other values, and their sum can break both; compiled into the user's delta they are checked
+against its first scope's delta and its own facts like any of its facts.)
 
 :func:`compile_scoped` is the function a night calls with the facts of the users it compiles
 (plain users go through one ``compile_facts`` call; each scope through ``compile_with_scope``).
@@ -49,15 +55,27 @@ if TYPE_CHECKING:
 class ScopedFacts:
     """A fact state split into plain per-user facts and shared scopes."""
 
-    personal: dict[str, list["Fact"]]  # user -> own facts (including facts of extra scopes)
-    scope_facts: dict[str, list["Fact"]]  # scope id -> its facts (user_id = the scope id)
+    personal: dict[str, list["Fact"]]  # user -> own facts (no copy of a scope's fact)
+    scope_facts: dict[str, list["Fact"]]  # scope id -> its facts (user_id = the scope id), scopes with members
     members: dict[str, list[str]]  # scope id -> member user ids, sorted
     member_copies: dict[str, dict[str, str]] = field(default_factory=dict)
     """user -> fact_id -> scope id: the scope facts a member carries (compiled once, in the scope)."""
+    extra_copies: dict[str, dict[str, tuple[str, str, str]]] = field(default_factory=dict)
+    """user -> fact_id -> (scope id, trigger, answer): the user's copies of its extra scopes' facts
+    (scopes after its first), served from the scope's merged facts in the user's own delta."""
+    merged: dict[str, list["Fact"]] = field(default_factory=dict)
+    """scope id -> its facts (user_id = the scope id), every scope carried, with or without members."""
+    extra_facts: dict[str, list["Fact"]] = field(default_factory=dict)
+    """user -> the merged facts of its extra scopes it is served (:func:`extra_scope_facts`),
+    compiled in its own delta with its own facts."""
 
 
 def split_scopes(state: pa.Table) -> ScopedFacts:
-    """Split fact-state rows (``user_id, fact_id, scope, trigger, answer, event_time``) by scope."""
+    """Split fact-state rows (``user_id, fact_id, scope, trigger, answer, event_time``) by scope.
+
+    A scope's facts are the latest copy per fact_id over every user carrying it (its members and
+    the users holding it as an extra scope); its members are the users whose first scope it is.
+    A user's extra scopes' merged facts are its ``extra_facts``."""
     from engram_core.compiler import Fact
 
     cols = {name: state.column(name).to_pylist() for name in ("user_id", "fact_id", "scope", "trigger", "answer")}
@@ -72,17 +90,84 @@ def split_scopes(state: pa.Table) -> ScopedFacts:
     latest: dict[str, dict[str, tuple[int, Fact]]] = {}
     members: dict[str, set[str]] = {}
     copies: dict[str, dict[str, str]] = {}
+    extra: dict[str, dict[str, tuple[str, str, str]]] = {}
     for user, fact_id, scope, trigger, answer, time in zip(*cols.values(), times):
-        if scope and scope != user and shared_scope[user] == scope:
-            members.setdefault(scope, set()).add(user)
-            copies.setdefault(user, {})[fact_id] = scope
+        if scope and scope != user:
             best = latest.setdefault(scope, {}).get(fact_id)
             if best is None or (time or 0, trigger, answer) > (best[0], best[1].trigger, best[1].answer):
                 latest[scope][fact_id] = (time or 0, Fact(scope, fact_id, trigger, answer, time))
+            if shared_scope[user] == scope:
+                members.setdefault(scope, set()).add(user)
+                copies.setdefault(user, {})[fact_id] = scope
+            else:
+                extra.setdefault(user, {})[fact_id] = (scope, trigger, answer)
         else:
             personal.setdefault(user, []).append(Fact(user, fact_id, trigger, answer, time))
-    scope_facts = {s: [f for _, (_, f) in sorted(by_id.items())] for s, by_id in latest.items()}
-    return ScopedFacts(personal, scope_facts, {s: sorted(m) for s, m in members.items()}, copies)
+    merged = {s: [f for _, (_, f) in sorted(by_id.items())] for s, by_id in latest.items()}
+    injected = {user: extra_scope_facts(user, personal.get(user, []), {s for s, _, _ in held.values()}, merged)
+                for user, held in extra.items()}
+    scope_facts = {s: merged[s] for s in members}
+    return ScopedFacts(personal, scope_facts, {s: sorted(m) for s, m in members.items()}, copies, extra, merged,
+                       injected)
+
+
+EXTRA_SCOPE_DETAIL = "compiled in the user's own delta from scope "
+"""Fact-result detail of a user's copy of an extra scope's fact (:func:`extra_scope_detail`)."""
+
+
+def extra_scope_facts(user: str, own: Sequence["Fact"], scopes, merged: dict[str, Sequence["Fact"]]) -> list["Fact"]:
+    """The facts ``user`` is served of its extra ``scopes`` (a user in several scopes is composed
+    with the first only): every merged fact of each scope (``merged``: scope id -> its facts, the
+    latest copy per fact_id over all its carriers), owned by ``user``, fact_id ``<scope>/<fact_id>``,
+    its time kept; a fact whose trigger is one of ``own``'s (the user's own facts) is left out,
+    as for a member's first scope (its own fact wins)."""
+    from engram_core.compiler import Fact
+
+    taken = {f.trigger for f in own}
+    return [Fact(user, f"{scope}/{f.fact_id}", f.trigger, f.answer, f.written_at)
+            for scope in sorted(scopes) for f in merged.get(scope, ()) if f.trigger not in taken]
+
+
+def extra_scope_detail(scope: str, why: str | None = None, stale: bool = False) -> str:
+    """The fact-result detail of a user's copy of an extra scope's fact: ``compiled in the user's
+    own delta from scope "<id>"`` (the id as a JSON string), ``; the scope's latest copy is served,
+    not this one`` when the copy's text is not the scope's, and ``; why`` when it failed."""
+    text = f"{EXTRA_SCOPE_DETAIL}{json.dumps(scope, ensure_ascii=False)}"
+    if stale:
+        text += "; the scope's latest copy is served, not this one"
+    return f"{text}; {why}" if why else text
+
+
+def extra_copy_results(results: list["FactResult"], copies: dict[str, dict[str, tuple[str, str, str]]],
+                       merged: dict[str, Sequence["Fact"]], own: dict[str, Sequence["Fact"]]) -> list["FactResult"]:
+    """``results`` with the results of the users' extra-scope facts (:func:`extra_scope_facts` of
+    ``merged``) taken out and one result per copy a user carries put in (``copies``: user ->
+    fact_id -> (scope, trigger, answer)): the served scope fact's result, detail
+    :func:`extra_scope_detail`; a copy whose scope fact's trigger is one of the user's ``own``
+    facts' is ``CONFLICTS_WITH:<that fact_id>`` (the user's own fact is served). Results of scope
+    facts the user does not carry are not reported (as for a member's first scope)."""
+    from engram_core.compiler import STATUS_NOT_RECALLED, FactResult
+
+    injected = {(user, f"{scope}/{f.fact_id}"): f for user, held in copies.items()
+                for scope in {s for s, _, _ in held.values()} for f in merged.get(scope, ())}
+    by_key = {(r.user_id, r.fact_id): r for r in results if (r.user_id, r.fact_id) in injected}
+    out = [r for r in results if (r.user_id, r.fact_id) not in injected]
+    for user in sorted(copies):
+        owner_of = {f.trigger: f.fact_id for f in own.get(user, ())}
+        for fact_id, (scope, trigger, answer) in sorted(copies[user].items()):
+            key = (user, f"{scope}/{fact_id}")
+            result, fact = by_key.get(key), injected.get(key)
+            stale = fact is not None and (fact.trigger, fact.answer) != (trigger, answer)
+            if result is None:
+                won = owner_of.get(fact.trigger) if fact is not None else None
+                status = f"CONFLICTS_WITH:{won}" if won is not None else STATUS_NOT_RECALLED
+                why = "the user's own fact on its trigger is served" if won is not None else "not in the scope's facts"
+                out.append(FactResult(user, fact_id, status, float("nan"), 0, 0, float("nan"),
+                                      extra_scope_detail(scope, why, stale)))
+                continue
+            out.append(replace_result(result, fact_id=fact_id,
+                                      detail=extra_scope_detail(scope, result.detail or None, stale)))
+    return out
 
 
 @dataclass
@@ -120,7 +205,8 @@ def compile_scoped(em: "EngramModel", state: pa.Table, options: "CompileOptions 
     for scope in sorted(split.scope_facts):
         members = split.members[scope]
         scope_delta, user_deltas, report = compile_with_scope(
-            em, split.scope_facts[scope], {u: split.personal.get(u, []) for u in members}, options)
+            em, split.scope_facts[scope],
+            {u: split.personal.get(u, []) + split.extra_facts.get(u, []) for u in members}, options)
         scope_deltas[scope] = scope_delta
         deltas.update(user_deltas)
         scope_of.update({u: scope for u in members})
@@ -141,6 +227,8 @@ def compile_scoped(em: "EngramModel", state: pa.Table, options: "CompileOptions 
                     results.append(FactResult(user, fact_id, base.status, base.loss, base.steps, base.rows,
                                               base.margin, scope_detail(scope, base.detail)))
         scope_results += [r for r in report.results if r.user_id == scope]
+    if split.extra_copies:  # a user's copies of its extra scopes' facts: the served scope facts' results
+        results = extra_copy_results(results, split.extra_copies, split.merged, split.personal)
     collisions = pa.concat_tables(tables) if tables else COLLISIONS_STATS_SCHEMA.empty_table()
     return ScopedCompileResult(deltas, scope_of, results, collisions, sorted(recompiled), scope_deltas, scope_results)
 
@@ -160,24 +248,27 @@ def served_deltas(result: ScopedCompileResult, user_id: str) -> Sequence["Delta"
 # the compile workers; the driver holds only per-shard and per-scope metadata (ids and counts):
 #
 # 1. apply (per shard): :func:`shard_contribution` of the shard's new fact state: per scope, the
-#    scope facts its members carry (latest copy per fact_id) and how many members it has;
+#    scope facts its users carry (latest copy per fact_id; members and users holding it as an
+#    extra scope) and how many members it has;
 # 2. merge (one task): :func:`merge_scopes` puts the applied shards' contributions in place of
 #    their old ones in the previous version's scope state, and compares each scope's merged facts
-#    with the previous version's: a scope whose facts changed (or that is new, or every scope on a
-#    night that recompiles everything) compiles again; a scope with no member left is dropped;
+#    with the previous version's: a scope with members whose facts changed (or that had none, or
+#    every scope on a night that recompiles everything) compiles again; a scope with no member
+#    left is dropped from the scope deltas; a scope whose facts changed is ``refreshed``;
 # 3. scope round: the changed scopes' facts compile on the pool, each scope whole (owner = scope
 #    id); :func:`write_scopes` writes the version's scope deltas (the changed ones, and the others
 #    carried) and the scopes' ``facts`` stats part;
-# 4. members: every shard holding a member of a changed scope recompiles those members
-#    (:func:`rescope_shard`: their rows were fitted to the old scope delta), along with the users
-#    whose own facts changed; a member compiles with its scope's published delta fixed underneath
-#    (:func:`compile_chunk_scoped`, pipeline.collisions.compile_members), its bundle row names the
+# 4. members: every shard holding a member of a changed scope, or a user holding a refreshed
+#    scope as an extra scope, recompiles those users (pipeline.shards.rescope_shard,
+#    :func:`users_to_rescope`: their rows were fitted to the old scope delta, or hold the scope's
+#    old facts), along with the users whose own facts changed; a member compiles with its scope's
+#    published delta fixed underneath (:func:`compile_chunk_scoped`, pipeline.collisions.compile_members), its bundle row names the
 #    scope, and its delta holds no copy of the scope's rows.
 #
 # What triggers what: a member's own facts changing recompiles that member only (against the
-# scope delta as it is); a scope fact changing (any member's copy, as merged) recompiles the scope
-# and all its members; a member joining or leaving recompiles that member only (its facts changed);
-# the scope recompiles only if the merged facts changed (e.g. the last carrier of a fact left).
+# scope delta as it is); a scope fact changing (any user's copy, as merged) recompiles the scope,
+# all its members and the users holding it as an extra scope; a member joining or leaving
+# recompiles that member only (its facts changed); the scope recompiles only if the merged facts changed (e.g. the last carrier of a fact left).
 
 SCOPE_STATE_SCHEMA = pa.schema([
     pa.field("scope", pa.string(), nullable=False),
@@ -187,10 +278,13 @@ SCOPE_STATE_SCHEMA = pa.schema([
     pa.field("answer", pa.string(), nullable=False),
     pa.field("event_time", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("members", pa.int64(), nullable=False),  # the shard's members of the scope (repeated per fact)
-], metadata={"engram.schema": "scope_state", "engram.schema_version": "1"})
-"""Per (scope, shard): the scope facts that shard's members carry (latest copy per fact_id), and
-its number of members. Every member carries at least one scope fact, so a (scope, shard) with
-members always has a row."""
+], metadata={"engram.schema": "scope_state", "engram.schema_version": "2"})
+"""Per (scope, shard): the scope facts that shard's users carry (latest copy per fact_id; its
+members' copies and those of users holding it as an extra scope), and its number of members
+(users composed with it). Every member carries at least one scope fact, so a (scope, shard) with
+members always has a row; a (scope, shard) whose users hold it only as an extra scope has rows
+with ``members`` 0. Version 1 (written before 2026-12-01) held members' copies only: see
+:func:`merge_scopes`."""
 
 SCOPE_DETAIL = "compiled once in scope "  # fact result detail of a member's copy of a scope fact ("...; why" if it failed)
 
@@ -224,7 +318,7 @@ def scope_of_detail(detail) -> pa.Array:
 def member_rows(state: pa.Table) -> pa.Table:
     """The rows of fact-state ``state`` that are copies of a shared scope's facts composed under
     their user: ``scope`` is not the user, and is the user's first scope (by id); a user's facts of
-    its other scopes compile in its own delta. Sorted by (user_id, fact_id)."""
+    its other scopes are served from its own delta (:func:`extra_scope_facts`). Sorted by (user_id, fact_id)."""
     foreign = state.filter(pc.not_equal(state.column("scope"), state.column("user_id")))
     if foreign.num_rows == 0:
         return foreign
@@ -232,6 +326,33 @@ def member_rows(state: pa.Table) -> pa.Table:
     joined = foreign.join(first, "user_id")
     joined = joined.filter(pc.equal(joined.column("scope"), joined.column("scope_min"))).drop_columns(["scope_min"])
     return joined.sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+
+
+def scope_copies(state: pa.Table) -> pa.Table:
+    """Every row of fact-state ``state`` that is a copy of a shared scope's fact (``scope`` is not
+    the user), with a bool column ``composed``: the scope is the user's first (the copy is of the
+    scope composed under the user); false for the user's extra scopes. Sorted by (user_id, fact_id)."""
+    foreign = state.filter(pc.not_equal(state.column("scope"), state.column("user_id")))
+    if foreign.num_rows == 0:
+        return foreign.append_column("composed", pa.array([], pa.bool_()))
+    first = foreign.group_by("user_id").aggregate([("scope", "min")])
+    joined = foreign.join(first, "user_id")
+    joined = joined.append_column("composed", pc.equal(joined.column("scope"), joined.column("scope_min")))
+    return joined.drop_columns(["scope_min"]).sort_by([("user_id", "ascending"), ("fact_id", "ascending")])
+
+
+def users_to_rescope(state: pa.Table, compiled: Sequence[str], refreshed: Sequence[str]) -> pa.Array:
+    """The users of fact-state ``state`` whose deltas a night's scope round outdates: the members of
+    the ``compiled`` scopes (fitted to the old scope delta) and the users holding one of the
+    ``refreshed`` scopes (whose merged facts changed) as an extra scope (they are served its facts
+    from their own delta). Unique, sorted."""
+    rows = scope_copies(state.select(["user_id", "fact_id", "scope"]))
+    wanted = pc.or_(pc.and_(rows.column("composed"), pc.is_in(rows.column("scope"), pa.array(compiled, pa.string()))),
+                    pc.and_(pc.invert(rows.column("composed")),
+                            pc.is_in(rows.column("scope"), pa.array(refreshed, pa.string()))))
+    users = pc.unique(rows.filter(wanted).column("user_id")).cast(pa.string())
+    users = users.combine_chunks() if isinstance(users, pa.ChunkedArray) else users
+    return pc.take(users, pc.sort_indices(users))
 
 
 def _latest(rows: pa.Table, keys: list[str]) -> pa.Table:
@@ -249,14 +370,19 @@ def _latest(rows: pa.Table, keys: list[str]) -> pa.Table:
 
 
 def shard_contribution(state: pa.Table, shard: int) -> pa.Table:
-    """Shard ``shard``'s rows of the scope state (SCOPE_STATE_SCHEMA) from its fact state."""
-    rows = member_rows(state)
+    """Shard ``shard``'s rows of the scope state (SCOPE_STATE_SCHEMA) from its fact state: per
+    scope the latest copy of each fact among every user carrying it (as its first scope or an
+    extra one), and ``members``: the users of the shard composed with it (first scope; 0 when
+    the shard's users hold it only as an extra scope)."""
+    rows = scope_copies(state)
     if rows.num_rows == 0:
         return SCOPE_STATE_SCHEMA.empty_table()
-    members = rows.group_by("scope").aggregate([("user_id", "count_distinct")])
+    composed = rows.filter(rows.column("composed"))
+    members = composed.group_by("scope").aggregate([("user_id", "count_distinct")])
     latest = _latest(rows.select(["scope", "fact_id", "trigger", "answer", "event_time"]), ["scope", "fact_id"])
-    out = latest.join(members, "scope").rename_columns(
-        ["scope", "fact_id", "trigger", "answer", "event_time", "members"])
+    out = latest.join(members, "scope", join_type="left outer")
+    out = out.set_column(out.schema.get_field_index("user_id_count_distinct"), "members",
+                         pc.fill_null(out.column("user_id_count_distinct"), 0))
     out = out.append_column("shard", pa.array(np.full(out.num_rows, shard, np.int32)))
     return out.select(SCOPE_STATE_SCHEMA.names).cast(SCOPE_STATE_SCHEMA).sort_by(
         [("scope", "ascending"), ("fact_id", "ascending")])
@@ -284,11 +410,31 @@ def _digests(facts: pa.Table) -> dict[str, str]:
     return {scope: h.hexdigest() for scope, h in out.items()}
 
 
+def _compile_rows(facts: pa.Table) -> pa.Table:
+    """Compile rows (user_id = scope = the scope id) of merged scope facts."""
+    columns = {name: facts.column(name) for name in ("fact_id", "scope", "trigger", "answer", "event_time")}
+    return pa.table({"user_id": facts.column("scope"), **columns}).select(
+        ["user_id", "fact_id", "scope", "trigger", "answer", "event_time"])
+
+
+def _with_members(scope_state: pa.Table) -> set[str]:
+    """The scopes of a scope state with at least one member (composed with it) in some shard."""
+    return set(pc.unique(scope_state.filter(pc.greater(scope_state.column("members"), 0)).column("scope")).to_pylist())
+
+
 def encode_scope_state(table: pa.Table) -> bytes:
     """Parquet bytes of a scope state (SCOPE_STATE_SCHEMA, sorted): the same rows, the same bytes."""
     from schemas.facts import encode_table
 
     return encode_table(table, SCOPE_STATE_SCHEMA, "scope state", ["scope", "shard", "fact_id"])
+
+
+def scope_state_version(data: bytes) -> int:
+    """The ``engram.schema_version`` of scope-state Parquet bytes (1 when it names none)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.metadata or {}
+    return int(metadata.get(b"engram.schema_version", b"1"))
 
 
 def decode_scope_state(data: bytes, *, source: str = "scope state") -> pa.Table:
@@ -304,10 +450,13 @@ class ScopePlan:
 
     changed: tuple[str, ...]  # scopes that compile this night, sorted
     compile_facts: np.ndarray  # (changed,) int32: facts per changed scope, in order
-    member_shards: tuple[int, ...]  # shards holding members of a changed scope (their members recompile)
+    member_shards: tuple[int, ...]  # shards holding members of a changed scope or holders of a refreshed one
     dropped: tuple[str, ...]  # scopes of the previous version with no member left
     scopes: int  # scopes with at least one member
     members: int  # users composed with a scope
+    refreshed: tuple[str, ...] = ()  # scopes whose merged facts changed (with or without members), sorted:
+    # the users holding one as an extra scope recompile (they are served its facts from their own delta)
+    needs_every_shard: bool = False  # the prior scope state is version 1: merge again with every shard's contribution
 
 
 @dataclass(frozen=True)
@@ -325,15 +474,26 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     """The version's scope state: ``prior`` (schemas.manifest.ScopesEntry or None)'s rows of the
     shards not in ``shards`` (none with ``replace_all``: every shard was applied) plus
     ``contributions`` (:func:`shard_contribution` of each applied shard); and which scopes compile
-    (their merged facts changed, they are new, or ``recompile``) or are dropped."""
+    (their merged facts changed, they are new, or ``recompile``) or are dropped.
+
+    A prior state of version 1 (written before it held the copies of users holding a scope as an
+    extra scope) cannot be merged with a few shards' contributions: without ``replace_all`` the
+    plan says ``needs_every_shard`` (and nothing else); with it, every scope is ``refreshed``, so
+    every user holding an extra scope recompiles once, with the scopes' merged facts."""
     from versions.catalog import verified_bytes
     from versions.store import open_store
 
     store = open_store(store_uri)
     prior_state = SCOPE_STATE_SCHEMA.empty_table()
+    legacy = False
     if prior is not None:
-        prior_state = decode_scope_state(verified_bytes(store, prior.state_key, prior.state_bytes, prior.state_sha256),
-                                         source=f"{store.uri}/{prior.state_key}")
+        data = verified_bytes(store, prior.state_key, prior.state_bytes, prior.state_sha256)
+        prior_state = decode_scope_state(data, source=f"{store.uri}/{prior.state_key}")
+        legacy = scope_state_version(data) < 2
+        if legacy and not replace_all:
+            return (ScopePlan((), np.zeros(0, np.int32), (), (), 0, 0, needs_every_shard=True),
+                    ScopeMerge(_compile_rows(merged_scope_facts(SCOPE_STATE_SCHEMA.empty_table())),
+                               pa.array([], pa.string()), prior_state))
     kept = prior_state if not replace_all else SCOPE_STATE_SCHEMA.empty_table()
     if kept.num_rows and shards:
         kept = kept.filter(pc.invert(pc.is_in(kept.column("shard"), pa.array(shards, pa.int32()))))
@@ -341,20 +501,25 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     state = state.sort_by([("scope", "ascending"), ("shard", "ascending"), ("fact_id", "ascending")]).combine_chunks()
     facts = merged_scope_facts(state)
     now, before = _digests(facts), _digests(merged_scope_facts(prior_state))
-    changed = sorted(s for s, digest in now.items() if recompile or before.get(s) != digest)
-    dropped = sorted(set(before) - set(now))
+    live, had = _with_members(state), _with_members(prior_state)
+    refreshed = sorted(s for s, digest in now.items() if legacy or before.get(s) != digest)
+    # A scope compiles when it has members and its facts changed, it had none (new, or held only
+    # as an extra scope until now), or everything recompiles.
+    changed = sorted(s for s in live if recompile or before.get(s) != now[s] or s not in had)
+    dropped = sorted(had - live)
     changed_arr = pa.array(changed, pa.string())
     compile_rows = facts.filter(pc.is_in(facts.column("scope"), changed_arr))
-    compile = pa.table({"user_id": compile_rows.column("scope"), "fact_id": compile_rows.column("fact_id"),
-                        "scope": compile_rows.column("scope"), "trigger": compile_rows.column("trigger"),
-                        "answer": compile_rows.column("answer"), "event_time": compile_rows.column("event_time")})
+    compile = _compile_rows(compile_rows)
     per_scope = compile.group_by("user_id").aggregate([("fact_id", "count")]).sort_by("user_id")
-    shard_rows = state.filter(pc.is_in(state.column("scope"), changed_arr)).column("shard")
+    outdated = pc.or_(pc.and_(pc.is_in(state.column("scope"), changed_arr), pc.greater(state.column("members"), 0)),
+                      pc.is_in(state.column("scope"), pa.array(refreshed, pa.string())))
+    shard_rows = state.filter(outdated).column("shard")
     per_pair = state.group_by(["scope", "shard"]).aggregate([("members", "max")])
     plan = ScopePlan(
         changed=tuple(changed), compile_facts=per_scope.column("fact_id_count").to_numpy().astype(np.int32),
         member_shards=tuple(sorted(set(pc.unique(shard_rows).to_pylist()))), dropped=tuple(dropped),
-        scopes=len(now), members=int(pc.sum(per_pair.column("members_max")).as_py() or 0))
+        scopes=len(live), members=int(pc.sum(per_pair.column("members_max")).as_py() or 0),
+        refreshed=tuple(refreshed))
     removed = pa.array(sorted(set(changed) | set(dropped)), pa.string())
     return plan, ScopeMerge(compile, removed, state)
 
@@ -418,6 +583,9 @@ class ScopeContext:
     deltas: dict[str, "Delta"]
     recalled: dict[str, list["Fact"]]  # scope -> its facts with status ok (user_id = the scope id)
     results: dict[tuple[str, str], tuple]  # (scope, fact_id) -> (status, loss, steps, rows, margin, detail)
+    facts: dict[str, list["Fact"]] = field(default_factory=dict)
+    """scope -> its merged facts (user_id = the scope id, with their times), every scope carried,
+    with or without members: what a user holding it as an extra scope is served."""
 
 
 def load_scope_context(store, entry) -> ScopeContext:
@@ -439,11 +607,15 @@ def load_scope_context(store, entry) -> ScopeContext:
             results[(row["user_id"], row["fact_id"])] = (row["status"], row["loss"], row["steps"], row["rows"],
                                                          float("nan"), "")
     recalled: dict[str, list[Fact]] = {}
+    merged: dict[str, list[Fact]] = {}
     facts = merged_scope_facts(state)
-    for scope, fact_id, trigger, answer in zip(*(facts.column(c).to_pylist() for c in ("scope", "fact_id", "trigger", "answer"))):
+    times = facts.column("event_time").cast(pa.int64()).to_pylist()
+    columns = [facts.column(c).to_pylist() for c in ("scope", "fact_id", "trigger", "answer")]
+    for scope, fact_id, trigger, answer, time in zip(*columns, times):
+        merged.setdefault(scope, []).append(Fact(scope, fact_id, trigger, answer, time))
         if results.get((scope, fact_id), ("",))[0] == "ok":
             recalled.setdefault(scope, []).append(Fact(scope, fact_id, trigger, answer))
-    return ScopeContext(deltas, recalled, results)
+    return ScopeContext(deltas, recalled, results, merged)
 
 
 def composed_scopes(table: pa.Table) -> dict[str, str]:
@@ -460,9 +632,12 @@ def compile_chunk_scoped(em: "EngramModel", table: pa.Table, context: ScopeConte
     one ``compile_facts`` call; the members of each scope with the scope's published delta fixed
     underneath (pipeline.collisions.compile_members). A member's copies of its scope's facts are
     not compiled again: each gets the scope fact's result, detail ``compiled once in scope <id>``
-    (or the member's composition failure). Returns (owner -> delta, every fact's result); every
-    member has a delta (possibly empty: its row names the scope)."""
-    from engram_core.compiler import FactResult, compile_facts
+    (or the member's composition failure). A user's extra scopes (after its first) are served from
+    its own delta: the scope's merged facts (``context.facts``, :func:`extra_scope_facts`; its own
+    copies only without a context) compile with its own facts, and each copy it carries gets the
+    served fact's result (:func:`extra_copy_results`). Returns (owner -> delta, every fact's
+    result); every member has a delta (possibly empty: its row names the scope)."""
+    from engram_core.compiler import Fact, FactResult, compile_facts
     from engram_core.delta import Delta
     from pipeline.collisions import compile_members
     from pipeline.compile import facts_from_table
@@ -471,13 +646,33 @@ def compile_chunk_scoped(em: "EngramModel", table: pa.Table, context: ScopeConte
     if not scope_of:
         result = compile_facts(em, facts_from_table(table), options)
         return dict(result.deltas), list(result.facts)
-    copies = member_rows(table.select(["user_id", "fact_id", "scope"]))
-    copy_keys = set(zip(copies.column("user_id").to_pylist(), copies.column("fact_id").to_pylist()))
+    copies = scope_copies(table.select(["user_id", "fact_id", "scope"]))
+    composed = copies.column("composed").to_pylist()
+    keys = list(zip(copies.column("user_id").to_pylist(), copies.column("fact_id").to_pylist(),
+                    copies.column("scope").to_pylist()))
+    copy_keys = {(u, f) for (u, f, _), c in zip(keys, composed) if c}
+    extra_scope = {(u, f): s for (u, f, s), c in zip(keys, composed) if not c}
     facts = facts_from_table(table)
     personal: dict[str, list] = {}
+    extra: dict[str, dict[str, tuple[str, str, str]]] = {}
     for fact in facts:
-        if (fact.user_id, fact.fact_id) not in copy_keys:
+        key = (fact.user_id, fact.fact_id)
+        if key in extra_scope:
+            extra.setdefault(fact.user_id, {})[fact.fact_id] = (extra_scope[key], fact.trigger, fact.answer)
+        elif key not in copy_keys:
             personal.setdefault(fact.user_id, []).append(fact)
+    merged = dict(context.facts) if context is not None else {}
+    latest: dict[str, dict[str, "Fact"]] = {}  # a scope the context lacks (no published scope state): the copies here
+    for fact in facts:
+        scope = extra_scope.get((fact.user_id, fact.fact_id))
+        if scope is not None and scope not in merged:
+            best = latest.setdefault(scope, {}).get(fact.fact_id)
+            if best is None or (fact.written_at or 0, fact.trigger, fact.answer) > (best.written_at or 0, best.trigger,
+                                                                                     best.answer):
+                latest[scope][fact.fact_id] = Fact(scope, fact.fact_id, fact.trigger, fact.answer, fact.written_at)
+    merged |= {scope: [by_id[f] for f in sorted(by_id)] for scope, by_id in latest.items()}
+    served = {u: extra_scope_facts(u, personal.get(u, []), {s for s, _, _ in held.values()}, merged)
+              for u, held in extra.items()}
     plain = [f for f in facts if f.user_id not in scope_of]
     out = compile_facts(em, plain, options)
     deltas, results = dict(out.deltas), list(out.facts)
@@ -488,10 +683,13 @@ def compile_chunk_scoped(em: "EngramModel", table: pa.Table, context: ScopeConte
     for scope, members in sorted(by_scope.items()):
         scope_delta = context.deltas.get(scope, Delta.empty(width)) if context is not None else Delta.empty(width)
         recalled = context.recalled.get(scope, []) if context is not None else []
-        done = compile_members(em, scope, scope_delta, recalled, {u: personal.get(u, []) for u in sorted(members)}, options)
+        done = compile_members(em, scope, scope_delta, recalled,
+                               {u: personal.get(u, []) + served.get(u, []) for u in sorted(members)}, options)
         deltas.update(done.user_deltas)
-        failures = {(r.user_id, r.fact_id[len(scope) + 1:]): r for r in done.results if r.fact_id.startswith(f"{scope}/")}
-        results += [r for r in done.results if not r.fact_id.startswith(f"{scope}/")]
+        mine = {(u, f.fact_id) for u in members for f in served.get(u, [])}
+        failures = {(r.user_id, r.fact_id[len(scope) + 1:]): r for r in done.results
+                    if r.fact_id.startswith(f"{scope}/") and (r.user_id, r.fact_id) not in mine}
+        results += [r for r in done.results if not r.fact_id.startswith(f"{scope}/") or (r.user_id, r.fact_id) in mine]
         for user, fact_id in sorted(k for k in copy_keys if scope_of[k[0]] == scope):
             failed = failures.get((user, fact_id))
             if failed is not None:
@@ -500,6 +698,8 @@ def compile_chunk_scoped(em: "EngramModel", table: pa.Table, context: ScopeConte
             known = context.results.get((scope, fact_id)) if context is not None else None
             status, loss, steps, rows, margin, _ = known or ("not_recalled", float("nan"), 0, 0, float("nan"), "")
             results.append(FactResult(user, fact_id, status, loss, steps, rows, margin, scope_detail(scope)))
+    if extra:
+        results = extra_copy_results(results, extra, merged, personal)
     return deltas, results
 
 

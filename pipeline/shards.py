@@ -231,17 +231,19 @@ def state_entry(shard: int, state: StatePart) -> ShardEntry:
 
 
 def rescope_shard(ctx: NightContext, shard: int, entry: ShardEntry, applied: ShardApplied | None,
-                  changes: ShardChanges | None, changed_scopes: tuple[str, ...]) -> tuple[ShardApplied, ShardChanges]:
-    """Add the shard's members of ``changed_scopes`` (scopes recompiled this night) to the users it
-    compiles: their deltas were fitted to the old scope delta. ``entry``: the shard's entry with its
-    new fact state (this night's, if ``applied``); ``applied``/``changes``: what the apply task
-    returned (None for a shard with no new event, whose state is the previous version's)."""
-    from pipeline.scopes import member_rows
+                  changes: ShardChanges | None, changed_scopes: tuple[str, ...],
+                  refreshed_scopes: tuple[str, ...] = ()) -> tuple[ShardApplied, ShardChanges]:
+    """Add the shard's members of ``changed_scopes`` (scopes recompiled this night: their deltas were
+    fitted to the old scope delta) and its users holding one of ``refreshed_scopes`` (scopes whose
+    merged facts changed) as an extra scope (they serve its facts from their own delta) to the users
+    it compiles (pipeline.scopes.users_to_rescope). ``entry``: the shard's entry with its new fact
+    state (this night's, if ``applied``); ``applied``/``changes``: what the apply task returned
+    (None for a shard with no new event, whose state is the previous version's)."""
+    from pipeline.scopes import users_to_rescope
 
     store = open_store(ctx.store_uri)
     state, _ = load_shard_fact_state(store, entry)
-    rows = member_rows(state)
-    members = pc.unique(rows.filter(pc.is_in(rows.column("scope"), pa.array(changed_scopes, pa.string()))).column("user_id"))
+    members = users_to_rescope(state, changed_scopes, refreshed_scopes)
     before = changes.compile.column("user_id") if changes is not None else pa.chunked_array([], pa.string())
     compiled = pc.unique(pa.concat_arrays([before.combine_chunks().cast(pa.string()), members.cast(pa.string())]))
     removed = pc.unique(pa.concat_arrays([(changes.removed if changes is not None else pa.array([], pa.string())),
@@ -257,6 +259,15 @@ def rescope_shard(ctx: NightContext, shard: int, entry: ShardEntry, applied: Sha
     else:
         applied = replace(applied, compile_facts=per_user, carried_users=live - len(per_user), removed_users=len(removed))
     return applied, ShardChanges(facts, removed)
+
+
+def shard_scope_contribution(ctx: NightContext, shard: int, entry: ShardEntry) -> pa.Table:
+    """Shard ``shard``'s scope contribution (pipeline.scopes.shard_contribution) from its fact state
+    in ``entry`` (a shard with no new event, read once when the prior scope state is version 1)."""
+    from pipeline.scopes import shard_contribution
+
+    state, _ = load_shard_fact_state(open_store(ctx.store_uri), entry)
+    return shard_contribution(state, shard)
 
 
 def _write_state(store, prior, compact: bool, prior_state: pa.Table, prior_tombstones: pa.Table, result) -> StatePart:

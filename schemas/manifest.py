@@ -42,9 +42,10 @@ and in stores with no scope): a :class:`ScopesEntry` names two version-level obj
 *scope deltas* (``objects/scopes/<sha256>.parquet``, a bundle whose ``user_id`` is the scope id:
 every scope's delta, compiled once; serving nodes pull it whole) and the *scope state*
 (``objects/scope_state/<sha256>.parquet``, pipeline.scopes.SCOPE_STATE_SCHEMA: per scope and
-shard, the scope facts that shard's members carry and how many members it has; read only by the
-night). Its ``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id). A member's
-bundle row names its scope (schemas.bundle, column ``scope``).
+shard, the scope facts that shard's users carry (members, and users holding the scope as an
+extra scope) and how many members it has; read by the night and its compile workers). Its
+``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id). A member's bundle row
+names its scope (schemas.bundle, column ``scope``).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ class ScopesEntry:
     key: str  # objects/scopes/<sha256>.parquet: a bundle, one row per scope (user_id = scope id)
     sha256: str
     bytes: int
-    state_key: str  # objects/scope_state/<sha256>.parquet: (scope, shard) -> member copies, members
+    state_key: str  # objects/scope_state/<sha256>.parquet: (scope, shard) -> copies, members
     state_sha256: str
     state_bytes: int
     scopes: int  # scopes with at least one member

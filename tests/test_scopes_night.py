@@ -510,3 +510,195 @@ def test_a_scope_night_with_as_many_compile_actors_as_cpus_finishes(tmp_path, ti
     assert report.compiled_scopes == 1 and report.scopes == 1
     report = night(spec, tmp_path, "2", [upsert("dave", "acme-office", "Our office is in", " Madrid", 1, SCOPE)])
     assert report.compiled_scopes == 1 and report.compiled_users == len(MEMBERS)
+
+
+# A user in several scopes is composed with the first (by id) and served the others' facts from
+# its own delta: those must be the scopes' merged facts (the latest copy over all their carriers),
+# as every member of only that scope is served, whichever carrier's copy changed them.
+ORG_A, ORG_B = "org:a", "org:b"
+GYM = ("Our gym opens at", " six")
+HOURS = ("The clinic opens at", " nine")
+LATER_HOURS = ("The clinic opens at", " ten")
+
+
+def several_scopes_log() -> list[dict]:
+    """alice (shard 1): org:a first and org:b; bob (shard 3): org:b only; carol (shard 0): org:a
+    only; dave (shard 2): a plain user."""
+    return [upsert("alice", "dog", *OWN["alice"]["dog"], 0), upsert("alice", "gym", *GYM, 0, ORG_A),
+            upsert("alice", "hours", *HOURS, 0, ORG_B),
+            upsert("bob", "dentist", *OWN["bob"]["dentist"], 0), upsert("bob", "hours", *HOURS, 0, ORG_B),
+            upsert("carol", "gym", *GYM, 0, ORG_A), upsert("dave", "city", *PLAIN["erin"]["city"], 0)]
+
+
+def test_a_user_in_several_scopes_is_served_an_extra_scopes_change_made_through_another_members_copy(
+        tmp_path, tiny_dir, tiny, local_store, ray_cluster):
+    assert [shard_of(u, NUM_SHARDS) for u in ("alice", "bob", "carol", "dave")] == [1, 3, 0, 2]
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=1)
+    night(spec, tmp_path, "1", several_scopes_log())
+    v1, _ = read_current(local_store)
+    assert {u: s for u, (s, _) in member_rows(local_store, v1).items()} == {
+        "alice": ORG_A, "bob": ORG_B, "carol": ORG_A, "dave": None}
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user in ("alice", "bob"):
+        assert recalls(tiny, node.deltas_for(user), *HOURS), user
+
+    # Only bob's copy changes the clinic's hours: org:b compiles again, and alice (who holds org:b
+    # as her second scope) recompiles with its new facts; carol's and dave's shards are untouched.
+    report = night(spec, tmp_path, "2", [upsert("bob", "hours", *LATER_HOURS, 1, ORG_B)])
+    v2, _ = read_current(local_store)
+    assert node.poll().error is None
+    for user in ("alice", "bob"):
+        deltas = node.deltas_for(user)
+        assert recalls(tiny, deltas, *LATER_HOURS), user
+        assert not recalls(tiny, deltas, *HOURS), user  # the stale answer is not served
+    assert recalls(tiny, node.deltas_for("alice"), *GYM) and recalls(tiny, node.deltas_for("alice"), *OWN["alice"]["dog"])
+    assert recalls(tiny, node.deltas_for("carol"), *GYM)
+    assert report.compiled_scopes == 1 and report.compiled_users == 2  # bob, and alice
+    for old, new in zip(v1.shards, v2.shards):
+        same = (old.bundle_key, old.layers, old.state_key, old.state_layers, old.stats) == \
+            (new.bundle_key, new.layers, new.state_key, new.state_layers, new.stats)
+        assert same == (new.shard in (0, 2)), new.shard
+
+    # The facts view: alice's copy is served the scope's fact (ok), and says its text is not hers.
+    row = query_stats(local_store, f"select status, scope, detail from facts where version = {v2.version} "
+                                   "and user_id = 'alice' and fact_id = 'hours'").to_pylist()
+    assert row == [{"status": "ok", "scope": None,
+                    "detail": 'compiled in the user\'s own delta from scope "org:b"; '
+                              "the scope's latest copy is served, not this one"}]
+
+
+ORG_C = "org:c"
+WIFI, LATER_WIFI = ("The wifi password is", " Pepper"), ("The wifi password is", " Mango")
+PARKING = ("Our parking is on", " level two")
+
+
+def several_scopes_state_log() -> list[dict]:
+    """alice: org:a first, org:b and org:c extra; bob: org:b first (his copy of the hours is the
+    latest, and he alone carries the parking); dave: org:a first, org:c extra (his wifi copy is the
+    latest); org:c is nobody's first scope."""
+    return [upsert("alice", "dog", *OWN["alice"]["dog"], 0), upsert("alice", "gym", *GYM, 0, ORG_A),
+            upsert("alice", "hours", *HOURS, 0, ORG_B), upsert("alice", "wifi", *WIFI, 0, ORG_C),
+            upsert("bob", "hours", *LATER_HOURS, 1, ORG_B), upsert("bob", "parking", *PARKING, 0, ORG_B),
+            upsert("dave", "gym", *GYM, 0, ORG_A), upsert("dave", "wifi", *LATER_WIFI, 1, ORG_C)]
+
+
+SERVED = {"alice": [OWN["alice"]["dog"], GYM, LATER_HOURS, PARKING, LATER_WIFI], "bob": [LATER_HOURS, PARKING],
+          "dave": [GYM, LATER_WIFI]}
+STALE = {"alice": [HOURS, WIFI]}
+COPY_DETAILS = {("alice", "hours"): 'compiled in the user\'s own delta from scope "org:b"; '
+                                    "the scope's latest copy is served, not this one",
+                ("alice", "wifi"): 'compiled in the user\'s own delta from scope "org:c"; '
+                                   "the scope's latest copy is served, not this one",
+                ("dave", "wifi"): 'compiled in the user\'s own delta from scope "org:c"'}
+
+
+def test_compile_scoped_and_the_night_serve_a_user_in_several_scopes_every_extra_scopes_latest_facts(
+        spec, tmp_path, tiny, local_store):
+    """The in-process path (compile_scoped, used by the fidelity bench) and the night agree: alice
+    is served org:b's and org:c's merged facts (bob's later hours, his parking she does not carry,
+    dave's later wifi of a scope that is nobody's first), not her own stale copies."""
+    import pyarrow as pa
+
+    from pipeline.scopes import compile_scoped, served_deltas
+
+    log = several_scopes_state_log()
+    state = pa.table({k: [r[k] for r in log] for k in ("user_id", "fact_id", "scope", "trigger", "answer")})
+    state = state.append_column("event_time", pa.array([r["event_time"] for r in log], pa.timestamp("us", tz="UTC")))
+    result = compile_scoped(tiny, state)
+    assert set(result.scope_deltas) == {ORG_A, ORG_B} and result.scope_of == {"alice": ORG_A, "bob": ORG_B,
+                                                                              "dave": ORG_A}
+    in_process = {(r.user_id, r.fact_id): (r.status, r.detail) for r in result.results}
+    assert {k: in_process[k] for k in COPY_DETAILS} == {k: ("ok", d) for k, d in COPY_DETAILS.items()}
+    assert not [k for k in in_process if "/" in k[1]]  # no result of an injected scope fact
+
+    night(spec, tmp_path, "1", log)
+    manifest, _ = read_current(local_store)
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user, facts in SERVED.items():
+        for deltas in (served_deltas(result, user), node.deltas_for(user)):
+            for trigger, answer in facts:
+                assert recalls(tiny, deltas, trigger, answer), (user, trigger, answer)
+            for trigger, answer in STALE.get(user, []):
+                assert not recalls(tiny, deltas, trigger, answer), (user, trigger, answer)
+    rows = query_stats(local_store, f"select user_id, fact_id, status, scope, detail from facts "
+                                    f"where version = {manifest.version}").to_pylist()
+    night_results = {(r["user_id"], r["fact_id"]): (r["status"], r["detail"]) for r in rows}
+    assert {k: night_results[k] for k in COPY_DETAILS} == {k: ("ok", d) for k, d in COPY_DETAILS.items()}
+    assert {(r["user_id"], r["fact_id"]) for r in rows if r["user_id"] != r["scope"]} == {
+        (r["user_id"], r["fact_id"]) for r in log}  # one row per fact of the log, none of an injected fact
+
+
+def test_a_user_in_several_scopes_follows_a_forget_a_dropped_scope_and_leaving_one(spec, tmp_path, tiny,
+                                                                                   local_store):
+    night(spec, tmp_path, "1", several_scopes_state_log())
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("alice"), *LATER_HOURS)
+
+    # bob is forgotten: his copies leave org:b's facts (alice's is the latest now) and org:b, with no
+    # member left, is dropped from the scope deltas; alice, who still holds it, recompiles.
+    report = night(spec, tmp_path, "2", [event("bob", "forget_user", 2)])
+    v2, _ = read_current(local_store)
+    assert report.compiled_scopes == 0 and report.compiled_users == 1 and list(scope_deltas(local_store, v2)) == [ORG_A]
+    node.poll()
+    alice = node.deltas_for("alice")
+    assert recalls(tiny, alice, *HOURS) and not recalls(tiny, alice, *LATER_HOURS)
+    assert not recalls(tiny, alice, *PARKING)  # bob's fact went with him
+    assert recalls(tiny, alice, *LATER_WIFI) and recalls(tiny, alice, *GYM)
+
+    # alice leaves org:b (deletes her copy): she is no longer served its hours; dave, untouched.
+    dave = node.deltas_for("dave")
+    report = night(spec, tmp_path, "3", [event("alice", "delete", 3, "hours")])
+    assert report.compiled_users == 1 and report.compiled_scopes == 0
+    node.poll()
+    alice = node.deltas_for("alice")
+    assert not recalls(tiny, alice, *HOURS) and recalls(tiny, alice, *LATER_WIFI) and recalls(tiny, alice, *GYM)
+    assert all(a.equals(b) for a, b in zip(node.deltas_for("dave"), dave))
+
+
+def test_the_first_night_over_a_version_1_scope_state_reads_every_shard_once_and_serves_extra_scopes_merged(
+        spec, tmp_path, tiny, local_store, monkeypatch):
+    """A scope state written before it held the copies of users holding a scope as an extra scope
+    (version 1: members' copies only) is simulated for night 1. Night 2 changes only carol's shard:
+    the other shards' fact states are read once for their contributions, so org:c (nobody's first
+    scope) is merged from alice's and dave's copies, and both recompile (once) with the scopes'
+    merged facts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipeline.scopes as scopes
+    from pipeline.scopes import decode_scope_state
+
+    new_contribution = scopes.shard_contribution
+    monkeypatch.setattr(scopes, "SCOPE_STATE_SCHEMA", scopes.SCOPE_STATE_SCHEMA.with_metadata(
+        {"engram.schema": "scope_state", "engram.schema_version": "1"}))
+    monkeypatch.setattr(scopes, "shard_contribution",
+                        lambda state, shard: new_contribution(scopes.member_rows(state), shard))
+    night(spec, tmp_path, "1", several_scopes_state_log())
+    monkeypatch.undo()
+    v1, _ = read_current(local_store)
+    state = decode_scope_state(local_store.get(v1.scopes.state_key))
+    assert ORG_C not in state.column("scope").to_pylist()
+
+    report = night(spec, tmp_path, "2", [upsert("carol", "cat", "My cat is called", " Tom", 2)])
+    v2, _ = read_current(local_store)
+    data = local_store.get(v2.scopes.state_key)
+    assert pq.ParquetFile(pa.BufferReader(data)).schema_arrow.metadata[b"engram.schema_version"] == b"2"
+    state = decode_scope_state(data)
+    assert sorted(set(zip(state.column("scope").to_pylist(), state.column("shard").to_pylist(),
+                          state.column("members").to_pylist())) - {(s, h, m) for s, h, m in zip(
+        *(decode_scope_state(local_store.get(v1.scopes.state_key)).column(c).to_pylist()
+          for c in ("scope", "shard", "members")))}) == [(ORG_B, 1, 0), (ORG_C, 1, 0), (ORG_C, 2, 0)]
+    assert report.compiled_users == 3 and report.compiled_scopes == 0  # carol; alice and dave, once
+    assert [e.bundle_key for e in v2.shards if e.shard == 3] == [e.bundle_key for e in v1.shards if e.shard == 3]
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    alice = node.deltas_for("alice")
+    assert recalls(tiny, alice, *LATER_WIFI) and not recalls(tiny, alice, *WIFI)
+    assert recalls(tiny, node.deltas_for("carol"), "My cat is called", " Tom")
+
+    report = night(spec, tmp_path, "3", [upsert("carol", "cat", "My cat is called", " Max", 3)])
+    assert report.compiled_users == 1  # and then a night costs what changed again

@@ -116,7 +116,7 @@ def test_the_manifest_carries_the_scopes_entry_and_a_manifest_without_scopes_is_
 STATE = [
     ("alice", "dog", "alice", "My dog's name is", " Rex", 1),
     ("alice", "wifi", "org:acme", "The wifi password is", " Pepper", 1),
-    ("alice", "gym", "org:zeta", "Our gym is", " Vita", 1),  # a second scope: compiles in alice's own delta
+    ("alice", "gym", "org:zeta", "Our gym is", " Vita", 1),  # a second scope: served from alice's own delta
     ("bob", "wifi", "org:acme", "The wifi password is", " Mango", 2),  # a later copy wins
     ("bob", "office", "org:acme", "Our office is in", " Lisbon", 1),
     ("erin", "city", "erin", "I live in", " Osaka", 1),
@@ -130,10 +130,12 @@ def test_member_rows_are_the_copies_of_each_users_first_scope():
 
 
 def test_a_shards_contribution_holds_the_latest_copy_per_fact_and_its_member_count():
+    """A scope held only as an extra scope (alice's org:zeta) is in the contribution with 0 members:
+    its facts are merged over every user carrying it, so all of them serve its latest copy."""
     part = shard_contribution(_state(STATE), 3)
     assert part.schema.equals(SCOPE_STATE_SCHEMA, check_metadata=False)
     assert [(r["scope"], r["fact_id"], r["answer"], r["members"], r["shard"]) for r in part.to_pylist()] == [
-        ("org:acme", "office", " Lisbon", 2, 3), ("org:acme", "wifi", " Mango", 2, 3)]
+        ("org:acme", "office", " Lisbon", 2, 3), ("org:acme", "wifi", " Mango", 2, 3), ("org:zeta", "gym", " Vita", 0, 3)]
 
 
 def test_the_merge_compiles_only_scopes_whose_merged_facts_changed_and_drops_empty_ones(local_store):
@@ -203,3 +205,75 @@ def test_a_night_that_compiles_no_scope_carries_the_scope_deltas_by_reference(lo
     entry = write_scopes(local_store.uri, prior, plan, merge)
     assert plan.changed == () and (entry.key, entry.stats) == (prior.key, prior.stats) and entry.members == 3
     assert entry.state_sha256 != prior.state_sha256 and local_store.head(entry.state_key) is not None
+
+
+def _prior_entry(store, state: pa.Table) -> ScopesEntry:
+    import hashlib
+
+    from pipeline.scopes import encode_scope_state
+    from versions.commit import write_verified_objects
+
+    data = encode_scope_state(state)
+    sha = hashlib.sha256(data).hexdigest()
+    write_verified_objects(store, {scope_state_key(sha): data})
+    return ScopesEntry(key=scopes_key("c" * 64), sha256="c" * 64, bytes=1, state_key=scope_state_key(sha),
+                       state_sha256=sha, state_bytes=len(data), scopes=1, facts=1, rows=0, members=3)
+
+
+def test_a_scope_held_only_as_an_extra_scope_refreshes_its_holders_shards_and_compiles_once_it_has_members(
+        local_store):
+    """org:c is alice's and dave's second scope (both are org:a members) and nobody's first: a change
+    through dave's copy compiles no scope but outdates both holders' shards (0 and 1), not carol's
+    (2); bob taking org:c as his first scope compiles it (though its facts did not change); when he
+    leaves it again it is dropped from the scope deltas, its facts still merged for its holders."""
+    from pipeline.scopes import users_to_rescope
+
+    shards = {0: [("alice", "gym", "org:a", "Our gym opens at", " six", 1),
+                  ("alice", "wifi", "org:c", "The wifi password is", " Pepper", 1)],
+              1: [("dave", "gym", "org:a", "Our gym opens at", " six", 1),
+                  ("dave", "wifi", "org:c", "The wifi password is", " Pepper", 1)],
+              2: [("carol", "gym", "org:a", "Our gym opens at", " six", 1)]}
+    parts = {s: shard_contribution(_state(rows), s) for s, rows in shards.items()}
+    plan, merge = merge_scopes(local_store.uri, None, True, False, [0, 1, 2], *parts.values())
+    assert plan.changed == ("org:a",) and plan.scopes == 1 and plan.members == 3 and plan.refreshed == ("org:a", "org:c")
+    prior = _prior_entry(local_store, merge.state)
+
+    dave = _state(shards[1][:1] + [("dave", "wifi", "org:c", "The wifi password is", " Mango", 2)])
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [1], shard_contribution(dave, 1))
+    assert plan.changed == () and plan.refreshed == ("org:c",) and plan.member_shards == (0, 1)
+    facts = merged_scope_facts(merge.state)
+    assert facts.filter(pa.compute.equal(facts.column("scope"), "org:c")).column("answer").to_pylist() == [" Mango"]
+    assert users_to_rescope(_state(shards[0]), plan.changed, plan.refreshed).to_pylist() == ["alice"]
+    assert users_to_rescope(dave, plan.changed, plan.refreshed).to_pylist() == ["dave"]
+    assert users_to_rescope(_state(shards[2]), plan.changed, plan.refreshed).to_pylist() == []
+    prior = _prior_entry(local_store, merge.state)
+
+    bob = _state([("bob", "wifi", "org:c", "The wifi password is", " Mango", 2)])
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [3], shard_contribution(bob, 3))
+    assert plan.changed == ("org:c",) and plan.refreshed == () and plan.scopes == 2 and plan.member_shards == (3,)
+    assert users_to_rescope(_state(shards[0]), plan.changed, plan.refreshed).to_pylist() == []  # org:c is her 2nd
+    prior = _prior_entry(local_store, merge.state)
+
+    plan, merge = merge_scopes(local_store.uri, prior, False, False, [3], SCOPE_STATE_SCHEMA.empty_table())
+    assert plan.dropped == ("org:c",) and plan.changed == () and plan.refreshed == () and plan.scopes == 1
+    assert merge.removed.to_pylist() == ["org:c"] and "org:c" in merged_scope_facts(merge.state).column("scope").to_pylist()
+
+
+def test_an_extra_scopes_facts_are_the_merged_ones_less_those_whose_trigger_the_users_own_fact_takes():
+    from engram_core.compiler import Fact, FactResult
+    from pipeline.scopes import extra_copy_results, extra_scope_facts
+
+    merged = {"org:b": [Fact("org:b", "hours", "The clinic opens at", " ten", 2),
+                        Fact("org:b", "parking", "Our parking is on", " level two", 1)]}
+    own = [Fact("alice", "my-parking", "Our parking is on", " level nine", 1)]
+    served = extra_scope_facts("alice", own, {"org:b"}, merged)
+    assert [(f.user_id, f.fact_id, f.answer, f.written_at) for f in served] == [("alice", "org:b/hours", " ten", 2)]
+    copies = {"alice": {"hours": ("org:b", "The clinic opens at", " nine"),
+                        "parking": ("org:b", "Our parking is on", " level two")}}
+    results = [FactResult("alice", "org:b/hours", "ok", 0.1, 3, 4, 1.0), FactResult("alice", "my-parking", "ok", 0.1, 3, 4, 1.0)]
+    out = {r.fact_id: (r.status, r.detail) for r in extra_copy_results(results, copies, merged, {"alice": own})}
+    assert out == {"my-parking": ("ok", ""),
+                   "hours": ("ok", 'compiled in the user\'s own delta from scope "org:b"; '
+                                   "the scope's latest copy is served, not this one"),
+                   "parking": ("CONFLICTS_WITH:my-parking", 'compiled in the user\'s own delta from scope "org:b"; '
+                                                            "the user's own fact on its trigger is served")}
