@@ -123,6 +123,7 @@ class _Seq:
     constraint: bool = False  # a fixed fact (recalled by the base delta): its loss counts, its rows are not trained
     text_offset: int = -1  # index in input_ids of the fact's own text's first token; -1: the model's prompt_lead
     in_conflict: bool = False  # shares a written N-gram window with another of its user's facts (conflicts.plan_context)
+    cut: int = 0  # tokens of a long trigger's head not compiled (CompileOptions.trigger_window)
 
     @property
     def copy(self) -> bool:
@@ -165,9 +166,24 @@ def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -
     if specials is not None:
         encoded = [_special_text_status(t, a, specials) or pair for t, a, pair in zip(triggers, answers, encoded)]
     nan = float("nan")
+    window, lead = options.trigger_window, em.prompt_lead
     return [(None, FactResult(fact.user_id, fact.fact_id, first, nan, 0, 0, nan, second)) if isinstance(first, str)
-            else (_Seq(-1, fact, first, second), None)
+            else (_windowed_seq(fact, first, second, window, lead), None)
             for fact, (first, second) in zip(facts, encoded)]
+
+
+def _windowed_seq(fact: Fact, input_ids: list[int], targets: list[int], window: int, lead: int) -> _Seq:
+    """The fact's sequence: a trigger of more than ``window`` tokens keeps its ``lead``
+    special tokens and its last ``window - lead`` tokens (:attr:`CompileOptions.trigger_window`);
+    :attr:`_Seq.cut` is how many tokens of its head were dropped (0 for most triggers)."""
+    trigger = len(input_ids) - len(targets) + 1
+    if trigger <= window:
+        return _Seq(-1, fact, input_ids, targets)
+    if window <= lead:
+        raise ValueError(f"CompileOptions.trigger_window must be more than the prompt's {lead} leading special "
+                         f"token(s), got {window}")
+    cut = trigger - window
+    return _Seq(-1, fact, input_ids[:lead] + input_ids[lead + cut:], targets, cut=cut)
 
 
 _POOL_MIN_FACTS = 8192  # automatic worker processes from this many facts per batch
@@ -292,7 +308,9 @@ def _add_context_copies(em: EngramModel, by_user: dict[str, list[_Seq]], context
     text, chat = context
     lead = em.prompt_lead
     canonical = em.memory.addresser.canonical_ids
-    todo = [s for seqs in by_user.values() for s in seqs if s.in_conflict]
+    # A long trigger compiled from its window (CompileOptions.trigger_window) gets none: its own head is
+    # the text it is trained after, and a copy would be as long as the whole trigger.
+    todo = [s for seqs in by_user.values() for s in seqs if s.in_conflict and not s.cut]
     if not todo:
         return
     # Same canonical text as _validate tokenized (engram_core.tokenize_pool.encode_pairs).

@@ -53,7 +53,18 @@ class CompileOptions:
     back 99.8% instead of 99.1% (with context copies), at 1.13x the compile time; at the start
     of a sequence 100% either way; no random or templated d768 fact needed a retry at 1.0
     (bench/RESULTS.md, 2026-12-01 fourth session)."""
-    max_trigger_tokens: int = 64
+    max_trigger_tokens: int = 256
+    """Triggers longer than this (in tokens, counted as a prompt) are refused (``trigger_too_long``);
+    ingest refuses them first (``TRIGGER_TOO_LONG``). Was 64 before 2026-12-01: a 40-word trigger
+    (a memory told as a sentence) is about 100 tokens on the tiny model's tokenizer and was refused."""
+    trigger_window: int = 64
+    """Tokens of a trigger the compiler reads: a longer trigger is compiled from its last
+    ``trigger_window`` tokens (after the prompt's leading special tokens, e.g. a BOS), its head
+    standing for the text a trigger is served after (rows address only the last ``max_ngram``
+    tokens, and :func:`engram_core.addressing.own_text_heads` trains no row of an N-gram that
+    reaches before the window). So a long trigger costs a compile batch no more positions than a
+    64-token one (the batch is padded to its longest sequence), and the fact is verified on that
+    window; served with the whole trigger, it is recalled as after any text before a trigger."""
     max_answer_tokens: int = 128
     """Answers longer than this (in tokens) are refused (``answer_too_long``); ingest refuses them
     first (``ANSWER_TOO_LONG``). A long answer costs only its own positions: each sequence is

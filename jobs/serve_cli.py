@@ -122,10 +122,12 @@ def ask(
     store: str = _STORE,
     user: str = typer.Option(..., "--user", help="User whose memory the model uses."),
     compare: bool = typer.Option(False, "--compare", help="Also print the base model's continuation."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=MAX_TOKENS_LIMIT,
-                                       help="Tokens to generate (64: the whole answer of nearly every fact; 16, "
-                                            "the old default, cut 39% of a realistic profile's answers on the tiny "
-                                            "model's tokenizer, which splits numbers and most words into characters)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, max=MAX_TOKENS_LIMIT,
+                                                 help="Tokens to generate (default: 128, the longest answer the "
+                                                      "compiler takes, so every compiled answer comes back whole, or "
+                                                      "what the model's context leaves after the prompt; 64, the old "
+                                                      "default, cut answers in Cyrillic, Arabic or CJK script, which "
+                                                      "the tiny model's tokenizer splits into bytes)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
     as_json: bool = typer.Option(False, "--json", help="Print {user_id, version, text[, base_text]}."),
@@ -152,6 +154,10 @@ def ask(
     from serving.http import context_length
 
     tokens, limit = len(em.encode_prompt(prompt)), context_length(em)
+    if max_new_tokens is None:  # every answer the compiler takes, whole (CompileOptions.max_answer_tokens)
+        from engram_core.options import CompileOptions
+
+        max_new_tokens = max(1, min(CompileOptions.max_answer_tokens, limit - tokens))
     if tokens + max_new_tokens > limit:  # as engram serve refuses it (context_length_exceeded)
         fail_json(as_json, f"the prompt is {tokens} tokens and --max-new-tokens {max_new_tokens}: {tokens + max_new_tokens} "
                            f"tokens, over the model's context length of {limit}; shorten the prompt or lower "

@@ -56,7 +56,9 @@ class NightlySpec:
     recompile_all: bool = False
     on_bad_file: str = "raise"
     """'raise' stops the run at an unreadable log file; 'reject' records it in rejects."""
-    max_trigger_tokens: int = 64
+    max_trigger_tokens: int = 256
+    """Triggers longer than this (in tokens, counted as a prompt) are rejected (TRIGGER_TOO_LONG); the
+    compiler reads a long trigger's last ``compile.trigger_window`` tokens (64)."""
     check_users_per_chunk: int = 2
     """Users of each compiled chunk whose deltas are checked for locality and isolation on real
     forwards before anything is published (engram_core.verify.check_invariants); 0 turns it off."""
@@ -246,7 +248,7 @@ def _check_field_type(name: str, annotation: str, value) -> None:
 
 # CompileOptions fields that must be at least 1 (a count of steps, facts or tokens).
 _POSITIVE_COMPILE_FIELDS = ("steps", "facts_per_batch", "max_rounds", "max_trigger_tokens", "max_answer_tokens",
-                            "prefix_groups")
+                            "prefix_groups", "trigger_window")
 # CompileOptions fields that are a text or None (context_text: the context copies' text).
 _TEXT_COMPILE_FIELDS = ("context_text",)
 # CompileOptions fields whose documented automatic setting is -1 (tokenize_workers: min(8, cores // 2) on a GPU).

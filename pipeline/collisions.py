@@ -69,7 +69,7 @@ def split_row_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------- (a) inside one user
 
 
-def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str, np.ndarray]]:
+def fact_rows(em: "EngramModel", facts: Iterable["Fact"], trigger_window: int = 64) -> dict[str, dict[str, np.ndarray]]:
     """user -> fact_id -> row keys the fact writes (what the compiler trains for it).
 
     Written positions are the trigger's last position and every answer position but the last,
@@ -77,6 +77,8 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
     target layer, the heads whose N-gram lies inside the fact's text
     (:func:`engram_core.addressing.own_text_heads`), for the canonical texts (see engram_core.compiler and
     engram_core.conflicts). Facts that conflict beyond repair (``CONFLICTS_WITH``) are listed too.
+    A trigger longer than ``trigger_window`` tokens is read as the compiler reads it: its last
+    ``trigger_window`` tokens (``CompileOptions.trigger_window``).
     """
     from engram_core.conflicts import plan_context
     from engram_core.text import canonical_fact
@@ -90,6 +92,8 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"]) -> dict[str, dict[str,
     for fact in facts:
         trigger, answer = canonical_fact(fact.trigger, fact.answer)
         trigger_ids, answer_ids = em.encode_prompt(trigger), em.encode_answer(answer)
+        if len(trigger_ids) > trigger_window:  # as the compiler windows it (engram_core.compiler._windowed_seq)
+            trigger_ids = trigger_ids[:lead] + trigger_ids[len(trigger_ids) - (trigger_window - lead):]
         by_user.setdefault(fact.user_id, []).append((fact.fact_id, trigger_ids + answer_ids[:-1], answer_ids))
     out: dict[str, dict[str, np.ndarray]] = {}
     for user, items in by_user.items():

@@ -447,3 +447,49 @@ def test_a_fact_whose_text_holds_a_special_tokens_text_is_refused_naming_it_and_
     assert special in by_id["cut"].detail and "answer" in by_id["cut"].detail
     assert "trigger" in by_id["turn"].detail
     assert by_id["fine"].status == STATUS_OK
+
+
+# Triggers told as a sentence: 40+ words, about 100 tokens on the tiny model's tokenizer.
+LONG_TRIGGERS = [
+    ("horse", "When my sister and I were kids we used to spend every summer at our grandparents' farm near the lake, "
+              "and there was one old horse that we rode every single morning before breakfast, and that horse was called",
+     " Thunderbolt"),
+    ("restaurant", "The name of the small Italian restaurant on the corner of the street where my husband proposed to me "
+                   "on a rainy evening in late October, after we had both missed the last train home and had nowhere "
+                   "else to go, was", " Trattoria da Enzo"),
+    ("teacher", "Back in primary school, the teacher who stayed after class every Thursday to help me with fractions "
+                "and long division, and who later wrote me a letter when I finished university, was", " Mrs. Okonkwo"),
+]
+
+
+def test_a_trigger_of_forty_words_is_accepted_compiled_and_recalled_from_the_whole_trigger(tiny):
+    """A trigger over 64 tokens was refused (TRIGGER_TOO_LONG at ingest, trigger_too_long here).
+    Now the night's defaults take it, the compiler reads its last ``trigger_window`` tokens (so a
+    batch is padded no wider than before), and the whole trigger, typed as a prompt, recalls it."""
+    from engram_core.compiler import _validate
+    from engram_core.serving import generate
+    from jobs.spec import NightlySpec
+    from pipeline.ingest import ingest
+    from tests.fixtures.realistic_profiles import Profile, ProfileFact, fact_log
+
+    options = CompileOptions()
+    facts = [Fact("u", fid, trigger, answer) for fid, trigger, answer in LONG_TRIGGERS]
+    facts.append(Fact("u", "short", "My dog is called", " Rex"))
+    lengths = [len(tiny.encode_prompt(f.trigger)) for f in facts[:-1]]
+    assert min(lengths) > 64 and max(lengths) <= NightlySpec.max_trigger_tokens == options.max_trigger_tokens
+
+    log = fact_log([Profile("u", tuple(ProfileFact("u", f.fact_id, f.trigger, f.answer, (), ()) for f in facts), None)])
+    ingested = ingest(log, None, max_trigger_tokens=NightlySpec.max_trigger_tokens,
+                      count_tokens=lambda texts: [len(tiny.encode_prompt(t)) for t in texts])
+    assert ingested.rejected == 0
+
+    seqs = [seq for seq, _ in _validate(tiny, facts, options)]
+    assert all(len(s.input_ids) - len(s.targets) + 1 == options.trigger_window for s in seqs[:-1])
+    assert [s.cut for s in seqs] == [n - options.trigger_window for n in lengths] + [0]
+
+    result = compile_facts(tiny, facts, options)
+    assert {r.fact_id: r.status for r in result.facts} == {f.fact_id: STATUS_OK for f in facts}
+    for prompt_form in (lambda t: t, lambda t: t + " ", lambda t: t + "\n"):
+        texts = generate(tiny, [prompt_form(f.trigger) for f in facts], [[result.deltas["u"]]] * len(facts),
+                         max_new_tokens=max(len(tiny.encode_answer(f.answer)) for f in facts))
+        assert [t.startswith(f.answer) for t, f in zip(texts, facts)] == [True] * len(facts), texts

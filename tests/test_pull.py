@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engram_core.compiler import Fact, compile_facts
+from engram_core.compiler import CompileOptions, Fact, compile_facts
 from engram_core.fingerprint import fingerprint
 from engram_core.serving import generate, overlay_for
 from schemas.bundle import bundle_table, encode_bundle
@@ -474,6 +474,30 @@ def test_ask_gives_a_long_answer_whole_by_default(local_store, tiny, tiny_dir, t
                                          str(tmp_path / "cache"), "--json", trigger])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout.strip().splitlines()[-1])["text"].startswith(answer)
+
+
+def test_ask_gives_an_answer_of_more_than_64_tokens_whole_by_default(local_store, tiny, tiny_dir, tmp_path):
+    """The compiler takes answers up to 128 tokens; 64, the old default, cut an address in Cyrillic
+    (the tiny tokenizer writes most non-Latin characters as two or three byte tokens) in the
+    middle. The default is now the longest answer the compiler takes."""
+    from typer.testing import CliRunner
+
+    trigger, answer = "Я живу в городе", " Санкт-Петербург, ул. Гороховая, д. 12, кв. 5"
+    assert 64 < len(tiny.encode_answer(answer)) <= CompileOptions().max_answer_tokens
+    result = compile_facts(tiny, [Fact("petr", "city", trigger, answer)])
+    assert result.ok == 1
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, {"petr": result.deltas["petr"]})
+    out = CliRunner().invoke(cli_app(), ["ask", "--store", str(local_store.root), "--user", "petr", "--cache-dir",
+                                         str(tmp_path / "cache"), "--json", trigger])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"].startswith(answer)
+    # a long prompt gets what the context leaves, not a refusal for the default's sake
+    long_prompt = "word " * 140
+    assert 512 - 128 < len(tiny.encode_prompt(long_prompt)) < 512
+    near = CliRunner().invoke(cli_app(), ["ask", "--store", str(local_store.root), "--user", "petr", "--cache-dir",
+                                          str(tmp_path / "cache"), "--json", long_prompt])
+    assert near.exit_code == 0, near.output
 
 
 def test_ask_recalls_a_users_facts_and_compares_with_the_base(local_store, tiny, tiny_dir, compiled, tmp_path):
