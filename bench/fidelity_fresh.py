@@ -422,45 +422,30 @@ def run_night(workdir: Path, model: Path, night: int, as_json: bool) -> dict:
     return report
 
 
-def rejects(workdir: Path) -> list[dict]:
-    import duckdb  # noqa: F401  (engram stats' engine)
-
-    cmd = [sys.executable, "-m", "jobs.cli", "stats", "--store", str(workdir / "store"), "--json",
-           "select version, user_id, fact_id, reason, detail from rejects"]
+def _stats(workdir: Path, sql: str) -> list[dict]:
+    """Rows of ``engram stats --json SQL`` on the run's store."""
+    cmd = [sys.executable, "-m", "jobs.cli", "stats", "--store", str(workdir / "store"), "--json", sql]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     out = json.loads(done.stdout)
     return out.get("rows", out) if isinstance(out, dict) else out
+
+
+def rejects(workdir: Path) -> list[dict]:
+    return _stats(workdir, "select version, user_id, fact_id, reason, detail from rejects")
 
 
 def statuses(workdir: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "jobs.cli", "stats", "--store", str(workdir / "store"), "--json",
-           "select user_id, fact_id, status, detail from facts where version = (select max(version) from facts) "
-           "and status not in ('ok', 'low_margin')"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    out = json.loads(done.stdout)
-    return out.get("rows", out) if isinstance(out, dict) else out
+    return _stats(workdir, "select user_id, fact_id, status, detail from facts where version = "
+                           "(select max(version) from facts) and status not in ('ok', 'low_margin')")
 
 
 def _generate_ids(em, prompt_ids: list[list[int]], deltas: list[list], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token-id prompts with per-sequence deltas (the path of
-    engram_core.serving.generate_with_overlay, for prompts a chat template rendered)."""
-    import torch
+    """Greedy continuations of token-id prompts with per-sequence deltas (the serving path, for
+    prompts a chat template rendered)."""
+    from engram_core.serving import generate_ids, overlay_for
 
-    from engram_core.serving import overlay_for
-
-    T = max(len(e) for e in prompt_ids)
-    pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(prompt_ids), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), T), dtype=torch.long)
-    for b, e in enumerate(prompt_ids):
-        ids[b, T - len(e):] = torch.as_tensor(e)
-        mask[b, T - len(e):] = 1
-    with torch.no_grad(), em.memory.use(overlay_for(em, deltas)):
-        out = em.model.generate(input_ids=ids.to(em.device), attention_mask=mask.to(em.device),
-                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return [em.tokenizer.decode(t, skip_special_tokens=True) for t in out[:, T:]]
+    return generate_ids(em, prompt_ids, overlay_for(em, deltas), max_new_tokens)
 
 
 def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: bool) -> dict:

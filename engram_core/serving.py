@@ -139,7 +139,14 @@ def generate_with_overlay(em: EngramModel, prompts: Sequence[str], overlay: RowM
     Each prompt is read in canonical form (:func:`engram_core.text.canonical_prompt`: NFC, no
     invisible characters, no surrounding whitespace), the form facts are compiled in; a prompt
     that canonicalises to nothing is used as given."""
-    encoded = [em.encode_prompt(canonical_prompt(p) or p) for p in prompts]
+    return generate_ids(em, [em.encode_prompt(canonical_prompt(p) or p) for p in prompts], overlay, max_new_tokens)
+
+
+@torch.no_grad()
+def generate_ids(em: EngramModel, encoded: Sequence[Sequence[int]], overlay: RowMapOverlay | None,
+                 max_new_tokens: int = 16) -> list[str]:
+    """Greedy continuations of prompts given as token ids (e.g. a chat template's rendering), left
+    padded into one batch, with a prebuilt overlay (row b of it serves prompt b)."""
     T = max(len(e) for e in encoded)
     pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(encoded), T), pad, dtype=torch.long)
