@@ -1045,3 +1045,30 @@ def test_rollback_names_the_log_files_the_next_night_reads_again(tmp_path, tiny_
     bad.rename(tmp_path / "quarantined.parquet")
     again = run_nightly(spec)
     assert not again.published and again.version == before
+
+
+def test_a_night_on_a_version_another_tool_published_fails_naming_it_and_the_rollback(tmp_path, tiny_dir, tiny,
+                                                                                      local_store):
+    """A version whose watermark is not a night's JSON (published through the library by another
+    tool, or a damaged manifest) cannot tell a night which log files it holds: the night fails
+    before reading anything, naming the version and the fix (was a bare JSONDecodeError), and a
+    rollback to it still names no file to read again rather than failing."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from tests.harness import publish_deltas
+
+    write_fact_log(fact_log_rows(4, 2), tmp_path / "log" / "day=1" / "part-0.parquet")
+    first = run_nightly(_nightly_spec(tmp_path, local_store, tiny_dir))
+    assert first.published
+    other = publish_deltas(local_store, tiny, {}, num_shards=2, job_id="other-tool")  # watermark "w2-other-tool"
+    out = CliRunner().invoke(app, ["run", "nightly", "--store", local_store.uri, "--fact-log", str(tmp_path / "log"),
+                                   "--model", str(tiny_dir), "--workers", "0", "--json"])
+    assert out.exit_code == 1, out.output
+    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    assert f"version {other.version}'s watermark is not a night's ('w2-other-tool')" in error
+    assert "engram rollback --to N" in error
+    out = CliRunner().invoke(app, ["rollback", "--store", local_store.uri, "--to", str(first.version), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["reread_files"] == []
+    assert run_nightly(_nightly_spec(tmp_path, local_store, tiny_dir)).version == first.version  # nothing new

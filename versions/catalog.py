@@ -307,7 +307,20 @@ def known_forgets(store: ObjectStore) -> set[str]:
 
 def read_watermark(manifest: Manifest | None) -> dict:
     """A version's watermark (``{"files": {path: identity}, "max_event_time": ...}``): what a night
-    on top of it has already ingested; empty for no version or one without a watermark."""
+    on top of it has already ingested; empty for no version or one without a watermark.
+
+    Raises IntegrityError naming the version when the watermark is not a night's JSON object (a
+    version published by another tool, or a damaged manifest)."""
     if manifest is None or not manifest.watermark:
         return {"files": {}, "max_event_time": None}
-    return json.loads(manifest.watermark)
+    try:
+        watermark = json.loads(manifest.watermark)
+    except ValueError:
+        watermark = None
+    if not isinstance(watermark, dict) or not isinstance(watermark.setdefault("files", {}), dict):
+        raise IntegrityError(
+            f"version {manifest.version}'s watermark is not a night's ({manifest.watermark[:60]!r}): the version was "
+            "published by another tool, or its manifest is damaged, and a night on top of it cannot tell which log "
+            "files are already in it. Roll back to a version a night published (engram versions, then engram "
+            "rollback --to N)")
+    return watermark

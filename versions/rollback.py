@@ -16,7 +16,7 @@ from versions.catalog import (
     read_watermark,
 )
 from versions.commit import commit
-from versions.errors import PublishError, UnknownVersion
+from versions.errors import IntegrityError, PublishError, UnknownVersion
 from versions.layout import CURRENT_KEY
 from versions.store import ObjectNotFound, ObjectStore
 
@@ -34,7 +34,7 @@ def files_read_again(before: Manifest | None, target: Manifest) -> list[str]:
     def files(manifest: Manifest | None) -> dict:
         try:
             return dict(read_watermark(manifest).get("files") or {})
-        except (ValueError, AttributeError, TypeError):  # a damaged watermark: no file to name
+        except IntegrityError:  # a watermark that is not a night's: no file to name
             return {}
 
     kept = files(target)
