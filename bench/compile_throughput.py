@@ -29,6 +29,13 @@ facts one at a time through ``generate``-style decoding.
     python bench/compile_throughput.py --preset d768 --facts 200000 --batch 16384 --device cuda --json
     python bench/compile_throughput.py --preset d768 --workload random templated --dedupe-prefixes on off --json
     python bench/compile_throughput.py --dry-run
+    python bench/compile_throughput.py --preset d768 --facts 524288 --batch 65536 --compiled-step on --processes 2 --json
+
+``--processes N`` runs N processes on the one device, each compiling its own users' share of the
+facts (as N nightly compile actors on one GPU with ``gpus_per_worker: 1/N``); each warms up, all
+start the timed compile together (a file barrier), and the rate is all facts over the time from
+the first start to the last end. The GPU's idle time while one process does host work (batch
+layout, tokenizing, assembly) is filled by another's kernels.
 
 No asserts on time: results go to bench/RESULTS.md by hand, with date and device.
 """
@@ -39,7 +46,9 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -348,6 +357,67 @@ def deltas_digest(deltas) -> str:
     return digest.hexdigest()[:16]
 
 
+def member_share(facts: list[Fact], index: int, members: int) -> list[Fact]:
+    """The facts of member ``index`` of ``members`` processes: a contiguous share of the users
+    (every fact of a user in one member, as a night's chunks keep a user's facts together)."""
+    users = list(dict.fromkeys(f.user_id for f in facts))
+    mine = set(users[len(users) * index // members: len(users) * (index + 1) // members])
+    return [f for f in facts if f.user_id in mine]
+
+
+def barrier(directory: str, name: str, index: int, members: int, timeout_s: float = 1800.0) -> float:
+    """Wait until all ``members`` processes reached ``name`` (a file each in ``directory``);
+    returns the wall clock (``time.time()``) when this one got through."""
+    Path(directory, f"{name}.{index}").touch()
+    deadline = time.monotonic() + timeout_s
+    while sum(Path(directory, f"{name}.{i}").exists() for i in range(members)) < members:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"barrier {name!r}: not every one of {members} processes arrived in {timeout_s:.0f} s")
+        time.sleep(0.005)
+    return time.time()
+
+
+def run_members(argv: list[str], members: int) -> dict:
+    """Run this benchmark as ``members`` processes on one device (``--processes``) and combine
+    their runs, variant by variant: facts summed, seconds from the first start to the last end,
+    recall and retries over all facts, peak GPU memory summed."""
+    with tempfile.TemporaryDirectory() as sync:
+        children = [subprocess.Popen([sys.executable, __file__, *argv, "--member", f"{i}/{members}", "--barrier-dir", sync,
+                                      "--json"], stdout=subprocess.PIPE, text=True) for i in range(members)]
+        outputs = [child.communicate()[0] for child in children]
+    for i, (child, text) in enumerate(zip(children, outputs)):
+        if child.returncode != 0:
+            raise SystemExit(f"--processes: member {i} exited {child.returncode} (its stderr is above)")
+    parts = [json.loads(text) for text in outputs]
+    out = dict(parts[0], processes=members)
+    runs = []
+    for variant in zip(*(p["runs"] for p in parts)):
+        errors = [r for r in variant if "error" in r]
+        if errors:
+            runs.append(errors[0])
+            continue
+        facts = sum(r["facts"] for r in variant)
+        seconds = max(r["end_unix"] for r in variant) - min(r["start_unix"] for r in variant)
+        run = dict(variant[0])
+        for key in ("start_unix", "end_unix", "deltas_sha256", "phases_s", "seconds", "warm_up_s"):
+            run.pop(key, None)
+        run.update(
+            processes=members, facts=facts, seconds=round(seconds, 3), facts_per_s=round(facts / seconds, 1),
+            recall=sum(r["recall"] * r["facts"] for r in variant) / facts,
+            greedy_checked=sum(r["greedy_checked"] for r in variant), greedy_ok=sum(r["greedy_ok"] for r in variant),
+            retried_facts=sum(r["retried_facts"] for r in variant),
+            peak_gpu_gib=None if variant[0]["peak_gpu_gib"] is None else round(sum(r["peak_gpu_gib"] for r in variant), 2),
+            members=[{k: r[k] for k in ("facts", "seconds", "facts_per_s", "phases_s", "warm_up_s", "deltas_sha256", "peak_gpu_gib")}
+                     for r in variant],
+        )
+        run["achieved_tflops"] = round(run["gflop_per_fact"] * 1e9 * run["facts_per_s"] / 1e12, 1)
+        if "ceiling_facts_per_s" in run:
+            run["fraction_of_ceiling"] = round(run["facts_per_s"] / run["ceiling_facts_per_s"], 3)
+        runs.append(run)
+    out["runs"] = runs
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="tiny")
@@ -404,8 +474,34 @@ def main() -> None:
                          "3-grams; 9 is the order new tiny checkpoints get since issue 17)")
     ap.add_argument("--min-margin", type=float, nargs="+", default=[CompileOptions.min_margin],
                     help="CompileOptions.min_margin (several: a sweep)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="this many processes on the one device, each compiling its share of the users; the rate is "
+                         "all facts over the time from the first start to the last end (as nightly actors sharing a GPU)")
+    ap.add_argument("--member", default=None, help=argparse.SUPPRESS)  # "i/N": one of --processes N (internal)
+    ap.add_argument("--barrier-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.processes < 1:
+        ap.error(f"--processes must be 1 or more, got {args.processes}")
+    if args.processes > 1 and not args.dry_run:
+        argv, skip = [], False
+        for word in sys.argv[1:]:  # this argv less --processes N (or --processes=N)
+            if skip or word.startswith("--processes="):
+                skip = False
+                continue
+            skip = word == "--processes"
+            if not skip:
+                argv.append(word)
+        combined = run_members(argv, args.processes)
+        if args.json:
+            print(json.dumps(combined))
+        for run in combined["runs"] if not args.json else []:
+            print(f"{combined['preset']} x {args.processes} processes {run.get('workload')} batch {run.get('facts_per_batch')}: "
+                  + (run["error"] if "error" in run else
+                     f"{run['facts_per_s']} facts/s, recall {run['recall']:.4f}, greedy {run['greedy_ok']}/{run['greedy_checked']}, "
+                     f"peak {run['peak_gpu_gib']} GiB (summed), per member {[m['facts_per_s'] for m in run['members']]}"))
+        return
+    member, members = (int(x) for x in args.member.split("/")) if args.member else (0, 1)
     if args.dry_run:
         presets = describe_presets(args.steps[0], args.peak_tflops or PEAK_TFLOPS)
         if args.json:
@@ -450,8 +546,8 @@ def main() -> None:
 
         em = model(args.attn[0])
         build_s = time.perf_counter() - t0
-        workloads = {w: make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0, workload=w,
-                                   templates=args.templates) for w in args.workload}
+        workloads = {w: member_share(make_facts(em, args.facts, trigger_words, args.facts_per_user, seed=0, workload=w,
+                                                templates=args.templates), member, members) for w in args.workload}
         trigger_tokens = len(em.encode_prompt(next(iter(workloads.values()))[0].trigger))
         runs = []
         variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st) for a in args.attn for w in args.workload
@@ -461,8 +557,8 @@ def main() -> None:
                     for si in args.switch_interval for pk in args.prefix_kernel for tw in args.tokenize_workers
                     for fn in args.fused_ops for mm in args.min_margin for st in args.steps]
         default_interval = sys.getswitchinterval()
-        for attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers, norms, \
-                margin, steps in variants:
+        for number, (attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers,
+                     norms, margin, steps) in enumerate(variants):
             sys.setswitchinterval(interval or default_interval)
             em = model(attn)
             facts = workloads[workload]
@@ -479,6 +575,7 @@ def main() -> None:
             if args.device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            start_unix = barrier(args.barrier_dir, f"start{number}", member, members) if args.barrier_dir else time.time()
             start = time.perf_counter()
             try:
                 result = compile_facts(em, facts, opts)
@@ -487,11 +584,16 @@ def main() -> None:
                              "error": str(error).splitlines()[0]})
                 print(f"batch {batch}: out of memory", file=sys.stderr)
                 torch.cuda.empty_cache()
+                if args.barrier_dir:
+                    barrier(args.barrier_dir, f"end{number}", member, members)
                 continue
             if args.device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            checked = facts[: args.greedy_check]
+            end_unix = time.time()
+            if args.barrier_dir:  # the others' timed compile is not slowed by this one's checks or next warm-up
+                barrier(args.barrier_dir, f"end{number}", member, members)
+            checked = facts[: args.greedy_check // members]
             greedy_ok = sum(
                 greedy_tokens(em, f.trigger, len(em.encode_answer(f.answer)), [result.deltas[f.user_id]])
                 == em.encode_answer(f.answer) for f in checked
@@ -508,6 +610,7 @@ def main() -> None:
                 "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
                 "warm_up_s": round(warm_up_s, 1), "lr": round(effective_lr(em, opts), 4),
+                "start_unix": start_unix, "end_unix": end_unix,
                 "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
