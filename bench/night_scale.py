@@ -233,7 +233,7 @@ def main() -> None:
                     help="fraction of users changing one fact in each night after the first (0: night 1 only)")
     ap.add_argument("--nights", type=int, default=2, help="nights in all (each after the first: another random FRACTION)")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of the Ray cluster (one compile actor each)")
-    ap.add_argument("--workers", type=int, default=None, help="compile actors (default: GPUs, or 2 on CPU)")
+    ap.add_argument("--workers", type=int, default=None, help="compile actors (default: GPUs, or 2 on CPU); more than --gpus: actors share the GPUs (the spec's gpus_per_worker = GPUs / workers)")
     ap.add_argument("--model", choices=["tiny", "d768"], default="tiny")
     ap.add_argument("--shards", type=int, default=64)
     ap.add_argument("--files", type=int, default=None, help="log files of night 1 (default: one per 50,000 facts)")
@@ -283,7 +283,7 @@ def main() -> None:
     spec = {"store": str(root / "store"), "fact_log": str(root / "log"), "model": str(root / "model"),
             "num_shards": args.shards, "workers": workers, "batches_per_chunk": batches_per_chunk,
             "min_chunks": args.min_chunks or workers, "apply_in_flight": args.apply_in_flight,
-            "gpus_per_worker": 1 if gpu else 0,
+            "gpus_per_worker": min(1.0, args.gpus / workers) if gpu else 0,  # more workers than GPUs: actors share them
             "compile": {"facts_per_batch": facts_per_batch, **dict(_override(o) for o in args.compile)}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     pull_log = root / "pull-access.log"
