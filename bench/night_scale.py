@@ -233,7 +233,8 @@ def main() -> None:
                     help="fraction of users changing one fact in each night after the first (0: night 1 only)")
     ap.add_argument("--nights", type=int, default=2, help="nights in all (each after the first: another random FRACTION)")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of the Ray cluster (one compile actor each)")
-    ap.add_argument("--workers", type=int, default=None, help="compile actors (default: GPUs, or 2 on CPU); more than --gpus: actors share the GPUs (the spec's gpus_per_worker = GPUs / workers)")
+    ap.add_argument("--workers", type=int, default=None, help="compile actors (default: GPUs, or 2 on CPU); more than --gpus: actors share the GPUs "
+                         "(the spec's gpus_per_worker = GPUs / workers)")
     ap.add_argument("--model", choices=["tiny", "d768"], default="tiny")
     ap.add_argument("--shards", type=int, default=64)
     ap.add_argument("--files", type=int, default=None, help="log files of night 1 (default: one per 50,000 facts)")
