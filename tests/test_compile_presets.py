@@ -87,3 +87,28 @@ def test_the_random_workload_of_d768_is_the_one_of_earlier_runs(bench):
     for f in templated:
         per_user.setdefault(f.user_id, []).append(f.trigger)
     assert len({f.trigger for f in templated}) == 8 and all(len(set(t)) == 4 for t in per_user.values())
+
+
+def test_members_of_a_multi_process_run_split_the_users_and_their_rate_is_over_the_union(bench, tmp_path):
+    """``--processes N``: each member compiles a contiguous share of whole users (none shared,
+    none left out), and the combined run counts every fact over the time from the first member's
+    start to the last one's end (a real 2-process run of the tiny preset)."""
+    import json
+    import subprocess
+
+    from engram_core.compiler import Fact
+
+    facts = [Fact(f"u{u}", f"f{k}", f"t{u} {k}", " a") for u in range(7) for k in range(3)]
+    shares = [bench.member_share(facts, i, 3) for i in range(3)]
+    assert sorted(id(f) for share in shares for f in share) == sorted(map(id, facts))
+    assert all({f.user_id for f in a}.isdisjoint(f.user_id for f in b) for a in shares for b in shares if a is not b)
+    assert [len(s) for s in shares] == [6, 6, 9]
+
+    out = subprocess.run([sys.executable, str(BENCH), "--preset", "tiny", "--facts", "40", "--facts-per-user", "4",
+                          "--batch", "20", "--processes", "2", "--greedy-check", "4", "--json"],
+                         capture_output=True, text=True, timeout=600, check=True)
+    run = json.loads(out.stdout)["runs"][0]
+    assert run["processes"] == 2 and run["facts"] == 40 and [m["facts"] for m in run["members"]] == [20, 20]
+    assert run["recall"] == 1.0 and run["greedy_checked"] == 4 and run["greedy_ok"] == 4
+    assert run["seconds"] >= max(m["seconds"] for m in run["members"]) - 0.05
+    assert run["facts_per_s"] == round(40 / run["seconds"], 1)
