@@ -753,6 +753,12 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             _warn_float_text_ids(columns[name], name, source)
         if name in table.column_names and not isinstance(table.column(name).type, _UUID_TYPE):
             _warn_uuid_text_ids(columns[name], name, source)
+    for name in _ID_COLUMNS + _TEXT_COLUMNS:
+        kind = table.column(name).type if name in table.column_names else pa.null()
+        if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
+            logger.warning("fact log %s: column %r is %s without Parquet's UUID annotation: read as UUIDs (lowercase "
+                           "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
+                           source, name, kind)
     columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
@@ -851,6 +857,13 @@ def _magnitude(value: float) -> str:
 
 
 _UUID_TYPE = getattr(pa, "UuidType", ())  # pyarrow >= 18
+
+
+def _raw_uuid(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is how a UUID is stored: 16 fixed bytes (Parquet's UUID type is exactly this,
+    and writers without that annotation, such as parquet-avro's ``fixed(16)`` UUIDs, Python's
+    ``uuid.bytes`` in ``pa.binary(16)`` and older pyarrow, write the same bytes without it)."""
+    return pa.types.is_fixed_size_binary(kind) and kind.byte_width == 16
 # Parquet's UUID logical type read as arrow.uuid (the default where the option exists; asked for
 # explicitly so that an id column of UUIDs is never read as raw 16-byte binary).
 _EXTENSIONS = ({"arrow_extensions_enabled": True}
@@ -873,7 +886,9 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
     if pa.types.is_null(kind) or pa.types.is_integer(kind):
         return column.cast(pa.string())
     if isinstance(kind, _UUID_TYPE) and name in _ID_COLUMNS + _TEXT_COLUMNS:  # DuckDB, Postgres, Spark: Parquet UUID
-        return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.storage.to_pylist()],
+        column, kind = pa.chunked_array([chunk.storage for chunk in column.chunks], kind.storage_type), kind.storage_type
+    if _raw_uuid(kind) and name in _ID_COLUMNS + _TEXT_COLUMNS:  # also 16 bytes without the UUID annotation
+        return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.to_pylist()],
                                           pa.string()) for chunk in column.chunks], pa.string())
     if pa.types.is_decimal(kind) and name in _ID_COLUMNS:  # Snowflake and Oracle NUMBER(p, 0) ids
         if kind.scale != 0:

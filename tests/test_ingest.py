@@ -184,6 +184,33 @@ def test_text_ids_that_are_uuids_in_another_form_are_read_as_written_with_one_wa
     assert any("braces.parquet" in w and "export the ids in one form" in w for w in warnings)
 
 
+@pytest.mark.parametrize("kind", ["fixed_size_binary", "dictionary"])
+@pytest.mark.parametrize("column", ["user_id", "fact_id", "scope", "answer"])
+def test_uuid_bytes_without_the_uuid_annotation_read_as_a_uuid_column_does(column, kind, tmp_path, caplog):
+    """16 fixed bytes are how Parquet stores a UUID; parquet-avro's fixed(16) UUIDs, Python's
+    ``uuid.bytes`` in ``pa.binary(16)`` and pyarrow before 18 write them without the UUID
+    annotation. Every such row was rejected (the bytes read as text: control characters or not
+    UTF-8); they read as the UUID-typed export of the same rows does (one user, one fact: its copy
+    is a DUPLICATE), with one warning naming the file and the column."""
+    values = [bytes(range(16)), bytes(range(16, 32))]
+    texts = ["00010203-0405-0607-0809-0a0b0c0d0e0f", "10111213-1415-1617-1819-1a1b1c1d1e1f"]
+    raw = pa.array(values, pa.binary(16))
+    arrays = {"typed": pa.ExtensionArray.from_storage(pa.uuid(), raw),
+              "raw": raw.dictionary_encode() if kind == "dictionary" else raw}
+    for name, array in arrays.items():
+        rows = table({"fact_id": "a"}, {"fact_id": "b"})
+        pq.write_table(rows.set_column(rows.schema.get_field_index(column), column, array), tmp_path / f"{name}.parquet")
+    assert pa.types.is_fixed_size_binary(pq.read_schema(tmp_path / "raw.parquet").field(column).type)
+    with caplog.at_level("WARNING"):
+        batch = read_fact_log(str(tmp_path))
+    assert batch.rows.column(column).to_pylist() == texts + texts
+    result = run(batch)
+    assert [(Path(r["source"]).name, r["reason"]) for r in result.rejects.to_pylist()] == [("typed.parquet", "DUPLICATE")] * 2
+    assert result.accepted == 2
+    [warning] = [r.getMessage() for r in caplog.records if "without Parquet's UUID annotation" in r.getMessage()]
+    assert "raw.parquet" in warning and repr(column) in warning and "read as UUIDs" in warning
+
+
 @pytest.mark.parametrize("case", [c for c in FILE_CASES if not c.expected], ids=lambda c: c.name)
 def test_schema_drift_that_loses_nothing_is_read(case, tmp_path):
     path = write_file_case(case, tmp_path)
