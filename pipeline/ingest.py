@@ -1065,20 +1065,37 @@ _UTC_SUFFIX = re.compile(r"\s*(?:Z|UTC|GMT)$", re.IGNORECASE)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+# RFC 9557 suffixes: a time zone name and other annotations in brackets after the offset, as Java's
+# ZonedDateTime.toString() and JavaScript's Temporal write them ("2026-11-20T09:00+01:00[Europe/Paris]").
+_ANNOTATIONS = re.compile(r"(?:\[[^\[\]]*\])+$")
+_OFFSET = re.compile(r"(?::\d\d|T\d{2,6})(?:[.,]\d+)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$", re.IGNORECASE)  # after a time
+
+
 def _parse_times(texts: pa.ChunkedArray, problems: list) -> list[int | None]:
     micros = []
     for row, text in enumerate(texts.to_pylist()):
         micros.append(None if text is None else _parse_time_micros(text))
         if text is not None and micros[-1] is None:
+            annotated = _ANNOTATIONS.search(text.strip())
+            why = (" (a zone name in brackets needs the UTC offset before it, as Java's ZonedDateTime writes it: "
+                   "2026-11-20T09:00:00+01:00[Europe/Paris])" if annotated else "")
             _note(problems, row, F.BAD_EVENT_TIME,
-                  f"event_time {text[:64]!r} is not an ISO-8601 timestamp (write e.g. 2026-11-20T08:00:00Z)")
+                  f"event_time {text[:64]!r} is not an ISO-8601 timestamp{why} (write e.g. 2026-11-20T08:00:00Z)")
     return micros
 
 
 def _parse_time_micros(text: str) -> int | None:
     """Microseconds since the epoch of an ISO-8601 time ('Z', '+hh:mm' or ' UTC'; no zone: UTC;
-    digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?)."""
-    cleaned = _UTC_SUFFIX.sub("+00:00", text.strip())
+    digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?). RFC 9557
+    annotations after an offset (``+01:00[Europe/Paris]``, ``Z[UTC]``) are dropped: the offset
+    gives the instant; a zone name without an offset is refused (None): the offset is not known
+    in a daylight-saving change's repeated hour."""
+    cleaned = text.strip()
+    if annotated := _ANNOTATIONS.search(cleaned):
+        cleaned = cleaned[:annotated.start()]
+        if not _OFFSET.search(cleaned):
+            return None
+    cleaned = _UTC_SUFFIX.sub("+00:00", cleaned)
     cleaned = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], cleaned, count=1)
     if cleaned.lstrip("+-").isdigit():
         return None

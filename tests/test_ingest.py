@@ -382,6 +382,24 @@ def test_event_times_duckdb_wrote_as_date_and_timestamptz_are_read(tmp_path):
         "date": datetime(2026, 11, 20, tzinfo=timezone.utc), "timestamptz": T0}
 
 
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_event_time_text_with_a_bracketed_zone_as_java_writes_it_is_read_by_its_offset(on_bad_file, tmp_path):
+    """Java's ZonedDateTime.toString() and JavaScript's Temporal write RFC 9557 text: the offset,
+    then the zone's name in brackets. Every such row was rejected (BAD_EVENT_TIME); the offset gives
+    the instant. A zone name without an offset costs its row, saying the offset is needed."""
+    texts = ["2026-11-20T08:00Z[UTC]", "2026-11-20T09:00:00+01:00[Europe/Paris]",
+             "2026-11-20T03:00:00.000-05:00[America/New_York][u-ca=iso8601]", "2026-11-20T08:00:00z[Etc/UTC]",
+             "2026-11-20T09:00:00[Europe/Paris]", "2026-11-20[Europe/Paris]"]
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    pq.write_table(raw.set_column(5, "event_time", pa.array(texts)), tmp_path / "java.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert {r["fact_id"]: r["event_time"] for r in result.state.to_pylist()} == {f"f{i}": T0 for i in range(4)}
+    rejects = {r["fact_id"]: (r["reason"], r["detail"]) for r in result.rejects.to_pylist()}
+    assert set(rejects) == {"f4", "f5"}
+    for reason, detail in rejects.values():
+        assert reason == "BAD_EVENT_TIME" and "a zone name in brackets needs the UTC offset before it" in detail
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
