@@ -918,6 +918,18 @@ _NESTED_KINDS = (pa.types.is_struct, pa.types.is_list, pa.types.is_large_list, p
 _JSON_TYPE = getattr(pa, "JsonType", ())  # pyarrow >= 19: Parquet's JSON logical type (DuckDB's JSON columns)
 
 
+def _is_variant(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is Parquet's VARIANT as this pyarrow reads it: an extension named so, or its
+    storage, a struct of the binary ``metadata`` and ``value`` (and, shredded, ``typed_value``)."""
+    if isinstance(kind, pa.BaseExtensionType):
+        return "variant" in kind.extension_name.lower()
+    if not pa.types.is_struct(kind):
+        return False
+    names = {kind.field(i).name for i in range(kind.num_fields)}
+    return {"metadata", "value"} <= names <= {"metadata", "value", "typed_value"} and pa.types.is_binary(
+        kind.field("metadata").type)
+
+
 def _not_text(name: str, kind: pa.DataType) -> str:
     """Why a column of ``kind`` cannot be read as the text column ``name``, naming the fix."""
     fix = (f"export {name} as a string column holding the exact text to recall" if name in _TEXT_COLUMNS
@@ -925,6 +937,9 @@ def _not_text(name: str, kind: pa.DataType) -> str:
     if isinstance(kind, _JSON_TYPE):
         return (f"column {name!r} is JSON ({kind}): JSON documents, not text; {fix} (DuckDB: {name}->>'$' gives "
                 "a JSON string's text without its quotes)")
+    if _is_variant(kind):
+        return (f"column {name!r} is a Parquet VARIANT (read as {kind}): semi-structured values (DuckDB's and Spark's "
+                f"VARIANT), not text; {fix} (DuckDB: {name}::VARCHAR)")
     if any(is_kind(kind) for is_kind in _NESTED_KINDS):
         return f"column {name!r} is {kind}: a nested type (struct, list, map, union), not text; {fix}"
     if pa.types.is_temporal(kind):

@@ -661,6 +661,7 @@ def test_a_nested_trigger_or_answer_column_refuses_the_file_naming_the_column_it
     ("STRUCT", "{'pet': 'Rex'}", "is struct<pet: string>: a nested type"),
     ("LIST", "['Rex']", "is list<element: string>: a nested type"),
     ("MAP", "MAP {'pet': 'Rex'}", "is map<string, string"),
+    ("VARIANT", "'Rex'::VARIANT", "is a Parquet VARIANT (read as struct<metadata: binary not null, value: binary"),
 ])
 def test_a_json_or_nested_answer_written_by_duckdb_refuses_the_file_naming_the_fix(sql_type, value, shown, tmp_path):
     import duckdb
