@@ -873,8 +873,10 @@ _EXTENSIONS = ({"arrow_extensions_enabled": True}
 def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
     """Any string-like column (string, large_string, string_view, binary, dictionary of these,
     integers; in trigger and answer also floats, booleans and decimals: :func:`_scalars_as_text`)
-    -> string; a value that is not valid UTF-8 becomes null with a problem. Other types (nested,
-    JSON, times) raise SchemaMismatch naming the column, its type and the fix.
+    -> string; a value that is not valid UTF-8 becomes null with a problem. In ids, trigger and
+    answer a UUID (Parquet's UUID type, or 16 fixed bytes without it) reads as lowercase hyphenated
+    text. Other types (nested, JSON, VARIANT, times) raise SchemaMismatch naming the column, its
+    type and the fix.
 
     Writers that do not validate (and Parquet itself) can put any bytes in a string column, so
     every physical type is read as bytes and checked: a chunk at a time in Arrow, and value by
