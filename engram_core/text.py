@@ -27,8 +27,9 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    after a trigger that ends in a space token. So the answer is stripped of leading whitespace
    and gets exactly one leading space when the fact log put whitespace at the boundary
    (``"My dentist is Dr. " + "Akeredolu"``, ``"My dentist is Dr." + " Akeredolu"``) or when it
-   put none after a word's end (:func:`_word_end`: a letter, digit or combining mark, ``.,:;!?%``,
-   a closing bracket or quote, a dash or math sign standing alone), unless the answer's first
+   put none after a word's end (:func:`_word_end`: a letter, digit or combining mark, ``.,:;!?%…``,
+   a closing bracket or quote, an emoji or other symbol but a degree sign, a dash or math sign
+   standing alone), unless the answer's first
    character belongs to the word before (:func:`_attaches_left`: a closing bracket or quote, a
    contraction, ``.,;:!?`` not opening a word, a unit sign, a hyphen before a letter, ``@`` ending
    an email address). A fact log splits a sentence where the value starts: ``"...city of" +
@@ -57,7 +58,10 @@ import unicodedata
 _SPACES = re.compile(r" {2,}")
 _WHITESPACE = re.compile(r"\s+")
 # Trigger endings after which a letter or digit starts a new word when the log put no space.
-_WORD_END_PUNCTUATION = frozenset(".,:;!?)]}%")
+_WORD_END_PUNCTUATION = frozenset(".,:;!?)]}%\u2026")  # U+2026: the ellipsis "…"
+# What an emoji sequence may end in beside the emoji itself (So) and its variation selector (Mn):
+# a skin tone (U+1F3FB..U+1F3FF, Sk) and a subdivision flag's cancel tag (U+E007F, Cf).
+_EMOJI_TAILS = frozenset([chr(c) for c in range(0x1F3FB, 0x1F400)] + ["\U000E007F"])
 
 
 def is_format_character(char: str) -> bool:
@@ -206,6 +210,8 @@ def _word_end(trigger: str) -> bool:
     category = unicodedata.category(end)
     if end.isalnum() or category in ("Mn", "Mc", "Me", "Lm", "Pe", "Pf") or end in _WORD_END_PUNCTUATION:
         return True
+    if category == "So" and end != "\u00b0" or end in _EMOJI_TAILS:  # an emoji, pictograph or mark such as
+        return True  # "™" ends a word ("Favourite drink 🍺" + " IPA"); a degree sign awaits its unit ("25°" + "C")
     alone = len(trigger) >= 2 and trigger[-2].isspace()
     if end in _QUOTES:  # closing after a word ('He says "hi"'), opening after a space ('motto is "')
         return len(trigger) >= 2 and not alone

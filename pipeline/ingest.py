@@ -753,6 +753,12 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             _warn_float_text_ids(columns[name], name, source)
         if name in table.column_names and not isinstance(table.column(name).type, _UUID_TYPE):
             _warn_uuid_text_ids(columns[name], name, source)
+    for name in _ID_COLUMNS + _TEXT_COLUMNS:
+        kind = table.column(name).type if name in table.column_names else pa.null()
+        if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
+            logger.warning("fact log %s: column %r is %s without Parquet's UUID annotation: read as UUIDs (lowercase "
+                           "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
+                           source, name, kind)
     columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
@@ -851,6 +857,13 @@ def _magnitude(value: float) -> str:
 
 
 _UUID_TYPE = getattr(pa, "UuidType", ())  # pyarrow >= 18
+
+
+def _raw_uuid(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is how a UUID is stored: 16 fixed bytes (Parquet's UUID type is exactly this,
+    and writers without that annotation, such as parquet-avro's ``fixed(16)`` UUIDs, Python's
+    ``uuid.bytes`` in ``pa.binary(16)`` and older pyarrow, write the same bytes without it)."""
+    return pa.types.is_fixed_size_binary(kind) and kind.byte_width == 16
 # Parquet's UUID logical type read as arrow.uuid (the default where the option exists; asked for
 # explicitly so that an id column of UUIDs is never read as raw 16-byte binary).
 _EXTENSIONS = ({"arrow_extensions_enabled": True}
@@ -860,8 +873,10 @@ _EXTENSIONS = ({"arrow_extensions_enabled": True}
 def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
     """Any string-like column (string, large_string, string_view, binary, dictionary of these,
     integers; in trigger and answer also floats, booleans and decimals: :func:`_scalars_as_text`)
-    -> string; a value that is not valid UTF-8 becomes null with a problem. Other types (nested,
-    JSON, times) raise SchemaMismatch naming the column, its type and the fix.
+    -> string; a value that is not valid UTF-8 becomes null with a problem. In ids, trigger and
+    answer a UUID (Parquet's UUID type, or 16 fixed bytes without it) reads as lowercase hyphenated
+    text. Other types (nested, JSON, VARIANT, times) raise SchemaMismatch naming the column, its
+    type and the fix.
 
     Writers that do not validate (and Parquet itself) can put any bytes in a string column, so
     every physical type is read as bytes and checked: a chunk at a time in Arrow, and value by
@@ -873,7 +888,9 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
     if pa.types.is_null(kind) or pa.types.is_integer(kind):
         return column.cast(pa.string())
     if isinstance(kind, _UUID_TYPE) and name in _ID_COLUMNS + _TEXT_COLUMNS:  # DuckDB, Postgres, Spark: Parquet UUID
-        return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.storage.to_pylist()],
+        column, kind = pa.chunked_array([chunk.storage for chunk in column.chunks], kind.storage_type), kind.storage_type
+    if _raw_uuid(kind) and name in _ID_COLUMNS + _TEXT_COLUMNS:  # also 16 bytes without the UUID annotation
+        return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.to_pylist()],
                                           pa.string()) for chunk in column.chunks], pa.string())
     if pa.types.is_decimal(kind) and name in _ID_COLUMNS:  # Snowflake and Oracle NUMBER(p, 0) ids
         if kind.scale != 0:
@@ -903,6 +920,18 @@ _NESTED_KINDS = (pa.types.is_struct, pa.types.is_list, pa.types.is_large_list, p
 _JSON_TYPE = getattr(pa, "JsonType", ())  # pyarrow >= 19: Parquet's JSON logical type (DuckDB's JSON columns)
 
 
+def _is_variant(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is Parquet's VARIANT as this pyarrow reads it: an extension named so, or its
+    storage, a struct of the binary ``metadata`` and ``value`` (and, shredded, ``typed_value``)."""
+    if isinstance(kind, pa.BaseExtensionType):
+        return "variant" in kind.extension_name.lower()
+    if not pa.types.is_struct(kind):
+        return False
+    names = {kind.field(i).name for i in range(kind.num_fields)}
+    return {"metadata", "value"} <= names <= {"metadata", "value", "typed_value"} and pa.types.is_binary(
+        kind.field("metadata").type)
+
+
 def _not_text(name: str, kind: pa.DataType) -> str:
     """Why a column of ``kind`` cannot be read as the text column ``name``, naming the fix."""
     fix = (f"export {name} as a string column holding the exact text to recall" if name in _TEXT_COLUMNS
@@ -910,6 +939,9 @@ def _not_text(name: str, kind: pa.DataType) -> str:
     if isinstance(kind, _JSON_TYPE):
         return (f"column {name!r} is JSON ({kind}): JSON documents, not text; {fix} (DuckDB: {name}->>'$' gives "
                 "a JSON string's text without its quotes)")
+    if _is_variant(kind):
+        return (f"column {name!r} is a Parquet VARIANT (read as {kind}): semi-structured values (DuckDB's and Spark's "
+                f"VARIANT), not text; {fix} (DuckDB: {name}::VARCHAR)")
     if any(is_kind(kind) for is_kind in _NESTED_KINDS):
         return f"column {name!r} is {kind}: a nested type (struct, list, map, union), not text; {fix}"
     if pa.types.is_temporal(kind):
@@ -1050,20 +1082,37 @@ _UTC_SUFFIX = re.compile(r"\s*(?:Z|UTC|GMT)$", re.IGNORECASE)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+# RFC 9557 suffixes: a time zone name and other annotations in brackets after the offset, as Java's
+# ZonedDateTime.toString() and JavaScript's Temporal write them ("2026-11-20T09:00+01:00[Europe/Paris]").
+_ANNOTATIONS = re.compile(r"(?:\[[^\[\]]*\])+$")
+_OFFSET = re.compile(r"(?::\d\d|T\d{2,6})(?:[.,]\d+)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$", re.IGNORECASE)  # after a time
+
+
 def _parse_times(texts: pa.ChunkedArray, problems: list) -> list[int | None]:
     micros = []
     for row, text in enumerate(texts.to_pylist()):
         micros.append(None if text is None else _parse_time_micros(text))
         if text is not None and micros[-1] is None:
+            annotated = _ANNOTATIONS.search(text.strip())
+            why = (" (a zone name in brackets needs the UTC offset before it, as Java's ZonedDateTime writes it: "
+                   "2026-11-20T09:00:00+01:00[Europe/Paris])" if annotated else "")
             _note(problems, row, F.BAD_EVENT_TIME,
-                  f"event_time {text[:64]!r} is not an ISO-8601 timestamp (write e.g. 2026-11-20T08:00:00Z)")
+                  f"event_time {text[:64]!r} is not an ISO-8601 timestamp{why} (write e.g. 2026-11-20T08:00:00Z)")
     return micros
 
 
 def _parse_time_micros(text: str) -> int | None:
     """Microseconds since the epoch of an ISO-8601 time ('Z', '+hh:mm' or ' UTC'; no zone: UTC;
-    digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?)."""
-    cleaned = _UTC_SUFFIX.sub("+00:00", text.strip())
+    digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?). RFC 9557
+    annotations after an offset (``+01:00[Europe/Paris]``, ``Z[UTC]``) are dropped: the offset
+    gives the instant; a zone name without an offset is refused (None): the offset is not known
+    in a daylight-saving change's repeated hour."""
+    cleaned = text.strip()
+    if annotated := _ANNOTATIONS.search(cleaned):
+        cleaned = cleaned[:annotated.start()]
+        if not _OFFSET.search(cleaned):
+            return None
+    cleaned = _UTC_SUFFIX.sub("+00:00", cleaned)
     cleaned = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], cleaned, count=1)
     if cleaned.lstrip("+-").isdigit():
         return None

@@ -184,6 +184,33 @@ def test_text_ids_that_are_uuids_in_another_form_are_read_as_written_with_one_wa
     assert any("braces.parquet" in w and "export the ids in one form" in w for w in warnings)
 
 
+@pytest.mark.parametrize("kind", ["fixed_size_binary", "dictionary"])
+@pytest.mark.parametrize("column", ["user_id", "fact_id", "scope", "answer"])
+def test_uuid_bytes_without_the_uuid_annotation_read_as_a_uuid_column_does(column, kind, tmp_path, caplog):
+    """16 fixed bytes are how Parquet stores a UUID; parquet-avro's fixed(16) UUIDs, Python's
+    ``uuid.bytes`` in ``pa.binary(16)`` and pyarrow before 18 write them without the UUID
+    annotation. Every such row was rejected (the bytes read as text: control characters or not
+    UTF-8); they read as the UUID-typed export of the same rows does (one user, one fact: its copy
+    is a DUPLICATE), with one warning naming the file and the column."""
+    values = [bytes(range(16)), bytes(range(16, 32))]
+    texts = ["00010203-0405-0607-0809-0a0b0c0d0e0f", "10111213-1415-1617-1819-1a1b1c1d1e1f"]
+    raw = pa.array(values, pa.binary(16))
+    arrays = {"typed": pa.ExtensionArray.from_storage(pa.uuid(), raw),
+              "raw": raw.dictionary_encode() if kind == "dictionary" else raw}
+    for name, array in arrays.items():
+        rows = table({"fact_id": "a"}, {"fact_id": "b"})
+        pq.write_table(rows.set_column(rows.schema.get_field_index(column), column, array), tmp_path / f"{name}.parquet")
+    assert pa.types.is_fixed_size_binary(pq.read_schema(tmp_path / "raw.parquet").field(column).type)
+    with caplog.at_level("WARNING"):
+        batch = read_fact_log(str(tmp_path))
+    assert batch.rows.column(column).to_pylist() == texts + texts
+    result = run(batch)
+    assert [(Path(r["source"]).name, r["reason"]) for r in result.rejects.to_pylist()] == [("typed.parquet", "DUPLICATE")] * 2
+    assert result.accepted == 2
+    [warning] = [r.getMessage() for r in caplog.records if "without Parquet's UUID annotation" in r.getMessage()]
+    assert "raw.parquet" in warning and repr(column) in warning and "read as UUIDs" in warning
+
+
 @pytest.mark.parametrize("case", [c for c in FILE_CASES if not c.expected], ids=lambda c: c.name)
 def test_schema_drift_that_loses_nothing_is_read(case, tmp_path):
     path = write_file_case(case, tmp_path)
@@ -353,6 +380,24 @@ def test_event_times_duckdb_wrote_as_date_and_timestamptz_are_read(tmp_path):
     result = run(read_fact_log(str(tmp_path)))
     assert {r["fact_id"]: r["event_time"] for r in result.state.to_pylist()} == {
         "date": datetime(2026, 11, 20, tzinfo=timezone.utc), "timestamptz": T0}
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_event_time_text_with_a_bracketed_zone_as_java_writes_it_is_read_by_its_offset(on_bad_file, tmp_path):
+    """Java's ZonedDateTime.toString() and JavaScript's Temporal write RFC 9557 text: the offset,
+    then the zone's name in brackets. Every such row was rejected (BAD_EVENT_TIME); the offset gives
+    the instant. A zone name without an offset costs its row, saying the offset is needed."""
+    texts = ["2026-11-20T08:00Z[UTC]", "2026-11-20T09:00:00+01:00[Europe/Paris]",
+             "2026-11-20T03:00:00.000-05:00[America/New_York][u-ca=iso8601]", "2026-11-20T08:00:00z[Etc/UTC]",
+             "2026-11-20T09:00:00[Europe/Paris]", "2026-11-20[Europe/Paris]"]
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    pq.write_table(raw.set_column(5, "event_time", pa.array(texts)), tmp_path / "java.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert {r["fact_id"]: r["event_time"] for r in result.state.to_pylist()} == {f"f{i}": T0 for i in range(4)}
+    rejects = {r["fact_id"]: (r["reason"], r["detail"]) for r in result.rejects.to_pylist()}
+    assert set(rejects) == {"f4", "f5"}
+    for reason, detail in rejects.values():
+        assert reason == "BAD_EVENT_TIME" and "a zone name in brackets needs the UTC offset before it" in detail
 
 
 def test_extra_columns_are_dropped_with_a_warning(caplog):
@@ -616,6 +661,7 @@ def test_a_nested_trigger_or_answer_column_refuses_the_file_naming_the_column_it
     ("STRUCT", "{'pet': 'Rex'}", "is struct<pet: string>: a nested type"),
     ("LIST", "['Rex']", "is list<element: string>: a nested type"),
     ("MAP", "MAP {'pet': 'Rex'}", "is map<string, string"),
+    ("VARIANT", "'Rex'::VARIANT", "is a Parquet VARIANT (read as struct<metadata: binary not null, value: binary"),
 ])
 def test_a_json_or_nested_answer_written_by_duckdb_refuses_the_file_naming_the_fix(sql_type, value, shown, tmp_path):
     import duckdb

@@ -110,6 +110,18 @@ def log_table(rows: list[dict]) -> pa.Table:
     ("I graduated in the class of", "’98", ("I graduated in the class of", " ’98")),  # a typographic apostrophe
     ("I live in", "'s-Hertogenbosch", ("I live in", " 's-Hertogenbosch")),  # a name, not a contraction
     ("My favourite emoji is", "😀", ("My favourite emoji is", " 😀")),
+    # an emoji (a ZWJ sequence, a skin tone, a flag, a subdivision flag's tags), a pictograph or a
+    # mark such as ™ ends a word, and so does an ellipsis: the answer opens a new one (they joined)
+    ("My family emoji is 👨\u200d👩\u200d👧", "zebra", ("My family emoji is 👨\u200d👩\u200d👧", " zebra")),
+    ("Favourite drink 🍺", "IPA", ("Favourite drink 🍺", " IPA")),
+    ("Thumbs 👍🏽", "up", ("Thumbs 👍🏽", " up")),
+    ("Flag 🇵🇹", "Lisbon", ("Flag 🇵🇹", " Lisbon")),
+    ("Team 🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", "Scotland",
+     ("Team 🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", " Scotland")),
+    ("Status: ✅", "done", ("Status: ✅", " done")),
+    ("My brand is Acme™", "Pro", ("My brand is Acme™", " Pro")),
+    ("She paused…", "then left", ("She paused…", " then left")),
+    ("Set the oven to 180°", "C", ("Set the oven to 180°", "C")),  # a degree sign awaits its unit
     ("The reading is 25", "°C", ("The reading is 25", "°C")),  # a unit sign follows its number
     ("Ｔｏｋｙｏ", "Tower", ("Ｔｏｋｙｏ", " Tower")),  # full-width Latin letters are spaced as Latin
     ("東京は", "「晴れ」", ("東京は", "「晴れ」")),
