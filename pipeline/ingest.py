@@ -893,9 +893,15 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
         return pa.chunked_array([pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.to_pylist()],
                                           pa.string()) for chunk in column.chunks], pa.string())
     if pa.types.is_decimal(kind) and name in _ID_COLUMNS:  # Snowflake and Oracle NUMBER(p, 0) ids
-        if kind.scale != 0:
-            raise F.SchemaMismatch(f"column {name!r} is {kind}: a number with {kind.scale} decimal places cannot be "
-                                   "an id; export it as a string or a whole number")
+        if kind.scale > 0:  # Oracle NUMBER through Spark's JDBC is decimal(38, 10), BigQuery NUMERIC (38, 9)
+            digits = (pa.decimal128 if kind.precision <= 38 else pa.decimal256)(kind.precision, 0)
+            whole = pc.cast(column, digits, safe=False)  # truncated
+            fraction = pc.fill_null(pc.not_equal(pc.cast(whole, kind), column), False)
+            if pc.any(fraction).as_py():
+                row = pc.index(fraction, True).as_py()
+                raise F.SchemaMismatch(f"column {name!r} is {kind} with values that are not whole numbers (row {row}: "
+                                       f"{column[row].as_py()}): not an id; export ids as strings or integers")
+            column = whole  # whole values: the integer's digits, as NUMBER(p, 0) ("7.00" -> "7")
         return column.cast(pa.string())
     if pa.types.is_floating(kind) and name in _ID_COLUMNS:
         return _whole_float_ids(column, name, problems)

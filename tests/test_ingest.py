@@ -89,7 +89,8 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
                           ("bom_in_first_column_name", "invisible byte-order mark (U+FEFF: a CSV with a BOM read "
                                                        "without encoding='utf-8-sig'): rename '\\ufeffuser_id' to 'user_id'"),
                           ("answer_column_twice", "column 'answer' appears 2 times; keep one"),
-                          ("decimal_user_id_with_decimal_places", "2 decimal places cannot be an id")):
+                          ("decimal_user_id_with_a_fraction", "decimal128(10, 2) with values that are not whole "
+                                                              "numbers (row 1: 2.50): not an id")):
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
         write_file_case(by_name[name], folder)
@@ -153,6 +154,7 @@ def test_uuid_and_whole_number_decimal_ids_read_as_their_usual_text(tmp_path):
     for name, ids in (("uuid_user_id_as_duckdb_writes_it", ["00010203-0405-0607-0809-0a0b0c0d0e0f",
                                                              "10111213-1415-1617-1819-1a1b1c1d1e1f"]),
                       ("whole_number_decimal_user_id_as_snowflake_writes_it", ["1", "2"]),
+                      ("whole_decimal_user_id_with_places_as_spark_reads_oracle_number", ["1", "2"]),
                       ("pandas_integer_ids_with_a_missing_value", ["7", None])):
         folder = tmp_path / name
         folder.mkdir()
