@@ -702,3 +702,115 @@ def test_the_first_night_over_a_version_1_scope_state_reads_every_shard_once_and
 
     report = night(spec, tmp_path, "3", [upsert("carol", "cat", "My cat is called", " Max", 3)])
     assert report.compiled_users == 1  # and then a night costs what changed again
+
+
+# A member whose copies the scope was compiled from (issue: forget and shared scopes).
+ZANZIBAR = ("The wifi password is", " Zanzibar")  # bob's copy of acme-wifi, the latest: the scope's
+BOB_ONLY = ("bob-gate", "The gate code is", " Quokka")  # a scope fact bob alone carries
+MOTTO = ("The motto is", " Onward")
+
+
+def forget_member_log() -> list[dict]:
+    """first_log, with bob's copy of acme-wifi the latest (his own text) and a scope fact only he
+    carries; frank holds org:acme as an extra scope (his first is org:aaa)."""
+    rows = [r for r in first_log() if not (r["user_id"] == "bob" and r["fact_id"] == "acme-wifi")]
+    return rows + [upsert("bob", "acme-wifi", *ZANZIBAR, 0.5, SCOPE), upsert("bob", BOB_ONLY[0], *BOB_ONLY[1:], 0, SCOPE),
+                   upsert("frank", "motto", *MOTTO, 0, "org:aaa"),
+                   upsert("frank", "acme-office", *SCOPE_FACTS["acme-office"], 0, SCOPE)]
+
+
+BOBS_WORDS = ("bob", "Zanzibar", "Quokka", "gate code", "Nakamura")
+
+
+def holding_words(store, words=BOBS_WORDS) -> dict[str, list[str]]:
+    """key -> the words it holds, read in every object's decoded rows (Parquet) or raw bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    for key in store.list(""):
+        if key.startswith("models/"):
+            continue  # the tokenizer's vocabulary holds every word
+        data = store.get(key)
+        text = data
+        if key.endswith(".parquet"):
+            text = json.dumps(pq.read_table(pa.BufferReader(data)).to_pylist(), default=str).encode()
+        found = [w for w in words if w.encode() in text or w.encode() in data]
+        if found:
+            out[key] = found
+    return out
+
+
+def manifests(store) -> list:
+    from versions.catalog import manifest_versions_on_disk, read_manifest
+
+    return [read_manifest(store, v) for v in manifest_versions_on_disk(store)]
+
+
+def test_forgetting_a_member_whose_copies_the_scope_was_compiled_from_leaves_none_of_them_in_any_version(
+        spec, tmp_path, tiny, local_store):
+    from versions.forget import forget_user, scan_for_user
+
+    night(spec, tmp_path, "1", forget_member_log())
+    night(spec, tmp_path, "2", [upsert("erin", "cat", "My cat is called", " Tom", 1)])
+    assert set(holding_words(local_store)) and "frank" in member_rows(local_store, read_current(local_store)[0])
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("alice"), *ZANZIBAR) and recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+
+    report = forget_user(local_store, "bob", actor="test", reason="ticket 11")
+    assert report.found and len(report.rewritten) == 2
+    # No object holds bob's id, a text he wrote (his copies of the scope's facts included) or the
+    # scope delta compiled from them, in CURRENT or in the version a rollback could reach.
+    assert scan_for_user(local_store, "bob") == [] and holding_words(local_store) == {}
+    for manifest in manifests(local_store):
+        assert manifest.scopes.stale == (SCOPE,) and list(scope_deltas(local_store, manifest)) == ["org:aaa"]
+        rows = member_rows(local_store, manifest)
+        assert "frank" not in rows and rows["alice"][0] == SCOPE  # frank's delta held the scope's merged facts
+    node.poll()
+    for user in ("alice", "carol", "dave", "frank"):
+        assert not recalls(tiny, node.deltas_for(user), *ZANZIBAR), user
+
+    # The next night compiles the scope again from the members' copies, its members and frank.
+    report = night(spec, tmp_path, "3", [upsert("erin", "car", "My car is", " red", 2)])
+    current, _ = read_current(local_store)
+    assert report.compiled_scopes == 1 and report.compiled_users == 5  # alice, carol, dave, frank; erin
+    assert current.scopes.stale == () and set(scope_deltas(local_store, current)) == {"org:aaa", SCOPE}
+    node.poll()
+    for user in ("alice", "dave", "frank"):
+        assert recalls(tiny, node.deltas_for(user), *SCOPE_FACTS["acme-wifi"]), user
+    assert recalls(tiny, node.deltas_for("frank"), *MOTTO) and recalls(tiny, node.deltas_for("alice"), *OWN["alice"]["dog"])
+
+
+def test_the_cli_forget_and_a_nights_forget_user_leave_the_same_scope_state_and_deltas(tmp_path, tiny_dir, tiny):
+    """``engram forget`` then a night, and a night with a ``forget_user`` event: the same version
+    at the end (scope state, scope deltas, who is served what), and no version of either holds
+    what bob wrote."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from versions.forget import scan_for_user
+    from versions.store import open_store
+
+    later = upsert("erin", "car", "My car is", " red", 2)
+    ends = {}
+    for path in ("cli", "night"):
+        store = open_store(str(tmp_path / path / "store"))
+        spec = NightlySpec(store=store.uri, fact_log=str(tmp_path / path / "log"), model=str(tiny_dir),
+                           num_shards=NUM_SHARDS, workers=0)
+        night(spec, tmp_path / path, "1", forget_member_log())
+        if path == "cli":
+            result = CliRunner().invoke(app, ["forget", "--store", store.uri, "bob", "--reason", "ticket 12"])
+            assert result.exit_code == 0, result.output
+            night(spec, tmp_path / path, "2", [later])
+        else:
+            report = night(spec, tmp_path / path, "2", [event("bob", "forget_user", 1), later])
+            assert report.compiled_scopes == 1
+            older = [m for m in manifests(store) if m.version != read_current(store)[0].version]
+            assert older and all(m.scopes.stale == (SCOPE,) for m in older)  # rewritten, to be compiled again
+        assert scan_for_user(store, "bob") == [] and holding_words(store) == {}, path
+        current, _ = read_current(store)
+        assert current.scopes.stale == ()
+        ends[path] = (current.scopes.state_key, current.scopes.key,
+                      {u: (s, d.row_ids.tolist()) for u, (s, d) in member_rows(store, current).items()})
+    assert ends["cli"] == ends["night"]
