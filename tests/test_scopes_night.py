@@ -814,3 +814,35 @@ def test_the_cli_forget_and_a_nights_forget_user_leave_the_same_scope_state_and_
         ends[path] = (current.scopes.state_key, current.scopes.key,
                       {u: (s, d.row_ids.tolist()) for u, (s, d) in member_rows(store, current).items()})
     assert ends["cli"] == ends["night"]
+
+
+def test_a_forget_refused_the_delete_of_a_scope_state_is_finished_by_running_it_again(tmp_path, tiny_dir, s3_store,
+                                                                                      s3_server, monkeypatch):
+    """The old scope state (bob's copies) cannot be deleted (a policy, an object lock): the forget
+    fails naming it (exit 1) after CURRENT moved to the rewrite; run again, it deletes it, though no
+    manifest names it any more and it holds no user id."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from tests.s3_proxy import ConditionProxy
+    from versions.forget import scan_for_user
+    from versions.store import open_store
+
+    spec = NightlySpec(store=s3_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=0)
+    night(spec, tmp_path, "1", forget_member_log())
+    refused = read_current(s3_store)[0].scopes.state_key
+    forget = ["forget", "--store", s3_store.uri, "bob", "--reason", "ticket 13", "--json"]
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, deny_deletes=(refused,)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        out = CliRunner().invoke(app, forget)
+    assert out.exit_code == 1 and refused in out.output, out.output
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    store = open_store(s3_store.uri)
+    left = holding_words(store)  # the refused one, and those after it in the forget's order
+    assert refused in left and not set(left) & read_current(store)[0].object_keys()
+    again = CliRunner().invoke(app, forget)
+    assert again.exit_code == 0, again.output
+    assert refused in json.loads(again.stdout)["deleted_objects"]
+    assert holding_words(store) == {} and scan_for_user(store, "bob") == []

@@ -157,7 +157,9 @@ def _is_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
 # column that otherwise names users:
 SCOPE_OBJECT_PREFIXES = ("objects/scopes/", "objects/scope_state/")
 """Version-level scope objects (pipeline.scopes): the scope deltas (a bundle whose ``user_id`` is
-the scope id) and the scope state (no user id). They never hold a user's data."""
+the scope id) and the scope state (no user id). They never name a user, but the scope state holds
+the members' copies of scope facts (texts, fact ids, times) and the scope deltas are compiled from
+them: a forget computes them again without its users' copies (:meth:`_Rewriter.scopes`)."""
 _OWNER_KIND_USER_SCOPE = "user+scope"  # pipeline.collisions.OWNER_KIND_USER_SCOPE: example_owners[0] is the scope
 
 
@@ -701,7 +703,10 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
 def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str]) -> list[str]:
     """Delete every object under ``objects/`` and ``stats/`` that holds one of ``users`` and no
     manifest on the store references: what a night killed before its commit (or a losing
-    concurrent publisher) wrote. gc would collect them too, but an erasure must not wait for it.
+    concurrent publisher) wrote, or what a forget that failed part-way had still to delete. gc
+    would collect them too, but an erasure must not wait for it. Scope objects (scope deltas and
+    state, the scopes' own ``facts`` parts) hold the members' copies of scope facts (texts, fact
+    ids, deltas compiled from them) with no user id to tell whose: every one no manifest names goes.
     ``keep``: objects of a night in progress (they are not named by a manifest yet). If a
     manifest cannot be read, nothing is deleted here (its references are unknown) and a warning
     says so."""
@@ -715,14 +720,17 @@ def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: froz
     deleted = []
     for prefix in ("objects/", "stats/"):
         for key in store.list(prefix):
-            if key in referenced or not is_collectable(key) or key.startswith(SCOPE_OBJECT_PREFIXES):
-                continue  # (a scope object never holds a user, whatever user shares a scope's id; a key whose
-                # name the store does not write is not the store's object)
+            if key in referenced or not is_collectable(key):
+                continue  # (a key whose name the store does not write is not the store's object)
+            if key.startswith(SCOPE_OBJECT_PREFIXES):
+                store.delete(key)  # whose copies it holds is unknown (see below)
+                deleted.append(key)
+                continue
             try:
                 table = pq.read_table(pa.BufferReader(store.get(key)))
             except (pa.ArrowInvalid, OSError):
                 continue  # not a table we wrote; gc decides about it
-            if _holds_users(table, users):
+            if _holds_users(table, users) or _scope_rows(table) is not None and pc.any(_scope_rows(table)).as_py():
                 store.delete(key)
                 deleted.append(key)
     if deleted:
