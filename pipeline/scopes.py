@@ -144,9 +144,14 @@ def extra_copy_results(results: list["FactResult"], copies: dict[str, dict[str, 
     ``merged``) taken out and one result per copy a user carries put in (``copies``: user ->
     fact_id -> (scope, trigger, answer)): the served scope fact's result, detail
     :func:`extra_scope_detail`; a copy whose scope fact's trigger is one of the user's ``own``
-    facts' is ``CONFLICTS_WITH:<that fact_id>`` (the user's own fact is served). Results of scope
-    facts the user does not carry are not reported (as for a member's first scope)."""
+    facts' is ``CONFLICTS_WITH:<that fact_id>`` (the user's own fact is served). A scope fact the
+    user carries no copy of is reported only where it failed in the user's delta (the user is not
+    served it, and no other row says so: the scope's own row, if the scope has members, is its
+    compile in the scope's delta): fact_id ``<scope>/<fact_id>``, detail :func:`extra_scope_detail`
+    with ``the user carries no copy of it``; recalled ones are not reported (as for a member's first
+    scope)."""
     from engram_core.compiler import STATUS_NOT_RECALLED, FactResult
+    from pipeline.compile import SERVED_STATUSES
 
     injected = {(user, f"{scope}/{f.fact_id}"): f for user, held in copies.items()
                 for scope in {s for s, _, _ in held.values()} for f in merged.get(scope, ())}
@@ -167,6 +172,12 @@ def extra_copy_results(results: list["FactResult"], copies: dict[str, dict[str, 
                 continue
             out.append(replace_result(result, fact_id=fact_id,
                                       detail=extra_scope_detail(scope, result.detail or None, stale)))
+    carried = {(user, f"{scope}/{fact_id}") for user, held in copies.items() for fact_id, (scope, _, _) in held.items()}
+    for key, result in sorted(by_key.items()):
+        if key not in carried and result.status not in SERVED_STATUSES:
+            scope = injected[key].user_id  # (an injected fact's scope: extra_scope_facts names it <scope>/<fact_id>)
+            why = "; ".join(w for w in ("the user carries no copy of it", result.detail) if w)
+            out.append(replace_result(result, detail=extra_scope_detail(scope, why)))
     return out
 
 

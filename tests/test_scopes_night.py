@@ -846,3 +846,35 @@ def test_a_forget_refused_the_delete_of_a_scope_state_is_finished_by_running_it_
     assert again.exit_code == 0, again.output
     assert refused in json.loads(again.stdout)["deleted_objects"]
     assert holding_words(store) == {} and scan_for_user(store, "bob") == []
+
+
+def test_a_scope_fact_that_fails_in_the_delta_of_a_user_who_carries_no_copy_of_it_is_reported(
+        tmp_path, tiny_dir, tiny, local_store):
+    """alice holds org:b as an extra scope and carries no copy of bob's parking, which her own delta
+    is compiled to serve: where it fails there, her facts rows say so (they said nothing: the fact
+    was not served and no row told), in the night and in compile_scoped; where it is recalled, no
+    row is added."""
+    from engram_core.compiler import CompileOptions
+    from pipeline.scopes import compile_scoped
+
+    failing = {"steps": 1, "max_rounds": 1, "lr": 1e-9, "init_scale": 1e-9, "lr_width_scaling": False}
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=0, compile=failing)
+    night(spec, tmp_path, "1", several_scopes_state_log())
+    rows = query_stats(local_store, "select status, scope, detail from facts where user_id = 'alice' "
+                                    "and fact_id = 'org:b/parking'").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "not_recalled" and rows[0]["scope"] is None
+    assert rows[0]["detail"].startswith('compiled in the user\'s own delta from scope "org:b"; the user carries no '
+                                        "copy of it; answer not reproduced"), rows[0]["detail"]
+
+    import pyarrow as pa
+
+    log = several_scopes_state_log()
+    state = pa.table({name: [r[name] for r in log] for name in ("user_id", "fact_id", "scope", "trigger", "answer")})
+    state = state.set_column(2, "scope", pa.array([r["scope"] or r["user_id"] for r in log]))
+    state = state.append_column("event_time", pa.array([r["event_time"] for r in log], pa.timestamp("us", tz="UTC")))
+    failed = compile_scoped(tiny, state, CompileOptions(**failing))
+    assert [(r.fact_id, r.status) for r in failed.results if r.user_id == "alice" and r.fact_id == "org:b/parking"] == \
+        [("org:b/parking", "not_recalled")]
+    recalled = compile_scoped(tiny, state)
+    assert not [r for r in recalled.results if r.user_id == "alice" and "/" in r.fact_id]
