@@ -488,7 +488,8 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     """The version's scope state: ``prior`` (schemas.manifest.ScopesEntry or None)'s rows of the
     shards not in ``shards`` (none with ``replace_all``: every shard was applied) plus
     ``contributions`` (:func:`shard_contribution` of each applied shard); and which scopes compile
-    (their merged facts changed, they are new, or ``recompile``) or are dropped.
+    (their merged facts changed, they are new, a forget left them ``stale``, or ``recompile``) or
+    are dropped.
 
     A prior state of version 1 (written before it held the copies of users holding a scope as an
     extra scope) cannot be merged with a few shards' contributions: without ``replace_all`` the

@@ -44,7 +44,8 @@ every scope's delta, compiled once; serving nodes pull it whole) and the *scope 
 (``objects/scope_state/<sha256>.parquet``, pipeline.scopes.SCOPE_STATE_SCHEMA: per scope and
 shard, the scope facts that shard's users carry (members, and users holding the scope as an
 extra scope) and how many members it has; read by the night and its compile workers). Its
-``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id). A member's bundle row
+``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id); its ``stale`` (only
+when not empty) the scopes a forget dropped for the next night to compile. A member's bundle row
 names its scope (schemas.bundle, column ``scope``).
 """
 

@@ -29,7 +29,11 @@ all of one night's ``forget_user`` events at once).
 A shared scope whose id is a forgotten user's (user ``acme``, and other users' facts of scope
 ``acme``) is another owner and is kept: the scope objects, the scope's own ``facts`` rows
 (``scope`` = ``user_id``) and the scope named first in a ``user+scope`` collision are never taken
-for the user's; the user's copies of scope facts (its own rows) go with the user.
+for the user's; the user's copies of scope facts (its own rows) go with the user, from the fact
+state and from the scope state (its shard's rows computed again without them). A scope whose merged
+facts that changes was compiled from the user's text: its delta, and the deltas of the users
+holding it as an extra scope, are dropped from the rewrite, which names it ``stale`` for the next
+night to compile (see :meth:`_Rewriter.scopes`).
 
 Why new numbers rather than rewriting manifests in place:
 
