@@ -759,7 +759,7 @@ def test_forgetting_a_member_whose_copies_the_scope_was_compiled_from_leaves_non
     assert recalls(tiny, node.deltas_for("alice"), *ZANZIBAR) and recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
 
     report = forget_user(local_store, "bob", actor="test", reason="ticket 11")
-    assert report.found and len(report.rewritten) == 2
+    assert report.found and len(report.rewritten) == 2 and "1 shared scope(s) were compiled from" in report.message
     # No object holds bob's id, a text he wrote (his copies of the scope's facts included) or the
     # scope delta compiled from them, in CURRENT or in the version a rollback could reach.
     assert scan_for_user(local_store, "bob") == [] and holding_words(local_store) == {}

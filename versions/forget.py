@@ -791,7 +791,19 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
                    f"v{new_current.version} (CURRENT), so their events up to the forget's time are refused "
                    f"(FORGOTTEN_USER) when they arrive")
     return ForgetReport(hashes, plan.found, new_current.version, dict(mapping), tuple(deleted),
-                        message=message + scopes_note)
+                        message=message + scopes_note + _stale_note(plan, new_current))
+
+
+def _stale_note(plan: _Plan, current: Manifest) -> str:
+    """A sentence for the report when the forget left shared scopes of CURRENT stale (their deltas
+    were compiled from the users' copies: dropped until the next night compiles them)."""
+    before = next((m for m in plan.retained if m.version == plan.pointer.version), None)
+    stale = set(current.scopes.stale if current.scopes is not None else ()) - \
+        set(before.scopes.stale if before is not None and before.scopes is not None else ())
+    if not stale:
+        return ""
+    return (f"; {len(stale)} shared scope(s) were compiled from the forgotten copies: their deltas (and those of the "
+            "users holding them as an extra scope) are dropped until the next night compiles them again")
 
 
 def _scopes_note(store: ObjectStore, plan: _Plan | None, users: list[str]) -> str:
