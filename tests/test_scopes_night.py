@@ -878,3 +878,35 @@ def test_a_scope_fact_that_fails_in_the_delta_of_a_user_who_carries_no_copy_of_i
         [("org:b/parking", "not_recalled")]
     recalled = compile_scoped(tiny, state)
     assert not [r for r in recalled.results if r.user_id == "alice" and "/" in r.fact_id]
+
+
+def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_recompiles_that_holder(
+        spec, tmp_path, tiny, local_store):
+    """bob, org:acme's only member, wrote its wifi; frank holds org:acme as an extra scope (carrying
+    the office only) and was served bob's wifi from his own delta. After engram forget bob org:acme
+    is dropped from the scope deltas (no member left) and stale, frank's delta goes; the next night
+    compiles frank from the facts left, and nobody is served bob's wifi."""
+    from versions.forget import forget_user
+
+    rows = [upsert("bob", "acme-wifi", *ZANZIBAR, 0, SCOPE), upsert("bob", "acme-office", *SCOPE_FACTS["acme-office"], 0,
+                                                                    SCOPE),
+            upsert("frank", "motto", *MOTTO, 0, "org:aaa"), upsert("frank", "acme-office", *SCOPE_FACTS["acme-office"], 0,
+                                                                   SCOPE)]
+    night(spec, tmp_path, "1", rows)
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+    forget_user(local_store, "bob", actor="test", reason="ticket 14")
+    current, _ = read_current(local_store)
+    assert (current.scopes.scopes, current.scopes.members, current.scopes.stale) == (1, 1, (SCOPE,))  # org:aaa left
+    assert list(scope_deltas(local_store, current)) == ["org:aaa"]
+    assert holding_words(local_store) == {} and "frank" not in member_rows(local_store, current)
+    assert node.poll().error is None and not recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+
+    report = night(spec, tmp_path, "2", [upsert("erin", "city", *PLAIN["erin"]["city"], 1)])
+    current, _ = read_current(local_store)
+    assert report.compiled_users == 2 and current.scopes.stale == ()  # frank, erin
+    node.poll()
+    frank = node.deltas_for("frank")
+    assert recalls(tiny, frank, *MOTTO) and recalls(tiny, frank, *SCOPE_FACTS["acme-office"])
+    assert not recalls(tiny, frank, *ZANZIBAR)
