@@ -81,7 +81,7 @@ from pipeline.shards import (
 )
 from pipeline.stats import encode_stats_part, shards_table
 from schemas.facts import REJECTS_SCHEMA
-from schemas.manifest import Manifest, ShardEntry
+from schemas.manifest import Manifest, ScopesEntry, ShardEntry
 from versions.catalog import read_current, read_watermark
 from versions.errors import IntegrityError, PublishConflict
 from versions.models import publish_model
@@ -497,7 +497,7 @@ class _Night:
                 before = self.previous
                 forget_users(self.store, forgotten, actor=self.job_id, reason="forget_user event in the fact log",
                              forgotten_at={u: epoch + timedelta(microseconds=t) for u, t in forget_times.items()},
-                             keep=self._own_objects(before), record_absent=False)
+                             keep=self._own_objects(before, scopes), record_absent=False)
                 current = read_current(self.store)
                 self.previous = current[0] if current else None
                 self._rebase(before, self.previous)
@@ -595,15 +595,18 @@ class _Night:
         for shard, entry in self.entries.items():
             self.entries[shard] = rebase_entry(self.store, entry, before.shard(shard), after.shard(shard))
 
-    def _own_objects(self, before: Manifest | None) -> frozenset[str]:
+    def _own_objects(self, before: Manifest | None, scopes) -> frozenset[str]:
         """Objects this night's version names that a forget must not delete: those it wrote itself
-        (a user forgotten by an older forget can still be in them, legitimately) and its rejects.
-        Objects it shares with ``before`` are left out: the forget re-issues them without the
-        users, and :meth:`_rebase` moves the entries onto the re-issued ones."""
+        (a user forgotten by an older forget can still be in them, legitimately), its rejects and
+        its scope objects (``scopes``: a ScopesEntry; merged with this night's applied shards, they
+        hold no copy of the night's forgotten users). Shard objects it shares with ``before`` are
+        left out: the forget re-issues them without the users, and :meth:`_rebase` moves the
+        entries onto the re-issued ones."""
         if before is None or before.num_shards != self.spec.num_shards:
             own = {k for e in self.entries.values() for k in e.object_keys()}
         else:
             own = {k for s, e in self.entries.items() for k in own_keys(e, before.shard(s))}
+        own |= set(scopes.object_keys()) if isinstance(scopes, ScopesEntry) else set()
         return frozenset(own | {a.rejects_key for a in self.applied.values() if a.rejects_key})
 
     def _needs_stats(self, shard: int) -> bool:

@@ -144,9 +144,14 @@ def extra_copy_results(results: list["FactResult"], copies: dict[str, dict[str, 
     ``merged``) taken out and one result per copy a user carries put in (``copies``: user ->
     fact_id -> (scope, trigger, answer)): the served scope fact's result, detail
     :func:`extra_scope_detail`; a copy whose scope fact's trigger is one of the user's ``own``
-    facts' is ``CONFLICTS_WITH:<that fact_id>`` (the user's own fact is served). Results of scope
-    facts the user does not carry are not reported (as for a member's first scope)."""
+    facts' is ``CONFLICTS_WITH:<that fact_id>`` (the user's own fact is served). A scope fact the
+    user carries no copy of is reported only where it failed in the user's delta (the user is not
+    served it, and no other row says so: the scope's own row, if the scope has members, is its
+    compile in the scope's delta): fact_id ``<scope>/<fact_id>``, detail :func:`extra_scope_detail`
+    with ``the user carries no copy of it``; recalled ones are not reported (as for a member's first
+    scope)."""
     from engram_core.compiler import STATUS_NOT_RECALLED, FactResult
+    from pipeline.compile import SERVED_STATUSES
 
     injected = {(user, f"{scope}/{f.fact_id}"): f for user, held in copies.items()
                 for scope in {s for s, _, _ in held.values()} for f in merged.get(scope, ())}
@@ -167,6 +172,12 @@ def extra_copy_results(results: list["FactResult"], copies: dict[str, dict[str, 
                 continue
             out.append(replace_result(result, fact_id=fact_id,
                                       detail=extra_scope_detail(scope, result.detail or None, stale)))
+    carried = {(user, f"{scope}/{fact_id}") for user, held in copies.items() for fact_id, (scope, _, _) in held.items()}
+    for key, result in sorted(by_key.items()):
+        if key not in carried and result.status not in SERVED_STATUSES:
+            scope = injected[key].user_id  # (an injected fact's scope: extra_scope_facts names it <scope>/<fact_id>)
+            why = "; ".join(w for w in ("the user carries no copy of it", result.detail) if w)
+            out.append(replace_result(result, detail=extra_scope_detail(scope, why)))
     return out
 
 
@@ -422,11 +433,14 @@ def _with_members(scope_state: pa.Table) -> set[str]:
     return set(pc.unique(scope_state.filter(pc.greater(scope_state.column("members"), 0)).column("scope")).to_pylist())
 
 
-def encode_scope_state(table: pa.Table) -> bytes:
-    """Parquet bytes of a scope state (SCOPE_STATE_SCHEMA, sorted): the same rows, the same bytes."""
+def encode_scope_state(table: pa.Table, version: int = 2) -> bytes:
+    """Parquet bytes of a scope state (SCOPE_STATE_SCHEMA, sorted): the same rows, the same bytes.
+    ``version`` 1 keeps a legacy state's mark (versions.forget rewrites one without a user's copies)."""
     from schemas.facts import encode_table
 
-    return encode_table(table, SCOPE_STATE_SCHEMA, "scope state", ["scope", "shard", "fact_id"])
+    schema = SCOPE_STATE_SCHEMA if version == 2 else SCOPE_STATE_SCHEMA.with_metadata(
+        {**SCOPE_STATE_SCHEMA.metadata, b"engram.schema_version": str(version).encode()})
+    return encode_table(table, schema, "scope state", ["scope", "shard", "fact_id"])
 
 
 def scope_state_version(data: bytes) -> int:
@@ -474,7 +488,8 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     """The version's scope state: ``prior`` (schemas.manifest.ScopesEntry or None)'s rows of the
     shards not in ``shards`` (none with ``replace_all``: every shard was applied) plus
     ``contributions`` (:func:`shard_contribution` of each applied shard); and which scopes compile
-    (their merged facts changed, they are new, or ``recompile``) or are dropped.
+    (their merged facts changed, they are new, a forget left them ``stale``, or ``recompile``) or
+    are dropped.
 
     A prior state of version 1 (written before it held the copies of users holding a scope as an
     extra scope) cannot be merged with a few shards' contributions: without ``replace_all`` the
@@ -502,10 +517,13 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
     facts = merged_scope_facts(state)
     now, before = _digests(facts), _digests(merged_scope_facts(prior_state))
     live, had = _with_members(state), _with_members(prior_state)
-    refreshed = sorted(s for s, digest in now.items() if legacy or before.get(s) != digest)
+    # A forget that changed a scope's merged facts dropped its delta and its extra holders' deltas
+    # (ScopesEntry.stale, versions.forget): they compile as if the facts changed this night.
+    stale = set(prior.stale) if prior is not None else set()
+    refreshed = sorted(s for s, digest in now.items() if legacy or before.get(s) != digest or s in stale)
     # A scope compiles when it has members and its facts changed, it had none (new, or held only
-    # as an extra scope until now), or everything recompiles.
-    changed = sorted(s for s in live if recompile or before.get(s) != now[s] or s not in had)
+    # as an extra scope until now), a forget left it stale, or everything recompiles.
+    changed = sorted(s for s in live if recompile or before.get(s) != now[s] or s not in had or s in stale)
     dropped = sorted(had - live)
     changed_arr = pa.array(changed, pa.string())
     compile_rows = facts.filter(pc.is_in(facts.column("scope"), changed_arr))
@@ -522,6 +540,41 @@ def merge_scopes(store_uri: str, prior, replace_all: bool, recompile: bool, shar
         refreshed=tuple(refreshed))
     removed = pa.array(sorted(set(changed) | set(dropped)), pa.string())
     return plan, ScopeMerge(compile, removed, state)
+
+
+@dataclass(frozen=True)
+class ScopeForget:
+    """A scope state without some users' copies (:func:`forget_scope_copies`)."""
+
+    state: pa.Table  # the new scope state (SCOPE_STATE_SCHEMA)
+    stale: tuple[str, ...]  # scopes whose merged facts changed (or are gone), sorted
+    dropped: tuple[str, ...]  # scopes whose last member went, sorted
+    scopes: int  # scopes with at least one member
+    members: int  # users composed with a scope
+
+
+def forget_scope_copies(prior_state: pa.Table, states: dict[int, pa.Table], legacy: bool = False) -> ScopeForget:
+    """``prior_state`` (SCOPE_STATE_SCHEMA) with the rows of the shards of ``states`` (shard -> its
+    fact state, the forgotten users' rows already taken out) computed again as that shard's next
+    apply would (:func:`shard_contribution`), so no copy a forgotten user carried stays (its text,
+    its time, its membership). ``stale``: the scopes whose merged facts that changed (the user's
+    copy was the latest, or the only one): their deltas, and the deltas of users holding one as an
+    extra scope, were compiled from what the forgotten user wrote. ``legacy``: a version-1 state
+    (members' copies only): so are the new rows."""
+    def contribution(shard: int, state: pa.Table) -> pa.Table:
+        return shard_contribution(member_rows(state) if legacy else state, shard)
+
+    kept = prior_state
+    if kept.num_rows and states:
+        kept = kept.filter(pc.invert(pc.is_in(kept.column("shard"), pa.array(sorted(states), pa.int32()))))
+    state = pa.concat_tables([kept.cast(SCOPE_STATE_SCHEMA)] + [contribution(s, t).cast(SCOPE_STATE_SCHEMA)
+                                                               for s, t in sorted(states.items())])
+    state = state.sort_by([("scope", "ascending"), ("shard", "ascending"), ("fact_id", "ascending")]).combine_chunks()
+    now, before = _digests(merged_scope_facts(state)), _digests(merged_scope_facts(prior_state))
+    stale = sorted(s for s in set(now) | set(before) if now.get(s) != before.get(s))
+    per_pair = state.group_by(["scope", "shard"]).aggregate([("members", "max")])
+    return ScopeForget(state, tuple(stale), tuple(sorted(_with_members(prior_state) - _with_members(state))),
+                       len(_with_members(state)), int(pc.sum(per_pair.column("members_max")).as_py() or 0))
 
 
 def write_scopes(store_uri: str, prior, plan: ScopePlan, merge: ScopeMerge, *compiled):
@@ -548,7 +601,7 @@ def write_scopes(store_uri: str, prior, plan: ScopePlan, merge: ScopeMerge, *com
         if state_sha != prior.state_sha256:
             write_verified_objects(store, {scope_state_key(state_sha): state})
         return replace_entry(prior, state_key=scope_state_key(state_sha), state_sha256=state_sha,
-                             state_bytes=len(state), scopes=plan.scopes, members=plan.members)
+                             state_bytes=len(state), scopes=plan.scopes, members=plan.members, stale=())
     bundle, facts = BUNDLE_SCHEMA.empty_table(), FACTS_STATS_SCHEMA.empty_table()
     if prior is not None:
         bundle = decode_bundle(verified_bytes(store, prior.key, prior.bytes, prior.sha256), source=f"{store.uri}/{prior.key}")

@@ -44,7 +44,8 @@ every scope's delta, compiled once; serving nodes pull it whole) and the *scope 
 (``objects/scope_state/<sha256>.parquet``, pipeline.scopes.SCOPE_STATE_SCHEMA: per scope and
 shard, the scope facts that shard's users carry (members, and users holding the scope as an
 extra scope) and how many members it has; read by the night and its compile workers). Its
-``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id). A member's bundle row
+``stats`` name the scopes' own ``facts`` rows (``user_id`` = the scope id); its ``stale`` (only
+when not empty) the scopes a forget dropped for the next night to compile. A member's bundle row
 names its scope (schemas.bundle, column ``scope``).
 """
 
@@ -206,6 +207,11 @@ class ScopesEntry:
     rows: int  # rows of the scope deltas
     members: int  # users composed with a scope
     stats: dict[str, str] = field(default_factory=dict)  # stats table -> key of the scopes' part
+    stale: tuple[str, ...] = ()
+    """Scopes (ids, sorted) whose merged facts a forget changed (a forgotten user's copy was the
+    latest, or its only carrier): their deltas were dropped, with the deltas of users holding one
+    as an extra scope, and the next night compiles them and those users (versions.forget). Written
+    only when not empty (manifests before 2026-12-01 have none)."""
 
     def object_keys(self) -> tuple[str, ...]:
         return (self.key, self.state_key) + tuple(sorted(self.stats.values()))
@@ -270,6 +276,10 @@ class Manifest:
         out["stats"] = {table: list(parts) for table, parts in self.stats.items()}
         if self.scopes is None:
             del out["scopes"]  # a store without scopes writes the manifests it wrote before scopes
+        elif not self.scopes.stale:
+            del out["scopes"]["stale"]  # (readers before 2026-12-01 refuse an unknown field)
+        else:
+            out["scopes"]["stale"] = list(self.scopes.stale)
         return out
 
     def to_json(self) -> str:
@@ -329,12 +339,16 @@ class Manifest:
 def _scopes_entry(raw, where: str) -> ScopesEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: must be a JSON object")
-    _check_fields(raw, ScopesEntry, where)
+    _check_fields(raw, ScopesEntry, where, optional={"stale"})
+    stale = raw.get("stale", [])
+    if not isinstance(stale, list) or not all(isinstance(s, str) and s for s in stale) or stale != sorted(set(stale)):
+        raise ManifestError(f"{where}: field 'stale' must be a sorted list of distinct scope ids, got {stale!r}")
     entry = ScopesEntry(key=_str(raw, "key", where), sha256=_sha(raw, "sha256", where), bytes=_int(raw, "bytes", where),
                         state_key=_str(raw, "state_key", where), state_sha256=_sha(raw, "state_sha256", where),
                         state_bytes=_int(raw, "state_bytes", where), scopes=_int(raw, "scopes", where),
                         facts=_int(raw, "facts", where), rows=_int(raw, "rows", where),
-                        members=_int(raw, "members", where), stats=_mapping(raw, "stats", where, str))
+                        members=_int(raw, "members", where), stats=_mapping(raw, "stats", where, str),
+                        stale=tuple(stale))
     if entry.key != scopes_key(entry.sha256):
         raise ManifestError(f"{where}: field 'key' is {entry.key!r}; expected {scopes_key(entry.sha256)!r}")
     if entry.state_key != scope_state_key(entry.state_sha256):

@@ -702,3 +702,211 @@ def test_the_first_night_over_a_version_1_scope_state_reads_every_shard_once_and
 
     report = night(spec, tmp_path, "3", [upsert("carol", "cat", "My cat is called", " Max", 3)])
     assert report.compiled_users == 1  # and then a night costs what changed again
+
+
+# A member whose copies the scope was compiled from (issue: forget and shared scopes).
+ZANZIBAR = ("The wifi password is", " Zanzibar")  # bob's copy of acme-wifi, the latest: the scope's
+BOB_ONLY = ("bob-gate", "The gate code is", " Quokka")  # a scope fact bob alone carries
+MOTTO = ("The motto is", " Onward")
+
+
+def forget_member_log() -> list[dict]:
+    """first_log, with bob's copy of acme-wifi the latest (his own text) and a scope fact only he
+    carries; frank holds org:acme as an extra scope (his first is org:aaa)."""
+    rows = [r for r in first_log() if not (r["user_id"] == "bob" and r["fact_id"] == "acme-wifi")]
+    return rows + [upsert("bob", "acme-wifi", *ZANZIBAR, 0.5, SCOPE), upsert("bob", BOB_ONLY[0], *BOB_ONLY[1:], 0, SCOPE),
+                   upsert("frank", "motto", *MOTTO, 0, "org:aaa"),
+                   upsert("frank", "acme-office", *SCOPE_FACTS["acme-office"], 0, SCOPE)]
+
+
+BOBS_WORDS = ("bob", "Zanzibar", "Quokka", "gate code", "Nakamura")
+
+
+def holding_words(store, words=BOBS_WORDS) -> dict[str, list[str]]:
+    """key -> the words it holds, read in every object's decoded rows (Parquet) or raw bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    for key in store.list(""):
+        if key.startswith("models/"):
+            continue  # the tokenizer's vocabulary holds every word
+        data = store.get(key)
+        text = data
+        if key.endswith(".parquet"):
+            text = json.dumps(pq.read_table(pa.BufferReader(data)).to_pylist(), default=str).encode()
+        found = [w for w in words if w.encode() in text or w.encode() in data]
+        if found:
+            out[key] = found
+    return out
+
+
+def manifests(store) -> list:
+    from versions.catalog import manifest_versions_on_disk, read_manifest
+
+    return [read_manifest(store, v) for v in manifest_versions_on_disk(store)]
+
+
+def test_forgetting_a_member_whose_copies_the_scope_was_compiled_from_leaves_none_of_them_in_any_version(
+        spec, tmp_path, tiny, local_store):
+    from versions.forget import forget_user, scan_for_user
+
+    night(spec, tmp_path, "1", forget_member_log())
+    night(spec, tmp_path, "2", [upsert("erin", "cat", "My cat is called", " Tom", 1)])
+    assert set(holding_words(local_store)) and "frank" in member_rows(local_store, read_current(local_store)[0])
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("alice"), *ZANZIBAR) and recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+
+    report = forget_user(local_store, "bob", actor="test", reason="ticket 11")
+    assert report.found and len(report.rewritten) == 2 and "1 shared scope(s) were compiled from" in report.message
+    # No object holds bob's id, a text he wrote (his copies of the scope's facts included) or the
+    # scope delta compiled from them, in CURRENT or in the version a rollback could reach.
+    assert scan_for_user(local_store, "bob") == [] and holding_words(local_store) == {}
+    for manifest in manifests(local_store):
+        assert manifest.scopes.stale == (SCOPE,) and list(scope_deltas(local_store, manifest)) == ["org:aaa"]
+        rows = member_rows(local_store, manifest)
+        assert "frank" not in rows and rows["alice"][0] == SCOPE  # frank's delta held the scope's merged facts
+    node.poll()
+    for user in ("alice", "carol", "dave", "frank"):
+        assert not recalls(tiny, node.deltas_for(user), *ZANZIBAR), user
+
+    # The next night compiles the scope again from the members' copies, its members and frank.
+    report = night(spec, tmp_path, "3", [upsert("erin", "car", "My car is", " red", 2)])
+    current, _ = read_current(local_store)
+    assert report.compiled_scopes == 1 and report.compiled_users == 5  # alice, carol, dave, frank; erin
+    assert current.scopes.stale == () and set(scope_deltas(local_store, current)) == {"org:aaa", SCOPE}
+    node.poll()
+    for user in ("alice", "dave", "frank"):
+        assert recalls(tiny, node.deltas_for(user), *SCOPE_FACTS["acme-wifi"]), user
+    assert recalls(tiny, node.deltas_for("frank"), *MOTTO) and recalls(tiny, node.deltas_for("alice"), *OWN["alice"]["dog"])
+
+
+def test_the_cli_forget_and_a_nights_forget_user_leave_the_same_scope_state_and_deltas(tmp_path, tiny_dir, tiny):
+    """``engram forget`` then a night, and a night with a ``forget_user`` event: the same version
+    at the end (scope state, scope deltas, who is served what), and no version of either holds
+    what bob wrote."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from versions.forget import scan_for_user
+    from versions.store import open_store
+
+    later = upsert("erin", "car", "My car is", " red", 2)
+    ends = {}
+    for path in ("cli", "night"):
+        store = open_store(str(tmp_path / path / "store"))
+        spec = NightlySpec(store=store.uri, fact_log=str(tmp_path / path / "log"), model=str(tiny_dir),
+                           num_shards=NUM_SHARDS, workers=0)
+        night(spec, tmp_path / path, "1", forget_member_log())
+        if path == "cli":
+            result = CliRunner().invoke(app, ["forget", "--store", store.uri, "bob", "--reason", "ticket 12"])
+            assert result.exit_code == 0, result.output
+            night(spec, tmp_path / path, "2", [later])
+        else:
+            report = night(spec, tmp_path / path, "2", [event("bob", "forget_user", 1), later])
+            assert report.compiled_scopes == 1
+            older = [m for m in manifests(store) if m.version != read_current(store)[0].version]
+            assert older and all(m.scopes.stale == (SCOPE,) for m in older)  # rewritten, to be compiled again
+        assert scan_for_user(store, "bob") == [] and holding_words(store) == {}, path
+        current, _ = read_current(store)
+        assert current.scopes.stale == ()
+        ends[path] = (current.scopes.state_key, current.scopes.key,
+                      {u: (s, d.row_ids.tolist()) for u, (s, d) in member_rows(store, current).items()})
+    assert ends["cli"] == ends["night"]
+
+
+def test_a_forget_refused_the_delete_of_a_scope_state_is_finished_by_running_it_again(tmp_path, tiny_dir, s3_store,
+                                                                                      s3_server, monkeypatch):
+    """The old scope state (bob's copies) cannot be deleted (a policy, an object lock): the forget
+    fails naming it (exit 1) after CURRENT moved to the rewrite; run again, it deletes it, though no
+    manifest names it any more and it holds no user id."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from tests.s3_proxy import ConditionProxy
+    from versions.forget import scan_for_user
+    from versions.store import open_store
+
+    spec = NightlySpec(store=s3_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=0)
+    night(spec, tmp_path, "1", forget_member_log())
+    refused = read_current(s3_store)[0].scopes.state_key
+    forget = ["forget", "--store", s3_store.uri, "bob", "--reason", "ticket 13", "--json"]
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, deny_deletes=(refused,)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        out = CliRunner().invoke(app, forget)
+    assert out.exit_code == 1 and refused in out.output, out.output
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    store = open_store(s3_store.uri)
+    left = holding_words(store)  # the refused one, and those after it in the forget's order
+    assert refused in left and not set(left) & read_current(store)[0].object_keys()
+    again = CliRunner().invoke(app, forget)
+    assert again.exit_code == 0, again.output
+    assert refused in json.loads(again.stdout)["deleted_objects"]
+    assert holding_words(store) == {} and scan_for_user(store, "bob") == []
+
+
+def test_a_scope_fact_that_fails_in_the_delta_of_a_user_who_carries_no_copy_of_it_is_reported(
+        tmp_path, tiny_dir, tiny, local_store):
+    """alice holds org:b as an extra scope and carries no copy of bob's parking, which her own delta
+    is compiled to serve: where it fails there, her facts rows say so (they said nothing: the fact
+    was not served and no row told), in the night and in compile_scoped; where it is recalled, no
+    row is added."""
+    from engram_core.compiler import CompileOptions
+    from pipeline.scopes import compile_scoped
+
+    failing = {"steps": 1, "max_rounds": 1, "lr": 1e-9, "init_scale": 1e-9, "lr_width_scaling": False}
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                       num_shards=NUM_SHARDS, workers=0, compile=failing)
+    night(spec, tmp_path, "1", several_scopes_state_log())
+    rows = query_stats(local_store, "select status, scope, detail from facts where user_id = 'alice' "
+                                    "and fact_id = 'org:b/parking'").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "not_recalled" and rows[0]["scope"] is None
+    assert rows[0]["detail"].startswith('compiled in the user\'s own delta from scope "org:b"; the user carries no '
+                                        "copy of it; answer not reproduced"), rows[0]["detail"]
+
+    import pyarrow as pa
+
+    log = several_scopes_state_log()
+    state = pa.table({name: [r[name] for r in log] for name in ("user_id", "fact_id", "scope", "trigger", "answer")})
+    state = state.set_column(2, "scope", pa.array([r["scope"] or r["user_id"] for r in log]))
+    state = state.append_column("event_time", pa.array([r["event_time"] for r in log], pa.timestamp("us", tz="UTC")))
+    failed = compile_scoped(tiny, state, CompileOptions(**failing))
+    assert [(r.fact_id, r.status) for r in failed.results if r.user_id == "alice" and r.fact_id == "org:b/parking"] == \
+        [("org:b/parking", "not_recalled")]
+    recalled = compile_scoped(tiny, state)
+    assert not [r for r in recalled.results if r.user_id == "alice" and "/" in r.fact_id]
+
+
+def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_recompiles_that_holder(
+        spec, tmp_path, tiny, local_store):
+    """bob, org:acme's only member, wrote its wifi; frank holds org:acme as an extra scope (carrying
+    the office only) and was served bob's wifi from his own delta. After engram forget bob org:acme
+    is dropped from the scope deltas (no member left) and stale, frank's delta goes; the next night
+    compiles frank from the facts left, and nobody is served bob's wifi."""
+    from versions.forget import forget_user
+
+    rows = [upsert("bob", "acme-wifi", *ZANZIBAR, 0, SCOPE), upsert("bob", "acme-office", *SCOPE_FACTS["acme-office"], 0,
+                                                                    SCOPE),
+            upsert("frank", "motto", *MOTTO, 0, "org:aaa"), upsert("frank", "acme-office", *SCOPE_FACTS["acme-office"], 0,
+                                                                   SCOPE)]
+    night(spec, tmp_path, "1", rows)
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+    forget_user(local_store, "bob", actor="test", reason="ticket 14")
+    current, _ = read_current(local_store)
+    assert (current.scopes.scopes, current.scopes.members, current.scopes.stale) == (1, 1, (SCOPE,))  # org:aaa left
+    assert list(scope_deltas(local_store, current)) == ["org:aaa"]
+    assert holding_words(local_store) == {} and "frank" not in member_rows(local_store, current)
+    assert node.poll().error is None and not recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+
+    report = night(spec, tmp_path, "2", [upsert("erin", "city", *PLAIN["erin"]["city"], 1)])
+    current, _ = read_current(local_store)
+    assert report.compiled_users == 2 and current.scopes.stale == ()  # frank, erin
+    node.poll()
+    frank = node.deltas_for("frank")
+    assert recalls(tiny, frank, *MOTTO) and recalls(tiny, frank, *SCOPE_FACTS["acme-office"])
+    assert not recalls(tiny, frank, *ZANZIBAR)

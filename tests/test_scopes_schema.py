@@ -4,6 +4,7 @@ and the night's scope merge, without compiling (the whole nights are in test_sco
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -110,6 +111,23 @@ def test_the_manifest_carries_the_scopes_entry_and_a_manifest_without_scopes_is_
         Manifest.from_dict(broken)
 
 
+def test_a_scopes_entry_names_its_stale_scopes_only_when_a_forget_left_some():
+    """``stale`` (scopes a forget dropped, to be compiled by the next night) is written only when
+    not empty, so a manifest without it reads as before (and older readers read it); a malformed
+    one is refused naming the field."""
+    a, b = "a" * 64, "b" * 64
+    entry = ScopesEntry(key=scopes_key(a), sha256=a, bytes=10, state_key=scope_state_key(b), state_sha256=b,
+                        state_bytes=5, scopes=1, facts=2, rows=7, members=3)
+    assert "stale" not in _manifest(entry).to_dict()["scopes"]
+    stale = _manifest(ScopesEntry(**{**entry.__dict__, "stale": ("org:acme", "org:b")}))
+    assert stale.to_dict()["scopes"]["stale"] == ["org:acme", "org:b"]
+    assert Manifest.from_json(stale.to_json()) == stale
+    broken = stale.to_dict()
+    broken["scopes"]["stale"] = ["org:b", "org:acme"]
+    with pytest.raises(ManifestError, match="scopes: field 'stale'"):
+        Manifest.from_dict(broken)
+
+
 # ---------------------------------------------------------------- the scope state and the merge
 
 
@@ -167,6 +185,30 @@ def test_the_merge_compiles_only_scopes_whose_merged_facts_changed_and_drops_emp
     assert merge.removed.to_pylist() == ["org:beta"]
     # The same night with everything recompiled (a model change) compiles every scope.
     assert merge_scopes(local_store.uri, prior, False, True, [1], carol_only)[0].changed == ("org:acme",)
+    # A forget left org:acme stale (its delta dropped): it compiles, and its facts count as changed.
+    plan = merge_scopes(local_store.uri, replace(prior, stale=("org:acme",)), False, False, [1], carol_only)[0]
+    assert plan.changed == ("org:acme",) and plan.refreshed == ("org:acme",) and plan.member_shards == (0, 1)
+
+
+def test_a_forget_computes_the_scope_state_again_without_a_users_copies_and_names_what_changed():
+    """bob's copy of org:acme's wifi is the latest and he alone carries its parking: without him
+    his shard's rows come from carol's copy, org:acme's merged facts change (stale); org:beta
+    loses its only member (dropped) and, with no copy left, its facts."""
+    from pipeline.scopes import forget_scope_copies
+
+    rows = [("bob", "wifi", "org:acme", "The wifi password is", " Zanzibar", 3),
+            ("bob", "parking", "org:acme", "The gate code is", " Quokka", 1),
+            ("carol", "wifi", "org:acme", "The wifi password is", " Pepper", 1),
+            ("dan", "hours", "org:beta", "We open at", " nine", 1)]
+    prior = pa.concat_tables([shard_contribution(_state(rows[:3]), 0), shard_contribution(_state(rows[3:]), 1)])
+    forget = forget_scope_copies(prior, {0: _state(rows[2:3]), 1: _state([])})
+    assert forget.stale == ("org:acme", "org:beta") and forget.dropped == ("org:beta",)
+    assert (forget.scopes, forget.members) == (1, 1)
+    assert forget.state.select(["scope", "shard", "fact_id", "answer", "members"]).to_pylist() == [
+        {"scope": "org:acme", "shard": 0, "fact_id": "wifi", "answer": " Pepper", "members": 1}]
+    # carol's copy the same as bob's: the merged facts do not change, nothing is stale.
+    same = forget_scope_copies(shard_contribution(_state([rows[2], ("bob",) + rows[2][1:]]), 0), {0: _state(rows[2:3])})
+    assert same.stale == () and same.dropped == () and same.members == 1
 
 
 def test_the_facts_stats_scope_comes_from_a_copys_result_detail():

@@ -29,7 +29,11 @@ all of one night's ``forget_user`` events at once).
 A shared scope whose id is a forgotten user's (user ``acme``, and other users' facts of scope
 ``acme``) is another owner and is kept: the scope objects, the scope's own ``facts`` rows
 (``scope`` = ``user_id``) and the scope named first in a ``user+scope`` collision are never taken
-for the user's; the user's copies of scope facts (its own rows) go with the user.
+for the user's; the user's copies of scope facts (its own rows) go with the user, from the fact
+state and from the scope state (its shard's rows computed again without them). A scope whose merged
+facts that changes was compiled from the user's text: its delta, and the deltas of the users
+holding it as an extra scope, are dropped from the rewrite, which names it ``stale`` for the next
+night to compile (see :meth:`_Rewriter.scopes`).
 
 Why new numbers rather than rewriting manifests in place:
 
@@ -73,16 +77,20 @@ from schemas.facts import (
     decode_fact_state,
     encode_fact_state,
     encode_tombstones,
+    merge_state_chain,
 )
 from schemas.manifest import (
     MANIFEST_SCHEMA_VERSION,
     Manifest,
     ManifestError,
+    ScopesEntry,
     ShardEntry,
     StateLayer,
     bundle_key,
     layer_key,
     manifest_key,
+    scope_state_key,
+    scopes_key,
     state_key,
     stats_part_key,
     tombstones_key,
@@ -153,7 +161,9 @@ def _is_user(values: pa.Array | pa.ChunkedArray, users: pa.Array) -> pa.Array:
 # column that otherwise names users:
 SCOPE_OBJECT_PREFIXES = ("objects/scopes/", "objects/scope_state/")
 """Version-level scope objects (pipeline.scopes): the scope deltas (a bundle whose ``user_id`` is
-the scope id) and the scope state (no user id). They never hold a user's data."""
+the scope id) and the scope state (no user id). They never name a user, but the scope state holds
+the members' copies of scope facts (texts, fact ids, times) and the scope deltas are compiled from
+them: a forget computes them again without its users' copies (:meth:`_Rewriter.scopes`)."""
 _OWNER_KIND_USER_SCOPE = "user+scope"  # pipeline.collisions.OWNER_KIND_USER_SCOPE: example_owners[0] is the scope
 
 
@@ -276,6 +286,7 @@ class _Rewriter:
         self._parts: dict[tuple[str, tuple[str, ...]], str] = {}
         self.erased: dict[tuple, tuple[str, ...]] = {}  # a shard entry's object keys -> the users erased from it
         self._states: dict[tuple, list] = {}  # see _state_objects
+        self._scopes: dict[tuple, tuple] = {}  # see scopes
 
     def _keep(self, key_of, data: bytes) -> tuple[str, str, int]:
         sha = _sha(data)
@@ -315,15 +326,101 @@ class _Rewriter:
         self.objects[key] = data
         return key
 
-    def shard(self, entry: ShardEntry, users: list[str]) -> ShardEntry:
+    def shard(self, entry: ShardEntry, users: list[str], drop: Sequence[str] = ()) -> ShardEntry:
         """The entry with their forget tombstones, without the data of those ``users`` (all of this
-        shard) that :meth:`erasable` finds written up to their forget."""
-        memo = (entry.object_keys(), tuple(users))
+        shard) that :meth:`erasable` finds written up to their forget, and without the delta rows
+        (and their ``facts``, ``users``, ``collisions`` stats rows) of the other users ``drop``: their
+        deltas were compiled from a scope fact a forgotten user wrote (:meth:`scopes`); their facts
+        stay in the fact state, and the next night compiles them again."""
+        memo = (entry.object_keys(), tuple(users), tuple(drop))
         if memo not in self._entries:
+            drop_arr = pa.array(sorted(drop), pa.string())
+            if not users:
+                self._entries[memo] = replace(entry, **self._delta_chain(entry, drop_arr),
+                                              stats={table: self.part(k, drop_arr) for table, k in entry.stats.items()})
+                return self._entries[memo]
             erase = self.erasable(entry, users)
             self.erased[entry.object_keys()] = tuple(sorted(set(self.erased.get(entry.object_keys(), ())) | set(erase)))
-            self._entries[memo] = self._rewrite(entry, pa.array(erase, pa.string()), pa.array(users, pa.string()))
+            self._entries[memo] = self._rewrite(entry, pa.array(erase, pa.string()), pa.array(users, pa.string()),
+                                                drop_arr)
         return self._entries[memo]
+
+    def fact_state(self, entry: ShardEntry, erase: Sequence[str]) -> pa.Table:
+        """The shard's merged fact state without the facts of ``erase`` (what :meth:`shard` leaves)."""
+        objects = self._state_objects(entry)
+        (state, tombstones, _, _), layers = objects[0], [(s, t) for s, t, _, _ in objects[1:]]
+        merged = merge_state_chain(state, tombstones, layers)[0] if layers else state
+        return merged.filter(pc.invert(_is_user(merged.column("user_id"), pa.array(sorted(erase), pa.string()))))
+
+    def scopes(self, manifest: Manifest, erase: Mapping[int, Sequence[str]]) -> tuple[ScopesEntry | None,
+                                                                                   dict[int, list[str]]]:
+        """The version's shared scopes without the copies of scope facts the users of ``erase``
+        (shard -> the users erased there) carried, and per shard the other users whose deltas must
+        go. The scope state's rows of those shards are computed again from their fact state without
+        the users (pipeline.scopes.forget_scope_copies: as the shard's next apply would). A scope whose
+        merged facts that changes was compiled from what a forgotten user wrote (its copy was the
+        latest, or the only one): its delta and its own ``facts`` rows go, and so do the deltas of
+        the users holding it as an extra scope (their own deltas hold its merged facts); the entry
+        names it ``stale``, so the next night compiles it, its members and those users again. A
+        scope whose last member went is dropped, as a night drops it."""
+        from pipeline.scopes import SCOPE_STATE_SCHEMA, decode_scope_state, encode_scope_state, forget_scope_copies, \
+            scope_copies, scope_state_version
+        from schemas.bundle import decode_bundle
+        from versions.catalog import verified_bytes
+
+        entry, store = manifest.scopes, self.store
+        shards = tuple(sorted((s, manifest.shard(s).object_keys(), tuple(sorted(users))) for s, users in erase.items()))
+        memo = (entry.object_keys(), entry.stale, manifest.num_shards, shards)
+        if memo in self._scopes:
+            return self._scopes[memo]
+        data = verified_bytes(store, entry.state_key, entry.state_bytes, entry.state_sha256)
+        prior = decode_scope_state(data, source=f"{store.uri}/{entry.state_key}")
+        legacy = scope_state_version(data) < 2
+        states = {s: self.fact_state(manifest.shard(s), users) for s, users in erase.items()}
+        forget = forget_scope_copies(prior, states, legacy)
+        if forget.state.equals(prior.cast(SCOPE_STATE_SCHEMA)):
+            self._scopes[memo] = (entry, {})
+            return self._scopes[memo]
+        self.held.add(entry.state_key)
+        gone = pa.array(sorted(set(forget.stale) | set(forget.dropped)), pa.string())
+        fields: dict = {}
+        bundle = decode_bundle(verified_bytes(store, entry.key, entry.bytes, entry.sha256), source=f"{store.uri}/{entry.key}")
+        if pc.any(pc.is_in(bundle.column("user_id"), gone)).as_py():
+            self.held.add(entry.key)
+            bundle = bundle.filter(pc.invert(pc.is_in(bundle.column("user_id"), gone)))
+            key, sha, size = self._keep(scopes_key, encode_bundle(bundle))
+            fields |= dict(key=key, sha256=sha, bytes=size,
+                           rows=int(pc.sum(pc.list_value_length(bundle.column("row_ids"))).as_py() or 0))
+        stats = dict(entry.stats)
+        if "facts" in stats:  # the scopes' own rows (user_id = scope = the scope id)
+            facts = pq.read_table(pa.BufferReader(store.get(stats["facts"])))
+            mine = pc.is_in(facts.column("user_id"), gone)
+            if pc.any(mine).as_py():
+                self.held.add(stats["facts"])
+                facts = facts.filter(pc.invert(mine))
+                stats["facts"] = self._keep(lambda sha: stats_part_key("facts", sha), _parquet_bytes(facts))[0]
+                fields |= dict(facts=facts.num_rows, stats=stats)
+        drop: dict[int, list[str]] = {}
+        stale = pa.array(forget.stale, pa.string())
+        holder_shards = prior.filter(pc.is_in(prior.column("scope"), stale)).column("shard").to_pylist()
+        for shard in sorted(set(holder_shards)):
+            state = states[shard] if shard in states else self.fact_state(manifest.shard(shard), ())
+            copies = scope_copies(state.select(["user_id", "fact_id", "scope"]))
+            extra = copies.filter(pc.and_(pc.invert(copies.column("composed")), pc.is_in(copies.column("scope"), stale)))
+            users = sorted(set(extra.column("user_id").to_pylist()) - set(self.users.to_pylist()))
+            if users:
+                drop[shard] = users
+        left = set(pc.unique(forget.state.column("scope")).to_pylist())
+        marked = tuple(sorted((set(entry.stale) | set(forget.stale)) & left))  # a scope no one carries needs nothing
+        if forget.scopes == 0 and not marked:
+            self._scopes[memo] = (None, drop)  # no scope has a member left (as a night writes it)
+            return self._scopes[memo]
+        state_bytes = encode_scope_state(forget.state, 1 if legacy else 2)
+        key, sha, size = self._keep(scope_state_key, state_bytes)
+        new = replace(entry, **fields, state_key=key, state_sha256=sha, state_bytes=size, scopes=forget.scopes,
+                      members=forget.members, stale=marked)
+        self._scopes[memo] = (new, drop)
+        return self._scopes[memo]
 
     def erasable(self, entry: ShardEntry, users: list[str]) -> list[str]:
         """The users of ``users`` (of this shard) that have data here written up to their forget's
@@ -362,12 +459,14 @@ class _Rewriter:
             self._states[key] = objects
         return self._states[key]
 
-    def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array) -> ShardEntry:
-        new = replace(entry, **self._delta_chain(entry, erase), **self._state_chain(entry, erase, users))
-        return replace(new, stats={table: self.part(k, erase) for table, k in entry.stats.items()})
+    def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array, drop: pa.Array) -> ShardEntry:
+        gone = pa.concat_arrays([erase, drop])
+        new = replace(entry, **self._delta_chain(entry, gone), **self._state_chain(entry, erase, users))
+        return replace(new, stats={table: self.part(k, gone) for table, k in entry.stats.items()})
 
     def _delta_chain(self, entry: ShardEntry, users: pa.Array) -> dict:
-        """The base bundle and layers without the users (see the module docstring), and the totals."""
+        """The base bundle and layers without the users (see the module docstring) and their stats
+        rows, and the totals."""
         store = self.store
         base = load_base_bundle(store, entry)
         fields: dict = {}
@@ -519,7 +618,12 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_abse
         by_shard: dict[int, list[str]] = {}
         for user in sorted(set(users)):
             by_shard.setdefault(shard_of(user, manifest.num_shards), []).append(user)
-        new_entries = {shard: rewriter.shard(manifest.shard(shard), members) for shard, members in by_shard.items()}
+        scopes, drop = manifest.scopes, {}
+        if scopes is not None:  # the users' copies of shared scopes' facts (see _Rewriter.scopes)
+            erase = {shard: rewriter.erasable(manifest.shard(shard), members) for shard, members in by_shard.items()}
+            scopes, drop = rewriter.scopes(manifest, erase)
+        new_entries = {shard: rewriter.shard(manifest.shard(shard), by_shard.get(shard, []), drop.get(shard, ()))
+                       for shard in sorted(set(by_shard) | set(drop))}
         erased = pa.array(sorted({u for shard in by_shard for u in rewriter.erased[manifest.shard(shard).object_keys()]}),
                           pa.string())
         parts = _version_parts(store, manifest)
@@ -529,11 +633,13 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_abse
         if parts.get("shards") and shards != manifest.shards:  # per-shard totals and keys of the rewrite
             stats["shards"] = [rewriter.shards_part(parts["shards"], shards)]
         version_parts = {k for keys in parts.values() for k in keys}
-        if any(k in rewriter.held for e in manifest.shards for k in e.object_keys()) or version_parts & rewriter.held:
+        scope_keys = set(manifest.scopes.object_keys()) if manifest.scopes is not None else set()
+        if any(k in rewriter.held for e in manifest.shards for k in e.object_keys()) or \
+                (version_parts | scope_keys) & rewriter.held:
             held.add(manifest.version)
         drafts[manifest.version] = replace(
             manifest, schema_version=MANIFEST_SCHEMA_VERSION,
-            shards=shards,
+            shards=shards, scopes=scopes,
             stats={table: tuple(keys) for table, keys in stats.items()},
             forgotten=tuple(sorted(set(manifest.forgotten) | hashes)))
     if not held and (not record_absent or all(hashes <= set(m.forgotten) for m in retained)):
@@ -601,7 +707,10 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
 def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str]) -> list[str]:
     """Delete every object under ``objects/`` and ``stats/`` that holds one of ``users`` and no
     manifest on the store references: what a night killed before its commit (or a losing
-    concurrent publisher) wrote. gc would collect them too, but an erasure must not wait for it.
+    concurrent publisher) wrote, or what a forget that failed part-way had still to delete. gc
+    would collect them too, but an erasure must not wait for it. Scope objects (scope deltas and
+    state, the scopes' own ``facts`` parts) hold the members' copies of scope facts (texts, fact
+    ids, deltas compiled from them) with no user id to tell whose: every one no manifest names goes.
     ``keep``: objects of a night in progress (they are not named by a manifest yet). If a
     manifest cannot be read, nothing is deleted here (its references are unknown) and a warning
     says so."""
@@ -615,14 +724,17 @@ def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: froz
     deleted = []
     for prefix in ("objects/", "stats/"):
         for key in store.list(prefix):
-            if key in referenced or not is_collectable(key) or key.startswith(SCOPE_OBJECT_PREFIXES):
-                continue  # (a scope object never holds a user, whatever user shares a scope's id; a key whose
-                # name the store does not write is not the store's object)
+            if key in referenced or not is_collectable(key):
+                continue  # (a key whose name the store does not write is not the store's object)
+            if key.startswith(SCOPE_OBJECT_PREFIXES):
+                store.delete(key)  # whose copies it holds is unknown (see below)
+                deleted.append(key)
+                continue
             try:
                 table = pq.read_table(pa.BufferReader(store.get(key)))
             except (pa.ArrowInvalid, OSError):
                 continue  # not a table we wrote; gc decides about it
-            if _holds_users(table, users):
+            if _holds_users(table, users) or _scope_rows(table) is not None and pc.any(_scope_rows(table)).as_py():
                 store.delete(key)
                 deleted.append(key)
     if deleted:
@@ -679,7 +791,19 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
                    f"v{new_current.version} (CURRENT), so their events up to the forget's time are refused "
                    f"(FORGOTTEN_USER) when they arrive")
     return ForgetReport(hashes, plan.found, new_current.version, dict(mapping), tuple(deleted),
-                        message=message + scopes_note)
+                        message=message + scopes_note + _stale_note(plan, new_current))
+
+
+def _stale_note(plan: _Plan, current: Manifest) -> str:
+    """A sentence for the report when the forget left shared scopes of CURRENT stale (their deltas
+    were compiled from the users' copies: dropped until the next night compiles them)."""
+    before = next((m for m in plan.retained if m.version == plan.pointer.version), None)
+    stale = set(current.scopes.stale if current.scopes is not None else ()) - \
+        set(before.scopes.stale if before is not None and before.scopes is not None else ())
+    if not stale:
+        return ""
+    return (f"; {len(stale)} shared scope(s) were compiled from the forgotten copies: their deltas (and those of the "
+            "users holding them as an extra scope) are dropped until the next night compiles them again")
 
 
 def _scopes_note(store: ObjectStore, plan: _Plan | None, users: list[str]) -> str:
