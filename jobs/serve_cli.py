@@ -75,7 +75,10 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
     from serving.pull import resolve_model
 
     records = last_goods_of(cache_dir, store_identity(store))
-    fp = fingerprint(model_dir) if model_dir is not None else None
+    try:
+        fp = fingerprint(model_dir) if model_dir is not None else None
+    except (ValueError, OSError) as e:  # a damaged checkpoint
+        fail_json(as_json, f"--model {model_dir}: {e}", exit_code(e), what)
     usable = [r for r in records if r.fingerprint == fp] if fp is not None else \
         [r for r in records if (Path(cache_dir) / "models" / r.fingerprint).is_dir()]
     if not usable:
@@ -140,8 +143,7 @@ def pull(
                 report.update({"pulled": False, "exit_code": 1})
             typer.echo(json.dumps(report))
         if result.error:
-            served = f"v{result.version}" if result.version is not None else "nothing"
-            typer.echo(f"error: {result.error} ({'stale: ' if result.stale else ''}serving {served})", err=True)
+            typer.echo(f"error: {result.error} (still serving {result.version or 'nothing'})", err=True)
         elif not as_json:
             what = (f"loaded shards {list(result.fetched_shards)}, {result.layers_applied} layer(s) applied, "
                     f"{result.downloaded_bytes} bytes downloaded" if result.fetched_shards else "unchanged")
