@@ -32,8 +32,9 @@ _MODEL = typer.Option(None, "--model", help="Use this local checkpoint instead o
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
     """(store, manifest, em, cache_dir, current) for a command; exits with a clear message on any
     problem (with ``as_json``, also the command's JSON failure object). ``current``: the manifest
-    read from the store's CURRENT; None when the store did not answer and ``manifest`` is the
-    cache's last-good (serving.last_good), which the pull client then serves as stale."""
+    read from the store's CURRENT (None if the store did not answer). When the store stops
+    answering before the model is loaded, ``manifest`` is the cache's last-good
+    (serving.last_good), which the pull client then serves as stale."""
     from schemas.manifest import ManifestError
     from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
     from versions.catalog import read_current
@@ -49,6 +50,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     problem = checkpoint_problem(model_dir, f"--model {model_dir}") if model_dir is not None else None
     if problem:  # not there, a file, a folder without a checkpoint: a bad argument, before the store is read
         fail_json(as_json, problem + " (or leave --model out to load the store's model)", 2, what)
+    manifest = None
     try:
         store = open_store(store_uri, create=False)
         current = read_current(store)
@@ -57,9 +59,9 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
                                "nightly), or check --store", 1, what)
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
-    except StoreUnreachable as outage:
-        manifest, em = _last_good(store, outage, model_dir, cache_dir, as_json, what)
-        return store, manifest, em, cache_dir, None
+    except StoreUnreachable as outage:  # CURRENT, or the model it names, could not be read
+        last_good, em = _last_good(store, outage, model_dir, cache_dir, as_json, what)
+        return store, last_good, em, cache_dir, manifest
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
         fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
     return store, manifest, em, cache_dir, manifest

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from schemas.manifest import Manifest, ManifestError
-from versions.store import write_file_atomic
+from versions.store import remove_dead_temp_files, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def save_last_good(cache_dir: str | Path, record: LastGood) -> Path:
             "forgotten": sorted(record.forgotten), "manifest_sha256": _sha256(manifest_json),
             "manifest": manifest_json}
     path = record_path(cache_dir, record.store_id, record.fingerprint)
+    remove_dead_temp_files(path.parent)  # of a node killed mid-write (nothing else removes them)
     write_file_atomic(path, json.dumps(body, indent=1).encode())
     return path
 

@@ -25,9 +25,11 @@ A serving node owns a set of shards. :class:`PullClient` polls the store:
    serves does not reference (the old index, and so the memory, is released with the swap).
 
 Any failure keeps the version being served, logs why and sets ``last_error``; the next poll
-tries again (the etag is only remembered after a successful swap). Users the failed version's
-manifest forgets (and the served one does not) are dropped from the served version all the same,
-with their shards' cached objects. A rollback is just CURRENT
+tries again (the etag is only remembered after a successful swap). A client that has nothing
+served yet and finds the store not answering (a restart during an outage) serves the version it
+last confirmed instead, from its cache (serving.last_good), and reports it stale until the store
+answers. Users the failed version's manifest forgets (and the served one does not) are dropped
+from the served version all the same, with their shards' cached objects. A rollback is just CURRENT
 pointing at an older manifest, and a forgotten user is absent from the rewritten objects: both
 are followed on the next poll like any other change, and the eviction removes the forgotten
 user's old objects from the node's disk.

@@ -67,6 +67,7 @@ class ConditionProxy:
         self.refuse_reads = dict(refuse_reads or {})
         self.signer = _KeepContentHash(Credentials(access_key, secret_key), "s3", region)
         self.requests: list[tuple[str, str, tuple[str, ...]]] = []
+        self._connections: set = set()  # clients' open (keep-alive) sockets, closed when the proxy stops
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())  # a port: a store coming back
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -81,8 +82,16 @@ class ConditionProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Stop listening and drop every open connection (as a server that goes down does)."""
+        import socket
+
         self._server.shutdown()
         self._server.server_close()
+        for connection in list(self._connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def puts_with_conditions(self) -> int:
         return sum(1 for method, _, sent in self.requests if method == "PUT" and sent)
@@ -95,6 +104,14 @@ class ConditionProxy:
 
             def log_message(self, *args) -> None:  # quiet
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                proxy._connections.add(self.connection)
+
+            def finish(self) -> None:
+                proxy._connections.discard(self.connection)
+                super().finish()
 
             def _relay(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))

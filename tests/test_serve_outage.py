@@ -78,7 +78,8 @@ def test_a_node_restarted_while_the_store_is_down_serves_its_last_good_until_the
     confirmed = load_last_good(cache, store_identity(flaky.node_store()), tiny.fingerprint)
     assert confirmed.manifest.version == 1 and confirmed.confirmed_at == running.confirmed_at
 
-    flaky.down()  # the store stops answering; the node restarts
+    flaky.down()  # the store stops answering: the running node says so, and restarts
+    assert "StoreUnreachable" in running.poll().error and running.stale()["loaded_from"] == "store"
     restarted = PullClient(flaky.node_store(), tiny, cache_dir=cache)
     result = restarted.poll()
     assert result.version == 1 and result.downloaded_objects == 0
