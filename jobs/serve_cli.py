@@ -75,6 +75,7 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
     from engram_core.fingerprint import fingerprint
     from serving.last_good import iso, last_goods_of, store_identity
     from serving.pull import resolve_model
+    from versions.store import StoreError
 
     records = last_goods_of(cache_dir, store_identity(store))
     try:
@@ -84,7 +85,9 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
     usable = [r for r in records if r.fingerprint == fp] if fp is not None else \
         [r for r in records if (Path(cache_dir) / "models" / r.fingerprint).is_dir()]
     if not usable:
-        held = f" (it holds one for model {records[0].fingerprint[:16]}.., not --model's)" if records and fp else ""
+        held = "" if not records else (f" (it holds one for model {records[0].fingerprint[:16]}.., not --model's)" if fp
+                                       else f" whose model is in the cache (v{records[0].manifest.version} needs model "
+                                            f"{records[0].fingerprint[:16]}..: give it with --model DIR)")
         fail_json(as_json, f"{outage}; cache {cache_dir} holds no last-good version of this store{held} to serve "
                            "meanwhile (a node must reach the store once to start): start it again once the store "
                            "answers", 1, what)
@@ -92,7 +95,7 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
     try:
         em = load_checkpoint(model_dir) if model_dir is not None else \
             resolve_model(store, record.manifest, model_dir=None, cache_dir=cache_dir)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, StoreError) as e:  # a damaged cached model is downloaded again: not now
         fail_json(as_json, f"{outage}; the cache's last-good v{record.manifest.version} cannot be served: {e}", 1, what)
     typer.echo(f"warning: {store.uri} does not answer; serving the cache's last-good v{record.manifest.version} "
                f"(last confirmed CURRENT at {iso(record.confirmed_at)}) until it does", err=True)

@@ -111,7 +111,8 @@ def _read(path: Path, store_id: str, fingerprint: str | None) -> LastGood | None
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as err:
-        raise LastGoodError(f"last-good record {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+        why = getattr(err, "strerror", None) or err
+        raise LastGoodError(f"last-good record {path}: cannot read it ({why})") from None
     try:
         raw = json.loads(text)
         manifest_json, confirmed_at = raw["manifest"], float(raw["confirmed_at"])

@@ -511,8 +511,8 @@ class PullClient:
                 cache_error = self._remember()  # the forgets of a version that failed to load, if any
                 if build is None:
                     return PollResult(False, served, error=message, cache_error=cache_error, stale=self.stale())
-                return PollResult(True, served, tuple(build.fetched), error=message, rebuilt_shards=tuple(build.rebuilt),
-                                  cache_error=cache_error, stale=self.stale())
+                return PollResult(True, served, tuple(build.fetched), error=message,
+                                  rebuilt_shards=tuple(build.rebuilt), cache_error=cache_error, stale=self.stale())
             self.last_error, self.stale_since = None, None
             self.confirmed_at, self.loaded_from = now, "store"
             cache_error = self._remember()

@@ -122,9 +122,9 @@ class ConditionProxy:
                     return self._answer(403, [("Content-Type", "application/xml")], _ACCESS_DENIED)
                 refused = next((status for part, status in proxy.refuse_reads.items() if part in self.path), None)
                 if self.command in ("GET", "HEAD") and refused is not None:
-                    code = _READ_ERRORS[refused].encode()
-                    return self._answer(refused, [("Content-Type", "application/xml")],
-                                        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>' + code + b"</Code></Error>")
+                    body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{_READ_ERRORS[refused]}</Code>' \
+                           "</Error>"
+                    return self._answer(refused, [("Content-Type", "application/xml")], body.encode())
                 if self.command == "PUT" and sent and proxy.mode == "501":
                     return self._answer(501, [("Content-Type", "application/xml")], _NOT_IMPLEMENTED)
                 if self.command == "PUT" and sent and proxy.mode == "ignore":

@@ -466,8 +466,8 @@ class S3Store(ObjectStore):
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
         """Translate boto errors into StoreError subclasses with messages an operator can act on."""
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError, NoCredentialsError,
-                                         SSLError)
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError,
+                                         NoCredentialsError, SSLError)
 
         try:
             yield
