@@ -30,13 +30,16 @@ _MODEL = typer.Option(None, "--model", help="Use this local checkpoint instead o
 
 
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
-    """(store, manifest, em, cache_dir) for a command; exits with a clear message on any problem
-    (with ``as_json``, also the command's JSON failure object)."""
+    """(store, manifest, em, cache_dir, current) for a command; exits with a clear message on any
+    problem (with ``as_json``, also the command's JSON failure object). ``current``: the manifest
+    read from the store's CURRENT (None if the store did not answer). When the store stops
+    answering before the model is loaded, ``manifest`` is the cache's last-good
+    (serving.last_good), which the pull client then serves as stale."""
     from schemas.manifest import ManifestError
     from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
     from versions.catalog import read_current
     from versions.errors import PublishError
-    from versions.store import StoreError, open_store
+    from versions.store import StoreError, StoreUnreachable, open_store
 
     given = cache_dir is not None
     cache_dir = cache_dir or default_cache_dir()
@@ -47,6 +50,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     problem = checkpoint_problem(model_dir, f"--model {model_dir}") if model_dir is not None else None
     if problem:  # not there, a file, a folder without a checkpoint: a bad argument, before the store is read
         fail_json(as_json, problem + " (or leave --model out to load the store's model)", 2, what)
+    manifest = None
     try:
         store = open_store(store_uri, create=False)
         current = read_current(store)
@@ -55,20 +59,58 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
                                "nightly), or check --store", 1, what)
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
+    except StoreUnreachable as outage:  # CURRENT, or the model it names, could not be read
+        last_good, em = _last_good(store, outage, model_dir, cache_dir, as_json, what)
+        return store, last_good, em, cache_dir, manifest
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
         fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
-    return store, manifest, em, cache_dir
+    return store, manifest, em, cache_dir, manifest
+
+
+def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path, as_json: bool, what: str):
+    """(manifest, em) of the cache's last-good version of ``store`` while it does not answer: the
+    record of ``--model``'s fingerprint, else the most recently confirmed one whose model the cache
+    holds; exits with one line naming the store and the fix when there is none (a cold node)."""
+    from engram_core.checkpoint import load_checkpoint
+    from engram_core.fingerprint import fingerprint
+    from serving.last_good import iso, last_goods_of, store_identity
+    from serving.pull import resolve_model
+    from versions.store import StoreError
+
+    records = last_goods_of(cache_dir, store_identity(store))
+    try:
+        fp = fingerprint(model_dir) if model_dir is not None else None
+    except (ValueError, OSError) as e:  # a damaged checkpoint
+        fail_json(as_json, f"--model {model_dir}: {e}", exit_code(e), what)
+    usable = [r for r in records if r.fingerprint == fp] if fp is not None else \
+        [r for r in records if (Path(cache_dir) / "models" / r.fingerprint).is_dir()]
+    if not usable:
+        held = "" if not records else (f" (it holds one for model {records[0].fingerprint[:16]}.., not --model's)" if fp
+                                       else f" whose model is in the cache (v{records[0].manifest.version} needs model "
+                                            f"{records[0].fingerprint[:16]}..: give it with --model DIR)")
+        fail_json(as_json, f"{outage}; cache {cache_dir} holds no last-good version of this store{held} to serve "
+                           "meanwhile (a node must reach the store once to start): start it again once the store "
+                           "answers", 1, what)
+    record = usable[0]
+    try:
+        em = load_checkpoint(model_dir) if model_dir is not None else \
+            resolve_model(store, record.manifest, model_dir=None, cache_dir=cache_dir)
+    except (ValueError, OSError, StoreError) as e:  # a damaged cached model is downloaded again: not now
+        fail_json(as_json, f"{outage}; the cache's last-good v{record.manifest.version} cannot be served: {e}", 1, what)
+    typer.echo(f"warning: {store.uri} does not answer; serving the cache's last-good v{record.manifest.version} "
+               f"(last confirmed CURRENT at {iso(record.confirmed_at)}) until it does", err=True)
+    return record.manifest, em
 
 
 def _client(store, manifest, em, shards: str | None, cache_dir, interval: float = 30.0, as_json: bool = False,
-            what: str = "pulled"):
+            what: str = "pulled", current=None):
     from serving.pull import PullClient, parse_shards
 
     try:
         owned = parse_shards(shards, manifest.num_shards)
     except ValueError as e:
         fail_json(as_json, str(e), 2, what)  # --shards names shards the store does not have
-    return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval)
+    return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval, current=current)
 
 
 def pull(
@@ -86,8 +128,8 @@ def pull(
 
     Example: engram pull --store s3://bucket/engram --shards 0-15 --watch --interval 30
     """
-    store_obj, manifest, em, cache = _open(store, model, cache_dir, as_json, "pulled")
-    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled")
+    store_obj, manifest, em, cache, current = _open(store, model, cache_dir, as_json, "pulled")
+    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled", current)
     count = 0
     while True:
         result = client.poll()
@@ -98,10 +140,11 @@ def pull(
                   "shards": list(index.shards) if index else [], "delta_bytes": index.nbytes if index else 0,
                   "downloaded_objects": result.downloaded_objects, "downloaded_bytes": result.downloaded_bytes,
                   "layers_applied": result.layers_applied, "evicted_objects": result.evicted_objects,
-                  "cache_error": result.cache_error, "error": result.error}
+                  "cache_error": result.cache_error, "stale": result.stale, "error": result.error}
         last = not watch or (polls and count >= polls)
+        failed = index is None or (not watch and result.error is not None)  # one pull that did not reach the store
         if as_json:
-            if last and index is None:  # the command fails (exit 1): this poll's object is its failure object
+            if last and failed:  # the command fails (exit 1): this poll's object is its failure object
                 report.update({"pulled": False, "exit_code": 1})
             typer.echo(json.dumps(report))
         if result.error:
@@ -113,7 +156,7 @@ def pull(
         if last:
             break
         time.sleep(client.next_delay())
-    if client.index is None:
+    if failed:
         raise typer.Exit(1)
 
 
@@ -150,7 +193,7 @@ def ask(
     if not user:
         fail_json(as_json, "--user is empty once invisible characters are removed; give the user_id whose memory "
                            "to use", 2, "answered")
-    store_obj, manifest, em, cache = _open(store, model, cache_dir, as_json, "answered")
+    store_obj, manifest, em, cache, current = _open(store, model, cache_dir, as_json, "answered")
     from serving.http import context_length
 
     tokens, limit = len(em.encode_prompt(prompt)), context_length(em)
@@ -166,7 +209,7 @@ def ask(
 
     num_shards = manifest.num_shards
     for _ in range(3):  # a night that changed the number of shards since CURRENT was read moved the user's shard
-        client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache)
+        client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current)
         result = client.poll()
         if client.index is None or client.index.owns(user):
             break
@@ -180,8 +223,11 @@ def ask(
     texts = generate(em, prompts, per_prompt, max_new_tokens=max_new_tokens)
     if not deltas:
         typer.echo(f"note: user {user!r} has no memory in v{client.index.version}; this is the base model", err=True)
+    stale = client.stale()
+    if stale is not None:
+        typer.echo(f"note: answered with v{stale['version']}, which may be stale: {stale['error']}", err=True)
     if as_json:
-        out = {"user_id": user, "version": client.index.version, "text": texts[0]}
+        out = {"user_id": user, "version": client.index.version, "stale": stale, "text": texts[0]}
         if compare:
             out["base_text"] = texts[1]
         typer.echo(json.dumps(out))
@@ -226,8 +272,8 @@ def serve(
             read_template_file(chat_template)
         except ChatTemplateError as e:
             _fail(str(e), code=exit_code(e))
-    store_obj, manifest, em, cache = _open(store, model, cache_dir)
-    client = _client(store_obj, manifest, em, shards, cache, interval)
+    store_obj, manifest, em, cache, current = _open(store, model, cache_dir)
+    client = _client(store_obj, manifest, em, shards, cache, interval, current=current)
     result = client.poll()
     if client.index is None:
         _fail(result.error or "no version loaded")
@@ -241,7 +287,10 @@ def serve(
     except ValueError as e:  # a chat template changed meanwhile (2), a model without a context length (1)
         _fail(str(e), code=exit_code(e))
     chat = "" if server.chat.available else " (no chat template: /v1/chat/completions answers 400; see --chat-template)"
-    typer.echo(f"serving v{client.index.version} ({client.index.num_users} users) as {server.model_name} "
+    stale = client.stale()
+    stale = (f", STALE: {stale['loaded_from']}, last confirmed CURRENT at {stale['confirmed_at']}; polling every "
+             f"{interval:g}s until the store answers" if stale is not None else "")
+    typer.echo(f"serving v{client.index.version} ({client.index.num_users} users{stale}) as {server.model_name} "
                f"on {server.url}/v1/completions and /v1/chat/completions{chat}", err=True)
     try:
         server.serve_forever()

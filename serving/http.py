@@ -119,8 +119,9 @@ class ReferenceServer:
         from engram_core.row_kernels import KERNELS
 
         index = self.client.index
+        stale = self.client.stale()  # the served version is not confirmed CURRENT: which, since when, the error
         return {
-            "status": "ok" if index is not None else "loading",
+            "status": "loading" if index is None else "stale" if stale is not None else "ok",
             "model": self.model_name,
             "fingerprint": self.em.fingerprint,
             "version": index.version if index is not None else None,
@@ -128,6 +129,7 @@ class ReferenceServer:
             "shards": list(index.shards) if index is not None else [],
             "scopes": len(index.scopes.deltas) if index is not None else 0,  # shared scopes composed under members
             "last_error": self.client.last_error,
+            "stale": stale,
             "batches": self.batcher.batches,
             "sequences": self.batcher.sequences,
             "streamed_sequences": self.batcher.streamed,

@@ -25,9 +25,11 @@ A serving node owns a set of shards. :class:`PullClient` polls the store:
    serves does not reference (the old index, and so the memory, is released with the swap).
 
 Any failure keeps the version being served, logs why and sets ``last_error``; the next poll
-tries again (the etag is only remembered after a successful swap). Users the failed version's
-manifest forgets (and the served one does not) are dropped from the served version all the same,
-with their shards' cached objects. A rollback is just CURRENT
+tries again (the etag is only remembered after a successful swap). A client that has nothing
+served yet and finds the store not answering (a restart during an outage) serves the version it
+last confirmed instead, from its cache (serving.last_good), and reports it stale until the store
+answers. Users the failed version's manifest forgets (and the served one does not) are dropped
+from the served version all the same, with their shards' cached objects. A rollback is just CURRENT
 pointing at an older manifest, and a forgotten user is absent from the rewritten objects: both
 are followed on the next poll like any other change, and the eviction removes the forgotten
 user's old objects from the node's disk.
@@ -51,7 +53,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,11 +66,14 @@ from engram_core.text import canonical_id
 from engram_core.serving import DeltaMismatch
 from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_scopes, decode_bundle, decode_layer, layer_parts
 from schemas.manifest import Manifest, ManifestError, ShardEntry
+from serving.last_good import (LastGood, LastGoodError, iso, load_last_good, record_path, save_last_good,
+                               store_identity)
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
 from versions.layout import CURRENT_KEY, forgotten_id, shard_of
 from versions.models import ModelError, fetch_model
-from versions.store import ObjectNotFound, ObjectStore, StoreError, remove_dead_temp_files, write_file_atomic
+from versions.store import (ObjectNotFound, ObjectStore, StoreError, StoreUnreachable, remove_dead_temp_files,
+                            write_file_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +150,10 @@ class BundleCache:
             return data
         log.warning("cache %s: %d bytes that do not match sha256 %s; deleting it and downloading again",
                     path, len(data), sha256[:12])
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:  # a read-only cache: the copy is never used all the same (checked on every load)
+            log.warning("cache %s: cannot delete the damaged copy (%s)", path, err.strerror or err)
         return None
 
     def save(self, shard: int, sha256: str, data: bytes) -> None:
@@ -187,12 +195,17 @@ class _Downloads:
 
 
 def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: int, cache: BundleCache | None,
-                 downloads: _Downloads | None = None) -> bytes:
-    """One of a shard's objects, verified: from the cache if intact, else from the store (then cached)."""
+                 downloads: _Downloads | None = None, *, offline: bool = False) -> bytes:
+    """One of a shard's objects, verified: from the cache if intact, else from the store (then cached).
+    ``offline`` (the store does not answer): from the cache only, PullError naming the object if it
+    holds no intact copy."""
     data = cache.load(shard, sha256, size) if cache is not None else None
     if data is not None:
         return data
     where = f"{store.uri}/{key}"
+    if offline:
+        raise PullError(f"cache {cache.root if cache is not None else '(none)'}: holds no intact copy of {where} "
+                        f"(shard {shard}), and the store does not answer")
     try:
         data = store.get(key)
     except ObjectNotFound:
@@ -394,6 +407,7 @@ class PollResult:
     rebuilt_shards: tuple[int, ...] = ()  # shards built from their base (cache or store)
     evicted_objects: int = 0  # cached objects no served chain names any more, deleted
     cache_error: str | None = None  # an object that could not be kept in the disk cache (served from memory)
+    stale: dict | None = None  # PullClient.stale(): the served version is not confirmed CURRENT (None: it is)
 
 
 def store_fix(uri: str, error: Exception) -> str:
@@ -419,7 +433,16 @@ class _CurrentMoved(Exception):
 
 
 class PullClient:
-    """Follows a store's CURRENT for the shards one serving node owns (``shards=None``: all)."""
+    """Follows a store's CURRENT for the shards one serving node owns (``shards=None``: all).
+
+    With a ``cache_dir``, every poll that confirms the served version keeps its manifest as the
+    node's last-good (serving.last_good); a poll that finds the store unreachable (no answer,
+    versions.store.StoreUnreachable) before anything is served loads that version from the cache
+    instead, every object re-verified, and serves it as stale until a poll reaches the store.
+    ``current``: the CURRENT manifest the caller read before the first poll (engram serve reads it
+    to pick the model); a fallback never serves the users it forgets, nor a last-good version newer
+    than it (CURRENT was rolled back from it).
+    """
 
     _FAILURES = (PullError, PublishError, StoreError, ManifestError, BundleSchemaError, DeltaMismatch, OSError, ValueError)
 
@@ -432,6 +455,7 @@ class PullClient:
         cache_dir: str | Path | None = None,
         interval: float = 30.0,
         jitter: float = 0.1,
+        current: Manifest | None = None,
     ) -> None:
         self.store = store
         self.em = em
@@ -441,7 +465,14 @@ class PullClient:
         self.jitter = jitter
         self.last_error: str | None = None
         self.last_poll_at: float | None = None
+        self.confirmed_at: float | None = None  # when a poll last found the served version CURRENT in the store
+        self.stale_since: float | None = None  # the first failed poll since then (None: the last poll succeeded)
+        self.loaded_from: str | None = None  # "store", or "last-good cache" (loaded so while the store was unreachable)
         self._index: ServingIndex | None = None
+        self._manifest: Manifest | None = None  # the served index's
+        self._seen: Manifest | None = current  # the last CURRENT manifest read from the store
+        self._recorded: tuple | None = None  # (version, forgotten, confirmed_at) as the last-good record holds them
+        self._record_failed = False  # the last write of the record failed (said once, at WARNING)
         self._etag: str | None = None
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -459,20 +490,105 @@ class PullClient:
         return index.deltas_for(user_id) if index is not None else ()
 
     def poll(self) -> PollResult:
-        """Check CURRENT once; load and swap in a new version if it changed. Never raises for a bad version."""
+        """Check CURRENT once; load and swap in a new version if it changed. Never raises for a bad version.
+        A failure keeps the served version, now stale (:meth:`stale`); with nothing served yet and the
+        store unreachable, the last-good version is loaded from the cache (see the class)."""
         with self._poll_lock:
-            self.last_poll_at = time.time()
+            now = self.last_poll_at = time.time()
             try:
                 result = self._poll()
             except self._FAILURES as e:
-                served = self._index.version if self._index is not None else None
                 message = f"{type(e).__name__}: {e}{store_fix(self.store.uri, e)}"
-                log.error("pull from %s failed, still serving %s: %s", self.store.uri,
+                build = None
+                if self._index is None and isinstance(e, StoreUnreachable):
+                    build, message = self._serve_last_good(message)
+                served = self._index.version if self._index is not None else None
+                log.error("pull from %s failed, %s %s: %s", self.store.uri,
+                          "serving the cache's last-good" if build is not None else "still serving",
                           f"v{served}" if served is not None else "nothing", message)
                 self.last_error = message
-                return PollResult(False, served, error=message)
-            self.last_error = None
-            return result
+                self.stale_since = self.stale_since or now
+                cache_error = self._remember()  # the forgets of a version that failed to load, if any
+                if build is None:
+                    return PollResult(False, served, error=message, cache_error=cache_error, stale=self.stale())
+                return PollResult(True, served, tuple(build.fetched), error=message,
+                                  rebuilt_shards=tuple(build.rebuilt), cache_error=cache_error, stale=self.stale())
+            self.last_error, self.stale_since = None, None
+            self.confirmed_at, self.loaded_from = now, "store"
+            cache_error = self._remember()
+            return replace(result, cache_error="; ".join(filter(None, (result.cache_error, cache_error))) or None)
+
+    def stale(self) -> dict | None:
+        """None while the last poll confirmed the served version as CURRENT (or nothing is served);
+        else what is served and why it may be out of date: ``version``, ``loaded_from`` ("store", or
+        "last-good cache" when loaded at start with the store unreachable), ``confirmed_at`` (ISO UTC:
+        when the store last named it CURRENT), ``since`` (the first failed poll) and ``error``."""
+        index = self._index
+        if index is None or self.last_error is None:
+            return None
+        return {"version": index.version, "loaded_from": self.loaded_from, "confirmed_at": iso(self.confirmed_at),
+                "since": iso(self.stale_since), "error": self.last_error}
+
+    def _remember(self) -> str | None:
+        """Keep the served version as this store's and model's last-good in the cache (its manifest,
+        when it was confirmed, and the users forgotten since); a message if the cache cannot hold it."""
+        index, manifest = self._index, self._manifest
+        if self.cache is None or index is None or manifest is None or self.confirmed_at is None:
+            return None
+        state = (manifest.version, index.forgotten, self.confirmed_at)
+        if state == self._recorded:
+            return None
+        record = LastGood(store_identity(self.store), manifest, self.confirmed_at, index.forgotten)
+        try:
+            save_last_good(self.cache.root, record)
+        except OSError as err:  # a read-only or full disk: the version is served all the same
+            path = record_path(self.cache.root, record.store_id, record.fingerprint)
+            try:  # an older record would serve, after a restart in an outage, what this node knows is superseded
+                path.unlink(missing_ok=True)
+                kept = "a restart while the store does not answer will serve nothing"
+            except OSError:
+                kept = (f"{path} keeps an older version, which a restart while the store does not answer would "
+                        "serve (delete it)")
+            problem = (f"cache {self.cache.root}: could not keep v{manifest.version} as the last-good "
+                       f"({err.strerror or err}); {kept} (make the folder writable, or free space on that disk)")
+            log.log(logging.DEBUG if self._record_failed else logging.WARNING, "%s", problem)
+            self._record_failed = True
+            return problem
+        self._recorded, self._record_failed = state, False
+        return None
+
+    def _serve_last_good(self, message: str) -> tuple["_Build | None", str]:
+        """Nothing served yet and the store does not answer: load this store's and model's last-good
+        version from the cache (every object re-verified, none downloaded). (the build or None, the
+        poll's error message, saying which)."""
+        if self.cache is None:
+            return None, f"{message}; no --cache-dir, so no last-good version to serve"
+        try:
+            record = load_last_good(self.cache.root, store_identity(self.store), self.em.fingerprint)
+        except LastGoodError as err:
+            return None, f"{message}; {err}"
+        if record is None:
+            return None, (f"{message}; cache {self.cache.root} holds no last-good version of this store for model "
+                          f"{self.em.fingerprint[:16]}.. (a node must reach the store once to start)")
+        manifest, seen = record.manifest, self._seen
+        if seen is not None and seen.version < manifest.version:
+            return None, (f"{message}; the cache's last-good v{manifest.version} is not served: CURRENT named "
+                          f"v{seen.version} when this node started (a rollback moved it back)")
+        erased = set(record.forgotten) | (set(seen.forgotten) if seen is not None else set())
+        build = _Build(offline=True)
+        try:
+            index = self._build(manifest, build)
+        except self._FAILURES as err:
+            return None, f"{message}; the cache's last-good v{manifest.version} cannot be served: {err}"
+        self._index, self._manifest = index, manifest
+        self.confirmed_at, self.loaded_from = record.confirmed_at, "last-good cache"
+        self._recorded = (manifest.version, index.forgotten, record.confirmed_at)
+        self._drop_forgotten(frozenset(erased), manifest.version)
+        log.warning("%s does not answer: serving the cache's last-good v%d (last confirmed CURRENT at %s; %d users "
+                    "in %d shards, every object verified); polling until the store answers", self.store.uri,
+                    manifest.version, iso(record.confirmed_at), index.num_users, len(index.shards))
+        return build, (f"{message}; serving v{manifest.version} from the cache's last-good (last confirmed CURRENT "
+                       f"at {iso(record.confirmed_at)}), which may be stale")
 
     def _poll(self) -> PollResult:
         for attempt in range(1, _MOVES_FOLLOWED + 1):
@@ -494,15 +610,16 @@ class PullClient:
         if current is None:
             raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
         manifest, etag = current
+        self._seen = manifest
         build = _Build()
         try:
             index = self._build(manifest, build)
         except self._FAILURES as err:
-            self._drop_forgotten(manifest)  # the version cannot be served; its erasures are honoured all the same
+            self._drop_forgotten(manifest.forgotten, manifest.version)  # not servable; its erasures are honoured
             if isinstance(err, IntegrityError) and self._moved_from(etag):
                 raise _CurrentMoved(err) from err  # its objects were rewritten or collected under it: not damage
             raise
-        self._index = index  # the swap: readers hold either the old index or this one
+        self._index, self._manifest = index, manifest  # the swap: readers hold either the old index or this one
         self._etag = etag
         evicted = self._evict(index)
         log.info("serving v%d from %s (%d users in %d shards; loaded shards %s, %d layer(s) applied, %d bytes "
@@ -520,14 +637,15 @@ class PullClient:
             return False
         return head is None or head.etag != etag
 
-    def _drop_forgotten(self, manifest: Manifest) -> None:
-        """Stop serving the users ``manifest`` forgets that the served version does not (an erasure
-        since), when ``manifest`` itself cannot be loaded (a damaged object, another model, a disk
-        error): they leave memory now and their shards' cached objects (which hold their rows; the
-        forget rewrote every retained version without them) leave the disk; the other users keep
-        being served from memory. Their shards are rebuilt from the base on the next good poll."""
+    def _drop_forgotten(self, forgotten: Iterable[str], version: int) -> None:
+        """Stop serving the users that ``forgotten`` (sha256 of ids, as manifests hold them; of
+        manifest ``version``) names and the served version does not (an erasure since), when that
+        manifest itself cannot be loaded (a damaged object, another model, a disk error, a store that
+        does not answer): they leave memory now and their shards' cached objects (which hold their
+        rows; the forget rewrote every retained version without them) leave the disk; the other users
+        keep being served from memory. Their shards are rebuilt from the base on the next good poll."""
         index = self._index
-        erased = set(manifest.forgotten) - index.forgotten if index is not None else set()
+        erased = set(forgotten) - index.forgotten if index is not None else set()
         if not erased:
             return
         views, dropped = dict(index.views), 0
@@ -541,8 +659,7 @@ class PullClient:
         self._index = replace(index, views=views, forgotten=index.forgotten | erased)
         if dropped:
             log.warning("%s v%d forgets %d user(s) that served v%d holds; they are no longer served, though v%d "
-                        "could not be loaded (see the error)", self.store.uri, manifest.version, dropped,
-                        index.version, manifest.version)
+                        "could not be loaded (see the error)", self.store.uri, version, dropped, index.version, version)
             self._evict(self._index)
 
     def _evict(self, index: ServingIndex) -> list[Path]:
@@ -586,7 +703,8 @@ class PullClient:
             return NO_SCOPES
         if held.sha256 == entry.sha256:
             return held
-        data = fetch_object(self.store, entry.key, entry.sha256, entry.bytes, SCOPES_CACHE, self.cache, build.downloads)
+        data = fetch_object(self.store, entry.key, entry.sha256, entry.bytes, SCOPES_CACHE, self.cache, build.downloads,
+                            offline=build.offline)
         return ScopesView(entry.sha256, load_scope_deltas(self.em, data, f"{self.store.uri}/{entry.key}"))
 
     def _shard_view(self, manifest: Manifest, entry: ShardEntry, held: ShardView | None, build: "_Build") -> ShardView:
@@ -602,7 +720,7 @@ class PullClient:
             start = len(held.chain) - 1  # layers the node already applied
         else:
             data = fetch_object(self.store, entry.bundle_key, entry.bundle_sha256, entry.bundle_bytes, shard,
-                                self.cache, build.downloads)
+                                self.cache, build.downloads, offline=build.offline)
             scope_of = {}
             users = load_shard_deltas(self.em, shard, num_shards, data, f"{self.store.uri}/{entry.bundle_key}", scope_of)
             start = 0
@@ -610,7 +728,8 @@ class PullClient:
         for i in range(start, len(entry.layers)):
             layer = entry.layers[i]
             source = f"{self.store.uri}/{layer.key}"
-            data = fetch_object(self.store, layer.key, layer.sha256, layer.bytes, shard, self.cache, build.downloads)
+            data = fetch_object(self.store, layer.key, layer.sha256, layer.bytes, shard, self.cache, build.downloads,
+                                offline=build.offline)
             table = decode_layer(data, source=source, fingerprint=manifest.fingerprint, parent_sha256=chain[i])
             apply_layer(self.em, users, shard, num_shards, table, source, scope_of)
             build.layers_applied += incremental
@@ -645,6 +764,7 @@ class _Build:
     """What one poll's build did (for its PollResult)."""
 
     downloads: _Downloads = field(default_factory=_Downloads)
+    offline: bool = False  # the store does not answer: objects from the cache only
     fetched: list[int] = field(default_factory=list)
     rebuilt: list[int] = field(default_factory=list)
     layers_applied: int = 0

@@ -13,6 +13,11 @@ Every request is counted in ``requests`` as (method, path, condition headers sen
 ``deny_deletes``: path fragments; a DELETE whose path holds one is answered ``403 AccessDenied``
 (a bucket policy, object lock or legal hold on some keys), in any mode.
 
+``refuse_reads``: path fragment -> HTTP status (403 AccessDenied, 404 NoSuchKey, 503 SlowDown): every
+GET and HEAD of a path holding it is answered so (a bucket policy change, a deleted key, an overloaded
+server), in any mode. ``port``: listen there (0: any free port), so a test can stop the proxy (the
+store does not answer: connection refused) and start one again at the same endpoint.
+
 ``cut_gets``: path fragment -> how many GETs of a path holding it break off mid-body (the status
 and the whole ``Content-Length`` are sent, then half the body, then the connection closes: a
 network drop or a load balancer timing out mid-download), in any mode.
@@ -33,6 +38,7 @@ CONDITIONS = ("If-None-Match", "If-Match")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
 _ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
                   b"</Message></Error>")
+_READ_ERRORS = {403: "AccessDenied", 404: "NoSuchKey", 500: "InternalError", 503: "SlowDown"}
 _NOT_IMPLEMENTED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code><Message>A header '
                     b"you provided implies functionality that is not implemented</Message></Error>")
 
@@ -50,16 +56,19 @@ class _KeepContentHash(S3SigV4Auth):
 
 class ConditionProxy:
     def __init__(self, upstream_url: str, mode: str, *, access_key: str, secret_key: str, region: str = "us-east-1",
-                 deny_deletes: tuple[str, ...] = (), cut_gets: dict[str, int] | None = None):
+                 deny_deletes: tuple[str, ...] = (), cut_gets: dict[str, int] | None = None, port: int = 0,
+                 refuse_reads: dict[str, int] | None = None):
         if mode not in ("ignore", "501", "pass"):
             raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
         self.upstream = urlparse(upstream_url)
         self.mode = mode
         self.deny_deletes = tuple(deny_deletes)
         self.cut_gets = dict(cut_gets or {})
+        self.refuse_reads = dict(refuse_reads or {})
         self.signer = _KeepContentHash(Credentials(access_key, secret_key), "s3", region)
         self.requests: list[tuple[str, str, tuple[str, ...]]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._connections: set = set()  # clients' open (keep-alive) sockets, closed when the proxy stops
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())  # a port: a store coming back
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -73,8 +82,16 @@ class ConditionProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Stop listening and drop every open connection (as a server that goes down does)."""
+        import socket
+
         self._server.shutdown()
         self._server.server_close()
+        for connection in list(self._connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def puts_with_conditions(self) -> int:
         return sum(1 for method, _, sent in self.requests if method == "PUT" and sent)
@@ -88,6 +105,14 @@ class ConditionProxy:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                proxy._connections.add(self.connection)
+
+            def finish(self) -> None:
+                proxy._connections.discard(self.connection)
+                super().finish()
+
             def _relay(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
@@ -95,6 +120,11 @@ class ConditionProxy:
                 proxy.requests.append((self.command, self.path, sent))
                 if self.command == "DELETE" and any(part in self.path for part in proxy.deny_deletes):
                     return self._answer(403, [("Content-Type", "application/xml")], _ACCESS_DENIED)
+                refused = next((status for part, status in proxy.refuse_reads.items() if part in self.path), None)
+                if self.command in ("GET", "HEAD") and refused is not None:
+                    body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{_READ_ERRORS[refused]}</Code>' \
+                           "</Error>"
+                    return self._answer(refused, [("Content-Type", "application/xml")], body.encode())
                 if self.command == "PUT" and sent and proxy.mode == "501":
                     return self._answer(501, [("Content-Type", "application/xml")], _NOT_IMPLEMENTED)
                 if self.command == "PUT" and sent and proxy.mode == "ignore":

@@ -64,6 +64,13 @@ class StoreError(RuntimeError):
     """Any object store failure; the message names the store and never holds credentials."""
 
 
+class StoreUnreachable(StoreError):
+    """The store did not answer: the connection was refused, timed out or broke off, or the server
+    answered 5xx (after botocore's retries). Not an answer about the data: a serving node that
+    restarts meanwhile may serve its last verified version from its cache (serving.last_good),
+    whereas an answer (403 no permission, 404 no such key or bucket) is acted on as given."""
+
+
 class StoreNotFound(StoreError):
     """A read-only command was given a local store directory that does not exist, any command a
     store path that is a file, or an S3 store whose bucket does not exist (a bad argument)."""
@@ -459,7 +466,8 @@ class S3Store(ObjectStore):
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
         """Translate boto errors into StoreError subclasses with messages an operator can act on."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError,
+                                         NoCredentialsError, SSLError)
 
         try:
             yield
@@ -478,11 +486,21 @@ class S3Store(ObjectStore):
             if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise StoreError(f"{self.describe()}: no permission to {action} {key} ({code}) "
                                  "(check the job's credentials / endpoint)") from None
+            if isinstance(status, int) and status >= 500:  # 500 InternalError, 503 SlowDown, a gateway's 502/504
+                answered = f"{status} {code}" if code and code != str(status) else str(status)  # HEAD: no code
+                raise StoreUnreachable(f"{self.describe()}: {action} {key} failed: the server answered {answered} "
+                                       "(after retries); check that the store is up") from None
             raise StoreError(f"{self.describe()}: {action} {key} failed: {code or status} "
                              f"{error.get('Message', '')}".rstrip()) from None
         except NoCredentialsError:
             raise StoreError(f"{self.describe()}: no credentials found to {action} {key} "
                              "(check the job's credentials / endpoint)") from None
+        except SSLError:
+            raise StoreError(f"{self.describe()}: {action} {key} failed: the TLS handshake was refused (check the "
+                             "endpoint's certificate and the URL)") from None
+        except (ConnectionError, HTTPClientError) as e:  # refused, timed out, reset, DNS: no answer at all
+            raise StoreUnreachable(f"{self.describe()}: {action} {key} failed: {type(e).__name__}: the endpoint did "
+                                   "not answer (check the network to it, or that the store is up)") from None
         except BotoCoreError as e:
             raise StoreError(f"{self.describe()}: {action} {key} failed: {type(e).__name__} "
                              "(check the job's credentials / endpoint)") from None
@@ -523,7 +541,7 @@ class S3Store(ObjectStore):
                     return response["Body"].read(), response["ETag"].strip('"')
                 except (HTTPClientError, IncompleteReadError) as err:  # ResponseStreamingError, ReadTimeoutError, ...
                     if attempt >= self.max_attempts:
-                        raise StoreError(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
+                        raise StoreUnreachable(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
                                          f"({type(err).__name__}); check the network to the endpoint") from None
                     log.warning("%s: read %s broke off mid-object (%s); reading it again", self.uri, key,
                                 type(err).__name__)

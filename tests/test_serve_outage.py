@@ -1,0 +1,341 @@
+"""A serving node that restarts while its store does not answer serves its last-good version.
+
+Before 2026-12-01 a node restarted during an S3 outage (engram serve, pull, ask) exited 1 ("read
+CURRENT failed: EndpointConnectionError"), although its cache held every verified object of the
+version it served. The store here is the real S3 server behind a proxy that can be stopped
+(connection refused) and started again at the same endpoint, or made to answer 403/404/503.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serving.last_good import LAST_GOOD_DIR, load_last_good, record_path, store_identity
+from serving.pull import BundleCache, PullClient
+from tests.conftest import free_port
+from tests.s3_proxy import ConditionProxy
+from tests.test_pull import FACTS, NUM_SHARDS, answers, cli_app, compiled, expected, publish, v1, v2  # noqa: F401
+from versions.catalog import read_manifest
+from versions.layout import shard_of
+from versions.models import publish_model
+from versions.store import S3Store
+
+
+class FlakyStore:
+    """The test bucket as a node sees it: through a proxy on a fixed port that can go down and come back."""
+
+    def __init__(self, s3_server, bucket: str, prefix: str = "engram"):
+        self.server, self.bucket, self.prefix = s3_server, bucket, prefix
+        self.port = free_port()
+        self.proxy: ConditionProxy | None = None
+        self.up()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def up(self, refuse_reads: dict[str, int] | None = None) -> None:
+        self.down()
+        self.proxy = ConditionProxy(self.server.endpoint_url, "pass", access_key=self.server.access_key,
+                                    secret_key=self.server.secret_key, port=self.port, refuse_reads=refuse_reads)
+        self.proxy.__enter__()
+
+    def down(self) -> None:
+        if self.proxy is not None:
+            self.proxy.__exit__()
+            self.proxy = None
+
+    def node_store(self) -> S3Store:
+        """What a node opens (2 attempts, not 5: the outage is certain here)."""
+        return S3Store(self.bucket, self.prefix, endpoint_url=self.endpoint_url, max_attempts=2)
+
+
+@pytest.fixture
+def flaky(s3_server, s3_store):
+    store = FlakyStore(s3_server, s3_store.bucket, s3_store.prefix)
+    yield store
+    store.down()
+
+
+def test_a_node_restarted_while_the_store_is_down_serves_its_last_good_until_the_store_is_back(
+        s3_store, flaky, tiny, compiled, tmp_path):
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    running = PullClient(flaky.node_store(), tiny, cache_dir=cache)
+    assert running.poll().error is None and running.stale() is None
+    confirmed = load_last_good(cache, store_identity(flaky.node_store()), tiny.fingerprint)
+    assert confirmed.manifest.version == 1 and confirmed.confirmed_at == running.confirmed_at
+
+    flaky.down()  # the store stops answering: the running node says so, and restarts
+    assert "StoreUnreachable" in running.poll().error and running.stale()["loaded_from"] == "store"
+    restarted = PullClient(flaky.node_store(), tiny, cache_dir=cache)
+    result = restarted.poll()
+    assert result.version == 1 and result.downloaded_objects == 0
+    assert "StoreUnreachable" in result.error and "did not answer" in result.error
+    assert answers(tiny, restarted, "alice", "alice") == expected("alice")
+    stale = restarted.stale()
+    assert stale["version"] == 1 and stale["loaded_from"] == "last-good cache" and stale["error"] == result.error
+    assert stale["confirmed_at"] and stale["since"] and result.stale == stale
+
+    publish(s3_store, tiny, v2(compiled))  # a night while the node could not see it
+    assert restarted.poll().version == 1 and restarted.stale()["version"] == 1  # it keeps polling
+    flaky.up()
+    back = restarted.poll()
+    assert back.error is None and back.version == 2 and restarted.stale() is None
+    assert answers(tiny, restarted, "alice", "alice-v2") == expected("alice-v2")
+    assert load_last_good(cache, store_identity(flaky.node_store()), tiny.fingerprint).manifest.version == 2
+
+
+@pytest.mark.parametrize("status, falls_back, said", [
+    (503, True, "answered 503"),  # an overloaded or failing server: no answer about the data
+    (403, False, "no permission to inspect CURRENT"),  # a bucket policy or credentials change: acted on
+    (404, False, "CURRENT is missing"),  # CURRENT deleted: names the rollback that restores it
+])
+def test_only_a_store_that_does_not_answer_is_served_from_the_last_good(s3_store, flaky, tiny, compiled, tmp_path,
+                                                                         status, falls_back, said):
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().error is None
+    flaky.up(refuse_reads={"/CURRENT": status})
+    restarted = PullClient(flaky.node_store(), tiny, cache_dir=cache)
+    result = restarted.poll()
+    assert said in result.error
+    if falls_back:
+        assert restarted.index.version == 1 and restarted.stale()["loaded_from"] == "last-good cache"
+    else:
+        assert restarted.index is None and result.stale is None and "last-good" not in result.error
+
+
+def test_a_damaged_cache_object_of_the_last_good_is_never_served(s3_store, flaky, tiny, compiled, tmp_path):
+    manifest = publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().error is None
+    entry = manifest.shard(shard_of("alice", NUM_SHARDS))
+    cached = BundleCache(cache).path(entry.shard, entry.bundle_sha256)
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    cached.write_bytes(bytes(data))
+
+    flaky.down()
+    restarted = PullClient(flaky.node_store(), tiny, cache_dir=cache)
+    result = restarted.poll()
+    assert restarted.index is None and result.stale is None
+    assert f"last-good v1 cannot be served: cache {cache}: holds no intact copy of {flaky.uri}/{entry.bundle_key}" \
+           in result.error
+    assert not cached.exists()  # deleted: downloaded again once the store answers
+    flaky.up()
+    assert restarted.poll().error is None and answers(tiny, restarted, "alice", "alice") == expected("alice")
+
+
+def test_a_damaged_last_good_record_is_refused_naming_it(s3_store, flaky, tiny, compiled, tmp_path):
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().error is None
+    path = record_path(cache, store_identity(flaky.node_store()), tiny.fingerprint)
+    record = json.loads(path.read_text())
+    record["manifest"] = record["manifest"].replace('"version": 1', '"version": 9')  # another version, same sha256
+    path.write_text(json.dumps(record))
+
+    flaky.down()
+    restarted = PullClient(flaky.node_store(), tiny, cache_dir=cache)
+    result = restarted.poll()
+    assert restarted.index is None
+    assert f"last-good record {path}: damaged (its manifest does not match the sha256 recorded with it)" in result.error
+
+
+def test_the_last_good_is_kept_per_store_and_model(s3_server, s3_store, flaky, tiny, compiled, tmp_path):
+    """Two stores sharing a node's cache folder: each restart serves its own store's version."""
+    other_bucket = f"{s3_store.bucket}-b"
+    s3_server.client().create_bucket(Bucket=other_bucket)
+    other_store = S3Store(other_bucket, "engram")
+    publish(s3_store, tiny, {"alice": compiled["alice"]})
+    publish(other_store, tiny, {"bob": compiled["bob"]})
+    other = FlakyStore(s3_server, other_bucket)
+    cache = tmp_path / "cache"
+    try:
+        for node_store in (flaky.node_store(), other.node_store()):
+            assert PullClient(node_store, tiny, cache_dir=cache).poll().error is None
+        assert len(list((cache / LAST_GOOD_DIR).iterdir())) == 2
+        other.down()
+        restarted = PullClient(other.node_store(), tiny, cache_dir=cache)
+        assert restarted.poll().stale is not None
+        assert restarted.deltas_for("bob") and restarted.deltas_for("alice") == ()
+        assert load_last_good(cache, store_identity(other.node_store()), "0" * 64) is None  # another model: none
+    finally:
+        other.down()
+
+
+def test_a_restart_never_serves_what_the_current_it_read_forgets_or_rolled_back_from(s3_store, flaky, tiny, compiled,
+                                                                                      tmp_path):
+    """The CURRENT a node read as it started (engram serve reads it to pick the model) may have moved
+    past the last-good before the store stopped answering at the first poll."""
+    from tests.test_pull import _state_bytes
+    from schemas.bundle import bundle_table, encode_bundle
+    from versions.publish import ShardPayload, publish_version
+
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().error is None
+    v1_manifest = read_manifest(s3_store, 1)
+    bobs = shard_of("bob", NUM_SHARDS)
+    forgets_bob = publish_version(  # v2: bob forgotten (his shard rewritten without him)
+        s3_store, shard_payloads={bobs: ShardPayload(bundle=encode_bundle(bundle_table({})), state=_state_bytes())},
+        previous=v1_manifest, fingerprint=tiny.fingerprint, num_shards=NUM_SHARDS, job_id="forget",
+        watermark="w2", forgotten_users=["bob"])
+
+    flaky.down()
+    restarted = PullClient(flaky.node_store(), tiny, cache_dir=cache, current=forgets_bob)
+    result = restarted.poll()
+    assert result.version == 1 and result.stale is not None
+    assert restarted.deltas_for("bob") == () and answers(tiny, restarted, "alice", "alice") == expected("alice")
+
+    flaky.up()
+    assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().version == 2  # the last-good is now v2
+    flaky.down()
+    rolled_back = PullClient(flaky.node_store(), tiny, cache_dir=cache, current=v1_manifest)
+    result = rolled_back.poll()
+    assert rolled_back.index is None
+    assert "last-good v2 is not served: CURRENT named v1 when this node started (a rollback" in result.error
+
+
+@pytest.fixture
+def read_only_later(tmp_path):
+    """A folder on a real tmpfs (root only, else skipped) and a function that remounts it read-only."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        yield mount, lambda: subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_cache_turned_read_only_keeps_serving_and_says_its_last_good_is_not_kept(local_store, tiny, compiled,
+                                                                                   read_only_later):
+    """A disk remounted read-only (errors=remount-ro): the new version is served from memory, and the
+    poll says the last-good could not follow it, and that the older one stays (to delete by hand)."""
+    mount, make_read_only = read_only_later
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny, cache_dir=mount / "cache")
+    assert client.poll().error is None
+    make_read_only()
+    publish(local_store, tiny, v2(compiled))
+    result = client.poll()
+    assert result.error is None and result.version == 2 and client.stale() is None
+    assert answers(tiny, client, "alice", "alice-v2") == expected("alice-v2")
+    assert f"cache {mount / 'cache'}: could not keep v2 as the last-good (Read-only file system)" in result.cache_error
+    assert "keeps an older version, which a restart while the store does not answer would serve (delete it)" \
+           in result.cache_error
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _node_env(flaky: FlakyStore, cache: Path) -> dict[str, str]:
+    return {**os.environ, "AWS_ENDPOINT_URL": flaky.endpoint_url, "ENGRAM_CACHE_DIR": str(cache),
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+def test_a_cold_node_in_an_outage_fails_in_one_line_naming_the_store(flaky, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    flaky.down()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    for command in (["pull"], ["ask", "--user", "alice", "My dentist is called"]):
+        out = CliRunner().invoke(cli_app(), [*command, "--store", flaky.uri, "--cache-dir", str(tmp_path / "cold"),
+                                             "--json"])
+        assert out.exit_code == 1, out.output
+        failure = json.loads(out.stdout.strip().splitlines()[-1])
+        assert failure["exit_code"] == 1 and "\n" not in failure["error"]
+        assert failure["error"].startswith(f"store {flaky.uri} (endpoint {flaky.endpoint_url}): read CURRENT failed")
+        assert (f"cache {tmp_path / 'cold'} holds no last-good version of this store to serve meanwhile (a node must "
+                "reach the store once to start): start it again once the store answers") in failure["error"]
+
+
+def _health(port: int) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # 503 while loading
+        return json.loads(error.read())
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        try:
+            value = predicate()
+        except OSError:  # not listening yet
+            value = None
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError("timed out")
+
+
+def test_engram_serve_restarted_in_an_outage_serves_the_last_good_and_follows_the_store_back(
+        s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """The whole node: `engram pull` fills the cache; with the store down, `engram pull` says what the
+    cache holds (exit 1: nothing was pulled), `engram ask` answers from it, and `engram serve` starts,
+    serves it (healthz: stale), and moves to the store's new version once the store answers."""
+    from typer.testing import CliRunner
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
+    pulled = CliRunner().invoke(cli_app(), ["pull", *args])
+    assert pulled.exit_code == 0, pulled.output
+
+    flaky.down()
+    pulled = CliRunner().invoke(cli_app(), ["pull", *args])
+    assert pulled.exit_code == 1, pulled.output
+    report = json.loads(pulled.stdout.strip().splitlines()[-1])
+    assert report["pulled"] is False and report["version"] == 1 and report["stale"]["loaded_from"] == "last-good cache"
+    trigger, answer = FACTS["alice"][0]
+    asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", "--max-new-tokens",
+                                           str(len(tiny.encode_answer(answer))), trigger, *args])
+    assert asked.exit_code == 0, asked.output
+    said = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert said["text"] == answer and said["version"] == 1 and said["stale"]["version"] == 1
+
+    port = free_port()
+    node = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--store", flaky.uri, "--cache-dir", str(cache),
+                             "--port", str(port), "--interval", "0.5"], env=_node_env(flaky, cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        health = _wait_for(lambda: _health(port), node)
+        assert health["status"] == "stale" and health["version"] == 1
+        assert health["stale"]["loaded_from"] == "last-good cache" and "StoreUnreachable" in health["stale"]["error"]
+        body = json.dumps({"model": "engram", "prompt": trigger, "user": "alice",
+                           "max_tokens": len(tiny.encode_answer(answer))}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["choices"][0]["text"] == answer
+            assert response.headers["X-Engram-Version"] == "1"
+
+        publish(s3_store, tiny, v2(compiled))
+        flaky.up()
+        health = _wait_for(lambda: (h := _health(port))["version"] == 2 and h, node)
+        assert health["status"] == "ok" and health["stale"] is None and health["last_error"] is None
+    finally:
+        node.terminate()
+        _, stderr = node.communicate(timeout=60)
+    assert "STALE: last-good cache, last confirmed CURRENT at" in stderr
