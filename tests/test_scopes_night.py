@@ -910,3 +910,25 @@ def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_r
     frank = node.deltas_for("frank")
     assert recalls(tiny, frank, *MOTTO) and recalls(tiny, frank, *SCOPE_FACTS["acme-office"])
     assert not recalls(tiny, frank, *ZANZIBAR)
+
+
+def test_a_night_with_no_new_log_file_compiles_the_scopes_a_forget_left_stale(spec, tmp_path, tiny, local_store):
+    """After engram forget bob, org:acme is stale (its delta and frank's dropped). The next night has
+    no new log file: it still compiles the scope, its members and frank (it published nothing, and
+    they were served none of the scope's facts until some file came); the night after it has no work."""
+    from versions.forget import forget_user
+
+    night(spec, tmp_path, "1", forget_member_log())
+    forget_user(local_store, "bob", actor="test", reason="ticket 15")
+    assert read_current(local_store)[0].scopes.stale == (SCOPE,)
+
+    report = run_nightly(spec)
+    current, _ = read_current(local_store)
+    assert report.published and report.compiled_scopes == 1 and report.compiled_users == 4  # alice, carol, dave, frank
+    assert current.scopes.stale == () and set(scope_deltas(local_store, current)) == {"org:aaa", SCOPE}
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user in ("alice", "dave", "frank"):
+        assert recalls(tiny, node.deltas_for(user), *SCOPE_FACTS["acme-wifi"]), user
+    assert holding_words(local_store) == {}
+    assert not run_nightly(spec).published  # nothing stale, no new file: nothing to do
