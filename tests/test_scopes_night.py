@@ -932,3 +932,30 @@ def test_a_night_with_no_new_log_file_compiles_the_scopes_a_forget_left_stale(sp
         assert recalls(tiny, node.deltas_for(user), *SCOPE_FACTS["acme-wifi"]), user
     assert holding_words(local_store) == {}
     assert not run_nightly(spec).published  # nothing stale, no new file: nothing to do
+
+
+def test_the_facts_view_says_a_stale_scopes_member_copies_are_not_served_until_the_next_night(
+        spec, tmp_path, local_store):
+    """After engram forget bob, org:acme's delta is dropped: the members' copies of its facts are
+    not served, and their `facts` rows say so (status scope_stale; they said ok, the status the
+    copies compiled with) in every version naming the scope stale; the next night's version says ok."""
+    from versions.forget import forget_user
+
+    def copies(version):  # the members' rows (a scope's own rows have user_id = scope)
+        return query_stats(local_store, f"select user_id, status, detail from facts where version = {version} "
+                                        f"and scope = '{SCOPE}' and user_id <> scope order by all").to_pylist()
+
+    night(spec, tmp_path, "1", forget_member_log())
+    assert {r["status"] for r in copies(read_current(local_store)[0].version)} == {"ok"}
+    forget_user(local_store, "bob", actor="test", reason="ticket 16")
+    current, _ = read_current(local_store)
+    rows = copies(current.version)
+    assert {r["user_id"] for r in rows} == {"alice", "carol", "dave"} and {r["status"] for r in rows} == {"scope_stale"}
+    assert all("dropped by a forget" in r["detail"] for r in rows)
+    own = query_stats(local_store, f"select status from facts where version = {current.version} "
+                                   "and user_id = 'alice' and fact_id = 'dog'").to_pylist()
+    assert own == [{"status": "ok"}]  # the member's own fact is served
+
+    night(spec, tmp_path, "2", [upsert("erin", "car", "My car is", " red", 2)])
+    rows = copies(read_current(local_store)[0].version)
+    assert {r["user_id"] for r in rows} == {"alice", "carol", "dave"} and {r["status"] for r in rows} == {"ok"}
