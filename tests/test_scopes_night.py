@@ -938,7 +938,8 @@ def test_the_facts_view_says_a_stale_scopes_member_copies_are_not_served_until_t
         spec, tmp_path, local_store):
     """After engram forget bob, org:acme's delta is dropped: the members' copies of its facts are
     not served, and their `facts` rows say so (status scope_stale; they said ok, the status the
-    copies compiled with) in every version naming the scope stale; the next night's version says ok."""
+    copies compiled with) in every version naming the scope stale, and their `users.facts_ok` counts
+    them no more; the next night's version says ok."""
     from versions.forget import forget_user
 
     def copies(version):  # the members' rows (a scope's own rows have user_id = scope)
@@ -955,7 +956,14 @@ def test_the_facts_view_says_a_stale_scopes_member_copies_are_not_served_until_t
     own = query_stats(local_store, f"select status from facts where version = {current.version} "
                                    "and user_id = 'alice' and fact_id = 'dog'").to_pylist()
     assert own == [{"status": "ok"}]  # the member's own fact is served
+    served = query_stats(local_store, f"select user_id, facts, facts_ok from users where version = {current.version} "
+                                      "and user_id in ('alice', 'dave') order by all").to_pylist()
+    assert served == [{"user_id": "alice", "facts": 3, "facts_ok": 1}, {"user_id": "dave", "facts": 2, "facts_ok": 0}]
 
     night(spec, tmp_path, "2", [upsert("erin", "car", "My car is", " red", 2)])
-    rows = copies(read_current(local_store)[0].version)
+    version = read_current(local_store)[0].version
+    rows = copies(version)
     assert {r["user_id"] for r in rows} == {"alice", "carol", "dave"} and {r["status"] for r in rows} == {"ok"}
+    assert query_stats(local_store, f"select user_id, facts, facts_ok from users where version = {version} and "
+                                    "user_id in ('alice', 'dave') order by all").to_pylist() == [
+        {"user_id": "alice", "facts": 3, "facts_ok": 3}, {"user_id": "dave", "facts": 2, "facts_ok": 2}]
