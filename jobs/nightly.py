@@ -210,7 +210,10 @@ def run_nightly(
         upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
         night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
         night.listed = {f.path: f for f in listed}
-        if not (new or rewritten or recompile or upgrade):
+        # A forget (or a rollback to a forget's rewrite) left shared scopes stale: their deltas, and
+        # those of their extra holders, are dropped until a night compiles them (even with no new file).
+        stale = previous is not None and previous.scopes is not None and bool(previous.scopes.stale)
+        if not (new or rewritten or recompile or upgrade or stale):
             log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
             return night.report(previous, published=False)
         return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile,

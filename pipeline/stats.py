@@ -52,6 +52,14 @@ logger = logging.getLogger(__name__)
 STATS_PREFIX = "stats"
 
 
+SCOPE_STALE = "scope_stale"
+"""``facts.status`` of a member's copy of a shared scope's fact in a version whose manifest names
+the scope ``stale`` (a forget dropped the scope's delta: it was compiled from a forgotten member's
+copies): the fact is not served in that version, whatever it compiled with."""
+SCOPE_STALE_DETAIL = ("the scope's delta was dropped by a forget (compiled from a forgotten member's copies); "
+                      "not served until the next night compiles the scope again")
+
+
 class StatsQueryError(RuntimeError):
     """A stats query failed; the message holds DuckDB's own."""
 
@@ -312,6 +320,22 @@ def _create_view(connection, manifests: list[Manifest], plan: dict, parts: dict[
     users_only = pa.schema([("user_id", pa.string())])
     selects = []
     for manifest in manifests:
+        # A forget dropped the deltas of the version's stale scopes (ScopesEntry.stale): their
+        # members' copies are not served until a night compiles the scopes again, whatever status
+        # they compiled with; the members' ``users.facts_ok`` counts them no more.
+        stale = manifest.scopes.stale if manifest.scopes is not None else ()
+        columns, raw = "*", []
+        stale_ok = f"_facts_v{manifest.version}_stale_ok"  # user_id, n: the ok copies of stale scopes
+        if stale and table == "facts":
+            names = f"_facts_v{manifest.version}_stale"
+            connection.register(names, pa.table({"scope": pa.array(sorted(stale), pa.string())}))
+            hit = f"scope IN (SELECT scope FROM {names})"
+            detail = SCOPE_STALE_DETAIL.replace("'", "''")
+            columns = (f"* REPLACE (CASE WHEN {hit} THEN '{SCOPE_STALE}' ELSE status END AS status, "
+                       f"CASE WHEN {hit} THEN '{detail}' ELSE detail END AS detail)")
+        elif stale and table == "users":
+            columns = (f"* REPLACE (facts_ok - coalesce((SELECT n FROM {stale_ok} s WHERE s.user_id = u.user_id), 0) "
+                       "AS facts_ok)")
         for seq, (keys, hiding) in sorted(plan[(manifest.version, table)].items()):
             if not keys:
                 continue
@@ -323,7 +347,13 @@ def _create_view(connection, manifests: list[Manifest], plan: dict, parts: dict[
                                                                 schema=users_only, format="parquet",
                                                                 filesystem=filesystem))
                 where = f" WHERE user_id NOT IN (SELECT user_id FROM {name}_newer)"
-            selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}{where}")
+            selects.append(f"SELECT {columns}, CAST({manifest.version} AS BIGINT) AS version FROM {name} u{where}")
+            raw.append(f"SELECT user_id, scope, status FROM {name}{where}")
+        if stale and table == "facts":
+            rows = " UNION ALL ".join(raw) if raw else "SELECT NULL::VARCHAR AS user_id, NULL::VARCHAR AS scope, " \
+                                                         "NULL::VARCHAR AS status WHERE false"
+            connection.execute(f"CREATE VIEW {stale_ok} AS SELECT user_id, count(*) AS n FROM ({rows}) "
+                               f"WHERE status = 'ok' AND {hit} GROUP BY user_id")
         scope_part = _scope_part(manifest, table)
         if scope_part is not None:
             # The shared scopes' own rows (user_id = scope = the scope id): never hidden by a layer,

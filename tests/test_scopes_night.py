@@ -910,3 +910,60 @@ def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_r
     frank = node.deltas_for("frank")
     assert recalls(tiny, frank, *MOTTO) and recalls(tiny, frank, *SCOPE_FACTS["acme-office"])
     assert not recalls(tiny, frank, *ZANZIBAR)
+
+
+def test_a_night_with_no_new_log_file_compiles_the_scopes_a_forget_left_stale(spec, tmp_path, tiny, local_store):
+    """After engram forget bob, org:acme is stale (its delta and frank's dropped). The next night has
+    no new log file: it still compiles the scope, its members and frank (it published nothing, and
+    they were served none of the scope's facts until some file came); the night after it has no work."""
+    from versions.forget import forget_user
+
+    night(spec, tmp_path, "1", forget_member_log())
+    forget_user(local_store, "bob", actor="test", reason="ticket 15")
+    assert read_current(local_store)[0].scopes.stale == (SCOPE,)
+
+    report = run_nightly(spec)
+    current, _ = read_current(local_store)
+    assert report.published and report.compiled_scopes == 1 and report.compiled_users == 4  # alice, carol, dave, frank
+    assert current.scopes.stale == () and set(scope_deltas(local_store, current)) == {"org:aaa", SCOPE}
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user in ("alice", "dave", "frank"):
+        assert recalls(tiny, node.deltas_for(user), *SCOPE_FACTS["acme-wifi"]), user
+    assert holding_words(local_store) == {}
+    assert not run_nightly(spec).published  # nothing stale, no new file: nothing to do
+
+
+def test_the_facts_view_says_a_stale_scopes_member_copies_are_not_served_until_the_next_night(
+        spec, tmp_path, local_store):
+    """After engram forget bob, org:acme's delta is dropped: the members' copies of its facts are
+    not served, and their `facts` rows say so (status scope_stale; they said ok, the status the
+    copies compiled with) in every version naming the scope stale, and their `users.facts_ok` counts
+    them no more; the next night's version says ok."""
+    from versions.forget import forget_user
+
+    def copies(version):  # the members' rows (a scope's own rows have user_id = scope)
+        return query_stats(local_store, f"select user_id, status, detail from facts where version = {version} "
+                                        f"and scope = '{SCOPE}' and user_id <> scope order by all").to_pylist()
+
+    night(spec, tmp_path, "1", forget_member_log())
+    assert {r["status"] for r in copies(read_current(local_store)[0].version)} == {"ok"}
+    forget_user(local_store, "bob", actor="test", reason="ticket 16")
+    current, _ = read_current(local_store)
+    rows = copies(current.version)
+    assert {r["user_id"] for r in rows} == {"alice", "carol", "dave"} and {r["status"] for r in rows} == {"scope_stale"}
+    assert all("dropped by a forget" in r["detail"] for r in rows)
+    own = query_stats(local_store, f"select status from facts where version = {current.version} "
+                                   "and user_id = 'alice' and fact_id = 'dog'").to_pylist()
+    assert own == [{"status": "ok"}]  # the member's own fact is served
+    served = query_stats(local_store, f"select user_id, facts, facts_ok from users where version = {current.version} "
+                                      "and user_id in ('alice', 'dave') order by all").to_pylist()
+    assert served == [{"user_id": "alice", "facts": 3, "facts_ok": 1}, {"user_id": "dave", "facts": 2, "facts_ok": 0}]
+
+    night(spec, tmp_path, "2", [upsert("erin", "car", "My car is", " red", 2)])
+    version = read_current(local_store)[0].version
+    rows = copies(version)
+    assert {r["user_id"] for r in rows} == {"alice", "carol", "dave"} and {r["status"] for r in rows} == {"ok"}
+    assert query_stats(local_store, f"select user_id, facts, facts_ok from users where version = {version} and "
+                                    "user_id in ('alice', 'dave') order by all").to_pylist() == [
+        {"user_id": "alice", "facts": 3, "facts_ok": 3}, {"user_id": "dave", "facts": 2, "facts_ok": 2}]
