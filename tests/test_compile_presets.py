@@ -111,4 +111,6 @@ def test_members_of_a_multi_process_run_split_the_users_and_their_rate_is_over_t
     assert run["processes"] == 2 and run["facts"] == 40 and [m["facts"] for m in run["members"]] == [20, 20]
     assert run["recall"] == 1.0 and run["greedy_checked"] == 4 and run["greedy_ok"] == 4
     assert run["seconds"] >= max(m["seconds"] for m in run["members"]) - 0.05
-    assert run["facts_per_s"] == round(40 / run["seconds"], 1)
+    # "seconds" is rounded to the millisecond and the rate to 0.1 fact/s, both from the unrounded
+    # time: the rate lies within what the rounded time admits (CI once saw 57.7 against 40 / 0.694).
+    assert 40 / (run["seconds"] + 0.0005) - 0.05 <= run["facts_per_s"] <= 40 / (run["seconds"] - 0.0005) + 0.05
