@@ -18,6 +18,12 @@ GET and HEAD of a path holding it is answered so (a bucket policy change, a dele
 server), in any mode. ``port``: listen there (0: any free port), so a test can stop the proxy (the
 store does not answer: connection refused) and start one again at the same endpoint.
 
+``refuse_checksums``: a request carrying botocore's flexible-checksum headers (``x-amz-sdk-checksum-
+algorithm``, ``x-amz-checksum-*``, ``x-amz-trailer``) or an aws-chunked body is answered ``400
+InvalidArgument`` naming the header, as Backblaze B2 and other S3-compatible servers answered
+boto3 1.36's new defaults; a PUT's ``Content-MD5`` is checked against the body it brings (``400
+BadDigest``), as every S3 server checks it. Every request's headers are kept in ``headers``.
+
 ``cut_gets``: path fragment -> how many GETs of a path holding it break off mid-body (the status
 and the whole ``Content-Length`` are sent, then half the body, then the connection closes: a
 network drop or a load balancer timing out mid-download), in any mode.
@@ -25,6 +31,8 @@ network drop or a load balancer timing out mid-download), in any mode.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +51,11 @@ _NOT_IMPLEMENTED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotIm
                     b"you provided implies functionality that is not implemented</Message></Error>")
 
 
+def _error(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+            "</Error>").encode()
+
+
 class _KeepContentHash(S3SigV4Auth):
     """Re-sign a request as it is: its x-amz-content-sha256 (a body hash, or a streaming marker
     for aws-chunked bodies) stays what the client sent."""
@@ -57,7 +70,7 @@ class _KeepContentHash(S3SigV4Auth):
 class ConditionProxy:
     def __init__(self, upstream_url: str, mode: str, *, access_key: str, secret_key: str, region: str = "us-east-1",
                  deny_deletes: tuple[str, ...] = (), cut_gets: dict[str, int] | None = None, port: int = 0,
-                 refuse_reads: dict[str, int] | None = None):
+                 refuse_reads: dict[str, int] | None = None, refuse_checksums: bool = False):
         if mode not in ("ignore", "501", "pass"):
             raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
         self.upstream = urlparse(upstream_url)
@@ -65,6 +78,8 @@ class ConditionProxy:
         self.deny_deletes = tuple(deny_deletes)
         self.cut_gets = dict(cut_gets or {})
         self.refuse_reads = dict(refuse_reads or {})
+        self.refuse_checksums = refuse_checksums
+        self.headers: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers lower-cased)
         self.signer = _KeepContentHash(Credentials(access_key, secret_key), "s3", region)
         self.requests: list[tuple[str, str, tuple[str, ...]]] = []
         self._connections: set = set()  # clients' open (keep-alive) sockets, closed when the proxy stops
@@ -118,6 +133,22 @@ class ConditionProxy:
                 headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
                 sent = tuple(k for k, _ in headers if k.lower() in {c.lower() for c in CONDITIONS})
                 proxy.requests.append((self.command, self.path, sent))
+                lowered = {k.lower(): v for k, v in headers}
+                proxy.headers.append((self.command, self.path, lowered))
+                if proxy.refuse_checksums:
+                    flexible = next((k for k in lowered if k in ("x-amz-sdk-checksum-algorithm", "x-amz-trailer")
+                                     or k.startswith("x-amz-checksum-")), None)
+                    if flexible is None and "aws-chunked" in lowered.get("content-encoding", ""):
+                        flexible = "content-encoding: aws-chunked"
+                    if flexible is not None:
+                        self.close_connection = True  # a chunked body was not read off the socket
+                        return self._answer(400, [("Content-Type", "application/xml")], _error(
+                            "InvalidArgument", f"Unsupported header '{flexible}' received for this API call."))
+                    md5 = lowered.get("content-md5")
+                    if self.command == "PUT" and md5 is not None and \
+                            base64.b64encode(hashlib.md5(body).digest()).decode() != md5:
+                        return self._answer(400, [("Content-Type", "application/xml")], _error(
+                            "BadDigest", "The Content-MD5 you specified did not match what we received."))
                 if self.command == "DELETE" and any(part in self.path for part in proxy.deny_deletes):
                     return self._answer(403, [("Content-Type", "application/xml")], _ACCESS_DENIED)
                 refused = next((status for part, status in proxy.refuse_reads.items() if part in self.path), None)

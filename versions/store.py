@@ -34,6 +34,7 @@ is not a valid store key (a zero-byte folder marker such as ``audit/``, made by 
 from __future__ import annotations
 
 import abc
+import base64
 import fcntl
 import hashlib
 import logging
@@ -403,6 +404,12 @@ class LocalStore(ObjectStore):
         return pyarrow.fs.LocalFileSystem(), str(self.root)
 
 
+def _is_aws_endpoint(endpoint: str) -> bool:
+    """An endpoint URL of AWS S3 itself (a regional, FIPS, dual-stack or VPC endpoint)."""
+    host = (urlparse(endpoint if "://" in endpoint else f"https://{endpoint}").hostname or "").lower()
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
 class S3Store(ObjectStore):
     """A bucket (and optional key prefix) on S3 or an S3-compatible server.
 
@@ -453,6 +460,21 @@ class S3Store(ObjectStore):
             max_pool_connections=MAX_POOL_CONNECTIONS,
         )
         self._client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
+        # An S3-compatible server (an endpoint, however set, that is not AWS's) gets requests in the
+        # form every S3 API server takes: botocore >= 1.36 otherwise adds CRC32 headers to each PUT
+        # and, on an https endpoint, sends the body aws-chunked with a trailing checksum
+        # (STREAMING-UNSIGNED-PAYLOAD-TRAILER), which many servers and gateways refuse ("Unsupported
+        # header", NotImplemented, MissingContentLength) or mis-read. Every PUT then sends
+        # Content-MD5 instead (:meth:`put`), which they all verify. AWS_REQUEST_CHECKSUM_CALCULATION
+        # and AWS_RESPONSE_CHECKSUM_VALIDATION (or the profile's settings) choose otherwise.
+        self.legacy_checksums = not _is_aws_endpoint(self._client.meta.endpoint_url)
+        if self.legacy_checksums:
+            scoped = self._session._session.get_scoped_config()
+            checksums = {name: "when_required" for name in ("request_checksum_calculation", "response_checksum_validation")
+                         if f"AWS_{name.upper()}" not in os.environ and name not in scoped}
+            if checksums:
+                self._client = self._session.client("s3", endpoint_url=endpoint_url,
+                                                    config=config.merge(Config(**checksums)))
         self.endpoint_url = self._client.meta.endpoint_url
         self.region = self._client.meta.region_name
 
@@ -565,6 +587,8 @@ class S3Store(ObjectStore):
             args["ServerSideEncryption"] = self.sse
         if self.sse_kms_key_id:
             args["SSEKMSKeyId"] = self.sse_kms_key_id
+        if self.legacy_checksums:  # the server checks the body it received against the client's bytes
+            args["ContentMD5"] = base64.b64encode(hashlib.md5(args["Body"], usedforsecurity=False).digest()).decode()
         with self._errors("write", key):
             response = self._client.put_object(**args)
         return response["ETag"].strip('"')

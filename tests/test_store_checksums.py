@@ -1,0 +1,122 @@
+"""S3-compatible servers that take only the classic S3 request form.
+
+botocore 1.36 (January 2025) began adding flexible checksums to every PUT: CRC32 headers
+(``x-amz-sdk-checksum-algorithm``, ``x-amz-checksum-crc32``) and, on an https endpoint, an
+aws-chunked body with a trailing checksum (``STREAMING-UNSIGNED-PAYLOAD-TRAILER``). Many
+S3-compatible servers and gateways refuse them (Backblaze B2: "Unsupported header
+'x-amz-sdk-checksum-algorithm'"; Storj's gateway: MissingContentLength; Apache Ozone and
+Scality before their fixes) or read the framing wrongly. The store sends them the classic form,
+with Content-MD5, which every S3 server verifies; AWS itself keeps botocore's defaults.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from tests.s3_proxy import ConditionProxy
+from versions.store import S3Store
+
+
+@pytest.fixture
+def strict(s3_server, s3_bucket):
+    """(proxy, store): the test bucket behind a server that refuses flexible checksums."""
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, refuse_checksums=True) as proxy:
+        yield proxy, S3Store(s3_bucket, "engram", endpoint_url=proxy.endpoint_url)
+
+
+def test_a_server_that_refuses_flexible_checksums_takes_every_write_and_read(strict):
+    proxy, store = strict
+    data = bytes(range(256)) * 41
+    etag = store.put("objects/a.bin", data)
+    assert store.get("objects/a.bin") == data
+    store.put("CURRENT", b"1", if_none_match=True)
+    store.put("CURRENT", b"2", if_match=store.head("CURRENT").etag)
+    assert store.get("CURRENT") == b"2" and store.head("objects/a.bin").size == len(data) and etag
+    assert store.list("objects/") == ["objects/a.bin"]
+    store.delete("objects/a.bin")
+    assert store.list("objects/") == []
+    puts = [headers for method, _, headers in proxy.headers if method == "PUT"]
+    assert len(puts) == 3 and all(not any(k.startswith("x-amz-checksum-") or k == "x-amz-sdk-checksum-algorithm"
+                                          for k in headers) for headers in puts)
+    assert puts[0]["content-md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+class _Body(io.BytesIO):
+    def stream(self, *args, **kwargs):
+        yield self.getvalue()
+
+
+def _sent_put(store: S3Store) -> tuple[dict[str, str], bytes]:
+    """The headers and body botocore would send for one PUT (answered here, never sent)."""
+    sent = []
+
+    def answer(request, **kwargs):
+        body = request.body.read() if hasattr(request.body, "read") else request.body
+        sent.append(({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}, body))
+        return AWSResponse(request.url, 200, {"ETag": '"e"'}, _Body(b""))
+
+    store._client.meta.events.register("before-send.s3", answer)
+    store.put("objects/x", b"hello world")
+    return sent[0]
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_CONFIG_FILE": "/nonexistent/engram-test-aws-config"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REQUEST_CHECKSUM_CALCULATION",
+                 "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_an_https_s3_compatible_endpoint_gets_a_plain_body_with_content_md5(aws_env):
+    headers, body = _sent_put(S3Store("bucket", "p", endpoint_url="https://minio.internal:9000"))
+    assert body == b"hello world" and headers["content-length"] == "11"
+    assert headers["content-md5"] == base64.b64encode(hashlib.md5(b"hello world").digest()).decode()
+    assert "content-encoding" not in headers and "x-amz-trailer" not in headers
+    assert not any(k.startswith("x-amz-checksum-") or k == "x-amz-sdk-checksum-algorithm" for k in headers)
+
+
+def test_aws_itself_and_an_operators_explicit_setting_keep_botocores_checksums(aws_env, monkeypatch):
+    for endpoint in (None, "https://s3.eu-west-1.amazonaws.com", "https://bucket.vpce-1a2b.s3.us-east-1.vpce.amazonaws.com"):
+        headers, body = _sent_put(S3Store("bucket", "p", endpoint_url=endpoint))
+        assert headers["x-amz-trailer"] == "x-amz-checksum-crc32" and "content-md5" not in headers, endpoint
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    headers, _ = _sent_put(S3Store("bucket", "p", endpoint_url="https://minio.internal:9000"))
+    assert headers["x-amz-trailer"] == "x-amz-checksum-crc32" and "content-md5" in headers
+
+
+def test_a_night_stats_and_a_pull_through_a_server_that_refuses_flexible_checksums(strict, tmp_path, tiny_dir, tiny,
+                                                                                    monkeypatch):
+    """The whole path, as an operator on such a server runs it: a night (its partial checkpoints,
+    shards, stats parts, manifest, CURRENT), a stats query (DuckDB over the parts) and a node's pull."""
+    from engram_core.serving import greedy_tokens
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from pipeline.stats import query_stats
+    from serving.pull import PullClient
+
+    proxy, store = strict
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+    rows = fact_log_rows(4, 3)
+    write_fact_log(rows, tmp_path / "log" / "part-0.parquet")
+    night = run_nightly(NightlySpec(store=store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                                    num_shards=2, workers=0))
+    assert (night.version, night.published, night.facts_ok) == (1, True, 12)
+    assert query_stats(store, "select count(*) as n from facts where status = 'ok'").to_pylist() == [{"n": 12}]
+    client = PullClient(store, tiny, cache_dir=tmp_path / "cache")
+    assert client.poll().error is None
+    for row in rows:
+        want = tiny.encode_answer(row["answer"])
+        assert greedy_tokens(tiny, row["trigger"], len(want), client.deltas_for(row["user_id"])) == want, row
+    refused = [(m, p) for m, p, h in proxy.headers if any(k.startswith("x-amz-checksum-") or k == "x-amz-trailer"
+                                                          or k == "x-amz-sdk-checksum-algorithm" for k in h)]
+    assert refused == [] and sum(1 for m, _, _ in proxy.headers if m == "PUT") > 10
