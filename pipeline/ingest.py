@@ -759,7 +759,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             logger.warning("fact log %s: column %r is %s without Parquet's UUID annotation: read as UUIDs (lowercase "
                            "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
                            source, name, kind)
-    columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
+    columns["op"] = _canonical_op(columns["op"])
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
     columns["_row"] = table.column("_row") if "_row" in table.column_names else pa.array(range(n), pa.int64())
@@ -771,6 +771,16 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         [pa.chunked_array(columns[f.name]).cast(f.type) for f in F.FACT_LOG_BATCH_SCHEMA],
         schema=F.FACT_LOG_BATCH_SCHEMA,
     )
+
+
+def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``op`` (string) as the keyword it names, in Arrow: compatibility forms folded (NFKC: the
+    full-width ``ｕｐｓｅｒｔ`` of a Japanese input method), invisible format characters removed
+    (Unicode Cf: a zero-width space, a byte-order mark, a soft hyphen), surrounding whitespace
+    (tab, no-break space) trimmed, lower case (``Upsert``, ``UPSERT`` as Java enums and C# write
+    them). Each of these cost its row as UNKNOWN_OP; what is left is checked against F.OPS."""
+    folded = pc.replace_substring_regex(pc.utf8_normalize(ops, "NFKC"), r"\p{Cf}", "")
+    return pc.utf8_lower(pc.utf8_trim_whitespace(folded))
 
 
 def _warn_float_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
@@ -1094,17 +1104,93 @@ _ANNOTATIONS = re.compile(r"(?:\[[^\[\]]*\])+$")
 _OFFSET = re.compile(r"(?::\d\d|T\d{2,6})(?:[.,]\d+)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$", re.IGNORECASE)  # after a time
 
 
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAY, _MONTH = r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun)", r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+# Go's time.Time.String() (fmt.Println, %v of a time): the numeric offset, then the zone's abbreviation
+# (or the offset again, "+03", for a zone without one) and, for a time read from the clock, the
+# monotonic reading: "2026-11-30 14:03:07.123456789 +0000 UTC", "2026-11-30 07:03:07.5 -0700 MST m=+0.0012".
+_GO_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ([+-]\d\d)(\d\d) (?:[A-Za-z]{1,5}|[+-]\d\d(?:\d\d)?)"
+                      r"(?: m=[+-]\d+(?:\.\d+)?)?")
+# RFC 2822 (email, Python's email.utils.format_datetime) and the HTTP date of RFC 9110 (JavaScript's
+# Date.toUTCString(), Java's DateTimeFormatter.RFC_1123_DATE_TIME): "Mon, 30 Nov 2026 14:03:07 GMT",
+# "30 Nov 2026 14:03:07 +0100".
+_RFC_2822 = re.compile(_DAY.join(["(?:", ", )?"]) + r"(\d{1,2}) " + _MONTH + r" (\d{4}) (\d\d:\d\d(?::\d\d)?) "
+                       r"(GMT|UTC|UT|Z|[+-]\d{4})", re.IGNORECASE)
+# JavaScript's Date.prototype.toString(): "Mon Nov 30 2026 14:03:07 GMT+0100 (Central European Standard Time)"
+# (the offset is the instant's; the name in parentheses is for people, and in the runtime's language).
+_JS_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d{4}) (\d\d:\d\d:\d\d) GMT([+-]\d{4})(?: \([^()]*\))?",
+                      re.IGNORECASE)
+# Java's java.util.Date.toString() in UTC (a server's default zone): "Mon Nov 30 14:03:07 UTC 2026".
+_JAVA_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d\d:\d\d:\d\d) (UTC|GMT) (\d{4})", re.IGNORECASE)
+# A time followed by a zone's abbreviation and no offset (Java's Date.toString() "... CET 2026",
+# "2026-11-30 14:03:07 EST"): CST is three zones, IST three, and the abbreviation does not say
+# which side of a daylight-saving change the time is on.
+_ZONE_NAME_ONLY = re.compile(r"\d\d:\d\d(?::\d\d(?:\.\d+)?)? \(?(?!(?:AM|PM)\b)[A-Za-z]{2,5}\)?(?: \d{4})?$",
+                             re.IGNORECASE)
+_NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)?(?:[eE][+-]?\d+)?")
+
+
 def _parse_times(texts: pa.ChunkedArray, problems: list) -> list[int | None]:
     micros = []
     for row, text in enumerate(texts.to_pylist()):
         micros.append(None if text is None else _parse_time_micros(text))
         if text is not None and micros[-1] is None:
-            annotated = _ANNOTATIONS.search(text.strip())
-            why = (" (a zone name in brackets needs the UTC offset before it, as Java's ZonedDateTime writes it: "
-                   "2026-11-20T09:00:00+01:00[Europe/Paris])" if annotated else "")
-            _note(problems, row, F.BAD_EVENT_TIME,
-                  f"event_time {text[:64]!r} is not an ISO-8601 timestamp{why} (write e.g. 2026-11-20T08:00:00Z)")
+            _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
     return micros
+
+
+def _not_a_time(text: str) -> str:
+    """Why ``text`` (canonical, as :func:`_parse_time_micros` read it) is not read as a time."""
+    if _NUMBER.fullmatch(text):
+        return ("is a bare number, which is ambiguous (seconds or milliseconds since 1970? a spreadsheet's day "
+                "number?): write ISO-8601 text such as 2026-11-20T08:00:00Z or a timestamp column")
+    if (annotated := _ANNOTATIONS.search(text)) and not _OFFSET.search(text[:annotated.start()]):
+        return ("is not an ISO-8601 timestamp (a zone name in brackets needs the UTC offset before it, as Java's "
+                "ZonedDateTime writes it: 2026-11-20T09:00:00+01:00[Europe/Paris]; write e.g. 2026-11-20T08:00:00Z)")
+    if _weekday(text) is None:
+        return ("names a weekday that is not its date's (which of the two is wrong?); write ISO-8601 text such as "
+                "2026-11-20T08:00:00Z")
+    if _ZONE_NAME_ONLY.search(text) and not _UTC_SUFFIX.search(text):
+        return ("names its zone by an abbreviation without a UTC offset, which is ambiguous (CST and IST are three "
+                "zones each; an abbreviation does not tell a daylight-saving change's repeated hour): write the "
+                "offset (2026-11-20T09:00:00+01:00) or UTC (2026-11-20T08:00:00Z)")
+    return "is not an ISO-8601 timestamp (write e.g. 2026-11-20T08:00:00Z)"
+
+
+def _weekday(text: str) -> bool | None:
+    """For RFC 2822 / JavaScript / Java date text that names a weekday: whether it is the date's
+    (None: it is not); True for any other text."""
+    for pattern, day, month, date, year in ((_RFC_2822, 1, 3, 2, 4), (_JS_DATE, 1, 2, 3, 4), (_JAVA_DATE, 1, 2, 3, 6)):
+        if (match := pattern.fullmatch(text)) and match.group(day):
+            try:
+                moment = datetime(int(match.group(year)), _MONTHS.index(match.group(month).lower()) + 1,
+                                  int(match.group(date)))
+            except ValueError:
+                return True  # not a date at all: refused as such
+            return True if _WEEKDAYS[moment.weekday()] == match.group(day).lower() else None
+    return True
+
+
+def _as_iso(text: str) -> str:
+    """Go's, RFC 2822's, JavaScript's and Java's time text as ISO-8601 with its offset (the same
+    text if it is none of these). The offset gives the instant; zone names and abbreviations are
+    not read (Go's "MST", JavaScript's "(Central European Standard Time)")."""
+    if match := _GO_TIME.fullmatch(text):
+        return f"{match.group(1)}{match.group(2)}:{match.group(3)}"
+    if _weekday(text) is None:
+        return text  # a weekday that is not the date's: refused
+    month = lambda name: _MONTHS.index(name.lower()) + 1  # noqa: E731
+    if match := _RFC_2822.fullmatch(text):
+        zone = match.group(6)
+        zone = "+00:00" if zone.upper() in ("GMT", "UTC", "UT", "Z") else f"{zone[:3]}:{zone[3:]}"
+        return f"{match.group(4)}-{month(match.group(3)):02d}-{int(match.group(2)):02d}T{match.group(5)}{zone}"
+    if match := _JS_DATE.fullmatch(text):
+        zone = match.group(6)
+        return f"{match.group(4)}-{month(match.group(2)):02d}-{match.group(3)}T{match.group(5)}{zone[:3]}:{zone[3:]}"
+    if match := _JAVA_DATE.fullmatch(text):
+        return f"{match.group(6)}-{month(match.group(2)):02d}-{match.group(3)}T{match.group(4)}+00:00"
+    return text
 
 
 def _parse_time_micros(text: str) -> int | None:
@@ -1112,8 +1198,20 @@ def _parse_time_micros(text: str) -> int | None:
     digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?). RFC 9557
     annotations after an offset (``+01:00[Europe/Paris]``, ``Z[UTC]``) are dropped: the offset
     gives the instant; a zone name without an offset is refused (None): the offset is not known
-    in a daylight-saving change's repeated hour."""
-    cleaned = text.strip()
+    in a daylight-saving change's repeated hour. Also read, by their numeric offset: Go's
+    ``time.Time.String()`` (``2026-11-30 14:03:07.123456789 +0000 UTC m=+0.0012``), RFC 2822 and
+    HTTP dates (``Mon, 30 Nov 2026 14:03:07 GMT``), JavaScript's ``Date.toString()`` (``Mon Nov
+    30 2026 14:03:07 GMT+0100 (Central European Standard Time)``) and Java's ``Date.toString()``
+    in UTC (a weekday that is not the date's: None). Invisible format characters (a byte-order
+    mark, a zero-width space) and surrounding spaces are dropped first, as in ids."""
+    cleaned = canonical_id(text)
+    micros = _iso_micros(cleaned)
+    if micros is None and (written := _as_iso(cleaned)) != cleaned:
+        micros = _iso_micros(written)
+    return micros
+
+
+def _iso_micros(cleaned: str) -> int | None:
     if annotated := _ANNOTATIONS.search(cleaned):
         cleaned = cleaned[:annotated.start()]
         if not _OFFSET.search(cleaned):
@@ -1243,7 +1341,9 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
     if op not in F.OPS:
-        return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}"
+        near = [name for name in F.OPS if re.sub(r"[\s_-]", "", op) == name.replace("_", "")]
+        hint = f" (write {near[0]!r}: another spelling of an op is not read as it)" if near else ""
+        return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}{hint}"
     if times[i] is None:
         return F.MISSING_EVENT_TIME, "event_time is empty"
     if times[i] > future_limit:

@@ -402,6 +402,41 @@ def test_event_time_text_with_a_bracketed_zone_as_java_writes_it_is_read_by_its_
         assert reason == "BAD_EVENT_TIME" and "a zone name in brackets needs the UTC offset before it" in detail
 
 
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_event_time_text_as_go_email_http_javascript_and_java_write_it_is_read_by_its_offset(on_bad_file, tmp_path):
+    """Go's time.Time.String() (a producer logging `%v` of a time), RFC 2822 and HTTP dates,
+    JavaScript's Date.toString() and Java's Date.toString() in UTC: every such row was rejected
+    (BAD_EVENT_TIME). The numeric offset gives the instant; a zone's name or abbreviation is not
+    read, and without an offset it costs its row saying so, as does a bare number, and a weekday
+    that is not the date's. Invisible characters around the text (a BOM) are dropped, as in ids."""
+    texts = ["2026-11-20 08:00:00 +0000 UTC", "2026-11-20 08:00:00.000000999 +0000 UTC m=+0.001234567",
+             "2026-11-20 01:00:00 -0700 MST", "2026-11-20 11:00:00 +0300 +03", "Fri, 20 Nov 2026 08:00:00 GMT",
+             "20 Nov 2026 09:00:00 +0100", "Fri Nov 20 2026 09:00:00 GMT+0100 (Central European Standard Time)",
+             "Fri Nov 20 08:00:00 UTC 2026", "\ufeff2026-11-20T08:00:00Z", "2026-11-20T08:00:00Z\u200b",
+             "1763625600", "46346.3333", "Fri Nov 20 09:00:00 CET 2026", "2026-11-20 03:00:00 EST",
+             "Thu, 20 Nov 2026 08:00:00 GMT"]
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    pq.write_table(raw.set_column(5, "event_time", pa.array(texts)), tmp_path / "go.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert {r["fact_id"]: r["event_time"] for r in result.state.to_pylist()} == {f"f{i}": T0 for i in range(10)}
+    rejects = {r["fact_id"]: (r["reason"], r["row"], r["detail"]) for r in result.rejects.to_pylist()}
+    assert {fact: (reason, row) for fact, (reason, row, _) in rejects.items()} == {
+        f"f{i}": ("BAD_EVENT_TIME", i) for i in range(10, 15)}
+    assert "is a bare number, which is ambiguous (seconds or milliseconds" in rejects["f10"][2]
+    assert "a spreadsheet's day number" in rejects["f11"][2]
+    for fact in ("f12", "f13"):
+        assert "abbreviation without a UTC offset" in rejects[fact][2] and "+01:00" in rejects[fact][2]
+    assert "a weekday that is not its date's" in rejects["f14"][2]
+
+
+def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
+    result = run(table({"op": "forgetUser"}, {"op": "forget-user", "fact_id": "b"}, {"op": "UP SERT", "fact_id": "c"}))
+    assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
+        ("UNKNOWN_OP", f"op {op!r} is not one of upsert, delete, forget_user (write {name!r}: another spelling of "
+                       "an op is not read as it)")
+        for op, name in (("forgetuser", "forget_user"), ("forget-user", "forget_user"), ("up sert", "upsert"))]
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
