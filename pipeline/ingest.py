@@ -753,6 +753,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             _warn_float_text_ids(columns[name], name, source)
         if name in table.column_names and not isinstance(table.column(name).type, _UUID_TYPE):
             _warn_uuid_text_ids(columns[name], name, source)
+        if name in table.column_names and _is_text_type(table.column(name).type):
+            _warn_other_forms_of_ids(columns[name], name, source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
@@ -811,6 +813,34 @@ def _warn_uuid_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None
                        "read as written, and a UUID-typed export of the same user (DuckDB, Postgres, Spark) reads as "
                        "lowercase, another user; export the ids in one form (lowercase, no braces)",
                        source, name, column[row].as_py(), row)
+
+
+def _is_text_type(kind: pa.DataType) -> bool:
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    return any(is_kind(kind) for is_kind in _BYTES_KINDS) and not _raw_uuid(kind)
+
+
+def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file for each kind of text id that another export of the same id may write in
+    another form, which is another id: an integer with leading zeros ("007": an integer-typed
+    column writes 7) and compatibility characters (full-width digits and letters "７", ligatures,
+    superscripts: NFKC reads "７" as "7"). Ids are read as written, never folded: folding would
+    move ids already stored to another user, or merge two users."""
+    padded = pc.fill_null(pc.match_substring_regex(column, r"^\s*0[0-9]+\s*$"), False)
+    spaced = pc.replace_substring_regex(column, r"\p{Zs}", " ")  # as the canonical form has them
+    plain = pc.utf8_normalize(spaced, "NFKC")
+    compatible = pc.fill_null(pc.not_equal(plain, pc.utf8_normalize(spaced, "NFC")), False)
+    if pc.any(padded).as_py():
+        row = pc.index(padded, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) is an integer with leading zeros: ids are read as written, and an "
+                       "export that types the ids as integers (which drops the zeros) reads as another id; export the "
+                       "ids in one form", source, name, column[row].as_py(), row)
+    if pc.any(compatible).as_py():
+        row = pc.index(compatible, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) holds compatibility characters (full-width digits or letters, "
+                       "ligatures, superscripts): ids are read as written, so it is not the id %r that other exports "
+                       "may write; export the ids in one form", source, name, column[row].as_py(), row,
+                       plain[row].as_py().strip())
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:

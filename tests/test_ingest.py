@@ -1406,3 +1406,20 @@ def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_p
     assert f"user_id {text.strip()!r} is a missing value written as text" in rejects[("ids.parquet", 1)][1]
     assert "'7.0' (row 0) looks like a float's text of an integer" in caplog.text
     assert caplog.text.count("looks like a float's text") == 2  # once per file
+
+
+def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_one_warning_per_file(tmp_path, caplog):
+    """A zero-padded id ('007') and one of full-width digits ('７') are other ids than the integer
+    7 another export writes: read as written (never folded: that would move stored ids to another
+    user), with one warning per file for each kind, naming the file, column, row and value."""
+    ids = ["007", "\uff17", "7", "0", "\uff17", "008"]
+    raw = table(*({"user_id": user, "fact_id": f"f{i}"} for i, user in enumerate(ids)))
+    pq.write_table(raw, tmp_path / "text.parquet")
+    pq.write_table(raw.set_column(0, "user_id", pa.array([7, 7, 7, 0, 7, 8])), tmp_path / "int.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert sorted({r["user_id"] for r in result.state.to_pylist()}) == ["0", "007", "008", "7", "8", "\uff17"]
+    assert caplog.text.count("is an integer with leading zeros") == 1
+    assert "text.parquet: user_id '007' (row 0) is an integer with leading zeros" in caplog.text
+    assert caplog.text.count("holds compatibility characters") == 1
+    assert "user_id '\uff17' (row 1) holds compatibility characters" in caplog.text and "not the id '7'" in caplog.text
