@@ -755,6 +755,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             _warn_uuid_text_ids(columns[name], name, source)
         if name in table.column_names and _is_text_type(table.column(name).type):
             _warn_other_forms_of_ids(columns[name], name, source)
+    for name in _TEXT_COLUMNS:
+        _warn_escaped_text(columns[name], name, source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
@@ -841,6 +843,24 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
                        "ligatures, superscripts): ids are read as written, so it is not the id %r that other exports "
                        "may write; export the ids in one form", source, name, column[row].as_py(), row,
                        plain[row].as_py().strip())
+
+
+# Text a producer escaped for HTML or JSON and did not unescape: "Tom &amp; Jerry", "caf\\u00e9".
+_ESCAPES = ((r"&(?:amp|lt|gt|quot|apos|nbsp|#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6});", "an HTML entity"),
+            (r"\\u[0-9a-fA-F]{4}", "a JSON escape"))
+
+
+def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file for each kind of escape found in trigger or answer text (an HTML entity
+    such as ``&amp;``, a JSON ``\\u00e9`` as six characters): text is read as written, so the fact
+    is compiled and recalled with the escape (a user typing "Tom & Jerry" does not recall "Tom
+    &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose."""
+    for pattern, what in _ESCAPES:
+        found = pc.fill_null(pc.match_substring_regex(column, pattern), False)
+        if pc.any(found).as_py():
+            row = pc.index(found, True).as_py()
+            logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
+                           "unescape the text before writing the log", source, name, column[row].as_py()[:64], row, what)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:

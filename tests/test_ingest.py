@@ -1423,3 +1423,17 @@ def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_o
     assert "text.parquet: user_id '007' (row 0) is an integer with leading zeros" in caplog.text
     assert caplog.text.count("holds compatibility characters") == 1
     assert "user_id '\uff17' (row 1) holds compatibility characters" in caplog.text and "not the id '7'" in caplog.text
+
+
+def test_text_escaped_for_html_or_json_is_read_as_written_with_one_warning_per_file(tmp_path, caplog):
+    """'Tom &amp; Jerry' and 'caf\\u00e9' (six characters) are what a producer that escaped its text
+    and did not unescape it writes: compiled as written (a text may hold them on purpose), and
+    recalled only with the escape, so the file gets one warning per kind naming column and row."""
+    answers = [" AT&T", " Tom &amp; Jerry", " caf\\u00e9", " &#233;t&#233;"]
+    pq.write_table(table(*({"fact_id": f"f{i}", "answer": a} for i, a in enumerate(answers))), tmp_path / "x.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert sorted(r["answer"] for r in result.state.to_pylist()) == sorted(answers)
+    assert caplog.text.count("holds an HTML entity") == 1 and caplog.text.count("holds a JSON escape") == 1
+    assert "answer ' Tom &amp; Jerry' (row 1) holds an HTML entity" in caplog.text
+    assert "(row 2) holds a JSON escape" in caplog.text
