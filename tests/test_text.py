@@ -175,10 +175,11 @@ def _only_kept_format_characters(text: str) -> bool:
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from(["a", "e", " ", "\u0301", "é", "\u200d", "\u200c", "\u200b", "\u00a0",
-                                         "👨", "👩", "\ufe0f", "م", "\r", "\n", "\U000e0067"]), max_size=12))
+                                         "👨", "👩", "\ufe0f", "م", "\r", "\n", "\U000e0067", "\u2028", "\x85",
+                                         "\u2029"]), max_size=12))
 def test_joiners_and_line_breaks_have_one_idempotent_form(text):
     once = canonical_text(text)
-    assert canonical_text(once) == once and _only_kept_format_characters(once) and "\r" not in once
+    assert canonical_text(once) == once and _only_kept_format_characters(once) and not set("\r\x85\u2028\u2029") & set(once)
     assert not has_format_characters(canonical_id(text))
 
 
@@ -190,6 +191,11 @@ def test_joiners_that_change_what_a_reader_sees_are_kept_in_texts_and_removed_fr
     assert canonical_text("ab\u200dcd") == "abcd"  # pasted between ASCII letters: noise
     assert canonical_id("u-" + family) == "u-👨👩👧"  # ids are identities: every format character goes
     assert canonical_text("1 Main St\r\nSpringfield\rUSA") == "1 Main St\nSpringfield\nUSA"
+    # Unicode's other line breaks too (a word processor's soft break, a conversion's NEL): NEL was a
+    # control character that cost its row, and a line separator did not read as the newline typed
+    assert canonical_text("1 Main St\u2028Springfield\x85USA\u2029") == "1 Main St\nSpringfield\nUSA\n"
+    assert canonical_fact("My address is", "1 Main St\u2028USA") == ("My address is", " 1 Main St\nUSA")
+    assert canonical_id("u\u2028x") == "u\u2028x"  # ids are read as written (a newline would refuse the id)
     england = "\U0001F3F4" + "".join(chr(0xE0000 + ord(c)) for c in "gbeng") + "\U000E007F"
     assert canonical_text("Home: " + england) == "Home: " + england  # a subdivision flag keeps its tags
     assert canonical_prompt("My PIN is" + chr(0xE0041)) == "My PIN is"  # a stray tag smuggles text: removed
