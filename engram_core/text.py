@@ -97,7 +97,7 @@ def canonical_text(text: str, *, keep_joiners: bool = True) -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if keep_joiners and not text.isascii():  # in texts, Unicode's other line breaks too (ids keep them as written)
-        text = text.translate(_LINE_BREAKS)
+        text = text.translate(LINE_BREAKS)
     if text.isascii():  # the common case: no Cf, no Zs other than U+0020, already NFC
         return _SPACES.sub(" ", text) if "  " in text else text
     kept = "".join(" " if unicodedata.category(c) == "Zs" else c for c in text
@@ -113,7 +113,7 @@ def canonical_text(text: str, *, keep_joiners: bool = True) -> str:
 
 # NEL (U+0085: EBCDIC's and ISO 6429's, left by conversions), LINE SEPARATOR (U+2028: a soft line
 # break in word processors' and JavaScript's text) and PARAGRAPH SEPARATOR (U+2029) as a newline.
-_LINE_BREAKS = {0x85: "\n", 0x2028: "\n", 0x2029: "\n"}
+LINE_BREAKS = {0x85: "\n", 0x2028: "\n", 0x2029: "\n"}
 
 
 def _is_tag(char: str) -> bool:

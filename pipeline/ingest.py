@@ -72,7 +72,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engram_core.text import canonical_fact, canonical_id, canonical_prompt, canonical_text
+from engram_core.text import LINE_BREAKS, canonical_fact, canonical_id, canonical_prompt, canonical_text
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
 from versions.layout import forgotten_id, shard_hash, shard_of
@@ -1734,10 +1734,13 @@ def _answer_key(answer: str | None):
 
 def _fact_keys(contents: list[tuple], user_id: str) -> list[tuple]:
     """One key per (scope, trigger, answer) content of one user's fact at one instant: equal keys
-    are the same fact. A content without a shared scope (its scope is the user) whose trigger and
+    are the same fact (the texts read with Unicode's line breaks as newlines, as ingest now writes
+    them). A content without a shared scope (its scope is the user) whose trigger and
     answer match those of exactly one shared scope's copy takes that scope: the same row exported
     without the optional scope column is that copy, not a conflicting personal fact."""
-    keys = [(scope, trigger, _answer_key(answer)) for scope, trigger, answer in contents]
+    # a text stored before NEL, U+2028 and U+2029 read as newlines (2026-12-02) is its new form's fact
+    keys = [(scope, trigger and trigger.translate(LINE_BREAKS), _answer_key(answer and answer.translate(LINE_BREAKS)))
+            for scope, trigger, answer in contents]
     shared: dict[tuple, set] = defaultdict(set)
     for scope, trigger, answer in keys:
         if scope != user_id:

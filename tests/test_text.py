@@ -280,6 +280,21 @@ def test_a_log_line_read_again_after_the_spacing_rule_changed_is_a_duplicate_not
     assert other.rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"]
 
 
+def test_a_log_line_read_again_after_line_separators_became_newlines_is_a_duplicate_not_a_conflict():
+    """A fact stored with U+2028 in its trigger and answer (before they read as newlines) and its
+    log line read again at the same event time: the same fact, kept as stored (a conflict deleted it)."""
+    from schemas.facts import FACT_STATE_SCHEMA, fact_hash
+
+    trigger, answer = "Ship to:\u2028Acme Ltd at", " 1 Main St\u2028USA"
+    stored = pa.Table.from_pylist([{"user_id": "u-jo", "fact_id": "addr", "scope": "u-jo", "trigger": trigger,
+                                    "answer": answer, "event_time": T0, "fact_hash": fact_hash("u-jo", trigger, answer)}],
+                                  schema=FACT_STATE_SCHEMA)
+    again = ingest(log_table([{"user_id": "u-jo", "fact_id": "addr", "trigger": trigger, "answer": answer}]), stored,
+                   max_trigger_tokens=32)
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] and again.changed_users == set()
+    assert again.state.equals(stored)
+
+
 def test_ingest_stores_canonical_text_and_a_forget_of_a_look_alike_id_forgets_the_user():
     rows = [{"user_id": "u-sam", "fact_id": "dentist", "trigger": "My dentist is Dr. ", "answer": "Akeredolu"},
             {"user_id": "u-sam", "op": "forget_user", "fact_id": None, "event_time": datetime(2026, 11, 20, 9, tzinfo=timezone.utc)},
