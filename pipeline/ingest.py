@@ -1765,6 +1765,8 @@ def _differences(copy: tuple, kept: tuple) -> str:
                    "column? the scope is kept; to make the fact personal, send it with a later time)")
     if copy[2] != kept[2] and _answer_key(copy[2]) == _answer_key(kept[2]) and copy[2].lstrip(" ") != kept[2].lstrip(" "):
         why.append(f"the answer {copy[2].strip()[:64]!r} is the same number as {kept[2].strip()[:64]!r} (kept as published)")
+    if not why and (copy[1] != kept[1] or (copy[2] or "").lstrip(" ") != (kept[2] or "").lstrip(" ")):
+        return " (but for line breaks: U+2028, U+2029 and NEL read as newlines since 2026-12-02)"
     return f": {'; '.join(why)}" if why else " (but for the boundary space)"
 
 

@@ -292,6 +292,7 @@ def test_a_log_line_read_again_after_line_separators_became_newlines_is_a_duplic
     again = ingest(log_table([{"user_id": "u-jo", "fact_id": "addr", "trigger": trigger, "answer": answer}]), stored,
                    max_trigger_tokens=32)
     assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] and again.changed_users == set()
+    assert "(but for line breaks: U+2028, U+2029 and NEL read as newlines" in again.rejects.column("detail")[0].as_py()
     assert again.state.equals(stored)
 
 
