@@ -1099,7 +1099,7 @@ def _to_timestamp(column: pa.ChunkedArray, problems: list, source: str = TABLE_S
         ticks, unit = column.cast(pa.int64()), "ms"
     elif any(is_kind(kind) for is_kind in _BYTES_KINDS):
         texts = _to_text(column, "event_time", problems)
-        ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems), pa.int64())]), "us"
+        ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems, source), pa.int64())]), "us"
     else:
         raise F.SchemaMismatch(_not_a_moment(kind))
     return _ticks_to_micros(ticks, unit, problems).cast(F.TIMESTAMP)
@@ -1178,15 +1178,24 @@ _JAVA_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d\d:\d\d:\d\d) (UTC|GM
 # which side of a daylight-saving change the time is on.
 _ZONE_NAME_ONLY = re.compile(r"\d\d:\d\d(?::\d\d(?:\.\d+)?)? \(?(?!(?:AM|PM)\b)[A-Za-z]{2,5}\)?(?: \d{4})?$",
                              re.IGNORECASE)
+_DATE_ONLY = re.compile(r"\d{4}-?\d\d-?\d\d|\d{4}-?W\d\d(?:-?\d)?")  # a day, read as its midnight UTC
 _NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)?(?:[eE][+-]?\d+)?")
 
 
-def _parse_times(texts: pa.ChunkedArray, problems: list) -> list[int | None]:
-    micros = []
+def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOURCE) -> list[int | None]:
+    """Microseconds UTC per event_time text (None with a BAD_EVENT_TIME problem where it is not a
+    time); one warning per file when a time (not a bare date) has no zone and is read as UTC, as for
+    a timestamp column without one (Python's str(datetime.now()), Java's LocalDateTime: local time?)."""
+    micros, zoneless = [], []
     for row, text in enumerate(texts.to_pylist()):
-        micros.append(None if text is None else _parse_time_micros(text))
+        micros.append(None if text is None else _parse_time_micros(text, zoneless))
+        if zoneless and zoneless[0] is True:
+            zoneless[0] = (row, text)
         if text is not None and micros[-1] is None:
             _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
+    if zoneless:
+        logger.warning("fact log %s: event_time %r (row %d) has no time zone; reading it as UTC (write the offset or Z, "
+                       "e.g. 2026-11-20T08:00:00Z, to silence this)", source, zoneless[0][1][:64], zoneless[0][0])
     return micros
 
 
@@ -1243,7 +1252,7 @@ def _as_iso(text: str) -> str:
     return text
 
 
-def _parse_time_micros(text: str) -> int | None:
+def _parse_time_micros(text: str, zoneless: list | None = None) -> int | None:
     """Microseconds since the epoch of an ISO-8601 time ('Z', '+hh:mm' or ' UTC'; no zone: UTC;
     digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?). RFC 9557
     annotations after an offset (``+01:00[Europe/Paris]``, ``Z[UTC]``) are dropped: the offset
@@ -1253,15 +1262,16 @@ def _parse_time_micros(text: str) -> int | None:
     HTTP dates (``Mon, 30 Nov 2026 14:03:07 GMT``), JavaScript's ``Date.toString()`` (``Mon Nov
     30 2026 14:03:07 GMT+0100 (Central European Standard Time)``) and Java's ``Date.toString()``
     in UTC (a weekday that is not the date's: None). Invisible format characters (a byte-order
-    mark, a zero-width space) and surrounding spaces are dropped first, as in ids."""
+    mark, a zero-width space) and surrounding spaces are dropped first, as in ids. A time (not a
+    bare date) read without a zone appends True to ``zoneless``, once."""
     cleaned = canonical_id(text)
-    micros = _iso_micros(cleaned)
+    micros = _iso_micros(cleaned, zoneless)
     if micros is None and (written := _as_iso(cleaned)) != cleaned:
-        micros = _iso_micros(written)
+        micros = _iso_micros(written, zoneless)
     return micros
 
 
-def _iso_micros(cleaned: str) -> int | None:
+def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
     if annotated := _ANNOTATIONS.search(cleaned):
         cleaned = cleaned[:annotated.start()]
         if not _OFFSET.search(cleaned):
@@ -1274,7 +1284,10 @@ def _iso_micros(cleaned: str) -> int | None:
         moment = datetime.fromisoformat(cleaned)
     except ValueError:
         return None
-    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+        if zoneless is not None and not zoneless and not _DATE_ONLY.fullmatch(cleaned):
+            zoneless.append(True)
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 

@@ -451,6 +451,24 @@ def test_a_time_without_a_zone_is_read_as_utc_with_a_warning_naming_the_file(cap
     assert "fact log logs/day=1/x.parquet: event_time has no time zone; reading it as UTC" in caplog.text
 
 
+def test_time_text_without_a_zone_is_read_as_utc_with_one_warning_per_file_as_a_timestamp_without_one(caplog):
+    """Python's str(datetime.now()) and Java's LocalDateTime.toString() write a time without a zone
+    (local time?): read as UTC, as a timestamp column without a zone is, and now with its warning
+    (one per file, naming the row); a bare date is its midnight UTC, as a date column, silently."""
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"})
+    raw = raw.set_column(5, "event_time", pa.array(["2026-11-20", "2026-11-20 08:00:00.123", "2026-11-20T08:00"]))
+    with caplog.at_level("WARNING"):
+        normalised = normalise_fact_log(raw, source="logs/x.parquet")
+    assert normalised.column("event_time").to_pylist() == [
+        datetime(2026, 11, 20, tzinfo=timezone.utc), T0 + timedelta(milliseconds=123), T0]
+    assert caplog.text.count("has no time zone") == 1
+    assert "fact log logs/x.parquet: event_time '2026-11-20 08:00:00.123' (row 1) has no time zone; reading it as UTC" \
+        in caplog.text
+    caplog.clear()
+    normalise_fact_log(raw.slice(0, 1), source="logs/y.parquet")
+    assert "no time zone" not in caplog.text
+
+
 def test_an_empty_op_is_rejected_saying_it_is_empty_and_what_to_write():
     result = run(table({"op": None}, {"op": "", "fact_id": "b"}, {"op": "merge", "fact_id": "c"}))
     details = [r["detail"] for r in result.rejects.to_pylist()]
