@@ -1234,7 +1234,9 @@ def _weekday(text: str) -> bool | None:
 def _as_iso(text: str) -> str:
     """Go's, RFC 2822's, JavaScript's and Java's time text as ISO-8601 with its offset (the same
     text if it is none of these). The offset gives the instant; zone names and abbreviations are
-    not read (Go's "MST", JavaScript's "(Central European Standard Time)")."""
+    not read (Go's "MST", JavaScript's "(Central European Standard Time)"). ISO 8601's minus sign
+    U+2212 (as some locales format a negative offset, "−05:00") is read as a hyphen-minus."""
+    text = text.replace("\u2212", "-")
     if match := _GO_TIME.fullmatch(text):
         return f"{match.group(1)}{match.group(2)}:{match.group(3)}"
     if _weekday(text) is None:
