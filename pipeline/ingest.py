@@ -1100,6 +1100,7 @@ def _to_timestamp(column: pa.ChunkedArray, problems: list, source: str = TABLE_S
     elif any(is_kind(kind) for is_kind in _BYTES_KINDS):
         texts = _to_text(column, "event_time", problems)
         ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems, source), pa.int64())]), "us"
+        return _ticks_to_micros(ticks, unit, problems, texts).cast(F.TIMESTAMP)
     else:
         raise F.SchemaMismatch(_not_a_moment(kind))
     return _ticks_to_micros(ticks, unit, problems).cast(F.TIMESTAMP)
@@ -1122,10 +1123,13 @@ def _not_a_moment(kind: pa.DataType) -> str:
     return f"column 'event_time' is {kind}: {why}; {_TIME_FIX}"
 
 
-def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list) -> pa.ChunkedArray:
+def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
+                     texts: pa.ChunkedArray | None = None) -> pa.ChunkedArray:
     """Scale int64 ``ticks`` of ``unit`` since the epoch to microseconds, in Arrow.
 
-    The range check comes first, in the column's own unit, so that scaling never overflows.
+    The range check comes first, in the column's own unit, so that scaling never overflows. A
+    time read from text (``texts``) out of range is quoted as written (Go's zero time
+    "0001-01-01 00:00:00 +0000 UTC"), not as a count of ticks.
     """
     per_tick = _MICROS_PER_TICK[unit]
     lowest = max(math.ceil(F.MIN_EVENT_MICROS / per_tick), -(2**63))
@@ -1133,9 +1137,11 @@ def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list) -> pa.Ch
     in_range = pc.and_(pc.greater_equal(ticks, lowest), pc.less_equal(ticks, highest))
     outside = pc.fill_null(pc.invert(in_range), False)
     for row in pc.indices_nonzero(outside.combine_chunks()).to_pylist():
+        shown = (f"{texts[row].as_py()[:64]!r}" if texts is not None
+                 else f"{ticks[row].as_py()} {unit}{'s' if unit == 'day' else ''} since 1970-01-01")
         _note(problems, row, F.EVENT_TIME_OUT_OF_RANGE,
-              f"event_time {ticks[row].as_py()} {unit}{'s' if unit == 'day' else ''} since 1970-01-01 is outside "
-              f"{F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} (a wrapped, mis-scaled or placeholder time)")
+              f"event_time {shown} is outside {F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} (a wrapped, "
+              "mis-scaled or placeholder time)")
     kept = pc.if_else(in_range, ticks, pa.scalar(None, pa.int64()))
     if per_tick < 1:  # nanoseconds: floor, not Arrow's truncation toward zero (stay in 1969 before the epoch)
         return pc.divide(pc.subtract(kept, pc.if_else(pc.less(kept, 0), per_tick.denominator - 1, 0)),

@@ -427,6 +427,13 @@ def test_event_time_text_as_go_email_http_javascript_and_java_write_it_is_read_b
     for fact in ("f12", "f13"):
         assert "abbreviation without a UTC offset" in rejects[fact][2] and "+01:00" in rejects[fact][2]
     assert "a weekday that is not its date's" in rejects["f14"][2]
+    # Go's zero time.Time (an unset field) is its row's EVENT_TIME_OUT_OF_RANGE, quoted as written
+    pq.write_table(table({"fact_id": "zero"}).set_column(5, "event_time", pa.array(["0001-01-01 00:00:00 +0000 UTC"])),
+                   tmp_path / "zero.parquet")
+    result = run(read_fact_log(str(tmp_path / "zero.parquet"), on_bad_file=on_bad_file))
+    assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [(
+        "EVENT_TIME_OUT_OF_RANGE", "event_time '0001-01-01 00:00:00 +0000 UTC' is outside 1900-01-01..9999-12-31 (a "
+        "wrapped, mis-scaled or placeholder time)")]
 
 
 def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
