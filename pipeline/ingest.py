@@ -1177,8 +1177,10 @@ _RFC_2822 = re.compile(_DAY.join(["(?:", ", )?"]) + r"(\d{1,2}) " + _MONTH + r" 
 # (the offset is the instant's; the name in parentheses is for people, and in the runtime's language).
 _JS_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d{4}) (\d\d:\d\d:\d\d) GMT([+-]\d{4})(?: \([^()]*\))?",
                       re.IGNORECASE)
-# Java's java.util.Date.toString() in UTC (a server's default zone): "Mon Nov 30 14:03:07 UTC 2026".
-_JAVA_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d\d:\d\d:\d\d) (UTC|GMT) (\d{4})", re.IGNORECASE)
+# Java's java.util.Date.toString() in UTC (a server's default zone) or a zone of a fixed offset:
+# "Mon Nov 30 14:03:07 UTC 2026", "Mon Nov 30 14:03:07 GMT+01:00 2026".
+_JAVA_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d\d:\d\d:\d\d) (UTC|GMT(?:[+-]\d\d:\d\d)?) (\d{4})",
+                        re.IGNORECASE)
 # A time followed by a zone's abbreviation and no offset (Java's Date.toString() "... CET 2026",
 # "2026-11-30 14:03:07 EST"): CST is three zones, IST three, and the abbreviation does not say
 # which side of a daylight-saving change the time is on.
@@ -1256,7 +1258,8 @@ def _as_iso(text: str) -> str:
         zone = match.group(6)
         return f"{match.group(4)}-{month(match.group(2)):02d}-{match.group(3)}T{match.group(5)}{zone[:3]}:{zone[3:]}"
     if match := _JAVA_DATE.fullmatch(text):
-        return f"{match.group(6)}-{month(match.group(2)):02d}-{match.group(3)}T{match.group(4)}+00:00"
+        zone = match.group(5)[3:] or "+00:00"
+        return f"{match.group(6)}-{month(match.group(2)):02d}-{match.group(3)}T{match.group(4)}{zone}"
     return text
 
 
