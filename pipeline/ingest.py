@@ -860,7 +860,8 @@ def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
         if pc.any(found).as_py():
             row = pc.index(found, True).as_py()
             logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
-                           "unescape the text before writing the log", source, name, column[row].as_py()[:64], row, what)
+                           "unescape the text before writing the log", source, name, column[row].as_py()[:64], row,
+                           what)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:
@@ -1202,8 +1203,8 @@ def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOU
         if text is not None and micros[-1] is None:
             _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
     if zoneless:
-        logger.warning("fact log %s: event_time %r (row %d) has no time zone; reading it as UTC (write the offset or Z, "
-                       "e.g. 2026-11-20T08:00:00Z, to silence this)", source, zoneless[0][1][:64], zoneless[0][0])
+        logger.warning("fact log %s: event_time %r (row %d) has no time zone; reading it as UTC (write the offset or "
+                       "Z, e.g. 2026-11-20T08:00:00Z, to silence this)", source, zoneless[0][1][:64], zoneless[0][0])
     return micros
 
 

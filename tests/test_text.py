@@ -179,7 +179,8 @@ def _only_kept_format_characters(text: str) -> bool:
                                          "\u2029"]), max_size=12))
 def test_joiners_and_line_breaks_have_one_idempotent_form(text):
     once = canonical_text(text)
-    assert canonical_text(once) == once and _only_kept_format_characters(once) and not set("\r\x85\u2028\u2029") & set(once)
+    assert canonical_text(once) == once and _only_kept_format_characters(once)
+    assert not set("\r\x85\u2028\u2029") & set(once)
     assert not has_format_characters(canonical_id(text))
 
 
@@ -286,9 +287,9 @@ def test_a_log_line_read_again_after_line_separators_became_newlines_is_a_duplic
     from schemas.facts import FACT_STATE_SCHEMA, fact_hash
 
     trigger, answer = "Ship to:\u2028Acme Ltd at", " 1 Main St\u2028USA"
-    stored = pa.Table.from_pylist([{"user_id": "u-jo", "fact_id": "addr", "scope": "u-jo", "trigger": trigger,
-                                    "answer": answer, "event_time": T0, "fact_hash": fact_hash("u-jo", trigger, answer)}],
-                                  schema=FACT_STATE_SCHEMA)
+    row = {"user_id": "u-jo", "fact_id": "addr", "scope": "u-jo", "trigger": trigger, "answer": answer,
+           "event_time": T0, "fact_hash": fact_hash("u-jo", trigger, answer)}
+    stored = pa.Table.from_pylist([row], schema=FACT_STATE_SCHEMA)
     again = ingest(log_table([{"user_id": "u-jo", "fact_id": "addr", "trigger": trigger, "answer": answer}]), stored,
                    max_trigger_tokens=32)
     assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] and again.changed_users == set()
