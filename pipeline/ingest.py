@@ -1171,9 +1171,9 @@ _GO_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ([+-]\d\d)(\d
                       r"(?: m=[+-]\d+(?:\.\d+)?)?")
 # RFC 2822 (email, Python's email.utils.format_datetime) and the HTTP date of RFC 9110 (JavaScript's
 # Date.toUTCString(), Java's DateTimeFormatter.RFC_1123_DATE_TIME): "Mon, 30 Nov 2026 14:03:07 GMT",
-# "30 Nov 2026 14:03:07 +0100".
+# "30 Nov 2026 14:03:07 +0100", "... +0000 (UTC)" (a mail header's comment, not read).
 _RFC_2822 = re.compile(_DAY.join(["(?:", ", )?"]) + r"(\d{1,2}) " + _MONTH + r" (\d{4}) (\d\d:\d\d(?::\d\d)?) "
-                       r"(GMT|UTC|UT|Z|[+-]\d{4})", re.IGNORECASE)
+                       r"(GMT|UTC|UT|Z|[+-]\d{4})(?: \([^()]*\))?", re.IGNORECASE)
 # JavaScript's Date.prototype.toString(): "Mon Nov 30 2026 14:03:07 GMT+0100 (Central European Standard Time)"
 # (the offset is the instant's; the name in parentheses is for people, and in the runtime's language).
 _JS_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d{4}) (\d\d:\d\d:\d\d) GMT([+-]\d{4})(?: \([^()]*\))?",
