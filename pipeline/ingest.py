@@ -783,8 +783,13 @@ def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:
     (Unicode Cf: a zero-width space, a byte-order mark, a soft hyphen), surrounding whitespace
     (tab, no-break space) trimmed, lower case (``Upsert``, ``UPSERT`` as Java enums and C# write
     them). Each of these cost its row as UNKNOWN_OP; what is left is checked against F.OPS."""
-    folded = pc.replace_substring_regex(pc.utf8_normalize(ops, "NFKC"), r"\p{Cf}", "")
-    return pc.utf8_lower(pc.utf8_trim_whitespace(folded))
+    if not _all_ascii(ops):  # the common case: nothing to fold or remove (format characters are not ASCII)
+        ops = pc.replace_substring_regex(pc.utf8_normalize(ops, "NFKC"), r"\p{Cf}", "")
+    return pc.utf8_lower(pc.utf8_trim_whitespace(ops))
+
+
+def _all_ascii(texts: pa.ChunkedArray) -> bool:
+    return pc.all(pc.string_is_ascii(texts)).as_py() is not False
 
 
 def _warn_float_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
@@ -829,14 +834,16 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
     superscripts: NFKC reads "７" as "7"). Ids are read as written, never folded: folding would
     move ids already stored to another user, or merge two users."""
     padded = pc.fill_null(pc.match_substring_regex(column, r"^\s*0[0-9]+\s*$"), False)
-    spaced = pc.replace_substring_regex(column, r"\p{Zs}", " ")  # as the canonical form has them
-    plain = pc.utf8_normalize(spaced, "NFKC")
-    compatible = pc.fill_null(pc.not_equal(plain, pc.utf8_normalize(spaced, "NFC")), False)
     if pc.any(padded).as_py():
         row = pc.index(padded, True).as_py()
         logger.warning("fact log %s: %s %r (row %d) is an integer with leading zeros: ids are read as written, and an "
                        "export that types the ids as integers (which drops the zeros) reads as another id; export the "
                        "ids in one form", source, name, column[row].as_py(), row)
+    if _all_ascii(column):  # no compatibility character is ASCII
+        return
+    spaced = pc.replace_substring_regex(column, r"\p{Zs}", " ")  # as the canonical form has them
+    plain = pc.utf8_normalize(spaced, "NFKC")
+    compatible = pc.fill_null(pc.not_equal(plain, pc.utf8_normalize(spaced, "NFC")), False)
     if pc.any(compatible).as_py():
         row = pc.index(compatible, True).as_py()
         logger.warning("fact log %s: %s %r (row %d) holds compatibility characters (full-width digits or letters, "
@@ -855,6 +862,8 @@ def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
     such as ``&amp;``, a JSON ``\\u00e9`` as six characters): text is read as written, so the fact
     is compiled and recalled with the escape (a user typing "Tom & Jerry" does not recall "Tom
     &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose."""
+    if not pc.any(pc.match_substring_regex(column, r"&|\\u")).as_py():  # the common case: one pass
+        return
     for pattern, what in _ESCAPES:
         found = pc.fill_null(pc.match_substring_regex(column, pattern), False)
         if pc.any(found).as_py():
