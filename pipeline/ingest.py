@@ -793,15 +793,17 @@ def _all_ascii(texts: pa.ChunkedArray) -> bool:
 
 
 def _warn_float_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
-    """Warn once per file when a text id column holds a float's text of an integer ("7.0"): a float
-    id column (pandas' integers with a NaN) turned to text, whose ids are not the integer ids
-    ("7") the same users had before."""
-    looks = pc.fill_null(pc.match_substring_regex(column, r"^-?[0-9]+\.0$"), False)
+    """Warn once per file when a text id column holds a float's text of an integer ("7.0") or a
+    decimal's ("7.00", "7.0000000000"): a float id column (pandas' integers with a NaN) or a
+    decimal one (Oracle NUMBER through Spark, decimal(38, 10)) turned to text, whose ids are not
+    the integer ids ("7") the same users had before (a decimal column of them reads as "7")."""
+    looks = pc.fill_null(pc.match_substring_regex(column, r"^-?[0-9]+\.0+$"), False)
     if pc.any(looks).as_py():
         row = pc.index(looks, True).as_py()
-        logger.warning("fact log %s: %s %r (row %d) looks like a float's text of an integer: a float id column turned "
-                       "to text (pandas astype(str)) reads as other ids than the integers ('7.0' is not '7'); export "
-                       "the ids as integers or strings of the integers", source, name, column[row].as_py(), row)
+        logger.warning("fact log %s: %s %r (row %d) looks like a float's text of an integer (or a decimal's): a number "
+                       "id column turned to text (pandas astype(str), a cast to string) reads as other ids than the "
+                       "integers ('7.0' is not '7'); export the ids as integers or strings of the integers", source,
+                       name, column[row].as_py(), row)
 
 
 _UUID_TEXT = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"

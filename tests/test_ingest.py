@@ -1437,13 +1437,16 @@ def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_o
     """A zero-padded id ('007') and one of full-width digits ('７') are other ids than the integer
     7 another export writes: read as written (never folded: that would move stored ids to another
     user), with one warning per file for each kind, naming the file, column, row and value."""
-    ids = ["007", "\uff17", "7", "0", "\uff17", "008"]
+    ids = ["007", "\uff17", "7", "0", "\uff17", "008", "7.0000000000"]
     raw = table(*({"user_id": user, "fact_id": f"f{i}"} for i, user in enumerate(ids)))
     pq.write_table(raw, tmp_path / "text.parquet")
-    pq.write_table(raw.set_column(0, "user_id", pa.array([7, 7, 7, 0, 7, 8])), tmp_path / "int.parquet")
+    pq.write_table(raw.set_column(0, "user_id", pa.array([7, 7, 7, 0, 7, 8, 7])), tmp_path / "int.parquet")
     with caplog.at_level("WARNING"):
         result = run(read_fact_log(str(tmp_path)))
-    assert sorted({r["user_id"] for r in result.state.to_pylist()}) == ["0", "007", "008", "7", "8", "\uff17"]
+    assert sorted({r["user_id"] for r in result.state.to_pylist()}) == ["0", "007", "008", "7", "7.0000000000", "8",
+                                                                        "\uff17"]
+    # a decimal(38, 10) column cast to text: another id than the 7 a decimal column reads as
+    assert "user_id '7.0000000000' (row 6) looks like a float's text of an integer (or a decimal's)" in caplog.text
     assert caplog.text.count("is an integer with leading zeros") == 1
     assert "text.parquet: user_id '007' (row 0) is an integer with leading zeros" in caplog.text
     assert caplog.text.count("holds compatibility characters") == 1
