@@ -1286,8 +1286,11 @@ def _parse_time_micros(text: str, zoneless: list | None = None) -> int | None:
     30 2026 14:03:07 GMT+0100 (Central European Standard Time)``) and Java's ``Date.toString()``
     in UTC (a weekday that is not the date's: None). Invisible format characters (a byte-order
     mark, a zero-width space) and surrounding spaces are dropped first, as in ids. A time (not a
-    bare date) read without a zone appends True to ``zoneless``, once."""
+    bare date) read without a zone appends True to ``zoneless``, once. Full-width digits and signs
+    (a Japanese input method's ``２０２６－１１－３０``) read as theirs (NFKC)."""
     cleaned = canonical_id(text)
+    if not cleaned.isascii():
+        cleaned = unicodedata.normalize("NFKC", cleaned)
     micros = _iso_micros(cleaned, zoneless)
     if micros is None and (written := _as_iso(cleaned)) != cleaned:
         micros = _iso_micros(written, zoneless)
