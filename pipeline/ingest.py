@@ -832,7 +832,8 @@ def _is_text_type(kind: pa.DataType) -> bool:
 def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
     """Warn once per file for each kind of text id that another export of the same id may write in
     another form, which is another id: an integer with leading zeros ("007": an integer-typed
-    column writes 7) and compatibility characters (full-width digits and letters "７", ligatures,
+    column writes 7), an id in double quotes ('"u1"': a CSV's or JSON's quoting left in) and
+    compatibility characters (full-width digits and letters "７", ligatures,
     superscripts: NFKC reads "７" as "7"). Ids are read as written, never folded: folding would
     move ids already stored to another user, or merge two users."""
     padded = pc.fill_null(pc.match_substring_regex(column, r"^\s*0[0-9]+\s*$"), False)
@@ -841,6 +842,12 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
         logger.warning("fact log %s: %s %r (row %d) is an integer with leading zeros: ids are read as written, and an "
                        "export that types the ids as integers (which drops the zeros) reads as another id; export the "
                        "ids in one form", source, name, column[row].as_py(), row)
+    quoted = pc.fill_null(pc.match_substring_regex(column, r'^\s*"[^"]*"\s*$'), False)
+    if pc.any(quoted).as_py():
+        row = pc.index(quoted, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) is wrapped in double quotes (a CSV's or JSON's quoting left in): ids "
+                       "are read as written, so it is not the id %r that other exports write; strip the quotes",
+                       source, name, column[row].as_py(), row, column[row].as_py().strip()[1:-1])
     if _all_ascii(column):  # no compatibility character is ASCII
         return
     spaced = pc.replace_substring_regex(column, r"\p{Zs}", " ")  # as the canonical form has them

@@ -1434,17 +1434,18 @@ def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_p
 
 
 def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_one_warning_per_file(tmp_path, caplog):
-    """A zero-padded id ('007') and one of full-width digits ('７') are other ids than the integer
-    7 another export writes: read as written (never folded: that would move stored ids to another
+    """A zero-padded id ('007'), one of full-width digits ('７') and one in quotes ('"7"') are other
+    ids than the integer 7 another export writes: read as written (never folded: that would move stored ids to another
     user), with one warning per file for each kind, naming the file, column, row and value."""
-    ids = ["007", "\uff17", "7", "0", "\uff17", "008", "7.0000000000"]
+    ids = ["007", "\uff17", "7", "0", "\uff17", "008", "7.0000000000", '"7"']
     raw = table(*({"user_id": user, "fact_id": f"f{i}"} for i, user in enumerate(ids)))
     pq.write_table(raw, tmp_path / "text.parquet")
-    pq.write_table(raw.set_column(0, "user_id", pa.array([7, 7, 7, 0, 7, 8, 7])), tmp_path / "int.parquet")
+    pq.write_table(raw.set_column(0, "user_id", pa.array([7, 7, 7, 0, 7, 8, 7, 7])), tmp_path / "int.parquet")
     with caplog.at_level("WARNING"):
         result = run(read_fact_log(str(tmp_path)))
-    assert sorted({r["user_id"] for r in result.state.to_pylist()}) == ["0", "007", "008", "7", "7.0000000000", "8",
-                                                                        "\uff17"]
+    assert sorted({r["user_id"] for r in result.state.to_pylist()}) == ['"7"', "0", "007", "008", "7", "7.0000000000",
+                                                                        "8", "\uff17"]
+    assert """user_id '"7"' (row 7) is wrapped in double quotes""" in caplog.text and "not the id '7'" in caplog.text
     # a decimal(38, 10) column cast to text: another id than the 7 a decimal column reads as
     assert "user_id '7.0000000000' (row 6) looks like a float's text of an integer (or a decimal's)" in caplog.text
     assert caplog.text.count("is an integer with leading zeros") == 1
