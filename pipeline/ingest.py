@@ -845,8 +845,8 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
     quoted = pc.fill_null(pc.match_substring_regex(column, r'^\s*"[^"]*"\s*$'), False)
     if pc.any(quoted).as_py():
         row = pc.index(quoted, True).as_py()
-        logger.warning("fact log %s: %s %r (row %d) is wrapped in double quotes (a CSV's or JSON's quoting left in): ids "
-                       "are read as written, so it is not the id %r that other exports write; strip the quotes",
+        logger.warning("fact log %s: %s %r (row %d) is wrapped in double quotes (a CSV's or JSON's quoting left "
+                       "in): ids are read as written, so it is not the id %r that other exports write; strip the quotes",
                        source, name, column[row].as_py(), row, column[row].as_py().strip()[1:-1])
     if _all_ascii(column):  # no compatibility character is ASCII
         return
