@@ -18,7 +18,8 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    pasted noise and is removed; tags anywhere else are invisible text (they can smuggle ASCII).
 3. **Spaces**: every Unicode space separator (category Zs: U+00A0 no-break space, U+2009 thin
    space, ...) becomes U+0020, and runs of spaces become one. Tabs and newlines are kept;
-   Windows (CR LF) and old Mac (CR) line breaks become a newline.
+   Windows (CR LF) and old Mac (CR) line breaks become a newline, and in texts (not ids) so do
+   Unicode's NEL (U+0085), line separator (U+2028) and paragraph separator (U+2029).
 4. **Prompts and triggers are stripped** of leading and trailing whitespace: a user types
    "My dentist is Dr." with or without a trailing space.
 5. **The boundary space belongs to the answer.** A byte-level BPE tokenizer (GPT-2, Llama 3,
@@ -91,9 +92,12 @@ def _joiner_kept(text: str, i: int) -> bool:
 
 def canonical_text(text: str, *, keep_joiners: bool = True) -> str:
     """Rules 1-3: NFC, format characters removed (``keep_joiners``: but for rule 2's exceptions),
-    space separators as one U+0020, CR LF and CR as LF. Not stripped. Idempotent."""
+    space separators as one U+0020, CR LF and CR as LF (``keep_joiners``: NEL, U+2028 and U+2029
+    too). Not stripped. Idempotent."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if keep_joiners and not text.isascii():  # in texts, Unicode's other line breaks too (ids keep them as written)
+        text = text.translate(LINE_BREAKS)
     if text.isascii():  # the common case: no Cf, no Zs other than U+0020, already NFC
         return _SPACES.sub(" ", text) if "  " in text else text
     kept = "".join(" " if unicodedata.category(c) == "Zs" else c for c in text
@@ -105,6 +109,11 @@ def canonical_text(text: str, *, keep_joiners: bool = True) -> str:
         kept = unicodedata.normalize("NFC", "".join(c for i, c in enumerate(kept)
                                                     if c not in _JOINERS or _joiner_kept(kept, i)))
     return _SPACES.sub(" ", kept)
+
+
+# NEL (U+0085: EBCDIC's and ISO 6429's, left by conversions), LINE SEPARATOR (U+2028: a soft line
+# break in word processors' and JavaScript's text) and PARAGRAPH SEPARATOR (U+2029) as a newline.
+LINE_BREAKS = {0x85: "\n", 0x2028: "\n", 0x2029: "\n"}
 
 
 def _is_tag(char: str) -> bool:

@@ -72,7 +72,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engram_core.text import canonical_fact, canonical_id, canonical_prompt, canonical_text
+from engram_core.text import LINE_BREAKS, canonical_fact, canonical_id, canonical_prompt, canonical_text
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
 from versions.layout import forgotten_id, shard_hash, shard_of
@@ -753,13 +753,17 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             _warn_float_text_ids(columns[name], name, source)
         if name in table.column_names and not isinstance(table.column(name).type, _UUID_TYPE):
             _warn_uuid_text_ids(columns[name], name, source)
+        if name in table.column_names and _is_text_type(table.column(name).type):
+            _warn_other_forms_of_ids(columns[name], name, source)
+    for name in _TEXT_COLUMNS:
+        _warn_escaped_text(columns[name], name, source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
             logger.warning("fact log %s: column %r is %s without Parquet's UUID annotation: read as UUIDs (lowercase "
                            "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
                            source, name, kind)
-    columns["op"] = pc.utf8_lower(pc.utf8_trim_whitespace(columns["op"]))
+    columns["op"] = _canonical_op(columns["op"])
     columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
     columns["_row"] = table.column("_row") if "_row" in table.column_names else pa.array(range(n), pa.int64())
@@ -773,16 +777,33 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     )
 
 
+def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``op`` (string) as the keyword it names, in Arrow: compatibility forms folded (NFKC: the
+    full-width ``ｕｐｓｅｒｔ`` of a Japanese input method), invisible format characters removed
+    (Unicode Cf: a zero-width space, a byte-order mark, a soft hyphen), surrounding whitespace
+    (tab, no-break space) trimmed, lower case (``Upsert``, ``UPSERT`` as Java enums and C# write
+    them). Each of these cost its row as UNKNOWN_OP; what is left is checked against F.OPS."""
+    if not _all_ascii(ops):  # the common case: nothing to fold or remove (format characters are not ASCII)
+        ops = pc.replace_substring_regex(pc.utf8_normalize(ops, "NFKC"), r"\p{Cf}", "")
+    return pc.utf8_lower(pc.utf8_trim_whitespace(ops))
+
+
+def _all_ascii(texts: pa.ChunkedArray) -> bool:
+    return pc.all(pc.string_is_ascii(texts)).as_py() is not False
+
+
 def _warn_float_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
-    """Warn once per file when a text id column holds a float's text of an integer ("7.0"): a float
-    id column (pandas' integers with a NaN) turned to text, whose ids are not the integer ids
-    ("7") the same users had before."""
-    looks = pc.fill_null(pc.match_substring_regex(column, r"^-?[0-9]+\.0$"), False)
+    """Warn once per file when a text id column holds a float's text of an integer ("7.0") or a
+    decimal's ("7.00", "7.0000000000"): a float id column (pandas' integers with a NaN) or a
+    decimal one (Oracle NUMBER through Spark, decimal(38, 10)) turned to text, whose ids are not
+    the integer ids ("7") the same users had before (a decimal column of them reads as "7")."""
+    looks = pc.fill_null(pc.match_substring_regex(column, r"^-?[0-9]+\.0+$"), False)
     if pc.any(looks).as_py():
         row = pc.index(looks, True).as_py()
-        logger.warning("fact log %s: %s %r (row %d) looks like a float's text of an integer: a float id column turned "
-                       "to text (pandas astype(str)) reads as other ids than the integers ('7.0' is not '7'); export "
-                       "the ids as integers or strings of the integers", source, name, column[row].as_py(), row)
+        logger.warning("fact log %s: %s %r (row %d) looks like a float's text of an integer (or a decimal's): a number "
+                       "id column turned to text (pandas astype(str), a cast to string) reads as other ids than the "
+                       "integers ('7.0' is not '7'); export the ids as integers or strings of the integers", source,
+                       name, column[row].as_py(), row)
 
 
 _UUID_TEXT = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
@@ -801,6 +822,64 @@ def _warn_uuid_text_ids(column: pa.ChunkedArray, name: str, source: str) -> None
                        "read as written, and a UUID-typed export of the same user (DuckDB, Postgres, Spark) reads as "
                        "lowercase, another user; export the ids in one form (lowercase, no braces)",
                        source, name, column[row].as_py(), row)
+
+
+def _is_text_type(kind: pa.DataType) -> bool:
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    return any(is_kind(kind) for is_kind in _BYTES_KINDS) and not _raw_uuid(kind)
+
+
+def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file for each kind of text id that another export of the same id may write in
+    another form, which is another id: an integer with leading zeros ("007": an integer-typed
+    column writes 7), an id in double quotes ('"u1"': a CSV's or JSON's quoting left in) and
+    compatibility characters (full-width digits and letters "７", ligatures,
+    superscripts: NFKC reads "７" as "7"). Ids are read as written, never folded: folding would
+    move ids already stored to another user, or merge two users."""
+    padded = pc.fill_null(pc.match_substring_regex(column, r"^\s*0[0-9]+\s*$"), False)
+    if pc.any(padded).as_py():
+        row = pc.index(padded, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) is an integer with leading zeros: ids are read as written, and an "
+                       "export that types the ids as integers (which drops the zeros) reads as another id; export the "
+                       "ids in one form", source, name, column[row].as_py(), row)
+    quoted = pc.fill_null(pc.match_substring_regex(column, r'^\s*"[^"]*"\s*$'), False)
+    if pc.any(quoted).as_py():
+        row = pc.index(quoted, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) is wrapped in double quotes (a CSV's or JSON's quoting left "
+                       "in): ids are read as written, so it is not the id %r that other exports write; strip the quotes",
+                       source, name, column[row].as_py(), row, column[row].as_py().strip()[1:-1])
+    if _all_ascii(column):  # no compatibility character is ASCII
+        return
+    spaced = pc.replace_substring_regex(column, r"\p{Zs}", " ")  # as the canonical form has them
+    plain = pc.utf8_normalize(spaced, "NFKC")
+    compatible = pc.fill_null(pc.not_equal(plain, pc.utf8_normalize(spaced, "NFC")), False)
+    if pc.any(compatible).as_py():
+        row = pc.index(compatible, True).as_py()
+        logger.warning("fact log %s: %s %r (row %d) holds compatibility characters (full-width digits or letters, "
+                       "ligatures, superscripts): ids are read as written, so it is not the id %r that other exports "
+                       "may write; export the ids in one form", source, name, column[row].as_py(), row,
+                       plain[row].as_py().strip())
+
+
+# Text a producer escaped for HTML or JSON and did not unescape: "Tom &amp; Jerry", "caf\\u00e9".
+_ESCAPES = ((r"&(?:amp|lt|gt|quot|apos|nbsp|#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6});", "an HTML entity"),
+            (r"\\u[0-9a-fA-F]{4}", "a JSON escape"))
+
+
+def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file for each kind of escape found in trigger or answer text (an HTML entity
+    such as ``&amp;``, a JSON ``\\u00e9`` as six characters): text is read as written, so the fact
+    is compiled and recalled with the escape (a user typing "Tom & Jerry" does not recall "Tom
+    &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose."""
+    if not pc.any(pc.match_substring_regex(column, r"&|\\u")).as_py():  # the common case: one pass
+        return
+    for pattern, what in _ESCAPES:
+        found = pc.fill_null(pc.match_substring_regex(column, pattern), False)
+        if pc.any(found).as_py():
+            row = pc.index(found, True).as_py()
+            logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
+                           "unescape the text before writing the log", source, name, column[row].as_py()[:64], row,
+                           what)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:
@@ -1039,7 +1118,8 @@ def _to_timestamp(column: pa.ChunkedArray, problems: list, source: str = TABLE_S
         ticks, unit = column.cast(pa.int64()), "ms"
     elif any(is_kind(kind) for is_kind in _BYTES_KINDS):
         texts = _to_text(column, "event_time", problems)
-        ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems), pa.int64())]), "us"
+        ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems, source), pa.int64())]), "us"
+        return _ticks_to_micros(ticks, unit, problems, texts).cast(F.TIMESTAMP)
     else:
         raise F.SchemaMismatch(_not_a_moment(kind))
     return _ticks_to_micros(ticks, unit, problems).cast(F.TIMESTAMP)
@@ -1062,10 +1142,13 @@ def _not_a_moment(kind: pa.DataType) -> str:
     return f"column 'event_time' is {kind}: {why}; {_TIME_FIX}"
 
 
-def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list) -> pa.ChunkedArray:
+def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
+                     texts: pa.ChunkedArray | None = None) -> pa.ChunkedArray:
     """Scale int64 ``ticks`` of ``unit`` since the epoch to microseconds, in Arrow.
 
-    The range check comes first, in the column's own unit, so that scaling never overflows.
+    The range check comes first, in the column's own unit, so that scaling never overflows. A
+    time read from text (``texts``) out of range is quoted as written (Go's zero time
+    "0001-01-01 00:00:00 +0000 UTC"), not as a count of ticks.
     """
     per_tick = _MICROS_PER_TICK[unit]
     lowest = max(math.ceil(F.MIN_EVENT_MICROS / per_tick), -(2**63))
@@ -1073,9 +1156,11 @@ def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list) -> pa.Ch
     in_range = pc.and_(pc.greater_equal(ticks, lowest), pc.less_equal(ticks, highest))
     outside = pc.fill_null(pc.invert(in_range), False)
     for row in pc.indices_nonzero(outside.combine_chunks()).to_pylist():
+        shown = (f"{texts[row].as_py()[:64]!r}" if texts is not None
+                 else f"{ticks[row].as_py()} {unit}{'s' if unit == 'day' else ''} since 1970-01-01")
         _note(problems, row, F.EVENT_TIME_OUT_OF_RANGE,
-              f"event_time {ticks[row].as_py()} {unit}{'s' if unit == 'day' else ''} since 1970-01-01 is outside "
-              f"{F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} (a wrapped, mis-scaled or placeholder time)")
+              f"event_time {shown} is outside {F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} (a wrapped, "
+              "mis-scaled or placeholder time)")
     kept = pc.if_else(in_range, ticks, pa.scalar(None, pa.int64()))
     if per_tick < 1:  # nanoseconds: floor, not Arrow's truncation toward zero (stay in 1969 before the epoch)
         return pc.divide(pc.subtract(kept, pc.if_else(pc.less(kept, 0), per_tick.denominator - 1, 0)),
@@ -1094,26 +1179,132 @@ _ANNOTATIONS = re.compile(r"(?:\[[^\[\]]*\])+$")
 _OFFSET = re.compile(r"(?::\d\d|T\d{2,6})(?:[.,]\d+)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$", re.IGNORECASE)  # after a time
 
 
-def _parse_times(texts: pa.ChunkedArray, problems: list) -> list[int | None]:
-    micros = []
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAY, _MONTH = r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun)", r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+# Go's time.Time.String() (fmt.Println, %v of a time): the numeric offset, then the zone's abbreviation
+# (or the offset again, "+03", for a zone without one) and, for a time read from the clock, the
+# monotonic reading: "2026-11-30 14:03:07.123456789 +0000 UTC", "2026-11-30 07:03:07.5 -0700 MST m=+0.0012".
+_GO_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ([+-]\d\d)(\d\d) (?:[A-Za-z]{1,5}|[+-]\d\d(?:\d\d)?)"
+                      r"(?: m=[+-]\d+(?:\.\d+)?)?")
+# RFC 2822 (email, Python's email.utils.format_datetime) and the HTTP date of RFC 9110 (JavaScript's
+# Date.toUTCString(), Java's DateTimeFormatter.RFC_1123_DATE_TIME): "Mon, 30 Nov 2026 14:03:07 GMT",
+# "30 Nov 2026 14:03:07 +0100", "... +0000 (UTC)" (a mail header's comment, not read).
+_RFC_2822 = re.compile(_DAY.join(["(?:", ", )?"]) + r"(\d{1,2}) " + _MONTH + r" (\d{4}) (\d\d:\d\d(?::\d\d)?) "
+                       r"(GMT|UTC|UT|Z|[+-]\d{4})(?: \([^()]*\))?", re.IGNORECASE)
+# JavaScript's Date.prototype.toString(): "Mon Nov 30 2026 14:03:07 GMT+0100 (Central European Standard Time)"
+# (the offset is the instant's; the name in parentheses is for people, and in the runtime's language).
+_JS_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d{4}) (\d\d:\d\d:\d\d) GMT([+-]\d{4})(?: \([^()]*\))?",
+                      re.IGNORECASE)
+# Java's java.util.Date.toString() in UTC (a server's default zone) or a zone of a fixed offset:
+# "Mon Nov 30 14:03:07 UTC 2026", "Mon Nov 30 14:03:07 GMT+01:00 2026".
+_JAVA_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d\d:\d\d:\d\d) (UTC|GMT(?:[+-]\d\d:\d\d)?) (\d{4})",
+                        re.IGNORECASE)
+# A time followed by a zone's abbreviation and no offset (Java's Date.toString() "... CET 2026",
+# "2026-11-30 14:03:07 EST"): CST is three zones, IST three, and the abbreviation does not say
+# which side of a daylight-saving change the time is on.
+_ZONE_NAME_ONLY = re.compile(r"\d\d:\d\d(?::\d\d(?:\.\d+)?)? \(?(?!(?:AM|PM)\b)[A-Za-z]{2,5}\)?(?: \d{4})?$",
+                             re.IGNORECASE)
+_DATE_ONLY = re.compile(r"\d{4}-?\d\d-?\d\d|\d{4}-?W\d\d(?:-?\d)?")  # a day, read as its midnight UTC
+_NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)?(?:[eE][+-]?\d+)?")
+
+
+def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOURCE) -> list[int | None]:
+    """Microseconds UTC per event_time text (None with a BAD_EVENT_TIME problem where it is not a
+    time); one warning per file when a time (not a bare date) has no zone and is read as UTC, as for
+    a timestamp column without one (Python's str(datetime.now()), Java's LocalDateTime: local time?)."""
+    micros, zoneless = [], []
     for row, text in enumerate(texts.to_pylist()):
-        micros.append(None if text is None else _parse_time_micros(text))
+        micros.append(None if text is None else _parse_time_micros(text, zoneless))
+        if zoneless and zoneless[0] is True:
+            zoneless[0] = (row, text)
         if text is not None and micros[-1] is None:
-            annotated = _ANNOTATIONS.search(text.strip())
-            why = (" (a zone name in brackets needs the UTC offset before it, as Java's ZonedDateTime writes it: "
-                   "2026-11-20T09:00:00+01:00[Europe/Paris])" if annotated else "")
-            _note(problems, row, F.BAD_EVENT_TIME,
-                  f"event_time {text[:64]!r} is not an ISO-8601 timestamp{why} (write e.g. 2026-11-20T08:00:00Z)")
+            _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
+    if zoneless:
+        logger.warning("fact log %s: event_time %r (row %d) has no time zone; reading it as UTC (write the offset or "
+                       "Z, e.g. 2026-11-20T08:00:00Z, to silence this)", source, zoneless[0][1][:64], zoneless[0][0])
     return micros
 
 
-def _parse_time_micros(text: str) -> int | None:
+def _not_a_time(text: str) -> str:
+    """Why ``text`` (canonical, as :func:`_parse_time_micros` read it) is not read as a time."""
+    if _NUMBER.fullmatch(text):
+        return ("is a bare number, which is ambiguous (seconds or milliseconds since 1970? a spreadsheet's day "
+                "number?): write ISO-8601 text such as 2026-11-20T08:00:00Z or a timestamp column")
+    if (annotated := _ANNOTATIONS.search(text)) and not _OFFSET.search(text[:annotated.start()]):
+        return ("is not an ISO-8601 timestamp (a zone name in brackets needs the UTC offset before it, as Java's "
+                "ZonedDateTime writes it: 2026-11-20T09:00:00+01:00[Europe/Paris]; write e.g. 2026-11-20T08:00:00Z)")
+    if _weekday(text) is None:
+        return ("names a weekday that is not its date's (which of the two is wrong?); write ISO-8601 text such as "
+                "2026-11-20T08:00:00Z")
+    if _ZONE_NAME_ONLY.search(text) and not _UTC_SUFFIX.search(text):
+        return ("names its zone by an abbreviation without a UTC offset, which is ambiguous (CST and IST are three "
+                "zones each; an abbreviation does not tell a daylight-saving change's repeated hour): write the "
+                "offset (2026-11-20T09:00:00+01:00) or UTC (2026-11-20T08:00:00Z)")
+    return "is not an ISO-8601 timestamp (write e.g. 2026-11-20T08:00:00Z)"
+
+
+def _weekday(text: str) -> bool | None:
+    """For RFC 2822 / JavaScript / Java date text that names a weekday: whether it is the date's
+    (None: it is not); True for any other text."""
+    for pattern, day, month, date, year in ((_RFC_2822, 1, 3, 2, 4), (_JS_DATE, 1, 2, 3, 4), (_JAVA_DATE, 1, 2, 3, 6)):
+        if (match := pattern.fullmatch(text)) and match.group(day):
+            try:
+                moment = datetime(int(match.group(year)), _MONTHS.index(match.group(month).lower()) + 1,
+                                  int(match.group(date)))
+            except ValueError:
+                return True  # not a date at all: refused as such
+            return True if _WEEKDAYS[moment.weekday()] == match.group(day).lower() else None
+    return True
+
+
+def _as_iso(text: str) -> str:
+    """Go's, RFC 2822's, JavaScript's and Java's time text as ISO-8601 with its offset (the same
+    text if it is none of these). The offset gives the instant; zone names and abbreviations are
+    not read (Go's "MST", JavaScript's "(Central European Standard Time)"). ISO 8601's minus sign
+    U+2212 (as some locales format a negative offset, "−05:00") is read as a hyphen-minus."""
+    text = text.replace("\u2212", "-")
+    if match := _GO_TIME.fullmatch(text):
+        return f"{match.group(1)}{match.group(2)}:{match.group(3)}"
+    if _weekday(text) is None:
+        return text  # a weekday that is not the date's: refused
+    month = lambda name: _MONTHS.index(name.lower()) + 1  # noqa: E731
+    if match := _RFC_2822.fullmatch(text):
+        zone = match.group(6)
+        zone = "+00:00" if zone.upper() in ("GMT", "UTC", "UT", "Z") else f"{zone[:3]}:{zone[3:]}"
+        return f"{match.group(4)}-{month(match.group(3)):02d}-{int(match.group(2)):02d}T{match.group(5)}{zone}"
+    if match := _JS_DATE.fullmatch(text):
+        zone = match.group(6)
+        return f"{match.group(4)}-{month(match.group(2)):02d}-{match.group(3)}T{match.group(5)}{zone[:3]}:{zone[3:]}"
+    if match := _JAVA_DATE.fullmatch(text):
+        zone = match.group(5)[3:] or "+00:00"
+        return f"{match.group(6)}-{month(match.group(2)):02d}-{match.group(3)}T{match.group(4)}{zone}"
+    return text
+
+
+def _parse_time_micros(text: str, zoneless: list | None = None) -> int | None:
     """Microseconds since the epoch of an ISO-8601 time ('Z', '+hh:mm' or ' UTC'; no zone: UTC;
     digits beyond the microsecond dropped), or None. Bare numbers are refused (s or ms?). RFC 9557
     annotations after an offset (``+01:00[Europe/Paris]``, ``Z[UTC]``) are dropped: the offset
     gives the instant; a zone name without an offset is refused (None): the offset is not known
-    in a daylight-saving change's repeated hour."""
-    cleaned = text.strip()
+    in a daylight-saving change's repeated hour. Also read, by their numeric offset: Go's
+    ``time.Time.String()`` (``2026-11-30 14:03:07.123456789 +0000 UTC m=+0.0012``), RFC 2822 and
+    HTTP dates (``Mon, 30 Nov 2026 14:03:07 GMT``), JavaScript's ``Date.toString()`` (``Mon Nov
+    30 2026 14:03:07 GMT+0100 (Central European Standard Time)``) and Java's ``Date.toString()``
+    in UTC (a weekday that is not the date's: None). Invisible format characters (a byte-order
+    mark, a zero-width space) and surrounding spaces are dropped first, as in ids. A time (not a
+    bare date) read without a zone appends True to ``zoneless``, once. Full-width digits and signs
+    (a Japanese input method's ``２０２６－１１－３０``) read as theirs (NFKC)."""
+    cleaned = canonical_id(text)
+    if not cleaned.isascii():
+        cleaned = unicodedata.normalize("NFKC", cleaned)
+    micros = _iso_micros(cleaned, zoneless)
+    if micros is None and (written := _as_iso(cleaned)) != cleaned:
+        micros = _iso_micros(written, zoneless)
+    return micros
+
+
+def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
     if annotated := _ANNOTATIONS.search(cleaned):
         cleaned = cleaned[:annotated.start()]
         if not _OFFSET.search(cleaned):
@@ -1126,7 +1317,10 @@ def _parse_time_micros(text: str) -> int | None:
         moment = datetime.fromisoformat(cleaned)
     except ValueError:
         return None
-    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+        if zoneless is not None and not zoneless and not _DATE_ONLY.fullmatch(cleaned):
+            zoneless.append(True)
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
@@ -1243,7 +1437,9 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
     if op not in F.OPS:
-        return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}"
+        near = [name for name in F.OPS if re.sub(r"[\s_-]", "", op) == name.replace("_", "")]
+        hint = f" (write {near[0]!r}: another spelling of an op is not read as it)" if near else ""
+        return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}{hint}"
     if times[i] is None:
         return F.MISSING_EVENT_TIME, "event_time is empty"
     if times[i] > future_limit:
@@ -1584,10 +1780,13 @@ def _answer_key(answer: str | None):
 
 def _fact_keys(contents: list[tuple], user_id: str) -> list[tuple]:
     """One key per (scope, trigger, answer) content of one user's fact at one instant: equal keys
-    are the same fact. A content without a shared scope (its scope is the user) whose trigger and
+    are the same fact (the texts read with Unicode's line breaks as newlines, as ingest now writes
+    them). A content without a shared scope (its scope is the user) whose trigger and
     answer match those of exactly one shared scope's copy takes that scope: the same row exported
     without the optional scope column is that copy, not a conflicting personal fact."""
-    keys = [(scope, trigger, _answer_key(answer)) for scope, trigger, answer in contents]
+    # a text stored before NEL, U+2028 and U+2029 read as newlines (2026-12-02) is its new form's fact
+    keys = [(scope, trigger and trigger.translate(LINE_BREAKS), _answer_key(answer and answer.translate(LINE_BREAKS)))
+            for scope, trigger, answer in contents]
     shared: dict[tuple, set] = defaultdict(set)
     for scope, trigger, answer in keys:
         if scope != user_id:
@@ -1612,6 +1811,8 @@ def _differences(copy: tuple, kept: tuple) -> str:
                    "column? the scope is kept; to make the fact personal, send it with a later time)")
     if copy[2] != kept[2] and _answer_key(copy[2]) == _answer_key(kept[2]) and copy[2].lstrip(" ") != kept[2].lstrip(" "):
         why.append(f"the answer {copy[2].strip()[:64]!r} is the same number as {kept[2].strip()[:64]!r} (kept as published)")
+    if not why and (copy[1] != kept[1] or (copy[2] or "").lstrip(" ") != (kept[2] or "").lstrip(" ")):
+        return " (but for line breaks: U+2028, U+2029 and NEL read as newlines since 2026-12-02)"
     return f": {'; '.join(why)}" if why else " (but for the boundary space)"
 
 

@@ -402,6 +402,48 @@ def test_event_time_text_with_a_bracketed_zone_as_java_writes_it_is_read_by_its_
         assert reason == "BAD_EVENT_TIME" and "a zone name in brackets needs the UTC offset before it" in detail
 
 
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_event_time_text_as_go_email_http_javascript_and_java_write_it_is_read_by_its_offset(on_bad_file, tmp_path):
+    """Go's time.Time.String() (a producer logging `%v` of a time), RFC 2822 and HTTP dates,
+    JavaScript's Date.toString() and Java's Date.toString() in UTC: every such row was rejected
+    (BAD_EVENT_TIME). The numeric offset gives the instant; a zone's name or abbreviation is not
+    read, and without an offset it costs its row saying so, as does a bare number, and a weekday
+    that is not the date's. Invisible characters around the text (a BOM) are dropped, as in ids."""
+    texts = ["2026-11-20 08:00:00 +0000 UTC", "2026-11-20 08:00:00.000000999 +0000 UTC m=+0.001234567",
+             "2026-11-20 01:00:00 -0700 MST", "2026-11-20 11:00:00 +0300 +03", "Fri, 20 Nov 2026 08:00:00 GMT",
+             "20 Nov 2026 09:00:00 +0100", "Fri Nov 20 2026 09:00:00 GMT+0100 (Central European Standard Time)",
+             "Fri Nov 20 08:00:00 UTC 2026", "\ufeff2026-11-20T08:00:00Z", "2026-11-20T08:00:00Z\u200b",
+             "1763625600", "46346.3333", "Fri Nov 20 09:00:00 CET 2026", "2026-11-20 03:00:00 EST",
+             "Thu, 20 Nov 2026 08:00:00 GMT"]
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    pq.write_table(raw.set_column(5, "event_time", pa.array(texts)), tmp_path / "go.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert {r["fact_id"]: r["event_time"] for r in result.state.to_pylist()} == {f"f{i}": T0 for i in range(10)}
+    rejects = {r["fact_id"]: (r["reason"], r["row"], r["detail"]) for r in result.rejects.to_pylist()}
+    assert {fact: (reason, row) for fact, (reason, row, _) in rejects.items()} == {
+        f"f{i}": ("BAD_EVENT_TIME", i) for i in range(10, 15)}
+    assert "is a bare number, which is ambiguous (seconds or milliseconds" in rejects["f10"][2]
+    assert "a spreadsheet's day number" in rejects["f11"][2]
+    for fact in ("f12", "f13"):
+        assert "abbreviation without a UTC offset" in rejects[fact][2] and "+01:00" in rejects[fact][2]
+    assert "a weekday that is not its date's" in rejects["f14"][2]
+    # Go's zero time.Time (an unset field) is its row's EVENT_TIME_OUT_OF_RANGE, quoted as written
+    pq.write_table(table({"fact_id": "zero"}).set_column(5, "event_time", pa.array(["0001-01-01 00:00:00 +0000 UTC"])),
+                   tmp_path / "zero.parquet")
+    result = run(read_fact_log(str(tmp_path / "zero.parquet"), on_bad_file=on_bad_file))
+    assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [(
+        "EVENT_TIME_OUT_OF_RANGE", "event_time '0001-01-01 00:00:00 +0000 UTC' is outside 1900-01-01..9999-12-31 (a "
+        "wrapped, mis-scaled or placeholder time)")]
+
+
+def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
+    result = run(table({"op": "forgetUser"}, {"op": "forget-user", "fact_id": "b"}, {"op": "UP SERT", "fact_id": "c"}))
+    assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
+        ("UNKNOWN_OP", f"op {op!r} is not one of upsert, delete, forget_user (write {name!r}: another spelling of "
+                       "an op is not read as it)")
+        for op, name in (("forgetuser", "forget_user"), ("forget-user", "forget_user"), ("up sert", "upsert"))]
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
@@ -414,6 +456,24 @@ def test_a_time_without_a_zone_is_read_as_utc_with_a_warning_naming_the_file(cap
     normalised = normalise_fact_log(raw, source="logs/day=1/x.parquet")
     assert normalised.column("event_time").to_pylist()[0] == datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
     assert "fact log logs/day=1/x.parquet: event_time has no time zone; reading it as UTC" in caplog.text
+
+
+def test_time_text_without_a_zone_is_read_as_utc_with_one_warning_per_file_as_a_timestamp_without_one(caplog):
+    """Python's str(datetime.now()) and Java's LocalDateTime.toString() write a time without a zone
+    (local time?): read as UTC, as a timestamp column without a zone is, and now with its warning
+    (one per file, naming the row); a bare date is its midnight UTC, as a date column, silently."""
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"})
+    raw = raw.set_column(5, "event_time", pa.array(["2026-11-20", "2026-11-20 08:00:00.123", "2026-11-20T08:00"]))
+    with caplog.at_level("WARNING"):
+        normalised = normalise_fact_log(raw, source="logs/x.parquet")
+    assert normalised.column("event_time").to_pylist() == [
+        datetime(2026, 11, 20, tzinfo=timezone.utc), T0 + timedelta(milliseconds=123), T0]
+    assert caplog.text.count("has no time zone") == 1
+    assert "fact log logs/x.parquet: event_time '2026-11-20 08:00:00.123' (row 1) has no time zone; reading it as UTC" \
+        in caplog.text
+    caplog.clear()
+    normalise_fact_log(raw.slice(0, 1), source="logs/y.parquet")
+    assert "no time zone" not in caplog.text
 
 
 def test_an_empty_op_is_rejected_saying_it_is_empty_and_what_to_write():
@@ -1371,3 +1431,38 @@ def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_p
     assert f"user_id {text.strip()!r} is a missing value written as text" in rejects[("ids.parquet", 1)][1]
     assert "'7.0' (row 0) looks like a float's text of an integer" in caplog.text
     assert caplog.text.count("looks like a float's text") == 2  # once per file
+
+
+def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_one_warning_per_file(tmp_path, caplog):
+    """A zero-padded id ('007'), one of full-width digits ('７') and one in quotes ('"7"') are other
+    ids than the integer 7 another export writes: read as written (never folded: that would move stored ids to another
+    user), with one warning per file for each kind, naming the file, column, row and value."""
+    ids = ["007", "\uff17", "7", "0", "\uff17", "008", "7.0000000000", '"7"']
+    raw = table(*({"user_id": user, "fact_id": f"f{i}"} for i, user in enumerate(ids)))
+    pq.write_table(raw, tmp_path / "text.parquet")
+    pq.write_table(raw.set_column(0, "user_id", pa.array([7, 7, 7, 0, 7, 8, 7, 7])), tmp_path / "int.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert sorted({r["user_id"] for r in result.state.to_pylist()}) == ['"7"', "0", "007", "008", "7", "7.0000000000",
+                                                                        "8", "\uff17"]
+    assert """user_id '"7"' (row 7) is wrapped in double quotes""" in caplog.text and "not the id '7'" in caplog.text
+    # a decimal(38, 10) column cast to text: another id than the 7 a decimal column reads as
+    assert "user_id '7.0000000000' (row 6) looks like a float's text of an integer (or a decimal's)" in caplog.text
+    assert caplog.text.count("is an integer with leading zeros") == 1
+    assert "text.parquet: user_id '007' (row 0) is an integer with leading zeros" in caplog.text
+    assert caplog.text.count("holds compatibility characters") == 1
+    assert "user_id '\uff17' (row 1) holds compatibility characters" in caplog.text and "not the id '7'" in caplog.text
+
+
+def test_text_escaped_for_html_or_json_is_read_as_written_with_one_warning_per_file(tmp_path, caplog):
+    """'Tom &amp; Jerry' and 'caf\\u00e9' (six characters) are what a producer that escaped its text
+    and did not unescape it writes: compiled as written (a text may hold them on purpose), and
+    recalled only with the escape, so the file gets one warning per kind naming column and row."""
+    answers = [" AT&T", " Tom &amp; Jerry", " caf\\u00e9", " &#233;t&#233;"]
+    pq.write_table(table(*({"fact_id": f"f{i}", "answer": a} for i, a in enumerate(answers))), tmp_path / "x.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert sorted(r["answer"] for r in result.state.to_pylist()) == sorted(answers)
+    assert caplog.text.count("holds an HTML entity") == 1 and caplog.text.count("holds a JSON escape") == 1
+    assert "answer ' Tom &amp; Jerry' (row 1) holds an HTML entity" in caplog.text
+    assert "(row 2) holds a JSON escape" in caplog.text

@@ -175,10 +175,12 @@ def _only_kept_format_characters(text: str) -> bool:
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from(["a", "e", " ", "\u0301", "é", "\u200d", "\u200c", "\u200b", "\u00a0",
-                                         "👨", "👩", "\ufe0f", "م", "\r", "\n", "\U000e0067"]), max_size=12))
+                                         "👨", "👩", "\ufe0f", "م", "\r", "\n", "\U000e0067", "\u2028", "\x85",
+                                         "\u2029"]), max_size=12))
 def test_joiners_and_line_breaks_have_one_idempotent_form(text):
     once = canonical_text(text)
-    assert canonical_text(once) == once and _only_kept_format_characters(once) and "\r" not in once
+    assert canonical_text(once) == once and _only_kept_format_characters(once)
+    assert not set("\r\x85\u2028\u2029") & set(once)
     assert not has_format_characters(canonical_id(text))
 
 
@@ -190,6 +192,11 @@ def test_joiners_that_change_what_a_reader_sees_are_kept_in_texts_and_removed_fr
     assert canonical_text("ab\u200dcd") == "abcd"  # pasted between ASCII letters: noise
     assert canonical_id("u-" + family) == "u-👨👩👧"  # ids are identities: every format character goes
     assert canonical_text("1 Main St\r\nSpringfield\rUSA") == "1 Main St\nSpringfield\nUSA"
+    # Unicode's other line breaks too (a word processor's soft break, a conversion's NEL): NEL was a
+    # control character that cost its row, and a line separator did not read as the newline typed
+    assert canonical_text("1 Main St\u2028Springfield\x85USA\u2029") == "1 Main St\nSpringfield\nUSA\n"
+    assert canonical_fact("My address is", "1 Main St\u2028USA") == ("My address is", " 1 Main St\nUSA")
+    assert canonical_id("u\u2028x") == "u\u2028x"  # ids are read as written (a newline would refuse the id)
     england = "\U0001F3F4" + "".join(chr(0xE0000 + ord(c)) for c in "gbeng") + "\U000E007F"
     assert canonical_text("Home: " + england) == "Home: " + england  # a subdivision flag keeps its tags
     assert canonical_prompt("My PIN is" + chr(0xE0041)) == "My PIN is"  # a stray tag smuggles text: removed
@@ -272,6 +279,22 @@ def test_a_log_line_read_again_after_the_spacing_rule_changed_is_a_duplicate_not
     other = ingest(log_table([{"user_id": "u-li", "fact_id": "home", "trigger": "我住在", "answer": "大阪"}]), stored,
                    max_trigger_tokens=32)
     assert other.rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"]
+
+
+def test_a_log_line_read_again_after_line_separators_became_newlines_is_a_duplicate_not_a_conflict():
+    """A fact stored with U+2028 in its trigger and answer (before they read as newlines) and its
+    log line read again at the same event time: the same fact, kept as stored (a conflict deleted it)."""
+    from schemas.facts import FACT_STATE_SCHEMA, fact_hash
+
+    trigger, answer = "Ship to:\u2028Acme Ltd at", " 1 Main St\u2028USA"
+    row = {"user_id": "u-jo", "fact_id": "addr", "scope": "u-jo", "trigger": trigger, "answer": answer,
+           "event_time": T0, "fact_hash": fact_hash("u-jo", trigger, answer)}
+    stored = pa.Table.from_pylist([row], schema=FACT_STATE_SCHEMA)
+    again = ingest(log_table([{"user_id": "u-jo", "fact_id": "addr", "trigger": trigger, "answer": answer}]), stored,
+                   max_trigger_tokens=32)
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] and again.changed_users == set()
+    assert "(but for line breaks: U+2028, U+2029 and NEL read as newlines" in again.rejects.column("detail")[0].as_py()
+    assert again.state.equals(stored)
 
 
 def test_ingest_stores_canonical_text_and_a_forget_of_a_look_alike_id_forgets_the_user():
