@@ -967,3 +967,60 @@ def test_the_facts_view_says_a_stale_scopes_member_copies_are_not_served_until_t
     assert query_stats(local_store, f"select user_id, facts, facts_ok from users where version = {version} and "
                                     "user_id in ('alice', 'dave') order by all").to_pylist() == [
         {"user_id": "alice", "facts": 3, "facts_ok": 3}, {"user_id": "dave", "facts": 2, "facts_ok": 2}]
+
+
+FRANK_OWN = ("frank", "colour", "My favourite colour is", " teal")  # a personal fact of an extra holder
+
+
+def test_an_extra_holder_of_a_scope_a_forget_left_stale_keeps_its_row_its_first_scope_and_its_stats_rows(
+        spec, tmp_path, tiny, local_store):
+    """frank holds org:acme as an extra scope (his first is org:aaa) and has a personal fact. After
+    engram forget bob (whose copy of acme-wifi the scope was compiled from), frank's own delta goes
+    (it was compiled with org:acme's merged facts, bob's wifi among them), but his bundle row stays,
+    naming org:aaa: he is served org:aaa's motto (his whole row was dropped: he was served nothing).
+    His `facts` rows stay, those of his own delta `scope_stale` naming org:acme, his org:aaa copy
+    `ok`; his `users` row stays with facts_ok counting what is served (they were deleted). bob's rows
+    are gone. The next night compiles frank again."""
+    from versions.forget import forget_user
+
+    def frank_facts(version):
+        return query_stats(local_store, f"select fact_id, scope, status, detail from facts where version = {version} "
+                                        "and user_id = 'frank' order by fact_id").to_pylist()
+
+    night(spec, tmp_path, "1", forget_member_log() + [upsert(*FRANK_OWN, 0)])
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("frank"), *MOTTO) and recalls(tiny, node.deltas_for("frank"), *FRANK_OWN[2:])
+
+    forget_user(local_store, "bob", actor="test", reason="ticket 17")
+    current, _ = read_current(local_store)
+    assert current.scopes.stale == (SCOPE,)
+    rows = member_rows(local_store, current)
+    assert rows["frank"][0] == "org:aaa" and len(rows["frank"][1].row_ids) == 0  # kept, its own delta emptied
+    assert node.poll().error is None
+    frank = node.deltas_for("frank")
+    assert len(frank) == 2 and recalls(tiny, frank, *MOTTO)  # org:aaa's delta, under an empty own delta
+    assert not recalls(tiny, frank, *ZANZIBAR) and not recalls(tiny, frank, *FRANK_OWN[2:])
+    answer = tiny.encode_answer(MOTTO[1])
+    assert greedy_tokens(tiny, MOTTO[0], len(answer), list(frank)) == answer
+
+    for version in (m.version for m in manifests(local_store)):  # CURRENT and the rewrite of v1 alike
+        facts = frank_facts(version)
+        assert [(r["fact_id"], r["scope"], r["status"]) for r in facts] == [
+            ("acme-office", None, "scope_stale"), ("colour", None, "scope_stale"), ("motto", "org:aaa", "ok")], facts
+        assert all('"org:acme"' in r["detail"] and "forget" in r["detail"] for r in facts[:2]), facts
+        users = query_stats(local_store, f"select user_id, facts, facts_ok, rows from users where version = {version} "
+                                         "and user_id in ('bob', 'frank')").to_pylist()
+        assert users == [{"user_id": "frank", "facts": 3, "facts_ok": 1, "rows": 0}], users
+        assert query_stats(local_store, f"select count(*) as n from facts where version = {version} "
+                                        "and user_id = 'bob'").to_pylist() == [{"n": 0}]
+    assert holding_words(local_store) == {}
+
+    night(spec, tmp_path, "2", [upsert("erin", "car", "My car is", " red", 2)])
+    current, _ = read_current(local_store)
+    assert current.scopes.stale == ()
+    node.poll()
+    frank = node.deltas_for("frank")
+    assert recalls(tiny, frank, *MOTTO) and recalls(tiny, frank, *FRANK_OWN[2:])
+    assert recalls(tiny, frank, *SCOPE_FACTS["acme-office"])
+    assert {r["status"] for r in frank_facts(current.version)} == {"ok"}

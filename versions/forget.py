@@ -247,6 +247,54 @@ def scan_for_user(store: ObjectStore, user_id: str) -> list[str]:
 # ------------------------------------------------------------------------- rewriting
 
 
+def _emptied(table: pa.Table, holders: pa.Array) -> pa.Table:
+    """A bundle or layer with the deltas of ``holders`` emptied (no rows, no values; the row, its
+    ``num_facts``, co-batch group and ``scope`` kept), as a night writes a member whose own delta
+    is empty; a layer's tombstone rows are left as they are."""
+    if not len(holders) or not table.num_rows:
+        return table
+    mine = _is_user(table.column("user_id"), holders)
+    if "tombstone" in table.column_names:
+        mine = pc.and_(mine, pc.invert(table.column("tombstone")))
+    if not pc.any(mine).as_py():
+        return table
+    for name in ("layers", "row_ids", "values"):
+        i = table.column_names.index(name)
+        field_ = table.schema.field(i)
+        empty = pa.scalar(b"", field_.type) if name == "values" else \
+            pa.array([[]] * table.num_rows, field_.type)
+        table = table.set_column(i, field_, pc.if_else(mine, empty, table.column(i)))
+    return table
+
+
+def _marked_holders(facts: pa.Table, holders: Mapping[str, tuple[str, ...]]) -> pa.Table:
+    """A ``facts`` part with the rows of the holders' own deltas (``scope`` null: their own facts
+    and their copies of extra scopes' facts) given status ``scope_stale`` and a detail naming the
+    stale scopes (:func:`pipeline.stats.scope_stale_holder_detail`); their first scope's copies
+    (``scope`` set) are served as before and keep their status."""
+    from pipeline.stats import SCOPE_STALE, scope_stale_holder_detail
+
+    if not holders or not facts.num_rows:
+        return facts
+    mine = pc.and_(_is_user(facts.column("user_id"), pa.array(sorted(holders), pa.string())),
+                   pc.is_null(facts.column("scope")))
+    details = pa.array([scope_stale_holder_detail(holders[u]) if u in holders else None
+                        for u in facts.column("user_id").to_pylist()], pa.string())
+    for name, value in (("status", pa.scalar(SCOPE_STALE, pa.string())), ("detail", details)):
+        i = facts.column_names.index(name)
+        facts = facts.set_column(i, facts.schema.field(i),
+                                 pc.if_else(mine, value, facts.column(i)).cast(facts.schema.field(i).type))
+    return facts
+
+
+def _ok_counts(facts: pa.Table, users: pa.Array) -> dict[str, int]:
+    """user -> its ``ok`` rows in a ``facts`` part, for ``users``."""
+    ok = facts.filter(pc.and_(_is_user(facts.column("user_id"), users), pc.equal(facts.column("status"), "ok")))
+    counts = ok.group_by("user_id").aggregate([("fact_id", "count")])
+    return dict(zip(counts.column("user_id").to_pylist(), counts.column("fact_id_count").to_pylist()))
+
+
+
 def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
     if "user_id" in table.column_names and table.num_rows:
         table = table.filter(pc.invert(_user_rows(table, users)))
@@ -294,21 +342,57 @@ class _Rewriter:
         self.objects[key] = data
         return key, sha, len(data)
 
-    def part(self, key: str, users: pa.Array | None = None) -> str:
+    def part(self, key: str, users: pa.Array | None = None, holders: Mapping[str, tuple[str, ...]] | None = None) -> str:
         """A stats part without ``users`` (default: all the forget's users; a new key), or the same
-        key if it holds none of them."""
+        key if it holds none of them. ``holders`` (user -> the stale scopes it holds as an extra
+        scope; their own delta was emptied, :meth:`shard`): their ``facts`` rows of that delta are
+        marked (:func:`_marked_holders`) and their names leave the ``collisions`` examples (they
+        write no row); see :meth:`stats` for their ``users`` rows."""
         users = self.users if users is None else users
-        memo = (key, tuple(users.to_pylist()))
+        name = key.split("/")[1]
+        holders = dict(holders or {}) if name in ("facts", "collisions") else {}
+        memo = (key, tuple(users.to_pylist()), tuple(sorted(holders.items())))
         if memo not in self._parts:
-            table = pq.read_table(pa.BufferReader(self.store.get(key))) if len(users) else None
-            if table is None or not _holds_users(table, users):
+            names = pa.array(sorted(holders), pa.string())
+            table = pq.read_table(pa.BufferReader(self.store.get(key))) if len(users) or holders else None
+            if table is None or not _holds_users(table, pa.concat_arrays([users, names])):
                 self._parts[memo] = key
             else:
                 self.held.add(key)
-                name = key.split("/")[1]
-                self._parts[memo] = self._keep(lambda sha: stats_part_key(name, sha),
-                                               _parquet_bytes(_without_users(table, users)))[0]
+                table = _without_users(table, users)
+                table = _without_users(table, names) if name == "collisions" else _marked_holders(table, holders)
+                self._parts[memo] = self._keep(lambda sha: stats_part_key(name, sha), _parquet_bytes(table))[0]
         return self._parts[memo]
+
+    def stats(self, stats: Mapping[str, str], users: pa.Array, holders: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+        """A base's or layer's stats parts without ``users`` and with ``holders``' rows marked (see
+        :meth:`part`); the holders' ``users`` rows say their own delta is empty (``rows``, ``bytes``
+        0) and count in ``facts_ok`` only the ok facts served without it (their first scope's)."""
+        out = {table: self.part(k, users, holders) for table, k in stats.items()}
+        if not holders or "users" not in stats:
+            return out
+        memo = (out["users"], tuple(sorted(holders.items())), out.get("facts"))
+        if memo not in self._parts:
+            table = pq.read_table(pa.BufferReader(self.objects.get(out["users"]) or self.store.get(out["users"])))
+            names = pa.array(sorted(holders), pa.string())
+            mine = _is_user(table.column("user_id"), names)
+            if not pc.any(mine).as_py():
+                self._parts[memo] = out["users"]
+            else:
+                self.held.add(stats["users"])
+                ok = {}
+                if "facts" in out:
+                    facts = pq.read_table(pa.BufferReader(self.objects.get(out["facts"]) or self.store.get(out["facts"])))
+                    ok = _ok_counts(facts, names)
+                counts = pa.array([ok.get(u, 0) for u in table.column("user_id").to_pylist()], pa.int64())
+                for column, value in (("facts_ok", counts), ("rows", pa.scalar(0, pa.int64())),
+                                      ("bytes", pa.scalar(0, pa.int64()))):
+                    i = table.column_names.index(column)
+                    table = table.set_column(i, table.schema.field(i),
+                                             pc.if_else(mine, value, table.column(i)).cast(table.schema.field(i).type))
+                self._parts[memo] = self._keep(lambda sha: stats_part_key("users", sha), _parquet_bytes(table))[0]
+        out["users"] = self._parts[memo]
+        return out
 
     def shards_part(self, keys: list[str], entries: tuple[ShardEntry, ...]) -> str:
         """The version-level ``shards`` stats part of a rewritten version: its rows again from the
@@ -326,23 +410,28 @@ class _Rewriter:
         self.objects[key] = data
         return key
 
-    def shard(self, entry: ShardEntry, users: list[str], drop: Sequence[str] = ()) -> ShardEntry:
+    def shard(self, entry: ShardEntry, users: list[str],
+              holders: Mapping[str, tuple[str, ...]] | None = None) -> ShardEntry:
         """The entry with their forget tombstones, without the data of those ``users`` (all of this
-        shard) that :meth:`erasable` finds written up to their forget, and without the delta rows
-        (and their ``facts``, ``users``, ``collisions`` stats rows) of the other users ``drop``: their
-        deltas were compiled from a scope fact a forgotten user wrote (:meth:`scopes`); their facts
-        stay in the fact state, and the next night compiles them again."""
-        memo = (entry.object_keys(), tuple(users), tuple(drop))
+        shard) that :meth:`erasable` finds written up to their forget, and with the delta of each
+        other user of ``holders`` (user -> the stale scopes it holds as an extra scope) emptied:
+        compiled jointly with those scopes' merged facts, which a forgotten user wrote (:meth:`scopes`),
+        it cannot be kept in part. Their bundle rows stay (an empty delta, their first scope still
+        named: serving composes that scope's delta under it, as for a member with no own delta), and
+        so do their stats rows, marked (:meth:`stats`); their facts stay in the fact state, and the
+        next night compiles them again."""
+        holders = dict(holders or {})
+        memo = (entry.object_keys(), tuple(users), tuple(sorted(holders.items())))
         if memo not in self._entries:
-            drop_arr = pa.array(sorted(drop), pa.string())
+            nobody = pa.array([], pa.string())
             if not users:
-                self._entries[memo] = replace(entry, **self._delta_chain(entry, drop_arr),
-                                              stats={table: self.part(k, drop_arr) for table, k in entry.stats.items()})
+                self._entries[memo] = replace(entry, **self._delta_chain(entry, nobody, holders),
+                                              stats=self.stats(entry.stats, nobody, holders))
                 return self._entries[memo]
             erase = self.erasable(entry, users)
             self.erased[entry.object_keys()] = tuple(sorted(set(self.erased.get(entry.object_keys(), ())) | set(erase)))
             self._entries[memo] = self._rewrite(entry, pa.array(erase, pa.string()), pa.array(users, pa.string()),
-                                                drop_arr)
+                                                holders)
         return self._entries[memo]
 
     def fact_state(self, entry: ShardEntry, erase: Sequence[str]) -> pa.Table:
@@ -353,15 +442,15 @@ class _Rewriter:
         return merged.filter(pc.invert(_is_user(merged.column("user_id"), pa.array(sorted(erase), pa.string()))))
 
     def scopes(self, manifest: Manifest, erase: Mapping[int, Sequence[str]]) -> tuple[ScopesEntry | None,
-                                                                                   dict[int, list[str]]]:
+                                                                                   dict[int, dict[str, tuple]]]:
         """The version's shared scopes without the copies of scope facts the users of ``erase``
         (shard -> the users erased there) carried, and per shard the other users whose deltas must
         go. The scope state's rows of those shards are computed again from their fact state without
         the users (pipeline.scopes.forget_scope_copies: as the shard's next apply would). A scope whose
         merged facts that changes was compiled from what a forgotten user wrote (its copy was the
         latest, or the only one): its delta and its own ``facts`` rows go, and so do the deltas of
-        the users holding it as an extra scope (their own deltas hold its merged facts); the entry
-        names it ``stale``, so the next night compiles it, its members and those users again. A
+        the own deltas of the users holding it as an extra scope are emptied (they were compiled
+        with its merged facts; per shard, holder -> the stale scopes it holds); the entry names it ``stale``, so the next night compiles it, its members and those users again. A
         scope whose last member went is dropped, as a night drops it."""
         from pipeline.scopes import SCOPE_STATE_SCHEMA, decode_scope_state, encode_scope_state, forget_scope_copies, \
             scope_copies, scope_state_version
@@ -400,16 +489,20 @@ class _Rewriter:
                 facts = facts.filter(pc.invert(mine))
                 stats["facts"] = self._keep(lambda sha: stats_part_key("facts", sha), _parquet_bytes(facts))[0]
                 fields |= dict(facts=facts.num_rows, stats=stats)
-        drop: dict[int, list[str]] = {}
+        drop: dict[int, dict[str, tuple[str, ...]]] = {}  # shard -> holder -> the stale scopes it holds
         stale = pa.array(forget.stale, pa.string())
         holder_shards = prior.filter(pc.is_in(prior.column("scope"), stale)).column("shard").to_pylist()
+        forgotten = set(self.users.to_pylist())
         for shard in sorted(set(holder_shards)):
             state = states[shard] if shard in states else self.fact_state(manifest.shard(shard), ())
             copies = scope_copies(state.select(["user_id", "fact_id", "scope"]))
             extra = copies.filter(pc.and_(pc.invert(copies.column("composed")), pc.is_in(copies.column("scope"), stale)))
-            users = sorted(set(extra.column("user_id").to_pylist()) - set(self.users.to_pylist()))
-            if users:
-                drop[shard] = users
+            held: dict[str, set[str]] = {}
+            for user, scope in zip(extra.column("user_id").to_pylist(), extra.column("scope").to_pylist()):
+                if user not in forgotten:
+                    held.setdefault(user, set()).add(scope)
+            if held:
+                drop[shard] = {user: tuple(sorted(scopes)) for user, scopes in sorted(held.items())}
         left = set(pc.unique(forget.state.column("scope")).to_pylist())
         marked = tuple(sorted((set(entry.stale) | set(forget.stale)) & left))  # a scope no one carries needs nothing
         if forget.scopes == 0 and not marked:
@@ -459,20 +552,21 @@ class _Rewriter:
             self._states[key] = objects
         return self._states[key]
 
-    def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array, drop: pa.Array) -> ShardEntry:
-        gone = pa.concat_arrays([erase, drop])
-        new = replace(entry, **self._delta_chain(entry, gone), **self._state_chain(entry, erase, users))
-        return replace(new, stats={table: self.part(k, gone) for table, k in entry.stats.items()})
+    def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array,
+                 holders: Mapping[str, tuple[str, ...]]) -> ShardEntry:
+        new = replace(entry, **self._delta_chain(entry, erase, holders), **self._state_chain(entry, erase, users))
+        return replace(new, stats=self.stats(entry.stats, erase, holders))
 
-    def _delta_chain(self, entry: ShardEntry, users: pa.Array) -> dict:
+    def _delta_chain(self, entry: ShardEntry, users: pa.Array, holders: Mapping[str, tuple[str, ...]]) -> dict:
         """The base bundle and layers without the users (see the module docstring) and their stats
-        rows, and the totals."""
+        rows, with the ``holders``' deltas emptied (:meth:`shard`), and the totals."""
         store = self.store
+        names = pa.array(sorted(holders), pa.string())
         base = load_base_bundle(store, entry)
         fields: dict = {}
-        if _holds_users(base, users):
+        if _holds_users(base, pa.concat_arrays([users, names])):
             self.held.add(entry.bundle_key)
-            base = _without_users(base, users)
+            base = _emptied(_without_users(base, users), names)
             key, sha, size = self._keep(bundle_key, encode_bundle(base))
             fields = dict(bundle_key=key, bundle_sha256=sha, bundle_bytes=size)
         parent = fields.get("bundle_sha256", entry.bundle_sha256)
@@ -480,11 +574,11 @@ class _Rewriter:
         layers, tables = [], []
         for layer in entry.layers:
             table = load_layer(store, layer)
-            holds = _holds_users(table, users)
+            holds = _holds_users(table, pa.concat_arrays([users, names]))
             if holds:
                 self.held.add(layer.key)
-                table = _without_users(table, users)
-            stats = {name: self.part(k, users) for name, k in layer.stats.items()}
+                table = _emptied(_without_users(table, users), names)
+            stats = self.stats(layer.stats, users, holders)
             if table.num_rows == 0:
                 changed = True
                 continue  # the layer held only these users: it goes
@@ -622,7 +716,7 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_abse
         if scopes is not None:  # the users' copies of shared scopes' facts (see _Rewriter.scopes)
             erase = {shard: rewriter.erasable(manifest.shard(shard), members) for shard, members in by_shard.items()}
             scopes, drop = rewriter.scopes(manifest, erase)
-        new_entries = {shard: rewriter.shard(manifest.shard(shard), by_shard.get(shard, []), drop.get(shard, ()))
+        new_entries = {shard: rewriter.shard(manifest.shard(shard), by_shard.get(shard, []), drop.get(shard))
                        for shard in sorted(set(by_shard) | set(drop))}
         erased = pa.array(sorted({u for shard in by_shard for u in rewriter.erased[manifest.shard(shard).object_keys()]}),
                           pa.string())
