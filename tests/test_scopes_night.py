@@ -766,7 +766,9 @@ def test_forgetting_a_member_whose_copies_the_scope_was_compiled_from_leaves_non
     for manifest in manifests(local_store):
         assert manifest.scopes.stale == (SCOPE,) and list(scope_deltas(local_store, manifest)) == ["org:aaa"]
         rows = member_rows(local_store, manifest)
-        assert "frank" not in rows and rows["alice"][0] == SCOPE  # frank's delta held the scope's merged facts
+        assert rows["alice"][0] == SCOPE
+        # frank's own delta held the scope's merged facts: emptied; his row still names org:aaa
+        assert rows["frank"][0] == "org:aaa" and len(rows["frank"][1].row_ids) == 0
     node.poll()
     for user in ("alice", "carol", "dave", "frank"):
         assert not recalls(tiny, node.deltas_for(user), *ZANZIBAR), user
@@ -884,7 +886,8 @@ def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_r
         spec, tmp_path, tiny, local_store):
     """bob, org:acme's only member, wrote its wifi; frank holds org:acme as an extra scope (carrying
     the office only) and was served bob's wifi from his own delta. After engram forget bob org:acme
-    is dropped from the scope deltas (no member left) and stale, frank's delta goes; the next night
+    is dropped from the scope deltas (no member left) and stale, frank's own delta is emptied (he
+    is still served org:aaa's); the next night
     compiles frank from the facts left, and nobody is served bob's wifi."""
     from versions.forget import forget_user
 
@@ -900,8 +903,10 @@ def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_r
     current, _ = read_current(local_store)
     assert (current.scopes.scopes, current.scopes.members, current.scopes.stale) == (1, 1, (SCOPE,))  # org:aaa left
     assert list(scope_deltas(local_store, current)) == ["org:aaa"]
-    assert holding_words(local_store) == {} and "frank" not in member_rows(local_store, current)
+    frank = member_rows(local_store, current)["frank"]
+    assert holding_words(local_store) == {} and frank[0] == "org:aaa" and len(frank[1].row_ids) == 0  # emptied
     assert node.poll().error is None and not recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+    assert recalls(tiny, node.deltas_for("frank"), *MOTTO)  # org:aaa's delta is still served
 
     report = night(spec, tmp_path, "2", [upsert("erin", "city", *PLAIN["erin"]["city"], 1)])
     current, _ = read_current(local_store)
