@@ -1029,3 +1029,42 @@ def test_an_extra_holder_of_a_scope_a_forget_left_stale_keeps_its_row_its_first_
     assert recalls(tiny, frank, *MOTTO) and recalls(tiny, frank, *FRANK_OWN[2:])
     assert recalls(tiny, frank, *SCOPE_FACTS["acme-office"])
     assert {r["status"] for r in frank_facts(current.version)} == {"ok"}
+
+
+@pytest.mark.parametrize("step", ["write_objects", "write_manifest"])
+def test_a_forget_beside_a_night_that_deletes_its_new_scope_objects_fails_it_with_one_line_and_publishes_nothing(
+        spec, tmp_path, tiny, local_store, step):
+    """engram forget of an id already forgotten (CURRENT does not move) runs while a night that
+    recompiles org:acme publishes: the forget deletes every scope object no manifest names (they may
+    hold a forgotten member's copies), the night's new ones among them. Before, the night failed on
+    the bare missing object (write_objects) or, deleted after its size checks (write_manifest), made
+    CURRENT a version missing its scope objects. Now it fails with one line naming the forget, CURRENT
+    stays where it was with every object present, and the re-run publishes and serves the change."""
+    from versions.errors import PublishConflict
+    from versions.forget import forget_user
+
+    night(spec, tmp_path, "1", forget_member_log())
+    forget_user(local_store, "ghost", actor="test", reason="ticket 18")  # recorded: a second forget moves nothing
+    before, _ = read_current(local_store)
+
+    def forget_beside(at):
+        if at == step:
+            report = forget_user(local_store, "ghost", actor="test", reason="ticket 18, again")
+            assert not report.rewritten and any(k.startswith("objects/scope") for k in report.deleted_objects)
+
+    write_fact_log([upsert("alice", "acme-wifi", "The wifi password is", " Walrus", 2, SCOPE)],
+                   tmp_path / "log" / "day=2" / "part-0.parquet")
+    with pytest.raises(PublishConflict, match=r"^engram forget ran beside this night \(at .*objects/scope.*\); nothing "
+                                              r"was published and nothing is lost. Run the night again"):
+        run_nightly(spec, crash_hook=forget_beside)
+    current, _ = read_current(local_store)
+    assert current.version == before.version and all(local_store.head(k) is not None for k in current.object_keys())
+
+    report = run_nightly(spec)
+    assert report.published and report.compiled_scopes == 1
+    current, _ = read_current(local_store)
+    assert all(local_store.head(k) is not None for k in current.object_keys())
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user in ("alice", "dave", "frank"):
+        assert recalls(tiny, node.deltas_for(user), "The wifi password is", " Walrus"), user

@@ -777,8 +777,12 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
     store.check_conditional_writes()  # its rewrite ends in a compare-and-swap of CURRENT (once per store object)
     # Compiled chunks of an unfinished night may hold the users' rows: they are only a cache.
-    for key in store.list(PARTIAL_PREFIX):
-        store.delete(key)
+    # (Recorded first: a night running beside the forget says so if it needed one, see FORGET_DELETES.)
+    partial = store.list(PARTIAL_PREFIX)
+    if partial:
+        append_audit(store, FORGET_DELETES, actor=actor, prefixes=[PARTIAL_PREFIX])
+        for key in partial:
+            store.delete(key)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             report = _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
@@ -789,7 +793,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
                                    "when no publish is in progress") from err
             log.warning("forget on %s: %s; retrying against the new CURRENT", store.uri, err)
             continue
-        orphans = _delete_unreferenced_holders(store, pa.array(sorted(set(user_ids)), pa.string()), keep)
+        orphans = _delete_unreferenced_holders(store, pa.array(sorted(set(user_ids)), pa.string()), keep, actor)
         if orphans:
             report = replace(report, deleted_objects=report.deleted_objects + tuple(orphans))
         if report.rewritten:
@@ -798,7 +802,18 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     raise AssertionError("unreachable")
 
 
-def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str]) -> list[str]:
+FORGET_DELETES = "forget_deletes"
+"""Audit event a forget appends *before* it deletes objects no manifest names (``keys``), or every
+key under ``prefixes`` (a night's ``partial/`` cache). Such an object may be a night's in progress,
+written and not yet named by its manifest: the night reads the records written since it began
+(jobs.nightly) and, if one names an object its version needs, fails with one line saying a forget
+ran beside it (nothing published, nothing lost; run it again) instead of a missing object, and never
+moves CURRENT to a version missing one. Recorded before the deletes, and the manifests read again
+after the record, so a night that wrote its manifest before that reading has its objects kept, and
+one that writes it later finds the record before it moves CURRENT."""
+
+
+def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str], actor: str) -> list[str]:
     """Delete every object under ``objects/`` and ``stats/`` that holds one of ``users`` and no
     manifest on the store references: what a night killed before its commit (or a losing
     concurrent publisher) wrote, or what a forget that failed part-way had still to delete. gc
@@ -807,33 +822,50 @@ def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: froz
     ids, deltas compiled from them) with no user id to tell whose: every one no manifest names goes.
     ``keep``: objects of a night in progress (they are not named by a manifest yet). If a
     manifest cannot be read, nothing is deleted here (its references are unknown) and a warning
-    says so."""
-    try:
-        manifests = [read_manifest(store, v) for v in manifest_versions_on_disk(store)]
-    except (ManifestError, PublishError, ValueError) as err:
-        log.warning("forget on %s: a manifest could not be read (%s); unreferenced objects were not scanned for "
-                    "the forgotten users: run engram gc after repairing it", store.uri, err)
+    says so. The keys are recorded (:data:`FORGET_DELETES`) before the first delete, and the
+    manifests read again after it: an object a manifest written meanwhile names is kept."""
+    referenced = _referenced_now(store)
+    if referenced is None:
         return []
-    referenced = references(manifests) | set(keep)
-    deleted = []
+    referenced |= set(keep)
+    doomed = []
     for prefix in ("objects/", "stats/"):
         for key in store.list(prefix):
             if key in referenced or not is_collectable(key):
                 continue  # (a key whose name the store does not write is not the store's object)
             if key.startswith(SCOPE_OBJECT_PREFIXES):
-                store.delete(key)  # whose copies it holds is unknown (see below)
-                deleted.append(key)
+                doomed.append(key)  # whose copies it holds is unknown (see below)
                 continue
             try:
                 table = pq.read_table(pa.BufferReader(store.get(key)))
             except (pa.ArrowInvalid, OSError):
                 continue  # not a table we wrote; gc decides about it
             if _holds_users(table, users) or _scope_rows(table) is not None and pc.any(_scope_rows(table)).as_py():
-                store.delete(key)
-                deleted.append(key)
+                doomed.append(key)
+    if not doomed:
+        return []
+    append_audit(store, FORGET_DELETES, actor=actor, keys=doomed)
+    referenced = _referenced_now(store)  # a night may have named some in a manifest since the first reading
+    if referenced is None:
+        return []
+    deleted = []
+    for key in doomed:
+        if key not in referenced:
+            store.delete(key)
+            deleted.append(key)
     if deleted:
         log.info("forget on %s: deleted %d unreferenced object(s) that held a forgotten user", store.uri, len(deleted))
     return deleted
+
+
+def _referenced_now(store: ObjectStore) -> set[str] | None:
+    """The keys every manifest on the store references, or None (and a warning) if one cannot be read."""
+    try:
+        return references([read_manifest(store, v) for v in manifest_versions_on_disk(store)])
+    except (ManifestError, PublishError, ValueError) as err:
+        log.warning("forget on %s: a manifest could not be read (%s); unreferenced objects were not scanned for "
+                    "the forgotten users: run engram gc after repairing it", store.uri, err)
+        return None
 
 
 def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: str,
