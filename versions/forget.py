@@ -21,7 +21,9 @@ compare-and-swap, one ``forget_rewrite`` audit record per rewrite names it (so i
 published and a roll-forward target stays one), one ``forget`` record maps old -> new, and only
 then are the old manifests, orphan manifests, and every object that held a forgotten user and no
 kept manifest references deleted. Objects nothing references for other reasons (those a night
-in progress has written and not yet committed) are left to gc.
+in progress has written and not yet committed) are left to gc; those no manifest names that may
+hold a user are recorded before they are deleted (:data:`FORGET_DELETES`), so a night beside the
+forget fails with one line rather than on a missing object.
 
 All users of one call are forgotten in one rewrite of the retained versions (the nightly passes
 all of one night's ``forget_user`` events at once).
@@ -31,9 +33,10 @@ A shared scope whose id is a forgotten user's (user ``acme``, and other users' f
 (``scope`` = ``user_id``) and the scope named first in a ``user+scope`` collision are never taken
 for the user's; the user's copies of scope facts (its own rows) go with the user, from the fact
 state and from the scope state (its shard's rows computed again without them). A scope whose merged
-facts that changes was compiled from the user's text: its delta, and the deltas of the users
-holding it as an extra scope, are dropped from the rewrite, which names it ``stale`` for the next
-night to compile (see :meth:`_Rewriter.scopes`).
+facts that changes was compiled from the user's text: its delta is dropped from the rewrite, which
+names it ``stale`` for the next night to compile, and the own deltas of the users holding it as an
+extra scope (compiled jointly with its merged facts) are emptied, their bundle rows and stats rows
+kept, marked (see :meth:`_Rewriter.scopes`, :meth:`_Rewriter.shard`).
 
 Why new numbers rather than rewriting manifests in place:
 
@@ -928,8 +931,9 @@ def _stale_note(plan: _Plan, current: Manifest) -> str:
         set(before.scopes.stale if before is not None and before.scopes is not None else ())
     if not stale:
         return ""
-    return (f"; {len(stale)} shared scope(s) were compiled from the forgotten copies: their deltas (and those of the "
-            "users holding them as an extra scope) are dropped until the next night compiles them again")
+    return (f"; {len(stale)} shared scope(s) were compiled from the forgotten copies: their deltas (and the own deltas "
+            "of the users holding them as an extra scope, who are still served their first scope's) are dropped until "
+            "the next night compiles them again")
 
 
 def _scopes_note(store: ObjectStore, plan: _Plan | None, users: list[str]) -> str:
