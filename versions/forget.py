@@ -297,7 +297,6 @@ def _ok_counts(facts: pa.Table, users: pa.Array) -> dict[str, int]:
     return dict(zip(counts.column("user_id").to_pylist(), counts.column("fact_id_count").to_pylist()))
 
 
-
 def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
     if "user_id" in table.column_names and table.num_rows:
         table = table.filter(pc.invert(_user_rows(table, users)))
@@ -334,7 +333,7 @@ class _Rewriter:
         self.held: set[str] = set()  # keys of objects that hold a user's data
         self.superseded: set[str] = set()  # other keys the rewrites replace (tombstones without the user)
         self._entries: dict[tuple, ShardEntry] = {}
-        self._parts: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._parts: dict[tuple, str] = {}  # see part and stats
         self.erased: dict[tuple, tuple[str, ...]] = {}  # a shard entry's object keys -> the users erased from it
         self._states: dict[tuple, list] = {}  # see _state_objects
         self._scopes: dict[tuple, tuple] = {}  # see scopes
@@ -374,7 +373,7 @@ class _Rewriter:
         out = {table: self.part(k, users, holders) for table, k in stats.items()}
         if not holders or "users" not in stats:
             return out
-        memo = (out["users"], tuple(sorted(holders.items())), out.get("facts"))
+        memo = ("users of holders", out["users"], tuple(sorted(holders.items())), out.get("facts"))
         if memo not in self._parts:
             table = pq.read_table(pa.BufferReader(self.objects.get(out["users"]) or self.store.get(out["users"])))
             names = pa.array(sorted(holders), pa.string())
@@ -447,14 +446,15 @@ class _Rewriter:
     def scopes(self, manifest: Manifest, erase: Mapping[int, Sequence[str]]) -> tuple[ScopesEntry | None,
                                                                                    dict[int, dict[str, tuple]]]:
         """The version's shared scopes without the copies of scope facts the users of ``erase``
-        (shard -> the users erased there) carried, and per shard the other users whose deltas must
-        go. The scope state's rows of those shards are computed again from their fact state without
+        (shard -> the users erased there) carried, and per shard the other users whose own deltas
+        must be emptied. The scope state's rows of those shards are computed again from their fact state without
         the users (pipeline.scopes.forget_scope_copies: as the shard's next apply would). A scope whose
         merged facts that changes was compiled from what a forgotten user wrote (its copy was the
-        latest, or the only one): its delta and its own ``facts`` rows go, and so do the deltas of
-        the own deltas of the users holding it as an extra scope are emptied (they were compiled
-        with its merged facts; per shard, holder -> the stale scopes it holds); the entry names it ``stale``, so the next night compiles it, its members and those users again. A
-        scope whose last member went is dropped, as a night drops it."""
+        latest, or the only one): its delta and its own ``facts`` rows go, and the own deltas of
+        the users holding it as an extra scope are to be emptied (compiled with its merged facts:
+        returned per shard, holder -> the stale scopes it holds, for :meth:`shard`); the entry names
+        it ``stale``, so the next night compiles it, its members and those users again. A scope
+        whose last member went is dropped, as a night drops it."""
         from pipeline.scopes import SCOPE_STATE_SCHEMA, decode_scope_state, encode_scope_state, forget_scope_copies, \
             scope_copies, scope_state_version
         from schemas.bundle import decode_bundle
