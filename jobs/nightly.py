@@ -209,7 +209,7 @@ def run_nightly(
         # version-1 store (whose shards have no tombstones or stats parts yet).
         upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
         night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
-        night.began = began  # what a forget beside the night recorded since then is checked before publishing
+        night.began = began  # what a forget or gc beside the night recorded since then is checked before publishing
         night.listed = {f.path: f for f in listed}
         # A forget (or a rollback to a forget's rewrite) left shared scopes stale: their deltas, and
         # those of their extra holders, are dropped until a night compiles them (even with no new file).
@@ -304,48 +304,56 @@ def _raise_if_collected(store, began: datetime, err: Exception) -> None:
         "the same schedule as the night, not beside it") from err
 
 
-def _forget_deletes_since(store, began: datetime, job_id: str) -> list[dict]:
-    """The records of the objects ``engram forget`` runs (not this night's own forget stage) deleted,
-    or were about to, since the night began (versions.forget.FORGET_DELETES), oldest first."""
+def _deletes_since(store, began: datetime, job_id: str) -> list[dict]:
+    """The records of the objects ``engram forget`` and ``engram gc`` runs (not this night's own
+    forget stage) deleted, or were about to, since the night began (versions.forget.FORGET_DELETES,
+    versions.retention.GC_DELETES), oldest first."""
     from versions.forget import FORGET_DELETES
     from versions.layout import AUDIT_PREFIX
+    from versions.retention import GC_DELETES
 
     since = f"{AUDIT_PREFIX}{began:%Y%m%dT%H%M%S%fZ}"
     records = [json.loads(store.get(key)) for key in sorted(k for k in store.list(AUDIT_PREFIX) if k >= since)]
-    return [r for r in records if r.get("event") == FORGET_DELETES and r.get("actor") != job_id]
+    return [r for r in records if r.get("event") in (FORGET_DELETES, GC_DELETES) and r.get("actor") != job_id]
 
 
-def _forget_beside(record: dict, err: object) -> PublishConflict:
+def _deleted_beside(record: dict, err: object) -> PublishConflict:
+    from versions.forget import FORGET_DELETES
+
+    command = "forget" if record.get("event") == FORGET_DELETES else "gc"
     return PublishConflict(
-        f"engram forget ran beside this night (at {record.get('at')}) and deleted objects the night had written but "
-        f"not yet published ({err}); nothing was published and nothing is lost. Run the night again, and run forget "
-        "from the same schedule as the night, not beside it")
+        f"engram {command} ran beside this night (at {record.get('at')}) and deleted objects the night had written "
+        f"but not yet published ({err}); nothing was published and nothing is lost. Run the night again, and run "
+        f"{command} from the same schedule as the night, not beside it")
 
 
 def _raise_if_forget_deleted(store, began: datetime, job_id: str, err: Exception) -> None:
     """An object missing while an ``engram forget`` ran beside the night and deleted objects no
     manifest named (what the night had written, or its ``partial/`` cache): one line saying so,
     as for gc (:func:`_raise_if_collected`), instead of the bare missing object."""
+    from versions.forget import FORGET_DELETES
+
     try:
-        records = _forget_deletes_since(store, began, job_id)
+        records = [r for r in _deletes_since(store, began, job_id) if r.get("event") == FORGET_DELETES]
     except Exception:  # noqa: BLE001 - the night's own error stands
         return
     if records:
-        raise _forget_beside(records[-1], err) from err
+        raise _deleted_beside(records[-1], err) from err
 
 
-def _refuse_if_forget_deleted(store, began: datetime, job_id: str, manifest: Manifest) -> None:
+def _refuse_if_deleted_beside(store, began: datetime, job_id: str, manifest: Manifest) -> None:
     """Before CURRENT moves to ``manifest`` (written, not yet published): refuse if an ``engram
-    forget`` beside the night recorded, since it began, deleting an object the version names. A
-    forget records its deletes before it makes them and reads the manifests again after the record
-    (versions.forget.FORGET_DELETES): one that records later sees this manifest and keeps its
-    objects, so a version is never made current with an object such a forget deleted."""
+    forget`` or ``engram gc`` beside the night recorded, since it began, deleting an object the
+    version names. Both record their deletes before they make them and read the manifests again
+    after the record: one that records later sees this manifest and keeps its objects, so a version
+    is never made current with an object either deleted (it used to be, deleted after the publish's
+    size checks)."""
     needed = manifest.object_keys()
-    for record in _forget_deletes_since(store, began, job_id):
+    for record in _deletes_since(store, began, job_id):
         hit = sorted(set(record.get("keys") or ()) & needed) + \
             sorted(k for k in needed for p in record.get("prefixes") or () if k.startswith(p))
         if hit:
-            raise _forget_beside(record, f"{store.uri}/{hit[0]}" + (f" and {len(hit) - 1} more" if len(hit) > 1 else ""))
+            raise _deleted_beside(record, f"{store.uri}/{hit[0]}" + (f" and {len(hit) - 1} more" if len(hit) > 1 else ""))
 
 
 def _start_compile(spec: NightlySpec, store_uri: str):
@@ -679,7 +687,7 @@ class _Night:
                         "compiled_scopes": len(self.scope_plan.changed) if self.scope_plan else 0},
                 forgotten_users=forgotten, crash_hook=self.hook, scopes=self.scopes,
                 record=bool(stats["rejects"]),  # rejected rows are always recorded, even if nothing else changed
-                before_swap=lambda written: _refuse_if_forget_deleted(store, self.began, self.job_id, written),
+                before_swap=lambda written: _refuse_if_deleted_beside(store, self.began, self.job_id, written),
             )
             published = self.previous is None or manifest.version != self.previous.version
             ChunkCheckpoints(store, self.fingerprint, spec.compile_options()).clear()  # the night is done
