@@ -30,7 +30,9 @@ The whole plan is made and checked before the first delete. If a delete fails pa
 for what was done (``incomplete: true``); running gc again finishes the collection.
 
 Run gc from the same scheduler as the nightly job, not concurrently with a publish: objects
-written by a publish that has not yet written its manifest are not referenced by anything.
+written by a publish that has not yet written its manifest are not referenced by anything. The
+objects to delete are recorded first (:data:`GC_DELETES`), so such a publish refuses to make its
+version current and says gc ran beside it, rather than publish a version missing them.
 """
 
 from __future__ import annotations
