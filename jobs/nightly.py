@@ -209,6 +209,7 @@ def run_nightly(
         # version-1 store (whose shards have no tombstones or stats parts yet).
         upgrade = previous is not None and (previous.schema_version == 1 or previous.num_shards != spec.num_shards)
         night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
+        night.began = began  # what a forget or gc beside the night recorded since then is checked before publishing
         night.listed = {f.path: f for f in listed}
         # A forget (or a rollback to a forget's rewrite) left shared scopes stale: their deltas, and
         # those of their extra holders, are dropped until a night compiles them (even with no new file).
@@ -225,6 +226,7 @@ def run_nightly(
             _raise_if_collected(store, began, err)
             # (after this night's own forget stage, CURRENT is the rewrite it made: not a move by another)
             _raise_if_current_moved(store, night.previous if night is not None else previous, err)
+            _raise_if_forget_deleted(store, began, job_id, err)
         raise
 
 
@@ -302,6 +304,58 @@ def _raise_if_collected(store, began: datetime, err: Exception) -> None:
         "the same schedule as the night, not beside it") from err
 
 
+def _deletes_since(store, began: datetime, job_id: str) -> list[dict]:
+    """The records of the objects ``engram forget`` and ``engram gc`` runs (not this night's own
+    forget stage) deleted, or were about to, since the night began (versions.forget.FORGET_DELETES,
+    versions.retention.GC_DELETES), oldest first."""
+    from versions.forget import FORGET_DELETES
+    from versions.layout import AUDIT_PREFIX
+    from versions.retention import GC_DELETES
+
+    since = f"{AUDIT_PREFIX}{began:%Y%m%dT%H%M%S%fZ}"
+    records = [json.loads(store.get(key)) for key in sorted(k for k in store.list(AUDIT_PREFIX) if k >= since)]
+    return [r for r in records if r.get("event") in (FORGET_DELETES, GC_DELETES) and r.get("actor") != job_id]
+
+
+def _deleted_beside(record: dict, err: object) -> PublishConflict:
+    from versions.forget import FORGET_DELETES
+
+    command = "forget" if record.get("event") == FORGET_DELETES else "gc"
+    return PublishConflict(
+        f"engram {command} ran beside this night (at {record.get('at')}) and deleted objects the night had written "
+        f"but not yet published ({err}); nothing was published and nothing is lost. Run the night again, and run "
+        f"{command} from the same schedule as the night, not beside it")
+
+
+def _raise_if_forget_deleted(store, began: datetime, job_id: str, err: Exception) -> None:
+    """An object missing while an ``engram forget`` ran beside the night and deleted objects no
+    manifest named (what the night had written, or its ``partial/`` cache): one line saying so,
+    as for gc (:func:`_raise_if_collected`), instead of the bare missing object."""
+    from versions.forget import FORGET_DELETES
+
+    try:
+        records = [r for r in _deletes_since(store, began, job_id) if r.get("event") == FORGET_DELETES]
+    except Exception:  # noqa: BLE001 - the night's own error stands
+        return
+    if records:
+        raise _deleted_beside(records[-1], err) from err
+
+
+def _refuse_if_deleted_beside(store, began: datetime, job_id: str, manifest: Manifest) -> None:
+    """Before CURRENT moves to ``manifest`` (written, not yet published): refuse if an ``engram
+    forget`` or ``engram gc`` beside the night recorded, since it began, deleting an object the
+    version names. Both record their deletes before they make them and read the manifests again
+    after the record: one that records later sees this manifest and keeps its objects, so a version
+    is never made current with an object either deleted (it used to be, deleted after the publish's
+    size checks)."""
+    needed = manifest.object_keys()
+    for record in _deletes_since(store, began, job_id):
+        hit = sorted(set(record.get("keys") or ()) & needed) + \
+            sorted(k for k in needed for p in record.get("prefixes") or () if k.startswith(p))
+        if hit:
+            raise _deleted_beside(record, f"{store.uri}/{hit[0]}" + (f" and {len(hit) - 1} more" if len(hit) > 1 else ""))
+
+
 def _start_compile(spec: NightlySpec, store_uri: str):
     """(runner, compile pool) of the night: connects to (or starts) Ray; on Ray, the pool's actors
     start loading the model (pipeline.runner._RayPool)."""
@@ -317,6 +371,7 @@ class _Night:
                  timer: _Timer, hook: Callable[[str], None], progress: bool):
         self.spec, self.store, self.previous, self.fingerprint = spec, store, previous, fingerprint
         self.job_id, self.timer, self.hook = job_id, timer, hook
+        self.began = datetime.now(timezone.utc)  # run_nightly sets the night's start
         self.bar = _progress(progress)
         self.applied: dict[int, ShardApplied] = {}
         self.resharded: dict[int, ReshardedPrior] | None = None
@@ -632,6 +687,7 @@ class _Night:
                         "compiled_scopes": len(self.scope_plan.changed) if self.scope_plan else 0},
                 forgotten_users=forgotten, crash_hook=self.hook, scopes=self.scopes,
                 record=bool(stats["rejects"]),  # rejected rows are always recorded, even if nothing else changed
+                before_swap=lambda written: _refuse_if_deleted_beside(store, self.began, self.job_id, written),
             )
             published = self.previous is None or manifest.version != self.previous.version
             ChunkCheckpoints(store, self.fingerprint, spec.compile_options()).clear()  # the night is done

@@ -60,6 +60,18 @@ SCOPE_STALE_DETAIL = ("the scope's delta was dropped by a forget (compiled from 
                       "not served until the next night compiles the scope again")
 
 
+def scope_stale_holder_detail(scopes) -> str:
+    """``facts.detail`` of a fact of a user's own delta that a forget emptied (status
+    :data:`SCOPE_STALE`): the user holds ``scopes`` (stale) as extra scopes, and its own delta was
+    compiled with their merged facts, a forgotten member's copies among them (versions.forget)."""
+    scopes = list(scopes)
+    named = ", ".join(json.dumps(s, ensure_ascii=False) for s in scopes)
+    held = "scope" if len(scopes) == 1 else "scopes"
+    return (f"the user's own delta was dropped by a forget (compiled with the facts of {held} {named}, held as an "
+            "extra scope, from a forgotten member's copies); not served until the next night compiles it again "
+            "(its first scope's delta is still served)")
+
+
 class StatsQueryError(RuntimeError):
     """A stats query failed; the message holds DuckDB's own."""
 

@@ -307,6 +307,95 @@ def test_a_forgotten_user_whose_id_holds_a_slash_leaves_no_collision_owner_name(
     assert not _holds_users(table, pa.array(["alice"]))  # a suffix is not the user
 
 
+def test_forget_records_the_unreferenced_objects_it_deletes_first_and_keeps_those_a_manifest_named_meanwhile(
+        local_store, monkeypatch):
+    """Objects no manifest names that hold the user (a killed night's, or a night's in progress) are
+    recorded (audit ``forget_deletes``) before the first delete, and the manifests are read again
+    after the record: one a night wrote in between (its version about to be published) keeps its
+    objects; the others go. A night writing its manifest later finds the record (jobs.nightly)."""
+    import hashlib
+
+    import versions.forget as forget
+    from dataclasses import replace
+    from schemas.manifest import bundle_key
+    from versions.commit import write_manifest
+    from versions.catalog import read_pointer
+
+    v1 = _publish(local_store, 1, USERS, None)
+    rng = np.random.default_rng(7)
+    keys, sizes = [], []
+    for _ in range(2):  # two bundles holding the user that no manifest names
+        data = encode_bundle(bundle_table({TARGET: (_delta(rng), 2)}))
+        keys.append(bundle_key(hashlib.sha256(data).hexdigest()))
+        sizes.append(len(data))
+        local_store.put(keys[-1], data)
+    named, unnamed = keys
+    named_sha = named.split("/")[-1].removesuffix(".parquet")
+    real = forget.append_audit
+
+    def record_then_a_night_writes_its_manifest(store, event, **fields):
+        out = real(store, event, **fields)
+        if event == forget.FORGET_DELETES and named in fields.get("keys", ()):
+            shard = shard_of(TARGET, NUM_SHARDS)
+            current = read_manifest(store, read_pointer(store).version)
+            shards = tuple(replace(e, bundle_key=named, bundle_sha256=named_sha, bundle_bytes=sizes[0])
+                           if e.shard == shard else e for e in current.shards)
+            write_manifest(store, replace(current, version=current.version + 1, parent=current.version,
+                                          shards=shards, job_id="night-in-progress"), read_pointer(store))
+        return out
+
+    monkeypatch.setattr(forget, "append_audit", record_then_a_night_writes_its_manifest)
+    report = forget_user(local_store, TARGET, actor="ops", reason="r")
+    assert report.found and unnamed in report.deleted_objects and named not in report.deleted_objects
+    assert local_store.head(named) is not None and local_store.head(unnamed) is None
+    recorded = [r for r in read_audit(local_store) if r["event"] == "forget_deletes"]
+    assert len(recorded) == 1 and set(keys) <= set(recorded[0]["keys"])
+    assert v1.version != read_current(local_store)[0].version
+
+
+def test_gc_records_the_objects_it_deletes_first_and_keeps_those_a_manifest_named_meanwhile(local_store, monkeypatch):
+    """gc records the objects it is about to delete (audit ``gc_deletes``) and reads the manifests
+    again after the record: an unreferenced bundle that a night's manifest, written in between,
+    names is kept; the other goes (a night writing its manifest later finds the record)."""
+    import hashlib
+
+    import versions.retention as retention
+    from dataclasses import replace
+    from schemas.manifest import bundle_key
+    from versions.catalog import read_pointer
+    from versions.commit import write_manifest
+
+    _publish(local_store, 1, USERS, None)
+    rng = np.random.default_rng(8)
+    keys, sizes = [], []
+    for _ in range(2):  # two bundles no manifest names
+        data = encode_bundle(bundle_table({TARGET: (_delta(rng), 2)}))
+        keys.append(bundle_key(hashlib.sha256(data).hexdigest()))
+        sizes.append(len(data))
+        local_store.put(keys[-1], data)
+    named, unnamed = keys
+    real = retention.append_audit
+
+    def record_then_a_night_writes_its_manifest(store, event, **fields):
+        out = real(store, event, **fields)
+        if event == retention.GC_DELETES:
+            shard = shard_of(TARGET, NUM_SHARDS)
+            current = read_manifest(store, read_pointer(store).version)
+            sha = named.split("/")[-1].removesuffix(".parquet")
+            shards = tuple(replace(e, bundle_key=named, bundle_sha256=sha, bundle_bytes=sizes[0])
+                           if e.shard == shard else e for e in current.shards)
+            write_manifest(store, replace(current, version=current.version + 1, parent=current.version,
+                                          shards=shards, job_id="night-in-progress"), read_pointer(store))
+        return out
+
+    monkeypatch.setattr(retention, "append_audit", record_then_a_night_writes_its_manifest)
+    report = collect(local_store, keep=1)
+    assert unnamed in report.deleted_objects and named not in report.deleted_objects
+    assert local_store.head(named) is not None and local_store.head(unnamed) is None
+    recorded = [r for r in read_audit(local_store) if r["event"] == "gc_deletes"]
+    assert len(recorded) == 1 and set(keys) <= set(recorded[0]["keys"])
+
+
 def test_a_scope_with_a_users_id_is_not_that_user_in_collisions_facts_stats_or_scope_objects(local_store):
     """User "acme" and shared scope "acme" are two owners: a ``user+scope`` collision names the
     scope first, a scope's own ``facts`` rows have user_id = scope = its id, and the scope objects

@@ -991,6 +991,31 @@ def test_a_night_whose_new_objects_a_gc_beside_it_deleted_says_gc_and_to_run_aga
     assert again.published and again.compiled_users
 
 
+def test_a_night_whose_new_objects_a_gc_deletes_after_its_last_check_publishes_nothing(tmp_path, tiny_dir,
+                                                                                        local_store):
+    """`engram gc` beside a night, deleting the night's new objects after the publish checked them
+    and before its manifest is written: the night made CURRENT a version missing 10 of its objects.
+    gc records what it deletes first (audit ``gc_deletes``); the night finds the record before it
+    moves CURRENT, publishes nothing and says gc ran beside it; the re-run publishes."""
+    from versions.errors import PublishConflict
+    from versions.retention import collect
+
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
+
+    def gc_after_the_checks(step):
+        if step == "write_manifest":
+            assert collect(local_store, keep=1, actor="pytest").deleted_objects
+
+    with pytest.raises(PublishConflict, match=r"^engram gc ran beside this night .*nothing was published and nothing "
+                                              r"is lost. Run the night again"):
+        run_nightly(spec, crash_hook=gc_after_the_checks)
+    current = read_current(local_store)[0]
+    assert current.job_id.startswith("forget:")  # the night's own forget stage's rewrite of v1, complete
+    assert all(local_store.head(k) is not None for k in current.object_keys())
+    again = run_nightly(spec)
+    assert again.published and all(local_store.head(k) is not None for k in read_current(local_store)[0].object_keys())
+
+
 def test_a_night_whose_only_new_file_is_unreadable_records_its_reject_each_night_until_fixed(tmp_path, tiny_dir,
                                                                                                local_store):
     """With ``on_bad_file: reject`` a night whose only new file is unreadable changes no shard and no

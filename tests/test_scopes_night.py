@@ -766,7 +766,9 @@ def test_forgetting_a_member_whose_copies_the_scope_was_compiled_from_leaves_non
     for manifest in manifests(local_store):
         assert manifest.scopes.stale == (SCOPE,) and list(scope_deltas(local_store, manifest)) == ["org:aaa"]
         rows = member_rows(local_store, manifest)
-        assert "frank" not in rows and rows["alice"][0] == SCOPE  # frank's delta held the scope's merged facts
+        assert rows["alice"][0] == SCOPE
+        # frank's own delta held the scope's merged facts: emptied; his row still names org:aaa
+        assert rows["frank"][0] == "org:aaa" and len(rows["frank"][1].row_ids) == 0
     node.poll()
     for user in ("alice", "carol", "dave", "frank"):
         assert not recalls(tiny, node.deltas_for(user), *ZANZIBAR), user
@@ -884,7 +886,8 @@ def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_r
         spec, tmp_path, tiny, local_store):
     """bob, org:acme's only member, wrote its wifi; frank holds org:acme as an extra scope (carrying
     the office only) and was served bob's wifi from his own delta. After engram forget bob org:acme
-    is dropped from the scope deltas (no member left) and stale, frank's delta goes; the next night
+    is dropped from the scope deltas (no member left) and stale, frank's own delta is emptied (he
+    is still served org:aaa's); the next night
     compiles frank from the facts left, and nobody is served bob's wifi."""
     from versions.forget import forget_user
 
@@ -900,8 +903,10 @@ def test_forgetting_a_scopes_last_member_whose_copy_an_extra_holder_was_served_r
     current, _ = read_current(local_store)
     assert (current.scopes.scopes, current.scopes.members, current.scopes.stale) == (1, 1, (SCOPE,))  # org:aaa left
     assert list(scope_deltas(local_store, current)) == ["org:aaa"]
-    assert holding_words(local_store) == {} and "frank" not in member_rows(local_store, current)
+    frank = member_rows(local_store, current)["frank"]
+    assert holding_words(local_store) == {} and frank[0] == "org:aaa" and len(frank[1].row_ids) == 0  # emptied
     assert node.poll().error is None and not recalls(tiny, node.deltas_for("frank"), *ZANZIBAR)
+    assert recalls(tiny, node.deltas_for("frank"), *MOTTO)  # org:aaa's delta is still served
 
     report = night(spec, tmp_path, "2", [upsert("erin", "city", *PLAIN["erin"]["city"], 1)])
     current, _ = read_current(local_store)
@@ -967,3 +972,99 @@ def test_the_facts_view_says_a_stale_scopes_member_copies_are_not_served_until_t
     assert query_stats(local_store, f"select user_id, facts, facts_ok from users where version = {version} and "
                                     "user_id in ('alice', 'dave') order by all").to_pylist() == [
         {"user_id": "alice", "facts": 3, "facts_ok": 3}, {"user_id": "dave", "facts": 2, "facts_ok": 2}]
+
+
+FRANK_OWN = ("frank", "colour", "My favourite colour is", " teal")  # a personal fact of an extra holder
+
+
+def test_an_extra_holder_of_a_scope_a_forget_left_stale_keeps_its_row_its_first_scope_and_its_stats_rows(
+        spec, tmp_path, tiny, local_store):
+    """frank holds org:acme as an extra scope (his first is org:aaa) and has a personal fact. After
+    engram forget bob (whose copy of acme-wifi the scope was compiled from), frank's own delta goes
+    (it was compiled with org:acme's merged facts, bob's wifi among them), but his bundle row stays,
+    naming org:aaa: he is served org:aaa's motto (his whole row was dropped: he was served nothing).
+    His `facts` rows stay, those of his own delta `scope_stale` naming org:acme, his org:aaa copy
+    `ok`; his `users` row stays with facts_ok counting what is served (they were deleted). bob's rows
+    are gone. The next night compiles frank again."""
+    from versions.forget import forget_user
+
+    def frank_facts(version):
+        return query_stats(local_store, f"select fact_id, scope, status, detail from facts where version = {version} "
+                                        "and user_id = 'frank' order by fact_id").to_pylist()
+
+    night(spec, tmp_path, "1", forget_member_log() + [upsert(*FRANK_OWN, 0)])
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    node.poll()
+    assert recalls(tiny, node.deltas_for("frank"), *MOTTO) and recalls(tiny, node.deltas_for("frank"), *FRANK_OWN[2:])
+
+    forget_user(local_store, "bob", actor="test", reason="ticket 17")
+    current, _ = read_current(local_store)
+    assert current.scopes.stale == (SCOPE,)
+    rows = member_rows(local_store, current)
+    assert rows["frank"][0] == "org:aaa" and len(rows["frank"][1].row_ids) == 0  # kept, its own delta emptied
+    assert node.poll().error is None
+    frank = node.deltas_for("frank")
+    assert len(frank) == 2 and recalls(tiny, frank, *MOTTO)  # org:aaa's delta, under an empty own delta
+    assert not recalls(tiny, frank, *ZANZIBAR) and not recalls(tiny, frank, *FRANK_OWN[2:])
+    answer = tiny.encode_answer(MOTTO[1])
+    assert greedy_tokens(tiny, MOTTO[0], len(answer), list(frank)) == answer
+
+    for version in (m.version for m in manifests(local_store)):  # CURRENT and the rewrite of v1 alike
+        facts = frank_facts(version)
+        assert [(r["fact_id"], r["scope"], r["status"]) for r in facts] == [
+            ("acme-office", None, "scope_stale"), ("colour", None, "scope_stale"), ("motto", "org:aaa", "ok")], facts
+        assert all('"org:acme"' in r["detail"] and "forget" in r["detail"] for r in facts[:2]), facts
+        users = query_stats(local_store, f"select user_id, facts, facts_ok, rows from users where version = {version} "
+                                         "and user_id in ('bob', 'frank')").to_pylist()
+        assert users == [{"user_id": "frank", "facts": 3, "facts_ok": 1, "rows": 0}], users
+        assert query_stats(local_store, f"select count(*) as n from facts where version = {version} "
+                                        "and user_id = 'bob'").to_pylist() == [{"n": 0}]
+    assert holding_words(local_store) == {}
+
+    night(spec, tmp_path, "2", [upsert("erin", "car", "My car is", " red", 2)])
+    current, _ = read_current(local_store)
+    assert current.scopes.stale == ()
+    node.poll()
+    frank = node.deltas_for("frank")
+    assert recalls(tiny, frank, *MOTTO) and recalls(tiny, frank, *FRANK_OWN[2:])
+    assert recalls(tiny, frank, *SCOPE_FACTS["acme-office"])
+    assert {r["status"] for r in frank_facts(current.version)} == {"ok"}
+
+
+@pytest.mark.parametrize("step", ["write_objects", "write_manifest"])
+def test_a_forget_beside_a_night_that_deletes_its_new_scope_objects_fails_it_with_one_line_and_publishes_nothing(
+        spec, tmp_path, tiny, local_store, step):
+    """engram forget of an id already forgotten (CURRENT does not move) runs while a night that
+    recompiles org:acme publishes: the forget deletes every scope object no manifest names (they may
+    hold a forgotten member's copies), the night's new ones among them. Before, the night failed on
+    the bare missing object (write_objects) or, deleted after its size checks (write_manifest), made
+    CURRENT a version missing its scope objects. Now it fails with one line naming the forget, CURRENT
+    stays where it was with every object present, and the re-run publishes and serves the change."""
+    from versions.errors import PublishConflict
+    from versions.forget import forget_user
+
+    night(spec, tmp_path, "1", forget_member_log())
+    forget_user(local_store, "ghost", actor="test", reason="ticket 18")  # recorded: a second forget moves nothing
+    before, _ = read_current(local_store)
+
+    def forget_beside(at):
+        if at == step:
+            report = forget_user(local_store, "ghost", actor="test", reason="ticket 18, again")
+            assert not report.rewritten and any(k.startswith("objects/scope") for k in report.deleted_objects)
+
+    write_fact_log([upsert("alice", "acme-wifi", "The wifi password is", " Walrus", 2, SCOPE)],
+                   tmp_path / "log" / "day=2" / "part-0.parquet")
+    with pytest.raises(PublishConflict, match=r"^engram forget ran beside this night \(at .*objects/scope.*\); nothing "
+                                              r"was published and nothing is lost. Run the night again"):
+        run_nightly(spec, crash_hook=forget_beside)
+    current, _ = read_current(local_store)
+    assert current.version == before.version and all(local_store.head(k) is not None for k in current.object_keys())
+
+    report = run_nightly(spec)
+    assert report.published and report.compiled_scopes == 1
+    current, _ = read_current(local_store)
+    assert all(local_store.head(k) is not None for k in current.object_keys())
+    node = PullClient(local_store, tiny, cache_dir=tmp_path / "cache")
+    assert node.poll().error is None
+    for user in ("alice", "dave", "frank"):
+        assert recalls(tiny, node.deltas_for(user), "The wifi password is", " Walrus"), user

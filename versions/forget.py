@@ -21,7 +21,9 @@ compare-and-swap, one ``forget_rewrite`` audit record per rewrite names it (so i
 published and a roll-forward target stays one), one ``forget`` record maps old -> new, and only
 then are the old manifests, orphan manifests, and every object that held a forgotten user and no
 kept manifest references deleted. Objects nothing references for other reasons (those a night
-in progress has written and not yet committed) are left to gc.
+in progress has written and not yet committed) are left to gc; those no manifest names that may
+hold a user are recorded before they are deleted (:data:`FORGET_DELETES`), so a night beside the
+forget fails with one line rather than on a missing object.
 
 All users of one call are forgotten in one rewrite of the retained versions (the nightly passes
 all of one night's ``forget_user`` events at once).
@@ -31,9 +33,10 @@ A shared scope whose id is a forgotten user's (user ``acme``, and other users' f
 (``scope`` = ``user_id``) and the scope named first in a ``user+scope`` collision are never taken
 for the user's; the user's copies of scope facts (its own rows) go with the user, from the fact
 state and from the scope state (its shard's rows computed again without them). A scope whose merged
-facts that changes was compiled from the user's text: its delta, and the deltas of the users
-holding it as an extra scope, are dropped from the rewrite, which names it ``stale`` for the next
-night to compile (see :meth:`_Rewriter.scopes`).
+facts that changes was compiled from the user's text: its delta is dropped from the rewrite, which
+names it ``stale`` for the next night to compile, and the own deltas of the users holding it as an
+extra scope (compiled jointly with its merged facts) are emptied, their bundle rows and stats rows
+kept, marked (see :meth:`_Rewriter.scopes`, :meth:`_Rewriter.shard`).
 
 Why new numbers rather than rewriting manifests in place:
 
@@ -247,6 +250,53 @@ def scan_for_user(store: ObjectStore, user_id: str) -> list[str]:
 # ------------------------------------------------------------------------- rewriting
 
 
+def _emptied(table: pa.Table, holders: pa.Array) -> pa.Table:
+    """A bundle or layer with the deltas of ``holders`` emptied (no rows, no values; the row, its
+    ``num_facts``, co-batch group and ``scope`` kept), as a night writes a member whose own delta
+    is empty; a layer's tombstone rows are left as they are."""
+    if not len(holders) or not table.num_rows:
+        return table
+    mine = _is_user(table.column("user_id"), holders)
+    if "tombstone" in table.column_names:
+        mine = pc.and_(mine, pc.invert(table.column("tombstone")))
+    if not pc.any(mine).as_py():
+        return table
+    for name in ("layers", "row_ids", "values"):
+        i = table.column_names.index(name)
+        field_ = table.schema.field(i)
+        empty = pa.scalar(b"", field_.type) if name == "values" else \
+            pa.array([[]] * table.num_rows, field_.type)
+        table = table.set_column(i, field_, pc.if_else(mine, empty, table.column(i)))
+    return table
+
+
+def _marked_holders(facts: pa.Table, holders: Mapping[str, tuple[str, ...]]) -> pa.Table:
+    """A ``facts`` part with the rows of the holders' own deltas (``scope`` null: their own facts
+    and their copies of extra scopes' facts) given status ``scope_stale`` and a detail naming the
+    stale scopes (:func:`pipeline.stats.scope_stale_holder_detail`); their first scope's copies
+    (``scope`` set) are served as before and keep their status."""
+    from pipeline.stats import SCOPE_STALE, scope_stale_holder_detail
+
+    if not holders or not facts.num_rows:
+        return facts
+    mine = pc.and_(_is_user(facts.column("user_id"), pa.array(sorted(holders), pa.string())),
+                   pc.is_null(facts.column("scope")))
+    details = pa.array([scope_stale_holder_detail(holders[u]) if u in holders else None
+                        for u in facts.column("user_id").to_pylist()], pa.string())
+    for name, value in (("status", pa.scalar(SCOPE_STALE, pa.string())), ("detail", details)):
+        i = facts.column_names.index(name)
+        facts = facts.set_column(i, facts.schema.field(i),
+                                 pc.if_else(mine, value, facts.column(i)).cast(facts.schema.field(i).type))
+    return facts
+
+
+def _ok_counts(facts: pa.Table, users: pa.Array) -> dict[str, int]:
+    """user -> its ``ok`` rows in a ``facts`` part, for ``users``."""
+    ok = facts.filter(pc.and_(_is_user(facts.column("user_id"), users), pc.equal(facts.column("status"), "ok")))
+    counts = ok.group_by("user_id").aggregate([("fact_id", "count")])
+    return dict(zip(counts.column("user_id").to_pylist(), counts.column("fact_id_count").to_pylist()))
+
+
 def _without_users(table: pa.Table, users: pa.Array) -> pa.Table:
     if "user_id" in table.column_names and table.num_rows:
         table = table.filter(pc.invert(_user_rows(table, users)))
@@ -283,7 +333,7 @@ class _Rewriter:
         self.held: set[str] = set()  # keys of objects that hold a user's data
         self.superseded: set[str] = set()  # other keys the rewrites replace (tombstones without the user)
         self._entries: dict[tuple, ShardEntry] = {}
-        self._parts: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._parts: dict[tuple, str] = {}  # see part and stats
         self.erased: dict[tuple, tuple[str, ...]] = {}  # a shard entry's object keys -> the users erased from it
         self._states: dict[tuple, list] = {}  # see _state_objects
         self._scopes: dict[tuple, tuple] = {}  # see scopes
@@ -294,21 +344,57 @@ class _Rewriter:
         self.objects[key] = data
         return key, sha, len(data)
 
-    def part(self, key: str, users: pa.Array | None = None) -> str:
+    def part(self, key: str, users: pa.Array | None = None, holders: Mapping[str, tuple[str, ...]] | None = None) -> str:
         """A stats part without ``users`` (default: all the forget's users; a new key), or the same
-        key if it holds none of them."""
+        key if it holds none of them. ``holders`` (user -> the stale scopes it holds as an extra
+        scope; their own delta was emptied, :meth:`shard`): their ``facts`` rows of that delta are
+        marked (:func:`_marked_holders`) and their names leave the ``collisions`` examples (they
+        write no row); see :meth:`stats` for their ``users`` rows."""
         users = self.users if users is None else users
-        memo = (key, tuple(users.to_pylist()))
+        name = key.split("/")[1]
+        holders = dict(holders or {}) if name in ("facts", "collisions") else {}
+        memo = (key, tuple(users.to_pylist()), tuple(sorted(holders.items())))
         if memo not in self._parts:
-            table = pq.read_table(pa.BufferReader(self.store.get(key))) if len(users) else None
-            if table is None or not _holds_users(table, users):
+            names = pa.array(sorted(holders), pa.string())
+            table = pq.read_table(pa.BufferReader(self.store.get(key))) if len(users) or holders else None
+            if table is None or not _holds_users(table, pa.concat_arrays([users, names])):
                 self._parts[memo] = key
             else:
                 self.held.add(key)
-                name = key.split("/")[1]
-                self._parts[memo] = self._keep(lambda sha: stats_part_key(name, sha),
-                                               _parquet_bytes(_without_users(table, users)))[0]
+                table = _without_users(table, users)
+                table = _without_users(table, names) if name == "collisions" else _marked_holders(table, holders)
+                self._parts[memo] = self._keep(lambda sha: stats_part_key(name, sha), _parquet_bytes(table))[0]
         return self._parts[memo]
+
+    def stats(self, stats: Mapping[str, str], users: pa.Array, holders: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+        """A base's or layer's stats parts without ``users`` and with ``holders``' rows marked (see
+        :meth:`part`); the holders' ``users`` rows say their own delta is empty (``rows``, ``bytes``
+        0) and count in ``facts_ok`` only the ok facts served without it (their first scope's)."""
+        out = {table: self.part(k, users, holders) for table, k in stats.items()}
+        if not holders or "users" not in stats:
+            return out
+        memo = ("users of holders", out["users"], tuple(sorted(holders.items())), out.get("facts"))
+        if memo not in self._parts:
+            table = pq.read_table(pa.BufferReader(self.objects.get(out["users"]) or self.store.get(out["users"])))
+            names = pa.array(sorted(holders), pa.string())
+            mine = _is_user(table.column("user_id"), names)
+            if not pc.any(mine).as_py():
+                self._parts[memo] = out["users"]
+            else:
+                self.held.add(stats["users"])
+                ok = {}
+                if "facts" in out:
+                    facts = pq.read_table(pa.BufferReader(self.objects.get(out["facts"]) or self.store.get(out["facts"])))
+                    ok = _ok_counts(facts, names)
+                counts = pa.array([ok.get(u, 0) for u in table.column("user_id").to_pylist()], pa.int64())
+                for column, value in (("facts_ok", counts), ("rows", pa.scalar(0, pa.int64())),
+                                      ("bytes", pa.scalar(0, pa.int64()))):
+                    i = table.column_names.index(column)
+                    table = table.set_column(i, table.schema.field(i),
+                                             pc.if_else(mine, value, table.column(i)).cast(table.schema.field(i).type))
+                self._parts[memo] = self._keep(lambda sha: stats_part_key("users", sha), _parquet_bytes(table))[0]
+        out["users"] = self._parts[memo]
+        return out
 
     def shards_part(self, keys: list[str], entries: tuple[ShardEntry, ...]) -> str:
         """The version-level ``shards`` stats part of a rewritten version: its rows again from the
@@ -326,23 +412,28 @@ class _Rewriter:
         self.objects[key] = data
         return key
 
-    def shard(self, entry: ShardEntry, users: list[str], drop: Sequence[str] = ()) -> ShardEntry:
+    def shard(self, entry: ShardEntry, users: list[str],
+              holders: Mapping[str, tuple[str, ...]] | None = None) -> ShardEntry:
         """The entry with their forget tombstones, without the data of those ``users`` (all of this
-        shard) that :meth:`erasable` finds written up to their forget, and without the delta rows
-        (and their ``facts``, ``users``, ``collisions`` stats rows) of the other users ``drop``: their
-        deltas were compiled from a scope fact a forgotten user wrote (:meth:`scopes`); their facts
-        stay in the fact state, and the next night compiles them again."""
-        memo = (entry.object_keys(), tuple(users), tuple(drop))
+        shard) that :meth:`erasable` finds written up to their forget, and with the delta of each
+        other user of ``holders`` (user -> the stale scopes it holds as an extra scope) emptied:
+        compiled jointly with those scopes' merged facts, which a forgotten user wrote (:meth:`scopes`),
+        it cannot be kept in part. Their bundle rows stay (an empty delta, their first scope still
+        named: serving composes that scope's delta under it, as for a member with no own delta), and
+        so do their stats rows, marked (:meth:`stats`); their facts stay in the fact state, and the
+        next night compiles them again."""
+        holders = dict(holders or {})
+        memo = (entry.object_keys(), tuple(users), tuple(sorted(holders.items())))
         if memo not in self._entries:
-            drop_arr = pa.array(sorted(drop), pa.string())
+            nobody = pa.array([], pa.string())
             if not users:
-                self._entries[memo] = replace(entry, **self._delta_chain(entry, drop_arr),
-                                              stats={table: self.part(k, drop_arr) for table, k in entry.stats.items()})
+                self._entries[memo] = replace(entry, **self._delta_chain(entry, nobody, holders),
+                                              stats=self.stats(entry.stats, nobody, holders))
                 return self._entries[memo]
             erase = self.erasable(entry, users)
             self.erased[entry.object_keys()] = tuple(sorted(set(self.erased.get(entry.object_keys(), ())) | set(erase)))
             self._entries[memo] = self._rewrite(entry, pa.array(erase, pa.string()), pa.array(users, pa.string()),
-                                                drop_arr)
+                                                holders)
         return self._entries[memo]
 
     def fact_state(self, entry: ShardEntry, erase: Sequence[str]) -> pa.Table:
@@ -353,16 +444,17 @@ class _Rewriter:
         return merged.filter(pc.invert(_is_user(merged.column("user_id"), pa.array(sorted(erase), pa.string()))))
 
     def scopes(self, manifest: Manifest, erase: Mapping[int, Sequence[str]]) -> tuple[ScopesEntry | None,
-                                                                                   dict[int, list[str]]]:
+                                                                                   dict[int, dict[str, tuple]]]:
         """The version's shared scopes without the copies of scope facts the users of ``erase``
-        (shard -> the users erased there) carried, and per shard the other users whose deltas must
-        go. The scope state's rows of those shards are computed again from their fact state without
+        (shard -> the users erased there) carried, and per shard the other users whose own deltas
+        must be emptied. The scope state's rows of those shards are computed again from their fact state without
         the users (pipeline.scopes.forget_scope_copies: as the shard's next apply would). A scope whose
         merged facts that changes was compiled from what a forgotten user wrote (its copy was the
-        latest, or the only one): its delta and its own ``facts`` rows go, and so do the deltas of
-        the users holding it as an extra scope (their own deltas hold its merged facts); the entry
-        names it ``stale``, so the next night compiles it, its members and those users again. A
-        scope whose last member went is dropped, as a night drops it."""
+        latest, or the only one): its delta and its own ``facts`` rows go, and the own deltas of
+        the users holding it as an extra scope are to be emptied (compiled with its merged facts:
+        returned per shard, holder -> the stale scopes it holds, for :meth:`shard`); the entry names
+        it ``stale``, so the next night compiles it, its members and those users again. A scope
+        whose last member went is dropped, as a night drops it."""
         from pipeline.scopes import SCOPE_STATE_SCHEMA, decode_scope_state, encode_scope_state, forget_scope_copies, \
             scope_copies, scope_state_version
         from schemas.bundle import decode_bundle
@@ -400,16 +492,20 @@ class _Rewriter:
                 facts = facts.filter(pc.invert(mine))
                 stats["facts"] = self._keep(lambda sha: stats_part_key("facts", sha), _parquet_bytes(facts))[0]
                 fields |= dict(facts=facts.num_rows, stats=stats)
-        drop: dict[int, list[str]] = {}
+        drop: dict[int, dict[str, tuple[str, ...]]] = {}  # shard -> holder -> the stale scopes it holds
         stale = pa.array(forget.stale, pa.string())
         holder_shards = prior.filter(pc.is_in(prior.column("scope"), stale)).column("shard").to_pylist()
+        forgotten = set(self.users.to_pylist())
         for shard in sorted(set(holder_shards)):
             state = states[shard] if shard in states else self.fact_state(manifest.shard(shard), ())
             copies = scope_copies(state.select(["user_id", "fact_id", "scope"]))
             extra = copies.filter(pc.and_(pc.invert(copies.column("composed")), pc.is_in(copies.column("scope"), stale)))
-            users = sorted(set(extra.column("user_id").to_pylist()) - set(self.users.to_pylist()))
-            if users:
-                drop[shard] = users
+            held: dict[str, set[str]] = {}
+            for user, scope in zip(extra.column("user_id").to_pylist(), extra.column("scope").to_pylist()):
+                if user not in forgotten:
+                    held.setdefault(user, set()).add(scope)
+            if held:
+                drop[shard] = {user: tuple(sorted(scopes)) for user, scopes in sorted(held.items())}
         left = set(pc.unique(forget.state.column("scope")).to_pylist())
         marked = tuple(sorted((set(entry.stale) | set(forget.stale)) & left))  # a scope no one carries needs nothing
         if forget.scopes == 0 and not marked:
@@ -459,20 +555,21 @@ class _Rewriter:
             self._states[key] = objects
         return self._states[key]
 
-    def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array, drop: pa.Array) -> ShardEntry:
-        gone = pa.concat_arrays([erase, drop])
-        new = replace(entry, **self._delta_chain(entry, gone), **self._state_chain(entry, erase, users))
-        return replace(new, stats={table: self.part(k, gone) for table, k in entry.stats.items()})
+    def _rewrite(self, entry: ShardEntry, erase: pa.Array, users: pa.Array,
+                 holders: Mapping[str, tuple[str, ...]]) -> ShardEntry:
+        new = replace(entry, **self._delta_chain(entry, erase, holders), **self._state_chain(entry, erase, users))
+        return replace(new, stats=self.stats(entry.stats, erase, holders))
 
-    def _delta_chain(self, entry: ShardEntry, users: pa.Array) -> dict:
+    def _delta_chain(self, entry: ShardEntry, users: pa.Array, holders: Mapping[str, tuple[str, ...]]) -> dict:
         """The base bundle and layers without the users (see the module docstring) and their stats
-        rows, and the totals."""
+        rows, with the ``holders``' deltas emptied (:meth:`shard`), and the totals."""
         store = self.store
+        names = pa.array(sorted(holders), pa.string())
         base = load_base_bundle(store, entry)
         fields: dict = {}
-        if _holds_users(base, users):
+        if _holds_users(base, pa.concat_arrays([users, names])):
             self.held.add(entry.bundle_key)
-            base = _without_users(base, users)
+            base = _emptied(_without_users(base, users), names)
             key, sha, size = self._keep(bundle_key, encode_bundle(base))
             fields = dict(bundle_key=key, bundle_sha256=sha, bundle_bytes=size)
         parent = fields.get("bundle_sha256", entry.bundle_sha256)
@@ -480,11 +577,11 @@ class _Rewriter:
         layers, tables = [], []
         for layer in entry.layers:
             table = load_layer(store, layer)
-            holds = _holds_users(table, users)
+            holds = _holds_users(table, pa.concat_arrays([users, names]))
             if holds:
                 self.held.add(layer.key)
-                table = _without_users(table, users)
-            stats = {name: self.part(k, users) for name, k in layer.stats.items()}
+                table = _emptied(_without_users(table, users), names)
+            stats = self.stats(layer.stats, users, holders)
             if table.num_rows == 0:
                 changed = True
                 continue  # the layer held only these users: it goes
@@ -622,7 +719,7 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_abse
         if scopes is not None:  # the users' copies of shared scopes' facts (see _Rewriter.scopes)
             erase = {shard: rewriter.erasable(manifest.shard(shard), members) for shard, members in by_shard.items()}
             scopes, drop = rewriter.scopes(manifest, erase)
-        new_entries = {shard: rewriter.shard(manifest.shard(shard), by_shard.get(shard, []), drop.get(shard, ()))
+        new_entries = {shard: rewriter.shard(manifest.shard(shard), by_shard.get(shard, []), drop.get(shard))
                        for shard in sorted(set(by_shard) | set(drop))}
         erased = pa.array(sorted({u for shard in by_shard for u in rewriter.erased[manifest.shard(shard).object_keys()]}),
                           pa.string())
@@ -683,8 +780,12 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
     store.check_conditional_writes()  # its rewrite ends in a compare-and-swap of CURRENT (once per store object)
     # Compiled chunks of an unfinished night may hold the users' rows: they are only a cache.
-    for key in store.list(PARTIAL_PREFIX):
-        store.delete(key)
+    # (Recorded first: a night running beside the forget says so if it needed one, see FORGET_DELETES.)
+    partial = store.list(PARTIAL_PREFIX)
+    if partial:
+        append_audit(store, FORGET_DELETES, actor=actor, prefixes=[PARTIAL_PREFIX])
+        for key in partial:
+            store.delete(key)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             report = _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
@@ -695,7 +796,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
                                    "when no publish is in progress") from err
             log.warning("forget on %s: %s; retrying against the new CURRENT", store.uri, err)
             continue
-        orphans = _delete_unreferenced_holders(store, pa.array(sorted(set(user_ids)), pa.string()), keep)
+        orphans = _delete_unreferenced_holders(store, pa.array(sorted(set(user_ids)), pa.string()), keep, actor)
         if orphans:
             report = replace(report, deleted_objects=report.deleted_objects + tuple(orphans))
         if report.rewritten:
@@ -704,7 +805,18 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     raise AssertionError("unreachable")
 
 
-def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str]) -> list[str]:
+FORGET_DELETES = "forget_deletes"
+"""Audit event a forget appends *before* it deletes objects no manifest names (``keys``), or every
+key under ``prefixes`` (a night's ``partial/`` cache). Such an object may be a night's in progress,
+written and not yet named by its manifest: the night reads the records written since it began
+(jobs.nightly) and, if one names an object its version needs, fails with one line saying a forget
+ran beside it (nothing published, nothing lost; run it again) instead of a missing object, and never
+moves CURRENT to a version missing one. Recorded before the deletes, and the manifests read again
+after the record, so a night that wrote its manifest before that reading has its objects kept, and
+one that writes it later finds the record before it moves CURRENT."""
+
+
+def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str], actor: str) -> list[str]:
     """Delete every object under ``objects/`` and ``stats/`` that holds one of ``users`` and no
     manifest on the store references: what a night killed before its commit (or a losing
     concurrent publisher) wrote, or what a forget that failed part-way had still to delete. gc
@@ -713,33 +825,50 @@ def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: froz
     ids, deltas compiled from them) with no user id to tell whose: every one no manifest names goes.
     ``keep``: objects of a night in progress (they are not named by a manifest yet). If a
     manifest cannot be read, nothing is deleted here (its references are unknown) and a warning
-    says so."""
-    try:
-        manifests = [read_manifest(store, v) for v in manifest_versions_on_disk(store)]
-    except (ManifestError, PublishError, ValueError) as err:
-        log.warning("forget on %s: a manifest could not be read (%s); unreferenced objects were not scanned for "
-                    "the forgotten users: run engram gc after repairing it", store.uri, err)
+    says so. The keys are recorded (:data:`FORGET_DELETES`) before the first delete, and the
+    manifests read again after it: an object a manifest written meanwhile names is kept."""
+    referenced = _referenced_now(store)
+    if referenced is None:
         return []
-    referenced = references(manifests) | set(keep)
-    deleted = []
+    referenced |= set(keep)
+    doomed = []
     for prefix in ("objects/", "stats/"):
         for key in store.list(prefix):
             if key in referenced or not is_collectable(key):
                 continue  # (a key whose name the store does not write is not the store's object)
             if key.startswith(SCOPE_OBJECT_PREFIXES):
-                store.delete(key)  # whose copies it holds is unknown (see below)
-                deleted.append(key)
+                doomed.append(key)  # whose copies it holds is unknown (see below)
                 continue
             try:
                 table = pq.read_table(pa.BufferReader(store.get(key)))
             except (pa.ArrowInvalid, OSError):
                 continue  # not a table we wrote; gc decides about it
             if _holds_users(table, users) or _scope_rows(table) is not None and pc.any(_scope_rows(table)).as_py():
-                store.delete(key)
-                deleted.append(key)
+                doomed.append(key)
+    if not doomed:
+        return []
+    append_audit(store, FORGET_DELETES, actor=actor, keys=doomed)
+    referenced = _referenced_now(store)  # a night may have named some in a manifest since the first reading
+    if referenced is None:
+        return []
+    deleted = []
+    for key in doomed:
+        if key not in referenced:
+            store.delete(key)
+            deleted.append(key)
     if deleted:
         log.info("forget on %s: deleted %d unreferenced object(s) that held a forgotten user", store.uri, len(deleted))
     return deleted
+
+
+def _referenced_now(store: ObjectStore) -> set[str] | None:
+    """The keys every manifest on the store references, or None (and a warning) if one cannot be read."""
+    try:
+        return references([read_manifest(store, v) for v in manifest_versions_on_disk(store)])
+    except (ManifestError, PublishError, ValueError) as err:
+        log.warning("forget on %s: a manifest could not be read (%s); unreferenced objects were not scanned for "
+                    "the forgotten users: run engram gc after repairing it", store.uri, err)
+        return None
 
 
 def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: str,
@@ -802,8 +931,9 @@ def _stale_note(plan: _Plan, current: Manifest) -> str:
         set(before.scopes.stale if before is not None and before.scopes is not None else ())
     if not stale:
         return ""
-    return (f"; {len(stale)} shared scope(s) were compiled from the forgotten copies: their deltas (and those of the "
-            "users holding them as an extra scope) are dropped until the next night compiles them again")
+    return (f"; {len(stale)} shared scope(s) were compiled from the forgotten copies: their deltas (and the own deltas "
+            "of the users holding them as an extra scope, who are still served their first scope's) are dropped until "
+            "the next night compiles them again")
 
 
 def _scopes_note(store: ObjectStore, plan: _Plan | None, users: list[str]) -> str:

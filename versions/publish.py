@@ -152,6 +152,7 @@ def publish_entries(
     crash_hook: Callable[[str], None] | None = None,
     scopes: ScopesEntry | None | str = CARRY,
     record: bool = False,
+    before_swap: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     """Publish the changed shards' entries as the next version and make it current; returns its manifest.
 
@@ -169,6 +170,9 @@ def publish_entries(
     scopes (schemas.manifest.ScopesEntry, None for none), by default the previous version's.
     ``record``: publish even if nothing else changed (a night whose only news is rejected rows, e.g.
     an unreadable file left out of the watermark: its rejects are recorded in the new version).
+    ``before_swap(manifest)`` runs once the manifest is written, before CURRENT moves to it: an
+    exception it raises leaves the version unpublished (the night's check that no forget beside it
+    deleted an object the version names).
     """
     hook = crash_hook or (lambda step: None)
     if isinstance(scopes, str):
@@ -217,6 +221,8 @@ def publish_entries(
     draft.validate()
     hook("write_manifest")
     manifest = write_manifest(store, draft, pointer)
+    if before_swap is not None:
+        before_swap(manifest)
     commit(store, manifest, pointer, event="publish", actor=job_id, hook=hook, version=manifest.version,
            parent=manifest.parent, manifest_key=manifest.key, changed_shards=sorted(entries), users=manifest.users,
            facts=manifest.facts)

@@ -30,14 +30,16 @@ The whole plan is made and checked before the first delete. If a delete fails pa
 for what was done (``incomplete: true``); running gc again finishes the collection.
 
 Run gc from the same scheduler as the nightly job, not concurrently with a publish: objects
-written by a publish that has not yet written its manifest are not referenced by anything.
+written by a publish that has not yet written its manifest are not referenced by anything. The
+objects to delete are recorded first (:data:`GC_DELETES`), so such a publish refuses to make its
+version current and says gc ran beside it, rather than publish a version missing them.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from schemas.manifest import manifest_key
 from versions.catalog import manifest_inventory, published_among, read_manifest, read_pointer
@@ -133,6 +135,17 @@ def collect(store: ObjectStore, keep: int, *, dry_run: bool = False, actor: str 
     report = GcReport(deleted_versions, doomed, kept, dry_run, dead_orphans, damaged, foreign)
     if dry_run:
         return report
+    manifest_keys = {manifest_key(v) for v in deleted_versions + dead_orphans}
+    objects = [k for k in doomed if k not in manifest_keys]
+    if objects:
+        # Recorded before the first delete, and the manifests read again after the record: a night
+        # that wrote its manifest meanwhile keeps its objects (see GC_DELETES).
+        append_audit(store, GC_DELETES, actor=actor, keys=objects)
+        named = _named_since(store, set(manifests) | set(unreadable))
+        spared = set(objects) if named is None else set(objects) & named
+        if spared:
+            doomed = [k for k in doomed if k not in spared]
+            report = replace(report, deleted_objects=doomed)
     extra = {"unreadable_manifests": damaged} if damaged else {}
     deleted: list[str] = []
     try:
@@ -145,6 +158,24 @@ def collect(store: ObjectStore, keep: int, *, dry_run: bool = False, actor: str 
                  kept_versions=kept, deleted_objects=len(doomed), **extra)
     log.info("gc on %s: deleted versions %s and %d object(s); kept %s", store.uri, deleted_versions, len(doomed), kept)
     return report
+
+
+GC_DELETES = "gc_deletes"
+"""Audit event gc appends *before* it deletes objects (``keys``, manifests aside): an object no
+manifest names may be a night's in progress, written and not yet named by its manifest. gc reads
+the manifests again after the record and keeps what one written meanwhile names; a night that
+writes its manifest later finds the record before it moves CURRENT (jobs.nightly) and, if it
+names an object the version needs, publishes nothing and says gc ran beside it."""
+
+
+def _named_since(store: ObjectStore, seen: set[int]) -> set[str] | None:
+    """The keys the manifests written since gc read them (not in ``seen``) reference; None if one
+    of them cannot be read (what it names is unknown: no object is deleted)."""
+    manifests, unreadable = manifest_inventory(store)
+    if set(unreadable) - seen:
+        log.warning("gc on %s: a manifest written during this gc is unreadable; no object is deleted", store.uri)
+        return None
+    return references([m for v, m in manifests.items() if v not in seen])
 
 
 def _incomplete(store: ObjectStore, err: BaseException, plan: GcReport, deleted: list[str], *, keep: int, actor: str,
