@@ -66,7 +66,7 @@ from engram_core.text import canonical_id
 from engram_core.serving import DeltaMismatch
 from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_scopes, decode_bundle, decode_layer, layer_parts
 from schemas.manifest import Manifest, ManifestError, ShardEntry
-from serving.last_good import (LastGood, LastGoodError, iso, load_last_good, record_path, save_last_good,
+from serving.last_good import (LastGood, fallback_candidates, iso, legacy_record_path, record_path, save_last_good,
                                store_identity)
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
@@ -538,13 +538,14 @@ class PullClient:
         state = (manifest.version, index.forgotten, self.confirmed_at)
         if state == self._recorded:
             return None
-        record = LastGood(store_identity(self.store), manifest, self.confirmed_at, index.forgotten)
+        record = LastGood(store_identity(self.store), manifest, self.confirmed_at, index.forgotten, self.shards)
         try:
             save_last_good(self.cache.root, record)
         except OSError as err:  # a read-only or full disk: the version is served all the same
-            path = record_path(self.cache.root, record.store_id, record.fingerprint)
+            path = record_path(self.cache.root, record.store_id, record.fingerprint, record.shards)
             try:  # an older record would serve, after a restart in an outage, what this node knows is superseded
                 path.unlink(missing_ok=True)
+                legacy_record_path(self.cache.root, record.store_id, record.fingerprint).unlink(missing_ok=True)
                 kept = "a restart while the store does not answer will serve nothing"
             except OSError:
                 kept = (f"{path} keeps an older version, which a restart while the store does not answer would "
@@ -563,23 +564,38 @@ class PullClient:
         poll's error message, saying which)."""
         if self.cache is None:
             return None, f"{message}; no --cache-dir, so no last-good version to serve"
-        try:
-            record = load_last_good(self.cache.root, store_identity(self.store), self.em.fingerprint)
-        except LastGoodError as err:
-            return None, f"{message}; {err}"
-        if record is None:
+        store_id = store_identity(self.store)
+        records, problems = fallback_candidates(self.cache.root, store_id, self.em.fingerprint, self.shards)
+        if not records:
+            if problems:
+                return None, f"{message}; {problems[0]}"
             return None, (f"{message}; cache {self.cache.root} holds no last-good version of this store for model "
                           f"{self.em.fingerprint[:16]}.. (a node must reach the store once to start)")
+        for problem in problems:
+            log.warning("%s (another record is tried)", problem)
+        refusals = []
+        for record in records:  # its own first, then records of nodes whose shards cover its own
+            build, refusal = self._load_last_good(record, records)
+            if build is not None:
+                return build, (f"{message}; serving v{record.manifest.version} from the cache's last-good (last "
+                               f"confirmed CURRENT at {iso(record.confirmed_at)}), which may be stale")
+            refusals.append(refusal)
+        return None, f"{message}; " + "; ".join(dict.fromkeys(refusals))
+
+    def _load_last_good(self, record: LastGood, records: Sequence[LastGood]) -> tuple["_Build | None", str | None]:
+        """Serve ``record`` (its objects from the cache only): (the build, None), or (None, why not).
+        Users forgotten by any record of this store and model (another node may have seen a later
+        forget) or by the CURRENT read at start are never served."""
         manifest, seen = record.manifest, self._seen
         if seen is not None and seen.version < manifest.version:
-            return None, (f"{message}; the cache's last-good v{manifest.version} is not served: CURRENT named "
+            return None, (f"the cache's last-good v{manifest.version} is not served: CURRENT named "
                           f"v{seen.version} when this node started (a rollback moved it back)")
-        erased = set(record.forgotten) | (set(seen.forgotten) if seen is not None else set())
+        erased = set().union(*(r.forgotten for r in records)) | (set(seen.forgotten) if seen is not None else set())
         build = _Build(offline=True)
         try:
             index = self._build(manifest, build)
         except self._FAILURES as err:
-            return None, f"{message}; the cache's last-good v{manifest.version} cannot be served: {err}"
+            return None, f"the cache's last-good v{manifest.version} cannot be served: {err}"
         self._index, self._manifest = index, manifest
         self.confirmed_at, self.loaded_from = record.confirmed_at, "last-good cache"
         self._recorded = (manifest.version, index.forgotten, record.confirmed_at)
@@ -587,8 +603,7 @@ class PullClient:
         log.warning("%s does not answer: serving the cache's last-good v%d (last confirmed CURRENT at %s; %d users "
                     "in %d shards, every object verified); polling until the store answers", self.store.uri,
                     manifest.version, iso(record.confirmed_at), index.num_users, len(index.shards))
-        return build, (f"{message}; serving v{manifest.version} from the cache's last-good (last confirmed CURRENT "
-                       f"at {iso(record.confirmed_at)}), which may be stale")
+        return build, None
 
     def _poll(self) -> PollResult:
         for attempt in range(1, _MOVES_FOLLOWED + 1):

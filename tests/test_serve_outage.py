@@ -177,6 +177,43 @@ def test_the_last_good_is_kept_per_store_and_model(s3_server, s3_store, flaky, t
         other.down()
 
 
+def test_nodes_with_other_shards_sharing_a_cache_each_fall_back_to_their_own_last_good(s3_store, flaky, tiny, compiled,
+                                                                                      tmp_path):
+    """Before, one record per store and model: the node of alice's shard, restarted in an outage,
+    found the v2 record of the node of the other shards and refused (v2's alice object was never
+    in the cache); and a record of that older layout is still read."""
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    alices = [shard_of("alice", NUM_SHARDS)]
+    others = [s for s in range(NUM_SHARDS) if s not in alices]
+    assert shard_of("bob", NUM_SHARDS) in others
+    assert PullClient(flaky.node_store(), tiny, shards=alices, cache_dir=cache).poll().error is None
+    publish(s3_store, tiny, v2(compiled))  # pulled by the other shards' node only
+    assert PullClient(flaky.node_store(), tiny, shards=others, cache_dir=cache).poll().version == 2
+    assert len(list((cache / LAST_GOOD_DIR).iterdir())) == 2
+
+    flaky.down()
+    restarted = PullClient(flaky.node_store(), tiny, shards=alices, cache_dir=cache)
+    result = restarted.poll()
+    assert result.version == 1 and result.stale["loaded_from"] == "last-good cache", result.error
+    assert answers(tiny, restarted, "alice", "alice") == expected("alice")
+    other = PullClient(flaky.node_store(), tiny, shards=others, cache_dir=cache)
+    assert other.poll().version == 2 and other.deltas_for("bob") and other.index.shards == tuple(others)
+
+    # the layout before shard sets: one <store>-<model>.json, no "shards" in it; read by a node without its own
+    store_id = store_identity(flaky.node_store())
+    own = record_path(cache, store_id, tiny.fingerprint, alices)
+    body = json.loads(own.read_text())
+    del body["shards"]
+    (cache / LAST_GOOD_DIR / f"{own.stem.rsplit('-', 1)[0]}.json").write_text(json.dumps(body))
+    for path in (own, record_path(cache, store_id, tiny.fingerprint, others)):
+        path.unlink()
+    legacy = PullClient(flaky.node_store(), tiny, shards=alices, cache_dir=cache)
+    assert legacy.poll().version == 1 and answers(tiny, legacy, "alice", "alice") == expected("alice")
+    for_others = PullClient(flaky.node_store(), tiny, shards=others, cache_dir=cache)  # v1's objects: v2's, verified
+    assert for_others.poll().version == 1 and for_others.deltas_for("bob")
+
+
 def test_a_restart_never_serves_what_the_current_it_read_forgets_or_rolled_back_from(s3_store, flaky, tiny, compiled,
                                                                                       tmp_path):
     """The CURRENT a node read as it started (engram serve reads it to pick the model) may have moved
