@@ -29,6 +29,25 @@ _MODEL = typer.Option(None, "--model", help="Use this local checkpoint instead o
                                             "model (refused if its fingerprint differs).")
 
 
+def _max_stale_option(value: str | None) -> float | None:
+    """--max-stale DURATION (a typer callback): seconds, or None (no bound); a usage error (exit 2)
+    naming the flag and the accepted forms otherwise."""
+    from serving.pull import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, "--max-stale")
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--max-stale") from None
+
+
+_MAX_STALE = typer.Option(None, "--max-stale", metavar="DURATION", callback=_max_stale_option,
+                          help="While the store does not answer, serve the last verified version for at most this "
+                               "long after the store last confirmed it (e.g. 30m, 6h, 2d); past it no user's memory "
+                               "is served (healthz 503) until the store answers. Default: no bound.")
+
+
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
     """(store, manifest, em, cache_dir, current) for a command; exits with a clear message on any
     problem (with ``as_json``, also the command's JSON failure object). ``current``: the manifest
@@ -103,14 +122,15 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
 
 
 def _client(store, manifest, em, shards: str | None, cache_dir, interval: float = 30.0, as_json: bool = False,
-            what: str = "pulled", current=None):
+            what: str = "pulled", current=None, max_stale: float | None = None):
     from serving.pull import PullClient, parse_shards
 
     try:
         owned = parse_shards(shards, manifest.num_shards)
     except ValueError as e:
         fail_json(as_json, str(e), 2, what)  # --shards names shards the store does not have
-    return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval, current=current)
+    return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval, current=current,
+                      max_stale=max_stale)
 
 
 def pull(
@@ -122,6 +142,7 @@ def pull(
     polls: int = typer.Option(0, "--polls", min=0, help="With --watch: stop after this many polls (0 = forever)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
+    max_stale: Optional[str] = _MAX_STALE,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per poll."),
 ) -> None:
     """Fetch and verify the current version's shards into the local cache.
@@ -129,7 +150,7 @@ def pull(
     Example: engram pull --store s3://bucket/engram --shards 0-15 --watch --interval 30
     """
     store_obj, manifest, em, cache, current = _open(store, model, cache_dir, as_json, "pulled")
-    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled", current)
+    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled", current, max_stale)
     count = 0
     while True:
         result = client.poll()
@@ -149,6 +170,9 @@ def pull(
             typer.echo(json.dumps(report))
         if result.error:
             typer.echo(f"error: {result.error} (still serving {result.version or 'nothing'})", err=True)
+            too_stale = client.over_max_stale()
+            if too_stale:
+                typer.echo(f"error: {too_stale}", err=True)
         elif not as_json:
             what = (f"loaded shards {list(result.fetched_shards)}, {result.layers_applied} layer(s) applied, "
                     f"{result.downloaded_bytes} bytes downloaded" if result.fetched_shards else "unchanged")
@@ -173,6 +197,7 @@ def ask(
                                                       "the tiny model's tokenizer splits into bytes)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
+    max_stale: Optional[str] = _MAX_STALE,
     as_json: bool = typer.Option(False, "--json", help="Print {user_id, version, text[, base_text]}."),
 ) -> None:
     """Continue a prompt with one user's memory (pulls only that user's shard).
@@ -209,13 +234,17 @@ def ask(
 
     num_shards = manifest.num_shards
     for _ in range(3):  # a night that changed the number of shards since CURRENT was read moved the user's shard
-        client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current)
+        client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current,
+                            max_stale=max_stale)
         result = client.poll()
         if client.index is None or client.index.owns(user):
             break
         num_shards = client.index.num_shards
     if client.index is None:
         fail_json(as_json, result.error or "no version loaded", 1, "answered")
+    too_stale = client.over_max_stale()
+    if too_stale:
+        fail_json(as_json, too_stale, 1, "answered")
     deltas = list(client.deltas_for(user))
     prompts, per_prompt = [prompt], [deltas]
     if compare:
@@ -252,6 +281,7 @@ def serve(
                                       "checkpoint's own (required for a checkpoint without one)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
+    max_stale: Optional[str] = _MAX_STALE,
 ) -> None:
     """Serve OpenAI-style /v1/completions and /v1/chat/completions; the request's `user` field selects the memory.
 
@@ -273,7 +303,7 @@ def serve(
         except ChatTemplateError as e:
             _fail(str(e), code=exit_code(e))
     store_obj, manifest, em, cache, current = _open(store, model, cache_dir)
-    client = _client(store_obj, manifest, em, shards, cache, interval, current=current)
+    client = _client(store_obj, manifest, em, shards, cache, interval, current=current, max_stale=max_stale)
     result = client.poll()
     if client.index is None:
         _fail(result.error or "no version loaded")
@@ -290,6 +320,9 @@ def serve(
     stale = client.stale()
     stale = (f", STALE: {stale['loaded_from']}, last confirmed CURRENT at {stale['confirmed_at']}; polling every "
              f"{interval:g}s until the store answers" if stale is not None else "")
+    too_stale = client.over_max_stale()
+    if too_stale:
+        stale += f"; NOT SERVING USER MEMORIES: {too_stale}"
     typer.echo(f"serving v{client.index.version} ({client.index.num_users} users{stale}) as {server.model_name} "
                f"on {server.url}/v1/completions and /v1/chat/completions{chat}", err=True)
     try:

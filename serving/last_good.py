@@ -169,7 +169,7 @@ def _records(cache_dir: str | Path, store_id: str, problems: list[str], fingerpr
     """The intact records of ``store_id`` (and model ``fingerprint`` if given), the most recently
     confirmed first; a damaged one's message goes to ``problems``."""
     folder = Path(cache_dir) / LAST_GOOD_DIR
-    pattern = f"{_sha256(store_id)[:16]}-{fingerprint[:16] if fingerprint else '*'}*.json"
+    pattern = f"{_sha256(store_id)[:16]}-{fingerprint[:16] if fingerprint else ''}*.json"
     found = []
     try:
         paths = sorted(folder.glob(pattern)) if folder.is_dir() else []

@@ -114,6 +114,34 @@ def parse_shards(spec: str | None, num_shards: int | None = None) -> list[int] |
     return sorted(shards)
 
 
+DURATION_FORMS = "a number and a unit, s, m, h or d (e.g. 90s, 30m, 6h, 2d, 1h30m)"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """``"30m"``, ``"6h"``, ``"2d"``, ``"1h30m"``, ``"90s"`` -> seconds (float, above 0). ValueError
+    naming ``name`` and :data:`DURATION_FORMS` for anything else (a bare number: seconds or minutes?)."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION_PART.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"{name} {text!r} is not a duration; give {DURATION_FORMS}")
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{name} {text!r} must be above 0; give {DURATION_FORMS}")
+    return seconds
+
+
+def human_duration(seconds: float) -> str:
+    """Seconds as the two largest units that are not 0: ``"2d 3h"``, ``"45m 10s"``, ``"12s"``."""
+    rest, parts = int(round(seconds)), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size or (unit == "s" and not parts):
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return " ".join(parts[:2])
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -441,7 +469,9 @@ class PullClient:
     instead, every object re-verified, and serves it as stale until a poll reaches the store.
     ``current``: the CURRENT manifest the caller read before the first poll (engram serve reads it
     to pick the model); a fallback never serves the users it forgets, nor a last-good version newer
-    than it (CURRENT was rolled back from it).
+    than it (CURRENT was rolled back from it). ``max_stale`` (seconds; None: no bound): once the
+    served version is stale and its last confirmation is older than that, :meth:`over_max_stale`
+    says why, and the server answers no user's request (serving.http) until a poll confirms a version.
     """
 
     _FAILURES = (PullError, PublishError, StoreError, ManifestError, BundleSchemaError, DeltaMismatch, OSError, ValueError)
@@ -456,8 +486,12 @@ class PullClient:
         interval: float = 30.0,
         jitter: float = 0.1,
         current: Manifest | None = None,
+        max_stale: float | None = None,
     ) -> None:
+        if max_stale is not None and not 0 < max_stale < float("inf"):
+            raise ValueError(f"max_stale {max_stale!r}: give seconds above 0, or None for no bound")
         self.store = store
+        self.max_stale = max_stale
         self.em = em
         self.shards = None if shards is None else tuple(sorted(set(shards)))
         self.cache = BundleCache(cache_dir) if cache_dir is not None else None
@@ -522,12 +556,29 @@ class PullClient:
         """None while the last poll confirmed the served version as CURRENT (or nothing is served);
         else what is served and why it may be out of date: ``version``, ``loaded_from`` ("store", or
         "last-good cache" when loaded at start with the store unreachable), ``confirmed_at`` (ISO UTC:
-        when the store last named it CURRENT), ``since`` (the first failed poll) and ``error``."""
+        when the store last named it CURRENT), ``since`` (the first failed poll), ``error``,
+        ``max_stale_s`` (the bound, seconds; None: none) and ``over_max_stale`` (:meth:`over_max_stale`
+        is not None)."""
         index = self._index
         if index is None or self.last_error is None:
             return None
         return {"version": index.version, "loaded_from": self.loaded_from, "confirmed_at": iso(self.confirmed_at),
-                "since": iso(self.stale_since), "error": self.last_error}
+                "since": iso(self.stale_since), "error": self.last_error, "max_stale_s": self.max_stale,
+                "over_max_stale": self.over_max_stale() is not None}
+
+    def over_max_stale(self, now: float | None = None) -> str | None:
+        """None while the served version may be served (confirmed by the last poll, or stale for no
+        longer than ``max_stale``); else one line saying the version, when the store last confirmed
+        it, how long ago and the bound: no user's memory is served until a poll confirms a version."""
+        index, confirmed_at = self._index, self.confirmed_at
+        if self.max_stale is None or index is None or self.last_error is None or confirmed_at is None:
+            return None
+        age = (time.time() if now is None else now) - confirmed_at
+        if age <= self.max_stale:
+            return None
+        return (f"v{index.version} was last confirmed CURRENT in {self.store.uri} at {iso(confirmed_at)}, "
+                f"{human_duration(age)} ago, over --max-stale {human_duration(self.max_stale)}: no user's memory is "
+                "served until the store answers (the last poll: " + self.last_error + ")")
 
     def _remember(self) -> str | None:
         """Keep the served version as this store's and model's last-good in the cache (its manifest,

@@ -247,6 +247,92 @@ def test_a_restart_never_serves_what_the_current_it_read_forgets_or_rolled_back_
     assert "last-good v2 is not served: CURRENT named v1 when this node started (a rollback" in result.error
 
 
+def _request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, {"Content-Type": "application/json"},
+                                     method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_past_max_stale_a_node_serves_no_users_memory_until_the_store_answers(s3_store, flaky, tiny, compiled,
+                                                                               tmp_path):
+    """Before, no bound: a node cut off from its store served its last verified version for ever
+    (forgets and corrections published meanwhile never reached it). With max_stale: healthz 503
+    naming the age and the bound, a request naming a user 503 (not an old memory), until a poll
+    confirms a version; requests with no user still get the base model."""
+    from serving.http import ReferenceServer
+
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().error is None
+    flaky.down()
+    node = PullClient(flaky.node_store(), tiny, cache_dir=cache, max_stale=3.0)
+    assert node.poll().version == 1 and node.stale()["max_stale_s"] == 3.0
+    trigger, answer = FACTS["alice"][0]
+    ask = {"model": "engram", "prompt": trigger, "user": "alice", "max_tokens": len(tiny.encode_answer(answer))}
+    with ReferenceServer(tiny, node, port=0, poll=False) as server:
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "stale" and health["reason"] is None
+        assert node.over_max_stale() is None and not node.stale()["over_max_stale"]
+        status, said = _request(server.port, "POST", "/v1/completions", ask)
+        assert status == 200 and said["choices"][0]["text"] == answer
+
+        time.sleep(max(0.0, node.confirmed_at + 3.2 - time.time()))
+        assert node.poll().stale["over_max_stale"]  # still down
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 503 and health["status"] == "too_stale" and health["version"] == 1
+        assert health["reason"].startswith(f"v1 was last confirmed CURRENT in {flaky.uri} at {health['stale']['confirmed_at']}")
+        assert " ago, over --max-stale 3s: no user's memory is served until the store answers" in health["reason"]
+        status, refused = _request(server.port, "POST", "/v1/completions", ask)
+        assert status == 503 and refused["error"]["code"] == "memory_too_stale"
+        assert refused["error"]["message"] == node.over_max_stale()
+        status, base = _request(server.port, "POST", "/v1/completions", {k: v for k, v in ask.items() if k != "user"})
+        assert status == 200 and base["engram"]["memory"] == "base"
+
+        flaky.up()
+        assert node.poll().error is None and node.over_max_stale() is None
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "ok" and health["reason"] is None
+        status, said = _request(server.port, "POST", "/v1/completions", ask)
+        assert status == 200 and said["choices"][0]["text"] == answer
+
+
+def test_max_stale_on_the_commands(s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """engram pull/ask/serve --max-stale: bad values are usage errors (exit 2) naming the flag and the
+    forms; ask past the bound fails (exit 1) naming the age and the bound instead of answering."""
+    from typer.testing import CliRunner
+
+    for command in (["pull"], ["serve", "--port", "0"], ["ask", "--user", "alice", "hi"]):
+        for bad in ("30", "0m", "soon", "-1h"):
+            out = CliRunner().invoke(cli_app(), [*command, "--store", flaky.uri, "--max-stale", bad])
+            assert out.exit_code == 2, (command, bad, out.output)
+            assert "--max-stale" in out.output and "30m, 6h, 2d" in out.output, out.output
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
+    assert CliRunner().invoke(cli_app(), ["pull", "--max-stale", "2d", *args]).exit_code == 0
+    flaky.down()
+    trigger, answer = FACTS["alice"][0]
+    asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", trigger, "--max-stale", "1h", *args])
+    assert asked.exit_code == 0 and json.loads(asked.stdout.strip().splitlines()[-1])["stale"]["max_stale_s"] == 3600
+    time.sleep(1.2)
+    asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", trigger, "--max-stale", "1s", *args])
+    assert asked.exit_code == 1, asked.output
+    failure = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert failure["answered"] is False and "text" not in failure
+    assert " ago, over --max-stale 1s: no user's memory is served until the store answers" in failure["error"]
+    pulled = CliRunner().invoke(cli_app(), ["pull", "--max-stale", "1s", *args])
+    assert pulled.exit_code == 1 and json.loads(pulled.stdout.strip().splitlines()[-1])["stale"]["over_max_stale"]
+    assert "over --max-stale 1s" in pulled.stderr
+
+
 @pytest.fixture
 def read_only_later(tmp_path):
     """A folder on a real tmpfs (root only, else skipped) and a function that remounts it read-only."""
