@@ -53,7 +53,9 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     problem (with ``as_json``, also the command's JSON failure object). ``current``: the manifest
     read from the store's CURRENT (None if the store did not answer). When the store stops
     answering before the model is loaded, ``manifest`` is the cache's last-good
-    (serving.last_good), which the pull client then serves as stale."""
+    (serving.last_good), which the pull client then serves as stale. A cache directory that can be
+    read but not written is refused (exit 2) unless the store does not answer: then its last-good
+    is served read-only."""
     from schemas.manifest import ManifestError
     from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
     from versions.catalog import read_current
@@ -64,7 +66,10 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     cache_dir = cache_dir or default_cache_dir()
     problem = directory_problem(cache_dir, "--cache-dir" if given else "cache directory (ENGRAM_CACHE_DIR or "
                                                                        "~/.cache/engram)")
-    if problem:
+    read_only = None  # a cache that can be read, not written: refused once the store answers (the node must write)
+    if problem and _readable_directory(cache_dir):
+        read_only = problem  # while the store does not answer, its last-good is served read-only
+    elif problem:
         fail_json(as_json, problem, 2, what)
     problem = checkpoint_problem(model_dir, f"--model {model_dir}") if model_dir is not None else None
     if problem:  # not there, a file, a folder without a checkpoint: a bad argument, before the store is read
@@ -73,6 +78,8 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     try:
         store = open_store(store_uri, create=False)
         current = read_current(store)
+        if read_only:
+            fail_json(as_json, read_only, 2, what)
         if current is None:
             fail_json(as_json, f"{store.uri}: nothing published yet (no CURRENT); run a night first (engram run "
                                "nightly), or check --store", 1, what)
@@ -80,10 +87,26 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except StoreUnreachable as outage:  # CURRENT, or the model it names, could not be read
         last_good, em = _last_good(store, outage, model_dir, cache_dir, as_json, what)
+        if read_only:
+            typer.echo(f"warning: {read_only.split(' (permission denied')[0]}: its last-good is served read-only while "
+                       "the store does not answer (what the node pulls once it answers is served from memory, not "
+                       "kept; make it writable)", err=True)
         return store, last_good, em, cache_dir, manifest
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
+        if read_only:  # the store answered: the cache problem is the one to fix first
+            fail_json(as_json, read_only, 2, what)
         fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
     return store, manifest, em, cache_dir, manifest
+
+
+def _readable_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory this process can list and read (a cache that may hold a last-good)."""
+    import os
+
+    try:
+        return Path(path).expanduser().is_dir() and os.access(Path(path).expanduser(), os.R_OK | os.X_OK)
+    except OSError:
+        return False
 
 
 def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path, as_json: bool, what: str):

@@ -365,6 +365,38 @@ def test_a_cache_turned_read_only_keeps_serving_and_says_its_last_good_is_not_ke
            in result.cache_error
 
 
+def test_a_node_restarted_in_an_outage_serves_its_read_only_cache_and_refuses_it_once_the_store_answers(
+        s3_store, flaky, tiny, tiny_dir, compiled, read_only_later):
+    """Before, a read-only --cache-dir was refused at start (exit 2) even while the store did not
+    answer and the cache held a verified last-good; the refusal stays where the node must write
+    (the store answers)."""
+    mount, make_read_only = read_only_later
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cache = mount / "cache"
+    args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
+
+    def engram(*command: str) -> subprocess.CompletedProcess:  # its own process: the model it maps leaves with it
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *command, *args], env=_node_env(flaky, cache),
+                              capture_output=True, text=True, timeout=300)
+
+    assert engram("pull").returncode == 0
+    make_read_only()
+    refused = engram("pull")
+    assert refused.returncode == 2 and f"--cache-dir {cache} is not writable" in refused.stderr, refused.stderr
+
+    flaky.down()
+    pulled = engram("pull")
+    assert pulled.returncode == 1, pulled.stderr  # nothing pulled, as on a writable cache
+    report = json.loads(pulled.stdout.strip().splitlines()[-1])
+    assert report["version"] == 1 and report["stale"]["loaded_from"] == "last-good cache"
+    assert f"--cache-dir {cache} is not writable: its last-good is served read-only" in pulled.stderr
+    trigger, answer = FACTS["alice"][0]
+    asked = engram("ask", "--user", "alice", "--max-new-tokens", str(len(tiny.encode_answer(answer))), trigger)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout.strip().splitlines()[-1])["text"] == answer
+
+
 # ---------------------------------------------------------------- commands
 
 
