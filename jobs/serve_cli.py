@@ -60,7 +60,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
     from versions.catalog import read_current
     from versions.errors import PublishError
-    from versions.store import StoreError, StoreUnreachable, open_store
+    from versions.store import StoreError, StoreUnreachable
 
     given = cache_dir is not None
     cache_dir = cache_dir or default_cache_dir()
@@ -76,7 +76,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
         fail_json(as_json, problem + " (or leave --model out to load the store's model)", 2, what)
     manifest = None
     try:
-        store = open_store(store_uri, create=False)
+        store = _open_store(store_uri, cache_dir)
         current = read_current(store)
         if read_only:
             fail_json(as_json, read_only, 2, what)
@@ -97,6 +97,22 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
             fail_json(as_json, read_only, 2, what)
         fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
     return store, manifest, em, cache_dir, manifest
+
+
+def _open_store(store_uri: str, cache_dir: Path):
+    """The store of ``store_uri``, read-only. A local store (a directory) this cache holds a last-good
+    of is opened as published (versions.store.LocalStore): its directory gone or empty (an unmounted
+    volume) is a store that does not answer, which the node serves its last-good through, not a
+    mistyped path (exit 2) or an empty store."""
+    from serving.last_good import has_records, store_identity
+    from versions.store import LocalStore, open_store, parse_store_uri
+
+    kind, location, _ = parse_store_uri(store_uri)
+    if kind == "local":
+        known = LocalStore(location, create=False, published=True)  # (a file, no permission: refused as before)
+        if has_records(cache_dir, store_identity(known)):
+            return known
+    return open_store(store_uri, create=False)
 
 
 def _readable_directory(path: Path) -> bool:

@@ -155,6 +155,15 @@ def fallback_candidates(cache_dir: str | Path, store_id: str, fingerprint: str,
     return own + others + legacy, problems
 
 
+def has_records(cache_dir: str | Path, store_id: str) -> bool:
+    """Whether ``cache_dir`` holds a last-good record of ``store_id`` (intact or not; none is read)."""
+    folder = Path(cache_dir) / LAST_GOOD_DIR
+    try:
+        return folder.is_dir() and next(folder.glob(f"{_sha256(store_id)[:16]}-*.json"), None) is not None
+    except OSError:
+        return False
+
+
 def last_goods_of(cache_dir: str | Path, store_id: str) -> list[LastGood]:
     """Every intact record for ``store_id`` (of every model and shard set), the most recently
     confirmed first; damaged ones are logged and left out. For a node that does not know its model yet."""

@@ -421,6 +421,52 @@ def test_a_cold_node_in_an_outage_fails_in_one_line_naming_the_store(flaky, tmp_
                 "reach the store once to start): start it again once the store answers") in failure["error"]
 
 
+def test_a_local_store_whose_directory_goes_away_does_not_answer_and_is_served_from_the_last_good(
+        local_store, tiny, tiny_dir, compiled, tmp_path):
+    """Before, a running node found "no CURRENT pointer (nothing published yet)" in a store whose
+    volume was unmounted, and a node restarted meanwhile exited 2 (no such directory) or 1 (nothing
+    published yet, on the empty mount point) instead of serving its last-good."""
+    from typer.testing import CliRunner
+
+    from versions.store import open_store
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    cache, root = tmp_path / "cache", local_store.root
+    args = ["--store", str(root), "--cache-dir", str(cache), "--json"]
+    trigger, answer = FACTS["alice"][0]
+    ask = ["ask", "--user", "alice", "--max-new-tokens", str(len(tiny.encode_answer(answer))), trigger, *args]
+    assert CliRunner().invoke(cli_app(), ["pull", *args]).exit_code == 0
+    running = PullClient(open_store(str(root), create=False), tiny, cache_dir=cache)
+    assert running.poll().error is None
+
+    unmounted = root.with_name("store-elsewhere")
+    root.rename(unmounted)  # the volume the store is on goes away: its directory is gone
+    for gone in ("the store directory is gone", "the store directory is empty"):
+        result = running.poll()
+        assert result.error.startswith(f"StoreUnreachable: store {root}: inspect CURRENT failed: {gone}"), result.error
+        assert running.index.version == 1 and running.stale()["loaded_from"] == "store"
+        pulled = CliRunner().invoke(cli_app(), ["pull", *args])  # a restart
+        assert pulled.exit_code == 1, pulled.output
+        report = json.loads(pulled.stdout.strip().splitlines()[-1])
+        assert report["version"] == 1 and report["stale"]["loaded_from"] == "last-good cache"
+        assert gone in report["error"]
+        asked = CliRunner().invoke(cli_app(), ask)
+        assert asked.exit_code == 0 and json.loads(asked.stdout.strip().splitlines()[-1])["text"] == answer
+        root.mkdir(exist_ok=True)  # next: the store was the mount point itself, left empty
+
+    typo = CliRunner().invoke(cli_app(), ["pull", "--store", str(tmp_path / "stor"), "--cache-dir", str(cache)])
+    assert typo.exit_code == 2 and "no such directory" in typo.stderr  # a path this cache never served: as before
+    (tmp_path / "new").mkdir()
+    empty = CliRunner().invoke(cli_app(), ["pull", "--store", str(tmp_path / "new"), "--cache-dir", str(cache)])
+    assert empty.exit_code == 1 and "nothing published yet" in empty.stderr
+
+    root.rmdir()
+    unmounted.rename(root)  # mounted again
+    assert running.poll().error is None and running.stale() is None
+    assert CliRunner().invoke(cli_app(), ["pull", *args]).exit_code == 0
+
+
 def _health(port: int) -> dict:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
