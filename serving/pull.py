@@ -133,7 +133,10 @@ def parse_duration(text: str, name: str = "duration") -> float:
 
 
 def human_duration(seconds: float) -> str:
-    """Seconds as the two largest units that are not 0: ``"2d 3h"``, ``"45m 10s"``, ``"12s"``."""
+    """Seconds as the two largest units that are not 0: ``"2d 3h"``, ``"45m 10s"``; under a minute
+    to a tenth (``"12.4s"``, ``"3s"``)."""
+    if seconds < 59.95:
+        return f"{round(seconds, 1):g}s"
     rest, parts = int(round(seconds)), []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if rest >= size or (unit == "s" and not parts):
