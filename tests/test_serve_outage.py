@@ -264,17 +264,21 @@ def test_past_max_stale_a_node_serves_no_users_memory_until_the_store_answers(s3
     (forgets and corrections published meanwhile never reached it). With max_stale: healthz 503
     naming the age and the bound, a request naming a user 503 (not an old memory), until a poll
     confirms a version; requests with no user still get the base model."""
+    from serving.batcher import GenerationRequest
+    from serving.decode import Sampling
+    from serving.errors import RequestError
     from serving.http import ReferenceServer
 
     publish(s3_store, tiny, v1(compiled))
     cache = tmp_path / "cache"
     assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().error is None
+    port = free_port()  # while the store's port is taken: the server must not get it once the store is down
     flaky.down()
     node = PullClient(flaky.node_store(), tiny, cache_dir=cache, max_stale=3.0)
     assert node.poll().version == 1 and node.stale()["max_stale_s"] == 3.0
     trigger, answer = FACTS["alice"][0]
     ask = {"model": "engram", "prompt": trigger, "user": "alice", "max_tokens": len(tiny.encode_answer(answer))}
-    with ReferenceServer(tiny, node, port=0, poll=False) as server:
+    with ReferenceServer(tiny, node, port=port, poll=False) as server:
         status, health = _request(server.port, "GET", "/healthz")
         assert status == 200 and health["status"] == "stale" and health["reason"] is None
         assert node.over_max_stale() is None and not node.stale()["over_max_stale"]
@@ -292,6 +296,10 @@ def test_past_max_stale_a_node_serves_no_users_memory_until_the_store_answers(s3
         assert refused["error"]["message"] == node.over_max_stale()
         status, base = _request(server.port, "POST", "/v1/completions", {k: v for k, v in ask.items() if k != "user"})
         assert status == 200 and base["engram"]["memory"] == "base"
+        queued = GenerationRequest(tiny.encode_prompts([trigger]), "alice", Sampling(max_tokens=4))  # accepted before
+        with pytest.raises(RequestError) as late:
+            server.batcher.submit(queued)
+        assert late.value.status == 503 and late.value.code == "memory_too_stale" and queued.states == []
 
         flaky.up()
         assert node.poll().error is None and node.over_max_stale() is None
