@@ -37,7 +37,7 @@ def _max_stale_option(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return parse_duration(value, "--max-stale")
+        return parse_duration(value, "")  # typer says "Invalid value for --max-stale: ..."
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-stale") from None
 

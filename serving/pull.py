@@ -121,14 +121,15 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_duration(text: str, name: str = "duration") -> float:
     """``"30m"``, ``"6h"``, ``"2d"``, ``"1h30m"``, ``"90s"`` -> seconds (float, above 0). ValueError
-    naming ``name`` and :data:`DURATION_FORMS` for anything else (a bare number: seconds or minutes?)."""
+    naming ``name`` (if given) and :data:`DURATION_FORMS` for anything else (a bare number: seconds or minutes?)."""
     compact = text.strip().lower().replace(" ", "")
     parts = _DURATION_PART.findall(compact)
+    what = f"{name} {text!r}" if name else repr(text)
     if not compact or "".join(n + u for n, u in parts) != compact:
-        raise ValueError(f"{name} {text!r} is not a duration; give {DURATION_FORMS}")
+        raise ValueError(f"{what} is not a duration; give {DURATION_FORMS}")
     seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
     if not 0 < seconds < float("inf"):
-        raise ValueError(f"{name} {text!r} must be above 0; give {DURATION_FORMS}")
+        raise ValueError(f"{what} must be above 0; give {DURATION_FORMS}")
     return seconds
 
 
