@@ -29,31 +29,57 @@ _MODEL = typer.Option(None, "--model", help="Use this local checkpoint instead o
                                             "model (refused if its fingerprint differs).")
 
 
+def _max_stale_option(value: str | None) -> float | None:
+    """--max-stale DURATION (a typer callback): seconds, or None (no bound); a usage error (exit 2)
+    naming the flag and the accepted forms otherwise."""
+    from serving.pull import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, "")  # typer says "Invalid value for --max-stale: ..."
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--max-stale") from None
+
+
+_MAX_STALE = typer.Option(None, "--max-stale", metavar="DURATION", callback=_max_stale_option,
+                          help="While the store does not answer, serve the last verified version for at most this "
+                               "long after the store last confirmed it (e.g. 30m, 6h, 2d); past it no user's memory "
+                               "is served (healthz 503) until the store answers. Default: no bound.")
+
+
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
     """(store, manifest, em, cache_dir, current) for a command; exits with a clear message on any
     problem (with ``as_json``, also the command's JSON failure object). ``current``: the manifest
     read from the store's CURRENT (None if the store did not answer). When the store stops
     answering before the model is loaded, ``manifest`` is the cache's last-good
-    (serving.last_good), which the pull client then serves as stale."""
+    (serving.last_good), which the pull client then serves as stale. A cache directory that can be
+    read but not written is refused (exit 2) unless the store does not answer: then its last-good
+    is served read-only."""
     from schemas.manifest import ManifestError
     from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
     from versions.catalog import read_current
     from versions.errors import PublishError
-    from versions.store import StoreError, StoreUnreachable, open_store
+    from versions.store import StoreError, StoreUnreachable
 
     given = cache_dir is not None
     cache_dir = cache_dir or default_cache_dir()
     problem = directory_problem(cache_dir, "--cache-dir" if given else "cache directory (ENGRAM_CACHE_DIR or "
                                                                        "~/.cache/engram)")
-    if problem:
+    read_only = None  # a cache that can be read, not written: refused once the store answers (the node must write)
+    if problem and _readable_directory(cache_dir):
+        read_only = problem  # while the store does not answer, its last-good is served read-only
+    elif problem:
         fail_json(as_json, problem, 2, what)
     problem = checkpoint_problem(model_dir, f"--model {model_dir}") if model_dir is not None else None
     if problem:  # not there, a file, a folder without a checkpoint: a bad argument, before the store is read
         fail_json(as_json, problem + " (or leave --model out to load the store's model)", 2, what)
     manifest = None
     try:
-        store = open_store(store_uri, create=False)
+        store = _open_store(store_uri, cache_dir)
         current = read_current(store)
+        if read_only:
+            fail_json(as_json, read_only, 2, what)
         if current is None:
             fail_json(as_json, f"{store.uri}: nothing published yet (no CURRENT); run a night first (engram run "
                                "nightly), or check --store", 1, what)
@@ -61,10 +87,42 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except StoreUnreachable as outage:  # CURRENT, or the model it names, could not be read
         last_good, em = _last_good(store, outage, model_dir, cache_dir, as_json, what)
+        if read_only:
+            typer.echo(f"warning: {read_only.split(' (permission denied')[0]}: its last-good is served read-only while "
+                       "the store does not answer (what the node pulls once it answers is served from memory, not "
+                       "kept; make it writable)", err=True)
         return store, last_good, em, cache_dir, manifest
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
+        if read_only:  # the store answered: the cache problem is the one to fix first
+            fail_json(as_json, read_only, 2, what)
         fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
     return store, manifest, em, cache_dir, manifest
+
+
+def _open_store(store_uri: str, cache_dir: Path):
+    """The store of ``store_uri``, read-only. A local store (a directory) this cache holds a last-good
+    of is opened as published (versions.store.LocalStore): its directory gone or empty (an unmounted
+    volume) is a store that does not answer, which the node serves its last-good through, not a
+    mistyped path (exit 2) or an empty store."""
+    from serving.last_good import has_records, store_identity
+    from versions.store import LocalStore, open_store, parse_store_uri
+
+    kind, location, _ = parse_store_uri(store_uri)
+    if kind == "local":
+        known = LocalStore(location, create=False, published=True)  # (a file, no permission: refused as before)
+        if has_records(cache_dir, store_identity(known)):
+            return known
+    return open_store(store_uri, create=False)
+
+
+def _readable_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory this process can list and read (a cache that may hold a last-good)."""
+    import os
+
+    try:
+        return Path(path).expanduser().is_dir() and os.access(Path(path).expanduser(), os.R_OK | os.X_OK)
+    except OSError:
+        return False
 
 
 def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path, as_json: bool, what: str):
@@ -103,14 +161,15 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
 
 
 def _client(store, manifest, em, shards: str | None, cache_dir, interval: float = 30.0, as_json: bool = False,
-            what: str = "pulled", current=None):
+            what: str = "pulled", current=None, max_stale: float | None = None):
     from serving.pull import PullClient, parse_shards
 
     try:
         owned = parse_shards(shards, manifest.num_shards)
     except ValueError as e:
         fail_json(as_json, str(e), 2, what)  # --shards names shards the store does not have
-    return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval, current=current)
+    return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval, current=current,
+                      max_stale=max_stale)
 
 
 def pull(
@@ -122,6 +181,7 @@ def pull(
     polls: int = typer.Option(0, "--polls", min=0, help="With --watch: stop after this many polls (0 = forever)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
+    max_stale: Optional[str] = _MAX_STALE,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per poll."),
 ) -> None:
     """Fetch and verify the current version's shards into the local cache.
@@ -129,7 +189,7 @@ def pull(
     Example: engram pull --store s3://bucket/engram --shards 0-15 --watch --interval 30
     """
     store_obj, manifest, em, cache, current = _open(store, model, cache_dir, as_json, "pulled")
-    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled", current)
+    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled", current, max_stale)
     count = 0
     while True:
         result = client.poll()
@@ -149,6 +209,9 @@ def pull(
             typer.echo(json.dumps(report))
         if result.error:
             typer.echo(f"error: {result.error} (still serving {result.version or 'nothing'})", err=True)
+            too_stale = client.over_max_stale()
+            if too_stale:
+                typer.echo(f"error: {too_stale}", err=True)
         elif not as_json:
             what = (f"loaded shards {list(result.fetched_shards)}, {result.layers_applied} layer(s) applied, "
                     f"{result.downloaded_bytes} bytes downloaded" if result.fetched_shards else "unchanged")
@@ -173,6 +236,7 @@ def ask(
                                                       "the tiny model's tokenizer splits into bytes)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
+    max_stale: Optional[str] = _MAX_STALE,
     as_json: bool = typer.Option(False, "--json", help="Print {user_id, version, text[, base_text]}."),
 ) -> None:
     """Continue a prompt with one user's memory (pulls only that user's shard).
@@ -209,13 +273,17 @@ def ask(
 
     num_shards = manifest.num_shards
     for _ in range(3):  # a night that changed the number of shards since CURRENT was read moved the user's shard
-        client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current)
+        client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current,
+                            max_stale=max_stale)
         result = client.poll()
         if client.index is None or client.index.owns(user):
             break
         num_shards = client.index.num_shards
     if client.index is None:
         fail_json(as_json, result.error or "no version loaded", 1, "answered")
+    too_stale = client.over_max_stale()
+    if too_stale:
+        fail_json(as_json, too_stale, 1, "answered")
     deltas = list(client.deltas_for(user))
     prompts, per_prompt = [prompt], [deltas]
     if compare:
@@ -252,6 +320,7 @@ def serve(
                                       "checkpoint's own (required for a checkpoint without one)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
+    max_stale: Optional[str] = _MAX_STALE,
 ) -> None:
     """Serve OpenAI-style /v1/completions and /v1/chat/completions; the request's `user` field selects the memory.
 
@@ -273,7 +342,7 @@ def serve(
         except ChatTemplateError as e:
             _fail(str(e), code=exit_code(e))
     store_obj, manifest, em, cache, current = _open(store, model, cache_dir)
-    client = _client(store_obj, manifest, em, shards, cache, interval, current=current)
+    client = _client(store_obj, manifest, em, shards, cache, interval, current=current, max_stale=max_stale)
     result = client.poll()
     if client.index is None:
         _fail(result.error or "no version loaded")
@@ -290,6 +359,9 @@ def serve(
     stale = client.stale()
     stale = (f", STALE: {stale['loaded_from']}, last confirmed CURRENT at {stale['confirmed_at']}; polling every "
              f"{interval:g}s until the store answers" if stale is not None else "")
+    too_stale = client.over_max_stale()
+    if too_stale:
+        stale += f"; NOT SERVING USER MEMORIES: {too_stale}"
     typer.echo(f"serving v{client.index.version} ({client.index.num_users} users{stale}) as {server.model_name} "
                f"on {server.url}/v1/completions and /v1/chat/completions{chat}", err=True)
     try:

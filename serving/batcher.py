@@ -173,6 +173,15 @@ class CompletionBatcher:
         from engram_core.memory_index import batch_overlay
 
         index = self.client.index  # one version for the whole batch, even if a swap lands meanwhile
+        too_stale = self.client.over_max_stale()  # past --max-stale since the requests were accepted
+        if too_stale:
+            refused = RequestError(too_stale, status=503, param="user", code="memory_too_stale")
+            for request in batch:
+                if request.user:
+                    request.fail(refused)
+            batch = [request for request in batch if not request.user]
+            if not batch:
+                return
         prompt_ids, served, states = [], [], []
         for request in batch:
             request.version = index.version if index is not None else None

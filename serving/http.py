@@ -11,9 +11,12 @@ Requests without a user, and users with no facts in the served version, get the 
 the response says so (``X-Engram-Memory: base`` and the ``engram`` field of the body and of
 every streamed chunk), since a base answer is never a privacy problem but a silent one hides a
 client bug. A user whose shard this node does not own is refused (HTTP 421): that is a routing
-error, and serving the base model would hide it. Malformed requests get HTTP 400 with an
-OpenAI-style JSON error body (``error.message``, ``type``, ``param``, ``code``); a prompt that
-does not fit the model's context is ``context_length_exceeded``.
+error, and serving the base model would hide it. A node whose version has gone unconfirmed for
+longer than ``--max-stale`` (the store does not answer) refuses every request naming a user (HTTP
+503, ``memory_too_stale``) and ``/healthz`` answers 503 with ``status: "too_stale"`` and a
+``reason`` naming the age and the bound, until a poll reaches the store. Malformed requests get
+HTTP 400 with an OpenAI-style JSON error body (``error.message``, ``type``, ``param``, ``code``);
+a prompt that does not fit the model's context is ``context_length_exceeded``.
 """
 
 from __future__ import annotations
@@ -120,8 +123,10 @@ class ReferenceServer:
 
         index = self.client.index
         stale = self.client.stale()  # the served version is not confirmed CURRENT: which, since when, the error
+        too_stale = self.client.over_max_stale()  # and for longer than --max-stale: no user is served
         return {
-            "status": "loading" if index is None else "stale" if stale is not None else "ok",
+            "status": "loading" if index is None else "too_stale" if too_stale else "stale" if stale is not None else "ok",
+            "reason": too_stale,
             "model": self.model_name,
             "fingerprint": self.em.fingerprint,
             "version": index.version if index is not None else None,
@@ -150,6 +155,9 @@ class ReferenceServer:
         # compiled, so what a user types (NFD, a trailing space, an invisible character) reaches them.
         if api.user is not None:
             api = replace(api, user=canonical_id(api.user) or api.user)
+            too_stale = self.client.over_max_stale()
+            if too_stale:  # the memory it would get may be long outdated (a forget, a correction it missed)
+                raise RequestError(too_stale, status=503, param="user", code="memory_too_stale")
         self._check_owner(api.user)
         if api.is_chat:
             messages = [dict(m, content=canonical_text(m["content"])) for m in api.messages]
@@ -312,7 +320,7 @@ class ReferenceServer:
             def _get(self) -> tuple[int, dict]:
                 if self.path.split("?", 1)[0] == "/healthz":
                     health = server.health()
-                    return (200 if health["version"] is not None else 503), health
+                    return (200 if health["version"] is not None and not health["reason"] else 503), health
                 return 200, {"object": "list", "data": [
                     {"id": server.model_name, "object": "model", "created": 0, "owned_by": "engram"}]}
 

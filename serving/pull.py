@@ -66,7 +66,7 @@ from engram_core.text import canonical_id
 from engram_core.serving import DeltaMismatch
 from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_scopes, decode_bundle, decode_layer, layer_parts
 from schemas.manifest import Manifest, ManifestError, ShardEntry
-from serving.last_good import (LastGood, LastGoodError, iso, load_last_good, record_path, save_last_good,
+from serving.last_good import (LastGood, fallback_candidates, iso, legacy_record_path, record_path, save_last_good,
                                store_identity)
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
@@ -112,6 +112,38 @@ def parse_shards(spec: str | None, num_shards: int | None = None) -> list[int] |
     if num_shards is not None and max(shards) >= num_shards:
         raise ValueError(f"shards {spec!r}: the store has {num_shards} shards (0-{num_shards - 1})")
     return sorted(shards)
+
+
+DURATION_FORMS = "a number and a unit, s, m, h or d (e.g. 90s, 30m, 6h, 2d, 1h30m)"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """``"30m"``, ``"6h"``, ``"2d"``, ``"1h30m"``, ``"90s"`` -> seconds (float, above 0). ValueError
+    naming ``name`` (if given) and :data:`DURATION_FORMS` for anything else (a bare number: seconds or minutes?)."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION_PART.findall(compact)
+    what = f"{name} {text!r}" if name else repr(text)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"{what} is not a duration; give {DURATION_FORMS}")
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{what} must be above 0; give {DURATION_FORMS}")
+    return seconds
+
+
+def human_duration(seconds: float) -> str:
+    """Seconds as the two largest units that are not 0: ``"2d 3h"``, ``"45m 10s"``; under a minute
+    to a tenth (``"12.4s"``, ``"3s"``)."""
+    if seconds < 59.95:
+        return f"{round(seconds, 1):g}s"
+    rest, parts = int(round(seconds)), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size or (unit == "s" and not parts):
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return " ".join(parts[:2])
 
 
 def _sha256(data: bytes) -> str:
@@ -441,7 +473,9 @@ class PullClient:
     instead, every object re-verified, and serves it as stale until a poll reaches the store.
     ``current``: the CURRENT manifest the caller read before the first poll (engram serve reads it
     to pick the model); a fallback never serves the users it forgets, nor a last-good version newer
-    than it (CURRENT was rolled back from it).
+    than it (CURRENT was rolled back from it). ``max_stale`` (seconds; None: no bound): once the
+    served version is stale and its last confirmation is older than that, :meth:`over_max_stale`
+    says why, and the server answers no user's request (serving.http) until a poll confirms a version.
     """
 
     _FAILURES = (PullError, PublishError, StoreError, ManifestError, BundleSchemaError, DeltaMismatch, OSError, ValueError)
@@ -456,8 +490,12 @@ class PullClient:
         interval: float = 30.0,
         jitter: float = 0.1,
         current: Manifest | None = None,
+        max_stale: float | None = None,
     ) -> None:
+        if max_stale is not None and not 0 < max_stale < float("inf"):
+            raise ValueError(f"max_stale {max_stale!r}: give seconds above 0, or None for no bound")
         self.store = store
+        self.max_stale = max_stale
         self.em = em
         self.shards = None if shards is None else tuple(sorted(set(shards)))
         self.cache = BundleCache(cache_dir) if cache_dir is not None else None
@@ -522,12 +560,29 @@ class PullClient:
         """None while the last poll confirmed the served version as CURRENT (or nothing is served);
         else what is served and why it may be out of date: ``version``, ``loaded_from`` ("store", or
         "last-good cache" when loaded at start with the store unreachable), ``confirmed_at`` (ISO UTC:
-        when the store last named it CURRENT), ``since`` (the first failed poll) and ``error``."""
+        when the store last named it CURRENT), ``since`` (the first failed poll), ``error``,
+        ``max_stale_s`` (the bound, seconds; None: none) and ``over_max_stale`` (:meth:`over_max_stale`
+        is not None)."""
         index = self._index
         if index is None or self.last_error is None:
             return None
         return {"version": index.version, "loaded_from": self.loaded_from, "confirmed_at": iso(self.confirmed_at),
-                "since": iso(self.stale_since), "error": self.last_error}
+                "since": iso(self.stale_since), "error": self.last_error, "max_stale_s": self.max_stale,
+                "over_max_stale": self.over_max_stale() is not None}
+
+    def over_max_stale(self, now: float | None = None) -> str | None:
+        """None while the served version may be served (confirmed by the last poll, or stale for no
+        longer than ``max_stale``); else one line saying the version, when the store last confirmed
+        it, how long ago and the bound: no user's memory is served until a poll confirms a version."""
+        index, confirmed_at = self._index, self.confirmed_at
+        if self.max_stale is None or index is None or self.last_error is None or confirmed_at is None:
+            return None
+        age = (time.time() if now is None else now) - confirmed_at
+        if age <= self.max_stale:
+            return None
+        return (f"v{index.version} was last confirmed CURRENT in {self.store.uri} at {iso(confirmed_at)}, "
+                f"{human_duration(age)} ago, over --max-stale {human_duration(self.max_stale)}: no user's memory is "
+                "served until the store answers (the last poll: " + self.last_error + ")")
 
     def _remember(self) -> str | None:
         """Keep the served version as this store's and model's last-good in the cache (its manifest,
@@ -538,13 +593,14 @@ class PullClient:
         state = (manifest.version, index.forgotten, self.confirmed_at)
         if state == self._recorded:
             return None
-        record = LastGood(store_identity(self.store), manifest, self.confirmed_at, index.forgotten)
+        record = LastGood(store_identity(self.store), manifest, self.confirmed_at, index.forgotten, self.shards)
         try:
             save_last_good(self.cache.root, record)
         except OSError as err:  # a read-only or full disk: the version is served all the same
-            path = record_path(self.cache.root, record.store_id, record.fingerprint)
+            path = record_path(self.cache.root, record.store_id, record.fingerprint, record.shards)
             try:  # an older record would serve, after a restart in an outage, what this node knows is superseded
                 path.unlink(missing_ok=True)
+                legacy_record_path(self.cache.root, record.store_id, record.fingerprint).unlink(missing_ok=True)
                 kept = "a restart while the store does not answer will serve nothing"
             except OSError:
                 kept = (f"{path} keeps an older version, which a restart while the store does not answer would "
@@ -563,23 +619,38 @@ class PullClient:
         poll's error message, saying which)."""
         if self.cache is None:
             return None, f"{message}; no --cache-dir, so no last-good version to serve"
-        try:
-            record = load_last_good(self.cache.root, store_identity(self.store), self.em.fingerprint)
-        except LastGoodError as err:
-            return None, f"{message}; {err}"
-        if record is None:
+        store_id = store_identity(self.store)
+        records, problems = fallback_candidates(self.cache.root, store_id, self.em.fingerprint, self.shards)
+        if not records:
+            if problems:
+                return None, f"{message}; {problems[0]}"
             return None, (f"{message}; cache {self.cache.root} holds no last-good version of this store for model "
                           f"{self.em.fingerprint[:16]}.. (a node must reach the store once to start)")
+        for problem in problems:
+            log.warning("%s (another record is tried)", problem)
+        refusals = []
+        for record in records:  # its own first, then records of nodes whose shards cover its own
+            build, refusal = self._load_last_good(record, records)
+            if build is not None:
+                return build, (f"{message}; serving v{record.manifest.version} from the cache's last-good (last "
+                               f"confirmed CURRENT at {iso(record.confirmed_at)}), which may be stale")
+            refusals.append(refusal)
+        return None, f"{message}; " + "; ".join(dict.fromkeys(refusals))
+
+    def _load_last_good(self, record: LastGood, records: Sequence[LastGood]) -> tuple["_Build | None", str | None]:
+        """Serve ``record`` (its objects from the cache only): (the build, None), or (None, why not).
+        Users forgotten by any record of this store and model (another node may have seen a later
+        forget) or by the CURRENT read at start are never served."""
         manifest, seen = record.manifest, self._seen
         if seen is not None and seen.version < manifest.version:
-            return None, (f"{message}; the cache's last-good v{manifest.version} is not served: CURRENT named "
+            return None, (f"the cache's last-good v{manifest.version} is not served: CURRENT named "
                           f"v{seen.version} when this node started (a rollback moved it back)")
-        erased = set(record.forgotten) | (set(seen.forgotten) if seen is not None else set())
+        erased = set().union(*(r.forgotten for r in records)) | (set(seen.forgotten) if seen is not None else set())
         build = _Build(offline=True)
         try:
             index = self._build(manifest, build)
         except self._FAILURES as err:
-            return None, f"{message}; the cache's last-good v{manifest.version} cannot be served: {err}"
+            return None, f"the cache's last-good v{manifest.version} cannot be served: {err}"
         self._index, self._manifest = index, manifest
         self.confirmed_at, self.loaded_from = record.confirmed_at, "last-good cache"
         self._recorded = (manifest.version, index.forgotten, record.confirmed_at)
@@ -587,8 +658,7 @@ class PullClient:
         log.warning("%s does not answer: serving the cache's last-good v%d (last confirmed CURRENT at %s; %d users "
                     "in %d shards, every object verified); polling until the store answers", self.store.uri,
                     manifest.version, iso(record.confirmed_at), index.num_users, len(index.shards))
-        return build, (f"{message}; serving v{manifest.version} from the cache's last-good (last confirmed CURRENT "
-                       f"at {iso(record.confirmed_at)}), which may be stale")
+        return build, None
 
     def _poll(self) -> PollResult:
         for attempt in range(1, _MOVES_FOLLOWED + 1):

@@ -177,6 +177,43 @@ def test_the_last_good_is_kept_per_store_and_model(s3_server, s3_store, flaky, t
         other.down()
 
 
+def test_nodes_with_other_shards_sharing_a_cache_each_fall_back_to_their_own_last_good(s3_store, flaky, tiny, compiled,
+                                                                                      tmp_path):
+    """Before, one record per store and model: the node of alice's shard, restarted in an outage,
+    found the v2 record of the node of the other shards and refused (v2's alice object was never
+    in the cache); and a record of that older layout is still read."""
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    alices = [shard_of("alice", NUM_SHARDS)]
+    others = [s for s in range(NUM_SHARDS) if s not in alices]
+    assert shard_of("bob", NUM_SHARDS) in others
+    assert PullClient(flaky.node_store(), tiny, shards=alices, cache_dir=cache).poll().error is None
+    publish(s3_store, tiny, v2(compiled))  # pulled by the other shards' node only
+    assert PullClient(flaky.node_store(), tiny, shards=others, cache_dir=cache).poll().version == 2
+    assert len(list((cache / LAST_GOOD_DIR).iterdir())) == 2
+
+    flaky.down()
+    restarted = PullClient(flaky.node_store(), tiny, shards=alices, cache_dir=cache)
+    result = restarted.poll()
+    assert result.version == 1 and result.stale["loaded_from"] == "last-good cache", result.error
+    assert answers(tiny, restarted, "alice", "alice") == expected("alice")
+    other = PullClient(flaky.node_store(), tiny, shards=others, cache_dir=cache)
+    assert other.poll().version == 2 and other.deltas_for("bob") and other.index.shards == tuple(others)
+
+    # the layout before shard sets: one <store>-<model>.json, no "shards" in it; read by a node without its own
+    store_id = store_identity(flaky.node_store())
+    own = record_path(cache, store_id, tiny.fingerprint, alices)
+    body = json.loads(own.read_text())
+    del body["shards"]
+    (cache / LAST_GOOD_DIR / f"{own.stem.rsplit('-', 1)[0]}.json").write_text(json.dumps(body))
+    for path in (own, record_path(cache, store_id, tiny.fingerprint, others)):
+        path.unlink()
+    legacy = PullClient(flaky.node_store(), tiny, shards=alices, cache_dir=cache)
+    assert legacy.poll().version == 1 and answers(tiny, legacy, "alice", "alice") == expected("alice")
+    for_others = PullClient(flaky.node_store(), tiny, shards=others, cache_dir=cache)  # v1's objects: v2's, verified
+    assert for_others.poll().version == 1 and for_others.deltas_for("bob")
+
+
 def test_a_restart_never_serves_what_the_current_it_read_forgets_or_rolled_back_from(s3_store, flaky, tiny, compiled,
                                                                                       tmp_path):
     """The CURRENT a node read as it started (engram serve reads it to pick the model) may have moved
@@ -208,6 +245,101 @@ def test_a_restart_never_serves_what_the_current_it_read_forgets_or_rolled_back_
     result = rolled_back.poll()
     assert rolled_back.index is None
     assert "last-good v2 is not served: CURRENT named v1 when this node started (a rollback" in result.error
+
+
+def _request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, {"Content-Type": "application/json"},
+                                     method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_past_max_stale_a_node_serves_no_users_memory_until_the_store_answers(s3_store, flaky, tiny, compiled,
+                                                                               tmp_path):
+    """Before, no bound: a node cut off from its store served its last verified version for ever
+    (forgets and corrections published meanwhile never reached it). With max_stale: healthz 503
+    naming the age and the bound, a request naming a user 503 (not an old memory), until a poll
+    confirms a version; requests with no user still get the base model."""
+    from serving.batcher import GenerationRequest
+    from serving.decode import Sampling
+    from serving.errors import RequestError
+    from serving.http import ReferenceServer
+
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    assert PullClient(flaky.node_store(), tiny, cache_dir=cache).poll().error is None
+    port = free_port()  # while the store's port is taken: the server must not get it once the store is down
+    flaky.down()
+    node = PullClient(flaky.node_store(), tiny, cache_dir=cache, max_stale=3.0)
+    assert node.poll().version == 1 and node.stale()["max_stale_s"] == 3.0
+    trigger, answer = FACTS["alice"][0]
+    ask = {"model": "engram", "prompt": trigger, "user": "alice", "max_tokens": len(tiny.encode_answer(answer))}
+    with ReferenceServer(tiny, node, port=port, poll=False) as server:
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "stale" and health["reason"] is None
+        assert node.over_max_stale() is None and not node.stale()["over_max_stale"]
+        status, said = _request(server.port, "POST", "/v1/completions", ask)
+        assert status == 200 and said["choices"][0]["text"] == answer
+
+        time.sleep(max(0.0, node.confirmed_at + 3.2 - time.time()))
+        assert node.poll().stale["over_max_stale"]  # still down
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 503 and health["status"] == "too_stale" and health["version"] == 1
+        assert health["reason"].startswith(f"v1 was last confirmed CURRENT in {flaky.uri} at {health['stale']['confirmed_at']}")
+        assert " ago, over --max-stale 3s: no user's memory is served until the store answers" in health["reason"]
+        status, refused = _request(server.port, "POST", "/v1/completions", ask)
+        assert status == 503 and refused["error"]["code"] == "memory_too_stale"
+        assert refused["error"]["message"] == node.over_max_stale()
+        status, base = _request(server.port, "POST", "/v1/completions", {k: v for k, v in ask.items() if k != "user"})
+        assert status == 200 and base["engram"]["memory"] == "base"
+        queued = GenerationRequest(tiny.encode_prompts([trigger]), "alice", Sampling(max_tokens=4))  # accepted before
+        with pytest.raises(RequestError) as late:
+            server.batcher.submit(queued)
+        assert late.value.status == 503 and late.value.code == "memory_too_stale" and queued.states == []
+
+        flaky.up()
+        assert node.poll().error is None and node.over_max_stale() is None
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "ok" and health["reason"] is None
+        status, said = _request(server.port, "POST", "/v1/completions", ask)
+        assert status == 200 and said["choices"][0]["text"] == answer
+
+
+def test_max_stale_on_the_commands(s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """engram pull/ask/serve --max-stale: bad values are usage errors (exit 2) naming the flag and the
+    forms; ask past the bound fails (exit 1) naming the age and the bound instead of answering."""
+    from typer.testing import CliRunner
+
+    for command in (["pull"], ["serve", "--port", "0"], ["ask", "--user", "alice", "hi"]):
+        for bad in ("30", "0m", "soon", "-1h"):
+            out = CliRunner().invoke(cli_app(), [*command, "--store", flaky.uri, "--max-stale", bad])
+            said = " ".join(out.output.replace("│", " ").split())  # the words, out of rich's box and wrapping
+            assert out.exit_code == 2, (command, bad, out.output)
+            assert f"Invalid value for --max-stale: {bad!r}" in said and "30m, 6h, 2d" in said, out.output
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
+    assert CliRunner().invoke(cli_app(), ["pull", "--max-stale", "2d", *args]).exit_code == 0
+    flaky.down()
+    trigger, answer = FACTS["alice"][0]
+    asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", trigger, "--max-stale", "1h", *args])
+    assert asked.exit_code == 0 and json.loads(asked.stdout.strip().splitlines()[-1])["stale"]["max_stale_s"] == 3600
+    time.sleep(1.2)
+    asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", trigger, "--max-stale", "1s", *args])
+    assert asked.exit_code == 1, asked.output
+    failure = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert failure["answered"] is False and "text" not in failure
+    assert " ago, over --max-stale 1s: no user's memory is served until the store answers" in failure["error"]
+    pulled = CliRunner().invoke(cli_app(), ["pull", "--max-stale", "1s", *args])
+    assert pulled.exit_code == 1 and json.loads(pulled.stdout.strip().splitlines()[-1])["stale"]["over_max_stale"]
+    assert "over --max-stale 1s" in pulled.stderr
 
 
 @pytest.fixture
@@ -242,6 +374,38 @@ def test_a_cache_turned_read_only_keeps_serving_and_says_its_last_good_is_not_ke
            in result.cache_error
 
 
+def test_a_node_restarted_in_an_outage_serves_its_read_only_cache_and_refuses_it_once_the_store_answers(
+        s3_store, flaky, tiny, tiny_dir, compiled, read_only_later):
+    """Before, a read-only --cache-dir was refused at start (exit 2) even while the store did not
+    answer and the cache held a verified last-good; the refusal stays where the node must write
+    (the store answers)."""
+    mount, make_read_only = read_only_later
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cache = mount / "cache"
+    args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
+
+    def engram(*command: str) -> subprocess.CompletedProcess:  # its own process: the model it maps leaves with it
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *command, *args], env=_node_env(flaky, cache),
+                              capture_output=True, text=True, timeout=300)
+
+    assert engram("pull").returncode == 0
+    make_read_only()
+    refused = engram("pull")
+    assert refused.returncode == 2 and f"--cache-dir {cache} is not writable" in refused.stderr, refused.stderr
+
+    flaky.down()
+    pulled = engram("pull")
+    assert pulled.returncode == 1, pulled.stderr  # nothing pulled, as on a writable cache
+    report = json.loads(pulled.stdout.strip().splitlines()[-1])
+    assert report["version"] == 1 and report["stale"]["loaded_from"] == "last-good cache"
+    assert f"--cache-dir {cache} is not writable: its last-good is served read-only" in pulled.stderr
+    trigger, answer = FACTS["alice"][0]
+    asked = engram("ask", "--user", "alice", "--max-new-tokens", str(len(tiny.encode_answer(answer))), trigger)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout.strip().splitlines()[-1])["text"] == answer
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -264,6 +428,52 @@ def test_a_cold_node_in_an_outage_fails_in_one_line_naming_the_store(flaky, tmp_
         assert failure["error"].startswith(f"store {flaky.uri} (endpoint {flaky.endpoint_url}): read CURRENT failed")
         assert (f"cache {tmp_path / 'cold'} holds no last-good version of this store to serve meanwhile (a node must "
                 "reach the store once to start): start it again once the store answers") in failure["error"]
+
+
+def test_a_local_store_whose_directory_goes_away_does_not_answer_and_is_served_from_the_last_good(
+        local_store, tiny, tiny_dir, compiled, tmp_path):
+    """Before, a running node found "no CURRENT pointer (nothing published yet)" in a store whose
+    volume was unmounted, and a node restarted meanwhile exited 2 (no such directory) or 1 (nothing
+    published yet, on the empty mount point) instead of serving its last-good."""
+    from typer.testing import CliRunner
+
+    from versions.store import open_store
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    cache, root = tmp_path / "cache", local_store.root
+    args = ["--store", str(root), "--cache-dir", str(cache), "--json"]
+    trigger, answer = FACTS["alice"][0]
+    ask = ["ask", "--user", "alice", "--max-new-tokens", str(len(tiny.encode_answer(answer))), trigger, *args]
+    assert CliRunner().invoke(cli_app(), ["pull", *args]).exit_code == 0
+    running = PullClient(open_store(str(root), create=False), tiny, cache_dir=cache)
+    assert running.poll().error is None
+
+    unmounted = root.with_name("store-elsewhere")
+    root.rename(unmounted)  # the volume the store is on goes away: its directory is gone
+    for gone in ("the store directory is gone", "the store directory is empty"):
+        result = running.poll()
+        assert result.error.startswith(f"StoreUnreachable: store {root}: inspect CURRENT failed: {gone}"), result.error
+        assert running.index.version == 1 and running.stale()["loaded_from"] == "store"
+        pulled = CliRunner().invoke(cli_app(), ["pull", *args])  # a restart
+        assert pulled.exit_code == 1, pulled.output
+        report = json.loads(pulled.stdout.strip().splitlines()[-1])
+        assert report["version"] == 1 and report["stale"]["loaded_from"] == "last-good cache"
+        assert gone in report["error"]
+        asked = CliRunner().invoke(cli_app(), ask)
+        assert asked.exit_code == 0 and json.loads(asked.stdout.strip().splitlines()[-1])["text"] == answer
+        root.mkdir(exist_ok=True)  # next: the store was the mount point itself, left empty
+
+    typo = CliRunner().invoke(cli_app(), ["pull", "--store", str(tmp_path / "stor"), "--cache-dir", str(cache)])
+    assert typo.exit_code == 2 and "no such directory" in typo.stderr  # a path this cache never served: as before
+    (tmp_path / "new").mkdir()
+    empty = CliRunner().invoke(cli_app(), ["pull", "--store", str(tmp_path / "new"), "--cache-dir", str(cache)])
+    assert empty.exit_code == 1 and "nothing published yet" in empty.stderr
+
+    root.rmdir()
+    unmounted.rename(root)  # mounted again
+    assert running.poll().error is None and running.stale() is None
+    assert CliRunner().invoke(cli_app(), ["pull", *args]).exit_code == 0
 
 
 def _health(port: int) -> dict:

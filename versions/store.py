@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import errno
 import fcntl
 import hashlib
 import logging
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _RESERVED_PREFIX = ".engram-"  # lock and temp files of a LocalStore; never valid key segments
 _LOCK_NAME = ".engram-store.lock"
+_CURRENT = "CURRENT"  # versions.layout.CURRENT_KEY: a store where it was read has published versions
 PROBE_FOLDER = ".engram-probe"  # the one reserved folder that is a key: check_conditional_writes' probes
 _WRONG_ETAG = "0" * 32  # an md5 no probe body has
 
@@ -67,7 +69,9 @@ class StoreError(RuntimeError):
 
 class StoreUnreachable(StoreError):
     """The store did not answer: the connection was refused, timed out or broke off, or the server
-    answered 5xx (after botocore's retries). Not an answer about the data: a serving node that
+    answered 5xx (after botocore's retries); for a local store (a directory), the directory is gone
+    or, once known to hold a published store, empty (an unmounted volume or NFS share), or its file
+    system fails (a stale NFS handle, EIO). Not an answer about the data: a serving node that
     restarts meanwhile may serve its last verified version from its cache (serving.last_good),
     whereas an answer (403 no permission, 404 no such key or bucket) is acted on as given."""
 
@@ -277,15 +281,31 @@ def _md5_hex(data: bytes) -> str:
 ACCESS_LOG_ENV = "ENGRAM_STORE_ACCESS_LOG"
 
 
+# errno of a file system that does not answer (a stale NFS handle, a dead server, a failing disk):
+# not an answer about the data, so a local store says StoreUnreachable as an S3 store does for no answer
+_NO_ANSWER_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ESTALE", "ENOTCONN", "ETIMEDOUT", "EHOSTDOWN", "EHOSTUNREACH", "ENODEV", "EIO", "ENXIO") if hasattr(errno, name))
+
+
 class LocalStore(ObjectStore):
     """A directory laid out exactly like the bucket.
+
+    A directory that was there and is gone (an unmounted volume, an NFS share or a disk that went
+    away) is a store that does not answer (StoreUnreachable), not an empty one, and so is a
+    directory found empty once it held a published store (a CURRENT read from it, or
+    ``published=True``: the caller knows versions were published there, e.g. a serving node whose
+    cache holds its last-good; such a store may also be opened while its directory is missing),
+    and a file system error that is no answer (:data:`_NO_ANSWER_ERRNOS`).
 
     With ``ENGRAM_STORE_ACCESS_LOG=/path/file`` set, every read and write of an object's bytes
     appends ``get|put <bytes> <key>`` to that file, from every process (the night's tasks too):
     how bench/night_scale.py counts what a night reads and writes."""
 
-    def __init__(self, root: str | os.PathLike, *, create: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, *, create: bool = True, published: bool = False) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+        self.published = published  # versions were published here: an empty or missing directory does not answer
+        self._access_log = os.environ.get(ACCESS_LOG_ENV)
         try:
             self.root.exists()
         except PermissionError:  # a folder above it cannot be entered (exists() raises, it does not say False)
@@ -294,14 +314,34 @@ class LocalStore(ObjectStore):
             raise StoreNotFound(f"store {self.root}: is a file, not a directory; give the store's directory "
                                 "(a night creates a new one)")
         if not create and not self.root.is_dir():
+            if published:
+                return  # gone meanwhile: every operation says StoreUnreachable until it is back
             raise StoreNotFound(f"store {self.root}: no such directory (check the path; a night creates the store)")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a folder above it is a file, or not writable
             raise StoreError(f"store {self.root}: cannot create it ({exc.strerror or exc}); give a directory "
                              "that can be created") from None
-        self.uri = self.root.as_uri()
-        self._access_log = os.environ.get(ACCESS_LOG_ENV)
+
+    def _unreachable(self, action: str, key: str, why: str) -> StoreUnreachable:
+        return StoreUnreachable(f"store {self.root}: {action} {key} failed: {why}; the store does not answer (check "
+                                "that its volume or NFS share is mounted)")
+
+    def _check_root(self, action: str, key: str) -> None:
+        """StoreUnreachable if the store's directory is gone, or empty although versions were published in it."""
+        try:
+            if not self.root.is_dir():
+                raise self._unreachable(action, key, "the store directory is gone (an unmounted volume or NFS share?)")
+            if self.published and next(os.scandir(self.root), None) is None:
+                raise self._unreachable(action, key, "the store directory is empty, though versions were published "
+                                                     "in it (an unmounted volume or NFS share?)")
+        except OSError as exc:
+            self._raise_if_no_answer(exc, action, key)
+            raise
+
+    def _raise_if_no_answer(self, exc: OSError, action: str, key: str) -> None:
+        if exc.errno in _NO_ANSWER_ERRNOS:
+            raise self._unreachable(action, key, f"{exc.strerror or exc}") from None
 
     def _log_access(self, op: str, key: str, size: int) -> None:
         if self._access_log:
@@ -330,20 +370,33 @@ class LocalStore(ObjectStore):
         try:
             data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            self._check_root("read", key)
             raise ObjectNotFound(f"{self.uri}/{key}: no such object") from None
         except PermissionError:
             raise StoreError(f"{self.describe()}: no permission to read {key} (check the job's file permissions)") from None
+        except OSError as exc:
+            self._raise_if_no_answer(exc, "read", key)
+            raise
         self._log_access("get", key, len(data))
+        if key == _CURRENT:
+            self.published = True
         return data, _md5_hex(data)
 
     def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
         try:
             size = path.stat().st_size
+            found = path.is_file()
         except (FileNotFoundError, NotADirectoryError):
+            found = False
+        except OSError as exc:
+            self._raise_if_no_answer(exc, "inspect", key)
+            raise
+        if not found:
+            self._check_root("inspect", key)
             return None
-        if not path.is_file():
-            return None
+        if key == _CURRENT:
+            self.published = True
         return ObjectInfo(key, size, lambda: self._file_md5(path, key))
 
     def _file_md5(self, path: Path, key: str) -> str:
@@ -357,6 +410,7 @@ class LocalStore(ObjectStore):
         _check_conditions(if_none_match, if_match)
         path = self._path(key)
         data = bytes(data)
+        self._check_root("write", key)  # not into the empty mount point of an unmounted volume
         with self._write_lock():
             current = self.head(key) if (if_none_match or if_match is not None) else None
             if if_none_match and current is not None:
@@ -377,6 +431,7 @@ class LocalStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
+        self._check_root("delete", key)
         with self._write_lock():
             path.unlink(missing_ok=True)
             # Drop directories the delete left empty, so the tree keeps mirroring the bucket.
@@ -387,6 +442,7 @@ class LocalStore(ObjectStore):
 
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)
+        self._check_root("list", prefix or "(every key)")
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         keys = []
         for dirpath, dirnames, filenames in os.walk(start):
