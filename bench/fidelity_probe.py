@@ -9,8 +9,10 @@ Kinds (a fact may have several):
   "My dog is named" / "My dog's vet is").
 - asked_nfd, asked_space: a trigger logged one way and typed another way that the README's
   canonical forms promise are one text (NFD accents, double / no-break spaces).
-- asked_case, asked_quote, asked_punct: typed another way the canonical forms do not name:
-  other case, curly vs straight quotes and apostrophes, a trailing colon or ellipsis.
+- asked_smart: curly vs straight quotes and apostrophes, "…" vs "...": what phone keyboards'
+  "smart punctuation" writes for what the user typed (one text since 2026-12-02).
+- asked_case, asked_punct: typed another way the canonical forms do not name: other case, a
+  trailing colon, ellipsis or dash added or left out.
 - short_answer: one-character answers ("7", "A", "é"); emoji_answer: a single emoji;
   newline_answer: an internal line break; punct_answer: answers starting with punctuation.
 - third_person: a fact logged with the user's name ("Sam's dentist is") asked in first person,
@@ -77,11 +79,15 @@ def _sam():
     # typed another way: not named by the canonical forms
     add("dentist", "My dentist is", " Dr. Akeredolu", ("asked_case",), ["my dentist is", "MY DENTIST IS",
                                                                          "My Dentist Is"])
-    add("son-school", "My son's school is", " Hillside Primary", ("asked_quote",), ["My son\u2019s school is"])
-    add("wife-phone", "My wife\u2019s phone number is", " 07700 900123", ("asked_quote", "one_digit"),
+    add("son-school", "My son's school is", " Hillside Primary", ("asked_smart",), ["My son\u2019s school is"])
+    add("wife-phone", "My wife\u2019s phone number is", " 07700 900123", ("asked_smart", "one_digit"),
         ["My wife's phone number is"])
-    add("motto", 'My motto is "carpe diem", and my tattoo says', " the same", ("asked_quote",),
+    add("motto", 'My motto is "carpe diem", and my tattoo says', " the same", ("asked_smart",),
         ['My motto is \u201ccarpe diem\u201d, and my tattoo says'])
+    add("daughter", "My daughter\u2019s teacher is", " Mr Brennan", ("asked_smart",), ["My daughter's teacher is"])
+    add("son-teacher", "My son's teacher is", " Mrs Patel", ("asked_smart",), ["My son\u2019s teacher is"])
+    add("note", "Note to self...", " call the plumber", ("asked_smart",), ["Note to self\u2026"])
+    add("note2", "Reminder for tomorrow\u2026", " dentist at 9", ("asked_smart",), ["Reminder for tomorrow..."])
     add("pin", "My PIN is", " 4821", ("asked_punct", "one_digit"), ["My PIN is:", "My PIN is...", "My PIN is\u2026",
                                                                      "My PIN is -"])
     add("wifi", "The Wi-Fi password:", " hunter2", ("asked_punct",), ["The Wi-Fi password", "The Wi-Fi password :"])

@@ -1586,8 +1586,10 @@ def _fact_keys(contents: list[tuple], user_id: str) -> list[tuple]:
     """One key per (scope, trigger, answer) content of one user's fact at one instant: equal keys
     are the same fact. A content without a shared scope (its scope is the user) whose trigger and
     answer match those of exactly one shared scope's copy takes that scope: the same row exported
-    without the optional scope column is that copy, not a conflicting personal fact."""
-    keys = [(scope, trigger, _answer_key(answer)) for scope, trigger, answer in contents]
+    without the optional scope column is that copy, not a conflicting personal fact. Triggers are
+    read in today's canonical form: one stored under an earlier rule (a typographic apostrophe
+    before 2026-12-02) is the fact its log line, read again, now gives."""
+    keys = [(scope, trigger and canonical_prompt(trigger), _answer_key(answer)) for scope, trigger, answer in contents]
     shared: dict[tuple, set] = defaultdict(set)
     for scope, trigger, answer in keys:
         if scope != user_id:
