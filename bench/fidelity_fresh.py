@@ -449,7 +449,11 @@ def _generate_ids(em, prompt_ids: list[list[int]], deltas: list[list], max_new_t
     return generate_ids(em, prompt_ids, overlay_for(em, deltas), max_new_tokens)
 
 
-def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: bool, variants: bool = True) -> dict:
+FORMS = ("prompt", "variant", "asked", "chat", "chat_user_turn")
+
+
+def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: bool, variants: bool = True,
+             forms: tuple[str, ...] = FORMS) -> dict:
     from engram_core.serving import generate
     from engram_core.text import canonical_fact, canonical_prompt, canonical_text
     from serving.chat import ChatTemplate
@@ -483,6 +487,7 @@ def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: 
             cases.append(("asked", f, p, user))
         cases.append(("chat", f, f.trigger, user))
         cases.append(("chat_user_turn", f, f.trigger, user))
+    cases = [c for c in cases if c[0] in forms]
     def _after(text: str, answer: str) -> str:  # what follows a recalled answer
         return canonical_text(text).lstrip(" ")[len(want(answer)):]
 
@@ -591,7 +596,7 @@ def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: 
 
 
 def run_corpus(corpus: dict, model: Path | None, workdir: Path | None, nights: int, ask_default: bool,
-               variants: bool = True, as_json: bool = False) -> list[dict]:
+               variants: bool = True, as_json: bool = False, forms: tuple[str, ...] = FORMS) -> list[dict]:
     """Each night of ``corpus`` through `engram run nightly` on a local store in ``workdir``, then
     :func:`evaluate`; one result per night (printed as it comes unless ``as_json``)."""
     import pyarrow.parquet as pq
@@ -611,7 +616,7 @@ def run_corpus(corpus: dict, model: Path | None, workdir: Path | None, nights: i
         pq.write_table(fact_log_table(corpus["nights"][night], corpus["deletes"][night], start + timedelta(days=night)),
                        workdir / "log" / f"night-{night + 1}.parquet")
         report = run_night(workdir, model, night, as_json)
-        result = evaluate(workdir, model, corpus, night, ask_default, variants)
+        result = evaluate(workdir, model, corpus, night, ask_default, variants, forms)
         result["rejects"] = [r for r in rejects(workdir) if r.get("version") == report.get("version")] \
             if report.get("version") else []
         result["not_ok"] = statuses(workdir)

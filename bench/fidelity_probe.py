@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fidelity_fresh import Fact, run_corpus  # noqa: E402
+from fidelity_fresh import FORMS, Fact, run_corpus  # noqa: E402
 
 
 def _nfd(text: str) -> str:
@@ -213,6 +213,8 @@ def main() -> None:
     ap.add_argument("--per-user", type=int, default=4, help="facts per crowd user (of the 20 templates)")
     ap.add_argument("--nights", type=int, default=2, choices=[1, 2])
     ap.add_argument("--variants", action="store_true", help="also ask with a trailing space and newline")
+    ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS,
+                    help="how to ask (prompt: as logged; asked: typed another way; chat, chat_user_turn)")
     ap.add_argument("--dump", type=Path, default=None, help="write the corpus as JSON and stop")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -222,7 +224,8 @@ def main() -> None:
                                          "deletes": [[f.__dict__ for f in n] for n in corpus["deletes"]]},
                                         ensure_ascii=False, indent=1))
         return
-    results = run_corpus(corpus, args.model, args.workdir, args.nights, False, args.variants, as_json=args.json)
+    results = run_corpus(corpus, args.model, args.workdir, args.nights, False, args.variants, as_json=args.json,
+                         forms=tuple(args.forms))
     if args.json:
         print(json.dumps(results, indent=1, ensure_ascii=False))
 
