@@ -164,7 +164,11 @@ _TYPED_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"',
 def canonical_prompt(text: str) -> str:
     """A prompt as the model sees it at serve time: :func:`canonical_text`, stripped (rule 4), the
     typographic quotes and ellipsis as typed (rule 6). A trigger's canonical form is one too."""
-    text = canonical_text(text).strip()
+    return _as_typed(canonical_text(text).strip())
+
+
+def _as_typed(text: str) -> str:
+    """Rule 6 on a text already read by rules 1-3."""
     return text if text.isascii() else text.translate(_TYPED_PUNCTUATION)
 
 
@@ -285,7 +289,7 @@ def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
         return trigger, answer  # already canonical (most facts): no copy
     trigger, answer = canonical_text(trigger), canonical_text(answer)
     spaced = trigger[-1:].isspace() or answer[:1].isspace()
-    trigger, answer = canonical_prompt(trigger), answer.strip()
+    trigger, answer = _as_typed(trigger.strip()), answer.strip()
     if trigger and answer and (spaced or _space_between(trigger, answer)):
         answer = " " + answer
     return trigger, answer
