@@ -22,7 +22,8 @@ spaces, starts with the answer as the user wrote it (canonical text, stripped). 
 length is the answer's token count plus 2 (`--ask-default` also asks with `engram ask`'s
 default of 64 new tokens). A leak is a generated text that starts with another user's answer
 to the same trigger (and not with the asker's own), or, for the base model (no memory), with
-any user's answer. Stale: after night 2, a changed or deleted fact's old answer served.
+any user's answer. A run-on is a recalled answer ending in a letter or digit that the generation
+continues with another ("7" served as "75"; counted, not a miss). Stale: after night 2, a changed or deleted fact's old answer served.
 
     python bench/fidelity_fresh.py --json                     # build the tiny model, two nights
     python bench/fidelity_fresh.py --model DIR --workdir /tmp/fresh --json
@@ -448,7 +449,11 @@ def _generate_ids(em, prompt_ids: list[list[int]], deltas: list[list], max_new_t
     return generate_ids(em, prompt_ids, overlay_for(em, deltas), max_new_tokens)
 
 
-def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: bool) -> dict:
+FORMS = ("prompt", "variant", "asked", "chat", "chat_user_turn")
+
+
+def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: bool, variants: bool = True,
+             forms: tuple[str, ...] = FORMS) -> dict:
     from engram_core.serving import generate
     from engram_core.text import canonical_fact, canonical_prompt, canonical_text
     from serving.chat import ChatTemplate
@@ -476,12 +481,18 @@ def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: 
 
     cases = []  # (form, fact, prompt, user)
     for (user, trig), f in sorted(live.items()):
-        for k, p in enumerate(prompts_of(f)):
+        for k, p in enumerate(prompts_of(f)[:None if variants else 1]):
             cases.append(("prompt" if k == 0 else "variant", f, p, user))
+        for p in f.prompts:  # the trigger typed another way than it was logged
+            cases.append(("asked", f, p, user))
         cases.append(("chat", f, f.trigger, user))
         cases.append(("chat_user_turn", f, f.trigger, user))
+    cases = [c for c in cases if c[0] in forms]
+    def _after(text: str, answer: str) -> str:  # what follows a recalled answer
+        return canonical_text(text).lstrip(" ")[len(want(answer)):]
+
     per_kind: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    failed, leaks, stale, near_misses = [], [], [], []
+    failed, leaks, stale, near_misses, run_on = [], [], [], [], []
     batch = 32
     texts_all = []
     for start in range(0, len(cases), batch):
@@ -513,6 +524,9 @@ def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: 
         hit = starts(text, f.answer)
         for kind in f.kinds + ("all",):
             per_kind[form][kind].append(hit)
+        if hit and want(f.answer)[-1:].isalnum() and _after(text, f.answer)[:1].isalnum():
+            run_on.append({"form": form, "user": user, "fact": f.fact_id, "want": want(f.answer),
+                           "got": text[:len(f.answer) + 12]})  # "7" served as "75"
         if not hit and len(failed) < 80:
             failed.append({"form": form, "user": user, "fact": f.fact_id, "prompt": p, "want": want(f.answer),
                            "got": text[:len(f.answer) + 24], "kinds": f.kinds})
@@ -559,7 +573,7 @@ def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: 
                       for form, kinds in per_kind.items()},
            "leaks": leaks, "one_char_misses_like_another_users_answer": near_misses, "stale": stale,
            "stale_checks": sum(len(f.old_answers) > 0 for f in live.values()) + len(moved) + len(deleted),
-           "base_model_leaks": base_leaks, "failed": failed}
+           "base_model_leaks": base_leaks, "run_on": run_on, "failed": failed}
     if ask_default:  # engram ask's default length
         import inspect
 
@@ -581,6 +595,38 @@ def evaluate(workdir: Path, model: Path, corpus: dict, night: int, ask_default: 
     return out
 
 
+def run_corpus(corpus: dict, model: Path | None, workdir: Path | None, nights: int, ask_default: bool,
+               variants: bool = True, as_json: bool = False, forms: tuple[str, ...] = FORMS) -> list[dict]:
+    """Each night of ``corpus`` through `engram run nightly` on a local store in ``workdir``, then
+    :func:`evaluate`; one result per night (printed as it comes unless ``as_json``)."""
+    import pyarrow.parquet as pq
+
+    tmp = tempfile.TemporaryDirectory() if workdir is None else None
+    workdir = workdir or Path(tmp.name)
+    (workdir / "log").mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model = workdir / "model"
+        if not model.exists():
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            subprocess.run([sys.executable, "-m", "jobs.cli", "model", "init", str(model), "--tiny"], cwd=ROOT,
+                           env=env, check=True, capture_output=True)
+    results = []
+    start = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+    for night in range(nights):
+        pq.write_table(fact_log_table(corpus["nights"][night], corpus["deletes"][night], start + timedelta(days=night)),
+                       workdir / "log" / f"night-{night + 1}.parquet")
+        report = run_night(workdir, model, night, as_json)
+        result = evaluate(workdir, model, corpus, night, ask_default, variants, forms)
+        result["rejects"] = [r for r in rejects(workdir) if r.get("version") == report.get("version")] \
+            if report.get("version") else []
+        result["not_ok"] = statuses(workdir)
+        result["compile"] = {k: report.get(k) for k in ("facts_ok", "facts_failed", "version")}
+        results.append(result)
+        if not as_json:
+            print(json.dumps(result, indent=1, ensure_ascii=False))
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="a checkpoint (default: engram model init --tiny)")
@@ -597,32 +643,7 @@ def main() -> None:
                                          "deletes": [[f.__dict__ for f in n] for n in corpus["deletes"]]},
                                         ensure_ascii=False, indent=1))
         return
-    import pyarrow.parquet as pq
-
-    tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
-    workdir = args.workdir or Path(tmp.name)
-    (workdir / "log").mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        model = workdir / "model"
-        if not model.exists():
-            env = dict(os.environ, PYTHONPATH=str(ROOT))
-            subprocess.run([sys.executable, "-m", "jobs.cli", "model", "init", str(model), "--tiny"], cwd=ROOT,
-                           env=env, check=True, capture_output=True)
-    results = []
-    start = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
-    for night in range(args.nights):
-        pq.write_table(fact_log_table(corpus["nights"][night], corpus["deletes"][night], start + timedelta(days=night)),
-                       workdir / "log" / f"night-{night + 1}.parquet")
-        report = run_night(workdir, model, night, args.json)
-        result = evaluate(workdir, model, corpus, night, args.ask_default)
-        result["rejects"] = [r for r in rejects(workdir) if r.get("version") == report.get("version")] \
-            if report.get("version") else []
-        result["not_ok"] = statuses(workdir)
-        result["compile"] = {k: report.get(k) for k in ("facts_ok", "facts_failed", "version")}
-        results.append(result)
-        if not args.json:
-            print(json.dumps(result, indent=1, ensure_ascii=False))
+    results = run_corpus(corpus, args.model, args.workdir, args.nights, args.ask_default, as_json=args.json)
     if args.json:
         print(json.dumps(results, indent=1, ensure_ascii=False))
 

@@ -42,7 +42,12 @@ every prompt at serve time (:func:`canonical_prompt`: ``engram ask``, ``engram s
    "我住在东京" (Hangul and full-width Latin letters are spaced).
    Measured on the tiny model (tests/test_text.py): the natural prompt recalls the answer with
    this rule and not with the stored split.
-6. **Ids** (user_id, fact_id, scope) follow rules 1-3, with every format character removed
+6. **Typed punctuation in triggers and prompts**: the typographic quotes ‘ ’ “ ” become ' and ",
+   and the ellipsis … becomes "...". Phone and word-processor keyboards ("smart punctuation")
+   write them for what a user types as ' " ..., so the same trigger arrives both ways ("My wife’s
+   phone number is" logged from a phone, "My wife's phone number is" typed at a desk); their
+   tokens differ. Answers keep them as written: they are what is served.
+7. **Ids** (user_id, fact_id, scope) follow rules 1-3, with every format character removed
    (joiners too: an id is an identity, not a text to read), and are stripped, so ``u-sam``,
    ``u-sam`` + U+200B and U+FEFF + ``u-sam`` are one user (issue 16 item 5); ``engram forget``
    canonicalises its argument the same way.
@@ -161,13 +166,23 @@ def unpaired_surrogate(text: str) -> int | None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# Rule 6: what "smart punctuation" writes for ' " and ..., read as typed in triggers and prompts.
+_TYPED_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": "..."})
+
+
 def canonical_prompt(text: str) -> str:
-    """A prompt as the model sees it at serve time: :func:`canonical_text`, stripped (rule 4)."""
-    return canonical_text(text).strip()
+    """A prompt as the model sees it at serve time: :func:`canonical_text`, stripped (rule 4), the
+    typographic quotes and ellipsis as typed (rule 6). A trigger's canonical form is one too."""
+    return _as_typed(canonical_text(text).strip())
+
+
+def _as_typed(text: str) -> str:
+    """Rule 6 on a text already read by rules 1-3."""
+    return text if text.isascii() else text.translate(_TYPED_PUNCTUATION)
 
 
 def canonical_id(value: str) -> str:
-    """A user_id, fact_id or scope in its canonical form (rule 6); may return "" (then rejected)."""
+    """A user_id, fact_id or scope in its canonical form (rule 7); may return "" (then rejected)."""
     return canonical_text(value, keep_joiners=False).strip()
 
 
@@ -274,7 +289,7 @@ def _space_between(trigger: str, answer: str) -> bool:
 
 
 def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
-    """(trigger, answer) in canonical form (rules 1-5). ``trigger`` is what a user types
+    """(trigger, answer) in canonical form (rules 1-6). ``trigger`` is what a user types
     (:func:`canonical_prompt` of it is itself); ``answer`` carries the boundary space. Empty
     texts stay empty (ingest rejects them)."""
     if (answer[:1] == " " and trigger.isascii() and answer.isascii() and "  " not in trigger and "  " not in answer
@@ -283,7 +298,7 @@ def canonical_fact(trigger: str, answer: str) -> tuple[str, str]:
         return trigger, answer  # already canonical (most facts): no copy
     trigger, answer = canonical_text(trigger), canonical_text(answer)
     spaced = trigger[-1:].isspace() or answer[:1].isspace()
-    trigger, answer = trigger.strip(), answer.strip()
+    trigger, answer = _as_typed(trigger.strip()), answer.strip()
     if trigger and answer and (spaced or _space_between(trigger, answer)):
         answer = " " + answer
     return trigger, answer

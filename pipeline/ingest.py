@@ -1783,9 +1783,11 @@ def _fact_keys(contents: list[tuple], user_id: str) -> list[tuple]:
     are the same fact (the texts read with Unicode's line breaks as newlines, as ingest now writes
     them). A content without a shared scope (its scope is the user) whose trigger and
     answer match those of exactly one shared scope's copy takes that scope: the same row exported
-    without the optional scope column is that copy, not a conflicting personal fact."""
-    # a text stored before NEL, U+2028 and U+2029 read as newlines (2026-12-02) is its new form's fact
-    keys = [(scope, trigger and trigger.translate(LINE_BREAKS), _answer_key(answer and answer.translate(LINE_BREAKS)))
+    without the optional scope column is that copy, not a conflicting personal fact. Texts are
+    read in today's canonical form: one stored under an earlier rule (a typographic apostrophe in a
+    trigger, NEL / U+2028 / U+2029 kept as written, before 2026-12-02) is the fact its log line,
+    read again, now gives."""
+    keys = [(scope, trigger and canonical_prompt(trigger), _answer_key(answer and answer.translate(LINE_BREAKS)))
             for scope, trigger, answer in contents]
     shared: dict[tuple, set] = defaultdict(set)
     for scope, trigger, answer in keys:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from engram_core.text import normalize_token_text
+from engram_core.text import canonical_prompt, normalize_token_text
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,10 @@ def user_fact_digest(state: pa.Table) -> dict[str, str]:
 
 def trigger_key(trigger: str) -> str:
     """A trigger as the Engram addressing reads its words (engram_core.text.normalize_token_text,
-    METHOD.md's tokenizer compression). Facts of one owner with equal keys address the same rows,
-    so no row can tell them apart (engram_core.conflicts)."""
-    return normalize_token_text(trigger)
+    METHOD.md's tokenizer compression) in today's canonical form (as the compiler tokenizes it: a
+    trigger stored with ’ before 2026-12-02 is the one typed with '). Facts of one owner with equal
+    keys address the same rows, so no row can tell them apart (engram_core.conflicts)."""
+    return normalize_token_text(canonical_prompt(trigger))
 
 
 def trigger_winners(owners: list[str], fact_ids: list[str], triggers: list[str],

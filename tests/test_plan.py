@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline.plan import FingerprintMismatch, plan, user_fact_digest
+from pipeline.plan import FingerprintMismatch, plan, trigger_winners, user_fact_digest
 from schemas import facts as F
 from tests.fixtures.bad_inputs.corpus import T0
 
@@ -81,3 +81,11 @@ def test_the_digest_ignores_row_order_and_sees_any_answer_change():
 
 def test_the_digest_of_an_empty_state_is_empty():
     assert user_fact_digest(F.empty_fact_state()) == {}
+
+
+def test_a_trigger_stored_with_a_typographic_apostrophe_groups_with_the_typed_one_as_the_compiler_reads_them():
+    """The compiler reads a stored trigger in today's canonical form (’ as '), so the night's
+    change check must group the two facts as it does: the later written one is compiled."""
+    winners = trigger_winners(["u", "u", "u"], ["old", "new", "other"],
+                              ["My wife\u2019s phone number is", "My wife's phone number is", "My dog is"], [1, 2, 1])
+    assert winners == {"u": ["new"]}

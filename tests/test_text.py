@@ -120,7 +120,7 @@ def log_table(rows: list[dict]) -> pa.Table:
      ("Team 🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", " Scotland")),
     ("Status: ✅", "done", ("Status: ✅", " done")),
     ("My brand is Acme™", "Pro", ("My brand is Acme™", " Pro")),
-    ("She paused…", "then left", ("She paused…", " then left")),
+    ("She paused…", "then left", ("She paused...", " then left")),  # a trigger's "…" as typed (rule 6)
     ("Set the oven to 180°", "C", ("Set the oven to 180°", "C")),  # a degree sign awaits its unit
     ("The reading is 25", "°C", ("The reading is 25", "°C")),  # a unit sign follows its number
     ("Ｔｏｋｙｏ", "Tower", ("Ｔｏｋｙｏ", " Tower")),  # full-width Latin letters are spaced as Latin
@@ -210,6 +210,20 @@ def test_prompts_in_nfd_with_invisible_characters_or_a_trailing_space_read_as_th
     assert canonical_text("a\nb\tc") == "a\nb\tc"  # newlines and tabs inside a text are kept
 
 
+def test_typographic_quotes_and_ellipsis_in_triggers_and_prompts_read_as_typed_and_answers_keep_them():
+    """What phone keyboards write for ' " ... ("smart punctuation") is one trigger with what a desk
+    keyboard writes; the answer is served as the user wrote it."""
+    assert canonical_prompt("My wife\u2019s phone number is") == "My wife's phone number is"
+    assert canonical_prompt("My motto is \u201ccarpe diem\u201d, and my \u2018lucky\u2019 number is") == \
+        "My motto is \"carpe diem\", and my 'lucky' number is"
+    assert canonical_prompt("Note to self\u2026") == "Note to self..."
+    assert canonical_fact("My son\u2019s school is", " \u201cHillside\u201d Primary\u2026") == \
+        ("My son's school is", " \u201cHillside\u201d Primary\u2026")
+    assert canonical_fact("My dad\u2019s motto:\u2026", "\u2019Tis what it is") == ("My dad's motto:...", " \u2019Tis what it is")
+    assert canonical_id("u-o\u2019neil") == "u-o\u2019neil"  # ids are identities, not typed text
+    assert canonical_prompt("\u201e\u00abquote\u00bb\u201c") == "\u201e\u00abquote\u00bb\""  # only what keyboards substitute
+
+
 def test_look_alike_ids_have_one_canonical_form():
     assert canonical_id("u-sam") == canonical_id("u-sam" + ZWSP) == canonical_id(BOM + "u-sam") == "u-sam"
     assert canonical_id(unicodedata.normalize("NFD", "josé")) == "josé"
@@ -246,6 +260,43 @@ def test_a_fact_stored_in_nfd_with_invisible_characters_is_recalled_from_every_t
     want = tiny.encode_answer(" Dr. Ødegaard-Müller")
     for typed in (natural, unicodedata.normalize("NFD", natural), ZWSP + natural, natural + " "):
         assert greedy_tokens(tiny, typed, len(want), [delta]) == want, typed
+
+
+def test_a_trigger_logged_with_a_typographic_apostrophe_is_recalled_from_the_typed_one_and_not_another_facts(tiny):
+    """bench/fidelity_probe.py: "My wife’s phone number is" logged from a phone and asked as typed
+    at a desk ("My wife's ...") served the user's dog's vet's number (the prompt ended in the vet
+    fact's "'s phone number is"); the other way round, and with an ellipsis, likewise."""
+    facts = [Fact("u", "wife", "My wife\u2019s phone number is", " 07700 900123"),
+             Fact("u", "vet", "My dog's vet's phone number is", " 555-0142"),
+             Fact("u", "son", "My son's school is", " Hillside Primary"),
+             Fact("u", "note", "Note to self\u2026", " buy stamps")]
+    result = compile_facts(tiny, facts)
+    assert result.ok == 4, result.status_counts()
+    delta = result.deltas["u"]
+    for fact, typed in [(facts[0], "My wife's phone number is"), (facts[0], "My wife\u2019s phone number is"),
+                        (facts[1], "My dog\u2019s vet\u2019s phone number is"), (facts[2], "My son\u2019s school is"),
+                        (facts[3], "Note to self..."), (facts[3], "Note to self\u2026")]:
+        want = tiny.encode_answer(fact.answer)
+        assert greedy_tokens(tiny, typed, len(want), [delta]) == want, typed
+
+
+def test_a_log_line_with_a_typographic_apostrophe_stored_before_the_rule_is_a_duplicate_read_again():
+    """A fact stored with "’" in its trigger (before 2026-12-02) and its log line read again at the
+    same event time: the same fact (DUPLICATE, kept as stored), not a conflict that drops it."""
+    from schemas.facts import FACT_STATE_SCHEMA, fact_hash
+
+    trigger = "My wife\u2019s phone number is"
+    stored = pa.Table.from_pylist([{"user_id": "u-jo", "fact_id": "wife", "scope": "u-jo", "trigger": trigger,
+                                    "answer": " 07700 900123", "event_time": T0,
+                                    "fact_hash": fact_hash("u-jo", trigger, " 07700 900123")}],
+                                  schema=FACT_STATE_SCHEMA)
+    again = ingest(log_table([{"user_id": "u-jo", "fact_id": "wife", "trigger": trigger, "answer": " 07700 900123"}]),
+                   stored, max_trigger_tokens=32)
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] and again.changed_users == set()
+    assert again.state.equals(stored)
+    fresh = ingest(log_table([{"user_id": "u-jo", "fact_id": "wife", "trigger": trigger, "answer": " 07700 900123"}]),
+                   None, max_trigger_tokens=32)
+    assert fresh.state.column("trigger").to_pylist() == ["My wife's phone number is"]
 
 
 # ---------------------------------------------------------------- ingest, serving index, forget
