@@ -18,9 +18,11 @@ from versions.store import LocalStore
 
 pytestmark = pytest.mark.slow
 
-SLOW_START_LIMIT_S = 90.0
+SLOW_START_LIMIT_S = 300.0
 """How long the slow actor waits for the other to compile three chunks before starting anyway
-(then the test fails: the pool gave it chunks it could not yet compile)."""
+(then the test fails: the pool gave it chunks it could not yet compile). Generous: the test
+asserts where the wait ended (a marker file), not the night's wall time, which a busy machine
+stretches (CI load once made a right night take 124 s against a 90 s limit)."""
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def ray_cluster():
 
 def test_chunks_go_to_the_actor_that_started_while_the_other_is_still_loading(ray_cluster, tmp_path, tiny_dir,
                                                                              monkeypatch):
-    first, log = tmp_path / "first-actor", tmp_path / "chunks"
+    first, log, timed_out = tmp_path / "first-actor", tmp_path / "chunks", tmp_path / "slow-actor-timed-out"
 
     class SlowSecondWorker(pipeline.compile.CompileWorker):
         """The second actor to start waits until the first has compiled three chunks (or the limit)."""
@@ -50,6 +52,8 @@ def test_chunks_go_to_the_actor_that_started_while_the_other_is_still_loading(ra
                 deadline = time.monotonic() + SLOW_START_LIMIT_S
                 while time.monotonic() < deadline and (not log.exists() or len(log.read_text().split()) < 3):
                     time.sleep(0.1)
+                if not log.exists() or len(log.read_text().split()) < 3:
+                    timed_out.touch()
             super().__init__(*args, **kwargs)
 
         def compile(self, *args, **kwargs):
@@ -63,13 +67,12 @@ def test_chunks_go_to_the_actor_that_started_while_the_other_is_still_loading(ra
     write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
     spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
                        workers=2, batches_per_chunk=1, compile={"facts_per_batch": 8})
-    started = time.monotonic()
     report = run_nightly(spec)
     assert report.published and report.facts_ok == len(rows) and report.facts_failed == 0
     by_actor = sorted(log.read_text().split().count(pid) for pid in set(log.read_text().split()))
     assert sum(by_actor) == 4
     assert by_actor[-1] >= 3, f"chunks per actor {by_actor}: the actor still loading was given chunks"
-    assert time.monotonic() - started < SLOW_START_LIMIT_S
+    assert not timed_out.exists(), "the slow actor started only at its limit: the other never compiled three chunks"
 
     # The same night compiled in this process publishes the same shards.
     clean = NightlySpec(**{**spec.to_dict(), "store": str(tmp_path / "clean"), "workers": 0})
@@ -196,7 +199,7 @@ def test_an_actor_that_loads_after_its_chunks_are_known_skips_the_warm_up(ray_cl
 
     pools: list = []
     _night_with_pool(monkeypatch, pools)
-    mapped = tmp_path / "mapped"
+    mapped, timed_out = tmp_path / "mapped", tmp_path / "late-actor-timed-out"
     real_map = pipeline.runner._RayPool.map
 
     def map_(self, *args, **kwargs):
@@ -210,6 +213,8 @@ def test_an_actor_that_loads_after_its_chunks_are_known_skips_the_warm_up(ray_cl
             deadline = time.monotonic() + SLOW_START_LIMIT_S
             while not mapped.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
+            if not mapped.exists():
+                timed_out.touch()
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.runner._RayPool, "map", map_)
@@ -218,9 +223,8 @@ def test_an_actor_that_loads_after_its_chunks_are_known_skips_the_warm_up(ray_cl
     write_fact_log(rows, tmp_path / "log" / "day=1" / "part-0.parquet")
     spec = NightlySpec(store=str(tmp_path / "store"), fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
                        workers=2, batches_per_chunk=1, compile={"facts_per_batch": 8})
-    started = time.monotonic()
     report = run_nightly(spec)
-    assert time.monotonic() - started < SLOW_START_LIMIT_S
+    assert not timed_out.exists(), "the late actor loaded only at its limit: the night never mapped its chunks"
     assert report.facts_ok == len(rows) and report.facts_failed == 0
     assert pools[-1].warmed == []
     assert "warm_up" not in report.compile_worker_seconds and report.compile_worker_seconds["load"] > 0
