@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -410,6 +411,66 @@ def _is_aws_endpoint(endpoint: str) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
+_CHECKSUM_SETTINGS = ("request_checksum_calculation", "response_checksum_validation")
+
+
+def classic_checksum_settings(endpoint: str | None, scoped_config: dict | None = None) -> dict[str, str]:
+    """``{setting: "when_required"}`` for each flexible-checksum setting an S3 client of
+    ``endpoint`` should get: both on an endpoint that is not AWS's, less those the operator chose
+    (``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION``, or the profile's
+    ``request_checksum_calculation`` / ``response_checksum_validation`` in ``scoped_config``);
+    ``{}`` on AWS itself (``endpoint`` None: AWS's default endpoint)."""
+    if endpoint is None or _is_aws_endpoint(endpoint):
+        return {}
+    scoped_config = scoped_config or {}
+    return {name: "when_required" for name in _CHECKSUM_SETTINGS
+            if f"AWS_{name.upper()}" not in os.environ and name not in scoped_config}
+
+
+_ARROW_ENV_LOCK = threading.Lock()
+
+
+@contextmanager
+def arrow_checksum_env(settings: dict[str, str]) -> Iterator[None]:
+    """Around the construction of a pyarrow ``S3FileSystem`` (``S3FileSystem(...)``,
+    ``FileSystem.from_uri``): its AWS C++ SDK reads its checksum settings from the environment
+    when it builds its client, and otherwise sends ``x-amz-checksum-mode: enabled`` on every GET
+    and an aws-chunked body with a CRC64 trailer on every upload, which servers that refuse
+    flexible checksums answer with 400 / 501. ``settings`` (from :func:`classic_checksum_settings`)
+    are set as ``AWS_<NAME>`` for the construction only, then the environment is restored."""
+    if not settings:
+        yield
+        return
+    names = {f"AWS_{name.upper()}": value for name, value in settings.items()}
+    with _ARROW_ENV_LOCK:
+        before = {name: os.environ.get(name) for name in names}
+        os.environ.update(names)
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def arrow_env_checksum_settings() -> dict[str, str]:
+    """:func:`classic_checksum_settings` for a pyarrow S3 filesystem made from the environment
+    (``FileSystem.from_uri('s3://...')``: its endpoint is ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``, AWS without them)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint is None or _is_aws_endpoint(endpoint):
+        return {}
+    import botocore.session
+
+    try:
+        scoped = botocore.session.Session().get_scoped_config()
+    except Exception:  # a profile that does not exist: pyarrow reports what it finds itself
+        scoped = {}
+    return classic_checksum_settings(endpoint, scoped)
+
+
 class S3Store(ObjectStore):
     """A bucket (and optional key prefix) on S3 or an S3-compatible server.
 
@@ -468,13 +529,13 @@ class S3Store(ObjectStore):
         # Content-MD5 instead (:meth:`put`), which they all verify. AWS_REQUEST_CHECKSUM_CALCULATION
         # and AWS_RESPONSE_CHECKSUM_VALIDATION (or the profile's settings) choose otherwise.
         self.legacy_checksums = not _is_aws_endpoint(self._client.meta.endpoint_url)
+        self._checksum_settings: dict[str, str] = {}  # also given to arrow_filesystem()'s S3FileSystem
         if self.legacy_checksums:
-            scoped = self._session._session.get_scoped_config()
-            checksums = {name: "when_required" for name in ("request_checksum_calculation", "response_checksum_validation")
-                         if f"AWS_{name.upper()}" not in os.environ and name not in scoped}
-            if checksums:
+            self._checksum_settings = classic_checksum_settings(self._client.meta.endpoint_url,
+                                                                self._session._session.get_scoped_config())
+            if self._checksum_settings:
                 self._client = self._session.client("s3", endpoint_url=endpoint_url,
-                                                    config=config.merge(Config(**checksums)))
+                                                    config=config.merge(Config(**self._checksum_settings)))
         self.endpoint_url = self._client.meta.endpoint_url
         self.region = self._client.meta.region_name
 
@@ -611,15 +672,16 @@ class S3Store(ObjectStore):
         credentials = self._session.get_credentials()
         frozen = credentials.get_frozen_credentials() if credentials is not None else None
         endpoint = urlparse(self.endpoint_url)
-        filesystem = pyarrow.fs.S3FileSystem(
-            access_key=frozen.access_key if frozen else None,
-            secret_key=frozen.secret_key if frozen else None,
-            session_token=frozen.token if frozen else None,
-            anonymous=frozen is None,
-            region=self.region or "us-east-1",
-            endpoint_override=endpoint.netloc or None,
-            scheme=endpoint.scheme or "https",
-        )
+        with arrow_checksum_env(self._checksum_settings):  # the classic request form, as the store's own client
+            filesystem = pyarrow.fs.S3FileSystem(
+                access_key=frozen.access_key if frozen else None,
+                secret_key=frozen.secret_key if frozen else None,
+                session_token=frozen.token if frozen else None,
+                anonymous=frozen is None,
+                region=self.region or "us-east-1",
+                endpoint_override=endpoint.netloc or None,
+                scheme=endpoint.scheme or "https",
+            )
         base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         return filesystem, base
 
