@@ -266,3 +266,24 @@ def test_s3_listings_leave_out_engram_reserved_names_as_a_local_store_does(tmp_p
     s3 = open_store(f"s3://{s3_bucket}/copy")
     assert s3.list("") == local.list("") == ["CURRENT", "objects/bundles/b.parquet"]
     assert s3.list("objects/bundles/") == ["objects/bundles/b.parquet"]
+
+
+@pytest.mark.parametrize("encoding", [None, "raw", "unflagged"])
+def test_a_prefix_with_plus_percent_space_and_non_ascii_lists_its_keys_whatever_the_servers_list_encoding(
+        s3_server, s3_bucket, encoding):
+    """ListObjectsV2 asks for keys URL-encoded; some servers send them raw although their answer
+    says 'url' (botocore's decoding then made '+' a space and '%41' an 'A'), others encode them
+    and do not say so: such a store prefix listed keys cut at the wrong place (stats and
+    `engram versions` then read keys that do not exist), or none."""
+    from tests.s3_proxy import ConditionProxy
+
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, list_encoding=encoding) as proxy:
+        store = S3Store(s3_bucket, "team+a %41b/é", endpoint_url=proxy.endpoint_url)
+        keys = ["manifests/v00000001.json", "audit/20261202T003458Z-ab.json", "stats/x y+z%2F.parquet"]
+        for key in keys:
+            store.put(key, b"x")
+        S3Store(s3_bucket, "team", endpoint_url=proxy.endpoint_url).put("other", b"y")  # a sibling prefix
+        assert store.list("") == sorted(keys)
+        assert store.list("manifests/") == keys[:1]
+        assert store.list("stats/") == keys[2:] and store.get(keys[2]) == b"x"

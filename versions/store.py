@@ -11,7 +11,8 @@ Both stores give the two conditional writes that publishing is built on:
 
 A failed condition raises :class:`PreconditionFailed`. An etag is the md5 hex digest of the
 object's bytes in both stores (what S3 returns for a single-part upload, without quotes), so
-etags are comparable across stores; treat them as opaque all the same.
+etags are comparable across stores; treat them as opaque all the same (a server's ETag may be
+unquoted, weak ``W/"..."`` or not an MD5; the store keeps it bare, without quotes or ``W/``).
 
 Some S3-compatible servers (and proxies in front of them) accept the condition headers and
 ignore them, or answer them with 501. Every writer (the nightly job, publish, rollback, forget,
@@ -46,7 +47,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, unquote_plus, urlparse
 
 import pyarrow.fs
 
@@ -269,6 +270,14 @@ class ObjectStore(abc.ABC):
 def _check_conditions(if_none_match: bool, if_match: str | None) -> None:
     if if_none_match and if_match is not None:
         raise ValueError("put: if_none_match and if_match are mutually exclusive")
+
+
+def _bare_etag(value: str) -> str:
+    """An ETag as the server wrote it, without its quotes and weak mark: ``"abc"``, ``abc`` and
+    ``W/"abc"`` (a gateway that compresses or re-frames answers weakens it) are all ``abc``, the
+    value an ``If-Match`` gives back quoted."""
+    value = value.strip()
+    return (value[2:] if value[:2].upper() == "W/" else value).strip('"')
 
 
 def _md5_hex(data: bytes) -> str:
@@ -621,7 +630,7 @@ class S3Store(ObjectStore):
             with self._errors("read", key):
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
                 try:
-                    return response["Body"].read(), response["ETag"].strip('"')
+                    return response["Body"].read(), _bare_etag(response["ETag"])
                 except (HTTPClientError, IncompleteReadError) as err:  # ResponseStreamingError, ReadTimeoutError, ...
                     if attempt >= self.max_attempts:
                         raise StoreUnreachable(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
@@ -635,7 +644,7 @@ class S3Store(ObjectStore):
                 response = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ObjectNotFound:
             return None
-        return ObjectInfo(key, int(response["ContentLength"]), response["ETag"].strip('"'))
+        return ObjectInfo(key, int(response["ContentLength"]), _bare_etag(response["ETag"]))
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         _check_conditions(if_none_match, if_match)
@@ -643,7 +652,7 @@ class S3Store(ObjectStore):
         if if_none_match:
             args["IfNoneMatch"] = "*"
         if if_match is not None:
-            args["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+            args["IfMatch"] = f'"{_bare_etag(if_match)}"'
         if self.sse:
             args["ServerSideEncryption"] = self.sse
         if self.sse_kms_key_id:
@@ -652,20 +661,42 @@ class S3Store(ObjectStore):
             args["ContentMD5"] = base64.b64encode(hashlib.md5(args["Body"], usedforsecurity=False).digest()).decode()
         with self._errors("write", key):
             response = self._client.put_object(**args)
-        return response["ETag"].strip('"')
+        return _bare_etag(response["ETag"])
 
     def delete(self, key: str) -> None:
         with self._errors("delete", key):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys under ``prefix`` (see :meth:`ObjectStore.list`).
+
+        Keys are asked for URL-encoded (``encoding-type=url``, as botocore asks) and decoded here,
+        by what the server did rather than what it says it did: some servers send them raw
+        although their answer says ``url`` (botocore's decoding then turned ``+`` into a space
+        and ``%41`` into ``A``), others encode them without saying so (a store prefix with
+        ``+``, ``%``, spaces or non-ASCII letters then listed no key, or keys cut at the wrong
+        place). A key that fits the requested prefix neither way is a StoreError naming it."""
         _check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
+        wanted = root + prefix
         keys = []
         with self._errors("list", prefix or "/"):
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix):
-                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", [])
-                            if self._listed(obj["Key"][len(root):], f"s3://{self.bucket}/{obj['Key']}"))
+            # EncodingType given here: botocore then leaves the keys as the server sent them
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=wanted,
+                                                                            EncodingType="url")
+            for page in pages:
+                said_url = page.get("EncodingType") == "url"
+                for obj in page.get("Contents", []):
+                    sent = obj["Key"]
+                    key = next((k for k in ((unquote_plus(sent), sent) if said_url else (sent, unquote_plus(sent)))
+                                if k.startswith(wanted)), None)
+                    if key is None:
+                        raise StoreError(f"{self.describe()}: listing {wanted or '/'} answered the key {sent!r}, which "
+                                         "is not under that prefix encoded or not: the server does not URL-encode "
+                                         "listed keys as ListObjectsV2's encoding-type=url asks; use a store prefix "
+                                         "of ASCII letters, digits, '-', '_', '.' and '/' only, or fix the server")
+                    if self._listed(key[len(root):], f"s3://{self.bucket}/{key}"):
+                        keys.append(key[len(root):])
         return sorted(keys)
 
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
