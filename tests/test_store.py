@@ -287,3 +287,36 @@ def test_a_prefix_with_plus_percent_space_and_non_ascii_lists_its_keys_whatever_
         assert store.list("") == sorted(keys)
         assert store.list("manifests/") == keys[:1]
         assert store.list("stats/") == keys[2:] and store.get(keys[2]) == b"x"
+
+
+def test_a_server_answering_head_without_content_length_still_gives_each_objects_size(s3_server, s3_bucket):
+    """HEAD without Content-Length (a gateway answering it chunked): head() raised KeyError
+    'ContentLength', and a night died on it with no message."""
+    from tests.s3_proxy import ConditionProxy
+
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, lengths="head_without_length") as proxy:
+        store = S3Store(s3_bucket, "engram", endpoint_url=proxy.endpoint_url)
+        etag = store.put("objects/a", b"x" * 1000)
+        store.put("objects/empty", b"")
+        assert (store.head("objects/a").size, store.head("objects/a").etag) == (1000, etag)
+        assert store.head("objects/empty").size == 0 and store.head("objects/none") is None
+
+
+def test_a_body_cut_short_under_a_content_length_that_says_so_is_an_unreachable_store_not_data(s3_server,
+                                                                                              s3_bucket):
+    """A server (or proxy) that answers GET with a Content-Length below the object's size sends
+    a cut body on a good connection; botocore took it as whole: CURRENT or a manifest read as
+    damaged JSON, a shard as 'damaged' (IntegrityError: the store blamed for a transfer)."""
+    from tests.s3_proxy import ConditionProxy
+    from versions.store import StoreUnreachable
+
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, lengths="get_short") as proxy:
+        store = S3Store(s3_bucket, "engram", endpoint_url=proxy.endpoint_url, max_attempts=2)
+        store.put("manifests/v00000001.json", b'{"version": 1}')
+        with pytest.raises(StoreUnreachable, match=r"read manifests/v00000001.json broke off mid-object 2 times "
+                                                   r"\(7 of 14 bytes"):
+            store.get("manifests/v00000001.json")
+        proxy.lengths = None
+        assert store.get("manifests/v00000001.json") == b'{"version": 1}'

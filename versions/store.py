@@ -57,6 +57,7 @@ _RESERVED_PREFIX = ".engram-"  # lock and temp files of a LocalStore; never vali
 _LOCK_NAME = ".engram-store.lock"
 PROBE_FOLDER = ".engram-probe"  # the one reserved folder that is a key: check_conditional_writes' probes
 _WRONG_ETAG = "0" * 32  # an md5 no probe body has
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")  # a single-part upload's etag (when not encrypted with KMS)
 
 
 MAX_POOL_CONNECTIONS = 32
@@ -621,7 +622,9 @@ class S3Store(ObjectStore):
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         """The object's bytes and etag. A body that breaks off mid-way (a dropped connection, a load
         balancer's timeout: botocore retries the request, not the body's read) is read again, up to
-        ``max_attempts`` times; then a StoreError that says so (it blamed the credentials)."""
+        ``max_attempts`` times; then a StoreError that says so (it blamed the credentials). So is a
+        body cut short under a ``Content-Length`` that did not say the object's size (see
+        :meth:`_short_read`): StoreUnreachable naming the bytes received and the object's size."""
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
         attempt = 0
@@ -630,21 +633,59 @@ class S3Store(ObjectStore):
             with self._errors("read", key):
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
                 try:
-                    return response["Body"].read(), _bare_etag(response["ETag"])
+                    body, etag = response["Body"].read(), _bare_etag(response["ETag"])
+                    why = self._short_read(key, body, etag)
+                    if why is None:
+                        return body, etag
                 except (HTTPClientError, IncompleteReadError) as err:  # ResponseStreamingError, ReadTimeoutError, ...
-                    if attempt >= self.max_attempts:
-                        raise StoreUnreachable(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
-                                         f"({type(err).__name__}); check the network to the endpoint") from None
-                    log.warning("%s: read %s broke off mid-object (%s); reading it again", self.uri, key,
-                                type(err).__name__)
+                    why = type(err).__name__
+                if attempt >= self.max_attempts:
+                    raise StoreUnreachable(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
+                                           f"({why}); check the network to the endpoint") from None
+                log.warning("%s: read %s broke off mid-object (%s); reading it again", self.uri, key, why)
+
+    def _short_read(self, key: str, body: bytes, etag: str) -> str | None:
+        """Why ``body`` is not the whole object, or None. A server (or a proxy) that answers with a
+        ``Content-Length`` below the object's size sends a cut body on a good connection, which
+        botocore takes as whole. Where the etag is an MD5 (a single-part upload's) and the body's
+        MD5 differs, the object's size (HEAD) tells a cut body from an etag that is no MD5 (SSE-KMS,
+        some servers): a body of another size is a cut one."""
+        if not _MD5_ETAG.match(etag) or _md5_hex(body) == etag:
+            return None
+        info = self.head(key)
+        if info is None or info.size == len(body) or info.etag != etag:  # gone or replaced: not a cut body
+            return None
+        return f"{len(body)} of {info.size} bytes, under a Content-Length that did not say the object's size"
 
     def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and etag, or None if there is no such object. A server that answers
+        HEAD without ``Content-Length`` (some gateways send ``Transfer-Encoding: chunked``
+        instead) is asked for the object's first byte, whose ``Content-Range`` names its size."""
         try:
             with self._errors("inspect", key):
                 response = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                if "ContentLength" not in response:
+                    return ObjectInfo(key, self._size_by_range(key), _bare_etag(response["ETag"]))
         except ObjectNotFound:
             return None
         return ObjectInfo(key, int(response["ContentLength"]), _bare_etag(response["ETag"]))
+
+    def _size_by_range(self, key: str) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range="bytes=0-0")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":  # 416: an empty object
+                return 0
+            raise
+        response["Body"].read()
+        total = (response.get("ContentRange") or "").rpartition("/")[2]
+        if not total.isdigit():
+            raise StoreError(f"{self.describe()}: inspect {key} failed: the server answered HEAD without "
+                             f"Content-Length and a ranged GET without a size in Content-Range "
+                             f"({response.get('ContentRange')!r}); fix the server or the gateway in front of it")
+        return int(total)
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         _check_conditions(if_none_match, if_match)
