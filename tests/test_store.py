@@ -320,3 +320,27 @@ def test_a_body_cut_short_under_a_content_length_that_says_so_is_an_unreachable_
             store.get("manifests/v00000001.json")
         proxy.lengths = None
         assert store.get("manifests/v00000001.json") == b'{"version": 1}'
+
+
+def test_a_listing_that_shows_a_new_manifest_late_still_gives_stats_and_versions_the_current_one(
+        s3_server, s3_bucket, tmp_path, tiny_dir, monkeypatch):
+    """An eventually consistent listing (a key missing from the first listing after its PUT):
+    `engram stats` right after a night answered from the versions listed, without the one CURRENT
+    names (0 facts, silently), and `engram versions` did not show it."""
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from pipeline.stats import query_stats
+    from tests.s3_proxy import ConditionProxy
+    from versions.catalog import list_versions
+
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, list_lag=1) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        store = S3Store(s3_bucket, "engram", endpoint_url=proxy.endpoint_url)
+        write_fact_log(fact_log_rows(4, 3), tmp_path / "log" / "part-0.parquet")
+        night = run_nightly(NightlySpec(store=store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                                        num_shards=2, workers=0))
+        assert (night.version, night.published) == (1, True)
+        assert query_stats(store, "select count(*) as n from facts where status = 'ok'").to_pylist() == [{"n": 12}]
+        assert [(v.version, v.current) for v in list_versions(store)] == [(1, True)]
