@@ -44,6 +44,10 @@ show it (an eventually consistent listing).
 ``fail``: ``(method, path fragment) -> [status, ...]``: the next matching requests are answered
 with these statuses in turn (``503 SlowDown``, ``500 InternalError``) before any go through.
 
+``lose_answers``: ``(method, path fragment) -> count``: the next matching requests go through
+and their answer is replaced by ``500 InternalError`` (the write landed; the answer was lost, as
+on a server or gateway that fails after committing): the client's retry meets its own write.
+
 ``lengths``: ``"head_without_length"``: HEAD answers carry no ``Content-Length``;
 ``"get_short"``: a GET's answer says ``Content-Length`` of half its body and sends that half on
 a connection that stays good (a truncation the client cannot see as a dropped connection).
@@ -93,7 +97,8 @@ class ConditionProxy:
                  deny_deletes: tuple[str, ...] = (), cut_gets: dict[str, int] | None = None, port: int = 0,
                  refuse_reads: dict[str, int] | None = None, refuse_checksums: bool = False,
                  etags: str | None = None, list_encoding: str | None = None, list_lag: int = 0,
-                 fail: dict[tuple[str, str], list[int]] | None = None, lengths: str | None = None):
+                 fail: dict[tuple[str, str], list[int]] | None = None, lengths: str | None = None,
+                 lose_answers: dict[tuple[str, str], int] | None = None):
         if mode not in ("ignore", "501", "pass"):
             raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
         self.upstream = urlparse(upstream_url)
@@ -104,6 +109,7 @@ class ConditionProxy:
         self.refuse_checksums = refuse_checksums
         self.etags, self.list_encoding, self.list_lag, self.lengths = etags, list_encoding, list_lag, lengths
         self.fail = {k: list(v) for k, v in (fail or {}).items()}
+        self.lose_answers = dict(lose_answers or {})
         self._opaque: dict[str, str] = {}  # an opaque etag (quoted) -> the upstream's
         self._lagging: dict[str, int] = {}  # upstream key -> listings it is still left out of
         self.headers: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers lower-cased)
@@ -200,6 +206,12 @@ class ConditionProxy:
                                            replace={"If-Match": proxy._opaque[if_match]})
                 status, reply_headers, reply = proxy.forward(self.command, self.path, headers, body)
                 reply_headers, reply = proxy.quirks(self.command, self.path, status, reply_headers, reply)
+                lost = next((k for k, left in proxy.lose_answers.items() if left and k[0] == self.command
+                             and k[1] in self.path), None)
+                if lost is not None:
+                    proxy.lose_answers[lost] -= 1
+                    return self._answer(500, [("Content-Type", "application/xml")], _error(
+                        "InternalError", "We encountered an internal error. Please try again."))
                 if proxy.lengths == "get_short" and self.command == "GET" and status == 200 and "list-type" \
                         not in self.path:
                     return self._answer(status, reply_headers, reply[:len(reply) // 2])

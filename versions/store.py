@@ -92,7 +92,10 @@ class ObjectNotFound(StoreError):
 
 
 class PreconditionFailed(StoreError):
-    pass
+    """A conditional write's condition did not hold. ``retried``: the answer came to a retry of the
+    request (botocore's), whose first attempt may have landed."""
+
+    retried = False
 
 
 class ConditionalWritesUnsupported(StoreError):
@@ -570,8 +573,10 @@ class S3Store(ObjectStore):
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             where = f"{self.uri}/{key}"
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                raise PreconditionFailed(f"{where}: {action} precondition failed ({code or status}): "
-                                         "the object was created or changed by another writer") from None
+                failed = PreconditionFailed(f"{where}: {action} precondition failed ({code or status}): "
+                                            "the object was created or changed by another writer")
+                failed.retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+                raise failed from None
             if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket"):
                 raise ObjectNotFound(f"{where}: no such object") from None
             if code == "NoSuchBucket":
@@ -700,8 +705,23 @@ class S3Store(ObjectStore):
             args["SSEKMSKeyId"] = self.sse_kms_key_id
         if self.legacy_checksums:  # the server checks the body it received against the client's bytes
             args["ContentMD5"] = base64.b64encode(hashlib.md5(args["Body"], usedforsecurity=False).digest()).decode()
-        with self._errors("write", key):
-            response = self._client.put_object(**args)
+        try:
+            with self._errors("write", key):
+                response = self._client.put_object(**args)
+        except PreconditionFailed as err:
+            # A server that fails after committing (500 InternalError, a gateway's 502/504, a timeout)
+            # makes botocore retry a write that landed; the retry then fails its own condition. If
+            # the object holds exactly these bytes, it is this write's.
+            if err.retried:
+                try:
+                    held, etag = self.get_with_etag(key)
+                except ObjectNotFound:
+                    raise err from None
+                if held == args["Body"]:
+                    log.info("%s: write %s was retried after an error and its first attempt had landed",
+                             self.describe(), key)
+                    return etag
+            raise
         return _bare_etag(response["ETag"])
 
     def delete(self, key: str) -> None:
