@@ -344,3 +344,29 @@ def test_a_listing_that_shows_a_new_manifest_late_still_gives_stats_and_versions
         assert (night.version, night.published) == (1, True)
         assert query_stats(store, "select count(*) as n from facts where status = 'ok'").to_pylist() == [{"n": 12}]
         assert [(v.version, v.current) for v in list_versions(store)] == [(1, True)]
+
+
+def test_stats_reads_layers_from_a_server_whose_head_has_no_content_length(s3_server, s3_bucket, tmp_path, tiny_dir,
+                                                                            monkeypatch):
+    """pyarrow's S3 filesystem took a HEAD without Content-Length as a 0-byte object: `engram
+    stats` over a version with layers failed with 'Parquet file size is 0 bytes', reported as a
+    query to fix. The views now give each layer the size its manifest records."""
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from pipeline.stats import query_stats
+    from tests.s3_proxy import ConditionProxy
+    from versions.catalog import read_manifest
+
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, lengths="head_without_length") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        store = S3Store(s3_bucket, "engram", endpoint_url=proxy.endpoint_url)
+        for night, rows in enumerate((fact_log_rows(4, 3), fact_log_rows(1, 2, seed=1, day=1)), start=1):
+            write_fact_log(rows, tmp_path / f"log{night}" / "part-0.parquet")
+            assert run_nightly(NightlySpec(store=store.uri, fact_log=str(tmp_path / f"log{night}"),
+                                           model=str(tiny_dir), num_shards=2, workers=0,
+                                           compact_layer_share=1e3)).published
+        assert any(entry.layers for entry in read_manifest(store, 2).shards)
+        got = query_stats(store, "select version, count(*) as n from facts group by 1 order by 1").to_pylist()
+        assert got == [{"version": 1, "n": 12}, {"version": 2, "n": 14}]
