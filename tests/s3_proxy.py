@@ -249,11 +249,10 @@ class ConditionProxy:
         if method == "GET" and status == 200 and "list-type=2" in path:
             text = body.decode()
             for key in list(self._lagging):
-                entry = re.search(r"<Contents>(?:(?!</Contents>).)*<Key>" + re.escape(quote(key, safe="/~")) +
-                                  r"</Key>.*?</Contents>", text, re.S)
-                if entry is None:
-                    entry = re.search(r"<Contents>(?:(?!</Contents>).)*<Key>" + re.escape(key) + r"</Key>.*?</Contents>",
-                                      text, re.S)
+                entry = None
+                for written in (quote(key, safe="/~"), key):  # as encoding-type=url asked, or raw
+                    entry = entry or re.search(r"<Contents>(?:(?!</Contents>).)*<Key>" + re.escape(written) +
+                                               r"</Key>.*?</Contents>", text, re.S)
                 if entry is not None:
                     text = text.replace(entry.group(0), "")
                     self._lagging[key] -= 1

@@ -154,9 +154,18 @@ def test_pyarrows_s3_reads_of_fact_logs_and_layers_use_the_classic_form_too(stri
 
 
 def test_an_operators_checksum_setting_reaches_pyarrow_and_the_environment_is_restored(strict, monkeypatch):
-    _, store = strict
+    proxy, store = strict
     monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
-    store.arrow_filesystem()
+    store.put("objects/a", b"abc")
+    filesystem, base = store.arrow_filesystem()
+    assert filesystem.open_input_file(f"{base}/objects/a").read() == b"abc"
     assert "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ
-    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_supported")
-    assert "response_checksum_validation" not in S3Store(store.bucket, endpoint_url=store.endpoint_url)._checksum_settings
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_supported")  # the operator's choice wins
+    chosen = S3Store(store.bucket, "engram", endpoint_url=store.endpoint_url)
+    assert chosen._checksum_settings == {"request_checksum_calculation": "when_required"}
+    filesystem, base = chosen.arrow_filesystem()
+    with pytest.raises(OSError):  # this server refuses x-amz-checksum-mode
+        filesystem.open_input_file(f"{base}/objects/a").read()
+    assert os.environ["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_supported"
+    modes = [h.get("x-amz-checksum-mode") for m, _, h in proxy.headers if m == "GET"]
+    assert modes[0] is None and modes[-1] == "enabled"
