@@ -76,6 +76,7 @@ from engram_core.text import LINE_BREAKS, canonical_fact, canonical_id, canonica
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
 from versions.layout import forgotten_id, shard_hash, shard_of
+from versions.store import arrow_checksum_env, arrow_env_checksum_settings
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +358,9 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         if scheme not in ("s3", "gs", "gcs"):
             return pafs.FileSystem.from_uri(uri)
-        filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
+        # an S3-compatible endpoint gets the classic request form, as the store does (versions.store)
+        with arrow_checksum_env(arrow_env_checksum_settings() if scheme == "s3" else {}):
+            filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
         return filesystem, rest
     except pa.ArrowInvalid as err:  # "Unrecognized filesystem type in URI", a URI pyarrow cannot parse
         raise FactLogNotFound(f"fact log {uri}: cannot open ({err}); give a local path or an s3:// URI") from err

@@ -355,9 +355,13 @@ def _create_view(connection, manifests: list[Manifest], plan: dict, parts: dict[
             connection.register(name, _parts_dataset(parts, keys, schema))
             where = ""
             if hiding:
-                connection.register(f"{name}_newer", ds.dataset([f"{base_path}/{key}" for key in sorted(set(hiding))],
-                                                                schema=users_only, format="parquet",
-                                                                filesystem=filesystem))
+                # each layer's size from its manifest: no HEAD per layer, and a server whose HEAD has
+                # no Content-Length (read as 0 bytes: "Parquet file size is 0 bytes") still reads
+                sizes = {key: size for key, (_, _, size) in _hiding_layers(manifests).items()}
+                parquet = ds.ParquetFileFormat()
+                connection.register(f"{name}_newer", ds.FileSystemDataset(
+                    [parquet.make_fragment(f"{base_path}/{key}", filesystem, file_size=sizes.get(key))
+                     for key in sorted(set(hiding))], users_only, parquet, filesystem))
                 where = f" WHERE user_id NOT IN (SELECT user_id FROM {name}_newer)"
             selects.append(f"SELECT {columns}, CAST({manifest.version} AS BIGINT) AS version FROM {name} u{where}")
             raw.append(f"SELECT user_id, scope, status FROM {name}{where}")

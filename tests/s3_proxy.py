@@ -27,6 +27,30 @@ BadDigest``), as every S3 server checks it. Every request's headers are kept in 
 ``cut_gets``: path fragment -> how many GETs of a path holding it break off mid-body (the status
 and the whole ``Content-Length`` are sent, then half the body, then the connection closes: a
 network drop or a load balancer timing out mid-download), in any mode.
+
+``etags``: how the server writes ETags in its answers (PUT, HEAD, GET): ``"unquoted"`` (``abc``),
+``"weak"`` (``W/"abc"``, as a gateway that compresses or re-frames bodies marks them) or
+``"opaque"`` (``"<other hex>-1"``, not the body's MD5, as multipart uploads, SSE-KMS and some
+servers give); an ``If-Match`` is compared with the ETag as the server writes it (an opaque one
+is mapped back to the upstream's before it is forwarded, re-signed).
+
+``list_encoding``: a ListObjectsV2 asked for ``encoding-type=url`` is answered with the keys
+``"raw"`` (not encoded, although the answer says ``<EncodingType>url``) or ``"unflagged"``
+(encoded, with no ``EncodingType`` element, so the client does not decode them).
+
+``list_lag``: a key written by a PUT is left out of the next ``list_lag`` listings that would
+show it (an eventually consistent listing).
+
+``fail``: ``(method, path fragment) -> [status, ...]``: the next matching requests are answered
+with these statuses in turn (``503 SlowDown``, ``500 InternalError``) before any go through.
+
+``lose_answers``: ``(method, path fragment) -> count``: the next matching requests go through
+and their answer is replaced by ``500 InternalError`` (the write landed; the answer was lost, as
+on a server or gateway that fails after committing): the client's retry meets its own write.
+
+``lengths``: ``"head_without_length"``: HEAD answers carry no ``Content-Length``;
+``"get_short"``: a GET's answer says ``Content-Length`` of half its body and sends that half on
+a connection that stays good (a truncation the client cannot see as a dropped connection).
 """
 
 from __future__ import annotations
@@ -34,9 +58,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, unquote_plus, urlparse
 
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -70,7 +95,10 @@ class _KeepContentHash(S3SigV4Auth):
 class ConditionProxy:
     def __init__(self, upstream_url: str, mode: str, *, access_key: str, secret_key: str, region: str = "us-east-1",
                  deny_deletes: tuple[str, ...] = (), cut_gets: dict[str, int] | None = None, port: int = 0,
-                 refuse_reads: dict[str, int] | None = None, refuse_checksums: bool = False):
+                 refuse_reads: dict[str, int] | None = None, refuse_checksums: bool = False,
+                 etags: str | None = None, list_encoding: str | None = None, list_lag: int = 0,
+                 fail: dict[tuple[str, str], list[int]] | None = None, lengths: str | None = None,
+                 lose_answers: dict[tuple[str, str], int] | None = None):
         if mode not in ("ignore", "501", "pass"):
             raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
         self.upstream = urlparse(upstream_url)
@@ -79,6 +107,11 @@ class ConditionProxy:
         self.cut_gets = dict(cut_gets or {})
         self.refuse_reads = dict(refuse_reads or {})
         self.refuse_checksums = refuse_checksums
+        self.etags, self.list_encoding, self.list_lag, self.lengths = etags, list_encoding, list_lag, lengths
+        self.fail = {k: list(v) for k, v in (fail or {}).items()}
+        self.lose_answers = dict(lose_answers or {})
+        self._opaque: dict[str, str] = {}  # an opaque etag (quoted) -> the upstream's
+        self._lagging: dict[str, int] = {}  # upstream key -> listings it is still left out of
         self.headers: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers lower-cased)
         self.signer = _KeepContentHash(Credentials(access_key, secret_key), "s3", region)
         self.requests: list[tuple[str, str, tuple[str, ...]]] = []
@@ -149,6 +182,13 @@ class ConditionProxy:
                             base64.b64encode(hashlib.md5(body).digest()).decode() != md5:
                         return self._answer(400, [("Content-Type", "application/xml")], _error(
                             "BadDigest", "The Content-MD5 you specified did not match what we received."))
+                failing = next((k for k, left in proxy.fail.items() if left and k[0] == self.command
+                                and k[1] in self.path), None)
+                if failing is not None:
+                    status = proxy.fail[failing].pop(0)
+                    return self._answer(status, [("Content-Type", "application/xml")], _error(
+                        _READ_ERRORS[status], "Please reduce your request rate." if status == 503 else
+                        "We encountered an internal error. Please try again."))
                 if self.command == "DELETE" and any(part in self.path for part in proxy.deny_deletes):
                     return self._answer(403, [("Content-Type", "application/xml")], _ACCESS_DENIED)
                 refused = next((status for part, status in proxy.refuse_reads.items() if part in self.path), None)
@@ -160,7 +200,21 @@ class ConditionProxy:
                     return self._answer(501, [("Content-Type", "application/xml")], _NOT_IMPLEMENTED)
                 if self.command == "PUT" and sent and proxy.mode == "ignore":
                     headers = proxy.resign(self.command, self.path, headers, body)
+                if_match = lowered.get("if-match")
+                if proxy.etags == "opaque" and if_match in proxy._opaque:
+                    headers = proxy.resign(self.command, self.path, headers, body,
+                                           replace={"If-Match": proxy._opaque[if_match]})
                 status, reply_headers, reply = proxy.forward(self.command, self.path, headers, body)
+                reply_headers, reply = proxy.quirks(self.command, self.path, status, reply_headers, reply)
+                lost = next((k for k, left in proxy.lose_answers.items() if left and k[0] == self.command
+                             and k[1] in self.path), None)
+                if lost is not None:
+                    proxy.lose_answers[lost] -= 1
+                    return self._answer(500, [("Content-Type", "application/xml")], _error(
+                        "InternalError", "We encountered an internal error. Please try again."))
+                if proxy.lengths == "get_short" and self.command == "GET" and status == 200 and "list-type" \
+                        not in self.path:
+                    return self._answer(status, reply_headers, reply[:len(reply) // 2])
                 cut = next((part for part, left in proxy.cut_gets.items() if left and part in self.path), None)
                 if self.command == "GET" and status == 200 and cut is not None:
                     proxy.cut_gets[cut] -= 1
@@ -173,8 +227,11 @@ class ConditionProxy:
                 for key, value in headers:
                     if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)) if self.command != "HEAD" else
-                                 dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(body)))
+                elif proxy.lengths != "head_without_length":
+                    self.send_header("Content-Length", dict((k.lower(), v) for k, v in headers).get("content-length",
+                                                                                                    "0"))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body if cut_at is None else body[:cut_at])
@@ -183,9 +240,49 @@ class ConditionProxy:
 
         return Handler
 
-    def resign(self, method: str, path: str, headers: list, body: bytes) -> list:
-        """The request without its condition headers, signed again as the client would have signed it."""
-        kept = {k: v for k, v in headers if k.lower() not in {c.lower() for c in CONDITIONS}
+    def quirks(self, method: str, path: str, status: int, headers: list, body: bytes) -> tuple[list, bytes]:
+        """The upstream's answer as the mimicked server writes it (``etags``, ``list_encoding``, ``list_lag``)."""
+        if self.etags:
+            headers = [(k, self._etag(v) if k.lower() == "etag" else v) for k, v in headers]
+        if method == "PUT" and status == 200 and self.list_lag:
+            self._lagging[unquote(urlparse(path).path.split("/", 2)[2])] = self.list_lag
+        if method == "GET" and status == 200 and "list-type=2" in path:
+            text = body.decode()
+            for key in list(self._lagging):
+                entry = None
+                for written in (quote(key, safe="/~"), key):  # as encoding-type=url asked, or raw
+                    entry = entry or re.search(r"<Contents>(?:(?!</Contents>).)*<Key>" + re.escape(written) +
+                                               r"</Key>.*?</Contents>", text, re.S)
+                if entry is not None:
+                    text = text.replace(entry.group(0), "")
+                    self._lagging[key] -= 1
+                    if not self._lagging[key]:
+                        del self._lagging[key]
+            if self.list_encoding == "raw":
+                text = re.sub(r"<Key>(.*?)</Key>", lambda m: f"<Key>{unquote_plus(m.group(1))}</Key>", text)
+                text = re.sub(r"<Prefix>(.*?)</Prefix>", lambda m: f"<Prefix>{unquote_plus(m.group(1))}</Prefix>",
+                              text)
+            elif self.list_encoding == "unflagged":
+                text = re.sub(r"<EncodingType>.*?</EncodingType>", "", text)
+            body = text.encode()
+        return headers, body
+
+    def _etag(self, value: str) -> str:
+        bare = value.strip('"')
+        if self.etags == "unquoted":
+            return bare
+        if self.etags == "weak":
+            return f'W/"{bare}"'
+        opaque = f'"{hashlib.md5(bare.encode()).hexdigest()}-1"'
+        self._opaque[opaque] = f'"{bare}"'
+        return opaque
+
+    def resign(self, method: str, path: str, headers: list, body: bytes, replace: dict[str, str] | None = None) -> list:
+        """The request without its condition headers (or with ``replace``'s values for them),
+        signed again as the client would have signed it."""
+        if replace is not None:
+            headers = [(k, replace.get(k.title(), v)) for k, v in headers]
+        kept = {k: v for k, v in headers if (replace is not None or k.lower() not in {c.lower() for c in CONDITIONS})
                 and k.lower() not in ("authorization", "x-amz-date")}
         request = AWSRequest(method=method, url=f"http://{kept['Host']}{path}", headers=kept, data=body)
         self.signer.add_auth(request)

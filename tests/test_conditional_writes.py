@@ -107,3 +107,47 @@ def test_operator_commands_that_write_refuse_such_a_store_with_one_clear_line(co
     assert result.exit_code != 0
     assert "does not enforce conditional writes" in result.output and uri in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("etags", ["unquoted", "weak", "opaque"])
+def test_a_server_writing_etags_its_own_way_passes_the_probe_and_its_compare_and_swap_holds(proxied, s3_server,
+                                                                                           s3_bucket, etags):
+    """ETags without quotes, weak ones (W/"...", as a gateway that compresses answers marks
+    them: the store sent them back as '"W/"..."' and the probe refused the store, blaming its
+    conditional writes) and ones that are not the body's MD5 (multipart-style '...-1')."""
+    proxy, uri = proxied("pass")
+    proxy.etags = etags
+    store = open_store(uri)
+    store.check_conditional_writes()
+    first = store.put("CURRENT", b"1", if_none_match=True)
+    assert store.head("CURRENT").etag == first == store.get_with_etag("CURRENT")[1]
+    assert '"' not in first and not first.startswith("W/")
+    second = store.put("CURRENT", b"2", if_match=first)
+    with pytest.raises(PreconditionFailed):  # a stale etag still loses
+        store.put("CURRENT", b"3", if_match=first)
+    store.put("CURRENT", b"4", if_match=second)
+    assert store.get("CURRENT") == b"4"
+
+
+def test_a_conditional_write_whose_answer_was_lost_after_it_landed_is_this_writes_not_a_conflict(proxied):
+    """A server that fails after committing (500, a gateway's 502/504): botocore retries the
+    write, and the retry fails its own condition. The audit record after CURRENT moved then
+    failed the night ("created or changed by another writer") although it had published, and a
+    lost answer to the probe's first write refused the store as not enforcing conditions."""
+
+    proxy, uri = proxied("pass")
+    store = open_store(uri)
+    proxy.lose_answers = {("PUT", "/.engram-probe/"): 1}
+    store.check_conditional_writes()
+    proxy.lose_answers = {("PUT", "/audit/a.json"): 1, ("PUT", "/CURRENT"): 2}
+    assert store.put("audit/a.json", b"record", if_none_match=True) == store.head("audit/a.json").etag
+    first = store.put("CURRENT", b"1", if_none_match=True)
+    second = store.put("CURRENT", b"2", if_match=first)
+    assert store.get_with_etag("CURRENT") == (b"2", second) and not any(proxy.lose_answers.values())
+    proxy.fail = {("PUT", "/CURRENT"): [503]}  # retried too, but another writer's bytes are there: a conflict
+    with pytest.raises(PreconditionFailed):
+        store.put("CURRENT", b"3", if_match=first)
+    proxy.fail = {("PUT", "/audit/a.json"): [503]}
+    with pytest.raises(PreconditionFailed):
+        store.put("audit/a.json", b"another record", if_none_match=True)
+    assert store.get("CURRENT") == b"2" and store.get("audit/a.json") == b"record"

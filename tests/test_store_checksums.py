@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -120,3 +121,51 @@ def test_a_night_stats_and_a_pull_through_a_server_that_refuses_flexible_checksu
     refused = [(m, p) for m, p, h in proxy.headers if any(k.startswith("x-amz-checksum-") or k == "x-amz-trailer"
                                                           or k == "x-amz-sdk-checksum-algorithm" for k in h)]
     assert refused == [] and sum(1 for m, _, _ in proxy.headers if m == "PUT") > 10
+
+
+def test_pyarrows_s3_reads_of_fact_logs_and_layers_use_the_classic_form_too(strict, s3_server, tmp_path, tiny_dir,
+                                                                              monkeypatch):
+    """pyarrow's S3FileSystem (its AWS C++ SDK) reads S3 fact logs and, for `engram stats`, the
+    layer objects; it sent `x-amz-checksum-mode: enabled` on every GET, which such a server
+    refuses: the night could not read its fact log, stats could not read a layer."""
+    from jobs.nightly import run_nightly
+    from jobs.spec import NightlySpec
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from pipeline.stats import query_stats
+    from versions.catalog import read_manifest
+
+    proxy, store = strict
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+    for night, rows in enumerate((fact_log_rows(4, 3), fact_log_rows(1, 2, seed=1, day=1)), start=1):
+        write_fact_log(rows, tmp_path / f"part-{night}.parquet")
+        s3_server.client().upload_file(str(tmp_path / f"part-{night}.parquet"), store.bucket,
+                                       f"log{night}/part-0.parquet")
+        result = run_nightly(NightlySpec(store=store.uri, fact_log=f"s3://{store.bucket}/log{night}/",
+                                         model=str(tiny_dir), num_shards=2, workers=0, compact_layer_share=1e3))
+        assert (result.version, result.published) == (night, True)
+    layers = [layer.key for entry in read_manifest(store, 2).shards for layer in entry.layers]
+    assert len(layers) == 1
+    assert query_stats(store, "select count(distinct user_id) as n from users").to_pylist() == [{"n": 4}]
+    read = {p.split("?")[0] for m, p, _ in proxy.headers if m == "GET"}
+    assert f"/{store.bucket}/engram/{layers[0]}" in read and f"/{store.bucket}/log2/part-0.parquet" in read
+    refused = [(m, p) for m, p, h in proxy.headers if any(k.startswith("x-amz-checksum-") or k == "x-amz-trailer"
+                                                          for k in h)]
+    assert refused == []
+
+
+def test_an_operators_checksum_setting_reaches_pyarrow_and_the_environment_is_restored(strict, monkeypatch):
+    proxy, store = strict
+    monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
+    store.put("objects/a", b"abc")
+    filesystem, base = store.arrow_filesystem()
+    assert filesystem.open_input_file(f"{base}/objects/a").read() == b"abc"
+    assert "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_supported")  # the operator's choice wins
+    chosen = S3Store(store.bucket, "engram", endpoint_url=store.endpoint_url)
+    assert chosen._checksum_settings == {"request_checksum_calculation": "when_required"}
+    filesystem, base = chosen.arrow_filesystem()
+    with pytest.raises(OSError):  # this server refuses x-amz-checksum-mode
+        filesystem.open_input_file(f"{base}/objects/a").read()
+    assert os.environ["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_supported"
+    modes = [h.get("x-amz-checksum-mode") for m, _, h in proxy.headers if m == "GET"]
+    assert modes[0] is None and modes[-1] == "enabled"

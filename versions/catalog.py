@@ -280,6 +280,20 @@ def list_versions(store: ObjectStore, *, pointer=_READ) -> list[VersionInfo]:
     it is read here (PublishError if it is damaged)."""
     pointer = read_pointer(store) if pointer is _READ else pointer
     manifests = readable_manifests(store)
+    # An eventually consistent listing may not show yet the manifests written moments ago: CURRENT
+    # names its manifest, which names its parent, and so on; one missing (collected) or damaged
+    # ends the walk, and is left out as the listing leaves it out.
+    version, walked = (pointer.version if pointer is not None else None), set()
+    while version is not None and version not in walked:
+        walked.add(version)
+        if version not in manifests:
+            try:
+                if not store.exists(manifest_key(version)):
+                    break
+                manifests[version] = read_manifest(store, version)
+            except (UnknownVersion, ManifestError, PublishError):
+                break
+        version = manifests[version].parent
     published = _published_set(store, manifests, pointer)
     return [
         VersionInfo(m.version, pointer is not None and m.version == pointer.version, m.created_at, m.parent,

@@ -11,7 +11,8 @@ Both stores give the two conditional writes that publishing is built on:
 
 A failed condition raises :class:`PreconditionFailed`. An etag is the md5 hex digest of the
 object's bytes in both stores (what S3 returns for a single-part upload, without quotes), so
-etags are comparable across stores; treat them as opaque all the same.
+etags are comparable across stores; treat them as opaque all the same (a server's ETag may be
+unquoted, weak ``W/"..."`` or not an MD5; the store keeps it bare, without quotes or ``W/``).
 
 Some S3-compatible servers (and proxies in front of them) accept the condition headers and
 ignore them, or answer them with 501. Every writer (the nightly job, publish, rollback, forget,
@@ -42,11 +43,12 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, unquote_plus, urlparse
 
 import pyarrow.fs
 
@@ -57,6 +59,7 @@ _LOCK_NAME = ".engram-store.lock"
 _CURRENT = "CURRENT"  # versions.layout.CURRENT_KEY: a store where it was read has published versions
 PROBE_FOLDER = ".engram-probe"  # the one reserved folder that is a key: check_conditional_writes' probes
 _WRONG_ETAG = "0" * 32  # an md5 no probe body has
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")  # a single-part upload's etag (when not encrypted with KMS)
 
 
 MAX_POOL_CONNECTIONS = 32
@@ -93,7 +96,10 @@ class ObjectNotFound(StoreError):
 
 
 class PreconditionFailed(StoreError):
-    pass
+    """A conditional write's condition did not hold. ``retried``: the answer came to a retry of the
+    request (botocore's), whose first attempt may have landed."""
+
+    retried = False
 
 
 class ConditionalWritesUnsupported(StoreError):
@@ -272,6 +278,14 @@ class ObjectStore(abc.ABC):
 def _check_conditions(if_none_match: bool, if_match: str | None) -> None:
     if if_none_match and if_match is not None:
         raise ValueError("put: if_none_match and if_match are mutually exclusive")
+
+
+def _bare_etag(value: str) -> str:
+    """An ETag as the server wrote it, without its quotes and weak mark: ``"abc"``, ``abc`` and
+    ``W/"abc"`` (a gateway that compresses or re-frames answers weakens it) are all ``abc``, the
+    value an ``If-Match`` gives back quoted."""
+    value = value.strip()
+    return (value[2:] if value[:2].upper() == "W/" else value).strip('"')
 
 
 def _md5_hex(data: bytes) -> str:
@@ -466,6 +480,66 @@ def _is_aws_endpoint(endpoint: str) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
+_CHECKSUM_SETTINGS = ("request_checksum_calculation", "response_checksum_validation")
+
+
+def classic_checksum_settings(endpoint: str | None, scoped_config: dict | None = None) -> dict[str, str]:
+    """``{setting: "when_required"}`` for each flexible-checksum setting an S3 client of
+    ``endpoint`` should get: both on an endpoint that is not AWS's, less those the operator chose
+    (``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION``, or the profile's
+    ``request_checksum_calculation`` / ``response_checksum_validation`` in ``scoped_config``);
+    ``{}`` on AWS itself (``endpoint`` None: AWS's default endpoint)."""
+    if endpoint is None or _is_aws_endpoint(endpoint):
+        return {}
+    scoped_config = scoped_config or {}
+    return {name: "when_required" for name in _CHECKSUM_SETTINGS
+            if f"AWS_{name.upper()}" not in os.environ and name not in scoped_config}
+
+
+_ARROW_ENV_LOCK = threading.Lock()
+
+
+@contextmanager
+def arrow_checksum_env(settings: dict[str, str]) -> Iterator[None]:
+    """Around the construction of a pyarrow ``S3FileSystem`` (``S3FileSystem(...)``,
+    ``FileSystem.from_uri``): its AWS C++ SDK reads its checksum settings from the environment
+    when it builds its client, and otherwise sends ``x-amz-checksum-mode: enabled`` on every GET
+    and an aws-chunked body with a CRC64 trailer on every upload, which servers that refuse
+    flexible checksums answer with 400 / 501. ``settings`` (from :func:`classic_checksum_settings`)
+    are set as ``AWS_<NAME>`` for the construction only, then the environment is restored."""
+    if not settings:
+        yield
+        return
+    names = {f"AWS_{name.upper()}": value for name, value in settings.items()}
+    with _ARROW_ENV_LOCK:
+        before = {name: os.environ.get(name) for name in names}
+        os.environ.update(names)
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def arrow_env_checksum_settings() -> dict[str, str]:
+    """:func:`classic_checksum_settings` for a pyarrow S3 filesystem made from the environment
+    (``FileSystem.from_uri('s3://...')``: its endpoint is ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``, AWS without them)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint is None or _is_aws_endpoint(endpoint):
+        return {}
+    import botocore.session
+
+    try:
+        scoped = botocore.session.Session().get_scoped_config()
+    except Exception:  # a profile that does not exist: pyarrow reports what it finds itself
+        scoped = {}
+    return classic_checksum_settings(endpoint, scoped)
+
+
 class S3Store(ObjectStore):
     """A bucket (and optional key prefix) on S3 or an S3-compatible server.
 
@@ -524,13 +598,13 @@ class S3Store(ObjectStore):
         # Content-MD5 instead (:meth:`put`), which they all verify. AWS_REQUEST_CHECKSUM_CALCULATION
         # and AWS_RESPONSE_CHECKSUM_VALIDATION (or the profile's settings) choose otherwise.
         self.legacy_checksums = not _is_aws_endpoint(self._client.meta.endpoint_url)
+        self._checksum_settings: dict[str, str] = {}  # also given to arrow_filesystem()'s S3FileSystem
         if self.legacy_checksums:
-            scoped = self._session._session.get_scoped_config()
-            checksums = {name: "when_required" for name in ("request_checksum_calculation", "response_checksum_validation")
-                         if f"AWS_{name.upper()}" not in os.environ and name not in scoped}
-            if checksums:
+            self._checksum_settings = classic_checksum_settings(self._client.meta.endpoint_url,
+                                                                self._session._session.get_scoped_config())
+            if self._checksum_settings:
                 self._client = self._session.client("s3", endpoint_url=endpoint_url,
-                                                    config=config.merge(Config(**checksums)))
+                                                    config=config.merge(Config(**self._checksum_settings)))
         self.endpoint_url = self._client.meta.endpoint_url
         self.region = self._client.meta.region_name
 
@@ -555,8 +629,10 @@ class S3Store(ObjectStore):
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             where = f"{self.uri}/{key}"
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                raise PreconditionFailed(f"{where}: {action} precondition failed ({code or status}): "
-                                         "the object was created or changed by another writer") from None
+                failed = PreconditionFailed(f"{where}: {action} precondition failed ({code or status}): "
+                                            "the object was created or changed by another writer")
+                failed.retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+                raise failed from None
             if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket"):
                 raise ObjectNotFound(f"{where}: no such object") from None
             if code == "NoSuchBucket":
@@ -607,7 +683,9 @@ class S3Store(ObjectStore):
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         """The object's bytes and etag. A body that breaks off mid-way (a dropped connection, a load
         balancer's timeout: botocore retries the request, not the body's read) is read again, up to
-        ``max_attempts`` times; then a StoreError that says so (it blamed the credentials)."""
+        ``max_attempts`` times; then a StoreError that says so (it blamed the credentials). So is a
+        body cut short under a ``Content-Length`` that did not say the object's size (see
+        :meth:`_short_read`): StoreUnreachable naming the bytes received and the object's size."""
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
         attempt = 0
@@ -616,21 +694,59 @@ class S3Store(ObjectStore):
             with self._errors("read", key):
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
                 try:
-                    return response["Body"].read(), response["ETag"].strip('"')
+                    body, etag = response["Body"].read(), _bare_etag(response["ETag"])
+                    why = self._short_read(key, body, etag)
+                    if why is None:
+                        return body, etag
                 except (HTTPClientError, IncompleteReadError) as err:  # ResponseStreamingError, ReadTimeoutError, ...
-                    if attempt >= self.max_attempts:
-                        raise StoreUnreachable(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
-                                         f"({type(err).__name__}); check the network to the endpoint") from None
-                    log.warning("%s: read %s broke off mid-object (%s); reading it again", self.uri, key,
-                                type(err).__name__)
+                    why = type(err).__name__
+                if attempt >= self.max_attempts:
+                    raise StoreUnreachable(f"{self.describe()}: read {key} broke off mid-object {attempt} times "
+                                           f"({why}); check the network to the endpoint") from None
+                log.warning("%s: read %s broke off mid-object (%s); reading it again", self.uri, key, why)
+
+    def _short_read(self, key: str, body: bytes, etag: str) -> str | None:
+        """Why ``body`` is not the whole object, or None. A server (or a proxy) that answers with a
+        ``Content-Length`` below the object's size sends a cut body on a good connection, which
+        botocore takes as whole. Where the etag is an MD5 (a single-part upload's) and the body's
+        MD5 differs, the object's size (HEAD) tells a cut body from an etag that is no MD5 (SSE-KMS,
+        some servers): a body of another size is a cut one."""
+        if not _MD5_ETAG.match(etag) or _md5_hex(body) == etag:
+            return None
+        info = self.head(key)
+        if info is None or info.size == len(body) or info.etag != etag:  # gone or replaced: not a cut body
+            return None
+        return f"{len(body)} of {info.size} bytes, under a Content-Length that did not say the object's size"
 
     def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and etag, or None if there is no such object. A server that answers
+        HEAD without ``Content-Length`` (some gateways send ``Transfer-Encoding: chunked``
+        instead) is asked for the object's first byte, whose ``Content-Range`` names its size."""
         try:
             with self._errors("inspect", key):
                 response = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                if "ContentLength" not in response:
+                    return ObjectInfo(key, self._size_by_range(key), _bare_etag(response["ETag"]))
         except ObjectNotFound:
             return None
-        return ObjectInfo(key, int(response["ContentLength"]), response["ETag"].strip('"'))
+        return ObjectInfo(key, int(response["ContentLength"]), _bare_etag(response["ETag"]))
+
+    def _size_by_range(self, key: str) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range="bytes=0-0")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":  # 416: an empty object
+                return 0
+            raise
+        response["Body"].read()
+        total = (response.get("ContentRange") or "").rpartition("/")[2]
+        if not total.isdigit():
+            raise StoreError(f"{self.describe()}: inspect {key} failed: the server answered HEAD without "
+                             f"Content-Length and a ranged GET without a size in Content-Range "
+                             f"({response.get('ContentRange')!r}); fix the server or the gateway in front of it")
+        return int(total)
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         _check_conditions(if_none_match, if_match)
@@ -638,44 +754,82 @@ class S3Store(ObjectStore):
         if if_none_match:
             args["IfNoneMatch"] = "*"
         if if_match is not None:
-            args["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+            args["IfMatch"] = f'"{_bare_etag(if_match)}"'
         if self.sse:
             args["ServerSideEncryption"] = self.sse
         if self.sse_kms_key_id:
             args["SSEKMSKeyId"] = self.sse_kms_key_id
         if self.legacy_checksums:  # the server checks the body it received against the client's bytes
             args["ContentMD5"] = base64.b64encode(hashlib.md5(args["Body"], usedforsecurity=False).digest()).decode()
-        with self._errors("write", key):
-            response = self._client.put_object(**args)
-        return response["ETag"].strip('"')
+        try:
+            with self._errors("write", key):
+                response = self._client.put_object(**args)
+        except PreconditionFailed as err:
+            # A server that fails after committing (500 InternalError, a gateway's 502/504, a timeout)
+            # makes botocore retry a write that landed; the retry then fails its own condition. If
+            # the object holds exactly these bytes, it is this write's.
+            if err.retried:
+                try:
+                    held, etag = self.get_with_etag(key)
+                except ObjectNotFound:
+                    raise err from None
+                if held == args["Body"]:
+                    log.info("%s: write %s was retried after an error and its first attempt had landed",
+                             self.describe(), key)
+                    return etag
+            raise
+        return _bare_etag(response["ETag"])
 
     def delete(self, key: str) -> None:
         with self._errors("delete", key):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys under ``prefix`` (see :meth:`ObjectStore.list`).
+
+        Keys are asked for URL-encoded (``encoding-type=url``, as botocore asks) and decoded here,
+        by what the server did rather than what it says it did: some servers send them raw
+        although their answer says ``url`` (botocore's decoding then turned ``+`` into a space
+        and ``%41`` into ``A``), others encode them without saying so (a store prefix with
+        ``+``, ``%``, spaces or non-ASCII letters then listed no key, or keys cut at the wrong
+        place). A key that fits the requested prefix neither way is a StoreError naming it."""
         _check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
+        wanted = root + prefix
         keys = []
         with self._errors("list", prefix or "/"):
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix):
-                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", [])
-                            if self._listed(obj["Key"][len(root):], f"s3://{self.bucket}/{obj['Key']}"))
+            # EncodingType given here: botocore then leaves the keys as the server sent them
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=wanted,
+                                                                            EncodingType="url")
+            for page in pages:
+                said_url = page.get("EncodingType") == "url"
+                for obj in page.get("Contents", []):
+                    sent = obj["Key"]
+                    key = next((k for k in ((unquote_plus(sent), sent) if said_url else (sent, unquote_plus(sent)))
+                                if k.startswith(wanted)), None)
+                    if key is None:
+                        raise StoreError(f"{self.describe()}: listing {wanted or '/'} answered the key {sent!r}, which "
+                                         "is not under that prefix encoded or not: the server does not URL-encode "
+                                         "listed keys as ListObjectsV2's encoding-type=url asks; use a store prefix "
+                                         "of ASCII letters, digits, '-', '_', '.' and '/' only, or fix the server")
+                    if self._listed(key[len(root):], f"s3://{self.bucket}/{key}"):
+                        keys.append(key[len(root):])
         return sorted(keys)
 
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         credentials = self._session.get_credentials()
         frozen = credentials.get_frozen_credentials() if credentials is not None else None
         endpoint = urlparse(self.endpoint_url)
-        filesystem = pyarrow.fs.S3FileSystem(
-            access_key=frozen.access_key if frozen else None,
-            secret_key=frozen.secret_key if frozen else None,
-            session_token=frozen.token if frozen else None,
-            anonymous=frozen is None,
-            region=self.region or "us-east-1",
-            endpoint_override=endpoint.netloc or None,
-            scheme=endpoint.scheme or "https",
-        )
+        with arrow_checksum_env(self._checksum_settings):  # the classic request form, as the store's own client
+            filesystem = pyarrow.fs.S3FileSystem(
+                access_key=frozen.access_key if frozen else None,
+                secret_key=frozen.secret_key if frozen else None,
+                session_token=frozen.token if frozen else None,
+                anonymous=frozen is None,
+                region=self.region or "us-east-1",
+                endpoint_override=endpoint.netloc or None,
+                scheme=endpoint.scheme or "https",
+            )
         base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         return filesystem, base
 
