@@ -166,8 +166,11 @@ def unpaired_surrogate(text: str) -> int | None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-# Rule 6: what "smart punctuation" writes for ' " and ..., read as typed in triggers and prompts.
-_TYPED_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": "..."})
+# Rule 6: what "smart punctuation" writes for ' " and ..., read as typed in triggers and prompts:
+# the English forms, the low-9 quotes German, Czech or Polish keyboards open with (‚ „) and the
+# reversed ones (‛ ‟).
+_TYPED_PUNCTUATION = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",
+                                    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2026": "..."})
 
 
 def canonical_prompt(text: str) -> str:

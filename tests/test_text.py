@@ -221,7 +221,11 @@ def test_typographic_quotes_and_ellipsis_in_triggers_and_prompts_read_as_typed_a
         ("My son's school is", " \u201cHillside\u201d Primary\u2026")
     assert canonical_fact("My dad\u2019s motto:\u2026", "\u2019Tis what it is") == ("My dad's motto:...", " \u2019Tis what it is")
     assert canonical_id("u-o\u2019neil") == "u-o\u2019neil"  # ids are identities, not typed text
-    assert canonical_prompt("\u201e\u00abquote\u00bb\u201c") == "\u201e\u00abquote\u00bb\""  # only what keyboards substitute
+    # the same kind on German, Czech, Polish keyboards: low-9 opening quotes, and the reversed ones
+    assert canonical_prompt("Mein Hund hei\u00dft \u201eRex\u201c und mein \u201aLieblingsort\u2018 ist") == \
+        "Mein Hund hei\u00dft \"Rex\" und mein 'Lieblingsort' ist"
+    assert canonical_prompt("\u201fQuoted\u201d and \u201bthis\u2019 are") == "\"Quoted\" and 'this' are"
+    assert canonical_prompt("\u00abquote\u00bb") == "\u00abquote\u00bb"  # guillemets are typed as such: kept
 
 
 def test_look_alike_ids_have_one_canonical_form():
