@@ -31,7 +31,8 @@ network drop or a load balancer timing out mid-download), in any mode.
 ``etags``: how the server writes ETags in its answers (PUT, HEAD, GET): ``"unquoted"`` (``abc``),
 ``"weak"`` (``W/"abc"``, as a gateway that compresses or re-frames bodies marks them) or
 ``"opaque"`` (``"<other hex>-1"``, not the body's MD5, as multipart uploads, SSE-KMS and some
-servers give); an ``If-Match`` is compared with the ETag as the server writes it (an opaque one
+servers give), or ``"kms"`` (``"<other hex>"``: 32 hex digits as an MD5 has, not the body's, as
+SSE-KMS gives); an ``If-Match`` is compared with the ETag as the server writes it (an opaque one
 is mapped back to the upstream's before it is forwarded, re-signed).
 
 ``list_encoding``: a ListObjectsV2 asked for ``encoding-type=url`` is answered with the keys
@@ -201,7 +202,7 @@ class ConditionProxy:
                 if self.command == "PUT" and sent and proxy.mode == "ignore":
                     headers = proxy.resign(self.command, self.path, headers, body)
                 if_match = lowered.get("if-match")
-                if proxy.etags == "opaque" and if_match in proxy._opaque:
+                if proxy.etags in ("opaque", "kms") and if_match in proxy._opaque:
                     headers = proxy.resign(self.command, self.path, headers, body,
                                            replace={"If-Match": proxy._opaque[if_match]})
                 status, reply_headers, reply = proxy.forward(self.command, self.path, headers, body)
@@ -273,7 +274,7 @@ class ConditionProxy:
             return bare
         if self.etags == "weak":
             return f'W/"{bare}"'
-        opaque = f'"{hashlib.md5(bare.encode()).hexdigest()}-1"'
+        opaque = f'"{hashlib.md5(bare.encode()).hexdigest()}{"" if self.etags == "kms" else "-1"}"'
         self._opaque[opaque] = f'"{bare}"'
         return opaque
 

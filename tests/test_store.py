@@ -322,6 +322,22 @@ def test_a_body_cut_short_under_a_content_length_that_says_so_is_an_unreachable_
         assert store.get("manifests/v00000001.json") == b'{"version": 1}'
 
 
+def test_a_store_whose_etags_are_no_md5s_pays_one_head_to_learn_it_not_one_per_get(s3_server, s3_bucket):
+    """SSE-KMS etags have an MD5's 32 hex digits and are not the body's MD5: the cut-body check
+    (a HEAD when a body's MD5 is not its etag) learns that from the first whole body, so reads
+    do not cost a HEAD each."""
+    from tests.s3_proxy import ConditionProxy
+
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, etags="kms") as proxy:
+        store = S3Store(s3_bucket, "engram", endpoint_url=proxy.endpoint_url)
+        for k in range(3):
+            store.put(f"objects/{k}", b"x" * (k + 1))
+        assert [store.get(f"objects/{k}") for k in range(3) for _ in range(2)] == \
+            [b"x" * (k + 1) for k in range(3) for _ in range(2)]
+        assert [method for method, _, _ in proxy.requests].count("HEAD") == 1
+
+
 def test_a_listing_that_shows_a_new_manifest_late_still_gives_stats_and_versions_the_current_one(
         s3_server, s3_bucket, tmp_path, tiny_dir, monkeypatch):
     """An eventually consistent listing (a key missing from the first listing after its PUT):

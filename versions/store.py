@@ -575,6 +575,7 @@ class S3Store(ObjectStore):
         self.sse = sse
         self.sse_kms_key_id = sse_kms_key_id
         self.max_attempts = max(1, max_attempts)
+        self._etags_not_md5 = False  # learnt from the first whole body whose MD5 is not its etag
         self._session = boto3.session.Session(region_name=region)
         if addressing_style is None:
             # S3-compatible servers behind a custom endpoint rarely resolve bucket subdomains.
@@ -711,10 +712,13 @@ class S3Store(ObjectStore):
         botocore takes as whole. Where the etag is an MD5 (a single-part upload's) and the body's
         MD5 differs, the object's size (HEAD) tells a cut body from an etag that is no MD5 (SSE-KMS,
         some servers): a body of another size is a cut one."""
-        if not _MD5_ETAG.match(etag) or _md5_hex(body) == etag:
+        if self._etags_not_md5 or not _MD5_ETAG.match(etag) or _md5_hex(body) == etag:
             return None
         info = self.head(key)
-        if info is None or info.size == len(body) or info.etag != etag:  # gone or replaced: not a cut body
+        if info is None or info.etag != etag:  # gone or replaced: not a cut body
+            return None
+        if info.size == len(body):  # the whole object: this store's etags are no MD5s (SSE-KMS): no HEAD per GET
+            self._etags_not_md5 = True
             return None
         return f"{len(body)} of {info.size} bytes, under a Content-Length that did not say the object's size"
 
