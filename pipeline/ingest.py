@@ -69,6 +69,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -219,12 +220,12 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
     sources = [source] if isinstance(source, str) else list(source)
     roots = sorted({_source_root(s) for s in sources}, key=len, reverse=True)  # the innermost source first
     files = {}
-    for fs, path, display in _list_files(sources, filesystem):
+    for fs, path, display, listed_size in _list_files(sources, filesystem):
         root = next((r for r in roots if display == r or display.startswith(r.rstrip("/") + "/")), display)
         if problem := _name_problem(display, root):  # never handed to pyarrow, Parquet, JSON or a log line
             files[_shown(display)] = FactFile(_shown(display), 0, None, None, _shown(root), unreadable=problem)
             continue
-        files[display] = FactFile(display, *_identity(fs, path), root)
+        files[display] = FactFile(display, *_identity(fs, path, listed_size), root)
     return [files[p] for p in sorted(files)]
 
 
@@ -252,9 +253,11 @@ def _name_problem(path: str, root: str) -> str | None:
             f"{what} to a UTF-8 name (e.g. convmv -f latin1 -t utf8 --notest)")
 
 
-def _identity(fs: pafs.FileSystem, path: str) -> tuple[int, int | None, int | None]:
+def _identity(fs: pafs.FileSystem, path: str, listed_size: int | None = None) -> tuple[int, int | None, int | None]:
     """(size, mtime_ns, ctime_ns) of a listed file: one ``stat`` of a local file (0, None, None
-    for a broken link), the listing's size and modification time elsewhere (no change time)."""
+    for a broken link), the object's size and modification time elsewhere (no change time); the
+    size the folder's listing gave (``listed_size``) where there is one: a store whose HEAD
+    answers without Content-Length says 0 there."""
     if isinstance(fs, pafs.LocalFileSystem):
         try:
             st = os.stat(path)
@@ -262,7 +265,7 @@ def _identity(fs: pafs.FileSystem, path: str) -> tuple[int, int | None, int | No
             return 0, None, None
         return st.st_size, st.st_mtime_ns, st.st_ctime_ns
     info = fs.get_file_info(path)
-    return info.size or 0, info.mtime_ns, None
+    return listed_size if listed_size is not None else info.size or 0, info.mtime_ns, None
 
 
 def _source_root(root: str) -> str:
@@ -335,7 +338,7 @@ def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None) -> tuple[pa
     if file.unreadable is not None:
         return None, (F.UNREADABLE_FILE, file.unreadable)
     fs, path = _filesystem_for(file.path, filesystem)
-    _, table, problem = _read_one(fs, path, file.path, file.root)
+    _, table, problem = _read_one(fs, path, file.path, file.root, listed_size=file.size)
     return table, problem
 
 
@@ -428,7 +431,8 @@ def read_fact_log(
 
 
 def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
-    """Yield (filesystem, path, display name) for every data file under the sources."""
+    """Yield (filesystem, path, display name, size in bytes as a folder's listing gave it or None)
+    for every data file under the sources."""
     local = None  # one listing of the local sources: a real folder or file is listed once in all
     for source in sources:
         if _shown(source) != source:
@@ -448,7 +452,7 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
             local.add(path, is_file=info.type == pafs.FileType.File)
             continue
         if info.type == pafs.FileType.File:
-            yield fs, path, prefix + path
+            yield fs, path, prefix + path, None
             continue
         for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
             relative = entry.path[len(path):].lstrip("/")
@@ -456,9 +460,9 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
                 raise _table_format_error(prefix + "/".join(p for p in (path, table[0]) if p), table[1])
             if entry.type != pafs.FileType.File or _is_hidden(relative):
                 continue
-            yield fs, entry.path, prefix + entry.path
+            yield fs, entry.path, prefix + entry.path, entry.size
     for path in local.files() if local else ():
-        yield local_fs, path, path
+        yield local_fs, path, path, None
 
 
 def _resolve(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str, str]:
@@ -579,9 +583,11 @@ def _table_format_error(folder: str, what: str) -> FactLogError:
         "with DuckDB or the table format's own reader) into a folder of its own and point fact_log at that")
 
 
-def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
+def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", listed_size: int = 0):
     """(size, normalised table or None, (reason, detail) or None). ``root``: the listed source
     ``display`` lies under (only the folders below it are partition folders; "": none are).
+    ``listed_size``: the file's size in bytes as its listing gave it (0: not known), read by
+    :func:`_parquet_file` where the store's HEAD does not say it.
 
     Only the fact log's own columns are read: an extra column of a type this pyarrow cannot
     convert does not cost the file, and a column named like our provenance (``_row``) is never
@@ -593,7 +599,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
         return size, None, (F.UNREADABLE_FILE, _broken_link(path))
     try:
         with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+            parquet = _parquet_file(fs, path, handle, display, listed_size)
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
             if problem := (_partition_problem(display, root, present + list(partitions))
@@ -607,6 +613,10 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
             # Parquet's INTERVAL (DuckDB writes its INTERVAL so) reads as 12 raw bytes: never text or a time
             intervals = [c.path for c in parquet.schema if c.converted_type == "INTERVAL" and c.path in table.column_names]
     except (pa.ArrowException, OSError) as err:
+        if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
+            return size, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
+                                "object, or a store or gateway that answers HEAD without Content-Length; name the "
+                                "folder it lies in as the fact log (a listing gives each file's size) or fix the store")
         return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
@@ -624,6 +634,33 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display: str, listed_size: int):
+    """``pq.ParquetFile`` of an open log file; on an object store whose HEAD answered without
+    ``Content-Length`` (some gateways answer HEAD chunked: pyarrow then takes every object as 0
+    bytes, "Parquet file size is 0 bytes", and a good file was called damaged) the same reading
+    API over a dataset fragment given the listing's size, which reads with ranged GETs alone."""
+    if listed_size <= 0 or handle.size() == listed_size or isinstance(fs, pafs.LocalFileSystem):
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+    logger.warning("fact log %s: the store answered HEAD with %d bytes, its listing with %d; read at the listed size "
+                   "(a store or gateway that answers HEAD without Content-Length)", display, handle.size(), listed_size)
+    return _SizedParquet(fs, path, listed_size)
+
+
+class _SizedParquet:
+    """The part of ``pq.ParquetFile``'s API :func:`_read_one` uses, over a fragment of known size."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, size: int) -> None:
+        options = pads.ParquetReadOptions(coerce_int96_timestamp_unit="us")
+        self._fragment = pads.ParquetFileFormat(read_options=options).make_fragment(path, filesystem=fs,
+                                                                                   file_size=size)
+        self.metadata = self._fragment.metadata  # pq.FileMetaData
+        self.schema = self.metadata.schema  # pq.ParquetSchema
+        self.schema_arrow = self._fragment.physical_schema
+
+    def read(self, columns: list[str]) -> pa.Table:
+        return self._fragment.to_table(columns=columns)
 
 
 def _parquet_interval(name: str, kind: pa.DataType) -> str:
