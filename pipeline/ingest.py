@@ -77,7 +77,7 @@ from engram_core.text import LINE_BREAKS, canonical_fact, canonical_id, canonica
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
 from versions.layout import forgotten_id, shard_hash, shard_of
-from versions.store import arrow_checksum_env, arrow_env_checksum_settings
+from versions.store import arrow_checksum_env, arrow_env_checksum_settings, configured_s3_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -354,21 +354,37 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) of a fact-log URI. On an object store (``s3://``, ``gs://``) the key is
     taken as written: keys may hold spaces, ``%``, ``?`` and ``#`` (Spark writes partition values
     escaped, ``hour=2026-11-29 08%3A00%3A00/``), which URI parsing refuses, decodes or cuts off.
-    Only the bucket goes through ``FileSystem.from_uri`` (endpoint, region and credentials come
-    from the environment: ``AWS_ENDPOINT_URL``, ...). Other schemes (``hdfs://host:port/path``,
+    Only the bucket goes through ``FileSystem.from_uri`` (region and credentials come from the
+    environment; the endpoint as the store resolves it, :func:`configured_s3_endpoint`). Other schemes (``hdfs://host:port/path``,
     ``file://``) are parsed whole. Raises FactLogError naming the URI."""
     scheme, rest = uri.split("://", 1)
     try:
         if scheme not in ("s3", "gs", "gcs"):
             return pafs.FileSystem.from_uri(uri)
-        # an S3-compatible endpoint gets the classic request form, as the store does (versions.store)
-        with arrow_checksum_env(arrow_env_checksum_settings() if scheme == "s3" else {}):
-            filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
+        bucket, options, settings = rest.split("/", 1)[0], "", {}
+        if scheme == "s3":  # the store's endpoint (pyarrow reads no profile's), and its request form
+            endpoint = _s3_endpoint(uri)
+            if endpoint is not None:
+                parsed = urllib.parse.urlparse(endpoint)
+                options = "?" + urllib.parse.urlencode({"endpoint_override": parsed.netloc,
+                                                         "scheme": parsed.scheme or "https"})
+            settings = arrow_env_checksum_settings(endpoint)
+        with arrow_checksum_env(settings):
+            filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}{options}")
         return filesystem, rest
     except pa.ArrowInvalid as err:  # "Unrecognized filesystem type in URI", a URI pyarrow cannot parse
         raise FactLogNotFound(f"fact log {uri}: cannot open ({err}); give a local path or an s3:// URI") from err
     except OSError as err:
         raise FactLogError(f"fact log {uri}: cannot open ({err})") from err
+
+
+def _s3_endpoint(uri: str) -> str | None:
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return configured_s3_endpoint()
+    except BotoCoreError as err:  # ProfileNotFound, a config file that does not parse
+        raise FactLogError(f"fact log {uri}: cannot open ({err}); check AWS_PROFILE and the AWS config file") from None
 
 
 def key_by_shard(rows: pa.Table, num_shards: int) -> pa.Table:
