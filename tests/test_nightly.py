@@ -1045,6 +1045,39 @@ def test_a_night_whose_only_new_file_is_unreadable_records_its_reject_each_night
     assert fixed.published and fixed.rejects == 0 and fixed.accepted == 1
 
 
+def test_new_log_files_with_no_rows_publish_nothing_first_night_or_later(tmp_path, tiny_dir, local_store):
+    """An empty export (a Parquet file of zero rows) has nothing to record, not even a reject: a
+    first night published an empty v1 (a "published" store with no user in it), a later night a
+    v2 of v1's content that moved CURRENT (every node polled and swapped) for nothing. Now: exit 0,
+    nothing published, CURRENT untouched, and the text and --json say so."""
+    from typer.testing import CliRunner
+
+    import pyarrow.parquet as pq
+
+    from jobs.cli import app
+    from schemas import facts as F
+
+    empty = tmp_path / "log" / "day=1" / "part-0.parquet"
+    empty.parent.mkdir(parents=True)
+    pq.write_table(F.FACT_LOG_SCHEMA.empty_table(), empty)
+    args = ["run", "nightly", "--store", local_store.uri, "--fact-log", str(tmp_path / "log"), "--model",
+            str(tiny_dir), "--num-shards", "2", "--workers", "0"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0 and "nothing to publish (the new log files hold no rows); no version yet" in out.output
+    assert read_current(local_store) is None and local_store.list("manifests/") == []
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=2" / "part-0.parquet")
+    first = run_nightly(NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                                    num_shards=2, workers=0))
+    assert first.published and first.version == 1 and first.files_read == 2
+    (tmp_path / "log" / "day=3").mkdir()
+    pq.write_table(F.FACT_LOG_SCHEMA.empty_table(), tmp_path / "log" / "day=3" / "part-0.parquet")
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert (report["published"], report["version"], report["files_read"]) == (False, 1, 1)
+    assert read_current(local_store)[0].version == 1 and local_store.list("manifests/") == ["manifests/v00000001.json"]
+
+
 def test_rollback_names_the_log_files_the_next_night_reads_again(tmp_path, tiny_dir, local_store):
     """A rollback moves the watermark back with CURRENT: the next night reads the rolled-back night's
     files again and republishes their rows. `engram rollback` names those files (text and --json
