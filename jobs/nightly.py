@@ -264,9 +264,10 @@ def _raise_if_current_moved(store, previous: Manifest | None, err: Exception) ->
     after = now[0].version if now else None
     if after != before:
         raise PublishConflict(
-            f"CURRENT moved from v{before} to v{after} while this night ran (an engram forget, rollback or gc beside "
-            f"it rewrote or deleted objects the night was reading: {err}); nothing was published. Run the night "
-            "again, and run forget, rollback and gc from the same schedule as the night, not beside it") from err
+            f"CURRENT moved from v{before} to v{after} while this night ran (another night, or an engram forget, "
+            f"rollback or gc beside it, rewrote or deleted objects the night was reading: {err}); nothing was "
+            "published. Run the night again, and run other nights, forget, rollback and gc from the same schedule "
+            "as the night, not beside it") from err
 
 
 GC_RECORD_WAIT_S = 1.0

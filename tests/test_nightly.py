@@ -946,6 +946,36 @@ def test_a_night_whose_prior_objects_a_forget_beside_it_deleted_says_current_mov
     assert run_nightly(spec).published
 
 
+@pytest.mark.parametrize("forgets", [False, True])
+def test_two_nights_at_once_one_publishes_the_other_says_current_moved_and_a_rerun_is_safe(tmp_path, tiny_dir,
+                                                                                            local_store, monkeypatch,
+                                                                                            forgets):
+    """Two nights on one store at once (a cron overlap): the later publish lost the compare-and-swap
+    with "re-plan against CURRENT", a library's words; where the other night's forget stage had
+    deleted objects it read, it blamed "an engram forget, rollback or gc". Either way it names the
+    move and another night, says nothing was published and that a re-run is safe; the re-run
+    publishes nothing new."""
+    import jobs.nightly as nightly
+    from versions.errors import PublishConflict
+
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
+    if not forgets:  # night 2's log of upserts only: the other night deletes nothing this one reads
+        write_fact_log(fact_log_rows(2, 1, seed=7, day=1, prefix="n2"), tmp_path / "log" / "day=2" / "part-0.parquet")
+    real, calls = nightly.apply_shard, []
+
+    def apply_beside_another_night(ctx, shard, prior, *args):
+        if not calls:
+            calls.append(shard)
+            assert run_nightly(spec).published  # the other night, start to end
+        return real(ctx, shard, prior, *args)
+
+    monkeypatch.setattr(nightly, "apply_shard", apply_beside_another_night)
+    with pytest.raises(PublishConflict, match=r"CURRENT moved .*another night.*nothing was published. Run "):
+        run_nightly(spec)
+    monkeypatch.setattr(nightly, "apply_shard", real)
+    assert not run_nightly(spec).published
+
+
 def test_a_night_whose_stats_parts_a_forget_beside_it_deleted_says_current_moved(tmp_path, tiny_dir, local_store,
                                                                                    monkeypatch):
     """The same with the prior stats parts (read unverified, as ObjectNotFound): one line saying
