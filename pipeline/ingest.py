@@ -225,7 +225,10 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
         if problem := _name_problem(display, root):  # never handed to pyarrow, Parquet, JSON or a log line
             files[_shown(display)] = FactFile(_shown(display), 0, None, None, _shown(root), unreadable=problem)
             continue
-        files[display] = FactFile(display, *_identity(fs, path, listed_size), root)
+        try:
+            files[display] = FactFile(display, *_identity(fs, path, listed_size), root)
+        except OSError as err:
+            raise _store_failed(display, err) from None
     return [files[p] for p in sorted(files)]
 
 
@@ -459,6 +462,8 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
             info = fs.get_file_info(path)
         except pa.ArrowInvalid as err:  # e.g. "Empty path component" for s3://bucket/a//b
             raise FactLogNotFound(f"fact log {source}: not a usable path ({err}); check for a doubled '/'") from None
+        except OSError as err:
+            raise _store_failed(source, err) from None
         if info.type == pafs.FileType.NotFound:
             if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
                 raise FactLogNotFound(f"fact log {path}: {_broken_link(path)}")
@@ -470,7 +475,11 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
         if info.type == pafs.FileType.File:
             yield fs, path, prefix + path, None
             continue
-        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        try:
+            listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except OSError as err:
+            raise _store_failed(source, err) from None
+        for entry in listing:
             relative = entry.path[len(path):].lstrip("/")
             if entry.type == pafs.FileType.File and (table := _table_format(relative.split("/"))):
                 raise _table_format_error(prefix + "/".join(p for p in (path, table[0]) if p), table[1])
@@ -610,7 +619,10 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     taken from a customer's file. INT96 timestamps (Spark, Hive, Impala) are read in
     microseconds: read in nanoseconds, dates outside 1677-2262 would wrap around silently.
     """
-    size = fs.get_file_info(path).size or 0
+    try:
+        size = fs.get_file_info(path).size or 0
+    except OSError as err:
+        raise _store_failed(display, err) from None
     if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path) and not os.path.exists(path):
         return size, None, (F.UNREADABLE_FILE, _broken_link(path))
     try:
@@ -629,6 +641,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             # Parquet's INTERVAL (DuckDB writes its INTERVAL so) reads as 12 raw bytes: never text or a time
             intervals = [c.path for c in parquet.schema if c.converted_type == "INTERVAL" and c.path in table.column_names]
     except (pa.ArrowException, OSError) as err:
+        if not isinstance(fs, pafs.LocalFileSystem) and _AWS_ERROR in str(err):  # the store's answer, not the file
+            raise _store_failed(display, err) from None
         if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
             return size, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
@@ -650,6 +664,21 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+_AWS_ERROR = "AWS Error"  # how pyarrow's S3 filesystem words an error answer (403, 503, no connection)
+
+
+def _store_failed(uri: str, err: OSError) -> FactLogError:
+    """FactLogError for an object store that refused or failed a request on a fact log (wrong or
+    expired credentials, a bucket policy, a store that is down): the night fails naming the URI and
+    the fix, never a file rejected for the store's answer. Another OSError is named as it is."""
+    text = " ".join(str(err).split())
+    if _AWS_ERROR not in text:
+        return FactLogError(f"fact log {uri}: cannot read ({text})")
+    return FactLogError(f"fact log {uri}: the store refused or failed the request ({text}); no file was rejected for "
+                        "it. Check the job's credentials and the endpoint (AWS_ENDPOINT_URL, the profile), or that the "
+                        "store is up, then run the night again")
 
 
 def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display: str, listed_size: int):
