@@ -264,9 +264,10 @@ def _raise_if_current_moved(store, previous: Manifest | None, err: Exception) ->
     after = now[0].version if now else None
     if after != before:
         raise PublishConflict(
-            f"CURRENT moved from v{before} to v{after} while this night ran (an engram forget, rollback or gc beside "
-            f"it rewrote or deleted objects the night was reading: {err}); nothing was published. Run the night "
-            "again, and run forget, rollback and gc from the same schedule as the night, not beside it") from err
+            f"CURRENT moved from v{before} to v{after} while this night ran (another night, or an engram forget, "
+            f"rollback or gc beside it, rewrote or deleted objects the night was reading: {err}); nothing was "
+            "published. Run the night again, and run other nights, forget, rollback and gc from the same schedule "
+            "as the night, not beside it") from err
 
 
 GC_RECORD_WAIT_S = 1.0
@@ -455,6 +456,14 @@ class _Night:
                 self.reads[i] = runner.get(metas[i], f"read {files[i].path}")
                 self.bar.advance("read files")
             timer.items["read"] = sum(r.rows + (r.reject is not None) for r in self.reads)
+        if not timer.items["read"] and not self._publishes_without_rows(every_shard):
+            # New files with no row at all (an empty export): nothing to record, not even a reject.
+            # A version of the same content would move CURRENT (every node polls it) for nothing, and
+            # a first night's empty one would look like a published base; the files are read again
+            # (no rows: no cost) by the next night with something to publish, which records them.
+            log.info("nightly %s: the %d new log file(s) hold no rows; nothing to publish (%s)", self.job_id,
+                     len(files), f"v{self.previous.version} stays current" if self.previous else "no version yet")
+            return self.report(self.previous, published=False)
 
         with timer.stage("apply"):
             per_shard: dict[int, list[tuple[int, tuple[int, int]]]] = defaultdict(list)
@@ -666,6 +675,13 @@ class _Night:
             own = {k for s, e in self.entries.items() for k in own_keys(e, before.shard(s))}
         own |= set(scopes.object_keys()) if isinstance(scopes, ScopesEntry) else set()
         return frozenset(own | {a.rejects_key for a in self.applied.values() if a.rejects_key})
+
+    def _publishes_without_rows(self, every_shard: bool) -> bool:
+        """Whether this night has a version to publish even if its new files hold no rows: one that
+        visits every shard of a previous version (a new model, recompile_all, a reshard, an upgrade)
+        or compiles the scopes a forget left stale."""
+        previous = self.previous
+        return previous is not None and (every_shard or (previous.scopes is not None and bool(previous.scopes.stale)))
 
     def _needs_stats(self, shard: int) -> bool:
         """A first night's shard, a resharded one, or one carried from a version-1 manifest (no

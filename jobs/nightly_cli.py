@@ -209,7 +209,8 @@ def run_nightly_cmd(
         report = _run(spec, as_json)
     except Exception as exc:  # noqa: BLE001 - the CLI boundary: one clear line, non-zero exit
         fail_json(as_json, f"{type(exc).__name__}: {exc}", code=exit_code(exc))  # 2: an unreachable ray_address
-    text = (f"published v{report.version}" if report.published else f"nothing changed; v{report.version} stays current")
+    text = (f"published v{report.version}" if report.published else f"nothing changed; v{report.version} stays current"
+            if report.version is not None else "nothing to publish (the new log files hold no rows); no version yet")
     text += (f": {report.users} users, {report.facts} facts; compiled {report.compiled_users} users "
              f"({report.facts_ok} facts ok, {report.facts_failed} failed), carried {report.carried_users}, "
              f"dropped {report.dropped_users}; {report.rejects} rejected rows")
@@ -257,7 +258,8 @@ def demo(
            "facts_ok": report.facts_ok, "facts_failed": report.facts_failed, "rejects": report.rejects,
            "seconds": report.seconds, "sample": answers, "store": report.store}
     lines = [
-        (f"published v{report.version}" if report.published else f"nothing new; v{report.version} is current")
+        (f"published v{report.version}" if report.published else f"nothing new; v{report.version} is current"
+         if report.version is not None else "nothing to publish; no version yet")
         + f" to {report.store}: {report.users} users, {report.facts} facts "
         f"({report.facts_ok} compiled ok, {report.facts_failed} failed this run), {report.rejects} rejected rows",
         "seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()),

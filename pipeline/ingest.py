@@ -69,6 +69,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -76,7 +77,7 @@ from engram_core.text import LINE_BREAKS, canonical_fact, canonical_id, canonica
 from pipeline.plan import user_fact_digest
 from schemas import facts as F
 from versions.layout import forgotten_id, shard_hash, shard_of
-from versions.store import arrow_checksum_env, arrow_env_checksum_settings
+from versions.store import arrow_checksum_env, arrow_env_checksum_settings, configured_s3_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -219,12 +220,15 @@ def list_log_files(source: str | list[str], *, filesystem: pafs.FileSystem | Non
     sources = [source] if isinstance(source, str) else list(source)
     roots = sorted({_source_root(s) for s in sources}, key=len, reverse=True)  # the innermost source first
     files = {}
-    for fs, path, display in _list_files(sources, filesystem):
+    for fs, path, display, listed_size in _list_files(sources, filesystem):
         root = next((r for r in roots if display == r or display.startswith(r.rstrip("/") + "/")), display)
         if problem := _name_problem(display, root):  # never handed to pyarrow, Parquet, JSON or a log line
             files[_shown(display)] = FactFile(_shown(display), 0, None, None, _shown(root), unreadable=problem)
             continue
-        files[display] = FactFile(display, *_identity(fs, path), root)
+        try:
+            files[display] = FactFile(display, *_identity(fs, path, listed_size), root)
+        except OSError as err:
+            raise _store_failed(display, err) from None
     return [files[p] for p in sorted(files)]
 
 
@@ -252,9 +256,11 @@ def _name_problem(path: str, root: str) -> str | None:
             f"{what} to a UTF-8 name (e.g. convmv -f latin1 -t utf8 --notest)")
 
 
-def _identity(fs: pafs.FileSystem, path: str) -> tuple[int, int | None, int | None]:
+def _identity(fs: pafs.FileSystem, path: str, listed_size: int | None = None) -> tuple[int, int | None, int | None]:
     """(size, mtime_ns, ctime_ns) of a listed file: one ``stat`` of a local file (0, None, None
-    for a broken link), the listing's size and modification time elsewhere (no change time)."""
+    for a broken link), the object's size and modification time elsewhere (no change time); the
+    size the folder's listing gave (``listed_size``) where there is one: a store whose HEAD
+    answers without Content-Length says 0 there."""
     if isinstance(fs, pafs.LocalFileSystem):
         try:
             st = os.stat(path)
@@ -262,7 +268,7 @@ def _identity(fs: pafs.FileSystem, path: str) -> tuple[int, int | None, int | No
             return 0, None, None
         return st.st_size, st.st_mtime_ns, st.st_ctime_ns
     info = fs.get_file_info(path)
-    return info.size or 0, info.mtime_ns, None
+    return listed_size if listed_size is not None else info.size or 0, info.mtime_ns, None
 
 
 def _source_root(root: str) -> str:
@@ -335,7 +341,7 @@ def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None) -> tuple[pa
     if file.unreadable is not None:
         return None, (F.UNREADABLE_FILE, file.unreadable)
     fs, path = _filesystem_for(file.path, filesystem)
-    _, table, problem = _read_one(fs, path, file.path, file.root)
+    _, table, problem = _read_one(fs, path, file.path, file.root, listed_size=file.size)
     return table, problem
 
 
@@ -351,21 +357,37 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) of a fact-log URI. On an object store (``s3://``, ``gs://``) the key is
     taken as written: keys may hold spaces, ``%``, ``?`` and ``#`` (Spark writes partition values
     escaped, ``hour=2026-11-29 08%3A00%3A00/``), which URI parsing refuses, decodes or cuts off.
-    Only the bucket goes through ``FileSystem.from_uri`` (endpoint, region and credentials come
-    from the environment: ``AWS_ENDPOINT_URL``, ...). Other schemes (``hdfs://host:port/path``,
+    Only the bucket goes through ``FileSystem.from_uri`` (region and credentials come from the
+    environment; the endpoint as the store resolves it, :func:`configured_s3_endpoint`). Other schemes (``hdfs://host:port/path``,
     ``file://``) are parsed whole. Raises FactLogError naming the URI."""
     scheme, rest = uri.split("://", 1)
     try:
         if scheme not in ("s3", "gs", "gcs"):
             return pafs.FileSystem.from_uri(uri)
-        # an S3-compatible endpoint gets the classic request form, as the store does (versions.store)
-        with arrow_checksum_env(arrow_env_checksum_settings() if scheme == "s3" else {}):
-            filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
+        bucket, options, settings = rest.split("/", 1)[0], "", {}
+        if scheme == "s3":  # the store's endpoint (pyarrow reads no profile's), and its request form
+            endpoint = _s3_endpoint(uri)
+            if endpoint is not None:
+                parsed = urllib.parse.urlparse(endpoint)
+                options = "?" + urllib.parse.urlencode({"endpoint_override": parsed.netloc,
+                                                         "scheme": parsed.scheme or "https"})
+            settings = arrow_env_checksum_settings(endpoint)
+        with arrow_checksum_env(settings):
+            filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}{options}")
         return filesystem, rest
     except pa.ArrowInvalid as err:  # "Unrecognized filesystem type in URI", a URI pyarrow cannot parse
         raise FactLogNotFound(f"fact log {uri}: cannot open ({err}); give a local path or an s3:// URI") from err
     except OSError as err:
         raise FactLogError(f"fact log {uri}: cannot open ({err})") from err
+
+
+def _s3_endpoint(uri: str) -> str | None:
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return configured_s3_endpoint()
+    except BotoCoreError as err:  # ProfileNotFound, a config file that does not parse
+        raise FactLogError(f"fact log {uri}: cannot open ({err}); check AWS_PROFILE and the AWS config file") from None
 
 
 def key_by_shard(rows: pa.Table, num_shards: int) -> pa.Table:
@@ -428,7 +450,8 @@ def read_fact_log(
 
 
 def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
-    """Yield (filesystem, path, display name) for every data file under the sources."""
+    """Yield (filesystem, path, display name, size in bytes as a folder's listing gave it or None)
+    for every data file under the sources."""
     local = None  # one listing of the local sources: a real folder or file is listed once in all
     for source in sources:
         if _shown(source) != source:
@@ -439,6 +462,8 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
             info = fs.get_file_info(path)
         except pa.ArrowInvalid as err:  # e.g. "Empty path component" for s3://bucket/a//b
             raise FactLogNotFound(f"fact log {source}: not a usable path ({err}); check for a doubled '/'") from None
+        except OSError as err:
+            raise _store_failed(source, err) from None
         if info.type == pafs.FileType.NotFound:
             if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
                 raise FactLogNotFound(f"fact log {path}: {_broken_link(path)}")
@@ -448,17 +473,21 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
             local.add(path, is_file=info.type == pafs.FileType.File)
             continue
         if info.type == pafs.FileType.File:
-            yield fs, path, prefix + path
+            yield fs, path, prefix + path, None
             continue
-        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        try:
+            listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except OSError as err:
+            raise _store_failed(source, err) from None
+        for entry in listing:
             relative = entry.path[len(path):].lstrip("/")
             if entry.type == pafs.FileType.File and (table := _table_format(relative.split("/"))):
                 raise _table_format_error(prefix + "/".join(p for p in (path, table[0]) if p), table[1])
             if entry.type != pafs.FileType.File or _is_hidden(relative):
                 continue
-            yield fs, entry.path, prefix + entry.path
+            yield fs, entry.path, prefix + entry.path, entry.size
     for path in local.files() if local else ():
-        yield local_fs, path, path
+        yield local_fs, path, path, None
 
 
 def _resolve(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str, str]:
@@ -579,21 +608,26 @@ def _table_format_error(folder: str, what: str) -> FactLogError:
         "with DuckDB or the table format's own reader) into a folder of its own and point fact_log at that")
 
 
-def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
+def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", listed_size: int = 0):
     """(size, normalised table or None, (reason, detail) or None). ``root``: the listed source
     ``display`` lies under (only the folders below it are partition folders; "": none are).
+    ``listed_size``: the file's size in bytes as its listing gave it (0: not known), read by
+    :func:`_parquet_file` where the store's HEAD does not say it.
 
     Only the fact log's own columns are read: an extra column of a type this pyarrow cannot
     convert does not cost the file, and a column named like our provenance (``_row``) is never
     taken from a customer's file. INT96 timestamps (Spark, Hive, Impala) are read in
     microseconds: read in nanoseconds, dates outside 1677-2262 would wrap around silently.
     """
-    size = fs.get_file_info(path).size or 0
+    try:
+        size = fs.get_file_info(path).size or 0
+    except OSError as err:
+        raise _store_failed(display, err) from None
     if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path) and not os.path.exists(path):
         return size, None, (F.UNREADABLE_FILE, _broken_link(path))
     try:
         with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+            parquet = _parquet_file(fs, path, handle, display, listed_size)
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
             if problem := (_partition_problem(display, root, present + list(partitions))
@@ -607,6 +641,12 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
             # Parquet's INTERVAL (DuckDB writes its INTERVAL so) reads as 12 raw bytes: never text or a time
             intervals = [c.path for c in parquet.schema if c.converted_type == "INTERVAL" and c.path in table.column_names]
     except (pa.ArrowException, OSError) as err:
+        if not isinstance(fs, pafs.LocalFileSystem) and _AWS_ERROR in str(err):  # the store's answer, not the file
+            raise _store_failed(display, err) from None
+        if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
+            return size, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
+                                "object, or a store or gateway that answers HEAD without Content-Length; name the "
+                                "folder it lies in as the fact log (a listing gives each file's size) or fix the store")
         return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
@@ -624,6 +664,48 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = ""):
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+_AWS_ERROR = "AWS Error"  # how pyarrow's S3 filesystem words an error answer (403, 503, no connection)
+
+
+def _store_failed(uri: str, err: OSError) -> FactLogError:
+    """FactLogError for an object store that refused or failed a request on a fact log (wrong or
+    expired credentials, a bucket policy, a store that is down): the night fails naming the URI and
+    the fix, never a file rejected for the store's answer. Another OSError is named as it is."""
+    text = " ".join(str(err).split())
+    if _AWS_ERROR not in text:
+        return FactLogError(f"fact log {uri}: cannot read ({text})")
+    return FactLogError(f"fact log {uri}: the store refused or failed the request ({text}); no file was rejected for "
+                        "it. Check the job's credentials and the endpoint (AWS_ENDPOINT_URL, the profile), or that the "
+                        "store is up, then run the night again")
+
+
+def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display: str, listed_size: int):
+    """``pq.ParquetFile`` of an open log file; on an object store whose HEAD answered without
+    ``Content-Length`` (some gateways answer HEAD chunked: pyarrow then takes every object as 0
+    bytes, "Parquet file size is 0 bytes", and a good file was called damaged) the same reading
+    API over a dataset fragment given the listing's size, which reads with ranged GETs alone."""
+    if listed_size <= 0 or handle.size() == listed_size or isinstance(fs, pafs.LocalFileSystem):
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+    logger.warning("fact log %s: the store answered HEAD with %d bytes, its listing with %d; read at the listed size "
+                   "(a store or gateway that answers HEAD without Content-Length)", display, handle.size(), listed_size)
+    return _SizedParquet(fs, path, listed_size)
+
+
+class _SizedParquet:
+    """The part of ``pq.ParquetFile``'s API :func:`_read_one` uses, over a fragment of known size."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, size: int) -> None:
+        options = pads.ParquetReadOptions(coerce_int96_timestamp_unit="us")
+        self._fragment = pads.ParquetFileFormat(read_options=options).make_fragment(path, filesystem=fs,
+                                                                                   file_size=size)
+        self.metadata = self._fragment.metadata  # pq.FileMetaData
+        self.schema = self.metadata.schema  # pq.ParquetSchema
+        self.schema_arrow = self._fragment.physical_schema
+
+    def read(self, columns: list[str]) -> pa.Table:
+        return self._fragment.to_table(columns=columns)
 
 
 def _parquet_interval(name: str, kind: pa.DataType) -> str:

@@ -236,14 +236,22 @@ def _read_parts(store, manifests: list[Manifest], plan: dict) -> dict[str, pa.Bu
                     f"--to {others[-1]}")
         match = _PART_SHA256.match(key)
         if match:
-            return pa.py_buffer(verified_bytes(store, key, None, match.group(1), reference=reference, fix=fix))
-        try:  # no content address to check (a version-1 hive part): at least a readable Parquet file
-            data = pa.py_buffer(store.get(key))
-            pq.read_metadata(pa.BufferReader(data))
-        except ObjectNotFound:
-            raise IntegrityError(f"{store.uri}/{key}: missing ({reference}){fix}") from None
-        except pa.ArrowException as err:
-            raise IntegrityError(f"{store.uri}/{key}: not a readable Parquet file ({err}) ({reference}){fix}") from None
+            data = pa.py_buffer(verified_bytes(store, key, None, match.group(1), reference=reference, fix=fix))
+        else:
+            try:  # no content address to check (a version-1 hive part): at least a readable Parquet file
+                data = pa.py_buffer(store.get(key))
+                pq.read_metadata(pa.BufferReader(data))
+            except ObjectNotFound:
+                raise IntegrityError(f"{store.uri}/{key}: missing ({reference}){fix}") from None
+            except pa.ArrowException as err:
+                raise IntegrityError(f"{store.uri}/{key}: not a readable Parquet file ({err}) ({reference}){fix}") \
+                    from None
+        if problem := _part_type_problem(key, data):
+            rewrite = fix.split(". Put the part's own bytes back", 1)[0]
+            rollback = fix.split(", or roll back", 1)[1] if ", or roll back" in fix else ""
+            raise IntegrityError(f"{store.uri}/{key}: {problem} ({reference}){rewrite}. Write the part again with the "
+                                 f"view's column types (another tool or release wrote it)"
+                                 + (f", or roll back{rollback}" if rollback else ""))
         return data
 
     keys = sorted(named)
@@ -256,6 +264,31 @@ def _read_parts(store, manifests: list[Manifest], plan: dict) -> dict[str, pa.Bu
                 raise _layer_damaged(store, key, version, shard, "missing" if info is None else
                                      f"{info.size} bytes, manifest says {size}")
         return dict(zip(keys, pool.map(read, keys)))  # the first failure in key order is raised
+
+
+def _part_type_problem(key: str, data: pa.Buffer) -> str | None:
+    """Why a stats part's columns cannot be read as its view's (a column another tool or release
+    wrote as another type whose values do not convert, e.g. ``loss`` as text), or None. DuckDB
+    met it mid-query and the error blamed the query. Only columns whose type differs are read."""
+    table = key.split("/")[1]
+    expected = STATS_SCHEMAS.get(table)
+    if expected is None:
+        return None
+    try:
+        written = pq.read_schema(pa.BufferReader(data))
+        for field in expected:
+            index = written.get_field_index(field.name)
+            if index < 0 or written.field(index).type == field.type:
+                continue  # a missing column reads as null (parts of older releases)
+            column = pq.read_table(pa.BufferReader(data), columns=[field.name]).column(0)
+            try:
+                column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+                return (f"column {field.name!r} is {column.type}, the {table} view's is {field.type}, and its values "
+                        f"do not convert ({' '.join(str(err).split())})")
+    except pa.ArrowException as err:
+        return f"not a readable Parquet file ({' '.join(str(err).split())})"
+    return None
 
 
 def _hiding_layers(manifests: list[Manifest]) -> dict[str, tuple[int, int, int]]:
@@ -328,59 +361,72 @@ def _create_view(connection, manifests: list[Manifest], plan: dict, parts: dict[
                  base_path: str, table: str) -> None:
     """One view per table: per version and chain depth, a dataset of its parts plus the version as a
     column, without the rows a newer layer replaces."""
-    schema = STATS_SCHEMAS[table]
-    users_only = pa.schema([("user_id", pa.string())])
     selects = []
     for manifest in manifests:
         # A forget dropped the deltas of the version's stale scopes (ScopesEntry.stale): their
         # members' copies are not served until a night compiles the scopes again, whatever status
         # they compiled with; the members' ``users.facts_ok`` counts them no more.
         stale = manifest.scopes.stale if manifest.scopes is not None else ()
-        columns, raw = "*", []
+        columns = "*"
         stale_ok = f"_facts_v{manifest.version}_stale_ok"  # user_id, n: the ok copies of stale scopes
-        if stale and table == "facts":
-            names = f"_facts_v{manifest.version}_stale"
+        names = f"_facts_v{manifest.version}_stale"
+        hit = f"scope IN (SELECT scope FROM {names})"
+        if stale:
             connection.register(names, pa.table({"scope": pa.array(sorted(stale), pa.string())}))
-            hit = f"scope IN (SELECT scope FROM {names})"
+        if stale and table == "facts":
             detail = SCOPE_STALE_DETAIL.replace("'", "''")
             columns = (f"* REPLACE (CASE WHEN {hit} THEN '{SCOPE_STALE}' ELSE status END AS status, "
                        f"CASE WHEN {hit} THEN '{detail}' ELSE detail END AS detail)")
         elif stale and table == "users":
             columns = (f"* REPLACE (facts_ok - coalesce((SELECT n FROM {stale_ok} s WHERE s.user_id = u.user_id), 0) "
                        "AS facts_ok)")
-        for seq, (keys, hiding) in sorted(plan[(manifest.version, table)].items()):
-            if not keys:
-                continue
-            name = f"_{table}_v{manifest.version}_{seq}"
-            connection.register(name, _parts_dataset(parts, keys, schema))
-            where = ""
-            if hiding:
-                # each layer's size from its manifest: no HEAD per layer, and a server whose HEAD has
-                # no Content-Length (read as 0 bytes: "Parquet file size is 0 bytes") still reads
-                sizes = {key: size for key, (_, _, size) in _hiding_layers(manifests).items()}
-                parquet = ds.ParquetFileFormat()
-                connection.register(f"{name}_newer", ds.FileSystemDataset(
-                    [parquet.make_fragment(f"{base_path}/{key}", filesystem, file_size=sizes.get(key))
-                     for key in sorted(set(hiding))], users_only, parquet, filesystem))
-                where = f" WHERE user_id NOT IN (SELECT user_id FROM {name}_newer)"
+        for name, where in _register_parts(connection, manifests, plan, parts, filesystem, base_path, table, manifest):
             selects.append(f"SELECT {columns}, CAST({manifest.version} AS BIGINT) AS version FROM {name} u{where}")
-            raw.append(f"SELECT user_id, scope, status FROM {name}{where}")
-        if stale and table == "facts":
+        if stale and table == "users":
+            # the ok copies of stale scopes, from the facts parts: registered here too, so that the
+            # users view stands alone, whichever view is built first
+            raw = [f"SELECT user_id, scope, status FROM {name}{where}" for name, where in
+                   _register_parts(connection, manifests, plan, parts, filesystem, base_path, "facts", manifest)]
             rows = " UNION ALL ".join(raw) if raw else "SELECT NULL::VARCHAR AS user_id, NULL::VARCHAR AS scope, " \
                                                          "NULL::VARCHAR AS status WHERE false"
-            connection.execute(f"CREATE VIEW {stale_ok} AS SELECT user_id, count(*) AS n FROM ({rows}) "
+            connection.execute(f"CREATE OR REPLACE VIEW {stale_ok} AS SELECT user_id, count(*) AS n FROM ({rows}) "
                                f"WHERE status = 'ok' AND {hit} GROUP BY user_id")
         scope_part = _scope_part(manifest, table)
         if scope_part is not None:
             # The shared scopes' own rows (user_id = scope = the scope id): never hidden by a layer,
             # which names users: a user with a scope's id is another owner (pipeline.scopes).
             name = f"_{table}_v{manifest.version}_scopes"
-            connection.register(name, _parts_dataset(parts, [scope_part], schema))
+            connection.register(name, _parts_dataset(parts, [scope_part], STATS_SCHEMAS[table]))
             selects.append(f"SELECT *, CAST({manifest.version} AS BIGINT) AS version FROM {name}")
     if selects:
         connection.execute(f"CREATE VIEW {table} AS " + " UNION ALL ".join(selects))
     else:
         connection.register(table, queried_schema(table).empty_table())
+
+
+def _register_parts(connection, manifests: list[Manifest], plan: dict, parts: dict[str, pa.Buffer], filesystem,
+                    base_path: str, table: str, manifest: Manifest) -> list[tuple[str, str]]:
+    """Register ``table``'s parts of ``manifest``, per chain depth, as ``_<table>_v<N>_<seq>``;
+    returns (name, WHERE clause hiding the rows a newer layer replaces) of each."""
+    users_only = pa.schema([("user_id", pa.string())])
+    out = []
+    for seq, (keys, hiding) in sorted(plan[(manifest.version, table)].items()):
+        if not keys:
+            continue
+        name = f"_{table}_v{manifest.version}_{seq}"
+        connection.register(name, _parts_dataset(parts, keys, STATS_SCHEMAS[table]))
+        where = ""
+        if hiding:
+            # each layer's size from its manifest: no HEAD per layer, and a server whose HEAD has
+            # no Content-Length (read as 0 bytes: "Parquet file size is 0 bytes") still reads
+            sizes = {key: size for key, (_, _, size) in _hiding_layers(manifests).items()}
+            parquet = ds.ParquetFileFormat()
+            connection.register(f"{name}_newer", ds.FileSystemDataset(
+                [parquet.make_fragment(f"{base_path}/{key}", filesystem, file_size=sizes.get(key))
+                 for key in sorted(set(hiding))], users_only, parquet, filesystem))
+            where = f" WHERE user_id NOT IN (SELECT user_id FROM {name}_newer)"
+        out.append((name, where))
+    return out
 
 
 def format_table(table: pa.Table, *, max_width: int = 60) -> str:

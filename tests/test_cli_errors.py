@@ -69,6 +69,21 @@ def test_forget_of_an_id_that_is_empty_once_canonical_exits_2_with_one_line(tmp_
         assert "Traceback" not in result.output
 
 
+def test_a_forget_on_a_store_with_nothing_published_fails_saying_it_was_not_recorded(tmp_path):
+    """Before the first night there is no version to carry a forget tombstone: forget said "user not
+    found ... nothing to forget", exit 0, and the first night then published the user. Now: exit 1,
+    one line saying nothing was forgotten and how to forget them (a forget_user event in the log)."""
+    from versions.catalog import read_audit
+    from versions.store import open_store
+
+    (tmp_path / "store").mkdir()
+    result = engram("forget", "--store", str(tmp_path / "store"), "user-00001", "--json")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "nothing is published yet, so the forget of the user cannot be recorded" in result.stderr
+    assert "forget_user event" in result.stderr and json.loads(result.stdout)["forgotten"] is False
+    assert read_audit(open_store(str(tmp_path / "store"))) == []
+
+
 def test_ask_with_an_empty_prompt_exits_2_with_one_line(tmp_path):
     result = engram("ask", "--store", str(tmp_path), "--user", "u1", "  ")
     assert result.exit_code == 2 and "the prompt is empty" in result.stderr and "Traceback" not in result.output

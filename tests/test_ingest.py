@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import re
 from datetime import datetime, timedelta, timezone
@@ -942,6 +943,52 @@ def test_s3_keys_with_spaces_and_percent_escapes_are_listed_and_read_as_written(
         assert got == {"alice": None, "carol": "team:a"}
         rows = [read_log_file(f, RowRules(max_trigger_tokens=64), 4)[1] for f in list_log_files(source)]
         assert sorted(r.column("scope").to_pylist()[0] or "" for r in rows) == ["", "team:a"]
+
+
+def test_an_s3_fact_log_is_read_from_a_store_whose_head_answers_without_a_size(s3_server, s3_bucket, monkeypatch):
+    """A gateway that answers HEAD without Content-Length: pyarrow took every log file as 0 bytes
+    and the night called good files damaged ("not a readable Parquet file (Parquet file size is 0
+    bytes)"), or rejected them all under on_bad_file='reject'. The listing's sizes read them."""
+    from tests.s3_proxy import ConditionProxy
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}, {"fact_id": "b"}), buffer)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="log/day=1/part-0.parquet", Body=buffer.getvalue())
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, lengths="head_without_length") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        batch = read_fact_log(f"s3://{s3_bucket}/log", on_bad_file="reject")
+        assert batch.rows.num_rows == 2 and batch.file_rejects.num_rows == 0
+        file = list_log_files(f"s3://{s3_bucket}/log")[0]
+        assert read_log_file(file, RowRules(max_trigger_tokens=64), 4)[0].rows == 2
+        # a single file named as the source has no listing to give its size: the store is named, not the file
+        with pytest.raises(FactLogError, match="a store or gateway that answers HEAD without Content-Length; name "
+                                               "the folder it lies in"):
+            read_fact_log(f"s3://{s3_bucket}/log/day=1/part-0.parquet")
+
+
+@pytest.mark.parametrize("status", [403, 503])
+def test_a_store_that_refuses_or_fails_a_fact_log_read_fails_the_read_naming_it_and_rejects_no_file(
+        s3_server, s3_bucket, monkeypatch, status):
+    """Wrong or expired credentials, a bucket policy, a store that is down: the listing's HEAD raised
+    pyarrow's bare OSError (no fact log named, no fix), and a GET refused while a night read the
+    file made it an UNREADABLE_FILE reject under on_bad_file='reject' (a good file called damaged)."""
+    from tests.s3_proxy import ConditionProxy
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}), buffer)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="log/day=1/part-0.parquet", Body=buffer.getvalue())
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        listed = list_log_files(f"s3://{s3_bucket}/log")
+        proxy.refuse_reads = {"part-0.parquet": status}
+        for read in (lambda: list_log_files(f"s3://{s3_bucket}/log"),
+                     lambda: read_log_file(listed[0], RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")):
+            with pytest.raises(FactLogError, match=rf"fact log s3://{s3_bucket}/log/day=1/part-0.parquet: the store "
+                                                   r"refused or failed the request \(.*\); no file was rejected for it. "
+                                                   r"Check the job's credentials"):
+                read()
 
 
 # --- Applying events ------------------------------------------------------------------------

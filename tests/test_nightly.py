@@ -946,6 +946,36 @@ def test_a_night_whose_prior_objects_a_forget_beside_it_deleted_says_current_mov
     assert run_nightly(spec).published
 
 
+@pytest.mark.parametrize("forgets", [False, True])
+def test_two_nights_at_once_one_publishes_the_other_says_current_moved_and_a_rerun_is_safe(tmp_path, tiny_dir,
+                                                                                            local_store, monkeypatch,
+                                                                                            forgets):
+    """Two nights on one store at once (a cron overlap): the later publish lost the compare-and-swap
+    with "re-plan against CURRENT", a library's words; where the other night's forget stage had
+    deleted objects it read, it blamed "an engram forget, rollback or gc". Either way it names the
+    move and another night, says nothing was published and that a re-run is safe; the re-run
+    publishes nothing new."""
+    import jobs.nightly as nightly
+    from versions.errors import PublishConflict
+
+    spec, rows, first = _a_night_and_the_next_log(tmp_path, tiny_dir, local_store)
+    if not forgets:  # night 2's log of upserts only: the other night deletes nothing this one reads
+        write_fact_log(fact_log_rows(2, 1, seed=7, day=1, prefix="n2"), tmp_path / "log" / "day=2" / "part-0.parquet")
+    real, calls = nightly.apply_shard, []
+
+    def apply_beside_another_night(ctx, shard, prior, *args):
+        if not calls:
+            calls.append(shard)
+            assert run_nightly(spec).published  # the other night, start to end
+        return real(ctx, shard, prior, *args)
+
+    monkeypatch.setattr(nightly, "apply_shard", apply_beside_another_night)
+    with pytest.raises(PublishConflict, match=r"CURRENT moved .*another night.*nothing was published. Run "):
+        run_nightly(spec)
+    monkeypatch.setattr(nightly, "apply_shard", real)
+    assert not run_nightly(spec).published
+
+
 def test_a_night_whose_stats_parts_a_forget_beside_it_deleted_says_current_moved(tmp_path, tiny_dir, local_store,
                                                                                    monkeypatch):
     """The same with the prior stats parts (read unverified, as ObjectNotFound): one line saying
@@ -1043,6 +1073,39 @@ def test_a_night_whose_only_new_file_is_unreadable_records_its_reject_each_night
     write_fact_log(fact_log_rows(1, 1, prefix="late"), bad)  # fixed upstream
     fixed = run_nightly(spec)
     assert fixed.published and fixed.rejects == 0 and fixed.accepted == 1
+
+
+def test_new_log_files_with_no_rows_publish_nothing_first_night_or_later(tmp_path, tiny_dir, local_store):
+    """An empty export (a Parquet file of zero rows) has nothing to record, not even a reject: a
+    first night published an empty v1 (a "published" store with no user in it), a later night a
+    v2 of v1's content that moved CURRENT (every node polled and swapped) for nothing. Now: exit 0,
+    nothing published, CURRENT untouched, and the text and --json say so."""
+    from typer.testing import CliRunner
+
+    import pyarrow.parquet as pq
+
+    from jobs.cli import app
+    from schemas import facts as F
+
+    empty = tmp_path / "log" / "day=1" / "part-0.parquet"
+    empty.parent.mkdir(parents=True)
+    pq.write_table(F.FACT_LOG_SCHEMA.empty_table(), empty)
+    args = ["run", "nightly", "--store", local_store.uri, "--fact-log", str(tmp_path / "log"), "--model",
+            str(tiny_dir), "--num-shards", "2", "--workers", "0"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0 and "nothing to publish (the new log files hold no rows); no version yet" in out.output
+    assert read_current(local_store) is None and local_store.list("manifests/") == []
+    write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=2" / "part-0.parquet")
+    first = run_nightly(NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir),
+                                    num_shards=2, workers=0))
+    assert first.published and first.version == 1 and first.files_read == 2
+    (tmp_path / "log" / "day=3").mkdir()
+    pq.write_table(F.FACT_LOG_SCHEMA.empty_table(), tmp_path / "log" / "day=3" / "part-0.parquet")
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert (report["published"], report["version"], report["files_read"]) == (False, 1, 1)
+    assert read_current(local_store)[0].version == 1 and local_store.list("manifests/") == ["manifests/v00000001.json"]
 
 
 def test_rollback_names_the_log_files_the_next_night_reads_again(tmp_path, tiny_dir, local_store):

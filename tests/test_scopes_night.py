@@ -974,6 +974,21 @@ def test_the_facts_view_says_a_stale_scopes_member_copies_are_not_served_until_t
         {"user_id": "alice", "facts": 3, "facts_ok": 3}, {"user_id": "dave", "facts": 2, "facts_ok": 2}]
 
 
+def test_the_users_view_stands_alone_whichever_view_is_built_first(spec, tmp_path, local_store, monkeypatch):
+    """The users view read the ok copies of stale scopes from a helper view the facts view made:
+    built without it first (another order of the views), the query failed on a missing table."""
+    import pipeline.stats as stats
+    from versions.forget import forget_user
+
+    night(spec, tmp_path, "1", forget_member_log())
+    forget_user(local_store, "bob", actor="test", reason="ticket 16")
+    version = read_current(local_store)[0].version
+    monkeypatch.setattr(stats, "STATS_SCHEMAS", dict(reversed(stats.STATS_SCHEMAS.items())))  # users before facts
+    served = query_stats(local_store, f"select user_id, facts, facts_ok from users where version = {version} "
+                                      "and user_id in ('alice', 'dave') order by all").to_pylist()
+    assert served == [{"user_id": "alice", "facts": 3, "facts_ok": 1}, {"user_id": "dave", "facts": 2, "facts_ok": 0}]
+
+
 FRANK_OWN = ("frank", "colour", "My favourite colour is", " teal")  # a personal fact of an extra holder
 
 

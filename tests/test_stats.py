@@ -254,6 +254,31 @@ def test_a_stats_part_whose_bytes_are_not_the_ones_its_key_names_is_refused_nami
     assert query_stats(any_store, "SELECT count(*) AS n FROM facts WHERE version = 2").to_pylist() == [{"n": 2}]
 
 
+@pytest.mark.parametrize("column, values", [("loss", pa.array(["x"])), ("steps", pa.array([[1]]))])
+def test_a_part_another_tool_wrote_with_other_column_types_is_refused_naming_it_not_the_query(local_store, column,
+                                                                                              values):
+    """A part whose bytes are its key's (content-addressed) but whose column does not convert to
+    the view's type (written by another tool or release): DuckDB failed mid-query naming its own
+    stream (`_facts_v1_0`) and the CLI said "fix the query" with exit 2. Now: the part, the column,
+    the version that names it, exit 1."""
+    import hashlib
+    import io
+
+    table = facts(("a", "f", "ok", 0.1))
+    table = table.set_column(table.schema.get_field_index(column), column, values)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    key = f"stats/facts/{hashlib.sha256(buffer.getvalue()).hexdigest()}.parquet"
+    local_store.put(key, buffer.getvalue())
+    payload = ShardPayload(encode_bundle(bundle_table({})), encode_fact_state(empty_fact_state()))
+    publish_version(local_store, shard_payloads={0: payload}, previous=None, fingerprint="fp", num_shards=1,
+                    job_id="test", watermark="w1", stats={"facts": [key]})
+    result = _cli_stats(local_store, "select * from facts")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f"{key}: column {column!r} is " in result.output and "the facts view's is" in result.output
+    assert "(the manifest of v1 references it as a stats part)" in result.output and "fix the query" not in result.output
+
+
 def test_a_damaged_part_named_by_every_version_says_to_restore_it(local_store):
     rows = facts(("a", "f", "ok", 0.1))
     v1 = publish_stats(local_store, None, facts=rows)

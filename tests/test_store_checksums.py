@@ -169,3 +169,65 @@ def test_an_operators_checksum_setting_reaches_pyarrow_and_the_environment_is_re
     assert os.environ["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_supported"
     modes = [h.get("x-amz-checksum-mode") for m, _, h in proxy.headers if m == "GET"]
     assert modes[0] is None and modes[-1] == "enabled"
+
+
+@pytest.mark.parametrize("where", ["endpoint_url", "services"])
+def test_fact_logs_go_to_the_endpoint_of_the_aws_profile_as_the_store_does(strict, s3_server, tmp_path, monkeypatch,
+                                                                          where):
+    """pyarrow reads no profile's endpoint_url (nor a `services` section): with the endpoint set
+    only there, the store wrote to it and the night's fact logs went to AWS ("Could not resolve
+    host: <bucket>.s3.us-east-1.amazonaws.com"). Both now resolve it as boto3 does."""
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from pipeline.ingest import read_fact_log
+    from pipeline.stats import query_stats
+    from versions.store import open_store
+
+    proxy, _ = strict
+    write_fact_log(fact_log_rows(2, 2), tmp_path / "part-0.parquet")
+    s3_server.client().upload_file(str(tmp_path / "part-0.parquet"), _.bucket, "log/day=1/part-0.parquet")
+    endpoint = (f"endpoint_url = {proxy.endpoint_url}\n" if where == "endpoint_url" else
+                f"services = local\n[services local]\ns3 =\n  endpoint_url = {proxy.endpoint_url}\n")
+    (tmp_path / "config").write_text(f"[profile team]\nregion = us-east-1\naws_access_key_id = {s3_server.access_key}\n"
+                                     f"aws_secret_access_key = {s3_server.secret_key}\n{endpoint}")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "team")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    store = open_store(f"s3://{_.bucket}/engram")
+    assert store.endpoint_url == proxy.endpoint_url
+    assert read_fact_log(f"s3://{_.bucket}/log").rows.num_rows == 4
+    assert query_stats(store, "select 1 as one").to_pylist() == [{"one": 1}]
+    assert f"/{_.bucket}/log/day%3D1/part-0.parquet" in {p.split("?")[0] for m, p, _h in proxy.headers if m == "GET"}
+
+
+def test_no_thread_takes_another_threads_momentary_checksum_setting_for_the_operators(strict):
+    """arrow_checksum_env sets AWS_*_CHECKSUM_* for a pyarrow filesystem's construction; a store
+    built meanwhile in another thread (a night's stats beside its ingest, Ray tasks on threads)
+    read them as the operator's choice and kept botocore's checksums for its own pyarrow reads,
+    which such a server refuses."""
+    import threading
+
+    from versions.store import arrow_checksum_env, classic_checksum_settings
+
+    proxy, store = strict
+    both = classic_checksum_settings(store.endpoint_url)
+    assert len(both) == 2
+    inside, release, built = threading.Event(), threading.Event(), {}
+
+    def hold():
+        with arrow_checksum_env(both):
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait(10)
+    builder = threading.Thread(target=lambda: built.update(store=S3Store(store.bucket, "engram",
+                                                                        endpoint_url=proxy.endpoint_url)))
+    builder.start()
+    builder.join(1.0)
+    release.set()
+    holder.join(10)
+    builder.join(10)
+    assert built["store"]._checksum_settings == both
+    assert "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ

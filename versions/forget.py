@@ -768,7 +768,9 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     (the user is not published yet, its events still on their way), CURRENT is still rewritten to
     carry the forget tombstones, so the next night refuses the user's events up to the forget's
     time (``found`` False, ``refused_until`` set). The nightly passes False: its own version records
-    the tombstones of its ``forget_user`` events. A store with no version records nothing.
+    the tombstones of its ``forget_user`` events. A store with no version has nowhere to record a
+    forget: PublishError under ``record_absent`` (it said "not found" and the first night published
+    the user), nothing recorded otherwise.
     Raises ValueError for an empty id or a missing actor/reason, PublishError if CURRENT keeps moving."""
     times = forgotten_at if isinstance(forgotten_at, Mapping) else None
     at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc) + FUTURE_TOLERANCE
@@ -877,6 +879,11 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
     audit_hashes = hashes[0] if len(hashes) == 1 else list(hashes)
     rewriter = _Rewriter(store, users, forgotten_at)
     plan = _plan(store, users, rewriter, record_absent)
+    if plan is None and record_absent:  # nowhere to record it: the first night would publish the users
+        who = "the user" if len(users) == 1 else f"the {len(users)} users"
+        raise PublishError(f"{store.uri}: nothing is published yet, so the forget of {who} cannot be recorded (the "
+                           "first night would publish their events); nothing was forgotten. Put a forget_user event "
+                           "for them in the fact log (the night applies it), or forget again after the first night")
     scopes_note = _scopes_note(store, plan, users)
     if plan is None or not plan.to_rewrite:
         current = plan.pointer.version if plan is not None else None

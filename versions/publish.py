@@ -118,8 +118,10 @@ def _check_planned(store: ObjectStore, previous: Manifest | None, where: str):
     pointer = read_pointer(store)
     planned = previous.version if previous is not None else None
     if (pointer.version if pointer else None) != planned:
-        raise PublishConflict(f"{where}: CURRENT is v{pointer.version if pointer else '-'} but this publish was "
-                              f"planned against v{planned or '-'}; re-plan against CURRENT")
+        raise PublishConflict(f"{where}: CURRENT moved to v{pointer.version if pointer else '-'} while this publish "
+                              f"was planned against v{planned or '-'} (another night, compact, rollback or forget "
+                              "published meanwhile); nothing was published. Run it again (a night reads what the new "
+                              "CURRENT has not), and schedule nights so that two never run at once")
     return pointer
 
 

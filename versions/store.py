@@ -38,6 +38,7 @@ import abc
 import base64
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -492,11 +493,63 @@ def classic_checksum_settings(endpoint: str | None, scoped_config: dict | None =
     if endpoint is None or _is_aws_endpoint(endpoint):
         return {}
     scoped_config = scoped_config or {}
-    return {name: "when_required" for name in _CHECKSUM_SETTINGS
-            if f"AWS_{name.upper()}" not in os.environ and name not in scoped_config}
+    with _ARROW_ENV_LOCK:  # not while arrow_checksum_env has set them for a moment
+        return {name: "when_required" for name in _CHECKSUM_SETTINGS
+                if f"AWS_{name.upper()}" not in os.environ and name not in scoped_config}
 
 
-_ARROW_ENV_LOCK = threading.Lock()
+# Held while the environment's checksum variables are set for a pyarrow S3FileSystem's construction
+# (arrow_checksum_env) and while they are read (classic_checksum_settings, an S3 client's
+# construction): a reader in another thread would take the temporary value for the operator's own.
+_ARROW_ENV_LOCK = threading.RLock()
+
+
+def configured_s3_endpoint(endpoint_url: str | None = None, session=None) -> str | None:
+    """The S3 endpoint URL configured for this process, resolved as boto3 resolves it:
+    ``endpoint_url`` if given, else ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the profile's
+    ``services`` section (``s3 = endpoint_url = ...``) or its ``endpoint_url``; None where none is set
+    (or ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS``): AWS's own endpoints. The store (boto3) and the
+    fact logs (pyarrow, which reads none of the profile's endpoints) both use it, so that they never
+    go to two places. ``session``: a ``boto3.session.Session`` (default: a new one, whose profile is
+    ``AWS_PROFILE``); botocore's ProfileNotFound for a profile that does not exist."""
+    if endpoint_url:
+        return endpoint_url
+    if session is None:  # a new session costs 0.2 s (botocore loads its models per session): once per setting
+        return _configured_s3_endpoint(*(os.environ.get(name) for name in _ENDPOINT_SETTINGS), _mtime(_aws_config_file()))
+    return _endpoint_of(session)
+
+
+_ENDPOINT_SETTINGS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL",
+                      "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+
+
+def _aws_config_file() -> str:
+    return os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _configured_s3_endpoint(*settings) -> str | None:
+    """:func:`configured_s3_endpoint` of a new session, per value of the settings it reads."""
+    import boto3
+
+    return _endpoint_of(boto3.session.Session())
+
+
+def _endpoint_of(session) -> str | None:
+    from botocore.config import Config
+
+    region = session.region_name or "us-east-1"
+    configured = session.client("s3", region_name=region).meta.endpoint_url
+    default = session.client("s3", region_name=region,
+                             config=Config(ignore_configured_endpoint_urls=True)).meta.endpoint_url
+    return None if configured == default else configured
 
 
 @contextmanager
@@ -506,10 +559,10 @@ def arrow_checksum_env(settings: dict[str, str]) -> Iterator[None]:
     when it builds its client, and otherwise sends ``x-amz-checksum-mode: enabled`` on every GET
     and an aws-chunked body with a CRC64 trailer on every upload, which servers that refuse
     flexible checksums answer with 400 / 501. ``settings`` (from :func:`classic_checksum_settings`)
-    are set as ``AWS_<NAME>`` for the construction only, then the environment is restored."""
-    if not settings:
-        yield
-        return
+    are set as ``AWS_<NAME>`` for the construction only, then the environment is restored. pyarrow
+    (26) takes no checksum option of its own, hence the environment; every construction (with
+    settings or none) and every read of these variables holds one lock, so that no thread builds a
+    client, or decides what the operator chose, from another thread's temporary values."""
     names = {f"AWS_{name.upper()}": value for name, value in settings.items()}
     with _ARROW_ENV_LOCK:
         before = {name: os.environ.get(name) for name in names}
@@ -524,11 +577,9 @@ def arrow_checksum_env(settings: dict[str, str]) -> Iterator[None]:
                     os.environ[name] = value
 
 
-def arrow_env_checksum_settings() -> dict[str, str]:
+def arrow_env_checksum_settings(endpoint: str | None) -> dict[str, str]:
     """:func:`classic_checksum_settings` for a pyarrow S3 filesystem made from the environment
-    (``FileSystem.from_uri('s3://...')``: its endpoint is ``AWS_ENDPOINT_URL_S3`` or
-    ``AWS_ENDPOINT_URL``, AWS without them)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    for ``endpoint`` (:func:`configured_s3_endpoint`; None: AWS)."""
     if endpoint is None or _is_aws_endpoint(endpoint):
         return {}
     import botocore.session
@@ -579,8 +630,7 @@ class S3Store(ObjectStore):
         self._session = boto3.session.Session(region_name=region)
         if addressing_style is None:
             # S3-compatible servers behind a custom endpoint rarely resolve bucket subdomains.
-            custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            addressing_style = "path" if custom else "auto"
+            addressing_style = "path" if configured_s3_endpoint(endpoint_url, self._session) else "auto"
         config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=10,
@@ -590,7 +640,8 @@ class S3Store(ObjectStore):
             # default of 10 made urllib3 warn "Connection pool is full, discarding connection"
             max_pool_connections=MAX_POOL_CONNECTIONS,
         )
-        self._client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
+        with _ARROW_ENV_LOCK:  # botocore reads the checksum variables here: not another thread's temporary ones
+            self._client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
         # An S3-compatible server (an endpoint, however set, that is not AWS's) gets requests in the
         # form every S3 API server takes: botocore >= 1.36 otherwise adds CRC32 headers to each PUT
         # and, on an https endpoint, sends the body aws-chunked with a trailing checksum
@@ -604,8 +655,9 @@ class S3Store(ObjectStore):
             self._checksum_settings = classic_checksum_settings(self._client.meta.endpoint_url,
                                                                 self._session._session.get_scoped_config())
             if self._checksum_settings:
-                self._client = self._session.client("s3", endpoint_url=endpoint_url,
-                                                    config=config.merge(Config(**self._checksum_settings)))
+                with _ARROW_ENV_LOCK:
+                    self._client = self._session.client("s3", endpoint_url=endpoint_url,
+                                                        config=config.merge(Config(**self._checksum_settings)))
         self.endpoint_url = self._client.meta.endpoint_url
         self.region = self._client.meta.region_name
 
