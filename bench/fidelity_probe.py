@@ -23,12 +23,20 @@ Kinds (a fact may have several):
   between users of the crowd; update: a one-digit correction on night 2 (the old answer must
   never come back).
 
+``--set kinds2`` (build_kinds2_corpus, three nights) holds other kinds: Devanagari, Thai, Greek,
+Tamil, Georgian and mixed scripts; structured answers (multi-line addresses, phone formats,
+emails, URLs with query strings, IBANs, dates); answers typed with trailing punctuation or
+whitespace; question triggers asked as statements and the reverse; answers holding a trigger's
+text; long triggers that end alike; a 326-fact user; facts logged twice under two fact_ids; answers
+changed A -> B -> C and B -> A, deletes, re-adds the same night and a night later.
+
 "asked" in the table is the trigger typed the other way (``Fact.prompts``); "prompt" the trigger
 as logged.
 
     python bench/fidelity_probe.py --model DIR --workdir /tmp/probe --json
     python bench/fidelity_probe.py --crowd 50 --json          # a smaller crowd
     python bench/fidelity_probe.py --dump corpus.json         # just write the corpus
+    python bench/fidelity_probe.py --set kinds2 --model DIR --workdir W --forms prompt asked chat
 
 No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 """
