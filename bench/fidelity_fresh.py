@@ -371,6 +371,9 @@ def live_facts(corpus: dict, night: int) -> dict[tuple, Fact]:
             order[(f.user_id, f.fact_id)] = seq = seq + 1
         for f in corpus["deletes"][n]:
             per_id.pop((f.user_id, f.fact_id), None)
+        for f in corpus.get("readds", [[]] * (n + 1))[n]:  # logged after the night's deletes
+            per_id[(f.user_id, f.fact_id)] = f
+            order[(f.user_id, f.fact_id)] = seq = seq + 1
     live: dict[tuple, Fact] = {}
     for key, f in sorted(per_id.items(), key=lambda kv: order[kv[0]]):
         trig = canonical_fact(f.trigger, f.answer)[0]
@@ -382,7 +385,9 @@ def live_facts(corpus: dict, night: int) -> dict[tuple, Fact]:
     return live
 
 
-def fact_log_table(facts: list[Fact], deletes: list[Fact], when: datetime):
+def fact_log_table(facts: list[Fact], deletes: list[Fact], when: datetime, readds: list[Fact] = ()):
+    """One night's log: ``facts`` upserted, then ``deletes``, then ``readds`` upserted (a fact
+    deleted and entered again the same night), one second apart."""
     import pyarrow as pa
 
     rows = []
@@ -392,6 +397,9 @@ def fact_log_table(facts: list[Fact], deletes: list[Fact], when: datetime):
     for i, f in enumerate(deletes):
         rows.append({"user_id": f.user_id, "fact_id": f.fact_id, "op": "delete", "trigger": None, "answer": None,
                      "event_time": when + timedelta(seconds=len(facts) + i)})
+    for i, f in enumerate(readds):
+        rows.append({"user_id": f.user_id, "fact_id": f.fact_id, "op": "upsert", "trigger": f.trigger,
+                     "answer": f.answer, "event_time": when + timedelta(seconds=len(facts) + len(deletes) + i)})
     return pa.Table.from_pylist(rows, schema=pa.schema([
         ("user_id", pa.string()), ("fact_id", pa.string()), ("op", pa.string()), ("trigger", pa.string()),
         ("answer", pa.string()), ("event_time", pa.timestamp("us", tz="UTC"))]))
@@ -613,7 +621,8 @@ def run_corpus(corpus: dict, model: Path | None, workdir: Path | None, nights: i
     results = []
     start = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
     for night in range(nights):
-        pq.write_table(fact_log_table(corpus["nights"][night], corpus["deletes"][night], start + timedelta(days=night)),
+        pq.write_table(fact_log_table(corpus["nights"][night], corpus["deletes"][night], start + timedelta(days=night),
+                                      corpus.get("readds", [[]] * nights)[night]),
                        workdir / "log" / f"night-{night + 1}.parquet")
         report = run_night(workdir, model, night, as_json)
         result = evaluate(workdir, model, corpus, night, ask_default, variants, forms)

@@ -53,7 +53,7 @@ from torch.profiler import record_function
 
 from . import addressing, fast_step, prefix_attention
 from .checkpoint import EngramModel
-from .conflicts import STATUS_CONFLICTS_WITH, conflict_status, plan_context  # noqa: F401 (the status is API)
+from .conflicts import STATUS_CONFLICTS_WITH, conflict_status, plan_context, trigger_cuts  # noqa: F401 (the status is API)
 from .delta import Delta
 from .fused_ops import fused_ops
 from .hf_compat import cache_kwargs, output_cache
@@ -166,23 +166,22 @@ def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -
     if specials is not None:
         encoded = [_special_text_status(t, a, specials) or pair for t, a, pair in zip(triggers, answers, encoded)]
     nan = float("nan")
-    window, lead = options.trigger_window, em.prompt_lead
+    lead = em.prompt_lead
+    ok = [k for k, (first, _) in enumerate(encoded) if not isinstance(first, str)]
+    cuts = dict(zip(ok, trigger_cuts([encoded[k][0][:len(encoded[k][0]) - len(encoded[k][1]) + 1] for k in ok],
+                                     [facts[k].user_id for k in ok], options.trigger_window, lead)))
     return [(None, FactResult(fact.user_id, fact.fact_id, first, nan, 0, 0, nan, second)) if isinstance(first, str)
-            else (_windowed_seq(fact, first, second, window, lead), None)
-            for fact, (first, second) in zip(facts, encoded)]
+            else (_windowed_seq(fact, first, second, cuts[k], lead), None)
+            for k, (fact, (first, second)) in enumerate(zip(facts, encoded))]
 
 
-def _windowed_seq(fact: Fact, input_ids: list[int], targets: list[int], window: int, lead: int) -> _Seq:
-    """The fact's sequence: a trigger of more than ``window`` tokens keeps its ``lead``
-    special tokens and its last ``window - lead`` tokens (:attr:`CompileOptions.trigger_window`);
-    :attr:`_Seq.cut` is how many tokens of its head were dropped (0 for most triggers)."""
-    trigger = len(input_ids) - len(targets) + 1
-    if trigger <= window:
+def _windowed_seq(fact: Fact, input_ids: list[int], targets: list[int], cut: int, lead: int) -> _Seq:
+    """The fact's sequence: a trigger of more than :attr:`CompileOptions.trigger_window` tokens
+    keeps its ``lead`` special tokens and all but ``cut`` tokens of its head
+    (:func:`engram_core.conflicts.trigger_cuts`); :attr:`_Seq.cut` is how many were dropped (0
+    for most triggers)."""
+    if not cut:
         return _Seq(-1, fact, input_ids, targets)
-    if window <= lead:
-        raise ValueError(f"CompileOptions.trigger_window must be more than the prompt's {lead} leading special "
-                         f"token(s), got {window}")
-    cut = trigger - window
     return _Seq(-1, fact, input_ids[:lead] + input_ids[lead + cut:], targets, cut=cut)
 
 

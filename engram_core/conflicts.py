@@ -173,6 +173,37 @@ def _same_trigger(sequences, targets, users, lengths, n_targets, impossible: dic
                 del impossible[i]
 
 
+def trigger_cuts(triggers: list[list[int]], owners: list, window: int, lead: int) -> list[int]:
+    """How many head tokens of each trigger the compiler leaves out (``CompileOptions.trigger_window``).
+
+    ``triggers[i]``: a trigger's prompt ids (``lead`` leading special tokens, then its text);
+    ``owners[i]``: its user (triggers are compared within one owner). A trigger of more than
+    ``window`` tokens keeps its ``lead`` special tokens and its last ``window - lead`` tokens, and
+    so drops ``len - window`` (0 for others). But where two of an owner's triggers differ and
+    what they keep is the same (two long notes that end alike and differ in their first words:
+    "For the house in Leeds: ... the garage code is" / "For the flat in Porto: ... the garage code
+    is"), both are kept whole: with the same kept tokens the pair would be one trigger with two
+    answers, one of them never compiled (``CONFLICTS_WITH``); whole, the conflict plan trains the
+    rows that tell them apart and each is verified on the text a user types (a tail cut just
+    after the first token that differs was verified and still served the other's answer after
+    the whole trigger on the tiny model: the head before the cut changes what attention reads).
+    Returns one count per trigger. Raises ValueError when ``window`` is not more than ``lead``."""
+    cuts = [max(0, len(t) - window) for t in triggers]
+    if not any(cuts):
+        return cuts
+    if window <= lead:
+        raise ValueError(f"CompileOptions.trigger_window must be more than the prompt's {lead} leading special "
+                         f"token(s), got {window}")
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(triggers):
+        groups.setdefault((owners[i], tuple(t[lead + cuts[i]:])), []).append(i)
+    for members in groups.values():
+        if len(members) > 1 and len({tuple(triggers[i]) for i in members}) > 1:
+            for i in members:
+                cuts[i] = 0
+    return cuts
+
+
 def _before(s1: int, s2: int, fact_order: list | None) -> bool:
     if fact_order is None:
         return s1 < s2

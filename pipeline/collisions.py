@@ -78,9 +78,10 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"], trigger_window: int = 
     (:func:`engram_core.addressing.own_text_heads`), for the canonical texts (see engram_core.compiler and
     engram_core.conflicts). Facts that conflict beyond repair (``CONFLICTS_WITH``) are listed too.
     A trigger longer than ``trigger_window`` tokens is read as the compiler reads it: its last
-    ``trigger_window`` tokens (``CompileOptions.trigger_window``).
+    ``trigger_window`` tokens (``CompileOptions.trigger_window``), or more where another of the
+    user's long triggers ends the same (:func:`engram_core.conflicts.trigger_cuts`).
     """
-    from engram_core.conflicts import plan_context
+    from engram_core.conflicts import plan_context, trigger_cuts
     from engram_core.text import canonical_fact
 
     from engram_core.addressing import head_orders, own_text_heads
@@ -89,11 +90,15 @@ def fact_rows(em: "EngramModel", facts: Iterable["Fact"], trigger_window: int = 
     addresser = em.memory.addresser
     orders, lead = head_orders(em.config), em.prompt_lead
     by_user: dict[str, list] = {}
+    facts = list(facts)
+    encoded = []
     for fact in facts:
         trigger, answer = canonical_fact(fact.trigger, fact.answer)
-        trigger_ids, answer_ids = em.encode_prompt(trigger), em.encode_answer(answer)
-        if len(trigger_ids) > trigger_window:  # as the compiler windows it (engram_core.compiler._windowed_seq)
-            trigger_ids = trigger_ids[:lead] + trigger_ids[len(trigger_ids) - (trigger_window - lead):]
+        encoded.append((em.encode_prompt(trigger), em.encode_answer(answer)))
+    # as the compiler windows long triggers (engram_core.compiler._validate)
+    cuts = trigger_cuts([t for t, _ in encoded], [f.user_id for f in facts], trigger_window, lead)
+    for fact, (trigger_ids, answer_ids), cut in zip(facts, encoded, cuts):
+        trigger_ids = trigger_ids[:lead] + trigger_ids[lead + cut:]
         by_user.setdefault(fact.user_id, []).append((fact.fact_id, trigger_ids + answer_ids[:-1], answer_ids))
     out: dict[str, dict[str, np.ndarray]] = {}
     for user, items in by_user.items():

@@ -128,6 +128,21 @@ def test_fact_rows_are_the_rows_the_compiler_writes(tiny):
     assert np.array_equal(union, row_keys(delta.layers, delta.row_ids))
 
 
+def test_fact_rows_read_long_triggers_that_end_alike_whole_as_the_compiler_does(tiny):
+    """Two long triggers with the same last 64 tokens are compiled whole
+    (engram_core.conflicts.trigger_cuts); the collision stats read them so too, and list both."""
+    from engram_core.compiler import compile_facts
+    from tests.test_compiler import _SHARED_TAIL
+
+    facts = [Fact("u1", "leeds", "For the house in Leeds: " + _SHARED_TAIL, " 1397"),
+             Fact("u1", "porto", "For the flat in Porto: " + _SHARED_TAIL, " 4682")]
+    delta = compile_facts(tiny, facts).deltas["u1"]
+    per_fact = fact_rows(tiny, facts)["u1"]
+    assert sorted(per_fact) == ["leeds", "porto"]
+    union = np.unique(np.concatenate(list(per_fact.values())))
+    assert np.array_equal(union, row_keys(delta.layers, delta.row_ids))
+
+
 # ---------------------------------------------------------------- (b) user + shared scope
 
 

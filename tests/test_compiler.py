@@ -493,3 +493,50 @@ def test_a_trigger_of_forty_words_is_accepted_compiled_and_recalled_from_the_who
         texts = generate(tiny, [prompt_form(f.trigger) for f in facts], [[result.deltas["u"]]] * len(facts),
                          max_new_tokens=max(len(tiny.encode_answer(f.answer)) for f in facts))
         assert [t.startswith(f.answer) for t, f in zip(texts, facts)] == [True] * len(facts), texts
+
+
+_SHARED_TAIL = ("every time I come back from a long trip abroad I forget the same small things, so I am writing them "
+                "down here where I will find them again: the spare keys are with the neighbour at number 12, the "
+                "boiler needs its reset button held for ten seconds, and the code that opens the garage is")
+
+
+def test_long_triggers_that_end_alike_and_differ_in_their_first_words_are_both_compiled_and_recalled(tiny):
+    """Two of a user's triggers over the window whose last ``trigger_window`` tokens are the same
+    ("For the house in Leeds: ..." / "For the flat in Porto: ...", the same 60-word note after)
+    were compiled from those same tokens: one trigger with two answers, one fact dropped
+    (``CONFLICTS_WITH``, "same canonical trigger") and its trigger served the other's code. Each
+    is now compiled whole, and both come back."""
+    from engram_core.compiler import _validate
+    from engram_core.serving import generate
+
+    options = CompileOptions()
+    facts = [Fact("u", "leeds", "For the house in Leeds: " + _SHARED_TAIL, " 1397"),
+             Fact("u", "porto", "For the flat in Porto: " + _SHARED_TAIL, " 4682"),
+             Fact("u", "alarm", "For the house in Leeds: " + _SHARED_TAIL.replace("garage", "shed"), " 2580"),
+             Fact("v", "porto", "For the flat in Porto: " + _SHARED_TAIL, " 7777")]  # another user: no widening
+    lengths = [len(tiny.encode_prompt(f.trigger)) for f in facts]
+    assert min(lengths) > options.trigger_window + 8
+    seqs = [seq for seq, _ in _validate(tiny, facts, options)]
+    kept = [len(s.input_ids) - len(s.targets) + 1 for s in seqs]
+    assert kept[:2] == lengths[:2]  # the pair: whole
+    assert kept[2] == kept[3] == options.trigger_window  # unlike the others / alone with its user
+
+    result = compile_facts(tiny, facts, options)
+    assert {(r.user_id, r.fact_id): r.status for r in result.facts} == {(f.user_id, f.fact_id): STATUS_OK for f in facts}
+    texts = generate(tiny, [f.trigger for f in facts], [[result.deltas[f.user_id]] for f in facts], max_new_tokens=6)
+    assert [t.startswith(f.answer) for t, f in zip(texts, facts)] == [True] * len(facts), texts
+
+
+def test_trigger_cuts_keep_whole_the_long_triggers_of_an_owner_that_end_alike_and_differ():
+    from engram_core.conflicts import trigger_cuts
+
+    tail = list(range(100, 170))  # 70 tokens
+    a, b, c = [1, 7, 8] + tail, [1, 9] + tail, [1] + tail[-10:]  # lead 1 (a BOS)
+    assert trigger_cuts([a, b], ["u", "v"], 64, 1) == [9, 8]  # other owners: the plain window
+    assert trigger_cuts([a, b, a[:1] + tail[:5]], ["u", "u", "u"], 64, 1) == [0, 0, 0]  # the pair: whole
+    assert trigger_cuts([a, a], ["u", "u"], 64, 1) == [9, 9]  # the same trigger twice: nothing to tell apart
+    assert trigger_cuts([a, c], ["u", "u"], 64, 1) == [9, 0]  # short triggers are never cut
+    short = [1] + tail[-63:]  # exactly the window: a's window is this trigger's text
+    assert trigger_cuts([a, short], ["u", "u"], 64, 1) == [0, 0]  # a's window is the short one's text
+    with pytest.raises(ValueError, match="trigger_window"):
+        trigger_cuts([a], ["u"], 1, 1)
