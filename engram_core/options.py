@@ -109,6 +109,17 @@ class CompileOptions:
     modules (:mod:`engram_core.fast_step`: mask, rotary angles, row lookups and the prefix's
     keys and values prepared once per batch, not per step), for Llama-style models. Checked
     once per model against the full forward; verification always runs transformers' forward."""
+    plain_prefix: bool = True
+    """With ``compiled_step``: the forwards that do not depend on the trainable rows (the
+    prefix's KV cache through every layer, the live positions' states below the write layer) also
+    run as compiled plain tensor code (:class:`engram_core.fast_step.LowerForward`). On an H200
+    (d768, 65,536 facts a batch) they took 0.43 s of GPU time per batch instead of transformers'
+    0.68 s, and random triggers compiled at 21.7k facts/s instead of 20.2k (templated: the same);
+    bench/RESULTS.md, 2026-12-01 fifth session. Checked once per model against transformers'
+    forwards (keys, values and states, up to the rounding of the model's dtype: 1.5e-2 relative in
+    bf16), on the first batch, which keeps transformers' results; where they differ, transformers'
+    forward runs. Verification reads the cache this builds. Without ``compiled_step`` nothing
+    changes (uncompiled, the plain form was not measured to be faster)."""
     compiled_step: bool = False
     """``torch.compile`` the plain step, which fuses its elementwise work: on an H100 (d768,
     batch 32,768) a step takes 58 ms instead of 104 ms, about 21 us saved per fact. Compiling
