@@ -454,6 +454,8 @@ def main() -> None:
                     help="CompileOptions.dedupe_prefixes variants (each distinct prefix computed once per batch)")
     ap.add_argument("--plain-step", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.plain_step variants to compare in one run")
+    ap.add_argument("--plain-prefix", nargs="+", choices=["on", "off"], default=["on"],
+                    help="CompileOptions.plain_prefix variants (the prefix and lower forwards as plain code)")
     ap.add_argument("--compiled-step", nargs="+", choices=["on", "off"], default=["off"],
                     help="CompileOptions.compiled_step variants (torch.compile of the plain step)")
     ap.add_argument("--overlap", nargs="+", choices=["on", "off"], default=["off"],
@@ -550,21 +552,21 @@ def main() -> None:
                                                 templates=args.templates), member, members) for w in args.workload}
         trigger_tokens = len(em.encode_prompt(next(iter(workloads.values()))[0].trigger))
         runs = []
-        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st) for a in args.attn for w in args.workload
+        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st, pp) for a in args.attn for w in args.workload
                     for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for dd in args.dedupe_prefixes
                     for ps in args.plain_step for cs in args.compiled_step for ov in args.overlap
                     for si in args.switch_interval for pk in args.prefix_kernel for tw in args.tokenize_workers
-                    for fn in args.fused_ops for mm in args.min_margin for st in args.steps]
+                    for fn in args.fused_ops for mm in args.min_margin for st in args.steps for pp in args.plain_prefix]
         default_interval = sys.getswitchinterval()
         for number, (attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers,
-                     norms, margin, steps) in enumerate(variants):
+                     norms, margin, steps, plain_prefix) in enumerate(variants):
             sys.setswitchinterval(interval or default_interval)
             em = model(attn)
             facts = workloads[workload]
             opts = CompileOptions(steps=steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
                                   reuse_lower_layers=reuse == "on", prefix_attention=prefix_attn == "on", prefix_groups=groups,
-                                  dedupe_prefixes=dedupe == "on", plain_step=plain == "on",
+                                  dedupe_prefixes=dedupe == "on", plain_step=plain == "on", plain_prefix=plain_prefix == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
                                   tokenize_workers=workers, fused_ops=norms == "on", min_margin=margin,
                                   lr_width_scaling=not args.no_lr_width_scaling,
@@ -604,7 +606,7 @@ def main() -> None:
             run = {
                 "workload": workload, "templates": args.templates if workload == "templated" else None,
                 "distinct_triggers": len({f.trigger for f in facts}),
-                "step_forms_checked": forms, "plain_step": plain, "compiled_step": compiled, "overlap": overlap, "prefix_kernel": kernel,
+                "step_forms_checked": forms, "plain_step": plain, "plain_prefix": plain_prefix, "compiled_step": compiled, "overlap": overlap, "prefix_kernel": kernel,
                 "tokenize_workers": workers, "fused_ops": norms, "min_margin": margin, "dedupe_prefixes": dedupe,
                 "switch_interval_s": sys.getswitchinterval(),
                 "deltas_sha256": deltas_digest(result.deltas),

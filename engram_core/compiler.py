@@ -421,7 +421,8 @@ class _Batch:
 
     def __init__(self, em: EngramModel, seqs: list[_Seq], num_users: int, base: dict[int, Delta] | None = None,
                  reuse_lower: bool = False, prefix_attention: bool = False, prefix_groups: int = 2,
-                 step: "fast_step.UpperStep | None" = None, fused_ops: bool = False, dedupe: bool = False):
+                 step: "fast_step.UpperStep | None" = None, fused_ops: bool = False, dedupe: bool = False,
+                 lower_forward: "fast_step.LowerForward | None" = None):
         self.em, self.seqs = em, seqs
         self.dedupe = dedupe  # each distinct prefix computed once (CompileOptions.dedupe_prefixes)
         self.fused_ops = fused_ops  # transformers' forwards with leaner ops (:mod:`engram_core.fused_ops`)
@@ -429,6 +430,9 @@ class _Batch:
         if _LOWER_REUSE_OK.get(em.model, {}).get(("plain", str(em.lm_head.weight.dtype))) is False:
             step = None  # checked before for this model, and it differed: prepare nothing for it
         self.step = step  # the plain step, if this model may use it (``plain_step``)
+        if step is None or _LOWER_REUSE_OK.get(em.model, {}).get(("lower", str(em.lm_head.weight.dtype))) is False:
+            lower_forward = None
+        self.lower_forward = lower_forward  # the prefix and lower forwards as plain code (fast_step.LowerForward)
         self.plain = False  # whether the steps run it (decided by check_lower_reuse)
         layer = em.config.target_layer
         self.layer = layer
@@ -508,6 +512,11 @@ class _Batch:
             self.owners = torch.cat([self.owners, self.fixed.owners], dim=1)  # (B, 2)
         self.targets = torch.as_tensor(
             np.fromiter(itertools.chain.from_iterable(s.targets for s in seqs), np.int64, self.num_written), device=device)
+        self.engram_rows = {}  # Engram layer -> (B, T, H) rows of every position (the plain lower forward's)
+        if self.lower_forward is not None and reuse_lower:
+            self.engram_rows = {index: rows_t if index == layer else
+                                em.memory.addresser.rows_torch(ids_t, index, valid_t, check=False)
+                                for index in em.config.layers}
         # Sequences whose earlier positions address none of their user's rows (the usual case)
         # share one split: their prefix KV cache is computed once. The few whose trigger hits a
         # user row earlier (a hash collision, ~5% at 20 facts per user) go into a few more groups
@@ -551,6 +560,15 @@ class _Batch:
         return self.fixed.overlay(self.owners, self.layer, self.keys, values)
 
     def check_lower_reuse(self, values: torch.Tensor) -> None:
+        """:meth:`_check_forms`; then the groups that were checked on transformers' states take
+        the plain forwards' states (:meth:`_Group.adopt_plain`), as every other batch has them."""
+        try:
+            self._check_forms(values)
+        finally:
+            for g in self.groups:
+                g.adopt_plain()
+
+    def _check_forms(self, values: torch.Tensor) -> None:
         """Choose the step's form, checking each once per model and dtype: it must give the full
         forward's logits up to the rounding of the model's dtype. Transformers' forward from the
         write layer on cached lower-layer states, with the in-place prefix attention if on, else
@@ -659,6 +677,11 @@ class _Batch:
 
 _CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
 
+PLAIN_PREFIX_TOLERANCE = 5e-2
+"""Largest relative difference (to the largest value) of the plain prefix and lower forwards'
+keys, values and states from transformers' in bf16/fp16 for them to be used
+(``CompileOptions.plain_prefix``; 1e-3 in float32)."""
+
 
 def _rows_touched(batch: _Batch) -> np.ndarray:
     """Distinct trained rows each sequence's written and context positions address (the heads
@@ -719,35 +742,123 @@ class _Group:
         prefix_overlay = batch.fixed.prefix_overlay() if batch.fixed is not None else None
         if prefix_overlay is not None:
             prefix_overlay = Overlay(prefix_overlay.owners[self.members], prefix_overlay.keys, prefix_overlay.values)
+        self.prefix_overlay = prefix_overlay
+        verdict = _LOWER_REUSE_OK.get(batch.em.model, {}).get(("lower", str(batch.em.lm_head.weight.dtype)))
+        plain = batch.lower_forward if reuse_lower and batch.engram_rows and verdict is not False else None
+        # Once per model and dtype the plain forwards are checked against transformers' (on this
+        # group), and the step forms are checked on transformers' states (_Batch.check_lower_reuse);
+        # then this group's states are computed again by the plain forwards (adopt_plain), so that
+        # every batch is compiled from the same forwards and a re-run gives the same bits.
+        self.pending_plain = plain is not None and verdict is None
+        if self.pending_plain:
+            self._forwards(None, reuse_lower)
+            checked = self.cache, self.lower
+            self._forwards(plain, reuse_lower)
+            self._check_plain_lower(*checked)
+            self.cache, self.lower = checked
+        else:
+            self._forwards(plain, reuse_lower)
+        if reuse_lower:
+            if batch.step is not None:
+                with record_function("engram.prepare.plain"):
+                    self.plain = self._plain_inputs()
+
+    def _forwards(self, plain: "fast_step.LowerForward | None", reuse_lower: bool) -> None:
+        """This group's states that do not depend on the trainable rows: the prefix's KV cache
+        (``self.cache``) and, with ``reuse_lower``, the live positions' hidden states entering the
+        write layer (``self.lower``), by ``plain``'s forwards or (None) transformers'."""
+        batch, prefix, prefix_overlay = self.batch, self.prefix, self.prefix_overlay
+        self.cache = self.lower = None
         with fused_ops(batch.em.model, batch.fused_ops):  # the prefix and lower forwards
             if prefix > 0:
                 # Members with the same tokens before the split share one prefix forward.
                 shared = _distinct_rows(self.ids[:, :prefix], self.mask[:, :prefix], prefix_overlay) if batch.dedupe else None
                 pick = None if shared is None else shared[0]
-                # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
-                backbone, _ = backbone_and_layers(batch.em.model)
-                with torch.no_grad(), batch.em.memory.use(_overlay_rows(prefix_overlay, pick)), \
-                        record_function("engram.prepare.prefix"):
-                    out = backbone(
-                        input_ids=_take(self.ids[:, :prefix], pick),
-                        attention_mask=_take(self.mask[:, :prefix], pick),
-                        position_ids=_take(self.positions[:, :prefix], pick),
-                        use_cache=True,
-                    )
-                self.cache = output_cache(out)
+                with torch.no_grad(), record_function("engram.prepare.prefix"):
+                    if plain is not None:
+                        self.cache = _kv_cache(plain.prefix_cache(
+                            _take(self.ids[:, :prefix], pick), _take(self.mask[:, :prefix], pick),
+                            _take(self.positions[:, :prefix], pick),
+                            {i: _take(r[self.members, :prefix], pick) for i, r in batch.engram_rows.items()},
+                            _overlay_rows(prefix_overlay, pick)))
+                    else:
+                        # The backbone alone: only the KV cache is needed, not (B, prefix, vocab) logits.
+                        backbone, _ = backbone_and_layers(batch.em.model)
+                        with batch.em.memory.use(_overlay_rows(prefix_overlay, pick)):
+                            out = backbone(
+                                input_ids=_take(self.ids[:, :prefix], pick),
+                                attention_mask=_take(self.mask[:, :prefix], pick),
+                                position_ids=_take(self.positions[:, :prefix], pick),
+                                use_cache=True,
+                            )
+                        self.cache = output_cache(out)
                 if shared is not None:  # back to one row per member
                     self.cache = _select_cache(self.cache, shared[1])
             if reuse_lower:
                 with record_function("engram.prepare.lower"):
                     # Members with the same whole input share one forward of the lower layers.
                     shared = _distinct_rows(self.ids, self.mask, prefix_overlay) if batch.dedupe else None
-                    self.lower = self._lower_hidden(prefix_overlay, None if shared is None else shared[0])
+                    pick = None if shared is None else shared[0]
+                    if plain is not None:
+                        self.lower = self._plain_lower(plain, prefix_overlay, pick)
+                    else:
+                        self.lower = self._lower_hidden(prefix_overlay, pick)
                     if shared is not None:
                         self.lower = self.lower[shared[1]]
-        if reuse_lower:
-            if batch.step is not None:
-                with record_function("engram.prepare.plain"):
-                    self.plain = self._plain_inputs()
+
+    def adopt_plain(self) -> None:
+        """After the checks on transformers' states (:attr:`pending_plain`): this group's states
+        by the plain forwards, as every later batch's, if they passed their check."""
+        if not self.pending_plain:
+            return
+        self.pending_plain = False
+        if not _LOWER_REUSE_OK.get(self.batch.em.model, {}).get(("lower", str(self.batch.em.lm_head.weight.dtype))):
+            return  # they did not: transformers' forwards, here and in every later batch
+        uses_lower, uses_plain = self.lower is not None, self.plain is not None
+        self.cache = self.lower = self.plain = None  # let transformers' states go first
+        self._forwards(self.batch.lower_forward, uses_lower)
+        if uses_plain:
+            with record_function("engram.prepare.plain"):
+                self.plain = self._plain_inputs()
+
+    def _plain_lower(self, plain: "fast_step.LowerForward", overlay: Overlay | None, pick: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_lower_hidden` by ``plain`` (on this group's cache)."""
+        batch, P = self.batch, self.prefix
+        kv = prefix_valid = None
+        if self.cache is not None:
+            kv = [tuple(_take(t, pick) for t in _cached_kv(self.cache, i)) for i in range(batch.layer)]
+            prefix_valid = _take(self.mask[:, :P], pick)
+        return plain.lower(_take(self.ids[:, P:], pick), _take(self.mask[:, P:], pick), _take(self.positions[:, P:], pick),
+                           {i: _take(r[self.members, P:], pick) for i, r in batch.engram_rows.items()},
+                           kv, prefix_valid, _overlay_rows(overlay, pick))
+
+    def _check_plain_lower(self, cache, lower: torch.Tensor | None) -> bool:
+        """Once per model and dtype: this group's states by the plain forwards (``self.cache``,
+        ``self.lower``) against transformers' (``cache``, ``lower``) at the valid positions, within
+        :data:`PLAIN_PREFIX_TOLERANCE` (relative to the largest value)."""
+        em, P = self.batch.em, self.prefix
+        dtype = em.lm_head.weight.dtype
+        tolerance = 1e-3 if dtype == torch.float32 else PLAIN_PREFIX_TOLERANCE
+
+        def relative(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:
+            a, b = a.float() * valid, b.float() * valid
+            return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+        worst = 0.0
+        with torch.no_grad():
+            if lower is not None:
+                worst = relative(self.lower, lower, self.mask[:, P:].unsqueeze(-1))
+            if cache is not None:
+                valid = self.mask[:, :P].view(len(self.mask), 1, P, 1)
+                for index in range(len(self.batch.lower_forward.layers)):
+                    for a, b in zip(_cached_kv(self.cache, index), _cached_kv(cache, index)):
+                        worst = max(worst, relative(a, b, valid))
+        ok = worst <= tolerance
+        _LOWER_REUSE_OK.setdefault(em.model, {})[("lower", str(dtype))] = ok
+        self.batch.plain_prefix_deviation = worst
+        log.info("compiler: the prefix and lower forwards as plain code vs transformers': max relative difference "
+                 "%.2e (%s)", worst, "used" if ok else "not used")
+        return ok
 
     def _plain_inputs(self) -> fast_step.GroupInputs:
         """Everything of this group that the plain step keeps constant across steps."""
@@ -893,6 +1004,21 @@ def _select_cache(cache, rows: torch.Tensor):
     return out
 
 
+def _kv_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A transformers KV cache holding ``kv`` (per decoder layer (keys, values), (B, kvh, P, hd))
+    as they are (not copied: a 65,536-fact batch's d768 prefix is 18 GB)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (k, v) in enumerate(kv):
+        cache.update(k[:, :, :0], v[:, :, :0], index)  # the layer's bookkeeping (dtype, device), empty
+        if hasattr(cache, "layers"):
+            cache.layers[index].keys, cache.layers[index].values = k, v
+        else:  # older transformers: parallel lists of tensors
+            cache.key_cache[index], cache.value_cache[index] = k, v
+    return cache
+
+
 def _cached_kv(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(cache, "layers"):
         return cache.layers[index].keys, cache.layers[index].values
@@ -920,6 +1046,22 @@ def _plain_step(em: EngramModel, options: CompileOptions) -> "fast_step.UpperSte
     steps = _STEPS.setdefault(em.model, {})
     if key not in steps:
         steps[key] = fast_step.UpperStep(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel)
+    return steps[key]
+
+
+def _lower_forward(em: EngramModel, options: CompileOptions) -> "fast_step.LowerForward | None":
+    """The prefix and lower forwards as plain code, compiled, where the compiled plain step runs
+    (``CompileOptions.plain_prefix``)."""
+    if not (options.plain_prefix and options.compiled_step) or _plain_step(em, options) is None:
+        return None
+    why_not = fast_step.lower_supported(em.model, em.memory, em.config.target_layer)
+    if why_not is not None:
+        log.debug("compiler: no plain prefix forward for %s: %s", type(em.model).__name__, why_not)
+        return None
+    key = "lower", options.compiled_step, options.prefix_kernel
+    steps = _STEPS.setdefault(em.model, {})
+    if key not in steps:
+        steps[key] = fast_step.LowerForward(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel)
     return steps[key]
 
 
@@ -1247,7 +1389,8 @@ class _Job:
                       reuse_lower=options.reuse_lower_layers and prefix_attention.llama_style(em.model),
                       prefix_attention=options.prefix_attention and prefix_attention.supported(em.model),
                       prefix_groups=options.prefix_groups, step=_plain_step(em, options),
-                      fused_ops=options.fused_ops, dedupe=options.dedupe_prefixes)
+                      fused_ops=options.fused_ops, dedupe=options.dedupe_prefixes,
+                      lower_forward=_lower_forward(em, options))
 
     def launch(self, stepper: ThreadPoolExecutor | None = None) -> None:
         """Queue the first round's steps on the current stream. With ``stepper`` (a GPU), the

@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config  # noqa: F401 (its emulate_precision_casts, read above)
 import torch.nn.functional as F
 
 from . import prefix_kernels
@@ -157,12 +158,16 @@ class UpperStep:
         return self.backbone.rotary_emb(lower, position_ids=positions)
 
     @staticmethod
-    def mask(prefix_valid: torch.Tensor | None, suffix_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def mask(prefix_valid: torch.Tensor | None, suffix_valid: torch.Tensor, dtype: torch.dtype,
+             diagonal: bool = False) -> torch.Tensor:
         """(B, 1, S, P + S) additive: a live position sees the valid prefix and the valid live
-        positions up to itself (the dtype's minimum elsewhere, as transformers' eager mask)."""
+        positions up to itself (the dtype's minimum elsewhere, as transformers' eager mask);
+        ``diagonal``: every position also sees itself, valid or not."""
         B, S = suffix_valid.shape
         causal = torch.ones(S, S, dtype=torch.bool, device=suffix_valid.device).tril()
         allowed = causal.unsqueeze(0) & suffix_valid.bool().unsqueeze(1)  # (B, S, S)
+        if diagonal:
+            allowed = allowed | torch.eye(S, dtype=torch.bool, device=suffix_valid.device)
         if prefix_valid is not None:
             allowed = torch.cat([prefix_valid.bool().unsqueeze(1).expand(B, S, -1), allowed], dim=2)
         out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
@@ -218,35 +223,188 @@ class UpperStep:
         return h[target_seq, target_pos]
 
     def _decoder(self, layer, h, cos, sin, mask, prefix):
-        attn = layer.self_attn
-        B, S, _ = h.shape
-        x = layer.input_layernorm(h)
-        shape = (B, S, -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape)
-        k = attn.k_proj(x).view(shape)
-        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before rotary
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[3]
-        G = Hq // Hkv
-        qg = q.reshape(B, Hkv, G * S, D)  # query head h reads key/value head h // G
-        pk, pv = prefix if prefix is not None else (None, None)
-        if self.prefix_kernel and torch.compiler.is_compiling() and prefix_kernels.available(h):
-            # Compiled on CUDA: one Triton kernel (inductor's fusion of this attention recomputed the
-            # softmax per output element and read the prefix at a tenth of memory bandwidth).
-            if pk is None:  # a group that recomputes its whole trigger: no cached prefix
-                pk = pv = k.new_empty(B, Hkv, 0, D)
-            out = prefix_kernels.attention(qg, k, v, pk, pv, mask, attn.scaling)
-        else:
-            scores = _rows_times(qg, k).view(B, Hq, S, S)
-            if pk is not None:
-                scores = torch.cat([_rows_times(qg, pk).view(B, Hq, S, pk.shape[2]), scores], dim=-1)
-            weights = F.softmax(scores * attn.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-            w = weights.view(B, Hkv, G * S, -1)
-            out = _weighted(w[..., -S:], v)
-            if pk is not None:
-                out = _weighted(w[..., :-S], pv) + out
-        out = out.view(B, Hq, S, D).transpose(1, 2).reshape(B, S, Hq * D)
-        h = h + attn.o_proj(out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return decoder_layer(layer, self.rotary, h, cos, sin, mask, prefix, self.prefix_kernel)[0]
+
+
+def decoder_layer(layer, rotary, h, cos, sin, mask, prefix, prefix_kernel: bool, attention_only: bool = False):
+    """One Llama-style decoder layer on ``h`` (B, S, d) whose positions attend to ``prefix``
+    (cached (keys, values), (B, kvh, P, hd), or None) and causally to themselves under ``mask``
+    (B, 1, S, P + S) additive. Returns ``(h, k, v)``: the layer's output and the positions' own
+    keys (after the rotary embedding) and values, (B, kvh, S, hd), as transformers caches them.
+    ``attention_only``: the keys and values alone (``h`` is returned unchanged)."""
+    attn = layer.self_attn
+    B, S, _ = h.shape
+    x = layer.input_layernorm(h)
+    shape = (B, S, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape)
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    if attention_only:
+        return h, k, v
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[3]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * S, D)  # query head h reads key/value head h // G
+    pk, pv = prefix if prefix is not None else (None, None)
+    if prefix_kernel and torch.compiler.is_compiling() and prefix_kernels.available(h):
+        # Compiled on CUDA: one Triton kernel (inductor's fusion of this attention recomputed the
+        # softmax per output element and read the prefix at a tenth of memory bandwidth).
+        if pk is None:  # a group that recomputes its whole trigger: no cached prefix
+            pk = pv = k.new_empty(B, Hkv, 0, D)
+        out = prefix_kernels.attention(qg, k, v, pk, pv, mask, attn.scaling)
+    else:
+        scores = _rows_times(qg, k).view(B, Hq, S, S)
+        if pk is not None:
+            scores = torch.cat([_rows_times(qg, pk).view(B, Hq, S, pk.shape[2]), scores], dim=-1)
+        weights = F.softmax(scores * attn.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+        w = weights.view(B, Hkv, G * S, -1)
+        out = _weighted(w[..., -S:], v)
+        if pk is not None:
+            out = _weighted(w[..., :-S], pv) + out
+    out = out.view(B, Hq, S, D).transpose(1, 2).reshape(B, S, Hq * D)
+    h = h + attn.o_proj(out)
+    return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
+
+
+def lower_supported(model: torch.nn.Module, memory, write_layer: int) -> str | None:
+    """Why :class:`LowerForward` cannot run this model (None: it can): besides what the plain
+    step needs (:func:`supported`), every decoder layer must be Llama-style without a sliding
+    window, the backbone must embed with ``embed_tokens`` alone, and no Engram layer may have a
+    trained short conv (it mixes positions across the prefix and the live positions)."""
+    why_not = supported(model, memory, write_layer)
+    if why_not is not None:
+        return why_not
+    backbone, layers = backbone_and_layers(model)
+    if not isinstance(getattr(backbone, "embed_tokens", None), torch.nn.Embedding):
+        return "backbone has no embed_tokens"
+    if getattr(getattr(model, "config", None), "model_type", None) == "gemma":  # scales its embeddings
+        return "scaled embeddings"
+    for layer in list(layers)[:write_layer]:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return "decoder layer without the Llama attention projections"
+        if getattr(attn, "sliding_window", None):
+            return "sliding-window attention"
+    if not all(memory.layer(index).conv_is_zero for index in memory.config.layers):
+        return "a trained short conv"
+    return None
+
+
+class LowerForward:
+    """The compile's two forwards that do not depend on the trainable rows, as plain tensor code
+    (the decoder layers of :func:`decoder_layer`, the model's own modules):
+
+    * :meth:`prefix_cache`: the prefix (B, P) through every decoder layer, keeping each layer's
+      keys and values: the KV cache that the steps and the verification read (the last layer's
+      attention output and MLP are not computed: only its keys and values are read);
+    * :meth:`lower`: the live positions (B, S), attending to that cache, through the layers
+      below the write layer: the hidden states entering it.
+
+    transformers' forward did the same work with its eager attention (batched matmuls of a few
+    rows, far below the GPU's bandwidth) and per-call mask building (bench/RESULTS.md, 2026-12-01
+    fifth session: 0.68 s of a 65,536-fact batch's 1.9 s of GPU time on an H200). Compiled with the
+    step (``compiled=True``), the attention runs in :mod:`engram_core.prefix_kernels`' kernel and
+    the elementwise work fuses. The compiler checks both forwards against transformers' once per
+    model and dtype before using them (``_Batch``'s ``"lower"`` form)."""
+
+    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True):
+        self.em = em
+        self.write_layer = em.config.target_layer
+        backbone, layers = backbone_and_layers(em.model)
+        self.backbone = backbone
+        self.layers = list(layers)
+        self.rotary = _rotary(self.layers[0])
+        self.engram = {i: em.memory.layer(i) for i in em.config.layers}
+        self.prefix_kernel = prefix_kernel
+        # Rounded to the model's dtype after every op, as eager runs them (inductor keeps float32
+        # between fused ops otherwise). On an H200 (d768) the states were 1.4-1.6e-2 (relative) from
+        # transformers' with it, as without: most of that is the attention kernel's float32 scores.
+        options = {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else None
+        self._prefix = torch.compile(self._prefix_eager, dynamic=True, options=options) if compiled else self._prefix_eager
+        self._lower = torch.compile(self._lower_eager, dynamic=True, options=options) if compiled else self._lower_eager
+
+    @property
+    def compiled(self) -> bool:
+        return self._prefix is not self._prefix_eager
+
+    def _drop_compiled(self, error: Exception) -> None:
+        log.warning("compiler: torch.compile of the prefix forward failed (%s: %s); running it uncompiled",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        self._prefix, self._lower = self._prefix_eager, self._lower_eager
+
+    def engram_rows(self, rows: dict[int, torch.Tensor], overlay, below: int) -> tuple:
+        """``rows``: Engram layer -> (B, S, H) addressed rows -> ((layer, (B, S, H, w) rows as
+        read: table plus ``overlay``'s fixed rows), ...) for the Engram layers below ``below``
+        that add anything (as the layer hook: an all-zero table without an overlay adds nothing)."""
+        out = []
+        for index in sorted(self.engram):
+            module = self.engram[index]
+            touches = overlay is not None and overlay.touches(index)
+            if index >= below or (module.table_is_zero and not touches):
+                continue
+            out.append((index, module.read(rows[index], overlay if touches else None, index)))
+        return tuple(out)
+
+    @torch.no_grad()
+    def prefix_cache(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                     rows: dict[int, torch.Tensor], overlay=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ids, valid, positions (B, P); rows: Engram layer -> (B, P, H) -> per decoder layer the
+        prefix's (keys, values), (B, kvh, P, hd), as transformers' KV cache holds them. The keys
+        and values at invalid (padding) positions differ from transformers' (nothing reads them)."""
+        embeds = self.backbone.embed_tokens(ids)
+        cos, sin = self.backbone.rotary_emb(embeds, position_ids=positions)
+        # A padding query sees itself, so no softmax row is empty (transformers gives it a uniform one).
+        mask = UpperStep.mask(None, valid, embeds.dtype, diagonal=True)
+        args = (embeds, self.engram_rows(rows, overlay, len(self.layers)), cos, sin, mask)
+        if self.compiled:
+            try:
+                return list(self._prefix(*args))
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # e.g. a shape the compiler cannot take: keep going uncompiled
+                self._drop_compiled(error)
+        return list(self._prefix_eager(*args))
+
+    @torch.no_grad()
+    def lower(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, rows: dict[int, torch.Tensor],
+              prefix: list | None, prefix_valid: torch.Tensor | None, overlay=None) -> torch.Tensor:
+        """ids, valid, positions (B, S) of the live positions; ``prefix``: :meth:`prefix_cache`'s
+        output for these sequences (None: no prefix) with its valid mask (B, P) -> (B, S, d) the
+        hidden states entering the write layer (before its Engram row is added)."""
+        embeds = self.backbone.embed_tokens(ids)
+        cos, sin = self.backbone.rotary_emb(embeds, position_ids=positions)
+        mask = UpperStep.mask(prefix_valid, valid, embeds.dtype)
+        kv = tuple(prefix[: self.write_layer]) if prefix is not None else (None,) * self.write_layer
+        args = (embeds, self.engram_rows(rows, overlay, self.write_layer), cos, sin, mask, kv)
+        if self.compiled:
+            try:
+                return self._lower(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:
+                self._drop_compiled(error)
+        return self._lower_eager(*args)
+
+    def _prefix_eager(self, h, engram_e, cos, sin, mask):
+        e_of = dict(engram_e)
+        kv = []
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            if index in e_of:
+                h = h + self.engram[index].mix(h, e_of[index], conv=False)
+            h, k, v = decoder_layer(layer, self.rotary, h, cos, sin, mask, None, self.prefix_kernel,
+                                    attention_only=index == last)
+            # Contiguous, as transformers' cache (a concatenation) holds them: the steps read them
+            # 15 times, and a transposed view would be copied on every read.
+            kv.append((k.contiguous(), v.contiguous()))
+        return tuple(kv)
+
+    def _lower_eager(self, h, engram_e, cos, sin, mask, kv):
+        e_of = dict(engram_e)
+        for index in range(self.write_layer):
+            if index in e_of:
+                h = h + self.engram[index].mix(h, e_of[index], conv=False)
+            h = decoder_layer(self.layers[index], self.rotary, h, cos, sin, mask, kv[index], self.prefix_kernel)[0]
+        return h

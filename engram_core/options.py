@@ -109,6 +109,20 @@ class CompileOptions:
     modules (:mod:`engram_core.fast_step`: mask, rotary angles, row lookups and the prefix's
     keys and values prepared once per batch, not per step), for Llama-style models. Checked
     once per model against the full forward; verification always runs transformers' forward."""
+    plain_prefix: bool = True
+    """With ``compiled_step``: the forwards that do not depend on the trainable rows (the
+    prefix's KV cache through every layer, the live positions' states below the write layer) also
+    run as compiled plain tensor code (:class:`engram_core.fast_step.LowerForward`). On an H200
+    (d768, 65,536 facts a batch) transformers' eager forward took 0.78 s of the batch's 1.86 s of
+    GPU time; with two processes sharing the GPU, random triggers compiled 1.21x as fast with
+    this (27,810 vs 22,955 facts/s), templated 1.04x, one process 0.96x (host-bound); all 100%
+    recall (bench/RESULTS.md, 2026-12-02). Checked once per model and dtype on the first batch
+    against transformers' forwards (keys, values and states within
+    :data:`engram_core.compiler.PLAIN_PREFIX_TOLERANCE` of the largest value; 1.4-1.6e-2 measured
+    in bf16); the step forms are checked on transformers' states, then that batch takes the plain
+    forwards' states as every later batch does (a re-run gives the same bits). Where they differ,
+    transformers' forwards run. Verification reads the states this builds. Without
+    ``compiled_step`` nothing changes."""
     compiled_step: bool = False
     """``torch.compile`` the plain step, which fuses its elementwise work: on an H100 (d768,
     batch 32,768) a step takes 58 ms instead of 104 ms, about 21 us saved per fact. Compiling

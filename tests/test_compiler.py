@@ -262,6 +262,7 @@ def test_the_plain_step_gives_transformers_logits_and_gradients_and_recalls_ever
     (cached prefix) and a group that recomputes its trigger; facts compiled with it all come back."""
     from engram_core import fast_step
     from engram_core.compiler import _LOWER_REUSE_OK
+    from engram_core.layer import backbone_and_layers
 
     em = load_checkpoint(tiny_checkpoints(family), attn_implementation="eager")
     facts = _plain_step_facts()
@@ -296,19 +297,133 @@ def test_the_plain_step_gives_transformers_logits_and_gradients_and_recalls_ever
 
 
 def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, caplog):
-    """``compiled_step``: torch.compile of the plain step (inductor, here on the CPU). It is
-    checked against the uncompiled step, used, and the facts it compiles all come back."""
+    """``compiled_step``: torch.compile of the plain step (inductor, here on the CPU), and with it
+    the prefix and lower forwards as compiled plain code (``plain_prefix``). Each is checked
+    (the step against the uncompiled step, the forwards against transformers'), used, and the
+    facts compiled with them all come back, bit for bit the same in a second run."""
     import logging
 
-    from engram_core.compiler import _STEPS
+    from engram_core.compiler import _LOWER_REUSE_OK, _STEPS
 
     facts = _plain_step_facts()
+    options = CompileOptions(facts_per_batch=8, compiled_step=True)  # several batches: later ones use the plain forwards
     with caplog.at_level(logging.INFO, logger="engram_core"):
-        result = compile_facts(tiny, facts, CompileOptions(facts_per_batch=64, compiled_step=True))
+        result = compile_facts(tiny, facts, options)
     assert _STEPS[tiny.model][(True, True)].compiled, caplog.text
+    assert _STEPS[tiny.model][("lower", True, True)].compiled, caplog.text
     assert "the plain step runs compiled" in caplog.text
+    assert "the prefix and lower forwards as plain code vs transformers'" in caplog.text
+    assert _LOWER_REUSE_OK[tiny.model][("lower", "torch.float32")] is True
     assert result.ok == len(facts)
     assert_recalled(tiny, facts, result)
+    again = compile_facts(tiny, facts, options)
+    for user, delta in result.deltas.items():
+        assert np.array_equal(again.deltas[user].row_ids, delta.row_ids)
+        assert np.array_equal(again.deltas[user].values, delta.values)
+
+
+def fast_step_inputs(inputs) -> list[torch.Tensor]:
+    """Every tensor of a group's plain-step inputs (fast_step.GroupInputs), in a fixed order."""
+    out = []
+    for value in vars(inputs).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, dict):
+            out.extend(value[k] for k in sorted(value))
+        elif isinstance(value, (list, tuple)):
+            out.extend(t for item in value if item is not None for t in (item if isinstance(item, tuple) else (item,)))
+    return out
+
+
+def _group_states(group) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A group's lower states at its valid live positions and its prefix cache (every layer's
+    keys and values) at its valid prefix positions."""
+    from engram_core.compiler import _cached_kv
+
+    P = group.prefix
+    lower = group.lower * group.mask[:, P:].unsqueeze(-1)
+    cache = []
+    if group.cache is not None:
+        valid = group.mask[:, :P].view(len(group.mask), 1, P, 1)
+        for index in range(len(group.cache.layers)):
+            cache.extend(t * valid for t in _cached_kv(group.cache, index))
+    return lower, cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_plain_prefix_forward_gives_transformers_cache_and_states(family, tiny_checkpoints):
+    """``fast_step.LowerForward`` (``plain_prefix``): the prefix's KV cache through every layer
+    and the live positions' states below the write layer, as plain code, equal transformers'
+    forwards, with fixed base rows seen by the prefix and with shared prefixes computed once.
+    The first batch checks it against transformers' and holds transformers' states while the
+    step forms are checked; then it takes the plain forwards' states, bit for bit the ones a
+    later batch of the same facts has (a re-run of a chunk gives the same deltas)."""
+    from engram_core import fast_step
+    from engram_core.compiler import _LOWER_REUSE_OK
+    from engram_core.layer import backbone_and_layers
+
+    em = load_checkpoint(tiny_checkpoints(family), attn_implementation="eager")
+    facts = _plain_step_facts()
+    users = sorted({f.user_id for f in facts})
+    earlier = compile_facts(em, [Fact(u, "earlier", "My sister who moved to", " Oslo") for u in users], CompileOptions())
+    base = {slot: earlier.deltas[u] for slot, u in enumerate(users)}  # rows the later triggers' prefixes address
+    step, lower = fast_step.UpperStep(em), fast_step.LowerForward(em)
+    for dedupe in (False, True):
+        _LOWER_REUSE_OK.get(em.model, {}).pop(("lower", "torch.float32"), None)
+        options = dict(base=base, reuse_lower=True, prefix_attention=True, step=step, dedupe=dedupe)
+        want = one_batch(em, facts, **options)
+        first = one_batch(em, facts, lower_forward=lower, **options)
+        assert _LOWER_REUSE_OK[em.model][("lower", "torch.float32")] is True
+        got = one_batch(em, facts, lower_forward=lower, **options)
+        assert [g.prefix for g in got.groups] == [g.prefix for g in want.groups] and want.groups[0].prefix > 0
+        for g_want, g_first, g_got in zip(want.groups, first.groups, got.groups):
+            (want_lower, want_cache), (got_lower, got_cache) = _group_states(g_want), _group_states(g_got)
+            assert torch.equal(g_first.lower, g_want.lower)  # checked on transformers' states
+            torch.testing.assert_close(got_lower, want_lower, rtol=1e-4, atol=1e-5)
+            assert len(got_cache) == len(want_cache) == (2 * len(backbone_and_layers(em.model)[1]) if g_want.prefix else 0)
+            for a, b in zip(got_cache, want_cache):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        values = got.initial_values(20.0)
+        for g_want, g_got in zip(want.groups, got.groups):  # the steps see the same logits
+            torch.testing.assert_close(step.logits(g_got.plain, values), step.logits(g_want.plain, values),
+                                       rtol=1e-4, atol=1e-4)
+        first.check_lower_reuse(first.initial_values(20.0))  # the checks done: the plain forwards' states
+        assert first.plain
+        for g_first, g_got in zip(first.groups, got.groups):
+            (first_lower, first_cache), (got_lower, got_cache) = _group_states(g_first), _group_states(g_got)
+            assert torch.equal(first_lower, got_lower)
+            assert all(torch.equal(a, b) for a, b in zip(first_cache, got_cache))
+            for a, b in zip(fast_step_inputs(g_first.plain), fast_step_inputs(g_got.plain)):
+                assert torch.equal(a, b)
+
+
+def test_a_plain_prefix_forward_that_differs_from_transformers_is_not_used(tiny, caplog):
+    """A plain prefix forward whose cache differs from transformers' (here: keys scaled) fails
+    the check on the first batch, and every later batch runs transformers' forwards."""
+    import logging
+
+    from engram_core import fast_step
+    from engram_core.compiler import _LOWER_REUSE_OK
+
+    lower = fast_step.LowerForward(tiny)
+    real = lower.prefix_cache
+    lower.prefix_cache = lambda *args, **kwargs: [(k * 1.5, v) for k, v in real(*args, **kwargs)]
+    facts = _plain_step_facts()
+    options = dict(reuse_lower=True, prefix_attention=True, step=fast_step.UpperStep(tiny))
+    verdicts = _LOWER_REUSE_OK.setdefault(tiny.model, {})
+    verdicts.pop(("lower", "torch.float32"), None)
+    try:
+        want = one_batch(tiny, facts, **options)
+        with caplog.at_level(logging.INFO, logger="engram_core"):
+            one_batch(tiny, facts, lower_forward=lower, **options)
+        assert verdicts[("lower", "torch.float32")] is False
+        assert "plain code vs transformers'" in caplog.text and "(not used)" in caplog.text
+        later = one_batch(tiny, facts, lower_forward=lower, **options)
+        assert later.lower_forward is None
+        for g_want, g_later in zip(want.groups, later.groups):
+            assert torch.equal(g_later.lower, g_want.lower)
+    finally:
+        verdicts.pop(("lower", "torch.float32"), None)
 
 
 def test_running_out_of_memory_in_the_compiled_step_is_raised_and_keeps_it_compiled(tiny):

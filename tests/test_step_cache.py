@@ -20,7 +20,9 @@ from torch._dynamo.utils import counters
 from engram_core.compiler import _STEPS, CompileOptions, Fact, compile_facts
 from pipeline.compile import CompileWorker
 
-worker = CompileWorker(sys.argv[1], CompileOptions(compiled_step=True, facts_per_batch=64))
+# The step alone (plain_prefix off): what is cached is the same for the prefix forward's compile
+# (tests/test_compiler.py compiles that one), and a cold compile takes 100 s or more on a CPU.
+worker = CompileWorker(sys.argv[1], CompileOptions(compiled_step=True, plain_prefix=False, facts_per_batch=64))
 facts = [Fact(f"user-{u}", f"fact-{k}", trigger, answer) for u in range(3)
          for k, (trigger, answer) in enumerate([("My dentist is Dr.", " Rex"), ("I live in the city of", " Lyon")])]
 result = compile_facts(worker.model, facts, worker.options)
