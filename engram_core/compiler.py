@@ -168,10 +168,13 @@ def _validate(em: EngramModel, facts: Sequence[Fact], options: CompileOptions) -
     nan = float("nan")
     lead = em.prompt_lead
     ok = [k for k, (first, _) in enumerate(encoded) if not isinstance(first, str)]
-    cuts = dict(zip(ok, trigger_cuts([encoded[k][0][:len(encoded[k][0]) - len(encoded[k][1]) + 1] for k in ok],
-                                     [facts[k].user_id for k in ok], options.trigger_window, lead)))
+    cuts: dict[int, int] = {}
+    window = options.trigger_window
+    if any(len(encoded[k][0]) - len(encoded[k][1]) + 1 > window for k in ok):  # else nothing is cut (most batches)
+        cuts = dict(zip(ok, trigger_cuts([encoded[k][0][:len(encoded[k][0]) - len(encoded[k][1]) + 1] for k in ok],
+                                         [facts[k].user_id for k in ok], window, lead)))
     return [(None, FactResult(fact.user_id, fact.fact_id, first, nan, 0, 0, nan, second)) if isinstance(first, str)
-            else (_windowed_seq(fact, first, second, cuts[k], lead), None)
+            else (_windowed_seq(fact, first, second, cuts.get(k, 0), lead), None)
             for k, (fact, (first, second)) in enumerate(zip(facts, encoded))]
 
 
