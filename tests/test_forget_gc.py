@@ -319,6 +319,7 @@ def test_forget_of_several_users_is_one_rewrite_one_current_move_and_reports_eac
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"{others[1]}: found") and lines[1].startswith("ghost-10: not found")
     assert sum("rewrote" in line for line in lines) == 1
+    assert "forgot 1 of 2 users (the others not found: their forget is recorded) in 4 version(s)" in out.stdout
     assert [info.version for info in list_versions(store)] == [9, 10, 11, 12]
 
 

@@ -940,7 +940,10 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
     log.info("forget on %s: rewrote %d version(s), CURRENT v%d -> v%d, deleted %d object(s)",
              store.uri, len(mapping), plan.pointer.version, new_current.version, len(deleted))
     if plan.found:
-        message = f"forgot {len(users)} user(s) in {len(mapping)} version(s); CURRENT is v{new_current.version}"
+        erased = len(rewriter.found) or len(users)
+        who = f"{erased} user(s)" if erased == len(users) else \
+            f"{erased} of {len(users)} users (the others not found: their forget is recorded)"
+        message = f"forgot {who} in {len(mapping)} version(s); CURRENT is v{new_current.version}"
     else:
         who = "user" if len(users) == 1 else "users"
         message = (f"{who} not found in any retained version of {store.uri}; the forget is recorded in "
