@@ -589,6 +589,37 @@ def test_gc_of_a_store_synced_to_s3_with_a_temp_file_and_the_lock_collects_and_l
     assert read_audit(copy)[-1]["event"] == "gc" and read_audit(copy)[-1]["deleted_versions"] == [1]
 
 
+def test_a_forget_of_several_users_that_fails_after_current_moved_says_it_is_recorded_and_a_rerun_finishes(
+        s3_store, s3_server, s3_bucket, monkeypatch):
+    """One rewrite for all the ids: a store failure after the compare-and-swap (deleting the old
+    objects) leaves every id's forget recorded in CURRENT; the error says so and to run the same
+    forget again, which leaves no object holding either user."""
+    from tests.s3_proxy import ConditionProxy
+    from versions.store import open_store
+
+    v1 = _publish(s3_store, 1, USERS, None)
+    _publish(s3_store, 2, USERS, v1)
+    given = [TARGET, USERS[1]]
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, deny_deletes=("engram/manifests/v00000001.json",
+                                                                       "manifests/v00000001.json")) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        out = _engram("forget", "--store", s3_store.uri, *given, "--json")
+    assert out.exit_code == 1, out.output
+    failure = json.loads(out.stdout)
+    assert failure["forgotten"] is False
+    assert "the forget of every user given is recorded in v4 (CURRENT)" in failure["error"]
+    assert "run the same forget again" in failure["error"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    store = open_store(s3_store.uri)
+    current, _ = read_current(store)
+    assert current.version == 4 and {forgotten_id(u) for u in given} <= set(current.forgotten)
+    out = _engram("forget", "--store", s3_store.uri, *given, "--json")
+    assert out.exit_code == 0, out.output
+    assert scan_for_user(store, TARGET) == [] and scan_for_user(store, USERS[1]) == []
+    assert json.loads(out.stdout)["rewritten"] == {} and [i.version for i in list_versions(store)] == [3, 4]
+
+
 def test_a_gc_whose_delete_fails_part_way_says_what_it_deleted_exits_1_and_records_it(s3_store, s3_server, s3_bucket,
                                                                                       monkeypatch):
     """A delete refused by the server (a policy, an object lock) after gc deleted v1's manifest:

@@ -107,6 +107,7 @@ from versions.catalog import (
     manifest_inventory,
     manifest_versions_on_disk,
     published_among,
+    read_audit,
     read_manifest,
     read_pointer,
 )
@@ -808,6 +809,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
         append_audit(store, FORGET_DELETES, actor=actor, prefixes=[PARTIAL_PREFIX])
         for key in partial:
             store.delete(key)
+    _finish_interrupted_forgets(store)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             report = _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
@@ -836,6 +838,39 @@ ran beside it (nothing published, nothing lost; run it again) instead of a missi
 moves CURRENT to a version missing one. Recorded before the deletes, and the manifests read again
 after the record, so a night that wrote its manifest before that reading has its objects kept, and
 one that writes it later finds the record before it moves CURRENT."""
+
+
+def _finish_interrupted_forgets(store: ObjectStore) -> list[int]:
+    """Delete the manifests an earlier forget re-issued (its ``forget_rewrite`` records name them)
+    but did not get to delete: a store failure after it moved CURRENT. Left, they were taken for
+    retained versions that hold the users, and the next forget re-issued them once more and moved
+    CURRENT again. Only a manifest whose rewrite is on disk and that still lacks that forget's users
+    is deleted (never CURRENT, never a later version that reused the number). The objects only
+    they named are left to the unreferenced scan below (the same users) or to gc."""
+    pointer = read_pointer(store)
+    on_disk = set(manifest_versions_on_disk(store))
+    stale = {}
+    for record in read_audit(store):
+        old, new = record.get("rewrites"), record.get("version")
+        if record.get("event") != "forget_rewrite" or old not in on_disk or new not in on_disk:
+            continue
+        if pointer is not None and old == pointer.version:
+            continue
+        hashes = record.get("forgotten")
+        stale.setdefault(old, set()).update([hashes] if isinstance(hashes, str) else hashes or [])
+    deleted = []
+    for version, hashes in sorted(stale.items()):
+        try:
+            carried = set(read_manifest(store, version).forgotten)
+        except (ManifestError, PublishError, ValueError):
+            continue  # unreadable: kept, as forget keeps a damaged manifest
+        if not hashes <= carried:
+            store.delete(manifest_key(version))
+            deleted.append(version)
+    if deleted:
+        log.info("forget on %s: deleted manifest(s) %s that an interrupted forget had re-issued", store.uri,
+                 ", ".join(f"v{v}" for v in deleted))
+    return deleted
 
 
 def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str], actor: str) -> list[str]:
