@@ -464,6 +464,11 @@ class _CurrentMoved(Exception):
         self.error = error
 
 
+HUNG_POLL_S = 60.0
+"""A poll running longer than this counts as failing for /healthz and ``max_stale`` (a CURRENT read is
+one small request; a night's new layers a few MB)."""
+
+
 class PullClient:
     """Follows a store's CURRENT for the shards one serving node owns (``shards=None``: all).
 
@@ -476,6 +481,9 @@ class PullClient:
     than it (CURRENT was rolled back from it). ``max_stale`` (seconds; None: no bound): once the
     served version is stale and its last confirmation is older than that, :meth:`over_max_stale`
     says why, and the server answers no user's request (serving.http) until a poll confirms a version.
+    A poll still running after ``hung_after`` seconds counts as failing (a store that accepts
+    connections and never answers holds a poll for botocore's timeouts and retries, minutes, and the
+    node said ``ok`` meanwhile, whatever ``max_stale``).
     """
 
     _FAILURES = (PullError, PublishError, StoreError, ManifestError, BundleSchemaError, DeltaMismatch, OSError, ValueError)
@@ -491,6 +499,7 @@ class PullClient:
         jitter: float = 0.1,
         current: Manifest | None = None,
         max_stale: float | None = None,
+        hung_after: float = HUNG_POLL_S,
     ) -> None:
         if max_stale is not None and not 0 < max_stale < float("inf"):
             raise ValueError(f"max_stale {max_stale!r}: give seconds above 0, or None for no bound")
@@ -503,6 +512,8 @@ class PullClient:
         self.jitter = jitter
         self.last_error: str | None = None
         self.last_poll_at: float | None = None
+        self.hung_after = hung_after
+        self.polling_since: float | None = None  # the start of the poll in progress (None: none)
         self.confirmed_at: float | None = None  # when a poll last found the served version CURRENT in the store
         self.stale_since: float | None = None  # the first failed poll since then (None: the last poll succeeded)
         self.loaded_from: str | None = None  # "store", or "last-good cache" (loaded so while the store was unreachable)
@@ -532,7 +543,7 @@ class PullClient:
         A failure keeps the served version, now stale (:meth:`stale`); with nothing served yet and the
         store unreachable, the last-good version is loaded from the cache (see the class)."""
         with self._poll_lock:
-            now = self.last_poll_at = time.time()
+            now = self.last_poll_at = self.polling_since = time.time()
             try:
                 result = self._poll()
             except self._FAILURES as e:
@@ -547,11 +558,12 @@ class PullClient:
                 self.last_error = message
                 self.stale_since = self.stale_since or now
                 cache_error = self._remember()  # the forgets of a version that failed to load, if any
+                self.polling_since = None
                 if build is None:
                     return PollResult(False, served, error=message, cache_error=cache_error, stale=self.stale())
                 return PollResult(True, served, tuple(build.fetched), error=message,
                                   rebuilt_shards=tuple(build.rebuilt), cache_error=cache_error, stale=self.stale())
-            self.last_error, self.stale_since = None, None
+            self.last_error, self.stale_since, self.polling_since = None, None, None
             self.confirmed_at, self.loaded_from = now, "store"
             cache_error = self._remember()
             return replace(result, cache_error="; ".join(filter(None, (result.cache_error, cache_error))) or None)
@@ -563,26 +575,39 @@ class PullClient:
         when the store last named it CURRENT), ``since`` (the first failed poll), ``error``,
         ``max_stale_s`` (the bound, seconds; None: none) and ``over_max_stale`` (:meth:`over_max_stale`
         is not None)."""
-        index = self._index
-        if index is None or self.last_error is None:
+        index, error = self._index, self._error()
+        if index is None or error is None:
             return None
+        since = self.stale_since or self.polling_since
         return {"version": index.version, "loaded_from": self.loaded_from, "confirmed_at": iso(self.confirmed_at),
-                "since": iso(self.stale_since), "error": self.last_error, "max_stale_s": self.max_stale,
+                "since": iso(since), "error": error, "max_stale_s": self.max_stale,
                 "over_max_stale": self.over_max_stale() is not None}
 
     def over_max_stale(self, now: float | None = None) -> str | None:
         """None while the served version may be served (confirmed by the last poll, or stale for no
         longer than ``max_stale``); else one line saying the version, when the store last confirmed
         it, how long ago and the bound: no user's memory is served until a poll confirms a version."""
-        index, confirmed_at = self._index, self.confirmed_at
-        if self.max_stale is None or index is None or self.last_error is None or confirmed_at is None:
+        index, confirmed_at, error = self._index, self.confirmed_at, self._error(now)
+        if self.max_stale is None or index is None or error is None or confirmed_at is None:
             return None
         age = (time.time() if now is None else now) - confirmed_at
         if age <= self.max_stale:
             return None
         return (f"v{index.version} was last confirmed CURRENT in {self.store.uri} at {iso(confirmed_at)}, "
                 f"{human_duration(age)} ago, over --max-stale {human_duration(self.max_stale)}: no user's memory is "
-                "served until the store answers (the last poll: " + self.last_error + ")")
+                "served until the store answers (the last poll: " + error + ")")
+
+    def _error(self, now: float | None = None) -> str | None:
+        """The last poll's error; else, while a poll has run longer than ``hung_after``, one saying
+        the store has not answered it (the poll itself fails only after botocore's timeouts and retries)."""
+        started = self.polling_since
+        if self.last_error is not None or started is None:
+            return self.last_error
+        running = (time.time() if now is None else now) - started
+        if running <= self.hung_after:
+            return None
+        return (f"StoreUnreachable: store {self.store.uri}: the poll started at {iso(started)} has had no answer for "
+                f"{human_duration(running)} (a store that does not answer); still waiting")
 
     def _remember(self) -> str | None:
         """Keep the served version as this store's and model's last-good in the cache (its manifest,
