@@ -42,7 +42,7 @@ def forget(
     try:
         report = forget_users(target, users, actor=_actor(), reason=reason)
     except (PublishError, StoreError) as err:
-        fail_json(as_json, f"{err}; {_forget_failure_state(target, before, users)}", exit_code(err), "forgotten")
+        fail_json(as_json, f"{err}{_forget_failure_state(target, before, users)}", exit_code(err), "forgotten")
     per_user = _forget_per_user(report, users)
     if as_json:
         typer.echo(json.dumps({"forgotten": True, **report.to_dict(), "users": per_user}, sort_keys=True))
@@ -63,16 +63,23 @@ def forget(
 
 
 def _current_version(target) -> int | None:
+    """CURRENT's version, None where nothing is published or it cannot be read (forget then says why)."""
     from versions.catalog import read_pointer
+    from versions.errors import PublishError
+    from versions.store import StoreError
 
-    pointer = read_pointer(target)
+    try:
+        pointer = read_pointer(target)
+    except (StoreError, PublishError, ValueError, OSError):
+        return None
     return pointer.version if pointer is not None else None
 
 
 def _forget_failure_state(target, before: int | None, users: list[str]) -> str:
-    """What a failed ``engram forget`` left, for its error line: all its users are forgotten in one
-    rewrite, so either CURRENT carries every one's forget (the failure came after the compare-and-swap,
-    while deleting old objects) or none of them is forgotten."""
+    """What a failed ``engram forget`` left, for its error line ("; ..."; "" on a store with nothing
+    published, whose error says it all): all its users are forgotten in one rewrite, so either CURRENT
+    carries every one's forget (the failure came after the compare-and-swap, while deleting old
+    objects) or none of them is forgotten."""
     from engram_core.text import canonical_id
     from versions.catalog import read_manifest, read_pointer
     from versions.errors import PublishError
@@ -81,14 +88,16 @@ def _forget_failure_state(target, before: int | None, users: list[str]) -> str:
 
     try:
         pointer = read_pointer(target)
-        recorded = pointer is not None and pointer.version != before and \
+        if pointer is None:
+            return ""
+        recorded = pointer.version != before and \
             {forgotten_id(canonical_id(u)) for u in users} <= set(read_manifest(target, pointer.version).forgotten)
     except (StoreError, PublishError, ValueError, OSError):  # the store is failing: say what is known
-        return "whether CURRENT moved is unknown (the store could not be read); run the same forget again"
+        return "; whether CURRENT moved is unknown (the store could not be read): run the same forget again"
     if recorded:
-        return (f"the forget of every user given is recorded in v{pointer.version} (CURRENT), but old objects may still "
-                "hold them: run the same forget again to finish deleting them")
-    return "nothing was forgotten (CURRENT did not move); run the same forget again"
+        return (f"; the forget of every user given is recorded in v{pointer.version} (CURRENT), but old objects may "
+                "still hold them: run the same forget again to finish deleting them")
+    return "; nothing was forgotten (CURRENT did not move): run the same forget again"
 
 
 def _forget_per_user(report, users: list[str]) -> list[dict]:
