@@ -57,7 +57,7 @@ from collections.abc import Iterable, Iterator
 from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from engram_core.checkpoint import EngramModel, fingerprint
 from engram_core.delta import Delta
@@ -224,6 +224,7 @@ class _Downloads:
     objects: int = 0
     bytes: int = 0
     cache_error: str | None = None  # the first object that could not be kept in the disk cache, and why
+    answered: Callable[[], None] | None = None  # called each time the store answers a download
 
 
 def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: int, cache: BundleCache | None,
@@ -245,6 +246,8 @@ def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: in
     if downloads is not None:
         downloads.objects += 1
         downloads.bytes += len(data)
+        if downloads.answered is not None:
+            downloads.answered()
     if len(data) != size:
         raise IntegrityError(f"{where}: {len(data)} bytes, manifest says {size} (refused)")
     actual = _sha256(data)
@@ -465,8 +468,9 @@ class _CurrentMoved(Exception):
 
 
 HUNG_POLL_S = 60.0
-"""A poll running longer than this counts as failing for /healthz and ``max_stale`` (a CURRENT read is
-one small request; a night's new layers a few MB)."""
+"""A poll whose store has not answered any of its requests for this long counts as failing for
+/healthz and ``max_stale`` (a CURRENT read is one small request; a download of many objects is not
+hung while they keep coming)."""
 
 
 class PullClient:
@@ -513,7 +517,7 @@ class PullClient:
         self.last_error: str | None = None
         self.last_poll_at: float | None = None
         self.hung_after = hung_after
-        self.polling_since: float | None = None  # the start of the poll in progress (None: none)
+        self.polling_since: float | None = None  # the poll in progress: its start, or the store's last answer in it
         self.confirmed_at: float | None = None  # when a poll last found the served version CURRENT in the store
         self.stale_since: float | None = None  # the first failed poll since then (None: the last poll succeeded)
         self.loaded_from: str | None = None  # "store", or "last-good cache" (loaded so while the store was unreachable)
@@ -597,17 +601,23 @@ class PullClient:
                 f"{human_duration(age)} ago, over --max-stale {human_duration(self.max_stale)}: no user's memory is "
                 "served until the store answers (the last poll: " + error + ")")
 
+    def _answered(self) -> None:
+        """The store answered a request of the poll in progress (a download of a new version's
+        objects takes as long as they are large: it is not hung while objects keep coming)."""
+        self.polling_since = time.time()
+
     def _error(self, now: float | None = None) -> str | None:
         """The last poll's error; else, while a poll has run longer than ``hung_after``, one saying
-        the store has not answered it (the poll itself fails only after botocore's timeouts and retries)."""
+        the store has not answered it for that long (the poll itself fails only after botocore's
+        timeouts and retries)."""
         started = self.polling_since
         if self.last_error is not None or started is None:
             return self.last_error
         running = (time.time() if now is None else now) - started
         if running <= self.hung_after:
             return None
-        return (f"StoreUnreachable: store {self.store.uri}: the poll started at {iso(started)} has had no answer for "
-                f"{human_duration(running)} (a store that does not answer); still waiting")
+        return (f"StoreUnreachable: store {self.store.uri}: the poll in progress has had no answer for "
+                f"{human_duration(running)}, since {iso(started)} (a store that does not answer); still waiting")
 
     def _remember(self) -> str | None:
         """Keep the served version as this store's and model's last-good in the cache (its manifest,
@@ -706,7 +716,9 @@ class PullClient:
             raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
         manifest, etag = current
         self._seen = manifest
+        self.polling_since = time.time()  # the store answered: a hung poll is one with no answer for hung_after
         build = _Build()
+        build.downloads.answered = self._answered
         try:
             index = self._build(manifest, build)
         except self._FAILURES as err:
