@@ -11,15 +11,15 @@ from jobs.nightly_cli import exit_code, fail_json, text_option
 
 
 def forget(
-    users: list[str] = typer.Argument(..., metavar="USER...", help="user_id(s) to forget."),
+    users: list[str] = typer.Argument(..., metavar="USER...", help="user_id(s) to forget (all in one rewrite)."),
     store: str = typer.Option(..., "--store", help="Store URI: a local path or s3://bucket/prefix."),
     reason: str = typer.Option("erasure request", "--reason", help="Why (goes into the audit log).",
                                callback=lambda v: text_option(v, "--reason")),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (every user's report under users)."),
 ) -> None:
-    """Erase a user from every retained version, for good. Example: engram forget --store s3://b/engram user-42 --reason "ticket 7" """
+    """Erase users from every retained version, for good, in one new version. Example: engram forget --store s3://b/engram user-42 user-43 --reason "ticket 7" """
     from versions.errors import PublishError
-    from versions.forget import forget_user
+    from versions.forget import forget_users
     from versions.store import StoreError, open_store
 
     try:
@@ -30,6 +30,7 @@ def forget(
 
     from jobs.nightly_cli import text_argument_problem
 
+    # every id is checked before anything is rewritten: one bad id refuses the whole command
     problem = next(filter(None, (text_argument_problem(u, "user id") for u in users)), None)
     if problem:
         fail_json(as_json, problem + "; nothing was forgotten", 2, "forgotten")
@@ -37,45 +38,89 @@ def forget(
     if empty:
         fail_json(as_json, f"user id {empty[0]!r} is empty once invisible characters are removed; nothing was forgotten",
                   2, "forgotten")
-    reports = []
-    for user in users:
-        try:
-            report = forget_user(target, user, actor=_actor(), reason=reason)
-        except (PublishError, StoreError) as err:  # the users before it are forgotten (printed); this one and the rest not
-            if as_json and reports:  # one object: the failure, and what was done before it
-                typer.echo(json.dumps({**_forget_summary(reports), "forgotten": False, "error": str(err),
-                                       "exit_code": exit_code(err)}, sort_keys=True))
-                as_json = False  # fail_json below: the error line on stderr only
-            fail_json(as_json, str(err), exit_code(err), "forgotten")
-        reports.append(report)
-        if not as_json:
-            typer.echo(f"{user}: {report.message}")
-            if report.rewritten:
-                moves = ", ".join(f"v{a}->v{b}" for a, b in sorted(report.rewritten.items()))
-                typer.echo(f"  rewrote {moves}; deleted {len(report.deleted_objects)} object(s)")
-                typer.echo(f"  later nights refuse this user's events stamped up to {report.refused_until} "
-                           "(FORGOTTEN_USER: the forget's time plus the day of clock skew ingest accepts); "
-                           "events after it are the id writing again")
+    before = _current_version(target)
+    try:
+        report = forget_users(target, users, actor=_actor(), reason=reason)
+    except (PublishError, StoreError) as err:
+        fail_json(as_json, f"{err}{_forget_failure_state(target, before, users)}", exit_code(err), "forgotten")
+    per_user = _forget_per_user(report, users)
     if as_json:
-        typer.echo(json.dumps({"forgotten": True, **_forget_summary(reports)}, sort_keys=True))
+        typer.echo(json.dumps({"forgotten": True, **report.to_dict(), "users": per_user}, sort_keys=True))
+        return
+    if len(users) == 1:
+        typer.echo(f"{users[0]}: {report.message}")
+    else:
+        for user, entry in zip(users, per_user):
+            typer.echo(f"{user}: {entry['message']}")
+        typer.echo(report.message)
+    if report.rewritten:
+        moves = ", ".join(f"v{a}->v{b}" for a, b in sorted(report.rewritten.items()))
+        typer.echo(f"  rewrote {moves}; deleted {len(report.deleted_objects)} object(s)")
+        who = "this user's" if len(set(report.user_hashes)) == 1 else "these users'"
+        typer.echo(f"  later nights refuse {who} events stamped up to {report.refused_until} "
+                   "(FORGOTTEN_USER: the forget's time plus the day of clock skew ingest accepts); "
+                   "events after it are the id writing again")
 
 
-def _forget_summary(reports: list) -> dict:
-    """One object for the users of one ``engram forget --json`` (in argument order): ``users`` holds
-    each one's report (versions.forget.ForgetReport.to_dict: hashes, never the raw ids); the top
-    level sums them up (``found``: any was, ``current_version`` after the last, ``rewritten`` and
-    ``deleted_objects`` of all, the latest ``refused_until``), and for one user is its report."""
-    done = [r.to_dict() for r in reports]
-    out = dict(done[0]) if len(done) == 1 else {
-        "user_hashes": [h for d in done for h in d["user_hashes"]],
-        "found": any(d["found"] for d in done),
-        "current_version": done[-1]["current_version"] if done else None,
-        "rewritten": {k: v for d in done for k, v in d["rewritten"].items()},
-        "deleted_objects": [k for d in done for k in d["deleted_objects"]],
-        "message": "; ".join(d["message"] for d in done),
-        "refused_until": max((d["refused_until"] for d in done if d["refused_until"]), default=None),
-    }
-    out["users"] = done
+def _current_version(target) -> int | None:
+    """CURRENT's version, None where nothing is published or it cannot be read (forget then says why)."""
+    from versions.catalog import read_pointer
+    from versions.errors import PublishError
+    from versions.store import StoreError
+
+    try:
+        pointer = read_pointer(target)
+    except (StoreError, PublishError, ValueError, OSError):
+        return None
+    return pointer.version if pointer is not None else None
+
+
+def _forget_failure_state(target, before: int | None, users: list[str]) -> str:
+    """What a failed ``engram forget`` left, for its error line ("; ..."; "" on a store with nothing
+    published, whose error says it all): all its users are forgotten in one rewrite, so either CURRENT
+    carries every one's forget (the failure came after the compare-and-swap, while deleting old
+    objects) or none of them is forgotten."""
+    from engram_core.text import canonical_id
+    from versions.catalog import read_manifest, read_pointer
+    from versions.errors import PublishError
+    from versions.layout import forgotten_id
+    from versions.store import StoreError
+
+    try:
+        pointer = read_pointer(target)
+        if pointer is None:
+            return ""
+        recorded = pointer.version != before and \
+            {forgotten_id(canonical_id(u)) for u in users} <= set(read_manifest(target, pointer.version).forgotten)
+    except (StoreError, PublishError, ValueError, OSError):  # the store is failing: say what is known
+        return "; whether CURRENT moved is unknown (the store could not be read): run the same forget again"
+    if recorded:
+        return (f"; the forget of every user given is recorded in v{pointer.version} (CURRENT), but old objects may "
+                "still hold them: run the same forget again to finish deleting them")
+    return "; nothing was forgotten (CURRENT did not move): run the same forget again"
+
+
+def _forget_per_user(report, users: list[str]) -> list[dict]:
+    """Per user given (argument order; a repeated id repeats its entry): its hash, whether a retained
+    version held it (``found``), until when later nights refuse its events (``refused_until``: set
+    where this forget recorded it), CURRENT after the forget and one line. Hashes only, never the ids."""
+    from engram_core.text import canonical_id
+    from versions.layout import forgotten_id
+
+    out = []
+    for user in users:
+        user_hash = forgotten_id(canonical_id(user))
+        found = user_hash in report.found_hashes if len(set(report.user_hashes)) > 1 else report.found
+        if found:
+            message = "found and erased from every retained version"
+        elif report.rewritten:
+            message = ("not found in any retained version; the forget is recorded, so its events up to the "
+                       "forget's time are refused (FORGOTTEN_USER) when they arrive")
+        else:
+            message = "not found in any retained version; its forget was already recorded"
+        out.append({"user_hash": user_hash, "user_hashes": [user_hash], "found": found,
+                    "refused_until": report.refused_until if report.rewritten else None,
+                    "current_version": report.current_version, "message": message})
     return out
 
 

@@ -375,9 +375,21 @@ def _engram_args(options: ScheduleOptions, spec_file: str) -> list[str]:
     return ["run", "nightly", "--spec", spec_file, "--json"]
 
 
+CRONTAB_LOCK = "engram-nightly.lock"
+CRONTAB_LOG = "engram-nightly.log"
+_LOCK_BUSY = 75  # flock's exit code when the lock is held (engram itself exits 0, 1, 2, 130 or 143)
+
+
 def _crontab(spec: NightlySpec, options: ScheduleOptions) -> str:
+    """One crontab line. cron starts a run whether or not the last one ended: ``flock -n`` on
+    ``engram-nightly.lock`` in the work directory skips a run while another holds it (a night that
+    ran past the next start), and the skip is one line in ``engram-nightly.log``. The lock goes with
+    the process (a killed run leaves no stale lock)."""
     args = " ".join(shlex.quote(a) for a in [options.engram_bin, *_engram_args(options, options.spec_path)])
-    command = f"cd {shlex.quote(options.workdir)} && {args} >> engram-nightly.log 2>&1"
+    skipped = (f'echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) engram nightly skipped: the previous run still holds '
+               f'{CRONTAB_LOCK} (flock -n); this run did not start"')
+    command = (f"cd {shlex.quote(options.workdir)} && {{ flock -n -E {_LOCK_BUSY} {CRONTAB_LOCK} {args}; "
+               f"[ $? -ne {_LOCK_BUSY} ] || {skipped}; }} >> {CRONTAB_LOG} 2>&1")
     return f"{options.cron} {command.replace('%', chr(92) + '%')}\n"  # cron turns a bare % into a newline
 
 
@@ -445,8 +457,48 @@ def _ray_pod(name: str, image: str, resources: dict) -> dict:
     return {"spec": {"containers": [{"name": name, "image": image, "resources": resources}]}}
 
 
+RAYJOB_DEADLINE_S = 6 * 3600  # a run's activeDeadlineSeconds
+RAYJOB_TTL_S = 3600  # its cluster is deleted this long after the run ends (ttlSecondsAfterFinished)
+
+
+def shortest_interval_minutes(expression: str) -> int:
+    """The shortest time between two starts of a valid cron expression, in minutes (over the
+    eight years from 2026, which covers leap years and every weekday of every date). Cron's rule
+    for days: with both day of month and day of week restricted, a day matching either runs."""
+    from datetime import date, timedelta
+
+    parts = expression.split()
+    minutes, hours, days, months, weekdays = (_cron_values(p, f) for p, f in zip(parts, CRON_FIELDS))
+    weekdays = {d % 7 for d in weekdays}
+    times = sorted(h * 60 + m for h in hours for m in minutes)
+    either = not parts[2].startswith("*") and not parts[4].startswith("*")
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    previous = None
+    day = date(2026, 1, 1)
+    while day < date(2034, 1, 1):
+        on_day, on_weekday = day.day in days, (day.isoweekday() % 7) in weekdays
+        if day.month in months and ((on_day or on_weekday) if either else (on_day and on_weekday)):
+            if previous is not None:
+                gaps.append((day - previous).days * 1440 + times[0] - times[-1])
+            previous = day
+        day += timedelta(days=1)
+    return min(gaps)
+
+
 def _ray_cron_job(spec: NightlySpec, options: ScheduleOptions) -> str:
     import ray
+
+    # KubeRay's RayCronJob (alpha) has no concurrencyPolicy: it creates a RayJob at every start, even
+    # while the last one runs. Overlap is ruled out by the schedule instead: a run is stopped at its
+    # deadline and its cluster gone an hour later, so starts must be further apart than both.
+    gap = shortest_interval_minutes(options.cron)
+    if gap * 60 < RAYJOB_DEADLINE_S + RAYJOB_TTL_S:
+        raise ScheduleError(
+            f"cron {options.cron!r} starts runs {gap} minute(s) apart: a RayCronJob cannot forbid two runs at once "
+            f"(KubeRay has no concurrencyPolicy for it), so its starts must be at least "
+            f"{(RAYJOB_DEADLINE_S + RAYJOB_TTL_S) // 3600} hours apart (the run's {RAYJOB_DEADLINE_S // 3600} h deadline "
+            "plus the hour its cluster stays); schedule it less often, or use --format k8s-cronjob --address "
+            "(concurrencyPolicy: Forbid)")
 
     runtime_env = {"env_vars": {SPEC_ENV_VAR: spec.to_yaml(), "TOKENIZERS_PARALLELISM": "false"}}
     gpus = 1 if spec.gpus_per_worker is None else spec.gpus_per_worker
@@ -457,8 +509,8 @@ def _ray_cron_job(spec: NightlySpec, options: ScheduleOptions) -> str:
         "entrypoint": ENTRYPOINT,
         "runtimeEnvYAML": yaml.dump(runtime_env, Dumper=_LiteralDumper, sort_keys=False),
         "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": 3600,
-        "activeDeadlineSeconds": 6 * 3600,
+        "ttlSecondsAfterFinished": RAYJOB_TTL_S,
+        "activeDeadlineSeconds": RAYJOB_DEADLINE_S,
         "rayClusterSpec": {
             "rayVersion": ray.__version__,
             "headGroupSpec": {"rayStartParams": {}, "template": _ray_pod(

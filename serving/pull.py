@@ -57,7 +57,7 @@ from collections.abc import Iterable, Iterator
 from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from engram_core.checkpoint import EngramModel, fingerprint
 from engram_core.delta import Delta
@@ -224,6 +224,7 @@ class _Downloads:
     objects: int = 0
     bytes: int = 0
     cache_error: str | None = None  # the first object that could not be kept in the disk cache, and why
+    answered: Callable[[], None] | None = None  # called each time the store answers a download
 
 
 def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: int, cache: BundleCache | None,
@@ -245,6 +246,8 @@ def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: in
     if downloads is not None:
         downloads.objects += 1
         downloads.bytes += len(data)
+        if downloads.answered is not None:
+            downloads.answered()
     if len(data) != size:
         raise IntegrityError(f"{where}: {len(data)} bytes, manifest says {size} (refused)")
     actual = _sha256(data)
@@ -464,6 +467,12 @@ class _CurrentMoved(Exception):
         self.error = error
 
 
+HUNG_POLL_S = 60.0
+"""A poll whose store has not answered any of its requests for this long counts as failing for
+/healthz and ``max_stale`` (a CURRENT read is one small request; a download of many objects is not
+hung while they keep coming)."""
+
+
 class PullClient:
     """Follows a store's CURRENT for the shards one serving node owns (``shards=None``: all).
 
@@ -476,6 +485,9 @@ class PullClient:
     than it (CURRENT was rolled back from it). ``max_stale`` (seconds; None: no bound): once the
     served version is stale and its last confirmation is older than that, :meth:`over_max_stale`
     says why, and the server answers no user's request (serving.http) until a poll confirms a version.
+    A poll still running after ``hung_after`` seconds counts as failing (a store that accepts
+    connections and never answers holds a poll for botocore's timeouts and retries, minutes, and the
+    node said ``ok`` meanwhile, whatever ``max_stale``).
     """
 
     _FAILURES = (PullError, PublishError, StoreError, ManifestError, BundleSchemaError, DeltaMismatch, OSError, ValueError)
@@ -491,6 +503,7 @@ class PullClient:
         jitter: float = 0.1,
         current: Manifest | None = None,
         max_stale: float | None = None,
+        hung_after: float = HUNG_POLL_S,
     ) -> None:
         if max_stale is not None and not 0 < max_stale < float("inf"):
             raise ValueError(f"max_stale {max_stale!r}: give seconds above 0, or None for no bound")
@@ -503,6 +516,8 @@ class PullClient:
         self.jitter = jitter
         self.last_error: str | None = None
         self.last_poll_at: float | None = None
+        self.hung_after = hung_after
+        self.polling_since: float | None = None  # the poll in progress: its start, or the store's last answer in it
         self.confirmed_at: float | None = None  # when a poll last found the served version CURRENT in the store
         self.stale_since: float | None = None  # the first failed poll since then (None: the last poll succeeded)
         self.loaded_from: str | None = None  # "store", or "last-good cache" (loaded so while the store was unreachable)
@@ -532,7 +547,7 @@ class PullClient:
         A failure keeps the served version, now stale (:meth:`stale`); with nothing served yet and the
         store unreachable, the last-good version is loaded from the cache (see the class)."""
         with self._poll_lock:
-            now = self.last_poll_at = time.time()
+            now = self.last_poll_at = self.polling_since = time.time()
             try:
                 result = self._poll()
             except self._FAILURES as e:
@@ -547,11 +562,12 @@ class PullClient:
                 self.last_error = message
                 self.stale_since = self.stale_since or now
                 cache_error = self._remember()  # the forgets of a version that failed to load, if any
+                self.polling_since = None
                 if build is None:
                     return PollResult(False, served, error=message, cache_error=cache_error, stale=self.stale())
                 return PollResult(True, served, tuple(build.fetched), error=message,
                                   rebuilt_shards=tuple(build.rebuilt), cache_error=cache_error, stale=self.stale())
-            self.last_error, self.stale_since = None, None
+            self.last_error, self.stale_since, self.polling_since = None, None, None
             self.confirmed_at, self.loaded_from = now, "store"
             cache_error = self._remember()
             return replace(result, cache_error="; ".join(filter(None, (result.cache_error, cache_error))) or None)
@@ -563,26 +579,45 @@ class PullClient:
         when the store last named it CURRENT), ``since`` (the first failed poll), ``error``,
         ``max_stale_s`` (the bound, seconds; None: none) and ``over_max_stale`` (:meth:`over_max_stale`
         is not None)."""
-        index = self._index
-        if index is None or self.last_error is None:
+        index, error = self._index, self._error()
+        if index is None or error is None:
             return None
+        since = self.stale_since or self.polling_since
         return {"version": index.version, "loaded_from": self.loaded_from, "confirmed_at": iso(self.confirmed_at),
-                "since": iso(self.stale_since), "error": self.last_error, "max_stale_s": self.max_stale,
+                "since": iso(since), "error": error, "max_stale_s": self.max_stale,
                 "over_max_stale": self.over_max_stale() is not None}
 
     def over_max_stale(self, now: float | None = None) -> str | None:
         """None while the served version may be served (confirmed by the last poll, or stale for no
         longer than ``max_stale``); else one line saying the version, when the store last confirmed
         it, how long ago and the bound: no user's memory is served until a poll confirms a version."""
-        index, confirmed_at = self._index, self.confirmed_at
-        if self.max_stale is None or index is None or self.last_error is None or confirmed_at is None:
+        index, confirmed_at, error = self._index, self.confirmed_at, self._error(now)
+        if self.max_stale is None or index is None or error is None or confirmed_at is None:
             return None
         age = (time.time() if now is None else now) - confirmed_at
         if age <= self.max_stale:
             return None
         return (f"v{index.version} was last confirmed CURRENT in {self.store.uri} at {iso(confirmed_at)}, "
                 f"{human_duration(age)} ago, over --max-stale {human_duration(self.max_stale)}: no user's memory is "
-                "served until the store answers (the last poll: " + self.last_error + ")")
+                "served until the store answers (the last poll: " + error + ")")
+
+    def _answered(self) -> None:
+        """The store answered a request of the poll in progress (a download of a new version's
+        objects takes as long as they are large: it is not hung while objects keep coming)."""
+        self.polling_since = time.time()
+
+    def _error(self, now: float | None = None) -> str | None:
+        """The last poll's error; else, while a poll has run longer than ``hung_after``, one saying
+        the store has not answered it for that long (the poll itself fails only after botocore's
+        timeouts and retries)."""
+        started = self.polling_since
+        if self.last_error is not None or started is None:
+            return self.last_error
+        running = (time.time() if now is None else now) - started
+        if running <= self.hung_after:
+            return None
+        return (f"StoreUnreachable: store {self.store.uri}: the poll in progress has had no answer for "
+                f"{human_duration(running)}, since {iso(started)} (a store that does not answer); still waiting")
 
     def _remember(self) -> str | None:
         """Keep the served version as this store's and model's last-good in the cache (its manifest,
@@ -681,7 +716,9 @@ class PullClient:
             raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
         manifest, etag = current
         self._seen = manifest
+        self.polling_since = time.time()  # the store answered: a hung poll is one with no answer for hung_after
         build = _Build()
+        build.downloads.answered = self._answered
         try:
             index = self._build(manifest, build)
         except self._FAILURES as err:

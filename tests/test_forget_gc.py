@@ -288,6 +288,56 @@ def test_forget_and_gc_commands(local_store):
     assert out.exit_code != 0 and "at least 1" in out.output
 
 
+def test_forget_of_several_users_is_one_rewrite_one_current_move_and_reports_each(four_versions):
+    """`engram forget A B C` rewrote the store once per id: three ids made three rounds of versions
+    and moved CURRENT three times (every serving node re-pulled each time). Now every id given is
+    forgotten in one rewrite of the retained versions: one new version per retained one, one CURRENT
+    move, one forget audit record, and each id still gets its own line (found or not)."""
+    store, versions = four_versions
+    uri = store.uri
+    audit_before = len(read_audit(store))
+    others = [u for u in USERS if u != TARGET and shard_of(u, NUM_SHARDS) != shard_of(TARGET, NUM_SHARDS)]
+    given = [TARGET, "ghost-9", others[0], TARGET]  # found, absent, found in another shard, repeated
+    out = _engram("forget", "--store", uri, *given, "--reason", "ticket 8", "--json")
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert sorted(report["rewritten"]) == ["1", "2", "3", "4"]  # each retained version once
+    assert sorted(report["rewritten"].values()) == [5, 6, 7, 8] and report["current_version"] == 8
+    assert [info.version for info in list_versions(store)] == [5, 6, 7, 8]
+    assert [u["found"] for u in report["users"]] == [True, False, True, True]
+    assert [u["user_hash"] for u in report["users"]] == [forgotten_id(u) for u in given]
+    assert all(u["refused_until"] == report["refused_until"] is not None for u in report["users"])
+    moves = [r for r in read_audit(store)[audit_before:] if r["event"] in ("forget", "rollback", "publish")]
+    assert [r["event"] for r in moves] == ["forget"]  # one CURRENT move
+    current, _ = read_current(store)
+    assert {forgotten_id(u) for u in given} <= set(current.forgotten)
+    assert scan_for_user(store, TARGET) == [] and scan_for_user(store, others[0]) == []
+    assert not any(u in out.stdout for u in given)  # hashes only, never the ids
+    # the text form: one line per id, then the rewrite once
+    out = _engram("forget", "--store", uri, others[1], "ghost-10")
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"{others[1]}: found") and lines[1].startswith("ghost-10: not found")
+    assert sum("rewrote" in line for line in lines) == 1
+    assert "forgot 1 of 2 users (the others not found: their forget is recorded) in 4 version(s)" in out.stdout
+    assert [info.version for info in list_versions(store)] == [9, 10, 11, 12]
+
+
+def test_forget_with_one_bad_id_among_several_refuses_them_all_before_rewriting(four_versions):
+    """One id that is bad input (empty once invisible characters go, or not UTF-8) refuses the whole
+    command, naming it, exit 2, and nothing is rewritten (the ids before it were forgotten before)."""
+    store, versions = four_versions
+    audit_before = read_audit(store)
+    for bad in ("\u200b", "u-\udcff"):
+        out = _engram("forget", "--store", store.uri, TARGET, bad, USERS[1], "--json")
+        assert out.exit_code == 2, out.output
+        failure = json.loads(out.stdout)
+        assert failure["forgotten"] is False and "nothing was forgotten" in failure["error"]
+        assert ascii(bad) in failure["error"] or repr(bad) in failure["error"]
+    assert [info.version for info in list_versions(store)] == [1, 2, 3, 4]
+    assert read_audit(store) == audit_before and scan_for_user(store, TARGET)
+
+
 def test_a_forgotten_user_whose_id_holds_a_slash_leaves_no_collision_owner_name():
     """Within-user collision owners are named ``user/fact``; a user id may hold "/" itself."""
     import numpy as np
@@ -537,6 +587,37 @@ def test_gc_of_a_store_synced_to_s3_with_a_temp_file_and_the_lock_collects_and_l
     assert leftovers <= _bucket_keys(s3_server, s3_bucket, "copy/")
     assert [info.version for info in list_versions(copy)] == [2]
     assert read_audit(copy)[-1]["event"] == "gc" and read_audit(copy)[-1]["deleted_versions"] == [1]
+
+
+def test_a_forget_of_several_users_that_fails_after_current_moved_says_it_is_recorded_and_a_rerun_finishes(
+        s3_store, s3_server, s3_bucket, monkeypatch):
+    """One rewrite for all the ids: a store failure after the compare-and-swap (deleting the old
+    objects) leaves every id's forget recorded in CURRENT; the error says so and to run the same
+    forget again, which leaves no object holding either user."""
+    from tests.s3_proxy import ConditionProxy
+    from versions.store import open_store
+
+    v1 = _publish(s3_store, 1, USERS, None)
+    _publish(s3_store, 2, USERS, v1)
+    given = [TARGET, USERS[1]]
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, deny_deletes=("engram/manifests/v00000001.json",
+                                                                       "manifests/v00000001.json")) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        out = _engram("forget", "--store", s3_store.uri, *given, "--json")
+    assert out.exit_code == 1, out.output
+    failure = json.loads(out.stdout)
+    assert failure["forgotten"] is False
+    assert "the forget of every user given is recorded in v4 (CURRENT)" in failure["error"]
+    assert "run the same forget again" in failure["error"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    store = open_store(s3_store.uri)
+    current, _ = read_current(store)
+    assert current.version == 4 and {forgotten_id(u) for u in given} <= set(current.forgotten)
+    out = _engram("forget", "--store", s3_store.uri, *given, "--json")
+    assert out.exit_code == 0, out.output
+    assert scan_for_user(store, TARGET) == [] and scan_for_user(store, USERS[1]) == []
+    assert json.loads(out.stdout)["rewritten"] == {} and [i.version for i in list_versions(store)] == [3, 4]
 
 
 def test_a_gc_whose_delete_fails_part_way_says_what_it_deleted_exits_1_and_records_it(s3_store, s3_server, s3_bucket,

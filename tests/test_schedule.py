@@ -88,6 +88,60 @@ def test_crontab_is_one_line_of_five_fields_and_the_run_command():
     assert "run nightly --spec" in command and str(EXAMPLE_SPEC.resolve()) in command
 
 
+def _as_cron_runs_it(line: str) -> str:
+    """The shell command of a crontab line, as cron hands it to /bin/sh (``\\%`` is a literal %)."""
+    return line.split(None, 5)[5].rstrip("\n").replace("\\%", "%")
+
+
+def test_a_crontab_run_is_skipped_with_a_log_line_while_the_previous_night_still_runs(tmp_path):
+    """cron starts the next run whether or not the last one ended; two nights at once both compiled
+    the whole night for one CURRENT move (a night that runs past 24 h, or an hourly schedule). The
+    line now takes ``flock -n`` on engram-nightly.lock: the second run does not start, and says so
+    in the log; once the first ends, the next run starts again."""
+    fake = tmp_path / "engram"  # stands in for the nightly: a run that takes a while
+    fake.write_text("#!/bin/sh\necho \"start $$\" >> runs.txt\nsleep 3\necho \"end $$\" >> runs.txt\n")
+    fake.chmod(0o755)
+    options = ScheduleOptions(cron="* * * * *", spec_path=str(EXAMPLE_SPEC), workdir=str(tmp_path),
+                              engram_bin=str(fake))
+    command = _as_cron_runs_it(render_schedule(NightlySpec.load(EXAMPLE_SPEC), "crontab", options))
+    first = subprocess.Popen(["/bin/sh", "-c", command])
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "runs.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(["/bin/sh", "-c", command], timeout=30)
+    assert first.wait(timeout=30) == 0 and second.returncode == 0
+    runs = (tmp_path / "runs.txt").read_text().split()
+    assert runs[0::2] == ["start", "end"], runs  # one run only
+    log = (tmp_path / "engram-nightly.log").read_text()
+    assert "engram nightly skipped: the previous run still holds engram-nightly.lock" in log
+    subprocess.run(["/bin/sh", "-c", command], timeout=30, check=True)  # the lock went with the first run
+    assert (tmp_path / "runs.txt").read_text().split()[0::2] == ["start", "end", "start", "end"]
+
+
+@pytest.mark.parametrize("cron", ["*/30 * * * *", "0 */4 * * *", "0 1,5 * * *", "0 23 * * 1 ", "0 2,23 * * *"])
+def test_a_rayjob_schedule_whose_runs_could_overlap_is_refused(cron):
+    """KubeRay's RayCronJob has no concurrencyPolicy: it starts a RayJob at every tick even while
+    the last one runs. Starts closer than a run's deadline plus its cluster's hour are refused."""
+    result = engram("schedule", "--spec", str(EXAMPLE_SPEC), "--cron", cron, "--format", "rayjob")
+    if cron.startswith("0 23"):  # weekly: fine
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2 and "cannot forbid two runs at once" in result.output
+    assert "--format k8s-cronjob --address" in result.output
+
+
+def test_every_schedule_format_forbids_two_runs_at_once():
+    spec = NightlySpec.load(EXAMPLE_SPEC)
+    options = ScheduleOptions(cron="0 2 * * *", spec_path="/s.yaml")
+    assert "flock -n" in render_schedule(spec, "crontab", options)
+    cron_job = list(yaml.safe_load_all(render_schedule(spec, "k8s-cronjob", options)))[1]
+    assert cron_job["spec"]["concurrencyPolicy"] == "Forbid"
+    assert "max_active_runs=1," in render_schedule(spec, "airflow", options)
+    (ray_cron_job,) = yaml.safe_load_all(render_schedule(spec, "rayjob", options))
+    job = ray_cron_job["spec"]["jobTemplate"]
+    assert job["activeDeadlineSeconds"] + job["ttlSecondsAfterFinished"] <= 24 * 3600
+
+
 def test_crontab_with_an_address_submits_and_waits():
     line = schedule_text("crontab", "--address", "head.example:8265")
     assert "submit --spec" in line and "--address http://head.example:8265 --wait" in line

@@ -309,6 +309,82 @@ def test_past_max_stale_a_node_serves_no_users_memory_until_the_store_answers(s3
         assert status == 200 and said["choices"][0]["text"] == answer
 
 
+def test_a_store_that_accepts_and_never_answers_makes_the_node_stale_and_too_stale_while_the_poll_hangs(
+        s3_store, flaky, tiny, compiled, tmp_path):
+    """A store behind a load balancer whose backends froze (or a server stopped, SIGSTOP): TCP
+    connects, no answer. The poll waits for botocore's read timeout (60 s) times its attempts, and
+    meanwhile /healthz said ``ok`` and --max-stale never took effect (measured: still ``ok`` 3.5
+    minutes into the hang). A poll running past ``hung_after`` now counts as failing."""
+    import socket
+    import threading
+
+    publish(s3_store, tiny, v1(compiled))
+    node = PullClient(flaky.node_store(), tiny, cache_dir=tmp_path / "cache", max_stale=2.0, hung_after=1.0)
+    assert node.poll().error is None and node.stale() is None
+    flaky.down()
+    frozen = socket.socket()
+    frozen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    frozen.bind(("127.0.0.1", flaky.port))
+    frozen.listen(16)  # connections complete in the backlog; nothing ever reads or answers them
+    try:
+        polling = threading.Thread(target=node.poll, daemon=True)
+        polling.start()
+        time.sleep(0.5)
+        assert polling.is_alive() and node.stale() is None  # a poll in its first second: not yet
+        time.sleep(max(0.0, node.polling_since + 1.3 - time.time()))
+        assert polling.is_alive()
+        stale = node.stale()
+        assert stale is not None and stale["version"] == 1 and "has had no answer for" in stale["error"]
+        assert flaky.uri in stale["error"] and not stale["over_max_stale"]
+        time.sleep(max(0.0, node.confirmed_at + 2.3 - time.time()))
+        assert polling.is_alive() and node.over_max_stale() is not None
+        assert "over --max-stale 2s" in node.over_max_stale() and node.stale()["over_max_stale"]
+    finally:
+        frozen.close()  # the queued connections are reset: the poll fails now
+    polling.join(timeout=120)
+    assert not polling.is_alive() and node.last_error is not None and "has had no answer" not in node.last_error
+    flaky.up()
+    assert node.poll().error is None and node.stale() is None and node.over_max_stale() is None
+
+
+def test_a_download_whose_objects_keep_coming_is_not_a_hung_poll(tiny, compiled, tmp_path):
+    """A poll is hung when the store has answered none of its requests for ``hung_after``, not
+    when it runs long: a serving node pulling a new version of several objects on a slow link
+    (each object 0.3 s, longer in all than ``hung_after``) stays ``ok`` and within ``max_stale``."""
+    import threading
+
+    from versions.store import LocalStore
+
+    class SlowLink(LocalStore):
+        delay = 0.0
+
+        def get(self, key, *args, **kwargs):
+            if key.startswith("objects/"):  # the version's objects, not CURRENT or its manifest
+                time.sleep(self.delay)
+            return super().get(key, *args, **kwargs)
+
+    root = tmp_path / "store"
+    publish(LocalStore(root), tiny, {"bob": compiled["bob"]})
+    store = SlowLink(root)
+    node = PullClient(store, tiny, cache_dir=tmp_path / "cache", max_stale=0.7, hung_after=0.5)
+    assert node.poll().error is None and node.index.version == 1
+    # new users in most shards: each such shard's bundle is a new object to download
+    publish(LocalStore(root), tiny, {f"user-{i}": compiled["bob"] for i in range(12)})
+    store.delay = 0.3
+    results, seen = [], []
+    polling = threading.Thread(target=lambda: results.append(node.poll()), daemon=True)
+    started = time.time()
+    polling.start()
+    while polling.is_alive():
+        seen.append((node.stale(), node.over_max_stale()))
+        time.sleep(0.05)
+    took = time.time() - started
+    result = results[0]
+    assert result.error is None and node.index.version == 2
+    assert result.downloaded_objects >= 3 and took > 0.9, (result.downloaded_objects, took)  # longer than hung_after
+    assert all(stale is None and over is None for stale, over in seen), [x for x in seen if x != (None, None)][:2]
+
+
 def test_max_stale_on_the_commands(s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
     """engram pull/ask/serve --max-stale: bad values are usage errors (exit 2) naming the flag and the
     forms; ask past the bound fails (exit 1) naming the age and the bound instead of answering."""

@@ -107,6 +107,7 @@ from versions.catalog import (
     manifest_inventory,
     manifest_versions_on_disk,
     published_among,
+    read_audit,
     read_manifest,
     read_pointer,
 )
@@ -137,6 +138,8 @@ class ForgetReport:
     refused_until: str | None = None
     """ISO time of the forget tombstones (found users): later nights refuse the users' events
     stamped up to it (FORGOTTEN_USER); an event after it is the id writing again."""
+    found_hashes: tuple[str, ...] = ()
+    """The hashes (of ``user_hashes``) of the users some retained version held: per user, ``found``."""
 
     @property
     def user_hash(self) -> str:
@@ -215,6 +218,18 @@ def _owner_names(owner: str | None, names: set[str]) -> bool:
             return True
         cut = owner.find("/", cut + 1)
     return False
+
+
+def _users_held(table: pa.Table, users: pa.Array) -> set[str]:
+    """Which of ``users`` the table holds data of (as :func:`_holds_users` finds it)."""
+    held: set[str] = set()
+    if "user_id" in table.column_names and table.num_rows:
+        held |= set(pc.unique(table.column("user_id").filter(_user_rows(table, users))).to_pylist())
+    if "example_owners" in table.column_names and table.num_rows:
+        names = set(users.to_pylist())
+        owners = {o for _, maybe_users in _user_owner_lists(table) for o in maybe_users if _owner_names(o, names)}
+        held |= {n for n in names if any(_owner_names(o, {n}) for o in owners)}
+    return held
 
 
 def _holds_users(table: pa.Table, users: pa.Array) -> bool:
@@ -331,6 +346,7 @@ class _Rewriter:
         self.forgotten_at = forgotten_at
         self.objects: dict[str, bytes] = {}  # new content-addressed objects to write
         self.held: set[str] = set()  # keys of objects that hold a user's data
+        self.found: set[str] = set()  # the users whose data some of those held
         self.superseded: set[str] = set()  # other keys the rewrites replace (tombstones without the user)
         self._entries: dict[tuple, ShardEntry] = {}
         self._parts: dict[tuple, str] = {}  # see part and stats
@@ -361,6 +377,7 @@ class _Rewriter:
                 self._parts[memo] = key
             else:
                 self.held.add(key)
+                self.found |= _users_held(table, users)
                 table = _without_users(table, users)
                 table = _without_users(table, names) if name == "collisions" else _marked_holders(table, holders)
                 self._parts[memo] = self._keep(lambda sha: stats_part_key(name, sha), _parquet_bytes(table))[0]
@@ -569,6 +586,7 @@ class _Rewriter:
         fields: dict = {}
         if _holds_users(base, pa.concat_arrays([users, names])):
             self.held.add(entry.bundle_key)
+            self.found |= _users_held(base, users)
             base = _emptied(_without_users(base, users), names)
             key, sha, size = self._keep(bundle_key, encode_bundle(base))
             fields = dict(bundle_key=key, bundle_sha256=sha, bundle_bytes=size)
@@ -580,6 +598,7 @@ class _Rewriter:
             holds = _holds_users(table, pa.concat_arrays([users, names]))
             if holds:
                 self.held.add(layer.key)
+                self.found |= _users_held(table, users)
                 table = _emptied(_without_users(table, users), names)
             stats = self.stats(layer.stats, users, holders)
             if table.num_rows == 0:
@@ -621,6 +640,7 @@ class _Rewriter:
             newest = i == len(objects) - 1
             if _holds_users(state, erase):
                 self.held.add(s_key)
+                self.found |= _users_held(state, erase)
                 state = _without_users(state, erase)
             # the erased users' tombstones (a delete's holds the raw id) and every older forget tombstone
             mine = pc.or_(pc.is_in(tombstones.column("user_hash"), erased),
@@ -629,6 +649,7 @@ class _Rewriter:
             if pc.any(mine).as_py():
                 if _holds_users(tombstones, erase):  # a delete tombstone holds the raw id
                     self.held.add(t_key)
+                    self.found |= _users_held(tombstones, erase)
                 elif t_key is not None:
                     self.superseded.add(t_key)
                 tombstones = tombstones.filter(pc.invert(mine))
@@ -775,7 +796,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     times = forgotten_at if isinstance(forgotten_at, Mapping) else None
     at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc) + FUTURE_TOLERANCE
     forgotten_at = {canonical_id(u): (times[u] if times is not None else at) for u in user_ids}
-    user_ids = [canonical_id(u) for u in user_ids]
+    user_ids = list(dict.fromkeys(canonical_id(u) for u in user_ids))  # one user once, however often given
     if not user_ids or any(not u for u in user_ids):
         raise ValueError("forget: user ids must be non-empty")
     if not actor or not reason:
@@ -788,6 +809,7 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
         append_audit(store, FORGET_DELETES, actor=actor, prefixes=[PARTIAL_PREFIX])
         for key in partial:
             store.delete(key)
+    _finish_interrupted_forgets(store)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             report = _forget_once(store, list(user_ids), actor=actor, reason=reason, forgotten_at=forgotten_at,
@@ -816,6 +838,39 @@ ran beside it (nothing published, nothing lost; run it again) instead of a missi
 moves CURRENT to a version missing one. Recorded before the deletes, and the manifests read again
 after the record, so a night that wrote its manifest before that reading has its objects kept, and
 one that writes it later finds the record before it moves CURRENT."""
+
+
+def _finish_interrupted_forgets(store: ObjectStore) -> list[int]:
+    """Delete the manifests an earlier forget re-issued (its ``forget_rewrite`` records name them)
+    but did not get to delete: a store failure after it moved CURRENT. Left, they were taken for
+    retained versions that hold the users, and the next forget re-issued them once more and moved
+    CURRENT again. Only a manifest whose rewrite is on disk and that still lacks that forget's users
+    is deleted (never CURRENT, never a later version that reused the number). The objects only
+    they named are left to the unreferenced scan below (the same users) or to gc."""
+    pointer = read_pointer(store)
+    on_disk = set(manifest_versions_on_disk(store))
+    stale = {}
+    for record in read_audit(store):
+        old, new = record.get("rewrites"), record.get("version")
+        if record.get("event") != "forget_rewrite" or old not in on_disk or new not in on_disk:
+            continue
+        if pointer is not None and old == pointer.version:
+            continue
+        hashes = record.get("forgotten")
+        stale.setdefault(old, set()).update([hashes] if isinstance(hashes, str) else hashes or [])
+    deleted = []
+    for version, hashes in sorted(stale.items()):
+        try:
+            carried = set(read_manifest(store, version).forgotten)
+        except (ManifestError, PublishError, ValueError):
+            continue  # unreadable: kept, as forget keeps a damaged manifest
+        if not hashes <= carried:
+            store.delete(manifest_key(version))
+            deleted.append(version)
+    if deleted:
+        log.info("forget on %s: deleted manifest(s) %s that an interrupted forget had re-issued", store.uri,
+                 ", ".join(f"v{v}" for v in deleted))
+    return deleted
 
 
 def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str], actor: str) -> list[str]:
@@ -920,14 +975,18 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
     log.info("forget on %s: rewrote %d version(s), CURRENT v%d -> v%d, deleted %d object(s)",
              store.uri, len(mapping), plan.pointer.version, new_current.version, len(deleted))
     if plan.found:
-        message = f"forgot {len(users)} user(s) in {len(mapping)} version(s); CURRENT is v{new_current.version}"
+        erased = len(rewriter.found) or len(users)
+        who = f"{erased} user(s)" if erased == len(users) else \
+            f"{erased} of {len(users)} users (the others not found: their forget is recorded)"
+        message = f"forgot {who} in {len(mapping)} version(s); CURRENT is v{new_current.version}"
     else:
         who = "user" if len(users) == 1 else "users"
         message = (f"{who} not found in any retained version of {store.uri}; the forget is recorded in "
                    f"v{new_current.version} (CURRENT), so their events up to the forget's time are refused "
                    f"(FORGOTTEN_USER) when they arrive")
+    found = tuple(forgotten_id(u) for u in sorted(rewriter.found)) if plan.found else ()
     return ForgetReport(hashes, plan.found, new_current.version, dict(mapping), tuple(deleted),
-                        message=message + scopes_note + _stale_note(plan, new_current))
+                        message=message + scopes_note + _stale_note(plan, new_current), found_hashes=found)
 
 
 def _stale_note(plan: _Plan, current: Manifest) -> str:
