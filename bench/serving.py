@@ -393,7 +393,10 @@ def bench_decode(em, client: PullClient, batch: int, max_tokens: int, repeats: i
     requests of ``max_tokens`` tokens each, the overlay built once: per-row control only (greedy,
     not streamed), every row streamed (its text decoded and held back each step, and the batcher's
     per-step report into each request's event queue), and every row sampled (temperature 1, top_p
-    0.9). Medians of ``repeats`` interleaved calls; no HTTP."""
+    0.9), and with the memory-end stop rule checked every step (``*_memory_end``: ``generate``'s
+    ``stop_at_memory_end`` and the server's ``Sampling.stop_at_memory_end``; the synthetic rows are
+    no N-gram's, so it never fires and every call runs ``max_tokens`` steps: its cost alone).
+    Medians of ``repeats`` interleaved calls; no HTTP."""
     from engram_core.serving import generate_with_overlay
     from serving.batcher import GenerationRequest
     from serving.decode import Sampling, SequenceState, decode_batch
@@ -420,6 +423,9 @@ def bench_decode(em, client: PullClient, batch: int, max_tokens: int, repeats: i
         "rows": served(Sampling(max_tokens)),
         "rows_streamed": served(Sampling(max_tokens, stream=True)),
         "rows_sampled": served(Sampling(max_tokens, temperature=1.0, top_p=0.9, seed=0)),
+        "generate_memory_end": lambda: generate_with_overlay(em, [PROMPT] * batch, overlay, max_new_tokens=max_tokens,
+                                                             stop_at_memory_end=True),
+        "rows_memory_end": served(Sampling(max_tokens, stop_at_memory_end=True)),
     }, repeats)
     base = t["generate"]
     return {"batch": batch, "max_tokens": max_tokens, "repeats": repeats, "greedy_texts_equal_generate": same,
@@ -569,6 +575,7 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"],
                         help="devices of the tiny model for the decode and server sections, e.g. cpu cuda")
     parser.add_argument("--server-only", action="store_true", help="Skip the delta-overhead section (3).")
+    parser.add_argument("--decode-only", action="store_true", help="Run sections 1 and 4 only.")
     parser.add_argument("--server-rounds", type=int, default=2, help="Rounds of the server modes (best kept).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
@@ -581,7 +588,7 @@ def main() -> None:
         init_tiny(root / "model")
         em = load_checkpoint(root / "model")
         load, client = bench_load(em, LocalStore(root / "store"), root / "cache", args.users, args.facts)
-        overhead = None if args.server_only else bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
+        overhead = None if args.server_only or args.decode_only else bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
         decode, server = {}, {}
         for device in args.devices:  # sections 4 and 5, per device of the tiny model
             em_d, client_d = em, client
@@ -591,8 +598,9 @@ def main() -> None:
                 client_d.poll()
             decode[device] = bench_decode(em_d, client_d, args.batch, args.max_tokens, args.repeats)
             decode[device]["sampling_ms"] = bench_sampling(device, args.batch, args.repeats)
-            server[device] = bench_server(em_d, client_d, args.concurrency, args.requests_per_client,
-                                          args.max_tokens, rounds=args.server_rounds)
+            if not args.decode_only:
+                server[device] = bench_server(em_d, client_d, args.concurrency, args.requests_per_client,
+                                              args.max_tokens, rounds=args.server_rounds)
         others = {}
         for spec in args.also:
             preset, device = spec.split(":")

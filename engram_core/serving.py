@@ -309,7 +309,7 @@ def greedy_tokens(em: EngramModel, prompt: str, num_tokens: int, deltas: Sequenc
             step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(step_ids))
             if rule is not None:
-                history = torch.cat([history[:, -em.config.max_ngram:], step_ids], dim=1)
+                history = torch.cat([history, step_ids], dim=1)
                 if bool(rule.step(history)[0]):  # the token above already waited for the device
                     break
     return tokens
