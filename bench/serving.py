@@ -429,10 +429,27 @@ def bench_decode(em, client: PullClient, batch: int, max_tokens: int, repeats: i
     }, repeats)
     base = t["generate"]
     return {"batch": batch, "max_tokens": max_tokens, "repeats": repeats, "greedy_texts_equal_generate": same,
+            "memory_end_check_us": memory_end_check_us(em, overlay, prompt_ids),
             "device": str(em.device),
             "generate_ms": round(base * 1e3, 2),
             **{f"{name}_ms": round(v * 1e3, 2) for name, v in t.items() if name != "generate"},
             **{f"{name}_added_ratio": round((v - base) / base, 4) for name, v in t.items() if name != "generate"}}
+
+
+def memory_end_check_us(em, overlay, prompt_ids: list[list[int]], calls: int = 200) -> float:
+    """Microseconds of one decode step's memory-end check (engram_core.serving.MemoryEnd.step: the
+    last position's rows hashed, the overlay's index gathered) for the batch, alone: what the rule
+    adds to every step whatever the forward costs. Median of ``calls``."""
+    from engram_core.serving import MemoryEnd
+
+    ids = torch.as_tensor(prompt_ids, device=em.device)
+    rule = MemoryEnd(em, overlay, ids, torch.ones_like(ids))
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        rule.step(ids)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1e6, 1)
 
 
 def bench_sampling(device: str, batch: int, repeats: int) -> dict:
