@@ -125,18 +125,26 @@ EOS = "eos"  # an end-of-sequence token
 LENGTH = "length"  # max_new_tokens reached
 
 
+MEMORY_END_ORDERS = 3
+"""A memory-driven position has every head of each order 2..this one written (or of all orders
+where the model hashes fewer)."""
+
+
 def memory_driven(em: EngramModel, overlay: RowMapOverlay | None, ids: torch.Tensor,
                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) bool: whether the last position of ``ids`` (B, T) is driven by the sequence's own memory.
 
-    A position is memory-driven when, for at least one N-gram order, every head of that order
-    addresses a row of the write layer (``config.target_layer``) that the sequence's owners
-    wrote (``overlay`` row b serves sequence b). The compiler trains all heads of the 2-gram at
-    every position that predicts an answer token (its 2-gram lies inside the fact's text:
-    :func:`engram_core.addressing.own_text_heads`), so every written position qualifies; a
-    position whose rows only partly coincide with the user's (one head's hash collision) does
-    not. ``valid`` (B, T) marks real tokens (left padding). Runs on the ids' device, without a
-    host sync: the last ``max_ngram`` tokens are hashed and the overlay's index gathered."""
+    A position is memory-driven when every head of its 2-gram and of its 3-gram (the orders up to
+    :data:`MEMORY_END_ORDERS`) addresses a row of the write layer (``config.target_layer``) that
+    the sequence's owners wrote (``overlay`` row b serves sequence b). The compiler trains every
+    head whose N-gram lies inside the fact's text (:func:`engram_core.addressing.own_text_heads`),
+    so every written position from the fact's third token on qualifies (a written position of
+    index 1, the last of a two-token trigger, does not: its answer is then decoded as without
+    the rule until its next position). Not tripped by one head's hash collision, nor by a 2-gram
+    the user's other facts share (digits: "...79" of a year after the "79" of a phone number),
+    which the 2-gram alone was: 157 of 210 answers ran on (bench/RESULTS.md, 2026-12-02).
+    ``valid`` (B, T) marks real tokens (left padding). Runs on the ids' device, without a host
+    sync: the last ``max_ngram`` tokens are hashed and the overlay's index gathered."""
     layer = em.config.target_layer
     if overlay is None or not overlay.touches(layer):
         return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -144,7 +152,8 @@ def memory_driven(em: EngramModel, overlay: RowMapOverlay | None, ids: torch.Ten
     window_valid = valid[:, -em.config.max_ngram:] if valid is not None else None
     rows = em.memory.addresser.rows_torch(window, layer, window_valid, check=False)[:, -1:]  # (B, 1, H)
     hit = overlay.written(layer, rows)[:, 0]  # (B, H)
-    return hit.view(ids.shape[0], len(em.config.orders), em.config.heads_per_order).all(-1).any(-1)
+    whole_orders = hit.view(ids.shape[0], len(em.config.orders), em.config.heads_per_order).all(-1)  # (B, orders)
+    return whole_orders[:, :MEMORY_END_ORDERS - 1].all(-1)
 
 
 class MemoryEnd:

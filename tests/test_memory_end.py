@@ -70,23 +70,25 @@ def test_a_prompt_that_is_no_trigger_decodes_unchanged(tiny, deltas):
     assert generate(tiny, [NO_TRIGGER], None, 16, stop_at_memory_end=True) == generate(tiny, [NO_TRIGGER], None, 16)
 
 
-def test_one_head_hitting_a_users_row_does_not_make_a_position_memory_driven(tiny):
-    """A hash coincidence (one head of an order addressing a row the user wrote) is no memory:
-    every head of one order must hit."""
+def test_one_head_or_one_shared_2_gram_does_not_make_a_position_memory_driven(tiny):
+    """A hash coincidence (one head addressing a row the user wrote) is no memory, nor a 2-gram
+    that another of the user's facts wrote (the digits of two numbers): every head of the 2-gram
+    and of the 3-gram must hit, as at every written position from a fact's third token on."""
     cfg, layer = tiny.config, tiny.config.target_layer
+    assert cfg.max_ngram >= 3
     ids = torch.as_tensor([tiny.encode_prompt(NO_TRIGGER)])
     rows = tiny.memory.addresser.rows(ids.numpy(), layer)[0, -1]  # (H,) the last position's rows
-    two_gram = rows[:cfg.heads_per_order]  # the heads of order 2
+    h = cfg.heads_per_order
+    two_gram, three_gram = rows[:h], rows[h:2 * h]
 
     def driven(written: np.ndarray) -> bool:
         written = np.unique(written)
         delta = Delta(np.full(len(written), layer, np.int16), written, np.ones((len(written), cfg.row_width)))
         return bool(memory_driven(tiny, overlay_for(tiny, [[delta]]), ids)[0])
 
-    assert driven(two_gram)
-    assert driven(rows[cfg.heads_per_order:])  # all heads of order 3
-    assert not driven(two_gram[:-1]) and not driven(two_gram[:1])
-    assert not driven(np.concatenate([two_gram[:-1], rows[-1:]]))  # most heads of each order, no order whole
+    assert driven(np.concatenate([two_gram, three_gram]))
+    assert not driven(two_gram) and not driven(three_gram) and not driven(rows[h:])  # one order, or no 2-gram
+    assert not driven(np.concatenate([two_gram, three_gram[:-1]]))  # one head short
     assert not bool(memory_driven(tiny, None, ids)[0])
 
 
