@@ -17,6 +17,8 @@ facts, from its NFD / invisible-character / trailing-space variants) gives the w
     python bench/fidelity.py --preset d768 --device cuda --tiny-ngram 9 3 --json    # the GPU shape
     python bench/fidelity.py --users 10 --contacts 32 --json    # + many facts from one template per user
     python bench/fidelity.py --users 50 --context sentence chat --json    # + prompts after a sentence, in a chat
+    python bench/fidelity.py --users 20 --answer-end --json    # + whole answers with nothing after them,
+                                                               #   with the memory-end stop rule and without
 
 No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 """
@@ -60,7 +62,39 @@ def tiny_config(max_ngram: int) -> EngramConfig:
     return EngramConfig(layers=(1, 3), max_ngram=max_ngram, heads_per_order=heads, slots_per_head=1009)
 
 
-def measure(em, users, options: CompileOptions, contexts=("none",)) -> dict:
+def answer_ends(em, cases, extra_tokens: int = 16, batch: int = 64) -> dict:
+    """Whole answers with nothing after them, with the memory-end stop rule
+    (:class:`engram_core.serving.MemoryEnd`) and without: ``cases`` are (prompt, answer, deltas),
+    decoded greedily for the answer's tokens plus ``extra_tokens`` (room to run on). "exact":
+    the text is the answer; "prefix": it starts with it (recall as :func:`recalled` counts it);
+    "cut_short": the rule ended it inside the answer; "ran_on": more text after the answer."""
+    from engram_core.serving import generate_ended
+
+    counts = {"cases": len(cases)}
+    seconds = {}
+    for rule in (True, False):
+        ended, start = [], time.perf_counter()
+        for at in range(0, len(cases), batch):
+            chunk = cases[at:at + batch]
+            n = max(len(em.encode_answer(answer)) for _, answer, _ in chunk) + extra_tokens
+            ended += generate_ended(em, [p for p, _, _ in chunk], [list(d) for _, _, d in chunk], n, rule)
+        seconds[rule] = time.perf_counter() - start
+        name = "with_rule" if rule else "without_rule"
+        texts = [text for text, _ in ended]
+        answers = [answer for _, answer, _ in cases]
+        counts[name] = {
+            "exact": sum(t == a for t, a in zip(texts, answers)),
+            "prefix": sum(t.startswith(a) for t, a in zip(texts, answers)),
+            "cut_short": sum(a.startswith(t) and t != a for t, a in zip(texts, answers)),
+            "ran_on": sum(t.startswith(a) and t != a for t, a in zip(texts, answers)),
+            "finish_reasons": {r: sum(reason == r for _, reason in ended) for r in sorted({r for _, r in ended})},
+            "decode_seconds": round(seconds[rule], 2),
+            "failed": [a for t, a in zip(texts, answers) if t != a][:5] if rule else [],
+        }
+    return counts
+
+
+def measure(em, users, options: CompileOptions, contexts=("none",), answer_end: bool = False) -> dict:
     counter = answer_token_counter(em.tokenizer)
     ingested = ingest(fact_log(users), None, max_trigger_tokens=options.max_trigger_tokens,
                       count_tokens=lambda texts: [len(em.encode_prompt(t)) for t in texts],
@@ -104,6 +138,14 @@ def measure(em, users, options: CompileOptions, contexts=("none",)) -> dict:
         if keys:
             per_kind[kind] = {"facts": len(keys), "recalled": sum(first_prompt[k] for k in keys),
                               "recall": round(sum(first_prompt[k] for k in keys) / len(keys), 4)}
+    ends = {}
+    if answer_end:  # natural prompts (and after each context asked for)
+        natural = [(p, a, d) for (p, a, d), (_, k) in zip(cases, kinds) if k == 0]
+        ends["none"] = answer_ends(em, natural)
+        ends["none"]["prefix_at_answer_length"] = sum(first_prompt.values())  # recalled() above: unchanged?
+        for name in contexts:
+            if name != "none":
+                ends[name] = answer_ends(em, [(in_context(em, name, p), a, d) for p, a, d in natural])
     variants = [key for key, (f, k) in zip(range(len(kinds)), kinds) if k > 0]
     compiled_facts = len(result.results)  # users' facts (the scopes' own are result.scope_results)
     return {
@@ -117,6 +159,7 @@ def measure(em, users, options: CompileOptions, contexts=("none",)) -> dict:
         "serve_seconds": round(serve_seconds, 2),
         "recall_natural_prompt_after": after,
         "delta_bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
+        **({"answer_end": ends} if answer_end else {}),
     }
 
 
@@ -141,6 +184,9 @@ def main() -> None:
     ap.add_argument("--context", nargs="+", choices=CONTEXTS, default=["none"],
                     help="also decode each natural prompt after a sentence ('Sure. ') or as a chat's assistant "
                          "prefill (recall_natural_prompt_after); none: the prompt alone only")
+    ap.add_argument("--answer-end", action="store_true",
+                    help="also count whole answers with nothing after them, with the memory-end stop rule and "
+                         "without (answer_end; prefix recall beside it)")
     ap.add_argument("--min-margin", type=float, default=CompileOptions.min_margin, help="CompileOptions.min_margin")
     ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
     ap.add_argument("--threads", type=int, default=None)
@@ -176,7 +222,7 @@ def main() -> None:
                            "context_copies": copies, "min_margin": args.min_margin, "steps": args.steps}
                     options = CompileOptions(resolve_conflicts=resolve == "on", context_copies=copies == "on",
                                              min_margin=args.min_margin, steps=args.steps)
-                    run.update(measure(em, users, options, args.context))
+                    run.update(measure(em, users, options, args.context, args.answer_end))
                     runs.append(run)
                     if not args.json:
                         print(json.dumps(run, indent=1))

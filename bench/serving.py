@@ -393,7 +393,10 @@ def bench_decode(em, client: PullClient, batch: int, max_tokens: int, repeats: i
     requests of ``max_tokens`` tokens each, the overlay built once: per-row control only (greedy,
     not streamed), every row streamed (its text decoded and held back each step, and the batcher's
     per-step report into each request's event queue), and every row sampled (temperature 1, top_p
-    0.9). Medians of ``repeats`` interleaved calls; no HTTP."""
+    0.9), and with the memory-end stop rule checked every step (``*_memory_end``: ``generate``'s
+    ``stop_at_memory_end`` and the server's ``Sampling.stop_at_memory_end``; the synthetic rows are
+    no N-gram's, so it never fires and every call runs ``max_tokens`` steps: its cost alone).
+    Medians of ``repeats`` interleaved calls; no HTTP."""
     from engram_core.serving import generate_with_overlay
     from serving.batcher import GenerationRequest
     from serving.decode import Sampling, SequenceState, decode_batch
@@ -420,13 +423,33 @@ def bench_decode(em, client: PullClient, batch: int, max_tokens: int, repeats: i
         "rows": served(Sampling(max_tokens)),
         "rows_streamed": served(Sampling(max_tokens, stream=True)),
         "rows_sampled": served(Sampling(max_tokens, temperature=1.0, top_p=0.9, seed=0)),
+        "generate_memory_end": lambda: generate_with_overlay(em, [PROMPT] * batch, overlay, max_new_tokens=max_tokens,
+                                                             stop_at_memory_end=True),
+        "rows_memory_end": served(Sampling(max_tokens, stop_at_memory_end=True)),
     }, repeats)
     base = t["generate"]
     return {"batch": batch, "max_tokens": max_tokens, "repeats": repeats, "greedy_texts_equal_generate": same,
+            "memory_end_check_us": memory_end_check_us(em, overlay, prompt_ids),
             "device": str(em.device),
             "generate_ms": round(base * 1e3, 2),
             **{f"{name}_ms": round(v * 1e3, 2) for name, v in t.items() if name != "generate"},
             **{f"{name}_added_ratio": round((v - base) / base, 4) for name, v in t.items() if name != "generate"}}
+
+
+def memory_end_check_us(em, overlay, prompt_ids: list[list[int]], calls: int = 200) -> float:
+    """Microseconds of one decode step's memory-end check (engram_core.serving.MemoryEnd.step: the
+    last position's rows hashed, the overlay's index gathered) for the batch, alone: what the rule
+    adds to every step whatever the forward costs. Median of ``calls``."""
+    from engram_core.serving import MemoryEnd
+
+    ids = torch.as_tensor(prompt_ids, device=em.device)
+    rule = MemoryEnd(em, overlay, ids, torch.ones_like(ids))
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        rule.step(ids)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1e6, 1)
 
 
 def bench_sampling(device: str, batch: int, repeats: int) -> dict:
@@ -569,6 +592,7 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"],
                         help="devices of the tiny model for the decode and server sections, e.g. cpu cuda")
     parser.add_argument("--server-only", action="store_true", help="Skip the delta-overhead section (3).")
+    parser.add_argument("--decode-only", action="store_true", help="Run sections 1 and 4 only.")
     parser.add_argument("--server-rounds", type=int, default=2, help="Rounds of the server modes (best kept).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
@@ -581,7 +605,7 @@ def main() -> None:
         init_tiny(root / "model")
         em = load_checkpoint(root / "model")
         load, client = bench_load(em, LocalStore(root / "store"), root / "cache", args.users, args.facts)
-        overhead = None if args.server_only else bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
+        overhead = None if args.server_only or args.decode_only else bench_overhead(em, client, args.batch, args.repeats, args.max_tokens)
         decode, server = {}, {}
         for device in args.devices:  # sections 4 and 5, per device of the tiny model
             em_d, client_d = em, client
@@ -591,8 +615,9 @@ def main() -> None:
                 client_d.poll()
             decode[device] = bench_decode(em_d, client_d, args.batch, args.max_tokens, args.repeats)
             decode[device]["sampling_ms"] = bench_sampling(device, args.batch, args.repeats)
-            server[device] = bench_server(em_d, client_d, args.concurrency, args.requests_per_client,
-                                          args.max_tokens, rounds=args.server_rounds)
+            if not args.decode_only:
+                server[device] = bench_server(em_d, client_d, args.concurrency, args.requests_per_client,
+                                              args.max_tokens, rounds=args.server_rounds)
         others = {}
         for spec in args.also:
             preset, device = spec.split(":")

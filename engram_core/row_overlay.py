@@ -126,6 +126,25 @@ class RowMapOverlay:
         index = torch.gather(m.index, 1, rows.reshape(rows.shape[0], -1))
         return F.embedding(index, m.table).view(*rows.shape, m.table.shape[1])
 
+    def written(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) bool: whether sequence b's owners wrote row ``rows[b, t, h]`` (B, T, H) of
+        ``layer`` (False everywhere for a layer this overlay does not touch). Index gathers only,
+        on the overlay's device: no host sync."""
+        m = self.maps.get(layer)
+        if m is None:
+            return torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+        flat = rows.reshape(rows.shape[0], -1).to(torch.long)
+        if isinstance(m, _KernelMap):  # index: j + 1 where written, 0 elsewhere
+            hit = torch.gather(m.index, 1, flat.to(m.index.device)) != 0
+        elif isinstance(m, _ReadMap):  # index: the row itself where nothing was written
+            hit = torch.gather(m.index, 1, flat.to(m.index.device)) != flat.to(m.index.device)
+        elif m.row_keys is None:  # add form, one level: slots is (sequence x row)
+            hit = torch.gather(m.slots.view(rows.shape[0], -1), 1, flat.to(m.slots.device)) != 0
+        else:
+            keys = m.row_keys[flat.to(m.row_keys.device)] + m.offsets.view(-1, 1)
+            hit = m.slots.index_select(0, keys.view(-1)).view(flat.shape) != 0
+        return hit.view(rows.shape).to(rows.device)
+
     def _rebuild(self, layer: int, table: torch.Tensor) -> _ReadMap | _RowMap:
         """The table changed in place (or is another one) since this layer was built: build it
         again from its entries, against the table as it is now."""

@@ -119,34 +119,138 @@ def overlay_for(em: EngramModel, per_sequence: Sequence[Sequence[Delta]]) -> Row
     return overlay_from_parts(em, per_sequence_parts)
 
 
+# Why a continuation ended (``engram ask --json``; the OpenAI API says "stop" / "length").
+MEMORY_END = "memory_end"  # the user's memory stopped writing: the last answer token was produced
+EOS = "eos"  # an end-of-sequence token
+LENGTH = "length"  # max_new_tokens reached
+
+
+MEMORY_END_ORDERS = 3
+"""A memory-driven position has every head of each order 2..this one written (or of all orders
+where the model hashes fewer)."""
+
+
+def memory_driven(em: EngramModel, overlay: RowMapOverlay | None, ids: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) bool: whether the last position of ``ids`` (B, T) is driven by the sequence's own memory.
+
+    A position is memory-driven when every head of its 2-gram and of its 3-gram (the orders up to
+    :data:`MEMORY_END_ORDERS`) addresses a row of the write layer (``config.target_layer``) that
+    the sequence's owners wrote (``overlay`` row b serves sequence b). The compiler trains every
+    head whose N-gram lies inside the fact's text (:func:`engram_core.addressing.own_text_heads`),
+    so every written position from the fact's third token on qualifies (a written position of
+    index 1, the last of a two-token trigger, does not: its answer is then decoded as without
+    the rule until its next position). Not tripped by one head's hash collision, nor by a 2-gram
+    the user's other facts share (digits: "...79" of a year after the "79" of a phone number),
+    which the 2-gram alone was: 157 of 210 answers ran on (bench/RESULTS.md, 2026-12-02).
+    ``valid`` (B, T) marks real tokens (left padding). Runs on the ids' device, without a host
+    sync: the last ``max_ngram`` tokens are hashed and the overlay's index gathered."""
+    layer = em.config.target_layer
+    if overlay is None or not overlay.touches(layer):
+        return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    window = ids[:, -em.config.max_ngram:]
+    window_valid = valid[:, -em.config.max_ngram:] if valid is not None else None
+    rows = em.memory.addresser.rows_torch(window, layer, window_valid, check=False)[:, -1:]  # (B, 1, H)
+    hit = overlay.written(layer, rows)[:, 0]  # (B, H)
+    whole_orders = hit.view(ids.shape[0], len(em.config.orders), em.config.heads_per_order).all(-1)  # (B, orders)
+    return whole_orders[:, :MEMORY_END_ORDERS - 1].all(-1)
+
+
+class MemoryEnd:
+    """The "memory ended" stop rule, as a transformers ``StoppingCriteria`` (all on the device).
+
+    A sequence ends at the first generated token whose position is not memory-driven
+    (:func:`memory_driven`) when the position before it, which predicted that token, was:
+    that token is the last one the memory wrote (the last answer token; the position after it is
+    no written position). A chain of facts (one answer followed by another fact's trigger) goes
+    on, since every position in it is written. A prompt whose end is not memory-driven decodes
+    as without the rule until the model's own text reaches a written position.
+
+    ``prompt_ids`` (B, T) left-padded with ``mask`` (B, T); ``enabled`` (B,) bool: the sequences
+    the rule applies to (default: all). After decoding, :attr:`ended` (B,) bool says which
+    sequences ended here and :attr:`length` (B,) after how many new tokens (those included)."""
+
+    def __init__(self, em: EngramModel, overlay: RowMapOverlay | None, prompt_ids: torch.Tensor,
+                 mask: torch.Tensor | None, enabled: torch.Tensor | None = None):
+        self.em, self.overlay = em, overlay
+        self.prompt_length = prompt_ids.shape[1]
+        device = prompt_ids.device
+        # first real column of each sequence: a window column before it is padding
+        self.start = (self.prompt_length - mask.sum(1)).view(-1, 1) if mask is not None else None
+        self.enabled = enabled.to(device) if enabled is not None else torch.ones(prompt_ids.shape[0], dtype=torch.bool,
+                                                                                  device=device)
+        self.previous = memory_driven(em, overlay, prompt_ids, self._valid(prompt_ids))  # the prompt's last position
+        self.ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+        self.length = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=device)
+
+    def _valid(self, ids: torch.Tensor) -> torch.Tensor | None:
+        if self.start is None:
+            return None
+        width = min(ids.shape[1], self.em.config.max_ngram)
+        columns = torch.arange(ids.shape[1] - width, ids.shape[1], device=ids.device)
+        return (columns.view(1, -1) >= self.start.to(ids.device)).expand(ids.shape[0], -1)
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the sequences whose newest token (``input_ids[:, -1]``) ends their answer."""
+        now = memory_driven(self.em, self.overlay, input_ids[:, -self.em.config.max_ngram:], self._valid(input_ids))
+        stop = self.previous & ~now & self.enabled & ~self.ended
+        self.previous = now
+        self.length = torch.where(stop, input_ids.shape[1] - self.prompt_length, self.length)
+        self.ended |= stop
+        return self.ended
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return self.step(input_ids)
+
+
 @torch.no_grad()
 def generate(
     em: EngramModel,
     prompts: Sequence[str],
     deltas: Sequence[Sequence[Delta]] | None = None,
     max_new_tokens: int = 16,
+    stop_at_memory_end: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, each with its own deltas, in one batch."""
+    """Greedy continuations of ``prompts``, each with its own deltas, in one batch.
+
+    ``stop_at_memory_end``: end each continuation after the last token its memory writes
+    (:class:`MemoryEnd`: a recalled answer without the backbone's run-on text after it)."""
+    return [text for text, _ in generate_ended(em, prompts, deltas, max_new_tokens, stop_at_memory_end)]
+
+
+@torch.no_grad()
+def generate_ended(em: EngramModel, prompts: Sequence[str], deltas: Sequence[Sequence[Delta]] | None = None,
+                   max_new_tokens: int = 16, stop_at_memory_end: bool = True) -> list[tuple[str, str]]:
+    """:func:`generate`, with why each continuation ended: ``(text, reason)``, reason one of
+    :data:`MEMORY_END`, :data:`EOS`, :data:`LENGTH`. The memory rule is on by default here."""
     overlay = overlay_for(em, deltas) if deltas is not None else None
-    return generate_with_overlay(em, prompts, overlay, max_new_tokens)
+    encoded = [em.encode_prompt(canonical_prompt(p) or p) for p in prompts]
+    return _generate(em, encoded, overlay, max_new_tokens, stop_at_memory_end)
 
 
 @torch.no_grad()
 def generate_with_overlay(em: EngramModel, prompts: Sequence[str], overlay: RowMapOverlay | None,
-                          max_new_tokens: int = 16) -> list[str]:
+                          max_new_tokens: int = 16, stop_at_memory_end: bool = False) -> list[str]:
     """Greedy continuations of ``prompts`` with a prebuilt overlay (row b of it serves prompt b).
 
     Each prompt is read in canonical form (:func:`engram_core.text.canonical_prompt`: NFC, no
     invisible characters, no surrounding whitespace), the form facts are compiled in; a prompt
-    that canonicalises to nothing is used as given."""
-    return generate_ids(em, [em.encode_prompt(canonical_prompt(p) or p) for p in prompts], overlay, max_new_tokens)
+    that canonicalises to nothing is used as given. ``stop_at_memory_end``: see :func:`generate`."""
+    return generate_ids(em, [em.encode_prompt(canonical_prompt(p) or p) for p in prompts], overlay, max_new_tokens,
+                        stop_at_memory_end)
 
 
 @torch.no_grad()
 def generate_ids(em: EngramModel, encoded: Sequence[Sequence[int]], overlay: RowMapOverlay | None,
-                 max_new_tokens: int = 16) -> list[str]:
+                 max_new_tokens: int = 16, stop_at_memory_end: bool = False) -> list[str]:
     """Greedy continuations of prompts given as token ids (e.g. a chat template's rendering), left
-    padded into one batch, with a prebuilt overlay (row b of it serves prompt b)."""
+    padded into one batch, with a prebuilt overlay (row b of it serves prompt b).
+    ``stop_at_memory_end``: see :func:`generate`."""
+    return [text for text, _ in _generate(em, encoded, overlay, max_new_tokens, stop_at_memory_end)]
+
+
+def _generate(em: EngramModel, encoded: Sequence[Sequence[int]], overlay: RowMapOverlay | None,
+              max_new_tokens: int, stop_at_memory_end: bool) -> list[tuple[str, str]]:
     T = max(len(e) for e in encoded)
     pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(encoded), T), pad, dtype=torch.long)
@@ -154,28 +258,67 @@ def generate_ids(em: EngramModel, encoded: Sequence[Sequence[int]], overlay: Row
     for b, e in enumerate(encoded):
         ids[b, T - len(e):] = torch.as_tensor(e)
         mask[b, T - len(e):] = 1
+    ids, mask = ids.to(em.device), mask.to(em.device)
+    criteria = {}
     with em.memory.use(overlay):
+        if stop_at_memory_end:
+            from transformers import StoppingCriteriaList
+
+            rule = MemoryEnd(em, overlay, ids, mask)
+            criteria = {"stopping_criteria": StoppingCriteriaList([rule])}
         out = em.model.generate(
-            input_ids=ids.to(em.device),
-            attention_mask=mask.to(em.device),
+            input_ids=ids,
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
+            **criteria,
         )
-    new_tokens = out[:, T:]
-    return [em.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
+    new_tokens = out[:, T:].tolist()
+    ended = rule.length.tolist() if stop_at_memory_end else [-1] * len(encoded)
+    eos = set(_eos_ids(em))
+    results = []
+    for tokens, length in zip(new_tokens, ended):
+        at = next((i for i, t in enumerate(tokens) if t in eos), None)
+        if at is not None and (length < 0 or at < length):
+            reason = EOS  # (generate pads after it; the rule may read those pads as an end later)
+        elif length > 0:  # the rule ended it; it ran on until the batch was done: cut there
+            tokens, reason = tokens[:length], MEMORY_END
+        else:
+            reason = LENGTH
+        results.append((em.tokenizer.decode(tokens, skip_special_tokens=True), reason))
+    return results
+
+
+def _eos_ids(em: EngramModel) -> list[int]:
+    """The ids ``generate`` ends a sequence at: the generation config's ``eos_token_id`` (an id or
+    a list) and the tokenizer's."""
+    configured = getattr(getattr(em.model, "generation_config", None), "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if em.tokenizer.eos_token_id is not None:
+        ids.append(em.tokenizer.eos_token_id)
+    return [int(i) for i in ids]
 
 
 @torch.no_grad()
-def greedy_tokens(em: EngramModel, prompt: str, num_tokens: int, deltas: Sequence[Delta] = ()) -> list[int]:
+def greedy_tokens(em: EngramModel, prompt: str, num_tokens: int, deltas: Sequence[Delta] = (),
+                  stop_at_memory_end: bool = False) -> list[int]:
     """Exactly ``num_tokens`` greedy tokens for one prompt (no padding, no stop token), with a KV cache.
-    The prompt is read in canonical form, as :func:`generate_with_overlay` reads it."""
+    The prompt is read in canonical form, as :func:`generate_with_overlay` reads it.
+    ``stop_at_memory_end``: fewer tokens where the memory ends first (see :func:`generate`)."""
     step_ids = torch.as_tensor([em.encode_prompt(canonical_prompt(prompt) or prompt)], device=em.device)
     cache, tokens = None, []
-    with em.memory.use(overlay_for(em, [list(deltas)])):
+    overlay = overlay_for(em, [list(deltas)])
+    rule = MemoryEnd(em, overlay, step_ids, None) if stop_at_memory_end else None
+    history = step_ids
+    with em.memory.use(overlay):
         for _ in range(num_tokens):
             out = em.model(input_ids=step_ids, use_cache=True, **cache_kwargs(em.model, cache))
             cache = output_cache(out)
             step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(step_ids))
+            if rule is not None:
+                history = torch.cat([history, step_ids], dim=1)
+                if bool(rule.step(history)[0]):  # the token above already waited for the device
+                    break
     return tokens

@@ -292,7 +292,9 @@ def _answer_sample(store_uri: str, model_dir: str, sample: list[dict]) -> list[d
         deltas.append(bundle_deltas(load_shard_bundle(store, entry)).get(item["user_id"]))
     prompts = [s["trigger"] for s in sample]
     new_tokens = max(len(em.encode_answer(s["answer"])) for s in sample) + 4  # the whole answer, then a little
-    with_memory = generate(em, prompts, [[d] if d is not None else [] for d in deltas], max_new_tokens=new_tokens)
+    # as engram ask answers: up to the memory's last token (engram_core.serving.MemoryEnd), no run-on after it
+    with_memory = generate(em, prompts, [[d] if d is not None else [] for d in deltas], max_new_tokens=new_tokens,
+                           stop_at_memory_end=True)
     without = generate(em, prompts, None, max_new_tokens=new_tokens)
     return [dict(s, with_memory=w, without_memory=b, recalled=w.startswith(s["answer"]))
             for s, w, b in zip(sample, with_memory, without)]

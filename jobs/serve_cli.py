@@ -237,13 +237,19 @@ def ask(
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
     max_stale: Optional[str] = _MAX_STALE,
-    as_json: bool = typer.Option(False, "--json", help="Print {user_id, version, text[, base_text]}."),
+    stop_at_memory_end: bool = typer.Option(
+        True, "--stop-at-memory-end/--no-stop-at-memory-end",
+        help="End the answer after the last token the user's memory writes (the recalled answer, without the "
+             "model's own continuation after it); --no-stop-at-memory-end: run on to --max-new-tokens or eos."),
+    as_json: bool = typer.Option(False, "--json", help="Print {user_id, version, text, finish_reason[, base_text, "
+                                                       "base_finish_reason]}; finish_reason: memory_end, eos or "
+                                                       "length."),
 ) -> None:
     """Continue a prompt with one user's memory (pulls only that user's shard).
 
     Example: engram ask --store s3://bucket/engram --user u42 --compare "My dentist is Dr."
     """
-    from engram_core.serving import generate
+    from engram_core.serving import generate_ended
     from versions.layout import shard_of
 
     from engram_core.text import canonical_id, canonical_prompt
@@ -288,16 +294,19 @@ def ask(
     prompts, per_prompt = [prompt], [deltas]
     if compare:
         prompts, per_prompt = [prompt, prompt], [deltas, []]
-    texts = generate(em, prompts, per_prompt, max_new_tokens=max_new_tokens)
+    ended = generate_ended(em, prompts, per_prompt, max_new_tokens=max_new_tokens,
+                           stop_at_memory_end=stop_at_memory_end)
+    texts = [text for text, _ in ended]
     if not deltas:
         typer.echo(f"note: user {user!r} has no memory in v{client.index.version}; this is the base model", err=True)
     stale = client.stale()
     if stale is not None:
         typer.echo(f"note: answered with v{stale['version']}, which may be stale: {stale['error']}", err=True)
     if as_json:
-        out = {"user_id": user, "version": client.index.version, "stale": stale, "text": texts[0]}
+        out = {"user_id": user, "version": client.index.version, "stale": stale, "text": texts[0],
+               "finish_reason": ended[0][1]}
         if compare:
-            out["base_text"] = texts[1]
+            out["base_text"], out["base_finish_reason"] = ended[1]
         typer.echo(json.dumps(out))
     elif compare:
         typer.echo(f"with memory: {prompt}{texts[0]}\nbase model:  {prompt}{texts[1]}")
@@ -318,6 +327,10 @@ def serve(
     chat_template: Optional[Path] = typer.Option(
         None, "--chat-template", help="Jinja chat template file for /v1/chat/completions, used instead of the "
                                       "checkpoint's own (required for a checkpoint without one)."),
+    stop_at_memory_end: bool = typer.Option(
+        False, "--stop-at-memory-end", help="End every answer after the last token the user's memory writes "
+                                            "(finish_reason \"stop\") unless its request sets "
+                                            "\"stop_at_memory_end\": false (default: only requests that set it true)."),
     cache_dir: Optional[Path] = _CACHE,
     model: Optional[Path] = _MODEL,
     max_stale: Optional[str] = _MAX_STALE,
@@ -350,7 +363,8 @@ def serve(
 
     try:
         server = ReferenceServer(em, client, host=host, port=port, max_batch=max_batch,
-                                 batch_wait_s=batch_wait_ms / 1000, chat_template=chat_template)
+                                 batch_wait_s=batch_wait_ms / 1000, chat_template=chat_template,
+                                 stop_at_memory_end=stop_at_memory_end)
     except OSError as e:  # taken meanwhile
         _fail(_listen_message(host, port, e), code=2)
     except ValueError as e:  # a chat template changed meanwhile (2), a model without a context length (1)

@@ -12,7 +12,8 @@ hooks of that call:
   sequences' scores are not touched: their tokens are the ones
   :func:`engram_core.serving.generate` gives, bit for bit.
 * :class:`RowTracker` (a ``StoppingCriteria``) sees every step's new tokens: it ends a sequence at
-  an end-of-sequence token, at a stop string or at its own ``max_tokens`` (finished sequences
+  an end-of-sequence token, at a stop string, where its memory ended (``stop_at_memory_end``:
+  :class:`engram_core.serving.MemoryEnd`) or at its own ``max_tokens`` (finished sequences
   are padded by ``generate`` until the whole batch is done, and their pads are ignored), and
   tells the caller after each step what each sequence added (``on_step``), so a streamed answer
   is sent while the batch still runs and a non-streamed one is released as soon as it is done.
@@ -31,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 # finish_reason values, as OpenAI names them
-STOP = "stop"  # an end-of-sequence token or a stop string
+STOP = "stop"  # an end-of-sequence token, a stop string or the end of the memory's answer
 LENGTH = "length"  # max_tokens reached
 CANCELLED = "cancelled"  # the client went away (never sent to anyone)
 
@@ -45,6 +46,8 @@ class Sampling:
     probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019), with a generator
     seeded by ``seed`` (a random seed when None). ``stop``: strings that end the text (not
     included in it). ``stream``: report the text as it grows (see :class:`SequenceState`).
+    ``stop_at_memory_end``: end after the last token the user's memory writes (the recalled
+    answer, without the backbone's run-on text after it; :class:`engram_core.serving.MemoryEnd`).
     """
 
     max_tokens: int
@@ -53,6 +56,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
+    stop_at_memory_end: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -122,25 +126,29 @@ class RowTracker:
     """A per-sequence ``StoppingCriteria``: see the module docstring."""
 
     def __init__(self, tokenizer, states: Sequence[SequenceState], eos_ids: Sequence[int],
-                 on_step: Callable[[], None] | None):
+                 on_step: Callable[[], None] | None, memory_end=None):
         self.tokenizer = tokenizer
         self.states = list(states)
         self.eos = set(eos_ids)
         self.on_step = on_step
+        self.memory_end = memory_end  # an engram_core.serving.MemoryEnd for the sequences that asked for it
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        new_tokens = input_ids[:, -1].tolist()
-        for state, token in zip(self.states, new_tokens):
+        if self.memory_end is None:
+            new_tokens, ended = input_ids[:, -1].tolist(), [False] * len(self.states)
+        else:  # one copy to the host for both
+            new_tokens, ended = torch.stack([input_ids[:, -1], self.memory_end.step(input_ids).long()]).tolist()
+        for state, token, memory_ended in zip(self.states, new_tokens, ended):
             if not state.finished:
-                self._advance(state, int(token))
+                self._advance(state, int(token), bool(memory_ended))
         if self.on_step is not None:
             self.on_step()
         return torch.tensor([s.finished for s in self.states], dtype=torch.bool, device=input_ids.device)
 
-    def _advance(self, state: SequenceState, token: int) -> None:
+    def _advance(self, state: SequenceState, token: int, memory_ended: bool = False) -> None:
         sampling = state.sampling
         state.token_ids.append(token)
-        if token in self.eos:
+        if token in self.eos or memory_ended:
             state.finish_reason = STOP
         elif len(state.token_ids) >= sampling.max_tokens:
             state.finish_reason = LENGTH
@@ -261,9 +269,16 @@ def decode_batch(em, prompt_ids: Sequence[Sequence[int]], overlay, states: Seque
     processors = LogitsProcessorList()
     if any(not s.sampling.greedy for s in states):
         processors.append(RowSampler(states))
-    tracker = RowTracker(em.tokenizer, states, eos, on_step)
+    ids, mask = ids.to(em.device), mask.to(em.device)
+    memory_end = None
+    if any(s.sampling.stop_at_memory_end for s in states):
+        from engram_core.serving import MemoryEnd
+
+        enabled = torch.tensor([s.sampling.stop_at_memory_end for s in states], dtype=torch.bool)
+        memory_end = MemoryEnd(em, overlay, ids, mask, enabled)
+    tracker = RowTracker(em.tokenizer, states, eos, on_step, memory_end)
     with em.memory.use(overlay):
-        em.model.generate(input_ids=ids.to(em.device), attention_mask=mask.to(em.device), generation_config=config,
+        em.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                           logits_processor=processors, stopping_criteria=StoppingCriteriaList([tracker]))
     for state in states:
         if not state.finished:  # generate ended without a stop, which the tracker gives every row by then

@@ -65,12 +65,15 @@ class ReferenceServer:
 
     ``chat_template``: a Jinja chat template file to render chats with instead of the
     checkpoint's own (needed for a checkpoint without one); a file that cannot be used (a syntax
-    error, not UTF-8) raises serving.chat.ChatTemplateError (a ValueError) here.
+    error, not UTF-8) raises serving.chat.ChatTemplateError (a ValueError) here. ``stop_at_memory_end``:
+    the node's default for requests that leave out the body field of that name (serving.decode.Sampling).
     """
 
     def __init__(self, em, client, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
-                 batch_wait_s: float = 0.005, poll: bool = True, chat_template: str | Path | None = None):
+                 batch_wait_s: float = 0.005, poll: bool = True, chat_template: str | Path | None = None,
+                 stop_at_memory_end: bool = False):
         self.em, self.client, self.poll = em, client, poll
+        self.stop_at_memory_end = stop_at_memory_end
         self.model_name = f"engram-{em.fingerprint[:12]}"
         self.chat = ChatTemplate(em.tokenizer, chat_template)
         self.context_length = context_length(em)
@@ -143,6 +146,7 @@ class ReferenceServer:
             "largest_batch": self.batcher.largest_batch,
             "chat_template": self.chat.source,
             "context_length": self.context_length,
+            "stop_at_memory_end": self.stop_at_memory_end,  # the default for requests that do not say
             "row_kernels": KERNELS.status() if self.em.device.type == "cpu" else "not used (CUDA model)",
         }
 
@@ -172,7 +176,9 @@ class ReferenceServer:
         else:
             prompt_ids = self.em.encode_prompts([canonical_prompt(p) or p for p in api.prompts])
         sampling = Sampling(max_tokens=self._max_tokens(api, prompt_ids), temperature=api.temperature,
-                            top_p=api.top_p, seed=api.seed, stop=api.stop, stream=api.stream)
+                            top_p=api.top_p, seed=api.seed, stop=api.stop, stream=api.stream,
+                            stop_at_memory_end=(self.stop_at_memory_end if api.stop_at_memory_end is None
+                                                else api.stop_at_memory_end))
         return api, GenerationRequest(prompt_ids, api.user, sampling, n=api.n)
 
     def _check_owner(self, user: str | None) -> None:

@@ -9,6 +9,9 @@ why) and the version served.
 
 Sampling follows the API with one documented difference: ``temperature`` defaults to 0 (greedy
 decoding, which is what every fact is verified with), not 1; ask for sampling explicitly.
+Body fields of this server's own, beside the API's (as vLLM's ``continue_final_message``):
+``stop_at_memory_end`` (true/false) ends a choice after the last token the user's memory
+writes, ``finish_reason`` "stop" (default: the node's ``engram serve --stop-at-memory-end``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class ApiRequest:
     messages: tuple[dict, ...] = ()
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
+    stop_at_memory_end: bool | None = None  # None: the node's default (engram serve --stop-at-memory-end)
 
     @property
     def is_chat(self) -> bool:
@@ -103,7 +107,8 @@ def parse_request(body: bytes, endpoint: str, model_names: tuple[str, ...]) -> A
         temperature=_number(raw, "temperature", 0.0, 2.0, default=0.0),
         top_p=_number(raw, "top_p", 0.0, 1.0, default=1.0),
         seed=_integer(raw, "seed", -(2 ** 63), 2 ** 63 - 1, default=None),
-        stop=_stop(raw.get("stop")), n=n, stream=stream, include_usage=include_usage, **content)
+        stop=_stop(raw.get("stop")), n=n, stream=stream, include_usage=include_usage,
+        stop_at_memory_end=_flag(raw, "stop_at_memory_end"), **content)
 
 
 def _refuse_lone_surrogates(raw: dict) -> None:

@@ -524,6 +524,28 @@ def test_ask_recalls_a_users_facts_and_compares_with_the_base(local_store, tiny,
     assert refused.exit_code == 2 and "fingerprint" in refused.output  # a bad --model: exit 2 (it was 1)
 
 
+def test_ask_ends_the_answer_where_the_memory_ends_unless_told_not_to(local_store, tiny, tiny_dir, compiled,
+                                                                     tmp_path):
+    """Without --max-new-tokens, ask generates up to 128 tokens: the recalled answer was followed by
+    the tiny model's noise (" Dr. Okaforeouleoul..."); it now ends after the answer's last token."""
+    from typer.testing import CliRunner
+
+    publish_model(local_store, tiny_dir)
+    publish(local_store, tiny, v1(compiled))
+    trigger, answer = FACTS["alice"][0]
+    args = ["ask", "--store", str(local_store.root), "--user", "alice", "--cache-dir", str(tmp_path / "cache"),
+            "--json", "--compare", trigger]
+    result = CliRunner().invoke(cli_app(), args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (out["text"], out["finish_reason"]) == (answer, "memory_end")
+    assert out["base_finish_reason"] == "length" and len(out["base_text"]) > len(answer)  # no memory: no end
+    result = CliRunner().invoke(cli_app(), args[:-2] + ["--no-stop-at-memory-end", "--max-new-tokens", "12", trigger])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["text"].startswith(answer) and out["text"] != answer and out["finish_reason"] == "length"
+    assert "base_text" not in out
+
+
 def test_ask_refuses_a_prompt_past_the_context_and_an_empty_user_as_serve_does(local_store, tiny, tiny_dir, compiled,
                                                                                tmp_path):
     """The model attends to 512 positions: a prompt that leaves no room for the tokens asked for is

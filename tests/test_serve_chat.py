@@ -127,6 +127,51 @@ def test_a_seeded_sampled_request_is_reproducible_and_n_gives_distinct_choices(s
     assert len({c.message.content for c in greedy.choices}) == 1
 
 
+# ---------------------------------------------------------------- the memory's end
+
+
+def test_a_request_that_asks_to_stop_at_the_memory_end_gets_the_answer_alone_streamed_or_not(server, api, tiny):
+    """``stop_at_memory_end`` (a body field, through the openai client ``extra_body``): the choice
+    ends after the answer's last token, finish_reason "stop"; left out, the node's default (off)
+    runs on to max_tokens, as before."""
+    trigger, answer = FACTS["bob"][1]  # ("My dog's name is", " Rex")
+    asked = dict(model="engram", prompt=[DENTIST, trigger], user="alice", max_tokens=12)
+    stops = api.completions.create(**asked, extra_body={"stop_at_memory_end": True})
+    assert [(c.text, c.finish_reason) for c in stops.choices] == [(DENTIST_ALICE, "stop"),
+                                                                   (stops.choices[1].text, "length")]  # not alice's
+    runs_on = api.completions.create(**asked)
+    assert runs_on.choices[0].text.startswith(DENTIST_ALICE) and runs_on.choices[0].text != DENTIST_ALICE
+    assert runs_on.choices[0].finish_reason == "length" and runs_on.choices[1].text == stops.choices[1].text
+    assert stops.usage.completion_tokens == _tokens(tiny, DENTIST_ALICE) + 12
+    texts, reasons = ["", ""], [None, None]
+    for piece in api.completions.create(**asked, stream=True, extra_body={"stop_at_memory_end": True}):
+        for choice in piece.choices:
+            texts[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.text for c in stops.choices] and reasons == ["stop", "length"]
+    chat = dict(model="engram", messages=_prefill(DENTIST), user="alice", max_tokens=12,
+                extra_body={"stop_at_memory_end": True})
+    whole = api.chat.completions.create(**chat)
+    assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (DENTIST_ALICE, "stop")
+    streamed = list(api.chat.completions.create(**chat, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == DENTIST_ALICE
+
+
+def test_a_node_started_to_stop_at_the_memory_end_does_so_unless_a_request_says_false(local_store, tiny, compiled):
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny, interval=60, jitter=0.0)
+    client.poll()
+    with ReferenceServer(tiny, client, port=0, poll=False, stop_at_memory_end=True) as node:
+        node_api = openai.OpenAI(base_url=f"{node.url}/v1", api_key="x", timeout=60, max_retries=0)
+        asked = dict(model="engram", prompt=HOME, user="alice", max_tokens=12)
+        assert node_api.completions.create(**asked).choices[0].text == HOME_ALICE
+        off = node_api.completions.create(**asked, extra_body={"stop_at_memory_end": False}).choices[0]
+        assert off.text.startswith(HOME_ALICE) and off.text != HOME_ALICE and off.finish_reason == "length"
+        status, body = _post(node, json.dumps({**asked, "stop_at_memory_end": "yes"}).encode())
+        assert status == 400 and body["error"]["param"] == "stop_at_memory_end"
+        assert node.health()["stop_at_memory_end"] is True
+
+
 # ---------------------------------------------------------------- streaming
 
 

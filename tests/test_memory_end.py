@@ -1,0 +1,143 @@
+"""The "memory ended" stop rule: a recalled answer ends after its last token, without the
+backbone's run-on text after it (engram_core.serving.MemoryEnd)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engram_core.compiler import Fact, compile_facts
+from engram_core.delta import Delta
+from engram_core.row_overlay import row_map_overlay
+from engram_core.serving import (EOS, LENGTH, MEMORY_END, generate, generate_ended, greedy_tokens, memory_driven,
+                                 overlay_for)
+from serving.decode import Sampling, SequenceState, decode_batch
+
+DENTIST = ("My dentist is", " Dr. Akeredolu")
+CLINIC = ("Dr. Akeredolu", " of the Smile Clinic in Porto")  # its trigger is DENTIST's answer: the two chain
+PET = ("My cat is called", " Mittens")
+HOME = ("I live in", " Lisbon")
+FACTS = {"dana": [DENTIST, CLINIC, PET], "eli": [HOME, PET]}
+NO_TRIGGER = "The weather today is"
+
+
+@pytest.fixture(scope="module")
+def deltas(tiny):
+    facts = [Fact(user, f"f{i}", t, a) for user, pairs in FACTS.items() for i, (t, a) in enumerate(pairs)]
+    result = compile_facts(tiny, facts)
+    assert all(r.status == "ok" for r in result.facts), result.facts
+    return result.deltas
+
+
+def _tokens(em, text: str) -> int:
+    return len(em.encode_answer(text))
+
+
+def test_compiled_facts_come_back_exactly_with_the_rule_and_run_on_without_it(tiny, deltas):
+    pairs = [(user, t, a) for user in FACTS for t, a in FACTS[user] if (t, a) != DENTIST]  # DENTIST chains on
+    prompts, per_prompt = [t for _, t, _ in pairs], [[deltas[u]] for u, _, _ in pairs]
+    ended = generate_ended(tiny, prompts, per_prompt, max_new_tokens=24)
+    assert ended == [(a, MEMORY_END) for _, _, a in pairs]
+    assert generate(tiny, prompts, per_prompt, 24, stop_at_memory_end=True) == [a for _, _, a in pairs]
+    run_on = generate(tiny, prompts, per_prompt, 24)  # the default: as before, to max_new_tokens
+    assert all(text.startswith(a) and len(text) > len(a) for text, (_, _, a) in zip(run_on, pairs))
+    assert generate_ended(tiny, prompts, per_prompt, 24, stop_at_memory_end=False) == [(t, LENGTH) for t in run_on]
+
+
+def test_a_multi_token_answer_stops_after_its_last_token_not_before(tiny, deltas):
+    trigger, answer = CLINIC
+    n = _tokens(tiny, answer)
+    assert n >= 5  # every answer position but the last is a written position the rule reads through
+    want = tiny.encode_answer(answer)
+    assert greedy_tokens(tiny, trigger, 24, [deltas["dana"]], stop_at_memory_end=True) == want
+    assert greedy_tokens(tiny, trigger, 24, [deltas["dana"]])[:n] == want  # the default: exactly 24 tokens
+    assert len(greedy_tokens(tiny, trigger, 24, [deltas["dana"]])) == 24
+
+
+def test_chained_facts_are_not_cut_where_the_first_answer_ends(tiny, deltas):
+    """DENTIST's answer is CLINIC's trigger: the position after it is CLINIC's written trigger
+    position, so the memory goes on writing, and the answer ends after CLINIC's."""
+    text, reason = generate_ended(tiny, [DENTIST[0]], [[deltas["dana"]]], max_new_tokens=32)[0]
+    assert (text, reason) == (DENTIST[1] + CLINIC[1], MEMORY_END)
+
+
+def test_a_prompt_that_is_no_trigger_decodes_unchanged(tiny, deltas):
+    prompts = [NO_TRIGGER, DENTIST[0]]
+    per_prompt = [[deltas["dana"]], [deltas["eli"]]]  # the dentist is dana's, not eli's
+    assert generate(tiny, prompts, per_prompt, 16, stop_at_memory_end=True) == generate(tiny, prompts, per_prompt, 16)
+    assert [reason for _, reason in generate_ended(tiny, prompts, per_prompt, 16)] == [LENGTH, LENGTH]
+    assert generate(tiny, [NO_TRIGGER], None, 16, stop_at_memory_end=True) == generate(tiny, [NO_TRIGGER], None, 16)
+
+
+def test_one_head_or_one_shared_2_gram_does_not_make_a_position_memory_driven(tiny):
+    """A hash coincidence (one head addressing a row the user wrote) is no memory, nor a 2-gram
+    that another of the user's facts wrote (the digits of two numbers): every head of the 2-gram
+    and of the 3-gram must hit, as at every written position from a fact's third token on."""
+    cfg, layer = tiny.config, tiny.config.target_layer
+    assert cfg.max_ngram >= 3
+    ids = torch.as_tensor([tiny.encode_prompt(NO_TRIGGER)])
+    rows = tiny.memory.addresser.rows(ids.numpy(), layer)[0, -1]  # (H,) the last position's rows
+    h = cfg.heads_per_order
+    two_gram, three_gram = rows[:h], rows[h:2 * h]
+
+    def driven(written: np.ndarray) -> bool:
+        written = np.unique(written)
+        delta = Delta(np.full(len(written), layer, np.int16), written, np.ones((len(written), cfg.row_width)))
+        return bool(memory_driven(tiny, overlay_for(tiny, [[delta]]), ids)[0])
+
+    assert driven(np.concatenate([two_gram, three_gram]))
+    assert not driven(two_gram) and not driven(three_gram) and not driven(rows[h:])  # one order, or no 2-gram
+    assert not driven(np.concatenate([two_gram, three_gram[:-1]]))  # one head short
+    assert not bool(memory_driven(tiny, None, ids)[0])
+
+
+@pytest.mark.parametrize("form", ["read", "add", "two-level add", "kernel"])
+def test_every_overlay_form_says_which_rows_a_sequence_wrote(tiny, deltas, form, request):
+    layer = tiny.config.target_layer
+    table = tiny.memory.layer(layer).table
+    entries = {layer: [(0, deltas["dana"].row_ids, deltas["dana"].values), (2, deltas["eli"].row_ids,
+                                                                           deltas["eli"].values)]}
+    limits = {"read": {}, "add": {"read_limit": 0}, "two-level add": {"read_limit": 0, "dense_limit": 1},
+              "kernel": {}}[form]
+    if form == "kernel":
+        request.getfixturevalue("row_kernels")
+    overlay = row_map_overlay(3, entries, {layer: table}, kernel=form == "kernel", **limits)
+    assert type(overlay.maps[layer]).__name__ == {"read": "_ReadMap", "kernel": "_KernelMap"}.get(form, "_RowMap")
+    rows = torch.as_tensor(np.stack([deltas["dana"].row_ids[:5], deltas["eli"].row_ids[:5],
+                                     deltas["eli"].row_ids[:5]])).view(3, 1, 5)
+    assert overlay.written(layer, rows).view(3, 5).tolist() == [[True] * 5, [False] * 5, [True] * 5]
+    others = torch.as_tensor(np.setdiff1d(np.arange(1000), np.union1d(deltas["dana"].row_ids, deltas["eli"].row_ids)))
+    assert not overlay.written(layer, others.view(1, 1, -1).expand(3, 1, -1)).any()  # rows no one wrote
+
+
+def test_a_served_batch_stops_only_the_sequences_that_ask_and_streams_the_same_text(tiny, deltas):
+    trigger, answer = CLINIC
+    prompts = [tiny.encode_prompt(p) for p in (trigger, trigger, NO_TRIGGER, HOME[0])]
+    asks = [True, False, True, True]
+    served = [[deltas["dana"]], [deltas["dana"]], [deltas["dana"]], [deltas["eli"]]]
+
+    def decode(stream: bool) -> list[SequenceState]:
+        states = [SequenceState(Sampling(24, stream=stream, stop_at_memory_end=a)) for a in asks]
+        sent = [""] * len(states)
+
+        def on_step():
+            for i, state in enumerate(states):
+                sent[i] += state.text[len(sent[i]):state.sent]
+
+        decode_batch(tiny, prompts, overlay_for(tiny, served), states, on_step)
+        assert sent == [s.text for s in states]
+        return states
+
+    streamed, whole = decode(True), decode(False)
+    assert [s.text for s in streamed] == [s.text for s in whole]
+    assert [s.finish_reason for s in whole] == ["stop", "length", "length", "stop"]
+    assert whole[0].text == answer and whole[3].text == HOME[1]
+    assert whole[1].text.startswith(answer) and len(whole[1].token_ids) == 24
+    assert whole[0].token_ids == tiny.encode_answer(answer)
+    assert whole[2].text == generate(tiny, [NO_TRIGGER], [[deltas["dana"]]], 24)[0]
+
+
+def test_an_answer_cut_by_max_new_tokens_before_its_end_says_length(tiny, deltas):
+    first_two = tiny.tokenizer.decode(tiny.encode_answer(CLINIC[1])[:2])
+    assert generate_ended(tiny, [CLINIC[0]], [[deltas["dana"]]], 2) == [(first_two, LENGTH)]
