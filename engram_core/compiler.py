@@ -858,7 +858,6 @@ class _Group:
                         worst = max(worst, relative(a, b, valid))
         ok = worst <= tolerance
         _LOWER_REUSE_OK.setdefault(em.model, {})[("lower", str(dtype))] = ok
-        self.batch.plain_prefix_deviation = worst
         log.info("compiler: the prefix and lower forwards as plain code vs transformers': max relative difference "
                  "%.2e (%s)", worst, "used" if ok else "not used")
         return ok

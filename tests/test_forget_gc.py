@@ -357,6 +357,22 @@ def test_a_forgotten_user_whose_id_holds_a_slash_leaves_no_collision_owner_name(
     assert not _holds_users(table, pa.array(["alice"]))  # a suffix is not the user
 
 
+def _a_night_names(store, bundle: str, size: int) -> None:
+    """A night in progress writes its manifest (not CURRENT): TARGET's shard names ``bundle``."""
+    from dataclasses import replace
+
+    from versions.catalog import read_pointer
+    from versions.commit import write_manifest
+
+    shard = shard_of(TARGET, NUM_SHARDS)
+    current = read_manifest(store, read_pointer(store).version)
+    sha = bundle.split("/")[-1].removesuffix(".parquet")
+    shards = tuple(replace(e, bundle_key=bundle, bundle_sha256=sha, bundle_bytes=size) if e.shard == shard else e
+                   for e in current.shards)
+    write_manifest(store, replace(current, version=current.version + 1, parent=current.version, shards=shards,
+                                  job_id="night-in-progress"), read_pointer(store))
+
+
 def test_forget_records_the_unreferenced_objects_it_deletes_first_and_keeps_those_a_manifest_named_meanwhile(
         local_store, monkeypatch):
     """Objects no manifest names that hold the user (a killed night's, or a night's in progress) are
@@ -366,10 +382,7 @@ def test_forget_records_the_unreferenced_objects_it_deletes_first_and_keeps_thos
     import hashlib
 
     import versions.forget as forget
-    from dataclasses import replace
     from schemas.manifest import bundle_key
-    from versions.commit import write_manifest
-    from versions.catalog import read_pointer
 
     v1 = _publish(local_store, 1, USERS, None)
     rng = np.random.default_rng(7)
@@ -380,18 +393,12 @@ def test_forget_records_the_unreferenced_objects_it_deletes_first_and_keeps_thos
         sizes.append(len(data))
         local_store.put(keys[-1], data)
     named, unnamed = keys
-    named_sha = named.split("/")[-1].removesuffix(".parquet")
     real = forget.append_audit
 
     def record_then_a_night_writes_its_manifest(store, event, **fields):
         out = real(store, event, **fields)
         if event == forget.FORGET_DELETES and named in fields.get("keys", ()):
-            shard = shard_of(TARGET, NUM_SHARDS)
-            current = read_manifest(store, read_pointer(store).version)
-            shards = tuple(replace(e, bundle_key=named, bundle_sha256=named_sha, bundle_bytes=sizes[0])
-                           if e.shard == shard else e for e in current.shards)
-            write_manifest(store, replace(current, version=current.version + 1, parent=current.version,
-                                          shards=shards, job_id="night-in-progress"), read_pointer(store))
+            _a_night_names(store, named, sizes[0])
         return out
 
     monkeypatch.setattr(forget, "append_audit", record_then_a_night_writes_its_manifest)
@@ -410,10 +417,7 @@ def test_gc_records_the_objects_it_deletes_first_and_keeps_those_a_manifest_name
     import hashlib
 
     import versions.retention as retention
-    from dataclasses import replace
     from schemas.manifest import bundle_key
-    from versions.catalog import read_pointer
-    from versions.commit import write_manifest
 
     _publish(local_store, 1, USERS, None)
     rng = np.random.default_rng(8)
@@ -429,13 +433,7 @@ def test_gc_records_the_objects_it_deletes_first_and_keeps_those_a_manifest_name
     def record_then_a_night_writes_its_manifest(store, event, **fields):
         out = real(store, event, **fields)
         if event == retention.GC_DELETES:
-            shard = shard_of(TARGET, NUM_SHARDS)
-            current = read_manifest(store, read_pointer(store).version)
-            sha = named.split("/")[-1].removesuffix(".parquet")
-            shards = tuple(replace(e, bundle_key=named, bundle_sha256=sha, bundle_bytes=sizes[0])
-                           if e.shard == shard else e for e in current.shards)
-            write_manifest(store, replace(current, version=current.version + 1, parent=current.version,
-                                          shards=shards, job_id="night-in-progress"), read_pointer(store))
+            _a_night_names(store, named, sizes[0])
         return out
 
     monkeypatch.setattr(retention, "append_audit", record_then_a_night_writes_its_manifest)
