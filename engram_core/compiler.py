@@ -419,6 +419,12 @@ def _left_padded_index(lengths, width: int) -> tuple[np.ndarray, np.ndarray]:
     return row, width - np.repeat(lengths, lengths) + within
 
 
+def _form_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative difference a step form may have from the full forward (and the compiled
+    step from the uncompiled one): float32 1e-3; bf16/fp16 5e-2 (their rounding is ~1e-2 an op)."""
+    return 1e-3 if dtype == torch.float32 else 5e-2
+
+
 class _Batch:
     """A left-padded batch of whole users' facts and its trainable rows."""
 
@@ -570,6 +576,12 @@ class _Batch:
         finally:
             for g in self.groups:
                 g.adopt_plain()
+        if self.plain:
+            # On the states every step will read: checked on transformers' states (whose values
+            # are strided differently), the compiled step would be compiled twice, a minute each
+            # on an H200.
+            self.step.check_compiled([(g.plain, g.targets) for g in self.groups], values,
+                                     _form_tolerance(self.em.lm_head.weight.dtype))
 
     def _check_forms(self, values: torch.Tensor) -> None:
         """Choose the step's form, checking each once per model and dtype: it must give the full
@@ -585,7 +597,7 @@ class _Batch:
         g = groups[0]
         overlay = self._overlay(values)
         dtype = self.em.lm_head.weight.dtype
-        tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # bf16/fp16: rounding of ~1e-2 per op
+        tolerance = _form_tolerance(dtype)
         verdicts = _LOWER_REUSE_OK.setdefault(self.em.model, {})
         full = []
         described = {"split": " with in-place prefix attention", "reuse": "", "plain": " as the plain step"}
@@ -620,8 +632,7 @@ class _Batch:
                 g.lower = g.plain = None
             return
         if self.step is not None and all(g.plain is not None for g in self.groups) and passes("plain"):
-            self.plain = True
-            self.step.check_compiled([(g.plain, g.targets) for g in self.groups], values, tolerance)
+            self.plain = True  # the compiled step is checked after adopt_plain (check_lower_reuse)
 
     def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
         self.check_lower_reuse(values)
@@ -639,10 +650,9 @@ class _Batch:
                 overlay = None if self.plain else self._overlay(values)
                 for g in self.groups:  # gradients of the groups add up: one loss, summed
                     if self.plain:
-                        loss = self.step.loss(g.plain, values, g.targets)
+                        self.step.backward(g.plain, values, g.targets)
                     else:
-                        loss = F.cross_entropy(g.logits(overlay), g.targets, reduction="sum")
-                    loss.backward()
+                        F.cross_entropy(g.logits(overlay), g.targets, reduction="sum").backward()
                 optimizer.step()
         return values.detach()
 
