@@ -419,6 +419,20 @@ def _left_padded_index(lengths, width: int) -> tuple[np.ndarray, np.ndarray]:
     return row, width - np.repeat(lengths, lengths) + within
 
 
+@contextmanager
+def _model_ops(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """:func:`engram_core.fused_ops.fused_ops` on ``model`` (nothing if not ``enabled``), holding
+    :data:`fast_step.COMPILED_CALLS` while the model is patched: the patch replaces the model's
+    RMSNorm forwards and its family's rotary function for every thread, and a step running on
+    the step thread meanwhile (eager, or compiled: traced or guarded on the patched modules)
+    would run other ops, or recompile, depending on timing."""
+    if not enabled:
+        yield
+        return
+    with fast_step.COMPILED_CALLS, fused_ops(model):
+        yield
+
+
 def _form_tolerance(dtype: torch.dtype) -> float:
     """Largest relative difference a step form may have from the full forward (and the compiled
     step from the uncompiled one): float32 1e-3; bf16/fp16 5e-2 (their rounding is ~1e-2 an op)."""
@@ -607,13 +621,13 @@ class _Batch:
             if key not in verdicts:
                 with torch.no_grad():
                     if not full:  # with the ops the prefix and the lower states were computed with
-                        with fused_ops(self.em.model, self.fused_ops):
+                        with _model_ops(self.em.model, self.fused_ops):
                             full.append(g.logits(overlay, full=True))
                     if form == "plain":
                         fast = self.step.logits(g.plain, values)
                     else:
                         self.prefix_attention = form == "split"
-                        with fused_ops(self.em.model, self.fused_ops):
+                        with _model_ops(self.em.model, self.fused_ops):
                             fast = g.logits(overlay)
                 relative = float((fast - full[0]).abs().max() / full[0].abs().max().clamp_min(1e-6))
                 verdicts[key] = relative <= tolerance
@@ -668,7 +682,7 @@ class _Batch:
         overlay = self._overlay(values.half().to(values.dtype))
         head = self.em.lm_head
         for g in self.groups:
-            with fused_ops(self.em.model, self.fused_ops):
+            with _model_ops(self.em.model, self.fused_ops):
                 hidden = g.hidden(overlay)
             loss, margin = torch.empty(len(hidden), device=hidden.device), torch.empty(len(hidden), device=hidden.device)
             for a in range(0, len(hidden), _CHECK_CHUNK):
@@ -782,7 +796,9 @@ class _Group:
         write layer (``self.lower``), by ``plain``'s forwards or (None) transformers'."""
         batch, prefix, prefix_overlay = self.batch, self.prefix, self.prefix_overlay
         self.cache = self.lower = None
-        with fused_ops(batch.em.model, batch.fused_ops):  # the prefix and lower forwards
+        # transformers' prefix and lower forwards with the fused ops; the plain ones are compiled
+        # code, which fuses them itself (and the model stays unpatched while steps run).
+        with _model_ops(batch.em.model, batch.fused_ops and plain is None):
             if prefix > 0:
                 # Members with the same tokens before the split share one prefix forward.
                 shared = _distinct_rows(self.ids[:, :prefix], self.mask[:, :prefix], prefix_overlay) if batch.dedupe else None

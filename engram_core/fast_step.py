@@ -98,15 +98,17 @@ class FairLock:
 
 
 COMPILED_CALLS = FairLock()
-"""Held around every call into a ``torch.compile``'d function of this module, and around the
-backward of the step's graph: ``torch.compile`` is not thread-safe (dynamo and inductor keep
-global state while they trace; pytorch/pytorch#118260, #136833), and with overlap the compiler
-calls the step on one thread while the next batch's prefix and lower forwards run on another.
-Any call may compile (a new input layout, a size of 1), and two traces at once failed: on an H200
-the step's trace raised ``SpeculationLogDivergence`` while the prefix forward was recompiling on
-the other thread, and the process ran the rest of its compile with the uncompiled step
-(bench/RESULTS.md, 2026-12-02 tenth session). Between calls (the host work of a batch, the
-optimizer's update) the other thread runs freely; a waiting thread is served first (:class:`FairLock`)."""
+"""Held around every call into a ``torch.compile``'d function of this module, around each step
+(:meth:`UpperStep.backward`, compiled or not), and by the compiler while ``fused_ops`` patches
+the model (``compiler._model_ops``; the patch is seen by every thread). ``torch.compile`` is not
+thread-safe (dynamo and inductor keep global state while they trace; pytorch/pytorch#118260,
+#136833), and with overlap the compiler calls the step on one thread while the next batch's
+prefix and lower forwards run on another. Any call may compile (a new input layout, a size of
+1, a patched module), and without this lock, on an H200, the step's trace raised
+``SpeculationLogDivergence`` while the other thread ran the prefix forward, and the process ran
+the rest of its compile with the uncompiled step (bench/RESULTS.md, 2026-12-02 tenth session).
+Between calls (the host work of a batch, the optimizer's update) the other thread runs freely;
+a waiting thread is served first (:class:`FairLock`)."""
 
 
 @dataclass
