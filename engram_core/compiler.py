@@ -419,6 +419,26 @@ def _left_padded_index(lengths, width: int) -> tuple[np.ndarray, np.ndarray]:
     return row, width - np.repeat(lengths, lengths) + within
 
 
+@contextmanager
+def _model_ops(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """:func:`engram_core.fused_ops.fused_ops` on ``model`` (nothing if not ``enabled``), holding
+    :data:`fast_step.COMPILED_CALLS` while the model is patched: the patch replaces the model's
+    RMSNorm forwards and its family's rotary function for every thread, and a step running on
+    the step thread meanwhile (eager, or compiled: traced or guarded on the patched modules)
+    would run other ops, or recompile, depending on timing."""
+    if not enabled:
+        yield
+        return
+    with fast_step.COMPILED_CALLS, fused_ops(model):
+        yield
+
+
+def _form_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative difference a step form may have from the full forward (and the compiled
+    step from the uncompiled one): float32 1e-3; bf16/fp16 5e-2 (their rounding is ~1e-2 an op)."""
+    return 1e-3 if dtype == torch.float32 else 5e-2
+
+
 class _Batch:
     """A left-padded batch of whole users' facts and its trainable rows."""
 
@@ -570,6 +590,12 @@ class _Batch:
         finally:
             for g in self.groups:
                 g.adopt_plain()
+        if self.plain:
+            # On the states every step will read: checked on transformers' states (whose values
+            # are strided differently), the compiled step would be compiled twice, a minute each
+            # on an H200.
+            self.step.check_compiled([(g.plain, g.targets) for g in self.groups], values,
+                                     _form_tolerance(self.em.lm_head.weight.dtype))
 
     def _check_forms(self, values: torch.Tensor) -> None:
         """Choose the step's form, checking each once per model and dtype: it must give the full
@@ -585,7 +611,7 @@ class _Batch:
         g = groups[0]
         overlay = self._overlay(values)
         dtype = self.em.lm_head.weight.dtype
-        tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # bf16/fp16: rounding of ~1e-2 per op
+        tolerance = _form_tolerance(dtype)
         verdicts = _LOWER_REUSE_OK.setdefault(self.em.model, {})
         full = []
         described = {"split": " with in-place prefix attention", "reuse": "", "plain": " as the plain step"}
@@ -595,13 +621,13 @@ class _Batch:
             if key not in verdicts:
                 with torch.no_grad():
                     if not full:  # with the ops the prefix and the lower states were computed with
-                        with fused_ops(self.em.model, self.fused_ops):
+                        with _model_ops(self.em.model, self.fused_ops):
                             full.append(g.logits(overlay, full=True))
                     if form == "plain":
                         fast = self.step.logits(g.plain, values)
                     else:
                         self.prefix_attention = form == "split"
-                        with fused_ops(self.em.model, self.fused_ops):
+                        with _model_ops(self.em.model, self.fused_ops):
                             fast = g.logits(overlay)
                 relative = float((fast - full[0]).abs().max() / full[0].abs().max().clamp_min(1e-6))
                 verdicts[key] = relative <= tolerance
@@ -620,8 +646,7 @@ class _Batch:
                 g.lower = g.plain = None
             return
         if self.step is not None and all(g.plain is not None for g in self.groups) and passes("plain"):
-            self.plain = True
-            self.step.check_compiled([(g.plain, g.targets) for g in self.groups], values, tolerance)
+            self.plain = True  # the compiled step is checked after adopt_plain (check_lower_reuse)
 
     def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
         self.check_lower_reuse(values)
@@ -639,10 +664,9 @@ class _Batch:
                 overlay = None if self.plain else self._overlay(values)
                 for g in self.groups:  # gradients of the groups add up: one loss, summed
                     if self.plain:
-                        loss = self.step.loss(g.plain, values, g.targets)
+                        self.step.backward(g.plain, values, g.targets)
                     else:
-                        loss = F.cross_entropy(g.logits(overlay), g.targets, reduction="sum")
-                    loss.backward()
+                        F.cross_entropy(g.logits(overlay), g.targets, reduction="sum").backward()
                 optimizer.step()
         return values.detach()
 
@@ -658,7 +682,7 @@ class _Batch:
         overlay = self._overlay(values.half().to(values.dtype))
         head = self.em.lm_head
         for g in self.groups:
-            with fused_ops(self.em.model, self.fused_ops):
+            with _model_ops(self.em.model, self.fused_ops):
                 hidden = g.hidden(overlay)
             loss, margin = torch.empty(len(hidden), device=hidden.device), torch.empty(len(hidden), device=hidden.device)
             for a in range(0, len(hidden), _CHECK_CHUNK):
@@ -772,7 +796,9 @@ class _Group:
         write layer (``self.lower``), by ``plain``'s forwards or (None) transformers'."""
         batch, prefix, prefix_overlay = self.batch, self.prefix, self.prefix_overlay
         self.cache = self.lower = None
-        with fused_ops(batch.em.model, batch.fused_ops):  # the prefix and lower forwards
+        # transformers' prefix and lower forwards with the fused ops; the plain ones are compiled
+        # code, which fuses them itself (and the model stays unpatched while steps run).
+        with _model_ops(batch.em.model, batch.fused_ops and plain is None):
             if prefix > 0:
                 # Members with the same tokens before the split share one prefix forward.
                 shared = _distinct_rows(self.ids[:, :prefix], self.mask[:, :prefix], prefix_overlay) if batch.dedupe else None

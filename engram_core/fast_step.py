@@ -27,8 +27,10 @@ The compiler checks this form against the full forward once per model before usi
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,74 @@ from . import prefix_kernels
 from .layer import backbone_and_layers
 
 log = logging.getLogger(__name__)
+
+
+class FairLock:
+    """A reentrant lock granted in the order it was asked for (first come, first served).
+
+    ``threading.RLock`` is not fair: a thread that releases it and asks again at once (the steps'
+    loop) takes it back before a waiting thread wakes. Measured on an H200 with the step thread
+    taking ``RLock`` for each step: the next batch's prefix forward waited for all 15 steps, 43 s a
+    batch under the torch profiler. Here a release hands the lock to the longest waiter."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiters: collections.deque[tuple[int, threading.Event]] = collections.deque()
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._mutex:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if self._owner is None:
+                self._owner, self._depth = me, 1
+                return
+            granted = threading.Event()
+            self._waiters.append((me, granted))
+        granted.wait()  # release() made this thread the owner
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("FairLock released by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth:
+                return
+            if self._waiters:
+                self._owner, granted = self._waiters.popleft()
+                self._depth = 1
+                granted.set()
+            else:
+                self._owner = None
+
+    @property
+    def waiting(self) -> int:
+        """Threads waiting for the lock now."""
+        return len(self._waiters)
+
+    def __enter__(self) -> "FairLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+COMPILED_CALLS = FairLock()
+"""Held around every call into a ``torch.compile``'d function of this module, around each step
+(:meth:`UpperStep.backward`, compiled or not), and by the compiler while ``fused_ops`` patches
+the model (``compiler._model_ops``; the patch is seen by every thread). ``torch.compile`` is not
+thread-safe (dynamo and inductor keep global state while they trace; pytorch/pytorch#118260,
+#136833), and with overlap the compiler calls the step on one thread while the next batch's
+prefix and lower forwards run on another. Any call may compile (a new input layout, a size of
+1, a patched module), and without this lock, on an H200, the step's trace raised
+``SpeculationLogDivergence`` while the other thread ran the prefix forward, and the process ran
+the rest of its compile with the uncompiled step (bench/RESULTS.md, 2026-12-02 tenth session).
+Between calls (the host work of a batch, the optimizer's update) the other thread runs freely;
+a waiting thread is served first (:class:`FairLock`)."""
 
 
 @dataclass
@@ -146,8 +216,16 @@ class UpperStep:
                         str(error).splitlines()[0] if str(error) else "")
             self._compiled = None
 
+    def backward(self, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss` and its backward into ``values.grad`` (under :data:`COMPILED_CALLS`: the
+        compiled graph's backward may compile too) -> the loss, detached."""
+        with COMPILED_CALLS, torch.enable_grad():
+            loss = self.loss(g, values, targets)
+            loss.backward()
+        return loss.detach()
+
     def _grad(self, fn, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor):
-        with torch.enable_grad():
+        with COMPILED_CALLS, torch.enable_grad():
             v = values.detach().clone().requires_grad_(True)
             loss = self._call(fn, g, F.embedding(g.slot, v), targets)
             loss.backward()
@@ -179,7 +257,8 @@ class UpperStep:
         picked = F.embedding(g.slot, values)  # outside the compiled graph: a deterministic backward
         if self._compiled is not None:
             try:
-                return self._call(self._compiled, g, picked, targets)
+                with COMPILED_CALLS:
+                    return self._call(self._compiled, g, picked, targets)
             except torch.OutOfMemoryError:
                 raise  # the batch is too large for the device, compiled or not: not a compiler problem
             except Exception as error:  # e.g. a new shape the compiler cannot take: keep going uncompiled
@@ -360,7 +439,8 @@ class LowerForward:
         args = (embeds, self.engram_rows(rows, overlay, len(self.layers)), cos, sin, mask)
         if self.compiled:
             try:
-                return list(self._prefix(*args))
+                with COMPILED_CALLS:
+                    return list(self._prefix(*args))
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:  # e.g. a shape the compiler cannot take: keep going uncompiled
@@ -380,7 +460,8 @@ class LowerForward:
         args = (embeds, self.engram_rows(rows, overlay, self.write_layer), cos, sin, mask, kv)
         if self.compiled:
             try:
-                return self._lower(*args)
+                with COMPILED_CALLS:
+                    return self._lower(*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:

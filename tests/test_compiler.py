@@ -2,6 +2,8 @@
 
 import random
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -320,6 +322,73 @@ def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, ca
     for user, delta in result.deltas.items():
         assert np.array_equal(again.deltas[user].row_ids, delta.row_ids)
         assert np.array_equal(again.deltas[user].values, delta.values)
+    _compiled_calls_wait_for_the_lock(tiny, facts, options)
+
+
+def _compiled_calls_wait_for_the_lock(em, facts, options):
+    """torch.compile is not thread-safe, and with overlap (CUDA) the compiler calls the compiled
+    step and the compiled forwards from two threads: each call into a compiled function (the
+    step's backward with it) waits while another thread holds fast_step.COMPILED_CALLS. A compile
+    in a thread (one user's facts, shapes compiled above: nothing new to trace) is stopped at each
+    such call while this thread holds the lock, and finishes once it is free."""
+    import sys
+    import threading
+
+    from engram_core import fast_step
+
+    lock = fast_step.COMPILED_CALLS
+    waited_in, out = set(), {}
+    thread = threading.Thread(target=lambda: out.update(result=compile_facts(em, facts[:5], options)))
+    lock.acquire()
+    thread.start()
+    while True:
+        deadline = time.monotonic() + 120
+        while not lock.waiting and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not lock.waiting:
+            break
+        frame = sys._current_frames()[thread.ident]
+        while frame is not None:
+            if frame.f_code.co_filename == fast_step.__file__ and frame.f_code.co_name not in ("acquire", "__enter__"):
+                waited_in.add(frame.f_code.co_name)
+                break
+            frame = frame.f_back
+        lock.release()  # handed to the waiting thread (first come, first served) ...
+        lock.acquire()  # ... and this thread is next: the compile stops at its next call
+    lock.release()
+    thread.join(120)
+    assert not thread.is_alive()
+    assert {"prefix_cache", "lower", "backward"} <= waited_in, waited_in
+    assert out["result"].ok == 5
+
+
+def test_the_compiled_calls_lock_is_first_come_first_served_and_reentrant():
+    """A thread that releases fast_step's FairLock and asks for it again at once (the steps'
+    loop) gets it only after the thread that was already waiting (the next batch's forwards)."""
+    import threading
+
+    from engram_core.fast_step import FairLock
+
+    lock, order = FairLock(), []
+
+    def waiter():
+        with lock:
+            order.append("waiter")
+
+    with lock:
+        with lock:  # reentrant
+            thread = threading.Thread(target=waiter)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not lock.waiting and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert lock.waiting == 1
+    with lock:  # asked again at once: served after the waiter
+        order.append("again")
+    thread.join(30)
+    assert order == ["waiter", "again"]
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        lock.release()
 
 
 def fast_step_inputs(inputs) -> list[torch.Tensor]:
