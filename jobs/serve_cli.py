@@ -288,8 +288,10 @@ def pull(
     store_obj = opened.store
     client = _client(store_obj, opened.manifest, opened.em, shards, opened.cache_dir, interval, as_json, "pulled",
                      opened.current, max_stale)
+    outage = opened.outage  # the store did not answer _open: the first poll falls back without asking again
     while True:
-        result = client.fall_back(opened.outage) if opened.outage and count == 0 else client.poll()
+        result = client.fall_back(outage) if outage else client.poll()
+        outage = None
         count += 1
         index = client.index
         report = {"pulled": not result.error, "store": store_obj.uri, "version": result.version, "changed": result.changed,

@@ -49,6 +49,7 @@ MAX_BODY_BYTES = 1 << 20
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}  # POST
 GET_ROUTES = ("/healthz", "/v1/models")
 EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
+SHUTDOWN_POLL_WAIT_S = 2.0  # the longest shutdown waits for a poll in progress
 
 
 def context_length(em) -> int:
@@ -260,7 +261,9 @@ class ReferenceServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.batcher.stop()
-        self.client.stop()
+        # not the 30 s of a poll hung on a store that does not answer: Kubernetes' grace period after
+        # SIGTERM is 30 s, then SIGKILL
+        self.client.stop(timeout=SHUTDOWN_POLL_WAIT_S)
 
     def __enter__(self) -> "ReferenceServer":
         return self.start()

@@ -914,10 +914,13 @@ class PullClient:
         while not self._stop.wait(self.next_delay()):
             self.poll()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop polling: wait at most ``timeout`` seconds for a poll in progress (one on a store
+        that does not answer runs for minutes; left behind, the daemon thread ends with the process,
+        and what it wrote to the cache is whole: every write is atomic)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
             self._thread = None
 
 

@@ -184,6 +184,11 @@ def test_a_node_started_while_its_store_hangs_answers_healthz_at_once_and_serves
         assert out.exit_code == 1 and time.monotonic() - started < 30, out.output
         assert f"store {flaky.uri} (endpoint {flaky.endpoint_url}): read CURRENT failed: no answer for 1s" in out.stderr
         assert "holds no last-good version of this store" in out.stderr and out.stderr.count("\n") == 1
-    finally:
+
+        stopping = time.monotonic()  # SIGTERM while a poll hangs: it waited 30 s for it (Kubernetes' whole grace)
         _stop(node)
+        assert node.returncode == 0 and time.monotonic() - stopping < 15
+    finally:
+        if node.poll() is None:
+            _stop(node)
         frozen.close()
