@@ -90,6 +90,28 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     polls load the first version); without, ``wait(why)`` is called (it sleeps, or exits) and the
     store read again, until a version names the model to load. A CURRENT deleted from a store with
     published versions, a refusal (403), a bucket that does not exist are no wait: they exit as before."""
+    cache_dir, read_only, hung_after = _node_arguments(model_dir, cache_dir, as_json, what)
+    while True:
+        opened = _open_once(store_uri, model_dir, cache_dir, read_only, hung_after, as_json, what, wait is not None)
+        if isinstance(opened, _Opened):
+            return opened
+        if wait is None:
+            fail_json(as_json, opened.why, 1, what)
+        if model_dir is not None and opened.store is not None:
+            from engram_core.checkpoint import load_checkpoint
+
+            try:
+                em = load_checkpoint(model_dir)
+            except (ValueError, OSError) as e:  # a damaged checkpoint
+                fail_json(as_json, f"--model {model_dir}: {e}", exit_code(e), what)
+            return _Opened(opened.store, None, em, cache_dir, None, opened.outage)
+        wait(opened.why)
+
+
+def _node_arguments(model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
+    """(cache_dir, read_only, hung_after) of a pull/ask/serve command, before the store is read: exit 2
+    naming a ``--cache-dir`` or ``--model`` that cannot be used, or a bad ENGRAM_HUNG_POLL_S.
+    ``read_only``: why a readable cache cannot be written (None: it can), refused once the store answers."""
     from serving.pull import default_cache_dir, hung_poll_seconds
 
     given = cache_dir is not None
@@ -108,21 +130,7 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
         hung_after = hung_poll_seconds()
     except ValueError as e:
         fail_json(as_json, str(e), 2, what)
-    while True:
-        opened = _open_once(store_uri, model_dir, cache_dir, read_only, hung_after, as_json, what, wait is not None)
-        if isinstance(opened, _Opened):
-            return opened
-        if wait is None:
-            fail_json(as_json, opened.why, 1, what)
-        if model_dir is not None and opened.store is not None:
-            from engram_core.checkpoint import load_checkpoint
-
-            try:
-                em = load_checkpoint(model_dir)
-            except (ValueError, OSError) as e:  # a damaged checkpoint
-                fail_json(as_json, f"--model {model_dir}: {e}", exit_code(e), what)
-            return _Opened(opened.store, None, em, cache_dir, None, opened.outage)
-        wait(opened.why)
+    return cache_dir, read_only, hung_after
 
 
 def _open_once(store_uri: str, model_dir: Path | None, cache_dir: Path, read_only: str | None, hung_after: float,
@@ -454,13 +462,13 @@ def serve(
             read_template_file(chat_template)
         except ChatTemplateError as e:
             _fail(str(e), code=exit_code(e))
+    _node_arguments(model, cache_dir)  # a bad --cache-dir or --model: said before the port is taken
     from serving.http import StartingNode  # here: it imports torch, which other commands do not need
 
     try:  # the port answers from now on: /healthz 503 until a version is served (a store that hangs, none yet)
         listener = StartingNode(host, port, reason=f"reading {store} and loading its model").start()
     except OSError as e:  # taken meanwhile
         _fail(_listen_message(host, port, e), code=2)
-    typer.echo(f"listening on http://{host}:{listener.port} (/healthz answers 503 until a version is served)", err=True)
     try:
         server, client = _start(listener, store, shards, interval, max_batch, batch_wait_ms, chat_template,
                                 stop_at_memory_end, cache_dir, model, max_stale)
@@ -501,7 +509,8 @@ def _start(listener, store: str, shards, interval: float, max_batch: int, batch_
         nonlocal said
         listener.set("no_version", f"{why}; polling every {interval:g}s")
         if why != said:
-            typer.echo(f"warning: not serving yet: {why}; polling every {interval:g}s", err=True)
+            typer.echo(f"warning: not serving yet (http://{listener.host}:{listener.port}/healthz answers 503): {why}; "
+                       f"polling every {interval:g}s", err=True)
             said = why
         time.sleep(interval * random.uniform(0.9, 1.1))
 

@@ -141,6 +141,10 @@ class StartingNode:
         self.thread: threading.Thread | None = None
 
     @property
+    def host(self) -> str:
+        return self.httpd.server_address[0]
+
+    @property
     def port(self) -> int:
         return self.httpd.server_address[1]
 
