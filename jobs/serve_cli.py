@@ -284,8 +284,11 @@ def pull(
         nonlocal count
         count += 1
         last = polls and count >= polls
-        if as_json:
-            typer.echo(json.dumps({"pulled": False, "store": store, "version": None, "error": why, "stale": None,
+        if as_json:  # a poll's report (below), of nothing
+            typer.echo(json.dumps({"pulled": False, "store": store, "version": None, "changed": False,
+                                   "fetched_shards": [], "users": 0, "shards": [], "delta_bytes": 0,
+                                   "downloaded_objects": 0, "downloaded_bytes": 0, "layers_applied": 0,
+                                   "evicted_objects": 0, "cache_error": None, "stale": None, "error": why,
                                    **({"exit_code": 1} if last else {})}))
         typer.echo(f"error: {why} (still serving nothing{'' if last else f'; polling every {interval:g}s'})", err=True)
         if last:

@@ -385,7 +385,10 @@ class ReferenceServer:
 
     @staticmethod
     def engram_headers(request: GenerationRequest) -> dict[str, str]:
-        return {"X-Engram-Memory": request.memory, "X-Engram-Version": str(request.version)}
+        headers = {"X-Engram-Memory": request.memory}
+        if request.version is not None:  # None: no version loaded yet (a request with no user, the base model)
+            headers["X-Engram-Version"] = str(request.version)
+        return headers
 
     def answer(self, api: ApiRequest, request: GenerationRequest) -> tuple[dict, dict[str, str]]:
         """A non-streamed request, decoded -> (response body, headers); RequestError on failure."""
