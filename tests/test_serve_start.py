@@ -130,6 +130,12 @@ def test_what_the_store_refuses_still_fails_a_starting_node_at_once(local_store,
     assert watched.exit_code == 1 and len(reports) == 2 and not any(r["pulled"] for r in reports)
     assert "nothing published yet" in reports[0]["error"] and reports[-1]["exit_code"] == 1
 
+    monkeypatch.setenv("ENGRAM_HUNG_POLL_S", "soon")
+    out = serve("--store", str(empty))
+    assert out.exit_code == 2 and out.stderr == "error: ENGRAM_HUNG_POLL_S='soon': give seconds above 0 (default 60), " \
+                                                 "or unset it\n"
+    monkeypatch.delenv("ENGRAM_HUNG_POLL_S")
+
     publish_model(local_store, tiny_dir)
     publish(local_store, tiny, v1(compiled))
     (local_store.root / "CURRENT").unlink()
