@@ -146,6 +146,8 @@ def test_what_the_store_refuses_still_fails_a_starting_node_at_once(local_store,
 
     out = serve("--store", str(tmp_path / "no-such-parent" / "store"))
     assert out.exit_code == 2 and "no such directory" in out.stderr
+    out = serve("--store", "s3://a/../b")
+    assert out.exit_code == 2 and "s3://a/../b" in out.stderr and out.stderr.count("\n") == 1, out.output
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
     out = serve("--store", f"s3://{flaky.bucket}-none/engram")
