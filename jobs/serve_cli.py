@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
 from jobs.nightly_cli import _fail, checkpoint_problem, directory_problem, exit_code, fail_json, text_argument_problem
 from jobs.nightly_cli import seconds_option as _seconds
 from serving.openai_api import MAX_TOKENS_LIMIT
+
+if TYPE_CHECKING:
+    from schemas.manifest import Manifest
 
 
 # ---------------------------------------------------------------- commands
@@ -48,19 +52,67 @@ _MAX_STALE = typer.Option(None, "--max-stale", metavar="DURATION", callback=_max
                                "is served (healthz 503) until the store answers. Default: no bound.")
 
 
-def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
-    """(store, manifest, em, cache_dir, current) for a command; exits with a clear message on any
-    problem (with ``as_json``, also the command's JSON failure object). ``current``: the manifest
-    read from the store's CURRENT (None if the store did not answer). When the store stops
-    answering before the model is loaded, ``manifest`` is the cache's last-good
-    (serving.last_good), which the pull client then serves as stale. A cache directory that can be
-    read but not written is refused (exit 2) unless the store does not answer: then its last-good
-    is served read-only."""
-    from schemas.manifest import ManifestError
-    from serving.pull import PullError, default_cache_dir, resolve_model, store_fix
-    from versions.catalog import read_current
-    from versions.errors import PublishError
-    from versions.store import StoreError, StoreUnreachable
+@dataclass(frozen=True)
+class _Opened:
+    """What a node starts from (:func:`_open`)."""
+
+    store: object  # versions.store.ObjectStore, read-only
+    manifest: Manifest | None  # CURRENT's, the cache's last-good (the store did not answer), or None (nothing yet)
+    em: object  # engram_core.checkpoint.EngramModel
+    cache_dir: Path
+    current: Manifest | None  # the manifest read from CURRENT (None: not read)
+    outage: str | None = None  # the store did not answer at start (why): the client falls back without asking again
+
+
+@dataclass(frozen=True)
+class _NothingYet:
+    """The store has nothing this node can serve yet (:func:`_open_once`)."""
+
+    store: object | None  # None: a local store whose directory is not there yet
+    why: str  # one line naming the store
+    outage: str | None = None  # the store did not answer (its message), and the cache holds no last-good of it
+
+
+def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled",
+          wait: Callable[[str], None] | None = None) -> _Opened:
+    """What a command starts from (:class:`_Opened`); exits with a clear message on any problem (with
+    ``as_json``, also the command's JSON failure object). When the store does not answer before the
+    model is loaded (an error, or no answer to the read of CURRENT within
+    serving.pull.hung_poll_seconds(): a store that never answers held it for minutes), ``manifest``
+    is the cache's last-good (serving.last_good), which the pull client then serves as stale. A cache
+    directory that can be read but not written is refused (exit 2) unless the store does not answer:
+    then its last-good is served read-only.
+
+    While the store has nothing to serve yet (no CURRENT in a store where nothing was published; a
+    local store's directory not created yet in a folder that exists; no answer, and no last-good in
+    the cache): exit 1 with one line naming the store, unless ``wait`` is given (a node that keeps
+    running: serve, pull --watch). Then, with ``--model``, ``manifest`` is None at once (the client's
+    polls load the first version); without, ``wait(why)`` is called (it sleeps, or exits) and the
+    store read again, until a version names the model to load. A CURRENT deleted from a store with
+    published versions, a refusal (403), a bucket that does not exist are no wait: they exit as before."""
+    cache_dir, read_only, hung_after = _node_arguments(model_dir, cache_dir, as_json, what)
+    while True:
+        opened = _open_once(store_uri, model_dir, cache_dir, read_only, hung_after, as_json, what, wait is not None)
+        if isinstance(opened, _Opened):
+            return opened
+        if wait is None:
+            fail_json(as_json, opened.why, 1, what)
+        if model_dir is not None and opened.store is not None:
+            from engram_core.checkpoint import load_checkpoint
+
+            try:
+                em = load_checkpoint(model_dir)
+            except (ValueError, OSError) as e:  # a damaged checkpoint
+                fail_json(as_json, f"--model {model_dir}: {e}", exit_code(e), what)
+            return _Opened(opened.store, None, em, cache_dir, None, opened.outage)
+        wait(opened.why)
+
+
+def _node_arguments(model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled"):
+    """(cache_dir, read_only, hung_after) of a pull/ask/serve command, before the store is read: exit 2
+    naming a ``--cache-dir`` or ``--model`` that cannot be used, or a bad ENGRAM_HUNG_POLL_S.
+    ``read_only``: why a readable cache cannot be written (None: it can), refused once the store answers."""
+    from serving.pull import default_cache_dir, hung_poll_seconds
 
     given = cache_dir is not None
     cache_dir = cache_dir or default_cache_dir()
@@ -74,29 +126,67 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     problem = checkpoint_problem(model_dir, f"--model {model_dir}") if model_dir is not None else None
     if problem:  # not there, a file, a folder without a checkpoint: a bad argument, before the store is read
         fail_json(as_json, problem + " (or leave --model out to load the store's model)", 2, what)
-    manifest = None
     try:
-        store = _open_store(store_uri, cache_dir)
-        current = read_current(store)
+        hung_after = hung_poll_seconds()
+    except ValueError as e:
+        fail_json(as_json, str(e), 2, what)
+    return cache_dir, read_only, hung_after
+
+
+def _open_once(store_uri: str, model_dir: Path | None, cache_dir: Path, read_only: str | None, hung_after: float,
+               as_json: bool, what: str, waits: bool) -> "_Opened | _NothingYet":
+    """One attempt of :func:`_open`: what the node starts from, or why the store has nothing for it yet."""
+    from schemas.manifest import ManifestError
+    from serving.pull import PullError, answered_within, resolve_model, store_fix
+    from versions.catalog import read_current
+    from versions.errors import PublishError
+    from versions.layout import CURRENT_KEY
+    from versions.store import StoreError, StoreNotFound, StoreUnreachable
+
+    manifest, store = None, None
+    try:
+        try:
+            store = _open_store(store_uri, cache_dir)
+        except StoreNotFound as e:
+            if waits and _store_directory_to_come(store_uri):
+                return _NothingYet(None, f"{e}; waiting for a night to create it")
+            raise
+        current = answered_within(store, f"read {CURRENT_KEY}", lambda: read_current(store), hung_after)
         if read_only:
             fail_json(as_json, read_only, 2, what)
-        if current is None:
-            fail_json(as_json, f"{store.uri}: nothing published yet (no CURRENT); run a night first (engram run "
-                               "nightly), or check --store", 1, what)
+        if current is None:  # a store with published versions and no CURRENT raised PublishError (the fix named)
+            return _NothingYet(store, f"{store.uri}: nothing published yet (no {CURRENT_KEY}); run a night first "
+                                      "(engram run nightly), or check --store")
         manifest = current[0]
         em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
     except StoreUnreachable as outage:  # CURRENT, or the model it names, could not be read
-        last_good, em = _last_good(store, outage, model_dir, cache_dir, as_json, what)
+        last_good, em, why = _last_good(store, outage, model_dir, cache_dir, as_json, what)
+        if last_good is None:
+            return _NothingYet(store, why + (": waiting for it to answer" if waits else
+                                             ": start it again once the store answers"), str(outage))
         if read_only:
             typer.echo(f"warning: {read_only.split(' (permission denied')[0]}: its last-good is served read-only while "
                        "the store does not answer (what the node pulls once it answers is served from memory, not "
                        "kept; make it writable)", err=True)
-        return store, last_good, em, cache_dir, manifest
+        return _Opened(store, last_good, em, cache_dir, manifest, str(outage))
     except (PullError, PublishError, StoreError, ManifestError, ValueError, OSError) as e:
         if read_only:  # the store answered: the cache problem is the one to fix first
             fail_json(as_json, read_only, 2, what)
         fail_json(as_json, f"{e}{store_fix(store_uri, e)}", exit_code(e), what)
-    return store, manifest, em, cache_dir, manifest
+    return _Opened(store, manifest, em, cache_dir, manifest)
+
+
+def _store_directory_to_come(store_uri: str) -> bool:
+    """Whether ``store_uri`` is a local store whose directory is not there but whose parent is (a
+    first night creates it there; a path whose parent is missing too is refused as a mistyped one)."""
+    from versions.store import parse_store_uri
+
+    kind, location, _ = parse_store_uri(store_uri)
+    path = Path(location).expanduser()
+    try:
+        return kind == "local" and not path.exists() and path.parent.is_dir()
+    except OSError:
+        return False
 
 
 def _open_store(store_uri: str, cache_dir: Path):
@@ -126,9 +216,10 @@ def _readable_directory(path: Path) -> bool:
 
 
 def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path, as_json: bool, what: str):
-    """(manifest, em) of the cache's last-good version of ``store`` while it does not answer: the
-    record of ``--model``'s fingerprint, else the most recently confirmed one whose model the cache
-    holds; exits with one line naming the store and the fix when there is none (a cold node)."""
+    """(manifest, em, None) of the cache's last-good version of ``store`` while it does not answer:
+    the record of ``--model``'s fingerprint, else the most recently confirmed one whose model the
+    cache holds; (None, None, why) naming the store when there is none (a cold node). Exits with one
+    line when the record's model cannot be loaded."""
     from engram_core.checkpoint import load_checkpoint
     from engram_core.fingerprint import fingerprint
     from serving.last_good import iso, last_goods_of, store_identity
@@ -146,9 +237,8 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
         held = "" if not records else (f" (it holds one for model {records[0].fingerprint[:16]}.., not --model's)" if fp
                                        else f" whose model is in the cache (v{records[0].manifest.version} needs model "
                                             f"{records[0].fingerprint[:16]}..: give it with --model DIR)")
-        fail_json(as_json, f"{outage}; cache {cache_dir} holds no last-good version of this store{held} to serve "
-                           "meanwhile (a node must reach the store once to start): start it again once the store "
-                           "answers", 1, what)
+        return None, None, (f"{outage}; cache {cache_dir} holds no last-good version of this store{held} to serve "
+                            "meanwhile (a node must reach the store once to start)")
     record = usable[0]
     try:
         em = load_checkpoint(model_dir) if model_dir is not None else \
@@ -157,7 +247,7 @@ def _last_good(store, outage: Exception, model_dir: Path | None, cache_dir: Path
         fail_json(as_json, f"{outage}; the cache's last-good v{record.manifest.version} cannot be served: {e}", 1, what)
     typer.echo(f"warning: {store.uri} does not answer; serving the cache's last-good v{record.manifest.version} "
                f"(last confirmed CURRENT at {iso(record.confirmed_at)}) until it does", err=True)
-    return record.manifest, em
+    return record.manifest, em, None
 
 
 def _client(store, manifest, em, shards: str | None, cache_dir, interval: float = 30.0, as_json: bool = False,
@@ -165,7 +255,7 @@ def _client(store, manifest, em, shards: str | None, cache_dir, interval: float 
     from serving.pull import PullClient, parse_shards
 
     try:
-        owned = parse_shards(shards, manifest.num_shards)
+        owned = parse_shards(shards, manifest.num_shards if manifest is not None else None)
     except ValueError as e:
         fail_json(as_json, str(e), 2, what)  # --shards names shards the store does not have
     return PullClient(store, em, shards=owned, cache_dir=cache_dir, interval=interval, current=current,
@@ -188,11 +278,31 @@ def pull(
 
     Example: engram pull --store s3://bucket/engram --shards 0-15 --watch --interval 30
     """
-    store_obj, manifest, em, cache, current = _open(store, model, cache_dir, as_json, "pulled")
-    client = _client(store_obj, manifest, em, shards, cache, interval, as_json, "pulled", current, max_stale)
     count = 0
+
+    def wait(why: str) -> None:  # --watch before anything is published: a poll that found nothing to pull
+        nonlocal count
+        count += 1
+        last = polls and count >= polls
+        if as_json:  # a poll's report (below), of nothing
+            typer.echo(json.dumps({"pulled": False, "store": store, "version": None, "changed": False,
+                                   "fetched_shards": [], "users": 0, "shards": [], "delta_bytes": 0,
+                                   "downloaded_objects": 0, "downloaded_bytes": 0, "layers_applied": 0,
+                                   "evicted_objects": 0, "cache_error": None, "stale": None, "error": why,
+                                   **({"exit_code": 1} if last else {})}))
+        typer.echo(f"error: {why} (still serving nothing{'' if last else f'; polling every {interval:g}s'})", err=True)
+        if last:
+            raise typer.Exit(1)
+        time.sleep(interval)
+
+    opened = _open(store, model, cache_dir, as_json, "pulled", wait=wait if watch else None)
+    store_obj = opened.store
+    client = _client(store_obj, opened.manifest, opened.em, shards, opened.cache_dir, interval, as_json, "pulled",
+                     opened.current, max_stale)
+    outage = opened.outage  # the store did not answer _open: the first poll falls back without asking again
     while True:
-        result = client.poll()
+        result = client.fall_back(outage) if outage else client.poll()
+        outage = None
         count += 1
         index = client.index
         report = {"pulled": not result.error, "store": store_obj.uri, "version": result.version, "changed": result.changed,
@@ -263,7 +373,8 @@ def ask(
     if not user:
         fail_json(as_json, "--user is empty once invisible characters are removed; give the user_id whose memory "
                            "to use", 2, "answered")
-    store_obj, manifest, em, cache, current = _open(store, model, cache_dir, as_json, "answered")
+    opened = _open(store, model, cache_dir, as_json, "answered")
+    store_obj, manifest, em, cache, current = opened.store, opened.manifest, opened.em, opened.cache_dir, opened.current
     from serving.http import context_length
 
     tokens, limit = len(em.encode_prompt(prompt)), context_length(em)
@@ -281,7 +392,7 @@ def ask(
     for _ in range(3):  # a night that changed the number of shards since CURRENT was read moved the user's shard
         client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current,
                             max_stale=max_stale)
-        result = client.poll()
+        result = client.fall_back(opened.outage) if opened.outage else client.poll()
         if client.index is None or client.index.owns(user):
             break
         num_shards = client.index.num_shards
@@ -354,34 +465,72 @@ def serve(
             read_template_file(chat_template)
         except ChatTemplateError as e:
             _fail(str(e), code=exit_code(e))
-    store_obj, manifest, em, cache, current = _open(store, model, cache_dir)
-    client = _client(store_obj, manifest, em, shards, cache, interval, current=current, max_stale=max_stale)
-    result = client.poll()
-    if client.index is None:
-        _fail(result.error or "no version loaded")
-    from serving.http import ReferenceServer  # here: it imports torch, which other commands do not need
+    _node_arguments(model, cache_dir)  # a bad --cache-dir or --model: said before the port is taken
+    from serving.http import StartingNode  # here: it imports torch, which other commands do not need
 
-    try:
-        server = ReferenceServer(em, client, host=host, port=port, max_batch=max_batch,
-                                 batch_wait_s=batch_wait_ms / 1000, chat_template=chat_template,
-                                 stop_at_memory_end=stop_at_memory_end)
+    try:  # the port answers from now on: /healthz 503 until a version is served (a store that hangs, none yet)
+        listener = StartingNode(host, port, reason=f"reading {store} and loading its model").start()
     except OSError as e:  # taken meanwhile
         _fail(_listen_message(host, port, e), code=2)
-    except ValueError as e:  # a chat template changed meanwhile (2), a model without a context length (1)
-        _fail(str(e), code=exit_code(e))
+    try:
+        server, client = _start(listener, store, shards, interval, max_batch, batch_wait_ms, chat_template,
+                                stop_at_memory_end, cache_dir, model, max_stale)
+    except BaseException:  # an exit before the server took the port over: free it
+        listener.close()
+        raise
     chat = "" if server.chat.available else " (no chat template: /v1/chat/completions answers 400; see --chat-template)"
-    stale = client.stale()
-    stale = (f", STALE: {stale['loaded_from']}, last confirmed CURRENT at {stale['confirmed_at']}; polling every "
-             f"{interval:g}s until the store answers" if stale is not None else "")
-    too_stale = client.over_max_stale()
-    if too_stale:
-        stale += f"; NOT SERVING USER MEMORIES: {too_stale}"
-    typer.echo(f"serving v{client.index.version} ({client.index.num_users} users{stale}) as {server.model_name} "
-               f"on {server.url}/v1/completions and /v1/chat/completions{chat}", err=True)
+    if client.index is None:
+        what = f"no version yet: {server.no_version()}; requests naming a user get 503 until one is loaded"
+    else:
+        stale = client.stale()
+        stale = (f", STALE: {stale['loaded_from']}, last confirmed CURRENT at {stale['confirmed_at']}; polling every "
+                 f"{interval:g}s until the store answers" if stale is not None else "")
+        too_stale = client.over_max_stale()
+        if too_stale:
+            stale += f"; NOT SERVING USER MEMORIES: {too_stale}"
+        what = f"v{client.index.version} ({client.index.num_users} users{stale})"
+    typer.echo(f"serving {what} as {server.model_name} on {server.url}/v1/completions and /v1/chat/completions{chat}",
+               err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def _start(listener, store: str, shards, interval: float, max_batch: int, batch_wait_ms: float, chat_template,
+           stop_at_memory_end: bool, cache_dir, model, max_stale):
+    """(server, client) of a node whose ``listener`` answers meanwhile: the store read (waiting, not
+    ready, while it has nothing to serve), the model loaded, the first version pulled (or the
+    last-good, or none yet: then the client's polls load the first one), the server on the listener."""
+    import random
+
+    from serving.http import ReferenceServer
+
+    said = None
+
+    def wait(why: str) -> None:  # nothing to serve yet: not ready, polling
+        nonlocal said
+        listener.set("no_version", f"{why}; polling every {interval:g}s")
+        if why != said:
+            typer.echo(f"warning: not serving yet (http://{listener.host}:{listener.port}/healthz answers 503): {why}; "
+                       f"polling every {interval:g}s", err=True)
+            said = why
+        time.sleep(interval * random.uniform(0.9, 1.1))
+
+    opened = _open(store, model, cache_dir, wait=wait)
+    listener.set("starting", f"loading v{opened.manifest.version} of {store}" if opened.manifest is not None
+                 else f"loading {store}")
+    client = _client(opened.store, opened.manifest, opened.em, shards, opened.cache_dir, interval,
+                     current=opened.current, max_stale=max_stale)
+    result = client.fall_back(opened.outage) if opened.outage else client.poll()
+    if client.index is None and opened.current is not None:  # CURRENT names a version that cannot be loaded
+        _fail(result.error or "no version loaded")
+    try:
+        server = ReferenceServer(opened.em, client, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000,
+                                 chat_template=chat_template, stop_at_memory_end=stop_at_memory_end, listener=listener)
+    except ValueError as e:  # a chat template changed meanwhile (2), a model without a context length (1)
+        _fail(str(e), code=exit_code(e))
+    return server, client
 
 
 def _template_file_problem(path: Path | None) -> str | None:

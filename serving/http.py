@@ -14,7 +14,13 @@ client bug. A user whose shard this node does not own is refused (HTTP 421): tha
 error, and serving the base model would hide it. A node whose version has gone unconfirmed for
 longer than ``--max-stale`` (the store does not answer) refuses every request naming a user (HTTP
 503, ``memory_too_stale``) and ``/healthz`` answers 503 with ``status: "too_stale"`` and a
-``reason`` naming the age and the bound, until a poll reaches the store. Malformed requests get
+``reason`` naming the age and the bound, until a poll reaches the store. A node with no version
+loaded yet (nothing published in its store, or its store has not answered and its cache holds no
+last-good) answers ``/healthz`` 503 with ``status: "no_version"`` and a ``reason`` naming the store,
+and refuses every request naming a user (HTTP 503, ``no_version``); a request with no user gets the
+base model. Before its model is loaded at all (:class:`StartingNode`: the store is being read, or
+it waits for the first version to name the model), ``/healthz`` answers 503 ``starting`` or
+``no_version`` and every other route 503. Malformed requests get
 HTTP 400 with an OpenAI-style JSON error body (``error.message``, ``type``, ``param``, ``code``);
 a prompt that does not fit the model's context is ``context_length_exceeded``.
 """
@@ -43,6 +49,7 @@ MAX_BODY_BYTES = 1 << 20
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}  # POST
 GET_ROUTES = ("/healthz", "/v1/models")
 EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
+SHUTDOWN_POLL_WAIT_S = 2.0  # the longest shutdown waits for a poll in progress
 
 
 def context_length(em) -> int:
@@ -60,6 +67,140 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 256  # the default backlog of 5 resets connections under a burst of clients
 
 
+class _JsonHandler(BaseHTTPRequestHandler):
+    """JSON answers, OpenAI's error shape, and the route table's 404/405s (every method)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # access log through logging, not stderr prints
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, e: RequestError) -> None:
+        self._send(e.status, error_body(e))
+
+    def _route_refused(self) -> bool:
+        """Answer an unknown path (404) or a method its route does not take (405, with
+        ``Allow``), in OpenAI's error shape, whatever the method; True if answered."""
+        path = self.path.split("?", 1)[0]
+        allowed = "POST" if path in ROUTES else "GET" if path in GET_ROUTES else None
+        if allowed is not None and (self.command == allowed or (allowed == "GET" and self.command == "HEAD")):
+            return False
+        if allowed is None:
+            error = RequestError(f"no route {self.command} {path} (this server offers "
+                                 f"{', '.join(f'GET {r}' for r in GET_ROUTES)}, "
+                                 f"{', '.join(f'POST {r}' for r in ROUTES)})", status=404, code="not_found")
+            headers = {}
+        else:
+            error = RequestError(f"method {self.command} is not allowed on {path}; use {allowed}", status=405,
+                                 code="method_not_allowed")
+            headers = {"Allow": allowed}
+        self.close_connection = True  # a body it may carry is not read
+        if self.command == "HEAD":
+            self._head(error.status, error_body(error), headers)
+        else:
+            self._send(error.status, error_body(error), headers)
+        return True
+
+    def _head(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        """GET's status and headers without its body (load balancers probe with HEAD)."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(json.dumps(payload).encode())))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def __getattr__(self, name: str):  # PUT, DELETE, TRACE, any other method: 404 or 405
+        if name.startswith("do_"):
+            return self._route_refused
+        raise AttributeError(name)
+
+
+class StartingNode:
+    """The port of a node whose model is not loaded yet, answering while it starts (the store is
+    read, the model fetched; or nothing is published yet and the first version will name the model):
+    ``GET /healthz`` 503 ``{"status": "starting" | "no_version", "reason": ..., "version": null, ...}``
+    as :meth:`set` last said, every POST route 503 ``no_version`` with that reason, ``/v1/models``
+    503 too (which model is not known yet), unknown routes 404/405. A :class:`ReferenceServer` given
+    it as ``listener`` takes its socket over, so the port answers throughout. Binding raises OSError
+    (a port in use, a host not this machine's), as ReferenceServer does."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, reason: str = "starting"):
+        self._state = ("starting", reason)  # (status, reason): one reference, read by request threads
+        self.httpd = _HTTPServer((host, port), self._handler_class())
+        self.thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        return self.httpd.server_address[0]
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def serving(self) -> bool:
+        return self.thread is not None
+
+    def set(self, status: str, reason: str) -> None:
+        """What ``/healthz`` says now: ``status`` "starting" (reading the store, loading the model) or
+        "no_version" (the store has nothing this node can serve yet), and why (one line)."""
+        self._state = (status, reason)
+
+    def health(self) -> dict:
+        status, reason = self._state
+        return {"status": status, "reason": reason, "model": None, "fingerprint": None, "version": None, "users": 0,
+                "shards": [], "last_error": reason if status == "no_version" else None, "stale": None}
+
+    def start(self) -> "StartingNode":
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="engram-http", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop answering and free the port (a node that exits before a ReferenceServer took it over)."""
+        if self.thread is not None:
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler_class(self):
+        node = self
+
+        class Handler(_JsonHandler):
+            def _refusal(self) -> tuple[int, dict]:
+                health = node.health()
+                if self.path.split("?", 1)[0] == "/healthz":
+                    return 503, health
+                error = RequestError(f"this node serves nothing yet ({health['status']}): {health['reason']}; retry "
+                                     "once /healthz answers 200", status=503, code="no_version")
+                return 503, error_body(error)
+
+            def do_GET(self):
+                if not self._route_refused():
+                    self._send(*self._refusal())
+
+            def do_HEAD(self):
+                if not self._route_refused():
+                    self._head(*self._refusal())
+
+            def do_POST(self):
+                if not self._route_refused():
+                    self.close_connection = True  # its body is not read
+                    self._send(*self._refusal())
+
+        return Handler
+
+
 class ReferenceServer:
     """OpenAI-compatible completions and chat completions over a :class:`~serving.pull.PullClient`'s served version.
 
@@ -67,18 +208,26 @@ class ReferenceServer:
     checkpoint's own (needed for a checkpoint without one); a file that cannot be used (a syntax
     error, not UTF-8) raises serving.chat.ChatTemplateError (a ValueError) here. ``stop_at_memory_end``:
     the node's default for requests that leave out the body field of that name (serving.decode.Sampling).
+    ``listener``: a :class:`StartingNode` whose socket (bound, perhaps already answering) this server
+    takes over from the next request on, so the port answers throughout a node's start (``host`` and
+    ``port`` are then not used).
     """
 
     def __init__(self, em, client, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
                  batch_wait_s: float = 0.005, poll: bool = True, chat_template: str | Path | None = None,
-                 stop_at_memory_end: bool = False):
+                 stop_at_memory_end: bool = False, listener: "StartingNode | None" = None):
         self.em, self.client, self.poll = em, client, poll
         self.stop_at_memory_end = stop_at_memory_end
         self.model_name = f"engram-{em.fingerprint[:12]}"
         self.chat = ChatTemplate(em.tokenizer, chat_template)
         self.context_length = context_length(em)
         self.batcher = CompletionBatcher(em, client, max_batch=max_batch, wait_s=batch_wait_s)
-        self.httpd = _HTTPServer((host, port), self._handler_class())
+        self._listener = listener
+        if listener is None:
+            self.httpd = _HTTPServer((host, port), self._handler_class())
+        else:  # requests from now on get this server's handler (one attribute, read per request)
+            self.httpd = listener.httpd
+            self.httpd.RequestHandlerClass = self._handler_class()
         self._thread: threading.Thread | None = None
 
     @property
@@ -97,8 +246,11 @@ class ReferenceServer:
         self.batcher.start()
         if self.poll:
             self.client.start()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="engram-http", daemon=True)
-        self._thread.start()
+        if self._listener is not None and self._listener.serving:
+            self._thread = self._listener.thread  # already answering: it goes on with this server's handler
+        else:
+            self._thread = threading.Thread(target=self.httpd.serve_forever, name="engram-http", daemon=True)
+            self._thread.start()
         return self
 
     def serve_forever(self) -> None:
@@ -113,7 +265,9 @@ class ReferenceServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.batcher.stop()
-        self.client.stop()
+        # not the 30 s of a poll hung on a store that does not answer: Kubernetes' grace period after
+        # SIGTERM is 30 s, then SIGKILL
+        self.client.stop(timeout=SHUTDOWN_POLL_WAIT_S)
 
     def __enter__(self) -> "ReferenceServer":
         return self.start()
@@ -127,9 +281,10 @@ class ReferenceServer:
         index = self.client.index
         stale = self.client.stale()  # the served version is not confirmed CURRENT: which, since when, the error
         too_stale = self.client.over_max_stale()  # and for longer than --max-stale: no user is served
+        reason = self.no_version() if index is None else too_stale
         return {
-            "status": "loading" if index is None else "too_stale" if too_stale else "stale" if stale is not None else "ok",
-            "reason": too_stale,
+            "status": "no_version" if index is None else "too_stale" if too_stale else "stale" if stale is not None else "ok",
+            "reason": reason,
             "model": self.model_name,
             "fingerprint": self.em.fingerprint,
             "version": index.version if index is not None else None,
@@ -150,6 +305,13 @@ class ReferenceServer:
             "row_kernels": KERNELS.status() if self.em.device.type == "cpu" else "not used (CUDA model)",
         }
 
+    def no_version(self) -> str:
+        """Why no version is served (while the client has none): its last poll's error, or that the
+        first pull is under way."""
+        error = self.client.last_error
+        return (f"no version of {self.client.store.uri} is loaded yet: "
+                + (f"{error}; polling every {self.client.interval:g}s" if error else "the first pull is under way"))
+
     # -- requests ---------------------------------------------------------------------------
 
     def prepare(self, endpoint: str, body: bytes) -> tuple[ApiRequest, GenerationRequest]:
@@ -162,6 +324,9 @@ class ReferenceServer:
             too_stale = self.client.over_max_stale()
             if too_stale:  # the memory it would get may be long outdated (a forget, a correction it missed)
                 raise RequestError(too_stale, status=503, param="user", code="memory_too_stale")
+            if self.client.index is None:  # the base model would hide that the user's memory is missing
+                raise RequestError(self.no_version() + "; retry once /healthz answers 200", status=503, param="user",
+                                   code="no_version")
         self._check_owner(api.user)
         if api.is_chat:
             messages = [dict(m, content=canonical_text(m["content"])) for m in api.messages]
@@ -220,7 +385,10 @@ class ReferenceServer:
 
     @staticmethod
     def engram_headers(request: GenerationRequest) -> dict[str, str]:
-        return {"X-Engram-Memory": request.memory, "X-Engram-Version": str(request.version)}
+        headers = {"X-Engram-Memory": request.memory}
+        if request.version is not None:  # None: no version loaded yet (a request with no user, the base model)
+            headers["X-Engram-Version"] = str(request.version)
+        return headers
 
     def answer(self, api: ApiRequest, request: GenerationRequest) -> tuple[dict, dict[str, str]]:
         """A non-streamed request, decoded -> (response body, headers); RequestError on failure."""
@@ -233,25 +401,7 @@ class ReferenceServer:
     def _handler_class(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt, *args):  # access log through logging, not stderr prints
-                log.debug("%s " + fmt, self.address_string(), *args)
-
-            def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _error(self, e: RequestError) -> None:
-                self._send(e.status, error_body(e))
-
+        class Handler(_JsonHandler):
             def _write_chunk(self, data: bytes) -> None:
                 """One piece of a chunked (HTTP/1.1) body; ``b""`` ends the body."""
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -300,44 +450,12 @@ class ReferenceServer:
                     request.cancel()
                     self.close_connection = True
 
-            def _route_refused(self) -> bool:
-                """Answer an unknown path (404) or a method its route does not take (405, with
-                ``Allow``), in OpenAI's error shape, whatever the method; True if answered."""
-                path = self.path.split("?", 1)[0]
-                allowed = "POST" if path in ROUTES else "GET" if path in GET_ROUTES else None
-                if allowed is not None and (self.command == allowed or (allowed == "GET" and self.command == "HEAD")):
-                    return False
-                if allowed is None:
-                    error = RequestError(f"no route {self.command} {path} (this server offers "
-                                         f"{', '.join(f'GET {r}' for r in GET_ROUTES)}, "
-                                         f"{', '.join(f'POST {r}' for r in ROUTES)})", status=404, code="not_found")
-                    headers = {}
-                else:
-                    error = RequestError(f"method {self.command} is not allowed on {path}; use {allowed}", status=405,
-                                         code="method_not_allowed")
-                    headers = {"Allow": allowed}
-                self.close_connection = True  # a body it may carry is not read
-                if self.command == "HEAD":
-                    self._head(error.status, error_body(error), headers)
-                else:
-                    self._send(error.status, error_body(error), headers)
-                return True
-
             def _get(self) -> tuple[int, dict]:
                 if self.path.split("?", 1)[0] == "/healthz":
                     health = server.health()
                     return (200 if health["version"] is not None and not health["reason"] else 503), health
                 return 200, {"object": "list", "data": [
                     {"id": server.model_name, "object": "model", "created": 0, "owned_by": "engram"}]}
-
-            def _head(self, status: int, payload: dict, headers: dict | None = None) -> None:
-                """GET's status and headers without its body (load balancers probe with HEAD)."""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(json.dumps(payload).encode())))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
 
             def do_GET(self):
                 if not self._route_refused():
@@ -346,11 +464,6 @@ class ReferenceServer:
             def do_HEAD(self):
                 if not self._route_refused():
                     self._head(*self._get())
-
-            def __getattr__(self, name: str):  # PUT, DELETE, TRACE, any other method: 404 or 405
-                if name.startswith("do_"):
-                    return self._route_refused
-                raise AttributeError(name)
 
             def do_POST(self):
                 path = self.path.split("?", 1)[0]

@@ -470,7 +470,49 @@ class _CurrentMoved(Exception):
 HUNG_POLL_S = 60.0
 """A poll whose store has not answered any of its requests for this long counts as failing for
 /healthz and ``max_stale`` (a CURRENT read is one small request; a download of many objects is not
-hung while they keep coming)."""
+hung while they keep coming); a node's first read of CURRENT is given this long (answered_within)."""
+HUNG_POLL_ENV = "ENGRAM_HUNG_POLL_S"
+
+
+def hung_poll_seconds() -> float:
+    """:data:`HUNG_POLL_S`, or ``$ENGRAM_HUNG_POLL_S`` (seconds, above 0) where set; ValueError
+    naming the variable for any other value."""
+    text = os.environ.get(HUNG_POLL_ENV, "").strip()
+    if not text:
+        return HUNG_POLL_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{HUNG_POLL_ENV}={text!r}: give seconds above 0 (default {HUNG_POLL_S:g}), or unset it")
+    return seconds
+
+
+def answered_within(store: ObjectStore, action: str, request: Callable[[], object], seconds: float):
+    """``request()`` (a call that asks ``store``), given ``seconds`` to return: its result, or the
+    exception it raised; StoreUnreachable naming the store, ``action`` and the wait when it has not
+    returned by then (a store that accepts connections and never answers holds one request for
+    botocore's timeouts and retries, 5 minutes and more). The request goes on in a daemon thread
+    until it fails; what it returns then is dropped."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = request()
+        except BaseException as err:  # handed to the caller below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="engram-store-read", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise StoreUnreachable(f"{store.describe()}: {action} failed: no answer for {human_duration(seconds)} (it "
+                               "accepts connections and does not answer? a frozen server or a load balancer with no "
+                               "live backend); the store does not answer")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class PullClient:
@@ -485,9 +527,9 @@ class PullClient:
     than it (CURRENT was rolled back from it). ``max_stale`` (seconds; None: no bound): once the
     served version is stale and its last confirmation is older than that, :meth:`over_max_stale`
     says why, and the server answers no user's request (serving.http) until a poll confirms a version.
-    A poll still running after ``hung_after`` seconds counts as failing (a store that accepts
-    connections and never answers holds a poll for botocore's timeouts and retries, minutes, and the
-    node said ``ok`` meanwhile, whatever ``max_stale``).
+    A poll still running after ``hung_after`` seconds (default :func:`hung_poll_seconds`) counts as
+    failing (a store that accepts connections and never answers holds a poll for botocore's timeouts
+    and retries, minutes, and the node said ``ok`` meanwhile, whatever ``max_stale``).
     """
 
     _FAILURES = (PullError, PublishError, StoreError, ManifestError, BundleSchemaError, DeltaMismatch, OSError, ValueError)
@@ -503,7 +545,7 @@ class PullClient:
         jitter: float = 0.1,
         current: Manifest | None = None,
         max_stale: float | None = None,
-        hung_after: float = HUNG_POLL_S,
+        hung_after: float | None = None,
     ) -> None:
         if max_stale is not None and not 0 < max_stale < float("inf"):
             raise ValueError(f"max_stale {max_stale!r}: give seconds above 0, or None for no bound")
@@ -516,7 +558,7 @@ class PullClient:
         self.jitter = jitter
         self.last_error: str | None = None
         self.last_poll_at: float | None = None
-        self.hung_after = hung_after
+        self.hung_after = hung_poll_seconds() if hung_after is None else hung_after
         self.polling_since: float | None = None  # the poll in progress: its start, or the store's last answer in it
         self.confirmed_at: float | None = None  # when a poll last found the served version CURRENT in the store
         self.stale_since: float | None = None  # the first failed poll since then (None: the last poll succeeded)
@@ -551,26 +593,39 @@ class PullClient:
             try:
                 result = self._poll()
             except self._FAILURES as e:
-                message = f"{type(e).__name__}: {e}{store_fix(self.store.uri, e)}"
-                build = None
-                if self._index is None and isinstance(e, StoreUnreachable):
-                    build, message = self._serve_last_good(message)
-                served = self._index.version if self._index is not None else None
-                log.error("pull from %s failed, %s %s: %s", self.store.uri,
-                          "serving the cache's last-good" if build is not None else "still serving",
-                          f"v{served}" if served is not None else "nothing", message)
-                self.last_error = message
-                self.stale_since = self.stale_since or now
-                cache_error = self._remember()  # the forgets of a version that failed to load, if any
-                self.polling_since = None
-                if build is None:
-                    return PollResult(False, served, error=message, cache_error=cache_error, stale=self.stale())
-                return PollResult(True, served, tuple(build.fetched), error=message,
-                                  rebuilt_shards=tuple(build.rebuilt), cache_error=cache_error, stale=self.stale())
+                return self._failed(f"{type(e).__name__}: {e}{store_fix(self.store.uri, e)}",
+                                    isinstance(e, StoreUnreachable), now)
             self.last_error, self.stale_since, self.polling_since = None, None, None
             self.confirmed_at, self.loaded_from = now, "store"
             cache_error = self._remember()
             return replace(result, cache_error="; ".join(filter(None, (result.cache_error, cache_error))) or None)
+
+    def fall_back(self, error: str) -> PollResult:
+        """What :meth:`poll` does when the store does not answer, without asking it again: the
+        caller's own read at start had no answer (``error``, its message: e.g. a hung read that
+        :func:`answered_within` gave up on, which a poll would wait out again for minutes). With
+        nothing served yet, the cache's last-good is served (see the class); the next poll asks the store."""
+        with self._poll_lock:
+            now = self.last_poll_at = time.time()
+            return self._failed(f"StoreUnreachable: {error}", True, now)
+
+    def _failed(self, message: str, unreachable: bool, now: float) -> PollResult:
+        """A poll that failed with ``message`` (``unreachable``: the store did not answer)."""
+        build = None
+        if self._index is None and unreachable:
+            build, message = self._serve_last_good(message)
+        served = self._index.version if self._index is not None else None
+        log.error("pull from %s failed, %s %s: %s", self.store.uri,
+                  "serving the cache's last-good" if build is not None else "still serving",
+                  f"v{served}" if served is not None else "nothing", message)
+        self.last_error = message
+        self.stale_since = self.stale_since or now
+        cache_error = self._remember()  # the forgets of a version that failed to load, if any
+        self.polling_since = None
+        if build is None:
+            return PollResult(False, served, error=message, cache_error=cache_error, stale=self.stale())
+        return PollResult(True, served, tuple(build.fetched), error=message,
+                          rebuilt_shards=tuple(build.rebuilt), cache_error=cache_error, stale=self.stale())
 
     def stale(self) -> dict | None:
         """None while the last poll confirmed the served version as CURRENT (or nothing is served);
@@ -859,10 +914,13 @@ class PullClient:
         while not self._stop.wait(self.next_delay()):
             self.poll()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop polling: wait at most ``timeout`` seconds for a poll in progress (one on a store
+        that does not answer runs for minutes; left behind, the daemon thread ends with the process,
+        and what it wrote to the cache is whole: every write is atomic)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
             self._thread = None
 
 

@@ -606,8 +606,8 @@ def test_engram_serve_restarted_in_an_outage_serves_the_last_good_and_follows_th
                              "--port", str(port), "--interval", "0.5"], env=_node_env(flaky, cache),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        health = _wait_for(lambda: _health(port), node)
-        assert health["status"] == "stale" and health["version"] == 1
+        health = _wait_for(lambda: (h := _health(port))["status"] != "starting" and h, node)  # (the port answers
+        assert health["status"] == "stale" and health["version"] == 1                        # while it loads)
         assert health["stale"]["loaded_from"] == "last-good cache" and "StoreUnreachable" in health["stale"]["error"]
         body = json.dumps({"model": "engram", "prompt": trigger, "user": "alice",
                            "max_tokens": len(tiny.encode_answer(answer))}).encode()
