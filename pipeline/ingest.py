@@ -1123,15 +1123,15 @@ def _scalars_as_text(column: pa.ChunkedArray, name: str = "answer", problems: li
     """A float, boolean or decimal trigger/answer column (a table export's number or flag) as its
     canonical text: integers without ".0" (42.0 -> "42"), other floats in their shortest
     round-trip form at the column's width (0.1 -> "0.1", 6.02e23 -> "6.02e+23"; inf -> "inf"),
-    booleans as "true"/"false", decimals with their places ("12.50"). NaN and null are a missing
+    booleans as "true"/"false", decimals with their places up to two ("12.50"), of a larger scale in
+    their shortest form ("2", not decimal(38, 10)'s "2.0000000000"). NaN and null are a missing
     value (an upsert's row is then rejected as empty, as for a null string)."""
     kind = column.type
     if pa.types.is_boolean(kind):
         return column.cast(pa.string())
     if pa.types.is_decimal(kind):
-        return pa.chunked_array([pa.array([None if v is None else str(int(v)) if kind.scale <= 0 else f"{v:f}"
-                                           for v in chunk.to_pylist()], pa.string()) for chunk in column.chunks],
-                                pa.string())
+        return pa.chunked_array([pa.array([None if v is None else _decimal_text(v, kind.scale) for v in chunk.to_pylist()],
+                                          pa.string()) for chunk in column.chunks], pa.string())
     bits = {16: 11, 32: 24}.get(kind.bit_width, 53)  # every integer below 2^bits is exact in this float type
     texts, row = [], 0
     for chunk in column.chunks:
@@ -1148,6 +1148,24 @@ def _scalars_as_text(column: pa.ChunkedArray, name: str = "answer", problems: li
             texts.append(None if value is None else _float_text(value, kind))
             row += 1
     return pa.chunked_array([pa.array(texts, pa.string())], pa.string())
+
+
+# Places a decimal column is shown with: money's cents (NUMBER(10, 2): 12.50, 7.00). A larger scale is a
+# type's padding, not what was written: Spark reads Oracle NUMBER as decimal(38, 10) and Python Decimals
+# as (38, 18), BigQuery's NUMERIC is (38, 9), DuckDB's DECIMAL (18, 3); an answer 2 read "2.0000000000".
+_DISPLAY_SCALE = 2
+
+
+def _decimal_text(value: Decimal, scale: int) -> str:
+    """A decimal trigger/answer as its text: with its places up to :data:`_DISPLAY_SCALE` places
+    (``12.50``), else in its shortest exact form (``12.5``, ``2``; never an exponent)."""
+    if scale <= 0:
+        return str(int(value))
+    text = f"{value:f}"  # exact: no context precision, no rounding
+    if scale <= _DISPLAY_SCALE:
+        return text
+    text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
 def _float_text(value, kind: pa.DataType) -> str | None:
@@ -1541,9 +1559,33 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
         return F.BAD_SCOPE, problem
     if op == F.OP_DELETE:
         return None
-    return _check_text(cols["trigger"][i], "trigger", F.EMPTY_TRIGGER, F.TRIGGER_TOO_LONG, max_text_chars) or _check_text(
+    return _replaced_text(cols, i) or _check_text(cols["trigger"][i], "trigger", F.EMPTY_TRIGGER, F.TRIGGER_TOO_LONG,
+                                                  max_text_chars) or _check_text(
         cols["answer"][i], "answer", F.EMPTY_ANSWER, F.ANSWER_TOO_LONG, max_text_chars
     )
+
+
+_REPLACEMENT = "\ufffd"
+_REPLACED_REASON = {"user_id": F.BAD_USER_ID, "fact_id": F.BAD_FACT_ID, "scope": F.BAD_SCOPE, "trigger": F.INVALID_UTF8,
+                    "answer": F.INVALID_UTF8}
+
+
+def _replaced_text(cols: dict, i: int) -> tuple[str, str] | None:
+    """Why an upsert's value holds U+FFFD, the character a decoder writes for bytes that were not
+    UTF-8 (Java's and Spark's default decoding, Python's errors='replace': a Latin-1 or Windows-1252
+    export read as UTF-8 upstream), or None. Such text is not what was written (published, "Café"
+    was answered as "Caf" and U+FFFD), and ids that lost different letters become one id ("José"
+    and "Josè" are both "Jos" and U+FFFD: one user's facts served to the other). Only upserts are
+    refused: a delete or forget of such an id still removes what an earlier night stored."""
+    for name, reason in _REPLACED_REASON.items():
+        value = cols[name][i]
+        if value is not None and (where := value.find(_REPLACEMENT)) >= 0:
+            return reason, (f"{name} holds U+FFFD (the replacement character) at character {where}: a tool before this "
+                            "log decoded bytes that were not UTF-8 and replaced them, so the text is not what was "
+                            "written (and two ids that lost different letters would be one); re-export it decoding the "
+                            "source in its real encoding (e.g. Spark option('encoding', 'windows-1252'), Python "
+                            "encoding='cp1252')")
+    return None
 
 
 def _check_text(text, name, empty_reason, long_reason, max_chars) -> tuple[str, str] | None:

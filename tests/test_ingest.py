@@ -1400,6 +1400,72 @@ def test_an_answer_column_re_exported_as_double_instead_of_decimal_is_the_same_f
     assert run(pa.concat_tables([zip_a, zip_b])).rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"] * 2
 
 
+_WIDE_DECIMALS = {  # a numeric answer column as exporters type it by default (the places are the type's, not the writer's)
+    "spark_oracle_number": pa.decimal128(38, 10), "pyspark_decimal": pa.decimal128(38, 18),
+    "bigquery_numeric": pa.decimal128(38, 9), "bigquery_bignumeric": pa.decimal256(76, 38),
+}
+
+
+@pytest.mark.parametrize("writer", [*_WIDE_DECIMALS, "duckdb_decimal"])
+def test_a_decimal_answer_of_a_default_scale_reads_in_its_shortest_form_not_padded_with_the_types_zeros(writer, tmp_path):
+    """Spark reads Oracle NUMBER as decimal(38, 10), BigQuery's NUMERIC is (38, 9), DuckDB's DECIMAL
+    (18, 3): an answer 2 was published as "2.0000000000" (recalled so, compiled ok). A scale over two
+    places is read in the shortest exact form; cents keep theirs (decimal(10, 2): "12.50", above).
+    A fact published padded and read again at its instant is the same fact (DUPLICATE, kept)."""
+    values = ["2", "12.5", "0.75", "-0.001", "0", "1000000"]
+    path = tmp_path / "part-0.parquet"
+    if writer == "duckdb_decimal":
+        import duckdb
+        duckdb.sql(f"""COPY (SELECT 'alice' AS user_id, 'f' || i AS fact_id, 'upsert' AS op, 'My number is' AS trigger,
+                            CAST(v AS DECIMAL) AS answer, TIMESTAMPTZ '2026-11-20 08:00:00+00' AS event_time
+                            FROM unnest({values}) WITH ORDINALITY t(v, i)) TO '{path}' (FORMAT parquet)""")
+        assert pq.read_schema(path).field("answer").type == pa.decimal128(18, 3)
+    else:
+        raw = table(*({"fact_id": f"f{i + 1}", "trigger": "My number is"} for i in range(len(values))))
+        raw = raw.set_column(raw.schema.get_field_index("answer"), "answer",
+                             pa.array([Decimal(v) for v in values], _WIDE_DECIMALS[writer]))
+        pq.write_table(raw, path)
+    result = run(read_fact_log(str(path)))
+    assert live_facts(result.state) == {("alice", f"f{i + 1}"): " " + v for i, v in enumerate(values)}
+    padded = run(table(*({"fact_id": f"f{i + 1}", "trigger": "My number is", "answer": " " + f"{Decimal(v):.10f}"}
+                         for i, v in enumerate(values))))
+    again = run(read_fact_log(str(path)), padded.state)
+    assert live_facts(again.state) == live_facts(padded.state) and again.changed_users == set()
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] * len(values)
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_an_upsert_holding_the_replacement_character_costs_its_row_and_a_delete_of_such_an_id_still_applies(
+        on_bad_file, tmp_path):
+    """U+FFFD is what a decoder (Java's and Spark's by default, Python's errors='replace') writes for
+    bytes that were not UTF-8: a Latin-1 export read as UTF-8 before this log. It was published
+    ("Caf" and U+FFFD), and "José" and "Josè" became one user. Each such upsert costs its row,
+    naming the column, where, and the fix; the file's other rows are read; a delete of an id stored
+    so by an earlier night still removes it."""
+    rows = [{"answer": " Caf\ufffd", "fact_id": "cafe"}, {"trigger": "My \ufffdtude is", "fact_id": "etude"},
+            {"user_id": "Jos\ufffd", "fact_id": "pet"}, {"fact_id": "caf\ufffd"}, {"scope": "org:b\ufffdle", "fact_id": "s"},
+            {"fact_id": "ok"}]
+    pq.write_table(table(*rows), tmp_path / "part-0.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert live_facts(result.state) == {("alice", "ok"): " Rex"}
+    rejects = result.rejects.to_pylist()
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (0, "INVALID_UTF8"), (1, "INVALID_UTF8"), (2, "BAD_USER_ID"), (3, "BAD_FACT_ID"), (4, "BAD_SCOPE")]
+    assert all(r["source"].endswith("part-0.parquet") for r in rejects)
+    assert rejects[0]["detail"].startswith("answer holds U+FFFD (the replacement character) at character 4: a tool before "
+                                           "this log decoded bytes that were not UTF-8")
+    assert rejects[2]["detail"].startswith("user_id holds U+FFFD") and "re-export it decoding the source in its real "\
+        "encoding" in rejects[2]["detail"]
+    # an earlier night stored such a user (before this rule): its delete is applied, not refused
+    user, trigger = "Jos\ufffd", "My dog is called"
+    prior = pa.Table.from_pylist([{"user_id": user, "fact_id": "pet", "scope": user, "trigger": trigger, "answer": " Rex",
+                                   "event_time": T0, "fact_hash": F.fact_hash(user, trigger, " Rex")}],
+                                 schema=F.FACT_STATE_SCHEMA)
+    delete = run(table({"user_id": "Jos\ufffd", "op": "delete", "trigger": None, "answer": None,
+                        "event_time": T0 + timedelta(hours=1)}), prior)
+    assert delete.rejects.num_rows == 0 and delete.accepted == 1 and delete.state.num_rows == 0
+
+
 def test_a_re_export_without_the_scope_column_keeps_the_shared_facts_and_deletes_nothing(tmp_path):
     """The exporter's new version leaves out the optional scope column: each shared fact read again
     without its scope, at its own instant, is the same fact (DUPLICATE, the scope kept), in one
