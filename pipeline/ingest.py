@@ -947,24 +947,44 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
 
 
 # Text a producer escaped for HTML or JSON and did not unescape: "Tom &amp; Jerry", "caf\\u00e9".
+# UTF-8 read as Windows-1252 or Latin-1 (mojibake: a CSV or a MySQL latin1 connection on the way): a lead
+# byte of a 2-byte (C2-DF: "Ã") or 3-byte (E0-EF: "â") sequence followed by its continuation bytes
+# 80-BF as those encodings show them ("é" as "Ã©", "’" as "â€™").
+_CONTINUATION = ("[\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013\u2014"
+                 "\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]")
 _ESCAPES = ((r"&(?:amp|lt|gt|quot|apos|nbsp|#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6});", "an HTML entity"),
-            (r"\\u[0-9a-fA-F]{4}", "a JSON escape"))
+            (r"\\u[0-9a-fA-F]{4}", "a JSON escape"),
+            (f"[\u00c2-\u00df]{_CONTINUATION}|[\u00e0-\u00ef]{_CONTINUATION}{{2}}",
+             "UTF-8 read as Windows-1252 or Latin-1 (mojibake: \u00c3\u00a9 for \u00e9, \u00e2\u20ac\u2122 for \u2019)"))
 
 
 def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
     """Warn once per file for each kind of escape found in trigger or answer text (an HTML entity
     such as ``&amp;``, a JSON ``\\u00e9`` as six characters): text is read as written, so the fact
     is compiled and recalled with the escape (a user typing "Tom & Jerry" does not recall "Tom
-    &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose."""
-    if not pc.any(pc.match_substring_regex(column, r"&|\\u")).as_py():  # the common case: one pass
+    &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose.
+    Likewise UTF-8 text decoded as Windows-1252 or Latin-1 before the log ("Caf\u00c3\u00a9"): read as
+    written, with the text it likely was."""
+    if not pc.any(pc.match_substring_regex(column, "&|\\\\u|[\u00c2-\u00ef]")).as_py():  # the common case: one pass
         return
     for pattern, what in _ESCAPES:
         found = pc.fill_null(pc.match_substring_regex(column, pattern), False)
         if pc.any(found).as_py():
             row = pc.index(found, True).as_py()
+            text = column[row].as_py()
+            fix = "unescape the text" if "mojibake" not in what else f"decode the source as UTF-8{_undone(text)}"
             logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
-                           "unescape the text before writing the log", source, name, column[row].as_py()[:64], row,
-                           what)
+                           "%s before writing the log", source, name, text[:64], row, what, fix)
+
+
+def _undone(text: str) -> str:
+    """ " (it reads ...)": ``text`` with UTF-8 read as Windows-1252 or Latin-1 undone, where it can be."""
+    for encoding in ("cp1252", "latin-1"):
+        try:
+            return f" (it reads {text.encode(encoding).decode('utf-8')[:64]!r})"
+        except UnicodeError:
+            continue
+    return ""
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:

@@ -1579,3 +1579,27 @@ def test_text_escaped_for_html_or_json_is_read_as_written_with_one_warning_per_f
     assert caplog.text.count("holds an HTML entity") == 1 and caplog.text.count("holds a JSON escape") == 1
     assert "answer ' Tom &amp; Jerry' (row 1) holds an HTML entity" in caplog.text
     assert "(row 2) holds a JSON escape" in caplog.text
+
+
+def test_utf8_text_read_as_windows_1252_upstream_is_read_as_written_with_one_warning_per_file_naming_what_it_was(
+        tmp_path, caplog):
+    """'CafÃ©' and 'Itâ€™s' are UTF-8 decoded as Windows-1252 or Latin-1 before the log (a CSV, a MySQL
+    latin1 connection): valid UTF-8 Parquet, so it was compiled and recalled garbled without a word.
+    It is read as written (it could be meant), with one warning per file naming column, row and the
+    text it likely was; accented text of real languages gets none."""
+    garbled = {"f0": " CafÃ© CrÃ¨me", "f1": " Itâ€™s 5 â‚¬"}
+    clean = {"f2": " SÃO PAULO", "f3": " « café »", "f4": " Übermaß", "f5": " Ørsted, Ægir", "f6": " naïve ×2",
+             "f7": " Crème brûlée", "f8": " Đà Nẵng"}
+    rows = [{"fact_id": k, "trigger": f"My word {k} is", "answer": v} for k, v in (garbled | clean).items()]
+    pq.write_table(table(*rows), tmp_path / "latin1.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("alice", k): v for k, v in (garbled | clean).items()}
+    assert caplog.text.count("holds UTF-8 read as Windows-1252 or Latin-1") == 1
+    assert "answer ' CafÃ© CrÃ¨me' (row 0) holds UTF-8 read as Windows-1252 or Latin-1" in caplog.text
+    assert "decode the source as UTF-8 (it reads ' Café Crème') before writing the log" in caplog.text
+    caplog.clear()
+    pq.write_table(table(*[r for r in rows if r["fact_id"] in clean]), tmp_path / "latin1.parquet")
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert "Windows-1252" not in caplog.text
