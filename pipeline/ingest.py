@@ -467,7 +467,8 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
         if info.type == pafs.FileType.NotFound:
             if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
                 raise FactLogNotFound(f"fact log {path}: {_broken_link(path)}")
-            raise FactLogNotFound(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)")
+            raise FactLogNotFound(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)"
+                                  f"{glob_hint(source)}")
         if isinstance(fs, pafs.LocalFileSystem):
             local, local_fs = local or _LocalListing(), fs
             local.add(path, is_file=info.type == pafs.FileType.File)
@@ -502,6 +503,15 @@ def _resolve(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.File
     if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
         return pafs.LocalFileSystem(), os.path.abspath(source), ""
     return filesystem, source.rstrip("/"), ""
+
+
+def glob_hint(source: str) -> str:
+    """"; ..." for a fact_log that names nothing because it is a glob (Spark and DuckDB expand
+    ``log/day=*/*.parquet``; a night reads a file or a folder, and the pattern was taken as a name), else ""."""
+    if not any(c in source for c in "*?["):
+        return ""
+    return ("; a glob (*, ?, [...]) is not expanded: name the folder that holds the files instead (every file below "
+            "it is read, partition folders such as day=.../ included)")
 
 
 def _broken_link(path: str) -> str:

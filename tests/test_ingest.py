@@ -744,6 +744,19 @@ def test_a_missing_path_is_an_error_naming_it(tmp_path):
         read_fact_log(str(tmp_path / "nowhere"))
 
 
+def test_a_glob_as_the_fact_log_names_nothing_and_the_error_says_to_name_the_folder(tmp_path):
+    """Spark and DuckDB read ``log/day=*/*.parquet``; a night takes the pattern as a name: it names
+    nothing, and the error said only 'no such file or folder' (the files are there)."""
+    (tmp_path / "day=1").mkdir()
+    pq.write_table(table({}), tmp_path / "day=1" / "part-0.parquet")
+    with pytest.raises(FactLogError, match=r"day=\*/\*\.parquet: no such file or folder .*; a glob \(\*, \?, \[\.\.\.\]\) "
+                                           "is not expanded: name the folder that holds the files instead"):
+        read_fact_log(str(tmp_path / "day=*" / "*.parquet"))
+    with pytest.raises(FactLogError, match="nowhere.*no such file or folder") as missing:
+        read_fact_log(str(tmp_path / "nowhere"))
+    assert "is not expanded" not in str(missing.value)
+
+
 def test_hive_day_partitions_are_read_with_provenance_and_file_sizes(tmp_path):
     for day, fact in [("2026-11-19", "a"), ("2026-11-20", "b")]:
         (tmp_path / f"day={day}").mkdir()
