@@ -1572,6 +1572,10 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     if op not in F.OPS:
         near = [name for name in F.OPS if re.sub(r"[\s_-]", "", op) == name.replace("_", "")]
         hint = f" (write {near[0]!r}: another spelling of an op is not read as it)" if near else ""
+        if op in _CHANGE_OPS:
+            hint = (f" (write {_CHANGE_OPS[op]!r}: a change-data-capture export's operation codes, SQL's INSERT / UPDATE "
+                    "/ DELETE, Debezium's c / u / r / d, AWS DMS's I / U / D, are not read as ops; map them when "
+                    "exporting: insert and update are 'upsert', delete is 'delete')")
         return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}{hint}"
     if times[i] is None:
         return F.MISSING_EVENT_TIME, "event_time is empty"
@@ -1616,6 +1620,12 @@ def _replaced_text(cols: dict, i: int) -> tuple[str, str] | None:
                             "source in its real encoding (e.g. Spark option('encoding', 'windows-1252'), Python "
                             "encoding='cp1252')")
     return None
+
+
+# A change-data-capture export's operation codes (op is read in lower case): each is named with the op to
+# write, not read as it. Such an export had its deletes applied and every insert and update rejected.
+_CHANGE_OPS = {"insert": F.OP_UPSERT, "update": F.OP_UPSERT,
+               "c": F.OP_UPSERT, "u": F.OP_UPSERT, "r": F.OP_UPSERT, "i": F.OP_UPSERT, "d": F.OP_DELETE}
 
 
 def _check_text(text, name, empty_reason, long_reason, max_chars) -> tuple[str, str] | None:

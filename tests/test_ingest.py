@@ -445,6 +445,19 @@ def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
         for op, name in (("forgetuser", "forget_user"), ("forget-user", "forget_user"), ("up sert", "upsert"))]
 
 
+def test_a_change_data_capture_exports_op_codes_are_rejected_naming_the_op_to_write():
+    """A CDC export (SQL INSERT / UPDATE, Debezium c / u / r / d, AWS DMS I / U / D) had its deletes
+    applied and every insert and update rejected as an unknown op, with no word of the mapping."""
+    ops = {"INSERT": "upsert", "update": "upsert", "c": "upsert", "u": "upsert", "r": "upsert", "I": "upsert",
+           "U": "upsert", "D": "delete"}
+    result = run(table(*({"op": op, "fact_id": f"f{i}"} for i, op in enumerate(ops))))
+    rejects = result.rejects.to_pylist()
+    assert [r["reason"] for r in rejects] == ["UNKNOWN_OP"] * len(ops)
+    for reject, (op, name) in zip(rejects, ops.items()):
+        assert reject["detail"].startswith(f"op {op.lower()!r} is not one of upsert, delete, forget_user (write {name!r}: "
+                                           "a change-data-capture export's operation codes")
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
