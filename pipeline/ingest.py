@@ -974,7 +974,14 @@ def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
     is compiled and recalled with the escape (a user typing "Tom & Jerry" does not recall "Tom
     &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose.
     Likewise UTF-8 text decoded as Windows-1252 or Latin-1 before the log ("Caf\u00c3\u00a9"): read as
-    written, with the text it likely was."""
+    written, with the text it likely was; and a column whose every value (two or more) is wrapped in
+    double quotes (a CSV's or JSON's quoting left in: one quoted answer may be meant, all are not)."""
+    quoted = pc.match_substring_regex(column, r'(?s)^\s*".*"\s*$')
+    if column.length() - column.null_count >= 2 and pc.all(quoted).as_py():
+        row = pc.index(pc.fill_null(quoted, False), True).as_py()
+        logger.warning("fact log %s: every %s of the file is wrapped in double quotes (%r, row %d: a CSV's or JSON's "
+                       "quoting left in): text is read as written and recalled with the quotes; strip them before "
+                       "writing the log", source, name, column[row].as_py()[:64], row)
     if not pc.any(pc.match_substring_regex(column, "&|\\\\u|[\u00c2-\u00ef]")).as_py():  # the common case: one pass
         return
     for pattern, what in _ESCAPES:

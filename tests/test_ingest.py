@@ -1629,3 +1629,24 @@ def test_utf8_text_read_as_windows_1252_upstream_is_read_as_written_with_one_war
     with caplog.at_level("WARNING"):
         run(read_fact_log(str(tmp_path)))
     assert "Windows-1252" not in caplog.text
+
+
+def test_a_text_column_whose_every_value_is_in_double_quotes_is_read_as_written_with_one_warning_naming_it(tmp_path,
+                                                                                                          caplog):
+    """'"Rex"' in every answer is a CSV's or JSON's quoting left in (ids in quotes were warned of,
+    text was not): compiled and recalled with the quotes. One warning per file and column; a file
+    where one answer is quoted (a motto) gets none."""
+    quoted = {"f0": ' "Rex"', "f1": ' "Tom"', "f2": ' "He said ""hi"""'}
+    pq.write_table(table(*({"fact_id": k, "trigger": f"My {k} is", "answer": v} for k, v in quoted.items())),
+                   tmp_path / "x.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("alice", k): v for k, v in quoted.items()}
+    assert caplog.text.count("wrapped in double quotes") == 1
+    assert "every answer of the file is wrapped in double quotes (' \"Rex\"', row 0: a CSV's or JSON's quoting left in)" \
+        in caplog.text
+    caplog.clear()
+    pq.write_table(table({"fact_id": "motto", "answer": ' "Carpe diem"'}, {"fact_id": "dog"}), tmp_path / "x.parquet")
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert "double quotes" not in caplog.text
