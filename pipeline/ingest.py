@@ -50,6 +50,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -306,6 +307,7 @@ class FileRead:
     rows: int
     slices: dict[int, tuple[int, int]]  # shard -> (offset, length) of its rows in the keyed table
     reject: pa.Table | None = None  # one REJECTS_SCHEMA row when the whole file was rejected
+    warnings: tuple[str, ...] = ()  # what reading it warned of, for the driver to log (:func:`read_log_file`)
 
 
 def read_log_file(
@@ -322,18 +324,50 @@ def read_log_file(
     row's reason in ``_problem_reason``; ``read`` says where each shard's rows are, or holds the
     file's reject row when the whole file is unreadable and ``on_bad_file="reject"``. Raises
     FactLogError for an unreadable file under ``on_bad_file="raise"``.
+
+    The warnings reading the file gives (extra columns, a time without a zone, ids in another form,
+    escaped or garbled text) are not logged here but returned in ``read.warnings``, for the caller
+    to log (:func:`log_read_warnings`): a night's read task on Ray logs to a worker's file, which
+    the night does not forward, and every such warning was lost there.
     """
-    table, problem = _read_listed(file, filesystem)
-    if problem is not None:
-        reason, detail = problem
-        if on_bad_file == "raise":
-            raise FactLogError(_unreadable_file_message(file.path, detail, reason))
-        logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
-        reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
-                                      schema=F.REJECTS_SCHEMA)
-        return FileRead(file, 0, {}, reject), key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
-    keyed = key_by_shard(validate_rows(table, rules), num_shards)
-    return FileRead(file, keyed.num_rows, shard_slices(keyed)), keyed
+    with _held_warnings() as held:
+        table, problem = _read_listed(file, filesystem)
+        if problem is not None:
+            reason, detail = problem
+            if on_bad_file == "raise":
+                raise FactLogError(_unreadable_file_message(file.path, detail, reason))
+            logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
+            reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
+                                          schema=F.REJECTS_SCHEMA)
+            return (FileRead(file, 0, {}, reject, tuple(held)),
+                    key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards))
+        keyed = key_by_shard(validate_rows(table, rules), num_shards)
+    return FileRead(file, keyed.num_rows, shard_slices(keyed), warnings=tuple(held)), keyed
+
+
+@contextlib.contextmanager
+def _held_warnings():
+    """The warnings this module logs inside the block, held (not emitted) in the list it yields."""
+    held: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held.append(record.getMessage())
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
+def log_read_warnings(read: FileRead) -> None:
+    """Log the warnings :func:`read_log_file` returned, here (the night's driver: where the operator
+    reads them, whichever process read the file)."""
+    for message in read.warnings:
+        logger.warning("%s", message)
 
 
 def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None) -> tuple[pa.Table | None, tuple[str, str] | None]:
