@@ -1634,12 +1634,20 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
         return F.BAD_SCOPE, problem
     if op == F.OP_DELETE:
         return None
+    if (cols["scope"][i] or "").casefold() in _OWN_SCOPE_WORDS and cols["scope"][i] != user_id:
+        return F.BAD_SCOPE, (f"scope {cols['scope'][i]!r} is a word for the user's own facts, but a scope is shared: "
+                             "every user who writes it would be one scope, their facts merged and each served the "
+                             "others' answers; leave scope null or empty for a user's own facts (or write the "
+                             "user_id), and name a shared scope by its group (e.g. org:clinic-north)")
     return _replaced_text(cols, i) or _check_text(cols["trigger"][i], "trigger", F.EMPTY_TRIGGER, F.TRIGGER_TOO_LONG,
                                                   max_text_chars) or _check_text(
         cols["answer"][i], "answer", F.EMPTY_ANSWER, F.ANSWER_TOO_LONG, max_text_chars
     )
 
 
+# Scope values an export writes for "this user's own" (an enum's name, a placeholder): a scope is shared,
+# so each such value made one scope of every user writing it, served each other's answers.
+_OWN_SCOPE_WORDS = frozenset({"user", "personal", "private", "self", "me", "own", "individual", "n/a", "-"})
 _REPLACEMENT = "\ufffd"
 _REPLACED_REASON = {"user_id": F.BAD_USER_ID, "fact_id": F.BAD_FACT_ID, "scope": F.BAD_SCOPE, "trigger": F.INVALID_UTF8,
                     "answer": F.INVALID_UTF8}

@@ -144,9 +144,9 @@ REASONS: dict[str, str] = {
                  "an earlier tool could not decode)",
     MISSING_FACT_ID: "fact_id is null or empty on an upsert or delete",
     BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8, a float id too large "
-                 "to be exact, or on an upsert U+FFFD",
+                 "to be exact, or on an upsert U+FFFD or a word for the user's own facts ('personal', 'private', 'user', ...)",
     BAD_SCOPE: "scope is unusable: over 256 chars, control characters or invalid UTF-8, a float id too large to be "
-               "exact, or on an upsert U+FFFD",
+               "exact, or on an upsert U+FFFD or a word for the user's own facts ('personal', 'private', 'user', ...)",
     UNKNOWN_OP: "op is not one of upsert, delete, forget_user",
     EMPTY_TRIGGER: "trigger of an upsert is null, empty or only whitespace",
     EMPTY_ANSWER: "answer of an upsert is null, empty or only whitespace",

@@ -458,6 +458,28 @@ def test_a_change_data_capture_exports_op_codes_are_rejected_naming_the_op_to_wr
                                            "a change-data-capture export's operation codes")
 
 
+def test_a_scope_that_is_a_word_for_the_users_own_facts_costs_its_row_instead_of_merging_users():
+    """An export writing scope 'personal' (an enum's name) for users' own facts made one shared scope
+    of every such user: their facts merged, each served the others' (measured: bob was answered
+    ann's cat's name, ann bob's locker code). Such an upsert costs its row (BAD_SCOPE, saying why and
+    what to write); null, empty, the user's id and a group's id are read as before; a delete still applies."""
+    words = ["personal", "Private", "USER", "self", "me", "own", "individual", "n/a", "-"]
+    rows = [{"user_id": f"u{i}", "fact_id": "dentist", "scope": w} for i, w in enumerate(words)]
+    rows += [{"user_id": "ann", "fact_id": f"f{i}", "scope": s} for i, s in enumerate([None, "", "ann", "org:a"])]
+    rows += [{"user_id": "me", "fact_id": "own", "scope": "me"}]  # a user whose id is the word: its own scope
+    result = run(table(*rows))
+    rejects = result.rejects.to_pylist()
+    assert [(r["user_id"], r["reason"]) for r in rejects] == [(f"u{i}", "BAD_SCOPE") for i in range(len(words))]
+    assert rejects[0]["detail"].startswith("scope 'personal' is a word for the user's own facts, but a scope is shared: "
+                                           "every user who writes it would be one scope")
+    assert "leave scope null or empty for a user's own facts" in rejects[0]["detail"]
+    assert {(r["user_id"], r["fact_id"]): r["scope"] for r in result.state.to_pylist()} == {
+        ("ann", "f0"): "ann", ("ann", "f1"): "ann", ("ann", "f2"): "ann", ("ann", "f3"): "org:a", ("me", "own"): "me"}
+    delete = run(table({"op": "delete", "scope": "personal", "trigger": None, "answer": None,
+                        "event_time": T0 + timedelta(hours=1)}), run(table({})).state)
+    assert delete.rejects.num_rows == 0 and delete.state.num_rows == 0
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
