@@ -886,6 +886,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             _warn_other_forms_of_ids(columns[name], name, source)
     for name in _TEXT_COLUMNS:
         _warn_escaped_text(columns[name], name, source)
+    _warn_scope_of_own_facts(columns, source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
@@ -1036,6 +1037,32 @@ def _undone(text: str) -> str:
         except UnicodeError:
             continue
     return ""
+
+
+def _warn_scope_of_own_facts(columns: dict, source: str) -> None:
+    """Warn once per file when a shared scope's fact is written by several users with other answers:
+    a scope's fact is one text served to every member (the latest copy wins for all), so a scope
+    column holding the users' tenant or organisation for their own facts served each user another's
+    answer. Read as written: copies of one fact at different times may be a scope's update."""
+    scope = columns["scope"]
+    if scope.null_count == len(scope):
+        return
+    rows = pa.table({"scope": scope, "user_id": columns["user_id"], "fact_id": columns["fact_id"],
+                     "answer": pc.utf8_trim_whitespace(columns["answer"])})
+    rows = rows.filter(pc.fill_null(pc.and_(pc.not_equal(rows["scope"], ""), pc.not_equal(rows["scope"], rows["user_id"])),
+                                    False))
+    if rows.num_rows < 2:
+        return
+    copies = rows.group_by(["scope", "fact_id"]).aggregate([("user_id", "count_distinct"), ("answer", "count_distinct")])
+    mixed = copies.filter(pc.and_(pc.greater(copies["user_id_count_distinct"], 1),
+                                  pc.greater(copies["answer_count_distinct"], 1)))
+    if mixed.num_rows:
+        first = mixed.slice(0, 1).to_pylist()[0]
+        logger.warning("fact log %s: scope %r's fact %r is written by %d users with %d different answers: a shared "
+                       "scope's fact is one text served to every member (the latest copy, to all of them); if %r names "
+                       "the users' tenant or organisation rather than facts they share, their own facts need scope "
+                       "null, or each is served another's answer", source, first["scope"], first["fact_id"],
+                       first["user_id_count_distinct"], first["answer_count_distinct"], first["scope"])
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:

@@ -480,6 +480,25 @@ def test_a_scope_that_is_a_word_for_the_users_own_facts_costs_its_row_instead_of
     assert delete.rejects.num_rows == 0 and delete.state.num_rows == 0
 
 
+def test_a_scope_whose_fact_its_users_write_with_other_answers_is_warned_of_once_per_file(caplog):
+    """A scope column holding the users' tenant ('acme') for their own facts merged them: each user
+    was served the latest copy of 'dentist', another user's. Copies of one shared fact with the same
+    text (a scope's opening hours in every member's row) get no warning."""
+    rows = [{"user_id": "ann", "fact_id": "dentist", "answer": " Okafor", "scope": "acme"},
+            {"user_id": "bob", "fact_id": "dentist", "answer": " Nguyen", "scope": "acme"},
+            {"user_id": "ann", "fact_id": "hours", "answer": " 9-5", "scope": "org:a"},
+            {"user_id": "bob", "fact_id": "hours", "answer": "9-5 ", "scope": "org:a"}]
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows), source="x.parquet")
+    assert caplog.text.count("users with") == 1
+    assert ("fact log x.parquet: scope 'acme''s fact 'dentist' is written by 2 users with 2 different answers: a shared "
+            "scope's fact is one text served to every member") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows[2:]), source="x.parquet")
+    assert "users with" not in caplog.text
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
