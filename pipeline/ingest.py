@@ -1616,17 +1616,30 @@ def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
 
 
 # How pandas, numpy and SQL clients write a missing value as text (``df.user_id.astype(str)`` turns
-# NaN into "nan", None into "None", pd.NA into "<NA>"): as an id, every missing one became one id.
-_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat"})
+# NaN into "nan", None into "None", pd.NA into "<NA>"), and other languages and tools (JavaScript's
+# String(undefined), Go's "<nil>", Ruby's and Lisp's "nil", C's printf of NULL "(null)", R's "NA",
+# spreadsheets' "N/A" and "#N/A"): as an id, every missing one became one id.
+_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat", "undefined", "<nil>", "nil", "(null)", "na", "n/a",
+                              "#n/a"})
+# A user_id or scope that stands for no one in particular (a logged-out session's): one id for every such
+# user, so what one told about themselves was served to all the others.
+_PLACEHOLDER_IDS = frozenset({"anonymous", "anon", "guest", "unknown"})
 
 
 def _missing_as_text(name: str, value: str | None) -> str | None:
-    """Why an id is a missing value written as text, or None."""
-    if value is None or value.casefold() not in _MISSING_AS_TEXT:
+    """Why an id is a missing value written as text (or, for a user_id or scope, a placeholder
+    that stands for no one in particular), or None."""
+    if value is None:
+        return None
+    if value.casefold() in _PLACEHOLDER_IDS and name in ("user_id", "scope"):
+        return (f"{name} {value!r} stands for no one in particular (a logged-out or unknown user's placeholder), not "
+                f"an id: every such row would be one {name}, and what one such user told would be served to all the "
+                f"others; drop the rows without a real {name}, or give each such user an id of their own")
+    if value.casefold() not in _MISSING_AS_TEXT:
         return None
     return (f"{name} {value!r} is a missing value written as text (pandas' astype(str) writes NaN as 'nan', None as "
-            f"'None', pd.NA as '<NA>'), not an id: every such row would be one {name}; export missing values as "
-            f"null, or drop the rows without a {name}")
+            f"'None', pd.NA as '<NA>'; JavaScript 'undefined', Go '<nil>', R 'NA', spreadsheets '#N/A'), not an id: "
+            f"every such row would be one {name}; export missing values as null, or drop the rows without a {name}")
 
 
 def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] | None:

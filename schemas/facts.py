@@ -140,7 +140,8 @@ REASONS: dict[str, str] = {
     MISSING_USER_ID: "user_id is null or empty",
     BAD_USER_ID: "user_id is unusable: over 256 chars, control characters or invalid UTF-8 (invisible format "
                  "characters are removed first: engram_core.text.canonical_id), a float id too large to be exact, or "
-                 "a missing value written as text ('nan', 'None', 'null', '<NA>', 'NaT'), or on an upsert U+FFFD (bytes "
+                 "a missing value written as text ('nan', 'None', 'null', '<NA>', 'NaT', 'undefined', '#N/A', ...) or a "
+                 "placeholder for no one in particular ('anonymous', 'guest', 'unknown'), or on an upsert U+FFFD (bytes "
                  "an earlier tool could not decode)",
     MISSING_FACT_ID: "fact_id is null or empty on an upsert or delete",
     BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8, a float id too large "

@@ -1590,7 +1590,8 @@ def test_a_log_file_or_folder_whose_name_is_not_utf8_is_one_unreadable_file_nami
     assert result.rejects.column("source").to_pylist()[-1] == shown
 
 
-@pytest.mark.parametrize("text", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", " nan "])
+@pytest.mark.parametrize("text", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", " nan ", "undefined", "<nil>", "nil",
+                                  "(null)", "NA", "N/A", "#N/A"])
 def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_pooled_into_one_user(text, tmp_path,
                                                                                                     caplog):
     """pandas' astype(str) writes a missing id as 'nan' ('None', '<NA>', ...): every such row was
@@ -1611,6 +1612,19 @@ def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_p
     assert f"user_id {text.strip()!r} is a missing value written as text" in rejects[("ids.parquet", 1)][1]
     assert "'7.0' (row 0) looks like a float's text of an integer" in caplog.text
     assert caplog.text.count("looks like a float's text") == 2  # once per file
+
+
+@pytest.mark.parametrize("text", ["anonymous", "Anonymous", "anon", "GUEST", "unknown"])
+def test_a_user_id_or_scope_that_stands_for_no_one_in_particular_is_rejected_per_row_not_pooled(text):
+    """'anonymous' for every logged-out user's facts made one user: what one told was served to all
+    (a PIN, a diagnosis). BAD_USER_ID / BAD_SCOPE per row, saying why; as a fact_id it is an id."""
+    result = run(table({"user_id": text}, {"user_id": "ann", "fact_id": "x", "scope": text},
+                       {"user_id": "ann", "fact_id": text}))
+    rejects = result.rejects.to_pylist()
+    assert [(r["row"], r["reason"]) for r in rejects] == [(0, "BAD_USER_ID"), (1, "BAD_SCOPE")]
+    assert rejects[0]["detail"].startswith(f"user_id {text!r} stands for no one in particular")
+    assert "what one such user told would be served to all the others" in rejects[0]["detail"]
+    assert live_facts(result.state) == {("ann", text): " Rex"}
 
 
 def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_one_warning_per_file(tmp_path, caplog):
