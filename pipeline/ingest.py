@@ -1666,7 +1666,11 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
         return None
     fact_id = cols["fact_id"][i]
     if fact_id is None or fact_id == "":
-        return F.MISSING_FACT_ID, f"fact_id is empty on a {op}"
+        if op == F.OP_DELETE:  # an export's "delete everything of this user" (a delete without a fact)
+            return F.MISSING_FACT_ID, ("fact_id is empty on a delete: a delete removes one fact; to remove every fact "
+                                       "of the user write op 'forget_user' (it also erases the user from older "
+                                       "versions), or one delete per fact_id")
+        return F.MISSING_FACT_ID, f"fact_id is empty on an {op}"
     if problem := F.id_problem("fact_id", fact_id) or _missing_as_text("fact_id", fact_id):
         return F.BAD_FACT_ID, problem
     if cols["scope"][i] not in (None, "") and (problem := F.id_problem("scope", cols["scope"][i])

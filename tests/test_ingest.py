@@ -499,6 +499,18 @@ def test_a_scope_whose_fact_its_users_write_with_other_answers_is_warned_of_once
     assert "users with" not in caplog.text
 
 
+def test_a_delete_without_a_fact_id_is_rejected_naming_forget_user_for_every_fact_of_the_user():
+    """An export's 'delete this user' written as a delete without a fact_id was rejected as 'fact_id
+    is empty on a delete', with no word of forget_user; the user's facts stayed served."""
+    result = run(table({"op": "delete", "fact_id": None, "trigger": None, "answer": None},
+                       {"op": "upsert", "fact_id": None}))
+    assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
+        ("MISSING_FACT_ID", "fact_id is empty on a delete: a delete removes one fact; to remove every fact of the user "
+                            "write op 'forget_user' (it also erases the user from older versions), or one delete per "
+                            "fact_id"),
+        ("MISSING_FACT_ID", "fact_id is empty on an upsert")]
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
