@@ -887,6 +887,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     for name in _TEXT_COLUMNS:
         _warn_escaped_text(columns[name], name, source)
     _warn_scope_of_own_facts(columns, source)
+    _warn_row_number_fact_ids(columns["fact_id"], source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
@@ -1037,6 +1038,22 @@ def _undone(text: str) -> str:
         except UnicodeError:
             continue
     return ""
+
+
+def _warn_row_number_fact_ids(fact_ids: pa.ChunkedArray, source: str) -> None:
+    """Warn once per file whose fact_ids are its row numbers (0, 1, 2, ... or 1, 2, 3, ...: a
+    DataFrame's index exported as the id): another file's row 0 of the same user is the same fact_id,
+    so each night's facts replaced the last night's (a later upsert wins per user and fact_id)."""
+    n = len(fact_ids)
+    if n < 3 or fact_ids.null_count or not pa.types.is_string(fact_ids.type):
+        return
+    for first in (0, 1):
+        if pc.all(pc.equal(fact_ids, pa.array(range(first, first + n)).cast(pa.string()))).as_py():
+            logger.warning("fact log %s: fact_id is the file's row number (%d, %d, %d, ...: a DataFrame's index?): "
+                           "another file's row of the same user has the same fact_id and replaces this fact; write "
+                           "an id that is stable per fact (e.g. a hash of the user and the trigger)", source, first,
+                           first + 1, first + 2)
+            return
 
 
 def _warn_scope_of_own_facts(columns: dict, source: str) -> None:

@@ -511,6 +511,21 @@ def test_a_delete_without_a_fact_id_is_rejected_naming_forget_user_for_every_fac
         ("MISSING_FACT_ID", "fact_id is empty on an upsert")]
 
 
+@pytest.mark.parametrize("first", [0, 1])
+def test_fact_ids_that_are_the_files_row_numbers_are_warned_of_once(first, caplog):
+    """A DataFrame's index exported as fact_id: row 0 of the next night's file, the same user's
+    fact_id '0', replaced this night's fact (a later upsert wins per user and fact_id), night after night."""
+    rows = [{"user_id": "ann", "fact_id": str(first + i), "trigger": f"My thing {i} is"} for i in range(4)]
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows), source="x.parquet")
+    assert caplog.text.count("fact_id is the file's row number") == 1
+    assert f"fact_id is the file's row number ({first}, {first + 1}, {first + 2}, ...: a DataFrame's index?)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*(r | {"fact_id": str(7 + i)} for i, r in enumerate(rows))), source="y.parquet")
+    assert "row number" not in caplog.text
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
