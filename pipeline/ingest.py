@@ -979,8 +979,15 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
         logger.warning("fact log %s: %s %r (row %d) is wrapped in double quotes (a CSV's or JSON's quoting left "
                        "in): ids are read as written, so it is not the id %r that other exports write; strip the quotes",
                        source, name, column[row].as_py(), row, column[row].as_py().strip()[1:-1])
-    if _all_ascii(column):  # no compatibility character is ASCII
+    if _all_ascii(column):  # no compatibility character (nor mojibake) is ASCII
         return
+    garbled = pc.fill_null(pc.match_substring_regex(column, _ESCAPES[2][0]), False)
+    if pc.any(garbled).as_py():
+        row = pc.index(garbled, True).as_py()
+        undone = _undone(column[row].as_py())
+        logger.warning("fact log %s: %s %r (row %d) holds %s: ids are read as written, so it is not the id%s that "
+                       "other exports write; decode the source as UTF-8", source, name, column[row].as_py(), row,
+                       _ESCAPES[2][1], f" {undone!r}" if undone else "")
     spaced = pc.replace_substring_regex(column, r"\p{Zs}", " ")  # as the canonical form has them
     plain = pc.utf8_normalize(spaced, "NFKC")
     compatible = pc.fill_null(pc.not_equal(plain, pc.utf8_normalize(spaced, "NFC")), False)
@@ -1025,19 +1032,21 @@ def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
         if pc.any(found).as_py():
             row = pc.index(found, True).as_py()
             text = column[row].as_py()
-            fix = "unescape the text" if "mojibake" not in what else f"decode the source as UTF-8{_undone(text)}"
+            undone = _undone(text) if "mojibake" in what else None
+            fix = ("unescape the text" if "mojibake" not in what else "decode the source as UTF-8"
+                   + (f" (it reads {undone[:64]!r})" if undone else ""))
             logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
                            "%s before writing the log", source, name, text[:64], row, what, fix)
 
 
-def _undone(text: str) -> str:
-    """ " (it reads ...)": ``text`` with UTF-8 read as Windows-1252 or Latin-1 undone, where it can be."""
+def _undone(text: str) -> str | None:
+    """``text`` with UTF-8 read as Windows-1252 or Latin-1 undone, or None where it cannot be."""
     for encoding in ("cp1252", "latin-1"):
         try:
-            return f" (it reads {text.encode(encoding).decode('utf-8')[:64]!r})"
+            return text.encode(encoding).decode("utf-8")
         except UnicodeError:
             continue
-    return ""
+    return None
 
 
 def _warn_row_number_fact_ids(fact_ids: pa.ChunkedArray, source: str) -> None:

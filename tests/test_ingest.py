@@ -1707,6 +1707,12 @@ def test_utf8_text_read_as_windows_1252_upstream_is_read_as_written_with_one_war
     assert "answer ' CafÃ© CrÃ¨me' (row 0) holds UTF-8 read as Windows-1252 or Latin-1" in caplog.text
     assert "decode the source as UTF-8 (it reads ' Café Crème') before writing the log" in caplog.text
     caplog.clear()
+    pq.write_table(table({"user_id": "JosÃ©"}), tmp_path / "latin1.parquet")  # an id: another user than José
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert ("user_id 'JosÃ©' (row 0) holds UTF-8 read as Windows-1252 or Latin-1 (mojibake: Ã© for é, â€™ for ’): ids "
+            "are read as written, so it is not the id 'José' that other exports write") in caplog.text
+    caplog.clear()
     pq.write_table(table(*[r for r in rows if r["fact_id"] in clean]), tmp_path / "latin1.parquet")
     with caplog.at_level("WARNING"):
         run(read_fact_log(str(tmp_path)))
