@@ -1075,8 +1075,10 @@ def _warn_scope_of_own_facts(columns: dict, source: str) -> None:
         return
     rows = pa.table({"scope": scope, "user_id": columns["user_id"], "fact_id": columns["fact_id"],
                      "answer": pc.utf8_trim_whitespace(columns["answer"])})
-    rows = rows.filter(pc.fill_null(pc.and_(pc.not_equal(rows["scope"], ""), pc.not_equal(rows["scope"], rows["user_id"])),
-                                    False))
+    rejected = pa.array(sorted(_OWN_SCOPE_WORDS | _PLACEHOLDER_IDS | _MISSING_AS_TEXT))  # their rows are refused
+    shared = pc.and_(pc.not_equal(rows["scope"], rows["user_id"]),
+                     pc.invert(pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(rows["scope"])), rejected)))
+    rows = rows.filter(pc.fill_null(pc.and_(pc.not_equal(rows["scope"], ""), shared), False))
     if rows.num_rows < 2:
         return
     copies = rows.group_by(["scope", "fact_id"]).aggregate([("user_id", "count_distinct"), ("answer", "count_distinct")])

@@ -496,6 +496,7 @@ def test_a_scope_whose_fact_its_users_write_with_other_answers_is_warned_of_once
     caplog.clear()
     with caplog.at_level("WARNING"):
         normalise_fact_log(table(*rows[2:]), source="x.parquet")
+        normalise_fact_log(table(*(r | {"scope": "Personal"} for r in rows)), source="x.parquet")  # rows refused anyway
     assert "users with" not in caplog.text
 
 
