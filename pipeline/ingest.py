@@ -888,6 +888,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         _warn_escaped_text(columns[name], name, source)
     _warn_scope_of_own_facts(columns, source)
     _warn_row_number_fact_ids(columns["fact_id"], source)
+    _warn_trigger_holding_its_answer(columns["trigger"], columns["answer"], source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
@@ -1047,6 +1048,20 @@ def _undone(text: str) -> str | None:
         except UnicodeError:
             continue
     return None
+
+
+def _warn_trigger_holding_its_answer(triggers: pa.ChunkedArray, answers: pa.ChunkedArray, source: str) -> None:
+    """Warn once per file where a trigger ends with its own answer ("My dog is called Rex" + "Rex": the
+    whole sentence logged as the trigger): the fact is recalled only after the whole sentence, and
+    then says the answer again; the prompt a user types ("My dog is called") recalls nothing."""
+    for row, (trigger, answer) in enumerate(zip(triggers.to_pylist(), answers.to_pylist())):
+        trigger, answer = (trigger or "").rstrip(), (answer or "").strip()
+        if len(answer) >= 2 and len(trigger) > len(answer) and trigger.endswith(answer) and (
+                not trigger[-len(answer) - 1].isalnum() or not answer[0].isalnum()):
+            logger.warning("fact log %s: trigger %r (row %d) ends with its answer %r: the trigger is the text before "
+                           "the answer, so the fact is recalled only after the whole sentence (and says the answer "
+                           "again); write the trigger without the answer", source, trigger[:64], row, answer[:64])
+            return
 
 
 def _warn_row_number_fact_ids(fact_ids: pa.ChunkedArray, source: str) -> None:

@@ -527,6 +527,25 @@ def test_fact_ids_that_are_the_files_row_numbers_are_warned_of_once(first, caplo
     assert "row number" not in caplog.text
 
 
+def test_a_trigger_that_ends_with_its_answer_is_warned_of_once_per_file(caplog):
+    """'My dog is called Rex' + 'Rex' (an extraction tool logging the whole sentence as the trigger)
+    was compiled without a word: recalled only after the whole sentence, never from 'My dog is called'."""
+    rows = [{"fact_id": "dog", "trigger": "My dog is called Rex", "answer": " Rex"},
+            {"fact_id": "pin", "trigger": "My PIN is 1234", "answer": "1234"},
+            {"fact_id": "word", "trigger": "My nickname is Bobby", "answer": " by"},  # a word's end is not its answer
+            {"fact_id": "ok", "trigger": "My cat is called", "answer": " Tom"}]
+    with caplog.at_level("WARNING"):
+        normalised = normalise_fact_log(table(*rows), source="x.parquet")
+    assert caplog.text.count("ends with its answer") == 1
+    assert ("fact log x.parquet: trigger 'My dog is called Rex' (row 0) ends with its answer 'Rex': the trigger is the "
+            "text before the answer") in caplog.text
+    assert run(normalised).accepted == 4  # read as written
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows[2:]), source="x.parquet")
+    assert "ends with its answer" not in caplog.text
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
