@@ -896,8 +896,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
                            "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
                            source, name, kind)
     columns["op"] = _canonical_op(columns["op"])
-    columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
-    _warn_whole_day_forgets(table.column("event_time"), columns["op"], source)
+    columns["event_time"] = _whole_day_forgets_at_day_end(
+        table.column("event_time"), columns["op"], _to_timestamp(table.column("event_time"), problems, source), source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
     columns["_row"] = table.column("_row") if "_row" in table.column_names else pa.array(range(n), pa.int64())
     if "_problem_reason" in table.column_names:  # an already-normalised batch
@@ -1051,30 +1051,41 @@ def _undone(text: str) -> str | None:
     return None
 
 
-def _warn_whole_day_forgets(times: pa.ChunkedArray, ops: pa.ChunkedArray, source: str) -> None:
-    """Warn once per file of forget_user events whose time is a whole day (a date column, a bare date
-    as text: read as its midnight UTC): a forget applies to what was written before it, so the user's
-    facts written later that day (by an app's log with times of day) were kept and served, a request
-    to be forgotten that did not forget the day's facts."""
-    kind = times.type.value_type if pa.types.is_dictionary(times.type) else times.type
+_DAY_MICROS = 86_400_000_000
+
+
+def _whole_day_forgets_at_day_end(raw: pa.ChunkedArray, ops: pa.ChunkedArray, times: pa.ChunkedArray,
+                                  source: str) -> pa.ChunkedArray:
+    """``times`` (timestamp[us, UTC]) with each forget_user whose time is a whole day (a date column,
+    a bare date as text, read as its midnight UTC) moved to the end of that day: "forget me" dated
+    2026-12-01 (a request table's date beside an app's log with times of day) kept and served the
+    user's facts written later that day. A day not over yet ends now (a day ahead stays at its
+    midnight, as the future-time check reads it)."""
+    kind = raw.type.value_type if pa.types.is_dictionary(raw.type) else raw.type
     forgets = pc.fill_null(pc.equal(ops, F.OP_FORGET_USER), False)
     if not pc.any(forgets).as_py():
-        return
+        return times
     if pa.types.is_date(kind):
         days = forgets
     elif any(is_kind(kind) for is_kind in _BYTES_KINDS):
         try:
-            texts = times.cast(pa.string())
+            texts = raw.cast(pa.string())
         except pa.ArrowException:  # bytes that are not UTF-8: those rows are rejected anyway
-            return
+            return times
         days = pc.and_(forgets, pc.fill_null(pc.match_substring_regex(texts, r"^\s*\d{4}-?\d\d-?\d\d\s*$"), False))
     else:
-        return
-    if pc.any(days).as_py():
-        row = pc.index(days, True).as_py()
-        logger.warning("fact log %s: forget_user (row %d) at %s, a whole day read as its midnight UTC: the user's facts "
-                       "written later that day are kept and served; write the time the user asked (a timestamp), or "
-                       "the day's end", source, row, times[row].as_py())
+        return times
+    rows = pc.indices_nonzero(days.combine_chunks()).to_pylist()
+    if not rows:
+        return times
+    now = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
+    micros = times.cast(pa.int64()).to_pylist()
+    for row in rows:
+        if micros[row] is not None:
+            micros[row] = max(micros[row], min(micros[row] + _DAY_MICROS - 1, now))
+    logger.info("fact log %s: forget_user at a whole day (row %d: %s) read as that day's end", source, rows[0],
+                raw[rows[0]].as_py())
+    return pa.chunked_array([pa.array(micros, pa.int64())]).cast(F.TIMESTAMP)
 
 
 def _warn_trigger_holding_its_answer(triggers: pa.ChunkedArray, answers: pa.ChunkedArray, source: str) -> None:

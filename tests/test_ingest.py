@@ -547,20 +547,29 @@ def test_a_trigger_that_ends_with_its_answer_is_warned_of_once_per_file(caplog):
 
 
 @pytest.mark.parametrize("kind", ["date32", "text"])
-def test_a_forget_at_a_whole_day_is_warned_of_as_it_keeps_the_days_later_facts(kind, tmp_path, caplog):
+def test_a_forget_at_a_whole_day_forgets_the_facts_of_that_day(kind, tmp_path):
     """A GDPR request table's forget dated 2026-11-20 (a date: its midnight) beside the app's fact at
-    08:00 that day: the fact was kept and served, without a word. One warning per file naming the row."""
+    08:00 that day: the fact was kept and served (a request to be forgotten that did not forget). The
+    forget reads as the day's end: the day's facts go, a fact of the next day stays."""
     day = datetime(2026, 11, 20).date()
-    pq.write_table(table({"answer": " 4471", "fact_id": "pin"}), tmp_path / "app.parquet")
+    pq.write_table(table({"answer": " 4471", "fact_id": "pin"},
+                         {"fact_id": "dog", "event_time": T0 + timedelta(days=1)}), tmp_path / "app.parquet")
     forget = table({"op": "forget_user", "fact_id": None, "trigger": None, "answer": None})
     forget = forget.set_column(forget.schema.get_field_index("event_time"), "event_time",
                                pa.array([day], pa.date32()) if kind == "date32" else pa.array([day.isoformat()]))
     pq.write_table(forget, tmp_path / "gdpr.parquet")
-    with caplog.at_level("WARNING"):
-        result = run(read_fact_log(str(tmp_path)))
-    assert live_facts(result.state) == {("alice", "pin"): " 4471"}  # what the warning is about
-    assert caplog.text.count("a whole day read as its midnight UTC") == 1
-    assert "gdpr.parquet: forget_user (row 0) at 2026-11-20, a whole day read as its midnight UTC" in caplog.text
+    result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("alice", "dog"): " Rex"}
+    assert [(r["source"].rsplit("/", 1)[1], r["row"], r["reason"]) for r in result.rejects.to_pylist()] == [
+        ("app.parquet", 0, "SUPERSEDED")]
+    [tombstone] = result.tombstones.to_pylist()
+    assert tombstone["op"] == "forget_user" and tombstone["event_time"] == datetime(2026, 11, 20, 23, 59, 59, 999999,
+                                                                                     tzinfo=timezone.utc)
+    # a forget at a precise time is read as written
+    early = table({"op": "forget_user", "fact_id": None, "trigger": None, "answer": None,
+                   "event_time": T0 - timedelta(hours=1)})
+    precise = run(pa.concat_tables([read_fact_log(str(tmp_path / "app.parquet")).rows, normalise_fact_log(early)]))
+    assert set(live_facts(precise.state)) == {("alice", "pin"), ("alice", "dog")}
 
 
 def test_extra_columns_are_dropped_with_a_warning(caplog):
