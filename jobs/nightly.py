@@ -57,6 +57,7 @@ from pipeline.ingest import (
     RowRules,
     files_to_read,
     list_log_files,
+    log_read_warnings,
     read_log_file,
     under_sources,
 )
@@ -454,6 +455,7 @@ class _Night:
             self.bar.start("read files", len(files))
             for i in runner.completed(metas):
                 self.reads[i] = runner.get(metas[i], f"read {files[i].path}")
+                log_read_warnings(self.reads[i])
                 self.bar.advance("read files")
             timer.items["read"] = sum(r.rows + (r.reject is not None) for r in self.reads)
         if not timer.items["read"] and not self._publishes_without_rows(every_shard):

@@ -198,7 +198,9 @@ def run_nightly_cmd(
         fail_json(as_json, str(exc), code=2)
     # a local path that is not there, or a model path that holds no checkpoint: a bad argument, before any work
     if "://" not in spec.fact_log and not Path(spec.fact_log).exists():
-        fail_json(as_json, f"fact_log {spec.fact_log}: no such file or directory", code=2)
+        from pipeline.ingest import glob_hint
+
+        fail_json(as_json, f"fact_log {spec.fact_log}: no such file or directory{glob_hint(spec.fact_log)}", code=2)
     problem = store_problem(spec.store)  # a store path that is a file: refused before any work too
     if problem:
         fail_json(as_json, problem, code=2)

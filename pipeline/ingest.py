@@ -50,6 +50,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -306,6 +307,7 @@ class FileRead:
     rows: int
     slices: dict[int, tuple[int, int]]  # shard -> (offset, length) of its rows in the keyed table
     reject: pa.Table | None = None  # one REJECTS_SCHEMA row when the whole file was rejected
+    warnings: tuple[str, ...] = ()  # what reading it warned of, for the driver to log (:func:`read_log_file`)
 
 
 def read_log_file(
@@ -322,18 +324,50 @@ def read_log_file(
     row's reason in ``_problem_reason``; ``read`` says where each shard's rows are, or holds the
     file's reject row when the whole file is unreadable and ``on_bad_file="reject"``. Raises
     FactLogError for an unreadable file under ``on_bad_file="raise"``.
+
+    The warnings reading the file gives (extra columns, a time without a zone, ids in another form,
+    escaped or garbled text) are not logged here but returned in ``read.warnings``, for the caller
+    to log (:func:`log_read_warnings`): a night's read task on Ray logs to a worker's file, which
+    the night does not forward, and every such warning was lost there.
     """
-    table, problem = _read_listed(file, filesystem)
-    if problem is not None:
-        reason, detail = problem
-        if on_bad_file == "raise":
-            raise FactLogError(_unreadable_file_message(file.path, detail, reason))
-        logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
-        reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
-                                      schema=F.REJECTS_SCHEMA)
-        return FileRead(file, 0, {}, reject), key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
-    keyed = key_by_shard(validate_rows(table, rules), num_shards)
-    return FileRead(file, keyed.num_rows, shard_slices(keyed)), keyed
+    with _held_warnings() as held:
+        table, problem = _read_listed(file, filesystem)
+        if problem is not None:
+            reason, detail = problem
+            if on_bad_file == "raise":
+                raise FactLogError(_unreadable_file_message(file.path, detail, reason))
+            logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
+            reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
+                                          schema=F.REJECTS_SCHEMA)
+            return (FileRead(file, 0, {}, reject, tuple(held)),
+                    key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards))
+        keyed = key_by_shard(validate_rows(table, rules), num_shards)
+    return FileRead(file, keyed.num_rows, shard_slices(keyed), warnings=tuple(held)), keyed
+
+
+@contextlib.contextmanager
+def _held_warnings():
+    """The warnings this module logs inside the block, held (not emitted) in the list it yields."""
+    held: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held.append(record.getMessage())
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
+def log_read_warnings(read: FileRead) -> None:
+    """Log the warnings :func:`read_log_file` returned, here (the night's driver: where the operator
+    reads them, whichever process read the file)."""
+    for message in read.warnings:
+        logger.warning("%s", message)
 
 
 def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None) -> tuple[pa.Table | None, tuple[str, str] | None]:
@@ -467,7 +501,8 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
         if info.type == pafs.FileType.NotFound:
             if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
                 raise FactLogNotFound(f"fact log {path}: {_broken_link(path)}")
-            raise FactLogNotFound(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)")
+            raise FactLogNotFound(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)"
+                                  f"{glob_hint(source)}")
         if isinstance(fs, pafs.LocalFileSystem):
             local, local_fs = local or _LocalListing(), fs
             local.add(path, is_file=info.type == pafs.FileType.File)
@@ -502,6 +537,15 @@ def _resolve(source: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.File
     if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
         return pafs.LocalFileSystem(), os.path.abspath(source), ""
     return filesystem, source.rstrip("/"), ""
+
+
+def glob_hint(source: str) -> str:
+    """"; ..." for a fact_log that names nothing because it is a glob (Spark and DuckDB expand
+    ``log/day=*/*.parquet``; a night reads a file or a folder, and the pattern was taken as a name), else ""."""
+    if not any(c in source for c in "*?["):
+        return ""
+    return ("; a glob (*, ?, [...]) is not expanded: name the folder that holds the files instead (every file below "
+            "it is read, partition folders such as day=.../ included)")
 
 
 def _broken_link(path: str) -> str:
@@ -842,6 +886,9 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
             _warn_other_forms_of_ids(columns[name], name, source)
     for name in _TEXT_COLUMNS:
         _warn_escaped_text(columns[name], name, source)
+    _warn_scope_of_own_facts(columns, source)
+    _warn_row_number_fact_ids(columns["fact_id"], source)
+    _warn_trigger_holding_its_answer(columns["trigger"], columns["answer"], source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
@@ -849,7 +896,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
                            "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
                            source, name, kind)
     columns["op"] = _canonical_op(columns["op"])
-    columns["event_time"] = _to_timestamp(table.column("event_time"), problems, source)
+    columns["event_time"] = _whole_day_forgets_at_day_end(
+        table.column("event_time"), columns["op"], _to_timestamp(table.column("event_time"), problems, source), source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
     columns["_row"] = table.column("_row") if "_row" in table.column_names else pa.array(range(n), pa.int64())
     if "_problem_reason" in table.column_names:  # an already-normalised batch
@@ -933,8 +981,15 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
         logger.warning("fact log %s: %s %r (row %d) is wrapped in double quotes (a CSV's or JSON's quoting left "
                        "in): ids are read as written, so it is not the id %r that other exports write; strip the quotes",
                        source, name, column[row].as_py(), row, column[row].as_py().strip()[1:-1])
-    if _all_ascii(column):  # no compatibility character is ASCII
+    if _all_ascii(column):  # no compatibility character (nor mojibake) is ASCII
         return
+    garbled = pc.fill_null(pc.match_substring_regex(column, _ESCAPES[2][0]), False)
+    if pc.any(garbled).as_py():
+        row = pc.index(garbled, True).as_py()
+        undone = _undone(column[row].as_py())
+        logger.warning("fact log %s: %s %r (row %d) holds %s: ids are read as written, so it is not the id%s that "
+                       "other exports write; decode the source as UTF-8", source, name, column[row].as_py(), row,
+                       _ESCAPES[2][1], f" {undone!r}" if undone else "")
     spaced = pc.replace_substring_regex(column, r"\p{Zs}", " ")  # as the canonical form has them
     plain = pc.utf8_normalize(spaced, "NFKC")
     compatible = pc.fill_null(pc.not_equal(plain, pc.utf8_normalize(spaced, "NFC")), False)
@@ -947,24 +1002,148 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
 
 
 # Text a producer escaped for HTML or JSON and did not unescape: "Tom &amp; Jerry", "caf\\u00e9".
+# UTF-8 read as Windows-1252 or Latin-1 (mojibake: a CSV or a MySQL latin1 connection on the way): a lead
+# byte of a 2-byte (C2-DF: "Ã") or 3-byte (E0-EF: "â") sequence followed by its continuation bytes
+# 80-BF as those encodings show them ("é" as "Ã©", "’" as "â€™").
+_CONTINUATION = ("[\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013\u2014"
+                 "\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]")
 _ESCAPES = ((r"&(?:amp|lt|gt|quot|apos|nbsp|#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6});", "an HTML entity"),
-            (r"\\u[0-9a-fA-F]{4}", "a JSON escape"))
+            (r"\\u[0-9a-fA-F]{4}", "a JSON escape"),
+            (f"[\u00c2-\u00df]{_CONTINUATION}|[\u00e0-\u00ef]{_CONTINUATION}{{2}}",
+             "UTF-8 read as Windows-1252 or Latin-1 (mojibake: \u00c3\u00a9 for \u00e9, \u00e2\u20ac\u2122 for \u2019)"))
 
 
 def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
     """Warn once per file for each kind of escape found in trigger or answer text (an HTML entity
     such as ``&amp;``, a JSON ``\\u00e9`` as six characters): text is read as written, so the fact
     is compiled and recalled with the escape (a user typing "Tom & Jerry" does not recall "Tom
-    &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose."""
-    if not pc.any(pc.match_substring_regex(column, r"&|\\u")).as_py():  # the common case: one pass
+    &amp; Jerry"). Unescaping is the producer's to do: a text may hold such characters on purpose.
+    Likewise UTF-8 text decoded as Windows-1252 or Latin-1 before the log ("Caf\u00c3\u00a9"): read as
+    written, with the text it likely was; and a column whose every value (two or more) is wrapped in
+    double quotes (a CSV's or JSON's quoting left in: one quoted answer may be meant, all are not)."""
+    quoted = pc.match_substring_regex(column, r'(?s)^\s*".*"\s*$')
+    if column.length() - column.null_count >= 2 and pc.all(quoted).as_py():
+        row = pc.index(pc.fill_null(quoted, False), True).as_py()
+        logger.warning("fact log %s: every %s of the file is wrapped in double quotes (%r, row %d: a CSV's or JSON's "
+                       "quoting left in): text is read as written and recalled with the quotes; strip them before "
+                       "writing the log", source, name, column[row].as_py()[:64], row)
+    if not pc.any(pc.match_substring_regex(column, "&|\\\\u|[\u00c2-\u00ef]")).as_py():  # the common case: one pass
         return
     for pattern, what in _ESCAPES:
         found = pc.fill_null(pc.match_substring_regex(column, pattern), False)
         if pc.any(found).as_py():
             row = pc.index(found, True).as_py()
+            text = column[row].as_py()
+            undone = _undone(text) if "mojibake" in what else None
+            fix = ("unescape the text" if "mojibake" not in what else "decode the source as UTF-8"
+                   + (f" (it reads {undone[:64]!r})" if undone else ""))
             logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
-                           "unescape the text before writing the log", source, name, column[row].as_py()[:64], row,
-                           what)
+                           "%s before writing the log", source, name, text[:64], row, what, fix)
+
+
+def _undone(text: str) -> str | None:
+    """``text`` with UTF-8 read as Windows-1252 or Latin-1 undone, or None where it cannot be."""
+    for encoding in ("cp1252", "latin-1"):
+        try:
+            return text.encode(encoding).decode("utf-8")
+        except UnicodeError:
+            continue
+    return None
+
+
+_DAY_MICROS = 86_400_000_000
+
+
+def _whole_day_forgets_at_day_end(raw: pa.ChunkedArray, ops: pa.ChunkedArray, times: pa.ChunkedArray,
+                                  source: str) -> pa.ChunkedArray:
+    """``times`` (timestamp[us, UTC]) with each forget_user whose time is a whole day (a date column,
+    a bare date as text, read as its midnight UTC) moved to the end of that day: "forget me" dated
+    2026-12-01 (a request table's date beside an app's log with times of day) kept and served the
+    user's facts written later that day. A day not over yet ends now (a day ahead stays at its
+    midnight, as the future-time check reads it)."""
+    kind = raw.type.value_type if pa.types.is_dictionary(raw.type) else raw.type
+    forgets = pc.fill_null(pc.equal(ops, F.OP_FORGET_USER), False)
+    if not pc.any(forgets).as_py():
+        return times
+    if pa.types.is_date(kind):
+        days = forgets
+    elif any(is_kind(kind) for is_kind in _BYTES_KINDS):
+        try:
+            texts = raw.cast(pa.string())
+        except pa.ArrowException:  # bytes that are not UTF-8: those rows are rejected anyway
+            return times
+        days = pc.and_(forgets, pc.fill_null(pc.match_substring_regex(texts, r"^\s*\d{4}-?\d\d-?\d\d\s*$"), False))
+    else:
+        return times
+    rows = pc.indices_nonzero(days.combine_chunks()).to_pylist()
+    if not rows:
+        return times
+    now = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
+    micros = times.cast(pa.int64()).to_pylist()
+    for row in rows:
+        if micros[row] is not None:
+            micros[row] = max(micros[row], min(micros[row] + _DAY_MICROS - 1, now))
+    logger.info("fact log %s: forget_user at a whole day (row %d: %s) read as that day's end", source, rows[0],
+                raw[rows[0]].as_py())
+    return pa.chunked_array([pa.array(micros, pa.int64())]).cast(F.TIMESTAMP)
+
+
+def _warn_trigger_holding_its_answer(triggers: pa.ChunkedArray, answers: pa.ChunkedArray, source: str) -> None:
+    """Warn once per file where a trigger ends with its own answer ("My dog is called Rex" + "Rex": the
+    whole sentence logged as the trigger): the fact is recalled only after the whole sentence, and
+    then says the answer again; the prompt a user types ("My dog is called") recalls nothing."""
+    for row, (trigger, answer) in enumerate(zip(triggers.to_pylist(), answers.to_pylist())):
+        trigger, answer = (trigger or "").rstrip(), (answer or "").strip()
+        if len(answer) >= 2 and len(trigger) > len(answer) and trigger.endswith(answer) and (
+                not trigger[-len(answer) - 1].isalnum() or not answer[0].isalnum()):
+            logger.warning("fact log %s: trigger %r (row %d) ends with its answer %r: the trigger is the text before "
+                           "the answer, so the fact is recalled only after the whole sentence (and says the answer "
+                           "again); write the trigger without the answer", source, trigger[:64], row, answer[:64])
+            return
+
+
+def _warn_row_number_fact_ids(fact_ids: pa.ChunkedArray, source: str) -> None:
+    """Warn once per file whose fact_ids are its row numbers (0, 1, 2, ... or 1, 2, 3, ...: a
+    DataFrame's index exported as the id): another file's row 0 of the same user is the same fact_id,
+    so each night's facts replaced the last night's (a later upsert wins per user and fact_id)."""
+    n = len(fact_ids)
+    if n < 3 or fact_ids.null_count or not pa.types.is_string(fact_ids.type):
+        return
+    for first in (0, 1):
+        if pc.all(pc.equal(fact_ids, pa.array(range(first, first + n)).cast(pa.string()))).as_py():
+            logger.warning("fact log %s: fact_id is the file's row number (%d, %d, %d, ...: a DataFrame's index?): "
+                           "another file's row of the same user has the same fact_id and replaces this fact; write "
+                           "an id that is stable per fact (e.g. a hash of the user and the trigger)", source, first,
+                           first + 1, first + 2)
+            return
+
+
+def _warn_scope_of_own_facts(columns: dict, source: str) -> None:
+    """Warn once per file when a shared scope's fact is written by several users with other answers:
+    a scope's fact is one text served to every member (the latest copy wins for all), so a scope
+    column holding the users' tenant or organisation for their own facts served each user another's
+    answer. Read as written: copies of one fact at different times may be a scope's update."""
+    scope = columns["scope"]
+    if scope.null_count == len(scope):
+        return
+    rows = pa.table({"scope": scope, "user_id": columns["user_id"], "fact_id": columns["fact_id"],
+                     "answer": pc.utf8_trim_whitespace(columns["answer"])})
+    rejected = pa.array(sorted(_OWN_SCOPE_WORDS | _PLACEHOLDER_IDS | _MISSING_AS_TEXT))  # their rows are refused
+    shared = pc.and_(pc.not_equal(rows["scope"], rows["user_id"]),
+                     pc.invert(pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(rows["scope"])), rejected)))
+    rows = rows.filter(pc.fill_null(pc.and_(pc.not_equal(rows["scope"], ""), shared), False))
+    if rows.num_rows < 2:
+        return
+    copies = rows.group_by(["scope", "fact_id"]).aggregate([("user_id", "count_distinct"), ("answer", "count_distinct")])
+    mixed = copies.filter(pc.and_(pc.greater(copies["user_id_count_distinct"], 1),
+                                  pc.greater(copies["answer_count_distinct"], 1)))
+    if mixed.num_rows:
+        first = mixed.slice(0, 1).to_pylist()[0]
+        logger.warning("fact log %s: scope %r's fact %r is written by %d users with %d different answers: a shared "
+                       "scope's fact is one text served to every member (the latest copy, to all of them); if %r names "
+                       "the users' tenant or organisation rather than facts they share, their own facts need scope "
+                       "null, or each is served another's answer", source, first["scope"], first["fact_id"],
+                       first["user_id_count_distinct"], first["answer_count_distinct"], first["scope"])
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str] | None]:
@@ -1123,15 +1302,15 @@ def _scalars_as_text(column: pa.ChunkedArray, name: str = "answer", problems: li
     """A float, boolean or decimal trigger/answer column (a table export's number or flag) as its
     canonical text: integers without ".0" (42.0 -> "42"), other floats in their shortest
     round-trip form at the column's width (0.1 -> "0.1", 6.02e23 -> "6.02e+23"; inf -> "inf"),
-    booleans as "true"/"false", decimals with their places ("12.50"). NaN and null are a missing
+    booleans as "true"/"false", decimals with their places up to two ("12.50"), of a larger scale in
+    their shortest form ("2", not decimal(38, 10)'s "2.0000000000"). NaN and null are a missing
     value (an upsert's row is then rejected as empty, as for a null string)."""
     kind = column.type
     if pa.types.is_boolean(kind):
         return column.cast(pa.string())
     if pa.types.is_decimal(kind):
-        return pa.chunked_array([pa.array([None if v is None else str(int(v)) if kind.scale <= 0 else f"{v:f}"
-                                           for v in chunk.to_pylist()], pa.string()) for chunk in column.chunks],
-                                pa.string())
+        return pa.chunked_array([pa.array([None if v is None else _decimal_text(v, kind.scale) for v in chunk.to_pylist()],
+                                          pa.string()) for chunk in column.chunks], pa.string())
     bits = {16: 11, 32: 24}.get(kind.bit_width, 53)  # every integer below 2^bits is exact in this float type
     texts, row = [], 0
     for chunk in column.chunks:
@@ -1148,6 +1327,24 @@ def _scalars_as_text(column: pa.ChunkedArray, name: str = "answer", problems: li
             texts.append(None if value is None else _float_text(value, kind))
             row += 1
     return pa.chunked_array([pa.array(texts, pa.string())], pa.string())
+
+
+# Places a decimal column is shown with: money's cents (NUMBER(10, 2): 12.50, 7.00). A larger scale is a
+# type's padding, not what was written: Spark reads Oracle NUMBER as decimal(38, 10) and Python Decimals
+# as (38, 18), BigQuery's NUMERIC is (38, 9), DuckDB's DECIMAL (18, 3); an answer 2 read "2.0000000000".
+_DISPLAY_SCALE = 2
+
+
+def _decimal_text(value: Decimal, scale: int) -> str:
+    """A decimal trigger/answer as its text: with its places up to :data:`_DISPLAY_SCALE` places
+    (``12.50``), else in its shortest exact form (``12.5``, ``2``; never an exponent)."""
+    if scale <= 0:
+        return str(int(value))
+    text = f"{value:f}"  # exact: no context precision, no rounding
+    if scale <= _DISPLAY_SCALE:
+        return text
+    text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
 def _float_text(value, kind: pa.DataType) -> str | None:
@@ -1500,17 +1697,30 @@ def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
 
 
 # How pandas, numpy and SQL clients write a missing value as text (``df.user_id.astype(str)`` turns
-# NaN into "nan", None into "None", pd.NA into "<NA>"): as an id, every missing one became one id.
-_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat"})
+# NaN into "nan", None into "None", pd.NA into "<NA>"), and other languages and tools (JavaScript's
+# String(undefined), Go's "<nil>", Ruby's and Lisp's "nil", C's printf of NULL "(null)", R's "NA",
+# spreadsheets' "N/A" and "#N/A"): as an id, every missing one became one id.
+_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat", "undefined", "<nil>", "nil", "(null)", "na", "n/a",
+                              "#n/a"})
+# A user_id or scope that stands for no one in particular (a logged-out session's): one id for every such
+# user, so what one told about themselves was served to all the others.
+_PLACEHOLDER_IDS = frozenset({"anonymous", "anon", "guest", "unknown"})
 
 
 def _missing_as_text(name: str, value: str | None) -> str | None:
-    """Why an id is a missing value written as text, or None."""
-    if value is None or value.casefold() not in _MISSING_AS_TEXT:
+    """Why an id is a missing value written as text (or, for a user_id or scope, a placeholder
+    that stands for no one in particular), or None."""
+    if value is None:
+        return None
+    if value.casefold() in _PLACEHOLDER_IDS and name in ("user_id", "scope"):
+        return (f"{name} {value!r} stands for no one in particular (a logged-out or unknown user's placeholder), not "
+                f"an id: every such row would be one {name}, and what one such user told would be served to all the "
+                f"others; drop the rows without a real {name}, or give each such user an id of their own")
+    if value.casefold() not in _MISSING_AS_TEXT:
         return None
     return (f"{name} {value!r} is a missing value written as text (pandas' astype(str) writes NaN as 'nan', None as "
-            f"'None', pd.NA as '<NA>'), not an id: every such row would be one {name}; export missing values as "
-            f"null, or drop the rows without a {name}")
+            f"'None', pd.NA as '<NA>'; JavaScript 'undefined', Go '<nil>', R 'NA', spreadsheets '#N/A'), not an id: "
+            f"every such row would be one {name}; export missing values as null, or drop the rows without a {name}")
 
 
 def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] | None:
@@ -1524,6 +1734,10 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     if op not in F.OPS:
         near = [name for name in F.OPS if re.sub(r"[\s_-]", "", op) == name.replace("_", "")]
         hint = f" (write {near[0]!r}: another spelling of an op is not read as it)" if near else ""
+        if op in _CHANGE_OPS:
+            hint = (f" (write {_CHANGE_OPS[op]!r}: a change-data-capture export's operation codes, SQL's INSERT / UPDATE "
+                    "/ DELETE, Debezium's c / u / r / d, AWS DMS's I / U / D, are not read as ops; map them when "
+                    "exporting: insert and update are 'upsert', delete is 'delete')")
         return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}{hint}"
     if times[i] is None:
         return F.MISSING_EVENT_TIME, "event_time is empty"
@@ -1533,7 +1747,11 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
         return None
     fact_id = cols["fact_id"][i]
     if fact_id is None or fact_id == "":
-        return F.MISSING_FACT_ID, f"fact_id is empty on a {op}"
+        if op == F.OP_DELETE:  # an export's "delete everything of this user" (a delete without a fact)
+            return F.MISSING_FACT_ID, ("fact_id is empty on a delete: a delete removes one fact; to remove every fact "
+                                       "of the user write op 'forget_user' (it also erases the user from older "
+                                       "versions), or one delete per fact_id")
+        return F.MISSING_FACT_ID, f"fact_id is empty on an {op}"
     if problem := F.id_problem("fact_id", fact_id) or _missing_as_text("fact_id", fact_id):
         return F.BAD_FACT_ID, problem
     if cols["scope"][i] not in (None, "") and (problem := F.id_problem("scope", cols["scope"][i])
@@ -1541,9 +1759,47 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
         return F.BAD_SCOPE, problem
     if op == F.OP_DELETE:
         return None
-    return _check_text(cols["trigger"][i], "trigger", F.EMPTY_TRIGGER, F.TRIGGER_TOO_LONG, max_text_chars) or _check_text(
+    if (cols["scope"][i] or "").casefold() in _OWN_SCOPE_WORDS and cols["scope"][i] != user_id:
+        return F.BAD_SCOPE, (f"scope {cols['scope'][i]!r} is a word for the user's own facts, but a scope is shared: "
+                             "every user who writes it would be one scope, their facts merged and each served the "
+                             "others' answers; leave scope null or empty for a user's own facts (or write the "
+                             "user_id), and name a shared scope by its group (e.g. org:clinic-north)")
+    return _replaced_text(cols, i) or _check_text(cols["trigger"][i], "trigger", F.EMPTY_TRIGGER, F.TRIGGER_TOO_LONG,
+                                                  max_text_chars) or _check_text(
         cols["answer"][i], "answer", F.EMPTY_ANSWER, F.ANSWER_TOO_LONG, max_text_chars
     )
+
+
+# Scope values an export writes for "this user's own" (an enum's name, a placeholder): a scope is shared,
+# so each such value made one scope of every user writing it, served each other's answers.
+_OWN_SCOPE_WORDS = frozenset({"user", "personal", "private", "self", "me", "own", "individual", "n/a", "-"})
+_REPLACEMENT = "\ufffd"
+_REPLACED_REASON = {"user_id": F.BAD_USER_ID, "fact_id": F.BAD_FACT_ID, "scope": F.BAD_SCOPE, "trigger": F.INVALID_UTF8,
+                    "answer": F.INVALID_UTF8}
+
+
+def _replaced_text(cols: dict, i: int) -> tuple[str, str] | None:
+    """Why an upsert's value holds U+FFFD, the character a decoder writes for bytes that were not
+    UTF-8 (Java's and Spark's default decoding, Python's errors='replace': a Latin-1 or Windows-1252
+    export read as UTF-8 upstream), or None. Such text is not what was written (published, "Café"
+    was answered as "Caf" and U+FFFD), and ids that lost different letters become one id ("José"
+    and "Josè" are both "Jos" and U+FFFD: one user's facts served to the other). Only upserts are
+    refused: a delete or forget of such an id still removes what an earlier night stored."""
+    for name, reason in _REPLACED_REASON.items():
+        value = cols[name][i]
+        if value is not None and (where := value.find(_REPLACEMENT)) >= 0:
+            return reason, (f"{name} holds U+FFFD (the replacement character) at character {where}: a tool before this "
+                            "log decoded bytes that were not UTF-8 and replaced them, so the text is not what was "
+                            "written (and two ids that lost different letters would be one); re-export it decoding the "
+                            "source in its real encoding (e.g. Spark option('encoding', 'windows-1252'), Python "
+                            "encoding='cp1252')")
+    return None
+
+
+# A change-data-capture export's operation codes (op is read in lower case): each is named with the op to
+# write, not read as it. Such an export had its deletes applied and every insert and update rejected.
+_CHANGE_OPS = {"insert": F.OP_UPSERT, "update": F.OP_UPSERT,
+               "c": F.OP_UPSERT, "u": F.OP_UPSERT, "r": F.OP_UPSERT, "i": F.OP_UPSERT, "d": F.OP_DELETE}
 
 
 def _check_text(text, name, empty_reason, long_reason, max_chars) -> tuple[str, str] | None:

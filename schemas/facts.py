@@ -140,12 +140,14 @@ REASONS: dict[str, str] = {
     MISSING_USER_ID: "user_id is null or empty",
     BAD_USER_ID: "user_id is unusable: over 256 chars, control characters or invalid UTF-8 (invisible format "
                  "characters are removed first: engram_core.text.canonical_id), a float id too large to be exact, or "
-                 "a missing value written as text ('nan', 'None', 'null', '<NA>', 'NaT')",
+                 "a missing value written as text ('nan', 'None', 'null', '<NA>', 'NaT', 'undefined', '#N/A', ...) or a "
+                 "placeholder for no one in particular ('anonymous', 'guest', 'unknown'), or on an upsert U+FFFD (bytes "
+                 "an earlier tool could not decode)",
     MISSING_FACT_ID: "fact_id is null or empty on an upsert or delete",
-    BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8, or a float id too large "
-                 "to be exact",
-    BAD_SCOPE: "scope is unusable: over 256 chars, control characters or invalid UTF-8, or a float id too large to be "
-               "exact",
+    BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8, a float id too large "
+                 "to be exact, or on an upsert U+FFFD or a word for the user's own facts ('personal', 'private', 'user', ...)",
+    BAD_SCOPE: "scope is unusable: over 256 chars, control characters or invalid UTF-8, a float id too large to be "
+               "exact, or on an upsert U+FFFD or a word for the user's own facts ('personal', 'private', 'user', ...)",
     UNKNOWN_OP: "op is not one of upsert, delete, forget_user",
     EMPTY_TRIGGER: "trigger of an upsert is null, empty or only whitespace",
     EMPTY_ANSWER: "answer of an upsert is null, empty or only whitespace",
@@ -153,7 +155,9 @@ REASONS: dict[str, str] = {
     ANSWER_TOO_LONG: "answer is over the compiler's token limit (max_answer_tokens, 128 by default) or over "
                      "max_text_chars characters",
     CONTROL_CHARACTERS: "trigger or answer holds control characters other than tab and newline",
-    INVALID_UTF8: "op, trigger or answer is not valid UTF-8 (whatever the column's physical type)",
+    INVALID_UTF8: "op, trigger or answer is not valid UTF-8 (whatever the column's physical type), or an upsert's "
+                  "trigger or answer holds U+FFFD, the replacement character a decoder wrote for bytes that were not "
+                  "UTF-8 before the log was written",
     INEXACT_NUMBER: "trigger or answer is a float whole number beyond the type's exact range (float16 2^11, float32 "
                     "2^24, float64 2^53; below 1e21): the digits the writer meant are lost; write the column as int64 "
                     "or string",

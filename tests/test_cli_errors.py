@@ -27,6 +27,11 @@ def test_a_night_with_a_missing_fact_log_or_model_exits_2_before_creating_the_st
         assert json.loads(result.stdout) == {"published": False, "error": result.stderr.strip()[len("error: "):],
                                              "exit_code": 2}
     assert not store.exists()
+    (tmp_path / "log" / "day=1").mkdir()
+    result = engram("run", "nightly", "--store", str(store), "--fact-log", str(tmp_path / "log" / "day=*"), "--model",
+                    str(tiny_dir), "--workers", "0")
+    assert result.exit_code == 2 and "no such file or directory; a glob (*, ?, [...]) is not expanded" in result.stderr
+    assert not store.exists()
 
 
 def test_a_bad_spec_with_json_prints_one_json_object_and_exits_2(tmp_path):

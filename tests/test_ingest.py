@@ -445,6 +445,133 @@ def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
         for op, name in (("forgetuser", "forget_user"), ("forget-user", "forget_user"), ("up sert", "upsert"))]
 
 
+def test_a_change_data_capture_exports_op_codes_are_rejected_naming_the_op_to_write():
+    """A CDC export (SQL INSERT / UPDATE, Debezium c / u / r / d, AWS DMS I / U / D) had its deletes
+    applied and every insert and update rejected as an unknown op, with no word of the mapping."""
+    ops = {"INSERT": "upsert", "update": "upsert", "c": "upsert", "u": "upsert", "r": "upsert", "I": "upsert",
+           "U": "upsert", "D": "delete"}
+    result = run(table(*({"op": op, "fact_id": f"f{i}"} for i, op in enumerate(ops))))
+    rejects = result.rejects.to_pylist()
+    assert [r["reason"] for r in rejects] == ["UNKNOWN_OP"] * len(ops)
+    for reject, (op, name) in zip(rejects, ops.items()):
+        assert reject["detail"].startswith(f"op {op.lower()!r} is not one of upsert, delete, forget_user (write {name!r}: "
+                                           "a change-data-capture export's operation codes")
+
+
+def test_a_scope_that_is_a_word_for_the_users_own_facts_costs_its_row_instead_of_merging_users():
+    """An export writing scope 'personal' (an enum's name) for users' own facts made one shared scope
+    of every such user: their facts merged, each served the others' (measured: bob was answered
+    ann's cat's name, ann bob's locker code). Such an upsert costs its row (BAD_SCOPE, saying why and
+    what to write); null, empty, the user's id and a group's id are read as before; a delete still applies."""
+    words = ["personal", "Private", "USER", "self", "me", "own", "individual", "n/a", "-"]
+    rows = [{"user_id": f"u{i}", "fact_id": "dentist", "scope": w} for i, w in enumerate(words)]
+    rows += [{"user_id": "ann", "fact_id": f"f{i}", "scope": s} for i, s in enumerate([None, "", "ann", "org:a"])]
+    rows += [{"user_id": "me", "fact_id": "own", "scope": "me"}]  # a user whose id is the word: its own scope
+    result = run(table(*rows))
+    rejects = result.rejects.to_pylist()
+    assert [(r["user_id"], r["reason"]) for r in rejects] == [(f"u{i}", "BAD_SCOPE") for i in range(len(words))]
+    assert rejects[0]["detail"].startswith("scope 'personal' is a word for the user's own facts, but a scope is shared: "
+                                           "every user who writes it would be one scope")
+    assert "leave scope null or empty for a user's own facts" in rejects[0]["detail"]
+    assert {(r["user_id"], r["fact_id"]): r["scope"] for r in result.state.to_pylist()} == {
+        ("ann", "f0"): "ann", ("ann", "f1"): "ann", ("ann", "f2"): "ann", ("ann", "f3"): "org:a", ("me", "own"): "me"}
+    delete = run(table({"op": "delete", "scope": "personal", "trigger": None, "answer": None,
+                        "event_time": T0 + timedelta(hours=1)}), run(table({})).state)
+    assert delete.rejects.num_rows == 0 and delete.state.num_rows == 0
+
+
+def test_a_scope_whose_fact_its_users_write_with_other_answers_is_warned_of_once_per_file(caplog):
+    """A scope column holding the users' tenant ('acme') for their own facts merged them: each user
+    was served the latest copy of 'dentist', another user's. Copies of one shared fact with the same
+    text (a scope's opening hours in every member's row) get no warning."""
+    rows = [{"user_id": "ann", "fact_id": "dentist", "answer": " Okafor", "scope": "acme"},
+            {"user_id": "bob", "fact_id": "dentist", "answer": " Nguyen", "scope": "acme"},
+            {"user_id": "ann", "fact_id": "hours", "answer": " 9-5", "scope": "org:a"},
+            {"user_id": "bob", "fact_id": "hours", "answer": "9-5 ", "scope": "org:a"}]
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows), source="x.parquet")
+    assert caplog.text.count("users with") == 1
+    assert ("fact log x.parquet: scope 'acme''s fact 'dentist' is written by 2 users with 2 different answers: a shared "
+            "scope's fact is one text served to every member") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows[2:]), source="x.parquet")
+        normalise_fact_log(table(*(r | {"scope": "Personal"} for r in rows)), source="x.parquet")  # rows refused anyway
+    assert "users with" not in caplog.text
+
+
+def test_a_delete_without_a_fact_id_is_rejected_naming_forget_user_for_every_fact_of_the_user():
+    """An export's 'delete this user' written as a delete without a fact_id was rejected as 'fact_id
+    is empty on a delete', with no word of forget_user; the user's facts stayed served."""
+    result = run(table({"op": "delete", "fact_id": None, "trigger": None, "answer": None},
+                       {"op": "upsert", "fact_id": None}))
+    assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
+        ("MISSING_FACT_ID", "fact_id is empty on a delete: a delete removes one fact; to remove every fact of the user "
+                            "write op 'forget_user' (it also erases the user from older versions), or one delete per "
+                            "fact_id"),
+        ("MISSING_FACT_ID", "fact_id is empty on an upsert")]
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_fact_ids_that_are_the_files_row_numbers_are_warned_of_once(first, caplog):
+    """A DataFrame's index exported as fact_id: row 0 of the next night's file, the same user's
+    fact_id '0', replaced this night's fact (a later upsert wins per user and fact_id), night after night."""
+    rows = [{"user_id": "ann", "fact_id": str(first + i), "trigger": f"My thing {i} is"} for i in range(4)]
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows), source="x.parquet")
+    assert caplog.text.count("fact_id is the file's row number") == 1
+    assert f"fact_id is the file's row number ({first}, {first + 1}, {first + 2}, ...: a DataFrame's index?)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*(r | {"fact_id": str(7 + i)} for i, r in enumerate(rows))), source="y.parquet")
+    assert "row number" not in caplog.text
+
+
+def test_a_trigger_that_ends_with_its_answer_is_warned_of_once_per_file(caplog):
+    """'My dog is called Rex' + 'Rex' (an extraction tool logging the whole sentence as the trigger)
+    was compiled without a word: recalled only after the whole sentence, never from 'My dog is called'."""
+    rows = [{"fact_id": "dog", "trigger": "My dog is called Rex", "answer": " Rex"},
+            {"fact_id": "pin", "trigger": "My PIN is 1234", "answer": "1234"},
+            {"fact_id": "word", "trigger": "My nickname is Bobby", "answer": " by"},  # a word's end is not its answer
+            {"fact_id": "ok", "trigger": "My cat is called", "answer": " Tom"}]
+    with caplog.at_level("WARNING"):
+        normalised = normalise_fact_log(table(*rows), source="x.parquet")
+    assert caplog.text.count("ends with its answer") == 1
+    assert ("fact log x.parquet: trigger 'My dog is called Rex' (row 0) ends with its answer 'Rex': the trigger is the "
+            "text before the answer") in caplog.text
+    assert run(normalised).accepted == 4  # read as written
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(*rows[2:]), source="x.parquet")
+    assert "ends with its answer" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["date32", "text"])
+def test_a_forget_at_a_whole_day_forgets_the_facts_of_that_day(kind, tmp_path):
+    """A GDPR request table's forget dated 2026-11-20 (a date: its midnight) beside the app's fact at
+    08:00 that day: the fact was kept and served (a request to be forgotten that did not forget). The
+    forget reads as the day's end: the day's facts go, a fact of the next day stays."""
+    day = datetime(2026, 11, 20).date()
+    pq.write_table(table({"answer": " 4471", "fact_id": "pin"},
+                         {"fact_id": "dog", "event_time": T0 + timedelta(days=1)}), tmp_path / "app.parquet")
+    forget = table({"op": "forget_user", "fact_id": None, "trigger": None, "answer": None})
+    forget = forget.set_column(forget.schema.get_field_index("event_time"), "event_time",
+                               pa.array([day], pa.date32()) if kind == "date32" else pa.array([day.isoformat()]))
+    pq.write_table(forget, tmp_path / "gdpr.parquet")
+    result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("alice", "dog"): " Rex"}
+    assert [(r["source"].rsplit("/", 1)[1], r["row"], r["reason"]) for r in result.rejects.to_pylist()] == [
+        ("app.parquet", 0, "SUPERSEDED")]
+    [tombstone] = result.tombstones.to_pylist()
+    assert tombstone["op"] == "forget_user" and tombstone["event_time"] == datetime(2026, 11, 20, 23, 59, 59, 999999,
+                                                                                     tzinfo=timezone.utc)
+    # a forget at a precise time is read as written
+    early = table({"op": "forget_user", "fact_id": None, "trigger": None, "answer": None,
+                   "event_time": T0 - timedelta(hours=1)})
+    precise = run(pa.concat_tables([read_fact_log(str(tmp_path / "app.parquet")).rows, normalise_fact_log(early)]))
+    assert set(live_facts(precise.state)) == {("alice", "pin"), ("alice", "dog")}
+
+
 def test_extra_columns_are_dropped_with_a_warning(caplog):
     raw = table({}).append_column("mood", pa.array(["happy"]))
     normalised = normalise_fact_log(raw, source="x.parquet")
@@ -742,6 +869,19 @@ def test_a_json_or_nested_answer_written_by_duckdb_refuses_the_file_naming_the_f
 def test_a_missing_path_is_an_error_naming_it(tmp_path):
     with pytest.raises(FactLogError, match="nowhere.*no such file or folder"):
         read_fact_log(str(tmp_path / "nowhere"))
+
+
+def test_a_glob_as_the_fact_log_names_nothing_and_the_error_says_to_name_the_folder(tmp_path):
+    """Spark and DuckDB read ``log/day=*/*.parquet``; a night takes the pattern as a name: it names
+    nothing, and the error said only 'no such file or folder' (the files are there)."""
+    (tmp_path / "day=1").mkdir()
+    pq.write_table(table({}), tmp_path / "day=1" / "part-0.parquet")
+    with pytest.raises(FactLogError, match=r"day=\*/\*\.parquet: no such file or folder .*; a glob \(\*, \?, \[\.\.\.\]\) "
+                                           "is not expanded: name the folder that holds the files instead"):
+        read_fact_log(str(tmp_path / "day=*" / "*.parquet"))
+    with pytest.raises(FactLogError, match="nowhere.*no such file or folder") as missing:
+        read_fact_log(str(tmp_path / "nowhere"))
+    assert "is not expanded" not in str(missing.value)
 
 
 def test_hive_day_partitions_are_read_with_provenance_and_file_sizes(tmp_path):
@@ -1400,6 +1540,72 @@ def test_an_answer_column_re_exported_as_double_instead_of_decimal_is_the_same_f
     assert run(pa.concat_tables([zip_a, zip_b])).rejects.column("reason").to_pylist() == ["CONFLICTING_DUPLICATE"] * 2
 
 
+_WIDE_DECIMALS = {  # a numeric answer column as exporters type it by default (the places are the type's, not the writer's)
+    "spark_oracle_number": pa.decimal128(38, 10), "pyspark_decimal": pa.decimal128(38, 18),
+    "bigquery_numeric": pa.decimal128(38, 9), "bigquery_bignumeric": pa.decimal256(76, 38),
+}
+
+
+@pytest.mark.parametrize("writer", [*_WIDE_DECIMALS, "duckdb_decimal"])
+def test_a_decimal_answer_of_a_default_scale_reads_in_its_shortest_form_not_padded_with_the_types_zeros(writer, tmp_path):
+    """Spark reads Oracle NUMBER as decimal(38, 10), BigQuery's NUMERIC is (38, 9), DuckDB's DECIMAL
+    (18, 3): an answer 2 was published as "2.0000000000" (recalled so, compiled ok). A scale over two
+    places is read in the shortest exact form; cents keep theirs (decimal(10, 2): "12.50", above).
+    A fact published padded and read again at its instant is the same fact (DUPLICATE, kept)."""
+    values = ["2", "12.5", "0.75", "-0.001", "0", "1000000"]
+    path = tmp_path / "part-0.parquet"
+    if writer == "duckdb_decimal":
+        import duckdb
+        duckdb.sql(f"""COPY (SELECT 'alice' AS user_id, 'f' || i AS fact_id, 'upsert' AS op, 'My number is' AS trigger,
+                            CAST(v AS DECIMAL) AS answer, TIMESTAMPTZ '2026-11-20 08:00:00+00' AS event_time
+                            FROM unnest({values}) WITH ORDINALITY t(v, i)) TO '{path}' (FORMAT parquet)""")
+        assert pq.read_schema(path).field("answer").type == pa.decimal128(18, 3)
+    else:
+        raw = table(*({"fact_id": f"f{i + 1}", "trigger": "My number is"} for i in range(len(values))))
+        raw = raw.set_column(raw.schema.get_field_index("answer"), "answer",
+                             pa.array([Decimal(v) for v in values], _WIDE_DECIMALS[writer]))
+        pq.write_table(raw, path)
+    result = run(read_fact_log(str(path)))
+    assert live_facts(result.state) == {("alice", f"f{i + 1}"): " " + v for i, v in enumerate(values)}
+    padded = run(table(*({"fact_id": f"f{i + 1}", "trigger": "My number is", "answer": " " + f"{Decimal(v):.10f}"}
+                         for i, v in enumerate(values))))
+    again = run(read_fact_log(str(path)), padded.state)
+    assert live_facts(again.state) == live_facts(padded.state) and again.changed_users == set()
+    assert again.rejects.column("reason").to_pylist() == ["DUPLICATE"] * len(values)
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_an_upsert_holding_the_replacement_character_costs_its_row_and_a_delete_of_such_an_id_still_applies(
+        on_bad_file, tmp_path):
+    """U+FFFD is what a decoder (Java's and Spark's by default, Python's errors='replace') writes for
+    bytes that were not UTF-8: a Latin-1 export read as UTF-8 before this log. It was published
+    ("Caf" and U+FFFD), and "José" and "Josè" became one user. Each such upsert costs its row,
+    naming the column, where, and the fix; the file's other rows are read; a delete of an id stored
+    so by an earlier night still removes it."""
+    rows = [{"answer": " Caf\ufffd", "fact_id": "cafe"}, {"trigger": "My \ufffdtude is", "fact_id": "etude"},
+            {"user_id": "Jos\ufffd", "fact_id": "pet"}, {"fact_id": "caf\ufffd"}, {"scope": "org:b\ufffdle", "fact_id": "s"},
+            {"fact_id": "ok"}]
+    pq.write_table(table(*rows), tmp_path / "part-0.parquet")
+    result = run(read_fact_log(str(tmp_path), on_bad_file=on_bad_file))
+    assert live_facts(result.state) == {("alice", "ok"): " Rex"}
+    rejects = result.rejects.to_pylist()
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (0, "INVALID_UTF8"), (1, "INVALID_UTF8"), (2, "BAD_USER_ID"), (3, "BAD_FACT_ID"), (4, "BAD_SCOPE")]
+    assert all(r["source"].endswith("part-0.parquet") for r in rejects)
+    assert rejects[0]["detail"].startswith("answer holds U+FFFD (the replacement character) at character 4: a tool before "
+                                           "this log decoded bytes that were not UTF-8")
+    assert rejects[2]["detail"].startswith("user_id holds U+FFFD") and "re-export it decoding the source in its real "\
+        "encoding" in rejects[2]["detail"]
+    # an earlier night stored such a user (before this rule): its delete is applied, not refused
+    user, trigger = "Jos\ufffd", "My dog is called"
+    prior = pa.Table.from_pylist([{"user_id": user, "fact_id": "pet", "scope": user, "trigger": trigger, "answer": " Rex",
+                                   "event_time": T0, "fact_hash": F.fact_hash(user, trigger, " Rex")}],
+                                 schema=F.FACT_STATE_SCHEMA)
+    delete = run(table({"user_id": "Jos\ufffd", "op": "delete", "trigger": None, "answer": None,
+                        "event_time": T0 + timedelta(hours=1)}), prior)
+    assert delete.rejects.num_rows == 0 and delete.accepted == 1 and delete.state.num_rows == 0
+
+
 def test_a_re_export_without_the_scope_column_keeps_the_shared_facts_and_deletes_nothing(tmp_path):
     """The exporter's new version leaves out the optional scope column: each shared fact read again
     without its scope, at its own instant, is the same fact (DUPLICATE, the scope kept), in one
@@ -1457,7 +1663,8 @@ def test_a_log_file_or_folder_whose_name_is_not_utf8_is_one_unreadable_file_nami
     assert result.rejects.column("source").to_pylist()[-1] == shown
 
 
-@pytest.mark.parametrize("text", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", " nan "])
+@pytest.mark.parametrize("text", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", " nan ", "undefined", "<nil>", "nil",
+                                  "(null)", "NA", "N/A", "#N/A"])
 def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_pooled_into_one_user(text, tmp_path,
                                                                                                     caplog):
     """pandas' astype(str) writes a missing id as 'nan' ('None', '<NA>', ...): every such row was
@@ -1478,6 +1685,19 @@ def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_p
     assert f"user_id {text.strip()!r} is a missing value written as text" in rejects[("ids.parquet", 1)][1]
     assert "'7.0' (row 0) looks like a float's text of an integer" in caplog.text
     assert caplog.text.count("looks like a float's text") == 2  # once per file
+
+
+@pytest.mark.parametrize("text", ["anonymous", "Anonymous", "anon", "GUEST", "unknown"])
+def test_a_user_id_or_scope_that_stands_for_no_one_in_particular_is_rejected_per_row_not_pooled(text):
+    """'anonymous' for every logged-out user's facts made one user: what one told was served to all
+    (a PIN, a diagnosis). BAD_USER_ID / BAD_SCOPE per row, saying why; as a fact_id it is an id."""
+    result = run(table({"user_id": text}, {"user_id": "ann", "fact_id": "x", "scope": text},
+                       {"user_id": "ann", "fact_id": text}))
+    rejects = result.rejects.to_pylist()
+    assert [(r["row"], r["reason"]) for r in rejects] == [(0, "BAD_USER_ID"), (1, "BAD_SCOPE")]
+    assert rejects[0]["detail"].startswith(f"user_id {text!r} stands for no one in particular")
+    assert "what one such user told would be served to all the others" in rejects[0]["detail"]
+    assert live_facts(result.state) == {("ann", text): " Rex"}
 
 
 def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_one_warning_per_file(tmp_path, caplog):
@@ -1513,3 +1733,54 @@ def test_text_escaped_for_html_or_json_is_read_as_written_with_one_warning_per_f
     assert caplog.text.count("holds an HTML entity") == 1 and caplog.text.count("holds a JSON escape") == 1
     assert "answer ' Tom &amp; Jerry' (row 1) holds an HTML entity" in caplog.text
     assert "(row 2) holds a JSON escape" in caplog.text
+
+
+def test_utf8_text_read_as_windows_1252_upstream_is_read_as_written_with_one_warning_per_file_naming_what_it_was(
+        tmp_path, caplog):
+    """'CafÃ©' and 'Itâ€™s' are UTF-8 decoded as Windows-1252 or Latin-1 before the log (a CSV, a MySQL
+    latin1 connection): valid UTF-8 Parquet, so it was compiled and recalled garbled without a word.
+    It is read as written (it could be meant), with one warning per file naming column, row and the
+    text it likely was; accented text of real languages gets none."""
+    garbled = {"f0": " CafÃ© CrÃ¨me", "f1": " Itâ€™s 5 â‚¬"}
+    clean = {"f2": " SÃO PAULO", "f3": " « café »", "f4": " Übermaß", "f5": " Ørsted, Ægir", "f6": " naïve ×2",
+             "f7": " Crème brûlée", "f8": " Đà Nẵng"}
+    rows = [{"fact_id": k, "trigger": f"My word {k} is", "answer": v} for k, v in (garbled | clean).items()]
+    pq.write_table(table(*rows), tmp_path / "latin1.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("alice", k): v for k, v in (garbled | clean).items()}
+    assert caplog.text.count("holds UTF-8 read as Windows-1252 or Latin-1") == 1
+    assert "answer ' CafÃ© CrÃ¨me' (row 0) holds UTF-8 read as Windows-1252 or Latin-1" in caplog.text
+    assert "decode the source as UTF-8 (it reads ' Café Crème') before writing the log" in caplog.text
+    caplog.clear()
+    pq.write_table(table({"user_id": "JosÃ©"}), tmp_path / "latin1.parquet")  # an id: another user than José
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert ("user_id 'JosÃ©' (row 0) holds UTF-8 read as Windows-1252 or Latin-1 (mojibake: Ã© for é, â€™ for ’): ids "
+            "are read as written, so it is not the id 'José' that other exports write") in caplog.text
+    caplog.clear()
+    pq.write_table(table(*[r for r in rows if r["fact_id"] in clean]), tmp_path / "latin1.parquet")
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert "Windows-1252" not in caplog.text
+
+
+def test_a_text_column_whose_every_value_is_in_double_quotes_is_read_as_written_with_one_warning_naming_it(tmp_path,
+                                                                                                          caplog):
+    """'"Rex"' in every answer is a CSV's or JSON's quoting left in (ids in quotes were warned of,
+    text was not): compiled and recalled with the quotes. One warning per file and column; a file
+    where one answer is quoted (a motto) gets none."""
+    quoted = {"f0": ' "Rex"', "f1": ' "Tom"', "f2": ' "He said ""hi"""'}
+    pq.write_table(table(*({"fact_id": k, "trigger": f"My {k} is", "answer": v} for k, v in quoted.items())),
+                   tmp_path / "x.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    assert live_facts(result.state) == {("alice", k): v for k, v in quoted.items()}
+    assert caplog.text.count("wrapped in double quotes") == 1
+    assert "every answer of the file is wrapped in double quotes (' \"Rex\"', row 0: a CSV's or JSON's quoting left in)" \
+        in caplog.text
+    caplog.clear()
+    pq.write_table(table({"fact_id": "motto", "answer": ' "Carpe diem"'}, {"fact_id": "dog"}), tmp_path / "x.parquet")
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert "double quotes" not in caplog.text

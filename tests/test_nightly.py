@@ -127,6 +127,31 @@ def test_two_nights_publish_incrementally_and_roll_back_and_forward(store_kind, 
     assert rejects == ["MISSING_USER_ID"]
 
 
+def test_a_night_on_ray_shows_the_warnings_of_reading_each_file_once(tmp_path, tiny_dir, local_store, ray_cluster,
+                                                                     caplog):
+    """The read tasks ran on Ray workers, whose logs the night does not forward: every per-file
+    warning (a pandas index column, a time without a zone, ids in another form, garbled text) was
+    lost on the path production runs. The driver logs what each read task warned of, once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = fact_log_rows(2, 1)
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    raw = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "scope"} for r in rows])
+    raw = raw.set_column(raw.schema.get_field_index("event_time"), "event_time",
+                         raw.column("event_time").cast(pa.timestamp("us")))  # no zone: read as UTC, with a warning
+    pq.write_table(raw.append_column("__index_level_0__", pa.array(range(len(rows)))), log_dir / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log_dir), model=str(tiny_dir), num_shards=2, workers=1)
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        report = run_nightly(spec)
+    assert report.published and report.facts_ok == len(rows)
+    ingest_warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.ingest"]
+    assert ingest_warnings == [f"fact log {log_dir / 'part-0.parquet'}: ignoring extra columns ['__index_level_0__']",
+                               f"fact log {log_dir / 'part-0.parquet'}: event_time has no time zone; reading it as UTC "
+                               "(write a UTC timestamp to silence this)"]
+
+
 def _manifest(store, version):
     from versions.catalog import read_manifest
 
