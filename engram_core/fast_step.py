@@ -68,7 +68,15 @@ class FairLock:
                 return
             granted = threading.Event()
             self._waiters.append((me, granted))
-        granted.wait()  # release() made this thread the owner
+        try:
+            granted.wait()  # release() made this thread the owner
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM raised here): never leave a dead waiter behind
+            with self._mutex:
+                if self._owner != me:
+                    self._waiters.remove((me, granted))
+                    raise
+            self.release()  # granted meanwhile: hand it on
+            raise
 
     def release(self) -> None:
         with self._mutex:

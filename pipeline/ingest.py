@@ -983,10 +983,8 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
                        source, name, column[row].as_py(), row, column[row].as_py().strip()[1:-1])
     if _all_ascii(column):  # no compatibility character (nor mojibake) is ASCII
         return
-    garbled = pc.fill_null(pc.match_substring_regex(column, _ESCAPES[2][0]), False)
-    if pc.any(garbled).as_py():
-        row = pc.index(garbled, True).as_py()
-        undone = _undone(column[row].as_py())
+    row, undone = _first_mojibake(column)
+    if row is not None:
         logger.warning("fact log %s: %s %r (row %d) holds %s: ids are read as written, so it is not the id%s that "
                        "other exports write; decode the source as UTF-8", source, name, column[row].as_py(), row,
                        _ESCAPES[2][1], f" {undone!r}" if undone else "")
@@ -1009,7 +1007,7 @@ _CONTINUATION = ("[\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192
                  "\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]")
 _ESCAPES = ((r"&(?:amp|lt|gt|quot|apos|nbsp|#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6});", "an HTML entity"),
             (r"\\u[0-9a-fA-F]{4}", "a JSON escape"),
-            (f"[\u00c2-\u00df]{_CONTINUATION}|[\u00e0-\u00ef]{_CONTINUATION}{{2}}",
+            (f"[\u00c2-\u00c5\u00d0\u00d1]{_CONTINUATION}|\u00e2{_CONTINUATION}{{2}}",
              "UTF-8 read as Windows-1252 or Latin-1 (mojibake: \u00c3\u00a9 for \u00e9, \u00e2\u20ac\u2122 for \u2019)"))
 
 
@@ -1030,15 +1028,34 @@ def _warn_escaped_text(column: pa.ChunkedArray, name: str, source: str) -> None:
     if not pc.any(pc.match_substring_regex(column, "&|\\\\u|[\u00c2-\u00ef]")).as_py():  # the common case: one pass
         return
     for pattern, what in _ESCAPES:
-        found = pc.fill_null(pc.match_substring_regex(column, pattern), False)
-        if pc.any(found).as_py():
+        if "mojibake" in what:
+            row, undone = _first_mojibake(column)
+            if row is None:
+                continue
+            text, fix = column[row].as_py(), f"decode the source as UTF-8 (it reads {undone[:64]!r})"
+        else:
+            found = pc.fill_null(pc.match_substring_regex(column, pattern), False)
+            if not pc.any(found).as_py():
+                continue
             row = pc.index(found, True).as_py()
-            text = column[row].as_py()
-            undone = _undone(text) if "mojibake" in what else None
-            fix = ("unescape the text" if "mojibake" not in what else "decode the source as UTF-8"
-                   + (f" (it reads {undone[:64]!r})" if undone else ""))
-            logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
-                           "%s before writing the log", source, name, text[:64], row, what, fix)
+            text, fix = column[row].as_py(), "unescape the text"
+        logger.warning("fact log %s: %s %r (row %d) holds %s: text is read as written and recalled with it; "
+                       "%s before writing the log", source, name, text[:64], row, what, fix)
+
+
+def _first_mojibake(column: pa.ChunkedArray, tries: int = 50) -> tuple[int | None, str | None]:
+    """The first row (of the first ``tries`` that look so) whose text is UTF-8 read as Windows-1252
+    or Latin-1, and that text decoded back; (None, None) if none. Both must hold: the look alone
+    ("Ã©", "â€™") also matches real text now and then ("té\u00a0»" of French typography)."""
+    found = pc.fill_null(pc.match_substring_regex(column, _ESCAPES[2][0]), False)
+    if not pc.any(found).as_py():
+        return None, None
+    for row in pc.indices_nonzero(found.combine_chunks()).to_pylist()[:tries]:
+        text = column[row].as_py()
+        undone = _undone(text)
+        if undone is not None and undone != text:
+            return row, undone
+    return None, None
 
 
 def _undone(text: str) -> str | None:
@@ -1128,7 +1145,8 @@ def _warn_scope_of_own_facts(columns: dict, source: str) -> None:
         return
     rows = pa.table({"scope": scope, "user_id": columns["user_id"], "fact_id": columns["fact_id"],
                      "answer": pc.utf8_trim_whitespace(columns["answer"])})
-    rejected = pa.array(sorted(_OWN_SCOPE_WORDS | _PLACEHOLDER_IDS | _MISSING_AS_TEXT))  # their rows are refused
+    rejected = pa.array(sorted(_OWN_SCOPE_WORDS | _PLACEHOLDER_IDS | _MISSING_AS_TEXT
+                               | (_MORE_MISSING_AS_TEXT - _SCOPE_WORDS_KEPT)))  # their upserts are refused
     shared = pc.and_(pc.not_equal(rows["scope"], rows["user_id"]),
                      pc.invert(pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(rows["scope"])), rejected)))
     rows = rows.filter(pc.fill_null(pc.and_(pc.not_equal(rows["scope"], ""), shared), False))
@@ -1700,23 +1718,32 @@ def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
 # NaN into "nan", None into "None", pd.NA into "<NA>"), and other languages and tools (JavaScript's
 # String(undefined), Go's "<nil>", Ruby's and Lisp's "nil", C's printf of NULL "(null)", R's "NA",
 # spreadsheets' "N/A" and "#N/A"): as an id, every missing one became one id.
-_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat", "undefined", "<nil>", "nil", "(null)", "na", "n/a",
-                              "#n/a"})
+_MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat"})
+# The same from other languages and tools: refused on upserts only (as U+FFFD), so that a forget or
+# delete of such an id, accepted before these were refused, still erases what is stored under it.
+_MORE_MISSING_AS_TEXT = frozenset({"undefined", "<nil>", "nil", "(null)", "na", "n/a", "#n/a"})
+# Not read as missing in a scope: "NA" names a region (North America), "Nil" a person or a group.
+_SCOPE_WORDS_KEPT = frozenset({"na", "nil"})
 # A user_id or scope that stands for no one in particular (a logged-out session's): one id for every such
-# user, so what one told about themselves was served to all the others.
+# user, so what one told about themselves was served to all the others. Upserts only, as above.
 _PLACEHOLDER_IDS = frozenset({"anonymous", "anon", "guest", "unknown"})
 
 
-def _missing_as_text(name: str, value: str | None) -> str | None:
-    """Why an id is a missing value written as text (or, for a user_id or scope, a placeholder
-    that stands for no one in particular), or None."""
+def _missing_as_text(name: str, value: str | None, upsert: bool = True) -> str | None:
+    """Why an id is a missing value written as text (or, for a user_id or scope on an upsert, a
+    placeholder that stands for no one in particular), or None. ``upsert`` False (a delete or a
+    forget): only pandas' and SQL's spellings (``'nan'``, ``'None'``, ...), as before the others
+    were refused, so ids stored under the others can still be erased."""
     if value is None:
         return None
-    if value.casefold() in _PLACEHOLDER_IDS and name in ("user_id", "scope"):
+    word = value.casefold()
+    if upsert and word in _PLACEHOLDER_IDS and name in ("user_id", "scope"):
         return (f"{name} {value!r} stands for no one in particular (a logged-out or unknown user's placeholder), not "
                 f"an id: every such row would be one {name}, and what one such user told would be served to all the "
                 f"others; drop the rows without a real {name}, or give each such user an id of their own")
-    if value.casefold() not in _MISSING_AS_TEXT:
+    missing = word in _MISSING_AS_TEXT or (upsert and word in _MORE_MISSING_AS_TEXT
+                                          and not (name == "scope" and word in _SCOPE_WORDS_KEPT))
+    if not missing:
         return None
     return (f"{name} {value!r} is a missing value written as text (pandas' astype(str) writes NaN as 'nan', None as "
             f"'None', pd.NA as '<NA>'; JavaScript 'undefined', Go '<nil>', R 'NA', spreadsheets '#N/A'), not an id: "
@@ -1727,7 +1754,7 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     user_id, op = cols["user_id"][i], cols["op"][i]
     if user_id is None or user_id == "":
         return F.MISSING_USER_ID, "user_id is empty"
-    if problem := F.id_problem("user_id", user_id) or _missing_as_text("user_id", user_id):
+    if problem := F.id_problem("user_id", user_id) or _missing_as_text("user_id", user_id, op == F.OP_UPSERT):
         return F.BAD_USER_ID, problem
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
@@ -1752,10 +1779,10 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
                                        "of the user write op 'forget_user' (it also erases the user from older "
                                        "versions), or one delete per fact_id")
         return F.MISSING_FACT_ID, f"fact_id is empty on an {op}"
-    if problem := F.id_problem("fact_id", fact_id) or _missing_as_text("fact_id", fact_id):
+    if problem := F.id_problem("fact_id", fact_id) or _missing_as_text("fact_id", fact_id, op == F.OP_UPSERT):
         return F.BAD_FACT_ID, problem
     if cols["scope"][i] not in (None, "") and (problem := F.id_problem("scope", cols["scope"][i])
-                                               or _missing_as_text("scope", cols["scope"][i])):
+                                               or _missing_as_text("scope", cols["scope"][i], op == F.OP_UPSERT)):
         return F.BAD_SCOPE, problem
     if op == F.OP_DELETE:
         return None
@@ -1772,7 +1799,7 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
 
 # Scope values an export writes for "this user's own" (an enum's name, a placeholder): a scope is shared,
 # so each such value made one scope of every user writing it, served each other's answers.
-_OWN_SCOPE_WORDS = frozenset({"user", "personal", "private", "self", "me", "own", "individual", "n/a", "-"})
+_OWN_SCOPE_WORDS = frozenset({"user", "personal", "private", "self", "own", "individual", "n/a", "-"})
 _REPLACEMENT = "\ufffd"
 _REPLACED_REASON = {"user_id": F.BAD_USER_ID, "fact_id": F.BAD_FACT_ID, "scope": F.BAD_SCOPE, "trigger": F.INVALID_UTF8,
                     "answer": F.INVALID_UTF8}

@@ -140,12 +140,13 @@ REASONS: dict[str, str] = {
     MISSING_USER_ID: "user_id is null or empty",
     BAD_USER_ID: "user_id is unusable: over 256 chars, control characters or invalid UTF-8 (invisible format "
                  "characters are removed first: engram_core.text.canonical_id), a float id too large to be exact, or "
-                 "a missing value written as text ('nan', 'None', 'null', '<NA>', 'NaT', 'undefined', '#N/A', ...) or a "
-                 "placeholder for no one in particular ('anonymous', 'guest', 'unknown'), or on an upsert U+FFFD (bytes "
-                 "an earlier tool could not decode)",
+                 "a missing value written as text ('nan', 'None', 'null', '<NA>', 'NaT'; on an upsert also 'undefined', "
+                 "'#N/A', ...), on an upsert a placeholder for no one in particular ('anonymous', 'guest', 'unknown') "
+                 "or U+FFFD (bytes an earlier tool could not decode)",
     MISSING_FACT_ID: "fact_id is null or empty on an upsert or delete",
     BAD_FACT_ID: "fact_id is unusable: over 256 chars, control characters or invalid UTF-8, a float id too large "
-                 "to be exact, or on an upsert U+FFFD or a word for the user's own facts ('personal', 'private', 'user', ...)",
+                 "to be exact, a missing value written as text ('nan', 'None', ...; on an upsert also 'undefined', "
+                 "'#N/A', ...), or on an upsert U+FFFD",
     BAD_SCOPE: "scope is unusable: over 256 chars, control characters or invalid UTF-8, a float id too large to be "
                "exact, or on an upsert U+FFFD or a word for the user's own facts ('personal', 'private', 'user', ...)",
     UNKNOWN_OP: "op is not one of upsert, delete, forget_user",

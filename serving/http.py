@@ -177,6 +177,13 @@ class StartingNode:
         node = self
 
         class Handler(_JsonHandler):
+            def end_headers(self):
+                # Every answer ends its connection: the server picks a handler per connection, so a
+                # kept-alive one (a load balancer's health check) would stay with this node's 503s
+                # after a ReferenceServer took the port over.
+                self.send_header("Connection", "close")
+                super().end_headers()
+
             def _refusal(self) -> tuple[int, dict]:
                 health = node.health()
                 if self.path.split("?", 1)[0] == "/healthz":

@@ -391,6 +391,47 @@ def test_the_compiled_calls_lock_is_first_come_first_served_and_reentrant():
         lock.release()
 
 
+def test_a_wait_for_the_compiled_calls_lock_that_is_interrupted_leaves_no_waiter_behind():
+    """Ctrl-C or SIGTERM (raised in the main thread) while it waits for fast_step's FairLock: the
+    lock must not be handed to that dead waiter later, or the step thread's next acquire would wait
+    forever and the compile could not exit."""
+    import signal
+    import threading
+
+    from engram_core.fast_step import FairLock
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    lock, held, go_on, done = FairLock(), threading.Event(), threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            go_on.wait(30)
+        with lock:  # asked again after the interrupted waiter gave up
+            done.set()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(30)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            lock.acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert lock.waiting == 0
+    go_on.set()
+    thread.join(30)
+    assert done.is_set()
+
+
 def fast_step_inputs(inputs) -> list[torch.Tensor]:
     """Every tensor of a group's plain-step inputs (fast_step.GroupInputs), in a fixed order."""
     out = []

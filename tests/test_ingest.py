@@ -463,7 +463,7 @@ def test_a_scope_that_is_a_word_for_the_users_own_facts_costs_its_row_instead_of
     of every such user: their facts merged, each served the others' (measured: bob was answered
     ann's cat's name, ann bob's locker code). Such an upsert costs its row (BAD_SCOPE, saying why and
     what to write); null, empty, the user's id and a group's id are read as before; a delete still applies."""
-    words = ["personal", "Private", "USER", "self", "me", "own", "individual", "n/a", "-"]
+    words = ["personal", "Private", "USER", "self", "own", "individual", "n/a", "-"]
     rows = [{"user_id": f"u{i}", "fact_id": "dentist", "scope": w} for i, w in enumerate(words)]
     rows += [{"user_id": "ann", "fact_id": f"f{i}", "scope": s} for i, s in enumerate([None, "", "ann", "org:a"])]
     rows += [{"user_id": "me", "fact_id": "own", "scope": "me"}]  # a user whose id is the word: its own scope
@@ -1674,17 +1674,43 @@ def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_p
                     "op": ["upsert"] * 4, "trigger": ["My city is"] * 4, "answer": [" Ayr", " Bree", " Cork", " Derry"],
                     "event_time": pa.array([T0] * 4, pa.timestamp("us", tz="UTC")), "scope": [None, None, None, None]})
     pq.write_table(raw, tmp_path / "ids.parquet")
-    pq.write_table(raw.slice(0, 1).set_column(6, "scope", pa.array([text])), tmp_path / "scoped.parquet")
+    scoped = raw.slice(0, 1).set_column(6, "scope", pa.array([text])).set_column(1, "fact_id", pa.array(["shared"]))
+    pq.write_table(scoped, tmp_path / "scoped.parquet")
+    kept_in_scope = text.strip().casefold() in ("na", "nil")  # as a scope, "NA" names a region (North America)
     with caplog.at_level("WARNING"):
         result = run(read_fact_log(str(tmp_path)))
-    assert live_facts(result.state) == {("7.0", "city"): " Ayr"}  # read as written (with a warning)
+    want_live = {("7.0", "city"): " Ayr"} | ({("7.0", "shared"): " Ayr"} if kept_in_scope else {})
+    assert live_facts(result.state) == want_live  # read as written (with a warning)
     rejects = {(r["source"].rsplit("/", 1)[1], r["row"]): (r["reason"], r["detail"]) for r in result.rejects.to_pylist()}
-    assert {k: v[0] for k, v in rejects.items()} == {("ids.parquet", 1): "BAD_USER_ID", ("ids.parquet", 2): "BAD_USER_ID",
-                                                     ("ids.parquet", 3): "BAD_FACT_ID", ("scoped.parquet", 0): "BAD_SCOPE"}
+    want = {("ids.parquet", 1): "BAD_USER_ID", ("ids.parquet", 2): "BAD_USER_ID", ("ids.parquet", 3): "BAD_FACT_ID"}
+    if not kept_in_scope:
+        want[("scoped.parquet", 0)] = "BAD_SCOPE"
+    assert {k: v[0] for k, v in rejects.items()} == want
     assert all("a missing value written as text" in detail for _, detail in rejects.values())
     assert f"user_id {text.strip()!r} is a missing value written as text" in rejects[("ids.parquet", 1)][1]
     assert "'7.0' (row 0) looks like a float's text of an integer" in caplog.text
     assert caplog.text.count("looks like a float's text") == 2  # once per file
+
+
+@pytest.mark.parametrize("text", ["guest", "Anonymous", "undefined", "#N/A", "NA"])
+def test_a_forget_or_delete_of_an_id_refused_on_upserts_still_erases_what_is_stored_under_it(text):
+    """Ids such as 'guest' or 'undefined' were accepted before upserts of them were refused, so a
+    store may hold and serve facts under them: a forget_user of such a user, and a delete under
+    such a fact_id or scope, still apply (only an upsert of them is refused)."""
+    stored = run(table({"user_id": "ann"}, {"user_id": "bob", "fact_id": "pin"})).state
+    stored = stored.set_column(stored.schema.get_field_index("user_id"), "user_id",
+                               pa.array([text if u == "ann" else u for u in stored.column("user_id").to_pylist()]))
+    stored = stored.set_column(stored.schema.get_field_index("fact_id"), "fact_id",
+                               pa.array([text if f == "pin" else f for f in stored.column("fact_id").to_pylist()]))
+    later = T0 + timedelta(hours=1)
+    result = run(table({"user_id": text, "op": "forget_user", "fact_id": None, "trigger": None, "answer": None,
+                        "event_time": later},
+                       {"user_id": "bob", "fact_id": text, "op": "delete", "trigger": None, "answer": None,
+                        "event_time": later},
+                       {"user_id": "bob", "fact_id": "x", "op": "delete", "scope": text, "trigger": None, "answer": None,
+                        "event_time": later}), stored)
+    assert result.rejects.num_rows == 0, result.rejects.to_pylist()
+    assert live_facts(result.state) == {}
 
 
 @pytest.mark.parametrize("text", ["anonymous", "Anonymous", "anon", "GUEST", "unknown"])
@@ -1743,12 +1769,13 @@ def test_utf8_text_read_as_windows_1252_upstream_is_read_as_written_with_one_war
     text it likely was; accented text of real languages gets none."""
     garbled = {"f0": " CafÃ© CrÃ¨me", "f1": " Itâ€™s 5 â‚¬"}
     clean = {"f2": " SÃO PAULO", "f3": " « café »", "f4": " Übermaß", "f5": " Ørsted, Ægir", "f6": " naïve ×2",
-             "f7": " Crème brûlée", "f8": " Đà Nẵng"}
+             "f7": " Crème brûlée", "f8": " Đà Nẵng", "f9": " la télé\u00a0»", "f10": " CAFÉ’s"}
     rows = [{"fact_id": k, "trigger": f"My word {k} is", "answer": v} for k, v in (garbled | clean).items()]
     pq.write_table(table(*rows), tmp_path / "latin1.parquet")
     with caplog.at_level("WARNING"):
         result = run(read_fact_log(str(tmp_path)))
-    assert live_facts(result.state) == {("alice", k): v for k, v in (garbled | clean).items()}
+    stored = garbled | clean | {"f9": " la télé »"}  # the no-break space as every text stores it
+    assert live_facts(result.state) == {("alice", k): v for k, v in stored.items()}
     assert caplog.text.count("holds UTF-8 read as Windows-1252 or Latin-1") == 1
     assert "answer ' CafÃ© CrÃ¨me' (row 0) holds UTF-8 read as Windows-1252 or Latin-1" in caplog.text
     assert "decode the source as UTF-8 (it reads ' Café Crème') before writing the log" in caplog.text

@@ -10,6 +10,7 @@ its attempts, for the read of CURRENT and again for the first poll) before servi
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -54,6 +55,11 @@ def test_engram_serve_started_before_the_first_night_waits_not_ready_and_serves_
     try:
         health = _wait_for(lambda: _health(port), node)
         assert health["status"] == "no_version" and health["version"] is None
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # as a load balancer's health check
+        kept.request("GET", "/healthz")
+        first = kept.getresponse()
+        first.read()
+        assert first.status == 503
         assert f"store {root}: no such directory" in health["reason"] and "waiting for a night to create it" \
                in health["reason"]
         status, said = _request(port, "POST", "/v1/completions", ask)
@@ -71,6 +77,10 @@ def test_engram_serve_started_before_the_first_night_waits_not_ready_and_serves_
         publish(store, tiny, v1(compiled))
         health = _wait_for(lambda: (h := _health(port))["version"] == 1 and h, node, timeout=180)
         assert health["status"] == "ok" and health["model"] == f"engram-{tiny.fingerprint[:12]}"
+        kept.request("GET", "/healthz")  # the starting node ended that connection: a new one, served
+        again = kept.getresponse()
+        assert again.status == 200 and json.loads(again.read())["status"] == "ok"
+        kept.close()
         status, said = _request(port, "POST", "/v1/completions", ask)
         assert status == 200 and said["choices"][0]["text"] == answer
     finally:
