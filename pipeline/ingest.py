@@ -54,6 +54,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
 import math
 import os
 import unicodedata
@@ -62,7 +63,7 @@ import uuid
 import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -339,19 +340,22 @@ def read_log_file(
             logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
             reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
                                           schema=F.REJECTS_SCHEMA)
-            return (FileRead(file, 0, {}, reject, tuple(held)),
-                    key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards))
-        keyed = key_by_shard(validate_rows(table, rules), num_shards)
-    return FileRead(file, keyed.num_rows, shard_slices(keyed), warnings=tuple(held)), keyed
+            read = FileRead(file, 0, {}, reject)
+            keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
+        else:
+            keyed = key_by_shard(validate_rows(table, rules), num_shards)
+            read = FileRead(file, keyed.num_rows, shard_slices(keyed))
+    return replace(read, warnings=tuple(held)), keyed
 
 
 @contextlib.contextmanager
 def _held_warnings():
     """The warnings this module logs inside the block, held (not emitted) in the list it yields."""
     held: list[str] = []
+    reader = threading.get_ident()  # another thread's reads (an API caller's pool) keep their own
 
     def hold(record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or record.thread != reader:
             return True
         held.append(record.getMessage())
         return False
@@ -1074,10 +1078,11 @@ _DAY_MICROS = 86_400_000_000
 def _whole_day_forgets_at_day_end(raw: pa.ChunkedArray, ops: pa.ChunkedArray, times: pa.ChunkedArray,
                                   source: str) -> pa.ChunkedArray:
     """``times`` (timestamp[us, UTC]) with each forget_user whose time is a whole day (a date column,
-    a bare date as text, read as its midnight UTC) moved to the end of that day: "forget me" dated
-    2026-12-01 (a request table's date beside an app's log with times of day) kept and served the
-    user's facts written later that day. A day not over yet ends now (a day ahead stays at its
-    midnight, as the future-time check reads it)."""
+    a bare date as text, read as its midnight UTC) moved to the end of that day (23:59:59.999999):
+    "forget me" dated 2026-12-01 (a request table's date beside an app's log with times of day) kept
+    and served the user's facts written later that day. :func:`validate_rows` brings a day's end
+    that is after its ``now`` back to ``now`` (a day not over yet), or to the day's midnight for a
+    day ahead, so the result depends on the rules' ``now``, never on the wall clock here."""
     kind = raw.type.value_type if pa.types.is_dictionary(raw.type) else raw.type
     forgets = pc.fill_null(pc.equal(ops, F.OP_FORGET_USER), False)
     if not pc.any(forgets).as_py():
@@ -1092,17 +1097,24 @@ def _whole_day_forgets_at_day_end(raw: pa.ChunkedArray, ops: pa.ChunkedArray, ti
         days = pc.and_(forgets, pc.fill_null(pc.match_substring_regex(texts, r"^\s*\d{4}-?\d\d-?\d\d\s*$"), False))
     else:
         return times
-    rows = pc.indices_nonzero(days.combine_chunks()).to_pylist()
-    if not rows:
+    if not pc.any(days).as_py():
         return times
-    now = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
-    micros = times.cast(pa.int64()).to_pylist()
-    for row in rows:
-        if micros[row] is not None:
-            micros[row] = max(micros[row], min(micros[row] + _DAY_MICROS - 1, now))
-    logger.info("fact log %s: forget_user at a whole day (row %d: %s) read as that day's end", source, rows[0],
-                raw[rows[0]].as_py())
-    return pa.chunked_array([pa.array(micros, pa.int64())]).cast(F.TIMESTAMP)
+    first = pc.index(days, True).as_py()
+    logger.info("fact log %s: forget_user at a whole day (row %d: %s) read as that day's end", source, first,
+                raw[first].as_py())
+    micros = times.cast(pa.int64())
+    return pc.if_else(days, pc.add(micros, _DAY_MICROS - 1), micros).cast(F.TIMESTAMP)
+
+
+def _day_ends_not_past(ops: list, times: list, now: int) -> bool:
+    """In place: each forget_user at a day's end (:func:`_whole_day_forgets_at_day_end`) later than
+    ``now`` (µs) moved to ``now``, or to that day's midnight if ``now`` is before it (a day ahead, as
+    the future-time check reads it). True if any moved."""
+    moved = False
+    for i, (op, t) in enumerate(zip(ops, times)):
+        if op == F.OP_FORGET_USER and t is not None and t > now and t % _DAY_MICROS == _DAY_MICROS - 1:
+            times[i], moved = max(t - _DAY_MICROS + 1, now), True
+    return moved
 
 
 def _warn_trigger_holding_its_answer(triggers: pa.ChunkedArray, answers: pa.ChunkedArray, source: str) -> None:
@@ -1647,6 +1659,9 @@ def validate_rows(rows: pa.Table, rules: RowRules, *, count_tokens: Callable[[li
     now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now
     cols = {name: rows.column(name).to_pylist() for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope")}
     times = rows.column("event_time").cast(pa.int64()).to_pylist()
+    if _day_ends_not_past(cols["op"], times, int(now.timestamp() * 1_000_000)):
+        rows = rows.set_column(rows.schema.get_field_index("event_time"), "event_time",
+                               pa.array(times, pa.int64()).cast(rows.schema.field("event_time").type))
     verdicts = _validate(rows, cols, times, now, rules.max_trigger_tokens, count_tokens, rules.max_text_chars,
                          rules.max_answer_tokens, count_answer_tokens)
     for name in _CANONICAL_COLUMNS:

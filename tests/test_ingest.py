@@ -565,6 +565,12 @@ def test_a_forget_at_a_whole_day_forgets_the_facts_of_that_day(kind, tmp_path):
     [tombstone] = result.tombstones.to_pylist()
     assert tombstone["op"] == "forget_user" and tombstone["event_time"] == datetime(2026, 11, 20, 23, 59, 59, 999999,
                                                                                      tzinfo=timezone.utc)
+    # a day not over yet ends at the rules' now; a day ahead keeps its midnight (not FUTURE_EVENT_TIME)
+    for now, want in ((datetime(2026, 11, 20, 15, tzinfo=timezone.utc), datetime(2026, 11, 20, 15)),
+                      (datetime(2026, 11, 19, 12, tzinfo=timezone.utc), datetime(2026, 11, 20))):
+        early_night = run(read_fact_log(str(tmp_path / "gdpr.parquet")), now=now)
+        assert early_night.rejects.num_rows == 0
+        assert early_night.tombstones.column("event_time").to_pylist() == [want.replace(tzinfo=timezone.utc)]
     # a forget at a precise time is read as written
     early = table({"op": "forget_user", "fact_id": None, "trigger": None, "answer": None,
                    "event_time": T0 - timedelta(hours=1)})
