@@ -475,6 +475,10 @@ def serve(
     try:
         server, client = _start(listener, store, shards, interval, max_batch, batch_wait_ms, chat_template,
                                 stop_at_memory_end, cache_dir, model, max_stale)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while starting or waiting: stopped as asked, as once serving
+        listener.close()
+        typer.echo("engram serve: stopped before serving a version", err=True)
+        return
     except BaseException:  # an exit before the server took the port over: free it
         listener.close()
         raise

@@ -88,6 +88,20 @@ def test_engram_serve_started_before_the_first_night_waits_not_ready_and_serves_
     assert "warning: not serving yet" in stderr and "serving v1 (2 users)" in stderr
 
 
+def test_a_node_stopped_while_it_waits_for_a_first_version_exits_0_as_a_serving_one(tmp_path):
+    """SIGTERM (a pod stopped before the first night) while the node waits, not ready: exit 0 and
+    one line saying so, as for a node stopped while serving (it exited 143 with an error)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    port = free_port()
+    node = _serve(str(root), tmp_path / "cache", port, env={**os.environ, "PYTHONPATH": str(REPO)})
+    health = _wait_for(lambda: _health(port), node)
+    assert health["status"] == "no_version"
+    stderr = _stop(node)
+    assert node.returncode == 0, stderr
+    assert "engram serve: stopped before serving a version" in stderr and "error" not in stderr
+
+
 def test_a_node_with_no_version_refuses_users_and_serves_the_base_model_without_one(local_store, tiny, compiled):
     """`engram serve --model DIR` before the first night: the model is known, the users' memories
     are not. A request naming a user gets 503 no_version (it got the base model, as if the user had
