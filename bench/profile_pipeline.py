@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--compiled-step", action="store_true")
     ap.add_argument("--overlap", action="store_true", help="CompileOptions.overlap_batches")
     ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
+    ap.add_argument("--prefix-groups", type=int, default=CompileOptions.prefix_groups, help="CompileOptions.prefix_groups")
     ap.add_argument("--no-plain-prefix", action="store_true", help="CompileOptions.plain_prefix off")
     ap.add_argument("--kernels", type=int, default=30)
     ap.add_argument("--no-torch-profiler", action="store_true",
@@ -60,7 +61,8 @@ def main() -> None:
     em = load_d768("eager")
     facts = make_facts(em, args.batch * (args.batches + 1), 16, 20, seed=0)
     options = CompileOptions(facts_per_batch=args.batch, compiled_step=args.compiled_step, steps=args.steps,
-                             overlap_batches=args.overlap, plain_prefix=not args.no_plain_prefix)
+                             overlap_batches=args.overlap, plain_prefix=not args.no_plain_prefix,
+                             prefix_groups=args.prefix_groups)
     compile_facts(em, facts[: args.batch], options)  # warm-up
     timed = facts[args.batch:]
     torch.cuda.synchronize()

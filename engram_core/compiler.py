@@ -548,8 +548,9 @@ class _Batch:
         # Each sequence's own split (its first written position): a batch that holds one long
         # answer does not make every short one recompute the long one's width each step.
         prefixes = np.minimum(first_live, T - answer_lengths)
-        self.groups = [_Group(self, np.nonzero(bucket)[0], prefix, reuse_lower)
-                       for prefix, bucket in _prefix_buckets(prefixes, T, prefix_groups)]
+        self.groups = []
+        for prefix, bucket in _prefix_buckets(prefixes, T, prefix_groups):
+            self.groups.append(_Group(self, np.nonzero(bucket)[0], prefix, reuse_lower))
 
     @record_function("engram.prepare.initial_values")
     def initial_values(self, scale: float) -> torch.Tensor:
@@ -664,7 +665,8 @@ class _Batch:
                 overlay = None if self.plain else self._overlay(values)
                 for g in self.groups:  # gradients of the groups add up: one loss, summed
                     if self.plain:
-                        self.step.backward(g.plain, values, g.targets)
+                        with record_function(g.step_label):
+                            self.step.backward(g.plain, values, g.targets)
                     else:
                         F.cross_entropy(g.logits(overlay), g.targets, reduction="sum").backward()
                 optimizer.step()
@@ -751,6 +753,9 @@ class _Group:
     def __init__(self, batch: "_Batch", members: np.ndarray, prefix: int, reuse_lower: bool = False):
         device = batch.em.device
         self.batch, self.prefix = batch, prefix
+        # The profiler's label of this group's steps (bench/profile_pipeline.py): group 0 has the
+        # longest prefix (the usual group); the others recompute more of their triggers.
+        self.step_label = f"engram.step.group{len(batch.groups)}"
         self.members = torch.as_tensor(members, device=device)
         position_of = np.full(len(batch.seqs), -1, np.int64)
         position_of[members] = np.arange(len(members))
