@@ -119,6 +119,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]).contiguous()
 
 
+NUM_WARPS = {"forward": 4, "backward": 4}
+"""Warps per program of each kernel (Triton's default, 4). Fixed, not autotuned: a choice made
+per machine could round differently, and a chunk compiled twice must give the same bits.
+``bench/prefix_kernel.py`` times the choices and checks that they give the same bits."""
+
+
 def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra):
     """q, k, v, pk, pv: flat (B*heads, rows, d), contiguous."""
     M, D = q.shape[1], q.shape[2]
@@ -132,7 +138,8 @@ def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), pk.stride(0), pk.stride(1), mask.stride(0), mask.stride(1),
         float(scaling), M=M, S=S, P=P, D=D,
         BLOCK_M=max(triton.next_power_of_2(M), 16), BLOCK_J=max(triton.next_power_of_2(P + S), 16),
-        BLOCK_D=max(triton.next_power_of_2(D), 16), IEEE=q.dtype == torch.float32)
+        BLOCK_D=max(triton.next_power_of_2(D), 16), IEEE=q.dtype == torch.float32,
+        num_warps=NUM_WARPS["forward" if kernel is _forward_kernel else "backward"])
 
 
 @torch.library.custom_op("engram::prefix_attention", mutates_args=())
