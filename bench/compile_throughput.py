@@ -62,6 +62,7 @@ import torch  # noqa: E402
 
 from engram_core.checkpoint import attach_new_memory, load_checkpoint, save_engram  # noqa: E402
 from engram_core.compiler import CompileOptions, Fact, compile_facts, effective_lr  # noqa: E402
+from engram_core import prefix_kernels  # noqa: E402
 from engram_core.config import EngramConfig  # noqa: E402
 from engram_core.serving import greedy_tokens  # noqa: E402
 from engram_core.tiny import build_base_model, init_tiny  # noqa: E402
@@ -481,6 +482,9 @@ def main() -> None:
                          "all facts over the time from the first start to the last end (as nightly actors sharing a GPU)")
     ap.add_argument("--member", default=None, help=argparse.SUPPRESS)  # "i/N": one of --processes N (internal)
     ap.add_argument("--barrier-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--kernel-warps", type=int, nargs="+", default=[0],
+                    help="warps per program of the step's attention kernel (engram_core.prefix_kernels.NUM_WARPS) "
+                         "variants; 0: its own rule (prefix_kernels.warps)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.processes < 1:
@@ -552,16 +556,18 @@ def main() -> None:
                                                 templates=args.templates), member, members) for w in args.workload}
         trigger_tokens = len(em.encode_prompt(next(iter(workloads.values()))[0].trigger))
         runs = []
-        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st, pp) for a in args.attn for w in args.workload
+        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st, pp, kw) for a in args.attn for w in args.workload
                     for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for dd in args.dedupe_prefixes
                     for ps in args.plain_step for cs in args.compiled_step for ov in args.overlap
                     for si in args.switch_interval for pk in args.prefix_kernel for tw in args.tokenize_workers
-                    for fn in args.fused_ops for mm in args.min_margin for st in args.steps for pp in args.plain_prefix]
+                    for fn in args.fused_ops for mm in args.min_margin for st in args.steps for pp in args.plain_prefix
+                    for kw in args.kernel_warps]
         default_interval = sys.getswitchinterval()
         for number, (attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers,
-                     norms, margin, steps, plain_prefix) in enumerate(variants):
+                     norms, margin, steps, plain_prefix, warps) in enumerate(variants):
             sys.setswitchinterval(interval or default_interval)
+            prefix_kernels.NUM_WARPS.update(forward=warps or None, backward=warps or None)
             em = model(attn)
             facts = workloads[workload]
             opts = CompileOptions(steps=steps, facts_per_batch=batch, deterministic=not args.nondeterministic,
@@ -613,7 +619,7 @@ def main() -> None:
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
                 "warm_up_s": round(warm_up_s, 1), "lr": round(effective_lr(em, opts), 4),
                 "start_unix": start_unix, "end_unix": end_unix,
-                "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "facts": len(facts), "seconds": round(seconds, 3),
+                "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "kernel_warps": warps, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
                 "greedy_checked": len(checked), "greedy_ok": greedy_ok,

@@ -119,10 +119,20 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]).contiguous()
 
 
-NUM_WARPS = {"forward": 4, "backward": 4}
-"""Warps per program of each kernel (Triton's default, 4). Fixed, not autotuned: a choice made
-per machine could round differently, and a chunk compiled twice must give the same bits.
-``bench/prefix_kernel.py`` times the choices and checks that they give the same bits."""
+NUM_WARPS: dict[str, int | None] = {"forward": None, "backward": None}
+"""Warps per program of each kernel; None: :func:`warps` (benchmarks set a number here)."""
+
+
+def warps(block_m: int) -> int:
+    """Warps per program for query tiles of ``block_m`` rows: 2 up to 32 rows, else Triton's
+    default 4. Fixed, not autotuned: a choice made per machine could round differently, and a
+    chunk compiled twice must give the same bits. Measured on an H200 (``bench/prefix_kernel.py``,
+    d768 shapes, bench/RESULTS.md 2026-12-02 eleventh session), 2 warps against 4, same bits at
+    every shape: the usual group (65,536 sequences, 2 query rows, 15 cached keys) forward 0.70 vs
+    0.91 ms, backward 1.43 vs 1.79 ms; a prefix forward (30 query rows) 1.37 vs 1.73 ms; a group
+    recomputing 16 positions (32 rows) backward 0.21 vs 0.23 ms; 8 warps slower at all three.
+    Larger tiles (long recomputed triggers) were not measured and keep 4."""
+    return 2 if block_m <= 32 else 4
 
 
 def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra):
@@ -133,13 +143,14 @@ def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra):
     if q.numel() == 0:
         return
     H = heads
+    block_m = max(triton.next_power_of_2(M), 16)
     kernel[(q.shape[0],)](
         q, k, v, pk, pv, mask, *extra, H,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), pk.stride(0), pk.stride(1), mask.stride(0), mask.stride(1),
         float(scaling), M=M, S=S, P=P, D=D,
-        BLOCK_M=max(triton.next_power_of_2(M), 16), BLOCK_J=max(triton.next_power_of_2(P + S), 16),
+        BLOCK_M=block_m, BLOCK_J=max(triton.next_power_of_2(P + S), 16),
         BLOCK_D=max(triton.next_power_of_2(D), 16), IEEE=q.dtype == torch.float32,
-        num_warps=NUM_WARPS["forward" if kernel is _forward_kernel else "backward"])
+        num_warps=NUM_WARPS["forward" if kernel is _forward_kernel else "backward"] or warps(block_m))
 
 
 @torch.library.custom_op("engram::prefix_attention", mutates_args=())
