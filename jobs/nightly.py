@@ -27,7 +27,9 @@ A night costs what changed: a shard without new events is not visited (its objec
 carried by reference), a changed shard gets a layer of its changed users (deltas, fact state,
 stats) rather than a rewrite, and a re-run with the same inputs lists the log and stops. The watermark
 records each ingested file's path, size and modification time, so only new or rewritten files are
-read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night. A
+read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night. The
+spec's ``max_file_age`` bounds it: entries of files modified before the night's horizon are dropped,
+and a file behind the horizon that it lacks is not read (counted as ``files_behind``, warned). A
 night with rejected rows always publishes (its rejects stats part), even if nothing else changed.
 """
 

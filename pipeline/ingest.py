@@ -46,6 +46,10 @@ Decisions worth knowing:
   rewritten in place (same path, other size or time; also one whose modification time a copy
   kept, as ``cp -p`` and ``rsync -t`` do) is read again on the next night; its events that were
   already applied come back as DUPLICATE or SUPERSEDED.
+* The ledger of ingested files is bounded by an age (:func:`file_horizon`, the job spec's
+  ``max_file_age``, as Spark's file source ``maxFileAge``): entries of files modified before the
+  horizon are purged, and a file modified before it that the ledger lacks is not read
+  (:func:`files_behind`, :func:`warn_files_behind`). A file exactly at the horizon is inside it.
 """
 
 from __future__ import annotations
