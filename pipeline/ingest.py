@@ -361,14 +361,15 @@ def purge_ledger(ingested: Mapping[str, object], horizon_ns: int | None, source:
 def warn_files_behind(behind: list[FactFile], horizon_ns: int | None, previous_horizon_ns: int | None,
                       max_file_age: str) -> int:
     """Log once the files a night skips for their age that cannot have been ingested before: those
-    modified (or, for a local file, changed: ``cp -p`` of an old file) at or after the previous
-    night's horizon, or all of them when the ledger was never purged (no previous horizon). The
-    others were ingested and purged, or warned about on the night they fell behind: one debug
-    line. Returns the number warned about."""
+    modified at or after the previous night's horizon (no purge reached them: a reject that fell
+    behind, a file that came late), or all of them when the ledger was never purged (no previous
+    horizon). The others were ingested and purged, or warned about on the night they fell behind:
+    one debug line. (Not a local file's change time: a log delivered by ``rsync -a`` keeps the
+    producer's mtime and gets a later ctime, so each purge would come back as a false warning.)
+    Returns the number warned about."""
     if not behind:
         return 0
-    fresh = [f for f in behind if previous_horizon_ns is None
-             or max(f.mtime_ns or 0, f.ctime_ns or 0) >= previous_horizon_ns]
+    fresh = [f for f in behind if previous_horizon_ns is None or f.mtime_ns >= previous_horizon_ns]
     if fresh:
         oldest = fresh[0]
         logger.warning(
@@ -379,7 +380,8 @@ def warn_files_behind(behind: list[FactFile], horizon_ns: int | None, previous_h
             len(fresh), _iso_ns(horizon_ns), max_file_age, oldest.path, _iso_ns(oldest.mtime_ns))
     if len(fresh) < len(behind):
         logger.debug("fact log: %d file(s) older than the ingest horizon were ingested and purged from the ledger "
-                     "(or skipped on an earlier night): not read", len(behind) - len(fresh))
+                     "(or skipped on an earlier night, or came later than max_file_age with their old modification "
+                     "time): not read", len(behind) - len(fresh))
     return len(fresh)
 
 

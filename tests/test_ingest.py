@@ -976,10 +976,12 @@ def test_files_behind_the_horizon_are_warned_once_when_they_fall_behind_unread(c
     previous, horizon = 10 * DAY_NS, 12 * DAY_NS
     purged = logged("day=05/a.parquet", 5 * DAY_NS)  # behind the previous horizon: ingested, then purged
     crossed = logged("day=11/b.parquet", 11 * DAY_NS)  # inside the previous horizon and not ingested (a reject)
-    late = logged("day=03/c.parquet", 3 * DAY_NS, ctime_ns=11 * DAY_NS)  # copied in with its old mtime kept
+    late = logged("day=10/c.parquet", 10 * DAY_NS)  # exactly at the previous horizon: no purge reached it
+    # delivered by rsync -a: the producer's mtime, a later ctime; ingested, then purged: no false warning
+    rsynced = logged("day=09/d.parquet", 10 * DAY_NS - 1, ctime_ns=10 * DAY_NS + 60 * 10**9)
     with caplog.at_level("DEBUG", logger="pipeline.ingest"):
         assert warn_files_behind([late, purged, crossed], horizon, previous, "2d") == 2
-        assert warn_files_behind([purged], horizon, previous, "2d") == 0
+        assert warn_files_behind([purged, rsynced], horizon, previous, "2d") == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert warnings[0].startswith("fact log: 2 file(s) older than the ingest horizon (1970-01-13T00:00:00+00:00: "
