@@ -62,11 +62,11 @@ from pipeline.ingest import (
     files_behind,
     files_to_read,
     list_log_files,
-    purge_ledger,
-    warn_files_behind,
     log_read_warnings,
+    purge_ledger,
     read_log_file,
     under_sources,
+    warn_files_behind,
 )
 from pipeline.plan import check_model_change
 from pipeline.runner import make_runner
