@@ -27,7 +27,9 @@ A night costs what changed: a shard without new events is not visited (its objec
 carried by reference), a changed shard gets a layer of its changed users (deltas, fact state,
 stats) rather than a rewrite, and a re-run with the same inputs lists the log and stops. The watermark
 records each ingested file's path, size and modification time, so only new or rewritten files are
-read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night. A
+read; an unreadable file rejected with ``on_bad_file: reject`` is read again the next night. The
+spec's ``max_file_age`` bounds it: entries of files modified before the night's horizon are dropped,
+and a file behind the horizon that it lacks is not read (counted as ``files_behind``, warned). A
 night with rejected rows always publishes (its rejects stats part), even if nothing else changed.
 """
 
@@ -55,11 +57,16 @@ from pipeline.ingest import (
     FactFile,
     FileRead,
     RowRules,
+    _source_root,
+    file_horizon,
+    files_behind,
     files_to_read,
     list_log_files,
     log_read_warnings,
+    purge_ledger,
     read_log_file,
     under_sources,
+    warn_files_behind,
 )
 from pipeline.plan import check_model_change
 from pipeline.runner import make_runner
@@ -111,6 +118,7 @@ class NightlyReport:
     resumed_facts: int = 0
     files_read: int = 0
     files_reread: int = 0  # files rewritten in place since they were ingested
+    files_behind: int = 0  # log files not read for their age: older than the horizon and not in the ledger (max_file_age)
     shards_changed: int = 0  # shards whose deltas changed (a layer or a new base; the others were carried)
     layers_written: int = 0  # shards that got a delta layer
     compacted_shards: int = 0  # shards whose chain was replaced by a new base
@@ -190,7 +198,10 @@ def run_nightly(
             spec = replace(spec, num_shards=previous.num_shards if previous else DEFAULT_NUM_SHARDS)
         watermark = read_watermark(previous)
         listed = list_log_files(spec.fact_log)
-        new, rewritten = files_to_read(listed, watermark["files"])
+        horizon = file_horizon(listed, watermark["files"], spec.max_file_age_ns(), spec.fact_log)
+        new, rewritten = files_to_read(listed, watermark["files"], horizon)
+        behind = files_behind(listed, watermark["files"], horizon)
+        warn_files_behind(behind, horizon, _horizons(watermark).get(_source_root(spec.fact_log)), spec.max_file_age)
         if rewritten:
             log.warning("fact log: %d file(s) changed since they were ingested; reading them again: %s",
                         len(rewritten), ", ".join(f.path for f in rewritten[:5]))
@@ -212,6 +223,7 @@ def run_nightly(
         night = _Night(spec, store, previous, fingerprint, job_id, timer, hook, progress)
         night.began = began  # what a forget or gc beside the night recorded since then is checked before publishing
         night.listed = {f.path: f for f in listed}
+        night.horizon, night.files_behind = horizon, len(behind)
         # A forget (or a rollback to a forget's rewrite) left shared scopes stale: their deltas, and
         # those of their extra holders, are dropped until a night compiles them (even with no new file).
         stale = previous is not None and previous.scopes is not None and bool(previous.scopes.stale)
@@ -382,6 +394,8 @@ class _Night:
         self.chunks: list = []  # chunk metas
         self.files_reread = 0
         self.listed: dict[str, FactFile] = {}  # every file of the log this night, by path
+        self.horizon: int | None = None  # the ingest horizon (pipeline.ingest.file_horizon), ns
+        self.files_behind = 0  # listed files not read for their age (pipeline.ingest.files_behind)
         self.every_shard = False
         self.scope_plan: ScopePlan | None = None  # the night's scope merge (None: no scope touched)
         self.scopes = publish.CARRY  # the version's ScopesEntry (CARRY: the previous version's)
@@ -742,9 +756,12 @@ class _Night:
         return objects, stats
 
     def _watermark(self) -> str:
-        """Every log file ingested and still in the log (path -> size and mtime). A file deleted from
-        the log upstream (retention) is forgotten here, so the watermark stays as large as the log;
-        files outside this night's fact_log (another prefix of the same log) are kept as they are."""
+        """Every log file ingested and still in the log (path -> size and mtime), within the ingest
+        horizon. A file deleted from the log upstream (retention) is forgotten here, and so is one
+        modified before the night's horizon (``max_file_age``: Spark's seen-files purge), so the
+        watermark stays as large as the window; files outside this night's fact_log (another prefix
+        of the same log) are kept as they are. ``horizons`` records the horizon each fact_log last
+        purged at (its files behind it that the ledger lacks were ingested, or warned about)."""
         previous = read_watermark(self.previous)
         files = {path: identity for path, identity in previous["files"].items()
                  if path in self.listed or not under_sources(path, self.spec.fact_log)}
@@ -753,10 +770,17 @@ class _Night:
             if listed is not None and listed.ingested_as(identity):
                 files[path] = listed.identity()
         files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None})
+        files = purge_ledger(files, self.horizon, self.spec.fact_log)
+        horizons = dict(_horizons(previous))
+        horizons.pop(_source_root(self.spec.fact_log), None)
+        if self.horizon is not None:
+            horizons[_source_root(self.spec.fact_log)] = self.horizon
         times = [a.watermark for a in self.applied.values() if a.watermark] + (
             [previous["max_event_time"]] if previous["max_event_time"] else [])
-        return json.dumps({"files": dict(sorted(files.items())), "max_event_time": max(times, default=None)},
-                          sort_keys=True, separators=(",", ":"))
+        out = {"files": dict(sorted(files.items())), "max_event_time": max(times, default=None)}
+        if horizons:  # absent as before the option while no night purged
+            out["horizons"] = dict(sorted(horizons.items()))
+        return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
     def report(self, manifest: Manifest | None, *, published: bool) -> NightlyReport:
         failed: dict[str, int] = defaultdict(int)
@@ -775,7 +799,7 @@ class _Night:
             dropped_users=sum(a.dropped_users for a in routed),
             accepted=self._sum("accepted"), rejects=self._rejected(),
             resumed_facts=sum(m.facts for m in self.chunks if m.resumed),
-            files_read=len(self.reads), files_reread=self.files_reread,
+            files_read=len(self.reads), files_reread=self.files_reread, files_behind=self.files_behind,
             shards_changed=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is None
                                or e.delta_chain != self.prior_entry(s).delta_chain),
             layers_written=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is not None
@@ -792,6 +816,15 @@ class _Night:
             compile_worker_seconds=_worker_seconds(self.chunks),
             sample=[s for m in self.chunks for s in m.sample][:5],
         )
+
+
+def _horizons(watermark: dict) -> dict[str, int]:
+    """The watermark's ``{fact_log: horizon ns}`` (empty for one written before max_file_age or
+    by nights that never purged); a value that is not an int is ignored (no previous horizon)."""
+    raw = watermark.get("horizons")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _worker_seconds(chunks: list) -> dict[str, float | int]:

@@ -181,6 +181,10 @@ def run_nightly_cmd(
                                    help="Shards (default: the store's; 16 for a new store). Another number moves every user."),
     workers: int = typer.Option(None, help="Ray compile workers (0 = the whole night in this process, no Ray)."),
     on_bad_file: str = typer.Option(None, "--on-bad-file", help="'raise' (stop at an unreadable log file) or 'reject'."),
+    max_file_age: str = typer.Option(None, "--max-file-age",
+                                     help="The ingest ledger's window (default 30d): log files modified longer than this "
+                                          "before the newest ingested one leave the ledger, and such a file not in it "
+                                          "is not read (warned). e.g. 7d, 36h; 'never' keeps every file."),
     ray_address: str = typer.Option(None, "--ray-address", help="A Ray cluster to run on (e.g. auto, ray://head:10001)."),
     recompile_all: bool = typer.Option(False, "--recompile-all", help="Recompile every user (e.g. after a model change)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
@@ -189,7 +193,7 @@ def run_nightly_cmd(
     try:
         raw = NightlySpec.load(spec_file).to_dict() if spec_file else {}
         flags = {"store": store, "fact_log": fact_log, "model": model, "num_shards": num_shards, "workers": workers,
-                 "on_bad_file": on_bad_file, "ray_address": ray_address}
+                 "on_bad_file": on_bad_file, "max_file_age": max_file_age, "ray_address": ray_address}
         raw.update({k: v for k, v in flags.items() if v is not None})
         if recompile_all:
             raw["recompile_all"] = True

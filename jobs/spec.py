@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from decimal import Decimal
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -13,6 +15,25 @@ from engram_core.options import CompileOptions
 
 
 DEFAULT_NUM_SHARDS = 16
+
+NEVER = "never"
+DEFAULT_MAX_FILE_AGE = "30d"
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
+
+
+def parse_max_file_age(value: str) -> int | None:
+    """The ``max_file_age`` of a job spec in nanoseconds: ``'<number><unit>'`` with unit ``s``,
+    ``m``, ``h``, ``d`` or ``w`` (``'30d'``, ``'36h'``, ``'1.5d'``), or None for ``'never'`` (the
+    ledger keeps every file, as before the option). Raises ValueError naming the value and the form
+    for anything else (a bare number has no unit, 0 or less keeps no window)."""
+    if isinstance(value, str) and value.strip().lower() == NEVER:
+        return None
+    match = _AGE_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"'max_file_age' {value!r}: write a positive age with its unit, e.g. '30d', '36h' or '90m' "
+                         f"(units s, m, h, d, w), or 'never' to keep every ingested file in the ledger")
+    return int(Decimal(match.group(1)) * _AGE_UNITS[match.group(2)] * 1_000_000_000)
 
 
 class SpecError(ValueError):
@@ -56,6 +77,11 @@ class NightlySpec:
     recompile_all: bool = False
     on_bad_file: str = "raise"
     """'raise' stops the run at an unreadable log file; 'reject' records it in rejects."""
+    max_file_age: str = DEFAULT_MAX_FILE_AGE
+    """The ingest ledger's window: the watermark keeps the files modified within this age before the
+    newest file already ingested and forgets older ones, and a log file older than that which the
+    ledger lacks is not read (counted, and warned about). ``'<number><unit>'`` (s, m, h, d, w: '30d',
+    '36h') or ``'never'`` (keep every file ever ingested, as before the option)."""
     max_trigger_tokens: int = 256
     """Triggers longer than this (in tokens, counted as a prompt) are rejected (TRIGGER_TOO_LONG); the
     compiler reads a long trigger's last ``compile.trigger_window`` tokens (64)."""
@@ -82,6 +108,10 @@ class NightlySpec:
             parse_store_uri(self.store)
         except BadStoreURI as exc:
             raise SpecError(f"job spec: field 'store': {exc}") from None
+        try:  # before the type check: a bare number (``max_file_age: 30``) is told its missing unit
+            self.max_file_age_ns()
+        except ValueError as exc:
+            raise SpecError(f"job spec: field {exc}") from None
         for f in fields(self):  # YAML reads yes/no as booleans and 20261130 as an int: refuse them where they do not belong
             _check_field_type(f.name, f.type, getattr(self, f.name))
         if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
@@ -123,6 +153,10 @@ class NightlySpec:
         if _inside(self.fact_log, self.store):
             raise SpecError(f"job spec: field 'fact_log' ({self.fact_log}) is inside field 'store' ({self.store}): "
                             "keep the fact log outside the store (forget, gc and rollback rewrite the store)")
+
+    def max_file_age_ns(self) -> int | None:
+        """``max_file_age`` in nanoseconds; None for ``'never'``. ValueError for a bad value."""
+        return parse_max_file_age(self.max_file_age)
 
     def compile_options(self) -> CompileOptions:
         known = {f.name for f in fields(CompileOptions)}

@@ -46,6 +46,10 @@ Decisions worth knowing:
   rewritten in place (same path, other size or time; also one whose modification time a copy
   kept, as ``cp -p`` and ``rsync -t`` do) is read again on the next night; its events that were
   already applied come back as DUPLICATE or SUPERSEDED.
+* The ledger of ingested files is bounded by an age (:func:`file_horizon`, the job spec's
+  ``max_file_age``, as Spark's file source ``maxFileAge``): entries of files modified before the
+  horizon are purged, and a file modified before it that the ledger lacks is not read
+  (:func:`files_behind`, :func:`warn_files_behind`). A file exactly at the horizon is inside it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import inspect
 import logging
 import threading
 import math
+import time
 import os
 import unicodedata
 import urllib.parse
@@ -292,12 +297,96 @@ def under_sources(path: str, source: str | list[str]) -> bool:
     return False
 
 
-def files_to_read(files: list[FactFile], ingested: Mapping[str, object]) -> tuple[list[FactFile], list[FactFile]]:
+def files_to_read(files: list[FactFile], ingested: Mapping[str, object],
+                  horizon_ns: int | None = None) -> tuple[list[FactFile], list[FactFile]]:
     """(new files, files rewritten since they were ingested) among ``files``, given the watermark's
-    ``{path: identity}``; a file whose path and identity are recorded is skipped."""
-    new = [f for f in files if f.path not in ingested]
+    ``{path: identity}``; a file whose path and identity are recorded is skipped, and so is a file
+    the ledger lacks whose modification time is before ``horizon_ns`` (:func:`files_behind`). A
+    rewrite of a file the ledger holds is read whatever its time."""
+    new = [f for f in files if f.path not in ingested and not _behind(f, horizon_ns)]
     changed = [f for f in files if f.path in ingested and not f.ingested_as(ingested[f.path])]
     return new, changed
+
+
+# --- The bounded ledger (max_file_age) ---------------------------------------------------------
+
+def _recorded_mtime(identity) -> int | None:
+    """The modification time a ledger entry records (None: a plain size from an older version)."""
+    return identity.get("mtime_ns") if isinstance(identity, dict) else None
+
+
+def file_horizon(listed: list[FactFile], ingested: Mapping[str, object], max_age_ns: int | None,
+                 source: str | list[str], *, now_ns: int | None = None) -> int | None:
+    """The ingest horizon of a night, in ns since the epoch (None: no horizon, every file counts).
+
+    ``min(newest listed file's mtime, newest mtime the ledger records under `source`, now) -
+    max_age_ns``. The ledger's newest file caps it, so a night after an outage longer than the age
+    still reads every file that arrived since the last night; a source the ledger has no entry
+    under (a first night, a backfill of another folder) has no horizon, so its history is read
+    whole; ``max_age_ns`` None (``'never'``) has none either."""
+    if max_age_ns is None:
+        return None
+    recorded = [t for path, identity in ingested.items()
+                if (t := _recorded_mtime(identity)) is not None and under_sources(path, source)]
+    listed_times = [f.mtime_ns for f in listed if f.mtime_ns is not None]
+    if not recorded or not listed_times:
+        return None
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    return min(max(listed_times), max(recorded), now_ns) - max_age_ns
+
+
+def _behind(file: FactFile, horizon_ns: int | None) -> bool:
+    """A file older than the horizon: modification time strictly before it (a file exactly at
+    the horizon is inside it). A file without a modification time is never behind."""
+    return horizon_ns is not None and file.mtime_ns is not None and file.mtime_ns < horizon_ns
+
+
+def files_behind(files: list[FactFile], ingested: Mapping[str, object], horizon_ns: int | None) -> list[FactFile]:
+    """The listed files a night does not read for their age: not in the ledger and modified before
+    the horizon (ingested and purged from the ledger since, or never ingested), oldest first."""
+    return sorted((f for f in files if f.path not in ingested and _behind(f, horizon_ns)),
+                  key=lambda f: (f.mtime_ns, f.path))
+
+
+def purge_ledger(ingested: Mapping[str, object], horizon_ns: int | None, source: str | list[str]) -> dict:
+    """The ledger without the entries under ``source`` whose recorded modification time is before
+    the horizon (Spark's seen-files purge); entries elsewhere, and entries without a time (a plain
+    size from an older version), are kept."""
+    if horizon_ns is None:
+        return dict(ingested)
+    return {path: identity for path, identity in ingested.items()
+            if not (under_sources(path, source) and (t := _recorded_mtime(identity)) is not None and t < horizon_ns)}
+
+
+def warn_files_behind(behind: list[FactFile], horizon_ns: int | None, previous_horizon_ns: int | None,
+                      max_file_age: str) -> int:
+    """Log once the files a night skips for their age that cannot have been ingested before: those
+    modified at or after the previous night's horizon (no purge reached them: a reject that fell
+    behind, a file that came late), or all of them when the ledger was never purged (no previous
+    horizon). The others were ingested and purged, or warned about on the night they fell behind:
+    one debug line. (Not a local file's change time: a log delivered by ``rsync -a`` keeps the
+    producer's mtime and gets a later ctime, so each purge would come back as a false warning.)
+    Returns the number warned about."""
+    if not behind:
+        return 0
+    fresh = [f for f in behind if previous_horizon_ns is None or f.mtime_ns >= previous_horizon_ns]
+    if fresh:
+        oldest = fresh[0]
+        logger.warning(
+            "fact log: %d file(s) older than the ingest horizon (%s: max_file_age %s before the newest ingested file) are "
+            "not in the ledger and were not read; the oldest: %s (modified %s). To read them, raise max_file_age in the job "
+            "spec (--max-file-age on the command line) to cover them, or ingest them explicitly with a night whose "
+            "fact_log is their file or folder",
+            len(fresh), _iso_ns(horizon_ns), max_file_age, oldest.path, _iso_ns(oldest.mtime_ns))
+    if len(fresh) < len(behind):
+        logger.debug("fact log: %d file(s) older than the ingest horizon were ingested and purged from the ledger "
+                     "(or skipped on an earlier night, or came later than max_file_age with their old modification "
+                     "time): not read", len(behind) - len(fresh))
+    return len(fresh)
+
+
+def _iso_ns(ns: int | None) -> str:
+    return "-" if ns is None else datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)

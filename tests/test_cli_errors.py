@@ -119,6 +119,22 @@ def test_spec_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_max_file_age_without_a_unit_is_refused_naming_the_field_and_the_forms(tmp_path):
+    """``max_file_age: 30`` (days? seconds?) is refused before any work, in a spec and as a flag."""
+    spec = tmp_path / "spec.yaml"
+    for value in ("30", "0d", "1y", "'-2h'"):
+        spec.write_text(f"store: {tmp_path / 's'}\nfact_log: {tmp_path}\nmodel: {tmp_path}\nmax_file_age: {value}\n")
+        result = engram("run", "nightly", "--spec", str(spec), "--json")
+        assert result.exit_code == 2, (value, result.output)
+        error = json.loads(result.stdout)["error"]
+        assert "field 'max_file_age'" in error and "'30d', '36h'" in error and "'never'" in error, error
+    result = engram("run", "nightly", "--store", str(tmp_path / "s"), "--fact-log", str(tmp_path), "--model",
+                    str(tmp_path), "--max-file-age", "7 days")
+    assert result.exit_code == 2 and "field 'max_file_age' '7 days'" in result.stderr
+    assert not (tmp_path / "s").exists()
+    assert "--max-file-age" in engram("run", "nightly", "--help").output
+
+
 def test_a_spec_with_a_key_given_twice_is_refused_naming_it(tmp_path):
     """Plain YAML keeps the last of two equal keys: `workers: 0` then `workers: 3` would run on Ray,
     two `store:` lines would publish to the second store."""

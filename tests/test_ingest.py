@@ -901,6 +901,99 @@ def test_hive_day_partitions_are_read_with_provenance_and_file_sizes(tmp_path):
     assert batch.rows.column("_source").to_pylist()[2].endswith("day=2026-11-20/part-0.parquet")
 
 
+# ---------------------------------------------------------------- the bounded ledger (max_file_age)
+
+DAY_NS = 86_400 * 10**9
+LOG = "s3://bucket/log"
+
+
+def logged(path: str, mtime_ns: int, ctime_ns: int | None = None):
+    from pipeline.ingest import FactFile
+
+    return FactFile(f"{LOG}/{path}", 100, mtime_ns, ctime_ns, root=LOG)
+
+
+def test_the_horizon_is_the_age_before_the_newest_file_capped_by_the_newest_ingested_and_the_clock():
+    from pipeline.ingest import file_horizon
+
+    t0 = 1_790_000_000 * 10**9
+    listed = [logged("day=1/a.parquet", t0), logged("day=9/b.parquet", t0 + 8 * DAY_NS)]
+    ledger = {listed[0].path: listed[0].identity()}
+    # the newest ingested file caps it: a night after an 8-day outage still reads every file since
+    assert file_horizon(listed, ledger, 7 * DAY_NS, LOG, now_ns=t0 + 9 * DAY_NS) == t0 - 7 * DAY_NS
+    ledger[listed[1].path] = listed[1].identity()
+    assert file_horizon(listed, ledger, 7 * DAY_NS, LOG, now_ns=t0 + 9 * DAY_NS) == t0 + DAY_NS
+    # a file from the future (a skewed clock) does not move it past the clock
+    assert file_horizon(listed, ledger, 7 * DAY_NS, LOG, now_ns=t0 + 2 * DAY_NS) == t0 - 5 * DAY_NS
+    # no horizon: 'never', a first night (empty ledger), a source the ledger holds nothing under
+    assert file_horizon(listed, ledger, None, LOG) is None
+    assert file_horizon(listed, {}, 7 * DAY_NS, LOG) is None
+    assert file_horizon(listed, ledger, 7 * DAY_NS, "s3://bucket/other") is None
+    assert file_horizon(listed, {listed[0].path: 100}, 7 * DAY_NS, LOG) is None  # a plain size records no time
+
+
+def test_a_file_exactly_at_the_horizon_is_inside_it_one_nanosecond_older_is_behind():
+    """Spark's rule: a file is new when ``mtime >= horizon``, an entry purged when ``mtime < horizon``."""
+    from pipeline.ingest import files_behind, files_to_read, purge_ledger
+
+    horizon = 1_790_000_000 * 10**9 + 123
+    edge, older, newer = (logged("edge.parquet", horizon), logged("older.parquet", horizon - 1),
+                          logged("newer.parquet", horizon + 1))
+    files = [edge, older, newer]
+    assert files_to_read(files, {}, horizon) == ([edge, newer], [])
+    assert files_behind(files, {}, horizon) == [older]
+    ledger = {f.path: f.identity() for f in files}
+    assert purge_ledger(ledger, horizon, LOG) == {edge.path: edge.identity(), newer.path: newer.identity()}
+    for _ in range(3):  # the same answer every time, whatever the order of the listing
+        random.shuffle(files)
+        assert sorted(f.path for f in files_to_read(files, {}, horizon)[0]) == [edge.path, newer.path]
+
+
+def test_the_purge_keeps_entries_outside_the_source_and_entries_without_a_time():
+    from pipeline.ingest import purge_ledger
+
+    horizon = 10 * DAY_NS
+    ledger = {f"{LOG}/old.parquet": {"size": 1, "mtime_ns": DAY_NS},
+              f"{LOG}/older-version.parquet": 1,  # a plain size, written before modification times were
+              "s3://bucket/backfill/old.parquet": {"size": 1, "mtime_ns": DAY_NS}}
+    assert purge_ledger(ledger, horizon, LOG) == {f"{LOG}/older-version.parquet": 1,
+                                                  "s3://bucket/backfill/old.parquet": {"size": 1, "mtime_ns": DAY_NS}}
+    assert purge_ledger(ledger, None, LOG) == ledger  # 'never'
+
+
+def test_a_rewrite_of_a_file_the_ledger_holds_is_read_whatever_its_time():
+    from pipeline.ingest import files_to_read
+
+    old = logged("day=1/a.parquet", DAY_NS, ctime_ns=DAY_NS)
+    recorded = {old.path: old.identity()}
+    copied_over = logged("day=1/a.parquet", DAY_NS, ctime_ns=20 * DAY_NS)  # cp -p: old mtime, new change time
+    assert files_to_read([copied_over], recorded, 10 * DAY_NS) == ([], [copied_over])
+
+
+def test_files_behind_the_horizon_are_warned_once_when_they_fall_behind_unread(caplog):
+    from pipeline.ingest import warn_files_behind
+
+    previous, horizon = 10 * DAY_NS, 12 * DAY_NS
+    purged = logged("day=05/a.parquet", 5 * DAY_NS)  # behind the previous horizon: ingested, then purged
+    crossed = logged("day=11/b.parquet", 11 * DAY_NS)  # inside the previous horizon and not ingested (a reject)
+    late = logged("day=10/c.parquet", 10 * DAY_NS)  # exactly at the previous horizon: no purge reached it
+    # delivered by rsync -a: the producer's mtime, a later ctime; ingested, then purged: no false warning
+    rsynced = logged("day=09/d.parquet", 10 * DAY_NS - 1, ctime_ns=10 * DAY_NS + 60 * 10**9)
+    with caplog.at_level("DEBUG", logger="pipeline.ingest"):
+        assert warn_files_behind([late, purged, crossed], horizon, previous, "2d") == 2
+        assert warn_files_behind([purged, rsynced], horizon, previous, "2d") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("fact log: 2 file(s) older than the ingest horizon (1970-01-13T00:00:00+00:00: "
+                                   "max_file_age 2d before the newest ingested file)")
+    assert f"the oldest: {late.path}" in warnings[0] and "raise max_file_age" in warnings[0]
+    assert "--max-file-age" in warnings[0] and "fact_log is their file or folder" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):  # a ledger never purged: every one is unread
+        assert warn_files_behind([purged], horizon, None, "2d") == 1
+    assert "1 file(s)" in caplog.records[0].getMessage()
+
+
 def test_files_already_ingested_are_skipped(tmp_path):
     for name in ("part-0.parquet", "part-1.parquet"):
         pq.write_table(table({"fact_id": name}), tmp_path / name)

@@ -713,6 +713,108 @@ def test_the_watermark_keeps_files_outside_the_nights_fact_log(tmp_path, tiny_di
     assert not run_nightly(spec).published  # day 1 is not read again
 
 
+# ---------------------------------------------------------------- the bounded ledger (max_file_age)
+
+DAY_NS = 86_400 * 10**9
+
+
+def aged_log_file(path, mtime_ns: int, *, prefix: str):
+    """A one-user log file whose modification time is set (as a file written that day)."""
+    import os
+
+    written = write_fact_log(fact_log_rows(1, 1, prefix=prefix), path)
+    os.utime(written, ns=(mtime_ns, mtime_ns))
+    return str(written)
+
+
+def ledger(store) -> dict:
+    return json.loads(read_current(store)[0].watermark)
+
+
+def test_the_ledger_forgets_files_behind_the_horizon_and_does_not_read_unknown_ones(tmp_path, tiny_dir, local_store,
+                                                                                   caplog):
+    import time
+
+    t0 = time.time_ns() - 30 * DAY_NS
+    log = tmp_path / "log"
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log), model=str(tiny_dir), num_shards=2, workers=0,
+                       max_file_age="1d")
+    a = aged_log_file(log / "day=00" / "a.parquet", t0, prefix="a")
+    assert run_nightly(spec).files_read == 1  # a first night reads the whole log: no horizon yet
+    b = aged_log_file(log / "day=03" / "b.parquet", t0 + 3 * DAY_NS, prefix="b")
+    assert run_nightly(spec).files_read == 1  # horizon t0 - 1d (the newest ingested, a, caps it)
+    assert ledger(local_store)["horizons"] == {str(log): t0 - DAY_NS} and len(ledger(local_store)["files"]) == 2
+    # horizon: min(newest listed t0+4d, newest ingested t0+3d) - 1d = t0 + 2d
+    c = aged_log_file(log / "day=04" / "c.parquet", t0 + 4 * DAY_NS, prefix="c")
+    edge = aged_log_file(log / "day=02" / "edge.parquet", t0 + 2 * DAY_NS, prefix="edge")  # exactly at it: inside
+    late = aged_log_file(log / "day=01" / "late.parquet", t0 + DAY_NS, prefix="late")  # behind it, never ingested
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        report = run_nightly(spec)
+    assert report.published and report.files_read == 2 and report.files_behind == 1
+    assert published_delta(local_store, "edge-00000") is not None and published_delta(local_store, "late-00000") is None
+    assert published_delta(local_store, "a-00000") is not None  # purged from the ledger, still served
+    warned = [r.getMessage() for r in caplog.records if "older than the ingest horizon" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("fact log: 1 file(s)") and f"the oldest: {late} " in warned[0]
+    assert sorted(ledger(local_store)["files"]) == sorted([b, c, edge])  # a: behind the horizon, forgotten
+    assert ledger(local_store)["horizons"] == {str(log): t0 + 2 * DAY_NS}
+    # the next night: a and late are behind the horizon and not in the ledger: neither is read
+    aged_log_file(log / "day=05" / "d.parquet", t0 + 5 * DAY_NS, prefix="d")  # horizon t0 + 3d: b is at its edge
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        report = run_nightly(spec)
+    assert report.files_read == 1 and report.files_behind == 2 and report.accepted == 1
+    # a was purged, late was warned about on the night it fell behind: no warning again
+    assert not [r for r in caplog.records if "older than the ingest horizon" in r.getMessage()]
+    assert sorted(ledger(local_store)["files"]) == sorted([b, c, str(log / "day=05" / "d.parquet")])
+    # a file rewritten in place gets today's time: read again, whether its entry was purged or not
+    write_fact_log(fact_log_rows(1, 1, prefix="a2"), a)
+    report = run_nightly(spec)
+    assert report.files_read == 1 and published_delta(local_store, "a2-00000") is not None
+    assert not run_nightly(spec).published  # read once
+
+
+def test_max_file_age_never_keeps_every_file_and_reads_every_unknown_one(tmp_path, tiny_dir, local_store):
+    import time
+
+    t0 = time.time_ns() - 30 * DAY_NS
+    log = tmp_path / "log"
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log), model=str(tiny_dir), num_shards=2, workers=0,
+                       max_file_age="never")
+    paths = [aged_log_file(log / f"day={d:02d}" / "x.parquet", t0 + d * DAY_NS, prefix=f"d{d}") for d in (0, 9)]
+    run_nightly(spec)
+    paths += [aged_log_file(log / f"day={d:02d}" / "x.parquet", t0 + d * DAY_NS, prefix=f"d{d}") for d in (10, 1)]
+    report = run_nightly(spec)
+    assert report.files_read == 2 and report.files_behind == 0
+    assert published_delta(local_store, "d1-00000") is not None  # 9 days older than the newest: read
+    assert sorted(ledger(local_store)["files"]) == sorted(paths) and "horizons" not in ledger(local_store)
+
+
+def test_a_ledger_written_before_max_file_age_is_read_and_purged_by_the_rule(tmp_path, tiny_dir, local_store, caplog):
+    """A watermark without ``horizons`` (every version before the option, or 'never'): its entries
+    are read as they are, the old ones purged, and every unknown file behind the horizon is warned
+    about (the ledger was complete: none of them was ingested)."""
+    import time
+
+    t0 = time.time_ns() - 30 * DAY_NS
+    log = tmp_path / "log"
+    spec = NightlySpec(store=local_store.uri, fact_log=str(log), model=str(tiny_dir), num_shards=2, workers=0,
+                       max_file_age="never")
+    old = [aged_log_file(log / f"day={d:02d}" / "x.parquet", t0 + d * DAY_NS, prefix=f"d{d}") for d in range(0, 10)]
+    run_nightly(spec)
+    written = ledger(local_store)
+    assert set(written) == {"files", "max_event_time"} and len(written["files"]) == 10  # the format before the option
+    new = aged_log_file(log / "day=10" / "x.parquet", t0 + 10 * DAY_NS, prefix="d10")
+    never_read = aged_log_file(log / "day=03" / "never.parquet", t0 + 3 * DAY_NS, prefix="never")
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        report = run_nightly(NightlySpec(**{**spec.to_dict(), "max_file_age": "2d"}))
+    assert report.files_read == 1 and report.files_behind == 1 and published_delta(local_store, "never-00000") is None
+    warned = [r.getMessage() for r in caplog.records if "older than the ingest horizon" in r.getMessage()]
+    assert len(warned) == 1 and f"the oldest: {never_read} " in warned[0]
+    # horizon: newest ingested (day 9) - 2d = day 7; days 0-6 leave the ledger
+    assert sorted(ledger(local_store)["files"]) == sorted(old[7:] + [new])
+    assert ledger(local_store)["horizons"] == {str(log): t0 + 7 * DAY_NS}
+
+
 @pytest.mark.parametrize("folder", ["day=2026-11-20", "my store", "a#b?c%20d"])
 def test_a_store_under_any_folder_name_publishes(tmp_path, tiny_dir, folder):
     write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
