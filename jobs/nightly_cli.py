@@ -182,9 +182,9 @@ def run_nightly_cmd(
     workers: int = typer.Option(None, help="Ray compile workers (0 = the whole night in this process, no Ray)."),
     on_bad_file: str = typer.Option(None, "--on-bad-file", help="'raise' (stop at an unreadable log file) or 'reject'."),
     max_file_age: str = typer.Option(None, "--max-file-age",
-                                     help="The ingest ledger's window (default 30d): log files modified longer than this "
-                                          "before the newest ingested one leave the ledger, and such a file not in it "
-                                          "is not read (warned). e.g. 7d, 36h; 'never' keeps every file."),
+                                     help="The ingest ledger's window, e.g. 30d, 36h (default never: keep every file): log "
+                                          "files modified longer than this before the newest ingested one leave the "
+                                          "ledger, and such a file not in it is not read (warned)."),
     ray_address: str = typer.Option(None, "--ray-address", help="A Ray cluster to run on (e.g. auto, ray://head:10001)."),
     recompile_all: bool = typer.Option(False, "--recompile-all", help="Recompile every user (e.g. after a model change)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),

@@ -17,7 +17,7 @@ from engram_core.options import CompileOptions
 DEFAULT_NUM_SHARDS = 16
 
 NEVER = "never"
-DEFAULT_MAX_FILE_AGE = "30d"
+DEFAULT_MAX_FILE_AGE = NEVER
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
 
@@ -81,7 +81,9 @@ class NightlySpec:
     """The ingest ledger's window: the watermark keeps the files modified within this age before the
     newest file already ingested and forgets older ones, and a log file older than that which the
     ledger lacks is not read (counted, and warned about). ``'<number><unit>'`` (s, m, h, d, w: '30d',
-    '36h') or ``'never'`` (keep every file ever ingested, as before the option)."""
+    '36h') or ``'never'`` (the default: keep every file ever ingested, and read every file the
+    ledger lacks whatever its age). Not bounded by default: a file that arrives with an old
+    modification time kept (``tar x``, ``cp -p``, ``rsync -t`` of a backfill) would be skipped."""
     max_trigger_tokens: int = 256
     """Triggers longer than this (in tokens, counted as a prompt) are rejected (TRIGGER_TOO_LONG); the
     compiler reads a long trigger's last ``compile.trigger_window`` tokens (64)."""

@@ -773,19 +773,22 @@ def test_the_ledger_forgets_files_behind_the_horizon_and_does_not_read_unknown_o
     assert not run_nightly(spec).published  # read once
 
 
-def test_max_file_age_never_keeps_every_file_and_reads_every_unknown_one(tmp_path, tiny_dir, local_store):
+@pytest.mark.parametrize("age", ["never", None])
+def test_max_file_age_never_keeps_every_file_and_reads_every_unknown_one(tmp_path, tiny_dir, local_store, age):
+    """'never', the default (None: not set): a backfill that arrives with its old modification
+    times (tar x, cp -p) is read, however old."""
     import time
 
-    t0 = time.time_ns() - 30 * DAY_NS
+    t0 = time.time_ns() - 120 * DAY_NS
     log = tmp_path / "log"
     spec = NightlySpec(store=local_store.uri, fact_log=str(log), model=str(tiny_dir), num_shards=2, workers=0,
-                       max_file_age="never")
-    paths = [aged_log_file(log / f"day={d:02d}" / "x.parquet", t0 + d * DAY_NS, prefix=f"d{d}") for d in (0, 9)]
+                       **({"max_file_age": age} if age else {}))
+    paths = [aged_log_file(log / f"day={d:03d}" / "x.parquet", t0 + d * DAY_NS, prefix=f"d{d}") for d in (0, 90)]
     run_nightly(spec)
-    paths += [aged_log_file(log / f"day={d:02d}" / "x.parquet", t0 + d * DAY_NS, prefix=f"d{d}") for d in (10, 1)]
+    paths += [aged_log_file(log / f"day={d:03d}" / "x.parquet", t0 + d * DAY_NS, prefix=f"d{d}") for d in (100, 1)]
     report = run_nightly(spec)
     assert report.files_read == 2 and report.files_behind == 0
-    assert published_delta(local_store, "d1-00000") is not None  # 9 days older than the newest: read
+    assert published_delta(local_store, "d1-00000") is not None  # 89 days older than the newest ingested: read
     assert sorted(ledger(local_store)["files"]) == sorted(paths) and "horizons" not in ledger(local_store)
 
 
