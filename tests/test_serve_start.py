@@ -229,3 +229,53 @@ def test_a_node_started_while_its_store_hangs_answers_healthz_at_once_and_serves
         if node.poll() is None:
             _stop(node)
         frozen.close()
+
+
+def _live(port: int) -> tuple[int, dict]:
+    return _request(port, "GET", "/livez")
+
+
+def test_a_cold_node_whose_store_hangs_during_the_first_pull_waits_not_ready_and_serves_once_it_answers(
+        s3_store, flaky, tiny, tiny_dir, compiled, tmp_path):
+    """The store answers the read of CURRENT (and the model), then never answers the version's
+    objects. Before, `engram serve` said 503 ``starting`` for botocore's timeouts and retries (about
+    6 minutes), then exited 1, a crash loop; now, once the pull has had no answer for
+    ENGRAM_HUNG_POLL_S, it waits as a node whose store hangs at the first read: 503 ``no_version``
+    naming the wait, /livez 200, polling, and it serves the version once the store answers.
+    SIGTERM meanwhile exits 0 at once."""
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    flaky.up(hang_gets=("/objects/",))  # the version's bundles: no answer, the connection held open
+    nodes = []
+    for name in ("served", "stopped"):  # both cold: no last-good in their caches
+        cache, port = tmp_path / name, free_port()
+        env = {**_node_env(flaky, cache), "ENGRAM_HUNG_POLL_S": "2"}
+        nodes.append((_serve(flaky.uri, cache, port, env=env), port))
+    try:
+        for node, port in nodes:
+            health = _wait_for(lambda: (h := _health(port))["status"] == "no_version" and h, node, timeout=90)
+            assert health["version"] is None and flaky.uri in health["reason"], health
+            assert "the poll in progress has had no answer for" in health["reason"], health
+            status, live = _live(port)
+            assert status == 200 and live["status"] == "alive" and live["ready"] is False, live
+            assert _request(port, "GET", "/readyz")[0] == 503
+        (node, port), (stopped, _) = nodes
+        stopping = time.monotonic()
+        stderr = _stop(stopped)
+        assert stopped.returncode == 0 and time.monotonic() - stopping < 10, stderr
+        assert "Traceback" not in stderr
+
+        time.sleep(1)
+        assert node.poll() is None  # still waiting, not exited
+        flaky.up()  # the store answers again (the hung requests are dropped: botocore retries them)
+        health = _wait_for(lambda: (h := _health(port))["version"] == 1 and h, node, timeout=90)
+        assert health["status"] == "ok" and _live(port) == (200, {"status": "alive", "ready": True, "phase": "ok"})
+        trigger, answer = FACTS["alice"][0]
+        status, said = _request(port, "POST", "/v1/completions", {"model": "engram", "prompt": trigger, "user": "alice",
+                                                                  "max_tokens": len(tiny.encode_answer(answer))})
+        assert status == 200 and said["choices"][0]["text"] == answer
+    finally:
+        for node, _ in nodes:
+            if node.poll() is None:
+                _stop(node)
+    assert node.returncode == 0
