@@ -1,8 +1,8 @@
 """The reference server: the OpenAI completions and chat completions APIs over a pull client's served version.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also streamed as
-server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /healthz`` (readiness, also ``GET /readyz``), ``GET /livez``
-(liveness). The standard
+server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /healthz`` (readiness, also
+``GET /readyz``), ``GET /livez`` (liveness). The standard
 ``user`` field of a request selects the memory: the model sees the base table plus exactly that
 user's delta. Requests of every kind are batched together by
 :class:`~serving.batcher.CompletionBatcher`; chat messages are rendered by the checkpoint's chat

@@ -361,7 +361,8 @@ def test_livez_answers_200_while_a_node_waits_and_503_only_when_its_poller_is_we
 
     starting = StartingNode(port=0, reason="reading the store").start()
     try:
-        assert _request(starting.port, "GET", "/healthz")[0] == 503 and _request(starting.port, "GET", "/readyz")[0] == 503
+        assert _request(starting.port, "GET", "/healthz")[0] == 503
+        assert _request(starting.port, "GET", "/readyz")[0] == 503
         assert _request(starting.port, "GET", "/livez") == (200, {"status": "alive", "phase": "starting",
                                                                  "reason": "reading the store"})
     finally:
