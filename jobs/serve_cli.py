@@ -526,15 +526,34 @@ def _start(listener, store: str, shards, interval: float, max_batch: int, batch_
                  else f"loading {store}")
     client = _client(opened.store, opened.manifest, opened.em, shards, opened.cache_dir, interval,
                      current=opened.current, max_stale=max_stale)
-    result = client.fall_back(opened.outage) if opened.outage else client.poll()
-    if client.index is None and opened.current is not None:  # CURRENT names a version that cannot be loaded
-        _fail(result.error or "no version loaded")
+    result = client.fall_back(opened.outage) if opened.outage else _first_pull(client)
+    if client.index is None and opened.current is not None and result is not None and not client.last_unreachable:
+        _fail(result.error or "no version loaded")  # CURRENT names a version that cannot be loaded
+    # else (the store stopped answering during the first pull, and no last-good): served not ready, polling
     try:
         server = ReferenceServer(opened.em, client, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000,
                                  chat_template=chat_template, stop_at_memory_end=stop_at_memory_end, listener=listener)
     except ValueError as e:  # a chat template changed meanwhile (2), a model without a context length (1)
         _fail(str(e), code=exit_code(e))
     return server, client
+
+
+def _first_pull(client):
+    """The node's first poll: its PollResult; None while it is still running and the store has not
+    answered it for ``client.hung_after`` seconds (ENGRAM_HUNG_POLL_S; a store that answered the
+    read of CURRENT and then hangs held the start for botocore's timeouts and retries, minutes, and
+    the node exited 1). The poll goes on in a daemon thread, and the client's own polls (which wait
+    for it) take over; the main thread stays free for SIGTERM."""
+    import threading
+
+    results = []
+    polling = threading.Thread(target=lambda: results.append(client.poll()), name="engram-first-pull", daemon=True)
+    polling.start()
+    while polling.is_alive():
+        polling.join(timeout=0.2)
+        if polling.is_alive() and client.index is None and client.error() is not None:
+            return None  # hung: not ready, polling (healthz names the store and the wait)
+    return results[0] if results else None
 
 
 def _template_file_problem(path: Path | None) -> str | None:

@@ -125,6 +125,10 @@ class CompletionBatcher:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        """False once :meth:`start` ran and the batching thread has ended (it died, or :meth:`stop`)."""
+        return self._thread.is_alive() or self._thread.ident is None
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)

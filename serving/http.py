@@ -1,7 +1,8 @@
 """The reference server: the OpenAI completions and chat completions APIs over a pull client's served version.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also streamed as
-server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /healthz``. The standard
+server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /healthz`` (readiness, also
+``GET /readyz``), ``GET /livez`` (liveness). The standard
 ``user`` field of a request selects the memory: the model sees the base table plus exactly that
 user's delta. Requests of every kind are batched together by
 :class:`~serving.batcher.CompletionBatcher`; chat messages are rendered by the checkpoint's chat
@@ -20,7 +21,12 @@ last-good) answers ``/healthz`` 503 with ``status: "no_version"`` and a ``reason
 and refuses every request naming a user (HTTP 503, ``no_version``); a request with no user gets the
 base model. Before its model is loaded at all (:class:`StartingNode`: the store is being read, or
 it waits for the first version to name the model), ``/healthz`` answers 503 ``starting`` or
-``no_version`` and every other route 503. Malformed requests get
+``no_version`` and every other route 503. ``/livez`` answers 200 ``{"status": "alive", ...}`` whenever
+the node works: starting, waiting for a first version, or for a store that does not answer (a
+restart would not make any of them ready sooner); 503 ``{"status": "wedged", "reason": ...}`` only
+when its poller thread died or one poll has gone without an answer from the store far longer than
+a store that never answers takes to fail it (serving.pull.PullClient.wedged), or its batcher
+thread died: then a restart is the fix. Malformed requests get
 HTTP 400 with an OpenAI-style JSON error body (``error.message``, ``type``, ``param``, ``code``);
 a prompt that does not fit the model's context is ``context_length_exceeded``.
 """
@@ -47,7 +53,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}  # POST
-GET_ROUTES = ("/healthz", "/v1/models")
+GET_ROUTES = ("/healthz", "/readyz", "/livez", "/v1/models")
+READY_ROUTES = ("/healthz", "/readyz")  # readiness: 200 only while a version is served (a load balancer's probe)
+LIVE_ROUTE = "/livez"  # liveness: 200 while the node works, waiting or not (a restart would not help otherwise)
 EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
 SHUTDOWN_POLL_WAIT_S = 2.0  # the longest shutdown waits for a poll in progress
 
@@ -129,8 +137,9 @@ class _JsonHandler(BaseHTTPRequestHandler):
 class StartingNode:
     """The port of a node whose model is not loaded yet, answering while it starts (the store is
     read, the model fetched; or nothing is published yet and the first version will name the model):
-    ``GET /healthz`` 503 ``{"status": "starting" | "no_version", "reason": ..., "version": null, ...}``
-    as :meth:`set` last said, every POST route 503 ``no_version`` with that reason, ``/v1/models``
+    ``GET /healthz`` (and ``/readyz``) 503 ``{"status": "starting" | "no_version", "reason": ...,
+    "version": null, ...}`` as :meth:`set` last said, ``GET /livez`` 200 ``{"status": "alive", "phase":
+    status, "reason": ...}``, every POST route 503 ``no_version`` with that reason, ``/v1/models``
     503 too (which model is not known yet), unknown routes 404/405. A :class:`ReferenceServer` given
     it as ``listener`` takes its socket over, so the port answers throughout. Binding raises OSError
     (a port in use, a host not this machine's), as ReferenceServer does."""
@@ -186,7 +195,10 @@ class StartingNode:
 
             def _refusal(self) -> tuple[int, dict]:
                 health = node.health()
-                if self.path.split("?", 1)[0] == "/healthz":
+                path = self.path.split("?", 1)[0]
+                if path == LIVE_ROUTE:  # starting or waiting is alive: a restart would only start again
+                    return 200, {"status": "alive", "phase": health["status"], "reason": health["reason"]}
+                if path in READY_ROUTES:
                     return 503, health
                 error = RequestError(f"this node serves nothing yet ({health['status']}): {health['reason']}; retry "
                                      "once /healthz answers 200", status=503, code="no_version")
@@ -312,10 +324,28 @@ class ReferenceServer:
             "row_kernels": KERNELS.status() if self.em.device.type == "cpu" else "not used (CUDA model)",
         }
 
+    def liveness(self) -> tuple[int, dict]:
+        """``/livez``: (200, ``{"status": "alive", "ready": bool}``) while the node works, ready or
+        not (waiting for a first version, for a store that does not answer); (503, ``{"status":
+        "wedged", "reason": ...}``) when its batcher thread died, or its poller is wedged
+        (serving.pull.PullClient.wedged: its thread died, or a poll has not come back for far longer
+        than ENGRAM_HUNG_POLL_S)."""
+        wedged = None
+        if not self.batcher.alive():
+            wedged = "the batcher thread has died; restart the node"
+        elif self.poll:
+            wedged = self.client.wedged()
+        if wedged is not None:
+            return 503, {"status": "wedged", "reason": wedged}
+        health = self.health()
+        return 200, {"status": "alive", "ready": health["version"] is not None and not health["reason"],
+                     "phase": health["status"]}
+
     def no_version(self) -> str:
-        """Why no version is served (while the client has none): its last poll's error, or that the
+        """Why no version is served (while the client has none): its last poll's error (or that
+        the poll in progress has had no answer for longer than ENGRAM_HUNG_POLL_S), or that the
         first pull is under way."""
-        error = self.client.last_error
+        error = self.client.error()
         return (f"no version of {self.client.store.uri} is loaded yet: "
                 + (f"{error}; polling every {self.client.interval:g}s" if error else "the first pull is under way"))
 
@@ -458,7 +488,10 @@ class ReferenceServer:
                     self.close_connection = True
 
             def _get(self) -> tuple[int, dict]:
-                if self.path.split("?", 1)[0] == "/healthz":
+                path = self.path.split("?", 1)[0]
+                if path == LIVE_ROUTE:
+                    return server.liveness()
+                if path in READY_ROUTES:
                     health = server.health()
                     return (200 if health["version"] is not None and not health["reason"] else 503), health
                 return 200, {"object": "list", "data": [

@@ -472,6 +472,15 @@ HUNG_POLL_S = 60.0
 /healthz and ``max_stale`` (a CURRENT read is one small request; a download of many objects is not
 hung while they keep coming); a node's first read of CURRENT is given this long (answered_within)."""
 HUNG_POLL_ENV = "ENGRAM_HUNG_POLL_S"
+WEDGED_POLL_FACTOR = 10
+WEDGED_POLL_MIN_S = 600.0
+"""A poll whose store has answered none of its requests for ``WEDGED_POLL_FACTOR`` times the hung-poll
+bound, and at least ``WEDGED_POLL_MIN_S`` (longer than botocore's connect and read timeouts times the
+store's 5 attempts for one request, about 6 minutes: a store that never answers fails a poll before
+then), is a wedged poller: the node's liveness fails (serving.http ``/livez``)."""
+REPEAT_LOG_S = 600.0
+"""A poll failing as the one before it did is logged at DEBUG, and at ERROR again once per this many
+seconds (a node waiting for a first night, or for a store down for hours, logged an ERROR per poll)."""
 
 
 def hung_poll_seconds() -> float:
@@ -546,6 +555,7 @@ class PullClient:
         current: Manifest | None = None,
         max_stale: float | None = None,
         hung_after: float | None = None,
+        wedged_after: float | None = None,
     ) -> None:
         if max_stale is not None and not 0 < max_stale < float("inf"):
             raise ValueError(f"max_stale {max_stale!r}: give seconds above 0, or None for no bound")
@@ -559,6 +569,10 @@ class PullClient:
         self.last_error: str | None = None
         self.last_poll_at: float | None = None
         self.hung_after = hung_poll_seconds() if hung_after is None else hung_after
+        self.wedged_after = (max(WEDGED_POLL_FACTOR * self.hung_after, WEDGED_POLL_MIN_S) if wedged_after is None
+                             else wedged_after)
+        self.last_unreachable = False  # the last poll failed because the store did not answer
+        self._said: tuple[str, float, float] | None = None  # (failure logged at ERROR, when, since): repeats at DEBUG
         self.polling_since: float | None = None  # the poll in progress: its start, or the store's last answer in it
         self.confirmed_at: float | None = None  # when a poll last found the served version CURRENT in the store
         self.stale_since: float | None = None  # the first failed poll since then (None: the last poll succeeded)
@@ -596,6 +610,7 @@ class PullClient:
                 return self._failed(f"{type(e).__name__}: {e}{store_fix(self.store.uri, e)}",
                                     isinstance(e, StoreUnreachable), now)
             self.last_error, self.stale_since, self.polling_since = None, None, None
+            self.last_unreachable, self._said = False, None
             self.confirmed_at, self.loaded_from = now, "store"
             cache_error = self._remember()
             return replace(result, cache_error="; ".join(filter(None, (result.cache_error, cache_error))) or None)
@@ -615,10 +630,18 @@ class PullClient:
         if self._index is None and unreachable:
             build, message = self._serve_last_good(message)
         served = self._index.version if self._index is not None else None
-        log.error("pull from %s failed, %s %s: %s", self.store.uri,
-                  "serving the cache's last-good" if build is not None else "still serving",
-                  f"v{served}" if served is not None else "nothing", message)
-        self.last_error = message
+        said, clock = self._said, time.monotonic()
+        repeat = said is not None and said[0] == message
+        if repeat and clock - said[1] < REPEAT_LOG_S:
+            level = logging.DEBUG
+        else:
+            level, self._said = logging.ERROR, (message, clock, said[2] if repeat else now)
+        log.log(level, "pull from %s failed, %s %s: %s%s", self.store.uri,
+                "serving the cache's last-good" if build is not None else "still serving",
+                f"v{served}" if served is not None else "nothing", message,
+                f" (every poll since {iso(self._said[2])}; repeats are logged at DEBUG, at ERROR once per "
+                f"{human_duration(REPEAT_LOG_S)})" if repeat else "")
+        self.last_error, self.last_unreachable = message, unreachable
         self.stale_since = self.stale_since or now
         cache_error = self._remember()  # the forgets of a version that failed to load, if any
         self.polling_since = None
@@ -655,6 +678,30 @@ class PullClient:
         return (f"v{index.version} was last confirmed CURRENT in {self.store.uri} at {iso(confirmed_at)}, "
                 f"{human_duration(age)} ago, over --max-stale {human_duration(self.max_stale)}: no user's memory is "
                 "served until the store answers (the last poll: " + error + ")")
+
+    def error(self, now: float | None = None) -> str | None:
+        """Why the served version (or the first one) may not be current: the last poll's error, or
+        one saying the poll in progress has had no answer for longer than ``hung_after``; None
+        while the last poll succeeded and the one in progress (if any) is not hung."""
+        return self._error(now)
+
+    def wedged(self, now: float | None = None) -> str | None:
+        """None while the poller is alive (its thread, once :meth:`start` ran, is running, and no
+        poll has gone without an answer from the store for ``wedged_after`` seconds: a store that
+        never answers fails a poll long before); else one line saying what is wedged. A store
+        that does not answer is no wedged node: it waits for it (stale or no_version)."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stop.is_set():
+            return f"the poller thread of {self.store.uri} has died; restart the node"
+        started = self.polling_since
+        if started is None:
+            return None
+        running = (time.time() if now is None else now) - started
+        if running <= self.wedged_after:
+            return None
+        return (f"the poll of {self.store.uri} in progress has not come back for {human_duration(running)}, since "
+                f"{iso(started)}, over {human_duration(self.wedged_after)} (a store that never answers fails a poll "
+                "before then); restart the node")
 
     def _answered(self) -> None:
         """The store answered a request of the poll in progress (a download of a new version's

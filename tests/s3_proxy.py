@@ -49,6 +49,10 @@ with these statuses in turn (``503 SlowDown``, ``500 InternalError``) before any
 and their answer is replaced by ``500 InternalError`` (the write landed; the answer was lost, as
 on a server or gateway that fails after committing): the client's retry meets its own write.
 
+``hang_gets``: path fragments; a GET of a path holding one is read and never answered while the
+proxy runs (a frozen backend: the connection is open, no byte comes back); stopping the proxy drops
+it unanswered.
+
 ``lengths``: ``"head_without_length"``: HEAD answers carry no ``Content-Length``;
 ``"get_short"``: a GET's answer says ``Content-Length`` of half its body and sends that half on
 a connection that stays good (a truncation the client cannot see as a dropped connection).
@@ -99,7 +103,7 @@ class ConditionProxy:
                  refuse_reads: dict[str, int] | None = None, refuse_checksums: bool = False,
                  etags: str | None = None, list_encoding: str | None = None, list_lag: int = 0,
                  fail: dict[tuple[str, str], list[int]] | None = None, lengths: str | None = None,
-                 lose_answers: dict[tuple[str, str], int] | None = None):
+                 lose_answers: dict[tuple[str, str], int] | None = None, hang_gets: tuple[str, ...] = ()):
         if mode not in ("ignore", "501", "pass"):
             raise ValueError(f"mode {mode!r}: one of ignore, 501, pass")
         self.upstream = urlparse(upstream_url)
@@ -111,6 +115,8 @@ class ConditionProxy:
         self.etags, self.list_encoding, self.list_lag, self.lengths = etags, list_encoding, list_lag, lengths
         self.fail = {k: list(v) for k, v in (fail or {}).items()}
         self.lose_answers = dict(lose_answers or {})
+        self.hang_gets = tuple(hang_gets)
+        self._stopped = threading.Event()  # releases the hung GETs (unanswered) when the proxy stops
         self._opaque: dict[str, str] = {}  # an opaque etag (quoted) -> the upstream's
         self._lagging: dict[str, int] = {}  # upstream key -> listings it is still left out of
         self.headers: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers lower-cased)
@@ -134,6 +140,7 @@ class ConditionProxy:
         """Stop listening and drop every open connection (as a server that goes down does)."""
         import socket
 
+        self._stopped.set()
         self._server.shutdown()
         self._server.server_close()
         for connection in list(self._connections):
@@ -183,6 +190,10 @@ class ConditionProxy:
                             base64.b64encode(hashlib.md5(body).digest()).decode() != md5:
                         return self._answer(400, [("Content-Type", "application/xml")], _error(
                             "BadDigest", "The Content-MD5 you specified did not match what we received."))
+                if self.command == "GET" and any(part in self.path for part in proxy.hang_gets):
+                    proxy._stopped.wait()
+                    self.close_connection = True
+                    return None
                 failing = next((k for k, left in proxy.fail.items() if left and k[0] == self.command
                                 and k[1] in self.path), None)
                 if failing is not None:

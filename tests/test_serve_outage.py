@@ -46,10 +46,11 @@ class FlakyStore:
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
 
-    def up(self, refuse_reads: dict[str, int] | None = None) -> None:
+    def up(self, refuse_reads: dict[str, int] | None = None, hang_gets: tuple[str, ...] = ()) -> None:
         self.down()
         self.proxy = ConditionProxy(self.server.endpoint_url, "pass", access_key=self.server.access_key,
-                                    secret_key=self.server.secret_key, port=self.port, refuse_reads=refuse_reads)
+                                    secret_key=self.server.secret_key, port=self.port, refuse_reads=refuse_reads,
+                                    hang_gets=hang_gets)
         self.proxy.__enter__()
 
     def down(self) -> None:
@@ -345,6 +346,103 @@ def test_a_store_that_accepts_and_never_answers_makes_the_node_stale_and_too_sta
     assert not polling.is_alive() and node.last_error is not None and "has had no answer" not in node.last_error
     flaky.up()
     assert node.poll().error is None and node.stale() is None and node.over_max_stale() is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the poller's fault
+def test_livez_answers_200_while_a_node_waits_and_503_only_when_its_poller_is_wedged(local_store, tiny, compiled):
+    """Liveness is not readiness: before, a node had only /healthz, 503 while it waits for a first
+    version or for a store that hangs, so a liveness probe on it restarted healthy waiting nodes.
+    /livez answers 200 then, and 503 only once the poller thread died or one poll has had no
+    answer for longer than ``wedged_after`` (a store that never answers fails a poll before)."""
+    import threading
+
+    from serving.http import ReferenceServer, StartingNode
+    from versions.store import LocalStore
+
+    starting = StartingNode(port=0, reason="reading the store").start()
+    try:
+        assert _request(starting.port, "GET", "/healthz")[0] == 503
+        assert _request(starting.port, "GET", "/readyz")[0] == 503
+        assert _request(starting.port, "GET", "/livez") == (200, {"status": "alive", "phase": "starting",
+                                                                 "reason": "reading the store"})
+    finally:
+        starting.close()
+
+    class Frozen(LocalStore):
+        release = threading.Event()
+
+        def head(self, key, *args, **kwargs):
+            self.release.wait()  # a store that accepts and never answers, until released
+            return super().head(key, *args, **kwargs)
+
+    store = Frozen(local_store.root)
+    client = PullClient(store, tiny, interval=0.05, hung_after=0.3, wedged_after=1.5)
+    with ReferenceServer(tiny, client, port=0) as server:
+        try:
+            time.sleep(0.8)  # the first poll hangs: past hung_after, not wedged
+            status, health = _request(server.port, "GET", "/healthz")
+            assert status == 503 and "the poll in progress has had no answer" in health["reason"], health
+            assert _request(server.port, "GET", "/readyz")[0] == 503
+            assert _request(server.port, "GET", "/livez") == (200, {"status": "alive", "ready": False,
+                                                                   "phase": "no_version"})
+            time.sleep(max(0.0, client.polling_since + 1.7 - time.time()))
+            status, live = _request(server.port, "GET", "/livez")
+            assert status == 503 and live["status"] == "wedged", live
+            assert f"the poll of {store.uri} in progress has not come back for" in live["reason"]
+        finally:
+            Frozen.release.set()
+        publish(local_store, tiny, v1(compiled))
+        deadline = time.monotonic() + 30
+        while _request(server.port, "GET", "/healthz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _request(server.port, "GET", "/livez") == (200, {"status": "alive", "ready": True, "phase": "ok"})
+
+        def broken():  # a fault outside the failures a poll reports: the poller thread ends
+            raise RuntimeError("a bug")
+
+        client.poll = broken
+        client._thread.join(timeout=10)
+        status, live = _request(server.port, "GET", "/livez")
+        assert status == 503 and live == {"status": "wedged", "reason": f"the poller thread of {store.uri} has died; "
+                                                                          "restart the node"}
+        assert _request(server.port, "GET", "/healthz")[0] == 200  # it still serves what it has
+
+
+def test_a_poll_failing_as_the_one_before_is_logged_once_then_at_debug(local_store, tiny, compiled, caplog,
+                                                                      monkeypatch):
+    """A node waiting for the first night (or for a store down for hours) logged one ERROR line per
+    poll (2880 a day at the default --interval 30). The first failure is an ERROR; the same failure
+    again is logged at DEBUG, and at ERROR again once per REPEAT_LOG_S (10 minutes), saying since
+    when; a different failure, or one after a success, is an ERROR at once."""
+    import logging
+
+    import serving.pull
+
+    client = PullClient(local_store, tiny)
+    caplog.set_level(logging.DEBUG, logger="serving.pull")
+
+    def failures():
+        found = [(r.levelno, r.getMessage()) for r in caplog.records if "failed, still serving" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    for _ in range(4):
+        assert "nothing published yet" in client.poll().error
+    said = failures()
+    assert [level for level, _ in said] == [logging.ERROR] + [logging.DEBUG] * 3, said
+    assert "nothing published yet" in said[0][1] and "every poll since" not in said[0][1]
+    monkeypatch.setattr(serving.pull, "REPEAT_LOG_S", 0.0)
+    client.poll()
+    (level, message), = failures()
+    assert level == logging.ERROR and "every poll since" in message and "once per 0s" in message
+
+    monkeypatch.setattr(serving.pull, "REPEAT_LOG_S", 600.0)
+    publish(local_store, tiny, v1(compiled))
+    assert client.poll().error is None
+    (local_store.root / "CURRENT").unlink()
+    client.poll()
+    client.poll()
+    assert [level for level, _ in failures()] == [logging.ERROR, logging.DEBUG]  # a new failure after a success
 
 
 def test_a_download_whose_objects_keep_coming_is_not_a_hung_poll(tiny, compiled, tmp_path):

@@ -229,3 +229,61 @@ def test_a_node_started_while_its_store_hangs_answers_healthz_at_once_and_serves
         if node.poll() is None:
             _stop(node)
         frozen.close()
+
+
+def _live(port: int) -> tuple[int, dict]:
+    return _request(port, "GET", "/livez")
+
+
+def test_a_cold_node_whose_store_hangs_during_the_first_pull_waits_not_ready_and_serves_once_it_answers(
+        s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """The store answers the read of CURRENT (and the model), then never answers the version's
+    objects. Before, `engram serve` said 503 ``starting`` for botocore's timeouts and retries (381 s
+    measured), then exited 1, a crash loop; now, once the pull has had no answer for
+    ENGRAM_HUNG_POLL_S, it waits as a node whose store hangs at the first read: 503 ``no_version``
+    naming the wait, /livez 200, polling; SIGTERM meanwhile exits 0; and it serves the version
+    once the store answers (in-process here: one node process is enough to show the exit)."""
+    from jobs.serve_cli import _start
+    from serving.http import StartingNode
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    flaky.up(hang_gets=("/objects/",))  # the version's bundles: no answer, the connection held open
+    port = free_port()
+    env = {**_node_env(flaky, tmp_path / "cold"), "ENGRAM_HUNG_POLL_S": "1"}
+    node = _serve(flaky.uri, tmp_path / "cold", port, env=env)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    monkeypatch.setenv("ENGRAM_HUNG_POLL_S", "1")
+    listener = StartingNode(port=0).start()
+    server, client = _start(listener, flaky.uri, None, 0.2, 32, 5.0, None, False, tmp_path / "cold-in-process", None,
+                            None)
+    try:
+        assert client.index is None and server.health()["status"] == "no_version"
+        server.start()
+        for at in (port, server.port):
+            health = _wait_for(lambda: (h := _health(at))["status"] == "no_version" and h, node, timeout=90)
+            assert health["version"] is None and flaky.uri in health["reason"], health
+            assert "the poll in progress has had no answer for" in health["reason"], health
+            status, live = _request(at, "GET", "/livez")
+            assert status == 200 and live["status"] == "alive" and live["ready"] is False, live
+            assert _request(at, "GET", "/readyz")[0] == 503
+        stopping = time.monotonic()
+        stderr = _stop(node)
+        assert node.returncode == 0 and time.monotonic() - stopping < 10, stderr
+        assert "Traceback" not in stderr and "serving no version yet" in stderr
+
+        flaky.up()  # the store answers again (the hung requests are dropped: botocore retries them)
+        deadline = time.monotonic() + 60
+        while client.index is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["version"] == 1, health
+        assert _request(server.port, "GET", "/livez") == (200, {"status": "alive", "ready": True, "phase": "ok"})
+        trigger, answer = FACTS["alice"][0]
+        status, said = _request(server.port, "POST", "/v1/completions", {
+            "model": "engram", "prompt": trigger, "user": "alice", "max_tokens": len(tiny.encode_answer(answer))})
+        assert status == 200 and said["choices"][0]["text"] == answer
+    finally:
+        server.shutdown()
+        if node.poll() is None:
+            _stop(node)
