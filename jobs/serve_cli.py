@@ -546,13 +546,24 @@ def _first_pull(client):
     for it) take over; the main thread stays free for SIGTERM."""
     import threading
 
-    results = []
-    polling = threading.Thread(target=lambda: results.append(client.poll()), name="engram-first-pull", daemon=True)
+    results: list = []
+
+    def first() -> None:
+        try:
+            results.append(client.poll())
+        except BaseException as error:  # noqa: BLE001 (a bug, an OOM: raised again on the main thread, as before)
+            results.append(error)
+
+    polling = threading.Thread(target=first, name="engram-first-pull", daemon=True)
     polling.start()
     while polling.is_alive():
         polling.join(timeout=0.2)
-        if polling.is_alive() and client.index is None and client.error() is not None:
+        # Hung only while no poll has failed yet (a poll that failed fast on a damaged version set
+        # last_error a moment before its thread ended: that is its result, and the node exits 1).
+        if polling.is_alive() and client.index is None and client.last_error is None and client.error() is not None:
             return None  # hung: not ready, polling (healthz names the store and the wait)
+    if results and isinstance(results[0], BaseException):
+        raise results[0]
     return results[0] if results else None
 
 

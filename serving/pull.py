@@ -224,7 +224,7 @@ class _Downloads:
     objects: int = 0
     bytes: int = 0
     cache_error: str | None = None  # the first object that could not be kept in the disk cache, and why
-    answered: Callable[[], None] | None = None  # called each time the store answers a download
+    answered: Callable[[], None] | None = None  # called at each object read, from the store or the cache: the poll's progress
 
 
 def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: int, cache: BundleCache | None,
@@ -234,6 +234,10 @@ def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: in
     holds no intact copy."""
     data = cache.load(shard, sha256, size) if cache is not None else None
     if data is not None:
+        # Progress too: a restarted node loading a large version from its cache (51 s at 1M users)
+        # is not a store that does not answer (nor, past wedged_after, a wedged poller).
+        if downloads is not None and downloads.answered is not None:
+            downloads.answered()
         return data
     where = f"{store.uri}/{key}"
     if offline:
@@ -704,8 +708,9 @@ class PullClient:
                 "before then); restart the node")
 
     def _answered(self) -> None:
-        """The store answered a request of the poll in progress (a download of a new version's
-        objects takes as long as they are large: it is not hung while objects keep coming)."""
+        """The poll in progress read an object, from the store or the disk cache (a download of a
+        new version's objects, or a load of a large one from the cache, takes as long as they are
+        large: it is not hung while objects keep coming)."""
         self.polling_since = time.time()
 
     def _error(self, now: float | None = None) -> str | None:

@@ -69,3 +69,34 @@ def test_the_attention_kernel_gives_the_steps_outputs_and_gradients():
     env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_the_kernels_are_launched_with_the_warps_rule_or_the_number_set():
+    """``_launch`` passes ``num_warps``: :func:`prefix_kernels.warps` of the query tile's rows, or
+    the number a benchmark set in ``NUM_WARPS`` (Triton's interpreter ignores it, so the check
+    above cannot see it; a kernel stand-in records the launch)."""
+    import pytest
+    import torch
+
+    from engram_core import prefix_kernels
+
+    if prefix_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    def launch(M: int):
+        q, k, v, pk, pv = (torch.zeros(3, r, 8) for r in (M, 1, 1, 4, 4))
+        prefix_kernels._launch(Recorder(), 1, q, k, v, pk, pv, torch.zeros(3, 1, 1, 5), 0.5, torch.empty_like(q))
+        return launches[-1]
+
+    assert launch(2)["num_warps"] == 2 and launch(2)["BLOCK_M"] == 16
+    assert launch(40)["num_warps"] == 4 and launch(40)["BLOCK_M"] == 64
+    prefix_kernels.NUM_WARPS["backward"] = 8  # the stand-in is not the forward kernel
+    try:
+        assert launch(2)["num_warps"] == 8
+    finally:
+        prefix_kernels.NUM_WARPS["backward"] = None

@@ -483,6 +483,55 @@ def test_a_download_whose_objects_keep_coming_is_not_a_hung_poll(tiny, compiled,
     assert all(stale is None and over is None for stale, over in seen), [x for x in seen if x != (None, None)][:2]
 
 
+def test_a_version_loading_from_the_cache_is_neither_hung_nor_wedged(local_store, tiny, compiled, tmp_path, monkeypatch):
+    """A restarted node loads its version from its disk cache (51 s at 1M users, bench/RESULTS.md):
+    every object read, from the store or the cache, is the poll's progress, so a long load is not
+    "a store that does not answer" on /healthz nor, past ``wedged_after``, a wedged poller on /livez
+    (which Kubernetes would restart, to load the same cache again)."""
+    import threading
+
+    publish(local_store, tiny, {f"user-{i}": compiled["bob"] for i in range(12)})  # objects in every shard
+    cache = tmp_path / "cache"
+    assert PullClient(local_store, tiny, cache_dir=cache).poll().error is None  # fills the cache
+    load = BundleCache.load
+
+    def slow_load(self, *args, **kwargs):  # a large cached shard: read and checked
+        time.sleep(0.25)
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(BundleCache, "load", slow_load)
+    node = PullClient(local_store, tiny, cache_dir=cache, hung_after=0.5, wedged_after=0.8)
+    results, seen = [], []
+    polling = threading.Thread(target=lambda: results.append(node.poll()), daemon=True)
+    started = time.time()
+    polling.start()
+    while polling.is_alive():
+        seen.append((node.error(), node.wedged()))
+        time.sleep(0.05)
+    took = time.time() - started
+    assert results[0].error is None and results[0].downloaded_objects == 0 and node.index.version == 1
+    assert took > 1.0, took  # longer than hung_after and wedged_after
+    assert all(error is None and wedged is None for error, wedged in seen), [x for x in seen if x != (None, None)][:2]
+
+
+def test_a_first_pull_that_raises_raises_on_the_main_thread():
+    """An exception of the first pull that is no poll failure (a bug, an OOM while loading) ends the
+    start as before (exit 1 with its traceback), not as a node waiting not ready with a store to blame."""
+    from jobs.serve_cli import _first_pull
+
+    class Broken:
+        index, last_error = None, None
+
+        def error(self):
+            return None
+
+        def poll(self):
+            raise MemoryError("CUDA out of memory while loading the version")
+
+    with pytest.raises(MemoryError, match="CUDA out of memory"):
+        _first_pull(Broken())
+
+
 def test_max_stale_on_the_commands(s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
     """engram pull/ask/serve --max-stale: bad values are usage errors (exit 2) naming the flag and the
     forms; ask past the bound fails (exit 1) naming the age and the bound instead of answering."""
