@@ -34,6 +34,17 @@ def test_a_night_with_a_missing_fact_log_or_model_exits_2_before_creating_the_st
     assert not store.exists()
 
 
+def test_a_night_without_spec_or_paths_names_the_flags_to_give(tmp_path):
+    """`engram run nightly` alone said `flags: missing required key(s) ['fact_log', 'model', 'store']`:
+    the spec's key names, not the flags to type, and no word of --spec."""
+    for args, missing in (([], "--store, --fact-log, --model"), (["--store", str(tmp_path / "s")], "--fact-log, --model")):
+        result = engram("run", "nightly", *args, "--json")
+        assert result.exit_code == 2, result.output
+        assert f"missing {missing}; give --spec FILE" in result.stderr
+        assert json.loads(result.stdout)["exit_code"] == 2
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_bad_spec_with_json_prints_one_json_object_and_exits_2(tmp_path):
     spec = tmp_path / "spec.yaml"
     for text, message in (("store: s\nfact_log: l\nmodel: m\nbogus: 1\n", "unknown key"),
