@@ -556,6 +556,40 @@ def test_an_interrupted_night_with_json_prints_one_failure_object_and_exits_128_
         in reported["error"]
 
 
+def test_ray_log_lines_forwarded_to_the_driver_stay_off_stdout_under_json(tmp_path):
+    """Under --json stdout holds the command's JSON and nothing else. Ray's driver forwards its
+    workers' and raylet's log lines to sys.stdout from a thread of its own: after a Ctrl-C of
+    `engram run nightly --json` on Ray, two `(raylet) Task CompileWorker.compile failed ... will be
+    retried` lines followed the failure object on stdout. A real local Ray cluster; a task prints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import json, time, ray\n"
+        "from jobs.cli import _stdout_for_json_only\n"
+        "_stdout_for_json_only()\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+        "@ray.remote\n"
+        "def chatty():\n"
+        "    print('a line a task printed', flush=True)\n"
+        "ray.get(chatty.remote())\n"
+        "deadline = time.monotonic() + 30\n"
+        "while time.monotonic() < deadline and 'a line a task printed' not in open(%r).read():\n"
+        "    time.sleep(0.2)  # the driver's log thread has forwarded it\n"
+        "print(json.dumps({'published': True}), flush=True)\n"
+        "ray.shutdown()\n")
+    err_file = tmp_path / "stderr.txt"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(err_file, "w") as err:
+        proc = subprocess.run([sys.executable, "-c", script % str(err_file)], stdout=subprocess.PIPE, stderr=err,
+                              env=env, timeout=180, text=True)
+    stderr = err_file.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "a line a task printed" in stderr  # forwarded, to stderr
+    assert json.loads(proc.stdout) == {"published": True}, proc.stdout
+
+
 def test_a_missing_path_or_a_bad_choice_is_a_bad_argument_with_one_line_naming_it_and_the_fix(tmp_path):
     """A --chat-template that is no file, a --model / model / checkpoint that is no checkpoint
     (not there, a folder of something else), a --family engram cannot build: exit 2 and one
