@@ -218,6 +218,10 @@ def _stdout_for_json_only() -> None:
         os.dup2(2, 1)
     except OSError:  # no such descriptors (an embedding host): leave stdout as it is
         return
+    # Ray's log deduplication holds repeated lines back and prints their summary ("[repeated 3x
+    # across cluster]") from the main thread as Ray shuts down, after the command's JSON; without
+    # it every forwarded line comes from Ray's log thread, so to stderr. A setting of the user's wins.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     sys.stdout = _MainThreadStdout(os.fdopen(saved, "w", buffering=1, encoding="utf-8", errors="replace"), sys.stderr)
 
 
