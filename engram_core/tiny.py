@@ -10,7 +10,10 @@ and saves it all in the checkpoint layout of :mod:`engram_core.checkpoint`.
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -154,10 +157,30 @@ def init_tiny(
     adapter: bool = True,
     seed: int = 0,
 ) -> str:
-    """Write a tiny checkpoint to ``directory``; returns its fingerprint."""
+    """Write a tiny checkpoint to ``directory``; returns its fingerprint.
+
+    The checkpoint is written into a hidden folder beside ``directory`` and renamed into place
+    whole, so an interrupted init (Ctrl-C, a kill) leaves no half-written checkpoint: one with
+    ``engram/config.json`` but no weights was taken for a model by the demo's next run, whose
+    compile actors then died on the missing file. Raises FileExistsError if ``directory`` holds
+    anything."""
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"model directory {root} is not empty; choose a new directory")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.init-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        _write_tiny(staging, family=family, engram=engram, hidden=hidden, layers=layers, vocab_size=vocab_size,
+                    adapter=adapter, seed=seed)
+        os.replace(staging, root)  # onto a missing or empty directory
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return fingerprint(root)
+
+
+def _write_tiny(root: Path, *, family: str, engram: EngramConfig | None, hidden: int, layers: int, vocab_size: int,
+                adapter: bool, seed: int) -> None:
     engram = engram or EngramConfig(layers=(1, layers - 1), max_ngram=TINY_MAX_NGRAM,
                                     heads_per_order=TINY_HEADS_PER_ORDER, slots_per_head=1009)
     tokenizer = build_tokenizer(vocab_size, seed)
@@ -177,7 +200,6 @@ def init_tiny(
             _sort_sets(config)
         peft_model.save_pretrained(root / "adapter")
         write_base_record(root, how="created with this base (engram model init)")
-    return fingerprint(root)
 
 
 def _sort_sets(config) -> None:

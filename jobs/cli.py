@@ -176,10 +176,39 @@ def _terminate_as_interrupt() -> None:
             signal.signal(signal.SIGINT, _on_signal)
 
 
+class _MainThreadStdout:
+    """``sys.stdout`` under ``--json``: the command's own output (written by the main thread) goes to
+    the original stdout, whatever another thread writes goes to stderr. Ray's driver forwards its
+    workers' and raylet's log lines from a thread of its own to ``sys.stdout`` (``(raylet) Task
+    CompileWorker.compile failed ... will be retried`` after a Ctrl-C), which put them on stdout
+    after the failure object."""
+
+    def __init__(self, stdout, stderr) -> None:
+        self._stdout, self._stderr = stdout, stderr
+
+    def _stream(self):
+        import threading
+
+        return self._stdout if threading.current_thread() is threading.main_thread() else self._stderr
+
+    def write(self, text: str) -> int:
+        return self._stream().write(text)
+
+    def writelines(self, lines) -> None:
+        self._stream().writelines(lines)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer, ...: the original stdout's
+        return getattr(self._stdout, name)
+
+
 def _stdout_for_json_only() -> None:
     """With ``--json`` stdout holds the command's one JSON object and nothing else: file descriptor 1
     goes to stderr for the rest of the process (and the processes it starts: Ray's raylet and
-    workers, whose log lines used to land on stdout), and ``sys.stdout`` writes to the original stdout."""
+    workers, whose log lines used to land on stdout), and ``sys.stdout`` writes the main thread's
+    output to the original stdout, other threads' to stderr (:class:`_MainThreadStdout`)."""
     import os
     import sys
 
@@ -189,7 +218,11 @@ def _stdout_for_json_only() -> None:
         os.dup2(2, 1)
     except OSError:  # no such descriptors (an embedding host): leave stdout as it is
         return
-    sys.stdout = os.fdopen(saved, "w", buffering=1, encoding="utf-8", errors="replace")
+    # Ray's log deduplication holds repeated lines back and prints their summary ("[repeated 3x
+    # across cluster]") from the main thread as Ray shuts down, after the command's JSON; without
+    # it every forwarded line comes from Ray's log thread, so to stderr. A setting of the user's wins.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    sys.stdout = _MainThreadStdout(os.fdopen(saved, "w", buffering=1, encoding="utf-8", errors="replace"), sys.stderr)
 
 
 def _interrupted(key: str, command: str, as_json: bool) -> None:

@@ -197,6 +197,10 @@ def run_nightly_cmd(
         raw.update({k: v for k, v in flags.items() if v is not None})
         if recompile_all:
             raw["recompile_all"] = True
+        missing = [f"--{key.replace('_', '-')}" for key in ("store", "fact_log", "model") if key not in raw]
+        if not spec_file and missing:  # named as the flags to type, not as the spec's keys
+            fail_json(as_json, f"run nightly: missing {', '.join(missing)}; give --spec FILE (e.g. "
+                               "jobs/specs/nightly.example.yaml), or --store, --fact-log and --model", code=2)
         spec = NightlySpec.from_dict(raw, source=f"job spec {spec_file}" if spec_file else "flags")
     except SpecError as exc:
         fail_json(as_json, str(exc), code=2)

@@ -4,7 +4,9 @@ and nights of ready-made deltas published through the nightly's store-level func
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -58,10 +60,17 @@ def fact_log_rows(num_users: int, facts_per_user: int = 6, *, seed: int = 0, day
 
 
 def write_fact_log(rows: list[dict], path: str | Path) -> Path:
-    """Write rows as one Parquet file of the fact-log schema (parent folders created)."""
+    """Write rows as one Parquet file of the fact-log schema (parent folders created), whole or
+    not at all: written under a hidden name (which a night does not list) and renamed into place,
+    so an interrupted demo leaves no truncated log file for its next run to fail on."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=FACT_LOG_SCHEMA), path)
+    staging = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=FACT_LOG_SCHEMA), staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
     return path
 
 

@@ -38,6 +38,50 @@ def test_two_tiny_inits_from_one_seed_write_identical_bytes_and_one_fingerprint(
     assert "adapter/adapter_config.json" in file_bytes(tmp_path / "a")
 
 
+def test_an_interrupted_tiny_init_leaves_nothing_and_the_next_init_writes_the_whole_checkpoint(tmp_path, monkeypatch):
+    """`engram demo` builds its model only when `model/engram/config.json` is missing: a Ctrl-C
+    between that file and the weights (or the adapter) left a checkpoint the next run took for
+    whole, and its compile actors died on the missing weights, traceback and all."""
+    import engram_core.tiny as tiny
+
+    def interrupted(memory, directory):  # Ctrl-C right after the config, before the weights
+        directory.mkdir(parents=True, exist_ok=True)
+        memory.config.save(directory / "config.json")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tiny, "save_engram", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            init_tiny(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []  # no model/, no staging folder
+    assert init_tiny(tmp_path / "model") == init_tiny(tmp_path / "again")
+    assert file_bytes(tmp_path / "model") == file_bytes(tmp_path / "again")
+    (tmp_path / "empty").mkdir()  # an empty directory is still a place to init into
+    assert init_tiny(tmp_path / "empty") == fingerprint(tmp_path / "model")
+
+
+def test_an_interrupted_fact_log_write_leaves_no_file_for_a_night_to_read(tmp_path, monkeypatch):
+    """The demo writes its fact log only when the file is missing: a truncated one left by a
+    Ctrl-C mid-write failed every later run, as an unreadable log file."""
+    import jobs.synthetic as synthetic
+    from jobs.synthetic import fact_log_rows, write_fact_log
+    from pipeline.ingest import read_fact_log
+
+    def interrupted(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise KeyboardInterrupt
+
+    log_file = tmp_path / "log" / "day=1" / "users-2.parquet"
+    with monkeypatch.context() as patch:
+        patch.setattr(synthetic.pq, "write_table", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_fact_log(fact_log_rows(2, 2), log_file)
+    assert list(log_file.parent.iterdir()) == []
+    write_fact_log(fact_log_rows(2, 2), log_file)
+    assert [p.name for p in log_file.parent.iterdir()] == ["users-2.parquet"]
+    assert read_fact_log(str(tmp_path / "log")).rows.num_rows == 4
+
+
 def hash_seeds_with_opposite_set_orders() -> tuple[str, str]:
     """Two PYTHONHASHSEED values under which {"q_proj", "v_proj"} iterates in different orders."""
     orders = {}

@@ -34,6 +34,17 @@ def test_a_night_with_a_missing_fact_log_or_model_exits_2_before_creating_the_st
     assert not store.exists()
 
 
+def test_a_night_without_spec_or_paths_names_the_flags_to_give(tmp_path):
+    """`engram run nightly` alone said `flags: missing required key(s) ['fact_log', 'model', 'store']`:
+    the spec's key names, not the flags to type, and no word of --spec."""
+    for args, missing in (([], "--store, --fact-log, --model"), (["--store", str(tmp_path / "s")], "--fact-log, --model")):
+        result = engram("run", "nightly", *args, "--json")
+        assert result.exit_code == 2, result.output
+        assert f"missing {missing}; give --spec FILE" in result.stderr
+        assert json.loads(result.stdout)["exit_code"] == 2
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_bad_spec_with_json_prints_one_json_object_and_exits_2(tmp_path):
     spec = tmp_path / "spec.yaml"
     for text, message in (("store: s\nfact_log: l\nmodel: m\nbogus: 1\n", "unknown key"),
@@ -543,6 +554,43 @@ def test_an_interrupted_night_with_json_prints_one_failure_object_and_exits_128_
     assert reported["published"] is False and reported["exit_code"] == code
     assert reported["error"].startswith(f"interrupted ({signal.Signals(signum).name})") and "run the night again" \
         in reported["error"]
+
+
+def test_ray_log_lines_forwarded_to_the_driver_stay_off_stdout_under_json(tmp_path):
+    """Under --json stdout holds the command's JSON and nothing else. Ray's driver forwards its
+    workers' and raylet's log lines to sys.stdout from a thread of its own: after a Ctrl-C of
+    `engram run nightly --json` on Ray, two `(raylet) Task CompileWorker.compile failed ... will be
+    retried` lines followed the failure object on stdout. A real local Ray cluster; a task prints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import json, time\n"
+        "from jobs.cli import _stdout_for_json_only\n"
+        "_stdout_for_json_only()\n"
+        "import ray  # as the CLI imports it: with the command\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class Chatty:\n"
+        "    def say(self):\n"
+        "        print('a line a task printed', flush=True)\n"
+        "actors = [Chatty.remote() for _ in range(3)]  # one line from three processes: deduplicated\n"
+        "ray.get([a.say.remote() for a in actors])\n"
+        "deadline = time.monotonic() + 30\n"
+        "while time.monotonic() < deadline and open(%r).read().count('a line a task printed') < 3:\n"
+        "    time.sleep(0.2)  # the driver's log thread has forwarded them\n"
+        "print(json.dumps({'published': True}), flush=True)\n"
+        "ray.shutdown()\n")
+    err_file = tmp_path / "stderr.txt"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(err_file, "w") as err:
+        proc = subprocess.run([sys.executable, "-c", script % str(err_file)], stdout=subprocess.PIPE, stderr=err,
+                              env=env, timeout=180, text=True)
+    stderr = err_file.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stderr.count("a line a task printed") == 3  # forwarded, to stderr
+    assert json.loads(proc.stdout) == {"published": True}, proc.stdout
 
 
 def test_a_missing_path_or_a_bad_choice_is_a_bad_argument_with_one_line_naming_it_and_the_fix(tmp_path):
