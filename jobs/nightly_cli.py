@@ -352,8 +352,19 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
         raise typer.Exit(code=1)
 
 
+def _version_number(value: str) -> int:
+    """``--to``'s version: ``3`` or ``v3`` (as ``engram versions`` prints it); a usage error (exit 2)
+    naming the value and the forms otherwise."""
+    text = value.strip() if isinstance(value, str) else str(value)
+    digits = text[1:] if text[:1] in ("v", "V") else text
+    if not digits.isascii() or not digits.isdigit():
+        raise typer.BadParameter(f"{value!r}: give a version number, e.g. 3 or v3 (engram versions lists them)")
+    return int(digits)
+
+
 def rollback(store: str = typer.Option(..., help=STORE_HELP),
-             to: int = typer.Option(..., "--to", help="Version to make current (older or newer)."),
+             to: str = typer.Option(..., "--to", help="Version to make current (older or newer): 3, or v3 as "
+                                                           "'engram versions' prints it.", callback=lambda v: _version_number(v)),
              reason: str = typer.Option("manual rollback", help="Why (recorded in the audit log).",
                                         callback=lambda v: text_option(v, "--reason")),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:

@@ -799,10 +799,12 @@ def test_rollback_to_a_version_that_does_not_exist_or_was_collected_exits_2_nami
     for _ in range(3):
         publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
     collect(local_store, 1, actor="test")  # v1 and v2 are collected
-    for version in ("999", "1", "0"):
+    for version in ("999", "1", "0", "v999"):  # v999: as `engram versions` prints a version
         result = _cli("rollback", "--store", local_store.uri, "--to", version, "--json")
-        _assert_one_line_exit_2(result, f"version {version} does not exist, was never published or was collected "
-                                        "(available: [3]); roll back to one of those", "rolled_back")
+        _assert_one_line_exit_2(result, f"version {version.lstrip('v')} does not exist, was never published or was "
+                                        "collected (available: [3]); roll back to one of those", "rolled_back")
+    result = _cli("rollback", "--store", local_store.uri, "--to", "seven")
+    assert result.returncode == 2 and "give a version number, e.g. 3 or v3" in result.stderr, result.stderr
     assert read_current(local_store)[0].version == 3
     empty = local_store.root.parent / "empty"
     empty.mkdir()
