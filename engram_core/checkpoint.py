@@ -43,6 +43,7 @@ from .fingerprint import (  # noqa: F401 - re-exported: the checkpoint API
     base_record,
     base_sha256,
     check_adapter_base,
+    check_checkpoint_files,
     fingerprint,
     write_base_record,
 )
@@ -180,9 +181,7 @@ def load_checkpoint(
     """
     clock = time.perf_counter()
     root = Path(path)
-    for part in ("base", "tokenizer", "engram"):
-        if not (root / part).is_dir():
-            raise CheckpointError(f"checkpoint {root}: missing {part}/ (create one with `engram model init DIR --tiny`)")
+    check_checkpoint_files(root)
     background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint-load")
     digesting = background.submit(_file_digests, root)  # read once: the fingerprint and the adapter's base check
     target = torch.device(device)

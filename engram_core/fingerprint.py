@@ -56,6 +56,33 @@ def _combine(root: Path, digests: list[tuple[Path, bytes]]) -> str:
     return outer.hexdigest()
 
 
+def check_checkpoint_files(path: str | Path) -> None:
+    """Raise CheckpointError naming the first missing part of the checkpoint at ``path``: the
+    ``base/``, ``tokenizer/`` and ``engram/`` folders, ``base/config.json`` and its weights
+    (``*.safetensors`` or ``*.bin``), a non-empty ``tokenizer/``, ``engram/config.json`` and
+    ``engram/weights.safetensors``. Only names are checked (no file is read): cheap enough for a
+    driver to run before it starts workers that would each fail on the missing file (a build
+    interrupted before its weights were written made every compile actor of a night die with a
+    traceback)."""
+    root = Path(path)
+    fix = ("copy the whole checkpoint again, or create one with `engram model init DIR --tiny`; "
+           "`engram model info DIR` shows what a checkpoint holds")
+    for part in ("base", "tokenizer", "engram"):
+        if not (root / part).is_dir():
+            raise CheckpointError(f"checkpoint {root}: missing {part}/ ({fix})")
+    needed = [root / "base" / "config.json", root / "engram" / "config.json", root / "engram" / "weights.safetensors"]
+    for file in needed:
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {root}: missing {file.relative_to(root)} (an incomplete copy or an "
+                                  f"interrupted build: {fix})")
+    base = root / "base"
+    if not any(p.is_file() for pattern in ("*.safetensors", "*.bin") for p in base.glob(pattern)):
+        raise CheckpointError(f"checkpoint {root}: base/ holds no weights (*.safetensors or *.bin) (an incomplete "
+                              f"copy or an interrupted build: {fix})")
+    if not any((root / "tokenizer").iterdir()):
+        raise CheckpointError(f"checkpoint {root}: tokenizer/ is empty ({fix})")
+
+
 def fingerprint(path: str | Path) -> str:
     """sha256 over (relative path, sha256 of content) of every ingredient file."""
     root = Path(path)

@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from engram_core.fingerprint import check_adapter_base
+from engram_core.fingerprint import check_adapter_base, check_checkpoint_files
 from engram_core.fingerprint import fingerprint as model_fingerprint
 from jobs.spec import DEFAULT_NUM_SHARDS, NightlySpec
 from pipeline.compile import CHUNK_SECONDS, ChunkCheckpoints, plan_chunks
@@ -208,6 +208,8 @@ def run_nightly(
     # A night with new files has work whatever the model checks find: its compile actors start
     # loading the model now (their start is the longest fixed cost of a small night), while the
     # model's files are hashed here; a check that fails ends them with the night.
+    if new or rewritten:  # names only, before the actors start: each would die on a missing file with a traceback
+        check_checkpoint_files(spec.model)
     started = _start_compile(spec, store.uri) if new or rewritten else None
     night = None
     try:

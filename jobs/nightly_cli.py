@@ -116,11 +116,14 @@ CHECKPOINT_PARTS = ("base", "tokenizer", "engram")
 """The folders of a checkpoint directory (engram_core.checkpoint); one of them at least."""
 
 
-def checkpoint_problem(path: Path | str, what: str, missing: str = "no such file or directory") -> str | None:
+def checkpoint_problem(path: Path | str, what: str, missing: str = "no such file or directory",
+                       complete: bool = False) -> str | None:
     """None where ``path`` is a directory holding a checkpoint's folders (``base/``, ``tokenizer/``,
     ``engram/``; a checkpoint missing some is a damaged one, reported when it is read); else the one
     line that says why it is no checkpoint (not there, a file, a folder of something else), naming
-    ``what`` (``--model PATH``, ``model PATH``, ...) and what to give instead. Reads no file."""
+    ``what`` (``--model PATH``, ``model PATH``, ...) and what to give instead. ``complete``: also
+    the files a load needs (:func:`engram_core.fingerprint.check_checkpoint_files`: an incomplete
+    copy or an interrupted build). Reads no file."""
     path = Path(path).expanduser() if "://" not in str(path) else None  # Path would read s3://b/m as s3:/b/m
     try:
         found = path is not None and path.exists()
@@ -136,6 +139,14 @@ def checkpoint_problem(path: Path | str, what: str, missing: str = "no such file
         why = "is a file, not a checkpoint directory"
     elif not any((path / part).is_dir() for part in CHECKPOINT_PARTS):
         why = "not a checkpoint (it has none of base/, tokenizer/, engram/)"
+    elif complete:
+        from engram_core.fingerprint import CheckpointError, check_checkpoint_files
+
+        try:
+            check_checkpoint_files(path)
+        except CheckpointError as err:
+            return f"{what}: {str(err).removeprefix(f'checkpoint {path}: ')}"
+        return None
     else:
         return None
     return (f"{what}: {why}; give a checkpoint's directory (base/, tokenizer/, engram/, adapter/; "
@@ -212,7 +223,7 @@ def run_nightly_cmd(
     problem = store_problem(spec.store)  # a store path that is a file: refused before any work too
     if problem:
         fail_json(as_json, problem, code=2)
-    problem = checkpoint_problem(spec.model, f"model {spec.model}")
+    problem = checkpoint_problem(spec.model, f"model {spec.model}", complete=True)
     if problem:
         fail_json(as_json, problem, code=2)
     try:

@@ -123,7 +123,7 @@ def _node_arguments(model_dir: Path | None, cache_dir: Path | None, as_json: boo
         read_only = problem  # while the store does not answer, its last-good is served read-only
     elif problem:
         fail_json(as_json, problem, 2, what)
-    problem = checkpoint_problem(model_dir, f"--model {model_dir}") if model_dir is not None else None
+    problem = checkpoint_problem(model_dir, f"--model {model_dir}", complete=True) if model_dir is not None else None
     if problem:  # not there, a file, a folder without a checkpoint: a bad argument, before the store is read
         fail_json(as_json, problem + " (or leave --model out to load the store's model)", 2, what)
     try:

@@ -603,7 +603,18 @@ def test_a_missing_path_or_a_bad_choice_is_a_bad_argument_with_one_line_naming_i
     empty.mkdir()
     (tmp_path / "log").mkdir()
     missing = tmp_path / "nope"
+    partial, unweighted = tmp_path / "partial", tmp_path / "unweighted"  # an interrupted build or copy
+    for root in (partial, unweighted):
+        for name in ("base/config.json", "tokenizer/tokenizer.json", "engram/config.json"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text("{}")
+    (unweighted / "engram" / "weights.safetensors").write_bytes(b"")
     for args, message in (
+            (["run", "nightly", "--store", str(store), "--fact-log", str(tmp_path / "log"), "--model", str(partial)],
+             f"model {partial}: missing engram/weights.safetensors (an incomplete copy or an interrupted build: copy "
+             "the whole checkpoint again"),
+            (["serve", "--store", str(store), "--port", "0", "--model", str(unweighted)],
+             f"--model {unweighted}: base/ holds no weights (*.safetensors or *.bin)"),
             (["serve", "--store", str(store), "--port", "0", "--chat-template", str(missing / "t.jinja")],
              f"--chat-template {missing / 't.jinja'}: no such file; give a Jinja chat template file"),
             (["serve", "--store", str(store), "--port", "0", "--chat-template", str(empty)],
@@ -621,7 +632,7 @@ def test_a_missing_path_or_a_bad_choice_is_a_bad_argument_with_one_line_naming_i
         result = engram(*args)
         assert result.exit_code == 2, (args, result.output, result.exception)
         assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, (args, result.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "log", "store"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "log", "partial", "store", "unweighted"]
     assert list(store.iterdir()) == []
 
 
