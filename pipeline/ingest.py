@@ -104,6 +104,16 @@ class FactLogNotFound(FactLogError):
     opens (``s4://``), a path that is not valid UTF-8 (a bad argument; the message names it)."""
 
 
+def _file_reject(file: "FactFile", problem: tuple[str, str], on_bad_file: str) -> dict:
+    """The REJECTS_SCHEMA row of a file that cannot be read (``problem``: its reason and detail,
+    from ``_read_listed``), logged; under ``on_bad_file="raise"`` a FactLogError naming it instead."""
+    reason, detail = problem
+    if on_bad_file == "raise":
+        raise FactLogError(_unreadable_file_message(file.path, detail, reason))
+    logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
+    return {"source": file.path, "row": None, "reason": reason, "detail": detail}
+
+
 def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
     """An unreadable log file under on_bad_file='raise': the file, why, and both ways to say
     'reject' instead (the job spec's field, the command line's flag of ``engram run nightly``)."""
@@ -423,12 +433,7 @@ def read_log_file(
     with _held_warnings() as held:
         table, problem = _read_listed(file, filesystem)
         if problem is not None:
-            reason, detail = problem
-            if on_bad_file == "raise":
-                raise FactLogError(_unreadable_file_message(file.path, detail, reason))
-            logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
-            reject = pa.Table.from_pylist([{"source": file.path, "row": None, "reason": reason, "detail": detail}],
-                                          schema=F.REJECTS_SCHEMA)
+            reject = pa.Table.from_pylist([_file_reject(file, problem, on_bad_file)], schema=F.REJECTS_SCHEMA)
             read = FileRead(file, 0, {}, reject)
             keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
         else:
@@ -562,11 +567,7 @@ def read_fact_log(
             continue
         table, problem = _read_listed(file, filesystem)
         if problem is not None:
-            reason, detail = problem
-            if on_bad_file == "raise":
-                raise FactLogError(_unreadable_file_message(file.path, detail, reason))
-            logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
-            file_rejects.append({"source": file.path, "row": None, "reason": reason, "detail": detail})
+            file_rejects.append(_file_reject(file, problem, on_bad_file))
         else:
             tables.append(table)
         files.append(file)
