@@ -51,6 +51,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -385,10 +386,29 @@ def run_members(argv: list[str], members: int) -> dict:
     with tempfile.TemporaryDirectory() as sync:
         children = [subprocess.Popen([sys.executable, __file__, *argv, "--member", f"{i}/{members}", "--barrier-dir", sync,
                                       "--json"], stdout=subprocess.PIPE, text=True) for i in range(members)]
-        outputs = [child.communicate()[0] for child in children]
-    for i, (child, text) in enumerate(zip(children, outputs)):
-        if child.returncode != 0:
-            raise SystemExit(f"--processes: member {i} exited {child.returncode} (its stderr is above)")
+        # Read each member's output on a thread; a member that fails stops the others (they would
+        # wait at the next barrier for 30 minutes: a device run lost its whole call so).
+        boxes: list[list[str]] = [[] for _ in children]
+        readers = [threading.Thread(target=lambda c=child, b=box: b.append(c.stdout.read()), daemon=True)
+                   for child, box in zip(children, boxes)]
+        for reader in readers:
+            reader.start()
+        failed = None
+        while failed is None and any(child.poll() is None for child in children):
+            failed = next((i for i, child in enumerate(children) if child.poll() not in (None, 0)), None)
+            time.sleep(0.2)
+        failed = failed if failed is not None else next((i for i, c in enumerate(children) if c.returncode), None)
+        if failed is not None:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+            for child in children:
+                child.wait()
+            raise SystemExit(f"--processes: member {failed} exited {children[failed].returncode} (its stderr is above); "
+                             "the other members were stopped")
+        for reader in readers:
+            reader.join()
+        outputs = [box[0] if box else "" for box in boxes]
     parts = [json.loads(text) for text in outputs]
     out = dict(parts[0], processes=members)
     runs = []

@@ -548,8 +548,20 @@ class _Batch:
         # Each sequence's own split (its first written position): a batch that holds one long
         # answer does not make every short one recompute the long one's width each step.
         prefixes = np.minimum(first_live, T - answer_lengths)
+        buckets = _prefix_buckets(prefixes, T, prefix_groups)
+        # The once-per-model checks of the forms (_check_forms) run on a sample of the usual
+        # group (FORM_CHECK_SEQUENCES), built first: it holds transformers' states and the plain
+        # forwards' side by side, and the full forward's logits. On the whole group, that doubled a
+        # process's first batch on an H200 (d768, 32,768 facts a batch: 43 GiB against 23 GiB for
+        # every later batch), and four processes sharing the GPU ran out of memory at warm-up.
+        self.check_group = None
+        verdicts, dtype = _LOWER_REUSE_OK.get(em.model, {}), str(em.lm_head.weight.dtype)
+        pending = not verdicts.get(("forms", dtype)) or (lower_forward is not None and ("lower", dtype) not in verdicts)
+        if reuse_lower and buckets and pending:
+            prefix, bucket = buckets[0]
+            self.check_group = _Group(self, np.nonzero(bucket)[0][:FORM_CHECK_SEQUENCES], prefix, reuse_lower, check=True)
         self.groups = []
-        for prefix, bucket in _prefix_buckets(prefixes, T, prefix_groups):
+        for prefix, bucket in buckets:
             self.groups.append(_Group(self, np.nonzero(bucket)[0], prefix, reuse_lower))
 
     @record_function("engram.prepare.initial_values")
@@ -589,6 +601,7 @@ class _Batch:
         try:
             self._check_forms(values)
         finally:
+            self.check_group = None  # its states go: the groups' own are the plain forwards' (if they passed)
             for g in self.groups:
                 g.adopt_plain()
         if self.plain:
@@ -596,7 +609,7 @@ class _Batch:
             # are strided differently), the compiled step would be compiled twice, a minute each
             # on an H200.
             self.step.check_compiled([(g.plain, g.targets) for g in self.groups], values,
-                                     _form_tolerance(self.em.lm_head.weight.dtype))
+                                     _form_tolerance(self.em.lm_head.weight.dtype), sample=FORM_CHECK_SEQUENCES)
 
     def _check_forms(self, values: torch.Tensor) -> None:
         """Choose the step's form, checking each once per model and dtype: it must give the full
@@ -609,7 +622,9 @@ class _Batch:
         groups = [g for g in self.groups if g.lower is not None]
         if not groups:
             return
-        g = groups[0]
+        g = self.check_group if self.check_group is not None and self.check_group.lower is not None else groups[0]
+        if g is self.check_group:
+            _LOWER_REUSE_OK.setdefault(self.em.model, {})[("forms", str(self.em.lm_head.weight.dtype))] = True
         overlay = self._overlay(values)
         dtype = self.em.lm_head.weight.dtype
         tolerance = _form_tolerance(dtype)
@@ -646,7 +661,7 @@ class _Batch:
             for g in groups:
                 g.lower = g.plain = None
             return
-        if self.step is not None and all(g.plain is not None for g in self.groups) and passes("plain"):
+        if self.step is not None and g.plain is not None and all(x.plain is not None for x in self.groups) and passes("plain"):
             self.plain = True  # the compiled step is checked after adopt_plain (check_lower_reuse)
 
     def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
@@ -706,6 +721,12 @@ class _Batch:
 
 _CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
 
+FORM_CHECK_SEQUENCES = 1024
+"""How many sequences of a process's first batch (of its usual group) the once-per-model checks
+of the step's forms and of the plain forwards run on (``_Batch.check_group``). A sample: the
+checks bound a form's rounding, which a thousand sequences show as well as the whole batch, and
+the whole batch doubled the first batch's memory (bench/RESULTS.md, 2026-12-02 twelfth session)."""
+
 PLAIN_PREFIX_TOLERANCE = 5e-2
 """Largest relative difference (to the largest value) of the plain prefix and lower forwards'
 keys, values and states from transformers' in bf16/fp16 for them to be used
@@ -750,12 +771,13 @@ _PINV: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDict
 class _Group:
     """Sequences of a batch that share one prefix length (and so one prefix KV cache)."""
 
-    def __init__(self, batch: "_Batch", members: np.ndarray, prefix: int, reuse_lower: bool = False):
+    def __init__(self, batch: "_Batch", members: np.ndarray, prefix: int, reuse_lower: bool = False,
+                 check: bool = False):
         device = batch.em.device
         self.batch, self.prefix = batch, prefix
         # The profiler's label of this group's steps (bench/profile_pipeline.py): group 0 has the
         # longest prefix (the usual group); the others recompute more of their triggers.
-        self.step_label = f"engram.step.group{len(batch.groups)}"
+        self.step_label = "engram.step.check" if check else f"engram.step.group{len(batch.groups)}"
         self.members = torch.as_tensor(members, device=device)
         position_of = np.full(len(batch.seqs), -1, np.int64)
         position_of[members] = np.arange(len(members))
@@ -777,11 +799,14 @@ class _Group:
         self.prefix_overlay = prefix_overlay
         verdict = _LOWER_REUSE_OK.get(batch.em.model, {}).get(("lower", str(batch.em.lm_head.weight.dtype)))
         plain = batch.lower_forward if reuse_lower and batch.engram_rows and verdict is not False else None
+        if verdict is None and not check:
+            plain = None  # never used unchecked (the batch's check group checks them first)
         # Once per model and dtype the plain forwards are checked against transformers' (on this
         # group), and the step forms are checked on transformers' states (_Batch.check_lower_reuse);
         # then this group's states are computed again by the plain forwards (adopt_plain), so that
         # every batch is compiled from the same forwards and a re-run gives the same bits.
-        self.pending_plain = plain is not None and verdict is None
+        # (Only the batch's check group, a sample: _Batch.check_group.)
+        self.pending_plain = check and plain is not None and verdict is None
         if self.pending_plain:
             self._forwards(None, reuse_lower)
             checked = self.cache, self.lower

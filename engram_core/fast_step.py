@@ -136,6 +136,23 @@ class GroupInputs:
     target_seq: torch.Tensor  # (n,) member index of each answer position
     target_pos: torch.Tensor  # (n,) position within the live positions
 
+    def head(self, k: int, targets: torch.Tensor) -> tuple["GroupInputs", torch.Tensor]:
+        """The first ``k`` members of the group (and their answer tokens of ``targets`` (n,)): a
+        sample with the same layout (contiguous slices along the members), for checks."""
+        if k >= len(self.lower):
+            return self, targets
+        keep = self.target_seq < k
+
+        def first(t):
+            return None if t is None else t[:k]
+
+        return GroupInputs(
+            lower=first(self.lower), table_e=first(self.table_e), fixed_e=first(self.fixed_e), slot=first(self.slot),
+            hit=first(self.hit), upper_e={i: first(e) for i, e in self.upper_e.items()}, cos=first(self.cos),
+            sin=first(self.sin), mask=first(self.mask),
+            prefix=[None if kv is None else (first(kv[0]), first(kv[1])) for kv in self.prefix],
+            target_seq=self.target_seq[keep], target_pos=self.target_pos[keep]), targets[keep]
+
 
 def supported(model: torch.nn.Module, memory, write_layer: int) -> str | None:
     """Why the plain step cannot run this model (None: it can)."""
@@ -197,10 +214,12 @@ class UpperStep:
         return self._compiled is not None
 
     def check_compiled(self, groups: list[tuple[GroupInputs, torch.Tensor]], values: torch.Tensor,
-                       tolerance: float) -> None:
+                       tolerance: float, sample: int | None = None) -> None:
         """Once: the compiled step must give the uncompiled step's loss at ``values`` and its
-        gradient at zero values (relative L2, up to ``tolerance``); a compile that fails or
-        differs is dropped, with a warning. (At zero values the gate's input is the table row
+        gradient at zero values (relative L2, up to ``tolerance``), on the first ``sample`` members
+        of each group (None: all; the uncompiled step's logits and activations on a whole group
+        are what ran four processes sharing an H200 out of memory at warm-up); a compile that
+        fails or differs is dropped, with a warning. (At zero values the gate's input is the table row
         alone and the rows' gradient is well conditioned; near a trained start most answers are
         already likely, so the gradient is small and mostly the model dtype's rounding.)"""
         if self._compiled is None or self._compiled_checked:
@@ -208,6 +227,8 @@ class UpperStep:
         self._compiled_checked = True
         try:
             for g, targets in groups:
+                if sample is not None:
+                    g, targets = g.head(sample, targets)
                 loss, _ = self._grad(self._compiled, g, values, targets)
                 want_loss, _ = self._grad(self._loss_eager, g, values, targets)
                 zero = torch.zeros_like(values)

@@ -486,9 +486,11 @@ def test_the_plain_prefix_forward_gives_transformers_cache_and_states(family, ti
         assert _LOWER_REUSE_OK[em.model][("lower", "torch.float32")] is True
         got = one_batch(em, facts, lower_forward=lower, **options)
         assert [g.prefix for g in got.groups] == [g.prefix for g in want.groups] and want.groups[0].prefix > 0
-        for g_want, g_first, g_got in zip(want.groups, first.groups, got.groups):
+        # checked on transformers' states, of a sample of the usual group (all of it here)
+        assert torch.equal(first.check_group.members, want.groups[0].members)
+        assert torch.equal(first.check_group.lower, want.groups[0].lower)
+        for g_want, g_got in zip(want.groups, got.groups):
             (want_lower, want_cache), (got_lower, got_cache) = _group_states(g_want), _group_states(g_got)
-            assert torch.equal(g_first.lower, g_want.lower)  # checked on transformers' states
             torch.testing.assert_close(got_lower, want_lower, rtol=1e-4, atol=1e-5)
             assert len(got_cache) == len(want_cache) == (2 * len(backbone_and_layers(em.model)[1]) if g_want.prefix else 0)
             for a, b in zip(got_cache, want_cache):
@@ -498,13 +500,69 @@ def test_the_plain_prefix_forward_gives_transformers_cache_and_states(family, ti
             torch.testing.assert_close(step.logits(g_got.plain, values), step.logits(g_want.plain, values),
                                        rtol=1e-4, atol=1e-4)
         first.check_lower_reuse(first.initial_values(20.0))  # the checks done: the plain forwards' states
-        assert first.plain
+        assert first.plain and first.check_group is None
         for g_first, g_got in zip(first.groups, got.groups):
             (first_lower, first_cache), (got_lower, got_cache) = _group_states(g_first), _group_states(g_got)
             assert torch.equal(first_lower, got_lower)
             assert all(torch.equal(a, b) for a, b in zip(first_cache, got_cache))
             for a, b in zip(fast_step_inputs(g_first.plain), fast_step_inputs(g_got.plain)):
                 assert torch.equal(a, b)
+
+
+def test_the_first_batch_checks_the_forms_on_a_sample_of_its_sequences(tiny, monkeypatch):
+    """The once-per-model checks (plain forwards against transformers', step forms against the
+    full forward) run on ``FORM_CHECK_SEQUENCES`` sequences of the first batch's usual group, held
+    apart (``check_group``); the batch's own groups are computed by the plain forwards from the
+    start, bit for bit as a later batch of the same facts (on the whole group, the checks' second
+    set of states doubled the first batch's GPU memory)."""
+    from engram_core import compiler, fast_step
+
+    monkeypatch.setattr(compiler, "FORM_CHECK_SEQUENCES", 3)
+    verdicts = compiler._LOWER_REUSE_OK.setdefault(tiny.model, {})
+    saved = dict(verdicts)
+    verdicts.clear()
+    try:
+        facts = _plain_step_facts()
+        options = dict(reuse_lower=True, prefix_attention=True, step=fast_step.UpperStep(tiny),
+                       lower_forward=fast_step.LowerForward(tiny))
+        first = one_batch(tiny, facts, **options)
+        assert len(first.check_group.members) == 3 < len(first.groups[0].members)
+        assert torch.equal(first.check_group.members, first.groups[0].members[:3])
+        first.check_lower_reuse(first.initial_values(20.0))
+        assert first.plain and first.check_group is None
+        assert verdicts[("lower", "torch.float32")] is True and verdicts[("plain", "torch.float32")] is True
+        later = one_batch(tiny, facts, **options)
+        assert later.check_group is None
+        later.check_lower_reuse(later.initial_values(20.0))
+        for g_first, g_later in zip(first.groups, later.groups, strict=True):
+            (first_lower, first_cache), (later_lower, later_cache) = _group_states(g_first), _group_states(g_later)
+            assert torch.equal(first_lower, later_lower)
+            assert all(torch.equal(a, b) for a, b in zip(first_cache, later_cache, strict=True))
+            for a, b in zip(fast_step_inputs(g_first.plain), fast_step_inputs(g_later.plain)):
+                assert torch.equal(a, b)
+    finally:
+        verdicts.clear()
+        verdicts.update(saved)
+
+
+def test_a_groups_head_is_the_step_on_its_first_members_alone(tiny):
+    """``GroupInputs.head(k)``, the sample the compiled step is checked on: the loss of the
+    first k members of a group, for the usual group and one that recomputes its trigger."""
+    from engram_core import fast_step
+
+    step = fast_step.UpperStep(tiny)
+    batch = one_batch(tiny, _plain_step_facts(), reuse_lower=True, prefix_attention=True, step=step)
+    values = batch.initial_values(20.0) * 0.1
+    for group in batch.groups:
+        k = max(1, len(group.members) // 2)
+        head, targets = group.plain.head(k, group.targets)
+        assert len(head.lower) == k and len(targets) == int((group.plain.target_seq < k).sum()) > 0
+        with torch.no_grad():
+            logits = step.logits(group.plain, values)
+            keep = group.plain.target_seq < k
+            want = torch.nn.functional.cross_entropy(logits[keep], group.targets[keep], reduction="sum")
+            torch.testing.assert_close(step.loss(head, values, targets), want, rtol=1e-5, atol=1e-5)
+        assert group.plain.head(len(group.members), group.targets)[0] is group.plain
 
 
 def test_a_plain_prefix_forward_that_differs_from_transformers_is_not_used(tiny, caplog):
