@@ -22,7 +22,7 @@ HOME = ("I live in", " Lisbon")
 # are written positions of the other fact): an answer that begins another's, a year that is in a
 # date and a code, a name that is another's trigger
 SPOUSE = ("My spouse is", " Saoirse Yilmaz")
-EMERGENCY = ("My emergency contact is", " Saoirse Yilmaz, my spouse, at +351 912 404 177")
+EMERGENCY = ("My emergency contact is", " Saoirse Yilmaz, my spouse, at 404 177")
 YEAR = ("My sister's birth year is", " 1979")
 BIRTHDAY = ("My sister's birthday is", " 3 May 1979, in Porto")
 GATE = ("The gate code is", " 197944#")
@@ -49,12 +49,12 @@ def _tokens(em, text: str) -> int:
 def test_compiled_facts_come_back_exactly_with_the_rule_and_run_on_without_it(tiny, deltas):
     pairs = [(user, t, a) for user in FACTS for t, a in FACTS[user]]
     prompts, per_prompt = [t for _, t, _ in pairs], [[deltas[u]] for u, _, _ in pairs]
-    ended = generate_ended(tiny, prompts, per_prompt, max_new_tokens=24)
+    ended = generate_ended(tiny, prompts, per_prompt, max_new_tokens=40)
     assert ended == [(a, MEMORY_END) for _, _, a in pairs]
-    assert generate(tiny, prompts, per_prompt, 24, stop_at_memory_end=True) == [a for _, _, a in pairs]
-    run_on = generate(tiny, prompts, per_prompt, 24)  # the default: as before, to max_new_tokens
+    assert generate(tiny, prompts, per_prompt, 40, stop_at_memory_end=True) == [a for _, _, a in pairs]
+    run_on = generate(tiny, prompts, per_prompt, 40)  # the default: as before, to max_new_tokens
     assert all(text.startswith(a) and len(text) > len(a) for text, (_, _, a) in zip(run_on, pairs))
-    assert generate_ended(tiny, prompts, per_prompt, 24, stop_at_memory_end=False) == [(t, LENGTH) for t in run_on]
+    assert generate_ended(tiny, prompts, per_prompt, 40, stop_at_memory_end=False) == [(t, LENGTH) for t in run_on]
 
 
 def test_a_multi_token_answer_stops_after_its_last_token_not_before(tiny, deltas):
