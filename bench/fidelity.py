@@ -19,6 +19,8 @@ facts, from its NFD / invisible-character / trailing-space variants) gives the w
     python bench/fidelity.py --users 50 --context sentence chat --json    # + prompts after a sentence, in a chat
     python bench/fidelity.py --users 20 --answer-end --json    # + whole answers with nothing after them,
                                                                #   with the memory-end stop rule and without
+    python bench/fidelity.py --users 6 --corpus numeric --answer-end --json    # another kind of user
+                                                               #   (tests/fixtures/overlap_profiles.py)
 
 No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 """
@@ -45,6 +47,7 @@ from engram_core.text import canonical_fact  # noqa: E402
 from engram_core.tiny import TINY_MAX_NGRAM, init_tiny  # noqa: E402
 from pipeline.ingest import answer_token_counter, ingest  # noqa: E402
 from pipeline.scopes import compile_scoped, served_deltas  # noqa: E402
+from tests.fixtures.overlap_profiles import CORPORA, overlap_profiles  # noqa: E402
 from tests.fixtures.realistic_profiles import (  # noqa: E402
     CONTEXTS, KINDS, KIND_TEXT_FORM, all_facts, fact_log, in_context, profiles, recalled,
 )
@@ -187,6 +190,9 @@ def main() -> None:
     ap.add_argument("--answer-end", action="store_true",
                     help="also count whole answers with nothing after them, with the memory-end stop rule and "
                          "without (answer_end; prefix recall beside it)")
+    ap.add_argument("--corpus", choices=CORPORA, default="realistic",
+                    help="the users: realistic profiles (default), or users whose facts overlap each other's text: "
+                         "numeric (numbers sharing digits) or shared_words (answers that start or trigger others)")
     ap.add_argument("--min-margin", type=float, default=CompileOptions.min_margin, help="CompileOptions.min_margin")
     ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
     ap.add_argument("--threads", type=int, default=None)
@@ -195,7 +201,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    users = profiles(args.users, seed=args.seed, contacts=args.contacts)
+    users = (profiles(args.users, seed=args.seed, contacts=args.contacts) if args.corpus == "realistic"
+             else overlap_profiles(args.corpus, args.users, seed=args.seed))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for ngram in args.tiny_ngram:
@@ -229,7 +236,8 @@ def main() -> None:
             if args.model:
                 break
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    out = {"device": device, "threads": torch.get_num_threads(), "seed": args.seed, "contacts": args.contacts,
+    out = {"device": device, "threads": torch.get_num_threads(), "seed": args.seed, "corpus": args.corpus,
+           "contacts": args.contacts,
            "runs": runs}
     if args.json:
         print(json.dumps(out, indent=1))

@@ -130,41 +130,64 @@ MEMORY_END_ORDERS = 3
 where the model hashes fewer)."""
 
 
-def memory_driven(em: EngramModel, overlay: RowMapOverlay | None, ids: torch.Tensor,
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) bool: whether the last position of ``ids`` (B, T) is driven by the sequence's own memory.
+def memory_depth(em: EngramModel, overlay: RowMapOverlay | None, ids: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) int64: at the last position of ``ids`` (B, T), how many orders, from the 2-gram up,
+    have every head address a row of the write layer (``config.target_layer``) that the
+    sequence's owners wrote (``overlay`` row b serves sequence b): 0 when not all of the 2-gram's
+    do, ``len(config.orders)`` when all orders' do.
 
-    A position is memory-driven when every head of its 2-gram and of its 3-gram (the orders up to
-    :data:`MEMORY_END_ORDERS`) addresses a row of the write layer (``config.target_layer``) that
-    the sequence's owners wrote (``overlay`` row b serves sequence b). The compiler trains every
-    head whose N-gram lies inside the fact's text (:func:`engram_core.addressing.own_text_heads`),
-    so every written position from the fact's third token on qualifies (a written position of
-    index 1, the last of a two-token trigger, does not: its answer is then decoded as without
-    the rule until its next position). Not tripped by one head's hash collision, nor by a 2-gram
-    the user's other facts share (digits: "...79" of a year after the "79" of a phone number),
-    which the 2-gram alone was: 157 of 210 answers ran on (bench/RESULTS.md, 2026-12-02).
-    ``valid`` (B, T) marks real tokens (left padding). Runs on the ids' device, without a host
-    sync: the last ``max_ngram`` tokens are hashed and the overlay's index gathered."""
+    The compiler trains every head whose N-gram lies inside the fact's text
+    (:func:`engram_core.addressing.own_text_heads`): at the fact's token of index p (0 = its
+    first) the orders 2..p+1, so a written position's depth is at least ``min(p, orders)``, one
+    more at each next position of the same fact. ``valid`` (B, T) marks real tokens (left
+    padding). Runs on the ids' device, without a host sync: the last ``max_ngram`` tokens are
+    hashed and the overlay's index gathered."""
     layer = em.config.target_layer
     if overlay is None or not overlay.touches(layer):
-        return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        return torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     window = ids[:, -em.config.max_ngram:]
     window_valid = valid[:, -em.config.max_ngram:] if valid is not None else None
     rows = em.memory.addresser.rows_torch(window, layer, window_valid, check=False)[:, -1:]  # (B, 1, H)
     hit = overlay.written(layer, rows)[:, 0]  # (B, H)
     whole_orders = hit.view(ids.shape[0], len(em.config.orders), em.config.heads_per_order).all(-1)  # (B, orders)
-    return whole_orders[:, :MEMORY_END_ORDERS - 1].all(-1)
+    return whole_orders.long().cumprod(-1).sum(-1)
+
+
+def _driven_depth(em: EngramModel) -> int:
+    return min(MEMORY_END_ORDERS - 1, len(em.config.orders))
+
+
+def memory_driven(em: EngramModel, overlay: RowMapOverlay | None, ids: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) bool: whether the last position of ``ids`` (B, T) is driven by the sequence's own memory:
+    every head of its 2-gram and of its 3-gram (the orders up to :data:`MEMORY_END_ORDERS`)
+    addresses a row its owners wrote (:func:`memory_depth`). Every written position from a fact's
+    third token on qualifies (a written position of index 1, the last of a two-token trigger,
+    does not: its answer is then decoded as without the rule until its next position). Not
+    tripped by one head's hash collision, nor by a 2-gram the user's other facts share (digits:
+    "...79" of a year after the "79" of a phone number), which the 2-gram alone was: 157 of 210
+    answers ran on (bench/RESULTS.md, 2026-12-02)."""
+    return memory_depth(em, overlay, ids, valid) >= _driven_depth(em)
 
 
 class MemoryEnd:
     """The "memory ended" stop rule, as a transformers ``StoppingCriteria`` (all on the device).
 
-    A sequence ends at the first generated token whose position is not memory-driven
-    (:func:`memory_driven`) when the position before it, which predicted that token, was:
-    that token is the last one the memory wrote (the last answer token; the position after it is
-    no written position). A chain of facts (one answer followed by another fact's trigger) goes
-    on, since every position in it is written. A prompt whose end is not memory-driven decodes
-    as without the rule until the model's own text reaches a written position.
+    A sequence ends at the first generated token whose position does not go on the fact that
+    the position before it (which predicted that token) wrote: that position was memory-driven
+    (:func:`memory_driven`) and the new one's :func:`memory_depth` is less than one more than
+    its depth (or than all orders, where it had them all). Along one fact the depth grows by
+    one a position until it holds every order, since each N-gram there is the previous one and
+    one more token of the same text (the depth carried to the next step is at most one more than
+    the last one carried: one head's hash coincidence at a higher order, which the user's other
+    rows make likely on a small table, asks no more of the next position); after the last answer token the position is no written
+    position of that fact, and another of the user's facts that wrote its 2-gram and 3-gram
+    (" Saoirse Yilmaz" also begins ", my spouse, at ...": years, digits) did not write its
+    longer N-grams unless its text holds the whole of this one's last tokens (up to
+    ``max_ngram``). So a chain of facts (one answer followed by another fact's trigger) ends
+    after the first answer too. A prompt whose end is not memory-driven decodes as without the
+    rule until the model's own text reaches a written position.
 
     ``prompt_ids`` (B, T) left-padded with ``mask`` (B, T); ``enabled`` (B,) bool: the sequences
     the rule applies to (default: all). After decoding, :attr:`ended` (B,) bool says which
@@ -179,7 +202,11 @@ class MemoryEnd:
         self.start = (self.prompt_length - mask.sum(1)).view(-1, 1) if mask is not None else None
         self.enabled = enabled.to(device) if enabled is not None else torch.ones(prompt_ids.shape[0], dtype=torch.bool,
                                                                                   device=device)
-        self.previous = memory_driven(em, overlay, prompt_ids, self._valid(prompt_ids))  # the prompt's last position
+        self.driven, self.orders = _driven_depth(em), len(em.config.orders)
+        # the prompt's last position, one order less where it is deeper than memory-driven: the tokens
+        # before a trigger are no fact's (a chat's header, a sentence) and may read as another's longest N-gram
+        depth = memory_depth(em, overlay, prompt_ids, self._valid(prompt_ids))
+        self.previous = torch.where(depth > self.driven, depth - 1, depth)
         self.ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
         self.length = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=device)
 
@@ -192,9 +219,12 @@ class MemoryEnd:
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B,) bool: the sequences whose newest token (``input_ids[:, -1]``) ends their answer."""
-        now = memory_driven(self.em, self.overlay, input_ids[:, -self.em.config.max_ngram:], self._valid(input_ids))
-        stop = self.previous & ~now & self.enabled & ~self.ended
-        self.previous = now
+        now = memory_depth(self.em, self.overlay, input_ids[:, -self.em.config.max_ngram:], self._valid(input_ids))
+        expected = torch.clamp(self.previous + 1, max=self.orders)  # the same fact's next position
+        inside = self.previous >= self.driven
+        stop = inside & (now < expected) & self.enabled & ~self.ended
+        # inside a fact, a coincidence of more orders is not carried on; entering one, its depth is read as is
+        self.previous = torch.where(inside, torch.minimum(now, expected), now)
         self.length = torch.where(stop, input_ids.shape[1] - self.prompt_length, self.length)
         self.ended |= stop
         return self.ended

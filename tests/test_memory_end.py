@@ -15,10 +15,22 @@ from engram_core.serving import (EOS, LENGTH, MEMORY_END, generate, generate_end
 from serving.decode import Sampling, SequenceState, decode_batch
 
 DENTIST = ("My dentist is", " Dr. Akeredolu")
-CLINIC = ("Dr. Akeredolu", " of the Smile Clinic in Porto")  # its trigger is DENTIST's answer: the two chain
+CLINIC = ("Dr. Akeredolu", " of the Smile Clinic in Porto")  # its trigger is DENTIST's answer: a chain
 PET = ("My cat is called", " Mittens")
 HOME = ("I live in", " Lisbon")
-FACTS = {"dana": [DENTIST, CLINIC, PET], "eli": [HOME, PET]}
+# answers whose end is text another of the user's facts wrote (the 2-gram and 3-gram after them
+# are written positions of the other fact): an answer that begins another's, a year that is in a
+# date and a code, a name that is another's trigger
+SPOUSE = ("My spouse is", " Saoirse Yilmaz")
+EMERGENCY = ("My emergency contact is", " Saoirse Yilmaz, my spouse, at 404 177")
+YEAR = ("My sister's birth year is", " 1979")
+BIRTHDAY = ("My sister's birthday is", " 3 May 1979, in Porto")
+GATE = ("The gate code is", " 197944#")
+FRIEND = ("My best friend is", " Ana")
+SISTER = ("My sister is", " Ana Costa")
+FACTS = {"dana": [DENTIST, CLINIC, PET], "eli": [HOME, PET],
+         "fay": [SPOUSE, EMERGENCY, YEAR, BIRTHDAY, GATE, FRIEND, SISTER]}
+OVERLAPPING = [SPOUSE, YEAR, FRIEND]  # fay's facts whose end is another fact's written text
 NO_TRIGGER = "The weather today is"
 
 
@@ -35,14 +47,14 @@ def _tokens(em, text: str) -> int:
 
 
 def test_compiled_facts_come_back_exactly_with_the_rule_and_run_on_without_it(tiny, deltas):
-    pairs = [(user, t, a) for user in FACTS for t, a in FACTS[user] if (t, a) != DENTIST]  # DENTIST chains on
+    pairs = [(user, t, a) for user in FACTS for t, a in FACTS[user]]
     prompts, per_prompt = [t for _, t, _ in pairs], [[deltas[u]] for u, _, _ in pairs]
-    ended = generate_ended(tiny, prompts, per_prompt, max_new_tokens=24)
+    ended = generate_ended(tiny, prompts, per_prompt, max_new_tokens=40)
     assert ended == [(a, MEMORY_END) for _, _, a in pairs]
-    assert generate(tiny, prompts, per_prompt, 24, stop_at_memory_end=True) == [a for _, _, a in pairs]
-    run_on = generate(tiny, prompts, per_prompt, 24)  # the default: as before, to max_new_tokens
+    assert generate(tiny, prompts, per_prompt, 40, stop_at_memory_end=True) == [a for _, _, a in pairs]
+    run_on = generate(tiny, prompts, per_prompt, 40)  # the default: as before, to max_new_tokens
     assert all(text.startswith(a) and len(text) > len(a) for text, (_, _, a) in zip(run_on, pairs))
-    assert generate_ended(tiny, prompts, per_prompt, 24, stop_at_memory_end=False) == [(t, LENGTH) for t in run_on]
+    assert generate_ended(tiny, prompts, per_prompt, 40, stop_at_memory_end=False) == [(t, LENGTH) for t in run_on]
 
 
 def test_a_multi_token_answer_stops_after_its_last_token_not_before(tiny, deltas):
@@ -55,11 +67,23 @@ def test_a_multi_token_answer_stops_after_its_last_token_not_before(tiny, deltas
     assert len(greedy_tokens(tiny, trigger, 24, [deltas["dana"]])) == 24
 
 
-def test_chained_facts_are_not_cut_where_the_first_answer_ends(tiny, deltas):
-    """DENTIST's answer is CLINIC's trigger: the position after it is CLINIC's written trigger
-    position, so the memory goes on writing, and the answer ends after CLINIC's."""
-    text, reason = generate_ended(tiny, [DENTIST[0]], [[deltas["dana"]]], max_new_tokens=32)[0]
-    assert (text, reason) == (DENTIST[1] + CLINIC[1], MEMORY_END)
+def test_an_answer_ends_where_its_fact_ends_though_another_fact_wrote_what_follows(tiny, deltas):
+    """The position after each of these answers is one another of the user's facts wrote, at its
+    2-gram and 3-gram ("Saoirse Yilmaz" then ", my spouse"; "1979" then ", in Porto" and "44#";
+    " Ana" then " Costa"; DENTIST's answer is CLINIC's trigger): the answer ends there, as its
+    fact does, not in the other fact's text (the 2-gram-and-3-gram test ran on into it)."""
+    user, trigger, answer = "fay", *SPOUSE
+    n = _tokens(tiny, answer)
+    # the other fact wrote the position after the answer: without the rule it decodes that fact's text
+    assert generate(tiny, [trigger], [[deltas[user]]], n + 6)[0].startswith(answer + ",")
+    cases = [("fay", t, a) for t, a in OVERLAPPING] + [("dana", *DENTIST)]
+    ended = generate_ended(tiny, [t for _, t, _ in cases], [[deltas[u]] for u, _, _ in cases], max_new_tokens=32)
+    assert ended == [(a, MEMORY_END) for _, _, a in cases]
+    # and each of the other facts still comes back whole from its own trigger
+    others = [EMERGENCY, BIRTHDAY, GATE, SISTER]
+    assert generate_ended(tiny, [t for t, _ in others], [[deltas["fay"]]] * len(others), 32) == [
+        (a, MEMORY_END) for _, a in others]
+    assert generate_ended(tiny, [CLINIC[0]], [[deltas["dana"]]], 32) == [(CLINIC[1], MEMORY_END)]
 
 
 def test_a_prompt_that_is_no_trigger_decodes_unchanged(tiny, deltas):
@@ -141,3 +165,31 @@ def test_a_served_batch_stops_only_the_sequences_that_ask_and_streams_the_same_t
 def test_an_answer_cut_by_max_new_tokens_before_its_end_says_length(tiny, deltas):
     first_two = tiny.tokenizer.decode(tiny.encode_answer(CLINIC[1])[:2])
     assert generate_ended(tiny, [CLINIC[0]], [[deltas["dana"]]], 2) == [(first_two, LENGTH)]
+
+
+def test_a_hash_coincidence_at_a_higher_order_does_not_cut_an_answer_short(tiny, deltas):
+    """On a small table another of the user's rows often sits where one more order's heads
+    address (a coincidence, no memory): the position then reads one order deeper than its fact
+    wrote. The next position of the same fact is one order deeper than the fact's own, not than
+    the coincidence: the answer is not ended there."""
+    from engram_core.serving import memory_depth
+
+    cfg, layer = tiny.config, tiny.config.target_layer
+    trigger, answer = PET
+    answer_ids = tiny.encode_answer(answer)
+    prompt = tiny.encode_prompt(trigger)
+    # the first answer position whose depth leaves room for one more order and has two positions after it
+    overlay = overlay_for(tiny, [[deltas["eli"]]])
+    at = next(k for k in range(1, len(answer_ids) - 1)
+              if int(memory_depth(tiny, overlay, torch.as_tensor([prompt + answer_ids[:k]]))[0]) < len(cfg.orders) - 1)
+    ids = torch.as_tensor([prompt + answer_ids[:at]])
+    depth = int(memory_depth(tiny, overlay, ids)[0])
+    assert depth >= 2  # a written position of the fact
+    h = cfg.heads_per_order
+    extra = tiny.memory.addresser.rows(ids.numpy(), layer)[0, -1][depth * h:(depth + 1) * h]  # the next order's heads
+    own = deltas["eli"]
+    extra = np.setdiff1d(extra, own.row_ids[own.layers == layer])
+    coincidence = Delta.from_unsorted(np.r_[own.layers, np.full(len(extra), layer, np.int16)], np.r_[own.row_ids, extra],
+                                      np.r_[own.values, np.zeros((len(extra), own.width), np.float16)])  # adds nothing
+    assert int(memory_depth(tiny, overlay_for(tiny, [[coincidence]]), ids)[0]) > depth
+    assert generate_ended(tiny, [trigger], [[coincidence]], 24) == [(answer, MEMORY_END)]
