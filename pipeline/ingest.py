@@ -114,6 +114,18 @@ def _file_reject(file: "FactFile", problem: tuple[str, str], on_bad_file: str) -
     return {"source": file.path, "row": None, "reason": reason, "detail": detail}
 
 
+# ``_read_one``'s reason for a listed file that was no longer there when read (moved, renamed or deleted
+# since the listing: a writer's temporary file renamed into place, a file quarantined, a retention
+# rule): not a reject, not ingested; read when it is listed again.
+GONE = "GONE"
+
+
+def _gone_message(path: str) -> str:
+    return (f"fact log {path}: listed, but gone when read (moved, renamed or deleted since the listing: a "
+            "writer's temporary file renamed into place, a quarantine, a retention rule); skipped, not recorded "
+            "as ingested: a file listed again under that name is read by a later night")
+
+
 def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
     """An unreadable log file under on_bad_file='raise': the file, why, and both ways to say
     'reject' instead (the job spec's field, the command line's flag of ``engram run nightly``)."""
@@ -407,6 +419,7 @@ class FileRead:
     rows: int
     slices: dict[int, tuple[int, int]]  # shard -> (offset, length) of its rows in the keyed table
     reject: pa.Table | None = None  # one REJECTS_SCHEMA row when the whole file was rejected
+    gone: bool = False  # listed, but no longer there when read: no rows, no reject, not ingested
     warnings: tuple[str, ...] = ()  # what reading it warned of, for the driver to log (:func:`read_log_file`)
 
 
@@ -432,7 +445,11 @@ def read_log_file(
     """
     with _held_warnings() as held:
         table, problem = _read_listed(file, filesystem)
-        if problem is not None:
+        if problem is not None and problem[0] == GONE:
+            logger.warning("%s", _gone_message(file.path))
+            read = FileRead(file, 0, {}, gone=True)
+            keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
+        elif problem is not None:
             reject = pa.Table.from_pylist([_file_reject(file, problem, on_bad_file)], schema=F.REJECTS_SCHEMA)
             read = FileRead(file, 0, {}, reject)
             keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
@@ -566,6 +583,9 @@ def read_fact_log(
             logger.info("fact log %s: already ingested, skipped", file.path)
             continue
         table, problem = _read_listed(file, filesystem)
+        if problem is not None and problem[0] == GONE:
+            logger.warning("%s", _gone_message(file.path))
+            continue  # not read: not in ``files``, so not skipped next time
         if problem is not None:
             file_rejects.append(_file_reject(file, problem, on_bad_file))
         else:
@@ -758,11 +778,14 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     microseconds: read in nanoseconds, dates outside 1677-2262 would wrap around silently.
     """
     try:
-        size = fs.get_file_info(path).size or 0
+        info = fs.get_file_info(path)
     except OSError as err:
         raise _store_failed(display, err) from None
+    size = info.size or 0
     if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path) and not os.path.exists(path):
         return size, None, (F.UNREADABLE_FILE, _broken_link(path))
+    if info.type == pafs.FileType.NotFound:  # listed, then moved or deleted: no file to reject
+        return size, None, (GONE, "")
     try:
         with fs.open_input_file(path) as handle:
             parquet = _parquet_file(fs, path, handle, display, listed_size)
@@ -781,6 +804,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     except (pa.ArrowException, OSError) as err:
         if not isinstance(fs, pafs.LocalFileSystem) and _AWS_ERROR in str(err):  # the store's answer, not the file
             raise _store_failed(display, err) from None
+        if _gone(fs, path):  # moved or deleted between the look above and the read
+            return size, None, (GONE, "")
         if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
             return size, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
@@ -802,6 +827,16 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+def _gone(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether ``path`` is no longer there (a read of it failed); a link counts as there."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return not os.path.lexists(path)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.NotFound
+    except OSError:
+        return False
 
 
 _AWS_ERROR = "AWS Error"  # how pyarrow's S3 filesystem words an error answer (403, 503, no connection)

@@ -1910,3 +1910,52 @@ def test_a_text_column_whose_every_value_is_in_double_quotes_is_read_as_written_
     with caplog.at_level("WARNING"):
         run(read_fact_log(str(tmp_path)))
     assert "double quotes" not in caplog.text
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_file_gone_between_listing_and_reading_is_skipped_not_rejected_nor_a_failure(where, on_bad_file, tmp_path,
+                                                                                       request, caplog):
+    """A listed file moved or deleted before it is read (a writer's temporary file renamed into
+    place, a quarantine, a retention rule on the log bucket) has no rows to reject: it was called
+    "not a readable Parquet file", failing the night under on_bad_file='raise' and recording a
+    reject for a file that is not there under 'reject'."""
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}), buffer)
+    if where == "local":
+        root = tmp_path / "log"
+        root.mkdir()
+        for name in ("part-0.parquet", "part-1.parquet"):
+            (root / name).write_bytes(buffer.getvalue())
+        source = str(root)
+
+        def remove():
+            (root / "part-1.parquet").rename(tmp_path / "quarantined.parquet")
+    else:
+        import boto3
+
+        bucket = request.getfixturevalue("s3_bucket")
+        client = boto3.client("s3")
+        for name in ("part-0.parquet", "part-1.parquet"):
+            client.put_object(Bucket=bucket, Key=f"log/{name}", Body=buffer.getvalue())
+        source = f"s3://{bucket}/log"
+
+        def remove():
+            client.delete_object(Bucket=bucket, Key="log/part-1.parquet")
+    files = list_log_files(source)
+    assert len(files) == 2
+    remove()
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        reads = [read_log_file(f, RowRules(max_trigger_tokens=64), 4, on_bad_file=on_bad_file)[0] for f in files]
+    assert [(r.rows, r.reject, r.gone) for r in reads] == [(1, None, False), (0, None, True)]
+    assert any(f"{files[1].path}: listed, but gone when read" in w for w in reads[1].warnings)
+    # the in-process reader, given the same stale listing: the gone file is not among those read
+    import pipeline.ingest as ingest_module
+
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(ingest_module, "list_log_files", lambda source, filesystem=None: files)
+    batch = read_fact_log(source, on_bad_file=on_bad_file)
+    assert batch.rows.num_rows == 1 and batch.file_rejects.num_rows == 0
+    assert [f.path for f in batch.files] == [files[0].path]
