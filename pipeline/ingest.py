@@ -940,8 +940,11 @@ def _column_problem(present: list[str]) -> str | None:
     twice = sorted({name for name in present if name in ours and present.count(name) > 1})
     if twice:
         return f"column {twice[0]!r} appears {present.count(twice[0])} times; keep one"
-    missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in present]
     fold = {_folded_name(name): name for name in present}
+    # a column only some ops need (a file of forget_user rows alone need not hold fact_id, trigger,
+    # answer): left to normalise_fact_log, which reads the ops; unless a near miss of it is there
+    missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in present
+               and (name not in _NEEDED_BY or _folded_name(name) in fold)]
     if not missing:
         # An optional column under a near-miss name would be ignored as an extra column, and every
         # row read without it (a misspelt ``scope``: shared facts read as personal ones): refused.
@@ -998,7 +1001,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     if extra:
         logger.warning("fact log %s: ignoring extra columns %s", source, extra)
     missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in table.column_names]
-    if missing:
+    if [name for name in missing if name not in _NEEDED_BY]:
         raise F.SchemaMismatch(f"missing required column {missing[0]!r} (columns found: {table.column_names})")
     n = table.num_rows
     problems: list[tuple[str, str] | None] = [None] * n
@@ -1006,6 +1009,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope"):
         raw = table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
         columns[name] = _to_text(raw, name, problems)
+    if missing:
+        _check_ops_without(missing, _canonical_op(columns["op"]), table.column_names)
     for name in _ID_COLUMNS:
         if name in table.column_names and not pa.types.is_floating(table.column(name).type):
             _warn_float_text_ids(columns[name], name, source)
@@ -1037,6 +1042,28 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         [pa.chunked_array(columns[f.name]).cast(f.type) for f in F.FACT_LOG_BATCH_SCHEMA],
         schema=F.FACT_LOG_BATCH_SCHEMA,
     )
+
+
+# The log columns only some ops need, and those ops: a file whose rows are all of other ops (an
+# erasure export of user_id, op and event_time alone) may leave the column out; it was refused.
+_NEEDED_BY = {"fact_id": (F.OP_UPSERT, F.OP_DELETE), "trigger": (F.OP_UPSERT,), "answer": (F.OP_UPSERT,)}
+
+
+def _check_ops_without(missing: list[str], ops: pa.ChunkedArray, present: list[str]) -> None:
+    """Raise SchemaMismatch naming the first row whose op needs a column of ``missing`` (columns of
+    ``_NEEDED_BY`` the file leaves out); a row of another op (or of none: it is ``UNKNOWN_OP``) needs none."""
+    for name in missing:
+        needing = pc.is_in(ops, value_set=pa.array(_NEEDED_BY[name], pa.string()))
+        if pc.any(needing).as_py():
+            row = pc.index(needing, True).as_py()
+            raise F.SchemaMismatch(
+                f"missing required column {name!r} (the file's columns: {present}); row {row} is "
+                f"{ops[row].as_py()!r}, which needs it (only a file of {' and '.join(_needless(name))} rows alone "
+                f"may leave it out): add the column, or write those rows to a file of their own")
+
+
+def _needless(name: str) -> list[str]:
+    return [op for op in F.OPS if op not in _NEEDED_BY[name]]
 
 
 def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -1959,3 +1959,45 @@ def test_a_file_gone_between_listing_and_reading_is_skipped_not_rejected_nor_a_f
     batch = read_fact_log(source, on_bad_file=on_bad_file)
     assert batch.rows.num_rows == 1 and batch.file_rejects.num_rows == 0
     assert [f.path for f in batch.files] == [files[0].path]
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_file_of_forgets_or_deletes_alone_may_leave_out_the_columns_only_upserts_need(on_bad_file, tmp_path):
+    """An erasure export holds user_id, op and event_time (a delete export adds fact_id): the
+    columns a forget or a delete does not use were required, and the whole file was refused, its
+    forgets never applied. A file with a row that needs a left-out column is refused naming the
+    row, and a near miss of it (``Answer``) is still refused naming the rename."""
+    prior = run(table({"user_id": "alice", "fact_id": "pet"}, {"user_id": "alice", "fact_id": "car"},
+                      {"user_id": "bob", "fact_id": "pet"}, {"user_id": "carol", "fact_id": "pet"})).state
+    later = pa.array([T0 + timedelta(hours=1)] * 2, pa.timestamp("us", tz="UTC"))
+    log = tmp_path / "log"
+    log.mkdir()
+    pq.write_table(pa.table({"user_id": ["bob", "carol"], "op": ["forget_user", "FORGET_USER"], "event_time": later}),
+                   log / "erasures.parquet")
+    pq.write_table(pa.table({"user_id": ["alice", "alice"], "fact_id": ["car", "car"], "op": ["delete", "forget_user"],
+                             "event_time": later}).slice(0, 1), log / "deletes.parquet")
+    batch = read_fact_log(str(log), on_bad_file=on_bad_file)
+    assert batch.file_rejects.num_rows == 0 and batch.rows.num_rows == 3
+    result = run(batch, prior)
+    assert result.accepted == 3 and result.rejected == 0
+    assert live_facts(result.state) == {("alice", "pet"): " Rex"} and result.forgotten_users == {"bob", "carol"}
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"user_id": ["bob", "alice"], "fact_id": ["x", "pet"], "op": ["forget_user", "upsert"],
+                             "event_time": later}), bad / "part-0.parquet")
+    pq.write_table(pa.table({"user_id": ["bob"], "op": ["delete"], "event_time": later[:1]}), bad / "part-1.parquet")
+    pq.write_table(pa.table({"user_id": ["bob"], "fact_id": [None], "op": ["forget_user"], "trigger": [None],
+                             "Answer": [None], "event_time": later[:1]}, ), bad / "part-2.parquet")
+    expected = [("part-0", "missing required column 'trigger'.*row 1 is 'upsert', which needs it"),
+                ("part-1", "missing required column 'fact_id'.*row 0 is 'delete', which needs it"),
+                ("part-2", "missing required column 'answer'.*rename 'Answer' to 'answer'")]
+    if on_bad_file == "raise":
+        for name, message in expected:
+            with pytest.raises(FactLogError, match=f"{name}.parquet: {message}"):
+                read_fact_log(str(bad / f"{name}.parquet"))
+    else:
+        rejects = read_fact_log(str(bad), on_bad_file="reject").file_rejects.to_pylist()
+        assert [r["reason"] for r in rejects] == ["SCHEMA_MISMATCH"] * 3
+        for reject, (name, message) in zip(rejects, expected):
+            assert reject["source"].endswith(f"{name}.parquet") and re.search(message, reject["detail"])
