@@ -858,8 +858,14 @@ def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display
     """``pq.ParquetFile`` of an open log file; on an object store whose HEAD answered without
     ``Content-Length`` (some gateways answer HEAD chunked: pyarrow then takes every object as 0
     bytes, "Parquet file size is 0 bytes", and a good file was called damaged) the same reading
-    API over a dataset fragment given the listing's size, which reads with ranged GETs alone."""
+    API over a dataset fragment given the listing's size, which reads with ranged GETs alone. An
+    object whose HEAD gives another size than its listing was replaced since: read as it is now."""
     if listed_size <= 0 or handle.size() == listed_size or isinstance(fs, pafs.LocalFileSystem):
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+    if handle.size() > 0:  # replaced since the listing (an export re-run in place): read it as it is now
+        # (read at the listed size, its footer was missed and a good file called "not a readable Parquet file")
+        logger.warning("fact log %s: %d bytes when listed, %d when read: replaced since the listing; read as it is "
+                       "now (a night that lists it changed reads it again)", display, listed_size, handle.size())
         return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
     logger.warning("fact log %s: the store answered HEAD with %d bytes, its listing with %d; read at the listed size "
                    "(a store or gateway that answers HEAD without Content-Length)", display, handle.size(), listed_size)

@@ -2001,3 +2001,27 @@ def test_a_file_of_forgets_or_deletes_alone_may_leave_out_the_columns_only_upser
         assert [r["reason"] for r in rejects] == ["SCHEMA_MISMATCH"] * 3
         for reject, (name, message) in zip(rejects, expected):
             assert reject["source"].endswith(f"{name}.parquet") and re.search(message, reject["detail"])
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_an_s3_log_object_replaced_between_listing_and_reading_is_read_as_it_is_now(on_bad_file, s3_bucket, caplog):
+    """An export re-run in place (Spark's overwrite, a re-sent day) replaces an object after the
+    night listed it: it was read at the listed size, its footer missed, and the good file failed
+    the night (or was rejected) as "not a readable Parquet file"."""
+    import io
+
+    import boto3
+
+    def parquet(*fact_ids):
+        buffer = io.BytesIO()
+        pq.write_table(table(*({"fact_id": f} for f in fact_ids)), buffer)
+        return buffer.getvalue()
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="log/part-0.parquet", Body=parquet("a"))
+    [listed] = list_log_files(f"s3://{s3_bucket}/log")
+    client.put_object(Bucket=s3_bucket, Key="log/part-0.parquet", Body=parquet("a", "b", "c"))
+    read, rows = read_log_file(listed, RowRules(max_trigger_tokens=64), 4, on_bad_file=on_bad_file)
+    assert read.reject is None and read.rows == 3
+    assert sorted(rows.column("fact_id").to_pylist()) == ["a", "b", "c"]
+    assert any("replaced since the listing; read as it is now" in w for w in read.warnings)
