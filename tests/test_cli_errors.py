@@ -952,3 +952,31 @@ def test_a_night_that_fails_says_so_in_one_line_not_twice(tmp_path, tiny_dir):
             assert json.loads(result.stdout)["error"] == result.stderr[len("error: "):].rstrip("\n")
     verbose = _cli(*args, "-v")
     assert verbose.returncode == 1 and "night failed in read" in verbose.stderr
+
+
+def test_an_s3_store_uri_that_names_an_object_is_a_bad_argument_for_every_command_and_nothing_is_written(
+        s3_bucket, s3_server, tmp_path, tiny_dir):
+    """A file's URI given as the store (``s3://b/engram/CURRENT``, copied from a console), as a
+    local store path that is a file is refused: readers said "no versions" (exit 0), and a night,
+    forget or gc started a new store under the file's key, where no node looks, without the real
+    store's watermark, tombstones and forgets. A folder marker (``engram/``) is still a store."""
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="engram/CURRENT", Body=b'{"version": 1}')
+    client.put_object(Bucket=s3_bucket, Key="empty/", Body=b"")  # a console's "Create folder"
+    uri = f"s3://{s3_bucket}/engram/CURRENT"
+    log = tmp_path / "log"
+    log.mkdir()
+    night = ["run", "nightly", "--fact-log", str(log), "--model", str(tiny_dir), "--workers", "0"]
+    for args, key in ((["versions", "--store", uri], "listed"), (["stats", "--store", uri, "select 1"], "queried"),
+                      (["rollback", "--store", uri, "--to", "1"], "rolled_back"), (["forget", "--store", uri, "u1"], "forgotten"),
+                      (["gc", "--store", uri, "--keep", "1"], "collected"),
+                      (["pull", "--store", uri, "--cache-dir", str(tmp_path / "cache")], "pulled"),
+                      ([*night, "--store", uri], "published")):
+        result = _cli(*args, "--json")
+        _assert_one_line_exit_2(result, f"store {uri} (endpoint {s3_server.endpoint_url}): names an object (14 bytes), "
+                                        f"not a store; give the prefix the store's CURRENT lies under (e.g. "
+                                        f"s3://{s3_bucket}/engram)", key)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert keys == ["empty/", "engram/CURRENT"]
+    result = _cli("versions", "--store", f"s3://{s3_bucket}/empty")
+    assert result.returncode == 0 and "no versions" in result.stdout, result.stderr
