@@ -810,7 +810,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             return size, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
                                 "folder it lies in as the fact log (a listing gives each file's size) or fix the store")
-        return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
+        return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(fs, path, err, info)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -827,6 +827,32 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+# pyarrow's words for a file without its footer: empty, shorter than a footer, or ending elsewhere
+_NO_FOOTER = ("file size is 0 bytes", "smaller than the minimum file footer", "magic bytes not found in footer")
+IN_FLIGHT_S = 600  # a file modified this recently and cut short may still be being written
+
+
+def _cut_short(fs: pafs.FileSystem, path: str, err: Exception, info: pafs.FileInfo) -> str:
+    """What a file without a Parquet footer likely is, and what to do: one that begins as Parquet
+    does (or is empty) was cut short, or is still being written (Parquet writes its footer last);
+    another is no Parquet at all. "" for another error, or a file that cannot be read again."""
+    if not any(words in str(err) for words in _NO_FOOTER):
+        return ""
+    try:
+        with fs.open_input_file(path) as handle:
+            head = handle.read(4)
+    except (pa.ArrowException, OSError):
+        return ""
+    if head and head != b"PAR1":
+        return (f": it does not begin as a Parquet file does (its first bytes: {head!r}): a file of another format "
+                "(CSV, JSON, text) in the log? Move it out, or export it as Parquet")
+    age = (time.time_ns() - info.mtime_ns) / 1e9 if info.mtime_ns is not None else None
+    recent = f"; it was modified {max(age, 0):.0f} s ago" if age is not None and age < IN_FLIGHT_S else ""
+    return (f": the file ends before its Parquet footer, which is written last: cut short by an interrupted copy or "
+            f"upload, or still being written{recent}. A night reads it again once it is whole (it is not recorded "
+            "as ingested); have writers write under a name starting with '_' or '.' and rename it into place")
 
 
 def _gone(fs: pafs.FileSystem, path: str) -> bool:

@@ -2025,3 +2025,40 @@ def test_an_s3_log_object_replaced_between_listing_and_reading_is_read_as_it_is_
     assert read.reject is None and read.rows == 3
     assert sorted(rows.column("fact_id").to_pylist()) == ["a", "b", "c"]
     assert any("replaced since the listing; read as it is now" in w for w in read.warnings)
+
+
+def test_a_file_cut_short_or_still_being_written_is_told_from_a_file_of_another_format(tmp_path):
+    """A Parquet file without its footer (written last: a writer still at work, an interrupted copy)
+    and a CSV named .parquet were both "not a readable Parquet file" with pyarrow's words alone
+    ("magic bytes not found in footer"), and the fix said to fix or move the file: a file in flight
+    needs neither. The message says which it is, and for one in flight that a later night reads it."""
+    import io
+    import os
+    import time
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}, {"fact_id": "b"}), buffer)
+    whole = buffer.getvalue()
+    (tmp_path / "writing.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "copied.parquet").write_bytes(whole[:-20])
+    hours_ago = time.time() - 7200
+    os.utime(tmp_path / "copied.parquet", (hours_ago, hours_ago))
+    (tmp_path / "export.parquet").write_text("user_id,fact_id,op\nu1,a,upsert\n")
+    (tmp_path / "started.parquet").write_bytes(b"")
+    cut_short = "the file ends before its Parquet footer, which is written last: cut short by an interrupted copy"
+    for name, expected, unexpected in (
+            ("writing", [cut_short, r"still being written; it was modified \d+ s ago. A night reads it again once "
+                                    "it is whole"], []),
+            ("copied", [cut_short, "or still being written. A night reads it again"], ["modified"]),
+            ("started", [cut_short, r"it was modified \d+ s ago"], []),
+            ("export", ["it does not begin as a Parquet file does (its first bytes: b'user'): a file of another "
+                        "format (CSV, JSON, text) in the log? Move it out"], [cut_short])):
+        with pytest.raises(FactLogError) as raised:
+            read_fact_log(str(tmp_path / f"{name}.parquet"))
+        for words in expected:
+            assert re.search(words if "\\d" in words else re.escape(words), str(raised.value)), str(raised.value)
+        for words in unexpected:
+            assert words not in str(raised.value), str(raised.value)
+    rejects = read_fact_log(str(tmp_path), on_bad_file="reject").file_rejects.to_pylist()
+    assert [(r["reason"], cut_short in r["detail"]) for r in rejects] == [
+        ("UNREADABLE_FILE", True), ("UNREADABLE_FILE", False), ("UNREADABLE_FILE", True), ("UNREADABLE_FILE", True)]
