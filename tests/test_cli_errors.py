@@ -648,7 +648,7 @@ def test_an_unreachable_ray_address_is_a_bad_argument_named_with_the_fix_at_once
     from tests.conftest import free_port
 
     write_fact_log(fact_log_rows(1, 1), tmp_path / "log" / "part-0.parquet")
-    for address in (f"ray://127.0.0.1:{free_port()}", "no-such-host.invalid:6379"):
+    for address in (f"ray://127.0.0.1:{free_port()}", "no-such-host.invalid:6379", "localhost"):
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "nightly", "--store", str(tmp_path / "store"),
                                  "--fact-log", str(tmp_path / "log"), "--model", str(tiny_dir), "--workers", "1",
@@ -661,6 +661,8 @@ def test_an_unreachable_ray_address_is_a_bad_argument_named_with_the_fix_at_once
         assert f"ray_address {address}: cannot reach the Ray cluster (" in out["error"], out
         assert "or leave ray_address out (no --ray-address) to start a local cluster" in out["error"]
         assert result.stderr == f"error: {out['error']}\n", result.stderr
+        if address == "localhost":  # no port: Ray's "ValueError: Invalid address format: localhost", exit 1
+            assert "(no port: a cluster's address is localhost:6379 (its head node's GCS port))" in out["error"]
 
 
 def test_verbose_is_taken_after_the_subcommand_too(tmp_path, tiny_dir, monkeypatch, capsys):
