@@ -1322,3 +1322,16 @@ def test_a_log_file_moved_away_between_listing_and_reading_is_skipped_and_read_w
     aside.rename(moved)  # back from quarantine
     second = run_nightly(spec)
     assert second.published and second.accepted == 1 and second.users == 3
+
+
+def test_an_empty_spec_file_or_one_that_is_no_mapping_is_named_for_what_it_is(tmp_path):
+    """An empty spec (not saved, a template not filled in, comments alone) said "expected a mapping
+    of fields, got NoneType", Python's name for nothing; a `store=./x` line showed no value."""
+    for text, message in (("", "holds no fields (an empty file?); give at least store, fact_log and model"),
+                          ("# nightly spec\n", "holds no fields (an empty file?)"),
+                          ("- store: x\n", "expected a mapping of fields (key: value lines), got a list"),
+                          ("store=./x\n", "expected a mapping of fields (key: value lines), got 'store=./x'")):
+        path = tmp_path / "spec.yaml"
+        path.write_text(text)
+        with pytest.raises(SpecError, match=re.escape(f"job spec {path}: {message}")):
+            NightlySpec.load(path)
