@@ -982,3 +982,8 @@ def test_an_s3_store_uri_that_names_an_object_is_a_bad_argument_for_every_comman
     assert keys == ["empty/", "engram/CURRENT"]
     result = _cli("versions", "--store", f"s3://{s3_bucket}/empty")
     assert result.returncode == 0 and "no versions" in result.stdout, result.stderr
+    # an object beside a store of the same name (``engram`` and ``engram/CURRENT``): the store is there
+    from versions.store import open_store
+
+    client.put_object(Bucket=s3_bucket, Key="engram", Body=b"stray")
+    open_store(f"s3://{s3_bucket}/engram").check_not_an_object()

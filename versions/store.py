@@ -731,6 +731,14 @@ class S3Store(ObjectStore):
         except (ClientError, BotoCoreError):  # not there (the usual answer), or no answer: later requests tell
             self._not_an_object = True
             return
+        try:  # an object beside a store of the same name (``engram`` and ``engram/CURRENT``): the store is there
+            from versions.layout import CURRENT_KEY
+
+            self._client.head_object(Bucket=self.bucket, Key=f"{self.prefix}/{CURRENT_KEY}")
+            self._not_an_object = True
+            return
+        except (ClientError, BotoCoreError):
+            pass
         parent = self.uri.rsplit("/", 1)[0]
         raise StoreNotFound(f"{self.describe()}: names an object ({size} bytes), not a store; give the prefix the "
                             f"store's CURRENT lies under (e.g. {parent}{'' if parent.count('/') > 2 else '/engram'}), "
