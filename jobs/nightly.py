@@ -771,7 +771,7 @@ class _Night:
             listed = self.listed.get(path)
             if listed is not None and listed.ingested_as(identity):
                 files[path] = listed.identity()
-        files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None})
+        files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None and not r.gone})
         files = purge_ledger(files, self.horizon, self.spec.fact_log)
         horizons = dict(_horizons(previous))
         horizons.pop(_source_root(self.spec.fact_log), None)
@@ -801,7 +801,7 @@ class _Night:
             dropped_users=sum(a.dropped_users for a in routed),
             accepted=self._sum("accepted"), rejects=self._rejected(),
             resumed_facts=sum(m.facts for m in self.chunks if m.resumed),
-            files_read=len(self.reads), files_reread=self.files_reread, files_behind=self.files_behind,
+            files_read=sum(not r.gone for r in self.reads), files_reread=self.files_reread, files_behind=self.files_behind,
             shards_changed=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is None
                                or e.delta_chain != self.prior_entry(s).delta_chain),
             layers_written=sum(1 for s, e in self.entries.items() if self.prior_entry(s) is not None

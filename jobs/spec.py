@@ -177,8 +177,12 @@ class NightlySpec:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "job spec") -> "NightlySpec":
+        if raw is None:  # an empty file, or comments alone (a spec not saved, a template not filled in)
+            raise SpecError(f"{source}: holds no fields (an empty file?); give at least store, fact_log and model "
+                            "(e.g. jobs/specs/nightly.example.yaml)")
         if not isinstance(raw, dict):
-            raise SpecError(f"{source}: expected a mapping of fields, got {type(raw).__name__}")
+            raise SpecError(f"{source}: expected a mapping of fields (key: value lines), got "
+                            f"{'a list' if isinstance(raw, list) else repr(raw)[:60]}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -114,6 +114,18 @@ def _file_reject(file: "FactFile", problem: tuple[str, str], on_bad_file: str) -
     return {"source": file.path, "row": None, "reason": reason, "detail": detail}
 
 
+# ``_read_one``'s reason for a listed file that was no longer there when read (moved, renamed or deleted
+# since the listing: a writer's temporary file renamed into place, a file quarantined, a retention
+# rule): not a reject, not ingested; read when it is listed again.
+GONE = "GONE"
+
+
+def _gone_message(path: str) -> str:
+    return (f"fact log {path}: listed, but gone when read (moved, renamed or deleted since the listing: a "
+            "writer's temporary file renamed into place, a quarantine, a retention rule); skipped, not recorded "
+            "as ingested: a file listed again under that name is read by a later night")
+
+
 def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
     """An unreadable log file under on_bad_file='raise': the file, why, and both ways to say
     'reject' instead (the job spec's field, the command line's flag of ``engram run nightly``)."""
@@ -407,6 +419,7 @@ class FileRead:
     rows: int
     slices: dict[int, tuple[int, int]]  # shard -> (offset, length) of its rows in the keyed table
     reject: pa.Table | None = None  # one REJECTS_SCHEMA row when the whole file was rejected
+    gone: bool = False  # listed, but no longer there when read: no rows, no reject, not ingested
     warnings: tuple[str, ...] = ()  # what reading it warned of, for the driver to log (:func:`read_log_file`)
 
 
@@ -432,7 +445,11 @@ def read_log_file(
     """
     with _held_warnings() as held:
         table, problem = _read_listed(file, filesystem)
-        if problem is not None:
+        if problem is not None and problem[0] == GONE:
+            logger.warning("%s", _gone_message(file.path))
+            read = FileRead(file, 0, {}, gone=True)
+            keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
+        elif problem is not None:
             reject = pa.Table.from_pylist([_file_reject(file, problem, on_bad_file)], schema=F.REJECTS_SCHEMA)
             read = FileRead(file, 0, {}, reject)
             keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
@@ -566,6 +583,9 @@ def read_fact_log(
             logger.info("fact log %s: already ingested, skipped", file.path)
             continue
         table, problem = _read_listed(file, filesystem)
+        if problem is not None and problem[0] == GONE:
+            logger.warning("%s", _gone_message(file.path))
+            continue  # not read: not in ``files``, so not skipped next time
         if problem is not None:
             file_rejects.append(_file_reject(file, problem, on_bad_file))
         else:
@@ -758,11 +778,14 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     microseconds: read in nanoseconds, dates outside 1677-2262 would wrap around silently.
     """
     try:
-        size = fs.get_file_info(path).size or 0
+        info = fs.get_file_info(path)
     except OSError as err:
         raise _store_failed(display, err) from None
+    size = info.size or 0
     if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path) and not os.path.exists(path):
         return size, None, (F.UNREADABLE_FILE, _broken_link(path))
+    if info.type == pafs.FileType.NotFound:  # listed, then moved or deleted: no file to reject
+        return size, None, (GONE, "")
     try:
         with fs.open_input_file(path) as handle:
             parquet = _parquet_file(fs, path, handle, display, listed_size)
@@ -781,11 +804,13 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     except (pa.ArrowException, OSError) as err:
         if not isinstance(fs, pafs.LocalFileSystem) and _AWS_ERROR in str(err):  # the store's answer, not the file
             raise _store_failed(display, err) from None
+        if _gone(fs, path):  # moved or deleted between the look above and the read
+            return size, None, (GONE, "")
         if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
             return size, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
                                 "folder it lies in as the fact log (a listing gives each file's size) or fix the store")
-        return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err})")
+        return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(fs, path, err, info)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -802,6 +827,42 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return size, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+# pyarrow's words for a file without its footer: empty, shorter than a footer, or ending elsewhere
+_NO_FOOTER = ("file size is 0 bytes", "smaller than the minimum file footer", "magic bytes not found in footer")
+IN_FLIGHT_S = 600  # a file modified this recently and cut short may still be being written
+
+
+def _cut_short(fs: pafs.FileSystem, path: str, err: Exception, info: pafs.FileInfo) -> str:
+    """What a file without a Parquet footer likely is, and what to do: one that begins as Parquet
+    does (or is empty) was cut short, or is still being written (Parquet writes its footer last);
+    another is no Parquet at all. "" for another error, or a file that cannot be read again."""
+    if not any(words in str(err) for words in _NO_FOOTER):
+        return ""
+    try:
+        with fs.open_input_file(path) as handle:
+            head = handle.read(4)
+    except (pa.ArrowException, OSError):
+        return ""
+    if head and head != b"PAR1":
+        return (f": it does not begin as a Parquet file does (its first bytes: {head!r}): a file of another format "
+                "(CSV, JSON, text) in the log? Move it out, or export it as Parquet")
+    age = (time.time_ns() - info.mtime_ns) / 1e9 if info.mtime_ns is not None else None
+    recent = f"; it was modified {max(age, 0):.0f} s ago" if age is not None and age < IN_FLIGHT_S else ""
+    return (f": the file ends before its Parquet footer, which is written last: cut short by an interrupted copy or "
+            f"upload, or still being written{recent}. A night reads it again once it is whole (it is not recorded "
+            "as ingested); have writers write under a name starting with '_' or '.' and rename it into place")
+
+
+def _gone(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether ``path`` is no longer there (a read of it failed); a link counts as there."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return not os.path.lexists(path)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.NotFound
+    except OSError:
+        return False
 
 
 _AWS_ERROR = "AWS Error"  # how pyarrow's S3 filesystem words an error answer (403, 503, no connection)
@@ -823,8 +884,14 @@ def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display
     """``pq.ParquetFile`` of an open log file; on an object store whose HEAD answered without
     ``Content-Length`` (some gateways answer HEAD chunked: pyarrow then takes every object as 0
     bytes, "Parquet file size is 0 bytes", and a good file was called damaged) the same reading
-    API over a dataset fragment given the listing's size, which reads with ranged GETs alone."""
+    API over a dataset fragment given the listing's size, which reads with ranged GETs alone. An
+    object whose HEAD gives another size than its listing was replaced since: read as it is now."""
     if listed_size <= 0 or handle.size() == listed_size or isinstance(fs, pafs.LocalFileSystem):
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+    if handle.size() > 0:  # replaced since the listing (an export re-run in place): read it as it is now
+        # (read at the listed size, its footer was missed and a good file called "not a readable Parquet file")
+        logger.warning("fact log %s: %d bytes when listed, %d when read: replaced since the listing; read as it is "
+                       "now (a night that lists it changed reads it again)", display, listed_size, handle.size())
         return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
     logger.warning("fact log %s: the store answered HEAD with %d bytes, its listing with %d; read at the listed size "
                    "(a store or gateway that answers HEAD without Content-Length)", display, handle.size(), listed_size)
@@ -905,8 +972,11 @@ def _column_problem(present: list[str]) -> str | None:
     twice = sorted({name for name in present if name in ours and present.count(name) > 1})
     if twice:
         return f"column {twice[0]!r} appears {present.count(twice[0])} times; keep one"
-    missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in present]
     fold = {_folded_name(name): name for name in present}
+    # a column only some ops need (a file of forget_user rows alone need not hold fact_id, trigger,
+    # answer): left to normalise_fact_log, which reads the ops; unless a near miss of it is there
+    missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in present
+               and (name not in _NEEDED_BY or _folded_name(name) in fold)]
     if not missing:
         # An optional column under a near-miss name would be ignored as an extra column, and every
         # row read without it (a misspelt ``scope``: shared facts read as personal ones): refused.
@@ -963,7 +1033,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     if extra:
         logger.warning("fact log %s: ignoring extra columns %s", source, extra)
     missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in table.column_names]
-    if missing:
+    if [name for name in missing if name not in _NEEDED_BY]:
         raise F.SchemaMismatch(f"missing required column {missing[0]!r} (columns found: {table.column_names})")
     n = table.num_rows
     problems: list[tuple[str, str] | None] = [None] * n
@@ -971,6 +1041,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     for name in ("user_id", "fact_id", "op", "trigger", "answer", "scope"):
         raw = table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
         columns[name] = _to_text(raw, name, problems)
+    if missing:
+        _check_ops_without(missing, _canonical_op(columns["op"]), table.column_names)
     for name in _ID_COLUMNS:
         if name in table.column_names and not pa.types.is_floating(table.column(name).type):
             _warn_float_text_ids(columns[name], name, source)
@@ -1002,6 +1074,28 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         [pa.chunked_array(columns[f.name]).cast(f.type) for f in F.FACT_LOG_BATCH_SCHEMA],
         schema=F.FACT_LOG_BATCH_SCHEMA,
     )
+
+
+# The log columns only some ops need, and those ops: a file whose rows are all of other ops (an
+# erasure export of user_id, op and event_time alone) may leave the column out; it was refused.
+_NEEDED_BY = {"fact_id": (F.OP_UPSERT, F.OP_DELETE), "trigger": (F.OP_UPSERT,), "answer": (F.OP_UPSERT,)}
+
+
+def _check_ops_without(missing: list[str], ops: pa.ChunkedArray, present: list[str]) -> None:
+    """Raise SchemaMismatch naming the first row whose op needs a column of ``missing`` (columns of
+    ``_NEEDED_BY`` the file leaves out); a row of another op (or of none: it is ``UNKNOWN_OP``) needs none."""
+    for name in missing:
+        needing = pc.is_in(ops, value_set=pa.array(_NEEDED_BY[name], pa.string()))
+        if pc.any(needing).as_py():
+            row = pc.index(needing, True).as_py()
+            raise F.SchemaMismatch(
+                f"missing required column {name!r} (the file's columns: {present}); row {row} is "
+                f"{ops[row].as_py()!r}, which needs it (only a file of {' and '.join(_needless(name))} rows alone "
+                f"may leave it out): add the column, or write those rows to a file of their own")
+
+
+def _needless(name: str) -> list[str]:
+    return [op for op in F.OPS if op not in _NEEDED_BY[name]]
 
 
 def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -349,6 +349,9 @@ def _check_ray_address(address: str, given: str) -> None:
     if not host or port is None:
         if address.startswith("ray://"):
             raise _ray_unreachable(given, "no host after ray://")
+        if host and "://" not in address and address.strip().lower() not in ("auto", "local"):
+            # a host without its port (Ray said "ValueError: Invalid address format", exit 1)
+            raise _ray_unreachable(given, f"no port: a cluster's address is {host}:6379 (its head node's GCS port)")
         return  # auto, local, or a form Ray resolves itself
     try:
         socket.create_connection((host, port), timeout=10).close()

@@ -648,7 +648,7 @@ def test_an_unreachable_ray_address_is_a_bad_argument_named_with_the_fix_at_once
     from tests.conftest import free_port
 
     write_fact_log(fact_log_rows(1, 1), tmp_path / "log" / "part-0.parquet")
-    for address in (f"ray://127.0.0.1:{free_port()}", "no-such-host.invalid:6379"):
+    for address in (f"ray://127.0.0.1:{free_port()}", "no-such-host.invalid:6379", "localhost"):
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "nightly", "--store", str(tmp_path / "store"),
                                  "--fact-log", str(tmp_path / "log"), "--model", str(tiny_dir), "--workers", "1",
@@ -661,6 +661,8 @@ def test_an_unreachable_ray_address_is_a_bad_argument_named_with_the_fix_at_once
         assert f"ray_address {address}: cannot reach the Ray cluster (" in out["error"], out
         assert "or leave ray_address out (no --ray-address) to start a local cluster" in out["error"]
         assert result.stderr == f"error: {out['error']}\n", result.stderr
+        if address == "localhost":  # no port: Ray's "ValueError: Invalid address format: localhost", exit 1
+            assert "(no port: a cluster's address is localhost:6379 (its head node's GCS port))" in out["error"]
 
 
 def test_verbose_is_taken_after_the_subcommand_too(tmp_path, tiny_dir, monkeypatch, capsys):
@@ -952,3 +954,36 @@ def test_a_night_that_fails_says_so_in_one_line_not_twice(tmp_path, tiny_dir):
             assert json.loads(result.stdout)["error"] == result.stderr[len("error: "):].rstrip("\n")
     verbose = _cli(*args, "-v")
     assert verbose.returncode == 1 and "night failed in read" in verbose.stderr
+
+
+def test_an_s3_store_uri_that_names_an_object_is_a_bad_argument_for_every_command_and_nothing_is_written(
+        s3_bucket, s3_server, tmp_path, tiny_dir):
+    """A file's URI given as the store (``s3://b/engram/CURRENT``, copied from a console), as a
+    local store path that is a file is refused: readers said "no versions" (exit 0), and a night,
+    forget or gc started a new store under the file's key, where no node looks, without the real
+    store's watermark, tombstones and forgets. A folder marker (``engram/``) is still a store."""
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="engram/CURRENT", Body=b'{"version": 1}')
+    client.put_object(Bucket=s3_bucket, Key="empty/", Body=b"")  # a console's "Create folder"
+    uri = f"s3://{s3_bucket}/engram/CURRENT"
+    log = tmp_path / "log"
+    log.mkdir()
+    night = ["run", "nightly", "--fact-log", str(log), "--model", str(tiny_dir), "--workers", "0"]
+    for args, key in ((["versions", "--store", uri], "listed"), (["stats", "--store", uri, "select 1"], "queried"),
+                      (["rollback", "--store", uri, "--to", "1"], "rolled_back"), (["forget", "--store", uri, "u1"], "forgotten"),
+                      (["gc", "--store", uri, "--keep", "1"], "collected"),
+                      (["pull", "--store", uri, "--cache-dir", str(tmp_path / "cache")], "pulled"),
+                      ([*night, "--store", uri], "published")):
+        result = _cli(*args, "--json")
+        _assert_one_line_exit_2(result, f"store {uri} (endpoint {s3_server.endpoint_url}): names an object (14 bytes), "
+                                        f"not a store; give the prefix the store's CURRENT lies under (e.g. "
+                                        f"s3://{s3_bucket}/engram)", key)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert keys == ["empty/", "engram/CURRENT"]
+    result = _cli("versions", "--store", f"s3://{s3_bucket}/empty")
+    assert result.returncode == 0 and "no versions" in result.stdout, result.stderr
+    # an object beside a store of the same name (``engram`` and ``engram/CURRENT``): the store is there
+    from versions.store import open_store
+
+    client.put_object(Bucket=s3_bucket, Key="engram", Body=b"stray")
+    open_store(f"s3://{s3_bucket}/engram").check_not_an_object()

@@ -1910,3 +1910,155 @@ def test_a_text_column_whose_every_value_is_in_double_quotes_is_read_as_written_
     with caplog.at_level("WARNING"):
         run(read_fact_log(str(tmp_path)))
     assert "double quotes" not in caplog.text
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_file_gone_between_listing_and_reading_is_skipped_not_rejected_nor_a_failure(where, on_bad_file, tmp_path,
+                                                                                       request, caplog):
+    """A listed file moved or deleted before it is read (a writer's temporary file renamed into
+    place, a quarantine, a retention rule on the log bucket) has no rows to reject: it was called
+    "not a readable Parquet file", failing the night under on_bad_file='raise' and recording a
+    reject for a file that is not there under 'reject'."""
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}), buffer)
+    if where == "local":
+        root = tmp_path / "log"
+        root.mkdir()
+        for name in ("part-0.parquet", "part-1.parquet"):
+            (root / name).write_bytes(buffer.getvalue())
+        source = str(root)
+
+        def remove():
+            (root / "part-1.parquet").rename(tmp_path / "quarantined.parquet")
+    else:
+        import boto3
+
+        bucket = request.getfixturevalue("s3_bucket")
+        client = boto3.client("s3")
+        for name in ("part-0.parquet", "part-1.parquet"):
+            client.put_object(Bucket=bucket, Key=f"log/{name}", Body=buffer.getvalue())
+        source = f"s3://{bucket}/log"
+
+        def remove():
+            client.delete_object(Bucket=bucket, Key="log/part-1.parquet")
+    files = list_log_files(source)
+    assert len(files) == 2
+    remove()
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        reads = [read_log_file(f, RowRules(max_trigger_tokens=64), 4, on_bad_file=on_bad_file)[0] for f in files]
+    assert [(r.rows, r.reject, r.gone) for r in reads] == [(1, None, False), (0, None, True)]
+    assert any(f"{files[1].path}: listed, but gone when read" in w for w in reads[1].warnings)
+    # the in-process reader, given the same stale listing: the gone file is not among those read
+    import pipeline.ingest as ingest_module
+
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(ingest_module, "list_log_files", lambda source, filesystem=None: files)
+    batch = read_fact_log(source, on_bad_file=on_bad_file)
+    assert batch.rows.num_rows == 1 and batch.file_rejects.num_rows == 0
+    assert [f.path for f in batch.files] == [files[0].path]
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_file_of_forgets_or_deletes_alone_may_leave_out_the_columns_only_upserts_need(on_bad_file, tmp_path):
+    """An erasure export holds user_id, op and event_time (a delete export adds fact_id): the
+    columns a forget or a delete does not use were required, and the whole file was refused, its
+    forgets never applied. A file with a row that needs a left-out column is refused naming the
+    row, and a near miss of it (``Answer``) is still refused naming the rename."""
+    prior = run(table({"user_id": "alice", "fact_id": "pet"}, {"user_id": "alice", "fact_id": "car"},
+                      {"user_id": "bob", "fact_id": "pet"}, {"user_id": "carol", "fact_id": "pet"})).state
+    later = pa.array([T0 + timedelta(hours=1)] * 2, pa.timestamp("us", tz="UTC"))
+    log = tmp_path / "log"
+    log.mkdir()
+    pq.write_table(pa.table({"user_id": ["bob", "carol"], "op": ["forget_user", "FORGET_USER"], "event_time": later}),
+                   log / "erasures.parquet")
+    pq.write_table(pa.table({"user_id": ["alice", "alice"], "fact_id": ["car", "car"], "op": ["delete", "forget_user"],
+                             "event_time": later}).slice(0, 1), log / "deletes.parquet")
+    batch = read_fact_log(str(log), on_bad_file=on_bad_file)
+    assert batch.file_rejects.num_rows == 0 and batch.rows.num_rows == 3
+    result = run(batch, prior)
+    assert result.accepted == 3 and result.rejected == 0
+    assert live_facts(result.state) == {("alice", "pet"): " Rex"} and result.forgotten_users == {"bob", "carol"}
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"user_id": ["bob", "alice"], "fact_id": ["x", "pet"], "op": ["forget_user", "upsert"],
+                             "event_time": later}), bad / "part-0.parquet")
+    pq.write_table(pa.table({"user_id": ["bob"], "op": ["delete"], "event_time": later[:1]}), bad / "part-1.parquet")
+    pq.write_table(pa.table({"user_id": ["bob"], "fact_id": [None], "op": ["forget_user"], "trigger": [None],
+                             "Answer": [None], "event_time": later[:1]}, ), bad / "part-2.parquet")
+    expected = [("part-0", "missing required column 'trigger'.*row 1 is 'upsert', which needs it"),
+                ("part-1", "missing required column 'fact_id'.*row 0 is 'delete', which needs it"),
+                ("part-2", "missing required column 'answer'.*rename 'Answer' to 'answer'")]
+    if on_bad_file == "raise":
+        for name, message in expected:
+            with pytest.raises(FactLogError, match=f"{name}.parquet: {message}"):
+                read_fact_log(str(bad / f"{name}.parquet"))
+    else:
+        rejects = read_fact_log(str(bad), on_bad_file="reject").file_rejects.to_pylist()
+        assert [r["reason"] for r in rejects] == ["SCHEMA_MISMATCH"] * 3
+        for reject, (name, message) in zip(rejects, expected):
+            assert reject["source"].endswith(f"{name}.parquet") and re.search(message, reject["detail"])
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_an_s3_log_object_replaced_between_listing_and_reading_is_read_as_it_is_now(on_bad_file, s3_bucket, caplog):
+    """An export re-run in place (Spark's overwrite, a re-sent day) replaces an object after the
+    night listed it: it was read at the listed size, its footer missed, and the good file failed
+    the night (or was rejected) as "not a readable Parquet file"."""
+    import io
+
+    import boto3
+
+    def parquet(*fact_ids):
+        buffer = io.BytesIO()
+        pq.write_table(table(*({"fact_id": f} for f in fact_ids)), buffer)
+        return buffer.getvalue()
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="log/part-0.parquet", Body=parquet("a"))
+    [listed] = list_log_files(f"s3://{s3_bucket}/log")
+    client.put_object(Bucket=s3_bucket, Key="log/part-0.parquet", Body=parquet("a", "b", "c"))
+    read, rows = read_log_file(listed, RowRules(max_trigger_tokens=64), 4, on_bad_file=on_bad_file)
+    assert read.reject is None and read.rows == 3
+    assert sorted(rows.column("fact_id").to_pylist()) == ["a", "b", "c"]
+    assert any("replaced since the listing; read as it is now" in w for w in read.warnings)
+
+
+def test_a_file_cut_short_or_still_being_written_is_told_from_a_file_of_another_format(tmp_path):
+    """A Parquet file without its footer (written last: a writer still at work, an interrupted copy)
+    and a CSV named .parquet were both "not a readable Parquet file" with pyarrow's words alone
+    ("magic bytes not found in footer"), and the fix said to fix or move the file: a file in flight
+    needs neither. The message says which it is, and for one in flight that a later night reads it."""
+    import io
+    import os
+    import time
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}, {"fact_id": "b"}), buffer)
+    whole = buffer.getvalue()
+    (tmp_path / "writing.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "copied.parquet").write_bytes(whole[:-20])
+    hours_ago = time.time() - 7200
+    os.utime(tmp_path / "copied.parquet", (hours_ago, hours_ago))
+    (tmp_path / "export.parquet").write_text("user_id,fact_id,op\nu1,a,upsert\n")
+    (tmp_path / "started.parquet").write_bytes(b"")
+    cut_short = "the file ends before its Parquet footer, which is written last: cut short by an interrupted copy"
+    for name, expected, unexpected in (
+            ("writing", [cut_short, r"still being written; it was modified \d+ s ago. A night reads it again once "
+                                    "it is whole"], []),
+            ("copied", [cut_short, "or still being written. A night reads it again"], ["modified"]),
+            ("started", [cut_short, r"it was modified \d+ s ago"], []),
+            ("export", ["it does not begin as a Parquet file does (its first bytes: b'user'): a file of another "
+                        "format (CSV, JSON, text) in the log? Move it out"], [cut_short])):
+        with pytest.raises(FactLogError) as raised:
+            read_fact_log(str(tmp_path / f"{name}.parquet"))
+        for words in expected:
+            assert re.search(words if "\\d" in words else re.escape(words), str(raised.value)), str(raised.value)
+        for words in unexpected:
+            assert words not in str(raised.value), str(raised.value)
+    rejects = read_fact_log(str(tmp_path), on_bad_file="reject").file_rejects.to_pylist()
+    assert [(r["reason"], cut_short in r["detail"]) for r in rejects] == [
+        ("UNREADABLE_FILE", True), ("UNREADABLE_FILE", False), ("UNREADABLE_FILE", True), ("UNREADABLE_FILE", True)]

@@ -1290,3 +1290,48 @@ def test_a_night_on_a_version_another_tool_published_fails_naming_it_and_the_rol
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["reread_files"] == []
     assert run_nightly(_nightly_spec(tmp_path, local_store, tiny_dir)).version == first.version  # nothing new
+
+
+def test_a_log_file_moved_away_between_listing_and_reading_is_skipped_and_read_when_it_is_back(tmp_path, tiny_dir,
+                                                                                                 local_store,
+                                                                                                 monkeypatch):
+    """The night lists the log, then reads each file: a file quarantined (or a temporary file
+    renamed, or deleted by retention) in between failed the night as "not a readable Parquet
+    file". It is skipped with a warning, not recorded as ingested, and read once it is back."""
+    import jobs.nightly as nightly
+
+    kept = write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
+    moved = write_fact_log(fact_log_rows(1, 1, prefix="later"), tmp_path / "log" / "day=1" / "part-1.parquet")
+    aside = tmp_path / "quarantine.parquet"
+    listing = nightly.list_log_files
+
+    def list_then_move(source):
+        listed = listing(source)
+        if moved.exists():
+            moved.rename(aside)
+        return listed
+
+    monkeypatch.setattr(nightly, "list_log_files", list_then_move)
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0)
+    first = run_nightly(spec)
+    assert first.published and first.accepted == 2 and first.rejects == 0 and first.users == 2
+    watermark = json.loads(read_current(local_store)[0].watermark)
+    assert str(kept) in watermark["files"] and str(moved) not in watermark["files"]
+    monkeypatch.undo()
+    aside.rename(moved)  # back from quarantine
+    second = run_nightly(spec)
+    assert second.published and second.accepted == 1 and second.users == 3
+
+
+def test_an_empty_spec_file_or_one_that_is_no_mapping_is_named_for_what_it_is(tmp_path):
+    """An empty spec (not saved, a template not filled in, comments alone) said "expected a mapping
+    of fields, got NoneType", Python's name for nothing; a `store=./x` line showed no value."""
+    for text, message in (("", "holds no fields (an empty file?); give at least store, fact_log and model"),
+                          ("# nightly spec\n", "holds no fields (an empty file?)"),
+                          ("- store: x\n", "expected a mapping of fields (key: value lines), got a list"),
+                          ("store=./x\n", "expected a mapping of fields (key: value lines), got 'store=./x'")):
+        path = tmp_path / "spec.yaml"
+        path.write_text(text)
+        with pytest.raises(SpecError, match=re.escape(f"job spec {path}: {message}")):
+            NightlySpec.load(path)

@@ -53,6 +53,7 @@ def read_pointer(store: ObjectStore) -> CurrentPointer | None:
     except ObjectNotFound:
         published = _published_without_pointer(store)
         if not published:
+            store.check_not_an_object()  # no store here: a file's URI given as the store?
             return None
         try:  # a first publish may have committed since CURRENT was read: then it is there now
             body, etag = store.get_with_etag(CURRENT_KEY)

@@ -210,6 +210,10 @@ class ObjectStore(abc.ABC):
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
 
+    def check_not_an_object(self) -> None:
+        """StoreNotFound if the store's own name is an object (a file), not where a store lies; a
+        local store checks this on opening."""
+
     def describe(self) -> str:
         return f"store {self.uri}"
 
@@ -712,6 +716,34 @@ class S3Store(ObjectStore):
             raise StoreError(f"{self.describe()}: {action} {key} failed: {type(e).__name__} "
                              "(check the job's credentials / endpoint)") from None
 
+    def check_not_an_object(self) -> None:
+        """StoreNotFound if the store's prefix is itself an object's key: a file's URI given as the
+        store (``s3://b/engram/CURRENT``, a manifest's or a log file's), as a local store path that is
+        a file is refused. Such a store has no CURRENT: readers said "no versions", and a night
+        started a new store under the file's key, without the real one's watermark, tombstones and
+        forgets, where no serving node looks. A folder marker (``engram/``) is not such an object."""
+        if not self.prefix or getattr(self, "_not_an_object", False):
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            size = self._client.head_object(Bucket=self.bucket, Key=self.prefix)["ContentLength"]
+        except (ClientError, BotoCoreError):  # not there (the usual answer), or no answer: later requests tell
+            self._not_an_object = True
+            return
+        try:  # an object beside a store of the same name (``engram`` and ``engram/CURRENT``): the store is there
+            from versions.layout import CURRENT_KEY
+
+            self._client.head_object(Bucket=self.bucket, Key=f"{self.prefix}/{CURRENT_KEY}")
+            self._not_an_object = True
+            return
+        except (ClientError, BotoCoreError):
+            pass
+        parent = self.uri.rsplit("/", 1)[0]
+        raise StoreNotFound(f"{self.describe()}: names an object ({size} bytes), not a store; give the prefix the "
+                            f"store's CURRENT lies under (e.g. {parent}{'' if parent.count('/') > 2 else '/engram'}), "
+                            "not a file in it")
+
     def _no_bucket(self) -> StoreNotFound:
         return StoreNotFound(f"{self.describe()}: bucket {self.bucket!r} does not exist; check the bucket name in the "
                              "store URI and the endpoint (AWS_ENDPOINT_URL), or create the bucket first")
@@ -731,6 +763,7 @@ class S3Store(ObjectStore):
                     raise self._no_bucket() from None
             except BotoCoreError:  # an endpoint that does not answer: the probe's own request reports it
                 pass
+            self.check_not_an_object()  # before the probe writes under it
         super().check_conditional_writes()
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
