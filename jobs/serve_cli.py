@@ -466,6 +466,12 @@ def serve(
         except ChatTemplateError as e:
             _fail(str(e), code=exit_code(e))
     _node_arguments(model, cache_dir)  # a bad --cache-dir or --model: said before the port is taken
+    from serving.batcher import wedged_batch_seconds
+
+    try:
+        wedged_batch_seconds()  # a bad ENGRAM_WEDGED_BATCH_S too
+    except ValueError as e:
+        _fail(str(e), code=2)
     from serving.http import StartingNode  # here: it imports torch, which other commands do not need
 
     try:  # the port answers from now on: /healthz 503 until a version is served (a store that hangs, none yet)

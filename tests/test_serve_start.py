@@ -159,6 +159,11 @@ def test_what_the_store_refuses_still_fails_a_starting_node_at_once(local_store,
     assert out.exit_code == 2 and out.stderr == "error: ENGRAM_HUNG_POLL_S='soon': give seconds above 0 (default 60), " \
                                                  "or unset it\n"
     monkeypatch.delenv("ENGRAM_HUNG_POLL_S")
+    monkeypatch.setenv("ENGRAM_WEDGED_BATCH_S", "-5")
+    out = serve("--store", str(empty))
+    assert out.exit_code == 2 and out.stderr == "error: ENGRAM_WEDGED_BATCH_S='-5': give seconds above 0 (default " \
+                                                 "300), or unset it\n"
+    monkeypatch.delenv("ENGRAM_WEDGED_BATCH_S")
 
     publish_model(local_store, tiny_dir)
     publish(local_store, tiny, v1(compiled))
