@@ -300,9 +300,10 @@ def pull(
     client = _client(store_obj, opened.manifest, opened.em, shards, opened.cache_dir, interval, as_json, "pulled",
                      opened.current, max_stale)
     outage = opened.outage  # the store did not answer _open: the first poll falls back without asking again
+    first = True
     while True:
-        result = client.fall_back(outage) if outage else client.poll()
-        outage = None
+        result = client.fall_back(outage) if outage else _first_poll(client) if first else client.poll()
+        outage, first = None, False
         count += 1
         index = client.index
         report = {"pulled": not result.error, "store": store_obj.uri, "version": result.version, "changed": result.changed,
@@ -392,7 +393,7 @@ def ask(
     for _ in range(3):  # a night that changed the number of shards since CURRENT was read moved the user's shard
         client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current,
                             max_stale=max_stale)
-        result = client.fall_back(opened.outage) if opened.outage else client.poll()
+        result = client.fall_back(opened.outage) if opened.outage else _first_poll(client)
         if client.index is None or client.index.owns(user):
             break
         num_shards = client.index.num_shards
@@ -545,11 +546,13 @@ def _start(listener, store: str, shards, interval: float, max_batch: int, batch_
 
 
 def _first_pull(client):
-    """The node's first poll: its PollResult; None while it is still running and the store has not
-    answered it for ``client.hung_after`` seconds (ENGRAM_HUNG_POLL_S; a store that answered the
-    read of CURRENT and then hangs held the start for botocore's timeouts and retries, minutes, and
-    the node exited 1). The poll goes on in a daemon thread, and the client's own polls (which wait
-    for it) take over; the main thread stays free for SIGTERM."""
+    """The node's first poll: its PollResult. Once it has had no answer from the store for
+    ``client.hung_after`` seconds (ENGRAM_HUNG_POLL_S; a store that answered the read of CURRENT and
+    then hangs held the start for botocore's timeouts and retries, minutes, and the node exited 1,
+    or a warm node served its last-good only then): the cache's last-good, served meanwhile
+    (PullClient.fall_back_if_hung, its PollResult), or None (no last-good: not ready, polling). The
+    poll goes on in a daemon thread, and the client's own polls (which wait for it) take over; the
+    main thread stays free for SIGTERM."""
     import threading
 
     results: list = []
@@ -567,10 +570,23 @@ def _first_pull(client):
         # Hung only while no poll has failed yet (a poll that failed fast on a damaged version set
         # last_error a moment before its thread ended: that is its result, and the node exits 1).
         if polling.is_alive() and client.index is None and client.last_error is None and client.error() is not None:
-            return None  # hung: not ready, polling (healthz names the store and the wait)
+            fallback = client.fall_back_if_hung()  # hung: the last-good, stale, if the cache holds one
+            return fallback if client.index is not None else None  # else not ready, polling (healthz says why)
     if results and isinstance(results[0], BaseException):
         raise results[0]
     return results[0] if results else None
+
+
+def _first_poll(client):
+    """A one-shot command's first poll (``pull``, ``ask``): as :func:`_first_pull`, and once it has
+    had no answer for ``client.hung_after`` with no last-good to serve, a failed PollResult saying
+    so (the command exits 1 now, not after botocore's timeouts and retries)."""
+    from serving.pull import PollResult
+
+    result = _first_pull(client)
+    if result is None:
+        return PollResult(False, None, error=client.error() or "no version loaded")
+    return result
 
 
 def _template_file_problem(path: Path | None) -> str | None:

@@ -588,6 +588,8 @@ class PullClient:
         self._record_failed = False  # the last write of the record failed (said once, at WARNING)
         self._etag: str | None = None
         self._poll_lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # a poll's swap against a fallback while it hangs (fall_back_if_hung)
+        self._fell_back_for: float | None = None  # the hung poll (its polling_since) a fallback was tried for
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -628,11 +630,38 @@ class PullClient:
             now = self.last_poll_at = time.time()
             return self._failed(f"StoreUnreachable: {error}", True, now)
 
+    def fall_back_if_hung(self) -> PollResult | None:
+        """While nothing is served and the poll in progress has had no answer from the store for
+        ``hung_after`` (a store that answered the read of CURRENT, then hangs: the poll fails only
+        after botocore's timeouts and retries, minutes): serve the cache's last-good now, as a poll
+        that found the store unreachable does (see the class), and return that fallback's
+        PollResult (``error`` saying the wait and what is served). The poll goes on: a version it
+        loads replaces the last-good, a failure leaves it served, stale. None while nothing is
+        hung, something is served, or the fallback was tried for this poll (no last-good: the error
+        says so in the log)."""
+        started, error = self.polling_since, self._error()
+        if (self._index is not None or started is None or self.last_error is not None or error is None
+                or self._fell_back_for == started):
+            return None
+        self._fell_back_for = started
+        with self._swap_lock:
+            if self._index is not None or self.polling_since is None:  # the poll ended meanwhile
+                return None
+            build, message = self._serve_last_good(error)
+        if build is None:
+            log.error("pull from %s: %s", self.store.uri, message)
+            return PollResult(False, None, error=message)
+        self.stale_since = self.stale_since or started
+        return PollResult(True, self._index.version, tuple(build.fetched), error=message,
+                          rebuilt_shards=tuple(build.rebuilt), stale=self.stale())
+
     def _failed(self, message: str, unreachable: bool, now: float) -> PollResult:
         """A poll that failed with ``message`` (``unreachable``: the store did not answer)."""
         build = None
         if self._index is None and unreachable:
-            build, message = self._serve_last_good(message)
+            with self._swap_lock:  # (a fallback while this poll hung may have served it already)
+                if self._index is None:
+                    build, message = self._serve_last_good(message)
         served = self._index.version if self._index is not None else None
         said, clock = self._said, time.monotonic()
         repeat = said is not None and said[0] == message
@@ -833,7 +862,8 @@ class PullClient:
             if isinstance(err, IntegrityError) and self._moved_from(etag):
                 raise _CurrentMoved(err) from err  # its objects were rewritten or collected under it: not damage
             raise
-        self._index, self._manifest = index, manifest  # the swap: readers hold either the old index or this one
+        with self._swap_lock:  # not while a fallback to the last-good (fall_back_if_hung) is being swapped in
+            self._index, self._manifest = index, manifest  # the swap: readers hold either the old index or this one
         self._etag = etag
         evicted = self._evict(index)
         log.info("serving v%d from %s (%d users in %d shards; loaded shards %s, %d layer(s) applied, %d bytes "

@@ -23,7 +23,7 @@ from pathlib import Path
 from serving.http import ReferenceServer
 from serving.pull import PullClient
 from tests.conftest import free_port
-from tests.test_pull import FACTS, cli_app, compiled, publish, v1  # noqa: F401
+from tests.test_pull import FACTS, cli_app, compiled, publish, v1, v2  # noqa: F401
 from tests.test_serve_outage import _health, _node_env, _request, _wait_for, flaky  # noqa: F401
 from versions.models import publish_model
 from versions.store import open_store
@@ -292,3 +292,63 @@ def test_a_cold_node_whose_store_hangs_during_the_first_pull_waits_not_ready_and
         server.shutdown()
         if node.poll() is None:
             _stop(node)
+
+
+def test_a_warm_node_whose_first_pull_hangs_serves_its_last_good_within_the_hung_poll_bound(
+        s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """A node with a last-good in its cache restarts; the store answers the read of CURRENT (a new
+    version, v2), then never answers v2's objects. Before, the first pull held the node for
+    botocore's timeouts and retries (about 6 minutes) before it fell back: `engram serve` said 503
+    ``no_version`` meanwhile, `engram ask` and `engram pull` waited as long. Now each serves the
+    last-good (v1, stale) once the pull has had no answer for ENGRAM_HUNG_POLL_S, and the node
+    moves to v2 once the store answers."""
+    from typer.testing import CliRunner
+
+    from jobs.serve_cli import _start
+    from serving.http import StartingNode
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
+    assert CliRunner().invoke(cli_app(), ["pull", *args]).exit_code == 0  # the last-good: v1, its model cached
+    publish(s3_store, tiny, v2(compiled))
+    flaky.up(hang_gets=("/objects/",))  # v2's objects: no answer, the connection held open
+    monkeypatch.setenv("ENGRAM_HUNG_POLL_S", "1")
+    trigger, answer = FACTS["alice"][0]  # v1's answer (v2 changed alice's facts)
+
+    started = time.monotonic()
+    asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", "--max-new-tokens",
+                                           str(len(tiny.encode_answer(answer))), trigger, *args])
+    assert asked.exit_code == 0 and time.monotonic() - started < 20, asked.output
+    said = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert said["text"] == answer and said["version"] == 1 and said["stale"]["loaded_from"] == "last-good cache"
+    assert "the poll in progress has had no answer for" in said["stale"]["error"], said
+    started = time.monotonic()
+    pulled = CliRunner().invoke(cli_app(), ["pull", *args])
+    assert pulled.exit_code == 1 and time.monotonic() - started < 20, pulled.output  # nothing pulled: as in an outage
+    report = json.loads(pulled.stdout.strip().splitlines()[-1])
+    assert report["version"] == 1 and report["stale"]["loaded_from"] == "last-good cache", report
+
+    listener = StartingNode(port=0).start()
+    started = time.monotonic()
+    server, client = _start(listener, flaky.uri, None, 0.2, 32, 5.0, None, False, cache, None, None)
+    try:
+        assert time.monotonic() - started < 20 and client.index is not None and client.index.version == 1
+        server.start()
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "stale" and health["version"] == 1, health
+        assert health["stale"]["loaded_from"] == "last-good cache"
+        assert "the poll in progress has had no answer for" in health["stale"]["error"], health
+        status, said = _request(server.port, "POST", "/v1/completions", {
+            "model": "engram", "prompt": trigger, "user": "alice", "max_tokens": len(tiny.encode_answer(answer))})
+        assert status == 200 and said["choices"][0]["text"] == answer
+        flaky.up()  # the store answers again (the hung requests are dropped: botocore retries them)
+        deadline = time.monotonic() + 60
+        while (client.index.version != 2 or client.stale() is not None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "ok" and health["version"] == 2, health
+    finally:
+        server.shutdown()
