@@ -74,7 +74,7 @@ class _NothingYet:
 
 
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled",
-          wait: Callable[[str], None] | None = None) -> _Opened:
+          wait: Callable[[str], None] | None = None, said: Callable[[str], None] | None = None) -> _Opened:
     """What a command starts from (:class:`_Opened`); exits with a clear message on any problem (with
     ``as_json``, also the command's JSON failure object). When the store does not answer before the
     model is loaded (an error, or no answer to the read of CURRENT within
@@ -89,10 +89,15 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     running: serve, pull --watch). Then, with ``--model``, ``manifest`` is None at once (the client's
     polls load the first version); without, ``wait(why)`` is called (it sleeps, or exits) and the
     store read again, until a version names the model to load. A CURRENT deleted from a store with
-    published versions, a refusal (403), a bucket that does not exist are no wait: they exit as before."""
+    published versions, a refusal (403), a bucket that does not exist are no wait: they exit as before.
+
+    The model's download from the store is given the same bound without an answer (an object that
+    sends nothing for serving.pull.hung_poll_seconds() is a store that does not answer, as above);
+    ``said(line)`` hears where it is (which object, since when) while it runs."""
     cache_dir, read_only, hung_after = _node_arguments(model_dir, cache_dir, as_json, what)
     while True:
-        opened = _open_once(store_uri, model_dir, cache_dir, read_only, hung_after, as_json, what, wait is not None)
+        opened = _open_once(store_uri, model_dir, cache_dir, read_only, hung_after, as_json, what, wait is not None,
+                            said)
         if isinstance(opened, _Opened):
             return opened
         if wait is None:
@@ -134,7 +139,8 @@ def _node_arguments(model_dir: Path | None, cache_dir: Path | None, as_json: boo
 
 
 def _open_once(store_uri: str, model_dir: Path | None, cache_dir: Path, read_only: str | None, hung_after: float,
-               as_json: bool, what: str, waits: bool) -> "_Opened | _NothingYet":
+               as_json: bool, what: str, waits: bool, said: Callable[[str], None] | None = None
+               ) -> "_Opened | _NothingYet":
     """One attempt of :func:`_open`: what the node starts from, or why the store has nothing for it yet."""
     from schemas.manifest import ManifestError
     from serving.pull import PullError, answered_within, resolve_model, store_fix
@@ -158,7 +164,7 @@ def _open_once(store_uri: str, model_dir: Path | None, cache_dir: Path, read_onl
             return _NothingYet(store, f"{store.uri}: nothing published yet (no {CURRENT_KEY}); run a night first "
                                       "(engram run nightly), or check --store")
         manifest = current[0]
-        em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
+        em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir, hung_after=hung_after, said=said)
     except StoreUnreachable as outage:  # CURRENT, or the model it names, could not be read
         last_good, em, why = _last_good(store, outage, model_dir, cache_dir, as_json, what)
         if last_good is None:
@@ -528,7 +534,7 @@ def _start(listener, store: str, shards, interval: float, max_batch: int, batch_
             said = why
         time.sleep(interval * random.uniform(0.9, 1.1))
 
-    opened = _open(store, model, cache_dir, wait=wait)
+    opened = _open(store, model, cache_dir, wait=wait, said=lambda where: listener.set("starting", where))
     listener.set("starting", f"loading v{opened.manifest.version} of {store}" if opened.manifest is not None
                  else f"loading {store}")
     client = _client(opened.store, opened.manifest, opened.em, shards, opened.cache_dir, interval,

@@ -71,7 +71,7 @@ from serving.last_good import (LastGood, fallback_candidates, iso, legacy_record
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
 from versions.layout import CURRENT_KEY, forgotten_id, shard_of
-from versions.models import ModelError, fetch_model
+from versions.models import FetchProgress, ModelError, fetch_model
 from versions.store import (ObjectNotFound, ObjectStore, StoreError, StoreUnreachable, remove_dead_temp_files,
                             write_file_atomic)
 
@@ -1020,9 +1020,73 @@ class _Build:
 # ---------------------------------------------------------------- the model
 
 
+_MODEL_FETCHES: dict[tuple[str, str], tuple[threading.Thread, FetchProgress, dict]] = {}
+_MODEL_FETCHES_LOCK = threading.Lock()
+
+
+def fetch_model_within(store: ObjectStore, fp: str, cache_dir: str | Path, seconds: float,
+                       said: Callable[[str], None] | None = None) -> Path:
+    """versions.models.fetch_model, given ``seconds`` without an answer from the store: the model's
+    folder, or the fetch's own error; StoreUnreachable naming the object it waits for and since when
+    once the store has sent nothing of it for that long (a store that accepts connections and never
+    answers held the fetch for botocore's timeouts and retries, minutes, and the node said
+    ``starting`` with no reason). A slow download is not hung while its bytes keep coming. The fetch
+    goes on in a daemon thread, one per cache and model in this process: a later call waits for the
+    one under way (its download is not lost). ``said(line)``: where the fetch is, every 0.2 s."""
+    entry_key = (str(Path(cache_dir).expanduser().resolve()), fp)
+    with _MODEL_FETCHES_LOCK:
+        entry = _MODEL_FETCHES.get(entry_key)
+        if entry is None or (not entry[0].is_alive() and "error" in entry[2]):  # none, or one that failed: again
+            progress, outcome = FetchProgress(), {}
+
+            def run() -> None:
+                try:
+                    outcome["value"] = fetch_model(store, fp, cache_dir, progress)
+                except BaseException as err:  # handed to the caller
+                    outcome["error"] = err
+
+            thread = threading.Thread(target=run, name="engram-model-fetch", daemon=True)
+            entry = _MODEL_FETCHES[entry_key] = (thread, progress, outcome)
+            thread.start()
+    thread, progress, outcome = entry
+    while thread.is_alive():
+        thread.join(0.2)
+        if not thread.is_alive():
+            break
+        key, since = progress.key, progress.since
+        if progress.locked_out:
+            where = f"waiting for another fetch of model {fp[:16]}.. into {cache_dir} (its lock)"
+        elif key is None:
+            where = f"checking model {fp[:16]}.. in {cache_dir}"
+        else:
+            waited = time.time() - since
+            files = f"file {progress.files + 1} of {progress.total}" if progress.total else "its file list"
+            where = (f"fetching model {fp[:16]}.. from {store.uri}: {key} ({files}, {progress.got} bytes so far), "
+                     f"last answer {human_duration(waited)} ago, at {iso(since)}")
+            if waited > seconds:
+                raise StoreUnreachable(
+                    f"{store.describe()}: fetch of model {fp[:16]}.. failed: {key} has had no answer for "
+                    f"{human_duration(waited)}, since {iso(since)} ({progress.got} bytes of it came; it accepts "
+                    "connections and does not answer? a frozen server or a load balancer with no live backend); the "
+                    "store does not answer")
+        if said is not None:
+            said(where)
+    with _MODEL_FETCHES_LOCK:
+        if _MODEL_FETCHES.get(entry_key) is entry and "value" in outcome:
+            del _MODEL_FETCHES[entry_key]  # done: the next fetch finds the model in the cache
+    if "error" in outcome:
+        with _MODEL_FETCHES_LOCK:
+            if _MODEL_FETCHES.get(entry_key) is entry:
+                del _MODEL_FETCHES[entry_key]
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def resolve_model(store: ObjectStore, manifest: Manifest, *, model_dir: str | Path | None,
-                  cache_dir: str | Path, device: str = "cpu") -> EngramModel:
-    """Load the model a manifest was compiled for: ``model_dir`` if given (must match), else from the store."""
+                  cache_dir: str | Path, device: str = "cpu", hung_after: float | None = None,
+                  said: Callable[[str], None] | None = None) -> EngramModel:
+    """Load the model a manifest was compiled for: ``model_dir`` if given (must match), else from the
+    store (with ``hung_after``: :func:`fetch_model_within` those seconds, saying where it is to ``said``)."""
     from engram_core.checkpoint import load_checkpoint
 
     if model_dir is not None:
@@ -1033,4 +1097,9 @@ def resolve_model(store: ObjectStore, manifest: Manifest, *, model_dir: str | Pa
                 f"for {manifest.fingerprint[:16]}..; point --model at the checkpoint with that fingerprint (engram "
                 "model info DIR shows a checkpoint's), or leave --model out to fetch the store's model")
         return load_checkpoint(model_dir, device=device)
-    return load_checkpoint(fetch_model(store, manifest.fingerprint, cache_dir), device=device)
+    if hung_after is None:
+        return load_checkpoint(fetch_model(store, manifest.fingerprint, cache_dir), device=device)
+    folder = fetch_model_within(store, manifest.fingerprint, cache_dir, hung_after, said)
+    if said is not None:
+        said(f"loading model {manifest.fingerprint[:16]}.. from {folder}")
+    return load_checkpoint(folder, device=device)

@@ -352,3 +352,47 @@ def test_a_warm_node_whose_first_pull_hangs_serves_its_last_good_within_the_hung
         assert status == 200 and health["status"] == "ok" and health["version"] == 2, health
     finally:
         server.shutdown()
+
+
+def test_a_cold_node_whose_store_hangs_while_it_downloads_the_model_says_which_object_and_waits(
+        s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """The store answers the read of CURRENT and the model's file list, then never answers the
+    model's weights. Before, `engram serve` said 503 ``starting`` (reason: "reading ... and loading its
+    model") for botocore's timeouts and retries, about 6 minutes, with nothing naming the wait, and
+    `engram ask` waited as long. Now /healthz names the object the download waits for and since
+    when; once it has sent nothing for ENGRAM_HUNG_POLL_S the store does not answer: the node
+    waits, 503 ``no_version`` naming it, polling (ask exits 1 naming it), and serves once the store
+    answers (the download under way goes on)."""
+    from typer.testing import CliRunner
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    flaky.up(hang_gets=(".safetensors",))  # the model's weights: no answer, the connection held open
+    port = free_port()
+    node = _serve(flaky.uri, tmp_path / "cold", port, env={**_node_env(flaky, tmp_path / "cold"),
+                                                           "ENGRAM_HUNG_POLL_S": "2"})
+    try:
+        fetching = _wait_for(lambda: "fetching model" in (h := _health(port))["reason"] and h, node, timeout=60)
+        assert fetching["status"] == "starting" and ".safetensors (file " in fetching["reason"], fetching
+        assert "last answer" in fetching["reason"] and flaky.uri in fetching["reason"]
+        started = time.monotonic()
+        waiting = _wait_for(lambda: (h := _health(port))["status"] == "no_version" and h, node, timeout=30)
+        assert time.monotonic() - started < 20
+        assert "fetch of model" in waiting["reason"] and ".safetensors has had no answer for" in waiting["reason"]
+        assert "the store does not answer" in waiting["reason"], waiting
+        assert _live(port)[0] == 200
+
+        monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+        monkeypatch.setenv("ENGRAM_HUNG_POLL_S", "1")
+        started = time.monotonic()
+        asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", "hi", "--store", flaky.uri, "--cache-dir",
+                                               str(tmp_path / "cold-ask")])
+        assert asked.exit_code == 1 and time.monotonic() - started < 20, asked.output
+        assert ".safetensors has had no answer for" in asked.stderr and asked.stderr.count("\n") == 1, asked.stderr
+
+        flaky.up()  # the store answers again
+        health = _wait_for(lambda: (h := _health(port))["status"] == "ok" and h, node, timeout=90)
+        assert health["version"] == 1
+    finally:
+        stderr = _stop(node)
+    assert node.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
