@@ -74,7 +74,7 @@ class _NothingYet:
 
 
 def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_json: bool = False, what: str = "pulled",
-          wait: Callable[[str], None] | None = None) -> _Opened:
+          wait: Callable[[str], None] | None = None, said: Callable[[str], None] | None = None) -> _Opened:
     """What a command starts from (:class:`_Opened`); exits with a clear message on any problem (with
     ``as_json``, also the command's JSON failure object). When the store does not answer before the
     model is loaded (an error, or no answer to the read of CURRENT within
@@ -89,10 +89,15 @@ def _open(store_uri: str, model_dir: Path | None, cache_dir: Path | None, as_jso
     running: serve, pull --watch). Then, with ``--model``, ``manifest`` is None at once (the client's
     polls load the first version); without, ``wait(why)`` is called (it sleeps, or exits) and the
     store read again, until a version names the model to load. A CURRENT deleted from a store with
-    published versions, a refusal (403), a bucket that does not exist are no wait: they exit as before."""
+    published versions, a refusal (403), a bucket that does not exist are no wait: they exit as before.
+
+    The model's download from the store is given the same bound without an answer (an object that
+    sends nothing for serving.pull.hung_poll_seconds() is a store that does not answer, as above);
+    ``said(line)`` hears where it is (which object, since when) while it runs."""
     cache_dir, read_only, hung_after = _node_arguments(model_dir, cache_dir, as_json, what)
     while True:
-        opened = _open_once(store_uri, model_dir, cache_dir, read_only, hung_after, as_json, what, wait is not None)
+        opened = _open_once(store_uri, model_dir, cache_dir, read_only, hung_after, as_json, what, wait is not None,
+                            said)
         if isinstance(opened, _Opened):
             return opened
         if wait is None:
@@ -134,7 +139,8 @@ def _node_arguments(model_dir: Path | None, cache_dir: Path | None, as_json: boo
 
 
 def _open_once(store_uri: str, model_dir: Path | None, cache_dir: Path, read_only: str | None, hung_after: float,
-               as_json: bool, what: str, waits: bool) -> "_Opened | _NothingYet":
+               as_json: bool, what: str, waits: bool, said: Callable[[str], None] | None = None
+               ) -> "_Opened | _NothingYet":
     """One attempt of :func:`_open`: what the node starts from, or why the store has nothing for it yet."""
     from schemas.manifest import ManifestError
     from serving.pull import PullError, answered_within, resolve_model, store_fix
@@ -158,7 +164,7 @@ def _open_once(store_uri: str, model_dir: Path | None, cache_dir: Path, read_onl
             return _NothingYet(store, f"{store.uri}: nothing published yet (no {CURRENT_KEY}); run a night first "
                                       "(engram run nightly), or check --store")
         manifest = current[0]
-        em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir)
+        em = resolve_model(store, manifest, model_dir=model_dir, cache_dir=cache_dir, hung_after=hung_after, said=said)
     except StoreUnreachable as outage:  # CURRENT, or the model it names, could not be read
         last_good, em, why = _last_good(store, outage, model_dir, cache_dir, as_json, what)
         if last_good is None:
@@ -300,9 +306,10 @@ def pull(
     client = _client(store_obj, opened.manifest, opened.em, shards, opened.cache_dir, interval, as_json, "pulled",
                      opened.current, max_stale)
     outage = opened.outage  # the store did not answer _open: the first poll falls back without asking again
+    first = True
     while True:
-        result = client.fall_back(outage) if outage else client.poll()
-        outage = None
+        result = client.fall_back(outage) if outage else _first_poll(client) if first else client.poll()
+        outage, first = None, False
         count += 1
         index = client.index
         report = {"pulled": not result.error, "store": store_obj.uri, "version": result.version, "changed": result.changed,
@@ -392,7 +399,7 @@ def ask(
     for _ in range(3):  # a night that changed the number of shards since CURRENT was read moved the user's shard
         client = PullClient(store_obj, em, shards=[shard_of(user, num_shards)], cache_dir=cache, current=current,
                             max_stale=max_stale)
-        result = client.fall_back(opened.outage) if opened.outage else client.poll()
+        result = client.fall_back(opened.outage) if opened.outage else _first_poll(client)
         if client.index is None or client.index.owns(user):
             break
         num_shards = client.index.num_shards
@@ -466,6 +473,12 @@ def serve(
         except ChatTemplateError as e:
             _fail(str(e), code=exit_code(e))
     _node_arguments(model, cache_dir)  # a bad --cache-dir or --model: said before the port is taken
+    from serving.batcher import wedged_batch_seconds
+
+    try:
+        wedged_batch_seconds()  # a bad ENGRAM_WEDGED_BATCH_S too
+    except ValueError as e:
+        _fail(str(e), code=2)
     from serving.http import StartingNode  # here: it imports torch, which other commands do not need
 
     try:  # the port answers from now on: /healthz 503 until a version is served (a store that hangs, none yet)
@@ -521,7 +534,7 @@ def _start(listener, store: str, shards, interval: float, max_batch: int, batch_
             said = why
         time.sleep(interval * random.uniform(0.9, 1.1))
 
-    opened = _open(store, model, cache_dir, wait=wait)
+    opened = _open(store, model, cache_dir, wait=wait, said=lambda where: listener.set("starting", where))
     listener.set("starting", f"loading v{opened.manifest.version} of {store}" if opened.manifest is not None
                  else f"loading {store}")
     client = _client(opened.store, opened.manifest, opened.em, shards, opened.cache_dir, interval,
@@ -539,11 +552,13 @@ def _start(listener, store: str, shards, interval: float, max_batch: int, batch_
 
 
 def _first_pull(client):
-    """The node's first poll: its PollResult; None while it is still running and the store has not
-    answered it for ``client.hung_after`` seconds (ENGRAM_HUNG_POLL_S; a store that answered the
-    read of CURRENT and then hangs held the start for botocore's timeouts and retries, minutes, and
-    the node exited 1). The poll goes on in a daemon thread, and the client's own polls (which wait
-    for it) take over; the main thread stays free for SIGTERM."""
+    """The node's first poll: its PollResult. Once it has had no answer from the store for
+    ``client.hung_after`` seconds (ENGRAM_HUNG_POLL_S; a store that answered the read of CURRENT and
+    then hangs held the start for botocore's timeouts and retries, minutes, and the node exited 1,
+    or a warm node served its last-good only then): the cache's last-good, served meanwhile
+    (PullClient.fall_back_if_hung, its PollResult), or None (no last-good: not ready, polling). The
+    poll goes on in a daemon thread, and the client's own polls (which wait for it) take over; the
+    main thread stays free for SIGTERM."""
     import threading
 
     results: list = []
@@ -561,10 +576,23 @@ def _first_pull(client):
         # Hung only while no poll has failed yet (a poll that failed fast on a damaged version set
         # last_error a moment before its thread ended: that is its result, and the node exits 1).
         if polling.is_alive() and client.index is None and client.last_error is None and client.error() is not None:
-            return None  # hung: not ready, polling (healthz names the store and the wait)
+            fallback = client.fall_back_if_hung()  # hung: the last-good, stale, if the cache holds one
+            return fallback if client.index is not None else None  # else not ready, polling (healthz says why)
     if results and isinstance(results[0], BaseException):
         raise results[0]
     return results[0] if results else None
+
+
+def _first_poll(client):
+    """A one-shot command's first poll (``pull``, ``ask``): as :func:`_first_pull`, and once it has
+    had no answer for ``client.hung_after`` with no last-good to serve, a failed PollResult saying
+    so (the command exits 1 now, not after botocore's timeouts and retries)."""
+    from serving.pull import PollResult
+
+    result = _first_pull(client)
+    if result is None:
+        return PollResult(False, None, error=client.error() or "no version loaded")
+    return result
 
 
 def _template_file_problem(path: Path | None) -> str | None:

@@ -13,6 +13,7 @@ wait for the next batch (no continuous batching in this reference server).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,6 +23,28 @@ from serving.decode import CANCELLED, Sampling, SequenceState, decode_batch
 from serving.errors import RequestError
 
 log = logging.getLogger(__name__)
+
+WEDGED_BATCH_S = 300.0
+"""A batcher that has work (a batch in progress, or requests queued) and has made no progress on it
+(no decode step ended, no batch taken) for this long is wedged (a CUDA or CPU hang, a deadlock inside
+one decode): ``/livez`` answers 503 (serving.http). No legitimate step comes near it: every request
+waiting on such a step has already failed with a 504 after serving.http.EVENT_TIMEOUT_S (120 s)."""
+WEDGED_BATCH_ENV = "ENGRAM_WEDGED_BATCH_S"
+
+
+def wedged_batch_seconds() -> float:
+    """:data:`WEDGED_BATCH_S`, or ``$ENGRAM_WEDGED_BATCH_S`` (seconds, above 0) where set; ValueError
+    naming the variable for any other value."""
+    text = os.environ.get(WEDGED_BATCH_ENV, "").strip()
+    if not text:
+        return WEDGED_BATCH_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{WEDGED_BATCH_ENV}={text!r}: give seconds above 0 (default {WEDGED_BATCH_S:g}), or unset it")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -107,11 +130,17 @@ class GenerationRequest:
 
 
 class CompletionBatcher:
-    """Collects requests for ``wait_s`` (up to ``max_batch`` sequences), then one ``generate`` per batch."""
+    """Collects requests for ``wait_s`` (up to ``max_batch`` sequences), then one ``generate`` per batch.
 
-    def __init__(self, em, client, *, max_batch: int = 32, wait_s: float = 0.005):
+    ``wedged_after`` (seconds; default :func:`wedged_batch_seconds`): how long the batcher may go
+    without progress while it has work before :meth:`wedged` says so."""
+
+    def __init__(self, em, client, *, max_batch: int = 32, wait_s: float = 0.005, wedged_after: float | None = None):
         self.em, self.client = em, client
         self.max_batch, self.wait_s = max_batch, wait_s
+        self.wedged_after = wedged_batch_seconds() if wedged_after is None else wedged_after
+        self._progress_at = time.monotonic()  # the batcher thread's last sign of progress (a loop, a decode step)
+        self._batch: tuple[int, float] | None = None  # the batch in progress: (sequences, wall-clock start)
         self.batches = 0
         self.sequences = 0
         self.largest_batch = 0
@@ -128,6 +157,24 @@ class CompletionBatcher:
     def alive(self) -> bool:
         """False once :meth:`start` ran and the batching thread has ended (it died, or :meth:`stop`)."""
         return self._thread.is_alive() or self._thread.ident is None
+
+    def wedged(self, now: float | None = None) -> str | None:
+        """None while the batcher makes progress on its work (or has none); else one line saying it
+        has a batch in progress (or requests queued) and no decode step has ended (nor a batch been
+        taken) for ``wedged_after`` seconds: a hang inside one decode, which only a restart ends."""
+        if not self._thread.is_alive():
+            return None  # not started, or ended: alive() says so
+        idle = (time.monotonic() if now is None else now) - self._progress_at
+        batch, queued = self._batch, self._queue.qsize()
+        if idle <= self.wedged_after or (batch is None and not queued):
+            return None
+        from serving.pull import human_duration
+        from serving.last_good import iso
+
+        work = (f"a batch of {batch[0]} sequences started at {iso(batch[1])}" if batch is not None else
+                f"{queued} request(s) queued")
+        return (f"the batcher has made no progress for {human_duration(idle)} on {work} (no decode step ended; over "
+                f"{WEDGED_BATCH_ENV}={self.wedged_after:g}s: a hang or deadlock inside a decode); restart the node")
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,9 +216,15 @@ class CompletionBatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._progress_at = time.monotonic()
             batch = [r for r in self._collect() if not r.cancelled.is_set()]
             if batch:
-                self._serve(batch)
+                self._progress_at = time.monotonic()
+                self._batch = (sum(r.num_sequences for r in batch), time.time())
+                try:
+                    self._serve(batch)
+                finally:
+                    self._batch = None
 
     def _serve(self, batch: list[GenerationRequest]) -> None:
         from engram_core.memory_index import batch_overlay
@@ -202,6 +255,7 @@ class CompletionBatcher:
             states.extend(request.states)
 
         def on_step() -> None:
+            self._progress_at = time.monotonic()  # a decode step ended: the batcher is not wedged
             for request in batch:
                 request.report()
 

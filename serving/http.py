@@ -26,7 +26,8 @@ the node works: starting, waiting for a first version, or for a store that does 
 restart would not make any of them ready sooner); 503 ``{"status": "wedged", "reason": ...}`` only
 when its poller thread died or one poll has gone without an answer from the store far longer than
 a store that never answers takes to fail it (serving.pull.PullClient.wedged), or its batcher
-thread died: then a restart is the fix. Malformed requests get
+thread died or is stuck inside a decode (no step for ENGRAM_WEDGED_BATCH_S while it has work:
+serving.batcher.CompletionBatcher.wedged): then a restart is the fix. Malformed requests get
 HTTP 400 with an OpenAI-style JSON error body (``error.message``, ``type``, ``param``, ``code``);
 a prompt that does not fit the model's context is ``context_length_exceeded``.
 """
@@ -229,18 +230,21 @@ class ReferenceServer:
     the node's default for requests that leave out the body field of that name (serving.decode.Sampling).
     ``listener``: a :class:`StartingNode` whose socket (bound, perhaps already answering) this server
     takes over from the next request on, so the port answers throughout a node's start (``host`` and
-    ``port`` are then not used).
+    ``port`` are then not used). ``wedged_batch_after``: seconds without progress on its work after
+    which the batcher is wedged for ``/livez`` (default: serving.batcher.wedged_batch_seconds()).
     """
 
     def __init__(self, em, client, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
                  batch_wait_s: float = 0.005, poll: bool = True, chat_template: str | Path | None = None,
-                 stop_at_memory_end: bool = False, listener: "StartingNode | None" = None):
+                 stop_at_memory_end: bool = False, listener: "StartingNode | None" = None,
+                 wedged_batch_after: float | None = None):
         self.em, self.client, self.poll = em, client, poll
         self.stop_at_memory_end = stop_at_memory_end
         self.model_name = f"engram-{em.fingerprint[:12]}"
         self.chat = ChatTemplate(em.tokenizer, chat_template)
         self.context_length = context_length(em)
-        self.batcher = CompletionBatcher(em, client, max_batch=max_batch, wait_s=batch_wait_s)
+        self.batcher = CompletionBatcher(em, client, max_batch=max_batch, wait_s=batch_wait_s,
+                                         wedged_after=wedged_batch_after)
         self._listener = listener
         if listener is None:
             self.httpd = _HTTPServer((host, port), self._handler_class())
@@ -327,13 +331,16 @@ class ReferenceServer:
     def liveness(self) -> tuple[int, dict]:
         """``/livez``: (200, ``{"status": "alive", "ready": bool}``) while the node works, ready or
         not (waiting for a first version, for a store that does not answer); (503, ``{"status":
-        "wedged", "reason": ...}``) when its batcher thread died, or its poller is wedged
+        "wedged", "reason": ...}``) when its batcher thread died or has made no progress on its work
+        for ENGRAM_WEDGED_BATCH_S (serving.batcher.CompletionBatcher.wedged), or its poller is wedged
         (serving.pull.PullClient.wedged: its thread died, or a poll has not come back for far longer
         than ENGRAM_HUNG_POLL_S)."""
         wedged = None
         if not self.batcher.alive():
             wedged = "the batcher thread has died; restart the node"
-        elif self.poll:
+        else:
+            wedged = self.batcher.wedged()  # alive, and stuck inside one decode (a hang, a deadlock)
+        if wedged is None and self.poll:
             wedged = self.client.wedged()
         if wedged is not None:
             return 503, {"status": "wedged", "reason": wedged}

@@ -71,7 +71,7 @@ from serving.last_good import (LastGood, fallback_candidates, iso, legacy_record
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
 from versions.layout import CURRENT_KEY, forgotten_id, shard_of
-from versions.models import ModelError, fetch_model
+from versions.models import FetchProgress, ModelError, fetch_model
 from versions.store import (ObjectNotFound, ObjectStore, StoreError, StoreUnreachable, remove_dead_temp_files,
                             write_file_atomic)
 
@@ -588,6 +588,8 @@ class PullClient:
         self._record_failed = False  # the last write of the record failed (said once, at WARNING)
         self._etag: str | None = None
         self._poll_lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # a poll's swap against a fallback while it hangs (fall_back_if_hung)
+        self._fell_back_for: float | None = None  # the hung poll (its polling_since) a fallback was tried for
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -628,11 +630,38 @@ class PullClient:
             now = self.last_poll_at = time.time()
             return self._failed(f"StoreUnreachable: {error}", True, now)
 
+    def fall_back_if_hung(self) -> PollResult | None:
+        """While nothing is served and the poll in progress has had no answer from the store for
+        ``hung_after`` (a store that answered the read of CURRENT, then hangs: the poll fails only
+        after botocore's timeouts and retries, minutes): serve the cache's last-good now, as a poll
+        that found the store unreachable does (see the class), and return that fallback's
+        PollResult (``error`` saying the wait and what is served). The poll goes on: a version it
+        loads replaces the last-good, a failure leaves it served, stale. None while nothing is
+        hung, something is served, or the fallback was tried for this poll (no last-good: the error
+        says so in the log)."""
+        started, error = self.polling_since, self._error()
+        if (self._index is not None or started is None or self.last_error is not None or error is None
+                or self._fell_back_for == started):
+            return None
+        self._fell_back_for = started
+        with self._swap_lock:
+            if self._index is not None or self.polling_since is None:  # the poll ended meanwhile
+                return None
+            build, message = self._serve_last_good(error)
+        if build is None:
+            log.error("pull from %s: %s", self.store.uri, message)
+            return PollResult(False, None, error=message)
+        self.stale_since = self.stale_since or started
+        return PollResult(True, self._index.version, tuple(build.fetched), error=message,
+                          rebuilt_shards=tuple(build.rebuilt), stale=self.stale())
+
     def _failed(self, message: str, unreachable: bool, now: float) -> PollResult:
         """A poll that failed with ``message`` (``unreachable``: the store did not answer)."""
         build = None
         if self._index is None and unreachable:
-            build, message = self._serve_last_good(message)
+            with self._swap_lock:  # (a fallback while this poll hung may have served it already)
+                if self._index is None:
+                    build, message = self._serve_last_good(message)
         served = self._index.version if self._index is not None else None
         said, clock = self._said, time.monotonic()
         repeat = said is not None and said[0] == message
@@ -833,7 +862,8 @@ class PullClient:
             if isinstance(err, IntegrityError) and self._moved_from(etag):
                 raise _CurrentMoved(err) from err  # its objects were rewritten or collected under it: not damage
             raise
-        self._index, self._manifest = index, manifest  # the swap: readers hold either the old index or this one
+        with self._swap_lock:  # not while a fallback to the last-good (fall_back_if_hung) is being swapped in
+            self._index, self._manifest = index, manifest  # the swap: readers hold either the old index or this one
         self._etag = etag
         evicted = self._evict(index)
         log.info("serving v%d from %s (%d users in %d shards; loaded shards %s, %d layer(s) applied, %d bytes "
@@ -990,9 +1020,73 @@ class _Build:
 # ---------------------------------------------------------------- the model
 
 
+_MODEL_FETCHES: dict[tuple[str, str], tuple[threading.Thread, FetchProgress, dict]] = {}
+_MODEL_FETCHES_LOCK = threading.Lock()
+
+
+def fetch_model_within(store: ObjectStore, fp: str, cache_dir: str | Path, seconds: float,
+                       said: Callable[[str], None] | None = None) -> Path:
+    """versions.models.fetch_model, given ``seconds`` without an answer from the store: the model's
+    folder, or the fetch's own error; StoreUnreachable naming the object it waits for and since when
+    once the store has sent nothing of it for that long (a store that accepts connections and never
+    answers held the fetch for botocore's timeouts and retries, minutes, and the node said
+    ``starting`` with no reason). A slow download is not hung while its bytes keep coming. The fetch
+    goes on in a daemon thread, one per cache and model in this process: a later call waits for the
+    one under way (its download is not lost). ``said(line)``: where the fetch is, every 0.2 s."""
+    entry_key = (str(Path(cache_dir).expanduser().resolve()), fp)
+    with _MODEL_FETCHES_LOCK:
+        entry = _MODEL_FETCHES.get(entry_key)
+        if entry is None or (not entry[0].is_alive() and "error" in entry[2]):  # none, or one that failed: again
+            progress, outcome = FetchProgress(), {}
+
+            def run() -> None:
+                try:
+                    outcome["value"] = fetch_model(store, fp, cache_dir, progress)
+                except BaseException as err:  # handed to the caller
+                    outcome["error"] = err
+
+            thread = threading.Thread(target=run, name="engram-model-fetch", daemon=True)
+            entry = _MODEL_FETCHES[entry_key] = (thread, progress, outcome)
+            thread.start()
+    thread, progress, outcome = entry
+    while thread.is_alive():
+        thread.join(0.2)
+        if not thread.is_alive():
+            break
+        key, since = progress.key, progress.since
+        if progress.locked_out:
+            where = f"waiting for another fetch of model {fp[:16]}.. into {cache_dir} (its lock)"
+        elif key is None:
+            where = f"checking model {fp[:16]}.. in {cache_dir}"
+        else:
+            waited = time.time() - since
+            files = f"file {progress.files + 1} of {progress.total}" if progress.total else "its file list"
+            where = (f"fetching model {fp[:16]}.. from {store.uri}: {key} ({files}, {progress.got} bytes so far), "
+                     f"last answer {human_duration(waited)} ago, at {iso(since)}")
+            if waited > seconds:
+                raise StoreUnreachable(
+                    f"{store.describe()}: fetch of model {fp[:16]}.. failed: {key} has had no answer for "
+                    f"{human_duration(waited)}, since {iso(since)} ({progress.got} bytes of it came; it accepts "
+                    "connections and does not answer? a frozen server or a load balancer with no live backend); the "
+                    "store does not answer")
+        if said is not None:
+            said(where)
+    with _MODEL_FETCHES_LOCK:
+        if _MODEL_FETCHES.get(entry_key) is entry and "value" in outcome:
+            del _MODEL_FETCHES[entry_key]  # done: the next fetch finds the model in the cache
+    if "error" in outcome:
+        with _MODEL_FETCHES_LOCK:
+            if _MODEL_FETCHES.get(entry_key) is entry:
+                del _MODEL_FETCHES[entry_key]
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def resolve_model(store: ObjectStore, manifest: Manifest, *, model_dir: str | Path | None,
-                  cache_dir: str | Path, device: str = "cpu") -> EngramModel:
-    """Load the model a manifest was compiled for: ``model_dir`` if given (must match), else from the store."""
+                  cache_dir: str | Path, device: str = "cpu", hung_after: float | None = None,
+                  said: Callable[[str], None] | None = None) -> EngramModel:
+    """Load the model a manifest was compiled for: ``model_dir`` if given (must match), else from the
+    store (with ``hung_after``: :func:`fetch_model_within` those seconds, saying where it is to ``said``)."""
     from engram_core.checkpoint import load_checkpoint
 
     if model_dir is not None:
@@ -1003,4 +1097,9 @@ def resolve_model(store: ObjectStore, manifest: Manifest, *, model_dir: str | Pa
                 f"for {manifest.fingerprint[:16]}..; point --model at the checkpoint with that fingerprint (engram "
                 "model info DIR shows a checkpoint's), or leave --model out to fetch the store's model")
         return load_checkpoint(model_dir, device=device)
-    return load_checkpoint(fetch_model(store, manifest.fingerprint, cache_dir), device=device)
+    if hung_after is None:
+        return load_checkpoint(fetch_model(store, manifest.fingerprint, cache_dir), device=device)
+    folder = fetch_model_within(store, manifest.fingerprint, cache_dir, hung_after, said)
+    if said is not None:
+        said(f"loading model {manifest.fingerprint[:16]}.. from {folder}")
+    return load_checkpoint(folder, device=device)

@@ -408,6 +408,58 @@ def test_livez_answers_200_while_a_node_waits_and_503_only_when_its_poller_is_we
         assert _request(server.port, "GET", "/healthz")[0] == 200  # it still serves what it has
 
 
+def test_livez_says_wedged_when_the_batcher_is_stuck_inside_a_decode_not_while_a_slow_one_steps(
+        local_store, tiny, compiled):
+    """Before, /livez noticed only a dead batcher thread: a batcher stuck inside one decode (a CUDA
+    or CPU hang, a deadlock) left the node alive for its probe, each request failing with a 504
+    after 120 s, for good. Now a batcher with work and no decode step for ENGRAM_WEDGED_BATCH_S is
+    wedged; a slow decode whose steps keep ending is not. The hang is a real one: a forward hook
+    of the real model's head that blocks."""
+    import threading
+
+    from serving.http import ReferenceServer
+
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(local_store, tiny)
+    assert client.poll().error is None
+    release, slow = threading.Event(), threading.Event()
+
+    def hook(module, args):  # every forward: slow (0.3 s a step), or hung until released
+        if slow.is_set():
+            time.sleep(0.3)
+        else:
+            release.wait()
+
+    trigger, _ = FACTS["alice"][0]
+    body = {"model": "engram", "prompt": trigger, "user": "alice", "max_tokens": 8}
+    with ReferenceServer(tiny, client, port=0, poll=False, wedged_batch_after=1.0) as server:
+        handle = tiny.lm_head.register_forward_pre_hook(hook)  # once per decode step
+        try:
+            slow.set()  # 8 steps of 0.3 s: 2.4 s in one batch, over the 1 s bound, a step every 0.3 s
+            asked = threading.Thread(target=_request, args=(server.port, "POST", "/v1/completions", body), daemon=True)
+            asked.start()
+            while asked.is_alive():
+                assert _request(server.port, "GET", "/livez")[0] == 200
+                time.sleep(0.2)
+            assert server.batcher.batches == 1
+            slow.clear()  # now the next forward never returns
+            threading.Thread(target=_request, args=(server.port, "POST", "/v1/completions", body), daemon=True).start()
+            time.sleep(0.6)
+            assert _request(server.port, "GET", "/livez")[0] == 200  # within the bound
+            time.sleep(1.0)
+            status, live = _request(server.port, "GET", "/livez")
+            assert status == 503 and live["status"] == "wedged", live
+            assert live["reason"].startswith("the batcher has made no progress for ") and "a batch of 1 sequences" in \
+                live["reason"] and "ENGRAM_WEDGED_BATCH_S=1s" in live["reason"] and "restart the node" in live["reason"]
+        finally:
+            release.set()
+            handle.remove()
+        deadline = time.monotonic() + 30
+        while server.batcher.batches < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _request(server.port, "GET", "/livez") == (200, {"status": "alive", "ready": True, "phase": "ok"})
+
+
 def test_a_poll_failing_as_the_one_before_is_logged_once_then_at_debug(local_store, tiny, compiled, caplog,
                                                                       monkeypatch):
     """A node waiting for the first night (or for a store down for hours) logged one ERROR line per

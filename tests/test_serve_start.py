@@ -23,7 +23,7 @@ from pathlib import Path
 from serving.http import ReferenceServer
 from serving.pull import PullClient
 from tests.conftest import free_port
-from tests.test_pull import FACTS, cli_app, compiled, publish, v1  # noqa: F401
+from tests.test_pull import FACTS, cli_app, compiled, publish, v1, v2  # noqa: F401
 from tests.test_serve_outage import _health, _node_env, _request, _wait_for, flaky  # noqa: F401
 from versions.models import publish_model
 from versions.store import open_store
@@ -159,6 +159,11 @@ def test_what_the_store_refuses_still_fails_a_starting_node_at_once(local_store,
     assert out.exit_code == 2 and out.stderr == "error: ENGRAM_HUNG_POLL_S='soon': give seconds above 0 (default 60), " \
                                                  "or unset it\n"
     monkeypatch.delenv("ENGRAM_HUNG_POLL_S")
+    monkeypatch.setenv("ENGRAM_WEDGED_BATCH_S", "-5")
+    out = serve("--store", str(empty))
+    assert out.exit_code == 2 and out.stderr == "error: ENGRAM_WEDGED_BATCH_S='-5': give seconds above 0 (default " \
+                                                 "300), or unset it\n"
+    monkeypatch.delenv("ENGRAM_WEDGED_BATCH_S")
 
     publish_model(local_store, tiny_dir)
     publish(local_store, tiny, v1(compiled))
@@ -287,3 +292,107 @@ def test_a_cold_node_whose_store_hangs_during_the_first_pull_waits_not_ready_and
         server.shutdown()
         if node.poll() is None:
             _stop(node)
+
+
+def test_a_warm_node_whose_first_pull_hangs_serves_its_last_good_within_the_hung_poll_bound(
+        s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """A node with a last-good in its cache restarts; the store answers the read of CURRENT (a new
+    version, v2), then never answers v2's objects. Before, the first pull held the node for
+    botocore's timeouts and retries (about 6 minutes) before it fell back: `engram serve` said 503
+    ``no_version`` meanwhile, `engram ask` and `engram pull` waited as long. Now each serves the
+    last-good (v1, stale) once the pull has had no answer for ENGRAM_HUNG_POLL_S, and the node
+    moves to v2 once the store answers."""
+    from typer.testing import CliRunner
+
+    from jobs.serve_cli import _start
+    from serving.http import StartingNode
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
+    assert CliRunner().invoke(cli_app(), ["pull", *args]).exit_code == 0  # the last-good: v1, its model cached
+    publish(s3_store, tiny, v2(compiled))
+    flaky.up(hang_gets=("/objects/",))  # v2's objects: no answer, the connection held open
+    monkeypatch.setenv("ENGRAM_HUNG_POLL_S", "1")
+    trigger, answer = FACTS["alice"][0]  # v1's answer (v2 changed alice's facts)
+
+    started = time.monotonic()
+    asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", "--max-new-tokens",
+                                           str(len(tiny.encode_answer(answer))), trigger, *args])
+    assert asked.exit_code == 0 and time.monotonic() - started < 20, asked.output
+    said = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert said["text"] == answer and said["version"] == 1 and said["stale"]["loaded_from"] == "last-good cache"
+    assert "the poll in progress has had no answer for" in said["stale"]["error"], said
+    started = time.monotonic()
+    pulled = CliRunner().invoke(cli_app(), ["pull", *args])
+    assert pulled.exit_code == 1 and time.monotonic() - started < 20, pulled.output  # nothing pulled: as in an outage
+    report = json.loads(pulled.stdout.strip().splitlines()[-1])
+    assert report["version"] == 1 and report["stale"]["loaded_from"] == "last-good cache", report
+
+    listener = StartingNode(port=0).start()
+    started = time.monotonic()
+    server, client = _start(listener, flaky.uri, None, 0.2, 32, 5.0, None, False, cache, None, None)
+    try:
+        assert time.monotonic() - started < 20 and client.index is not None and client.index.version == 1
+        server.start()
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "stale" and health["version"] == 1, health
+        assert health["stale"]["loaded_from"] == "last-good cache"
+        assert "the poll in progress has had no answer for" in health["stale"]["error"], health
+        status, said = _request(server.port, "POST", "/v1/completions", {
+            "model": "engram", "prompt": trigger, "user": "alice", "max_tokens": len(tiny.encode_answer(answer))})
+        assert status == 200 and said["choices"][0]["text"] == answer
+        flaky.up()  # the store answers again (the hung requests are dropped: botocore retries them)
+        deadline = time.monotonic() + 60
+        while (client.index.version != 2 or client.stale() is not None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "ok" and health["version"] == 2, health
+    finally:
+        server.shutdown()
+
+
+def test_a_cold_node_whose_store_hangs_while_it_downloads_the_model_says_which_object_and_waits(
+        s3_store, flaky, tiny, tiny_dir, compiled, tmp_path, monkeypatch):
+    """The store answers the read of CURRENT and the model's file list, then never answers the
+    model's weights. Before, `engram serve` said 503 ``starting`` (reason: "reading ... and loading its
+    model") for botocore's timeouts and retries, about 6 minutes, with nothing naming the wait, and
+    `engram ask` waited as long. Now /healthz names the object the download waits for and since
+    when; once it has sent nothing for ENGRAM_HUNG_POLL_S the store does not answer: the node
+    waits, 503 ``no_version`` naming it, polling (ask exits 1 naming it), and serves once the store
+    answers (the download under way goes on)."""
+    from typer.testing import CliRunner
+
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    flaky.up(hang_gets=(".safetensors",))  # the model's weights: no answer, the connection held open
+    port = free_port()
+    node = _serve(flaky.uri, tmp_path / "cold", port, env={**_node_env(flaky, tmp_path / "cold"),
+                                                           "ENGRAM_HUNG_POLL_S": "2"})
+    try:
+        fetching = _wait_for(lambda: "fetching model" in (h := _health(port))["reason"] and h, node, timeout=60)
+        assert fetching["status"] == "starting" and ".safetensors (file " in fetching["reason"], fetching
+        assert "last answer" in fetching["reason"] and flaky.uri in fetching["reason"]
+        started = time.monotonic()
+        waiting = _wait_for(lambda: (h := _health(port))["status"] == "no_version" and h, node, timeout=30)
+        assert time.monotonic() - started < 20
+        assert "fetch of model" in waiting["reason"] and ".safetensors has had no answer for" in waiting["reason"]
+        assert "the store does not answer" in waiting["reason"], waiting
+        assert _live(port)[0] == 200
+
+        monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+        monkeypatch.setenv("ENGRAM_HUNG_POLL_S", "1")
+        started = time.monotonic()
+        asked = CliRunner().invoke(cli_app(), ["ask", "--user", "alice", "hi", "--store", flaky.uri, "--cache-dir",
+                                               str(tmp_path / "cold-ask")])
+        assert asked.exit_code == 1 and time.monotonic() - started < 20, asked.output
+        assert ".safetensors has had no answer for" in asked.stderr and asked.stderr.count("\n") == 1, asked.stderr
+
+        flaky.up()  # the store answers again
+        health = _wait_for(lambda: (h := _health(port))["status"] == "ok" and h, node, timeout=90)
+        assert health["version"] == 1
+    finally:
+        stderr = _stop(node)
+    assert node.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]

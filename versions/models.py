@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 from engram_core.fingerprint import CheckpointError, fingerprint, ingredient_files
@@ -75,28 +76,57 @@ def publish_model(store: ObjectStore, checkpoint_dir: str | Path) -> str:
     return fp
 
 
-def fetch_model(store: ObjectStore, fp: str, cache_dir: str | Path) -> Path:
+class FetchProgress:
+    """Where a :func:`fetch_model` is, for another thread to watch: ``key`` (the store object being
+    read; None while the fetch waits on nothing from the store: checking a cached copy, writing),
+    ``since`` (time.time() of the store's last answer, or of the read's start), ``got`` (its bytes so
+    far), ``files`` / ``total`` (files done, of the list's), ``locked_out`` (waiting for another fetch
+    of the model into the same cache: its lock)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.since = time.time()
+        self.got = 0
+        self.files, self.total = 0, None
+        self.locked_out = False
+
+    def reading(self, key: str) -> None:
+        self.key, self.since, self.got = key, time.time(), 0
+
+    def answered(self, got: int) -> None:
+        self.since, self.got = time.time(), got
+
+    def read(self) -> None:
+        self.key = None
+        self.files += 1
+
+
+def fetch_model(store: ObjectStore, fp: str, cache_dir: str | Path, progress: FetchProgress | None = None) -> Path:
     """A local directory holding model ``fp`` (downloaded into ``cache_dir/models/`` once, verified).
 
     Fetches of one model into one cache serialize on an ``flock`` of ``models/.fetch-<fp>.lock``
     (released by the kernel if the fetcher dies): a second process waits and then finds the model
     there, and the fetcher that holds the lock deletes the staging folders of fetches killed
-    mid-download (each a partial copy of the model, kept forever before)."""
+    mid-download (each a partial copy of the model, kept forever before). ``progress`` is kept up to
+    date as the fetch goes (see :class:`FetchProgress`)."""
+    progress = progress or FetchProgress()
     models = Path(cache_dir) / "models"
     models.mkdir(parents=True, exist_ok=True)
     try:
         lock = open(models / f".fetch-{fp[:16]}.lock", "a+b")
     except OSError:  # a read-only cache: a model already in it is used as it is
-        return _fetch_model(store, fp, models / fp)
+        return _fetch_model(store, fp, models / fp, progress)
     with lock:
+        progress.locked_out = True
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        progress.locked_out = False
         for staging in models.glob(f".tmp-{fp[:16]}-*"):
             log.info("deleting %s, left by a model fetch that was killed", staging)
             shutil.rmtree(staging, ignore_errors=True)
-        return _fetch_model(store, fp, models / fp)
+        return _fetch_model(store, fp, models / fp, progress)
 
 
-def _fetch_model(store: ObjectStore, fp: str, dest: Path) -> Path:
+def _fetch_model(store: ObjectStore, fp: str, dest: Path, progress: FetchProgress) -> Path:
     if dest.is_dir():
         try:
             if fingerprint(dest) == fp:
@@ -106,8 +136,11 @@ def _fetch_model(store: ObjectStore, fp: str, dest: Path) -> Path:
         log.warning("cached model %s does not match its fingerprint; downloading it again", dest)
         shutil.rmtree(dest)
     try:
-        listing = json.loads(store.get(_model_key(fp, MODEL_FILE_LIST)))
+        progress.reading(_model_key(fp, MODEL_FILE_LIST))
+        listing = json.loads(store.get(_model_key(fp, MODEL_FILE_LIST), progress=progress.answered))
+        progress.key = None
         files = listing["files"]
+        progress.total = len(files)
     except ObjectNotFound:
         raise ModelError(f"{store.uri}: model {fp[:16]}.. is not published under {_model_key(fp)} "
                         "(the nightly job publishes it with versions.models.publish_model; or pass --model DIR)") from None
@@ -117,7 +150,9 @@ def _fetch_model(store: ObjectStore, fp: str, dest: Path) -> Path:
     try:
         for rel, expected in sorted(files.items()):
             key = _model_key(fp, rel)
-            data = store.get(key)
+            progress.reading(key)
+            data = store.get(key, progress=progress.answered)
+            progress.read()
             if len(data) != expected["bytes"] or _sha256(data) != expected["sha256"]:
                 raise IntegrityError(f"{store.uri}/{key}: does not match its size/sha256 in the model file list")
             target = staging / rel

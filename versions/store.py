@@ -182,8 +182,18 @@ class ObjectStore(abc.ABC):
     def arrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         """A pyarrow filesystem and the base path of the store root inside it."""
 
-    def get(self, key: str) -> bytes:
-        return self.get_with_etag(key)[0]
+    def get(self, key: str, *, progress: Callable[[int], None] | None = None) -> bytes:
+        """The object's bytes. ``progress(bytes_so_far)`` is called as the body arrives (an S3
+        store: every MiB; a local one: once), so a caller can tell a slow download from a store
+        that does not answer."""
+        if progress is None:
+            return self.get_with_etag(key)[0]
+        return self._get_progressing(key, progress)
+
+    def _get_progressing(self, key: str, progress: Callable[[int], None]) -> bytes:
+        data = self.get_with_etag(key)[0]
+        progress(len(data))
+        return data
 
     def _listed(self, key: str, shown: str) -> bool:
         """Whether a key a listing found is a store object. Names with a segment starting with
@@ -479,6 +489,18 @@ class LocalStore(ObjectStore):
         return pyarrow.fs.LocalFileSystem(), str(self.root)
 
 
+def _read_body(body, progress: Callable[[int], None] | None) -> bytes:
+    """A botocore StreamingBody's bytes; with ``progress``, read a MiB at a time, each one reported."""
+    if progress is None:
+        return body.read()
+    data = bytearray()
+    progress(0)  # the answer's headers came
+    for chunk in body.iter_chunks(1 << 20):
+        data += chunk
+        progress(len(data))
+    return bytes(data)
+
+
 def _is_aws_endpoint(endpoint: str) -> bool:
     """An endpoint URL of AWS S3 itself (a regional, FIPS, dual-stack or VPC endpoint)."""
     host = (urlparse(endpoint if "://" in endpoint else f"https://{endpoint}").hostname or "").lower()
@@ -772,6 +794,12 @@ class S3Store(ObjectStore):
         ``max_attempts`` times; then a StoreError that says so (it blamed the credentials). So is a
         body cut short under a ``Content-Length`` that did not say the object's size (see
         :meth:`_short_read`): StoreUnreachable naming the bytes received and the object's size."""
+        return self._get_with_etag(key, None)
+
+    def _get_progressing(self, key: str, progress: Callable[[int], None]) -> bytes:
+        return self._get_with_etag(key, progress)[0]
+
+    def _get_with_etag(self, key: str, progress: Callable[[int], None] | None) -> tuple[bytes, str]:
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
         attempt = 0
@@ -780,7 +808,7 @@ class S3Store(ObjectStore):
             with self._errors("read", key):
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
                 try:
-                    body, etag = response["Body"].read(), _bare_etag(response["ETag"])
+                    body, etag = _read_body(response["Body"], progress), _bare_etag(response["ETag"])
                     why = self._short_read(key, body, etag)
                     if why is None:
                         return body, etag
