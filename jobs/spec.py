@@ -40,6 +40,11 @@ class SpecError(ValueError):
     """A job spec that is invalid; the message names the field."""
 
 
+MAX_SHARDS = 65_536
+"""The most shards (``num_shards``) a store may have: each shard is a task of every night and an
+object of every version, and the shard column is int32. A spec or ``--num-shards`` above it is
+refused before anything runs (100,000,000 was accepted and ran for minutes before doing anything)."""
+
 @dataclass(frozen=True)
 class NightlySpec:
     store: str
@@ -118,6 +123,10 @@ class NightlySpec:
             _check_field_type(f.name, f.type, getattr(self, f.name))
         if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
             raise SpecError(f"job spec: field 'num_shards' must be a positive int or null, got {self.num_shards!r}")
+        if self.num_shards is not None and self.num_shards > MAX_SHARDS:
+            raise SpecError(f"job spec: field 'num_shards' is {self.num_shards:,}, over the {MAX_SHARDS:,} shards a store "
+                            "may have (each shard is a task and objects per version; a few hundred serve millions of "
+                            "users); give a number from 1 to 65,536")
         if not isinstance(self.batches_per_chunk, int) or self.batches_per_chunk < 1:
             raise SpecError(f"job spec: field 'batches_per_chunk' must be a positive int, got {self.batches_per_chunk!r}")
         if not isinstance(self.min_chunks, int) or isinstance(self.min_chunks, bool) or self.min_chunks < 1:

@@ -1386,7 +1386,8 @@ _TEXT_COLUMNS = ("trigger", "answer")  # free text: numbers and booleans in them
 def _whole_float_ids(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedArray:
     """A float id column as pandas writes an integer column with a missing value (1.0, NaN,
     3.0): whole numbers read as their integer text, NaN as a missing id (its row is rejected,
-    not the file). A column with a fraction (1.5) is not an id column: SchemaMismatch. An id of
+    not the file). A value with a fraction (1.5) or an infinity is no id: it costs its row
+    (BAD_USER_ID / BAD_FACT_ID / BAD_SCOPE naming the row and the fix). An id of
     magnitude 2^bits or more (float64 2^53), which the type cannot hold exactly, costs its row
     (BAD_USER_ID / BAD_FACT_ID / BAD_SCOPE naming the row and the fix), not the file."""
     bits = {16: 11, 32: 24}.get(column.type.bit_width, 53)  # float16/32/64 hold every integer below 2^bits
@@ -1394,10 +1395,11 @@ def _whole_float_ids(column: pa.ChunkedArray, name: str, problems: list) -> pa.C
                               pa.float64())
     infinite = pc.fill_null(pc.is_inf(values), False)
     fraction = pc.fill_null(pc.or_(infinite, pc.not_equal(pc.floor(values), values)), False)
-    if pc.any(fraction).as_py():
-        row = pc.index(fraction, True).as_py()
-        raise F.SchemaMismatch(f"column {name!r} is {column.type} with values that are not whole numbers (row {row}: "
-                               f"{values[row].as_py()!r}): not an id; export ids as strings or integers")
+    for row in pc.indices_nonzero(fraction.combine_chunks()).to_pylist():
+        _note(problems, row, _BAD_UTF8_REASON[name],
+              f"{name} {values[row].as_py()!r} (row {row}) in a {column.type} column is not a whole number: not an id; "
+              "export ids as strings or integers")
+    values = pc.if_else(fraction, pa.scalar(None, pa.float64()), values)
     # 2^bits itself is ambiguous: 2^bits + 1 rounds to it
     beyond = pc.fill_null(pc.greater_equal(pc.abs(values), float(2 ** bits)), False)
     for row in pc.indices_nonzero(beyond.combine_chunks()).to_pylist():
@@ -1454,11 +1456,12 @@ def _to_text(column: pa.ChunkedArray, name: str, problems: list) -> pa.ChunkedAr
             digits = (pa.decimal128 if kind.precision <= 38 else pa.decimal256)(kind.precision, 0)
             whole = pc.cast(column, digits, safe=False)  # truncated
             fraction = pc.fill_null(pc.not_equal(pc.cast(whole, kind), column), False)
-            if pc.any(fraction).as_py():
-                row = pc.index(fraction, True).as_py()
-                raise F.SchemaMismatch(f"column {name!r} is {kind} with values that are not whole numbers (row {row}: "
-                                       f"{column[row].as_py()}): not an id; export ids as strings or integers")
-            column = whole  # whole values: the integer's digits, as NUMBER(p, 0) ("7.00" -> "7")
+            for row in pc.indices_nonzero(fraction.combine_chunks()).to_pylist():
+                _note(problems, row, _BAD_UTF8_REASON[name],
+                      f"{name} {column[row].as_py()} (row {row}) in a {kind} column is not a whole number: not an id; "
+                      "export ids as strings or integers")
+            # whole values: the integer's digits, as NUMBER(p, 0) ("7.00" -> "7"); a fraction costs its row
+            column = pc.if_else(fraction, pa.scalar(None, whole.type), whole)
         return column.cast(pa.string())
     if pa.types.is_floating(kind) and name in _ID_COLUMNS:
         return _whole_float_ids(column, name, problems)

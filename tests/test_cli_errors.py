@@ -112,6 +112,7 @@ def test_spec_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
     spec = tmp_path / "spec.yaml"
     for line, message in (("job_id: 20261130", "field 'job_id' must be a non-empty string or null"),
                           ("num_shards: yes", "field 'num_shards' must be an int or null"),
+                          ("num_shards: 100000000", "field 'num_shards' is 100,000,000, over the 65,536 shards"),
                           ("max_trigger_tokens: true", "field 'max_trigger_tokens' must be an int"),
                           ("batches_per_chunk: yes", "field 'batches_per_chunk' must be an int"),
                           ("check_users_per_chunk: no", "field 'check_users_per_chunk' must be an int"),

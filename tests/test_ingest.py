@@ -89,9 +89,7 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
                           ("uppercase_column_names", "column names are case-sensitive: rename 'USER_ID' to 'user_id'"),
                           ("bom_in_first_column_name", "invisible byte-order mark (U+FEFF: a CSV with a BOM read "
                                                        "without encoding='utf-8-sig'): rename '\\ufeffuser_id' to 'user_id'"),
-                          ("answer_column_twice", "column 'answer' appears 2 times; keep one"),
-                          ("decimal_user_id_with_a_fraction", "decimal128(10, 2) with values that are not whole "
-                                                              "numbers (row 1: 2.50): not an id")):
+                          ("answer_column_twice", "column 'answer' appears 2 times; keep one")):
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
         write_file_case(by_name[name], folder)
@@ -99,17 +97,26 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
             read_fact_log(str(folder))
 
 
-@pytest.mark.parametrize("ids, kind, message", [
-    ([1.0, 2.0, 1.5], pa.float64(), "values that are not whole numbers (row 2: 1.5)"),
-    ([1.0, 2.0, float("inf")], pa.float64(), "values that are not whole numbers (row 2: inf)"),
-    ([1.0, 2.5, 3.0], pa.float32(), "values that are not whole numbers (row 1: 2.5)"),
+@pytest.mark.parametrize("ids, kind, row, message", [
+    (pa.array([1.0, 2.0, 1.5]), "double", 2, "user_id 1.5 (row 2) in a double column is not a whole number"),
+    (pa.array([1.0, 2.0, float("inf")]), "double", 2, "user_id inf (row 2) in a double column is not a whole number"),
+    (pa.array([1.0, 2.5, 3.0], pa.float32()), "float", 1, "user_id 2.5 (row 1) in a float column is not a whole number"),
+    (pa.array([Decimal("1.00"), Decimal("2.50"), Decimal("3.00")], pa.decimal128(10, 2)), "decimal", 1,
+     "user_id 2.50 (row 1) in a decimal128(10, 2) column is not a whole number"),
 ])
-def test_a_float_id_column_that_cannot_hold_ids_is_refused_naming_the_row_and_the_fix(ids, kind, message, tmp_path):
-    values = pa.array(ids, kind)
-    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", values)
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_float_or_decimal_id_with_a_fraction_costs_only_its_row_naming_it_and_the_fix(ids, kind, row, message,
+                                                                                       on_bad_file, tmp_path):
+    """One id with a fraction used to refuse the whole file (one bad value must cost one row)."""
+    raw = table({}, {"fact_id": "b"}, {"fact_id": "c"}).set_column(0, "user_id", ids)
     pq.write_table(raw, tmp_path / "part-0.parquet")
-    with pytest.raises(FactLogError, match=re.escape(message) + ".*export ids as strings or integers"):
-        read_fact_log(str(tmp_path / "part-0.parquet"))
+    result = run(read_fact_log(str(tmp_path / "part-0.parquet"), on_bad_file=on_bad_file))
+    assert result.accepted == 2 and result.rejected == 1
+    [reject] = result.rejects.to_pylist()
+    assert reject["row"] == row and reject["reason"] == "BAD_USER_ID" and reject["source"].endswith("part-0.parquet")
+    assert message in reject["detail"] and "export ids as strings or integers" in reject["detail"]
+    good_ids = [str(int(v)) for i, v in enumerate(ids.to_pylist()) if i != row]
+    assert sorted(user for user, _ in live_facts(result.state)) == sorted(good_ids)
 
 
 @pytest.mark.parametrize("ids, kind, row, message", [
