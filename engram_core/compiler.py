@@ -600,6 +600,8 @@ class _Batch:
         the plain forwards' states (:meth:`_Group.adopt_plain`), as every other batch has them."""
         try:
             self._check_forms(values)
+            if self.check_group is not None:  # checked (on the sample): later batches build none
+                _LOWER_REUSE_OK.setdefault(self.em.model, {})[("forms", str(self.em.lm_head.weight.dtype))] = True
         finally:
             self.check_group = None  # its states go: the groups' own are the plain forwards' (if they passed)
             for g in self.groups:
@@ -623,8 +625,6 @@ class _Batch:
         if not groups:
             return
         g = self.check_group if self.check_group is not None and self.check_group.lower is not None else groups[0]
-        if g is self.check_group:
-            _LOWER_REUSE_OK.setdefault(self.em.model, {})[("forms", str(self.em.lm_head.weight.dtype))] = True
         overlay = self._overlay(values)
         dtype = self.em.lm_head.weight.dtype
         tolerance = _form_tolerance(dtype)

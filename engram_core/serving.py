@@ -203,10 +203,15 @@ class MemoryEnd:
         self.enabled = enabled.to(device) if enabled is not None else torch.ones(prompt_ids.shape[0], dtype=torch.bool,
                                                                                   device=device)
         self.driven, self.orders = _driven_depth(em), len(em.config.orders)
-        # the prompt's last position, one order less where it is deeper than memory-driven: the tokens
-        # before a trigger are no fact's (a chat's header, a sentence) and may read as another's longest N-gram
+        # The prompt's last position, one order less where it is memory-driven: the tokens before a
+        # trigger are no fact's (a chat's header, a sentence) and may read as another's longest
+        # N-gram, and one order's hash coincidence makes a two-token trigger's last position (depth
+        # 1) read as driven (2), which asked its first answer position for 3 and cut the answer after
+        # one token. Whether the answer is checked at all follows the depth as read (``inside``):
+        # a one-token answer after a three-token trigger (depth 2) still ends.
         depth = memory_depth(em, overlay, prompt_ids, self._valid(prompt_ids))
-        self.previous = torch.where(depth > self.driven, depth - 1, depth)
+        self.inside = depth >= self.driven
+        self.previous = torch.where(self.inside, depth - 1, depth)
         self.ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
         self.length = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=device)
 
@@ -221,10 +226,11 @@ class MemoryEnd:
         """(B,) bool: the sequences whose newest token (``input_ids[:, -1]``) ends their answer."""
         now = memory_depth(self.em, self.overlay, input_ids[:, -self.em.config.max_ngram:], self._valid(input_ids))
         expected = torch.clamp(self.previous + 1, max=self.orders)  # the same fact's next position
-        inside = self.previous >= self.driven
-        stop = inside & (now < expected) & self.enabled & ~self.ended
-        # inside a fact, a coincidence of more orders is not carried on; entering one, its depth is read as is
-        self.previous = torch.where(inside, torch.minimum(now, expected), now)
+        stop = self.inside & (now < expected) & self.enabled & ~self.ended
+        # A position goes at most one order deeper than the one before it, inside a fact or entering
+        # one: a coincidence of more orders is not carried on (it would ask the next position for more).
+        self.previous = torch.minimum(now, expected)
+        self.inside = self.previous >= self.driven
         self.length = torch.where(stop, input_ids.shape[1] - self.prompt_length, self.length)
         self.ended |= stop
         return self.ended

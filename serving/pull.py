@@ -648,12 +648,14 @@ class PullClient:
             if self._index is not None or self.polling_since is None:  # the poll ended meanwhile
                 return None
             build, message = self._serve_last_good(error)
+            if build is not None:  # under the lock: a poll that succeeds now clears it after, not before
+                self.stale_since = self.stale_since or started
+                result = PollResult(True, self._index.version, tuple(build.fetched), error=message,
+                                    rebuilt_shards=tuple(build.rebuilt), stale=self.stale())
         if build is None:
             log.error("pull from %s: %s", self.store.uri, message)
             return PollResult(False, None, error=message)
-        self.stale_since = self.stale_since or started
-        return PollResult(True, self._index.version, tuple(build.fetched), error=message,
-                          rebuilt_shards=tuple(build.rebuilt), stale=self.stale())
+        return result
 
     def _failed(self, message: str, unreachable: bool, now: float) -> PollResult:
         """A poll that failed with ``message`` (``unreachable``: the store did not answer)."""

@@ -988,3 +988,6 @@ def test_an_s3_store_uri_that_names_an_object_is_a_bad_argument_for_every_comman
 
     client.put_object(Bucket=s3_bucket, Key="engram", Body=b"stray")
     open_store(f"s3://{s3_bucket}/engram").check_not_an_object()
+    # an empty object named as the prefix, without its slash (some tools' folder marker): a store, empty
+    client.put_object(Bucket=s3_bucket, Key="marker", Body=b"")
+    open_store(f"s3://{s3_bucket}/marker").check_not_an_object()

@@ -193,3 +193,31 @@ def test_a_hash_coincidence_at_a_higher_order_does_not_cut_an_answer_short(tiny,
                                       np.r_[own.values, np.zeros((len(extra), own.width), np.float16)])  # adds nothing
     assert int(memory_depth(tiny, overlay_for(tiny, [[coincidence]]), ids)[0]) > depth
     assert generate_ended(tiny, [trigger], [[coincidence]], 24) == [(answer, MEMORY_END)]
+
+
+@pytest.mark.parametrize("prompt_depth, depths, ends_at", [
+    (1, [2, 3, 4, 5, 0], 5),  # a two-token trigger, a five-token answer
+    (2, [2, 3, 4, 5, 0], 5),  # the same, its last position reading a 3-gram coincidence (it cut the answer at 1)
+    (1, [3, 3, 4, 5, 0], 5),  # a 4-gram coincidence entering the answer (it cut the answer at 2)
+    (2, [0], 1),  # a one-token answer after a three-token trigger still ends
+    (4, [5, 6, 2], 3),  # after the answer another fact's 2-gram and 3-gram: ended there
+    (1, [2, 3, 4, 5, 6, 7, 8], None),  # a long answer that goes on
+])
+def test_the_memory_end_rule_is_not_cut_short_by_a_coincidence_where_an_answer_begins(tiny, monkeypatch, prompt_depth,
+                                                                                        depths, ends_at):
+    """The rule's state, step by step, for depths as :func:`memory_depth` reads them (orders 2..9,
+    the tiny model's): one order's hash coincidence at the prompt's last position or where an
+    answer begins must not ask the next position for more than its fact wrote."""
+    from engram_core import serving
+
+    assert len(tiny.config.orders) == 8
+    reads = iter([prompt_depth, *depths])
+    monkeypatch.setattr(serving, "memory_depth", lambda *args, **kwargs: torch.tensor([next(reads)]))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    rule = serving.MemoryEnd(tiny, None, ids, None)
+    ended_at = None
+    for k in range(1, len(depths) + 1):
+        ids = torch.cat([ids, torch.zeros(1, 1, dtype=torch.long)], dim=1)
+        if bool(rule.step(ids)[0]) and ended_at is None:
+            ended_at = k
+    assert ended_at == ends_at

@@ -387,3 +387,23 @@ def test_stats_reads_layers_from_a_server_whose_head_has_no_content_length(s3_se
         assert any(entry.layers for entry in read_manifest(store, 2).shards)
         got = query_stats(store, "select version, count(*) as n from facts group by 1 order by 1").to_pylist()
         assert got == [{"version": 1, "n": 12}, {"version": 2, "n": 14}]
+
+
+def test_a_body_read_with_progress_is_whole_reported_per_mib_and_held_once():
+    """``_read_body`` with progress (a model's files): every byte, progress after each MiB, into one
+    buffer of the answer's ContentLength (a growing buffer and its copy held a weights file twice);
+    a body longer than its headers said is returned whole for the size checks to refuse."""
+    import io
+
+    from botocore.response import StreamingBody
+
+    from versions.store import _read_body
+
+    data = bytes(range(256)) * (5 * 4096 + 3)  # 5 MiB and a bit
+    seen = []
+    got = _read_body(StreamingBody(io.BytesIO(data), len(data)), seen.append, len(data))
+    assert bytes(got) == data and isinstance(got, bytearray)
+    assert seen[0] == 0 and seen[-1] == len(data) and len(seen) == 7 and seen == sorted(seen)
+    assert bytes(_read_body(StreamingBody(io.BytesIO(data), len(data)), seen.append, None)) == data
+    assert bytes(_read_body(StreamingBody(io.BytesIO(data), len(data)), seen.append, 1000)) == data  # more than said
+    assert bytes(_read_body(StreamingBody(io.BytesIO(data[:10]), 10), seen.append, len(data))) == data[:10]  # less

@@ -91,7 +91,9 @@ class FetchProgress:
         self.locked_out = False
 
     def reading(self, key: str) -> None:
-        self.key, self.since, self.got = key, time.time(), 0
+        # since and got first: a watcher that reads the new key must not pair it with the old since
+        self.since, self.got = time.time(), 0
+        self.key = key
 
     def answered(self, got: int) -> None:
         self.since, self.got = time.time(), got

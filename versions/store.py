@@ -489,16 +489,28 @@ class LocalStore(ObjectStore):
         return pyarrow.fs.LocalFileSystem(), str(self.root)
 
 
-def _read_body(body, progress: Callable[[int], None] | None) -> bytes:
-    """A botocore StreamingBody's bytes; with ``progress``, read a MiB at a time, each one reported."""
+def _read_body(body, progress: Callable[[int], None] | None, size: int | None = None) -> bytes | bytearray:
+    """A botocore StreamingBody's bytes; with ``progress``, read a MiB at a time, each one reported,
+    into one buffer of the answer's ``size`` (ContentLength) when it is known: a model's weights
+    file is held once, not twice (a growing buffer and its copy peaked at twice the file)."""
     if progress is None:
         return body.read()
-    data = bytearray()
     progress(0)  # the answer's headers came
+    if size is None:
+        data = bytearray()
+        for chunk in body.iter_chunks(1 << 20):
+            data += chunk
+            progress(len(data))
+        return data
+    data = bytearray(size)
+    view, got = memoryview(data), 0
     for chunk in body.iter_chunks(1 << 20):
-        data += chunk
-        progress(len(data))
-    return bytes(data)
+        if got + len(chunk) > size:  # more than the headers said: keep every byte, the caller's checks decide
+            return bytes(view[:got]) + chunk + body.read()
+        view[got:got + len(chunk)] = chunk
+        got += len(chunk)
+        progress(got)
+    return data if got == size else data[:got]
 
 
 def _is_aws_endpoint(endpoint: str) -> bool:
@@ -743,7 +755,7 @@ class S3Store(ObjectStore):
         store (``s3://b/engram/CURRENT``, a manifest's or a log file's), as a local store path that is
         a file is refused. Such a store has no CURRENT: readers said "no versions", and a night
         started a new store under the file's key, without the real one's watermark, tombstones and
-        forgets, where no serving node looks. A folder marker (``engram/``) is not such an object."""
+        forgets, where no serving node looks. A folder marker (``engram/``, or an empty ``engram`` object) is not such an object."""
         if not self.prefix or getattr(self, "_not_an_object", False):
             return
         from botocore.exceptions import BotoCoreError, ClientError
@@ -751,6 +763,9 @@ class S3Store(ObjectStore):
         try:
             size = self._client.head_object(Bucket=self.bucket, Key=self.prefix)["ContentLength"]
         except (ClientError, BotoCoreError):  # not there (the usual answer), or no answer: later requests tell
+            self._not_an_object = True
+            return
+        if size == 0:  # a folder marker written without its slash (some tools and consoles): no file's content
             self._not_an_object = True
             return
         try:  # an object beside a store of the same name (``engram`` and ``engram/CURRENT``): the store is there
@@ -808,7 +823,7 @@ class S3Store(ObjectStore):
             with self._errors("read", key):
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
                 try:
-                    body, etag = _read_body(response["Body"], progress), _bare_etag(response["ETag"])
+                    body, etag = _read_body(response["Body"], progress, response.get("ContentLength")), _bare_etag(response["ETag"])
                     why = self._short_read(key, body, etag)
                     if why is None:
                         return body, etag
