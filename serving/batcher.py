@@ -13,14 +13,13 @@ wait for the next batch (no continuous batching in this reference server).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
 
 from serving.decode import CANCELLED, Sampling, SequenceState, decode_batch
-from serving.errors import RequestError
+from serving.errors import RequestError, seconds_from_env
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +34,7 @@ WEDGED_BATCH_ENV = "ENGRAM_WEDGED_BATCH_S"
 def wedged_batch_seconds() -> float:
     """:data:`WEDGED_BATCH_S`, or ``$ENGRAM_WEDGED_BATCH_S`` (seconds, above 0) where set; ValueError
     naming the variable for any other value."""
-    text = os.environ.get(WEDGED_BATCH_ENV, "").strip()
-    if not text:
-        return WEDGED_BATCH_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"{WEDGED_BATCH_ENV}={text!r}: give seconds above 0 (default {WEDGED_BATCH_S:g}), or unset it")
-    return seconds
+    return seconds_from_env(WEDGED_BATCH_ENV, WEDGED_BATCH_S)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from engram_core.delta import Delta
 from engram_core.memory_index import ServedDelta, served_delta
 from engram_core.text import canonical_id
 from engram_core.serving import DeltaMismatch
+from serving.errors import seconds_from_env
 from schemas.bundle import BundleSchemaError, bundle_deltas, bundle_scopes, decode_bundle, decode_layer, layer_parts
 from schemas.manifest import Manifest, ManifestError, ShardEntry
 from serving.last_good import (LastGood, fallback_candidates, iso, legacy_record_path, record_path, save_last_good,
@@ -490,16 +491,7 @@ seconds (a node waiting for a first night, or for a store down for hours, logged
 def hung_poll_seconds() -> float:
     """:data:`HUNG_POLL_S`, or ``$ENGRAM_HUNG_POLL_S`` (seconds, above 0) where set; ValueError
     naming the variable for any other value."""
-    text = os.environ.get(HUNG_POLL_ENV, "").strip()
-    if not text:
-        return HUNG_POLL_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"{HUNG_POLL_ENV}={text!r}: give seconds above 0 (default {HUNG_POLL_S:g}), or unset it")
-    return seconds
+    return seconds_from_env(HUNG_POLL_ENV, HUNG_POLL_S)
 
 
 def answered_within(store: ObjectStore, action: str, request: Callable[[], object], seconds: float):
