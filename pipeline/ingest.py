@@ -1670,6 +1670,8 @@ def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
 _FRACTION = re.compile(r"\.(\d+)")
 _UTC_SUFFIX = re.compile(r"\s*(?:Z|UTC|GMT)$", re.IGNORECASE)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_END_OF_DAY = re.compile(r"[T ]24:00(?::00(?:\.0+)?)?(?=$|[+-]\d)")
+_LEAP_SECOND = re.compile(r"(?<=[T ])(\d\d:\d\d):60(?:\.\d+)?(?=$|[+-]\d)")
 
 
 # RFC 9557 suffixes: a time zone name and other annotations in brackets after the offset, as Java's
@@ -1812,9 +1814,17 @@ def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
     cleaned = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], cleaned, count=1)
     if cleaned.lstrip("+-").isdigit():
         return None
+    # ISO 8601's end of a day (24:00, 24:00:00, 24:00:00.000) is the next day's midnight, and RFC
+    # 3339's leap second (23:59:60) reads as the last microsecond before the next minute: both are
+    # valid times that Python's parser refuses (each cost its row as BAD_EVENT_TIME).
+    after = timedelta(0)
+    if end_of_day := _END_OF_DAY.search(cleaned):
+        cleaned, after = cleaned[:end_of_day.start()] + "T00:00:00" + cleaned[end_of_day.end():], timedelta(days=1)
+    elif leap := _LEAP_SECOND.search(cleaned):
+        cleaned = cleaned[:leap.start()] + leap.group(1) + ":59.999999" + cleaned[leap.end():]
     try:
-        moment = datetime.fromisoformat(cleaned)
-    except ValueError:
+        moment = datetime.fromisoformat(cleaned) + after
+    except (ValueError, OverflowError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)

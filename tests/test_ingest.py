@@ -410,6 +410,23 @@ def test_event_time_text_with_a_bracketed_zone_as_java_writes_it_is_read_by_its_
         assert reason == "BAD_EVENT_TIME" and "a zone name in brackets needs the UTC offset before it" in detail
 
 
+def test_event_time_text_at_the_end_of_a_day_or_in_a_leap_second_is_read(tmp_path):
+    """ISO 8601's end of a day (``24:00``) is the next day's midnight and RFC 3339's leap second
+    (``23:59:60``) the last microsecond before the next minute: valid times that each cost their
+    row (BAD_EVENT_TIME). A 25th hour or a 61st second still does."""
+    texts = ["2026-11-19T24:00:00Z", "2026-11-19T24:00Z", "2026-11-19T24:00:00.000+01:00",
+             "2026-11-19T23:59:60Z", "2026-11-19T23:59:60.5Z", "2026-11-19T24:00:01Z", "2026-11-19T23:59:61Z"]
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    pq.write_table(raw.set_column(5, "event_time", pa.array(texts)), tmp_path / "edge.parquet")
+    result = run(read_fact_log(str(tmp_path)))
+    times = {r["fact_id"]: r["event_time"] for r in result.state.to_pylist()}
+    midnight = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    assert times == {"f0": midnight, "f1": midnight, "f2": midnight - timedelta(hours=1),
+                     "f3": midnight - timedelta(microseconds=1), "f4": midnight - timedelta(microseconds=1)}
+    assert sorted((r["fact_id"], r["reason"]) for r in result.rejects.to_pylist()) == [
+        ("f5", "BAD_EVENT_TIME"), ("f6", "BAD_EVENT_TIME")]
+
+
 @pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
 def test_event_time_text_as_go_email_http_javascript_and_java_write_it_is_read_by_its_offset(on_bad_file, tmp_path):
     """Go's time.Time.String() (a producer logging `%v` of a time), RFC 2822 and HTTP dates,
