@@ -617,6 +617,11 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
                 raise FactLogNotFound(f"fact log {path}: {_broken_link(path)}")
             raise FactLogNotFound(f"fact log {prefix}{path}: no such file or folder (check the path and credentials)"
                                   f"{glob_hint(source)}")
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.File and _is_hidden(name):  # a marker named as the log: never Parquet
+            folder = (prefix + path).rstrip("/").rsplit("/", 1)[0]
+            raise FactLogNotFound(f"fact log {prefix}{path}: {name!r} is a marker or checksum file, not a log file (names "
+                                  f"starting with '_' or '.' are skipped in a folder); give the folder: {folder}")
         if isinstance(fs, pafs.LocalFileSystem):
             local, local_fs = local or _LocalListing(), fs
             local.add(path, is_file=info.type == pafs.FileType.File)

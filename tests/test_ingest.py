@@ -914,6 +914,25 @@ def test_a_glob_as_the_fact_log_names_nothing_and_the_error_says_to_name_the_fol
     assert "is not expanded" not in str(missing.value)
 
 
+def test_a_marker_or_checksum_file_named_as_the_fact_log_says_so_and_names_its_folder(tmp_path, s3_bucket):
+    """``fact_log: .../day=2026-11-02/_SUCCESS`` (Spark's marker, named by hand): it was read as
+    Parquet and called "cut short or still being written"; a folder skips such names."""
+    day = tmp_path / "day=2026-11-02"
+    day.mkdir()
+    pq.write_table(table({}), day / "part-0.parquet")
+    for name in ("_SUCCESS", ".part-0.parquet.crc"):
+        (day / name).write_bytes(b"")
+        with pytest.raises(FactLogError, match=re.escape(f"'{name}' is a marker or checksum file, not a log file") +
+                           ".*give the folder: " + re.escape(str(day))):
+            read_fact_log(str(day / name))
+    assert read_fact_log(str(day)).rows.num_rows == 1
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="log/day=2026-11-02/_SUCCESS", Body=b"")
+    with pytest.raises(FactLogError, match=re.escape(f"give the folder: s3://{s3_bucket}/log/day=2026-11-02")):
+        read_fact_log(f"s3://{s3_bucket}/log/day=2026-11-02/_SUCCESS")
+
+
 def test_hive_day_partitions_are_read_with_provenance_and_file_sizes(tmp_path):
     for day, fact in [("2026-11-19", "a"), ("2026-11-20", "b")]:
         (tmp_path / f"day={day}").mkdir()
