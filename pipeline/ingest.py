@@ -444,7 +444,7 @@ def read_log_file(
     the night does not forward, and every such warning was lost there.
     """
     with _held_warnings() as held:
-        table, problem = _read_listed(file, filesystem)
+        table, problem, file = _read_listed(file, filesystem)
         if problem is not None and problem[0] == GONE:
             logger.warning("%s", _gone_message(file.path))
             read = FileRead(file, 0, {}, gone=True)
@@ -485,13 +485,20 @@ def log_read_warnings(read: FileRead) -> None:
         logger.warning("%s", message)
 
 
-def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None) -> tuple[pa.Table | None, tuple[str, str] | None]:
-    """(normalised table or None, (reason, detail) or None) of a listed file."""
+def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None
+                 ) -> tuple[pa.Table | None, tuple[str, str] | None, FactFile]:
+    """(normalised table or None, (reason, detail) or None, the file as read) of a listed file.
+    An object replaced since its listing (another size or modification time when read: an export
+    re-run in place) is the file as read: the watermark records what was read, so a later night
+    does not read the same rows again (each came back as a DUPLICATE)."""
     if file.unreadable is not None:
-        return None, (F.UNREADABLE_FILE, file.unreadable)
+        return None, (F.UNREADABLE_FILE, file.unreadable), file
     fs, path = _filesystem_for(file.path, filesystem)
-    _, table, problem = _read_one(fs, path, file.path, file.root, listed_size=file.size)
-    return table, problem
+    info, table, problem = _read_one(fs, path, file.path, file.root, listed_size=file.size)
+    if (table is not None and not isinstance(fs, pafs.LocalFileSystem) and (info.size or 0) > 0
+            and (info.size, info.mtime_ns) != (file.size, file.mtime_ns)):
+        file = replace(file, size=info.size, mtime_ns=info.mtime_ns)
+    return table, problem, file
 
 
 def _filesystem_for(display: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -582,7 +589,7 @@ def read_fact_log(
         if file.path in exclude_files:
             logger.info("fact log %s: already ingested, skipped", file.path)
             continue
-        table, problem = _read_listed(file, filesystem)
+        table, problem, file = _read_listed(file, filesystem)
         if problem is not None and problem[0] == GONE:
             logger.warning("%s", _gone_message(file.path))
             continue  # not read: not in ``files``, so not skipped next time
@@ -772,7 +779,7 @@ def _table_format_error(folder: str, what: str) -> FactLogError:
 
 
 def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", listed_size: int = 0):
-    """(size, normalised table or None, (reason, detail) or None). ``root``: the listed source
+    """(its FileInfo when read, normalised table or None, (reason, detail) or None). ``root``: the listed source
     ``display`` lies under (only the folders below it are partition folders; "": none are).
     ``listed_size``: the file's size in bytes as its listing gave it (0: not known), read by
     :func:`_parquet_file` where the store's HEAD does not say it.
@@ -788,9 +795,9 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
         raise _store_failed(display, err) from None
     size = info.size or 0
     if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path) and not os.path.exists(path):
-        return size, None, (F.UNREADABLE_FILE, _broken_link(path))
+        return info, None, (F.UNREADABLE_FILE, _broken_link(path))
     if info.type == pafs.FileType.NotFound:  # listed, then moved or deleted: no file to reject
-        return size, None, (GONE, "")
+        return info, None, (GONE, "")
     try:
         with fs.open_input_file(path) as handle:
             parquet = _parquet_file(fs, path, handle, display, listed_size)
@@ -801,8 +808,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
                 if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
                     logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
                                    problem)
-                    return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
-                return size, None, (F.SCHEMA_MISMATCH, problem)
+                    return info, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
+                return info, None, (F.SCHEMA_MISMATCH, problem)
             table = parquet.read(columns=[name for name in present if name in F.FACT_LOG_SCHEMA.names])
             # Parquet's INTERVAL (DuckDB writes its INTERVAL so) reads as 12 raw bytes: never text or a time
             intervals = [c.path for c in parquet.schema if c.converted_type == "INTERVAL" and c.path in table.column_names]
@@ -810,12 +817,12 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
         if not isinstance(fs, pafs.LocalFileSystem) and _AWS_ERROR in str(err):  # the store's answer, not the file
             raise _store_failed(display, err) from None
         if _gone(fs, path):  # moved or deleted between the look above and the read
-            return size, None, (GONE, "")
+            return info, None, (GONE, "")
         if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
-            return size, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
+            return info, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
                                 "folder it lies in as the fact log (a listing gives each file's size) or fix the store")
-        return size, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(fs, path, err, info)}")
+        return info, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(fs, path, err, info)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -826,12 +833,12 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     try:
         if intervals:
             raise F.SchemaMismatch(_parquet_interval(intervals[0], table.column(intervals[0]).type))
-        return size, normalise_fact_log(table, source=display), None
+        return info, normalise_fact_log(table, source=display), None
     except F.SchemaMismatch as err:
         if table.num_rows == 0:  # no value to lose: tools type an empty export's columns as they like
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
-            return size, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
-        return size, None, (F.SCHEMA_MISMATCH, str(err))
+            return info, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
+        return info, None, (F.SCHEMA_MISMATCH, str(err))
 
 
 # pyarrow's words for a file without its footer: empty, shorter than a footer, or ending elsewhere
@@ -896,7 +903,7 @@ def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display
     if handle.size() > 0:  # replaced since the listing (an export re-run in place): read it as it is now
         # (read at the listed size, its footer was missed and a good file called "not a readable Parquet file")
         logger.warning("fact log %s: %d bytes when listed, %d when read: replaced since the listing; read as it is "
-                       "now (a night that lists it changed reads it again)", display, listed_size, handle.size())
+                       "now (and recorded as read so)", display, listed_size, handle.size())
         return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
     logger.warning("fact log %s: the store answered HEAD with %d bytes, its listing with %d; read at the listed size "
                    "(a store or gateway that answers HEAD without Content-Length)", display, handle.size(), listed_size)

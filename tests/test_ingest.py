@@ -2068,6 +2068,9 @@ def test_an_s3_log_object_replaced_between_listing_and_reading_is_read_as_it_is_
     assert read.reject is None and read.rows == 3
     assert sorted(rows.column("fact_id").to_pylist()) == ["a", "b", "c"]
     assert any("replaced since the listing; read as it is now" in w for w in read.warnings)
+    # the file as read is what a night records as ingested: the next listing finds it so, reads nothing again
+    [relisted] = list_log_files(f"s3://{s3_bucket}/log")
+    assert read.file.size == relisted.size != listed.size and relisted.ingested_as(read.file.identity())
 
 
 def test_a_file_cut_short_or_still_being_written_is_told_from_a_file_of_another_format(tmp_path):
