@@ -37,13 +37,16 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import select
+import socket
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from engram_core.text import canonical_id, canonical_prompt, canonical_text
-from serving.batcher import CompletionBatcher, GenerationRequest
+from serving.batcher import CLIENT_CHECK_S, ClientGone, CompletionBatcher, GenerationRequest
 from serving.chat import ChatTemplate
 from serving.decode import Sampling
 from serving.errors import RequestError
@@ -434,9 +437,11 @@ class ReferenceServer:
             headers["X-Engram-Version"] = str(request.version)
         return headers
 
-    def answer(self, api: ApiRequest, request: GenerationRequest) -> tuple[dict, dict[str, str]]:
-        """A non-streamed request, decoded -> (response body, headers); RequestError on failure."""
-        self.batcher.submit(request, timeout=EVENT_TIMEOUT_S)
+    def answer(self, api: ApiRequest, request: GenerationRequest,
+               client_gone=None) -> tuple[dict, dict[str, str]]:
+        """A non-streamed request, decoded -> (response body, headers); RequestError on failure,
+        serving.batcher.ClientGone (the request cancelled) once ``client_gone()`` says its client left."""
+        self.batcher.submit(request, timeout=EVENT_TIMEOUT_S, client_gone=client_gone)
         answer = self.answer_for(api, request)
         body = response(answer, [s.text for s in request.states], [s.finish_reason for s in request.states],
                         self.usage_of(request))
@@ -454,13 +459,30 @@ class ReferenceServer:
                 data = b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
                 self._write_chunk(data + (b"data: [DONE]\n\n" if done else b""))
 
-            def _next_event(self, request: GenerationRequest) -> tuple[str, object]:
+            def _client_gone(self) -> bool:
+                """True once the client has closed its connection (or it broke): it waits for no answer.
+                A connection with bytes to read (a pipelined next request) is a client still there."""
                 try:
-                    return request.events.get(timeout=EVENT_TIMEOUT_S)
-                except queue.Empty:
-                    request.cancel()
-                    return "error", RequestError(f"no progress within {EVENT_TIMEOUT_S:.0f}s (server overloaded)",
-                                                 status=504, code="timeout")
+                    readable, _, _ = select.select([self.connection], [], [], 0)
+                    return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+                except (OSError, ValueError):  # reset, or already closed
+                    return True
+
+            def _next_event(self, request: GenerationRequest) -> tuple[str, object]:
+                """The request's next event; ("gone", None) once its client left (the request is cancelled)."""
+                deadline = time.monotonic() + EVENT_TIMEOUT_S
+                while True:
+                    try:
+                        return request.events.get(timeout=CLIENT_CHECK_S)
+                    except queue.Empty:
+                        pass
+                    if self._client_gone():
+                        request.cancel()
+                        return "gone", None
+                    if time.monotonic() >= deadline:
+                        request.cancel()
+                        return "error", RequestError(f"no progress within {EVENT_TIMEOUT_S:.0f}s (server overloaded)",
+                                                     status=504, code="timeout")
 
             def _stream(self, api: ApiRequest, request: GenerationRequest) -> None:
                 """Server-sent events: one chunk per choice per step, then (usage and) ``data: [DONE]``.
@@ -469,6 +491,9 @@ class ReferenceServer:
                 ordinary JSON error; a failure later is an ``error`` event and no ``[DONE]``."""
                 server.batcher.enqueue(request)
                 kind, payload = self._next_event(request)
+                if kind == "gone":  # left before the first step: nothing to send
+                    self.close_connection = True
+                    return
                 if kind == "error":
                     self._error(payload)
                     return
@@ -484,6 +509,9 @@ class ReferenceServer:
                     while kind == "delta":
                         self._events([chunk(answer, d.index, d.text, d.finish_reason) for d in payload])
                         kind, payload = self._next_event(request)
+                    if kind == "gone":
+                        self.close_connection = True
+                        return
                     if kind == "end":
                         self._events([usage_chunk(answer, server.usage_of(request))] if api.include_usage else [],
                                      done=True)
@@ -538,9 +566,12 @@ class ReferenceServer:
                     if api.stream:
                         self._stream(api, request)
                         return
-                    response_body, headers = server.answer(api, request)
+                    response_body, headers = server.answer(api, request, client_gone=self._client_gone)
                 except RequestError as e:
                     self._error(e)
+                    return
+                except ClientGone:  # it closed the connection: its sequences stopped, nothing to answer
+                    self.close_connection = True
                     return
                 self._send(200, response_body, headers)
 
