@@ -56,6 +56,8 @@ from serving.openai_api import (DEFAULT_COMPLETION_TOKENS, MAX_TOKENS_LIMIT, Ans
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+MAX_DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped before the answer (no reset)
+BODY_READ_TIMEOUT_S = 30.0  # the longest a request's body may take to arrive without a byte
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}  # POST
 GET_ROUTES = ("/healthz", "/readyz", "/livez", "/v1/models")
 READY_ROUTES = ("/healthz", "/readyz")  # readiness: 200 only while a version is served (a load balancer's probe)
@@ -77,6 +79,16 @@ def context_length(em) -> int:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the default backlog of 5 resets connections under a burst of clients
+
+    def handle_error(self, request, client_address):
+        """A client that resets or leaves its connection is no server fault: one DEBUG line, not a traceback
+        on stderr (socketserver's default) for every client closing a kept-alive connection."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s closed its connection: %s", client_address, sys.exc_info()[1])
+        else:
+            super().handle_error(request, client_address)
 
 
 class _JsonHandler(BaseHTTPRequestHandler):
@@ -540,26 +552,84 @@ class ReferenceServer:
                 if not self._route_refused():
                     self._head(*self._get())
 
+            def _body_refusal(self) -> RequestError | None:
+                """Why this POST's body is not read (chunked, no usable Content-Length, over MAX_BODY_BYTES), or None."""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    # the body's length must be known before it is read (MAX_BODY_BYTES)
+                    return RequestError("a chunked request body (Transfer-Encoding: chunked) is not accepted; "
+                                        "send the body with a Content-Length header", status=411, code="length_required")
+                text = (self.headers.get("Content-Length") or "0").strip()
+                if not text.isdigit():
+                    return RequestError(f"Content-Length {text!r} is not a number of bytes; send the body's length")
+                length = int(text)
+                if length > MAX_BODY_BYTES:
+                    param = "messages" if self.path.split("?", 1)[0] == "/v1/chat/completions" else "prompt"
+                    return RequestError(
+                        f"the request body is {length:,} bytes, over this server's limit of {MAX_BODY_BYTES:,} "
+                        f"(1 MiB); shorten the {param} (the model's context holds {server.context_length} tokens)",
+                        param=param, code="request_too_large")
+                return None
+
+            def handle_expect_100(self) -> bool:
+                """``Expect: 100-continue`` (curl's, for bodies over 1 KiB): a body that would be refused
+                is refused before the client sends it."""
+                if self.command == "POST" and self.path.split("?", 1)[0] in ROUTES:
+                    refusal = self._body_refusal()
+                    if refusal is not None:
+                        self.close_connection = True
+                        self._error(refusal)
+                        return False
+                return super().handle_expect_100()
+
+            def _read_body(self, length: int) -> bytes | None:
+                """The body's ``length`` bytes; None (answered, or the client gone) if it does not all arrive
+                within BODY_READ_TIMEOUT_S (a Content-Length larger than what the client sends)."""
+                self.connection.settimeout(BODY_READ_TIMEOUT_S)
+                try:
+                    body = self.rfile.read(length)
+                except (TimeoutError, OSError):
+                    body = None
+                finally:
+                    self.connection.settimeout(None)
+                if body is None:
+                    self.close_connection = True
+                    self._error(RequestError(f"the request body did not all arrive: Content-Length says {length:,} bytes "
+                                             f"and they stopped coming (no byte for {BODY_READ_TIMEOUT_S:g}s); send exactly Content-Length "
+                                             "bytes", status=408, code="timeout"))
+                    return None
+                if len(body) < length:  # the client closed its side before sending it all: nobody to answer
+                    self.close_connection = True
+                    return None
+                return body
+
+            def _discard_body(self, length: int) -> None:
+                """Read and drop a refused body (up to MAX_DISCARD_BYTES), so that the client, still sending it,
+                reads the refusal instead of a reset connection."""
+                self.connection.settimeout(BODY_READ_TIMEOUT_S)
+                try:
+                    while length > 0 and self.rfile.read(min(length, 1 << 16)):
+                        length -= 1 << 16
+                except OSError:
+                    pass
+                finally:
+                    self.connection.settimeout(None)
+
             def do_POST(self):
                 path = self.path.split("?", 1)[0]
                 if self._route_refused():
                     return
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    # the body's length must be known before it is read (MAX_BODY_BYTES)
-                    self._error(RequestError("a chunked request body (Transfer-Encoding: chunked) is not accepted; "
-                                             "send the body with a Content-Length header", status=411,
-                                             code="length_required"))
+                refusal = self._body_refusal()
+                if refusal is not None:
+                    if refusal.code == "request_too_large":
+                        length = int(self.headers["Content-Length"].strip())
+                        if length <= MAX_DISCARD_BYTES:
+                            self._discard_body(length)
+                    self._error(refusal)
                     self.close_connection = True
                     return
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    length = -1
-                if not 0 <= length <= MAX_BODY_BYTES:
-                    self._error(RequestError(f"Content-Length must be 0..{MAX_BODY_BYTES} bytes"))
-                    self.close_connection = True
+                body = self._read_body(int((self.headers.get("Content-Length") or "0").strip()))
+                if body is None:
                     return
-                body = self.rfile.read(length)
                 endpoint = ROUTES[path]
                 try:
                     api, request = server.prepare(endpoint, body)
