@@ -463,8 +463,17 @@ class ReferenceServer:
         server = self
 
         class Handler(_JsonHandler):
+            def _chunked(self) -> bool:
+                """HTTP/1.1 clients get a stream chunked; an HTTP/1.0 one (nginx's proxy_pass by default, curl
+                --http1.0) knows no chunks: its body is the events as they are, ended by closing the connection."""
+                return self.request_version != "HTTP/1.0"
+
             def _write_chunk(self, data: bytes) -> None:
                 """One piece of a chunked (HTTP/1.1) body; ``b""`` ends the body."""
+                if not self._chunked():
+                    if data:
+                        self.wfile.write(data)
+                    return
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
             def _events(self, payloads: list[dict], *, done: bool = False) -> None:
@@ -511,10 +520,12 @@ class ReferenceServer:
                     return
                 answer = server.answer_for(api, request)
                 self.send_response(200)
+                framing = {"Transfer-Encoding": "chunked"} if self._chunked() else {"Connection": "close"}
                 for name, value in {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                    "Transfer-Encoding": "chunked", **server.engram_headers(request)}.items():
+                                    **framing, **server.engram_headers(request)}.items():
                     self.send_header(name, value)
                 self.end_headers()
+                self.close_connection = self.close_connection or not self._chunked()
                 try:
                     if api.is_chat:  # OpenAI's first chunk of a choice names the role
                         self._events([chunk(answer, i, "", None, first=True) for i in range(request.num_sequences)])

@@ -614,3 +614,22 @@ def test_sampling_draws_only_from_the_top_p_nucleus_in_proportion():
     assert abs((drawn == 0).float().mean().item() - 0.5 / 0.8) < 0.03
     top = sample_tokens(logits[:3], [Sampling(1, temperature=1.0, top_p=0.0)] * 3, torch.tensor([0.0, 0.5, 1.0]))
     assert top.tolist() == [0, 0, 0]  # top_p 0: the most probable token, whatever the draw
+
+
+def test_a_stream_to_an_http_1_0_client_is_plain_events_ended_by_closing(server):
+    """nginx's proxy_pass speaks HTTP/1.0 by default, which has no chunked bodies: before, the events came
+    wrapped in chunk sizes ("2a3\r\ndata: ...") that such a client passes on as text."""
+    body = json.dumps({"model": "engram", "prompt": "Hello", "max_tokens": 3, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    finally:
+        sock.close()
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n")
+    assert all(line.startswith(b"data: ") for line in events.split(b"\n\n") if line)
