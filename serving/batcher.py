@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from serving.decode import CANCELLED, Sampling, SequenceState, decode_batch
 from serving.errors import RequestError, seconds_from_env
@@ -35,6 +36,14 @@ def wedged_batch_seconds() -> float:
     """:data:`WEDGED_BATCH_S`, or ``$ENGRAM_WEDGED_BATCH_S`` (seconds, above 0) where set; ValueError
     naming the variable for any other value."""
     return seconds_from_env(WEDGED_BATCH_ENV, WEDGED_BATCH_S)
+
+
+CLIENT_CHECK_S = 0.05
+"""How often a request waiting for its answer checks that its client is still connected."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited or decoded; the request is cancelled."""
 
 
 @dataclass(frozen=True)
@@ -175,12 +184,22 @@ class CompletionBatcher:
         self._queue.put(request)
         return request
 
-    def submit(self, request: GenerationRequest, timeout: float = 120.0) -> GenerationRequest:
-        """Queue ``request`` and wait until all its choices are done; RequestError on failure or timeout."""
+    def submit(self, request: GenerationRequest, timeout: float = 120.0,
+               client_gone: Callable[[], bool] | None = None) -> GenerationRequest:
+        """Queue ``request`` and wait until all its choices are done; RequestError on failure or timeout.
+
+        ``client_gone`` is asked every :data:`CLIENT_CHECK_S` while it waits: once it says the client has
+        gone (closed its connection), the request is cancelled (its sequences stop at the next step, or
+        it never starts) and :class:`ClientGone` is raised: a client that left frees its place in the batch."""
         self.enqueue(request)
-        if not request.done.wait(timeout):
-            request.cancel()
-            raise RequestError(f"no answer within {timeout:.0f}s (server overloaded)", status=504, code="timeout")
+        deadline = time.monotonic() + timeout
+        while not request.done.wait(min(CLIENT_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if client_gone is not None and client_gone():
+                request.cancel()
+                raise ClientGone()
+            if time.monotonic() >= deadline:
+                request.cancel()
+                raise RequestError(f"no answer within {timeout:.0f}s (server overloaded)", status=504, code="timeout")
         if request.error is not None:
             raise request.error
         return request
@@ -207,7 +226,10 @@ class CompletionBatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._progress_at = time.monotonic()
-            batch = [r for r in self._collect() if not r.cancelled.is_set()]
+            collected = self._collect()
+            batch = [r for r in collected if not r.cancelled.is_set()]
+            # a client that left while its request was queued: it never decodes (counted as stopped early)
+            self.cancelled += sum(r.num_sequences for r in collected if r.cancelled.is_set())
             if batch:
                 self._progress_at = time.monotonic()
                 self._batch = (sum(r.num_sequences for r in batch), time.time())

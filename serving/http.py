@@ -37,13 +37,16 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import select
+import socket
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from engram_core.text import canonical_id, canonical_prompt, canonical_text
-from serving.batcher import CompletionBatcher, GenerationRequest
+from serving.batcher import CLIENT_CHECK_S, ClientGone, CompletionBatcher, GenerationRequest
 from serving.chat import ChatTemplate
 from serving.decode import Sampling
 from serving.errors import RequestError
@@ -53,6 +56,8 @@ from serving.openai_api import (DEFAULT_COMPLETION_TOKENS, MAX_TOKENS_LIMIT, Ans
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+MAX_DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped before the answer (no reset)
+BODY_READ_TIMEOUT_S = 30.0  # the longest a request's body may take to arrive without a byte
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}  # POST
 GET_ROUTES = ("/healthz", "/readyz", "/livez", "/v1/models")
 READY_ROUTES = ("/healthz", "/readyz")  # readiness: 200 only while a version is served (a load balancer's probe)
@@ -74,6 +79,16 @@ def context_length(em) -> int:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the default backlog of 5 resets connections under a burst of clients
+
+    def handle_error(self, request, client_address):
+        """A client that resets or leaves its connection is no server fault: one DEBUG line, not a traceback
+        on stderr (socketserver's default) for every client closing a kept-alive connection."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s closed its connection: %s", client_address, sys.exc_info()[1])
+        else:
+            super().handle_error(request, client_address)
 
 
 class _JsonHandler(BaseHTTPRequestHandler):
@@ -434,9 +449,11 @@ class ReferenceServer:
             headers["X-Engram-Version"] = str(request.version)
         return headers
 
-    def answer(self, api: ApiRequest, request: GenerationRequest) -> tuple[dict, dict[str, str]]:
-        """A non-streamed request, decoded -> (response body, headers); RequestError on failure."""
-        self.batcher.submit(request, timeout=EVENT_TIMEOUT_S)
+    def answer(self, api: ApiRequest, request: GenerationRequest,
+               client_gone=None) -> tuple[dict, dict[str, str]]:
+        """A non-streamed request, decoded -> (response body, headers); RequestError on failure,
+        serving.batcher.ClientGone (the request cancelled) once ``client_gone()`` says its client left."""
+        self.batcher.submit(request, timeout=EVENT_TIMEOUT_S, client_gone=client_gone)
         answer = self.answer_for(api, request)
         body = response(answer, [s.text for s in request.states], [s.finish_reason for s in request.states],
                         self.usage_of(request))
@@ -446,21 +463,47 @@ class ReferenceServer:
         server = self
 
         class Handler(_JsonHandler):
+            def _chunked(self) -> bool:
+                """HTTP/1.1 clients get a stream chunked; an HTTP/1.0 one (nginx's proxy_pass by default, curl
+                --http1.0) knows no chunks: its body is the events as they are, ended by closing the connection."""
+                return self.request_version != "HTTP/1.0"
+
             def _write_chunk(self, data: bytes) -> None:
                 """One piece of a chunked (HTTP/1.1) body; ``b""`` ends the body."""
+                if not self._chunked():
+                    if data:
+                        self.wfile.write(data)
+                    return
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
             def _events(self, payloads: list[dict], *, done: bool = False) -> None:
                 data = b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
                 self._write_chunk(data + (b"data: [DONE]\n\n" if done else b""))
 
-            def _next_event(self, request: GenerationRequest) -> tuple[str, object]:
+            def _client_gone(self) -> bool:
+                """True once the client has closed its connection (or it broke): it waits for no answer.
+                A connection with bytes to read (a pipelined next request) is a client still there."""
                 try:
-                    return request.events.get(timeout=EVENT_TIMEOUT_S)
-                except queue.Empty:
-                    request.cancel()
-                    return "error", RequestError(f"no progress within {EVENT_TIMEOUT_S:.0f}s (server overloaded)",
-                                                 status=504, code="timeout")
+                    readable, _, _ = select.select([self.connection], [], [], 0)
+                    return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+                except (OSError, ValueError):  # reset, or already closed
+                    return True
+
+            def _next_event(self, request: GenerationRequest) -> tuple[str, object]:
+                """The request's next event; ("gone", None) once its client left (the request is cancelled)."""
+                deadline = time.monotonic() + EVENT_TIMEOUT_S
+                while True:
+                    try:
+                        return request.events.get(timeout=CLIENT_CHECK_S)
+                    except queue.Empty:
+                        pass
+                    if self._client_gone():
+                        request.cancel()
+                        return "gone", None
+                    if time.monotonic() >= deadline:
+                        request.cancel()
+                        return "error", RequestError(f"no progress within {EVENT_TIMEOUT_S:.0f}s (server overloaded)",
+                                                     status=504, code="timeout")
 
             def _stream(self, api: ApiRequest, request: GenerationRequest) -> None:
                 """Server-sent events: one chunk per choice per step, then (usage and) ``data: [DONE]``.
@@ -469,21 +512,29 @@ class ReferenceServer:
                 ordinary JSON error; a failure later is an ``error`` event and no ``[DONE]``."""
                 server.batcher.enqueue(request)
                 kind, payload = self._next_event(request)
+                if kind == "gone":  # left before the first step: nothing to send
+                    self.close_connection = True
+                    return
                 if kind == "error":
                     self._error(payload)
                     return
                 answer = server.answer_for(api, request)
                 self.send_response(200)
+                framing = {"Transfer-Encoding": "chunked"} if self._chunked() else {"Connection": "close"}
                 for name, value in {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                    "Transfer-Encoding": "chunked", **server.engram_headers(request)}.items():
+                                    **framing, **server.engram_headers(request)}.items():
                     self.send_header(name, value)
                 self.end_headers()
+                self.close_connection = self.close_connection or not self._chunked()
                 try:
                     if api.is_chat:  # OpenAI's first chunk of a choice names the role
                         self._events([chunk(answer, i, "", None, first=True) for i in range(request.num_sequences)])
                     while kind == "delta":
                         self._events([chunk(answer, d.index, d.text, d.finish_reason) for d in payload])
                         kind, payload = self._next_event(request)
+                    if kind == "gone":
+                        self.close_connection = True
+                        return
                     if kind == "end":
                         self._events([usage_chunk(answer, server.usage_of(request))] if api.include_usage else [],
                                      done=True)
@@ -512,35 +563,96 @@ class ReferenceServer:
                 if not self._route_refused():
                     self._head(*self._get())
 
+            def _body_refusal(self) -> RequestError | None:
+                """Why this POST's body is not read (chunked, no usable Content-Length, over MAX_BODY_BYTES), or None."""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    # the body's length must be known before it is read (MAX_BODY_BYTES)
+                    return RequestError("a chunked request body (Transfer-Encoding: chunked) is not accepted; "
+                                        "send the body with a Content-Length header", status=411, code="length_required")
+                text = (self.headers.get("Content-Length") or "0").strip()
+                if not text.isdigit():
+                    return RequestError(f"Content-Length {text!r} is not a number of bytes; send the body's length")
+                length = int(text)
+                if length > MAX_BODY_BYTES:
+                    param = "messages" if self.path.split("?", 1)[0] == "/v1/chat/completions" else "prompt"
+                    return RequestError(
+                        f"the request body is {length:,} bytes, over this server's limit of {MAX_BODY_BYTES:,} "
+                        f"(1 MiB); shorten the {param} (the model's context holds {server.context_length} tokens)",
+                        param=param, code="request_too_large")
+                return None
+
+            def handle_expect_100(self) -> bool:
+                """``Expect: 100-continue`` (curl's, for bodies over 1 KiB): a body that would be refused
+                is refused before the client sends it."""
+                if self.command == "POST" and self.path.split("?", 1)[0] in ROUTES:
+                    refusal = self._body_refusal()
+                    if refusal is not None:
+                        self.close_connection = True
+                        self._error(refusal)
+                        return False
+                return super().handle_expect_100()
+
+            def _read_body(self, length: int) -> bytes | None:
+                """The body's ``length`` bytes; None (answered, or the client gone) if it does not all arrive
+                within BODY_READ_TIMEOUT_S (a Content-Length larger than what the client sends)."""
+                self.connection.settimeout(BODY_READ_TIMEOUT_S)
+                try:
+                    body = self.rfile.read(length)
+                except (TimeoutError, OSError):
+                    body = None
+                finally:
+                    self.connection.settimeout(None)
+                if body is None:
+                    self.close_connection = True
+                    self._error(RequestError(f"the request body did not all arrive: Content-Length says {length:,} bytes "
+                                             f"and they stopped coming (no byte for {BODY_READ_TIMEOUT_S:g}s); send exactly Content-Length "
+                                             "bytes", status=408, code="timeout"))
+                    return None
+                if len(body) < length:  # the client closed its side before sending it all: nobody to answer
+                    self.close_connection = True
+                    return None
+                return body
+
+            def _discard_body(self, length: int) -> None:
+                """Read and drop a refused body (up to MAX_DISCARD_BYTES), so that the client, still sending it,
+                reads the refusal instead of a reset connection."""
+                self.connection.settimeout(BODY_READ_TIMEOUT_S)
+                try:
+                    while length > 0 and self.rfile.read(min(length, 1 << 16)):
+                        length -= 1 << 16
+                except OSError:
+                    pass
+                finally:
+                    self.connection.settimeout(None)
+
             def do_POST(self):
                 path = self.path.split("?", 1)[0]
                 if self._route_refused():
                     return
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    # the body's length must be known before it is read (MAX_BODY_BYTES)
-                    self._error(RequestError("a chunked request body (Transfer-Encoding: chunked) is not accepted; "
-                                             "send the body with a Content-Length header", status=411,
-                                             code="length_required"))
+                refusal = self._body_refusal()
+                if refusal is not None:
+                    if refusal.code == "request_too_large":
+                        length = int(self.headers["Content-Length"].strip())
+                        if length <= MAX_DISCARD_BYTES:
+                            self._discard_body(length)
+                    self._error(refusal)
                     self.close_connection = True
                     return
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    length = -1
-                if not 0 <= length <= MAX_BODY_BYTES:
-                    self._error(RequestError(f"Content-Length must be 0..{MAX_BODY_BYTES} bytes"))
-                    self.close_connection = True
+                body = self._read_body(int((self.headers.get("Content-Length") or "0").strip()))
+                if body is None:
                     return
-                body = self.rfile.read(length)
                 endpoint = ROUTES[path]
                 try:
                     api, request = server.prepare(endpoint, body)
                     if api.stream:
                         self._stream(api, request)
                         return
-                    response_body, headers = server.answer(api, request)
+                    response_body, headers = server.answer(api, request, client_gone=self._client_gone)
                 except RequestError as e:
                     self._error(e)
+                    return
+                except ClientGone:  # it closed the connection: its sequences stopped, nothing to answer
+                    self.close_connection = True
                     return
                 self._send(200, response_body, headers)
 

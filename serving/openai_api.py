@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from difflib import get_close_matches
 
 from engram_core.text import canonical_id, unpaired_surrogate
 from serving.chat import parse_messages
@@ -32,12 +33,36 @@ MAX_STOP_SEQUENCES = 4
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 # Fields this server does not implement: refused when set to anything but their neutral value,
-# so a client never gets a silently different behaviour.
+# so a client never gets a silently different behaviour. OpenAI's own, then the sampling extras
+# vLLM-style clients send (LiteLLM, LangChain's extra_body) in their neutral form.
 _UNSUPPORTED = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
     "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"), "reasoning_effort": (None,), "verbosity": (None,),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+    "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "ignore_eos": (None, False),
+    "stop_token_ids": (None, []), "use_beam_search": (None, False), "prompt_logprobs": (None,),
+    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "include_stop_str_in_output": (None, False), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,),
+    "truncate_prompt_tokens": (None,), "chat_template": (None,), "chat_template_kwargs": (None, {}),
 }
+# OpenAI's fields that change nothing this server answers (billing, storage, routing, tracing):
+# accepted and not used. ``parallel_tool_calls`` only matters with tools, which are refused.
+_IGNORED = ("metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key",
+            "prompt_cache_retention")
+# What each endpoint reads; any other field is refused (OpenAI answers "Unrecognized request argument"),
+# so a misspelt field (``max_token``) or one this server lacks (``top_k: 40``) is never silently dropped.
+_COMMON = ("model", "user", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
+           "best_of", "stream", "stream_options", "response_format", "stop_at_memory_end")
+_FIELDS = {
+    "completions": frozenset((*_COMMON, "prompt", *_UNSUPPORTED, *_IGNORED)),
+    "chat.completions": frozenset((*_COMMON, "messages", "add_generation_prompt", "continue_final_message",
+                                   *_UNSUPPORTED, *_IGNORED)),
+}
+_STREAM_OPTIONS = ("include_usage", "include_obfuscation", "continuous_usage_stats")
 
 
 @dataclass(frozen=True)
@@ -98,10 +123,7 @@ def parse_request(body: bytes, endpoint: str, model_names: tuple[str, ...]) -> A
         raise RequestError(f"{len(content['prompts'])} prompts x n={n} choices: at most {MAX_PROMPTS_PER_REQUEST} "
                            "sequences per request", param="n")
     stream = _flag(raw, "stream") or False
-    options = raw.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not stream):
-        raise RequestError("'stream_options' must be an object, and only with \"stream\": true", param="stream_options")
-    include_usage = bool(options and options.get("include_usage"))
+    include_usage = _stream_options(raw.get("stream_options"), stream)
     return ApiRequest(
         endpoint=endpoint, user=_user(raw.get("user")), max_tokens=_max_tokens(raw),
         temperature=_number(raw, "temperature", 0.0, 2.0, default=0.0),
@@ -134,6 +156,11 @@ def _refuse_lone_surrogates(raw: dict) -> None:
 
 
 def _refuse_unsupported(raw: dict, endpoint: str) -> None:
+    known = _FIELDS[endpoint]
+    for key in raw:
+        if key not in known:
+            raise RequestError(f"unrecognized request field {key!r} for /v1/{endpoint.replace('.', '/')} "
+                               f"({_unknown_hint(key, endpoint)}); leave it out", param=key, code="unknown_parameter")
     for key, neutral in _UNSUPPORTED.items():
         value = raw.get(key)
         if key in raw and not any(value == v and type(value) is type(v) for v in neutral):
@@ -143,6 +170,37 @@ def _refuse_unsupported(raw: dict, endpoint: str) -> None:
     if response_format is not None and response_format != {"type": "text"}:
         raise RequestError("'response_format' other than {\"type\": \"text\"} is not supported",
                            param="response_format", code="unsupported_parameter")
+
+
+def _unknown_hint(key: str, endpoint: str) -> str:
+    other = "chat.completions" if endpoint == "completions" else "completions"
+    if key in _FIELDS[other]:
+        return f"it is a field of /v1/{other.replace('.', '/')}"
+    close = get_close_matches(key, sorted(_FIELDS[endpoint] - set(_UNSUPPORTED) - set(_IGNORED)), n=2)
+    if close:
+        return "did you mean " + " or ".join(repr(k) for k in close) + "?"
+    return "this server does not implement it"
+
+
+def _stream_options(options: object, stream: bool) -> bool:
+    """``stream_options`` -> include_usage; refused without ``"stream": true`` (as OpenAI does), and
+    for a key or value it does not know (``"include_usage": "yes"`` is not a flag)."""
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not stream:
+        raise RequestError("'stream_options' must be an object, and only with \"stream\": true", param="stream_options")
+    for key, value in options.items():
+        if key not in _STREAM_OPTIONS:
+            raise RequestError(f"'stream_options.{key}' is not an option (use include_usage: true or false)",
+                               param=f"stream_options.{key}", code="unknown_parameter")
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"'stream_options.{key}' must be true or false, got {value!r}",
+                               param=f"stream_options.{key}")
+    if options.get("continuous_usage_stats"):
+        raise RequestError("'stream_options.continuous_usage_stats' is not supported (usage comes once, in the last "
+                           "chunk, with include_usage: true)", param="stream_options.continuous_usage_stats",
+                           code="unsupported_parameter")
+    return bool(options.get("include_usage"))
 
 
 def _prompts(prompt: object) -> tuple[str, ...]:

@@ -193,6 +193,56 @@ def test_other_methods_and_chunked_bodies_get_a_json_error_naming_the_fix(server
     assert response.status == 411 and "Content-Length" in payload["error"]["message"]
 
 
+def test_a_body_over_the_limit_is_refused_with_an_answer_the_client_reads(server, api):
+    """A prompt of a few MB (1 MB of non-ASCII text escapes to 6 MB of JSON): before, the server answered
+    while the client was still sending and closed, so a plain HTTP client (http.client, requests) got a
+    broken pipe instead of the error, and the error named no field or fix."""
+    import http.client
+    import socket
+
+    body = json.dumps({"model": "engram", "prompt": "\u00e9" * 1_000_000}).encode()  # 6 MB escaped
+    for _ in range(2):
+        status, payload = _post(server, body)
+        assert status == 400, payload
+        assert payload["error"]["code"] == "request_too_large" and payload["error"]["param"] == "prompt"
+        assert f"{len(body):,} bytes" in payload["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as refused:  # the openai client sends it unescaped: 2 MB
+        api.chat.completions.create(model="engram", messages=[{"role": "user", "content": "\u00e9" * 1_000_000}])
+    assert refused.value.code == "request_too_large" and refused.value.param == "messages"
+    # curl's Expect: 100-continue: refused before the body is sent
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        head = sock.recv(65536)
+    finally:
+        sock.close()
+    assert head.startswith(b"HTTP/1.1 400") and b"request_too_large" in head and b"100 Continue" not in head
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/completions", body=b"{}", headers={"Content-Length": "-3"})
+    response = connection.getresponse()
+    assert response.status == 400 and "Content-Length" in json.loads(response.read())["error"]["message"]
+    connection.close()
+
+
+def test_a_body_shorter_than_its_content_length_gets_a_408_not_a_hang(server, monkeypatch):
+    import socket
+
+    import serving.http
+
+    monkeypatch.setattr(serving.http, "BODY_READ_TIMEOUT_S", 0.5, raising=False)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
+        answer = b""
+        while chunk := sock.recv(65536):  # before: nothing, ever (the server waited for the rest)
+            answer += chunk
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"Content-Length" in answer
+    assert _post(server, json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 1}).encode())[0] == 200
+
+
 def test_a_user_of_a_shard_this_node_does_not_own_is_refused(local_store, tiny, compiled):
     publish(local_store, tiny, v1(compiled))
     owned = shard_of("alice", NUM_SHARDS)

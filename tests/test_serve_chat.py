@@ -278,6 +278,24 @@ def test_a_client_that_leaves_a_stream_stops_its_sequence(server):
     assert server.health()["cancelled_sequences"] == 1
 
 
+def test_a_client_that_leaves_before_its_whole_answer_stops_its_sequence(server):
+    """A non-streamed request whose client closes the connection is cancelled: before, it decoded all its
+    max_tokens (2.6 s of the tiny model's batch, every request behind it waiting) for nobody."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    body = json.dumps({"model": "engram", "prompt": "Hello", "max_tokens": 500}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 30
+    while server.health()["sequences"] == 0 and server.batcher._batch is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # its batch has started
+    sock.close()
+    while server.health()["cancelled_sequences"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["cancelled_sequences"] == 1
+    status, payload = _post(server, json.dumps({"model": "engram", "prompt": "Hi", "max_tokens": 2}).encode())
+    assert status == 200 and payload["choices"][0]["finish_reason"] in ("length", "stop")  # and it goes on
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -317,6 +335,58 @@ def test_malformed_chat_requests_get_400_naming_the_field(server, body, param):
     assert status == 400, payload
     assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["param"] == param
     assert payload["error"]["message"]
+
+
+@pytest.mark.parametrize("path, fields, param, code", [
+    # sampling controls this server lacks (vLLM's, sent through LiteLLM or extra_body): before, silently dropped
+    ("/v1/chat/completions", {"top_k": 40}, "top_k", "unsupported_parameter"),
+    ("/v1/chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty", "unsupported_parameter"),
+    ("/v1/completions", {"min_tokens": 5}, "min_tokens", "unsupported_parameter"),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+    ("/v1/chat/completions", {"function_call": {"name": "f"}}, "function_call", "unsupported_parameter"),
+    # a misspelt field, another endpoint's field, one nobody defines
+    ("/v1/chat/completions", {"max_token": 5}, "max_token", "unknown_parameter"),
+    ("/v1/completions", {"continue_final_message": True}, "continue_final_message", "unknown_parameter"),
+    ("/v1/chat/completions", {"prompt": "Hi"}, "prompt", "unknown_parameter"),
+    ("/v1/completions", {"frobnicate": 1}, "frobnicate", "unknown_parameter"),
+    # stream_options: a value that is no flag (before: "yes" meant true), a key it does not know
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage", None),
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usgae": True}},
+     "stream_options.include_usgae", "unknown_parameter"),
+])
+def test_a_field_the_server_does_not_read_is_refused_naming_it(server, api, path, fields, param, code):
+    base = ({"model": "engram", "messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else
+            {"model": "engram", "prompt": "Hi"})
+    status, payload = _post(server, json.dumps({**base, "max_tokens": 2, **fields}).encode(), path=path)
+    assert status == 400, payload
+    assert payload["error"]["param"] == param and payload["error"]["code"] == code
+    assert repr(param.split(".")[-1]) in payload["error"]["message"] or param in payload["error"]["message"]
+    if param == "max_token":
+        assert "did you mean 'max_tokens'" in payload["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as refused:  # as the openai client sees it
+        create = api.chat.completions.create if "chat" in path else api.completions.create
+        create(**base, max_tokens=2, extra_body=fields)
+    assert refused.value.param == param
+
+
+def test_bookkeeping_fields_and_neutral_values_are_accepted(server, api):
+    """OpenAI's fields that change no answer (metadata, store, ...) and the unsupported ones in their
+    neutral form are served as if left out."""
+    asked = {"model": "engram", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    plain = api.chat.completions.create(**asked).choices[0].message.content
+    extras = {"metadata": {"team": "a"}, "store": False, "service_tier": "auto", "parallel_tool_calls": False,
+              "safety_identifier": "h42", "prompt_cache_key": "k", "response_format": {"type": "text"},
+              "logprobs": False, "tool_choice": "none", "frequency_penalty": 0, "presence_penalty": 0.0}
+    assert api.chat.completions.create(**asked, **extras).choices[0].message.content == plain
+    vllm_neutral = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "min_tokens": 0, "ignore_eos": False,
+                    "skip_special_tokens": True}
+    assert api.chat.completions.create(**asked, extra_body=vllm_neutral).choices[0].message.content == plain
+    streamed = api.chat.completions.create(**asked, stream=True,
+                                           stream_options={"include_usage": True, "include_obfuscation": False})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+    assert chunks[-1].usage.completion_tokens == 3
 
 
 def test_openai_clients_see_the_error_type_param_and_code(server, api):
@@ -544,3 +614,22 @@ def test_sampling_draws_only_from_the_top_p_nucleus_in_proportion():
     assert abs((drawn == 0).float().mean().item() - 0.5 / 0.8) < 0.03
     top = sample_tokens(logits[:3], [Sampling(1, temperature=1.0, top_p=0.0)] * 3, torch.tensor([0.0, 0.5, 1.0]))
     assert top.tolist() == [0, 0, 0]  # top_p 0: the most probable token, whatever the draw
+
+
+def test_a_stream_to_an_http_1_0_client_is_plain_events_ended_by_closing(server):
+    """nginx's proxy_pass speaks HTTP/1.0 by default, which has no chunked bodies: before, the events came
+    wrapped in chunk sizes ("2a3\r\ndata: ...") that such a client passes on as text."""
+    body = json.dumps({"model": "engram", "prompt": "Hello", "max_tokens": 3, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    finally:
+        sock.close()
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n")
+    assert all(line.startswith(b"data: ") for line in events.split(b"\n\n") if line)
