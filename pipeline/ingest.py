@@ -833,7 +833,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     try:
         if intervals:
             raise F.SchemaMismatch(_parquet_interval(intervals[0], table.column(intervals[0]).type))
-        return info, normalise_fact_log(table, source=display), None
+        return info, normalise_fact_log(table, source=display, file_columns=present + list(partitions)), None
     except F.SchemaMismatch as err:
         if table.num_rows == 0:  # no value to lose: tools type an empty export's columns as they like
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
@@ -998,10 +998,45 @@ def _column_problem(present: list[str]) -> str | None:
                 return (f"column {near!r} is not the optional column {name!r}, and without it every row would be "
                         f"read as having no {name}; {_near_miss(near, name)} (or drop the column)")
         return None
-    near = fold.get(_folded_name(missing[0]))
-    hint = f"; {_near_miss(near, missing[0])}" if near else ""
-    shown = present[:20] + ([f"... {len(present) - 20} more"] if len(present) > 20 else [])
-    return f"missing required column {missing[0]!r} (the file's columns: {shown}){hint}"
+    return f"missing required column {missing[0]!r} (the file's columns: {_shown_columns(present)}){_missing_hint(missing[0], present)}"
+
+
+def _shown_columns(present: list[str]) -> list[str]:
+    return present[:20] + ([f"... {len(present) - 20} more"] if len(present) > 20 else [])
+
+
+# What other tools and schemas call each log column (folded as by _folded_name). A file that holds one
+# of these and not the log's column is refused naming it and the rename, as a near miss is: the refusal
+# named only the missing column, and which of the file's columns was meant was left to guess.
+_OTHER_NAMES = {
+    "user_id": ("user", "uid", "userkey", "customerid", "accountid", "memberid", "personid", "subjectid", "clientid"),
+    "fact_id": ("id", "fact", "factkey", "key", "memoryid", "memory", "itemid", "recordid", "entryid", "slot"),
+    "op": ("operation", "action", "optype", "operationtype", "eventtype", "change", "changetype", "kind", "type",
+           "verb", "cdcop"),
+    "trigger": ("prompt", "cue", "prefix", "question", "context", "key", "input", "lefttext", "triggertext"),
+    "answer": ("value", "response", "completion", "target", "output", "text", "reply", "answertext", "fact",
+               "memory"),
+    "event_time": ("time", "timestamp", "ts", "eventts", "eventtimestamp", "eventat", "datetime", "date",
+                   "createdat", "updatedat", "modifiedat", "occurredat", "loggedat", "eventdate",
+                   "createdtime", "updatedtime", "ingestedat", "sourcets", "tsms", "timestamputc", "eventtimeutc"),
+    "scope": ("scopeid", "sharedscope", "group", "groupid", "tenant", "tenantid", "orgid", "organization"),
+}
+
+
+def _missing_hint(missing: str, present: list[str]) -> str:
+    """"; ..." naming the fix for a file without the log column ``missing``: the rename of a near
+    miss of it (``USER_ID``, ``'user_id '``), else of a column other tools call it by (``timestamp``,
+    ``value``, ``operation``) that the log does not hold under its own name; else ""."""
+    fold = {_folded_name(name): name for name in present}
+    if (near := fold.get(_folded_name(missing))) is not None:
+        return f"; {_near_miss(near, missing)}"
+    ours = set(F.FACT_LOG_SCHEMA.names)
+    candidates = [name for name in present if name not in ours and _folded_name(name) in _OTHER_NAMES[missing]]
+    if not candidates:
+        return ""
+    shown = " or ".join(repr(name) for name in candidates[:3])
+    return (f"; the file has {shown}: if that is the {missing} (what another tool calls it), rename it to "
+            f"{missing!r}")
 
 
 def _folded_name(name: str) -> str:
@@ -1029,7 +1064,7 @@ def _near_miss(near: str, wanted: str) -> str:
 # --- Normalising ----------------------------------------------------------------------------
 
 
-def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Table:
+def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_columns: list[str] | None = None) -> pa.Table:
     """Conform a raw fact log table to FACT_LOG_BATCH_SCHEMA, adding provenance.
 
     Extra columns are dropped with a warning; a missing required column, or a column whose
@@ -1039,14 +1074,18 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
     ``F.MIN_EVENT_TIME``..``F.MAX_EVENT_TIME``) never costs the file: it becomes null with a
     per-row problem (reason + detail) that ingest turns into a reject of that row.
     Timestamps finer than a microsecond (pandas' ``datetime64[ns]``) are truncated to it.
+    ``file_columns``: the file's own columns (extra ones too), which a refusal for a missing column
+    names; by default the table's.
     """
     keep = set(F.FACT_LOG_BATCH_SCHEMA.names)
     extra = [name for name in table.column_names if name not in keep]
     if extra:
         logger.warning("fact log %s: ignoring extra columns %s", source, extra)
+    file_columns = list(table.column_names if file_columns is None else file_columns)
     missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in table.column_names]
     if [name for name in missing if name not in _NEEDED_BY]:
-        raise F.SchemaMismatch(f"missing required column {missing[0]!r} (columns found: {table.column_names})")
+        raise F.SchemaMismatch(f"missing required column {missing[0]!r} (columns found: "
+                               f"{_shown_columns(file_columns)}){_missing_hint(missing[0], file_columns)}")
     n = table.num_rows
     problems: list[tuple[str, str] | None] = [None] * n
     columns = {}
@@ -1054,7 +1093,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE) -> pa.Tab
         raw = table.column(name) if name in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
         columns[name] = _to_text(raw, name, problems)
     if missing:
-        _check_ops_without(missing, _canonical_op(columns["op"]), table.column_names)
+        _check_ops_without(missing, _canonical_op(columns["op"]), file_columns)
     for name in _ID_COLUMNS:
         if name in table.column_names and not pa.types.is_floating(table.column(name).type):
             _warn_float_text_ids(columns[name], name, source)
@@ -1101,9 +1140,10 @@ def _check_ops_without(missing: list[str], ops: pa.ChunkedArray, present: list[s
         if pc.any(needing).as_py():
             row = pc.index(needing, True).as_py()
             raise F.SchemaMismatch(
-                f"missing required column {name!r} (the file's columns: {present}); row {row} is "
+                f"missing required column {name!r} (the file's columns: {_shown_columns(present)}); row {row} is "
                 f"{ops[row].as_py()!r}, which needs it (only a file of {' and '.join(_needless(name))} rows alone "
-                f"may leave it out): add the column, or write those rows to a file of their own")
+                f"may leave it out): add the column, or write those rows to a file of their own"
+                f"{_missing_hint(name, present)}")
 
 
 def _needless(name: str) -> list[str]:

@@ -97,6 +97,31 @@ def test_a_file_refused_for_its_columns_says_which_and_how_to_fix_it(tmp_path):
             read_fact_log(str(folder))
 
 
+@pytest.mark.parametrize("column, other", [("event_time", "timestamp"), ("event_time", "ts"), ("answer", "value"),
+                                           ("trigger", "prompt"), ("op", "operation"), ("user_id", "uid"),
+                                           ("fact_id", "memory_id")])
+def test_a_file_holding_a_log_column_under_another_tools_name_is_refused_naming_the_rename(column, other, tmp_path):
+    """A file whose column is named as another tool names it (``timestamp``, ``ts``, ``value``,
+    ``prompt``, ``operation``, ``uid``) is refused naming that column and the rename; the refusal
+    named only the missing column (and, for a column only upserts need, listed the file's columns
+    without the one meant)."""
+    row = {"user_id": "u1", "fact_id": "pet", "op": "upsert", "trigger": "My dog is", "answer": "Rex",
+           "event_time": "2026-11-01T08:00:00Z", "source_system": "app"}
+    folder = tmp_path / "log"
+    folder.mkdir()
+    pq.write_table(pa.table({(other if name == column else name): [value] for name, value in row.items()}),
+                   folder / "part-0.parquet")
+    with pytest.raises(FactLogError) as raised:
+        read_fact_log(str(folder))
+    message = str(raised.value)
+    assert f"missing required column {column!r}" in message
+    assert f"the file has {other!r}: if that is the {column}" in message and f"rename it to {column!r}" in message
+    assert f"{other!r}, " in message and "'source_system'" in message  # the file's own columns, extra ones too
+    batch = read_fact_log(str(folder), on_bad_file="reject")
+    assert [r["reason"] for r in batch.file_rejects.to_pylist()] == ["SCHEMA_MISMATCH"]
+    assert f"rename it to {column!r}" in batch.file_rejects.to_pylist()[0]["detail"]
+
+
 @pytest.mark.parametrize("ids, kind, row, message", [
     (pa.array([1.0, 2.0, 1.5]), "double", 2, "user_id 1.5 (row 2) in a double column is not a whole number"),
     (pa.array([1.0, 2.0, float("inf")]), "double", 2, "user_id inf (row 2) in a double column is not a whole number"),
