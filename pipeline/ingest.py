@@ -1772,11 +1772,32 @@ def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOU
         if zoneless and zoneless[0] is True:
             zoneless[0] = (row, text)
         if text is not None and micros[-1] is None:
-            _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
+            if missing := _time_missing_as_text(canonical_id(text)):
+                _note(problems, row, F.MISSING_EVENT_TIME, f"event_time {text[:64]!r} {missing}")
+            else:
+                _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
     if zoneless:
         logger.warning("fact log %s: event_time %r (row %d) has no time zone; reading it as UTC (write the offset or "
                        "Z, e.g. 2026-11-20T08:00:00Z, to silence this)", source, zoneless[0][1][:64], zoneless[0][0])
     return micros
+
+
+# MySQL's zero date and datetime (what a NOT NULL column holds for "no time"), as text
+_ZERO_DATES = frozenset({"0000-00-00", "0000-00-00 00:00:00", "0000-00-00t00:00:00"})
+
+
+def _time_missing_as_text(text: str) -> str | None:
+    """Why an event_time text (canonical) is a missing time rather than a time in another format
+    (empty or blank text, pandas' ``'NaT'`` from ``astype(str)``, ``'None'``, ``'null'``, MySQL's
+    zero date), or None. Such a row is ``MISSING_EVENT_TIME``, as a null is: it was
+    ``BAD_EVENT_TIME`` "not an ISO-8601 timestamp", counted apart from the missing times it is."""
+    word = text.strip().casefold()
+    if not word:
+        return "is empty text, a missing time; export missing times as null, or give the row its time"
+    if word in _MISSING_AS_TEXT or word in _MORE_MISSING_AS_TEXT or word in _ZERO_DATES or word.startswith("0000-00-00 00:00:00."):
+        return ("is a missing time written as text (pandas' astype(str) writes NaT as 'NaT', None as 'None'; SQL "
+                "'null'; MySQL's zero date 0000-00-00), not a time; export missing times as null, or give the row its time")
+    return None
 
 
 def _not_a_time(text: str) -> str:

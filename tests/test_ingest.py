@@ -452,6 +452,26 @@ def test_event_time_text_at_the_end_of_a_day_or_in_a_leap_second_is_read(tmp_pat
         ("f5", "BAD_EVENT_TIME"), ("f6", "BAD_EVENT_TIME")]
 
 
+def test_event_time_text_that_is_a_missing_value_is_a_missing_event_time_per_row(tmp_path):
+    """An event_time text column holding a missing time as text (pandas' ``astype(str)`` of a time
+    column with NaT writes ``'NaT'``; ``'None'``, ``'null'``, empty or blank text, MySQL's zero date)
+    rejects its row as ``MISSING_EVENT_TIME``, as a null does, saying so: it was ``BAD_EVENT_TIME``,
+    "not an ISO-8601 timestamp", and a count of missing times left these out. A text that is a time
+    in another format is still ``BAD_EVENT_TIME``; the other rows are read."""
+    texts = ["NaT", "None", "null", "", "   ", "0000-00-00 00:00:00", "0000-00-00", None, "20/11/2026 08:00",
+             "2026-11-20T08:00:00Z"]
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    pq.write_table(raw.set_column(5, "event_time", pa.array(texts, pa.string())), tmp_path / "times.parquet")
+    result = run(read_fact_log(str(tmp_path)))
+    rejects = {r["fact_id"]: (r["reason"], r["detail"]) for r in result.rejects.to_pylist()}
+    assert {f: reason for f, (reason, _) in rejects.items()} == {
+        **{f"f{i}": "MISSING_EVENT_TIME" for i in range(8)}, "f8": "BAD_EVENT_TIME"}
+    assert "'NaT' is a missing time written as text" in rejects["f0"][1] and "export missing times as null" in rejects["f0"][1]
+    assert "empty text, a missing time" in rejects["f3"][1] and "MySQL's zero date" in rejects["f5"][1]
+    assert [r["fact_id"] for r in result.state.to_pylist()] == ["f9"]
+    assert result.accepted + result.rejected == len(texts)
+
+
 @pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
 def test_event_time_text_as_go_email_http_javascript_and_java_write_it_is_read_by_its_offset(on_bad_file, tmp_path):
     """Go's time.Time.String() (a producer logging `%v` of a time), RFC 2822 and HTTP dates,
