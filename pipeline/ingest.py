@@ -1019,7 +1019,6 @@ _OTHER_NAMES = {
     "event_time": ("time", "timestamp", "ts", "eventts", "eventtimestamp", "eventat", "datetime", "date",
                    "createdat", "updatedat", "modifiedat", "occurredat", "loggedat", "eventdate",
                    "createdtime", "updatedtime", "ingestedat", "sourcets", "tsms", "timestamputc", "eventtimeutc"),
-    "scope": ("scopeid", "sharedscope", "group", "groupid", "tenant", "tenantid", "orgid", "organization"),
 }
 
 
