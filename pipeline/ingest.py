@@ -1105,6 +1105,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_colu
     _warn_scope_of_own_facts(columns, source)
     _warn_row_number_fact_ids(columns["fact_id"], source)
     _warn_trigger_holding_its_answer(columns["trigger"], columns["answer"], source)
+    for name in _TEXT_COLUMNS:
+        _warn_missing_text_values(columns[name], name, columns["op"], source)
     for name in _ID_COLUMNS + _TEXT_COLUMNS:
         kind = table.column(name).type if name in table.column_names else pa.null()
         if _raw_uuid(kind.value_type if pa.types.is_dictionary(kind) else kind):
@@ -1364,6 +1366,29 @@ def _warn_trigger_holding_its_answer(triggers: pa.ChunkedArray, answers: pa.Chun
                            "the answer, so the fact is recalled only after the whole sentence (and says the answer "
                            "again); write the trigger without the answer", source, trigger[:64], row, answer[:64])
             return
+
+
+# A missing value as pandas' astype(str) (before pandas 3), Python's str(), SQL and JavaScript write it, in their case
+_MISSING_TEXT_SPELLINGS = ("nan", "NaN", "None", "<NA>", "NaT", "null", "NULL", "undefined")
+
+
+def _warn_missing_text_values(texts: pa.ChunkedArray, name: str, ops: pa.ChunkedArray, source: str) -> None:
+    """Warn once per file and column where an upsert's trigger or answer is a missing value written
+    as text (``'None'``, ``'nan'``, ``'<NA>'``: a DataFrame's ``astype(str)`` before the export, in
+    pandas before 3): it is compiled and served as written ("My PIN is None"), where a null is
+    ``EMPTY_TRIGGER`` / ``EMPTY_ANSWER``. A warning, not a reject: "None" and "Nan" can be real text."""
+    upserts = pc.fill_null(pc.equal(_canonical_op(ops), F.OP_UPSERT), False)
+    spelled = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(texts.cast(pa.string())),
+                                    value_set=pa.array(_MISSING_TEXT_SPELLINGS)), False)
+    hits = pc.and_(upserts, spelled)
+    if not pc.any(hits).as_py():
+        return
+    row = pc.index(hits, True).as_py()
+    logger.warning("fact log %s: %s %r (row %d; %d such upsert row(s)) looks like a missing value written as text "
+                   "(pandas' astype(str) before pandas 3 writes None as 'None', NaN as 'nan', pd.NA as '<NA>'): it is "
+                   "compiled and served as written; export missing values as null (such a row is then rejected as "
+                   "EMPTY_%s), or ignore this if it is the real text", source, name, texts[row].as_py(), row,
+                   pc.sum(hits).as_py(), name.upper())
 
 
 def _warn_row_number_fact_ids(fact_ids: pa.ChunkedArray, source: str) -> None:

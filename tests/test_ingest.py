@@ -596,6 +596,29 @@ def test_fact_ids_that_are_the_files_row_numbers_are_warned_of_once(first, caplo
     assert "row number" not in caplog.text
 
 
+def test_a_trigger_or_answer_that_is_a_missing_value_as_text_is_warned_of_once_per_file_and_column(caplog):
+    """An answer 'None' or a trigger 'nan' (a DataFrame's astype(str) before pandas 3 writes None and
+    NaN so) was compiled and served without a word ("My PIN is None"), where a null is EMPTY_ANSWER.
+    Read as written ('None' can be a real answer), with one warning per file and column naming the
+    row; a delete's or a forget's text, and a real answer, are not warned of."""
+    rows = [{"fact_id": "ok", "trigger": "My cat is called", "answer": " Tom"},
+            {"fact_id": "pin", "trigger": "My PIN is", "answer": "None"},
+            {"fact_id": "pet", "trigger": "My pet is", "answer": "nan"},
+            {"fact_id": "x", "trigger": "<NA>", "answer": " Rex"},
+            {"fact_id": "gone", "op": "delete", "trigger": "None", "answer": "None"}]
+    with caplog.at_level("WARNING"):
+        normalised = normalise_fact_log(table(*rows), source="x.parquet")
+    assert caplog.text.count("looks like a missing value written as text") == 2
+    assert "fact log x.parquet: answer 'None' (row 1; 2 such upsert row(s)) looks like a missing value" in caplog.text
+    assert "fact log x.parquet: trigger '<NA>' (row 3; 1 such upsert row(s))" in caplog.text
+    assert "export missing values as null (such a row is then rejected as EMPTY_ANSWER)" in caplog.text
+    assert run(normalised).accepted == 5  # read as written
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_fact_log(table(rows[0], rows[4]), source="y.parquet")
+    assert "missing value written as text" not in caplog.text
+
+
 def test_a_trigger_that_ends_with_its_answer_is_warned_of_once_per_file(caplog):
     """'My dog is called Rex' + 'Rex' (an extraction tool logging the whole sentence as the trigger)
     was compiled without a word: recalled only after the whole sentence, never from 'My dog is called'."""
