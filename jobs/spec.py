@@ -109,12 +109,15 @@ class NightlySpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"job spec: field '{name}' must be a non-empty string")
-        from versions.store import BadStoreURI, parse_store_uri
+        from versions.store import BadStoreURI, parse_store_uri, unexpanded_variable
 
         try:  # s3:// without a bucket, a prefix with an empty segment, ...: refused here, not by the night
             parse_store_uri(self.store)
         except BadStoreURI as exc:
             raise SpecError(f"job spec: field 'store': {exc}") from None
+        for name in ("fact_log", "model"):  # ``$HOME/log`` read as written named a folder '$HOME' under the cwd
+            if problem := unexpanded_variable(getattr(self, name), name):
+                raise SpecError(f"job spec: field {name!r}: {problem}")
         try:  # before the type check: a bare number (``max_file_age: 30``) is told its missing unit
             self.max_file_age_ns()
         except ValueError as exc:

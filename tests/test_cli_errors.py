@@ -497,6 +497,42 @@ def test_a_store_uri_that_names_no_store_is_a_bad_argument_for_every_command(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "spec.yaml"]
 
 
+def test_a_location_holding_an_unexpanded_environment_variable_is_refused_and_nothing_is_made(tmp_path, tiny_dir,
+                                                                                                 monkeypatch):
+    """A job spec (or a quoted argument) with ``store: $HOME/engram-store`` is read as written: the
+    night created a folder named ``$HOME`` under the working directory and published there, where
+    no serving node looked. A store, fact_log or model holding ``$NAME`` or ``${NAME}`` is exit 2
+    naming the field, the variable (and its value here) and the fix; nothing is created."""
+    from jobs.nightly_cli import JSON_FAILURE_KEYS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENGRAM_TEST_LOGS", str(tmp_path / "log"))
+    monkeypatch.delenv("ENGRAM_TEST_UNSET", raising=False)
+    (tmp_path / "log").mkdir()
+    spec = tmp_path / "spec.yaml"
+    cases = [("store", "$HOME/engram-store", "store URI '$HOME/engram-store' holds '$HOME'"),
+             ("store", "s3://bkt/${ENGRAM_TEST_UNSET}/engram", "holds '${ENGRAM_TEST_UNSET}'"),
+             ("fact_log", "${ENGRAM_TEST_LOGS}", f"(here ENGRAM_TEST_LOGS is {str(tmp_path / 'log')!r})"),
+             ("model", "$ENGRAM_TEST_UNSET/model", "(ENGRAM_TEST_UNSET is not set here)")]
+    for field, value, words in cases:
+        paths = {"store": str(tmp_path / "store"), "fact_log": str(tmp_path / "log"), "model": str(tiny_dir)}
+        paths[field] = value
+        spec.write_text("".join(f"{key}: '{path}'\n" for key, path in paths.items()) + "workers: 0\n")
+        result = engram("run", "nightly", "--spec", str(spec), "--json")
+        assert result.exit_code == 2, (field, result.output)
+        out = json.loads(result.stdout)
+        assert out == {"published": False, "error": out["error"], "exit_code": 2}
+        assert words in out["error"] and "an environment variable that is not expanded" in out["error"], out
+        assert "write the path itself" in out["error"] and field in out["error"]
+    for args in (["versions", "--store", "$HOME/engram-store"], ["stats", "--store", "$HOME/engram-store", "select 1"],
+                 ["forget", "--store", "$HOME/engram-store", "u1"], ["pull", "--store", "$HOME/engram-store"]):
+        result = engram(*args, "--json")
+        assert result.exit_code == 2, (args, result.output)
+        assert json.loads(result.stdout)[JSON_FAILURE_KEYS[args[0]]] is False
+        assert "holds '$HOME', an environment variable that is not expanded" in json.loads(result.stdout)["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "spec.yaml"]
+
+
 def test_a_store_uri_error_that_escapes_a_command_is_still_exit_2():
     """The console script's last resort maps a bad store URI to 2 as the commands do (with --json
     in the failure object too)."""

@@ -1012,11 +1012,33 @@ _S3_BUCKET = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # what botocore accepts as
 _STORE_URI_FORMS = "a local path, file:///path or s3://bucket/prefix"
 
 
+_ENV_REFERENCE = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def unexpanded_variable(value: str, what: str) -> str | None:
+    """The line saying that ``value`` (a store, fact log or model location, named ``what``) holds an
+    environment variable reference (``$HOME``, ``${LOG_BUCKET}``) that nothing expanded, or None.
+    A job spec, a ConfigMap or a quoted argument is read as written: such a store was created in a
+    folder named ``$HOME`` under the working directory, where no serving node looked."""
+    found = _ENV_REFERENCE.search(value)
+    if found is None:
+        return None
+    name = found.group(1).strip("{}")
+    now = os.environ.get(name)
+    hint = f" (here {name} is {now!r})" if now is not None else f" ({name} is not set here)"
+    return (f"{what} {value!r} holds {found.group(0)!r}, an environment variable that is not expanded (a job spec and "
+            f"a quoted argument are read as written){hint}; write the path itself, or let a shell expand it on the "
+            f"command line")
+
+
 def parse_store_uri(uri: str) -> tuple[str, str, str]:
     """``("s3", bucket, prefix)`` or ``("local", path, "")`` of a store URI, checked without any
     request (``/path``, ``relative/path``, ``file:///path``, ``s3://bucket/prefix``; the prefix as
     written: ``s3://bucket/team#1/engram`` is the prefix ``team#1/engram``, a leading or trailing
-    ``/`` dropped). BadStoreURI naming the URI and the fix for one that names no store."""
+    ``/`` dropped). BadStoreURI naming the URI and the fix for one that names no store (one holding
+    an environment variable nothing expanded, ``$HOME/store``, too)."""
+    if problem := unexpanded_variable(uri, "store URI"):
+        raise BadStoreURI(problem)
     if uri.startswith("s3://"):  # by hand: a key prefix is taken as written ('#', '?', '%' are key characters)
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not bucket:
