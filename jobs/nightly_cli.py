@@ -90,9 +90,14 @@ def text_argument_problem(value: str, what: str) -> str | None:
 def directory_problem(path: Path | str, what: str) -> str | None:
     """None where ``path`` is a directory this process can write in, or can be made one; else the
     one line that says why not (it, or a folder above it, is a file; it, or the folder it would be
-    made in, is not writable), naming the path and the fix. Creates nothing."""
+    made in, is not writable, it holds an environment variable nothing expanded), naming the path and
+    the fix. Creates nothing."""
     import os
 
+    from versions.store import unexpanded_variable
+
+    if problem := unexpanded_variable(str(path), what):
+        return problem
     path = Path(path).expanduser()
     for part in (path, *path.parents):
         try:
@@ -124,6 +129,10 @@ def checkpoint_problem(path: Path | str, what: str, missing: str = "no such file
     ``what`` (``--model PATH``, ``model PATH``, ...) and what to give instead. ``complete``: also
     the files a load needs (:func:`engram_core.fingerprint.check_checkpoint_files`: an incomplete
     copy or an interrupted build). Reads no file."""
+    from versions.store import unexpanded_variable
+
+    if problem := unexpanded_variable(str(path), what.split(" ", 1)[0]):
+        return problem
     path = Path(path).expanduser() if "://" not in str(path) else None  # Path would read s3://b/m as s3:/b/m
     try:
         found = path is not None and path.exists()

@@ -525,11 +525,16 @@ def test_a_location_holding_an_unexpanded_environment_variable_is_refused_and_no
         assert words in out["error"] and "an environment variable that is not expanded" in out["error"], out
         assert "write the path itself" in out["error"] and field in out["error"]
     for args in (["versions", "--store", "$HOME/engram-store"], ["stats", "--store", "$HOME/engram-store", "select 1"],
-                 ["forget", "--store", "$HOME/engram-store", "u1"], ["pull", "--store", "$HOME/engram-store"]):
+                 ["forget", "--store", "$HOME/engram-store", "u1"], ["pull", "--store", "$HOME/engram-store"],
+                 ["pull", "--store", str(tmp_path / "log"), "--cache-dir", "$HOME/cache"],
+                 ["ask", "--store", str(tmp_path / "log"), "--user", "u1", "--model", "$HOME/model", "hi"],
+                 ["model", "info", "$HOME/model"]):
         result = engram(*args, "--json")
         assert result.exit_code == 2, (args, result.output)
         assert json.loads(result.stdout)[JSON_FAILURE_KEYS[args[0]]] is False
         assert "holds '$HOME', an environment variable that is not expanded" in json.loads(result.stdout)["error"]
+    result = engram("model", "init", "$HOME/model", "--tiny")
+    assert result.exit_code == 2 and "model directory '$HOME/model' holds '$HOME'" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "spec.yaml"]
 
 
