@@ -497,6 +497,9 @@ def main() -> None:
                          "3-grams; 9 is the order new tiny checkpoints get since issue 17)")
     ap.add_argument("--min-margin", type=float, nargs="+", default=[CompileOptions.min_margin],
                     help="CompileOptions.min_margin (several: a sweep)")
+    ap.add_argument("--stop-margin", nargs="+", default=["off"],
+                    help="CompileOptions.stop_margin: off or a margin (several: a sweep); FLOPs and the "
+                         "ceiling's share count the steps the facts got")
     ap.add_argument("--processes", type=int, default=1,
                     help="this many processes on the one device, each compiling its share of the users; the rate is "
                          "all facts over the time from the first start to the last end (as nightly actors sharing a GPU)")
@@ -576,16 +579,16 @@ def main() -> None:
                                                 templates=args.templates), member, members) for w in args.workload}
         trigger_tokens = len(em.encode_prompt(next(iter(workloads.values()))[0].trigger))
         runs = []
-        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st, pp, kw) for a in args.attn for w in args.workload
+        variants = [(a, w, b, r, p, g, dd, ps, cs, ov, si, pk, tw, fn, mm, st, pp, kw, sm) for a in args.attn for w in args.workload
                     for b in args.batch for r in args.reuse_lower
                     for p in args.prefix_attention for g in args.prefix_groups for dd in args.dedupe_prefixes
                     for ps in args.plain_step for cs in args.compiled_step for ov in args.overlap
                     for si in args.switch_interval for pk in args.prefix_kernel for tw in args.tokenize_workers
                     for fn in args.fused_ops for mm in args.min_margin for st in args.steps for pp in args.plain_prefix
-                    for kw in args.kernel_warps]
+                    for kw in args.kernel_warps for sm in args.stop_margin]
         default_interval = sys.getswitchinterval()
         for number, (attn, workload, batch, reuse, prefix_attn, groups, dedupe, plain, compiled, overlap, interval, kernel, workers,
-                     norms, margin, steps, plain_prefix, warps) in enumerate(variants):
+                     norms, margin, steps, plain_prefix, warps, stop) in enumerate(variants):
             sys.setswitchinterval(interval or default_interval)
             prefix_kernels.NUM_WARPS.update(forward=warps or None, backward=warps or None)
             em = model(attn)
@@ -595,6 +598,7 @@ def main() -> None:
                                   dedupe_prefixes=dedupe == "on", plain_step=plain == "on", plain_prefix=plain_prefix == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
                                   tokenize_workers=workers, fused_ops=norms == "on", min_margin=margin,
+                                  stop_margin=None if stop == "off" else float(stop),
                                   lr_width_scaling=not args.no_lr_width_scaling,
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
@@ -643,13 +647,16 @@ def main() -> None:
                 "phases_s": result.timings,
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
                 "greedy_checked": len(checked), "greedy_ok": greedy_ok,
-                "retried_facts": sum(r.steps > steps for r in result.facts), "steps": steps,
+                "retried_facts": sum(r.steps > steps for r in result.facts), "steps": steps, "stop_margin": stop,
+                "steps_mean": round(float(np.mean([r.steps for r in result.facts])), 2) if result.facts else None,
+                "steps_max": max((r.steps for r in result.facts), default=None),
                 "bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
             }
-            flops = flops_per_fact(em, trigger_tokens, steps)
+            steps_got = run["steps_mean"] if stop != "off" and run["steps_mean"] else steps  # early stop: the steps run
+            flops = flops_per_fact(em, trigger_tokens, steps_got)
             run["gflop_per_fact"] = round(flops / 1e9, 3)
-            run["gflop_per_fact_min"] = round(flops_per_fact(em, trigger_tokens, steps, reuse_lower=True) / 1e9, 3)
+            run["gflop_per_fact_min"] = round(flops_per_fact(em, trigger_tokens, steps_got, reuse_lower=True) / 1e9, 3)
             run["achieved_tflops"] = round(flops * run["facts_per_s"] / 1e12, 1)
             if peak_tflops:
                 run["peak_tflops"] = peak_tflops

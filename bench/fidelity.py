@@ -28,6 +28,7 @@ No asserts: results go to bench/RESULTS.md by hand, with date and machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -38,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engram_core.checkpoint import load_checkpoint  # noqa: E402
@@ -161,6 +163,9 @@ def measure(em, users, options: CompileOptions, contexts=("none",), answer_end: 
         "failed": sorted(f"{u}/{fid}" for (u, fid), hit in first_prompt.items() if not hit)[:20],
         "serve_seconds": round(serve_seconds, 2),
         "recall_natural_prompt_after": after,
+        "steps_mean": round(float(np.mean([r.steps for r in result.results])), 2) if result.results else None,
+        "margin_percentiles_10_50_90": ([round(float(x), 2) for x in np.percentile([r.margin for r in result.results], [10, 50, 90])]
+                                        if result.results else None),
         "delta_bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
         **({"answer_end": ends} if answer_end else {}),
     }
@@ -195,6 +200,8 @@ def main() -> None:
                          "numeric (numbers sharing digits) or shared_words (answers that start or trigger others)")
     ap.add_argument("--min-margin", type=float, default=CompileOptions.min_margin, help="CompileOptions.min_margin")
     ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
+    ap.add_argument("--stop-margin", nargs="+", default=["off"],
+                    help="CompileOptions.stop_margin: off or a margin (several: a sweep)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -222,17 +229,18 @@ def main() -> None:
             dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
             em = load_checkpoint(root, device=args.device, dtype=dtype,
                                  attn_implementation="eager" if args.device == "cuda" else None)
-            for resolve in args.resolve_conflicts:
-                for copies in args.context_copies:
-                    run = {"model": str(args.model or args.preset), "max_ngram": em.config.max_ngram,
-                           "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve,
-                           "context_copies": copies, "min_margin": args.min_margin, "steps": args.steps}
-                    options = CompileOptions(resolve_conflicts=resolve == "on", context_copies=copies == "on",
-                                             min_margin=args.min_margin, steps=args.steps)
-                    run.update(measure(em, users, options, args.context, args.answer_end))
-                    runs.append(run)
-                    if not args.json:
-                        print(json.dumps(run, indent=1))
+            for resolve, copies, stop in itertools.product(args.resolve_conflicts, args.context_copies, args.stop_margin):
+                run = {"model": str(args.model or args.preset), "max_ngram": em.config.max_ngram,
+                       "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve,
+                       "context_copies": copies, "min_margin": args.min_margin, "steps": args.steps,
+                       "stop_margin": stop}
+                options = CompileOptions(resolve_conflicts=resolve == "on", context_copies=copies == "on",
+                                         min_margin=args.min_margin, steps=args.steps,
+                                         stop_margin=None if stop == "off" else float(stop))
+                run.update(measure(em, users, options, args.context, args.answer_end))
+                runs.append(run)
+                if not args.json:
+                    print(json.dumps(run, indent=1))
             if args.model:
                 break
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -664,27 +664,44 @@ class _Batch:
         if self.step is not None and g.plain is not None and all(x.plain is not None for x in self.groups) and passes("plain"):
             self.plain = True  # the compiled step is checked after adopt_plain (check_lower_reuse)
 
-    def optimize(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    def optimize(self, values: torch.Tensor, steps: int, lr: float, stop_margin: float | None = None) -> torch.Tensor:
         self.check_lower_reuse(values)
-        return self.run_steps(values, steps, lr)
+        return self.run_steps(values, steps, lr, stop_margin)
 
-    def run_steps(self, values: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-        """Adam on the rows, in the form :meth:`check_lower_reuse` chose. The plain step touches
-        no state of the model (no hooks, no overlay in use), so it may run on another thread
-        while this one prepares the next batch."""
+    def run_steps(self, values: torch.Tensor, steps: int, lr: float, stop_margin: float | None = None) -> torch.Tensor:
+        """Adam on the rows, in the form :meth:`check_lower_reuse` chose; ``steps_run`` is set
+        to how many updates the returned rows had. ``stop_margin`` (``CompileOptions``): stop
+        at the first rows at which every answer token's margin in the step's forward is at least
+        this. That test is read one step late (a CUDA event on a pinned copy: the queue is not
+        drained), so the step after it has run and the rows it tested are the ones returned.
+        The plain step touches no state of the model (no hooks, no overlay in use), so it may
+        run on another thread while this one prepares the next batch."""
         values = values.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([values], lr=lr)
+        pending: _StopTest | None = None
+        self.steps_run = steps
         with torch.enable_grad():
-            for _ in range(steps):
+            for k in range(steps):
                 optimizer.zero_grad(set_to_none=True)
                 overlay = None if self.plain else self._overlay(values)
+                least = None  # the least answer margin over the groups, on the device
                 for g in self.groups:  # gradients of the groups add up: one loss, summed
                     if self.plain:
                         with record_function(g.step_label):
-                            self.step.backward(g.plain, values, g.targets)
+                            out = self.step.backward(g.plain, values, g.targets)
+                        margin = out[1] if stop_margin is not None else None
                     else:
-                        F.cross_entropy(g.logits(overlay), g.targets, reduction="sum").backward()
+                        logits = g.logits(overlay)
+                        F.cross_entropy(logits, g.targets, reduction="sum").backward()
+                        margin = _least_margin(logits.detach(), g.targets) if stop_margin is not None else None
+                    if margin is not None:
+                        least = margin if least is None else torch.minimum(least, margin)
+                test = _StopTest(least >= stop_margin, values, k) if least is not None else None
                 optimizer.step()
+                if pending is not None and pending.passed():  # step k is queued behind it
+                    self.steps_run = pending.step
+                    return pending.values
+                pending = test
         return values.detach()
 
     @torch.no_grad()
@@ -720,6 +737,35 @@ class _Batch:
 
 
 _CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
+
+
+def _least_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Least (answer logit - best other logit) over the rows of ``logits`` (n, vocab), float32 scalar."""
+    logits = logits.float()
+    target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    return (target_logit - logits.scatter(1, targets.view(-1, 1), float("-inf")).amax(1)).amin()
+
+
+class _StopTest:
+    """Whether every answer cleared ``CompileOptions.stop_margin`` at one step's rows: the
+    verdict copied to the host without waiting (pinned memory and an event on CUDA), and those
+    rows kept (the optimizer updates the live tensor in place)."""
+
+    def __init__(self, verdict: torch.Tensor, values: torch.Tensor, step: int):
+        self.step, self.values = step, values.detach().clone()
+        self._event = None
+        if verdict.is_cuda:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(verdict, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = verdict
+
+    def passed(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._host)
 
 FORM_CHECK_SEQUENCES = 1024
 """How many sequences of a process's first batch (of its usual group) the once-per-model checks
@@ -1100,10 +1146,12 @@ def _plain_step(em: EngramModel, options: CompileOptions) -> "fast_step.UpperSte
     if why_not is not None:
         log.debug("compiler: no plain step for %s: %s", type(em.model).__name__, why_not)
         return None
-    key = options.compiled_step, options.prefix_kernel
+    margins = options.stop_margin is not None
+    key = options.compiled_step, options.prefix_kernel, margins
     steps = _STEPS.setdefault(em.model, {})
     if key not in steps:
-        steps[key] = fast_step.UpperStep(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel)
+        steps[key] = fast_step.UpperStep(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel,
+                                         margins=margins)
     return steps[key]
 
 
@@ -1286,6 +1334,9 @@ def effective_lr(em: "EngramModel", options: CompileOptions) -> float:
 
 
 def _compile_facts(em, facts, options, progress, base_deltas, fixed_facts) -> CompileResult:
+    if options.stop_margin is not None and not options.stop_margin >= options.min_margin:
+        raise ValueError(f"CompileOptions.stop_margin ({options.stop_margin}) must be at least min_margin "
+                         f"({options.min_margin}): steps stopped below it leave facts that verification fails")
     if options.prefix_groups < 1:
         raise ValueError(f"CompileOptions.prefix_groups must be at least 1, got {options.prefix_groups}")
     lr = effective_lr(em, options)
@@ -1457,12 +1508,11 @@ class _Job:
         launch without the GIL) it leaves this thread free to prepare the next batch."""
         batch = self.batch
         batch.check_lower_reuse(self.start)  # here, not on the thread: checks run the model's own forward
+        options = self.options
         if stepper is not None and batch.plain:
-            self.running = stepper.submit(batch.run_steps, self.start, self.options.steps, self.options.lr)
+            self.running = stepper.submit(batch.run_steps, self.start, options.steps, options.lr, options.stop_margin)
         else:
-            self.values = batch.run_steps(self.start, self.options.steps, self.options.lr)
-        for u in self.active:
-            self.steps_by_user[u] += self.options.steps
+            self.values = batch.run_steps(self.start, options.steps, options.lr, options.stop_margin)
         self.clock.tick("optimize", wait=False)
 
     def verify(self) -> None:
@@ -1473,6 +1523,8 @@ class _Job:
             self.values, self.running = self.running.result(), None
         clock.tick("optimize")  # the steps' time not hidden behind other work
         batch, batch_seqs, values = self.batch, self.seqs, self.values
+        for u in self.active:
+            self.steps_by_user[u] += batch.steps_run
         in_round = np.arange(len(self.seqs))  # positions in self.seqs of this round's facts
         values_by_user: dict[int, torch.Tensor] = {}
         for round_index in range(options.max_rounds):
@@ -1487,9 +1539,9 @@ class _Job:
                 batch = self._batch(local, self.active)
                 start = torch.cat([values_by_user[u] for u in self.active])
                 clock.tick("prepare")
-                values = batch.optimize(start, options.retry_steps, options.lr * 0.5**round_index)
+                values = batch.optimize(start, options.retry_steps, options.lr * 0.5**round_index, options.stop_margin)
                 for u in self.active:
-                    self.steps_by_user[u] += options.retry_steps
+                    self.steps_by_user[u] += batch.steps_run
                 clock.tick("optimize")
             ok, loss, margin = batch.check(values, options.min_margin)
             clock.tick("verify")

@@ -197,8 +197,9 @@ def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class UpperStep:
     """The step function of a model from its write layer up (shared by all groups and batches)."""
 
-    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True):
+    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True, margins: bool = False):
         self.em = em
+        self.margins = margins  # the step also gives its least answer margin (CompileOptions.stop_margin)
         self.write_layer = em.config.target_layer
         backbone, layers = backbone_and_layers(em.model)
         self.backbone = backbone
@@ -206,7 +207,8 @@ class UpperStep:
         self.rotary = _rotary(self.layers[0])
         self.engram = {i: em.memory.layer(i) for i in em.config.layers if i >= self.write_layer}
         self.prefix_kernel = prefix_kernel  # compiled, on CUDA: attention by prefix_kernels (Triton)
-        self._compiled = torch.compile(self._loss_eager, dynamic=True) if compiled else None
+        self._eager = self._loss_margin_eager if margins else self._loss_eager
+        self._compiled = torch.compile(self._eager, dynamic=True) if compiled else None
         self._compiled_checked = False
 
     @property
@@ -229,16 +231,18 @@ class UpperStep:
             for g, targets in groups:
                 if sample is not None:
                     g, targets = g.head(sample, targets)
-                loss, _ = self._grad(self._compiled, g, values, targets)
-                want_loss, _ = self._grad(self._loss_eager, g, values, targets)
+                loss, _, margin = self._grad(self._compiled, g, values, targets)
+                want_loss, _, want_margin = self._grad(self._eager, g, values, targets)
                 zero = torch.zeros_like(values)
-                _, grad = self._grad(self._compiled, g, zero, targets)
-                _, want_grad = self._grad(self._loss_eager, g, zero, targets)
+                _, grad, _ = self._grad(self._compiled, g, zero, targets)
+                _, want_grad, _ = self._grad(self._eager, g, zero, targets)
                 relative = float((loss - want_loss).abs() / want_loss.abs().clamp_min(1e-6))
                 grad_relative = float((grad - want_grad).norm() / want_grad.norm().clamp_min(1e-12))
-                if not (relative <= tolerance and grad_relative <= tolerance):
+                # The margin is a difference of two logits, which may be ~0: relative to at least 1.
+                margin_off = 0.0 if margin is None else float((margin - want_margin).abs() / want_margin.abs().clamp_min(1.0))
+                if not (relative <= tolerance and grad_relative <= tolerance and margin_off <= tolerance):
                     raise ValueError(f"the compiled step differs from the uncompiled one: loss by {relative:.2e}, "
-                                     f"gradient by {grad_relative:.2e} (relative)")
+                                     f"gradient by {grad_relative:.2e} (relative), least margin by {margin_off:.2e}")
             log.info("compiler: the plain step runs compiled (torch.compile)")
         except Exception as error:  # a compiler error of any kind: keep the uncompiled step
             log.warning("compiler: torch.compile of the plain step not used: %s: %s", type(error).__name__,
@@ -247,18 +251,22 @@ class UpperStep:
 
     def backward(self, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """:meth:`loss` and its backward into ``values.grad`` (under :data:`COMPILED_CALLS`: the
-        compiled graph's backward may compile too) -> the loss, detached."""
+        compiled graph's backward may compile too) -> the loss, detached. With ``margins``:
+        ``(loss, least margin)``, the margin a float32 scalar (see :meth:`_loss_margin_eager`)."""
         with COMPILED_CALLS, torch.enable_grad():
-            loss = self.loss(g, values, targets)
+            out = self.loss(g, values, targets)
+            loss, margin = out if self.margins else (out, None)
             loss.backward()
-        return loss.detach()
+        return (loss.detach(), margin.detach()) if self.margins else loss.detach()
 
     def _grad(self, fn, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor):
+        """-> (loss, gradient of ``values``, least margin or None), all detached."""
         with COMPILED_CALLS, torch.enable_grad():
             v = values.detach().clone().requires_grad_(True)
-            loss = self._call(fn, g, F.embedding(g.slot, v), targets)
+            out = self._call(fn, g, F.embedding(g.slot, v), targets)
+            loss, margin = out if self.margins else (out, None)
             loss.backward()
-        return loss.detach(), v.grad
+        return loss.detach(), v.grad, None if margin is None else margin.detach()
 
     # -- per group, once -------------------------------------------------------------------------
     def rope(self, lower: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +302,7 @@ class UpperStep:
                 log.warning("compiler: torch.compile of the plain step failed (%s: %s); running it uncompiled",
                             type(error).__name__, str(error).splitlines()[0] if str(error) else "")
                 self._compiled = None
-        return self._call(self._loss_eager, g, picked, targets)
+        return self._call(self._eager, g, picked, targets)
 
     @staticmethod
     def _args(g: GroupInputs, picked: torch.Tensor) -> tuple:
@@ -314,6 +322,21 @@ class UpperStep:
         hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos)
         logits = self.em.lm_head(hidden).float()
         return F.cross_entropy(logits, targets, reduction="sum")
+
+    def _loss_margin_eager(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq,
+                           target_pos, targets):
+        """:meth:`_loss_eager` and the least margin over the group's answer tokens: the answer's
+        logit minus the best other token's, in float32 from the same logits (the margin of
+        :meth:`engram_core.compiler._Batch.check`, which verifies with the stored float16 rows and
+        transformers' forward). A scalar: the steps only ask whether every answer clears a bar."""
+        hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos)
+        logits = self.em.lm_head(hidden).float()
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        with torch.no_grad():
+            target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+            best_other = logits.scatter(1, targets.view(-1, 1), float("-inf")).amax(1)
+            margin = (target_logit - best_other).amin()  # a group has at least one answer token
+        return loss, margin
 
     def _hidden(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos):
         trained = picked * hit.unsqueeze(-1).to(picked.dtype)  # as Overlay.lookup: owners summed in float32
@@ -417,8 +440,9 @@ class LowerForward:
     the elementwise work fuses. The compiler checks both forwards against transformers' once per
     model and dtype before using them (``_Batch``'s ``"lower"`` form)."""
 
-    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True):
+    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True, margins: bool = False):
         self.em = em
+        self.margins = margins  # the step also gives its least answer margin (CompileOptions.stop_margin)
         self.write_layer = em.config.target_layer
         backbone, layers = backbone_and_layers(em.model)
         self.backbone = backbone

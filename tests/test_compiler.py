@@ -168,6 +168,36 @@ def test_a_fact_that_cannot_be_recalled_is_reported_failed_with_its_loss(tiny):
     assert failed[0].steps == 5 + 15
 
 
+@pytest.mark.parametrize("plain", [True, False])
+def test_stop_margin_keeps_the_rows_of_the_first_step_every_answer_clears(tiny, plain):
+    """``CompileOptions.stop_margin``: the steps stop at the first rows at which every answer's
+    margin in the step's own forward is at least the bar (read one step late), and those rows are
+    the result: bit for bit a compile of exactly that many steps without the stop. A bar no rows
+    reach runs every step and changes nothing. Both the plain step and transformers' forward."""
+    facts = user_facts(num_users=2)
+    base = dict(max_rounds=1, plain_step=plain)
+    stopped = compile_facts(tiny, facts, CompileOptions(stop_margin=6.0, **base))
+    steps = {r.steps for r in stopped.facts}
+    assert len(steps) == 1 and 0 < min(steps) < CompileOptions.steps, steps  # one batch: one count
+    assert stopped.ok == len(facts)
+    assert min(r.margin for r in stopped.facts) >= 5.0  # verification's margin: the bar, up to its rounding
+    same = compile_facts(tiny, facts, CompileOptions(steps=steps.pop(), **base))
+    never = compile_facts(tiny, facts, CompileOptions(stop_margin=1e9, **base))
+    full = compile_facts(tiny, facts, CompileOptions(**base))
+    assert {r.steps for r in never.facts} == {CompileOptions.steps}
+    for a, b in ((stopped, same), (never, full)):
+        assert a.deltas.keys() == b.deltas.keys()
+        for user, delta in a.deltas.items():
+            assert np.array_equal(delta.row_ids, b.deltas[user].row_ids)
+            assert np.array_equal(delta.values, b.deltas[user].values)
+    assert_recalled(tiny, facts, stopped)
+
+
+def test_stop_margin_below_the_verification_margin_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"stop_margin \(0.2\) must be at least min_margin \(0.5\)"):
+        compile_facts(tiny, user_facts(num_users=1), CompileOptions(stop_margin=0.2))
+
+
 @pytest.mark.parametrize("family,reused", [("llama", True), ("qwen2", True), ("gpt2", False)])
 def test_steps_on_cached_lower_layers_give_the_same_deltas_as_the_full_forward(family, reused, tiny_checkpoints):
     """Per step the compiler runs only the layers from the write layer up, on hidden states
@@ -311,7 +341,7 @@ def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, ca
     options = CompileOptions(facts_per_batch=8, compiled_step=True)  # several batches: later ones use the plain forwards
     with caplog.at_level(logging.INFO, logger="engram_core"):
         result = compile_facts(tiny, facts, options)
-    assert _STEPS[tiny.model][(True, True)].compiled, caplog.text
+    assert _STEPS[tiny.model][(True, True, False)].compiled, caplog.text
     assert _STEPS[tiny.model][("lower", True, True)].compiled, caplog.text
     assert "the plain step runs compiled" in caplog.text
     assert "the prefix and lower forwards as plain code vs transformers'" in caplog.text
