@@ -182,7 +182,11 @@ class NightlySpec:
         for key, value in overrides.items():
             _check_compile_value(key, value, defaults[key])
         overrides.setdefault("max_trigger_tokens", self.max_trigger_tokens)
-        return CompileOptions(**overrides)
+        options = CompileOptions(**overrides)
+        if options.stop_margin is not None and options.stop_margin < options.min_margin:
+            raise SpecError(f"job spec: compile.stop_margin ({options.stop_margin}) must be at least compile.min_margin "
+                            f"({options.min_margin}): steps stopped below it leave facts that verification fails")
+        return options
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,6 +307,8 @@ _POSITIVE_COMPILE_FIELDS = ("steps", "facts_per_batch", "max_rounds", "max_trigg
                             "prefix_groups", "trigger_window")
 # CompileOptions fields that are a text or None (context_text: the context copies' text).
 _TEXT_COMPILE_FIELDS = ("context_text",)
+# CompileOptions fields that are a number or null (off) by default.
+_OPTIONAL_NUMBER_COMPILE_FIELDS = ("stop_margin",)
 # CompileOptions fields whose documented automatic setting is -1 (tokenize_workers: min(8, cores // 2) on a GPU).
 _AUTOMATIC_COMPILE_FIELDS = ("tokenize_workers",)
 
@@ -317,6 +323,9 @@ def _check_compile_value(key: str, value, default) -> None:
     elif isinstance(default, float):
         ok, kind = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                     "a finite number")
+    elif key in _OPTIONAL_NUMBER_COMPILE_FIELDS:
+        ok, kind = (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value)), "a finite number or null (off)")
     elif key in _TEXT_COMPILE_FIELDS:
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise SpecError(f"job spec: compile.{key} must be a non-empty string (or null for the default), got {value!r}")

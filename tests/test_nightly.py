@@ -1003,6 +1003,8 @@ def test_forget_deletes_what_a_killed_night_wrote_about_the_user(tmp_path, tiny_
     ({"min_margin": -1.0}, "compile.min_margin must not be negative"),
     ({"prefix_groups": 0}, "compile.prefix_groups must be at least 1"),
     ({"tokenize_workers": -2}, r"compile.tokenize_workers must be -1 \(automatic\) or more"),
+    ({"stop_margin": "8"}, r"compile.stop_margin must be a finite number or null \(off\)"),
+    ({"stop_margin": 0.2}, r"compile.stop_margin \(0.2\) must be at least compile.min_margin \(0.5\)"),
 ])
 def test_a_compile_override_of_the_wrong_type_is_refused_before_any_work(compile_overrides, message):
     with pytest.raises(SpecError, match=message):
