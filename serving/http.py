@@ -528,9 +528,11 @@ class ReferenceServer:
                 self.close_connection = self.close_connection or not self._chunked()
                 try:
                     if api.is_chat:  # OpenAI's first chunk of a choice names the role
-                        self._events([chunk(answer, i, "", None, first=True) for i in range(request.num_sequences)])
+                        self._events([chunk(answer, i, "", None, first=True, include_usage=api.include_usage)
+                                      for i in range(request.num_sequences)])
                     while kind == "delta":
-                        self._events([chunk(answer, d.index, d.text, d.finish_reason) for d in payload])
+                        self._events([chunk(answer, d.index, d.text, d.finish_reason, include_usage=api.include_usage)
+                                      for d in payload])
                         kind, payload = self._next_event(request)
                     if kind == "gone":
                         self.close_connection = True
