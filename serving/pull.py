@@ -748,6 +748,7 @@ class PullClient:
         with self._attempts:
             if self._live is attempt:
                 self._live = None
+                self.polling_since = attempt.answered  # still in progress, left behind, until the next poll
                 self._attempts.notify_all()
             if not attempt.ended:  # (it may have ended meanwhile: nothing left to wait for)
                 self._left.append(attempt)
