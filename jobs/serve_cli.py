@@ -295,6 +295,7 @@ def pull(
                                    "fetched_shards": [], "users": 0, "shards": [], "delta_bytes": 0,
                                    "downloaded_objects": 0, "downloaded_bytes": 0, "layers_applied": 0,
                                    "evicted_objects": 0, "cache_error": None, "stale": None, "error": why,
+                                   "hung": False,
                                    **({"exit_code": 1} if last else {})}))
         typer.echo(f"error: {why} (still serving nothing{'' if last else f'; polling every {interval:g}s'})", err=True)
         if last:
@@ -308,7 +309,7 @@ def pull(
     outage = opened.outage  # the store did not answer _open: the first poll falls back without asking again
     first = True
     while True:
-        result = client.fall_back(outage) if outage else _first_poll(client) if first else client.poll()
+        result = client.fall_back(outage) if outage else _first_poll(client) if first else client.poll_bounded()
         outage, first = None, False
         count += 1
         index = client.index
@@ -317,7 +318,8 @@ def pull(
                   "shards": list(index.shards) if index else [], "delta_bytes": index.nbytes if index else 0,
                   "downloaded_objects": result.downloaded_objects, "downloaded_bytes": result.downloaded_bytes,
                   "layers_applied": result.layers_applied, "evicted_objects": result.evicted_objects,
-                  "cache_error": result.cache_error, "stale": result.stale, "error": result.error}
+                  "cache_error": result.cache_error, "stale": result.stale, "error": result.error,
+                  "hung": result.hung}
         last = not watch or (polls and count >= polls)
         failed = index is None or (not watch and result.error is not None)  # one pull that did not reach the store
         if as_json:
@@ -479,7 +481,12 @@ def serve(
         wedged_batch_seconds()  # a bad ENGRAM_WEDGED_BATCH_S too
     except ValueError as e:
         _fail(str(e), code=2)
-    from serving.http import StartingNode  # here: it imports torch, which other commands do not need
+    from serving.http import StartingNode, header_read_seconds  # here: it imports torch, which other commands do not need
+
+    try:
+        header_read_seconds()  # a bad ENGRAM_HEADER_TIMEOUT_S
+    except ValueError as e:
+        _fail(str(e), code=2)
 
     try:  # the port answers from now on: /healthz 503 until a version is served (a store that hangs, none yet)
         listener = StartingNode(host, port, reason=f"reading {store} and loading its model").start()
@@ -560,6 +567,7 @@ def _first_pull(client):
     poll goes on in a daemon thread, and the client's own polls (which wait for it) take over; the
     main thread stays free for SIGTERM."""
     import threading
+    from dataclasses import replace
 
     results: list = []
 
@@ -577,7 +585,9 @@ def _first_pull(client):
         # last_error a moment before its thread ended: that is its result, and the node exits 1).
         if polling.is_alive() and client.index is None and client.last_error is None and client.error() is not None:
             fallback = client.fall_back_if_hung()  # hung: the last-good, stale, if the cache holds one
-            return fallback if client.index is not None else None  # else not ready, polling (healthz says why)
+            if client.index is None or fallback is None:
+                return None  # not ready, polling (healthz says why)
+            return replace(fallback, hung=True)
     if results and isinstance(results[0], BaseException):
         raise results[0]
     return results[0] if results else None
@@ -591,7 +601,7 @@ def _first_poll(client):
 
     result = _first_pull(client)
     if result is None:
-        return PollResult(False, None, error=client.error() or "no version loaded")
+        return PollResult(False, None, error=client.error() or "no version loaded", hung=True)
     return result
 
 

@@ -34,6 +34,7 @@ a prompt that does not fit the model's context is ``context_length_exceeded``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import queue
@@ -49,7 +50,7 @@ from engram_core.text import canonical_id, canonical_prompt, canonical_text
 from serving.batcher import CLIENT_CHECK_S, ClientGone, CompletionBatcher, GenerationRequest
 from serving.chat import ChatTemplate
 from serving.decode import Sampling
-from serving.errors import RequestError
+from serving.errors import RequestError, seconds_from_env
 from serving.openai_api import (DEFAULT_COMPLETION_TOKENS, MAX_TOKENS_LIMIT, Answer, ApiRequest, chunk, error_body,
                                 parse_request, response, usage, usage_chunk)
 
@@ -64,6 +65,20 @@ READY_ROUTES = ("/healthz", "/readyz")  # readiness: 200 only while a version is
 LIVE_ROUTE = "/livez"  # liveness: 200 while the node works, waiting or not (a restart would not help otherwise)
 EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
 SHUTDOWN_POLL_WAIT_S = 2.0  # the longest shutdown waits for a poll in progress
+HEADER_READ_TIMEOUT_S = 30.0
+"""The longest a connection may take to send a request's line and headers (a new connection, or the
+next request on a kept-alive one), ``$ENGRAM_HEADER_TIMEOUT_S`` where set: a client that opens a
+connection and sends nothing, or headers a byte at a time (slowloris), held a handler thread for good."""
+HEADER_READ_TIMEOUT_ENV = "ENGRAM_HEADER_TIMEOUT_S"
+
+
+def header_read_seconds() -> float:
+    """:data:`HEADER_READ_TIMEOUT_S`, or ``$ENGRAM_HEADER_TIMEOUT_S`` (seconds, above 0) where set;
+    ValueError naming the variable for any other value."""
+    return seconds_from_env(HEADER_READ_TIMEOUT_ENV, HEADER_READ_TIMEOUT_S)
+
+
+JSON_MEDIA_TYPES = "application/json (or application/*+json)"
 
 
 def context_length(em) -> int:
@@ -80,6 +95,10 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the default backlog of 5 resets connections under a burst of clients
 
+    def __init__(self, *args, **kwargs):
+        self.header_timeout = header_read_seconds()  # a bad ENGRAM_HEADER_TIMEOUT_S: ValueError before binding
+        super().__init__(*args, **kwargs)
+
     def handle_error(self, request, client_address):
         """A client that resets or leaves its connection is no server fault: one DEBUG line, not a traceback
         on stderr (socketserver's default) for every client closing a kept-alive connection."""
@@ -91,10 +110,81 @@ class _HTTPServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _HeadReader(io.RawIOBase):
+    """The connection's bytes for a handler's ``rfile``: while a request's line and headers are read
+    (``handler._head_deadline`` set), each read is given only the time left until that deadline, so
+    the whole head is bounded however slowly its bytes come; else the socket's own timeout applies
+    (None, or the body's while it is read)."""
+
+    def __init__(self, handler: "_JsonHandler"):
+        super().__init__()
+        self.handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        handler, sock = self.handler, self.handler.connection
+        deadline = handler._head_deadline
+        if deadline is None:
+            return sock.recv_into(buffer)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            handler._head_timed_out = True
+            raise TimeoutError("the request's line and headers did not arrive in time")
+        previous = sock.gettimeout()
+        sock.settimeout(left)
+        try:
+            got = sock.recv_into(buffer)
+        except TimeoutError:
+            handler._head_timed_out = True
+            raise
+        finally:
+            sock.settimeout(previous)
+        handler._head_bytes += got
+        return got
+
+
 class _JsonHandler(BaseHTTPRequestHandler):
-    """JSON answers, OpenAI's error shape, and the route table's 404/405s (every method)."""
+    """JSON answers, OpenAI's error shape, and the route table's 404/405s (every method). A request
+    whose line and headers have not all arrived within the server's ``header_timeout`` is answered
+    408 (some of it came) or its connection closed (nothing came: an idle connection)."""
 
     protocol_version = "HTTP/1.1"
+    _head_deadline: float | None = None
+
+    def setup(self):
+        super().setup()
+        self.rfile = io.BufferedReader(_HeadReader(self), 1 << 16)
+
+    def handle_one_request(self):
+        timeout = getattr(self.server, "header_timeout", HEADER_READ_TIMEOUT_S)
+        self._head_deadline, self._head_bytes, self._head_timed_out = time.monotonic() + timeout, 0, False
+        try:
+            super().handle_one_request()  # a TimeoutError while reading closes the connection
+        finally:
+            self._head_deadline = None
+        if self._head_timed_out:
+            self.close_connection = True
+            if self._head_bytes:  # a client mid-request (slowloris, a stalled proxy): it can read an answer
+                body = json.dumps(error_body(RequestError(
+                    f"the request's line and headers did not all arrive within {timeout:g}s "
+                    f"({HEADER_READ_TIMEOUT_ENV}); send the whole request head at once", status=408,
+                    code="timeout"))).encode()
+                try:
+                    self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                    self.wfile.flush()
+                except OSError:
+                    pass
+            log.debug("%s: request head not received within %gs (%d bytes came); connection closed",
+                      self.client_address, timeout, self._head_bytes)
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()
+        finally:
+            self._head_deadline = None  # the head is in: the body has its own bound (BODY_READ_TIMEOUT_S)
 
     def log_message(self, fmt, *args):  # access log through logging, not stderr prints
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -528,9 +618,11 @@ class ReferenceServer:
                 self.close_connection = self.close_connection or not self._chunked()
                 try:
                     if api.is_chat:  # OpenAI's first chunk of a choice names the role
-                        self._events([chunk(answer, i, "", None, first=True) for i in range(request.num_sequences)])
+                        self._events([chunk(answer, i, "", None, first=True, include_usage=api.include_usage)
+                                      for i in range(request.num_sequences)])
                     while kind == "delta":
-                        self._events([chunk(answer, d.index, d.text, d.finish_reason) for d in payload])
+                        self._events([chunk(answer, d.index, d.text, d.finish_reason, include_usage=api.include_usage)
+                                      for d in payload])
                         kind, payload = self._next_event(request)
                     if kind == "gone":
                         self.close_connection = True
@@ -579,6 +671,17 @@ class ReferenceServer:
                         f"the request body is {length:,} bytes, over this server's limit of {MAX_BODY_BYTES:,} "
                         f"(1 MiB); shorten the {param} (the model's context holds {server.context_length} tokens)",
                         param=param, code="request_too_large")
+                declared = self.headers.get("Content-Type")
+                media = (declared or "").split(";", 1)[0].strip().lower()
+                if declared is not None and media != "application/json" and not (
+                        media.startswith("application/") and media.endswith("+json")):
+                    # FastAPI (vLLM's server) parses a body as JSON only under a JSON Content-Type; a
+                    # form-encoded one is what curl -d sends without -H
+                    return RequestError(
+                        f"Content-Type {declared!r} is not JSON: this API reads the body as JSON only when the "
+                        f"Content-Type header says {JSON_MEDIA_TYPES}; send the header Content-Type: "
+                        "application/json (curl: -H 'Content-Type: application/json')", status=415,
+                        code="unsupported_media_type")
                 return None
 
             def handle_expect_100(self) -> bool:
@@ -631,10 +734,9 @@ class ReferenceServer:
                     return
                 refusal = self._body_refusal()
                 if refusal is not None:
-                    if refusal.code == "request_too_large":
-                        length = int(self.headers["Content-Length"].strip())
-                        if length <= MAX_DISCARD_BYTES:
-                            self._discard_body(length)
+                    length = (self.headers.get("Content-Length") or "").strip()
+                    if length.isdigit() and refusal.status != 411 and int(length) <= MAX_DISCARD_BYTES:
+                        self._discard_body(int(length))  # the client still sending it reads the refusal
                     self._error(refusal)
                     self.close_connection = True
                     return

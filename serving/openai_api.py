@@ -306,14 +306,18 @@ def response(answer: Answer, texts: list[str], finish_reasons: list[str], usage_
     return {**answer.head(), "choices": choices, "usage": usage_counts, "engram": answer.engram}
 
 
-def chunk(answer: Answer, index: int, text: str, finish_reason: str | None, *, first: bool = False) -> dict:
-    """One streamed chunk: ``text`` added to choice ``index`` (a chat's first chunk names the role)."""
+def chunk(answer: Answer, index: int, text: str, finish_reason: str | None, *, first: bool = False,
+          include_usage: bool = False) -> dict:
+    """One streamed chunk: ``text`` added to choice ``index`` (a chat's first chunk names the role).
+    ``include_usage`` (the request's ``stream_options.include_usage``): ``"usage": null``, as OpenAI
+    sends it in every chunk before the usage chunk then (and leaves it out otherwise)."""
     if answer.object == "chat.completion":
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     else:
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {**answer.head(chunk=True), "choices": [choice], "engram": answer.engram}
+    return {**answer.head(chunk=True), "choices": [choice], **({"usage": None} if include_usage else {}),
+            "engram": answer.engram}
 
 
 def usage_chunk(answer: Answer, usage_counts: dict) -> dict:

@@ -448,6 +448,7 @@ class PollResult:
     evicted_objects: int = 0  # cached objects no served chain names any more, deleted
     cache_error: str | None = None  # an object that could not be kept in the disk cache (served from memory)
     stale: dict | None = None  # PullClient.stale(): the served version is not confirmed CURRENT (None: it is)
+    hung: bool = False  # the poll had no answer from the store for hung_after and was left behind (error says so)
 
 
 def store_fix(uri: str, error: Exception) -> str:
@@ -462,6 +463,29 @@ def store_fix(uri: str, error: Exception) -> str:
 
 
 _MOVES_FOLLOWED = 3  # polls in a row that find CURRENT moved under them before one reports the error
+
+
+class _Abandoned(Exception):
+    """The poll this thread runs was left behind as hung (PullClient.poll_bounded): what it finds is dropped."""
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One poll: when it started, when the store (or the cache) last answered it, whether it was left
+    behind as hung (its outcome then changes nothing) or has committed its outcome (no longer left)."""
+
+    started: float
+    answered: float
+    thread: threading.Thread
+    abandoned: bool = False
+    committed: bool = False
+    ended: bool = False
+
+
+MAX_LEFT_POLLS = 16
+"""Polls left behind as hung that may still run (each ends once botocore's timeouts and retries fail
+it, about 6 minutes: 3 or 4 at the default interval and bound): while this many run, the poller
+starts no other one (threads and connections stay bounded whatever the hang)."""
 
 
 class _CurrentMoved(Exception):
@@ -579,7 +603,11 @@ class PullClient:
         self._recorded: tuple | None = None  # (version, forgotten, confirmed_at) as the last-good record holds them
         self._record_failed = False  # the last write of the record failed (said once, at WARNING)
         self._etag: str | None = None
-        self._poll_lock = threading.Lock()
+        self._poll_lock = threading.Lock()  # fall_back (a start's outage) against itself
+        self._attempts = threading.Condition()  # the live poll (one at a time) and the polls left behind
+        self._live: _Attempt | None = None
+        self._left: list[_Attempt] = []  # polls left behind as hung that still run
+        self._local = threading.local()  # .attempt: the poll this thread runs
         self._swap_lock = threading.Lock()  # a poll's swap against a fallback while it hangs (fall_back_if_hung)
         self._fell_back_for: float | None = None  # the hung poll (its polling_since) a fallback was tried for
         self._stop = threading.Event()
@@ -600,10 +628,14 @@ class PullClient:
         """Check CURRENT once; load and swap in a new version if it changed. Never raises for a bad version.
         A failure keeps the served version, now stale (:meth:`stale`); with nothing served yet and the
         store unreachable, the last-good version is loaded from the cache (see the class)."""
-        with self._poll_lock:
-            now = self.last_poll_at = self.polling_since = time.time()
+        attempt = self._begin()
+        try:
+            now = self.last_poll_at = attempt.started
             try:
                 result = self._poll()
+                self._claim()
+            except _Abandoned:
+                return self._left_result()
             except self._FAILURES as e:
                 return self._failed(f"{type(e).__name__}: {e}{store_fix(self.store.uri, e)}",
                                     isinstance(e, StoreUnreachable), now)
@@ -612,6 +644,115 @@ class PullClient:
             self.confirmed_at, self.loaded_from = now, "store"
             cache_error = self._remember()
             return replace(result, cache_error="; ".join(filter(None, (result.cache_error, cache_error))) or None)
+        finally:
+            self._end(attempt)
+
+    def poll_bounded(self) -> PollResult | None:
+        """:meth:`poll`, left behind once it has had no answer from the store for ``hung_after``: the
+        poll's PollResult, or (left behind) a failed one with ``hung`` set, its ``error`` saying so, as
+        a poll that found the store unreachable (the served version stale; with nothing served yet,
+        the cache's last-good). A poll left behind goes on in its daemon thread until the store's
+        timeouts fail it; what it finds then is dropped, and the next poll asks again (before, one
+        hung poll held the poller for botocore's timeouts and retries, minutes, and a store that
+        came back meanwhile was not seen until then). A poll left by another caller (the first pull)
+        that hangs is left behind too. None while :data:`MAX_LEFT_POLLS` polls left behind still run
+        (no other is started), or once :meth:`stop` is called."""
+        left = self._leave_if_hung()
+        with self._attempts:
+            running = len(self._left)
+        if running >= MAX_LEFT_POLLS:
+            log.debug("pull from %s: %d polls left behind as hung still run; not starting another",
+                      self.store.uri, running)
+            if left is not None:
+                return left[1]
+            served = self._index.version if self._index is not None else None
+            return PollResult(False, served, error=f"{self.error() or 'the store does not answer'}; {running} polls "
+                              "left behind as hung still run, so no other is started until one ends", hung=True,
+                              stale=self.stale())
+        outcome: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = self.poll()
+            except BaseException as err:  # a bug: raised again in the caller's thread, as poll() raises it
+                outcome["error"] = err
+
+        worker = threading.Thread(target=run, name="engram-poll", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(min(0.2, self.hung_after / 4))
+            if self._stop.is_set() and worker.is_alive():
+                return None
+            if worker.is_alive():
+                left = self._leave_if_hung()
+                if left is not None and left[0].thread is worker:
+                    return left[1]
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _begin(self) -> _Attempt:
+        """Wait for the live poll to end (or be left behind); this thread's poll is the live one now."""
+        with self._attempts:
+            while self._live is not None:
+                self._attempts.wait()
+            now = time.time()
+            attempt = self._live = _Attempt(now, now, threading.current_thread())
+            self.polling_since = now
+        self._local.attempt = attempt
+        return attempt
+
+    def _end(self, attempt: _Attempt) -> None:
+        self._local.attempt = None
+        with self._attempts:
+            attempt.ended = True
+            if self._live is attempt:
+                self._live = None
+                self._attempts.notify_all()
+            elif attempt in self._left:
+                self._left.remove(attempt)
+                log.debug("pull from %s: a poll left behind as hung (started at %s) has ended; its outcome is dropped",
+                          self.store.uri, iso(attempt.started))
+
+    def _claim(self) -> None:
+        """Before this thread's poll changes what is served or said: _Abandoned if it was left
+        behind as hung (its outcome is dropped); else it can no longer be left behind."""
+        attempt = getattr(self._local, "attempt", None)
+        if attempt is None:  # not a poll (fall_back at start)
+            return
+        with self._attempts:
+            if attempt.abandoned:
+                raise _Abandoned()
+            attempt.committed = True
+
+    def _is_left(self) -> bool:
+        attempt = getattr(self._local, "attempt", None)
+        return attempt is not None and attempt.abandoned
+
+    def _left_result(self) -> PollResult:
+        served = self._index.version if self._index is not None else None
+        return PollResult(False, served, error="this poll was left behind as hung; its outcome is dropped", hung=True)
+
+    def _leave_if_hung(self) -> tuple[_Attempt, PollResult] | None:
+        """Leave the live poll behind if it has had no answer for ``hung_after``: (it, the failed
+        PollResult that says so, as :meth:`_failed` makes it); else None."""
+        with self._attempts:
+            attempt = self._live
+            if attempt is None or attempt.committed or time.time() - attempt.answered <= self.hung_after:
+                return None
+            attempt.abandoned = True  # from now on its outcome changes nothing (_claim)
+        message = (f"StoreUnreachable: store {self.store.uri}: the poll in progress has had no answer for over "
+                   f"{human_duration(self.hung_after)} (it accepts connections and does not answer? a frozen server or "
+                   "a load balancer with no live backend); left behind, the next poll asks again")
+        result = replace(self._failed(message, True, time.time()), hung=True)
+        with self._attempts:
+            if self._live is attempt:
+                self._live = None
+                self.polling_since = attempt.answered  # still in progress, left behind, until the next poll
+                self._attempts.notify_all()
+            if not attempt.ended:  # (it may have ended meanwhile: nothing left to wait for)
+                self._left.append(attempt)
+        return attempt, result
 
     def fall_back(self, error: str) -> PollResult:
         """What :meth:`poll` does when the store does not answer, without asking it again: the
@@ -651,6 +792,10 @@ class PullClient:
 
     def _failed(self, message: str, unreachable: bool, now: float) -> PollResult:
         """A poll that failed with ``message`` (``unreachable``: the store did not answer)."""
+        try:
+            self._claim()
+        except _Abandoned:
+            return self._left_result()
         build = None
         if self._index is None and unreachable:
             with self._swap_lock:  # (a fallback while this poll hung may have served it already)
@@ -720,9 +865,11 @@ class PullClient:
         thread = self._thread
         if thread is not None and not thread.is_alive() and not self._stop.is_set():
             return f"the poller thread of {self.store.uri} has died; restart the node"
-        started = self.polling_since
-        if started is None:
+        with self._attempts:  # the live poll, and those left behind as hung (the store's timeouts end them)
+            answers = [a.answered for a in self._left] + ([self.polling_since] if self.polling_since else [])
+        if not answers:
             return None
+        started = min(answers)
         running = (time.time() if now is None else now) - started
         if running <= self.wedged_after:
             return None
@@ -734,7 +881,13 @@ class PullClient:
         """The poll in progress read an object, from the store or the disk cache (a download of a
         new version's objects, or a load of a large one from the cache, takes as long as they are
         large: it is not hung while objects keep coming)."""
-        self.polling_since = time.time()
+        now = time.time()
+        attempt = getattr(self._local, "attempt", None)
+        if attempt is not None:
+            attempt.answered = now
+            if attempt.abandoned:
+                return
+        self.polling_since = now
 
     def _error(self, now: float | None = None) -> str | None:
         """The last poll's error; else, while a poll has run longer than ``hung_after``, one saying
@@ -845,8 +998,9 @@ class PullClient:
         if current is None:
             raise PullError(f"{self.store.uri}: no CURRENT pointer (nothing published yet)")
         manifest, etag = current
-        self._seen = manifest
-        self.polling_since = time.time()  # the store answered: a hung poll is one with no answer for hung_after
+        if not self._is_left():
+            self._seen = manifest
+        self._answered()  # the store answered: a hung poll is one with no answer for hung_after
         build = _Build()
         build.downloads.answered = self._answered
         try:
@@ -857,6 +1011,7 @@ class PullClient:
                 raise _CurrentMoved(err) from err  # its objects were rewritten or collected under it: not damage
             raise
         with self._swap_lock:  # not while a fallback to the last-good (fall_back_if_hung) is being swapped in
+            self._claim()  # a poll left behind as hung swaps nothing in
             self._index, self._manifest = index, manifest  # the swap: readers hold either the old index or this one
         self._etag = etag
         evicted = self._evict(index)
@@ -884,7 +1039,7 @@ class PullClient:
         keep being served from memory. Their shards are rebuilt from the base on the next good poll."""
         index = self._index
         erased = set(forgotten) - index.forgotten if index is not None else set()
-        if not erased:
+        if not erased or self._is_left():
             return
         views, dropped = dict(index.views), 0
         for shard, view in index.views.items():
@@ -988,7 +1143,7 @@ class PullClient:
 
     def _run(self) -> None:
         while not self._stop.wait(self.next_delay()):
-            self.poll()
+            self.poll_bounded()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop polling: wait at most ``timeout`` seconds for a poll in progress (one on a store

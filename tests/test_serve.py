@@ -251,6 +251,85 @@ def test_a_body_shorter_than_its_content_length_gets_a_408_not_a_hang(server, mo
     assert _post(server, json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 1}).encode())[0] == 200
 
 
+def test_connections_that_send_no_request_or_their_headers_slowly_are_closed_within_the_header_bound(
+        server, monkeypatch):
+    """Before, a connection that never sent its request line (or sent headers a byte at a time,
+    slowloris) held a handler thread for good. Now its head must arrive within
+    ENGRAM_HEADER_TIMEOUT_S: a client mid-request gets a 408, a silent one a closed connection, and
+    a normal client is served meanwhile."""
+    import socket
+
+    monkeypatch.setattr(server.httpd, "header_timeout", 1.0, raising=False)
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(30)]
+    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(10)]
+    try:
+        for sock in slow:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        started = time.monotonic()
+        assert _post(server, json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 1}).encode())[0] == 200
+        while time.monotonic() - started < 2.0:  # a header byte every 0.2 s: never idle, never done
+            for sock in slow:
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        for sock in slow:
+            sock.settimeout(5)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b'"code": "timeout"' in answer, answer
+            assert b"ENGRAM_HEADER_TIMEOUT_S" in answer
+        for sock in silent:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed, nothing to answer (before: it waited for good)
+        assert time.monotonic() - started < 8
+    finally:
+        for sock in silent + slow:
+            sock.close()
+    assert _post(server, json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 1}).encode())[0] == 200
+
+
+def test_the_header_bound_is_read_from_the_environment(monkeypatch):
+    from serving.http import StartingNode
+
+    monkeypatch.setenv("ENGRAM_HEADER_TIMEOUT_S", "2.5")
+    node = StartingNode(port=0)
+    assert node.httpd.header_timeout == 2.5
+    node.close()
+    monkeypatch.setenv("ENGRAM_HEADER_TIMEOUT_S", "never")
+    with pytest.raises(ValueError, match="ENGRAM_HEADER_TIMEOUT_S='never': give seconds above 0 \\(default 30\\)"):
+        StartingNode(port=0)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/xml"])
+def test_a_json_body_sent_as_another_content_type_is_refused_naming_the_header(server, content_type):
+    """Before, a JSON body sent as text/plain or form-encoded (curl -d without -H) was read as JSON.
+    FastAPI, which vLLM serves with, reads a body as JSON only under a JSON Content-Type (since
+    0.65.2, CVE-2021-32677: a text/plain POST needs no CORS preflight); so does this server now: a
+    415 naming the header and the fix. No Content-Type at all is still read as JSON."""
+    body = json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 1}).encode()
+
+    def post(headers: dict) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            connection.request("POST", "/v1/chat/completions" if "xml" in content_type else "/v1/completions",
+                               body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    status, payload = post({"Content-Type": content_type})
+    assert status == 415 and payload["error"]["code"] == "unsupported_media_type", payload
+    message = payload["error"]["message"]
+    assert f"Content-Type {content_type!r} is not JSON" in message and "Content-Type: application/json" in message
+    for accepted in ({"Content-Type": "application/json; charset=utf-8"}, {"Content-Type": "Application/JSON"}, {}):
+        assert post(accepted)[0] in (200, 400), accepted  # read as JSON (a chat body without messages: 400)
+
+
 def test_a_user_of_a_shard_this_node_does_not_own_is_refused(local_store, tiny, compiled):
     publish(local_store, tiny, v1(compiled))
     owned = shard_of("alice", NUM_SHARDS)

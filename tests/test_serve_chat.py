@@ -225,6 +225,34 @@ def test_a_stream_is_server_sent_events_ending_with_done(server, path, body):
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/completions", {"prompt": "Hi"}),
+])
+def test_a_stream_asked_for_usage_says_usage_null_in_every_chunk_before_the_usage_chunk(server, path, body):
+    """OpenAI's reference (stream_options.include_usage): "All other chunks will also include a
+    `usage` field, but with a null value"; before, the chunks before the last had no ``usage``
+    (a client reading ``chunk["usage"]`` got a KeyError). Without include_usage no chunk has one."""
+    def events(extra: dict) -> list[dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            connection.request("POST", path, body=json.dumps({"model": "engram", "max_tokens": 3, "stream": True,
+                                                              **body, **extra}),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200
+            raw = response.read().decode().split("\n\n")
+        finally:
+            connection.close()
+        assert raw[-2:] == ["data: [DONE]", ""]
+        return [json.loads(e.removeprefix("data: ")) for e in raw[:-2]]
+
+    asked = events({"stream_options": {"include_usage": True}})
+    assert len(asked) >= 2 and all("usage" in c and c["usage"] is None for c in asked[:-1]), asked
+    assert asked[-1]["choices"] == [] and asked[-1]["usage"]["completion_tokens"] == 3
+    assert not any("usage" in c for c in events({}) + events({"stream_options": {"include_usage": False}}))
+
+
 def test_concurrent_streamed_and_non_streamed_requests_are_batched_together_and_answer_as_one_at_a_time(
         local_store, tiny, compiled):
     publish(local_store, tiny, v1(compiled))

@@ -348,6 +348,70 @@ def test_a_store_that_accepts_and_never_answers_makes_the_node_stale_and_too_sta
     assert node.poll().error is None and node.stale() is None and node.over_max_stale() is None
 
 
+def test_a_later_poll_that_hangs_is_left_behind_and_the_next_poll_serves_the_new_version(local_store, tiny, compiled):
+    """A node serving v1 whose store then hangs on one request (a half-open connection, a frozen
+    backend behind a load balancer that other connections get past). Before, the poller waited for
+    that request for botocore's timeouts and retries (minutes; here, for good): v2, published
+    meanwhile, was not served, though every other request would have been answered. Now the poll
+    is left behind once it has had no answer for ``hung_after``, said stale (since when), and the
+    next poll serves v2; requests, /livez and shutdown are answered at once meanwhile, and what the
+    poll left behind finds when it ends changes nothing."""
+    import threading
+
+    from serving.http import ReferenceServer
+    from versions.store import LocalStore
+
+    class Hanging(LocalStore):
+        armed, release = threading.Event(), threading.Event()
+
+        def head(self, key, *args, **kwargs):
+            answer = super().head(key, *args, **kwargs)  # what the store said then (v1's CURRENT)
+            if self.armed.is_set():
+                self.release.wait()  # this request's answer never comes back, until released
+            return answer
+
+    publish(local_store, tiny, v1(compiled))
+    store = Hanging(local_store.root)
+    client = PullClient(store, tiny, interval=0.1, hung_after=0.6, wedged_after=30)
+    trigger, answer = FACTS["alice"][0]
+    ask = {"model": "engram", "prompt": trigger, "user": "alice", "max_tokens": len(tiny.encode_answer(answer))}
+    assert client.poll().error is None and client.index.version == 1
+    server = ReferenceServer(tiny, client, port=0).start()
+    try:
+        Hanging.armed.set()  # every request from now on hangs
+        publish(local_store, tiny, v2(compiled))
+        time.sleep(1.5)
+        started = time.monotonic()
+        status, health = _request(server.port, "GET", "/healthz")
+        assert status == 200 and health["status"] == "stale" and health["version"] == 1, health
+        assert "the poll in progress has had no answer for" in health["stale"]["error"], health
+        assert health["stale"]["since"] is not None
+        status, said = _request(server.port, "POST", "/v1/completions", ask)
+        assert status == 200 and said["choices"][0]["text"] == answer  # v1's memory, served meanwhile
+        assert _request(server.port, "GET", "/livez") == (200, {"status": "alive", "ready": True, "phase": "stale"})
+        assert time.monotonic() - started < 5
+        Hanging.armed.clear()  # the store answers new requests; the hung ones still wait
+        deadline = time.monotonic() + 10
+        while (client.index.version != 2 or client.stale() is not None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.index.version == 2 and client.stale() is None, client.stale()
+        assert client._left  # the hung requests are still unanswered
+        answer = FACTS["alice-v2"][0][1]
+        status, said = _request(server.port, "POST", "/v1/completions",
+                                {**ask, "max_tokens": len(tiny.encode_answer(answer))})
+        assert status == 200 and said["choices"][0]["text"] == answer
+        assert _request(server.port, "GET", "/healthz")[1]["status"] == "ok"
+    finally:
+        stopping = time.monotonic()
+        server.shutdown()
+        assert time.monotonic() - stopping < 5
+        Hanging.release.set()
+    deadline = time.monotonic() + 10
+    while client._left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not client._left and client.index.version == 2 and client.last_error is None  # v1's etag: dropped
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the poller's fault
 def test_livez_answers_200_while_a_node_waits_and_503_only_when_its_poller_is_wedged(local_store, tiny, compiled):
     """Liveness is not readiness: before, a node had only /healthz, 503 while it waits for a first
@@ -824,3 +888,28 @@ def test_engram_serve_restarted_in_an_outage_serves_the_last_good_and_follows_th
         node.terminate()
         _, stderr = node.communicate(timeout=60)
     assert "STALE: last-good cache, last confirmed CURRENT at" in stderr
+
+
+def test_pull_watch_reports_each_hung_poll_as_hung_and_does_not_wait_for_it(s3_store, flaky, tiny, tiny_dir, compiled,
+                                                                           tmp_path):
+    """The store answers CURRENT and the model, then never answers the version's objects. Before,
+    `pull --watch` reported its first poll (hung) after ENGRAM_HUNG_POLL_S, and its second poll
+    waited for the first one to end (botocore's timeouts and retries, minutes; here, for good). Now
+    each poll is given the same bound and reported as hung (``"hung": true``, the error saying so)."""
+    publish_model(s3_store, tiny_dir)
+    publish(s3_store, tiny, v1(compiled))
+    flaky.up(hang_gets=("/objects/",))
+    env = {**_node_env(flaky, tmp_path / "cache"), "ENGRAM_HUNG_POLL_S": "1"}
+    started = time.monotonic()
+    try:
+        watched = subprocess.run([sys.executable, "-m", "jobs.cli", "pull", "--store", flaky.uri, "--watch", "--polls",
+                                  "3", "--interval", "0.1", "--json"], env=env, capture_output=True, text=True,
+                                 timeout=120)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"pull --watch did not report 3 polls within 120 s: {e.stdout!r} {e.stderr!r}") from None
+    took = time.monotonic() - started
+    reports = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert watched.returncode == 1 and len(reports) == 3, (watched.stdout, watched.stderr)
+    assert all(r["hung"] and not r["pulled"] and r["version"] is None for r in reports), reports
+    assert all("has had no answer for" in r["error"] and flaky.uri in r["error"] for r in reports), reports
+    assert watched.stderr.count("has had no answer for") >= 3, (took, watched.stderr)  # (before: no 2nd report, ever)
