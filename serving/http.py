@@ -64,6 +64,7 @@ READY_ROUTES = ("/healthz", "/readyz")  # readiness: 200 only while a version is
 LIVE_ROUTE = "/livez"  # liveness: 200 while the node works, waiting or not (a restart would not help otherwise)
 EVENT_TIMEOUT_S = 120.0  # the longest a request waits for its batch, or a stream for its next step
 SHUTDOWN_POLL_WAIT_S = 2.0  # the longest shutdown waits for a poll in progress
+SHUTDOWN_CHECK_S = 0.05  # how often the HTTP loop looks for a shutdown (socketserver: 0.5 s)
 
 
 def context_length(em) -> int:
@@ -79,6 +80,11 @@ def context_length(em) -> int:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the default backlog of 5 resets connections under a burst of clients
+
+    def serve_forever(self, poll_interval: float = SHUTDOWN_CHECK_S) -> None:
+        """As socketserver's, but looking for a shutdown every 50 ms, not 0.5 s: ``shutdown()`` (a
+        node stopping, a server closing) waited up to half a second for the loop to notice."""
+        super().serve_forever(poll_interval)
 
     def handle_error(self, request, client_address):
         """A client that resets or leaves its connection is no server fault: one DEBUG line, not a traceback
