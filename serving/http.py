@@ -79,6 +79,7 @@ def header_read_seconds() -> float:
 
 
 JSON_MEDIA_TYPES = "application/json (or application/*+json)"
+SHUTDOWN_CHECK_S = 0.05  # how often the HTTP loop looks for a shutdown (socketserver: 0.5 s)
 
 
 def context_length(em) -> int:
@@ -98,6 +99,11 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, *args, **kwargs):
         self.header_timeout = header_read_seconds()  # a bad ENGRAM_HEADER_TIMEOUT_S: ValueError before binding
         super().__init__(*args, **kwargs)
+
+    def serve_forever(self, poll_interval: float = SHUTDOWN_CHECK_S) -> None:
+        """As socketserver's, but looking for a shutdown every 50 ms, not 0.5 s: ``shutdown()`` (a
+        node stopping, a server closing) waited up to half a second for the loop to notice."""
+        super().serve_forever(poll_interval)
 
     def handle_error(self, request, client_address):
         """A client that resets or leaves its connection is no server fault: one DEBUG line, not a traceback

@@ -368,3 +368,21 @@ def test_once_its_kernels_are_ready_the_server_answers_through_the_kernel_form(s
     assert texts == [answer for _, _, answer in requests]
     assert built and all(isinstance(m, row_overlay._KernelMap) for m in built)
     assert server.health()["row_kernels"] == "ready"
+
+
+def test_a_server_stops_without_waiting_half_a_second_for_its_loop(server):
+    """shutdown() waited for socketserver's loop to look for it, every 0.5 s: a node stopping on
+    SIGTERM, and every test's server closing, waited up to half a second for nothing."""
+    from serving.http import StartingNode
+
+    waits = []
+    for _ in range(3):
+        node = StartingNode(port=0).start()
+        time.sleep(0.1)  # the loop has started its wait: socketserver's lasts 0.4 s more
+        started = time.monotonic()
+        node.close()
+        waits.append(time.monotonic() - started)
+    started = time.monotonic()
+    server.httpd.shutdown()  # the ReferenceServer's loop, the same class (the fixture's exit is then quick)
+    waits.append(time.monotonic() - started)
+    assert min(waits) < 0.25, waits
