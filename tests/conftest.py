@@ -232,7 +232,8 @@ def s3_bucket(s3_server, monkeypatch) -> str:
         "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/engram-test-aws-credentials",
     }.items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_MAX_ATTEMPTS",
+                 "AWS_RETRY_MODE"):
         monkeypatch.delenv(name, raising=False)
     bucket = f"engram-{uuid.uuid4().hex[:16]}"
     s3_server.client().create_bucket(Bucket=bucket)

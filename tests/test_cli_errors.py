@@ -577,7 +577,9 @@ def test_an_interrupted_night_with_json_prints_one_failure_object_and_exits_128_
 
     from jobs.synthetic import fact_log_rows, write_fact_log
 
-    write_fact_log(fact_log_rows(60, 6), tmp_path / "log" / "day=1" / "part-0.parquet")
+    # 600 users: the compile runs ~30 s after the marker below (60 users finished first once under
+    # load); the night is interrupted at the marker (~1 s in), so the larger log costs nothing
+    write_fact_log(fact_log_rows(600, 6), tmp_path / "log" / "day=1" / "part-0.parquet")
     store = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(

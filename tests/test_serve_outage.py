@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -292,9 +293,15 @@ def test_past_max_stale_a_node_serves_no_users_memory_until_the_store_answers(s3
         assert status == 503 and health["status"] == "too_stale" and health["version"] == 1
         assert health["reason"].startswith(f"v1 was last confirmed CURRENT in {flaky.uri} at {health['stale']['confirmed_at']}")
         assert " ago, over --max-stale 3s: no user's memory is served until the store answers" in health["reason"]
+        before = time.time()
         status, refused = _request(server.port, "POST", "/v1/completions", ask)
+        after = time.time()
         assert status == 503 and refused["error"]["code"] == "memory_too_stale"
-        assert refused["error"]["message"] == node.over_max_stale()
+        message = refused["error"]["message"]  # its age ("3.4s ago") is the one part that ticks: within the request,
+        age = re.search(r", ([0-9.]+)s ago, over --max-stale", message)  # and the rest exactly as at that age
+        assert age, message
+        assert before - node.confirmed_at - 0.06 <= float(age[1]) <= after - node.confirmed_at + 0.06, message
+        assert message == node.over_max_stale(now=node.confirmed_at + float(age[1]))
         status, base = _request(server.port, "POST", "/v1/completions", {k: v for k, v in ask.items() if k != "user"})
         assert status == 200 and base["engram"]["memory"] == "base"
         queued = GenerationRequest(tiny.encode_prompts([trigger]), "alice", Sampling(max_tokens=4))  # accepted before
@@ -725,8 +732,10 @@ def test_a_node_restarted_in_an_outage_serves_its_read_only_cache_and_refuses_it
     args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
 
     def engram(*command: str) -> subprocess.CompletedProcess:  # its own process: the model it maps leaves with it
-        return subprocess.run([sys.executable, "-m", "jobs.cli", *command, *args], env=_node_env(flaky, cache),
-                              capture_output=True, text=True, timeout=300)
+        # AWS_MAX_ATTEMPTS=1: a command against the store that is down fails its requests at once
+        # (botocore's default retries took ~7.5 s of each)
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *command, *args], env={
+            **_node_env(flaky, cache), "AWS_MAX_ATTEMPTS": "1"}, capture_output=True, text=True, timeout=300)
 
     assert engram("pull").returncode == 0
     make_read_only()

@@ -53,8 +53,8 @@ def test_engram_serve_started_before_the_first_night_waits_not_ready_and_serves_
     port = free_port()
     node = _serve(str(root), tmp_path / "cache", port, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        health = _wait_for(lambda: _health(port), node)
-        assert health["status"] == "no_version" and health["version"] is None
+        health = _wait_for(lambda: (h := _health(port))["status"] != "starting" and h, node)  # (the port answers
+        assert health["status"] == "no_version" and health["version"] is None  # "starting" before the first poll)
         kept = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # as a load balancer's health check
         kept.request("GET", "/healthz")
         first = kept.getresponse()
@@ -95,7 +95,7 @@ def test_a_node_stopped_while_it_waits_for_a_first_version_exits_0_as_a_serving_
     root.mkdir()
     port = free_port()
     node = _serve(str(root), tmp_path / "cache", port, env={**os.environ, "PYTHONPATH": str(REPO)})
-    health = _wait_for(lambda: _health(port), node)
+    health = _wait_for(lambda: (h := _health(port))["status"] != "starting" and h, node)  # (the first poll ended)
     assert health["status"] == "no_version"
     stderr = _stop(node)
     assert node.returncode == 0, stderr

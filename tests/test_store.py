@@ -178,6 +178,40 @@ def test_s3_unreachable_endpoint_gives_an_actionable_error(s3_bucket):
         store.get("k")
 
 
+def _sends(store: S3Store, key: str) -> int:
+    """How many requests botocore sent for one read of ``key`` (the first and its retries)."""
+    sent = []
+    store._client.meta.events.register("before-send.s3", lambda **kwargs: sent.append(1))
+    with pytest.raises(StoreError, match="endpoint"):
+        store.get(key)
+    return len(sent)
+
+
+def test_s3_retries_follow_aws_max_attempts_and_aws_retry_mode_when_set(s3_bucket, tmp_path, monkeypatch):
+    """Before, the store's Config fixed botocore's retries (6 attempts, standard), overriding the
+    standard AWS_MAX_ATTEMPTS / AWS_RETRY_MODE and the profile's max_attempts / retry_mode: a CLI
+    command against a store that is down spent seconds in retries whatever they said."""
+    down = "http://127.0.0.1:9"  # nothing listens: each attempt is refused
+    assert S3Store(s3_bucket, endpoint_url=down)._client.meta.config.retries == {
+        "mode": "standard", "total_max_attempts": 6}  # unset: as before
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert _sends(S3Store(s3_bucket, endpoint_url=down), "k") == 1
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
+    store = S3Store(s3_bucket, endpoint_url=down)
+    assert _sends(store, "k") == 2 and store._client.meta.config.retries["mode"] == "legacy"
+    assert store.max_attempts == 2  # a body that breaks off is read again as often
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    profile = tmp_path / "aws-config"
+    profile.write_text("[default]\nmax_attempts = 3\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(profile))
+    assert _sends(S3Store(s3_bucket, endpoint_url=down), "k") == 3
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "three")
+    with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS .* 'three' is not a whole number"):
+        S3Store(s3_bucket, endpoint_url=down)
+
+
 def test_s3_missing_bucket_is_named(s3_bucket):
     with pytest.raises(StoreError, match="does not exist"):
         open_store(f"s3://{s3_bucket}-absent/p").get("k")

@@ -663,14 +663,27 @@ class S3Store(ObjectStore):
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.sse = sse
         self.sse_kms_key_id = sse_kms_key_id
-        self.max_attempts = max(1, max_attempts)
         self._etags_not_md5 = False  # learnt from the first whole body whose MD5 is not its etag
         self._session = boto3.session.Session(region_name=region)
+        # botocore's own settings, AWS_MAX_ATTEMPTS / AWS_RETRY_MODE (or the profile's max_attempts /
+        # retry_mode), win over the default here: a Config's retries would override them
+        profile = self._session._session.get_scoped_config()
+        attempts = os.environ.get("AWS_MAX_ATTEMPTS") or profile.get("max_attempts")
+        retries = {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or
+                   profile.get("retry_mode") or "standard"}  # (botocore's max_attempts: retries after the first)
+        if attempts not in (None, ""):
+            try:
+                max_attempts = int(attempts)  # botocore's reading: attempts in all, the first included
+            except ValueError:
+                raise ValueError(f"AWS_MAX_ATTEMPTS (or the profile's max_attempts) {attempts!r} is not a whole "
+                                 "number: set it to the attempts per S3 request, 1 or more") from None
+            retries = {"total_max_attempts": max(1, max_attempts), "mode": retries["mode"]}
+        self.max_attempts = max(1, max_attempts)
         if addressing_style is None:
             # S3-compatible servers behind a custom endpoint rarely resolve bucket subdomains.
             addressing_style = "path" if configured_s3_endpoint(endpoint_url, self._session) else "auto"
         config = Config(
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries=retries,
             connect_timeout=10,
             read_timeout=60,
             s3={"addressing_style": addressing_style},
