@@ -495,6 +495,18 @@ def test_a_store_uri_that_names_no_store_is_a_bad_argument_for_every_command(tmp
             plain = engram(*args)
             assert plain.exit_code == 2 and plain.stdout == "" and plain.stderr == result.stderr, (uri, args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "spec.yaml"]
+    # A '$' that is no variable set here, or a local path that exists as written, is a name: S3 keys and
+    # file names may hold one (Hadoop's _$folder$ markers, 'team$prod', Windows' $RECYCLE.BIN).
+    from versions.store import parse_store_uri, unexpanded_variable
+
+    monkeypatch.delenv("folder", raising=False)
+    monkeypatch.delenv("prod", raising=False)
+    assert parse_store_uri("s3://bkt/logs_$folder$/engram") == ("s3", "bkt", "logs_$folder$/engram")
+    assert parse_store_uri("s3://bkt/team$prod") == ("s3", "bkt", "team$prod")
+    literal = tmp_path / "$HOME"
+    literal.mkdir()
+    assert unexpanded_variable(str(literal), "store URI") is None
+    assert unexpanded_variable(str(tmp_path / "$HOME-not-there"), "store URI") is not None
 
 
 def test_a_location_holding_an_unexpanded_environment_variable_is_refused_and_nothing_is_made(tmp_path, tiny_dir,
@@ -513,7 +525,7 @@ def test_a_location_holding_an_unexpanded_environment_variable_is_refused_and_no
     cases = [("store", "$HOME/engram-store", "store URI '$HOME/engram-store' holds '$HOME'"),
              ("store", "s3://bkt/${ENGRAM_TEST_UNSET}/engram", "holds '${ENGRAM_TEST_UNSET}'"),
              ("fact_log", "${ENGRAM_TEST_LOGS}", f"(here ENGRAM_TEST_LOGS is {str(tmp_path / 'log')!r})"),
-             ("model", "$ENGRAM_TEST_UNSET/model", "(ENGRAM_TEST_UNSET is not set here)")]
+             ("model", "$ENGRAM_TEST_LOGS/model", "holds '$ENGRAM_TEST_LOGS'")]
     for field, value, words in cases:
         paths = {"store": str(tmp_path / "store"), "fact_log": str(tmp_path / "log"), "model": str(tiny_dir)}
         paths[field] = value

@@ -1030,18 +1030,25 @@ _ENV_REFERENCE = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_
 
 def unexpanded_variable(value: str, what: str) -> str | None:
     """The line saying that ``value`` (a store, fact log or model location, named ``what``) holds an
-    environment variable reference (``$HOME``, ``${LOG_BUCKET}``) that nothing expanded, or None.
-    A job spec, a ConfigMap or a quoted argument is read as written: such a store was created in a
-    folder named ``$HOME`` under the working directory, where no serving node looked."""
-    found = _ENV_REFERENCE.search(value)
-    if found is None:
-        return None
-    name = found.group(1).strip("{}")
-    now = os.environ.get(name)
-    hint = f" (here {name} is {now!r})" if now is not None else f" ({name} is not set here)"
-    return (f"{what} {value!r} holds {found.group(0)!r}, an environment variable that is not expanded (a job spec and "
-            f"a quoted argument are read as written){hint}; write the path itself, or let a shell expand it on the "
-            f"command line")
+    environment variable reference that nothing expanded, or None. A job spec, a ConfigMap or a
+    quoted argument is read as written: such a store was created in a folder named ``$HOME`` under
+    the working directory, where no serving node looked. Refused: ``${NAME}`` (no path or key means
+    that), and ``$NAME`` where ``NAME`` is set in this process's environment. Not refused: a ``$``
+    before a name that is not set (S3 keys and file names may hold one: Hadoop's ``_$folder$``
+    markers, ``team$prod``), and a local path that exists as written."""
+    for found in _ENV_REFERENCE.finditer(value):
+        braced = found.group(1).startswith("{")
+        name = found.group(1).strip("{}")
+        now = os.environ.get(name)
+        if now is None and not braced:
+            continue
+        if "://" not in value and os.path.lexists(value):
+            return None
+        hint = f" (here {name} is {now!r})" if now is not None else f" ({name} is not set here)"
+        return (f"{what} {value!r} holds {found.group(0)!r}, an environment variable that is not expanded (a job spec "
+                f"and a quoted argument are read as written){hint}; write the path itself, or let a shell expand it "
+                f"on the command line")
+    return None
 
 
 def parse_store_uri(uri: str) -> tuple[str, str, str]:
