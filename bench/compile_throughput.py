@@ -653,7 +653,8 @@ def main() -> None:
                 "bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
             }
-            steps_got = run["steps_mean"] if stop != "off" and run["steps_mean"] else steps  # early stop: the steps run
+            # early stop: the steps run, plus the one each stopped batch runs before it reads its stop
+            steps_got = min(steps, run["steps_mean"] + 1) if stop != "off" and run["steps_mean"] is not None else steps
             flops = flops_per_fact(em, trigger_tokens, steps_got)
             run["gflop_per_fact"] = round(flops / 1e9, 3)
             run["gflop_per_fact_min"] = round(flops_per_fact(em, trigger_tokens, steps_got, reuse_lower=True) / 1e9, 3)

@@ -44,11 +44,12 @@ class CompileOptions:
     44% after every retry round at 0.1, 100% at 0.3 and at 1.0 (87% in the first round at 1.0).
     Models up to 768 wide (the tiny model, d768) are unchanged."""
     stop_margin: float | None = None
-    """Stop a batch's steps (first round and retry rounds) at the first step where every answer
+    """Stop a batch's first-round steps at the first step where every answer
     token's margin (its logit minus the best other token's, at the current rows, from the step's
     own forward) is at least this; None: always ``steps``. The stop is seen one step late
     (the GPU is not drained to read it) and the rows of the step that cleared the bar are the
-    ones kept; the steps a fact's rows got are in its result. At least :attr:`min_margin`
+    ones kept; the steps a fact's rows got are in its result. Retry rounds run all their
+    ``retry_steps``: their facts failed verification, perhaps at rows that pass this test. At least :attr:`min_margin`
     (verification then finds the same facts recalled, up to the verification forward's
     rounding). Off by default: more steps than recall needs also make a fact more robust to the
     text before its trigger (bench/RESULTS.md, 2026-12-01 sixth session: 6 steps instead of 15
