@@ -481,10 +481,11 @@ def serve(
         wedged_batch_seconds()  # a bad ENGRAM_WEDGED_BATCH_S too
     except ValueError as e:
         _fail(str(e), code=2)
-    from serving.http import StartingNode, header_read_seconds  # here: it imports torch, which other commands do not need
+    from serving.http import StartingNode, header_read_seconds, idle_seconds  # here: it imports torch
 
     try:
         header_read_seconds()  # a bad ENGRAM_HEADER_TIMEOUT_S
+        idle_seconds()  # a bad ENGRAM_KEEPALIVE_S
     except ValueError as e:
         _fail(str(e), code=2)
 

@@ -78,6 +78,20 @@ def header_read_seconds() -> float:
     return seconds_from_env(HEADER_READ_TIMEOUT_ENV, HEADER_READ_TIMEOUT_S)
 
 
+IDLE_TIMEOUT_S = 75.0
+"""The longest a connection may stay silent before the first byte of a request (a new connection, or
+a kept-alive one between requests), ``$ENGRAM_KEEPALIVE_S`` where set; then it is closed. Above the
+60 s idle timeouts of AWS load balancers and nginx's upstream keepalive, which would otherwise send a
+request on a connection the node had just closed (a 502 for a POST, which they do not retry)."""
+IDLE_TIMEOUT_ENV = "ENGRAM_KEEPALIVE_S"
+
+
+def idle_seconds() -> float:
+    """:data:`IDLE_TIMEOUT_S`, or ``$ENGRAM_KEEPALIVE_S`` (seconds, above 0) where set; ValueError
+    naming the variable for any other value."""
+    return seconds_from_env(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT_S)
+
+
 JSON_MEDIA_TYPES = "application/json (or application/*+json)"
 SHUTDOWN_CHECK_S = 0.05  # how often the HTTP loop looks for a shutdown (socketserver: 0.5 s)
 
@@ -98,6 +112,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, *args, **kwargs):
         self.header_timeout = header_read_seconds()  # a bad ENGRAM_HEADER_TIMEOUT_S: ValueError before binding
+        self.idle_timeout = idle_seconds()  # a bad ENGRAM_KEEPALIVE_S too
         super().__init__(*args, **kwargs)
 
     def serve_forever(self, poll_interval: float = SHUTDOWN_CHECK_S) -> None:
@@ -118,9 +133,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _HeadReader(io.RawIOBase):
     """The connection's bytes for a handler's ``rfile``: while a request's line and headers are read
-    (``handler._head_deadline`` set), each read is given only the time left until that deadline, so
-    the whole head is bounded however slowly its bytes come; else the socket's own timeout applies
-    (None, or the body's while it is read)."""
+    (``handler._head_deadline`` set), each read is given only the time left until a deadline: the
+    idle bound until the request's first byte, then the head's bound from that byte, so the whole
+    head is bounded however slowly its bytes come; else the socket's own timeout applies (None, or
+    the body's while it is read)."""
 
     def __init__(self, handler: "_JsonHandler"):
         super().__init__()
@@ -134,6 +150,8 @@ class _HeadReader(io.RawIOBase):
         deadline = handler._head_deadline
         if deadline is None:
             return sock.recv_into(buffer)
+        if not handler._head_bytes:
+            deadline = handler._idle_deadline  # waiting for a request to begin (a kept-alive connection)
         left = deadline - time.monotonic()
         if left <= 0:
             handler._head_timed_out = True
@@ -147,6 +165,8 @@ class _HeadReader(io.RawIOBase):
             raise
         finally:
             sock.settimeout(previous)
+        if got and not handler._head_bytes:  # the request began: its head has the head's bound from now
+            handler._head_deadline = time.monotonic() + handler._head_timeout
         handler._head_bytes += got
         return got
 
@@ -165,7 +185,9 @@ class _JsonHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         timeout = getattr(self.server, "header_timeout", HEADER_READ_TIMEOUT_S)
-        self._head_deadline, self._head_bytes, self._head_timed_out = time.monotonic() + timeout, 0, False
+        now = time.monotonic()
+        self._head_timeout, self._idle_deadline = timeout, now + getattr(self.server, "idle_timeout", IDLE_TIMEOUT_S)
+        self._head_deadline, self._head_bytes, self._head_timed_out = now + timeout, 0, False
         try:
             super().handle_one_request()  # a TimeoutError while reading closes the connection
         finally:
@@ -183,8 +205,9 @@ class _JsonHandler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                 except OSError:
                     pass
-            log.debug("%s: request head not received within %gs (%d bytes came); connection closed",
-                      self.client_address, timeout, self._head_bytes)
+            log.debug("%s: %s; connection closed", self.client_address,
+                      f"request head not received within {timeout:g}s of its first byte ({self._head_bytes} bytes came)"
+                      if self._head_bytes else "idle past the keep-alive bound")
 
     def parse_request(self) -> bool:
         try:

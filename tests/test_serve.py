@@ -260,6 +260,7 @@ def test_connections_that_send_no_request_or_their_headers_slowly_are_closed_wit
     import socket
 
     monkeypatch.setattr(server.httpd, "header_timeout", 1.0, raising=False)
+    monkeypatch.setattr(server.httpd, "idle_timeout", 1.0, raising=False)
     silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(30)]
     slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(10)]
     try:
@@ -291,6 +292,41 @@ def test_connections_that_send_no_request_or_their_headers_slowly_are_closed_wit
     assert _post(server, json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 1}).encode())[0] == 200
 
 
+def test_a_kept_alive_connection_idle_past_the_header_bound_is_still_served_and_closed_past_the_idle_bound(
+        server, monkeypatch):
+    """The head's bound starts at the request's first byte: a kept-alive connection waiting between
+    requests (a load balancer's pool, 60 s idle on AWS and nginx) is not closed at the head's bound
+    (it was: the balancer's next POST then met a closed connection, a 502), only past
+    ENGRAM_KEEPALIVE_S."""
+    import socket
+
+    monkeypatch.setattr(server.httpd, "header_timeout", 0.5, raising=False)
+    monkeypatch.setattr(server.httpd, "idle_timeout", 3.0, raising=False)
+    body = json.dumps({"model": "engram", "prompt": "hi", "max_tokens": 1}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def answer(sock) -> bytes:
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += sock.recv(65536)
+        head, _, rest = got.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        return head
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # idle three times the head's bound
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+        idle = time.monotonic()
+        assert sock.recv(1) == b""  # closed once idle past the keep-alive bound
+        assert 2.5 < time.monotonic() - idle < 8
+
+
 def test_the_header_bound_is_read_from_the_environment(monkeypatch):
     from serving.http import StartingNode
 
@@ -300,6 +336,14 @@ def test_the_header_bound_is_read_from_the_environment(monkeypatch):
     node.close()
     monkeypatch.setenv("ENGRAM_HEADER_TIMEOUT_S", "never")
     with pytest.raises(ValueError, match="ENGRAM_HEADER_TIMEOUT_S='never': give seconds above 0 \\(default 30\\)"):
+        StartingNode(port=0)
+    monkeypatch.delenv("ENGRAM_HEADER_TIMEOUT_S")
+    monkeypatch.setenv("ENGRAM_KEEPALIVE_S", "90")
+    node = StartingNode(port=0)
+    assert node.httpd.idle_timeout == 90.0
+    node.close()
+    monkeypatch.setenv("ENGRAM_KEEPALIVE_S", "-1")
+    with pytest.raises(ValueError, match="ENGRAM_KEEPALIVE_S='-1': give seconds above 0 \\(default 75\\)"):
         StartingNode(port=0)
 
 
