@@ -210,6 +210,10 @@ def test_s3_retries_follow_aws_max_attempts_and_aws_retry_mode_when_set(s3_bucke
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "three")
     with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS .* 'three' is not a whole number"):
         S3Store(s3_bucket, endpoint_url=down)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    monkeypatch.setenv("AWS_RETRY_MODE", "fast")  # botocore's own error was a traceback naming no variable
+    with pytest.raises(ValueError, match="AWS_RETRY_MODE .* 'fast' is not a retry mode: set it to legacy, standard or adaptive"):
+        S3Store(s3_bucket, endpoint_url=down)
 
 
 def test_s3_missing_bucket_is_named(s3_bucket):

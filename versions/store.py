@@ -671,6 +671,9 @@ class S3Store(ObjectStore):
         attempts = os.environ.get("AWS_MAX_ATTEMPTS") or profile.get("max_attempts")
         retries = {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or
                    profile.get("retry_mode") or "standard"}  # (botocore's max_attempts: retries after the first)
+        if retries["mode"] not in ("legacy", "standard", "adaptive"):  # botocore raised its own error, a traceback
+            raise ValueError(f"AWS_RETRY_MODE (or the profile's retry_mode) {retries['mode']!r} is not a retry mode: "
+                             "set it to legacy, standard or adaptive, or unset it (standard)")
         if attempts not in (None, ""):
             try:
                 max_attempts = int(attempts)  # botocore's reading: attempts in all, the first included
