@@ -440,9 +440,8 @@ class LowerForward:
     the elementwise work fuses. The compiler checks both forwards against transformers' once per
     model and dtype before using them (``_Batch``'s ``"lower"`` form)."""
 
-    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True, margins: bool = False):
+    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True):
         self.em = em
-        self.margins = margins  # the step also gives its least answer margin (CompileOptions.stop_margin)
         self.write_layer = em.config.target_layer
         backbone, layers = backbone_and_layers(em.model)
         self.backbone = backbone

@@ -655,8 +655,8 @@ class PullClient:
         timeouts fail it; what it finds then is dropped, and the next poll asks again (before, one
         hung poll held the poller for botocore's timeouts and retries, minutes, and a store that
         came back meanwhile was not seen until then). A poll left by another caller (the first pull)
-        that hangs is left behind too. None while :data:`MAX_LEFT_POLLS` polls left behind still run
-        (no other is started), or once :meth:`stop` is called."""
+        that hangs is left behind too. While :data:`MAX_LEFT_POLLS` polls left behind still run, no
+        other is started and a failed ``hung`` result says so; None once :meth:`stop` is called."""
         left = self._leave_if_hung()
         with self._attempts:
             running = len(self._left)
@@ -665,10 +665,10 @@ class PullClient:
                       self.store.uri, running)
             if left is not None:
                 return left[1]
-            served = self._index.version if self._index is not None else None
-            return PollResult(False, served, error=f"{self.error() or 'the store does not answer'}; {running} polls "
-                              "left behind as hung still run, so no other is started until one ends", hung=True,
-                              stale=self.stale())
+            # Said as a failed poll (stale, max_stale enforced): the last poll may have succeeded.
+            message = (f"{self.error() or 'StoreUnreachable: the store does not answer'}; {running} polls left behind "
+                       "as hung still run, so no other is started until one ends")
+            return replace(self._failed(message, True, time.time(), still_polling=True), hung=True)
         outcome: dict[str, object] = {}
 
         def run() -> None:
@@ -741,17 +741,19 @@ class PullClient:
             if attempt is None or attempt.committed or time.time() - attempt.answered <= self.hung_after:
                 return None
             attempt.abandoned = True  # from now on its outcome changes nothing (_claim)
+            # In the same lock: /livez (wedged) never sees a moment with no poll in progress.
+            self.polling_since = attempt.answered  # still in progress, left behind, until the next poll
+            if not attempt.ended:  # (it may have ended meanwhile: nothing left to wait for)
+                self._left.append(attempt)
         message = (f"StoreUnreachable: store {self.store.uri}: the poll in progress has had no answer for over "
                    f"{human_duration(self.hung_after)} (it accepts connections and does not answer? a frozen server or "
                    "a load balancer with no live backend); left behind, the next poll asks again")
-        result = replace(self._failed(message, True, time.time()), hung=True)
+        # Stale since the store's last answer, not since the poll was given up on.
+        result = replace(self._failed(message, True, attempt.answered, still_polling=True), hung=True)
         with self._attempts:
             if self._live is attempt:
                 self._live = None
-                self.polling_since = attempt.answered  # still in progress, left behind, until the next poll
                 self._attempts.notify_all()
-            if not attempt.ended:  # (it may have ended meanwhile: nothing left to wait for)
-                self._left.append(attempt)
         return attempt, result
 
     def fall_back(self, error: str) -> PollResult:
@@ -790,8 +792,10 @@ class PullClient:
             return PollResult(False, None, error=message)
         return result
 
-    def _failed(self, message: str, unreachable: bool, now: float) -> PollResult:
-        """A poll that failed with ``message`` (``unreachable``: the store did not answer)."""
+    def _failed(self, message: str, unreachable: bool, now: float, still_polling: bool = False) -> PollResult:
+        """A poll that failed with ``message`` (``unreachable``: the store did not answer) at ``now``
+        (the start of staleness, if it begins here). ``still_polling``: a poll left behind as hung, which
+        still runs (``polling_since`` stays its last answer, so /livez keeps seeing it)."""
         try:
             self._claim()
         except _Abandoned:
@@ -816,7 +820,8 @@ class PullClient:
         self.last_error, self.last_unreachable = message, unreachable
         self.stale_since = self.stale_since or now
         cache_error = self._remember()  # the forgets of a version that failed to load, if any
-        self.polling_since = None
+        if not still_polling:
+            self.polling_since = None
         if build is None:
             return PollResult(False, served, error=message, cache_error=cache_error, stale=self.stale())
         return PollResult(True, served, tuple(build.fetched), error=message,

@@ -429,4 +429,5 @@ def test_a_server_stops_without_waiting_half_a_second_for_its_loop(server):
     started = time.monotonic()
     server.httpd.shutdown()  # the ReferenceServer's loop, the same class (the fixture's exit is then quick)
     waits.append(time.monotonic() - started)
-    assert min(waits) < 0.25, waits
+    # The three nodes' median (the fixture's own shutdown comes at any point of the old 0.5 s wait)
+    assert sorted(waits[:3])[1] < 0.25, waits
