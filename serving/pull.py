@@ -244,8 +244,11 @@ def fetch_object(store: ObjectStore, key: str, sha256: str, size: int, shard: in
     if offline:
         raise PullError(f"cache {cache.root if cache is not None else '(none)'}: holds no intact copy of {where} "
                         f"(shard {shard}), and the store does not answer")
+    answered = downloads.answered if downloads is not None else None
     try:
-        data = store.get(key)
+        # Progress per MiB of the body: a large object downloading slowly is not a store that does
+        # not answer (a poll is left behind as hung only after hung_after without a byte).
+        data = store.get(key, progress=(lambda _got: answered()) if answered is not None else None)
     except ObjectNotFound:
         raise IntegrityError(f"{where}: missing (manifest shard {shard} references it)") from None
     if downloads is not None:

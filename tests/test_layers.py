@@ -358,7 +358,7 @@ def test_a_pull_that_a_writer_overtakes_mid_way_serves_the_new_current_in_the_sa
     node = PullClient(any_store, tiny, cache_dir=tmp_path / "cache")
     get, moved = any_store.get, []
 
-    def overtaking_get(key: str) -> bytes:  # the writer runs while the node reads its first object
+    def overtaking_get(key: str, **kwargs) -> bytes:  # the writer runs while the node reads its first object
         if key.startswith("objects/") and not moved:
             moved.append(key)
             if operation == "forget":
@@ -370,7 +370,7 @@ def test_a_pull_that_a_writer_overtakes_mid_way_serves_the_new_current_in_the_sa
             else:  # every shard compacted into a new base, then the old chains collected
                 night(any_store, tiny.fingerprint, {u: random_delta(tiny, rng) for u in USERS}, compact_after_layers=0)
                 collect(any_store, keep=1)
-        return get(key)
+        return get(key, **kwargs)
 
     any_store.get = overtaking_get
     try:

@@ -355,6 +355,30 @@ def test_a_store_that_accepts_and_never_answers_makes_the_node_stale_and_too_sta
     assert node.poll().error is None and node.stale() is None and node.over_max_stale() is None
 
 
+def test_a_large_object_downloading_slowly_is_not_a_hung_poll(local_store, tiny, compiled):
+    """A poll is left behind only after ``hung_after`` without a byte: a shard object whose body
+    keeps coming (per MiB, ``ObjectStore.get(progress=)``) for longer than that, a large bundle on a
+    slow link, finishes and is served (before, progress counted whole objects only, and the poll
+    was abandoned mid-download and started again, each time)."""
+    from versions.store import LocalStore
+
+    class Slow(LocalStore):
+        def get(self, key, *, progress=None):
+            data = super().get(key)
+            if key.startswith("objects/"):
+                for got in range(5):  # 1.5 s in all, a piece every 0.3 s: over hung_after, never silent for it
+                    time.sleep(0.3)
+                    if progress is not None:
+                        progress(got)
+            return data
+
+    publish(local_store, tiny, v1(compiled))
+    client = PullClient(Slow(local_store.root), tiny, interval=0.1, hung_after=0.6, wedged_after=30)
+    result = client.poll_bounded()
+    assert result is not None and not result.hung and result.error is None, result
+    assert client.index.version == 1 and client.stale() is None
+
+
 def test_a_later_poll_that_hangs_is_left_behind_and_the_next_poll_serves_the_new_version(local_store, tiny, compiled):
     """A node serving v1 whose store then hangs on one request (a half-open connection, a frozen
     backend behind a load balancer that other connections get past). Before, the poller waited for
