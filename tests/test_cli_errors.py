@@ -495,18 +495,6 @@ def test_a_store_uri_that_names_no_store_is_a_bad_argument_for_every_command(tmp
             plain = engram(*args)
             assert plain.exit_code == 2 and plain.stdout == "" and plain.stderr == result.stderr, (uri, args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "spec.yaml"]
-    # A '$' that is no variable set here, or a local path that exists as written, is a name: S3 keys and
-    # file names may hold one (Hadoop's _$folder$ markers, 'team$prod', Windows' $RECYCLE.BIN).
-    from versions.store import parse_store_uri, unexpanded_variable
-
-    monkeypatch.delenv("folder", raising=False)
-    monkeypatch.delenv("prod", raising=False)
-    assert parse_store_uri("s3://bkt/logs_$folder$/engram") == ("s3", "bkt", "logs_$folder$/engram")
-    assert parse_store_uri("s3://bkt/team$prod") == ("s3", "bkt", "team$prod")
-    literal = tmp_path / "$HOME"
-    literal.mkdir()
-    assert unexpanded_variable(str(literal), "store URI") is None
-    assert unexpanded_variable(str(tmp_path / "$HOME-not-there"), "store URI") is not None
 
 
 def test_a_location_holding_an_unexpanded_environment_variable_is_refused_and_nothing_is_made(tmp_path, tiny_dir,
@@ -548,6 +536,18 @@ def test_a_location_holding_an_unexpanded_environment_variable_is_refused_and_no
     result = engram("model", "init", "$HOME/model", "--tiny")
     assert result.exit_code == 2 and "model directory '$HOME/model' holds '$HOME'" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "spec.yaml"]
+    # A '$' that is no variable set here, or a local path that exists as written, is a name: S3 keys and
+    # file names may hold one (Hadoop's _$folder$ markers, 'team$prod', Windows' $RECYCLE.BIN).
+    from versions.store import parse_store_uri, unexpanded_variable
+
+    monkeypatch.delenv("folder", raising=False)
+    monkeypatch.delenv("prod", raising=False)
+    assert parse_store_uri("s3://bkt/logs_$folder$/engram") == ("s3", "bkt", "logs_$folder$/engram")
+    assert parse_store_uri("s3://bkt/team$prod") == ("s3", "bkt", "team$prod")
+    literal = tmp_path / "$HOME"
+    literal.mkdir()
+    assert unexpanded_variable(str(literal), "store URI") is None
+    assert unexpanded_variable(str(tmp_path / "$HOME-not-there"), "store URI") is not None
 
 
 def test_a_store_uri_error_that_escapes_a_command_is_still_exit_2():
