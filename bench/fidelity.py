@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
     ap.add_argument("--stop-margin", nargs="+", default=["off"],
                     help="CompileOptions.stop_margin: off or a margin (several: a sweep)")
+    ap.add_argument("--facts-per-batch", type=int, default=None,
+                    help="CompileOptions.facts_per_batch (default the option's 4096); small batches let "
+                         "--stop-margin stop batches whose least margin clears the bar")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -233,10 +236,11 @@ def main() -> None:
                 run = {"model": str(args.model or args.preset), "max_ngram": em.config.max_ngram,
                        "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve,
                        "context_copies": copies, "min_margin": args.min_margin, "steps": args.steps,
-                       "stop_margin": stop}
+                       "stop_margin": stop, "facts_per_batch": args.facts_per_batch}
                 options = CompileOptions(resolve_conflicts=resolve == "on", context_copies=copies == "on",
                                          min_margin=args.min_margin, steps=args.steps,
-                                         stop_margin=None if stop == "off" else float(stop))
+                                         stop_margin=None if stop == "off" else float(stop),
+                                         **({"facts_per_batch": args.facts_per_batch} if args.facts_per_batch else {}))
                 run.update(measure(em, users, options, args.context, args.answer_end))
                 runs.append(run)
                 if not args.json:
