@@ -110,7 +110,8 @@ def _file_reject(file: "FactFile", problem: tuple[str, str], on_bad_file: str) -
     reason, detail = problem
     if on_bad_file == "raise":
         raise FactLogError(_unreadable_file_message(file.path, detail, reason))
-    logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
+    logger.warning("fact log %s: %s; rejected as %s (not ingested: read again by the next night; recorded in the rejects "
+                   "of the version a night publishes)", file.path, detail, reason)
     return {"source": file.path, "row": None, "reason": reason, "detail": detail}
 
 
@@ -124,6 +125,25 @@ def _gone_message(path: str) -> str:
     return (f"fact log {path}: listed, but gone when read (moved, renamed or deleted since the listing: a "
             "writer's temporary file renamed into place, a quarantine, a retention rule); skipped, not recorded "
             "as ingested: a file listed again under that name is read by a later night")
+
+
+# ``_read_one``'s reason for a listed file that is no data file by its name and its bytes: a name
+# without a Parquet suffix (``.parquet``, ``.parq``, ``.pq``) and content that is no Parquet (empty,
+# or not beginning with ``PAR1``): a ``README.txt``, a ``manifest.json``, a checksum or marker another
+# tool left without the ``_`` / ``.`` prefix. Skipped like ``_SUCCESS`` (pyarrow.dataset's
+# ``exclude_invalid_files``), under either on_bad_file: not a reject. A file named as Parquet that is
+# none (a CSV export named ``.parquet``) is still a reject: its rows would be lost without a word.
+NOT_DATA = "NOT_DATA"
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+
+
+def _named_as_parquet(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].lower().endswith(PARQUET_SUFFIXES)
+
+
+def _not_data_message(path: str, detail: str) -> str:
+    return (f"fact log {path}: not a data file ({detail}); skipped. Log files are Parquet: keep other files out of "
+            "the log, or name them with a leading '_' or '.'")
 
 
 def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
@@ -420,6 +440,7 @@ class FileRead:
     slices: dict[int, tuple[int, int]]  # shard -> (offset, length) of its rows in the keyed table
     reject: pa.Table | None = None  # one REJECTS_SCHEMA row when the whole file was rejected
     gone: bool = False  # listed, but no longer there when read: no rows, no reject, not ingested
+    skipped: str | None = None  # why the file is no data file (NOT_DATA): no rows, no reject
     warnings: tuple[str, ...] = ()  # what reading it warned of, for the driver to log (:func:`read_log_file`)
 
 
@@ -448,6 +469,10 @@ def read_log_file(
         if problem is not None and problem[0] == GONE:
             logger.warning("%s", _gone_message(file.path))
             read = FileRead(file, 0, {}, gone=True)
+            keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
+        elif problem is not None and problem[0] == NOT_DATA:  # read as a file of no rows (an empty export)
+            logger.warning("%s", _not_data_message(file.path, problem[1]))
+            read = FileRead(file, 0, {}, skipped=problem[1])
             keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
         elif problem is not None:
             reject = pa.Table.from_pylist([_file_reject(file, problem, on_bad_file)], schema=F.REJECTS_SCHEMA)
@@ -593,6 +618,9 @@ def read_fact_log(
         if problem is not None and problem[0] == GONE:
             logger.warning("%s", _gone_message(file.path))
             continue  # not read: not in ``files``, so not skipped next time
+        if problem is not None and problem[0] == NOT_DATA:
+            logger.warning("%s", _not_data_message(file.path, problem[1]))
+            continue
         if problem is not None:
             file_rejects.append(_file_reject(file, problem, on_bad_file))
         else:
@@ -818,6 +846,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             raise _store_failed(display, err) from None
         if _gone(fs, path):  # moved or deleted between the look above and the read
             return info, None, (GONE, "")
+        if (why := _not_data(fs, path, display, size or listed_size)) is not None:
+            return info, None, (NOT_DATA, why)
         if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
             return info, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
@@ -839,6 +869,26 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return info, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return info, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+def _not_data(fs: pafs.FileSystem, path: str, display: str, size: int) -> str | None:
+    """Why a file that did not read as Parquet is no data file at all (NOT_DATA), or None: only a
+    name without a Parquet suffix qualifies (Hive's ``000000_0`` is Parquet without one), when the
+    file is empty or does not begin with Parquet's magic bytes."""
+    if _named_as_parquet(display):
+        return None
+    if size == 0:
+        return "an empty file, and its name has no Parquet suffix"
+    try:
+        with fs.open_input_file(path) as handle:
+            head = handle.read(4)
+    except (pa.ArrowException, OSError):
+        return None
+    if not head:
+        return "an empty file, and its name has no Parquet suffix"
+    if head != b"PAR1":
+        return f"it does not begin as a Parquet file does (its first bytes: {head!r}), and its name has no Parquet suffix"
+    return None
 
 
 # pyarrow's words for a file without its footer: empty, shorter than a footer, or ending elsewhere
