@@ -136,6 +136,9 @@ def _gone_message(path: str) -> str:
 # none (a CSV export named ``.parquet``) is still a reject: its rows would be lost without a word.
 NOT_DATA = "NOT_DATA"
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+# Suffixes of row data in another format: such a file with bytes in it is an export in the wrong
+# format (its rows would go unread without a reject), not a stray file; it stays UNREADABLE_FILE.
+OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".avro", ".orc", ".feather", ".arrow", ".xlsx")
 
 
 def _named_as_parquet(path: str) -> bool:
@@ -877,6 +880,8 @@ def _not_data(fs: pafs.FileSystem, path: str, display: str, size: int) -> str | 
     name without a Parquet suffix qualifies (Hive's ``000000_0`` is Parquet without one), when the
     file is empty or does not begin with Parquet's magic bytes."""
     if _named_as_parquet(display):
+        return None
+    if size > 0 and display.rsplit("/", 1)[-1].lower().endswith(OTHER_DATA_SUFFIXES):
         return None
     if size == 0:
         return "an empty file, and its name has no Parquet suffix"

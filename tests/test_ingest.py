@@ -556,6 +556,32 @@ def test_rfc_3339_event_times_read_for_the_whole_column_are_the_row_parsers_micr
         assert got == [None if t is None else _parse_time_micros(t) for t in column]
 
 
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_stray_files_without_a_parquet_name_are_skipped_and_exports_in_another_format_rejected(on_bad_file, tmp_path):
+    """A README.txt, an empty marker without a '_' (SUCCESS), a JSON manifest or a checksum beside
+    the log's Parquet files were read as Parquet: the night failed on them, or each became an
+    UNREADABLE_FILE reject. They are skipped with a warning naming them (pyarrow.dataset's
+    exclude_invalid_files); Hive's 000000_0 (Parquet, no suffix) is read. A file of rows in another
+    format (a CSV export) and a .parquet file that is no Parquet are still refused: their rows would
+    go unread without a word."""
+    pq.write_table(table({"fact_id": "p"}), tmp_path / "part-0.parquet")
+    pq.write_table(table({"fact_id": "hive"}), tmp_path / "000000_0")
+    for name, content in (("README.txt", b"exported by job 7\n"), ("SUCCESS", b""), ("manifest.json", b'{"n": 1}'),
+                          ("part-0.crc", b"\x00\x01crc"), ("empty.csv", b"")):
+        (tmp_path / name).write_bytes(content)
+    read = read_fact_log(str(tmp_path))
+    assert sorted(r["fact_id"] for r in read.rows.to_pylist()) == ["hive", "p"]
+    (tmp_path / "export.csv").write_text("user_id,fact_id,op\nu1,a,upsert\n")
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match=re.escape(str(tmp_path / "export.csv")) + ".*a file of another format"):
+            read_fact_log(str(tmp_path))
+        return
+    read = read_fact_log(str(tmp_path), on_bad_file="reject")
+    assert [(r["source"], r["reason"]) for r in read.file_rejects.to_pylist()] == [
+        (str(tmp_path / "export.csv"), "UNREADABLE_FILE")]
+    assert sorted(r["fact_id"] for r in read.rows.to_pylist()) == ["hive", "p"]
+
+
 def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
     result = run(table({"op": "forgetUser"}, {"op": "forget-user", "fact_id": "b"}, {"op": "UP SERT", "fact_id": "c"}))
     assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
