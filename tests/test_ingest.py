@@ -1327,6 +1327,22 @@ def test_an_s3_fact_log_is_read_through_the_store_filesystem(s3_store):
     assert batch.files[0].path == f"s3://{base}/log/day=2026-11-20/part-0.parquet"
 
 
+def test_stray_objects_beside_an_s3_fact_log_are_skipped_and_an_export_in_another_format_rejected(s3_store):
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}), buffer)
+    s3_store.put("log/day=1/part-0.parquet", buffer.getvalue())
+    s3_store.put("log/day=1/README.txt", b"exported by job 7\n")
+    s3_store.put("log/day=1/SUCCESS", b"")
+    s3_store.put("log/day=1/export.csv", b"user_id,fact_id\nu1,a\n")
+    filesystem, base = s3_store.arrow_filesystem()
+    batch = read_fact_log(f"s3://{base}/log", filesystem=filesystem, on_bad_file="reject")
+    assert batch.rows.num_rows == 1
+    assert [(r["source"], r["reason"]) for r in batch.file_rejects.to_pylist()] == [
+        (f"s3://{base}/log/day=1/export.csv", "UNREADABLE_FILE")]
+
+
 def test_s3_keys_with_spaces_and_percent_escapes_are_listed_and_read_as_written(s3_bucket):
     """Spark escapes partition values (``:`` -> ``%3A``) and keeps spaces; the key is the key,
     not a URI to decode (it was refused, or decoded into a key that does not exist)."""
