@@ -1854,12 +1854,26 @@ _DATE_ONLY = re.compile(r"\d{4}-?\d\d-?\d\d|\d{4}-?W\d\d(?:-?\d)?")  # a day, re
 _NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)?(?:[eE][+-]?\d+)?")
 
 
-# RFC 3339 as most writers give it (a 'T' or a space, up to six digits of a second, Z or an offset):
-# read by Arrow's parser for the whole column at once (~0.03 us a row; Python's, below, ~6.5 us).
-# Anything else (other ISO 8601 forms, RFC 2822, a BOM, an hour 24, a leap second) goes through
-# _parse_time_micros row by row; a column where Arrow refuses a matching text (2026-02-30) does too.
-_RFC_3339 = (r"^\d{4}-\d\d-\d\d[T ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
-             r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)$")
+# RFC 3339 as most writers give it (a 'T' or a space, up to six digits of a second, Z or an offset;
+# or no zone, as Python's str(datetime) and pandas write a naive time: read as UTC, with the warning):
+# read by Arrow's parser for the whole column at once (~0.1 us a row; Python's, below, ~6 us). Anything
+# else (other ISO 8601 forms, RFC 2822, a BOM, an hour 24, a leap second) goes through
+# _parse_time_micros row by row; so do the rows of a form whose Arrow cast refuses one text (2026-02-30).
+_RFC_3339_TIME = r"^\d{4}-\d\d-\d\d[T ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
+_RFC_3339 = _RFC_3339_TIME + r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+_RFC_3339_NAIVE = _RFC_3339_TIME + "$"
+
+
+def _cast_matching(texts: pa.Array, pattern: str, kind: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
+    """(mask of the texts matching ``pattern``, their int64 ticks cast as ``kind``, null elsewhere;
+    None where no text matches or Arrow refuses one of them)."""
+    mask = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
+    if not pc.any(mask).as_py():
+        return mask, None
+    try:
+        return mask, pc.cast(pc.if_else(mask, texts, pa.scalar(None, texts.type)), kind).cast(pa.int64())
+    except pa.ArrowInvalid:  # a text of the form that is no date (2026-02-30): these rows by Python's parser
+        return mask, None
 
 
 def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOURCE) -> pa.Array:
@@ -1869,34 +1883,38 @@ def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOU
     time?). RFC 3339 text is read by Arrow for the whole column (:data:`_RFC_3339`), the rest row by
     row (:func:`_parse_time_micros`): both give the same microseconds."""
     texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
-    fast = pc.fill_null(pc.match_substring_regex(texts, _RFC_3339), False)
-    quick = None
-    if pc.any(fast).as_py():
-        try:
-            quick = pc.cast(pc.if_else(fast, texts, pa.scalar(None, texts.type)), pa.timestamp("us", tz="UTC"))
-            quick = quick.cast(pa.int64())
-        except pa.ArrowInvalid:  # a text of the form that is no date (2026-02-30): every row by Python's parser
-            quick = None
-    if quick is not None and pc.all(fast).as_py():
-        return quick
-    read = quick.to_pylist() if quick is not None else None
+    zoned, zoned_ticks = _cast_matching(texts, _RFC_3339, pa.timestamp("us", tz="UTC"))
+    naive, naive_ticks = _cast_matching(texts, _RFC_3339_NAIVE, pa.timestamp("us"))
+    first_naive = None
+    if naive_ticks is not None:
+        first_naive = pc.index(naive, True).as_py()
+    quick = [t for t in (zoned_ticks, naive_ticks) if t is not None]
+    quick = pc.coalesce(*quick) if len(quick) > 1 else quick[0] if quick else None
     micros, zoneless = [], []
-    for row, text in enumerate(texts.to_pylist()):
-        if read is not None and read[row] is not None:
-            micros.append(read[row])
-            continue
-        micros.append(None if text is None else _parse_time_micros(text, zoneless))
-        if zoneless and zoneless[0] is True:
-            zoneless[0] = (row, text)
-        if text is not None and micros[-1] is None:
-            if missing := _time_missing_as_text(canonical_id(text)):
-                _note(problems, row, F.MISSING_EVENT_TIME, f"event_time {text[:64]!r} {missing}")
-            else:
-                _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
+    if quick is not None and quick.null_count == texts.null_count:  # every text read (nulls: missing times)
+        micros = quick
+    else:
+        read = quick.to_pylist() if quick is not None else None
+        for row, text in enumerate(texts.to_pylist()):
+            if read is not None and read[row] is not None:
+                micros.append(read[row])
+                continue
+            micros.append(None if text is None else _parse_time_micros(text, zoneless))
+            if zoneless and zoneless[0] is True:
+                zoneless[0] = (row, text)
+            if text is not None and micros[-1] is None:
+                if missing := _time_missing_as_text(canonical_id(text)):
+                    _note(problems, row, F.MISSING_EVENT_TIME, f"event_time {text[:64]!r} {missing}")
+                else:
+                    _note(problems, row, F.BAD_EVENT_TIME,
+                          f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
+        micros = pa.array(micros, pa.int64())
+    if first_naive is not None and (not zoneless or first_naive < zoneless[0][0]):
+        zoneless = [(first_naive, texts[first_naive].as_py())]
     if zoneless:
         logger.warning("fact log %s: event_time %r (row %d) has no time zone; reading it as UTC (write the offset or "
                        "Z, e.g. 2026-11-20T08:00:00Z, to silence this)", source, zoneless[0][1][:64], zoneless[0][0])
-    return pa.array(micros, pa.int64())
+    return micros
 
 
 # MySQL's zero date and datetime (what a NOT NULL column holds for "no time"), as text

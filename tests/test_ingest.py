@@ -545,15 +545,34 @@ def test_rfc_3339_event_times_read_for_the_whole_column_are_the_row_parsers_micr
     texts = []
     for _ in range(400):
         fraction = rng.choice(["", "." + "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 6)))])
-        zone = rng.choice(["Z", "+00:00", "-00:00", f"+{rng.randint(0, 23):02d}:{rng.choice([0, 30, 45]):02d}",
+        zone = rng.choice(["", "Z", "+00:00", "-00:00", f"+{rng.randint(0, 23):02d}:{rng.choice([0, 30, 45]):02d}",
                            f"-{rng.randint(0, 23):02d}:{rng.choice([0, 30]):02d}"])
         texts.append(f"{rng.randint(1900, 9999)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}{rng.choice('T ')}"
                      f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}{fraction}{zone}")
     mixed = texts[:50] + [None, "2026-W47-5", "2026-11-19T24:00:00Z", "\ufeff2026-11-20T08:00:00Z", "junk", "NaT"]
-    for column in (texts, mixed, texts[:20] + ["2026-02-30T08:00:00Z"]):
+    for column in (texts, texts + [None], mixed, texts[:20] + ["2026-02-30T08:00:00Z"]):
         problems = [None] * len(column)
         got = _parse_times(pa.chunked_array([pa.array(column, pa.large_string())]), problems).to_pylist()
         assert got == [None if t is None else _parse_time_micros(t) for t in column]
+        assert [p[0] if p else None for p in problems] == [
+            None if t is None or _parse_time_micros(t) is not None else "MISSING_EVENT_TIME" if t == "NaT"
+            else "BAD_EVENT_TIME" for t in column]
+
+
+def test_a_column_of_naive_times_read_at_once_warns_once_naming_the_first_such_row(caplog):
+    """The column-at-once read covers times without a zone (Python's str(datetime), pandas): read as
+    UTC with the one warning per file, naming the first such row, as the row parser does."""
+    from pipeline.ingest import _parse_times
+
+    for column, first in ((["2026-11-20T08:00:00Z", "2026-11-20 08:00:00.5", "2026-11-20 09:00:00"], 1),
+                          (["2026-11-20T08:00:00Z", "2026-11-20 08:00:00.5", "2026-11-20T08:00"], 1),
+                          (["2026-11-20T08:00", "2026-11-20 08:00:00.5"], 0)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.ingest"):
+            got = _parse_times(pa.chunked_array([pa.array(column)]), [None] * len(column)).to_pylist()
+        assert got[0] == 1795161600000000 and None not in got  # 2026-11-20T08:00 UTC
+        warnings = [r.getMessage() for r in caplog.records if "has no time zone" in r.getMessage()]
+        assert len(warnings) == 1 and f"{column[first]!r} (row {first})" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
