@@ -918,6 +918,8 @@ def test_library_messages_of_several_lines_are_printed_as_one_line(tmp_path):
             (["stats", "--store", str(tmp_path / "store"), "selec 1"],
              'Parser Error: syntax error at or near "selec" LINE 1: selec 1 (query: selec 1); fix the query', "queried"),
             (["stats", "--store", str(tmp_path / "store"), "  "], "stats query is empty; give an SQL query", "queried"),
+            (["stats", "--store", str(tmp_path / "store"), " ; -- nothing\n;"],
+             "stats query is empty (only ; or comments); give an SQL query", "queried"),
             (["run", "nightly", "--spec", str(spec)],
              f"job spec {spec}: not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>'",
              "published")):
