@@ -134,6 +134,13 @@ class NightlyReport:
     checks; load and warm_up of each worker), and ``chunks``: where the ``compile`` and ``scopes``
     stages went. Empty when nothing compiled."""
     sample: list[dict] = field(default_factory=list)
+    rejected_files: list[dict] = field(default_factory=list)
+    """The log files rejected whole this night (``path``, ``reason``, ``detail``: UNREADABLE_FILE,
+    SCHEMA_MISMATCH): not ingested, read again by the next night. Recorded in the rejects table of
+    the version this night published, if it published one."""
+    skipped_files: list[dict] = field(default_factory=list)
+    """The listed files that are no data files (``path``, ``detail``: a ``README.txt``, an empty file
+    without a Parquet suffix), skipped as ``_SUCCESS`` is."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -474,13 +481,17 @@ class _Night:
                 log_read_warnings(self.reads[i])
                 self.bar.advance("read files")
             timer.items["read"] = sum(r.rows + (r.reject is not None) for r in self.reads)
-        if not timer.items["read"] and not self._publishes_without_rows(every_shard):
-            # New files with no row at all (an empty export): nothing to record, not even a reject.
-            # A version of the same content would move CURRENT (every node polls it) for nothing, and
-            # a first night's empty one would look like a published base; the files are read again
-            # (no rows: no cost) by the next night with something to publish, which records them.
-            log.info("nightly %s: the %d new log file(s) hold no rows; nothing to publish (%s)", self.job_id,
-                     len(files), f"v{self.previous.version} stays current" if self.previous else "no version yet")
+        if not sum(r.rows for r in self.reads) and not self._publishes_without_rows(every_shard):
+            # New files with no row read (an empty export, files that are no data, files rejected whole):
+            # nothing changes. A version of the same content would move CURRENT (every node polls it) for
+            # nothing, and a first night's empty one would look like a published base; a file rejected
+            # whole is not ingested, so every night read it again and published one more such version.
+            # The report names the rejected files; the files are read again by the next night, and one
+            # with something to publish records them (the empty ones as ingested, the rejects in its
+            # rejects table).
+            log.info("nightly %s: the %d new log file(s) hold no rows%s; nothing to publish (%s)", self.job_id,
+                     len(files), f" ({self._rejected()} rejected whole)" if self._rejected() else "",
+                     f"v{self.previous.version} stays current" if self.previous else "no version yet")
             return self.report(self.previous, published=False)
 
         with timer.stage("apply"):
@@ -720,7 +731,9 @@ class _Night:
                         "facts_failed": sum(m.facts - m.ok for m in self.chunks),
                         "compiled_scopes": len(self.scope_plan.changed) if self.scope_plan else 0},
                 forgotten_users=forgotten, crash_hook=self.hook, scopes=self.scopes,
-                record=bool(stats["rejects"]),  # rejected rows are always recorded, even if nothing else changed
+                # rejected rows are always recorded, even if nothing else changed (a file of rows that are all
+                # rejected is ingested: the watermark changes too); a file rejected whole alone is not news
+                record=any(a.rejects_key for a in self.applied.values()),
                 before_swap=lambda written: _refuse_if_deleted_beside(store, self.began, self.job_id, written),
             )
             published = self.previous is None or manifest.version != self.previous.version
@@ -817,6 +830,9 @@ class _Night:
             seconds=dict(self.timer.seconds),
             compile_worker_seconds=_worker_seconds(self.chunks),
             sample=[s for m in self.chunks for s in m.sample][:5],
+            rejected_files=[{"path": r.file.path, "reason": row["reason"], "detail": row["detail"]}
+                            for r in self.reads if r.reject is not None for row in r.reject.to_pylist()],
+            skipped_files=[{"path": r.file.path, "detail": r.skipped} for r in self.reads if r.skipped],
         )
 
 

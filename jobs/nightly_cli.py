@@ -241,11 +241,20 @@ def run_nightly_cmd(
         fail_json(as_json, f"{type(exc).__name__}: {exc}", code=exit_code(exc))  # 2: an unreachable ray_address
     text = (f"published v{report.version}" if report.published else f"nothing changed; v{report.version} stays current"
             if report.version is not None else "nothing to publish (the new log files hold no rows); no version yet")
+    if report.rejected_files and not report.published:
+        text = text.replace(" (the new log files hold no rows)", " (no rows read from the new log files)")
     text += (f": {report.users} users, {report.facts} facts; compiled {report.compiled_users} users "
              f"({report.facts_ok} facts ok, {report.facts_failed} failed), carried {report.carried_users}, "
              f"dropped {report.dropped_users}; {report.rejects} rejected rows")
     if report.scopes or report.compiled_scopes:
         text += f"; {report.scopes} shared scopes ({report.scope_members} members), {report.compiled_scopes} compiled"
+    if report.rejected_files:
+        text += (f"\n{len(report.rejected_files)} log file(s) rejected whole (not ingested; read again by the next night"
+                 + ("; in this version's rejects table" if report.published else "") + "):")
+        text += "".join(f"\n  {f['path']}: {f['reason']}: {f['detail']}" for f in report.rejected_files)
+    if report.skipped_files:
+        text += f"\n{len(report.skipped_files)} file(s) in the log are no data files, skipped:"
+        text += "".join(f"\n  {f['path']}: {f['detail']}" for f in report.skipped_files)
     _print(report.to_dict(), as_json, text)
 
 

@@ -54,6 +54,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import functools
 import inspect
@@ -110,7 +111,8 @@ def _file_reject(file: "FactFile", problem: tuple[str, str], on_bad_file: str) -
     reason, detail = problem
     if on_bad_file == "raise":
         raise FactLogError(_unreadable_file_message(file.path, detail, reason))
-    logger.warning("fact log %s: %s; recorded in rejects as %s", file.path, detail, reason)
+    logger.warning("fact log %s: %s; rejected as %s (not ingested: read again by the next night; recorded in the rejects "
+                   "of the version a night publishes)", file.path, detail, reason)
     return {"source": file.path, "row": None, "reason": reason, "detail": detail}
 
 
@@ -124,6 +126,28 @@ def _gone_message(path: str) -> str:
     return (f"fact log {path}: listed, but gone when read (moved, renamed or deleted since the listing: a "
             "writer's temporary file renamed into place, a quarantine, a retention rule); skipped, not recorded "
             "as ingested: a file listed again under that name is read by a later night")
+
+
+# ``_read_one``'s reason for a listed file that is no data file by its name and its bytes: a name
+# without a Parquet suffix (``.parquet``, ``.parq``, ``.pq``) and content that is no Parquet (empty,
+# or not beginning with ``PAR1``): a ``README.txt``, a ``manifest.json``, a checksum or marker another
+# tool left without the ``_`` / ``.`` prefix. Skipped like ``_SUCCESS`` (pyarrow.dataset's
+# ``exclude_invalid_files``), under either on_bad_file: not a reject. A file named as Parquet that is
+# none (a CSV export named ``.parquet``) is still a reject: its rows would be lost without a word.
+NOT_DATA = "NOT_DATA"
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+# Suffixes of row data in another format: such a file with bytes in it is an export in the wrong
+# format (its rows would go unread without a reject), not a stray file; it stays UNREADABLE_FILE.
+OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".avro", ".orc", ".feather", ".arrow", ".xlsx")
+
+
+def _named_as_parquet(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].lower().endswith(PARQUET_SUFFIXES)
+
+
+def _not_data_message(path: str, detail: str) -> str:
+    return (f"fact log {path}: not a data file ({detail}); skipped. Log files are Parquet: keep other files out of "
+            "the log, or name them with a leading '_' or '.'")
 
 
 def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
@@ -420,6 +444,7 @@ class FileRead:
     slices: dict[int, tuple[int, int]]  # shard -> (offset, length) of its rows in the keyed table
     reject: pa.Table | None = None  # one REJECTS_SCHEMA row when the whole file was rejected
     gone: bool = False  # listed, but no longer there when read: no rows, no reject, not ingested
+    skipped: str | None = None  # why the file is no data file (NOT_DATA): no rows, no reject
     warnings: tuple[str, ...] = ()  # what reading it warned of, for the driver to log (:func:`read_log_file`)
 
 
@@ -448,6 +473,10 @@ def read_log_file(
         if problem is not None and problem[0] == GONE:
             logger.warning("%s", _gone_message(file.path))
             read = FileRead(file, 0, {}, gone=True)
+            keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
+        elif problem is not None and problem[0] == NOT_DATA:  # read as a file of no rows (an empty export)
+            logger.warning("%s", _not_data_message(file.path, problem[1]))
+            read = FileRead(file, 0, {}, skipped=problem[1])
             keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
         elif problem is not None:
             reject = pa.Table.from_pylist([_file_reject(file, problem, on_bad_file)], schema=F.REJECTS_SCHEMA)
@@ -593,6 +622,9 @@ def read_fact_log(
         if problem is not None and problem[0] == GONE:
             logger.warning("%s", _gone_message(file.path))
             continue  # not read: not in ``files``, so not skipped next time
+        if problem is not None and problem[0] == NOT_DATA:
+            logger.warning("%s", _not_data_message(file.path, problem[1]))
+            continue
         if problem is not None:
             file_rejects.append(_file_reject(file, problem, on_bad_file))
         else:
@@ -818,6 +850,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             raise _store_failed(display, err) from None
         if _gone(fs, path):  # moved or deleted between the look above and the read
             return info, None, (GONE, "")
+        if (why := _not_data(fs, path, display, size or listed_size)) is not None:
+            return info, None, (NOT_DATA, why)
         if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
             return info, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
@@ -839,6 +873,28 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             logger.warning("fact log %s: no rows; its column types (%s) are not the fact log's, ignored", display, err)
             return info, normalise_fact_log(F.FACT_LOG_SCHEMA.empty_table(), source=display), None
         return info, None, (F.SCHEMA_MISMATCH, str(err))
+
+
+def _not_data(fs: pafs.FileSystem, path: str, display: str, size: int) -> str | None:
+    """Why a file that did not read as Parquet is no data file at all (NOT_DATA), or None: only a
+    name without a Parquet suffix qualifies (Hive's ``000000_0`` is Parquet without one), when the
+    file is empty or does not begin with Parquet's magic bytes."""
+    if _named_as_parquet(display):
+        return None
+    if size > 0 and display.rsplit("/", 1)[-1].lower().endswith(OTHER_DATA_SUFFIXES):
+        return None
+    if size == 0:
+        return "an empty file, and its name has no Parquet suffix"
+    try:
+        with fs.open_input_file(path) as handle:
+            head = handle.read(4)
+    except (pa.ArrowException, OSError):
+        return None
+    if not head:
+        return "an empty file, and its name has no Parquet suffix"
+    if head != b"PAR1":
+        return f"it does not begin as a Parquet file does (its first bytes: {head!r}), and its name has no Parquet suffix"
+    return None
 
 
 # pyarrow's words for a file without its footer: empty, shorter than a footer, or ending elsewhere
@@ -1693,7 +1749,7 @@ def _to_timestamp(column: pa.ChunkedArray, problems: list, source: str = TABLE_S
         ticks, unit = column.cast(pa.int64()), "ms"
     elif any(is_kind(kind) for is_kind in _BYTES_KINDS):
         texts = _to_text(column, "event_time", problems)
-        ticks, unit = pa.chunked_array([pa.array(_parse_times(texts, problems, source), pa.int64())]), "us"
+        ticks, unit = pa.chunked_array([_parse_times(texts, problems, source)]), "us"
         return _ticks_to_micros(ticks, unit, problems, texts).cast(F.TIMESTAMP)
     else:
         raise F.SchemaMismatch(_not_a_moment(kind))
@@ -1782,24 +1838,79 @@ _JAVA_DATE = re.compile(_DAY + " " + _MONTH + r" (\d\d) (\d\d:\d\d:\d\d) (UTC|GM
 # which side of a daylight-saving change the time is on.
 _ZONE_NAME_ONLY = re.compile(r"\d\d:\d\d(?::\d\d(?:\.\d+)?)? \(?(?!(?:AM|PM)\b)[A-Za-z]{2,5}\)?(?: \d{4})?$",
                              re.IGNORECASE)
+# The forms event_time text is read in, for the messages of the rows that are none of them.
+TIME_FORMS = ("ISO 8601 / RFC 3339 text such as 2026-11-20T08:00:00Z or 2026-11-20 09:00:00+01:00 (also week "
+              "dates 2026-W47-5, ordinal dates 2026-324, UTC+1 / GMT+01:00 offsets, a comma before the fraction), "
+              "RFC 2822 (Fri, 20 Nov 2026 08:00:00 GMT), or a timestamp column")
+# A date of day and month in either order (01/02/2026, 02.12.2026, 1-2-26): the order cannot be told.
+_DAY_MONTH = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}(?!\d)")
+# An offset after a zone's name (UTC+1, GMT+01:00, UTC -0500; Java's ZoneId, people): the offset is
+# the instant's in ISO's sense (east of UTC is +), never POSIX's inverted Etc/GMT+1.
+_NAMED_OFFSET = re.compile(r"(?<=\d)\s*(?:UTC|GMT)\s*([+-])(\d{1,2})(?::?(\d\d))?$", re.IGNORECASE)
+# ISO 8601's ordinal date (year and day of the year: 2026-336, 2026336T10:00:00Z), which Python's
+# fromisoformat does not read; a bare 7-digit number stays a number (refused: it may be one).
+_ORDINAL = re.compile(r"(\d{4})(?:-(\d{3})(?=$|[T ])|(\d{3})(?=T))")
 _DATE_ONLY = re.compile(r"\d{4}-?\d\d-?\d\d|\d{4}-?W\d\d(?:-?\d)?")  # a day, read as its midnight UTC
 _NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)?(?:[eE][+-]?\d+)?")
 
 
-def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOURCE) -> list[int | None]:
-    """Microseconds UTC per event_time text (None with a BAD_EVENT_TIME problem where it is not a
-    time); one warning per file when a time (not a bare date) has no zone and is read as UTC, as for
-    a timestamp column without one (Python's str(datetime.now()), Java's LocalDateTime: local time?)."""
+# RFC 3339 as most writers give it (a 'T' or a space, up to six digits of a second, Z or an offset;
+# or no zone, as Python's str(datetime) and pandas write a naive time: read as UTC, with the warning):
+# read by Arrow's parser for the whole column at once (~0.1 us a row; Python's, below, ~6 us). Anything
+# else (other ISO 8601 forms, RFC 2822, a BOM, an hour 24, a leap second) goes through
+# _parse_time_micros row by row; so do the rows of a form whose Arrow cast refuses one text (2026-02-30).
+_RFC_3339_TIME = r"^\d{4}-\d\d-\d\d[T ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
+_RFC_3339 = _RFC_3339_TIME + r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+_RFC_3339_NAIVE = _RFC_3339_TIME + "$"
+
+
+def _cast_matching(texts: pa.Array, pattern: str, kind: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
+    """(mask of the texts matching ``pattern``, their int64 ticks cast as ``kind``, null elsewhere;
+    None where no text matches or Arrow refuses one of them)."""
+    mask = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
+    if not pc.any(mask).as_py():
+        return mask, None
+    try:
+        return mask, pc.cast(pc.if_else(mask, texts, pa.scalar(None, texts.type)), kind).cast(pa.int64())
+    except pa.ArrowInvalid:  # a text of the form that is no date (2026-02-30): these rows by Python's parser
+        return mask, None
+
+
+def _parse_times(texts: pa.ChunkedArray, problems: list, source: str = TABLE_SOURCE) -> pa.Array:
+    """Microseconds UTC (int64) per event_time text (null with a BAD_EVENT_TIME problem where it is
+    not a time); one warning per file when a time (not a bare date) has no zone and is read as UTC,
+    as for a timestamp column without one (Python's str(datetime.now()), Java's LocalDateTime: local
+    time?). RFC 3339 text is read by Arrow for the whole column (:data:`_RFC_3339`), the rest row by
+    row (:func:`_parse_time_micros`): both give the same microseconds."""
+    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    zoned, zoned_ticks = _cast_matching(texts, _RFC_3339, pa.timestamp("us", tz="UTC"))
+    naive, naive_ticks = _cast_matching(texts, _RFC_3339_NAIVE, pa.timestamp("us"))
+    first_naive = None
+    if naive_ticks is not None:
+        first_naive = pc.index(naive, True).as_py()
+    quick = [t for t in (zoned_ticks, naive_ticks) if t is not None]
+    quick = pc.coalesce(*quick) if len(quick) > 1 else quick[0] if quick else None
     micros, zoneless = [], []
-    for row, text in enumerate(texts.to_pylist()):
-        micros.append(None if text is None else _parse_time_micros(text, zoneless))
-        if zoneless and zoneless[0] is True:
-            zoneless[0] = (row, text)
-        if text is not None and micros[-1] is None:
-            if missing := _time_missing_as_text(canonical_id(text)):
-                _note(problems, row, F.MISSING_EVENT_TIME, f"event_time {text[:64]!r} {missing}")
-            else:
-                _note(problems, row, F.BAD_EVENT_TIME, f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
+    if quick is not None and quick.null_count == texts.null_count:  # every text read (nulls: missing times)
+        micros = quick
+    else:
+        read = quick.to_pylist() if quick is not None else None
+        for row, text in enumerate(texts.to_pylist()):
+            if read is not None and read[row] is not None:
+                micros.append(read[row])
+                continue
+            micros.append(None if text is None else _parse_time_micros(text, zoneless))
+            if zoneless and zoneless[0] is True:
+                zoneless[0] = (row, text)
+            if text is not None and micros[-1] is None:
+                if missing := _time_missing_as_text(canonical_id(text)):
+                    _note(problems, row, F.MISSING_EVENT_TIME, f"event_time {text[:64]!r} {missing}")
+                else:
+                    _note(problems, row, F.BAD_EVENT_TIME,
+                          f"event_time {text[:64]!r} {_not_a_time(canonical_id(text))}")
+        micros = pa.array(micros, pa.int64())
+    if first_naive is not None and (not zoneless or first_naive < zoneless[0][0]):
+        zoneless = [(first_naive, texts[first_naive].as_py())]
     if zoneless:
         logger.warning("fact log %s: event_time %r (row %d) has no time zone; reading it as UTC (write the offset or "
                        "Z, e.g. 2026-11-20T08:00:00Z, to silence this)", source, zoneless[0][1][:64], zoneless[0][0])
@@ -1839,7 +1950,10 @@ def _not_a_time(text: str) -> str:
         return ("names its zone by an abbreviation without a UTC offset, which is ambiguous (CST and IST are three "
                 "zones each; an abbreviation does not tell a daylight-saving change's repeated hour): write the "
                 "offset (2026-11-20T09:00:00+01:00) or UTC (2026-11-20T08:00:00Z)")
-    return "is not an ISO-8601 timestamp (write e.g. 2026-11-20T08:00:00Z)"
+    if _DAY_MONTH.match(text):
+        return ("puts day and month in an order that cannot be told (01/02/2026: 1 February or January 2? "
+                f"02.12.2026?); write {TIME_FORMS}")
+    return f"is not an ISO-8601 timestamp; write {TIME_FORMS}"
 
 
 def _weekday(text: str) -> bool | None:
@@ -1907,6 +2021,16 @@ def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
         cleaned = cleaned[:annotated.start()]
         if not _OFFSET.search(cleaned):
             return None
+    cleaned = _NAMED_OFFSET.sub(lambda m: f"{m.group(1)}{int(m.group(2)):02d}:{m.group(3) or '00'}", cleaned)
+    if ordinal := _ORDINAL.match(cleaned):
+        day = int(ordinal.group(2) or ordinal.group(3))
+        try:
+            date = datetime(int(ordinal.group(1)), 1, 1) + timedelta(days=day - 1)
+        except (ValueError, OverflowError):
+            return None
+        if not 1 <= day <= 365 + calendar.isleap(int(ordinal.group(1))):
+            return None
+        cleaned = f"{date:%Y-%m-%d}" + cleaned[ordinal.end():]
     cleaned = _UTC_SUFFIX.sub("+00:00", cleaned)
     cleaned = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], cleaned, count=1)
     if cleaned.lstrip("+-").isdigit():

@@ -162,9 +162,10 @@ def query_stats(store, sql: str) -> pa.Table:
     the checked bytes from memory."""
     import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
 
-    if not sql.strip():  # DuckDB answers an empty query with no rows, which reads as an answer
-        raise StatsQueryError(f"stats query is empty; give an SQL query over the views {', '.join(STATS_SCHEMAS)}, "
-                              "e.g. \"select count(*) from facts\"")
+    # DuckDB answers an empty query with no rows, which reads as an answer; so is one of only ';' or comments
+    if not sql.strip() or _statements(duckdb, sql) == []:
+        raise StatsQueryError(f"stats query is empty{'' if not sql.strip() else ' (only ; or comments)'}; give an SQL "
+                              f"query over the views {', '.join(STATS_SCHEMAS)}, e.g. \"select count(*) from facts\"")
     # A damaged CURRENT or current manifest is refused (ManifestError, PublishError naming it), as
     # every reader but `versions` and rollback refuses it: answering from the other versions alone
     # would give a dashboard numbers without the current version, with nothing to say so.
@@ -200,6 +201,18 @@ def query_stats(store, sql: str) -> pa.Table:
             detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip().strip("^"))
             raise StatsQueryError(f"stats query failed on {store.uri}: {detail} (query: {' '.join(sql.split())}); "
                                   f"fix the query (views: {', '.join(STATS_SCHEMAS)})") from err
+    finally:
+        connection.close()
+
+
+def _statements(duckdb, sql: str) -> list | None:
+    """DuckDB's statements of ``sql`` ([] for only ';' or comments); None where it cannot parse them
+    (the query itself then fails, saying why)."""
+    connection = duckdb.connect(":memory:")
+    try:
+        return connection.extract_statements(sql)
+    except duckdb.Error:
+        return None
     finally:
         connection.close()
 

@@ -163,7 +163,8 @@ REASONS: dict[str, str] = {
                     "2^24, float64 2^53; below 1e21): the digits the writer meant are lost; write the column as int64 "
                     "or string",
     MISSING_EVENT_TIME: "event_time is null, or a text that is a missing value ('', NaT, None, null, nan, 0000-00-00)",
-    BAD_EVENT_TIME: "event_time text is not ISO-8601 (or not UTF-8); numbers are refused (seconds or ms?)",
+    BAD_EVENT_TIME: "event_time text is not ISO-8601 / RFC 3339 / RFC 2822 (or not UTF-8); numbers (seconds or ms?) "
+                    "and day/month dates (01/02/2026) are refused",
     EVENT_TIME_OUT_OF_RANGE: "event_time is before 1900-01-01 or after 9999-12-31: a wrapped, mis-scaled or placeholder time",
     FUTURE_EVENT_TIME: "event_time is more than a day after the run's clock",
     DUPLICATE: "exact copy of another event (same user, fact, time, content); one copy kept",

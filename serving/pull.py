@@ -71,7 +71,7 @@ from serving.last_good import (LastGood, fallback_candidates, iso, legacy_record
                                store_identity)
 from versions.catalog import read_current
 from versions.errors import IntegrityError, PublishError
-from versions.layout import CURRENT_KEY, forgotten_id, shard_of
+from versions.layout import CURRENT_KEY, check_shard_list, forgotten_id, shard_of
 from versions.models import FetchProgress, ModelError, fetch_model
 from versions.store import (ObjectNotFound, ObjectStore, StoreError, StoreUnreachable, remove_dead_temp_files,
                             write_file_atomic)
@@ -91,15 +91,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ENGRAM_CACHE_DIR") or Path.home() / ".cache" / "engram")  # "" is unset, not "."
 
 
-def parse_shards(spec: str | None, num_shards: int | None = None) -> list[int] | None:
-    """``"0-15"``, ``"3"``, ``"0-3,8,10-11"`` -> sorted shard list; ``None``/``"all"`` -> None (every shard)."""
-    if spec is None or spec.strip().lower() in ("", "all"):
+SHARDS_FORMS = "shard numbers or ranges, e.g. 0-15 or 0-3,8"
+
+
+def parse_shards(spec: str | None, num_shards: int | None = None, option: str = "--shards") -> list[int] | None:
+    """``"0-15"``, ``"3"``, ``"0-3,8,10-11"`` -> sorted shard list; ``None``/``"all"`` -> None (every shard).
+
+    ValueError naming ``option`` and the forms for anything else: an empty or blank value (``--shards
+    ''``, an unset variable in ``--shards "$SHARDS"``: it selected every shard, a node meant for a
+    few downloading and serving them all), an empty item (``0-3,``, ``,``), a reversed range, a
+    negative number, a shard the store does not have (``num_shards``)."""
+    if spec is None or spec.strip().lower() == "all":
         return None
+    if not spec.strip():
+        raise ValueError(f"{option} {spec!r} names no shard; give {SHARDS_FORMS}, or 'all' (the same as leaving "
+                         f"{option} out) for every shard")
     shards: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
+        if not part:
+            raise ValueError(f"{option} {spec!r}: an empty item (a doubled, leading or trailing comma); give "
+                             f"{SHARDS_FORMS}")
         try:
-            if "-" in part:
+            if "-" in part[1:]:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if lo > hi:
                     raise ValueError
@@ -107,11 +121,11 @@ def parse_shards(spec: str | None, num_shards: int | None = None) -> list[int] |
             else:
                 shards.add(int(part))
         except ValueError:
-            raise ValueError(f"shards {spec!r}: {part!r} is not a shard number or range like 0-15") from None
+            raise ValueError(f"{option} {spec!r}: {part!r} is not a shard number or range like 0-15") from None
     if any(s < 0 for s in shards):
-        raise ValueError(f"shards {spec!r}: shard numbers must be non-negative")
+        raise ValueError(f"{option} {spec!r}: shard numbers must be non-negative")
     if num_shards is not None and max(shards) >= num_shards:
-        raise ValueError(f"shards {spec!r}: the store has {num_shards} shards (0-{num_shards - 1})")
+        raise ValueError(f"{option} {spec!r}: the store has {num_shards} shards (0-{num_shards - 1})")
     return sorted(shards)
 
 
@@ -585,7 +599,7 @@ class PullClient:
         self.store = store
         self.max_stale = max_stale
         self.em = em
-        self.shards = None if shards is None else tuple(sorted(set(shards)))
+        self.shards = check_shard_list(shards, "PullClient shards")
         self.cache = BundleCache(cache_dir) if cache_dir is not None else None
         self.interval = interval
         self.jitter = jitter

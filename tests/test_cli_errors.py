@@ -918,6 +918,8 @@ def test_library_messages_of_several_lines_are_printed_as_one_line(tmp_path):
             (["stats", "--store", str(tmp_path / "store"), "selec 1"],
              'Parser Error: syntax error at or near "selec" LINE 1: selec 1 (query: selec 1); fix the query', "queried"),
             (["stats", "--store", str(tmp_path / "store"), "  "], "stats query is empty; give an SQL query", "queried"),
+            (["stats", "--store", str(tmp_path / "store"), " ; -- nothing\n;"],
+             "stats query is empty (only ; or comments); give an SQL query", "queried"),
             (["run", "nightly", "--spec", str(spec)],
              f"job spec {spec}: not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>'",
              "published")):
@@ -1046,3 +1048,36 @@ def test_an_s3_store_uri_that_names_an_object_is_a_bad_argument_for_every_comman
     # an empty object named as the prefix, without its slash (some tools' folder marker): a store, empty
     client.put_object(Bucket=s3_bucket, Key="marker", Body=b"")
     open_store(f"s3://{s3_bucket}/marker").check_not_an_object()
+
+
+def test_an_empty_shard_selection_is_refused_naming_the_option_never_taken_for_every_shard(local_store, tiny,
+                                                                                          tiny_dir, tmp_path):
+    """`--shards ''` (an unset variable in `--shards "$SHARDS"`) and blank values selected every
+    shard: a node meant for a few downloaded and served them all, and `compact` compacted all. Each
+    empty selection (blank, a lone or trailing comma, an empty list from code) is refused naming
+    the option and the forms; `all` still means every shard."""
+    import numpy as np
+    import pytest
+
+    from jobs.compact import compact
+    from serving.pull import PullClient, parse_shards
+    from tests.harness import publish_deltas, random_delta
+
+    publish_deltas(local_store, tiny, {"alice": random_delta(tiny, np.random.default_rng(5))})
+    for value, words in (("", "names no shard"), ("  ", "names no shard"), (",", "an empty item"),
+                         ("0-1,", "an empty item"), ("0,,1", "an empty item")):
+        for command in (["pull", "--store", local_store.uri, "--model", str(tiny_dir), "--cache-dir",
+                         str(tmp_path / "cache")], ["compact", "--store", local_store.uri]):
+            result = engram(*command, "--shards", value, "--json")
+            assert result.exit_code == 2, (command, value, result.output)
+            error = json.loads(result.stdout)["error"]
+            assert error.startswith(f"--shards {value!r}") and words in error and "0-3,8" in error, error
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.parquet"))
+    assert parse_shards("all") is None and parse_shards(" ALL ") is None and parse_shards("1") == [1]
+    with pytest.raises(ValueError, match="an empty list names no shard"):
+        PullClient(local_store, tiny, shards=[])
+    with pytest.raises(ValueError, match="an empty list names no shard"):
+        compact(local_store, [])
+    result = engram("pull", "--store", local_store.uri, "--model", str(tiny_dir), "--cache-dir",
+                    str(tmp_path / "cache"), "--shards", "all", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["shards"] == [0, 1], result.output

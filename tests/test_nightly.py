@@ -561,11 +561,12 @@ def test_a_file_rejected_as_unreadable_is_read_again_the_next_night(tmp_path, ti
     (log / "part-0.parquet").write_bytes(b"not parquet at all")
     spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
                        workers=0, on_bad_file="reject")
-    first = run_nightly(spec)
-    assert first.published and first.rejects == 1 and first.users == 0
+    first = run_nightly(spec)  # no row read: nothing to publish, the file named in the report
+    assert not first.published and first.version is None and first.rejects == 1 and read_current(local_store) is None
+    assert [(f["path"], f["reason"]) for f in first.rejected_files] == [(str(log / "part-0.parquet"), "UNREADABLE_FILE")]
     write_fact_log(fact_log_rows(2, 1), log / "part-0.parquet")  # fixed upstream, same name
     second = run_nightly(spec)
-    assert second.published and second.accepted == 2 and second.users == 2
+    assert second.published and second.accepted == 2 and second.users == 2 and second.rejected_files == []
 
 
 def test_a_night_of_only_deletes_or_only_a_forget_publishes_with_its_stats(tmp_path, tiny_dir, local_store):
@@ -1179,12 +1180,14 @@ def test_a_night_whose_new_objects_a_gc_deletes_after_its_last_check_publishes_n
     assert again.published and all(local_store.head(k) is not None for k in read_current(local_store)[0].object_keys())
 
 
-def test_a_night_whose_only_new_file_is_unreadable_records_its_reject_each_night_until_fixed(tmp_path, tiny_dir,
-                                                                                               local_store):
-    """With ``on_bad_file: reject`` a night whose only new file is unreadable changes no shard and no
-    watermark: it used to say "nothing changed" and drop the reject it counted. It publishes a version
-    (every shard carried) whose rejects table holds the file's UNREADABLE_FILE row; the file stays out
-    of the watermark, so each later night reads it again and records it again, until it is fixed."""
+def test_a_night_whose_only_new_file_is_unreadable_changes_nothing_and_names_the_file_until_fixed(tmp_path, tiny_dir,
+                                                                                                  local_store):
+    """With ``on_bad_file: reject`` a night whose only new file is unreadable accepts no fact: it
+    used to publish a version of the previous one's content (every shard carried, the watermark
+    unchanged) to hold the file's reject, and as the file stays out of the watermark, every later
+    night read it again and published one more such version (every node polled and swapped for
+    nothing). Now such a night is a "nothing changed" night: CURRENT untouched, the report names
+    the file, its reason and why; a night that publishes records the reject in its rejects table."""
     write_fact_log(fact_log_rows(2, 1), tmp_path / "log" / "day=1" / "part-0.parquet")
     spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
                        workers=0, on_bad_file="reject")
@@ -1192,20 +1195,57 @@ def test_a_night_whose_only_new_file_is_unreadable_records_its_reject_each_night
     bad = tmp_path / "log" / "day=2" / "bad.parquet"
     bad.parent.mkdir()
     bad.write_bytes(b"not parquet")
-    for night in (1, 2):
-        before, _ = read_current(local_store)
+    for _ in (1, 2):
         report = run_nightly(spec)
-        assert report.published and report.version == first.version + night and report.rejects == 1, report
-        manifest, _ = read_current(local_store)
-        assert manifest.shards == before.shards  # every shard carried
-        assert str(bad) not in json.loads(manifest.watermark)["files"]
-        rows = query_stats(local_store, "select version, reason, source from rejects order by version").to_pylist()
-        assert [(r["version"], r["reason"]) for r in rows] == [(first.version + n, "UNREADABLE_FILE")
-                                                                for n in range(1, night + 1)], rows
-        assert all(r["source"].endswith("bad.parquet") for r in rows)
-    write_fact_log(fact_log_rows(1, 1, prefix="late"), bad)  # fixed upstream
+        assert not report.published and report.version == first.version and report.rejects == 1, report
+        assert [(f["path"], f["reason"]) for f in report.rejected_files] == [(str(bad), "UNREADABLE_FILE")]
+        assert "does not begin as a Parquet file does" in report.rejected_files[0]["detail"]
+        assert [v.version for v in list_versions(local_store)] == [first.version]
+    write_fact_log(fact_log_rows(1, 1, prefix="late"), tmp_path / "log" / "day=3" / "part-0.parquet")
+    both = run_nightly(spec)  # a night with rows publishes, and records the file's reject with them
+    assert both.published and both.version == first.version + 1 and both.accepted == 1 and both.rejects == 1
+    rows = query_stats(local_store, "select version, reason, source from rejects order by version").to_pylist()
+    assert [(r["version"], r["reason"], r["source"]) for r in rows] == [(both.version, "UNREADABLE_FILE", str(bad))]
+    assert str(bad) not in json.loads(read_current(local_store)[0].watermark)["files"]
+    write_fact_log(fact_log_rows(1, 1, prefix="fixed"), bad)  # fixed upstream
     fixed = run_nightly(spec)
     assert fixed.published and fixed.rejects == 0 and fixed.accepted == 1
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_files_that_are_no_data_beside_the_log_are_skipped_and_change_nothing(tmp_path, tiny_dir, local_store,
+                                                                              on_bad_file):
+    """What other tools leave beside Parquet files: markers and checksums under a '_' or '.' name
+    (Spark's _SUCCESS, _committed_*, _started_*, Hive's .hive-staging*, Hadoop's .crc) and files of
+    another kind without a Parquet suffix (a README.txt, a zero-byte marker, a JSON manifest). The
+    latter were read as Parquet: a night failed on them, or with on_bad_file: reject published a
+    new version of the same content every night. Now they are skipped like _SUCCESS, named in the
+    report; a file named as Parquet that is none is still a reject (its rows would go unseen)."""
+    day = tmp_path / "log" / "day=1"
+    write_fact_log(fact_log_rows(2, 1), day / "part-00000-1a2b.c000.snappy.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0, on_bad_file=on_bad_file)
+    first = run_nightly(spec)
+    assert first.published and first.skipped_files == []
+    strays = {"_SUCCESS": b"", "_committed_123": b'{"added":[]}', "_started_123": b"", ".part-0.parquet.crc": b"crc\0",
+              ".hive-staging_hive_2026/-ext-10000/x": b"x", "README.txt": b"exported by job 7\n", "SUCCESS": b"",
+              "manifest.json": b'{"files": 1}', "part-0.crc": b"\x00\x01"}
+    for name, content in strays.items():
+        (day / name).parent.mkdir(parents=True, exist_ok=True)
+        (day / name).write_bytes(content)
+    for _ in (1, 2):
+        report = run_nightly(spec)
+        assert not report.published and report.version == first.version and report.rejects == 0, report
+        assert sorted(f["path"].rsplit("/", 1)[1] for f in report.skipped_files) == [
+            "README.txt", "SUCCESS", "manifest.json", "part-0.crc"]
+    assert [v.version for v in list_versions(local_store)] == [first.version]
+    write_fact_log(fact_log_rows(1, 1, prefix="hive"), tmp_path / "hive.parquet")
+    (day / "000000_0").write_bytes((tmp_path / "hive.parquet").read_bytes())  # Hive's name: Parquet without a suffix
+    hive = run_nightly(spec)
+    assert hive.published and hive.accepted == 1 and hive.rejects == 0 and len(hive.skipped_files) == 4
+    ledger = json.loads(read_current(local_store)[0].watermark)["files"]
+    assert str(day / "000000_0") in ledger and str(day / "README.txt") in ledger  # recorded as an empty file is
+    assert run_nightly(spec).published is False
 
 
 def test_new_log_files_with_no_rows_publish_nothing_first_night_or_later(tmp_path, tiny_dir, local_store):

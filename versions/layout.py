@@ -69,3 +69,18 @@ def shard_of(user_id: str, num_shards: int) -> int:
 def forgotten_id(user_id: str) -> str:
     """How a forgotten user is recorded in manifests and audit records (never the raw id)."""
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+
+
+def check_shard_list(shards, what: str = "shards") -> tuple[int, ...] | None:
+    """``shards`` as a sorted tuple of shard numbers, None for every shard; ValueError for an empty
+    list (a caller's list filtered down to nothing selected no shard: it is not 'all', and not a
+    node serving nothing) or an item that is not a non-negative int."""
+    if shards is None:
+        return None
+    picked = tuple(shards)
+    if not picked:
+        raise ValueError(f"{what}: an empty list names no shard; give the shards, or None for every shard")
+    bad = [s for s in picked if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise ValueError(f"{what}: {bad[0]!r} is not a shard number (an int >= 0)")
+    return tuple(sorted(set(picked)))

@@ -170,8 +170,8 @@ def publish_entries(
     of ``PUBLISH_STEPS``. Raises PublishConflict if CURRENT is not (or no longer) ``previous``,
     IntegrityError if an object is missing or of the wrong size. ``scopes``: the version's shared
     scopes (schemas.manifest.ScopesEntry, None for none), by default the previous version's.
-    ``record``: publish even if nothing else changed (a night whose only news is rejected rows, e.g.
-    an unreadable file left out of the watermark: its rejects are recorded in the new version).
+    ``record``: publish even if nothing else changed (a night whose only news is rejected rows: they
+    are recorded in the new version; a night's files rejected whole alone are not, see jobs.nightly).
     ``before_swap(manifest)`` runs once the manifest is written, before CURRENT moves to it: an
     exception it raises leaves the version unpublished (the night's check that no forget beside it
     deleted an object the version names).
