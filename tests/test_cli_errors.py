@@ -164,9 +164,6 @@ def test_a_spec_with_a_key_given_twice_is_refused_naming_it(tmp_path):
 def test_a_damaged_store_gets_one_line_from_every_command_never_a_traceback(local_store, tiny):
     """CURRENT garbage, then a truncated audit record: each operator command says what is wrong in
     one line (exit 1), and `versions` still lists the intact versions a rollback can go to."""
-    import subprocess
-    import sys
-
     import numpy as np
 
     from tests.harness import publish_deltas, random_delta
@@ -174,9 +171,7 @@ def test_a_damaged_store_gets_one_line_from_every_command_never_a_traceback(loca
     rng = np.random.default_rng(8)
     for _ in range(2):
         publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300)
+    cli = _cli_here
 
     local_store.put("CURRENT", b"garbage")
     listed = cli("versions", "--store", local_store.uri, "--json")
@@ -260,17 +255,12 @@ def test_every_json_command_prints_one_failure_object_with_its_exit_code(tmp_pat
 def test_an_error_that_escapes_a_json_command_still_prints_its_failure_object(local_store, tiny):
     """The console script's last resort (a damaged store: one line, exit 1) prints the command's
     failure object too; a damaged manifest is exit 1 (a damaged store) for gc and compact, not 2."""
-    import subprocess
-    import sys
-
     import numpy as np
 
     from tests.harness import publish_deltas, random_delta
 
     publish_deltas(local_store, tiny, {"alice": random_delta(tiny, np.random.default_rng(3))})
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300)
+    cli = _cli_here
 
     local_store.put("CURRENT", b"garbage")
     for args, key in ((["stats", "--store", local_store.uri, "select 1"], "queried"),
@@ -445,7 +435,7 @@ def test_a_command_line_that_cannot_be_parsed_with_json_still_prints_one_json_ob
     import subprocess
     import sys
 
-    def cli(*args):
+    def process(*args):
         return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300,
                               cwd=tmp_path)
 
@@ -454,6 +444,7 @@ def test_a_command_line_that_cannot_be_parsed_with_json_still_prints_one_json_ob
              (["gc", "--json", "--store", str(tmp_path), "--keep", "abc"], "collected", "'--keep'"),
              (["versions", "--json"], "listed", "Missing option '--store'")]
     for args, key, message in cases:
+        cli = process if key == "published" else _cli_here  # the real process once; the function for the rest
         result = cli(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         out = json.loads(result.stdout)
@@ -461,7 +452,7 @@ def test_a_command_line_that_cannot_be_parsed_with_json_still_prints_one_json_ob
         assert "Usage: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
         plain = cli(*[a for a in args if a != "--json"])
         assert plain.returncode == 2 and plain.stdout == "" and "Usage: " in plain.stderr
-    helped = cli("versions", "--json", "--help")  # --help is not a failure
+    helped = _cli_here("versions", "--json", "--help")  # --help is not a failure
     assert helped.returncode == 0 and "Usage: " in helped.stdout and "exit_code" not in helped.stdout
 
 
@@ -796,6 +787,64 @@ def _cli(*args, cwd=None, prefix=()):
                           timeout=300, cwd=cwd)
 
 
+def _cli_here(*args):
+    """The console script's function (jobs.cli.run: ``sys.argv``, its one-line errors and exit codes,
+    ``--json``'s stdout) run in this process as in a fresh one: file descriptors 1 and 2 go to files
+    of its own, logging, warnings, signal handlers and the environment start as a new interpreter's
+    and are put back after. A new interpreter pays ~1-5 s of imports a command; :func:`_cli` runs
+    the real process, for what only a process shows (library output at import, signals, users)."""
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import warnings
+
+    from jobs import cli
+
+    root = logging.getLogger()
+    saved = {"fds": (os.dup(1), os.dup(2)), "streams": (sys.stdout, sys.stderr, sys.argv),
+             "signals": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+             "logging": (root.handlers[:], root.level), "environ": dict(os.environ)}
+    code = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, warnings.catch_warnings():
+        warnings.resetwarnings()  # a fresh interpreter's filters, shown on its stderr
+        for action, category, module in (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                                         ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                                         ("ignore", ResourceWarning, None)):
+            warnings.filterwarnings(action, category=category, module=module or "")
+        warnings.showwarning = warnings._showwarning_orig
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
+        sys.argv = ["engram", *args]
+        root.handlers = []  # the CLI's logging.basicConfig writes to this stderr, as in its own process
+        root.setLevel(logging.WARNING)
+        try:
+            cli.run()
+        except SystemExit as exc:
+            code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            if isinstance(sys.stdout, cli._MainThreadStdout):  # --json: its own copy of descriptor 1
+                sys.stdout._stdout.close()
+            os.dup2(saved["fds"][0], 1), os.dup2(saved["fds"][1], 2)
+            os.close(saved["fds"][0]), os.close(saved["fds"][1])
+            sys.stdout, sys.stderr, sys.argv = saved["streams"]
+            for number, handler in saved["signals"].items():
+                signal.signal(number, handler)
+            root.handlers = saved["logging"][0]
+            root.setLevel(saved["logging"][1])
+            os.environ.clear()
+            os.environ.update(saved["environ"])
+            cli._SIGNALLED.clear()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    return subprocess.CompletedProcess(["engram", *args], code, stdout, stderr)
+
+
 def _assert_one_line_exit_2(result, message: str, key: str | None = None):
     """Exit 2, one `error:` line holding ``message``, no traceback; with ``key`` (a --json run) one
     failure object on stdout holding that line."""
@@ -819,7 +868,7 @@ def test_a_chat_template_that_is_not_valid_jinja_or_utf8_exits_2_before_the_mode
     latin.write_bytes("{{ messages[0]['content'] }} \u00e9".encode("latin-1"))
     for template, message in ((broken, f"chat template {broken}: Jinja syntax error on line 1: "),
                               (latin, f"chat template {latin}: not UTF-8 text (byte 0xe9")):
-        result = _cli("serve", "--store", str(tmp_path / "store"), "--port", "0", "--chat-template", str(template))
+        result = _cli_here("serve", "--store", str(tmp_path / "store"), "--port", "0", "--chat-template", str(template))
         _assert_one_line_exit_2(result, message)
         assert "--chat-template" in result.stderr or "UTF-8" in result.stderr
 
@@ -848,7 +897,7 @@ def test_a_model_that_is_not_the_stores_exits_2_naming_the_fingerprint_expected_
              ["point --model at the checkpoint with that fingerprint", "leave --model out"]),
             (["run", "nightly", "--store", store, "--fact-log", str(tmp_path / "log"), "--model", other,
               "--workers", "0"], "published", ["--model", "a new store", "--recompile-all"])):
-        result = _cli(*args, "--json")
+        result = _cli_here(*args, "--json")
         _assert_one_line_exit_2(result, f"compiled for {expected}..", key)
         assert all(fix in result.stderr for fix in fixes), result.stderr
         assert other in result.stderr, result.stderr
@@ -869,15 +918,15 @@ def test_rollback_to_a_version_that_does_not_exist_or_was_collected_exits_2_nami
         publish_deltas(local_store, tiny, {"alice": random_delta(tiny, rng)})
     collect(local_store, 1, actor="test")  # v1 and v2 are collected
     for version in ("999", "1", "0", "v999"):  # v999: as `engram versions` prints a version
-        result = _cli("rollback", "--store", local_store.uri, "--to", version, "--json")
+        result = _cli_here("rollback", "--store", local_store.uri, "--to", version, "--json")
         _assert_one_line_exit_2(result, f"version {version.lstrip('v')} does not exist, was never published or was "
                                         "collected (available: [3]); roll back to one of those", "rolled_back")
-    result = _cli("rollback", "--store", local_store.uri, "--to", "seven")
+    result = _cli_here("rollback", "--store", local_store.uri, "--to", "seven")
     assert result.returncode == 2 and "give a version number, e.g. 3 or v3" in result.stderr, result.stderr
     assert read_current(local_store)[0].version == 3
     empty = local_store.root.parent / "empty"
     empty.mkdir()
-    result = _cli("rollback", "--store", str(empty), "--to", "1")
+    result = _cli_here("rollback", "--store", str(empty), "--to", "1")
     _assert_one_line_exit_2(result, "nothing is published yet; cannot roll back to version 1")
 
 
@@ -897,13 +946,13 @@ def test_a_bucket_that_does_not_exist_is_a_bad_argument_for_every_command_and_is
                       (["gc", "--store", uri, "--keep", "1"], "collected"), (["compact", "--store", uri], "published"),
                       (["pull", "--store", uri, "--cache-dir", str(tmp_path / "cache")], "pulled"),
                       ([*night, "--store", uri], "published")):
-        result = _cli(*args, "--json")
+        result = _cli_here(*args, "--json")
         _assert_one_line_exit_2(result, f"bucket {missing!r} does not exist; check the bucket name in the store URI",
                                 key)
     assert missing not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
     for fact_log, message in ((f"s3://{missing}/log", f"fact log s3://{missing}/log: no such file or folder"),
                               ("s4://bucket/log", "fact log s4://bucket/log: cannot open (")):
-        result = _cli("run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", fact_log, "--model",
+        result = _cli_here("run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", fact_log, "--model",
                       str(tiny_dir), "--workers", "0", "--json")
         _assert_one_line_exit_2(result, message, "published")
 
@@ -924,7 +973,7 @@ def test_library_messages_of_several_lines_are_printed_as_one_line(tmp_path):
              f"job spec {spec}: not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>'",
              "published")):
         for flags in ([], ["--json"]):
-            _assert_one_line_exit_2(_cli(*args, *flags), message, key if flags else None)
+            _assert_one_line_exit_2(_cli_here(*args, *flags), message, key if flags else None)
 
 
 def test_an_empty_reason_or_a_negative_count_is_refused_as_a_usage_error(tmp_path):
@@ -1005,12 +1054,12 @@ def test_a_night_that_fails_says_so_in_one_line_not_twice(tmp_path, tiny_dir):
     args = ["run", "nightly", "--store", str(tmp_path / "store"), "--fact-log", str(tmp_path / "log"), "--model",
             str(tiny_dir), "--workers", "0"]
     for flags in ([], ["--json"]):
-        result = _cli(*args, *flags)
+        result = _cli_here(*args, *flags)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith("error: FactLogError: fact log ") and "part-0.parquet" in result.stderr
         if flags:
             assert json.loads(result.stdout)["error"] == result.stderr[len("error: "):].rstrip("\n")
-    verbose = _cli(*args, "-v")
+    verbose = _cli_here(*args, "-v")
     assert verbose.returncode == 1 and "night failed in read" in verbose.stderr
 
 
@@ -1032,13 +1081,13 @@ def test_an_s3_store_uri_that_names_an_object_is_a_bad_argument_for_every_comman
                       (["gc", "--store", uri, "--keep", "1"], "collected"),
                       (["pull", "--store", uri, "--cache-dir", str(tmp_path / "cache")], "pulled"),
                       ([*night, "--store", uri], "published")):
-        result = _cli(*args, "--json")
+        result = _cli_here(*args, "--json")
         _assert_one_line_exit_2(result, f"store {uri} (endpoint {s3_server.endpoint_url}): names an object (14 bytes), "
                                         f"not a store; give the prefix the store's CURRENT lies under (e.g. "
                                         f"s3://{s3_bucket}/engram)", key)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
     assert keys == ["empty/", "engram/CURRENT"]
-    result = _cli("versions", "--store", f"s3://{s3_bucket}/empty")
+    result = _cli_here("versions", "--store", f"s3://{s3_bucket}/empty")
     assert result.returncode == 0 and "no versions" in result.stdout, result.stderr
     # an object beside a store of the same name (``engram`` and ``engram/CURRENT``): the store is there
     from versions.store import open_store

@@ -695,6 +695,7 @@ def test_max_stale_on_the_commands(s3_store, flaky, tiny, tiny_dir, compiled, tm
     publish(s3_store, tiny, v1(compiled))
     cache = tmp_path / "cache"
     monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the store that is down fails each request at once
     args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
     assert CliRunner().invoke(cli_app(), ["pull", "--max-stale", "2d", *args]).exit_code == 0
     flaky.down()
@@ -791,6 +792,7 @@ def test_a_cold_node_in_an_outage_fails_in_one_line_naming_the_store(flaky, tmp_
 
     flaky.down()
     monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the store that is down fails each request at once
     for command in (["pull"], ["ask", "--user", "alice", "My dentist is called"]):
         out = CliRunner().invoke(cli_app(), [*command, "--store", flaky.uri, "--cache-dir", str(tmp_path / "cold"),
                                              "--json"])
@@ -881,6 +883,7 @@ def test_engram_serve_restarted_in_an_outage_serves_the_last_good_and_follows_th
     publish(s3_store, tiny, v1(compiled))
     cache = tmp_path / "cache"
     monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint_url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the store that is down fails each request at once (the node's too)
     args = ["--store", flaky.uri, "--cache-dir", str(cache), "--json"]
     pulled = CliRunner().invoke(cli_app(), ["pull", *args])
     assert pulled.exit_code == 0, pulled.output

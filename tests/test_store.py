@@ -178,6 +178,21 @@ def test_s3_unreachable_endpoint_gives_an_actionable_error(s3_bucket):
         store.get("k")
 
 
+def test_s3_stores_share_botocore_s_parsed_service_data(s3_bucket, s3_store, tmp_path, monkeypatch):
+    """Each store has a botocore session of its own; their data loader is one per process (per
+    AWS_DATA_PATH), so a store opened later does not parse S3's service model and endpoint rules
+    again (~0.2 s a store, paid by every store a command, a node or a test opens)."""
+    loader = s3_store._session._session.get_component("data_loader")
+    other = S3Store(s3_bucket, "other", endpoint_url=s3_store.endpoint_url)
+    assert other._session._session.get_component("data_loader") is loader
+    assert other._session is not s3_store._session  # (its own credentials and settings)
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))  # models of the operator's own: another loader
+    elsewhere = S3Store(s3_bucket, endpoint_url=s3_store.endpoint_url)._session._session.get_component("data_loader")
+    assert elsewhere is not loader and str(tmp_path) in elsewhere.search_paths
+    other.put("k", b"v")
+    assert other.get("k") == b"v"
+
+
 def _sends(store: S3Store, key: str) -> int:
     """How many requests botocore sent for one read of ``key`` (the first and its retries)."""
     sent = []
