@@ -1147,11 +1147,11 @@ def _plain_step(em: EngramModel, options: CompileOptions) -> "fast_step.UpperSte
         log.debug("compiler: no plain step for %s: %s", type(em.model).__name__, why_not)
         return None
     margins = options.stop_margin is not None
-    key = options.compiled_step, options.prefix_kernel, margins
+    key = options.compiled_step, options.prefix_kernel, margins, options.deterministic
     steps = _STEPS.setdefault(em.model, {})
     if key not in steps:
         steps[key] = fast_step.UpperStep(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel,
-                                         margins=margins)
+                                         margins=margins, deterministic=options.deterministic)
     return steps[key]
 
 
@@ -1164,10 +1164,11 @@ def _lower_forward(em: EngramModel, options: CompileOptions) -> "fast_step.Lower
     if why_not is not None:
         log.debug("compiler: no plain prefix forward for %s: %s", type(em.model).__name__, why_not)
         return None
-    key = "lower", options.compiled_step, options.prefix_kernel
+    key = "lower", options.compiled_step, options.prefix_kernel, options.deterministic
     steps = _STEPS.setdefault(em.model, {})
     if key not in steps:
-        steps[key] = fast_step.LowerForward(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel)
+        steps[key] = fast_step.LowerForward(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel,
+                                            deterministic=options.deterministic)
     return steps[key]
 
 

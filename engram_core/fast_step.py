@@ -194,10 +194,31 @@ def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.matmul(w, v)
 
 
+def inductor_options(deterministic: bool = False, emulate_precision_casts: bool = False) -> dict | None:
+    """``torch.compile(options=...)`` for this module's compiled functions (Inductor config keys
+    this torch has; None when there are none).
+
+    ``deterministic``: ``torch._inductor.config.deterministic``, which skips the on-device timing
+    Inductor otherwise uses to pick a reduction kernel's block sizes and warps. Those choices
+    change the order of a sum, so without it two cold compiles of one step (empty caches, another
+    machine) could give different bits: on an H200 (d768) two cold compiles of the step with
+    ``stop_margin`` gave different deltas (bench/RESULTS.md, 2026-12-02). Set where
+    ``CompileOptions.deterministic`` is (invariant 6: a re-run publishes the same bytes).
+    ``emulate_precision_casts``: round to the model's dtype after every op, as eager does."""
+    config = torch._inductor.config
+    options = {}
+    if deterministic and hasattr(config, "deterministic"):
+        options["deterministic"] = True
+    if emulate_precision_casts and hasattr(config, "emulate_precision_casts"):
+        options["emulate_precision_casts"] = True
+    return options or None
+
+
 class UpperStep:
     """The step function of a model from its write layer up (shared by all groups and batches)."""
 
-    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True, margins: bool = False):
+    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True, margins: bool = False,
+                 deterministic: bool = False):
         self.em = em
         self.margins = margins  # the step also gives its least answer margin (CompileOptions.stop_margin)
         self.write_layer = em.config.target_layer
@@ -208,7 +229,8 @@ class UpperStep:
         self.engram = {i: em.memory.layer(i) for i in em.config.layers if i >= self.write_layer}
         self.prefix_kernel = prefix_kernel  # compiled, on CUDA: attention by prefix_kernels (Triton)
         self._eager = self._loss_margin_eager if margins else self._loss_eager
-        self._compiled = torch.compile(self._eager, dynamic=True) if compiled else None
+        self.compile_options = inductor_options(deterministic=deterministic)
+        self._compiled = torch.compile(self._eager, dynamic=True, options=self.compile_options) if compiled else None
         self._compiled_checked = False
 
     @property
@@ -440,7 +462,7 @@ class LowerForward:
     the elementwise work fuses. The compiler checks both forwards against transformers' once per
     model and dtype before using them (``_Batch``'s ``"lower"`` form)."""
 
-    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True):
+    def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True, deterministic: bool = False):
         self.em = em
         self.write_layer = em.config.target_layer
         backbone, layers = backbone_and_layers(em.model)
@@ -452,7 +474,8 @@ class LowerForward:
         # Rounded to the model's dtype after every op, as eager runs them (inductor keeps float32
         # between fused ops otherwise). On an H200 (d768) the states were 1.4-1.6e-2 (relative) from
         # transformers' with it, as without: most of that is the attention kernel's float32 scores.
-        options = {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else None
+        options = inductor_options(deterministic=deterministic, emulate_precision_casts=True)
+        self.compile_options = options
         self._prefix = torch.compile(self._prefix_eager, dynamic=True, options=options) if compiled else self._prefix_eager
         self._lower = torch.compile(self._lower_eager, dynamic=True, options=options) if compiled else self._lower_eager
 
