@@ -1842,7 +1842,8 @@ _ZONE_NAME_ONLY = re.compile(r"\d\d:\d\d(?::\d\d(?:\.\d+)?)? \(?(?!(?:AM|PM)\b)[
 TIME_FORMS = ("ISO 8601 / RFC 3339 text such as 2026-11-20T08:00:00Z or 2026-11-20 09:00:00+01:00 (also week "
               "dates 2026-W47-5, ordinal dates 2026-324, UTC+1 / GMT+01:00 offsets, a comma before the fraction), "
               "RFC 2822 (Fri, 20 Nov 2026 08:00:00 GMT), or a timestamp column")
-# A date of day and month in either order (01/02/2026, 02.12.2026, 1-2-26): the order cannot be told.
+# A date of day and month as numbers (01/02/2026, 11/20/2026, 02.12.2026, 1-2-26): refused, as the order of
+# the two cannot be told in general (_day_month_problem says what each such date is).
 _DAY_MONTH = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}(?!\d)")
 # An offset after a zone's name (UTC+1, GMT+01:00, UTC -0500; Java's ZoneId, people): the offset is
 # the instant's in ISO's sense (east of UTC is +), never POSIX's inverted Etc/GMT+1.
@@ -1950,10 +1951,37 @@ def _not_a_time(text: str) -> str:
         return ("names its zone by an abbreviation without a UTC offset, which is ambiguous (CST and IST are three "
                 "zones each; an abbreviation does not tell a daylight-saving change's repeated hour): write the "
                 "offset (2026-11-20T09:00:00+01:00) or UTC (2026-11-20T08:00:00Z)")
-    if _DAY_MONTH.match(text):
-        return ("puts day and month in an order that cannot be told (01/02/2026: 1 February or January 2? "
-                f"02.12.2026?); write {TIME_FORMS}")
+    if match := _DAY_MONTH.match(text):
+        return _day_month_problem(match.group(0))
     return f"is not an ISO-8601 timestamp; write {TIME_FORMS}"
+
+
+def _day_month_problem(date: str) -> str:
+    """Why a date written as two numbers of day and month and a year (``11/20/2026``, ``20.11.2026``,
+    ``1-2-26``) is refused, true of this date: such dates are refused whatever their numbers, because
+    the order of day and month cannot be told in general (``01/02/2026``) and the log's other rows
+    may be read the wrong way; the message says what this one is, in ISO 8601 where it is one date."""
+    first, second, year = re.split(r"[/.-]", date)
+    why = ("dates written with day and month as numbers are refused, because their order cannot be told in general "
+           "(01/02/2026: 1 February or January 2?)")
+    if len(year) != 4:
+        return (f"writes its year with {len(year)} digits ({date!r}: which century?), and {why}; write ISO 8601 with "
+                f"the four-digit year, e.g. 2026-11-20T08:00:00Z ({TIME_FORMS})")
+    readings = []
+    for day, month in ((int(first), int(second)), (int(second), int(first))):
+        try:
+            readings.append(f"{datetime(int(year), month, day):%Y-%m-%d}")
+        except ValueError:
+            continue
+    readings = list(dict.fromkeys(readings))
+    example = "with its time after a 'T' and its UTC offset, e.g. 2026-11-20T08:00:00Z"
+    if not readings:
+        return f"is no date in either order of day and month ({date!r}); write ISO 8601 {example} ({TIME_FORMS})"
+    if len(readings) == 2:
+        return (f"is {date!r}, {readings[0]} or {readings[1]}: {why}; write ISO 8601, {readings[0]} or {readings[1]} "
+                f"as meant, {example} ({TIME_FORMS})")
+    return (f"is {date!r}, which can only be {readings[0]}, but {why}, so the log's other dates would not be read "
+            f"safely either; write ISO 8601 ({readings[0]}) {example} ({TIME_FORMS})")
 
 
 def _weekday(text: str) -> bool | None:
@@ -2016,7 +2044,18 @@ def _parse_time_micros(text: str, zoneless: list | None = None) -> int | None:
     return micros
 
 
+# 400 Gregorian years, in microseconds: the calendar (weekdays and leap years included) repeats after them.
+_GREGORIAN_CYCLE_MICROS = 146_097 * 86_400 * 1_000_000
+_YEAR_ZERO = re.compile(r"0000(?=[-W\d])")
+
+
 def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
+    # Year 0000 (a placeholder, or 1 BC) is a time in Arrow's proleptic Gregorian calendar, which reads
+    # RFC 3339 text for the whole column, but not in Python's: read as year 400, one calendar cycle later,
+    # so that both give the same microseconds and the row is EVENT_TIME_OUT_OF_RANGE whichever read it.
+    shift = 0
+    if _YEAR_ZERO.match(cleaned):
+        cleaned, shift = "0400" + cleaned[4:], _GREGORIAN_CYCLE_MICROS
     if annotated := _ANNOTATIONS.search(cleaned):
         cleaned = cleaned[:annotated.start()]
         if not _OFFSET.search(cleaned):
@@ -2051,7 +2090,7 @@ def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
         moment = moment.replace(tzinfo=timezone.utc)
         if zoneless is not None and not zoneless and not _DATE_ONLY.fullmatch(cleaned):
             zoneless.append(True)
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    return (moment - _EPOCH) // timedelta(microseconds=1) - shift
 
 
 # --- Validating -----------------------------------------------------------------------------

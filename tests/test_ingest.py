@@ -528,11 +528,71 @@ def test_event_time_text_in_other_iso_8601_and_rfc_3339_forms_is_read_and_ambigu
     rejects = {r["fact_id"]: (r["reason"], r["row"], r["source"], r["detail"]) for r in result.rejects.to_pylist()}
     assert {f: (reason, row, source) for f, (reason, row, source, _) in rejects.items()} == {
         f"f{i}": ("BAD_EVENT_TIME", i, str(path)) for i in range(12, 17)}
-    for fact in ("f12", "f13"):
-        assert "day and month in an order that cannot be told" in rejects[fact][3], rejects[fact]
-    assert "01/02/2026" in rejects["f12"][3] and "seconds or milliseconds" in rejects["f14"][3]
+    assert rejects["f12"][3].startswith("event_time '01/02/2026' is '01/02/2026', 2026-02-01 or 2026-01-02: dates "
+                                        "written with day and month as numbers are refused, because their order "
+                                        "cannot be told in general"), rejects["f12"]
+    assert rejects["f13"][3].startswith("event_time '20.11.2026 08:00' is '20.11.2026', which can only be 2026-11-20, "
+                                        "but dates written with day and month as numbers are refused"), rejects["f13"]
+    assert "seconds or milliseconds" in rejects["f14"][3]
     for fact in ("f12", "f13", "f16"):
         assert "ordinal dates 2026-324" in rejects[fact][3] and "2026-11-20T08:00:00Z" in rejects[fact][3]
+
+
+def timed_as_text(texts: list[str]) -> pa.Table:
+    """A log of one fact per text (f0, f1, ...), its event_time column that text."""
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    return raw.set_column(raw.schema.get_field_index("event_time"), "event_time", pa.array(texts))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("11/20/2026", "is '11/20/2026', which can only be 2026-11-20, but dates written with day and month as numbers "
+                   "are refused, because their order cannot be told in general (01/02/2026: 1 February or January 2?)"
+                   ", so the log's other dates would not be read safely either; write ISO 8601 (2026-11-20) with its "
+                   "time after a 'T' and its UTC offset, e.g. 2026-11-20T08:00:00Z"),
+    ("11/12/2026 08:00", "is '11/12/2026', 2026-12-11 or 2026-11-12: dates written with day and month as numbers are "
+                         "refused, because their order cannot be told in general"),
+    ("05/05/2026", "which can only be 2026-05-05, but dates written"),
+    ("13/13/2026", "is no date in either order of day and month ('13/13/2026')"),
+    ("1-2-26", "writes its year with 2 digits ('1-2-26': which century?)"),
+])
+def test_a_date_of_day_and_month_as_numbers_is_refused_saying_truly_what_it_is(text, words):
+    """'11/20/2026' was refused as a date whose "day and month [are] in an order that cannot be told",
+    which is false of it (20 cannot be a month). The reject now says what the date is (both readings,
+    the one reading, or none), that such dates are refused because the order cannot be told in
+    general, and the ISO 8601 date to write."""
+    result = run(timed_as_text([text]))
+    (reject,) = result.rejects.to_pylist()
+    assert reject["reason"] == "BAD_EVENT_TIME" and reject["detail"].startswith(f"event_time {text!r} ")
+    assert words in reject["detail"] and "ordinal dates 2026-324" in reject["detail"], reject["detail"]
+
+
+def test_year_0000_and_other_edge_years_get_one_verdict_whichever_parser_reads_them(tmp_path):
+    """Year 0000 in RFC 3339 text was EVENT_TIME_OUT_OF_RANGE when Arrow read the whole column and
+    BAD_EVENT_TIME "not an ISO-8601 timestamp" when the row parser did (a column where Arrow refused
+    one text): Python's datetime has no year 0. Both read it (as Arrow's proleptic calendar does):
+    out of range, quoted as written, in either column; the edge years around the range agree too."""
+    from pipeline.ingest import _parse_time_micros, _parse_times
+
+    edges = ["0000-01-01T00:00:00Z", "0000-02-29T12:00:00+01:00", "0000-12-31T23:59:59-01:00", "0000-06-15 08:00:00",
+             "0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00Z", "1899-12-31T23:59:59.999999Z",
+             "1900-01-01T00:00:00Z", "1900-01-01T00:30:00+01:00", "1969-12-31T23:59:59.5Z", "1970-01-01T00:00:00Z",
+             "2000-02-29T00:00:00Z", "9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59-01:00", "0000-01-01"]
+    for column in (edges, edges + ["2026-02-30T08:00:00Z"], edges + ["junk"]):
+        problems = [None] * len(column)
+        got = _parse_times(pa.chunked_array([pa.array(column)]), problems).to_pylist()
+        assert got == [_parse_time_micros(t) for t in column]
+        assert None not in got[:len(edges)]
+    verdicts = []
+    for name, column in (("arrow", edges), ("rows", edges + ["2026-02-30T08:00:00Z"])):
+        result = run(timed_as_text(column))
+        verdicts.append({r["fact_id"]: (r["reason"], r["detail"]) for r in result.rejects.to_pylist()
+                         if r["fact_id"] != f"f{len(edges)}"})
+    assert verdicts[0] == verdicts[1]
+    out = {f for f, (reason, _) in verdicts[0].items() if reason == "EVENT_TIME_OUT_OF_RANGE"}
+    assert out == {"f0", "f1", "f2", "f3", "f4", "f5", "f6", "f8", "f13", "f14"}, verdicts[0]  # f8: 23:30 UTC on 1899-12-31
+    assert verdicts[0]["f0"][1] == ("event_time '0000-01-01T00:00:00Z' is outside 1900-01-01..9999-12-31 (a wrapped, "
+                                    "mis-scaled or placeholder time)")
+    assert {f: reason for f, (reason, _) in verdicts[0].items() if f not in out} == {"f12": "FUTURE_EVENT_TIME"}
 
 
 def test_rfc_3339_event_times_read_for_the_whole_column_are_the_row_parsers_microseconds():
