@@ -661,6 +661,82 @@ def test_stray_files_without_a_parquet_name_are_skipped_and_exports_in_another_f
     assert sorted(r["fact_id"] for r in read.rows.to_pylist()) == ["hive", "p"]
 
 
+def _exports_in_other_formats() -> dict[str, tuple[bytes, str]]:
+    """Files of rows in another format, as tools write them, each with words its reject must hold."""
+    import bz2
+    import gzip
+    import lzma
+
+    csv = b"user_id,fact_id,op,trigger,answer,event_time\nu1,a,upsert,My cat is,Tom,2026-11-20T08:00:00Z\n"
+    jsonl = b'{"user_id": "u1", "fact_id": "a", "op": "upsert"}\n'
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "zipped"}), buffer)
+    return {
+        "part-00000-1a2b-c000.json": (jsonl, "JSON text"),
+        "part-00000-1a2b-c000.csv": (csv, "text (CSV"),
+        "part-0.csv.gz": (gzip.compress(csv), "gzip-compressed data, and by its name csv compressed with gzip"),
+        "part-0.json.gz": (gzip.compress(jsonl), "gzip-compressed data, and by its name json compressed with gzip"),
+        "part-0.csv.bz2": (bz2.compress(csv), "bzip2-compressed data"),
+        "part-0.xz": (lzma.compress(csv), "xz-compressed data"),
+        "part-0.zst": (b"\x28\xb5\x2f\xfd\x24\x10\x81\x00" + csv, "zstd-compressed data"),
+        "part-0.parquet.gz": (gzip.compress(buffer.getvalue()), "a Parquet file compressed whole with gzip (.gz); "
+                                                                "Parquet compresses its own pages"),
+        "000000_0": (b"ORC\x0a\x06\x08\x03\x10\x00" + csv, "an ORC file"),
+        "000001_0": (b"u1\x01a\x01upsert\x01My cat is\x01Tom\n", "text (CSV"),  # Hive's text table, \x01 between fields
+        "part-0.txt": (csv, "text (CSV"),
+        "notes.txt": (b"exported by job 7; 3 files\n", "text (CSV"),  # a .txt is taken for rows unless a README
+        "part-0.avro": (b"Obj\x01\x04\x14avro.codec" + csv, "an Avro file"),
+        "part-0.arrow": (b"ARROW1\x00\x00\xff\xff\xff\xff" + csv, "an Arrow IPC (Feather) file"),
+    }
+
+
+_STRAYS = {"README": b"exported by job 7\n", "README.md": b"# log\n", "notes.md": b"n", "part-0.crc": b"\x00\x01crc",
+           "part-0.parquet.md5": b"d41d8cd98f00b204e9800998ecf8427e", "SHA256SUMS": b"abc  part-0.parquet\n",
+           "manifest.json": b'{"n": 1}', "manifest-2026-11-20.json": b"{}", "SUCCESS": b"", "DONE": b"2026-11-20",
+           "day.done": b"ok", "export.lock": b"pid 7", "part-1.json": b"", "000002_0": b""}
+
+
+@pytest.mark.parametrize("reader", ["read_fact_log", "read_log_file"])
+def test_a_file_of_another_format_is_rejected_naming_what_it_is_whatever_its_name(reader, tmp_path):
+    """A non-empty file that is no Parquet and whose name lacked one of a few data suffixes (Spark's
+    part-00000-...-c000.json, a .csv.gz, .json.gz, .csv.bz2, .zst, a whole-file-gzipped
+    part-0.parquet.gz, Hive's suffixless ORC or text 000000_0, a .txt holding CSV) was skipped as
+    "not a data file", and a night recorded it as ingested: its rows were never read. Now only an
+    empty file or a well-known name that holds no rows (README, *.md, checksums, manifest*.json,
+    completion markers) is skipped; every other such file is UNREADABLE_FILE, the reject saying
+    what it looks like by its first bytes and to convert it to Parquet. Both readers (the night's
+    per-file read and read_fact_log) give each file the same verdict."""
+    pq.write_table(table({"fact_id": "p"}), tmp_path / "part-0.parquet")
+    exports = _exports_in_other_formats()
+    for name, content in [*((n, c) for n, (c, _) in exports.items()), *_STRAYS.items()]:
+        (tmp_path / name).write_bytes(content)
+    verdicts, rows = {}, []
+    if reader == "read_fact_log":
+        read = read_fact_log(str(tmp_path), on_bad_file="reject")
+        rows = read.rows.column("fact_id").to_pylist()
+        verdicts = {r["source"].rsplit("/", 1)[1]: ("UNREADABLE_FILE", r["detail"]) for r in read.file_rejects.to_pylist()}
+        read_names = {f.path.rsplit("/", 1)[1] for f in read.files}
+        verdicts |= {n: ("NOT_DATA", None) for n in _STRAYS if n not in read_names}
+    else:
+        for file in list_log_files(str(tmp_path)):
+            got, keyed = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")
+            name = file.path.rsplit("/", 1)[1]
+            if got.reject is not None:
+                verdicts[name] = ("UNREADABLE_FILE", got.reject.column("detail")[0].as_py())
+            elif got.skipped:
+                verdicts[name] = ("NOT_DATA", None)
+            rows += keyed.column("fact_id").to_pylist()
+    assert rows == ["p"]
+    assert {n: v[0] for n, v in verdicts.items()} == {**{n: "UNREADABLE_FILE" for n in exports},
+                                                      **{n: "NOT_DATA" for n in _STRAYS}}
+    for name, (_, words) in exports.items():
+        detail = verdicts[name][1]
+        assert "not a readable Parquet file" in detail and words in detail, (name, detail)
+        assert "convert it" in detail or "decompress it to part-0.parquet" in detail, (name, detail)
+    with pytest.raises(FactLogError, match=re.escape(str(tmp_path / "000000_0")) + ".*an ORC file"):
+        read_fact_log(str(tmp_path))
+
+
 def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
     result = run(table({"op": "forgetUser"}, {"op": "forget-user", "fact_id": "b"}, {"op": "UP SERT", "fact_id": "c"}))
     assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
@@ -1486,6 +1562,40 @@ def test_an_s3_fact_log_is_read_from_a_store_whose_head_answers_without_a_size(s
         with pytest.raises(FactLogError, match="a store or gateway that answers HEAD without Content-Length; name "
                                                "the folder it lies in"):
             read_fact_log(f"s3://{s3_bucket}/log/day=1/part-0.parquet")
+
+
+def test_an_s3_object_of_unknown_size_is_read_to_tell_if_it_is_empty(s3_server, s3_bucket, monkeypatch):
+    """Behind a gateway that answers HEAD without Content-Length every object says 0 bytes: a JSON
+    export named as the fact log (no listing to give its size) was skipped as "an empty file", its
+    rows lost without a word. An object of unknown or 0 size is now read (a ranged GET) before it is
+    called empty: the export is UNREADABLE_FILE naming what it is, an empty marker is still skipped."""
+    from tests.s3_proxy import ConditionProxy
+
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="log/day=1/part-00000-c000.json", Body=b'{"user_id": "u1"}\n')
+    client.put_object(Bucket=s3_bucket, Key="log/day=1/part-00001-c000.json", Body=b"")
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}), buffer)
+    client.put_object(Bucket=s3_bucket, Key="log/day=1/part-0.parquet", Body=buffer.getvalue())
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, lengths="head_without_length") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        export = f"s3://{s3_bucket}/log/day=1/part-00000-c000.json"
+        with pytest.raises(FactLogError, match=re.escape(export) + ": the store says the object holds 0 bytes.*HEAD "
+                                               "without Content-Length.*its first bytes are b'{\"us': by its first "
+                                               "bytes it is JSON text"):
+            read_fact_log(export)
+        empty = read_fact_log(f"s3://{s3_bucket}/log/day=1/part-00001-c000.json")
+        assert empty.rows.num_rows == 0 and empty.files == () and empty.file_rejects.num_rows == 0
+        batch = read_fact_log(f"s3://{s3_bucket}/log", on_bad_file="reject")  # the listing gives each size
+        assert batch.rows.column("fact_id").to_pylist() == ["a"]
+        assert [(r["source"], r["reason"], "JSON text" in r["detail"]) for r in batch.file_rejects.to_pylist()] == [
+            (export, "UNREADABLE_FILE", True)]
+        for file in list_log_files(f"s3://{s3_bucket}/log"):
+            read, _ = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")
+            verdict = "reject" if read.reject is not None else "skipped" if read.skipped else read.rows
+            assert verdict == {"part-00000-c000.json": "reject", "part-00001-c000.json": "skipped",
+                               "part-0.parquet": 1}[file.path.rsplit("/", 1)[1]], (file, read)
 
 
 @pytest.mark.parametrize("status", [403, 503])
