@@ -69,6 +69,21 @@ from engram_core.serving import greedy_tokens  # noqa: E402
 from engram_core.tiny import build_base_model, init_tiny  # noqa: E402
 
 
+def count_arg(minimum: int):
+    """An argparse ``type``: an int of at least ``minimum``; anything else is refused by argparse
+    naming the flag and the value (a 0 was taken as "not given" where the script tested it for
+    truth, and the run measured the default without a word)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}: give {minimum} or more")
+        return value
+    return parse
+
+
 def word_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
@@ -451,7 +466,7 @@ def main() -> None:
     ap.add_argument("--workload", nargs="+", choices=["random", "templated"], default=["random"],
                     help="random triggers, or --templates trigger texts shared by all users (several: variants in one run)")
     ap.add_argument("--templates", type=int, default=20, help="templated workload: distinct trigger texts")
-    ap.add_argument("--batch", type=int, nargs="+", default=[512], help="facts per batch (several: a sweep)")
+    ap.add_argument("--batch", type=count_arg(1), nargs="+", default=[512], help="facts per batch (several: a sweep)")
     ap.add_argument("--steps", type=int, nargs="+", default=[CompileOptions.steps],
                     help="CompileOptions.steps, the first round's steps (several: a sweep)")
     ap.add_argument("--lr", type=float, default=None,
@@ -489,7 +504,7 @@ def main() -> None:
                     help="CompileOptions.fused_ops variants (one-kernel RMSNorm, lean rotary in preparation and verification)")
     ap.add_argument("--tokenize-workers", type=int, nargs="+", default=[CompileOptions.tokenize_workers],
                     help="CompileOptions.tokenize_workers variants (-1 automatic, 0 in this process, N processes)")
-    ap.add_argument("--tiny-max-ngram", type=int, default=None,
+    ap.add_argument("--tiny-max-ngram", type=count_arg(2), default=None,
                     help="tiny preset: N-gram orders 2..N with 16 // (N - 1) heads each (default: init_tiny's, 2..9; "
                          "3 is the tiny model before issue 17)")
     ap.add_argument("--max-ngram", type=int, default=None,
@@ -553,7 +568,7 @@ def main() -> None:
         if args.preset == "tiny":
             orders = (args.tiny_max_ngram or 0) - 1
             init_tiny(root, engram=EngramConfig(layers=(1, 3), max_ngram=args.tiny_max_ngram, heads_per_order=16 // orders,
-                                                slots_per_head=1009) if args.tiny_max_ngram else None)
+                                                slots_per_head=1009) if args.tiny_max_ngram is not None else None)
             trigger_words = 0
         elif args.preset == "d768":
             root.mkdir()

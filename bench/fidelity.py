@@ -31,6 +31,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -49,6 +50,7 @@ from engram_core.text import canonical_fact  # noqa: E402
 from engram_core.tiny import TINY_MAX_NGRAM, init_tiny  # noqa: E402
 from pipeline.ingest import answer_token_counter, ingest  # noqa: E402
 from pipeline.scopes import compile_scoped, served_deltas  # noqa: E402
+from compile_throughput import count_arg  # noqa: E402
 from tests.fixtures.overlap_profiles import CORPORA, overlap_profiles  # noqa: E402
 from tests.fixtures.realistic_profiles import (  # noqa: E402
     CONTEXTS, KINDS, KIND_TEXT_FORM, all_facts, fact_log, in_context, profiles, recalled,
@@ -171,9 +173,22 @@ def measure(em, users, options: CompileOptions, contexts=("none",), answer_end: 
     }
 
 
+def stop_margin_arg(text: str) -> str:
+    """--stop-margin's values: ``off`` or a finite number (refused by argparse, before any model is built)."""
+    if text == "off":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'off' nor a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--users", type=count_arg(1), default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="a checkpoint directory (default: build the tiny model)")
     ap.add_argument("--preset", choices=["tiny", "d768"], default="tiny",
@@ -181,12 +196,12 @@ def main() -> None:
                          "bench/compile_throughput.py with a text (byte-level BPE) tokenizer so that realistic text "
                          "tokenizes as words; --tiny-ngram then sets its N-gram orders too (default 2..9)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the d768 preset runs in bf16 on cuda)")
-    ap.add_argument("--tiny-ngram", type=int, nargs="+", default=[None],
+    ap.add_argument("--tiny-ngram", type=count_arg(2), nargs="+", default=[None],
                     help="build tiny models with N-gram orders 2..N (default: init_tiny's default)")
     ap.add_argument("--resolve-conflicts", nargs="+", choices=["on", "off"], default=["on"])
     ap.add_argument("--context-copies", nargs="+", choices=["on", "off"], default=["on"],
                     help="CompileOptions.context_copies: facts in conflict also trained after a chat's opening")
-    ap.add_argument("--contacts", type=int, default=0,
+    ap.add_argument("--contacts", type=count_arg(0), default=0,
                     help="add this many contacts' phone numbers to each user (one trigger template, names that "
                          "differ, numbers sharing the user's country and area code: the 'template' kind)")
     ap.add_argument("--context", nargs="+", choices=CONTEXTS, default=["none"],
@@ -199,17 +214,17 @@ def main() -> None:
                     help="the users: realistic profiles (default), or users whose facts overlap each other's text: "
                          "numeric (numbers sharing digits) or shared_words (answers that start or trigger others)")
     ap.add_argument("--min-margin", type=float, default=CompileOptions.min_margin, help="CompileOptions.min_margin")
-    ap.add_argument("--steps", type=int, default=CompileOptions.steps, help="CompileOptions.steps")
-    ap.add_argument("--stop-margin", nargs="+", default=["off"],
+    ap.add_argument("--steps", type=count_arg(1), default=CompileOptions.steps, help="CompileOptions.steps")
+    ap.add_argument("--stop-margin", nargs="+", type=stop_margin_arg, default=["off"],
                     help="CompileOptions.stop_margin: off or a margin (several: a sweep)")
-    ap.add_argument("--facts-per-batch", type=int, default=None,
+    ap.add_argument("--facts-per-batch", type=count_arg(1), default=None,
                     help="CompileOptions.facts_per_batch (default the option's 4096); small batches let "
                          "--stop-margin stop batches whose least margin clears the bar")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=count_arg(1), default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     users = (profiles(args.users, seed=args.seed, contacts=args.contacts) if args.corpus == "realistic"
              else overlap_profiles(args.corpus, args.users, seed=args.seed))
@@ -240,7 +255,7 @@ def main() -> None:
                 options = CompileOptions(resolve_conflicts=resolve == "on", context_copies=copies == "on",
                                          min_margin=args.min_margin, steps=args.steps,
                                          stop_margin=None if stop == "off" else float(stop),
-                                         **({"facts_per_batch": args.facts_per_batch} if args.facts_per_batch else {}))
+                                         **({"facts_per_batch": args.facts_per_batch} if args.facts_per_batch is not None else {}))
                 run.update(measure(em, users, options, args.context, args.answer_end))
                 runs.append(run)
                 if not args.json:

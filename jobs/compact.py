@@ -52,13 +52,14 @@ def compact(store: ObjectStore, shards: Sequence[int] | None = None, *, job_id: 
     Raises UnknownVersion when nothing is published, ValueError for a shard the store does not
     have, PublishConflict when CURRENT moved meanwhile (run it again)."""
     start = time.perf_counter()
-    check_shard_list(shards, "compact shards")  # an empty list is no selection: refused before any request
+    # once (a generator is consumed): an empty list is no selection, refused before any request
+    picked = check_shard_list(shards, "compact shards")
     store.check_conditional_writes()
     current = read_current(store)
     if current is None:
         raise UnknownVersion(f"{store.uri}: nothing is published yet; nothing to compact")
     previous = current[0]
-    chosen = range(previous.num_shards) if shards is None else list(check_shard_list(shards, "compact shards"))
+    chosen = range(previous.num_shards) if shards is None else list(picked)
     beyond = [s for s in chosen if not 0 <= s < previous.num_shards]
     if beyond:
         raise ValueError(f"compact: {store.uri} v{previous.version} has shards 0-{previous.num_shards - 1}, "

@@ -63,6 +63,8 @@ from pipeline.ingest import (
     files_to_read,
     list_log_files,
     log_read_warnings,
+    no_data_by_listing,
+    not_data_message,
     purge_ledger,
     read_log_file,
     under_sources,
@@ -215,9 +217,13 @@ def run_nightly(
     # A night with new files has work whatever the model checks find: its compile actors start
     # loading the model now (their start is the longest fixed cost of a small night), while the
     # model's files are hashed here; a check that fails ends them with the night.
-    if new or rewritten:  # names only, before the actors start: each would die on a missing file with a traceback
+    # Files that are no data by their listing (a README, a checksum, a marker, an empty local file) are not
+    # recorded as ingested, so they are new every night: alone, they start no compile workers.
+    no_data = {f.path: why for f in new if (why := no_data_by_listing(f)) is not None}
+    maybe_data = [f for f in new if f.path not in no_data]
+    if maybe_data or rewritten:  # names only, before the actors start: each would die on a missing file with a traceback
         check_checkpoint_files(spec.model)
-    started = _start_compile(spec, store.uri) if new or rewritten else None
+    started = _start_compile(spec, store.uri) if maybe_data or rewritten else None
     night = None
     try:
         with timer.stage("read_previous"):
@@ -236,8 +242,12 @@ def run_nightly(
         # A forget (or a rollback to a forget's rewrite) left shared scopes stale: their deltas, and
         # those of their extra holders, are dropped until a night compiles them (even with no new file).
         stale = previous is not None and previous.scopes is not None and bool(previous.scopes.stale)
-        if not (new or rewritten or recompile or upgrade or stale):
-            log.info("nightly %s: no new log files; v%s stays current", job_id, previous.version if previous else "-")
+        if not (maybe_data or rewritten or recompile or upgrade or stale):
+            night.reads = [FileRead(f, 0, {}, skipped=no_data[f.path]) for f in new]
+            for f in new:
+                log.warning("%s", not_data_message(f.path, no_data[f.path]))
+            log.info("nightly %s: no new log files%s; v%s stays current", job_id,
+                     f" ({len(new)} no data file(s), skipped)" if new else "", previous.version if previous else "-")
             return night.report(previous, published=False)
         return night.run(new + rewritten, len(rewritten), every_shard=recompile or upgrade, recompile=recompile,
                          started=started)
@@ -784,7 +794,9 @@ class _Night:
             listed = self.listed.get(path)
             if listed is not None and listed.ingested_as(identity):
                 files[path] = listed.identity()
-        files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None and not r.gone})
+        # a file skipped as no data (a README, an empty file) is not ingested: a file written there later is read
+        files.update({r.file.path: r.file.identity() for r in self.reads
+                      if r.reject is None and not r.gone and not r.skipped})
         files = purge_ledger(files, self.horizon, self.spec.fact_log)
         horizons = dict(_horizons(previous))
         horizons.pop(_source_root(self.spec.fact_log), None)

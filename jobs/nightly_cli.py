@@ -435,6 +435,12 @@ def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shar
 
     try:
         table = query_stats(open_store(store, create=False), sql)
+        if table.num_columns == 0:  # no result set (a CREATE, SET, ... last): not "(0 rows)"
+            message = ("the query's last statement returned no result set (it is not a SELECT); end the query with a "
+                       "SELECT to get rows")
+            typer.echo(json.dumps({"queried": True, "result_set": False, "rows": None, "message": message})
+                       if as_json else message)
+            return
         text = _stats_text(table, as_json)
     except (StatsQueryError, StoreError, PublishError) as exc:
         fail_json(as_json, str(exc), exit_code(exc), "queried")

@@ -26,7 +26,6 @@ def forget(
         target = open_store(store, create=False)
     except StoreError as err:
         fail_json(as_json, str(err), exit_code(err), "forgotten")
-    from engram_core.text import canonical_id
 
     from jobs.nightly_cli import text_argument_problem
 
@@ -34,10 +33,11 @@ def forget(
     problem = next(filter(None, (text_argument_problem(u, "user id") for u in users)), None)
     if problem:
         fail_json(as_json, problem + "; nothing was forgotten", 2, "forgotten")
-    empty = [u for u in users if not canonical_id(u)]
-    if empty:
-        fail_json(as_json, f"user id {empty[0]!r} is empty once invisible characters are removed; nothing was forgotten",
-                  2, "forgotten")
+    from versions.forget import forget_id_problem
+
+    problem = next(filter(None, map(forget_id_problem, users)), None)  # ingest's rule: empty, over 256 chars, ...
+    if problem:
+        fail_json(as_json, f"{problem}; nothing was forgotten", 2, "forgotten")
     before = _current_version(target)
     try:
         report = forget_users(target, users, actor=_actor(), reason=reason)
@@ -114,8 +114,8 @@ def _forget_per_user(report, users: list[str]) -> list[dict]:
         if found:
             message = "found and erased from every retained version"
         elif report.rewritten:
-            message = ("not found in any retained version; the forget is recorded, so its events up to the "
-                       "forget's time are refused (FORGOTTEN_USER) when they arrive")
+            message = ("not found in any retained version (no data of it is stored); the forget is recorded, so its "
+                       "events up to the forget's time are refused (FORGOTTEN_USER) when they arrive")
         else:
             message = "not found in any retained version; its forget was already recorded"
         out.append({"user_hash": user_hash, "user_hashes": [user_hash], "found": found,

@@ -128,26 +128,68 @@ def _gone_message(path: str) -> str:
             "as ingested: a file listed again under that name is read by a later night")
 
 
-# ``_read_one``'s reason for a listed file that is no data file by its name and its bytes: a name
-# without a Parquet suffix (``.parquet``, ``.parq``, ``.pq``) and content that is no Parquet (empty,
-# or not beginning with ``PAR1``): a ``README.txt``, a ``manifest.json``, a checksum or marker another
-# tool left without the ``_`` / ``.`` prefix. Skipped like ``_SUCCESS`` (pyarrow.dataset's
-# ``exclude_invalid_files``), under either on_bad_file: not a reject. A file named as Parquet that is
-# none (a CSV export named ``.parquet``) is still a reject: its rows would be lost without a word.
+# ``_read_one``'s reason for a listed file that is no data file: a well-known name of a file that
+# holds no rows (:func:`stray_name`: a README, a checksum, a manifest, a completion marker), told by
+# its name alone, or an empty file (0 bytes, known from a local file's size or, on an object store, by
+# reading it: a HEAD without Content-Length says 0 of every object) whose name is not Parquet's.
+# Skipped like ``_SUCCESS`` (pyarrow.dataset's ``exclude_invalid_files``), under either on_bad_file:
+# not a reject, and not recorded as ingested (a file written there later is read). Every other file
+# that is no Parquet is UNREADABLE_FILE, whatever its name (Spark's ``part-00000-x-c000.json``, a
+# ``.csv.gz``, Hive's suffixless text ``000000_0``): its rows would go unread without a reject.
 NOT_DATA = "NOT_DATA"
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
-# Suffixes of row data in another format: such a file with bytes in it is an export in the wrong
-# format (its rows would go unread without a reject), not a stray file; it stays UNREADABLE_FILE.
-OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".avro", ".orc", ".feather", ".arrow", ".xlsx")
+# Names of files that hold no rows (case-insensitive): documentation, checksums, manifests and
+# completion markers that tools leave without the '_' or '.' prefix that hides them.
+_DOC_STEMS = ("readme", "license", "licence", "notice", "changelog", "copying", "authors")
+_DOC_SUFFIXES = (".md", ".markdown", ".rst", ".html", ".htm", ".pdf")
+_CHECKSUM_SUFFIXES = (".crc", ".md5", ".sha1", ".sha256", ".sha512", ".sha", ".checksum", ".etag")
+_CHECKSUM_NAMES = ("md5sums", "sha1sums", "sha256sums", "sha512sums", "checksums", "checksums.txt")
+_MARKER_NAMES = ("success", "done", "complete", "completed", "ready", "finished", "committed", "ok")
+_MARKER_SUFFIXES = (".done", ".success", ".ready", ".complete", ".completed", ".lock", ".marker", ".flag", ".ok")
+# Whole-file compression around a file (``part-0.csv.gz``): named in UNREADABLE_FILE's message.
+_COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bzip2", ".zst": "zstd", ".zstd": "zstd",
+                         ".xz": "xz", ".lz4": "lz4", ".snappy": "snappy", ".zip": "zip", ".z": "compress"}
+
+
+def stray_name(path: str) -> str | None:
+    """Why a file is no data file by its name alone (a README, a checksum, a manifest, a completion
+    marker), or None. Names starting with ``_`` or ``.`` are never listed (:func:`_is_hidden`)."""
+    name = path.rsplit("/", 1)[-1].lower()
+    stem = name.split(".", 1)[0]
+    if stem in _DOC_STEMS or name.endswith(_DOC_SUFFIXES):
+        return "a documentation file by its name (README, LICENSE, *.md, ...)"
+    if name in _CHECKSUM_NAMES or name.endswith(_CHECKSUM_SUFFIXES):
+        return "a checksum file by its name (*.crc, *.md5, *.sha256, SHA256SUMS, ...)"
+    if stem.startswith("manifest") and name.endswith(".json"):
+        return "a manifest by its name (manifest*.json)"
+    if name in _MARKER_NAMES or name.endswith(_MARKER_SUFFIXES):
+        return "a completion marker by its name (SUCCESS, DONE, *.done, *.lock, ...)"
+    return None
 
 
 def _named_as_parquet(path: str) -> bool:
     return path.rsplit("/", 1)[-1].lower().endswith(PARQUET_SUFFIXES)
 
 
-def _not_data_message(path: str, detail: str) -> str:
-    return (f"fact log {path}: not a data file ({detail}); skipped. Log files are Parquet: keep other files out of "
-            "the log, or name them with a leading '_' or '.'")
+def no_data_by_listing(file: "FactFile") -> str | None:
+    """Why a listed file is no data file as its listing already tells (NOT_DATA, without reading it):
+    a :func:`stray_name`, or a local file of 0 bytes not named as Parquet; else None. An object
+    store's 0 is not trusted here (a HEAD without Content-Length says 0): reading it tells."""
+    if file.unreadable is not None:
+        return None
+    if (why := stray_name(file.path)) is not None:
+        return why
+    if "://" not in file.path and file.size == 0 and not _named_as_parquet(file.path):
+        return _EMPTY
+    return None
+
+
+_EMPTY = "an empty file (0 bytes), and its name has no Parquet suffix"
+
+
+def not_data_message(path: str, detail: str) -> str:
+    return (f"fact log {path}: not a data file ({detail}); skipped, not recorded as ingested (read again if it "
+            "changes). Log files are Parquet: keep other files out of the log, or name them with a leading '_' or '.'")
 
 
 def _unreadable_file_message(path: str, detail: str, reason: str) -> str:
@@ -475,7 +517,7 @@ def read_log_file(
             read = FileRead(file, 0, {}, gone=True)
             keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
         elif problem is not None and problem[0] == NOT_DATA:  # read as a file of no rows (an empty export)
-            logger.warning("%s", _not_data_message(file.path, problem[1]))
+            logger.warning("%s", not_data_message(file.path, problem[1]))
             read = FileRead(file, 0, {}, skipped=problem[1])
             keyed = key_by_shard(F.FACT_LOG_BATCH_SCHEMA.empty_table(), num_shards)
         elif problem is not None:
@@ -522,6 +564,8 @@ def _read_listed(file: FactFile, filesystem: pafs.FileSystem | None
     does not read the same rows again (each came back as a DUPLICATE)."""
     if file.unreadable is not None:
         return None, (F.UNREADABLE_FILE, file.unreadable), file
+    if (why := stray_name(file.path)) is not None:  # by its name alone: never opened
+        return None, (NOT_DATA, why), file
     fs, path = _filesystem_for(file.path, filesystem)
     info, table, problem = _read_one(fs, path, file.path, file.root, listed_size=file.size)
     if (table is not None and not isinstance(fs, pafs.LocalFileSystem) and (info.size or 0) > 0
@@ -623,7 +667,7 @@ def read_fact_log(
             logger.warning("%s", _gone_message(file.path))
             continue  # not read: not in ``files``, so not skipped next time
         if problem is not None and problem[0] == NOT_DATA:
-            logger.warning("%s", _not_data_message(file.path, problem[1]))
+            logger.warning("%s", not_data_message(file.path, problem[1]))
             continue
         if problem is not None:
             file_rejects.append(_file_reject(file, problem, on_bad_file))
@@ -850,13 +894,17 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             raise _store_failed(display, err) from None
         if _gone(fs, path):  # moved or deleted between the look above and the read
             return info, None, (GONE, "")
-        if (why := _not_data(fs, path, display, size or listed_size)) is not None:
-            return info, None, (NOT_DATA, why)
-        if not isinstance(fs, pafs.LocalFileSystem) and not listed_size and not size:
+        local = isinstance(fs, pafs.LocalFileSystem)
+        head = _first_bytes(fs, path, size if local else max(size, listed_size or 0))
+        if head == b"" and not _named_as_parquet(display):
+            return info, None, (NOT_DATA, _EMPTY)
+        if not local and not listed_size and not size:
+            shown = f"; its first bytes are {head[:4]!r}: {_looks_like(head, display)}" if head else ""
             return info, None, (F.UNREADABLE_FILE, f"the store says the object holds 0 bytes ({err}): an empty "
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
-                                "folder it lies in as the fact log (a listing gives each file's size) or fix the store")
-        return info, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(fs, path, err, info)}")
+                                "folder it lies in as the fact log (a listing gives each file's size) or fix the "
+                                f"store{shown}")
+        return info, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(head, err, info, display)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -875,26 +923,76 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
         return info, None, (F.SCHEMA_MISMATCH, str(err))
 
 
-def _not_data(fs: pafs.FileSystem, path: str, display: str, size: int) -> str | None:
-    """Why a file that did not read as Parquet is no data file at all (NOT_DATA), or None: only a
-    name without a Parquet suffix qualifies (Hive's ``000000_0`` is Parquet without one), when the
-    file is empty or does not begin with Parquet's magic bytes."""
-    if _named_as_parquet(display):
-        return None
-    if size > 0 and display.rsplit("/", 1)[-1].lower().endswith(OTHER_DATA_SUFFIXES):
-        return None
-    if size == 0:
-        return "an empty file, and its name has no Parquet suffix"
+def _first_bytes(fs: pafs.FileSystem, path: str, size: int, n: int = 16) -> bytes | None:
+    """The first ``n`` bytes of a file that did not read as Parquet (b"": it is empty), or None where
+    they cannot be read. ``size``: what the listing or HEAD said. On S3 an object read as empty is
+    not taken on trust (a gateway that answers HEAD without Content-Length says 0 of every object,
+    and pyarrow then reads nothing): its first bytes are asked for by a ranged GET."""
     try:
         with fs.open_input_file(path) as handle:
-            head = handle.read(4)
+            head = handle.read(n)
     except (pa.ArrowException, OSError):
         return None
-    if not head:
-        return "an empty file, and its name has no Parquet suffix"
-    if head != b"PAR1":
-        return f"it does not begin as a Parquet file does (its first bytes: {head!r}), and its name has no Parquet suffix"
-    return None
+    if head or isinstance(fs, pafs.LocalFileSystem):
+        return head
+    if fs.type_name != "s3":
+        return None if size > 0 else head  # another store: its 0 bytes taken as they are only where nothing said more
+    return _s3_first_bytes(fs, path, n)
+
+
+def _s3_first_bytes(fs: pafs.FileSystem, path: str, n: int) -> bytes | None:
+    """The first ``n`` bytes of an S3 object by a ranged GET (botocore, the job's credentials and
+    endpoint as the store resolves it); b"" for an empty object (416 or an empty body); None where
+    the GET fails otherwise."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = path.partition("/")
+    try:
+        endpoint = configured_s3_endpoint()
+        region = getattr(fs, "region", None) or None
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+        answer = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")
+        return answer["Body"].read(n)
+    except ClientError as err:
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return b"" if status == 416 or err.response.get("Error", {}).get("Code") == "InvalidRange" else None
+    except (BotoCoreError, OSError):
+        return None
+
+
+# The first bytes of the formats a file in the log may be in instead of Parquet.
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed data"), (b"BZh", "bzip2-compressed data"),
+          (b"\x28\xb5\x2f\xfd", "zstd-compressed data"), (b"\xfd7zXZ\x00", "xz-compressed data"),
+          (b"\x04\x22\x4d\x18", "lz4-compressed data"), (b"PK\x03\x04", "a zip archive (or an Excel .xlsx)"),
+          (b"ORC", "an ORC file"), (b"Obj\x01", "an Avro file"), (b"ARROW1", "an Arrow IPC (Feather) file"),
+          (b"\xff\xff\xff\xff", "an Arrow IPC stream"), (b"SEQ", "a Hadoop SequenceFile"))
+
+
+def _looks_like(head: bytes, display: str) -> str:
+    """What a file that is no Parquet is, by its first bytes and its name (a compression suffix around
+    a data suffix: ``part-0.parquet.gz``, ``part-0.csv.gz``), and what to do: convert it to Parquet."""
+    name = display.rsplit("/", 1)[-1]
+    what = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+    if what is None:
+        text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if text[:1] in (b"{", b"["):
+            what = "JSON text"
+        elif text and all(32 <= c < 127 or c in (1, 9, 10, 13) or c >= 128 for c in text):  # \x01: Hive text
+            what = "text (CSV, TSV, JSON lines or another text)"
+        else:
+            what = "no format this reader knows"
+    stem, _, suffix = name.rpartition(".")
+    compression = _COMPRESSION_SUFFIXES.get(f".{suffix.lower()}") if stem else None
+    if compression and _named_as_parquet(stem):
+        return (f"by its first bytes it is {what}, and by its name a Parquet file compressed whole with {compression} "
+                f"(.{suffix}); Parquet compresses its own pages, so a reader cannot open it: decompress it to {stem} "
+                "(or re-export it as plain Parquet) and move the compressed file out of the log")
+    inner = stem.rpartition(".")[2] if compression and "." in stem else ""
+    named = f", and by its name {inner} compressed with {compression}" if inner else ""
+    return (f"by its first bytes it is {what}{named}. Log files are Parquet: convert it (e.g. DuckDB: COPY (SELECT * "
+            f"FROM '{name}') TO 'x.parquet') and move this file out of the log; a file that holds no rows can stay "
+            "under a name starting with '_' or '.'")
 
 
 # pyarrow's words for a file without its footer: empty, shorter than a footer, or ending elsewhere
@@ -902,20 +1000,16 @@ _NO_FOOTER = ("file size is 0 bytes", "smaller than the minimum file footer", "m
 IN_FLIGHT_S = 600  # a file modified this recently and cut short may still be being written
 
 
-def _cut_short(fs: pafs.FileSystem, path: str, err: Exception, info: pafs.FileInfo) -> str:
+def _cut_short(head: bytes | None, err: Exception, info: pafs.FileInfo, display: str) -> str:
     """What a file without a Parquet footer likely is, and what to do: one that begins as Parquet
     does (or is empty) was cut short, or is still being written (Parquet writes its footer last);
-    another is no Parquet at all. "" for another error, or a file that cannot be read again."""
-    if not any(words in str(err) for words in _NO_FOOTER):
+    another is no Parquet at all (:func:`_looks_like`, by ``head``, its first bytes). "" for another
+    error, or a file whose first bytes could not be read."""
+    if not any(words in str(err) for words in _NO_FOOTER) or head is None:
         return ""
-    try:
-        with fs.open_input_file(path) as handle:
-            head = handle.read(4)
-    except (pa.ArrowException, OSError):
-        return ""
-    if head and head != b"PAR1":
-        return (f": it does not begin as a Parquet file does (its first bytes: {head!r}): a file of another format "
-                "(CSV, JSON, text) in the log? Move it out, or export it as Parquet")
+    if head and not head.startswith(b"PAR1"):
+        return (f": it does not begin as a Parquet file does (its first bytes: {head[:4]!r}): a file of another format "
+                f"(CSV, JSON, text) in the log? Move it out; {_looks_like(head, display)}")
     age = (time.time_ns() - info.mtime_ns) / 1e9 if info.mtime_ns is not None else None
     recent = f"; it was modified {max(age, 0):.0f} s ago" if age is not None and age < IN_FLIGHT_S else ""
     return (f": the file ends before its Parquet footer, which is written last: cut short by an interrupted copy or "
@@ -1842,7 +1936,8 @@ _ZONE_NAME_ONLY = re.compile(r"\d\d:\d\d(?::\d\d(?:\.\d+)?)? \(?(?!(?:AM|PM)\b)[
 TIME_FORMS = ("ISO 8601 / RFC 3339 text such as 2026-11-20T08:00:00Z or 2026-11-20 09:00:00+01:00 (also week "
               "dates 2026-W47-5, ordinal dates 2026-324, UTC+1 / GMT+01:00 offsets, a comma before the fraction), "
               "RFC 2822 (Fri, 20 Nov 2026 08:00:00 GMT), or a timestamp column")
-# A date of day and month in either order (01/02/2026, 02.12.2026, 1-2-26): the order cannot be told.
+# A date of day and month as numbers (01/02/2026, 11/20/2026, 02.12.2026, 1-2-26): refused, as the order of
+# the two cannot be told in general (_day_month_problem says what each such date is).
 _DAY_MONTH = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}(?!\d)")
 # An offset after a zone's name (UTC+1, GMT+01:00, UTC -0500; Java's ZoneId, people): the offset is
 # the instant's in ISO's sense (east of UTC is +), never POSIX's inverted Etc/GMT+1.
@@ -1950,10 +2045,37 @@ def _not_a_time(text: str) -> str:
         return ("names its zone by an abbreviation without a UTC offset, which is ambiguous (CST and IST are three "
                 "zones each; an abbreviation does not tell a daylight-saving change's repeated hour): write the "
                 "offset (2026-11-20T09:00:00+01:00) or UTC (2026-11-20T08:00:00Z)")
-    if _DAY_MONTH.match(text):
-        return ("puts day and month in an order that cannot be told (01/02/2026: 1 February or January 2? "
-                f"02.12.2026?); write {TIME_FORMS}")
+    if match := _DAY_MONTH.match(text):
+        return _day_month_problem(match.group(0))
     return f"is not an ISO-8601 timestamp; write {TIME_FORMS}"
+
+
+def _day_month_problem(date: str) -> str:
+    """Why a date written as two numbers of day and month and a year (``11/20/2026``, ``20.11.2026``,
+    ``1-2-26``) is refused, true of this date: such dates are refused whatever their numbers, because
+    the order of day and month cannot be told in general (``01/02/2026``) and the log's other rows
+    may be read the wrong way; the message says what this one is, in ISO 8601 where it is one date."""
+    first, second, year = re.split(r"[/.-]", date)
+    why = ("dates written with day and month as numbers are refused, because their order cannot be told in general "
+           "(01/02/2026: 1 February or January 2?)")
+    if len(year) != 4:
+        return (f"writes its year with {len(year)} digits ({date!r}: which century?), and {why}; write ISO 8601 with "
+                f"the four-digit year, e.g. 2026-11-20T08:00:00Z ({TIME_FORMS})")
+    readings = []
+    for day, month in ((int(first), int(second)), (int(second), int(first))):
+        try:
+            readings.append(f"{datetime(int(year), month, day):%Y-%m-%d}")
+        except ValueError:
+            continue
+    readings = list(dict.fromkeys(readings))
+    example = "with its time after a 'T' and its UTC offset, e.g. 2026-11-20T08:00:00Z"
+    if not readings:
+        return f"is no date in either order of day and month ({date!r}); write ISO 8601 {example} ({TIME_FORMS})"
+    if len(readings) == 2:
+        return (f"is {date!r}, {readings[0]} or {readings[1]}: {why}; write ISO 8601, {readings[0]} or {readings[1]} "
+                f"as meant, {example} ({TIME_FORMS})")
+    return (f"is {date!r}, which can only be {readings[0]}, but {why}, so the log's other dates would not be read "
+            f"safely either; write ISO 8601 ({readings[0]}) {example} ({TIME_FORMS})")
 
 
 def _weekday(text: str) -> bool | None:
@@ -2016,7 +2138,18 @@ def _parse_time_micros(text: str, zoneless: list | None = None) -> int | None:
     return micros
 
 
+# 400 Gregorian years, in microseconds: the calendar (weekdays and leap years included) repeats after them.
+_GREGORIAN_CYCLE_MICROS = 146_097 * 86_400 * 1_000_000
+_YEAR_ZERO = re.compile(r"0000(?=[-W\d])")
+
+
 def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
+    # Year 0000 (a placeholder, or 1 BC) is a time in Arrow's proleptic Gregorian calendar, which reads
+    # RFC 3339 text for the whole column, but not in Python's: read as year 400, one calendar cycle later,
+    # so that both give the same microseconds and the row is EVENT_TIME_OUT_OF_RANGE whichever read it.
+    shift = 0
+    if _YEAR_ZERO.match(cleaned):
+        cleaned, shift = "0400" + cleaned[4:], _GREGORIAN_CYCLE_MICROS
     if annotated := _ANNOTATIONS.search(cleaned):
         cleaned = cleaned[:annotated.start()]
         if not _OFFSET.search(cleaned):
@@ -2051,7 +2184,7 @@ def _iso_micros(cleaned: str, zoneless: list | None = None) -> int | None:
         moment = moment.replace(tzinfo=timezone.utc)
         if zoneless is not None and not zoneless and not _DATE_ONLY.fullmatch(cleaned):
             zoneless.append(True)
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    return (moment - _EPOCH) // timedelta(microseconds=1) - shift
 
 
 # --- Validating -----------------------------------------------------------------------------

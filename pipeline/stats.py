@@ -154,6 +154,8 @@ def version_parts(store, manifest: Manifest, table: str) -> list[str]:
 
 def query_stats(store, sql: str) -> pa.Table:
     """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every published version.
+    Where the last statement returns no result set (``CREATE TEMP VIEW ...`` alone), a table of no
+    columns: a result set always has one, so it is told apart from a query that matched no row.
 
     Every stats part is read once per query, before the query runs, and checked against the
     sha256 its key names (:func:`versions.catalog.verified_bytes`, the read path of every shard
@@ -163,7 +165,8 @@ def query_stats(store, sql: str) -> pa.Table:
     import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
 
     # DuckDB answers an empty query with no rows, which reads as an answer; so is one of only ';' or comments
-    if not sql.strip() or _statements(duckdb, sql) == []:
+    statements = _statements(duckdb, sql) if sql.strip() else []
+    if not sql.strip() or statements == []:
         raise StatsQueryError(f"stats query is empty{'' if not sql.strip() else ' (only ; or comments)'}; give an SQL "
                               f"query over the views {', '.join(STATS_SCHEMAS)}, e.g. \"select count(*) from facts\"")
     # A damaged CURRENT or current manifest is refused (ManifestError, PublishError naming it), as
@@ -189,7 +192,9 @@ def query_stats(store, sql: str) -> pa.Table:
         connection.execute("SET lock_configuration = true")
         try:
             relation = connection.sql(sql)
-            if relation is None:  # a statement with no result rows
+            # a last statement that returns no result set (CREATE, SET, INSERT, ...: DuckDB answers a count or
+            # a success flag, or the rows of an earlier SELECT): a table of no columns, never "0 rows"
+            if relation is None or (statements and statements[-1].type not in _RESULT_SET_STATEMENTS(duckdb)):
                 return pa.table({})
             # duckdb 2 names it to_arrow_table; 1.x names it arrow.
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
@@ -203,6 +208,13 @@ def query_stats(store, sql: str) -> pa.Table:
                                   f"fix the query (views: {', '.join(STATS_SCHEMAS)})") from err
     finally:
         connection.close()
+
+
+def _RESULT_SET_STATEMENTS(duckdb) -> frozenset:
+    """DuckDB's statement types whose answer is a result set (SELECT, also SHOW, DESCRIBE, SUMMARIZE,
+    VALUES, FROM-first; EXPLAIN, PRAGMA, CALL, EXECUTE)."""
+    kinds = duckdb.StatementType
+    return frozenset({kinds.SELECT, kinds.EXPLAIN, kinds.PRAGMA, kinds.CALL, kinds.EXECUTE})
 
 
 def _statements(duckdb, sql: str) -> list | None:

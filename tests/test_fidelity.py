@@ -233,3 +233,26 @@ def test_an_answer_over_the_limit_is_refused_by_the_compiler_naming_it(tiny):
     result = compile_facts(tiny, [Fact("u", "long", "My list is", " a," * limit)])
     assert result.facts[0].status == "answer_too_long" and f"limit {limit}" in result.facts[0].detail
     assert np.isnan(result.facts[0].loss)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--facts-per-batch", "0"], "argument --facts-per-batch: 0 is below 1: give 1 or more"),
+    (["--threads", "0"], "argument --threads: 0 is below 1"),
+    (["--users", "-3"], "argument --users: -3 is below 1"),
+    (["--tiny-ngram", "1"], "argument --tiny-ngram: 1 is below 2"),
+    (["--facts-per-batch", "4k"], "argument --facts-per-batch: '4k' is not a whole number"),
+    (["--stop-margin", "off", "nan"], "argument --stop-margin: 'nan' is not a finite number"),
+    (["--stop-margin", "of"], "argument --stop-margin: 'of' is neither 'off' nor a number"),
+])
+def test_the_fidelity_bench_refuses_a_count_of_zero_instead_of_measuring_the_default(argv, words):
+    """bench/fidelity.py tested ``--facts-per-batch`` (and ``--threads``) for truth: 0 was taken as
+    "not given" and the run measured the default 4096-fact batches under a record that said 0. Now
+    argparse refuses it (exit 2) naming the flag, before any model is built; so are a bad
+    --stop-margin (it failed after the models were built) and counts below their minimum."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+    out = subprocess.run([sys.executable, str(bench), *argv], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and words in out.stderr, out.stderr[-2000:]

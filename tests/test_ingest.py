@@ -528,11 +528,71 @@ def test_event_time_text_in_other_iso_8601_and_rfc_3339_forms_is_read_and_ambigu
     rejects = {r["fact_id"]: (r["reason"], r["row"], r["source"], r["detail"]) for r in result.rejects.to_pylist()}
     assert {f: (reason, row, source) for f, (reason, row, source, _) in rejects.items()} == {
         f"f{i}": ("BAD_EVENT_TIME", i, str(path)) for i in range(12, 17)}
-    for fact in ("f12", "f13"):
-        assert "day and month in an order that cannot be told" in rejects[fact][3], rejects[fact]
-    assert "01/02/2026" in rejects["f12"][3] and "seconds or milliseconds" in rejects["f14"][3]
+    assert rejects["f12"][3].startswith("event_time '01/02/2026' is '01/02/2026', 2026-02-01 or 2026-01-02: dates "
+                                        "written with day and month as numbers are refused, because their order "
+                                        "cannot be told in general"), rejects["f12"]
+    assert rejects["f13"][3].startswith("event_time '20.11.2026 08:00' is '20.11.2026', which can only be 2026-11-20, "
+                                        "but dates written with day and month as numbers are refused"), rejects["f13"]
+    assert "seconds or milliseconds" in rejects["f14"][3]
     for fact in ("f12", "f13", "f16"):
         assert "ordinal dates 2026-324" in rejects[fact][3] and "2026-11-20T08:00:00Z" in rejects[fact][3]
+
+
+def timed_as_text(texts: list[str]) -> pa.Table:
+    """A log of one fact per text (f0, f1, ...), its event_time column that text."""
+    raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
+    return raw.set_column(raw.schema.get_field_index("event_time"), "event_time", pa.array(texts))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("11/20/2026", "is '11/20/2026', which can only be 2026-11-20, but dates written with day and month as numbers "
+                   "are refused, because their order cannot be told in general (01/02/2026: 1 February or January 2?)"
+                   ", so the log's other dates would not be read safely either; write ISO 8601 (2026-11-20) with its "
+                   "time after a 'T' and its UTC offset, e.g. 2026-11-20T08:00:00Z"),
+    ("11/12/2026 08:00", "is '11/12/2026', 2026-12-11 or 2026-11-12: dates written with day and month as numbers are "
+                         "refused, because their order cannot be told in general"),
+    ("05/05/2026", "which can only be 2026-05-05, but dates written"),
+    ("13/13/2026", "is no date in either order of day and month ('13/13/2026')"),
+    ("1-2-26", "writes its year with 2 digits ('1-2-26': which century?)"),
+])
+def test_a_date_of_day_and_month_as_numbers_is_refused_saying_truly_what_it_is(text, words):
+    """'11/20/2026' was refused as a date whose "day and month [are] in an order that cannot be told",
+    which is false of it (20 cannot be a month). The reject now says what the date is (both readings,
+    the one reading, or none), that such dates are refused because the order cannot be told in
+    general, and the ISO 8601 date to write."""
+    result = run(timed_as_text([text]))
+    (reject,) = result.rejects.to_pylist()
+    assert reject["reason"] == "BAD_EVENT_TIME" and reject["detail"].startswith(f"event_time {text!r} ")
+    assert words in reject["detail"] and "ordinal dates 2026-324" in reject["detail"], reject["detail"]
+
+
+def test_year_0000_and_other_edge_years_get_one_verdict_whichever_parser_reads_them(tmp_path):
+    """Year 0000 in RFC 3339 text was EVENT_TIME_OUT_OF_RANGE when Arrow read the whole column and
+    BAD_EVENT_TIME "not an ISO-8601 timestamp" when the row parser did (a column where Arrow refused
+    one text): Python's datetime has no year 0. Both read it (as Arrow's proleptic calendar does):
+    out of range, quoted as written, in either column; the edge years around the range agree too."""
+    from pipeline.ingest import _parse_time_micros, _parse_times
+
+    edges = ["0000-01-01T00:00:00Z", "0000-02-29T12:00:00+01:00", "0000-12-31T23:59:59-01:00", "0000-06-15 08:00:00",
+             "0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00Z", "1899-12-31T23:59:59.999999Z",
+             "1900-01-01T00:00:00Z", "1900-01-01T00:30:00+01:00", "1969-12-31T23:59:59.5Z", "1970-01-01T00:00:00Z",
+             "2000-02-29T00:00:00Z", "9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59-01:00", "0000-01-01"]
+    for column in (edges, edges + ["2026-02-30T08:00:00Z"], edges + ["junk"]):
+        problems = [None] * len(column)
+        got = _parse_times(pa.chunked_array([pa.array(column)]), problems).to_pylist()
+        assert got == [_parse_time_micros(t) for t in column]
+        assert None not in got[:len(edges)]
+    verdicts = []
+    for name, column in (("arrow", edges), ("rows", edges + ["2026-02-30T08:00:00Z"])):
+        result = run(timed_as_text(column))
+        verdicts.append({r["fact_id"]: (r["reason"], r["detail"]) for r in result.rejects.to_pylist()
+                         if r["fact_id"] != f"f{len(edges)}"})
+    assert verdicts[0] == verdicts[1]
+    out = {f for f, (reason, _) in verdicts[0].items() if reason == "EVENT_TIME_OUT_OF_RANGE"}
+    assert out == {"f0", "f1", "f2", "f3", "f4", "f5", "f6", "f8", "f13", "f14"}, verdicts[0]  # f8: 23:30 UTC on 1899-12-31
+    assert verdicts[0]["f0"][1] == ("event_time '0000-01-01T00:00:00Z' is outside 1900-01-01..9999-12-31 (a wrapped, "
+                                    "mis-scaled or placeholder time)")
+    assert {f: reason for f, (reason, _) in verdicts[0].items() if f not in out} == {"f12": "FUTURE_EVENT_TIME"}
 
 
 def test_rfc_3339_event_times_read_for_the_whole_column_are_the_row_parsers_microseconds():
@@ -599,6 +659,82 @@ def test_stray_files_without_a_parquet_name_are_skipped_and_exports_in_another_f
     assert [(r["source"], r["reason"]) for r in read.file_rejects.to_pylist()] == [
         (str(tmp_path / "export.csv"), "UNREADABLE_FILE")]
     assert sorted(r["fact_id"] for r in read.rows.to_pylist()) == ["hive", "p"]
+
+
+def _exports_in_other_formats() -> dict[str, tuple[bytes, str]]:
+    """Files of rows in another format, as tools write them, each with words its reject must hold."""
+    import bz2
+    import gzip
+    import lzma
+
+    csv = b"user_id,fact_id,op,trigger,answer,event_time\nu1,a,upsert,My cat is,Tom,2026-11-20T08:00:00Z\n"
+    jsonl = b'{"user_id": "u1", "fact_id": "a", "op": "upsert"}\n'
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "zipped"}), buffer)
+    return {
+        "part-00000-1a2b-c000.json": (jsonl, "JSON text"),
+        "part-00000-1a2b-c000.csv": (csv, "text (CSV"),
+        "part-0.csv.gz": (gzip.compress(csv), "gzip-compressed data, and by its name csv compressed with gzip"),
+        "part-0.json.gz": (gzip.compress(jsonl), "gzip-compressed data, and by its name json compressed with gzip"),
+        "part-0.csv.bz2": (bz2.compress(csv), "bzip2-compressed data"),
+        "part-0.xz": (lzma.compress(csv), "xz-compressed data"),
+        "part-0.zst": (b"\x28\xb5\x2f\xfd\x24\x10\x81\x00" + csv, "zstd-compressed data"),
+        "part-0.parquet.gz": (gzip.compress(buffer.getvalue()), "a Parquet file compressed whole with gzip (.gz); "
+                                                                "Parquet compresses its own pages"),
+        "000000_0": (b"ORC\x0a\x06\x08\x03\x10\x00" + csv, "an ORC file"),
+        "000001_0": (b"u1\x01a\x01upsert\x01My cat is\x01Tom\n", "text (CSV"),  # Hive's text table, \x01 between fields
+        "part-0.txt": (csv, "text (CSV"),
+        "notes.txt": (b"exported by job 7; 3 files\n", "text (CSV"),  # a .txt is taken for rows unless a README
+        "part-0.avro": (b"Obj\x01\x04\x14avro.codec" + csv, "an Avro file"),
+        "part-0.arrow": (b"ARROW1\x00\x00\xff\xff\xff\xff" + csv, "an Arrow IPC (Feather) file"),
+    }
+
+
+_STRAYS = {"README": b"exported by job 7\n", "README.md": b"# log\n", "notes.md": b"n", "part-0.crc": b"\x00\x01crc",
+           "part-0.parquet.md5": b"d41d8cd98f00b204e9800998ecf8427e", "SHA256SUMS": b"abc  part-0.parquet\n",
+           "manifest.json": b'{"n": 1}', "manifest-2026-11-20.json": b"{}", "SUCCESS": b"", "DONE": b"2026-11-20",
+           "day.done": b"ok", "export.lock": b"pid 7", "part-1.json": b"", "000002_0": b""}
+
+
+@pytest.mark.parametrize("reader", ["read_fact_log", "read_log_file"])
+def test_a_file_of_another_format_is_rejected_naming_what_it_is_whatever_its_name(reader, tmp_path):
+    """A non-empty file that is no Parquet and whose name lacked one of a few data suffixes (Spark's
+    part-00000-...-c000.json, a .csv.gz, .json.gz, .csv.bz2, .zst, a whole-file-gzipped
+    part-0.parquet.gz, Hive's suffixless ORC or text 000000_0, a .txt holding CSV) was skipped as
+    "not a data file", and a night recorded it as ingested: its rows were never read. Now only an
+    empty file or a well-known name that holds no rows (README, *.md, checksums, manifest*.json,
+    completion markers) is skipped; every other such file is UNREADABLE_FILE, the reject saying
+    what it looks like by its first bytes and to convert it to Parquet. Both readers (the night's
+    per-file read and read_fact_log) give each file the same verdict."""
+    pq.write_table(table({"fact_id": "p"}), tmp_path / "part-0.parquet")
+    exports = _exports_in_other_formats()
+    for name, content in [*((n, c) for n, (c, _) in exports.items()), *_STRAYS.items()]:
+        (tmp_path / name).write_bytes(content)
+    verdicts, rows = {}, []
+    if reader == "read_fact_log":
+        read = read_fact_log(str(tmp_path), on_bad_file="reject")
+        rows = read.rows.column("fact_id").to_pylist()
+        verdicts = {r["source"].rsplit("/", 1)[1]: ("UNREADABLE_FILE", r["detail"]) for r in read.file_rejects.to_pylist()}
+        read_names = {f.path.rsplit("/", 1)[1] for f in read.files}
+        verdicts |= {n: ("NOT_DATA", None) for n in _STRAYS if n not in read_names}
+    else:
+        for file in list_log_files(str(tmp_path)):
+            got, keyed = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")
+            name = file.path.rsplit("/", 1)[1]
+            if got.reject is not None:
+                verdicts[name] = ("UNREADABLE_FILE", got.reject.column("detail")[0].as_py())
+            elif got.skipped:
+                verdicts[name] = ("NOT_DATA", None)
+            rows += keyed.column("fact_id").to_pylist()
+    assert rows == ["p"]
+    assert {n: v[0] for n, v in verdicts.items()} == {**{n: "UNREADABLE_FILE" for n in exports},
+                                                      **{n: "NOT_DATA" for n in _STRAYS}}
+    for name, (_, words) in exports.items():
+        detail = verdicts[name][1]
+        assert "not a readable Parquet file" in detail and words in detail, (name, detail)
+        assert "convert it" in detail or "decompress it to part-0.parquet" in detail, (name, detail)
+    with pytest.raises(FactLogError, match=re.escape(str(tmp_path / "000000_0")) + ".*an ORC file"):
+        read_fact_log(str(tmp_path))
 
 
 def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
@@ -1426,6 +1562,40 @@ def test_an_s3_fact_log_is_read_from_a_store_whose_head_answers_without_a_size(s
         with pytest.raises(FactLogError, match="a store or gateway that answers HEAD without Content-Length; name "
                                                "the folder it lies in"):
             read_fact_log(f"s3://{s3_bucket}/log/day=1/part-0.parquet")
+
+
+def test_an_s3_object_of_unknown_size_is_read_to_tell_if_it_is_empty(s3_server, s3_bucket, monkeypatch):
+    """Behind a gateway that answers HEAD without Content-Length every object says 0 bytes: a JSON
+    export named as the fact log (no listing to give its size) was skipped as "an empty file", its
+    rows lost without a word. An object of unknown or 0 size is now read (a ranged GET) before it is
+    called empty: the export is UNREADABLE_FILE naming what it is, an empty marker is still skipped."""
+    from tests.s3_proxy import ConditionProxy
+
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="log/day=1/part-00000-c000.json", Body=b'{"user_id": "u1"}\n')
+    client.put_object(Bucket=s3_bucket, Key="log/day=1/part-00001-c000.json", Body=b"")
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}), buffer)
+    client.put_object(Bucket=s3_bucket, Key="log/day=1/part-0.parquet", Body=buffer.getvalue())
+    with ConditionProxy(s3_server.endpoint_url, "pass", access_key=s3_server.access_key,
+                        secret_key=s3_server.secret_key, lengths="head_without_length") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        export = f"s3://{s3_bucket}/log/day=1/part-00000-c000.json"
+        with pytest.raises(FactLogError, match=re.escape(export) + ": the store says the object holds 0 bytes.*HEAD "
+                                               "without Content-Length.*its first bytes are b'{\"us': by its first "
+                                               "bytes it is JSON text"):
+            read_fact_log(export)
+        empty = read_fact_log(f"s3://{s3_bucket}/log/day=1/part-00001-c000.json")
+        assert empty.rows.num_rows == 0 and empty.files == () and empty.file_rejects.num_rows == 0
+        batch = read_fact_log(f"s3://{s3_bucket}/log", on_bad_file="reject")  # the listing gives each size
+        assert batch.rows.column("fact_id").to_pylist() == ["a"]
+        assert [(r["source"], r["reason"], "JSON text" in r["detail"]) for r in batch.file_rejects.to_pylist()] == [
+            (export, "UNREADABLE_FILE", True)]
+        for file in list_log_files(f"s3://{s3_bucket}/log"):
+            read, _ = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")
+            verdict = "reject" if read.reject is not None else "skipped" if read.skipped else read.rows
+            assert verdict == {"part-00000-c000.json": "reject", "part-00001-c000.json": "skipped",
+                               "part-0.parquet": 1}[file.path.rsplit("/", 1)[1]], (file, read)
 
 
 @pytest.mark.parametrize("status", [403, 503])

@@ -578,3 +578,21 @@ def test_compact_reports_a_shard_with_delta_and_state_layers_as_compacted(tmp_pa
     assert report.compacted_shards == layered and report.state_only_shards == [] and report.layers_merged == 1
     compacted = query_stats(local_store, f"select shard from shards where version = {report.version} and compacted")
     assert compacted.column("shard").to_pylist() == layered
+
+
+def test_compact_takes_shards_from_a_generator_and_numpy_ints(local_store, tiny, rng, first, tmp_path):
+    """``compact`` checked its shard list twice: a generator was consumed by the first check and the
+    second saw an empty list ("an empty list names no shard"). And numpy integers (shards picked
+    from an array) were refused as "not a shard number"; a bool still is (True is not shard 1)."""
+    from versions.layout import check_shard_list
+
+    night(local_store, tiny.fingerprint, {USERS[0]: random_delta(tiny, rng)})
+    report = compact(local_store, (s for s in np.arange(NUM_SHARDS)))
+    assert report.published and report.compacted_shards == [shard_of(USERS[0], NUM_SHARDS)]
+    assert check_shard_list(np.array([3, 1, 1], dtype=np.int64)) == (1, 3)
+    assert all(type(s) is int for s in check_shard_list([np.uint8(2), np.int32(0)]))
+    for bad in (True, np.bool_(False), 1.0, "1", -1, np.int64(-2)):
+        with pytest.raises(ValueError, match=r"is not a shard number \(an integer >= 0\)"):
+            check_shard_list([0, bad], "compact shards")
+    node = PullClient(local_store, tiny, shards=np.array([0]), cache_dir=tmp_path / "cache")
+    assert node.shards == (0,)

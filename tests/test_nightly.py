@@ -1244,8 +1244,18 @@ def test_files_that_are_no_data_beside_the_log_are_skipped_and_change_nothing(tm
     hive = run_nightly(spec)
     assert hive.published and hive.accepted == 1 and hive.rejects == 0 and len(hive.skipped_files) == 4
     ledger = json.loads(read_current(local_store)[0].watermark)["files"]
-    assert str(day / "000000_0") in ledger and str(day / "README.txt") in ledger  # recorded as an empty file is
+    # a file skipped as no data is not recorded as ingested (it was: a file fixed or replaced under
+    # that name later, or one skipped before a reader that rejects it, was never read)
+    assert str(day / "000000_0") in ledger and str(day / "README.txt") not in ledger and str(day / "SUCCESS") not in ledger
+    again = run_nightly(spec)
+    assert again.published is False and len(again.skipped_files) == 4  # named again, no workers started for them
+    (day / "SUCCESS").write_bytes(b"")  # still empty: still skipped
+    (day / "000001_0").write_bytes(b"")
     assert run_nightly(spec).published is False
+    write_fact_log(fact_log_rows(1, 1, prefix="late"), tmp_path / "late.parquet")
+    (day / "000001_0").write_bytes((tmp_path / "late.parquet").read_bytes())  # the empty file, filled since
+    filled = run_nightly(spec)
+    assert filled.published and filled.accepted == 1 and filled.rejects == 0, filled
 
 
 def test_new_log_files_with_no_rows_publish_nothing_first_night_or_later(tmp_path, tiny_dir, local_store):

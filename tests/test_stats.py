@@ -407,3 +407,25 @@ def test_the_readme_stats_queries_run_on_a_nights_store_and_find_the_facts_recal
     for sql in queries:
         result = _cli_stats(local_store, sql)
         assert result.exit_code == 0, (sql, result.output)
+
+
+@pytest.mark.parametrize("sql", ["CREATE TEMP VIEW v AS SELECT * FROM facts",
+                                 "CREATE TEMP VIEW v AS SELECT 1 AS n; CREATE TEMP TABLE t AS SELECT * FROM v"])
+def test_a_statement_that_returns_no_result_set_says_so_and_json_tells_it_from_no_rows(local_store, sql):
+    """A query whose last statement returns no result set (CREATE ... alone) printed "(0 rows)", as a
+    SELECT that matched nothing does, and --json printed the same empty list: a dashboard read "no
+    rows". Now the text says the statement returned no result set and to end with a SELECT; --json
+    prints an object ({"queried": true, "result_set": false, "rows": null}), never a list."""
+    publish_stats(local_store, None, facts=facts(("a", "f", "ok", 0.1)))
+    text = _cli_stats(local_store, sql)
+    assert text.exit_code == 0, text.output
+    assert "(0 rows)" not in text.stdout and "returned no result set" in text.stdout, text.stdout
+    assert "end the query with a SELECT" in text.stdout, text.stdout
+    out = _cli_stats(local_store, "--json", sql)
+    assert out.exit_code == 0 and json.loads(out.stdout) == {
+        "queried": True, "result_set": False, "rows": None,
+        "message": "the query's last statement returned no result set (it is not a SELECT); end the query with a "
+                   "SELECT to get rows"}, out.stdout
+    none = _cli_stats(local_store, "--json", "select * from facts where false")  # rows: none, a result set all the same
+    assert none.exit_code == 0 and json.loads(none.stdout) == []
+    assert "(0 rows)" in _cli_stats(local_store, "select * from facts where false").stdout

@@ -74,12 +74,14 @@ from engram_core.text import canonical_id
 from schemas.bundle import encode_bundle, encode_layer, layer_fingerprint, layer_parts, merge_bundle_chain
 from schemas.facts import (
     FUTURE_TOLERANCE,
+    MAX_ID_CHARS,
     OP_FORGET_USER,
     TIMESTAMP,
     TOMBSTONE_SCHEMA,
     decode_fact_state,
     encode_fact_state,
     encode_tombstones,
+    id_problem,
     merge_state_chain,
 )
 from schemas.manifest import (
@@ -767,6 +769,23 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_abse
     return _Plan(pointer, retained, to_rewrite, drafts, orphans, found=bool(held))
 
 
+def forget_id_problem(user_id: str) -> str | None:
+    """Why ``user_id`` (as given) can be no user of any store, by ingest's rule for ids, or None: empty
+    once invisible characters go, over :data:`schemas.facts.MAX_ID_CHARS` characters, control
+    characters. Ingest rejects every event of such an id (``BAD_USER_ID``), so no version holds it
+    and no forget of it needs recording; the message names the rule."""
+    canonical = canonical_id(user_id)
+    if not canonical:
+        return f"user id {user_id!r} is empty once invisible characters are removed"
+    problem = id_problem("user_id", canonical)
+    if problem is None:
+        return None
+    shown = repr(canonical if len(canonical) <= 40 else canonical[:40] + "...")
+    limit = f" (ingest's limit is {MAX_ID_CHARS})" if len(canonical) > MAX_ID_CHARS else ""
+    return (f"user id {shown}: {problem.removeprefix('user_id ')}{limit}; ingest rejects every event of such an id "
+            "(BAD_USER_ID), so no version can hold it: check the id")
+
+
 def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) -> ForgetReport:
     """Remove ``user_id`` from every retained version (see the module docstring)."""
     return forget_users(store, [user_id], actor=actor, reason=reason)
@@ -792,13 +811,16 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     the tombstones of its ``forget_user`` events. A store with no version has nowhere to record a
     forget: PublishError under ``record_absent`` (it said "not found" and the first night published
     the user), nothing recorded otherwise.
-    Raises ValueError for an empty id or a missing actor/reason, PublishError if CURRENT keeps moving."""
+    Raises ValueError for an id ingest refuses (:func:`forget_id_problem`: empty, over 256 characters,
+    control characters) or a missing actor/reason, PublishError if CURRENT keeps moving."""
     times = forgotten_at if isinstance(forgotten_at, Mapping) else None
     at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc) + FUTURE_TOLERANCE
+    if not user_ids:
+        raise ValueError("forget: user ids must be non-empty")
+    if problem := next(filter(None, map(forget_id_problem, user_ids)), None):
+        raise ValueError(f"forget: {problem}; nothing was forgotten")
     forgotten_at = {canonical_id(u): (times[u] if times is not None else at) for u in user_ids}
     user_ids = list(dict.fromkeys(canonical_id(u) for u in user_ids))  # one user once, however often given
-    if not user_ids or any(not u for u in user_ids):
-        raise ValueError("forget: user ids must be non-empty")
     if not actor or not reason:
         raise ValueError("forget: actor and reason are required (they go into the audit log)")
     store.check_conditional_writes()  # its rewrite ends in a compare-and-swap of CURRENT (once per store object)
@@ -943,7 +965,8 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
     if plan is None or not plan.to_rewrite:
         current = plan.pointer.version if plan is not None else None
         who = "user" if len(users) == 1 else "users"
-        message = f"{who} not found: no retained version of {store.uri} holds them; nothing to forget{scopes_note}"
+        message = (f"{who} not found: no retained version of {store.uri} holds them, no data of theirs is stored; "
+                   f"nothing to forget{scopes_note}")
         append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=False)
         return ForgetReport(hashes, False, current, message=message)
 
@@ -981,9 +1004,10 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
         message = f"forgot {who} in {len(mapping)} version(s); CURRENT is v{new_current.version}"
     else:
         who = "user" if len(users) == 1 else "users"
-        message = (f"{who} not found in any retained version of {store.uri}; the forget is recorded in "
-                   f"v{new_current.version} (CURRENT), so their events up to the forget's time are refused "
-                   f"(FORGOTTEN_USER) when they arrive")
+        message = (f"{who} not found in any retained version of {store.uri}: no data of theirs is stored; the "
+                   f"forget is recorded (its tombstone alone, data unchanged) in v{new_current.version} (CURRENT) and "
+                   f"each retained version, so their events up to the forget's time are refused (FORGOTTEN_USER) "
+                   f"when they arrive")
     found = tuple(forgotten_id(u) for u in sorted(rewriter.found)) if plan.found else ()
     return ForgetReport(hashes, plan.found, new_current.version, dict(mapping), tuple(deleted),
                         message=message + scopes_note + _stale_note(plan, new_current), found_hashes=found)

@@ -18,6 +18,7 @@ num_shards``, and recorded as forgotten by the sha256 of its id.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 
 import xxhash
@@ -74,13 +75,21 @@ def forgotten_id(user_id: str) -> str:
 def check_shard_list(shards, what: str = "shards") -> tuple[int, ...] | None:
     """``shards`` as a sorted tuple of shard numbers, None for every shard; ValueError for an empty
     list (a caller's list filtered down to nothing selected no shard: it is not 'all', and not a
-    node serving nothing) or an item that is not a non-negative int."""
+    node serving nothing) or an item that is not a non-negative integer. Any integer type is one
+    (``numpy.int64`` from an array, through ``operator.index``), returned as a plain int; a bool,
+    a float (``1.0``) or a string (``"1"``) is not. ``shards`` is iterated once (a generator is fine)."""
     if shards is None:
         return None
     picked = tuple(shards)
     if not picked:
         raise ValueError(f"{what}: an empty list names no shard; give the shards, or None for every shard")
-    bad = [s for s in picked if isinstance(s, bool) or not isinstance(s, int) or s < 0]
-    if bad:
-        raise ValueError(f"{what}: {bad[0]!r} is not a shard number (an int >= 0)")
-    return tuple(sorted(set(picked)))
+    numbers = []
+    for s in picked:
+        try:
+            number = None if isinstance(s, bool) else operator.index(s)  # numpy.bool_ has no __index__
+        except TypeError:
+            number = None
+        if number is None or number < 0:
+            raise ValueError(f"{what}: {s!r} is not a shard number (an integer >= 0)")
+        numbers.append(number)
+    return tuple(sorted(set(numbers)))
