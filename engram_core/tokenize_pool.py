@@ -52,8 +52,8 @@ def encode_pairs(encode: Encode, triggers: Sequence[str], answers: Sequence[str]
     triggers, answers = [t for t, _ in pairs], [a for _, a in pairs]
     texts_ok = [bool(t and t.strip() and a and a.strip()) for t, a in zip(triggers, answers)]
     kept = [k for k, ok in enumerate(texts_ok) if ok]
-    trigger_ids = encode([triggers[k] for k in kept], True) if kept else []
-    answer_ids = encode([answers[k] for k in kept], False) if kept else []
+    trigger_ids = _encode_distinct(encode, [triggers[k] for k in kept], True)
+    answer_ids = _encode_distinct(encode, [answers[k] for k in kept], False)
     out, j = [], 0
     for trigger, answer, ok in zip(triggers, answers, texts_ok):
         if not ok:
@@ -70,6 +70,20 @@ def encode_pairs(encode: Encode, triggers: Sequence[str], answers: Sequence[str]
         else:
             out.append((t + a[:-1], a))
     return out
+
+
+def _encode_distinct(encode: Encode, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """``encode(texts)``, each distinct text tokenized once: real fact logs share trigger texts
+    across users ("My dentist is"), and a text's ids do not depend on the other texts of the call.
+    Facts of one text get the same list object (:func:`encode_pairs` copies before it joins)."""
+    if not texts:
+        return []
+    index: dict[str, int] = {}
+    which = [index.setdefault(text, len(index)) for text in texts]
+    if len(index) == len(texts):
+        return encode(texts, add_special_tokens)
+    ids = encode(list(index), add_special_tokens)
+    return [ids[k] for k in which]
 
 
 def backend_encoder(backend) -> Encode:
