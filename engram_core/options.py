@@ -91,7 +91,7 @@ class CompileOptions:
     """At most this many groups per batch by prefix length (each is one forward per step): the
     usual group, whose prefix is the whole trigger, and groups for the few sequences whose
     trigger addresses one of their user's rows earlier (they recompute from there)."""
-    dedupe_prefixes: bool = False
+    dedupe_prefixes: bool = True
     """Compute each distinct prefix once per batch, not once per fact: sequences of a prefix group
     whose tokens before the group's split are the same (users who share a trigger text, "My
     dentist is") share one prefix forward (its KV cache), and those whose whole inputs are the
@@ -101,12 +101,15 @@ class CompileOptions:
     first position that addresses one); a sequence whose user has fixed base rows shares only
     with sequences of users without any, or of the same user.
 
-    Off by default because it is not bit-identical to the per-fact forward, and cannot be: a
-    matmul's row depends on how many rows its batch has (on CPU the rows past the kernel's last
+    On by default (since 2026-12-03; off before). It is not bit-identical to the per-fact forward,
+    and cannot be: a matmul's row depends on how many rows its batch has (on CPU the rows past the kernel's last
     full block take another micro-kernel; cuBLAS picks kernels by shape), so the per-fact path
     itself gives identical sequences different bits (tests/test_compiler.py). The deltas differ
     by that rounding (as when a user moves to another batch), are deterministic, and recall the
-    same facts; with no shared prefix (random triggers) nothing changes, bit for bit."""
+    same facts; with no shared prefix (random triggers) nothing changes, bit for bit. That was
+    the reason it was off; but no compile option promises the bits of another, and real logs
+    share triggers: on one H200 (d768, four processes) a templated workload compiled 1.22x the
+    random one's rate with it at 15 steps (bench/RESULTS.md, 2026-12-03)."""
     prefix_attention: bool = True
     """With ``reuse_lower_layers``: attend the live positions to the cached prefix in place
     (:mod:`engram_core.prefix_attention`: no per-step copy of the prefix's keys and values, no

@@ -55,6 +55,33 @@ def test_worker_processes_tokenize_exactly_as_this_process(em):
     assert tokenize_pool.shared_pool(em.plain_backend().to_str(), 3).workers == 3  # the pool stays up for reuse
 
 
+def test_each_distinct_text_is_tokenized_once_with_the_ids_of_one_text_at_a_time(em):
+    """Facts that share trigger texts across users (a templated log): encode_pairs hands the
+    tokenizer each distinct text once, and every fact gets exactly the ids its texts have when
+    each is tokenized alone; rejections (empty, too long) stay per fact."""
+    facts = facts_with_rejects(num_users=6)
+    backend = em.plain_backend()
+    encode = tokenize_pool.backend_encoder(backend)
+    seen: list[list[str]] = []
+
+    def counting(texts, add_special_tokens):
+        seen.append(list(texts))
+        return encode(texts, add_special_tokens)
+
+    pairs = tokenize_pool.encode_pairs(counting, [f.trigger for f in facts], [f.answer for f in facts], 40, 16)
+    triggers, answers = seen
+    assert len(triggers) == len(set(triggers)) == 6  # 4 shared triggers + the two long ones (24 facts had them)
+    assert len(answers) == len(set(answers)) == 5
+    for fact, pair in zip(facts, pairs):
+        if isinstance(pair[0], str):
+            continue
+        alone_trigger, alone_answer = encode([fact.trigger], True)[0], encode([fact.answer], False)[0]
+        assert pair == (alone_trigger + alone_answer[:-1], alone_answer), fact
+    assert [p[0] for p in pairs if isinstance(p[0], str)] == ["empty_trigger", "empty_answer", "trigger_too_long",
+                                                                "answer_too_long"]
+    assert len({id(p[0]) for p in pairs if not isinstance(p[0], str)}) == len(facts) - 4  # inputs are not shared lists
+
+
 def test_a_dead_worker_falls_back_to_this_process_with_a_warning(em, caplog):
     facts = facts_with_rejects(3)
     options = CompileOptions(tokenize_workers=2)
