@@ -72,6 +72,11 @@ def test_concurrent_requests_of_different_users_are_batched_and_isolated(server,
         texts = list(pool.map(ask, requests))
     for (user, _, answer), text in zip(requests, texts):
         assert text == (answer if answer else base), user
+    # A batch's counters are updated when its decode returns, and a request is answered as soon as
+    # its own sequences finish (within the decode): the count may land a moment after the answers.
+    deadline = time.monotonic() + 10
+    while server.health()["sequences"] < len(requests) and time.monotonic() < deadline:
+        time.sleep(0.02)
     health = server.health()
     assert health["largest_batch"] > 1 and health["sequences"] == len(requests)
 
