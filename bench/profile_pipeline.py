@@ -3,7 +3,7 @@ the wall time (the union of all kernels' intervals, and per CUDA stream), GPU ti
 ``engram.*`` label, the top kernels, and a cProfile of the host thread that prepares batches.
 
     python bench/profile_pipeline.py --batches 3 --compiled-step [--overlap] --json
-    python bench/profile_pipeline.py --compiled-step --workload templated --dedupe-prefixes --stop-margin 12 --json
+    python bench/profile_pipeline.py --compiled-step --workload templated --stop-margin 12 --json
 
 A warm-up compile of one batch runs first (checks, torch.compile), untimed.
 """
@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--no-plain-prefix", action="store_true", help="CompileOptions.plain_prefix off")
     ap.add_argument("--workload", choices=["random", "templated"], default="random",
                     help="compile_throughput.py's workloads: a random trigger per fact, or 20 trigger texts shared by all users")
-    ap.add_argument("--dedupe-prefixes", action="store_true", help="CompileOptions.dedupe_prefixes")
+    ap.add_argument("--dedupe-prefixes", choices=["on", "off"], default="on",
+                    help="CompileOptions.dedupe_prefixes (default on, as the library's)")
     ap.add_argument("--stop-margin", type=float, default=None, help="CompileOptions.stop_margin (default off)")
     ap.add_argument("--kernels", type=int, default=30)
     ap.add_argument("--no-torch-profiler", action="store_true",
@@ -67,7 +68,7 @@ def main() -> None:
     facts = make_facts(em, args.batch * (args.batches + 1), 16, 20, seed=0, workload=args.workload)
     options = CompileOptions(facts_per_batch=args.batch, compiled_step=args.compiled_step, steps=args.steps,
                              overlap_batches=args.overlap, plain_prefix=not args.no_plain_prefix,
-                             prefix_groups=args.prefix_groups, dedupe_prefixes=args.dedupe_prefixes,
+                             prefix_groups=args.prefix_groups, dedupe_prefixes=args.dedupe_prefixes == "on",
                              stop_margin=args.stop_margin)
     compile_facts(em, facts[: args.batch], options)  # warm-up
     timed = facts[args.batch:]

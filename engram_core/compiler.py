@@ -836,6 +836,9 @@ class _Group:
         self.positions = batch.positions[self.members]
         self.targets = batch.targets[self.written]
         self.cache = None
+        self.cache_index = None  # while the prefix is per distinct prefix: each member's row of self.cache
+        self.lower_rows = None  # each member's row of self.cache's layers below the write layer (not gathered)
+        self.check = check
         self.lower = None  # (members, suffix, d): hidden states entering the write layer
         self.plain = None  # the plain step's inputs (fast_step.GroupInputs)
         # The prefix sees no trainable row, but it may see fixed (base) rows.
@@ -871,7 +874,7 @@ class _Group:
         (``self.cache``) and, with ``reuse_lower``, the live positions' hidden states entering the
         write layer (``self.lower``), by ``plain``'s forwards or (None) transformers'."""
         batch, prefix, prefix_overlay = self.batch, self.prefix, self.prefix_overlay
-        self.cache = self.lower = None
+        self.cache = self.lower = self.cache_index = self.lower_rows = None
         # transformers' prefix and lower forwards with the fused ops; the plain ones are compiled
         # code, which fuses them itself (and the model stays unpatched while steps run).
         with _model_ops(batch.em.model, batch.fused_ops and plain is None):
@@ -897,8 +900,8 @@ class _Group:
                                 use_cache=True,
                             )
                         self.cache = output_cache(out)
-                if shared is not None:  # back to one row per member
-                    self.cache = _select_cache(self.cache, shared[1])
+                if shared is not None:  # each member's row, until the lower forward has run
+                    self.cache_index = shared[1]
             if reuse_lower:
                 with record_function("engram.prepare.lower"):
                     # Members with the same whole input share one forward of the lower layers.
@@ -910,6 +913,24 @@ class _Group:
                         self.lower = self._lower_hidden(prefix_overlay, pick)
                     if shared is not None:
                         self.lower = self.lower[shared[1]]
+        if self.cache_index is not None:
+            # Back to one row per member. From the lower forward on, the steps and verification run
+            # from the write layer up (reuse_lower), so only those layers are gathered: the layers
+            # below keep one row per distinct prefix and are never read again (a 32,768-fact d768
+            # batch's prefix is 9 GB in all 12 layers; 3.75 GB in the 5 from layer 7). The check
+            # group runs the full forward (_Batch._check_forms): every layer.
+            below = batch.layer if reuse_lower and not self.check else 0
+            count = len(self.cache.layers) if hasattr(self.cache, "layers") else len(self.cache.key_cache)
+            self.cache = _select_cache(self.cache, self.cache_index, range(below, count))
+            self.lower_rows = self.cache_index if below else None
+            self.cache_index = None
+
+    def _whole_cache(self) -> None:
+        """The layers below the write layer one row per member too (:attr:`lower_rows`), for a
+        forward from the first layer (:meth:`hidden` with ``full``, or without the lower states)."""
+        if self.lower_rows is not None:
+            self.cache = _select_cache(self.cache, self.lower_rows, range(self.batch.layer))
+            self.lower_rows = None
 
     def adopt_plain(self) -> None:
         """After the checks on transformers' states (:attr:`pending_plain`): this group's states
@@ -931,7 +952,8 @@ class _Group:
         batch, P = self.batch, self.prefix
         kv = prefix_valid = None
         if self.cache is not None:
-            kv = [tuple(_take(t, pick) for t in _cached_kv(self.cache, i)) for i in range(batch.layer)]
+            rows = _compose(self.cache_index, pick)
+            kv = [tuple(_take(t, rows) for t in _cached_kv(self.cache, i)) for i in range(batch.layer)]
             prefix_valid = _take(self.mask[:, :P], pick)
         return plain.lower(_take(self.ids[:, P:], pick), _take(self.mask[:, P:], pick), _take(self.positions[:, P:], pick),
                            {i: _take(r[self.members, P:], pick) for i, r in batch.engram_rows.items()},
@@ -1031,8 +1053,10 @@ class _Group:
         ids, mask, positions, cache = self.ids, self.mask, self.positions, self.cache
         if rows is not None:
             ids, mask, positions = ids[rows], mask[rows], positions[rows]
-            cache = _select_cache(cache, rows) if cache is not None else None
             overlay = _overlay_rows(overlay, rows)
+        cache_rows = _compose(self.cache_index, rows)
+        if cache is not None and cache_rows is not None:
+            cache = _select_cache(cache, cache_rows)
         kwargs = {}
         split = embeds is not None and cache is not None and self.batch.prefix_attention
         if cache is not None and not split:
@@ -1059,6 +1083,8 @@ class _Group:
         """Final hidden states at the positions that predict an answer token, (n_g, d) (a group
         that recomputes its trigger has many more positions than targets)."""
         group_overlay = Overlay(overlay.owners[self.members], overlay.keys, overlay.values)
+        if full or self.lower is None:
+            self._whole_cache()
         out = self._forward(group_overlay, embeds=None if full or self.lower is None else self.lower)
         return out.last_hidden_state[self.target_index]
 
@@ -1086,6 +1112,13 @@ def _take(rows: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
     return rows if pick is None else rows[pick]
 
 
+def _compose(index: torch.Tensor | None, pick: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows ``pick`` of a table whose row i is row ``index[i]`` of another (None: all, in order)."""
+    if index is None:
+        return pick
+    return index if pick is None else index[pick]
+
+
 def _overlay_rows(overlay: Overlay | None, rows: torch.Tensor | None) -> Overlay | None:
     """``overlay`` for the sequences ``rows`` of its batch (its keys and values are shared)."""
     if overlay is None or rows is None:
@@ -1093,18 +1126,23 @@ def _overlay_rows(overlay: Overlay | None, rows: torch.Tensor | None) -> Overlay
     return Overlay(overlay.owners[rows.to(overlay.owners.device)], overlay.keys, overlay.values)
 
 
-def _select_cache(cache, rows: torch.Tensor):
-    """A KV cache of the sequences ``rows`` of ``cache`` (new tensors; ``cache`` is unchanged)."""
+def _select_cache(cache, rows: torch.Tensor, layers: range | None = None):
+    """A KV cache of the sequences ``rows`` of ``cache`` (new tensors; ``cache`` is unchanged).
+    ``layers``: only those decoder layers are gathered, the others are left as they are (for
+    forwards that never read them); None: all."""
     out = copy.copy(cache)
+    count = len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
+    gather = [layers is None or i in layers for i in range(count)]
     if hasattr(cache, "layers"):
         out.layers = []
-        for layer in cache.layers:
-            layer = copy.copy(layer)
-            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        for layer, take in zip(cache.layers, gather):
+            if take:
+                layer = copy.copy(layer)
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
             out.layers.append(layer)
     else:  # older transformers: parallel lists of tensors
-        out.key_cache = [k[rows] for k in cache.key_cache]
-        out.value_cache = [v[rows] for v in cache.value_cache]
+        out.key_cache = [k[rows] if take else k for k, take in zip(cache.key_cache, gather)]
+        out.value_cache = [v[rows] if take else v for v, take in zip(cache.value_cache, gather)]
     return out
 
 

@@ -199,11 +199,13 @@ def inductor_options(deterministic: bool = False, emulate_precision_casts: bool 
     this torch has; None when there are none).
 
     ``deterministic``: ``torch._inductor.config.deterministic``, which skips the on-device timing
-    Inductor otherwise uses to pick a reduction kernel's block sizes and warps. Those choices
-    change the order of a sum, so without it two cold compiles of one step (empty caches, another
-    machine) could give different bits: on an H200 (d768) two cold compiles of the step with
-    ``stop_margin`` gave different deltas (bench/RESULTS.md, 2026-12-02). Set where
-    ``CompileOptions.deterministic`` is (invariant 6: a re-run publishes the same bytes).
+    Inductor may otherwise use to pick a kernel's configuration (block sizes, warps) where that
+    choice changes numerics. Torch 2.13 already filters reduction configurations under
+    ``torch.use_deterministic_algorithms`` (which the compiler sets); this also turns off the
+    remaining tuning by timing. Set where ``CompileOptions.deterministic`` is (invariant 6: a rerun
+    publishes the same bytes); absent from older torches (2.11), where nothing is set. On an H200
+    two cold compiles with a stop gave different deltas once (bench/RESULTS.md, 2026-12-02), not
+    reproduced on one machine since (2026-12-03).
     ``emulate_precision_casts``: round to the model's dtype after every op, as eager does."""
     config = torch._inductor.config
     options = {}

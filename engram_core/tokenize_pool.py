@@ -75,7 +75,8 @@ def encode_pairs(encode: Encode, triggers: Sequence[str], answers: Sequence[str]
 def _encode_distinct(encode: Encode, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
     """``encode(texts)``, each distinct text tokenized once: real fact logs share trigger texts
     across users ("My dentist is"), and a text's ids do not depend on the other texts of the call.
-    Facts of one text get the same list object (:func:`encode_pairs` copies before it joins)."""
+    Facts of one text get the same list object: :func:`encode_pairs` builds each input as a new
+    list, but a fact's targets are its answer's list, shared (nothing edits them in place)."""
     if not texts:
         return []
     index: dict[str, int] = {}

@@ -35,7 +35,7 @@ def forget(
         fail_json(as_json, problem + "; nothing was forgotten", 2, "forgotten")
     from versions.forget import forget_id_problem
 
-    problem = next(filter(None, map(forget_id_problem, users)), None)  # ingest's rule: empty, over 256 chars, ...
+    problem = next(filter(None, map(forget_id_problem, users)), None)  # empty once invisible characters go
     if problem:
         fail_json(as_json, f"{problem}; nothing was forgotten", 2, "forgotten")
     before = _current_version(target)

@@ -155,6 +155,8 @@ def stray_name(path: str) -> str | None:
     """Why a file is no data file by its name alone (a README, a checksum, a manifest, a completion
     marker), or None. Names starting with ``_`` or ``.`` are never listed (:func:`_is_hidden`)."""
     name = path.rsplit("/", 1)[-1].lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return None  # named as Parquet (``changelog.parquet``, ``notice.parquet``): read as data
     stem = name.split(".", 1)[0]
     if stem in _DOC_STEMS or name.endswith(_DOC_SUFFIXES):
         return "a documentation file by its name (README, LICENSE, *.md, ...)"
@@ -951,7 +953,13 @@ def _s3_first_bytes(fs: pafs.FileSystem, path: str, n: int) -> bytes | None:
     try:
         endpoint = configured_s3_endpoint()
         region = getattr(fs, "region", None) or None
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+        from botocore.config import Config
+
+        # As the product's S3 store builds its client (versions/store.py): path-style addressing (a
+        # custom endpoint rarely resolves bucket subdomains), bounded timeouts and attempts.
+        config = Config(s3={"addressing_style": "path"} if endpoint else {}, connect_timeout=10, read_timeout=30,
+                        retries={"max_attempts": 3, "mode": "standard"})
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
         answer = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")
         return answer["Body"].read(n)
     except ClientError as err:
@@ -973,6 +981,10 @@ def _looks_like(head: bytes, display: str) -> str:
     """What a file that is no Parquet is, by its first bytes and its name (a compression suffix around
     a data suffix: ``part-0.parquet.gz``, ``part-0.csv.gz``), and what to do: convert it to Parquet."""
     name = display.rsplit("/", 1)[-1]
+    if head.startswith(b"PAR1"):  # a Parquet file the store says less of than it holds (or one cut short)
+        return ("by its first bytes it is Parquet, but it could not be read whole: the store reports another size "
+                "than the object holds, or the file was cut short; read it from a store that gives sizes, or "
+                "rewrite it")
     what = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
     if what is None:
         text = head.lstrip(b"\xef\xbb\xbf \t\r\n")

@@ -194,7 +194,7 @@ def query_stats(store, sql: str) -> pa.Table:
             relation = connection.sql(sql)
             # a last statement that returns no result set (CREATE, SET, INSERT, ...: DuckDB answers a count or
             # a success flag, or the rows of an earlier SELECT): a table of no columns, never "0 rows"
-            if relation is None or (statements and statements[-1].type not in _RESULT_SET_STATEMENTS(duckdb)):
+            if relation is None or (statements and not _returns_rows(duckdb, statements[-1])):
                 return pa.table({})
             # duckdb 2 names it to_arrow_table; 1.x names it arrow.
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
@@ -210,11 +210,21 @@ def query_stats(store, sql: str) -> pa.Table:
         connection.close()
 
 
-def _RESULT_SET_STATEMENTS(duckdb) -> frozenset:
-    """DuckDB's statement types whose answer is a result set (SELECT, also SHOW, DESCRIBE, SUMMARIZE,
-    VALUES, FROM-first; EXPLAIN, PRAGMA, CALL, EXECUTE)."""
-    kinds = duckdb.StatementType
-    return frozenset({kinds.SELECT, kinds.EXPLAIN, kinds.PRAGMA, kinds.CALL, kinds.EXECUTE})
+# DuckDB's statement types that answer no result set (a count or a success flag): a deny-list, so
+# that any other (SELECT, SHOW, DESCRIBE, SUMMARIZE, PIVOT, which parses as MULTI, EXPLAIN, PRAGMA,
+# CALL, a type a later DuckDB adds) is shown as the rows it returns.
+_NO_RESULT_SET = ("ALTER", "ANALYZE", "ATTACH", "COPY", "COPY_DATABASE", "CREATE", "CREATE_FUNC", "DELETE", "DETACH",
+                  "DROP", "EXPORT", "EXTENSION", "INSERT", "LOAD", "MERGE_INTO", "PREPARE", "SET", "TRANSACTION",
+                  "UPDATE", "VACUUM", "VARIABLE_SET")
+_MAY_RETURN = ("DELETE", "INSERT", "MERGE_INTO", "UPDATE")  # rows with RETURNING
+
+
+def _returns_rows(duckdb, statement) -> bool:
+    """Whether DuckDB answers ``statement`` (from ``extract_statements``) with a result set."""
+    name = getattr(statement.type, "name", str(statement.type)).rsplit(".", 1)[-1]
+    if name not in _NO_RESULT_SET:
+        return True
+    return name in _MAY_RETURN and "returning" in " ".join(str(statement.query).lower().split())
 
 
 def _statements(duckdb, sql: str) -> list | None:

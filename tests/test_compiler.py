@@ -346,8 +346,11 @@ def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, ca
     step, lower = _STEPS[tiny.model][(True, True, False, True)], _STEPS[tiny.model][("lower", True, True, True)]
     assert step.compiled and lower.compiled, caplog.text
     # Inductor picks no kernel configuration by timing (two cold compiles give the same bits)
-    assert step.compile_options == {"deterministic": True}
-    assert lower.compile_options == {"deterministic": True, "emulate_precision_casts": True}
+    config = torch._inductor.config  # (torch 2.11 has neither key: then no options at all)
+    wanted = {key: True for key in ("deterministic",) if hasattr(config, key)}
+    assert step.compile_options == (wanted or None)
+    wanted.update({key: True for key in ("emulate_precision_casts",) if hasattr(config, key)})
+    assert lower.compile_options == (wanted or None)
     assert "the plain step runs compiled" in caplog.text
     assert "the prefix and lower forwards as plain code vs transformers'" in caplog.text
     assert _LOWER_REUSE_OK[tiny.model][("lower", "torch.float32")] is True

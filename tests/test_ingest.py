@@ -1564,6 +1564,18 @@ def test_an_s3_fact_log_is_read_from_a_store_whose_head_answers_without_a_size(s
             read_fact_log(f"s3://{s3_bucket}/log/day=1/part-0.parquet")
 
 
+def test_a_file_named_as_parquet_is_never_a_stray_whatever_its_stem(tmp_path):
+    """``changelog.parquet`` or ``notice.parquet`` are data files: the stray names (README, NOTICE,
+    CHANGELOG, ...) were matched on the stem whatever the suffix, and such a file was skipped unread."""
+    from pipeline.ingest import stray_name
+
+    for name in ("changelog.parquet", "NOTICE.parquet", "authors.pq", "readme.parq", "license.PARQUET"):
+        assert stray_name(f"/log/{name}") is None, name
+        pq.write_table(table({"fact_id": "a"}), tmp_path / name)
+    assert read_fact_log(str(tmp_path)).rows.num_rows == 5
+    assert stray_name("/log/CHANGELOG.md") and stray_name("/log/NOTICE") and stray_name("/log/readme.txt")
+
+
 def test_an_s3_object_of_unknown_size_is_read_to_tell_if_it_is_empty(s3_server, s3_bucket, monkeypatch):
     """Behind a gateway that answers HEAD without Content-Length every object says 0 bytes: a JSON
     export named as the fact log (no listing to give its size) was skipped as "an empty file", its
@@ -1585,6 +1597,10 @@ def test_an_s3_object_of_unknown_size_is_read_to_tell_if_it_is_empty(s3_server, 
                                                "without Content-Length.*its first bytes are b'{\"us': by its first "
                                                "bytes it is JSON text"):
             read_fact_log(export)
+        parquet = f"s3://{s3_bucket}/log/day=1/part-0.parquet"  # Parquet itself, named alone: no size to read by
+        with pytest.raises(FactLogError, match=re.escape(parquet) + ".*its first bytes are b'PAR1': by its first bytes "
+                                               "it is Parquet, but it could not be read whole: the store reports"):
+            read_fact_log(parquet)
         empty = read_fact_log(f"s3://{s3_bucket}/log/day=1/part-00001-c000.json")
         assert empty.rows.num_rows == 0 and empty.files == () and empty.file_rejects.num_rows == 0
         batch = read_fact_log(f"s3://{s3_bucket}/log", on_bad_file="reject")  # the listing gives each size

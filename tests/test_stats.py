@@ -429,3 +429,9 @@ def test_a_statement_that_returns_no_result_set_says_so_and_json_tells_it_from_n
     none = _cli_stats(local_store, "--json", "select * from facts where false")  # rows: none, a result set all the same
     assert none.exit_code == 0 and json.loads(none.stdout) == []
     assert "(0 rows)" in _cli_stats(local_store, "select * from facts where false").stdout
+    # Statements that return rows though they are no plain SELECT (DuckDB types PIVOT as MULTI; an
+    # INSERT ... RETURNING): their rows are shown.
+    pivot = _cli_stats(local_store, "--json", "PIVOT (select user_id, status from facts) ON status USING count(*)")
+    assert pivot.exit_code == 0 and json.loads(pivot.stdout) == [{"user_id": "a", "ok": 1}], pivot.stdout
+    returning = _cli_stats(local_store, "--json", "create temp table t (x int); insert into t values (7) returning x")
+    assert returning.exit_code == 0 and json.loads(returning.stdout) == [{"x": 7}], returning.stdout

@@ -770,20 +770,14 @@ def _plan(store: ObjectStore, users: list[str], rewriter: _Rewriter, record_abse
 
 
 def forget_id_problem(user_id: str) -> str | None:
-    """Why ``user_id`` (as given) can be no user of any store, by ingest's rule for ids, or None: empty
-    once invisible characters go, over :data:`schemas.facts.MAX_ID_CHARS` characters, control
-    characters. Ingest rejects every event of such an id (``BAD_USER_ID``), so no version holds it
-    and no forget of it needs recording; the message names the rule."""
-    canonical = canonical_id(user_id)
-    if not canonical:
+    """Why ``user_id`` (as given) can be no user of any store, or None: empty once invisible
+    characters go. An id that breaks ingest's other rules (over
+    :data:`schemas.facts.MAX_ID_CHARS` characters, control characters) is taken: its events are
+    rejected (``BAD_USER_ID``), but the rejects stats of a version keep the id they were sent with,
+    and a forget erases those rows too."""
+    if not canonical_id(user_id):
         return f"user id {user_id!r} is empty once invisible characters are removed"
-    problem = id_problem("user_id", canonical)
-    if problem is None:
-        return None
-    shown = repr(canonical if len(canonical) <= 40 else canonical[:40] + "...")
-    limit = f" (ingest's limit is {MAX_ID_CHARS})" if len(canonical) > MAX_ID_CHARS else ""
-    return (f"user id {shown}: {problem.removeprefix('user_id ')}{limit}; ingest rejects every event of such an id "
-            "(BAD_USER_ID), so no version can hold it: check the id")
+    return None
 
 
 def forget_user(store: ObjectStore, user_id: str, *, actor: str, reason: str) -> ForgetReport:
@@ -811,8 +805,8 @@ def forget_users(store: ObjectStore, user_ids: Sequence[str], *, actor: str, rea
     the tombstones of its ``forget_user`` events. A store with no version has nowhere to record a
     forget: PublishError under ``record_absent`` (it said "not found" and the first night published
     the user), nothing recorded otherwise.
-    Raises ValueError for an id ingest refuses (:func:`forget_id_problem`: empty, over 256 characters,
-    control characters) or a missing actor/reason, PublishError if CURRENT keeps moving."""
+    Raises ValueError for an id that is empty once invisible characters go (:func:`forget_id_problem`)
+    or a missing actor/reason, PublishError if CURRENT keeps moving."""
     times = forgotten_at if isinstance(forgotten_at, Mapping) else None
     at = forgotten_at if isinstance(forgotten_at, datetime) else datetime.now(timezone.utc) + FUTURE_TOLERANCE
     if not user_ids:
