@@ -107,23 +107,35 @@ def test_shared_prefix_states_equal_the_per_fact_states_and_identical_inputs_get
     step = fast_step.UpperStep(em)
     per_fact = one_batch(em, facts, reuse_lower=True, prefix_attention=True, step=step)
     shared = one_batch(em, facts, reuse_lower=True, prefix_attention=True, step=step, dedupe=True)
+    write = em.config.target_layer
+    partial = 0
     for a, b in zip(per_fact.groups, shared.groups):
         assert a.prefix == b.prefix and torch.equal(a.members, b.members)
-        if a.cache is not None:
-            for layer in range(em.model.config.num_hidden_layers):
-                for x, y in zip(_cached_kv(a.cache, layer), _cached_kv(b.cache, layer)):
-                    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+        if b.lower_rows is not None:  # below the write layer: one row per distinct prefix (never read by steps)
+            partial += 1
+            assert len(_cached_kv(b.cache, 0)[0]) == int(b.lower_rows.max()) + 1 < len(b.members)
+            assert len(_cached_kv(b.cache, write)[0]) == len(b.members)
         torch.testing.assert_close(b.lower, a.lower, rtol=1e-5, atol=1e-6)
         kinds = _distinct_rows(b.ids, b.mask, None)
         if kinds is not None:
             pick, inverse = kinds
             assert torch.equal(b.lower, b.lower[pick][inverse])
+    assert partial  # the usual group shares its prefix
     values = per_fact.initial_values(20.0)
     assert torch.equal(values, shared.initial_values(20.0))  # the start does not read the prefix
     ok_a, loss_a, _ = per_fact.check(values, 0.1)
-    ok_b, loss_b, _ = shared.check(values, 0.1)
+    ok_b, loss_b, _ = shared.check(values, 0.1)  # from the write layer up: the partial caches
     assert np.array_equal(ok_a, ok_b)
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-4, atol=1e-5)
+    overlay = per_fact._overlay(values)
+    for a, b in zip(per_fact.groups, shared.groups):
+        # a forward from the first layer (the forms' check, or no lower states) gathers the rest
+        torch.testing.assert_close(b.logits(overlay, full=True), a.logits(overlay, full=True), rtol=1e-4, atol=1e-4)
+        assert b.lower_rows is None
+        if a.cache is not None:
+            for layer in range(em.model.config.num_hidden_layers):
+                for x, y in zip(_cached_kv(a.cache, layer), _cached_kv(b.cache, layer)):
+                    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
 
 
 def test_rows_are_shared_only_between_the_same_tokens_and_the_same_fixed_owner():
