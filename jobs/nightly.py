@@ -217,8 +217,9 @@ def run_nightly(
     # A night with new files has work whatever the model checks find: its compile actors start
     # loading the model now (their start is the longest fixed cost of a small night), while the
     # model's files are hashed here; a check that fails ends them with the night.
-    # Files that are no data by their listing (a README, a checksum, a marker, an empty local file) are not
-    # recorded as ingested, so they are new every night: alone, they start no compile workers.
+    # Files that are no data by their listing (a README, a checksum, a marker, an empty local file) are
+    # recorded once a night publishes; until then they are new every night: alone, they start no
+    # compile workers.
     no_data = {f.path: why for f in new if (why := no_data_by_listing(f)) is not None}
     maybe_data = [f for f in new if f.path not in no_data]
     if maybe_data or rewritten:  # names only, before the actors start: each would die on a missing file with a traceback
@@ -794,9 +795,10 @@ class _Night:
             listed = self.listed.get(path)
             if listed is not None and listed.ingested_as(identity):
                 files[path] = listed.identity()
-        # a file skipped as no data (a README, an empty file) is not ingested: a file written there later is read
-        files.update({r.file.path: r.file.identity() for r in self.reads
-                      if r.reject is None and not r.gone and not r.skipped})
+        # A file skipped as no data (a README, an empty file) is recorded with its identity too, so it
+        # costs no read (on S3, no compile workers) every night after; a file that changes under its
+        # name (the empty file filled, a stray replaced by data) is read again as a rewritten one.
+        files.update({r.file.path: r.file.identity() for r in self.reads if r.reject is None and not r.gone})
         files = purge_ledger(files, self.horizon, self.spec.fact_log)
         horizons = dict(_horizons(previous))
         horizons.pop(_source_root(self.spec.fact_log), None)

@@ -133,7 +133,8 @@ def _gone_message(path: str) -> str:
 # its name alone, or an empty file (0 bytes, known from a local file's size or, on an object store, by
 # reading it: a HEAD without Content-Length says 0 of every object) whose name is not Parquet's.
 # Skipped like ``_SUCCESS`` (pyarrow.dataset's ``exclude_invalid_files``), under either on_bad_file:
-# not a reject, and not recorded as ingested (a file written there later is read). Every other file
+# not a reject; recorded by a night that publishes, with its identity (a change under its name is read
+# again as a rewritten file). Every other file
 # that is no Parquet is UNREADABLE_FILE, whatever its name (Spark's ``part-00000-x-c000.json``, a
 # ``.csv.gz``, Hive's suffixless text ``000000_0``): its rows would go unread without a reject.
 NOT_DATA = "NOT_DATA"
@@ -190,7 +191,7 @@ _EMPTY = "an empty file (0 bytes), and its name has no Parquet suffix"
 
 
 def not_data_message(path: str, detail: str) -> str:
-    return (f"fact log {path}: not a data file ({detail}); skipped, not recorded as ingested (read again if it "
+    return (f"fact log {path}: not a data file ({detail}); skipped (read again if it "
             "changes). Log files are Parquet: keep other files out of the log, or name them with a leading '_' or '.'")
 
 

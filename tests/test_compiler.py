@@ -491,6 +491,7 @@ def _group_states(group) -> tuple[torch.Tensor, list[torch.Tensor]]:
     P = group.prefix
     lower = group.lower * group.mask[:, P:].unsqueeze(-1)
     cache = []
+    group._whole_cache()  # a shared prefix's layers below the write layer, one row per member (as a full forward)
     if group.cache is not None:
         valid = group.mask[:, :P].view(len(group.mask), 1, P, 1)
         for index in range(len(group.cache.layers)):

@@ -1244,18 +1244,28 @@ def test_files_that_are_no_data_beside_the_log_are_skipped_and_change_nothing(tm
     hive = run_nightly(spec)
     assert hive.published and hive.accepted == 1 and hive.rejects == 0 and len(hive.skipped_files) == 4
     ledger = json.loads(read_current(local_store)[0].watermark)["files"]
-    # a file skipped as no data is not recorded as ingested (it was: a file fixed or replaced under
-    # that name later, or one skipped before a reader that rejects it, was never read)
-    assert str(day / "000000_0") in ledger and str(day / "README.txt") not in ledger and str(day / "SUCCESS") not in ledger
+    # a file skipped as no data is recorded with its identity once a night publishes: no read of it
+    # every night after; one that changes under its name is read again (below)
+    assert {str(day / "000000_0"), str(day / "README.txt"), str(day / "SUCCESS")} <= set(ledger)
     again = run_nightly(spec)
-    assert again.published is False and len(again.skipped_files) == 4  # named again, no workers started for them
-    (day / "SUCCESS").write_bytes(b"")  # still empty: still skipped
+    assert again.published is False and again.skipped_files == []  # recorded: not even listed as new
     (day / "000001_0").write_bytes(b"")
-    assert run_nightly(spec).published is False
+    empty = run_nightly(spec)
+    assert empty.published is False and [f["path"] for f in empty.skipped_files] == [str(day / "000001_0")]
     write_fact_log(fact_log_rows(1, 1, prefix="late"), tmp_path / "late.parquet")
     (day / "000001_0").write_bytes((tmp_path / "late.parquet").read_bytes())  # the empty file, filled since
     filled = run_nightly(spec)
     assert filled.published and filled.accepted == 1 and filled.rejects == 0, filled
+    write_fact_log(fact_log_rows(1, 1, prefix="readme"), tmp_path / "readme.parquet")
+    (day / "manifest.json").unlink()
+    (day / "000002_0").write_bytes(b"")  # recorded empty by the next publishing night, then filled
+    (day / "000003_0").write_bytes((tmp_path / "readme.parquet").read_bytes())
+    assert run_nightly(spec).published
+    assert str(day / "000002_0") in json.loads(read_current(local_store)[0].watermark)["files"]
+    write_fact_log(fact_log_rows(1, 1, prefix="refill"), tmp_path / "refill.parquet")
+    (day / "000002_0").write_bytes((tmp_path / "refill.parquet").read_bytes())
+    refilled = run_nightly(spec)
+    assert refilled.published and refilled.accepted == 1, refilled  # read again as a changed file
 
 
 def test_new_log_files_with_no_rows_publish_nothing_first_night_or_later(tmp_path, tiny_dir, local_store):
