@@ -920,8 +920,7 @@ class _Group:
             # batch's prefix is 9 GB in all 12 layers; 3.75 GB in the 5 from layer 7). The check
             # group runs the full forward (_Batch._check_forms): every layer.
             below = batch.layer if reuse_lower and not self.check else 0
-            count = len(self.cache.layers) if hasattr(self.cache, "layers") else len(self.cache.key_cache)
-            self.cache = _select_cache(self.cache, self.cache_index, range(below, count))
+            self.cache = _select_cache(self.cache, self.cache_index, first=below)
             self.lower_rows = self.cache_index if below else None
             self.cache_index = None
 
@@ -929,7 +928,7 @@ class _Group:
         """The layers below the write layer one row per member too (:attr:`lower_rows`), for a
         forward from the first layer (:meth:`hidden` with ``full``, or without the lower states)."""
         if self.lower_rows is not None:
-            self.cache = _select_cache(self.cache, self.lower_rows, range(self.batch.layer))
+            self.cache = _select_cache(self.cache, self.lower_rows, stop=self.batch.layer)
             self.lower_rows = None
 
     def adopt_plain(self) -> None:
@@ -1126,23 +1125,25 @@ def _overlay_rows(overlay: Overlay | None, rows: torch.Tensor | None) -> Overlay
     return Overlay(overlay.owners[rows.to(overlay.owners.device)], overlay.keys, overlay.values)
 
 
-def _select_cache(cache, rows: torch.Tensor, layers: range | None = None):
+def _select_cache(cache, rows: torch.Tensor, first: int = 0, stop: int | None = None):
     """A KV cache of the sequences ``rows`` of ``cache`` (new tensors; ``cache`` is unchanged).
-    ``layers``: only those decoder layers are gathered, the others are left as they are (for
-    forwards that never read them); None: all."""
+    Only decoder layers ``first`` to ``stop`` (exclusive; None: the last) are gathered, the others
+    are left as they are (for forwards that never read them)."""
     out = copy.copy(cache)
-    count = len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
-    gather = [layers is None or i in layers for i in range(count)]
+
+    def take(index: int) -> bool:
+        return index >= first and (stop is None or index < stop)
+
     if hasattr(cache, "layers"):
         out.layers = []
-        for layer, take in zip(cache.layers, gather):
-            if take:
+        for index, layer in enumerate(cache.layers):
+            if take(index):
                 layer = copy.copy(layer)
                 layer.keys, layer.values = layer.keys[rows], layer.values[rows]
             out.layers.append(layer)
     else:  # older transformers: parallel lists of tensors
-        out.key_cache = [k[rows] if take else k for k, take in zip(cache.key_cache, gather)]
-        out.value_cache = [v[rows] if take else v for v, take in zip(cache.value_cache, gather)]
+        out.key_cache = [k[rows] if take(i) else k for i, k in enumerate(cache.key_cache)]
+        out.value_cache = [v[rows] if take(i) else v for i, v in enumerate(cache.value_cache)]
     return out
 
 

@@ -194,7 +194,7 @@ def query_stats(store, sql: str) -> pa.Table:
             relation = connection.sql(sql)
             # a last statement that returns no result set (CREATE, SET, INSERT, ...: DuckDB answers a count or
             # a success flag, or the rows of an earlier SELECT): a table of no columns, never "0 rows"
-            if relation is None or (statements and not _returns_rows(duckdb, statements[-1])):
+            if relation is None or (statements and not _returns_rows(statements[-1])):
                 return pa.table({})
             # duckdb 2 names it to_arrow_table; 1.x names it arrow.
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
@@ -219,7 +219,7 @@ _NO_RESULT_SET = ("ALTER", "ANALYZE", "ATTACH", "COPY", "COPY_DATABASE", "CREATE
 _MAY_RETURN = ("DELETE", "INSERT", "MERGE_INTO", "UPDATE")  # rows with RETURNING
 
 
-def _returns_rows(duckdb, statement) -> bool:
+def _returns_rows(statement) -> bool:
     """Whether DuckDB answers ``statement`` (from ``extract_statements``) with a result set."""
     name = getattr(statement.type, "name", str(statement.type)).rsplit(".", 1)[-1]
     if name not in _NO_RESULT_SET:
