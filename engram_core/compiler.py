@@ -612,6 +612,9 @@ class _Batch:
             # on an H200.
             self.step.check_compiled([(g.plain, g.targets) for g in self.groups], values,
                                      _form_tolerance(self.em.lm_head.weight.dtype), sample=FORM_CHECK_SEQUENCES)
+        if not (self.plain and self.step.reads_shared_prefix(self.ids)):
+            for g in self.groups:  # read per member every step: gathered once (the layers that are read)
+                g.gather_prefix(below=None if g.lower is not None else 0)
 
     def _check_forms(self, values: torch.Tensor) -> None:
         """Choose the step's form, checking each once per model and dtype: it must give the full
@@ -831,6 +834,9 @@ class _Group:
         self.written = torch.as_tensor(picked, device=device, dtype=torch.long)
         self.target_index = (torch.as_tensor(position_of[batch.w_seq[picked]], device=device),
                              torch.as_tensor(batch.w_pos[picked] - prefix, device=device))
+        # The last live positions that hold every answer position (the plain step's last layer
+        # computes its outputs there only): 1 for single-token answers.
+        self.tail = int(batch.T - batch.w_pos[picked].min()) if len(picked) else 0
         self.ids = batch.ids[self.members]
         self.mask = batch.mask[self.members]
         self.positions = batch.positions[self.members]
@@ -913,16 +919,33 @@ class _Group:
                         self.lower = self._lower_hidden(prefix_overlay, pick)
                     if shared is not None:
                         self.lower = self.lower[shared[1]]
-        if self.cache_index is not None:
-            # Back to one row per member. From the lower forward on, the steps and verification run
-            # from the write layer up (reuse_lower), so only those layers are gathered: the layers
-            # below keep one row per distinct prefix and are never read again (a 32,768-fact d768
-            # batch's prefix is 9 GB in all 12 layers; 3.75 GB in the 5 from layer 7). The check
-            # group runs the full forward (_Batch._check_forms): every layer.
-            below = batch.layer if reuse_lower and not self.check else 0
-            self.cache = _select_cache(self.cache, self.cache_index, first=below)
-            self.lower_rows = self.cache_index if below else None
-            self.cache_index = None
+        if self.cache_index is not None and not (reuse_lower and not self.check and self._steps_read_shared()):
+            self.gather_prefix(below=batch.layer if reuse_lower and not self.check else 0)
+
+    def _steps_read_shared(self) -> bool:
+        """Whether the steps read a shared prefix in place (the compiled plain step's attention
+        kernel, :attr:`fast_step.GroupInputs.prefix_index`): then the prefix keeps one row per
+        distinct prefix; forwards through transformers (verification) gather the rows they read."""
+        step = self.batch.step
+        return step is not None and step.reads_shared_prefix(self.batch.ids)
+
+    def gather_prefix(self, below: int | None = None) -> None:
+        """The prefix back to one row per member (from :attr:`cache_index`), for forms that read
+        it per member: transformers' forward each step, the uncompiled plain step. Only decoder
+        layers from ``below`` (default: the write layer) are gathered: the layers below keep one
+        row per distinct prefix (:attr:`lower_rows`) and are read only by a forward from the first
+        layer (a 32,768-fact d768 batch's prefix is 9 GB in all 12 layers; 3.75 GB in the 5 from
+        layer 7). The check group runs the full forward (_Batch._check_forms): every layer."""
+        if self.cache_index is None:
+            return
+        below = self.batch.layer if below is None else below
+        self.cache = _select_cache(self.cache, self.cache_index, first=below)
+        self.lower_rows = self.cache_index if below else None
+        self.cache_index = None
+        if self.plain is not None and self.plain.prefix_index is not None:
+            layers = range(self.batch.layer, self.batch.layer + len(self.plain.prefix))
+            self.plain.prefix = [_cached_kv(self.cache, index) for index in layers]
+            self.plain.prefix_index = None
 
     def _whole_cache(self) -> None:
         """The layers below the write layer one row per member too (:attr:`lower_rows`), for a
@@ -949,14 +972,14 @@ class _Group:
     def _plain_lower(self, plain: "fast_step.LowerForward", overlay: Overlay | None, pick: torch.Tensor | None) -> torch.Tensor:
         """:meth:`_lower_hidden` by ``plain`` (on this group's cache)."""
         batch, P = self.batch, self.prefix
-        kv = prefix_valid = None
+        kv = prefix_valid = rows = None
         if self.cache is not None:
-            rows = _compose(self.cache_index, pick)
-            kv = [tuple(_take(t, rows) for t in _cached_kv(self.cache, i)) for i in range(batch.layer)]
+            rows = _compose(self.cache_index, pick)  # each sequence's row of the cache (read in place)
+            kv = [_cached_kv(self.cache, i) for i in range(batch.layer)]
             prefix_valid = _take(self.mask[:, :P], pick)
         return plain.lower(_take(self.ids[:, P:], pick), _take(self.mask[:, P:], pick), _take(self.positions[:, P:], pick),
                            {i: _take(r[self.members, P:], pick) for i, r in batch.engram_rows.items()},
-                           kv, prefix_valid, _overlay_rows(overlay, pick))
+                           kv, prefix_valid, _overlay_rows(overlay, pick), prefix_index=rows)
 
     def _check_plain_lower(self, cache, lower: torch.Tensor | None) -> bool:
         """Once per model and dtype: this group's states by the plain forwards (``self.cache``,
@@ -1022,6 +1045,7 @@ class _Group:
             fixed_e=fixed_e, slot=slot, hit=hit, upper_e=upper_e, cos=cos, sin=sin,
             mask=step.mask(self.mask[:, :P] if P else None, self.mask[:, P:], self.lower.dtype),
             prefix=prefix, target_seq=self.target_index[0], target_pos=self.target_index[1],
+            prefix_index=self.cache_index if self.cache is not None else None, tail=self.tail,
         )
 
     def _lower_hidden(self, overlay: Overlay | None, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -1054,8 +1078,8 @@ class _Group:
             ids, mask, positions = ids[rows], mask[rows], positions[rows]
             overlay = _overlay_rows(overlay, rows)
         cache_rows = _compose(self.cache_index, rows)
-        if cache is not None and cache_rows is not None:
-            cache = _select_cache(cache, cache_rows)
+        if cache is not None and cache_rows is not None:  # from the write layer up, only its layers are read
+            cache = _select_cache(cache, cache_rows, first=self.batch.layer if embeds is not None else 0)
         kwargs = {}
         split = embeds is not None and cache is not None and self.batch.prefix_attention
         if cache is not None and not split:

@@ -11,6 +11,13 @@ is computed once per group; a step is
     h    = decoder layer l (h), l = write layer .. last (attention to the cached prefix in place)
     loss = cross_entropy(lm_head(norm(h))[answer positions], answers)
 
+The last decoder layer runs its queries, attention output and MLP only at the last positions
+that hold an answer position (:attr:`GroupInputs.tail`; all positions give it their keys and
+values): a group whose sequences recompute their triggers (``prefix_groups``) has up to 16 live
+positions and one answer position each. Members that share a prefix (users who share a
+trigger text, ``CompileOptions.dedupe_prefixes``) read one copy of its keys and values
+(:attr:`GroupInputs.prefix_index`) where the attention kernel runs.
+
 built from the model's own modules (norms, projections, MLPs, its rotary function), so the
 family's details stay theirs. Only attention is written out: eager attention's math (scores in
 the model dtype, softmax in float32), with the prefix's keys and values read in place.
@@ -135,6 +142,12 @@ class GroupInputs:
     prefix: list[tuple[torch.Tensor, torch.Tensor] | None]  # per upper layer: cached (keys, values) (B, kvh, P, hd)
     target_seq: torch.Tensor  # (n,) member index of each answer position
     target_pos: torch.Tensor  # (n,) position within the live positions
+    prefix_index: torch.Tensor | None = None
+    """(B,) int64: member b's row of the ``prefix`` tensors, which then hold one row per distinct
+    prefix (U, kvh, P, hd); None: row b is member b's."""
+    tail: int = 0
+    """The last ``tail`` live positions hold every answer position of the group (0: all of them):
+    the last decoder layer computes its outputs there only."""
 
     def head(self, k: int, targets: torch.Tensor) -> tuple["GroupInputs", torch.Tensor]:
         """The first ``k`` members of the group (and their answer tokens of ``targets`` (n,)): a
@@ -146,12 +159,14 @@ class GroupInputs:
         def first(t):
             return None if t is None else t[:k]
 
+        shared = self.prefix_index is not None  # the prefix rows stay whole: the index is per member
         return GroupInputs(
             lower=first(self.lower), table_e=first(self.table_e), fixed_e=first(self.fixed_e), slot=first(self.slot),
             hit=first(self.hit), upper_e={i: first(e) for i, e in self.upper_e.items()}, cos=first(self.cos),
             sin=first(self.sin), mask=first(self.mask),
-            prefix=[None if kv is None else (first(kv[0]), first(kv[1])) for kv in self.prefix],
-            target_seq=self.target_seq[keep], target_pos=self.target_pos[keep]), targets[keep]
+            prefix=[None if kv is None or shared else (first(kv[0]), first(kv[1])) for kv in self.prefix],
+            target_seq=self.target_seq[keep], target_pos=self.target_pos[keep],
+            prefix_index=first(self.prefix_index), tail=self.tail), targets[keep]
 
 
 def supported(model: torch.nn.Module, memory, write_layer: int) -> str | None:
@@ -238,6 +253,12 @@ class UpperStep:
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
+
+    def reads_shared_prefix(self, like: torch.Tensor) -> bool:
+        """Whether the steps read a prefix shared by several members in place (the compiled step's
+        attention kernel on ``like``'s device); else a shared prefix is gathered to one row per
+        member once (:class:`GroupInputs` with ``prefix_index`` still runs, gathering on every call)."""
+        return self._compiled is not None and self.prefix_kernel and prefix_kernels.available(like)
 
     def check_compiled(self, groups: list[tuple[GroupInputs, torch.Tensor]], values: torch.Tensor,
                        tolerance: float, sample: int | None = None) -> None:
@@ -332,7 +353,7 @@ class UpperStep:
     def _args(g: GroupInputs, picked: torch.Tensor) -> tuple:
         """The step's inputs as plain arguments (what ``torch.compile`` guards on and traces)."""
         return (picked, g.hit, g.lower, g.table_e, g.fixed_e, tuple(g.upper_e.items()), g.cos, g.sin,
-                g.mask, tuple(g.prefix), g.target_seq, g.target_pos)
+                g.mask, tuple(g.prefix), g.prefix_index, g.tail, g.target_seq, g.target_pos)
 
     def _call(self, fn, g: GroupInputs, picked: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return fn(*self._args(g, picked), targets)
@@ -341,19 +362,21 @@ class UpperStep:
         hidden = self._hidden(*self._args(g, F.embedding(g.slot, values)))
         return self.em.lm_head(hidden).float()
 
-    def _loss_eager(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos,
-                    targets):
-        hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos)
+    def _loss_eager(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, prefix_index, tail,
+                    target_seq, target_pos, targets):
+        hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, prefix_index, tail,
+                              target_seq, target_pos)
         logits = self.em.lm_head(hidden).float()
         return F.cross_entropy(logits, targets, reduction="sum")
 
-    def _loss_margin_eager(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq,
-                           target_pos, targets):
+    def _loss_margin_eager(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, prefix_index,
+                           tail, target_seq, target_pos, targets):
         """:meth:`_loss_eager` and the least margin over the group's answer tokens: the answer's
         logit minus the best other token's, in float32 from the same logits (the margin of
         :meth:`engram_core.compiler._Batch.check`, which verifies with the stored float16 rows and
         transformers' forward). A scalar: the steps only ask whether every answer clears a bar."""
-        hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos)
+        hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, prefix_index, tail,
+                              target_seq, target_pos)
         logits = self.em.lm_head(hidden).float()
         loss = F.cross_entropy(logits, targets, reduction="sum")
         with torch.no_grad():
@@ -362,64 +385,77 @@ class UpperStep:
             margin = (target_logit - best_other).amin()  # a group has at least one answer token
         return loss, margin
 
-    def _hidden(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, target_seq, target_pos):
+    def _hidden(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, prefix_index, tail,
+                target_seq, target_pos):
         trained = picked * hit.unsqueeze(-1).to(picked.dtype)  # as Overlay.lookup: owners summed in float32
         if fixed_e is not None:
             trained = trained + fixed_e
         e = table_e + trained.to(table_e.dtype)
         h = lower + self.engram[self.write_layer].mix(lower, e, conv=False)
         upper = dict(upper_e)
+        S, last = lower.shape[1], len(self.layers) - 1
         for offset, layer in enumerate(self.layers):
             index = self.write_layer + offset
             if offset and index in upper:
                 h = h + self.engram[index].mix(h, upper[index], conv=False)
-            h = self._decoder(layer, h, cos, sin, mask, prefix[offset])
+            h = decoder_layer(layer, self.rotary, h, cos, sin, mask, prefix[offset], self.prefix_kernel,
+                              prefix_index=prefix_index, tail=tail if offset == last else 0)[0]
         h = self.backbone.norm(h)
-        return h[target_seq, target_pos]
-
-    def _decoder(self, layer, h, cos, sin, mask, prefix):
-        return decoder_layer(layer, self.rotary, h, cos, sin, mask, prefix, self.prefix_kernel)[0]
+        return h[target_seq, target_pos - (S - h.shape[1])]  # the last layer's output: its last positions
 
 
-def decoder_layer(layer, rotary, h, cos, sin, mask, prefix, prefix_kernel: bool, attention_only: bool = False):
+def decoder_layer(layer, rotary, h, cos, sin, mask, prefix, prefix_kernel: bool, attention_only: bool = False,
+                  prefix_index: torch.Tensor | None = None, tail: int = 0):
     """One Llama-style decoder layer on ``h`` (B, S, d) whose positions attend to ``prefix``
     (cached (keys, values), (B, kvh, P, hd), or None) and causally to themselves under ``mask``
     (B, 1, S, P + S) additive. Returns ``(h, k, v)``: the layer's output and the positions' own
     keys (after the rotary embedding) and values, (B, kvh, S, hd), as transformers caches them.
-    ``attention_only``: the keys and values alone (``h`` is returned unchanged)."""
+    ``attention_only``: the keys and values alone (``h`` is returned unchanged).
+    ``prefix_index`` (B,) int64: sequence b's row of the prefix tensors, which hold one row per
+    distinct prefix (U, kvh, P, hd). ``tail`` (0 < tail < S): the output at the last ``tail``
+    positions only, (B, tail, d) (their queries attend to every position's keys)."""
     attn = layer.self_attn
     B, S, _ = h.shape
+    R = tail if 0 < tail < S else S  # query positions: the last R
     x = layer.input_layernorm(h)
     shape = (B, S, -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape)
+    q = attn.q_proj(x if R == S else x[:, S - R:]).view(B, R, -1, attn.head_dim)
     k = attn.k_proj(x).view(shape)
     if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before rotary
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    if R == S:
+        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    else:  # the angles of the query positions for the queries
+        k = rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[0]
+        q = rotary(q.transpose(1, 2), q.transpose(1, 2), cos[:, S - R:], sin[:, S - R:])[0]
+        mask = mask[:, :, S - R:]
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     if attention_only:
         return h, k, v
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[3]
     G = Hq // Hkv
-    qg = q.reshape(B, Hkv, G * S, D)  # query head h reads key/value head h // G
+    qg = q.reshape(B, Hkv, G * R, D)  # query head h reads key/value head h // G
     pk, pv = prefix if prefix is not None else (None, None)
     if prefix_kernel and torch.compiler.is_compiling() and prefix_kernels.available(h):
         # Compiled on CUDA: one Triton kernel (inductor's fusion of this attention recomputed the
         # softmax per output element and read the prefix at a tenth of memory bandwidth).
         if pk is None:  # a group that recomputes its whole trigger: no cached prefix
             pk = pv = k.new_empty(B, Hkv, 0, D)
-        out = prefix_kernels.attention(qg, k, v, pk, pv, mask, attn.scaling)
+            prefix_index = None
+        out = prefix_kernels.attention(qg, k, v, pk, pv, mask, attn.scaling, prefix_index)
     else:
-        scores = _rows_times(qg, k).view(B, Hq, S, S)
+        if pk is not None and prefix_index is not None:  # one row per sequence (the kernel reads them in place)
+            pk, pv = pk[prefix_index], pv[prefix_index]
+        scores = _rows_times(qg, k).view(B, Hq, R, S)
         if pk is not None:
-            scores = torch.cat([_rows_times(qg, pk).view(B, Hq, S, pk.shape[2]), scores], dim=-1)
+            scores = torch.cat([_rows_times(qg, pk).view(B, Hq, R, pk.shape[2]), scores], dim=-1)
         weights = F.softmax(scores * attn.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-        w = weights.view(B, Hkv, G * S, -1)
+        w = weights.view(B, Hkv, G * R, -1)
         out = _weighted(w[..., -S:], v)
         if pk is not None:
             out = _weighted(w[..., :-S], pv) + out
-    out = out.view(B, Hq, S, D).transpose(1, 2).reshape(B, S, Hq * D)
-    h = h + attn.o_proj(out)
+    out = out.view(B, Hq, R, D).transpose(1, 2).reshape(B, R, Hq * D)
+    h = (h if R == S else h[:, S - R:]) + attn.o_proj(out)
     return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
 
 
@@ -526,15 +562,18 @@ class LowerForward:
 
     @torch.no_grad()
     def lower(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, rows: dict[int, torch.Tensor],
-              prefix: list | None, prefix_valid: torch.Tensor | None, overlay=None) -> torch.Tensor:
+              prefix: list | None, prefix_valid: torch.Tensor | None, overlay=None,
+              prefix_index: torch.Tensor | None = None) -> torch.Tensor:
         """ids, valid, positions (B, S) of the live positions; ``prefix``: :meth:`prefix_cache`'s
         output for these sequences (None: no prefix) with its valid mask (B, P) -> (B, S, d) the
-        hidden states entering the write layer (before its Engram row is added)."""
+        hidden states entering the write layer (before its Engram row is added).
+        ``prefix_index`` (B,): sequence b's row of ``prefix`` (one row per distinct prefix)."""
         embeds = self.backbone.embed_tokens(ids)
         cos, sin = self.backbone.rotary_emb(embeds, position_ids=positions)
         mask = UpperStep.mask(prefix_valid, valid, embeds.dtype)
         kv = tuple(prefix[: self.write_layer]) if prefix is not None else (None,) * self.write_layer
-        args = (embeds, self.engram_rows(rows, overlay, self.write_layer), cos, sin, mask, kv)
+        args = (embeds, self.engram_rows(rows, overlay, self.write_layer), cos, sin, mask, kv,
+                prefix_index if prefix is not None else None)
         if self.compiled:
             try:
                 with COMPILED_CALLS:
@@ -559,10 +598,11 @@ class LowerForward:
             kv.append((k.contiguous(), v.contiguous()))
         return tuple(kv)
 
-    def _lower_eager(self, h, engram_e, cos, sin, mask, kv):
+    def _lower_eager(self, h, engram_e, cos, sin, mask, kv, prefix_index):
         e_of = dict(engram_e)
         for index in range(self.write_layer):
             if index in e_of:
                 h = h + self.engram[index].mix(h, e_of[index], conv=False)
-            h = decoder_layer(self.layers[index], self.rotary, h, cos, sin, mask, kv[index], self.prefix_kernel)[0]
+            h = decoder_layer(self.layers[index], self.rotary, h, cos, sin, mask, kv[index], self.prefix_kernel,
+                              prefix_index=prefix_index)[0]
         return h

@@ -1,12 +1,18 @@
 """A Triton kernel for the compiled step's attention (CUDA): the live positions' queries attend
 to the cached prefix's keys and values and to the live positions' own, in one pass.
 
-Per sequence and key/value head, ``m`` query rows (query heads per key head x live positions,
+Per sequence and key/value head, ``m`` query rows (query heads per key head x query positions,
 usually 2) attend to ``p`` cached prefix keys (about 15) and ``s`` live keys, width ``d``:
 
     scores = q @ [K_prefix; k]^T * scaling + mask          (m, p + s), float32
     w      = softmax(scores)
     out    = w @ [V_prefix; v]                              (m, d), rounded to the input dtype
+
+The query positions are the last ``r`` of the ``s`` live positions (``r = s`` but in a step's
+last decoder layer, where only the positions that predict an answer need an output: mask rows
+are those positions'). The prefix rows may be shared: with ``index`` (one int64 per sequence),
+sequence ``b`` reads row ``index[b]`` of the prefix tensors, so sequences with one prefix (users
+who share a trigger text) read one copy instead of one each (``CompileOptions.dedupe_prefixes``).
 
 The prefix is constant (no gradient); the backward gives the gradients of ``q``, ``k`` and ``v``
 by recomputing ``w``. Compiled by inductor, the same math became reductions that recompute the
@@ -15,7 +21,7 @@ of a step on an H100, see bench/RESULTS.md); here one program per (sequence, hea
 keys and values once, with ``tl.dot`` on tiles padded to 16.
 
 It is a ``torch.library`` custom op with its autograd formula, so ``torch.compile`` calls it as
-it is (opaque). The kernel is specialized on (m, s, p, d): each new combination is compiled once
+it is (opaque). The kernel is specialized on (m, r, s, p, d): each new combination is compiled once
 per process (about a second; Triton caches it on disk), a few per batch at most. Without Triton (or on a CPU) nothing here is used: the step keeps its own
 attention. The compiler checks the compiled step that uses it against the uncompiled step once
 per model before using it. With ``TRITON_INTERPRET=1`` it also runs on CPU tensors (the tests).
@@ -49,10 +55,16 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, seq, sqb, sqm, skb, skj, spb, spj, smb, sms,
-               scaling, M: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    def _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, b, heads, sqb, sqm, skb, skj, spb, spj,
+               smb, sms, scaling, M: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+               IEEE: tl.constexpr, SHARED: tl.constexpr):
         """The program's query rows, keys, values (prefix rows then live rows) and softmax weights."""
+        seq = b // heads
+        if SHARED:  # the sequence's row of the shared prefix tensors
+            pb = tl.load(index_ptr + seq).to(tl.int64) * heads + b % heads
+        else:
+            pb = b
         offs_m = tl.arange(0, BLOCK_M)
         offs_j = tl.arange(0, BLOCK_J)
         offs_d = tl.arange(0, BLOCK_D)
@@ -60,13 +72,14 @@ if triton is not None:
         q = tl.load(q_ptr + b * sqb + offs_m[:, None] * sqm + offs_d[None, :], mask=(offs_m[:, None] < M) & in_d, other=0.0)
         prefix = (offs_j[:, None] < P) & in_d
         live = (offs_j[:, None] >= P) & (offs_j[:, None] < P + S) & in_d
-        at_prefix = b * spb + offs_j[:, None] * spj + offs_d[None, :]
+        at_prefix = pb * spb + offs_j[:, None] * spj + offs_d[None, :]
         at_live = b * skb + tl.maximum(offs_j[:, None] - P, 0) * skj + offs_d[None, :]
         keys = tl.load(pk_ptr + at_prefix, mask=prefix, other=0.0) + tl.load(k_ptr + at_live, mask=live, other=0.0)
         values = tl.load(pv_ptr + at_prefix, mask=prefix, other=0.0) + tl.load(v_ptr + at_live, mask=live, other=0.0)
         scores = _dot(q, tl.trans(keys), IEEE)
-        # query row m is live position m % S (rows are grouped by query head: m = g * S + s)
-        additive = tl.load(mask_ptr + seq * smb + (offs_m[:, None] % S) * sms + offs_j[None, :],
+        # query row m is query position m % R, live position S - R + m % R (rows are grouped by
+        # query head: m = g * R + r); the mask's rows are the query positions'
+        additive = tl.load(mask_ptr + seq * smb + (offs_m[:, None] % R) * sms + offs_j[None, :],
                            mask=(offs_m[:, None] < M) & (offs_j[None, :] < P + S), other=0.0).to(tl.float32)
         scores = tl.where(offs_j[None, :] < P + S, scores * scaling + additive, float("-inf"))
         top = tl.max(scores, axis=1)
@@ -75,13 +88,15 @@ if triton is not None:
         return q, keys, values, w
 
     @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, out_ptr, heads,
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, out_ptr, heads,
                         sqb, sqm, skb, skj, spb, spj, smb, sms, scaling,
-                        M: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                        M: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                        SHARED: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)  # (sequence, key/value head), flattened
-        q, keys, values, w = _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, b // heads, sqb, sqm, skb, skj,
-                                    spb, spj, smb, sms, scaling, M, S, P, D, BLOCK_M, BLOCK_J, BLOCK_D, IEEE)
+        q, keys, values, w = _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, b, heads, sqb, sqm,
+                                    skb, skj, spb, spj, smb, sms, scaling, M, R, S, P, D, BLOCK_M, BLOCK_J, BLOCK_D,
+                                    IEEE, SHARED)
         out = _dot(w.to(values.dtype), values, IEEE)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -89,13 +104,15 @@ if triton is not None:
                  mask=(offs_m[:, None] < M) & (offs_d[None, :] < D))
 
     @triton.jit
-    def _backward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, dout_ptr, dq_ptr, dk_ptr, dv_ptr, heads,
-                         sqb, sqm, skb, skj, spb, spj, smb, sms, scaling,
-                         M: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    def _backward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, dout_ptr, dq_ptr, dk_ptr, dv_ptr,
+                         heads, sqb, sqm, skb, skj, spb, spj, smb, sms, scaling,
+                         M: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                         SHARED: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
-        q, keys, values, w = _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, b, b // heads, sqb, sqm, skb, skj,
-                                    spb, spj, smb, sms, scaling, M, S, P, D, BLOCK_M, BLOCK_J, BLOCK_D, IEEE)
+        q, keys, values, w = _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, b, heads, sqb, sqm,
+                                    skb, skj, spb, spj, smb, sms, scaling, M, R, S, P, D, BLOCK_M, BLOCK_J, BLOCK_D,
+                                    IEEE, SHARED)
         offs_m = tl.arange(0, BLOCK_M)
         offs_j = tl.arange(0, BLOCK_J)
         offs_d = tl.arange(0, BLOCK_D)
@@ -135,66 +152,74 @@ def warps(block_m: int) -> int:
     return 2 if block_m <= 32 else 4
 
 
-def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra):
-    """q, k, v, pk, pv: flat (B*heads, rows, d), contiguous."""
+def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra, index=None):
+    """q, k, v, pk, pv: flat (B*heads, rows, d), contiguous; mask (B, 1, r, p + s) with one row
+    per query position; ``index`` (B,) int64: each sequence's row of ``pk``/``pv`` (None: its own)."""
     M, D = q.shape[1], q.shape[2]
     S, P = k.shape[1], pk.shape[1]
-    mask = mask.reshape(-1, S, P + S).contiguous()
+    R = mask.shape[-2]
+    mask = mask.reshape(-1, R, P + S).contiguous()
     if q.numel() == 0:
         return
+    shared = index is not None and P > 0
     H = heads
     block_m = max(triton.next_power_of_2(M), 16)
     kernel[(q.shape[0],)](
-        q, k, v, pk, pv, mask, *extra, H,
+        q, k, v, pk, pv, mask, index.contiguous() if shared else mask, *extra, H,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), pk.stride(0), pk.stride(1), mask.stride(0), mask.stride(1),
-        float(scaling), M=M, S=S, P=P, D=D,
+        float(scaling), M=M, R=R, S=S, P=P, D=D,
         BLOCK_M=block_m, BLOCK_J=max(triton.next_power_of_2(P + S), 16),
-        BLOCK_D=max(triton.next_power_of_2(D), 16), IEEE=q.dtype == torch.float32,
+        BLOCK_D=max(triton.next_power_of_2(D), 16), IEEE=q.dtype == torch.float32, SHARED=shared,
         num_warps=NUM_WARPS["forward" if kernel is _forward_kernel else "backward"] or warps(block_m))
 
 
 @torch.library.custom_op("engram::prefix_attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
-              mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """q (B, H, m, d) with m = G x s (query head g, live position s); k, v (B, H, s, d): the live
-    positions' keys and values; pk, pv (B, H, p, d): the prefix's; mask (B, 1, s, p + s)
-    additive -> (B, H, m, d)."""
+              mask: torch.Tensor, scaling: float, index: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, H, m, d) with m = G x r (query head g, query position r: the last r of the live
+    positions); k, v (B, H, s, d): the live positions' keys and values; pk, pv (B, H, p, d): the
+    prefix's, or with ``index`` (B,) int64 (U, H, p, d): sequence b reads row ``index[b]``; mask
+    (B, 1, r, p + s) additive, the query positions' rows -> (B, H, m, d)."""
     B, H, M, D = q.shape
     flat = [_flat(t) for t in (q, k, v, pk, pv)]
     out = torch.empty_like(flat[0])
-    _launch(_forward_kernel, H, *flat, mask, scaling, out)
+    _launch(_forward_kernel, H, *flat, mask, scaling, out, index=index)
     return out.view(B, H, M, D)
 
 
 @torch.library.custom_op("engram::prefix_attention_backward", mutates_args=())
 def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
-                        mask: torch.Tensor, scaling: float, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        mask: torch.Tensor, scaling: float, dout: torch.Tensor,
+                        index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = [_flat(t) for t in (q, k, v, pk, pv)]
     dq, dk, dv = torch.empty_like(flat[0]), torch.empty_like(flat[1]), torch.empty_like(flat[2])
-    _launch(_backward_kernel, q.shape[1], *flat, mask, scaling, _flat(dout), dq, dk, dv)
+    _launch(_backward_kernel, q.shape[1], *flat, mask, scaling, _flat(dout), dq, dk, dv, index=index)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 @attention.register_fake
-def _(q, k, v, pk, pv, mask, scaling):
+def _(q, k, v, pk, pv, mask, scaling, index=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @_attention_backward.register_fake
-def _(q, k, v, pk, pv, mask, scaling, dout):
+def _(q, k, v, pk, pv, mask, scaling, dout, index=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _save(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.scaling = inputs[6]
+    q, k, v, pk, pv, mask, scaling = inputs[:7]
+    index = inputs[7] if len(inputs) > 7 else None
+    ctx.save_for_backward(q, k, v, pk, pv, mask, index)
+    ctx.scaling = scaling
 
 
 def _backward(ctx, dout):
-    dq, dk, dv = _attention_backward(*ctx.saved_tensors, ctx.scaling, dout)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, pk, pv, mask, index = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(q, k, v, pk, pv, mask, ctx.scaling, dout, index)
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_save)

@@ -304,6 +304,9 @@ def test_the_plain_step_gives_transformers_logits_and_gradients_and_recalls_ever
     batch = one_batch(em, facts, reuse_lower=True, prefix_attention=True, step=step)
     assert len(batch.groups) == 2 and batch.groups[0].prefix > batch.groups[1].prefix
     assert any(len(s.targets) > 1 for s in batch.seqs)
+    # the recomputing group's last layer computes its outputs at its last (answer) positions only
+    recompute = batch.groups[1].plain
+    assert 0 < recompute.tail < recompute.lower.shape[1]
     values = batch.initial_values(20.0) * 0.1  # far from the start's optimum: real gradients at any tiny width
     overlay = batch._overlay(values)
     with torch.no_grad():

@@ -167,3 +167,32 @@ def test_users_with_a_base_delta_compile_the_same_with_the_dedupe(tiny):
     assert [(r.fact_id, r.status, r.rows) for r in on.facts] == [(r.fact_id, r.status, r.rows) for r in off.facts]
     for user in off.deltas:
         assert np.array_equal(on.deltas[user].row_ids, off.deltas[user].row_ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_steps_that_read_a_shared_prefix_in_place_give_the_bits_of_the_gathered_prefix(family, tiny_checkpoints,
+                                                                                    monkeypatch):
+    """Where the compiled step's attention kernel runs (CUDA), the members of a shared prefix
+    read one copy of its keys and values (``GroupInputs.prefix_index``) instead of a gathered
+    row each, and verification's forward gathers the rows it reads. Forced here on the CPU,
+    where the uncompiled step gathers the same values on every call: the deltas and results are
+    those of the prefix gathered once, bit for bit, and the steps did read shared rows."""
+    em = load_checkpoint(tiny_checkpoints(family), attn_implementation="eager")
+    facts = user_facts(num_users=6)
+    options = CompileOptions(facts_per_batch=200, max_rounds=2)
+    want = compile_facts(em, facts, options)
+    seen = []
+    real = fast_step.UpperStep.backward
+
+    def backward(self, g, values, targets):
+        if g.prefix[0] is not None:
+            seen.append((g.prefix_index is not None, len(g.prefix[0][0]), len(g.lower)))
+        return real(self, g, values, targets)
+
+    monkeypatch.setattr(fast_step.UpperStep, "reads_shared_prefix", lambda self, like: True)
+    monkeypatch.setattr(fast_step.UpperStep, "backward", backward)
+    got = compile_facts(em, facts, options)
+    assert got.ok == want.ok == len(facts)
+    assert same_deltas(got, want) and repr(got.facts) == repr(want.facts)
+    assert seen and all(shared for shared, _, _ in seen)
+    assert any(rows < members for _, rows, members in seen)  # one row per distinct prefix, not per member

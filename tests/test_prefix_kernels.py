@@ -14,12 +14,12 @@ CHECK = textwrap.dedent('''
     from engram_core.fast_step import UpperStep
 
     def reference(qg, k, v, pk, pv, mask, scaling):
-        """The uncompiled step's attention (fast_step.UpperStep._decoder), in float32."""
+        """The uncompiled step's attention (fast_step.decoder_layer), in float32."""
         B, H, M, D = qg.shape
-        S = k.shape[2]
-        Hq = H * M // S
+        S, R = k.shape[2], mask.shape[2]  # live keys; query positions (the last R live positions)
+        Hq = H * M // R
         P = pk.shape[2]
-        scores = torch.cat([(qg @ pk.transpose(2, 3)).view(B, Hq, S, P), (qg @ k.transpose(2, 3)).view(B, Hq, S, S)], -1)
+        scores = torch.cat([(qg @ pk.transpose(2, 3)).view(B, Hq, R, P), (qg @ k.transpose(2, 3)).view(B, Hq, R, S)], -1)
         w = F.softmax(scores * scaling + mask, dim=-1).view(B, H, M, P + S)
         return w[..., :-S] @ pv + w[..., -S:] @ v
 
@@ -61,6 +61,32 @@ CHECK = textwrap.dedent('''
     prefix_kernels.NUM_WARPS.update(forward=4, backward=4)
     assert torch.equal(prefix_kernels.attention(q, k, v, pk, pv, mask, 0.1), got)
     prefix_kernels.NUM_WARPS.update(forward=None, backward=None)
+
+    # Shared prefix rows (``index``: sequence b reads row index[b]) and queries of only the last R
+    # live positions (a step's last layer): the same as the prefix gathered per sequence and the
+    # mask's and queries' rows of those positions, bit for bit (same kernel arithmetic).
+    for B, U, H, G, S, R, P, D in [(5, 2, 2, 2, 1, 1, 15, 64), (4, 3, 2, 2, 4, 1, 5, 32), (3, 1, 1, 3, 3, 2, 2, 48),
+                                   (3, 2, 2, 2, 5, 5, 0, 32)]:
+        index = torch.randint(0, U, (B,))
+        index[:U] = torch.arange(U)
+        q = torch.randn(B, H, G * R, D, requires_grad=True)
+        k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(2))
+        pk, pv = torch.randn(U, H, P, D), torch.randn(U, H, P, D)
+        valid = torch.ones(B, P + S, dtype=torch.bool)
+        for b in range(B):
+            valid[b, : min(b, P + S - 1)] = False
+        mask = UpperStep.mask(valid[:, :P], valid[:, P:], torch.float32)[:, :, S - R:]
+        g_out = torch.randn(B, H, G * R, D)
+
+        def grads(out):
+            return (out, *torch.autograd.grad((out * g_out).sum(), (q, k, v)))
+
+        got = grads(prefix_kernels.attention(q, k, v, pk, pv, mask, 0.125, index))
+        gathered = grads(prefix_kernels.attention(q, k, v, pk[index], pv[index], mask, 0.125))
+        want = grads(reference(q, k, v, pk[index], pv[index], mask, 0.125))
+        for name, x, y, z in zip(("out", "grad q", "grad k", "grad v"), got, gathered, want):
+            assert torch.equal(x, y), (name, (B, U, H, G, S, R, P, D))
+            assert torch.allclose(x, z, rtol=1e-4, atol=1e-5), (name, (B, U, H, G, S, R, P, D), (x - z).abs().max())
     print("ok")
 ''')
 
