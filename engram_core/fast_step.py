@@ -164,7 +164,7 @@ class GroupInputs:
             lower=first(self.lower), table_e=first(self.table_e), fixed_e=first(self.fixed_e), slot=first(self.slot),
             hit=first(self.hit), upper_e={i: first(e) for i, e in self.upper_e.items()}, cos=first(self.cos),
             sin=first(self.sin), mask=first(self.mask),
-            prefix=[None if kv is None or shared else (first(kv[0]), first(kv[1])) for kv in self.prefix],
+            prefix=[kv if kv is None or shared else (first(kv[0]), first(kv[1])) for kv in self.prefix],
             target_seq=self.target_seq[keep], target_pos=self.target_pos[keep],
             prefix_index=first(self.prefix_index), tail=self.tail), targets[keep]
 

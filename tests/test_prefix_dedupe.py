@@ -196,3 +196,26 @@ def test_steps_that_read_a_shared_prefix_in_place_give_the_bits_of_the_gathered_
     assert same_deltas(got, want) and repr(got.facts) == repr(want.facts)
     assert seen and all(shared for shared, _, _ in seen)
     assert any(rows < members for _, rows, members in seen)  # one row per distinct prefix, not per member
+
+
+def test_a_groups_head_keeps_the_shared_prefix_and_is_the_step_on_its_first_members(tiny, monkeypatch):
+    """``GroupInputs.head(k)`` (the sample the compiled step is checked on) of a group whose
+    members read a shared prefix in place: the prefix rows stay whole (the index is per member),
+    and its loss is the step's on those members. (A head that dropped the prefix made the
+    compiled step fail its check on an H200, 2026-12-03.)"""
+    monkeypatch.setattr(fast_step.UpperStep, "reads_shared_prefix", lambda self, like: True)
+    step = fast_step.UpperStep(tiny)
+    batch = one_batch(tiny, user_facts(num_users=6), reuse_lower=True, prefix_attention=True, step=step, dedupe=True)
+    values = batch.initial_values(20.0) * 0.1
+    shared = [g for g in batch.groups if g.plain.prefix_index is not None]
+    assert shared
+    for group in shared:
+        assert len(group.plain.prefix[0][0]) < len(group.members)
+        k = max(1, len(group.members) // 2)
+        head, targets = group.plain.head(k, group.targets)
+        assert head.prefix[0][0] is group.plain.prefix[0][0] and len(head.prefix_index) == k
+        with torch.no_grad():
+            logits = step.logits(group.plain, values)
+            keep = group.plain.target_seq < k
+            want = torch.nn.functional.cross_entropy(logits[keep], group.targets[keep], reduction="sum")
+            torch.testing.assert_close(step.loss(head, values, targets), want, rtol=1e-5, atol=1e-5)
