@@ -21,9 +21,11 @@ of a step on an H100, see bench/RESULTS.md); here one program per (sequence, hea
 keys and values once, with ``tl.dot`` on tiles padded to 16.
 
 It is a ``torch.library`` custom op with its autograd formula, so ``torch.compile`` calls it as
-it is (opaque). The kernel is specialized on (m, r, s, p, d): each new combination is compiled once
-per process (about a second; Triton caches it on disk), a few per batch at most. Without Triton (or on a CPU) nothing here is used: the step keeps its own
-attention. The compiler checks the compiled step that uses it against the uncompiled step once
+it is (opaque). The kernel is compiled for each tile size (powers of two of m, p + s and d) and
+the model's width d, not for each (m, r, s, p) (those are run-time arguments): a batch whose
+groups split their triggers elsewhere (other prefix lengths) than earlier batches compiles no
+new kernel (each takes about a second; Triton caches them on disk). Without Triton (or on a
+CPU) nothing here is used: the step keeps its own attention. The compiler checks the compiled step that uses it against the uncompiled step once
 per model before using it. With ``TRITON_INTERPRET=1`` it also runs on CPU tensors (the tests).
 """
 
@@ -56,7 +58,7 @@ if triton is not None:
 
     @triton.jit
     def _tiles(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, b, heads, sqb, sqm, skb, skj, spb, spj,
-               smb, sms, scaling, M: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+               smb, sms, scaling, M, R, S, P,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                IEEE: tl.constexpr, SHARED: tl.constexpr):
         """The program's query rows, keys, values (prefix rows then live rows) and softmax weights."""
@@ -90,7 +92,7 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, out_ptr, heads,
                         sqb, sqm, skb, skj, spb, spj, smb, sms, scaling,
-                        M: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                        M, R, S, P, D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
                         SHARED: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)  # (sequence, key/value head), flattened
@@ -106,7 +108,7 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, index_ptr, dout_ptr, dq_ptr, dk_ptr, dv_ptr,
                          heads, sqb, sqm, skb, skj, spb, spj, smb, sms, scaling,
-                         M: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                         M, R, S, P, D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
                          SHARED: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
