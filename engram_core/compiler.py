@@ -939,6 +939,11 @@ class _Group:
         if self.cache_index is None:
             return
         below = self.batch.layer if below is None else below
+        if self.cache_index.is_cuda:  # the shared rows may come from a side stream (overlap_batches): not
+            stream = torch.cuda.current_stream(self.cache_index.device)  # reused there before the gather reads them
+            for index in range(below, len(_layers_of(self.cache))):
+                for t in _cached_kv(self.cache, index):
+                    t.record_stream(stream)
         self.cache = _select_cache(self.cache, self.cache_index, first=below)
         self.lower_rows = self.cache_index if below else None
         self.cache_index = None
@@ -1169,6 +1174,11 @@ def _select_cache(cache, rows: torch.Tensor, first: int = 0, stop: int | None = 
         out.key_cache = [k[rows] if take(i) else k for i, k in enumerate(cache.key_cache)]
         out.value_cache = [v[rows] if take(i) else v for i, v in enumerate(cache.value_cache)]
     return out
+
+
+def _layers_of(cache) -> list:
+    """A KV cache's per-layer entries (their count is its decoder layers)."""
+    return cache.layers if hasattr(cache, "layers") else cache.key_cache  # older transformers: parallel lists
 
 
 def _kv_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):

@@ -139,7 +139,8 @@ class GroupInputs:
     cos: torch.Tensor  # rotary angles of the live positions (the model's own rotary embedding)
     sin: torch.Tensor
     mask: torch.Tensor  # (B, 1, S, P + S) additive, the model's dtype
-    prefix: list[tuple[torch.Tensor, torch.Tensor] | None]  # per upper layer: cached (keys, values) (B, kvh, P, hd)
+    prefix: list[tuple[torch.Tensor, torch.Tensor] | None]  # per upper layer: cached (keys, values) (B, kvh, P, hd),
+    # or (U, kvh, P, hd) with prefix_index
     target_seq: torch.Tensor  # (n,) member index of each answer position
     target_pos: torch.Tensor  # (n,) position within the live positions
     prefix_index: torch.Tensor | None = None

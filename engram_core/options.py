@@ -96,8 +96,10 @@ class CompileOptions:
     whose tokens before the group's split are the same (users who share a trigger text, "My
     dentist is") share one prefix forward (its KV cache), and those whose whole inputs are the
     same also share one forward of the layers below the write layer (``reuse_lower_layers``);
-    the results are gathered back per sequence, so the steps and verification are unchanged.
-    Nothing before the split depends on the user's trainable rows (the split is at or before the
+    the results are gathered back per sequence, so the steps and verification are unchanged:
+    where the compiled step's attention kernel runs (CUDA), each member reads its prefix's one
+    copy of the keys and values in place (``fast_step.GroupInputs.prefix_index``) instead of a
+    gathered copy of its own, and verification gathers the layers it reads. Nothing before the split depends on the user's trainable rows (the split is at or before the
     first position that addresses one); a sequence whose user has fixed base rows shares only
     with sequences of users without any, or of the same user.
 

@@ -22,9 +22,10 @@ keys and values once, with ``tl.dot`` on tiles padded to 16.
 
 It is a ``torch.library`` custom op with its autograd formula, so ``torch.compile`` calls it as
 it is (opaque). The kernel is compiled for each tile size (powers of two of m, p + s and d) and
-the model's width d, not for each (m, r, s, p) (those are run-time arguments): a batch whose
-groups split their triggers elsewhere (other prefix lengths) than earlier batches compiles no
-new kernel (each takes about a second; Triton caches them on disk). Without Triton (or on a
+the model's width d, with m, r, s and p as run-time arguments, so a batch whose groups split
+their triggers elsewhere (other prefix lengths) than earlier batches rarely compiles a new one
+(Triton still specializes an argument equal to 1 or a multiple of 16; each compile takes about
+a second, and Triton caches them on disk). Without Triton (or on a
 CPU) nothing here is used: the step keeps its own attention. The compiler checks the compiled step that uses it against the uncompiled step once
 per model before using it. With ``TRITON_INTERPRET=1`` it also runs on CPU tensors (the tests).
 """
@@ -160,6 +161,12 @@ def _launch(kernel, heads: int, q, k, v, pk, pv, mask, scaling, *extra, index=No
     M, D = q.shape[1], q.shape[2]
     S, P = k.shape[1], pk.shape[1]
     R = mask.shape[-2]
+    if R < 1 or R > S or M % R or mask.shape[-1] != P + S:
+        raise ValueError(f"prefix_attention: mask {tuple(mask.shape)} does not fit {M} query rows, {S} live keys and "
+                         f"{P} prefix keys (one row per query position, the last of the live positions)")
+    if index is not None and P > 0 and index.shape != (q.shape[0] // heads,):
+        raise ValueError(f"prefix_attention: index {tuple(index.shape)} is not one row per sequence "
+                         f"({q.shape[0] // heads})")
     mask = mask.reshape(-1, R, P + S).contiguous()
     if q.numel() == 0:
         return
