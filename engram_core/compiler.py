@@ -1050,7 +1050,7 @@ class _Group:
             fixed_e=fixed_e, slot=slot, hit=hit, upper_e=upper_e, cos=cos, sin=sin,
             mask=step.mask(self.mask[:, :P] if P else None, self.mask[:, P:], self.lower.dtype),
             prefix=prefix, target_seq=self.target_index[0], target_pos=self.target_index[1],
-            prefix_index=self.cache_index if self.cache is not None else None, tail=self.tail,
+            prefix_index=self.cache_index, tail=self.tail,
         )
 
     def _lower_hidden(self, overlay: Overlay | None, rows: torch.Tensor | None = None) -> torch.Tensor:
