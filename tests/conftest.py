@@ -20,8 +20,16 @@ from typing import Callable
 import pytest
 
 # The serving kernels compile into a fresh folder per test session (so the build itself is
-# tested), unless ENGRAM_KERNEL_CACHE names one to reuse.
-os.environ.setdefault("ENGRAM_KERNEL_CACHE", tempfile.mkdtemp(prefix="engram-test-kernels-"))
+# tested), unless ENGRAM_KERNEL_CACHE names one to reuse. The fresh folder goes when the session
+# ends (it was left behind: one folder of ~1 MB in /tmp per run).
+_OWN_KERNEL_CACHE = None
+if "ENGRAM_KERNEL_CACHE" not in os.environ:
+    _OWN_KERNEL_CACHE = os.environ["ENGRAM_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="engram-test-kernels-")
+
+
+def pytest_unconfigure(config):
+    if _OWN_KERNEL_CACHE is not None:
+        shutil.rmtree(_OWN_KERNEL_CACHE, ignore_errors=True)
 
 S3_ACCESS_KEY = "engram-test-access"
 S3_SECRET_KEY = "engram-test-secret-not-a-real-one"
