@@ -375,7 +375,9 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
     rows = [{"version": i.version, "current": i.current, "created_at": i.created_at, "parent": i.parent,
              "users": i.users, "facts": i.facts, "bytes": i.bytes} for i in infos]
     text = "\n".join(f"{'*' if r['current'] else ' '} v{r['version']:<4} {r['created_at']}  parent {r['parent'] or '-':<4} "
-                     f"users {r['users']:<7} facts {r['facts']:<8} bytes {r['bytes']}" for r in rows) or "no versions"
+                     f"users {r['users']:<7} facts {r['facts']:<8} bytes {r['bytes']}" for r in rows) or (
+        f"no versions: nothing is published at {the_store.uri} (no CURRENT, no manifest); check --store (the "
+        "prefix CURRENT lies under); a night publishes the first")
     _print(rows, as_json, text)
     if pointer_damaged:  # listed for choosing a rollback target; still a store that needs repair
         raise typer.Exit(code=1)
@@ -434,7 +436,7 @@ def stats(sql: str = typer.Argument(..., help="SQL over views facts, users, shar
     from versions.errors import PublishError
 
     try:
-        table = query_stats(open_store(store, create=False), sql)
+        table = query_stats(open_store(store, create=False), sql, require_published=True)
         if table.num_columns == 0:  # no result set (a CREATE, SET, ... last): not "(0 rows)"
             message = ("the query's last statement returned no result set (it is not a SELECT); end the query with a "
                        "SELECT to get rows")

@@ -157,6 +157,9 @@ def gc(
     verb = "would delete" if dry_run else "deleted"
     typer.echo(f"kept versions {report.kept_versions}; {verb} versions {report.deleted_versions} "
                f"and {len(report.deleted_objects)} object(s)")
+    if not report.kept_versions and not report.deleted_versions:  # a typo'd --store collects nothing, silently
+        typer.echo(f"note: nothing is published at {store} (no CURRENT, no manifest); check --store (the prefix "
+                   "CURRENT lies under)", err=True)
     if dry_run:
         for key in report.deleted_objects:
             typer.echo(f"  {key}")

@@ -44,7 +44,7 @@ from schemas.manifest import Manifest, ShardEntry, stats_part_key
 from schemas.stats import STATS_SCHEMAS, queried_schema
 from versions.catalog import list_versions, read_current, read_manifest, verified_bytes
 from versions.commit import write_verified_objects
-from versions.errors import IntegrityError
+from versions.errors import IntegrityError, UnknownVersion
 from versions.store import ObjectNotFound
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def version_parts(store, manifest: Manifest, table: str) -> list[str]:
     return parts
 
 
-def query_stats(store, sql: str) -> pa.Table:
+def query_stats(store, sql: str, *, require_published: bool = False) -> pa.Table:
     """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every published version.
     Where the last statement returns no result set (``CREATE TEMP VIEW ...`` alone), a table of no
     columns: a result set always has one, so it is told apart from a query that matched no row.
@@ -161,7 +161,12 @@ def query_stats(store, sql: str) -> pa.Table:
     sha256 its key names (:func:`versions.catalog.verified_bytes`, the read path of every shard
     object): a missing, truncated or replaced part is an IntegrityError naming it, the versions
     that name it and the fix, never a query error or an answer from other bytes. DuckDB then reads
-    the checked bytes from memory."""
+    the checked bytes from memory.
+
+    With ``require_published`` (``engram stats``), a query that runs on a store with nothing
+    published (no CURRENT, no manifest) is :class:`UnknownVersion` naming the store: it answered
+    from empty views, which is how a typo'd store path or prefix looked (a query error still comes
+    first). Without, the empty views answer (a dashboard set up before the first night)."""
     import duckdb  # only the query side needs DuckDB (compile workers and the GPU job do not)
 
     # DuckDB answers an empty query with no rows, which reads as an answer; so is one of only ';' or comments
@@ -172,7 +177,7 @@ def query_stats(store, sql: str) -> pa.Table:
     # A damaged CURRENT or current manifest is refused (ManifestError, PublishError naming it), as
     # every reader but `versions` and rollback refuses it: answering from the other versions alone
     # would give a dashboard numbers without the current version, with nothing to say so.
-    read_current(store)
+    current = read_current(store)
     manifests = [read_manifest(store, info.version) for info in list_versions(store)]
     plan = {(m.version, table): _parts_by_seq(store, m, table) for m in manifests for table in STATS_SCHEMAS}
     parts = _read_parts(store, manifests, plan)
@@ -195,10 +200,9 @@ def query_stats(store, sql: str) -> pa.Table:
             # a last statement that returns no result set (CREATE, SET, INSERT, ...: DuckDB answers a count or
             # a success flag, or the rows of an earlier SELECT): a table of no columns, never "0 rows"
             if relation is None or (statements and not _returns_rows(statements[-1])):
-                return pa.table({})
-            # duckdb 2 names it to_arrow_table; 1.x names it arrow.
-            fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
-            return fetch()
+                result = pa.table({})
+            else:  # duckdb 2 names it to_arrow_table; 1.x names it arrow.
+                result = (getattr(relation, "to_arrow_table", None) or relation.arrow)()
         except duckdb.Error as err:
             if "IO" in str(err) or "exist" in str(err) or "stream registered" in str(err):
                 _raise_if_layer_damaged(store, manifests, err)
@@ -208,6 +212,13 @@ def query_stats(store, sql: str) -> pa.Table:
                                   f"fix the query (views: {', '.join(STATS_SCHEMAS)})") from err
     finally:
         connection.close()
+    if require_published and current is None and not manifests:
+        # A store path or prefix with no CURRENT and no manifest (a typo, the bucket's root, a parent
+        # folder) answered every query with empty views: a dashboard showed 0 users, exit 0, where
+        # `pull` says nothing is published. A query error is still the query's (said above).
+        raise UnknownVersion(f"{store.uri}: nothing is published yet, so there are no stats to query (no CURRENT, "
+                             "no manifest); check --store (the prefix CURRENT lies under); a night publishes the first")
+    return result
 
 
 # DuckDB's statement types that answer no result set (a count or a success flag): a deny-list, so

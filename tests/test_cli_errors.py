@@ -279,11 +279,16 @@ def test_an_error_that_escapes_a_json_command_still_prints_its_failure_object(lo
         assert json.loads(result.stdout) == {key: False, "error": json.loads(result.stdout)["error"], "exit_code": 1}
 
 
-def test_stats_with_a_date_python_cannot_hold_is_a_clear_error_naming_the_column(tmp_path):
+def test_stats_with_a_date_python_cannot_hold_is_a_clear_error_naming_the_column(local_store, tiny):
     """DuckDB holds dates past 9999 and infinity, Python does not: the result's column is named with
-    the fix (exit 2, a query to change), never an OverflowError traceback; the fix works."""
-    (tmp_path / "store").mkdir()
-    store = str(tmp_path / "store")
+    the fix (exit 2, a query to change), never an OverflowError traceback; the fix works. (On a store
+    with a version: where nothing is published, stats refuses any query that runs.)"""
+    import numpy as np
+
+    from tests.harness import publish_deltas, random_delta
+
+    publish_deltas(local_store, tiny, {"alice": random_delta(tiny, np.random.default_rng(4))})
+    store = local_store.uri
     for sql, column in (("select 1 as n, timestamp '294247-01-10 04:00:54' as t", "t"),
                         ("select 'infinity'::date as d", "d"),
                         ("select '-infinity'::timestamptz as \"when\"", "when"),
@@ -1130,3 +1135,33 @@ def test_an_empty_shard_selection_is_refused_naming_the_option_never_taken_for_e
     result = engram("pull", "--store", local_store.uri, "--model", str(tiny_dir), "--cache-dir",
                     str(tmp_path / "cache"), "--shards", "all", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["shards"] == [0, 1], result.output
+
+
+def test_a_store_path_or_prefix_with_nothing_published_is_said_by_stats_versions_and_gc(
+        local_store, tiny, s3_bucket):
+    """A --store that names no store (a typo'd S3 prefix, the bucket's root, the store's parent folder):
+    `stats` answered every query with empty views (`0`, exit 0: a dashboard showed no users where
+    `pull` said nothing is published), `versions` printed "no versions" and `gc` "kept versions []"
+    without naming the store. Now stats refuses (exit 2, naming the store and the fix; a query error is
+    still the query's), and versions and gc name the store and say to check --store."""
+    import numpy as np
+
+    from tests.harness import publish_deltas, random_delta
+
+    publish_deltas(local_store, tiny, {"alice": random_delta(tiny, np.random.default_rng(0))})
+    # a store with a version is answered, even where no row matches (this synthetic one writes no stats parts)
+    result = _cli_here("stats", "--store", local_store.uri, "--json", "select count(*) n from shards")
+    assert result.returncode == 0 and json.loads(result.stdout) == [{"n": 0}], result.stderr
+    for uri in (str(local_store.root.parent), f"s3://{s3_bucket}/engrm", f"s3://{s3_bucket}"):
+        for flags, key in (([], None), (["--json"], "queried")):
+            result = _cli_here("stats", "--store", uri, *flags, "select count(*) from users")
+            _assert_one_line_exit_2(result, "nothing is published yet, so there are no stats to query (no CURRENT, "
+                                            "no manifest); check --store", key)
+        result = _cli_here("stats", "--store", uri, "selec 1")  # the query's own error comes first
+        _assert_one_line_exit_2(result, 'Parser Error: syntax error at or near "selec"')
+        result = _cli_here("versions", "--store", uri)
+        assert result.returncode == 0 and result.stdout.startswith("no versions: nothing is published at "), result.stdout
+        assert "check --store" in result.stdout, result.stdout
+        assert json.loads(_cli_here("versions", "--store", uri, "--json").stdout) == []
+        result = _cli_here("gc", "--store", uri, "--keep", "1")
+        assert result.returncode == 0 and f"note: nothing is published at {uri}" in result.stderr, result.stderr
