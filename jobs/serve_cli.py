@@ -423,8 +423,8 @@ def ask(
     if stale is not None:
         typer.echo(f"note: answered with v{stale['version']}, which may be stale: {stale['error']}", err=True)
     if as_json:
-        out = {"user_id": user, "version": client.index.version, "stale": stale, "text": texts[0],
-               "finish_reason": ended[0][1]}
+        out = {"user_id": user, "version": client.index.version, "memory": bool(deltas), "stale": stale,
+               "text": texts[0], "finish_reason": ended[0][1]}  # memory false: the base model's text (a typo'd id too)
         if compare:
             out["base_text"], out["base_finish_reason"] = ended[1]
         typer.echo(json.dumps(out))

@@ -514,6 +514,15 @@ def test_ask_recalls_a_users_facts_and_compares_with_the_base(local_store, tiny,
     assert out["user_id"] == "alice" and out["version"] == 1 and out["text"] == answer
     assert out["base_text"] == generate(tiny, [trigger], [[]], len(tiny.encode_answer(answer)))[0]
 
+    assert out["memory"] is True
+    # an id with no memory (never published, forgotten, a typo) gets the base model's text, and --json says so
+    # (it said so on stderr only: a script read the base model's text as the user's answer)
+    args[args.index("alice")] = "alicee"
+    result = CliRunner().invoke(cli_app(), args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["memory"] is False and out["text"] == out["base_text"]
+
     # with a local model of another fingerprint: refused
     other = tmp_path / "other"
     from engram_core.tiny import init_tiny
