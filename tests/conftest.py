@@ -135,9 +135,10 @@ class PortTaken(RuntimeError):
 
 
 def weed_command(workdir: Path, base: int, volume_max: int, *extra: str) -> list[str]:
-    """``weed server`` with master, volume, filer and S3 on base..base+3 of loopback."""
+    """``weed server`` with master, volume, filer and S3 on base..base+3 of loopback. Its log files
+    go into ``workdir`` (glog's default is the system temp folder, where every run left its own)."""
     return [
-        _weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
+        _weed_binary(), f"-logdir={workdir}", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
         f"-master.port={base}", "-master.volumeSizeLimitMB=16", *extra,
         f"-volume.port={base + 1}", f"-volume.max={volume_max}",
         "-filer", f"-filer.port={base + 2}",
