@@ -99,8 +99,9 @@ class CompileOptions:
     the results are gathered back per sequence, so the steps and verification are unchanged:
     where the compiled step's attention kernel runs (CUDA), each member reads its prefix's one
     copy of the keys and values in place (``fast_step.GroupInputs.prefix_index``) instead of a
-    gathered copy of its own, and verification gathers the layers it reads. Nothing before the split depends on the user's trainable rows (the split is at or before the
-    first position that addresses one); a sequence whose user has fixed base rows shares only
+    gathered copy of its own, and verification gathers the layers it reads. Nothing before the
+    split depends on the user's trainable rows (the split is at or before the first position that
+    addresses one); a sequence whose user has fixed base rows shares only
     with sequences of users without any, or of the same user.
 
     On by default (since 2026-12-03; off before). It is not bit-identical to the per-fact forward,

@@ -354,7 +354,7 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
              as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
     """List published versions. Example: engram versions --store ./engram-demo/store"""
     from versions.catalog import damaged_manifests, list_versions
-    from versions.errors import PublishError
+    from versions.errors import NOT_A_STORE_HINT, PublishError
     from versions.store import StoreError, open_store
 
     try:
@@ -376,8 +376,7 @@ def versions(store: str = typer.Option(..., help=STORE_HELP),
              "users": i.users, "facts": i.facts, "bytes": i.bytes} for i in infos]
     text = "\n".join(f"{'*' if r['current'] else ' '} v{r['version']:<4} {r['created_at']}  parent {r['parent'] or '-':<4} "
                      f"users {r['users']:<7} facts {r['facts']:<8} bytes {r['bytes']}" for r in rows) or (
-        f"no versions: nothing is published at {the_store.uri} (no CURRENT, no manifest); check --store (the "
-        "prefix CURRENT lies under); a night publishes the first")
+        f"no versions: nothing is published at {the_store.uri} {NOT_A_STORE_HINT}; a night publishes the first")
     _print(rows, as_json, text)
     if pointer_damaged:  # listed for choosing a rollback target; still a store that needs repair
         raise typer.Exit(code=1)

@@ -131,6 +131,7 @@ def gc(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Delete old versions and unreferenced objects. Example: engram gc --store s3://b/engram --keep 7 --dry-run"""
+    from versions.errors import NOT_A_STORE_HINT
     from versions.retention import GcIncomplete, check_keep, collect
     from versions.store import StoreError, open_store
 
@@ -158,8 +159,7 @@ def gc(
     typer.echo(f"kept versions {report.kept_versions}; {verb} versions {report.deleted_versions} "
                f"and {len(report.deleted_objects)} object(s)")
     if not report.kept_versions and not report.deleted_versions:  # a typo'd --store collects nothing, silently
-        typer.echo(f"note: nothing is published at {store} (no CURRENT, no manifest); check --store (the prefix "
-                   "CURRENT lies under)", err=True)
+        typer.echo(f"note: nothing is published at {store} {NOT_A_STORE_HINT}", err=True)
     if dry_run:
         for key in report.deleted_objects:
             typer.echo(f"  {key}")

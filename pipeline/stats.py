@@ -44,7 +44,7 @@ from schemas.manifest import Manifest, ShardEntry, stats_part_key
 from schemas.stats import STATS_SCHEMAS, queried_schema
 from versions.catalog import list_versions, read_current, read_manifest, verified_bytes
 from versions.commit import write_verified_objects
-from versions.errors import IntegrityError, UnknownVersion
+from versions.errors import NOT_A_STORE_HINT, IntegrityError, UnknownVersion
 from versions.store import ObjectNotFound
 
 logger = logging.getLogger(__name__)
@@ -216,8 +216,8 @@ def query_stats(store, sql: str, *, require_published: bool = False) -> pa.Table
         # A store path or prefix with no CURRENT and no manifest (a typo, the bucket's root, a parent
         # folder) answered every query with empty views: a dashboard showed 0 users, exit 0, where
         # `pull` says nothing is published. A query error is still the query's (said above).
-        raise UnknownVersion(f"{store.uri}: nothing is published yet, so there are no stats to query (no CURRENT, "
-                             "no manifest); check --store (the prefix CURRENT lies under); a night publishes the first")
+        raise UnknownVersion(f"{store.uri}: nothing is published yet, so there are no stats to query "
+                             f"{NOT_A_STORE_HINT}; a night publishes the first")
     return result
 
 

@@ -17,3 +17,8 @@ class IntegrityError(PublishError):
 
 class UnknownVersion(PublishError):
     pass
+
+
+NOT_A_STORE_HINT = "(no CURRENT, no manifest); check --store (the prefix CURRENT lies under)"
+"""What to say where a --store holds nothing published: most often a typo'd path or prefix, the
+bucket's root or the store's parent folder."""
