@@ -438,12 +438,14 @@ def run_members(argv: list[str], members: int) -> dict:
         for key in ("start_unix", "end_unix", "deltas_sha256", "phases_s", "seconds", "warm_up_s"):
             run.pop(key, None)
         run.update(
+            start_unix=min(r["start_unix"] for r in variant), end_unix=max(r["end_unix"] for r in variant),
             processes=members, facts=facts, seconds=round(seconds, 3), facts_per_s=round(facts / seconds, 1),
             recall=sum(r["recall"] * r["facts"] for r in variant) / facts,
             greedy_checked=sum(r["greedy_checked"] for r in variant), greedy_ok=sum(r["greedy_ok"] for r in variant),
             retried_facts=sum(r["retried_facts"] for r in variant),
             peak_gpu_gib=None if variant[0]["peak_gpu_gib"] is None else round(sum(r["peak_gpu_gib"] for r in variant), 2),
-            members=[{k: r[k] for k in ("facts", "seconds", "facts_per_s", "phases_s", "warm_up_s", "deltas_sha256", "peak_gpu_gib")}
+            members=[{k: r[k] for k in ("facts", "seconds", "facts_per_s", "phases_s", "warm_up_s", "deltas_sha256", "peak_gpu_gib",
+                                          "start_unix", "end_unix")}
                      for r in variant],
         )
         run["achieved_tflops"] = round(run["gflop_per_fact"] * 1e9 * run["facts_per_s"] / 1e12, 1)
@@ -523,6 +525,10 @@ def main() -> None:
     ap.add_argument("--kernel-warps", type=int, nargs="+", default=[0],
                     help="warps per program of the step's attention kernel (engram_core.prefix_kernels.NUM_WARPS) "
                          "variants; 0: its own rule (prefix_kernels.warps)")
+    ap.add_argument("--warm-up-batches", type=count_arg(1), default=1,
+                    help="batches of the workload each variant compiles untimed first (default 1). A process's "
+                         "first batches may still compile a shape the first one did not show (torch.compile's "
+                         "recompiles); a night of many batches pays that once")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.processes < 1:
@@ -617,7 +623,7 @@ def main() -> None:
                                   lr_width_scaling=not args.no_lr_width_scaling,
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
-            compile_facts(em, facts[: min(len(facts), batch)], opts)  # warm-up (kernels, allocator, torch.compile)
+            compile_facts(em, facts[: min(len(facts), batch * args.warm_up_batches)], opts)  # warm-up (kernels, allocator, torch.compile)
             warm_up_s = time.perf_counter() - warm
             if args.device == "cuda":
                 torch.cuda.synchronize()
@@ -656,7 +662,7 @@ def main() -> None:
                 "switch_interval_s": sys.getswitchinterval(),
                 "deltas_sha256": deltas_digest(result.deltas),
                 "compiled_in_use": [s.compiled for s in _STEPS.get(em.model, {}).values()],
-                "warm_up_s": round(warm_up_s, 1), "lr": round(effective_lr(em, opts), 4),
+                "warm_up_s": round(warm_up_s, 1), "warm_up_batches": args.warm_up_batches, "lr": round(effective_lr(em, opts), 4),
                 "start_unix": start_unix, "end_unix": end_unix,
                 "attn": attn, "facts_per_batch": batch, "reuse_lower": reuse, "prefix_attention": prefix_attn, "prefix_groups": groups, "kernel_warps": warps, "facts": len(facts), "seconds": round(seconds, 3),
                 "phases_s": result.timings,
