@@ -195,7 +195,7 @@ def test_steps_that_read_a_shared_prefix_in_place_give_the_bits_of_the_gathered_
     assert got.ok == want.ok == len(facts)
     assert same_deltas(got, want) and repr(got.facts) == repr(want.facts)
     assert any(shared and rows < members for shared, rows, members in seen)  # one row per distinct prefix
-    assert all(shared for shared, rows, members in seen if rows < members)  # never read as if per member  # one row per distinct prefix, not per member
+    assert all(shared for shared, rows, members in seen if rows < members)  # one row per distinct prefix, never read as if per member
 
 
 def test_a_groups_head_keeps_the_shared_prefix_and_is_the_step_on_its_first_members(tiny, monkeypatch):
