@@ -146,6 +146,10 @@ _DOC_SUFFIXES = (".md", ".markdown", ".rst", ".html", ".htm", ".pdf")
 _CHECKSUM_SUFFIXES = (".crc", ".md5", ".sha1", ".sha256", ".sha512", ".sha", ".checksum", ".etag")
 _CHECKSUM_NAMES = ("md5sums", "sha1sums", "sha256sums", "sha512sums", "checksums", "checksums.txt")
 _MARKER_NAMES = ("success", "done", "complete", "completed", "ready", "finished", "committed", "ok")
+# Files an operating system or a desktop writes into a folder it shows or shares (Windows Explorer's
+# thumbnail caches and folder settings, macOS's custom folder icon ``Icon\r``); ``~$`` names are the
+# owner files Office keeps beside an open document. ``.DS_Store`` and the like start with '.'.
+_OS_FILE_NAMES = ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r")
 _MARKER_SUFFIXES = (".done", ".success", ".ready", ".complete", ".completed", ".lock", ".marker", ".flag", ".ok")
 # Whole-file compression around a file (``part-0.csv.gz``): named in UNREADABLE_FILE's message.
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bzip2", ".zst": "zstd", ".zstd": "zstd",
@@ -167,6 +171,8 @@ def stray_name(path: str) -> str | None:
         return "a manifest by its name (manifest*.json)"
     if name in _MARKER_NAMES or name.endswith(_MARKER_SUFFIXES):
         return "a completion marker by its name (SUCCESS, DONE, *.done, *.lock, ...)"
+    if name in _OS_FILE_NAMES or name.startswith("~$"):
+        return "a file the operating system or Office keeps in folders, by its name (Thumbs.db, desktop.ini, Icon\\r, ~$...)"
     return None
 
 
@@ -824,11 +830,24 @@ class _LocalListing:
         logger.warning("fact log: %s is the same file as %s (%s); listed once, as %s", name, kept, real, kept)
 
 
+# Folders a file system, an operating system or a NAS keeps inside a volume or a share (case-insensitive):
+# recycle bins (Windows' $RECYCLE.BIN and RECYCLER, Synology's #recycle, QNAP's @Recycle) hold the files
+# deleted from the log (a quarantine done by deleting a file on a share), snapshot folders (Synology's
+# #snapshot, NetApp's ~snapshot over SMB, QNAP's @Recently-Snapshot) old copies of every file, fsck's
+# lost+found fragments, Synology's @eaDir and Windows' System Volume Information metadata. None is part
+# of the log; each was read as log files (the deleted file's rows came back). ``.snapshot``, ``.zfs``,
+# ``.Trash-1000``, ``.Trashes`` start with '.'.
+_SYSTEM_FOLDERS = frozenset(("$recycle.bin", "recycler", "#recycle", "@recycle", "#snapshot", "~snapshot",
+                             "@recently-snapshot", "lost+found", "@eadir", "system volume information"))
+
+
 def _is_hidden(relative_path: str) -> bool:
     """Not data by the writers' conventions: names starting with ``_`` or ``.`` (``_SUCCESS``,
-    ``_temporary/``, ``.crc`` checksums) and Hadoop's folder markers (``day=1_$folder$``, the
-    empty objects EMRFS and s3n write for a folder)."""
-    return any(part.startswith(("_", ".")) or part.endswith("_$folder$") for part in relative_path.split("/"))
+    ``_temporary/``, ``.crc`` checksums), Hadoop's folder markers (``day=1_$folder$``, the
+    empty objects EMRFS and s3n write for a folder), and the folders a file system or a NAS keeps
+    (:data:`_SYSTEM_FOLDERS`: recycle bins, snapshots, ``lost+found``) and what is in them."""
+    return any(part.startswith(("_", ".")) or part.endswith("_$folder$") or part.lower() in _SYSTEM_FOLDERS
+               for part in relative_path.split("/"))
 
 
 # Folders that make their parent a table of a table format, whose data files are not the table:
@@ -975,7 +994,9 @@ _MAGIC = ((b"\x1f\x8b", "gzip-compressed data"), (b"BZh", "bzip2-compressed data
           (b"\x28\xb5\x2f\xfd", "zstd-compressed data"), (b"\xfd7zXZ\x00", "xz-compressed data"),
           (b"\x04\x22\x4d\x18", "lz4-compressed data"), (b"PK\x03\x04", "a zip archive (or an Excel .xlsx)"),
           (b"ORC", "an ORC file"), (b"Obj\x01", "an Avro file"), (b"ARROW1", "an Arrow IPC (Feather) file"),
-          (b"\xff\xff\xff\xff", "an Arrow IPC stream"), (b"SEQ", "a Hadoop SequenceFile"))
+          (b"\xff\xff\xff\xff", "an Arrow IPC stream"), (b"SEQ", "a Hadoop SequenceFile"),
+          (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Microsoft Office file (Excel .xls, Word .doc; Windows' "
+                                                "Thumbs.db too)"))
 
 
 def _looks_like(head: bytes, display: str) -> str:

@@ -687,6 +687,7 @@ def _exports_in_other_formats() -> dict[str, tuple[bytes, str]]:
         "notes.txt": (b"exported by job 7; 3 files\n", "text (CSV"),  # a .txt is taken for rows unless a README
         "part-0.avro": (b"Obj\x01\x04\x14avro.codec" + csv, "an Avro file"),
         "part-0.arrow": (b"ARROW1\x00\x00\xff\xff\xff\xff" + csv, "an Arrow IPC (Feather) file"),
+        "rejects-2026-11.xls": (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), "a legacy Microsoft Office file (Excel .xls"),
     }
 
 
@@ -735,6 +736,56 @@ def test_a_file_of_another_format_is_rejected_naming_what_it_is_whatever_its_nam
         assert "convert it" in detail or "decompress it to part-0.parquet" in detail, (name, detail)
     with pytest.raises(FactLogError, match=re.escape(str(tmp_path / "000000_0")) + ".*an ORC file"):
         read_fact_log(str(tmp_path))
+
+
+# What an operating system, a file system or a NAS writes into a folder it mounts, shares or shows: files
+# that hold no rows, and folders of deleted, recovered or snapshotted copies of the log's own files.
+_OS_FILES = {"Thumbs.db": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504),  # Windows Explorer's thumbnails
+             "ehthumbs.db": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(56),
+             "desktop.ini": b"[.ShellClassInfo]\r\nIconResource=C:\\icons\\log.ico,0\r\n",
+             "Icon\r": b"\x00\x00\x01\x00icns",  # macOS's custom folder icon
+             "~$rejects.xlsx": b"\x05jdoe" + bytes(150)}  # Office's owner file beside an open workbook
+_OS_FOLDERS = ("$RECYCLE.BIN/S-1-5-21-1004/$RX7Q2.parquet",  # a quarantined file "deleted" on a Windows share
+               "#recycle/day=2026-11-19/part-0.parquet",  # Synology's recycle bin of a shared folder
+               "@Recycle/part-0.parquet",  # QNAP's
+               "@eaDir/part-0.parquet@SynoEAStream",  # Synology's per-folder metadata
+               "#snapshot/GMT+00_2026.11.19-00.00.00/part-0.parquet",  # Synology's snapshots of the share
+               "~snapshot/hourly.0/part-0.parquet",  # NetApp's snapshots over SMB
+               "lost+found/#131077",  # fsck's recovered fragments at a volume's root
+               "System Volume Information/IndexerVolumeGuid")
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_files_and_folders_an_os_or_nas_keeps_in_a_log_folder_are_not_read(on_bad_file, tmp_path):
+    """A fact log on a mounted volume or a file share gets what the system keeps there: Windows
+    Explorer's Thumbs.db and desktop.ini in every folder a user browsed, macOS's Icon\\r, Office's
+    ~$ owner file, a recycle bin ($RECYCLE.BIN, Synology's #recycle, QNAP's @Recycle) holding the files
+    an operator deleted from the log (a quarantine), snapshot folders (#snapshot, ~snapshot) holding
+    old copies of every file, Synology's @eaDir, fsck's lost+found. Each was read as a log file: the
+    night failed on Thumbs.db ("convert it to Parquet"), and a file quarantined by deleting it on the
+    share came back from the recycle bin with its rows. The files are skipped as no data, with a
+    warning naming them; the folders are not listed, as a '_' or '.' folder is not; both readers agree."""
+    pq.write_table(table({"fact_id": "kept"}), tmp_path / "part-0.parquet")
+    for name, content in _OS_FILES.items():
+        (tmp_path / name).write_bytes(content)
+    for relative in _OS_FOLDERS:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.endswith(".parquet"):
+            pq.write_table(table({"fact_id": "quarantined", "answer": " wrong"}), path)
+        else:
+            path.write_bytes(b"\x00\x01 fragment" * 8)
+    listed = {Path(f.path).relative_to(tmp_path).as_posix() for f in list_log_files(str(tmp_path))}
+    assert listed == {"part-0.parquet", *_OS_FILES}
+    read = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
+    assert read.rows.column("fact_id").to_pylist() == ["kept"] and read.file_rejects.num_rows == 0
+    for file in list_log_files(str(tmp_path)):
+        got, keyed = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file=on_bad_file)
+        name = Path(file.path).name
+        if name == "part-0.parquet":
+            assert keyed.column("fact_id").to_pylist() == ["kept"]
+        else:
+            assert got.reject is None and got.skipped and "the operating system" in got.skipped, (name, got)
 
 
 def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
