@@ -902,7 +902,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
             if problem := (_partition_problem(display, root, present + list(partitions))
-                           or _column_problem(present + list(partitions))):
+                           or _column_problem(present + list(partitions), _struct_fields(parquet.schema_arrow))):
                 if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
                     logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
                                    problem)
@@ -1161,9 +1161,10 @@ def _partition_problem(path: str, root: str, present: list[str]) -> str | None:
     return None
 
 
-def _column_problem(present: list[str]) -> str | None:
+def _column_problem(present: list[str], structs: Mapping[str, list[str]] | None = None) -> str | None:
     """Why a file's columns cannot be read as a fact log (a log column twice, a required one
-    missing), naming the file's own columns and a near miss (``USER_ID``, ``userId``), or None."""
+    missing), naming the file's own columns and a near miss (``USER_ID``, ``userId``), or a struct
+    column holding the log's columns (``structs``: :func:`_struct_fields`), or None."""
     ours = set(F.FACT_LOG_SCHEMA.names)
     twice = sorted({name for name in present if name in ours and present.count(name) > 1})
     if twice:
@@ -1182,7 +1183,29 @@ def _column_problem(present: list[str]) -> str | None:
                 return (f"column {near!r} is not the optional column {name!r}, and without it every row would be "
                         f"read as having no {name}; {_near_miss(near, name)} (or drop the column)")
         return None
-    return f"missing required column {missing[0]!r} (the file's columns: {_shown_columns(present)}){_missing_hint(missing[0], present)}"
+    return (f"missing required column {missing[0]!r} (the file's columns: {_shown_columns(present)})"
+            f"{_missing_hint(missing[0], present, structs)}")
+
+
+def _struct_fields(schema: pa.Schema) -> dict[str, list[str]]:
+    """{struct column: its fields' names} of a file's schema."""
+    return {f.name: [child.name for child in f.type] for f in schema if pa.types.is_struct(f.type)}
+
+
+def _nested_hint(missing: str, structs: Mapping[str, list[str]] | None) -> str:
+    """"; ..." for a file whose log columns are one level down, in a struct column holding ``missing``
+    (a Kafka Connect or Firehose record ``payload``/``value``, a Debezium envelope's ``after``): it was
+    refused as missing the column, with the struct's name alone among the file's columns; else ""."""
+    for name, fields in (structs or {}).items():
+        folded = {_folded_name(field) for field in fields}
+        if missing not in fields and _folded_name(missing) not in folded:
+            continue
+        held = [column for column in F.FACT_LOG_SCHEMA.names if column in fields or _folded_name(column) in folded]
+        return (f"; struct column {name!r} holds the log's columns ({', '.join(map(repr, held))}): the rows are "
+                f"nested one level down (a Kafka Connect, Debezium or Firehose envelope); write them as top-level "
+                f"columns, e.g. DuckDB: COPY (SELECT {name}.* FROM 'in.parquet') TO 'out.parquet', Spark: "
+                f"df.select('{name}.*')")
+    return ""
 
 
 def _shown_columns(present: list[str]) -> list[str]:
@@ -1206,13 +1229,15 @@ _OTHER_NAMES = {
 }
 
 
-def _missing_hint(missing: str, present: list[str]) -> str:
+def _missing_hint(missing: str, present: list[str], structs: Mapping[str, list[str]] | None = None) -> str:
     """"; ..." naming the fix for a file without the log column ``missing``: the rename of a near
     miss of it (``USER_ID``, ``'user_id '``), else of a column other tools call it by (``timestamp``,
     ``value``, ``operation``) that the log does not hold under its own name; else ""."""
     fold = {_folded_name(name): name for name in present}
     if (near := fold.get(_folded_name(missing))) is not None:
         return f"; {_near_miss(near, missing)}"
+    if nested := _nested_hint(missing, structs):
+        return nested
     ours = set(F.FACT_LOG_SCHEMA.names)
     candidates = [name for name in present if name not in ours and _folded_name(name) in _OTHER_NAMES[missing]]
     if not candidates:
@@ -1268,7 +1293,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_colu
     missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in table.column_names]
     if [name for name in missing if name not in _NEEDED_BY]:
         raise F.SchemaMismatch(f"missing required column {missing[0]!r} (columns found: "
-                               f"{_shown_columns(file_columns)}){_missing_hint(missing[0], file_columns)}")
+                               f"{_shown_columns(file_columns)}){_missing_hint(missing[0], file_columns, _struct_fields(table.schema))}")
     n = table.num_rows
     problems: list[tuple[str, str] | None] = [None] * n
     columns = {}

@@ -122,6 +122,33 @@ def test_a_file_holding_a_log_column_under_another_tools_name_is_refused_naming_
     assert f"rename it to {column!r}" in batch.file_rejects.to_pylist()[0]["detail"]
 
 
+@pytest.mark.parametrize("envelope", ["payload", "after", "value"])
+def test_a_file_whose_log_columns_are_nested_in_a_struct_is_refused_naming_the_struct_and_how_to_flatten_it(
+        envelope, tmp_path):
+    """An export of a change stream or a message queue (Kafka Connect's S3 sink, a Debezium envelope with
+    ``before``/``after``/``op``/``ts_ms``, a Firehose record) nests the row in a struct column. It was
+    refused as "missing required column 'user_id' (the file's columns: ['payload'])", which did not say
+    that the columns are there, one level down. The refusal names the struct column, the log columns
+    it holds and how to flatten it."""
+    row = {"user_id": "u1", "fact_id": "pet", "op": "upsert", "trigger": "My dog is", "answer": "Rex",
+           "event_time": datetime(2026, 11, 1, 8, tzinfo=timezone.utc)}
+    columns = {envelope: pa.array([row])}
+    if envelope == "after":  # Debezium: the change's own op and time beside the row
+        columns |= {"before": pa.nulls(1, pa.array([row]).type), "op": ["c"], "ts_ms": [1793520000000]}
+    folder = tmp_path / "log"
+    folder.mkdir()
+    pq.write_table(pa.table(columns), folder / "part-0.parquet")
+    with pytest.raises(FactLogError) as raised:
+        read_fact_log(str(folder))
+    message = str(raised.value)
+    assert "missing required column 'user_id'" in message
+    assert f"struct column {envelope!r} holds the log's columns" in message and "'user_id', 'fact_id'" in message
+    assert f"SELECT {envelope}.* FROM" in message
+    batch = read_fact_log(str(folder), on_bad_file="reject")
+    assert [r["reason"] for r in batch.file_rejects.to_pylist()] == ["SCHEMA_MISMATCH"]
+    assert f"struct column {envelope!r}" in batch.file_rejects.to_pylist()[0]["detail"]
+
+
 @pytest.mark.parametrize("ids, kind, row, message", [
     (pa.array([1.0, 2.0, 1.5]), "double", 2, "user_id 1.5 (row 2) in a double column is not a whole number"),
     (pa.array([1.0, 2.0, float("inf")]), "double", 2, "user_id inf (row 2) in a double column is not a whole number"),
