@@ -150,6 +150,12 @@ _MARKER_NAMES = ("success", "done", "complete", "completed", "ready", "finished"
 # thumbnail caches and folder settings, macOS's custom folder icon ``Icon\r``); ``~$`` names are the
 # owner files Office keeps beside an open document. ``.DS_Store`` and the like start with '.'.
 _OS_FILE_NAMES = ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r")
+# The temporary names copy tools give a file until it is whole, then rename it to its own (rclone's
+# ``.partial``, WinSCP's ``.filepart``, gsutil's ``.gstmp``, browsers' ``.crdownload`` / ``.part`` /
+# ``.download``, Flink's ``.inprogress``, ``.tmp``): none can be told to write under a '_' or '.' name, and a
+# night that listed the log mid-copy failed on the half-written file. Its rows are read under the name it gets.
+_IN_FLIGHT_SUFFIXES = (".partial", ".filepart", ".gstmp", ".crdownload", ".part", ".download", ".inprogress",
+                       ".tmp", ".temp")
 _MARKER_SUFFIXES = (".done", ".success", ".ready", ".complete", ".completed", ".lock", ".marker", ".flag", ".ok")
 # Whole-file compression around a file (``part-0.csv.gz``): named in UNREADABLE_FILE's message.
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bzip2", ".zst": "zstd", ".zstd": "zstd",
@@ -171,6 +177,9 @@ def stray_name(path: str) -> str | None:
         return "a manifest by its name (manifest*.json)"
     if name in _MARKER_NAMES or name.endswith(_MARKER_SUFFIXES):
         return "a completion marker by its name (SUCCESS, DONE, *.done, *.lock, ...)"
+    if name.endswith(_IN_FLIGHT_SUFFIXES):
+        return ("a copy in progress, by its name (rclone's *.partial, WinSCP's *.filepart, gsutil's *.gstmp, "
+                "*.crdownload, *.part, *.tmp, ...): its rows are read under the name the copy renames it to")
     if name in _OS_FILE_NAMES or name.startswith("~$"):
         return "a file the operating system or Office keeps in folders, by its name (Thumbs.db, desktop.ini, Icon\\r, ~$...)"
     return None
