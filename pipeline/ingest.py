@@ -1318,6 +1318,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_colu
             _warn_uuid_text_ids(columns[name], name, source)
         if name in table.column_names and _is_text_type(table.column(name).type):
             _warn_other_forms_of_ids(columns[name], name, source)
+    for name in ("user_id", "scope"):
+        _warn_ids_differing_in_case(columns[name], name, source)
     for name in _TEXT_COLUMNS:
         _warn_escaped_text(columns[name], name, source)
     _warn_scope_of_own_facts(columns, source)
@@ -1456,6 +1458,32 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
                        "ligatures, superscripts): ids are read as written, so it is not the id %r that other exports "
                        "may write; export the ids in one form", source, name, column[row].as_py(), row,
                        plain[row].as_py().strip())
+
+
+def _warn_ids_differing_in_case(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file when two of its ids differ only in case ('Ana.Silva@Example.com' and
+    'ana.silva@example.com': one producer keeps what the user typed, another lowercases it), naming
+    both and their rows: they are two users (or scopes), each served part of the facts. Ids are read
+    as written, never folded (folding would move a stored user's facts to another user, or merge two)."""
+    trimmed = pc.utf8_trim_whitespace(column)
+    unique = pc.drop_null(pc.unique(trimmed))
+    if len(unique) < 2:
+        return
+    lowered = pc.utf8_lower(unique)
+    counts = pc.value_counts(lowered)
+    clashing = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(clashing) == 0:
+        return
+    rows = pc.indices_nonzero(pc.fill_null(pc.is_in(pc.utf8_lower(trimmed), value_set=clashing), False)).to_pylist()
+    first: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        value = trimmed[row].as_py()
+        kept = first.setdefault(value.lower(), (row, value))
+        if kept[1] != value:
+            logger.warning("fact log %s: %s %r (row %d) and %r (row %d) differ only in case: ids are read as written, "
+                           "so they are two %s, each served only its own facts; export the ids in one case", source,
+                           name, kept[1], kept[0], value, row, "users" if name == "user_id" else "shared scopes")
+            return
 
 
 # Text a producer escaped for HTML or JSON and did not unescape: "Tom &amp; Jerry", "caf\\u00e9".

@@ -2367,6 +2367,32 @@ def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_o
     assert "user_id '\uff17' (row 1) holds compatibility characters" in caplog.text and "not the id '7'" in caplog.text
 
 
+@pytest.mark.parametrize("column", ["user_id", "scope"])
+def test_ids_of_one_file_that_differ_only_in_case_are_two_ids_with_one_warning_naming_both(column, tmp_path, caplog):
+    """Emails and names as ids: one producer keeps the case a user typed ('Ana.Silva@Example.com'),
+    another lowercases it. Ids are read as written (never folded: that would move a stored user's
+    facts to another user, or merge two), so they are two users (or two shared scopes), each served
+    part of the facts, and nothing said so. One warning per file and column names both ids and their
+    rows; ids differing otherwise, and the same id twice, give none."""
+    ids = ["ana.silva@example.com", "bo", "Ana.Silva@Example.com", "bo", "ANA.SILVA@EXAMPLE.COM", "Bob"]
+    rows = [{column: value, "fact_id": f"f{i}", "user_id": "u1" if column == "scope" else value}
+            for i, value in enumerate(ids)]
+    pq.write_table(table(*rows), tmp_path / "part-0.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    owners = {r[column] for r in result.state.to_pylist()}
+    assert {"ana.silva@example.com", "Ana.Silva@Example.com", "ANA.SILVA@EXAMPLE.COM"} <= owners  # never folded
+    assert caplog.text.count("differ only in case") == 1
+    assert (f"part-0.parquet: {column} 'ana.silva@example.com' (row 0) and 'Ana.Silva@Example.com' (row 2) differ only "
+            "in case") in caplog.text and "export the ids in one case" in caplog.text
+    caplog.clear()
+    pq.write_table(table(*[r | {column: r[column].lower()} | ({"user_id": r["user_id"].lower()})
+                           for r in rows]), tmp_path / "part-0.parquet")
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert "differ only in case" not in caplog.text
+
+
 def test_text_escaped_for_html_or_json_is_read_as_written_with_one_warning_per_file(tmp_path, caplog):
     """'Tom &amp; Jerry' and 'caf\\u00e9' (six characters) are what a producer that escaped its text
     and did not unescape it writes: compiled as written (a text may hold them on purpose), and
