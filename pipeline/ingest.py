@@ -935,7 +935,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
                                 "folder it lies in as the fact log (a listing gives each file's size) or fix the "
                                 f"store{shown}")
-        return info, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(head, err, info, display)}")
+        return info, None, (F.UNREADABLE_FILE,
+                            f"not a readable Parquet file ({err}){_damaged(err) or _cut_short(head, err, info, display)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -1060,6 +1061,17 @@ def _cut_short(head: bytes | None, err: Exception, info: pafs.FileInfo, display:
             "as ingested); have writers write under a name starting with '_' or '.' and rename it into place")
 
 
+def _damaged(err: Exception) -> str:
+    """What a file whose page fails its CRC is (Spark, parquet-mr and pyarrow's write_page_checksum store one
+    per page; pages are read checked, :func:`_parquet_file`), and what to do; "" for another error. Unchecked, a
+    flipped byte in an uncompressed page read as other text ('Lisbon' as 'Misbon') and was published."""
+    if "checksum verification failed" not in str(err).lower():
+        return ""
+    return (": a page's checksum does not match its bytes, so the file was damaged after it was written (a bad disk, "
+            "copy or transfer); copy it again from its source. It is not recorded as ingested: a night reads it "
+            "once it is replaced")
+
+
 def _gone(fs: pafs.FileSystem, path: str) -> bool:
     """Whether ``path`` is no longer there (a read of it failed); a link counts as there."""
     if isinstance(fs, pafs.LocalFileSystem):
@@ -1092,12 +1104,12 @@ def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display
     API over a dataset fragment given the listing's size, which reads with ranged GETs alone. An
     object whose HEAD gives another size than its listing was replaced since: read as it is now."""
     if listed_size <= 0 or handle.size() == listed_size or isinstance(fs, pafs.LocalFileSystem):
-        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", page_checksum_verification=True, **_EXTENSIONS)
     if handle.size() > 0:  # replaced since the listing (an export re-run in place): read it as it is now
         # (read at the listed size, its footer was missed and a good file called "not a readable Parquet file")
         logger.warning("fact log %s: %d bytes when listed, %d when read: replaced since the listing; read as it is "
                        "now (and recorded as read so)", display, listed_size, handle.size())
-        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", page_checksum_verification=True, **_EXTENSIONS)
     logger.warning("fact log %s: the store answered HEAD with %d bytes, its listing with %d; read at the listed size "
                    "(a store or gateway that answers HEAD without Content-Length)", display, handle.size(), listed_size)
     return _SizedParquet(fs, path, listed_size)
@@ -1108,8 +1120,9 @@ class _SizedParquet:
 
     def __init__(self, fs: pafs.FileSystem, path: str, size: int) -> None:
         options = pads.ParquetReadOptions(coerce_int96_timestamp_unit="us")
-        self._fragment = pads.ParquetFileFormat(read_options=options).make_fragment(path, filesystem=fs,
-                                                                                   file_size=size)
+        checked = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
+        self._fragment = pads.ParquetFileFormat(read_options=options, default_fragment_scan_options=checked
+                                                ).make_fragment(path, filesystem=fs, file_size=size)
         self.metadata = self._fragment.metadata  # pq.FileMetaData
         self.schema = self.metadata.schema  # pq.ParquetSchema
         self.schema_arrow = self._fragment.physical_schema

@@ -2577,6 +2577,37 @@ def test_an_s3_log_object_replaced_between_listing_and_reading_is_read_as_it_is_
     assert read.file.size == relisted.size != listed.size and relisted.ingested_as(read.file.identity())
 
 
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_damaged_byte_in_a_log_file_with_page_checksums_rejects_the_file_not_publishes_the_damage(on_bad_file,
+                                                                                                   tmp_path):
+    """Spark and parquet-mr (and pyarrow with write_page_checksum) store a CRC of every page. A byte
+    flipped after the file was written (a bad disk, copy or transfer) in an uncompressed page read as
+    other text: 'Lisbon' became 'Misbon' and was published, as pyarrow does not check the CRCs unless
+    asked. Pages are checked: the file is UNREADABLE_FILE saying it is damaged and to copy it again,
+    not ingested (read again once replaced); the other files are read."""
+    rows = table({"fact_id": "dentist", "answer": " Akeredolu"}, {"fact_id": "city", "answer": " Lisbon"},
+                 {"fact_id": "bank", "answer": " Monzo"})  # Lisbon neither min nor max: only in the page's data
+    pq.write_table(rows, tmp_path / "part-0.parquet", compression="none", use_dictionary=False,
+                   write_page_checksum=True)
+    pq.write_table(table({"fact_id": "kept"}), tmp_path / "part-1.parquet")
+    data = bytearray((tmp_path / "part-0.parquet").read_bytes())
+    data[data.index(b"Lisbon")] ^= 0x01  # 'L' -> 'M'
+    (tmp_path / "part-0.parquet").write_bytes(bytes(data))
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match=re.escape(str(tmp_path / "part-0.parquet")) + ".*checksum"):
+            read_fact_log(str(tmp_path))
+        return
+    read = read_fact_log(str(tmp_path), on_bad_file="reject")
+    assert read.rows.column("fact_id").to_pylist() == ["kept"]
+    [reject] = read.file_rejects.to_pylist()
+    assert reject["source"] == str(tmp_path / "part-0.parquet") and reject["reason"] == "UNREADABLE_FILE"
+    assert "checksum" in reject["detail"] and "damaged" in reject["detail"] and "copy it again" in reject["detail"]
+    for file in list_log_files(str(tmp_path)):
+        got, keyed = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")
+        assert (got.reject is not None) == file.path.endswith("part-0.parquet")
+        assert "Misbon" not in str(keyed.column("answer").to_pylist())
+
+
 def test_a_file_cut_short_or_still_being_written_is_told_from_a_file_of_another_format(tmp_path):
     """A Parquet file without its footer (written last: a writer still at work, an interrupted copy)
     and a CSV named .parquet were both "not a readable Parquet file" with pyarrow's words alone
