@@ -1347,8 +1347,9 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_colu
                            "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
                            source, name, kind)
     columns["op"] = _canonical_op(columns["op"])
-    columns["event_time"] = _whole_day_forgets_at_day_end(
-        table.column("event_time"), columns["op"], _to_timestamp(table.column("event_time"), problems, source), source)
+    times = _to_timestamp(table.column("event_time"), problems, source)
+    _warn_zero_times(times, columns["op"], source)
+    columns["event_time"] = _whole_day_forgets_at_day_end(table.column("event_time"), columns["op"], times, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
     columns["_row"] = table.column("_row") if "_row" in table.column_names else pa.array(range(n), pa.int64())
     if "_problem_reason" in table.column_names:  # an already-normalised batch
@@ -1471,6 +1472,35 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
                        "ligatures, superscripts): ids are read as written, so it is not the id %r that other exports "
                        "may write; export the ids in one form", source, name, column[row].as_py(), row,
                        plain[row].as_py().strip())
+
+
+# The zeros a missing time is written as: the Unix epoch (a null filled with 0, a nullable field's default, a
+# Kafka record without a timestamp) and SQL Server's (and Sybase's) zero datetime, 1900-01-01.
+_ZERO_TIMES = {0: "the Unix epoch", -2_208_988_800_000_000: "SQL Server's zero datetime"}  # us since 1970 of 1900-01-01
+
+
+def _warn_zero_times(times: pa.ChunkedArray, ops: pa.ChunkedArray, source: str) -> None:
+    """Warn once per file of rows whose event_time is a zero time exactly (:data:`_ZERO_TIMES`), naming
+    their count, the first one and the first forget_user or delete among them: read as that instant, older
+    than any real event, such a forget erased nothing the user wrote later (the night counted the user as
+    forgotten) and such a delete removed nothing written later, and nothing said why. Read as before (a
+    producer without times still gets its facts in)."""
+    micros = times.cast(pa.int64())
+    for value, what in _ZERO_TIMES.items():
+        zero = pc.fill_null(pc.equal(micros, value), False)
+        count = pc.sum(zero).as_py() or 0
+        if not count:
+            continue
+        rows = pc.indices_nonzero(zero.combine_chunks())
+        undoing = pc.is_in(pc.take(ops, rows), value_set=pa.array([F.OP_FORGET_USER, F.OP_DELETE]))
+        undo = ""
+        if pc.any(undoing).as_py():
+            row = rows[pc.index(undoing, True).as_py()].as_py()
+            undo = (f"; row {row} is a {ops[row].as_py()}, which at that time undoes nothing written after it (a forget "
+                    "erases none of the user's later facts)")
+        logger.warning("fact log %s: %d rows have event_time %s (row %d first), %s exactly: a missing time "
+                       "filled with a zero? They are read as that instant, older than every real event%s; write each "
+                       "event's own time", source, count, _iso(value).replace("+00:00", "Z"), rows[0].as_py(), what, undo)
 
 
 def _warn_ids_differing_in_case(column: pa.ChunkedArray, name: str, source: str) -> None:

@@ -593,6 +593,35 @@ def test_a_date_of_day_and_month_as_numbers_is_refused_saying_truly_what_it_is(t
     assert words in reject["detail"] and "ordinal dates 2026-324" in reject["detail"], reject["detail"]
 
 
+@pytest.mark.parametrize("zero, day", [(pa.array([0] * 4, pa.timestamp("ms", tz="UTC")), "1970-01-01"),
+                                       (pa.array([0] * 4, pa.date32()), "1970-01-01"),
+                                       (pa.array(["1970-01-01T00:00:00Z"] * 4), "1970-01-01"),
+                                       (pa.array([-2208988800] * 4, pa.timestamp("s")), "1900-01-01")])
+def test_event_times_at_the_unix_epoch_or_sql_servers_zero_date_are_read_with_one_warning_naming_the_forget(
+        zero, day, tmp_path, caplog):
+    """A missing time filled with 0 (a nullable field's default, pandas' fillna(0), a Kafka record
+    without a timestamp) is 1970-01-01T00:00:00Z exactly; SQL Server's zero datetime is 1900-01-01. Such a
+    time is read as that instant, older than any real event, so a forget_user at it erased nothing the
+    user wrote later while the night counted the user as forgotten, and nothing said why. The rows are
+    read as before (a producer without times still gets its facts in), with one warning per file naming
+    the count, the first row and, for a forget_user or delete, that it undoes nothing written later."""
+    ops = ["upsert", "upsert", "forget_user", "upsert"]
+    late = datetime(2026, 11, 1, 8, tzinfo=timezone.utc)
+    raw = pa.table({"user_id": ["u1", "u2", "u1", "u3"], "fact_id": ["a", "b", None, "c"], "op": ops,
+                    "trigger": ["My dog is", "My cat is", None, "My pin is"], "answer": ["Rex", "Tom", None, "1234"],
+                    "event_time": zero})
+    pq.write_table(raw, tmp_path / "zero.parquet")
+    pq.write_table(table({"user_id": "u1", "fact_id": "later", "event_time": late}), tmp_path / "later.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    # read as before: the forget at time zero took u1's fact of that instant, not the one written later
+    assert sorted((r["user_id"], r["fact_id"]) for r in result.state.to_pylist()) == [("u1", "later"), ("u2", "b"),
+                                                                                      ("u3", "c")]
+    assert caplog.text.count("exactly: a missing time") == 1
+    assert f"zero.parquet: 4 rows have event_time {day}T00:00:00Z (row 0 first)" in caplog.text
+    assert "row 2 is a forget_user" in caplog.text and "undoes nothing written after it" in caplog.text
+
+
 def test_year_0000_and_other_edge_years_get_one_verdict_whichever_parser_reads_them(tmp_path):
     """Year 0000 in RFC 3339 text was EVENT_TIME_OUT_OF_RANGE when Arrow read the whole column and
     BAD_EVENT_TIME "not an ISO-8601 timestamp" when the row parser did (a column where Arrow refused
