@@ -1865,6 +1865,20 @@ def test_windows_and_old_mac_line_breaks_are_newlines_not_control_characters():
     assert sorted(live_facts(result.state).values()) == [" 1 Main St\nSpringfield", " 2 Side St\nShelbyville"]
 
 
+@pytest.mark.parametrize("column, reason", [("user_id", "BAD_USER_ID"), ("fact_id", "BAD_FACT_ID"), ("scope", "BAD_SCOPE")])
+def test_an_id_holding_a_control_character_costs_its_row_naming_the_character_its_place_and_the_fix(column, reason):
+    """A NUL from a C string, a tab or newline from a pasted or concatenated id: the reject said only
+    "user_id holds control characters", where a text's names the character and where it is. It names
+    them too, and the fix."""
+    values = {"user_id": "u-17\x00", "fact_id": "pet\tdog", "scope": "org:acme\nnorth"}
+    result = run(table({column: values[column]}))
+    [reject] = result.rejects.to_pylist()
+    where = {"user_id": "U+0000 at character 4", "fact_id": "U+0009 at character 3", "scope": "U+000A at character 8"}
+    assert reject["reason"] == reason
+    assert f"{column} holds control characters ({where[column]}" in reject["detail"]
+    assert "remove it" in reject["detail"]
+
+
 def test_every_reason_code_has_a_description():
     codes = [value for name, value in vars(F).items() if name.isupper() and isinstance(value, str) and value == name]
     assert set(codes) - {"FACT_SCHEMA_VERSION"} <= set(F.REASONS)
