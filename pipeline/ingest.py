@@ -1498,9 +1498,10 @@ def _warn_zero_times(times: pa.ChunkedArray, ops: pa.ChunkedArray, source: str) 
             row = rows[pc.index(undoing, True).as_py()].as_py()
             undo = (f"; row {row} is a {ops[row].as_py()}, which at that time undoes nothing written after it (a forget "
                     "erases none of the user's later facts)")
-        logger.warning("fact log %s: %d rows have event_time %s (row %d first), %s exactly: a missing time "
-                       "filled with a zero? They are read as that instant, older than every real event%s; write each "
-                       "event's own time", source, count, _iso(value).replace("+00:00", "Z"), rows[0].as_py(), what, undo)
+        logger.warning("fact log %s: %s event_time %s (row %d first), %s exactly: a missing time filled with a "
+                       "zero? %s read as that instant, older than every real event%s; write each event's own time",
+                       source, f"{count} rows have" if count > 1 else "1 row has", _iso(value).replace("+00:00", "Z"),
+                       rows[0].as_py(), what, "They are" if count > 1 else "It is", undo)
 
 
 def _warn_ids_differing_in_case(column: pa.ChunkedArray, name: str, source: str) -> None:
