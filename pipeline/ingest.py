@@ -1209,24 +1209,42 @@ def _column_problem(present: list[str], structs: Mapping[str, list[str]] | None 
             f"{_missing_hint(missing[0], present, structs)}")
 
 
+_LISTS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view,
+          pa.types.is_fixed_size_list)
+
+
 def _struct_fields(schema: pa.Schema) -> dict[str, list[str]]:
-    """{struct column: its fields' names} of a file's schema."""
-    return {f.name: [child.name for child in f.type] for f in schema if pa.types.is_struct(f.type)}
+    """{struct column: its fields' names} of a file's schema; a list of structs (a document per user
+    holding its facts) as ``(name, "list")``."""
+    out: dict = {}
+    for f in schema:
+        kind = f.type
+        if any(is_list(kind) for is_list in _LISTS) and pa.types.is_struct(kind.value_type):
+            out[(f.name, "list")] = [child.name for child in kind.value_type]
+        elif pa.types.is_struct(kind):
+            out[f.name] = [child.name for child in kind]
+    return out
 
 
 def _nested_hint(missing: str, structs: Mapping[str, list[str]] | None) -> str:
     """"; ..." for a file whose log columns are one level down, in a struct column holding ``missing``
     (a Kafka Connect or Firehose record ``payload``/``value``, a Debezium envelope's ``after``): it was
     refused as missing the column, with the struct's name alone among the file's columns; else ""."""
-    for name, fields in (structs or {}).items():
+    for key, fields in (structs or {}).items():
         folded = {_folded_name(field) for field in fields}
         if missing not in fields and _folded_name(missing) not in folded:
             continue
-        held = [column for column in F.FACT_LOG_SCHEMA.names if column in fields or _folded_name(column) in folded]
-        return (f"; struct column {name!r} holds the log's columns ({', '.join(map(repr, held))}): the rows are "
+        held = ", ".join(repr(c) for c in F.FACT_LOG_SCHEMA.names if c in fields or _folded_name(c) in folded)
+        if isinstance(key, tuple):  # a list of structs: one row of the file holds many rows of the log
+            name = key[0]
+            return (f"; struct column {name!r} holds the log's columns ({held}) in a list: each of the file's rows "
+                    f"holds a list of log rows (a document per user); write one log row per element as "
+                    f"top-level columns, e.g. DuckDB: COPY (SELECT UNNEST({name}, recursive := true) FROM 'in.parquet') "
+                    f"TO 'out.parquet', Spark: df.select(explode('{name}').alias('r')).select('r.*')")
+        return (f"; struct column {key!r} holds the log's columns ({held}): the rows are "
                 f"nested one level down (a Kafka Connect, Debezium or Firehose envelope); write them as top-level "
-                f"columns, e.g. DuckDB: COPY (SELECT {name}.* FROM 'in.parquet') TO 'out.parquet', Spark: "
-                f"df.select('{name}.*')")
+                f"columns, e.g. DuckDB: COPY (SELECT {key}.* FROM 'in.parquet') TO 'out.parquet', Spark: "
+                f"df.select('{key}.*')")
     return ""
 
 

@@ -122,17 +122,19 @@ def test_a_file_holding_a_log_column_under_another_tools_name_is_refused_naming_
     assert f"rename it to {column!r}" in batch.file_rejects.to_pylist()[0]["detail"]
 
 
-@pytest.mark.parametrize("envelope", ["payload", "after", "value"])
+@pytest.mark.parametrize("envelope", ["payload", "after", "value", "facts"])
 def test_a_file_whose_log_columns_are_nested_in_a_struct_is_refused_naming_the_struct_and_how_to_flatten_it(
         envelope, tmp_path):
     """An export of a change stream or a message queue (Kafka Connect's S3 sink, a Debezium envelope with
     ``before``/``after``/``op``/``ts_ms``, a Firehose record) nests the row in a struct column. It was
     refused as "missing required column 'user_id' (the file's columns: ['payload'])", which did not say
-    that the columns are there, one level down. The refusal names the struct column, the log columns
-    it holds and how to flatten it."""
+    that the columns are there, one level down. The refusal names the struct column (or the list of
+    structs: a document per user holding its facts), the log columns it holds and how to flatten it."""
     row = {"user_id": "u1", "fact_id": "pet", "op": "upsert", "trigger": "My dog is", "answer": "Rex",
            "event_time": datetime(2026, 11, 1, 8, tzinfo=timezone.utc)}
     columns = {envelope: pa.array([row])}
+    if envelope == "facts":  # a document per user holding a list of its facts (a MongoDB or Firestore export)
+        columns = {"account": ["u1"], envelope: pa.array([[row, row]])}
     if envelope == "after":  # Debezium: the change's own op and time beside the row
         columns |= {"before": pa.nulls(1, pa.array([row]).type), "op": ["c"], "ts_ms": [1793520000000]}
     folder = tmp_path / "log"
@@ -143,7 +145,8 @@ def test_a_file_whose_log_columns_are_nested_in_a_struct_is_refused_naming_the_s
     message = str(raised.value)
     assert "missing required column 'user_id'" in message
     assert f"struct column {envelope!r} holds the log's columns" in message and "'user_id', 'fact_id'" in message
-    assert f"SELECT {envelope}.* FROM" in message
+    assert (f"SELECT {envelope}.* FROM" if envelope != "facts" else f"SELECT UNNEST({envelope}, recursive := true) FROM"
+            ) in message
     batch = read_fact_log(str(folder), on_bad_file="reject")
     assert [r["reason"] for r in batch.file_rejects.to_pylist()] == ["SCHEMA_MISMATCH"]
     assert f"struct column {envelope!r}" in batch.file_rejects.to_pylist()[0]["detail"]
