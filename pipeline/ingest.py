@@ -1411,7 +1411,12 @@ def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:
     them). Each of these cost its row as UNKNOWN_OP; what is left is checked against F.OPS."""
     if not _all_ascii(ops):  # the common case: nothing to fold or remove (format characters are not ASCII)
         ops = pc.replace_substring_regex(pc.utf8_normalize(ops, "NFKC"), r"\p{Cf}", "")
-    return pc.utf8_lower(pc.utf8_trim_whitespace(ops))
+    ops = pc.utf8_lower(pc.utf8_trim_whitespace(ops))
+    # a CSV's or JSON's quoting left in ('"upsert"', a JSON string dumped twice): a keyword in matching quotes
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(ops, _QUOTED_OP, r"\2"))
+
+
+_QUOTED_OP = r"""^(["'`]|\x{201C}|\x{2018})(.*)(?:"|'|`|\x{201D}|\x{2019})$"""
 
 
 def _all_ascii(texts: pa.ChunkedArray) -> bool:
@@ -2483,8 +2488,11 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
     if op not in F.OPS:
-        near = [name for name in F.OPS if re.sub(r"[\s_-]", "", op) == name.replace("_", "")]
+        near = [name for name in F.OPS if re.sub(r"[\W_]", "", op) == name.replace("_", "")]
         hint = f" (write {near[0]!r}: another spelling of an op is not read as it)" if near else ""
+        if not near and (word := re.sub(r"[\W_]", "", op)) in _OP_WORDS:
+            hint = (f" (write {_OP_WORDS[word]!r}: another word for an op is not read as it; "
+                    "upsert adds or replaces a fact, delete removes one fact, forget_user erases every fact of the user)")
         if op in _CHANGE_OPS:
             hint = (f" (write {_CHANGE_OPS[op]!r}: a change-data-capture export's operation codes, SQL's INSERT / UPDATE "
                     "/ DELETE, Debezium's c / u / r / d, AWS DMS's I / U / D, are not read as ops; map them when "
@@ -2549,6 +2557,14 @@ def _replaced_text(cols: dict, i: int) -> tuple[str, str] | None:
 
 # A change-data-capture export's operation codes (op is read in lower case): each is named with the op to
 # write, not read as it. Such an export had its deletes applied and every insert and update rejected.
+# Other words for the ops (folded to letters), named in their UNKNOWN_OP reject as the op to write.
+_OP_WORDS = {**dict.fromkeys(("add", "set", "create", "put", "save", "store", "write", "new", "replace",
+                              "upsertfact", "addfact", "setfact"), F.OP_UPSERT),
+             **dict.fromkeys(("remove", "del", "deleted", "drop", "unset", "retract", "deletefact", "removefact"),
+                             F.OP_DELETE),
+             **dict.fromkeys(("forget", "forgetme", "erase", "eraseuser", "erasure", "purge", "purgeuser",
+                              "deleteuser", "removeuser", "gdprdelete", "gdpr", "anonymize", "anonymise",
+                              "forgetuser"), F.OP_FORGET_USER)}
 _CHANGE_OPS = {"insert": F.OP_UPSERT, "update": F.OP_UPSERT,
                "c": F.OP_UPSERT, "u": F.OP_UPSERT, "r": F.OP_UPSERT, "i": F.OP_UPSERT, "d": F.OP_DELETE}
 

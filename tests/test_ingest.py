@@ -890,6 +890,27 @@ def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
         for op, name in (("forgetuser", "forget_user"), ("forget-user", "forget_user"), ("up sert", "upsert"))]
 
 
+def test_an_op_in_quotes_is_read_and_another_word_for_an_op_is_rejected_naming_the_op_to_write():
+    """A CSV's or JSON's quoting left in ('"upsert"', "'delete'": a CSV converted with its quotes, a JSON
+    string dumped twice) cost every row as UNKNOWN_OP: an op in matching quotes is read as the op, as its case
+    and width are. Another word for an op (add, set, remove, forget, erase, purge) and an op with punctuation
+    left on ('upsert;') cost their row naming the op to write: a 'forget' or 'erase' of an erasure export said
+    only "not one of upsert, delete, forget_user"."""
+    quoted = ['"upsert"', "'delete'", '\u201cUPSERT\u201d', '"forget_user"']
+    result = run(table(*({"op": op, "fact_id": f"q{i}", "user_id": f"u{i}"} for i, op in enumerate(quoted))))
+    assert result.rejected == 0 and result.forgotten_users == {"u3"}
+    assert sorted(live_facts(result.state)) == [("u0", "q0"), ("u2", "q2")]  # u1's delete, of nothing; u3 forgotten
+    words = {"add": "upsert", "SET": "upsert", "create": "upsert", "remove": "delete", "deleted": "delete",
+             "forget": "forget_user", "Erase": "forget_user", "purge": "forget_user", "upsert;": "upsert",
+             '"upsert': "upsert"}
+    result = run(table(*({"op": op, "fact_id": f"f{i}"} for i, op in enumerate(words))))
+    rejects = result.rejects.to_pylist()
+    assert [r["reason"] for r in rejects] == ["UNKNOWN_OP"] * len(words)
+    for reject, (op, name) in zip(rejects, words.items()):
+        assert reject["detail"].startswith(f"op {op.lower()!r} is not one of upsert, delete, forget_user (write {name!r}"), \
+            reject["detail"]
+
+
 def test_a_change_data_capture_exports_op_codes_are_rejected_naming_the_op_to_write():
     """A CDC export (SQL INSERT / UPDATE, Debezium c / u / r / d, AWS DMS I / U / D) had its deletes
     applied and every insert and update rejected as an unknown op, with no word of the mapping."""
