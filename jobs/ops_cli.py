@@ -44,7 +44,7 @@ def forget(
     except (PublishError, StoreError) as err:
         fail_json(as_json, f"{err}{_forget_failure_state(target, before, users)}", exit_code(err), "forgotten")
     per_user = _forget_per_user(report, users)
-    other_case = _stored_in_other_case(target, [u for u, e in zip(users, per_user) if not e["found"]])
+    other_case = stored_in_other_case(target, [u for u, e in zip(users, per_user) if not e["found"]])
     for user, entry in zip(users, per_user):
         entry["stored_in_other_case"] = len(other_case.get(user, ()))
         for stored in other_case.get(user, ()):
@@ -69,7 +69,7 @@ def forget(
                    "events after it are the id writing again")
 
 
-def _stored_in_other_case(target, users: list[str]) -> dict[str, list[str]]:
+def stored_in_other_case(target, users: list[str]) -> dict[str, list[str]]:
     """{user given: the stored user ids (any retained version's ``users`` stats) that differ from it only in
     case or compatibility form}, for the users a forget did not find: an erasure request quotes the id as
     the person wrote it, and the log may have kept another case; "not found" alone read as "nothing
