@@ -44,6 +44,13 @@ def forget(
     except (PublishError, StoreError) as err:
         fail_json(as_json, f"{err}{_forget_failure_state(target, before, users)}", exit_code(err), "forgotten")
     per_user = _forget_per_user(report, users)
+    other_case = stored_in_other_case(target, [u for u, e in zip(users, per_user) if not e["found"]])
+    for user, entry in zip(users, per_user):
+        entry["stored_in_other_case"] = len(other_case.get(user, ()))
+        for stored in other_case.get(user, ()):
+            typer.echo(f"note: {user!r} is not stored, but {stored!r} is: it differs only in case (ids are case-"
+                       f"sensitive and never folded); if it is the same person, forget it too: engram forget "
+                       f"--store {store} {stored!r}", err=True)
     if as_json:
         typer.echo(json.dumps({"forgotten": True, **report.to_dict(), "users": per_user}, sort_keys=True))
         return
@@ -60,6 +67,36 @@ def forget(
         typer.echo(f"  later nights refuse {who} events stamped up to {report.refused_until} "
                    "(FORGOTTEN_USER: the forget's time plus the day of clock skew ingest accepts); "
                    "events after it are the id writing again")
+
+
+def stored_in_other_case(target, users: list[str]) -> dict[str, list[str]]:
+    """{user given: the stored user ids (any retained version's ``users`` stats) that differ from it only in
+    case or compatibility form}, for the users a forget did not find: an erasure request quotes the id as
+    the person wrote it, and the log may have kept another case; "not found" alone read as "nothing
+    stored". Best effort: {} where the stats cannot be read (the forget itself is done)."""
+    import unicodedata
+
+    from engram_core.text import canonical_id
+    from pipeline.stats import query_stats
+
+    def folded(text: str) -> str:
+        return unicodedata.normalize("NFKC", text).casefold()
+
+    wanted = {canonical_id(u): u for u in users}
+    if not wanted:
+        return {}
+    listed = ", ".join("'" + folded(u).replace("'", "''") + "'" for u in wanted)
+    try:
+        stored = query_stats(target, f"select distinct user_id from users where lower(user_id) in ({listed})"
+                             ).column("user_id").to_pylist()
+    except Exception:  # noqa: BLE001 - a note, never the forget's outcome
+        return {}
+    out: dict[str, list[str]] = {}
+    for given, user in wanted.items():
+        near = sorted(s for s in stored if s is not None and s != given and folded(s) == folded(given))
+        if near:
+            out[user] = near
+    return out
 
 
 def _current_version(target) -> int | None:

@@ -417,14 +417,23 @@ def ask(
     ended = generate_ended(em, prompts, per_prompt, max_new_tokens=max_new_tokens,
                            stop_at_memory_end=stop_at_memory_end)
     texts = [text for text, _ in ended]
+    other_case: list[str] = []
     if not deltas:
-        typer.echo(f"note: user {user!r} has no memory in v{client.index.version}; this is the base model", err=True)
+        from jobs.ops_cli import stored_in_other_case
+
+        other_case = stored_in_other_case(store_obj, [user]).get(user, [])
+        also = "".join(f"; the store holds {stored!r}, which differs only in case (ids are case-sensitive)"
+                       for stored in other_case)
+        typer.echo(f"note: user {user!r} has no memory in v{client.index.version}; this is the base model{also}",
+                   err=True)
     stale = client.stale()
     if stale is not None:
         typer.echo(f"note: answered with v{stale['version']}, which may be stale: {stale['error']}", err=True)
     if as_json:
         out = {"user_id": user, "version": client.index.version, "memory": bool(deltas), "stale": stale,
                "text": texts[0], "finish_reason": ended[0][1]}  # memory false: the base model's text (a typo'd id too)
+        if other_case:  # stored ids that differ from --user only in case (an email typed with capitals)
+            out["stored_in_other_case"] = other_case
         if compare:
             out["base_text"], out["base_finish_reason"] = ended[1]
         typer.echo(json.dumps(out))

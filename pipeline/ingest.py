@@ -146,6 +146,16 @@ _DOC_SUFFIXES = (".md", ".markdown", ".rst", ".html", ".htm", ".pdf")
 _CHECKSUM_SUFFIXES = (".crc", ".md5", ".sha1", ".sha256", ".sha512", ".sha", ".checksum", ".etag")
 _CHECKSUM_NAMES = ("md5sums", "sha1sums", "sha256sums", "sha512sums", "checksums", "checksums.txt")
 _MARKER_NAMES = ("success", "done", "complete", "completed", "ready", "finished", "committed", "ok")
+# Files an operating system or a desktop writes into a folder it shows or shares (Windows Explorer's
+# thumbnail caches and folder settings, macOS's custom folder icon ``Icon\r``); ``~$`` names are the
+# owner files Office keeps beside an open document. ``.DS_Store`` and the like start with '.'.
+_OS_FILE_NAMES = ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r")
+# The temporary names copy tools give a file until it is whole, then rename it to its own (rclone's
+# ``.partial``, WinSCP's ``.filepart``, gsutil's ``.gstmp``, browsers' ``.crdownload`` / ``.part`` /
+# ``.download``, Flink's ``.inprogress``, ``.tmp``): none can be told to write under a '_' or '.' name, and a
+# night that listed the log mid-copy failed on the half-written file. Its rows are read under the name it gets.
+_IN_FLIGHT_SUFFIXES = (".partial", ".filepart", ".gstmp", ".crdownload", ".part", ".download", ".inprogress",
+                       ".tmp", ".temp")
 _MARKER_SUFFIXES = (".done", ".success", ".ready", ".complete", ".completed", ".lock", ".marker", ".flag", ".ok")
 # Whole-file compression around a file (``part-0.csv.gz``): named in UNREADABLE_FILE's message.
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bzip2", ".zst": "zstd", ".zstd": "zstd",
@@ -167,6 +177,11 @@ def stray_name(path: str) -> str | None:
         return "a manifest by its name (manifest*.json)"
     if name in _MARKER_NAMES or name.endswith(_MARKER_SUFFIXES):
         return "a completion marker by its name (SUCCESS, DONE, *.done, *.lock, ...)"
+    if name.endswith(_IN_FLIGHT_SUFFIXES):
+        return ("a copy in progress, by its name (rclone's *.partial, WinSCP's *.filepart, gsutil's *.gstmp, "
+                "*.crdownload, *.part, *.tmp, ...): its rows are read under the name the copy renames it to")
+    if name in _OS_FILE_NAMES or name.startswith("~$"):
+        return "a file the operating system or Office keeps in folders, by its name (Thumbs.db, desktop.ini, Icon\\r, ~$...)"
     return None
 
 
@@ -824,11 +839,24 @@ class _LocalListing:
         logger.warning("fact log: %s is the same file as %s (%s); listed once, as %s", name, kept, real, kept)
 
 
+# Folders a file system, an operating system or a NAS keeps inside a volume or a share (case-insensitive):
+# recycle bins (Windows' $RECYCLE.BIN and RECYCLER, Synology's #recycle, QNAP's @Recycle) hold the files
+# deleted from the log (a quarantine done by deleting a file on a share), snapshot folders (Synology's
+# #snapshot, NetApp's ~snapshot over SMB, QNAP's @Recently-Snapshot) old copies of every file, fsck's
+# lost+found fragments, Synology's @eaDir and Windows' System Volume Information metadata. None is part
+# of the log; each was read as log files (the deleted file's rows came back). ``.snapshot``, ``.zfs``,
+# ``.Trash-1000``, ``.Trashes`` start with '.'.
+_SYSTEM_FOLDERS = frozenset(("$recycle.bin", "recycler", "#recycle", "@recycle", "#snapshot", "~snapshot",
+                             "@recently-snapshot", "lost+found", "@eadir", "system volume information"))
+
+
 def _is_hidden(relative_path: str) -> bool:
     """Not data by the writers' conventions: names starting with ``_`` or ``.`` (``_SUCCESS``,
-    ``_temporary/``, ``.crc`` checksums) and Hadoop's folder markers (``day=1_$folder$``, the
-    empty objects EMRFS and s3n write for a folder)."""
-    return any(part.startswith(("_", ".")) or part.endswith("_$folder$") for part in relative_path.split("/"))
+    ``_temporary/``, ``.crc`` checksums), Hadoop's folder markers (``day=1_$folder$``, the
+    empty objects EMRFS and s3n write for a folder), and the folders a file system or a NAS keeps
+    (:data:`_SYSTEM_FOLDERS`: recycle bins, snapshots, ``lost+found``) and what is in them."""
+    return any(part.startswith(("_", ".")) or part.endswith("_$folder$") or part.lower() in _SYSTEM_FOLDERS
+               for part in relative_path.split("/"))
 
 
 # Folders that make their parent a table of a table format, whose data files are not the table:
@@ -883,7 +911,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
             if problem := (_partition_problem(display, root, present + list(partitions))
-                           or _column_problem(present + list(partitions))):
+                           or _column_problem(present + list(partitions), _struct_fields(parquet.schema_arrow))):
                 if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
                     logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
                                    problem)
@@ -907,7 +935,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
                                 "object, or a store or gateway that answers HEAD without Content-Length; name the "
                                 "folder it lies in as the fact log (a listing gives each file's size) or fix the "
                                 f"store{shown}")
-        return info, None, (F.UNREADABLE_FILE, f"not a readable Parquet file ({err}){_cut_short(head, err, info, display)}")
+        return info, None, (F.UNREADABLE_FILE,
+                            f"not a readable Parquet file ({err}){_damaged(err) or _cut_short(head, err, info, display)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -975,7 +1004,9 @@ _MAGIC = ((b"\x1f\x8b", "gzip-compressed data"), (b"BZh", "bzip2-compressed data
           (b"\x28\xb5\x2f\xfd", "zstd-compressed data"), (b"\xfd7zXZ\x00", "xz-compressed data"),
           (b"\x04\x22\x4d\x18", "lz4-compressed data"), (b"PK\x03\x04", "a zip archive (or an Excel .xlsx)"),
           (b"ORC", "an ORC file"), (b"Obj\x01", "an Avro file"), (b"ARROW1", "an Arrow IPC (Feather) file"),
-          (b"\xff\xff\xff\xff", "an Arrow IPC stream"), (b"SEQ", "a Hadoop SequenceFile"))
+          (b"\xff\xff\xff\xff", "an Arrow IPC stream"), (b"SEQ", "a Hadoop SequenceFile"),
+          (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Microsoft Office file (Excel .xls, Word .doc; Windows' "
+                                                "Thumbs.db too)"))
 
 
 def _looks_like(head: bytes, display: str) -> str:
@@ -1030,6 +1061,17 @@ def _cut_short(head: bytes | None, err: Exception, info: pafs.FileInfo, display:
             "as ingested); have writers write under a name starting with '_' or '.' and rename it into place")
 
 
+def _damaged(err: Exception) -> str:
+    """What a file whose page fails its CRC is (Spark, parquet-mr and pyarrow's write_page_checksum store one
+    per page; pages are read checked, :func:`_parquet_file`), and what to do; "" for another error. Unchecked, a
+    flipped byte in an uncompressed page read as other text ('Lisbon' as 'Misbon') and was published."""
+    if "checksum verification failed" not in str(err).lower():
+        return ""
+    return (": a page's checksum does not match its bytes, so the file was damaged after it was written (a bad disk, "
+            "copy or transfer); copy it again from its source. It is not recorded as ingested: a night reads it "
+            "once it is replaced")
+
+
 def _gone(fs: pafs.FileSystem, path: str) -> bool:
     """Whether ``path`` is no longer there (a read of it failed); a link counts as there."""
     if isinstance(fs, pafs.LocalFileSystem):
@@ -1062,12 +1104,12 @@ def _parquet_file(fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display
     API over a dataset fragment given the listing's size, which reads with ranged GETs alone. An
     object whose HEAD gives another size than its listing was replaced since: read as it is now."""
     if listed_size <= 0 or handle.size() == listed_size or isinstance(fs, pafs.LocalFileSystem):
-        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", page_checksum_verification=True, **_EXTENSIONS)
     if handle.size() > 0:  # replaced since the listing (an export re-run in place): read it as it is now
         # (read at the listed size, its footer was missed and a good file called "not a readable Parquet file")
         logger.warning("fact log %s: %d bytes when listed, %d when read: replaced since the listing; read as it is "
                        "now (and recorded as read so)", display, listed_size, handle.size())
-        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", **_EXTENSIONS)
+        return pq.ParquetFile(handle, coerce_int96_timestamp_unit="us", page_checksum_verification=True, **_EXTENSIONS)
     logger.warning("fact log %s: the store answered HEAD with %d bytes, its listing with %d; read at the listed size "
                    "(a store or gateway that answers HEAD without Content-Length)", display, handle.size(), listed_size)
     return _SizedParquet(fs, path, listed_size)
@@ -1078,8 +1120,9 @@ class _SizedParquet:
 
     def __init__(self, fs: pafs.FileSystem, path: str, size: int) -> None:
         options = pads.ParquetReadOptions(coerce_int96_timestamp_unit="us")
-        self._fragment = pads.ParquetFileFormat(read_options=options).make_fragment(path, filesystem=fs,
-                                                                                   file_size=size)
+        checked = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
+        self._fragment = pads.ParquetFileFormat(read_options=options, default_fragment_scan_options=checked
+                                                ).make_fragment(path, filesystem=fs, file_size=size)
         self.metadata = self._fragment.metadata  # pq.FileMetaData
         self.schema = self.metadata.schema  # pq.ParquetSchema
         self.schema_arrow = self._fragment.physical_schema
@@ -1140,9 +1183,10 @@ def _partition_problem(path: str, root: str, present: list[str]) -> str | None:
     return None
 
 
-def _column_problem(present: list[str]) -> str | None:
+def _column_problem(present: list[str], structs: Mapping[str, list[str]] | None = None) -> str | None:
     """Why a file's columns cannot be read as a fact log (a log column twice, a required one
-    missing), naming the file's own columns and a near miss (``USER_ID``, ``userId``), or None."""
+    missing), naming the file's own columns and a near miss (``USER_ID``, ``userId``), or a struct
+    column holding the log's columns (``structs``: :func:`_struct_fields`), or None."""
     ours = set(F.FACT_LOG_SCHEMA.names)
     twice = sorted({name for name in present if name in ours and present.count(name) > 1})
     if twice:
@@ -1161,7 +1205,47 @@ def _column_problem(present: list[str]) -> str | None:
                 return (f"column {near!r} is not the optional column {name!r}, and without it every row would be "
                         f"read as having no {name}; {_near_miss(near, name)} (or drop the column)")
         return None
-    return f"missing required column {missing[0]!r} (the file's columns: {_shown_columns(present)}){_missing_hint(missing[0], present)}"
+    return (f"missing required column {missing[0]!r} (the file's columns: {_shown_columns(present)})"
+            f"{_missing_hint(missing[0], present, structs)}")
+
+
+_LISTS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view,
+          pa.types.is_fixed_size_list)
+
+
+def _struct_fields(schema: pa.Schema) -> dict[str, list[str]]:
+    """{struct column: its fields' names} of a file's schema; a list of structs (a document per user
+    holding its facts) as ``(name, "list")``."""
+    out: dict = {}
+    for f in schema:
+        kind = f.type
+        if any(is_list(kind) for is_list in _LISTS) and pa.types.is_struct(kind.value_type):
+            out[(f.name, "list")] = [child.name for child in kind.value_type]
+        elif pa.types.is_struct(kind):
+            out[f.name] = [child.name for child in kind]
+    return out
+
+
+def _nested_hint(missing: str, structs: Mapping[str, list[str]] | None) -> str:
+    """"; ..." for a file whose log columns are one level down, in a struct column holding ``missing``
+    (a Kafka Connect or Firehose record ``payload``/``value``, a Debezium envelope's ``after``): it was
+    refused as missing the column, with the struct's name alone among the file's columns; else ""."""
+    for key, fields in (structs or {}).items():
+        folded = {_folded_name(field) for field in fields}
+        if missing not in fields and _folded_name(missing) not in folded:
+            continue
+        held = ", ".join(repr(c) for c in F.FACT_LOG_SCHEMA.names if c in fields or _folded_name(c) in folded)
+        if isinstance(key, tuple):  # a list of structs: one row of the file holds many rows of the log
+            name = key[0]
+            return (f"; struct column {name!r} holds the log's columns ({held}) in a list: each of the file's rows "
+                    f"holds a list of log rows (a document per user); write one log row per element as "
+                    f"top-level columns, e.g. DuckDB: COPY (SELECT UNNEST({name}, recursive := true) FROM 'in.parquet') "
+                    f"TO 'out.parquet', Spark: df.select(explode('{name}').alias('r')).select('r.*')")
+        return (f"; struct column {key!r} holds the log's columns ({held}): the rows are "
+                f"nested one level down (a Kafka Connect, Debezium or Firehose envelope); write them as top-level "
+                f"columns, e.g. DuckDB: COPY (SELECT {key}.* FROM 'in.parquet') TO 'out.parquet', Spark: "
+                f"df.select('{key}.*')")
+    return ""
 
 
 def _shown_columns(present: list[str]) -> list[str]:
@@ -1185,13 +1269,15 @@ _OTHER_NAMES = {
 }
 
 
-def _missing_hint(missing: str, present: list[str]) -> str:
+def _missing_hint(missing: str, present: list[str], structs: Mapping[str, list[str]] | None = None) -> str:
     """"; ..." naming the fix for a file without the log column ``missing``: the rename of a near
     miss of it (``USER_ID``, ``'user_id '``), else of a column other tools call it by (``timestamp``,
     ``value``, ``operation``) that the log does not hold under its own name; else ""."""
     fold = {_folded_name(name): name for name in present}
     if (near := fold.get(_folded_name(missing))) is not None:
         return f"; {_near_miss(near, missing)}"
+    if nested := _nested_hint(missing, structs):
+        return nested
     ours = set(F.FACT_LOG_SCHEMA.names)
     candidates = [name for name in present if name not in ours and _folded_name(name) in _OTHER_NAMES[missing]]
     if not candidates:
@@ -1247,7 +1333,7 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_colu
     missing = [name for name in F.REQUIRED_LOG_COLUMNS if name not in table.column_names]
     if [name for name in missing if name not in _NEEDED_BY]:
         raise F.SchemaMismatch(f"missing required column {missing[0]!r} (columns found: "
-                               f"{_shown_columns(file_columns)}){_missing_hint(missing[0], file_columns)}")
+                               f"{_shown_columns(file_columns)}){_missing_hint(missing[0], file_columns, _struct_fields(table.schema))}")
     n = table.num_rows
     problems: list[tuple[str, str] | None] = [None] * n
     columns = {}
@@ -1263,6 +1349,8 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_colu
             _warn_uuid_text_ids(columns[name], name, source)
         if name in table.column_names and _is_text_type(table.column(name).type):
             _warn_other_forms_of_ids(columns[name], name, source)
+    for name in ("user_id", "scope"):
+        _warn_ids_differing_in_case(columns[name], name, source)
     for name in _TEXT_COLUMNS:
         _warn_escaped_text(columns[name], name, source)
     _warn_scope_of_own_facts(columns, source)
@@ -1277,8 +1365,9 @@ def normalise_fact_log(table: pa.Table, *, source: str = TABLE_SOURCE, file_colu
                            "hyphenated text, as a UUID column reads); write 16-character texts as a string column",
                            source, name, kind)
     columns["op"] = _canonical_op(columns["op"])
-    columns["event_time"] = _whole_day_forgets_at_day_end(
-        table.column("event_time"), columns["op"], _to_timestamp(table.column("event_time"), problems, source), source)
+    times = _to_timestamp(table.column("event_time"), problems, source)
+    _warn_zero_times(times, columns["op"], source)
+    columns["event_time"] = _whole_day_forgets_at_day_end(table.column("event_time"), columns["op"], times, source)
     columns["_source"] = table.column("_source") if "_source" in table.column_names else pa.array([source] * n, pa.string())
     columns["_row"] = table.column("_row") if "_row" in table.column_names else pa.array(range(n), pa.int64())
     if "_problem_reason" in table.column_names:  # an already-normalised batch
@@ -1322,7 +1411,12 @@ def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:
     them). Each of these cost its row as UNKNOWN_OP; what is left is checked against F.OPS."""
     if not _all_ascii(ops):  # the common case: nothing to fold or remove (format characters are not ASCII)
         ops = pc.replace_substring_regex(pc.utf8_normalize(ops, "NFKC"), r"\p{Cf}", "")
-    return pc.utf8_lower(pc.utf8_trim_whitespace(ops))
+    ops = pc.utf8_lower(pc.utf8_trim_whitespace(ops))
+    # a CSV's or JSON's quoting left in ('"upsert"', a JSON string dumped twice): a keyword in matching quotes
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(ops, _QUOTED_OP, r"\2"))
+
+
+_QUOTED_OP = r"""^(["'`]|\x{201C}|\x{2018})(.*)(?:"|'|`|\x{201D}|\x{2019})$"""
 
 
 def _all_ascii(texts: pa.ChunkedArray) -> bool:
@@ -1401,6 +1495,62 @@ def _warn_other_forms_of_ids(column: pa.ChunkedArray, name: str, source: str) ->
                        "ligatures, superscripts): ids are read as written, so it is not the id %r that other exports "
                        "may write; export the ids in one form", source, name, column[row].as_py(), row,
                        plain[row].as_py().strip())
+
+
+# The zeros a missing time is written as: the Unix epoch (a null filled with 0, a nullable field's default, a
+# Kafka record without a timestamp) and SQL Server's (and Sybase's) zero datetime, 1900-01-01.
+_ZERO_TIMES = {0: "the Unix epoch", -2_208_988_800_000_000: "SQL Server's zero datetime"}  # us since 1970 of 1900-01-01
+
+
+def _warn_zero_times(times: pa.ChunkedArray, ops: pa.ChunkedArray, source: str) -> None:
+    """Warn once per file of rows whose event_time is a zero time exactly (:data:`_ZERO_TIMES`), naming
+    their count, the first one and the first forget_user or delete among them: read as that instant, older
+    than any real event, such a forget erased nothing the user wrote later (the night counted the user as
+    forgotten) and such a delete removed nothing written later, and nothing said why. Read as before (a
+    producer without times still gets its facts in)."""
+    micros = times.cast(pa.int64())
+    for value, what in _ZERO_TIMES.items():
+        zero = pc.fill_null(pc.equal(micros, value), False)
+        count = pc.sum(zero).as_py() or 0
+        if not count:
+            continue
+        rows = pc.indices_nonzero(zero.combine_chunks())
+        undoing = pc.is_in(pc.take(ops, rows), value_set=pa.array([F.OP_FORGET_USER, F.OP_DELETE]))
+        undo = ""
+        if pc.any(undoing).as_py():
+            row = rows[pc.index(undoing, True).as_py()].as_py()
+            undo = (f"; row {row} is a {ops[row].as_py()}, which at that time undoes nothing written after it (a forget "
+                    "erases none of the user's later facts)")
+        logger.warning("fact log %s: %s event_time %s (row %d first), %s exactly: a missing time filled with a "
+                       "zero? %s read as that instant, older than every real event%s; write each event's own time",
+                       source, f"{count} rows have" if count > 1 else "1 row has", _iso(value).replace("+00:00", "Z"),
+                       rows[0].as_py(), what, "They are" if count > 1 else "It is", undo)
+
+
+def _warn_ids_differing_in_case(column: pa.ChunkedArray, name: str, source: str) -> None:
+    """Warn once per file when two of its ids differ only in case ('Ana.Silva@Example.com' and
+    'ana.silva@example.com': one producer keeps what the user typed, another lowercases it), naming
+    both and their rows: they are two users (or scopes), each served part of the facts. Ids are read
+    as written, never folded (folding would move a stored user's facts to another user, or merge two)."""
+    trimmed = pc.utf8_trim_whitespace(column)
+    unique = pc.drop_null(pc.unique(trimmed))
+    if len(unique) < 2:
+        return
+    lowered = pc.utf8_lower(unique)
+    counts = pc.value_counts(lowered)
+    clashing = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(clashing) == 0:
+        return
+    rows = pc.indices_nonzero(pc.fill_null(pc.is_in(pc.utf8_lower(trimmed), value_set=clashing), False)).to_pylist()
+    first: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        value = trimmed[row].as_py()
+        kept = first.setdefault(value.lower(), (row, value))
+        if kept[1] != value:
+            logger.warning("fact log %s: %s %r (row %d) and %r (row %d) differ only in case: ids are read as written, "
+                           "so they are two %s, each served only its own facts; export the ids in one case", source,
+                           name, kept[1], kept[0], value, row, "users" if name == "user_id" else "shared scopes")
+            return
 
 
 # Text a producer escaped for HTML or JSON and did not unescape: "Tom &amp; Jerry", "caf\\u00e9".
@@ -2338,8 +2488,11 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
     if op not in F.OPS:
-        near = [name for name in F.OPS if re.sub(r"[\s_-]", "", op) == name.replace("_", "")]
+        near = [name for name in F.OPS if re.sub(r"[\W_]", "", op) == name.replace("_", "")]
         hint = f" (write {near[0]!r}: another spelling of an op is not read as it)" if near else ""
+        if not near and (word := re.sub(r"[\W_]", "", op)) in _OP_WORDS:
+            hint = (f" (write {_OP_WORDS[word]!r}: another word for an op is not read as it; "
+                    "upsert adds or replaces a fact, delete removes one fact, forget_user erases every fact of the user)")
         if op in _CHANGE_OPS:
             hint = (f" (write {_CHANGE_OPS[op]!r}: a change-data-capture export's operation codes, SQL's INSERT / UPDATE "
                     "/ DELETE, Debezium's c / u / r / d, AWS DMS's I / U / D, are not read as ops; map them when "
@@ -2404,6 +2557,14 @@ def _replaced_text(cols: dict, i: int) -> tuple[str, str] | None:
 
 # A change-data-capture export's operation codes (op is read in lower case): each is named with the op to
 # write, not read as it. Such an export had its deletes applied and every insert and update rejected.
+# Other words for the ops (folded to letters), named in their UNKNOWN_OP reject as the op to write.
+_OP_WORDS = {**dict.fromkeys(("add", "set", "create", "put", "save", "store", "write", "new", "replace",
+                              "upsertfact", "addfact", "setfact"), F.OP_UPSERT),
+             **dict.fromkeys(("remove", "del", "deleted", "drop", "unset", "retract", "deletefact", "removefact"),
+                             F.OP_DELETE),
+             **dict.fromkeys(("forget", "forgetme", "erase", "eraseuser", "erasure", "purge", "purgeuser",
+                              "deleteuser", "removeuser", "gdprdelete", "gdpr", "anonymize", "anonymise",
+                              "forgetuser"), F.OP_FORGET_USER)}
 _CHANGE_OPS = {"insert": F.OP_UPSERT, "update": F.OP_UPSERT,
                "c": F.OP_UPSERT, "u": F.OP_UPSERT, "r": F.OP_UPSERT, "i": F.OP_UPSERT, "d": F.OP_DELETE}
 

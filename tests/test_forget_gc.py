@@ -289,6 +289,36 @@ def test_forget_and_gc_commands(local_store):
     assert out.exit_code != 0 and "at least 1" in out.output
 
 
+def test_forget_of_an_id_the_store_holds_only_in_another_case_names_the_stored_id(local_store):
+    """An erasure request quotes the id as the person wrote it ('ana.silva@example.com'); the log
+    kept another case ('Ana.Silva@Example.com'). Ids are case-sensitive, so `engram forget` found
+    nobody and said "no data of theirs is stored": the operator closed the request, the data stayed
+    served. It still forgets exactly the id given (never folded), and says which stored ids differ
+    only in case, with the command that forgets one (text: on stderr; --json: a count per user on
+    stdout, which holds hashes only, never ids)."""
+    from jobs.cli import app
+
+    stored = "Ana.Silva@Example.com"
+    _publish(local_store, 1, USERS + [stored], None)
+    runner = CliRunner()
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ana.silva@example.com"])
+    assert out.exit_code == 0, out.output
+    assert "not found" in out.stdout and stored not in out.stdout
+    assert f"'ana.silva@example.com' is not stored, but {stored!r} is" in out.stderr
+    assert "differs only in case" in out.stderr
+    assert f"engram forget --store {local_store.root} {stored!r}" in out.stderr
+    version = read_current(local_store)[0].version
+    assert stored in query_stats(local_store, f"select user_id from users where version = {version}"
+                                 ).column("user_id").to_pylist()  # never folded: the stored id is kept
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ANA.SILVA@EXAMPLE.COM", USERS[1], "--json"])
+    assert out.exit_code == 0, out.output
+    reported = json.loads(out.stdout)
+    assert [u["stored_in_other_case"] for u in reported["users"]] == [1, 0]
+    assert stored not in out.stdout and "differs only in case" in out.stderr
+    out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost"])  # no such id in any case
+    assert out.exit_code == 0 and "differs only in case" not in out.stderr
+
+
 def test_forget_of_several_users_is_one_rewrite_one_current_move_and_reports_each(four_versions):
     """`engram forget A B C` rewrote the store once per id: three ids made three rounds of versions
     and moved CURRENT three times (every serving node re-pulled each time). Now every id given is

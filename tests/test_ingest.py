@@ -122,6 +122,36 @@ def test_a_file_holding_a_log_column_under_another_tools_name_is_refused_naming_
     assert f"rename it to {column!r}" in batch.file_rejects.to_pylist()[0]["detail"]
 
 
+@pytest.mark.parametrize("envelope", ["payload", "after", "value", "facts"])
+def test_a_file_whose_log_columns_are_nested_in_a_struct_is_refused_naming_the_struct_and_how_to_flatten_it(
+        envelope, tmp_path):
+    """An export of a change stream or a message queue (Kafka Connect's S3 sink, a Debezium envelope with
+    ``before``/``after``/``op``/``ts_ms``, a Firehose record) nests the row in a struct column. It was
+    refused as "missing required column 'user_id' (the file's columns: ['payload'])", which did not say
+    that the columns are there, one level down. The refusal names the struct column (or the list of
+    structs: a document per user holding its facts), the log columns it holds and how to flatten it."""
+    row = {"user_id": "u1", "fact_id": "pet", "op": "upsert", "trigger": "My dog is", "answer": "Rex",
+           "event_time": datetime(2026, 11, 1, 8, tzinfo=timezone.utc)}
+    columns = {envelope: pa.array([row])}
+    if envelope == "facts":  # a document per user holding a list of its facts (a MongoDB or Firestore export)
+        columns = {"account": ["u1"], envelope: pa.array([[row, row]])}
+    if envelope == "after":  # Debezium: the change's own op and time beside the row
+        columns |= {"before": pa.nulls(1, pa.array([row]).type), "op": ["c"], "ts_ms": [1793520000000]}
+    folder = tmp_path / "log"
+    folder.mkdir()
+    pq.write_table(pa.table(columns), folder / "part-0.parquet")
+    with pytest.raises(FactLogError) as raised:
+        read_fact_log(str(folder))
+    message = str(raised.value)
+    assert "missing required column 'user_id'" in message
+    assert f"struct column {envelope!r} holds the log's columns" in message and "'user_id', 'fact_id'" in message
+    assert (f"SELECT {envelope}.* FROM" if envelope != "facts" else f"SELECT UNNEST({envelope}, recursive := true) FROM"
+            ) in message
+    batch = read_fact_log(str(folder), on_bad_file="reject")
+    assert [r["reason"] for r in batch.file_rejects.to_pylist()] == ["SCHEMA_MISMATCH"]
+    assert f"struct column {envelope!r}" in batch.file_rejects.to_pylist()[0]["detail"]
+
+
 @pytest.mark.parametrize("ids, kind, row, message", [
     (pa.array([1.0, 2.0, 1.5]), "double", 2, "user_id 1.5 (row 2) in a double column is not a whole number"),
     (pa.array([1.0, 2.0, float("inf")]), "double", 2, "user_id inf (row 2) in a double column is not a whole number"),
@@ -566,6 +596,35 @@ def test_a_date_of_day_and_month_as_numbers_is_refused_saying_truly_what_it_is(t
     assert words in reject["detail"] and "ordinal dates 2026-324" in reject["detail"], reject["detail"]
 
 
+@pytest.mark.parametrize("zero, day", [(pa.array([0] * 4, pa.timestamp("ms", tz="UTC")), "1970-01-01"),
+                                       (pa.array([0] * 4, pa.date32()), "1970-01-01"),
+                                       (pa.array(["1970-01-01T00:00:00Z"] * 4), "1970-01-01"),
+                                       (pa.array([-2208988800] * 4, pa.timestamp("s")), "1900-01-01")])
+def test_event_times_at_the_unix_epoch_or_sql_servers_zero_date_are_read_with_one_warning_naming_the_forget(
+        zero, day, tmp_path, caplog):
+    """A missing time filled with 0 (a nullable field's default, pandas' fillna(0), a Kafka record
+    without a timestamp) is 1970-01-01T00:00:00Z exactly; SQL Server's zero datetime is 1900-01-01. Such a
+    time is read as that instant, older than any real event, so a forget_user at it erased nothing the
+    user wrote later while the night counted the user as forgotten, and nothing said why. The rows are
+    read as before (a producer without times still gets its facts in), with one warning per file naming
+    the count, the first row and, for a forget_user or delete, that it undoes nothing written later."""
+    ops = ["upsert", "upsert", "forget_user", "upsert"]
+    late = datetime(2026, 11, 1, 8, tzinfo=timezone.utc)
+    raw = pa.table({"user_id": ["u1", "u2", "u1", "u3"], "fact_id": ["a", "b", None, "c"], "op": ops,
+                    "trigger": ["My dog is", "My cat is", None, "My pin is"], "answer": ["Rex", "Tom", None, "1234"],
+                    "event_time": zero})
+    pq.write_table(raw, tmp_path / "zero.parquet")
+    pq.write_table(table({"user_id": "u1", "fact_id": "later", "event_time": late}), tmp_path / "later.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    # read as before: the forget at time zero took u1's fact of that instant, not the one written later
+    assert sorted((r["user_id"], r["fact_id"]) for r in result.state.to_pylist()) == [("u1", "later"), ("u2", "b"),
+                                                                                      ("u3", "c")]
+    assert caplog.text.count("exactly: a missing time") == 1
+    assert f"zero.parquet: 4 rows have event_time {day}T00:00:00Z (row 0 first)" in caplog.text
+    assert "row 2 is a forget_user" in caplog.text and "undoes nothing written after it" in caplog.text
+
+
 def test_year_0000_and_other_edge_years_get_one_verdict_whichever_parser_reads_them(tmp_path):
     """Year 0000 in RFC 3339 text was EVENT_TIME_OUT_OF_RANGE when Arrow read the whole column and
     BAD_EVENT_TIME "not an ISO-8601 timestamp" when the row parser did (a column where Arrow refused
@@ -687,6 +746,7 @@ def _exports_in_other_formats() -> dict[str, tuple[bytes, str]]:
         "notes.txt": (b"exported by job 7; 3 files\n", "text (CSV"),  # a .txt is taken for rows unless a README
         "part-0.avro": (b"Obj\x01\x04\x14avro.codec" + csv, "an Avro file"),
         "part-0.arrow": (b"ARROW1\x00\x00\xff\xff\xff\xff" + csv, "an Arrow IPC (Feather) file"),
+        "rejects-2026-11.xls": (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), "a legacy Microsoft Office file (Excel .xls"),
     }
 
 
@@ -737,12 +797,118 @@ def test_a_file_of_another_format_is_rejected_naming_what_it_is_whatever_its_nam
         read_fact_log(str(tmp_path))
 
 
+# What an operating system, a file system or a NAS writes into a folder it mounts, shares or shows: files
+# that hold no rows, and folders of deleted, recovered or snapshotted copies of the log's own files.
+_OS_FILES = {"Thumbs.db": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504),  # Windows Explorer's thumbnails
+             "ehthumbs.db": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(56),
+             "desktop.ini": b"[.ShellClassInfo]\r\nIconResource=C:\\icons\\log.ico,0\r\n",
+             "Icon\r": b"\x00\x00\x01\x00icns",  # macOS's custom folder icon
+             "~$rejects.xlsx": b"\x05jdoe" + bytes(150)}  # Office's owner file beside an open workbook
+_OS_FOLDERS = ("$RECYCLE.BIN/S-1-5-21-1004/$RX7Q2.parquet",  # a quarantined file "deleted" on a Windows share
+               "#recycle/day=2026-11-19/part-0.parquet",  # Synology's recycle bin of a shared folder
+               "@Recycle/part-0.parquet",  # QNAP's
+               "@eaDir/part-0.parquet@SynoEAStream",  # Synology's per-folder metadata
+               "#snapshot/GMT+00_2026.11.19-00.00.00/part-0.parquet",  # Synology's snapshots of the share
+               "~snapshot/hourly.0/part-0.parquet",  # NetApp's snapshots over SMB
+               "lost+found/#131077",  # fsck's recovered fragments at a volume's root
+               "System Volume Information/IndexerVolumeGuid")
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_files_and_folders_an_os_or_nas_keeps_in_a_log_folder_are_not_read(on_bad_file, tmp_path):
+    """A fact log on a mounted volume or a file share gets what the system keeps there: Windows
+    Explorer's Thumbs.db and desktop.ini in every folder a user browsed, macOS's Icon\\r, Office's
+    ~$ owner file, a recycle bin ($RECYCLE.BIN, Synology's #recycle, QNAP's @Recycle) holding the files
+    an operator deleted from the log (a quarantine), snapshot folders (#snapshot, ~snapshot) holding
+    old copies of every file, Synology's @eaDir, fsck's lost+found. Each was read as a log file: the
+    night failed on Thumbs.db ("convert it to Parquet"), and a file quarantined by deleting it on the
+    share came back from the recycle bin with its rows. The files are skipped as no data, with a
+    warning naming them; the folders are not listed, as a '_' or '.' folder is not; both readers agree."""
+    pq.write_table(table({"fact_id": "kept"}), tmp_path / "part-0.parquet")
+    for name, content in _OS_FILES.items():
+        (tmp_path / name).write_bytes(content)
+    for relative in _OS_FOLDERS:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.endswith(".parquet"):
+            pq.write_table(table({"fact_id": "quarantined", "answer": " wrong"}), path)
+        else:
+            path.write_bytes(b"\x00\x01 fragment" * 8)
+    listed = {Path(f.path).relative_to(tmp_path).as_posix() for f in list_log_files(str(tmp_path))}
+    assert listed == {"part-0.parquet", *_OS_FILES}
+    read = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
+    assert read.rows.column("fact_id").to_pylist() == ["kept"] and read.file_rejects.num_rows == 0
+    for file in list_log_files(str(tmp_path)):
+        got, keyed = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file=on_bad_file)
+        name = Path(file.path).name
+        if name == "part-0.parquet":
+            assert keyed.column("fact_id").to_pylist() == ["kept"]
+        else:
+            assert got.reject is None and got.skipped and "the operating system" in got.skipped, (name, got)
+
+
+# The temporary names copy tools write a file under until it is whole, then rename it to its own.
+_IN_FLIGHT = ("part-0.parquet.1a2b3c4d.partial",  # rclone
+              "part-1.parquet.filepart",  # WinSCP
+              "part-2.parquet.crdownload",  # Chrome
+              "part-3.parquet.part",  # Firefox, curl -O with a resume wrapper, lftp
+              "part-4.parquet_.gstmp",  # gsutil
+              "part-5.parquet.inprogress",  # Flink's file sink without its '.' prefix
+              "part-6.parquet.tmp", "part-7.parquet.download")
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_copy_tools_file_in_flight_is_skipped_and_its_rows_are_read_under_the_name_it_gets(on_bad_file, tmp_path):
+    """rclone, WinSCP, gsutil and browsers write a file under a temporary name (``.partial``,
+    ``.filepart``, ``.gstmp``, ``.crdownload``, ...) and rename it when it is whole; none can be told
+    to write under a '_' or '.' name, which the refusal advised. A night that listed the log while such
+    a copy was in flight failed on it (cut short, "still being written"), or with on_bad_file='reject'
+    recorded it as UNREADABLE_FILE. It is skipped as no data, with a warning; once renamed, the file is
+    read under its own name, its rows once."""
+    whole = io.BytesIO()
+    pq.write_table(table({"fact_id": "copied"}), whole)
+    for name in _IN_FLIGHT:
+        (tmp_path / name).write_bytes(whole.getvalue()[:len(whole.getvalue()) // 2])  # half copied
+    pq.write_table(table({"fact_id": "kept"}), tmp_path / "part-9.parquet")
+    read = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
+    assert read.rows.column("fact_id").to_pylist() == ["kept"] and read.file_rejects.num_rows == 0
+    for file in list_log_files(str(tmp_path)):
+        got, keyed = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file=on_bad_file)
+        if not file.path.endswith("part-9.parquet"):
+            assert got.reject is None and got.skipped and "copy in progress" in got.skipped, (file.path, got)
+    (tmp_path / _IN_FLIGHT[0]).write_bytes(whole.getvalue())  # the copy completes, then renames the file
+    (tmp_path / _IN_FLIGHT[0]).rename(tmp_path / "part-0.parquet")
+    read = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
+    assert sorted(read.rows.column("fact_id").to_pylist()) == ["copied", "kept"]
+
+
 def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
     result = run(table({"op": "forgetUser"}, {"op": "forget-user", "fact_id": "b"}, {"op": "UP SERT", "fact_id": "c"}))
     assert [(r["reason"], r["detail"]) for r in result.rejects.to_pylist()] == [
         ("UNKNOWN_OP", f"op {op!r} is not one of upsert, delete, forget_user (write {name!r}: another spelling of "
                        "an op is not read as it)")
         for op, name in (("forgetuser", "forget_user"), ("forget-user", "forget_user"), ("up sert", "upsert"))]
+
+
+def test_an_op_in_quotes_is_read_and_another_word_for_an_op_is_rejected_naming_the_op_to_write():
+    """A CSV's or JSON's quoting left in ('"upsert"', "'delete'": a CSV converted with its quotes, a JSON
+    string dumped twice) cost every row as UNKNOWN_OP: an op in matching quotes is read as the op, as its case
+    and width are. Another word for an op (add, set, remove, forget, erase, purge) and an op with punctuation
+    left on ('upsert;') cost their row naming the op to write: a 'forget' or 'erase' of an erasure export said
+    only "not one of upsert, delete, forget_user"."""
+    quoted = ['"upsert"', "'delete'", '\u201cUPSERT\u201d', '"forget_user"']
+    result = run(table(*({"op": op, "fact_id": f"q{i}", "user_id": f"u{i}"} for i, op in enumerate(quoted))))
+    assert result.rejected == 0 and result.forgotten_users == {"u3"}
+    assert sorted(live_facts(result.state)) == [("u0", "q0"), ("u2", "q2")]  # u1's delete, of nothing; u3 forgotten
+    words = {"add": "upsert", "SET": "upsert", "create": "upsert", "remove": "delete", "deleted": "delete",
+             "forget": "forget_user", "Erase": "forget_user", "purge": "forget_user", "upsert;": "upsert",
+             '"upsert': "upsert"}
+    result = run(table(*({"op": op, "fact_id": f"f{i}"} for i, op in enumerate(words))))
+    rejects = result.rejects.to_pylist()
+    assert [r["reason"] for r in rejects] == ["UNKNOWN_OP"] * len(words)
+    for reject, (op, name) in zip(rejects, words.items()):
+        assert reject["detail"].startswith(f"op {op.lower()!r} is not one of upsert, delete, forget_user (write {name!r}"), \
+            reject["detail"]
 
 
 def test_a_change_data_capture_exports_op_codes_are_rejected_naming_the_op_to_write():
@@ -1723,6 +1889,20 @@ def test_windows_and_old_mac_line_breaks_are_newlines_not_control_characters():
     assert sorted(live_facts(result.state).values()) == [" 1 Main St\nSpringfield", " 2 Side St\nShelbyville"]
 
 
+@pytest.mark.parametrize("column, reason", [("user_id", "BAD_USER_ID"), ("fact_id", "BAD_FACT_ID"), ("scope", "BAD_SCOPE")])
+def test_an_id_holding_a_control_character_costs_its_row_naming_the_character_its_place_and_the_fix(column, reason):
+    """A NUL from a C string, a tab or newline from a pasted or concatenated id: the reject said only
+    "user_id holds control characters", where a text's names the character and where it is. It names
+    them too, and the fix."""
+    values = {"user_id": "u-17\x00", "fact_id": "pet\tdog", "scope": "org:acme\nnorth"}
+    result = run(table({column: values[column]}))
+    [reject] = result.rejects.to_pylist()
+    where = {"user_id": "U+0000 at character 4", "fact_id": "U+0009 at character 3", "scope": "U+000A at character 8"}
+    assert reject["reason"] == reason
+    assert f"{column} holds control characters ({where[column]}" in reject["detail"]
+    assert "remove it" in reject["detail"]
+
+
 def test_every_reason_code_has_a_description():
     codes = [value for name, value in vars(F).items() if name.isupper() and isinstance(value, str) and value == name]
     assert set(codes) - {"FACT_SCHEMA_VERSION"} <= set(F.REASONS)
@@ -2254,6 +2434,32 @@ def test_ids_another_export_may_write_in_another_form_are_read_as_written_with_o
     assert "user_id '\uff17' (row 1) holds compatibility characters" in caplog.text and "not the id '7'" in caplog.text
 
 
+@pytest.mark.parametrize("column", ["user_id", "scope"])
+def test_ids_of_one_file_that_differ_only_in_case_are_two_ids_with_one_warning_naming_both(column, tmp_path, caplog):
+    """Emails and names as ids: one producer keeps the case a user typed ('Ana.Silva@Example.com'),
+    another lowercases it. Ids are read as written (never folded: that would move a stored user's
+    facts to another user, or merge two), so they are two users (or two shared scopes), each served
+    part of the facts, and nothing said so. One warning per file and column names both ids and their
+    rows; ids differing otherwise, and the same id twice, give none."""
+    ids = ["ana.silva@example.com", "bo", "Ana.Silva@Example.com", "bo", "ANA.SILVA@EXAMPLE.COM", "Bob"]
+    rows = [{column: value, "fact_id": f"f{i}", "user_id": "u1" if column == "scope" else value}
+            for i, value in enumerate(ids)]
+    pq.write_table(table(*rows), tmp_path / "part-0.parquet")
+    with caplog.at_level("WARNING"):
+        result = run(read_fact_log(str(tmp_path)))
+    owners = {r[column] for r in result.state.to_pylist()}
+    assert {"ana.silva@example.com", "Ana.Silva@Example.com", "ANA.SILVA@EXAMPLE.COM"} <= owners  # never folded
+    assert caplog.text.count("differ only in case") == 1
+    assert (f"part-0.parquet: {column} 'ana.silva@example.com' (row 0) and 'Ana.Silva@Example.com' (row 2) differ only "
+            "in case") in caplog.text and "export the ids in one case" in caplog.text
+    caplog.clear()
+    pq.write_table(table(*[r | {column: r[column].lower()} | ({"user_id": r["user_id"].lower()})
+                           for r in rows]), tmp_path / "part-0.parquet")
+    with caplog.at_level("WARNING"):
+        run(read_fact_log(str(tmp_path)))
+    assert "differ only in case" not in caplog.text
+
+
 def test_text_escaped_for_html_or_json_is_read_as_written_with_one_warning_per_file(tmp_path, caplog):
     """'Tom &amp; Jerry' and 'caf\\u00e9' (six characters) are what a producer that escaped its text
     and did not unescape it writes: compiled as written (a text may hold them on purpose), and
@@ -2436,6 +2642,37 @@ def test_an_s3_log_object_replaced_between_listing_and_reading_is_read_as_it_is_
     # the file as read is what a night records as ingested: the next listing finds it so, reads nothing again
     [relisted] = list_log_files(f"s3://{s3_bucket}/log")
     assert read.file.size == relisted.size != listed.size and relisted.ingested_as(read.file.identity())
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_a_damaged_byte_in_a_log_file_with_page_checksums_rejects_the_file_not_publishes_the_damage(on_bad_file,
+                                                                                                   tmp_path):
+    """Spark and parquet-mr (and pyarrow with write_page_checksum) store a CRC of every page. A byte
+    flipped after the file was written (a bad disk, copy or transfer) in an uncompressed page read as
+    other text: 'Lisbon' became 'Misbon' and was published, as pyarrow does not check the CRCs unless
+    asked. Pages are checked: the file is UNREADABLE_FILE saying it is damaged and to copy it again,
+    not ingested (read again once replaced); the other files are read."""
+    rows = table({"fact_id": "dentist", "answer": " Akeredolu"}, {"fact_id": "city", "answer": " Lisbon"},
+                 {"fact_id": "bank", "answer": " Monzo"})  # Lisbon neither min nor max: only in the page's data
+    pq.write_table(rows, tmp_path / "part-0.parquet", compression="none", use_dictionary=False,
+                   write_page_checksum=True)
+    pq.write_table(table({"fact_id": "kept"}), tmp_path / "part-1.parquet")
+    data = bytearray((tmp_path / "part-0.parquet").read_bytes())
+    data[data.index(b"Lisbon")] ^= 0x01  # 'L' -> 'M'
+    (tmp_path / "part-0.parquet").write_bytes(bytes(data))
+    if on_bad_file == "raise":
+        with pytest.raises(FactLogError, match=re.escape(str(tmp_path / "part-0.parquet")) + ".*checksum"):
+            read_fact_log(str(tmp_path))
+        return
+    read = read_fact_log(str(tmp_path), on_bad_file="reject")
+    assert read.rows.column("fact_id").to_pylist() == ["kept"]
+    [reject] = read.file_rejects.to_pylist()
+    assert reject["source"] == str(tmp_path / "part-0.parquet") and reject["reason"] == "UNREADABLE_FILE"
+    assert "checksum" in reject["detail"] and "damaged" in reject["detail"] and "copy it again" in reject["detail"]
+    for file in list_log_files(str(tmp_path)):
+        got, keyed = read_log_file(file, RowRules(max_trigger_tokens=64), 4, on_bad_file="reject")
+        assert (got.reject is not None) == file.path.endswith("part-0.parquet")
+        assert "Misbon" not in str(keyed.column("answer").to_pylist())
 
 
 def test_a_file_cut_short_or_still_being_written_is_told_from_a_file_of_another_format(tmp_path):

@@ -1355,6 +1355,39 @@ def test_a_night_on_a_version_another_tool_published_fails_naming_it_and_the_rol
     assert run_nightly(_nightly_spec(tmp_path, local_store, tiny_dir)).version == first.version  # nothing new
 
 
+def test_a_night_over_a_log_on_a_share_skips_what_the_os_and_copy_tools_keep_there(tmp_path, tiny_dir, local_store):
+    """A log folder on an SMB or NAS share: Windows Explorer's Thumbs.db, a file quarantined by deleting it
+    (now in $RECYCLE.BIN), a copy in progress under rclone's temporary name. The night failed on Thumbs.db
+    ("convert it to Parquet"), and the quarantined rows came back from the recycle bin. Under the default
+    on_bad_file: raise, the night publishes nothing new, names the no-data files, rejects nothing; the
+    copy is read once it has its own name."""
+    day = tmp_path / "log" / "day=1"
+    rows = fact_log_rows(2, 1)
+    write_fact_log(rows, day / "part-0.parquet")
+    spec = NightlySpec(store=local_store.uri, fact_log=str(tmp_path / "log"), model=str(tiny_dir), num_shards=2,
+                       workers=0)
+    first = run_nightly(spec)
+    assert first.published
+    (day / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
+    write_fact_log([dict(rows[0], answer=" quarantined", event_time=BASE_TIME + timedelta(hours=1))],
+                   tmp_path / "log" / "$RECYCLE.BIN" / "S-1-5-21" / "$RX7Q2.parquet")
+    write_fact_log(fact_log_rows(1, 1, prefix="copied"), tmp_path / "copied.parquet")
+    whole = (tmp_path / "copied.parquet").read_bytes()
+    (day / "part-1.parquet.3f2a.partial").write_bytes(whole[:len(whole) // 2])
+    report = run_nightly(spec)
+    assert not report.published and report.rejects == 0 and report.rejected_files == []
+    assert sorted(f["path"].rsplit("/", 1)[1] for f in report.skipped_files) == ["Thumbs.db",
+                                                                                 "part-1.parquet.3f2a.partial"]
+    (day / "part-1.parquet.3f2a.partial").write_bytes(whole)
+    (day / "part-1.parquet.3f2a.partial").rename(day / "part-1.parquet")
+    copied = run_nightly(spec)
+    assert copied.published and copied.accepted == 1 and copied.rejects == 0
+    answers = query_stats(local_store, f"select count(*) n from facts where version = {copied.version}").column("n")
+    assert answers.to_pylist() == [3]  # two first-night facts and the copied one; the quarantined row never read
+    state = [decode_fact_state(local_store.get(e.state_key)) for e in read_current(local_store)[0].shards]
+    assert " quarantined" not in [a for t in state for a in t.column("answer").to_pylist()]
+
+
 def test_a_log_file_moved_away_between_listing_and_reading_is_skipped_and_read_when_it_is_back(tmp_path, tiny_dir,
                                                                                                  local_store,
                                                                                                  monkeypatch):

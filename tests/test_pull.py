@@ -48,7 +48,8 @@ def _state_bytes() -> bytes:
     return sink.getvalue()
 
 
-def publish(store, em, users: dict, *, fingerprint: str | None = None, num_shards: int = NUM_SHARDS):
+def publish(store, em, users: dict, *, fingerprint: str | None = None, num_shards: int = NUM_SHARDS,
+            stats: dict | None = None):
     """Publish ``{user: delta}`` as the next version (every shard written); returns the manifest."""
     current = read_current(store)
     previous = current[0] if current else None
@@ -58,7 +59,7 @@ def publish(store, em, users: dict, *, fingerprint: str | None = None, num_shard
         payloads[shard] = ShardPayload(bundle=encode_bundle(bundle_table(mine)), state=_state_bytes())
     return publish_version(store, shard_payloads=payloads, previous=previous,
                            fingerprint=fingerprint or em.fingerprint, num_shards=num_shards,
-                           job_id="test", watermark=f"w{previous.version + 1 if previous else 1}")
+                           job_id="test", watermark=f"w{previous.version + 1 if previous else 1}", stats=stats)
 
 
 def v1(compiled):
@@ -522,6 +523,23 @@ def test_ask_recalls_a_users_facts_and_compares_with_the_base(local_store, tiny,
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["memory"] is False and out["text"] == out["base_text"]
+    assert "stored_in_other_case" not in out and "differs only in case" not in result.stderr
+
+    # an id the store holds in another case only ('Alice' for 'alice': an email typed with capitals) is named,
+    # as it is no memory of this id; it was the base model's text with nothing to say why
+    import pyarrow as pa
+
+    from pipeline.stats import write_stats_part
+
+    users = pa.table({"user_id": ["alice", "bob"], "shard": [shard_of(u, NUM_SHARDS) for u in ("alice", "bob")],
+                      "facts": [2, 2], "facts_ok": [2, 2], "rows": [3, 3], "bytes": [48, 48]})
+    publish(local_store, tiny, v1(compiled), stats={"users": [write_stats_part(local_store, "users", users)]})
+    args[args.index("alicee")] = "Alice"
+    result = CliRunner().invoke(cli_app(), args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["memory"] is False and out["stored_in_other_case"] == ["alice"]
+    assert "the store holds 'alice', which differs only in case" in result.stderr
 
     # with a local model of another fingerprint: refused
     other = tmp_path / "other"
