@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import typer
 
@@ -50,7 +51,7 @@ def forget(
         for stored in other_case.get(user, ()):
             typer.echo(f"note: {user!r} is not stored, but {stored!r} is: it differs only in case (ids are case-"
                        f"sensitive and never folded); if it is the same person, forget it too: engram forget "
-                       f"--store {store} {stored!r}", err=True)
+                       f"--store {shlex.quote(str(store))} {shlex.quote(stored)}", err=True)
     if as_json:
         typer.echo(json.dumps({"forgotten": True, **report.to_dict(), "users": per_user}, sort_keys=True))
         return
@@ -69,34 +70,29 @@ def forget(
                    "events after it are the id writing again")
 
 
-def stored_in_other_case(target, users: list[str]) -> dict[str, list[str]]:
-    """{user given: the stored user ids (any retained version's ``users`` stats) that differ from it only in
-    case or compatibility form}, for the users a forget did not find: an erasure request quotes the id as
-    the person wrote it, and the log may have kept another case; "not found" alone read as "nothing
-    stored". Best effort: {} where the stats cannot be read (the forget itself is done)."""
-    import unicodedata
-
+def stored_in_other_case(target, users: list[str], version: int | None = None) -> dict[str, list[str]]:
+    """{user given: the stored user ids (the ``users`` stats of ``version``, or of every retained
+    version) that differ from it only in case}, for ids a command did not find: an erasure request
+    quotes the id as the person wrote it, and the log may have kept another case; "not found" alone
+    read as "nothing stored". Both sides are lower-cased by DuckDB's ``lower`` (one folding).
+    Best effort: {} where the stats cannot be read (the command's own outcome stands)."""
     from engram_core.text import canonical_id
     from pipeline.stats import query_stats
-
-    def folded(text: str) -> str:
-        return unicodedata.normalize("NFKC", text).casefold()
 
     wanted = {canonical_id(u): u for u in users}
     if not wanted:
         return {}
-    listed = ", ".join("'" + folded(u).replace("'", "''") + "'" for u in wanted)
+    listed = ", ".join("('" + u.replace("'", "''") + "')" for u in wanted)
+    where = "" if version is None else f" and u.version = {int(version)}"
     try:
-        stored = query_stats(target, f"select distinct user_id from users where lower(user_id) in ({listed})"
-                             ).column("user_id").to_pylist()
-    except Exception:  # noqa: BLE001 - a note, never the forget's outcome
+        rows = query_stats(target, f"select distinct w.given, u.user_id from (values {listed}) w(given) "
+                                   f"join users u on lower(u.user_id) = lower(w.given) and u.user_id <> w.given{where}")
+    except Exception:  # noqa: BLE001 - a note, never the command's outcome
         return {}
     out: dict[str, list[str]] = {}
-    for given, user in wanted.items():
-        near = sorted(s for s in stored if s is not None and s != given and folded(s) == folded(given))
-        if near:
-            out[user] = near
-    return out
+    for given, stored in zip(rows.column("given").to_pylist(), rows.column("user_id").to_pylist()):
+        out.setdefault(wanted[given], []).append(stored)
+    return {user: sorted(stored) for user, stored in out.items()}
 
 
 def _current_version(target) -> int | None:

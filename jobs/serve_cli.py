@@ -421,7 +421,8 @@ def ask(
     if not deltas:
         from jobs.ops_cli import stored_in_other_case
 
-        other_case = stored_in_other_case(store_obj, [user]).get(user, [])
+        # the served version's users only; not while the store is out (answered from the cache)
+        other_case = [] if opened.outage else stored_in_other_case(store_obj, [user], client.index.version).get(user, [])
         also = "".join(f"; the store holds {stored!r}, which differs only in case (ids are case-sensitive)"
                        for stored in other_case)
         typer.echo(f"note: user {user!r} has no memory in v{client.index.version}; this is the base model{also}",

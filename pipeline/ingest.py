@@ -154,8 +154,10 @@ _OS_FILE_NAMES = ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini"
 # ``.partial``, WinSCP's ``.filepart``, gsutil's ``.gstmp``, browsers' ``.crdownload`` / ``.part`` /
 # ``.download``, Flink's ``.inprogress``, ``.tmp``): none can be told to write under a '_' or '.' name, and a
 # night that listed the log mid-copy failed on the half-written file. Its rows are read under the name it gets.
-_IN_FLIGHT_SUFFIXES = (".partial", ".filepart", ".gstmp", ".crdownload", ".part", ".download", ".inprogress",
-                       ".tmp", ".temp")
+_IN_FLIGHT_SUFFIXES = (".partial", ".filepart", ".gstmp", ".crdownload", ".inprogress")
+# Generic ones count only after a name that has its own extension (``part-0.parquet.tmp``,
+# ``x.snappy.parquet.part``): ``events.part`` or ``2026-12.tmp`` may be a producer's own data name.
+_IN_FLIGHT_GENERIC_SUFFIXES = (".part", ".download", ".tmp", ".temp")
 _MARKER_SUFFIXES = (".done", ".success", ".ready", ".complete", ".completed", ".lock", ".marker", ".flag", ".ok")
 # Whole-file compression around a file (``part-0.csv.gz``): named in UNREADABLE_FILE's message.
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bzip2", ".zst": "zstd", ".zstd": "zstd",
@@ -177,7 +179,8 @@ def stray_name(path: str) -> str | None:
         return "a manifest by its name (manifest*.json)"
     if name in _MARKER_NAMES or name.endswith(_MARKER_SUFFIXES):
         return "a completion marker by its name (SUCCESS, DONE, *.done, *.lock, ...)"
-    if name.endswith(_IN_FLIGHT_SUFFIXES):
+    if name.endswith(_IN_FLIGHT_SUFFIXES) or (name.endswith(_IN_FLIGHT_GENERIC_SUFFIXES)
+                                               and "." in name.rsplit(".", 1)[0].lstrip(".")):
         return ("a copy in progress, by its name (rclone's *.partial, WinSCP's *.filepart, gsutil's *.gstmp, "
                 "*.crdownload, *.part, *.tmp, ...): its rows are read under the name the copy renames it to")
     if name in _OS_FILE_NAMES or name.startswith("~$"):
@@ -730,6 +733,7 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
         if info.type == pafs.FileType.File:
             yield fs, path, prefix + path, None
             continue
+        seen: set[str] = set()  # system folders named (once each)
         try:
             listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         except OSError as err:
@@ -739,6 +743,9 @@ def _list_files(sources: list[str], filesystem: pafs.FileSystem | None):
             if entry.type == pafs.FileType.File and (table := _table_format(relative.split("/"))):
                 raise _table_format_error(prefix + "/".join(p for p in (path, table[0]) if p), table[1])
             if entry.type != pafs.FileType.File or _is_hidden(relative):
+                if entry.type == pafs.FileType.File and (system := _system_folder_of(relative)) and system not in seen:
+                    seen.add(system)
+                    _system_folder_skipped(prefix + "/".join(p for p in (path, system) if p))
                 continue
             yield fs, entry.path, prefix + entry.path, entry.size
     for path in local.files() if local else ():
@@ -814,6 +821,8 @@ class _LocalListing:
             if entry.name.endswith(".metadata.json") and os.path.basename(folder) == "metadata":
                 raise _table_format_error(os.path.dirname(folder), "an Apache Iceberg table")
             if _is_hidden(entry.name):
+                if entry.name.lower() in _SYSTEM_FOLDERS:
+                    _system_folder_skipped(entry.path)
                 continue
             link = entry.is_symlink()
             if link and not os.path.exists(entry.path):  # broken: listed, so that reading it says so
@@ -848,6 +857,22 @@ class _LocalListing:
 # ``.Trash-1000``, ``.Trashes`` start with '.'.
 _SYSTEM_FOLDERS = frozenset(("$recycle.bin", "recycler", "#recycle", "@recycle", "#snapshot", "~snapshot",
                              "@recently-snapshot", "lost+found", "@eadir", "system volume information"))
+
+
+def _system_folder_of(relative_path: str) -> str | None:
+    """The first folder of ``relative_path`` that is one of :data:`_SYSTEM_FOLDERS` (its path), or None."""
+    parts = relative_path.split("/")[:-1]
+    for i, part in enumerate(parts):
+        if part.startswith(("_", ".")):
+            return None  # hidden by its own name first
+        if part.lower() in _SYSTEM_FOLDERS:
+            return "/".join(parts[: i + 1])
+    return None
+
+
+def _system_folder_skipped(display: str) -> None:
+    logger.warning("fact log: %s is a folder a file system or a NAS keeps (a recycle bin, a snapshot, lost+found, "
+                   "...): not read; move any log file in it out into the log", display)
 
 
 def _is_hidden(relative_path: str) -> bool:
@@ -1069,7 +1094,8 @@ def _damaged(err: Exception) -> str:
         return ""
     return (": a page's checksum does not match its bytes, so the file was damaged after it was written (a bad disk, "
             "copy or transfer); copy it again from its source. It is not recorded as ingested: a night reads it "
-            "once it is replaced")
+            "once it is replaced. If a fresh copy fails the same way, its writer computed the checksums wrongly: "
+            "rewrite the file without page checksums (e.g. pyarrow write_table(..., write_page_checksum=False))")
 
 
 def _gone(fs: pafs.FileSystem, path: str) -> bool:
@@ -1413,10 +1439,13 @@ def _canonical_op(ops: pa.ChunkedArray) -> pa.ChunkedArray:
         ops = pc.replace_substring_regex(pc.utf8_normalize(ops, "NFKC"), r"\p{Cf}", "")
     ops = pc.utf8_lower(pc.utf8_trim_whitespace(ops))
     # a CSV's or JSON's quoting left in ('"upsert"', a JSON string dumped twice): a keyword in matching quotes
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(ops, _QUOTED_OP, r"\2"))
+    if not pc.any(pc.match_substring_regex(ops, r"^[\"'`\x{201C}\x{2018}]")).as_py():
+        return ops  # nothing quoted (the common case: no regex replace over every row)
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(ops, _QUOTED_OP, r"\1\2\3\4\5"))
 
 
-_QUOTED_OP = r"""^(["'`]|\x{201C}|\x{2018})(.*)(?:"|'|`|\x{201D}|\x{2019})$"""
+# the pairs (RE2 has no backreferences): "...", '...', `...`, and typographic double and single quotes
+_QUOTED_OP = (r"""^(?:"(.*)"|'(.*)'|`(.*)`|\x{201C}(.*)\x{201D}|\x{2018}(.*)\x{2019})$""")
 
 
 def _all_ascii(texts: pa.ChunkedArray) -> bool:
@@ -1533,24 +1562,28 @@ def _warn_ids_differing_in_case(column: pa.ChunkedArray, name: str, source: str)
     both and their rows: they are two users (or scopes), each served part of the facts. Ids are read
     as written, never folded (folding would move a stored user's facts to another user, or merge two)."""
     trimmed = pc.utf8_trim_whitespace(column)
-    unique = pc.drop_null(pc.unique(trimmed))
-    if len(unique) < 2:
+    lowered = pc.utf8_lower(trimmed)
+    # the common case in one vector pass: no id changes under lower-casing (lower-case emails and
+    # UUIDs, numbers), so none can clash; the rest is vectorised too (a Python loop over the rows of
+    # one clashing id took seconds on a 2M-row file)
+    if not pc.any(pc.fill_null(pc.not_equal(trimmed, lowered), False)).as_py():
         return
-    lowered = pc.utf8_lower(unique)
-    counts = pc.value_counts(lowered)
-    clashing = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    spelled = pa.table({"row": pa.array(range(len(trimmed)), pa.int64()), "id": trimmed, "key": lowered})
+    spelled = spelled.filter(pc.is_valid(spelled["id"]))
+    # each spelling's first row, then the keys held in two spellings or more
+    firsts = spelled.group_by(["key", "id"], use_threads=False).aggregate([("row", "min")])
+    clashes = firsts.group_by("key", use_threads=False).aggregate([("id", "count")])
+    clashing = clashes.filter(pc.greater(clashes["id_count"], 1))["key"]
     if len(clashing) == 0:
         return
-    rows = pc.indices_nonzero(pc.fill_null(pc.is_in(pc.utf8_lower(trimmed), value_set=clashing), False)).to_pylist()
-    first: dict[str, tuple[int, str]] = {}
-    for row in rows:
-        value = trimmed[row].as_py()
-        kept = first.setdefault(value.lower(), (row, value))
-        if kept[1] != value:
-            logger.warning("fact log %s: %s %r (row %d) and %r (row %d) differ only in case: ids are read as written, "
-                           "so they are two %s, each served only its own facts; export the ids in one case", source,
-                           name, kept[1], kept[0], value, row, "users" if name == "user_id" else "shared scopes")
-            return
+    firsts = firsts.filter(pc.is_in(firsts["key"], value_set=clashing)).sort_by([("row_min", "ascending")])
+    # the first id (by row) that has another spelling, and that spelling's first row
+    key = firsts["key"][0].as_py()
+    pair = firsts.filter(pc.equal(firsts["key"], key)).slice(0, 2)
+    (first, first_row), (other, other_row) = zip(pair["id"].to_pylist(), pair["row_min"].to_pylist())
+    logger.warning("fact log %s: %s %r (row %d) and %r (row %d) differ only in case: ids are read as written, "
+                   "so they are two %s, each served only its own facts; export the ids in one case", source,
+                   name, first, first_row, other, other_row, "users" if name == "user_id" else "shared scopes")
 
 
 # Text a producer escaped for HTML or JSON and did not unescape: "Tom &amp; Jerry", "caf\\u00e9".
@@ -2493,8 +2526,8 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
         if not near and (word := re.sub(r"[\W_]", "", op)) in _OP_WORDS:
             hint = (f" (write {_OP_WORDS[word]!r}: another word for an op is not read as it; "
                     "upsert adds or replaces a fact, delete removes one fact, forget_user erases every fact of the user)")
-        if op in _CHANGE_OPS:
-            hint = (f" (write {_CHANGE_OPS[op]!r}: a change-data-capture export's operation codes, SQL's INSERT / UPDATE "
+        if (code := op if op in _CHANGE_OPS else re.sub(r"[\W_]", "", op)) in _CHANGE_OPS:  # 'insert;' too
+            hint = (f" (write {_CHANGE_OPS[code]!r}: a change-data-capture export's operation codes, SQL's INSERT / UPDATE "
                     "/ DELETE, Debezium's c / u / r / d, AWS DMS's I / U / D, are not read as ops; map them when "
                     "exporting: insert and update are 'upsert', delete is 'delete')")
         return F.UNKNOWN_OP, f"op {str(op)[:64]!r} is not one of {', '.join(F.OPS)}{hint}"
@@ -2555,8 +2588,6 @@ def _replaced_text(cols: dict, i: int) -> tuple[str, str] | None:
     return None
 
 
-# A change-data-capture export's operation codes (op is read in lower case): each is named with the op to
-# write, not read as it. Such an export had its deletes applied and every insert and update rejected.
 # Other words for the ops (folded to letters), named in their UNKNOWN_OP reject as the op to write.
 _OP_WORDS = {**dict.fromkeys(("add", "set", "create", "put", "save", "store", "write", "new", "replace",
                               "upsertfact", "addfact", "setfact"), F.OP_UPSERT),
@@ -2565,6 +2596,8 @@ _OP_WORDS = {**dict.fromkeys(("add", "set", "create", "put", "save", "store", "w
              **dict.fromkeys(("forget", "forgetme", "erase", "eraseuser", "erasure", "purge", "purgeuser",
                               "deleteuser", "removeuser", "gdprdelete", "gdpr", "anonymize", "anonymise",
                               "forgetuser"), F.OP_FORGET_USER)}
+# A change-data-capture export's operation codes (op is read in lower case): each is named with the op to
+# write, not read as it. Such an export had its deletes applied and every insert and update rejected.
 _CHANGE_OPS = {"insert": F.OP_UPSERT, "update": F.OP_UPSERT,
                "c": F.OP_UPSERT, "u": F.OP_UPSERT, "r": F.OP_UPSERT, "i": F.OP_UPSERT, "d": F.OP_DELETE}
 

@@ -208,8 +208,11 @@ def id_problem(name: str, value: str | None) -> str | None:
         return f"{name} is {len(value)} characters long (limit {MAX_ID_CHARS})"
     if has_control_characters(value) or "\t" in value or "\n" in value:
         at = min(i for i in (first_control_character(value), value.find("\t"), value.find("\n")) if i >= 0)
-        return (f"{name} holds control characters (U+{ord(value[at]):04X} at character {at}: a C string's NUL, or a "
-                f"tab or newline pasted or joined into the id; ids allow none, tab and newline included): remove it")
+        code = ord(value[at])
+        what = {0: "a C string's NUL", 9: "a tab pasted or joined into the id", 10: "a newline pasted or joined into the id",
+                13: "a carriage return (a Windows line end) pasted or joined into the id"}.get(code, "a control character")
+        return (f"{name} holds control characters (U+{code:04X} at character {at}: {what}; ids allow none, tab and "
+                f"newline included): remove it")
     if value != canonical_id(value):
         return f"{name} is not in canonical form (invisible characters, NFD, or surrounding spaces: see engram_core.text)"
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -306,7 +307,8 @@ def test_forget_of_an_id_the_store_holds_only_in_another_case_names_the_stored_i
     assert "not found" in out.stdout and stored not in out.stdout
     assert f"'ana.silva@example.com' is not stored, but {stored!r} is" in out.stderr
     assert "differs only in case" in out.stderr
-    assert f"engram forget --store {local_store.root} {stored!r}" in out.stderr
+    command = out.stderr.split("forget it too: ", 1)[1].splitlines()[0]
+    assert shlex.split(command) == ["engram", "forget", "--store", str(local_store.root), stored]  # as a shell reads it
     version = read_current(local_store)[0].version
     assert stored in query_stats(local_store, f"select user_id from users where version = {version}"
                                  ).column("user_id").to_pylist()  # never folded: the stored id is kept
@@ -317,6 +319,19 @@ def test_forget_of_an_id_the_store_holds_only_in_another_case_names_the_stored_i
     assert stored not in out.stdout and "differs only in case" in out.stderr
     out = runner.invoke(app, ["forget", "--store", str(local_store.root), "ghost"])  # no such id in any case
     assert out.exit_code == 0 and "differs only in case" not in out.stderr
+
+
+def test_forgets_note_of_an_id_in_another_case_is_a_command_a_shell_reads_as_the_stored_id(local_store):
+    """The note's forget command is pasted into a shell: an id with a quote and a '$' (repr printed
+    "O'Brien$HOME..." in double quotes, where the shell expands $HOME) comes back as the stored id."""
+    from jobs.cli import app
+
+    stored = "O'Brien$HOME@Example.com"
+    _publish(local_store, 1, USERS + [stored], None)
+    out = CliRunner().invoke(app, ["forget", "--store", str(local_store.root), "o'brien$home@example.com"])
+    assert out.exit_code == 0, out.output
+    command = out.stderr.split("forget it too: ", 1)[1].splitlines()[0]
+    assert shlex.split(command) == ["engram", "forget", "--store", str(local_store.root), stored]
 
 
 def test_forget_of_several_users_is_one_rewrite_one_current_move_and_reports_each(four_versions):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import random
 import re
 from datetime import datetime, timedelta, timezone
@@ -847,6 +848,24 @@ def test_files_and_folders_an_os_or_nas_keeps_in_a_log_folder_are_not_read(on_ba
             assert got.reject is None and got.skipped and "the operating system" in got.skipped, (name, got)
 
 
+def test_a_skipped_system_folder_is_named_and_folders_only_named_like_one_are_read(tmp_path, caplog):
+    """A recycle bin or lost+found is not listed, with one warning naming it (it was dropped without a
+    word); folders whose names only resemble one ('Recycled', 'snapshot', a partition 'team=recycler')
+    are the log's own and are read."""
+    for relative in ("$RECYCLE.BIN/S-1-5-21/part-0.parquet", "lost+found/part-1.parquet", "Recycled/part-2.parquet",
+                     "snapshot/part-3.parquet", "team=recycler/part-4.parquet"):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table({"fact_id": relative.split("/")[0]}), path)
+    for source in (str(tmp_path), f"file://{tmp_path}"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+            read = read_fact_log(source)
+        assert sorted(read.rows.column("fact_id").to_pylist()) == ["Recycled", "snapshot", "team=recycler"]
+        named = [r.getMessage() for r in caplog.records if "a folder a file system or a NAS keeps" in r.getMessage()]
+        assert sorted(m.split(" is a folder")[0].rsplit("/", 1)[-1] for m in named) == ["$RECYCLE.BIN", "lost+found"]
+
+
 # The temporary names copy tools write a file under until it is whole, then rename it to its own.
 _IN_FLIGHT = ("part-0.parquet.1a2b3c4d.partial",  # rclone
               "part-1.parquet.filepart",  # WinSCP
@@ -880,6 +899,18 @@ def test_a_copy_tools_file_in_flight_is_skipped_and_its_rows_are_read_under_the_
     (tmp_path / _IN_FLIGHT[0]).rename(tmp_path / "part-0.parquet")
     read = read_fact_log(str(tmp_path), on_bad_file=on_bad_file)
     assert sorted(read.rows.column("fact_id").to_pylist()) == ["copied", "kept"]
+
+
+def test_a_producers_own_data_name_ending_like_a_temporary_one_is_read(tmp_path):
+    """The generic temporary suffixes (.part, .tmp, .temp, .download) mark a copy in flight only after a
+    name with its own extension (part-0.parquet.tmp): a producer's whole Parquet file named
+    ``events.part`` or ``2026-12.tmp`` is data, and was skipped unread as "a copy in progress"."""
+    names = ("events.part", "2026-12.tmp", "export.download", "report.temp")
+    for name in names:
+        pq.write_table(table({"fact_id": name}), tmp_path / name)
+    read = read_fact_log(str(tmp_path))
+    assert sorted(read.rows.column("fact_id").to_pylist()) == sorted(names)
+    assert read.file_rejects.num_rows == 0
 
 
 def test_an_op_in_another_spelling_is_rejected_naming_the_op_to_write():
