@@ -590,10 +590,15 @@ def test_an_interrupted_night_with_json_prints_one_failure_object_and_exits_128_
     write_fact_log(fact_log_rows(600, 6), tmp_path / "log" / "day=1" / "part-0.parquet")
     store = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # The night gets Ctrl-C's default disposition, as from a terminal or a service manager: a test run
+    # started in the background by a non-interactive shell (`pytest ... &`) has SIGINT ignored, which
+    # its children inherit, and a program started so keeps ignoring it (Python's rule, and ours): the
+    # night then ran to the end and published, and this test failed for that reason alone.
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from jobs.cli import run; sys.argv[0] = 'engram'; run()", "run", "nightly",
          "--store", str(store), "--fact-log", str(tmp_path / "log"), "--model", str(tiny_dir), "--workers", "0",
-         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((store / "objects").glob("state/*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the apply stage has written state: the compile is under way
