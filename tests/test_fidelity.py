@@ -235,6 +235,27 @@ def test_an_answer_over_the_limit_is_refused_by_the_compiler_naming_it(tiny):
     assert np.isnan(result.facts[0].loss)
 
 
+@pytest.fixture(scope="module")
+def fidelity_bench():
+    """bench/fidelity.py loaded once as a module (its argparse runs in this process: a subprocess
+    per case paid a fresh interpreter's torch import, ~5 s, seven times). The script puts the repo
+    and bench/ first on sys.path (bench/ holds a serving.py, a scopes.py, ...): the path is put back
+    as it was once it is loaded, so no later import here finds those."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("engram_bench_fidelity", bench)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--facts-per-batch", "0"], "argument --facts-per-batch: 0 is below 1: give 1 or more"),
     (["--threads", "0"], "argument --threads: 0 is below 1"),
@@ -244,15 +265,16 @@ def test_an_answer_over_the_limit_is_refused_by_the_compiler_naming_it(tiny):
     (["--stop-margin", "off", "nan"], "argument --stop-margin: 'nan' is not a finite number"),
     (["--stop-margin", "of"], "argument --stop-margin: 'of' is neither 'off' nor a number"),
 ])
-def test_the_fidelity_bench_refuses_a_count_of_zero_instead_of_measuring_the_default(argv, words):
+def test_the_fidelity_bench_refuses_a_count_of_zero_instead_of_measuring_the_default(argv, words, fidelity_bench,
+                                                                                     monkeypatch, capsys):
     """bench/fidelity.py tested ``--facts-per-batch`` (and ``--threads``) for truth: 0 was taken as
     "not given" and the run measured the default 4096-fact batches under a record that said 0. Now
     argparse refuses it (exit 2) naming the flag, before any model is built; so are a bad
     --stop-margin (it failed after the models were built) and counts below their minimum."""
-    import subprocess
     import sys
-    from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
-    out = subprocess.run([sys.executable, str(bench), *argv], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and words in out.stderr, out.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["bench/fidelity.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        fidelity_bench.main()
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and words in stderr, stderr[-2000:]
