@@ -45,6 +45,8 @@ def forget(
     except (PublishError, StoreError) as err:
         fail_json(as_json, f"{err}{_forget_failure_state(target, before, users)}", exit_code(err), "forgotten")
     per_user = _forget_per_user(report, users)
+    from pipeline.stats import stored_in_other_case
+
     other_case = stored_in_other_case(target, [u for u, e in zip(users, per_user) if not e["found"]])
     for user, entry in zip(users, per_user):
         entry["stored_in_other_case"] = len(other_case.get(user, ()))
@@ -68,31 +70,6 @@ def forget(
         typer.echo(f"  later nights refuse {who} events stamped up to {report.refused_until} "
                    "(FORGOTTEN_USER: the forget's time plus the day of clock skew ingest accepts); "
                    "events after it are the id writing again")
-
-
-def stored_in_other_case(target, users: list[str], version: int | None = None) -> dict[str, list[str]]:
-    """{user given: the stored user ids (the ``users`` stats of ``version``, or of every retained
-    version) that differ from it only in case}, for ids a command did not find: an erasure request
-    quotes the id as the person wrote it, and the log may have kept another case; "not found" alone
-    read as "nothing stored". Both sides are lower-cased by DuckDB's ``lower`` (one folding).
-    Best effort: {} where the stats cannot be read (the command's own outcome stands)."""
-    from engram_core.text import canonical_id
-    from pipeline.stats import query_stats
-
-    wanted = {canonical_id(u): u for u in users}
-    if not wanted:
-        return {}
-    listed = ", ".join("('" + u.replace("'", "''") + "')" for u in wanted)
-    where = "" if version is None else f" and u.version = {int(version)}"
-    try:
-        rows = query_stats(target, f"select distinct w.given, u.user_id from (values {listed}) w(given) "
-                                   f"join users u on lower(u.user_id) = lower(w.given) and u.user_id <> w.given{where}")
-    except Exception:  # noqa: BLE001 - a note, never the command's outcome
-        return {}
-    out: dict[str, list[str]] = {}
-    for given, stored in zip(rows.column("given").to_pylist(), rows.column("user_id").to_pylist()):
-        out.setdefault(wanted[given], []).append(stored)
-    return {user: sorted(stored) for user, stored in out.items()}
 
 
 def _current_version(target) -> int | None:

@@ -419,7 +419,7 @@ def ask(
     texts = [text for text, _ in ended]
     other_case: list[str] = []
     if not deltas:
-        from jobs.ops_cli import stored_in_other_case
+        from pipeline.stats import stored_in_other_case
 
         # the served version's users only; not while the store is out (answered from the cache)
         other_case = [] if opened.outage else stored_in_other_case(store_obj, [user], client.index.version).get(user, [])

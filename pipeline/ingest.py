@@ -1209,7 +1209,7 @@ def _partition_problem(path: str, root: str, present: list[str]) -> str | None:
     return None
 
 
-def _column_problem(present: list[str], structs: Mapping[str, list[str]] | None = None) -> str | None:
+def _column_problem(present: list[str], structs: Mapping[str | tuple[str, str], list[str]] | None = None) -> str | None:
     """Why a file's columns cannot be read as a fact log (a log column twice, a required one
     missing), naming the file's own columns and a near miss (``USER_ID``, ``userId``), or a struct
     column holding the log's columns (``structs``: :func:`_struct_fields`), or None."""
@@ -1239,10 +1239,10 @@ _LISTS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.ty
           pa.types.is_fixed_size_list)
 
 
-def _struct_fields(schema: pa.Schema) -> dict[str, list[str]]:
+def _struct_fields(schema: pa.Schema) -> dict[str | tuple[str, str], list[str]]:
     """{struct column: its fields' names} of a file's schema; a list of structs (a document per user
     holding its facts) as ``(name, "list")``."""
-    out: dict = {}
+    out: dict[str | tuple[str, str], list[str]] = {}
     for f in schema:
         kind = f.type
         if any(is_list(kind) for is_list in _LISTS) and pa.types.is_struct(kind.value_type):
@@ -1252,7 +1252,7 @@ def _struct_fields(schema: pa.Schema) -> dict[str, list[str]]:
     return out
 
 
-def _nested_hint(missing: str, structs: Mapping[str, list[str]] | None) -> str:
+def _nested_hint(missing: str, structs: Mapping[str | tuple[str, str], list[str]] | None) -> str:
     """"; ..." for a file whose log columns are one level down, in a struct column holding ``missing``
     (a Kafka Connect or Firehose record ``payload``/``value``, a Debezium envelope's ``after``): it was
     refused as missing the column, with the struct's name alone among the file's columns; else ""."""
@@ -1295,7 +1295,7 @@ _OTHER_NAMES = {
 }
 
 
-def _missing_hint(missing: str, present: list[str], structs: Mapping[str, list[str]] | None = None) -> str:
+def _missing_hint(missing: str, present: list[str], structs: Mapping[str | tuple[str, str], list[str]] | None = None) -> str:
     """"; ..." naming the fix for a file without the log column ``missing``: the rename of a near
     miss of it (``USER_ID``, ``'user_id '``), else of a column other tools call it by (``timestamp``,
     ``value``, ``operation``) that the log does not hold under its own name; else ""."""
@@ -2521,12 +2521,13 @@ def _check_row(cols, times, i, future_limit, max_text_chars) -> tuple[str, str] 
     if op is None or op == "":
         return F.UNKNOWN_OP, f"op is empty; write one of {', '.join(F.OPS)}"
     if op not in F.OPS:
-        near = [name for name in F.OPS if re.sub(r"[\W_]", "", op) == name.replace("_", "")]
+        word = re.sub(r"[\W_]", "", op)  # its letters and digits: 'forget-user', 'upsert;', 'insert;'
+        near = [name for name in F.OPS if word == name.replace("_", "")]
         hint = f" (write {near[0]!r}: another spelling of an op is not read as it)" if near else ""
-        if not near and (word := re.sub(r"[\W_]", "", op)) in _OP_WORDS:
+        if not near and word in _OP_WORDS:
             hint = (f" (write {_OP_WORDS[word]!r}: another word for an op is not read as it; "
                     "upsert adds or replaces a fact, delete removes one fact, forget_user erases every fact of the user)")
-        if (code := op if op in _CHANGE_OPS else re.sub(r"[\W_]", "", op)) in _CHANGE_OPS:  # 'insert;' too
+        if (code := op if op in _CHANGE_OPS else word) in _CHANGE_OPS:
             hint = (f" (write {_CHANGE_OPS[code]!r}: a change-data-capture export's operation codes, SQL's INSERT / UPDATE "
                     "/ DELETE, Debezium's c / u / r / d, AWS DMS's I / U / D, are not read as ops; map them when "
                     "exporting: insert and update are 'upsert', delete is 'delete')")

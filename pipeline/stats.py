@@ -152,6 +152,30 @@ def version_parts(store, manifest: Manifest, table: str) -> list[str]:
     return parts
 
 
+def stored_in_other_case(target, users: list[str], version: int | None = None) -> dict[str, list[str]]:
+    """{user given: the stored user ids (the ``users`` stats of ``version``, or of every retained
+    version) that differ from it only in case}, for ids a command did not find: an erasure request
+    quotes the id as the person wrote it, and the log may have kept another case; "not found" alone
+    read as "nothing stored". Both sides are lower-cased by DuckDB's ``lower`` (one folding).
+    Best effort: {} where the stats cannot be read (the command's own outcome stands)."""
+    from engram_core.text import canonical_id
+
+    wanted = {canonical_id(u): u for u in users}
+    if not wanted:
+        return {}
+    listed = ", ".join("('" + u.replace("'", "''") + "')" for u in wanted)
+    where = "" if version is None else f" and u.version = {int(version)}"
+    try:
+        rows = query_stats(target, f"select distinct w.given, u.user_id from (values {listed}) w(given) "
+                                   f"join users u on lower(u.user_id) = lower(w.given) and u.user_id <> w.given{where}")
+    except Exception:  # noqa: BLE001 - a note, never the command's outcome
+        return {}
+    out: dict[str, list[str]] = {}
+    for given, stored in zip(rows.column("given").to_pylist(), rows.column("user_id").to_pylist()):
+        out.setdefault(wanted[given], []).append(stored)
+    return {user: sorted(stored) for user, stored in out.items()}
+
+
 def query_stats(store, sql: str, *, require_published: bool = False) -> pa.Table:
     """Run ``sql`` over views facts, users, shards, collisions, rejects, runs of every published version.
     Where the last statement returns no result set (``CREATE TEMP VIEW ...`` alone), a table of no
