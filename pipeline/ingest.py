@@ -961,7 +961,8 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
                                 "folder it lies in as the fact log (a listing gives each file's size) or fix the "
                                 f"store{shown}")
         return info, None, (F.UNREADABLE_FILE,
-                            f"not a readable Parquet file ({err}){_damaged(err) or _cut_short(head, err, info, display)}")
+                            f"not a readable Parquet file ({err})"
+                            f"{_damaged(err) or _unsupported(err) or _cut_short(head, err, info, display)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -1084,6 +1085,34 @@ def _cut_short(head: bytes | None, err: Exception, info: pafs.FileInfo, display:
     return (f": the file ends before its Parquet footer, which is written last: cut short by an interrupted copy or "
             f"upload, or still being written{recent}. A night reads it again once it is whole (it is not recorded "
             "as ingested); have writers write under a name starting with '_' or '.' and rename it into place")
+
+
+_ENCRYPTED = ("encrypted", "decrypt")
+# pyarrow's words for a codec it cannot decompress: LZO (Hadoop-era Hive tables) is in the format but
+# not in Arrow's C++ reader ("While LZO compression is supported by the Parquet format in general, it
+# is currently not supported by the C++ implementation."); a wheel built without one says
+# "Support for codec 'x' not built".
+_CODEC = re.compile(r"(\w+) compression is supported by the Parquet format in general|codec '(\w+)' not built",
+                    re.IGNORECASE)
+
+
+def _unsupported(err: Exception) -> str:
+    """What to do with a whole, undamaged Parquet file the night cannot read: encrypted (Parquet
+    modular encryption: the night holds no keys), or compressed with a codec pyarrow cannot
+    decompress (LZO). "" for another error. Such a file is not recorded as ingested: rewritten in
+    place, a night reads it."""
+    text = str(err)
+    if any(words in text.lower() for words in _ENCRYPTED):
+        return (": the file is encrypted (Parquet modular encryption) and a night holds no keys to read it: have its "
+                "writer write the fact log unencrypted and encrypt it at rest instead (the store's server-side "
+                "encryption, an encrypted volume). It is not recorded as ingested: a night reads it once it is "
+                "rewritten")
+    if match := _CODEC.search(text):
+        codec = (match.group(1) or match.group(2)).upper()
+        return (f": its pages are compressed with {codec}, which the night's Parquet reader (pyarrow) cannot "
+                "decompress: rewrite the file with zstd, snappy or gzip (Spark: spark.sql.parquet.compression.codec; "
+                "Hive: parquet.compression). It is not recorded as ingested: a night reads it once it is rewritten")
+    return ""
 
 
 def _damaged(err: Exception) -> str:

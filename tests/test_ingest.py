@@ -2706,6 +2706,87 @@ def test_a_damaged_byte_in_a_log_file_with_page_checksums_rejects_the_file_not_p
         assert "Misbon" not in str(keyed.column("answer").to_pylist())
 
 
+def _encrypted_parquet(rows: pa.Table, path: Path, plaintext_footer: bool) -> None:
+    """``rows`` written with Parquet modular encryption (pyarrow's; keys wrapped by an in-memory KMS:
+    the night holds none either way). With ``plaintext_footer`` the schema reads, the pages do not."""
+    import base64
+
+    import pyarrow.parquet.encryption as pe
+
+    class Kms(pe.KmsClient):
+        def __init__(self, config):
+            super().__init__()
+
+        def wrap_key(self, key_bytes, master_key_identifier):
+            return base64.b64encode(key_bytes)
+
+        def unwrap_key(self, wrapped_key, master_key_identifier):
+            return base64.b64decode(wrapped_key)
+
+    config = pe.EncryptionConfiguration(footer_key="footer", column_keys={"answers": ["answer"]},
+                                        plaintext_footer=plaintext_footer)
+    props = pe.CryptoFactory(Kms).file_encryption_properties(pe.KmsConnectionConfig(), config)
+    with pq.ParquetWriter(path, rows.schema, encryption_properties=props) as writer:
+        writer.write_table(rows)
+
+
+def _lzo_parquet(rows: pa.Table, path: Path) -> None:
+    """``rows`` in a file whose column chunks say LZO (as Hadoop-era Hive tables are written; pyarrow
+    writes no LZO): written with gzip, then each column chunk's codec field in the footer (Thrift compact:
+    field header 0x15, zigzag varint 2 = gzip) set to 3 = LZO, where that changes the codec alone."""
+    import struct
+
+    pq.write_table(rows, path, compression="gzip")
+    data = bytearray(path.read_bytes())
+    start = len(data) - 8 - struct.unpack("<i", data[-8:-4])[0]
+    want = pq.ParquetFile(path)
+    patched = bytearray(data)
+    for i in range(start, len(data) - 9):
+        if data[i:i + 2] != b"\x15\x04":
+            continue
+        trial = bytearray(data)
+        trial[i + 1] = 0x06
+        path.write_bytes(bytes(trial))
+        try:
+            got = pq.ParquetFile(path)
+        except Exception:
+            continue
+        codecs = [got.metadata.row_group(0).column(c).compression for c in range(got.metadata.num_columns)]
+        if got.schema_arrow == want.schema_arrow and "LZO" in codecs:
+            patched[i + 1] = 0x06
+    path.write_bytes(bytes(patched))
+    meta = pq.ParquetFile(path).metadata
+    assert {meta.row_group(0).column(c).compression for c in range(meta.num_columns)} == {"LZO"}
+
+
+@pytest.mark.parametrize("on_bad_file", ["raise", "reject"])
+def test_encrypted_and_lzo_files_are_rejected_saying_what_they_are_and_how_to_rewrite_them(on_bad_file, tmp_path):
+    """Other tools write Parquet the night cannot read though nothing is damaged: with modular
+    encryption (its footer encrypted, or plaintext with encrypted pages) and compressed with LZO
+    (Hadoop-era Hive tables). Each was UNREADABLE_FILE with pyarrow's words alone ("no decryption found
+    in reader's properties", "currently not supported by the C++ implementation"); the message says
+    what the file is and how to write it instead, and the other files are read."""
+    _encrypted_parquet(table({"fact_id": "a"}), tmp_path / "part-0.parquet", plaintext_footer=False)
+    _encrypted_parquet(table({"fact_id": "b"}), tmp_path / "part-1.parquet", plaintext_footer=True)
+    _lzo_parquet(table({"fact_id": "c"}), tmp_path / "part-2.parquet")
+    pq.write_table(table({"fact_id": "kept"}), tmp_path / "part-3.parquet")
+    encrypted = r"encrypted \(Parquet modular encryption\).*write the fact log unencrypted"
+    lzo = "compressed with LZO.*rewrite the file with zstd, snappy or gzip"
+    if on_bad_file == "raise":
+        for name, words in [("part-0", encrypted), ("part-1", encrypted), ("part-2", lzo)]:
+            with pytest.raises(FactLogError, match=re.escape(str(tmp_path / name)) + ".*" + words):
+                read_fact_log(str(tmp_path / f"{name}.parquet"))
+        return
+    read = read_fact_log(str(tmp_path), on_bad_file="reject")
+    assert read.rows.column("fact_id").to_pylist() == ["kept"]
+    rejects = {Path(r["source"]).stem: r for r in read.file_rejects.to_pylist()}
+    assert sorted(rejects) == ["part-0", "part-1", "part-2"]
+    assert {r["reason"] for r in rejects.values()} == {"UNREADABLE_FILE"}
+    for name, words in [("part-0", encrypted), ("part-1", encrypted), ("part-2", lzo)]:
+        assert re.search(words, rejects[name]["detail"]), rejects[name]["detail"]
+        assert "not recorded as ingested" in rejects[name]["detail"]
+
+
 def test_a_file_cut_short_or_still_being_written_is_told_from_a_file_of_another_format(tmp_path):
     """A Parquet file without its footer (written last: a writer still at work, an interrupted copy)
     and a CSV named .parquet were both "not a readable Parquet file" with pyarrow's words alone
