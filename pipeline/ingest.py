@@ -962,7 +962,7 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
                                 f"store{shown}")
         return info, None, (F.UNREADABLE_FILE,
                             f"not a readable Parquet file ({err})"
-                            f"{_damaged(err) or _unsupported(err) or _cut_short(head, err, info, display)}")
+                            f"{_damaged(err) or _cut_short(head, err, info, display) or _unsupported(err)}")
     for name, value in partitions.items():  # a column written as a folder (pandas/Spark partition_cols)
         # bytes that are not UTF-8 once %-decoded stay bytes: each row is rejected naming them
         kind = pa.binary() if isinstance(value, bytes) else pa.string()
@@ -1039,7 +1039,7 @@ def _looks_like(head: bytes, display: str) -> str:
     """What a file that is no Parquet is, by its first bytes and its name (a compression suffix around
     a data suffix: ``part-0.parquet.gz``, ``part-0.csv.gz``), and what to do: convert it to Parquet."""
     name = display.rsplit("/", 1)[-1]
-    if head.startswith(b"PAR1"):  # a Parquet file the store says less of than it holds (or one cut short)
+    if head.startswith((b"PAR1", b"PARE")):  # a Parquet file the store says less of than it holds (or one cut short)
         return ("by its first bytes it is Parquet, but it could not be read whole: the store reports another size "
                 "than the object holds, or the file was cut short; read it from a store that gives sizes, or "
                 "rewrite it")
@@ -1077,7 +1077,7 @@ def _cut_short(head: bytes | None, err: Exception, info: pafs.FileInfo, display:
     error, or a file whose first bytes could not be read."""
     if not any(words in str(err) for words in _NO_FOOTER) or head is None:
         return ""
-    if head and not head.startswith(b"PAR1"):
+    if head and not head.startswith((b"PAR1", b"PARE")):  # PARE: an encrypted footer
         return (f": it does not begin as a Parquet file does (its first bytes: {head[:4]!r}): a file of another format "
                 f"(CSV, JSON, text) in the log? Move it out; {_looks_like(head, display)}")
     age = (time.time_ns() - info.mtime_ns) / 1e9 if info.mtime_ns is not None else None
@@ -1087,13 +1087,14 @@ def _cut_short(head: bytes | None, err: Exception, info: pafs.FileInfo, display:
             "as ingested); have writers write under a name starting with '_' or '.' and rename it into place")
 
 
-_ENCRYPTED = ("encrypted", "decrypt")
-# pyarrow's words for a codec it cannot decompress: LZO (Hadoop-era Hive tables) is in the format but
-# not in Arrow's C++ reader ("While LZO compression is supported by the Parquet format in general, it
-# is currently not supported by the C++ implementation."); a wheel built without one says
-# "Support for codec 'x' not built".
-_CODEC = re.compile(r"(\w+) compression is supported by the Parquet format in general|codec '(\w+)' not built",
-                    re.IGNORECASE)
+# pyarrow's own words (libparquet) for an encrypted file read without keys: never the bare word, which
+# an error's text may hold in its path ("Failed to open local file '/data/encrypted/part-0.parquet'").
+_ENCRYPTED = re.compile(r"no decryption found in reader's properties|FileDecryption is not setup correctly"
+                        r"|noted as encrypted but no file decryptor|Could not read encrypted metadata", re.IGNORECASE)
+# LZO (Hadoop-era Hive tables) is in the format but not in Arrow's C++ reader.
+_LZO = re.compile(r"(\w+) compression is supported by the Parquet format in general", re.IGNORECASE)
+# A pyarrow built without a codec the file uses: the reader's build, not the file, is at fault.
+_NOT_BUILT = re.compile(r"Support for codec '(\w+)' not built", re.IGNORECASE)
 
 
 def _unsupported(err: Exception) -> str:
@@ -1102,23 +1103,38 @@ def _unsupported(err: Exception) -> str:
     decompress (LZO). "" for another error. Such a file is not recorded as ingested: rewritten in
     place, a night reads it."""
     text = str(err)
-    if any(words in text.lower() for words in _ENCRYPTED):
+    if _ENCRYPTED.search(text):
         return (": the file is encrypted (Parquet modular encryption) and a night holds no keys to read it: have its "
                 "writer write the fact log unencrypted and encrypt it at rest instead (the store's server-side "
                 "encryption, an encrypted volume). It is not recorded as ingested: a night reads it once it is "
                 "rewritten")
-    if match := _CODEC.search(text):
-        codec = (match.group(1) or match.group(2)).upper()
-        return (f": its pages are compressed with {codec}, which the night's Parquet reader (pyarrow) cannot "
-                "decompress: rewrite the file with zstd, snappy or gzip (Spark: spark.sql.parquet.compression.codec; "
-                "Hive: parquet.compression). It is not recorded as ingested: a night reads it once it is rewritten")
+    if match := _LZO.search(text):
+        return (f": its pages are compressed with {match.group(1).upper()}, which the night's Parquet reader (pyarrow) "
+                "cannot decompress: rewrite the file with zstd, snappy or gzip (Spark: "
+                "spark.sql.parquet.compression.codec; Hive: parquet.compression). It is not recorded as ingested: a "
+                "night reads it once it is rewritten")
+    if match := _NOT_BUILT.search(text):
+        return (f": the pyarrow this night runs was built without {match.group(1)}, which the file is compressed with: "
+                "install the standard pyarrow wheel (pip install pyarrow) on the nodes that read the log. It is not "
+                "recorded as ingested: a night reads it once it can")
     return ""
 
 
+# pyarrow's words for a page whose compressed bytes are damaged (measured with pyarrow 2026-12-03: bytes
+# flipped inside a page of each codec it writes).
+_UNDECOMPRESSABLE = re.compile(r"Corrupt (snappy|brotli|lz4) compressed data|ZSTD decompression failed|GZipCodec failed"
+                               r"|didn't decompress to expected size|LZ4 decompression failed", re.IGNORECASE)
+
+
 def _damaged(err: Exception) -> str:
-    """What a file whose page fails its CRC is (Spark, parquet-mr and pyarrow's write_page_checksum store one
-    per page; pages are read checked, :func:`_parquet_file`), and what to do; "" for another error. Unchecked, a
-    flipped byte in an uncompressed page read as other text ('Lisbon' as 'Misbon') and was published."""
+    """What a damaged file is, and what to do; "" for another error: a page that fails its CRC (Spark,
+    parquet-mr and pyarrow's write_page_checksum store one per page; pages are read checked,
+    :func:`_parquet_file`; unchecked, a flipped byte in an uncompressed page read as other text, 'Lisbon'
+    as 'Misbon', and was published), or a compressed page that does not decompress."""
+    if _UNDECOMPRESSABLE.search(str(err)):
+        return (": a page does not decompress (its bytes are not what its codec wrote), so the file was damaged after "
+                "it was written (a bad disk, copy or transfer); copy it again from its source. It is not recorded as "
+                "ingested: a night reads it once it is replaced")
     if "checksum verification failed" not in str(err).lower():
         return ""
     return (": a page's checksum does not match its bytes, so the file was damaged after it was written (a bad disk, "

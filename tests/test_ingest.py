@@ -2787,6 +2787,72 @@ def test_encrypted_and_lzo_files_are_rejected_saying_what_they_are_and_how_to_re
         assert "not recorded as ingested" in rejects[name]["detail"]
 
 
+@pytest.mark.parametrize("codec", ["snappy", "zstd", "gzip", "brotli", "lz4"])
+def test_a_compressed_page_damaged_after_writing_is_called_damaged_with_the_fix(codec, tmp_path):
+    """Bytes flipped inside a compressed page (no page checksums) failed with the codec's words alone
+    ("Corrupt snappy compressed data.", "ZSTD decompression failed", "GZipCodec failed", "Page didn't
+    decompress to expected size"): the file is UNREADABLE_FILE saying it was damaged and to copy it
+    again, not ingested; the other files are read."""
+    rows = table(*({"fact_id": f"fact-{i:05d}", "answer": " " + "x" * 40 + str(i)} for i in range(2000)))
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(rows, path, compression=codec, use_dictionary=False)
+    pq.write_table(table({"fact_id": "kept"}), tmp_path / "part-1.parquet")
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    column = meta.column(rows.column_names.index("answer"))
+    end = column.data_page_offset + column.total_compressed_size
+    data = bytearray(path.read_bytes())
+    for i in range(end - 200, end - 100):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    read = read_fact_log(str(tmp_path), on_bad_file="reject")
+    assert read.rows.column("fact_id").to_pylist() == ["kept"]
+    [reject] = read.file_rejects.to_pylist()
+    assert reject["source"] == str(path) and reject["reason"] == "UNREADABLE_FILE"
+    assert "damaged after it was written" in reject["detail"] and "copy it again" in reject["detail"], reject["detail"]
+
+
+def test_the_unreadable_file_hints_read_pyarrows_words_not_the_path():
+    """Errors whose text holds the path (a local open refused; the sized reader of a store without
+    Content-Length: "Could not open Parquet input source '<path>': ...") get no encryption hint for a
+    folder named encrypted; a pyarrow built without a codec says to install the standard wheel, not to
+    rewrite the file with the codec it lacks."""
+    from pipeline.ingest import _unsupported
+
+    assert _unsupported(OSError("[Errno 13] Failed to open local file '/data/encrypted/part-0.parquet'. "
+                                "Detail: [errno 13] Permission denied")) == ""
+    assert _unsupported(OSError("Could not open Parquet input source 's3://b/decrypted/part-0.parquet': Parquet "
+                                "magic bytes not found in footer.")) == ""
+    assert "modular encryption" in _unsupported(OSError(
+        "Could not open Parquet input source 's3://b/x/part-0.parquet': Could not read encrypted metadata, no "
+        "decryption found in reader's properties"))
+    hint = _unsupported(OSError("Support for codec 'zstd' not built"))
+    assert "built without zstd" in hint and "install the standard pyarrow wheel" in hint and "rewrite" not in hint
+
+
+def test_a_file_under_a_folder_named_encrypted_is_not_called_encrypted(tmp_path):
+    """The encryption hint reads pyarrow's own words, not the word anywhere in the error (whose text
+    may hold the path): a file cut short and a CSV named .parquet under ``encrypted/`` get their own
+    messages. An encrypted file cut short (it begins with PARE, not PAR1) is called cut short, not a
+    file of another format."""
+    import io
+
+    folder = tmp_path / "encrypted"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    pq.write_table(table({"fact_id": "a"}, {"fact_id": "b"}), buffer)
+    (folder / "part-0.parquet").write_bytes(buffer.getvalue()[:-40])
+    (folder / "part-1.parquet").write_text("user_id,fact_id\nu1,a\n")
+    _encrypted_parquet(table({"fact_id": "c"}), tmp_path / "whole.parquet", plaintext_footer=False)
+    (folder / "part-2.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes()[:-40])
+    (tmp_path / "whole.parquet").unlink()
+    read = read_fact_log(str(folder), on_bad_file="reject")
+    details = {Path(r["source"]).stem: r["detail"] for r in read.file_rejects.to_pylist()}
+    assert sorted(details) == ["part-0", "part-1", "part-2"]
+    assert not any("modular encryption" in d for d in details.values()), details
+    assert "ends before its Parquet footer" in details["part-0"] and "ends before its Parquet footer" in details["part-2"]
+    assert "does not begin as a Parquet file does" in details["part-1"]
+
+
 def test_a_file_cut_short_or_still_being_written_is_told_from_a_file_of_another_format(tmp_path):
     """A Parquet file without its footer (written last: a writer still at work, an interrupted copy)
     and a CSV named .parquet were both "not a readable Parquet file" with pyarrow's words alone
