@@ -1134,7 +1134,8 @@ def _damaged(err: Exception) -> str:
     if _UNDECOMPRESSABLE.search(str(err)):
         return (": a page does not decompress (its bytes are not what its codec wrote), so the file was damaged after "
                 "it was written (a bad disk, copy or transfer); copy it again from its source. It is not recorded as "
-                "ingested: a night reads it once it is replaced")
+                "ingested: a night reads it once it is replaced. If a fresh copy fails the same way, its writer wrote "
+                "it so: write it again")
     if "checksum verification failed" not in str(err).lower():
         return ""
     return (": a page's checksum does not match its bytes, so the file was damaged after it was written (a bad disk, "
