@@ -2787,12 +2787,14 @@ def test_encrypted_and_lzo_files_are_rejected_saying_what_they_are_and_how_to_re
         assert "not recorded as ingested" in rejects[name]["detail"]
 
 
-@pytest.mark.parametrize("codec", ["snappy", "zstd", "gzip", "brotli", "lz4"])
-def test_a_compressed_page_damaged_after_writing_is_called_damaged_with_the_fix(codec, tmp_path):
-    """Bytes flipped inside a compressed page (no page checksums) failed with the codec's words alone
-    ("Corrupt snappy compressed data.", "ZSTD decompression failed", "GZipCodec failed", "Page didn't
-    decompress to expected size"): the file is UNREADABLE_FILE saying it was damaged and to copy it
-    again, not ingested; the other files are read."""
+@pytest.mark.parametrize("codec, where", [(codec, "page end") for codec in ["snappy", "zstd", "gzip", "brotli", "lz4"]]
+                         + [("none", "page header"), ("none", "page size")])
+def test_a_page_damaged_after_writing_is_called_damaged_with_the_fix(codec, where, tmp_path):
+    """Bytes flipped inside a page (no page checksums) failed with pyarrow's words alone: in a compressed
+    page the codec's ("Corrupt snappy compressed data.", "ZSTD decompression failed", "GZipCodec
+    failed", "Page didn't decompress to expected size"), in a page header Thrift's ("Deserializing page
+    header failed", "Unexpected end of stream: Page was smaller than expected"). The file is
+    UNREADABLE_FILE saying it was damaged and to copy it again, not ingested; the other files are read."""
     rows = table(*({"fact_id": f"fact-{i:05d}", "answer": " " + "x" * 40 + str(i)} for i in range(2000)))
     path = tmp_path / "part-0.parquet"
     pq.write_table(rows, path, compression=codec, use_dictionary=False)
@@ -2800,9 +2802,10 @@ def test_a_compressed_page_damaged_after_writing_is_called_damaged_with_the_fix(
     meta = pq.ParquetFile(path).metadata.row_group(0)
     column = meta.column(rows.column_names.index("answer"))
     end = column.data_page_offset + column.total_compressed_size
+    first = {"page end": end - 200, "page header": column.data_page_offset, "page size": column.data_page_offset + 20}[where]
     data = bytearray(path.read_bytes())
-    for i in range(end - 200, end - 100):
-        data[i] ^= 0x5A
+    for i in range(first, first + (100 if where == "page end" else 4)):
+        data[i] ^= 0x5A if where == "page end" else 0xA5
     path.write_bytes(bytes(data))
     read = read_fact_log(str(tmp_path), on_bad_file="reject")
     assert read.rows.column("fact_id").to_pylist() == ["kept"]
