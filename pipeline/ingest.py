@@ -1138,17 +1138,19 @@ def _damaged(err: Exception) -> str:
     :func:`_parquet_file`; unchecked, a flipped byte in an uncompressed page read as other text, 'Lisbon'
     as 'Misbon', and was published), or a page that cannot be decoded (its compressed bytes, header or
     values damaged)."""
-    if _UNDECODABLE.search(str(err)):
-        return (": a page of it cannot be decoded (its bytes are not what was written), so the file was damaged after "
-                "it was written (a bad disk, copy or transfer); copy it again from its source. It is not recorded as "
-                "ingested: a night reads it once it is replaced. If a fresh copy fails the same way, its writer wrote "
-                "it so: write it again")
-    if "checksum verification failed" not in str(err).lower():
+    text = str(err)
+    if _UNDECODABLE.search(text):
+        return (": a page of it cannot be decoded (its bytes are not what was written)" + _DAMAGED_FIX
+                + "its writer wrote it so: write it again")
+    if "checksum verification failed" not in text.lower():
         return ""
-    return (": a page's checksum does not match its bytes, so the file was damaged after it was written (a bad disk, "
-            "copy or transfer); copy it again from its source. It is not recorded as ingested: a night reads it "
-            "once it is replaced. If a fresh copy fails the same way, its writer computed the checksums wrongly: "
-            "rewrite the file without page checksums (e.g. pyarrow write_table(..., write_page_checksum=False))")
+    return (": a page's checksum does not match its bytes" + _DAMAGED_FIX + "its writer computed the checksums "
+            "wrongly: rewrite the file without page checksums (e.g. pyarrow write_table(..., write_page_checksum=False))")
+
+
+_DAMAGED_FIX = (", so the file was damaged after it was written (a bad disk, copy or transfer); copy it again from its "
+                "source. It is not recorded as ingested: a night reads it once it is replaced. If a fresh copy fails "
+                "the same way, ")
 
 
 def _gone(fs: pafs.FileSystem, path: str) -> bool:
