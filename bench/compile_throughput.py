@@ -517,6 +517,8 @@ def main() -> None:
     ap.add_argument("--stop-margin", nargs="+", default=["off"],
                     help="CompileOptions.stop_margin: off or a margin (several: a sweep); FLOPs and the "
                          "ceiling's share count the steps the facts got")
+    ap.add_argument("--stop-per-user", action="store_true",
+                    help="CompileOptions.stop_per_user: with --stop-margin, stop each user at its own step")
     ap.add_argument("--processes", type=int, default=1,
                     help="this many processes on the one device, each compiling its share of the users; the rate is "
                          "all facts over the time from the first start to the last end (as nightly actors sharing a GPU)")
@@ -619,7 +621,7 @@ def main() -> None:
                                   dedupe_prefixes=dedupe == "on", plain_step=plain == "on", plain_prefix=plain_prefix == "on",
                                   compiled_step=compiled == "on", overlap_batches=overlap == "on", prefix_kernel=kernel == "on",
                                   tokenize_workers=workers, fused_ops=norms == "on", min_margin=margin,
-                                  stop_margin=None if stop == "off" else float(stop),
+                                  stop_margin=None if stop == "off" else float(stop), stop_per_user=args.stop_per_user,
                                   lr_width_scaling=not args.no_lr_width_scaling,
                                   **({"lr": args.lr} if args.lr is not None else {}))
             warm = time.perf_counter()
@@ -669,12 +671,13 @@ def main() -> None:
                 "facts_per_s": round(len(facts) / seconds, 1), "recall": result.ok / len(facts),
                 "greedy_checked": len(checked), "greedy_ok": greedy_ok,
                 "retried_facts": sum(r.steps > steps for r in result.facts), "steps": steps, "stop_margin": stop,
+                "stop_per_user": args.stop_per_user,
                 "steps_mean": round(float(np.mean([r.steps for r in result.facts])), 2) if result.facts else None,
                 "steps_max": max((r.steps for r in result.facts), default=None),
                 "bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
             }
-            # early stop: the steps run, plus the one each stopped batch runs before it reads its stop
+            # early stop (per user): the steps run, plus the one a stopped user runs before its stop is read
             steps_got = min(steps, run["steps_mean"] + 1) if stop != "off" and run["steps_mean"] is not None else steps
             flops = flops_per_fact(em, trigger_tokens, steps_got)
             run["gflop_per_fact"] = round(flops / 1e9, 3)

@@ -480,6 +480,7 @@ class _Batch:
         self.w_seq, self.w_pos = _left_padded_index(answer_lengths, T)
         self.written_start = np.cumsum(answer_lengths) - answer_lengths
         self.num_written = int(answer_lengths.sum())
+        self.num_users = num_users
         self.seq_user = np.fromiter((s.user for s in seqs), np.int64, B)
         seq_user = torch.as_tensor(self.seq_user, device=device)
         w_seq = torch.as_tensor(self.w_seq, device=device)
@@ -529,6 +530,7 @@ class _Batch:
         self.mask = valid_t.long()
         self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
         self.keys = keys_t
+        self.key_user = keys_t // self.num_rows  # (K,) each trainable row's user
         self.owners = seq_user.view(-1, 1)  # (B, 1): each sequence's one owner, its user
         self.fixed = _FixedRows(em, base, num_users, [s.user for s in seqs]) if base else None
         if self.fixed is not None:
@@ -671,41 +673,67 @@ class _Batch:
         self.check_lower_reuse(values)
         return self.run_steps(values, steps, lr, stop_margin)
 
-    def run_steps(self, values: torch.Tensor, steps: int, lr: float, stop_margin: float | None = None) -> torch.Tensor:
+    def run_steps(self, values: torch.Tensor, steps: int, lr: float, stop_margin: float | None = None,
+                  per_user: bool = False) -> torch.Tensor:
         """Adam on the rows, in the form :meth:`check_lower_reuse` chose; ``steps_run`` is set
-        to how many updates the returned rows had. ``stop_margin`` (``CompileOptions``): stop
-        at the first rows at which every answer token's margin in the step's forward is at least
-        this. That test is read one step late (a CUDA event on a pinned copy: the queue is not
-        drained), so the step after it has run and the rows it tested are the ones returned.
+        to how many updates each user's returned rows had ((num_users,) int64).
+
+        ``stop_margin`` (``CompileOptions``): the rows are kept at the first step at which every
+        answer token of the batch has at least this margin in the step's forward. ``per_user``
+        (``CompileOptions.stop_per_user``): each user's rows are kept at the first step at which
+        every answer token of its own sequences has, and its sequences leave the steps; the
+        steps end when every user has stopped (or after ``steps``). Users own disjoint rows and Adam updates each value apart, so a
+        user's rows and step count depend on its own facts, not on the slowest fact of its
+        batch. The test is read one step late (a CUDA event on a pinned copy: the queue is not
+        drained), so a stopped user's sequences run one more step, and the rows it tested are
+        the ones kept. With the plain step, a group is narrowed to its running members
+        (:meth:`fast_step.GroupInputs.take`) once a tenth of them have stopped; transformers'
+        forward keeps computing stopped users (their rows are still the ones kept).
         The plain step touches no state of the model (no hooks, no overlay in use), so it may
         run on another thread while this one prepares the next batch."""
         values = values.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([values], lr=lr)
+        self.steps_run = np.full(self.num_users, steps, np.int64)
+        parts = [_StepPart(g) for g in self.groups]
+        stop = _UserStop(self, values) if stop_margin is not None else None
+        each = per_user and (not self.plain or self.step.each_margin)  # the step's margins are each answer's
         pending: _StopTest | None = None
-        self.steps_run = steps
         with torch.enable_grad():
             for k in range(steps):
                 optimizer.zero_grad(set_to_none=True)
                 overlay = None if self.plain else self._overlay(values)
-                least = None  # the least answer margin over the groups, on the device
-                for g in self.groups:  # gradients of the groups add up: one loss, summed
+                least = stop.least() if each else None  # per user: (num_users,), on the device
+                for part in parts:  # gradients of the groups add up: one loss, summed
+                    g = part.group
                     if self.plain:
                         with record_function(g.step_label):
-                            out = self.step.backward(g.plain, values, g.targets)
-                        margin = out[1] if stop_margin is not None else None
+                            out = self.step.backward(part.inputs, values, part.targets)
+                        margin = out[1] if stop is not None else None
                     else:
                         logits = g.logits(overlay)
                         F.cross_entropy(logits, g.targets, reduction="sum").backward()
-                        margin = _least_margin(logits.detach(), g.targets) if stop_margin is not None else None
-                    if margin is not None:
+                        margin = _margins(logits.detach(), g.targets) if stop is not None else None
+                        if margin is not None and not each:
+                            margin = margin.amin()
+                    if margin is not None and each:
+                        least.scatter_reduce_(0, part.answer_user, margin, "amin")
+                    elif margin is not None:  # the batch's least margin (a scalar)
                         least = margin if least is None else torch.minimum(least, margin)
-                test = _StopTest(least >= stop_margin, values, k) if least is not None else None
+                test = None
+                if stop is not None:  # per user, or the batch's verdict for every user
+                    verdict = least >= stop_margin
+                    test = _StopTest(verdict if each else verdict.expand(self.num_users), values, k)
                 optimizer.step()
-                if pending is not None and pending.passed():  # step k is queued behind it
-                    self.steps_run = pending.step
-                    return pending.values
+                if pending is not None:  # step k is queued behind it
+                    stopped = stop.update(pending)
+                    if stopped is not None:
+                        self.steps_run[stopped] = pending.step
+                        if stop.done:
+                            return stop.rows(values)
+                        if self.plain and each:
+                            parts = [p for p in parts if p.narrow(stop.stopped)]
                 pending = test
-        return values.detach()
+        return values.detach() if stop is None else stop.rows(values)
 
     @torch.no_grad()
     def check(self, values: torch.Tensor, min_margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -742,33 +770,122 @@ class _Batch:
 _CHECK_CHUNK = 8192  # positions per LM-head chunk in _Batch.check
 
 
-def _least_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Least (answer logit - best other logit) over the rows of ``logits`` (n, vocab), float32 scalar."""
+def _margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(answer logit - best other logit) of each row of ``logits`` (n, vocab) -> (n,) float32."""
     logits = logits.float()
     target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
-    return (target_logit - logits.scatter(1, targets.view(-1, 1), float("-inf")).amax(1)).amin()
+    return target_logit - logits.scatter(1, targets.view(-1, 1), float("-inf")).amax(1)
 
 
 class _StopTest:
-    """Whether every answer cleared ``CompileOptions.stop_margin`` at one step's rows: the
-    verdict copied to the host without waiting (pinned memory and an event on CUDA), and those
-    rows kept (the optimizer updates the live tensor in place)."""
+    """Which users' answers all cleared ``CompileOptions.stop_margin`` at one step's rows: the
+    verdict (num_users,) bool copied to the host without waiting (pinned memory and an event on
+    CUDA), and those rows kept (the optimizer updates the live tensor in place)."""
 
     def __init__(self, verdict: torch.Tensor, values: torch.Tensor, step: int):
         self.step, self.values = step, values.detach().clone()
         self._event = None
         if verdict.is_cuda:
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host = torch.empty(verdict.shape, dtype=torch.bool, pin_memory=True)
             self._host.copy_(verdict, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
             self._host = verdict
 
-    def passed(self) -> bool:
+    def passed(self) -> np.ndarray:
+        """(num_users,) bool, on the host (waits for the step that computed it, not later ones)."""
         if self._event is not None:
             self._event.synchronize()
-        return bool(self._host)
+        return self._host.numpy().copy()
+
+
+class _UserStop:
+    """The per-user stop of :meth:`_Batch.run_steps`: which users have stopped, and their rows
+    as they were at the step that stopped them (the rows of the others stay live)."""
+
+    def __init__(self, batch: _Batch, values: torch.Tensor):
+        self.batch = batch
+        self.stopped = np.zeros(batch.num_users, bool)
+        self.kept = torch.zeros_like(values, requires_grad=False)  # (K, w): stopped users' rows
+        self.kept_mask = torch.zeros(len(values), 1, dtype=torch.bool, device=values.device)
+
+    def least(self) -> torch.Tensor:
+        """(num_users,) float32 +inf, to take each user's least answer margin of a step."""
+        return torch.full((self.batch.num_users,), float("inf"), device=self.batch.keys.device)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.stopped.all())
+
+    def update(self, test: _StopTest) -> np.ndarray | None:
+        """Stop the users that ``test`` passed and had not stopped; keep their rows from it.
+        -> their indices, or None."""
+        newly = test.passed() & ~self.stopped
+        if not newly.any():
+            return None
+        self.stopped |= newly
+        flag = torch.from_numpy(newly)
+        if self.kept.is_cuda:
+            flag = flag.pin_memory().to(self.kept.device, non_blocking=True)
+        rows = flag[self.batch.key_user].view(-1, 1)  # (K, 1): rows of the users stopping now
+        self.kept = torch.where(rows, test.values, self.kept)
+        self.kept_mask |= rows
+        return np.flatnonzero(newly)
+
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """The rows to return: each stopped user's kept rows, the others' live ``values``."""
+        return torch.where(self.kept_mask, self.kept, values.detach())
+
+
+STEP_NARROW_AT = 0.9
+"""The per-user stop narrows a plain-step group to its running members once at most this share
+of its current members still run (:class:`_StepPart`): a narrowing copies the group's inputs
+at its live positions (the prefix is read through an index where the attention kernel runs),
+which a step reads several times."""
+
+
+class _StepPart:
+    """One group's inputs to the steps of :meth:`_Batch.run_steps`: all its members at first;
+    with the per-user stop and the plain step, narrowed to the members of users still running."""
+
+    def __init__(self, group: "_Group"):
+        self.group = group
+        self.inputs, self.targets, self.answer_user = group.plain, group.targets, group.answer_user
+        self.members = np.arange(len(group.member_user))  # the group's members in self.inputs
+        self.answers = np.arange(len(group.answer_member))  # the group's answer positions in self.inputs
+
+    def narrow(self, stopped: np.ndarray) -> bool:
+        """Drop the members of ``stopped`` users once few enough run (:data:`STEP_NARROW_AT`);
+        False: none runs (the part is done). Two members at least stay (a stopped one if need
+        be): ``torch.compile`` specialises a size of 1, and would compile the step again."""
+        group = self.group
+        running = ~stopped[group.member_user[self.members]]
+        count = int(running.sum())
+        if count == 0:
+            return False
+        if count > STEP_NARROW_AT * len(self.members) or len(self.members) <= 2:
+            return True
+        if count < 2:
+            running[np.flatnonzero(~running)[0]] = True
+        members = self.members[running]
+        position = np.full(len(group.member_user), -1, np.int64)  # a kept member's index in the narrowed group
+        position[members] = np.arange(len(members))
+        picked = np.flatnonzero(position[group.answer_member[self.answers]] >= 0)  # of the current answers
+        answers = self.answers[picked]
+        device = self.targets.device
+        keep, picked, target_seq = (_to_device(a, device) for a in (
+            np.flatnonzero(running), picked, position[group.answer_member[answers]]))
+        self.inputs = self.inputs.take(keep, picked, target_seq)
+        self.targets, self.answer_user = self.targets[picked], self.answer_user[picked]
+        self.members, self.answers = members, answers
+        return True
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array onto ``device`` without draining its queue (pinned, asynchronous on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 FORM_CHECK_SEQUENCES = 1024
 """How many sequences of a process's first batch (of its usual group) the once-per-model checks
@@ -832,7 +949,12 @@ class _Group:
         position_of[members] = np.arange(len(members))
         picked = np.nonzero(position_of[batch.w_seq] >= 0)[0]  # written positions of the members
         self.written = torch.as_tensor(picked, device=device, dtype=torch.long)
-        self.target_index = (torch.as_tensor(position_of[batch.w_seq[picked]], device=device),
+        # Per member and per answer position, the user (host; the per-user stop narrows groups on
+        # the host, so that no step waits for the device), and each answer position's member.
+        self.member_user = batch.seq_user[members]
+        self.answer_member = position_of[batch.w_seq[picked]]
+        self.answer_user = torch.as_tensor(batch.seq_user[batch.w_seq[picked]], device=device)
+        self.target_index = (torch.as_tensor(self.answer_member, device=device),
                              torch.as_tensor(batch.w_pos[picked] - prefix, device=device))
         # The last live positions that hold every answer position (the plain step's last layer
         # computes its outputs there only): 1 for single-token answers.
@@ -1044,13 +1166,19 @@ class _Group:
         if self.cache is not None:
             prefix = [_cached_kv(self.cache, index) for index in range(batch.layer, batch.layer + len(step.layers))]
         cos, sin = step.rope(self.lower, self.positions[:, P:])
+        prefix_index = self.cache_index
+        if prefix_index is None and self.cache is not None and step.each_margin and step.reads_shared_prefix(batch.ids):
+            # Read through an index from the first step: the per-user stop narrows the group by
+            # narrowing the index (GroupInputs.take), never by copying the prefix (3.6 GiB for
+            # 32,768 d768 members, which ran an H200's processes out of memory).
+            prefix_index = torch.arange(len(self.members), device=self.members.device)
         return fast_step.GroupInputs(
             lower=self.lower,
             table_e=F.embedding(rows, em.memory.layer(batch.layer).table),
             fixed_e=fixed_e, slot=slot, hit=hit, upper_e=upper_e, cos=cos, sin=sin,
             mask=step.mask(self.mask[:, :P] if P else None, self.mask[:, P:], self.lower.dtype),
             prefix=prefix, target_seq=self.target_index[0], target_pos=self.target_index[1],
-            prefix_index=self.cache_index, tail=self.tail,
+            prefix_index=prefix_index, tail=self.tail,
         )
 
     def _lower_hidden(self, overlay: Overlay | None, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -1220,11 +1348,12 @@ def _plain_step(em: EngramModel, options: CompileOptions) -> "fast_step.UpperSte
         log.debug("compiler: no plain step for %s: %s", type(em.model).__name__, why_not)
         return None
     margins = options.stop_margin is not None
-    key = options.compiled_step, options.prefix_kernel, margins, options.deterministic
+    each = margins and options.stop_per_user
+    key = options.compiled_step, options.prefix_kernel, margins, options.deterministic, each
     steps = _STEPS.setdefault(em.model, {})
     if key not in steps:
         steps[key] = fast_step.UpperStep(em, compiled=options.compiled_step, prefix_kernel=options.prefix_kernel,
-                                         margins=margins, deterministic=options.deterministic)
+                                         margins=margins, deterministic=options.deterministic, each_margin=each)
     return steps[key]
 
 
@@ -1584,9 +1713,11 @@ class _Job:
         batch.check_lower_reuse(self.start)  # here, not on the thread: checks run the model's own forward
         options = self.options
         if stepper is not None and batch.plain:
-            self.running = stepper.submit(batch.run_steps, self.start, options.steps, options.lr, options.stop_margin)
+            self.running = stepper.submit(batch.run_steps, self.start, options.steps, options.lr, options.stop_margin,
+                                          options.stop_per_user)
         else:
-            self.values = batch.run_steps(self.start, options.steps, options.lr, options.stop_margin)
+            self.values = batch.run_steps(self.start, options.steps, options.lr, options.stop_margin,
+                                          options.stop_per_user)
         self.clock.tick("optimize", wait=False)
 
     def verify(self) -> None:
@@ -1597,8 +1728,8 @@ class _Job:
             self.values, self.running = self.running.result(), None
         clock.tick("optimize")  # the steps' time not hidden behind other work
         batch, batch_seqs, values = self.batch, self.seqs, self.values
-        for u in self.active:
-            self.steps_by_user[u] += batch.steps_run
+        for k, u in enumerate(self.active):
+            self.steps_by_user[u] += int(batch.steps_run[k])
         in_round = np.arange(len(self.seqs))  # positions in self.seqs of this round's facts
         values_by_user: dict[int, torch.Tensor] = {}
         for round_index in range(options.max_rounds):
@@ -1617,8 +1748,8 @@ class _Job:
                 # the steps' own margin test (verification reads float16 rows through
                 # transformers' forward), and a stop would hand those rows back untouched.
                 values = batch.optimize(start, options.retry_steps, options.lr * 0.5**round_index)
-                for u in self.active:
-                    self.steps_by_user[u] += batch.steps_run
+                for k, u in enumerate(self.active):
+                    self.steps_by_user[u] += int(batch.steps_run[k])
                 clock.tick("optimize")
             ok, loss, margin = batch.check(values, options.min_margin)
             clock.tick("verify")

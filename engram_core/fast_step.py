@@ -169,6 +169,27 @@ class GroupInputs:
             target_seq=self.target_seq[keep], target_pos=self.target_pos[keep],
             prefix_index=first(self.prefix_index), tail=self.tail), targets[keep]
 
+    def take(self, members: torch.Tensor, answers: torch.Tensor, target_seq: torch.Tensor) -> "GroupInputs":
+        """A group of some of these members: ``members`` (k,) int64, ascending indices of the
+        members kept; ``answers`` (m,) int64, the indices (into ``target_seq``/``target_pos``) of
+        their answer positions, in order; ``target_seq`` (m,) their member indices in the new
+        group. A prefix read through ``prefix_index`` stays whole (the index is narrowed);
+        one held per member is narrowed with the members (a copy). Used by the per-user stop
+        (``CompileOptions.stop_per_user``), which drops the members of users that cleared the bar."""
+
+        def rows(t):
+            return None if t is None else t[members]
+
+        if self.prefix_index is not None:
+            prefix, index = self.prefix, self.prefix_index[members]
+        else:
+            prefix, index = [kv if kv is None else (kv[0][members], kv[1][members]) for kv in self.prefix], None
+        return GroupInputs(
+            lower=rows(self.lower), table_e=rows(self.table_e), fixed_e=rows(self.fixed_e), slot=rows(self.slot),
+            hit=rows(self.hit), upper_e={i: rows(e) for i, e in self.upper_e.items()}, cos=rows(self.cos),
+            sin=rows(self.sin), mask=rows(self.mask), prefix=prefix, target_seq=target_seq,
+            target_pos=self.target_pos[answers], prefix_index=index, tail=self.tail)
+
 
 def supported(model: torch.nn.Module, memory, write_layer: int) -> str | None:
     """Why the plain step cannot run this model (None: it can)."""
@@ -236,9 +257,10 @@ class UpperStep:
     """The step function of a model from its write layer up (shared by all groups and batches)."""
 
     def __init__(self, em, compiled: bool = False, prefix_kernel: bool = True, margins: bool = False,
-                 deterministic: bool = False):
+                 deterministic: bool = False, each_margin: bool = False):
         self.em = em
         self.margins = margins  # the step also gives its least answer margin (CompileOptions.stop_margin)
+        self.each_margin = margins and each_margin  # ... or each answer's (CompileOptions.stop_per_user)
         self.write_layer = em.config.target_layer
         backbone, layers = backbone_and_layers(em.model)
         self.backbone = backbone
@@ -284,8 +306,11 @@ class UpperStep:
                 _, want_grad, _ = self._grad(self._eager, g, zero, targets)
                 relative = float((loss - want_loss).abs() / want_loss.abs().clamp_min(1e-6))
                 grad_relative = float((grad - want_grad).norm() / want_grad.norm().clamp_min(1e-12))
-                # The margin is a difference of two logits, which may be ~0: relative to at least 1.
-                margin_off = 0.0 if margin is None else float((margin - want_margin).abs() / want_margin.abs().clamp_min(1.0))
+                # The least answer margin (a difference of two logits, which may be ~0: relative to
+                # at least 1). Not each position's (each_margin): on an H200 (d768, bf16) the two
+                # forms' roundings moved single margins by 0.25-1.4 of themselves (or of 1).
+                margin_off = 0.0 if margin is None else float(
+                    (margin.amin() - want_margin.amin()).abs() / want_margin.amin().abs().clamp_min(1.0))
                 if not (relative <= tolerance and grad_relative <= tolerance and margin_off <= tolerance):
                     raise ValueError(f"the compiled step differs from the uncompiled one: loss by {relative:.2e}, "
                                      f"gradient by {grad_relative:.2e} (relative), least margin by {margin_off:.2e}")
@@ -298,7 +323,8 @@ class UpperStep:
     def backward(self, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """:meth:`loss` and its backward into ``values.grad`` (under :data:`COMPILED_CALLS`: the
         compiled graph's backward may compile too) -> the loss, detached. With ``margins``:
-        ``(loss, least margin)``, the margin a float32 scalar (see :meth:`_loss_margin_eager`)."""
+        ``(loss, margin)``: the least answer margin, a float32 scalar, or with ``each_margin`` each
+        answer position's (n,) float32 (see :meth:`_loss_margin_eager`)."""
         with COMPILED_CALLS, torch.enable_grad():
             out = self.loss(g, values, targets)
             loss, margin = out if self.margins else (out, None)
@@ -306,7 +332,7 @@ class UpperStep:
         return (loss.detach(), margin.detach()) if self.margins else loss.detach()
 
     def _grad(self, fn, g: GroupInputs, values: torch.Tensor, targets: torch.Tensor):
-        """-> (loss, gradient of ``values``, least margin or None), all detached."""
+        """-> (loss, gradient of ``values``, answer margin(s) or None), all detached."""
         with COMPILED_CALLS, torch.enable_grad():
             v = values.detach().clone().requires_grad_(True)
             out = self._call(fn, g, F.embedding(g.slot, v), targets)
@@ -375,7 +401,8 @@ class UpperStep:
         """:meth:`_loss_eager` and the least margin over the group's answer tokens: the answer's
         logit minus the best other token's, in float32 from the same logits (the margin of
         :meth:`engram_core.compiler._Batch.check`, which verifies with the stored float16 rows and
-        transformers' forward). A scalar: the steps only ask whether every answer clears a bar."""
+        transformers' forward). A scalar: the batch-wide stop asks whether every answer clears a
+        bar. With ``each_margin``, each answer's (n,): the per-user stop asks it per user."""
         hidden = self._hidden(picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, prefix_index, tail,
                               target_seq, target_pos)
         logits = self.em.lm_head(hidden).float()
@@ -383,7 +410,9 @@ class UpperStep:
         with torch.no_grad():
             target_logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
             best_other = logits.scatter(1, targets.view(-1, 1), float("-inf")).amax(1)
-            margin = (target_logit - best_other).amin()  # a group has at least one answer token
+            margin = target_logit - best_other
+            if not self.each_margin:
+                margin = margin.amin()  # a group has at least one answer token
         return loss, margin
 
     def _hidden(self, picked, hit, lower, table_e, fixed_e, upper_e, cos, sin, mask, prefix, prefix_index, tail,

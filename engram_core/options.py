@@ -46,7 +46,8 @@ class CompileOptions:
     stop_margin: float | None = None
     """Stop a batch's first-round steps at the first step where every answer
     token's margin (its logit minus the best other token's, at the current rows, from the step's
-    own forward) is at least this; None: always ``steps``. The stop is seen one step late
+    own forward) is at least this (per user with :attr:`stop_per_user`); None: always ``steps``.
+    The stop is seen one step late
     (the GPU is not drained to read it) and the rows of the step that cleared the bar are the
     ones kept; the steps a fact's rows got are in its result. Retry rounds run all their
     ``retry_steps``: their facts failed verification, perhaps at rows that pass this test. At least :attr:`min_margin`
@@ -55,6 +56,15 @@ class CompileOptions:
     text before its trigger (bench/RESULTS.md, 2026-12-01 sixth session: 6 steps instead of 15
     lost 2.3% of d768 facts after a sentence); see bench/RESULTS.md (2026-12-02 thirteenth
     session) for what a stop margin costs there."""
+    stop_per_user: bool = False
+    """With :attr:`stop_margin`: stop each user at the first step where all of its own answers
+    clear the bar, not the batch at the step where all of the batch's do. A user's rows and step
+    count then depend on its own facts, not on the slowest fact of its batch (bit for bit the
+    rows of a compile of that many steps, tested), and a stopped user's sequences leave the
+    steps (the plain step's groups are narrowed once a tenth of their members have stopped), so
+    a batch's later steps compute only the users still running; the batch's steps end when
+    every user has stopped. Off by default: added 2026-12-03 and not yet measured on a GPU
+    (bench/RESULTS.md, twentieth session)."""
     init_scale: float = 20.0
     retry_steps: int = 30
     max_rounds: int = 4

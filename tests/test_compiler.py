@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engram_core import fast_step
 from engram_core.checkpoint import load_checkpoint
 from engram_core.compiler import (
     STATUS_EMPTY_ANSWER, STATUS_EMPTY_TRIGGER, STATUS_OK, STATUS_TRIGGER_TOO_LONG,
@@ -195,6 +196,61 @@ def test_stop_margin_keeps_the_rows_of_the_first_step_every_answer_clears(tiny, 
     assert_recalled(tiny, facts, stopped)
 
 
+@pytest.mark.parametrize("plain", [True, False])
+def test_stop_per_user_stops_each_user_at_its_own_step(tiny, plain, monkeypatch):
+    """``stop_per_user``: a user's rows are those of the first step at which all of its own
+    answers clear the bar, bit for bit the rows a compile of exactly that many steps without the
+    stop gives that user, whatever step the rest of its batch stops at; its result reports its
+    own count. With the plain step, the members of stopped users leave the steps (the groups are
+    narrowed), and that changes no running user's bits."""
+    facts = user_facts(num_users=8)
+    base = dict(max_rounds=1, plain_step=plain)
+    calls = []  # members per call of the plain step; None: Adam's update (a step's end)
+    backward, update = fast_step.UpperStep.backward, torch.optim.Adam.step
+
+    def counted(self, g, values, targets):
+        calls.append(len(g.lower))
+        return backward(self, g, values, targets)
+
+    def stepped(self, *args, **kwargs):
+        calls.append(None)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast_step.UpperStep, "backward", counted)
+    monkeypatch.setattr(torch.optim.Adam, "step", stepped)
+    stopped = compile_facts(tiny, facts, CompileOptions(stop_margin=7.0, stop_per_user=True, **base))
+    assert stopped.ok == len(facts)
+    steps_of = {}
+    for r in stopped.facts:
+        steps_of.setdefault(r.user_id, set()).add(r.steps)
+    assert all(len(s) == 1 for s in steps_of.values()), steps_of  # one count per user
+    steps_of = {u: s.pop() for u, s in steps_of.items()}
+    assert len(set(steps_of.values())) >= 3, steps_of  # users stopped at different steps
+    assert max(steps_of.values()) < CompileOptions.steps
+    # Members computed per step: the steps end when the last user stops (seen one step late).
+    per_step, members = [], 0
+    for call in calls:
+        if call is None:
+            per_step.append(members)
+            members = 0
+        else:
+            members += call
+    assert len(per_step) == max(steps_of.values()) + 2, calls
+    if plain:  # they shrink as users stop
+        assert per_step[0] == len(facts) and per_step[-1] < per_step[0] / 2, per_step
+        assert per_step == sorted(per_step, reverse=True), per_step
+    # Without stop_per_user the batch stops as one, where all of its users' answers clear the bar.
+    batch_wide = compile_facts(tiny, facts, CompileOptions(stop_margin=7.0, **base))
+    assert len({r.steps for r in batch_wide.facts}) == 1
+    assert batch_wide.facts[0].steps >= max(steps_of.values())
+    for count in sorted(set(steps_of.values())):
+        same = compile_facts(tiny, facts, CompileOptions(steps=count, **base))
+        for user in (u for u, c in steps_of.items() if c == count):
+            assert np.array_equal(stopped.deltas[user].row_ids, same.deltas[user].row_ids)
+            assert np.array_equal(stopped.deltas[user].values, same.deltas[user].values), (user, count)
+    assert_recalled(tiny, facts, stopped)
+
+
 def test_stop_margin_below_the_verification_margin_is_refused(tiny):
     with pytest.raises(ValueError, match=r"stop_margin \(0.2\) must be at least min_margin \(0.5\)"):
         compile_facts(tiny, user_facts(num_users=1), CompileOptions(stop_margin=0.2))
@@ -346,7 +402,7 @@ def test_the_compiled_plain_step_is_checked_used_and_recalls_every_fact(tiny, ca
     options = CompileOptions(facts_per_batch=8, compiled_step=True)  # several batches: later ones use the plain forwards
     with caplog.at_level(logging.INFO, logger="engram_core"):
         result = compile_facts(tiny, facts, options)
-    step, lower = _STEPS[tiny.model][(True, True, False, True)], _STEPS[tiny.model][("lower", True, True, True)]
+    step, lower = _STEPS[tiny.model][(True, True, False, True, False)], _STEPS[tiny.model][("lower", True, True, True)]
     assert step.compiled and lower.compiled, caplog.text
     # Inductor picks no kernel configuration by timing (two cold compiles give the same bits)
     config = torch._inductor.config  # (torch 2.11 has neither key: then no options at all)
