@@ -682,9 +682,9 @@ class _Batch:
         answer token of the batch has at least this margin in the step's forward. ``per_user``
         (``CompileOptions.stop_per_user``): each user's rows are kept at the first step at which
         every answer token of its own sequences has, and its sequences leave the steps; the
-        steps end when every user has stopped (or after ``steps``). Users own disjoint rows and Adam updates each value apart, so a
-        user's rows and step count depend on its own facts, not on the slowest fact of its
-        batch. The test is read one step late (a CUDA event on a pinned copy: the queue is not
+        steps end when every user has stopped (or after ``steps``). Users own disjoint rows and
+        Adam updates each value apart, so a user's rows and step count depend on its own facts,
+        not on the slowest fact of its batch. The test is read one step late (a CUDA event on a pinned copy: the queue is not
         drained), so a stopped user's sequences run one more step, and the rows it tested are
         the ones kept. With the plain step, a group is narrowed to its running members
         (:meth:`fast_step.GroupInputs.take`) once a tenth of them have stopped; transformers'
@@ -825,10 +825,7 @@ class _UserStop:
         if not newly.any():
             return None
         self.stopped |= newly
-        flag = torch.from_numpy(newly)
-        if self.kept.is_cuda:
-            flag = flag.pin_memory().to(self.kept.device, non_blocking=True)
-        rows = flag[self.batch.key_user].view(-1, 1)  # (K, 1): rows of the users stopping now
+        rows = _to_device(newly, self.kept.device)[self.batch.key_user].view(-1, 1)  # (K, 1): rows of the users stopping now
         self.kept = torch.where(rows, test.values, self.kept)
         self.kept_mask |= rows
         return np.flatnonzero(newly)
