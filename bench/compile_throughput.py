@@ -382,6 +382,20 @@ def member_share(facts: list[Fact], index: int, members: int) -> list[Fact]:
     return [f for f in facts if f.user_id in mine]
 
 
+def wait_for(directory: str, name: str, timeout_s: float = 1800.0) -> None:
+    """Wait until the file ``name`` exists in ``directory`` (one member's signal to the others).
+
+    The warm-up is staged so: member 0 warms up alone and the others start theirs when it is done,
+    loading the torch.compile graphs and Triton kernels it wrote to the shared caches instead of
+    all compiling the same graphs at once on the host's cores (cold, fourteen processes did not
+    finish their warm-up in 320 s: bench/RESULTS.md, twentieth session)."""
+    deadline = time.monotonic() + timeout_s
+    while not Path(directory, name).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {name!r} (member 0's warm-up)")
+        time.sleep(0.05)
+
+
 def barrier(directory: str, name: str, index: int, members: int, timeout_s: float = 1800.0) -> float:
     """Wait until all ``members`` processes reached ``name`` (a file each in ``directory``);
     returns the wall clock (``time.time()``) when this one got through."""
@@ -624,9 +638,13 @@ def main() -> None:
                                   stop_margin=None if stop == "off" else float(stop), stop_per_user=args.stop_per_user,
                                   lr_width_scaling=not args.no_lr_width_scaling,
                                   **({"lr": args.lr} if args.lr is not None else {}))
+            if args.barrier_dir and member:  # staged warm-up: member 0 compiles, the others then load its caches
+                wait_for(args.barrier_dir, f"warm{number}.0")
             warm = time.perf_counter()
             compile_facts(em, facts[: min(len(facts), batch * args.warm_up_batches)], opts)  # warm-up (kernels, allocator, torch.compile)
             warm_up_s = time.perf_counter() - warm
+            if args.barrier_dir and not member:
+                Path(args.barrier_dir, f"warm{number}.0").touch()
             if args.device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
