@@ -19,10 +19,22 @@ export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/nvidia-mps-log}
 started=0
 if [ ! -p "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d
-  started=1
-  echo "with_mps.sh: MPS daemon started ($CUDA_MPS_PIPE_DIRECTORY)" >&2
+  if said=$(nvidia-cuda-mps-control -d 2>&1); then
+    started=1
+    echo "with_mps.sh: MPS daemon started ($CUDA_MPS_PIPE_DIRECTORY)" >&2
+  elif [[ $said == *"already running"* ]]; then  # one left by a run killed before its trap ran
+    echo "with_mps.sh: an MPS daemon is already running; using it" >&2
+  else
+    echo "with_mps.sh: nvidia-cuda-mps-control -d failed: $said" >&2
+    exit 2
+  fi
 fi
 stop() { if [ "$started" = 1 ]; then echo quit | nvidia-cuda-mps-control; echo "with_mps.sh: MPS daemon stopped" >&2; fi; }
 trap stop EXIT
-"$@"
+# The command runs in the background so that a TERM or INT (timeout(1), Ctrl-C) reaches this
+# script at once: it stops the command (its whole process group: --processes members too) and then
+# the daemon, instead of leaving both running.
+setsid "$@" &
+child=$!
+trap 'kill -TERM -- -"$child" 2>/dev/null; wait "$child"; exit 143' TERM INT
+wait "$child"
