@@ -545,6 +545,10 @@ def main() -> None:
                     help="batches of the workload each variant compiles untimed first (default 1). A process's "
                          "first batches may still compile a shape the first one did not show (torch.compile's "
                          "recompiles); a night of many batches pays that once")
+    ap.add_argument("--memory-snapshot", default=None, metavar="DIR",
+                    help="CUDA: record the allocator's history (torch.cuda.memory._record_memory_history) and, when "
+                         "a variant runs out of memory, write its snapshot to DIR/member<i>-variant<n>.pickle (open it "
+                         "at pytorch.org/memory_viz): what held the GPU's memory, with the allocating stacks")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.processes < 1:
@@ -583,6 +587,8 @@ def main() -> None:
     logging.getLogger("engram_core.compiler").setLevel(logging.INFO)  # which step form each model uses
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     peak_tflops = args.peak_tflops or (PEAK_TFLOPS if args.device == "cuda" else None)
+    if args.memory_snapshot and args.device == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=20000)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "model"
         t0 = time.perf_counter()
@@ -653,6 +659,9 @@ def main() -> None:
             try:
                 result = compile_facts(em, facts, opts)
             except torch.OutOfMemoryError as error:  # a batch too large for this GPU: say so, go on
+                if args.memory_snapshot:
+                    Path(args.memory_snapshot).mkdir(parents=True, exist_ok=True)
+                    torch.cuda.memory._dump_snapshot(str(Path(args.memory_snapshot, f"member{member}-variant{number}.pickle")))
                 runs.append({"workload": workload, "facts_per_batch": batch, "overlap": overlap, "dedupe_prefixes": dedupe,
                              "error": str(error).splitlines()[0]})
                 print(f"batch {batch}: out of memory", file=sys.stderr)
