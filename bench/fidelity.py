@@ -217,6 +217,9 @@ def main() -> None:
     ap.add_argument("--steps", type=count_arg(1), default=CompileOptions.steps, help="CompileOptions.steps")
     ap.add_argument("--stop-margin", nargs="+", type=stop_margin_arg, default=["off"],
                     help="CompileOptions.stop_margin: off or a margin (several: a sweep)")
+    ap.add_argument("--stop-per-user", nargs="+", choices=["off", "on"], default=["off"],
+                    help="CompileOptions.stop_per_user (with a --stop-margin): each user stops at its own step "
+                         "(several: a sweep)")
     ap.add_argument("--facts-per-batch", type=count_arg(1), default=None,
                     help="CompileOptions.facts_per_batch (default the option's 4096); small batches let "
                          "--stop-margin stop batches whose least margin clears the bar")
@@ -247,14 +250,17 @@ def main() -> None:
             dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
             em = load_checkpoint(root, device=args.device, dtype=dtype,
                                  attn_implementation="eager" if args.device == "cuda" else None)
-            for resolve, copies, stop in itertools.product(args.resolve_conflicts, args.context_copies, args.stop_margin):
+            for resolve, copies, stop, per_user in itertools.product(args.resolve_conflicts, args.context_copies,
+                                                                     args.stop_margin, args.stop_per_user):
+                if per_user == "on" and stop == "off":
+                    continue  # the per-user stop needs a margin
                 run = {"model": str(args.model or args.preset), "max_ngram": em.config.max_ngram,
                        "heads_per_order": em.config.heads_per_order, "resolve_conflicts": resolve,
                        "context_copies": copies, "min_margin": args.min_margin, "steps": args.steps,
-                       "stop_margin": stop, "facts_per_batch": args.facts_per_batch}
+                       "stop_margin": stop, "stop_per_user": per_user, "facts_per_batch": args.facts_per_batch}
                 options = CompileOptions(resolve_conflicts=resolve == "on", context_copies=copies == "on",
                                          min_margin=args.min_margin, steps=args.steps,
-                                         stop_margin=None if stop == "off" else float(stop),
+                                         stop_margin=None if stop == "off" else float(stop), stop_per_user=per_user == "on",
                                          **({"facts_per_batch": args.facts_per_batch} if args.facts_per_batch is not None else {}))
                 run.update(measure(em, users, options, args.context, args.answer_end))
                 runs.append(run)
