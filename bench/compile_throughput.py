@@ -382,6 +382,15 @@ def member_share(facts: list[Fact], index: int, members: int) -> list[Fact]:
     return [f for f in facts if f.user_id in mine]
 
 
+def _wait_until(arrived, timeout_s: float, what: str) -> None:
+    """Poll ``arrived()`` until it is true; TimeoutError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not arrived():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} in {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
 def wait_for(directory: str, name: str, timeout_s: float = 1800.0) -> None:
     """Wait until the file ``name`` exists in ``directory`` (one member's signal to the others).
 
@@ -389,22 +398,15 @@ def wait_for(directory: str, name: str, timeout_s: float = 1800.0) -> None:
     loading the torch.compile graphs and Triton kernels it wrote to the shared caches instead of
     all compiling the same graphs at once on the host's cores (cold, fourteen processes did not
     finish their warm-up in 320 s: bench/RESULTS.md, twentieth session)."""
-    deadline = time.monotonic() + timeout_s
-    while not Path(directory, name).exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for {name!r} (member 0's warm-up)")
-        time.sleep(0.05)
+    _wait_until(Path(directory, name).exists, timeout_s, f"{name!r} (member 0's warm-up) did not come")
 
 
 def barrier(directory: str, name: str, index: int, members: int, timeout_s: float = 1800.0) -> float:
     """Wait until all ``members`` processes reached ``name`` (a file each in ``directory``);
     returns the wall clock (``time.time()``) when this one got through."""
     Path(directory, f"{name}.{index}").touch()
-    deadline = time.monotonic() + timeout_s
-    while sum(Path(directory, f"{name}.{i}").exists() for i in range(members)) < members:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"barrier {name!r}: not every one of {members} processes arrived in {timeout_s:.0f} s")
-        time.sleep(0.005)
+    _wait_until(lambda: all(Path(directory, f"{name}.{i}").exists() for i in range(members)), timeout_s,
+                f"barrier {name!r}: not every one of {members} processes arrived")
     return time.time()
 
 

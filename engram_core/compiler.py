@@ -684,12 +684,12 @@ class _Batch:
         every answer token of its own sequences has, and its sequences leave the steps; the
         steps end when every user has stopped (or after ``steps``). Users own disjoint rows and
         Adam updates each value apart, so a user's rows and step count depend on its own facts,
-        not on the slowest fact of its batch. The test is read one step late (a CUDA event on a pinned copy: the queue is not
-        drained), so a stopped user's sequences run one more step, and the rows it tested are
-        the ones kept. With the plain step, a group is narrowed to its running members
-        (:meth:`fast_step.GroupInputs.take`) once a tenth of them have stopped; transformers'
-        forward keeps computing stopped users (their rows are still the ones kept).
-        The plain step touches no state of the model (no hooks, no overlay in use), so it may
+        not on the slowest fact of its batch. The test is read one step late (a CUDA event on a
+        pinned copy: the queue is not drained), so a stopped user's sequences run one more step,
+        and the rows it tested are the ones kept. With the plain step, a group is narrowed to
+        its running members (:meth:`fast_step.GroupInputs.take`) once a tenth of them have
+        stopped; transformers' forward keeps computing stopped users (their rows are still the
+        ones kept). The plain step touches no state of the model (no hooks, no overlay in use), so it may
         run on another thread while this one prepares the next batch."""
         values = values.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([values], lr=lr)
