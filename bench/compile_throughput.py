@@ -382,6 +382,17 @@ def member_share(facts: list[Fact], index: int, members: int) -> list[Fact]:
     return [f for f in facts if f.user_id in mine]
 
 
+def memory_share(setting: str, members: int) -> float | None:
+    """``--memory-fraction``: 'off' -> None, 'auto' -> 1/members (None for one process), else the
+    number, which must be in (0, 1]."""
+    if setting == "off" or (setting == "auto" and members == 1):
+        return None
+    share = 1 / members if setting == "auto" else float(setting)
+    if not 0 < share <= 1:
+        raise SystemExit(f"--memory-fraction must be 'off', 'auto' or a share in (0, 1], got {setting!r}")
+    return share
+
+
 def _wait_until(arrived, timeout_s: float, what: str) -> None:
     """Poll ``arrived()`` until it is true; TimeoutError naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -445,8 +456,8 @@ def run_members(argv: list[str], members: int) -> dict:
     runs = []
     for variant in zip(*(p["runs"] for p in parts)):
         errors = [r for r in variant if "error" in r]
-        if errors:
-            runs.append(errors[0])
+        if errors:  # each failing member's message (out of memory: what its allocator held)
+            runs.append(dict(errors[0], errors=[r["error"] for r in errors]))
             continue
         facts = sum(r["facts"] for r in variant)
         seconds = max(r["end_unix"] for r in variant) - min(r["start_unix"] for r in variant)
@@ -460,7 +471,9 @@ def run_members(argv: list[str], members: int) -> dict:
             greedy_checked=sum(r["greedy_checked"] for r in variant), greedy_ok=sum(r["greedy_ok"] for r in variant),
             retried_facts=sum(r["retried_facts"] for r in variant),
             peak_gpu_gib=None if variant[0]["peak_gpu_gib"] is None else round(sum(r["peak_gpu_gib"] for r in variant), 2),
+            peak_reserved_gib=None if variant[0]["peak_reserved_gib"] is None else round(sum(r["peak_reserved_gib"] for r in variant), 2),
             members=[{k: r[k] for k in ("facts", "seconds", "facts_per_s", "phases_s", "warm_up_s", "deltas_sha256", "peak_gpu_gib",
+                                          "peak_reserved_gib",
                                           "start_unix", "end_unix")}
                      for r in variant],
         )
@@ -551,6 +564,10 @@ def main() -> None:
                     help="CUDA: record the allocator's history (torch.cuda.memory._record_memory_history) and, when "
                          "a variant runs out of memory, write its snapshot to DIR/member<i>-variant<n>.pickle (open it "
                          "at pytorch.org/memory_viz): what held the GPU's memory, with the allocating stacks")
+    ap.add_argument("--memory-fraction", default="off", metavar="F",
+                    help="CUDA: cap each process's caching allocator at this share of the device's memory "
+                         "(torch.cuda.set_per_process_memory_fraction; at the cap it frees its cached blocks before "
+                         "asking for more); 'auto': 1/N with --processes N; 'off' (default): no cap")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.processes < 1:
@@ -589,6 +606,9 @@ def main() -> None:
     logging.getLogger("engram_core.compiler").setLevel(logging.INFO)  # which step form each model uses
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     peak_tflops = args.peak_tflops or (PEAK_TFLOPS if args.device == "cuda" else None)
+    share = memory_share(args.memory_fraction, members)
+    if share is not None and args.device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(share)
     if args.memory_snapshot and args.device == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=20000)
     with tempfile.TemporaryDirectory() as tmp:
@@ -665,7 +685,7 @@ def main() -> None:
                     Path(args.memory_snapshot).mkdir(parents=True, exist_ok=True)
                     torch.cuda.memory._dump_snapshot(str(Path(args.memory_snapshot, f"member{member}-variant{number}.pickle")))
                 runs.append({"workload": workload, "facts_per_batch": batch, "overlap": overlap, "dedupe_prefixes": dedupe,
-                             "error": str(error).splitlines()[0]})
+                             "error": " ".join(str(error).split()), "member": member})
                 print(f"batch {batch}: out of memory", file=sys.stderr)
                 torch.cuda.empty_cache()
                 if args.barrier_dir:
@@ -705,6 +725,9 @@ def main() -> None:
                 "steps_max": max((r.steps for r in result.facts), default=None),
                 "bytes_per_user": round(sum(d.nbytes for d in result.deltas.values()) / max(len(result.deltas), 1)),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
+                # what the allocator held at most (allocated + cached): what other processes on the GPU could not have
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if args.device == "cuda" else None,
+                "memory_fraction": share,
             }
             # early stop (per user): the steps run, plus the one a stopped user runs before its stop is read
             steps_got = min(steps, run["steps_mean"] + 1) if stop != "off" and run["steps_mean"] is not None else steps

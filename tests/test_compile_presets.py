@@ -114,3 +114,14 @@ def test_members_of_a_multi_process_run_split_the_users_and_their_rate_is_over_t
     # "seconds" is rounded to the millisecond and the rate to 0.1 fact/s, both from the unrounded
     # time: the rate lies within what the rounded time admits (CI once saw 57.7 against 40 / 0.694).
     assert 40 / (run["seconds"] + 0.0005) - 0.05 <= run["facts_per_s"] <= 40 / (run["seconds"] - 0.0005) + 0.05
+
+
+def test_the_memory_fraction_is_each_members_share_of_the_device_or_a_given_share(bench):
+    """``--memory-fraction``: 'auto' caps each of N members at 1/N of the device's memory (a
+    single process is not capped), a number is used as given, and anything outside (0, 1] is
+    refused naming the value."""
+    assert bench.memory_share("auto", 7) == 1 / 7 and bench.memory_share("auto", 1) is None
+    assert bench.memory_share("off", 7) is None and bench.memory_share("0.5", 2) == 0.5
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(SystemExit, match=f"--memory-fraction.*{bad}"):
+            bench.memory_share(bad, 2)
