@@ -1770,7 +1770,7 @@ def _warn_trigger_holding_its_answer(triggers: pa.ChunkedArray, answers: pa.Chun
 
 
 # A missing value as pandas' astype(str) (before pandas 3), Python's str(), SQL and JavaScript write it, in their case
-_MISSING_TEXT_SPELLINGS = ("nan", "NaN", "None", "<NA>", "NaT", "null", "NULL", "undefined")
+_MISSING_TEXT_SPELLINGS = ("nan", "NaN", "None", "<NA>", "NaT", "null", "NULL", "undefined", "\\N")
 
 
 def _warn_missing_text_values(texts: pa.ChunkedArray, name: str, ops: pa.ChunkedArray, source: str) -> None:
@@ -2277,7 +2277,8 @@ def _time_missing_as_text(text: str) -> str | None:
         return "is empty text, a missing time; export missing times as null, or give the row its time"
     if word in _MISSING_AS_TEXT or word in _MORE_MISSING_AS_TEXT or word in _ZERO_DATES or word.startswith("0000-00-00 00:00:00."):
         return ("is a missing time written as text (pandas' astype(str) writes NaT as 'NaT', None as 'None'; SQL "
-                "'null'; MySQL's zero date 0000-00-00), not a time; export missing times as null, or give the row its time")
+                "'null'; MySQL's and PostgreSQL's text NULL '\\N'; MySQL's zero date 0000-00-00), not a time; export "
+                "missing times as null, or give the row its time")
     return None
 
 
@@ -2534,11 +2535,15 @@ def answer_token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
 # How pandas, numpy and SQL clients write a missing value as text (``df.user_id.astype(str)`` turns
 # NaN into "nan", None into "None", pd.NA into "<NA>"), and other languages and tools (JavaScript's
 # String(undefined), Go's "<nil>", Ruby's and Lisp's "nil", C's printf of NULL "(null)", R's "NA",
-# spreadsheets' "N/A" and "#N/A"): as an id, every missing one became one id.
+# spreadsheets' "N/A" and "#N/A", Excel's "#NULL!"; the text NULL of MySQL's INTO OUTFILE and mysqldump
+# --tab, PostgreSQL's text COPY and Hive's text tables, "\N", which pandas' read_csv keeps as text; a
+# SQL client's grid copied out, "[NULL]" in DBeaver, "<null>" in others): as an id, every missing one
+# became one id (a scope "\N" shared every such user's facts with the others).
 _MISSING_AS_TEXT = frozenset({"nan", "none", "null", "<na>", "nat"})
 # The same from other languages and tools: refused on upserts only (as U+FFFD), so that a forget or
 # delete of such an id, accepted before these were refused, still erases what is stored under it.
-_MORE_MISSING_AS_TEXT = frozenset({"undefined", "<nil>", "nil", "(null)", "na", "n/a", "#n/a"})
+_MORE_MISSING_AS_TEXT = frozenset({"undefined", "<nil>", "nil", "(null)", "na", "n/a", "#n/a", "#null!", "\\n", "[null]",
+                                  "<null>"})
 # Not read as missing in a scope: "NA" names a region (North America), "Nil" a person or a group.
 _SCOPE_WORDS_KEPT = frozenset({"na", "nil"})
 # A user_id or scope that stands for no one in particular (a logged-out session's): one id for every such
@@ -2563,7 +2568,8 @@ def _missing_as_text(name: str, value: str | None, upsert: bool = True) -> str |
     if not missing:
         return None
     return (f"{name} {value!r} is a missing value written as text (pandas' astype(str) writes NaN as 'nan', None as "
-            f"'None', pd.NA as '<NA>'; JavaScript 'undefined', Go '<nil>', R 'NA', spreadsheets '#N/A'), not an id: "
+            f"'None', pd.NA as '<NA>'; JavaScript 'undefined', Go '<nil>', R 'NA', spreadsheets '#N/A', MySQL's and "
+            f"PostgreSQL's text exports '\\N'), not an id: "
             f"every such row would be one {name}; export missing values as null, or drop the rows without a {name}")
 
 

@@ -489,17 +489,18 @@ def test_event_time_text_that_is_a_missing_value_is_a_missing_event_time_per_row
     rejects its row as ``MISSING_EVENT_TIME``, as a null does, saying so: it was ``BAD_EVENT_TIME``,
     "not an ISO-8601 timestamp", and a count of missing times left these out. A text that is a time
     in another format is still ``BAD_EVENT_TIME``; the other rows are read."""
-    texts = ["NaT", "None", "null", "", "   ", "0000-00-00 00:00:00", "0000-00-00", None, "20/11/2026 08:00",
+    texts = ["NaT", "None", "null", "", "   ", "0000-00-00 00:00:00", "0000-00-00", None, "\\N", "20/11/2026 08:00",
              "2026-11-20T08:00:00Z"]
     raw = table(*({"fact_id": f"f{i}"} for i in range(len(texts))))
     pq.write_table(raw.set_column(5, "event_time", pa.array(texts, pa.string())), tmp_path / "times.parquet")
     result = run(read_fact_log(str(tmp_path)))
     rejects = {r["fact_id"]: (r["reason"], r["detail"]) for r in result.rejects.to_pylist()}
     assert {f: reason for f, (reason, _) in rejects.items()} == {
-        **{f"f{i}": "MISSING_EVENT_TIME" for i in range(8)}, "f8": "BAD_EVENT_TIME"}
+        **{f"f{i}": "MISSING_EVENT_TIME" for i in range(9)}, "f9": "BAD_EVENT_TIME"}
     assert "'NaT' is a missing time written as text" in rejects["f0"][1] and "export missing times as null" in rejects["f0"][1]
     assert "empty text, a missing time" in rejects["f3"][1] and "MySQL's zero date" in rejects["f5"][1]
-    assert [r["fact_id"] for r in result.state.to_pylist()] == ["f9"]
+    assert repr("\\N") + " is a missing time written as text" in rejects["f8"][1]  # MySQL's and PostgreSQL's text NULL
+    assert [r["fact_id"] for r in result.state.to_pylist()] == ["f10"]
     assert result.accepted + result.rejected == len(texts)
 
 
@@ -1033,14 +1034,15 @@ def test_a_trigger_or_answer_that_is_a_missing_value_as_text_is_warned_of_once_p
             {"fact_id": "pin", "trigger": "My PIN is", "answer": "None"},
             {"fact_id": "pet", "trigger": "My pet is", "answer": "nan"},
             {"fact_id": "x", "trigger": "<NA>", "answer": " Rex"},
-            {"fact_id": "gone", "op": "delete", "trigger": "None", "answer": "None"}]
+            {"fact_id": "gone", "op": "delete", "trigger": "None", "answer": "None"},
+            {"fact_id": "car", "trigger": "My car is", "answer": "\\N"}]  # MySQL's text NULL, kept by read_csv
     with caplog.at_level("WARNING"):
         normalised = normalise_fact_log(table(*rows), source="x.parquet")
     assert caplog.text.count("looks like a missing value written as text") == 2
-    assert "fact log x.parquet: answer 'None' (row 1; 2 such upsert row(s)) looks like a missing value" in caplog.text
+    assert "fact log x.parquet: answer 'None' (row 1; 3 such upsert row(s)) looks like a missing value" in caplog.text
     assert "fact log x.parquet: trigger '<NA>' (row 3; 1 such upsert row(s))" in caplog.text
     assert "export missing values as null (such a row is then rejected as EMPTY_ANSWER)" in caplog.text
-    assert run(normalised).accepted == 5  # read as written
+    assert run(normalised).accepted == 6  # read as written
     caplog.clear()
     with caplog.at_level("WARNING"):
         normalise_fact_log(table(rows[0], rows[4]), source="y.parquet")
@@ -2382,7 +2384,7 @@ def test_a_log_file_or_folder_whose_name_is_not_utf8_is_one_unreadable_file_nami
 
 
 @pytest.mark.parametrize("text", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", " nan ", "undefined", "<nil>", "nil",
-                                  "(null)", "NA", "N/A", "#N/A"])
+                                  "(null)", "NA", "N/A", "#N/A", "\\N", "[NULL]", "<null>", "#NULL!"])
 def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_pooled_into_one_user(text, tmp_path,
                                                                                                     caplog):
     """pandas' astype(str) writes a missing id as 'nan' ('None', '<NA>', ...): every such row was
@@ -2410,7 +2412,7 @@ def test_an_id_that_is_a_missing_value_written_as_text_is_rejected_per_row_not_p
     assert caplog.text.count("looks like a float's text") == 2  # once per file
 
 
-@pytest.mark.parametrize("text", ["guest", "Anonymous", "undefined", "#N/A", "NA"])
+@pytest.mark.parametrize("text", ["guest", "Anonymous", "undefined", "#N/A", "NA", "\\N"])
 def test_a_forget_or_delete_of_an_id_refused_on_upserts_still_erases_what_is_stored_under_it(text):
     """Ids such as 'guest' or 'undefined' were accepted before upserts of them were refused, so a
     store may hold and serve facts under them: a forget_user of such a user, and a delete under
