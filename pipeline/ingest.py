@@ -932,10 +932,13 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
         return info, None, (GONE, "")
     try:
         with fs.open_input_file(path) as handle:
-            parquet = _parquet_file(fs, path, handle, display, listed_size)
+            try:
+                parquet = _parquet_file(fs, path, handle, display, listed_size)
+            except pa.ArrowNotImplementedError as err:  # a column type pyarrow cannot convert, in any column
+                parquet = _DuckDBParquet.open(fs, path, handle, display, err)
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
-            if problem := (_partition_problem(display, root, present + list(partitions))
+            if problem := (getattr(parquet, "problem", None) or _partition_problem(display, root, present + list(partitions))
                            or _column_problem(present + list(partitions), _struct_fields(parquet.schema_arrow))):
                 if parquet.metadata.num_rows == 0:  # an empty export (pandas' DataFrame([])): no row to lose
                     logger.warning("fact log %s: no rows; its columns are not the fact log's (%s), ignored", display,
@@ -1210,6 +1213,73 @@ class _SizedParquet:
 
     def read(self, columns: list[str]) -> pa.Table:
         return self._fragment.to_table(columns=columns)
+
+
+class _DuckDBParquet:
+    """The part of ``pq.ParquetFile``'s API :func:`_read_one` uses, read by DuckDB: for a file pyarrow
+    cannot open at all because one of its columns has a type pyarrow does not convert (polars'
+    ``Int128``, written as a 16-byte integer: "Integers with more than 64 bits not implemented"). pyarrow
+    converts the whole schema when it opens a file, so one such extra column cost the whole file;
+    DuckDB converts only the columns read. Its reader does not check page checksums (pyarrow's does):
+    the file is named in a warning. A file on a store is copied to a temporary local file first."""
+
+    def __init__(self, source: str, keep: object = None) -> None:
+        import duckdb
+
+        self._keep = keep  # the temporary copy's folder, removed with this reader
+        self._db = duckdb.connect()
+        quoted = "'" + source.replace("'", "''") + "'"
+        self._from = f"read_parquet({quoted})"
+        columns = self._db.sql(f"SELECT name, type, type_length, logical_type, converted_type "
+                               f"FROM parquet_schema({quoted})").fetchall()[1:]  # [0]: the schema's root
+        self.schema_arrow = pa.schema([pa.field(name, pa.null()) for name, *_ in columns])  # names only
+        self.metadata = _RowCount(self._db.sql(f"SELECT count(*) FROM {self._from}").fetchall()[0][0])
+        self.schema: list = []  # no Parquet INTERVAL check: DuckDB reads one as an interval, which the types refuse
+        # A fixed-size column with no type DuckDB knows is raw bytes to it (polars' Int128 is one: 16 bytes, an
+        # integer's little-endian two's complement): read as text, its bytes became ids. A log column so is refused.
+        opaque = [(name, width) for name, kind, width, logical, converted in columns
+                  if kind == "FIXED_LEN_BYTE_ARRAY" and logical is None and converted is None
+                  and name in F.FACT_LOG_SCHEMA.names]
+        self.problem = None if not opaque else (
+            f"column {opaque[0][0]!r} holds {opaque[0][1]}-byte values of a type the reader cannot convert (polars' "
+            f"Int128 writes a 16-byte integer so): export {opaque[0][0]} as a string, or as an integer of 64 bits")
+
+    @classmethod
+    def open(cls, fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display: str, err: Exception):
+        """A reader of the file, or ``err`` raised again where DuckDB cannot read it either."""
+        import tempfile
+
+        import duckdb
+
+        keep = None
+        try:
+            if isinstance(fs, pafs.LocalFileSystem):
+                source = path
+            else:
+                keep = tempfile.TemporaryDirectory(prefix="engram-log-")
+                source = os.path.join(keep.name, "log.parquet")
+                handle.seek(0)
+                with open(source, "wb") as copy:
+                    while chunk := handle.read(1 << 24):
+                        copy.write(chunk)
+            reader = cls(source, keep)
+        except (duckdb.Error, OSError, pa.ArrowException):
+            if keep is not None:
+                keep.cleanup()
+            raise err from None
+        logger.warning("fact log %s: pyarrow cannot open it (%s: a column of a type it does not convert); its fact "
+                       "log columns are read with DuckDB instead, without checking page checksums", display, err)
+        return reader
+
+    def read(self, columns: list[str]) -> pa.Table:
+        listed = ", ".join('"' + name.replace('"', '""') + '"' for name in columns)
+        relation = self._db.sql(f"SELECT {listed} FROM {self._from}")
+        return (getattr(relation, "to_arrow_table", None) or relation.arrow)()  # duckdb 2 / 1.x
+
+
+@dataclass(frozen=True)
+class _RowCount:
+    num_rows: int
 
 
 def _parquet_interval(name: str, kind: pa.DataType) -> str:

@@ -1669,6 +1669,54 @@ def test_a_list_of_sources_is_read_together(tmp_path):
     assert read_fact_log(paths).rows.num_rows == 2
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_polars_int128_column_costs_no_file_as_an_extra_column_and_its_rows_as_a_log_column(where, tmp_path, request,
+                                                                                                caplog):
+    """polars writes its Int128 as a 16-byte integer, which pyarrow cannot open a file with at all (it
+    converts every column's type: "Integers with more than 64 bits not implemented"): one such extra
+    column (a row hash) cost the whole file. Its fact-log columns are read with DuckDB instead, with
+    a warning naming the file; a fact-log column of that type (user_id) is SCHEMA_MISMATCH naming it
+    and the fix, not raw bytes read as ids."""
+    import io
+
+    import polars as pl
+
+    frame = pl.DataFrame({"user_id": ["ann", "bob"], "fact_id": ["city", "city"], "op": ["upsert"] * 2,
+                          "trigger": ["My city is"] * 2, "answer": [" Ayr", " Cork"],
+                          "event_time": [T0, T0 + timedelta(hours=1)], "scope": [None, None]})
+    extra = frame.with_columns(pl.Series("row_hash", [2**100, -7], dtype=pl.Int128))
+    as_id = frame.with_columns(pl.Series("user_id", [2**70, 3], dtype=pl.Int128))
+    files = {}
+    for name, written in (("extra.parquet", extra), ("id.parquet", as_id)):
+        buffer = io.BytesIO()
+        written.write_parquet(buffer)
+        files[name] = buffer.getvalue()
+        with pytest.raises(pa.ArrowNotImplementedError, match="more than 64 bits"):  # what pyarrow alone does
+            pq.ParquetFile(io.BytesIO(files[name]))
+    if where == "local":
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+        source, filesystem = str(tmp_path), None
+    else:
+        s3_store = request.getfixturevalue("s3_store")
+        for name, data in files.items():
+            s3_store.put(f"log/{name}", data)
+        filesystem, base = s3_store.arrow_filesystem()
+        source = f"s3://{base}/log"
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        batch = read_fact_log(source, filesystem=filesystem, on_bad_file="reject")
+    assert batch.rows.select(["user_id", "answer"]).to_pylist() == [{"user_id": "ann", "answer": " Ayr"},
+                                                                    {"user_id": "bob", "answer": " Cork"}]
+    rejects = batch.file_rejects.to_pylist()
+    assert [(r["source"].rsplit("/", 1)[1], r["reason"]) for r in rejects] == [("id.parquet", "SCHEMA_MISMATCH")]
+    assert "column 'user_id' holds 16-byte values" in rejects[0]["detail"]
+    assert "export user_id as a string, or as an integer of 64 bits" in rejects[0]["detail"]
+    assert "extra.parquet: pyarrow cannot open it (Integers with more than 64 bits" in caplog.text
+    assert "read with DuckDB instead" in caplog.text and "ignoring extra columns ['row_hash']" in caplog.text
+    result = run(batch)
+    assert live_facts(result.state) == {("ann", "city"): " Ayr", ("bob", "city"): " Cork"}
+
+
 def test_an_s3_fact_log_is_read_through_the_store_filesystem(s3_store):
     import io
 
