@@ -2188,6 +2188,11 @@ def _not_a_moment(kind: pa.DataType) -> str:
     return f"column 'event_time' is {kind}: {why}; {_TIME_FIX}"
 
 
+# How DuckDB writes its 'infinity' and '-infinity' (PostgreSQL's, exported through it) to Parquet: a timestamp's
+# largest int64 and its negation, a date's largest int32 and its negation.
+_INFINITE_TICKS = {2**63 - 1: "timestamp", 2**63: "timestamp", 2**31 - 1: "date"}
+
+
 def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
                      texts: pa.ChunkedArray | None = None) -> pa.ChunkedArray:
     """Scale int64 ``ticks`` of ``unit`` since the epoch to microseconds, in Arrow.
@@ -2202,11 +2207,14 @@ def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
     in_range = pc.and_(pc.greater_equal(ticks, lowest), pc.less_equal(ticks, highest))
     outside = pc.fill_null(pc.invert(in_range), False)
     for row in pc.indices_nonzero(outside.combine_chunks()).to_pylist():
+        tick = ticks[row].as_py()
         shown = (f"{texts[row].as_py()[:64]!r}" if texts is not None
-                 else f"{ticks[row].as_py()} {unit}{'s' if unit == 'day' else ''} since 1970-01-01")
+                 else f"{tick} {unit}{'s' if unit == 'day' else ''} since 1970-01-01")
+        endless = _INFINITE_TICKS.get(abs(tick) if texts is None else None)
         _note(problems, row, F.EVENT_TIME_OUT_OF_RANGE,
-              f"event_time {shown} is outside {F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} (a wrapped, "
-              "mis-scaled or placeholder time)")
+              f"event_time {shown} is outside {F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} "
+              + (f"(DuckDB's and PostgreSQL's {'-' if tick < 0 else ''}infinity {endless}, a placeholder, not a "
+                 "moment; give the row its real time)" if endless else "(a wrapped, mis-scaled or placeholder time)"))
     kept = pc.if_else(in_range, ticks, pa.scalar(None, pa.int64()))
     if per_tick < 1:  # nanoseconds: floor, not Arrow's truncation toward zero (stay in 1969 before the epoch)
         return pc.divide(pc.subtract(kept, pc.if_else(pc.less(kept, 0), per_tick.denominator - 1, 0)),

@@ -372,6 +372,27 @@ def test_an_event_time_before_1900_in_any_time_type_costs_only_its_row(writer, o
     assert sorted(live_facts(result.state)) == [("alice", "a"), ("alice", "c")]
 
 
+@pytest.mark.parametrize("kind", ["TIMESTAMPTZ", "TIMESTAMP", "DATE"])
+def test_duckdbs_infinity_as_an_event_time_costs_its_row_and_is_named_as_such(kind, tmp_path):
+    """DuckDB writes 'infinity' and '-infinity' (its own, or PostgreSQL's exported through it) to Parquet
+    as the type's largest tick and its negation: each costs its row, saying it is that placeholder
+    (it said "9223372036854775807 us since 1970-01-01", which named nothing a user would know)."""
+    import duckdb
+
+    path = tmp_path / "part-0.parquet"
+    moment = "2026-11-20" if kind == "DATE" else "2026-11-20 08:00:00"
+    duckdb.sql(f"COPY (SELECT 'ann' AS user_id, 'f' || x AS fact_id, 'upsert' AS op, 'My city is ' || x AS trigger, "
+               f"' Ayr' AS answer, t::{kind} AS event_time FROM (VALUES (1, 'infinity'), (2, '-infinity'), "
+               f"(3, '{moment}')) v(x, t)) TO '{path}' (FORMAT parquet)")
+    result = run(read_fact_log(str(path)))
+    rejects = [(r["row"], r["reason"], r["detail"]) for r in result.rejects.to_pylist()]
+    assert [(row, reason) for row, reason, _ in rejects] == [(0, "EVENT_TIME_OUT_OF_RANGE"), (1, "EVENT_TIME_OUT_OF_RANGE")]
+    what = "date" if kind == "DATE" else "timestamp"
+    assert f"(DuckDB's and PostgreSQL's infinity {what}, a placeholder, not a moment" in rejects[0][2]
+    assert f"(DuckDB's and PostgreSQL's -infinity {what}, a placeholder" in rejects[1][2]
+    assert list(live_facts(result.state)) == [("ann", "f3")]
+
+
 _NOT_A_MOMENT = {  # event_time columns that hold no moment: (writer, how the refusal names the type and why)
     "time32_s": (pa.array([9 * 3600], pa.time32("s")), "time32[ms]: a time of day with no date"),  # Parquet keeps ms
     "time32_ms": (pa.array([9 * 3600_000], pa.time32("ms")), "time32[ms]: a time of day with no date"),
