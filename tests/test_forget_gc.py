@@ -174,6 +174,16 @@ def test_forget_twice_is_a_no_op_the_second_time(local_store):
     assert second.current_version == first.current_version != v1.version
 
 
+def test_a_rewrite_of_a_rewrite_names_the_nights_job_once(four_versions):
+    """Each forget rewrote every retained version with "forget:" before its job id, so after 22 forgets
+    a version's job_id was "forget:" 22 times before the night's: a rewrite names the night's job once."""
+    store, _ = four_versions
+    for user in (TARGET, *[u for u in USERS if u != TARGET][:2]):
+        forget_user(store, user, actor="ops", reason="request")
+    jobs = sorted(read_manifest(store, info.version).job_id for info in list_versions(store))
+    assert jobs == ["forget:job-1", "forget:job-2", "forget:job-3", "forget:job-4"]
+
+
 def test_a_nightly_publish_after_a_forget_carries_the_forget(local_store):
     v1 = _publish(local_store, 1, USERS, None)
     forget_user(local_store, TARGET, actor="ops", reason="r")

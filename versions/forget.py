@@ -974,8 +974,10 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
             parent = mapping[old.parent]
         else:
             parent = old.parent if old.parent in retained_versions else None
-        draft = replace(plan.rewrites[old.version], version=next_version, parent=parent,
-                        job_id=f"forget:{old.job_id}"[:200])
+        # a rewrite names the job that wrote the version it rewrites, once: the rewrite of a rewrite
+        # ("forget:forget:...", one more prefix each forget) stopped reading as the night's job id
+        job_id = old.job_id if old.job_id.startswith("forget:") else f"forget:{old.job_id}"[:200]
+        draft = replace(plan.rewrites[old.version], version=next_version, parent=parent, job_id=job_id)
         written = write_manifest(store, draft, plan.pointer)
         mapping[old.version] = written.version
         next_version = written.version + 1
