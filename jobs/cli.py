@@ -109,20 +109,32 @@ def run() -> None:
     store, :func:`jobs.nightly_cli.exit_code`) instead of a traceback; ``-v`` shows the traceback.
     With ``--json``, stdout also gets the command's failure object (``{key: false, "error": ...,
     "exit_code": N}``, key from :data:`jobs.nightly_cli.JSON_FAILURE_KEYS`). Errors outside these
-    kinds (bugs) keep their traceback."""
+    kinds (bugs) keep their traceback. Once the command has ended, a SIGTERM or Ctrl-C is ignored
+    (:func:`_finished`)."""
+    import sys
+
+    from jobs.nightly_cli import JSON_FAILURE_KEYS
+
+    args = sys.argv[1:]
+    command = next((a for a in args if not a.startswith("-")), "")
+    _terminate_as_interrupt()
+    try:
+        _run(args, command, JSON_FAILURE_KEYS.get(command, "ok"))
+    finally:
+        _finished()
+
+
+def _run(args: list[str], command: str, key: str) -> None:
+    """:func:`run`'s body: the command, and its errors as one line."""
     import json
     import sys
 
     import pyarrow as pa
 
-    from jobs.nightly_cli import JSON_FAILURE_KEYS, exit_code, one_line
+    from jobs.nightly_cli import exit_code, one_line
     from versions.errors import PublishError
     from versions.store import StoreError
 
-    args = sys.argv[1:]
-    command = next((a for a in args if not a.startswith("-")), "")
-    key = JSON_FAILURE_KEYS.get(command, "ok")
-    _terminate_as_interrupt()
     try:
         if "--json" in args:
             _stdout_for_json_only()
@@ -223,6 +235,19 @@ def _stdout_for_json_only() -> None:
     # it every forwarded line comes from Ray's log thread, so to stderr. A setting of the user's wins.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     sys.stdout = _MainThreadStdout(os.fdopen(saved, "w", buffering=1, encoding="utf-8", errors="replace"), sys.stderr)
+
+
+def _finished() -> None:
+    """The command has finished and said how (its output, its exit code): a SIGTERM or Ctrl-C from now
+    on is ignored, so it cannot contradict them. One that came while Ray and torch shut down (a
+    scheduler's stop just after a night published) raised in their exit hooks: a traceback under a
+    night whose ``--json`` said ``published: true``."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGINT"):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _interrupted(key: str, command: str, as_json: bool) -> None:

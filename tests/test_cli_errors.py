@@ -1170,3 +1170,33 @@ def test_a_store_path_or_prefix_with_nothing_published_is_said_by_stats_versions
         assert json.loads(_cli_here("versions", "--store", uri, "--json").stdout) == []
         result = _cli_here("gc", "--store", uri, "--keep", "1")
         assert result.returncode == 0 and f"note: nothing is published at {uri}" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("json_flag", [True, False])
+def test_a_sigterm_after_the_command_has_ended_changes_neither_its_output_nor_its_exit_code(tmp_path, json_flag):
+    """A scheduler's SIGTERM just after a night published reached the process while Ray and torch
+    shut down: the handler raised in their exit hooks, and a traceback ending in `Terminated` followed
+    a `--json` that said `published: true` (or the process died of it, exit 143). Once the command has
+    ended, the signal is ignored: here it arrives in an exit hook, as it did there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import atexit, os, signal, sys, time\n"
+            "def late_stop():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.5)  # delivered while this exit hook runs\n"
+            "    print('hook done', file=sys.stderr, flush=True)\n"
+            "atexit.register(late_stop)\n"
+            "from jobs import cli\n"
+            f"sys.argv = ['engram', 'versions', '--store', {str(tmp_path)!r}] + {['--json'] if json_flag else []!r}\n"
+            "cli.run()\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Terminated" not in result.stderr, result.stderr[-3000:]
+    assert "hook done" in result.stderr  # the signal neither raised in the hook nor killed the process
+    if json_flag:
+        assert json.loads(result.stdout) == []
+    else:
+        assert result.stdout.startswith("no versions: nothing is published at ")
