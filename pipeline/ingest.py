@@ -2975,8 +2975,12 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
     for key, group in per_fact.items():
         group.sort(key=lambda e: e.order)
         last = group[-1]
+        recorded = tombstones.get(key[0], _UserTombstones()).forget_time
         for loser in group[:-1]:
-            if loser.index >= 0:
+            if loser.index >= 0 and recorded is not None and recorded >= loser.time:
+                # refused for the forget whatever came after it (it was SUPERSEDED "by" a row refused so too)
+                verdicts[loser.index] = _forgotten_verdict(recorded)
+            elif loser.index >= 0:
                 by = (f"the {last.op} at {_iso(last.time)} ({last.source} row {last.row})" if last.index >= 0 else
                       f"the conflicting upserts at {_iso(last.time)} ({last.source} row {last.row}, ...), which delete the fact")
                 verdicts[loser.index] = (F.SUPERSEDED, f"superseded by {by}")
@@ -2998,14 +3002,18 @@ def _apply(events: list[_Event], prior: dict, tombstones: dict[str, _UserTombsto
     return facts, new_tombstones, batch_forget
 
 
+def _forgotten_verdict(forget_time: int) -> tuple[str, str]:
+    """The reject of an event not later than its user's recorded forget."""
+    return F.FORGOTTEN_USER, f"the user was forgotten at {_iso(forget_time)}; only events after a forget are applied"
+
+
 def _verdict(last: _Event, key: tuple, prior: dict, deletes: dict, tombstones: dict[str, _UserTombstones],
              batch_forget: dict[str, int], never: int) -> tuple[tuple[str, str] | None, str | None]:
     """(verdict, effect) of the latest event of one fact against the prior state, the delete
     tombstones and the forgets: effect "delete", "upsert" or None (no change)."""
     earlier_forget = tombstones.get(last.user_id, _UserTombstones()).forget_time
     if earlier_forget is not None and earlier_forget >= last.time:
-        return (F.FORGOTTEN_USER, f"the user was forgotten at {_iso(earlier_forget)}; "
-                                  "only events after a forget are applied"), None
+        return _forgotten_verdict(earlier_forget), None
     if batch_forget.get(last.user_id, never) >= last.time:
         return (F.SUPERSEDED, f"removed by forget_user at {_iso(batch_forget[last.user_id])}"), None
     if key in deletes and deletes[key] == last.time and last.op == F.OP_DELETE:

@@ -2144,6 +2144,15 @@ def test_a_forgotten_user_is_never_brought_back_by_older_events_but_may_return_b
     assert result.tombstones.column("user_hash").to_pylist() == [forgotten_id("alice")]
     back = nights(table({"fact_id": "a"}), table(forget), table({"fact_id": "c", "event_time": T0 + timedelta(hours=4)}))
     assert live_facts(back.state) == {("alice", "c"): " Rex"}
+    # Two edits of one fact, both older than the forget (a file re-read after a rollback, and a later
+    # day's): each is FORGOTTEN_USER, not the older SUPERSEDED "by" the newer, itself refused.
+    edits = table({"fact_id": "a", "answer": " Max", "event_time": T0 + timedelta(hours=1)},
+                  {"fact_id": "a", "answer": " Fido", "event_time": T0 + timedelta(hours=2)})
+    again = nights(table({"fact_id": "a"}), table(forget), edits)
+    assert again.state.num_rows == 0
+    assert [(r["reason"], r["detail"]) for r in again.rejects.to_pylist()] == [
+        ("FORGOTTEN_USER", f"the user was forgotten at {(T0 + timedelta(hours=3)).isoformat()}; "
+                           "only events after a forget are applied")] * 2
 
 
 def test_a_forget_drops_the_users_delete_tombstones_with_their_raw_id():
