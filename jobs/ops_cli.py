@@ -113,7 +113,8 @@ def _forget_failure_state(target, before: int | None, users: list[str]) -> str:
 def _forget_per_user(report, users: list[str]) -> list[dict]:
     """Per user given (argument order; a repeated id repeats its entry): its hash, whether a retained
     version held it (``found``), until when later nights refuse its events (``refused_until``: set
-    where this forget recorded it), CURRENT after the forget and one line. Hashes only, never the ids."""
+    where this forget recorded it, or where CURRENT already held its forget), CURRENT after the forget
+    and one line. Hashes only, never the ids."""
     from engram_core.text import canonical_id
     from versions.layout import forgotten_id
 
@@ -127,9 +128,11 @@ def _forget_per_user(report, users: list[str]) -> list[dict]:
             message = ("not found in any retained version (no data of it is stored); the forget is recorded, so its "
                        "events up to the forget's time are refused (FORGOTTEN_USER) when they arrive")
         else:
-            message = "not found in any retained version; its forget was already recorded"
+            message = "not found in any retained version; its forget was already recorded" + (
+                f" (its events up to {report.recorded_until[user_hash]} are refused)"
+                if user_hash in report.recorded_until else "")
         out.append({"user_hash": user_hash, "user_hashes": [user_hash], "found": found,
-                    "refused_until": report.refused_until if report.rewritten else None,
+                    "refused_until": report.refused_until if report.rewritten else report.recorded_until.get(user_hash),
                     "current_version": report.current_version, "message": message})
     return out
 

@@ -219,6 +219,23 @@ def test_a_forget_killed_around_its_move_of_current_leaves_no_copy_of_a_version_
     assert scan_for_user(store, TARGET) == []
 
 
+def test_a_forget_given_again_reports_until_when_the_recorded_forget_refuses_events(local_store):
+    """`engram forget --json` of an id whose forget CURRENT already holds said `refused_until: null`
+    (top level and per user): it reports the recorded forget's time, as the first forget did."""
+    _publish(local_store, 1, USERS, None)
+    first = json.loads(_engram("forget", "--store", local_store.uri, TARGET, "--json").stdout)
+    assert first["found"] is True and first["refused_until"]
+    again = _engram("forget", "--store", local_store.uri, TARGET, "--json")
+    assert again.exit_code == 0, again.output
+    second = json.loads(again.stdout)
+    assert second["rewritten"] == {} and second["found"] is False
+    assert second["refused_until"] == first["refused_until"] == second["users"][0]["refused_until"]
+    assert f"its events up to {first['refused_until']} are refused" in second["users"][0]["message"]
+    assert "the forget is already recorded" in second["message"]
+    text = _engram("forget", "--store", local_store.uri, TARGET)
+    assert f"events up to {first['refused_until']} are refused" in text.stdout
+
+
 def test_a_nightly_publish_after_a_forget_carries_the_forget(local_store):
     v1 = _publish(local_store, 1, USERS, None)
     forget_user(local_store, TARGET, actor="ops", reason="r")

@@ -142,6 +142,9 @@ class ForgetReport:
     stamped up to it (FORGOTTEN_USER); an event after it is the id writing again."""
     found_hashes: tuple[str, ...] = ()
     """The hashes (of ``user_hashes``) of the users some retained version held: per user, ``found``."""
+    recorded_until: dict[str, str] = field(default_factory=dict)
+    """user hash -> ISO time of a forget CURRENT already held for it (a forget given again): later
+    nights refuse its events up to it. ``refused_until`` is then the latest of them."""
 
     @property
     def user_hash(self) -> str:
@@ -891,6 +894,25 @@ def _finish_interrupted_forgets(store: ObjectStore) -> list[int]:
     return deleted
 
 
+def _recorded_forgets(rewriter: "_Rewriter", plan: _Plan, users: list[str]) -> dict[str, str]:
+    """user hash -> ISO time of the forget tombstone CURRENT already holds for it (later nights refuse
+    the user's events stamped up to it), for the ``users`` that have one: a forget given again."""
+    current = next((m for m in plan.retained if m.version == plan.pointer.version), None)
+    if current is None:
+        return {}
+    out = {}
+    for user in users:
+        user_hash = forgotten_id(user)
+        times = []
+        for _, tombstones, _, _ in rewriter._state_objects(current.shard(shard_of(user, current.num_shards))):
+            mine = tombstones.filter(pc.and_(pc.equal(tombstones.column("user_hash"), user_hash),
+                                             pc.equal(tombstones.column("op"), OP_FORGET_USER)))
+            times += mine.column("event_time").to_pylist()
+        if times:
+            out[user_hash] = max(times).isoformat()
+    return out
+
+
 def _finish_interrupted_move(store: ObjectStore, pointer, records: list[dict], on_disk: set[int]):
     """Move CURRENT to the rewrite an interrupted forget wrote of it, where that forget was stopped
     (killed, a store failure) after it wrote its rewrites and their records and before it moved
@@ -990,10 +1012,14 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
     if plan is None or not plan.to_rewrite:
         current = plan.pointer.version if plan is not None else None
         who = "user" if len(users) == 1 else "users"
+        recorded = _recorded_forgets(rewriter, plan, users) if plan is not None else {}
+        until = max(recorded.values()) if recorded else None
+        already = (f"; the forget is already recorded: their events up to {until} are refused (FORGOTTEN_USER)"
+                   if until else "")
         message = (f"{who} not found: no retained version of {store.uri} holds them, no data of theirs is stored; "
-                   f"nothing to forget{scopes_note}")
+                   f"nothing to forget{already}{scopes_note}")
         append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=False)
-        return ForgetReport(hashes, False, current, message=message)
+        return ForgetReport(hashes, False, current, message=message, refused_until=until, recorded_until=recorded)
 
     needed = {k for m in plan.to_rewrite for k in plan.rewrites[m.version].object_keys()}
     write_verified_objects(store, {k: v for k, v in rewriter.objects.items() if k in needed})
