@@ -732,17 +732,28 @@ def test_verbose_is_taken_after_the_subcommand_too(tmp_path, tiny_dir, monkeypat
 
     from jobs.cli import run
 
+    import signal
+
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", logging.WARNING)
-    for args, code in ((["model", "info", str(tiny_dir), "-v"], 0), (["versions", "--store", str(tmp_path), "--verbose"], 0),
-                       (["-v", "model", "info", str(tiny_dir)], 0), (["versions", "--store", str(tmp_path / "nope"), "-v"], 2)):
-        root.setLevel(logging.WARNING)
-        monkeypatch.setattr(sys, "argv", ["engram", *args])
-        with pytest.raises(SystemExit) as exited:
-            run()
-        err = capsys.readouterr().err
-        assert exited.value.code == code and "No such option" not in err, (args, err)
-        assert root.level == logging.INFO, args
+    # run() sets this process's SIGTERM and SIGINT handlers (to ignore them once the command ends):
+    # put back, or every process this test session starts later would inherit SIGTERM ignored
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for args, code in ((["model", "info", str(tiny_dir), "-v"], 0),
+                           (["versions", "--store", str(tmp_path), "--verbose"], 0),
+                           (["-v", "model", "info", str(tiny_dir)], 0),
+                           (["versions", "--store", str(tmp_path / "nope"), "-v"], 2)):
+            root.setLevel(logging.WARNING)
+            monkeypatch.setattr(sys, "argv", ["engram", *args])
+            with pytest.raises(SystemExit) as exited:
+                run()
+            err = capsys.readouterr().err
+            assert exited.value.code == code and "No such option" not in err, (args, err)
+            assert root.level == logging.INFO, args
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
     monkeypatch.setattr(sys, "argv", ["engram", "gc", "--help"])
     with pytest.raises(SystemExit):
         run()
