@@ -184,41 +184,6 @@ def test_a_rewrite_of_a_rewrite_names_the_nights_job_once(four_versions):
     assert jobs == ["forget:job-1", "forget:job-2", "forget:job-3", "forget:job-4"]
 
 
-class _Killed(BaseException):
-    """A kill of the forget's process at one point (nothing after it runs)."""
-
-
-@pytest.mark.parametrize("when", ["before CURRENT moves", "after CURRENT moved"])
-def test_a_forget_killed_around_its_move_of_current_leaves_no_copy_of_a_version_after_a_rerun(four_versions,
-                                                                                               monkeypatch, when):
-    """A forget killed after it moved CURRENT and before it recorded which versions it had re-issued
-    (an operator's kill -9): the re-run took the old versions for retained ones holding the user and
-    re-issued them once more, so two copies of each stayed for good (gc --keep counted them twice).
-    The rewrites are recorded before CURRENT moves: the re-run deletes the old versions, or, killed
-    before the move, moves CURRENT to the rewrite; either way one version each, none holding the user."""
-    from versions import forget as forget_module
-
-    store, versions = four_versions
-    real_swap = forget_module.swap_current
-
-    def killed_swap(store_, manifest, etag):
-        if when == "after CURRENT moved":
-            real_swap(store_, manifest, etag)
-        raise _Killed()
-
-    monkeypatch.setattr(forget_module, "swap_current", killed_swap)
-    with pytest.raises(_Killed):
-        forget_user(store, TARGET, actor="ops", reason="request")
-    monkeypatch.setattr(forget_module, "swap_current", real_swap)
-    forget_user(store, TARGET, actor="ops", reason="request")
-    retained = [read_manifest(store, info.version) for info in list_versions(store)]
-    assert len(retained) == len(versions)  # one rewrite of each of v1..v4, no copy
-    assert sorted(m.job_id for m in retained) == ["forget:job-1", "forget:job-2", "forget:job-3", "forget:job-4"]
-    current, _ = read_current(store)
-    assert current.version == max(m.version for m in retained) and current.job_id == "forget:job-4"
-    assert scan_for_user(store, TARGET) == []
-
-
 def test_a_forget_given_again_reports_until_when_the_recorded_forget_refuses_events(local_store):
     """`engram forget --json` of an id whose forget CURRENT already holds said `refused_until: null`
     (top level and per user): it reports the recorded forget's time, as the first forget did."""

@@ -868,12 +868,10 @@ def _finish_interrupted_forgets(store: ObjectStore) -> list[int]:
     they named are left to the unreferenced scan below (the same users) or to gc."""
     pointer = read_pointer(store)
     on_disk = set(manifest_versions_on_disk(store))
-    records = [r for r in read_audit(store) if r.get("event") == "forget_rewrite"]
-    pointer = _finish_interrupted_move(store, pointer, records, on_disk)
     stale = {}
-    for record in records:
+    for record in read_audit(store):
         old, new = record.get("rewrites"), record.get("version")
-        if old not in on_disk or new not in on_disk:
+        if record.get("event") != "forget_rewrite" or old not in on_disk or new not in on_disk:
             continue
         if pointer is not None and old == pointer.version:
             continue
@@ -911,35 +909,6 @@ def _recorded_forgets(rewriter: "_Rewriter", plan: _Plan, users: list[str]) -> d
         if times:
             out[user_hash] = max(times).isoformat()
     return out
-
-
-def _finish_interrupted_move(store: ObjectStore, pointer, records: list[dict], on_disk: set[int]):
-    """Move CURRENT to the rewrite an interrupted forget wrote of it, where that forget was stopped
-    (killed, a store failure) after it wrote its rewrites and their records and before it moved
-    CURRENT: CURRENT still names the version it rewrote. Left, the re-run re-issued CURRENT once more
-    and kept the first rewrite as another version newer than CURRENT (a copy). Only a rewrite on disk
-    that carries the forget's users moves it, by compare-and-swap. Returns the pointer then."""
-    if pointer is None:
-        return pointer
-    for record in reversed(records):  # the latest forget's rewrite of it
-        if record.get("rewrites") != pointer.version or record.get("version") not in on_disk:
-            continue
-        hashes = record.get("forgotten")
-        try:
-            rewrite = read_manifest(store, record["version"])
-        except (ManifestError, PublishError, ValueError):
-            continue
-        if not set([hashes] if isinstance(hashes, str) else hashes or []) <= set(rewrite.forgotten):
-            continue
-        try:
-            swap_current(store, rewrite, pointer.etag)
-        except PublishConflict:
-            return read_pointer(store)  # CURRENT moved meanwhile (a night): the forget re-plans against it
-        append_audit(store, "forget_finish", actor="forget", version=rewrite.version, rewrites=pointer.version)
-        log.info("forget on %s: an interrupted forget had re-issued v%d as v%d without moving CURRENT; CURRENT moved to "
-                 "it", store.uri, pointer.version, rewrite.version)
-        return read_pointer(store)
-    return pointer
 
 
 def _delete_unreferenced_holders(store: ObjectStore, users: pa.Array, keep: frozenset[str], actor: str) -> list[str]:
@@ -1038,15 +1007,12 @@ def _forget_once(store: ObjectStore, users: list[str], *, actor: str, reason: st
         written = write_manifest(store, draft, plan.pointer)
         mapping[old.version] = written.version
         next_version = written.version + 1
-        # Recorded before CURRENT moves: a forget killed after the move and before these records left
-        # the old versions without them, and a re-run took them for retained versions holding the users
-        # and re-issued them once more (two copies of each, for good). With them, a re-run deletes them,
-        # and finishes a forget killed before the move (:func:`_finish_interrupted_forgets`).
-        append_audit(store, "forget_rewrite", actor=actor, version=written.version, rewrites=old.version,
-                     forgotten=audit_hashes)
 
     new_current = read_manifest(store, mapping[plan.pointer.version])
     swap_current(store, new_current, plan.pointer.etag)
+    for old_version, new_version in mapping.items():
+        append_audit(store, "forget_rewrite", actor=actor, version=new_version, rewrites=old_version,
+                     forgotten=audit_hashes)
     deleted = _delete_replaced(store, plan, mapping, (rewriter.held | rewriter.superseded) - keep)
     append_audit(store, "forget", actor=actor, reason=reason, forgotten=audit_hashes, found=plan.found,
                  version=new_current.version, rewritten={str(k): v for k, v in mapping.items()},
