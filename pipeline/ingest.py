@@ -931,11 +931,13 @@ def _read_one(fs: pafs.FileSystem, path: str, display: str, root: str = "", list
     if info.type == pafs.FileType.NotFound:  # listed, then moved or deleted: no file to reject
         return info, None, (GONE, "")
     try:
-        with fs.open_input_file(path) as handle:
+        with fs.open_input_file(path) as handle, contextlib.ExitStack() as stack:
             try:
                 parquet = _parquet_file(fs, path, handle, display, listed_size)
             except pa.ArrowNotImplementedError as err:  # a column type pyarrow cannot convert, in any column
                 parquet = _DuckDBParquet.open(fs, path, handle, display, err)
+            if isinstance(parquet, _DuckDBParquet):
+                stack.callback(parquet.close)  # its connection and temporary copy
             present = parquet.schema_arrow.names
             partitions = {k: v for k, v in _hive_partitions(display, root).items() if k not in present}
             if problem := (getattr(parquet, "problem", None) or _partition_problem(display, root, present + list(partitions))
@@ -1226,23 +1228,35 @@ class _DuckDBParquet:
     def __init__(self, source: str, keep: object = None) -> None:
         import duckdb
 
-        self._keep = keep  # the temporary copy's folder, removed with this reader
+        self._keep = keep  # the temporary copy's folder, removed by :meth:`close`
         self._db = duckdb.connect()
-        quoted = "'" + source.replace("'", "''") + "'"
-        self._from = f"read_parquet({quoted})"
-        columns = self._db.sql(f"SELECT name, type, type_length, logical_type, converted_type "
-                               f"FROM parquet_schema({quoted})").fetchall()[1:]  # [0]: the schema's root
-        self.schema_arrow = pa.schema([pa.field(name, pa.null()) for name, *_ in columns])  # names only
-        self.metadata = _RowCount(self._db.sql(f"SELECT count(*) FROM {self._from}").fetchall()[0][0])
-        self.schema: list = []  # no Parquet INTERVAL check: DuckDB reads one as an interval, which the types refuse
-        # A fixed-size column with no type DuckDB knows is raw bytes to it (polars' Int128 is one: 16 bytes, an
-        # integer's little-endian two's complement): read as text, its bytes became ids. A log column so is refused.
-        opaque = [(name, width) for name, kind, width, logical, converted in columns
-                  if kind == "FIXED_LEN_BYTE_ARRAY" and logical is None and converted is None
-                  and name in F.FACT_LOG_SCHEMA.names]
+        try:
+            quoted = "'" + source.replace("'", "''") + "'"
+            self._from = f"read_parquet({quoted})"
+            top = self._db.sql(f"SELECT * FROM {self._from} LIMIT 0")  # the top-level columns, as DuckDB types them
+            kinds = dict(zip(top.columns, (str(kind) for kind in top.types)))
+            self.schema_arrow = pa.schema([pa.field(name, pa.null()) for name in top.columns])  # names only
+            self.metadata = _RowCount(self._db.sql(f"SELECT count(*) FROM {self._from}").fetchall()[0][0])
+            self.schema: list = []  # no INTERVAL check: DuckDB reads one as an interval, which the types refuse
+            # A fixed-size column with no type DuckDB knows is raw bytes (BLOB) to it (polars' Int128 is one: 16
+            # bytes, an integer's two's complement): read as text, its bytes became ids. A log column so is refused.
+            elements = self._db.sql(f"SELECT name, type, type_length, logical_type, converted_type "
+                                    f"FROM parquet_schema({quoted})").fetchall()
+            opaque = [(name, width) for name, kind, width, logical, converted in elements
+                      if kind == "FIXED_LEN_BYTE_ARRAY" and logical is None and converted is None
+                      and name in F.FACT_LOG_SCHEMA.names and kinds.get(name) == "BLOB"]
+        except BaseException:
+            self.close()
+            raise
         self.problem = None if not opaque else (
             f"column {opaque[0][0]!r} holds {opaque[0][1]}-byte values of a type the reader cannot convert (polars' "
             f"Int128 writes a 16-byte integer so): export {opaque[0][0]} as a string, or as an integer of 64 bits")
+
+    def close(self) -> None:
+        self._db.close()
+        if self._keep is not None:
+            self._keep.cleanup()
+            self._keep = None
 
     @classmethod
     def open(cls, fs: pafs.FileSystem, path: str, handle: pa.NativeFile, display: str, err: Exception):
@@ -1272,9 +1286,16 @@ class _DuckDBParquet:
         return reader
 
     def read(self, columns: list[str]) -> pa.Table:
+        """The ``columns`` (top-level names); a page DuckDB cannot decode (damaged, cut short) raises
+        ``pa.ArrowInvalid`` with DuckDB's words, so the file is ``UNREADABLE_FILE`` as with pyarrow."""
+        import duckdb
+
         listed = ", ".join('"' + name.replace('"', '""') + '"' for name in columns)
-        relation = self._db.sql(f"SELECT {listed} FROM {self._from}")
-        return (getattr(relation, "to_arrow_table", None) or relation.arrow)()  # duckdb 2 / 1.x
+        try:
+            relation = self._db.sql(f"SELECT {listed} FROM {self._from}")
+            return (getattr(relation, "to_arrow_table", None) or relation.arrow)()  # duckdb 2 / 1.x
+        except duckdb.Error as err:
+            raise pa.ArrowInvalid(f"DuckDB: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -1840,7 +1861,8 @@ def _warn_trigger_holding_its_answer(triggers: pa.ChunkedArray, answers: pa.Chun
 
 
 # A missing value as pandas' astype(str) (before pandas 3), Python's str(), SQL and JavaScript write it, in their case
-_MISSING_TEXT_SPELLINGS = ("nan", "NaN", "None", "<NA>", "NaT", "null", "NULL", "undefined", "\\N")
+_MISSING_TEXT_SPELLINGS = ("nan", "NaN", "None", "<NA>", "NaT", "null", "NULL", "undefined", "\\N", "[NULL]", "<null>",
+                           "#NULL!")
 
 
 def _warn_missing_text_values(texts: pa.ChunkedArray, name: str, ops: pa.ChunkedArray, source: str) -> None:
@@ -2190,7 +2212,7 @@ def _not_a_moment(kind: pa.DataType) -> str:
 
 # How DuckDB writes its 'infinity' and '-infinity' (PostgreSQL's, exported through it) to Parquet: a timestamp's
 # largest int64 and its negation, a date's largest int32 and its negation.
-_INFINITE_TICKS = {2**63 - 1: "timestamp", 2**63: "timestamp", 2**31 - 1: "date"}
+_INFINITE_TICKS = {2**63 - 1: "timestamp", 2**63: "timestamp", 2**31 - 1: "date", 2**31: "date"}
 
 
 def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,

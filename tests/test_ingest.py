@@ -1705,7 +1705,9 @@ def test_a_polars_int128_column_costs_no_file_as_an_extra_column_and_its_rows_as
     frame = pl.DataFrame({"user_id": ["ann", "bob"], "fact_id": ["city", "city"], "op": ["upsert"] * 2,
                           "trigger": ["My city is"] * 2, "answer": [" Ayr", " Cork"],
                           "event_time": [T0, T0 + timedelta(hours=1)], "scope": [None, None]})
-    extra = frame.with_columns(pl.Series("row_hash", [2**100, -7], dtype=pl.Int128))
+    extra = frame.with_columns(pl.Series("row_hash", [2**100, -7], dtype=pl.Int128),
+                               # a nested extra column whose field is named like a log column: not a column
+                               pl.Series("meta", [{"scope": "x", "n": 1}, {"scope": "y", "n": 2}]))
     as_id = frame.with_columns(pl.Series("user_id", [2**70, 3], dtype=pl.Int128))
     files = {}
     for name, written in (("extra.parquet", extra), ("id.parquet", as_id)):
@@ -1714,6 +1716,17 @@ def test_a_polars_int128_column_costs_no_file_as_an_extra_column_and_its_rows_as
         files[name] = buffer.getvalue()
         with pytest.raises(pa.ArrowNotImplementedError, match="more than 64 bits"):  # what pyarrow alone does
             pq.ParquetFile(io.BytesIO(files[name]))
+    # the same file with a page of its answers damaged (a bad copy): UNREADABLE_FILE, never a crash of the read
+    import duckdb
+
+    (tmp_path / "probe.parquet").write_bytes(files["extra.parquet"])
+    offset, size = duckdb.sql(f"SELECT data_page_offset, total_compressed_size FROM parquet_metadata("
+                              f"'{tmp_path / 'probe.parquet'}') WHERE path_in_schema = 'answer'").fetchall()[0]
+    (tmp_path / "probe.parquet").unlink()
+    damaged = bytearray(files["extra.parquet"])
+    for at in range(offset + size // 2, offset + size - 2):
+        damaged[at] ^= 0xFF
+    files["damaged.parquet"] = bytes(damaged)
     if where == "local":
         for name, data in files.items():
             (tmp_path / name).write_bytes(data)
@@ -1728,12 +1741,14 @@ def test_a_polars_int128_column_costs_no_file_as_an_extra_column_and_its_rows_as
         batch = read_fact_log(source, filesystem=filesystem, on_bad_file="reject")
     assert batch.rows.select(["user_id", "answer"]).to_pylist() == [{"user_id": "ann", "answer": " Ayr"},
                                                                     {"user_id": "bob", "answer": " Cork"}]
-    rejects = batch.file_rejects.to_pylist()
-    assert [(r["source"].rsplit("/", 1)[1], r["reason"]) for r in rejects] == [("id.parquet", "SCHEMA_MISMATCH")]
-    assert "column 'user_id' holds 16-byte values" in rejects[0]["detail"]
-    assert "export user_id as a string, or as an integer of 64 bits" in rejects[0]["detail"]
+    rejects = {r["source"].rsplit("/", 1)[1]: (r["reason"], r["detail"]) for r in batch.file_rejects.to_pylist()}
+    assert {name: reason for name, (reason, _) in rejects.items()} == {"id.parquet": "SCHEMA_MISMATCH",
+                                                                       "damaged.parquet": "UNREADABLE_FILE"}
+    assert "column 'user_id' holds 16-byte values" in rejects["id.parquet"][1]
+    assert "export user_id as a string, or as an integer of 64 bits" in rejects["id.parquet"][1]
+    assert "DuckDB: " in rejects["damaged.parquet"][1]
     assert "extra.parquet: pyarrow cannot open it (Integers with more than 64 bits" in caplog.text
-    assert "read with DuckDB instead" in caplog.text and "ignoring extra columns ['row_hash']" in caplog.text
+    assert "read with DuckDB instead" in caplog.text and "ignoring extra columns ['row_hash', 'meta']" in caplog.text
     result = run(batch)
     assert live_facts(result.state) == {("ann", "city"): " Ayr", ("bob", "city"): " Cork"}
 
