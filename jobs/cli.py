@@ -109,8 +109,8 @@ def run() -> None:
     store, :func:`jobs.nightly_cli.exit_code`) instead of a traceback; ``-v`` shows the traceback.
     With ``--json``, stdout also gets the command's failure object (``{key: false, "error": ...,
     "exit_code": N}``, key from :data:`jobs.nightly_cli.JSON_FAILURE_KEYS`). Errors outside these
-    kinds (bugs) keep their traceback. Once the command has ended, a SIGTERM or Ctrl-C is ignored
-    (:func:`_finished`)."""
+    kinds (bugs) keep their traceback. Once the command has ended, a first SIGTERM or Ctrl-C is
+    ignored and a second exits at once with the command's code (:func:`_finished`)."""
     import sys
 
     from jobs.nightly_cli import JSON_FAILURE_KEYS
@@ -118,10 +118,15 @@ def run() -> None:
     args = sys.argv[1:]
     command = next((a for a in args if not a.startswith("-")), "")
     _terminate_as_interrupt()
+    code = 1  # (an error that is not SystemExit: a bug's traceback)
     try:
         _run(args, command, JSON_FAILURE_KEYS.get(command, "ok"))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        raise
     finally:
-        _finished()
+        _finished(code)
 
 
 def _run(args: list[str], command: str, key: str) -> None:
@@ -184,8 +189,9 @@ def _terminate_as_interrupt() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _after_end):  # (_after_end: an earlier run())
             signal.signal(signal.SIGINT, _on_signal)
+    _ENDED.clear()
 
 
 class _MainThreadStdout:
@@ -237,17 +243,30 @@ def _stdout_for_json_only() -> None:
     sys.stdout = _MainThreadStdout(os.fdopen(saved, "w", buffering=1, encoding="utf-8", errors="replace"), sys.stderr)
 
 
-def _finished() -> None:
-    """The command has finished and said how (its output, its exit code): a SIGTERM or Ctrl-C from now
-    on is ignored, so it cannot contradict them. One that came while Ray and torch shut down (a
-    scheduler's stop just after a night published) raised in their exit hooks: a traceback under a
-    night whose ``--json`` said ``published: true``."""
+_ENDED: list[int] = []  # the exit code a command ended with, then each signal that came after
+
+
+def _finished(code: int) -> None:
+    """The command has ended and said how (its output, its exit ``code``): a SIGTERM or Ctrl-C from
+    now on cannot contradict them. One that came while Ray and torch shut down (a scheduler's stop
+    just after a night published) raised in their exit hooks: a traceback under a night whose
+    ``--json`` said ``published: true``. The first such signal is ignored; a second ends the process
+    at once with ``code`` (an exit that hangs, on a thread or Ray's shutdown, can still be stopped)."""
     import signal
     import threading
 
+    _ENDED[:] = [code]
     if threading.current_thread() is threading.main_thread():
-        for name in ("SIGTERM", "SIGINT"):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, _after_end)
+
+
+def _after_end(signum, frame) -> None:
+    import os
+
+    _ENDED.append(signum)
+    if len(_ENDED) > 2:  # [code, first signal, second signal]
+        os._exit(_ENDED[0])
 
 
 def _interrupted(key: str, command: str, as_json: bool) -> None:
