@@ -2227,6 +2227,10 @@ def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
     lowest = max(math.ceil(F.MIN_EVENT_MICROS / per_tick), -(2**63))
     highest = min(math.floor(F.MAX_EVENT_MICROS / per_tick), 2**63 - 1)
     in_range = pc.and_(pc.greater_equal(ticks, lowest), pc.less_equal(ticks, highest))
+    if texts is None:  # infinity in a unit whose largest value is still a year in range (nanoseconds: 2262)
+        bound = 2**31 if unit == "day" else 2**63
+        endless = pa.array([bound - 1, 1 - bound, -bound], pa.int64())
+        in_range = pc.and_(in_range, pc.invert(pc.is_in(ticks, value_set=endless)))
     outside = pc.fill_null(pc.invert(in_range), False)
     for row in pc.indices_nonzero(outside.combine_chunks()).to_pylist():
         tick = ticks[row].as_py()

@@ -372,7 +372,7 @@ def test_an_event_time_before_1900_in_any_time_type_costs_only_its_row(writer, o
     assert sorted(live_facts(result.state)) == [("alice", "a"), ("alice", "c")]
 
 
-@pytest.mark.parametrize("kind", ["TIMESTAMPTZ", "TIMESTAMP", "DATE"])
+@pytest.mark.parametrize("kind", ["TIMESTAMPTZ", "TIMESTAMP", "TIMESTAMP_MS", "TIMESTAMP_NS", "DATE"])
 def test_duckdbs_infinity_as_an_event_time_costs_its_row_and_is_named_as_such(kind, tmp_path):
     """DuckDB writes 'infinity' and '-infinity' (its own, or PostgreSQL's exported through it) to Parquet
     as the type's largest tick and its negation: each costs its row, saying it is that placeholder
