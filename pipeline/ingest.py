@@ -2210,11 +2210,6 @@ def _not_a_moment(kind: pa.DataType) -> str:
     return f"column 'event_time' is {kind}: {why}; {_TIME_FIX}"
 
 
-# How DuckDB writes its 'infinity' and '-infinity' (PostgreSQL's, exported through it) to Parquet: a timestamp's
-# largest int64 and its negation, a date's largest int32 and its negation.
-_INFINITE_TICKS = {2**63 - 1: "timestamp", 2**63: "timestamp", 2**31 - 1: "date", 2**31: "date"}
-
-
 def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
                      texts: pa.ChunkedArray | None = None) -> pa.ChunkedArray:
     """Scale int64 ``ticks`` of ``unit`` since the epoch to microseconds, in Arrow.
@@ -2227,20 +2222,23 @@ def _ticks_to_micros(ticks: pa.ChunkedArray, unit: str, problems: list,
     lowest = max(math.ceil(F.MIN_EVENT_MICROS / per_tick), -(2**63))
     highest = min(math.floor(F.MAX_EVENT_MICROS / per_tick), 2**63 - 1)
     in_range = pc.and_(pc.greater_equal(ticks, lowest), pc.less_equal(ticks, highest))
-    if texts is None:  # infinity in a unit whose largest value is still a year in range (nanoseconds: 2262)
-        bound = 2**31 if unit == "day" else 2**63
-        endless = pa.array([bound - 1, 1 - bound, -bound], pa.int64())
-        in_range = pc.and_(in_range, pc.invert(pc.is_in(ticks, value_set=endless)))
+    # DuckDB's 'infinity' and '-infinity' (PostgreSQL's, exported through it) in Parquet: the type's largest
+    # value and its negation (a timestamp's int64, a date's int32), or its smallest; out of range in every unit
+    # (a nanosecond one's largest is still a year in range, 2262)
+    bound = 2**31 if unit == "day" else 2**63
+    infinite = {bound - 1, 1 - bound, -bound} if texts is None else set()
+    if infinite:
+        in_range = pc.and_(in_range, pc.invert(pc.is_in(ticks, value_set=pa.array(sorted(infinite), pa.int64()))))
     outside = pc.fill_null(pc.invert(in_range), False)
     for row in pc.indices_nonzero(outside.combine_chunks()).to_pylist():
         tick = ticks[row].as_py()
         shown = (f"{texts[row].as_py()[:64]!r}" if texts is not None
                  else f"{tick} {unit}{'s' if unit == 'day' else ''} since 1970-01-01")
-        endless = _INFINITE_TICKS.get(abs(tick) if texts is None else None)
+        why = (f"DuckDB's and PostgreSQL's {'-' if tick < 0 else ''}infinity {'date' if unit == 'day' else 'timestamp'}, "
+               "a placeholder, not a moment; give the row its real time" if tick in infinite
+               else "a wrapped, mis-scaled or placeholder time")
         _note(problems, row, F.EVENT_TIME_OUT_OF_RANGE,
-              f"event_time {shown} is outside {F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} "
-              + (f"(DuckDB's and PostgreSQL's {'-' if tick < 0 else ''}infinity {endless}, a placeholder, not a "
-                 "moment; give the row its real time)" if endless else "(a wrapped, mis-scaled or placeholder time)"))
+              f"event_time {shown} is outside {F.MIN_EVENT_TIME:%Y-%m-%d}..{F.MAX_EVENT_TIME:%Y-%m-%d} ({why})")
     kept = pc.if_else(in_range, ticks, pa.scalar(None, pa.int64()))
     if per_tick < 1:  # nanoseconds: floor, not Arrow's truncation toward zero (stay in 1969 before the epoch)
         return pc.divide(pc.subtract(kept, pc.if_else(pc.less(kept, 0), per_tick.denominator - 1, 0)),
